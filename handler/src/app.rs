@@ -1,0 +1,106 @@
+//! The app's state: its settings and the backends behind the I/O traits.
+//!
+//! Functions receive an [`App`] and never know which backends they run on. [`LocalBackends`]
+//! builds the embedded ones in a data directory; the same directory is what `handler local`
+//! runs on and what the operator commands read.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::events::{EventSink, FileEvents};
+use crate::queue::{LocalBroker, MessageQueue};
+use crate::secrets::{FileSecrets, SecretStore};
+use crate::settings::Settings;
+use crate::store::{ShardStore, SqliteStore};
+
+#[derive(Clone)]
+pub struct App {
+    pub settings: Settings,
+    pub store: Arc<dyn ShardStore>,
+    pub queue: Arc<dyn MessageQueue>,
+    pub secrets: Arc<dyn SecretStore>,
+    pub events: Arc<dyn EventSink>,
+    pub providers: adapters::Registry,
+}
+
+/// The files of a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// Shards (the Cosmos DB container's stand-in).
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store.db")
+    }
+    /// Queues and timer schedule status (the Service Bus namespace's and the host's stand-in).
+    pub fn runtime(&self) -> PathBuf {
+        self.root.join("runtime.db")
+    }
+    /// Connection credentials (the Key Vault's stand-in).
+    pub fn secrets(&self) -> PathBuf {
+        self.root.join("secrets.json")
+    }
+    /// Published events (the Event Grid topic's stand-in).
+    pub fn events(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+    /// Held by the running `handler local`, so two runtimes never consume the same queues.
+    pub fn runtime_lock(&self) -> PathBuf {
+        self.root.join("runtime.lock")
+    }
+}
+
+/// The embedded backends, opened in one data directory.
+#[derive(Clone)]
+pub struct LocalBackends {
+    pub dir: DataDir,
+    pub store: SqliteStore,
+    pub broker: LocalBroker,
+    pub secrets: FileSecrets,
+    pub events: FileEvents,
+}
+
+impl LocalBackends {
+    pub fn open(settings: &Settings) -> Result<Self, String> {
+        let dir = DataDir::new(&settings.data_dir);
+        std::fs::create_dir_all(dir.root())
+            .map_err(|e| format!("cannot create data directory {}: {e}", dir.root().display()))?;
+        let store = SqliteStore::open(&dir.store()).map_err(|e| e.to_string())?;
+        let broker = LocalBroker::open(&dir.runtime(), settings.duplicate_detection_window)
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            secrets: FileSecrets::new(&dir.secrets()),
+            events: FileEvents::new(&dir.events()),
+            dir,
+            store,
+            broker,
+        })
+    }
+
+    pub fn app(&self, settings: Settings, providers: adapters::Registry) -> App {
+        App {
+            settings,
+            store: Arc::new(self.store.clone()),
+            queue: Arc::new(self.broker.clone()),
+            secrets: Arc::new(self.secrets.clone()),
+            events: Arc::new(self.events.clone()),
+            providers,
+        }
+    }
+}
+
+/// The provider clients of this build.
+pub fn providers() -> adapters::Registry {
+    adapters::Registry::empty()
+}

@@ -1,0 +1,756 @@
+//! The `handler` command line: the custom handler itself, the embedded runtime, and the
+//! operator commands.
+//!
+//! With no subcommand the binary serves the custom handler, because that is how the Functions
+//! host starts it (`defaultExecutablePath: "handler"`, no arguments). The operator commands
+//! work on the backends the app is configured with (today the data directory's embedded
+//! ones), print for people by default and JSON with `--json`, and never print a secret.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::app::{self, LocalBackends};
+use crate::engine::scheduler;
+use crate::model::shard::types as shard_types;
+use crate::model::{Integration, IntegrationSync, Shard, timestamp};
+use crate::queue::{
+    DeadLetter, MessageQueue, OutgoingMessage, ReceivedMessage, SYNC_DEADLETTER,
+    SYNC_INBOUND_SCHEDULED, properties,
+};
+use crate::secrets::{Secret, SecretStore, credential_secret_name};
+use crate::settings::{LogFormat, Settings};
+use crate::store::{Op, ShardQuery, ShardStore, StoreError};
+use crate::{local, logging, server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "handler",
+    version,
+    about = "func-sync, the Castiel Sync Engine: Azure Functions custom handler, local runtime and operator commands"
+)]
+pub struct Cli {
+    /// Data directory of the embedded backends [default: $FUNC_SYNC_DATA_DIR or .func-sync]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the custom handler for the Functions host (the default)
+    Serve,
+    /// Run all six functions on this machine with embedded queues, store and timers
+    Local {
+        /// Address of the webhook front door [default: $FUNC_SYNC_LOCAL_ADDR or 127.0.0.1:7071]
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
+    /// Register, update or list integrations
+    #[command(subcommand)]
+    Integrations(IntegrationsCommand),
+    /// Store an integration's credentials
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
+    /// Enqueue a sync of an integration now
+    Sync {
+        /// The integration's id
+        integration: String,
+        #[arg(long)]
+        tenant: String,
+        /// Fetch everything, not only what changed since the last sync
+        #[arg(long)]
+        full: bool,
+    },
+    /// List sync history (c_integrationSync records), newest first
+    History {
+        #[arg(long)]
+        tenant: String,
+        /// Only this integration's syncs
+        #[arg(long)]
+        integration: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Query shards by type, and optionally by external id
+    Shards {
+        #[arg(long)]
+        tenant: String,
+        /// Shard type id, such as c_contact
+        #[arg(long = "type", value_name = "SHARD_TYPE")]
+        shard_type: String,
+        /// Only shards synced from this external record id
+        #[arg(long)]
+        external_id: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// List or replay dead-lettered messages
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IntegrationsCommand {
+    /// Register or update an integration from a JSON file (a c_integration shard)
+    Put { file: PathBuf },
+    /// List integrations
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Store credentials (a JSON object) read from a file, or from stdin without --file
+    Set {
+        /// The integration's id
+        integration: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead-lettered messages of every queue
+    List {
+        /// Only messages that came from this queue
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Send dead-lettered messages back to the queue they came from
+    Replay {
+        /// Sequence numbers, as `dead-letters list` shows them
+        sequence_numbers: Vec<i64>,
+        /// Replay every dead-lettered message
+        #[arg(long, conflicts_with = "sequence_numbers")]
+        all: bool,
+    },
+}
+
+/// Runs the command line. Returns the process exit code.
+pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
+    if let Some(dir) = &cli.data_dir {
+        settings.data_dir = dir.clone();
+    }
+    let command = cli.command.unwrap_or(Command::Serve);
+    let default_format = match command {
+        Command::Serve => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    logging::init(settings.log_format.unwrap_or(default_format));
+
+    let backends = match LocalBackends::open(&settings) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let result = match command {
+        Command::Serve => {
+            let app = backends.app(settings.clone(), app::providers());
+            server::serve(app, settings.port).await.map_err(|e| e.to_string())
+        }
+        Command::Local { addr } => {
+            if let Some(addr) = addr {
+                settings.local_addr = addr;
+            }
+            local::run(settings, backends, app::providers()).await
+        }
+        Command::Integrations(IntegrationsCommand::Put { file }) => {
+            put_integration(&backends, &file, cli.json).await
+        }
+        Command::Integrations(IntegrationsCommand::List { tenant }) => {
+            list_integrations(&backends, tenant.as_deref(), cli.json).await
+        }
+        Command::Credentials(CredentialsCommand::Set {
+            integration,
+            tenant,
+            file,
+        }) => set_credentials(&backends, &tenant, &integration, file, cli.json).await,
+        Command::Sync {
+            integration,
+            tenant,
+            full,
+        } => sync_now(&backends, &tenant, &integration, full, cli.json).await,
+        Command::History {
+            tenant,
+            integration,
+            limit,
+        } => history(&backends, &tenant, integration.as_deref(), limit, cli.json).await,
+        Command::Shards {
+            tenant,
+            shard_type,
+            external_id,
+            limit,
+        } => shards(&backends, &tenant, &shard_type, external_id.as_deref(), limit, cli.json).await,
+        Command::DeadLetters(DeadLettersCommand::List { queue }) => {
+            list_dead_letters(&backends, queue.as_deref(), cli.json)
+        }
+        Command::DeadLetters(DeadLettersCommand::Replay {
+            sequence_numbers,
+            all,
+        }) => replay_dead_letters(&backends, &sequence_numbers, all, cli.json).await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+type CliResult = Result<(), String>;
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("output serializes")
+    );
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn store_error(e: StoreError) -> String {
+    e.to_string()
+}
+
+async fn load_integration(
+    backends: &LocalBackends,
+    tenant: &str,
+    id: &str,
+) -> Result<(Shard, String, Integration), String> {
+    let stored = backends
+        .store
+        .get(tenant, id)
+        .await
+        .map_err(store_error)?
+        .filter(|s| s.value.shard_type_id == shard_types::INTEGRATION)
+        .ok_or_else(|| format!("integration `{id}` of tenant `{tenant}` does not exist"))?;
+    let integration = stored
+        .value
+        .data()
+        .map_err(|e| format!("integration `{id}` is invalid: {e}"))?;
+    Ok((stored.value, stored.etag, integration))
+}
+
+/// Fields of an integration that the engine maintains; a file that leaves them out keeps the
+/// stored values.
+const ENGINE_OWNED: [&str; 5] = [
+    "lastSyncAt",
+    "nextSyncAt",
+    "credentialsExpireAt",
+    "cursors",
+    "checkpoints",
+];
+
+async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -> CliResult {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let mut doc: Map<String, Value> = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a JSON object: {e}", file.display()))?;
+    match doc.get("shardTypeId") {
+        None => {
+            doc.insert("shardTypeId".into(), json!(shard_types::INTEGRATION));
+        }
+        Some(Value::String(t)) if t == shard_types::INTEGRATION => {}
+        Some(other) => {
+            return Err(format!(
+                "shardTypeId must be `{}`, found {other}",
+                shard_types::INTEGRATION
+            ));
+        }
+    }
+    let mut shard: Shard = serde_json::from_value(Value::Object(doc))
+        .map_err(|e| format!("{} is not an integration: {e}", file.display()))?;
+    if shard.id.is_empty() || shard.tenant_id.is_empty() {
+        return Err("an integration needs a non-empty `id` and `tenantId`".into());
+    }
+    let mut integration: Integration = shard
+        .data()
+        .map_err(|e| format!("structuredData is not a valid integration: {e}"))?;
+    integration.sync_frequency.validate()?;
+
+    let now = Utc::now();
+    let existing = backends
+        .store
+        .get(&shard.tenant_id, &shard.id)
+        .await
+        .map_err(store_error)?;
+    if let Some(existing) = &existing {
+        if existing.value.shard_type_id != shard_types::INTEGRATION {
+            return Err(format!(
+                "`{}` exists and is a `{}` shard",
+                shard.id, existing.value.shard_type_id
+            ));
+        }
+        let old: Integration = existing.value.data().map_err(|e| e.to_string())?;
+        let frequency_changed = old.sync_frequency != integration.sync_frequency;
+        let mut merged = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
+        let old_value = existing.value.structured_data.clone();
+        for key in ENGINE_OWNED {
+            if merged.get(key).is_none() {
+                if let Some(v) = old_value.get(key) {
+                    merged[key] = v.clone();
+                }
+            }
+        }
+        integration = serde_json::from_value(merged).map_err(|e| e.to_string())?;
+        if frequency_changed {
+            integration.next_sync_at = integration.sync_frequency.next_after(now);
+        }
+        shard.created_at = existing.value.created_at;
+        shard.created_by = existing.value.created_by.clone();
+    } else {
+        shard.created_at = Some(now);
+        shard.created_by.get_or_insert_with(|| "operator".into());
+    }
+    let scheduled = integration.sync_frequency != crate::model::SyncFrequency::Manual;
+    if existing.is_none() && scheduled && integration.next_sync_at.is_none() {
+        // A new scheduled integration syncs at the scheduler's next tick.
+        integration.next_sync_at = Some(now);
+    }
+    shard.updated_at = Some(now);
+    shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
+    match &existing {
+        Some(existing) => backends.store.replace(&shard, &existing.etag).await,
+        None => backends.store.create(&shard).await,
+    }
+    .map_err(|e| match e {
+        StoreError::PreconditionFailed | StoreError::Conflict => {
+            "the integration changed while it was being written; run the command again".into()
+        }
+        other => other.to_string(),
+    })?;
+    if json {
+        print_json(&shard);
+    } else {
+        println!(
+            "{} integration `{}` of tenant `{}` ({}); next sync: {}",
+            if existing.is_some() { "updated" } else { "registered" },
+            shard.id,
+            shard.tenant_id,
+            integration.provider_name,
+            integration
+                .next_sync_at
+                .map_or("manual only".into(), |t| time(Some(t)))
+        );
+    }
+    Ok(())
+}
+
+async fn list_integrations(backends: &LocalBackends, tenant: Option<&str>, json: bool) -> CliResult {
+    let mut query = ShardQuery::of_type(shard_types::INTEGRATION);
+    query.tenant_id = tenant.map(str::to_string);
+    let found = backends.store.query(&query).await.map_err(store_error)?;
+    if json {
+        print_json(&found.iter().map(|v| &v.value).collect::<Vec<_>>());
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = found
+        .iter()
+        .map(|v| {
+            let s = &v.value;
+            let i: Option<Integration> = s.data().ok();
+            vec![
+                s.tenant_id.clone(),
+                s.id.clone(),
+                s.name.clone(),
+                i.as_ref().map_or("?".into(), |i| i.provider_name.clone()),
+                i.as_ref()
+                    .map_or("invalid".into(), |i| format!("{:?}", i.status).to_lowercase()),
+                time(i.as_ref().and_then(|i| i.last_sync_at)),
+                time(i.as_ref().and_then(|i| i.next_sync_at)),
+            ]
+        })
+        .collect();
+    print_table(
+        &["TENANT", "ID", "NAME", "PROVIDER", "STATUS", "LAST SYNC", "NEXT SYNC"],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn set_credentials(
+    backends: &LocalBackends,
+    tenant: &str,
+    integration_id: &str,
+    file: Option<PathBuf>,
+    json: bool,
+) -> CliResult {
+    let (mut shard, etag, mut integration) = load_integration(backends, tenant, integration_id).await?;
+    let mut text = String::new();
+    match &file {
+        Some(path) => {
+            text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        }
+        None => {
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| format!("cannot read stdin: {e}"))?;
+        }
+    }
+    // Parse errors can quote the input, which is a secret: report only the position.
+    let credentials: Map<String, Value> = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "credentials must be a JSON object (invalid at line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    })?;
+    let expires_at = credentials
+        .get("expiresAt")
+        .and_then(Value::as_str)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let name = credential_secret_name(tenant, integration_id);
+    backends
+        .secrets
+        .set(&name, Secret::new(Value::Object(credentials).to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
+    if integration.credentials_expire_at != expires_at {
+        integration.credentials_expire_at = expires_at;
+        shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
+        shard.updated_at = Some(Utc::now());
+        backends
+            .store
+            .replace(&shard, &etag)
+            .await
+            .map_err(store_error)?;
+    }
+    if json {
+        print_json(&json!({"integrationId": integration_id, "tenantId": tenant, "secretName": name,
+                           "expiresAt": expires_at.map(|t| timestamp::format(&t))}));
+    } else {
+        println!("stored credentials of `{integration_id}` as secret `{name}`");
+    }
+    Ok(())
+}
+
+async fn sync_now(
+    backends: &LocalBackends,
+    tenant: &str,
+    integration_id: &str,
+    full: bool,
+    json: bool,
+) -> CliResult {
+    let (shard, _, integration) = load_integration(backends, tenant, integration_id).await?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let job = scheduler::manual_job(&shard, &integration, full, Utc::now(), &user);
+    backends
+        .broker
+        .send(OutgoingMessage::json(
+            SYNC_INBOUND_SCHEDULED,
+            job.job_id.clone(),
+            &job,
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    if json {
+        print_json(&job);
+    } else {
+        println!(
+            "enqueued {:?} sync job `{}` for `{integration_id}`",
+            job.job_type, job.job_id
+        );
+    }
+    Ok(())
+}
+
+async fn history(
+    backends: &LocalBackends,
+    tenant: &str,
+    integration: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> CliResult {
+    let mut query = ShardQuery::of_type(shard_types::INTEGRATION_SYNC)
+        .in_tenant(tenant)
+        .order_by("structuredData.startedAt", true)
+        .limit(limit);
+    if let Some(id) = integration {
+        query = query.filter("structuredData.integrationId", Op::Eq, json!(id));
+    }
+    let found = backends.store.query(&query).await.map_err(store_error)?;
+    if json {
+        print_json(&found.iter().map(|v| &v.value).collect::<Vec<_>>());
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = found
+        .iter()
+        .map(|v| match v.value.data::<IntegrationSync>() {
+            Ok(r) => vec![
+                v.value.id.clone(),
+                r.integration_id.clone(),
+                format!("{:?}", r.job_type).to_lowercase(),
+                format!("{:?}", r.status).to_lowercase(),
+                time(Some(r.started_at)),
+                r.duration_ms.map_or("-".into(), |ms| format!("{ms} ms")),
+                format!(
+                    "{}/{}/{}/{}/{}",
+                    r.stats.records_fetched,
+                    r.stats.shards_created,
+                    r.stats.shards_updated,
+                    r.stats.shards_skipped,
+                    r.stats.shards_failed
+                ),
+                r.status_message.unwrap_or_default(),
+            ],
+            Err(e) => vec![v.value.id.clone(), format!("unreadable: {e}")],
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "INTEGRATION",
+            "TYPE",
+            "STATUS",
+            "STARTED",
+            "DURATION",
+            "FETCHED/CREATED/UPDATED/SKIPPED/FAILED",
+            "MESSAGE",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn shards(
+    backends: &LocalBackends,
+    tenant: &str,
+    shard_type: &str,
+    external_id: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> CliResult {
+    let mut query = ShardQuery::of_type(shard_type).in_tenant(tenant).limit(limit);
+    if let Some(id) = external_id {
+        query = query.with_external_id(id);
+    }
+    let found = backends.store.query(&query).await.map_err(store_error)?;
+    if json {
+        print_json(&found.iter().map(|v| &v.value).collect::<Vec<_>>());
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = found
+        .iter()
+        .map(|v| {
+            let s = &v.value;
+            let external: Vec<String> = s
+                .external_relationships
+                .iter()
+                .map(|r| format!("{}:{}", r.integration_id, r.external_id))
+                .collect();
+            vec![
+                s.id.clone(),
+                s.name.clone(),
+                external.join(","),
+                time(s.updated_at),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "EXTERNAL", "UPDATED"], &rows);
+    Ok(())
+}
+
+/// A dead-lettered message, from a queue's dead-letter subqueue or from `sync-deadletter`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterView {
+    sequence_number: i64,
+    original_queue: String,
+    message_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<String>,
+    reason: String,
+    description: Option<String>,
+    dead_lettered_at: DateTime<Utc>,
+    delivery_count: u32,
+    body: Value,
+    #[serde(skip)]
+    raw_body: Vec<u8>,
+    #[serde(skip)]
+    properties: Map<String, Value>,
+}
+
+fn body_value(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()))
+}
+
+fn all_dead_letters(backends: &LocalBackends) -> Result<Vec<DeadLetterView>, String> {
+    let broker = &backends.broker;
+    let mut views: Vec<DeadLetterView> = broker
+        .dead_letters(None)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|d: DeadLetter| DeadLetterView {
+            sequence_number: d.sequence_number,
+            original_queue: d.queue,
+            message_id: d.message_id,
+            session_id: d.session_id,
+            reason: d.reason,
+            description: d.description,
+            dead_lettered_at: d.dead_lettered_at,
+            delivery_count: d.delivery_count,
+            body: body_value(&d.body),
+            raw_body: d.body,
+            properties: d.properties,
+        })
+        .collect();
+    let prop = |m: &ReceivedMessage, name: &str| -> Option<String> {
+        m.properties.get(name).map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
+    for m in broker.peek(SYNC_DEADLETTER).map_err(|e| e.to_string())? {
+        views.push(DeadLetterView {
+            sequence_number: m.sequence_number,
+            original_queue: prop(&m, properties::ORIGINAL_QUEUE).unwrap_or_else(|| SYNC_DEADLETTER.into()),
+            message_id: prop(&m, properties::ORIGINAL_MESSAGE_ID).unwrap_or_else(|| m.message_id.clone()),
+            session_id: prop(&m, properties::ORIGINAL_SESSION_ID),
+            reason: prop(&m, properties::DEAD_LETTER_REASON).unwrap_or_default(),
+            description: prop(&m, properties::DEAD_LETTER_ERROR_DESCRIPTION),
+            dead_lettered_at: m.enqueued_at,
+            delivery_count: prop(&m, properties::ORIGINAL_DELIVERY_COUNT)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_default(),
+            body: body_value(&m.body),
+            raw_body: m.body,
+            properties: m.properties,
+        });
+    }
+    views.sort_by_key(|v| v.sequence_number);
+    Ok(views)
+}
+
+fn list_dead_letters(backends: &LocalBackends, queue: Option<&str>, json: bool) -> CliResult {
+    let views: Vec<DeadLetterView> = all_dead_letters(backends)?
+        .into_iter()
+        .filter(|v| queue.is_none_or(|q| v.original_queue == q))
+        .collect();
+    if json {
+        print_json(&views);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            vec![
+                v.sequence_number.to_string(),
+                v.original_queue.clone(),
+                v.message_id.clone(),
+                v.reason.clone(),
+                time(Some(v.dead_lettered_at)),
+                v.delivery_count.to_string(),
+                v.description.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["SEQ", "QUEUE", "MESSAGE ID", "REASON", "DEAD-LETTERED", "DELIVERIES", "DESCRIPTION"],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn replay_dead_letters(
+    backends: &LocalBackends,
+    sequence_numbers: &[i64],
+    all: bool,
+    json: bool,
+) -> CliResult {
+    if !all && sequence_numbers.is_empty() {
+        return Err("name the messages to replay by sequence number, or pass --all".into());
+    }
+    let views = all_dead_letters(backends)?;
+    for wanted in sequence_numbers {
+        if !views.iter().any(|v| v.sequence_number == *wanted) {
+            return Err(format!("no dead-lettered message has sequence number {wanted}"));
+        }
+    }
+    let mut replayed = Vec::new();
+    for view in views
+        .into_iter()
+        .filter(|v| all || sequence_numbers.contains(&v.sequence_number))
+    {
+        let mut props = view.properties.clone();
+        for name in properties::ALL {
+            props.remove(name);
+        }
+        let message = OutgoingMessage {
+            queue: view.original_queue.clone(),
+            body: view.raw_body.clone(),
+            content_type: Some("application/json".into()),
+            message_id: format!("{}:replay-{}", view.message_id, &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            session_id: view.session_id.clone(),
+            correlation_id: None,
+            scheduled_enqueue_time: None,
+            properties: props,
+        };
+        // Send first, then remove: a crash in between replays twice, never loses the message.
+        backends.broker.send(message.clone()).await.map_err(|e| e.to_string())?;
+        let removed = if view.original_queue == SYNC_DEADLETTER {
+            false
+        } else {
+            backends.broker.delete_dead_letter(view.sequence_number).map_err(|e| e.to_string())?
+                || backends.broker.delete_unlocked(view.sequence_number).map_err(|e| e.to_string())?
+        };
+        if !removed {
+            tracing::warn!(sequence_number = view.sequence_number, "replayed message could not be removed from the dead letters");
+        }
+        if !json {
+            println!(
+                "replayed {} to {} as {}",
+                view.sequence_number, view.original_queue, message.message_id
+            );
+        }
+        replayed.push(json!({"sequenceNumber": view.sequence_number, "queue": view.original_queue,
+                             "messageId": message.message_id}));
+    }
+    if json {
+        print_json(&replayed);
+    }
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! The sync engine: what the functions do, over the I/O traits.
+//!
+//! The major components are:
+//!
+//! * [`scheduler`]: which integrations are due, and the job each gets.
+//! * [`inbound`]: running one sync job from a queue message to its history record.
+//! * [`retry`]: what happens to a job whose run failed.
+//!
+//! Decisions are plain functions over data, tested without a runtime; the `async` functions
+//! around them only read, write and send.
+
+pub mod inbound;
+pub mod retry;
+pub mod scheduler;
+
+/// A failure that a later delivery of the same message can fix (a backend was unreachable or
+/// busy). The invocation fails, so the host abandons the message and the broker redelivers it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Transient(pub String);
+
+impl From<crate::store::StoreError> for Transient {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<crate::queue::QueueError> for Transient {
+    fn from(e: crate::queue::QueueError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Publishes events; a failure is logged, never fatal to the work that raised them.
+pub(crate) async fn publish(app: &crate::app::App, events: &[crate::model::Event]) {
+    if let Err(e) = app.events.publish(events).await {
+        tracing::warn!(error = %e, count = events.len(), "could not publish events");
+    }
+}

@@ -1,0 +1,171 @@
+//! Finding due integrations and enqueuing one sync job each.
+//!
+//! Two timer ticks, or two scaled-out instances, may see the same integration due at once.
+//! Each job's MessageId is derived from the integration and the due time it was scheduled for,
+//! so the queue's duplicate detection drops the second send; and `nextSyncAt` is advanced under
+//! the etag it was read at, so only one instance claims the due time.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::{Transient, publish};
+use crate::app::App;
+use crate::model::event::types as events;
+use crate::model::history::SyncTrigger;
+use crate::model::integration::IntegrationStatus;
+use crate::model::messages::JobType;
+use crate::model::shard::types as shard_types;
+use crate::model::{Event, Integration, Shard, SyncJobMessage, timestamp};
+use crate::queue::{OutgoingMessage, SYNC_INBOUND_SCHEDULED};
+use crate::store::{Op, ShardQuery, StoreError};
+
+/// Integrations claimed per tick; the rest stay due and are claimed by the next tick.
+const MAX_PER_TICK: usize = 500;
+
+/// What one tick did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickSummary {
+    pub due: usize,
+    pub enqueued: usize,
+}
+
+/// The job for an integration that became due at `due_at`, with its deterministic id.
+pub fn scheduled_job(shard: &Shard, integration: &Integration, due_at: DateTime<Utc>) -> SyncJobMessage {
+    SyncJobMessage {
+        integration_id: shard.id.clone(),
+        tenant_id: shard.tenant_id.clone(),
+        job_type: if integration.last_sync_at.is_some() {
+            JobType::Incremental
+        } else {
+            JobType::FullSync
+        },
+        provider: integration.provider_name.clone(),
+        job_id: format!("job_{}_{}", shard.id, due_at.format("%Y%m%dT%H%M%S%.3fZ")),
+        trigger: SyncTrigger::Scheduled,
+        triggered_by: None,
+        webhook_payload: None,
+        entities: None,
+        scheduled_at: due_at,
+        attempt: 1,
+    }
+}
+
+/// A job asked for by a person (`handler sync`), due now.
+pub fn manual_job(shard: &Shard, integration: &Integration, full: bool, now: DateTime<Utc>, user: &str) -> SyncJobMessage {
+    SyncJobMessage {
+        job_type: if full || integration.last_sync_at.is_none() {
+            JobType::FullSync
+        } else {
+            JobType::Incremental
+        },
+        job_id: format!("job_{}_{}", shard.id, uuid::Uuid::new_v4().simple()),
+        trigger: SyncTrigger::Manual,
+        triggered_by: Some(user.to_string()),
+        ..scheduled_job(shard, integration, now)
+    }
+}
+
+/// The query for integrations due at `now`.
+pub fn due_query(now: DateTime<Utc>) -> ShardQuery {
+    ShardQuery::of_type(shard_types::INTEGRATION)
+        .filter("structuredData.status", Op::Eq, json!("active"))
+        .filter("structuredData.nextSyncAt", Op::Le, timestamp::query_value(&now))
+        .order_by("structuredData.nextSyncAt", false)
+        .limit(MAX_PER_TICK)
+}
+
+/// One SyncScheduler tick at `now`.
+pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transient> {
+    let due = app.store.query(&due_query(now)).await?;
+    let mut summary = TickSummary {
+        due: due.len(),
+        enqueued: 0,
+    };
+    for stored in due {
+        let mut shard = stored.value;
+        let mut integration: Integration = match shard.data() {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(tenant_id = %shard.tenant_id, integration_id = %shard.id, error = %e, "skipping an integration whose configuration is invalid");
+                continue;
+            }
+        };
+        if integration.status != IntegrationStatus::Active {
+            continue;
+        }
+        let Some(due_at) = integration.next_sync_at else {
+            continue;
+        };
+        let job = scheduled_job(&shard, &integration, due_at);
+        app.queue
+            .send(OutgoingMessage::json(SYNC_INBOUND_SCHEDULED, job.job_id.clone(), &job))
+            .await?;
+
+        integration.next_sync_at = integration.sync_frequency.next_after(now);
+        shard.structured_data = serde_json::to_value(&integration).expect("an integration serializes");
+        shard.updated_at = Some(now);
+        match app.store.replace(&shard, &stored.etag).await {
+            Ok(_) => {
+                summary.enqueued += 1;
+                tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued");
+            }
+            // Another tick claimed it first; its send and ours carried the same MessageId.
+            Err(StoreError::PreconditionFailed) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    publish(
+        app,
+        &[Event::new(
+            events::SYNC_CHECK_DUE,
+            "/integrations",
+            now,
+            json!({"timestamp": now, "due": summary.due, "enqueued": summary.enqueued}),
+        )],
+    )
+    .await;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn integration_shard() -> (Shard, Integration) {
+        let shard: Shard = serde_json::from_value(json!({
+            "id": "int-1", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Acme",
+            "structuredData": {"providerName": "salesforce",
+                               "syncFrequency": {"type": "interval", "intervalMinutes": 15}}
+        }))
+        .unwrap();
+        let integration = shard.data().unwrap();
+        (shard, integration)
+    }
+
+    #[test]
+    fn a_due_time_always_gives_the_same_job_id() {
+        let (shard, integration) = integration_shard();
+        let due = Utc.with_ymd_and_hms(2026, 1, 1, 10, 0, 0).unwrap();
+        let a = scheduled_job(&shard, &integration, due);
+        let b = scheduled_job(&shard, &integration, due);
+        assert_eq!(a.job_id, b.job_id);
+        assert_eq!(a.job_id, "job_int-1_20260101T100000.000Z");
+        assert_eq!(a.job_type, JobType::FullSync, "never synced: full");
+        let later = scheduled_job(&shard, &integration, due + chrono::Duration::minutes(15));
+        assert_ne!(a.job_id, later.job_id);
+    }
+
+    #[test]
+    fn a_manual_job_is_new_each_time() {
+        let (shard, mut integration) = integration_shard();
+        integration.last_sync_at = Some(Utc::now());
+        let now = Utc::now();
+        let a = manual_job(&shard, &integration, false, now, "ops");
+        let b = manual_job(&shard, &integration, false, now, "ops");
+        assert_ne!(a.job_id, b.job_id);
+        assert_eq!(a.job_type, JobType::Incremental);
+        assert_eq!(a.trigger, SyncTrigger::Manual);
+        assert_eq!(manual_job(&shard, &integration, true, now, "ops").job_type, JobType::FullSync);
+    }
+}

@@ -1,0 +1,126 @@
+//! `c_integration`: one tenant's connection to one external system, and when it syncs.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::ncrontab::Ncrontab;
+
+/// The `structuredData` of a `c_integration` shard. Configuration the engine does not read yet
+/// (entity mappings, pull filters, write-back settings) is kept verbatim in `rest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Integration {
+    pub provider_name: String,
+    #[serde(default)]
+    pub status: IntegrationStatus,
+    #[serde(default)]
+    pub sync_frequency: SyncFrequency,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_at: Option<DateTime<Utc>>,
+    /// When the scheduler next enqueues a sync; absent for manual integrations.
+    #[serde(
+        default,
+        with = "super::timestamp::fixed_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub next_sync_at: Option<DateTime<Utc>>,
+    /// When the stored OAuth access token expires, so TokenRefresher can find it without reading
+    /// the secret.
+    #[serde(
+        default,
+        with = "super::timestamp::fixed_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub credentials_expire_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegrationStatus {
+    #[default]
+    Active,
+    Paused,
+    Error,
+}
+
+/// How often an integration syncs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum SyncFrequency {
+    #[serde(rename_all = "camelCase")]
+    Interval { interval_minutes: u32 },
+    #[serde(rename_all = "camelCase")]
+    Cron { cron_expression: String },
+    #[default]
+    Manual,
+}
+
+impl SyncFrequency {
+    /// Checks the frequency can be scheduled: an interval of at least a minute, a valid cron.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Interval { interval_minutes } if *interval_minutes == 0 => {
+                Err("syncFrequency.intervalMinutes must be at least 1".into())
+            }
+            Self::Cron { cron_expression } => cron_expression
+                .parse::<Ncrontab>()
+                .map(drop)
+                .map_err(|e| format!("syncFrequency.cronExpression: {e}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next time a sync is due after one was due (or started) at `from`; `None` for manual.
+    pub fn next_after(&self, from: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Self::Interval { interval_minutes } => {
+                Some(from + Duration::minutes(i64::from(*interval_minutes)))
+            }
+            Self::Cron { cron_expression } => cron_expression.parse::<Ncrontab>().ok()?.next_after(from),
+            Self::Manual => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0).unwrap()
+    }
+
+    #[test]
+    fn next_sync_follows_the_frequency() {
+        let every_15 = SyncFrequency::Interval { interval_minutes: 15 };
+        assert_eq!(every_15.next_after(at(10, 0)), Some(at(10, 15)));
+        let hourly = SyncFrequency::Cron { cron_expression: "0 0 * * * *".into() };
+        assert_eq!(hourly.next_after(at(10, 20)), Some(at(11, 0)));
+        assert_eq!(SyncFrequency::Manual.next_after(at(10, 0)), None);
+    }
+
+    #[test]
+    fn frequencies_are_validated() {
+        assert!(SyncFrequency::Interval { interval_minutes: 0 }.validate().is_err());
+        assert!(SyncFrequency::Cron { cron_expression: "*/5 * * * *".into() }.validate().is_err());
+        assert!(SyncFrequency::Cron { cron_expression: "0 */5 * * * *".into() }.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_configuration_is_kept() {
+        let json = serde_json::json!({
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 15},
+            "entityMappings": [{"externalEntity": "Account", "shardTypeId": "c_company"}]
+        });
+        let integration: Integration = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(integration.status, IntegrationStatus::Active);
+        let back = serde_json::to_value(&integration).unwrap();
+        assert_eq!(back["entityMappings"], json["entityMappings"]);
+        assert_eq!(back["syncFrequency"], json["syncFrequency"]);
+    }
+}

@@ -1,0 +1,123 @@
+//! The bodies of the messages on the sync queues.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::history::{SyncJobType, SyncTrigger};
+
+/// A sync job on `sync-inbound-scheduled` or `sync-inbound-webhook`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncJobMessage {
+    pub integration_id: String,
+    pub tenant_id: String,
+    pub job_type: JobType,
+    pub provider: String,
+    /// Stable across redeliveries and retries of the same job; names its history record.
+    pub job_id: String,
+    #[serde(default = "default_trigger")]
+    pub trigger: SyncTrigger,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggered_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_payload: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
+    pub scheduled_at: DateTime<Utc>,
+    /// 1 for the first try; each re-enqueued retry adds one.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn default_trigger() -> SyncTrigger {
+    SyncTrigger::Scheduled
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// The job types as the queue messages spell them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobType {
+    #[serde(alias = "full")]
+    FullSync,
+    Incremental,
+    Webhook,
+}
+
+impl SyncJobMessage {
+    /// The job type as the history records it: a user-triggered job is `manual` whatever it
+    /// fetches.
+    pub fn history_job_type(&self) -> SyncJobType {
+        match (self.trigger, self.job_type) {
+            (SyncTrigger::Manual, _) => SyncJobType::Manual,
+            (_, JobType::FullSync) => SyncJobType::Full,
+            (_, JobType::Incremental) => SyncJobType::Incremental,
+            (_, JobType::Webhook) => SyncJobType::Webhook,
+        }
+    }
+}
+
+/// A change in Castiel to write back to the external system, on `sync-outbound`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteBackMessage {
+    pub shard_id: String,
+    pub tenant_id: String,
+    pub operation: WriteBackOperation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_fields: Option<Vec<String>>,
+    pub external_system: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    pub triggered_at: DateTime<Utc>,
+    pub triggered_by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteBackOperation {
+    Create,
+    Update,
+    Delete,
+}
+
+/// Parses a message body, naming the first problem so the dead-letter reason is useful.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8 text".to_string())?;
+    serde_json::from_str(text).map_err(|e| format!("the body is not a valid message: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scheduled_job_parses_with_defaults() {
+        let job: SyncJobMessage = parse_body(
+            br#"{"integrationId":"int-1","tenantId":"t1","jobType":"incremental",
+                 "provider":"salesforce","jobId":"job-1","scheduledAt":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(job.attempt, 1);
+        assert_eq!(job.trigger, SyncTrigger::Scheduled);
+        assert_eq!(job.history_job_type(), SyncJobType::Incremental);
+    }
+
+    #[test]
+    fn a_bad_body_names_the_problem() {
+        let e = parse_body::<SyncJobMessage>(br#"{"tenantId":"t1"}"#).unwrap_err();
+        assert!(e.contains("missing field `integrationId`"), "{e}");
+        let e = parse_body::<WriteBackMessage>(&[0xff, 0xfe]).unwrap_err();
+        assert_eq!(e, "the body is not UTF-8 text");
+        let e = parse_body::<WriteBackMessage>(
+            br#"{"shardId":"s","tenantId":"t","operation":"upsert","externalSystem":"x",
+                 "triggeredAt":"2026-01-01T00:00:00Z","triggeredBy":"u"}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("unknown variant `upsert`"), "{e}");
+    }
+}

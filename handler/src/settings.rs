@@ -1,0 +1,181 @@
+//! App settings: read once from the environment at start-up, validated as a whole.
+//!
+//! In Azure the app settings of the function app become environment variables of the host,
+//! and the custom handler inherits them; `func start` does the same with the `Values` of
+//! `local.settings.json`. `handler local` reads the same names, so one set of settings describes
+//! every way of running the app. Every setting has a default that works on one machine with no
+//! cloud account.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A value the app reads from its environment, with its default.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the embedded backends keep their state (shards, queues, secrets, events).
+    pub data_dir: PathBuf,
+    /// Port the custom handler listens on; the Functions host picks it at each start.
+    pub port: u16,
+    /// Address of the embedded runtime's HTTP front door (`handler local`).
+    pub local_addr: SocketAddr,
+    /// `json` (one object a line, for log collectors) or `text` (for people).
+    pub log_format: Option<LogFormat>,
+    /// How long a MessageId is remembered by the embedded queues' duplicate detection.
+    pub duplicate_detection_window: Duration,
+    /// Whether TokenRefresher refreshes anything.
+    pub token_refresh_enabled: bool,
+    /// TokenRefresher refreshes credentials that expire within this window.
+    pub token_refresh_threshold: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Every setting that was present but unusable, named, so an operator fixes them all at once.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid app settings:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct SettingsError {
+    pub problems: Vec<String>,
+}
+
+/// The port a custom handler uses when the host did not give one (running it by hand).
+const FALLBACK_PORT: u16 = 3000;
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let mut problems = Vec::new();
+        let read = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+
+        let port_setting = read("FUNCTIONS_CUSTOMHANDLER_PORT")
+            .map(|v| ("FUNCTIONS_CUSTOMHANDLER_PORT", v))
+            .or_else(|| read("FUNCTIONS_HTTPWORKER_PORT").map(|v| ("FUNCTIONS_HTTPWORKER_PORT", v)));
+        let port = match port_setting {
+            None => FALLBACK_PORT,
+            Some((name, v)) => parse(name, &v, &mut problems).unwrap_or(FALLBACK_PORT),
+        };
+
+        let data_dir = read("FUNC_SYNC_DATA_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".func-sync"));
+
+        let local_addr = match read("FUNC_SYNC_LOCAL_ADDR") {
+            None => SocketAddr::from(([127, 0, 0, 1], 7071)),
+            Some(v) => parse("FUNC_SYNC_LOCAL_ADDR", &v, &mut problems)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7071))),
+        };
+
+        let log_format = match read("FUNC_SYNC_LOG_FORMAT").as_deref() {
+            None => None,
+            Some("json") => Some(LogFormat::Json),
+            Some("text") => Some(LogFormat::Text),
+            Some(other) => {
+                problems.push(format!(
+                    "FUNC_SYNC_LOG_FORMAT: expected `json` or `text`, got `{other}`"
+                ));
+                None
+            }
+        };
+
+        let duplicate_detection_window = read("FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS")
+            .and_then(|v| parse("FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS", &v, &mut problems))
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(10 * 60));
+
+        let token_refresh_enabled = read("TOKEN_REFRESH_ENABLED")
+            .and_then(|v| parse("TOKEN_REFRESH_ENABLED", &v, &mut problems))
+            .unwrap_or(true);
+
+        let token_refresh_threshold = read("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS")
+            .and_then(|v| parse("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", &v, &mut problems))
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(2 * 60 * 60));
+
+        if !problems.is_empty() {
+            return Err(SettingsError { problems });
+        }
+        Ok(Self {
+            data_dir,
+            port,
+            local_addr,
+            log_format,
+            duplicate_detection_window,
+            token_refresh_enabled,
+            token_refresh_threshold,
+        })
+    }
+}
+
+fn parse<T: std::str::FromStr>(name: &str, value: &str, problems: &mut Vec<String>) -> Option<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match value.trim().parse() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.push(format!("{name}: `{value}` is not valid ({e})"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.port, 3000);
+        assert_eq!(s.data_dir, PathBuf::from(".func-sync"));
+        assert_eq!(s.local_addr.to_string(), "127.0.0.1:7071");
+        assert_eq!(s.duplicate_detection_window, Duration::from_secs(600));
+        assert_eq!(s.token_refresh_threshold, Duration::from_secs(7200));
+        assert!(s.token_refresh_enabled);
+    }
+
+    #[test]
+    fn the_hosts_port_wins_over_the_legacy_name() {
+        let s = settings(&[
+            ("FUNCTIONS_CUSTOMHANDLER_PORT", "40123"),
+            ("FUNCTIONS_HTTPWORKER_PORT", "5"),
+        ])
+        .unwrap();
+        assert_eq!(s.port, 40123);
+        let s = settings(&[("FUNCTIONS_HTTPWORKER_PORT", "40124")]).unwrap();
+        assert_eq!(s.port, 40124);
+    }
+
+    #[test]
+    fn every_bad_setting_is_named() {
+        let err = settings(&[
+            ("FUNCTIONS_CUSTOMHANDLER_PORT", "seventy"),
+            ("FUNC_SYNC_LOG_FORMAT", "xml"),
+            ("TOKEN_REFRESH_ENABLED", "maybe"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{text}");
+        assert!(text.contains("FUNCTIONS_CUSTOMHANDLER_PORT"));
+        assert!(text.contains("FUNC_SYNC_LOG_FORMAT"));
+        assert!(text.contains("TOKEN_REFRESH_ENABLED"));
+    }
+}

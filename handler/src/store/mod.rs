@@ -1,0 +1,165 @@
+//! The shard store: where Castiel's documents live.
+//!
+//! In Azure that is a Cosmos DB container partitioned by `/tenantId`; on one machine it is
+//! [`SqliteStore`]. The trait is shaped by what Cosmos does well: point reads and writes by
+//! (tenant, id), optimistic concurrency through etags, and a small family of parameterized
+//! queries. Anything the engine needs must be expressible that way.
+
+mod sqlite;
+
+pub(crate) use sqlite::open_database as sqlite_open;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::model::Shard;
+
+/// A document with the etag it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub etag: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `create` of an id that exists.
+    #[error("a shard with this id already exists")]
+    Conflict,
+    /// `replace` with an etag that is no longer current: someone else wrote first.
+    #[error("the shard changed since it was read")]
+    PreconditionFailed,
+    /// The store could not be reached or was busy; trying again later can help.
+    #[error("shard store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored document could not be read back.
+    #[error("stored shard is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A query over one shard type, optionally within one tenant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardQuery {
+    pub tenant_id: Option<String>,
+    pub shard_type_id: String,
+    pub filters: Vec<Filter>,
+    pub order_by: Option<OrderBy>,
+    pub limit: Option<usize>,
+    /// Only shards synced from this external id (any integration).
+    pub external_id: Option<String>,
+    /// Soft-deleted shards are left out unless asked for.
+    pub include_deleted: bool,
+}
+
+/// `path op value`, where `path` is a dotted field path such as `structuredData.nextSyncAt`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub path: FieldPath,
+    pub op: Op,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Le,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderBy {
+    pub path: FieldPath,
+    pub descending: bool,
+}
+
+/// A dotted path of plain identifiers; the only thing a query may name, so paths can be
+/// spliced into SQL and Cosmos SQL without injection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath(String);
+
+impl FieldPath {
+    pub fn new(path: &str) -> Result<Self, String> {
+        let valid = !path.is_empty()
+            && path.split('.').all(|segment| {
+                let mut chars = segment.chars();
+                chars
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
+        if valid {
+            Ok(Self(path.to_string()))
+        } else {
+            Err(format!("`{path}` is not a field path"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl ShardQuery {
+    pub fn of_type(shard_type_id: &str) -> Self {
+        Self {
+            shard_type_id: shard_type_id.to_string(),
+            ..Self::default()
+        }
+    }
+
+    pub fn in_tenant(mut self, tenant_id: &str) -> Self {
+        self.tenant_id = Some(tenant_id.to_string());
+        self
+    }
+
+    /// Adds a filter. Paths are written in code, so a bad one is a programming error.
+    pub fn filter(mut self, path: &str, op: Op, value: Value) -> Self {
+        let path = FieldPath::new(path).expect("query paths are valid identifiers");
+        self.filters.push(Filter { path, op, value });
+        self
+    }
+
+    pub fn order_by(mut self, path: &str, descending: bool) -> Self {
+        let path = FieldPath::new(path).expect("query paths are valid identifiers");
+        self.order_by = Some(OrderBy { path, descending });
+        self
+    }
+
+    pub fn with_external_id(mut self, external_id: &str) -> Self {
+        self.external_id = Some(external_id.to_string());
+        self
+    }
+
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+}
+
+#[async_trait]
+pub trait ShardStore: Send + Sync {
+    /// Point read.
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError>;
+    /// Creates the shard; [`StoreError::Conflict`] if its id exists.
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError>;
+    /// Writes the shard whatever is there; returns the new etag.
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError>;
+    /// Writes the shard only if its current etag is `if_match`.
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError>;
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FieldPath;
+
+    #[test]
+    fn field_paths_are_plain_identifiers() {
+        assert!(FieldPath::new("structuredData.nextSyncAt").is_ok());
+        assert!(FieldPath::new("a.b_c.d1").is_ok());
+        for bad in ["", "a..b", "a.1b", "a'); drop", "a b", "$.a"] {
+            assert!(FieldPath::new(bad).is_err(), "{bad}");
+        }
+    }
+}

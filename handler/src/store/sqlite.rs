@@ -1,0 +1,388 @@
+//! [`ShardStore`] on an embedded SQLite database, for running on one machine.
+//!
+//! Each shard is one row holding the document's JSON, keyed like a Cosmos item by
+//! (tenant, id). WAL journaling with `synchronous=NORMAL` keeps every committed write across a
+//! process crash (kill -9); only a power loss can take the last transactions.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as SqlValue};
+use serde_json::Value;
+
+use super::{Op, ShardQuery, ShardStore, StoreError, Versioned};
+use crate::model::Shard;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS shards (
+    tenant_id     TEXT NOT NULL,
+    id            TEXT NOT NULL,
+    shard_type_id TEXT NOT NULL,
+    deleted       INTEGER NOT NULL,
+    etag          TEXT NOT NULL,
+    doc           TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS shards_by_type ON shards (shard_type_id, tenant_id);
+";
+
+/// Opens a SQLite database the way every embedded backend wants it.
+pub(crate) fn open_database(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(schema)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_database(path, SCHEMA).map_err(unavailable)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn new_etag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+struct Row {
+    shard_type_id: String,
+    deleted: bool,
+    doc: String,
+}
+
+fn encode(shard: &Shard) -> Result<Row, StoreError> {
+    Ok(Row {
+        shard_type_id: shard.shard_type_id.clone(),
+        deleted: shard.deleted_at.is_some(),
+        doc: serde_json::to_string(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    })
+}
+
+fn decode(doc: &str, etag: String) -> Result<Versioned<Shard>, StoreError> {
+    let value = serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Versioned { value, etag })
+}
+
+fn write(
+    conn: &Connection,
+    shard: &Shard,
+    row: &Row,
+    etag: &str,
+    mode: &str,
+) -> rusqlite::Result<usize> {
+    let sql = format!(
+        "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+    );
+    conn.prepare_cached(&sql)?.execute(rusqlite::params![
+        shard.tenant_id,
+        shard.id,
+        row.shard_type_id,
+        row.deleted,
+        etag,
+        row.doc
+    ])
+}
+
+fn sql_value(value: &Value) -> SqlValue {
+    match value {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Value::Number(n) => n
+            .as_i64()
+            .map(SqlValue::Integer)
+            .unwrap_or_else(|| SqlValue::Real(n.as_f64().unwrap_or(f64::NAN))),
+        Value::String(s) => SqlValue::Text(s.clone()),
+        other => SqlValue::Text(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl ShardStore for SqliteStore {
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
+        let (tenant_id, id) = (tenant_id.to_string(), id.to_string());
+        self.with_conn(move |conn| {
+            let row: Option<(String, String)> = conn
+                .prepare_cached("SELECT doc, etag FROM shards WHERE tenant_id = ?1 AND id = ?2")
+                .map_err(unavailable)?
+                .query_row([&tenant_id, &id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(unavailable)?;
+            row.map(|(doc, etag)| decode(&doc, etag)).transpose()
+        })
+        .await
+    }
+
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
+        let shard = shard.clone();
+        let row = encode(&shard)?;
+        self.with_conn(move |conn| {
+            let etag = new_etag();
+            match write(conn, &shard, &row, &etag, "INSERT") {
+                Ok(_) => Ok(etag),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::Conflict)
+                }
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+        .await
+    }
+
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
+        let shard = shard.clone();
+        let row = encode(&shard)?;
+        self.with_conn(move |conn| {
+            let etag = new_etag();
+            write(conn, &shard, &row, &etag, "INSERT OR REPLACE").map_err(unavailable)?;
+            Ok(etag)
+        })
+        .await
+    }
+
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
+        let shard = shard.clone();
+        let row = encode(&shard)?;
+        let if_match = if_match.to_string();
+        self.with_conn(move |conn| {
+            let etag = new_etag();
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6
+                     WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7",
+                )
+                .map_err(unavailable)?
+                .execute(rusqlite::params![
+                    shard.tenant_id,
+                    shard.id,
+                    row.shard_type_id,
+                    row.deleted,
+                    etag,
+                    row.doc,
+                    if_match
+                ])
+                .map_err(unavailable)?;
+            if changed == 1 {
+                Ok(etag)
+            } else {
+                Err(StoreError::PreconditionFailed)
+            }
+        })
+        .await
+    }
+
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        let query = query.clone();
+        self.with_conn(move |conn| {
+            let mut sql = String::from("SELECT doc, etag FROM shards WHERE shard_type_id = ?");
+            let mut args = vec![SqlValue::Text(query.shard_type_id.clone())];
+            if let Some(tenant) = &query.tenant_id {
+                sql.push_str(" AND tenant_id = ?");
+                args.push(SqlValue::Text(tenant.clone()));
+            }
+            if let Some(external_id) = &query.external_id {
+                sql.push_str(
+                    " AND EXISTS (SELECT 1 FROM json_each(doc, '$.external_relationships')
+                                  WHERE json_extract(value, '$.externalId') = ?)",
+                );
+                args.push(SqlValue::Text(external_id.clone()));
+            }
+            if !query.include_deleted {
+                sql.push_str(" AND deleted = 0");
+            }
+            for f in &query.filters {
+                let path = f.path.as_str();
+                match (f.op, &f.value) {
+                    (Op::Eq, Value::Null) => {
+                        sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IS NULL"));
+                    }
+                    (op, value) => {
+                        let op = if op == Op::Eq { "=" } else { "<=" };
+                        sql.push_str(&format!(" AND json_extract(doc, '$.{path}') {op} ?"));
+                        args.push(sql_value(value));
+                    }
+                }
+            }
+            if let Some(order) = &query.order_by {
+                let direction = if order.descending { "DESC" } else { "ASC" };
+                sql.push_str(&format!(
+                    " ORDER BY json_extract(doc, '$.{}') {direction}, id",
+                    order.path.as_str()
+                ));
+            }
+            if let Some(limit) = query.limit {
+                sql.push_str(&format!(" LIMIT {limit}"));
+            }
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params_from_iter(args), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(unavailable)?;
+            rows.map(|row| {
+                let (doc, etag) = row.map_err(unavailable)?;
+                decode(&doc, etag)
+            })
+            .collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::timestamp;
+    use chrono::{TimeZone, Utc};
+    use serde_json::json;
+
+    fn shard(tenant: &str, id: &str, data: Value) -> Shard {
+        serde_json::from_value(json!({
+            "id": id, "tenantId": tenant, "shardTypeId": "c_integration", "name": id,
+            "structuredData": data
+        }))
+        .unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn writes_are_guarded_by_etags() {
+        let (_dir, store) = store();
+        let s = shard("t1", "a", json!({"n": 1}));
+        let etag = store.create(&s).await.unwrap();
+        assert!(matches!(store.create(&s).await, Err(StoreError::Conflict)));
+
+        let read = store.get("t1", "a").await.unwrap().unwrap();
+        assert_eq!(read.etag, etag);
+        assert_eq!(read.value, s);
+
+        let mut changed = s.clone();
+        changed.structured_data = json!({"n": 2});
+        let new_etag = store.replace(&changed, &etag).await.unwrap();
+        assert!(matches!(
+            store.replace(&changed, &etag).await,
+            Err(StoreError::PreconditionFailed)
+        ));
+        assert_eq!(store.get("t1", "a").await.unwrap().unwrap().etag, new_etag);
+        assert!(store.get("t2", "a").await.unwrap().is_none(), "tenants are separate");
+    }
+
+    #[tokio::test]
+    async fn queries_filter_order_and_limit() {
+        let (_dir, store) = store();
+        let t = |m| Utc.with_ymd_and_hms(2026, 1, 1, 10, m, 0).unwrap();
+        for (tenant, id, minute, status) in [
+            ("t1", "a", 5, "active"),
+            ("t1", "b", 1, "active"),
+            ("t2", "c", 3, "active"),
+            ("t1", "d", 2, "paused"),
+            ("t1", "e", 30, "active"),
+        ] {
+            let data = json!({"nextSyncAt": timestamp::format(&t(minute)), "status": status});
+            store.upsert(&shard(tenant, id, data)).await.unwrap();
+        }
+        let due = ShardQuery::of_type("c_integration")
+            .filter("structuredData.status", Op::Eq, json!("active"))
+            .filter("structuredData.nextSyncAt", Op::Le, timestamp::query_value(&t(10)))
+            .order_by("structuredData.nextSyncAt", false);
+        let ids: Vec<_> = store
+            .query(&due)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.value.id)
+            .collect();
+        assert_eq!(ids, ["b", "c", "a"]);
+
+        let one_tenant = due.clone().in_tenant("t1").limit(1);
+        let ids: Vec<_> = store
+            .query(&one_tenant)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.value.id)
+            .collect();
+        assert_eq!(ids, ["b"]);
+    }
+
+    #[tokio::test]
+    async fn shards_are_found_by_external_id() {
+        let (_dir, store) = store();
+        for (id, external) in [("a", "001A"), ("b", "001B")] {
+            let mut s = shard("t1", id, json!({}));
+            s.shard_type_id = "c_company".into();
+            s.external_relationships = vec![crate::model::shard::ExternalRelationship {
+                integration_id: "int-1".into(),
+                external_id: external.into(),
+                sync_status: "synced".into(),
+                last_synced_at: None,
+                sync_direction: "inbound".into(),
+            }];
+            store.upsert(&s).await.unwrap();
+        }
+        let q = ShardQuery::of_type("c_company").in_tenant("t1").with_external_id("001B");
+        let found = store.query(&q).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].value.id, "b");
+    }
+
+    #[tokio::test]
+    async fn soft_deleted_shards_are_left_out_unless_asked_for() {
+        let (_dir, store) = store();
+        let mut s = shard("t1", "a", json!({}));
+        s.deleted_at = Some(Utc::now());
+        store.upsert(&s).await.unwrap();
+        let mut q = ShardQuery::of_type("c_integration");
+        assert!(store.query(&q).await.unwrap().is_empty());
+        q.include_deleted = true;
+        assert_eq!(store.query(&q).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn shards_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        SqliteStore::open(&path)
+            .unwrap()
+            .upsert(&shard("t1", "a", json!({"kept": true})))
+            .await
+            .unwrap();
+        let reopened = SqliteStore::open(&path).unwrap();
+        let read = reopened.get("t1", "a").await.unwrap().unwrap();
+        assert_eq!(read.value.structured_data, json!({"kept": true}));
+    }
+}
