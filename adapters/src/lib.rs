@@ -163,7 +163,10 @@ mod tests {
     fn codes_serialize_as_the_history_spells_them() {
         let json = serde_json::to_string(&ErrorCode::AuthenticationFailed).unwrap();
         assert_eq!(json, "\"AUTHENTICATION_FAILED\"");
-        assert_eq!(ErrorCode::AuthenticationFailed.as_str(), "AUTHENTICATION_FAILED");
+        assert_eq!(
+            ErrorCode::AuthenticationFailed.as_str(),
+            "AUTHENTICATION_FAILED"
+        );
     }
 
     struct Named(&'static str);

@@ -162,7 +162,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
     let result = match command {
         Command::Serve => {
             let app = backends.app(settings.clone(), app::providers());
-            server::serve(app, settings.port).await.map_err(|e| e.to_string())
+            server::serve(app, settings.port)
+                .await
+                .map_err(|e| e.to_string())
         }
         Command::Local { addr } => {
             if let Some(addr) = addr {
@@ -196,7 +198,17 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             shard_type,
             external_id,
             limit,
-        } => shards(&backends, &tenant, &shard_type, external_id.as_deref(), limit, cli.json).await,
+        } => {
+            shards(
+                &backends,
+                &tenant,
+                &shard_type,
+                external_id.as_deref(),
+                limit,
+                cli.json,
+            )
+            .await
+        }
         Command::DeadLetters(DeadLettersCommand::List { queue }) => {
             list_dead_letters(&backends, queue.as_deref(), cli.json)
         }
@@ -284,8 +296,8 @@ const ENGINE_OWNED: [&str; 5] = [
 ];
 
 async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -> CliResult {
-    let text =
-        std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let mut doc: Map<String, Value> = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not a JSON object: {e}", file.display()))?;
     match doc.get("shardTypeId") {
@@ -328,10 +340,8 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
         let mut merged = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
         let old_value = existing.value.structured_data.clone();
         for key in ENGINE_OWNED {
-            if merged.get(key).is_none() {
-                if let Some(v) = old_value.get(key) {
-                    merged[key] = v.clone();
-                }
+            if let (None, Some(v)) = (merged.get(key), old_value.get(key)) {
+                merged[key] = v.clone();
             }
         }
         integration = serde_json::from_value(merged).map_err(|e| e.to_string())?;
@@ -366,7 +376,11 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
     } else {
         println!(
             "{} integration `{}` of tenant `{}` ({}); next sync: {}",
-            if existing.is_some() { "updated" } else { "registered" },
+            if existing.is_some() {
+                "updated"
+            } else {
+                "registered"
+            },
             shard.id,
             shard.tenant_id,
             integration.provider_name,
@@ -378,7 +392,11 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
     Ok(())
 }
 
-async fn list_integrations(backends: &LocalBackends, tenant: Option<&str>, json: bool) -> CliResult {
+async fn list_integrations(
+    backends: &LocalBackends,
+    tenant: Option<&str>,
+    json: bool,
+) -> CliResult {
     let mut query = ShardQuery::of_type(shard_types::INTEGRATION);
     query.tenant_id = tenant.map(str::to_string);
     let found = backends.store.query(&query).await.map_err(store_error)?;
@@ -396,15 +414,24 @@ async fn list_integrations(backends: &LocalBackends, tenant: Option<&str>, json:
                 s.id.clone(),
                 s.name.clone(),
                 i.as_ref().map_or("?".into(), |i| i.provider_name.clone()),
-                i.as_ref()
-                    .map_or("invalid".into(), |i| format!("{:?}", i.status).to_lowercase()),
+                i.as_ref().map_or("invalid".into(), |i| {
+                    format!("{:?}", i.status).to_lowercase()
+                }),
                 time(i.as_ref().and_then(|i| i.last_sync_at)),
                 time(i.as_ref().and_then(|i| i.next_sync_at)),
             ]
         })
         .collect();
     print_table(
-        &["TENANT", "ID", "NAME", "PROVIDER", "STATUS", "LAST SYNC", "NEXT SYNC"],
+        &[
+            "TENANT",
+            "ID",
+            "NAME",
+            "PROVIDER",
+            "STATUS",
+            "LAST SYNC",
+            "NEXT SYNC",
+        ],
         &rows,
     );
     Ok(())
@@ -417,7 +444,8 @@ async fn set_credentials(
     file: Option<PathBuf>,
     json: bool,
 ) -> CliResult {
-    let (mut shard, etag, mut integration) = load_integration(backends, tenant, integration_id).await?;
+    let (mut shard, etag, mut integration) =
+        load_integration(backends, tenant, integration_id).await?;
     let mut text = String::new();
     match &file {
         Some(path) => {
@@ -460,8 +488,10 @@ async fn set_credentials(
             .map_err(store_error)?;
     }
     if json {
-        print_json(&json!({"integrationId": integration_id, "tenantId": tenant, "secretName": name,
-                           "expiresAt": expires_at.map(|t| timestamp::format(&t))}));
+        print_json(
+            &json!({"integrationId": integration_id, "tenantId": tenant, "secretName": name,
+                           "expiresAt": expires_at.map(|t| timestamp::format(&t))}),
+        );
     } else {
         println!("stored credentials of `{integration_id}` as secret `{name}`");
     }
@@ -564,7 +594,9 @@ async fn shards(
     limit: usize,
     json: bool,
 ) -> CliResult {
-    let mut query = ShardQuery::of_type(shard_type).in_tenant(tenant).limit(limit);
+    let mut query = ShardQuery::of_type(shard_type)
+        .in_tenant(tenant)
+        .limit(limit);
     if let Some(id) = external_id {
         query = query.with_external_id(id);
     }
@@ -615,7 +647,8 @@ struct DeadLetterView {
 }
 
 fn body_value(body: &[u8]) -> Value {
-    serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()))
 }
 
 fn all_dead_letters(backends: &LocalBackends) -> Result<Vec<DeadLetterView>, String> {
@@ -647,8 +680,10 @@ fn all_dead_letters(backends: &LocalBackends) -> Result<Vec<DeadLetterView>, Str
     for m in broker.peek(SYNC_DEADLETTER).map_err(|e| e.to_string())? {
         views.push(DeadLetterView {
             sequence_number: m.sequence_number,
-            original_queue: prop(&m, properties::ORIGINAL_QUEUE).unwrap_or_else(|| SYNC_DEADLETTER.into()),
-            message_id: prop(&m, properties::ORIGINAL_MESSAGE_ID).unwrap_or_else(|| m.message_id.clone()),
+            original_queue: prop(&m, properties::ORIGINAL_QUEUE)
+                .unwrap_or_else(|| SYNC_DEADLETTER.into()),
+            message_id: prop(&m, properties::ORIGINAL_MESSAGE_ID)
+                .unwrap_or_else(|| m.message_id.clone()),
             session_id: prop(&m, properties::ORIGINAL_SESSION_ID),
             reason: prop(&m, properties::DEAD_LETTER_REASON).unwrap_or_default(),
             description: prop(&m, properties::DEAD_LETTER_ERROR_DESCRIPTION),
@@ -689,7 +724,15 @@ fn list_dead_letters(backends: &LocalBackends, queue: Option<&str>, json: bool) 
         })
         .collect();
     print_table(
-        &["SEQ", "QUEUE", "MESSAGE ID", "REASON", "DEAD-LETTERED", "DELIVERIES", "DESCRIPTION"],
+        &[
+            "SEQ",
+            "QUEUE",
+            "MESSAGE ID",
+            "REASON",
+            "DEAD-LETTERED",
+            "DELIVERIES",
+            "DESCRIPTION",
+        ],
         &rows,
     );
     Ok(())
@@ -707,7 +750,9 @@ async fn replay_dead_letters(
     let views = all_dead_letters(backends)?;
     for wanted in sequence_numbers {
         if !views.iter().any(|v| v.sequence_number == *wanted) {
-            return Err(format!("no dead-lettered message has sequence number {wanted}"));
+            return Err(format!(
+                "no dead-lettered message has sequence number {wanted}"
+            ));
         }
     }
     let mut replayed = Vec::new();
@@ -719,26 +764,47 @@ async fn replay_dead_letters(
         for name in properties::ALL {
             props.remove(name);
         }
+        props.insert(
+            properties::REPLAYED_FROM.into(),
+            json!(view.sequence_number),
+        );
         let message = OutgoingMessage {
             queue: view.original_queue.clone(),
             body: view.raw_body.clone(),
             content_type: Some("application/json".into()),
-            message_id: format!("{}:replay-{}", view.message_id, &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            message_id: format!(
+                "{}:replay-{}",
+                view.message_id,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
             session_id: view.session_id.clone(),
             correlation_id: None,
             scheduled_enqueue_time: None,
             properties: props,
         };
         // Send first, then remove: a crash in between replays twice, never loses the message.
-        backends.broker.send(message.clone()).await.map_err(|e| e.to_string())?;
+        backends
+            .broker
+            .send(message.clone())
+            .await
+            .map_err(|e| e.to_string())?;
         let removed = if view.original_queue == SYNC_DEADLETTER {
             false
         } else {
-            backends.broker.delete_dead_letter(view.sequence_number).map_err(|e| e.to_string())?
-                || backends.broker.delete_unlocked(view.sequence_number).map_err(|e| e.to_string())?
+            backends
+                .broker
+                .delete_dead_letter(view.sequence_number)
+                .map_err(|e| e.to_string())?
+                || backends
+                    .broker
+                    .delete_unlocked(view.sequence_number)
+                    .map_err(|e| e.to_string())?
         };
         if !removed {
-            tracing::warn!(sequence_number = view.sequence_number, "replayed message could not be removed from the dead letters");
+            tracing::warn!(
+                sequence_number = view.sequence_number,
+                "replayed message could not be removed from the dead letters"
+            );
         }
         if !json {
             println!(
@@ -746,8 +812,10 @@ async fn replay_dead_letters(
                 view.sequence_number, view.original_queue, message.message_id
             );
         }
-        replayed.push(json!({"sequenceNumber": view.sequence_number, "queue": view.original_queue,
-                             "messageId": message.message_id}));
+        replayed.push(
+            json!({"sequenceNumber": view.sequence_number, "queue": view.original_queue,
+                             "messageId": message.message_id}),
+        );
     }
     if json {
         print_json(&replayed);

@@ -84,6 +84,8 @@ impl FromStr for FunctionName {
 pub enum Trigger {
     Http {
         binding: String,
+        /// The `http` output binding: the key of the response in `Outputs`.
+        output: String,
         route: String,
         methods: Vec<String>,
     },
@@ -168,6 +170,11 @@ struct BindingJson {
 /// Reads the trigger binding of one `function.json`.
 pub fn parse_function_json(name: FunctionName, text: &str) -> Result<FunctionDefinition, String> {
     let json: FunctionJson = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let http_output = json
+        .bindings
+        .iter()
+        .find(|b| b.direction == "out" && b.kind == "http")
+        .map(|b| b.name.clone());
     let mut triggers = json
         .bindings
         .into_iter()
@@ -179,6 +186,7 @@ pub fn parse_function_json(name: FunctionName, text: &str) -> Result<FunctionDef
     let trigger = match b.kind.as_str() {
         "httpTrigger" => Trigger::Http {
             binding: b.name,
+            output: http_output.ok_or("httpTrigger without an http output binding")?,
             route: b.route.ok_or("httpTrigger without a route")?,
             methods: b
                 .methods
@@ -197,7 +205,9 @@ pub fn parse_function_json(name: FunctionName, text: &str) -> Result<FunctionDef
         },
         "serviceBusTrigger" => Trigger::ServiceBus {
             binding: b.name,
-            queue: b.queue_name.ok_or("serviceBusTrigger without a queueName")?,
+            queue: b
+                .queue_name
+                .ok_or("serviceBusTrigger without a queueName")?,
             sessions: b.is_sessions_enabled.unwrap_or(false),
         },
         other => return Err(format!("unsupported trigger type `{other}`")),
@@ -215,10 +225,12 @@ mod tests {
         match &app.get(FunctionName::WebhookReceiver).trigger {
             Trigger::Http {
                 binding,
+                output,
                 route,
                 methods,
             } => {
                 assert_eq!(binding, "req");
+                assert_eq!(output, "res");
                 assert_eq!(route, "webhooks/{provider}");
                 assert_eq!(methods, &["POST"]);
             }

@@ -43,7 +43,9 @@ impl InvocationRequest {
     /// Parses the body the host posted.
     pub fn parse(body: &[u8]) -> Result<Self, EnvelopeError> {
         if body.is_empty() {
-            return Err(err("the invocation body is empty; expected {\"Data\":…,\"Metadata\":…}"));
+            return Err(err(
+                "the invocation body is empty; expected {\"Data\":…,\"Metadata\":…}",
+            ));
         }
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| err(format!("the invocation body is not JSON: {e}")))?;
@@ -132,7 +134,10 @@ impl InvocationRequest {
             .trigger_value(binding)?
             .as_object()
             .ok_or_else(|| err(format!("`Data.{binding}` must be a timer object")))?;
-        let is_past_due = timer.get("IsPastDue").and_then(decode_bool).unwrap_or(false);
+        let is_past_due = timer
+            .get("IsPastDue")
+            .and_then(decode_bool)
+            .unwrap_or(false);
         let schedule_status = match timer.get("ScheduleStatus") {
             Some(Value::Object(status)) => Some(ScheduleStatus {
                 last: status
@@ -272,10 +277,12 @@ pub fn decode_string(value: &Value) -> Option<String> {
 }
 
 fn strip_string_layer(s: &str) -> String {
-    if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') {
-        if let Ok(inner) = serde_json::from_str::<String>(s) {
-            return inner;
-        }
+    if s.len() >= 2
+        && s.starts_with('"')
+        && s.ends_with('"')
+        && let Ok(inner) = serde_json::from_str::<String>(s)
+    {
+        return inner;
     }
     s.to_string()
 }
@@ -374,10 +381,7 @@ impl HttpResponse {
     pub fn json(status_code: u16, body: &Value) -> Self {
         Self {
             status_code,
-            headers: BTreeMap::from([(
-                "Content-Type".to_string(),
-                "application/json".to_string(),
-            )]),
+            headers: BTreeMap::from([("Content-Type".to_string(), "application/json".to_string())]),
             body: body.to_string(),
         }
     }
@@ -451,17 +455,26 @@ mod tests {
             "ScheduleStatus":{"Last":"0001-01-01T00:00:00","Next":"2024-11-30T14:45:51+00:00",
             "LastUpdated":"2024-11-30T14:43:50.403838+00:00"},"IsPastDue":false}},
             "Metadata":{"sys":{"MethodName":"SyncScheduler","UtcNow":"2024-11-30T14:43:50.46239Z","RandGuid":"r"}}}"#;
-        let timer = InvocationRequest::parse(body).unwrap().timer("timer").unwrap();
+        let timer = InvocationRequest::parse(body)
+            .unwrap()
+            .timer("timer")
+            .unwrap();
         let status = timer.schedule_status.unwrap();
         assert_eq!(status.last, None);
-        assert_eq!(status.next.unwrap().to_rfc3339(), "2024-11-30T14:45:51+00:00");
+        assert_eq!(
+            status.next.unwrap().to_rfc3339(),
+            "2024-11-30T14:45:51+00:00"
+        );
         assert!(!timer.is_past_due);
     }
 
     #[test]
     fn a_timer_may_have_no_schedule_status() {
         let body = br#"{"Data":{"timer":{"Schedule":{"AdjustForDST":true},"ScheduleStatus":null,"IsPastDue":true}},"Metadata":{}}"#;
-        let timer = InvocationRequest::parse(body).unwrap().timer("timer").unwrap();
+        let timer = InvocationRequest::parse(body)
+            .unwrap()
+            .timer("timer")
+            .unwrap();
         assert_eq!(timer.schedule_status, None);
         assert!(timer.is_past_due);
     }
@@ -480,7 +493,10 @@ mod tests {
         assert_eq!(req.header("content-type"), Some("text/xml; charset=utf-8"));
         assert_eq!(
             req.headers[1],
-            ("X-Multi".to_string(), vec!["a".to_string(), "b".to_string()])
+            (
+                "X-Multi".to_string(),
+                vec!["a".to_string(), "b".to_string()]
+            )
         );
         assert_eq!(req.params["provider"], "salesforce");
         assert_eq!(req.query["x"], "1");
@@ -494,7 +510,10 @@ mod tests {
             (b"not json", "not JSON"),
             (b"[1]", "not a JSON object"),
             (b"{\"Metadata\":{}}", "no `Data` object"),
-            (b"{\"Data\":\"x\",\"Metadata\":{}}", "`Data` must be an object"),
+            (
+                b"{\"Data\":\"x\",\"Metadata\":{}}",
+                "`Data` must be an object",
+            ),
         ];
         for (body, expected) in cases {
             let e = InvocationRequest::parse(body).unwrap_err();
@@ -512,8 +531,14 @@ mod tests {
         for (text, expected) in [
             ("2025-01-01T10:00:00", "2025-01-01T10:00:00+00:00"),
             ("2025-01-01T10:00:00+00:00", "2025-01-01T10:00:00+00:00"),
-            ("2025-01-01T12:00:00.1234567+02:00", "2025-01-01T10:00:00.123456700+00:00"),
-            ("\"2020-10-08T21:49:35.809Z\"", "2020-10-08T21:49:35.809+00:00"),
+            (
+                "2025-01-01T12:00:00.1234567+02:00",
+                "2025-01-01T10:00:00.123456700+00:00",
+            ),
+            (
+                "\"2020-10-08T21:49:35.809Z\"",
+                "2020-10-08T21:49:35.809+00:00",
+            ),
         ] {
             let dt = decode_datetime(&json!(text)).unwrap();
             assert_eq!(dt.to_rfc3339(), expected, "{text}");

@@ -56,7 +56,8 @@ async fn invoke(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let span = tracing::info_span!("invocation", function = %function, invocation_id = %invocation_id);
+    let span =
+        tracing::info_span!("invocation", function = %function, invocation_id = %invocation_id);
     async move {
         let function = match function.parse::<FunctionName>() {
             Ok(f) => f,
@@ -69,7 +70,10 @@ async fn invoke(
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "malformed invocation envelope");
-                return error_response(StatusCode::BAD_REQUEST, &format!("malformed invocation: {e}"));
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("malformed invocation: {e}"),
+                );
             }
         };
         match functions::invoke(&app, function, &request).await {

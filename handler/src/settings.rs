@@ -58,7 +58,9 @@ impl Settings {
 
         let port_setting = read("FUNCTIONS_CUSTOMHANDLER_PORT")
             .map(|v| ("FUNCTIONS_CUSTOMHANDLER_PORT", v))
-            .or_else(|| read("FUNCTIONS_HTTPWORKER_PORT").map(|v| ("FUNCTIONS_HTTPWORKER_PORT", v)));
+            .or_else(|| {
+                read("FUNCTIONS_HTTPWORKER_PORT").map(|v| ("FUNCTIONS_HTTPWORKER_PORT", v))
+            });
         let port = match port_setting {
             None => FALLBACK_PORT,
             Some((name, v)) => parse(name, &v, &mut problems).unwrap_or(FALLBACK_PORT),
@@ -87,7 +89,13 @@ impl Settings {
         };
 
         let duplicate_detection_window = read("FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS")
-            .and_then(|v| parse("FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS", &v, &mut problems))
+            .and_then(|v| {
+                parse(
+                    "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS",
+                    &v,
+                    &mut problems,
+                )
+            })
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(10 * 60));
 

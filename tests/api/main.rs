@@ -1,1 +1,10 @@
+//! Integration tests: the real `handler` binary driven the way the Functions host drives it,
+//! and the embedded runtime driven the way an operator uses it.
 
+mod fake_host;
+mod helpers;
+
+mod custom_handler;
+mod local_runtime;
+mod operator_commands;
+mod packaging;

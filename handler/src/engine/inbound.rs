@@ -3,6 +3,7 @@
 //! A job is idempotent by its job id: its history record's id is derived from it, a job whose
 //! record says it finished is not run again, and every message it sends has a MessageId
 //! derived from it, so a redelivery (after a crash or a failed settlement) repeats nothing.
+//! Only an operator's replay of a dead-lettered job runs a finished job again.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -16,8 +17,11 @@ use crate::model::event::types as events;
 use crate::model::history::{SyncTrigger, history_shard_id};
 use crate::model::messages::parse_body;
 use crate::model::shard::types as shard_types;
-use crate::model::{Event, Integration, IntegrationSync, SyncError, SyncJobMessage, SyncStats, SyncStatus};
+use crate::model::{
+    Event, Integration, IntegrationSync, SyncError, SyncJobMessage, SyncStats, SyncStatus,
+};
 use crate::protocol::ServiceBusMessage;
+use crate::queue::properties::REPLAYED_FROM;
 use crate::queue::{OutgoingMessage, dead_letter};
 
 /// Processes the job in `message`, delivered from `queue`. `Ok` means the message is settled
@@ -32,7 +36,14 @@ pub async fn process(
         Ok(job) => job,
         Err(reason) => {
             tracing::warn!(queue, message_id = ?message.message_id, %reason, "dead-lettering an unreadable sync job");
-            return send_dead_letter(app, queue, message, ErrorCode::InvalidMessage.as_str(), &reason).await;
+            return send_dead_letter(
+                app,
+                queue,
+                message,
+                ErrorCode::InvalidMessage.as_str(),
+                &reason,
+            )
+            .await;
         }
     };
     let Some(stored) = app.store.get(&job.tenant_id, &job.integration_id).await? else {
@@ -48,7 +59,8 @@ pub async fn process(
     let record_id = history_shard_id(&job.job_id, job.scheduled_at);
     let previous = app.store.get(&job.tenant_id, &record_id).await?;
     let previous: Option<IntegrationSync> = previous.and_then(|v| v.value.data().ok());
-    if previous.as_ref().is_some_and(IntegrationSync::is_finished) {
+    let replayed = message.application_properties.contains_key(REPLAYED_FROM);
+    if previous.as_ref().is_some_and(IntegrationSync::is_finished) && !replayed {
         tracing::info!(job_id = %job.job_id, "job already finished; redelivery ignored");
         return Ok(());
     }
@@ -90,7 +102,10 @@ pub async fn process(
     let result = if shard.shard_type_id != shard_types::INTEGRATION {
         Err(ProviderError::new(
             ErrorCode::ValidationError,
-            format!("`{}` is a `{}` shard, not an integration", shard.id, shard.shard_type_id),
+            format!(
+                "`{}` is a `{}` shard, not an integration",
+                shard.id, shard.shard_type_id
+            ),
         ))
     } else {
         match shard.data::<Integration>() {
@@ -104,7 +119,12 @@ pub async fn process(
     match result {
         Ok(stats) => {
             record.stats = stats;
-            finish(&mut record, SyncStatus::Success, "Sync completed successfully".into(), now);
+            finish(
+                &mut record,
+                SyncStatus::Success,
+                "Sync completed successfully".into(),
+                now,
+            );
             save(app, &job, &record_id, &record, now).await?;
             Ok(())
         }
@@ -165,7 +185,10 @@ async fn fail(
         }
         AfterFailure::DeadLetter { exhausted } => {
             let summary = if exhausted {
-                format!("{} (gave up after {MAX_ATTEMPTS} attempts)", failure.message)
+                format!(
+                    "{} (gave up after {MAX_ATTEMPTS} attempts)",
+                    failure.message
+                )
             } else {
                 failure.message.clone()
             };
@@ -205,7 +228,9 @@ async fn save(
     record: &IntegrationSync,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
-    let shard = record.clone().into_shard(record_id.to_string(), &job.tenant_id, now);
+    let shard = record
+        .clone()
+        .into_shard(record_id.to_string(), &job.tenant_id, now);
     app.store.upsert(&shard).await?;
     Ok(())
 }
@@ -224,5 +249,8 @@ async fn send_dead_letter(
 }
 
 fn subject(job: &SyncJobMessage) -> String {
-    format!("/tenants/{}/integrations/{}", job.tenant_id, job.integration_id)
+    format!(
+        "/tenants/{}/integrations/{}",
+        job.tenant_id, job.integration_id
+    )
 }

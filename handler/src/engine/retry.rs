@@ -55,7 +55,10 @@ mod tests {
         let now = Utc::now();
         assert_eq!(
             after_failure(ErrorCode::RateLimit, 1, now),
-            AfterFailure::RetryAt { attempt: 2, at: now + Duration::seconds(5) }
+            AfterFailure::RetryAt {
+                attempt: 2,
+                at: now + Duration::seconds(5)
+            }
         );
         assert_eq!(
             after_failure(ErrorCode::AuthenticationFailed, 1, now),

@@ -30,7 +30,11 @@ pub struct TickSummary {
 }
 
 /// The job for an integration that became due at `due_at`, with its deterministic id.
-pub fn scheduled_job(shard: &Shard, integration: &Integration, due_at: DateTime<Utc>) -> SyncJobMessage {
+pub fn scheduled_job(
+    shard: &Shard,
+    integration: &Integration,
+    due_at: DateTime<Utc>,
+) -> SyncJobMessage {
     SyncJobMessage {
         integration_id: shard.id.clone(),
         tenant_id: shard.tenant_id.clone(),
@@ -51,7 +55,13 @@ pub fn scheduled_job(shard: &Shard, integration: &Integration, due_at: DateTime<
 }
 
 /// A job asked for by a person (`handler sync`), due now.
-pub fn manual_job(shard: &Shard, integration: &Integration, full: bool, now: DateTime<Utc>, user: &str) -> SyncJobMessage {
+pub fn manual_job(
+    shard: &Shard,
+    integration: &Integration,
+    full: bool,
+    now: DateTime<Utc>,
+    user: &str,
+) -> SyncJobMessage {
     SyncJobMessage {
         job_type: if full || integration.last_sync_at.is_none() {
             JobType::FullSync
@@ -69,7 +79,11 @@ pub fn manual_job(shard: &Shard, integration: &Integration, full: bool, now: Dat
 pub fn due_query(now: DateTime<Utc>) -> ShardQuery {
     ShardQuery::of_type(shard_types::INTEGRATION)
         .filter("structuredData.status", Op::Eq, json!("active"))
-        .filter("structuredData.nextSyncAt", Op::Le, timestamp::query_value(&now))
+        .filter(
+            "structuredData.nextSyncAt",
+            Op::Le,
+            timestamp::query_value(&now),
+        )
         .order_by("structuredData.nextSyncAt", false)
         .limit(MAX_PER_TICK)
 }
@@ -98,11 +112,16 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         };
         let job = scheduled_job(&shard, &integration, due_at);
         app.queue
-            .send(OutgoingMessage::json(SYNC_INBOUND_SCHEDULED, job.job_id.clone(), &job))
+            .send(OutgoingMessage::json(
+                SYNC_INBOUND_SCHEDULED,
+                job.job_id.clone(),
+                &job,
+            ))
             .await?;
 
         integration.next_sync_at = integration.sync_frequency.next_after(now);
-        shard.structured_data = serde_json::to_value(&integration).expect("an integration serializes");
+        shard.structured_data =
+            serde_json::to_value(&integration).expect("an integration serializes");
         shard.updated_at = Some(now);
         match app.store.replace(&shard, &stored.etag).await {
             Ok(_) => {
@@ -166,6 +185,9 @@ mod tests {
         assert_ne!(a.job_id, b.job_id);
         assert_eq!(a.job_type, JobType::Incremental);
         assert_eq!(a.trigger, SyncTrigger::Manual);
-        assert_eq!(manual_job(&shard, &integration, true, now, "ops").job_type, JobType::FullSync);
+        assert_eq!(
+            manual_job(&shard, &integration, true, now, "ops").job_type,
+            JobType::FullSync
+        );
     }
 }

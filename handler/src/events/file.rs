@@ -67,8 +67,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         let sink = FileEvents::new(&path);
-        let a = Event::new("integration.sync.started", "/integrations/i1", Utc::now(), json!({"n": 1}));
-        let b = Event::new("integration.sync.completed", "/integrations/i1", Utc::now(), json!({"n": 2}));
+        let a = Event::new(
+            "integration.sync.started",
+            "/integrations/i1",
+            Utc::now(),
+            json!({"n": 1}),
+        );
+        let b = Event::new(
+            "integration.sync.completed",
+            "/integrations/i1",
+            Utc::now(),
+            json!({"n": 2}),
+        );
         sink.publish(std::slice::from_ref(&a)).await.unwrap();
         sink.publish(std::slice::from_ref(&b)).await.unwrap();
         assert_eq!(FileEvents::read_all(&path).unwrap(), vec![a, b]);

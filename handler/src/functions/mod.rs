@@ -14,7 +14,7 @@ pub mod token_refresher;
 pub mod webhook_receiver;
 
 use crate::app::App;
-use crate::definition::{AppDefinition, FunctionName};
+use crate::definition::{AppDefinition, FunctionName, Trigger};
 use crate::engine::Transient;
 use crate::protocol::{EnvelopeError, InvocationRequest, InvocationResponse};
 
@@ -34,21 +34,25 @@ pub async fn invoke(
     function: FunctionName,
     request: &InvocationRequest,
 ) -> Result<InvocationResponse, InvocationError> {
-    let binding = AppDefinition::embedded().get(function).trigger.binding();
-    match function {
-        FunctionName::WebhookReceiver => {
-            webhook_receiver::run(app, binding, request.http_request(binding)?).await
+    let trigger = &AppDefinition::embedded().get(function).trigger;
+    let binding = trigger.binding();
+    match (function, trigger) {
+        (FunctionName::WebhookReceiver, Trigger::Http { output, .. }) => {
+            webhook_receiver::run(app, output, request.http_request(binding)?).await
         }
-        FunctionName::SyncScheduler => sync_scheduler::run(app, request.timer(binding)?).await,
-        FunctionName::SyncInboundWebhook => {
+        (FunctionName::WebhookReceiver, _) => unreachable!("WebhookReceiver is HTTP-triggered"),
+        (FunctionName::SyncScheduler, _) => sync_scheduler::run(app, request.timer(binding)?).await,
+        (FunctionName::SyncInboundWebhook, _) => {
             sync_inbound_webhook::run(app, request.service_bus_message(binding)?).await
         }
-        FunctionName::SyncInboundScheduled => {
+        (FunctionName::SyncInboundScheduled, _) => {
             sync_inbound_scheduled::run(app, request.service_bus_message(binding)?).await
         }
-        FunctionName::SyncOutbound => {
+        (FunctionName::SyncOutbound, _) => {
             sync_outbound::run(app, request.service_bus_message(binding)?).await
         }
-        FunctionName::TokenRefresher => token_refresher::run(app, request.timer(binding)?).await,
+        (FunctionName::TokenRefresher, _) => {
+            token_refresher::run(app, request.timer(binding)?).await
+        }
     }
 }

@@ -9,7 +9,10 @@ use crate::engine::inbound;
 use crate::protocol::{InvocationResponse, ServiceBusMessage};
 use crate::queue::SYNC_INBOUND_SCHEDULED;
 
-pub async fn run(app: &App, message: ServiceBusMessage) -> Result<InvocationResponse, InvocationError> {
+pub async fn run(
+    app: &App,
+    message: ServiceBusMessage,
+) -> Result<InvocationResponse, InvocationError> {
     inbound::process(app, SYNC_INBOUND_SCHEDULED, &message, Utc::now()).await?;
     Ok(InvocationResponse::new())
 }

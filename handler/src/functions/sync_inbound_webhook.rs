@@ -8,7 +8,10 @@ use crate::engine::inbound;
 use crate::protocol::{InvocationResponse, ServiceBusMessage};
 use crate::queue::SYNC_INBOUND_WEBHOOK;
 
-pub async fn run(app: &App, message: ServiceBusMessage) -> Result<InvocationResponse, InvocationError> {
+pub async fn run(
+    app: &App,
+    message: ServiceBusMessage,
+) -> Result<InvocationResponse, InvocationError> {
     inbound::process(app, SYNC_INBOUND_WEBHOOK, &message, Utc::now()).await?;
     Ok(InvocationResponse::new())
 }

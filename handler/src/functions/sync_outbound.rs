@@ -10,7 +10,10 @@ use crate::protocol::{InvocationResponse, ServiceBusMessage};
 use crate::queue::{SYNC_OUTBOUND, dead_letter};
 use adapters::ErrorCode;
 
-pub async fn run(app: &App, message: ServiceBusMessage) -> Result<InvocationResponse, InvocationError> {
+pub async fn run(
+    app: &App,
+    message: ServiceBusMessage,
+) -> Result<InvocationResponse, InvocationError> {
     let rejection = match parse_body::<WriteBackMessage>(&message.body) {
         Err(reason) => Some((ErrorCode::InvalidMessage, reason)),
         Ok(write_back) => check(app, &write_back).await?,
@@ -27,11 +30,22 @@ pub async fn run(app: &App, message: ServiceBusMessage) -> Result<InvocationResp
 }
 
 /// Why the write-back cannot be carried out, if it cannot.
-async fn check(app: &App, write_back: &WriteBackMessage) -> Result<Option<(ErrorCode, String)>, Transient> {
-    if app.store.get(&write_back.tenant_id, &write_back.shard_id).await?.is_none() {
+async fn check(
+    app: &App,
+    write_back: &WriteBackMessage,
+) -> Result<Option<(ErrorCode, String)>, Transient> {
+    if app
+        .store
+        .get(&write_back.tenant_id, &write_back.shard_id)
+        .await?
+        .is_none()
+    {
         return Ok(Some((
             ErrorCode::NotFound,
-            format!("shard `{}` of tenant `{}` does not exist", write_back.shard_id, write_back.tenant_id),
+            format!(
+                "shard `{}` of tenant `{}` does not exist",
+                write_back.shard_id, write_back.tenant_id
+            ),
         )));
     }
     let system = &write_back.external_system;

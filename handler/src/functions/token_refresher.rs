@@ -17,13 +17,18 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         return Ok(InvocationResponse::new().log("token refresh is disabled"));
     }
     let now = Utc::now();
-    let threshold = now + Duration::from_std(app.settings.token_refresh_threshold).unwrap_or_default();
+    let threshold =
+        now + Duration::from_std(app.settings.token_refresh_threshold).unwrap_or_default();
     let expiring = app
         .store
         .query(
             &ShardQuery::of_type(shard_types::INTEGRATION)
                 .filter("structuredData.status", Op::Eq, json!("active"))
-                .filter("structuredData.credentialsExpireAt", Op::Le, timestamp::query_value(&threshold)),
+                .filter(
+                    "structuredData.credentialsExpireAt",
+                    Op::Le,
+                    timestamp::query_value(&threshold),
+                ),
         )
         .await
         .map_err(Transient::from)?;
@@ -35,7 +40,9 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
     )];
     for stored in &expiring {
         let shard = &stored.value;
-        let provider = shard.structured_data["providerName"].as_str().unwrap_or_default();
+        let provider = shard.structured_data["providerName"]
+            .as_str()
+            .unwrap_or_default();
         let error = match app.providers.get(provider) {
             None => format!("this build has no adapter for provider `{provider}`"),
             Some(_) => format!("provider `{provider}` has no token refresh in this build"),
@@ -50,5 +57,8 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         ));
     }
     publish(app, &batch).await;
-    Ok(InvocationResponse::new().log(format!("{} integrations have credentials expiring", expiring.len())))
+    Ok(InvocationResponse::new().log(format!(
+        "{} integrations have credentials expiring",
+        expiring.len()
+    )))
 }

@@ -5,13 +5,23 @@ use super::InvocationError;
 use crate::app::App;
 use crate::protocol::{HttpRequest, HttpResponse, InvocationResponse};
 
-pub async fn run(app: &App, binding: &str, req: HttpRequest) -> Result<InvocationResponse, InvocationError> {
-    let res = |response: HttpResponse| Ok(InvocationResponse::new().with_http(binding, response));
+pub async fn run(
+    app: &App,
+    output: &str,
+    req: HttpRequest,
+) -> Result<InvocationResponse, InvocationError> {
+    let res = |response: HttpResponse| Ok(InvocationResponse::new().with_http(output, response));
     if req.method != "POST" {
-        return res(HttpResponse::error(405, format!("webhooks are delivered with POST, not {}", req.method)));
+        return res(HttpResponse::error(
+            405,
+            format!("webhooks are delivered with POST, not {}", req.method),
+        ));
     }
     let Some(provider) = req.params.get("provider").filter(|p| !p.is_empty()) else {
-        return res(HttpResponse::error(400, "the URL names no provider: expected /api/webhooks/{provider}"));
+        return res(HttpResponse::error(
+            400,
+            "the URL names no provider: expected /api/webhooks/{provider}",
+        ));
     };
     let reason = match app.providers.get(provider) {
         None => format!("no webhook receiver for provider `{provider}`"),

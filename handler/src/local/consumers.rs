@@ -30,7 +30,12 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    pub async fn run(self, broker: LocalBroker, invoker: Invoker, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        self,
+        broker: LocalBroker,
+        invoker: Invoker,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let arrivals = broker.arrivals();
         let mut in_flight = JoinSet::new();

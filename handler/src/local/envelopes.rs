@@ -76,7 +76,10 @@ pub fn service_bus(
     let mut put = |k: &str, v: Value| {
         metadata.insert(k.to_string(), v);
     };
-    put("DeliveryCount", Value::String(message.delivery_count.to_string()));
+    put(
+        "DeliveryCount",
+        Value::String(message.delivery_count.to_string()),
+    );
     put("LockToken", host_string(&message.lock_token));
     put("ExpiresAtUtc", host_datetime(message.expires_at));
     put("ExpiresAt", host_datetime_offset(message.expires_at));
@@ -86,14 +89,20 @@ pub fn service_bus(
     if let Some(ct) = &message.content_type {
         put("ContentType", host_string(ct));
     }
-    put("SequenceNumber", Value::String(message.sequence_number.to_string()));
+    put(
+        "SequenceNumber",
+        Value::String(message.sequence_number.to_string()),
+    );
     if let Some(c) = &message.correlation_id {
         put("CorrelationId", host_string(c));
     }
     if let Some(s) = &message.session_id {
         put("SessionId", host_string(s));
     }
-    put("ApplicationProperties", Value::Object(message.properties.clone()));
+    put(
+        "ApplicationProperties",
+        Value::Object(message.properties.clone()),
+    );
     put("UserProperties", Value::Object(message.properties.clone()));
     for actions in ["MessageActions", "ReceiveActions"] {
         put(actions, json!({}));
@@ -157,7 +166,12 @@ pub struct IncomingHttp {
 }
 
 /// The envelope for an httpTrigger in the host's default (non-forwarding) mode.
-pub fn http(function: FunctionName, binding: &str, req: &IncomingHttp, now: DateTime<Utc>) -> Value {
+pub fn http(
+    function: FunctionName,
+    binding: &str,
+    req: &IncomingHttp,
+    now: DateTime<Utc>,
+) -> Value {
     let mut query: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in &req.query {
         query.entry(k.clone()).or_default().push(v.clone());
@@ -168,7 +182,10 @@ pub fn http(function: FunctionName, binding: &str, req: &IncomingHttp, now: Date
         .collect();
     let mut headers: Vec<(String, Vec<String>)> = Vec::new();
     for (name, value) in &req.headers {
-        match headers.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        match headers
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
             Some((_, values)) => values.push(value.clone()),
             None => headers.push((name.clone(), vec![value.clone()])),
         }
@@ -186,12 +203,7 @@ pub fn http(function: FunctionName, binding: &str, req: &IncomingHttp, now: Date
     request.insert("Query".into(), Value::Object(query.clone()));
     request.insert(
         "Headers".into(),
-        Value::Object(
-            headers
-                .iter()
-                .map(|(n, v)| (n.clone(), json!(v)))
-                .collect(),
-        ),
+        Value::Object(headers.iter().map(|(n, v)| (n.clone(), json!(v))).collect()),
     );
     if !req.params.is_empty() {
         request.insert("Params".into(), json!(req.params));
@@ -217,7 +229,9 @@ pub fn http(function: FunctionName, binding: &str, req: &IncomingHttp, now: Date
     }
     for (k, v) in &query {
         if k != "code" {
-            metadata.entry(k.clone()).or_insert_with(|| host_value(v).unwrap_or(Value::Null));
+            metadata
+                .entry(k.clone())
+                .or_insert_with(|| host_value(v).unwrap_or(Value::Null));
         }
     }
     for (k, v) in &req.params {

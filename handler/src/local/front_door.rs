@@ -20,6 +20,7 @@ use crate::definition::{AppDefinition, FunctionName, Trigger};
 struct Route {
     function: FunctionName,
     binding: String,
+    output: String,
     invoker: Invoker,
 }
 
@@ -27,7 +28,13 @@ struct Route {
 pub fn router(invoker: &Invoker) -> Router {
     let mut router = Router::new();
     for def in &AppDefinition::embedded().functions {
-        if let Trigger::Http { binding, route, methods } = &def.trigger {
+        if let Trigger::Http {
+            binding,
+            output,
+            route,
+            methods,
+        } = &def.trigger
+        {
             let filter = methods
                 .iter()
                 .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
@@ -37,6 +44,7 @@ pub fn router(invoker: &Invoker) -> Router {
             let state = Arc::new(Route {
                 function: def.name,
                 binding: binding.clone(),
+                output: output.clone(),
                 invoker: invoker.clone(),
             });
             router = router.route(
@@ -82,7 +90,12 @@ async fn handle(
             .unwrap_or_default(),
         headers: headers
             .iter()
-            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         params,
         // The host reads a body only when the request declares its length.
@@ -90,7 +103,7 @@ async fn handle(
     };
     let envelope = envelopes::http(route.function, &route.binding, &request, Utc::now());
     match route.invoker.invoke(route.function, &envelope).await {
-        Outcome::Succeeded(result) => http_output(&result["Outputs"][&route.binding]),
+        Outcome::Succeeded(result) => http_output(&result["Outputs"][&route.output]),
         Outcome::Failed(reason) => {
             tracing::error!(function = %route.function, %reason, "HTTP invocation failed");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
@@ -140,13 +153,15 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 1 < bytes.len() => match (hex(bytes[i + 1]), bytes.get(i + 2).and_then(|b| hex(*b))) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
+            b'%' if i + 1 < bytes.len() => {
+                match (hex(bytes[i + 1]), bytes.get(i + 2).and_then(|b| hex(*b))) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi << 4 | lo);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
                 }
-                _ => out.push(b'%'),
-            },
+            }
             b => out.push(b),
         }
         i += 1;

@@ -41,7 +41,10 @@ impl Invoker {
                 "x-azure-functions-invocationid",
                 uuid::Uuid::new_v4().to_string(),
             )
-            .header(header::USER_AGENT, format!("Azure-Functions-Host/{HOST_VERSION}"))
+            .header(
+                header::USER_AGENT,
+                format!("Azure-Functions-Host/{HOST_VERSION}"),
+            )
             .body(Body::from(envelope.to_string()))
             .expect("a static request is valid");
         let response = match self.handler.clone().oneshot(request).await {

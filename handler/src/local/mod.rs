@@ -31,7 +31,11 @@ const MAX_CONCURRENT_CALLS: usize = 16;
 const MAX_CONCURRENT_SESSIONS: usize = 8;
 
 /// Runs the embedded runtime until SIGTERM or Ctrl-C.
-pub async fn run(settings: Settings, backends: LocalBackends, providers: adapters::Registry) -> Result<(), String> {
+pub async fn run(
+    settings: Settings,
+    backends: LocalBackends,
+    providers: adapters::Registry,
+) -> Result<(), String> {
     let lock_path = backends.dir.runtime_lock();
     let lock = File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
     lock.try_lock().map_err(|_| {
@@ -43,9 +47,13 @@ pub async fn run(settings: Settings, backends: LocalBackends, providers: adapter
 
     let released = backends.broker.release_locks().map_err(|e| e.to_string())?;
     if released > 0 {
-        tracing::info!(released, "messages that were being delivered when the runtime stopped will be delivered again");
+        tracing::info!(
+            released,
+            "messages that were being delivered when the runtime stopped will be delivered again"
+        );
     }
-    let timer_statuses = TimerStatusStore::open(&backends.dir.runtime()).map_err(|e| e.to_string())?;
+    let timer_statuses =
+        TimerStatusStore::open(&backends.dir.runtime()).map_err(|e| e.to_string())?;
     let app = backends.app(settings.clone(), providers);
     let invoker = Invoker::new(server::router(app));
     let (stop, stopped) = watch::channel(false);
@@ -53,14 +61,26 @@ pub async fn run(settings: Settings, backends: LocalBackends, providers: adapter
 
     for def in &AppDefinition::embedded().functions {
         match &def.trigger {
-            Trigger::ServiceBus { binding, queue, sessions } => {
+            Trigger::ServiceBus {
+                binding,
+                queue,
+                sessions,
+            } => {
                 let consumer = Consumer {
                     function: def.name,
                     binding: binding.clone(),
                     queue: queue.clone(),
-                    concurrency: if *sessions { MAX_CONCURRENT_SESSIONS } else { MAX_CONCURRENT_CALLS },
+                    concurrency: if *sessions {
+                        MAX_CONCURRENT_SESSIONS
+                    } else {
+                        MAX_CONCURRENT_CALLS
+                    },
                 };
-                tasks.spawn(consumer.run(backends.broker.clone(), invoker.clone(), stopped.clone()));
+                tasks.spawn(consumer.run(
+                    backends.broker.clone(),
+                    invoker.clone(),
+                    stopped.clone(),
+                ));
             }
             Trigger::Timer { binding, schedule } => {
                 let timer = Timer {

@@ -54,7 +54,11 @@ impl TimerStatusStore {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let parse = |s: &str| DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc));
+        let parse = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|d| d.with_timezone(&Utc))
+        };
         Ok(row.and_then(|(last, next, updated)| {
             Some(ScheduleStatus {
                 last: last.as_deref().and_then(parse),
@@ -85,7 +89,12 @@ pub struct Timer {
 }
 
 impl Timer {
-    pub async fn run(self, statuses: TimerStatusStore, invoker: Invoker, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        self,
+        statuses: TimerStatusStore,
+        invoker: Invoker,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let now = Utc::now();
         let stored = statuses.get(self.function).unwrap_or_else(|e| {
             tracing::warn!(function = %self.function, error = %e, "timer status unreadable; starting afresh");
@@ -94,7 +103,10 @@ impl Timer {
         let mut last = stored.and_then(|s| s.last);
         if let Some(missed) = stored.map(|s| s.next).filter(|next| *next <= now) {
             tracing::info!(function = %self.function, %missed, "timer occurrence missed while stopped; firing now");
-            last = self.fire(&statuses, &invoker, last, now, true).await.or(last);
+            last = self
+                .fire(&statuses, &invoker, last, now, true)
+                .await
+                .or(last);
         }
         loop {
             let Some(next) = self.schedule.next_after(Utc::now()) else {
@@ -103,7 +115,11 @@ impl Timer {
             };
             if let Err(e) = statuses.set(
                 self.function,
-                &ScheduleStatus { last, next, last_updated: Utc::now() },
+                &ScheduleStatus {
+                    last,
+                    next,
+                    last_updated: Utc::now(),
+                },
             ) {
                 tracing::warn!(function = %self.function, error = %e, "could not save timer status");
             }
@@ -112,7 +128,10 @@ impl Timer {
                 _ = tokio::time::sleep(wait) => {},
                 _ = shutdown.changed() => return,
             }
-            last = self.fire(&statuses, &invoker, last, next, false).await.or(last);
+            last = self
+                .fire(&statuses, &invoker, last, next, false)
+                .await
+                .or(last);
         }
     }
 
@@ -127,15 +146,25 @@ impl Timer {
     ) -> Option<DateTime<Utc>> {
         let now = Utc::now();
         let next = self.schedule.next_after(at.max(now))?;
-        let status = ScheduleStatus { last, next, last_updated: now };
+        let status = ScheduleStatus {
+            last,
+            next,
+            last_updated: now,
+        };
         let envelope = envelopes::timer(self.function, &self.binding, status, is_past_due, now);
         match invoker.invoke(self.function, &envelope).await {
-            Outcome::Succeeded(_) => tracing::debug!(function = %self.function, "timer invocation succeeded"),
+            Outcome::Succeeded(_) => {
+                tracing::debug!(function = %self.function, "timer invocation succeeded")
+            }
             Outcome::Failed(reason) => {
                 tracing::warn!(function = %self.function, %reason, "timer invocation failed")
             }
         }
-        let status = ScheduleStatus { last: Some(at), next, last_updated: Utc::now() };
+        let status = ScheduleStatus {
+            last: Some(at),
+            next,
+            last_updated: Utc::now(),
+        };
         if let Err(e) = statuses.set(self.function, &status) {
             tracing::warn!(function = %self.function, error = %e, "could not save timer status");
         }
@@ -153,10 +182,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("runtime.db");
         let t = |m| Utc.with_ymd_and_hms(2026, 1, 1, 10, m, 0).unwrap();
-        let status = ScheduleStatus { last: Some(t(1)), next: t(2), last_updated: t(1) };
-        TimerStatusStore::open(&path).unwrap().set(FunctionName::SyncScheduler, &status).unwrap();
+        let status = ScheduleStatus {
+            last: Some(t(1)),
+            next: t(2),
+            last_updated: t(1),
+        };
+        TimerStatusStore::open(&path)
+            .unwrap()
+            .set(FunctionName::SyncScheduler, &status)
+            .unwrap();
         let reopened = TimerStatusStore::open(&path).unwrap();
-        assert_eq!(reopened.get(FunctionName::SyncScheduler).unwrap(), Some(status));
+        assert_eq!(
+            reopened.get(FunctionName::SyncScheduler).unwrap(),
+            Some(status)
+        );
         assert_eq!(reopened.get(FunctionName::TokenRefresher).unwrap(), None);
     }
 }

@@ -242,7 +242,11 @@ mod tests {
         let id = history_shard_id(&record.job_id, record.started_at);
         let shard = record.into_shard(id, "tenant_acme123", now);
         let json = serde_json::to_value(&shard).unwrap();
-        assert!(shard.id.starts_with("sync_20251130_120000_"), "{}", shard.id);
+        assert!(
+            shard.id.starts_with("sync_20251130_120000_"),
+            "{}",
+            shard.id
+        );
         assert_eq!(shard.id.len(), "sync_20251130_120000_abc".len());
         assert_eq!(json["name"], "Sync 2025-11-30 12:00:00");
         assert_eq!(json["shardTypeId"], "c_integrationSync");

@@ -79,7 +79,9 @@ impl SyncFrequency {
             Self::Interval { interval_minutes } => {
                 Some(from + Duration::minutes(i64::from(*interval_minutes)))
             }
-            Self::Cron { cron_expression } => cron_expression.parse::<Ncrontab>().ok()?.next_after(from),
+            Self::Cron { cron_expression } => {
+                cron_expression.parse::<Ncrontab>().ok()?.next_after(from)
+            }
             Self::Manual => None,
         }
     }
@@ -96,18 +98,40 @@ mod tests {
 
     #[test]
     fn next_sync_follows_the_frequency() {
-        let every_15 = SyncFrequency::Interval { interval_minutes: 15 };
+        let every_15 = SyncFrequency::Interval {
+            interval_minutes: 15,
+        };
         assert_eq!(every_15.next_after(at(10, 0)), Some(at(10, 15)));
-        let hourly = SyncFrequency::Cron { cron_expression: "0 0 * * * *".into() };
+        let hourly = SyncFrequency::Cron {
+            cron_expression: "0 0 * * * *".into(),
+        };
         assert_eq!(hourly.next_after(at(10, 20)), Some(at(11, 0)));
         assert_eq!(SyncFrequency::Manual.next_after(at(10, 0)), None);
     }
 
     #[test]
     fn frequencies_are_validated() {
-        assert!(SyncFrequency::Interval { interval_minutes: 0 }.validate().is_err());
-        assert!(SyncFrequency::Cron { cron_expression: "*/5 * * * *".into() }.validate().is_err());
-        assert!(SyncFrequency::Cron { cron_expression: "0 */5 * * * *".into() }.validate().is_ok());
+        assert!(
+            SyncFrequency::Interval {
+                interval_minutes: 0
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SyncFrequency::Cron {
+                cron_expression: "*/5 * * * *".into()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SyncFrequency::Cron {
+                cron_expression: "0 */5 * * * *".into()
+            }
+            .validate()
+            .is_ok()
+        );
     }
 
     #[test]

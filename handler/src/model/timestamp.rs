@@ -22,7 +22,10 @@ pub fn query_value(dt: &DateTime<Utc>) -> serde_json::Value {
 pub mod fixed_opt {
     use super::*;
 
-    pub fn serialize<S: Serializer>(value: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        value: &Option<DateTime<Utc>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match value {
             Some(dt) => s.serialize_str(&format(dt)),
             None => s.serialize_none(),

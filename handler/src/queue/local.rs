@@ -119,7 +119,10 @@ fn settings(queue: &str) -> Result<&'static QueueSettings, QueueError> {
 }
 
 impl LocalBroker {
-    pub fn open(path: &Path, duplicate_detection_window: std::time::Duration) -> Result<Self, QueueError> {
+    pub fn open(
+        path: &Path,
+        duplicate_detection_window: std::time::Duration,
+    ) -> Result<Self, QueueError> {
         let conn = sqlite_open(path, SCHEMA).map_err(unavailable)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -135,11 +138,17 @@ impl LocalBroker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sends at time `now`. Returns `false` if duplicate detection dropped the message.
-    pub fn send_at(&self, message: &OutgoingMessage, now: DateTime<Utc>) -> Result<bool, QueueError> {
+    pub fn send_at(
+        &self,
+        message: &OutgoingMessage,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
         let settings = settings(&message.queue)?;
         if settings.requires_session && message.session_id.is_none() {
             return Err(QueueError::Rejected(format!(
@@ -201,7 +210,11 @@ impl LocalBroker {
 
     /// Locks and returns the next deliverable message of `queue` at time `now`, first moving
     /// expired and exhausted messages to the dead-letter subqueue.
-    pub fn receive_at(&self, queue: &str, now: DateTime<Utc>) -> Result<Option<ReceivedMessage>, QueueError> {
+    pub fn receive_at(
+        &self,
+        queue: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ReceivedMessage>, QueueError> {
         let settings = settings(queue)?;
         let now_ms = millis(now);
         let mut conn = self.lock();
@@ -236,7 +249,9 @@ impl LocalBroker {
                  WHERE queue = ?1 AND {unlocked} AND expires_at <= ?2"
             )
         } else {
-            format!("DELETE FROM messages WHERE queue = ?1 AND {unlocked} AND expires_at <= ?2 AND ?3 IS NOT NULL")
+            format!(
+                "DELETE FROM messages WHERE queue = ?1 AND {unlocked} AND expires_at <= ?2 AND ?3 IS NOT NULL"
+            )
         };
         tx.execute(&expired_sql, params![queue, now_ms, TTL_EXPIRED])
             .map_err(unavailable)?;
@@ -268,7 +283,8 @@ impl LocalBroker {
             return Ok(None);
         };
         let lock_token = uuid::Uuid::new_v4().to_string();
-        let locked_until = now + chrono::Duration::from_std(settings.lock_duration).unwrap_or_default();
+        let locked_until =
+            now + chrono::Duration::from_std(settings.lock_duration).unwrap_or_default();
         tx.prepare_cached(
             "UPDATE messages SET delivery_count = delivery_count + 1, locked_until = ?2, lock_token = ?3
              WHERE seq = ?1",
@@ -324,7 +340,12 @@ impl LocalBroker {
 
     /// Gives a delivered message back for redelivery; at maxDeliveryCount it is dead-lettered
     /// with `reason` as its description.
-    pub fn abandon(&self, message: &ReceivedMessage, reason: &str, now: DateTime<Utc>) -> Result<(), QueueError> {
+    pub fn abandon(
+        &self,
+        message: &ReceivedMessage,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
         let settings = settings(&message.queue)?;
         let conn = self.lock();
         if message.delivery_count >= settings.max_delivery_count {
@@ -370,14 +391,20 @@ impl LocalBroker {
 
     /// When the next message of `queue` that is waiting for its scheduled time or for a lock to
     /// expire becomes deliverable.
-    pub fn next_wakeup(&self, queue: &str, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, QueueError> {
+    pub fn next_wakeup(
+        &self,
+        queue: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, QueueError> {
         self.lock()
             .prepare_cached(
                 "SELECT MIN(CASE WHEN locked_until > ?2 THEN locked_until ELSE visible_at END)
                  FROM messages WHERE queue = ?1 AND dead_lettered = 0
                    AND (visible_at > ?2 OR locked_until > ?2)",
             )
-            .and_then(|mut s| s.query_row(params![queue, millis(now)], |r| r.get::<_, Option<i64>>(0)))
+            .and_then(|mut s| {
+                s.query_row(params![queue, millis(now)], |r| r.get::<_, Option<i64>>(0))
+            })
             .map(|ms| ms.map(from_millis))
             .map_err(unavailable)
     }
@@ -499,7 +526,11 @@ mod tests {
 
     fn broker() -> (tempfile::TempDir, LocalBroker) {
         let dir = tempfile::tempdir().unwrap();
-        let broker = LocalBroker::open(&dir.path().join("runtime.db"), std::time::Duration::from_secs(600)).unwrap();
+        let broker = LocalBroker::open(
+            &dir.path().join("runtime.db"),
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
         (dir, broker)
     }
 
@@ -517,14 +548,26 @@ mod tests {
         b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "m1"), t0()).unwrap();
         let first = b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().unwrap();
         assert_eq!(first.delivery_count, 1);
-        assert!(b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().is_none(), "locked");
+        assert!(
+            b.receive_at(SYNC_INBOUND_SCHEDULED, t0())
+                .unwrap()
+                .is_none(),
+            "locked"
+        );
         b.abandon(&first, "boom", t0()).unwrap();
         let second = b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().unwrap();
         assert_eq!(second.delivery_count, 2);
         assert_eq!(second.message_id, "m1");
         b.complete(&second).unwrap();
-        assert!(b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().is_none());
-        assert!(b.complete(&second).is_err(), "a settled message cannot be settled twice");
+        assert!(
+            b.receive_at(SYNC_INBOUND_SCHEDULED, t0())
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            b.complete(&second).is_err(),
+            "a settled message cannot be settled twice"
+        );
     }
 
     #[test]
@@ -541,7 +584,13 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].reason, MAX_DELIVERY_COUNT_EXCEEDED);
         assert_eq!(dead[0].delivery_count, 5);
-        assert!(dead[0].description.as_deref().unwrap().contains("provider answered 503"));
+        assert!(
+            dead[0]
+                .description
+                .as_deref()
+                .unwrap()
+                .contains("provider answered 503")
+        );
     }
 
     #[test]
@@ -549,9 +598,15 @@ mod tests {
         let (_d, b) = broker();
         b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "m1"), t0()).unwrap();
         let first = b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().unwrap();
-        assert_eq!(b.next_wakeup(SYNC_INBOUND_SCHEDULED, t0()).unwrap(), Some(first.locked_until));
+        assert_eq!(
+            b.next_wakeup(SYNC_INBOUND_SCHEDULED, t0()).unwrap(),
+            Some(first.locked_until)
+        );
         let later = first.locked_until + Duration::seconds(1);
-        let again = b.receive_at(SYNC_INBOUND_SCHEDULED, later).unwrap().unwrap();
+        let again = b
+            .receive_at(SYNC_INBOUND_SCHEDULED, later)
+            .unwrap()
+            .unwrap();
         assert_eq!(again.delivery_count, 2);
         assert!(b.complete(&first).is_err(), "the first lock was lost");
     }
@@ -560,9 +615,17 @@ mod tests {
     fn a_scheduled_message_waits_for_its_time() {
         let (_d, b) = broker();
         let at = t0() + Duration::seconds(30);
-        b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "later").scheduled_at(at), t0()).unwrap();
-        assert!(b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().is_none());
-        assert_eq!(b.next_wakeup(SYNC_INBOUND_SCHEDULED, t0()).unwrap(), Some(at));
+        b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "later").scheduled_at(at), t0())
+            .unwrap();
+        assert!(
+            b.receive_at(SYNC_INBOUND_SCHEDULED, t0())
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            b.next_wakeup(SYNC_INBOUND_SCHEDULED, t0()).unwrap(),
+            Some(at)
+        );
         let m = b.receive_at(SYNC_INBOUND_SCHEDULED, at).unwrap().unwrap();
         assert_eq!(m.message_id, "later");
     }
@@ -570,11 +633,30 @@ mod tests {
     #[test]
     fn a_duplicate_message_id_is_dropped_within_the_window() {
         let (_d, b) = broker();
-        assert!(b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "job-1"), t0()).unwrap());
-        assert!(!b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "job-1"), t0() + Duration::minutes(9)).unwrap());
-        assert!(b.send_at(&msg(SYNC_INBOUND_WEBHOOK, "job-1"), t0()).unwrap(), "per queue");
+        assert!(
+            b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "job-1"), t0())
+                .unwrap()
+        );
+        assert!(
+            !b.send_at(
+                &msg(SYNC_INBOUND_SCHEDULED, "job-1"),
+                t0() + Duration::minutes(9)
+            )
+            .unwrap()
+        );
+        assert!(
+            b.send_at(&msg(SYNC_INBOUND_WEBHOOK, "job-1"), t0())
+                .unwrap(),
+            "per queue"
+        );
         assert_eq!(b.active_count(SYNC_INBOUND_SCHEDULED).unwrap(), 1);
-        assert!(b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "job-1"), t0() + Duration::minutes(11)).unwrap());
+        assert!(
+            b.send_at(
+                &msg(SYNC_INBOUND_SCHEDULED, "job-1"),
+                t0() + Duration::minutes(11)
+            )
+            .unwrap()
+        );
         assert_eq!(b.active_count(SYNC_INBOUND_SCHEDULED).unwrap(), 2);
     }
 
@@ -582,7 +664,8 @@ mod tests {
     fn sessions_deliver_in_order_one_at_a_time() {
         let (_d, b) = broker();
         for (session, id) in [("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3")] {
-            b.send_at(&msg(SYNC_OUTBOUND, id).in_session(session), t0()).unwrap();
+            b.send_at(&msg(SYNC_OUTBOUND, id).in_session(session), t0())
+                .unwrap();
         }
         let a1 = b.receive_at(SYNC_OUTBOUND, t0()).unwrap().unwrap();
         assert_eq!(a1.message_id, "a1");
@@ -598,7 +681,13 @@ mod tests {
         let a2 = b.receive_at(SYNC_OUTBOUND, t0()).unwrap().unwrap();
         assert_eq!(a2.message_id, "a2");
         b.complete(&a2).unwrap();
-        assert_eq!(b.receive_at(SYNC_OUTBOUND, t0()).unwrap().unwrap().message_id, "a3");
+        assert_eq!(
+            b.receive_at(SYNC_OUTBOUND, t0())
+                .unwrap()
+                .unwrap()
+                .message_id,
+            "a3"
+        );
     }
 
     #[test]
@@ -615,7 +704,11 @@ mod tests {
         let (_d, b) = broker();
         b.send_at(&msg(SYNC_INBOUND_WEBHOOK, "old"), t0()).unwrap();
         let after_ttl = t0() + Duration::days(8);
-        assert!(b.receive_at(SYNC_INBOUND_WEBHOOK, after_ttl).unwrap().is_none());
+        assert!(
+            b.receive_at(SYNC_INBOUND_WEBHOOK, after_ttl)
+                .unwrap()
+                .is_none()
+        );
         let dead = b.dead_letters(None).unwrap();
         assert_eq!(dead[0].reason, TTL_EXPIRED);
     }
@@ -633,7 +726,12 @@ mod tests {
             // The process dies here without settling the message.
         }
         let b = LocalBroker::open(&path, window).unwrap();
-        assert!(b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().is_none(), "still locked");
+        assert!(
+            b.receive_at(SYNC_INBOUND_SCHEDULED, t0())
+                .unwrap()
+                .is_none(),
+            "still locked"
+        );
         assert_eq!(b.release_locks().unwrap(), 1);
         let m = b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().unwrap();
         assert_eq!((m.message_id.as_str(), m.delivery_count), ("m1", 2));

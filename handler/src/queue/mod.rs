@@ -153,6 +153,9 @@ pub mod properties {
     pub const ORIGINAL_MESSAGE_ID: &str = "OriginalMessageId";
     pub const ORIGINAL_DELIVERY_COUNT: &str = "OriginalDeliveryCount";
     pub const ORIGINAL_SESSION_ID: &str = "OriginalSessionId";
+    /// Set on a message an operator replayed from the dead letters: the sequence number it
+    /// had there. A replayed job runs even if its history says it finished.
+    pub const REPLAYED_FROM: &str = "ReplayedFrom";
 
     /// The properties above, which a replay removes again.
     pub const ALL: [&str; 6] = [

@@ -36,14 +36,18 @@ impl FileSecrets {
                 ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(SecretsError::Unavailable(format!("{}: {e}", self.path.display()))),
+            Err(e) => Err(SecretsError::Unavailable(format!(
+                "{}: {e}",
+                self.path.display()
+            ))),
         }
     }
 
     /// Writes the whole file through a temporary file and a rename, so a crash never leaves a
     /// half-written secrets file.
     fn write_all(&self, secrets: &BTreeMap<String, String>) -> Result<(), SecretsError> {
-        let io = |e: std::io::Error| SecretsError::Unavailable(format!("{}: {e}", self.path.display()));
+        let io =
+            |e: std::io::Error| SecretsError::Unavailable(format!("{}: {e}", self.path.display()));
         let tmp = self.path.with_extension("json.tmp");
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
@@ -86,7 +90,10 @@ mod tests {
         assert!(store.get("int-a--b").await.unwrap().is_none());
         store.set("int-a--b", Secret::new("s3cret")).await.unwrap();
         store.set("int-a--c", Secret::new("other")).await.unwrap();
-        assert_eq!(store.get("int-a--b").await.unwrap().unwrap().expose(), "s3cret");
+        assert_eq!(
+            store.get("int-a--b").await.unwrap().unwrap().expose(),
+            "s3cret"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

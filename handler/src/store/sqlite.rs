@@ -298,7 +298,10 @@ mod tests {
             Err(StoreError::PreconditionFailed)
         ));
         assert_eq!(store.get("t1", "a").await.unwrap().unwrap().etag, new_etag);
-        assert!(store.get("t2", "a").await.unwrap().is_none(), "tenants are separate");
+        assert!(
+            store.get("t2", "a").await.unwrap().is_none(),
+            "tenants are separate"
+        );
     }
 
     #[tokio::test]
@@ -317,7 +320,11 @@ mod tests {
         }
         let due = ShardQuery::of_type("c_integration")
             .filter("structuredData.status", Op::Eq, json!("active"))
-            .filter("structuredData.nextSyncAt", Op::Le, timestamp::query_value(&t(10)))
+            .filter(
+                "structuredData.nextSyncAt",
+                Op::Le,
+                timestamp::query_value(&t(10)),
+            )
             .order_by("structuredData.nextSyncAt", false);
         let ids: Vec<_> = store
             .query(&due)
@@ -354,7 +361,9 @@ mod tests {
             }];
             store.upsert(&s).await.unwrap();
         }
-        let q = ShardQuery::of_type("c_company").in_tenant("t1").with_external_id("001B");
+        let q = ShardQuery::of_type("c_company")
+            .in_tenant("t1")
+            .with_external_id("001B");
         let found = store.query(&q).await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].value.id, "b");

@@ -1,0 +1,209 @@
+//! Test fixtures: an isolated data directory per test, the real binary, and ways to look at
+//! the state it leaves.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use handler::events::FileEvents;
+use handler::model::Event;
+use handler::queue::LocalBroker;
+use handler::store::SqliteStore;
+
+use crate::fake_host::{HostedHandler, free_port};
+
+/// One test's world: its own data directory, removed when the test ends.
+pub struct TestApp {
+    dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs an operator command of the binary on this data directory.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, None).await
+    }
+
+    pub async fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .args(args)
+            .env("FUNC_SYNC_DATA_DIR", self.data_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).await.unwrap();
+        }
+        drop(input);
+        child.wait_with_output().await.unwrap()
+    }
+
+    /// Runs an operator command with `--json` and parses what it prints; panics if it fails.
+    pub async fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all).await;
+        assert!(
+            out.status.success(),
+            "handler {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "handler {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Registers an integration through `handler integrations put`.
+    pub async fn register_integration(&self, integration: Value) -> Value {
+        let file = self.path(&format!("{}.json", integration["id"].as_str().unwrap()));
+        std::fs::write(&file, integration.to_string()).unwrap();
+        self.cli_json(&["integrations", "put", file.to_str().unwrap()])
+            .await
+    }
+
+    /// The queues, opened beside the running app as another process would.
+    pub fn broker(&self) -> LocalBroker {
+        LocalBroker::open(&self.path("runtime.db"), Duration::from_secs(600)).unwrap()
+    }
+
+    pub fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.path("store.db")).unwrap()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        FileEvents::read_all(&self.path("events.jsonl")).unwrap()
+    }
+
+    /// Starts the custom handler the way the Functions host does.
+    pub async fn host_handler(&self) -> HostedHandler {
+        HostedHandler::start(self.data_dir()).await
+    }
+
+    /// Starts `handler local` on this data directory.
+    pub async fn start_local(&self) -> LocalRuntime {
+        LocalRuntime::start(self.data_dir()).await
+    }
+}
+
+/// An integration of tenant `t1` that syncs every 15 minutes.
+pub fn salesforce_integration(id: &str) -> Value {
+    json!({
+        "id": id,
+        "tenantId": "t1",
+        "name": "Acme Salesforce",
+        "structuredData": {
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 15},
+            "entityMappings": [{"externalEntity": "Account", "shardTypeId": "c_company", "createNew": true}]
+        }
+    })
+}
+
+/// `handler local` as a child process.
+pub struct LocalRuntime {
+    pub addr: String,
+    child: Child,
+}
+
+impl LocalRuntime {
+    pub async fn start(data_dir: &Path) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .args(["local"])
+            .env("FUNC_SYNC_DATA_DIR", data_dir)
+            .env("FUNC_SYNC_LOCAL_ADDR", &addr)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let runtime = Self { addr, child };
+        let url = format!("http://{}/api/webhooks/probe", runtime.addr);
+        wait_until(
+            "the local runtime's front door answers",
+            Duration::from_secs(30),
+            || async { http_request("GET", &url, &[], None).await.is_some() },
+        )
+        .await;
+        runtime
+    }
+
+    /// Kills the runtime with SIGKILL: no cleanup of any kind.
+    pub async fn kill_9(mut self) {
+        self.child.kill().await.unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+/// Polls `condition` until it holds; fails the test after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 client for the front door: (status, headers, body), or `None` if the
+/// connection failed.
+pub async fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    stream.write_all(&bytes).await.ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some((status, headers, raw[split + 4..].to_vec()))
+}

@@ -1,0 +1,352 @@
+//! `handler local`: the embedded runtime delivering, retrying, dead-lettering and surviving a
+//! crash, as a user running it on one machine sees it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use handler::app::LocalBackends;
+use handler::definition::FunctionName;
+use handler::local::consumers::Consumer;
+use handler::local::invoker::Invoker;
+use handler::model::Shard;
+use handler::queue::{MessageQueue, OutgoingMessage, SYNC_DEADLETTER, SYNC_INBOUND_WEBHOOK};
+use handler::settings::Settings;
+use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
+
+use crate::helpers::{TestApp, http_request, salesforce_integration, wait_until};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn history(app: &TestApp) -> Vec<Value> {
+    app.cli_json(&["history", "--tenant", "t1"])
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_replayed() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    let _runtime = app.start_local().await;
+
+    let job = app
+        .cli_json(&["sync", "int-acme-sf", "--tenant", "t1"])
+        .await;
+    assert_eq!(job["trigger"], "manual");
+    wait_until(
+        "the job has a history record that finished",
+        PATIENCE,
+        || async {
+            history(&app)
+                .await
+                .first()
+                .is_some_and(|r| r["structuredData"]["status"] == "failed")
+        },
+    )
+    .await;
+    let record = &history(&app).await[0]["structuredData"];
+    assert_eq!(record["jobId"], job["jobId"]);
+    assert_eq!(record["jobType"], "manual");
+    assert_eq!(record["errors"][0]["code"], "PROVIDER_NOT_SUPPORTED");
+
+    let dead = app.cli_json(&["dead-letters", "list"]).await;
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["originalQueue"], "sync-inbound-scheduled");
+    assert_eq!(dead[0]["reason"], "PROVIDER_NOT_SUPPORTED");
+    assert_eq!(dead[0]["body"]["jobId"], job["jobId"]);
+
+    // Replaying sends the job back to its queue; it runs again and fails again, for the same
+    // reason, and leaves one dead letter, not two.
+    let seq = dead[0]["sequenceNumber"].as_i64().unwrap();
+    let replayed = app
+        .cli_json(&["dead-letters", "replay", &seq.to_string()])
+        .await;
+    assert_eq!(replayed[0]["queue"], "sync-inbound-scheduled");
+    wait_until(
+        "the replayed job is dead-lettered again",
+        PATIENCE,
+        || async {
+            let dead = app.cli_json(&["dead-letters", "list"]).await;
+            dead.as_array()
+                .unwrap()
+                .first()
+                .is_some_and(|d| d["sequenceNumber"].as_i64() != Some(seq))
+        },
+    )
+    .await;
+    assert_eq!(
+        app.cli_json(&["dead-letters", "list"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let started = app
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == "integration.sync.started")
+        .count();
+    assert_eq!(started, 2, "the replay ran the job again");
+}
+
+#[tokio::test]
+async fn a_webhook_reaches_the_receiver_through_the_front_door() {
+    let app = TestApp::new();
+    let runtime = app.start_local().await;
+    let url = format!("http://{}/api/webhooks/zoom?x=1", runtime.addr);
+    let (status, headers, body) = http_request(
+        "POST",
+        &url,
+        &[("Content-Type", "application/json")],
+        Some(br#"{"event":"meeting.ended"}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404);
+    assert!(headers.contains(&("content-type".into(), "application/json".into())));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"], "no webhook receiver for provider `zoom`");
+}
+
+#[tokio::test]
+async fn only_one_local_runtime_runs_on_a_data_directory() {
+    let app = TestApp::new();
+    let _runtime = app.start_local().await;
+    let out = app.cli(&["local", "--addr", "127.0.0.1:0"]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another `handler local` is already running"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_message_being_delivered_when_the_runtime_is_killed_is_delivered_again() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    let runtime = app.start_local().await;
+
+    // Hold the shard store's write lock, so the job blocks mid-invocation when it writes its
+    // history record, after its message was locked for delivery.
+    let blocker = rusqlite::Connection::open(app.path("store.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let job = app
+        .cli_json(&["sync", "int-acme-sf", "--tenant", "t1"])
+        .await;
+    let broker = app.broker();
+    wait_until(
+        "the job's message is locked for its first delivery",
+        PATIENCE,
+        || async {
+            broker
+                .peek("sync-inbound-scheduled")
+                .unwrap()
+                .first()
+                .is_some_and(|m| m.delivery_count == 1 && !m.lock_token.is_empty())
+        },
+    )
+    .await;
+
+    runtime.kill_9().await;
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        history(&app).await.is_empty(),
+        "the killed delivery wrote nothing"
+    );
+
+    let _runtime = app.start_local().await;
+    wait_until("the job finished after the restart", PATIENCE, || async {
+        history(&app)
+            .await
+            .first()
+            .is_some_and(|r| r["structuredData"]["status"] == "failed")
+    })
+    .await;
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].properties["OriginalDeliveryCount"], 2,
+        "redelivered, and counted"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&dead[0].body).unwrap()["jobId"],
+        job["jobId"]
+    );
+    assert!(
+        app.broker()
+            .peek("sync-inbound-scheduled")
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A shard store that is down for its first `failures` calls, then works.
+struct FlakyStore {
+    inner: SqliteStore,
+    failures: u32,
+    calls: AtomicU32,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+            Err(StoreError::Unavailable("connection refused".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ShardStore for FlakyStore {
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
+        self.check()?;
+        self.inner.get(tenant_id, id).await
+    }
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.check()?;
+        self.inner.create(shard).await
+    }
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.check()?;
+        self.inner.upsert(shard).await
+    }
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
+        self.check()?;
+        self.inner.replace(shard, if_match).await
+    }
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        self.check()?;
+        self.inner.query(query).await
+    }
+}
+
+/// Runs the SyncInboundWebhook consumer of the embedded runtime in this process, over a store
+/// that fails its first `failures` calls, until `done` says so.
+async fn consume_with_flaky_store(
+    app: &TestApp,
+    failures: u32,
+    done: impl AsyncFn(&LocalBackends) -> bool,
+) -> u32 {
+    let settings = Settings::from_lookup(|name| {
+        (name == "FUNC_SYNC_DATA_DIR").then(|| app.data_dir().display().to_string())
+    })
+    .unwrap();
+    let backends = LocalBackends::open(&settings).unwrap();
+    let store = Arc::new(FlakyStore {
+        inner: backends.store.clone(),
+        failures,
+        calls: AtomicU32::new(0),
+    });
+    let mut handler_app = backends.app(settings, handler::app::providers());
+    handler_app.store = store.clone();
+    let invoker = Invoker::new(handler::server::router(handler_app));
+    let (stop, stopped) = watch::channel(false);
+    let consumer = Consumer {
+        function: FunctionName::SyncInboundWebhook,
+        binding: "message".into(),
+        queue: SYNC_INBOUND_WEBHOOK.into(),
+        concurrency: 4,
+    };
+    let task = tokio::spawn(consumer.run(backends.broker.clone(), invoker, stopped));
+    wait_until("the consumer is done", PATIENCE, || done(&backends)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    store.calls.load(Ordering::SeqCst)
+}
+
+fn webhook_job() -> Value {
+    json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "webhook",
+        "provider": "salesforce", "jobId": "job-wh-1", "trigger": "webhook",
+        "scheduledAt": Utc::now(), "attempt": 1
+    })
+}
+
+#[tokio::test]
+async fn a_failed_invocation_is_redelivered_until_it_succeeds() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    let backends_broker = app.broker();
+    backends_broker
+        .send(OutgoingMessage::json(
+            SYNC_INBOUND_WEBHOOK,
+            "wh-1",
+            &webhook_job(),
+        ))
+        .await
+        .unwrap();
+
+    consume_with_flaky_store(&app, 2, async |b: &LocalBackends| {
+        b.broker.active_count(SYNC_INBOUND_WEBHOOK).unwrap() == 0
+    })
+    .await;
+
+    // Two deliveries failed on the store; the third ran the job to its end.
+    assert!(
+        app.broker()
+            .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
+            .unwrap()
+            .is_empty()
+    );
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(
+        dead.len(),
+        1,
+        "the job itself ends dead-lettered: no adapter"
+    );
+    assert_eq!(dead[0].properties["OriginalDeliveryCount"], 3);
+    assert_eq!(history(&app).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_message_that_always_fails_is_dead_lettered_after_max_deliveries_with_the_reason() {
+    let app = TestApp::new();
+    app.broker()
+        .send(OutgoingMessage::json(
+            SYNC_INBOUND_WEBHOOK,
+            "wh-1",
+            &webhook_job(),
+        ))
+        .await
+        .unwrap();
+
+    let calls = consume_with_flaky_store(&app, u32::MAX, async |b: &LocalBackends| {
+        !b.broker
+            .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+
+    assert_eq!(calls, 5, "sync-inbound-webhook allows 5 deliveries");
+    let dead = app
+        .broker()
+        .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
+        .unwrap();
+    assert_eq!(dead[0].reason, "MaxDeliveryCountExceeded");
+    assert_eq!(dead[0].delivery_count, 5);
+    let description = dead[0].description.as_deref().unwrap();
+    assert!(
+        description.contains("shard store unavailable: connection refused"),
+        "{description}"
+    );
+    let listed = app
+        .cli_json(&["dead-letters", "list", "--queue", "sync-inbound-webhook"])
+        .await;
+    assert_eq!(listed[0]["reason"], "MaxDeliveryCountExceeded");
+}

@@ -1,0 +1,124 @@
+//! The operator commands, as an operator uses them.
+
+use serde_json::json;
+
+use crate::helpers::{TestApp, salesforce_integration};
+
+#[tokio::test]
+async fn registering_an_integration_twice_updates_it_and_keeps_engine_state() {
+    let app = TestApp::new();
+    let first = app
+        .register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    let next_sync = first["structuredData"]["nextSyncAt"].clone();
+    assert!(
+        next_sync.is_string(),
+        "a scheduled integration is due at once"
+    );
+
+    let mut changed = salesforce_integration("int-acme-sf");
+    changed["name"] = json!("Acme Salesforce (EU)");
+    let second = app.register_integration(changed).await;
+    assert_eq!(second["name"], "Acme Salesforce (EU)");
+    assert_eq!(second["structuredData"]["nextSyncAt"], next_sync);
+    assert_eq!(second["createdAt"], first["createdAt"]);
+
+    let list = app
+        .cli_json(&["integrations", "list", "--tenant", "t1"])
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let text = app.cli(&["integrations", "list"]).await;
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.starts_with("TENANT"), "{text}");
+    assert!(text.contains("int-acme-sf"), "{text}");
+}
+
+#[tokio::test]
+async fn an_invalid_integration_is_refused_with_the_reason() {
+    let app = TestApp::new();
+    let mut bad = salesforce_integration("int-bad");
+    bad["structuredData"]["syncFrequency"] =
+        json!({"type": "cron", "cronExpression": "*/5 * * * *"});
+    let file = app.path("bad.json");
+    std::fs::write(&file, bad.to_string()).unwrap();
+    let out = app
+        .cli(&["integrations", "put", file.to_str().unwrap()])
+        .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected 6 fields"), "{stderr}");
+}
+
+#[tokio::test]
+async fn credentials_are_stored_and_never_printed() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    let out = app
+        .cli_with_stdin(
+            &["credentials", "set", "int-acme-sf", "--tenant", "t1"],
+            Some(r#"{"refreshToken":"very-secret-token","expiresAt":"2030-01-01T00:00:00Z"}"#),
+        )
+        .await;
+    assert!(out.status.success());
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!printed.contains("very-secret-token"), "{printed}");
+    assert!(printed.contains("int-t1--int-2dacme-2dsf"), "{printed}");
+    let stored = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(stored.contains("very-secret-token"));
+
+    // Malformed input is reported by position, not by quoting it.
+    let out = app
+        .cli_with_stdin(
+            &["credentials", "set", "int-acme-sf", "--tenant", "t1"],
+            Some("{\"refreshToken\": very-secret-token}"),
+        )
+        .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 1, column"), "{stderr}");
+    assert!(!stderr.contains("very-secret-token"), "{stderr}");
+}
+
+#[tokio::test]
+async fn commands_on_unknown_integrations_say_so() {
+    let app = TestApp::new();
+    let out = app.cli(&["sync", "int-nope", "--tenant", "t1"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("integration `int-nope` of tenant `t1` does not exist")
+    );
+    let out = app.cli(&["dead-letters", "replay", "99"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no dead-lettered message has sequence number 99")
+    );
+}
+
+#[tokio::test]
+async fn shards_are_found_by_type_and_external_id() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    let found = app
+        .cli_json(&["shards", "--tenant", "t1", "--type", "c_integration"])
+        .await;
+    assert_eq!(found[0]["id"], "int-acme-sf");
+    let none = app
+        .cli_json(&[
+            "shards",
+            "--tenant",
+            "t1",
+            "--type",
+            "c_integration",
+            "--external-id",
+            "001A",
+        ])
+        .await;
+    assert_eq!(none, json!([]));
+}
