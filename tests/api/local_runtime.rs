@@ -350,3 +350,79 @@ async fn a_message_that_always_fails_is_dead_lettered_after_max_deliveries_with_
         .await;
     assert_eq!(listed[0]["reason"], "MaxDeliveryCountExceeded");
 }
+
+/// A stand-in custom handler that hands every envelope it receives to the test.
+fn recording_handler() -> (
+    axum::Router,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+) {
+    use axum::extract::{Path, State};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let router = axum::Router::new()
+        .route(
+            "/{function}",
+            axum::routing::post(
+                |State(tx): State<tokio::sync::mpsc::UnboundedSender<(String, Value)>>,
+                 Path(function): Path<String>,
+                 body: axum::body::Bytes| async move {
+                    let envelope: Value = serde_json::from_slice(&body).unwrap();
+                    tx.send((function, envelope)).unwrap();
+                    axum::Json(json!({"Outputs": {}, "Logs": [], "ReturnValue": null}))
+                },
+            ),
+        )
+        .with_state(tx);
+    (router, rx)
+}
+
+#[tokio::test]
+async fn timers_fire_on_schedule_with_the_hosts_first_run_and_past_due_shapes() {
+    use handler::local::timers::{Timer, TimerStatusStore};
+    let app = TestApp::new();
+    let statuses = TimerStatusStore::open(&app.path("runtime.db")).unwrap();
+    let (router, mut invocations) = recording_handler();
+    let every_second = || Timer {
+        function: FunctionName::SyncScheduler,
+        binding: "timer".into(),
+        schedule: "* * * * * *".parse().unwrap(),
+    };
+
+    let (stop, stopped) = watch::channel(false);
+    let task =
+        tokio::spawn(every_second().run(statuses.clone(), Invoker::new(router.clone()), stopped));
+    let (function, first) = tokio::time::timeout(PATIENCE, invocations.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(function, "SyncScheduler");
+    let timer = &first["Data"]["timer"];
+    assert_eq!(
+        timer["ScheduleStatus"]["Last"], "0001-01-01T00:00:00",
+        "a first run"
+    );
+    assert_eq!(timer["IsPastDue"], false);
+    assert_eq!(timer["Schedule"]["AdjustForDST"], true);
+    assert_eq!(first["Metadata"]["sys"]["MethodName"], "SyncScheduler");
+
+    // The runtime was stopped past the next occurrence: at start-up it fires once, past due.
+    let status = statuses.get(FunctionName::SyncScheduler).unwrap().unwrap();
+    assert!(status.last.is_some());
+    let missed = handler::local::envelopes::ScheduleStatus {
+        next: Utc::now() - chrono::Duration::minutes(5),
+        ..status
+    };
+    statuses.set(FunctionName::SyncScheduler, &missed).unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(every_second().run(statuses.clone(), Invoker::new(router), stopped));
+    let (_, late) = tokio::time::timeout(PATIENCE, invocations.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let timer = &late["Data"]["timer"];
+    assert_eq!(timer["IsPastDue"], true);
+    assert_ne!(timer["ScheduleStatus"]["Last"], "0001-01-01T00:00:00");
+}
