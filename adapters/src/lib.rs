@@ -1,28 +1,67 @@
 //! Provider clients: the only code that speaks an external system's API.
 //!
 //! The sync engine (`handler`) never talks HTTP to Salesforce, Dynamics or any other provider
-//! itself. It asks a [`Provider`] found in the [`Registry`] by the integration's provider name,
-//! and gets back data or a [`ProviderError`] whose [`ErrorCode`] tells it whether retrying can help.
+//! itself. It asks a [`Provider`] found in the [`Registry`] by the integration's provider name
+//! for pages of [`Record`]s, deletions and webhook parsing, and gets back data or a
+//! [`ProviderError`] whose [`ErrorCode`] tells it whether retrying can help.
 //!
 //! The major components are:
 //!
-//! * [`Provider`]: what every provider client implements.
-//! * [`Registry`]: provider name → client, built once at start-up.
-//! * [`ErrorCode`] / [`ProviderError`]: the error vocabulary shared with the engine; the codes
-//!   are the ones the sync history records, so they are spelled as the history spells them.
+//! * [`Provider`]: what every provider client implements; [`Registry`]: name → client.
+//! * [`Connection`]: one integration's settings and [`Credentials`] for the length of a job. An
+//!   adapter that refreshes or rotates tokens updates them there and marks them changed; the
+//!   engine persists them.
+//! * [`ErrorCode`] / [`ProviderError`]: the error vocabulary shared with the engine, spelled as
+//!   the sync history spells it.
+//! * [`salesforce`] (REST API, SOQL, Outbound Messages) and [`bulk_import`] (CSV and JSON Lines
+//!   exports in a folder).
 //!
-//! Adapters must not touch the shard store, the queues or the secret store: credentials come in
-//! as arguments and refreshed credentials go back as return values, so the engine decides what
-//! is persisted and when.
+//! Adapters must not touch the shard store, the queues or the secret store, and must never put
+//! a token, key or password in an error message.
+
+pub mod bulk_import;
+mod rate_limit;
+pub mod salesforce;
+mod types;
+
+pub use rate_limit::RateLimiter;
+pub use types::*;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
 /// A client for one external system.
+#[async_trait]
 pub trait Provider: Send + Sync {
-    /// The provider's name as integrations spell it (`salesforce`, `dynamics`, ...).
+    /// The provider's name as integrations spell it (`salesforce`, `bulk_import`, ...).
     fn name(&self) -> &'static str;
+
+    /// One page of an entity's records. `request.page_token` continues a previous page.
+    async fn fetch_page(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError>;
+
+    /// Records of `entity` deleted since `since`.
+    async fn fetch_deleted(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Deleted, ProviderError>;
+
+    /// Reads a webhook delivery addressed to this provider. Providers without webhooks refuse.
+    fn parse_webhook(&self, _request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookError> {
+        Err(WebhookError::Unsupported(format!(
+            "provider `{}` does not deliver webhooks",
+            self.name()
+        )))
+    }
 }
 
 /// The provider clients this build knows, by name.
@@ -35,6 +74,13 @@ impl Registry {
     /// A registry with no providers.
     pub fn empty() -> Self {
         Self::default()
+    }
+
+    /// Every provider client of this build, with default settings.
+    pub fn standard() -> Self {
+        Self::empty()
+            .with(Arc::new(salesforce::Salesforce::new()))
+            .with(Arc::new(bulk_import::BulkImport::new()))
     }
 
     /// Adds a provider client, replacing any with the same name.
@@ -71,6 +117,7 @@ pub enum ErrorCode {
     ValidationError,
     ProviderNotSupported,
     InvalidMessage,
+    StoreError,
 }
 
 impl ErrorCode {
@@ -78,7 +125,11 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimit | Self::Timeout | Self::ServiceUnavailable | Self::ConnectionReset
+            Self::RateLimit
+                | Self::Timeout
+                | Self::ServiceUnavailable
+                | Self::ConnectionReset
+                | Self::StoreError
         )
     }
 
@@ -95,6 +146,7 @@ impl ErrorCode {
             Self::ValidationError => "VALIDATION_ERROR",
             Self::ProviderNotSupported => "PROVIDER_NOT_SUPPORTED",
             Self::InvalidMessage => "INVALID_MESSAGE",
+            Self::StoreError => "STORE_ERROR",
         }
     }
 }
@@ -112,6 +164,9 @@ impl fmt::Display for ErrorCode {
 pub struct ProviderError {
     pub code: ErrorCode,
     pub message: String,
+    /// The provider's allocation is used up for now: stop this job where it is, keep what was
+    /// done, and resume on the next scheduled run instead of retrying soon.
+    pub resume_next_run: bool,
 }
 
 impl ProviderError {
@@ -119,6 +174,16 @@ impl ProviderError {
         Self {
             code,
             message: message.into(),
+            resume_next_run: false,
+        }
+    }
+
+    /// An allocation that is used up until later (daily API limits).
+    pub fn quota(message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::RateLimit,
+            message: message.into(),
+            resume_next_run: true,
         }
     }
 
@@ -144,6 +209,7 @@ mod tests {
             ErrorCode::ValidationError,
             ErrorCode::ProviderNotSupported,
             ErrorCode::InvalidMessage,
+            ErrorCode::StoreError,
         ]
         .into_iter()
         .filter(|c| c.is_retryable())
@@ -154,7 +220,8 @@ mod tests {
                 ErrorCode::RateLimit,
                 ErrorCode::Timeout,
                 ErrorCode::ServiceUnavailable,
-                ErrorCode::ConnectionReset
+                ErrorCode::ConnectionReset,
+                ErrorCode::StoreError
             ]
         );
     }
@@ -169,18 +236,11 @@ mod tests {
         );
     }
 
-    struct Named(&'static str);
-    impl Provider for Named {
-        fn name(&self) -> &'static str {
-            self.0
-        }
-    }
-
     #[test]
-    fn registry_finds_providers_by_name() {
-        let registry = Registry::empty().with(Arc::new(Named("salesforce")));
+    fn the_standard_registry_has_this_builds_providers() {
+        let registry = Registry::standard();
         assert!(registry.get("salesforce").is_some());
         assert!(registry.get("zoom").is_none());
-        assert_eq!(registry.names().collect::<Vec<_>>(), ["salesforce"]);
+        assert_eq!(registry.names().collect::<Vec<_>>(), ["bulk_import", "salesforce"]);
     }
 }

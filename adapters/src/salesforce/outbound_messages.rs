@@ -1,0 +1,235 @@
+//! Salesforce Outbound Messages: SOAP notifications of changed records.
+//!
+//! Outbound Messages carry no signature. What identifies the sender is the `OrganizationId`,
+//! which the receiver must match to an integration before it trusts the delivery; each
+//! `Notification/Id` is unique and repeated on redelivery, so it deduplicates. The answer is a
+//! SOAP `<Ack>true</Ack>`; anything else makes Salesforce retry for up to 24 hours.
+
+use quick_xml::Reader;
+use quick_xml::events::Event;
+use serde_json::{Map, Value};
+
+use super::record_from;
+use crate::{WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest};
+
+/// The acknowledgement Salesforce expects for a delivery.
+pub const ACK: &str = concat!(
+    r#"<?xml version="1.0" encoding="UTF-8"?>"#,
+    r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">"#,
+    r#"<soapenv:Body><notificationsResponse xmlns="http://soap.sforce.com/2005/09/outbound">"#,
+    r#"<Ack>true</Ack></notificationsResponse></soapenv:Body></soapenv:Envelope>"#
+);
+
+fn malformed(message: impl Into<String>) -> WebhookError {
+    WebhookError::Malformed(message.into())
+}
+
+fn entity_text(name: &str) -> Option<String> {
+    match name {
+        "lt" => Some("<".into()),
+        "gt" => Some(">".into()),
+        "amp" => Some("&".into()),
+        "apos" => Some("'".into()),
+        "quot" => Some("\"".into()),
+        _ => {
+            let code = name.strip_prefix('#')?;
+            let n = match code.strip_prefix('x') {
+                Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                None => code.parse().ok()?,
+            };
+            char::from_u32(n).map(String::from)
+        }
+    }
+}
+
+/// Parses an Outbound Message delivery.
+pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookError> {
+    let content_type = request
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .and_then(|(_, v)| v.first())
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    if !content_type.contains("xml") {
+        return Err(malformed(format!(
+            "an Outbound Message is SOAP XML; the Content-Type is `{content_type}`"
+        )));
+    }
+    let body = request
+        .body
+        .filter(|b| !b.trim().is_empty())
+        .ok_or_else(|| malformed("the delivery has no body"))?;
+
+    let mut reader = Reader::from_str(body);
+    let mut path: Vec<String> = Vec::new();
+    let mut text = String::new();
+    let mut organization_id = None;
+    let mut notifications = Vec::new();
+    let mut notification_id: Option<String> = None;
+    let mut entity: Option<String> = None;
+    let mut fields: Map<String, Value> = Map::new();
+    let mut field_is_nil = false;
+
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| malformed(format!("the SOAP body is not well-formed XML: {e}")))?;
+        match event {
+            Event::Start(ref start) | Event::Empty(ref start) => {
+                let empty = matches!(event, Event::Empty(_));
+                let name = start.local_name().as_ref().to_string();
+                let nil = start.attributes().flatten().any(|a| {
+                    a.key.local_name().as_ref() == "nil" && a.value.as_ref() == "true"
+                });
+                if name == "sObject" {
+                    let kind = start
+                        .attributes()
+                        .flatten()
+                        .find(|a| a.key.local_name().as_ref() == "type")
+                        .map(|a| a.value.to_string());
+                    entity = kind.map(|k| k.rsplit(':').next().unwrap_or_default().to_string());
+                    fields = Map::new();
+                }
+                field_is_nil = nil;
+                text.clear();
+                path.push(name);
+                if empty {
+                    close(&mut path, &mut text, field_is_nil, &mut organization_id, &mut notification_id, &mut fields, &entity, &mut notifications)?;
+                }
+            }
+            Event::Text(t) => text.push_str(&t.xml10_content()),
+            Event::CData(c) => text.push_str(&c.xml10_content()),
+            Event::GeneralRef(r) => {
+                let name = r.xml10_content();
+                text.push_str(&entity_text(&name).ok_or_else(|| malformed(format!("unknown entity &{name};")))?);
+            }
+            Event::End(_) => {
+                close(&mut path, &mut text, field_is_nil, &mut organization_id, &mut notification_id, &mut fields, &entity, &mut notifications)?;
+                field_is_nil = false;
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    let account_id = organization_id.ok_or_else(|| malformed("the notification has no OrganizationId"))?;
+    if notifications.is_empty() {
+        return Err(malformed("the delivery has no Notification"));
+    }
+    Ok(WebhookDelivery {
+        account_id,
+        notifications,
+        ack: ("text/xml; charset=utf-8".into(), ACK.into()),
+    })
+}
+
+/// Handles the end of the element on top of `path`.
+#[allow(clippy::too_many_arguments)]
+fn close(
+    path: &mut Vec<String>,
+    text: &mut String,
+    nil: bool,
+    organization_id: &mut Option<String>,
+    notification_id: &mut Option<String>,
+    fields: &mut Map<String, Value>,
+    entity: &Option<String>,
+    notifications: &mut Vec<WebhookNotification>,
+) -> Result<(), WebhookError> {
+    let name = path.pop().unwrap_or_default();
+    let parent = path.last().map(String::as_str).unwrap_or_default();
+    let value = std::mem::take(text).trim().to_string();
+    match (parent, name.as_str()) {
+        ("notifications", "OrganizationId") => *organization_id = Some(value),
+        ("Notification", "Id") => *notification_id = Some(value),
+        ("sObject", field) => {
+            fields.insert(field.to_string(), if nil { Value::Null } else { Value::String(value) });
+        }
+        (_, "Notification") => {
+            let id = notification_id
+                .take()
+                .ok_or_else(|| malformed("a Notification has no Id"))?;
+            let entity = entity.clone().ok_or_else(|| malformed(format!("notification {id} has no sObject type")))?;
+            let record = record_from(std::mem::take(fields))
+                .ok_or_else(|| malformed(format!("notification {id}'s sObject has no Id")))?;
+            notifications.push(WebhookNotification { id, entity, record });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const DELIVERY: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+ <soapenv:Body>
+  <notifications xmlns="http://soap.sforce.com/2005/09/outbound">
+   <OrganizationId>00D000000000062EAA</OrganizationId>
+   <ActionId>04k000000000001AAA</ActionId>
+   <SessionId xsi:nil="true"/>
+   <EnterpriseUrl>https://acme.my.salesforce.com/services/Soap/c/62.0/00D000000000062</EnterpriseUrl>
+   <PartnerUrl>https://acme.my.salesforce.com/services/Soap/u/62.0/00D000000000062</PartnerUrl>
+   <Notification>
+    <Id>04l000000000001AAA</Id>
+    <sObject xsi:type="sf:Account" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">
+     <sf:Id>001000000000001AAA</sf:Id>
+     <sf:Name>Smith &amp; Sons</sf:Name>
+     <sf:Industry xsi:nil="true"/>
+     <sf:SystemModstamp>2026-11-22T10:00:00.000Z</sf:SystemModstamp>
+    </sObject>
+   </Notification>
+   <Notification>
+    <Id>04l000000000002AAA</Id>
+    <sObject xsi:type="sf:Account" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">
+     <sf:Id>001000000000002AAA</sf:Id>
+     <sf:Name><![CDATA[Globex <EU>]]></sf:Name>
+    </sObject>
+   </Notification>
+  </notifications>
+ </soapenv:Body>
+</soapenv:Envelope>"#;
+
+    fn headers() -> Vec<(String, Vec<String>)> {
+        vec![("Content-Type".into(), vec!["text/xml; charset=utf-8".into()])]
+    }
+
+    #[test]
+    fn a_delivery_is_read_with_its_organization_and_records() {
+        let headers = headers();
+        let delivery = parse(&WebhookRequest { headers: &headers, body: Some(DELIVERY) }).unwrap();
+        assert_eq!(delivery.account_id, "00D000000000062EAA");
+        assert_eq!(delivery.notifications.len(), 2);
+        let first = &delivery.notifications[0];
+        assert_eq!(first.id, "04l000000000001AAA");
+        assert_eq!(first.entity, "Account");
+        assert_eq!(first.record.id, "001000000000001AAA");
+        assert_eq!(first.record.fields["Name"], "Smith & Sons");
+        assert_eq!(first.record.fields["Industry"], Value::Null);
+        assert!(first.record.modified_at.is_some());
+        assert_eq!(delivery.notifications[1].record.fields["Name"], "Globex <EU>");
+        assert!(delivery.ack.1.contains("<Ack>true</Ack>"));
+    }
+
+    #[test]
+    fn unverifiable_deliveries_are_refused_with_a_reason() {
+        let headers = headers();
+        for (body, reason) in [
+            ("<a><b></a>", "not well-formed"),
+            (
+                r#"<notifications><Notification><Id>1</Id><sObject type="sf:Account"><Id>001</Id></sObject></Notification></notifications>"#,
+                "no OrganizationId",
+            ),
+            ("<notifications><OrganizationId>00D</OrganizationId></notifications>", "no Notification"),
+        ] {
+            let err = parse(&WebhookRequest { headers: &headers, body: Some(body) }).unwrap_err();
+            assert!(err.to_string().contains(reason), "{body}: {err}");
+        }
+        let json = vec![("Content-Type".into(), vec!["application/json".into()])];
+        let err = parse(&WebhookRequest { headers: &json, body: Some("{}") }).unwrap_err();
+        assert!(err.to_string().contains("SOAP XML"), "{err}");
+        let err = parse(&WebhookRequest { headers: &headers, body: None }).unwrap_err();
+        assert!(err.to_string().contains("no body"), "{err}");
+    }
+}
