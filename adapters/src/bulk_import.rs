@@ -42,8 +42,14 @@ impl Columns {
     fn of(conn: &Connection) -> Self {
         Self {
             id: conn.setting("idColumn").unwrap_or("id").to_string(),
-            modified: conn.setting("modifiedColumn").unwrap_or("modified_at").to_string(),
-            deleted: conn.setting("deletedColumn").unwrap_or("_deleted").to_string(),
+            modified: conn
+                .setting("modifiedColumn")
+                .unwrap_or("modified_at")
+                .to_string(),
+            deleted: conn
+                .setting("deletedColumn")
+                .unwrap_or("_deleted")
+                .to_string(),
         }
     }
 }
@@ -55,7 +61,10 @@ enum Format {
 }
 
 fn io_error(path: &Path, e: impl std::fmt::Display) -> ProviderError {
-    ProviderError::new(ErrorCode::ServiceUnavailable, format!("{}: {e}", path.display()))
+    ProviderError::new(
+        ErrorCode::ServiceUnavailable,
+        format!("{}: {e}", path.display()),
+    )
 }
 
 /// The entity's files, in name order, with their format.
@@ -89,20 +98,32 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
         .collect();
     // The plain `accounts.csv` first, then the dated or numbered drops in name order.
     files.sort_by(|(a, _), (b, _)| {
-        let key = |p: &PathBuf| (p.file_stem().and_then(|s| s.to_str()) != Some(entity), p.clone());
+        let key = |p: &PathBuf| {
+            (
+                p.file_stem().and_then(|s| s.to_str()) != Some(entity),
+                p.clone(),
+            )
+        };
         key(a).cmp(&key(b))
     });
     Ok(files)
 }
 
 fn modified_time(path: &Path) -> Option<DateTime<Utc>> {
-    std::fs::metadata(path).ok()?.modified().ok().map(DateTime::<Utc>::from)
+    std::fs::metadata(path)
+        .ok()?
+        .modified()
+        .ok()
+        .map(DateTime::<Utc>::from)
 }
 
 fn truthy(value: &Value) -> bool {
     match value {
         Value::Bool(b) => *b,
-        Value::String(s) => matches!(s.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "y"),
+        Value::String(s) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "y"
+        ),
         Value::Number(n) => n.as_i64() == Some(1),
         _ => false,
     }
@@ -117,7 +138,12 @@ fn to_record(mut fields: Map<String, Value>, columns: &Columns) -> Result<Record
     let modified_at = match fields.get(&columns.modified) {
         Some(Value::String(s)) if !s.is_empty() => Some(
             DateTime::parse_from_rfc3339(s)
-                .map_err(|e| format!("record {id}: `{}` is not an RFC 3339 time ({e})", columns.modified))?
+                .map_err(|e| {
+                    format!(
+                        "record {id}: `{}` is not an RFC 3339 time ({e})",
+                        columns.modified
+                    )
+                })?
                 .with_timezone(&Utc),
         ),
         _ => None,
@@ -131,21 +157,26 @@ fn to_record(mut fields: Map<String, Value>, columns: &Columns) -> Result<Record
     })
 }
 
-/// Reads up to `limit` records of `path` from byte `offset`; returns them and the offset after
+/// Records read from one file (each, or why it could not be read), and the byte offset after
 /// the last one, or `None` at the end of the file.
+type FileChunk = (Vec<Result<Record, String>>, Option<u64>);
+
+/// Reads up to `limit` records of `path` from byte `offset`.
 fn read_records(
     path: &Path,
     format: Format,
     offset: u64,
     limit: usize,
     columns: &Columns,
-) -> Result<(Vec<Result<Record, String>>, Option<u64>), ProviderError> {
+) -> Result<FileChunk, ProviderError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     let mut records = Vec::new();
     match format {
         Format::JsonLines => {
             let mut reader = BufReader::new(file);
-            reader.seek(SeekFrom::Start(offset)).map_err(|e| io_error(path, e))?;
+            reader
+                .seek(SeekFrom::Start(offset))
+                .map_err(|e| io_error(path, e))?;
             let mut position = offset;
             let mut line = String::new();
             while records.len() < limit {
@@ -160,8 +191,16 @@ fn read_records(
                 }
                 records.push(match serde_json::from_str::<Value>(&line) {
                     Ok(Value::Object(fields)) => to_record(fields, columns),
-                    Ok(_) => Err(format!("{} at byte {}: a line is not a JSON object", path.display(), position - read as u64)),
-                    Err(e) => Err(format!("{} at byte {}: {e}", path.display(), position - read as u64)),
+                    Ok(_) => Err(format!(
+                        "{} at byte {}: a line is not a JSON object",
+                        path.display(),
+                        position - read as u64
+                    )),
+                    Err(e) => Err(format!(
+                        "{} at byte {}: {e}",
+                        path.display(),
+                        position - read as u64
+                    )),
                 });
             }
             let at_end = reader.fill_buf().map_err(|e| io_error(path, e))?.is_empty();
@@ -184,7 +223,11 @@ fn read_records(
                             .iter()
                             .zip(row.iter())
                             .map(|(h, v)| {
-                                let value = if v.is_empty() { Value::Null } else { Value::String(v.to_string()) };
+                                let value = if v.is_empty() {
+                                    Value::Null
+                                } else {
+                                    Value::String(v.to_string())
+                                };
                                 (h.to_string(), value)
                             })
                             .collect();
@@ -194,7 +237,9 @@ fn read_records(
                 }
             }
             let next = reader.position().byte();
-            let more = reader.read_record(&mut row).map_err(|e| io_error(path, e))?;
+            let more = reader
+                .read_record(&mut row)
+                .map_err(|e| io_error(path, e))?;
             Ok((records, more.then_some(next)))
         }
     }
@@ -206,41 +251,63 @@ impl Provider for BulkImport {
         "bulk_import"
     }
 
-    async fn fetch_page(&self, conn: &mut Connection, request: &FetchRequest) -> Result<Page, ProviderError> {
+    async fn fetch_page(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
         let folder = PathBuf::from(conn.setting("path").ok_or_else(|| {
-            ProviderError::new(ErrorCode::ValidationError, "the connection has no `path` folder")
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                "the connection has no `path` folder",
+            )
         })?);
         let columns = Columns::of(conn);
         let files = entity_files(&folder, &request.entity)?;
         let (mut index, mut offset) = match &request.page_token {
             Some(token) => {
-                let (name, offset) = token
-                    .split_once('\t')
-                    .ok_or_else(|| ProviderError::new(ErrorCode::ValidationError, "unreadable page token"))?;
+                let (name, offset) = token.split_once('\t').ok_or_else(|| {
+                    ProviderError::new(ErrorCode::ValidationError, "unreadable page token")
+                })?;
                 let index = files
                     .iter()
                     .position(|(p, _)| p.file_name().and_then(|n| n.to_str()) == Some(name))
-                    .ok_or_else(|| ProviderError::new(ErrorCode::NotFound, format!("import file {name} disappeared mid-sync")))?;
+                    .ok_or_else(|| {
+                        ProviderError::new(
+                            ErrorCode::NotFound,
+                            format!("import file {name} disappeared mid-sync"),
+                        )
+                    })?;
                 (index, offset.parse::<u64>().unwrap_or(0))
             }
             None => (0, 0),
         };
         let wanted = request.page_size.max(1);
         let mut page = Page {
-            query: Some(format!("{}/{}.{{csv,jsonl}}", folder.display(), request.entity)),
+            query: Some(format!(
+                "{}/{}.{{csv,jsonl}}",
+                folder.display(),
+                request.entity
+            )),
             ..Page::default()
         };
         while index < files.len() && page.records.len() < wanted {
             let (path, format) = &files[index];
             let unchanged = offset == 0
-                && request.since.is_some_and(|since| modified_time(path).is_some_and(|m| m < since));
+                && request
+                    .since
+                    .is_some_and(|since| modified_time(path).is_some_and(|m| m < since));
             let next = if unchanged {
                 None
             } else {
-                let (records, next) = read_records(path, *format, offset, wanted - page.records.len(), &columns)?;
+                let (records, next) =
+                    read_records(path, *format, offset, wanted - page.records.len(), &columns)?;
                 for record in records {
                     match record {
-                        Ok(r) if request.since.is_some_and(|since| r.modified_at.is_some_and(|m| m < since)) => {}
+                        Ok(r)
+                            if request
+                                .since
+                                .is_some_and(|since| r.modified_at.is_some_and(|m| m < since)) => {}
                         Ok(r) => page.records.push(r),
                         Err(e) => return Err(ProviderError::new(ErrorCode::ValidationError, e)),
                     }
@@ -250,14 +317,20 @@ impl Provider for BulkImport {
             match next {
                 Some(at) => {
                     offset = at;
-                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    let name = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default();
                     page.next_page = Some(format!("{name}\t{at}"));
                 }
                 None => {
                     index += 1;
                     offset = 0;
                     page.next_page = files.get(index).map(|(p, _)| {
-                        format!("{}\t0", p.file_name().and_then(|n| n.to_str()).unwrap_or_default())
+                        format!(
+                            "{}\t0",
+                            p.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+                        )
                     });
                 }
             }
@@ -266,7 +339,12 @@ impl Provider for BulkImport {
     }
 
     /// Deletions arrive as tombstone records in the exports themselves.
-    async fn fetch_deleted(&self, _conn: &mut Connection, _entity: &str, _since: DateTime<Utc>) -> Result<Deleted, ProviderError> {
+    async fn fetch_deleted(
+        &self,
+        _conn: &mut Connection,
+        _entity: &str,
+        _since: DateTime<Utc>,
+    ) -> Result<Deleted, ProviderError> {
         Ok(Deleted::default())
     }
 }
@@ -331,20 +409,46 @@ mod tests {
         assert_eq!(records[4].modified_at, None);
 
         let mut since = request("accounts", 10);
-        since.since = Some(DateTime::parse_from_rfc3339("2026-01-03T00:00:00Z").unwrap().with_timezone(&Utc));
-        let ids: Vec<_> = all(&mut conn, since).await.into_iter().map(|r| r.id).collect();
-        assert_eq!(ids, ["a3", "a4", "a5"], "inclusive of the cursor; undated records always");
+        since.since = Some(
+            DateTime::parse_from_rfc3339("2026-01-03T00:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        );
+        let ids: Vec<_> = all(&mut conn, since)
+            .await
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            ids,
+            ["a3", "a4", "a5"],
+            "inclusive of the cursor; undated records always"
+        );
     }
 
     #[tokio::test]
     async fn a_bad_line_or_a_missing_folder_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("accounts.jsonl"), "{\"id\":\"a1\"}\nnot json\n").unwrap();
-        let err = BulkImport.fetch_page(&mut conn(dir.path()), &request("accounts", 10)).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::ValidationError);
-        assert!(err.message.contains("accounts.jsonl at byte 12"), "{}", err.message);
+        std::fs::write(
+            dir.path().join("accounts.jsonl"),
+            "{\"id\":\"a1\"}\nnot json\n",
+        )
+        .unwrap();
         let err = BulkImport
-            .fetch_page(&mut conn(&dir.path().join("nope")), &request("accounts", 10))
+            .fetch_page(&mut conn(dir.path()), &request("accounts", 10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ValidationError);
+        assert!(
+            err.message.contains("accounts.jsonl at byte 12"),
+            "{}",
+            err.message
+        );
+        let err = BulkImport
+            .fetch_page(
+                &mut conn(&dir.path().join("nope")),
+                &request("accounts", 10),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::NotFound);

@@ -56,7 +56,10 @@ pub trait Provider: Send + Sync {
     ) -> Result<Deleted, ProviderError>;
 
     /// Reads a webhook delivery addressed to this provider. Providers without webhooks refuse.
-    fn parse_webhook(&self, _request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookError> {
+    fn parse_webhook(
+        &self,
+        _request: &WebhookRequest<'_>,
+    ) -> Result<WebhookDelivery, WebhookError> {
         Err(WebhookError::Unsupported(format!(
             "provider `{}` does not deliver webhooks",
             self.name()
@@ -241,6 +244,9 @@ mod tests {
         let registry = Registry::standard();
         assert!(registry.get("salesforce").is_some());
         assert!(registry.get("zoom").is_none());
-        assert_eq!(registry.names().collect::<Vec<_>>(), ["bulk_import", "salesforce"]);
+        assert_eq!(
+            registry.names().collect::<Vec<_>>(),
+            ["bulk_import", "salesforce"]
+        );
     }
 }

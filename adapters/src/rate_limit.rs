@@ -65,7 +65,10 @@ mod tests {
             limiter.acquire("int-1").await;
         }
         let elapsed = start.elapsed();
-        assert!(elapsed >= Duration::from_millis(950) && elapsed <= Duration::from_millis(1050), "{elapsed:?}");
+        assert!(
+            elapsed >= Duration::from_millis(950) && elapsed <= Duration::from_millis(1050),
+            "{elapsed:?}"
+        );
         let other = Instant::now();
         limiter.acquire("int-2").await;
         assert_eq!(other.elapsed(), Duration::ZERO);

@@ -16,7 +16,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(integration_id: &str, settings: Map<String, Value>, credentials: Credentials) -> Self {
+    pub fn new(
+        integration_id: &str,
+        settings: Map<String, Value>,
+        credentials: Credentials,
+    ) -> Self {
         Self {
             integration_id: integration_id.to_string(),
             settings,

@@ -102,5 +102,5 @@ impl LocalBackends {
 
 /// The provider clients of this build.
 pub fn providers() -> adapters::Registry {
-    adapters::Registry::empty()
+    adapters::Registry::standard()
 }

@@ -321,6 +321,9 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
         .data()
         .map_err(|e| format!("structuredData is not a valid integration: {e}"))?;
     integration.sync_frequency.validate()?;
+    for mapping in &integration.entity_mappings {
+        mapping.validate()?;
+    }
 
     let now = Utc::now();
     let existing = backends
@@ -477,7 +480,11 @@ async fn set_credentials(
         .set(&name, Secret::new(Value::Object(credentials).to_string()))
         .await
         .map_err(|e| e.to_string())?;
-    if integration.credentials_expire_at != expires_at {
+    let reactivate = integration.status == crate::model::integration::IntegrationStatus::Error;
+    if integration.credentials_expire_at != expires_at || reactivate {
+        // New credentials are what an integration in error was waiting for.
+        integration.status = crate::model::integration::IntegrationStatus::Active;
+        integration.rest.remove("statusMessage");
         integration.credentials_expire_at = expires_at;
         shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
         shard.updated_at = Some(Utc::now());

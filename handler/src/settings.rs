@@ -27,6 +27,14 @@ pub struct Settings {
     pub token_refresh_enabled: bool,
     /// TokenRefresher refreshes credentials that expire within this window.
     pub token_refresh_threshold: Duration,
+    /// A sync job stops after this many records; a continuation job does the rest.
+    pub max_records_per_sync: u64,
+    /// The scheduler never syncs an integration more often than this.
+    pub min_sync_interval: Duration,
+    /// The scheduler runs at most this many syncs of one tenant at once; more wait.
+    pub max_concurrent_syncs_per_tenant: usize,
+    /// Delay before the first retry of a failed shard write (then 2×, 4×, ±20%).
+    pub record_retry_base: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +116,27 @@ impl Settings {
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(2 * 60 * 60));
 
+        let max_records_per_sync = read("SYNC_MAX_RECORDS")
+            .and_then(|v| parse::<u64>("SYNC_MAX_RECORDS", &v, &mut problems))
+            .unwrap_or(1000);
+        if max_records_per_sync == 0 {
+            problems.push("SYNC_MAX_RECORDS: must be at least 1".into());
+        }
+        let min_sync_interval = read("SYNC_MIN_INTERVAL_MINUTES")
+            .and_then(|v| parse::<u64>("SYNC_MIN_INTERVAL_MINUTES", &v, &mut problems))
+            .map(|m| Duration::from_secs(m * 60))
+            .unwrap_or(Duration::from_secs(5 * 60));
+        let max_concurrent_syncs_per_tenant = read("SYNC_MAX_CONCURRENT_PER_TENANT")
+            .and_then(|v| parse::<usize>("SYNC_MAX_CONCURRENT_PER_TENANT", &v, &mut problems))
+            .unwrap_or(3);
+        if max_concurrent_syncs_per_tenant == 0 {
+            problems.push("SYNC_MAX_CONCURRENT_PER_TENANT: must be at least 1".into());
+        }
+        let record_retry_base = read("FUNC_SYNC_RECORD_RETRY_BASE_MS")
+            .and_then(|v| parse("FUNC_SYNC_RECORD_RETRY_BASE_MS", &v, &mut problems))
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(1));
+
         if !problems.is_empty() {
             return Err(SettingsError { problems });
         }
@@ -119,6 +148,10 @@ impl Settings {
             duplicate_detection_window,
             token_refresh_enabled,
             token_refresh_threshold,
+            max_records_per_sync,
+            min_sync_interval,
+            max_concurrent_syncs_per_tenant,
+            record_retry_base,
         })
     }
 }
@@ -158,6 +191,10 @@ mod tests {
         assert_eq!(s.duplicate_detection_window, Duration::from_secs(600));
         assert_eq!(s.token_refresh_threshold, Duration::from_secs(7200));
         assert!(s.token_refresh_enabled);
+        assert_eq!(s.max_records_per_sync, 1000);
+        assert_eq!(s.min_sync_interval, Duration::from_secs(300));
+        assert_eq!(s.max_concurrent_syncs_per_tenant, 3);
+        assert_eq!(s.record_retry_base, Duration::from_secs(1));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use handler::store::ShardStore;
 use crate::fake_host::{
     http_request_without_body, service_bus_message, timer_first_run, timer_without_status,
 };
-use crate::helpers::{TestApp, salesforce_integration};
+use crate::helpers::{TestApp, integration_of, salesforce_integration};
 
 #[tokio::test]
 async fn the_handler_answers_readiness_and_refuses_unknown_functions_clearly() {
@@ -124,7 +124,7 @@ async fn the_scheduler_on_its_first_timer_run_enqueues_a_due_integration_once() 
 #[tokio::test]
 async fn a_job_for_a_provider_without_an_adapter_fails_with_history_and_a_dead_letter() {
     let app = TestApp::new();
-    app.register_integration(salesforce_integration("int-acme-sf"))
+    app.register_integration(integration_of("int-acme-sf", "zoom"))
         .await;
     let handler = app.host_handler().await;
     let job = json!({

@@ -108,14 +108,19 @@ impl TestApp {
     }
 }
 
-/// An integration of tenant `t1` that syncs every 15 minutes.
+/// A Salesforce integration of tenant `t1` that syncs every 15 minutes.
 pub fn salesforce_integration(id: &str) -> Value {
+    integration_of(id, "salesforce")
+}
+
+/// An integration of tenant `t1` with `provider`, syncing every 15 minutes.
+pub fn integration_of(id: &str, provider: &str) -> Value {
     json!({
         "id": id,
         "tenantId": "t1",
         "name": "Acme Salesforce",
         "structuredData": {
-            "providerName": "salesforce",
+            "providerName": provider,
             "syncFrequency": {"type": "interval", "intervalMinutes": 15},
             "entityMappings": [{"externalEntity": "Account", "shardTypeId": "c_company", "createNew": true}]
         }

@@ -19,7 +19,7 @@ use handler::queue::{MessageQueue, OutgoingMessage, SYNC_DEADLETTER, SYNC_INBOUN
 use handler::settings::Settings;
 use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
 
-use crate::helpers::{TestApp, http_request, salesforce_integration, wait_until};
+use crate::helpers::{TestApp, http_request, integration_of, salesforce_integration, wait_until};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -34,7 +34,7 @@ async fn history(app: &TestApp) -> Vec<Value> {
 #[tokio::test]
 async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_replayed() {
     let app = TestApp::new();
-    app.register_integration(salesforce_integration("int-acme-sf"))
+    app.register_integration(integration_of("int-acme-sf", "zoom"))
         .await;
     let _runtime = app.start_local().await;
 

@@ -28,8 +28,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
 
 use crate::{
-    Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, RateLimiter, Record,
-    WebhookDelivery, WebhookError, WebhookRequest,
+    Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, RateLimiter,
+    Record, WebhookDelivery, WebhookError, WebhookRequest,
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
@@ -69,16 +69,24 @@ impl Salesforce {
     }
 
     fn api_version(conn: &Connection) -> String {
-        conn.setting("apiVersion").unwrap_or(DEFAULT_API_VERSION).to_string()
+        conn.setting("apiVersion")
+            .unwrap_or(DEFAULT_API_VERSION)
+            .to_string()
     }
 
     /// Exchanges the refresh token for a new access token.
     async fn refresh(&self, conn: &mut Connection) -> Result<(), ProviderError> {
         let refresh_token = conn.credentials.get("refresh_token").ok_or_else(|| {
-            ProviderError::new(ErrorCode::InvalidCredentials, "the credentials have no refresh_token")
+            ProviderError::new(
+                ErrorCode::InvalidCredentials,
+                "the credentials have no refresh_token",
+            )
         })?;
         let client_id = conn.credentials.get("client_id").ok_or_else(|| {
-            ProviderError::new(ErrorCode::InvalidCredentials, "the credentials have no client_id")
+            ProviderError::new(
+                ErrorCode::InvalidCredentials,
+                "the credentials have no client_id",
+            )
         })?;
         let mut form = vec![
             ("grant_type", "refresh_token".to_string()),
@@ -110,11 +118,16 @@ impl Salesforce {
             };
             return Err(ProviderError::new(
                 code,
-                format!("token refresh refused ({status}): {error} {description}").trim_end().to_string(),
+                format!("token refresh refused ({status}): {error} {description}")
+                    .trim_end()
+                    .to_string(),
             ));
         }
         let access_token = body["access_token"].as_str().ok_or_else(|| {
-            ProviderError::new(ErrorCode::AuthenticationFailed, "the token response has no access_token")
+            ProviderError::new(
+                ErrorCode::AuthenticationFailed,
+                "the token response has no access_token",
+            )
         })?;
         conn.credentials.set("access_token", access_token);
         if let Some(instance) = body["instance_url"].as_str() {
@@ -139,12 +152,18 @@ impl Salesforce {
         query: &[(&str, String)],
         batch_size: Option<usize>,
     ) -> Result<(Value, Option<(u64, u64)>), ProviderError> {
-        if conn.credentials.get("access_token").is_none() || conn.credentials.get("instance_url").is_none() {
+        if conn.credentials.get("access_token").is_none()
+            || conn.credentials.get("instance_url").is_none()
+        {
             self.refresh(conn).await?;
         }
         let mut refreshed = false;
         loop {
-            let instance = conn.credentials.get("instance_url").unwrap_or_default().trim_end_matches('/');
+            let instance = conn
+                .credentials
+                .get("instance_url")
+                .unwrap_or_default()
+                .trim_end_matches('/');
             let token = conn.credentials.get("access_token").unwrap_or_default();
             let mut request = self
                 .http
@@ -185,13 +204,22 @@ impl Salesforce {
                     return Err(ProviderError::quota(format!("{error_code}: {message}")));
                 }
                 StatusCode::FORBIDDEN => {
-                    return Err(ProviderError::new(ErrorCode::AuthenticationFailed, format!("{error_code}: {message}")));
+                    return Err(ProviderError::new(
+                        ErrorCode::AuthenticationFailed,
+                        format!("{error_code}: {message}"),
+                    ));
                 }
                 StatusCode::NOT_FOUND => {
-                    return Err(ProviderError::new(ErrorCode::NotFound, format!("{error_code}: {message}")));
+                    return Err(ProviderError::new(
+                        ErrorCode::NotFound,
+                        format!("{error_code}: {message}"),
+                    ));
                 }
                 StatusCode::TOO_MANY_REQUESTS => {
-                    return Err(ProviderError::new(ErrorCode::RateLimit, format!("{error_code}: {message}")));
+                    return Err(ProviderError::new(
+                        ErrorCode::RateLimit,
+                        format!("{error_code}: {message}"),
+                    ));
                 }
                 s if s.is_server_error() => {
                     return Err(ProviderError::new(
@@ -213,7 +241,9 @@ impl Salesforce {
     /// the daily allocation is used up.
     fn usage_stop(conn: &Connection, usage: Option<(u64, u64)>) -> Option<ProviderError> {
         let (used, allowed) = usage?;
-        let share = conn.setting_f64("maxApiUsage").unwrap_or(DEFAULT_MAX_API_USAGE);
+        let share = conn
+            .setting_f64("maxApiUsage")
+            .unwrap_or(DEFAULT_MAX_API_USAGE);
         (allowed > 0 && used as f64 >= share * allowed as f64).then(|| {
             ProviderError::quota(format!(
                 "API usage {used}/{allowed} reached the {:.0}% this integration may use",
@@ -233,7 +263,10 @@ pub fn soql(request: &FetchRequest) -> String {
     }
     let mut conditions = Vec::new();
     if let Some(since) = request.since {
-        conditions.push(format!("SystemModstamp >= {}", since.to_rfc3339_opts(SecondsFormat::Secs, true)));
+        conditions.push(format!(
+            "SystemModstamp >= {}",
+            since.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ));
     }
     for filter in &request.filters {
         conditions.push(format!("({filter})"));
@@ -260,8 +293,14 @@ fn parse_api_usage(header: &str) -> Option<(u64, u64)> {
 fn first_error(body: &Value) -> (String, String) {
     let first = body.as_array().and_then(|a| a.first()).unwrap_or(body);
     (
-        first["errorCode"].as_str().unwrap_or("UNKNOWN_ERROR").to_string(),
-        first["message"].as_str().unwrap_or("no message").to_string(),
+        first["errorCode"]
+            .as_str()
+            .unwrap_or("UNKNOWN_ERROR")
+            .to_string(),
+        first["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string(),
     )
 }
 
@@ -289,8 +328,14 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
 pub fn record_from(mut fields: Map<String, Value>) -> Option<Record> {
     fields.remove("attributes");
     let id = fields.get("Id")?.as_str()?.to_string();
-    let modified_at = fields.get("SystemModstamp").and_then(Value::as_str).and_then(parse_timestamp);
-    let deleted = fields.get("IsDeleted").and_then(Value::as_bool).unwrap_or(false);
+    let modified_at = fields
+        .get("SystemModstamp")
+        .and_then(Value::as_str)
+        .and_then(parse_timestamp);
+    let deleted = fields
+        .get("IsDeleted")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     Some(Record {
         id,
         modified_at,
@@ -305,7 +350,11 @@ impl Provider for Salesforce {
         "salesforce"
     }
 
-    async fn fetch_page(&self, conn: &mut Connection, request: &FetchRequest) -> Result<Page, ProviderError> {
+    async fn fetch_page(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
         let version = Self::api_version(conn);
         let (query, path, params) = match &request.page_token {
             Some(next) => (None, next.clone(), Vec::new()),
@@ -322,23 +371,40 @@ impl Provider for Salesforce {
         let (body, usage) = self.get(conn, &path, &params, Some(batch)).await?;
         let records = body["records"]
             .as_array()
-            .ok_or_else(|| ProviderError::new(ErrorCode::ServiceUnavailable, "the query answer has no records"))?
+            .ok_or_else(|| {
+                ProviderError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "the query answer has no records",
+                )
+            })?
             .iter()
             .filter_map(|r| r.as_object().cloned().and_then(record_from))
             .collect();
         let done = body["done"].as_bool().unwrap_or(true);
         Ok(Page {
             records,
-            next_page: if done { None } else { body["nextRecordsUrl"].as_str().map(str::to_string) },
+            next_page: if done {
+                None
+            } else {
+                body["nextRecordsUrl"].as_str().map(str::to_string)
+            },
             query,
             stop_after: Self::usage_stop(conn, usage),
         })
     }
 
-    async fn fetch_deleted(&self, conn: &mut Connection, entity: &str, since: DateTime<Utc>) -> Result<Deleted, ProviderError> {
+    async fn fetch_deleted(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Deleted, ProviderError> {
         let now = Utc::now();
         if now - since > chrono::Duration::days(DELETED_WINDOW_DAYS) {
-            return Ok(Deleted { ids: Vec::new(), full_resync_required: true });
+            return Ok(Deleted {
+                ids: Vec::new(),
+                full_resync_required: true,
+            });
         }
         let version = Self::api_version(conn);
         let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
@@ -350,15 +416,28 @@ impl Provider for Salesforce {
                 None,
             )
             .await?;
-        let earliest = body["earliestDateAvailable"].as_str().and_then(parse_timestamp);
+        let earliest = body["earliestDateAvailable"]
+            .as_str()
+            .and_then(parse_timestamp);
         if earliest.is_some_and(|earliest| earliest > since) {
-            return Ok(Deleted { ids: Vec::new(), full_resync_required: true });
+            return Ok(Deleted {
+                ids: Vec::new(),
+                full_resync_required: true,
+            });
         }
         let ids = body["deletedRecords"]
             .as_array()
-            .map(|records| records.iter().filter_map(|r| r["id"].as_str().map(str::to_string)).collect())
+            .map(|records| {
+                records
+                    .iter()
+                    .filter_map(|r| r["id"].as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok(Deleted { ids, full_resync_required: false })
+        Ok(Deleted {
+            ids,
+            full_resync_required: false,
+        })
     }
 
     fn parse_webhook(&self, request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookError> {
@@ -375,7 +454,11 @@ mod tests {
         let request = FetchRequest {
             entity: "Account".into(),
             fields: vec!["Name".into(), "Id".into()],
-            since: Some(DateTime::parse_from_rfc3339("2026-01-01T10:00:00Z").unwrap().with_timezone(&Utc)),
+            since: Some(
+                DateTime::parse_from_rfc3339("2026-01-01T10:00:00Z")
+                    .unwrap()
+                    .with_timezone(&Utc),
+            ),
             page_token: None,
             filters: vec!["Type = 'Customer'".into()],
             page_size: 2000,
@@ -389,11 +472,19 @@ mod tests {
 
     #[test]
     fn api_usage_and_timestamps_are_read() {
-        assert_eq!(parse_api_usage("api-usage=10018/100000"), Some((10018, 100000)));
-        assert_eq!(parse_api_usage("per-app-api-usage=1/2, api-usage=5/10"), Some((5, 10)));
+        assert_eq!(
+            parse_api_usage("api-usage=10018/100000"),
+            Some((10018, 100000))
+        );
+        assert_eq!(
+            parse_api_usage("per-app-api-usage=1/2, api-usage=5/10"),
+            Some((5, 10))
+        );
         assert_eq!(parse_api_usage("nonsense"), None);
         assert_eq!(
-            parse_timestamp("2024-05-02T10:00:00.000+0000").unwrap().to_rfc3339(),
+            parse_timestamp("2024-05-02T10:00:00.000+0000")
+                .unwrap()
+                .to_rfc3339(),
             "2024-05-02T10:00:00+00:00"
         );
     }

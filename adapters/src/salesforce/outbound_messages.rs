@@ -79,9 +79,10 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
             Event::Start(ref start) | Event::Empty(ref start) => {
                 let empty = matches!(event, Event::Empty(_));
                 let name = start.local_name().as_ref().to_string();
-                let nil = start.attributes().flatten().any(|a| {
-                    a.key.local_name().as_ref() == "nil" && a.value.as_ref() == "true"
-                });
+                let nil = start
+                    .attributes()
+                    .flatten()
+                    .any(|a| a.key.local_name().as_ref() == "nil" && a.value.as_ref() == "true");
                 if name == "sObject" {
                     let kind = start
                         .attributes()
@@ -95,24 +96,46 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
                 text.clear();
                 path.push(name);
                 if empty {
-                    close(&mut path, &mut text, field_is_nil, &mut organization_id, &mut notification_id, &mut fields, &entity, &mut notifications)?;
+                    close(
+                        &mut path,
+                        &mut text,
+                        field_is_nil,
+                        &mut organization_id,
+                        &mut notification_id,
+                        &mut fields,
+                        &entity,
+                        &mut notifications,
+                    )?;
                 }
             }
             Event::Text(t) => text.push_str(&t.xml10_content()),
             Event::CData(c) => text.push_str(&c.xml10_content()),
             Event::GeneralRef(r) => {
                 let name = r.xml10_content();
-                text.push_str(&entity_text(&name).ok_or_else(|| malformed(format!("unknown entity &{name};")))?);
+                text.push_str(
+                    &entity_text(&name)
+                        .ok_or_else(|| malformed(format!("unknown entity &{name};")))?,
+                );
             }
             Event::End(_) => {
-                close(&mut path, &mut text, field_is_nil, &mut organization_id, &mut notification_id, &mut fields, &entity, &mut notifications)?;
+                close(
+                    &mut path,
+                    &mut text,
+                    field_is_nil,
+                    &mut organization_id,
+                    &mut notification_id,
+                    &mut fields,
+                    &entity,
+                    &mut notifications,
+                )?;
                 field_is_nil = false;
             }
             Event::Eof => break,
             _ => {}
         }
     }
-    let account_id = organization_id.ok_or_else(|| malformed("the notification has no OrganizationId"))?;
+    let account_id =
+        organization_id.ok_or_else(|| malformed("the notification has no OrganizationId"))?;
     if notifications.is_empty() {
         return Err(malformed("the delivery has no Notification"));
     }
@@ -142,13 +165,22 @@ fn close(
         ("notifications", "OrganizationId") => *organization_id = Some(value),
         ("Notification", "Id") => *notification_id = Some(value),
         ("sObject", field) => {
-            fields.insert(field.to_string(), if nil { Value::Null } else { Value::String(value) });
+            fields.insert(
+                field.to_string(),
+                if nil {
+                    Value::Null
+                } else {
+                    Value::String(value)
+                },
+            );
         }
         (_, "Notification") => {
             let id = notification_id
                 .take()
                 .ok_or_else(|| malformed("a Notification has no Id"))?;
-            let entity = entity.clone().ok_or_else(|| malformed(format!("notification {id} has no sObject type")))?;
+            let entity = entity
+                .clone()
+                .ok_or_else(|| malformed(format!("notification {id} has no sObject type")))?;
             let record = record_from(std::mem::take(fields))
                 .ok_or_else(|| malformed(format!("notification {id}'s sObject has no Id")))?;
             notifications.push(WebhookNotification { id, entity, record });
@@ -192,13 +224,20 @@ mod tests {
 </soapenv:Envelope>"#;
 
     fn headers() -> Vec<(String, Vec<String>)> {
-        vec![("Content-Type".into(), vec!["text/xml; charset=utf-8".into()])]
+        vec![(
+            "Content-Type".into(),
+            vec!["text/xml; charset=utf-8".into()],
+        )]
     }
 
     #[test]
     fn a_delivery_is_read_with_its_organization_and_records() {
         let headers = headers();
-        let delivery = parse(&WebhookRequest { headers: &headers, body: Some(DELIVERY) }).unwrap();
+        let delivery = parse(&WebhookRequest {
+            headers: &headers,
+            body: Some(DELIVERY),
+        })
+        .unwrap();
         assert_eq!(delivery.account_id, "00D000000000062EAA");
         assert_eq!(delivery.notifications.len(), 2);
         let first = &delivery.notifications[0];
@@ -208,7 +247,10 @@ mod tests {
         assert_eq!(first.record.fields["Name"], "Smith & Sons");
         assert_eq!(first.record.fields["Industry"], Value::Null);
         assert!(first.record.modified_at.is_some());
-        assert_eq!(delivery.notifications[1].record.fields["Name"], "Globex <EU>");
+        assert_eq!(
+            delivery.notifications[1].record.fields["Name"],
+            "Globex <EU>"
+        );
         assert!(delivery.ack.1.contains("<Ack>true</Ack>"));
     }
 
@@ -221,15 +263,30 @@ mod tests {
                 r#"<notifications><Notification><Id>1</Id><sObject type="sf:Account"><Id>001</Id></sObject></Notification></notifications>"#,
                 "no OrganizationId",
             ),
-            ("<notifications><OrganizationId>00D</OrganizationId></notifications>", "no Notification"),
+            (
+                "<notifications><OrganizationId>00D</OrganizationId></notifications>",
+                "no Notification",
+            ),
         ] {
-            let err = parse(&WebhookRequest { headers: &headers, body: Some(body) }).unwrap_err();
+            let err = parse(&WebhookRequest {
+                headers: &headers,
+                body: Some(body),
+            })
+            .unwrap_err();
             assert!(err.to_string().contains(reason), "{body}: {err}");
         }
         let json = vec![("Content-Type".into(), vec!["application/json".into()])];
-        let err = parse(&WebhookRequest { headers: &json, body: Some("{}") }).unwrap_err();
+        let err = parse(&WebhookRequest {
+            headers: &json,
+            body: Some("{}"),
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("SOAP XML"), "{err}");
-        let err = parse(&WebhookRequest { headers: &headers, body: None }).unwrap_err();
+        let err = parse(&WebhookRequest {
+            headers: &headers,
+            body: None,
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("no body"), "{err}");
     }
 }

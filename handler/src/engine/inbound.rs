@@ -3,19 +3,23 @@
 //! A job is idempotent by its job id: its history record's id is derived from it, a job whose
 //! record says it finished is not run again, and every message it sends has a MessageId
 //! derived from it, so a redelivery (after a crash or a failed settlement) repeats nothing.
-//! Only an operator's replay of a dead-lettered job runs a finished job again.
+//! Only an operator's replay of a dead-lettered job runs a finished job again. A job that died
+//! mid-run resumes from the checkpoints the pipeline left.
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
-use adapters::{ErrorCode, ProviderError};
+use adapters::{Connection, Credentials, ErrorCode, ProviderError, Record};
 
+use super::pipeline::{self, Outcome, Stop};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure};
+use super::state::update_integration;
 use super::{Transient, publish};
 use crate::app::App;
 use crate::model::event::types as events;
 use crate::model::history::{SyncTrigger, history_shard_id};
-use crate::model::messages::parse_body;
+use crate::model::integration::IntegrationStatus;
+use crate::model::messages::{JobType, parse_body};
 use crate::model::shard::types as shard_types;
 use crate::model::{
     Event, Integration, IntegrationSync, SyncError, SyncJobMessage, SyncStats, SyncStatus,
@@ -23,6 +27,7 @@ use crate::model::{
 use crate::protocol::ServiceBusMessage;
 use crate::queue::properties::REPLAYED_FROM;
 use crate::queue::{OutgoingMessage, dead_letter};
+use crate::secrets::{Secret, credential_secret_name};
 
 /// Processes the job in `message`, delivered from `queue`. `Ok` means the message is settled
 /// (done, re-enqueued for a retry, or dead-lettered); `Err` means fail the invocation.
@@ -65,7 +70,7 @@ pub async fn process(
         return Ok(());
     }
 
-    let mut record = IntegrationSync {
+    let record = IntegrationSync {
         integration_id: job.integration_id.clone(),
         integration_name: shard.name.clone(),
         provider_name: job.provider.clone(),
@@ -109,37 +114,252 @@ pub async fn process(
         ))
     } else {
         match shard.data::<Integration>() {
-            Ok(integration) => run(app, &integration),
+            Ok(integration) => run(app, &job, &integration, now).await,
             Err(e) => Err(ProviderError::new(
                 ErrorCode::ValidationError,
                 format!("the integration's structuredData is invalid: {e}"),
             )),
         }
     };
+    let completed = Utc::now().max(now);
     match result {
-        Ok(stats) => {
-            record.stats = stats;
-            finish(
-                &mut record,
-                SyncStatus::Success,
-                "Sync completed successfully".into(),
-                now,
-            );
-            save(app, &job, &record_id, &record, now).await?;
-            Ok(())
+        Ok(outcome) => succeed(app, queue, &job, &record_id, record, outcome, completed).await,
+        Err(failure) if failure.resume_next_run => {
+            let outcome = Outcome {
+                stopped: Some(Stop::Quota(failure)),
+                ..Outcome::default()
+            };
+            succeed(app, queue, &job, &record_id, record, outcome, completed).await
         }
-        Err(failure) => fail(app, queue, message, &job, &record_id, record, failure, now).await,
+        Err(failure) => {
+            fail(
+                app, queue, message, &job, &record_id, record, failure, completed,
+            )
+            .await
+        }
     }
 }
 
-/// Runs the job against the integration's provider.
-fn run(app: &App, integration: &Integration) -> Result<SyncStats, ProviderError> {
-    let provider = &integration.provider_name;
-    let reason = match app.providers.get(provider) {
-        None => format!("this build has no adapter for provider `{provider}`"),
-        Some(_) => format!("provider `{provider}` has no inbound sync in this build"),
+/// Runs the job against the integration's provider, keeping any credentials it refreshed.
+async fn run(
+    app: &App,
+    job: &SyncJobMessage,
+    integration: &Integration,
+    now: DateTime<Utc>,
+) -> Result<Outcome, ProviderError> {
+    let name = &integration.provider_name;
+    let provider = app.providers.get(name).ok_or_else(|| {
+        ProviderError::new(
+            ErrorCode::ProviderNotSupported,
+            format!("this build has no adapter for provider `{name}`"),
+        )
+    })?;
+    if integration.entity_mappings.is_empty() {
+        return Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            "the integration maps no entity",
+        ));
+    }
+    let secret_name = credential_secret_name(&job.tenant_id, &job.integration_id);
+    let credentials = match app.secrets.get(&secret_name).await {
+        Ok(Some(secret)) => match serde_json::from_str::<Map<String, Value>>(secret.expose()) {
+            Ok(map) => Credentials::new(map),
+            Err(_) => {
+                return Err(ProviderError::new(
+                    ErrorCode::InvalidCredentials,
+                    format!("secret `{secret_name}` is not a JSON object"),
+                ));
+            }
+        },
+        Ok(None) => Credentials::default(),
+        Err(e) => {
+            return Err(ProviderError::new(
+                ErrorCode::ServiceUnavailable,
+                e.to_string(),
+            ));
+        }
     };
-    Err(ProviderError::new(ErrorCode::ProviderNotSupported, reason))
+    let mut conn = Connection::new(
+        &job.integration_id,
+        integration.connection.clone(),
+        credentials,
+    );
+    let entities = job.entities.clone().unwrap_or_default();
+    let pipeline_job = pipeline::Job {
+        tenant_id: &job.tenant_id,
+        integration_id: &job.integration_id,
+        job_id: &job.job_id,
+        full: job.job_type == JobType::FullSync,
+        entities: &entities,
+        max_records: app.settings.max_records_per_sync,
+        retry_base: app.settings.record_retry_base,
+    };
+    let result = match job.job_type {
+        JobType::Webhook => {
+            let (entity, records) = webhook_records(job)?;
+            pipeline::run_records(app, &pipeline_job, integration, &entity, records, now).await
+        }
+        _ => pipeline::run(app, provider, &mut conn, &pipeline_job, integration, now).await,
+    };
+    if conn.credentials_changed {
+        let value = Value::Object(conn.credentials.into_inner()).to_string();
+        if let Err(e) = app.secrets.set(&secret_name, Secret::new(value)).await {
+            // A rotated refresh token that is not stored is lost: say so loudly.
+            tracing::error!(%secret_name, error = %e, "refreshed credentials could not be stored");
+            return Err(ProviderError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("refreshed credentials could not be stored: {e}"),
+            ));
+        }
+    }
+    result
+}
+
+/// The entity and records a webhook job carries.
+fn webhook_records(job: &SyncJobMessage) -> Result<(String, Vec<Record>), ProviderError> {
+    let invalid =
+        |why: &str| ProviderError::new(ErrorCode::InvalidMessage, format!("webhook job: {why}"));
+    let payload = job
+        .webhook_payload
+        .as_ref()
+        .ok_or_else(|| invalid("no webhookPayload"))?;
+    let entity = payload["entity"]
+        .as_str()
+        .ok_or_else(|| invalid("no entity"))?
+        .to_string();
+    let records = payload["records"]
+        .as_array()
+        .ok_or_else(|| invalid("no records"))?
+        .iter()
+        .map(|r| {
+            Ok(Record {
+                id: r["id"]
+                    .as_str()
+                    .ok_or_else(|| invalid("a record has no id"))?
+                    .to_string(),
+                modified_at: r["modifiedAt"].as_str().and_then(|t| t.parse().ok()),
+                deleted: r["deleted"].as_bool().unwrap_or(false),
+                fields: r["fields"].as_object().cloned().unwrap_or_default(),
+            })
+        })
+        .collect::<Result<_, ProviderError>>()?;
+    Ok((entity, records))
+}
+
+/// The id of the job that continues `job_id` after a record limit: `<id>+1`, `<id>+2`, ...
+pub fn continuation_id(job_id: &str) -> String {
+    match job_id.rsplit_once('+') {
+        Some((root, n)) if n.parse::<u32>().is_ok() => {
+            format!("{root}+{}", n.parse::<u32>().unwrap_or(0) + 1)
+        }
+        _ => format!("{job_id}+1"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn succeed(
+    app: &App,
+    queue: &str,
+    job: &SyncJobMessage,
+    record_id: &str,
+    mut record: IntegrationSync,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let stats = outcome.stats.clone();
+    let (status, message) = match &outcome.stopped {
+        Some(Stop::Quota(e)) => (
+            SyncStatus::Partial,
+            format!("stopped early, resuming on the next run: {}", e.message),
+        ),
+        _ if stats.records_fetched > 0 && stats.shards_failed == stats.records_fetched => (
+            SyncStatus::Failed,
+            format!("all {} records failed", stats.shards_failed),
+        ),
+        _ if stats.shards_failed > 0 => (
+            SyncStatus::Partial,
+            format!("Sync completed with {} failures", stats.shards_failed),
+        ),
+        Some(Stop::RecordLimit) => (
+            SyncStatus::Success,
+            format!(
+                "stopped at the limit of {} records per sync; continuing in job {}",
+                app.settings.max_records_per_sync,
+                continuation_id(&job.job_id)
+            ),
+        ),
+        None => (
+            SyncStatus::Success,
+            "Sync completed successfully".to_string(),
+        ),
+    };
+    if let Some(Stop::Quota(e)) = &outcome.stopped {
+        record.errors.get_or_insert_with(Vec::new).push(SyncError {
+            code: e.code.as_str().into(),
+            message: e.message.clone(),
+            entity: None,
+            record_id: None,
+            shard_id: None,
+            field: None,
+            timestamp: now,
+            retryable: true,
+        });
+    }
+    record.stats = stats;
+    record.entity_stats = (!outcome.entity_stats.is_empty()).then_some(outcome.entity_stats);
+    if !outcome.errors.is_empty() {
+        record
+            .errors
+            .get_or_insert_with(Vec::new)
+            .extend(outcome.errors);
+    }
+    record.sync_details = Some(outcome.details);
+    finish(&mut record, status, message, now);
+    save(app, job, record_id, &record, now).await?;
+
+    if outcome.stopped == Some(Stop::RecordLimit) {
+        let next = SyncJobMessage {
+            job_id: continuation_id(&job.job_id),
+            scheduled_at: now,
+            attempt: 1,
+            ..job.clone()
+        };
+        app.queue
+            .send(OutgoingMessage::json(queue, next.job_id.clone(), &next))
+            .await?;
+    }
+    let scheduled = job.job_type != JobType::Webhook;
+    let started = record.started_at;
+    update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+        if scheduled && outcome.stopped.is_none() {
+            i.last_sync_at = Some(started);
+        }
+        i.rest.remove("syncInProgressSince");
+        true
+    })
+    .await?;
+    tracing::info!(job_id = %job.job_id, status = ?record.status, fetched = record.stats.records_fetched,
+        created = record.stats.shards_created, updated = record.stats.shards_updated,
+        skipped = record.stats.shards_skipped, failed = record.stats.shards_failed, "sync job finished");
+    let kind = if record.status == SyncStatus::Failed {
+        events::SYNC_FAILED
+    } else {
+        events::SYNC_COMPLETED
+    };
+    publish(
+        app,
+        &[Event::new(
+            kind,
+            subject(job),
+            now,
+            json!({
+                "integrationId": job.integration_id, "tenantId": job.tenant_id, "jobId": job.job_id,
+                "status": record.status, "stats": record.stats, "durationMs": record.duration_ms,
+            }),
+        )],
+    )
+    .await;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -195,6 +415,27 @@ async fn fail(
             finish(&mut record, SyncStatus::Failed, summary.clone(), now);
             save(app, job, record_id, &record, now).await?;
             send_dead_letter(app, queue, message, failure.code.as_str(), &summary).await?;
+            let needs_reauth = matches!(
+                failure.code,
+                ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
+            );
+            let exists = app
+                .store
+                .get(&job.tenant_id, &job.integration_id)
+                .await?
+                .is_some();
+            if exists {
+                update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+                    if needs_reauth {
+                        // Syncing again cannot help until someone sets new credentials.
+                        i.status = IntegrationStatus::Error;
+                        i.rest.insert("statusMessage".into(), json!(summary));
+                    }
+                    i.rest.remove("syncInProgressSince");
+                    true
+                })
+                .await?;
+            }
             tracing::error!(job_id = %job.job_id, error = %failure, exhausted, "sync job failed");
             publish(
                 app,
@@ -253,4 +494,16 @@ fn subject(job: &SyncJobMessage) -> String {
         "/tenants/{}/integrations/{}",
         job.tenant_id, job.integration_id
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continuation_id;
+
+    #[test]
+    fn continuations_number_themselves() {
+        assert_eq!(continuation_id("job_1"), "job_1+1");
+        assert_eq!(continuation_id("job_1+1"), "job_1+2");
+        assert_eq!(continuation_id("job_a+b"), "job_a+b+1");
+    }
 }

@@ -4,14 +4,21 @@
 //!
 //! * [`scheduler`]: which integrations are due, and the job each gets.
 //! * [`inbound`]: running one sync job from a queue message to its history record.
+//! * [`pipeline`]: pages of provider records in, shards out, with checkpoints.
+//! * [`mapping`] and [`dedup`]: how a record becomes shard data, and when two are one.
 //! * [`retry`]: what happens to a job whose run failed.
+//! * [`state`]: etag-guarded updates of an integration's state.
 //!
 //! Decisions are plain functions over data, tested without a runtime; the `async` functions
 //! around them only read, write and send.
 
+pub mod dedup;
 pub mod inbound;
+pub mod mapping;
+pub mod pipeline;
 pub mod retry;
 pub mod scheduler;
+pub mod state;
 
 /// A failure that a later delivery of the same message can fix (a backend was unreachable or
 /// busy). The invocation fails, so the host abandons the message and the broker redelivers it.

@@ -4,20 +4,26 @@
 //! Each job's MessageId is derived from the integration and the due time it was scheduled for,
 //! so the queue's duplicate detection drops the second send; and `nextSyncAt` is advanced under
 //! the etag it was read at, so only one instance claims the due time.
+//!
+//! Limits: an integration is never due sooner than the minimum interval after a claim, and a
+//! tenant never has more syncs under way than its concurrency limit. Work over a limit is left
+//! due for a later tick, never dropped.
 
-use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+
+use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 
+use super::state::update_integration;
 use super::{Transient, publish};
 use crate::app::App;
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
-use crate::model::integration::IntegrationStatus;
 use crate::model::messages::JobType;
 use crate::model::shard::types as shard_types;
 use crate::model::{Event, Integration, Shard, SyncJobMessage, timestamp};
 use crate::queue::{OutgoingMessage, SYNC_INBOUND_SCHEDULED};
-use crate::store::{Op, ShardQuery, StoreError};
+use crate::store::{Op, ShardQuery};
 
 /// Integrations claimed per tick; the rest stay due and are claimed by the next tick.
 const MAX_PER_TICK: usize = 500;
@@ -27,6 +33,8 @@ const MAX_PER_TICK: usize = 500;
 pub struct TickSummary {
     pub due: usize,
     pub enqueued: usize,
+    /// Due, but left for a later tick by the tenant's concurrency limit.
+    pub deferred: usize,
 }
 
 /// The job for an integration that became due at `due_at`, with its deterministic id.
@@ -88,28 +96,73 @@ pub fn due_query(now: DateTime<Utc>) -> ShardQuery {
         .limit(MAX_PER_TICK)
 }
 
+/// When an integration claimed at `now` is next due: its frequency's next time, but never
+/// sooner than the minimum interval.
+pub fn next_due(
+    frequency: &crate::model::SyncFrequency,
+    now: DateTime<Utc>,
+    min_interval: Duration,
+) -> Option<DateTime<Utc>> {
+    frequency
+        .next_after(now)
+        .map(|next| next.max(now + min_interval))
+}
+
+/// How long a claimed sync counts against its tenant's concurrency if nobody clears it (the job
+/// died and its retries ran out): longer than any job may run.
+const IN_PROGRESS_EXPIRY_MINUTES: i64 = 60;
+
+async fn syncs_in_progress(
+    app: &App,
+    tenant_id: &str,
+    now: DateTime<Utc>,
+) -> Result<usize, Transient> {
+    let since = now - Duration::minutes(IN_PROGRESS_EXPIRY_MINUTES);
+    let query = ShardQuery::of_type(shard_types::INTEGRATION)
+        .in_tenant(tenant_id)
+        .filter(IN_PROGRESS, Op::Ge, timestamp::query_value(&since));
+    Ok(app.store.query(&query).await?.len())
+}
+
+/// Where a claimed integration records that its sync is under way; the job clears it.
+const IN_PROGRESS: &str = "structuredData.syncInProgressSince";
+
 /// One SyncScheduler tick at `now`.
 pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transient> {
     let due = app.store.query(&due_query(now)).await?;
     let mut summary = TickSummary {
         due: due.len(),
-        enqueued: 0,
+        ..TickSummary::default()
     };
+    let min_interval = Duration::from_std(app.settings.min_sync_interval).unwrap_or_default();
+    let max_per_tenant = app.settings.max_concurrent_syncs_per_tenant;
+    let mut in_progress: HashMap<String, usize> = HashMap::new();
     for stored in due {
-        let mut shard = stored.value;
-        let mut integration: Integration = match shard.data() {
+        let shard = stored.value;
+        let integration: Integration = match shard.data() {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(tenant_id = %shard.tenant_id, integration_id = %shard.id, error = %e, "skipping an integration whose configuration is invalid");
                 continue;
             }
         };
-        if integration.status != IntegrationStatus::Active {
-            continue;
-        }
         let Some(due_at) = integration.next_sync_at else {
             continue;
         };
+        let running = match in_progress.get(&shard.tenant_id) {
+            Some(n) => *n,
+            None => {
+                let n = syncs_in_progress(app, &shard.tenant_id, now).await?;
+                in_progress.insert(shard.tenant_id.clone(), n);
+                n
+            }
+        };
+        if running >= max_per_tenant {
+            // Left due: a later tick enqueues it once a sync of the tenant finishes.
+            summary.deferred += 1;
+            tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, running, "sync deferred: the tenant is at its concurrency limit");
+            continue;
+        }
         let job = scheduled_job(&shard, &integration, due_at);
         app.queue
             .send(OutgoingMessage::json(
@@ -119,18 +172,22 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             ))
             .await?;
 
-        integration.next_sync_at = integration.sync_frequency.next_after(now);
-        shard.structured_data =
-            serde_json::to_value(&integration).expect("an integration serializes");
-        shard.updated_at = Some(now);
-        match app.store.replace(&shard, &stored.etag).await {
-            Ok(_) => {
-                summary.enqueued += 1;
-                tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued");
+        let mut claimed = false;
+        update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+            // Another tick that claimed this due time first has moved it on.
+            claimed = i.next_sync_at == Some(due_at);
+            if claimed {
+                i.next_sync_at = next_due(&i.sync_frequency, now, min_interval);
+                i.rest
+                    .insert("syncInProgressSince".into(), timestamp::query_value(&now));
             }
-            // Another tick claimed it first; its send and ours carried the same MessageId.
-            Err(StoreError::PreconditionFailed) => {}
-            Err(e) => return Err(e.into()),
+            claimed
+        })
+        .await?;
+        if claimed {
+            summary.enqueued += 1;
+            *in_progress.entry(shard.tenant_id.clone()).or_default() += 1;
+            tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued");
         }
     }
     publish(
@@ -139,7 +196,8 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             events::SYNC_CHECK_DUE,
             "/integrations",
             now,
-            json!({"timestamp": now, "due": summary.due, "enqueued": summary.enqueued}),
+            json!({"timestamp": now, "due": summary.due, "enqueued": summary.enqueued,
+                   "deferred": summary.deferred}),
         )],
     )
     .await;
@@ -173,6 +231,27 @@ mod tests {
         assert_eq!(a.job_type, JobType::FullSync, "never synced: full");
         let later = scheduled_job(&shard, &integration, due + chrono::Duration::minutes(15));
         assert_ne!(a.job_id, later.job_id);
+    }
+
+    #[test]
+    fn the_minimum_interval_holds_back_frequent_schedules() {
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 10, 0, 0).unwrap();
+        let five = Duration::minutes(5);
+        let every_minute = crate::model::SyncFrequency::Interval {
+            interval_minutes: 1,
+        };
+        assert_eq!(next_due(&every_minute, now, five), Some(now + five));
+        let hourly = crate::model::SyncFrequency::Interval {
+            interval_minutes: 60,
+        };
+        assert_eq!(
+            next_due(&hourly, now, five),
+            Some(now + Duration::minutes(60))
+        );
+        assert_eq!(
+            next_due(&crate::model::SyncFrequency::Manual, now, five),
+            None
+        );
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! `c_integration`: one tenant's connection to one external system, and when it syncs.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::engine::mapping::EntityMapping;
 use crate::ncrontab::Ncrontab;
 
-/// The `structuredData` of a `c_integration` shard. Configuration the engine does not read yet
-/// (entity mappings, pull filters, write-back settings) is kept verbatim in `rest`.
+/// The `structuredData` of a `c_integration` shard. Configuration the engine does not read
+/// (write-back settings, conflict resolution) is kept verbatim in `rest`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Integration {
@@ -33,8 +36,38 @@ pub struct Integration {
         skip_serializing_if = "Option::is_none"
     )]
     pub credentials_expire_at: Option<DateTime<Utc>>,
+    /// Provider connection settings (login host, organization id, import folder, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub connection: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entity_mappings: Vec<EntityMapping>,
+    /// Provider-syntax filters applied to every entity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_filters: Vec<String>,
+    /// Per entity: the latest modification time synced. The next incremental sync asks for
+    /// records modified at or after it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cursors: BTreeMap<String, DateTime<Utc>>,
+    /// Per entity: where an unfinished sync stopped, so the next job resumes there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checkpoints: BTreeMap<String, Checkpoint>,
     #[serde(flatten)]
     pub rest: Map<String, Value>,
+}
+
+/// Where a sync of one entity stopped: after the page that returned `page_token`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    pub job_id: String,
+    pub page_token: String,
+    /// The query's lower bound, so the resumed query is the same query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// The latest modification time among the records synced so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_modified: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +103,16 @@ impl SyncFrequency {
                 .map(drop)
                 .map_err(|e| format!("syncFrequency.cronExpression: {e}")),
             _ => Ok(()),
+        }
+    }
+
+    /// The shortest time between two syncs this frequency asks for, if it is a fixed interval.
+    pub fn interval(&self) -> Option<Duration> {
+        match self {
+            Self::Interval { interval_minutes } => {
+                Some(Duration::minutes(i64::from(*interval_minutes)))
+            }
+            _ => None,
         }
     }
 
@@ -144,7 +187,7 @@ mod tests {
         let integration: Integration = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(integration.status, IntegrationStatus::Active);
         let back = serde_json::to_value(&integration).unwrap();
-        assert_eq!(back["entityMappings"], json["entityMappings"]);
+        assert_eq!(back["entityMappings"][0]["externalEntity"], "Account");
         assert_eq!(back["syncFrequency"], json["syncFrequency"]);
     }
 }

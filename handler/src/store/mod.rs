@@ -65,6 +65,9 @@ pub struct Filter {
 pub enum Op {
     Eq,
     Le,
+    Ge,
+    /// `value` is an array; the field equals one of its items.
+    In,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +151,27 @@ pub trait ShardStore: Send + Sync {
     /// Writes the shard only if its current etag is `if_match`.
     async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError>;
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError>;
+
+    /// Point reads of many ids of one tenant, in the order asked.
+    async fn get_many(
+        &self,
+        tenant_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Versioned<Shard>>>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.get(tenant_id, id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Upserts many shards; all are written or the call fails.
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+        for shard in shards {
+            self.upsert(shard).await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -200,6 +200,46 @@ impl ShardStore for SqliteStore {
         .await
     }
 
+    async fn get_many(
+        &self,
+        tenant_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Versioned<Shard>>>, StoreError> {
+        let (tenant_id, ids) = (tenant_id.to_string(), ids.to_vec());
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT doc, etag FROM shards WHERE tenant_id = ?1 AND id = ?2")
+                .map_err(unavailable)?;
+            ids.iter()
+                .map(|id| {
+                    stmt.query_row([&tenant_id, id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get(1)?))
+                    })
+                    .optional()
+                    .map_err(unavailable)?
+                    .map(|(doc, etag)| decode(&doc, etag))
+                    .transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+        let rows = shards
+            .iter()
+            .map(|s| encode(s).map(|row| (s.clone(), row)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            for (shard, row) in &rows {
+                write(&tx, shard, row, &new_etag(), "INSERT OR REPLACE").map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         let query = query.clone();
         self.with_conn(move |conn| {
@@ -225,8 +265,20 @@ impl ShardStore for SqliteStore {
                     (Op::Eq, Value::Null) => {
                         sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IS NULL"));
                     }
+                    (Op::In, Value::Array(items)) => {
+                        let marks = vec!["?"; items.len()].join(", ");
+                        sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IN ({marks})"));
+                        args.extend(items.iter().map(sql_value));
+                    }
+                    (Op::In, _) => {
+                        return Err(StoreError::Corrupt(format!("`{path}` IN needs an array")));
+                    }
                     (op, value) => {
-                        let op = if op == Op::Eq { "=" } else { "<=" };
+                        let op = match op {
+                            Op::Eq => "=",
+                            Op::Le => "<=",
+                            _ => ">=",
+                        };
                         sql.push_str(&format!(" AND json_extract(doc, '$.{path}') {op} ?"));
                         args.push(sql_value(value));
                     }

@@ -1,0 +1,486 @@
+//! Entity mappings: how an external record becomes a shard's `structuredData`.
+//!
+//! A mapping names the external entity, the shard type, whether unknown records create shards,
+//! the field mappings, derived shards and deduplication rules. A field mapping is one of:
+//!
+//! * `rename` (the default): `source` → `target`;
+//! * `split`: `source` → `targets`, splitting on `separator` (default whitespace); the last
+//!   targets take the last parts and the first takes the rest, so `Name` → `first_name` +
+//!   `last_name` turns "Mary Ann Smith" into "Mary Ann" + "Smith";
+//! * `concat`: `sources` → `target`, joined with `separator` (default a space).
+//!
+//! Each may set a `default` for a missing value, a `type` to coerce to (`string`, `number`,
+//! `integer`, `boolean`, `datetime`), a `valueMap` from source to target values, and
+//! `required`. A record that breaks a mapping fails alone with a `VALIDATION_ERROR` naming the
+//! field; the rest of its batch goes on.
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value};
+
+use super::dedup::DedupRules;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityMapping {
+    pub external_entity: String,
+    pub shard_type_id: String,
+    /// Whether a record with no shard yet creates one; if not, it is skipped.
+    #[serde(default = "yes")]
+    pub create_new: bool,
+    /// An empty list copies every field as it is.
+    #[serde(default)]
+    pub field_mappings: Vec<FieldMapping>,
+    /// The target field whose value names the shard; the external id otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_field: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub derived_shards: Vec<DerivedShard>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deduplication: Option<DedupRules>,
+    /// Provider-syntax filters for this entity (`Type = 'Customer'`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FieldMapping {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub transform: Transform,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub separator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub value_type: Option<ValueType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_map: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    #[default]
+    Rename,
+    Split,
+    Concat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueType {
+    String,
+    Number,
+    Integer,
+    Boolean,
+    Datetime,
+}
+
+/// A shard derived from the same record, linked to the primary shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DerivedShard {
+    pub shard_type_id: String,
+    /// Only when this holds for the source record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
+    pub field_mappings: Vec<FieldMapping>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_field: Option<String>,
+}
+
+/// `field` has a value, and, with `in`, one of those values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    pub field: String,
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<Value>>,
+}
+
+impl Condition {
+    pub fn holds(&self, record: &Map<String, Value>) -> bool {
+        match record.get(&self.field) {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) if s.is_empty() => false,
+            Some(value) => self
+                .one_of
+                .as_ref()
+                .is_none_or(|allowed| allowed.contains(value)),
+        }
+    }
+}
+
+/// Why a record could not be transformed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransformError {
+    pub field: String,
+    pub message: String,
+}
+
+impl EntityMapping {
+    /// The source fields the mapping reads, for the provider's query.
+    pub fn source_fields(&self) -> Vec<String> {
+        let mut fields: Vec<String> = Vec::new();
+        let mappings = self.field_mappings.iter().chain(
+            self.derived_shards
+                .iter()
+                .flat_map(|d| d.field_mappings.iter()),
+        );
+        for m in mappings {
+            for f in m.source.iter().chain(m.sources.iter()) {
+                if !fields.contains(f) {
+                    fields.push(f.clone());
+                }
+            }
+        }
+        for d in &self.derived_shards {
+            if let Some(c) = &d.when
+                && !fields.contains(&c.field)
+            {
+                fields.push(c.field.clone());
+            }
+        }
+        fields
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for m in self.field_mappings.iter().chain(
+            self.derived_shards
+                .iter()
+                .flat_map(|d| d.field_mappings.iter()),
+        ) {
+            m.validate()
+                .map_err(|e| format!("{} → {}: {e}", self.external_entity, self.shard_type_id))?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies `mappings` to a record's fields. An empty list copies every field but the
+/// provider's bookkeeping (`attributes`).
+pub fn transform(
+    mappings: &[FieldMapping],
+    record: &Map<String, Value>,
+) -> Result<Map<String, Value>, TransformError> {
+    if mappings.is_empty() {
+        let mut out = record.clone();
+        out.remove("attributes");
+        return Ok(out);
+    }
+    let mut out = Map::new();
+    for m in mappings {
+        m.apply(record, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn is_blank(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::String(s) => s.trim().is_empty(),
+        _ => false,
+    }
+}
+
+impl FieldMapping {
+    fn validate(&self) -> Result<(), String> {
+        match self.transform {
+            Transform::Rename if self.source.is_none() || self.target.is_none() => {
+                Err("a rename needs `source` and `target`".into())
+            }
+            Transform::Split if self.source.is_none() || self.targets.len() < 2 => {
+                Err("a split needs `source` and at least two `targets`".into())
+            }
+            Transform::Concat if self.sources.is_empty() || self.target.is_none() => {
+                Err("a concat needs `sources` and `target`".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn error(&self, field: &str, message: impl Into<String>) -> TransformError {
+        TransformError {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn apply(
+        &self,
+        record: &Map<String, Value>,
+        out: &mut Map<String, Value>,
+    ) -> Result<(), TransformError> {
+        let source_name = self
+            .source
+            .as_deref()
+            .or(self.sources.first().map(String::as_str))
+            .unwrap_or_default();
+        let outputs: Vec<(String, Value)> = match self.transform {
+            Transform::Rename => {
+                let target = self.target.clone().unwrap_or_default();
+                vec![(
+                    target,
+                    record.get(source_name).cloned().unwrap_or(Value::Null),
+                )]
+            }
+            Transform::Concat => {
+                let separator = self.separator.as_deref().unwrap_or(" ");
+                let parts: Vec<String> = self
+                    .sources
+                    .iter()
+                    .filter_map(|s| record.get(s))
+                    .filter(|v| !is_blank(v))
+                    .map(|v| match v {
+                        Value::String(s) => s.trim().to_string(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                let value = if parts.is_empty() {
+                    Value::Null
+                } else {
+                    Value::String(parts.join(separator))
+                };
+                vec![(self.target.clone().unwrap_or_default(), value)]
+            }
+            Transform::Split => {
+                let text = match record.get(source_name) {
+                    Some(Value::String(s)) => s.trim().to_string(),
+                    Some(Value::Null) | None => String::new(),
+                    Some(other) => other.to_string(),
+                };
+                let tokens: Vec<&str> = match self.separator.as_deref() {
+                    Some(sep) => text
+                        .split(sep)
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .collect(),
+                    None => text.split_whitespace().collect(),
+                };
+                let n = self.targets.len();
+                let mut values = vec![Value::Null; n];
+                if tokens.len() >= n {
+                    let head = tokens.len() - (n - 1);
+                    let joiner = self.separator.as_deref().unwrap_or(" ");
+                    values[0] = Value::String(tokens[..head].join(joiner));
+                    for (i, token) in tokens[head..].iter().enumerate() {
+                        values[i + 1] = Value::String(token.to_string());
+                    }
+                } else {
+                    for (i, token) in tokens.iter().enumerate() {
+                        values[i] = Value::String(token.to_string());
+                    }
+                }
+                self.targets.iter().cloned().zip(values).collect()
+            }
+        };
+        for (target, mut value) in outputs {
+            if is_blank(&value) {
+                value = self.default.clone().unwrap_or(Value::Null);
+            }
+            if let (Some(map), false) = (&self.value_map, value.is_null()) {
+                let key = match &value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if let Some(mapped) = map.get(&key) {
+                    value = mapped.clone();
+                }
+            }
+            if let (Some(kind), false) = (self.value_type, value.is_null()) {
+                value = coerce(&value, kind).map_err(|m| self.error(source_name, m))?;
+            }
+            if self.required && is_blank(&value) {
+                return Err(self.error(
+                    source_name,
+                    format!("required field '{target}' is missing (from `{source_name}`)"),
+                ));
+            }
+            out.insert(target, value);
+        }
+        Ok(())
+    }
+}
+
+/// Converts `value` to `kind`, or says why it cannot.
+pub fn coerce(value: &Value, kind: ValueType) -> Result<Value, String> {
+    let text = match value {
+        Value::String(s) => s.trim().to_string(),
+        other => other.to_string(),
+    };
+    let fail = || format!("`{text}` is not a valid {kind:?}").to_lowercase();
+    Ok(match kind {
+        ValueType::String => Value::String(match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }),
+        ValueType::Number => match value {
+            Value::Number(_) => value.clone(),
+            _ => text
+                .parse::<f64>()
+                .ok()
+                .and_then(Number::from_f64)
+                .map(Value::Number)
+                .ok_or_else(fail)?,
+        },
+        ValueType::Integer => match value {
+            Value::Number(n) if n.is_i64() => value.clone(),
+            _ => {
+                let parsed = text.parse::<i64>().ok().or_else(|| {
+                    text.parse::<f64>()
+                        .ok()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                        .map(|f| f as i64)
+                });
+                Value::from(parsed.ok_or_else(fail)?)
+            }
+        },
+        ValueType::Boolean => match value {
+            Value::Bool(_) => value.clone(),
+            _ => match text.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "y" => Value::Bool(true),
+                "false" | "0" | "no" | "n" => Value::Bool(false),
+                _ => return Err(fail()),
+            },
+        },
+        ValueType::Datetime => {
+            let parsed = DateTime::parse_from_rfc3339(&text)
+                .or_else(|_| DateTime::parse_from_str(&text, "%Y-%m-%dT%H:%M:%S%.f%z"))
+                .map(|d| d.with_timezone(&Utc))
+                .ok()
+                .or_else(|| {
+                    NaiveDate::parse_from_str(&text, "%Y-%m-%d")
+                        .ok()
+                        .and_then(|d| d.and_hms_opt(0, 0, 0))
+                        .map(|d| d.and_utc())
+                });
+            Value::String(
+                parsed
+                    .ok_or_else(fail)?
+                    .to_rfc3339_opts(SecondsFormat::Millis, true),
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn mappings(v: Value) -> Vec<FieldMapping> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_name_splits_into_first_and_last() {
+        let m = mappings(
+            json!([{"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"}]),
+        );
+        for (name, first, last) in [
+            ("John Doe", json!("John"), json!("Doe")),
+            ("Mary Ann Smith", json!("Mary Ann"), json!("Smith")),
+            ("  Cher ", json!("Cher"), Value::Null),
+            ("", Value::Null, Value::Null),
+        ] {
+            let out = transform(&m, &record(json!({"Name": name}))).unwrap();
+            assert_eq!(
+                (out["first_name"].clone(), out["last_name"].clone()),
+                (first, last),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn renames_concats_defaults_types_and_value_maps() {
+        let m = mappings(json!([
+            {"source": "Email", "target": "email", "required": true},
+            {"sources": ["FirstName", "LastName"], "target": "full_name", "transform": "concat"},
+            {"source": "Employees", "target": "employees", "type": "integer"},
+            {"source": "Revenue", "target": "revenue", "type": "number", "default": 0},
+            {"source": "Active", "target": "active", "type": "boolean"},
+            {"source": "Since", "target": "since", "type": "datetime"},
+            {"source": "Type", "target": "tier", "valueMap": {"Customer - Direct": "direct", "Partner": "partner"}},
+            {"source": "Missing", "target": "country", "default": "US"}
+        ]));
+        let out = transform(
+            &m,
+            &record(json!({
+                "Email": "ann@acme.test", "FirstName": "Ann", "LastName": " Lee ",
+                "Employees": "250", "Revenue": null, "Active": "true",
+                "Since": "2024-05-02T10:00:00.000+0000", "Type": "Partner"
+            })),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(out),
+            json!({"email": "ann@acme.test", "full_name": "Ann Lee", "employees": 250, "revenue": 0,
+                   "active": true, "since": "2024-05-02T10:00:00.000Z", "tier": "partner", "country": "US"})
+        );
+    }
+
+    #[test]
+    fn a_missing_required_field_or_a_bad_value_fails_the_record_with_the_field() {
+        let m = mappings(json!([{"source": "Name", "target": "name", "required": true}]));
+        let err = transform(&m, &record(json!({"Name": " "}))).unwrap_err();
+        assert_eq!(err.field, "Name");
+        assert_eq!(
+            err.message,
+            "required field 'name' is missing (from `Name`)"
+        );
+
+        let m =
+            mappings(json!([{"source": "Employees", "target": "employees", "type": "integer"}]));
+        let err = transform(&m, &record(json!({"Employees": "lots"}))).unwrap_err();
+        assert_eq!(err.field, "Employees");
+        assert!(
+            err.message.contains("`lots` is not a valid integer"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn no_mappings_copy_the_record() {
+        let out = transform(
+            &[],
+            &record(json!({"attributes": {"type": "Account"}, "Name": "A"})),
+        )
+        .unwrap();
+        assert_eq!(Value::Object(out), json!({"Name": "A"}));
+    }
+
+    #[test]
+    fn the_source_fields_are_what_the_query_needs() {
+        let m: EntityMapping = serde_json::from_value(json!({
+            "externalEntity": "Account", "shardTypeId": "c_company",
+            "fieldMappings": [{"source": "Name", "target": "name"},
+                              {"sources": ["City", "Country"], "target": "location", "transform": "concat"}],
+            "derivedShards": [{"shardTypeId": "c_company_profile", "when": {"field": "Industry"},
+                               "fieldMappings": [{"source": "Industry", "target": "industry"}]}]
+        }))
+        .unwrap();
+        assert!(m.create_new);
+        assert_eq!(m.source_fields(), ["Name", "City", "Country", "Industry"]);
+        assert!(m.validate().is_ok());
+    }
+}

@@ -1,0 +1,995 @@
+//! The inbound pipeline: pages of provider records in, shards out.
+//!
+//! For each entity mapping of the integration the pipeline fetches pages (cursor pagination),
+//! and for each page transforms the records, deduplicates them, reads the shards they map to in
+//! one batch, skips the ones whose content has not changed, and writes the rest in one batch.
+//! Records the provider reports deleted soft-delete their shards. While one page is processed
+//! the next is already being fetched, and memory holds at most those two pages.
+//!
+//! After each page the integration gets a checkpoint (the next page token), so a job that dies
+//! (kill -9, function timeout, redelivery) resumes where it stopped; an entity that finished
+//! moves its cursor to the latest modification time it saw and drops its checkpoint. Cursors
+//! are inclusive (`>=`), so a record modified at exactly the cursor is fetched again and, being
+//! unchanged, skipped without a write.
+//!
+//! A record that fails alone (its mapping, its write) is listed in the run's errors and the
+//! batch goes on. A failure of the provider or the store as a whole ends the run with that
+//! error; the caller decides between retry, dead letter and "resume next run".
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record};
+
+use super::dedup::{DedupRules, merge};
+use super::mapping::{EntityMapping, transform};
+use super::state::update_integration;
+use crate::app::App;
+use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
+use crate::model::integration::Checkpoint;
+use crate::model::shard::{ExternalRelationship, Relationship};
+use crate::model::{Integration, Shard, SyncError, SyncStats};
+use crate::store::{Op, ShardQuery, StoreError};
+
+/// Records asked for per page (Salesforce's maximum batch).
+pub const PAGE_SIZE: usize = 2000;
+
+/// What the pipeline is asked to do.
+pub struct Job<'a> {
+    pub tenant_id: &'a str,
+    pub integration_id: &'a str,
+    pub job_id: &'a str,
+    /// Ignore cursors and fetch everything.
+    pub full: bool,
+    /// Only these entities (all mapped entities when empty).
+    pub entities: &'a [String],
+    /// Stop after this many records; the rest is left to a continuation job.
+    pub max_records: u64,
+    /// Delay before the first retry of a failed write (then doubled, ±20%).
+    pub retry_base: Duration,
+}
+
+/// Why a run stopped before the end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// The job's record limit was reached; a continuation job picks up from the checkpoints.
+    RecordLimit,
+    /// The provider's allocation is used up; the next scheduled run resumes.
+    Quota(ProviderError),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub stats: SyncStats,
+    pub entity_stats: Vec<EntitySyncStats>,
+    pub errors: Vec<SyncError>,
+    pub details: SyncDetails,
+    pub stopped: Option<Stop>,
+}
+
+/// Runs a scheduled, manual or retried job over every mapped entity.
+pub async fn run(
+    app: &App,
+    provider: Arc<dyn Provider>,
+    conn: &mut Connection,
+    job: &Job<'_>,
+    integration: &Integration,
+    now: DateTime<Utc>,
+) -> Result<Outcome, ProviderError> {
+    let mut outcome = Outcome::default();
+    outcome.details.sync_to_date = Some(now);
+    if !integration.pull_filters.is_empty() {
+        outcome.details.filters_applied = Some(integration.pull_filters.clone());
+    }
+    for mapping in &integration.entity_mappings {
+        if !job.entities.is_empty() && !job.entities.contains(&mapping.external_entity) {
+            continue;
+        }
+        let mut entity = EntityRun::new(app, job, mapping, now);
+        let result = entity
+            .run(provider.as_ref(), conn, integration, &mut outcome)
+            .await;
+        entity.add_to(&mut outcome);
+        outcome.entity_stats.push(entity.stats());
+        outcome.errors.append(&mut entity.errors);
+        result?;
+        if outcome.stopped.is_some() {
+            break;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Runs a webhook job: the notified records of one entity, as one page.
+pub async fn run_records(
+    app: &App,
+    job: &Job<'_>,
+    integration: &Integration,
+    entity_name: &str,
+    records: Vec<Record>,
+    now: DateTime<Utc>,
+) -> Result<Outcome, ProviderError> {
+    let mapping = integration
+        .entity_mappings
+        .iter()
+        .find(|m| m.external_entity == entity_name)
+        .ok_or_else(|| {
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("the integration maps no entity `{entity_name}`"),
+            )
+        })?;
+    let mut outcome = Outcome::default();
+    let mut entity = EntityRun::new(app, job, mapping, now);
+    let result = entity.process_page(records).await;
+    outcome.stats = entity.totals();
+    outcome.entity_stats.push(entity.stats());
+    outcome.errors.append(&mut entity.errors);
+    outcome.details.pages_processed = Some(1);
+    result.map(|_| outcome)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    fetched: u64,
+    created: u64,
+    updated: u64,
+    skipped: u64,
+    failed: u64,
+}
+
+struct EntityRun<'a> {
+    app: &'a App,
+    job: &'a Job<'a>,
+    mapping: &'a EntityMapping,
+    now: DateTime<Utc>,
+    counters: Counters,
+    errors: Vec<SyncError>,
+    max_modified: Option<DateTime<Utc>>,
+}
+
+/// The id of the shard synced from one external record: derived, so an upsert needs no query.
+/// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
+pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) -> String {
+    let mut id = String::with_capacity(integration_id.len() + entity.len() + external_id.len() + 2);
+    for (i, part) in [integration_id, entity, external_id]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            id.push('~');
+        }
+        for c in part.chars() {
+            match c {
+                '/' | '\\' | '?' | '#' | '%' => id.push_str(&format!("%{:02X}", c as u32)),
+                c => id.push(c),
+            }
+        }
+    }
+    id
+}
+
+/// A stable fingerprint of what a shard says (not when it was written).
+pub fn content_hash(shard: &Shard) -> String {
+    let external: Vec<(&str, &str, &str)> = shard
+        .external_relationships
+        .iter()
+        .map(|r| {
+            (
+                r.integration_id.as_str(),
+                r.external_id.as_str(),
+                r.sync_status.as_str(),
+            )
+        })
+        .collect();
+    let canonical = json!([
+        shard.shard_type_id,
+        shard.name,
+        shard.structured_data,
+        shard.relationships,
+        external,
+        shard.deleted_at.is_some()
+    ]);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in canonical.to_string().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn stored_hash(shard: &Shard) -> Option<&str> {
+    shard.extra.get("contentHash").and_then(Value::as_str)
+}
+
+fn store_error(e: StoreError) -> ProviderError {
+    ProviderError::new(ErrorCode::StoreError, e.to_string())
+}
+
+/// A deterministic ±20% jitter from a fresh random id.
+fn jitter(delay: Duration) -> Duration {
+    let byte = uuid::Uuid::new_v4().as_bytes()[0];
+    let factor = 0.8 + 0.4 * (f64::from(byte) / 255.0);
+    delay.mul_f64(factor)
+}
+
+impl<'a> EntityRun<'a> {
+    fn new(app: &'a App, job: &'a Job<'a>, mapping: &'a EntityMapping, now: DateTime<Utc>) -> Self {
+        Self {
+            app,
+            job,
+            mapping,
+            now,
+            counters: Counters::default(),
+            errors: Vec::new(),
+            max_modified: None,
+        }
+    }
+
+    fn totals(&self) -> SyncStats {
+        SyncStats {
+            records_fetched: self.counters.fetched,
+            shards_created: self.counters.created,
+            shards_updated: self.counters.updated,
+            shards_skipped: self.counters.skipped,
+            shards_failed: self.counters.failed,
+            ..SyncStats::default()
+        }
+    }
+
+    fn stats(&self) -> EntitySyncStats {
+        let c = self.counters;
+        EntitySyncStats {
+            external_entity: self.mapping.external_entity.clone(),
+            shard_type_id: self.mapping.shard_type_id.clone(),
+            direction: Direction::Inbound,
+            fetched: Some(c.fetched),
+            created: Some(c.created),
+            updated: Some(c.updated),
+            skipped: Some(c.skipped),
+            failed: Some(c.failed),
+            errors: (!self.errors.is_empty()).then(|| self.errors.clone()),
+        }
+    }
+
+    fn record_error(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        record_id: Option<&str>,
+        field: Option<&str>,
+    ) {
+        self.counters.failed += 1;
+        self.errors.push(SyncError {
+            code: code.as_str().into(),
+            message,
+            entity: Some(self.mapping.external_entity.clone()),
+            record_id: record_id.map(str::to_string),
+            shard_id: None,
+            field: field.map(str::to_string),
+            timestamp: self.now,
+            retryable: code.is_retryable(),
+        });
+    }
+
+    async fn run(
+        &mut self,
+        provider: &dyn Provider,
+        conn: &mut Connection,
+        integration: &Integration,
+        outcome: &mut Outcome,
+    ) -> Result<(), ProviderError> {
+        if self.mapping.validate().is_err()
+            || self
+                .mapping
+                .deduplication
+                .as_ref()
+                .is_some_and(|d| d.rules.is_empty())
+        {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                self.mapping
+                    .validate()
+                    .err()
+                    .unwrap_or_else(|| "deduplication without rules".into()),
+            ));
+        }
+        let entity = self.mapping.external_entity.clone();
+        let checkpoint = integration.checkpoints.get(&entity).cloned();
+        let cursor = integration.cursors.get(&entity).copied();
+        let since = match &checkpoint {
+            Some(c) => c.since,
+            None if self.job.full => None,
+            None => cursor,
+        };
+        self.max_modified = checkpoint.as_ref().and_then(|c| c.max_modified);
+        let mut filters = integration.pull_filters.clone();
+        filters.extend(self.mapping.filters.iter().cloned());
+        let mut request = FetchRequest {
+            entity: entity.clone(),
+            fields: self.mapping.source_fields(),
+            since,
+            page_token: checkpoint.as_ref().map(|c| c.page_token.clone()),
+            filters,
+            page_size: PAGE_SIZE,
+        };
+        if outcome.details.sync_from_date.is_none() {
+            outcome.details.sync_from_date = since;
+        }
+
+        let mut page = match self.fetch(provider, conn, &mut request, outcome).await? {
+            Some(page) => page,
+            None => return Ok(()),
+        };
+        loop {
+            let next_token = page.next_page.clone();
+            let stop_after = page.stop_after.clone();
+            let records = std::mem::take(&mut page.records);
+            let fetched_so_far =
+                outcome.stats.records_fetched + self.counters.fetched + records.len() as u64;
+            let limit_reached = fetched_so_far >= self.job.max_records && next_token.is_some();
+            let prefetch = next_token.is_some() && stop_after.is_none() && !limit_reached;
+            if prefetch {
+                request.page_token = next_token.clone();
+                request.page_size = PAGE_SIZE
+                    .min((self.job.max_records.saturating_sub(fetched_so_far)).max(1) as usize);
+            }
+            // Fetching the next page overlaps processing this one.
+            let (processed, next) = tokio::join!(self.process_page(records), async {
+                if prefetch {
+                    Some(provider.fetch_page(conn, &request).await)
+                } else {
+                    None
+                }
+            });
+            processed?;
+            outcome.details.pages_processed =
+                Some(outcome.details.pages_processed.unwrap_or(0) + 1);
+            self.checkpoint(next_token.as_deref(), since).await?;
+            if let Some(stop) = stop_after {
+                outcome.stopped = Some(Stop::Quota(stop));
+                break;
+            }
+            if limit_reached {
+                outcome.stopped = Some(Stop::RecordLimit);
+                break;
+            }
+            match next {
+                None => {
+                    self.finish_entity(provider, conn, since).await?;
+                    break;
+                }
+                Some(Ok(p)) => page = p,
+                Some(Err(e)) if e.resume_next_run => {
+                    outcome.stopped = Some(Stop::Quota(e));
+                    break;
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn add_to(&self, outcome: &mut Outcome) {
+        let c = self.counters;
+        let s = &mut outcome.stats;
+        s.records_fetched += c.fetched;
+        s.shards_created += c.created;
+        s.shards_updated += c.updated;
+        s.shards_skipped += c.skipped;
+        s.shards_failed += c.failed;
+    }
+
+    /// The first page of the entity; a stale checkpoint token (expired query locator, removed
+    /// file) restarts the entity's query instead of failing the job.
+    async fn fetch(
+        &mut self,
+        provider: &dyn Provider,
+        conn: &mut Connection,
+        request: &mut FetchRequest,
+        outcome: &mut Outcome,
+    ) -> Result<Option<Page>, ProviderError> {
+        let first = provider.fetch_page(conn, request).await;
+        let page = match first {
+            Err(e)
+                if request.page_token.is_some()
+                    && matches!(e.code, ErrorCode::NotFound | ErrorCode::ValidationError) =>
+            {
+                tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
+                request.page_token = None;
+                provider.fetch_page(conn, request).await
+            }
+            other => other,
+        };
+        match page {
+            Ok(page) => {
+                if outcome.details.query.is_none() {
+                    outcome.details.query = page.query.clone();
+                }
+                Ok(Some(page))
+            }
+            Err(e) if e.resume_next_run => {
+                outcome.stopped = Some(Stop::Quota(e));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records where the entity stands after a page.
+    async fn checkpoint(
+        &self,
+        next_token: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<(), ProviderError> {
+        let Some(token) = next_token else {
+            return Ok(());
+        };
+        let checkpoint = Checkpoint {
+            job_id: self.job.job_id.to_string(),
+            page_token: token.to_string(),
+            since,
+            max_modified: self.max_modified,
+            updated_at: self.now,
+        };
+        let entity = &self.mapping.external_entity;
+        update_integration(
+            self.app,
+            self.job.tenant_id,
+            self.job.integration_id,
+            self.now,
+            |i| {
+                i.checkpoints.insert(entity.clone(), checkpoint.clone());
+                true
+            },
+        )
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Deletions since the cursor, then the entity's new cursor.
+    async fn finish_entity(
+        &mut self,
+        provider: &dyn Provider,
+        conn: &mut Connection,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<(), ProviderError> {
+        if let Some(since) = since {
+            let deleted = provider
+                .fetch_deleted(conn, &self.mapping.external_entity, since)
+                .await?;
+            if deleted.full_resync_required {
+                // Deletions older than the provider remembers: forget the cursor, so the next
+                // run is a full one that sees every record there is.
+                tracing::warn!(entity = %self.mapping.external_entity, "deletions no longer available since the cursor; next run resyncs in full");
+                let entity = &self.mapping.external_entity;
+                update_integration(
+                    self.app,
+                    self.job.tenant_id,
+                    self.job.integration_id,
+                    self.now,
+                    |i| {
+                        i.cursors.remove(entity);
+                        i.checkpoints.remove(entity);
+                        true
+                    },
+                )
+                .await
+                .map_err(store_error)?;
+                return Ok(());
+            }
+            self.soft_delete(&deleted.ids).await?;
+        }
+        let entity = &self.mapping.external_entity;
+        let max_modified = self.max_modified;
+        update_integration(
+            self.app,
+            self.job.tenant_id,
+            self.job.integration_id,
+            self.now,
+            |i| {
+                let cursor = match (i.cursors.get(entity).copied(), max_modified) {
+                    (Some(old), Some(new)) => Some(old.max(new)),
+                    (old, new) => new.or(old),
+                };
+                if let Some(cursor) = cursor {
+                    i.cursors.insert(entity.clone(), cursor);
+                }
+                i.checkpoints.remove(entity);
+                true
+            },
+        )
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Transforms, deduplicates and writes one page.
+    async fn process_page(&mut self, records: Vec<Record>) -> Result<(), ProviderError> {
+        let mapping = self.mapping;
+        let tenant = self.job.tenant_id;
+        let integration_id = self.job.integration_id;
+        let entity = &mapping.external_entity;
+
+        let mut deleted_ids = Vec::new();
+        let mut items: Vec<(Record, Map<String, Value>)> = Vec::with_capacity(records.len());
+        for record in records {
+            self.counters.fetched += 1;
+            if let Some(m) = record.modified_at {
+                self.max_modified = Some(self.max_modified.map_or(m, |old| old.max(m)));
+            }
+            if record.deleted {
+                deleted_ids.push(record.id);
+                continue;
+            }
+            match transform(&mapping.field_mappings, &record.fields) {
+                Ok(data) => items.push((record, data)),
+                Err(e) => {
+                    let id = record.id.clone();
+                    self.record_error(
+                        ErrorCode::ValidationError,
+                        e.message,
+                        Some(&id),
+                        Some(&e.field),
+                    );
+                }
+            }
+        }
+
+        // The shards these records map to, read in one batch.
+        let ids: Vec<String> = items
+            .iter()
+            .map(|(r, _)| synced_shard_id(integration_id, entity, &r.id))
+            .collect();
+        let existing = self
+            .with_retries(|| self.app.store.get_many(tenant, &ids))
+            .await?;
+        let mut originals: HashMap<String, Option<String>> = HashMap::new();
+        let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
+        for found in existing.into_iter().flatten() {
+            originals.insert(
+                found.value.id.clone(),
+                stored_hash(&found.value).map(str::to_string),
+            );
+            shards.insert(found.value.id.clone(), found.value);
+        }
+
+        // Duplicates among shards from other records, by their match keys.
+        let rules = mapping.deduplication.as_ref();
+        let mut by_key: HashMap<String, String> = HashMap::new();
+        if let Some(rules) = rules {
+            self.find_duplicates(
+                rules,
+                &items,
+                &ids,
+                &mut shards,
+                &mut originals,
+                &mut by_key,
+            )
+            .await?;
+            for shard in shards.values() {
+                if let Some(Value::Object(keys)) = shard.extra.get("dedupKeys") {
+                    for (name, key) in keys {
+                        if let Some(key) = key.as_str() {
+                            by_key
+                                .entry(format!("{name}={key}"))
+                                .or_insert_with(|| shard.id.clone());
+                        }
+                    }
+                }
+            }
+        }
+
+        // Each record lands in its own shard, a duplicate's, or a new one.
+        let mut landed: Vec<(String, String)> = Vec::with_capacity(items.len());
+        for ((record, data), own_id) in items.iter().zip(&ids) {
+            let keys = rules.map(|r| r.keys(data)).unwrap_or_default();
+            let target = if shards.contains_key(own_id) {
+                Some(own_id.clone())
+            } else {
+                keys.iter()
+                    .filter_map(|(name, key)| {
+                        by_key.get(&format!("{name}={}", key.as_str().unwrap_or_default()))
+                    })
+                    .next()
+                    .cloned()
+            };
+            let shard = match target {
+                Some(id) => {
+                    let shard = shards.get_mut(&id).expect("targets are loaded");
+                    let base = shard
+                        .structured_data
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default();
+                    let merged = match rules {
+                        Some(r) => merge(r.merge, &base, data),
+                        None => data.clone(),
+                    };
+                    shard.structured_data = Value::Object(merged);
+                    shard
+                }
+                None if mapping.create_new => {
+                    shards.entry(own_id.clone()).or_insert_with(|| Shard {
+                        id: own_id.clone(),
+                        tenant_id: tenant.to_string(),
+                        shard_type_id: mapping.shard_type_id.clone(),
+                        name: String::new(),
+                        structured_data: Value::Object(data.clone()),
+                        relationships: Vec::new(),
+                        external_relationships: Vec::new(),
+                        created_at: Some(self.now),
+                        created_by: Some("system".into()),
+                        updated_at: Some(self.now),
+                        deleted_at: None,
+                        extra: Map::new(),
+                    })
+                }
+                None => {
+                    self.counters.skipped += 1;
+                    continue;
+                }
+            };
+            shard.deleted_at = None;
+            shard.name = mapping
+                .name_field
+                .as_ref()
+                .and_then(|f| shard.structured_data.get(f))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    if shard.name.is_empty() {
+                        record.id.clone()
+                    } else {
+                        shard.name.clone()
+                    }
+                });
+            link_external(shard, integration_id, &record.id, self.now);
+            if let Some(rules) = rules {
+                let keys = rules.keys(
+                    shard
+                        .structured_data
+                        .as_object()
+                        .expect("data is an object"),
+                );
+                for (name, key) in &keys {
+                    by_key
+                        .entry(format!("{name}={}", key.as_str().unwrap_or_default()))
+                        .or_insert_with(|| shard.id.clone());
+                }
+                shard.extra.insert("dedupKeys".into(), Value::Object(keys));
+            }
+            landed.push((record.id.clone(), shard.id.clone()));
+        }
+
+        // Derived shards follow their primary.
+        let mut derived: Vec<Shard> = Vec::new();
+        let primaries: HashMap<&str, &str> = if mapping.derived_shards.is_empty() {
+            HashMap::new()
+        } else {
+            landed
+                .iter()
+                .map(|(r, s)| (r.as_str(), s.as_str()))
+                .collect()
+        };
+        for (record, _) in &items {
+            let Some(primary) = primaries
+                .get(record.id.as_str())
+                .and_then(|s| shards.get(*s))
+            else {
+                continue;
+            };
+            for def in &mapping.derived_shards {
+                if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
+                    continue;
+                }
+                match transform(&def.field_mappings, &record.fields) {
+                    Ok(data) => derived.push(Shard {
+                        id: format!("{}~{}", primary.id, def.shard_type_id),
+                        tenant_id: tenant.to_string(),
+                        shard_type_id: def.shard_type_id.clone(),
+                        name: def
+                            .name_field
+                            .as_ref()
+                            .and_then(|f| data.get(f))
+                            .and_then(Value::as_str)
+                            .map_or_else(|| primary.name.clone(), str::to_string),
+                        structured_data: Value::Object(data),
+                        relationships: vec![Relationship {
+                            kind: "derived_from".into(),
+                            target_id: primary.id.clone(),
+                            target_type: primary.shard_type_id.clone(),
+                        }],
+                        external_relationships: Vec::new(),
+                        created_at: Some(self.now),
+                        created_by: Some("system".into()),
+                        updated_at: Some(self.now),
+                        deleted_at: None,
+                        extra: Map::new(),
+                    }),
+                    Err(e) => {
+                        let id = record.id.clone();
+                        self.record_error(
+                            ErrorCode::ValidationError,
+                            e.message,
+                            Some(&id),
+                            Some(&e.field),
+                        );
+                    }
+                }
+            }
+        }
+
+        // Only what changed is written.
+        let mut writes: Vec<Shard> = Vec::new();
+        let mut changed: HashMap<String, bool> = HashMap::new();
+        for shard in shards.values_mut() {
+            let hash = content_hash(shard);
+            let original = originals.get(&shard.id);
+            let is_changed = original.is_none_or(|old| old.as_deref() != Some(hash.as_str()));
+            changed.insert(shard.id.clone(), is_changed);
+            if is_changed {
+                shard.updated_at = Some(self.now);
+                shard
+                    .extra
+                    .insert("contentHash".into(), Value::String(hash));
+                writes.push(shard.clone());
+            }
+        }
+        if !derived.is_empty() {
+            let derived_ids: Vec<String> = derived.iter().map(|d| d.id.clone()).collect();
+            let stored = self
+                .with_retries(|| self.app.store.get_many(tenant, &derived_ids))
+                .await?;
+            for (mut shard, stored) in derived.into_iter().zip(stored) {
+                let hash = content_hash(&shard);
+                if let Some(stored) = &stored {
+                    if stored_hash(&stored.value) == Some(hash.as_str()) {
+                        continue;
+                    }
+                    shard.created_at = stored.value.created_at;
+                }
+                shard
+                    .extra
+                    .insert("contentHash".into(), Value::String(hash));
+                writes.push(shard);
+            }
+        }
+        let failed_ids = self.write(writes).await?;
+
+        let mut counted: HashMap<&str, bool> = HashMap::new();
+        for (record_id, shard_id) in &landed {
+            if failed_ids.contains(shard_id) {
+                let message = format!("the shard `{shard_id}` could not be written");
+                self.record_error(ErrorCode::StoreError, message, Some(record_id), None);
+                continue;
+            }
+            let first_for_shard = counted.insert(shard_id.as_str(), true).is_none();
+            match (
+                originals.contains_key(shard_id),
+                changed.get(shard_id).copied().unwrap_or(false),
+            ) {
+                (false, _) if first_for_shard => self.counters.created += 1,
+                (_, true) => self.counters.updated += 1,
+                _ => self.counters.skipped += 1,
+            }
+        }
+
+        self.soft_delete(&deleted_ids).await
+    }
+
+    /// Loads shards of other records that share a match key with this page's records.
+    async fn find_duplicates(
+        &self,
+        rules: &DedupRules,
+        items: &[(Record, Map<String, Value>)],
+        ids: &[String],
+        shards: &mut BTreeMap<String, Shard>,
+        originals: &mut HashMap<String, Option<String>>,
+        by_key: &mut HashMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        for rule in &rules.rules {
+            let name = rule.key_name();
+            let keys: Vec<Value> = items
+                .iter()
+                .zip(ids)
+                .filter(|(_, id)| !shards.contains_key(*id))
+                .filter_map(|((_, data), _)| rule.key(data).map(Value::String))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let query = ShardQuery::of_type(&self.mapping.shard_type_id)
+                .in_tenant(self.job.tenant_id)
+                .filter(&format!("dedupKeys.{name}"), Op::In, Value::Array(keys));
+            let found = self.with_retries(|| self.app.store.query(&query)).await?;
+            for v in found {
+                let shard = v.value;
+                if let Some(key) = shard
+                    .extra
+                    .get("dedupKeys")
+                    .and_then(|k| k.get(&name))
+                    .and_then(Value::as_str)
+                {
+                    by_key
+                        .entry(format!("{name}={key}"))
+                        .or_insert_with(|| shard.id.clone());
+                }
+                originals
+                    .entry(shard.id.clone())
+                    .or_insert_with(|| stored_hash(&shard).map(str::to_string));
+                shards.entry(shard.id.clone()).or_insert(shard);
+            }
+        }
+        Ok(())
+    }
+
+    /// Soft-deletes the shards of records the provider reports deleted.
+    async fn soft_delete(&mut self, external_ids: &[String]) -> Result<(), ProviderError> {
+        if external_ids.is_empty() {
+            return Ok(());
+        }
+        let integration_id = self.job.integration_id;
+        let ids: Vec<String> = external_ids
+            .iter()
+            .map(|e| synced_shard_id(integration_id, &self.mapping.external_entity, e))
+            .collect();
+        let found = self
+            .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
+            .await?;
+        let mut writes = Vec::new();
+        for (external_id, stored) in external_ids.iter().zip(found) {
+            match stored {
+                Some(v) if v.value.deleted_at.is_none() => {
+                    let mut shard = v.value;
+                    shard.deleted_at = Some(self.now);
+                    shard.updated_at = Some(self.now);
+                    for r in &mut shard.external_relationships {
+                        if r.integration_id == integration_id && &r.external_id == external_id {
+                            r.sync_status = "deleted".into();
+                            r.last_synced_at = Some(self.now);
+                        }
+                    }
+                    let hash = content_hash(&shard);
+                    shard
+                        .extra
+                        .insert("contentHash".into(), Value::String(hash));
+                    writes.push(shard);
+                    self.counters.updated += 1;
+                }
+                _ => self.counters.skipped += 1,
+            }
+        }
+        let failed = self.write(writes).await?;
+        for id in failed {
+            self.counters.updated -= 1;
+            self.record_error(
+                ErrorCode::StoreError,
+                format!("the shard `{id}` could not be soft-deleted"),
+                None,
+                None,
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a batch; retries it with backoff, then shard by shard. Returns the ids that could
+    /// not be written; fails the run only if none could.
+    async fn write(&self, shards: Vec<Shard>) -> Result<Vec<String>, ProviderError> {
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self
+            .with_retries(|| self.app.store.upsert_many(&shards))
+            .await
+            .is_ok()
+        {
+            return Ok(Vec::new());
+        }
+        let mut failed = Vec::new();
+        for shard in &shards {
+            if self.app.store.upsert(shard).await.is_err() {
+                failed.push(shard.id.clone());
+            }
+        }
+        if failed.len() == shards.len() {
+            return Err(ProviderError::new(
+                ErrorCode::StoreError,
+                format!(
+                    "the shard store refused all {} writes of a page",
+                    shards.len()
+                ),
+            ));
+        }
+        Ok(failed)
+    }
+
+    /// Runs a store operation up to four times: at once, then after 1 s, 2 s and 4 s (±20%).
+    async fn with_retries<T, F, Fut>(&self, mut op: F) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut delay = self.job.retry_base;
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(StoreError::Unavailable(message)) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::warn!(attempt, %message, "shard store unavailable; retrying");
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+    }
+}
+
+fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now: DateTime<Utc>) {
+    match shard
+        .external_relationships
+        .iter_mut()
+        .find(|r| r.integration_id == integration_id && r.external_id == external_id)
+    {
+        Some(r) => {
+            r.sync_status = "synced".into();
+            r.last_synced_at = Some(now);
+        }
+        None => shard.external_relationships.push(ExternalRelationship {
+            integration_id: integration_id.to_string(),
+            external_id: external_id.to_string(),
+            sync_status: "synced".into(),
+            last_synced_at: Some(now),
+            sync_direction: "inbound".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synced_ids_are_derived_and_cosmos_safe() {
+        assert_eq!(
+            synced_shard_id("int-1", "Account", "001A"),
+            "int-1~Account~001A"
+        );
+        assert_eq!(
+            synced_shard_id("int-1", "files", "a/b?c#d%"),
+            "int-1~files~a%2Fb%3Fc%23d%25"
+        );
+    }
+
+    #[test]
+    fn the_content_hash_ignores_write_times_but_not_content() {
+        let mut a: Shard = serde_json::from_value(json!({
+            "id": "s", "tenantId": "t", "shardTypeId": "c_contact", "name": "Ann",
+            "structuredData": {"email": "ann@x.test"}
+        }))
+        .unwrap();
+        let before = content_hash(&a);
+        a.updated_at = Some(Utc::now());
+        a.external_relationships.push(ExternalRelationship {
+            integration_id: "i".into(),
+            external_id: "1".into(),
+            sync_status: "synced".into(),
+            last_synced_at: Some(Utc::now()),
+            sync_direction: "inbound".into(),
+        });
+        let with_link = content_hash(&a);
+        assert_ne!(before, with_link);
+        a.external_relationships[0].last_synced_at = None;
+        assert_eq!(content_hash(&a), with_link, "sync times are not content");
+        a.structured_data["email"] = json!("ann@y.test");
+        assert_ne!(content_hash(&a), with_link);
+    }
+}
