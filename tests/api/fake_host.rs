@@ -20,7 +20,7 @@ pub const HOST_VERSION: &str = "4.1036.2.2";
 pub struct HostedHandler {
     pub port: u16,
     /// Held so that the handler is killed when the test ends.
-    _child: Child,
+    child: Child,
 }
 
 /// What the handler answered to one invocation.
@@ -63,8 +63,14 @@ impl HostedHandler {
     /// Starts the handler with the environment the host gives it and waits until `GET /`
     /// answers, polling every 25 ms as the host does.
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[]).await
+    }
+
+    /// Starts the handler with extra app settings.
+    pub async fn start_with(data_dir: &Path, settings: &[(&str, &str)]) -> Self {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .envs(settings.iter().copied())
             .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
             .env("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid_like())
             .env("FUNCTIONS_APP_ROOT_PATH", data_dir)
@@ -96,10 +102,7 @@ impl HostedHandler {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        Self {
-            port,
-            _child: child,
-        }
+        Self { port, child }
     }
 
     /// Posts an envelope to `/{function}` as the host does: chunked JSON with the host's headers.
@@ -109,7 +112,15 @@ impl HostedHandler {
     }
 
     pub async fn post_raw(&self, function: &str, body: &[u8]) -> HostResponse {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        post_invocation(self.port, function, body).await
+    }
+}
+
+/// Posts an invocation to the handler on `port` as the host does: chunked JSON with the host's
+/// headers.
+pub async fn post_invocation(port: u16, function: &str, body: &[u8]) -> HostResponse {
+    {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let head = format!(
             "POST /{function} HTTP/1.1\r\n\
              Host: 127.0.0.1:{port}\r\n\
@@ -120,7 +131,6 @@ impl HostedHandler {
              Content-Type: application/json; charset=utf-8\r\n\
              Transfer-Encoding: chunked\r\n\
              Connection: close\r\n\r\n",
-            port = self.port,
             id = uuid_like(),
         );
         let mut request = head.into_bytes();
@@ -138,6 +148,14 @@ impl HostedHandler {
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.unwrap();
         parse_response(&raw)
+    }
+}
+
+impl HostedHandler {
+    /// Kills the handler as a crash would (SIGKILL).
+    pub async fn kill_9(mut self) {
+        self.child.kill().await.unwrap();
+        self.child.wait().await.unwrap();
     }
 }
 

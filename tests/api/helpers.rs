@@ -102,6 +102,53 @@ impl TestApp {
         HostedHandler::start(self.data_dir()).await
     }
 
+    /// Starts the custom handler with extra app settings.
+    pub async fn host_handler_with(&self, settings: &[(&str, &str)]) -> HostedHandler {
+        HostedHandler::start_with(self.data_dir(), settings).await
+    }
+
+    /// Stores credentials for an integration of tenant `t1` through the operator command.
+    pub async fn set_credentials(&self, integration_id: &str, credentials: &Value) {
+        let out = self
+            .cli_with_stdin(
+                &["credentials", "set", integration_id, "--tenant", "t1"],
+                Some(&credentials.to_string()),
+            )
+            .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Shards of one type in tenant `t1`, as the operator command lists them.
+    pub async fn shards(&self, shard_type: &str) -> Vec<Value> {
+        self.cli_json(&[
+            "shards", "--tenant", "t1", "--type", shard_type, "--limit", "1000000",
+        ])
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+
+    /// The history records of tenant `t1`, newest first.
+    pub async fn history(&self) -> Vec<Value> {
+        self.cli_json(&["history", "--tenant", "t1", "--limit", "100"])
+            .await
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// The stored integration document.
+    pub async fn integration(&self, id: &str) -> Value {
+        use handler::store::ShardStore;
+        let shard = self.store().get("t1", id).await.unwrap().unwrap().value;
+        serde_json::to_value(shard).unwrap()
+    }
+
     /// Starts `handler local` on this data directory.
     pub async fn start_local(&self) -> LocalRuntime {
         LocalRuntime::start(self.data_dir()).await

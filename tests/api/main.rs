@@ -2,9 +2,11 @@
 //! and the embedded runtime driven the way an operator uses it.
 
 mod fake_host;
+mod fake_salesforce;
 mod helpers;
 
 mod custom_handler;
 mod local_runtime;
 mod operator_commands;
 mod packaging;
+mod salesforce_sync;

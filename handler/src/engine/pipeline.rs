@@ -339,18 +339,23 @@ impl<'a> EntityRun<'a> {
                 request.page_size = PAGE_SIZE
                     .min((self.job.max_records.saturating_sub(fetched_so_far)).max(1) as usize);
             }
-            // Fetching the next page overlaps processing this one.
-            let (processed, next) = tokio::join!(self.process_page(records), async {
-                if prefetch {
-                    Some(provider.fetch_page(conn, &request).await)
-                } else {
-                    None
+            // Fetching the next page overlaps processing and checkpointing this one.
+            let (processed, next) = tokio::join!(
+                async {
+                    self.process_page(records).await?;
+                    self.checkpoint(next_token.as_deref(), since).await
+                },
+                async {
+                    if prefetch {
+                        Some(provider.fetch_page(conn, &request).await)
+                    } else {
+                        None
+                    }
                 }
-            });
+            );
             processed?;
             outcome.details.pages_processed =
                 Some(outcome.details.pages_processed.unwrap_or(0) + 1);
-            self.checkpoint(next_token.as_deref(), since).await?;
             if let Some(stop) = stop_after {
                 outcome.stopped = Some(Stop::Quota(stop));
                 break;

@@ -1,0 +1,362 @@
+//! A Salesforce REST API on loopback, reproducing the wire facts the adapter depends on: the
+//! OAuth refresh (no `expires_in`, optional refresh-token rotation that invalidates the old
+//! token, `invalid_grant`), SOQL with `nextRecordsUrl` paging and `Sforce-Query-Options`
+//! batch sizes, `SystemModstamp` timestamps in `+0000` form, `getDeleted` with its
+//! `earliestDateAvailable` window, `Sforce-Limit-Info`, 401 `INVALID_SESSION_ID` when a token
+//! expires and 403 `REQUEST_LIMIT_EXCEEDED` when the allocation runs out, errors as arrays.
+//! Knobs let a test expire the token, exhaust the allocation or hold a page mid-sync.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Map, Value, json};
+use tokio::sync::Notify;
+
+pub const CLIENT_ID: &str = "3MVG9-fake-client";
+pub const ORG_ID: &str = "00D000000000062EAA";
+
+#[derive(Default)]
+pub struct Org {
+    /// Records per entity, each with `Id` and `SystemModstamp`.
+    pub records: BTreeMap<String, Vec<Map<String, Value>>>,
+    pub deleted: Vec<(String, String, DateTime<Utc>)>,
+    pub earliest_deleted_available: Option<DateTime<Utc>>,
+    /// Refresh tokens that work; with rotation, a refresh replaces the one used.
+    pub refresh_tokens: HashSet<String>,
+    pub rotate_refresh_tokens: bool,
+    pub access_tokens: HashSet<String>,
+    /// The current access token stops working after this many more data requests.
+    pub expire_token_after: Option<usize>,
+    /// Data requests answer 403 REQUEST_LIMIT_EXCEEDED after this many more.
+    pub limit_exceeded_after: Option<usize>,
+    pub api_usage: (u64, u64),
+    /// A request for this query locator waits until the test releases it.
+    pub hold_locator: Option<String>,
+    /// Every data request's path and query, in order.
+    pub requests: Vec<String>,
+    pub token_refreshes: usize,
+    cursors: BTreeMap<String, (Vec<Map<String, Value>>, usize)>,
+    next_cursor: usize,
+    issued: usize,
+}
+
+#[derive(Clone)]
+pub struct FakeSalesforce {
+    pub url: String,
+    pub org: Arc<Mutex<Org>>,
+    pub held: Arc<Notify>,
+    pub release: Arc<Notify>,
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string()
+}
+
+fn sf_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!([{"message": message, "errorCode": code}])),
+    )
+        .into_response()
+}
+
+impl FakeSalesforce {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let org = Arc::new(Mutex::new(Org {
+            api_usage: (1000, 100_000),
+            ..Org::default()
+        }));
+        org.lock()
+            .unwrap()
+            .refresh_tokens
+            .insert("rt-initial".into());
+        let fake = Self {
+            url,
+            org,
+            held: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+        };
+        let router = Router::new()
+            .route("/services/oauth2/token", post(token))
+            .route("/services/data/v62.0/query", get(query))
+            .route("/services/data/v62.0/query/{locator}", get(query_more))
+            .route(
+                "/services/data/v62.0/sobjects/{entity}/deleted/",
+                get(deleted),
+            )
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        fake
+    }
+
+    /// The credentials an operator stores for this org.
+    pub fn credentials(&self) -> Value {
+        json!({"refresh_token": "rt-initial", "client_id": CLIENT_ID, "client_secret": "s3cr3t-client"})
+    }
+
+    pub fn add(&self, entity: &str, fields: Value, modified: DateTime<Utc>) {
+        let mut record = fields.as_object().unwrap().clone();
+        record.insert("SystemModstamp".into(), json!(timestamp(modified)));
+        let mut org = self.org.lock().unwrap();
+        let records = org.records.entry(entity.to_string()).or_default();
+        records.retain(|r| r["Id"] != record["Id"]);
+        records.push(record);
+    }
+
+    pub fn delete(&self, entity: &str, id: &str, at: DateTime<Utc>) {
+        let mut org = self.org.lock().unwrap();
+        if let Some(records) = org.records.get_mut(entity) {
+            records.retain(|r| r["Id"] != id);
+        }
+        org.deleted.push((entity.to_string(), id.to_string(), at));
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.org.lock().unwrap().requests.clone()
+    }
+}
+
+/// Checks the bearer token and the limits; `Err` is the answer to send instead.
+fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(), Response> {
+    let mut org = fake.org.lock().unwrap();
+    org.requests.push(what);
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
+    if let Some(n) = org.expire_token_after {
+        if n == 0 {
+            org.access_tokens.clear();
+            org.expire_token_after = None;
+        } else {
+            org.expire_token_after = Some(n - 1);
+        }
+    }
+    if !org.access_tokens.contains(&token) {
+        return Err(sf_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_SESSION_ID",
+            "Session expired or invalid",
+        ));
+    }
+    if let Some(n) = org.limit_exceeded_after {
+        if n == 0 {
+            return Err(sf_error(
+                StatusCode::FORBIDDEN,
+                "REQUEST_LIMIT_EXCEEDED",
+                "TotalRequests Limit exceeded.",
+            ));
+        }
+        org.limit_exceeded_after = Some(n - 1);
+    }
+    org.api_usage.0 += 1;
+    Ok(())
+}
+
+fn with_usage(fake: &FakeSalesforce, body: Value) -> Response {
+    let (used, allowed) = fake.org.lock().unwrap().api_usage;
+    let mut response = Json(body).into_response();
+    response.headers_mut().insert(
+        "Sforce-Limit-Info",
+        format!("api-usage={used}/{allowed}").parse().unwrap(),
+    );
+    response
+}
+
+async fn token(
+    State(fake): State<FakeSalesforce>,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Response {
+    let mut org = fake.org.lock().unwrap();
+    let refresh = form.get("refresh_token").cloned().unwrap_or_default();
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "unsupported_grant_type", "error_description": "grant type not supported"}))).into_response();
+    }
+    if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_client_id", "error_description": "client identifier invalid"}))).into_response();
+    }
+    if !org.refresh_tokens.contains(&refresh) {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant", "error_description": "expired access/refresh token"}))).into_response();
+    }
+    org.token_refreshes += 1;
+    org.issued += 1;
+    let access = format!("00D!AQ-access-{}", org.issued);
+    org.access_tokens.insert(access.clone());
+    let mut body = json!({
+        "access_token": access, "signature": "sig=", "scope": "refresh_token api id",
+        "instance_url": fake.url, "id": format!("https://login.salesforce.com/id/{ORG_ID}/005000000000001"),
+        "token_type": "Bearer", "issued_at": Utc::now().timestamp_millis().to_string()
+    });
+    if org.rotate_refresh_tokens {
+        org.refresh_tokens.remove(&refresh);
+        let rotated = format!("rt-rotated-{}", org.issued);
+        org.refresh_tokens.insert(rotated.clone());
+        body["refresh_token"] = json!(rotated);
+    }
+    Json(body).into_response()
+}
+
+fn batch_size(headers: &HeaderMap) -> usize {
+    headers
+        .get("sforce-query-options")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("batchSize="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+/// Serves the next batch of a query cursor.
+fn page(fake: &FakeSalesforce, locator: &str, size: usize) -> Response {
+    let mut org = fake.org.lock().unwrap();
+    let Some((rows, at)) = org.cursors.get(locator).cloned() else {
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_QUERY_LOCATOR",
+            "invalid query locator",
+        );
+    };
+    let end = (at + size).min(rows.len());
+    let done = end >= rows.len();
+    let mut body = json!({"totalSize": rows.len(), "done": done, "records": rows[at..end]});
+    if !done {
+        let next = format!("{}-{}", locator.split('-').next().unwrap(), end);
+        org.cursors.insert(next.clone(), (rows, end));
+        body["nextRecordsUrl"] = json!(format!("/services/data/v62.0/query/{next}"));
+    }
+    drop(org);
+    with_usage(fake, body)
+}
+
+async fn query(
+    State(fake): State<FakeSalesforce>,
+    headers: HeaderMap,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    let soql = params.get("q").cloned().unwrap_or_default();
+    if let Err(answer) = admit(&fake, &headers, format!("query {soql}")) {
+        return answer;
+    }
+    let Some((select, rest)) = soql
+        .strip_prefix("SELECT ")
+        .and_then(|s| s.split_once(" FROM "))
+    else {
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_QUERY",
+            "unexpected token",
+        );
+    };
+    let entity = rest
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let since = rest.split_once("SystemModstamp >= ").map(|(_, t)| {
+        let token = t.split_whitespace().next().unwrap();
+        DateTime::parse_from_rfc3339(token)
+            .unwrap()
+            .with_timezone(&Utc)
+    });
+    let fields: Vec<&str> = select.split(", ").collect();
+    let mut org = fake.org.lock().unwrap();
+    let modified = |r: &Map<String, Value>| {
+        DateTime::parse_from_str(
+            r["SystemModstamp"].as_str().unwrap(),
+            "%Y-%m-%dT%H:%M:%S%.3f%z",
+        )
+        .unwrap()
+        .with_timezone(&Utc)
+    };
+    let mut rows: Vec<Map<String, Value>> = org
+        .records
+        .get(&entity)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| since.is_none_or(|s| modified(r) >= s))
+        .collect();
+    rows.sort_by(|a, b| (modified(a), a["Id"].as_str()).cmp(&(modified(b), b["Id"].as_str())));
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            let mut out = Map::new();
+            out.insert(
+                "attributes".into(),
+                json!({"type": entity, "url": format!("/services/data/v62.0/sobjects/{entity}/{}", r["Id"].as_str().unwrap())}),
+            );
+            for f in &fields {
+                out.insert(f.to_string(), r.get(*f).cloned().unwrap_or(Value::Null));
+            }
+            out
+        })
+        .collect();
+    org.next_cursor += 1;
+    let locator = format!("01gRO00000{:06}", org.next_cursor);
+    org.cursors.insert(locator.clone(), (rows, 0));
+    drop(org);
+    page(&fake, &locator, batch_size(&headers))
+}
+
+async fn query_more(
+    State(fake): State<FakeSalesforce>,
+    headers: HeaderMap,
+    Path(locator): Path<String>,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("more {locator}")) {
+        return answer;
+    }
+    let hold = fake.org.lock().unwrap().hold_locator.as_deref() == Some(locator.as_str());
+    if hold {
+        fake.held.notify_one();
+        fake.release.notified().await;
+    }
+    page(&fake, &locator, batch_size(&headers))
+}
+
+async fn deleted(
+    State(fake): State<FakeSalesforce>,
+    headers: HeaderMap,
+    Path(entity): Path<String>,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("deleted {entity}")) {
+        return answer;
+    }
+    let parse = |name: &str| {
+        params
+            .get(name)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    };
+    let (Some(start), Some(end)) = (parse("start"), parse("end")) else {
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REPLICATION_DATE",
+            "start and end are required",
+        );
+    };
+    let org = fake.org.lock().unwrap();
+    let earliest = org
+        .earliest_deleted_available
+        .unwrap_or(end - Duration::days(15));
+    let records: Vec<Value> = org
+        .deleted
+        .iter()
+        .filter(|(e, _, at)| *e == entity && *at >= start && *at <= end)
+        .map(|(_, id, at)| json!({"id": id, "deletedDate": timestamp(*at)}))
+        .collect();
+    let body = json!({"deletedRecords": records, "earliestDateAvailable": timestamp(earliest),
+                      "latestDateCovered": timestamp(end)});
+    drop(org);
+    with_usage(&fake, body)
+}

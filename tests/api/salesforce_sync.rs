@@ -1,0 +1,531 @@
+//! Inbound sync from Salesforce, end to end: a loopback Salesforce, the real handler under the
+//! fake Functions host, and the shards and history it leaves.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Value, json};
+
+use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED};
+
+use crate::fake_host::{HostedHandler, post_invocation, service_bus_message};
+use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
+use crate::helpers::{TestApp, wait_until};
+
+const UNLIMITED: &[(&str, &str)] = &[("SYNC_MAX_RECORDS", "1000000")];
+
+/// When the test org's records were last modified: two days ago, inside Salesforce's 15-day
+/// deletion window, in whole seconds.
+fn base_time() -> DateTime<Utc> {
+    static BASE: std::sync::LazyLock<DateTime<Utc>> = std::sync::LazyLock::new(|| {
+        let t = Utc::now() - Duration::days(2);
+        DateTime::from_timestamp(t.timestamp(), 0).unwrap()
+    });
+    *BASE
+}
+
+fn integration(fake: &FakeSalesforce, with_contacts: bool) -> Value {
+    let mut mappings = vec![json!({
+        "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name",
+        "fieldMappings": [
+            {"source": "Name", "target": "name", "required": true},
+            {"source": "Industry", "target": "industry"}
+        ],
+        "derivedShards": [{
+            "shardTypeId": "c_company_profile", "when": {"field": "Industry"},
+            "fieldMappings": [{"source": "Industry", "target": "industry"}]
+        }]
+    })];
+    if with_contacts {
+        mappings.push(json!({
+            "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "full_name",
+            "fieldMappings": [
+                {"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
+                {"source": "Name", "target": "full_name"},
+                {"source": "Email", "target": "email", "required": true}
+            ],
+            "deduplication": {"rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"}
+        }));
+    }
+    json!({
+        "id": "int-acme-sf", "tenantId": "t1", "name": "Acme Salesforce",
+        "structuredData": {
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 15},
+            "connection": {"loginHost": fake.url, "organizationId": ORG_ID},
+            "entityMappings": mappings
+        }
+    })
+}
+
+fn add_accounts(fake: &FakeSalesforce, count: usize) {
+    for i in 0..count {
+        let industry = if i % 2 == 0 {
+            json!("Technology")
+        } else {
+            Value::Null
+        };
+        fake.add(
+            "Account",
+            json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": industry}),
+            base_time() + Duration::seconds(i as i64),
+        );
+    }
+}
+
+async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str, delivery: u32) {
+    let job = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": job_type,
+        "provider": "salesforce", "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z", "attempt": 1
+    });
+    let envelope = service_bus_message(
+        "SyncInboundScheduled",
+        &job.to_string(),
+        job_id,
+        delivery,
+        None,
+    );
+    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+}
+
+fn record_of<'a>(history: &'a [Value], job_id: &str) -> &'a Value {
+    &history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == job_id)
+        .unwrap_or_else(|| panic!("no history for {job_id}: {history:?}"))["structuredData"]
+}
+
+#[tokio::test]
+async fn a_full_sync_pages_through_salesforce_into_shards_and_records_its_history() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 2500);
+    for i in 0..300 {
+        // Contacts 0 and 1 are the same person under two Salesforce ids.
+        let email = if i == 1 {
+            "person0@acme.test".to_string()
+        } else {
+            format!("person{i}@acme.test")
+        };
+        fake.add(
+            "Contact",
+            json!({"Id": format!("003{i:015}"), "Name": format!("Mary Ann Person{i}"), "Email": email}),
+            base_time() + Duration::seconds(i),
+        );
+    }
+    {
+        let mut org = fake.org.lock().unwrap();
+        org.rotate_refresh_tokens = true;
+        // The access token expires after the first page: the second gets a 401.
+        org.expire_token_after = Some(1);
+    }
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, true)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-full-1", "full_sync", 1).await;
+
+    let history = app.history().await;
+    assert_eq!(history.len(), 1);
+    let shard = &history[0];
+    assert_eq!(shard["shardTypeId"], "c_integrationSync");
+    assert!(
+        shard["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("sync_20261122_100000_")
+    );
+    let started = shard["structuredData"]["startedAt"].as_str().unwrap();
+    assert_eq!(
+        shard["name"],
+        format!("Sync {}", started[..19].replace('T', " "))
+    );
+    assert_eq!(
+        shard["relationships"],
+        json!([{"type": "sync_of", "targetId": "int-acme-sf", "targetType": "c_integration"}])
+    );
+    assert_eq!(shard["createdBy"], "system");
+    let record = &shard["structuredData"];
+    assert_eq!(record["integrationId"], "int-acme-sf");
+    assert_eq!(record["integrationName"], "Acme Salesforce");
+    assert_eq!(record["providerName"], "salesforce");
+    assert_eq!(record["jobId"], "job-full-1");
+    assert_eq!(record["jobType"], "full");
+    assert_eq!(record["trigger"], "scheduled");
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["statusMessage"], "Sync completed successfully");
+    assert!(record["durationMs"].is_u64());
+    assert!(record["completedAt"].as_str().unwrap() >= record["startedAt"].as_str().unwrap());
+    assert_eq!(
+        record["stats"],
+        json!({"recordsFetched": 2800, "shardsCreated": 2799, "shardsUpdated": 1, "shardsSkipped": 0, "shardsFailed": 0})
+    );
+    assert_eq!(
+        record["entityStats"],
+        json!([
+            {"externalEntity": "Account", "shardTypeId": "c_company", "direction": "inbound",
+             "fetched": 2500, "created": 2500, "updated": 0, "skipped": 0, "failed": 0},
+            {"externalEntity": "Contact", "shardTypeId": "c_contact", "direction": "inbound",
+             "fetched": 300, "created": 299, "updated": 1, "skipped": 0, "failed": 0}
+        ])
+    );
+    let details = &record["syncDetails"];
+    assert_eq!(details["pagesProcessed"], 3);
+    assert!(
+        details["query"]
+            .as_str()
+            .unwrap()
+            .starts_with("SELECT Id, SystemModstamp, Name, Industry FROM Account")
+    );
+    assert!(
+        details.get("syncFromDate").is_none(),
+        "a full sync has no lower bound"
+    );
+    assert!(record.get("errors").is_none());
+
+    // Shards: one per account, a profile for each account with an industry, one contact per
+    // person with both Salesforce ids linked, the name split.
+    assert_eq!(app.shards("c_company").await.len(), 2500);
+    assert_eq!(app.shards("c_company_profile").await.len(), 1250);
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 299);
+    let merged = contacts
+        .iter()
+        .find(|c| c["structuredData"]["email"] == "person0@acme.test")
+        .unwrap();
+    assert_eq!(
+        merged["external_relationships"].as_array().unwrap().len(),
+        2
+    );
+    let found = app
+        .cli_json(&[
+            "shards",
+            "--tenant",
+            "t1",
+            "--type",
+            "c_contact",
+            "--external-id",
+            "003000000000000042",
+        ])
+        .await;
+    let person = &found[0];
+    assert_eq!(person["name"], "Mary Ann Person42");
+    assert_eq!(person["structuredData"]["first_name"], "Mary Ann");
+    assert_eq!(person["structuredData"]["last_name"], "Person42");
+    let link = &person["external_relationships"][0];
+    assert_eq!(
+        (
+            link["integrationId"].clone(),
+            link["syncStatus"].clone(),
+            link["syncDirection"].clone()
+        ),
+        (json!("int-acme-sf"), json!("synced"), json!("inbound"))
+    );
+
+    // The expired token was refreshed once mid-sync, and the rotated refresh token stored.
+    assert_eq!(fake.org.lock().unwrap().token_refreshes, 2);
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(
+        secrets.contains("rt-rotated-2"),
+        "the newest refresh token is kept"
+    );
+    assert!(!secrets.contains("rt-initial"));
+
+    let integration = app.integration("int-acme-sf").await;
+    let state = &integration["structuredData"];
+    assert!(state["lastSyncAt"].is_string());
+    assert!(
+        state.get("checkpoints").is_none(),
+        "a finished sync leaves no checkpoint"
+    );
+    assert_eq!(
+        state["cursors"]["Account"],
+        json!(base_time() + Duration::seconds(2499))
+    );
+
+    // The same message again (a redelivery) runs nothing twice.
+    let requests = fake.requests().len();
+    run_job(&handler, "job-full-1", "full_sync", 2).await;
+    assert_eq!(fake.requests().len(), requests);
+    assert_eq!(app.history().await.len(), 1);
+    let kinds: Vec<_> = app.events().into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        ["integration.sync.started", "integration.sync.completed"]
+    );
+}
+
+#[tokio::test]
+async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_deleted() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 50);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let before: Vec<Value> = app.shards("c_company").await;
+
+    let later = base_time() + Duration::hours(1);
+    for i in [3, 4, 5] {
+        fake.add(
+            "Account",
+            json!({"Id": format!("001{i:015}"), "Name": format!("Renamed {i}"), "Industry": null}),
+            later,
+        );
+    }
+    fake.add(
+        "Account",
+        json!({"Id": "001999999999999999", "Name": "Newco", "Industry": null}),
+        later,
+    );
+    fake.delete(
+        "Account",
+        "001000000000000010",
+        Utc::now() - Duration::minutes(2),
+    );
+    fake.delete(
+        "Account",
+        "001000000000000011",
+        Utc::now() - Duration::minutes(2),
+    );
+    run_job(&handler, "job-2", "incremental", 1).await;
+
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["jobType"], "incremental");
+    assert_eq!(record["status"], "success", "{record}");
+    // Fetched: three changed, one new, and the record modified at exactly the cursor (fetched
+    // again, never skipped by the query, skipped by the content check). Two deletions soft-delete.
+    assert_eq!(
+        record["stats"],
+        json!({"recordsFetched": 5, "shardsCreated": 1, "shardsUpdated": 5, "shardsSkipped": 1, "shardsFailed": 0})
+    );
+    assert_eq!(
+        record["syncDetails"]["syncFromDate"],
+        json!(base_time() + Duration::seconds(49))
+    );
+    assert!(fake.requests().iter().any(|r| r == "deleted Account"));
+
+    let after = app.shards("c_company").await;
+    assert_eq!(after.len(), 49, "two soft-deleted, one new");
+    let at_cursor = |shards: &[Value]| {
+        shards
+            .iter()
+            .find(|s| s["name"] == "Account 49")
+            .map(|s| s["updatedAt"].clone())
+    };
+    assert_eq!(
+        at_cursor(&before),
+        at_cursor(&after),
+        "an unchanged record is not written"
+    );
+    let renamed = after
+        .iter()
+        .find(|s| s["structuredData"]["name"] == "Renamed 4")
+        .unwrap();
+    assert_eq!(renamed["id"], "int-acme-sf~Account~001000000000000004");
+
+    // A third run with nothing changed writes nothing.
+    run_job(&handler, "job-3", "incremental", 1).await;
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["stats"]["shardsCreated"], 0);
+    assert_eq!(record["stats"]["shardsUpdated"], 0);
+    assert_eq!(app.shards("c_company").await, after);
+}
+
+#[tokio::test]
+async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_resumes() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    // The query and one more page succeed; the third request is refused.
+    fake.org.lock().unwrap().limit_exceeded_after = Some(2);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(record["stats"]["recordsFetched"], 4000);
+    assert_eq!(record["errors"][0]["code"], "RATE_LIMIT");
+    assert_eq!(record["errors"][0]["retryable"], true);
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("REQUEST_LIMIT_EXCEEDED")
+    );
+    assert!(
+        app.broker()
+            .peek(SYNC_INBOUND_SCHEDULED)
+            .unwrap()
+            .is_empty(),
+        "no quick retry"
+    );
+    assert!(app.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
+    let checkpoint =
+        app.integration("int-acme-sf").await["structuredData"]["checkpoints"]["Account"].clone();
+    assert_eq!(
+        checkpoint["pageToken"],
+        "/services/data/v62.0/query/01gRO00000000001-4000"
+    );
+    assert_eq!(app.shards("c_company").await.len(), 4000);
+
+    fake.org.lock().unwrap().limit_exceeded_after = None;
+    let before = fake.requests().len();
+    run_job(&handler, "job-2", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["recordsFetched"], 1000);
+    assert_eq!(
+        fake.requests()[before],
+        "more 01gRO00000000001-4000",
+        "resumed, not restarted"
+    );
+    assert_eq!(app.shards("c_company").await.len(), 5000);
+}
+
+#[tokio::test]
+async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_once() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    fake.org.lock().unwrap().hold_locator = Some("01gRO00000000001-4000".into());
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+
+    let first = app.host_handler_with(UNLIMITED).await;
+    let port = first.port;
+    let held = fake.held.clone();
+    let waiting = held.notified();
+    let delivery = tokio::spawn(async move {
+        let job = json!({
+            "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
+            "provider": "salesforce", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"
+        });
+        let envelope =
+            service_bus_message("SyncInboundScheduled", &job.to_string(), "job-1", 1, None);
+        post_invocation(
+            port,
+            "SyncInboundScheduled",
+            envelope.to_string().as_bytes(),
+        )
+        .await
+    });
+    waiting.await;
+    // The third page is being fetched; once the second is checkpointed, the handler dies.
+    wait_until("the second page is checkpointed", std::time::Duration::from_secs(30), || async {
+        app.integration("int-acme-sf").await["structuredData"]["checkpoints"]["Account"]["pageToken"]
+            == "/services/data/v62.0/query/01gRO00000000001-4000"
+    })
+    .await;
+    first.kill_9().await;
+    let _ = delivery.await;
+    fake.org.lock().unwrap().hold_locator = None;
+    fake.release.notify_waiters();
+    assert_eq!(app.shards("c_company").await.len(), 4000);
+
+    let second = app.host_handler_with(UNLIMITED).await;
+    let before = fake.requests().len();
+    run_job(&second, "job-1", "full_sync", 2).await;
+    assert_eq!(fake.requests()[before], "more 01gRO00000000001-4000");
+    let companies = app.shards("c_company").await;
+    assert_eq!(companies.len(), 5000);
+    let mut ids: Vec<&str> = companies
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 5000, "no duplicates");
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success");
+    assert_eq!(
+        app.history().await.len(),
+        1,
+        "the resumed job kept its record"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integration() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 10);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    let mut credentials = fake.credentials();
+    credentials["refresh_token"] = json!("rt-revoked");
+    app.set_credentials("int-acme-sf", &credentials).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["errors"][0]["code"], "AUTHENTICATION_FAILED");
+    assert_eq!(record["errors"][0]["retryable"], false);
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_grant")
+    );
+    assert!(
+        !record.to_string().contains("s3cr3t"),
+        "no secret in the history"
+    );
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(
+        dead[0].properties["DeadLetterReason"],
+        "AUTHENTICATION_FAILED"
+    );
+    assert!(
+        app.broker()
+            .peek(SYNC_INBOUND_SCHEDULED)
+            .unwrap()
+            .is_empty(),
+        "not retried"
+    );
+    let integration = app.integration("int-acme-sf").await;
+    assert_eq!(integration["structuredData"]["status"], "error");
+
+    // New credentials put it back in service.
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let integration = app.integration("int-acme-sf").await;
+    assert_eq!(integration["structuredData"]["status"], "active");
+}
+
+#[tokio::test]
+async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    assert!(
+        app.integration("int-acme-sf").await["structuredData"]["cursors"]["Account"].is_string()
+    );
+
+    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
+    run_job(&handler, "job-2", "incremental", 1).await;
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(
+        state.get("cursors").is_none(),
+        "the cursor is dropped: {state}"
+    );
+
+    let before = fake.requests().len();
+    run_job(&handler, "job-3", "incremental", 1).await;
+    let query = &fake.requests()[before];
+    assert!(
+        !query.contains("SystemModstamp >="),
+        "a full query: {query}"
+    );
+}
