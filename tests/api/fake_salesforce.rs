@@ -125,7 +125,7 @@ impl FakeSalesforce {
 }
 
 /// Checks the bearer token and the limits; `Err` is the answer to send instead.
-fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(), Response> {
+fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(), Box<Response>> {
     let mut org = fake.org.lock().unwrap();
     org.requests.push(what);
     let token = headers
@@ -244,7 +244,7 @@ async fn query(
 ) -> Response {
     let soql = params.get("q").cloned().unwrap_or_default();
     if let Err(answer) = admit(&fake, &headers, format!("query {soql}")) {
-        return answer;
+        return *answer;
     }
     let Some((select, rest)) = soql
         .strip_prefix("SELECT ")
@@ -313,7 +313,7 @@ async fn query_more(
     Path(locator): Path<String>,
 ) -> Response {
     if let Err(answer) = admit(&fake, &headers, format!("more {locator}")) {
-        return answer;
+        return *answer;
     }
     let hold = fake.org.lock().unwrap().hold_locator.as_deref() == Some(locator.as_str());
     if hold {
@@ -330,7 +330,7 @@ async fn deleted(
     Query(params): Query<BTreeMap<String, String>>,
 ) -> Response {
     if let Err(answer) = admit(&fake, &headers, format!("deleted {entity}")) {
-        return answer;
+        return *answer;
     }
     let parse = |name: &str| {
         params
