@@ -143,19 +143,19 @@ fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(),
         }
     }
     if !org.access_tokens.contains(&token) {
-        return Err(sf_error(
+        return Err(Box::new(sf_error(
             StatusCode::UNAUTHORIZED,
             "INVALID_SESSION_ID",
             "Session expired or invalid",
-        ));
+        )));
     }
     if let Some(n) = org.limit_exceeded_after {
         if n == 0 {
-            return Err(sf_error(
+            return Err(Box::new(sf_error(
                 StatusCode::FORBIDDEN,
                 "REQUEST_LIMIT_EXCEEDED",
                 "TotalRequests Limit exceeded.",
-            ));
+            )));
         }
         org.limit_exceeded_after = Some(n - 1);
     }
