@@ -316,3 +316,31 @@ pub fn http_request_without_body(function: &str, method: &str, provider: &str) -
         }
     })
 }
+
+/// An HTTP request with a declared length: the host passes its body as text.
+pub fn http_request_with_body(function: &str, provider: &str, headers: &[(&str, &str)], body: &str) -> Value {
+    let mut data_headers = serde_json::Map::new();
+    let mut meta_headers = serde_json::Map::new();
+    for (name, value) in headers {
+        data_headers.insert(name.to_string(), json!([value]));
+        meta_headers.insert(name.to_string(), json!(value));
+    }
+    data_headers.insert("Content-Length".into(), json!([body.len().to_string()]));
+    json!({
+        "Data": {"req": {
+            "Url": format!("https://func-sync-dev.azurewebsites.net/api/webhooks/{provider}"),
+            "Method": "POST",
+            "Query": {},
+            "Headers": data_headers,
+            "Params": {"provider": provider},
+            "Identities": [{"AuthenticationType": null, "IsAuthenticated": false, "Claims": []}],
+            "Body": body
+        }},
+        "Metadata": {
+            "provider": dotnet_string(provider),
+            "Query": {},
+            "Headers": meta_headers,
+            "sys": sys(function)
+        }
+    })
+}

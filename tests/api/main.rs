@@ -10,3 +10,4 @@ mod local_runtime;
 mod operator_commands;
 mod packaging;
 mod salesforce_sync;
+mod salesforce_webhook;

@@ -43,4 +43,5 @@ pub mod types {
     pub const SYNC_FAILED: &str = "integration.sync.failed";
     pub const TOKEN_CHECK_EXPIRING: &str = "integration.token.check-expiring";
     pub const TOKEN_REFRESH_FAILED: &str = "integration.token.refresh.failed";
+    pub const WEBHOOK_RECEIVED: &str = "integration.webhook.received";
 }

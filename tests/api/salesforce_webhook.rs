@@ -1,0 +1,153 @@
+//! Salesforce Outbound Messages through WebhookReceiver and SyncInboundWebhook.
+
+use serde_json::{Value, json};
+
+use handler::queue::SYNC_INBOUND_WEBHOOK;
+
+use crate::fake_host::{http_request_with_body, service_bus_message};
+use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
+use crate::helpers::{TestApp, http_request, wait_until};
+
+fn delivery(org: &str, notifications: &[(&str, &str, &str)]) -> String {
+    let body: String = notifications
+        .iter()
+        .map(|(id, account, name)| {
+            format!(
+                r#"<Notification><Id>{id}</Id><sObject xsi:type="sf:Account" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">
+                   <sf:Id>{account}</sf:Id><sf:Name>{name}</sf:Name><sf:Industry>Energy</sf:Industry>
+                   <sf:SystemModstamp>2026-11-22T10:00:00.000Z</sf:SystemModstamp></sObject></Notification>"#
+            )
+        })
+        .collect();
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+ <soapenv:Body><notifications xmlns="http://soap.sforce.com/2005/09/outbound">
+  <OrganizationId>{org}</OrganizationId><ActionId>04k000000000001AAA</ActionId>
+  <SessionId xsi:nil="true"/><EnterpriseUrl>https://acme.my.salesforce.com/services/Soap/c/62.0</EnterpriseUrl>
+  <PartnerUrl>https://acme.my.salesforce.com/services/Soap/u/62.0</PartnerUrl>
+  {body}
+ </notifications></soapenv:Body></soapenv:Envelope>"#
+    )
+}
+
+fn integration(fake_url: &str) -> Value {
+    json!({
+        "id": "int-acme-sf", "tenantId": "t1", "name": "Acme Salesforce",
+        "structuredData": {
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"loginHost": fake_url, "organizationId": ORG_ID},
+            "entityMappings": [{
+                "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name",
+                "fieldMappings": [{"source": "Name", "target": "name", "required": true},
+                                  {"source": "Industry", "target": "industry"}]
+            }]
+        }
+    })
+}
+
+const XML: (&str, &str) = ("Content-Type", "text/xml; charset=utf-8");
+
+#[tokio::test]
+async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced() {
+    let fake = FakeSalesforce::start().await;
+    let app = TestApp::new();
+    app.register_integration(integration(&fake.url)).await;
+    let handler = app.host_handler().await;
+    let soap = delivery(
+        ORG_ID,
+        &[("04l000000000001AAA", "001000000000000001", "Smith &amp; Sons"), ("04l000000000002AAA", "001000000000000002", "Globex")],
+    );
+
+    let res = handler
+        .invoke("WebhookReceiver", &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap))
+        .await;
+    let out = &res.json()["Outputs"]["res"];
+    assert_eq!(out["statusCode"], 200, "{out}");
+    assert_eq!(out["headers"]["Content-Type"], "text/xml; charset=utf-8");
+    assert!(out["body"].as_str().unwrap().contains("<Ack>true</Ack>"));
+
+    // Salesforce delivers again (it had not seen the ack): nothing is queued twice.
+    handler
+        .invoke("WebhookReceiver", &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap))
+        .await;
+    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
+    let ids: Vec<_> = queued.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, ["04l000000000001AAA", "04l000000000002AAA"]);
+    assert_eq!(app.events()[0].kind, "integration.webhook.received");
+
+    for message in &queued {
+        let body = String::from_utf8(message.body.clone()).unwrap();
+        let envelope = service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
+        assert!(handler.invoke("SyncInboundWebhook", &envelope).await.host_accepts());
+    }
+    let companies = app.shards("c_company").await;
+    let names: Vec<_> = companies.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Smith & Sons", "Globex"]);
+    let history = app.history().await;
+    assert_eq!(history.len(), 2);
+    let record = &history[0]["structuredData"];
+    assert_eq!((record["jobType"].clone(), record["trigger"].clone()), (json!("webhook"), json!("webhook")));
+    assert_eq!(record["status"], "success");
+    assert_eq!(record["stats"]["recordsFetched"], 1);
+    assert!(fake.requests().is_empty(), "a notification carries its record: no API call");
+}
+
+#[tokio::test]
+async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() {
+    let fake = FakeSalesforce::start().await;
+    let app = TestApp::new();
+    app.register_integration(integration(&fake.url)).await;
+    let handler = app.host_handler().await;
+    let good = delivery(ORG_ID, &[("04l1", "0011", "Acme")]);
+    let cases: Vec<(Vec<(&str, &str)>, String, u16, &str)> = vec![
+        (vec![XML], delivery("00DSOMEONEELSE", &[("04l1", "0011", "Acme")]), 403, "no salesforce integration is connected to account `00DSOMEONEELSE`"),
+        (vec![XML, ("x-tenant-id", "t2")], good.clone(), 403, "x-tenant-id does not match"),
+        (vec![XML], "<notifications><broken>".into(), 400, "no OrganizationId"),
+        (vec![("Content-Type", "application/json")], "{}".into(), 400, "SOAP XML"),
+    ];
+    for (headers, body, status, reason) in cases {
+        let res = handler
+            .invoke("WebhookReceiver", &http_request_with_body("WebhookReceiver", "salesforce", &headers, &body))
+            .await;
+        let out = &res.json()["Outputs"]["res"];
+        assert_eq!(out["statusCode"], status, "{out}");
+        let error: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
+        assert!(error["error"].as_str().unwrap().contains(reason), "{error}");
+    }
+    assert!(app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().is_empty());
+
+    // The tenant's own id is fine.
+    let res = handler
+        .invoke(
+            "WebhookReceiver",
+            &http_request_with_body("WebhookReceiver", "salesforce", &[XML, ("x-tenant-id", "t1")], &good),
+        )
+        .await;
+    assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200);
+}
+
+#[tokio::test]
+async fn an_outbound_message_to_the_local_runtime_becomes_a_shard() {
+    let fake = FakeSalesforce::start().await;
+    let app = TestApp::new();
+    app.register_integration(integration(&fake.url)).await;
+    let runtime = app.start_local().await;
+    let soap = delivery(ORG_ID, &[("04l9", "001000000000000009", "Initech")]);
+    let (status, _, body) = http_request(
+        "POST",
+        &format!("http://{}/api/webhooks/salesforce", runtime.addr),
+        &[XML],
+        Some(soap.as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(String::from_utf8(body).unwrap().contains("<Ack>true</Ack>"));
+    wait_until("the notified account is a shard", std::time::Duration::from_secs(30), || async {
+        app.shards("c_company").await.len() == 1
+    })
+    .await;
+    assert_eq!(app.shards("c_company").await[0]["name"], "Initech");
+}
