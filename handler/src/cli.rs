@@ -53,7 +53,13 @@ pub enum Command {
         /// Address of the webhook front door [default: $FUNC_SYNC_LOCAL_ADDR or 127.0.0.1:7071]
         #[arg(long)]
         addr: Option<SocketAddr>,
+        /// Install the demo tenant: a bulk-import integration over bundled sample exports
+        #[arg(long)]
+        demo: bool,
     },
+    /// The demo tenant's second export: changes, new records and deletions, synced now
+    #[command(subcommand)]
+    Demo(DemoCommand),
     /// Register, update or list integrations
     #[command(subcommand)]
     Integrations(IntegrationsCommand),
@@ -123,6 +129,12 @@ pub enum CredentialsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DemoCommand {
+    /// Drop the second export into the demo's import folder and enqueue a sync
+    SecondDrop,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
     /// List dead-lettered messages of every queue
     List {
@@ -166,12 +178,30 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
                 .await
                 .map_err(|e| e.to_string())
         }
-        Command::Local { addr } => {
+        Command::Local { addr, demo } => {
             if let Some(addr) = addr {
                 settings.local_addr = addr;
             }
+            if demo {
+                match crate::demo::install(&backends).await {
+                    Ok(true) => tracing::info!(
+                        tenant = crate::demo::TENANT,
+                        folder = %crate::demo::import_folder(backends.dir.root()).display(),
+                        "demo tenant installed; its first sync starts at the scheduler's next tick"
+                    ),
+                    Ok(false) => tracing::info!(
+                        tenant = crate::demo::TENANT,
+                        "demo tenant already installed"
+                    ),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return 1;
+                    }
+                }
+            }
             local::run(settings, backends, app::providers()).await
         }
+        Command::Demo(DemoCommand::SecondDrop) => second_drop(&backends, cli.json).await,
         Command::Integrations(IntegrationsCommand::Put { file }) => {
             put_integration(&backends, &file, cli.json).await
         }
@@ -533,6 +563,21 @@ async fn sync_now(
         );
     }
     Ok(())
+}
+
+async fn second_drop(backends: &LocalBackends, json: bool) -> CliResult {
+    let folder = crate::demo::second_drop(backends.dir.root())?;
+    if !json {
+        println!("second export written to {}", folder.display());
+    }
+    sync_now(
+        backends,
+        crate::demo::TENANT,
+        crate::demo::INTEGRATION,
+        false,
+        json,
+    )
+    .await
 }
 
 async fn history(

@@ -16,13 +16,14 @@
 //!   embedded implementation for running on one machine.
 //! * [`local`]: `handler local`, an embedded Functions runtime that runs all six functions
 //!   in one process with durable local queues, timers and a webhook front door.
-//! * [`cli`]: operator commands over the same backends.
+//! * [`cli`]: operator commands over the same backends; [`demo`]: the demo tenant.
 //! * [`definition`]: the function.json files, embedded, as the single source of routes,
 //!   schedules and queues.
 
 pub mod app;
 pub mod cli;
 pub mod definition;
+pub mod demo;
 pub mod engine;
 pub mod events;
 pub mod functions;

@@ -318,7 +318,12 @@ pub fn http_request_without_body(function: &str, method: &str, provider: &str) -
 }
 
 /// An HTTP request with a declared length: the host passes its body as text.
-pub fn http_request_with_body(function: &str, provider: &str, headers: &[(&str, &str)], body: &str) -> Value {
+pub fn http_request_with_body(
+    function: &str,
+    provider: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Value {
     let mut data_headers = serde_json::Map::new();
     let mut meta_headers = serde_json::Map::new();
     for (name, value) in headers {

@@ -182,9 +182,15 @@ pub struct LocalRuntime {
 
 impl LocalRuntime {
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with_args(data_dir, &[]).await
+    }
+
+    /// Starts `handler local` with extra arguments.
+    pub async fn start_with_args(data_dir: &Path, args: &[&str]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_handler"))
-            .args(["local"])
+            .arg("local")
+            .args(args)
             .env("FUNC_SYNC_DATA_DIR", data_dir)
             .env("FUNC_SYNC_LOCAL_ADDR", &addr)
             .stdout(Stdio::null())

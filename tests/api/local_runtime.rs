@@ -55,7 +55,10 @@ async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_repla
     .await;
     let record = &history(&app).await[0]["structuredData"];
     assert_eq!(record["jobId"], job["jobId"]);
-    assert_eq!(record["jobType"], "manual");
+    assert_eq!(
+        (record["jobType"].clone(), record["trigger"].clone()),
+        (json!("full"), json!("manual"))
+    );
     assert_eq!(record["errors"][0]["code"], "PROVIDER_NOT_SUPPORTED");
 
     let dead = app.cli_json(&["dead-letters", "list"]).await;

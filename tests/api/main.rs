@@ -6,6 +6,7 @@ mod fake_salesforce;
 mod helpers;
 
 mod custom_handler;
+mod demo;
 mod local_runtime;
 mod operator_commands;
 mod packaging;

@@ -57,11 +57,21 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
     let handler = app.host_handler().await;
     let soap = delivery(
         ORG_ID,
-        &[("04l000000000001AAA", "001000000000000001", "Smith &amp; Sons"), ("04l000000000002AAA", "001000000000000002", "Globex")],
+        &[
+            (
+                "04l000000000001AAA",
+                "001000000000000001",
+                "Smith &amp; Sons",
+            ),
+            ("04l000000000002AAA", "001000000000000002", "Globex"),
+        ],
     );
 
     let res = handler
-        .invoke("WebhookReceiver", &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap))
+        .invoke(
+            "WebhookReceiver",
+            &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
+        )
         .await;
     let out = &res.json()["Outputs"]["res"];
     assert_eq!(out["statusCode"], 200, "{out}");
@@ -70,7 +80,10 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
 
     // Salesforce delivers again (it had not seen the ack): nothing is queued twice.
     handler
-        .invoke("WebhookReceiver", &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap))
+        .invoke(
+            "WebhookReceiver",
+            &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
+        )
         .await;
     let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
     let ids: Vec<_> = queued.iter().map(|m| m.message_id.as_str()).collect();
@@ -79,19 +92,34 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
 
     for message in &queued {
         let body = String::from_utf8(message.body.clone()).unwrap();
-        let envelope = service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
-        assert!(handler.invoke("SyncInboundWebhook", &envelope).await.host_accepts());
+        let envelope =
+            service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
+        assert!(
+            handler
+                .invoke("SyncInboundWebhook", &envelope)
+                .await
+                .host_accepts()
+        );
     }
     let companies = app.shards("c_company").await;
-    let names: Vec<_> = companies.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<_> = companies
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["Smith & Sons", "Globex"]);
     let history = app.history().await;
     assert_eq!(history.len(), 2);
     let record = &history[0]["structuredData"];
-    assert_eq!((record["jobType"].clone(), record["trigger"].clone()), (json!("webhook"), json!("webhook")));
+    assert_eq!(
+        (record["jobType"].clone(), record["trigger"].clone()),
+        (json!("webhook"), json!("webhook"))
+    );
     assert_eq!(record["status"], "success");
     assert_eq!(record["stats"]["recordsFetched"], 1);
-    assert!(fake.requests().is_empty(), "a notification carries its record: no API call");
+    assert!(
+        fake.requests().is_empty(),
+        "a notification carries its record: no API call"
+    );
 }
 
 #[tokio::test]
@@ -102,14 +130,37 @@ async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() 
     let handler = app.host_handler().await;
     let good = delivery(ORG_ID, &[("04l1", "0011", "Acme")]);
     let cases: Vec<(Vec<(&str, &str)>, String, u16, &str)> = vec![
-        (vec![XML], delivery("00DSOMEONEELSE", &[("04l1", "0011", "Acme")]), 403, "no salesforce integration is connected to account `00DSOMEONEELSE`"),
-        (vec![XML, ("x-tenant-id", "t2")], good.clone(), 403, "x-tenant-id does not match"),
-        (vec![XML], "<notifications><broken>".into(), 400, "no OrganizationId"),
-        (vec![("Content-Type", "application/json")], "{}".into(), 400, "SOAP XML"),
+        (
+            vec![XML],
+            delivery("00DSOMEONEELSE", &[("04l1", "0011", "Acme")]),
+            403,
+            "no salesforce integration is connected to account `00DSOMEONEELSE`",
+        ),
+        (
+            vec![XML, ("x-tenant-id", "t2")],
+            good.clone(),
+            403,
+            "x-tenant-id does not match",
+        ),
+        (
+            vec![XML],
+            "<notifications><broken>".into(),
+            400,
+            "no OrganizationId",
+        ),
+        (
+            vec![("Content-Type", "application/json")],
+            "{}".into(),
+            400,
+            "SOAP XML",
+        ),
     ];
     for (headers, body, status, reason) in cases {
         let res = handler
-            .invoke("WebhookReceiver", &http_request_with_body("WebhookReceiver", "salesforce", &headers, &body))
+            .invoke(
+                "WebhookReceiver",
+                &http_request_with_body("WebhookReceiver", "salesforce", &headers, &body),
+            )
             .await;
         let out = &res.json()["Outputs"]["res"];
         assert_eq!(out["statusCode"], status, "{out}");
@@ -122,7 +173,12 @@ async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() 
     let res = handler
         .invoke(
             "WebhookReceiver",
-            &http_request_with_body("WebhookReceiver", "salesforce", &[XML, ("x-tenant-id", "t1")], &good),
+            &http_request_with_body(
+                "WebhookReceiver",
+                "salesforce",
+                &[XML, ("x-tenant-id", "t1")],
+                &good,
+            ),
         )
         .await;
     assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200);
@@ -145,9 +201,11 @@ async fn an_outbound_message_to_the_local_runtime_becomes_a_shard() {
     .unwrap();
     assert_eq!(status, 200);
     assert!(String::from_utf8(body).unwrap().contains("<Ack>true</Ack>"));
-    wait_until("the notified account is a shard", std::time::Duration::from_secs(30), || async {
-        app.shards("c_company").await.len() == 1
-    })
+    wait_until(
+        "the notified account is a shard",
+        std::time::Duration::from_secs(30),
+        || async { app.shards("c_company").await.len() == 1 },
+    )
     .await;
     assert_eq!(app.shards("c_company").await[0]["name"], "Initech");
 }

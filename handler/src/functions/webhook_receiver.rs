@@ -24,16 +24,30 @@ use crate::protocol::{HttpRequest, HttpResponse, InvocationResponse};
 use crate::queue::{OutgoingMessage, SYNC_INBOUND_WEBHOOK};
 use crate::store::{Op, ShardQuery};
 
-pub async fn run(app: &App, output: &str, req: HttpRequest) -> Result<InvocationResponse, InvocationError> {
-    let respond = |response: HttpResponse| Ok(InvocationResponse::new().with_http(output, response));
+pub async fn run(
+    app: &App,
+    output: &str,
+    req: HttpRequest,
+) -> Result<InvocationResponse, InvocationError> {
+    let respond =
+        |response: HttpResponse| Ok(InvocationResponse::new().with_http(output, response));
     if req.method != "POST" {
-        return respond(HttpResponse::error(405, format!("webhooks are delivered with POST, not {}", req.method)));
+        return respond(HttpResponse::error(
+            405,
+            format!("webhooks are delivered with POST, not {}", req.method),
+        ));
     }
     let Some(provider_name) = req.params.get("provider").filter(|p| !p.is_empty()) else {
-        return respond(HttpResponse::error(400, "the URL names no provider: expected /api/webhooks/{provider}"));
+        return respond(HttpResponse::error(
+            400,
+            "the URL names no provider: expected /api/webhooks/{provider}",
+        ));
     };
     let Some(provider) = app.providers.get(provider_name) else {
-        return respond(HttpResponse::error(404, format!("no webhook receiver for provider `{provider_name}`")));
+        return respond(HttpResponse::error(
+            404,
+            format!("no webhook receiver for provider `{provider_name}`"),
+        ));
     };
     let delivery = match provider.parse_webhook(&WebhookRequest {
         headers: &req.headers,
@@ -52,7 +66,11 @@ pub async fn run(app: &App, output: &str, req: HttpRequest) -> Result<Invocation
         .query(
             &ShardQuery::of_type(shard_types::INTEGRATION)
                 .filter("structuredData.providerName", Op::Eq, json!(provider_name))
-                .filter("structuredData.connection.organizationId", Op::Eq, json!(delivery.account_id)),
+                .filter(
+                    "structuredData.connection.organizationId",
+                    Op::Eq,
+                    json!(delivery.account_id),
+                ),
         )
         .await
         .map_err(Transient::from)?;
@@ -61,7 +79,10 @@ pub async fn run(app: &App, output: &str, req: HttpRequest) -> Result<Invocation
         [] => {
             return respond(HttpResponse::error(
                 403,
-                format!("no {provider_name} integration is connected to account `{}`", delivery.account_id),
+                format!(
+                    "no {provider_name} integration is connected to account `{}`",
+                    delivery.account_id
+                ),
             ));
         }
         _ => {
@@ -79,7 +100,10 @@ pub async fn run(app: &App, output: &str, req: HttpRequest) -> Result<Invocation
         && claimed != integration.tenant_id
     {
         tracing::warn!(provider = %provider_name, account = %delivery.account_id, "webhook refused: x-tenant-id disagrees with the delivery");
-        return respond(HttpResponse::error(403, "x-tenant-id does not match the tenant of the delivering account"));
+        return respond(HttpResponse::error(
+            403,
+            "x-tenant-id does not match the tenant of the delivering account",
+        ));
     }
 
     let now = Utc::now();
@@ -103,7 +127,11 @@ pub async fn run(app: &App, output: &str, req: HttpRequest) -> Result<Invocation
             attempt: 1,
         };
         app.queue
-            .send(OutgoingMessage::json(SYNC_INBOUND_WEBHOOK, notification.id.clone(), &job))
+            .send(OutgoingMessage::json(
+                SYNC_INBOUND_WEBHOOK,
+                notification.id.clone(),
+                &job,
+            ))
             .await
             .map_err(Transient::from)?;
     }
@@ -111,7 +139,10 @@ pub async fn run(app: &App, output: &str, req: HttpRequest) -> Result<Invocation
         app,
         &[Event::new(
             events::WEBHOOK_RECEIVED,
-            format!("/tenants/{}/integrations/{}", integration.tenant_id, integration.id),
+            format!(
+                "/tenants/{}/integrations/{}",
+                integration.tenant_id, integration.id
+            ),
             now,
             json!({"integrationId": integration.id, "tenantId": integration.tenant_id,
                    "provider": provider_name, "notifications": delivery.notifications.len()}),

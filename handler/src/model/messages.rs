@@ -49,14 +49,13 @@ pub enum JobType {
 }
 
 impl SyncJobMessage {
-    /// The job type as the history records it: a user-triggered job is `manual` whatever it
-    /// fetches.
+    /// The job type as the history records it: what the job fetched. Who asked for it is the
+    /// record's `trigger` (a user-triggered incremental sync is `incremental` + `manual`).
     pub fn history_job_type(&self) -> SyncJobType {
-        match (self.trigger, self.job_type) {
-            (SyncTrigger::Manual, _) => SyncJobType::Manual,
-            (_, JobType::FullSync) => SyncJobType::Full,
-            (_, JobType::Incremental) => SyncJobType::Incremental,
-            (_, JobType::Webhook) => SyncJobType::Webhook,
+        match self.job_type {
+            JobType::FullSync => SyncJobType::Full,
+            JobType::Incremental => SyncJobType::Incremental,
+            JobType::Webhook => SyncJobType::Webhook,
         }
     }
 }

@@ -1,0 +1,100 @@
+//! The demo a new user runs first: `handler local --demo`, then the second export.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{LocalRuntime, TestApp, wait_until};
+
+async fn history(app: &TestApp) -> Vec<Value> {
+    app.cli_json(&["history", "--tenant", "tenant-demo"])
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn shards(app: &TestApp, shard_type: &str) -> usize {
+    app.cli_json(&[
+        "shards",
+        "--tenant",
+        "tenant-demo",
+        "--type",
+        shard_type,
+        "--limit",
+        "100000",
+    ])
+    .await
+    .as_array()
+    .unwrap()
+    .len()
+}
+
+#[tokio::test]
+async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally() {
+    let app = TestApp::new();
+    let _runtime = LocalRuntime::start_with_args(app.data_dir(), &["--demo"]).await;
+    // The scheduler would start it on its next minute; an operator need not wait.
+    app.cli_json(&["sync", "int-demo-import", "--tenant", "tenant-demo"])
+        .await;
+    wait_until(
+        "the first import finished",
+        Duration::from_secs(60),
+        || async {
+            history(&app)
+                .await
+                .first()
+                .is_some_and(|r| r["structuredData"]["status"] != "running")
+        },
+    )
+    .await;
+    let first = history(&app).await[0]["structuredData"].clone();
+    assert_eq!(
+        first["status"], "partial",
+        "one contact has no email: {first}"
+    );
+    assert_eq!(first["stats"]["recordsFetched"], 800);
+    assert_eq!(first["stats"]["shardsFailed"], 1);
+    assert_eq!(first["errors"][0]["code"], "VALIDATION_ERROR");
+    assert_eq!(first["errors"][0]["recordId"], "C0100");
+    assert_eq!(first["errors"][0]["field"], "email");
+    assert_eq!(shards(&app, "c_company").await, 300);
+    assert_eq!(
+        shards(&app, "c_contact").await,
+        498,
+        "one duplicate merged, one failed"
+    );
+
+    let out = app.cli(&["demo", "second-drop"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        "the second import finished",
+        Duration::from_secs(60),
+        || async {
+            let h = history(&app).await;
+            h.len() == 2 && h.iter().all(|r| r["structuredData"]["status"] != "running")
+        },
+    )
+    .await;
+    let all = history(&app).await;
+    let second = all
+        .iter()
+        .map(|r| &r["structuredData"])
+        .find(|r| r["jobId"] != first["jobId"])
+        .unwrap();
+    assert_eq!(second["jobType"], "incremental");
+    // 20 changed and 3 new accounts, 5 deleted; 10 changed and 3 deleted contacts; plus the
+    // records at exactly the cursor, fetched again and skipped unchanged.
+    assert_eq!(second["stats"]["shardsCreated"], 3, "{second}");
+    assert_eq!(
+        second["stats"]["shardsUpdated"],
+        20 + 5 + 10 + 3,
+        "{second}"
+    );
+    assert_eq!(shards(&app, "c_company").await, 298);
+    assert_eq!(shards(&app, "c_contact").await, 495);
+}
