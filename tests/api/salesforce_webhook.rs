@@ -129,7 +129,9 @@ async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() 
     app.register_integration(integration(&fake.url)).await;
     let handler = app.host_handler().await;
     let good = delivery(ORG_ID, &[("04l1", "0011", "Acme")]);
-    let cases: Vec<(Vec<(&str, &str)>, String, u16, &str)> = vec![
+    /// Headers, body, expected status and reason.
+    type Case<'a> = (Vec<(&'a str, &'a str)>, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec![XML],
             delivery("00DSOMEONEELSE", &[("04l1", "0011", "Acme")]),
