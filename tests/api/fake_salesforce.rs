@@ -41,7 +41,7 @@ pub struct Org {
     /// Every data request's path and query, in order.
     pub requests: Vec<String>,
     pub token_refreshes: usize,
-    cursors: BTreeMap<String, (Vec<Map<String, Value>>, usize)>,
+    cursors: BTreeMap<String, (Arc<Vec<Map<String, Value>>>, usize)>,
     next_cursor: usize,
     issued: usize,
 }
@@ -286,7 +286,7 @@ async fn query(
         .filter(|r| since.is_none_or(|s| modified(r) >= s))
         .collect();
     rows.sort_by(|a, b| (modified(a), a["Id"].as_str()).cmp(&(modified(b), b["Id"].as_str())));
-    let rows = rows
+    let rows: Vec<Map<String, Value>> = rows
         .into_iter()
         .map(|r| {
             let mut out = Map::new();
@@ -302,7 +302,7 @@ async fn query(
         .collect();
     org.next_cursor += 1;
     let locator = format!("01gRO00000{:06}", org.next_cursor);
-    org.cursors.insert(locator.clone(), (rows, 0));
+    org.cursors.insert(locator.clone(), (Arc::new(rows), 0));
     drop(org);
     page(&fake, &locator, batch_size(&headers))
 }

@@ -12,3 +12,4 @@ mod operator_commands;
 mod packaging;
 mod salesforce_sync;
 mod salesforce_webhook;
+mod scheduler;

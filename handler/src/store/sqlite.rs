@@ -30,7 +30,20 @@ CREATE TABLE IF NOT EXISTS shards (
     PRIMARY KEY (tenant_id, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS shards_by_type ON shards (shard_type_id, tenant_id);
+CREATE TABLE IF NOT EXISTS shard_keys (
+    tenant_id     TEXT NOT NULL,
+    shard_type_id TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    id            TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, shard_type_id, name, value, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS shard_keys_by_shard ON shard_keys (tenant_id, id);
 ";
+
+/// The prefix of the paths whose values [`SqliteStore`] indexes in `shard_keys`: the match keys
+/// of deduplication, looked up for every page of a sync. (Cosmos DB indexes every path.)
+const INDEXED_KEYS: &str = "dedupKeys.";
 
 /// Opens a SQLite database the way every embedded backend wants it.
 pub(crate) fn open_database(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
@@ -76,14 +89,42 @@ struct Row {
     shard_type_id: String,
     deleted: bool,
     doc: String,
+    keys: Vec<(String, String)>,
 }
 
 fn encode(shard: &Shard) -> Result<Row, StoreError> {
+    let keys = match shard.extra.get("dedupKeys") {
+        Some(Value::Object(keys)) => keys
+            .iter()
+            .filter_map(|(name, value)| value.as_str().map(|v| (name.clone(), v.to_string())))
+            .collect(),
+        _ => Vec::new(),
+    };
     Ok(Row {
         shard_type_id: shard.shard_type_id.clone(),
         deleted: shard.deleted_at.is_some(),
         doc: serde_json::to_string(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        keys,
     })
+}
+
+/// Replaces the indexed keys of one shard.
+fn write_keys(conn: &Connection, shard: &Shard, row: &Row) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?
+        .execute([&shard.tenant_id, &shard.id])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for (name, value) in &row.keys {
+        insert.execute(rusqlite::params![
+            shard.tenant_id,
+            row.shard_type_id,
+            name,
+            value,
+            shard.id
+        ])?;
+    }
+    Ok(())
 }
 
 fn decode(doc: &str, etag: String) -> Result<Versioned<Shard>, StoreError> {
@@ -101,14 +142,16 @@ fn write(
     let sql = format!(
         "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
     );
-    conn.prepare_cached(&sql)?.execute(rusqlite::params![
+    let written = conn.prepare_cached(&sql)?.execute(rusqlite::params![
         shard.tenant_id,
         shard.id,
         row.shard_type_id,
         row.deleted,
         etag,
         row.doc
-    ])
+    ])?;
+    write_keys(conn, shard, row)?;
+    Ok(written)
 }
 
 fn sql_value(value: &Value) -> SqlValue {
@@ -145,8 +188,9 @@ impl ShardStore for SqliteStore {
         let row = encode(&shard)?;
         self.with_conn(move |conn| {
             let etag = new_etag();
-            match write(conn, &shard, &row, &etag, "INSERT") {
-                Ok(_) => Ok(etag),
+            let tx = conn.transaction().map_err(unavailable)?;
+            match write(&tx, &shard, &row, &etag, "INSERT").and_then(|_| tx.commit()) {
+                Ok(()) => Ok(etag),
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
@@ -163,7 +207,9 @@ impl ShardStore for SqliteStore {
         let row = encode(&shard)?;
         self.with_conn(move |conn| {
             let etag = new_etag();
-            write(conn, &shard, &row, &etag, "INSERT OR REPLACE").map_err(unavailable)?;
+            let tx = conn.transaction().map_err(unavailable)?;
+            write(&tx, &shard, &row, &etag, "INSERT OR REPLACE").map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
             Ok(etag)
         })
         .await
@@ -175,7 +221,8 @@ impl ShardStore for SqliteStore {
         let if_match = if_match.to_string();
         self.with_conn(move |conn| {
             let etag = new_etag();
-            let changed = conn
+            let tx = conn.transaction().map_err(unavailable)?;
+            let changed = tx
                 .prepare_cached(
                     "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6
                      WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7",
@@ -192,6 +239,8 @@ impl ShardStore for SqliteStore {
                 ])
                 .map_err(unavailable)?;
             if changed == 1 {
+                write_keys(&tx, &shard, &row).map_err(unavailable)?;
+                tx.commit().map_err(unavailable)?;
                 Ok(etag)
             } else {
                 Err(StoreError::PreconditionFailed)
@@ -261,6 +310,24 @@ impl ShardStore for SqliteStore {
             }
             for f in &query.filters {
                 let path = f.path.as_str();
+                if let (Some(name), Some(tenant), Op::In | Op::Eq) =
+                    (path.strip_prefix(INDEXED_KEYS), &query.tenant_id, f.op)
+                {
+                    let values: Vec<&Value> = match &f.value {
+                        Value::Array(items) => items.iter().collect(),
+                        one => vec![one],
+                    };
+                    let marks = vec!["?"; values.len()].join(", ");
+                    sql.push_str(&format!(
+                        " AND id IN (SELECT id FROM shard_keys WHERE tenant_id = ? AND shard_type_id = ?
+                                     AND name = ? AND value IN ({marks}))"
+                    ));
+                    args.push(SqlValue::Text(tenant.clone()));
+                    args.push(SqlValue::Text(query.shard_type_id.clone()));
+                    args.push(SqlValue::Text(name.to_string()));
+                    args.extend(values.into_iter().map(sql_value));
+                    continue;
+                }
                 match (f.op, &f.value) {
                     (Op::Eq, Value::Null) => {
                         sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IS NULL"));
@@ -419,6 +486,34 @@ mod tests {
         let found = store.query(&q).await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].value.id, "b");
+    }
+
+    #[tokio::test]
+    async fn indexed_match_keys_follow_their_shards() {
+        let (_dir, store) = store();
+        let mut s = shard("t1", "a", json!({}));
+        s.shard_type_id = "c_contact".into();
+        s.extra
+            .insert("dedupKeys".into(), json!({"email_exact": "ann@x.test"}));
+        store.upsert(&s).await.unwrap();
+        let by_key = |key: &str| {
+            ShardQuery::of_type("c_contact").in_tenant("t1").filter(
+                "dedupKeys.email_exact",
+                Op::In,
+                json!([key, "other@x.test"]),
+            )
+        };
+        assert_eq!(store.query(&by_key("ann@x.test")).await.unwrap().len(), 1);
+        s.extra
+            .insert("dedupKeys".into(), json!({"email_exact": "ann@y.test"}));
+        store.upsert(&s).await.unwrap();
+        assert!(
+            store.query(&by_key("ann@x.test")).await.unwrap().is_empty(),
+            "old key dropped"
+        );
+        assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
+        let other_tenant = by_key("ann@y.test").in_tenant("t2");
+        assert!(store.query(&other_tenant).await.unwrap().is_empty());
     }
 
     #[tokio::test]

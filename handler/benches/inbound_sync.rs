@@ -1,0 +1,280 @@
+//! Inbound sync throughput and memory, end to end: a loopback Salesforce, the release
+//! `handler` binary invoked as the Functions host invokes it, and the embedded store.
+//!
+//!     cargo bench -p handler --bench inbound_sync
+//!
+//! Prints:
+//! * a full sync of 10,000 records (5,000 accounts, 5,000 contacts; split-name mapping,
+//!   deduplication on email): wall time and records/s;
+//! * the same 10,000 records fetched, parsed and written to the store with no engine around
+//!   them (no mapping, dedup, content checks or checkpoints), and the ratio of the two;
+//! * a re-run with nothing changed: shard writes (created + updated);
+//! * a full sync of 100,000 records: wall time and the handler's peak RSS.
+
+#[path = "../../tests/api/fake_salesforce.rs"]
+#[allow(dead_code)]
+mod fake_salesforce;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+
+use adapters::{Connection, Credentials, FetchRequest, Provider, salesforce::Salesforce};
+use fake_salesforce::{FakeSalesforce, ORG_ID};
+use handler::model::Shard;
+use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
+use handler::store::{ShardStore, SqliteStore};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn populate(fake: &FakeSalesforce, per_entity: usize) {
+    let base = Utc::now() - chrono::Duration::days(1);
+    for i in 0..per_entity {
+        let at = base + chrono::Duration::milliseconds(i as i64);
+        fake.add("Account", json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": "Technology"}), at);
+        // Every hundredth contact repeats the previous one's email: a duplicate to merge.
+        let email = format!("person{}@acme.test", if i % 100 == 99 { i - 1 } else { i });
+        fake.add("Contact", json!({"Id": format!("003{i:015}"), "Name": format!("Mary Ann Person{i}"), "Email": email}), at);
+    }
+}
+
+fn integration(fake: &FakeSalesforce) -> Shard {
+    serde_json::from_value(json!({
+        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
+        "structuredData": {
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"loginHost": fake.url, "organizationId": ORG_ID},
+            "entityMappings": [
+                {"externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name",
+                 "fieldMappings": [{"source": "Name", "target": "name", "required": true},
+                                   {"source": "Industry", "target": "industry"}]},
+                {"externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "full_name",
+                 "fieldMappings": [{"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
+                                   {"source": "Name", "target": "full_name"},
+                                   {"source": "Email", "target": "email", "required": true}],
+                 "deduplication": {"rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"}}
+            ]
+        }
+    }))
+    .unwrap()
+}
+
+async fn prepare(fake: &FakeSalesforce, dir: &Path) {
+    SqliteStore::open(&dir.join("store.db"))
+        .unwrap()
+        .upsert(&integration(fake))
+        .await
+        .unwrap();
+    FileSecrets::new(&dir.join("secrets.json"))
+        .set(
+            &credential_secret_name("t1", "int-bench"),
+            Secret::new(fake.credentials().to_string()),
+        )
+        .await
+        .unwrap();
+}
+
+struct Handler {
+    child: Child,
+    port: u16,
+}
+
+impl Handler {
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_handler"))
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("FUNC_SYNC_DATA_DIR", dir)
+            .env("SYNC_MAX_RECORDS", "10000000")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self { child, port }
+    }
+
+    /// Runs one sync job as the host would deliver it; returns the wall time.
+    fn sync(&self, job_id: &str, job_type: &str) -> Duration {
+        let job = json!({"integrationId": "int-bench", "tenantId": "t1", "jobType": job_type,
+                         "provider": "salesforce", "jobId": job_id, "scheduledAt": Utc::now()});
+        let quoted = |s: &str| Value::String(Value::String(s.to_string()).to_string());
+        let envelope = json!({
+            "Data": {"message": quoted(&job.to_string())},
+            "Metadata": {"DeliveryCount": "1", "MessageId": quoted(job_id)}
+        })
+        .to_string();
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "POST /SyncInboundScheduled HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{envelope}",
+            envelope.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let elapsed = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        elapsed
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib / 1024.0
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn last_stats(dir: &Path, job_id: &str) -> Value {
+    let store = SqliteStore::open(&dir.join("store.db")).unwrap();
+    let history = store
+        .query(&handler::store::ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
+        .await
+        .unwrap();
+    let record = history
+        .into_iter()
+        .map(|v| v.value.structured_data)
+        .find(|r| r["jobId"] == job_id)
+        .unwrap();
+    assert_ne!(record["status"], "failed", "{record}");
+    record["stats"].clone()
+}
+
+/// Fetch, parse and write the same records with nothing else: the floor for the engine.
+async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
+    let store = SqliteStore::open(&dir.join("baseline.db")).unwrap();
+    let salesforce = Salesforce::new();
+    let mut settings = Map::new();
+    settings.insert("loginHost".into(), json!(fake.url));
+    let credentials = Credentials::new(fake.credentials().as_object().unwrap().clone());
+    let mut conn = Connection::new("int-baseline", settings, credentials);
+    let started = Instant::now();
+    let mut written = 0;
+    for entity in ["Account", "Contact"] {
+        let mut request = FetchRequest {
+            entity: entity.into(),
+            fields: vec!["Name".into(), "Industry".into(), "Email".into()],
+            since: None,
+            page_token: None,
+            filters: vec![],
+            page_size: 2000,
+        };
+        loop {
+            let page = salesforce.fetch_page(&mut conn, &request).await.unwrap();
+            let shards: Vec<Shard> = page
+                .records
+                .into_iter()
+                .map(|r| Shard {
+                    id: r.id,
+                    tenant_id: "t1".into(),
+                    shard_type_id: entity.into(),
+                    name: String::new(),
+                    structured_data: Value::Object(r.fields),
+                    relationships: vec![],
+                    external_relationships: vec![],
+                    created_at: None,
+                    created_by: None,
+                    updated_at: None,
+                    deleted_at: None,
+                    extra: Map::new(),
+                })
+                .collect();
+            written += shards.len() as u64;
+            store.upsert_many(&shards).await.unwrap();
+            match page.next_page {
+                Some(next) => request.page_token = Some(next),
+                None => break,
+            }
+        }
+    }
+    (started.elapsed(), written)
+}
+
+#[tokio::main]
+async fn main() {
+    let fake = FakeSalesforce::start().await;
+    populate(&fake, 5_000);
+    let dir = tempfile::tempdir().unwrap();
+    prepare(&fake, dir.path()).await;
+    let handler = Handler::start(dir.path());
+
+    let full = handler.sync("bench-full", "full_sync");
+    let stats = last_stats(dir.path(), "bench-full").await;
+    let fetched = stats["recordsFetched"].as_u64().unwrap();
+    println!(
+        "full sync of {fetched} records (split names, dedup on email) into the embedded store:"
+    );
+    println!(
+        "  {:.3} s, {:.0} records/s  (created {}, updated {})",
+        full.as_secs_f64(),
+        fetched as f64 / full.as_secs_f64(),
+        stats["shardsCreated"],
+        stats["shardsUpdated"]
+    );
+
+    let rerun = handler.sync("bench-rerun", "full_sync");
+    let stats = last_stats(dir.path(), "bench-rerun").await;
+    let writes =
+        stats["shardsCreated"].as_u64().unwrap() + stats["shardsUpdated"].as_u64().unwrap();
+    println!(
+        "re-run with nothing changed: {:.3} s, shard writes {writes} (skipped {})",
+        rerun.as_secs_f64(),
+        stats["shardsSkipped"]
+    );
+    println!(
+        "  handler peak RSS so far: {:.1} MiB",
+        handler.peak_rss_mib()
+    );
+    drop(handler);
+
+    let (floor, written) = baseline(&fake, dir.path()).await;
+    println!(
+        "same records fetched, parsed and written with no engine: {:.3} s ({written} records); engine/baseline = {:.2}",
+        floor.as_secs_f64(),
+        full.as_secs_f64() / floor.as_secs_f64()
+    );
+
+    let big = FakeSalesforce::start().await;
+    populate(&big, 50_000);
+    let dir = tempfile::tempdir().unwrap();
+    prepare(&big, dir.path()).await;
+    let handler = Handler::start(dir.path());
+    let elapsed = handler.sync("bench-100k", "full_sync");
+    let stats = last_stats(dir.path(), "bench-100k").await;
+    println!(
+        "full sync of {} records: {:.2} s, {:.0} records/s, handler peak RSS {:.1} MiB",
+        stats["recordsFetched"],
+        elapsed.as_secs_f64(),
+        stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),
+        handler.peak_rss_mib()
+    );
+}

@@ -1,0 +1,117 @@
+//! SyncScheduler's guarantees: one job per due time, and limits that defer but never drop.
+
+use serde_json::{Value, json};
+
+use handler::queue::SYNC_INBOUND_SCHEDULED;
+
+use crate::fake_host::{HostedHandler, service_bus_message, timer_first_run};
+use crate::helpers::{TestApp, integration_of};
+
+async fn tick(handler: &HostedHandler) -> Value {
+    let res = handler
+        .invoke("SyncScheduler", &timer_first_run("SyncScheduler", "timer"))
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    res.json()["Logs"].clone()
+}
+
+#[tokio::test]
+async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
+    let app = TestApp::new();
+    for i in 0..5 {
+        app.register_integration(integration_of(&format!("int-{i}"), "zoom"))
+            .await;
+    }
+    let handler = app
+        .host_handler_with(&[("SYNC_MAX_CONCURRENT_PER_TENANT", "3")])
+        .await;
+
+    assert_eq!(
+        tick(&handler).await,
+        json!(["5 integrations due, 3 sync jobs enqueued"])
+    );
+    assert_eq!(
+        tick(&handler).await,
+        json!(["2 integrations due, 0 sync jobs enqueued"])
+    );
+    let check_due = app
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == "integration.sync.check_due")
+        .last()
+        .unwrap();
+    assert_eq!(check_due.data["deferred"], 2);
+
+    // One sync ends (it fails: no zoom adapter), freeing a slot.
+    let queued = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(queued.len(), 3);
+    let body = String::from_utf8(queued[0].body.clone()).unwrap();
+    let envelope = service_bus_message(
+        "SyncInboundScheduled",
+        &body,
+        &queued[0].message_id,
+        1,
+        None,
+    );
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+    assert_eq!(
+        tick(&handler).await,
+        json!(["2 integrations due, 1 sync jobs enqueued"])
+    );
+    assert_eq!(app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn two_instances_ticking_at_once_enqueue_a_due_integration_once() {
+    let app = TestApp::new();
+    app.register_integration(integration_of("int-1", "zoom"))
+        .await;
+    let before = app.integration("int-1").await["structuredData"]["nextSyncAt"].clone();
+    let a = app.host_handler().await;
+    let b = app.host_handler().await;
+
+    let (la, lb) = tokio::join!(tick(&a), tick(&b));
+    let enqueued: Vec<_> = [la, lb]
+        .iter()
+        .map(|l| l[0].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        enqueued
+            .iter()
+            .filter(|l| l.ends_with("1 sync jobs enqueued"))
+            .count()
+            <= 1,
+        "{enqueued:?}"
+    );
+    let queued = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(
+        queued.len(),
+        1,
+        "duplicate detection and the etag claim keep one job"
+    );
+    let after = app.integration("int-1").await["structuredData"]["nextSyncAt"].clone();
+    assert_ne!(before, after);
+}
+
+#[tokio::test]
+async fn a_frequent_schedule_is_held_to_the_minimum_interval() {
+    let app = TestApp::new();
+    let mut every_minute = integration_of("int-1", "zoom");
+    every_minute["structuredData"]["syncFrequency"] =
+        json!({"type": "interval", "intervalMinutes": 1});
+    app.register_integration(every_minute).await;
+    let handler = app.host_handler().await;
+    tick(&handler).await;
+    let next = app.integration("int-1").await["structuredData"]["nextSyncAt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let next = chrono::DateTime::parse_from_rfc3339(&next).unwrap();
+    let wait = next.signed_duration_since(chrono::Utc::now());
+    assert!(wait > chrono::Duration::minutes(4), "next sync in {wait}");
+}
