@@ -40,13 +40,21 @@ fn free_port() -> u16 {
 
 fn populate(fake: &FakeSalesforce, per_entity: usize) {
     let base = Utc::now() - chrono::Duration::days(1);
-    for i in 0..per_entity {
-        let at = base + chrono::Duration::milliseconds(i as i64);
-        fake.add("Account", json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": "Technology"}), at);
-        // Every hundredth contact repeats the previous one's email: a duplicate to merge.
-        let email = format!("person{}@acme.test", if i % 100 == 99 { i - 1 } else { i });
-        fake.add("Contact", json!({"Id": format!("003{i:015}"), "Name": format!("Mary Ann Person{i}"), "Email": email}), at);
-    }
+    let at = |i: usize| base + chrono::Duration::milliseconds(i as i64);
+    fake.load(
+        "Account",
+        (0..per_entity).map(|i| {
+            (json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": "Technology"}), at(i))
+        }),
+    );
+    // Every hundredth contact repeats the previous one's email: a duplicate to merge.
+    fake.load(
+        "Contact",
+        (0..per_entity).map(|i| {
+            let email = format!("person{}@acme.test", if i % 100 == 99 { i - 1 } else { i });
+            (json!({"Id": format!("003{i:015}"), "Name": format!("Mary Ann Person{i}"), "Email": email}), at(i))
+        }),
+    );
 }
 
 fn integration(fake: &FakeSalesforce) -> Shard {

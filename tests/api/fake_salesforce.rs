@@ -21,6 +21,9 @@ use tokio::sync::Notify;
 pub const CLIENT_ID: &str = "3MVG9-fake-client";
 pub const ORG_ID: &str = "00D000000000062EAA";
 
+/// A query's result rows and how far the client has read them.
+type Cursor = (Arc<Vec<Map<String, Value>>>, usize);
+
 #[derive(Default)]
 pub struct Org {
     /// Records per entity, each with `Id` and `SystemModstamp`.
@@ -36,12 +39,14 @@ pub struct Org {
     /// Data requests answer 403 REQUEST_LIMIT_EXCEEDED after this many more.
     pub limit_exceeded_after: Option<usize>,
     pub api_usage: (u64, u64),
+    /// Every data request answers this status (a Salesforce outage).
+    pub outage: Option<StatusCode>,
     /// A request for this query locator waits until the test releases it.
     pub hold_locator: Option<String>,
     /// Every data request's path and query, in order.
     pub requests: Vec<String>,
     pub token_refreshes: usize,
-    cursors: BTreeMap<String, (Arc<Vec<Map<String, Value>>>, usize)>,
+    cursors: BTreeMap<String, Cursor>,
     next_cursor: usize,
     issued: usize,
 }
@@ -111,6 +116,17 @@ impl FakeSalesforce {
         records.push(record);
     }
 
+    /// Adds many new records at once (no check for ids already there).
+    pub fn load(&self, entity: &str, records: impl IntoIterator<Item = (Value, DateTime<Utc>)>) {
+        let mut org = self.org.lock().unwrap();
+        let rows = org.records.entry(entity.to_string()).or_default();
+        for (fields, modified) in records {
+            let mut record = fields.as_object().unwrap().clone();
+            record.insert("SystemModstamp".into(), json!(timestamp(modified)));
+            rows.push(record);
+        }
+    }
+
     pub fn delete(&self, entity: &str, id: &str, at: DateTime<Utc>) {
         let mut org = self.org.lock().unwrap();
         if let Some(records) = org.records.get_mut(entity) {
@@ -147,6 +163,13 @@ fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(),
             StatusCode::UNAUTHORIZED,
             "INVALID_SESSION_ID",
             "Session expired or invalid",
+        )));
+    }
+    if let Some(status) = org.outage {
+        return Err(Box::new(sf_error(
+            status,
+            "SERVER_UNAVAILABLE",
+            "Service temporarily unavailable",
         )));
     }
     if let Some(n) = org.limit_exceeded_after {

@@ -57,18 +57,16 @@ fn integration(fake: &FakeSalesforce, with_contacts: bool) -> Value {
 }
 
 fn add_accounts(fake: &FakeSalesforce, count: usize) {
-    for i in 0..count {
-        let industry = if i % 2 == 0 {
-            json!("Technology")
-        } else {
-            Value::Null
-        };
-        fake.add(
-            "Account",
-            json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": industry}),
-            base_time() + Duration::seconds(i as i64),
-        );
-    }
+    fake.load(
+        "Account",
+        (0..count).map(|i| {
+            let industry = if i % 2 == 0 { json!("Technology") } else { Value::Null };
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": industry}),
+                base_time() + Duration::seconds(i as i64),
+            )
+        }),
+    );
 }
 
 async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str, delivery: u32) {
@@ -528,4 +526,97 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         !query.contains("SystemModstamp >="),
         "a full query: {query}"
     );
+}
+
+#[tokio::test]
+async fn an_outage_is_retried_later_with_backoff_and_the_job_record_says_so() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 10);
+    fake.org.lock().unwrap().outage = Some(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+
+    let started = Utc::now();
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let retry = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(
+        retry.len(),
+        1,
+        "the delivery completed and a retry was scheduled"
+    );
+    assert_eq!(retry[0].message_id, "job-1:attempt-2");
+    let job: Value = serde_json::from_slice(&retry[0].body).unwrap();
+    assert_eq!(
+        (job["attempt"].clone(), job["trigger"].clone()),
+        (json!(2), json!("retry"))
+    );
+    let delay = app
+        .broker()
+        .next_wakeup(SYNC_INBOUND_SCHEDULED, started)
+        .unwrap()
+        .unwrap()
+        - started;
+    assert!(
+        delay >= Duration::seconds(4) && delay <= Duration::seconds(7),
+        "first retry after ~5 s: {delay}"
+    );
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "running");
+    assert_eq!(record["errors"][0]["code"], "SERVICE_UNAVAILABLE");
+    assert_eq!(record["errors"][0]["retryable"], true);
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .starts_with("attempt 1 of 10 failed (SERVICE_UNAVAILABLE)")
+    );
+
+    // Salesforce is back; the retry (same job, attempt 2) finishes the job in the same record.
+    fake.org.lock().unwrap().outage = None;
+    let body = String::from_utf8(retry[0].body.clone()).unwrap();
+    let envelope =
+        service_bus_message("SyncInboundScheduled", &body, &retry[0].message_id, 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success");
+    assert_eq!(record["trigger"], "retry");
+    assert_eq!(app.history().await.len(), 1);
+    assert_eq!(app.shards("c_company").await.len(), 10);
+}
+
+#[tokio::test]
+async fn a_sync_stops_early_when_api_usage_reaches_the_integrations_share() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    fake.org.lock().unwrap().api_usage = (79_999, 100_000);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(
+        record["stats"]["recordsFetched"], 2000,
+        "one page, then the 80% share is reached"
+    );
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("API usage 80000/100000"),
+        "{record}"
+    );
+    assert_eq!(fake.requests().len(), 1, "no request past the share");
 }

@@ -37,8 +37,7 @@ async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
     let check_due = app
         .events()
         .into_iter()
-        .filter(|e| e.kind == "integration.sync.check_due")
-        .last()
+        .rfind(|e| e.kind == "integration.sync.check_due")
         .unwrap();
     assert_eq!(check_due.data["deferred"], 2);
 
