@@ -187,7 +187,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
                     Ok(true) => tracing::info!(
                         tenant = crate::demo::TENANT,
                         folder = %crate::demo::import_folder(backends.dir.root()).display(),
-                        "demo tenant installed; its first sync starts at the scheduler's next tick"
+                        "demo tenant installed; its first sync is on its way"
                     ),
                     Ok(false) => tracing::info!(
                         tenant = crate::demo::TENANT,

@@ -3,8 +3,9 @@
 //! minutes, with no account anywhere.
 //!
 //! The first drop (300 accounts, 500 contacts, one person exported twice, one contact without
-//! an email) is written to `<data dir>/imports/demo/` when the demo is installed; `handler demo
-//! second-drop` adds a later export that changes, adds and deletes records, and asks for a sync.
+//! an email) is written to `<data dir>/imports/demo/` when the demo is installed, and its sync
+//! is enqueued at once; `handler demo second-drop` adds a later export that changes, adds and
+//! deletes records, and asks for a sync.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use crate::app::LocalBackends;
 use crate::model::Shard;
+use crate::queue::{MessageQueue, OutgoingMessage, SYNC_INBOUND_SCHEDULED};
 use crate::store::{ShardStore, StoreError};
 
 pub const TENANT: &str = "tenant-demo";
@@ -66,7 +68,7 @@ fn integration(folder: &Path) -> Shard {
         "structuredData": {
             "providerName": "bulk_import",
             "syncFrequency": {"type": "interval", "intervalMinutes": 5},
-            "nextSyncAt": crate::model::timestamp::format(&now),
+            "nextSyncAt": crate::model::timestamp::format(&(now + chrono::Duration::minutes(5))),
             "connection": {"path": folder.display().to_string()},
             "entityMappings": [
                 {
@@ -100,13 +102,31 @@ fn integration(folder: &Path) -> Shard {
     .expect("the demo integration is a valid shard")
 }
 
-/// Installs the demo tenant if it is not there yet. Returns whether it was installed now.
+/// Installs the demo tenant if it is not there yet, and asks for its first sync at once (the
+/// scheduler takes over five minutes later). Returns whether it was installed now.
 pub async fn install(backends: &LocalBackends) -> Result<bool, String> {
     let folder = import_folder(backends.dir.root());
     let shard = integration(&folder);
     match backends.store.create(&shard).await {
         Ok(_) => {
             write_drop(&folder, &FIRST_DROP)?;
+            let integration = shard.data().map_err(|e| e.to_string())?;
+            let job = crate::engine::scheduler::manual_job(
+                &shard,
+                &integration,
+                true,
+                Utc::now(),
+                "demo",
+            );
+            backends
+                .broker
+                .send(OutgoingMessage::json(
+                    SYNC_INBOUND_SCHEDULED,
+                    job.job_id.clone(),
+                    &job,
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(true)
         }
         Err(StoreError::Conflict) => Ok(false),

@@ -34,8 +34,10 @@ async fn history(app: &TestApp) -> Vec<Value> {
 #[tokio::test]
 async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_replayed() {
     let app = TestApp::new();
-    app.register_integration(integration_of("int-acme-sf", "zoom"))
-        .await;
+    // Manual, so that the runtime's own scheduler does not add syncs while the test runs.
+    let mut integration = integration_of("int-acme-sf", "zoom");
+    integration["structuredData"]["syncFrequency"] = json!({"type": "manual"});
+    app.register_integration(integration).await;
     let _runtime = app.start_local().await;
 
     let job = app
@@ -80,10 +82,8 @@ async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_repla
         PATIENCE,
         || async {
             let dead = app.cli_json(&["dead-letters", "list"]).await;
-            dead.as_array()
-                .unwrap()
-                .first()
-                .is_some_and(|d| d["sequenceNumber"].as_i64() != Some(seq))
+            let dead = dead.as_array().unwrap();
+            dead.len() == 1 && dead[0]["sequenceNumber"].as_i64() != Some(seq)
         },
     )
     .await;
@@ -138,8 +138,9 @@ async fn only_one_local_runtime_runs_on_a_data_directory() {
 #[tokio::test]
 async fn a_message_being_delivered_when_the_runtime_is_killed_is_delivered_again() {
     let app = TestApp::new();
-    app.register_integration(salesforce_integration("int-acme-sf"))
-        .await;
+    let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["syncFrequency"] = json!({"type": "manual"});
+    app.register_integration(integration).await;
     let runtime = app.start_local().await;
 
     // Hold the shard store's write lock, so the job blocks mid-invocation when it writes its

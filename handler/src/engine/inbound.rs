@@ -315,8 +315,9 @@ async fn succeed(
     }
     record.sync_details = Some(outcome.details);
     finish(&mut record, status, message, now);
-    save(app, job, record_id, &record, now).await?;
 
+    // The record is written last: a crash before it leaves the job running, and its
+    // redelivery repeats these idempotent steps.
     if outcome.stopped == Some(Stop::RecordLimit) {
         let next = SyncJobMessage {
             job_id: continuation_id(&job.job_id),
@@ -338,6 +339,7 @@ async fn succeed(
         true
     })
     .await?;
+    save(app, job, record_id, &record, now).await?;
     tracing::info!(job_id = %job.job_id, status = ?record.status, fetched = record.stats.records_fetched,
         created = record.stats.shards_created, updated = record.stats.shards_updated,
         skipped = record.stats.shards_skipped, failed = record.stats.shards_failed, "sync job finished");
