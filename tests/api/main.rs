@@ -13,3 +13,4 @@ mod packaging;
 mod salesforce_sync;
 mod salesforce_webhook;
 mod scheduler;
+mod write_failures;

@@ -1,0 +1,160 @@
+//! What a sync does when the shard store fails under it: batch writes retried with backoff,
+//! then shard by shard, and a shard that still cannot be written listed in the history.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+
+use handler::app::{App, LocalBackends};
+use handler::engine::inbound;
+use handler::model::Shard;
+use handler::protocol::ServiceBusMessage;
+use handler::queue::SYNC_INBOUND_WEBHOOK;
+use handler::settings::Settings;
+use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
+
+use crate::helpers::{TestApp, salesforce_integration};
+
+/// A store whose batch writes fail `batch_failures` times, and whose single writes of
+/// `poisoned` always fail.
+struct FailingWrites {
+    inner: SqliteStore,
+    batch_failures: u32,
+    batch_calls: AtomicU32,
+    poisoned: Option<String>,
+}
+
+#[async_trait]
+impl ShardStore for FailingWrites {
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
+        self.inner.get(tenant_id, id).await
+    }
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.inner.create(shard).await
+    }
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
+        if self.poisoned.as_deref() == Some(shard.id.as_str()) {
+            return Err(StoreError::Unavailable("request entity too large".into()));
+        }
+        self.inner.upsert(shard).await
+    }
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
+        self.inner.replace(shard, if_match).await
+    }
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        self.inner.query(query).await
+    }
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+        if self.batch_calls.fetch_add(1, Ordering::SeqCst) < self.batch_failures {
+            return Err(StoreError::Unavailable("429 too many requests".into()));
+        }
+        self.inner.upsert_many(shards).await
+    }
+}
+
+async fn app_with(test: &TestApp, store: Arc<FailingWrites>) -> App {
+    let settings = Settings::from_lookup(|name| match name {
+        "FUNC_SYNC_DATA_DIR" => Some(test.data_dir().display().to_string()),
+        "FUNC_SYNC_RECORD_RETRY_BASE_MS" => Some("5".into()),
+        _ => None,
+    })
+    .unwrap();
+    let backends = LocalBackends::open(&settings).unwrap();
+    let mut app = backends.app(settings, handler::app::providers());
+    app.store = store;
+    app
+}
+
+fn webhook_job(records: usize) -> ServiceBusMessage {
+    let records: Vec<Value> = (0..records)
+        .map(|i| json!({"id": format!("001{i:015}"), "fields": {"Name": format!("Account {i}")}}))
+        .collect();
+    let job = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "webhook", "trigger": "webhook",
+        "provider": "salesforce", "jobId": "wh-1", "scheduledAt": Utc::now(),
+        "webhookPayload": {"entity": "Account", "records": records}
+    });
+    ServiceBusMessage {
+        body: job.to_string().into_bytes(),
+        delivery_count: 1,
+        message_id: Some("wh-1".into()),
+        session_id: None,
+        correlation_id: None,
+        content_type: None,
+        sequence_number: Some(1),
+        enqueued_time_utc: None,
+        application_properties: Map::new(),
+    }
+}
+
+async fn register(test: &TestApp) {
+    let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["entityMappings"] = json!([{
+        "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name",
+        "fieldMappings": [{"source": "Name", "target": "name"}]
+    }]);
+    test.register_integration(integration).await;
+}
+
+#[tokio::test]
+async fn a_batch_write_that_fails_is_retried_with_backoff_and_nothing_is_lost() {
+    let test = TestApp::new();
+    register(&test).await;
+    let store = Arc::new(FailingWrites {
+        inner: test.store(),
+        batch_failures: 2,
+        batch_calls: AtomicU32::new(0),
+        poisoned: None,
+    });
+    let app = app_with(&test, store.clone()).await;
+
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.batch_calls.load(Ordering::SeqCst),
+        3,
+        "two failures, then the write"
+    );
+    let record = &test.history().await[0]["structuredData"];
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 20);
+    assert_eq!(test.shards("c_company").await.len(), 20);
+}
+
+#[tokio::test]
+async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
+    let test = TestApp::new();
+    register(&test).await;
+    let store = Arc::new(FailingWrites {
+        inner: test.store(),
+        batch_failures: u32::MAX,
+        batch_calls: AtomicU32::new(0),
+        poisoned: Some("int-acme-sf~Account~001000000000000007".into()),
+    });
+    let app = app_with(&test, store.clone()).await;
+
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(10), Utc::now())
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.batch_calls.load(Ordering::SeqCst),
+        4,
+        "the batch was tried four times"
+    );
+    let record = &test.history().await[0]["structuredData"];
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 9);
+    assert_eq!(record["stats"]["shardsFailed"], 1);
+    let error = &record["errors"][0];
+    assert_eq!(error["code"], "STORE_ERROR");
+    assert_eq!(error["recordId"], "001000000000000007");
+    assert_eq!(error["entity"], "Account");
+    assert_eq!(error["retryable"], true);
+    assert_eq!(test.shards("c_company").await.len(), 9);
+}
