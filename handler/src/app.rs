@@ -2,15 +2,17 @@
 //!
 //! Functions receive an [`App`] and never know which backends they run on. [`LocalBackends`]
 //! builds the embedded ones in a data directory; the same directory is what `handler local`
-//! runs on and what the operator commands read.
+//! runs on and what the operator commands read. [`App::from_settings`] swaps in each Azure
+//! service whose settings are present.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::events::{EventSink, FileEvents};
-use crate::queue::{LocalBroker, MessageQueue};
-use crate::secrets::{FileSecrets, SecretStore};
-use crate::settings::Settings;
+use crate::events::{EventGridAuth, EventGridPublisher, EventSink, FileEvents};
+use crate::identity::AzureCredential;
+use crate::queue::{LocalBroker, MessageQueue, ServiceBusConfig, ServiceBusSender};
+use crate::secrets::{FileSecrets, KeyVaultSecrets, SecretStore};
+use crate::settings::{ServiceBusSetting, Settings};
 use crate::store::{ShardStore, SqliteStore};
 
 #[derive(Clone)]
@@ -88,6 +90,7 @@ impl LocalBackends {
         })
     }
 
+    /// An app on the embedded backends only.
     pub fn app(&self, settings: Settings, providers: adapters::Registry) -> App {
         App {
             settings,
@@ -97,6 +100,65 @@ impl LocalBackends {
             events: Arc::new(self.events.clone()),
             providers,
         }
+    }
+}
+
+/// Which queue an app sends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueChoice {
+    /// Service Bus when configured (the Functions host receives from it).
+    Configured,
+    /// The embedded queues, whatever is configured: `handler local` consumes them itself.
+    Embedded,
+}
+
+impl App {
+    /// The app on the backends its settings choose: each Azure service whose settings are
+    /// present, the embedded backend otherwise.
+    pub fn from_settings(
+        settings: Settings,
+        local: &LocalBackends,
+        providers: adapters::Registry,
+        queue: QueueChoice,
+    ) -> Result<Self, String> {
+        let mut app = local.app(settings.clone(), providers);
+        let azure = &settings.azure;
+        let mut credential: Option<AzureCredential> = None;
+        let mut entra = |client_id: Option<&str>| -> Result<AzureCredential, String> {
+            if let Some(c) = &credential {
+                return Ok(c.clone());
+            }
+            let c = AzureCredential::for_environment(client_id.or(azure.client_id.as_deref()))?;
+            credential = Some(c.clone());
+            Ok(c)
+        };
+        if let (Some(service_bus), QueueChoice::Configured) = (&azure.service_bus, queue) {
+            let config = match service_bus {
+                ServiceBusSetting::ConnectionString(text) => {
+                    ServiceBusConfig::from_connection_string(text)?
+                }
+                ServiceBusSetting::Namespace { host, client_id } => {
+                    ServiceBusConfig::from_namespace(host, Arc::new(entra(client_id.as_deref())?))?
+                }
+            };
+            app.queue = Arc::new(ServiceBusSender::new(config));
+        }
+        if let Some(url) = &azure.key_vault_url {
+            let credential = entra(None)?;
+            app.secrets = Arc::new(KeyVaultSecrets::new(url, credential.0)?);
+        }
+        if let Some(event_grid) = &azure.event_grid {
+            let auth = match &event_grid.key {
+                Some(key) => EventGridAuth::Key(key.clone()),
+                None => EventGridAuth::Entra(Arc::new(entra(None)?)),
+            };
+            app.events = Arc::new(EventGridPublisher::new(
+                &event_grid.endpoint,
+                event_grid.schema,
+                auth,
+            ));
+        }
+        Ok(app)
     }
 }
 

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
-use crate::app::{self, LocalBackends};
+use crate::app::{self, App, LocalBackends, QueueChoice};
 use crate::engine::scheduler;
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, IntegrationSync, Shard, timestamp};
@@ -173,10 +173,16 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
     };
     let result = match command {
         Command::Serve => {
-            let app = backends.app(settings.clone(), app::providers());
-            server::serve(app, settings.port)
-                .await
-                .map_err(|e| e.to_string())
+            let port = settings.port;
+            match App::from_settings(
+                settings,
+                &backends,
+                app::providers(),
+                QueueChoice::Configured,
+            ) {
+                Ok(app) => server::serve(app, port).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            }
         }
         Command::Local { addr, demo } => {
             if let Some(addr) = addr {

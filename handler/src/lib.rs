@@ -27,6 +27,7 @@ pub mod demo;
 pub mod engine;
 pub mod events;
 pub mod functions;
+pub mod identity;
 pub mod local;
 pub mod logging;
 pub mod model;

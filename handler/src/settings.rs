@@ -35,6 +35,74 @@ pub struct Settings {
     pub max_concurrent_syncs_per_tenant: usize,
     /// Delay before the first retry of a failed shard write (then 2×, 4×, ±20%).
     pub record_retry_base: Duration,
+    /// Azure backends to use instead of the embedded ones, each when its settings are present.
+    pub azure: AzureSettings,
+}
+
+/// The Azure services the app uses when configured.
+#[derive(Debug, Clone, Default)]
+pub struct AzureSettings {
+    pub service_bus: Option<ServiceBusSetting>,
+    /// `KEY_VAULT_URL`: `https://<name>.vault.azure.net/`.
+    pub key_vault_url: Option<String>,
+    pub event_grid: Option<EventGridSetting>,
+    /// `AZURE_CLIENT_ID`: a user-assigned managed identity to use for Entra tokens.
+    pub client_id: Option<String>,
+}
+
+/// How to reach Service Bus, as the Functions host's own `ServiceBusConnection` says.
+#[derive(Clone)]
+pub enum ServiceBusSetting {
+    /// `ServiceBusConnection`: a connection string with a shared access key.
+    ConnectionString(String),
+    /// `ServiceBusConnection__fullyQualifiedNamespace` (and `__clientId`): managed identity.
+    Namespace {
+        host: String,
+        client_id: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for ServiceBusSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConnectionString(_) => f.write_str("ConnectionString(<redacted>)"),
+            Self::Namespace { host, .. } => write!(f, "Namespace({host})"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EventGridSetting {
+    /// `EVENTGRID_ENDPOINT`: the topic endpoint, `https://<topic>.<region>-1.eventgrid.azure.net/api/events`.
+    pub endpoint: String,
+    /// `EVENTGRID_KEY`: the topic access key; managed identity when absent.
+    pub key: Option<String>,
+    /// `EVENTGRID_SCHEMA`: `cloudevents` (default) or `eventgrid`.
+    pub schema: crate::events::Schema,
+}
+
+impl std::fmt::Debug for EventGridSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "EventGrid({}, {:?}, key: {})",
+            self.endpoint,
+            self.schema,
+            self.key.is_some()
+        )
+    }
+}
+
+fn https_url(name: &str, value: &str, problems: &mut Vec<String>) -> Option<String> {
+    match reqwest::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "https" | "http") && url.host().is_some() => {
+            Some(value.trim().to_string())
+        }
+        _ => {
+            problems.push(format!("{name}: `{value}` is not an https URL"));
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +205,63 @@ impl Settings {
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1));
 
+        let service_bus = match (
+            read("ServiceBusConnection"),
+            read("ServiceBusConnection__fullyQualifiedNamespace"),
+        ) {
+            (Some(connection), _) => {
+                match crate::queue::ServiceBusConfig::from_connection_string(&connection) {
+                    Ok(_) => Some(ServiceBusSetting::ConnectionString(connection)),
+                    Err(e) => {
+                        problems.push(format!("ServiceBusConnection: {e}"));
+                        None
+                    }
+                }
+            }
+            (None, Some(host)) => Some(ServiceBusSetting::Namespace {
+                host,
+                client_id: read("ServiceBusConnection__clientId"),
+            }),
+            (None, None) => None,
+        };
+        let key_vault_url =
+            read("KEY_VAULT_URL").and_then(|v| https_url("KEY_VAULT_URL", &v, &mut problems));
+        let event_grid = match read("EVENTGRID_ENDPOINT") {
+            None => None,
+            Some(endpoint) => {
+                let endpoint = https_url("EVENTGRID_ENDPOINT", &endpoint, &mut problems);
+                let schema = match read("EVENTGRID_SCHEMA") {
+                    None => Some(crate::events::Schema::CloudEvents),
+                    Some(v) => match v.parse() {
+                        Ok(schema) => Some(schema),
+                        Err(e) => {
+                            problems.push(format!("EVENTGRID_SCHEMA: {e}"));
+                            None
+                        }
+                    },
+                };
+                endpoint
+                    .zip(schema)
+                    .map(|(endpoint, schema)| EventGridSetting {
+                        endpoint,
+                        key: read("EVENTGRID_KEY"),
+                        schema,
+                    })
+            }
+        };
+        if read("EVENTGRID_KEY").is_some()
+            && event_grid.is_none()
+            && read("EVENTGRID_ENDPOINT").is_none()
+        {
+            problems.push("EVENTGRID_KEY: set, but EVENTGRID_ENDPOINT is missing".into());
+        }
+        let azure = AzureSettings {
+            service_bus,
+            key_vault_url,
+            event_grid,
+            client_id: read("AZURE_CLIENT_ID"),
+        };
+
         if !problems.is_empty() {
             return Err(SettingsError { problems });
         }
@@ -152,6 +277,7 @@ impl Settings {
             min_sync_interval,
             max_concurrent_syncs_per_tenant,
             record_retry_base,
+            azure,
         })
     }
 }
@@ -195,6 +321,51 @@ mod tests {
         assert_eq!(s.min_sync_interval, Duration::from_secs(300));
         assert_eq!(s.max_concurrent_syncs_per_tenant, 3);
         assert_eq!(s.record_retry_base, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn azure_backends_are_configured_by_their_settings_and_checked() {
+        let s = settings(&[
+            (
+                "ServiceBusConnection__fullyQualifiedNamespace",
+                "sb-sync-dev.servicebus.windows.net",
+            ),
+            ("KEY_VAULT_URL", "https://kv-sync-dev.vault.azure.net/"),
+            (
+                "EVENTGRID_ENDPOINT",
+                "https://egt-sync-dev.westeurope-1.eventgrid.azure.net/api/events",
+            ),
+            ("EVENTGRID_SCHEMA", "eventgrid"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            s.azure.service_bus,
+            Some(ServiceBusSetting::Namespace { .. })
+        ));
+        assert_eq!(
+            s.azure.event_grid.unwrap().schema,
+            crate::events::Schema::EventGrid
+        );
+        assert!(settings(&[]).unwrap().azure.service_bus.is_none());
+
+        let err = settings(&[
+            (
+                "ServiceBusConnection",
+                "Endpoint=sb://x/;SharedAccessKey=very-secret",
+            ),
+            ("KEY_VAULT_URL", "not a url"),
+            ("EVENTGRID_ENDPOINT", "https://egt/api/events"),
+            ("EVENTGRID_SCHEMA", "xml"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{text}");
+        assert!(
+            text.contains("ServiceBusConnection: the connection string has no SharedAccessKeyName")
+        );
+        assert!(text.contains("KEY_VAULT_URL"));
+        assert!(text.contains("EVENTGRID_SCHEMA"));
+        assert!(!text.contains("very-secret"));
     }
 
     #[test]

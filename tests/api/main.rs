@@ -1,10 +1,12 @@
 //! Integration tests: the real `handler` binary driven the way the Functions host drives it,
 //! and the embedded runtime driven the way an operator uses it.
 
+mod fake_azure;
 mod fake_host;
 mod fake_salesforce;
 mod helpers;
 
+mod azure_backends;
 mod custom_handler;
 mod demo;
 mod local_runtime;

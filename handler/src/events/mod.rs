@@ -5,8 +5,10 @@
 //! functions' point of view: a sync that succeeded is not failed because its event could not be
 //! published, but the failure is logged.
 
+mod event_grid;
 mod file;
 
+pub use event_grid::{EventGridAuth, EventGridPublisher, Schema, batches, event_grid_schema};
 pub use file::FileEvents;
 
 use async_trait::async_trait;

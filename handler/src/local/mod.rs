@@ -17,7 +17,7 @@ use std::fs::File;
 
 use tokio::sync::watch;
 
-use crate::app::LocalBackends;
+use crate::app::{App, LocalBackends, QueueChoice};
 use crate::definition::{AppDefinition, Trigger};
 use crate::server;
 use crate::settings::Settings;
@@ -54,7 +54,12 @@ pub async fn run(
     }
     let timer_statuses =
         TimerStatusStore::open(&backends.dir.runtime()).map_err(|e| e.to_string())?;
-    let app = backends.app(settings.clone(), providers);
+    let app = App::from_settings(
+        settings.clone(),
+        &backends,
+        providers,
+        QueueChoice::Embedded,
+    )?;
     let invoker = Invoker::new(server::router(app));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

@@ -9,8 +9,12 @@
 //! with the reason in its properties ([`dead_letter`]) and completes the original.
 
 mod local;
+mod service_bus;
 
 pub use local::{DeadLetter, LocalBroker, ReceivedMessage};
+pub use service_bus::{
+    ServiceBusAuth, ServiceBusConfig, ServiceBusSender, broker_properties, sas_token,
+};
 
 use std::time::Duration;
 

@@ -5,8 +5,10 @@
 //! prints its value: not in `Debug`, not in `Display`, not in an error.
 
 mod file;
+mod key_vault;
 
 pub use file::FileSecrets;
+pub use key_vault::KeyVaultSecrets;
 
 use std::fmt;
 

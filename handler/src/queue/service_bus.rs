@@ -1,0 +1,326 @@
+//! [`MessageQueue`] on Azure Service Bus, over its REST send API.
+//!
+//! The Functions host receives from the queues; the handler only sends. Output bindings cannot
+//! set MessageId, SessionId or a schedule, so the handler posts to
+//! `https://<namespace>/<queue>/messages` itself, with the broker properties in the
+//! `BrokerProperties` header and application properties as headers of their own.
+//!
+//! Authorization is a Shared Access Signature from a connection string, or an Entra bearer
+//! token (managed identity) when only the namespace is configured, as the Functions host's own
+//! `ServiceBusConnection` / `ServiceBusConnection__fullyQualifiedNamespace` settings do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value};
+use sha2::Sha256;
+
+use super::{MessageQueue, OutgoingMessage, QueueError};
+use crate::identity::TokenSource;
+
+/// The Entra scope of Service Bus data-plane requests.
+pub const SCOPE: &str = "https://servicebus.azure.net/.default";
+
+/// How long a SAS token this sender mints is valid.
+const SAS_LIFETIME_SECS: i64 = 60 * 60;
+
+#[derive(Clone)]
+pub enum ServiceBusAuth {
+    /// A shared access key: `SharedAccessKeyName` and `SharedAccessKey` of a connection string.
+    Sas { key_name: String, key: String },
+    /// Entra bearer tokens (role: Azure Service Bus Data Sender).
+    Entra(Arc<dyn TokenSource>),
+}
+
+/// Where and how to send.
+#[derive(Clone)]
+pub struct ServiceBusConfig {
+    /// `https://<namespace>.servicebus.windows.net` (or `http://` for a local emulator).
+    pub endpoint: String,
+    pub auth: ServiceBusAuth,
+}
+
+impl std::fmt::Debug for ServiceBusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = match &self.auth {
+            ServiceBusAuth::Sas { key_name, .. } => format!("SAS({key_name})"),
+            ServiceBusAuth::Entra(_) => "Entra".into(),
+        };
+        write!(f, "ServiceBusConfig({}, {auth})", self.endpoint)
+    }
+}
+
+impl ServiceBusConfig {
+    /// Reads a connection string: `Endpoint=sb://<ns>/;SharedAccessKeyName=<rule>;SharedAccessKey=<key>`
+    /// (`UseDevelopmentEmulator=true` sends over plain HTTP, as the Service Bus emulator wants).
+    /// Errors never contain the key.
+    pub fn from_connection_string(text: &str) -> Result<Self, String> {
+        let mut endpoint = None;
+        let mut key_name = None;
+        let mut key = None;
+        let mut emulator = false;
+        for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) = part.split_once('=').ok_or_else(|| {
+                "a connection string is `Name=value` pairs separated by `;`".to_string()
+            })?;
+            match name.to_ascii_lowercase().as_str() {
+                "endpoint" => endpoint = Some(value.to_string()),
+                "sharedaccesskeyname" => key_name = Some(value.to_string()),
+                // The key is base64 text and may itself end in `=`.
+                "sharedaccesskey" => key = Some(part[name.len() + 1..].to_string()),
+                "usedevelopmentemulator" => emulator = value.eq_ignore_ascii_case("true"),
+                _ => {}
+            }
+        }
+        let endpoint = endpoint.ok_or("the connection string has no Endpoint")?;
+        let host = endpoint
+            .strip_prefix("sb://")
+            .ok_or("the connection string's Endpoint must start with sb://")?
+            .trim_end_matches('/');
+        if host.is_empty() {
+            return Err("the connection string's Endpoint has no namespace".into());
+        }
+        let scheme = if emulator { "http" } else { "https" };
+        Ok(Self {
+            endpoint: format!("{scheme}://{host}"),
+            auth: ServiceBusAuth::Sas {
+                key_name: key_name.ok_or("the connection string has no SharedAccessKeyName")?,
+                key: key.ok_or("the connection string has no SharedAccessKey")?,
+            },
+        })
+    }
+
+    /// An identity-based connection to `<namespace>.servicebus.windows.net`.
+    pub fn from_namespace(
+        namespace: &str,
+        credential: Arc<dyn TokenSource>,
+    ) -> Result<Self, String> {
+        let host = namespace
+            .trim()
+            .trim_start_matches("sb://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!(
+                "`{namespace}` is not a Service Bus namespace host name"
+            ));
+        }
+        Ok(Self {
+            endpoint: format!("https://{host}"),
+            auth: ServiceBusAuth::Entra(credential),
+        })
+    }
+}
+
+/// A Shared Access Signature for `resource` (a URL), valid until `expiry` (Unix seconds):
+/// `sig = base64(hmac_sha256(key, urlencode(resource) + "\n" + expiry))`, the key used as its
+/// UTF-8 text, not base64-decoded.
+pub fn sas_token(resource: &str, key_name: &str, key: &str, expiry: i64) -> String {
+    let encoded_resource = url_encode(resource);
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any size");
+    mac.update(format!("{encoded_resource}\n{expiry}").as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!(
+        "SharedAccessSignature sr={encoded_resource}&sig={}&se={expiry}&skn={key_name}",
+        url_encode(&signature)
+    )
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+pub fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Clone)]
+pub struct ServiceBusSender {
+    http: reqwest::Client,
+    config: ServiceBusConfig,
+}
+
+impl ServiceBusSender {
+    pub fn new(config: ServiceBusConfig) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("an HTTP client with default TLS builds"),
+            config,
+        }
+    }
+
+    async fn authorization(&self) -> Result<String, QueueError> {
+        match &self.config.auth {
+            ServiceBusAuth::Sas { key_name, key } => {
+                // A token for the namespace is valid for every entity under it.
+                let resource = format!("{}/", self.config.endpoint);
+                Ok(sas_token(
+                    &resource,
+                    key_name,
+                    key,
+                    Utc::now().timestamp() + SAS_LIFETIME_SECS,
+                ))
+            }
+            ServiceBusAuth::Entra(credential) => credential
+                .token(SCOPE)
+                .await
+                .map(|t| format!("Bearer {t}"))
+                .map_err(|e| {
+                    QueueError::Unavailable(format!("no Entra token for Service Bus: {e}"))
+                }),
+        }
+    }
+}
+
+/// The `BrokerProperties` header of a message.
+pub fn broker_properties(message: &OutgoingMessage) -> Value {
+    let mut props = Map::new();
+    props.insert(
+        "MessageId".into(),
+        Value::String(message.message_id.clone()),
+    );
+    if let Some(session) = &message.session_id {
+        props.insert("SessionId".into(), Value::String(session.clone()));
+    }
+    if let Some(correlation) = &message.correlation_id {
+        props.insert("CorrelationId".into(), Value::String(correlation.clone()));
+    }
+    if let Some(at) = message.scheduled_enqueue_time {
+        // RFC 1123, as the REST API wants it.
+        props.insert(
+            "ScheduledEnqueueTimeUtc".into(),
+            Value::String(at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()),
+        );
+    }
+    Value::Object(props)
+}
+
+#[async_trait]
+impl MessageQueue for ServiceBusSender {
+    async fn send(&self, message: OutgoingMessage) -> Result<(), QueueError> {
+        let url = format!(
+            "{}/{}/messages?timeout=60",
+            self.config.endpoint, message.queue
+        );
+        let mut request = self
+            .http
+            .post(&url)
+            .header("Authorization", self.authorization().await?)
+            .header(
+                "Content-Type",
+                message
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("application/octet-stream"),
+            )
+            .header("BrokerProperties", broker_properties(&message).to_string());
+        for (name, value) in &message.properties {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            request = request.header(name.as_str(), text);
+        }
+        let response = request.body(message.body).send().await.map_err(|e| {
+            QueueError::Unavailable(format!("sending to `{}` failed: {e}", message.queue))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let detail = response.text().await.unwrap_or_default();
+        let detail: String = detail.chars().take(300).collect();
+        let error = format!(
+            "Service Bus answered {status} for `{}`: {detail}",
+            message.queue
+        );
+        if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+            Err(QueueError::Unavailable(error))
+        } else {
+            Err(QueueError::Rejected(error))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn a_sas_token_signs_the_encoded_resource_and_expiry() {
+        let token = sas_token(
+            "https://sb-sync-dev.servicebus.windows.net/",
+            "RootManageSharedAccessKey",
+            "c2VjcmV0LWtleQ==",
+            1_767_225_600,
+        );
+        let expected_sig = {
+            let mut mac = Hmac::<Sha256>::new_from_slice(b"c2VjcmV0LWtleQ==").unwrap();
+            mac.update(b"https%3A%2F%2Fsb-sync-dev.servicebus.windows.net%2F\n1767225600");
+            url_encode(
+                &base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()),
+            )
+        };
+        assert_eq!(
+            token,
+            format!(
+                "SharedAccessSignature sr=https%3A%2F%2Fsb-sync-dev.servicebus.windows.net%2F&sig={expected_sig}&se=1767225600&skn=RootManageSharedAccessKey"
+            )
+        );
+    }
+
+    #[test]
+    fn connection_strings_are_read_and_their_errors_never_show_the_key() {
+        let config = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://sb-sync-dev.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=abc+/def==",
+        )
+        .unwrap();
+        assert_eq!(
+            config.endpoint,
+            "https://sb-sync-dev.servicebus.windows.net"
+        );
+        match &config.auth {
+            ServiceBusAuth::Sas { key_name, key } => {
+                assert_eq!((key_name.as_str(), key.as_str()), ("send", "abc+/def=="))
+            }
+            ServiceBusAuth::Entra(_) => panic!("SAS expected"),
+        }
+        assert!(!format!("{config:?}").contains("abc+/def"));
+        let emulator = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=k;SharedAccessKey=s3cret;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        assert_eq!(emulator.endpoint, "http://127.0.0.1:5672");
+        let err =
+            ServiceBusConfig::from_connection_string("Endpoint=sb://x/;SharedAccessKey=s3cret")
+                .unwrap_err();
+        assert_eq!(err, "the connection string has no SharedAccessKeyName");
+        assert!(ServiceBusConfig::from_connection_string("garbage").is_err());
+    }
+
+    #[test]
+    fn broker_properties_carry_id_session_and_schedule() {
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let message = OutgoingMessage::json("sync-outbound", "c-1:evt-9", &serde_json::json!({}))
+            .in_session("c-1")
+            .scheduled_at(at);
+        assert_eq!(
+            broker_properties(&message),
+            serde_json::json!({"MessageId": "c-1:evt-9", "SessionId": "c-1",
+                               "ScheduledEnqueueTimeUtc": "Thu, 01 Jan 2026 00:00:00 GMT"})
+        );
+    }
+}
