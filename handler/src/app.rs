@@ -13,7 +13,9 @@ use crate::identity::AzureCredential;
 use crate::queue::{LocalBroker, MessageQueue, ServiceBusConfig, ServiceBusSender};
 use crate::secrets::{FileSecrets, KeyVaultSecrets, SecretStore};
 use crate::settings::{ServiceBusSetting, Settings};
-use crate::store::{ShardStore, SqliteStore};
+use crate::store::{CosmosStore, ShardStore, SqliteStore};
+use azure_data_cosmos::options::Region;
+use azure_data_cosmos::{AccountEndpoint, AccountReference, CosmosClientBuilder, RoutingStrategy};
 
 #[derive(Clone)]
 pub struct App {
@@ -115,7 +117,7 @@ pub enum QueueChoice {
 impl App {
     /// The app on the backends its settings choose: each Azure service whose settings are
     /// present, the embedded backend otherwise.
-    pub fn from_settings(
+    pub async fn from_settings(
         settings: Settings,
         local: &LocalBackends,
         providers: adapters::Registry,
@@ -146,6 +148,30 @@ impl App {
         if let Some(url) = &azure.key_vault_url {
             let credential = entra(None)?;
             app.secrets = Arc::new(KeyVaultSecrets::new(url, credential.0)?);
+        }
+        if let Some(cosmos) = &azure.cosmos {
+            let endpoint = cosmos
+                .endpoint
+                .parse::<AccountEndpoint>()
+                .map_err(|e| format!("COSMOS_ENDPOINT: {e}"))?;
+            let account = match &cosmos.key {
+                Some(key) => AccountReference::with_authentication_key(
+                    endpoint,
+                    azure_core::credentials::Secret::new(key.clone()),
+                ),
+                None => AccountReference::with_credential(endpoint, entra(None)?.0),
+            };
+            let client = CosmosClientBuilder::new()
+                .build(
+                    account,
+                    RoutingStrategy::ProximityTo(Region::new(cosmos.region.clone())),
+                )
+                .await
+                .map_err(|e| format!("Cosmos DB `{}`: {e}", cosmos.endpoint))?;
+            let store = CosmosStore::open(&client, &cosmos.database, &cosmos.container)
+                .await
+                .map_err(|e| format!("Cosmos DB `{}`: {e}", cosmos.endpoint))?;
+            app.store = Arc::new(store);
         }
         if let Some(event_grid) = &azure.event_grid {
             let auth = match &event_grid.key {

@@ -22,9 +22,9 @@ use crate::queue::{
     DeadLetter, MessageQueue, OutgoingMessage, ReceivedMessage, SYNC_DEADLETTER,
     SYNC_INBOUND_SCHEDULED, properties,
 };
-use crate::secrets::{Secret, SecretStore, credential_secret_name};
+use crate::secrets::{Secret, credential_secret_name};
 use crate::settings::{LogFormat, Settings};
-use crate::store::{Op, ShardQuery, ShardStore, StoreError};
+use crate::store::{Op, ShardQuery, StoreError};
 use crate::{local, logging, server};
 
 #[derive(Debug, Parser)]
@@ -179,7 +179,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
                 &backends,
                 app::providers(),
                 QueueChoice::Configured,
-            ) {
+            )
+            .await
+            {
                 Ok(app) => server::serve(app, port).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             }
@@ -207,44 +209,11 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             }
             local::run(settings, backends, app::providers()).await
         }
-        Command::Demo(DemoCommand::SecondDrop) => second_drop(&backends, cli.json).await,
-        Command::Integrations(IntegrationsCommand::Put { file }) => {
-            put_integration(&backends, &file, cli.json).await
-        }
-        Command::Integrations(IntegrationsCommand::List { tenant }) => {
-            list_integrations(&backends, tenant.as_deref(), cli.json).await
-        }
-        Command::Credentials(CredentialsCommand::Set {
-            integration,
-            tenant,
-            file,
-        }) => set_credentials(&backends, &tenant, &integration, file, cli.json).await,
-        Command::Sync {
-            integration,
-            tenant,
-            full,
-        } => sync_now(&backends, &tenant, &integration, full, cli.json).await,
-        Command::History {
-            tenant,
-            integration,
-            limit,
-        } => history(&backends, &tenant, integration.as_deref(), limit, cli.json).await,
-        Command::Shards {
-            tenant,
-            shard_type,
-            external_id,
-            limit,
-        } => {
-            shards(
-                &backends,
-                &tenant,
-                &shard_type,
-                external_id.as_deref(),
-                limit,
-                cli.json,
-            )
-            .await
-        }
+        Command::DeadLetters(_) if settings.azure.service_bus.is_some() => Err(
+            "dead-letters works on the embedded queues; with Service Bus configured, \
+                 the dead letters are in each queue's $DeadLetterQueue and in sync-deadletter"
+                .into(),
+        ),
         Command::DeadLetters(DeadLettersCommand::List { queue }) => {
             list_dead_letters(&backends, queue.as_deref(), cli.json)
         }
@@ -252,6 +221,23 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             sequence_numbers,
             all,
         }) => replay_dead_letters(&backends, &sequence_numbers, all, cli.json).await,
+        operator => {
+            let app = match App::from_settings(
+                settings,
+                &backends,
+                app::providers(),
+                QueueChoice::Configured,
+            )
+            .await
+            {
+                Ok(app) => app,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            };
+            operate(operator, &backends, &app, cli.json).await
+        }
     };
     match result {
         Ok(()) => 0,
@@ -263,6 +249,53 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
 }
 
 type CliResult = Result<(), String>;
+
+/// Runs an operator command on the configured backends.
+async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bool) -> CliResult {
+    match command {
+        Command::Demo(DemoCommand::SecondDrop) => second_drop(backends, app, json).await,
+        Command::Integrations(IntegrationsCommand::Put { file }) => {
+            put_integration(app, &file, json).await
+        }
+        Command::Integrations(IntegrationsCommand::List { tenant }) => {
+            list_integrations(app, tenant.as_deref(), json).await
+        }
+        Command::Credentials(CredentialsCommand::Set {
+            integration,
+            tenant,
+            file,
+        }) => set_credentials(app, &tenant, &integration, file, json).await,
+        Command::Sync {
+            integration,
+            tenant,
+            full,
+        } => sync_now(app, &tenant, &integration, full, json).await,
+        Command::History {
+            tenant,
+            integration,
+            limit,
+        } => history(app, &tenant, integration.as_deref(), limit, json).await,
+        Command::Shards {
+            tenant,
+            shard_type,
+            external_id,
+            limit,
+        } => {
+            shards(
+                app,
+                &tenant,
+                &shard_type,
+                external_id.as_deref(),
+                limit,
+                json,
+            )
+            .await
+        }
+        Command::Serve | Command::Local { .. } | Command::DeadLetters(_) => {
+            unreachable!("served, run or listed before the operator commands")
+        }
+    }
+}
 
 fn print_json(value: &impl serde::Serialize) {
     println!(
@@ -303,11 +336,11 @@ fn store_error(e: StoreError) -> String {
 }
 
 async fn load_integration(
-    backends: &LocalBackends,
+    app: &App,
     tenant: &str,
     id: &str,
 ) -> Result<(Shard, String, Integration), String> {
-    let stored = backends
+    let stored = app
         .store
         .get(tenant, id)
         .await
@@ -331,7 +364,7 @@ const ENGINE_OWNED: [&str; 5] = [
     "checkpoints",
 ];
 
-async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -> CliResult {
+async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let mut doc: Map<String, Value> = serde_json::from_str(&text)
@@ -362,7 +395,7 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
     }
 
     let now = Utc::now();
-    let existing = backends
+    let existing = app
         .store
         .get(&shard.tenant_id, &shard.id)
         .await
@@ -401,8 +434,8 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
     shard.updated_at = Some(now);
     shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
     match &existing {
-        Some(existing) => backends.store.replace(&shard, &existing.etag).await,
-        None => backends.store.create(&shard).await,
+        Some(existing) => app.store.replace(&shard, &existing.etag).await,
+        None => app.store.create(&shard).await,
     }
     .map_err(|e| match e {
         StoreError::PreconditionFailed | StoreError::Conflict => {
@@ -431,14 +464,10 @@ async fn put_integration(backends: &LocalBackends, file: &PathBuf, json: bool) -
     Ok(())
 }
 
-async fn list_integrations(
-    backends: &LocalBackends,
-    tenant: Option<&str>,
-    json: bool,
-) -> CliResult {
+async fn list_integrations(app: &App, tenant: Option<&str>, json: bool) -> CliResult {
     let mut query = ShardQuery::of_type(shard_types::INTEGRATION);
     query.tenant_id = tenant.map(str::to_string);
-    let found = backends.store.query(&query).await.map_err(store_error)?;
+    let found = app.store.query(&query).await.map_err(store_error)?;
     if json {
         print_json(&found.iter().map(|v| &v.value).collect::<Vec<_>>());
         return Ok(());
@@ -477,14 +506,13 @@ async fn list_integrations(
 }
 
 async fn set_credentials(
-    backends: &LocalBackends,
+    app: &App,
     tenant: &str,
     integration_id: &str,
     file: Option<PathBuf>,
     json: bool,
 ) -> CliResult {
-    let (mut shard, etag, mut integration) =
-        load_integration(backends, tenant, integration_id).await?;
+    let (mut shard, etag, mut integration) = load_integration(app, tenant, integration_id).await?;
     let mut text = String::new();
     match &file {
         Some(path) => {
@@ -511,8 +539,7 @@ async fn set_credentials(
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&Utc));
     let name = credential_secret_name(tenant, integration_id);
-    backends
-        .secrets
+    app.secrets
         .set(&name, Secret::new(Value::Object(credentials).to_string()))
         .await
         .map_err(|e| e.to_string())?;
@@ -524,8 +551,7 @@ async fn set_credentials(
         integration.credentials_expire_at = expires_at;
         shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
         shard.updated_at = Some(Utc::now());
-        backends
-            .store
+        app.store
             .replace(&shard, &etag)
             .await
             .map_err(store_error)?;
@@ -542,17 +568,16 @@ async fn set_credentials(
 }
 
 async fn sync_now(
-    backends: &LocalBackends,
+    app: &App,
     tenant: &str,
     integration_id: &str,
     full: bool,
     json: bool,
 ) -> CliResult {
-    let (shard, _, integration) = load_integration(backends, tenant, integration_id).await?;
+    let (shard, _, integration) = load_integration(app, tenant, integration_id).await?;
     let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
     let job = scheduler::manual_job(&shard, &integration, full, Utc::now(), &user);
-    backends
-        .broker
+    app.queue
         .send(OutgoingMessage::json(
             SYNC_INBOUND_SCHEDULED,
             job.job_id.clone(),
@@ -571,13 +596,13 @@ async fn sync_now(
     Ok(())
 }
 
-async fn second_drop(backends: &LocalBackends, json: bool) -> CliResult {
+async fn second_drop(backends: &LocalBackends, app: &App, json: bool) -> CliResult {
     let folder = crate::demo::second_drop(backends.dir.root())?;
     if !json {
         println!("second export written to {}", folder.display());
     }
     sync_now(
-        backends,
+        app,
         crate::demo::TENANT,
         crate::demo::INTEGRATION,
         false,
@@ -587,7 +612,7 @@ async fn second_drop(backends: &LocalBackends, json: bool) -> CliResult {
 }
 
 async fn history(
-    backends: &LocalBackends,
+    app: &App,
     tenant: &str,
     integration: Option<&str>,
     limit: usize,
@@ -600,7 +625,7 @@ async fn history(
     if let Some(id) = integration {
         query = query.filter("structuredData.integrationId", Op::Eq, json!(id));
     }
-    let found = backends.store.query(&query).await.map_err(store_error)?;
+    let found = app.store.query(&query).await.map_err(store_error)?;
     if json {
         print_json(&found.iter().map(|v| &v.value).collect::<Vec<_>>());
         return Ok(());
@@ -645,7 +670,7 @@ async fn history(
 }
 
 async fn shards(
-    backends: &LocalBackends,
+    app: &App,
     tenant: &str,
     shard_type: &str,
     external_id: Option<&str>,
@@ -658,7 +683,7 @@ async fn shards(
     if let Some(id) = external_id {
         query = query.with_external_id(id);
     }
-    let found = backends.store.query(&query).await.map_err(store_error)?;
+    let found = app.store.query(&query).await.map_err(store_error)?;
     if json {
         print_json(&found.iter().map(|v| &v.value).collect::<Vec<_>>());
         return Ok(());

@@ -48,6 +48,36 @@ pub struct AzureSettings {
     pub event_grid: Option<EventGridSetting>,
     /// `AZURE_CLIENT_ID`: a user-assigned managed identity to use for Entra tokens.
     pub client_id: Option<String>,
+    pub cosmos: Option<CosmosSetting>,
+}
+
+/// Where the shards live in Cosmos DB.
+#[derive(Clone)]
+pub struct CosmosSetting {
+    /// `COSMOS_ENDPOINT`: `https://<account>.documents.azure.com:443/`.
+    pub endpoint: String,
+    /// `COSMOS_KEY`: the account key; managed identity when absent.
+    pub key: Option<String>,
+    /// `COSMOS_DATABASE` (default `castiel`) and `COSMOS_CONTAINER` (default `shards`).
+    pub database: String,
+    pub container: String,
+    /// `COSMOS_REGION` (default: the app's `REGION_NAME`, else `eastus`): requests go to the
+    /// account's regions nearest to it.
+    pub region: String,
+}
+
+impl std::fmt::Debug for CosmosSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Cosmos({}, {}/{}, {}, key: {})",
+            self.endpoint,
+            self.database,
+            self.container,
+            self.region,
+            self.key.is_some()
+        )
+    }
 }
 
 /// How to reach Service Bus, as the Functions host's own `ServiceBusConnection` says.
@@ -255,11 +285,26 @@ impl Settings {
         {
             problems.push("EVENTGRID_KEY: set, but EVENTGRID_ENDPOINT is missing".into());
         }
+        let cosmos = read("COSMOS_ENDPOINT")
+            .and_then(|v| https_url("COSMOS_ENDPOINT", &v, &mut problems))
+            .map(|endpoint| CosmosSetting {
+                endpoint,
+                key: read("COSMOS_KEY"),
+                database: read("COSMOS_DATABASE").unwrap_or_else(|| "castiel".into()),
+                container: read("COSMOS_CONTAINER").unwrap_or_else(|| "shards".into()),
+                region: read("COSMOS_REGION")
+                    .or_else(|| read("REGION_NAME"))
+                    .unwrap_or_else(|| "eastus".into()),
+            });
+        if read("COSMOS_KEY").is_some() && read("COSMOS_ENDPOINT").is_none() {
+            problems.push("COSMOS_KEY: set, but COSMOS_ENDPOINT is missing".into());
+        }
         let azure = AzureSettings {
             service_bus,
             key_vault_url,
             event_grid,
             client_id: read("AZURE_CLIENT_ID"),
+            cosmos,
         };
 
         if !problems.is_empty() {

@@ -59,7 +59,8 @@ pub async fn run(
         &backends,
         providers,
         QueueChoice::Embedded,
-    )?;
+    )
+    .await?;
     let invoker = Invoker::new(server::router(app));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

@@ -5,10 +5,12 @@
 //! (tenant, id), optimistic concurrency through etags, and a small family of parameterized
 //! queries. Anything the engine needs must be expressible that way.
 
+mod cosmos;
 mod sqlite;
 
 pub(crate) use sqlite::open_database as sqlite_open;
 
+pub use cosmos::{CosmosStore, cosmos_sql};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

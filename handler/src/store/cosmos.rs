@@ -1,0 +1,286 @@
+//! [`ShardStore`] on Azure Cosmos DB (NoSQL), with the official `azure_data_cosmos` client.
+//!
+//! Shards live in one container partitioned by `/tenantId`. Point reads and writes address an
+//! item by (tenant, id), which is all a sync needs for synced shards (their ids are derived);
+//! writes guarded by an etag use `If-Match`; queries are parameterized Cosmos SQL, scoped to a
+//! tenant's partition when the tenant is known. The client retries throttling (429) and
+//! transient failures itself; what is still failing after that surfaces as
+//! [`StoreError::Unavailable`], which the engine retries and never drops.
+
+use async_trait::async_trait;
+use azure_data_cosmos::models::ContainerProperties;
+use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
+use azure_data_cosmos::{ContainerClient, CosmosClient, CosmosError, FeedScope, Query};
+use futures_util::TryStreamExt;
+use serde_json::Value;
+
+use super::{Op, ShardQuery, ShardStore, StoreError, Versioned};
+use crate::model::Shard;
+
+pub struct CosmosStore {
+    container: ContainerClient,
+}
+
+fn store_error(e: CosmosError) -> StoreError {
+    let status = e.status();
+    if status.is_conflict() {
+        StoreError::Conflict
+    } else if status.is_precondition_failed() {
+        StoreError::PreconditionFailed
+    } else {
+        StoreError::Unavailable(format!("Cosmos DB: {e}"))
+    }
+}
+
+/// Reads a shard from an item, dropping Cosmos's system properties (`_rid`, `_etag`, ...),
+/// which are not the document's and must not be written back.
+fn shard_from(mut item: Value) -> Result<Versioned<Shard>, StoreError> {
+    let etag = item
+        .get("_etag")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if let Value::Object(fields) = &mut item {
+        fields.retain(|k, _| !k.starts_with('_'));
+    }
+    let value = serde_json::from_value(item).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Versioned { value, etag })
+}
+
+impl CosmosStore {
+    /// The shards container `container` of database `database`, created (partitioned by
+    /// `/tenantId`) if it does not exist yet.
+    pub async fn open(
+        client: &CosmosClient,
+        database: &str,
+        container: &str,
+    ) -> Result<Self, StoreError> {
+        match client.create_database(database, None).await {
+            Ok(_) => {}
+            Err(e) if e.status().is_conflict() => {}
+            Err(e) => return Err(store_error(e)),
+        }
+        let db = client.database_client(database);
+        let properties = ContainerProperties::new(container.to_string(), "/tenantId".into());
+        match db.create_container(properties, None).await {
+            Ok(_) => {}
+            Err(e) if e.status().is_conflict() => {}
+            Err(e) => return Err(store_error(e)),
+        }
+        let container = db
+            .container_client(container, None)
+            .await
+            .map_err(store_error)?;
+        Ok(Self { container })
+    }
+
+    async fn collect(
+        &self,
+        query: Query,
+        scope: FeedScope,
+    ) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        let mut items = self
+            .container
+            .query_items::<Value>(query, scope, None)
+            .await
+            .map_err(store_error)?;
+        let mut out = Vec::new();
+        while let Some(item) = items.try_next().await.map_err(store_error)? {
+            out.push(shard_from(item)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The Cosmos SQL for a [`ShardQuery`], and its parameters. Paths are validated identifiers,
+/// so they are written into the text; every value is a parameter.
+pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String, Value)>) {
+    let mut params: Vec<(String, Value)> =
+        vec![("@type".into(), Value::String(query.shard_type_id.clone()))];
+    let mut sql = String::from("SELECT * FROM c WHERE c.shardTypeId = @type");
+    if let Some(tenant) = &query.tenant_id {
+        sql.push_str(" AND c.tenantId = @tenant");
+        params.push(("@tenant".into(), Value::String(tenant.clone())));
+    }
+    if !query.include_deleted {
+        sql.push_str(" AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt))");
+    }
+    if let Some(external_id) = &query.external_id {
+        sql.push_str(" AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @external)");
+        params.push(("@external".into(), Value::String(external_id.clone())));
+    }
+    for (i, filter) in query.filters.iter().enumerate() {
+        let name = format!("@p{i}");
+        let path = format!("c.{}", filter.path.as_str());
+        let condition = match (filter.op, &filter.value) {
+            (Op::Eq, Value::Null) => format!("(NOT IS_DEFINED({path}) OR IS_NULL({path}))"),
+            (Op::Eq, _) => format!("{path} = {name}"),
+            (Op::Le, _) => format!("{path} <= {name}"),
+            (Op::Ge, _) => format!("{path} >= {name}"),
+            (Op::In, _) => format!("ARRAY_CONTAINS({name}, {path})"),
+        };
+        sql.push_str(" AND ");
+        sql.push_str(&condition);
+        if !filter.value.is_null() {
+            params.push((name, filter.value.clone()));
+        }
+    }
+    if let (true, Some(order)) = (with_order, &query.order_by) {
+        let direction = if order.descending { "DESC" } else { "ASC" };
+        sql.push_str(&format!(" ORDER BY c.{} {direction}", order.path.as_str()));
+    }
+    if let (true, Some(limit)) = (with_order, query.limit) {
+        sql.push_str(&format!(" OFFSET 0 LIMIT {limit}"));
+    }
+    (sql, params)
+}
+
+/// Orders and truncates on this side: a cross-partition `ORDER BY` is not needed for the
+/// engine's cross-tenant queries, which are bounded (due integrations).
+fn order_and_limit(mut shards: Vec<Versioned<Shard>>, query: &ShardQuery) -> Vec<Versioned<Shard>> {
+    if let Some(order) = &query.order_by {
+        let key = |s: &Versioned<Shard>| {
+            let doc = serde_json::to_value(&s.value).unwrap_or(Value::Null);
+            order
+                .path
+                .as_str()
+                .split('.')
+                .fold(doc, |v, segment| {
+                    v.get(segment).cloned().unwrap_or(Value::Null)
+                })
+                .to_string()
+        };
+        shards.sort_by_cached_key(key);
+        if order.descending {
+            shards.reverse();
+        }
+    }
+    if let Some(limit) = query.limit {
+        shards.truncate(limit);
+    }
+    shards
+}
+
+#[async_trait]
+impl ShardStore for CosmosStore {
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
+        match self
+            .container
+            .read_item(tenant_id.to_string(), id, None)
+            .await
+        {
+            Ok(response) => {
+                let item: Value = response.into_model().map_err(store_error)?;
+                shard_from(item).map(Some)
+            }
+            Err(e) if e.status().is_not_found() => Ok(None),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
+        let response = self
+            .container
+            .create_item(shard.tenant_id.clone(), &shard.id, shard, None)
+            .await
+            .map_err(store_error)?;
+        Ok(response
+            .headers()
+            .etag()
+            .map(|e| e.to_string())
+            .unwrap_or_default())
+    }
+
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
+        let response = self
+            .container
+            .upsert_item(shard.tenant_id.clone(), &shard.id, shard, None)
+            .await
+            .map_err(store_error)?;
+        Ok(response
+            .headers()
+            .etag()
+            .map(|e| e.to_string())
+            .unwrap_or_default())
+    }
+
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
+        let options = ItemWriteOptions::default()
+            .with_precondition(Precondition::if_match(if_match.to_string()));
+        let response = self
+            .container
+            .replace_item(shard.tenant_id.clone(), &shard.id, shard, Some(options))
+            .await
+            .map_err(|e| {
+                if e.status().is_not_found() {
+                    StoreError::PreconditionFailed
+                } else {
+                    store_error(e)
+                }
+            })?;
+        Ok(response
+            .headers()
+            .etag()
+            .map(|e| e.to_string())
+            .unwrap_or_default())
+    }
+
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        let in_partition = query.tenant_id.is_some();
+        let (sql, params) = cosmos_sql(query, in_partition);
+        let mut cosmos_query = Query::from(sql);
+        for (name, value) in params {
+            cosmos_query = cosmos_query
+                .with_parameter(name, value)
+                .map_err(store_error)?;
+        }
+        let scope = match &query.tenant_id {
+            Some(tenant) => FeedScope::Partition(tenant.clone().into()),
+            None => FeedScope::full_container(),
+        };
+        let found = self.collect(cosmos_query, scope).await?;
+        Ok(if in_partition {
+            found
+        } else {
+            order_and_limit(found, query)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn queries_are_parameterized() {
+        let query = ShardQuery::of_type("c_integration")
+            .in_tenant("t1")
+            .filter("structuredData.status", Op::Eq, json!("active"))
+            .filter("dedupKeys.email_exact", Op::In, json!(["a@x", "b@x"]))
+            .with_external_id("001A")
+            .order_by("structuredData.nextSyncAt", false)
+            .limit(5);
+        let (sql, params) = cosmos_sql(&query, true);
+        assert_eq!(
+            sql,
+            "SELECT * FROM c WHERE c.shardTypeId = @type AND c.tenantId = @tenant \
+             AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt)) \
+             AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @external) \
+             AND c.structuredData.status = @p0 AND ARRAY_CONTAINS(@p1, c.dedupKeys.email_exact) \
+             ORDER BY c.structuredData.nextSyncAt ASC OFFSET 0 LIMIT 5"
+        );
+        let names: Vec<_> = params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["@type", "@tenant", "@external", "@p0", "@p1"]);
+    }
+
+    #[test]
+    fn system_properties_are_not_part_of_the_shard() {
+        let item = json!({"id": "a", "tenantId": "t1", "shardTypeId": "c_x", "_etag": "\"0001\"",
+                          "_rid": "abc", "_ts": 1, "custom": 1});
+        let shard = shard_from(item).unwrap();
+        assert_eq!(shard.etag, "\"0001\"");
+        assert!(shard.value.extra.contains_key("custom"));
+        assert!(!shard.value.extra.keys().any(|k| k.starts_with('_')));
+    }
+}

@@ -1,0 +1,315 @@
+//! The Cosmos DB shard store, through the official SDK against its in-memory emulator: the
+//! store's contract, a whole inbound sync, and injected throttling and outages that lose
+//! nothing.
+
+use std::sync::Arc;
+
+use azure_data_cosmos::options::Region;
+use azure_data_cosmos::{
+    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
+};
+use azure_data_cosmos_driver::fault_injection::{
+    FaultInjectionConditionBuilder, FaultInjectionErrorType, FaultInjectionResultBuilder,
+    FaultInjectionRule, FaultInjectionRuleBuilder, FaultOperationType,
+};
+use azure_data_cosmos_driver::in_memory_emulator::{
+    ConsistencyLevel, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion,
+};
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+
+use handler::app::LocalBackends;
+use handler::engine::inbound;
+use handler::model::{Shard, timestamp};
+use handler::protocol::ServiceBusMessage;
+use handler::queue::SYNC_INBOUND_SCHEDULED;
+use handler::settings::Settings;
+use handler::store::{CosmosStore, Op, ShardQuery, ShardStore, StoreError};
+
+use crate::helpers::TestApp;
+
+const ENDPOINT: &str = "https://eastus.emulator.local";
+
+async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore {
+    let config = VirtualAccountConfig::new(vec![VirtualRegion::new(
+        "East US",
+        azure_core::http::Url::parse(ENDPOINT).unwrap(),
+    )])
+    .unwrap()
+    .with_consistency(ConsistencyLevel::Session);
+    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(config));
+    let account = AccountReference::with_authentication_key(
+        ENDPOINT.parse::<AccountEndpoint>().unwrap(),
+        azure_core::credentials::Secret::new("dGVzdGtleQ=="),
+    );
+    let mut builder = CosmosClientBuilder::new().with_runtime(
+        CosmosRuntimeBuilder::from(emulator.runtime_builder())
+            .build()
+            .await
+            .unwrap(),
+    );
+    if !rules.is_empty() {
+        builder = builder.with_fault_injection_rules(rules).unwrap();
+    }
+    let client = builder
+        .build(account, RoutingStrategy::ProximityTo(Region::EAST_US))
+        .await
+        .unwrap();
+    CosmosStore::open(&client, "castiel", "shards")
+        .await
+        .unwrap()
+}
+
+fn shard(tenant: &str, id: &str, data: Value) -> Shard {
+    serde_json::from_value(json!({
+        "id": id, "tenantId": tenant, "shardTypeId": "c_integration", "name": id, "structuredData": data
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn point_operations_are_guarded_by_etags() {
+    let store = emulator_store(vec![]).await;
+    let s = shard("t1", "a", json!({"n": 1}));
+    let etag = store.create(&s).await.unwrap();
+    assert!(matches!(store.create(&s).await, Err(StoreError::Conflict)));
+    let read = store.get("t1", "a").await.unwrap().unwrap();
+    assert_eq!(read.value, s, "no system property leaks into the shard");
+    assert_eq!(read.etag, etag);
+    let mut changed = s.clone();
+    changed.structured_data = json!({"n": 2});
+    store.replace(&changed, &etag).await.unwrap();
+    assert!(matches!(
+        store.replace(&changed, &etag).await,
+        Err(StoreError::PreconditionFailed)
+    ));
+    assert!(
+        store.get("t2", "a").await.unwrap().is_none(),
+        "tenants are partitions"
+    );
+    assert_eq!(
+        store
+            .get_many("t1", &["a".into(), "b".into()])
+            .await
+            .unwrap()
+            .iter()
+            .filter(|s| s.is_some())
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn queries_filter_order_and_limit_within_and_across_tenants() {
+    let store = emulator_store(vec![]).await;
+    let t = |m: u32| chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 1, 10, m, 0).unwrap();
+    for (tenant, id, minute, status) in [
+        ("t1", "a", 5, "active"),
+        ("t1", "b", 1, "active"),
+        ("t2", "c", 3, "active"),
+        ("t1", "d", 2, "paused"),
+        ("t1", "e", 30, "active"),
+    ] {
+        store
+            .upsert(&shard(
+                tenant,
+                id,
+                json!({"nextSyncAt": timestamp::format(&t(minute)), "status": status}),
+            ))
+            .await
+            .unwrap();
+    }
+    let due = ShardQuery::of_type("c_integration")
+        .filter("structuredData.status", Op::Eq, json!("active"))
+        .filter(
+            "structuredData.nextSyncAt",
+            Op::Le,
+            timestamp::query_value(&t(10)),
+        )
+        .order_by("structuredData.nextSyncAt", false);
+    let ids = |found: Vec<handler::store::Versioned<Shard>>| {
+        found.into_iter().map(|v| v.value.id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(store.query(&due).await.unwrap()), ["b", "c", "a"]);
+    assert_eq!(
+        ids(store
+            .query(&due.clone().in_tenant("t1").limit(1))
+            .await
+            .unwrap()),
+        ["b"]
+    );
+
+    let mut deleted = shard("t1", "gone", json!({}));
+    deleted.deleted_at = Some(Utc::now());
+    deleted
+        .extra
+        .insert("dedupKeys".into(), json!({"email_exact": "x@y"}));
+    store.upsert(&deleted).await.unwrap();
+    let by_key = ShardQuery::of_type("c_integration").in_tenant("t1").filter(
+        "dedupKeys.email_exact",
+        Op::In,
+        json!(["x@y"]),
+    );
+    assert!(
+        store.query(&by_key).await.unwrap().is_empty(),
+        "soft-deleted shards are left out"
+    );
+    let mut with_deleted = by_key;
+    with_deleted.include_deleted = true;
+    assert_eq!(ids(store.query(&with_deleted).await.unwrap()), ["gone"]);
+}
+
+fn job(job_id: &str, job_type: &str) -> ServiceBusMessage {
+    let job = json!({"integrationId": "int-demo", "tenantId": "t1", "jobType": job_type, "provider": "bulk_import",
+                     "jobId": job_id, "scheduledAt": Utc::now()});
+    ServiceBusMessage {
+        body: job.to_string().into_bytes(),
+        delivery_count: 1,
+        message_id: Some(job_id.into()),
+        session_id: None,
+        correlation_id: None,
+        content_type: None,
+        sequence_number: None,
+        enqueued_time_utc: None,
+        application_properties: Map::new(),
+    }
+}
+
+/// Runs the demo's bulk import into a Cosmos store: every record lands once, whatever faults.
+async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
+    let test = TestApp::new();
+    let settings = Settings::from_lookup(|name| match name {
+        "FUNC_SYNC_DATA_DIR" => Some(test.data_dir().display().to_string()),
+        "FUNC_SYNC_RECORD_RETRY_BASE_MS" => Some("5".into()),
+        _ => None,
+    })
+    .unwrap();
+    let backends = LocalBackends::open(&settings).unwrap();
+    let store = Arc::new(store);
+    let mut app = backends.app(settings, handler::app::providers());
+    app.store = store.clone();
+
+    let folder = test.path("imports");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/drop-1/accounts.csv"),
+        folder.join("accounts.csv"),
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../demo/drop-1/contacts.jsonl"),
+        folder.join("contacts.jsonl"),
+    )
+    .unwrap();
+    let integration: Shard = serde_json::from_value(json!({
+        "id": "int-demo", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Demo",
+        "structuredData": {
+            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
+            "connection": {"path": folder.display().to_string()},
+            "entityMappings": [
+                {"externalEntity": "accounts", "shardTypeId": "c_company", "nameField": "name",
+                 "fieldMappings": [{"source": "name", "target": "name", "required": true}]},
+                {"externalEntity": "contacts", "shardTypeId": "c_contact",
+                 "fieldMappings": [{"source": "name", "targets": ["first_name", "last_name"], "transform": "split"},
+                                   {"source": "email", "target": "email", "required": true}],
+                 "deduplication": {"rules": [{"field": "email", "matching": "exact"}]}}
+            ]
+        }
+    }))
+    .unwrap();
+    store.create(&integration).await.unwrap();
+    // Delivered as the host delivers: a failed invocation is redelivered.
+    let mut deliveries = 0;
+    loop {
+        deliveries += 1;
+        let mut message = job("job-1", "full_sync");
+        message.delivery_count = deliveries;
+        match inbound::process(&app, SYNC_INBOUND_SCHEDULED, &message, Utc::now()).await {
+            Ok(()) => break,
+            Err(e) if deliveries < 10 => {
+                eprintln!("delivery {deliveries} failed, redelivering: {e}")
+            }
+            Err(e) => panic!("still failing after 10 deliveries: {e}"),
+        }
+    }
+    (test, store)
+}
+
+async fn count(store: &CosmosStore, shard_type: &str) -> usize {
+    store
+        .query(&ShardQuery::of_type(shard_type).in_tenant("t1"))
+        .await
+        .unwrap()
+        .len()
+}
+
+#[tokio::test]
+async fn a_whole_inbound_sync_runs_on_cosmos() {
+    let (_test, store) = sync_demo_into(emulator_store(vec![]).await).await;
+    let history = store
+        .query(&ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
+        .await
+        .unwrap();
+    let record = &history[0].value.structured_data;
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(record["stats"]["recordsFetched"], 800);
+    assert_eq!(count(&store, "c_company").await, 300);
+    assert_eq!(
+        count(&store, "c_contact").await,
+        498,
+        "the duplicate merged through the Cosmos key lookup"
+    );
+    let integration = store.get("t1", "int-demo").await.unwrap().unwrap().value;
+    assert!(integration.structured_data["cursors"]["accounts"].is_string());
+}
+
+#[tokio::test]
+async fn throttling_and_outages_injected_into_cosmos_lose_nothing() {
+    let rule =
+        |name: &str, error: FaultInjectionErrorType, operation: FaultOperationType, hits: u32| {
+            Arc::new(
+                FaultInjectionRuleBuilder::new(
+                    name,
+                    FaultInjectionResultBuilder::new().with_error(error).build(),
+                )
+                .with_condition(
+                    FaultInjectionConditionBuilder::new()
+                        .with_operation_type(operation)
+                        .build(),
+                )
+                .with_hit_limit(hits)
+                .build(),
+            )
+        };
+    let rules = vec![
+        rule(
+            "throttle-upserts",
+            FaultInjectionErrorType::TooManyRequests,
+            FaultOperationType::UpsertItem,
+            3,
+        ),
+        rule(
+            "unavailable-reads",
+            FaultInjectionErrorType::ServiceUnavailable,
+            FaultOperationType::ReadItem,
+            2,
+        ),
+        rule(
+            "timeout-queries",
+            FaultInjectionErrorType::Timeout,
+            FaultOperationType::QueryItem,
+            1,
+        ),
+    ];
+    let (_test, store) = sync_demo_into(emulator_store(rules.clone()).await).await;
+    let hits: Vec<u32> = rules.iter().map(|r| r.hit_count()).collect();
+    assert_eq!(hits, [3, 2, 1], "every injected fault happened");
+    assert_eq!(count(&store, "c_company").await, 300);
+    assert_eq!(count(&store, "c_contact").await, 498);
+    let history = store
+        .query(&ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1, "redeliveries rewrote one record");
+    assert_ne!(history[0].value.structured_data["status"], "running");
+}
