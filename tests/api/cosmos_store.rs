@@ -69,7 +69,16 @@ fn shard(tenant: &str, id: &str, data: Value) -> Shard {
 
 #[tokio::test]
 async fn point_operations_are_guarded_by_etags() {
-    let store = emulator_store(vec![]).await;
+    point_operations(&emulator_store(vec![]).await).await;
+}
+
+#[tokio::test]
+async fn queries_filter_order_and_limit_within_and_across_tenants() {
+    queries(&emulator_store(vec![]).await).await;
+}
+
+/// The store's contract for point operations, whatever Cosmos serves it.
+pub async fn point_operations(store: &CosmosStore) {
     let s = shard("t1", "a", json!({"n": 1}));
     let etag = store.create(&s).await.unwrap();
     assert!(matches!(store.create(&s).await, Err(StoreError::Conflict)));
@@ -99,9 +108,8 @@ async fn point_operations_are_guarded_by_etags() {
     );
 }
 
-#[tokio::test]
-async fn queries_filter_order_and_limit_within_and_across_tenants() {
-    let store = emulator_store(vec![]).await;
+/// The store's contract for queries, whatever Cosmos serves it.
+pub async fn queries(store: &CosmosStore) {
     let t = |m: u32| chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 1, 1, 10, m, 0).unwrap();
     for (tenant, id, minute, status) in [
         ("t1", "a", 5, "active"),
@@ -176,7 +184,7 @@ fn job(job_id: &str, job_type: &str) -> ServiceBusMessage {
 }
 
 /// Runs the demo's bulk import into a Cosmos store: every record lands once, whatever faults.
-async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
+pub async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
     let test = TestApp::new();
     let settings = Settings::from_lookup(|name| match name {
         "FUNC_SYNC_DATA_DIR" => Some(test.data_dir().display().to_string()),
@@ -235,7 +243,7 @@ async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
     (test, store)
 }
 
-async fn count(store: &CosmosStore, shard_type: &str) -> usize {
+pub async fn count(store: &CosmosStore, shard_type: &str) -> usize {
     store
         .query(&ShardQuery::of_type(shard_type).in_tenant("t1"))
         .await

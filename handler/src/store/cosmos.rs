@@ -21,6 +21,11 @@ pub struct CosmosStore {
     container: ContainerClient,
 }
 
+/// Ids per `get_many` query: keeps the query text well under Cosmos DB's size limit.
+const GET_MANY_CHUNK: usize = 1000;
+/// Writes of a batch in flight at once.
+const UPSERT_CONCURRENCY: usize = 16;
+
 fn store_error(e: CosmosError) -> StoreError {
     let status = e.status();
     if status.is_conflict() {
@@ -97,7 +102,11 @@ impl CosmosStore {
 pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String, Value)>) {
     let mut params: Vec<(String, Value)> =
         vec![("@type".into(), Value::String(query.shard_type_id.clone()))];
-    let mut sql = String::from("SELECT * FROM c WHERE c.shardTypeId = @type");
+    let top = match (with_order, query.limit) {
+        (true, Some(limit)) => format!("TOP {limit} "),
+        _ => String::new(),
+    };
+    let mut sql = format!("SELECT {top}* FROM c WHERE c.shardTypeId = @type");
     if let Some(tenant) = &query.tenant_id {
         sql.push_str(" AND c.tenantId = @tenant");
         params.push(("@tenant".into(), Value::String(tenant.clone())));
@@ -128,9 +137,6 @@ pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String,
     if let (true, Some(order)) = (with_order, &query.order_by) {
         let direction = if order.descending { "DESC" } else { "ASC" };
         sql.push_str(&format!(" ORDER BY c.{} {direction}", order.path.as_str()));
-    }
-    if let (true, Some(limit)) = (with_order, query.limit) {
-        sql.push_str(&format!(" OFFSET 0 LIMIT {limit}"));
     }
     (sql, params)
 }
@@ -225,6 +231,41 @@ impl ShardStore for CosmosStore {
             .unwrap_or_default())
     }
 
+    /// One query per thousand ids within the tenant's partition, instead of a read per id: a
+    /// page of a sync costs one request to learn which of its shards exist.
+    async fn get_many(
+        &self,
+        tenant_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Versioned<Shard>>>, StoreError> {
+        let mut found: std::collections::HashMap<String, Versioned<Shard>> =
+            std::collections::HashMap::new();
+        for chunk in ids.chunks(GET_MANY_CHUNK) {
+            let query = Query::from("SELECT * FROM c WHERE ARRAY_CONTAINS(@ids, c.id)")
+                .with_parameter("@ids", chunk)
+                .map_err(store_error)?;
+            for shard in self
+                .collect(query, FeedScope::Partition(tenant_id.to_string().into()))
+                .await?
+            {
+                found.insert(shard.value.id.clone(), shard);
+            }
+        }
+        Ok(ids.iter().map(|id| found.remove(id)).collect())
+    }
+
+    /// Upserts concurrently, one request per shard.
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+        for chunk in shards.chunks(UPSERT_CONCURRENCY) {
+            let mut writes = Vec::with_capacity(chunk.len());
+            for shard in chunk {
+                writes.push(self.upsert(shard));
+            }
+            futures_util::future::try_join_all(writes).await?;
+        }
+        Ok(())
+    }
+
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         let in_partition = query.tenant_id.is_some();
         let (sql, params) = cosmos_sql(query, in_partition);
@@ -264,11 +305,11 @@ mod tests {
         let (sql, params) = cosmos_sql(&query, true);
         assert_eq!(
             sql,
-            "SELECT * FROM c WHERE c.shardTypeId = @type AND c.tenantId = @tenant \
+            "SELECT TOP 5 * FROM c WHERE c.shardTypeId = @type AND c.tenantId = @tenant \
              AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt)) \
              AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @external) \
              AND c.structuredData.status = @p0 AND ARRAY_CONTAINS(@p1, c.dedupKeys.email_exact) \
-             ORDER BY c.structuredData.nextSyncAt ASC OFFSET 0 LIMIT 5"
+             ORDER BY c.structuredData.nextSyncAt ASC"
         );
         let names: Vec<_> = params.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["@type", "@tenant", "@external", "@p0", "@p1"]);
