@@ -2,7 +2,8 @@
 // quirks mended so that the official Rust SDK can talk to it:
 //   1. the account metadata advertises https:// locations even without TLS;
 //   2. partition key range ids (and parents) are numbers, the SDK wants strings;
-//   3. reading a missing document crashes the handler (500) instead of answering 404.
+//   3. reading a missing document crashes the handler (500) instead of answering 404;
+// and it answers with keep-alive, since the SDK pools its connections.
 // Usage: node .ci/cosmosdb-server.js PORT
 const path = require("path");
 const base = path.dirname(require.resolve("@vercel/cosmosdb-server/lib/index.js"));
@@ -37,4 +38,4 @@ readDocument.default = (account, req, res, params) => {
 
 const { createHttpServer } = require("@vercel/cosmosdb-server");
 const port = Number(process.argv[2] || 8081);
-createHttpServer().listen(port, "127.0.0.1", () => console.log(`cosmosdb-server on http://127.0.0.1:${port}`));
+createHttpServer({ keepAlive: true }).listen(port, "127.0.0.1", () => console.log(`cosmosdb-server on http://127.0.0.1:${port}`));

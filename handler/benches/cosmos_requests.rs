@@ -7,6 +7,9 @@
 //! Requests are counted as the store issues them: a point operation or a write is one request,
 //! a query (such as the one that reads a page's existing shards) is one request per thousand ids.
 
+#[path = "../../tests/api/cosmos_emulator.rs"]
+mod cosmos_emulator;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -84,33 +87,6 @@ impl ShardStore for Counting {
     }
 }
 
-async fn emulator_store() -> CosmosStore {
-    let endpoint = "https://eastus.emulator.local";
-    let config = VirtualAccountConfig::new(vec![VirtualRegion::new(
-        "East US",
-        azure_core::http::Url::parse(endpoint).unwrap(),
-    )])
-    .unwrap();
-    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(config));
-    let account = AccountReference::with_authentication_key(
-        endpoint.parse::<AccountEndpoint>().unwrap(),
-        azure_core::credentials::Secret::new("dGVzdGtleQ=="),
-    );
-    let client = CosmosClientBuilder::new()
-        .with_runtime(
-            CosmosRuntimeBuilder::from(emulator.runtime_builder())
-                .build()
-                .await
-                .unwrap(),
-        )
-        .build(account, RoutingStrategy::ProximityTo(Region::EAST_US))
-        .await
-        .unwrap();
-    CosmosStore::open(&client, "castiel", "shards")
-        .await
-        .unwrap()
-}
-
 fn job(job_id: &str) -> ServiceBusMessage {
     let job = json!({"integrationId": "int-bench", "tenantId": "t1", "jobType": "full_sync", "provider": "bulk_import",
                      "jobId": job_id, "scheduledAt": Utc::now()});
@@ -152,7 +128,7 @@ async fn main() {
     let backends = LocalBackends::open(&settings).unwrap();
     let counts = Arc::new(Counts::default());
     let store = Arc::new(Counting {
-        inner: emulator_store().await,
+        inner: cosmos_emulator::emulator_store(vec![]).await,
         counts: counts.clone(),
     });
     let mut app = backends.app(settings, handler::app::providers());

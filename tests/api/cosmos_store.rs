@@ -4,16 +4,9 @@
 
 use std::sync::Arc;
 
-use azure_data_cosmos::options::Region;
-use azure_data_cosmos::{
-    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
-};
 use azure_data_cosmos_driver::fault_injection::{
     FaultInjectionConditionBuilder, FaultInjectionErrorType, FaultInjectionResultBuilder,
-    FaultInjectionRule, FaultInjectionRuleBuilder, FaultOperationType,
-};
-use azure_data_cosmos_driver::in_memory_emulator::{
-    ConsistencyLevel, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion,
+    FaultInjectionRuleBuilder, FaultOperationType,
 };
 use chrono::Utc;
 use serde_json::{Map, Value, json};
@@ -26,39 +19,8 @@ use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
 use handler::store::{CosmosStore, Op, ShardQuery, ShardStore, StoreError};
 
+use crate::cosmos_emulator::emulator_store;
 use crate::helpers::TestApp;
-
-const ENDPOINT: &str = "https://eastus.emulator.local";
-
-async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore {
-    let config = VirtualAccountConfig::new(vec![VirtualRegion::new(
-        "East US",
-        azure_core::http::Url::parse(ENDPOINT).unwrap(),
-    )])
-    .unwrap()
-    .with_consistency(ConsistencyLevel::Session);
-    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(config));
-    let account = AccountReference::with_authentication_key(
-        ENDPOINT.parse::<AccountEndpoint>().unwrap(),
-        azure_core::credentials::Secret::new("dGVzdGtleQ=="),
-    );
-    let mut builder = CosmosClientBuilder::new().with_runtime(
-        CosmosRuntimeBuilder::from(emulator.runtime_builder())
-            .build()
-            .await
-            .unwrap(),
-    );
-    if !rules.is_empty() {
-        builder = builder.with_fault_injection_rules(rules).unwrap();
-    }
-    let client = builder
-        .build(account, RoutingStrategy::ProximityTo(Region::EAST_US))
-        .await
-        .unwrap();
-    CosmosStore::open(&client, "castiel", "shards")
-        .await
-        .unwrap()
-}
 
 fn shard(tenant: &str, id: &str, data: Value) -> Shard {
     serde_json::from_value(json!({

@@ -7,6 +7,7 @@ mod fake_salesforce;
 mod helpers;
 
 mod azure_backends;
+mod cosmos_emulator;
 mod cosmos_http;
 mod cosmos_store;
 mod custom_handler;

@@ -62,132 +62,118 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
         .ok_or_else(|| malformed("the delivery has no body"))?;
 
     let mut reader = Reader::from_str(body);
-    let mut path: Vec<String> = Vec::new();
-    let mut text = String::new();
-    let mut organization_id = None;
-    let mut notifications = Vec::new();
-    let mut notification_id: Option<String> = None;
-    let mut entity: Option<String> = None;
-    let mut fields: Map<String, Value> = Map::new();
-    let mut field_is_nil = false;
-
+    let mut parser = Parser::default();
     loop {
         let event = reader
             .read_event()
             .map_err(|e| malformed(format!("the SOAP body is not well-formed XML: {e}")))?;
         match event {
             Event::Start(ref start) | Event::Empty(ref start) => {
-                let empty = matches!(event, Event::Empty(_));
                 let name = start.local_name().as_ref().to_string();
-                let nil = start
-                    .attributes()
-                    .flatten()
-                    .any(|a| a.key.local_name().as_ref() == "nil" && a.value.as_ref() == "true");
-                if name == "sObject" {
-                    let kind = start
+                let attribute = |wanted: &str| {
+                    start
                         .attributes()
                         .flatten()
-                        .find(|a| a.key.local_name().as_ref() == "type")
-                        .map(|a| a.value.to_string());
-                    entity = kind.map(|k| k.rsplit(':').next().unwrap_or_default().to_string());
-                    fields = Map::new();
-                }
-                field_is_nil = nil;
-                text.clear();
-                path.push(name);
-                if empty {
-                    close(
-                        &mut path,
-                        &mut text,
-                        field_is_nil,
-                        &mut organization_id,
-                        &mut notification_id,
-                        &mut fields,
-                        &entity,
-                        &mut notifications,
-                    )?;
+                        .find(|a| a.key.local_name().as_ref() == wanted)
+                        .map(|a| a.value.to_string())
+                };
+                parser.open(
+                    name,
+                    attribute("type"),
+                    attribute("nil").as_deref() == Some("true"),
+                );
+                if matches!(event, Event::Empty(_)) {
+                    parser.close()?;
                 }
             }
-            Event::Text(t) => text.push_str(&t.xml10_content()),
-            Event::CData(c) => text.push_str(&c.xml10_content()),
+            Event::Text(t) => parser.text.push_str(&t.xml10_content()),
+            Event::CData(c) => parser.text.push_str(&c.xml10_content()),
             Event::GeneralRef(r) => {
                 let name = r.xml10_content();
-                text.push_str(
-                    &entity_text(&name)
-                        .ok_or_else(|| malformed(format!("unknown entity &{name};")))?,
-                );
+                let text = entity_text(&name)
+                    .ok_or_else(|| malformed(format!("unknown entity &{name};")))?;
+                parser.text.push_str(&text);
             }
-            Event::End(_) => {
-                close(
-                    &mut path,
-                    &mut text,
-                    field_is_nil,
-                    &mut organization_id,
-                    &mut notification_id,
-                    &mut fields,
-                    &entity,
-                    &mut notifications,
-                )?;
-                field_is_nil = false;
-            }
+            Event::End(_) => parser.close()?,
             Event::Eof => break,
             _ => {}
         }
     }
-    let account_id =
-        organization_id.ok_or_else(|| malformed("the notification has no OrganizationId"))?;
-    if notifications.is_empty() {
+    let account_id = parser
+        .organization_id
+        .ok_or_else(|| malformed("the notification has no OrganizationId"))?;
+    if parser.notifications.is_empty() {
         return Err(malformed("the delivery has no Notification"));
     }
     Ok(WebhookDelivery {
         account_id,
-        notifications,
+        notifications: parser.notifications,
         ack: ("text/xml; charset=utf-8".into(), ACK.into()),
     })
 }
 
-/// Handles the end of the element on top of `path`.
-#[allow(clippy::too_many_arguments)]
-fn close(
-    path: &mut Vec<String>,
-    text: &mut String,
+/// What the parser has seen so far of a delivery.
+#[derive(Default)]
+struct Parser {
+    /// Local names of the open elements.
+    path: Vec<String>,
+    /// Text of the innermost element.
+    text: String,
+    /// The innermost element has `xsi:nil="true"`.
     nil: bool,
-    organization_id: &mut Option<String>,
-    notification_id: &mut Option<String>,
-    fields: &mut Map<String, Value>,
-    entity: &Option<String>,
-    notifications: &mut Vec<WebhookNotification>,
-) -> Result<(), WebhookError> {
-    let name = path.pop().unwrap_or_default();
-    let parent = path.last().map(String::as_str).unwrap_or_default();
-    let value = std::mem::take(text).trim().to_string();
-    match (parent, name.as_str()) {
-        ("notifications", "OrganizationId") => *organization_id = Some(value),
-        ("Notification", "Id") => *notification_id = Some(value),
-        ("sObject", field) => {
-            fields.insert(
-                field.to_string(),
-                if nil {
+    organization_id: Option<String>,
+    notification_id: Option<String>,
+    entity: Option<String>,
+    fields: Map<String, Value>,
+    notifications: Vec<WebhookNotification>,
+}
+
+impl Parser {
+    fn open(&mut self, name: String, xsi_type: Option<String>, nil: bool) {
+        if name == "sObject" {
+            self.entity = xsi_type.map(|t| t.rsplit(':').next().unwrap_or_default().to_string());
+            self.fields = Map::new();
+        }
+        self.nil = nil;
+        self.text.clear();
+        self.path.push(name);
+    }
+
+    /// Handles the end of the innermost element.
+    fn close(&mut self) -> Result<(), WebhookError> {
+        let name = self.path.pop().unwrap_or_default();
+        let parent = self.path.last().map(String::as_str).unwrap_or_default();
+        let value = std::mem::take(&mut self.text).trim().to_string();
+        match (parent, name.as_str()) {
+            ("notifications", "OrganizationId") => self.organization_id = Some(value),
+            ("Notification", "Id") => self.notification_id = Some(value),
+            ("sObject", field) => {
+                let value = if self.nil {
                     Value::Null
                 } else {
                     Value::String(value)
-                },
-            );
+                };
+                self.fields.insert(field.to_string(), value);
+            }
+            (_, "Notification") => {
+                let id = self
+                    .notification_id
+                    .take()
+                    .ok_or_else(|| malformed("a Notification has no Id"))?;
+                let entity = self
+                    .entity
+                    .clone()
+                    .ok_or_else(|| malformed(format!("notification {id} has no sObject type")))?;
+                let record = record_from(std::mem::take(&mut self.fields))
+                    .ok_or_else(|| malformed(format!("notification {id}'s sObject has no Id")))?;
+                self.notifications
+                    .push(WebhookNotification { id, entity, record });
+            }
+            _ => {}
         }
-        (_, "Notification") => {
-            let id = notification_id
-                .take()
-                .ok_or_else(|| malformed("a Notification has no Id"))?;
-            let entity = entity
-                .clone()
-                .ok_or_else(|| malformed(format!("notification {id} has no sObject type")))?;
-            let record = record_from(std::mem::take(fields))
-                .ok_or_else(|| malformed(format!("notification {id}'s sObject has no Id")))?;
-            notifications.push(WebhookNotification { id, entity, record });
-        }
-        _ => {}
+        self.nil = false;
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,48 @@
+//! A Cosmos DB shard store on the SDK's in-memory emulator, for the tests and the Cosmos
+//! benchmark.
+
+use std::sync::Arc;
+
+use azure_data_cosmos::options::Region;
+use azure_data_cosmos::{
+    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
+};
+use azure_data_cosmos_driver::fault_injection::FaultInjectionRule;
+use azure_data_cosmos_driver::in_memory_emulator::{
+    ConsistencyLevel, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion,
+};
+
+use handler::store::CosmosStore;
+
+const ENDPOINT: &str = "https://eastus.emulator.local";
+
+/// A shards container in a fresh in-memory account, with `rules` injecting faults.
+pub async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore {
+    let config = VirtualAccountConfig::new(vec![VirtualRegion::new(
+        "East US",
+        azure_core::http::Url::parse(ENDPOINT).unwrap(),
+    )])
+    .unwrap()
+    .with_consistency(ConsistencyLevel::Session);
+    let emulator = Arc::new(InMemoryEmulatorHttpClient::new(config));
+    let account = AccountReference::with_authentication_key(
+        ENDPOINT.parse::<AccountEndpoint>().unwrap(),
+        azure_core::credentials::Secret::new("dGVzdGtleQ=="),
+    );
+    let mut builder = CosmosClientBuilder::new().with_runtime(
+        CosmosRuntimeBuilder::from(emulator.runtime_builder())
+            .build()
+            .await
+            .unwrap(),
+    );
+    if !rules.is_empty() {
+        builder = builder.with_fault_injection_rules(rules).unwrap();
+    }
+    let client = builder
+        .build(account, RoutingStrategy::ProximityTo(Region::EAST_US))
+        .await
+        .unwrap();
+    CosmosStore::open(&client, "castiel", "shards")
+        .await
+        .unwrap()
+}
