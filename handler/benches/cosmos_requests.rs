@@ -14,13 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use azure_data_cosmos::options::Region;
-use azure_data_cosmos::{
-    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
-};
-use azure_data_cosmos_driver::in_memory_emulator::{
-    InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion,
-};
 use chrono::Utc;
 use serde_json::{Map, json};
 
