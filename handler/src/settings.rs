@@ -172,9 +172,16 @@ impl Settings {
             Some((name, v)) => parse(name, &v, &mut problems).unwrap_or(FALLBACK_PORT),
         };
 
+        // In Azure the app folder is read-only; the embedded backends then only serve what no
+        // Azure setting covers, and scratch space will do.
+        let default_data_dir = if read("WEBSITE_INSTANCE_ID").is_some() {
+            "/tmp/func-sync"
+        } else {
+            ".func-sync"
+        };
         let data_dir = read("FUNC_SYNC_DATA_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(".func-sync"));
+            .unwrap_or_else(|| PathBuf::from(default_data_dir));
 
         let local_addr = match read("FUNC_SYNC_LOCAL_ADDR") {
             None => SocketAddr::from(([127, 0, 0, 1], 7071)),
@@ -411,6 +418,12 @@ mod tests {
         assert!(text.contains("KEY_VAULT_URL"));
         assert!(text.contains("EVENTGRID_SCHEMA"));
         assert!(!text.contains("very-secret"));
+    }
+
+    #[test]
+    fn in_azure_the_data_directory_defaults_to_scratch_space() {
+        let s = settings(&[("WEBSITE_INSTANCE_ID", "abc123")]).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/func-sync"));
     }
 
     #[test]

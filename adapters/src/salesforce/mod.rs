@@ -38,7 +38,9 @@ const DEFAULT_MAX_API_USAGE: f64 = 0.8;
 const DELETED_WINDOW_DAYS: i64 = 15;
 
 pub struct Salesforce {
-    http: reqwest::Client,
+    /// Built on first use: loading the platform's root certificates costs milliseconds that a
+    /// cold start of the handler should not pay before it has any Salesforce work.
+    http: std::sync::OnceLock<reqwest::Client>,
     limiter: RateLimiter,
 }
 
@@ -51,13 +53,19 @@ impl Default for Salesforce {
 impl Salesforce {
     pub fn new() -> Self {
         Self {
-            http: reqwest::Client::builder()
+            http: std::sync::OnceLock::new(),
+            limiter: RateLimiter::new(25),
+        }
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
                 .connect_timeout(Duration::from_secs(10))
                 .build()
-                .expect("an HTTP client with default TLS builds"),
-            limiter: RateLimiter::new(25),
-        }
+                .expect("an HTTP client with default TLS builds")
+        })
     }
 
     fn login_host(conn: &Connection) -> String {
@@ -99,7 +107,7 @@ impl Salesforce {
         let url = format!("{}/services/oauth2/token", Self::login_host(conn));
         self.limiter.acquire(&conn.integration_id).await;
         let response = self
-            .http
+            .http()
             .post(&url)
             .form(&form)
             .header("Accept", "application/json")
@@ -166,7 +174,7 @@ impl Salesforce {
                 .trim_end_matches('/');
             let token = conn.credentials.get("access_token").unwrap_or_default();
             let mut request = self
-                .http
+                .http()
                 .request(Method::GET, format!("{instance}{path_and_query}"))
                 .bearer_auth(token)
                 .header("Accept", "application/json");
