@@ -15,12 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use chrono::Utc;
-use serde_json::{Map, json};
+use serde_json::json;
 
 use handler::app::LocalBackends;
 use handler::engine::inbound;
 use handler::model::Shard;
-use handler::protocol::ServiceBusMessage;
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
 use handler::store::{CosmosStore, ShardQuery, ShardStore, StoreError, Versioned};
@@ -77,22 +76,6 @@ impl ShardStore for Counting {
             .shard_writes
             .fetch_add(shards.len() as u64, Ordering::Relaxed);
         self.inner.upsert_many(shards).await
-    }
-}
-
-fn job(job_id: &str) -> ServiceBusMessage {
-    let job = json!({"integrationId": "int-bench", "tenantId": "t1", "jobType": "full_sync", "provider": "bulk_import",
-                     "jobId": job_id, "scheduledAt": Utc::now()});
-    ServiceBusMessage {
-        body: job.to_string().into_bytes(),
-        delivery_count: 1,
-        message_id: Some(job_id.into()),
-        session_id: None,
-        correlation_id: None,
-        content_type: None,
-        sequence_number: None,
-        enqueued_time_utc: None,
-        application_properties: Map::new(),
     }
 }
 
@@ -154,9 +137,14 @@ async fn main() {
             counts.shard_writes.load(Ordering::Relaxed),
         );
         let started = std::time::Instant::now();
-        inbound::process(&app, SYNC_INBOUND_SCHEDULED, &job(job_id), Utc::now())
-            .await
-            .unwrap();
+        inbound::process(
+            &app,
+            SYNC_INBOUND_SCHEDULED,
+            &cosmos_emulator::bulk_import_job("int-bench", job_id, "full_sync"),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
         let elapsed = started.elapsed();
         let reads = counts.reads.load(Ordering::Relaxed) - before.0;
         let writes = counts.writes.load(Ordering::Relaxed) - before.1;

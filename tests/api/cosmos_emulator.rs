@@ -1,5 +1,5 @@
-//! A Cosmos DB shard store on the SDK's in-memory emulator, for the tests and the Cosmos
-//! benchmark.
+//! A Cosmos DB shard store on the SDK's in-memory emulator, and the bulk-import jobs run on
+//! it, for the tests and the Cosmos benchmark.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use azure_data_cosmos_driver::in_memory_emulator::{
     ConsistencyLevel, InMemoryEmulatorHttpClient, VirtualAccountConfig, VirtualRegion,
 };
 
+use handler::protocol::ServiceBusMessage;
 use handler::store::CosmosStore;
 
 const ENDPOINT: &str = "https://eastus.emulator.local";
@@ -45,4 +46,23 @@ pub async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore 
     CosmosStore::open(&client, "castiel", "shards")
         .await
         .unwrap()
+}
+
+/// A bulk-import sync job of tenant `t1`, as a first delivery of its queue message.
+pub fn bulk_import_job(integration_id: &str, job_id: &str, job_type: &str) -> ServiceBusMessage {
+    let job = serde_json::json!({
+        "integrationId": integration_id, "tenantId": "t1", "jobType": job_type,
+        "provider": "bulk_import", "jobId": job_id, "scheduledAt": chrono::Utc::now()
+    });
+    ServiceBusMessage {
+        body: job.to_string().into_bytes(),
+        delivery_count: 1,
+        message_id: Some(job_id.into()),
+        session_id: None,
+        correlation_id: None,
+        content_type: None,
+        sequence_number: None,
+        enqueued_time_utc: None,
+        application_properties: serde_json::Map::new(),
+    }
 }

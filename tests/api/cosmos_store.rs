@@ -9,17 +9,16 @@ use azure_data_cosmos_driver::fault_injection::{
     FaultInjectionRuleBuilder, FaultOperationType,
 };
 use chrono::Utc;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use handler::app::LocalBackends;
 use handler::engine::inbound;
 use handler::model::{Shard, timestamp};
-use handler::protocol::ServiceBusMessage;
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
 use handler::store::{CosmosStore, Op, ShardQuery, ShardStore, StoreError};
 
-use crate::cosmos_emulator::emulator_store;
+use crate::cosmos_emulator::{bulk_import_job, emulator_store};
 use crate::helpers::TestApp;
 
 fn shard(tenant: &str, id: &str, data: Value) -> Shard {
@@ -129,22 +128,6 @@ pub async fn queries(store: &CosmosStore) {
     assert_eq!(ids(store.query(&with_deleted).await.unwrap()), ["gone"]);
 }
 
-fn job(job_id: &str, job_type: &str) -> ServiceBusMessage {
-    let job = json!({"integrationId": "int-demo", "tenantId": "t1", "jobType": job_type, "provider": "bulk_import",
-                     "jobId": job_id, "scheduledAt": Utc::now()});
-    ServiceBusMessage {
-        body: job.to_string().into_bytes(),
-        delivery_count: 1,
-        message_id: Some(job_id.into()),
-        session_id: None,
-        correlation_id: None,
-        content_type: None,
-        sequence_number: None,
-        enqueued_time_utc: None,
-        application_properties: Map::new(),
-    }
-}
-
 /// Runs the demo's bulk import into a Cosmos store: every record lands once, whatever faults.
 pub async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
     let test = TestApp::new();
@@ -192,7 +175,7 @@ pub async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
     let mut deliveries = 0;
     loop {
         deliveries += 1;
-        let mut message = job("job-1", "full_sync");
+        let mut message = bulk_import_job("int-demo", "job-1", "full_sync");
         message.delivery_count = deliveries;
         match inbound::process(&app, SYNC_INBOUND_SCHEDULED, &message, Utc::now()).await {
             Ok(()) => break,

@@ -304,3 +304,33 @@ async fn the_token_refresher_reports_credentials_it_cannot_refresh() {
         "no credential leaks into events"
     );
 }
+
+#[tokio::test]
+async fn a_job_for_a_shard_that_is_not_an_integration_is_dead_lettered_not_retried_forever() {
+    let app = TestApp::new();
+    let not_an_integration: handler::model::Shard = serde_json::from_value(json!({
+        "id": "int-x", "tenantId": "t1", "shardTypeId": "c_contact", "name": "Ann"
+    }))
+    .unwrap();
+    app.store().upsert(&not_an_integration).await.unwrap();
+    let handler = app.host_handler().await;
+    let job = json!({
+        "integrationId": "int-x", "tenantId": "t1", "jobType": "full_sync",
+        "provider": "salesforce", "jobId": "job-x", "scheduledAt": "2026-11-22T10:00:00Z"
+    });
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), "job-x", 1, None);
+
+    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead[0].properties["DeadLetterReason"], "VALIDATION_ERROR");
+    let description = dead[0].properties["DeadLetterErrorDescription"]
+        .as_str()
+        .unwrap();
+    assert!(
+        description.contains("is a `c_contact` shard, not an integration"),
+        "{description}"
+    );
+    let unchanged = app.store().get("t1", "int-x").await.unwrap().unwrap().value;
+    assert_eq!(unchanged, not_an_integration, "the shard is left as it was");
+}

@@ -479,6 +479,28 @@ mod tests {
     }
 
     #[test]
+    fn the_login_host_is_production_sandbox_or_my_domain() {
+        let with = |host: Option<&str>| {
+            let mut settings = Map::new();
+            if let Some(host) = host {
+                settings.insert("loginHost".into(), Value::String(host.into()));
+            }
+            Salesforce::login_host(&Connection::new(
+                "i",
+                settings,
+                crate::Credentials::default(),
+            ))
+        };
+        assert_eq!(with(None), "https://login.salesforce.com");
+        assert_eq!(with(Some("production")), "https://login.salesforce.com");
+        assert_eq!(with(Some("sandbox")), "https://test.salesforce.com");
+        assert_eq!(
+            with(Some("https://acme.my.salesforce.com/")),
+            "https://acme.my.salesforce.com"
+        );
+    }
+
+    #[test]
     fn api_usage_and_timestamps_are_read() {
         assert_eq!(
             parse_api_usage("api-usage=10018/100000"),

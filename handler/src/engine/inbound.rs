@@ -104,7 +104,7 @@ pub async fn process(
     )
     .await;
 
-    let result = if shard.shard_type_id != shard_types::INTEGRATION {
+    let integration = if shard.shard_type_id != shard_types::INTEGRATION {
         Err(ProviderError::new(
             ErrorCode::ValidationError,
             format!(
@@ -113,13 +113,16 @@ pub async fn process(
             ),
         ))
     } else {
-        match shard.data::<Integration>() {
-            Ok(integration) => run(app, &job, &integration, now).await,
-            Err(e) => Err(ProviderError::new(
+        shard.data::<Integration>().map_err(|e| {
+            ProviderError::new(
                 ErrorCode::ValidationError,
                 format!("the integration's structuredData is invalid: {e}"),
-            )),
-        }
+            )
+        })
+    };
+    let result = match &integration {
+        Ok(integration) => run(app, &job, integration, now).await,
+        Err(unreadable) => Err(unreadable.clone()),
     };
     let completed = Utc::now().max(now);
     match result {
@@ -132,8 +135,9 @@ pub async fn process(
             succeed(app, queue, &job, &record_id, record, outcome, completed).await
         }
         Err(failure) => {
+            let readable = integration.is_ok();
             fail(
-                app, queue, message, &job, &record_id, record, failure, completed,
+                app, queue, message, &job, &record_id, record, failure, readable, completed,
             )
             .await
         }
@@ -373,6 +377,7 @@ async fn fail(
     record_id: &str,
     mut record: IntegrationSync,
     failure: ProviderError,
+    integration_readable: bool,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
     record.errors.get_or_insert_with(Vec::new).push(SyncError {
@@ -421,12 +426,9 @@ async fn fail(
                 failure.code,
                 ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
             );
-            let exists = app
-                .store
-                .get(&job.tenant_id, &job.integration_id)
-                .await?
-                .is_some();
-            if exists {
+            // An integration that cannot be read cannot be updated either; its failed record
+            // and dead letter say why.
+            if integration_readable {
                 update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
                     if needs_reauth {
                         // Syncing again cannot help until someone sets new credentials.

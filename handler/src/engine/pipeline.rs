@@ -257,6 +257,23 @@ impl<'a> EntityRun<'a> {
         }
     }
 
+    /// Applies `change` to this run's integration under its etag.
+    async fn update_state(
+        &self,
+        change: impl FnMut(&mut Integration) -> bool,
+    ) -> Result<(), ProviderError> {
+        update_integration(
+            self.app,
+            self.job.tenant_id,
+            self.job.integration_id,
+            self.now,
+            change,
+        )
+        .await
+        .map(drop)
+        .map_err(store_error)
+    }
+
     fn record_error(
         &mut self,
         code: ErrorCode,
@@ -443,18 +460,11 @@ impl<'a> EntityRun<'a> {
             updated_at: self.now,
         };
         let entity = &self.mapping.external_entity;
-        update_integration(
-            self.app,
-            self.job.tenant_id,
-            self.job.integration_id,
-            self.now,
-            |i| {
-                i.checkpoints.insert(entity.clone(), checkpoint.clone());
-                true
-            },
-        )
-        .await
-        .map_err(store_error)?;
+        self.update_state(|i| {
+            i.checkpoints.insert(entity.clone(), checkpoint.clone());
+            true
+        })
+        .await?;
         Ok(())
     }
 
@@ -474,44 +484,30 @@ impl<'a> EntityRun<'a> {
                 // run is a full one that sees every record there is.
                 tracing::warn!(entity = %self.mapping.external_entity, "deletions no longer available since the cursor; next run resyncs in full");
                 let entity = &self.mapping.external_entity;
-                update_integration(
-                    self.app,
-                    self.job.tenant_id,
-                    self.job.integration_id,
-                    self.now,
-                    |i| {
-                        i.cursors.remove(entity);
-                        i.checkpoints.remove(entity);
-                        true
-                    },
-                )
-                .await
-                .map_err(store_error)?;
+                self.update_state(|i| {
+                    i.cursors.remove(entity);
+                    i.checkpoints.remove(entity);
+                    true
+                })
+                .await?;
                 return Ok(());
             }
             self.soft_delete(&deleted.ids).await?;
         }
         let entity = &self.mapping.external_entity;
         let max_modified = self.max_modified;
-        update_integration(
-            self.app,
-            self.job.tenant_id,
-            self.job.integration_id,
-            self.now,
-            |i| {
-                let cursor = match (i.cursors.get(entity).copied(), max_modified) {
-                    (Some(old), Some(new)) => Some(old.max(new)),
-                    (old, new) => new.or(old),
-                };
-                if let Some(cursor) = cursor {
-                    i.cursors.insert(entity.clone(), cursor);
-                }
-                i.checkpoints.remove(entity);
-                true
-            },
-        )
-        .await
-        .map_err(store_error)?;
+        self.update_state(|i| {
+            let cursor = match (i.cursors.get(entity).copied(), max_modified) {
+                (Some(old), Some(new)) => Some(old.max(new)),
+                (old, new) => new.or(old),
+            };
+            if let Some(cursor) = cursor {
+                i.cursors.insert(entity.clone(), cursor);
+            }
+            i.checkpoints.remove(entity);
+            true
+        })
+        .await?;
         Ok(())
     }
 

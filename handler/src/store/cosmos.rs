@@ -8,7 +8,7 @@
 //! [`StoreError::Unavailable`], which the engine retries and never drops.
 
 use async_trait::async_trait;
-use azure_data_cosmos::models::ContainerProperties;
+use azure_data_cosmos::models::{ContainerProperties, ItemResponse};
 use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
 use azure_data_cosmos::{ContainerClient, CosmosClient, CosmosError, FeedScope, Query};
 use futures_util::TryStreamExt;
@@ -35,6 +35,15 @@ fn store_error(e: CosmosError) -> StoreError {
     } else {
         StoreError::Unavailable(format!("Cosmos DB: {e}"))
     }
+}
+
+/// The etag a write answered with.
+fn etag_of(response: &ItemResponse) -> String {
+    response
+        .headers()
+        .etag()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
 }
 
 /// Reads a shard from an item, dropping Cosmos's system properties (`_rid`, `_etag`, ...),
@@ -190,11 +199,7 @@ impl ShardStore for CosmosStore {
             .create_item(shard.tenant_id.clone(), &shard.id, shard, None)
             .await
             .map_err(store_error)?;
-        Ok(response
-            .headers()
-            .etag()
-            .map(|e| e.to_string())
-            .unwrap_or_default())
+        Ok(etag_of(&response))
     }
 
     async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
@@ -203,11 +208,7 @@ impl ShardStore for CosmosStore {
             .upsert_item(shard.tenant_id.clone(), &shard.id, shard, None)
             .await
             .map_err(store_error)?;
-        Ok(response
-            .headers()
-            .etag()
-            .map(|e| e.to_string())
-            .unwrap_or_default())
+        Ok(etag_of(&response))
     }
 
     async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
@@ -224,11 +225,7 @@ impl ShardStore for CosmosStore {
                     store_error(e)
                 }
             })?;
-        Ok(response
-            .headers()
-            .etag()
-            .map(|e| e.to_string())
-            .unwrap_or_default())
+        Ok(etag_of(&response))
     }
 
     /// One query per thousand ids within the tenant's partition, instead of a read per id: a
