@@ -620,3 +620,46 @@ async fn a_sync_stops_early_when_api_usage_reaches_the_integrations_share() {
     );
     assert_eq!(fake.requests().len(), 1, "no request past the share");
 }
+
+#[tokio::test]
+async fn a_sync_over_the_record_limit_hands_the_rest_to_a_continuation_job() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "2500")]).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["recordsFetched"], 2500);
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("continuing in job job-1+1")
+    );
+    let queued = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].message_id, "job-1+1");
+    assert_eq!(app.shards("c_company").await.len(), 2500);
+
+    let body = String::from_utf8(queued[0].body.clone()).unwrap();
+    let envelope = service_bus_message("SyncInboundScheduled", &body, "job-1+1", 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+    let record = record_of(&app.history().await, "job-1+1").clone();
+    assert_eq!(record["stats"]["recordsFetched"], 2500, "{record}");
+    assert_eq!(app.shards("c_company").await.len(), 5000);
+    assert!(
+        app.integration("int-acme-sf").await["structuredData"]
+            .get("checkpoints")
+            .is_none()
+    );
+}

@@ -158,3 +158,53 @@ async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
     assert_eq!(error["retryable"], true);
     assert_eq!(test.shards("c_company").await.len(), 9);
 }
+
+#[tokio::test]
+async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
+    let test = TestApp::new();
+    register(&test).await;
+    let store = Arc::new(FailingWrites {
+        inner: test.store(),
+        batch_failures: 0,
+        batch_calls: AtomicU32::new(0),
+        poisoned: None,
+    });
+    let app = app_with(&test, store).await;
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(2), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(test.shards("c_company").await.len(), 2);
+
+    let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["entityMappings"] = json!([{
+        "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name", "createNew": false,
+        "fieldMappings": [{"source": "Name", "target": "name"}]
+    }]);
+    test.register_integration(integration).await;
+    let mut job: Value = serde_json::from_slice(&webhook_job(4).body).unwrap();
+    job["jobId"] = json!("wh-2");
+    job["webhookPayload"]["records"][0]["fields"]["Name"] = json!("Renamed 0");
+    let mut message = webhook_job(0);
+    message.body = job.to_string().into_bytes();
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &message, Utc::now())
+        .await
+        .unwrap();
+
+    let record = test
+        .history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == "wh-2")
+        .unwrap();
+    assert_eq!(
+        record["structuredData"]["stats"],
+        json!({"recordsFetched": 4, "shardsCreated": 0, "shardsUpdated": 1, "shardsSkipped": 3, "shardsFailed": 0})
+    );
+    let names: Vec<Value> = test
+        .shards("c_company")
+        .await
+        .into_iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Renamed 0"), json!("Account 1")]);
+}
