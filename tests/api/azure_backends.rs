@@ -339,3 +339,50 @@ async fn the_handler_refuses_to_start_with_bad_settings_and_names_each() {
     }
     assert!(!stderr.contains("do-not-print"));
 }
+
+#[tokio::test]
+async fn operator_commands_use_the_configured_backends() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    app.register_integration(integration_of("int-1", "zoom"))
+        .await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(["sync", "int-1", "--tenant", "t1", "--json"])
+        .env("FUNC_SYNC_DATA_DIR", app.data_dir())
+        .env(
+            "ServiceBusConnection",
+            service_bus.connection_string(SAS_KEY),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sent = service_bus.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].queue, "sync-inbound-scheduled");
+    assert_eq!(sent[0].broker_properties["MessageId"], job["jobId"]);
+    assert!(
+        app.broker()
+            .peek("sync-inbound-scheduled")
+            .unwrap()
+            .is_empty()
+    );
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(["dead-letters", "list"])
+        .env("FUNC_SYNC_DATA_DIR", app.data_dir())
+        .env(
+            "ServiceBusConnection",
+            service_bus.connection_string(SAS_KEY),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("$DeadLetterQueue"));
+}
