@@ -20,6 +20,8 @@
 //! a token, key or password in an error message.
 
 pub mod bulk_import;
+pub mod credentials;
+pub mod http;
 mod rate_limit;
 pub mod salesforce;
 mod types;
@@ -33,6 +35,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
 
 /// A client for one external system.
 #[async_trait]
@@ -54,6 +57,31 @@ pub trait Provider: Send + Sync {
         entity: &str,
         since: DateTime<Utc>,
     ) -> Result<Deleted, ProviderError>;
+
+    /// Checks an integration's `connection` settings when the integration is registered, and
+    /// puts them in the form the adapter keeps (an id in its canonical spelling). The error names
+    /// the setting and what is wrong with it.
+    fn check_connection(&self, _settings: &mut Map<String, Value>) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The records of `entity` with these ids, as the provider has them now. Ids the provider
+    /// does not know (deleted, never existed) are simply absent from the answer.
+    async fn fetch_by_ids(
+        &self,
+        _conn: &mut Connection,
+        request: &FetchRequest,
+        _ids: &[String],
+    ) -> Result<Vec<Record>, ProviderError> {
+        Err(ProviderError::new(
+            ErrorCode::ProviderNotSupported,
+            format!(
+                "provider `{}` cannot read `{}` records by id",
+                self.name(),
+                request.entity
+            ),
+        ))
+    }
 
     /// Reads a webhook delivery addressed to this provider. Providers without webhooks refuse.
     fn parse_webhook(

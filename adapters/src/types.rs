@@ -1,9 +1,13 @@
 //! The data that crosses between the engine and the adapters.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+
+use crate::credentials::{CredentialKeeper, InMemory};
+use crate::http::RetryPolicy;
 
 /// One integration's connection for the length of a job.
 pub struct Connection {
@@ -11,21 +15,37 @@ pub struct Connection {
     /// The integration's `connection` settings (login host, instance, folder, limits, ...).
     pub settings: Map<String, Value>,
     pub credentials: Credentials,
-    /// Set by an adapter that refreshed or rotated the credentials: the engine must store them.
-    pub credentials_changed: bool,
+    /// Where refreshed credentials are stored, and the lease that serialises refreshes; see
+    /// [`crate::credentials`].
+    pub keeper: Arc<dyn CredentialKeeper>,
+    /// How a failed request is retried in place.
+    pub retry: RetryPolicy,
 }
 
 impl Connection {
+    /// A connection whose credentials live only as long as it does.
     pub fn new(
         integration_id: &str,
         settings: Map<String, Value>,
         credentials: Credentials,
     ) -> Self {
+        let keeper = Arc::new(InMemory::new(credentials.clone()));
+        Self::with_keeper(integration_id, settings, credentials, keeper)
+    }
+
+    /// A connection whose refreshed credentials are kept by `keeper`.
+    pub fn with_keeper(
+        integration_id: &str,
+        settings: Map<String, Value>,
+        credentials: Credentials,
+        keeper: Arc<dyn CredentialKeeper>,
+    ) -> Self {
         Self {
             integration_id: integration_id.to_string(),
             settings,
             credentials,
-            credentials_changed: false,
+            keeper,
+            retry: RetryPolicy::default(),
         }
     }
 

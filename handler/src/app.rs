@@ -75,11 +75,29 @@ pub struct LocalBackends {
     pub events: FileEvents,
 }
 
+/// Makes `path` a file only its owner can read and write, creating it empty if missing.
+pub fn owner_only_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 impl LocalBackends {
+    /// Opens (creating them if needed) the embedded backends in the data directory. The
+    /// directory and everything in it are the owner's alone: shards hold personal data.
     pub fn open(settings: &Settings) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
         let dir = DataDir::new(&settings.data_dir);
         std::fs::create_dir_all(dir.root())
+            .and_then(|()| {
+                std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o700))
+            })
             .map_err(|e| format!("cannot create data directory {}: {e}", dir.root().display()))?;
+        owner_only_file(&dir.events()).map_err(|e| format!("{}: {e}", dir.events().display()))?;
         let store = SqliteStore::open(&dir.store()).map_err(|e| e.to_string())?;
         let broker = LocalBroker::open(&dir.runtime(), settings.duplicate_detection_window)
             .map_err(|e| e.to_string())?;

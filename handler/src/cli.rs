@@ -158,11 +158,12 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
         settings.data_dir = dir.clone();
     }
     let command = cli.command.unwrap_or(Command::Serve);
-    let default_format = match command {
-        Command::Serve => LogFormat::Json,
-        _ => LogFormat::Text,
+    let (default_format, destination) = match command {
+        Command::Serve => (LogFormat::Json, logging::Destination::Stdout),
+        Command::Local { .. } => (LogFormat::Text, logging::Destination::Stdout),
+        _ => (LogFormat::Text, logging::Destination::Stderr),
     };
-    logging::init(settings.log_format.unwrap_or(default_format));
+    logging::init(settings.log_format.unwrap_or(default_format), destination);
 
     let backends = match LocalBackends::open(&settings) {
         Ok(b) => b,
@@ -190,8 +191,23 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             if let Some(addr) = addr {
                 settings.local_addr = addr;
             }
+            // The runtime consumes its embedded queues itself, whatever else is configured.
+            let app = match App::from_settings(
+                settings,
+                &backends,
+                app::providers(),
+                QueueChoice::Embedded,
+            )
+            .await
+            {
+                Ok(app) => app,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
+            };
             if demo {
-                match crate::demo::install(&backends).await {
+                match crate::demo::install(&app, backends.dir.root()).await {
                     Ok(true) => tracing::info!(
                         tenant = crate::demo::TENANT,
                         folder = %crate::demo::import_folder(backends.dir.root()).display(),
@@ -207,7 +223,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
                     }
                 }
             }
-            local::run(settings, backends, app::providers()).await
+            local::run(app, backends).await
         }
         Command::DeadLetters(_) if settings.azure.service_bus.is_some() => Err(
             "dead-letters works on the embedded queues; with Service Bus configured, \
@@ -356,12 +372,14 @@ async fn load_integration(
 
 /// Fields of an integration that the engine maintains; a file that leaves them out keeps the
 /// stored values.
-const ENGINE_OWNED: [&str; 5] = [
+const ENGINE_OWNED: [&str; 7] = [
     "lastSyncAt",
     "nextSyncAt",
     "credentialsExpireAt",
     "cursors",
     "checkpoints",
+    "running",
+    "refreshLease",
 ];
 
 async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
@@ -393,6 +411,9 @@ async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
     for mapping in &integration.entity_mappings {
         mapping.validate()?;
     }
+    crate::engine::integrations::check(app, &shard, &mut integration)
+        .await
+        .map_err(|e| format!("{}: {e}", file.display()))?;
 
     let now = Utc::now();
     let existing = app

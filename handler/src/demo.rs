@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use chrono::Utc;
 use serde_json::json;
 
-use crate::app::LocalBackends;
+use crate::app::App;
 use crate::model::Shard;
-use crate::queue::{MessageQueue, OutgoingMessage, SYNC_INBOUND_SCHEDULED};
-use crate::store::{ShardStore, StoreError};
+use crate::queue::{OutgoingMessage, SYNC_INBOUND_SCHEDULED};
+use crate::store::StoreError;
 
 pub const TENANT: &str = "tenant-demo";
 pub const INTEGRATION: &str = "int-demo-import";
@@ -104,10 +104,10 @@ fn integration(folder: &Path) -> Shard {
 
 /// Installs the demo tenant if it is not there yet, and asks for its first sync at once (the
 /// scheduler takes over five minutes later). Returns whether it was installed now.
-pub async fn install(backends: &LocalBackends) -> Result<bool, String> {
-    let folder = import_folder(backends.dir.root());
+pub async fn install(app: &App, data_dir: &Path) -> Result<bool, String> {
+    let folder = import_folder(data_dir);
     let shard = integration(&folder);
-    match backends.store.create(&shard).await {
+    match app.store.create(&shard).await {
         Ok(_) => {
             write_drop(&folder, &FIRST_DROP)?;
             let integration = shard.data().map_err(|e| e.to_string())?;
@@ -118,8 +118,7 @@ pub async fn install(backends: &LocalBackends) -> Result<bool, String> {
                 Utc::now(),
                 "demo",
             );
-            backends
-                .broker
+            app.queue
                 .send(OutgoingMessage::json(
                     SYNC_INBOUND_SCHEDULED,
                     job.job_id.clone(),

@@ -123,15 +123,72 @@ impl std::fmt::Debug for EventGridSetting {
     }
 }
 
+/// Whether a setting's value looks like a connection string (`Key=value;...`), which carries a
+/// key and belongs in another setting.
+fn is_connection_string(value: &str) -> bool {
+    value.contains(';') && value.contains('=')
+}
+
+/// An endpoint URL. The value itself is never quoted back: a misplaced connection string in it
+/// carries an account key.
 fn https_url(name: &str, value: &str, problems: &mut Vec<String>) -> Option<String> {
-    match reqwest::Url::parse(value) {
+    if is_connection_string(value) {
+        problems.push(format!(
+            "{name}: looks like a connection string; it takes the endpoint URL alone \
+             (the value is not shown because a connection string carries a key)"
+        ));
+        return None;
+    }
+    match reqwest::Url::parse(value.trim()) {
         Ok(url) if matches!(url.scheme(), "https" | "http") && url.host().is_some() => {
             Some(value.trim().to_string())
         }
-        _ => {
-            problems.push(format!("{name}: `{value}` is not an https URL"));
+        Ok(url) if url.host().is_some() => {
+            problems.push(format!(
+                "{name}: the URL's scheme is `{}`; expected https",
+                url.scheme()
+            ));
             None
         }
+        Ok(_) => {
+            problems.push(format!(
+                "{name}: the URL has no host; expected https://<host>/"
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("{name}: not a URL ({e}); expected https://<host>/"));
+            None
+        }
+    }
+}
+
+/// A Service Bus namespace host name (`<name>.servicebus.windows.net`).
+fn namespace_host(name: &str, value: &str, problems: &mut Vec<String>) -> Option<String> {
+    if is_connection_string(value) {
+        problems.push(format!(
+            "{name}: looks like a connection string; it takes the namespace host name alone \
+             (<name>.servicebus.windows.net), and a connection string goes in ServiceBusConnection \
+             (the value is not shown because a connection string carries a key)"
+        ));
+        return None;
+    }
+    let host = value
+        .trim()
+        .trim_start_matches("sb://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if valid {
+        Some(host.to_string())
+    } else {
+        problems.push(format!(
+            "{name}: not a host name; expected <name>.servicebus.windows.net"
+        ));
+        None
     }
 }
 
@@ -193,10 +250,8 @@ impl Settings {
             None => None,
             Some("json") => Some(LogFormat::Json),
             Some("text") => Some(LogFormat::Text),
-            Some(other) => {
-                problems.push(format!(
-                    "FUNC_SYNC_LOG_FORMAT: expected `json` or `text`, got `{other}`"
-                ));
+            Some(_) => {
+                problems.push("FUNC_SYNC_LOG_FORMAT: expected `json` or `text`".into());
                 None
             }
         };
@@ -255,7 +310,12 @@ impl Settings {
                     }
                 }
             }
-            (None, Some(host)) => Some(ServiceBusSetting::Namespace {
+            (None, Some(value)) => namespace_host(
+                "ServiceBusConnection__fullyQualifiedNamespace",
+                &value,
+                &mut problems,
+            )
+            .map(|host| ServiceBusSetting::Namespace {
                 host,
                 client_id: read("ServiceBusConnection__clientId"),
             }),
@@ -271,8 +331,10 @@ impl Settings {
                     None => Some(crate::events::Schema::CloudEvents),
                     Some(v) => match v.parse() {
                         Ok(schema) => Some(schema),
-                        Err(e) => {
-                            problems.push(format!("EVENTGRID_SCHEMA: {e}"));
+                        Err(_) => {
+                            problems.push(
+                                "EVENTGRID_SCHEMA: expected `cloudevents` or `eventgrid`".into(),
+                            );
                             None
                         }
                     },
@@ -334,14 +396,18 @@ impl Settings {
     }
 }
 
-fn parse<T: std::str::FromStr>(name: &str, value: &str, problems: &mut Vec<String>) -> Option<T>
-where
-    T::Err: std::fmt::Display,
-{
+/// A setting of type `T`; the problem names the type expected, never the value found.
+fn parse<T: std::str::FromStr>(name: &str, value: &str, problems: &mut Vec<String>) -> Option<T> {
     match value.trim().parse() {
         Ok(v) => Some(v),
-        Err(e) => {
-            problems.push(format!("{name}: `{value}` is not valid ({e})"));
+        Err(_) => {
+            let expected = match std::any::type_name::<T>().rsplit("::").next() {
+                Some("bool") => "`true` or `false`",
+                Some("u16") => "port number",
+                Some("SocketAddr") => "address (host:port)",
+                _ => "whole number",
+            };
+            problems.push(format!("{name}: expected a {expected}"));
             None
         }
     }
@@ -418,6 +484,43 @@ mod tests {
         assert!(text.contains("KEY_VAULT_URL"));
         assert!(text.contains("EVENTGRID_SCHEMA"));
         assert!(!text.contains("very-secret"));
+    }
+
+    #[test]
+    fn no_problem_quotes_the_value_it_found() {
+        let err = settings(&[
+            (
+                "COSMOS_ENDPOINT",
+                "AccountEndpoint=https://c.documents.azure.com:443/;AccountKey=cosmos-key-123==;",
+            ),
+            (
+                "ServiceBusConnection__fullyQualifiedNamespace",
+                "Endpoint=sb://sb.servicebus.windows.net/;SharedAccessKeyName=root;SharedAccessKey=sb-key-456=",
+            ),
+            ("KEY_VAULT_URL", "kv-secret-name-789"),
+            ("FUNC_SYNC_LOG_FORMAT", "log-format-value"),
+            ("SYNC_MAX_RECORDS", "records-value"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 5, "{text}");
+        for value in [
+            "cosmos-key-123",
+            "AccountEndpoint",
+            "sb-key-456",
+            "SharedAccessKeyName",
+            "kv-secret-name-789",
+            "log-format-value",
+            "records-value",
+        ] {
+            assert!(!text.contains(value), "`{value}` printed: {text}");
+        }
+        assert!(text.contains("COSMOS_ENDPOINT: looks like a connection string"));
+        assert!(text.contains(
+            "ServiceBusConnection__fullyQualifiedNamespace: looks like a connection string"
+        ));
+        assert!(text.contains("KEY_VAULT_URL: not a URL"));
+        assert!(text.contains("SYNC_MAX_RECORDS: expected a whole number"));
     }
 
     #[test]

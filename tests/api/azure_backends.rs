@@ -57,8 +57,7 @@ impl TokenSource for StaticSource {
 async fn the_scheduler_sends_its_jobs_to_service_bus_signed_with_sas() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();
-    app.register_integration(integration_of("int-1", "zoom"))
-        .await;
+    app.plant_integration(integration_of("int-1", "zoom")).await;
     let connection = service_bus.connection_string(SAS_KEY);
     let handler = app
         .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
@@ -341,11 +340,45 @@ async fn the_handler_refuses_to_start_with_bad_settings_and_names_each() {
 }
 
 #[tokio::test]
+async fn connection_strings_in_the_wrong_settings_are_refused_without_printing_their_keys() {
+    let app = TestApp::new();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .env("FUNC_SYNC_DATA_DIR", app.data_dir())
+        .env(
+            "COSMOS_ENDPOINT",
+            "AccountEndpoint=https://acct.documents.azure.com:443/;AccountKey=cosmos-account-key==;",
+        )
+        .env(
+            "ServiceBusConnection__fullyQualifiedNamespace",
+            "Endpoint=sb://sb-sync.servicebus.windows.net/;SharedAccessKeyName=root;SharedAccessKey=sb-namespace-key=",
+        )
+        .env("KEY_VAULT_URL", "vault-name-only")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "COSMOS_ENDPOINT",
+        "ServiceBusConnection__fullyQualifiedNamespace",
+        "KEY_VAULT_URL",
+    ] {
+        assert!(printed.contains(name), "{name} missing from: {printed}");
+    }
+    for value in ["cosmos-account-key", "sb-namespace-key", "vault-name-only"] {
+        assert!(!printed.contains(value), "`{value}` printed: {printed}");
+    }
+}
+
+#[tokio::test]
 async fn operator_commands_use_the_configured_backends() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();
-    app.register_integration(integration_of("int-1", "zoom"))
-        .await;
+    app.plant_integration(integration_of("int-1", "zoom")).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
         .args(["sync", "int-1", "--tenant", "t1", "--json"])
         .env("FUNC_SYNC_DATA_DIR", app.data_dir())

@@ -124,7 +124,7 @@ async fn the_scheduler_on_its_first_timer_run_enqueues_a_due_integration_once() 
 #[tokio::test]
 async fn a_job_for_a_provider_without_an_adapter_fails_with_history_and_a_dead_letter() {
     let app = TestApp::new();
-    app.register_integration(integration_of("int-acme-sf", "zoom"))
+    app.plant_integration(integration_of("int-acme-sf", "zoom"))
         .await;
     let handler = app.host_handler().await;
     let job = json!({

@@ -4,7 +4,8 @@
 //! batch sizes, `SystemModstamp` timestamps in `+0000` form, `getDeleted` with its
 //! `earliestDateAvailable` window, `Sforce-Limit-Info`, 401 `INVALID_SESSION_ID` when a token
 //! expires and 403 `REQUEST_LIMIT_EXCEEDED` when the allocation runs out, errors as arrays.
-//! Knobs let a test expire the token, exhaust the allocation or hold a page mid-sync.
+//! `WHERE Id IN (...)` reads notified records back. Knobs let a test expire the token, exhaust
+//! the allocation, fail a share of requests or hold a page mid-sync.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -290,6 +291,15 @@ async fn query(
             .unwrap()
             .with_timezone(&Utc)
     });
+    // `Id IN ('001…', '001…')`: what a notified record is read back with.
+    let wanted: Option<Vec<String>> = rest.split_once("Id IN (").map(|(_, list)| {
+        list.split(')')
+            .next()
+            .unwrap()
+            .split(", ")
+            .map(|id| id.trim_matches('\'').to_string())
+            .collect()
+    });
     let fields: Vec<&str> = select.split(", ").collect();
     let mut org = fake.org.lock().unwrap();
     let modified = |r: &Map<String, Value>| {
@@ -307,6 +317,11 @@ async fn query(
         .unwrap_or_default()
         .into_iter()
         .filter(|r| since.is_none_or(|s| modified(r) >= s))
+        .filter(|r| {
+            wanted
+                .as_ref()
+                .is_none_or(|ids| ids.iter().any(|id| r["Id"] == id.as_str()))
+        })
         .collect();
     rows.sort_by(|a, b| (modified(a), a["Id"].as_str()).cmp(&(modified(b), b["Id"].as_str())));
     let rows: Vec<Map<String, Value>> = rows

@@ -84,6 +84,24 @@ impl TestApp {
             .await
     }
 
+    /// Writes an integration straight into the store, as Castiel's platform may (unchecked:
+    /// its provider may be one this build does not have). A scheduled one is due at once.
+    pub async fn plant_integration(&self, mut integration: Value) {
+        use handler::store::ShardStore;
+        let now = handler::model::timestamp::format(&chrono::Utc::now());
+        let data = &mut integration["structuredData"];
+        if data.get("status").is_none() {
+            data["status"] = json!("active");
+        }
+        if data["syncFrequency"]["type"] != "manual" && data.get("nextSyncAt").is_none() {
+            data["nextSyncAt"] = json!(now);
+        }
+        integration["shardTypeId"] = json!("c_integration");
+        integration["createdAt"] = json!(now);
+        let shard = serde_json::from_value(integration).unwrap();
+        self.store().create(&shard).await.unwrap();
+    }
+
     /// The queues, opened beside the running app as another process would.
     pub fn broker(&self) -> LocalBroker {
         LocalBroker::open(&self.path("runtime.db"), Duration::from_secs(600)).unwrap()

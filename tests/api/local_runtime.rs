@@ -37,7 +37,7 @@ async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_repla
     // Manual, so that the runtime's own scheduler does not add syncs while the test runs.
     let mut integration = integration_of("int-acme-sf", "zoom");
     integration["structuredData"]["syncFrequency"] = json!({"type": "manual"});
-    app.register_integration(integration).await;
+    app.plant_integration(integration).await;
     let _runtime = app.start_local().await;
 
     let job = app

@@ -119,3 +119,27 @@ fn the_provisioned_queues_are_the_ones_the_app_assumes() {
         );
     }
 }
+
+/// `00:10:00` as a number of seconds.
+fn timespan_seconds(text: &str) -> u64 {
+    text.split(':')
+        .map(|part| part.parse::<u64>().unwrap())
+        .fold(0, |total, part| total * 60 + part)
+}
+
+#[test]
+fn a_message_lock_is_renewed_for_as_long_as_a_function_may_run() {
+    let host: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_root().join("host.json")).unwrap()).unwrap();
+    let timeout = timespan_seconds(host["functionTimeout"].as_str().unwrap());
+    let renewal = timespan_seconds(
+        host["extensions"]["serviceBus"]["maxAutoLockRenewalDuration"]
+            .as_str()
+            .unwrap(),
+    );
+    assert!(
+        renewal >= timeout,
+        "locks renewed for {renewal} s while a function may run {timeout} s: a long job's \
+         message would be delivered to a second instance while the first still runs"
+    );
+}

@@ -537,11 +537,18 @@ async fn an_outage_is_retried_later_with_backoff_and_the_job_record_says_so() {
     app.register_integration(integration(&fake, false)).await;
     app.set_credentials("int-acme-sf", &fake.credentials())
         .await;
-    let handler = app.host_handler().await;
+    let handler = app
+        .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
+        .await;
 
     let started = Utc::now();
     run_job(&handler, "job-1", "full_sync", 1).await;
 
+    assert_eq!(
+        fake.requests().len(),
+        4,
+        "the request was retried three times in place first"
+    );
     let retry = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
     assert_eq!(
         retry.len(),

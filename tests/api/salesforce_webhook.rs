@@ -49,11 +49,32 @@ fn integration(fake_url: &str) -> Value {
 
 const XML: (&str, &str) = ("Content-Type", "text/xml; charset=utf-8");
 
+/// A fake org with the accounts the tests' notifications name, and an integration of tenant
+/// `t1` connected to it.
+async fn connected_org(app: &TestApp) -> FakeSalesforce {
+    let fake = FakeSalesforce::start().await;
+    let now = chrono::Utc::now();
+    for (id, name) in [
+        ("001000000000000001", "Smith & Sons"),
+        ("001000000000000002", "Globex"),
+        ("001000000000000009", "Initech"),
+    ] {
+        fake.add(
+            "Account",
+            json!({"Id": id, "Name": name, "Industry": "Energy"}),
+            now,
+        );
+    }
+    app.register_integration(integration(&fake.url)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    fake
+}
+
 #[tokio::test]
 async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced() {
-    let fake = FakeSalesforce::start().await;
     let app = TestApp::new();
-    app.register_integration(integration(&fake.url)).await;
+    let fake = connected_org(&app).await;
     let handler = app.host_handler().await;
     let soap = delivery(
         ORG_ID,
@@ -117,26 +138,77 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
     assert_eq!(record["status"], "success");
     assert_eq!(record["stats"]["recordsFetched"], 1);
     assert!(
-        fake.requests().is_empty(),
-        "a notification carries its record: no API call"
+        fake.requests()
+            .iter()
+            .all(|r| r.contains("WHERE Id IN ('00100000000000")),
+        "each notified record is read from Salesforce: {:?}",
+        fake.requests()
+    );
+}
+
+#[tokio::test]
+async fn a_partial_outbound_message_leaves_the_shard_holding_what_salesforce_holds() {
+    let app = TestApp::new();
+    connected_org(&app).await;
+    let handler = app.host_handler().await;
+    // Outbound Messages carry whatever fields the rule selected: here the id alone, and a
+    // notification about a record that does not exist at Salesforce.
+    let partial = delivery(ORG_ID, &[("04l000000000003AAA", "001000000000000001", "")])
+        .replace("<sf:Name></sf:Name><sf:Industry>Energy</sf:Industry>", "");
+    let unknown = delivery(
+        ORG_ID,
+        &[("04l000000000004AAA", "001000000000000404", "Ghost")],
+    );
+    for soap in [partial, unknown] {
+        let res = handler
+            .invoke(
+                "WebhookReceiver",
+                &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
+            )
+            .await;
+        assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200);
+    }
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        let body = String::from_utf8(message.body.clone()).unwrap();
+        let envelope =
+            service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
+        assert!(
+            handler
+                .invoke("SyncInboundWebhook", &envelope)
+                .await
+                .host_accepts()
+        );
+    }
+    let companies = app.shards("c_company").await;
+    assert_eq!(companies.len(), 1, "the unknown id created nothing");
+    assert_eq!(companies[0]["name"], "Smith & Sons");
+    assert_eq!(
+        companies[0]["structuredData"],
+        json!({"name": "Smith & Sons", "industry": "Energy"})
     );
 }
 
 #[tokio::test]
 async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() {
-    let fake = FakeSalesforce::start().await;
     let app = TestApp::new();
-    app.register_integration(integration(&fake.url)).await;
+    connected_org(&app).await;
     let handler = app.host_handler().await;
-    let good = delivery(ORG_ID, &[("04l1", "0011", "Acme")]);
+    // Setup shows the 15-character form of the org id; Salesforce may send either.
+    let good = delivery("00D000000000062", &[("04l1", "0011", "Acme")]);
     /// Headers, body, expected status and reason.
     type Case<'a> = (Vec<(&'a str, &'a str)>, String, u16, &'a str);
     let cases: Vec<Case> = vec![
         (
             vec![XML],
-            delivery("00DSOMEONEELSE", &[("04l1", "0011", "Acme")]),
+            delivery("00D000000000099AAA", &[("04l1", "0011", "Acme")]),
             403,
-            "no salesforce integration is connected to account `00DSOMEONEELSE`",
+            "no salesforce integration is connected to account `00D000000000099AAA`",
+        ),
+        (
+            vec![XML],
+            delivery("00DSOMEONEELSE", &[("04l1", "0011", "Acme")]),
+            400,
+            "the OrganizationId is not a Salesforce id",
         ),
         (
             vec![XML, ("x-tenant-id", "t2")],
@@ -188,9 +260,8 @@ async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() 
 
 #[tokio::test]
 async fn an_outbound_message_to_the_local_runtime_becomes_a_shard() {
-    let fake = FakeSalesforce::start().await;
     let app = TestApp::new();
-    app.register_integration(integration(&fake.url)).await;
+    connected_org(&app).await;
     let runtime = app.start_local().await;
     let soap = delivery(ORG_ID, &[("04l9", "001000000000000009", "Initech")]);
     let (status, _, body) = http_request(

@@ -19,7 +19,7 @@ async fn tick(handler: &HostedHandler) -> Value {
 async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
     let app = TestApp::new();
     for i in 0..5 {
-        app.register_integration(integration_of(&format!("int-{i}"), "zoom"))
+        app.plant_integration(integration_of(&format!("int-{i}"), "zoom"))
             .await;
     }
     let handler = app
@@ -68,8 +68,7 @@ async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
 #[tokio::test]
 async fn two_instances_ticking_at_once_enqueue_a_due_integration_once() {
     let app = TestApp::new();
-    app.register_integration(integration_of("int-1", "zoom"))
-        .await;
+    app.plant_integration(integration_of("int-1", "zoom")).await;
     let before = app.integration("int-1").await["structuredData"]["nextSyncAt"].clone();
     let a = app.host_handler().await;
     let b = app.host_handler().await;
@@ -103,7 +102,7 @@ async fn a_frequent_schedule_is_held_to_the_minimum_interval() {
     let mut every_minute = integration_of("int-1", "zoom");
     every_minute["structuredData"]["syncFrequency"] =
         json!({"type": "interval", "intervalMinutes": 1});
-    app.register_integration(every_minute).await;
+    app.plant_integration(every_minute).await;
     let handler = app.host_handler().await;
     tick(&handler).await;
     let next = app.integration("int-1").await["structuredData"]["nextSyncAt"]

@@ -1,5 +1,6 @@
 //! What a sync does when the shard store fails under it: batch writes retried with backoff,
-//! then shard by shard, and a shard that still cannot be written listed in the history.
+//! then shard by shard, and a shard that still cannot be written listed in the history. The
+//! records arrive as webhook notifications and are read from a loopback Salesforce.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,6 +17,7 @@ use handler::queue::SYNC_INBOUND_WEBHOOK;
 use handler::settings::Settings;
 use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
 
+use crate::fake_salesforce::FakeSalesforce;
 use crate::helpers::{TestApp, salesforce_integration};
 
 /// A store whose batch writes fail `batch_failures` times, and whose single writes of
@@ -68,14 +70,13 @@ async fn app_with(test: &TestApp, store: Arc<FailingWrites>) -> App {
     app
 }
 
+/// A webhook job about the first `records` accounts of the fake org.
 fn webhook_job(records: usize) -> ServiceBusMessage {
-    let records: Vec<Value> = (0..records)
-        .map(|i| json!({"id": format!("001{i:015}"), "fields": {"Name": format!("Account {i}")}}))
-        .collect();
+    let ids: Vec<String> = (0..records).map(|i| format!("001{i:015}")).collect();
     let job = json!({
         "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "webhook", "trigger": "webhook",
         "provider": "salesforce", "jobId": "wh-1", "scheduledAt": Utc::now(),
-        "webhookPayload": {"entity": "Account", "records": records}
+        "webhookPayload": {"entity": "Account", "ids": ids}
     });
     ServiceBusMessage {
         body: job.to_string().into_bytes(),
@@ -90,13 +91,32 @@ fn webhook_job(records: usize) -> ServiceBusMessage {
     }
 }
 
-async fn register(test: &TestApp) {
+/// An integration connected to a fake org of 20 accounts.
+async fn register(test: &TestApp) -> FakeSalesforce {
+    let fake = FakeSalesforce::start().await;
+    fake.load(
+        "Account",
+        (0..20).map(|i| {
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}")}),
+                Utc::now(),
+            )
+        }),
+    );
+    test.register_integration(integration(&fake, true)).await;
+    test.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    fake
+}
+
+fn integration(fake: &FakeSalesforce, create_new: bool) -> Value {
     let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["connection"] = json!({"loginHost": fake.url});
     integration["structuredData"]["entityMappings"] = json!([{
         "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name",
-        "fieldMappings": [{"source": "Name", "target": "name"}]
+        "createNew": create_new, "fieldMappings": [{"source": "Name", "target": "name"}]
     }]);
-    test.register_integration(integration).await;
+    integration
 }
 
 #[tokio::test]
@@ -162,7 +182,7 @@ async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
 #[tokio::test]
 async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
     let test = TestApp::new();
-    register(&test).await;
+    let fake = register(&test).await;
     let store = Arc::new(FailingWrites {
         inner: test.store(),
         batch_failures: 0,
@@ -175,15 +195,14 @@ async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
         .unwrap();
     assert_eq!(test.shards("c_company").await.len(), 2);
 
-    let mut integration = salesforce_integration("int-acme-sf");
-    integration["structuredData"]["entityMappings"] = json!([{
-        "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name", "createNew": false,
-        "fieldMappings": [{"source": "Name", "target": "name"}]
-    }]);
-    test.register_integration(integration).await;
+    test.register_integration(integration(&fake, false)).await;
+    fake.add(
+        "Account",
+        json!({"Id": "001000000000000000", "Name": "Renamed 0"}),
+        Utc::now(),
+    );
     let mut job: Value = serde_json::from_slice(&webhook_job(4).body).unwrap();
     job["jobId"] = json!("wh-2");
-    job["webhookPayload"]["records"][0]["fields"]["Name"] = json!("Renamed 0");
     let mut message = webhook_job(0);
     message.body = job.to_string().into_bytes();
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &message, Utc::now())

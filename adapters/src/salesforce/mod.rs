@@ -27,9 +27,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
 
+use crate::credentials::Refreshed;
+use crate::http::{self, RetryPolicy};
 use crate::{
-    Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, RateLimiter,
-    Record, WebhookDelivery, WebhookError, WebhookRequest,
+    Connection, Credentials, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError,
+    RateLimiter, Record, WebhookDelivery, WebhookError, WebhookRequest,
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
@@ -82,15 +84,34 @@ impl Salesforce {
             .to_string()
     }
 
-    /// Exchanges the refresh token for a new access token.
+    /// Refreshes the access token, once per integration at a time, storing the result (and a
+    /// rotated refresh token) before it is used.
     async fn refresh(&self, conn: &mut Connection) -> Result<(), ProviderError> {
-        let refresh_token = conn.credentials.get("refresh_token").ok_or_else(|| {
+        let url = format!("{}/services/oauth2/token", Self::login_host(conn));
+        let integration_id = conn.integration_id.clone();
+        let retry = conn.retry;
+        crate::credentials::refresh(conn, |credentials| {
+            self.request_token(&url, &integration_id, retry, credentials)
+        })
+        .await
+    }
+
+    /// The OAuth refresh-token grant. Salesforce's answer has no `expires_in`: the token
+    /// expires silently, after the session timeout the org sets.
+    async fn request_token(
+        &self,
+        url: &str,
+        integration_id: &str,
+        retry: RetryPolicy,
+        mut credentials: Credentials,
+    ) -> Result<Refreshed, ProviderError> {
+        let refresh_token = credentials.get("refresh_token").ok_or_else(|| {
             ProviderError::new(
                 ErrorCode::InvalidCredentials,
                 "the credentials have no refresh_token",
             )
         })?;
-        let client_id = conn.credentials.get("client_id").ok_or_else(|| {
+        let client_id = credentials.get("client_id").ok_or_else(|| {
             ProviderError::new(
                 ErrorCode::InvalidCredentials,
                 "the credentials have no client_id",
@@ -101,54 +122,72 @@ impl Salesforce {
             ("refresh_token", refresh_token.to_string()),
             ("client_id", client_id.to_string()),
         ];
-        if let Some(secret) = conn.credentials.get("client_secret") {
+        if let Some(secret) = credentials.get("client_secret") {
             form.push(("client_secret", secret.to_string()));
         }
-        let url = format!("{}/services/oauth2/token", Self::login_host(conn));
-        self.limiter.acquire(&conn.integration_id).await;
-        let response = self
-            .http()
-            .post(&url)
-            .form(&form)
-            .header("Accept", "application/json")
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let error = body["error"].as_str().unwrap_or("unknown_error");
-            let description = body["error_description"].as_str().unwrap_or("");
-            let code = match (status, error) {
-                (_, "invalid_grant") => ErrorCode::AuthenticationFailed,
-                (s, _) if s.is_server_error() => ErrorCode::ServiceUnavailable,
-                _ => ErrorCode::InvalidCredentials,
+        let mut retried = 0;
+        let body = loop {
+            self.limiter.acquire(integration_id).await;
+            let (error, retry_after) = match self
+                .http()
+                .post(url)
+                .form(&form)
+                .header("Accept", "application/json")
+                .send()
+                .await
+            {
+                Err(e) => (transport_error(e), None),
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = http::retry_after(response.headers(), Utc::now());
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    if status.is_success() {
+                        break body;
+                    }
+                    let error = body["error"].as_str().unwrap_or("unknown_error");
+                    let description = body["error_description"].as_str().unwrap_or("");
+                    let code = match (status, error) {
+                        (_, "invalid_grant") => ErrorCode::AuthenticationFailed,
+                        (StatusCode::TOO_MANY_REQUESTS, _) => ErrorCode::RateLimit,
+                        (s, _) if s.is_server_error() => ErrorCode::ServiceUnavailable,
+                        _ => ErrorCode::InvalidCredentials,
+                    };
+                    let message =
+                        format!("token refresh refused ({status}): {error} {description}");
+                    (
+                        ProviderError::new(code, message.trim_end().to_string()),
+                        retry_after,
+                    )
+                }
             };
-            return Err(ProviderError::new(
-                code,
-                format!("token refresh refused ({status}): {error} {description}")
-                    .trim_end()
-                    .to_string(),
-            ));
-        }
+            match retry.wait_before(&error, retried, retry_after, http::jitter()) {
+                Some(wait) => {
+                    retried += 1;
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(error),
+            }
+        };
         let access_token = body["access_token"].as_str().ok_or_else(|| {
             ProviderError::new(
                 ErrorCode::AuthenticationFailed,
                 "the token response has no access_token",
             )
         })?;
-        conn.credentials.set("access_token", access_token);
+        credentials.set("access_token", access_token);
         if let Some(instance) = body["instance_url"].as_str() {
-            conn.credentials.set("instance_url", instance);
+            credentials.set("instance_url", instance);
         }
         if let Some(rotated) = body["refresh_token"].as_str() {
-            conn.credentials.set("refresh_token", rotated);
+            credentials.set("refresh_token", rotated);
         }
         if let Some(issued_at) = body["issued_at"].as_str() {
-            conn.credentials.set("issued_at", issued_at);
+            credentials.set("issued_at", issued_at);
         }
-        conn.credentials_changed = true;
-        Ok(())
+        Ok(Refreshed {
+            credentials,
+            expires_at: None,
+        })
     }
 
     /// Sends a GET to `path_and_query` on the instance, refreshing the token first if there is
@@ -166,6 +205,7 @@ impl Salesforce {
             self.refresh(conn).await?;
         }
         let mut refreshed = false;
+        let mut retried = 0;
         loop {
             let instance = conn
                 .credentials
@@ -185,62 +225,37 @@ impl Salesforce {
                 request = request.header("Sforce-Query-Options", format!("batchSize={size}"));
             }
             self.limiter.acquire(&conn.integration_id).await;
-            let response = request.send().await.map_err(transport_error)?;
-            let status = response.status();
-            let usage = response
-                .headers()
-                .get("sforce-limit-info")
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_api_usage);
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            if status.is_success() {
-                return Ok((body, usage));
-            }
-            let (error_code, message) = first_error(&body);
-            match status {
-                StatusCode::UNAUTHORIZED if !refreshed => {
-                    refreshed = true;
-                    self.refresh(conn).await?;
+            let (error, retry_after) = match request.send().await {
+                Err(e) => (transport_error(e), None),
+                Ok(response) => {
+                    let status = response.status();
+                    let usage = response
+                        .headers()
+                        .get("sforce-limit-info")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_api_usage);
+                    let retry_after = http::retry_after(response.headers(), Utc::now());
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    if status.is_success() {
+                        return Ok((body, usage));
+                    }
+                    if status == StatusCode::UNAUTHORIZED && !refreshed {
+                        refreshed = true;
+                        self.refresh(conn).await?;
+                        continue;
+                    }
+                    (answer_error(status, &body), retry_after)
                 }
-                StatusCode::UNAUTHORIZED => {
-                    return Err(ProviderError::new(
-                        ErrorCode::AuthenticationFailed,
-                        format!("{error_code}: {message} (after a token refresh)"),
-                    ));
+            };
+            match conn
+                .retry
+                .wait_before(&error, retried, retry_after, http::jitter())
+            {
+                Some(wait) => {
+                    retried += 1;
+                    tokio::time::sleep(wait).await;
                 }
-                StatusCode::FORBIDDEN if error_code == "REQUEST_LIMIT_EXCEEDED" => {
-                    return Err(ProviderError::quota(format!("{error_code}: {message}")));
-                }
-                StatusCode::FORBIDDEN => {
-                    return Err(ProviderError::new(
-                        ErrorCode::AuthenticationFailed,
-                        format!("{error_code}: {message}"),
-                    ));
-                }
-                StatusCode::NOT_FOUND => {
-                    return Err(ProviderError::new(
-                        ErrorCode::NotFound,
-                        format!("{error_code}: {message}"),
-                    ));
-                }
-                StatusCode::TOO_MANY_REQUESTS => {
-                    return Err(ProviderError::new(
-                        ErrorCode::RateLimit,
-                        format!("{error_code}: {message}"),
-                    ));
-                }
-                s if s.is_server_error() => {
-                    return Err(ProviderError::new(
-                        ErrorCode::ServiceUnavailable,
-                        format!("Salesforce answered {s}: {error_code}: {message}"),
-                    ));
-                }
-                s => {
-                    return Err(ProviderError::new(
-                        ErrorCode::ValidationError,
-                        format!("Salesforce answered {s}: {error_code}: {message}"),
-                    ));
-                }
+                None => return Err(error),
             }
         }
     }
@@ -263,6 +278,11 @@ impl Salesforce {
 
 /// The SOQL for one entity.
 pub fn soql(request: &FetchRequest) -> String {
+    soql_where(request, None)
+}
+
+/// The SOQL for one entity, with one more condition.
+fn soql_where(request: &FetchRequest, condition: Option<String>) -> String {
     let mut fields = vec!["Id".to_string(), "SystemModstamp".to_string()];
     for field in &request.fields {
         if !fields.iter().any(|f| f.eq_ignore_ascii_case(field)) {
@@ -276,6 +296,7 @@ pub fn soql(request: &FetchRequest) -> String {
             since.to_rfc3339_opts(SecondsFormat::Secs, true)
         ));
     }
+    conditions.extend(condition);
     for filter in &request.filters {
         conditions.push(format!("({filter})"));
     }
@@ -288,6 +309,51 @@ pub fn soql(request: &FetchRequest) -> String {
     soql
 }
 
+/// Ids asked for in one `WHERE Id IN (...)` query.
+const IDS_PER_QUERY: usize = 200;
+
+/// A Salesforce record id in its 18-character, case-insensitive form. The 15-character form
+/// (case-sensitive) gets its three-character checksum: one letter per group of five characters
+/// saying which of them are upper case. An 18-character id is kept as it is; anything else is
+/// not an id.
+pub fn normalize_id(id: &str) -> Option<String> {
+    const SUFFIX: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345";
+    let id = id.trim();
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let base = match id.len() {
+        15 => id,
+        18 => return Some(id.to_string()),
+        _ => return None,
+    };
+    let mut out = base.to_string();
+    for chunk in base.as_bytes().chunks(5) {
+        let bits = chunk
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_ascii_uppercase())
+            .fold(0usize, |acc, (i, _)| acc | (1 << i));
+        out.push(SUFFIX[bits] as char);
+    }
+    Some(out)
+}
+
+/// The records of a query answer.
+fn query_records(body: &Value) -> Result<Vec<Record>, ProviderError> {
+    Ok(body["records"]
+        .as_array()
+        .ok_or_else(|| {
+            ProviderError::new(
+                ErrorCode::ServiceUnavailable,
+                "the query answer has no records",
+            )
+        })?
+        .iter()
+        .filter_map(|r| r.as_object().cloned().and_then(record_from))
+        .collect())
+}
+
 /// Reads `api-usage=10018/100000` from a `Sforce-Limit-Info` header.
 fn parse_api_usage(header: &str) -> Option<(u64, u64)> {
     header.split(',').find_map(|part| {
@@ -295,6 +361,38 @@ fn parse_api_usage(header: &str) -> Option<(u64, u64)> {
         let (used, allowed) = value.split_once('/')?;
         Some((used.trim().parse().ok()?, allowed.trim().parse().ok()?))
     })
+}
+
+/// The error a failed answer means (a 401 here is one that a token refresh did not cure).
+fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
+    let (error_code, message) = first_error(body);
+    match status {
+        StatusCode::UNAUTHORIZED => ProviderError::new(
+            ErrorCode::AuthenticationFailed,
+            format!("{error_code}: {message} (after a token refresh)"),
+        ),
+        StatusCode::FORBIDDEN if error_code == "REQUEST_LIMIT_EXCEEDED" => {
+            ProviderError::quota(format!("{error_code}: {message}"))
+        }
+        StatusCode::FORBIDDEN => ProviderError::new(
+            ErrorCode::AuthenticationFailed,
+            format!("{error_code}: {message}"),
+        ),
+        StatusCode::NOT_FOUND => {
+            ProviderError::new(ErrorCode::NotFound, format!("{error_code}: {message}"))
+        }
+        StatusCode::TOO_MANY_REQUESTS => {
+            ProviderError::new(ErrorCode::RateLimit, format!("{error_code}: {message}"))
+        }
+        s if s.is_server_error() => ProviderError::new(
+            ErrorCode::ServiceUnavailable,
+            format!("Salesforce answered {s}: {error_code}: {message}"),
+        ),
+        s => ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("Salesforce answered {s}: {error_code}: {message}"),
+        ),
+    }
 }
 
 /// Salesforce errors are an array of `{message, errorCode}`.
@@ -377,17 +475,7 @@ impl Provider for Salesforce {
         };
         let batch = request.page_size.clamp(200, 2000);
         let (body, usage) = self.get(conn, &path, &params, Some(batch)).await?;
-        let records = body["records"]
-            .as_array()
-            .ok_or_else(|| {
-                ProviderError::new(
-                    ErrorCode::ServiceUnavailable,
-                    "the query answer has no records",
-                )
-            })?
-            .iter()
-            .filter_map(|r| r.as_object().cloned().and_then(record_from))
-            .collect();
+        let records = query_records(&body)?;
         let done = body["done"].as_bool().unwrap_or(true);
         Ok(Page {
             records,
@@ -399,6 +487,82 @@ impl Provider for Salesforce {
             query,
             stop_after: Self::usage_stop(conn, usage),
         })
+    }
+
+    async fn fetch_by_ids(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ProviderError> {
+        // The ids come from unsigned notifications: only well-formed ids reach the query.
+        let mut ids: Vec<String> = ids.iter().filter_map(|id| normalize_id(id)).collect();
+        ids.sort();
+        ids.dedup();
+        let version = Self::api_version(conn);
+        let unbounded = FetchRequest {
+            since: None,
+            page_token: None,
+            ..request.clone()
+        };
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let quoted: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
+            let soql = soql_where(&unbounded, Some(format!("Id IN ({})", quoted.join(", "))));
+            let mut path = format!("/services/data/{version}/query");
+            let mut params = vec![("q", soql)];
+            loop {
+                let (body, _) = self.get(conn, &path, &params, Some(2000)).await?;
+                records.extend(query_records(&body)?);
+                match body["nextRecordsUrl"].as_str() {
+                    Some(next) if body["done"] == Value::Bool(false) => {
+                        path = next.to_string();
+                        params.clear();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
+        for name in ["loginHost", "apiVersion", "organizationId"] {
+            if let Some(value) = settings.get(name)
+                && !value.is_string()
+            {
+                return Err(format!("connection.{name} must be a string"));
+            }
+        }
+        if let Some(host) = settings.get("loginHost").and_then(Value::as_str)
+            && !matches!(host, "production" | "sandbox")
+            && !reqwest::Url::parse(host)
+                .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
+        {
+            return Err(
+                "connection.loginHost must be `production`, `sandbox` or a My Domain URL".into(),
+            );
+        }
+        if let Some(version) = settings.get("apiVersion").and_then(Value::as_str) {
+            let number = version.strip_prefix('v').unwrap_or("");
+            if number.parse::<f64>().is_err() {
+                return Err("connection.apiVersion must look like `v62.0`".into());
+            }
+        }
+        if let Some(org) = settings.get("organizationId").and_then(Value::as_str) {
+            let normalized = normalize_id(org).ok_or(
+                "connection.organizationId must be a Salesforce id (15 or 18 letters and digits)",
+            )?;
+            settings.insert("organizationId".into(), Value::String(normalized));
+        }
+        match settings.get("maxApiUsage") {
+            None => {}
+            Some(v) if v.as_f64().is_some_and(|f| f > 0.0 && f <= 1.0) => {}
+            Some(_) => {
+                return Err("connection.maxApiUsage must be a number above 0 and at most 1".into());
+            }
+        }
+        Ok(())
     }
 
     async fn fetch_deleted(
@@ -476,6 +640,50 @@ mod tests {
             "SELECT Id, SystemModstamp, Name FROM Account WHERE SystemModstamp >= 2026-01-01T10:00:00Z \
              AND (Type = 'Customer') ORDER BY SystemModstamp ASC, Id ASC"
         );
+    }
+
+    #[test]
+    fn ids_are_normalized_to_their_18_character_form() {
+        // Salesforce's documented example and an org id as Setup shows it.
+        assert_eq!(
+            normalize_id("001A0000006Vm9r").as_deref(),
+            Some("001A0000006Vm9rIAC")
+        );
+        assert_eq!(
+            normalize_id("00D000000000062").as_deref(),
+            Some("00D000000000062EAA")
+        );
+        assert_eq!(
+            normalize_id("00D000000000062EAA").as_deref(),
+            Some("00D000000000062EAA")
+        );
+        assert_eq!(normalize_id("003' OR Name != '"), None);
+        assert_eq!(normalize_id("0030000000001"), None);
+    }
+
+    #[test]
+    fn connection_settings_are_checked_and_the_org_id_normalized() {
+        let check = |settings: serde_json::Value| {
+            let mut map = settings.as_object().unwrap().clone();
+            Salesforce::new().check_connection(&mut map).map(|()| map)
+        };
+        let ok =
+            check(serde_json::json!({"loginHost": "sandbox", "organizationId": "00D000000000062"}))
+                .unwrap();
+        assert_eq!(ok["organizationId"], "00D000000000062EAA");
+        for (bad, field) in [
+            (serde_json::json!({"loginHost": 7}), "loginHost"),
+            (serde_json::json!({"loginHost": "staging"}), "loginHost"),
+            (
+                serde_json::json!({"organizationId": "acme"}),
+                "organizationId",
+            ),
+            (serde_json::json!({"maxApiUsage": "80%"}), "maxApiUsage"),
+            (serde_json::json!({"apiVersion": "latest"}), "apiVersion"),
+        ] {
+            let err = check(bad).unwrap_err();
+            assert!(err.contains(&format!("connection.{field}")), "{err}");
+        }
     }
 
     #[test]

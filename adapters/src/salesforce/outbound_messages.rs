@@ -99,9 +99,14 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
             _ => {}
         }
     }
+    // Integrations keep the 18-character form; a message may carry either.
     let account_id = parser
         .organization_id
-        .ok_or_else(|| malformed("the notification has no OrganizationId"))?;
+        .ok_or_else(|| malformed("the notification has no OrganizationId"))
+        .and_then(|id| {
+            super::normalize_id(&id)
+                .ok_or_else(|| malformed("the OrganizationId is not a Salesforce id"))
+        })?;
     if parser.notifications.is_empty() {
         return Err(malformed("the delivery has no Notification"));
     }
@@ -241,6 +246,18 @@ mod tests {
     }
 
     #[test]
+    fn a_15_character_organization_id_is_read_in_its_18_character_form() {
+        let headers = headers();
+        let body = DELIVERY.replace("00D000000000062EAA</", "00D000000000062</");
+        let delivery = parse(&WebhookRequest {
+            headers: &headers,
+            body: Some(&body),
+        })
+        .unwrap();
+        assert_eq!(delivery.account_id, "00D000000000062EAA");
+    }
+
+    #[test]
     fn unverifiable_deliveries_are_refused_with_a_reason() {
         let headers = headers();
         for (body, reason) in [
@@ -250,8 +267,12 @@ mod tests {
                 "no OrganizationId",
             ),
             (
-                "<notifications><OrganizationId>00D</OrganizationId></notifications>",
+                "<notifications><OrganizationId>00D000000000062EAA</OrganizationId></notifications>",
                 "no Notification",
+            ),
+            (
+                "<notifications><OrganizationId>00D</OrganizationId></notifications>",
+                "not a Salesforce id",
             ),
         ] {
             let err = parse(&WebhookRequest {

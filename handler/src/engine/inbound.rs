@@ -7,10 +7,15 @@
 //! mid-run resumes from the checkpoints the pipeline left.
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
-use adapters::{Connection, Credentials, ErrorCode, ProviderError, Record};
+use std::sync::Arc;
 
+use adapters::http::RetryPolicy;
+use adapters::{Connection, ErrorCode, ProviderError};
+
+use super::credentials::StoredCredentials;
+use super::lease::{self, Claim};
 use super::pipeline::{self, Outcome, Stop};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure};
 use super::state::update_integration;
@@ -18,7 +23,7 @@ use super::{Transient, publish};
 use crate::app::App;
 use crate::model::event::types as events;
 use crate::model::history::{SyncTrigger, history_shard_id};
-use crate::model::integration::IntegrationStatus;
+use crate::model::integration::{IntegrationStatus, JobProgress};
 use crate::model::messages::{JobType, parse_body};
 use crate::model::shard::types as shard_types;
 use crate::model::{
@@ -27,7 +32,6 @@ use crate::model::{
 use crate::protocol::ServiceBusMessage;
 use crate::queue::properties::REPLAYED_FROM;
 use crate::queue::{OutgoingMessage, dead_letter};
-use crate::secrets::{Secret, credential_secret_name};
 
 /// Processes the job in `message`, delivered from `queue`. `Ok` means the message is settled
 /// (done, re-enqueued for a retry, or dead-lettered); `Err` means fail the invocation.
@@ -70,6 +74,32 @@ pub async fn process(
         return Ok(());
     }
 
+    let integration = if shard.shard_type_id != shard_types::INTEGRATION {
+        Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!(
+                "`{}` is a `{}` shard, not an integration",
+                shard.id, shard.shard_type_id
+            ),
+        ))
+    } else {
+        shard.data::<Integration>().map_err(|e| {
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("the integration's structuredData is invalid: {e}"),
+            )
+        })
+    };
+    let progress = match &integration {
+        Ok(_) => match take_integration(app, &job, now).await? {
+            Taken::Run(progress) => progress,
+            Taken::Wait { holder, retry_in } => {
+                return wait_for(app, queue, &job, &holder, retry_in, now).await;
+            }
+        },
+        Err(_) => None,
+    };
+
     let record = IntegrationSync {
         integration_id: job.integration_id.clone(),
         integration_name: shard.name.clone(),
@@ -104,24 +134,8 @@ pub async fn process(
     )
     .await;
 
-    let integration = if shard.shard_type_id != shard_types::INTEGRATION {
-        Err(ProviderError::new(
-            ErrorCode::ValidationError,
-            format!(
-                "`{}` is a `{}` shard, not an integration",
-                shard.id, shard.shard_type_id
-            ),
-        ))
-    } else {
-        shard.data::<Integration>().map_err(|e| {
-            ProviderError::new(
-                ErrorCode::ValidationError,
-                format!("the integration's structuredData is invalid: {e}"),
-            )
-        })
-    };
     let result = match &integration {
-        Ok(integration) => run(app, &job, integration, now).await,
+        Ok(integration) => run(app, &job, integration, progress, now).await,
         Err(unreadable) => Err(unreadable.clone()),
     };
     let completed = Utc::now().max(now);
@@ -144,11 +158,89 @@ pub async fn process(
     }
 }
 
-/// Runs the job against the integration's provider, keeping any credentials it refreshed.
+/// What a job found when it claimed its integration.
+enum Taken {
+    /// It runs, resuming with what it did before it was interrupted, if anything.
+    Run(Option<JobProgress>),
+    /// Another chain holds the integration.
+    Wait {
+        holder: String,
+        retry_in: chrono::Duration,
+    },
+}
+
+/// Claims the integration for this job's chain, unless another chain holds it.
+async fn take_integration(
+    app: &App,
+    job: &SyncJobMessage,
+    now: DateTime<Utc>,
+) -> Result<Taken, Transient> {
+    let mut taken = Taken::Run(None);
+    update_integration(
+        app,
+        &job.tenant_id,
+        &job.integration_id,
+        now,
+        |i| match lease::claim(i.running.as_ref(), &job.job_id, job.deferrals, now) {
+            Claim::Run => {
+                let held = lease::hold(i.running.as_ref(), &job.job_id, now);
+                taken = Taken::Run(held.progress.clone());
+                i.running = Some(held);
+                true
+            }
+            Claim::Wait { holder, retry_in } => {
+                taken = Taken::Wait { holder, retry_in };
+                false
+            }
+        },
+    )
+    .await?;
+    Ok(taken)
+}
+
+/// Ends this job's hold on its integration (if the integration is still its chain's).
+fn release(integration: &mut Integration, job_id: &str) {
+    if integration
+        .running
+        .as_ref()
+        .is_some_and(|r| r.chain == lease::chain_of(job_id))
+    {
+        integration.running = None;
+    }
+}
+
+/// Puts the job back on its queue to run once the integration's current sync is over.
+async fn wait_for(
+    app: &App,
+    queue: &str,
+    job: &SyncJobMessage,
+    holder: &str,
+    retry_in: chrono::Duration,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let later = SyncJobMessage {
+        deferrals: job.deferrals + 1,
+        ..job.clone()
+    };
+    let message_id = format!(
+        "{}:attempt-{}:wait-{}",
+        job.job_id, job.attempt, later.deferrals
+    );
+    let at = now + retry_in;
+    app.queue
+        .send(OutgoingMessage::json(queue, message_id, &later).scheduled_at(at))
+        .await?;
+    tracing::info!(job_id = %job.job_id, integration_id = %job.integration_id, running = %holder, retry_at = %at, "another sync of the integration is running; the job waits");
+    Ok(())
+}
+
+/// Runs the job against the integration's provider. Credentials refreshed on the way are
+/// stored as they are refreshed (see [`StoredCredentials`]).
 async fn run(
     app: &App,
     job: &SyncJobMessage,
     integration: &Integration,
+    progress: Option<JobProgress>,
     now: DateTime<Utc>,
 ) -> Result<Outcome, ProviderError> {
     let name = &integration.provider_name;
@@ -164,30 +256,19 @@ async fn run(
             "the integration maps no entity",
         ));
     }
-    let secret_name = credential_secret_name(&job.tenant_id, &job.integration_id);
-    let credentials = match app.secrets.get(&secret_name).await {
-        Ok(Some(secret)) => match serde_json::from_str::<Map<String, Value>>(secret.expose()) {
-            Ok(map) => Credentials::new(map),
-            Err(_) => {
-                return Err(ProviderError::new(
-                    ErrorCode::InvalidCredentials,
-                    format!("secret `{secret_name}` is not a JSON object"),
-                ));
-            }
-        },
-        Ok(None) => Credentials::default(),
-        Err(e) => {
-            return Err(ProviderError::new(
-                ErrorCode::ServiceUnavailable,
-                e.to_string(),
-            ));
-        }
-    };
-    let mut conn = Connection::new(
+    let keeper = Arc::new(StoredCredentials::new(
+        app,
+        &job.tenant_id,
+        &job.integration_id,
+    ));
+    let credentials = keeper.load().await?;
+    let mut conn = Connection::with_keeper(
         &job.integration_id,
         integration.connection.clone(),
         credentials,
+        keeper,
     );
+    conn.retry = RetryPolicy::with_base(app.settings.record_retry_base);
     let entities = job.entities.clone().unwrap_or_default();
     let pipeline_job = pipeline::Job {
         tenant_id: &job.tenant_id,
@@ -198,29 +279,39 @@ async fn run(
         max_records: app.settings.max_records_per_sync,
         retry_base: app.settings.record_retry_base,
     };
-    let result = match job.job_type {
+    match job.job_type {
         JobType::Webhook => {
-            let (entity, records) = webhook_records(job)?;
-            pipeline::run_records(app, &pipeline_job, integration, &entity, records, now).await
+            let (entity, ids) = notified_ids(job)?;
+            pipeline::run_notified(
+                app,
+                provider.as_ref(),
+                &mut conn,
+                &pipeline_job,
+                integration,
+                &entity,
+                &ids,
+                now,
+            )
+            .await
         }
-        _ => pipeline::run(app, provider, &mut conn, &pipeline_job, integration, now).await,
-    };
-    if conn.credentials_changed {
-        let value = Value::Object(conn.credentials.into_inner()).to_string();
-        if let Err(e) = app.secrets.set(&secret_name, Secret::new(value)).await {
-            // A rotated refresh token that is not stored is lost: say so loudly.
-            tracing::error!(%secret_name, error = %e, "refreshed credentials could not be stored");
-            return Err(ProviderError::new(
-                ErrorCode::ServiceUnavailable,
-                format!("refreshed credentials could not be stored: {e}"),
-            ));
+        _ => {
+            pipeline::run(
+                app,
+                provider,
+                &mut conn,
+                &pipeline_job,
+                integration,
+                progress,
+                now,
+            )
+            .await
         }
     }
-    result
 }
 
-/// The entity and records a webhook job carries.
-fn webhook_records(job: &SyncJobMessage) -> Result<(String, Vec<Record>), ProviderError> {
+/// The entity and record ids a webhook job is about. A notification says which records
+/// changed, never what they hold now: the records are read from the provider.
+fn notified_ids(job: &SyncJobMessage) -> Result<(String, Vec<String>), ProviderError> {
     let invalid =
         |why: &str| ProviderError::new(ErrorCode::InvalidMessage, format!("webhook job: {why}"));
     let payload = job
@@ -231,23 +322,21 @@ fn webhook_records(job: &SyncJobMessage) -> Result<(String, Vec<Record>), Provid
         .as_str()
         .ok_or_else(|| invalid("no entity"))?
         .to_string();
-    let records = payload["records"]
+    // Jobs enqueued before notifications carried ids alone list whole records.
+    let listed = payload["ids"]
         .as_array()
-        .ok_or_else(|| invalid("no records"))?
+        .or_else(|| payload["records"].as_array())
+        .ok_or_else(|| invalid("no ids"))?;
+    let ids = listed
         .iter()
-        .map(|r| {
-            Ok(Record {
-                id: r["id"]
-                    .as_str()
-                    .ok_or_else(|| invalid("a record has no id"))?
-                    .to_string(),
-                modified_at: r["modifiedAt"].as_str().and_then(|t| t.parse().ok()),
-                deleted: r["deleted"].as_bool().unwrap_or(false),
-                fields: r["fields"].as_object().cloned().unwrap_or_default(),
-            })
+        .map(|v| {
+            v.as_str()
+                .or_else(|| v["id"].as_str())
+                .map(str::to_string)
+                .ok_or_else(|| invalid("an id is not a string"))
         })
-        .collect::<Result<_, ProviderError>>()?;
-    Ok((entity, records))
+        .collect::<Result<_, _>>()?;
+    Ok((entity, ids))
 }
 
 /// The id of the job that continues `job_id` after a record limit: `<id>+1`, `<id>+2`, ...
@@ -335,11 +424,21 @@ async fn succeed(
     }
     let scheduled = job.job_type != JobType::Webhook;
     let started = record.started_at;
+    let continuation =
+        (outcome.stopped == Some(Stop::RecordLimit)).then(|| continuation_id(&job.job_id));
     update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
         if scheduled && outcome.stopped.is_none() {
             i.last_sync_at = Some(started);
         }
-        i.rest.remove("syncInProgressSince");
+        match (&continuation, i.running.as_mut()) {
+            // The chain goes on: its next job holds the integration.
+            (Some(next), Some(held)) if held.chain == lease::chain_of(&job.job_id) => {
+                held.job_id = next.clone();
+                held.progress = None;
+                held.until = Utc::now() + lease::LEASE;
+            }
+            _ => release(i, &job.job_id),
+        }
         true
     })
     .await?;
@@ -401,6 +500,17 @@ async fn fail(
             app.queue
                 .send(OutgoingMessage::json(queue, message_id, &retry).scheduled_at(at))
                 .await?;
+            // The chain keeps the integration through the wait: its retry resumes the work.
+            update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+                match i.running.as_mut() {
+                    Some(held) if held.chain == lease::chain_of(&job.job_id) => {
+                        held.until = at + lease::LEASE;
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .await?;
             record.status_message = Some(format!(
                 "attempt {} of {MAX_ATTEMPTS} failed ({}); retrying at {}",
                 job.attempt,
@@ -435,7 +545,7 @@ async fn fail(
                         i.status = IntegrationStatus::Error;
                         i.rest.insert("statusMessage".into(), json!(summary));
                     }
-                    i.rest.remove("syncInProgressSince");
+                    release(i, &job.job_id);
                     true
                 })
                 .await?;

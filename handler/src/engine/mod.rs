@@ -7,13 +7,19 @@
 //! * [`pipeline`]: pages of provider records in, shards out, with checkpoints.
 //! * [`mapping`] and [`dedup`]: how a record becomes shard data, and when two are one.
 //! * [`retry`]: what happens to a job whose run failed.
+//! * [`integrations`]: the checks an integration passes when it is registered.
+//! * [`lease`]: one sync of an integration at a time; the chain of jobs that holds it.
+//! * [`credentials`]: an integration's credentials, stored before use, refreshed one at a time.
 //! * [`state`]: etag-guarded updates of an integration's state.
 //!
 //! Decisions are plain functions over data, tested without a runtime; the `async` functions
 //! around them only read, write and send.
 
+pub mod credentials;
 pub mod dedup;
 pub mod inbound;
+pub mod integrations;
+pub mod lease;
 pub mod mapping;
 pub mod pipeline;
 pub mod retry;

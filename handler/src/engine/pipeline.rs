@@ -26,11 +26,12 @@ use serde_json::{Map, Value, json};
 use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record};
 
 use super::dedup::{DedupRules, merge};
+use super::lease;
 use super::mapping::{EntityMapping, transform};
 use super::state::update_integration;
 use crate::app::App;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
-use crate::model::integration::Checkpoint;
+use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::shard::{ExternalRelationship, Relationship};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::store::{Op, ShardQuery, StoreError};
@@ -72,29 +73,57 @@ pub struct Outcome {
     pub stopped: Option<Stop>,
 }
 
-/// Runs a scheduled, manual or retried job over every mapped entity.
+/// Runs a scheduled, manual or retried job over every mapped entity. `progress` is what the
+/// job did before it was interrupted (entities it finished are not synced again, and its counts
+/// carry on), so the outcome describes the whole job.
 pub async fn run(
     app: &App,
     provider: Arc<dyn Provider>,
     conn: &mut Connection,
     job: &Job<'_>,
     integration: &Integration,
+    progress: Option<JobProgress>,
     now: DateTime<Utc>,
 ) -> Result<Outcome, ProviderError> {
+    let progress = progress.unwrap_or_default();
     let mut outcome = Outcome::default();
     outcome.details.sync_to_date = Some(now);
+    if progress.pages > 0 {
+        outcome.details.pages_processed = Some(progress.pages);
+    }
+    for finished in progress.finished {
+        Counters::of(&finished).add_to(&mut outcome.stats);
+        outcome
+            .errors
+            .extend(finished.errors.iter().flatten().cloned());
+        outcome.entity_stats.push(finished);
+    }
     if !integration.pull_filters.is_empty() {
         outcome.details.filters_applied = Some(integration.pull_filters.clone());
     }
     for mapping in &integration.entity_mappings {
-        if !job.entities.is_empty() && !job.entities.contains(&mapping.external_entity) {
+        let name = &mapping.external_entity;
+        let done = outcome
+            .entity_stats
+            .iter()
+            .any(|e| &e.external_entity == name);
+        if done || (!job.entities.is_empty() && !job.entities.contains(name)) {
             continue;
         }
         let mut entity = EntityRun::new(app, job, mapping, now);
+        if let Some(current) = progress
+            .current
+            .as_ref()
+            .filter(|c| &c.external_entity == name)
+        {
+            entity.counters = Counters::of(current);
+            entity.errors = current.errors.clone().unwrap_or_default();
+        }
+        entity.finished = outcome.entity_stats.clone();
         let result = entity
             .run(provider.as_ref(), conn, integration, &mut outcome)
             .await;
-        entity.add_to(&mut outcome);
+        entity.counters.add_to(&mut outcome.stats);
         outcome.entity_stats.push(entity.stats());
         outcome.errors.append(&mut entity.errors);
         result?;
@@ -105,13 +134,18 @@ pub async fn run(
     Ok(outcome)
 }
 
-/// Runs a webhook job: the notified records of one entity, as one page.
-pub async fn run_records(
+/// Runs a webhook job: the records of one entity that a notification said changed, read from
+/// the provider as they are now (a notification may carry any subset of a record's fields, or
+/// none). Ids the provider does not know create nothing.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_notified(
     app: &App,
+    provider: &dyn Provider,
+    conn: &mut Connection,
     job: &Job<'_>,
     integration: &Integration,
     entity_name: &str,
-    records: Vec<Record>,
+    ids: &[String],
     now: DateTime<Utc>,
 ) -> Result<Outcome, ProviderError> {
     let mapping = integration
@@ -124,6 +158,17 @@ pub async fn run_records(
                 format!("the integration maps no entity `{entity_name}`"),
             )
         })?;
+    let mut filters = integration.pull_filters.clone();
+    filters.extend(mapping.filters.iter().cloned());
+    let request = FetchRequest {
+        entity: entity_name.to_string(),
+        fields: mapping.source_fields(),
+        since: None,
+        page_token: None,
+        filters,
+        page_size: PAGE_SIZE,
+    };
+    let records = provider.fetch_by_ids(conn, &request, ids).await?;
     let mut outcome = Outcome::default();
     let mut entity = EntityRun::new(app, job, mapping, now);
     let result = entity.process_page(records).await;
@@ -143,6 +188,31 @@ struct Counters {
     failed: u64,
 }
 
+impl Counters {
+    /// The counts an entity's stats recorded.
+    fn of(stats: &EntitySyncStats) -> Self {
+        Self {
+            fetched: stats.fetched.unwrap_or(0),
+            created: stats.created.unwrap_or(0),
+            updated: stats.updated.unwrap_or(0),
+            skipped: stats.skipped.unwrap_or(0),
+            failed: stats.failed.unwrap_or(0),
+        }
+    }
+
+    fn add_to(self, stats: &mut SyncStats) {
+        stats.records_fetched += self.fetched;
+        stats.shards_created += self.created;
+        stats.shards_updated += self.updated;
+        stats.shards_skipped += self.skipped;
+        stats.shards_failed += self.failed;
+    }
+}
+
+/// Errors a checkpoint keeps of a job's progress; more are counted, not listed, so that the
+/// integration document stays small.
+const MAX_ERRORS_IN_PROGRESS: usize = 1000;
+
 struct EntityRun<'a> {
     app: &'a App,
     job: &'a Job<'a>,
@@ -151,6 +221,8 @@ struct EntityRun<'a> {
     counters: Counters,
     errors: Vec<SyncError>,
     max_modified: Option<DateTime<Utc>>,
+    /// Entities the job finished before this one, for its progress.
+    finished: Vec<EntitySyncStats>,
 }
 
 /// The id of the shard synced from one external record: derived, so an upsert needs no query.
@@ -228,6 +300,7 @@ impl<'a> EntityRun<'a> {
             counters: Counters::default(),
             errors: Vec::new(),
             max_modified: None,
+            finished: Vec::new(),
         }
     }
 
@@ -360,7 +433,8 @@ impl<'a> EntityRun<'a> {
             let (processed, next) = tokio::join!(
                 async {
                     self.process_page(records).await?;
-                    self.checkpoint(next_token.as_deref(), since).await
+                    let pages = outcome.details.pages_processed.unwrap_or(0) + 1;
+                    self.checkpoint(next_token.as_deref(), since, pages).await
                 },
                 async {
                     if prefetch {
@@ -383,7 +457,8 @@ impl<'a> EntityRun<'a> {
             }
             match next {
                 None => {
-                    self.finish_entity(provider, conn, since).await?;
+                    let pages = outcome.details.pages_processed.unwrap_or(0);
+                    self.finish_entity(provider, conn, since, pages).await?;
                     break;
                 }
                 Some(Ok(p)) => page = p,
@@ -395,16 +470,6 @@ impl<'a> EntityRun<'a> {
             }
         }
         Ok(())
-    }
-
-    fn add_to(&self, outcome: &mut Outcome) {
-        let c = self.counters;
-        let s = &mut outcome.stats;
-        s.records_fetched += c.fetched;
-        s.shards_created += c.created;
-        s.shards_updated += c.updated;
-        s.shards_skipped += c.skipped;
-        s.shards_failed += c.failed;
     }
 
     /// The first page of the entity; a stale checkpoint token (expired query locator, removed
@@ -443,15 +508,42 @@ impl<'a> EntityRun<'a> {
         }
     }
 
-    /// Records where the entity stands after a page.
+    /// What the job has done with this entity counted: its progress for a checkpoint.
+    fn progress(&self, pages: u64, entity_done: bool) -> JobProgress {
+        let mut current = self.stats();
+        if let Some(errors) = current.errors.as_mut() {
+            errors.truncate(MAX_ERRORS_IN_PROGRESS);
+        }
+        let mut finished = self.finished.clone();
+        if entity_done {
+            finished.push(current);
+            JobProgress {
+                finished,
+                current: None,
+                pages,
+            }
+        } else {
+            JobProgress {
+                finished,
+                current: Some(current),
+                pages,
+            }
+        }
+    }
+
+    /// Records where the entity stands after a page, with the job's counts so far, and renews
+    /// the job's hold on the integration.
     async fn checkpoint(
         &self,
         next_token: Option<&str>,
         since: Option<DateTime<Utc>>,
+        pages: u64,
     ) -> Result<(), ProviderError> {
         let Some(token) = next_token else {
             return Ok(());
         };
+        let progress = self.progress(pages, false);
+        let job_id = self.job.job_id;
         let checkpoint = Checkpoint {
             job_id: self.job.job_id.to_string(),
             page_token: token.to_string(),
@@ -462,6 +554,7 @@ impl<'a> EntityRun<'a> {
         let entity = &self.mapping.external_entity;
         self.update_state(|i| {
             i.checkpoints.insert(entity.clone(), checkpoint.clone());
+            note_progress(i, job_id, &progress);
             true
         })
         .await?;
@@ -474,6 +567,7 @@ impl<'a> EntityRun<'a> {
         provider: &dyn Provider,
         conn: &mut Connection,
         since: Option<DateTime<Utc>>,
+        pages: u64,
     ) -> Result<(), ProviderError> {
         if let Some(since) = since {
             let deleted = provider
@@ -496,7 +590,10 @@ impl<'a> EntityRun<'a> {
         }
         let entity = &self.mapping.external_entity;
         let max_modified = self.max_modified;
+        let progress = self.progress(pages, true);
+        let job_id = self.job.job_id;
         self.update_state(|i| {
+            note_progress(i, job_id, &progress);
             let cursor = match (i.cursors.get(entity).copied(), max_modified) {
                 (Some(old), Some(new)) => Some(old.max(new)),
                 (old, new) => new.or(old),
@@ -609,11 +706,7 @@ impl<'a> EntityRun<'a> {
                         .as_object()
                         .cloned()
                         .unwrap_or_default();
-                    let merged = match rules {
-                        Some(r) => merge(r.merge, &base, data),
-                        None => data.clone(),
-                    };
-                    shard.structured_data = Value::Object(merged);
+                    shard.structured_data = Value::Object(land(rules, &id == own_id, base, data));
                     shard
                 }
                 None if mapping.create_new => {
@@ -934,6 +1027,33 @@ impl<'a> EntityRun<'a> {
     }
 }
 
+/// The data of a shard after a record lands in it. A record's own shard takes the source's
+/// current values for every mapped field, blanks included: merging is for a *different*
+/// record's shard, which the deduplication rules matched, and merging a record into its own
+/// shard would keep stale values forever.
+fn land(
+    rules: Option<&DedupRules>,
+    own_shard: bool,
+    mut stored: Map<String, Value>,
+    record: &Map<String, Value>,
+) -> Map<String, Value> {
+    match rules {
+        Some(rules) if !own_shard => merge(rules.merge, &stored, record),
+        _ => {
+            stored.extend(record.iter().map(|(k, v)| (k.clone(), v.clone())));
+            stored
+        }
+    }
+}
+
+/// Keeps `progress` on the integration if `job_id` still holds it, and renews the hold.
+fn note_progress(integration: &mut Integration, job_id: &str, progress: &JobProgress) {
+    if let Some(held) = integration.running.as_mut().filter(|r| r.job_id == job_id) {
+        held.progress = Some(progress.clone());
+        held.until = Utc::now() + lease::LEASE;
+    }
+}
+
 fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now: DateTime<Utc>) {
     match shard
         .external_relationships
@@ -957,6 +1077,45 @@ fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_records_own_shard_takes_the_sources_values_whatever_the_merge_strategy() {
+        use crate::engine::dedup::{DedupRule, Matching, MergeStrategy};
+        let stored =
+            json!({"name": "Old Name", "email": "a@x.test", "phone": "555", "note": "kept"});
+        let record = json!({"name": "New Name", "email": "a@x.test", "phone": null});
+        let stored = stored.as_object().unwrap().clone();
+        let record = record.as_object().unwrap();
+        for merge in [
+            MergeStrategy::KeepFirst,
+            MergeStrategy::KeepMostComplete,
+            MergeStrategy::MergeFields,
+        ] {
+            let rules = DedupRules {
+                rules: vec![DedupRule {
+                    field: "email".into(),
+                    matching: Matching::Exact,
+                }],
+                merge,
+            };
+            let own = land(Some(&rules), true, stored.clone(), record);
+            assert_eq!(
+                Value::Object(own),
+                json!({"name": "New Name", "email": "a@x.test", "phone": null, "note": "kept"}),
+                "{merge:?}"
+            );
+            let other = land(Some(&rules), false, stored.clone(), record);
+            assert_eq!(
+                other["name"],
+                if merge == MergeStrategy::MergeFields {
+                    "New Name"
+                } else {
+                    "Old Name"
+                },
+                "a duplicate merges by {merge:?}"
+            );
+        }
+    }
 
     #[test]
     fn synced_ids_are_derived_and_cosmos_safe() {

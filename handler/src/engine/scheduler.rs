@@ -14,11 +14,13 @@ use std::collections::HashMap;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 
+use super::lease;
 use super::state::update_integration;
 use super::{Transient, publish};
 use crate::app::App;
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
+use crate::model::integration::RunningSync;
 use crate::model::messages::JobType;
 use crate::model::shard::types as shard_types;
 use crate::model::{Event, Integration, Shard, SyncJobMessage, timestamp};
@@ -59,6 +61,7 @@ pub fn scheduled_job(
         entities: None,
         scheduled_at: due_at,
         attempt: 1,
+        deferrals: 0,
     }
 }
 
@@ -108,24 +111,22 @@ pub fn next_due(
         .map(|next| next.max(now + min_interval))
 }
 
-/// How long a claimed sync counts against its tenant's concurrency if nobody clears it (the job
-/// died and its retries ran out): longer than any job may run.
-const IN_PROGRESS_EXPIRY_MINUTES: i64 = 60;
-
+/// Integrations of the tenant whose sync is under way: held by a chain of jobs from the claim
+/// to the chain's last job, whatever started it (the scheduler, an operator, a webhook).
 async fn syncs_in_progress(
     app: &App,
     tenant_id: &str,
     now: DateTime<Utc>,
 ) -> Result<usize, Transient> {
-    let since = now - Duration::minutes(IN_PROGRESS_EXPIRY_MINUTES);
     let query = ShardQuery::of_type(shard_types::INTEGRATION)
         .in_tenant(tenant_id)
-        .filter(IN_PROGRESS, Op::Ge, timestamp::query_value(&since));
+        .filter(
+            "structuredData.running.until",
+            Op::Ge,
+            timestamp::query_value(&now),
+        );
     Ok(app.store.query(&query).await?.len())
 }
-
-/// Where a claimed integration records that its sync is under way; the job clears it.
-const IN_PROGRESS: &str = "structuredData.syncInProgressSince";
 
 /// One SyncScheduler tick at `now`.
 pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transient> {
@@ -149,6 +150,12 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         let Some(due_at) = integration.next_sync_at else {
             continue;
         };
+        if integration.running.as_ref().is_some_and(|r| r.until > now) {
+            // Left due: its own sync is still under way (a manual or webhook job, a chain
+            // still continuing); the tick after it ends enqueues the next one.
+            summary.deferred += 1;
+            continue;
+        }
         let running = match in_progress.get(&shard.tenant_id) {
             Some(n) => *n,
             None => {
@@ -175,11 +182,17 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         let mut claimed = false;
         update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
             // Another tick that claimed this due time first has moved it on.
-            claimed = i.next_sync_at == Some(due_at);
+            claimed =
+                i.next_sync_at == Some(due_at) && i.running.as_ref().is_none_or(|r| r.until <= now);
             if claimed {
                 i.next_sync_at = next_due(&i.sync_frequency, now, min_interval);
-                i.rest
-                    .insert("syncInProgressSince".into(), timestamp::query_value(&now));
+                i.running = Some(RunningSync {
+                    chain: job.job_id.clone(),
+                    job_id: job.job_id.clone(),
+                    since: now,
+                    until: now + lease::QUEUED_LEASE,
+                    progress: None,
+                });
             }
             claimed
         })

@@ -117,14 +117,15 @@ pub async fn run(
             job_id: format!("wh_{}_{}", integration.id, notification.id),
             trigger: SyncTrigger::Webhook,
             triggered_by: None,
+            // The notification says which record changed; the job reads what it holds now.
             webhook_payload: Some(json!({
                 "entity": notification.entity,
-                "records": [{"id": record.id, "fields": record.fields, "modifiedAt": record.modified_at,
-                             "deleted": record.deleted}],
+                "ids": [record.id],
             })),
             entities: Some(vec![notification.entity.clone()]),
             scheduled_at: now,
             attempt: 1,
+            deferrals: 0,
         };
         app.queue
             .send(OutgoingMessage::json(

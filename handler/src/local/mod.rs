@@ -17,10 +17,9 @@ use std::fs::File;
 
 use tokio::sync::watch;
 
-use crate::app::{App, LocalBackends, QueueChoice};
+use crate::app::{App, LocalBackends};
 use crate::definition::{AppDefinition, Trigger};
 use crate::server;
-use crate::settings::Settings;
 use consumers::Consumer;
 use invoker::Invoker;
 use timers::{Timer, TimerStatusStore};
@@ -31,11 +30,7 @@ const MAX_CONCURRENT_CALLS: usize = 16;
 const MAX_CONCURRENT_SESSIONS: usize = 8;
 
 /// Runs the embedded runtime until SIGTERM or Ctrl-C.
-pub async fn run(
-    settings: Settings,
-    backends: LocalBackends,
-    providers: adapters::Registry,
-) -> Result<(), String> {
+pub async fn run(app: App, backends: LocalBackends) -> Result<(), String> {
     let lock_path = backends.dir.runtime_lock();
     let lock = File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
     lock.try_lock().map_err(|_| {
@@ -54,13 +49,7 @@ pub async fn run(
     }
     let timer_statuses =
         TimerStatusStore::open(&backends.dir.runtime()).map_err(|e| e.to_string())?;
-    let app = App::from_settings(
-        settings.clone(),
-        &backends,
-        providers,
-        QueueChoice::Embedded,
-    )
-    .await?;
+    let settings = app.settings.clone();
     let invoker = Invoker::new(server::router(app));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

@@ -6,6 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::history::EntitySyncStats;
 use crate::engine::mapping::EntityMapping;
 use crate::ncrontab::Ncrontab;
 
@@ -51,6 +52,13 @@ pub struct Integration {
     /// Per entity: where an unfinished sync stopped, so the next job resumes there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checkpoints: BTreeMap<String, Checkpoint>,
+    /// The sync under way, if any: no other job of this integration runs until it ends or its
+    /// lease lapses, and it counts against the tenant's concurrency limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<RunningSync>,
+    /// Who is refreshing the credentials: one refresh at a time, whatever asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_lease: Option<Lease>,
     #[serde(flatten)]
     pub rest: Map<String, Value>,
 }
@@ -68,6 +76,49 @@ pub struct Checkpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_modified: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A chain of jobs (a job, its retries and its continuations) holding an integration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningSync {
+    /// The chain: the first job's id.
+    pub chain: String,
+    /// The chain's job now holding it (a continuation or a retry has its own).
+    pub job_id: String,
+    #[serde(with = "super::timestamp::fixed")]
+    pub since: DateTime<Utc>,
+    /// The lease lapses then unless the job renews it (each page does): a job that died
+    /// without ending its chain stops holding the integration.
+    #[serde(with = "super::timestamp::fixed")]
+    pub until: DateTime<Utc>,
+    /// What `job_id` has done up to its last checkpoint, so a job resumed after a crash reports
+    /// the whole of its work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<JobProgress>,
+}
+
+/// A job's counts up to its last checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobProgress {
+    /// Entities the job finished, with their counts and errors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finished: Vec<EntitySyncStats>,
+    /// The entity under way, counted up to its checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<EntitySyncStats>,
+    #[serde(default)]
+    pub pages: u64,
+}
+
+/// An exclusive hold on something of an integration, until a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    pub holder: String,
+    #[serde(with = "super::timestamp::fixed")]
+    pub until: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,6 +28,13 @@ pub struct SyncJobMessage {
     /// 1 for the first try; each re-enqueued retry adds one.
     #[serde(default = "first_attempt")]
     pub attempt: u32,
+    /// How many times the job was put back to wait for another job of its integration.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deferrals: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn default_trigger() -> SyncTrigger {

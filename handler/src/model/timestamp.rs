@@ -18,6 +18,19 @@ pub fn query_value(dt: &DateTime<Utc>) -> serde_json::Value {
     serde_json::Value::String(format(dt))
 }
 
+/// `#[serde(with = "timestamp::fixed")]` for `DateTime<Utc>` fields.
+pub mod fixed {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+}
+
 /// `#[serde(with = "timestamp::fixed_opt")]` for `Option<DateTime<Utc>>` fields.
 pub mod fixed_opt {
     use super::*;

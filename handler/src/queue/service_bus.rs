@@ -105,9 +105,7 @@ impl ServiceBusConfig {
             .trim_start_matches("https://")
             .trim_end_matches('/');
         if host.is_empty() || host.contains('/') {
-            return Err(format!(
-                "`{namespace}` is not a Service Bus namespace host name"
-            ));
+            return Err("not a Service Bus namespace host name".into());
         }
         Ok(Self {
             endpoint: format!("https://{host}"),

@@ -73,9 +73,13 @@ fn unavailable(name: &str, e: azure_core::Error) -> SecretsError {
 #[async_trait]
 impl SecretStore for KeyVaultSecrets {
     async fn get(&self, name: &str) -> Result<Option<Secret>, SecretsError> {
-        if let Some(secret) = self.cached(name) {
-            return Ok(Some(secret));
+        match self.cached(name) {
+            Some(secret) => Ok(Some(secret)),
+            None => self.get_fresh(name).await,
         }
+    }
+
+    async fn get_fresh(&self, name: &str) -> Result<Option<Secret>, SecretsError> {
         let response = match self.client.get_secret(name, None).await {
             Ok(response) => response,
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),

@@ -50,7 +50,13 @@ pub enum SecretsError {
 
 #[async_trait]
 pub trait SecretStore: Send + Sync {
+    /// The secret, possibly from a short-lived cache.
     async fn get(&self, name: &str) -> Result<Option<Secret>, SecretsError>;
+    /// The secret as stored right now, never from a cache: what a refresh must start from,
+    /// since another instance may have rotated it a moment ago.
+    async fn get_fresh(&self, name: &str) -> Result<Option<Secret>, SecretsError> {
+        self.get(name).await
+    }
     async fn set(&self, name: &str, value: Secret) -> Result<(), SecretsError>;
 }
 

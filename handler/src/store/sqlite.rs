@@ -45,11 +45,47 @@ CREATE INDEX IF NOT EXISTS shard_keys_by_shard ON shard_keys (tenant_id, id);
 /// of deduplication, looked up for every page of a sync. (Cosmos DB indexes every path.)
 const INDEXED_KEYS: &str = "dedupKeys.";
 
-/// Opens a SQLite database the way every embedded backend wants it.
+/// How long opening a database waits for another process (an operator command, the runtime)
+/// to release it before giving up.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens a SQLite database the way every embedded backend wants it: readable by its owner only
+/// (it holds contacts' personal data), in WAL mode, waiting for a busy database instead of
+/// failing.
+///
+/// Switching to WAL needs the database to itself, and SQLite does not wait on its busy handler
+/// for that; since the mode is kept in the file, it is switched only once, and opening retries
+/// for as long as the busy timeout while another process holds the database.
 pub(crate) fn open_database(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
+    crate::app::owner_only_file(path).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("{}: {e}", path.display())),
+        )
+    })?;
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match try_open(path, schema) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(schema)?;
     Ok(conn)

@@ -1,0 +1,180 @@
+//! Retrying a provider request in place.
+//!
+//! A provider that answers one request in four with 503 must not cost the job a whole attempt
+//! (the engine's job-level retries wait 5 s, then 10 s, ... up to 5 min, and start the page over).
+//! So a request that fails in a way the same request may not fail again (5xx, 429, a timeout,
+//! a dropped connection) is sent again in place: up to [`RetryPolicy::retries`] more times, after
+//! the base delay, then twice that, then four times (±20%), or after the provider's `Retry-After`
+//! when it says one. A `Retry-After` longer than [`RetryPolicy::max_wait`] is not waited out in
+//! place: the error goes back to the engine, whose job-level retry (or "resume next run") is the
+//! right tool for an outage that long.
+//!
+//! The decision is [`RetryPolicy::wait_before`], a pure function; adapters call it from their
+//! request loops.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::ProviderError;
+
+/// How a failed request is retried in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub retries: u32,
+    /// The wait before the first retry; doubled for each next one.
+    pub base: Duration,
+    /// The longest `Retry-After` waited in place.
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            base: Duration::from_secs(1),
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The policy with another base delay.
+    pub fn with_base(base: Duration) -> Self {
+        Self {
+            base,
+            ..Self::default()
+        }
+    }
+
+    /// How long to wait before retrying a request that failed with `error` after `retried`
+    /// retries, or `None` to give up and return the error. `retry_after` is what the provider
+    /// asked for; `jitter` in [0, 1] spreads the waits of many clients (0.5 is no change).
+    pub fn wait_before(
+        &self,
+        error: &ProviderError,
+        retried: u32,
+        retry_after: Option<Duration>,
+        jitter: f64,
+    ) -> Option<Duration> {
+        if !error.is_retryable() || error.resume_next_run || retried >= self.retries {
+            return None;
+        }
+        match retry_after {
+            Some(wait) if wait > self.max_wait => None,
+            Some(wait) => Some(wait),
+            None => {
+                let backoff = self.base.saturating_mul(1 << retried.min(16));
+                Some(backoff.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
+            }
+        }
+    }
+}
+
+/// A fresh jitter value in [0, 1].
+pub fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos().into()),
+    );
+    (hasher.finish() % 10_001) as f64 / 10_000.0
+}
+
+/// Reads a `Retry-After` header: delay-seconds or an HTTP date.
+pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
+    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    fn error(code: ErrorCode) -> ProviderError {
+        ProviderError::new(code, "x")
+    }
+
+    #[test]
+    fn transient_failures_are_retried_three_times_with_doubling_waits() {
+        let policy = RetryPolicy::default();
+        let unavailable = error(ErrorCode::ServiceUnavailable);
+        let waits: Vec<_> = (0..4)
+            .map(|n| policy.wait_before(&unavailable, n, None, 0.5))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                Some(Duration::from_secs(1)),
+                Some(Duration::from_secs(2)),
+                Some(Duration::from_secs(4)),
+                None
+            ]
+        );
+        let low = policy.wait_before(&unavailable, 0, None, 0.0).unwrap();
+        let high = policy.wait_before(&unavailable, 0, None, 1.0).unwrap();
+        assert_eq!(
+            (low, high),
+            (Duration::from_millis(800), Duration::from_millis(1200))
+        );
+    }
+
+    #[test]
+    fn the_providers_retry_after_wins_unless_it_is_too_long_to_wait_in_place() {
+        let policy = RetryPolicy::default();
+        let throttled = error(ErrorCode::RateLimit);
+        assert_eq!(
+            policy.wait_before(&throttled, 0, Some(Duration::from_secs(7)), 0.5),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            policy.wait_before(&throttled, 0, Some(Duration::from_secs(3600)), 0.5),
+            None
+        );
+    }
+
+    #[test]
+    fn permanent_failures_and_used_up_allocations_are_not_retried_in_place() {
+        let policy = RetryPolicy::default();
+        for code in [
+            ErrorCode::AuthenticationFailed,
+            ErrorCode::NotFound,
+            ErrorCode::ValidationError,
+        ] {
+            assert_eq!(policy.wait_before(&error(code), 0, None, 0.5), None);
+        }
+        let quota = ProviderError::quota("daily limit");
+        assert_eq!(policy.wait_before(&quota, 0, None, 0.5), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date() {
+        let now = DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("retry-after", "12".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(12)));
+        headers.insert(
+            "retry-after",
+            "Sun, 22 Nov 2026 10:00:30 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(30)));
+        headers.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! One sync of an integration at a time.
+//!
+//! Two jobs of one integration must never run at once: they would spend each other's rotating
+//! refresh tokens, and write the same shards and cursors. So a job holds its integration for as
+//! long as it runs ([`RunningSync`] on the integration, claimed under its etag), and a job that
+//! finds another holding it waits: it is put back on its queue for later, not failed.
+//!
+//! The holder is a *chain*: a job, its retries and its continuations share the first job's id,
+//! and any job of the chain may take over (a redelivery after a crash resumes at once). The
+//! chain holds the integration from the moment the scheduler claims it until its last job ends,
+//! which is also what the tenant's concurrency limit counts. A lease that is not renewed lapses
+//! (each page renews it), so a chain whose jobs all died stops holding the integration.
+//!
+//! Everything here is a plain decision over data; [`super::inbound`] does the reads and writes.
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::model::integration::RunningSync;
+
+/// How long a job holds its integration without renewing: longer than a function may run
+/// (`functionTimeout`, 10 minutes), so only a dead job's lease lapses.
+pub const LEASE: Duration = Duration::minutes(15);
+
+/// How long a chain the scheduler claimed holds its integration before its first job starts.
+pub const QUEUED_LEASE: Duration = Duration::minutes(60);
+
+/// The chain a job belongs to: its id without a continuation's `+N`.
+pub fn chain_of(job_id: &str) -> &str {
+    match job_id.rsplit_once('+') {
+        Some((root, n)) if n.parse::<u32>().is_ok() => chain_of(root),
+        _ => job_id,
+    }
+}
+
+/// What a job finds when it wants to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Free, lapsed, or already its chain's: the job runs.
+    Run,
+    /// Another chain runs; try again after the wait.
+    Wait { holder: String, retry_in: Duration },
+}
+
+/// Whether `job_id` may run now, given the integration's current holder. A job that waits is
+/// put back with a growing delay (5 s, 10 s, ... at most a minute, never past the holder's
+/// lease), so a short job behind another starts soon and a long one costs few messages.
+pub fn claim(
+    running: Option<&RunningSync>,
+    job_id: &str,
+    deferrals: u32,
+    now: DateTime<Utc>,
+) -> Claim {
+    match running {
+        Some(held) if held.until > now && held.chain != chain_of(job_id) => {
+            let backoff = Duration::seconds(5 << deferrals.min(4)).min(Duration::minutes(1));
+            Claim::Wait {
+                holder: held.job_id.clone(),
+                retry_in: backoff.min(held.until - now).max(Duration::seconds(1)),
+            }
+        }
+        _ => Claim::Run,
+    }
+}
+
+/// The integration's holder once `job_id` runs: the chain's, renewed, keeping the job's
+/// progress if the job resumes.
+pub fn hold(running: Option<&RunningSync>, job_id: &str, now: DateTime<Utc>) -> RunningSync {
+    let chain = chain_of(job_id);
+    let same_chain = running.filter(|r| r.chain == chain && r.until > now);
+    RunningSync {
+        chain: chain.to_string(),
+        job_id: job_id.to_string(),
+        since: same_chain.map_or(now, |r| r.since),
+        until: now + LEASE,
+        progress: same_chain
+            .filter(|r| r.job_id == job_id)
+            .and_then(|r| r.progress.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 10, minute, 0).unwrap()
+    }
+
+    fn held_by(job_id: &str, until: DateTime<Utc>) -> RunningSync {
+        RunningSync {
+            chain: chain_of(job_id).to_string(),
+            job_id: job_id.to_string(),
+            since: at(0),
+            until,
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn continuations_and_retries_belong_to_their_first_jobs_chain() {
+        assert_eq!(chain_of("job_1"), "job_1");
+        assert_eq!(chain_of("job_1+3"), "job_1");
+        assert_eq!(chain_of("job_a+b"), "job_a+b");
+    }
+
+    #[test]
+    fn a_second_chain_waits_while_the_first_holds_the_integration() {
+        let full = held_by("job_full", at(15));
+        assert_eq!(
+            claim(Some(&full), "job_incremental", 0, at(1)),
+            Claim::Wait {
+                holder: "job_full".into(),
+                retry_in: Duration::seconds(5)
+            }
+        );
+        let Claim::Wait { retry_in, .. } = claim(Some(&full), "job_incremental", 9, at(1)) else {
+            panic!("waits");
+        };
+        assert_eq!(
+            retry_in,
+            Duration::minutes(1),
+            "the wait grows, to a minute"
+        );
+        let Claim::Wait { retry_in, .. } = claim(Some(&full), "wh_1", 9, at(14)) else {
+            panic!("waits");
+        };
+        assert_eq!(retry_in, Duration::minutes(1).min(at(15) - at(14)));
+    }
+
+    #[test]
+    fn the_same_chain_a_free_or_a_lapsed_integration_runs_at_once() {
+        let full = held_by("job_full", at(15));
+        assert_eq!(claim(Some(&full), "job_full", 0, at(1)), Claim::Run);
+        assert_eq!(claim(Some(&full), "job_full+2", 0, at(1)), Claim::Run);
+        assert_eq!(claim(None, "job_other", 0, at(1)), Claim::Run);
+        assert_eq!(claim(Some(&full), "job_other", 0, at(16)), Claim::Run);
+    }
+
+    #[test]
+    fn holding_renews_the_lease_and_keeps_only_the_same_jobs_progress() {
+        let mut held = held_by("job_1", at(15));
+        held.progress = Some(Default::default());
+        let resumed = hold(Some(&held), "job_1", at(5));
+        assert_eq!(resumed.until, at(5) + LEASE);
+        assert_eq!(resumed.since, at(0));
+        assert!(resumed.progress.is_some());
+        let continued = hold(Some(&held), "job_1+1", at(5));
+        assert_eq!(continued.chain, "job_1");
+        assert!(
+            continued.progress.is_none(),
+            "a continuation counts its own work"
+        );
+        let other = hold(Some(&held), "job_2", at(20));
+        assert_eq!((other.chain.as_str(), other.since), ("job_2", at(20)));
+    }
+}
