@@ -75,15 +75,16 @@ pub struct LocalBackends {
     pub events: FileEvents,
 }
 
-/// Makes `path` a file only its owner can read and write, creating it empty if missing.
-pub fn owner_only_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+/// Makes an existing file readable and writable by its owner only; a missing one is left
+/// alone. It works by path and never opens the file: closing any descriptor of a SQLite
+/// database drops every lock this process holds on it (POSIX locks belong to the process), which
+/// would break the connections already open.
+pub fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 impl LocalBackends {
@@ -97,7 +98,7 @@ impl LocalBackends {
                 std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o700))
             })
             .map_err(|e| format!("cannot create data directory {}: {e}", dir.root().display()))?;
-        owner_only_file(&dir.events()).map_err(|e| format!("{}: {e}", dir.events().display()))?;
+        restrict_to_owner(&dir.events()).map_err(|e| format!("{}: {e}", dir.events().display()))?;
         let store = SqliteStore::open(&dir.store()).map_err(|e| e.to_string())?;
         let broker = LocalBroker::open(&dir.runtime(), settings.duplicate_detection_window)
             .map_err(|e| e.to_string())?;

@@ -47,12 +47,14 @@ impl EventSink for FileEvents {
         }
         let _guard = self.write_lock.lock().await;
         // One write of whole lines to an O_APPEND file: lines from two processes never interleave.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| f.write_all(&text))
-            .map_err(|e| EventsError(format!("{}: {e}", self.path.display())))
+        // Events name tenants' records: the log is its owner's alone, as the data directory is.
+        std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().create(true).append(true),
+            0o600,
+        )
+        .open(&self.path)
+        .and_then(|mut f| f.write_all(&text))
+        .map_err(|e| EventsError(format!("{}: {e}", self.path.display())))
     }
 }
 

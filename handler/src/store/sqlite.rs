@@ -53,19 +53,13 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// (it holds contacts' personal data), in WAL mode, waiting for a busy database instead of
 /// failing.
 ///
-/// Switching to WAL needs the database to itself, and SQLite does not wait on its busy handler
-/// for that; since the mode is kept in the file, it is switched only once, and opening retries
-/// for as long as the busy timeout while another process holds the database.
+/// Switching to WAL needs the database to itself, and SQLite does not always wait on its busy
+/// handler for that (nor while another process closes the database); since the mode is kept in
+/// the file, it is switched only once, and opening retries for as long as the busy timeout.
 pub(crate) fn open_database(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
-    crate::app::owner_only_file(path).map_err(|e| {
-        rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-            Some(format!("{}: {e}", path.display())),
-        )
-    })?;
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     let mut pause = std::time::Duration::from_millis(5);
-    loop {
+    let conn = loop {
         match try_open(path, schema) {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy
@@ -74,9 +68,21 @@ pub(crate) fn open_database(path: &Path, schema: &str) -> rusqlite::Result<Conne
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(std::time::Duration::from_millis(200));
             }
-            other => return other,
+            other => break other?,
         }
+    };
+    // The write-ahead log and its index hold the same data as the database.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        crate::app::restrict_to_owner(Path::new(&file)).map_err(|e| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_PERM),
+                Some(format!("{}: {e}", path.display())),
+            )
+        })?;
     }
+    Ok(conn)
 }
 
 fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
