@@ -9,8 +9,9 @@
 //! place: the error goes back to the engine, whose job-level retry (or "resume next run") is the
 //! right tool for an outage that long.
 //!
-//! The decision is [`RetryPolicy::wait_before`], a pure function; adapters call it from their
-//! request loops.
+//! The decision is [`RetryPolicy::wait_before`], a pure function; [`Retries`] counts one
+//! request's tries and sleeps, so an adapter's request loop is: send, and on failure
+//! `retries.wait_or_fail(error, retry_after).await?`.
 
 use std::time::Duration;
 
@@ -72,8 +73,39 @@ impl RetryPolicy {
     }
 }
 
+/// The retries of one request.
+pub struct Retries {
+    policy: RetryPolicy,
+    retried: u32,
+}
+
+impl Retries {
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self { policy, retried: 0 }
+    }
+
+    /// Waits before the request is sent again, or gives `error` back when it should not be.
+    pub async fn wait_or_fail(
+        &mut self,
+        error: ProviderError,
+        retry_after: Option<Duration>,
+    ) -> Result<(), ProviderError> {
+        match self
+            .policy
+            .wait_before(&error, self.retried, retry_after, jitter())
+        {
+            Some(wait) => {
+                self.retried += 1;
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            None => Err(error),
+        }
+    }
+}
+
 /// A fresh jitter value in [0, 1].
-pub fn jitter() -> f64 {
+fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(
@@ -159,6 +191,28 @@ mod tests {
         }
         let quota = ProviderError::quota("daily limit");
         assert_eq!(policy.wait_before(&quota, 0, None, 0.5), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_tried_four_times_in_all_then_its_error_is_returned() {
+        let mut retries = Retries::new(RetryPolicy::default());
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            retries
+                .wait_or_fail(error(ErrorCode::ServiceUnavailable), None)
+                .await
+                .unwrap();
+        }
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(5600) && waited <= Duration::from_millis(8400),
+            "1 + 2 + 4 s, ±20%: {waited:?}"
+        );
+        let last = retries
+            .wait_or_fail(error(ErrorCode::ServiceUnavailable), None)
+            .await
+            .unwrap_err();
+        assert_eq!(last.code, ErrorCode::ServiceUnavailable);
     }
 
     #[test]

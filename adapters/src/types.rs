@@ -158,13 +158,14 @@ pub struct WebhookDelivery {
     pub ack: (String, String),
 }
 
-/// One notification of a delivery: a record that changed.
+/// One notification of a delivery: a record that changed. Only which one: whatever fields a
+/// notification carries may be a subset or stale, so the engine reads the record itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebhookNotification {
     /// Unique per notification; redeliveries repeat it.
     pub id: String,
     pub entity: String,
-    pub record: Record,
+    pub record_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

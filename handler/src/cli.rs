@@ -191,39 +191,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             if let Some(addr) = addr {
                 settings.local_addr = addr;
             }
-            // The runtime consumes its embedded queues itself, whatever else is configured.
-            let app = match App::from_settings(
-                settings,
-                &backends,
-                app::providers(),
-                QueueChoice::Embedded,
-            )
-            .await
-            {
-                Ok(app) => app,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return 1;
-                }
-            };
-            if demo {
-                match crate::demo::install(&app, backends.dir.root()).await {
-                    Ok(true) => tracing::info!(
-                        tenant = crate::demo::TENANT,
-                        folder = %crate::demo::import_folder(backends.dir.root()).display(),
-                        "demo tenant installed; its first sync is on its way"
-                    ),
-                    Ok(false) => tracing::info!(
-                        tenant = crate::demo::TENANT,
-                        "demo tenant already installed"
-                    ),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return 1;
-                    }
-                }
-            }
-            local::run(app, backends).await
+            run_local(settings, backends, demo).await
         }
         Command::DeadLetters(_) if settings.azure.service_bus.is_some() => Err(
             "dead-letters works on the embedded queues; with Service Bus configured, \
@@ -238,7 +206,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             all,
         }) => replay_dead_letters(&backends, &sequence_numbers, all, cli.json).await,
         operator => {
-            let app = match App::from_settings(
+            match App::from_settings(
                 settings,
                 &backends,
                 app::providers(),
@@ -246,13 +214,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             )
             .await
             {
-                Ok(app) => app,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return 1;
-                }
-            };
-            operate(operator, &backends, &app, cli.json).await
+                Ok(app) => operate(operator, &backends, &app, cli.json).await,
+                Err(e) => Err(e),
+            }
         }
     };
     match result {
@@ -265,6 +229,29 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
 }
 
 type CliResult = Result<(), String>;
+
+/// `handler local`: the runtime on the configured store and secrets, consuming its embedded
+/// queues itself whatever else is configured; with `demo`, the demo tenant installed first.
+async fn run_local(settings: Settings, backends: LocalBackends, demo: bool) -> CliResult {
+    let app =
+        App::from_settings(settings, &backends, app::providers(), QueueChoice::Embedded).await?;
+    if demo {
+        let installed = crate::demo::install(&app, backends.dir.root()).await?;
+        if installed {
+            tracing::info!(
+                tenant = crate::demo::TENANT,
+                folder = %crate::demo::import_folder(backends.dir.root()).display(),
+                "demo tenant installed; its first sync is on its way"
+            );
+        } else {
+            tracing::info!(
+                tenant = crate::demo::TENANT,
+                "demo tenant already installed"
+            );
+        }
+    }
+    local::run(app, backends).await
+}
 
 /// Runs an operator command on the configured backends.
 async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bool) -> CliResult {

@@ -20,6 +20,7 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -46,31 +47,35 @@ pub enum Destination {
 pub fn init(format: LogFormat, destination: Destination) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let result = match (format, destination) {
-        (LogFormat::Json, Destination::Stdout) => builder
-            .fmt_fields(JsonFields)
-            .event_format(JsonLine)
-            .with_writer(std::io::stdout)
-            .try_init(),
-        (LogFormat::Json, Destination::Stderr) => builder
-            .fmt_fields(JsonFields)
-            .event_format(JsonLine)
-            .with_writer(std::io::stderr)
-            .try_init(),
-        (LogFormat::Text, Destination::Stdout) => builder
-            .fmt_fields(TextFields)
-            .with_ansi(false)
-            .with_writer(std::io::stdout)
-            .try_init(),
-        (LogFormat::Text, Destination::Stderr) => builder
-            .fmt_fields(TextFields)
-            .with_ansi(false)
-            .with_writer(std::io::stderr)
-            .try_init(),
+    let writer = match destination {
+        Destination::Stdout => BoxMakeWriter::new(std::io::stdout),
+        Destination::Stderr => BoxMakeWriter::new(std::io::stderr),
     };
     // A second init (tests, embedded use) keeps the first subscriber.
-    drop(result);
+    drop(tracing::subscriber::set_global_default(subscriber(
+        format, filter, writer,
+    )));
+}
+
+/// The subscriber that writes `format` lines to `writer`.
+fn subscriber(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: BoxMakeWriter,
+) -> Box<dyn Subscriber + Send + Sync> {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => Box::new(
+            builder
+                .fmt_fields(JsonFields)
+                .event_format(JsonLine)
+                .finish(),
+        ),
+        LogFormat::Text => Box::new(builder.fmt_fields(TextFields).finish()),
+    }
 }
 
 /// `value` cut to [`MAX_VALUE_CHARS`] characters, saying how long it was.
@@ -255,24 +260,15 @@ mod tests {
         }
         let buffer = Buffer::default();
         let writer = buffer.clone();
-        let make = move || writer.clone();
-        let builder = tracing_subscriber::fmt().with_ansi(false);
         let hostile = format!("n1\nERROR forged line {}", "x".repeat(5000));
-        let log = || tracing::info!(notification_id = %hostile, "webhook accepted");
-        match format {
-            LogFormat::Json => tracing::subscriber::with_default(
-                builder
-                    .fmt_fields(JsonFields)
-                    .event_format(JsonLine)
-                    .with_writer(make)
-                    .finish(),
-                log,
+        tracing::subscriber::with_default(
+            subscriber(
+                format,
+                EnvFilter::new("info"),
+                BoxMakeWriter::new(move || writer.clone()),
             ),
-            LogFormat::Text => tracing::subscriber::with_default(
-                builder.fmt_fields(TextFields).with_writer(make).finish(),
-                log,
-            ),
-        }
+            || tracing::info!(notification_id = %hostile, "webhook accepted"),
+        );
         String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
     }
 

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use handler::queue::SYNC_INBOUND_WEBHOOK;
 
-use crate::fake_host::{http_request_with_body, service_bus_message};
+use crate::fake_host::{HostedHandler, http_request_with_body, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::{TestApp, http_request, wait_until};
 
@@ -48,6 +48,21 @@ fn integration(fake_url: &str) -> Value {
 }
 
 const XML: (&str, &str) = ("Content-Type", "text/xml; charset=utf-8");
+
+/// Delivers the queued webhook jobs to SyncInboundWebhook, as the host would.
+async fn run_queued_jobs(app: &TestApp, handler: &HostedHandler) {
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        let body = String::from_utf8(message.body.clone()).unwrap();
+        let envelope =
+            service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
+        assert!(
+            handler
+                .invoke("SyncInboundWebhook", &envelope)
+                .await
+                .host_accepts()
+        );
+    }
+}
 
 /// A fake org with the accounts the tests' notifications name, and an integration of tenant
 /// `t1` connected to it.
@@ -111,17 +126,7 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
     assert_eq!(ids, ["04l000000000001AAA", "04l000000000002AAA"]);
     assert_eq!(app.events()[0].kind, "integration.webhook.received");
 
-    for message in &queued {
-        let body = String::from_utf8(message.body.clone()).unwrap();
-        let envelope =
-            service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
-        assert!(
-            handler
-                .invoke("SyncInboundWebhook", &envelope)
-                .await
-                .host_accepts()
-        );
-    }
+    run_queued_jobs(&app, &handler).await;
     let companies = app.shards("c_company").await;
     let names: Vec<_> = companies
         .iter()
@@ -168,17 +173,7 @@ async fn a_partial_outbound_message_leaves_the_shard_holding_what_salesforce_hol
             .await;
         assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200);
     }
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        let body = String::from_utf8(message.body.clone()).unwrap();
-        let envelope =
-            service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
-        assert!(
-            handler
-                .invoke("SyncInboundWebhook", &envelope)
-                .await
-                .host_accepts()
-        );
-    }
+    run_queued_jobs(&app, &handler).await;
     let companies = app.shards("c_company").await;
     assert_eq!(companies.len(), 1, "the unknown id created nothing");
     assert_eq!(companies[0]["name"], "Smith & Sons");

@@ -28,7 +28,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
 
 use crate::credentials::Refreshed;
-use crate::http::{self, RetryPolicy};
+use crate::http::{self, Retries, RetryPolicy};
 use crate::{
     Connection, Credentials, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError,
     RateLimiter, Record, WebhookDelivery, WebhookError, WebhookRequest,
@@ -125,7 +125,7 @@ impl Salesforce {
         if let Some(secret) = credentials.get("client_secret") {
             form.push(("client_secret", secret.to_string()));
         }
-        let mut retried = 0;
+        let mut retries = Retries::new(retry);
         let body = loop {
             self.limiter.acquire(integration_id).await;
             let (error, retry_after) = match self
@@ -160,13 +160,7 @@ impl Salesforce {
                     )
                 }
             };
-            match retry.wait_before(&error, retried, retry_after, http::jitter()) {
-                Some(wait) => {
-                    retried += 1;
-                    tokio::time::sleep(wait).await;
-                }
-                None => return Err(error),
-            }
+            retries.wait_or_fail(error, retry_after).await?;
         };
         let access_token = body["access_token"].as_str().ok_or_else(|| {
             ProviderError::new(
@@ -205,7 +199,7 @@ impl Salesforce {
             self.refresh(conn).await?;
         }
         let mut refreshed = false;
-        let mut retried = 0;
+        let mut retries = Retries::new(conn.retry);
         loop {
             let instance = conn
                 .credentials
@@ -247,16 +241,7 @@ impl Salesforce {
                     (answer_error(status, &body), retry_after)
                 }
             };
-            match conn
-                .retry
-                .wait_before(&error, retried, retry_after, http::jitter())
-            {
-                Some(wait) => {
-                    retried += 1;
-                    tokio::time::sleep(wait).await;
-                }
-                None => return Err(error),
-            }
+            retries.wait_or_fail(error, retry_after).await?;
         }
     }
 
@@ -322,21 +307,22 @@ pub fn normalize_id(id: &str) -> Option<String> {
     if !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return None;
     }
-    let base = match id.len() {
-        15 => id,
-        18 => return Some(id.to_string()),
-        _ => return None,
-    };
-    let mut out = base.to_string();
-    for chunk in base.as_bytes().chunks(5) {
-        let bits = chunk
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.is_ascii_uppercase())
-            .fold(0usize, |acc, (i, _)| acc | (1 << i));
-        out.push(SUFFIX[bits] as char);
+    match id.len() {
+        18 => Some(id.to_string()),
+        15 => {
+            let mut out = id.to_string();
+            for chunk in id.as_bytes().chunks(5) {
+                let bits = chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.is_ascii_uppercase())
+                    .fold(0usize, |acc, (i, _)| acc | (1 << i));
+                out.push(SUFFIX[bits] as char);
+            }
+            Some(out)
+        }
+        _ => None,
     }
-    Some(out)
 }
 
 /// The records of a query answer.
@@ -431,7 +417,7 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
 }
 
 /// A record of a query result, without its `attributes`.
-pub fn record_from(mut fields: Map<String, Value>) -> Option<Record> {
+fn record_from(mut fields: Map<String, Value>) -> Option<Record> {
     fields.remove("attributes");
     let id = fields.get("Id")?.as_str()?.to_string();
     let modified_at = fields

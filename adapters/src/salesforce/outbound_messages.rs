@@ -4,12 +4,13 @@
 //! which the receiver must match to an integration before it trusts the delivery; each
 //! `Notification/Id` is unique and repeated on redelivery, so it deduplicates. The answer is a
 //! SOAP `<Ack>true</Ack>`; anything else makes Salesforce retry for up to 24 hours.
+//!
+//! A message carries whichever fields its rule selected, as they were when it was sent: only
+//! the record ids are taken from it, and the records are read from the API.
 
 use quick_xml::Reader;
 use quick_xml::events::Event;
-use serde_json::{Map, Value};
 
-use super::record_from;
 use crate::{WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest};
 
 /// The acknowledgement Salesforce expects for a delivery.
@@ -77,11 +78,7 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
                         .find(|a| a.key.local_name().as_ref() == wanted)
                         .map(|a| a.value.to_string())
                 };
-                parser.open(
-                    name,
-                    attribute("type"),
-                    attribute("nil").as_deref() == Some("true"),
-                );
+                parser.open(name, attribute("type"));
                 if matches!(event, Event::Empty(_)) {
                     parser.close()?;
                 }
@@ -124,22 +121,19 @@ struct Parser {
     path: Vec<String>,
     /// Text of the innermost element.
     text: String,
-    /// The innermost element has `xsi:nil="true"`.
-    nil: bool,
     organization_id: Option<String>,
     notification_id: Option<String>,
     entity: Option<String>,
-    fields: Map<String, Value>,
+    record_id: Option<String>,
     notifications: Vec<WebhookNotification>,
 }
 
 impl Parser {
-    fn open(&mut self, name: String, xsi_type: Option<String>, nil: bool) {
+    fn open(&mut self, name: String, xsi_type: Option<String>) {
         if name == "sObject" {
             self.entity = xsi_type.map(|t| t.rsplit(':').next().unwrap_or_default().to_string());
-            self.fields = Map::new();
+            self.record_id = None;
         }
-        self.nil = nil;
         self.text.clear();
         self.path.push(name);
     }
@@ -152,14 +146,7 @@ impl Parser {
         match (parent, name.as_str()) {
             ("notifications", "OrganizationId") => self.organization_id = Some(value),
             ("Notification", "Id") => self.notification_id = Some(value),
-            ("sObject", field) => {
-                let value = if self.nil {
-                    Value::Null
-                } else {
-                    Value::String(value)
-                };
-                self.fields.insert(field.to_string(), value);
-            }
+            ("sObject", "Id") => self.record_id = Some(value),
             (_, "Notification") => {
                 let id = self
                     .notification_id
@@ -169,14 +156,18 @@ impl Parser {
                     .entity
                     .clone()
                     .ok_or_else(|| malformed(format!("notification {id} has no sObject type")))?;
-                let record = record_from(std::mem::take(&mut self.fields))
+                let record_id = self
+                    .record_id
+                    .take()
                     .ok_or_else(|| malformed(format!("notification {id}'s sObject has no Id")))?;
-                self.notifications
-                    .push(WebhookNotification { id, entity, record });
+                self.notifications.push(WebhookNotification {
+                    id,
+                    entity,
+                    record_id,
+                });
             }
             _ => {}
         }
-        self.nil = false;
         Ok(())
     }
 }
@@ -234,14 +225,8 @@ mod tests {
         let first = &delivery.notifications[0];
         assert_eq!(first.id, "04l000000000001AAA");
         assert_eq!(first.entity, "Account");
-        assert_eq!(first.record.id, "001000000000001AAA");
-        assert_eq!(first.record.fields["Name"], "Smith & Sons");
-        assert_eq!(first.record.fields["Industry"], Value::Null);
-        assert!(first.record.modified_at.is_some());
-        assert_eq!(
-            delivery.notifications[1].record.fields["Name"],
-            "Globex <EU>"
-        );
+        assert_eq!(first.record_id, "001000000000001AAA");
+        assert_eq!(delivery.notifications[1].record_id, "001000000000002AAA");
         assert!(delivery.ack.1.contains("<Ack>true</Ack>"));
     }
 

@@ -198,17 +198,6 @@ async fn take_integration(
     Ok(taken)
 }
 
-/// Ends this job's hold on its integration (if the integration is still its chain's).
-fn release(integration: &mut Integration, job_id: &str) {
-    if integration
-        .running
-        .as_ref()
-        .is_some_and(|r| r.chain == lease::chain_of(job_id))
-    {
-        integration.running = None;
-    }
-}
-
 /// Puts the job back on its queue to run once the integration's current sync is over.
 async fn wait_for(
     app: &App,
@@ -430,14 +419,9 @@ async fn succeed(
         if scheduled && outcome.stopped.is_none() {
             i.last_sync_at = Some(started);
         }
-        match (&continuation, i.running.as_mut()) {
-            // The chain goes on: its next job holds the integration.
-            (Some(next), Some(held)) if held.chain == lease::chain_of(&job.job_id) => {
-                held.job_id = next.clone();
-                held.progress = None;
-                held.until = Utc::now() + lease::LEASE;
-            }
-            _ => release(i, &job.job_id),
+        match &continuation {
+            Some(next) => lease::hand_over(&mut i.running, &job.job_id, next, now),
+            None => lease::release(&mut i.running, &job.job_id),
         }
         true
     })
@@ -502,13 +486,7 @@ async fn fail(
                 .await?;
             // The chain keeps the integration through the wait: its retry resumes the work.
             update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
-                match i.running.as_mut() {
-                    Some(held) if held.chain == lease::chain_of(&job.job_id) => {
-                        held.until = at + lease::LEASE;
-                        true
-                    }
-                    _ => false,
-                }
+                lease::wait_for_retry(&mut i.running, &job.job_id, at)
             })
             .await?;
             record.status_message = Some(format!(
@@ -545,7 +523,7 @@ async fn fail(
                         i.status = IntegrationStatus::Error;
                         i.rest.insert("statusMessage".into(), json!(summary));
                     }
-                    release(i, &job.job_id);
+                    lease::release(&mut i.running, &job.job_id);
                     true
                 })
                 .await?;

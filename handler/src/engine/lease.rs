@@ -15,7 +15,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::model::integration::RunningSync;
+use crate::model::integration::{JobProgress, RunningSync};
 
 /// How long a job holds its integration without renewing: longer than a function may run
 /// (`functionTimeout`, 10 minutes), so only a dead job's lease lapses.
@@ -78,6 +78,80 @@ pub fn hold(running: Option<&RunningSync>, job_id: &str, now: DateTime<Utc>) -> 
     }
 }
 
+/// The hold the scheduler takes when it claims a due integration for `job_id`, before the job
+/// starts.
+pub fn queued(job_id: &str, now: DateTime<Utc>) -> RunningSync {
+    RunningSync {
+        chain: chain_of(job_id).to_string(),
+        job_id: job_id.to_string(),
+        since: now,
+        until: now + QUEUED_LEASE,
+        progress: None,
+    }
+}
+
+/// Whether a sync holds the integration at `now`.
+pub fn is_held(running: Option<&RunningSync>, now: DateTime<Utc>) -> bool {
+    running.is_some_and(|r| r.until > now)
+}
+
+/// The hold, if it is `job_id`'s chain's.
+fn chains<'a>(running: &'a mut Option<RunningSync>, job_id: &str) -> Option<&'a mut RunningSync> {
+    running.as_mut().filter(|r| r.chain == chain_of(job_id))
+}
+
+/// After a page: the job's progress kept, its hold renewed. `false` if the job no longer holds
+/// the integration (its lease lapsed and another chain took it).
+pub fn checkpoint(
+    running: &mut Option<RunningSync>,
+    job_id: &str,
+    progress: JobProgress,
+    now: DateTime<Utc>,
+) -> bool {
+    match running.as_mut().filter(|r| r.job_id == job_id) {
+        Some(held) => {
+            held.progress = Some(progress);
+            held.until = now + LEASE;
+            true
+        }
+        None => false,
+    }
+}
+
+/// A retry of the job is scheduled `at`: the chain keeps the integration through the wait,
+/// with the job's progress, so the retry resumes the work.
+pub fn wait_for_retry(running: &mut Option<RunningSync>, job_id: &str, at: DateTime<Utc>) -> bool {
+    match chains(running, job_id) {
+        Some(held) => {
+            held.until = at + LEASE;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The job stopped at its record limit: the chain goes on in `next_job_id`, which counts its
+/// own work.
+pub fn hand_over(
+    running: &mut Option<RunningSync>,
+    job_id: &str,
+    next_job_id: &str,
+    now: DateTime<Utc>,
+) {
+    if let Some(held) = chains(running, job_id) {
+        held.job_id = next_job_id.to_string();
+        held.progress = None;
+        held.until = now + LEASE;
+    }
+}
+
+/// The chain ended: the integration is free (unless another chain holds it by now).
+pub fn release(running: &mut Option<RunningSync>, job_id: &str) {
+    if chains(running, job_id).is_some() {
+        *running = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +209,49 @@ mod tests {
         assert_eq!(claim(Some(&full), "job_full+2", 0, at(1)), Claim::Run);
         assert_eq!(claim(None, "job_other", 0, at(1)), Claim::Run);
         assert_eq!(claim(Some(&full), "job_other", 0, at(16)), Claim::Run);
+    }
+
+    #[test]
+    fn a_chain_keeps_the_integration_through_retries_and_continuations_then_frees_it() {
+        let mut running = Some(hold(None, "job_1", at(0)));
+        assert!(checkpoint(
+            &mut running,
+            "job_1",
+            JobProgress::default(),
+            at(5)
+        ));
+        assert_eq!(running.as_ref().unwrap().until, at(5) + LEASE);
+        assert!(running.as_ref().unwrap().progress.is_some());
+
+        assert!(wait_for_retry(&mut running, "job_1", at(30)));
+        assert_eq!(running.as_ref().unwrap().until, at(30) + LEASE);
+        assert!(
+            running.as_ref().unwrap().progress.is_some(),
+            "the retry resumes"
+        );
+
+        hand_over(&mut running, "job_1", "job_1+1", at(31));
+        let held = running.as_ref().unwrap();
+        assert_eq!(
+            (held.chain.as_str(), held.job_id.as_str()),
+            ("job_1", "job_1+1")
+        );
+        assert!(held.progress.is_none());
+        assert!(
+            !checkpoint(&mut running, "job_1", JobProgress::default(), at(32)),
+            "the handed-over job no longer checkpoints"
+        );
+
+        release(&mut running, "job_other");
+        assert!(running.is_some(), "another chain cannot free it");
+        release(&mut running, "job_1+1");
+        assert!(running.is_none());
+        assert!(!is_held(running.as_ref(), at(32)));
+        assert!(is_held(Some(&queued("job_2", at(32))), at(33)));
+        assert!(!is_held(
+            Some(&queued("job_2", at(0))),
+            at(0) + QUEUED_LEASE
+        ));
     }
 
     #[test]

@@ -515,19 +515,16 @@ impl<'a> EntityRun<'a> {
             errors.truncate(MAX_ERRORS_IN_PROGRESS);
         }
         let mut finished = self.finished.clone();
-        if entity_done {
+        let current = if entity_done {
             finished.push(current);
-            JobProgress {
-                finished,
-                current: None,
-                pages,
-            }
+            None
         } else {
-            JobProgress {
-                finished,
-                current: Some(current),
-                pages,
-            }
+            Some(current)
+        };
+        JobProgress {
+            finished,
+            current,
+            pages,
         }
     }
 
@@ -554,7 +551,7 @@ impl<'a> EntityRun<'a> {
         let entity = &self.mapping.external_entity;
         self.update_state(|i| {
             i.checkpoints.insert(entity.clone(), checkpoint.clone());
-            note_progress(i, job_id, &progress);
+            lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
             true
         })
         .await?;
@@ -593,7 +590,7 @@ impl<'a> EntityRun<'a> {
         let progress = self.progress(pages, true);
         let job_id = self.job.job_id;
         self.update_state(|i| {
-            note_progress(i, job_id, &progress);
+            lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
             let cursor = match (i.cursors.get(entity).copied(), max_modified) {
                 (Some(old), Some(new)) => Some(old.max(new)),
                 (old, new) => new.or(old),
@@ -1043,14 +1040,6 @@ fn land(
             stored.extend(record.iter().map(|(k, v)| (k.clone(), v.clone())));
             stored
         }
-    }
-}
-
-/// Keeps `progress` on the integration if `job_id` still holds it, and renews the hold.
-fn note_progress(integration: &mut Integration, job_id: &str, progress: &JobProgress) {
-    if let Some(held) = integration.running.as_mut().filter(|r| r.job_id == job_id) {
-        held.progress = Some(progress.clone());
-        held.until = Utc::now() + lease::LEASE;
     }
 }
 

@@ -20,7 +20,6 @@ use super::{Transient, publish};
 use crate::app::App;
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
-use crate::model::integration::RunningSync;
 use crate::model::messages::JobType;
 use crate::model::shard::types as shard_types;
 use crate::model::{Event, Integration, Shard, SyncJobMessage, timestamp};
@@ -150,7 +149,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         let Some(due_at) = integration.next_sync_at else {
             continue;
         };
-        if integration.running.as_ref().is_some_and(|r| r.until > now) {
+        if lease::is_held(integration.running.as_ref(), now) {
             // Left due: its own sync is still under way (a manual or webhook job, a chain
             // still continuing); the tick after it ends enqueues the next one.
             summary.deferred += 1;
@@ -182,17 +181,10 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         let mut claimed = false;
         update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
             // Another tick that claimed this due time first has moved it on.
-            claimed =
-                i.next_sync_at == Some(due_at) && i.running.as_ref().is_none_or(|r| r.until <= now);
+            claimed = i.next_sync_at == Some(due_at) && !lease::is_held(i.running.as_ref(), now);
             if claimed {
                 i.next_sync_at = next_due(&i.sync_frequency, now, min_interval);
-                i.running = Some(RunningSync {
-                    chain: job.job_id.clone(),
-                    job_id: job.job_id.clone(),
-                    since: now,
-                    until: now + lease::QUEUED_LEASE,
-                    progress: None,
-                });
+                i.running = Some(lease::queued(&job.job_id, now));
             }
             claimed
         })

@@ -108,7 +108,6 @@ pub async fn run(
 
     let now = Utc::now();
     for notification in &delivery.notifications {
-        let record = &notification.record;
         let job = SyncJobMessage {
             integration_id: integration.id.clone(),
             tenant_id: integration.tenant_id.clone(),
@@ -120,7 +119,7 @@ pub async fn run(
             // The notification says which record changed; the job reads what it holds now.
             webhook_payload: Some(json!({
                 "entity": notification.entity,
-                "ids": [record.id],
+                "ids": [notification.record_id],
             })),
             entities: Some(vec![notification.entity.clone()]),
             scheduled_at: now,
