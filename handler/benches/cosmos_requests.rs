@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use chrono::Utc;
-use serde_json::json;
 
 use handler::app::LocalBackends;
 use handler::engine::inbound;
@@ -109,23 +108,14 @@ async fn main() {
     });
     let mut app = backends.app(settings, handler::app::providers());
     app.store = store.clone();
-    let integration: Shard = serde_json::from_value(json!({
-        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
-        "structuredData": {
-            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
-            "connection": {"path": folder.display().to_string()},
-            "entityMappings": [
-                {"externalEntity": "accounts", "shardTypeId": "c_company", "nameField": "name",
-                 "fieldMappings": [{"source": "name", "target": "name", "required": true}]},
-                {"externalEntity": "contacts", "shardTypeId": "c_contact",
-                 "fieldMappings": [{"source": "name", "targets": ["first_name", "last_name"], "transform": "split"},
-                                   {"source": "email", "target": "email", "required": true}],
-                 "deduplication": {"rules": [{"field": "email", "matching": "exact"}]}}
-            ]
-        }
-    }))
-    .unwrap();
-    store.inner.create(&integration).await.unwrap();
+    store
+        .inner
+        .create(&cosmos_emulator::bulk_import_integration(
+            "int-bench",
+            &folder,
+        ))
+        .await
+        .unwrap();
 
     for (label, job_id) in [
         ("every record new (changed)", "bench-1"),

@@ -15,6 +15,27 @@ use azure_data_cosmos_driver::in_memory_emulator::{
 use handler::protocol::ServiceBusMessage;
 use handler::store::CosmosStore;
 
+/// A manual bulk-import integration of tenant `t1` over `folder`: accounts by name, contacts
+/// split into first and last name and deduplicated by email.
+pub fn bulk_import_integration(id: &str, folder: &std::path::Path) -> handler::model::Shard {
+    serde_json::from_value(serde_json::json!({
+        "id": id, "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bulk import",
+        "structuredData": {
+            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
+            "connection": {"path": folder.display().to_string()},
+            "entityMappings": [
+                {"externalEntity": "accounts", "shardTypeId": "c_company", "nameField": "name",
+                 "fieldMappings": [{"source": "name", "target": "name", "required": true}]},
+                {"externalEntity": "contacts", "shardTypeId": "c_contact",
+                 "fieldMappings": [{"source": "name", "targets": ["first_name", "last_name"], "transform": "split"},
+                                   {"source": "email", "target": "email", "required": true}],
+                 "deduplication": {"rules": [{"field": "email", "matching": "exact"}]}}
+            ]
+        }
+    }))
+    .unwrap()
+}
+
 const ENDPOINT: &str = "https://eastus.emulator.local";
 
 /// A shards container in a fresh in-memory account, with `rules` injecting faults.

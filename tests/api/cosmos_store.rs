@@ -18,7 +18,7 @@ use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
 use handler::store::{CosmosStore, Op, ShardQuery, ShardStore, StoreError};
 
-use crate::cosmos_emulator::{bulk_import_job, emulator_store};
+use crate::cosmos_emulator::{bulk_import_integration, bulk_import_job, emulator_store};
 use crate::helpers::TestApp;
 
 fn shard(tenant: &str, id: &str, data: Value) -> Shard {
@@ -154,23 +154,10 @@ pub async fn sync_demo_into(store: CosmosStore) -> (TestApp, Arc<CosmosStore>) {
         folder.join("contacts.jsonl"),
     )
     .unwrap();
-    let integration: Shard = serde_json::from_value(json!({
-        "id": "int-demo", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Demo",
-        "structuredData": {
-            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
-            "connection": {"path": folder.display().to_string()},
-            "entityMappings": [
-                {"externalEntity": "accounts", "shardTypeId": "c_company", "nameField": "name",
-                 "fieldMappings": [{"source": "name", "target": "name", "required": true}]},
-                {"externalEntity": "contacts", "shardTypeId": "c_contact",
-                 "fieldMappings": [{"source": "name", "targets": ["first_name", "last_name"], "transform": "split"},
-                                   {"source": "email", "target": "email", "required": true}],
-                 "deduplication": {"rules": [{"field": "email", "matching": "exact"}]}}
-            ]
-        }
-    }))
-    .unwrap();
-    store.create(&integration).await.unwrap();
+    store
+        .create(&bulk_import_integration("int-demo", &folder))
+        .await
+        .unwrap();
     // Delivered as the host delivers: a failed invocation is redelivered.
     let mut deliveries = 0;
     loop {
