@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{LocalRuntime, TestApp, wait_until};
+use crate::helpers::{TestApp, wait_until};
 
 async fn history(app: &TestApp) -> Vec<Value> {
     app.cli_json(&["history", "--tenant", "tenant-demo"])
@@ -34,7 +34,7 @@ async fn shards(app: &TestApp, shard_type: &str) -> usize {
 async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally() {
     let app = TestApp::new();
     // Installing the demo enqueues its first sync; the scheduler's turn is five minutes away.
-    let _runtime = LocalRuntime::start_with_args(app.data_dir(), &["--demo"]).await;
+    let _runtime = app.start_local_with_args(&["--demo"]).await;
     wait_until(
         "the first import finished",
         Duration::from_secs(60),

@@ -42,6 +42,8 @@ pub struct Org {
     pub api_usage: (u64, u64),
     /// Every data request answers this status (a Salesforce outage).
     pub outage: Option<StatusCode>,
+    /// Every Nth data request answers 503 (a flaky Salesforce).
+    pub fail_every: Option<usize>,
     /// A request for this query locator waits until the test releases it.
     pub hold_locator: Option<String>,
     /// Every data request's path and query, in order.
@@ -164,6 +166,16 @@ fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(),
             StatusCode::UNAUTHORIZED,
             "INVALID_SESSION_ID",
             "Session expired or invalid",
+        )));
+    }
+    let flaky = org
+        .fail_every
+        .is_some_and(|n| org.requests.len().is_multiple_of(n));
+    if flaky {
+        return Err(Box::new(sf_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_UNAVAILABLE",
+            "Service temporarily unavailable",
         )));
     }
     if let Some(status) = org.outage {

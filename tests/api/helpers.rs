@@ -15,15 +15,26 @@ use handler::store::SqliteStore;
 
 use crate::fake_host::{HostedHandler, free_port};
 
-/// One test's world: its own data directory, removed when the test ends.
+/// One test's world: its own data directory, removed when the test ends, and the app settings
+/// every process it starts gets.
 pub struct TestApp {
     dir: tempfile::TempDir,
+    settings: Vec<(String, String)>,
 }
 
 impl TestApp {
     pub fn new() -> Self {
+        Self::with_settings(&[])
+    }
+
+    /// A world whose commands and local runtime run with these app settings.
+    pub fn with_settings(settings: &[(&str, &str)]) -> Self {
         Self {
             dir: tempfile::tempdir().unwrap(),
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -44,6 +55,7 @@ impl TestApp {
         use tokio::io::AsyncWriteExt;
         let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
             .args(args)
+            .envs(self.settings.iter().map(|(k, v)| (k, v)))
             .env("FUNC_SYNC_DATA_DIR", self.data_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -100,6 +112,25 @@ impl TestApp {
         integration["createdAt"] = json!(now);
         let shard = serde_json::from_value(integration).unwrap();
         self.store().create(&shard).await.unwrap();
+    }
+
+    /// The app as the handler builds it on this data directory, but in this process, with
+    /// extra app settings: for tests that drive the engine or an adapter directly.
+    pub fn app(&self, settings: &[(&str, &str)]) -> handler::app::App {
+        let dir = self.data_dir().display().to_string();
+        let settings = handler::settings::Settings::from_lookup(|name| {
+            if name == "FUNC_SYNC_DATA_DIR" {
+                return Some(dir.clone());
+            }
+            settings
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        handler::app::LocalBackends::open(&settings)
+            .unwrap()
+            .app(settings, handler::app::providers())
     }
 
     /// The queues, opened beside the running app as another process would.
@@ -169,7 +200,12 @@ impl TestApp {
 
     /// Starts `handler local` on this data directory.
     pub async fn start_local(&self) -> LocalRuntime {
-        LocalRuntime::start(self.data_dir()).await
+        self.start_local_with_args(&[]).await
+    }
+
+    /// Starts `handler local` with extra arguments.
+    pub async fn start_local_with_args(&self, args: &[&str]) -> LocalRuntime {
+        LocalRuntime::start(self.data_dir(), args, &self.settings).await
     }
 }
 
@@ -199,16 +235,13 @@ pub struct LocalRuntime {
 }
 
 impl LocalRuntime {
-    pub async fn start(data_dir: &Path) -> Self {
-        Self::start_with_args(data_dir, &[]).await
-    }
-
-    /// Starts `handler local` with extra arguments.
-    pub async fn start_with_args(data_dir: &Path, args: &[&str]) -> Self {
+    /// Starts `handler local` on `data_dir` with extra arguments and app settings.
+    async fn start(data_dir: &Path, args: &[&str], settings: &[(String, String)]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_handler"))
             .arg("local")
             .args(args)
+            .envs(settings.iter().map(|(k, v)| (k, v)))
             .env("FUNC_SYNC_DATA_DIR", data_dir)
             .env("FUNC_SYNC_LOCAL_ADDR", &addr)
             .stdout(Stdio::null())

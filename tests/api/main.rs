@@ -10,6 +10,7 @@ mod azure_backends;
 mod cosmos_emulator;
 mod cosmos_http;
 mod cosmos_store;
+mod credentials;
 mod custom_handler;
 mod demo;
 mod local_runtime;

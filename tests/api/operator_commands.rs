@@ -2,7 +2,9 @@
 
 use serde_json::json;
 
-use crate::helpers::{TestApp, salesforce_integration};
+use std::time::Duration;
+
+use crate::helpers::{TestApp, salesforce_integration, wait_until};
 
 #[tokio::test]
 async fn registering_an_integration_twice_updates_it_and_keeps_engine_state() {
@@ -31,6 +33,93 @@ async fn registering_an_integration_twice_updates_it_and_keeps_engine_state() {
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.starts_with("TENANT"), "{text}");
     assert!(text.contains("int-acme-sf"), "{text}");
+}
+
+#[tokio::test]
+async fn the_data_directory_and_its_files_are_the_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = TestApp::new();
+    let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["syncFrequency"] = json!({"type": "manual"});
+    app.register_integration(integration).await;
+    let _runtime = app.start_local().await;
+    app.cli_json(&["sync", "int-acme-sf", "--tenant", "t1"])
+        .await;
+    wait_until(
+        "the job (without credentials, it fails) has published its events",
+        Duration::from_secs(30),
+        || async { app.events().len() >= 2 },
+    )
+    .await;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(app.data_dir()), 0o700);
+    for file in [
+        "store.db",
+        "store.db-wal",
+        "runtime.db",
+        "runtime.db-wal",
+        "events.jsonl",
+    ] {
+        assert_eq!(mode(&app.path(file)), 0o600, "{file}");
+    }
+}
+
+#[tokio::test]
+async fn registering_checks_the_provider_and_its_connection_and_normalizes_the_org_id() {
+    let app = TestApp::new();
+    let put = |integration: serde_json::Value| {
+        let file = app.path("put.json");
+        std::fs::write(&file, integration.to_string()).unwrap();
+        let app = &app;
+        async move {
+            let out = app
+                .cli(&["integrations", "put", file.to_str().unwrap()])
+                .await;
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    };
+    let unknown = crate::helpers::integration_of("int-x", "zohocrm");
+    let (ok, stderr) = put(unknown).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("structuredData.providerName: this build has no provider `zohocrm`"),
+        "{stderr}"
+    );
+
+    let mut mistyped = salesforce_integration("int-a");
+    mistyped["structuredData"]["connection"] = json!({"maxApiUsage": "80%"});
+    let (ok, stderr) = put(mistyped).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("structuredData.connection.maxApiUsage"),
+        "{stderr}"
+    );
+
+    // Setup shows the 15-character org id; it is kept in the form Salesforce sends.
+    let mut first = salesforce_integration("int-a");
+    first["structuredData"]["connection"] = json!({"organizationId": "00D000000000062"});
+    let stored = app.register_integration(first).await;
+    assert_eq!(
+        stored["structuredData"]["connection"]["organizationId"],
+        "00D000000000062EAA"
+    );
+    let mut second = salesforce_integration("int-b");
+    second["structuredData"]["connection"] = json!({"organizationId": "00D000000000062EAA"});
+    let (ok, stderr) = put(second).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("already connected to integration `int-a` of tenant `t1`"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -390,7 +390,14 @@ async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_
 async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_once() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
-    fake.org.lock().unwrap().hold_locator = Some("01gRO00000000001-4000".into());
+    {
+        let mut org = fake.org.lock().unwrap();
+        org.hold_locator = Some("01gRO00000000001-4000".into());
+        // Refresh tokens rotate, and the access token expires after the first page: the
+        // refresh mid-sync spends the only refresh token the integration had.
+        org.rotate_refresh_tokens = true;
+        org.expire_token_after = Some(1);
+    }
     let app = TestApp::new();
     app.register_integration(integration(&fake, false)).await;
     app.set_credentials("int-acme-sf", &fake.credentials())
@@ -426,6 +433,11 @@ async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_onc
     fake.org.lock().unwrap().hold_locator = None;
     fake.release.notify_waiters();
     assert_eq!(app.shards("c_company").await.len(), 4000);
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(
+        secrets.contains("rt-rotated-2") && !secrets.contains("rt-initial"),
+        "the rotated refresh token was stored before it was used, not at the end of the job"
+    );
 
     let second = app.host_handler_with(UNLIMITED).await;
     let before = fake.requests().len();
@@ -441,6 +453,16 @@ async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_onc
     assert_eq!(ids.len(), 5000, "no duplicates");
     let record = record_of(&app.history().await, "job-1").clone();
     assert_eq!(record["status"], "success");
+    assert_eq!(
+        record["stats"],
+        json!({"recordsFetched": 5000, "shardsCreated": 5000, "shardsUpdated": 0, "shardsSkipped": 0, "shardsFailed": 0}),
+        "the record counts the pages before the crash too"
+    );
+    assert_eq!(record["syncDetails"]["pagesProcessed"], 3);
+    assert_eq!(
+        app.integration("int-acme-sf").await["structuredData"]["status"],
+        "active"
+    );
     assert_eq!(
         app.history().await.len(),
         1,
@@ -598,6 +620,39 @@ async fn an_outage_is_retried_later_with_backoff_and_the_job_record_says_so() {
     assert_eq!(record["trigger"], "retry");
     assert_eq!(app.history().await.len(), 1);
     assert_eq!(app.shards("c_company").await.len(), 10);
+}
+
+#[tokio::test]
+async fn a_salesforce_that_fails_every_other_request_costs_no_job_attempt() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    fake.org.lock().unwrap().fail_every = Some(2);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app
+        .host_handler_with(&[
+            ("SYNC_MAX_RECORDS", "1000000"),
+            ("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5"),
+        ])
+        .await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 5000);
+    assert!(record.get("errors").is_none(), "{record}");
+    assert!(
+        app.broker()
+            .peek(SYNC_INBOUND_SCHEDULED)
+            .unwrap()
+            .is_empty(),
+        "no job-level retry was needed"
+    );
+    // Three pages, each of the two after the first refused once and sent again.
+    assert_eq!(fake.requests().len(), 5, "{:?}", fake.requests());
 }
 
 #[tokio::test]

@@ -1,11 +1,13 @@
 //! SyncScheduler's guarantees: one job per due time, and limits that defer but never drop.
 
+use chrono::Utc;
 use serde_json::{Value, json};
 
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 
 use crate::fake_host::{HostedHandler, service_bus_message, timer_first_run};
-use crate::helpers::{TestApp, integration_of};
+use crate::fake_salesforce::FakeSalesforce;
+use crate::helpers::{TestApp, integration_of, salesforce_integration};
 
 async fn tick(handler: &HostedHandler) -> Value {
     let res = handler
@@ -63,6 +65,77 @@ async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
         json!(["2 integrations due, 1 sync jobs enqueued"])
     );
     assert_eq!(app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap().len(), 4);
+}
+
+/// Receives the next job, runs it as the host would deliver it, and completes it. Returns its
+/// MessageId.
+async fn run_next(app: &TestApp, handler: &HostedHandler) -> String {
+    let broker = app.broker();
+    let message = broker
+        .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
+        .unwrap()
+        .expect("a job is queued");
+    let body = String::from_utf8(message.body.clone()).unwrap();
+    let envelope = service_bus_message("SyncInboundScheduled", &body, &message.message_id, 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+    broker.complete(&message).unwrap();
+    message.message_id
+}
+
+#[tokio::test]
+async fn a_sync_that_continues_past_the_record_limit_holds_its_tenants_slot_until_it_ends() {
+    let fake = FakeSalesforce::start().await;
+    fake.load(
+        "Account",
+        (0..3000).map(|i| {
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}")}),
+                Utc::now() - chrono::Duration::days(1),
+            )
+        }),
+    );
+    let app = TestApp::new();
+    for id in ["int-a", "int-b"] {
+        let mut integration = salesforce_integration(id);
+        integration["structuredData"]["connection"] = json!({"loginHost": fake.url});
+        app.register_integration(integration).await;
+        app.set_credentials(id, &fake.credentials()).await;
+    }
+    let handler = app
+        .host_handler_with(&[
+            ("SYNC_MAX_CONCURRENT_PER_TENANT", "1"),
+            ("SYNC_MAX_RECORDS", "2000"),
+        ])
+        .await;
+
+    assert_eq!(
+        tick(&handler).await,
+        json!(["2 integrations due, 1 sync jobs enqueued"])
+    );
+    let first = run_next(&app, &handler).await;
+    let continuation = format!("{first}+1");
+    assert_eq!(
+        app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap()[0].message_id,
+        continuation,
+        "the first job stopped at the record limit"
+    );
+
+    assert_eq!(
+        tick(&handler).await,
+        json!(["1 integrations due, 0 sync jobs enqueued"]),
+        "the chain still holds the tenant's one slot"
+    );
+    assert_eq!(run_next(&app, &handler).await, continuation);
+    assert_eq!(
+        tick(&handler).await,
+        json!(["1 integrations due, 1 sync jobs enqueued"]),
+        "the chain ended"
+    );
 }
 
 #[tokio::test]

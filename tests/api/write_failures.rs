@@ -9,12 +9,11 @@ use async_trait::async_trait;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 
-use handler::app::{App, LocalBackends};
+use handler::app::App;
 use handler::engine::inbound;
 use handler::model::Shard;
 use handler::protocol::ServiceBusMessage;
 use handler::queue::SYNC_INBOUND_WEBHOOK;
-use handler::settings::Settings;
 use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
 
 use crate::fake_salesforce::FakeSalesforce;
@@ -57,15 +56,8 @@ impl ShardStore for FailingWrites {
     }
 }
 
-async fn app_with(test: &TestApp, store: Arc<FailingWrites>) -> App {
-    let settings = Settings::from_lookup(|name| match name {
-        "FUNC_SYNC_DATA_DIR" => Some(test.data_dir().display().to_string()),
-        "FUNC_SYNC_RECORD_RETRY_BASE_MS" => Some("5".into()),
-        _ => None,
-    })
-    .unwrap();
-    let backends = LocalBackends::open(&settings).unwrap();
-    let mut app = backends.app(settings, handler::app::providers());
+fn app_with(test: &TestApp, store: Arc<FailingWrites>) -> App {
+    let mut app = test.app(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")]);
     app.store = store;
     app
 }
@@ -129,7 +121,7 @@ async fn a_batch_write_that_fails_is_retried_with_backoff_and_nothing_is_lost() 
         batch_calls: AtomicU32::new(0),
         poisoned: None,
     });
-    let app = app_with(&test, store.clone()).await;
+    let app = app_with(&test, store.clone());
 
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
         .await
@@ -156,7 +148,7 @@ async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
         batch_calls: AtomicU32::new(0),
         poisoned: Some("int-acme-sf~Account~001000000000000007".into()),
     });
-    let app = app_with(&test, store.clone()).await;
+    let app = app_with(&test, store.clone());
 
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(10), Utc::now())
         .await
@@ -189,7 +181,7 @@ async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
         batch_calls: AtomicU32::new(0),
         poisoned: None,
     });
-    let app = app_with(&test, store).await;
+    let app = app_with(&test, store);
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(2), Utc::now())
         .await
         .unwrap();

@@ -1,0 +1,178 @@
+//! Rotating refresh tokens: refreshed once for everyone, stored before use, and never spent by
+//! two jobs of one integration at once.
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use adapters::salesforce::Salesforce;
+use adapters::{Connection, FetchRequest, Provider};
+use handler::engine::credentials::StoredCredentials;
+use handler::queue::SYNC_INBOUND_SCHEDULED;
+
+use crate::fake_host::{post_invocation, service_bus_message};
+use crate::fake_salesforce::FakeSalesforce;
+use crate::helpers::{TestApp, salesforce_integration};
+
+/// An org of `accounts` accounts whose refresh tokens rotate, and an integration of tenant `t1`
+/// connected to it.
+async fn rotating_org(app: &TestApp, accounts: usize) -> FakeSalesforce {
+    let fake = FakeSalesforce::start().await;
+    fake.load(
+        "Account",
+        (0..accounts).map(|i| {
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}")}),
+                Utc::now() - Duration::days(1),
+            )
+        }),
+    );
+    fake.org.lock().unwrap().rotate_refresh_tokens = true;
+    let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["connection"] = json!({"loginHost": fake.url});
+    integration["structuredData"]["syncFrequency"] = json!({"type": "manual"});
+    app.register_integration(integration).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    fake
+}
+
+#[tokio::test]
+async fn twenty_connections_that_all_need_a_token_refresh_it_once() {
+    let test = TestApp::new();
+    let fake = rotating_org(&test, 10).await;
+    let app = test.app(&[]);
+    let salesforce = Salesforce::new();
+    let request = FetchRequest {
+        entity: "Account".into(),
+        fields: vec!["Name".into()],
+        since: None,
+        page_token: None,
+        filters: Vec::new(),
+        page_size: 2000,
+    };
+    let settings = json!({"loginHost": fake.url}).as_object().unwrap().clone();
+
+    let pages = join_all((0..20).map(|_| async {
+        let keeper = Arc::new(StoredCredentials::new(&app, "t1", "int-acme-sf"));
+        let credentials = keeper.load().await.unwrap();
+        let mut conn =
+            Connection::with_keeper("int-acme-sf", settings.clone(), credentials, keeper);
+        salesforce.fetch_page(&mut conn, &request).await
+    }))
+    .await;
+
+    for page in &pages {
+        assert_eq!(page.as_ref().unwrap().records.len(), 10);
+    }
+    assert_eq!(
+        fake.org.lock().unwrap().token_refreshes,
+        1,
+        "one refresh served all twenty"
+    );
+    let secrets = std::fs::read_to_string(test.path("secrets.json")).unwrap();
+    assert!(
+        secrets.contains("rt-rotated-1"),
+        "the rotated token is kept"
+    );
+}
+
+#[tokio::test]
+async fn a_second_job_started_while_the_first_runs_waits_for_it_instead_of_failing() {
+    let test = TestApp::new();
+    let fake = rotating_org(&test, 2500).await;
+    fake.org.lock().unwrap().hold_locator = Some("01gRO00000000001-2000".into());
+    let handler = test
+        .host_handler_with(&[("SYNC_MAX_RECORDS", "100000")])
+        .await;
+    let job = |job_id: &str, job_type: &str| {
+        json!({
+            "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": job_type,
+            "provider": "salesforce", "jobId": job_id, "scheduledAt": Utc::now(),
+            "trigger": "manual"
+        })
+    };
+
+    // The full sync holds its second page mid-fetch while the incremental one arrives.
+    let held = fake.held.clone();
+    let waiting = held.notified();
+    let port = handler.port;
+    let full = job("job-full", "full_sync");
+    let first = tokio::spawn(async move {
+        let envelope = service_bus_message(
+            "SyncInboundScheduled",
+            &full.to_string(),
+            "job-full",
+            1,
+            None,
+        );
+        post_invocation(
+            port,
+            "SyncInboundScheduled",
+            envelope.to_string().as_bytes(),
+        )
+        .await
+    });
+    waiting.await;
+    let second = service_bus_message(
+        "SyncInboundScheduled",
+        &job("job-incremental", "incremental").to_string(),
+        "job-incremental",
+        1,
+        None,
+    );
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &second)
+            .await
+            .host_accepts()
+    );
+    let queued = test.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].message_id, "job-incremental:attempt-1:wait-1");
+    assert!(
+        test.history()
+            .await
+            .iter()
+            .all(|r| r["structuredData"]["jobId"] != "job-incremental"),
+        "the waiting job has not started"
+    );
+
+    fake.release.notify_waiters();
+    let _ = first.await;
+    let body = String::from_utf8(queued[0].body.clone()).unwrap();
+    let later = service_bus_message(
+        "SyncInboundScheduled",
+        &body,
+        &queued[0].message_id,
+        1,
+        None,
+    );
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &later)
+            .await
+            .host_accepts()
+    );
+
+    let statuses: Vec<(Value, Value)> = test
+        .history()
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r["structuredData"]["jobId"].clone(),
+                r["structuredData"]["status"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert!(statuses.iter().all(|(_, s)| s == "success"), "{statuses:?}");
+    assert_eq!(fake.org.lock().unwrap().token_refreshes, 1);
+    assert_eq!(
+        test.integration("int-acme-sf").await["structuredData"]["status"],
+        "active"
+    );
+}
