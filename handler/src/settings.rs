@@ -173,22 +173,14 @@ fn namespace_host(name: &str, value: &str, problems: &mut Vec<String>) -> Option
         ));
         return None;
     }
-    let host = value
-        .trim()
-        .trim_start_matches("sb://")
-        .trim_start_matches("https://")
-        .trim_end_matches('/');
-    let valid = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if valid {
-        Some(host.to_string())
-    } else {
-        problems.push(format!(
-            "{name}: not a host name; expected <name>.servicebus.windows.net"
-        ));
-        None
+    match crate::queue::namespace_host(value) {
+        Some(host) => Some(host.to_string()),
+        None => {
+            problems.push(format!(
+                "{name}: not a host name; expected <name>.servicebus.windows.net"
+            ));
+            None
+        }
     }
 }
 
@@ -226,7 +218,9 @@ impl Settings {
             });
         let port = match port_setting {
             None => FALLBACK_PORT,
-            Some((name, v)) => parse(name, &v, &mut problems).unwrap_or(FALLBACK_PORT),
+            Some((name, v)) => {
+                parse(name, &v, "a port number", &mut problems).unwrap_or(FALLBACK_PORT)
+            }
         };
 
         // In Azure the app folder is read-only; the embedded backends then only serve what no
@@ -242,8 +236,13 @@ impl Settings {
 
         let local_addr = match read("FUNC_SYNC_LOCAL_ADDR") {
             None => SocketAddr::from(([127, 0, 0, 1], 7071)),
-            Some(v) => parse("FUNC_SYNC_LOCAL_ADDR", &v, &mut problems)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7071))),
+            Some(v) => parse(
+                "FUNC_SYNC_LOCAL_ADDR",
+                &v,
+                "an address (host:port)",
+                &mut problems,
+            )
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7071))),
         };
 
         let log_format = match read("FUNC_SYNC_LOG_FORMAT").as_deref() {
@@ -261,6 +260,7 @@ impl Settings {
                 parse(
                     "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS",
                     &v,
+                    WHOLE_NUMBER,
                     &mut problems,
                 )
             })
@@ -268,32 +268,62 @@ impl Settings {
             .unwrap_or(Duration::from_secs(10 * 60));
 
         let token_refresh_enabled = read("TOKEN_REFRESH_ENABLED")
-            .and_then(|v| parse("TOKEN_REFRESH_ENABLED", &v, &mut problems))
+            .and_then(|v| {
+                parse(
+                    "TOKEN_REFRESH_ENABLED",
+                    &v,
+                    "`true` or `false`",
+                    &mut problems,
+                )
+            })
             .unwrap_or(true);
 
         let token_refresh_threshold = read("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS")
-            .and_then(|v| parse("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", &v, &mut problems))
+            .and_then(|v| {
+                parse(
+                    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS",
+                    &v,
+                    WHOLE_NUMBER,
+                    &mut problems,
+                )
+            })
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(2 * 60 * 60));
 
         let max_records_per_sync = read("SYNC_MAX_RECORDS")
-            .and_then(|v| parse::<u64>("SYNC_MAX_RECORDS", &v, &mut problems))
+            .and_then(|v| parse::<u64>("SYNC_MAX_RECORDS", &v, WHOLE_NUMBER, &mut problems))
             .unwrap_or(1000);
         if max_records_per_sync == 0 {
             problems.push("SYNC_MAX_RECORDS: must be at least 1".into());
         }
         let min_sync_interval = read("SYNC_MIN_INTERVAL_MINUTES")
-            .and_then(|v| parse::<u64>("SYNC_MIN_INTERVAL_MINUTES", &v, &mut problems))
+            .and_then(|v| {
+                parse::<u64>("SYNC_MIN_INTERVAL_MINUTES", &v, WHOLE_NUMBER, &mut problems)
+            })
             .map(|m| Duration::from_secs(m * 60))
             .unwrap_or(Duration::from_secs(5 * 60));
         let max_concurrent_syncs_per_tenant = read("SYNC_MAX_CONCURRENT_PER_TENANT")
-            .and_then(|v| parse::<usize>("SYNC_MAX_CONCURRENT_PER_TENANT", &v, &mut problems))
+            .and_then(|v| {
+                parse::<usize>(
+                    "SYNC_MAX_CONCURRENT_PER_TENANT",
+                    &v,
+                    WHOLE_NUMBER,
+                    &mut problems,
+                )
+            })
             .unwrap_or(3);
         if max_concurrent_syncs_per_tenant == 0 {
             problems.push("SYNC_MAX_CONCURRENT_PER_TENANT: must be at least 1".into());
         }
         let record_retry_base = read("FUNC_SYNC_RECORD_RETRY_BASE_MS")
-            .and_then(|v| parse("FUNC_SYNC_RECORD_RETRY_BASE_MS", &v, &mut problems))
+            .and_then(|v| {
+                parse(
+                    "FUNC_SYNC_RECORD_RETRY_BASE_MS",
+                    &v,
+                    WHOLE_NUMBER,
+                    &mut problems,
+                )
+            })
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1));
 
@@ -396,22 +426,25 @@ impl Settings {
     }
 }
 
-/// A setting of type `T`; the problem names the type expected, never the value found.
-fn parse<T: std::str::FromStr>(name: &str, value: &str, problems: &mut Vec<String>) -> Option<T> {
+/// A setting of type `T`, described as `expected` when it is not one; the problem never quotes
+/// the value found.
+fn parse<T: std::str::FromStr>(
+    name: &str,
+    value: &str,
+    expected: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
     match value.trim().parse() {
         Ok(v) => Some(v),
         Err(_) => {
-            let expected = match std::any::type_name::<T>().rsplit("::").next() {
-                Some("bool") => "`true` or `false`",
-                Some("u16") => "port number",
-                Some("SocketAddr") => "address (host:port)",
-                _ => "whole number",
-            };
-            problems.push(format!("{name}: expected a {expected}"));
+            problems.push(format!("{name}: expected {expected}"));
             None
         }
     }
 }
+
+/// What the numeric settings expect.
+const WHOLE_NUMBER: &str = "a whole number";
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,8 @@ mod service_bus;
 
 pub use local::{DeadLetter, LocalBroker, ReceivedMessage};
 pub use service_bus::{
-    ServiceBusAuth, ServiceBusConfig, ServiceBusSender, broker_properties, sas_token,
+    ServiceBusAuth, ServiceBusConfig, ServiceBusSender, broker_properties, namespace_host,
+    sas_token,
 };
 
 use std::time::Duration;

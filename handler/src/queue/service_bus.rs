@@ -99,19 +99,29 @@ impl ServiceBusConfig {
         namespace: &str,
         credential: Arc<dyn TokenSource>,
     ) -> Result<Self, String> {
-        let host = namespace
-            .trim()
-            .trim_start_matches("sb://")
-            .trim_start_matches("https://")
-            .trim_end_matches('/');
-        if host.is_empty() || host.contains('/') {
-            return Err("not a Service Bus namespace host name".into());
-        }
+        let host = namespace_host(namespace).ok_or(
+            "not a Service Bus namespace host name; expected <name>.servicebus.windows.net",
+        )?;
         Ok(Self {
             endpoint: format!("https://{host}"),
             auth: ServiceBusAuth::Entra(credential),
         })
     }
+}
+
+/// The host name of a namespace given as `<name>.servicebus.windows.net`, with or without an
+/// `sb://` or `https://` scheme and a trailing `/`; `None` if it is not a host name.
+pub fn namespace_host(namespace: &str) -> Option<&str> {
+    let host = namespace
+        .trim()
+        .trim_start_matches("sb://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    valid.then_some(host)
 }
 
 /// A Shared Access Signature for `resource` (a URL), valid until `expiry` (Unix seconds):
