@@ -12,7 +12,7 @@ use adapters::{Connection, FetchRequest, Provider};
 use handler::engine::credentials::StoredCredentials;
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 
-use crate::fake_host::{post_invocation, service_bus_message};
+use crate::fake_host::service_bus_message;
 use crate::fake_salesforce::FakeSalesforce;
 use crate::helpers::{TestApp, salesforce_integration};
 
@@ -98,23 +98,14 @@ async fn a_second_job_started_while_the_first_runs_waits_for_it_instead_of_faili
     // The full sync holds its second page mid-fetch while the incremental one arrives.
     let held = fake.held.clone();
     let waiting = held.notified();
-    let port = handler.port;
-    let full = job("job-full", "full_sync");
-    let first = tokio::spawn(async move {
-        let envelope = service_bus_message(
-            "SyncInboundScheduled",
-            &full.to_string(),
-            "job-full",
-            1,
-            None,
-        );
-        post_invocation(
-            port,
-            "SyncInboundScheduled",
-            envelope.to_string().as_bytes(),
-        )
-        .await
-    });
+    let full = service_bus_message(
+        "SyncInboundScheduled",
+        &job("job-full", "full_sync").to_string(),
+        "job-full",
+        1,
+        None,
+    );
+    let first = handler.invoke_in_background("SyncInboundScheduled", &full);
     waiting.await;
     let second = service_bus_message(
         "SyncInboundScheduled",
@@ -142,20 +133,7 @@ async fn a_second_job_started_while_the_first_runs_waits_for_it_instead_of_faili
 
     fake.release.notify_waiters();
     let _ = first.await;
-    let body = String::from_utf8(queued[0].body.clone()).unwrap();
-    let later = service_bus_message(
-        "SyncInboundScheduled",
-        &body,
-        &queued[0].message_id,
-        1,
-        None,
-    );
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &later)
-            .await
-            .host_accepts()
-    );
+    handler.deliver("SyncInboundScheduled", &queued[0]).await;
 
     let statuses: Vec<(Value, Value)> = test
         .history()

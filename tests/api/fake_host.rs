@@ -114,6 +114,32 @@ impl HostedHandler {
     pub async fn post_raw(&self, function: &str, body: &[u8]) -> HostResponse {
         post_invocation(self.port, function, body).await
     }
+
+    /// Delivers a message the test took from the embedded queues to `function`, as the host
+    /// delivers a Service Bus message the first time, and asserts the host would accept the
+    /// answer.
+    pub async fn deliver(&self, function: &str, message: &handler::queue::ReceivedMessage) {
+        let body = String::from_utf8(message.body.clone()).unwrap();
+        let envelope = service_bus_message(
+            function,
+            &body,
+            &message.message_id,
+            1,
+            message.session_id.as_deref(),
+        );
+        let answer = self.invoke(function, &envelope).await;
+        assert!(answer.host_accepts(), "{answer:?}");
+    }
+
+    /// Starts an invocation without waiting for it: for one a test holds half-way.
+    pub fn invoke_in_background(
+        &self,
+        function: &str,
+        envelope: &Value,
+    ) -> tokio::task::JoinHandle<HostResponse> {
+        let (port, function, body) = (self.port, function.to_string(), envelope.to_string());
+        tokio::spawn(async move { post_invocation(port, &function, body.as_bytes()).await })
+    }
 }
 
 /// Posts an invocation to the handler on `port` as the host does: chunked JSON with the host's

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED};
 
-use crate::fake_host::{HostedHandler, post_invocation, service_bus_message};
+use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::{TestApp, wait_until};
 
@@ -404,23 +404,14 @@ async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_onc
         .await;
 
     let first = app.host_handler_with(UNLIMITED).await;
-    let port = first.port;
     let held = fake.held.clone();
     let waiting = held.notified();
-    let delivery = tokio::spawn(async move {
-        let job = json!({
-            "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
-            "provider": "salesforce", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"
-        });
-        let envelope =
-            service_bus_message("SyncInboundScheduled", &job.to_string(), "job-1", 1, None);
-        post_invocation(
-            port,
-            "SyncInboundScheduled",
-            envelope.to_string().as_bytes(),
-        )
-        .await
+    let job = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
+        "provider": "salesforce", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"
     });
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), "job-1", 1, None);
+    let delivery = first.invoke_in_background("SyncInboundScheduled", &envelope);
     waiting.await;
     // The third page is being fetched; once the second is checkpointed, the handler dies.
     wait_until("the second page is checkpointed", std::time::Duration::from_secs(30), || async {
@@ -606,15 +597,7 @@ async fn an_outage_is_retried_later_with_backoff_and_the_job_record_says_so() {
 
     // Salesforce is back; the retry (same job, attempt 2) finishes the job in the same record.
     fake.org.lock().unwrap().outage = None;
-    let body = String::from_utf8(retry[0].body.clone()).unwrap();
-    let envelope =
-        service_bus_message("SyncInboundScheduled", &body, &retry[0].message_id, 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler.deliver("SyncInboundScheduled", &retry[0]).await;
     let record = record_of(&app.history().await, "job-1").clone();
     assert_eq!(record["status"], "success");
     assert_eq!(record["trigger"], "retry");
@@ -708,14 +691,7 @@ async fn a_sync_over_the_record_limit_hands_the_rest_to_a_continuation_job() {
     assert_eq!(queued[0].message_id, "job-1+1");
     assert_eq!(app.shards("c_company").await.len(), 2500);
 
-    let body = String::from_utf8(queued[0].body.clone()).unwrap();
-    let envelope = service_bus_message("SyncInboundScheduled", &body, "job-1+1", 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler.deliver("SyncInboundScheduled", &queued[0]).await;
     let record = record_of(&app.history().await, "job-1+1").clone();
     assert_eq!(record["stats"]["recordsFetched"], 2500, "{record}");
     assert_eq!(app.shards("c_company").await.len(), 5000);

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use handler::queue::SYNC_INBOUND_WEBHOOK;
 
-use crate::fake_host::{HostedHandler, http_request_with_body, service_bus_message};
+use crate::fake_host::{HostedHandler, http_request_with_body};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::{TestApp, http_request, wait_until};
 
@@ -52,15 +52,7 @@ const XML: (&str, &str) = ("Content-Type", "text/xml; charset=utf-8");
 /// Delivers the queued webhook jobs to SyncInboundWebhook, as the host would.
 async fn run_queued_jobs(app: &TestApp, handler: &HostedHandler) {
     for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        let body = String::from_utf8(message.body.clone()).unwrap();
-        let envelope =
-            service_bus_message("SyncInboundWebhook", &body, &message.message_id, 1, None);
-        assert!(
-            handler
-                .invoke("SyncInboundWebhook", &envelope)
-                .await
-                .host_accepts()
-        );
+        handler.deliver("SyncInboundWebhook", &message).await;
     }
 }
 

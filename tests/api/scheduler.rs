@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 
-use crate::fake_host::{HostedHandler, service_bus_message, timer_first_run};
+use crate::fake_host::{HostedHandler, timer_first_run};
 use crate::fake_salesforce::FakeSalesforce;
 use crate::helpers::{TestApp, integration_of, salesforce_integration};
 
@@ -46,20 +46,7 @@ async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
     // One sync ends (it fails: no zoom adapter), freeing a slot.
     let queued = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
     assert_eq!(queued.len(), 3);
-    let body = String::from_utf8(queued[0].body.clone()).unwrap();
-    let envelope = service_bus_message(
-        "SyncInboundScheduled",
-        &body,
-        &queued[0].message_id,
-        1,
-        None,
-    );
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler.deliver("SyncInboundScheduled", &queued[0]).await;
     assert_eq!(
         tick(&handler).await,
         json!(["2 integrations due, 1 sync jobs enqueued"])
@@ -75,14 +62,7 @@ async fn run_next(app: &TestApp, handler: &HostedHandler) -> String {
         .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
         .unwrap()
         .expect("a job is queued");
-    let body = String::from_utf8(message.body.clone()).unwrap();
-    let envelope = service_bus_message("SyncInboundScheduled", &body, &message.message_id, 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler.deliver("SyncInboundScheduled", &message).await;
     broker.complete(&message).unwrap();
     message.message_id
 }
