@@ -333,6 +333,47 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
 }
 
 #[tokio::test]
+async fn a_contact_renamed_or_blanked_at_salesforce_changes_its_own_shard_whatever_the_merge() {
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000000001", "Name": "Ann Old", "Email": "ann@acme.test", "Phone": "555-0100"}),
+        base_time(),
+    );
+    let mut integration = integration(&fake, true);
+    let contacts = &mut integration["structuredData"]["entityMappings"][1];
+    contacts["deduplication"]["merge"] = json!("keep_first");
+    contacts["fieldMappings"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"source": "Phone", "target": "phone"}));
+    let app = TestApp::new();
+    app.register_integration(integration).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000000001", "Name": "Ann New", "Email": "ann@acme.test", "Phone": null}),
+        base_time() + Duration::hours(1),
+    );
+    run_job(&handler, "job-2", "incremental", 1).await;
+
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["entityStats"][1]["updated"], 1, "{record}");
+    let contact = &app.shards("c_contact").await[0];
+    assert_eq!(contact["name"], "Ann New");
+    assert_eq!(contact["structuredData"]["full_name"], "Ann New");
+    assert_eq!(
+        contact["structuredData"]["phone"],
+        Value::Null,
+        "a blanked field clears"
+    );
+}
+
+#[tokio::test]
 async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_resumes() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
