@@ -6,9 +6,9 @@
 //! `modified_at`, RFC 3339) and a tombstone column (`deletedColumn`, default `_deleted`) whose
 //! true value (`true`, `1`, `yes`) means the record was deleted.
 //!
-//! Incremental by file and by record: a file last written before the cursor cannot hold a
-//! change after it and is not read; in the other files, records modified before the cursor are
-//! skipped. A page token is the file and the byte offset of the next record, so a resumed sync
+//! Incremental by file and by record: the cursor is the latest modified time synced (RFC 3339);
+//! a file last written before it cannot hold a change after it and is not read; in the other
+//! files, records modified before it are skipped. A page token is the file and the byte offset of the next record, so a resumed sync
 //! seeks instead of re-reading.
 //!
 //! Connection settings: `path` (the folder), and the three column names above.
@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::{Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record};
+use crate::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record};
 
 #[derive(Default)]
 pub struct BulkImport;
@@ -245,12 +245,23 @@ fn read_records(
     }
 }
 
-#[async_trait]
 impl Provider for BulkImport {
     fn name(&self) -> &'static str {
         "bulk_import"
     }
+}
 
+/// A cursor's time. Cursors are written by this adapter; one that does not parse is read as
+/// "from the beginning" rather than failing every sync.
+fn cursor_time(cursor: &str) -> Result<DateTime<Utc>, ProviderError> {
+    DateTime::parse_from_rfc3339(cursor)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| ProviderError::resync_required(format!("`{cursor}` is not an import cursor")))
+}
+
+/// Deletions arrive as tombstone records in the exports themselves, so pages carry them.
+#[async_trait]
+impl Pull for BulkImport {
     async fn fetch_page(
         &self,
         conn: &mut Connection,
@@ -263,6 +274,7 @@ impl Provider for BulkImport {
             )
         })?);
         let columns = Columns::of(conn);
+        let since = request.cursor.as_deref().map(cursor_time).transpose()?;
         let files = entity_files(&folder, &request.entity)?;
         let (mut index, mut offset) = match &request.page_token {
             Some(token) => {
@@ -294,9 +306,7 @@ impl Provider for BulkImport {
         while index < files.len() && page.records.len() < wanted {
             let (path, format) = &files[index];
             let unchanged = offset == 0
-                && request
-                    .since
-                    .is_some_and(|since| modified_time(path).is_some_and(|m| m < since));
+                && since.is_some_and(|since| modified_time(path).is_some_and(|m| m < since));
             let next = if unchanged {
                 None
             } else {
@@ -304,10 +314,7 @@ impl Provider for BulkImport {
                     read_records(path, *format, offset, wanted - page.records.len(), &columns)?;
                 for record in records {
                     match record {
-                        Ok(r)
-                            if request
-                                .since
-                                .is_some_and(|since| r.modified_at.is_some_and(|m| m < since)) => {}
+                        Ok(r) if since.is_some_and(|s| r.modified_at.is_some_and(|m| m < s)) => {}
                         Ok(r) => page.records.push(r),
                         Err(e) => return Err(ProviderError::new(ErrorCode::ValidationError, e)),
                     }
@@ -335,17 +342,24 @@ impl Provider for BulkImport {
                 }
             }
         }
+        page.cursor = page
+            .records
+            .iter()
+            .filter_map(|r| r.modified_at)
+            .max()
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         Ok(page)
     }
 
-    /// Deletions arrive as tombstone records in the exports themselves.
-    async fn fetch_deleted(
-        &self,
-        _conn: &mut Connection,
-        _entity: &str,
-        _since: DateTime<Utc>,
-    ) -> Result<Deleted, ProviderError> {
-        Ok(Deleted::default())
+    fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
+        cursor_time(cursor).ok()
+    }
+
+    fn newer_cursor(&self, earlier: String, later: String) -> String {
+        match (cursor_time(&earlier), cursor_time(&later)) {
+            (Ok(a), Ok(b)) if a > b => earlier,
+            _ => later,
+        }
     }
 }
 
@@ -364,7 +378,7 @@ mod tests {
         FetchRequest {
             entity: entity.into(),
             fields: vec![],
-            since: None,
+            cursor: None,
             page_token: None,
             filters: vec![],
             page_size,
@@ -409,11 +423,7 @@ mod tests {
         assert_eq!(records[4].modified_at, None);
 
         let mut since = request("accounts", 10);
-        since.since = Some(
-            DateTime::parse_from_rfc3339("2026-01-03T00:00:00Z")
-                .unwrap()
-                .with_timezone(&Utc),
-        );
+        since.cursor = Some("2026-01-03T00:00:00Z".into());
         let ids: Vec<_> = all(&mut conn, since)
             .await
             .into_iter()

@@ -37,32 +37,83 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-/// A client for one external system.
-#[async_trait]
-pub trait Provider: Send + Sync {
-    /// The provider's name as integrations spell it (`salesforce`, `bulk_import`, ...).
+/// A client for one external system: its name, its connection settings, and the capabilities
+/// it has. Each capability is a trait of its own, and a provider opts into the ones its API
+/// allows, the way a pipeline separates sources from sinks: every provider pulls; only some
+/// refresh tokens ahead of expiry, receive webhooks, keep provider-side subscriptions alive or
+/// take writes.
+pub trait Provider: Pull {
+    /// The provider's name as integrations spell it (`salesforce`, `dynamics365`, ...).
     fn name(&self) -> &'static str;
 
-    /// One page of an entity's records. `request.page_token` continues a previous page.
+    /// Checks an integration's `connection` settings when the integration is registered, and
+    /// puts them in the form the adapter keeps (an id in its canonical spelling, a host without
+    /// a trailing slash). The error names the setting and what is wrong with it.
+    fn check_connection(&self, _settings: &mut Map<String, Value>) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Refreshing credentials before they expire, for providers whose tokens say when.
+    fn token_refresh(&self) -> Option<&dyn TokenRefresh> {
+        None
+    }
+
+    /// Receiving the provider's webhook deliveries.
+    fn webhooks(&self) -> Option<&dyn Webhooks> {
+        None
+    }
+
+    /// Creating and renewing provider-side subscriptions that deliver those webhooks.
+    fn subscriptions(&self) -> Option<&dyn Subscriptions> {
+        None
+    }
+
+    /// Writing records back to the provider.
+    fn write_back(&self) -> Option<&dyn WriteBack> {
+        None
+    }
+}
+
+/// Reading records: pages of an entity under an opaque cursor, deletions, and records by id.
+///
+/// The cursor is the adapter's alone (a timestamp for Salesforce, a `@odata.deltaLink` for
+/// Microsoft Graph and Dataverse, a page token for Google Drive): the engine stores it when an
+/// entity finishes, checkpoints it, and hands it back in [`FetchRequest::cursor`], and never
+/// reads it.
+#[async_trait]
+pub trait Pull: Send + Sync {
+    /// One page of an entity's records. `request.page_token` continues a previous page;
+    /// without one, the sync starts at `request.cursor` (or at the beginning without one).
+    /// Records the provider reports deleted come with [`Record::deleted`]. A cursor the provider
+    /// no longer honours fails with [`ProviderError::resync_required`].
     async fn fetch_page(
         &self,
         conn: &mut Connection,
         request: &FetchRequest,
     ) -> Result<Page, ProviderError>;
 
-    /// Records of `entity` deleted since `since`.
+    /// Records of `entity` deleted since `cursor`, for providers whose pages do not carry
+    /// deletions; asked once an incremental sync of the entity has read its last page.
     async fn fetch_deleted(
         &self,
-        conn: &mut Connection,
-        entity: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Deleted, ProviderError>;
+        _conn: &mut Connection,
+        _entity: &str,
+        _cursor: &str,
+    ) -> Result<Deleted, ProviderError> {
+        Ok(Deleted::default())
+    }
 
-    /// Checks an integration's `connection` settings when the integration is registered, and
-    /// puts them in the form the adapter keeps (an id in its canonical spelling). The error names
-    /// the setting and what is wrong with it.
-    fn check_connection(&self, _settings: &mut Map<String, Value>) -> Result<(), String> {
-        Ok(())
+    /// Of two cursors pages of one sync returned, the one the next sync starts from. The later
+    /// page's by default; an adapter whose cursor is a high-water mark over records that may
+    /// come in any order keeps the greater.
+    fn newer_cursor(&self, _earlier: String, later: String) -> String {
+        later
+    }
+
+    /// The time a cursor stands for, when it stands for one, for the sync history's
+    /// `syncFromDate`.
+    fn cursor_time(&self, _cursor: &str) -> Option<DateTime<Utc>> {
+        None
     }
 
     /// The records of `entity` with these ids, as the provider has them now. Ids the provider
@@ -74,25 +125,93 @@ pub trait Provider: Send + Sync {
         _ids: &[String],
     ) -> Result<Vec<Record>, ProviderError> {
         Err(ProviderError::new(
-            ErrorCode::ProviderNotSupported,
-            format!(
-                "provider `{}` cannot read `{}` records by id",
-                self.name(),
-                request.entity
-            ),
+            ErrorCode::ValidationError,
+            format!("`{}` records cannot be read by id", request.entity),
         ))
     }
+}
 
-    /// Reads a webhook delivery addressed to this provider. Providers without webhooks refuse.
-    fn parse_webhook(
+/// Refreshing an integration's access token before it expires.
+#[async_trait]
+pub trait TokenRefresh: Send + Sync {
+    /// Refreshes `conn`'s credentials through [`credentials::refresh`] (stored before use, one
+    /// refresh per integration at a time) and returns when the new access token expires.
+    async fn refresh_token(
         &self,
-        _request: &WebhookRequest<'_>,
-    ) -> Result<WebhookDelivery, WebhookError> {
-        Err(WebhookError::Unsupported(format!(
-            "provider `{}` does not deliver webhooks",
-            self.name()
-        )))
-    }
+        conn: &mut Connection,
+    ) -> Result<Option<DateTime<Utc>>, ProviderError>;
+}
+
+/// Receiving webhook deliveries.
+///
+/// A delivery is handled in two steps. [`Webhooks::route`] reads, without trusting anything,
+/// whom the delivery is for (or answers a handshake that needs no integration); the engine maps
+/// each [`RouteKey`] to exactly one integration. [`Webhooks::verify`] then checks the delivery
+/// with that integration's connection and secrets (a shared key, a signature, a `clientState`)
+/// and only then reads what it says.
+#[async_trait]
+pub trait Webhooks: Send + Sync {
+    fn route(&self, request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError>;
+
+    async fn verify(
+        &self,
+        conn: &Connection,
+        request: &WebhookRequest<'_>,
+        key: &RouteKey,
+    ) -> Result<WebhookDelivery, WebhookError>;
+}
+
+/// Provider-side subscriptions that deliver change notifications (Microsoft Graph), each with
+/// an expiry the engine renews before it passes.
+#[async_trait]
+pub trait Subscriptions: Send + Sync {
+    /// The resources an integration subscribes to, from its settings and mapped entities.
+    fn resources(&self, settings: &Map<String, Value>, entities: &[String]) -> Vec<String>;
+
+    /// The longest a subscription to `resource` may live.
+    fn max_lifetime(&self, resource: &str) -> chrono::Duration;
+
+    /// Creates a subscription to `request.resource`; the provider calls the notification URL to
+    /// validate it before answering.
+    async fn subscribe(
+        &self,
+        conn: &mut Connection,
+        request: &SubscriptionRequest,
+    ) -> Result<SubscriptionInfo, ProviderError>;
+
+    /// Moves a subscription's expiry; `NotFound` when the provider no longer has it.
+    async fn renew(
+        &self,
+        conn: &mut Connection,
+        id: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, ProviderError>;
+
+    /// Deletes a subscription; one the provider no longer has counts as deleted.
+    async fn unsubscribe(&self, conn: &mut Connection, id: &str) -> Result<(), ProviderError>;
+}
+
+/// Writing records back to the provider. Every call carries an idempotency key, the same for a
+/// redelivered or retried write, so that a write that may have happened is not made twice.
+#[async_trait]
+pub trait WriteBack: Send + Sync {
+    async fn create(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError>;
+
+    /// Updates `write.external_id`; with `write.expected_version`, only if the provider's
+    /// version is still that one ([`ErrorCode::Conflict`] otherwise).
+    async fn update(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError>;
+
+    /// Deletes `write.external_id`; a record already gone counts as deleted.
+    async fn delete(&self, conn: &mut Connection, write: &RecordWrite)
+    -> Result<(), ProviderError>;
 }
 
 /// The provider clients this build knows, by name.
@@ -131,10 +250,11 @@ impl Registry {
     }
 }
 
-/// Why an operation against an external system (or the engine around it) failed.
+/// Why an operation against an external system failed.
 ///
 /// The first four are transient: the same request may succeed later. The rest are not, and
-/// retrying them only burns the provider's API allocation.
+/// retrying them only burns the provider's API allocation. Failures of the engine's own parts
+/// (its store, a malformed queue message) are the engine's to name, not the adapters'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
@@ -146,9 +266,8 @@ pub enum ErrorCode {
     InvalidCredentials,
     NotFound,
     ValidationError,
-    ProviderNotSupported,
-    InvalidMessage,
-    StoreError,
+    /// The record changed at the provider since the version a write expected.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -156,11 +275,7 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimit
-                | Self::Timeout
-                | Self::ServiceUnavailable
-                | Self::ConnectionReset
-                | Self::StoreError
+            Self::RateLimit | Self::Timeout | Self::ServiceUnavailable | Self::ConnectionReset
         )
     }
 
@@ -175,9 +290,7 @@ impl ErrorCode {
             Self::InvalidCredentials => "INVALID_CREDENTIALS",
             Self::NotFound => "NOT_FOUND",
             Self::ValidationError => "VALIDATION_ERROR",
-            Self::ProviderNotSupported => "PROVIDER_NOT_SUPPORTED",
-            Self::InvalidMessage => "INVALID_MESSAGE",
-            Self::StoreError => "STORE_ERROR",
+            Self::Conflict => "CONFLICT",
         }
     }
 }
@@ -198,6 +311,9 @@ pub struct ProviderError {
     /// The provider's allocation is used up for now: stop this job where it is, keep what was
     /// done, and resume on the next scheduled run instead of retrying soon.
     pub resume_next_run: bool,
+    /// The provider no longer honours the cursor (an expired delta token): only reading the
+    /// entity from the beginning can find what changed.
+    pub resync: bool,
 }
 
 impl ProviderError {
@@ -206,6 +322,7 @@ impl ProviderError {
             code,
             message: message.into(),
             resume_next_run: false,
+            resync: false,
         }
     }
 
@@ -215,6 +332,15 @@ impl ProviderError {
             code: ErrorCode::RateLimit,
             message: message.into(),
             resume_next_run: true,
+            resync: false,
+        }
+    }
+
+    /// A cursor the provider no longer honours.
+    pub fn resync_required(message: impl Into<String>) -> Self {
+        Self {
+            resync: true,
+            ..Self::new(ErrorCode::ValidationError, message)
         }
     }
 
@@ -238,9 +364,7 @@ mod tests {
             ErrorCode::InvalidCredentials,
             ErrorCode::NotFound,
             ErrorCode::ValidationError,
-            ErrorCode::ProviderNotSupported,
-            ErrorCode::InvalidMessage,
-            ErrorCode::StoreError,
+            ErrorCode::Conflict,
         ]
         .into_iter()
         .filter(|c| c.is_retryable())
@@ -252,7 +376,6 @@ mod tests {
                 ErrorCode::Timeout,
                 ErrorCode::ServiceUnavailable,
                 ErrorCode::ConnectionReset,
-                ErrorCode::StoreError
             ]
         );
     }

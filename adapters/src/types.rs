@@ -1,5 +1,6 @@
 //! The data that crosses between the engine and the adapters.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -95,9 +96,10 @@ pub struct FetchRequest {
     pub entity: String,
     /// The source fields the mapping reads; adapters may return more.
     pub fields: Vec<String>,
-    /// Only records modified at or after this instant (inclusive, so a record modified at
-    /// exactly the cursor is never skipped); `None` for everything.
-    pub since: Option<DateTime<Utc>>,
+    /// Where an incremental sync starts: the cursor a previous sync of the entity ended with,
+    /// as the adapter wrote it; `None` for everything. Adapters keep it inclusive, so a record
+    /// modified at exactly the cursor is read again rather than missed.
+    pub cursor: Option<String>,
     /// Continues after the page that returned it.
     pub page_token: Option<String>,
     /// Provider-syntax filters (`Type = 'Customer'`).
@@ -127,11 +129,14 @@ pub struct Page {
     /// Set when the provider's allocation ran low: the engine processes this page, then stops
     /// the job as partial and resumes on the next run.
     pub stop_after: Option<ProviderError>,
+    /// Where the next sync starts if the entity ends after this page (see
+    /// [`crate::Pull::newer_cursor`]).
+    pub cursor: Option<String>,
 }
 
 use crate::ProviderError;
 
-/// Records deleted in the provider since a point in time.
+/// Records deleted in the provider since a cursor.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Deleted {
     pub ids: Vec<String>,
@@ -144,34 +149,169 @@ pub struct Deleted {
 #[derive(Debug, Clone)]
 pub struct WebhookRequest<'a> {
     pub headers: &'a [(String, Vec<String>)],
+    /// The URL's query parameters, decoded.
+    pub query: &'a BTreeMap<String, String>,
     pub body: Option<&'a str>,
 }
 
-/// A verified-to-parse webhook delivery: whom it is from and which records it is about.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WebhookDelivery {
-    /// Identifies the sending account (Salesforce OrganizationId); the receiver must match it
-    /// to exactly one integration before trusting anything else in the delivery.
-    pub account_id: String,
-    pub notifications: Vec<WebhookNotification>,
-    /// What to answer on success (content type, body).
-    pub ack: (String, String),
+impl WebhookRequest<'_> {
+    /// The first value of a header, matched case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, values)| values.first())
+            .map(String::as_str)
+    }
 }
 
-/// One notification of a delivery: a record that changed. Only which one: whatever fields a
-/// notification carries may be a subset or stale, so the engine reads the record itself.
+/// What a delivery is, before anything in it is trusted.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WebhookNotification {
-    /// Unique per notification; redeliveries repeat it.
-    pub id: String,
-    pub entity: String,
-    pub record_id: String,
+pub enum WebhookRoute {
+    /// A handshake the provider makes when a subscription is created (Microsoft Graph's
+    /// `validationToken`), answered at once without an integration.
+    Handshake(WebhookAnswer),
+    /// Notifications for the integrations these keys name, one or more.
+    To(Vec<RouteKey>),
+}
+
+/// How a delivery names the one integration it is for; the provider chooses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteKey {
+    /// The integration whose connection setting `name` has this value (Salesforce's and
+    /// Dataverse's `organizationId`).
+    Setting { name: &'static str, value: String },
+    /// The integration holding this provider-side subscription (a Graph subscriptionId).
+    Subscription(String),
+}
+
+impl std::fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Setting { name, value } => write!(f, "{name} `{value}`"),
+            Self::Subscription(id) => write!(f, "subscription `{id}`"),
+        }
+    }
+}
+
+/// The answer to a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl WebhookAnswer {
+    pub fn new(status: u16, content_type: &str, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: content_type.to_string(),
+            body: body.into(),
+        }
+    }
+}
+
+/// A verified delivery: what it says, and what to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookDelivery {
+    pub notifications: Vec<WebhookNotification>,
+    pub answer: WebhookAnswer,
+}
+
+/// One notification of a delivery. Each has an id, unique per notification and repeated by the
+/// provider's redeliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WebhookNotification {
+    /// These records changed. Only which ones: whatever fields a notification carries may be a
+    /// subset or stale, so the engine reads the records itself.
+    Records {
+        id: String,
+        entity: String,
+        record_ids: Vec<String>,
+    },
+    /// Something of the entity changed (the notification does not say what): an incremental
+    /// sync of it catches up.
+    CatchUp { id: String, entity: String },
+    /// The provider asks for something about a subscription.
+    Subscription {
+        id: String,
+        subscription_id: String,
+        action: SubscriptionAction,
+    },
+}
+
+impl WebhookNotification {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Records { id, .. } | Self::CatchUp { id, .. } | Self::Subscription { id, .. } => {
+                id
+            }
+        }
+    }
+}
+
+/// What a provider asks of a subscription (Graph lifecycle notifications).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionAction {
+    /// Renew it now (`reauthorizationRequired`).
+    Renew,
+    /// It is gone: create it again and catch up (`subscriptionRemoved`).
+    Recreate,
+    /// Notifications were lost: catch up (`missed`).
+    CatchUp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WebhookError {
+    /// This provider delivers no webhooks.
     #[error("{0}")]
     Unsupported(String),
+    /// The delivery cannot be read.
     #[error("{0}")]
     Malformed(String),
+    /// The delivery is not from whom it claims (a wrong key, signature or clientState).
+    #[error("{0}")]
+    Forged(String),
+}
+
+/// A subscription to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionRequest {
+    pub resource: String,
+    pub notification_url: String,
+    pub lifecycle_url: String,
+    /// The secret every notification of the subscription carries back.
+    pub client_state: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A subscription the provider created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionInfo {
+    pub id: String,
+    pub resource: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A write to one record at the provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordWrite {
+    pub entity: String,
+    /// The record written to; `None` for a create.
+    pub external_id: Option<String>,
+    pub fields: Map<String, Value>,
+    /// The version the write is based on (a SystemModstamp, an `@odata.etag`); the provider
+    /// refuses the write if the record has moved on.
+    pub expected_version: Option<String>,
+    /// The same for every attempt of one write.
+    pub idempotency_key: String,
+}
+
+/// What a write left at the provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub external_id: String,
+    /// The record's version after the write, when the provider says.
+    pub version: Option<String>,
 }

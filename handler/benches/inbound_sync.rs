@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::{Map, Value, json};
 
-use adapters::{Connection, Credentials, FetchRequest, Provider, salesforce::Salesforce};
+use adapters::{Connection, Credentials, FetchRequest, Pull, salesforce::Salesforce};
 use fake_salesforce::{FakeSalesforce, ORG_ID};
 use handler::model::Shard;
 use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
@@ -191,7 +191,7 @@ async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
         let mut request = FetchRequest {
             entity: entity.into(),
             fields: vec!["Name".into(), "Industry".into(), "Email".into()],
-            since: None,
+            cursor: None,
             page_token: None,
             filters: vec![],
             page_size: 2000,

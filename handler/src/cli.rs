@@ -359,7 +359,7 @@ async fn load_integration(
 
 /// Fields of an integration that the engine maintains; a file that leaves them out keeps the
 /// stored values.
-const ENGINE_OWNED: [&str; 7] = [
+const ENGINE_OWNED: [&str; 8] = [
     "lastSyncAt",
     "nextSyncAt",
     "credentialsExpireAt",
@@ -367,6 +367,7 @@ const ENGINE_OWNED: [&str; 7] = [
     "checkpoints",
     "running",
     "refreshLease",
+    "subscriptions",
 ];
 
 async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {

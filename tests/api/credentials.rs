@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use adapters::salesforce::Salesforce;
-use adapters::{Connection, FetchRequest, Provider};
+use adapters::{Connection, FetchRequest, Pull};
 use handler::engine::credentials::StoredCredentials;
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 
@@ -48,7 +48,7 @@ async fn twenty_connections_that_all_need_a_token_refresh_it_once() {
     let request = FetchRequest {
         entity: "Account".into(),
         fields: vec!["Name".into()],
-        since: None,
+        cursor: None,
         page_token: None,
         filters: Vec::new(),
         page_size: 2000,

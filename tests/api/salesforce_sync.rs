@@ -10,6 +10,11 @@ use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::{TestApp, wait_until};
 
+/// A timestamp as cursors and range-compared fields spell it.
+fn fixed(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 const UNLIMITED: &[(&str, &str)] = &[("SYNC_MAX_RECORDS", "1000000")];
 
 /// When the test org's records were last modified: two days ago, inside Salesforce's 15-day
@@ -238,7 +243,8 @@ async fn a_full_sync_pages_through_salesforce_into_shards_and_records_its_histor
     );
     assert_eq!(
         state["cursors"]["Account"],
-        json!(base_time() + Duration::seconds(2499))
+        fixed(base_time() + Duration::seconds(2499)),
+        "the latest SystemModstamp synced, as the adapter spells its cursors"
     );
 
     // The same message again (a redelivery) runs nothing twice.

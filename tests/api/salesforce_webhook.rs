@@ -189,7 +189,7 @@ async fn an_unverifiable_delivery_gets_a_4xx_with_a_reason_and_queues_nothing() 
             vec![XML],
             delivery("00D000000000099AAA", &[("04l1", "0011", "Acme")]),
             403,
-            "no salesforce integration is connected to account `00D000000000099AAA`",
+            "no salesforce integration is connected to organizationId `00D000000000099AAA`",
         ),
         (
             vec![XML],

@@ -1,7 +1,8 @@
 //! Salesforce over its REST API.
 //!
 //! * Records come from SOQL (`/query`), `SystemModstamp >= cursor` for incremental syncs,
-//!   ordered by `SystemModstamp, Id`, paged by `nextRecordsUrl`.
+//!   ordered by `SystemModstamp, Id`, paged by `nextRecordsUrl`. The cursor is the latest
+//!   `SystemModstamp` synced, as `2026-01-01T10:00:00.000Z`.
 //! * Deletions come from `/sobjects/{entity}/deleted/`; when the recycle bin no longer reaches
 //!   back to the cursor (`earliestDateAvailable` is later), only a full resync can find them.
 //! * Tokens: the access token expires silently (the token response has no `expires_in`), so a
@@ -30,8 +31,9 @@ use serde_json::{Map, Value};
 use crate::credentials::Refreshed;
 use crate::http::{self, Retries, RetryPolicy};
 use crate::{
-    Connection, Credentials, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError,
-    RateLimiter, Record, WebhookDelivery, WebhookError, WebhookRequest,
+    Connection, Credentials, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull,
+    RateLimiter, Record, RouteKey, WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute,
+    Webhooks,
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
@@ -261,13 +263,17 @@ impl Salesforce {
     }
 }
 
-/// The SOQL for one entity.
-pub fn soql(request: &FetchRequest) -> String {
-    soql_where(request, None)
+/// The SOQL for one entity, from `since` on.
+pub fn soql(request: &FetchRequest, since: Option<DateTime<Utc>>) -> String {
+    soql_where(request, since, None)
 }
 
 /// The SOQL for one entity, with one more condition.
-fn soql_where(request: &FetchRequest, condition: Option<String>) -> String {
+fn soql_where(
+    request: &FetchRequest,
+    since: Option<DateTime<Utc>>,
+    condition: Option<String>,
+) -> String {
     let mut fields = vec!["Id".to_string(), "SystemModstamp".to_string()];
     for field in &request.fields {
         if !fields.iter().any(|f| f.eq_ignore_ascii_case(field)) {
@@ -275,7 +281,7 @@ fn soql_where(request: &FetchRequest, condition: Option<String>) -> String {
         }
     }
     let mut conditions = Vec::new();
-    if let Some(since) = request.since {
+    if let Some(since) = since {
         conditions.push(format!(
             "SystemModstamp >= {}",
             since.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -408,6 +414,18 @@ fn transport_error(e: reqwest::Error) -> ProviderError {
     ProviderError::new(code, format!("request to Salesforce failed: {e}"))
 }
 
+/// A cursor: the timestamp it holds, or why it cannot be used.
+fn cursor_time(cursor: &str) -> Result<DateTime<Utc>, ProviderError> {
+    parse_timestamp(cursor).ok_or_else(|| {
+        ProviderError::resync_required(format!("`{cursor}` is not a Salesforce cursor"))
+    })
+}
+
+/// A timestamp as cursors spell it.
+fn cursor_of(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
 /// Salesforce timestamps: `2024-05-02T10:00:00.000+0000`.
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z")
@@ -437,11 +455,7 @@ fn record_from(mut fields: Map<String, Value>) -> Option<Record> {
 }
 
 #[async_trait]
-impl Provider for Salesforce {
-    fn name(&self) -> &'static str {
-        "salesforce"
-    }
-
+impl Pull for Salesforce {
     async fn fetch_page(
         &self,
         conn: &mut Connection,
@@ -451,7 +465,8 @@ impl Provider for Salesforce {
         let (query, path, params) = match &request.page_token {
             Some(next) => (None, next.clone(), Vec::new()),
             None => {
-                let soql = soql(request);
+                let since = request.cursor.as_deref().map(cursor_time).transpose()?;
+                let soql = soql(request, since);
                 (
                     Some(soql.clone()),
                     format!("/services/data/{version}/query"),
@@ -463,7 +478,9 @@ impl Provider for Salesforce {
         let (body, usage) = self.get(conn, &path, &params, Some(batch)).await?;
         let records = query_records(&body)?;
         let done = body["done"].as_bool().unwrap_or(true);
+        let cursor = records.iter().filter_map(|r| r.modified_at).max();
         Ok(Page {
+            cursor: cursor.map(cursor_of),
             records,
             next_page: if done {
                 None
@@ -487,14 +504,18 @@ impl Provider for Salesforce {
         ids.dedup();
         let version = Self::api_version(conn);
         let unbounded = FetchRequest {
-            since: None,
+            cursor: None,
             page_token: None,
             ..request.clone()
         };
         let mut records = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let quoted: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
-            let soql = soql_where(&unbounded, Some(format!("Id IN ({})", quoted.join(", "))));
+            let soql = soql_where(
+                &unbounded,
+                None,
+                Some(format!("Id IN ({})", quoted.join(", "))),
+            );
             let mut path = format!("/services/data/{version}/query");
             let mut params = vec![("q", soql)];
             loop {
@@ -512,51 +533,13 @@ impl Provider for Salesforce {
         Ok(records)
     }
 
-    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
-        for name in ["loginHost", "apiVersion", "organizationId"] {
-            if let Some(value) = settings.get(name)
-                && !value.is_string()
-            {
-                return Err(format!("connection.{name} must be a string"));
-            }
-        }
-        if let Some(host) = settings.get("loginHost").and_then(Value::as_str)
-            && !matches!(host, "production" | "sandbox")
-            && !reqwest::Url::parse(host)
-                .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
-        {
-            return Err(
-                "connection.loginHost must be `production`, `sandbox` or a My Domain URL".into(),
-            );
-        }
-        if let Some(version) = settings.get("apiVersion").and_then(Value::as_str) {
-            let number = version.strip_prefix('v').unwrap_or("");
-            if number.parse::<f64>().is_err() {
-                return Err("connection.apiVersion must look like `v62.0`".into());
-            }
-        }
-        if let Some(org) = settings.get("organizationId").and_then(Value::as_str) {
-            let normalized = normalize_id(org).ok_or(
-                "connection.organizationId must be a Salesforce id (15 or 18 letters and digits)",
-            )?;
-            settings.insert("organizationId".into(), Value::String(normalized));
-        }
-        match settings.get("maxApiUsage") {
-            None => {}
-            Some(v) if v.as_f64().is_some_and(|f| f > 0.0 && f <= 1.0) => {}
-            Some(_) => {
-                return Err("connection.maxApiUsage must be a number above 0 and at most 1".into());
-            }
-        }
-        Ok(())
-    }
-
     async fn fetch_deleted(
         &self,
         conn: &mut Connection,
         entity: &str,
-        since: DateTime<Utc>,
+        cursor: &str,
     ) -> Result<Deleted, ProviderError> {
+        let since = cursor_time(cursor)?;
         let now = Utc::now();
         if now - since > chrono::Duration::days(DELETED_WINDOW_DAYS) {
             return Ok(Deleted {
@@ -598,8 +581,95 @@ impl Provider for Salesforce {
         })
     }
 
-    fn parse_webhook(&self, request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookError> {
-        outbound_messages::parse(request)
+    fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
+        parse_timestamp(cursor)
+    }
+
+    fn newer_cursor(&self, earlier: String, later: String) -> String {
+        match (parse_timestamp(&earlier), parse_timestamp(&later)) {
+            (Some(a), Some(b)) if a > b => earlier,
+            _ => later,
+        }
+    }
+}
+
+impl Provider for Salesforce {
+    fn name(&self) -> &'static str {
+        "salesforce"
+    }
+
+    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
+        for name in ["loginHost", "apiVersion", "organizationId"] {
+            if let Some(value) = settings.get(name)
+                && !value.is_string()
+            {
+                return Err(format!("connection.{name} must be a string"));
+            }
+        }
+        if let Some(host) = settings.get("loginHost").and_then(Value::as_str)
+            && !matches!(host, "production" | "sandbox")
+            && !reqwest::Url::parse(host)
+                .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
+        {
+            return Err(
+                "connection.loginHost must be `production`, `sandbox` or a My Domain URL".into(),
+            );
+        }
+        if let Some(version) = settings.get("apiVersion").and_then(Value::as_str) {
+            let number = version.strip_prefix('v').unwrap_or("");
+            if number.parse::<f64>().is_err() {
+                return Err("connection.apiVersion must look like `v62.0`".into());
+            }
+        }
+        if let Some(org) = settings.get("organizationId").and_then(Value::as_str) {
+            let normalized = normalize_id(org).ok_or(
+                "connection.organizationId must be a Salesforce id (15 or 18 letters and digits)",
+            )?;
+            settings.insert("organizationId".into(), Value::String(normalized));
+        }
+        match settings.get("maxApiUsage") {
+            None => {}
+            Some(v) if v.as_f64().is_some_and(|f| f > 0.0 && f <= 1.0) => {}
+            Some(_) => {
+                return Err("connection.maxApiUsage must be a number above 0 and at most 1".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+}
+
+/// Outbound Messages carry no signature: a delivery is trusted as far as its OrganizationId
+/// names an integration connected to that org, and it only says which records to read back.
+#[async_trait]
+impl Webhooks for Salesforce {
+    fn route(&self, request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError> {
+        let message = outbound_messages::parse(request)?;
+        Ok(WebhookRoute::To(vec![RouteKey::Setting {
+            name: "organizationId",
+            value: message.organization_id,
+        }]))
+    }
+
+    async fn verify(
+        &self,
+        conn: &Connection,
+        request: &WebhookRequest<'_>,
+        _key: &RouteKey,
+    ) -> Result<WebhookDelivery, WebhookError> {
+        let message = outbound_messages::parse(request)?;
+        if conn.setting("organizationId") != Some(message.organization_id.as_str()) {
+            return Err(WebhookError::Forged(
+                "the delivery's OrganizationId is not the integration's".into(),
+            ));
+        }
+        Ok(WebhookDelivery {
+            notifications: message.notifications,
+            answer: outbound_messages::ack(),
+        })
     }
 }
 
@@ -612,17 +682,14 @@ mod tests {
         let request = FetchRequest {
             entity: "Account".into(),
             fields: vec!["Name".into(), "Id".into()],
-            since: Some(
-                DateTime::parse_from_rfc3339("2026-01-01T10:00:00Z")
-                    .unwrap()
-                    .with_timezone(&Utc),
-            ),
+            cursor: None,
             page_token: None,
             filters: vec!["Type = 'Customer'".into()],
             page_size: 2000,
         };
+        let since = cursor_time("2026-01-01T10:00:00.000Z").unwrap();
         assert_eq!(
-            soql(&request),
+            soql(&request, Some(since)),
             "SELECT Id, SystemModstamp, Name FROM Account WHERE SystemModstamp >= 2026-01-01T10:00:00Z \
              AND (Type = 'Customer') ORDER BY SystemModstamp ASC, Id ASC"
         );
@@ -711,5 +778,37 @@ mod tests {
                 .to_rfc3339(),
             "2024-05-02T10:00:00+00:00"
         );
+    }
+
+    #[test]
+    fn cursors_are_timestamps_in_any_form_integrations_stored_them() {
+        let sf = Salesforce::new();
+        // Cursors stored before they were opaque strings have chrono's own spelling.
+        for stored in [
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:00:00.000Z",
+            "2026-01-01T10:00:00.000+0000",
+        ] {
+            assert_eq!(
+                cursor_of(cursor_time(stored).unwrap()),
+                "2026-01-01T10:00:00.000Z"
+            );
+        }
+        assert_eq!(
+            sf.newer_cursor(
+                "2026-01-01T10:00:00Z".into(),
+                "2026-01-01T09:59:59.500Z".into()
+            ),
+            "2026-01-01T10:00:00Z"
+        );
+        assert_eq!(
+            sf.newer_cursor(
+                "2026-01-01T10:00:00Z".into(),
+                "2026-01-01T10:00:00.500Z".into()
+            ),
+            "2026-01-01T10:00:00.500Z"
+        );
+        let err = cursor_time("deltatoken=919042").unwrap_err();
+        assert!(err.resync, "{err}");
     }
 }

@@ -11,7 +11,7 @@
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
-use crate::{WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest};
+use crate::{WebhookAnswer, WebhookError, WebhookNotification, WebhookRequest};
 
 /// The acknowledgement Salesforce expects for a delivery.
 pub const ACK: &str = concat!(
@@ -43,8 +43,21 @@ fn entity_text(name: &str) -> Option<String> {
     }
 }
 
+/// An Outbound Message delivery as read: the org it names and its notifications.
+#[derive(Debug)]
+pub struct OutboundMessage {
+    /// In its 18-character form.
+    pub organization_id: String,
+    pub notifications: Vec<WebhookNotification>,
+}
+
+/// The answer Salesforce expects, or it delivers the message again.
+pub fn ack() -> WebhookAnswer {
+    WebhookAnswer::new(200, "text/xml; charset=utf-8", ACK)
+}
+
 /// Parses an Outbound Message delivery.
-pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookError> {
+pub fn parse(request: &WebhookRequest<'_>) -> Result<OutboundMessage, WebhookError> {
     let content_type = request
         .headers
         .iter()
@@ -97,7 +110,7 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
         }
     }
     // Integrations keep the 18-character form; a message may carry either.
-    let account_id = parser
+    let organization_id = parser
         .organization_id
         .ok_or_else(|| malformed("the notification has no OrganizationId"))
         .and_then(|id| {
@@ -107,10 +120,9 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<WebhookDelivery, WebhookErr
     if parser.notifications.is_empty() {
         return Err(malformed("the delivery has no Notification"));
     }
-    Ok(WebhookDelivery {
-        account_id,
+    Ok(OutboundMessage {
+        organization_id,
         notifications: parser.notifications,
-        ack: ("text/xml; charset=utf-8".into(), ACK.into()),
     })
 }
 
@@ -160,10 +172,10 @@ impl Parser {
                     .record_id
                     .take()
                     .ok_or_else(|| malformed(format!("notification {id}'s sObject has no Id")))?;
-                self.notifications.push(WebhookNotification {
+                self.notifications.push(WebhookNotification::Records {
                     id,
                     entity,
-                    record_id,
+                    record_ids: vec![record_id],
                 });
             }
             _ => {}
@@ -205,6 +217,19 @@ mod tests {
  </soapenv:Body>
 </soapenv:Envelope>"#;
 
+    fn request<'a>(
+        headers: &'a [(String, Vec<String>)],
+        body: Option<&'a str>,
+    ) -> WebhookRequest<'a> {
+        static NO_QUERY: std::collections::BTreeMap<String, String> =
+            std::collections::BTreeMap::new();
+        WebhookRequest {
+            headers,
+            query: &NO_QUERY,
+            body,
+        }
+    }
+
     fn headers() -> Vec<(String, Vec<String>)> {
         vec![(
             "Content-Type".into(),
@@ -215,31 +240,32 @@ mod tests {
     #[test]
     fn a_delivery_is_read_with_its_organization_and_records() {
         let headers = headers();
-        let delivery = parse(&WebhookRequest {
-            headers: &headers,
-            body: Some(DELIVERY),
-        })
-        .unwrap();
-        assert_eq!(delivery.account_id, "00D000000000062EAA");
-        assert_eq!(delivery.notifications.len(), 2);
-        let first = &delivery.notifications[0];
-        assert_eq!(first.id, "04l000000000001AAA");
-        assert_eq!(first.entity, "Account");
-        assert_eq!(first.record_id, "001000000000001AAA");
-        assert_eq!(delivery.notifications[1].record_id, "001000000000002AAA");
-        assert!(delivery.ack.1.contains("<Ack>true</Ack>"));
+        let delivery = parse(&request(&headers, Some(DELIVERY))).unwrap();
+        assert_eq!(delivery.organization_id, "00D000000000062EAA");
+        assert_eq!(
+            delivery.notifications,
+            [
+                WebhookNotification::Records {
+                    id: "04l000000000001AAA".into(),
+                    entity: "Account".into(),
+                    record_ids: vec!["001000000000001AAA".into()],
+                },
+                WebhookNotification::Records {
+                    id: "04l000000000002AAA".into(),
+                    entity: "Account".into(),
+                    record_ids: vec!["001000000000002AAA".into()],
+                }
+            ]
+        );
+        assert!(ack().body.contains("<Ack>true</Ack>"));
     }
 
     #[test]
     fn a_15_character_organization_id_is_read_in_its_18_character_form() {
         let headers = headers();
         let body = DELIVERY.replace("00D000000000062EAA</", "00D000000000062</");
-        let delivery = parse(&WebhookRequest {
-            headers: &headers,
-            body: Some(&body),
-        })
-        .unwrap();
-        assert_eq!(delivery.account_id, "00D000000000062EAA");
+        let delivery = parse(&request(&headers, Some(&body))).unwrap();
+        assert_eq!(delivery.organization_id, "00D000000000062EAA");
     }
 
     #[test]
@@ -260,25 +286,13 @@ mod tests {
                 "not a Salesforce id",
             ),
         ] {
-            let err = parse(&WebhookRequest {
-                headers: &headers,
-                body: Some(body),
-            })
-            .unwrap_err();
+            let err = parse(&request(&headers, Some(body))).unwrap_err();
             assert!(err.to_string().contains(reason), "{body}: {err}");
         }
         let json = vec![("Content-Type".into(), vec!["application/json".into()])];
-        let err = parse(&WebhookRequest {
-            headers: &json,
-            body: Some("{}"),
-        })
-        .unwrap_err();
+        let err = parse(&request(&json, Some("{}"))).unwrap_err();
         assert!(err.to_string().contains("SOAP XML"), "{err}");
-        let err = parse(&WebhookRequest {
-            headers: &headers,
-            body: None,
-        })
-        .unwrap_err();
+        let err = parse(&request(&headers, None)).unwrap_err();
         assert!(err.to_string().contains("no body"), "{err}");
     }
 }

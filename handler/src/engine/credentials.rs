@@ -8,6 +8,7 @@
 //! every other piece of integration state; it lapses after [`REFRESH_LEASE`] so a process that
 //! died mid-refresh blocks nobody for long.
 
+use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
@@ -15,10 +16,12 @@ use chrono::{Duration, Utc};
 use serde_json::{Map, Value};
 
 use adapters::credentials::{CredentialKeeper, Refreshed};
-use adapters::{Credentials, ErrorCode, ProviderError};
+use adapters::http::RetryPolicy;
+use adapters::{Connection, Credentials, ErrorCode, ProviderError};
 
 use super::state::update_integration;
 use crate::app::App;
+use crate::model::Integration;
 use crate::model::integration::Lease;
 use crate::secrets::{Secret, credential_secret_name};
 
@@ -27,6 +30,26 @@ pub const REFRESH_LEASE: Duration = Duration::seconds(60);
 
 /// How long a refresh waits for another one to finish before giving up (retryable).
 const LOCK_WAIT: StdDuration = StdDuration::from_secs(90);
+
+/// A connection to `integration`'s provider with its stored credentials, refreshed through
+/// them; request retries wait `retry_base` first.
+pub async fn connect(
+    app: &App,
+    tenant_id: &str,
+    integration_id: &str,
+    integration: &Integration,
+) -> Result<Connection, ProviderError> {
+    let keeper = Arc::new(StoredCredentials::new(app, tenant_id, integration_id));
+    let credentials = keeper.load().await?;
+    let mut conn = Connection::with_keeper(
+        integration_id,
+        integration.connection.clone(),
+        credentials,
+        keeper,
+    );
+    conn.retry = RetryPolicy::with_base(app.settings.record_retry_base);
+    Ok(conn)
+}
 
 /// One integration's stored credentials.
 pub struct StoredCredentials {
@@ -94,7 +117,12 @@ impl StoredCredentials {
             taken
         })
         .await
-        .map_err(|e| ProviderError::new(ErrorCode::StoreError, e.to_string()))?;
+        .map_err(|e| {
+            ProviderError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("integration state: {e}"),
+            )
+        })?;
         Ok(taken)
     }
 
@@ -123,7 +151,12 @@ impl StoredCredentials {
         )
         .await
         .map(drop)
-        .map_err(|e| ProviderError::new(ErrorCode::StoreError, e.to_string()))
+        .map_err(|e| {
+            ProviderError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("integration state: {e}"),
+            )
+        })
     }
 }
 

@@ -9,12 +9,10 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use std::sync::Arc;
+use adapters::ErrorCode;
 
-use adapters::http::RetryPolicy;
-use adapters::{Connection, ErrorCode, ProviderError};
-
-use super::credentials::StoredCredentials;
+use super::credentials;
+use super::failure::{Failure, FailureCode};
 use super::lease::{self, Claim};
 use super::pipeline::{self, Outcome, Stop};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure};
@@ -49,7 +47,7 @@ pub async fn process(
                 app,
                 queue,
                 message,
-                ErrorCode::InvalidMessage.as_str(),
+                FailureCode::InvalidMessage.as_str(),
                 &reason,
             )
             .await;
@@ -75,7 +73,7 @@ pub async fn process(
     }
 
     let integration = if shard.shard_type_id != shard_types::INTEGRATION {
-        Err(ProviderError::new(
+        Err(Failure::new(
             ErrorCode::ValidationError,
             format!(
                 "`{}` is a `{}` shard, not an integration",
@@ -84,7 +82,7 @@ pub async fn process(
         ))
     } else {
         shard.data::<Integration>().map_err(|e| {
-            ProviderError::new(
+            Failure::new(
                 ErrorCode::ValidationError,
                 format!("the integration's structuredData is invalid: {e}"),
             )
@@ -231,33 +229,22 @@ async fn run(
     integration: &Integration,
     progress: Option<JobProgress>,
     now: DateTime<Utc>,
-) -> Result<Outcome, ProviderError> {
+) -> Result<Outcome, Failure> {
     let name = &integration.provider_name;
     let provider = app.providers.get(name).ok_or_else(|| {
-        ProviderError::new(
-            ErrorCode::ProviderNotSupported,
+        Failure::new(
+            FailureCode::ProviderNotSupported,
             format!("this build has no adapter for provider `{name}`"),
         )
     })?;
     if integration.entity_mappings.is_empty() {
-        return Err(ProviderError::new(
+        return Err(Failure::new(
             ErrorCode::ValidationError,
             "the integration maps no entity",
         ));
     }
-    let keeper = Arc::new(StoredCredentials::new(
-        app,
-        &job.tenant_id,
-        &job.integration_id,
-    ));
-    let credentials = keeper.load().await?;
-    let mut conn = Connection::with_keeper(
-        &job.integration_id,
-        integration.connection.clone(),
-        credentials,
-        keeper,
-    );
-    conn.retry = RetryPolicy::with_base(app.settings.record_retry_base);
+    let mut conn =
+        credentials::connect(app, &job.tenant_id, &job.integration_id, integration).await?;
     let entities = job.entities.clone().unwrap_or_default();
     let pipeline_job = pipeline::Job {
         tenant_id: &job.tenant_id,
@@ -268,9 +255,8 @@ async fn run(
         max_records: app.settings.max_records_per_sync,
         retry_base: app.settings.record_retry_base,
     };
-    match job.job_type {
-        JobType::Webhook => {
-            let (entity, ids) = notified_ids(job)?;
+    match notified_ids(job)? {
+        Some((entity, ids)) => {
             pipeline::run_notified(
                 app,
                 provider.as_ref(),
@@ -283,7 +269,7 @@ async fn run(
             )
             .await
         }
-        _ => {
+        None => {
             pipeline::run(
                 app,
                 provider,
@@ -298,11 +284,16 @@ async fn run(
     }
 }
 
-/// The entity and record ids a webhook job is about. A notification says which records
-/// changed, never what they hold now: the records are read from the provider.
-fn notified_ids(job: &SyncJobMessage) -> Result<(String, Vec<String>), ProviderError> {
+/// The entity and record ids a webhook job is about, or `None` for a job that syncs its entities
+/// from their cursors (every job but a webhook's, and a webhook's that says only that something
+/// changed). A notification says which records changed, never what they hold now: the records
+/// are read from the provider.
+fn notified_ids(job: &SyncJobMessage) -> Result<Option<(String, Vec<String>)>, Failure> {
+    if job.job_type != JobType::Webhook {
+        return Ok(None);
+    }
     let invalid =
-        |why: &str| ProviderError::new(ErrorCode::InvalidMessage, format!("webhook job: {why}"));
+        |why: &str| Failure::new(FailureCode::InvalidMessage, format!("webhook job: {why}"));
     let payload = job
         .webhook_payload
         .as_ref()
@@ -311,6 +302,9 @@ fn notified_ids(job: &SyncJobMessage) -> Result<(String, Vec<String>), ProviderE
         .as_str()
         .ok_or_else(|| invalid("no entity"))?
         .to_string();
+    if payload.get("ids").is_none() && payload.get("records").is_none() {
+        return Ok(None);
+    }
     // Jobs enqueued before notifications carried ids alone list whole records.
     let listed = payload["ids"]
         .as_array()
@@ -325,7 +319,7 @@ fn notified_ids(job: &SyncJobMessage) -> Result<(String, Vec<String>), ProviderE
                 .ok_or_else(|| invalid("an id is not a string"))
         })
         .collect::<Result<_, _>>()?;
-    Ok((entity, ids))
+    Ok(Some((entity, ids)))
 }
 
 /// The id of the job that continues `job_id` after a record limit: `<id>+1`, `<id>+2`, ...
@@ -459,7 +453,7 @@ async fn fail(
     job: &SyncJobMessage,
     record_id: &str,
     mut record: IntegrationSync,
-    failure: ProviderError,
+    failure: Failure,
     integration_readable: bool,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
@@ -510,10 +504,7 @@ async fn fail(
             finish(&mut record, SyncStatus::Failed, summary.clone(), now);
             save(app, job, record_id, &record, now).await?;
             send_dead_letter(app, queue, message, failure.code.as_str(), &summary).await?;
-            let needs_reauth = matches!(
-                failure.code,
-                ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
-            );
+            let needs_reauth = failure.code.needs_new_credentials();
             // An integration that cannot be read cannot be updated either; its failed record
             // and dead letter say why.
             if integration_readable {

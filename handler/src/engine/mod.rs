@@ -6,7 +6,7 @@
 //! * [`inbound`]: running one sync job from a queue message to its history record.
 //! * [`pipeline`]: pages of provider records in, shards out, with checkpoints.
 //! * [`mapping`] and [`dedup`]: how a record becomes shard data, and when two are one.
-//! * [`retry`]: what happens to a job whose run failed.
+//! * [`retry`]: what happens to a job whose run failed; [`failure`]: why it failed.
 //! * [`integrations`]: the checks an integration passes when it is registered.
 //! * [`lease`]: one sync of an integration at a time; the chain of jobs that holds it.
 //! * [`credentials`]: an integration's credentials, stored before use, refreshed one at a time.
@@ -17,6 +17,7 @@
 
 pub mod credentials;
 pub mod dedup;
+pub mod failure;
 pub mod inbound;
 pub mod integrations;
 pub mod lease;

@@ -6,11 +6,14 @@
 //! Records the provider reports deleted soft-delete their shards. While one page is processed
 //! the next is already being fetched, and memory holds at most those two pages.
 //!
-//! After each page the integration gets a checkpoint (the next page token), so a job that dies
-//! (kill -9, function timeout, redelivery) resumes where it stopped; an entity that finished
-//! moves its cursor to the latest modification time it saw and drops its checkpoint. Cursors
-//! are inclusive (`>=`), so a record modified at exactly the cursor is fetched again and, being
-//! unchanged, skipped without a write.
+//! After each page the integration gets a checkpoint (the next page token, and the cursor the
+//! pages so far returned), so a job that dies (kill -9, function timeout, redelivery) resumes
+//! where it stopped; an entity that finished moves its cursor to the one its pages returned and
+//! drops its checkpoint. Cursors are the adapter's own strings: the pipeline stores and hands
+//! them back, and asks the adapter which of two is newer, but never reads one. Adapters keep
+//! them inclusive, so a record modified at exactly the cursor is fetched again and, being
+//! unchanged, skipped without a write. A cursor the provider no longer honours (an expired
+//! delta token) is dropped and the entity read from the beginning.
 //!
 //! A record that fails alone (its mapping, its write) is listed in the run's errors and the
 //! batch goes on. A failure of the provider or the store as a whole ends the run with that
@@ -23,9 +26,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record};
+use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, Record};
 
 use super::dedup::{DedupRules, merge};
+use super::failure::{Failure, FailureCode};
 use super::lease;
 use super::mapping::{EntityMapping, transform};
 use super::state::update_integration;
@@ -60,7 +64,7 @@ pub enum Stop {
     /// The job's record limit was reached; a continuation job picks up from the checkpoints.
     RecordLimit,
     /// The provider's allocation is used up; the next scheduled run resumes.
-    Quota(ProviderError),
+    Quota(Failure),
 }
 
 /// What a run did.
@@ -84,7 +88,7 @@ pub async fn run(
     integration: &Integration,
     progress: Option<JobProgress>,
     now: DateTime<Utc>,
-) -> Result<Outcome, ProviderError> {
+) -> Result<Outcome, Failure> {
     let progress = progress.unwrap_or_default();
     let mut outcome = Outcome::default();
     outcome.details.sync_to_date = Some(now);
@@ -147,13 +151,13 @@ pub async fn run_notified(
     entity_name: &str,
     ids: &[String],
     now: DateTime<Utc>,
-) -> Result<Outcome, ProviderError> {
+) -> Result<Outcome, Failure> {
     let mapping = integration
         .entity_mappings
         .iter()
         .find(|m| m.external_entity == entity_name)
         .ok_or_else(|| {
-            ProviderError::new(
+            Failure::new(
                 ErrorCode::ValidationError,
                 format!("the integration maps no entity `{entity_name}`"),
             )
@@ -163,7 +167,7 @@ pub async fn run_notified(
     let request = FetchRequest {
         entity: entity_name.to_string(),
         fields: mapping.source_fields(),
-        since: None,
+        cursor: None,
         page_token: None,
         filters,
         page_size: PAGE_SIZE,
@@ -220,7 +224,8 @@ struct EntityRun<'a> {
     now: DateTime<Utc>,
     counters: Counters,
     errors: Vec<SyncError>,
-    max_modified: Option<DateTime<Utc>>,
+    /// The cursor the pages synced so far returned.
+    pending_cursor: Option<String>,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
 }
@@ -279,8 +284,8 @@ fn stored_hash(shard: &Shard) -> Option<&str> {
     shard.extra.get("contentHash").and_then(Value::as_str)
 }
 
-fn store_error(e: StoreError) -> ProviderError {
-    ProviderError::new(ErrorCode::StoreError, e.to_string())
+fn store_error(e: StoreError) -> Failure {
+    Failure::from(e)
 }
 
 /// A deterministic ±20% jitter from a fresh random id.
@@ -299,7 +304,7 @@ impl<'a> EntityRun<'a> {
             now,
             counters: Counters::default(),
             errors: Vec::new(),
-            max_modified: None,
+            pending_cursor: None,
             finished: Vec::new(),
         }
     }
@@ -334,7 +339,7 @@ impl<'a> EntityRun<'a> {
     async fn update_state(
         &self,
         change: impl FnMut(&mut Integration) -> bool,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<(), Failure> {
         update_integration(
             self.app,
             self.job.tenant_id,
@@ -349,11 +354,12 @@ impl<'a> EntityRun<'a> {
 
     fn record_error(
         &mut self,
-        code: ErrorCode,
+        code: impl Into<FailureCode>,
         message: String,
         record_id: Option<&str>,
         field: Option<&str>,
     ) {
+        let code = code.into();
         self.counters.failed += 1;
         self.errors.push(SyncError {
             code: code.as_str().into(),
@@ -373,7 +379,7 @@ impl<'a> EntityRun<'a> {
         conn: &mut Connection,
         integration: &Integration,
         outcome: &mut Outcome,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<(), Failure> {
         if self.mapping.validate().is_err()
             || self
                 .mapping
@@ -381,7 +387,7 @@ impl<'a> EntityRun<'a> {
                 .as_ref()
                 .is_some_and(|d| d.rules.is_empty())
         {
-            return Err(ProviderError::new(
+            return Err(Failure::new(
                 ErrorCode::ValidationError,
                 self.mapping
                     .validate()
@@ -391,32 +397,42 @@ impl<'a> EntityRun<'a> {
         }
         let entity = self.mapping.external_entity.clone();
         let checkpoint = integration.checkpoints.get(&entity).cloned();
-        let cursor = integration.cursors.get(&entity).copied();
-        let since = match &checkpoint {
-            Some(c) => c.since,
+        let mut cursor = match &checkpoint {
+            Some(c) => c.cursor.clone(),
             None if self.job.full => None,
-            None => cursor,
+            None => integration.cursors.get(&entity).cloned(),
         };
-        self.max_modified = checkpoint.as_ref().and_then(|c| c.max_modified);
+        self.pending_cursor = checkpoint.as_ref().and_then(|c| c.pending_cursor.clone());
         let mut filters = integration.pull_filters.clone();
         filters.extend(self.mapping.filters.iter().cloned());
         let mut request = FetchRequest {
             entity: entity.clone(),
             fields: self.mapping.source_fields(),
-            since,
+            cursor: cursor.clone(),
             page_token: checkpoint.as_ref().map(|c| c.page_token.clone()),
             filters,
             page_size: PAGE_SIZE,
         };
-        if outcome.details.sync_from_date.is_none() {
-            outcome.details.sync_from_date = since;
+        if outcome.details.sync_from_date.is_none()
+            && let Some(cursor) = &cursor
+        {
+            outcome.details.sync_from_date =
+                provider.cursor_time(cursor).or(integration.last_sync_at);
         }
 
         let mut page = match self.fetch(provider, conn, &mut request, outcome).await? {
             Some(page) => page,
             None => return Ok(()),
         };
+        // The first page may have restarted the entity without its cursor.
+        cursor.clone_from(&request.cursor);
         loop {
+            if let Some(newer) = page.cursor.take() {
+                self.pending_cursor = Some(match self.pending_cursor.take() {
+                    Some(earlier) => provider.newer_cursor(earlier, newer),
+                    None => newer,
+                });
+            }
             let next_token = page.next_page.clone();
             let stop_after = page.stop_after.clone();
             let records = std::mem::take(&mut page.records);
@@ -434,7 +450,8 @@ impl<'a> EntityRun<'a> {
                 async {
                     self.process_page(records).await?;
                     let pages = outcome.details.pages_processed.unwrap_or(0) + 1;
-                    self.checkpoint(next_token.as_deref(), since, pages).await
+                    self.checkpoint(next_token.as_deref(), cursor.as_deref(), pages)
+                        .await
                 },
                 async {
                     if prefetch {
@@ -448,7 +465,7 @@ impl<'a> EntityRun<'a> {
             outcome.details.pages_processed =
                 Some(outcome.details.pages_processed.unwrap_or(0) + 1);
             if let Some(stop) = stop_after {
-                outcome.stopped = Some(Stop::Quota(stop));
+                outcome.stopped = Some(Stop::Quota(stop.into()));
                 break;
             }
             if limit_reached {
@@ -458,41 +475,51 @@ impl<'a> EntityRun<'a> {
             match next {
                 None => {
                     let pages = outcome.details.pages_processed.unwrap_or(0);
-                    self.finish_entity(provider, conn, since, pages).await?;
+                    self.finish_entity(provider, conn, cursor.as_deref(), pages)
+                        .await?;
                     break;
                 }
                 Some(Ok(p)) => page = p,
                 Some(Err(e)) if e.resume_next_run => {
-                    outcome.stopped = Some(Stop::Quota(e));
+                    outcome.stopped = Some(Stop::Quota(e.into()));
                     break;
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(e.into()),
             }
         }
         Ok(())
     }
 
-    /// The first page of the entity; a stale checkpoint token (expired query locator, removed
-    /// file) restarts the entity's query instead of failing the job.
+    /// The first page of the entity. A stale checkpoint token (expired query locator, removed
+    /// file) restarts the entity's query instead of failing the job; a cursor the provider no
+    /// longer honours restarts it from the beginning.
     async fn fetch(
         &mut self,
         provider: &dyn Provider,
         conn: &mut Connection,
         request: &mut FetchRequest,
         outcome: &mut Outcome,
-    ) -> Result<Option<Page>, ProviderError> {
-        let first = provider.fetch_page(conn, request).await;
-        let page = match first {
-            Err(e)
-                if request.page_token.is_some()
-                    && matches!(e.code, ErrorCode::NotFound | ErrorCode::ValidationError) =>
-            {
-                tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
-                request.page_token = None;
-                provider.fetch_page(conn, request).await
-            }
-            other => other,
-        };
+    ) -> Result<Option<Page>, Failure> {
+        let mut page = provider.fetch_page(conn, request).await;
+        if let Err(e) = &page
+            && request.page_token.is_some()
+            && !e.resync
+            && matches!(e.code, ErrorCode::NotFound | ErrorCode::ValidationError)
+        {
+            tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
+            request.page_token = None;
+            page = provider.fetch_page(conn, request).await;
+        }
+        if let Err(e) = &page
+            && e.resync
+            && request.cursor.is_some()
+        {
+            tracing::warn!(entity = %request.entity, error = %e, "the provider no longer honours the cursor; reading the entity from the beginning");
+            request.page_token = None;
+            request.cursor = None;
+            self.pending_cursor = None;
+            page = provider.fetch_page(conn, request).await;
+        }
         match page {
             Ok(page) => {
                 if outcome.details.query.is_none() {
@@ -501,10 +528,10 @@ impl<'a> EntityRun<'a> {
                 Ok(Some(page))
             }
             Err(e) if e.resume_next_run => {
-                outcome.stopped = Some(Stop::Quota(e));
+                outcome.stopped = Some(Stop::Quota(e.into()));
                 Ok(None)
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -533,9 +560,9 @@ impl<'a> EntityRun<'a> {
     async fn checkpoint(
         &self,
         next_token: Option<&str>,
-        since: Option<DateTime<Utc>>,
+        cursor: Option<&str>,
         pages: u64,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<(), Failure> {
         let Some(token) = next_token else {
             return Ok(());
         };
@@ -544,8 +571,8 @@ impl<'a> EntityRun<'a> {
         let checkpoint = Checkpoint {
             job_id: self.job.job_id.to_string(),
             page_token: token.to_string(),
-            since,
-            max_modified: self.max_modified,
+            cursor: cursor.map(str::to_string),
+            pending_cursor: self.pending_cursor.clone(),
             updated_at: self.now,
         };
         let entity = &self.mapping.external_entity;
@@ -563,12 +590,12 @@ impl<'a> EntityRun<'a> {
         &mut self,
         provider: &dyn Provider,
         conn: &mut Connection,
-        since: Option<DateTime<Utc>>,
+        cursor: Option<&str>,
         pages: u64,
-    ) -> Result<(), ProviderError> {
-        if let Some(since) = since {
+    ) -> Result<(), Failure> {
+        if let Some(cursor) = cursor {
             let deleted = provider
-                .fetch_deleted(conn, &self.mapping.external_entity, since)
+                .fetch_deleted(conn, &self.mapping.external_entity, cursor)
                 .await?;
             if deleted.full_resync_required {
                 // Deletions older than the provider remembers: forget the cursor, so the next
@@ -586,16 +613,16 @@ impl<'a> EntityRun<'a> {
             self.soft_delete(&deleted.ids).await?;
         }
         let entity = &self.mapping.external_entity;
-        let max_modified = self.max_modified;
+        let pending = self.pending_cursor.clone();
         let progress = self.progress(pages, true);
         let job_id = self.job.job_id;
         self.update_state(|i| {
             lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
-            let cursor = match (i.cursors.get(entity).copied(), max_modified) {
-                (Some(old), Some(new)) => Some(old.max(new)),
-                (old, new) => new.or(old),
-            };
-            if let Some(cursor) = cursor {
+            if let Some(newer) = pending.clone() {
+                let cursor = match i.cursors.remove(entity) {
+                    Some(stored) => provider.newer_cursor(stored, newer),
+                    None => newer,
+                };
                 i.cursors.insert(entity.clone(), cursor);
             }
             i.checkpoints.remove(entity);
@@ -606,7 +633,7 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Transforms, deduplicates and writes one page.
-    async fn process_page(&mut self, records: Vec<Record>) -> Result<(), ProviderError> {
+    async fn process_page(&mut self, records: Vec<Record>) -> Result<(), Failure> {
         let mapping = self.mapping;
         let tenant = self.job.tenant_id;
         let integration_id = self.job.integration_id;
@@ -616,9 +643,6 @@ impl<'a> EntityRun<'a> {
         let mut items: Vec<(Record, Map<String, Value>)> = Vec::with_capacity(records.len());
         for record in records {
             self.counters.fetched += 1;
-            if let Some(m) = record.modified_at {
-                self.max_modified = Some(self.max_modified.map_or(m, |old| old.max(m)));
-            }
             if record.deleted {
                 deleted_ids.push(record.id);
                 continue;
@@ -858,7 +882,7 @@ impl<'a> EntityRun<'a> {
         for (record_id, shard_id) in &landed {
             if failed_ids.contains(shard_id) {
                 let message = format!("the shard `{shard_id}` could not be written");
-                self.record_error(ErrorCode::StoreError, message, Some(record_id), None);
+                self.record_error(FailureCode::Store, message, Some(record_id), None);
                 continue;
             }
             let first_for_shard = counted.insert(shard_id.as_str(), true).is_none();
@@ -884,7 +908,7 @@ impl<'a> EntityRun<'a> {
         shards: &mut BTreeMap<String, Shard>,
         originals: &mut HashMap<String, Option<String>>,
         by_key: &mut HashMap<String, String>,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<(), Failure> {
         for rule in &rules.rules {
             let name = rule.key_name();
             let keys: Vec<Value> = items
@@ -922,7 +946,7 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Soft-deletes the shards of records the provider reports deleted.
-    async fn soft_delete(&mut self, external_ids: &[String]) -> Result<(), ProviderError> {
+    async fn soft_delete(&mut self, external_ids: &[String]) -> Result<(), Failure> {
         if external_ids.is_empty() {
             return Ok(());
         }
@@ -961,7 +985,7 @@ impl<'a> EntityRun<'a> {
         for id in failed {
             self.counters.updated -= 1;
             self.record_error(
-                ErrorCode::StoreError,
+                FailureCode::Store,
                 format!("the shard `{id}` could not be soft-deleted"),
                 None,
                 None,
@@ -972,7 +996,7 @@ impl<'a> EntityRun<'a> {
 
     /// Writes a batch; retries it with backoff, then shard by shard. Returns the ids that could
     /// not be written; fails the run only if none could.
-    async fn write(&self, shards: Vec<Shard>) -> Result<Vec<String>, ProviderError> {
+    async fn write(&self, shards: Vec<Shard>) -> Result<Vec<String>, Failure> {
         if shards.is_empty() {
             return Ok(Vec::new());
         }
@@ -990,8 +1014,8 @@ impl<'a> EntityRun<'a> {
             }
         }
         if failed.len() == shards.len() {
-            return Err(ProviderError::new(
-                ErrorCode::StoreError,
+            return Err(Failure::new(
+                FailureCode::Store,
                 format!(
                     "the shard store refused all {} writes of a page",
                     shards.len()
@@ -1002,7 +1026,7 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Runs a store operation up to four times: at once, then after 1 s, 2 s and 4 s (±20%).
-    async fn with_retries<T, F, Fut>(&self, mut op: F) -> Result<T, ProviderError>
+    async fn with_retries<T, F, Fut>(&self, mut op: F) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use adapters::ErrorCode;
+use super::failure::FailureCode;
 
 /// Attempts a job gets before it is dead-lettered.
 pub const MAX_ATTEMPTS: u32 = 10;
@@ -27,7 +27,7 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::seconds((INITIAL_DELAY_SECS << exponent).min(MAX_DELAY_SECS))
 }
 
-pub fn after_failure(code: ErrorCode, attempt: u32, now: DateTime<Utc>) -> AfterFailure {
+pub fn after_failure(code: FailureCode, attempt: u32, now: DateTime<Utc>) -> AfterFailure {
     if !code.is_retryable() {
         AfterFailure::DeadLetter { exhausted: false }
     } else if attempt >= MAX_ATTEMPTS {
@@ -43,6 +43,7 @@ pub fn after_failure(code: ErrorCode, attempt: u32, now: DateTime<Utc>) -> After
 #[cfg(test)]
 mod tests {
     use super::*;
+    use adapters::ErrorCode;
 
     #[test]
     fn backoff_doubles_from_five_seconds_to_five_minutes() {
@@ -54,18 +55,18 @@ mod tests {
     fn only_retryable_failures_are_retried_and_only_ten_times() {
         let now = Utc::now();
         assert_eq!(
-            after_failure(ErrorCode::RateLimit, 1, now),
+            after_failure(ErrorCode::RateLimit.into(), 1, now),
             AfterFailure::RetryAt {
                 attempt: 2,
                 at: now + Duration::seconds(5)
             }
         );
         assert_eq!(
-            after_failure(ErrorCode::AuthenticationFailed, 1, now),
+            after_failure(ErrorCode::AuthenticationFailed.into(), 1, now),
             AfterFailure::DeadLetter { exhausted: false }
         );
         assert_eq!(
-            after_failure(ErrorCode::Timeout, MAX_ATTEMPTS, now),
+            after_failure(ErrorCode::Timeout.into(), MAX_ATTEMPTS, now),
             AfterFailure::DeadLetter { exhausted: true }
         );
     }

@@ -4,6 +4,7 @@
 use super::InvocationError;
 use crate::app::App;
 use crate::engine::Transient;
+use crate::engine::failure::FailureCode;
 use crate::model::WriteBackMessage;
 use crate::model::messages::parse_body;
 use crate::protocol::{InvocationResponse, ServiceBusMessage};
@@ -15,7 +16,7 @@ pub async fn run(
     message: ServiceBusMessage,
 ) -> Result<InvocationResponse, InvocationError> {
     let rejection = match parse_body::<WriteBackMessage>(&message.body) {
-        Err(reason) => Some((ErrorCode::InvalidMessage, reason)),
+        Err(reason) => Some((FailureCode::InvalidMessage, reason)),
         Ok(write_back) => check(app, &write_back).await?,
     };
     if let Some((code, reason)) = rejection {
@@ -33,7 +34,7 @@ pub async fn run(
 async fn check(
     app: &App,
     write_back: &WriteBackMessage,
-) -> Result<Option<(ErrorCode, String)>, Transient> {
+) -> Result<Option<(FailureCode, String)>, Transient> {
     if app
         .store
         .get(&write_back.tenant_id, &write_back.shard_id)
@@ -41,7 +42,7 @@ async fn check(
         .is_none()
     {
         return Ok(Some((
-            ErrorCode::NotFound,
+            ErrorCode::NotFound.into(),
             format!(
                 "shard `{}` of tenant `{}` does not exist",
                 write_back.shard_id, write_back.tenant_id
@@ -53,5 +54,5 @@ async fn check(
         None => format!("this build has no adapter for `{system}`"),
         Some(_) => format!("`{system}` has no write-back in this build"),
     };
-    Ok(Some((ErrorCode::ProviderNotSupported, reason)))
+    Ok(Some((FailureCode::ProviderNotSupported, reason)))
 }

@@ -1,25 +1,35 @@
 //! WebhookReceiver: `POST /api/webhooks/{provider}`, validates a provider's webhook delivery
 //! and turns it into sync work.
 //!
-//! The tenant is never taken from the request: it comes from the integration the verified
-//! delivery belongs to (for Salesforce, the one connected to the delivery's OrganizationId).
-//! A caller that also sends `x-tenant-id` and names another tenant is refused. Each
-//! notification becomes one job on `sync-inbound-webhook` whose MessageId is the notification's
-//! id, so a provider's redelivery is dropped by duplicate detection.
+//! A delivery is trusted step by step. The adapter first reads whom it is for (a routing key
+//! the provider chooses: Salesforce's OrganizationId, a Graph subscriptionId), or answers a
+//! handshake that needs no integration (Graph's `validationToken`). Each key must name exactly
+//! one integration of that provider. The adapter then verifies the delivery with that
+//! integration's connection and secrets (a shared key, a `clientState`), and only a delivery
+//! that verifies for every integration it names is acted on. The tenant is never taken from
+//! the request: a caller that also sends `x-tenant-id` and names another tenant is refused.
+//!
+//! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
+//! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
+//! reads the notified records back, or catches the entity up from its cursor when the
+//! notification does not say which records changed.
 
-use chrono::Utc;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
 
-use adapters::{WebhookError, WebhookRequest};
+use adapters::{
+    Provider, RouteKey, SubscriptionAction, WebhookDelivery, WebhookError, WebhookNotification,
+    WebhookRequest, WebhookRoute,
+};
 
 use super::InvocationError;
 use crate::app::App;
-use crate::engine::{Transient, publish};
+use crate::engine::{Transient, credentials, publish};
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
 use crate::model::messages::JobType;
 use crate::model::shard::types as shard_types;
-use crate::model::{Event, SyncJobMessage};
+use crate::model::{Event, Integration, Shard, SyncJobMessage};
 use crate::protocol::{HttpRequest, HttpResponse, InvocationResponse};
 use crate::queue::{OutgoingMessage, SYNC_INBOUND_WEBHOOK};
 use crate::store::{Op, ShardQuery};
@@ -29,127 +39,235 @@ pub async fn run(
     output: &str,
     req: HttpRequest,
 ) -> Result<InvocationResponse, InvocationError> {
-    let respond =
-        |response: HttpResponse| Ok(InvocationResponse::new().with_http(output, response));
+    let response = receive(app, &req).await?;
+    Ok(InvocationResponse::new().with_http(output, response))
+}
+
+async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient> {
     if req.method != "POST" {
-        return respond(HttpResponse::error(
+        return Ok(HttpResponse::error(
             405,
             format!("webhooks are delivered with POST, not {}", req.method),
         ));
     }
     let Some(provider_name) = req.params.get("provider").filter(|p| !p.is_empty()) else {
-        return respond(HttpResponse::error(
+        return Ok(HttpResponse::error(
             400,
             "the URL names no provider: expected /api/webhooks/{provider}",
         ));
     };
     let Some(provider) = app.providers.get(provider_name) else {
-        return respond(HttpResponse::error(
+        return Ok(HttpResponse::error(
             404,
             format!("no webhook receiver for provider `{provider_name}`"),
         ));
     };
-    let delivery = match provider.parse_webhook(&WebhookRequest {
+    let Some(webhooks) = provider.webhooks() else {
+        return Ok(HttpResponse::error(
+            404,
+            format!("provider `{provider_name}` does not deliver webhooks"),
+        ));
+    };
+    let request = WebhookRequest {
         headers: &req.headers,
+        query: &req.query,
         body: req.body.as_deref(),
-    }) {
-        Ok(delivery) => delivery,
-        Err(WebhookError::Unsupported(reason)) => return respond(HttpResponse::error(404, reason)),
-        Err(WebhookError::Malformed(reason)) => {
-            tracing::info!(provider = %provider_name, %reason, "malformed webhook refused");
-            return respond(HttpResponse::error(400, reason));
+    };
+    let keys = match webhooks.route(&request) {
+        Ok(WebhookRoute::Handshake(answer)) => {
+            tracing::info!(provider = %provider_name, "webhook handshake answered");
+            return Ok(HttpResponse::with_content_type(
+                answer.status,
+                &answer.content_type,
+                answer.body,
+            ));
         }
+        Ok(WebhookRoute::To(keys)) => keys,
+        Err(e) => return Ok(refusal(provider_name, e)),
     };
 
-    let connected = app
-        .store
-        .query(
-            &ShardQuery::of_type(shard_types::INTEGRATION)
-                .filter("structuredData.providerName", Op::Eq, json!(provider_name))
-                .filter(
-                    "structuredData.connection.organizationId",
-                    Op::Eq,
-                    json!(delivery.account_id),
-                ),
-        )
-        .await
-        .map_err(Transient::from)?;
-    let integration = match connected.as_slice() {
-        [one] => &one.value,
-        [] => {
-            return respond(HttpResponse::error(
+    // Every integration the delivery names, verified, before any work is enqueued.
+    let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
+    for key in &keys {
+        let (shard, integration) = match find_integration(app, provider.as_ref(), key).await? {
+            Ok(found) => found,
+            Err(refused) => return Ok(refused),
+        };
+        if let Some(claimed) = req.header("x-tenant-id")
+            && claimed != shard.tenant_id
+        {
+            tracing::warn!(provider = %provider_name, %key, "webhook refused: x-tenant-id disagrees with the delivery");
+            return Ok(HttpResponse::error(
                 403,
-                format!(
-                    "no {provider_name} integration is connected to account `{}`",
-                    delivery.account_id
-                ),
+                "x-tenant-id does not match the tenant of the delivering account",
             ));
         }
-        _ => {
-            return respond(HttpResponse::error(
-                409,
-                format!(
-                    "{} integrations are connected to account `{}`; a webhook cannot tell which",
-                    connected.len(),
-                    delivery.account_id
-                ),
-            ));
+        let conn = match credentials::connect(app, &shard.tenant_id, &shard.id, &integration).await
+        {
+            Ok(conn) => conn,
+            Err(e) if e.is_retryable() => return Err(Transient(e.to_string())),
+            Err(e) => {
+                tracing::warn!(provider = %provider_name, integration_id = %shard.id, error = %e, "webhook refused: the integration's credentials are unusable");
+                return Ok(HttpResponse::error(
+                    403,
+                    "the integration's credentials cannot verify the delivery",
+                ));
+            }
+        };
+        match webhooks.verify(&conn, &request, key).await {
+            Ok(delivery) => verified.push((shard, integration, delivery)),
+            Err(e) => return Ok(refusal(provider_name, e)),
         }
-    };
-    if let Some(claimed) = req.header("x-tenant-id")
-        && claimed != integration.tenant_id
-    {
-        tracing::warn!(provider = %provider_name, account = %delivery.account_id, "webhook refused: x-tenant-id disagrees with the delivery");
-        return respond(HttpResponse::error(
-            403,
-            "x-tenant-id does not match the tenant of the delivering account",
-        ));
     }
+    let Some(answer) = verified.last().map(|(_, _, d)| d.answer.clone()) else {
+        return Ok(HttpResponse::error(
+            400,
+            "the delivery names no integration",
+        ));
+    };
 
     let now = Utc::now();
-    for notification in &delivery.notifications {
-        let job = SyncJobMessage {
-            integration_id: integration.id.clone(),
-            tenant_id: integration.tenant_id.clone(),
-            job_type: JobType::Webhook,
-            provider: provider_name.clone(),
-            job_id: format!("wh_{}_{}", integration.id, notification.id),
-            trigger: SyncTrigger::Webhook,
-            triggered_by: None,
-            // The notification says which record changed; the job reads what it holds now.
-            webhook_payload: Some(json!({
-                "entity": notification.entity,
-                "ids": [notification.record_id],
-            })),
-            entities: Some(vec![notification.entity.clone()]),
-            scheduled_at: now,
-            attempt: 1,
-            deferrals: 0,
-        };
-        app.queue
-            .send(OutgoingMessage::json(
-                SYNC_INBOUND_WEBHOOK,
-                notification.id.clone(),
-                &job,
-            ))
-            .await
-            .map_err(Transient::from)?;
+    for (shard, integration, delivery) in &verified {
+        for notification in &delivery.notifications {
+            for job in jobs_for(provider_name, shard, integration, notification, now) {
+                app.queue
+                    .send(OutgoingMessage::json(
+                        SYNC_INBOUND_WEBHOOK,
+                        message_id(notification, &job),
+                        &job,
+                    ))
+                    .await?;
+            }
+        }
+        publish(
+            app,
+            &[Event::new(
+                events::WEBHOOK_RECEIVED,
+                format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id),
+                now,
+                json!({"integrationId": shard.id, "tenantId": shard.tenant_id,
+                       "provider": provider_name, "notifications": delivery.notifications.len()}),
+            )],
+        )
+        .await;
+        tracing::info!(provider = %provider_name, integration_id = %shard.id, notifications = delivery.notifications.len(), "webhook accepted");
     }
-    publish(
-        app,
-        &[Event::new(
-            events::WEBHOOK_RECEIVED,
+    Ok(HttpResponse::with_content_type(
+        answer.status,
+        &answer.content_type,
+        answer.body,
+    ))
+}
+
+/// The answer to a delivery that cannot be acted on.
+fn refusal(provider: &str, error: WebhookError) -> HttpResponse {
+    match error {
+        WebhookError::Unsupported(reason) => HttpResponse::error(404, reason),
+        WebhookError::Malformed(reason) => {
+            tracing::info!(%provider, %reason, "malformed webhook refused");
+            HttpResponse::error(400, reason)
+        }
+        WebhookError::Forged(reason) => {
+            tracing::warn!(%provider, %reason, "webhook refused: it does not verify");
+            HttpResponse::error(403, reason)
+        }
+    }
+}
+
+/// The one integration `key` names, or the answer that says why there is not exactly one.
+async fn find_integration(
+    app: &App,
+    provider: &dyn Provider,
+    key: &RouteKey,
+) -> Result<Result<(Shard, Integration), HttpResponse>, Transient> {
+    let name = provider.name();
+    let query = ShardQuery::of_type(shard_types::INTEGRATION).filter(
+        "structuredData.providerName",
+        Op::Eq,
+        json!(name),
+    );
+    let query = match key {
+        RouteKey::Setting { name, value } => query.filter(
+            &format!("structuredData.connection.{name}"),
+            Op::Eq,
+            json!(value),
+        ),
+        RouteKey::Subscription(id) => query.with_element("structuredData.subscriptions", "id", id),
+    };
+    let found = app.store.query(&query).await?;
+    Ok(match found.as_slice() {
+        [one] => match one.value.data::<Integration>() {
+            Ok(integration) => Ok((one.value.clone(), integration)),
+            Err(e) => Err(HttpResponse::error(
+                409,
+                format!("integration `{}` is invalid: {e}", one.value.id),
+            )),
+        },
+        [] => Err(HttpResponse::error(
+            403,
+            format!("no {name} integration is connected to {key}"),
+        )),
+        _ => Err(HttpResponse::error(
+            409,
             format!(
-                "/tenants/{}/integrations/{}",
-                integration.tenant_id, integration.id
+                "{} integrations are connected to {key}; a webhook cannot tell which",
+                found.len()
             ),
-            now,
-            json!({"integrationId": integration.id, "tenantId": integration.tenant_id,
-                   "provider": provider_name, "notifications": delivery.notifications.len()}),
-        )],
-    )
-    .await;
-    tracing::info!(provider = %provider_name, integration_id = %integration.id, notifications = delivery.notifications.len(), "webhook accepted");
-    let (content_type, body) = delivery.ack;
-    respond(HttpResponse::with_content_type(200, &content_type, body))
+        )),
+    })
+}
+
+/// The sync jobs a notification asks for.
+fn jobs_for(
+    provider: &str,
+    shard: &Shard,
+    integration: &Integration,
+    notification: &WebhookNotification,
+    now: DateTime<Utc>,
+) -> Vec<SyncJobMessage> {
+    let job = |entity: &str, payload: Value| SyncJobMessage {
+        integration_id: shard.id.clone(),
+        tenant_id: shard.tenant_id.clone(),
+        job_type: JobType::Webhook,
+        provider: provider.to_string(),
+        job_id: format!("wh_{}_{}", shard.id, notification.id()),
+        trigger: SyncTrigger::Webhook,
+        triggered_by: None,
+        webhook_payload: Some(payload),
+        entities: Some(vec![entity.to_string()]),
+        scheduled_at: now,
+        attempt: 1,
+        deferrals: 0,
+    };
+    match notification {
+        // The notification says which records changed; the job reads what they hold now.
+        WebhookNotification::Records {
+            entity, record_ids, ..
+        } => vec![job(entity, json!({"entity": entity, "ids": record_ids}))],
+        WebhookNotification::CatchUp { entity, .. } => {
+            vec![job(entity, json!({"entity": entity}))]
+        }
+        WebhookNotification::Subscription { action, .. } => match action {
+            // Renewal happens on the token refresher's tick; nothing was lost.
+            SubscriptionAction::Renew => Vec::new(),
+            SubscriptionAction::Recreate | SubscriptionAction::CatchUp => integration
+                .entity_mappings
+                .iter()
+                .map(|m| {
+                    let mut job = job(&m.external_entity, json!({"entity": m.external_entity}));
+                    job.job_id = format!("{}_{}", job.job_id, m.external_entity);
+                    job
+                })
+                .collect(),
+        },
+    }
+}
+
+/// A job's MessageId: the notification's own id, so that the provider's redelivery is a
+/// duplicate; per entity when one notification asks for several jobs.
+fn message_id(notification: &WebhookNotification, job: &SyncJobMessage) -> String {
+    match notification {
+        WebhookNotification::Subscription { .. } => job.job_id.clone(),
+        _ => notification.id().to_string(),
+    }
 }

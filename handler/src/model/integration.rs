@@ -45,10 +45,11 @@ pub struct Integration {
     /// Provider-syntax filters applied to every entity.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_filters: Vec<String>,
-    /// Per entity: the latest modification time synced. The next incremental sync asks for
-    /// records modified at or after it.
+    /// Per entity: where the next incremental sync starts, as the adapter wrote it when the
+    /// last sync of the entity ended (a timestamp, a delta link, a page token). The engine
+    /// never reads it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub cursors: BTreeMap<String, DateTime<Utc>>,
+    pub cursors: BTreeMap<String, String>,
     /// Per entity: where an unfinished sync stopped, so the next job resumes there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checkpoints: BTreeMap<String, Checkpoint>,
@@ -56,6 +57,10 @@ pub struct Integration {
     /// lease lapses, and it counts against the tenant's concurrency limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<RunningSync>,
+    /// Provider-side subscriptions delivering this integration's webhooks (Microsoft Graph).
+    /// Each one's secret `clientState` is kept with the credentials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<WebhookSubscription>,
     /// Who is refreshing the credentials: one refresh at a time, whatever asks for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_lease: Option<Lease>,
@@ -69,13 +74,37 @@ pub struct Integration {
 pub struct Checkpoint {
     pub job_id: String,
     pub page_token: String,
-    /// The query's lower bound, so the resumed query is the same query.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<DateTime<Utc>>,
-    /// The latest modification time among the records synced so far.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_modified: Option<DateTime<Utc>>,
+    /// The cursor the sync started from, so the resumed query is the same query. (Kept as
+    /// `since` before cursors were the adapters' own strings.)
+    #[serde(default, alias = "since", skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// The cursor the pages synced so far returned: where the next sync starts if the entity
+    /// ends now. (Kept as `maxModified` before.)
+    #[serde(
+        default,
+        alias = "maxModified",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pending_cursor: Option<String>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A subscription the provider holds for this integration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSubscription {
+    /// The provider's id for it; deliveries name it.
+    pub id: String,
+    pub resource: String,
+    #[serde(with = "super::timestamp::fixed")]
+    pub expires_at: DateTime<Utc>,
+}
+
+impl WebhookSubscription {
+    /// Where the subscription's `clientState` is kept among the integration's credentials.
+    pub fn client_state_key(id: &str) -> String {
+        format!("clientState:{id}")
+    }
 }
 
 /// A chain of jobs (a job, its retries and its continuations) holding an integration.
@@ -188,6 +217,33 @@ mod tests {
 
     fn at(h: u32, m: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0).unwrap()
+    }
+
+    #[test]
+    fn cursors_and_checkpoints_stored_as_timestamps_are_read_as_cursors() {
+        // What an integration looked like when cursors were timestamps the engine compared.
+        let stored = serde_json::json!({
+            "providerName": "salesforce",
+            "cursors": {"Account": "2026-01-01T10:00:00Z"},
+            "checkpoints": {"Contact": {
+                "jobId": "job_1", "pageToken": "/services/data/v62.0/query/01g-2000",
+                "since": "2026-01-01T09:00:00Z", "maxModified": "2026-01-01T09:30:00.250Z",
+                "updatedAt": "2026-01-01T10:05:00Z"
+            }}
+        });
+        let integration: Integration = serde_json::from_value(stored).unwrap();
+        assert_eq!(integration.cursors["Account"], "2026-01-01T10:00:00Z");
+        let checkpoint = &integration.checkpoints["Contact"];
+        assert_eq!(checkpoint.cursor.as_deref(), Some("2026-01-01T09:00:00Z"));
+        assert_eq!(
+            checkpoint.pending_cursor.as_deref(),
+            Some("2026-01-01T09:30:00.250Z")
+        );
+        let written = serde_json::to_value(&integration).unwrap();
+        assert_eq!(
+            written["checkpoints"]["Contact"]["pendingCursor"],
+            "2026-01-01T09:30:00.250Z"
+        );
     }
 
     #[test]

@@ -123,9 +123,13 @@ pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String,
     if !query.include_deleted {
         sql.push_str(" AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt))");
     }
-    if let Some(external_id) = &query.external_id {
-        sql.push_str(" AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @external)");
-        params.push(("@external".into(), Value::String(external_id.clone())));
+    if let Some(element) = &query.element {
+        sql.push_str(&format!(
+            " AND EXISTS(SELECT VALUE r FROM r IN c.{} WHERE r.{} = @element)",
+            element.array.as_str(),
+            element.field.as_str()
+        ));
+        params.push(("@element".into(), Value::String(element.value.clone())));
     }
     for (i, filter) in query.filters.iter().enumerate() {
         let name = format!("@p{i}");
@@ -304,12 +308,12 @@ mod tests {
             sql,
             "SELECT TOP 5 * FROM c WHERE c.shardTypeId = @type AND c.tenantId = @tenant \
              AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt)) \
-             AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @external) \
+             AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @element) \
              AND c.structuredData.status = @p0 AND ARRAY_CONTAINS(@p1, c.dedupKeys.email_exact) \
              ORDER BY c.structuredData.nextSyncAt ASC"
         );
         let names: Vec<_> = params.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["@type", "@tenant", "@external", "@p0", "@p1"]);
+        assert_eq!(names, ["@type", "@tenant", "@element", "@p0", "@p1"]);
     }
 
     #[test]

@@ -49,8 +49,9 @@ pub struct ShardQuery {
     pub filters: Vec<Filter>,
     pub order_by: Option<OrderBy>,
     pub limit: Option<usize>,
-    /// Only shards synced from this external id (any integration).
-    pub external_id: Option<String>,
+    /// Only shards with an array element matching this (a shard synced from an external id, an
+    /// integration holding a subscription).
+    pub element: Option<ElementFilter>,
     /// Soft-deleted shards are left out unless asked for.
     pub include_deleted: bool,
 }
@@ -61,6 +62,14 @@ pub struct Filter {
     pub path: FieldPath,
     pub op: Op,
     pub value: Value,
+}
+
+/// An array at `array` holding an object whose `field` equals `value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ElementFilter {
+    pub array: FieldPath,
+    pub field: FieldPath,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +140,19 @@ impl ShardQuery {
         self
     }
 
-    pub fn with_external_id(mut self, external_id: &str) -> Self {
-        self.external_id = Some(external_id.to_string());
+    /// Only shards synced from this external id (by any integration).
+    pub fn with_external_id(self, external_id: &str) -> Self {
+        self.with_element("external_relationships", "externalId", external_id)
+    }
+
+    /// Only shards whose array at `array` holds an object whose `field` is `value`.
+    pub fn with_element(mut self, array: &str, field: &str, value: &str) -> Self {
+        let path = |p: &str| FieldPath::new(p).expect("query paths are valid identifiers");
+        self.element = Some(ElementFilter {
+            array: path(array),
+            field: path(field),
+            value: value.to_string(),
+        });
         self
     }
 

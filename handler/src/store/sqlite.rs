@@ -340,12 +340,15 @@ impl ShardStore for SqliteStore {
                 sql.push_str(" AND tenant_id = ?");
                 args.push(SqlValue::Text(tenant.clone()));
             }
-            if let Some(external_id) = &query.external_id {
-                sql.push_str(
-                    " AND EXISTS (SELECT 1 FROM json_each(doc, '$.external_relationships')
-                                  WHERE json_extract(value, '$.externalId') = ?)",
-                );
-                args.push(SqlValue::Text(external_id.clone()));
+            if let Some(element) = &query.element {
+                // Field paths are plain identifiers, so they can be spliced in.
+                sql.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM json_each(doc, '$.{}')
+                                  WHERE json_extract(value, '$.{}') = ?)",
+                    element.array.as_str(),
+                    element.field.as_str()
+                ));
+                args.push(SqlValue::Text(element.value.clone()));
             }
             if !query.include_deleted {
                 sql.push_str(" AND deleted = 0");
