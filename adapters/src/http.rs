@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::ProviderError;
+use crate::{ErrorCode, ProviderError};
 
 /// How a failed request is retried in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +116,34 @@ fn jitter() -> f64 {
     (hasher.finish() % 10_001) as f64 / 10_000.0
 }
 
+/// What an HTTP status says about a failed request, in the error vocabulary: whether waiting
+/// (429, 408, 5xx), new credentials (401, 403) or nothing (400, 404) can help.
+pub fn status_code(status: reqwest::StatusCode) -> ErrorCode {
+    match status.as_u16() {
+        401 => ErrorCode::AuthenticationFailed,
+        403 => ErrorCode::InvalidCredentials,
+        404 | 410 => ErrorCode::NotFound,
+        408 | 504 => ErrorCode::Timeout,
+        409 | 412 => ErrorCode::Conflict,
+        429 => ErrorCode::RateLimit,
+        s if s >= 500 => ErrorCode::ServiceUnavailable,
+        _ => ErrorCode::ValidationError,
+    }
+}
+
+/// A request that got no answer: timed out, refused, or cut off.
+pub fn transport_error(what: &str, e: &reqwest::Error) -> ProviderError {
+    let code = if e.is_timeout() {
+        ErrorCode::Timeout
+    } else if e.is_connect() {
+        ErrorCode::ServiceUnavailable
+    } else {
+        ErrorCode::ConnectionReset
+    };
+    // reqwest's message names the URL, never headers or bodies.
+    ProviderError::new(code, format!("request to {what} failed: {e}"))
+}
+
 /// Reads a `Retry-After` header: delay-seconds or an HTTP date.
 pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
     let value = headers
@@ -135,7 +163,6 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorCode;
 
     fn error(code: ErrorCode) -> ProviderError {
         ProviderError::new(code, "x")

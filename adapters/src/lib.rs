@@ -21,7 +21,11 @@
 
 pub mod bulk_import;
 pub mod credentials;
+pub mod dynamics;
+pub mod graph;
 pub mod http;
+pub mod microsoft;
+pub mod oauth;
 mod rate_limit;
 pub mod salesforce;
 mod types;
@@ -231,6 +235,9 @@ impl Registry {
         Self::empty()
             .with(Arc::new(salesforce::Salesforce::new()))
             .with(Arc::new(bulk_import::BulkImport::new()))
+            .with(Arc::new(dynamics::Dynamics365::new()))
+            .with(Arc::new(graph::onedrive::OneDrive::new()))
+            .with(Arc::new(graph::teams::Teams::new()))
     }
 
     /// Adds a provider client, replacing any with the same name.
@@ -397,7 +404,13 @@ mod tests {
         assert!(registry.get("zoom").is_none());
         assert_eq!(
             registry.names().collect::<Vec<_>>(),
-            ["bulk_import", "salesforce"]
+            [
+                "bulk_import",
+                "dynamics365",
+                "onedrive",
+                "salesforce",
+                "teams"
+            ]
         );
     }
 }

@@ -78,6 +78,10 @@ impl Credentials {
         self.0.insert(name.to_string(), Value::String(value.into()));
     }
 
+    pub fn remove(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
     pub fn into_inner(self) -> Map<String, Value> {
         self.0
     }

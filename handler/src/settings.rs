@@ -35,6 +35,9 @@ pub struct Settings {
     pub max_concurrent_syncs_per_tenant: usize,
     /// Delay before the first retry of a failed shard write (then 2×, 4×, ±20%).
     pub record_retry_base: Duration,
+    /// `WEBHOOK_BASE_URL`: where providers reach this app (`https://func-sync-prod.azurewebsites.net`);
+    /// provider-side subscriptions deliver to `{it}/api/webhooks/{provider}`.
+    pub webhook_base_url: Option<String>,
     /// Azure backends to use instead of the embedded ones, each when its settings are present.
     pub azure: AzureSettings,
 }
@@ -327,6 +330,28 @@ impl Settings {
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1));
 
+        let webhook_base_url = read("WEBHOOK_BASE_URL").and_then(|v| {
+            let url = v.trim().trim_end_matches('/').to_string();
+            let parsed = reqwest::Url::parse(&url).ok();
+            let host = parsed.as_ref().and_then(|u| u.host_str()).unwrap_or_default();
+            let loopback = host == "localhost"
+                || host
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            match parsed.as_ref().map(reqwest::Url::scheme) {
+                Some("https") => Some(url),
+                Some("http") if loopback => Some(url),
+                _ => {
+                    problems.push(
+                        "WEBHOOK_BASE_URL: expected an https URL (plain http only to a loopback address)"
+                            .into(),
+                    );
+                    None
+                }
+            }
+        });
+
         let service_bus = match (
             read("ServiceBusConnection"),
             read("ServiceBusConnection__fullyQualifiedNamespace"),
@@ -421,6 +446,7 @@ impl Settings {
             min_sync_interval,
             max_concurrent_syncs_per_tenant,
             record_retry_base,
+            webhook_base_url,
             azure,
         })
     }
@@ -533,10 +559,11 @@ mod tests {
             ("KEY_VAULT_URL", "kv-secret-name-789"),
             ("FUNC_SYNC_LOG_FORMAT", "log-format-value"),
             ("SYNC_MAX_RECORDS", "records-value"),
+            ("WEBHOOK_BASE_URL", "http://webhook-host-value.example"),
         ])
         .unwrap_err();
         let text = err.to_string();
-        assert_eq!(err.problems.len(), 5, "{text}");
+        assert_eq!(err.problems.len(), 6, "{text}");
         for value in [
             "cosmos-key-123",
             "AccountEndpoint",
@@ -545,6 +572,7 @@ mod tests {
             "kv-secret-name-789",
             "log-format-value",
             "records-value",
+            "webhook-host-value",
         ] {
             assert!(!text.contains(value), "`{value}` printed: {text}");
         }

@@ -292,12 +292,16 @@ async fn the_token_refresher_reports_credentials_it_cannot_refresh() {
     assert!(res.host_accepts(), "{res:?}");
     assert_eq!(
         res.json()["Logs"],
-        json!(["1 integrations have credentials expiring"])
+        json!(["1 integrations had credentials expiring: 0 refreshed, 1 failed; subscriptions: 0 created, 0 renewed, 0 deleted, 0 integrations failed"])
     );
     let events = app.events();
     assert_eq!(events[0].kind, "integration.token.check-expiring");
     assert_eq!(events[1].kind, "integration.token.refresh.failed");
     assert_eq!(events[1].data["integrationId"], "int-acme-sf");
+    assert_eq!(
+        events[1].data["error"],
+        "provider `salesforce` refreshes its tokens when they are refused, not ahead"
+    );
     let everything = serde_json::to_string(&events).unwrap();
     assert!(
         !everything.contains("secret"),

@@ -11,6 +11,7 @@
 //! * [`lease`]: one sync of an integration at a time; the chain of jobs that holds it.
 //! * [`credentials`]: an integration's credentials, stored before use, refreshed one at a time.
 //! * [`state`]: etag-guarded updates of an integration's state.
+//! * [`subscriptions`]: provider-side webhook subscriptions, created, renewed and deleted.
 //!
 //! Decisions are plain functions over data, tested without a runtime; the `async` functions
 //! around them only read, write and send.
@@ -26,6 +27,7 @@ pub mod pipeline;
 pub mod retry;
 pub mod scheduler;
 pub mod state;
+pub mod subscriptions;
 
 /// A failure that a later delivery of the same message can fix (a backend was unreachable or
 /// busy). The invocation fails, so the host abandons the message and the broker redelivers it.

@@ -1,14 +1,27 @@
-//! TokenRefresher: each hour, finds OAuth credentials about to expire and refreshes them.
+//! TokenRefresher: each hour, refreshes the OAuth tokens that would expire before the next
+//! tick, so that no sync starts with a dead token, and keeps provider-side webhook
+//! subscriptions alive (see [`crate::engine::subscriptions`]).
+//!
+//! It refreshes through the adapter's [`adapters::TokenRefresh`] and the engine's credential
+//! keeper, the same path a job takes, so a rotated refresh token is stored before it is used
+//! and a refresh here never overlaps one in a job. Credentials the provider refuses for good
+//! (`invalid_grant`) put the integration in `error`: its syncs stop until someone sets new
+//! credentials. Providers whose tokens carry no expiry (Salesforce) are refreshed by their
+//! jobs when a request answers 401 and never show up here.
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 
 use super::InvocationError;
 use crate::app::App;
-use crate::engine::{Transient, publish};
+use crate::engine::failure::{Failure, FailureCode};
+use crate::engine::state::update_integration;
+use crate::engine::subscriptions::{self, Maintained};
+use crate::engine::{Transient, credentials, publish};
 use crate::model::event::types as events;
+use crate::model::integration::IntegrationStatus;
 use crate::model::shard::types as shard_types;
-use crate::model::{Event, timestamp};
+use crate::model::{Event, Integration, Shard, timestamp};
 use crate::protocol::{InvocationResponse, TimerInfo};
 use crate::store::{Op, ShardQuery};
 
@@ -38,27 +51,136 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         now,
         json!({"timestamp": now, "thresholdTime": threshold}),
     )];
+    let (mut refreshed, mut failed) = (0, 0);
     for stored in &expiring {
         let shard = &stored.value;
-        let provider = shard.structured_data["providerName"]
-            .as_str()
-            .unwrap_or_default();
-        let error = match app.providers.get(provider) {
-            None => format!("this build has no adapter for provider `{provider}`"),
-            Some(_) => format!("provider `{provider}` has no token refresh in this build"),
+        let event = match refresh(app, shard).await {
+            Ok(expires_at) => {
+                refreshed += 1;
+                tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, expires_at = ?expires_at, "token refreshed");
+                Event::new(
+                    events::TOKEN_REFRESHED,
+                    subject(shard),
+                    now,
+                    json!({"connectionId": shard.id, "integrationId": shard.id,
+                           "tenantId": shard.tenant_id, "expiresAt": expires_at, "refreshedAt": now}),
+                )
+            }
+            Err(failure) => {
+                failed += 1;
+                tracing::warn!(tenant_id = %shard.tenant_id, integration_id = %shard.id, error = %failure, "token refresh failed");
+                if failure.code.needs_new_credentials() {
+                    // Syncing cannot help until someone sets new credentials.
+                    let message = format!("token refresh failed: {}", failure.message);
+                    update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+                        i.status = IntegrationStatus::Error;
+                        i.rest.insert("statusMessage".into(), json!(message));
+                        true
+                    })
+                    .await
+                    .map_err(Transient::from)?;
+                }
+                Event::new(
+                    events::TOKEN_REFRESH_FAILED,
+                    subject(shard),
+                    now,
+                    json!({"connectionId": shard.id, "integrationId": shard.id,
+                           "tenantId": shard.tenant_id, "code": failure.code,
+                           "error": failure.message, "failedAt": now}),
+                )
+            }
         };
-        tracing::warn!(tenant_id = %shard.tenant_id, integration_id = %shard.id, %error, "credentials expire soon and cannot be refreshed");
-        batch.push(Event::new(
-            events::TOKEN_REFRESH_FAILED,
-            format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id),
-            now,
-            json!({"connectionId": shard.id, "integrationId": shard.id, "tenantId": shard.tenant_id,
-                   "error": error, "failedAt": now}),
-        ));
+        batch.push(event);
     }
     publish(app, &batch).await;
+    let maintained = maintain_subscriptions(app, now).await?;
     Ok(InvocationResponse::new().log(format!(
-        "{} integrations have credentials expiring",
-        expiring.len()
+        "{} integrations had credentials expiring: {refreshed} refreshed, {failed} failed; \
+         subscriptions: {} created, {} renewed, {} deleted, {} integrations failed",
+        expiring.len(),
+        maintained.0.created,
+        maintained.0.renewed,
+        maintained.0.deleted,
+        maintained.1
     )))
+}
+
+/// Creates, renews and deletes the webhook subscriptions of every active integration whose
+/// provider keeps them. One integration's failure is logged and does not stop the others.
+async fn maintain_subscriptions(
+    app: &App,
+    now: DateTime<Utc>,
+) -> Result<(Maintained, usize), Transient> {
+    let providers: Vec<&str> = app
+        .providers
+        .names()
+        .filter(|name| {
+            app.providers
+                .get(name)
+                .is_some_and(|p| p.subscriptions().is_some())
+        })
+        .collect();
+    let mut total = Maintained::default();
+    let mut failed = 0;
+    if providers.is_empty() {
+        return Ok((total, failed));
+    }
+    let integrations = app
+        .store
+        .query(
+            &ShardQuery::of_type(shard_types::INTEGRATION)
+                .filter("structuredData.status", Op::Eq, json!("active"))
+                .filter("structuredData.providerName", Op::In, json!(providers)),
+        )
+        .await?;
+    for stored in &integrations {
+        let shard = &stored.value;
+        let Ok(integration) = shard.data::<Integration>() else {
+            continue;
+        };
+        let Some(provider) = app.providers.get(&integration.provider_name) else {
+            continue;
+        };
+        match subscriptions::maintain(app, shard, &integration, provider.as_ref(), now).await {
+            Ok(done) => {
+                total.created += done.created;
+                total.renewed += done.renewed;
+                total.deleted += done.deleted;
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(tenant_id = %shard.tenant_id, integration_id = %shard.id, error = %e, "webhook subscriptions not maintained");
+            }
+        }
+    }
+    Ok((total, failed))
+}
+
+fn subject(shard: &Shard) -> String {
+    format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id)
+}
+
+/// Refreshes one integration's token; returns when the new one expires.
+async fn refresh(app: &App, shard: &Shard) -> Result<Option<DateTime<Utc>>, Failure> {
+    let integration: Integration = shard.data().map_err(|e| {
+        Failure::new(
+            adapters::ErrorCode::ValidationError,
+            format!("the integration is invalid: {e}"),
+        )
+    })?;
+    let name = &integration.provider_name;
+    let provider = app.providers.get(name).ok_or_else(|| {
+        Failure::new(
+            FailureCode::ProviderNotSupported,
+            format!("this build has no adapter for provider `{name}`"),
+        )
+    })?;
+    let refresher = provider.token_refresh().ok_or_else(|| {
+        Failure::new(
+            FailureCode::ProviderNotSupported,
+            format!("provider `{name}` refreshes its tokens when they are refused, not ahead"),
+        )
+    })?;
+    let mut conn = credentials::connect(app, &shard.tenant_id, &shard.id, &integration).await?;
+    Ok(refresher.refresh_token(&mut conn).await?)
 }

@@ -24,6 +24,7 @@ use adapters::{
 
 use super::InvocationError;
 use crate::app::App;
+use crate::engine::state::update_integration;
 use crate::engine::{Transient, credentials, publish};
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
@@ -128,6 +129,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
 
     let now = Utc::now();
     for (shard, integration, delivery) in &verified {
+        subscription_requests(app, shard, &delivery.notifications, now).await?;
         for notification in &delivery.notifications {
             for job in jobs_for(provider_name, shard, integration, notification, now) {
                 app.queue
@@ -215,6 +217,47 @@ async fn find_integration(
             ),
         )),
     })
+}
+
+/// Marks the subscriptions the provider asked about, so that the next maintenance renews
+/// (`Renew`) or creates again (`Recreate`) them.
+async fn subscription_requests(
+    app: &App,
+    shard: &Shard,
+    notifications: &[WebhookNotification],
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let asked: Vec<(&str, SubscriptionAction)> = notifications
+        .iter()
+        .filter_map(|n| match n {
+            WebhookNotification::Subscription {
+                subscription_id,
+                action,
+                ..
+            } => Some((subscription_id.as_str(), *action)),
+            _ => None,
+        })
+        .collect();
+    if asked.is_empty() {
+        return Ok(());
+    }
+    update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+        let before = i.subscriptions.clone();
+        for (id, action) in &asked {
+            match action {
+                SubscriptionAction::Renew => i
+                    .subscriptions
+                    .iter_mut()
+                    .filter(|s| s.id == *id)
+                    .for_each(|s| s.expires_at = now),
+                SubscriptionAction::Recreate => i.subscriptions.retain(|s| s.id != *id),
+                SubscriptionAction::CatchUp => {}
+            }
+        }
+        i.subscriptions != before
+    })
+    .await?;
+    Ok(())
 }
 
 /// The sync jobs a notification asks for.

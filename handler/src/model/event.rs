@@ -42,6 +42,7 @@ pub mod types {
     pub const SYNC_COMPLETED: &str = "integration.sync.completed";
     pub const SYNC_FAILED: &str = "integration.sync.failed";
     pub const TOKEN_CHECK_EXPIRING: &str = "integration.token.check-expiring";
+    pub const TOKEN_REFRESHED: &str = "integration.token.refreshed";
     pub const TOKEN_REFRESH_FAILED: &str = "integration.token.refresh.failed";
     pub const WEBHOOK_RECEIVED: &str = "integration.webhook.received";
 }

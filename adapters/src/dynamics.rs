@@ -1,0 +1,646 @@
+//! Dynamics 365 over the Dataverse Web API (`{environmentUrl}/api/data/v9.2`).
+//!
+//! * Records come from an entity set (`accounts`, `contacts`) with `$select`, paged by
+//!   `@odata.nextLink` under `Prefer: odata.maxpagesize` (5,000 at most).
+//! * Incremental syncs use change tracking: the first sync asks with
+//!   `Prefer: odata.track-changes` and its last page carries an `@odata.deltaLink`, which is
+//!   the entity's cursor; the next sync GETs it and receives changed rows and `$deletedEntity`
+//!   entries for deleted ones (soft deletes). A delta token Dataverse no longer honours (older
+//!   than the org's `ExpireChangeTrackingInDays`) restarts the entity from the beginning.
+//!   Change tracking cannot filter: an integration with filters, or with
+//!   `changeTracking: false`, polls `modifiedon ge {cursor}` instead and sees no deletions.
+//! * Tokens: the Microsoft identity platform ([`crate::microsoft`]), scope
+//!   `{environmentUrl}/.default` app-only or `{environmentUrl}/user_impersonation` delegated.
+//! * Limits: service protection allows 6,000 requests per 5 minutes per user; requests are
+//!   paced at 60 a second and 6,000 per 5 minutes per integration, and a 429 is waited out
+//!   after its `Retry-After`.
+//! * Webhooks: a service endpoint registered with the Plug-in Registration Tool posts a
+//!   `RemoteExecutionContext`. It carries no signature: the delivery must bring the
+//!   integration's shared key (`?code=` with the WebhookKey option, or an `x-webhook-key`
+//!   header with HttpHeader), compared in constant time. It is routed by its `OrganizationId`.
+//!
+//! Connection settings: `environmentUrl` (required), `tenantId` or `tokenUrl`, `apiVersion`
+//! (default `v9.2`), `organizationId` (the org's id, for webhooks), `changeTracking` (default
+//! true), `logicalNames` (entity set → table logical name, where dropping the plural's `s`
+//! is wrong). Credentials: `client_id`, `client_secret`, `refresh_token` for delegated access,
+//! `webhook_key` for webhooks.
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use reqwest::Method;
+use serde_json::{Map, Value};
+
+use crate::microsoft::{self, Api};
+use crate::{
+    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
+    RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification,
+    WebhookRequest, WebhookRoute, Webhooks,
+};
+
+const DEFAULT_API_VERSION: &str = "v9.2";
+/// The most rows Dataverse returns per page.
+const MAX_PAGE_SIZE: usize = 5000;
+/// Ids read back per `In` query, short enough for any URL limit.
+const IDS_PER_QUERY: usize = 50;
+/// Dataverse's code for a change-tracking version it no longer keeps (ExpiredVersionStamp).
+const EXPIRED_VERSION: &str = "0x80044352";
+
+pub struct Dynamics365 {
+    api: Api,
+}
+
+impl Default for Dynamics365 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Dynamics365 {
+    pub fn new() -> Self {
+        Self {
+            api: Api::new(
+                "Dataverse",
+                RateLimiter::new(60).with_window(6000, std::time::Duration::from_secs(300)),
+            ),
+        }
+    }
+
+    fn environment(conn: &Connection) -> Result<&str, ProviderError> {
+        conn.setting("environmentUrl").ok_or_else(|| {
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                "the connection has no environmentUrl",
+            )
+        })
+    }
+
+    fn api_root(conn: &Connection) -> Result<String, ProviderError> {
+        let version = conn.setting("apiVersion").unwrap_or(DEFAULT_API_VERSION);
+        Ok(format!("{}/api/data/{version}", Self::environment(conn)?))
+    }
+
+    /// The scope a token for this environment is asked with.
+    fn scope(conn: &Connection) -> String {
+        let environment = conn.setting("environmentUrl").unwrap_or_default();
+        if conn.credentials.get("refresh_token").is_some() {
+            format!("{environment}/user_impersonation")
+        } else {
+            format!("{environment}/.default")
+        }
+    }
+
+    fn change_tracking(conn: &Connection, request: &FetchRequest) -> bool {
+        request.filters.is_empty()
+            && conn
+                .settings
+                .get("changeTracking")
+                .and_then(Value::as_bool)
+                .unwrap_or(true)
+    }
+
+    /// GETs `url`, which must be on the integration's environment: links come back from the
+    /// service and cursors from storage, and the token must never go anywhere else.
+    async fn get(
+        &self,
+        conn: &mut Connection,
+        url: &str,
+        prefer: &str,
+    ) -> Result<Value, ProviderError> {
+        let environment = Self::environment(conn)?;
+        if !url.starts_with(&format!("{environment}/")) {
+            return Err(ProviderError::resync_required(
+                "a Dataverse link points outside the integration's environment",
+            ));
+        }
+        let headers = [
+            ("OData-MaxVersion", "4.0".to_string()),
+            ("OData-Version", "4.0".to_string()),
+            ("Prefer", prefer.to_string()),
+        ];
+        let scope = Self::scope(conn);
+        match self
+            .api
+            .send(conn, &scope, Method::GET, url, &headers, None)
+            .await
+        {
+            Ok(answer) => Ok(answer.body),
+            Err(e)
+                if e.message.contains(EXPIRED_VERSION)
+                    || e.message
+                        .contains("Version stamp associated with the client has expired") =>
+            {
+                Err(ProviderError::resync_required(e.message))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The primary key column of an entity set: `accountid` for `accounts`.
+fn primary_key(settings: &Map<String, Value>, entity_set: &str) -> String {
+    format!("{}id", logical_name(settings, entity_set))
+}
+
+/// The table's logical name for an entity set: configured, or the set without its plural.
+fn logical_name(settings: &Map<String, Value>, entity_set: &str) -> String {
+    if let Some(name) = settings
+        .get("logicalNames")
+        .and_then(|m| m.get(entity_set))
+        .and_then(Value::as_str)
+    {
+        return name.to_string();
+    }
+    if let Some(stem) = entity_set.strip_suffix("ies") {
+        format!("{stem}y")
+    } else {
+        entity_set
+            .strip_suffix('s')
+            .unwrap_or(entity_set)
+            .to_string()
+    }
+}
+
+/// The entity set of a table's logical name, as webhooks name tables.
+fn entity_set(settings: &Map<String, Value>, logical: &str) -> String {
+    if let Some(Value::Object(names)) = settings.get("logicalNames")
+        && let Some((set, _)) = names.iter().find(|(_, l)| l.as_str() == Some(logical))
+    {
+        return set.clone();
+    }
+    if let Some(stem) = logical.strip_suffix('y') {
+        format!("{stem}ies")
+    } else {
+        format!("{logical}s")
+    }
+}
+
+fn is_guid(id: &str) -> bool {
+    id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// A column name safe to put in `$select`.
+fn is_column(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The `$select` list: the mapped columns, the key and `modifiedon`.
+fn select(request: &FetchRequest, key: &str) -> Result<String, ProviderError> {
+    let mut columns = vec![key.to_string(), "modifiedon".to_string()];
+    for field in &request.fields {
+        if !is_column(field) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{field}` is not a Dataverse column name"),
+            ));
+        }
+        if !columns.iter().any(|c| c.eq_ignore_ascii_case(field)) {
+            columns.push(field.to_ascii_lowercase());
+        }
+    }
+    Ok(columns.join(","))
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The rows of an answer as records; `$deletedEntity` entries are deletions.
+fn records_of(body: &Value, key: &str) -> Vec<Record> {
+    let rows = body["value"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    rows.iter()
+        .filter_map(|row| {
+            let row = row.as_object()?;
+            let deleted = row
+                .get("@odata.context")
+                .and_then(Value::as_str)
+                .is_some_and(|c| c.ends_with("$deletedEntity"));
+            if deleted {
+                return Some(Record {
+                    id: row.get("id")?.as_str()?.to_string(),
+                    modified_at: None,
+                    deleted: true,
+                    fields: Map::new(),
+                });
+            }
+            let id = row.get(key)?.as_str()?.to_string();
+            Some(Record {
+                modified_at: row
+                    .get("modifiedon")
+                    .and_then(Value::as_str)
+                    .and_then(parse_time),
+                id,
+                deleted: false,
+                fields: row.clone(),
+            })
+        })
+        .collect()
+}
+
+fn prefer(page_size: usize, track_changes: bool) -> String {
+    let size = format!("odata.maxpagesize={}", page_size.clamp(1, MAX_PAGE_SIZE));
+    if track_changes {
+        format!("odata.track-changes,{size}")
+    } else {
+        size
+    }
+}
+
+#[async_trait]
+impl Pull for Dynamics365 {
+    async fn fetch_page(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
+        let key = primary_key(&conn.settings, &request.entity);
+        let tracking = Self::change_tracking(conn, request);
+        let is_link = |c: &str| c.starts_with("http://") || c.starts_with("https://");
+        let (url, query) = match (&request.page_token, &request.cursor) {
+            (Some(next), _) => (next.clone(), None),
+            (None, Some(delta)) if tracking && is_link(delta) => (delta.clone(), None),
+            (None, cursor) => {
+                if !is_column(&request.entity) {
+                    return Err(ProviderError::new(
+                        ErrorCode::ValidationError,
+                        format!("`{}` is not a Dataverse entity set", request.entity),
+                    ));
+                }
+                let mut query = format!("$select={}", select(request, &key)?);
+                if !tracking {
+                    let mut conditions: Vec<String> =
+                        request.filters.iter().map(|f| format!("({f})")).collect();
+                    if let Some(cursor) = cursor {
+                        let since = parse_time(cursor).ok_or_else(|| {
+                            ProviderError::resync_required(format!(
+                                "`{cursor}` is not a modifiedon cursor"
+                            ))
+                        })?;
+                        conditions.insert(
+                            0,
+                            format!(
+                                "modifiedon ge {}",
+                                since.to_rfc3339_opts(SecondsFormat::Secs, true)
+                            ),
+                        );
+                    }
+                    if !conditions.is_empty() {
+                        query.push_str(&format!("&$filter={}", conditions.join(" and ")));
+                    }
+                    query.push_str(&format!("&$orderby=modifiedon asc,{key} asc"));
+                }
+                let url = format!("{}/{}?{query}", Self::api_root(conn)?, request.entity);
+                (url, Some(format!("GET {}?{query}", request.entity)))
+            }
+        };
+        let body = self
+            .get(conn, &url, &prefer(request.page_size, tracking))
+            .await?;
+        let records = records_of(&body, &key);
+        let cursor = if tracking {
+            body["@odata.deltaLink"].as_str().map(str::to_string)
+        } else {
+            records
+                .iter()
+                .filter_map(|r| r.modified_at)
+                .max()
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        };
+        Ok(Page {
+            records,
+            next_page: body["@odata.nextLink"].as_str().map(str::to_string),
+            query,
+            stop_after: None,
+            cursor,
+        })
+    }
+
+    fn newer_cursor(&self, earlier: String, later: String) -> String {
+        // Delta links follow one another; modifiedon cursors are a high-water mark.
+        match (parse_time(&earlier), parse_time(&later)) {
+            (Some(a), Some(b)) if a > b => earlier,
+            _ => later,
+        }
+    }
+
+    fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
+        parse_time(cursor)
+    }
+
+    async fn fetch_by_ids(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ProviderError> {
+        let key = primary_key(&conn.settings, &request.entity);
+        // The ids come from deliveries: only GUIDs reach the query.
+        let mut ids: Vec<String> = ids
+            .iter()
+            .map(|id| id.to_ascii_lowercase())
+            .filter(|id| is_guid(id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let columns = select(request, &key)?;
+        let root = Self::api_root(conn)?;
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            let values: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
+            let mut url = format!(
+                "{root}/{}?$select={columns}&$filter=Microsoft.Dynamics.CRM.In(PropertyName='{key}',PropertyValues=[{}])",
+                request.entity,
+                values.join(",")
+            );
+            loop {
+                let body = self.get(conn, &url, &prefer(MAX_PAGE_SIZE, false)).await?;
+                records.extend(records_of(&body, &key));
+                match body["@odata.nextLink"].as_str() {
+                    Some(next) => url = next.to_string(),
+                    None => break,
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
+#[async_trait]
+impl TokenRefresh for Dynamics365 {
+    async fn refresh_token(
+        &self,
+        conn: &mut Connection,
+    ) -> Result<Option<DateTime<Utc>>, ProviderError> {
+        let scope = Self::scope(conn);
+        self.api.refresh(conn, &scope).await
+    }
+}
+
+impl Provider for Dynamics365 {
+    fn name(&self) -> &'static str {
+        "dynamics365"
+    }
+
+    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
+        let environment = microsoft::check_url(settings, "environmentUrl")?
+            .ok_or("connection.environmentUrl is required (https://{org}.crm.dynamics.com)")?;
+        settings.insert("environmentUrl".into(), Value::String(environment));
+        microsoft::check_identity(settings)?;
+        if let Some(version) = settings.get("apiVersion") {
+            let ok = version
+                .as_str()
+                .and_then(|v| v.strip_prefix('v'))
+                .is_some_and(|n| n.parse::<f64>().is_ok());
+            if !ok {
+                return Err("connection.apiVersion must look like `v9.2`".into());
+            }
+        }
+        if let Some(org) = settings.get("organizationId") {
+            let org = org
+                .as_str()
+                .map(str::to_ascii_lowercase)
+                .filter(|o| is_guid(o))
+                .ok_or("connection.organizationId must be the organization's GUID")?;
+            settings.insert("organizationId".into(), Value::String(org));
+        }
+        if settings
+            .get("changeTracking")
+            .is_some_and(|v| !v.is_boolean())
+        {
+            return Err("connection.changeTracking must be true or false".into());
+        }
+        match settings.get("logicalNames") {
+            None => {}
+            Some(Value::Object(names))
+                if names.values().all(|v| v.as_str().is_some_and(is_column)) => {}
+            Some(_) => {
+                return Err(
+                    "connection.logicalNames must map entity sets to table logical names".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn token_refresh(&self) -> Option<&dyn TokenRefresh> {
+        Some(self)
+    }
+
+    fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+}
+
+/// A `RemoteExecutionContext` as far as the receiver reads it.
+struct ExecutionContext {
+    organization_id: String,
+    request_id: String,
+    message: String,
+    table: String,
+    record_id: String,
+}
+
+fn read_context(request: &WebhookRequest<'_>) -> Result<ExecutionContext, WebhookError> {
+    let malformed = |why: &str| WebhookError::Malformed(format!("a Dataverse delivery {why}"));
+    let body: Value = request
+        .body
+        .and_then(|b| serde_json::from_str(b).ok())
+        .ok_or_else(|| malformed("is a RemoteExecutionContext in JSON; this body is not JSON"))?;
+    let text = |name: &str| {
+        body[name]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| malformed(&format!("has no {name}")))
+    };
+    let organization_id = text("OrganizationId")?.to_ascii_lowercase();
+    if !is_guid(&organization_id) {
+        return Err(malformed("has an OrganizationId that is not a GUID"));
+    }
+    let request_id = body["RequestId"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| request.header("x-request-id").map(str::to_string))
+        .ok_or_else(|| malformed("has no RequestId"))?;
+    Ok(ExecutionContext {
+        organization_id,
+        request_id,
+        message: text("MessageName")?,
+        table: text("PrimaryEntityName")?,
+        record_id: text("PrimaryEntityId")?.to_ascii_lowercase(),
+    })
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[async_trait]
+impl Webhooks for Dynamics365 {
+    fn route(&self, request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError> {
+        let context = read_context(request)?;
+        Ok(WebhookRoute::To(vec![RouteKey::Setting {
+            name: "organizationId",
+            value: context.organization_id,
+        }]))
+    }
+
+    async fn verify(
+        &self,
+        conn: &Connection,
+        request: &WebhookRequest<'_>,
+        _key: &RouteKey,
+    ) -> Result<WebhookDelivery, WebhookError> {
+        let expected = conn.credentials.get("webhook_key").ok_or_else(|| {
+            WebhookError::Forged(
+                "the integration has no webhook_key to check deliveries with".into(),
+            )
+        })?;
+        let given = request
+            .query
+            .get("code")
+            .map(String::as_str)
+            .or_else(|| request.header("x-webhook-key"))
+            .ok_or_else(|| WebhookError::Forged("the delivery brings no key".into()))?;
+        if !same_secret(given, expected) {
+            return Err(WebhookError::Forged("the delivery's key is wrong".into()));
+        }
+        let context = read_context(request)?;
+        let entity = entity_set(&conn.settings, &context.table);
+        let notification = match context.message.as_str() {
+            // A deleted row cannot be read back; the delta shows its deletion.
+            "Delete" => WebhookNotification::CatchUp {
+                id: context.request_id,
+                entity,
+            },
+            _ if is_guid(&context.record_id) => WebhookNotification::Records {
+                id: context.request_id,
+                entity,
+                record_ids: vec![context.record_id],
+            },
+            _ => {
+                return Err(WebhookError::Malformed(
+                    "a Dataverse delivery's PrimaryEntityId is not a GUID".into(),
+                ));
+            }
+        };
+        Ok(WebhookDelivery {
+            notifications: vec![notification],
+            answer: WebhookAnswer::new(200, "application/json", "{}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(value: Value) -> Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn entity_sets_and_tables_are_named_both_ways() {
+        let plain = Map::new();
+        assert_eq!(primary_key(&plain, "accounts"), "accountid");
+        assert_eq!(primary_key(&plain, "opportunities"), "opportunityid");
+        assert_eq!(entity_set(&plain, "contact"), "contacts");
+        assert_eq!(entity_set(&plain, "opportunity"), "opportunities");
+        let custom = settings(json!({"logicalNames": {"new_projectses": "new_projects"}}));
+        assert_eq!(primary_key(&custom, "new_projectses"), "new_projectsid");
+        assert_eq!(entity_set(&custom, "new_projects"), "new_projectses");
+    }
+
+    #[test]
+    fn connection_settings_are_checked_and_named() {
+        let dynamics = Dynamics365::new();
+        let mut ok = settings(json!({
+            "environmentUrl": "https://contoso.crm4.dynamics.com/",
+            "tenantId": "contoso.onmicrosoft.com",
+            "organizationId": "4EF5B371-0000-4000-8000-000000000001"
+        }));
+        dynamics.check_connection(&mut ok).unwrap();
+        assert_eq!(ok["environmentUrl"], "https://contoso.crm4.dynamics.com");
+        assert_eq!(ok["organizationId"], "4ef5b371-0000-4000-8000-000000000001");
+        for (bad, named) in [
+            (json!({"tenantId": "t"}), "connection.environmentUrl"),
+            (
+                json!({"environmentUrl": "http://contoso.crm.dynamics.com", "tenantId": "t"}),
+                "connection.environmentUrl",
+            ),
+            (
+                json!({"environmentUrl": "https://c.crm.dynamics.com"}),
+                "connection.tenantId",
+            ),
+            (
+                json!({"environmentUrl": "https://c.crm.dynamics.com", "tenantId": "t", "organizationId": "x"}),
+                "connection.organizationId",
+            ),
+            (
+                json!({"environmentUrl": "https://c.crm.dynamics.com", "tenantId": "t", "apiVersion": "9.2"}),
+                "connection.apiVersion",
+            ),
+            (
+                json!({"environmentUrl": "https://c.crm.dynamics.com", "tenantId": "t", "changeTracking": "yes"}),
+                "connection.changeTracking",
+            ),
+        ] {
+            let err = dynamics
+                .check_connection(&mut settings(bad.clone()))
+                .unwrap_err();
+            assert!(err.starts_with(named), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn rows_and_deleted_entities_become_records() {
+        let body = json!({"value": [
+            {"@odata.etag": "W/\"101\"", "accountid": "a1", "name": "Acme", "modifiedon": "2026-11-22T07:00:00Z"},
+            {"@odata.context": "https://x/api/data/v9.2/$metadata#accounts/$deletedEntity", "id": "a2", "reason": "deleted"}
+        ]});
+        let records = records_of(&body, "accountid");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].id, "a1");
+        assert_eq!(records[0].fields["name"], "Acme");
+        assert!(records[0].modified_at.is_some());
+        assert!(records[1].deleted && records[1].id == "a2");
+    }
+
+    #[test]
+    fn selected_columns_are_plain_names() {
+        let request = FetchRequest {
+            entity: "accounts".into(),
+            fields: vec!["name".into(), "accountid".into(), "Revenue".into()],
+            cursor: None,
+            page_token: None,
+            filters: vec![],
+            page_size: 2000,
+        };
+        assert_eq!(
+            select(&request, "accountid").unwrap(),
+            "accountid,modifiedon,name,revenue"
+        );
+        let bad = FetchRequest {
+            fields: vec!["name,secret".into()],
+            ..request
+        };
+        assert!(select(&bad, "accountid").is_err());
+    }
+
+    #[test]
+    fn keys_are_compared_whole() {
+        assert!(same_secret("k3y", "k3y"));
+        assert!(!same_secret("k3y", "k3"));
+        assert!(!same_secret("k3y", "k3z"));
+    }
+}

@@ -1,0 +1,224 @@
+//! The OAuth 2.0 token request (RFC 6749 §4.4 client credentials, §6 refresh token), as every
+//! OAuth provider answers it: `access_token`, maybe a new `refresh_token`, `expires_in`
+//! seconds, and errors as `{"error": "invalid_grant", "error_description": ...}`.
+//!
+//! [`exchange`] sends one grant and turns the answer into [`Refreshed`] credentials. It is the
+//! `exchange` an adapter hands to [`crate::credentials::refresh`], which stores the result
+//! before anyone uses it. `invalid_grant` (a revoked or spent refresh token) and
+//! `invalid_client` are not retried; 429, 5xx and `temporarily_unavailable` are, in place.
+
+use chrono::{DateTime, Duration, Utc};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::credentials::Refreshed;
+use crate::http::{self, Retries, RetryPolicy};
+use crate::{Credentials, ErrorCode, ProviderError};
+
+/// Which grant to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// With the stored `refresh_token` (delegated access).
+    RefreshToken,
+    /// With the client's own id and secret (app-only access).
+    ClientCredentials,
+}
+
+impl Grant {
+    /// The grant `credentials` allow: a refresh token if they hold one.
+    pub fn for_credentials(credentials: &Credentials) -> Self {
+        if credentials.get("refresh_token").is_some() {
+            Self::RefreshToken
+        } else {
+            Self::ClientCredentials
+        }
+    }
+}
+
+/// Credentials keys the token request reads and writes.
+pub const ACCESS_TOKEN: &str = "access_token";
+pub const REFRESH_TOKEN: &str = "refresh_token";
+/// When the access token expires, as RFC 3339, so a connection refreshes before using a dead
+/// token instead of after a 401.
+pub const EXPIRES_AT: &str = "access_token_expires_at";
+
+/// Whether `credentials` hold an access token that is still good at `now` (with a minute to
+/// spare for the request on its way).
+pub fn has_live_token(credentials: &Credentials, now: DateTime<Utc>) -> bool {
+    credentials.get(ACCESS_TOKEN).is_some()
+        && credentials
+            .get(EXPIRES_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .is_none_or(|t| t.with_timezone(&Utc) > now + Duration::minutes(1))
+}
+
+/// Sends `grant` to `url` with the client's `client_id` and `client_secret` from
+/// `credentials` and the `extra` form fields (a scope), and returns the credentials updated
+/// with what the provider answered.
+pub async fn exchange(
+    http: &reqwest::Client,
+    url: &str,
+    grant: Grant,
+    extra: &[(&str, String)],
+    mut credentials: Credentials,
+    retry: RetryPolicy,
+) -> Result<Refreshed, ProviderError> {
+    let missing = |name: &str| {
+        ProviderError::new(
+            ErrorCode::InvalidCredentials,
+            format!("the credentials have no {name}"),
+        )
+    };
+    let client_id = credentials
+        .get("client_id")
+        .ok_or_else(|| missing("client_id"))?;
+    let mut form = vec![("client_id", client_id.to_string())];
+    if let Some(secret) = credentials.get("client_secret") {
+        form.push(("client_secret", secret.to_string()));
+    }
+    match grant {
+        Grant::RefreshToken => {
+            let token = credentials
+                .get(REFRESH_TOKEN)
+                .ok_or_else(|| missing(REFRESH_TOKEN))?;
+            form.push(("grant_type", "refresh_token".into()));
+            form.push((REFRESH_TOKEN, token.to_string()));
+        }
+        Grant::ClientCredentials => {
+            if credentials.get("client_secret").is_none() {
+                return Err(missing("client_secret"));
+            }
+            form.push(("grant_type", "client_credentials".into()));
+        }
+    }
+    form.extend(extra.iter().cloned());
+
+    let mut retries = Retries::new(retry);
+    let body = loop {
+        let (error, retry_after) = match http
+            .post(url)
+            .form(&form)
+            .header("Accept", "application/json")
+            .send()
+            .await
+        {
+            Err(e) => (http::transport_error("the token endpoint", &e), None),
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = http::retry_after(response.headers(), Utc::now());
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                if status.is_success() {
+                    break body;
+                }
+                (refusal(status, &body), retry_after)
+            }
+        };
+        retries.wait_or_fail(error, retry_after).await?;
+    };
+
+    let access_token = body[ACCESS_TOKEN].as_str().ok_or_else(|| {
+        ProviderError::new(
+            ErrorCode::AuthenticationFailed,
+            "the token response has no access_token",
+        )
+    })?;
+    credentials.set(ACCESS_TOKEN, access_token);
+    if let Some(rotated) = body[REFRESH_TOKEN].as_str() {
+        credentials.set(REFRESH_TOKEN, rotated);
+    }
+    let expires_at = expires_in(&body).map(|seconds| Utc::now() + Duration::seconds(seconds));
+    match expires_at {
+        Some(at) => credentials.set(EXPIRES_AT, at.to_rfc3339()),
+        None => credentials.remove(EXPIRES_AT),
+    }
+    Ok(Refreshed {
+        credentials,
+        expires_at,
+    })
+}
+
+/// `expires_in`, which some providers send as a string.
+fn expires_in(body: &Value) -> Option<i64> {
+    match &body["expires_in"] {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A refused token request, without anything of the request in it.
+fn refusal(status: StatusCode, body: &Value) -> ProviderError {
+    let error = body["error"].as_str().unwrap_or("unknown_error");
+    // Microsoft's descriptions start with an AADSTS code that says the most.
+    let description = body["error_description"]
+        .as_str()
+        .unwrap_or("")
+        .lines()
+        .next()
+        .unwrap_or("");
+    let code = match (status, error) {
+        (_, "invalid_grant" | "interaction_required") => ErrorCode::AuthenticationFailed,
+        (_, "temporarily_unavailable") => ErrorCode::ServiceUnavailable,
+        (StatusCode::TOO_MANY_REQUESTS, _) => ErrorCode::RateLimit,
+        (s, _) if s.is_server_error() => ErrorCode::ServiceUnavailable,
+        _ => ErrorCode::InvalidCredentials,
+    };
+    let message = format!("token request refused ({status}): {error} {description}");
+    ProviderError::new(code, message.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn refusals_say_whether_new_credentials_or_patience_can_help() {
+        let cases = [
+            (
+                400,
+                json!({"error": "invalid_grant", "error_description": "AADSTS700082: The refresh token has expired due to inactivity.\r\nTrace ID: x"}),
+                ErrorCode::AuthenticationFailed,
+            ),
+            (
+                401,
+                json!({"error": "invalid_client"}),
+                ErrorCode::InvalidCredentials,
+            ),
+            (
+                400,
+                json!({"error": "temporarily_unavailable"}),
+                ErrorCode::ServiceUnavailable,
+            ),
+            (429, json!({}), ErrorCode::RateLimit),
+            (503, Value::Null, ErrorCode::ServiceUnavailable),
+        ];
+        for (status, body, code) in cases {
+            let e = refusal(StatusCode::from_u16(status).unwrap(), &body);
+            assert_eq!(e.code, code, "{e}");
+        }
+        let e = refusal(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "invalid_grant", "error_description": "AADSTS700082: expired.\r\nTrace ID: 1"}),
+        );
+        assert_eq!(
+            e.message,
+            "token request refused (400 Bad Request): invalid_grant AADSTS700082: expired."
+        );
+    }
+
+    #[test]
+    fn a_token_is_live_until_a_minute_before_it_expires() {
+        let now = Utc::now();
+        let mut credentials = Credentials::default();
+        assert!(!has_live_token(&credentials, now));
+        credentials.set(ACCESS_TOKEN, "t");
+        assert!(has_live_token(&credentials, now), "no expiry known: use it");
+        credentials.set(EXPIRES_AT, (now + Duration::minutes(5)).to_rfc3339());
+        assert!(has_live_token(&credentials, now));
+        credentials.set(EXPIRES_AT, (now + Duration::seconds(30)).to_rfc3339());
+        assert!(!has_live_token(&credentials, now));
+        assert_eq!(expires_in(&json!({"expires_in": "3599"})), Some(3599));
+        assert_eq!(expires_in(&json!({"expires_in": 3599})), Some(3599));
+    }
+}

@@ -1,0 +1,266 @@
+//! Provider-side subscriptions (Microsoft Graph change notifications): created for every
+//! resource an integration watches, renewed before they lapse, deleted when no longer wanted.
+//!
+//! [`plan`] decides, as a pure function of the integration's subscriptions, the resources its
+//! adapter wants watched and the time, what to do. [`maintain`] carries the plan out: a new
+//! subscription gets a secret `clientState` of its own, kept with the integration's
+//! credentials in the secret store (never in the integration document), and the integration
+//! records the subscription's id, resource and expiry under its etag. A subscription Graph no
+//! longer has is created again. It runs on TokenRefresher's hourly tick, so a subscription is
+//! renewed when it would lapse before the tick after next.
+
+use chrono::{DateTime, Duration, Utc};
+
+use adapters::credentials::{CredentialKeeper, Refreshed};
+use adapters::{ErrorCode, Provider, ProviderError, SubscriptionRequest, Subscriptions};
+
+use super::credentials::{self, StoredCredentials};
+use super::failure::Failure;
+use super::state::update_integration;
+use crate::app::App;
+use crate::model::integration::WebhookSubscription;
+use crate::model::{Integration, Shard};
+
+/// Subscriptions that lapse sooner than this are renewed now: two hourly ticks.
+pub const RENEW_AHEAD: Duration = Duration::hours(2);
+
+/// How long a subscription is asked to live: the provider's longest, less a margin for clocks
+/// that disagree (an hour, or a tenth of a short lifetime).
+pub fn lifetime(max: Duration) -> Duration {
+    max - Duration::minutes(60).min(max / 10)
+}
+
+/// One thing to do about an integration's subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Create { resource: String },
+    Renew { id: String },
+    Delete { id: String },
+}
+
+/// What to do so that every wanted resource has a subscription that outlives `now +
+/// RENEW_AHEAD`, and no other subscription exists.
+pub fn plan(existing: &[WebhookSubscription], wanted: &[String], now: DateTime<Utc>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for resource in wanted {
+        match existing.iter().find(|s| &s.resource == resource) {
+            None => steps.push(Step::Create {
+                resource: resource.clone(),
+            }),
+            Some(s) if s.expires_at <= now + RENEW_AHEAD => {
+                steps.push(Step::Renew { id: s.id.clone() })
+            }
+            Some(_) => {}
+        }
+    }
+    for s in existing {
+        if !wanted.contains(&s.resource) {
+            steps.push(Step::Delete { id: s.id.clone() });
+        }
+    }
+    steps
+}
+
+/// What maintenance did to one integration.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Maintained {
+    pub created: usize,
+    pub renewed: usize,
+    pub deleted: usize,
+}
+
+/// Brings `integration`'s subscriptions in line with what its adapter wants watched.
+pub async fn maintain(
+    app: &App,
+    shard: &Shard,
+    integration: &Integration,
+    provider: &dyn Provider,
+    now: DateTime<Utc>,
+) -> Result<Maintained, Failure> {
+    let Some(subscriptions) = provider.subscriptions() else {
+        return Ok(Maintained::default());
+    };
+    let base = app.settings.webhook_base_url.as_deref().ok_or_else(|| {
+        Failure::new(
+            ErrorCode::ValidationError,
+            "WEBHOOK_BASE_URL is not set: providers cannot be told where to deliver",
+        )
+    })?;
+    let entities: Vec<String> = integration
+        .entity_mappings
+        .iter()
+        .map(|m| m.external_entity.clone())
+        .collect();
+    let wanted = subscriptions.resources(&integration.connection, &entities);
+    let steps = plan(&integration.subscriptions, &wanted, now);
+    if steps.is_empty() {
+        return Ok(Maintained::default());
+    }
+    let mut conn = credentials::connect(app, &shard.tenant_id, &shard.id, integration).await?;
+    let url = format!("{base}/api/webhooks/{}", provider.name());
+    let mut done = Maintained::default();
+    let mut current = integration.subscriptions.clone();
+    for step in steps {
+        match step {
+            Step::Create { resource } => {
+                let created =
+                    create(app, shard, subscriptions, &mut conn, &resource, &url, now).await?;
+                current.push(created);
+                done.created += 1;
+            }
+            Step::Renew { id } => {
+                let Some(index) = current.iter().position(|s| s.id == id) else {
+                    continue;
+                };
+                let resource = current[index].resource.clone();
+                let until = now + lifetime(subscriptions.max_lifetime(&resource));
+                match subscriptions.renew(&mut conn, &id, until).await {
+                    Ok(expires_at) => current[index].expires_at = expires_at,
+                    Err(e) if e.code == ErrorCode::NotFound => {
+                        current.remove(index);
+                        let created =
+                            create(app, shard, subscriptions, &mut conn, &resource, &url, now)
+                                .await?;
+                        current.push(created);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                done.renewed += 1;
+            }
+            Step::Delete { id } => {
+                subscriptions.unsubscribe(&mut conn, &id).await?;
+                current.retain(|s| s.id != id);
+                done.deleted += 1;
+            }
+        }
+        save(app, shard, &current, now).await?;
+    }
+    Ok(done)
+}
+
+async fn create(
+    app: &App,
+    shard: &Shard,
+    subscriptions: &dyn Subscriptions,
+    conn: &mut adapters::Connection,
+    resource: &str,
+    url: &str,
+    now: DateTime<Utc>,
+) -> Result<WebhookSubscription, Failure> {
+    let client_state = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let until = now + lifetime(subscriptions.max_lifetime(resource));
+    let info = subscriptions
+        .subscribe(
+            conn,
+            &SubscriptionRequest {
+                resource: resource.to_string(),
+                notification_url: url.to_string(),
+                lifecycle_url: url.to_string(),
+                client_state: client_state.clone(),
+                expires_at: until,
+            },
+        )
+        .await?;
+    keep_client_state(app, shard, &info.id, &client_state).await?;
+    Ok(WebhookSubscription {
+        id: info.id,
+        resource: info.resource,
+        expires_at: info.expires_at,
+    })
+}
+
+/// Adds a subscription's secret to the integration's credentials, under the credentials'
+/// lease so that it cannot overwrite a token refreshed meanwhile.
+async fn keep_client_state(
+    app: &App,
+    shard: &Shard,
+    id: &str,
+    client_state: &str,
+) -> Result<(), ProviderError> {
+    let keeper = StoredCredentials::new(app, &shard.tenant_id, &shard.id);
+    let mut credentials = keeper.lock().await?;
+    credentials.set(&WebhookSubscription::client_state_key(id), client_state);
+    keeper
+        .store_and_unlock(&Refreshed {
+            credentials,
+            expires_at: None,
+        })
+        .await
+}
+
+async fn save(
+    app: &App,
+    shard: &Shard,
+    subscriptions: &[WebhookSubscription],
+    now: DateTime<Utc>,
+) -> Result<(), Failure> {
+    update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+        i.subscriptions = subscriptions.to_vec();
+        true
+    })
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(hours: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 0, 0, 0).unwrap() + Duration::hours(hours)
+    }
+
+    fn sub(id: &str, resource: &str, expires: i64) -> WebhookSubscription {
+        WebhookSubscription {
+            id: id.into(),
+            resource: resource.into(),
+            expires_at: at(expires),
+        }
+    }
+
+    #[test]
+    fn missing_resources_are_subscribed_lapsing_ones_renewed_and_unwanted_ones_deleted() {
+        let existing = [
+            sub("s1", "/teams/t/channels/a/messages", 1),
+            sub("s2", "/teams/t/channels/b/messages", 48),
+            sub("s3", "/teams/t/channels/gone/messages", 48),
+        ];
+        let wanted = [
+            "/teams/t/channels/a/messages".to_string(),
+            "/teams/t/channels/b/messages".to_string(),
+            "/teams/t/channels/c/messages".to_string(),
+        ];
+        assert_eq!(
+            plan(&existing, &wanted, at(0)),
+            [
+                Step::Renew { id: "s1".into() },
+                Step::Create {
+                    resource: "/teams/t/channels/c/messages".into()
+                },
+                Step::Delete { id: "s3".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn subscriptions_are_asked_to_live_a_little_less_than_the_provider_allows() {
+        assert_eq!(lifetime(Duration::minutes(4320)), Duration::minutes(4260));
+        assert_eq!(lifetime(Duration::minutes(60)), Duration::minutes(54));
+    }
+
+    #[test]
+    fn a_subscription_is_renewed_when_it_would_lapse_before_the_tick_after_next() {
+        let existing = [sub("s1", "/drives/d/root", 2)];
+        let wanted = ["/drives/d/root".to_string()];
+        assert_eq!(
+            plan(&existing, &wanted, at(0)),
+            [Step::Renew { id: "s1".into() }]
+        );
+        assert!(plan(&existing, &wanted, at(-1)).is_empty());
+    }
+}
