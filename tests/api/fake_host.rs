@@ -350,6 +350,18 @@ pub fn http_request_with_body(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Value {
+    http_request_with_query(function, provider, &[], headers, body)
+}
+
+/// An HTTP request with query parameters and a declared length. The host gives the query
+/// decoded, both in the request and in the metadata.
+pub fn http_request_with_query(
+    function: &str,
+    provider: &str,
+    query: &[(&str, &str)],
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Value {
     let mut data_headers = serde_json::Map::new();
     let mut meta_headers = serde_json::Map::new();
     for (name, value) in headers {
@@ -357,11 +369,15 @@ pub fn http_request_with_body(
         meta_headers.insert(name.to_string(), json!(value));
     }
     data_headers.insert("Content-Length".into(), json!([body.len().to_string()]));
+    let query: serde_json::Map<String, Value> = query
+        .iter()
+        .map(|(name, value)| (name.to_string(), json!(value)))
+        .collect();
     json!({
         "Data": {"req": {
             "Url": format!("https://func-sync-dev.azurewebsites.net/api/webhooks/{provider}"),
             "Method": "POST",
-            "Query": {},
+            "Query": query,
             "Headers": data_headers,
             "Params": {"provider": provider},
             "Identities": [{"AuthenticationType": null, "IsAuthenticated": false, "Claims": []}],
@@ -369,7 +385,7 @@ pub fn http_request_with_body(
         }},
         "Metadata": {
             "provider": dotnet_string(provider),
-            "Query": {},
+            "Query": query,
             "Headers": meta_headers,
             "sys": sys(function)
         }

@@ -44,6 +44,8 @@ pub struct Org {
     pub outage: Option<StatusCode>,
     /// Every Nth data request answers 503 (a flaky Salesforce).
     pub fail_every: Option<usize>,
+    /// The next N data requests answer 503.
+    pub fail_next: usize,
     /// A request for this query locator waits until the test releases it.
     pub hold_locator: Option<String>,
     /// Every data request's path and query, in order.
@@ -171,7 +173,8 @@ fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(),
     let flaky = org
         .fail_every
         .is_some_and(|n| org.requests.len().is_multiple_of(n));
-    if flaky {
+    if flaky || org.fail_next > 0 {
+        org.fail_next = org.fail_next.saturating_sub(1);
         return Err(Box::new(sf_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "SERVER_UNAVAILABLE",

@@ -2,17 +2,21 @@
 //! and the embedded runtime driven the way an operator uses it.
 
 mod fake_azure;
+mod fake_dynamics;
+mod fake_entra;
 mod fake_host;
 mod fake_salesforce;
 mod helpers;
 
 mod azure_backends;
+mod conformance;
 mod cosmos_emulator;
 mod cosmos_http;
 mod cosmos_store;
 mod credentials;
 mod custom_handler;
 mod demo;
+mod dynamics_sync;
 mod local_runtime;
 mod operator_commands;
 mod packaging;

@@ -8,7 +8,7 @@ use crate::fake_host::{HostedHandler, http_request_with_body};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::{TestApp, http_request, wait_until};
 
-fn delivery(org: &str, notifications: &[(&str, &str, &str)]) -> String {
+pub fn delivery(org: &str, notifications: &[(&str, &str, &str)]) -> String {
     let body: String = notifications
         .iter()
         .map(|(id, account, name)| {

@@ -1,0 +1,752 @@
+//! The conformance suite: the same user stories for every provider, each against the
+//! provider's own loopback fake, driven through the real handler under the fake Functions host.
+//!
+//! A provider joins by implementing [`UnderTest`] for its fake (how to point an integration at
+//! it, how to change its records, which of its quirks to switch on) and adding one line to the
+//! `conformance!` list at the bottom. A story a provider's API cannot tell (a 429 from a
+//! provider that never throttles with 429, a handshake from one that makes none) is skipped
+//! for that provider by its `UnderTest` answering `None`, and the skip is printed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
+
+use crate::fake_dynamics::FakeDynamics;
+use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
+use crate::fake_salesforce::FakeSalesforce;
+use crate::helpers::{TestApp, wait_until};
+
+/// Records created for a full sync: more than one page for every provider.
+const RECORDS: usize = 2500;
+const INTEGRATION: &str = "int-under-test";
+
+/// A webhook delivery as the provider would send it.
+pub struct Delivery {
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// A provider's fake, as the suite drives it.
+pub trait UnderTest: Sized {
+    const PROVIDER: &'static str;
+    /// The entity the suite maps (`externalEntity`).
+    const ENTITY: &'static str;
+    /// The source field holding a record's name.
+    const NAME_FIELD: &'static str;
+
+    async fn start() -> Self;
+    fn connection(&self) -> Value;
+    fn credentials(&self) -> Value;
+    /// Creates records with these names; returns their ids.
+    fn create(&self, names: &[String]) -> Vec<String>;
+    fn rename(&self, id: &str, name: &str);
+    fn delete(&self, id: &str);
+    /// Makes the current access token stop working after `requests` more data requests.
+    fn expire_token_after(&self, requests: usize);
+    /// Token requests the provider answered.
+    fn token_refreshes(&self) -> usize;
+    /// The refresh tokens the provider still honours (rotation spends the one used).
+    fn live_refresh_tokens(&self) -> Vec<String>;
+    /// The next data request answers 429 with `Retry-After: 1`; `None` when the provider does
+    /// not throttle that way.
+    fn throttle_next(&self) -> Option<()>;
+    /// The next data request fails with a server error.
+    fn fail_next(&self);
+    /// Holds the sync after its first page until [`UnderTest::release`]; the first page is
+    /// checkpointed by then.
+    fn hold_second_page(&self);
+    fn release(&self);
+    /// Data requests made so far.
+    fn requests(&self) -> usize;
+    /// A delivery saying record `id` changed; `None` for providers without webhooks.
+    fn webhook(&self, id: &str) -> Option<Delivery>;
+    /// The same delivery from someone who does not have the secret.
+    fn forged_webhook(&self, id: &str) -> Option<Delivery>;
+    /// A subscription handshake and the answer it expects; `None` when the provider makes none.
+    fn handshake(&self) -> Option<(Delivery, String)>;
+    /// Prepares the integration for webhooks after it was registered (a subscription).
+    async fn connect_webhooks(&self, _app: &TestApp) {}
+}
+
+fn names(from: usize, count: usize) -> Vec<String> {
+    (from..from + count)
+        .map(|i| format!("Record {i:05}"))
+        .collect()
+}
+
+async fn connected<P: UnderTest>() -> (P, TestApp) {
+    let fake = P::start().await;
+    let app = TestApp::new();
+    app.register_integration(json!({
+        "id": INTEGRATION, "tenantId": "t1", "name": format!("{} under test", P::PROVIDER),
+        "structuredData": {
+            "providerName": P::PROVIDER,
+            "syncFrequency": {"type": "manual"},
+            "connection": fake.connection(),
+            "entityMappings": [{
+                "externalEntity": P::ENTITY, "shardTypeId": "c_document", "nameField": "name",
+                "fieldMappings": [{"source": P::NAME_FIELD, "target": "name", "required": true}]
+            }]
+        }
+    }))
+    .await;
+    app.set_credentials(INTEGRATION, &fake.credentials()).await;
+    (fake, app)
+}
+
+async fn handler(app: &TestApp) -> HostedHandler {
+    app.host_handler_with(&[
+        ("SYNC_MAX_RECORDS", "1000000"),
+        ("FUNC_SYNC_RECORD_RETRY_BASE_MS", "50"),
+    ])
+    .await
+}
+
+fn job_envelope<P: UnderTest>(job_id: &str, job_type: &str, delivery: u32) -> Value {
+    let job = json!({
+        "integrationId": INTEGRATION, "tenantId": "t1", "jobType": job_type,
+        "provider": P::PROVIDER, "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z", "attempt": 1
+    });
+    service_bus_message(
+        "SyncInboundScheduled",
+        &job.to_string(),
+        job_id,
+        delivery,
+        None,
+    )
+}
+
+async fn run_job<P: UnderTest>(handler: &HostedHandler, job_id: &str, job_type: &str) {
+    let res = handler
+        .invoke(
+            "SyncInboundScheduled",
+            &job_envelope::<P>(job_id, job_type, 1),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+}
+
+async fn record_of(app: &TestApp, job_id: &str) -> Value {
+    app.history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == job_id)
+        .unwrap_or_else(|| panic!("no history for {job_id}"))["structuredData"]
+        .clone()
+}
+
+/// The names of the shards synced, sorted.
+async fn shard_names(app: &TestApp) -> Vec<String> {
+    let mut names: Vec<String> = app
+        .shards("c_document")
+        .await
+        .iter()
+        .map(|s| {
+            s["structuredData"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+async fn post_webhook<P: UnderTest>(handler: &HostedHandler, delivery: &Delivery) -> (u16, Value) {
+    let query: Vec<(&str, &str)> = delivery
+        .query
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let headers: Vec<(&str, &str)> = delivery
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let res = handler
+        .invoke(
+            "WebhookReceiver",
+            &http_request_with_query(
+                "WebhookReceiver",
+                P::PROVIDER,
+                &query,
+                &headers,
+                &delivery.body,
+            ),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    let out = res.json()["Outputs"]["res"].clone();
+    (out["statusCode"].as_u64().unwrap_or_default() as u16, out)
+}
+
+fn skip(provider: &str, story: &str, why: &str) {
+    eprintln!("{provider}: `{story}` does not apply: {why}");
+}
+
+pub async fn a_full_sync_reads_every_page_into_shards<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    fake.create(&names(0, RECORDS));
+    let handler = handler(&app).await;
+
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    let record = record_of(&app, "job-full").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], RECORDS, "{record}");
+    assert!(
+        record["syncDetails"]["pagesProcessed"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2,
+        "{record}"
+    );
+    assert_eq!(shard_names(&app).await, names(0, RECORDS));
+    let state = &app.integration(INTEGRATION).await["structuredData"];
+    assert!(state["cursors"][P::ENTITY].is_string(), "{state}");
+    assert!(state.get("checkpoints").is_none(), "{state}");
+}
+
+pub async fn an_incremental_sync_brings_updates_creations_and_deletions<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&names(0, 10));
+    let handler = handler(&app).await;
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    fake.rename(&ids[0], "Renamed 0");
+    fake.rename(&ids[1], "Renamed 1");
+    fake.delete(&ids[2]);
+    fake.delete(&ids[3]);
+    fake.create(&names(10, 2));
+    run_job::<P>(&handler, "job-incr", "incremental").await;
+
+    let record = record_of(&app, "job-incr").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 2, "{record}");
+    let mut expected: Vec<String> = names(4, 8);
+    expected.extend(["Renamed 0".to_string(), "Renamed 1".to_string()]);
+    expected.sort();
+    assert_eq!(
+        shard_names(&app).await,
+        expected,
+        "deleted records are soft-deleted"
+    );
+
+    run_job::<P>(&handler, "job-again", "incremental").await;
+    let again = record_of(&app, "job-again").await;
+    assert_eq!(
+        (
+            again["stats"]["shardsCreated"].as_u64(),
+            again["stats"]["shardsUpdated"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "nothing changed, nothing written: {again}"
+    );
+}
+
+pub async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    fake.create(&names(0, RECORDS));
+    fake.expire_token_after(1);
+    let handler = handler(&app).await;
+
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    let record = record_of(&app, "job-full").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], RECORDS);
+    assert_eq!(
+        fake.token_refreshes(),
+        2,
+        "one refresh to start, one when the token expired"
+    );
+}
+
+pub async fn a_rotated_refresh_token_is_stored_before_it_is_used<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    fake.create(&names(0, RECORDS));
+    fake.expire_token_after(1);
+    let handler = handler(&app).await;
+
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    let live = fake.live_refresh_tokens();
+    assert_eq!(
+        live.len(),
+        1,
+        "rotation leaves one live refresh token: {live:?}"
+    );
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(secrets.contains(&live[0]), "the live refresh token is kept");
+    let initial = fake.credentials()["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!secrets.contains(&initial), "the spent one is gone");
+
+    // The next job starts from what was stored, and the provider still honours it.
+    fake.create(&names(RECORDS, 1));
+    fake.expire_token_after(0);
+    run_job::<P>(&handler, "job-next", "incremental").await;
+    assert_eq!(record_of(&app, "job-next").await["status"], "success");
+}
+
+pub async fn throttling_is_waited_out_for_as_long_as_the_provider_asks<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    fake.create(&names(0, 10));
+    if fake.throttle_next().is_none() {
+        return skip(
+            P::PROVIDER,
+            "429 with Retry-After",
+            "it does not throttle with 429",
+        );
+    }
+    let handler = handler(&app).await;
+    let started = Instant::now();
+
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
+    let record = record_of(&app, "job-full").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 10);
+}
+
+pub async fn a_failed_request_is_retried_in_place_without_costing_an_attempt<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    fake.create(&names(0, 10));
+    fake.fail_next();
+    let handler = handler(&app).await;
+
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    let record = record_of(&app, "job-full").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 10);
+    assert!(
+        app.broker()
+            .peek(SYNC_INBOUND_SCHEDULED)
+            .unwrap()
+            .is_empty(),
+        "no retry job was needed"
+    );
+}
+
+pub async fn a_forged_webhook_is_refused_and_queues_nothing<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&names(0, 1));
+    fake.connect_webhooks(&app).await;
+    let Some(forged) = fake.forged_webhook(&ids[0]) else {
+        return skip(P::PROVIDER, "forged webhook", "it delivers no webhooks");
+    };
+    let handler = handler(&app).await;
+
+    let (status, out) = post_webhook::<P>(&handler, &forged).await;
+
+    assert!((400..500).contains(&status), "{out}");
+    assert!(
+        out["body"].as_str().unwrap_or_default().contains("error"),
+        "{out}"
+    );
+    assert!(app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().is_empty());
+}
+
+pub async fn a_duplicate_notification_is_processed_once<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&names(0, 3));
+    fake.connect_webhooks(&app).await;
+    let handler = handler(&app).await;
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+    fake.rename(&ids[1], "Renamed by a webhook");
+    let Some(delivery) = fake.webhook(&ids[1]) else {
+        return skip(
+            P::PROVIDER,
+            "duplicate notification",
+            "it delivers no webhooks",
+        );
+    };
+
+    for _ in 0..2 {
+        let (status, out) = post_webhook::<P>(&handler, &delivery).await;
+        assert!((200..300).contains(&status), "{out}");
+    }
+    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
+    assert_eq!(queued.len(), 1, "the redelivery is a duplicate");
+    handler.deliver("SyncInboundWebhook", &queued[0]).await;
+
+    let mut expected = vec![
+        "Record 00000".to_string(),
+        "Record 00002".to_string(),
+        "Renamed by a webhook".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(shard_names(&app).await, expected);
+}
+
+pub async fn the_subscription_handshake_is_answered<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    let Some((handshake, expected)) = fake.handshake() else {
+        return skip(P::PROVIDER, "handshake", "it makes none");
+    };
+    let handler = handler(&app).await;
+
+    let (status, out) = post_webhook::<P>(&handler, &handshake).await;
+
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        out["headers"]["Content-Type"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("text/plain"),
+        "{out}"
+    );
+    assert_eq!(out["body"], expected);
+}
+
+pub async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    fake.create(&names(0, RECORDS));
+    fake.hold_second_page();
+    let first = handler(&app).await;
+    let envelope = job_envelope::<P>("job-killed", "full_sync", 1);
+    let delivery = first.invoke_in_background("SyncInboundScheduled", &envelope);
+    wait_until(
+        "the first page is checkpointed",
+        Duration::from_secs(30),
+        || async {
+            app.integration(INTEGRATION).await["structuredData"]["checkpoints"][P::ENTITY]
+                .is_object()
+        },
+    )
+    .await;
+    first.kill_9().await;
+    let _ = delivery.await;
+    fake.release();
+    let before = fake.requests();
+
+    let second = handler(&app).await;
+    let res = second
+        .invoke(
+            "SyncInboundScheduled",
+            &job_envelope::<P>("job-killed", "full_sync", 2),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+
+    let record = record_of(&app, "job-killed").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], RECORDS, "{record}");
+    assert_eq!(
+        shard_names(&app).await,
+        names(0, RECORDS),
+        "every record once"
+    );
+    assert!(
+        fake.requests() - before < 4,
+        "the resumed job did not start over"
+    );
+}
+
+/// Runs every story of the suite for one provider.
+macro_rules! conformance {
+    ($($module:ident: $fake:ty),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn a_full_sync_reads_every_page_into_shards() {
+                super::a_full_sync_reads_every_page_into_shards::<$fake>().await
+            }
+            #[tokio::test]
+            async fn an_incremental_sync_brings_updates_creations_and_deletions() {
+                super::an_incremental_sync_brings_updates_creations_and_deletions::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes() {
+                super::a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_rotated_refresh_token_is_stored_before_it_is_used() {
+                super::a_rotated_refresh_token_is_stored_before_it_is_used::<$fake>().await
+            }
+            #[tokio::test]
+            async fn throttling_is_waited_out_for_as_long_as_the_provider_asks() {
+                super::throttling_is_waited_out_for_as_long_as_the_provider_asks::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_failed_request_is_retried_in_place_without_costing_an_attempt() {
+                super::a_failed_request_is_retried_in_place_without_costing_an_attempt::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_forged_webhook_is_refused_and_queues_nothing() {
+                super::a_forged_webhook_is_refused_and_queues_nothing::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_duplicate_notification_is_processed_once() {
+                super::a_duplicate_notification_is_processed_once::<$fake>().await
+            }
+            #[tokio::test]
+            async fn the_subscription_handshake_is_answered() {
+                super::the_subscription_handshake_is_answered::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates() {
+                super::a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates::<$fake>().await
+            }
+        }
+    )*};
+}
+
+conformance! {
+    salesforce: FakeSalesforce,
+    dynamics365: FakeDynamics,
+}
+
+impl UnderTest for FakeSalesforce {
+    const PROVIDER: &'static str = "salesforce";
+    const ENTITY: &'static str = "Account";
+    const NAME_FIELD: &'static str = "Name";
+
+    async fn start() -> Self {
+        let fake = FakeSalesforce::start().await;
+        fake.org.lock().unwrap().rotate_refresh_tokens = true;
+        fake
+    }
+
+    fn connection(&self) -> Value {
+        json!({"loginHost": self.url, "organizationId": crate::fake_salesforce::ORG_ID})
+    }
+
+    fn credentials(&self) -> Value {
+        FakeSalesforce::credentials(self)
+    }
+
+    /// Records are stamped a few seconds in the past: Salesforce reads deletions by whole
+    /// seconds (`getDeleted` ignores fractions), so a change in the very second a sync runs
+    /// is only seen by the next one.
+    fn create(&self, names: &[String]) -> Vec<String> {
+        let now = chrono::Utc::now() - chrono::Duration::seconds(5);
+        let known = {
+            let org = self.org.lock().unwrap();
+            org.records.get("Account").map_or(0, Vec::len) + org.deleted.len()
+        };
+        let ids: Vec<String> = (known..known + names.len())
+            .map(|i| format!("001{i:015}"))
+            .collect();
+        self.load(
+            "Account",
+            ids.iter()
+                .zip(names)
+                .map(|(id, name)| (json!({"Id": id, "Name": name}), now)),
+        );
+        ids
+    }
+
+    fn rename(&self, id: &str, name: &str) {
+        self.add(
+            "Account",
+            json!({"Id": id, "Name": name}),
+            chrono::Utc::now() - chrono::Duration::seconds(2),
+        );
+    }
+
+    fn delete(&self, id: &str) {
+        FakeSalesforce::delete(
+            self,
+            "Account",
+            id,
+            chrono::Utc::now() - chrono::Duration::seconds(3),
+        );
+    }
+
+    fn expire_token_after(&self, requests: usize) {
+        self.org.lock().unwrap().expire_token_after = Some(requests);
+    }
+
+    fn token_refreshes(&self) -> usize {
+        self.org.lock().unwrap().token_refreshes
+    }
+
+    fn live_refresh_tokens(&self) -> Vec<String> {
+        self.org
+            .lock()
+            .unwrap()
+            .refresh_tokens
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn throttle_next(&self) -> Option<()> {
+        // Salesforce answers an exhausted allocation with 403 REQUEST_LIMIT_EXCEEDED, which
+        // stops the job until the next run (salesforce_sync covers it).
+        None
+    }
+
+    fn fail_next(&self) {
+        self.org.lock().unwrap().fail_next = 1;
+    }
+
+    fn hold_second_page(&self) {
+        self.org.lock().unwrap().hold_locator = Some("01gRO00000000001-2000".into());
+    }
+
+    fn release(&self) {
+        self.org.lock().unwrap().hold_locator = None;
+        self.release.notify_waiters();
+    }
+
+    fn requests(&self) -> usize {
+        FakeSalesforce::requests(self).len()
+    }
+
+    fn webhook(&self, id: &str) -> Option<Delivery> {
+        Some(Delivery {
+            query: Vec::new(),
+            headers: vec![("Content-Type".into(), "text/xml; charset=utf-8".into())],
+            body: crate::salesforce_webhook::delivery(
+                crate::fake_salesforce::ORG_ID,
+                &[(&format!("04l{id}"), id, "Renamed by a webhook")],
+            ),
+        })
+    }
+
+    fn forged_webhook(&self, id: &str) -> Option<Delivery> {
+        // Outbound Messages carry no signature: a forgery is a delivery naming an org that no
+        // integration is connected to.
+        Some(Delivery {
+            query: Vec::new(),
+            headers: vec![("Content-Type".into(), "text/xml; charset=utf-8".into())],
+            body: crate::salesforce_webhook::delivery(
+                "00D000000000099AAA",
+                &[("04l1", id, "Forged")],
+            ),
+        })
+    }
+
+    fn handshake(&self) -> Option<(Delivery, String)> {
+        None
+    }
+}
+
+/// The Dataverse fake's knobs as the suite uses them.
+impl UnderTest for FakeDynamics {
+    const PROVIDER: &'static str = "dynamics365";
+    const ENTITY: &'static str = "accounts";
+    const NAME_FIELD: &'static str = "name";
+
+    async fn start() -> Self {
+        FakeDynamics::start().await
+    }
+
+    fn connection(&self) -> Value {
+        json!({
+            "environmentUrl": self.url,
+            "tokenUrl": self.token_url(),
+            "organizationId": crate::fake_dynamics::ORGANIZATION_ID
+        })
+    }
+
+    fn credentials(&self) -> Value {
+        let mut credentials = FakeDynamics::credentials(self);
+        credentials["webhook_key"] = json!("dataverse-webhook-key");
+        credentials
+    }
+
+    fn create(&self, names: &[String]) -> Vec<String> {
+        let ids: Vec<String> = (0..names.len())
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .collect();
+        self.load(
+            "accounts",
+            ids.iter()
+                .zip(names)
+                .map(|(id, name)| json!({"accountid": id, "name": name})),
+        );
+        ids
+    }
+
+    fn rename(&self, id: &str, name: &str) {
+        self.update("accounts", id, json!({"name": name}));
+    }
+
+    fn delete(&self, id: &str) {
+        FakeDynamics::delete(self, "accounts", id);
+    }
+
+    fn expire_token_after(&self, requests: usize) {
+        self.state.lock().unwrap().entra.expire_token_after = Some(requests);
+    }
+
+    fn token_refreshes(&self) -> usize {
+        FakeDynamics::token_refreshes(self)
+    }
+
+    fn live_refresh_tokens(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .entra
+            .refresh_tokens
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn throttle_next(&self) -> Option<()> {
+        self.state.lock().unwrap().throttle = Some((1, 1));
+        Some(())
+    }
+
+    fn fail_next(&self) {
+        self.state.lock().unwrap().unavailable = 1;
+    }
+
+    fn hold_second_page(&self) {
+        // The request for the second page is throttled for longer than the test takes to
+        // kill the handler: the first page is checkpointed while the adapter waits.
+        let mut state = self.state.lock().unwrap();
+        state.throttle = Some((usize::MAX, 20));
+        state.throttle_after = Some(1);
+    }
+
+    fn release(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.throttle = None;
+        state.throttle_after = None;
+    }
+
+    fn requests(&self) -> usize {
+        FakeDynamics::requests(self).len()
+    }
+
+    fn webhook(&self, id: &str) -> Option<Delivery> {
+        let (headers, body) = FakeDynamics::webhook(self, "Update", "account", id);
+        let mut headers = headers;
+        headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
+        Some(Delivery {
+            query: Vec::new(),
+            headers,
+            body,
+        })
+    }
+
+    fn forged_webhook(&self, id: &str) -> Option<Delivery> {
+        let (headers, body) = FakeDynamics::webhook(self, "Update", "account", id);
+        Some(Delivery {
+            query: vec![("code".into(), "a-guessed-key".into())],
+            headers,
+            body,
+        })
+    }
+
+    fn handshake(&self) -> Option<(Delivery, String)> {
+        None
+    }
+}

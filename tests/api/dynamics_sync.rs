@@ -1,0 +1,275 @@
+//! Dynamics 365 stories beyond the conformance suite: app-only access, expired change-tracking
+//! tokens, registration checks, and tokens refreshed ahead of expiry by TokenRefresher, once
+//! for everyone.
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use adapters::dynamics::Dynamics365;
+use adapters::{Connection, FetchRequest, Pull};
+use handler::engine::credentials::StoredCredentials;
+
+use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
+use crate::fake_entra::app_credentials;
+use crate::fake_host::{HostedHandler, service_bus_message, timer_without_status};
+use crate::helpers::TestApp;
+
+const ID: &str = "int-contoso-crm";
+
+fn integration(fake: &FakeDynamics) -> Value {
+    json!({
+        "id": ID, "tenantId": "t1", "name": "Contoso CRM",
+        "structuredData": {
+            "providerName": "dynamics365",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"environmentUrl": fake.url, "tokenUrl": fake.token_url(),
+                           "organizationId": ORGANIZATION_ID},
+            "entityMappings": [{
+                "externalEntity": "contacts", "shardTypeId": "c_contact", "nameField": "full_name",
+                "fieldMappings": [
+                    {"source": "fullname", "target": "full_name", "required": true},
+                    {"source": "emailaddress1", "target": "email"}
+                ]
+            }]
+        }
+    })
+}
+
+async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str) -> Value {
+    let job = json!({
+        "integrationId": ID, "tenantId": "t1", "jobType": job_type, "provider": "dynamics365",
+        "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z", "attempt": 1
+    });
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+    res.json()
+}
+
+async fn record(app: &TestApp, job_id: &str) -> Value {
+    app.history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == job_id)
+        .unwrap_or_else(|| panic!("no history for {job_id}"))["structuredData"]
+        .clone()
+}
+
+#[tokio::test]
+async fn an_app_registration_without_a_user_syncs_with_client_credentials() {
+    let fake = FakeDynamics::start().await;
+    fake.add(
+        "contacts",
+        json!({"fullname": "Yvonne McKay", "emailaddress1": "yvonne@contoso.test"}),
+    );
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &app_credentials()).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+
+    assert_eq!(record(&app, "job-1").await["status"], "success");
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 1);
+    assert_eq!(
+        contacts[0]["structuredData"],
+        json!({"full_name": "Yvonne McKay", "email": "yvonne@contoso.test"})
+    );
+    let state = fake.state.lock().unwrap();
+    assert_eq!(
+        (
+            state.entra.client_credentials_grants,
+            state.entra.token_refreshes
+        ),
+        (1, 0)
+    );
+}
+
+#[tokio::test]
+async fn an_expired_change_tracking_token_rereads_the_entity_instead_of_failing() {
+    let fake = FakeDynamics::start().await;
+    let ids: Vec<String> = (0..5)
+        .map(|i| fake.add("contacts", json!({"fullname": format!("Contact {i}")})))
+        .collect();
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    fake.update("contacts", &ids[0], json!({"fullname": "Renamed"}));
+    fake.state.lock().unwrap().expire_delta_tokens = true;
+    run_job(&handler, "job-2", "incremental").await;
+
+    let second = record(&app, "job-2").await;
+    assert_eq!(second["status"], "success", "{second}");
+    assert_eq!(
+        (
+            &second["stats"]["recordsFetched"],
+            &second["stats"]["shardsUpdated"],
+            &second["stats"]["shardsSkipped"]
+        ),
+        (&json!(5), &json!(1), &json!(4)),
+        "every row read again, only the change written"
+    );
+    let requests = fake.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("$deltatoken")),
+        "the stored delta link was tried first: {requests:?}"
+    );
+}
+
+#[tokio::test]
+async fn registration_names_the_connection_setting_that_is_wrong() {
+    let app = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    let mut bad = integration(&fake);
+    bad["structuredData"]["connection"]["environmentUrl"] =
+        json!("http://contoso.crm.dynamics.com");
+    let file = app.path("bad.json");
+    std::fs::write(&file, bad.to_string()).unwrap();
+
+    let out = app
+        .cli(&["integrations", "put", file.to_str().unwrap()])
+        .await;
+
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connection.environmentUrl must be https"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_token_refresher_refreshes_a_token_before_it_expires_and_records_the_new_expiry() {
+    let fake = FakeDynamics::start().await;
+    fake.add("contacts", json!({"fullname": "Contact"}));
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    let first_expiry = app.integration(ID).await["structuredData"]["credentialsExpireAt"].clone();
+    assert!(
+        first_expiry.is_string(),
+        "the job's refresh recorded when its token expires"
+    );
+
+    // An hour-long token is within the default two-hour threshold.
+    let res = handler
+        .invoke(
+            "TokenRefresher",
+            &timer_without_status("TokenRefresher", "timer"),
+        )
+        .await;
+
+    assert!(res.host_accepts(), "{res:?}");
+    assert_eq!(fake.token_refreshes(), 2);
+    let events = app.events();
+    let refreshed = events
+        .iter()
+        .find(|e| e.kind == "integration.token.refreshed")
+        .expect("a refreshed event");
+    assert_eq!(refreshed.data["integrationId"], ID);
+    let state = &app.integration(ID).await["structuredData"];
+    assert!(state["credentialsExpireAt"].as_str() >= first_expiry.as_str());
+    let live: Vec<String> = fake
+        .state
+        .lock()
+        .unwrap()
+        .entra
+        .refresh_tokens
+        .iter()
+        .cloned()
+        .collect();
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(
+        secrets.contains(&live[0]),
+        "the rotated refresh token is stored"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_token_the_provider_refuses_stops_the_integration_until_new_credentials() {
+    let fake = FakeDynamics::start().await;
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    // The user revoked the app's consent.
+    fake.state.lock().unwrap().entra.refresh_tokens.clear();
+
+    let res = handler
+        .invoke(
+            "TokenRefresher",
+            &timer_without_status("TokenRefresher", "timer"),
+        )
+        .await;
+
+    assert!(res.host_accepts(), "{res:?}");
+    let state = &app.integration(ID).await["structuredData"];
+    assert_eq!(state["status"], "error");
+    assert!(
+        state["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_grant"),
+        "{state}"
+    );
+    let failed = app
+        .events()
+        .into_iter()
+        .find(|e| e.kind == "integration.token.refresh.failed")
+        .expect("a failed event");
+    assert_eq!(failed.data["code"], "AUTHENTICATION_FAILED");
+    let everything = serde_json::to_string(&app.events()).unwrap();
+    assert!(
+        !everything.contains("0.AAAA-rt"),
+        "no refresh token in events"
+    );
+}
+
+#[tokio::test]
+async fn twenty_jobs_that_need_a_token_at_once_refresh_it_once() {
+    let test = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    fake.add("contacts", json!({"fullname": "Contact"}));
+    test.register_integration(integration(&fake)).await;
+    test.set_credentials(ID, &fake.credentials()).await;
+    let app = test.app(&[]);
+    let dynamics = Dynamics365::new();
+    let request = FetchRequest {
+        entity: "contacts".into(),
+        fields: vec!["fullname".into()],
+        cursor: None,
+        page_token: None,
+        filters: Vec::new(),
+        page_size: 100,
+    };
+    let settings = integration(&fake)["structuredData"]["connection"]
+        .as_object()
+        .unwrap()
+        .clone();
+
+    let pages = join_all((0..20).map(|_| async {
+        let keeper = Arc::new(StoredCredentials::new(&app, "t1", ID));
+        let credentials = keeper.load().await.unwrap();
+        let mut conn = Connection::with_keeper(ID, settings.clone(), credentials, keeper);
+        dynamics.fetch_page(&mut conn, &request).await
+    }))
+    .await;
+
+    for page in &pages {
+        assert_eq!(page.as_ref().unwrap().records.len(), 1);
+    }
+    assert_eq!(fake.token_refreshes(), 1, "one refresh served all twenty");
+    println!(
+        "refresh calls made by 20 concurrent jobs: {}",
+        fake.token_refreshes()
+    );
+}
