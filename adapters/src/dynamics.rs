@@ -475,15 +475,6 @@ fn read_context(request: &WebhookRequest<'_>) -> Result<ExecutionContext, Webhoo
     })
 }
 
-/// Compares two secrets in time that does not depend on where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 #[async_trait]
 impl Webhooks for Dynamics365 {
     fn route(&self, request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError> {
@@ -511,7 +502,7 @@ impl Webhooks for Dynamics365 {
             .map(String::as_str)
             .or_else(|| request.header("x-webhook-key"))
             .ok_or_else(|| WebhookError::Forged("the delivery brings no key".into()))?;
-        if !same_secret(given, expected) {
+        if !crate::same_secret(given, expected) {
             return Err(WebhookError::Forged("the delivery's key is wrong".into()));
         }
         let context = read_context(request)?;
@@ -635,12 +626,5 @@ mod tests {
             ..request
         };
         assert!(select(&bad, "accountid").is_err());
-    }
-
-    #[test]
-    fn keys_are_compared_whole() {
-        assert!(same_secret("k3y", "k3y"));
-        assert!(!same_secret("k3y", "k3"));
-        assert!(!same_secret("k3y", "k3z"));
     }
 }

@@ -218,6 +218,17 @@ pub trait WriteBack: Send + Sync {
     -> Result<(), ProviderError>;
 }
 
+/// Whether a secret a delivery brought is the one kept, compared in time that does not depend
+/// on where they differ (a timing side channel would reveal a key byte by byte).
+pub fn same_secret(given: &str, kept: &str) -> bool {
+    given.len() == kept.len()
+        && given
+            .bytes()
+            .zip(kept.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// The provider clients this build knows, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -385,6 +396,14 @@ mod tests {
                 ErrorCode::ConnectionReset,
             ]
         );
+    }
+
+    #[test]
+    fn secrets_are_compared_whole() {
+        assert!(same_secret("k3y", "k3y"));
+        assert!(!same_secret("k3y", "k3"));
+        assert!(!same_secret("k3y", "k3z"));
+        assert!(!same_secret("", "k3y"));
     }
 
     #[test]

@@ -75,18 +75,6 @@ pub struct LocalBackends {
     pub events: FileEvents,
 }
 
-/// Makes an existing file readable and writable by its owner only; a missing one is left
-/// alone. It works by path and never opens the file: closing any descriptor of a SQLite
-/// database drops every lock this process holds on it (POSIX locks belong to the process), which
-/// would break the connections already open.
-pub fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
 impl LocalBackends {
     /// Opens (creating them if needed) the embedded backends in the data directory. The
     /// directory and everything in it are the owner's alone: shards hold personal data.
@@ -98,7 +86,8 @@ impl LocalBackends {
                 std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o700))
             })
             .map_err(|e| format!("cannot create data directory {}: {e}", dir.root().display()))?;
-        restrict_to_owner(&dir.events()).map_err(|e| format!("{}: {e}", dir.events().display()))?;
+        crate::store::restrict_to_owner(&dir.events())
+            .map_err(|e| format!("{}: {e}", dir.events().display()))?;
         let store = SqliteStore::open(&dir.store()).map_err(|e| e.to_string())?;
         let broker = LocalBroker::open(&dir.runtime(), settings.duplicate_detection_window)
             .map_err(|e| e.to_string())?;

@@ -23,6 +23,8 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub use crate::queue::ServiceBusMessage;
+
 /// An invocation request as the host sends it.
 #[derive(Debug, Clone)]
 pub struct InvocationRequest {
@@ -248,22 +250,6 @@ pub struct ScheduleStatus {
     pub last: Option<DateTime<Utc>>,
     pub next: Option<DateTime<Utc>>,
     pub last_updated: Option<DateTime<Utc>>,
-}
-
-/// A Service Bus message as a serviceBusTrigger delivers it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServiceBusMessage {
-    /// The exact body bytes, with the host's extra layer of JSON string encoding removed.
-    pub body: Vec<u8>,
-    /// 1 on the first delivery; the broker dead-letters after the queue's maxDeliveryCount.
-    pub delivery_count: u32,
-    pub message_id: Option<String>,
-    pub session_id: Option<String>,
-    pub correlation_id: Option<String>,
-    pub content_type: Option<String>,
-    pub sequence_number: Option<u64>,
-    pub enqueued_time_utc: Option<DateTime<Utc>>,
-    pub application_properties: Map<String, Value>,
 }
 
 /// Removes the host's extra layer of JSON encoding from a string value, if it has one.

@@ -257,15 +257,6 @@ fn text(map: &Map<String, Value>, name: &str) -> Option<String> {
     map.get(name).and_then(Value::as_str).map(str::to_string)
 }
 
-/// Compares two secrets in time that does not depend on where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 /// Verifies the notifications of a delivery for subscription `key` against the subscription's
 /// `clientState`, and turns each into a catch-up of `entity`.
 pub fn verify(
@@ -293,7 +284,7 @@ pub fn verify(
             continue;
         }
         let given = text(&n, "clientState").unwrap_or_default();
-        if !same_secret(&given, expected) {
+        if !crate::same_secret(&given, expected) {
             return Err(WebhookError::Forged(format!(
                 "a notification for subscription `{subscription}` has the wrong clientState"
             )));

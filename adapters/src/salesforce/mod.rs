@@ -138,7 +138,7 @@ impl Salesforce {
                 .send()
                 .await
             {
-                Err(e) => (transport_error(e), None),
+                Err(e) => (http::transport_error("Salesforce", &e), None),
                 Ok(response) => {
                     let status = response.status();
                     let retry_after = http::retry_after(response.headers(), Utc::now());
@@ -222,7 +222,7 @@ impl Salesforce {
             }
             self.limiter.acquire(&conn.integration_id).await;
             let (error, retry_after) = match request.send().await {
-                Err(e) => (transport_error(e), None),
+                Err(e) => (http::transport_error("Salesforce", &e), None),
                 Ok(response) => {
                     let status = response.status();
                     let usage = response
@@ -400,18 +400,6 @@ fn first_error(body: &Value) -> (String, String) {
             .unwrap_or("no message")
             .to_string(),
     )
-}
-
-fn transport_error(e: reqwest::Error) -> ProviderError {
-    let code = if e.is_timeout() {
-        ErrorCode::Timeout
-    } else if e.is_connect() {
-        ErrorCode::ServiceUnavailable
-    } else {
-        ErrorCode::ConnectionReset
-    };
-    // reqwest's message names the URL, never headers or bodies.
-    ProviderError::new(code, format!("request to Salesforce failed: {e}"))
 }
 
 /// A cursor: the timestamp it holds, or why it cannot be used.

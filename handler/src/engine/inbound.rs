@@ -27,9 +27,8 @@ use crate::model::shard::types as shard_types;
 use crate::model::{
     Event, Integration, IntegrationSync, SyncError, SyncJobMessage, SyncStats, SyncStatus,
 };
-use crate::protocol::ServiceBusMessage;
 use crate::queue::properties::REPLAYED_FROM;
-use crate::queue::{OutgoingMessage, dead_letter};
+use crate::queue::{OutgoingMessage, ServiceBusMessage, dead_letter};
 
 /// Processes the job in `message`, delivered from `queue`. `Ok` means the message is settled
 /// (done, re-enqueued for a retry, or dead-lettered); `Err` means fail the invocation.

@@ -5,7 +5,6 @@
 //! * [`scheduler`]: which integrations are due, and the job each gets.
 //! * [`inbound`]: running one sync job from a queue message to its history record.
 //! * [`pipeline`]: pages of provider records in, shards out, with checkpoints.
-//! * [`mapping`] and [`dedup`]: how a record becomes shard data, and when two are one.
 //! * [`retry`]: what happens to a job whose run failed; [`failure`]: why it failed.
 //! * [`integrations`]: the checks an integration passes when it is registered.
 //! * [`lease`]: one sync of an integration at a time; the chain of jobs that holds it.
@@ -17,12 +16,10 @@
 //! around them only read, write and send.
 
 pub mod credentials;
-pub mod dedup;
 pub mod failure;
 pub mod inbound;
 pub mod integrations;
 pub mod lease;
-pub mod mapping;
 pub mod pipeline;
 pub mod retry;
 pub mod scheduler;

@@ -28,14 +28,14 @@ use serde_json::{Map, Value, json};
 
 use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, Record};
 
-use super::dedup::{DedupRules, merge};
 use super::failure::{Failure, FailureCode};
 use super::lease;
-use super::mapping::{EntityMapping, transform};
 use super::state::update_integration;
 use crate::app::App;
+use crate::model::dedup::{DedupRules, merge};
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
+use crate::model::mapping::{EntityMapping, transform};
 use crate::model::shard::{ExternalRelationship, Relationship};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::store::{Op, ShardQuery, StoreError};
@@ -1093,7 +1093,7 @@ mod tests {
 
     #[test]
     fn a_records_own_shard_takes_the_sources_values_whatever_the_merge_strategy() {
-        use crate::engine::dedup::{DedupRule, Matching, MergeStrategy};
+        use crate::model::dedup::{DedupRule, Matching, MergeStrategy};
         let stored =
             json!({"name": "Old Name", "email": "a@x.test", "phone": "555", "note": "kept"});
         let record = json!({"name": "New Name", "email": "a@x.test", "phone": null});

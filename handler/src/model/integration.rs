@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::history::EntitySyncStats;
-use crate::engine::mapping::EntityMapping;
+use super::mapping::EntityMapping;
 use crate::ncrontab::Ncrontab;
 
 /// The `structuredData` of a `c_integration` shard. Configuration the engine does not read

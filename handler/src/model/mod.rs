@@ -3,10 +3,14 @@
 //! Everything here is serde types and pure functions over them: no I/O. The JSON field names
 //! are Castiel's (camelCase, with `external_relationships` in snake case as the platform spells
 //! it), so a document written by the engine reads the same in every other Castiel service.
+//! An integration's entity mappings and deduplication rules are part of its document, so how
+//! they turn a record into shard data ([`mapping`], [`dedup`]) lives here too.
 
+pub mod dedup;
 pub mod event;
 pub mod history;
 pub mod integration;
+pub mod mapping;
 pub mod messages;
 pub mod shard;
 pub mod timestamp;

@@ -24,7 +24,22 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::protocol::ServiceBusMessage;
+/// A Service Bus message as a serviceBusTrigger delivers it (decoded from the host's envelope
+/// by `protocol`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceBusMessage {
+    /// The exact body bytes, with the host's extra layer of JSON string encoding removed.
+    pub body: Vec<u8>,
+    /// 1 on the first delivery; the broker dead-letters after the queue's maxDeliveryCount.
+    pub delivery_count: u32,
+    pub message_id: Option<String>,
+    pub session_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub sequence_number: Option<u64>,
+    pub enqueued_time_utc: Option<DateTime<Utc>>,
+    pub application_properties: Map<String, Value>,
+}
 
 pub const SYNC_INBOUND_WEBHOOK: &str = "sync-inbound-webhook";
 pub const SYNC_INBOUND_SCHEDULED: &str = "sync-inbound-scheduled";

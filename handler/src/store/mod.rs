@@ -11,7 +11,7 @@ mod sqlite;
 pub(crate) use sqlite::open_database as sqlite_open;
 
 pub use cosmos::{CosmosStore, cosmos_sql};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, restrict_to_owner};
 
 use async_trait::async_trait;
 use serde_json::Value;

@@ -75,7 +75,7 @@ pub(crate) fn open_database(path: &Path, schema: &str) -> rusqlite::Result<Conne
     for suffix in ["", "-wal", "-shm"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);
-        crate::app::restrict_to_owner(Path::new(&file)).map_err(|e| {
+        restrict_to_owner(Path::new(&file)).map_err(|e| {
             rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_PERM),
                 Some(format!("{}: {e}", path.display())),
@@ -419,6 +419,18 @@ impl ShardStore for SqliteStore {
             .collect()
         })
         .await
+    }
+}
+
+/// Makes an existing file readable and writable by its owner only; a missing one is left
+/// alone. It works by path and never opens the file: closing any descriptor of a SQLite
+/// database drops every lock this process holds on it (POSIX locks belong to the process), which
+/// would break the connections already open.
+pub fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 

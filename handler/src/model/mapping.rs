@@ -114,7 +114,7 @@ pub struct Condition {
 
 impl Condition {
     pub fn holds(&self, record: &Map<String, Value>) -> bool {
-        match record.get(&self.field) {
+        match lookup(record, &self.field) {
             None | Some(Value::Null) => false,
             Some(Value::String(s)) if s.is_empty() => false,
             Some(value) => self
@@ -189,6 +189,16 @@ pub fn transform(
     Ok(out)
 }
 
+/// A source field: `name` itself, or a path into nested objects (`from.user.displayName`,
+/// Salesforce's `Account.Name`) when the record has no field by that whole name.
+fn lookup<'a>(record: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    record.get(name).or_else(|| {
+        let (first, rest) = name.split_once('.')?;
+        rest.split('.')
+            .try_fold(record.get(first)?, |value, part| value.get(part))
+    })
+}
+
 fn is_blank(value: &Value) -> bool {
     match value {
         Value::Null => true,
@@ -235,7 +245,7 @@ impl FieldMapping {
                 let target = self.target.clone().unwrap_or_default();
                 vec![(
                     target,
-                    record.get(source_name).cloned().unwrap_or(Value::Null),
+                    lookup(record, source_name).cloned().unwrap_or(Value::Null),
                 )]
             }
             Transform::Concat => {
@@ -243,7 +253,7 @@ impl FieldMapping {
                 let parts: Vec<String> = self
                     .sources
                     .iter()
-                    .filter_map(|s| record.get(s))
+                    .filter_map(|s| lookup(record, s))
                     .filter(|v| !is_blank(v))
                     .map(|v| match v {
                         Value::String(s) => s.trim().to_string(),
@@ -258,7 +268,7 @@ impl FieldMapping {
                 vec![(self.target.clone().unwrap_or_default(), value)]
             }
             Transform::Split => {
-                let text = match record.get(source_name) {
+                let text = match lookup(record, source_name) {
                     Some(Value::String(s)) => s.trim().to_string(),
                     Some(Value::Null) | None => String::new(),
                     Some(other) => other.to_string(),
@@ -380,6 +390,24 @@ pub fn coerce(value: &Value, kind: ValueType) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dotted_sources_read_nested_fields() {
+        let record = json!({"from": {"user": {"displayName": "Robin Kline"}}, "a.b": 1})
+            .as_object()
+            .unwrap()
+            .clone();
+        let mappings: Vec<FieldMapping> = serde_json::from_value(json!([
+            {"source": "from.user.displayName", "target": "author"},
+            {"source": "a.b", "target": "whole_name_first"},
+            {"source": "from.nobody.name", "target": "missing"}
+        ]))
+        .unwrap();
+        let data = transform(&mappings, &record).unwrap();
+        assert_eq!(data["author"], "Robin Kline");
+        assert_eq!(data["whole_name_first"], 1);
+        assert!(data.get("missing").is_none_or(Value::is_null), "{data:?}");
+    }
     use serde_json::json;
 
     fn record(v: Value) -> Map<String, Value> {
