@@ -292,7 +292,9 @@ async fn the_token_refresher_reports_credentials_it_cannot_refresh() {
     assert!(res.host_accepts(), "{res:?}");
     assert_eq!(
         res.json()["Logs"],
-        json!(["1 integrations had credentials expiring: 0 refreshed, 1 failed; subscriptions: 0 created, 0 renewed, 0 deleted, 0 integrations failed"])
+        json!([
+            "1 integrations had credentials expiring: 0 refreshed, 1 failed; subscriptions: 0 created, 0 renewed, 0 deleted, 0 integrations failed"
+        ])
     );
     let events = app.events();
     assert_eq!(events[0].kind, "integration.token.check-expiring");
