@@ -9,8 +9,16 @@
 //! * the same 10,000 records fetched, parsed and written to the store with no engine around
 //!   them (no mapping, dedup, content checks or checkpoints), and the ratio of the two;
 //! * a re-run with nothing changed: shard writes (created + updated);
-//! * a full sync of 100,000 records: wall time and the handler's peak RSS.
+//! * a full sync of 100,000 records: wall time and the handler's peak RSS;
+//! * a full sync of 10,000 Dynamics 365 rows (change tracking, 5,000 a page) against the
+//!   loopback Dataverse: wall time and the handler's peak RSS.
 
+#[path = "../../tests/api/fake_dynamics.rs"]
+#[allow(dead_code)]
+mod fake_dynamics;
+#[path = "../../tests/api/fake_entra.rs"]
+#[allow(dead_code)]
+mod fake_entra;
 #[path = "../../tests/api/fake_salesforce.rs"]
 #[allow(dead_code)]
 mod fake_salesforce;
@@ -25,6 +33,7 @@ use chrono::Utc;
 use serde_json::{Map, Value, json};
 
 use adapters::{Connection, Credentials, FetchRequest, Pull, salesforce::Salesforce};
+use fake_dynamics::FakeDynamics;
 use fake_salesforce::{FakeSalesforce, ORG_ID};
 use handler::model::Shard;
 use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
@@ -79,19 +88,49 @@ fn integration(fake: &FakeSalesforce) -> Shard {
     .unwrap()
 }
 
-async fn prepare(fake: &FakeSalesforce, dir: &Path) {
+async fn prepare(dir: &Path, integration: Shard, credentials: Value) {
     SqliteStore::open(&dir.join("store.db"))
         .unwrap()
-        .upsert(&integration(fake))
+        .upsert(&integration)
         .await
         .unwrap();
     FileSecrets::new(&dir.join("secrets.json"))
         .set(
             &credential_secret_name("t1", "int-bench"),
-            Secret::new(fake.credentials().to_string()),
+            Secret::new(credentials.to_string()),
         )
         .await
         .unwrap();
+}
+
+/// A Dynamics 365 integration syncing `rows` contacts from a loopback Dataverse.
+async fn dynamics(rows: usize, dir: &Path) -> FakeDynamics {
+    let fake = FakeDynamics::start().await;
+    fake.load(
+        "contacts",
+        (0..rows).map(|i| {
+            json!({"contactid": format!("00000000-0000-4000-8000-{i:012}"),
+                   "fullname": format!("Mary Ann Person{i}"),
+                   "emailaddress1": format!("person{i}@contoso.test")})
+        }),
+    );
+    let integration = serde_json::from_value(json!({
+        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
+        "structuredData": {
+            "providerName": "dynamics365",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"environmentUrl": fake.url, "tokenUrl": fake.token_url()},
+            "entityMappings": [
+                {"externalEntity": "contacts", "shardTypeId": "c_contact", "nameField": "full_name",
+                 "fieldMappings": [{"source": "fullname", "targets": ["first_name", "last_name"], "transform": "split"},
+                                   {"source": "fullname", "target": "full_name"},
+                                   {"source": "emailaddress1", "target": "email", "required": true}]}
+            ]
+        }
+    }))
+    .unwrap();
+    prepare(dir, integration, fake.credentials()).await;
+    fake
 }
 
 struct Handler {
@@ -232,7 +271,7 @@ async fn main() {
     let fake = FakeSalesforce::start().await;
     populate(&fake, 5_000);
     let dir = tempfile::tempdir().unwrap();
-    prepare(&fake, dir.path()).await;
+    prepare(dir.path(), integration(&fake), fake.credentials()).await;
     let handler = Handler::start(dir.path());
 
     let full = handler.sync("bench-full", "full_sync");
@@ -274,12 +313,26 @@ async fn main() {
     let big = FakeSalesforce::start().await;
     populate(&big, 50_000);
     let dir = tempfile::tempdir().unwrap();
-    prepare(&big, dir.path()).await;
+    prepare(dir.path(), integration(&big), big.credentials()).await;
     let handler = Handler::start(dir.path());
     let elapsed = handler.sync("bench-100k", "full_sync");
     let stats = last_stats(dir.path(), "bench-100k").await;
     println!(
         "full sync of {} records: {:.2} s, {:.0} records/s, handler peak RSS {:.1} MiB",
+        stats["recordsFetched"],
+        elapsed.as_secs_f64(),
+        stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),
+        handler.peak_rss_mib()
+    );
+    drop(handler);
+
+    let dir = tempfile::tempdir().unwrap();
+    let _dataverse = dynamics(10_000, dir.path()).await;
+    let handler = Handler::start(dir.path());
+    let elapsed = handler.sync("bench-dynamics", "full_sync");
+    let stats = last_stats(dir.path(), "bench-dynamics").await;
+    println!(
+        "Dynamics 365: full sync of {} rows from the loopback Dataverse: {:.3} s, {:.0} records/s, handler peak RSS {:.1} MiB",
         stats["recordsFetched"],
         elapsed.as_secs_f64(),
         stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),

@@ -1,5 +1,6 @@
 //! The conformance suite: the same user stories for every provider, each against the
-//! provider's own loopback fake, driven through the real handler under the fake Functions host.
+//! provider's own loopback fake, driven through the real handler under the fake Functions host
+//! and through `handler local`.
 //!
 //! A provider joins by implementing [`UnderTest`] for its fake (how to point an integration at
 //! it, how to change its records, which of its quirks to switch on) and adding one line to the
@@ -16,7 +17,7 @@ use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
 use crate::fake_dynamics::FakeDynamics;
 use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
 use crate::fake_salesforce::FakeSalesforce;
-use crate::helpers::{TestApp, wait_until};
+use crate::helpers::{TestApp, http_request, wait_until};
 
 /// Records created for a full sync: more than one page for every provider.
 const RECORDS: usize = 2500;
@@ -453,6 +454,64 @@ pub async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicate
     );
 }
 
+pub async fn the_local_runtime_syncs_on_demand_and_takes_webhooks<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&names(0, 3));
+    let runtime = app.start_local().await;
+    fake.connect_webhooks(&app).await;
+
+    app.cli_json(&["sync", INTEGRATION, "--tenant", "t1"]).await;
+    wait_until(
+        "the records are shards",
+        Duration::from_secs(30),
+        || async { shard_names(&app).await == names(0, 3) },
+    )
+    .await;
+
+    fake.rename(&ids[2], "Renamed by a webhook");
+    let Some(delivery) = fake.webhook(&ids[2]) else {
+        return skip(
+            P::PROVIDER,
+            "webhook to the local runtime",
+            "it delivers no webhooks",
+        );
+    };
+    let query: Vec<String> = delivery
+        .query
+        .iter()
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    let url = format!(
+        "http://{}/api/webhooks/{}?{}",
+        runtime.addr,
+        P::PROVIDER,
+        query.join("&")
+    );
+    let headers: Vec<(&str, &str)> = delivery
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let (status, _, body) = http_request("POST", &url, &headers, Some(delivery.body.as_bytes()))
+        .await
+        .unwrap();
+    assert!(
+        (200..300).contains(&status),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    wait_until(
+        "the webhook's change is synced",
+        Duration::from_secs(30),
+        || async {
+            shard_names(&app)
+                .await
+                .contains(&"Renamed by a webhook".to_string())
+        },
+    )
+    .await;
+}
+
 /// Runs every story of the suite for one provider.
 macro_rules! conformance {
     ($($module:ident: $fake:ty),* $(,)?) => {$(
@@ -494,6 +553,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn the_subscription_handshake_is_answered() {
                 super::the_subscription_handshake_is_answered::<$fake>().await
+            }
+            #[tokio::test]
+            async fn the_local_runtime_syncs_on_demand_and_takes_webhooks() {
+                super::the_local_runtime_syncs_on_demand_and_takes_webhooks::<$fake>().await
             }
             #[tokio::test]
             async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates() {
