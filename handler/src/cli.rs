@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
 use crate::app::{self, App, LocalBackends, QueueChoice};
-use crate::engine::scheduler;
+use crate::engine::{scheduler, subscriptions};
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, IntegrationSync, Shard, timestamp};
 use crate::queue::{
@@ -112,6 +112,14 @@ pub enum IntegrationsCommand {
     List {
         #[arg(long)]
         tenant: Option<String>,
+    },
+    /// Create, renew or delete an integration's provider-side webhook subscriptions now,
+    /// instead of at TokenRefresher's next tick (needs WEBHOOK_BASE_URL, served by the app)
+    Subscribe {
+        /// The integration's id
+        integration: String,
+        #[arg(long)]
+        tenant: String,
     },
 }
 
@@ -263,6 +271,10 @@ async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bo
         Command::Integrations(IntegrationsCommand::List { tenant }) => {
             list_integrations(app, tenant.as_deref(), json).await
         }
+        Command::Integrations(IntegrationsCommand::Subscribe {
+            integration,
+            tenant,
+        }) => subscribe(app, &tenant, &integration, json).await,
         Command::Credentials(CredentialsCommand::Set {
             integration,
             tenant,
@@ -468,6 +480,39 @@ async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
             integration
                 .next_sync_at
                 .map_or("manual only".into(), |t| time(Some(t)))
+        );
+    }
+    Ok(())
+}
+
+async fn subscribe(app: &App, tenant: &str, id: &str, json: bool) -> CliResult {
+    let (shard, _, integration) = load_integration(app, tenant, id).await?;
+    let provider = app
+        .providers
+        .get(&integration.provider_name)
+        .ok_or_else(|| {
+            format!(
+                "this build has no adapter for `{}`",
+                integration.provider_name
+            )
+        })?;
+    if provider.subscriptions().is_none() {
+        return Err(format!(
+            "`{}` keeps no provider-side subscriptions",
+            integration.provider_name
+        ));
+    }
+    let done = subscriptions::maintain(app, &shard, &integration, provider.as_ref(), Utc::now())
+        .await
+        .map_err(|e| e.to_string())?;
+    if json {
+        print_json(
+            &json!({"created": done.created, "renewed": done.renewed, "deleted": done.deleted}),
+        );
+    } else {
+        println!(
+            "subscriptions of `{id}`: {} created, {} renewed, {} deleted",
+            done.created, done.renewed, done.deleted
         );
     }
     Ok(())

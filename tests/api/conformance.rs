@@ -15,12 +15,11 @@ use serde_json::{Value, json};
 use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
 
 use crate::fake_dynamics::FakeDynamics;
-use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
+use crate::fake_graph::FakeGraph;
+use crate::fake_host::{HostedHandler, free_port, http_request_with_query, service_bus_message};
 use crate::fake_salesforce::FakeSalesforce;
 use crate::helpers::{TestApp, http_request, wait_until};
 
-/// Records created for a full sync: more than one page for every provider.
-const RECORDS: usize = 2500;
 const INTEGRATION: &str = "int-under-test";
 
 /// A webhook delivery as the provider would send it.
@@ -37,6 +36,9 @@ pub trait UnderTest: Sized {
     const ENTITY: &'static str;
     /// The source field holding a record's name.
     const NAME_FIELD: &'static str;
+
+    /// Records that make several pages for this provider.
+    const SEVERAL_PAGES: usize = 2500;
 
     async fn start() -> Self;
     fn connection(&self) -> Value;
@@ -69,7 +71,8 @@ pub trait UnderTest: Sized {
     fn forged_webhook(&self, id: &str) -> Option<Delivery>;
     /// A subscription handshake and the answer it expects; `None` when the provider makes none.
     fn handshake(&self) -> Option<(Delivery, String)>;
-    /// Prepares the integration for webhooks after it was registered (a subscription).
+    /// Prepares the integration for webhooks after it was registered (a subscription, made
+    /// through `handler local`, which must not be running).
     async fn connect_webhooks(&self, _app: &TestApp) {}
 }
 
@@ -81,7 +84,12 @@ fn names(from: usize, count: usize) -> Vec<String> {
 
 async fn connected<P: UnderTest>() -> (P, TestApp) {
     let fake = P::start().await;
-    let app = TestApp::new();
+    // Providers deliver to the local runtime's front door, wherever a test starts it.
+    let front_door = format!("127.0.0.1:{}", free_port());
+    let app = TestApp::with_settings(&[
+        ("FUNC_SYNC_LOCAL_ADDR", &front_door),
+        ("WEBHOOK_BASE_URL", &format!("http://{front_door}")),
+    ]);
     app.register_integration(json!({
         "id": INTEGRATION, "tenantId": "t1", "name": format!("{} under test", P::PROVIDER),
         "structuredData": {
@@ -191,14 +199,18 @@ fn skip(provider: &str, story: &str, why: &str) {
 
 pub async fn a_full_sync_reads_every_page_into_shards<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
-    fake.create(&names(0, RECORDS));
+    fake.create(&names(0, P::SEVERAL_PAGES));
     let handler = handler(&app).await;
 
     run_job::<P>(&handler, "job-full", "full_sync").await;
 
     let record = record_of(&app, "job-full").await;
     assert_eq!(record["status"], "success", "{record}");
-    assert_eq!(record["stats"]["shardsCreated"], RECORDS, "{record}");
+    assert_eq!(
+        record["stats"]["shardsCreated"],
+        P::SEVERAL_PAGES,
+        "{record}"
+    );
     assert!(
         record["syncDetails"]["pagesProcessed"]
             .as_u64()
@@ -206,7 +218,7 @@ pub async fn a_full_sync_reads_every_page_into_shards<P: UnderTest>() {
             >= 2,
         "{record}"
     );
-    assert_eq!(shard_names(&app).await, names(0, RECORDS));
+    assert_eq!(shard_names(&app).await, names(0, P::SEVERAL_PAGES));
     let state = &app.integration(INTEGRATION).await["structuredData"];
     assert!(state["cursors"][P::ENTITY].is_string(), "{state}");
     assert!(state.get("checkpoints").is_none(), "{state}");
@@ -251,7 +263,7 @@ pub async fn an_incremental_sync_brings_updates_creations_and_deletions<P: Under
 
 pub async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
-    fake.create(&names(0, RECORDS));
+    fake.create(&names(0, P::SEVERAL_PAGES));
     if fake.expire_token_after(1).is_none() {
         return skip(P::PROVIDER, "expiring token", "it has no tokens");
     }
@@ -261,7 +273,7 @@ pub async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finish
 
     let record = record_of(&app, "job-full").await;
     assert_eq!(record["status"], "success", "{record}");
-    assert_eq!(record["stats"]["shardsCreated"], RECORDS);
+    assert_eq!(record["stats"]["shardsCreated"], P::SEVERAL_PAGES);
     assert_eq!(
         fake.token_refreshes(),
         2,
@@ -271,7 +283,7 @@ pub async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finish
 
 pub async fn a_rotated_refresh_token_is_stored_before_it_is_used<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
-    fake.create(&names(0, RECORDS));
+    fake.create(&names(0, P::SEVERAL_PAGES));
     if fake.expire_token_after(1).is_none() {
         return skip(P::PROVIDER, "rotated refresh token", "it has no tokens");
     }
@@ -294,7 +306,7 @@ pub async fn a_rotated_refresh_token_is_stored_before_it_is_used<P: UnderTest>()
     assert!(!secrets.contains(&initial), "the spent one is gone");
 
     // The next job starts from what was stored, and the provider still honours it.
-    fake.create(&names(RECORDS, 1));
+    fake.create(&names(P::SEVERAL_PAGES, 1));
     let _ = fake.expire_token_after(0);
     run_job::<P>(&handler, "job-next", "incremental").await;
     assert_eq!(record_of(&app, "job-next").await["status"], "success");
@@ -419,7 +431,7 @@ pub async fn the_subscription_handshake_is_answered<P: UnderTest>() {
 
 pub async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
-    fake.create(&names(0, RECORDS));
+    fake.create(&names(0, P::SEVERAL_PAGES));
     if fake.hold_second_page().is_none() {
         return skip(
             P::PROVIDER,
@@ -455,10 +467,14 @@ pub async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicate
 
     let record = record_of(&app, "job-killed").await;
     assert_eq!(record["status"], "success", "{record}");
-    assert_eq!(record["stats"]["shardsCreated"], RECORDS, "{record}");
+    assert_eq!(
+        record["stats"]["shardsCreated"],
+        P::SEVERAL_PAGES,
+        "{record}"
+    );
     assert_eq!(
         shard_names(&app).await,
-        names(0, RECORDS),
+        names(0, P::SEVERAL_PAGES),
         "every record once"
     );
     assert!(
@@ -470,8 +486,8 @@ pub async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicate
 pub async fn the_local_runtime_syncs_on_demand_and_takes_webhooks<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
     let ids = fake.create(&names(0, 3));
-    let runtime = app.start_local().await;
     fake.connect_webhooks(&app).await;
+    let runtime = app.start_local().await;
 
     app.cli_json(&["sync", INTEGRATION, "--tenant", "t1"]).await;
     wait_until(
@@ -583,6 +599,8 @@ conformance! {
     salesforce: FakeSalesforce,
     bulk_import: ImportFolder,
     dynamics365: FakeDynamics,
+    onedrive: OneDriveUnderTest,
+    teams: TeamsUnderTest,
 }
 
 /// A folder of exports, as a bulk-import integration reads it: each change is a new file, as
@@ -938,5 +956,303 @@ impl UnderTest for FakeDynamics {
 
     fn handshake(&self) -> Option<(Delivery, String)> {
         None
+    }
+}
+
+/// Subscribes the integration through `handler local`'s front door, which answers Graph's
+/// validation handshake, and returns the subscription Graph now holds.
+async fn subscribe(graph: &FakeGraph, app: &TestApp) -> crate::fake_graph::Subscription {
+    let runtime = app.start_local().await;
+    let done = app
+        .cli_json(&["integrations", "subscribe", INTEGRATION, "--tenant", "t1"])
+        .await;
+    runtime.kill_9().await;
+    assert_eq!(done["created"], 1, "{done}");
+    let subscriptions = graph.subscriptions();
+    assert_eq!(subscriptions.len(), 1);
+    subscriptions[0].clone()
+}
+
+/// A change notification for `subscription` as Graph posts it.
+fn notification(
+    subscription: &crate::fake_graph::Subscription,
+    client_state: &str,
+    resource: &str,
+    id: &str,
+) -> Delivery {
+    Delivery {
+        query: Vec::new(),
+        headers: vec![(
+            "Content-Type".into(),
+            "application/json; charset=utf-8".into(),
+        )],
+        body: json!({"value": [{
+            "id": format!("notification-{id}"),
+            "subscriptionId": subscription.id,
+            "subscriptionExpirationDateTime": subscription.expiration.to_rfc3339(),
+            "clientState": client_state,
+            "changeType": "updated",
+            "resource": resource,
+            "tenantId": crate::fake_entra::TENANT,
+            "resourceData": {"id": id}
+        }]})
+        .to_string(),
+    }
+}
+
+/// Graph's validation request and the answer it waits for.
+fn graph_handshake() -> Option<(Delivery, String)> {
+    let token = "Validation: Token issued at 2026-11-22 07:00:00+00:00";
+    Some((
+        Delivery {
+            query: vec![("validationToken".into(), token.into())],
+            headers: vec![("Content-Type".into(), "text/plain; charset=utf-8".into())],
+            body: String::new(),
+        },
+        token.to_string(),
+    ))
+}
+
+/// The Graph fake's knobs shared by OneDrive and Teams.
+fn graph_knobs(graph: &FakeGraph) -> std::sync::MutexGuard<'_, crate::fake_graph::Graph> {
+    graph.state.lock().unwrap()
+}
+
+/// OneDrive: one drive of the Graph fake.
+pub struct OneDriveUnderTest {
+    graph: FakeGraph,
+    subscription: std::sync::Mutex<Option<crate::fake_graph::Subscription>>,
+}
+
+const DRIVE: &str = "b!drive-1";
+
+impl UnderTest for OneDriveUnderTest {
+    const PROVIDER: &'static str = "onedrive";
+    const ENTITY: &'static str = "driveItem";
+    const NAME_FIELD: &'static str = "name";
+
+    async fn start() -> Self {
+        Self {
+            graph: FakeGraph::start().await,
+            subscription: Default::default(),
+        }
+    }
+
+    fn connection(&self) -> Value {
+        json!({"tokenUrl": self.graph.token_url(), "apiBaseUrl": self.graph.api_base(), "driveId": DRIVE})
+    }
+
+    fn credentials(&self) -> Value {
+        self.graph.credentials()
+    }
+
+    fn create(&self, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .map(|name| self.graph.add_item(DRIVE, name, false))
+            .collect()
+    }
+
+    fn rename(&self, id: &str, name: &str) {
+        self.graph.rename_item(DRIVE, id, name);
+    }
+
+    fn delete(&self, id: &str) {
+        self.graph.delete_item(DRIVE, id);
+    }
+
+    fn expire_token_after(&self, requests: usize) -> Option<()> {
+        graph_knobs(&self.graph).entra.expire_token_after = Some(requests);
+        Some(())
+    }
+
+    fn token_refreshes(&self) -> usize {
+        self.graph.token_refreshes()
+    }
+
+    fn live_refresh_tokens(&self) -> Vec<String> {
+        graph_knobs(&self.graph)
+            .entra
+            .refresh_tokens
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn throttle_next(&self) -> Option<()> {
+        graph_knobs(&self.graph).throttle = Some((1, 1));
+        Some(())
+    }
+
+    fn fail_next(&self) -> Option<()> {
+        graph_knobs(&self.graph).unavailable = 1;
+        Some(())
+    }
+
+    fn hold_second_page(&self) -> Option<()> {
+        let mut graph = graph_knobs(&self.graph);
+        graph.throttle = Some((usize::MAX, 20));
+        graph.throttle_after = Some(1);
+        Some(())
+    }
+
+    fn release(&self) {
+        let mut graph = graph_knobs(&self.graph);
+        graph.throttle = None;
+        graph.throttle_after = None;
+    }
+
+    fn requests(&self) -> usize {
+        self.graph.requests().len()
+    }
+
+    fn webhook(&self, id: &str) -> Option<Delivery> {
+        let subscription = self.subscription.lock().unwrap().clone()?;
+        let secret = subscription.client_state.clone().unwrap_or_default();
+        Some(notification(
+            &subscription,
+            &secret,
+            &subscription.resource,
+            id,
+        ))
+    }
+
+    fn forged_webhook(&self, id: &str) -> Option<Delivery> {
+        let subscription = self.subscription.lock().unwrap().clone()?;
+        Some(notification(
+            &subscription,
+            "a-guessed-client-state",
+            &subscription.resource,
+            id,
+        ))
+    }
+
+    fn handshake(&self) -> Option<(Delivery, String)> {
+        graph_handshake()
+    }
+
+    async fn connect_webhooks(&self, app: &TestApp) {
+        let subscription = subscribe(&self.graph, app).await;
+        *self.subscription.lock().unwrap() = Some(subscription);
+    }
+}
+
+/// Teams: one channel of the Graph fake.
+pub struct TeamsUnderTest {
+    graph: FakeGraph,
+    subscription: std::sync::Mutex<Option<crate::fake_graph::Subscription>>,
+}
+
+const TEAM: &str = "fbe2bf47-16c8-47cf-b4a5-4b9b187c508b";
+const CHANNEL: &str = "19:4a95f7d8db4c4e7fae857bcebe0623e6@thread.tacv2";
+
+impl UnderTest for TeamsUnderTest {
+    const PROVIDER: &'static str = "teams";
+    const ENTITY: &'static str = "channelMessage";
+    const NAME_FIELD: &'static str = "body.content";
+    /// Graph pages channel messages by 50, and Teams allows 4 requests a second per channel.
+    const SEVERAL_PAGES: usize = 120;
+
+    async fn start() -> Self {
+        Self {
+            graph: FakeGraph::start().await,
+            subscription: Default::default(),
+        }
+    }
+
+    fn connection(&self) -> Value {
+        json!({"tokenUrl": self.graph.token_url(), "apiBaseUrl": self.graph.api_base(),
+               "teamId": TEAM, "channelIds": [CHANNEL]})
+    }
+
+    fn credentials(&self) -> Value {
+        self.graph.credentials()
+    }
+
+    fn create(&self, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .map(|name| self.graph.post_message(TEAM, CHANNEL, name))
+            .collect()
+    }
+
+    fn rename(&self, id: &str, name: &str) {
+        self.graph.edit_message(TEAM, CHANNEL, id, name);
+    }
+
+    fn delete(&self, id: &str) {
+        self.graph.delete_message(TEAM, CHANNEL, id);
+    }
+
+    fn expire_token_after(&self, requests: usize) -> Option<()> {
+        graph_knobs(&self.graph).entra.expire_token_after = Some(requests);
+        Some(())
+    }
+
+    fn token_refreshes(&self) -> usize {
+        self.graph.token_refreshes()
+    }
+
+    fn live_refresh_tokens(&self) -> Vec<String> {
+        graph_knobs(&self.graph)
+            .entra
+            .refresh_tokens
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn throttle_next(&self) -> Option<()> {
+        graph_knobs(&self.graph).throttle = Some((1, 1));
+        Some(())
+    }
+
+    fn fail_next(&self) -> Option<()> {
+        graph_knobs(&self.graph).unavailable = 1;
+        Some(())
+    }
+
+    fn hold_second_page(&self) -> Option<()> {
+        let mut graph = graph_knobs(&self.graph);
+        graph.throttle = Some((usize::MAX, 20));
+        graph.throttle_after = Some(1);
+        Some(())
+    }
+
+    fn release(&self) {
+        let mut graph = graph_knobs(&self.graph);
+        graph.throttle = None;
+        graph.throttle_after = None;
+    }
+
+    fn requests(&self) -> usize {
+        self.graph.requests().len()
+    }
+
+    fn webhook(&self, id: &str) -> Option<Delivery> {
+        let subscription = self.subscription.lock().unwrap().clone()?;
+        let secret = subscription.client_state.clone().unwrap_or_default();
+        let resource = format!("teams('{TEAM}')/channels('{CHANNEL}')/messages('{id}')");
+        Some(notification(&subscription, &secret, &resource, id))
+    }
+
+    fn forged_webhook(&self, id: &str) -> Option<Delivery> {
+        let subscription = self.subscription.lock().unwrap().clone()?;
+        let resource = format!("teams('{TEAM}')/channels('{CHANNEL}')/messages('{id}')");
+        Some(notification(
+            &subscription,
+            "a-guessed-client-state",
+            &resource,
+            id,
+        ))
+    }
+
+    fn handshake(&self) -> Option<(Delivery, String)> {
+        graph_handshake()
+    }
+
+    async fn connect_webhooks(&self, app: &TestApp) {
+        let subscription = subscribe(&self.graph, app).await;
+        *self.subscription.lock().unwrap() = Some(subscription);
     }
 }

@@ -235,9 +235,13 @@ pub struct LocalRuntime {
 }
 
 impl LocalRuntime {
-    /// Starts `handler local` on `data_dir` with extra arguments and app settings.
+    /// Starts `handler local` on `data_dir` with extra arguments and app settings; its front
+    /// door is at the settings' `FUNC_SYNC_LOCAL_ADDR`, or on a free port.
     async fn start(data_dir: &Path, args: &[&str], settings: &[(String, String)]) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = settings
+            .iter()
+            .find(|(name, _)| name == "FUNC_SYNC_LOCAL_ADDR")
+            .map_or_else(|| format!("127.0.0.1:{}", free_port()), |(_, a)| a.clone());
         let child = Command::new(env!("CARGO_BIN_EXE_handler"))
             .arg("local")
             .args(args)

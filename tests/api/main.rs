@@ -4,6 +4,7 @@
 mod fake_azure;
 mod fake_dynamics;
 mod fake_entra;
+mod fake_graph;
 mod fake_host;
 mod fake_salesforce;
 mod helpers;
