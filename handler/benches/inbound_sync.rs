@@ -11,7 +11,8 @@
 //! * a re-run with nothing changed: shard writes (created + updated);
 //! * a full sync of 100,000 records: wall time and the handler's peak RSS;
 //! * a full sync of 10,000 Dynamics 365 rows (change tracking, 5,000 a page) against the
-//!   loopback Dataverse: wall time and the handler's peak RSS.
+//!   loopback Dataverse, and of 10,000 OneDrive items (delta, 1,000 a page) against the
+//!   loopback Graph: wall time and the handler's peak RSS.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
@@ -19,6 +20,9 @@ mod fake_dynamics;
 #[path = "../../tests/api/fake_entra.rs"]
 #[allow(dead_code)]
 mod fake_entra;
+#[path = "../../tests/api/fake_graph.rs"]
+#[allow(dead_code)]
+mod fake_graph;
 #[path = "../../tests/api/fake_salesforce.rs"]
 #[allow(dead_code)]
 mod fake_salesforce;
@@ -34,6 +38,7 @@ use serde_json::{Map, Value, json};
 
 use adapters::{Connection, Credentials, FetchRequest, Pull, salesforce::Salesforce};
 use fake_dynamics::FakeDynamics;
+use fake_graph::FakeGraph;
 use fake_salesforce::{FakeSalesforce, ORG_ID};
 use handler::model::Shard;
 use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
@@ -101,6 +106,30 @@ async fn prepare(dir: &Path, integration: Shard, credentials: Value) {
         )
         .await
         .unwrap();
+}
+
+/// A OneDrive integration syncing a drive of `items` files from a loopback Graph.
+async fn onedrive(items: usize, dir: &Path) -> FakeGraph {
+    let graph = FakeGraph::start().await;
+    graph.load_items("b!bench", items);
+    let integration = serde_json::from_value(json!({
+        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
+        "structuredData": {
+            "providerName": "onedrive",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": graph.token_url(), "apiBaseUrl": graph.api_base(), "driveId": "b!bench"},
+            "entityMappings": [
+                {"externalEntity": "driveItem", "shardTypeId": "c_document", "nameField": "name",
+                 "fieldMappings": [{"source": "name", "target": "name", "required": true},
+                                   {"source": "size", "target": "size", "type": "integer"},
+                                   {"source": "file.mimeType", "target": "mime_type"},
+                                   {"source": "parentReference.path", "target": "folder"}]}
+            ]
+        }
+    }))
+    .unwrap();
+    prepare(dir, integration, graph.credentials()).await;
+    graph
 }
 
 /// A Dynamics 365 integration syncing `rows` contacts from a loopback Dataverse.
@@ -333,6 +362,20 @@ async fn main() {
     let stats = last_stats(dir.path(), "bench-dynamics").await;
     println!(
         "Dynamics 365: full sync of {} rows from the loopback Dataverse: {:.3} s, {:.0} records/s, handler peak RSS {:.1} MiB",
+        stats["recordsFetched"],
+        elapsed.as_secs_f64(),
+        stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),
+        handler.peak_rss_mib()
+    );
+    drop(handler);
+
+    let dir = tempfile::tempdir().unwrap();
+    let _graph = onedrive(10_000, dir.path()).await;
+    let handler = Handler::start(dir.path());
+    let elapsed = handler.sync("bench-onedrive", "full_sync");
+    let stats = last_stats(dir.path(), "bench-onedrive").await;
+    println!(
+        "OneDrive: full delta sync of {} items from the loopback Graph: {:.3} s, {:.0} records/s, handler peak RSS {:.1} MiB",
         stats["recordsFetched"],
         elapsed.as_secs_f64(),
         stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),

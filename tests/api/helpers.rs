@@ -38,6 +38,15 @@ impl TestApp {
         }
     }
 
+    /// One of this world's app settings.
+    pub fn settings_value(&self, name: &str) -> String {
+        self.settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no setting {name}"))
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

@@ -18,6 +18,7 @@ mod credentials;
 mod custom_handler;
 mod demo;
 mod dynamics_sync;
+mod graph_sync;
 mod local_runtime;
 mod operator_commands;
 mod packaging;

@@ -1,0 +1,256 @@
+//! Microsoft Graph stories beyond the conformance suite: change notifications delivered by
+//! Graph itself to the local runtime, lifecycle notifications, subscriptions renewed by
+//! TokenRefresher, Teams replies, and an expired drive delta.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fake_graph::FakeGraph;
+use crate::fake_host::{free_port, service_bus_message, timer_without_status};
+use crate::helpers::{LocalRuntime, TestApp, wait_until};
+
+const DRIVE: &str = "b!drive-1";
+const TEAM: &str = "fbe2bf47-16c8-47cf-b4a5-4b9b187c508b";
+const CHANNEL: &str = "19:4a95f7d8db4c4e7fae857bcebe0623e6@thread.tacv2";
+
+/// A test world whose providers deliver to its local runtime's front door.
+fn world() -> TestApp {
+    let front_door = format!("127.0.0.1:{}", free_port());
+    TestApp::with_settings(&[
+        ("FUNC_SYNC_LOCAL_ADDR", &front_door),
+        ("WEBHOOK_BASE_URL", &format!("http://{front_door}")),
+    ])
+}
+
+fn onedrive(graph: &FakeGraph) -> Value {
+    json!({
+        "id": "int-drive", "tenantId": "t1", "name": "Contoso documents",
+        "structuredData": {
+            "providerName": "onedrive",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": graph.token_url(), "apiBaseUrl": graph.api_base(), "driveId": DRIVE},
+            "entityMappings": [{
+                "externalEntity": "driveItem", "shardTypeId": "c_document", "nameField": "name",
+                "fieldMappings": [{"source": "name", "target": "name", "required": true},
+                                  {"source": "parentReference.driveId", "target": "drive"}]
+            }]
+        }
+    })
+}
+
+async fn connected_drive(app: &TestApp) -> FakeGraph {
+    let graph = FakeGraph::start().await;
+    app.register_integration(onedrive(&graph)).await;
+    app.set_credentials("int-drive", &graph.credentials()).await;
+    graph
+}
+
+async fn names(app: &TestApp, shard_type: &str) -> Vec<String> {
+    let mut names: Vec<String> = app
+        .shards(shard_type)
+        .await
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+async fn subscribe(app: &TestApp, id: &str) -> Value {
+    app.cli_json(&["integrations", "subscribe", id, "--tenant", "t1"])
+        .await
+}
+
+#[tokio::test]
+async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notification() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    let file = graph.add_item(DRIVE, "budget.xlsx", false);
+    let runtime: LocalRuntime = app.start_local().await;
+    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
+    app.cli_json(&["sync", "int-drive", "--tenant", "t1"]).await;
+    wait_until("the file is a shard", Duration::from_secs(30), || async {
+        names(&app, "c_document").await == ["budget.xlsx"]
+    })
+    .await;
+
+    graph.rename_item(DRIVE, &file, "budget-2027.xlsx");
+    let subscription = graph.subscriptions()[0].clone();
+    let (status, _) = graph.notify(&subscription.id, "updated", &file, None).await;
+
+    assert_eq!(status, 202, "Graph's notification is accepted at once");
+    wait_until("the rename is synced", Duration::from_secs(30), || async {
+        names(&app, "c_document").await == ["budget-2027.xlsx"]
+    })
+    .await;
+    let (status, body) = graph
+        .notify(&subscription.id, "updated", &file, Some("guessed"))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("clientState"), "{body}");
+    let (status, _) = graph.redeliver_last().await;
+    assert_eq!(status, 403, "a forgery stays a forgery");
+    drop(runtime);
+}
+
+#[tokio::test]
+async fn lifecycle_notifications_renew_or_recreate_the_subscription() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    let _runtime = app.start_local().await;
+    subscribe(&app, "int-drive").await;
+    let first = graph.subscriptions()[0].clone();
+
+    // Graph asks for the subscription to be renewed: the next maintenance renews it.
+    let (status, _) = graph.lifecycle(&first.id, "reauthorizationRequired").await;
+    assert_eq!(status, 202);
+    let renewed = subscribe(&app, "int-drive").await;
+    assert_eq!(
+        (&renewed["created"], &renewed["renewed"]),
+        (&json!(0), &json!(1))
+    );
+
+    // Graph removed it: a new one is made, with a secret of its own.
+    let (status, _) = graph.lifecycle(&first.id, "subscriptionRemoved").await;
+    assert_eq!(status, 202);
+    let state = &app.integration("int-drive").await["structuredData"];
+    assert!(state.get("subscriptions").is_none(), "{state}");
+    let recreated = subscribe(&app, "int-drive").await;
+    assert_eq!(recreated["created"], 1);
+    let second = graph.subscriptions()[0].clone();
+    assert_ne!(second.id, first.id);
+    assert_ne!(second.client_state, first.client_state);
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(
+        secrets.contains(second.client_state.as_deref().unwrap()),
+        "the new clientState is kept with the credentials"
+    );
+    let state = app.integration("int-drive").await.to_string();
+    assert!(
+        !state.contains(second.client_state.as_deref().unwrap()),
+        "and never in the integration document"
+    );
+}
+
+#[tokio::test]
+async fn the_token_refresher_renews_a_subscription_before_it_lapses() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    let runtime = app.start_local().await;
+    subscribe(&app, "int-drive").await;
+    let first = graph.subscriptions()[0].clone();
+    graph.lifecycle(&first.id, "reauthorizationRequired").await;
+    runtime.kill_9().await;
+    let front_door = app.settings_value("FUNC_SYNC_LOCAL_ADDR");
+    let handler = app
+        .host_handler_with(&[("WEBHOOK_BASE_URL", &format!("http://{front_door}"))])
+        .await;
+
+    let res = handler
+        .invoke(
+            "TokenRefresher",
+            &timer_without_status("TokenRefresher", "timer"),
+        )
+        .await;
+
+    assert!(res.host_accepts(), "{res:?}");
+    let log = res.json()["Logs"][0].as_str().unwrap().to_string();
+    assert!(log.contains("1 renewed"), "{log}");
+    let renewed = graph.subscriptions()[0].clone();
+    assert_eq!(renewed.id, first.id);
+    assert!(renewed.expiration > chrono::Utc::now() + chrono::Duration::days(28));
+    let state = &app.integration("int-drive").await["structuredData"];
+    let kept = state["subscriptions"][0]["expiresAt"].as_str().unwrap();
+    assert!(kept > chrono::Utc::now().to_rfc3339().as_str());
+}
+
+#[tokio::test]
+async fn teams_posts_and_their_replies_become_shards_and_deleted_posts_go_away() {
+    let app = TestApp::new();
+    let graph = FakeGraph::start().await;
+    let post = graph.post_message(TEAM, CHANNEL, "Quarterly numbers are in");
+    graph.reply(TEAM, CHANNEL, &post, "Thanks, looking now");
+    let gone = graph.post_message(TEAM, CHANNEL, "Wrong channel, sorry");
+    app.register_integration(json!({
+        "id": "int-teams", "tenantId": "t1", "name": "Sales channel",
+        "structuredData": {
+            "providerName": "teams",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": graph.token_url(), "apiBaseUrl": graph.api_base(),
+                           "teamId": TEAM, "channelIds": [CHANNEL]},
+            "entityMappings": [{
+                "externalEntity": "channelMessage", "shardTypeId": "c_message", "nameField": "text",
+                "fieldMappings": [{"source": "body.content", "target": "text"},
+                                  {"source": "from.user.displayName", "target": "author"},
+                                  {"source": "replyToId", "target": "reply_to"}]
+            }]
+        }
+    }))
+    .await;
+    app.set_credentials("int-teams", &graph.credentials()).await;
+    let handler = app.host_handler().await;
+    let run = |job: &str, job_type: &str| {
+        let body = json!({"integrationId": "int-teams", "tenantId": "t1", "jobType": job_type,
+                          "provider": "teams", "jobId": job, "scheduledAt": "2026-11-22T10:00:00Z"});
+        service_bus_message("SyncInboundScheduled", &body.to_string(), job, 1, None)
+    };
+
+    handler
+        .invoke("SyncInboundScheduled", &run("job-1", "full_sync"))
+        .await;
+    let messages = app.shards("c_message").await;
+    assert_eq!(messages.len(), 3);
+    let reply = messages
+        .iter()
+        .find(|m| m["structuredData"]["text"] == "Thanks, looking now")
+        .unwrap();
+    assert_eq!(reply["structuredData"]["reply_to"], post.as_str());
+
+    graph.delete_message(TEAM, CHANNEL, &gone);
+    handler
+        .invoke("SyncInboundScheduled", &run("job-2", "incremental"))
+        .await;
+    assert_eq!(
+        names(&app, "c_message").await,
+        ["Quarterly numbers are in", "Thanks, looking now"]
+    );
+}
+
+#[tokio::test]
+async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed() {
+    let app = TestApp::new();
+    let graph = connected_drive(&app).await;
+    graph.load_items(DRIVE, 30);
+    let handler = app.host_handler().await;
+    let run = |job: &str, job_type: &str| {
+        let body = json!({"integrationId": "int-drive", "tenantId": "t1", "jobType": job_type,
+                          "provider": "onedrive", "jobId": job, "scheduledAt": "2026-11-22T10:00:00Z"});
+        service_bus_message("SyncInboundScheduled", &body.to_string(), job, 1, None)
+    };
+    handler
+        .invoke("SyncInboundScheduled", &run("job-1", "full_sync"))
+        .await;
+
+    graph.state.lock().unwrap().expire_delta_tokens = true;
+    let added = graph.add_item(DRIVE, "new.docx", false);
+    handler
+        .invoke("SyncInboundScheduled", &run("job-2", "incremental"))
+        .await;
+
+    let history = app.history().await;
+    let second = history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-2")
+        .unwrap();
+    assert_eq!(second["structuredData"]["status"], "success", "{second}");
+    assert_eq!(
+        (
+            &second["structuredData"]["stats"]["shardsCreated"],
+            &second["structuredData"]["stats"]["shardsSkipped"]
+        ),
+        (&json!(1), &json!(30))
+    );
+    assert_eq!(app.shards("c_document").await.len(), 31);
+    assert!(!added.is_empty());
+}
