@@ -387,7 +387,7 @@ impl Provider for Dynamics365 {
     }
 
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
-        let environment = microsoft::check_url(settings, "environmentUrl")?
+        let environment = crate::http::check_url(settings, "environmentUrl")?
             .ok_or("connection.environmentUrl is required (https://{org}.crm.dynamics.com)")?;
         settings.insert("environmentUrl".into(), Value::String(environment));
         microsoft::check_identity(settings)?;

@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
 
 use crate::{ErrorCode, ProviderError};
 
@@ -144,6 +145,35 @@ pub fn transport_error(what: &str, e: &reqwest::Error) -> ProviderError {
     ProviderError::new(code, format!("request to {what} failed: {e}"))
 }
 
+/// Checks a URL setting: https, or plain http to a loopback address (fakes and tests).
+pub fn check_url(settings: &Map<String, Value>, name: &str) -> Result<Option<String>, String> {
+    let Some(value) = settings.get(name) else {
+        return Ok(None);
+    };
+    let text = value
+        .as_str()
+        .ok_or_else(|| format!("connection.{name} must be a string"))?;
+    let url = reqwest::Url::parse(text)
+        .map_err(|_| format!("connection.{name} must be an absolute URL"))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(format!(
+                "connection.{name} must be https (plain http only to a loopback address)"
+            ));
+        }
+    }
+    Ok(Some(text.trim_end_matches('/').to_string()))
+}
+
 /// Reads a `Retry-After` header: delay-seconds or an HTTP date.
 pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
     let value = headers
@@ -163,6 +193,32 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn urls_must_be_https_unless_they_stay_on_this_machine() {
+        let settings = |url: &str| json!({"apiBaseUrl": url}).as_object().unwrap().clone();
+        for ok in [
+            "https://graph.microsoft.com/v1.0/",
+            "http://127.0.0.1:8080/v1.0",
+            "http://localhost:9/",
+            "http://[::1]:9/",
+        ] {
+            assert!(check_url(&settings(ok), "apiBaseUrl").is_ok(), "{ok}");
+        }
+        assert_eq!(
+            check_url(&settings("https://graph.microsoft.com/v1.0/"), "apiBaseUrl").unwrap(),
+            Some("https://graph.microsoft.com/v1.0".into())
+        );
+        for bad in [
+            "http://graph.microsoft.com",
+            "graph.microsoft.com",
+            "ftp://x",
+        ] {
+            let err = check_url(&settings(bad), "apiBaseUrl").unwrap_err();
+            assert!(err.starts_with("connection.apiBaseUrl"), "{bad}: {err}");
+        }
+    }
 
     fn error(code: ErrorCode) -> ProviderError {
         ProviderError::new(code, "x")

@@ -28,38 +28,9 @@ pub fn default_token_url(tenant: &str) -> String {
     format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token")
 }
 
-/// Checks a URL setting: https, or plain http to a loopback address (fakes and tests).
-pub fn check_url(settings: &Map<String, Value>, name: &str) -> Result<Option<String>, String> {
-    let Some(value) = settings.get(name) else {
-        return Ok(None);
-    };
-    let text = value
-        .as_str()
-        .ok_or_else(|| format!("connection.{name} must be a string"))?;
-    let url = reqwest::Url::parse(text)
-        .map_err(|_| format!("connection.{name} must be an absolute URL"))?;
-    let host = url.host_str().unwrap_or_default();
-    let loopback = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match url.scheme() {
-        "https" => {}
-        "http" if loopback => {}
-        _ => {
-            return Err(format!(
-                "connection.{name} must be https (plain http only to a loopback address)"
-            ));
-        }
-    }
-    Ok(Some(text.trim_end_matches('/').to_string()))
-}
-
 /// Checks the settings every Microsoft connection has: a `tenantId` (or a `tokenUrl`).
 pub fn check_identity(settings: &mut Map<String, Value>) -> Result<(), String> {
-    if let Some(url) = check_url(settings, "tokenUrl")? {
+    if let Some(url) = http::check_url(settings, "tokenUrl")? {
         settings.insert("tokenUrl".into(), Value::String(url));
     }
     match settings.get("tenantId") {
@@ -254,31 +225,6 @@ pub fn check_id(kind: &str, id: &str) -> Result<(), ProviderError> {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn urls_must_be_https_unless_they_stay_on_this_machine() {
-        let settings = |url: &str| json!({"apiBaseUrl": url}).as_object().unwrap().clone();
-        for ok in [
-            "https://graph.microsoft.com/v1.0/",
-            "http://127.0.0.1:8080/v1.0",
-            "http://localhost:9/",
-            "http://[::1]:9/",
-        ] {
-            assert!(check_url(&settings(ok), "apiBaseUrl").is_ok(), "{ok}");
-        }
-        assert_eq!(
-            check_url(&settings("https://graph.microsoft.com/v1.0/"), "apiBaseUrl").unwrap(),
-            Some("https://graph.microsoft.com/v1.0".into())
-        );
-        for bad in [
-            "http://graph.microsoft.com",
-            "graph.microsoft.com",
-            "ftp://x",
-        ] {
-            let err = check_url(&settings(bad), "apiBaseUrl").unwrap_err();
-            assert!(err.starts_with("connection.apiBaseUrl"), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn a_microsoft_error_keeps_the_services_code() {

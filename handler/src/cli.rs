@@ -411,9 +411,12 @@ async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
     for mapping in &integration.entity_mappings {
         mapping.validate()?;
     }
-    crate::engine::integrations::check(app, &shard, &mut integration)
+    let notes = crate::engine::integrations::check(app, &shard, &mut integration)
         .await
         .map_err(|e| format!("{}: {e}", file.display()))?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
 
     let now = Utc::now();
     let existing = app

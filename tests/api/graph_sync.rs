@@ -254,3 +254,22 @@ async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed()
     assert_eq!(app.shards("c_document").await.len(), 31);
     assert!(!added.is_empty());
 }
+
+#[tokio::test]
+async fn registering_a_graph_integration_without_a_public_url_says_webhooks_will_not_work() {
+    let app = TestApp::new();
+    let graph = FakeGraph::start().await;
+    let file = app.path("drive.json");
+    std::fs::write(&file, onedrive(&graph).to_string()).unwrap();
+
+    let out = app
+        .cli(&["integrations", "put", file.to_str().unwrap()])
+        .await;
+
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("WEBHOOK_BASE_URL is not set: onedrive change notifications"),
+        "{stderr}"
+    );
+}

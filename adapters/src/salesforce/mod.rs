@@ -596,12 +596,12 @@ impl Provider for Salesforce {
         }
         if let Some(host) = settings.get("loginHost").and_then(Value::as_str)
             && !matches!(host, "production" | "sandbox")
-            && !reqwest::Url::parse(host)
-                .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
         {
-            return Err(
-                "connection.loginHost must be `production`, `sandbox` or a My Domain URL".into(),
-            );
+            crate::http::check_url(settings, "loginHost").map_err(|_| {
+                "connection.loginHost must be `production`, `sandbox` or a My Domain URL \
+                 (https; plain http only to a loopback address)"
+                    .to_string()
+            })?;
         }
         if let Some(version) = settings.get("apiVersion").and_then(Value::as_str) {
             let number = version.strip_prefix('v').unwrap_or("");
@@ -664,6 +664,7 @@ impl Webhooks for Salesforce {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn incremental_soql_is_inclusive_and_ordered() {
@@ -747,6 +748,16 @@ mod tests {
             with(Some("https://acme.my.salesforce.com/")),
             "https://acme.my.salesforce.com"
         );
+        let sf = Salesforce::new();
+        let mut plain = Map::new();
+        plain.insert("loginHost".into(), json!("http://acme.my.salesforce.com"));
+        let err = sf.check_connection(&mut plain).unwrap_err();
+        assert!(
+            err.contains("plain http only to a loopback address"),
+            "{err}"
+        );
+        plain.insert("loginHost".into(), json!("http://127.0.0.1:8443"));
+        assert!(sf.check_connection(&mut plain).is_ok());
     }
 
     #[test]

@@ -10,8 +10,13 @@ use crate::store::{Op, ShardQuery};
 
 /// Checks `integration` (the `structuredData` of `shard`) against this build's providers and
 /// the integrations already registered, putting its connection settings in their canonical
-/// form. The error names the field at fault.
-pub async fn check(app: &App, shard: &Shard, integration: &mut Integration) -> Result<(), String> {
+/// form. The error names the field at fault; what is returned are notes on what will not work
+/// yet (webhook subscriptions without `WEBHOOK_BASE_URL`).
+pub async fn check(
+    app: &App,
+    shard: &Shard,
+    integration: &mut Integration,
+) -> Result<Vec<String>, String> {
     let name = &integration.provider_name;
     let provider = app.providers.get(name).ok_or_else(|| {
         format!(
@@ -44,5 +49,12 @@ pub async fn check(app: &App, shard: &Shard, integration: &mut Integration) -> R
             ));
         }
     }
-    Ok(())
+    let mut notes = Vec::new();
+    if provider.subscriptions().is_some() && app.settings.webhook_base_url.is_none() {
+        notes.push(format!(
+            "WEBHOOK_BASE_URL is not set: {name} change notifications cannot be subscribed to, \
+             so this integration syncs on its schedule only"
+        ));
+    }
+    Ok(notes)
 }
