@@ -19,6 +19,10 @@
 //!   integration's shared key (`?code=` with the WebhookKey option, or an `x-webhook-key`
 //!   header with HttpHeader), compared in constant time. It is routed by its `OrganizationId`.
 //!
+//! * Writes: create (POST), update (PATCH under `If-Match`: the version written against, or
+//!   `*` so an update never creates) and delete (a row already gone counts as deleted), each
+//!   answering the row's new `@odata.etag`.
+//!
 //! Connection settings: `environmentUrl` (required), `tenantId` or `tokenUrl`, `apiVersion`
 //! (default `v9.2`), `organizationId` (the org's id, for webhooks), `changeTracking` (default
 //! true), `logicalNames` (entity set → table logical name, where dropping the plural's `s`
@@ -33,8 +37,8 @@ use serde_json::{Map, Value};
 use crate::microsoft::{self, Api};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
-    RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification,
-    WebhookRequest, WebhookRoute, Webhooks,
+    RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
+    WebhookNotification, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 const DEFAULT_API_VERSION: &str = "v9.2";
@@ -370,6 +374,134 @@ impl Pull for Dynamics365 {
     }
 }
 
+/// The row's version as Dataverse reports it (`W/"72201545"`), for `If-Match`.
+fn version_of(row: &Value) -> Option<String> {
+    row["@odata.etag"].as_str().map(str::to_string)
+}
+
+impl Dynamics365 {
+    /// Sends a write to `url` with the Web API's headers and `extra` ones; answers with the row
+    /// as it now is (`Prefer: return=representation`).
+    async fn write(
+        &self,
+        conn: &mut Connection,
+        method: Method,
+        url: &str,
+        extra: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
+        let mut headers = vec![
+            ("OData-MaxVersion", "4.0".to_string()),
+            ("OData-Version", "4.0".to_string()),
+            ("Prefer", "return=representation".to_string()),
+        ];
+        headers.extend(extra.iter().cloned());
+        let scope = Self::scope(conn);
+        let answer = self
+            .api
+            .send(conn, &scope, method, url, &headers, body)
+            .await?;
+        Ok(answer.body)
+    }
+
+    fn row_url(conn: &Connection, write: &RecordWrite) -> Result<String, ProviderError> {
+        let id = write
+            .external_id
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .filter(|id| is_guid(id))
+            .ok_or_else(|| {
+                ProviderError::new(ErrorCode::ValidationError, "a Dataverse row id is a GUID")
+            })?;
+        if !is_column(&write.entity) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{}` is not a Dataverse entity set", write.entity),
+            ));
+        }
+        Ok(format!("{}/{}({id})", Self::api_root(conn)?, write.entity))
+    }
+}
+
+/// Writes rows. Dataverse has no idempotent create: the engine records the write's
+/// idempotency key before calling and looks it up before creating again. Updates never create
+/// (`If-Match: *`, or the expected version, which Dataverse checks where the table has
+/// optimistic concurrency: a mismatch is a [`ErrorCode::Conflict`]).
+#[async_trait]
+impl WriteBack for Dynamics365 {
+    async fn create(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        if !is_column(&write.entity) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{}` is not a Dataverse entity set", write.entity),
+            ));
+        }
+        let url = format!("{}/{}", Self::api_root(conn)?, write.entity);
+        let body = Value::Object(write.fields.clone());
+        let row = self
+            .write(conn, Method::POST, &url, &[], Some(&body))
+            .await?;
+        let key = primary_key(&conn.settings, &write.entity);
+        let external_id = row[&key].as_str().map(str::to_string).ok_or_else(|| {
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("Dataverse created a row without its `{key}`"),
+            )
+        })?;
+        Ok(Written {
+            external_id,
+            version: version_of(&row),
+        })
+    }
+
+    async fn update(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        let url = Self::row_url(conn, write)?;
+        let if_match = write
+            .expected_version
+            .clone()
+            .unwrap_or_else(|| "*".to_string());
+        let body = Value::Object(write.fields.clone());
+        let row = self
+            .write(
+                conn,
+                Method::PATCH,
+                &url,
+                &[("If-Match", if_match)],
+                Some(&body),
+            )
+            .await?;
+        Ok(Written {
+            external_id: write.external_id.clone().unwrap_or_default(),
+            version: version_of(&row),
+        })
+    }
+
+    async fn delete(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<(), ProviderError> {
+        let url = Self::row_url(conn, write)?;
+        let headers: Vec<(&str, String)> = write
+            .expected_version
+            .iter()
+            .map(|v| ("If-Match", v.clone()))
+            .collect();
+        match self.write(conn, Method::DELETE, &url, &headers, None).await {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
 #[async_trait]
 impl TokenRefresh for Dynamics365 {
     async fn refresh_token(
@@ -432,6 +564,10 @@ impl Provider for Dynamics365 {
     }
 
     fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+
+    fn write_back(&self) -> Option<&dyn WriteBack> {
         Some(self)
     }
 }

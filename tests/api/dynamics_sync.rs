@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use adapters::dynamics::Dynamics365;
-use adapters::{Connection, FetchRequest, Pull};
+use adapters::{Connection, ErrorCode, FetchRequest, Pull, RecordWrite};
 use handler::engine::credentials::StoredCredentials;
 
 use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
@@ -271,5 +271,119 @@ async fn twenty_jobs_that_need_a_token_at_once_refresh_it_once() {
     println!(
         "refresh calls made by 20 concurrent jobs: {}",
         fake.token_refreshes()
+    );
+}
+
+#[tokio::test]
+async fn rows_are_created_updated_only_at_the_version_written_against_and_deleted_once() {
+    let test = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    test.register_integration(integration(&fake)).await;
+    test.set_credentials(ID, &fake.credentials()).await;
+    let app = test.app(&[]);
+    let settings = integration(&fake)["structuredData"]["connection"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let keeper = Arc::new(StoredCredentials::new(&app, "t1", ID));
+    let credentials = keeper.load().await.unwrap();
+    let mut conn = Connection::with_keeper(ID, settings, credentials, keeper);
+    let dynamics = Dynamics365::new();
+    let writer = adapters::Provider::write_back(&dynamics).unwrap();
+    let write = |id: Option<&str>, fields: Value, version: Option<&str>| RecordWrite {
+        entity: "contacts".into(),
+        external_id: id.map(str::to_string),
+        fields: fields.as_object().unwrap().clone(),
+        expected_version: version.map(str::to_string),
+        idempotency_key: "wb-1".into(),
+    };
+
+    let created = writer
+        .create(
+            &mut conn,
+            &write(None, json!({"fullname": "Ann Lee"}), None),
+        )
+        .await
+        .unwrap();
+    let first_version = created
+        .version
+        .clone()
+        .expect("Dataverse says the row's version");
+    let updated = writer
+        .update(
+            &mut conn,
+            &write(
+                Some(&created.external_id),
+                json!({"fullname": "Ann Lee-Smith"}),
+                Some(&first_version),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_ne!(updated.version.as_deref(), Some(first_version.as_str()));
+
+    let stale = writer
+        .update(
+            &mut conn,
+            &write(
+                Some(&created.external_id),
+                json!({"fullname": "Someone else's edit"}),
+                Some(&first_version),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, ErrorCode::Conflict, "{stale}");
+    let unknown = writer
+        .update(
+            &mut conn,
+            &write(
+                Some("00000000-0000-4000-8000-000000000999"),
+                json!({"fullname": "x"}),
+                None,
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unknown.code,
+        ErrorCode::NotFound,
+        "an update never creates: {unknown}"
+    );
+
+    let request = FetchRequest {
+        entity: "contacts".into(),
+        fields: vec!["fullname".into()],
+        cursor: None,
+        page_token: None,
+        filters: Vec::new(),
+        page_size: 100,
+    };
+    let rows = dynamics
+        .fetch_by_ids(
+            &mut conn,
+            &request,
+            std::slice::from_ref(&created.external_id),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows[0].fields["fullname"], "Ann Lee-Smith");
+
+    let gone = write(Some(&created.external_id), json!({}), None);
+    writer.delete(&mut conn, &gone).await.unwrap();
+    writer
+        .delete(&mut conn, &gone)
+        .await
+        .expect("a row already gone counts as deleted");
+    assert!(
+        dynamics
+            .fetch_by_ids(
+                &mut conn,
+                &request,
+                std::slice::from_ref(&created.external_id)
+            )
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
