@@ -126,6 +126,10 @@ async fn lifecycle_notifications_renew_or_recreate_the_subscription() {
         secrets.contains(second.client_state.as_deref().unwrap()),
         "the new clientState is kept with the credentials"
     );
+    assert!(
+        !secrets.contains(first.client_state.as_deref().unwrap()),
+        "the removed subscription's is dropped"
+    );
     let state = app.integration("int-drive").await.to_string();
     assert!(
         !state.contains(second.client_state.as_deref().unwrap()),

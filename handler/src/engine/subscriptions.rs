@@ -103,8 +103,17 @@ pub async fn maintain(
     for step in steps {
         match step {
             Step::Create { resource } => {
-                let created =
-                    create(app, shard, subscriptions, &mut conn, &resource, &url, now).await?;
+                let created = create(
+                    app,
+                    shard,
+                    subscriptions,
+                    &mut conn,
+                    &resource,
+                    &url,
+                    now,
+                    &current,
+                )
+                .await?;
                 current.push(created);
                 done.created += 1;
             }
@@ -118,9 +127,17 @@ pub async fn maintain(
                     Ok(expires_at) => current[index].expires_at = expires_at,
                     Err(e) if e.code == ErrorCode::NotFound => {
                         current.remove(index);
-                        let created =
-                            create(app, shard, subscriptions, &mut conn, &resource, &url, now)
-                                .await?;
+                        let created = create(
+                            app,
+                            shard,
+                            subscriptions,
+                            &mut conn,
+                            &resource,
+                            &url,
+                            now,
+                            &current,
+                        )
+                        .await?;
                         current.push(created);
                     }
                     Err(e) => return Err(e.into()),
@@ -130,6 +147,7 @@ pub async fn maintain(
             Step::Delete { id } => {
                 subscriptions.unsubscribe(&mut conn, &id).await?;
                 current.retain(|s| s.id != id);
+                keep_client_states(app, shard, &current, None).await?;
                 done.deleted += 1;
             }
         }
@@ -138,6 +156,9 @@ pub async fn maintain(
     Ok(done)
 }
 
+/// Creates a subscription to `resource`, and keeps its secret with those of the `live` ones
+/// (the secrets of subscriptions that are gone are dropped).
+#[allow(clippy::too_many_arguments)]
 async fn create(
     app: &App,
     shard: &Shard,
@@ -146,6 +167,7 @@ async fn create(
     resource: &str,
     url: &str,
     now: DateTime<Utc>,
+    live: &[WebhookSubscription],
 ) -> Result<WebhookSubscription, Failure> {
     let client_state = format!(
         "{}{}",
@@ -165,7 +187,7 @@ async fn create(
             },
         )
         .await?;
-    keep_client_state(app, shard, &info.id, &client_state).await?;
+    keep_client_states(app, shard, live, Some((&info.id, &client_state))).await?;
     Ok(WebhookSubscription {
         id: info.id,
         resource: info.resource,
@@ -173,17 +195,30 @@ async fn create(
     })
 }
 
-/// Adds a subscription's secret to the integration's credentials, under the credentials'
-/// lease so that it cannot overwrite a token refreshed meanwhile.
-async fn keep_client_state(
+/// Keeps the secrets of exactly the subscriptions in `live` (adding `new`) among the
+/// integration's credentials, under the credentials' lease so that it cannot overwrite a token
+/// refreshed meanwhile.
+async fn keep_client_states(
     app: &App,
     shard: &Shard,
-    id: &str,
-    client_state: &str,
+    live: &[WebhookSubscription],
+    new: Option<(&str, &str)>,
 ) -> Result<(), ProviderError> {
     let keeper = StoredCredentials::new(app, &shard.tenant_id, &shard.id);
-    let mut credentials = keeper.lock().await?;
-    credentials.set(&WebhookSubscription::client_state_key(id), client_state);
+    let stored = keeper.lock().await?;
+    let mut kept = stored.clone().into_inner();
+    kept.retain(|name, _| {
+        name.strip_prefix(&WebhookSubscription::client_state_key(""))
+            .is_none_or(|id| live.iter().any(|s| s.id == id))
+    });
+    let mut credentials = adapters::Credentials::new(kept);
+    if let Some((id, secret)) = new {
+        credentials.set(&WebhookSubscription::client_state_key(id), secret);
+    }
+    if credentials == stored {
+        keeper.unlock().await;
+        return Ok(());
+    }
     keeper
         .store_and_unlock(&Refreshed {
             credentials,

@@ -103,7 +103,8 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
                 "x-tenant-id does not match the tenant of the delivering account",
             ));
         }
-        let conn = match credentials::connect(app, &shard.tenant_id, &shard.id, &integration).await
+        let mut conn = match credentials::connect(app, &shard.tenant_id, &shard.id, &integration)
+            .await
         {
             Ok(conn) => conn,
             Err(e) if e.is_retryable() => return Err(Transient(e.to_string())),
@@ -115,7 +116,16 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
                 ));
             }
         };
-        match webhooks.verify(&conn, &request, key).await {
+        let mut verdict = webhooks.verify(&conn, &request, key).await;
+        if matches!(verdict, Err(WebhookError::Forged(_))) {
+            // The secret may be newer than the cached credentials (a subscription created a
+            // moment ago, a key the operator just rotated): check once more against the store.
+            if let Ok(fresh) = conn.keeper.stored().await {
+                conn.credentials = fresh;
+                verdict = webhooks.verify(&conn, &request, key).await;
+            }
+        }
+        match verdict {
             Ok(delivery) => verified.push((shard, integration, delivery)),
             Err(e) => return Ok(refusal(provider_name, e)),
         }
