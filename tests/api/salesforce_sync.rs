@@ -748,3 +748,46 @@ async fn a_sync_over_the_record_limit_hands_the_rest_to_a_continuation_job() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn an_integration_stored_when_cursors_were_timestamps_carries_on_from_its_cursor() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 10);
+    let app = TestApp::new();
+    // Written by the previous release: the cursor as chrono spelled a DateTime, no millis.
+    let mut stored = integration(&fake, false);
+    let cursor = base_time() + Duration::seconds(7);
+    stored["structuredData"]["status"] = json!("active");
+    stored["structuredData"]["lastSyncAt"] = json!(base_time() + Duration::seconds(9));
+    stored["structuredData"]["cursors"] =
+        json!({"Account": cursor.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
+    app.plant_integration(stored).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-after-upgrade", "incremental", 1).await;
+
+    let record = record_of(&app.history().await, "job-after-upgrade").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(
+        record["stats"]["recordsFetched"], 3,
+        "accounts 7, 8 and 9: from the stored cursor on, inclusive"
+    );
+    let soql = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.starts_with("query "))
+        .unwrap();
+    assert!(
+        soql.contains(&format!(
+            "SystemModstamp >= {}",
+            cursor.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )),
+        "{soql}"
+    );
+    assert_eq!(
+        app.integration("int-acme-sf").await["structuredData"]["cursors"]["Account"],
+        fixed(base_time() + Duration::seconds(9))
+    );
+}
