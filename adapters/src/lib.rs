@@ -183,16 +183,21 @@ pub trait Subscriptions: Send + Sync {
         request: &SubscriptionRequest,
     ) -> Result<SubscriptionInfo, ProviderError>;
 
-    /// Moves a subscription's expiry; `NotFound` when the provider no longer has it.
+    /// Moves a subscription's expiry; `NotFound` when the provider no longer has it or cannot
+    /// renew one (Drive channels), and the engine replaces it with a new one.
     async fn renew(
         &self,
         conn: &mut Connection,
-        id: &str,
+        subscription: &SubscriptionInfo,
         expires_at: DateTime<Utc>,
     ) -> Result<DateTime<Utc>, ProviderError>;
 
     /// Deletes a subscription; one the provider no longer has counts as deleted.
-    async fn unsubscribe(&self, conn: &mut Connection, id: &str) -> Result<(), ProviderError>;
+    async fn unsubscribe(
+        &self,
+        conn: &mut Connection,
+        subscription: &SubscriptionInfo,
+    ) -> Result<(), ProviderError>;
 }
 
 /// Writing records back to the provider. Every call carries an idempotency key, the same for a

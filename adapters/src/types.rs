@@ -185,8 +185,12 @@ pub enum RouteKey {
     /// The integration whose connection setting `name` has this value (Salesforce's and
     /// Dataverse's `organizationId`).
     Setting { name: &'static str, value: String },
-    /// The integration holding this provider-side subscription (a Graph subscriptionId).
+    /// The integration holding this provider-side subscription (a Graph subscriptionId, a
+    /// Drive channel id).
     Subscription(String),
+    /// The integration with this id, named in the URL the operator gave the provider (Zoom,
+    /// whose app-level deliveries carry no account a URL could not).
+    Integration(String),
 }
 
 impl std::fmt::Display for RouteKey {
@@ -194,6 +198,7 @@ impl std::fmt::Display for RouteKey {
         match self {
             Self::Setting { name, value } => write!(f, "{name} `{value}`"),
             Self::Subscription(id) => write!(f, "subscription `{id}`"),
+            Self::Integration(id) => write!(f, "integration `{id}`"),
         }
     }
 }
@@ -234,6 +239,12 @@ pub enum WebhookNotification {
         entity: String,
         record_ids: Vec<String>,
     },
+    /// These records were deleted at the provider.
+    Deleted {
+        id: String,
+        entity: String,
+        record_ids: Vec<String>,
+    },
     /// Something of the entity changed (the notification does not say what): an incremental
     /// sync of it catches up.
     CatchUp { id: String, entity: String },
@@ -248,9 +259,10 @@ pub enum WebhookNotification {
 impl WebhookNotification {
     pub fn id(&self) -> &str {
         match self {
-            Self::Records { id, .. } | Self::CatchUp { id, .. } | Self::Subscription { id, .. } => {
-                id
-            }
+            Self::Records { id, .. }
+            | Self::Deleted { id, .. }
+            | Self::CatchUp { id, .. }
+            | Self::Subscription { id, .. } => id,
         }
     }
 }
@@ -296,6 +308,8 @@ pub struct SubscriptionInfo {
     pub id: String,
     pub resource: String,
     pub expires_at: DateTime<Utc>,
+    /// What the provider also needs to stop it (a Drive channel's `resourceId`).
+    pub resource_id: Option<String>,
 }
 
 /// A write to one record at the provider.

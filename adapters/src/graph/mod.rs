@@ -132,6 +132,7 @@ impl Graph {
             id: id.to_string(),
             resource: request.resource.clone(),
             expires_at: expiry(&created).unwrap_or(request.expires_at),
+            resource_id: None,
         })
     }
 

@@ -162,14 +162,18 @@ impl Subscriptions for OneDrive {
     async fn renew(
         &self,
         conn: &mut Connection,
-        id: &str,
+        subscription: &SubscriptionInfo,
         expires_at: DateTime<Utc>,
     ) -> Result<DateTime<Utc>, ProviderError> {
-        self.graph.renew(conn, id, expires_at).await
+        self.graph.renew(conn, &subscription.id, expires_at).await
     }
 
-    async fn unsubscribe(&self, conn: &mut Connection, id: &str) -> Result<(), ProviderError> {
-        self.graph.unsubscribe(conn, id).await
+    async fn unsubscribe(
+        &self,
+        conn: &mut Connection,
+        subscription: &SubscriptionInfo,
+    ) -> Result<(), ProviderError> {
+        self.graph.unsubscribe(conn, &subscription.id).await
     }
 }
 

@@ -255,7 +255,10 @@ async fn run(
         retry_base: app.settings.record_retry_base,
     };
     match notified_ids(job)? {
-        Some((entity, ids)) => {
+        Some(Notified::Deleted(entity, ids)) => {
+            pipeline::run_deleted(app, &pipeline_job, integration, &entity, &ids, now).await
+        }
+        Some(Notified::Changed(entity, ids)) => {
             pipeline::run_notified(
                 app,
                 provider.as_ref(),
@@ -283,11 +286,19 @@ async fn run(
     }
 }
 
-/// The entity and record ids a webhook job is about, or `None` for a job that syncs its entities
-/// from their cursors (every job but a webhook's, and a webhook's that says only that something
-/// changed). A notification says which records changed, never what they hold now: the records
-/// are read from the provider.
-fn notified_ids(job: &SyncJobMessage) -> Result<Option<(String, Vec<String>)>, Failure> {
+/// What a webhook job is about.
+enum Notified {
+    /// These records changed: read them back.
+    Changed(String, Vec<String>),
+    /// These records were deleted.
+    Deleted(String, Vec<String>),
+}
+
+/// The records a webhook job is about, or `None` for a job that syncs its entities from their
+/// cursors (every job but a webhook's, and a webhook's that says only that something changed).
+/// A notification says which records changed, never what they hold now: the records are read
+/// from the provider.
+fn notified_ids(job: &SyncJobMessage) -> Result<Option<Notified>, Failure> {
     if job.job_type != JobType::Webhook {
         return Ok(None);
     }
@@ -301,13 +312,15 @@ fn notified_ids(job: &SyncJobMessage) -> Result<Option<(String, Vec<String>)>, F
         .as_str()
         .ok_or_else(|| invalid("no entity"))?
         .to_string();
-    if payload.get("ids").is_none() && payload.get("records").is_none() {
+    let deleted = payload.get("deletedIds").is_some();
+    if payload.get("ids").is_none() && payload.get("records").is_none() && !deleted {
         return Ok(None);
     }
     // Jobs enqueued before notifications carried ids alone list whole records.
     let listed = payload["ids"]
         .as_array()
         .or_else(|| payload["records"].as_array())
+        .or_else(|| payload["deletedIds"].as_array())
         .ok_or_else(|| invalid("no ids"))?;
     let ids = listed
         .iter()
@@ -318,7 +331,11 @@ fn notified_ids(job: &SyncJobMessage) -> Result<Option<(String, Vec<String>)>, F
                 .ok_or_else(|| invalid("an id is not a string"))
         })
         .collect::<Result<_, _>>()?;
-    Ok(Some((entity, ids)))
+    Ok(Some(if deleted {
+        Notified::Deleted(entity, ids)
+    } else {
+        Notified::Changed(entity, ids)
+    }))
 }
 
 /// The id of the job that continues `job_id` after a record limit: `<id>+1`, `<id>+2`, ...

@@ -183,6 +183,35 @@ pub async fn run_notified(
     result.map(|_| outcome)
 }
 
+/// Runs a webhook job about records the provider says were deleted: their shards are
+/// soft-deleted, as a sync that read the deletions would.
+pub async fn run_deleted(
+    app: &App,
+    job: &Job<'_>,
+    integration: &Integration,
+    entity_name: &str,
+    ids: &[String],
+    now: DateTime<Utc>,
+) -> Result<Outcome, Failure> {
+    let mapping = integration
+        .entity_mappings
+        .iter()
+        .find(|m| m.external_entity == entity_name)
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::ValidationError,
+                format!("the integration maps no entity `{entity_name}`"),
+            )
+        })?;
+    let mut outcome = Outcome::default();
+    let mut entity = EntityRun::new(app, job, mapping, now);
+    let result = entity.soft_delete(ids).await;
+    outcome.stats = entity.totals();
+    outcome.entity_stats.push(entity.stats());
+    outcome.errors.append(&mut entity.errors);
+    result.map(|_| outcome)
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Counters {
     fetched: u64,

@@ -12,7 +12,9 @@
 use chrono::{DateTime, Duration, Utc};
 
 use adapters::credentials::{CredentialKeeper, Refreshed};
-use adapters::{ErrorCode, Provider, ProviderError, SubscriptionRequest, Subscriptions};
+use adapters::{
+    ErrorCode, Provider, ProviderError, SubscriptionInfo, SubscriptionRequest, Subscriptions,
+};
 
 use super::credentials::{self, StoredCredentials};
 use super::failure::Failure;
@@ -123,9 +125,15 @@ pub async fn maintain(
                 };
                 let resource = current[index].resource.clone();
                 let until = now + lifetime(subscriptions.max_lifetime(&resource));
-                match subscriptions.renew(&mut conn, &id, until).await {
+                let info = info_of(&current[index]);
+                match subscriptions.renew(&mut conn, &info, until).await {
                     Ok(expires_at) => current[index].expires_at = expires_at,
                     Err(e) if e.code == ErrorCode::NotFound => {
+                        // Gone, or not renewable: a new one replaces it, and the old one (if
+                        // the provider still has it) stops delivering.
+                        if let Err(e) = subscriptions.unsubscribe(&mut conn, &info).await {
+                            tracing::warn!(integration_id = %shard.id, subscription = %id, error = %e, "a replaced subscription could not be stopped; it lapses on its own");
+                        }
                         current.remove(index);
                         let created = create(
                             app,
@@ -145,7 +153,9 @@ pub async fn maintain(
                 done.renewed += 1;
             }
             Step::Delete { id } => {
-                subscriptions.unsubscribe(&mut conn, &id).await?;
+                if let Some(old) = current.iter().find(|s| s.id == id) {
+                    subscriptions.unsubscribe(&mut conn, &info_of(old)).await?;
+                }
                 current.retain(|s| s.id != id);
                 keep_client_states(app, shard, &current, None).await?;
                 done.deleted += 1;
@@ -192,7 +202,17 @@ async fn create(
         id: info.id,
         resource: info.resource,
         expires_at: info.expires_at,
+        resource_id: info.resource_id,
     })
+}
+
+fn info_of(subscription: &WebhookSubscription) -> SubscriptionInfo {
+    SubscriptionInfo {
+        id: subscription.id.clone(),
+        resource: subscription.resource.clone(),
+        expires_at: subscription.expires_at,
+        resource_id: subscription.resource_id.clone(),
+    }
 }
 
 /// Keeps the secrets of exactly the subscriptions in `live` (adding `new`) among the
@@ -255,6 +275,7 @@ mod tests {
             id: id.into(),
             resource: resource.into(),
             expires_at: at(expires),
+            resource_id: None,
         }
     }
 

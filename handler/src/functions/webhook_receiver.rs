@@ -205,6 +205,7 @@ async fn find_integration(
             json!(value),
         ),
         RouteKey::Subscription(id) => query.with_element("structuredData.subscriptions", "id", id),
+        RouteKey::Integration(id) => query.filter("id", Op::Eq, json!(id)),
     };
     let found = app.store.query(&query).await?;
     Ok(match found.as_slice() {
@@ -297,6 +298,12 @@ fn jobs_for(
         WebhookNotification::Records {
             entity, record_ids, ..
         } => vec![job(entity, json!({"entity": entity, "ids": record_ids}))],
+        WebhookNotification::Deleted {
+            entity, record_ids, ..
+        } => vec![job(
+            entity,
+            json!({"entity": entity, "deletedIds": record_ids}),
+        )],
         WebhookNotification::CatchUp { entity, .. } => {
             vec![job(entity, json!({"entity": entity}))]
         }

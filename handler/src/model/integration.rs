@@ -98,6 +98,9 @@ pub struct WebhookSubscription {
     pub resource: String,
     #[serde(with = "super::timestamp::fixed")]
     pub expires_at: DateTime<Utc>,
+    /// What the provider also needs to stop it (a Drive channel's `resourceId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
 }
 
 impl WebhookSubscription {
