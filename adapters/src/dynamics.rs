@@ -34,7 +34,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::Method;
 use serde_json::{Map, Value};
 
-use crate::microsoft::{self, Api};
+use crate::api::{Api, Dialect, TokenRequest};
+use crate::microsoft;
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
     RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
@@ -50,7 +51,24 @@ const IDS_PER_QUERY: usize = 50;
 const EXPIRED_VERSION: &str = "0x80044352";
 
 pub struct Dynamics365 {
-    api: Api,
+    api: Api<Dataverse>,
+}
+
+/// Dataverse as the shared request loop speaks it.
+struct Dataverse;
+
+impl Dialect for Dataverse {
+    fn service(&self) -> &'static str {
+        "Dataverse"
+    }
+
+    fn token_request(&self, conn: &Connection) -> TokenRequest {
+        microsoft::token_request(conn, &Dynamics365::scope(conn))
+    }
+
+    fn error(&self, status: reqwest::StatusCode, body: &Value) -> ProviderError {
+        microsoft::answer_error(status, body)
+    }
 }
 
 impl Default for Dynamics365 {
@@ -63,7 +81,7 @@ impl Dynamics365 {
     pub fn new() -> Self {
         Self {
             api: Api::new(
-                "Dataverse",
+                Dataverse,
                 RateLimiter::new(60).with_window(6000, std::time::Duration::from_secs(300)),
             ),
         }
@@ -121,12 +139,7 @@ impl Dynamics365 {
             ("OData-Version", "4.0".to_string()),
             ("Prefer", prefer.to_string()),
         ];
-        let scope = Self::scope(conn);
-        match self
-            .api
-            .send(conn, &scope, Method::GET, url, &headers, None)
-            .await
-        {
+        match self.api.send(conn, Method::GET, url, &headers, None).await {
             Ok(answer) => Ok(answer.body),
             Err(e)
                 if e.message.contains(EXPIRED_VERSION)
@@ -396,11 +409,7 @@ impl Dynamics365 {
             ("Prefer", "return=representation".to_string()),
         ];
         headers.extend(extra.iter().cloned());
-        let scope = Self::scope(conn);
-        let answer = self
-            .api
-            .send(conn, &scope, method, url, &headers, body)
-            .await?;
+        let answer = self.api.send(conn, method, url, &headers, body).await?;
         Ok(answer.body)
     }
 
@@ -508,8 +517,7 @@ impl TokenRefresh for Dynamics365 {
         &self,
         conn: &mut Connection,
     ) -> Result<Option<DateTime<Utc>>, ProviderError> {
-        let scope = Self::scope(conn);
-        self.api.refresh(conn, &scope).await
+        self.api.refresh(conn).await
     }
 }
 

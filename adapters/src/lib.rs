@@ -19,6 +19,7 @@
 //! Adapters must not touch the shard store, the queues or the secret store, and must never put
 //! a token, key or password in an error message.
 
+pub mod api;
 pub mod bulk_import;
 pub mod credentials;
 pub mod dynamics;

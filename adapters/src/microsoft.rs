@@ -7,21 +7,16 @@
 //!   the client-credentials grant for app-only access, with the scope the service needs. They
 //!   expire in about an hour (`expires_in`), so a connection refreshes a token about to
 //!   expire before using it, and the token refresher refreshes them ahead of time.
-//! * [`Api::send`] paces requests per integration, refreshes once on a 401, retries 429 and 5xx
-//!   in place after `Retry-After`, and turns `{"error": {"code", "message"}}` into a
-//!   [`ProviderError`] that keeps the service's code.
+//! * Errors come as `{"error": {"code", "message"}}`; [`answer_error`] keeps the service's
+//!   code in the message. The adapters send through [`crate::api::Api`] with their dialect.
 
-use std::sync::OnceLock;
-use std::time::Duration;
-
-use chrono::{DateTime, Utc};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Map, Value};
 
-use crate::credentials::Refreshed;
-use crate::http::{self, Retries};
-use crate::oauth::{self, Grant};
-use crate::{Connection, ErrorCode, ProviderError, RateLimiter};
+use crate::api::TokenRequest;
+use crate::http;
+use crate::oauth::{ClientAuth, Grant};
+use crate::{Connection, ErrorCode, ProviderError};
 
 /// The identity platform's token endpoint for `tenant`.
 pub fn default_token_url(tenant: &str) -> String {
@@ -63,144 +58,25 @@ pub fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
     ProviderError::new(http::status_code(status), text)
 }
 
-/// An answer that succeeded.
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Value,
-}
-
-/// One Microsoft service as an adapter talks to it.
-pub struct Api {
-    /// What errors call the service ("Dataverse", "Microsoft Graph").
-    service: &'static str,
-    http: OnceLock<reqwest::Client>,
-    limiter: RateLimiter,
-}
-
-impl Api {
-    pub fn new(service: &'static str, limiter: RateLimiter) -> Self {
-        Self {
-            service,
-            http: OnceLock::new(),
-            limiter,
-        }
+/// The token request of a Microsoft connection for `scope`: the identity platform's endpoint
+/// for its tenant (or its `tokenUrl`); a delegated connection also asks for `offline_access`,
+/// which is what returns the next refresh token.
+pub fn token_request(conn: &Connection, scope: &str) -> TokenRequest {
+    let url = match conn.setting("tokenUrl") {
+        Some(url) => url.to_string(),
+        None => default_token_url(conn.setting("tenantId").unwrap_or("common")),
+    };
+    let mut scope = scope.to_string();
+    if Grant::for_credentials(&conn.credentials) == Grant::RefreshToken
+        && !scope.ends_with("/.default")
+    {
+        scope.push_str(" offline_access");
     }
-
-    fn http(&self) -> &reqwest::Client {
-        // Built on first use: a cold start that has no work for this service pays nothing.
-        self.http.get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .connect_timeout(Duration::from_secs(10))
-                .build()
-                .expect("an HTTP client with default TLS builds")
-        })
-    }
-
-    /// Refreshes `conn`'s access token for `scope` (one refresh per integration at a time,
-    /// stored before use) and returns when it expires.
-    pub async fn refresh(
-        &self,
-        conn: &mut Connection,
-        scope: &str,
-    ) -> Result<Option<DateTime<Utc>>, ProviderError> {
-        let url = match conn.setting("tokenUrl") {
-            Some(url) => url.to_string(),
-            None => default_token_url(conn.setting("tenantId").unwrap_or("common")),
-        };
-        let retry = conn.retry;
-        let http = self.http();
-        let mut expires_at = None;
-        crate::credentials::refresh(conn, |credentials| {
-            let grant = Grant::for_credentials(&credentials);
-            let mut scope = scope.to_string();
-            if grant == Grant::RefreshToken && !scope.ends_with("/.default") {
-                scope.push_str(" offline_access");
-            }
-            let url = url.clone();
-            async move {
-                let extra = [("scope", scope)];
-                let refreshed: Refreshed =
-                    oauth::exchange(http, &url, grant, &extra, credentials, retry).await?;
-                Ok(refreshed)
-            }
-        })
-        .await?;
-        if let Some(at) = conn
-            .credentials
-            .get(oauth::EXPIRES_AT)
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        {
-            expires_at = Some(at.with_timezone(&Utc));
-        }
-        Ok(expires_at)
-    }
-
-    /// Sends a request with `conn`'s token (refreshed first if it is missing or about to
-    /// expire, and once more on a 401), retrying in place what waiting can fix.
-    pub async fn send(
-        &self,
-        conn: &mut Connection,
-        scope: &str,
-        method: Method,
-        url: &str,
-        headers: &[(&str, String)],
-        body: Option<&Value>,
-    ) -> Result<Answer, ProviderError> {
-        if !oauth::has_live_token(&conn.credentials, Utc::now()) {
-            self.refresh(conn, scope).await?;
-        }
-        let mut refreshed = false;
-        let mut retries = Retries::new(conn.retry);
-        loop {
-            let token = conn
-                .credentials
-                .get(oauth::ACCESS_TOKEN)
-                .unwrap_or_default();
-            let mut request = self
-                .http()
-                .request(method.clone(), url)
-                .bearer_auth(token)
-                .header("Accept", "application/json");
-            for (name, value) in headers {
-                request = request.header(*name, value);
-            }
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            self.limiter.acquire(&conn.integration_id).await;
-            let (error, retry_after) = match request.send().await {
-                Err(e) => (http::transport_error(self.service, &e), None),
-                Ok(response) => {
-                    let status = response.status();
-                    let headers = response.headers().clone();
-                    let retry_after = http::retry_after(&headers, Utc::now());
-                    let text = response.text().await.unwrap_or_default();
-                    let body: Value = if text.is_empty() {
-                        Value::Null
-                    } else {
-                        serde_json::from_str(&text).unwrap_or(Value::Null)
-                    };
-                    if status.is_success() {
-                        return Ok(Answer {
-                            status,
-                            headers,
-                            body,
-                        });
-                    }
-                    if status == StatusCode::UNAUTHORIZED && !refreshed {
-                        refreshed = true;
-                        self.refresh(conn, scope).await?;
-                        continue;
-                    }
-                    let mut error = answer_error(status, &body);
-                    error.message = format!("{}: {}", self.service, error.message);
-                    (error, retry_after)
-                }
-            };
-            retries.wait_or_fail(error, retry_after).await?;
-        }
+    TokenRequest {
+        url,
+        extra: vec![("scope", scope)],
+        client_auth: ClientAuth::Form,
+        grant: None,
     }
 }
 

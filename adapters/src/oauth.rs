@@ -22,6 +22,8 @@ pub enum Grant {
     RefreshToken,
     /// With the client's own id and secret (app-only access).
     ClientCredentials,
+    /// Zoom's Server-to-Server OAuth: the client's id and secret for one account.
+    AccountCredentials,
 }
 
 impl Grant {
@@ -33,6 +35,23 @@ impl Grant {
             Self::ClientCredentials
         }
     }
+}
+
+/// How the client proves who it is: its id and secret in the form (most providers), or as
+/// HTTP Basic authentication (Zoom, Gong).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Form,
+    Basic,
+}
+
+/// One token request to make.
+pub struct Exchange<'a> {
+    pub url: &'a str,
+    pub grant: Grant,
+    /// More form fields (a scope, an account id).
+    pub extra: &'a [(&'static str, String)],
+    pub client_auth: ClientAuth,
 }
 
 /// Credentials keys the token request reads and writes.
@@ -52,14 +71,11 @@ pub fn has_live_token(credentials: &Credentials, now: DateTime<Utc>) -> bool {
             .is_none_or(|t| t.with_timezone(&Utc) > now + Duration::minutes(1))
 }
 
-/// Sends `grant` to `url` with the client's `client_id` and `client_secret` from
-/// `credentials` and the `extra` form fields (a scope), and returns the credentials updated
-/// with what the provider answered.
+/// Sends `request` with the client's `client_id` and `client_secret` from `credentials`, and
+/// returns the credentials updated with what the provider answered.
 pub async fn exchange(
     http: &reqwest::Client,
-    url: &str,
-    grant: Grant,
-    extra: &[(&str, String)],
+    request: &Exchange<'_>,
     mut credentials: Credentials,
     retry: RetryPolicy,
 ) -> Result<Refreshed, ProviderError> {
@@ -71,12 +87,17 @@ pub async fn exchange(
     };
     let client_id = credentials
         .get("client_id")
-        .ok_or_else(|| missing("client_id"))?;
-    let mut form = vec![("client_id", client_id.to_string())];
-    if let Some(secret) = credentials.get("client_secret") {
-        form.push(("client_secret", secret.to_string()));
+        .ok_or_else(|| missing("client_id"))?
+        .to_string();
+    let client_secret = credentials.get("client_secret").map(str::to_string);
+    let mut form: Vec<(&str, String)> = Vec::new();
+    if request.client_auth == ClientAuth::Form {
+        form.push(("client_id", client_id.clone()));
+        if let Some(secret) = &client_secret {
+            form.push(("client_secret", secret.clone()));
+        }
     }
-    match grant {
+    match request.grant {
         Grant::RefreshToken => {
             let token = credentials
                 .get(REFRESH_TOKEN)
@@ -85,23 +106,31 @@ pub async fn exchange(
             form.push((REFRESH_TOKEN, token.to_string()));
         }
         Grant::ClientCredentials => {
-            if credentials.get("client_secret").is_none() {
+            if client_secret.is_none() {
                 return Err(missing("client_secret"));
             }
             form.push(("grant_type", "client_credentials".into()));
         }
+        Grant::AccountCredentials => {
+            if client_secret.is_none() {
+                return Err(missing("client_secret"));
+            }
+            form.push(("grant_type", "account_credentials".into()));
+        }
     }
-    form.extend(extra.iter().cloned());
+    form.extend(request.extra.iter().cloned());
+    let url = request.url;
 
     let mut retries = Retries::new(retry);
     let body = loop {
-        let (error, retry_after) = match http
+        let mut post = http
             .post(url)
             .form(&form)
-            .header("Accept", "application/json")
-            .send()
-            .await
-        {
+            .header("Accept", "application/json");
+        if request.client_auth == ClientAuth::Basic {
+            post = post.basic_auth(&client_id, client_secret.as_deref());
+        }
+        let (error, retry_after) = match post.send().await {
             Err(e) => (http::transport_error("the token endpoint", &e), None),
             Ok(response) => {
                 let status = response.status();

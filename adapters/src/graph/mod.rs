@@ -27,7 +27,8 @@ use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
-use crate::microsoft::{self, Api};
+use crate::api::{Api, Dialect, TokenRequest};
+use crate::microsoft;
 use crate::{
     Connection, ErrorCode, ProviderError, RateLimiter, RouteKey, SubscriptionAction,
     SubscriptionInfo, SubscriptionRequest, WebhookAnswer, WebhookDelivery, WebhookError,
@@ -40,9 +41,32 @@ const GRAPH_RESOURCE: &str = "https://graph.microsoft.com";
 
 /// A Graph client for one service (OneDrive, Teams).
 pub struct Graph {
-    api: Api,
+    api: Api<GraphDialect>,
+}
+
+/// Microsoft Graph as the shared request loop speaks it.
+struct GraphDialect {
     /// The delegated permission asked for with a refresh token.
     delegated_scope: &'static str,
+}
+
+impl Dialect for GraphDialect {
+    fn service(&self) -> &'static str {
+        "Microsoft Graph"
+    }
+
+    fn token_request(&self, conn: &Connection) -> TokenRequest {
+        let scope = if conn.credentials.get("refresh_token").is_some() {
+            format!("{GRAPH_RESOURCE}/{}", self.delegated_scope)
+        } else {
+            format!("{GRAPH_RESOURCE}/.default")
+        };
+        microsoft::token_request(conn, &scope)
+    }
+
+    fn error(&self, status: reqwest::StatusCode, body: &Value) -> ProviderError {
+        microsoft::answer_error(status, body)
+    }
 }
 
 impl Graph {
@@ -50,8 +74,10 @@ impl Graph {
     /// allows 4 a second on one team or channel (`per_second`).
     pub fn new(per_second: u32, delegated_scope: &'static str) -> Self {
         Self {
-            api: Api::new("Microsoft Graph", RateLimiter::new(per_second)),
-            delegated_scope,
+            api: Api::new(
+                GraphDialect { delegated_scope },
+                RateLimiter::new(per_second),
+            ),
         }
     }
 
@@ -59,20 +85,11 @@ impl Graph {
         conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE)
     }
 
-    fn scope(&self, conn: &Connection) -> String {
-        if conn.credentials.get("refresh_token").is_some() {
-            format!("{GRAPH_RESOURCE}/{}", self.delegated_scope)
-        } else {
-            format!("{GRAPH_RESOURCE}/.default")
-        }
-    }
-
     pub async fn refresh(
         &self,
         conn: &mut Connection,
     ) -> Result<Option<DateTime<Utc>>, ProviderError> {
-        let scope = self.scope(conn);
-        self.api.refresh(conn, &scope).await
+        self.api.refresh(conn).await
     }
 
     /// Sends a request to `url`, which must be under the integration's API base: links come
@@ -90,10 +107,9 @@ impl Graph {
                 "a Graph link points outside the integration's apiBaseUrl",
             ));
         }
-        let scope = self.scope(conn);
         let answer = self
             .api
-            .send(conn, &scope, method, url, &[], body)
+            .send(conn, method, url, &[], body)
             .await
             .map_err(|e| {
                 let expired = ["resyncRequired", "syncStateNotFound", "410 Gone"];

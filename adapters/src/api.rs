@@ -1,0 +1,175 @@
+//! A JSON API behind OAuth bearer tokens: the request loop every OAuth adapter shares.
+//!
+//! [`Api::send`] paces requests per integration, gets a token first if the connection has no
+//! live one (refreshed a minute before it expires), refreshes once more on a 401, retries in
+//! place what waiting can fix (429, 5xx, timeouts, after `Retry-After`), and turns the
+//! service's error body into a [`ProviderError`]. What differs between services is a
+//! [`Dialect`]: where tokens come from and with which grant and scope, and how errors read.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::http::{self, Retries};
+use crate::oauth::{self, ClientAuth, Grant};
+use crate::{Connection, ProviderError, RateLimiter};
+
+/// One token request: where, with which extra form fields (a scope), and how the client
+/// authenticates.
+pub struct TokenRequest {
+    pub url: String,
+    pub extra: Vec<(&'static str, String)>,
+    pub client_auth: ClientAuth,
+    /// The grant; `None` picks the one the credentials allow.
+    pub grant: Option<Grant>,
+}
+
+/// What makes one service's API different from another's.
+pub trait Dialect: Send + Sync {
+    /// What errors call the service ("Dataverse", "Zoom").
+    fn service(&self) -> &'static str;
+
+    /// How this connection gets a token.
+    fn token_request(&self, conn: &Connection) -> TokenRequest;
+
+    /// The error the service answered with `status` and `body`.
+    fn error(&self, status: StatusCode, body: &Value) -> ProviderError {
+        let message = body["error"]["message"]
+            .as_str()
+            .or_else(|| body["message"].as_str())
+            .unwrap_or_default();
+        ProviderError::new(http::status_code(status), format!("{status}: {message}"))
+    }
+}
+
+/// An answer that succeeded.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+/// One service as an adapter talks to it.
+pub struct Api<D> {
+    dialect: D,
+    http: OnceLock<reqwest::Client>,
+    limiter: RateLimiter,
+}
+
+impl<D: Dialect> Api<D> {
+    pub fn new(dialect: D, limiter: RateLimiter) -> Self {
+        Self {
+            dialect,
+            http: OnceLock::new(),
+            limiter,
+        }
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        // Built on first use: a cold start that has no work for this service pays nothing.
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .expect("an HTTP client with default TLS builds")
+        })
+    }
+
+    /// Refreshes `conn`'s access token (one refresh per integration at a time, stored before
+    /// use) and returns when it expires.
+    pub async fn refresh(
+        &self,
+        conn: &mut Connection,
+    ) -> Result<Option<DateTime<Utc>>, ProviderError> {
+        let token = self.dialect.token_request(conn);
+        let retry = conn.retry;
+        let http = self.http();
+        crate::credentials::refresh(conn, |credentials| {
+            let grant = token
+                .grant
+                .unwrap_or_else(|| Grant::for_credentials(&credentials));
+            let request = oauth::Exchange {
+                url: &token.url,
+                grant,
+                extra: &token.extra,
+                client_auth: token.client_auth,
+            };
+            async move { oauth::exchange(http, &request, credentials, retry).await }
+        })
+        .await?;
+        Ok(conn
+            .credentials
+            .get(oauth::EXPIRES_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)))
+    }
+
+    /// Sends a request with `conn`'s token, retrying in place what waiting can fix.
+    pub async fn send(
+        &self,
+        conn: &mut Connection,
+        method: Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Answer, ProviderError> {
+        if !oauth::has_live_token(&conn.credentials, Utc::now()) {
+            self.refresh(conn).await?;
+        }
+        let service = self.dialect.service();
+        let mut refreshed = false;
+        let mut retries = Retries::new(conn.retry);
+        loop {
+            let token = conn
+                .credentials
+                .get(oauth::ACCESS_TOKEN)
+                .unwrap_or_default();
+            let mut request = self
+                .http()
+                .request(method.clone(), url)
+                .bearer_auth(token)
+                .header("Accept", "application/json");
+            for (name, value) in headers {
+                request = request.header(*name, value);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            self.limiter.acquire(&conn.integration_id).await;
+            let (error, retry_after) = match request.send().await {
+                Err(e) => (http::transport_error(service, &e), None),
+                Ok(response) => {
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    let retry_after = http::retry_after(&headers, Utc::now());
+                    let text = response.text().await.unwrap_or_default();
+                    let body: Value = if text.is_empty() {
+                        Value::Null
+                    } else {
+                        serde_json::from_str(&text).unwrap_or(Value::Null)
+                    };
+                    if status.is_success() {
+                        return Ok(Answer {
+                            status,
+                            headers,
+                            body,
+                        });
+                    }
+                    if status == StatusCode::UNAUTHORIZED && !refreshed {
+                        refreshed = true;
+                        self.refresh(conn).await?;
+                        continue;
+                    }
+                    let mut error = self.dialect.error(status, &body);
+                    error.message = format!("{service}: {}", error.message);
+                    (error, retry_after)
+                }
+            };
+            retries.wait_or_fail(error, retry_after).await?;
+        }
+    }
+}
