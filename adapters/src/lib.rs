@@ -23,6 +23,7 @@ pub mod api;
 pub mod bulk_import;
 pub mod credentials;
 pub mod dynamics;
+pub mod google_drive;
 pub mod graph;
 pub mod http;
 pub mod microsoft;
@@ -255,6 +256,7 @@ impl Registry {
             .with(Arc::new(dynamics::Dynamics365::new()))
             .with(Arc::new(graph::onedrive::OneDrive::new()))
             .with(Arc::new(graph::teams::Teams::new()))
+            .with(Arc::new(google_drive::GoogleDrive::new()))
     }
 
     /// Adds a provider client, replacing any with the same name.
@@ -432,6 +434,7 @@ mod tests {
             [
                 "bulk_import",
                 "dynamics365",
+                "google_drive",
                 "onedrive",
                 "salesforce",
                 "teams"

@@ -1,0 +1,580 @@
+//! Google Drive over the Drive API v3.
+//!
+//! * One entity, `files`. A full sync asks for a `startPageToken` first, then lists the files
+//!   (`files.list`, `nextPageToken`, up to 1,000 a page), and keeps that start token as the
+//!   cursor, so changes made while it listed are read by the next sync. An incremental sync
+//!   reads `changes.list` from the cursor; its last page's `newStartPageToken` is the next
+//!   cursor. A change with `removed: true`, or a file in the trash, is a deletion. A page token
+//!   Drive refuses restarts the entity from the beginning.
+//! * Shared drives: `driveId` syncs one shared drive; `includeSharedDrives` adds every shared
+//!   drive the user can see to My Drive.
+//! * Tokens: Google's OAuth endpoint with the refresh-token grant. Google does not rotate
+//!   refresh tokens; a revoked one answers `invalid_grant`. Access tokens last an hour.
+//! * Limits: 403 `userRateLimitExceeded` / `rateLimitExceeded` and 429 are retried with
+//!   backoff like a 503; the adapter paces itself at 10 requests a second per integration.
+//! * Push notifications: a `changes.watch` channel per integration delivers to
+//!   `/api/webhooks/google_drive` with the channel's id (the routing key) and its secret token
+//!   in `X-Goog-Channel-Token`. The first message, `sync`, is acknowledged; `change` asks for a
+//!   catch-up sync (notifications carry no file). Channels cannot be renewed: a new one
+//!   replaces the old, which is stopped with its `resourceId`.
+//!
+//! Connection settings: `tokenUrl` (default `https://oauth2.googleapis.com/token`), `apiBaseUrl`
+//! (default `https://www.googleapis.com/drive/v3`), `driveId`, `includeSharedDrives`.
+//! Credentials: `client_id`, `client_secret`, `refresh_token` (scope
+//! `https://www.googleapis.com/auth/drive.readonly`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use reqwest::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::api::{Api, Dialect, TokenRequest};
+use crate::oauth::{ClientAuth, Grant};
+use crate::{
+    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
+    RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookAnswer,
+    WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest, WebhookRoute, Webhooks,
+};
+
+pub const ENTITY: &str = "files";
+const DEFAULT_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+const DEFAULT_API_BASE: &str = "https://www.googleapis.com/drive/v3";
+/// The most files or changes Drive returns per page.
+const MAX_PAGE_SIZE: usize = 1000;
+/// Drive keeps a changes channel for a week at most.
+const MAX_CHANNEL_DAYS: i64 = 7;
+/// The file fields every sync reads; a mapping may ask for more.
+const FILE_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "mimeType",
+    "modifiedTime",
+    "trashed",
+    "parents",
+    "size",
+    "version",
+    "driveId",
+    "webViewLink",
+];
+
+pub struct GoogleDrive {
+    api: Api<Google>,
+}
+
+impl Default for GoogleDrive {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Google's APIs as the shared request loop speaks them.
+struct Google;
+
+impl Dialect for Google {
+    fn service(&self) -> &'static str {
+        "Google Drive"
+    }
+
+    fn token_request(&self, conn: &Connection) -> TokenRequest {
+        TokenRequest {
+            url: conn
+                .setting("tokenUrl")
+                .unwrap_or(DEFAULT_TOKEN_URL)
+                .to_string(),
+            extra: Vec::new(),
+            client_auth: ClientAuth::Form,
+            grant: Some(Grant::RefreshToken),
+        }
+    }
+
+    /// Google says "slow down" with a 403 as often as with a 429; only the reason tells it
+    /// from a permission refused.
+    fn error(&self, status: StatusCode, body: &Value) -> ProviderError {
+        let reason = body["error"]["errors"][0]["reason"].as_str().unwrap_or("");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        let code = match (status.as_u16(), reason) {
+            (403, "userRateLimitExceeded" | "rateLimitExceeded") => ErrorCode::RateLimit,
+            _ => crate::http::status_code(status),
+        };
+        let mut text = format!("{status}");
+        if !reason.is_empty() {
+            text.push_str(&format!(" {reason}"));
+        }
+        if !message.is_empty() {
+            text.push_str(&format!(": {message}"));
+        }
+        ProviderError::new(code, text)
+    }
+}
+
+/// Where a sync stands between pages.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "phase", rename_all = "lowercase")]
+enum Position {
+    /// Listing files for a full sync; `start` becomes the cursor when the list ends.
+    List { start: String, next: String },
+    /// Reading changes.
+    Changes { next: String },
+}
+
+impl GoogleDrive {
+    pub fn new() -> Self {
+        Self {
+            api: Api::new(Google, RateLimiter::new(10)),
+        }
+    }
+
+    fn base(conn: &Connection) -> &str {
+        conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE)
+    }
+
+    /// The query parameters that say which drives a request covers.
+    fn drive_params(conn: &Connection) -> Vec<(&'static str, String)> {
+        let mut params = vec![("supportsAllDrives", "true".to_string())];
+        if let Some(drive) = conn.setting("driveId") {
+            params.push(("includeItemsFromAllDrives", "true".into()));
+            params.push(("driveId", drive.to_string()));
+        } else if conn
+            .settings
+            .get("includeSharedDrives")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            params.push(("includeItemsFromAllDrives", "true".into()));
+        }
+        params
+    }
+
+    async fn get(
+        &self,
+        conn: &mut Connection,
+        path: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, ProviderError> {
+        let mut url =
+            reqwest::Url::parse(&format!("{}{path}", Self::base(conn))).map_err(|_| {
+                ProviderError::new(
+                    ErrorCode::ValidationError,
+                    "connection.apiBaseUrl is not a URL",
+                )
+            })?;
+        url.query_pairs_mut().extend_pairs(params);
+        Ok(self
+            .api
+            .send(conn, Method::GET, url.as_str(), &[], None)
+            .await?
+            .body)
+    }
+
+    async fn post(
+        &self,
+        conn: &mut Connection,
+        path: &str,
+        params: &[(&str, String)],
+        body: &Value,
+    ) -> Result<Value, ProviderError> {
+        let mut url =
+            reqwest::Url::parse(&format!("{}{path}", Self::base(conn))).map_err(|_| {
+                ProviderError::new(
+                    ErrorCode::ValidationError,
+                    "connection.apiBaseUrl is not a URL",
+                )
+            })?;
+        url.query_pairs_mut().extend_pairs(params);
+        Ok(self
+            .api
+            .send(conn, Method::POST, url.as_str(), &[], Some(body))
+            .await?
+            .body)
+    }
+
+    async fn start_token(&self, conn: &mut Connection) -> Result<String, ProviderError> {
+        let params = Self::drive_params(conn);
+        let body = self.get(conn, "/changes/startPageToken", &params).await?;
+        body["startPageToken"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                ProviderError::new(ErrorCode::ValidationError, "Drive gave no startPageToken")
+            })
+    }
+}
+
+/// The file fields to ask for: the ones every sync reads and the mapping's (top level).
+fn file_fields(request: &FetchRequest) -> String {
+    let mut fields: Vec<String> = FILE_FIELDS.iter().map(|f| f.to_string()).collect();
+    for field in &request.fields {
+        let top = field.split('.').next().unwrap_or_default();
+        if !top.is_empty()
+            && top.chars().all(|c| c.is_ascii_alphanumeric())
+            && !fields.iter().any(|f| f == top)
+        {
+            fields.push(top.to_string());
+        }
+    }
+    fields.join(",")
+}
+
+fn record_of(file: &Map<String, Value>) -> Option<Record> {
+    let id = file.get("id")?.as_str()?.to_string();
+    Some(Record {
+        id,
+        modified_at: file
+            .get("modifiedTime")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
+        deleted: file
+            .get("trashed")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        fields: file.clone(),
+    })
+}
+
+fn is_bad_page_token(e: &ProviderError) -> bool {
+    e.code == ErrorCode::ValidationError && e.message.contains("400")
+}
+
+#[async_trait]
+impl Pull for GoogleDrive {
+    async fn fetch_page(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
+        if request.entity != ENTITY {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("Google Drive syncs `{ENTITY}`, not `{}`", request.entity),
+            ));
+        }
+        let position = match (&request.page_token, &request.cursor) {
+            (Some(token), _) => serde_json::from_str(token).map_err(|_| {
+                ProviderError::new(ErrorCode::ValidationError, "unreadable Drive page token")
+            })?,
+            (None, Some(cursor)) => Position::Changes {
+                next: cursor.clone(),
+            },
+            (None, None) => Position::List {
+                start: self.start_token(conn).await?,
+                next: String::new(),
+            },
+        };
+        let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
+        let fields = file_fields(request);
+        let mut params = Self::drive_params(conn);
+        params.push(("pageSize", size));
+        match position {
+            Position::List { start, next } => {
+                params.push(("fields", format!("nextPageToken,files({fields})")));
+                params.push(("q", "trashed = false".into()));
+                if conn.setting("driveId").is_some() {
+                    params.push(("corpora", "drive".into()));
+                } else if params
+                    .iter()
+                    .any(|(n, _)| *n == "includeItemsFromAllDrives")
+                {
+                    params.push(("corpora", "allDrives".into()));
+                }
+                if !next.is_empty() {
+                    params.push(("pageToken", next));
+                }
+                let body = self.get(conn, "/files", &params).await?;
+                let records = body["files"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_object)
+                    .filter_map(record_of)
+                    .collect();
+                let (next_page, cursor) = match body["nextPageToken"].as_str() {
+                    Some(next) => (
+                        Some(Position::List {
+                            start,
+                            next: next.to_string(),
+                        }),
+                        None,
+                    ),
+                    None => (None, Some(start)),
+                };
+                Ok(Page {
+                    records,
+                    next_page: next_page.map(|p| json!(p).to_string()),
+                    query: Some("files.list q=trashed = false".into()),
+                    stop_after: None,
+                    cursor,
+                })
+            }
+            Position::Changes { next } => {
+                params.push((
+                    "fields",
+                    format!(
+                        "nextPageToken,newStartPageToken,changes(changeType,time,removed,fileId,file({fields}))"
+                    ),
+                ));
+                params.push(("includeRemoved", "true".into()));
+                params.push(("pageToken", next));
+                let body = match self.get(conn, "/changes", &params).await {
+                    Err(e) if is_bad_page_token(&e) => {
+                        return Err(ProviderError::resync_required(e.message));
+                    }
+                    other => other?,
+                };
+                let mut records = Vec::new();
+                for change in body["changes"].as_array().into_iter().flatten() {
+                    if change["changeType"].as_str().is_some_and(|t| t != "file") {
+                        continue;
+                    }
+                    let Some(id) = change["fileId"].as_str() else {
+                        continue;
+                    };
+                    let removed = change["removed"].as_bool().unwrap_or(false);
+                    match change["file"].as_object().filter(|_| !removed) {
+                        Some(file) => records.extend(record_of(file)),
+                        None => records.push(Record {
+                            id: id.to_string(),
+                            modified_at: None,
+                            deleted: true,
+                            fields: Map::new(),
+                        }),
+                    }
+                }
+                Ok(Page {
+                    records,
+                    next_page: body["nextPageToken"]
+                        .as_str()
+                        .map(|n| json!(Position::Changes { next: n.into() }).to_string()),
+                    query: Some("changes.list".into()),
+                    stop_after: None,
+                    cursor: body["newStartPageToken"].as_str().map(str::to_string),
+                })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TokenRefresh for GoogleDrive {
+    async fn refresh_token(
+        &self,
+        conn: &mut Connection,
+    ) -> Result<Option<DateTime<Utc>>, ProviderError> {
+        self.api.refresh(conn).await
+    }
+}
+
+fn header<'a>(request: &'a WebhookRequest<'_>, name: &str) -> Result<&'a str, WebhookError> {
+    request
+        .header(name)
+        .ok_or_else(|| WebhookError::Malformed(format!("a Drive notification has no {name}")))
+}
+
+#[async_trait]
+impl Webhooks for GoogleDrive {
+    fn route(&self, request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError> {
+        let channel = header(request, "X-Goog-Channel-ID")?;
+        Ok(WebhookRoute::To(vec![RouteKey::Subscription(
+            channel.to_string(),
+        )]))
+    }
+
+    async fn verify(
+        &self,
+        conn: &Connection,
+        request: &WebhookRequest<'_>,
+        key: &RouteKey,
+    ) -> Result<WebhookDelivery, WebhookError> {
+        let RouteKey::Subscription(channel) = key else {
+            return Err(WebhookError::Malformed(
+                "a Drive notification is routed by channel".into(),
+            ));
+        };
+        let kept = conn
+            .credentials
+            .get(&format!("clientState:{channel}"))
+            .ok_or_else(|| {
+                WebhookError::Forged(format!("channel `{channel}` has no token kept"))
+            })?;
+        let given = request.header("X-Goog-Channel-Token").unwrap_or_default();
+        if !crate::same_secret(given, kept) {
+            return Err(WebhookError::Forged(
+                "the notification's X-Goog-Channel-Token is wrong".into(),
+            ));
+        }
+        let state = header(request, "X-Goog-Resource-State")?;
+        let number = header(request, "X-Goog-Message-Number")?;
+        let notifications = match state {
+            // The first message of a channel says only that it works.
+            "sync" => Vec::new(),
+            _ => vec![WebhookNotification::CatchUp {
+                id: format!("{channel}-{number}"),
+                entity: ENTITY.to_string(),
+            }],
+        };
+        Ok(WebhookDelivery {
+            notifications,
+            answer: WebhookAnswer::new(200, "text/plain; charset=utf-8", ""),
+        })
+    }
+}
+
+#[async_trait]
+impl Subscriptions for GoogleDrive {
+    fn resources(&self, settings: &Map<String, Value>, _entities: &[String]) -> Vec<String> {
+        match settings.get("driveId").and_then(Value::as_str) {
+            Some(drive) => vec![format!("changes?driveId={drive}")],
+            None => vec!["changes".into()],
+        }
+    }
+
+    fn max_lifetime(&self, _resource: &str) -> Duration {
+        Duration::days(MAX_CHANNEL_DAYS)
+    }
+
+    async fn subscribe(
+        &self,
+        conn: &mut Connection,
+        request: &SubscriptionRequest,
+    ) -> Result<SubscriptionInfo, ProviderError> {
+        // The channel id travels in every notification's headers; it is not the secret.
+        let id = format!("func-sync-{}", uuid::Uuid::new_v4().simple());
+        let mut params = Self::drive_params(conn);
+        params.push(("pageToken", self.start_token(conn).await?));
+        let body = json!({
+            "id": id,
+            "type": "web_hook",
+            "address": request.notification_url,
+            "token": request.client_state,
+            "expiration": request.expires_at.timestamp_millis().to_string(),
+        });
+        let channel = self.post(conn, "/changes/watch", &params, &body).await?;
+        let expires_at = channel["expiration"]
+            .as_str()
+            .and_then(|ms| ms.parse::<i64>().ok())
+            .and_then(DateTime::from_timestamp_millis)
+            .unwrap_or(request.expires_at);
+        Ok(SubscriptionInfo {
+            id: channel["id"].as_str().unwrap_or(&id).to_string(),
+            resource: request.resource.clone(),
+            expires_at,
+            resource_id: channel["resourceId"].as_str().map(str::to_string),
+        })
+    }
+
+    async fn renew(
+        &self,
+        _conn: &mut Connection,
+        subscription: &SubscriptionInfo,
+        _expires_at: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, ProviderError> {
+        Err(ProviderError::new(
+            ErrorCode::NotFound,
+            format!(
+                "Drive channel `{}` cannot be renewed; a new one replaces it",
+                subscription.id
+            ),
+        ))
+    }
+
+    async fn unsubscribe(
+        &self,
+        conn: &mut Connection,
+        subscription: &SubscriptionInfo,
+    ) -> Result<(), ProviderError> {
+        let body = json!({"id": subscription.id, "resourceId": subscription.resource_id});
+        match self.post(conn, "/channels/stop", &[], &body).await {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+impl Provider for GoogleDrive {
+    fn name(&self) -> &'static str {
+        "google_drive"
+    }
+
+    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
+        for name in ["tokenUrl", "apiBaseUrl"] {
+            if let Some(url) = crate::http::check_url(settings, name)? {
+                settings.insert(name.into(), Value::String(url));
+            }
+        }
+        if let Some(drive) = settings.get("driveId")
+            && !drive.as_str().is_some_and(|d| {
+                !d.is_empty()
+                    && d.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            })
+        {
+            return Err("connection.driveId must be a shared drive's id".into());
+        }
+        if settings
+            .get("includeSharedDrives")
+            .is_some_and(|v| !v.is_boolean())
+        {
+            return Err("connection.includeSharedDrives must be true or false".into());
+        }
+        Ok(())
+    }
+
+    fn token_refresh(&self) -> Option<&dyn TokenRefresh> {
+        Some(self)
+    }
+
+    fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+
+    fn subscriptions(&self) -> Option<&dyn Subscriptions> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_403_is_a_rate_limit_only_when_google_says_so() {
+        let body = |reason: &str| json!({"error": {"code": 403, "message": "m", "errors": [{"reason": reason}]}});
+        let e = Google.error(StatusCode::FORBIDDEN, &body("userRateLimitExceeded"));
+        assert_eq!(e.code, ErrorCode::RateLimit);
+        assert!(e.is_retryable());
+        let e = Google.error(StatusCode::FORBIDDEN, &body("rateLimitExceeded"));
+        assert_eq!(e.code, ErrorCode::RateLimit);
+        let e = Google.error(StatusCode::FORBIDDEN, &body("insufficientFilePermissions"));
+        assert_eq!(e.code, ErrorCode::InvalidCredentials);
+    }
+
+    #[test]
+    fn page_tokens_say_which_phase_a_sync_is_in() {
+        let list = Position::List {
+            start: "42".into(),
+            next: "~!abc".into(),
+        };
+        let text = json!(list).to_string();
+        assert_eq!(text, r#"{"next":"~!abc","phase":"list","start":"42"}"#);
+        assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), list);
+    }
+
+    #[test]
+    fn mapped_fields_are_added_to_the_selection() {
+        let request = FetchRequest {
+            entity: ENTITY.into(),
+            fields: vec![
+                "owners.displayName".into(),
+                "name".into(),
+                "bad field".into(),
+            ],
+            cursor: None,
+            page_token: None,
+            filters: vec![],
+            page_size: 100,
+        };
+        let fields = file_fields(&request);
+        assert!(fields.ends_with(",webViewLink,owners"), "{fields}");
+    }
+}
