@@ -31,6 +31,7 @@ pub mod oauth;
 mod rate_limit;
 pub mod salesforce;
 mod types;
+pub mod zoom;
 
 pub use rate_limit::RateLimiter;
 pub use types::*;
@@ -257,6 +258,7 @@ impl Registry {
             .with(Arc::new(graph::onedrive::OneDrive::new()))
             .with(Arc::new(graph::teams::Teams::new()))
             .with(Arc::new(google_drive::GoogleDrive::new()))
+            .with(Arc::new(zoom::Zoom::new()))
     }
 
     /// Adds a provider client, replacing any with the same name.
@@ -428,7 +430,7 @@ mod tests {
     fn the_standard_registry_has_this_builds_providers() {
         let registry = Registry::standard();
         assert!(registry.get("salesforce").is_some());
-        assert!(registry.get("zoom").is_none());
+        assert!(registry.get("workday").is_none());
         assert_eq!(
             registry.names().collect::<Vec<_>>(),
             [
@@ -437,7 +439,8 @@ mod tests {
                 "google_drive",
                 "onedrive",
                 "salesforce",
-                "teams"
+                "teams",
+                "zoom"
             ]
         );
     }

@@ -124,7 +124,7 @@ async fn the_scheduler_on_its_first_timer_run_enqueues_a_due_integration_once() 
 #[tokio::test]
 async fn a_job_for_a_provider_without_an_adapter_fails_with_history_and_a_dead_letter() {
     let app = TestApp::new();
-    app.plant_integration(integration_of("int-acme-sf", "zoom"))
+    app.plant_integration(integration_of("int-acme-sf", "workday"))
         .await;
     let handler = app.host_handler().await;
     let job = json!({
@@ -243,7 +243,7 @@ async fn a_webhook_without_a_body_or_for_an_unknown_provider_gets_a_4xx_with_a_r
     let res = handler
         .invoke(
             "WebhookReceiver",
-            &http_request_without_body("WebhookReceiver", "POST", "zoom"),
+            &http_request_without_body("WebhookReceiver", "POST", "workday"),
         )
         .await;
     assert!(
@@ -254,12 +254,12 @@ async fn a_webhook_without_a_body_or_for_an_unknown_provider_gets_a_4xx_with_a_r
     assert_eq!(out["statusCode"], 404);
     assert_eq!(out["headers"]["Content-Type"], "application/json");
     let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
-    assert_eq!(body["error"], "no webhook receiver for provider `zoom`");
+    assert_eq!(body["error"], "no webhook receiver for provider `workday`");
 
     let res = handler
         .invoke(
             "WebhookReceiver",
-            &http_request_without_body("WebhookReceiver", "GET", "zoom"),
+            &http_request_without_body("WebhookReceiver", "GET", "workday"),
         )
         .await;
     assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 405);

@@ -35,7 +35,7 @@ async fn history(app: &TestApp) -> Vec<Value> {
 async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_replayed() {
     let app = TestApp::new();
     // Manual, so that the runtime's own scheduler does not add syncs while the test runs.
-    let mut integration = integration_of("int-acme-sf", "zoom");
+    let mut integration = integration_of("int-acme-sf", "workday");
     integration["structuredData"]["syncFrequency"] = json!({"type": "manual"});
     app.plant_integration(integration).await;
     let _runtime = app.start_local().await;
@@ -107,7 +107,7 @@ async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_repla
 async fn a_webhook_reaches_the_receiver_through_the_front_door() {
     let app = TestApp::new();
     let runtime = app.start_local().await;
-    let url = format!("http://{}/api/webhooks/zoom?x=1", runtime.addr);
+    let url = format!("http://{}/api/webhooks/workday?x=1", runtime.addr);
     let (status, headers, body) = http_request(
         "POST",
         &url,
@@ -119,7 +119,7 @@ async fn a_webhook_reaches_the_receiver_through_the_front_door() {
     assert_eq!(status, 404);
     assert!(headers.contains(&("content-type".into(), "application/json".into())));
     let body: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["error"], "no webhook receiver for provider `zoom`");
+    assert_eq!(body["error"], "no webhook receiver for provider `workday`");
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ async fn tick(handler: &HostedHandler) -> Value {
 async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
     let app = TestApp::new();
     for i in 0..5 {
-        app.plant_integration(integration_of(&format!("int-{i}"), "zoom"))
+        app.plant_integration(integration_of(&format!("int-{i}"), "workday"))
             .await;
     }
     let handler = app
@@ -43,7 +43,7 @@ async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
         .unwrap();
     assert_eq!(check_due.data["deferred"], 2);
 
-    // One sync ends (it fails: no zoom adapter), freeing a slot.
+    // One sync ends (it fails: no workday adapter), freeing a slot.
     let queued = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
     assert_eq!(queued.len(), 3);
     handler.deliver("SyncInboundScheduled", &queued[0]).await;
@@ -121,7 +121,7 @@ async fn a_sync_that_continues_past_the_record_limit_holds_its_tenants_slot_unti
 #[tokio::test]
 async fn two_instances_ticking_at_once_enqueue_a_due_integration_once() {
     let app = TestApp::new();
-    app.plant_integration(integration_of("int-1", "zoom")).await;
+    app.plant_integration(integration_of("int-1", "workday")).await;
     let before = app.integration("int-1").await["structuredData"]["nextSyncAt"].clone();
     let a = app.host_handler().await;
     let b = app.host_handler().await;
@@ -152,7 +152,7 @@ async fn two_instances_ticking_at_once_enqueue_a_due_integration_once() {
 #[tokio::test]
 async fn a_frequent_schedule_is_held_to_the_minimum_interval() {
     let app = TestApp::new();
-    let mut every_minute = integration_of("int-1", "zoom");
+    let mut every_minute = integration_of("int-1", "workday");
     every_minute["structuredData"]["syncFrequency"] =
         json!({"type": "interval", "intervalMinutes": 1});
     app.plant_integration(every_minute).await;

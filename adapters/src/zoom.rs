@@ -1,0 +1,595 @@
+//! Zoom over its REST API v2.
+//!
+//! * Entities: `meetings` (a user's scheduled meetings, `/users/{userId}/meetings`) and
+//!   `recordings` (cloud recordings, `/users/{userId}/recordings`). Pages follow
+//!   `next_page_token` (an empty string at the end), up to 300 records.
+//! * Zoom has no modified-since filter. Meetings are listed whole on every sync (unchanged ones
+//!   cost no write, by content hash); recordings are listed by date windows (`from`/`to`, at
+//!   most a month each): a full sync walks from `recordingsSince` (default 90 days back) to
+//!   today, and the cursor is the day the next sync starts from, a day before the last one
+//!   read, so late recordings are not missed.
+//! * Deletions come only by webhook (`meeting.deleted`, `recording.trashed`,
+//!   `recording.deleted`).
+//! * Tokens: `POST {tokenUrl}` with the client authenticated by HTTP Basic. User-managed apps
+//!   refresh with a refresh token that Zoom rotates (the old one dies when the new one is
+//!   issued, so it is stored before use); Server-to-Server apps use the `account_credentials`
+//!   grant with `accountId`. Access tokens last an hour.
+//! * Limits: paced at 20 requests a second per integration; a 429's `Retry-After` is waited out.
+//! * Webhooks: Zoom signs each delivery: `x-zm-signature` is `v0=` and the hex HMAC-SHA256 of
+//!   `v0:{x-zm-request-timestamp}:{body}` under the app's secret token; deliveries older than
+//!   five minutes are refused as replays. `endpoint.url_validation` is answered with the
+//!   `plainToken` and its HMAC, `encryptedToken`. The webhook URL names the integration
+//!   (`/api/webhooks/zoom?integration={id}`), because an app's deliveries say nothing else a
+//!   route could use before the signature is checked.
+//!
+//! Connection settings: `tokenUrl` (default `https://zoom.us/oauth/token`), `apiBaseUrl`
+//! (default `https://api.zoom.us/v2`), `userId` (default `me`), `accountId` (Server-to-Server),
+//! `recordingsSince` (a date). Credentials: `client_id`, `client_secret`, `refresh_token` (for
+//! user-managed apps), `webhook_secret_token`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use hmac::{Hmac, Mac};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::Sha256;
+
+use crate::api::{Api, Dialect, TokenRequest};
+use crate::oauth::{ClientAuth, Grant};
+use crate::{
+    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
+    RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification,
+    WebhookRequest, WebhookRoute, Webhooks,
+};
+
+pub const MEETINGS: &str = "meetings";
+pub const RECORDINGS: &str = "recordings";
+const DEFAULT_TOKEN_URL: &str = "https://zoom.us/oauth/token";
+const DEFAULT_API_BASE: &str = "https://api.zoom.us/v2";
+const MAX_PAGE_SIZE: usize = 300;
+/// Zoom lists recordings by at most a month at a time.
+const WINDOW_DAYS: i64 = 30;
+/// How far back a first recordings sync reaches unless `recordingsSince` says.
+const DEFAULT_RECORDINGS_DAYS: i64 = 90;
+/// A delivery signed longer ago than this is a replay.
+const MAX_DELIVERY_AGE_SECONDS: i64 = 300;
+
+pub struct Zoom {
+    api: Api<ZoomApi>,
+}
+
+impl Default for Zoom {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct ZoomApi;
+
+impl Dialect for ZoomApi {
+    fn service(&self) -> &'static str {
+        "Zoom"
+    }
+
+    fn token_request(&self, conn: &Connection) -> TokenRequest {
+        let url = conn
+            .setting("tokenUrl")
+            .unwrap_or(DEFAULT_TOKEN_URL)
+            .to_string();
+        if conn.credentials.get("refresh_token").is_some() {
+            TokenRequest {
+                url,
+                extra: Vec::new(),
+                client_auth: ClientAuth::Basic,
+                grant: Some(Grant::RefreshToken),
+            }
+        } else {
+            TokenRequest {
+                url,
+                extra: vec![(
+                    "account_id",
+                    conn.setting("accountId").unwrap_or_default().to_string(),
+                )],
+                client_auth: ClientAuth::Basic,
+                grant: Some(Grant::AccountCredentials),
+            }
+        }
+    }
+}
+
+/// Where a recordings sync stands: the window being read and the page in it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Window {
+    from: NaiveDate,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    next: String,
+}
+
+impl Zoom {
+    pub fn new() -> Self {
+        Self {
+            api: Api::new(ZoomApi, RateLimiter::new(20)),
+        }
+    }
+
+    fn user(conn: &Connection) -> Result<&str, ProviderError> {
+        let user = conn.setting("userId").unwrap_or("me");
+        if user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            Ok(user)
+        } else {
+            Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                "connection.userId is not a Zoom user id",
+            ))
+        }
+    }
+
+    async fn get(
+        &self,
+        conn: &mut Connection,
+        path: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, ProviderError> {
+        let base = conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE);
+        let mut url = reqwest::Url::parse(&format!("{base}{path}")).map_err(|_| {
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                "connection.apiBaseUrl is not a URL",
+            )
+        })?;
+        url.query_pairs_mut().extend_pairs(params);
+        Ok(self
+            .api
+            .send(conn, Method::GET, url.as_str(), &[], None)
+            .await?
+            .body)
+    }
+
+    async fn meetings(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
+        let user = Self::user(conn)?.to_string();
+        let mut params = vec![
+            ("type", "scheduled".to_string()),
+            (
+                "page_size",
+                request.page_size.clamp(1, MAX_PAGE_SIZE).to_string(),
+            ),
+        ];
+        if let Some(next) = &request.page_token {
+            params.push(("next_page_token", next.clone()));
+        }
+        let body = self
+            .get(conn, &format!("/users/{user}/meetings"), &params)
+            .await?;
+        Ok(Page {
+            records: records(&body["meetings"], "id"),
+            next_page: next_token(&body),
+            query: Some(format!("GET /users/{user}/meetings?type=scheduled")),
+            stop_after: None,
+            cursor: None,
+        })
+    }
+
+    async fn recordings(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
+        let user = Self::user(conn)?.to_string();
+        let today = Utc::now().date_naive();
+        let window = match (&request.page_token, &request.cursor) {
+            (Some(token), _) => serde_json::from_str(token).map_err(|_| {
+                ProviderError::new(ErrorCode::ValidationError, "unreadable Zoom page token")
+            })?,
+            (None, Some(cursor)) => Window {
+                from: NaiveDate::parse_from_str(cursor, "%Y-%m-%d").map_err(|_| {
+                    ProviderError::resync_required(format!("`{cursor}` is not a Zoom cursor"))
+                })?,
+                next: String::new(),
+            },
+            (None, None) => Window {
+                from: recordings_since(conn, today),
+                next: String::new(),
+            },
+        };
+        let to = (window.from + Duration::days(WINDOW_DAYS)).min(today);
+        let mut params = vec![
+            ("from", window.from.to_string()),
+            ("to", to.to_string()),
+            (
+                "page_size",
+                request.page_size.clamp(1, MAX_PAGE_SIZE).to_string(),
+            ),
+        ];
+        if !window.next.is_empty() {
+            params.push(("next_page_token", window.next.clone()));
+        }
+        let body = self
+            .get(conn, &format!("/users/{user}/recordings"), &params)
+            .await?;
+        let (next_page, cursor) = match next_token(&body) {
+            Some(next) => (
+                Some(Window {
+                    from: window.from,
+                    next,
+                }),
+                None,
+            ),
+            // The window is read: the next one, or the end, whose cursor trails by a day.
+            None if to < today => (
+                Some(Window {
+                    from: to,
+                    next: String::new(),
+                }),
+                None,
+            ),
+            None => (None, Some((today - Duration::days(1)).to_string())),
+        };
+        Ok(Page {
+            records: records(&body["meetings"], "uuid"),
+            next_page: next_page.map(|w| json!(w).to_string()),
+            query: Some(format!("GET /users/{user}/recordings?from&to")),
+            stop_after: None,
+            cursor,
+        })
+    }
+}
+
+fn recordings_since(conn: &Connection, today: NaiveDate) -> NaiveDate {
+    conn.setting("recordingsSince")
+        .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+        .unwrap_or(today - Duration::days(DEFAULT_RECORDINGS_DAYS))
+}
+
+/// `next_page_token`, which Zoom ends with an empty string.
+fn next_token(body: &Value) -> Option<String> {
+    body["next_page_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
+/// Records from a list, identified by `key` (a meeting's numeric id, a recording's uuid).
+fn records(list: &Value, key: &str) -> Vec<Record> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .filter_map(|object| {
+            let id = match object.get(key)? {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                _ => return None,
+            };
+            Some(Record {
+                id,
+                modified_at: None,
+                deleted: false,
+                fields: object.clone(),
+            })
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Pull for Zoom {
+    async fn fetch_page(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
+        match request.entity.as_str() {
+            MEETINGS => self.meetings(conn, request).await,
+            RECORDINGS => self.recordings(conn, request).await,
+            other => Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("Zoom syncs `{MEETINGS}` and `{RECORDINGS}`, not `{other}`"),
+            )),
+        }
+    }
+
+    fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
+        NaiveDate::parse_from_str(cursor, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc())
+    }
+
+    /// Meetings by id, as Zoom has them now; a meeting Zoom no longer has is absent.
+    async fn fetch_by_ids(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ProviderError> {
+        if request.entity != MEETINGS {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("Zoom reads `{MEETINGS}` by id, not `{}`", request.entity),
+            ));
+        }
+        let mut found = Vec::new();
+        for id in ids
+            .iter()
+            .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
+        {
+            match self.get(conn, &format!("/meetings/{id}"), &[]).await {
+                Ok(meeting) => found.extend(records(&json!([meeting]), "id")),
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl TokenRefresh for Zoom {
+    async fn refresh_token(
+        &self,
+        conn: &mut Connection,
+    ) -> Result<Option<DateTime<Utc>>, ProviderError> {
+        self.api.refresh(conn).await
+    }
+}
+
+/// The hex HMAC-SHA256 of `message` under `secret`.
+pub fn sign(secret: &str, message: &str) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(message.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks a delivery's signature and age against `secret` at `now`.
+fn check_signature(
+    request: &WebhookRequest<'_>,
+    secret: &str,
+    now: DateTime<Utc>,
+) -> Result<(), WebhookError> {
+    let forged = |why: &str| WebhookError::Forged(format!("the Zoom delivery {why}"));
+    let timestamp = request
+        .header("x-zm-request-timestamp")
+        .ok_or_else(|| forged("has no x-zm-request-timestamp"))?;
+    let signature = request
+        .header("x-zm-signature")
+        .ok_or_else(|| forged("has no x-zm-signature"))?;
+    let signed_at = timestamp
+        .parse::<i64>()
+        .ok()
+        .and_then(|s| DateTime::from_timestamp(s, 0))
+        .ok_or_else(|| forged("has an unreadable x-zm-request-timestamp"))?;
+    if (now - signed_at).num_seconds().abs() > MAX_DELIVERY_AGE_SECONDS {
+        return Err(forged(
+            "was signed more than five minutes ago (a replay is refused)",
+        ));
+    }
+    let body = request.body.unwrap_or_default();
+    let expected = format!("v0={}", sign(secret, &format!("v0:{timestamp}:{body}")));
+    if !crate::same_secret(signature, &expected) {
+        return Err(forged("has a signature that does not verify"));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Webhooks for Zoom {
+    fn route(&self, request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError> {
+        let id = request.query.get("integration").ok_or_else(|| {
+            WebhookError::Malformed(
+                "a Zoom webhook URL names its integration: /api/webhooks/zoom?integration={id}"
+                    .into(),
+            )
+        })?;
+        Ok(WebhookRoute::To(vec![RouteKey::Integration(id.clone())]))
+    }
+
+    async fn verify(
+        &self,
+        conn: &Connection,
+        request: &WebhookRequest<'_>,
+        _key: &RouteKey,
+    ) -> Result<WebhookDelivery, WebhookError> {
+        let secret = conn
+            .credentials
+            .get("webhook_secret_token")
+            .ok_or_else(|| {
+                WebhookError::Forged(
+                    "the integration has no webhook_secret_token to check with".into(),
+                )
+            })?;
+        check_signature(request, secret, Utc::now())?;
+        let body: Value = request
+            .body
+            .and_then(|b| serde_json::from_str(b).ok())
+            .ok_or_else(|| WebhookError::Malformed("a Zoom delivery is JSON".into()))?;
+        let event = body["event"].as_str().unwrap_or_default();
+        let object = &body["payload"]["object"];
+        if event == "endpoint.url_validation" {
+            let plain = body["payload"]["plainToken"].as_str().ok_or_else(|| {
+                WebhookError::Malformed("a URL validation has no plainToken".into())
+            })?;
+            let answer = json!({"plainToken": plain, "encryptedToken": sign(secret, plain)});
+            return Ok(WebhookDelivery {
+                notifications: Vec::new(),
+                answer: WebhookAnswer::new(200, "application/json", answer.to_string()),
+            });
+        }
+        let object_id = |key: &str| match &object[key] {
+            Value::Number(n) => Some(n.to_string()),
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        };
+        let id = format!(
+            "zoom-{}-{}-{}",
+            event.replace('.', "-"),
+            body["event_ts"],
+            object_id("id").unwrap_or_default()
+        )
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+        let notifications = match event {
+            "meeting.created" | "meeting.updated" => object_id("id")
+                .map(|record| WebhookNotification::Records {
+                    id,
+                    entity: MEETINGS.into(),
+                    record_ids: vec![record],
+                })
+                .into_iter()
+                .collect(),
+            "meeting.deleted" => object_id("id")
+                .map(|record| WebhookNotification::Deleted {
+                    id,
+                    entity: MEETINGS.into(),
+                    record_ids: vec![record],
+                })
+                .into_iter()
+                .collect(),
+            "recording.completed" => vec![WebhookNotification::CatchUp {
+                id,
+                entity: RECORDINGS.into(),
+            }],
+            "recording.trashed" | "recording.deleted" => object_id("uuid")
+                .map(|record| WebhookNotification::Deleted {
+                    id,
+                    entity: RECORDINGS.into(),
+                    record_ids: vec![record],
+                })
+                .into_iter()
+                .collect(),
+            // Events the integration does not sync are acknowledged and dropped.
+            _ => Vec::new(),
+        };
+        Ok(WebhookDelivery {
+            notifications,
+            answer: WebhookAnswer::new(200, "application/json", "{}"),
+        })
+    }
+}
+
+impl Provider for Zoom {
+    fn name(&self) -> &'static str {
+        "zoom"
+    }
+
+    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
+        for name in ["tokenUrl", "apiBaseUrl"] {
+            if let Some(url) = crate::http::check_url(settings, name)? {
+                settings.insert(name.into(), Value::String(url));
+            }
+        }
+        for name in ["userId", "accountId"] {
+            if let Some(value) = settings.get(name)
+                && !value.as_str().is_some_and(|v| {
+                    !v.is_empty()
+                        && v.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+                })
+            {
+                return Err(format!("connection.{name} must be a Zoom id"));
+            }
+        }
+        if let Some(since) = settings.get("recordingsSince")
+            && !since
+                .as_str()
+                .is_some_and(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok())
+        {
+            return Err("connection.recordingsSince must be a date (2026-01-31)".into());
+        }
+        Ok(())
+    }
+
+    fn token_refresh(&self) -> Option<&dyn TokenRefresh> {
+        Some(self)
+    }
+
+    fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn delivery(headers: &[(&str, String)], body: &str) -> Result<(), WebhookError> {
+        let headers: Vec<(String, Vec<String>)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), vec![v.clone()]))
+            .collect();
+        let query = BTreeMap::new();
+        let request = WebhookRequest {
+            headers: &headers,
+            query: &query,
+            body: Some(body),
+        };
+        check_signature(&request, "s3cret", Utc::now())
+    }
+
+    #[test]
+    fn deliveries_verify_only_with_the_secret_and_only_while_fresh() {
+        let body = r#"{"event":"meeting.updated","payload":{"object":{"id":1}}}"#;
+        let now = Utc::now().timestamp().to_string();
+        let signed =
+            |ts: &str, secret: &str| format!("v0={}", sign(secret, &format!("v0:{ts}:{body}")));
+        assert!(
+            delivery(
+                &[
+                    ("x-zm-request-timestamp", now.clone()),
+                    ("x-zm-signature", signed(&now, "s3cret"))
+                ],
+                body
+            )
+            .is_ok()
+        );
+        let forged = delivery(
+            &[
+                ("x-zm-request-timestamp", now.clone()),
+                ("x-zm-signature", signed(&now, "guess")),
+            ],
+            body,
+        );
+        assert!(matches!(forged, Err(WebhookError::Forged(m)) if m.contains("does not verify")));
+        let old = (Utc::now().timestamp() - 301).to_string();
+        let replay = delivery(
+            &[
+                ("x-zm-request-timestamp", old.clone()),
+                ("x-zm-signature", signed(&old, "s3cret")),
+            ],
+            body,
+        );
+        assert!(matches!(replay, Err(WebhookError::Forged(m)) if m.contains("replay")));
+        assert!(delivery(&[], body).is_err());
+    }
+
+    #[test]
+    fn the_url_validation_token_is_the_hmac_of_the_plain_token() {
+        // Zoom's documented example shape: hex HMAC-SHA256 under the secret token.
+        assert_eq!(
+            sign("key", "The quick brown fox jumps over the lazy dog"),
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+    }
+
+    #[test]
+    fn lists_end_with_an_empty_page_token_and_records_keep_their_ids() {
+        assert_eq!(next_token(&json!({"next_page_token": ""})), None);
+        assert_eq!(
+            next_token(&json!({"next_page_token": "abc"})).as_deref(),
+            Some("abc")
+        );
+        let found = records(&json!([{"id": 85746065432u64, "topic": "Standup"}]), "id");
+        assert_eq!(found[0].id, "85746065432");
+    }
+}
