@@ -500,9 +500,9 @@ impl Provider for Zoom {
             }
         }
         if let Some(since) = settings.get("recordingsSince")
-            && !since
+            && since
                 .as_str()
-                .is_some_and(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok())
+                .is_none_or(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").is_err())
         {
             return Err("connection.recordingsSince must be a date (2026-01-31)".into());
         }
