@@ -25,7 +25,8 @@
 //! Connection settings: `tokenUrl` (default `https://zoom.us/oauth/token`), `apiBaseUrl`
 //! (default `https://api.zoom.us/v2`), `userId` (default `me`), `accountId` (Server-to-Server),
 //! `recordingsSince` (a date). Credentials: `client_id`, `client_secret`, `refresh_token` (for
-//! user-managed apps), `webhook_secret_token`.
+//! user-managed apps) or `account_id` (Server-to-Server, if not in the settings),
+//! `webhook_secret_token`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
@@ -89,7 +90,10 @@ impl Dialect for ZoomApi {
                 url,
                 extra: vec![(
                     "account_id",
-                    conn.setting("accountId").unwrap_or_default().to_string(),
+                    conn.setting("accountId")
+                        .or_else(|| conn.credentials.get("account_id"))
+                        .unwrap_or_default()
+                        .to_string(),
                 )],
                 client_auth: ClientAuth::Basic,
                 grant: Some(Grant::AccountCredentials),

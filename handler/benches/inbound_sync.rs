@@ -10,9 +10,9 @@
 //!   them (no mapping, dedup, content checks or checkpoints), and the ratio of the two;
 //! * a re-run with nothing changed: shard writes (created + updated);
 //! * a full sync of 100,000 records: wall time and the handler's peak RSS;
-//! * a full sync of 10,000 Dynamics 365 rows (change tracking, 5,000 a page) against the
-//!   loopback Dataverse, and of 10,000 OneDrive items (delta, 1,000 a page) against the
-//!   loopback Graph: wall time and the handler's peak RSS.
+//! * a full sync of 10,000 records from each of the other providers' loopback fakes (Dynamics
+//!   365 rows, OneDrive items, Zoom meetings): wall time, the handler's peak RSS and the
+//!   provider requests made.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
@@ -26,6 +26,9 @@ mod fake_graph;
 #[path = "../../tests/api/fake_salesforce.rs"]
 #[allow(dead_code)]
 mod fake_salesforce;
+#[path = "../../tests/api/fake_zoom.rs"]
+#[allow(dead_code)]
+mod fake_zoom;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -40,6 +43,7 @@ use adapters::{Connection, Credentials, FetchRequest, Pull, salesforce::Salesfor
 use fake_dynamics::FakeDynamics;
 use fake_graph::FakeGraph;
 use fake_salesforce::{FakeSalesforce, ORG_ID};
+use fake_zoom::FakeZoom;
 use handler::model::Shard;
 use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
 use handler::store::{ShardStore, SqliteStore};
@@ -130,6 +134,39 @@ async fn onedrive(items: usize, dir: &Path) -> FakeGraph {
     .unwrap();
     prepare(dir, integration, graph.credentials()).await;
     graph
+}
+
+/// A Zoom integration syncing `meetings` scheduled meetings from a loopback Zoom.
+async fn zoom(meetings: usize, dir: &Path) -> FakeZoom {
+    let zoom = FakeZoom::start().await;
+    zoom.load_meetings(meetings);
+    let integration = serde_json::from_value(json!({
+        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
+        "structuredData": {
+            "providerName": "zoom",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": zoom.token_url(), "apiBaseUrl": zoom.api_base()},
+            "entityMappings": [
+                {"externalEntity": "meetings", "shardTypeId": "c_meeting", "nameField": "topic",
+                 "fieldMappings": [{"source": "topic", "target": "topic", "required": true},
+                                   {"source": "start_time", "target": "starts_at", "type": "datetime"},
+                                   {"source": "join_url", "target": "url"}]}
+            ]
+        }
+    }))
+    .unwrap();
+    prepare(dir, integration, zoom.credentials()).await;
+    zoom
+}
+
+/// Prints one provider's figures.
+fn report(provider: &str, what: &str, elapsed: Duration, stats: &Value, rss: f64, requests: usize) {
+    println!(
+        "{provider}: full sync of {} {what}: {:.3} s, {:.0} records/s, handler peak RSS {rss:.1} MiB, {requests} provider requests",
+        stats["recordsFetched"],
+        elapsed.as_secs_f64(),
+        stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),
+    );
 }
 
 /// A Dynamics 365 integration syncing `rows` contacts from a loopback Dataverse.
@@ -356,29 +393,49 @@ async fn main() {
     drop(handler);
 
     let dir = tempfile::tempdir().unwrap();
-    let _dataverse = dynamics(10_000, dir.path()).await;
+    let dataverse = dynamics(10_000, dir.path()).await;
     let handler = Handler::start(dir.path());
     let elapsed = handler.sync("bench-dynamics", "full_sync");
     let stats = last_stats(dir.path(), "bench-dynamics").await;
-    println!(
-        "Dynamics 365: full sync of {} rows from the loopback Dataverse: {:.3} s, {:.0} records/s, handler peak RSS {:.1} MiB",
-        stats["recordsFetched"],
-        elapsed.as_secs_f64(),
-        stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),
-        handler.peak_rss_mib()
+    let rss = handler.peak_rss_mib();
+    report(
+        "Dynamics 365",
+        "rows",
+        elapsed,
+        &stats,
+        rss,
+        dataverse.requests().len(),
     );
     drop(handler);
 
     let dir = tempfile::tempdir().unwrap();
-    let _graph = onedrive(10_000, dir.path()).await;
+    let graph = onedrive(10_000, dir.path()).await;
     let handler = Handler::start(dir.path());
     let elapsed = handler.sync("bench-onedrive", "full_sync");
     let stats = last_stats(dir.path(), "bench-onedrive").await;
-    println!(
-        "OneDrive: full delta sync of {} items from the loopback Graph: {:.3} s, {:.0} records/s, handler peak RSS {:.1} MiB",
-        stats["recordsFetched"],
-        elapsed.as_secs_f64(),
-        stats["recordsFetched"].as_f64().unwrap() / elapsed.as_secs_f64(),
-        handler.peak_rss_mib()
+    let rss = handler.peak_rss_mib();
+    report(
+        "OneDrive",
+        "drive items",
+        elapsed,
+        &stats,
+        rss,
+        graph.requests().len(),
+    );
+    drop(handler);
+
+    let dir = tempfile::tempdir().unwrap();
+    let meetings = zoom(10_000, dir.path()).await;
+    let handler = Handler::start(dir.path());
+    let elapsed = handler.sync("bench-zoom", "full_sync");
+    let stats = last_stats(dir.path(), "bench-zoom").await;
+    let rss = handler.peak_rss_mib();
+    report(
+        "Zoom",
+        "meetings",
+        elapsed,
+        &stats,
+        rss,
+        meetings.requests().len(),
     );
 }

@@ -7,6 +7,7 @@ mod fake_entra;
 mod fake_graph;
 mod fake_host;
 mod fake_salesforce;
+mod fake_zoom;
 mod helpers;
 
 mod azure_backends;
@@ -26,3 +27,4 @@ mod salesforce_sync;
 mod salesforce_webhook;
 mod scheduler;
 mod write_failures;
+mod zoom_sync;

@@ -1,0 +1,184 @@
+//! Zoom stories beyond the conformance suite: replayed deliveries, recordings by month
+//! windows and their deletion by webhook, Server-to-Server apps, and Zoom itself delivering to
+//! the local runtime.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use handler::queue::SYNC_INBOUND_WEBHOOK;
+
+use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
+use crate::fake_zoom::FakeZoom;
+use crate::helpers::{TestApp, wait_until};
+
+const ID: &str = "int-zoom";
+
+fn integration(zoom: &FakeZoom, since: &str) -> Value {
+    json!({
+        "id": ID, "tenantId": "t1", "name": "Contoso Zoom",
+        "structuredData": {
+            "providerName": "zoom",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": zoom.token_url(), "apiBaseUrl": zoom.api_base(),
+                           "recordingsSince": since},
+            "entityMappings": [
+                {"externalEntity": "meetings", "shardTypeId": "c_meeting", "nameField": "topic",
+                 "fieldMappings": [{"source": "topic", "target": "topic", "required": true},
+                                   {"source": "start_time", "target": "starts_at"}]},
+                {"externalEntity": "recordings", "shardTypeId": "c_recording", "nameField": "topic",
+                 "fieldMappings": [{"source": "topic", "target": "topic", "required": true},
+                                   {"source": "recording_count", "target": "files"}]}
+            ]
+        }
+    })
+}
+
+async fn connected() -> (FakeZoom, TestApp) {
+    let zoom = FakeZoom::start().await;
+    let app = TestApp::new();
+    let since = (Utc::now() - chrono::Duration::days(60))
+        .format("%Y-%m-%d")
+        .to_string();
+    app.register_integration(integration(&zoom, &since)).await;
+    app.set_credentials(ID, &zoom.credentials()).await;
+    (zoom, app)
+}
+
+async fn run_job(handler: &HostedHandler, job_id: &str) {
+    let job = json!({"integrationId": ID, "tenantId": "t1", "jobType": "full_sync",
+                     "provider": "zoom", "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z"});
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+}
+
+async fn post(handler: &HostedHandler, (headers, body): &(Vec<(String, String)>, String)) -> Value {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let res = handler
+        .invoke(
+            "WebhookReceiver",
+            &http_request_with_query(
+                "WebhookReceiver",
+                "zoom",
+                &[("integration", ID)],
+                &headers,
+                body,
+            ),
+        )
+        .await;
+    res.json()["Outputs"]["res"].clone()
+}
+
+#[tokio::test]
+async fn a_delivery_signed_more_than_five_minutes_ago_is_refused_as_a_replay() {
+    let (zoom, app) = connected().await;
+    let meeting = zoom.add_meeting("Board review");
+    let handler = app.host_handler().await;
+
+    let old = zoom.webhook_at(
+        "meeting.deleted",
+        json!({"id": meeting.parse::<u64>().unwrap()}),
+        Utc::now() - chrono::Duration::minutes(6),
+    );
+    let out = post(&handler, &old).await;
+
+    assert_eq!(out["statusCode"], 403, "{out}");
+    assert!(out["body"].as_str().unwrap().contains("replay"), "{out}");
+    assert!(app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn recordings_are_read_month_by_month_and_a_trashed_one_goes_away() {
+    let (zoom, app) = connected().await;
+    let old = zoom.add_recording("Kick-off", Utc::now() - chrono::Duration::days(45));
+    zoom.add_recording("Weekly sync", Utc::now() - chrono::Duration::days(2));
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1").await;
+
+    let mut topics: Vec<String> = app
+        .shards("c_recording")
+        .await
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    topics.sort();
+    assert_eq!(topics, ["Kick-off", "Weekly sync"]);
+    let windows: Vec<String> = zoom
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("/recordings"))
+        .collect();
+    assert_eq!(
+        windows.len(),
+        2,
+        "60 days in windows of at most 30: {windows:?}"
+    );
+
+    let trashed = zoom.webhook(
+        "recording.trashed",
+        json!({"uuid": old, "topic": "Kick-off"}),
+    );
+    assert_eq!(post(&handler, &trashed).await["statusCode"], 200);
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+    }
+    let left: Vec<Value> = app.shards("c_recording").await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["name"], "Weekly sync");
+}
+
+#[tokio::test]
+async fn a_server_to_server_app_syncs_with_account_credentials() {
+    let zoom = FakeZoom::start().await;
+    zoom.load_meetings(3);
+    let app = TestApp::new();
+    let mut file = integration(&zoom, "2026-11-01");
+    file["structuredData"]["connection"]["accountId"] = json!(crate::fake_zoom::ACCOUNT_ID);
+    app.register_integration(file).await;
+    let mut credentials = zoom.account_credentials();
+    credentials.as_object_mut().unwrap().remove("account_id");
+    app.set_credentials(ID, &credentials).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1").await;
+
+    assert_eq!(app.shards("c_meeting").await.len(), 3);
+    let state = zoom.state.lock().unwrap();
+    assert_eq!((state.account_grants, state.token_refreshes), (1, 0));
+}
+
+#[tokio::test]
+async fn zoom_validates_the_endpoint_and_delivers_to_the_local_runtime() {
+    let (zoom, app) = connected().await;
+    let meeting = zoom.add_meeting("Design review");
+    let runtime = app.start_local().await;
+    let url = format!("http://{}/api/webhooks/zoom?integration={ID}", runtime.addr);
+
+    let (challenge, expected) = zoom.url_validation();
+    let (status, answer) = zoom.deliver(&url, &challenge).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap(), expected);
+
+    let created = zoom.webhook(
+        "meeting.created",
+        json!({"id": meeting.parse::<u64>().unwrap()}),
+    );
+    let (status, _) = zoom.deliver(&url, &created).await;
+    assert_eq!(status, 200, "answered within Zoom's three seconds");
+    wait_until(
+        "the meeting is a shard",
+        Duration::from_secs(30),
+        || async { app.shards("c_meeting").await.len() == 1 },
+    )
+    .await;
+}
