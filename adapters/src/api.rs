@@ -17,6 +17,9 @@ use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
 use crate::{Connection, ProviderError, RateLimiter};
 
+/// A `Retry-After` at least this long means the allocation is used up until later.
+const QUOTA_WAIT: Duration = Duration::from_secs(3600);
+
 /// One token request: where, with which extra form fields (a scope), and how the client
 /// authenticates.
 pub struct TokenRequest {
@@ -34,6 +37,12 @@ pub trait Dialect: Send + Sync {
 
     /// How this connection gets a token.
     fn token_request(&self, conn: &Connection) -> TokenRequest;
+
+    /// An `Authorization` header that needs no token (Gong's access keys, as HTTP Basic);
+    /// `None` to use the connection's OAuth token.
+    fn static_authorization(&self, _conn: &Connection) -> Option<String> {
+        None
+    }
 
     /// The error the service answered with `status` and `body`.
     fn error(&self, status: StatusCode, body: &Value) -> ProviderError {
@@ -117,21 +126,27 @@ impl<D: Dialect> Api<D> {
         headers: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Answer, ProviderError> {
-        if !oauth::has_live_token(&conn.credentials, Utc::now()) {
+        let fixed = self.dialect.static_authorization(conn);
+        if fixed.is_none() && !oauth::has_live_token(&conn.credentials, Utc::now()) {
             self.refresh(conn).await?;
         }
         let service = self.dialect.service();
         let mut refreshed = false;
         let mut retries = Retries::new(conn.retry);
         loop {
-            let token = conn
-                .credentials
-                .get(oauth::ACCESS_TOKEN)
-                .unwrap_or_default();
+            let authorization = match &fixed {
+                Some(header) => header.clone(),
+                None => format!(
+                    "Bearer {}",
+                    conn.credentials
+                        .get(oauth::ACCESS_TOKEN)
+                        .unwrap_or_default()
+                ),
+            };
             let mut request = self
                 .http()
                 .request(method.clone(), url)
-                .bearer_auth(token)
+                .header("Authorization", authorization)
                 .header("Accept", "application/json");
             for (name, value) in headers {
                 request = request.header(*name, value);
@@ -159,13 +174,18 @@ impl<D: Dialect> Api<D> {
                             body,
                         });
                     }
-                    if status == StatusCode::UNAUTHORIZED && !refreshed {
+                    if status == StatusCode::UNAUTHORIZED && !refreshed && fixed.is_none() {
                         refreshed = true;
                         self.refresh(conn).await?;
                         continue;
                     }
                     let mut error = self.dialect.error(status, &body);
                     error.message = format!("{service}: {}", error.message);
+                    if retry_after.is_some_and(|wait| wait >= QUOTA_WAIT) {
+                        // A wait this long is a used-up allocation (a daily limit): the job
+                        // stops where it is and the next scheduled run resumes it.
+                        error = ProviderError::quota(error.message);
+                    }
                     (error, retry_after)
                 }
             };

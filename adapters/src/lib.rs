@@ -23,6 +23,7 @@ pub mod api;
 pub mod bulk_import;
 pub mod credentials;
 pub mod dynamics;
+pub mod gong;
 pub mod google_drive;
 pub mod graph;
 pub mod http;
@@ -259,6 +260,7 @@ impl Registry {
             .with(Arc::new(graph::teams::Teams::new()))
             .with(Arc::new(google_drive::GoogleDrive::new()))
             .with(Arc::new(zoom::Zoom::new()))
+            .with(Arc::new(gong::Gong::new()))
     }
 
     /// Adds a provider client, replacing any with the same name.
@@ -436,6 +438,7 @@ mod tests {
             [
                 "bulk_import",
                 "dynamics365",
+                "gong",
                 "google_drive",
                 "onedrive",
                 "salesforce",

@@ -155,6 +155,10 @@ pub async fn exchange(
     if let Some(rotated) = body[REFRESH_TOKEN].as_str() {
         credentials.set(REFRESH_TOKEN, rotated);
     }
+    // Where this customer's API lives, when the provider says at token time.
+    if let Some(base) = body["api_base_url_for_customer"].as_str() {
+        credentials.set("api_base_url", base.trim_end_matches('/'));
+    }
     let expires_at = expires_in(&body).map(|seconds| Utc::now() + Duration::seconds(seconds));
     match expires_at {
         Some(at) => credentials.set(EXPIRES_AT, at.to_rfc3339()),

@@ -152,6 +152,8 @@ pub struct Deleted {
 /// A webhook delivery as the receiver got it.
 #[derive(Debug, Clone)]
 pub struct WebhookRequest<'a> {
+    /// The URL the delivery was posted to, as the receiver saw it.
+    pub url: &'a str,
     pub headers: &'a [(String, Vec<String>)],
     /// The URL's query parameters, decoded.
     pub query: &'a BTreeMap<String, String>,

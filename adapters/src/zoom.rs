@@ -534,6 +534,7 @@ mod tests {
             .collect();
         let query = BTreeMap::new();
         let request = WebhookRequest {
+            url: "https://func-sync.example/api/webhooks/zoom",
             headers: &headers,
             query: &query,
             body: Some(body),

@@ -348,6 +348,7 @@ mod tests {
         body: Option<&'a str>,
     ) -> WebhookRequest<'a> {
         WebhookRequest {
+            url: "https://func-sync.example/api/webhooks/onedrive",
             headers: &[],
             query,
             body,

@@ -224,6 +224,7 @@ mod tests {
         static NO_QUERY: std::collections::BTreeMap<String, String> =
             std::collections::BTreeMap::new();
         WebhookRequest {
+            url: "https://func-sync.example/api/webhooks/salesforce",
             headers,
             query: &NO_QUERY,
             body,
