@@ -11,8 +11,8 @@
 //! * a re-run with nothing changed: shard writes (created + updated);
 //! * a full sync of 100,000 records: wall time and the handler's peak RSS;
 //! * a full sync of 10,000 records from each of the other providers' loopback fakes (Dynamics
-//!   365 rows, OneDrive items, Zoom meetings): wall time, the handler's peak RSS and the
-//!   provider requests made.
+//!   365 rows, OneDrive items, Zoom meetings, Google Drive files): wall time, the handler's
+//!   peak RSS and the provider requests made.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
@@ -20,6 +20,9 @@ mod fake_dynamics;
 #[path = "../../tests/api/fake_entra.rs"]
 #[allow(dead_code)]
 mod fake_entra;
+#[path = "../../tests/api/fake_google_drive.rs"]
+#[allow(dead_code)]
+mod fake_google_drive;
 #[path = "../../tests/api/fake_graph.rs"]
 #[allow(dead_code)]
 mod fake_graph;
@@ -41,6 +44,7 @@ use serde_json::{Map, Value, json};
 
 use adapters::{Connection, Credentials, FetchRequest, Pull, salesforce::Salesforce};
 use fake_dynamics::FakeDynamics;
+use fake_google_drive::FakeGoogleDrive;
 use fake_graph::FakeGraph;
 use fake_salesforce::{FakeSalesforce, ORG_ID};
 use fake_zoom::FakeZoom;
@@ -157,6 +161,29 @@ async fn zoom(meetings: usize, dir: &Path) -> FakeZoom {
     .unwrap();
     prepare(dir, integration, zoom.credentials()).await;
     zoom
+}
+
+/// A Google Drive integration syncing `files` files of My Drive from a loopback Drive.
+async fn google_drive(files: usize, dir: &Path) -> FakeGoogleDrive {
+    let drive = FakeGoogleDrive::start().await;
+    drive.load_files(files);
+    let integration = serde_json::from_value(json!({
+        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
+        "structuredData": {
+            "providerName": "google_drive",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": drive.token_url(), "apiBaseUrl": drive.api_base()},
+            "entityMappings": [
+                {"externalEntity": "files", "shardTypeId": "c_document", "nameField": "name",
+                 "fieldMappings": [{"source": "name", "target": "name", "required": true},
+                                   {"source": "mimeType", "target": "mime_type"},
+                                   {"source": "webViewLink", "target": "url"}]}
+            ]
+        }
+    }))
+    .unwrap();
+    prepare(dir, integration, drive.credentials()).await;
+    drive
 }
 
 /// Prints one provider's figures.
@@ -437,5 +464,21 @@ async fn main() {
         &stats,
         rss,
         meetings.requests().len(),
+    );
+    drop(handler);
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = google_drive(10_000, dir.path()).await;
+    let handler = Handler::start(dir.path());
+    let elapsed = handler.sync("bench-drive", "full_sync");
+    let stats = last_stats(dir.path(), "bench-drive").await;
+    let rss = handler.peak_rss_mib();
+    report(
+        "Google Drive",
+        "files",
+        elapsed,
+        &stats,
+        rss,
+        files.requests().len(),
     );
 }

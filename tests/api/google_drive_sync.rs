@@ -1,0 +1,120 @@
+//! Google Drive stories beyond the conformance suite: the trash, shared drives, and Drive
+//! itself telling the local runtime of changes through a watch channel.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::fake_google_drive::FakeGoogleDrive;
+use crate::fake_host::{HostedHandler, free_port, service_bus_message};
+use crate::helpers::{TestApp, wait_until};
+
+const ID: &str = "int-drive";
+
+fn integration(drive: &FakeGoogleDrive, shared: bool) -> Value {
+    json!({
+        "id": ID, "tenantId": "t1", "name": "Contoso Drive",
+        "structuredData": {
+            "providerName": "google_drive",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": drive.token_url(), "apiBaseUrl": drive.api_base(),
+                           "includeSharedDrives": shared},
+            "entityMappings": [{
+                "externalEntity": "files", "shardTypeId": "c_document", "nameField": "name",
+                "fieldMappings": [{"source": "name", "target": "name", "required": true},
+                                  {"source": "mimeType", "target": "mime_type"}]
+            }]
+        }
+    })
+}
+
+async fn names(app: &TestApp) -> Vec<String> {
+    let mut names: Vec<String> = app
+        .shards("c_document")
+        .await
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str) {
+    let job = json!({"integrationId": ID, "tenantId": "t1", "jobType": job_type,
+                     "provider": "google_drive", "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z"});
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+}
+
+#[tokio::test]
+async fn shared_drives_are_read_when_asked_and_a_trashed_file_goes_away() {
+    let drive = FakeGoogleDrive::start().await;
+    let plan = drive.add_file("plan.docx");
+    drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, false)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+    assert_eq!(names(&app).await, ["plan.docx"], "My Drive only");
+
+    app.register_integration(integration(&drive, true)).await;
+    run_job(&handler, "job-2", "full_sync").await;
+    assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+
+    drive.trash_file(&plan);
+    run_job(&handler, "job-3", "incremental").await;
+    assert_eq!(
+        names(&app).await,
+        ["team-budget.xlsx"],
+        "the trash is a deletion"
+    );
+}
+
+#[tokio::test]
+async fn drive_tells_the_local_runtime_of_a_change_through_its_channel() {
+    let front_door = format!("127.0.0.1:{}", free_port());
+    let app = TestApp::with_settings(&[
+        ("FUNC_SYNC_LOCAL_ADDR", &front_door),
+        ("WEBHOOK_BASE_URL", &format!("http://{front_door}")),
+    ]);
+    let drive = FakeGoogleDrive::start().await;
+    drive.load_files(3);
+    app.register_integration(integration(&drive, false)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let _runtime = app.start_local().await;
+    let subscribed = app
+        .cli_json(&["integrations", "subscribe", ID, "--tenant", "t1"])
+        .await;
+    assert_eq!(subscribed["created"], 1);
+    app.cli_json(&["sync", ID, "--tenant", "t1"]).await;
+    wait_until("the files are shards", Duration::from_secs(30), || async {
+        names(&app).await.len() == 3
+    })
+    .await;
+
+    let added = drive.add_file("minutes.txt");
+    let answers = drive.notify_change().await;
+
+    assert_eq!(
+        answers,
+        [200],
+        "the channel's change message is acknowledged"
+    );
+    wait_until(
+        "the new file is synced",
+        Duration::from_secs(30),
+        || async { names(&app).await.contains(&"minutes.txt".to_string()) },
+    )
+    .await;
+    let channel = drive.channels()[0].clone();
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(secrets.contains(channel.token.as_deref().unwrap()));
+    assert!(!added.is_empty());
+}
