@@ -11,8 +11,8 @@
 //! * a re-run with nothing changed: shard writes (created + updated);
 //! * a full sync of 100,000 records: wall time and the handler's peak RSS;
 //! * a full sync of 10,000 records from each of the other providers' loopback fakes (Dynamics
-//!   365 rows, OneDrive items, Zoom meetings, Google Drive files): wall time, the handler's
-//!   peak RSS and the provider requests made.
+//!   365 rows, OneDrive items, Zoom meetings, Google Drive files, Gong calls): wall time, the
+//!   handler's peak RSS and the provider requests made.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
@@ -20,6 +20,9 @@ mod fake_dynamics;
 #[path = "../../tests/api/fake_entra.rs"]
 #[allow(dead_code)]
 mod fake_entra;
+#[path = "../../tests/api/fake_gong.rs"]
+#[allow(dead_code)]
+mod fake_gong;
 #[path = "../../tests/api/fake_google_drive.rs"]
 #[allow(dead_code)]
 mod fake_google_drive;
@@ -44,6 +47,7 @@ use serde_json::{Map, Value, json};
 
 use adapters::{Connection, Credentials, FetchRequest, Pull, salesforce::Salesforce};
 use fake_dynamics::FakeDynamics;
+use fake_gong::FakeGong;
 use fake_google_drive::FakeGoogleDrive;
 use fake_graph::FakeGraph;
 use fake_salesforce::{FakeSalesforce, ORG_ID};
@@ -184,6 +188,29 @@ async fn google_drive(files: usize, dir: &Path) -> FakeGoogleDrive {
     .unwrap();
     prepare(dir, integration, drive.credentials()).await;
     drive
+}
+
+/// A Gong integration syncing `calls` calls of the last day from a loopback Gong.
+async fn gong(calls: usize, dir: &Path) -> FakeGong {
+    let gong = FakeGong::start().await;
+    gong.load_calls(calls, Utc::now() - chrono::Duration::days(1));
+    let integration = serde_json::from_value(json!({
+        "id": "int-bench", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bench",
+        "structuredData": {
+            "providerName": "gong",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": gong.token_url(), "apiBaseUrl": gong.api_base()},
+            "entityMappings": [
+                {"externalEntity": "calls", "shardTypeId": "c_call", "nameField": "title",
+                 "fieldMappings": [{"source": "title", "target": "title", "required": true},
+                                   {"source": "started", "target": "started_at", "type": "datetime"},
+                                   {"source": "duration", "target": "seconds", "type": "integer"}]}
+            ]
+        }
+    }))
+    .unwrap();
+    prepare(dir, integration, gong.key_credentials()).await;
+    gong
 }
 
 /// Prints one provider's figures.
@@ -480,5 +507,21 @@ async fn main() {
         &stats,
         rss,
         files.requests().len(),
+    );
+    drop(handler);
+
+    let dir = tempfile::tempdir().unwrap();
+    let calls = gong(10_000, dir.path()).await;
+    let handler = Handler::start(dir.path());
+    let elapsed = handler.sync("bench-gong", "full_sync");
+    let stats = last_stats(dir.path(), "bench-gong").await;
+    let rss = handler.peak_rss_mib();
+    report(
+        "Gong",
+        "calls",
+        elapsed,
+        &stats,
+        rss,
+        calls.requests().len(),
     );
 }

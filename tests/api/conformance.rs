@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
 
 use crate::fake_dynamics::FakeDynamics;
+use crate::fake_gong::FakeGong;
 use crate::fake_google_drive::FakeGoogleDrive;
 use crate::fake_graph::FakeGraph;
 use crate::fake_host::{HostedHandler, free_port, http_request_with_query, service_bus_message};
@@ -649,6 +650,7 @@ conformance! {
     teams: TeamsUnderTest,
     zoom: FakeZoom,
     google_drive: DriveUnderTest,
+    gong: FakeGong,
 }
 
 /// A folder of exports, as a bulk-import integration reads it: each change is a new file, as
@@ -1551,5 +1553,123 @@ impl UnderTest for DriveUnderTest {
         let channels = self.drive.channels();
         assert_eq!(channels.len(), 1);
         *self.channel.lock().unwrap() = Some(channels[0].id.clone());
+    }
+}
+
+/// The URL a Gong rule posts to in these stories; the JWT names it.
+const GONG_WEBHOOK_URL: &str =
+    "https://func-sync-dev.azurewebsites.net/api/webhooks/gong?integration=int-under-test";
+
+/// The Gong fake as the suite uses it: calls of the last hours, OAuth with single-use refresh
+/// tokens, and JWT-signed webhooks. Gong tells of no deletions.
+impl UnderTest for FakeGong {
+    const PROVIDER: &'static str = "gong";
+    const ENTITY: &'static str = "calls";
+    const NAME_FIELD: &'static str = "title";
+    /// Gong pages by 100 and allows 3 requests a second.
+    const SEVERAL_PAGES: usize = 250;
+    const PAGE: usize = 100;
+    const SEES_DELETIONS: bool = false;
+
+    async fn start() -> Self {
+        FakeGong::start().await
+    }
+
+    fn connection(&self) -> Value {
+        json!({"tokenUrl": self.token_url(), "apiBaseUrl": self.api_base(),
+               "webhookPublicKey": self.public_key_pem(), "webhookUrl": GONG_WEBHOOK_URL})
+    }
+
+    fn credentials(&self) -> Value {
+        self.oauth_credentials()
+    }
+
+    fn create(&self, names: &[String]) -> Vec<String> {
+        let started = chrono::Utc::now() - chrono::Duration::hours(2);
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| self.add_call(name, started + chrono::Duration::seconds(i as i64)))
+            .collect()
+    }
+
+    fn rename(&self, id: &str, name: &str) {
+        self.rename_call(id, name);
+    }
+
+    fn delete(&self, id: &str) {
+        self.delete_call(id);
+    }
+
+    fn expire_token_after(&self, requests: usize) -> Option<()> {
+        self.state.lock().unwrap().expire_token_after = Some(requests);
+        Some(())
+    }
+
+    fn token_refreshes(&self) -> usize {
+        FakeGong::token_refreshes(self)
+    }
+
+    fn live_refresh_tokens(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .refresh_tokens
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn throttle_next(&self) -> Option<()> {
+        self.state.lock().unwrap().throttle = Some((1, 1));
+        Some(())
+    }
+
+    fn fail_next(&self) -> Option<()> {
+        self.state.lock().unwrap().unavailable = 1;
+        Some(())
+    }
+
+    fn hold_second_page(&self) -> Option<()> {
+        let mut state = self.state.lock().unwrap();
+        state.throttle = Some((usize::MAX, 20));
+        state.throttle_after = Some(1);
+        Some(())
+    }
+
+    fn release(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.throttle = None;
+        state.throttle_after = None;
+    }
+
+    fn requests(&self) -> usize {
+        FakeGong::requests(self).len()
+    }
+
+    fn webhook(&self, id: &str) -> Option<Delivery> {
+        let (headers, body) = FakeGong::webhook(self, id, GONG_WEBHOOK_URL);
+        Some(Delivery {
+            query: vec![("integration".into(), INTEGRATION.into())],
+            headers,
+            body,
+        })
+    }
+
+    /// An unsigned delivery: the same body without the JWT.
+    fn forged_webhook(&self, id: &str) -> Option<Delivery> {
+        let (headers, body) = FakeGong::webhook(self, id, GONG_WEBHOOK_URL);
+        Some(Delivery {
+            query: vec![("integration".into(), INTEGRATION.into())],
+            headers: headers
+                .into_iter()
+                .filter(|(name, _)| !name.eq_ignore_ascii_case("authorization"))
+                .collect(),
+            body,
+        })
+    }
+
+    fn handshake(&self) -> Option<(Delivery, &'static str, String)> {
+        None
     }
 }

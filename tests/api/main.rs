@@ -4,6 +4,7 @@
 mod fake_azure;
 mod fake_dynamics;
 mod fake_entra;
+mod fake_gong;
 mod fake_google_drive;
 mod fake_graph;
 mod fake_host;
@@ -20,6 +21,7 @@ mod credentials;
 mod custom_handler;
 mod demo;
 mod dynamics_sync;
+mod gong_sync;
 mod google_drive_sync;
 mod graph_sync;
 mod local_runtime;
