@@ -57,7 +57,8 @@ impl TokenSource for StaticSource {
 async fn the_scheduler_sends_its_jobs_to_service_bus_signed_with_sas() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();
-    app.plant_integration(integration_of("int-1", "workday")).await;
+    app.plant_integration(integration_of("int-1", "workday"))
+        .await;
     let connection = service_bus.connection_string(SAS_KEY);
     let handler = app
         .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
@@ -386,7 +387,8 @@ async fn connection_strings_in_the_wrong_settings_are_refused_without_printing_t
 async fn operator_commands_use_the_configured_backends() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();
-    app.plant_integration(integration_of("int-1", "workday")).await;
+    app.plant_integration(integration_of("int-1", "workday"))
+        .await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
         .args(["sync", "int-1", "--tenant", "t1", "--json"])
         .env("FUNC_SYNC_DATA_DIR", app.data_dir())

@@ -121,7 +121,8 @@ async fn a_sync_that_continues_past_the_record_limit_holds_its_tenants_slot_unti
 #[tokio::test]
 async fn two_instances_ticking_at_once_enqueue_a_due_integration_once() {
     let app = TestApp::new();
-    app.plant_integration(integration_of("int-1", "workday")).await;
+    app.plant_integration(integration_of("int-1", "workday"))
+        .await;
     let before = app.integration("int-1").await["structuredData"]["nextSyncAt"].clone();
     let a = app.host_handler().await;
     let b = app.host_handler().await;

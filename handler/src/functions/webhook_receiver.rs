@@ -70,6 +70,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         ));
     };
     let request = WebhookRequest {
+        url: &req.url,
         headers: &req.headers,
         query: &req.query,
         body: req.body.as_deref(),
