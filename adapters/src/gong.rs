@@ -293,6 +293,11 @@ impl Pull for Gong {
         }
     }
 
+    /// Users are listed whole every sync: one that is no longer listed was removed.
+    fn lists_everything(&self, entity: &str) -> bool {
+        entity == USERS
+    }
+
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
         DateTime::parse_from_rfc3339(cursor)
             .ok()

@@ -118,6 +118,13 @@ pub trait Pull: Send + Sync {
         later
     }
 
+    /// Whether a sync of `entity` without a cursor lists every record the provider has, so that
+    /// a record it did not list is gone (providers that report no deletions: Zoom meetings,
+    /// Gong users). The engine then soft-deletes what a complete listing left out.
+    fn lists_everything(&self, _entity: &str) -> bool {
+        false
+    }
+
     /// The time a cursor stands for, when it stands for one, for the sync history's
     /// `syncFromDate`.
     fn cursor_time(&self, _cursor: &str) -> Option<DateTime<Utc>> {

@@ -8,8 +8,9 @@
 //!   most a month each): a full sync walks from `recordingsSince` (default 90 days back) to
 //!   today, and the cursor is the day the next sync starts from, a day before the last one
 //!   read, so late recordings are not missed.
-//! * Deletions come only by webhook (`meeting.deleted`, `recording.trashed`,
-//!   `recording.deleted`).
+//! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`);
+//!   and since meetings are listed whole, a meeting a sync no longer lists is reconciled as
+//!   deleted.
 //! * Tokens: `POST {tokenUrl}` with the client authenticated by HTTP Basic. User-managed apps
 //!   refresh with a refresh token that Zoom rotates (the old one dies when the new one is
 //!   issued, so it is stored before use); Server-to-Server apps use the `account_credentials`
@@ -297,6 +298,11 @@ impl Pull for Zoom {
                 format!("Zoom syncs `{MEETINGS}` and `{RECORDINGS}`, not `{other}`"),
             )),
         }
+    }
+
+    /// Meetings are listed whole every sync: one that is no longer listed was deleted.
+    fn lists_everything(&self, entity: &str) -> bool {
+        entity == MEETINGS
     }
 
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {

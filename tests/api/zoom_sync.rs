@@ -182,3 +182,45 @@ async fn zoom_validates_the_endpoint_and_delivers_to_the_local_runtime() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
+    let (zoom, app) = connected().await;
+    let kept = zoom.add_meeting("Weekly planning");
+    let cancelled = zoom.add_meeting("Offsite");
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    assert_eq!(app.shards("c_meeting").await.len(), 2);
+
+    // The webhook that would have said so never came.
+    zoom.delete_meeting(&cancelled);
+    run_job(&handler, "job-2").await;
+
+    let meetings = app.shards("c_meeting").await;
+    assert_eq!(meetings.len(), 1);
+    assert_eq!(
+        meetings[0]["external_relationships"][0]["externalId"],
+        kept.as_str()
+    );
+    let gone = app
+        .cli_json(&[
+            "shards",
+            "--tenant",
+            "t1",
+            "--type",
+            "c_meeting",
+            "--external-id",
+            &cancelled,
+        ])
+        .await;
+    assert!(gone.as_array().unwrap().is_empty(), "soft-deleted: {gone}");
+    let history = app.history().await;
+    let second = history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-2")
+        .unwrap();
+    assert_eq!(
+        second["structuredData"]["stats"]["shardsUpdated"], 1,
+        "{second}"
+    );
+}

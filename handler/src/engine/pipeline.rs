@@ -19,7 +19,7 @@
 //! batch goes on. A failure of the provider or the store as a whole ends the run with that
 //! error; the caller decides between retry, dead letter and "resume next run".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,6 +255,9 @@ struct EntityRun<'a> {
     errors: Vec<SyncError>,
     /// The cursor the pages synced so far returned.
     pending_cursor: Option<String>,
+    /// The records a complete listing has returned so far, when this run is one from the start
+    /// (see `Pull::lists_everything`): what it leaves out is reconciled as deleted.
+    listed: Option<HashSet<String>>,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
 }
@@ -334,6 +337,7 @@ impl<'a> EntityRun<'a> {
             counters: Counters::default(),
             errors: Vec::new(),
             pending_cursor: None,
+            listed: None,
             finished: Vec::new(),
         }
     }
@@ -432,6 +436,10 @@ impl<'a> EntityRun<'a> {
             None => integration.cursors.get(&entity).cloned(),
         };
         self.pending_cursor = checkpoint.as_ref().and_then(|c| c.pending_cursor.clone());
+        // Only a listing read whole by this run can tell what is gone.
+        if checkpoint.is_none() && cursor.is_none() && provider.lists_everything(&entity) {
+            self.listed = Some(HashSet::new());
+        }
         let mut filters = integration.pull_filters.clone();
         filters.extend(self.mapping.filters.iter().cloned());
         let mut request = FetchRequest {
@@ -641,6 +649,9 @@ impl<'a> EntityRun<'a> {
             }
             self.soft_delete(&deleted.ids).await?;
         }
+        if let Some(listed) = self.listed.take() {
+            self.reconcile(&listed).await?;
+        }
         let entity = &self.mapping.external_entity;
         let pending = self.pending_cursor.clone();
         let progress = self.progress(pages, true);
@@ -661,6 +672,32 @@ impl<'a> EntityRun<'a> {
         Ok(())
     }
 
+    /// Soft-deletes the shards this integration synced from the entity that a complete listing
+    /// (`listed`) no longer has.
+    async fn reconcile(&mut self, listed: &HashSet<String>) -> Result<(), Failure> {
+        let integration_id = self.job.integration_id;
+        let prefix = synced_shard_id(integration_id, &self.mapping.external_entity, "");
+        let query = ShardQuery::of_type(&self.mapping.shard_type_id)
+            .in_tenant(self.job.tenant_id)
+            .with_element("external_relationships", "integrationId", integration_id);
+        let synced = self.with_retries(|| self.app.store.query(&query)).await?;
+        let gone: Vec<String> = synced
+            .into_iter()
+            .filter(|v| v.value.id.starts_with(&prefix))
+            .flat_map(|v| v.value.external_relationships)
+            .filter(|r| r.integration_id == integration_id && !listed.contains(&r.external_id))
+            .map(|r| r.external_id)
+            .collect();
+        if !gone.is_empty() {
+            tracing::info!(entity = %self.mapping.external_entity, count = gone.len(), "records no longer listed are reconciled as deleted");
+        }
+        let before = self.counters.skipped;
+        self.soft_delete(&gone).await?;
+        // Shards already soft-deleted are not records this run skipped.
+        self.counters.skipped = before;
+        Ok(())
+    }
+
     /// Transforms, deduplicates and writes one page.
     async fn process_page(&mut self, records: Vec<Record>) -> Result<(), Failure> {
         let mapping = self.mapping;
@@ -672,6 +709,11 @@ impl<'a> EntityRun<'a> {
         let mut items: Vec<(Record, Map<String, Value>)> = Vec::with_capacity(records.len());
         for record in records {
             self.counters.fetched += 1;
+            if let Some(listed) = self.listed.as_mut()
+                && !record.deleted
+            {
+                listed.insert(record.id.clone());
+            }
             if record.deleted {
                 deleted_ids.push(record.id);
                 continue;
