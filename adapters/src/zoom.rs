@@ -1,11 +1,13 @@
 //! Zoom over its REST API v2.
 //!
-//! * Entities: `meetings` (a user's scheduled meetings, `/users/{userId}/meetings`) and
-//!   `recordings` (cloud recordings, `/users/{userId}/recordings`). Pages follow
-//!   `next_page_token` (an empty string at the end), up to 300 records.
+//! * Entities: `meetings` (a user's scheduled meetings, `/users/{userId}/meetings`),
+//!   `recordings` (cloud recordings, `/users/{userId}/recordings`) and `participants` (who
+//!   attended the meetings that took place: `/report/users/{userId}/meetings`, then each
+//!   meeting's `/report/meetings/{uuid}/participants`). Pages follow `next_page_token` (an
+//!   empty string at the end), up to 300 records.
 //! * Zoom has no modified-since filter. Meetings are listed whole on every sync (unchanged ones
-//!   cost no write, by content hash); recordings are listed by date windows (`from`/`to`, at
-//!   most a month each): a full sync walks from `recordingsSince` (default 90 days back) to
+//!   cost no write, by content hash); recordings and past meetings are listed by date windows
+//!   (`from`/`to`, at most a month each): a full sync walks from `recordingsSince` (default 90 days back) to
 //!   today, and the cursor is the day the next sync starts from, a day before the last one
 //!   read, so late recordings are not missed.
 //! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`);
@@ -47,6 +49,7 @@ use crate::{
 
 pub const MEETINGS: &str = "meetings";
 pub const RECORDINGS: &str = "recordings";
+pub const PARTICIPANTS: &str = "participants";
 const DEFAULT_TOKEN_URL: &str = "https://zoom.us/oauth/token";
 const DEFAULT_API_BASE: &str = "https://api.zoom.us/v2";
 const MAX_PAGE_SIZE: usize = 300;
@@ -100,6 +103,39 @@ impl Dialect for ZoomApi {
                 grant: Some(Grant::AccountCredentials),
             }
         }
+    }
+}
+
+/// Where a participants sync stands: the window of past meetings being read, the page of them,
+/// the meetings of that page still to read, and the page of the first one's participants.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+struct Attendance {
+    from: Option<NaiveDate>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    meetings_next: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    queue: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    participants_next: String,
+}
+
+/// A meeting uuid as a path segment. Zoom wants a uuid that begins with `/` or holds `//`
+/// encoded twice.
+fn uuid_segment(uuid: &str) -> String {
+    let encode = |text: &str| -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    if uuid.starts_with('/') || uuid.contains("//") {
+        encode(&encode(uuid))
+    } else {
+        encode(uuid)
     }
 }
 
@@ -182,6 +218,103 @@ impl Zoom {
         })
     }
 
+    /// Who attended the meetings that took place: the Reports API's past meetings, by month
+    /// windows like recordings, and each one's participants.
+    async fn participants(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+    ) -> Result<Page, ProviderError> {
+        let user = Self::user(conn)?.to_string();
+        let today = Utc::now().date_naive();
+        let mut at: Attendance = match (&request.page_token, &request.cursor) {
+            (Some(token), _) => serde_json::from_str(token).map_err(|_| {
+                ProviderError::new(ErrorCode::ValidationError, "unreadable Zoom page token")
+            })?,
+            (None, Some(cursor)) => Attendance {
+                from: Some(NaiveDate::parse_from_str(cursor, "%Y-%m-%d").map_err(|_| {
+                    ProviderError::resync_required(format!("`{cursor}` is not a Zoom cursor"))
+                })?),
+                ..Attendance::default()
+            },
+            (None, None) => Attendance {
+                from: Some(recordings_since(conn, today)),
+                ..Attendance::default()
+            },
+        };
+        let from = at.from.unwrap_or(today);
+        let to = (from + Duration::days(WINDOW_DAYS)).min(today);
+        let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
+        let mut records = Vec::new();
+        if at.queue.is_empty() {
+            let mut params = vec![
+                ("from", from.to_string()),
+                ("to", to.to_string()),
+                ("page_size", size),
+            ];
+            if !at.meetings_next.is_empty() {
+                params.push(("next_page_token", at.meetings_next.clone()));
+            }
+            let body = self
+                .get(conn, &format!("/report/users/{user}/meetings"), &params)
+                .await?;
+            at.queue = body["meetings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["uuid"].as_str().map(str::to_string))
+                .collect();
+            at.meetings_next = next_token(&body).unwrap_or_default();
+        } else {
+            let uuid = at.queue[0].clone();
+            let mut params = vec![("page_size", size)];
+            if !at.participants_next.is_empty() {
+                params.push(("next_page_token", at.participants_next.clone()));
+            }
+            let path = format!("/report/meetings/{}/participants", uuid_segment(&uuid));
+            let body = match self.get(conn, &path, &params).await {
+                // A meeting Zoom no longer reports had nobody to list.
+                Err(e) if e.code == ErrorCode::NotFound => Value::Null,
+                other => other?,
+            };
+            for mut record in records_of_participants(&body["participants"], &uuid) {
+                record
+                    .fields
+                    .insert("meeting_uuid".into(), Value::String(uuid.clone()));
+                records.push(record);
+            }
+            match next_token(&body) {
+                Some(next) => at.participants_next = next,
+                None => {
+                    at.queue.remove(0);
+                    at.participants_next.clear();
+                }
+            }
+        }
+        let (next_page, cursor) = if !at.queue.is_empty() || !at.meetings_next.is_empty() {
+            (Some(at), None)
+        } else if to < today {
+            (
+                Some(Attendance {
+                    from: Some(to),
+                    ..Attendance::default()
+                }),
+                None,
+            )
+        } else {
+            (None, Some((today - Duration::days(1)).to_string()))
+        };
+        Ok(Page {
+            records,
+            next_page: next_page.map(|a| json!(a).to_string()),
+            query: Some(format!(
+                "GET /report/users/{user}/meetings?from&to, then each meeting's participants"
+            )),
+            stop_after: None,
+            cursor,
+        })
+    }
+
     async fn recordings(
         &self,
         conn: &mut Connection,
@@ -261,6 +394,31 @@ fn next_token(body: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The participants of meeting `uuid` as records: one per attendance (a person who joined
+/// twice attended twice), identified within the meeting.
+fn records_of_participants(list: &Value, uuid: &str) -> Vec<Record> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .enumerate()
+        .map(|(i, p)| {
+            let who = p
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty())
+                .map_or_else(|| format!("#{i}"), str::to_string);
+            let joined = p.get("join_time").and_then(Value::as_str).unwrap_or("");
+            Record {
+                id: format!("{uuid}:{who}:{joined}"),
+                modified_at: None,
+                deleted: false,
+                fields: p.clone(),
+            }
+        })
+        .collect()
+}
+
 /// Records from a list, identified by `key` (a meeting's numeric id, a recording's uuid).
 fn records(list: &Value, key: &str) -> Vec<Record> {
     list.as_array()
@@ -293,9 +451,12 @@ impl Pull for Zoom {
         match request.entity.as_str() {
             MEETINGS => self.meetings(conn, request).await,
             RECORDINGS => self.recordings(conn, request).await,
+            PARTICIPANTS => self.participants(conn, request).await,
             other => Err(ProviderError::new(
                 ErrorCode::ValidationError,
-                format!("Zoom syncs `{MEETINGS}` and `{RECORDINGS}`, not `{other}`"),
+                format!(
+                    "Zoom syncs `{MEETINGS}`, `{RECORDINGS}` and `{PARTICIPANTS}`, not `{other}`"
+                ),
             )),
         }
     }
@@ -591,6 +752,19 @@ mod tests {
             sign("key", "The quick brown fox jumps over the lazy dog"),
             "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
         );
+    }
+
+    #[test]
+    fn uuids_that_would_read_as_paths_are_encoded_twice() {
+        assert_eq!(
+            uuid_segment("4444AAAiAAAAAiAiAiiAii=="),
+            "4444AAAiAAAAAiAiAiiAii%3D%3D"
+        );
+        assert_eq!(
+            uuid_segment("/ajXp112QmuoKj4854875=="),
+            "%252FajXp112QmuoKj4854875%253D%253D"
+        );
+        assert_eq!(uuid_segment("ab//cd"), "ab%252F%252Fcd");
     }
 
     #[test]

@@ -69,6 +69,16 @@ pub struct Meeting {
     pub created_at: DateTime<Utc>,
 }
 
+/// A meeting that took place, and its participants as the Reports API lists them.
+#[derive(Clone, Debug)]
+pub struct PastMeeting {
+    pub uuid: String,
+    pub id: u64,
+    pub topic: String,
+    pub start_time: DateTime<Utc>,
+    pub participants: Vec<Value>,
+}
+
 /// One recorded instance of a meeting, with its files as the API lists them.
 #[derive(Clone, Debug)]
 pub struct Recording {
@@ -113,6 +123,8 @@ pub struct Zoom {
     pub meetings: BTreeMap<u64, Meeting>,
     /// Recordings by meeting uuid.
     pub recordings: BTreeMap<String, Recording>,
+    /// Meetings that took place, by uuid, with who attended (the Reports API's view).
+    pub past_meetings: BTreeMap<String, PastMeeting>,
     /// The next N data requests answer 429 with `Retry-After` of this many seconds.
     pub throttle: Option<(usize, u64)>,
     /// The throttle starts only after this many more data requests (a sync stopped mid-way).
@@ -334,6 +346,7 @@ impl Zoom {
             account_grants: 0,
             meetings: BTreeMap::new(),
             recordings: BTreeMap::new(),
+            past_meetings: BTreeMap::new(),
             throttle: None,
             throttle_after: None,
             unavailable: 0,
@@ -650,6 +663,131 @@ async fn list_recordings(
     fake.state.lock().unwrap().list_recordings(&params)
 }
 
+/// An offset page of `rows`: the rows and the token of the next page (`p{offset}`, or empty
+/// at the end), from the `next_page_token` asked for; `None` for a token it never issued.
+fn offset_page(rows: Vec<Value>, params: &[(String, String)]) -> Option<(Vec<Value>, String)> {
+    let start = match param(params, "next_page_token").filter(|t| !t.is_empty()) {
+        None => 0,
+        Some(token) => match token
+            .strip_prefix('p')
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) if n <= rows.len() => n,
+            _ => return None,
+        },
+    };
+    let end = (start + page_size(params)).min(rows.len());
+    let next = if end < rows.len() {
+        format!("p{end}")
+    } else {
+        String::new()
+    };
+    Some((rows[start..end].to_vec(), next))
+}
+
+/// `GET /report/users/{user}/meetings?from&to`: meetings that took place in a window of at most
+/// a month, oldest first.
+async fn report_meetings(
+    State(fake): State<FakeZoom>,
+    Path(user): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    if let Some(answer) = unknown_user(&user) {
+        return answer;
+    }
+    let day = |name: &str| {
+        param(&params, name).and_then(|t| NaiveDate::parse_from_str(t, "%Y-%m-%d").ok())
+    };
+    let (Some(from), Some(to)) = (day("from"), day("to")) else {
+        return validation_failed("from");
+    };
+    if to < from || to - from > TimeDelta::days(30) {
+        return zoom_error(
+            400,
+            300,
+            "The date range is invalid, it can only be within one month.",
+        );
+    }
+    let zoom = fake.state.lock().unwrap();
+    let mut meetings: Vec<&PastMeeting> = zoom
+        .past_meetings
+        .values()
+        .filter(|m| (from..=to).contains(&m.start_time.date_naive()))
+        .collect();
+    meetings.sort_by(|a, b| (a.start_time, &a.uuid).cmp(&(b.start_time, &b.uuid)));
+    let rows: Vec<Value> = meetings
+        .iter()
+        .map(|m| {
+            json!({"uuid": m.uuid, "id": m.id, "host_id": HOST_ID, "type": 2, "topic": m.topic,
+                   "start_time": seconds(m.start_time), "duration": 30,
+                   "participants_count": m.participants.len()})
+        })
+        .collect();
+    let total = rows.len();
+    match offset_page(rows, &params) {
+        Some((page, next)) => Json(json!({
+            "from": date(from), "to": date(to), "page_size": page_size(&params),
+            "total_records": total, "next_page_token": next, "meetings": page
+        }))
+        .into_response(),
+        None => invalid_page_token(),
+    }
+}
+
+/// `GET /report/meetings/{meetingId}/participants`: who attended a past meeting. A uuid that
+/// begins with `/` or holds `//` comes double-encoded, as Zoom requires.
+async fn report_participants(
+    State(fake): State<FakeZoom>,
+    Path(meeting): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let uuid = if meeting.contains('%') {
+        percent_decode(&meeting)
+    } else {
+        meeting
+    };
+    let zoom = fake.state.lock().unwrap();
+    let Some(past) = zoom.past_meetings.get(&uuid) else {
+        return zoom_error(404, 3001, &format!("Meeting does not exist: {uuid}."));
+    };
+    let total = past.participants.len();
+    match offset_page(past.participants.clone(), &params) {
+        Some((page, next)) => Json(json!({
+            "page_count": 1, "page_size": page_size(&params), "total_records": total,
+            "next_page_token": next, "participants": page
+        }))
+        .into_response(),
+        None => invalid_page_token(),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => {
+                match u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn unknown() -> Response {
     zoom_error(404, 404, "The requested resource was not found.")
 }
@@ -667,6 +805,11 @@ impl FakeZoom {
             .route("/v2/users/{user}/meetings", get(list_meetings))
             .route("/v2/meetings/{id}", get(get_meeting))
             .route("/v2/users/{user}/recordings", get(list_recordings))
+            .route("/v2/report/users/{user}/meetings", get(report_meetings))
+            .route(
+                "/v2/report/meetings/{meeting}/participants",
+                get(report_participants),
+            )
             // Only the routes above are data routes: not the token endpoint below.
             .route_layer(middleware::from_fn_with_state(fake.clone(), admit))
             .route("/oauth/token", post(token))
@@ -711,6 +854,42 @@ impl FakeZoom {
         let id = meeting.id;
         zoom.meetings.insert(id, meeting);
         id.to_string()
+    }
+
+    /// Records that meeting `topic` took place at `start`; returns its uuid.
+    pub fn add_past_meeting(&self, topic: &str, start: DateTime<Utc>) -> String {
+        let mut zoom = self.state.lock().unwrap();
+        let meeting = zoom.new_meeting(topic, start);
+        let uuid = meeting.uuid.clone();
+        zoom.past_meetings.insert(
+            uuid.clone(),
+            PastMeeting {
+                uuid: uuid.clone(),
+                id: meeting.id,
+                topic: topic.to_string(),
+                start_time: DateTime::from_timestamp(start.timestamp(), 0).unwrap(),
+                participants: Vec::new(),
+            },
+        );
+        uuid
+    }
+
+    /// Adds someone who attended past meeting `uuid`; returns their participant id.
+    pub fn add_participant(&self, uuid: &str, name: &str, email: &str) -> String {
+        let mut zoom = self.state.lock().unwrap();
+        let past = zoom
+            .past_meetings
+            .get_mut(uuid)
+            .unwrap_or_else(|| panic!("no past meeting {uuid}"));
+        let id = format!("p{:06}", past.participants.len() + 1);
+        let join = past.start_time;
+        past.participants.push(json!({
+            "id": id, "user_id": format!("16778240{}", past.participants.len()), "name": name,
+            "user_email": email, "join_time": seconds(join),
+            "leave_time": seconds(join + TimeDelta::minutes(30)), "duration": 1800,
+            "status": "in_meeting"
+        }));
+        id
     }
 
     /// Schedules `n` meetings named `Meeting 00001` onwards under one lock.

@@ -224,3 +224,69 @@ async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
         "{second}"
     );
 }
+
+#[tokio::test]
+async fn who_attended_past_meetings_is_synced_window_by_window() {
+    let zoom = FakeZoom::start().await;
+    let recent = zoom.add_past_meeting("Pipeline review", Utc::now() - chrono::Duration::days(3));
+    zoom.add_participant(&recent, "Ann Lee", "ann@contoso.test");
+    zoom.add_participant(&recent, "Bo Chen", "bo@contoso.test");
+    let older = zoom.add_past_meeting(
+        "Quarterly kick-off",
+        Utc::now() - chrono::Duration::days(45),
+    );
+    zoom.add_participant(&older, "Cy Diaz", "cy@contoso.test");
+    let app = TestApp::new();
+    let since = (Utc::now() - chrono::Duration::days(60))
+        .format("%Y-%m-%d")
+        .to_string();
+    let mut file = integration(&zoom, &since);
+    file["structuredData"]["entityMappings"] = json!([{
+        "externalEntity": "participants", "shardTypeId": "c_attendance", "nameField": "name",
+        "fieldMappings": [{"source": "name", "target": "name", "required": true},
+                          {"source": "user_email", "target": "email"},
+                          {"source": "meeting_uuid", "target": "meeting"}]
+    }]);
+    app.register_integration(file).await;
+    app.set_credentials(ID, &zoom.credentials()).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1").await;
+
+    let mut attended: Vec<(String, String)> = app
+        .shards("c_attendance")
+        .await
+        .iter()
+        .map(|s| {
+            let data = &s["structuredData"];
+            (
+                data["name"].as_str().unwrap().to_string(),
+                data["meeting"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    attended.sort();
+    assert_eq!(
+        attended,
+        [
+            ("Ann Lee".to_string(), recent.clone()),
+            ("Bo Chen".to_string(), recent.clone()),
+            ("Cy Diaz".to_string(), older.clone())
+        ]
+    );
+    let windows = zoom
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("/report/users/"))
+        .count();
+    assert_eq!(windows, 2, "60 days in windows of at most 30");
+    let cursor = &app.integration(ID).await["structuredData"]["cursors"]["participants"];
+    assert_eq!(
+        cursor,
+        &json!(
+            (Utc::now() - chrono::Duration::days(1))
+                .format("%Y-%m-%d")
+                .to_string()
+        )
+    );
+}
