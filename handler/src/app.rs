@@ -13,7 +13,7 @@ use crate::identity::AzureCredential;
 use crate::queue::{LocalBroker, MessageQueue, ServiceBusConfig, ServiceBusSender};
 use crate::secrets::{FileSecrets, KeyVaultSecrets, SecretStore};
 use crate::settings::{ServiceBusSetting, Settings};
-use crate::store::{CosmosStore, ShardStore, SqliteStore};
+use crate::store::{CosmosStore, Provisioning, ShardStore, SqliteStore};
 use azure_data_cosmos::options::Region;
 use azure_data_cosmos::{AccountEndpoint, AccountReference, CosmosClientBuilder, RoutingStrategy};
 
@@ -176,9 +176,16 @@ impl App {
                 )
                 .await
                 .map_err(|e| format!("Cosmos DB `{}`: {e}", cosmos.endpoint))?;
-            let store = CosmosStore::open(&client, &cosmos.database, &cosmos.container)
-                .await
-                .map_err(|e| format!("Cosmos DB `{}`: {e}", cosmos.endpoint))?;
+            // Through Entra the app holds a data-plane role, which cannot create databases.
+            let provisioning = if cosmos.key.is_some() {
+                Provisioning::Create
+            } else {
+                Provisioning::Existing
+            };
+            let store =
+                CosmosStore::open(&client, &cosmos.database, &cosmos.container, provisioning)
+                    .await
+                    .map_err(|e| format!("Cosmos DB `{}`: {e}", cosmos.endpoint))?;
             app.store = Arc::new(store);
         }
         if let Some(event_grid) = &azure.event_grid {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use azure_data_cosmos::options::Region;
 use azure_data_cosmos::{
-    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
+    AccountEndpoint, AccountReference, CosmosClient, CosmosClientBuilder, CosmosRuntimeBuilder,
+    RoutingStrategy,
 };
 use azure_data_cosmos_driver::fault_injection::FaultInjectionRule;
 use azure_data_cosmos_driver::in_memory_emulator::{
@@ -13,7 +14,7 @@ use azure_data_cosmos_driver::in_memory_emulator::{
 };
 
 use handler::protocol::ServiceBusMessage;
-use handler::store::CosmosStore;
+use handler::store::{CosmosStore, Provisioning};
 
 /// A manual bulk-import integration of tenant `t1` over `folder`: accounts by name, contacts
 /// split into first and last name and deduplicated by email.
@@ -38,8 +39,8 @@ pub fn bulk_import_integration(id: &str, folder: &std::path::Path) -> handler::m
 
 const ENDPOINT: &str = "https://eastus.emulator.local";
 
-/// A shards container in a fresh in-memory account, with `rules` injecting faults.
-pub async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore {
+/// A client of a fresh in-memory account, with `rules` injecting faults.
+pub async fn emulator_client(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosClient {
     let config = VirtualAccountConfig::new(vec![VirtualRegion::new(
         "East US",
         azure_core::http::Url::parse(ENDPOINT).unwrap(),
@@ -60,11 +61,16 @@ pub async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore 
     if !rules.is_empty() {
         builder = builder.with_fault_injection_rules(rules).unwrap();
     }
-    let client = builder
+    builder
         .build(account, RoutingStrategy::ProximityTo(Region::EAST_US))
         .await
-        .unwrap();
-    CosmosStore::open(&client, "castiel", "shards")
+        .unwrap()
+}
+
+/// A shards container in a fresh in-memory account, with `rules` injecting faults.
+pub async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore {
+    let client = emulator_client(rules).await;
+    CosmosStore::open(&client, "castiel", "shards", Provisioning::Create)
         .await
         .unwrap()
 }

@@ -8,7 +8,7 @@ use azure_data_cosmos::{
     AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
 };
 
-use handler::store::{CosmosStore, ShardQuery, ShardStore};
+use handler::store::{CosmosStore, Provisioning, ShardQuery, ShardStore};
 
 use crate::cosmos_store::{count, point_operations, queries, sync_demo_into};
 use crate::helpers::{TestApp, wait_until};
@@ -38,7 +38,7 @@ async fn store(database: &str) -> Option<CosmosStore> {
         .await
         .unwrap();
     Some(
-        CosmosStore::open(&client, database, "shards")
+        CosmosStore::open(&client, database, "shards", Provisioning::Create)
             .await
             .unwrap(),
     )

@@ -16,9 +16,11 @@ use handler::engine::inbound;
 use handler::model::{Shard, timestamp};
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
-use handler::store::{CosmosStore, Op, ShardQuery, ShardStore, StoreError};
+use handler::store::{CosmosStore, Op, Provisioning, ShardQuery, ShardStore, StoreError};
 
-use crate::cosmos_emulator::{bulk_import_integration, bulk_import_job, emulator_store};
+use crate::cosmos_emulator::{
+    bulk_import_integration, bulk_import_job, emulator_client, emulator_store,
+};
 use crate::helpers::TestApp;
 
 fn shard(tenant: &str, id: &str, data: Value) -> Shard {
@@ -252,4 +254,37 @@ async fn throttling_and_outages_injected_into_cosmos_lose_nothing() {
         .unwrap();
     assert_eq!(history.len(), 1, "redeliveries rewrote one record");
     assert_ne!(history[0].value.structured_data["status"], "running");
+}
+
+#[tokio::test]
+async fn through_entra_a_missing_database_or_container_is_named_not_created() {
+    let client = emulator_client(vec![]).await;
+
+    let missing = CosmosStore::open(&client, "castiel", "shards", Provisioning::Existing)
+        .await
+        .err()
+        .expect("nothing is provisioned yet");
+    assert!(
+        missing
+            .to_string()
+            .contains("database `castiel` does not exist"),
+        "{missing}"
+    );
+
+    CosmosStore::open(&client, "castiel", "other", Provisioning::Create)
+        .await
+        .unwrap();
+    let missing = CosmosStore::open(&client, "castiel", "shards", Provisioning::Existing)
+        .await
+        .err()
+        .expect("the database exists, the container does not");
+    assert!(
+        missing
+            .to_string()
+            .contains("container `shards` of database `castiel` does not exist"),
+        "{missing}"
+    );
+    CosmosStore::open(&client, "castiel", "other", Provisioning::Existing)
+        .await
+        .expect("what is provisioned is used as it is");
 }

@@ -61,30 +61,56 @@ fn shard_from(mut item: Value) -> Result<Versioned<Shard>, StoreError> {
     Ok(Versioned { value, etag })
 }
 
+/// Whether the store may create its database and container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioning {
+    /// Create them if they are missing (account keys may; the local emulators).
+    Create,
+    /// They must exist: through Entra, data-plane roles cannot create them, so a missing one is
+    /// named instead of failing on a permission error.
+    Existing,
+}
+
 impl CosmosStore {
-    /// The shards container `container` of database `database`, created (partitioned by
-    /// `/tenantId`) if it does not exist yet.
+    /// The shards container `container` of database `database`: created (partitioned by
+    /// `/tenantId`) if it does not exist yet and `provisioning` allows, else checked.
     pub async fn open(
         client: &CosmosClient,
         database: &str,
         container: &str,
+        provisioning: Provisioning,
     ) -> Result<Self, StoreError> {
-        match client.create_database(database, None).await {
-            Ok(_) => {}
-            Err(e) if e.status().is_conflict() => {}
-            Err(e) => return Err(store_error(e)),
-        }
         let db = client.database_client(database);
-        let properties = ContainerProperties::new(container.to_string(), "/tenantId".into());
-        match db.create_container(properties, None).await {
-            Ok(_) => {}
-            Err(e) if e.status().is_conflict() => {}
-            Err(e) => return Err(store_error(e)),
+        if provisioning == Provisioning::Create {
+            match client.create_database(database, None).await {
+                Ok(_) => {}
+                Err(e) if e.status().is_conflict() => {}
+                Err(e) => return Err(store_error(e)),
+            }
+            let properties = ContainerProperties::new(container.to_string(), "/tenantId".into());
+            match db.create_container(properties, None).await {
+                Ok(_) => {}
+                Err(e) if e.status().is_conflict() => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        } else if let Err(e) = db.read(None).await {
+            return Err(if e.status().is_not_found() {
+                StoreError::NotProvisioned(format!(
+                    "database `{database}` does not exist; provision it (infra/) or set COSMOS_DATABASE"
+                ))
+            } else {
+                store_error(e)
+            });
         }
-        let container = db
-            .container_client(container, None)
-            .await
-            .map_err(store_error)?;
+        let container = match db.container_client(container, None).await {
+            Ok(client) => client,
+            Err(e) if e.status().is_not_found() => {
+                return Err(StoreError::NotProvisioned(format!(
+                    "container `{container}` of database `{database}` does not exist; provision it (partition key /tenantId) or set COSMOS_CONTAINER"
+                )));
+            }
+            Err(e) => return Err(store_error(e)),
+        };
         Ok(Self { container })
     }
 

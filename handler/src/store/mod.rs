@@ -10,7 +10,7 @@ mod sqlite;
 
 pub(crate) use sqlite::open_database as sqlite_open;
 
-pub use cosmos::{CosmosStore, cosmos_sql};
+pub use cosmos::{CosmosStore, Provisioning, cosmos_sql};
 pub use sqlite::{SqliteStore, restrict_to_owner};
 
 use async_trait::async_trait;
@@ -36,6 +36,10 @@ pub enum StoreError {
     /// The store could not be reached or was busy; trying again later can help.
     #[error("shard store unavailable: {0}")]
     Unavailable(String),
+    /// The database or container the store was pointed at does not exist, and this app may
+    /// not create it (it reaches Cosmos DB through Entra, whose data-plane roles cannot).
+    #[error("{0}")]
+    NotProvisioned(String),
     /// A stored document could not be read back.
     #[error("stored shard is unreadable: {0}")]
     Corrupt(String),
