@@ -35,11 +35,28 @@ pub struct Settings {
     pub max_concurrent_syncs_per_tenant: usize,
     /// Delay before the first retry of a failed shard write (then 2×, 4×, ±20%).
     pub record_retry_base: Duration,
+    /// How long a sync's history record is kept: `HISTORY_RETENTION_DAYS` (default 30), or a
+    /// tenant's own plan retention from `HISTORY_RETENTION_DAYS_BY_TENANT` (`t1=7,t2=90`).
+    pub history_retention: HistoryRetention,
     /// `WEBHOOK_BASE_URL`: where providers reach this app (`https://func-sync-prod.azurewebsites.net`);
     /// provider-side subscriptions deliver to `{it}/api/webhooks/{provider}`.
     pub webhook_base_url: Option<String>,
     /// Azure backends to use instead of the embedded ones, each when its settings are present.
     pub azure: AzureSettings,
+}
+
+/// How long history records are kept, per tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRetention {
+    pub days: u32,
+    pub by_tenant: std::collections::BTreeMap<String, u32>,
+}
+
+impl HistoryRetention {
+    /// The `ttl`, in seconds, of a history record of `tenant`.
+    pub fn ttl_seconds(&self, tenant: &str) -> i64 {
+        i64::from(*self.by_tenant.get(tenant).unwrap_or(&self.days)) * 24 * 60 * 60
+    }
 }
 
 /// The Azure services the app uses when configured.
@@ -330,6 +347,37 @@ impl Settings {
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1));
 
+        let mut history_retention = HistoryRetention {
+            days: read("HISTORY_RETENTION_DAYS")
+                .and_then(|v| {
+                    parse::<u32>("HISTORY_RETENTION_DAYS", &v, WHOLE_NUMBER, &mut problems)
+                })
+                .unwrap_or(30),
+            by_tenant: Default::default(),
+        };
+        if let Some(list) = read("HISTORY_RETENTION_DAYS_BY_TENANT") {
+            for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                match entry
+                    .split_once('=')
+                    .and_then(|(t, d)| Some((t.trim(), d.trim().parse::<u32>().ok()?)))
+                {
+                    Some((tenant, days)) if !tenant.is_empty() && days > 0 => {
+                        history_retention.by_tenant.insert(tenant.to_string(), days);
+                    }
+                    _ => {
+                        problems.push(
+                            "HISTORY_RETENTION_DAYS_BY_TENANT: expected `tenant=days` pairs separated by commas"
+                                .into(),
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        if history_retention.days == 0 {
+            problems.push("HISTORY_RETENTION_DAYS: must be at least 1".into());
+        }
+
         let webhook_base_url = read("WEBHOOK_BASE_URL").and_then(|v| {
             let url = v.trim().trim_end_matches('/').to_string();
             let parsed = reqwest::Url::parse(&url).ok();
@@ -446,6 +494,7 @@ impl Settings {
             min_sync_interval,
             max_concurrent_syncs_per_tenant,
             record_retry_base,
+            history_retention,
             webhook_base_url,
             azure,
         })
@@ -543,6 +592,21 @@ mod tests {
         assert!(text.contains("KEY_VAULT_URL"));
         assert!(text.contains("EVENTGRID_SCHEMA"));
         assert!(!text.contains("very-secret"));
+    }
+
+    #[test]
+    fn history_is_kept_for_the_tenants_plan_or_thirty_days() {
+        let s = settings(&[("HISTORY_RETENTION_DAYS_BY_TENANT", "t1=7, t3=90")]).unwrap();
+        let day = 24 * 60 * 60;
+        assert_eq!(s.history_retention.ttl_seconds("t1"), 7 * day);
+        assert_eq!(s.history_retention.ttl_seconds("t2"), 30 * day);
+        assert_eq!(s.history_retention.ttl_seconds("t3"), 90 * day);
+        let err = settings(&[("HISTORY_RETENTION_DAYS_BY_TENANT", "t1:7")]).unwrap_err();
+        assert!(
+            err.to_string().contains("HISTORY_RETENTION_DAYS_BY_TENANT"),
+            "{err}"
+        );
+        assert!(settings(&[("HISTORY_RETENTION_DAYS", "0")]).is_err());
     }
 
     #[test]

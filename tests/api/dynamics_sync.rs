@@ -387,3 +387,44 @@ async fn rows_are_created_updated_only_at_the_version_written_against_and_delete
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_sync_record_expires_after_the_tenants_retention() {
+    let fake = FakeDynamics::start().await;
+    fake.add("contacts", json!({"fullname": "Contact"}));
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    // Tenant t1 is on the plan that keeps a week of history.
+    let handler = app
+        .host_handler_with(&[("HISTORY_RETENTION_DAYS_BY_TENANT", "t0=90, t1=7")])
+        .await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+
+    let history = app.history().await;
+    assert_eq!(
+        history[0]["ttl"],
+        7 * 24 * 60 * 60,
+        "Cosmos DB's per-item ttl"
+    );
+    let store = app.store();
+    assert_eq!(
+        store
+            .purge_expired(chrono::Utc::now() + chrono::Duration::days(6))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .purge_expired(chrono::Utc::now() + chrono::Duration::days(8))
+            .unwrap(),
+        1
+    );
+    assert!(app.history().await.is_empty());
+    assert_eq!(
+        app.shards("c_contact").await.len(),
+        1,
+        "only the history expires"
+    );
+}

@@ -8,7 +8,7 @@
 //! [`StoreError::Unavailable`], which the engine retries and never drops.
 
 use async_trait::async_trait;
-use azure_data_cosmos::models::{ContainerProperties, ItemResponse};
+use azure_data_cosmos::models::{ContainerProperties, ItemResponse, TimeToLive};
 use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
 use azure_data_cosmos::{ContainerClient, CosmosClient, CosmosError, FeedScope, Query};
 use futures_util::TryStreamExt;
@@ -87,7 +87,9 @@ impl CosmosStore {
                 Err(e) if e.status().is_conflict() => {}
                 Err(e) => return Err(store_error(e)),
             }
-            let properties = ContainerProperties::new(container.to_string(), "/tenantId".into());
+            // Time to live on, with no default: only documents with a `ttl` expire.
+            let properties = ContainerProperties::new(container.to_string(), "/tenantId".into())
+                .with_default_ttl(TimeToLive::NoDefault);
             match db.create_container(properties, None).await {
                 Ok(_) => {}
                 Err(e) if e.status().is_conflict() => {}

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS shards (
     deleted       INTEGER NOT NULL,
     etag          TEXT NOT NULL,
     doc           TEXT NOT NULL,
+    expires       INTEGER,
     PRIMARY KEY (tenant_id, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS shards_by_type ON shards (shard_type_id, tenant_id);
@@ -100,9 +101,55 @@ fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_database(path, SCHEMA).map_err(unavailable)?;
-        Ok(Self {
+        // Stores made before shards could expire have no `expires` column yet.
+        let has_expiry: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('shards') WHERE name = 'expires'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(unavailable)?;
+        if has_expiry == 0 {
+            conn.execute_batch("ALTER TABLE shards ADD COLUMN expires INTEGER")
+                .map_err(unavailable)?;
+        }
+        let store = Self {
             conn: Arc::new(Mutex::new(conn)),
-        })
+        };
+        // Best effort: queries leave expired shards out anyway, and another process may be
+        // in a long write right now.
+        if let Err(e) = store.purge_expired(chrono::Utc::now()) {
+            tracing::debug!(error = %e, "expired shards not purged this time");
+        }
+        Ok(store)
+    }
+
+    /// Deletes the shards whose `ttl` ran out by `now`, as Cosmos DB does in the background.
+    /// Queries already leave them out.
+    pub fn purge_expired(&self, now: chrono::DateTime<chrono::Utc>) -> Result<usize, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // A read first, so that opening a store with nothing expired never waits for a lock.
+        let any: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM shards WHERE expires IS NOT NULL AND expires <= ?1)",
+                [now.timestamp()],
+                |row| row.get(0),
+            )
+            .map_err(unavailable)?;
+        if !any {
+            return Ok(0);
+        }
+        conn.execute(
+            "DELETE FROM shard_keys WHERE (tenant_id, id) IN
+               (SELECT tenant_id, id FROM shards WHERE expires IS NOT NULL AND expires <= ?1)",
+            [now.timestamp()],
+        )
+        .map_err(unavailable)?;
+        conn.execute(
+            "DELETE FROM shards WHERE expires IS NOT NULL AND expires <= ?1",
+            [now.timestamp()],
+        )
+        .map_err(unavailable)
     }
 
     async fn with_conn<T: Send + 'static>(
@@ -130,6 +177,8 @@ fn new_etag() -> String {
 struct Row {
     shard_type_id: String,
     deleted: bool,
+    /// When the shard expires (Unix seconds), if it has a `ttl`.
+    expires: Option<i64>,
     doc: String,
     keys: Vec<(String, String)>,
 }
@@ -145,6 +194,13 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
     Ok(Row {
         shard_type_id: shard.shard_type_id.clone(),
         deleted: shard.deleted_at.is_some(),
+        // Cosmos DB's per-item `ttl`: seconds from the last write until the item is gone.
+        expires: shard
+            .extra
+            .get("ttl")
+            .and_then(Value::as_i64)
+            .filter(|ttl| *ttl > 0)
+            .map(|ttl| chrono::Utc::now().timestamp() + ttl),
         doc: serde_json::to_string(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         keys,
     })
@@ -182,7 +238,7 @@ fn write(
     mode: &str,
 ) -> rusqlite::Result<usize> {
     let sql = format!(
-        "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
     );
     let written = conn.prepare_cached(&sql)?.execute(rusqlite::params![
         shard.tenant_id,
@@ -190,7 +246,8 @@ fn write(
         row.shard_type_id,
         row.deleted,
         etag,
-        row.doc
+        row.doc,
+        row.expires
     ])?;
     write_keys(conn, shard, row)?;
     Ok(written)
@@ -266,7 +323,7 @@ impl ShardStore for SqliteStore {
             let tx = conn.transaction().map_err(unavailable)?;
             let changed = tx
                 .prepare_cached(
-                    "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6
+                    "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8
                      WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7",
                 )
                 .map_err(unavailable)?
@@ -277,7 +334,8 @@ impl ShardStore for SqliteStore {
                     row.deleted,
                     etag,
                     row.doc,
-                    if_match
+                    if_match,
+                    row.expires
                 ])
                 .map_err(unavailable)?;
             if changed == 1 {
@@ -334,8 +392,13 @@ impl ShardStore for SqliteStore {
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         let query = query.clone();
         self.with_conn(move |conn| {
-            let mut sql = String::from("SELECT doc, etag FROM shards WHERE shard_type_id = ?");
-            let mut args = vec![SqlValue::Text(query.shard_type_id.clone())];
+            let mut sql = String::from(
+                "SELECT doc, etag FROM shards WHERE shard_type_id = ? AND (expires IS NULL OR expires > ?)",
+            );
+            let mut args = vec![
+                SqlValue::Text(query.shard_type_id.clone()),
+                SqlValue::Integer(chrono::Utc::now().timestamp()),
+            ];
             if let Some(tenant) = &query.tenant_id {
                 sql.push_str(" AND tenant_id = ?");
                 args.push(SqlValue::Text(tenant.clone()));
