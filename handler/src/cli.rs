@@ -85,6 +85,10 @@ pub enum Command {
         integration: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Aggregates per integration over the last DAYS days instead of the records: jobs,
+        /// success rate, records, p50/p95 duration
+        #[arg(long, value_name = "DAYS")]
+        stats: Option<u32>,
     },
     /// Query shards by type, and optionally by external id
     Shards {
@@ -289,7 +293,14 @@ async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bo
             tenant,
             integration,
             limit,
+            stats: None,
         } => history(app, &tenant, integration.as_deref(), limit, json).await,
+        Command::History {
+            tenant,
+            integration,
+            stats: Some(days),
+            ..
+        } => history_stats(app, &tenant, integration.as_deref(), days, json).await,
         Command::Shards {
             tenant,
             shard_type,
@@ -666,6 +677,63 @@ async fn second_drop(backends: &LocalBackends, app: &App, json: bool) -> CliResu
         json,
     )
     .await
+}
+
+async fn history_stats(
+    app: &App,
+    tenant: &str,
+    integration: Option<&str>,
+    days: u32,
+    json: bool,
+) -> CliResult {
+    let since = Utc::now() - chrono::Duration::days(i64::from(days));
+    let mut query = ShardQuery::of_type(shard_types::INTEGRATION_SYNC)
+        .in_tenant(tenant)
+        .filter(
+            "structuredData.startedAt",
+            Op::Ge,
+            json!(since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        );
+    if let Some(id) = integration {
+        query = query.filter("structuredData.integrationId", Op::Eq, json!(id));
+    }
+    let found = app.store.query(&query).await.map_err(store_error)?;
+    let records: Vec<IntegrationSync> = found.iter().filter_map(|v| v.value.data().ok()).collect();
+    let stats = crate::model::history::stats_per_integration(&records);
+    if json {
+        print_json(&stats);
+        return Ok(());
+    }
+    let ms = |v: Option<u64>| v.map_or("-".into(), |ms| format!("{ms} ms"));
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|s| {
+            vec![
+                s.integration_id.clone(),
+                s.jobs.to_string(),
+                format!("{:.1}%", s.success_rate * 100.0),
+                s.failed.to_string(),
+                s.records_fetched.to_string(),
+                s.shards_written.to_string(),
+                ms(s.p50_duration_ms),
+                ms(s.p95_duration_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "INTEGRATION",
+            "JOBS",
+            "SUCCESS",
+            "FAILED",
+            "FETCHED",
+            "WRITTEN",
+            "P50",
+            "P95",
+        ],
+        &rows,
+    );
+    Ok(())
 }
 
 async fn history(

@@ -428,3 +428,32 @@ async fn a_sync_record_expires_after_the_tenants_retention() {
         "only the history expires"
     );
 }
+
+#[tokio::test]
+async fn history_stats_add_up_an_integrations_syncs() {
+    let fake = FakeDynamics::start().await;
+    fake.add("contacts", json!({"fullname": "Contact"}));
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    run_job(&handler, "job-2", "incremental").await;
+
+    let stats = app
+        .cli_json(&["history", "--tenant", "t1", "--stats", "7"])
+        .await;
+
+    assert_eq!(stats.as_array().unwrap().len(), 1, "{stats}");
+    let mine = &stats[0];
+    assert_eq!(mine["integrationId"], ID);
+    assert_eq!(
+        (&mine["jobs"], &mine["successRate"]),
+        (&json!(2), &json!(1.0))
+    );
+    assert_eq!(
+        (&mine["recordsFetched"], &mine["shardsWritten"]),
+        (&json!(1), &json!(1))
+    );
+    assert!(mine["p95DurationMs"].is_u64(), "{mine}");
+}

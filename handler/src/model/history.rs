@@ -198,9 +198,128 @@ fn short_hash(text: &str) -> String {
         .collect()
 }
 
+/// What one integration's finished syncs add up to: the figures a `sync-stats` view shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationSyncStats {
+    pub integration_id: String,
+    pub jobs: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Succeeded (partial counts as done) over jobs that ended.
+    pub success_rate: f64,
+    pub records_fetched: u64,
+    pub shards_written: u64,
+    pub p50_duration_ms: Option<u64>,
+    pub p95_duration_ms: Option<u64>,
+}
+
+/// Aggregates finished sync records per integration, sorted by integration id. Records still
+/// running are left out.
+pub fn stats_per_integration(records: &[IntegrationSync]) -> Vec<IntegrationSyncStats> {
+    let mut by_integration: std::collections::BTreeMap<&str, Vec<&IntegrationSync>> =
+        Default::default();
+    for record in records.iter().filter(|r| r.status != SyncStatus::Running) {
+        by_integration
+            .entry(&record.integration_id)
+            .or_default()
+            .push(record);
+    }
+    by_integration
+        .into_iter()
+        .map(|(id, records)| {
+            let jobs = records.len() as u64;
+            let succeeded = records
+                .iter()
+                .filter(|r| matches!(r.status, SyncStatus::Success | SyncStatus::Partial))
+                .count() as u64;
+            let failed = records
+                .iter()
+                .filter(|r| r.status == SyncStatus::Failed)
+                .count() as u64;
+            let mut durations: Vec<u64> = records.iter().filter_map(|r| r.duration_ms).collect();
+            durations.sort_unstable();
+            // Nearest rank: the smallest duration at least p% of jobs did not exceed.
+            let percentile = |p: f64| -> Option<u64> {
+                let rank = ((p * durations.len() as f64).ceil() as usize).max(1);
+                durations.get(rank - 1).copied()
+            };
+            IntegrationSyncStats {
+                integration_id: id.to_string(),
+                jobs,
+                succeeded,
+                failed,
+                success_rate: if jobs == 0 {
+                    0.0
+                } else {
+                    succeeded as f64 / jobs as f64
+                },
+                records_fetched: records.iter().map(|r| r.stats.records_fetched).sum(),
+                shards_written: records
+                    .iter()
+                    .map(|r| r.stats.shards_created + r.stats.shards_updated)
+                    .sum(),
+                p50_duration_ms: percentile(0.50),
+                p95_duration_ms: percentile(0.95),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finished_syncs_add_up_per_integration_with_nearest_rank_percentiles() {
+        let record =
+            |integration: &str, status: SyncStatus, ms: u64, fetched: u64| IntegrationSync {
+                integration_id: integration.into(),
+                integration_name: String::new(),
+                provider_name: "salesforce".into(),
+                job_id: format!("job-{ms}"),
+                job_type: SyncJobType::Incremental,
+                trigger: SyncTrigger::Scheduled,
+                triggered_by: None,
+                started_at: Utc::now(),
+                completed_at: None,
+                duration_ms: Some(ms),
+                status,
+                status_message: None,
+                stats: SyncStats {
+                    records_fetched: fetched,
+                    shards_created: 1,
+                    shards_updated: 2,
+                    ..SyncStats::default()
+                },
+                entity_stats: None,
+                errors: None,
+                sync_details: None,
+            };
+        let mut records: Vec<IntegrationSync> = (1..=20)
+            .map(|i| record("int-a", SyncStatus::Success, i * 100, 10))
+            .collect();
+        records.push(record("int-a", SyncStatus::Failed, 50, 0));
+        records.push(record("int-a", SyncStatus::Running, 1, 0));
+        records.push(record("int-b", SyncStatus::Partial, 700, 5));
+
+        let stats = stats_per_integration(&records);
+
+        assert_eq!(stats.len(), 2);
+        let a = &stats[0];
+        assert_eq!(
+            (a.jobs, a.succeeded, a.failed),
+            (21, 20, 1),
+            "running jobs are left out"
+        );
+        assert!((a.success_rate - 20.0 / 21.0).abs() < 1e-9);
+        assert_eq!((a.records_fetched, a.shards_written), (200, 63));
+        assert_eq!(
+            (a.p50_duration_ms, a.p95_duration_ms),
+            (Some(1000), Some(1900))
+        );
+        assert_eq!((stats[1].jobs, stats[1].p95_duration_ms), (1, Some(700)));
+    }
     use chrono::TimeZone;
     use serde_json::json;
 
