@@ -61,6 +61,24 @@ pub struct Answer {
     pub body: Value,
 }
 
+/// `base` and `path` with `params` as the query: a request URL, encoded.
+pub fn endpoint(
+    base: &str,
+    path: &str,
+    params: &[(&str, String)],
+) -> Result<String, ProviderError> {
+    let mut url = reqwest::Url::parse(&format!("{base}{path}")).map_err(|_| {
+        ProviderError::new(
+            crate::ErrorCode::ValidationError,
+            "connection.apiBaseUrl is not a URL",
+        )
+    })?;
+    if !params.is_empty() {
+        url.query_pairs_mut().extend_pairs(params);
+    }
+    Ok(url.into())
+}
+
 /// One service as an adapter talks to it.
 pub struct Api<D> {
     dialect: D,

@@ -527,9 +527,8 @@ impl Provider for Dynamics365 {
     }
 
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
-        let environment = crate::http::check_url(settings, "environmentUrl")?
+        crate::http::check_url(settings, "environmentUrl")?
             .ok_or("connection.environmentUrl is required (https://{org}.crm.dynamics.com)")?;
-        settings.insert("environmentUrl".into(), Value::String(environment));
         microsoft::check_identity(settings)?;
         if let Some(version) = settings.get("apiVersion") {
             let ok = version

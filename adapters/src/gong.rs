@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::api::{Api, Dialect, TokenRequest};
+use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
@@ -129,7 +129,8 @@ impl Gong {
         &self,
         conn: &mut Connection,
         method: Method,
-        path_and_query: &str,
+        path: &str,
+        params: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Option<Value>, ProviderError> {
         if conn.credentials.get("access_key").is_none()
@@ -138,7 +139,7 @@ impl Gong {
             // The customer's host comes with the token.
             self.api.refresh(conn).await?;
         }
-        let url = format!("{}{path_and_query}", Self::base(conn));
+        let url = endpoint(&Self::base(conn), path, params)?;
         match self.api.send(conn, method, &url, &[], body).await {
             Ok(answer) => Ok(Some(answer.body)),
             Err(e) if e.code == ErrorCode::NotFound => Ok(None),
@@ -186,7 +187,7 @@ impl Gong {
             body["cursor"] = json!(cursor);
         }
         let answer = self
-            .send(conn, Method::POST, "/v2/calls/extensive", Some(&body))
+            .send(conn, Method::POST, "/v2/calls/extensive", &[], Some(&body))
             .await?
             .unwrap_or(Value::Null);
         let records = answer["calls"]
@@ -219,15 +220,13 @@ impl Gong {
         conn: &mut Connection,
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
-        let mut path = "/v2/users".to_string();
-        if let Some(cursor) = &request.page_token {
-            let mut url = reqwest::Url::parse("http://gong/").expect("a fixed URL parses");
-            url.query_pairs_mut().append_pair("cursor", cursor);
-            path.push('?');
-            path.push_str(url.query().unwrap_or_default());
-        }
+        let params: Vec<(&str, String)> = request
+            .page_token
+            .iter()
+            .map(|cursor| ("cursor", cursor.clone()))
+            .collect();
         let answer = self
-            .send(conn, Method::GET, &path, None)
+            .send(conn, Method::GET, "/v2/users", &params, None)
             .await?
             .unwrap_or(Value::Null);
         let records = answer["users"]
@@ -500,9 +499,7 @@ impl Provider for Gong {
 
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
         for name in ["tokenUrl", "apiBaseUrl", "webhookUrl"] {
-            if let Some(url) = crate::http::check_url(settings, name)? {
-                settings.insert(name.into(), Value::String(url));
-            }
+            crate::http::check_url(settings, name)?;
         }
         if let Some(since) = settings.get("callsSince")
             && since

@@ -29,7 +29,7 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::api::{Api, Dialect, TokenRequest};
+use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
@@ -152,19 +152,7 @@ impl GoogleDrive {
         path: &str,
         params: &[(&str, String)],
     ) -> Result<Value, ProviderError> {
-        let mut url =
-            reqwest::Url::parse(&format!("{}{path}", Self::base(conn))).map_err(|_| {
-                ProviderError::new(
-                    ErrorCode::ValidationError,
-                    "connection.apiBaseUrl is not a URL",
-                )
-            })?;
-        url.query_pairs_mut().extend_pairs(params);
-        Ok(self
-            .api
-            .send(conn, Method::GET, url.as_str(), &[], None)
-            .await?
-            .body)
+        self.call(conn, Method::GET, path, params, None).await
     }
 
     async fn post(
@@ -174,19 +162,20 @@ impl GoogleDrive {
         params: &[(&str, String)],
         body: &Value,
     ) -> Result<Value, ProviderError> {
-        let mut url =
-            reqwest::Url::parse(&format!("{}{path}", Self::base(conn))).map_err(|_| {
-                ProviderError::new(
-                    ErrorCode::ValidationError,
-                    "connection.apiBaseUrl is not a URL",
-                )
-            })?;
-        url.query_pairs_mut().extend_pairs(params);
-        Ok(self
-            .api
-            .send(conn, Method::POST, url.as_str(), &[], Some(body))
-            .await?
-            .body)
+        self.call(conn, Method::POST, path, params, Some(body))
+            .await
+    }
+
+    async fn call(
+        &self,
+        conn: &mut Connection,
+        method: Method,
+        path: &str,
+        params: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
+        let url = endpoint(Self::base(conn), path, params)?;
+        Ok(self.api.send(conn, method, &url, &[], body).await?.body)
     }
 
     async fn start_token(&self, conn: &mut Connection) -> Result<String, ProviderError> {
@@ -498,9 +487,7 @@ impl Provider for GoogleDrive {
 
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
         for name in ["tokenUrl", "apiBaseUrl"] {
-            if let Some(url) = crate::http::check_url(settings, name)? {
-                settings.insert(name.into(), Value::String(url));
-            }
+            crate::http::check_url(settings, name)?;
         }
         if let Some(drive) = settings.get("driveId")
             && !drive.as_str().is_some_and(|d| {

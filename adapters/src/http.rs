@@ -145,8 +145,9 @@ pub fn transport_error(what: &str, e: &reqwest::Error) -> ProviderError {
     ProviderError::new(code, format!("request to {what} failed: {e}"))
 }
 
-/// Checks a URL setting: https, or plain http to a loopback address (fakes and tests).
-pub fn check_url(settings: &Map<String, Value>, name: &str) -> Result<Option<String>, String> {
+/// Checks a URL setting: https, or plain http to a loopback address (fakes and tests), and
+/// keeps it without a trailing slash.
+pub fn check_url(settings: &mut Map<String, Value>, name: &str) -> Result<Option<String>, String> {
     let Some(value) = settings.get(name) else {
         return Ok(None);
     };
@@ -171,7 +172,9 @@ pub fn check_url(settings: &Map<String, Value>, name: &str) -> Result<Option<Str
             ));
         }
     }
-    Ok(Some(text.trim_end_matches('/').to_string()))
+    let url = text.trim_end_matches('/').to_string();
+    settings.insert(name.to_string(), Value::String(url.clone()));
+    Ok(Some(url))
 }
 
 /// Reads a `Retry-After` header: delay-seconds or an HTTP date.
@@ -204,10 +207,14 @@ mod tests {
             "http://localhost:9/",
             "http://[::1]:9/",
         ] {
-            assert!(check_url(&settings(ok), "apiBaseUrl").is_ok(), "{ok}");
+            assert!(check_url(&mut settings(ok), "apiBaseUrl").is_ok(), "{ok}");
         }
         assert_eq!(
-            check_url(&settings("https://graph.microsoft.com/v1.0/"), "apiBaseUrl").unwrap(),
+            check_url(
+                &mut settings("https://graph.microsoft.com/v1.0/"),
+                "apiBaseUrl"
+            )
+            .unwrap(),
             Some("https://graph.microsoft.com/v1.0".into())
         );
         for bad in [
@@ -215,7 +222,7 @@ mod tests {
             "graph.microsoft.com",
             "ftp://x",
         ] {
-            let err = check_url(&settings(bad), "apiBaseUrl").unwrap_err();
+            let err = check_url(&mut settings(bad), "apiBaseUrl").unwrap_err();
             assert!(err.starts_with("connection.apiBaseUrl"), "{bad}: {err}");
         }
     }

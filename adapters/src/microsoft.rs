@@ -25,9 +25,7 @@ pub fn default_token_url(tenant: &str) -> String {
 
 /// Checks the settings every Microsoft connection has: a `tenantId` (or a `tokenUrl`).
 pub fn check_identity(settings: &mut Map<String, Value>) -> Result<(), String> {
-    if let Some(url) = http::check_url(settings, "tokenUrl")? {
-        settings.insert("tokenUrl".into(), Value::String(url));
-    }
+    http::check_url(settings, "tokenUrl")?;
     match settings.get("tenantId") {
         Some(Value::String(t))
             if !t.is_empty()

@@ -155,7 +155,11 @@ pub async fn exchange(
     if let Some(rotated) = body[REFRESH_TOKEN].as_str() {
         credentials.set(REFRESH_TOKEN, rotated);
     }
-    // Where this customer's API lives, when the provider says at token time.
+    // Where this customer's API lives, when the provider says at token time (Salesforce's
+    // instance, Gong's customer host).
+    if let Some(instance) = body["instance_url"].as_str() {
+        credentials.set("instance_url", instance);
+    }
     if let Some(base) = body["api_base_url_for_customer"].as_str() {
         credentials.set("api_base_url", base.trim_end_matches('/'));
     }

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
-use crate::api::{Api, Dialect, TokenRequest};
+use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
@@ -176,16 +176,10 @@ impl Zoom {
         params: &[(&str, String)],
     ) -> Result<Value, ProviderError> {
         let base = conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE);
-        let mut url = reqwest::Url::parse(&format!("{base}{path}")).map_err(|_| {
-            ProviderError::new(
-                ErrorCode::ValidationError,
-                "connection.apiBaseUrl is not a URL",
-            )
-        })?;
-        url.query_pairs_mut().extend_pairs(params);
+        let url = endpoint(base, path, params)?;
         Ok(self
             .api
-            .send(conn, Method::GET, url.as_str(), &[], None)
+            .send(conn, Method::GET, &url, &[], None)
             .await?
             .body)
     }
@@ -655,9 +649,7 @@ impl Provider for Zoom {
 
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
         for name in ["tokenUrl", "apiBaseUrl"] {
-            if let Some(url) = crate::http::check_url(settings, name)? {
-                settings.insert(name.into(), Value::String(url));
-            }
+            crate::http::check_url(settings, name)?;
         }
         for name in ["userId", "accountId"] {
             if let Some(value) = settings.get(name)

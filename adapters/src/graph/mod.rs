@@ -185,9 +185,7 @@ fn expiry(subscription: &Value) -> Option<DateTime<Utc>> {
 /// Checks the settings Graph connections share.
 pub fn check_connection(settings: &mut Map<String, Value>) -> Result<(), String> {
     microsoft::check_identity(settings)?;
-    if let Some(base) = crate::http::check_url(settings, "apiBaseUrl")? {
-        settings.insert("apiBaseUrl".into(), Value::String(base));
-    }
+    crate::http::check_url(settings, "apiBaseUrl")?;
     Ok(())
 }
 

@@ -28,12 +28,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
 
-use crate::credentials::Refreshed;
-use crate::http::{self, Retries, RetryPolicy};
+use crate::http::{self, Retries};
+use crate::oauth::{self, ClientAuth, Grant};
 use crate::{
-    Connection, Credentials, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull,
-    RateLimiter, Record, RouteKey, WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute,
-    Webhooks,
+    Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter,
+    Record, RouteKey, WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute, Webhooks,
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
@@ -90,100 +89,24 @@ impl Salesforce {
     /// rotated refresh token) before it is used.
     async fn refresh(&self, conn: &mut Connection) -> Result<(), ProviderError> {
         let url = format!("{}/services/oauth2/token", Self::login_host(conn));
-        let integration_id = conn.integration_id.clone();
         let retry = conn.retry;
+        let http = self.http();
+        self.limiter.acquire(&conn.integration_id).await;
+        // Salesforce's answer has no `expires_in`: the token expires silently, after the session
+        // timeout the org sets. It names the instance to call from now on (`instance_url`).
         crate::credentials::refresh(conn, |credentials| {
-            self.request_token(&url, &integration_id, retry, credentials)
+            let url = url.clone();
+            async move {
+                let request = oauth::Exchange {
+                    url: &url,
+                    grant: Grant::RefreshToken,
+                    extra: &[],
+                    client_auth: ClientAuth::Form,
+                };
+                oauth::exchange(http, &request, credentials, retry).await
+            }
         })
         .await
-    }
-
-    /// The OAuth refresh-token grant. Salesforce's answer has no `expires_in`: the token
-    /// expires silently, after the session timeout the org sets.
-    async fn request_token(
-        &self,
-        url: &str,
-        integration_id: &str,
-        retry: RetryPolicy,
-        mut credentials: Credentials,
-    ) -> Result<Refreshed, ProviderError> {
-        let refresh_token = credentials.get("refresh_token").ok_or_else(|| {
-            ProviderError::new(
-                ErrorCode::InvalidCredentials,
-                "the credentials have no refresh_token",
-            )
-        })?;
-        let client_id = credentials.get("client_id").ok_or_else(|| {
-            ProviderError::new(
-                ErrorCode::InvalidCredentials,
-                "the credentials have no client_id",
-            )
-        })?;
-        let mut form = vec![
-            ("grant_type", "refresh_token".to_string()),
-            ("refresh_token", refresh_token.to_string()),
-            ("client_id", client_id.to_string()),
-        ];
-        if let Some(secret) = credentials.get("client_secret") {
-            form.push(("client_secret", secret.to_string()));
-        }
-        let mut retries = Retries::new(retry);
-        let body = loop {
-            self.limiter.acquire(integration_id).await;
-            let (error, retry_after) = match self
-                .http()
-                .post(url)
-                .form(&form)
-                .header("Accept", "application/json")
-                .send()
-                .await
-            {
-                Err(e) => (http::transport_error("Salesforce", &e), None),
-                Ok(response) => {
-                    let status = response.status();
-                    let retry_after = http::retry_after(response.headers(), Utc::now());
-                    let body: Value = response.json().await.unwrap_or(Value::Null);
-                    if status.is_success() {
-                        break body;
-                    }
-                    let error = body["error"].as_str().unwrap_or("unknown_error");
-                    let description = body["error_description"].as_str().unwrap_or("");
-                    let code = match (status, error) {
-                        (_, "invalid_grant") => ErrorCode::AuthenticationFailed,
-                        (StatusCode::TOO_MANY_REQUESTS, _) => ErrorCode::RateLimit,
-                        (s, _) if s.is_server_error() => ErrorCode::ServiceUnavailable,
-                        _ => ErrorCode::InvalidCredentials,
-                    };
-                    let message =
-                        format!("token refresh refused ({status}): {error} {description}");
-                    (
-                        ProviderError::new(code, message.trim_end().to_string()),
-                        retry_after,
-                    )
-                }
-            };
-            retries.wait_or_fail(error, retry_after).await?;
-        };
-        let access_token = body["access_token"].as_str().ok_or_else(|| {
-            ProviderError::new(
-                ErrorCode::AuthenticationFailed,
-                "the token response has no access_token",
-            )
-        })?;
-        credentials.set("access_token", access_token);
-        if let Some(instance) = body["instance_url"].as_str() {
-            credentials.set("instance_url", instance);
-        }
-        if let Some(rotated) = body["refresh_token"].as_str() {
-            credentials.set("refresh_token", rotated);
-        }
-        if let Some(issued_at) = body["issued_at"].as_str() {
-            credentials.set("issued_at", issued_at);
-        }
-        Ok(Refreshed {
-            credentials,
-            expires_at: None,
-        })
     }
 
     /// Sends a GET to `path_and_query` on the instance, refreshing the token first if there is
