@@ -646,8 +646,8 @@ conformance! {
     salesforce: FakeSalesforce,
     bulk_import: ImportFolder,
     dynamics365: FakeDynamics,
-    onedrive: OneDriveUnderTest,
-    teams: TeamsUnderTest,
+    onedrive: GraphUnderTest<OneDriveService>,
+    teams: GraphUnderTest<TeamsService>,
     zoom: FakeZoom,
     google_drive: DriveUnderTest,
     gong: FakeGong,
@@ -1064,158 +1064,135 @@ fn graph_handshake() -> Option<(Delivery, &'static str, String)> {
     ))
 }
 
-/// The Graph fake's knobs shared by OneDrive and Teams.
-fn graph_knobs(graph: &FakeGraph) -> std::sync::MutexGuard<'_, crate::fake_graph::Graph> {
-    graph.state.lock().unwrap()
-}
-
-/// OneDrive: one drive of the Graph fake.
-pub struct OneDriveUnderTest {
-    graph: FakeGraph,
-    subscription: std::sync::Mutex<Option<crate::fake_graph::Subscription>>,
+/// What differs between the Graph services the suite drives: OneDrive's files of one drive and
+/// Teams' posts of one channel. Everything else is the same fake.
+pub trait GraphService {
+    const PROVIDER: &'static str;
+    const ENTITY: &'static str;
+    const NAME_FIELD: &'static str;
+    const SEVERAL_PAGES: usize;
+    const PAGE: usize;
+    /// The connection settings that say which drive or channel.
+    fn scope() -> Value;
+    fn create(graph: &FakeGraph, name: &str) -> String;
+    fn rename(graph: &FakeGraph, id: &str, name: &str);
+    fn delete(graph: &FakeGraph, id: &str);
+    /// The `resource` a notification about item `id` names.
+    fn resource(subscription: &crate::fake_graph::Subscription, id: &str) -> String;
 }
 
 const DRIVE: &str = "b!drive-1";
-
-impl UnderTest for OneDriveUnderTest {
-    const PROVIDER: &'static str = "onedrive";
-    const ENTITY: &'static str = "driveItem";
-    const NAME_FIELD: &'static str = "name";
-    const PAGE: usize = 1000;
-
-    async fn start() -> Self {
-        Self {
-            graph: FakeGraph::start().await,
-            subscription: Default::default(),
-        }
-    }
-
-    fn connection(&self) -> Value {
-        json!({"tokenUrl": self.graph.token_url(), "apiBaseUrl": self.graph.api_base(), "driveId": DRIVE})
-    }
-
-    fn credentials(&self) -> Value {
-        self.graph.credentials()
-    }
-
-    fn create(&self, names: &[String]) -> Vec<String> {
-        names
-            .iter()
-            .map(|name| self.graph.add_item(DRIVE, name, false))
-            .collect()
-    }
-
-    fn rename(&self, id: &str, name: &str) {
-        self.graph.rename_item(DRIVE, id, name);
-    }
-
-    fn delete(&self, id: &str) {
-        self.graph.delete_item(DRIVE, id);
-    }
-
-    fn expire_token_after(&self, requests: usize) -> Option<()> {
-        graph_knobs(&self.graph).entra.expire_token_after = Some(requests);
-        Some(())
-    }
-
-    fn token_refreshes(&self) -> usize {
-        self.graph.token_refreshes()
-    }
-
-    fn live_refresh_tokens(&self) -> Vec<String> {
-        graph_knobs(&self.graph)
-            .entra
-            .refresh_tokens
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    fn throttle_next(&self) -> Option<()> {
-        graph_knobs(&self.graph).throttle = Some((1, 1));
-        Some(())
-    }
-
-    fn fail_next(&self) -> Option<()> {
-        graph_knobs(&self.graph).unavailable = 1;
-        Some(())
-    }
-
-    fn hold_second_page(&self) -> Option<()> {
-        let mut graph = graph_knobs(&self.graph);
-        graph.throttle = Some((usize::MAX, 20));
-        graph.throttle_after = Some(1);
-        Some(())
-    }
-
-    fn release(&self) {
-        let mut graph = graph_knobs(&self.graph);
-        graph.throttle = None;
-        graph.throttle_after = None;
-    }
-
-    fn requests(&self) -> usize {
-        self.graph.requests().len()
-    }
-
-    fn webhook(&self, id: &str) -> Option<Delivery> {
-        let subscription = self.subscription.lock().unwrap().clone()?;
-        let secret = subscription.client_state.clone().unwrap_or_default();
-        Some(notification(
-            &subscription,
-            &secret,
-            &subscription.resource,
-            id,
-        ))
-    }
-
-    fn forged_webhook(&self, id: &str) -> Option<Delivery> {
-        let subscription = self.subscription.lock().unwrap().clone()?;
-        Some(notification(
-            &subscription,
-            "a-guessed-client-state",
-            &subscription.resource,
-            id,
-        ))
-    }
-
-    fn handshake(&self) -> Option<(Delivery, &'static str, String)> {
-        graph_handshake()
-    }
-
-    async fn connect_webhooks(&self, app: &TestApp) {
-        let subscription = subscribe(&self.graph, app).await;
-        *self.subscription.lock().unwrap() = Some(subscription);
-    }
-}
-
-/// Teams: one channel of the Graph fake.
-pub struct TeamsUnderTest {
-    graph: FakeGraph,
-    subscription: std::sync::Mutex<Option<crate::fake_graph::Subscription>>,
-}
-
 const TEAM: &str = "fbe2bf47-16c8-47cf-b4a5-4b9b187c508b";
 const CHANNEL: &str = "19:4a95f7d8db4c4e7fae857bcebe0623e6@thread.tacv2";
 
-impl UnderTest for TeamsUnderTest {
+/// OneDrive: one drive of the Graph fake.
+pub struct OneDriveService;
+
+impl GraphService for OneDriveService {
+    const PROVIDER: &'static str = "onedrive";
+    const ENTITY: &'static str = "driveItem";
+    const NAME_FIELD: &'static str = "name";
+    const SEVERAL_PAGES: usize = 2500;
+    const PAGE: usize = 1000;
+
+    fn scope() -> Value {
+        json!({"driveId": DRIVE})
+    }
+
+    fn create(graph: &FakeGraph, name: &str) -> String {
+        graph.add_item(DRIVE, name, false)
+    }
+
+    fn rename(graph: &FakeGraph, id: &str, name: &str) {
+        graph.rename_item(DRIVE, id, name);
+    }
+
+    fn delete(graph: &FakeGraph, id: &str) {
+        graph.delete_item(DRIVE, id);
+    }
+
+    fn resource(subscription: &crate::fake_graph::Subscription, _id: &str) -> String {
+        subscription.resource.clone()
+    }
+}
+
+/// Teams: one channel of the Graph fake. Graph pages channel messages by 50, and Teams allows
+/// 4 requests a second per channel.
+pub struct TeamsService;
+
+impl GraphService for TeamsService {
     const PROVIDER: &'static str = "teams";
     const ENTITY: &'static str = "channelMessage";
     const NAME_FIELD: &'static str = "body.content";
-    /// Graph pages channel messages by 50, and Teams allows 4 requests a second per channel.
     const SEVERAL_PAGES: usize = 120;
     const PAGE: usize = 50;
+
+    fn scope() -> Value {
+        json!({"teamId": TEAM, "channelIds": [CHANNEL]})
+    }
+
+    fn create(graph: &FakeGraph, name: &str) -> String {
+        graph.post_message(TEAM, CHANNEL, name)
+    }
+
+    fn rename(graph: &FakeGraph, id: &str, name: &str) {
+        graph.edit_message(TEAM, CHANNEL, id, name);
+    }
+
+    fn delete(graph: &FakeGraph, id: &str) {
+        graph.delete_message(TEAM, CHANNEL, id);
+    }
+
+    fn resource(_subscription: &crate::fake_graph::Subscription, id: &str) -> String {
+        format!("teams('{TEAM}')/channels('{CHANNEL}')/messages('{id}')")
+    }
+}
+
+/// A Graph service of the Graph fake, with the subscription its webhooks go through.
+pub struct GraphUnderTest<S> {
+    graph: FakeGraph,
+    subscription: std::sync::Mutex<Option<crate::fake_graph::Subscription>>,
+    service: std::marker::PhantomData<S>,
+}
+
+impl<S: GraphService> GraphUnderTest<S> {
+    fn knobs(&self) -> std::sync::MutexGuard<'_, crate::fake_graph::Graph> {
+        self.graph.state.lock().unwrap()
+    }
+
+    fn notification(&self, id: &str, client_state: Option<&str>) -> Option<Delivery> {
+        let subscription = self.subscription.lock().unwrap().clone()?;
+        let kept = subscription.client_state.clone().unwrap_or_default();
+        let resource = S::resource(&subscription, id);
+        Some(notification(
+            &subscription,
+            client_state.unwrap_or(&kept),
+            &resource,
+            id,
+        ))
+    }
+}
+
+impl<S: GraphService> UnderTest for GraphUnderTest<S> {
+    const PROVIDER: &'static str = S::PROVIDER;
+    const ENTITY: &'static str = S::ENTITY;
+    const NAME_FIELD: &'static str = S::NAME_FIELD;
+    const SEVERAL_PAGES: usize = S::SEVERAL_PAGES;
+    const PAGE: usize = S::PAGE;
 
     async fn start() -> Self {
         Self {
             graph: FakeGraph::start().await,
             subscription: Default::default(),
+            service: std::marker::PhantomData,
         }
     }
 
     fn connection(&self) -> Value {
-        json!({"tokenUrl": self.graph.token_url(), "apiBaseUrl": self.graph.api_base(),
-               "teamId": TEAM, "channelIds": [CHANNEL]})
+        let mut connection = S::scope();
+        connection["tokenUrl"] = json!(self.graph.token_url());
+        connection["apiBaseUrl"] = json!(self.graph.api_base());
+        connection
     }
 
     fn credentials(&self) -> Value {
@@ -1225,20 +1202,20 @@ impl UnderTest for TeamsUnderTest {
     fn create(&self, names: &[String]) -> Vec<String> {
         names
             .iter()
-            .map(|name| self.graph.post_message(TEAM, CHANNEL, name))
+            .map(|name| S::create(&self.graph, name))
             .collect()
     }
 
     fn rename(&self, id: &str, name: &str) {
-        self.graph.edit_message(TEAM, CHANNEL, id, name);
+        S::rename(&self.graph, id, name);
     }
 
     fn delete(&self, id: &str) {
-        self.graph.delete_message(TEAM, CHANNEL, id);
+        S::delete(&self.graph, id);
     }
 
     fn expire_token_after(&self, requests: usize) -> Option<()> {
-        graph_knobs(&self.graph).entra.expire_token_after = Some(requests);
+        self.knobs().entra.expire_token_after = Some(requests);
         Some(())
     }
 
@@ -1247,33 +1224,28 @@ impl UnderTest for TeamsUnderTest {
     }
 
     fn live_refresh_tokens(&self) -> Vec<String> {
-        graph_knobs(&self.graph)
-            .entra
-            .refresh_tokens
-            .iter()
-            .cloned()
-            .collect()
+        self.knobs().entra.refresh_tokens.iter().cloned().collect()
     }
 
     fn throttle_next(&self) -> Option<()> {
-        graph_knobs(&self.graph).throttle = Some((1, 1));
+        self.knobs().throttle = Some((1, 1));
         Some(())
     }
 
     fn fail_next(&self) -> Option<()> {
-        graph_knobs(&self.graph).unavailable = 1;
+        self.knobs().unavailable = 1;
         Some(())
     }
 
     fn hold_second_page(&self) -> Option<()> {
-        let mut graph = graph_knobs(&self.graph);
+        let mut graph = self.knobs();
         graph.throttle = Some((usize::MAX, 20));
         graph.throttle_after = Some(1);
         Some(())
     }
 
     fn release(&self) {
-        let mut graph = graph_knobs(&self.graph);
+        let mut graph = self.knobs();
         graph.throttle = None;
         graph.throttle_after = None;
     }
@@ -1283,21 +1255,11 @@ impl UnderTest for TeamsUnderTest {
     }
 
     fn webhook(&self, id: &str) -> Option<Delivery> {
-        let subscription = self.subscription.lock().unwrap().clone()?;
-        let secret = subscription.client_state.clone().unwrap_or_default();
-        let resource = format!("teams('{TEAM}')/channels('{CHANNEL}')/messages('{id}')");
-        Some(notification(&subscription, &secret, &resource, id))
+        self.notification(id, None)
     }
 
     fn forged_webhook(&self, id: &str) -> Option<Delivery> {
-        let subscription = self.subscription.lock().unwrap().clone()?;
-        let resource = format!("teams('{TEAM}')/channels('{CHANNEL}')/messages('{id}')");
-        Some(notification(
-            &subscription,
-            "a-guessed-client-state",
-            &resource,
-            id,
-        ))
+        self.notification(id, Some("a-guessed-client-state"))
     }
 
     fn handshake(&self) -> Option<(Delivery, &'static str, String)> {
