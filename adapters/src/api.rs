@@ -20,6 +20,17 @@ use crate::{Connection, ProviderError, RateLimiter};
 /// A `Retry-After` at least this long means the allocation is used up until later.
 const QUOTA_WAIT: Duration = Duration::from_secs(3600);
 
+/// `error`, or a used-up allocation when the provider asks to wait an hour or more (a daily
+/// limit): then the job stops where it is and the next scheduled run resumes it, instead of
+/// spending its retries.
+fn allocation_or(error: ProviderError, retry_after: Option<Duration>) -> ProviderError {
+    if retry_after.is_some_and(|wait| wait >= QUOTA_WAIT) {
+        ProviderError::quota(error.message)
+    } else {
+        error
+    }
+}
+
 /// One token request: where, with which extra form fields (a scope), and how the client
 /// authenticates.
 pub struct TokenRequest {
@@ -199,15 +210,39 @@ impl<D: Dialect> Api<D> {
                     }
                     let mut error = self.dialect.error(status, &body);
                     error.message = format!("{service}: {}", error.message);
-                    if retry_after.is_some_and(|wait| wait >= QUOTA_WAIT) {
-                        // A wait this long is a used-up allocation (a daily limit): the job
-                        // stops where it is and the next scheduled run resumes it.
-                        error = ProviderError::quota(error.message);
-                    }
-                    (error, retry_after)
+                    (allocation_or(error, retry_after), retry_after)
                 }
             };
             retries.wait_or_fail(error, retry_after).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    #[test]
+    fn a_wait_of_an_hour_or_more_is_a_used_up_allocation_not_a_retry() {
+        let throttled = || ProviderError::new(ErrorCode::RateLimit, "429");
+        let soon = allocation_or(throttled(), Some(Duration::from_secs(30)));
+        assert!(!soon.resume_next_run);
+        let daily = allocation_or(throttled(), Some(Duration::from_secs(5 * 3600)));
+        assert!(daily.resume_next_run && daily.code == ErrorCode::RateLimit);
+        assert!(!allocation_or(throttled(), None).resume_next_run);
+    }
+
+    #[test]
+    fn endpoints_are_encoded_and_a_bad_base_is_named() {
+        let url = endpoint(
+            "http://127.0.0.1:1/v2",
+            "/users",
+            &[("cursor", "a b&c".into())],
+        )
+        .unwrap();
+        assert_eq!(url, "http://127.0.0.1:1/v2/users?cursor=a+b%26c");
+        let err = endpoint("not a url", "/x", &[]).unwrap_err();
+        assert!(err.message.contains("apiBaseUrl"), "{err}");
     }
 }
