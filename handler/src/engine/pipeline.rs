@@ -152,16 +152,7 @@ pub async fn run_notified(
     ids: &[String],
     now: DateTime<Utc>,
 ) -> Result<Outcome, Failure> {
-    let mapping = integration
-        .entity_mappings
-        .iter()
-        .find(|m| m.external_entity == entity_name)
-        .ok_or_else(|| {
-            Failure::new(
-                ErrorCode::ValidationError,
-                format!("the integration maps no entity `{entity_name}`"),
-            )
-        })?;
+    let mapping = mapping_of(integration, entity_name)?;
     let mut filters = integration.pull_filters.clone();
     filters.extend(mapping.filters.iter().cloned());
     let request = FetchRequest {
@@ -173,14 +164,11 @@ pub async fn run_notified(
         page_size: PAGE_SIZE,
     };
     let records = provider.fetch_by_ids(conn, &request, ids).await?;
-    let mut outcome = Outcome::default();
     let mut entity = EntityRun::new(app, job, mapping, now);
     let result = entity.process_page(records).await;
-    outcome.stats = entity.totals();
-    outcome.entity_stats.push(entity.stats());
-    outcome.errors.append(&mut entity.errors);
+    let mut outcome = entity.outcome(result)?;
     outcome.details.pages_processed = Some(1);
-    result.map(|_| outcome)
+    Ok(outcome)
 }
 
 /// Runs a webhook job about records the provider says were deleted: their shards are
@@ -193,7 +181,18 @@ pub async fn run_deleted(
     ids: &[String],
     now: DateTime<Utc>,
 ) -> Result<Outcome, Failure> {
-    let mapping = integration
+    let mapping = mapping_of(integration, entity_name)?;
+    let mut entity = EntityRun::new(app, job, mapping, now);
+    let result = entity.soft_delete(ids).await;
+    entity.outcome(result)
+}
+
+/// The mapping of `entity_name`, which a webhook job names.
+fn mapping_of<'a>(
+    integration: &'a Integration,
+    entity_name: &str,
+) -> Result<&'a EntityMapping, Failure> {
+    integration
         .entity_mappings
         .iter()
         .find(|m| m.external_entity == entity_name)
@@ -202,14 +201,7 @@ pub async fn run_deleted(
                 ErrorCode::ValidationError,
                 format!("the integration maps no entity `{entity_name}`"),
             )
-        })?;
-    let mut outcome = Outcome::default();
-    let mut entity = EntityRun::new(app, job, mapping, now);
-    let result = entity.soft_delete(ids).await;
-    outcome.stats = entity.totals();
-    outcome.entity_stats.push(entity.stats());
-    outcome.errors.append(&mut entity.errors);
-    result.map(|_| outcome)
+        })
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -351,6 +343,17 @@ impl<'a> EntityRun<'a> {
             shards_failed: self.counters.failed,
             ..SyncStats::default()
         }
+    }
+
+    /// The outcome of a run of this one entity that ended with `result`.
+    fn outcome(&mut self, result: Result<(), Failure>) -> Result<Outcome, Failure> {
+        let mut outcome = Outcome {
+            stats: self.totals(),
+            ..Outcome::default()
+        };
+        outcome.entity_stats.push(self.stats());
+        outcome.errors.append(&mut self.errors);
+        result.map(|_| outcome)
     }
 
     fn stats(&self) -> EntitySyncStats {
