@@ -14,6 +14,7 @@ use crate::queue::{LocalBroker, MessageQueue, ServiceBusConfig, ServiceBusSender
 use crate::secrets::{FileSecrets, KeyVaultSecrets, SecretStore};
 use crate::settings::{ServiceBusSetting, Settings};
 use crate::store::{CosmosStore, Provisioning, ShardStore, SqliteStore};
+use crate::telemetry::Metrics;
 use azure_data_cosmos::options::Region;
 use azure_data_cosmos::{AccountEndpoint, AccountReference, CosmosClientBuilder, RoutingStrategy};
 
@@ -25,6 +26,7 @@ pub struct App {
     pub secrets: Arc<dyn SecretStore>,
     pub events: Arc<dyn EventSink>,
     pub providers: adapters::Registry,
+    pub metrics: Metrics,
 }
 
 /// The files of a data directory.
@@ -109,6 +111,7 @@ impl LocalBackends {
             secrets: Arc::new(self.secrets.clone()),
             events: Arc::new(self.events.clone()),
             providers,
+            metrics: Metrics::global(),
         }
     }
 }

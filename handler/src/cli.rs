@@ -9,6 +9,7 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
@@ -16,6 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::app::{self, App, LocalBackends, QueueChoice};
 use crate::engine::{scheduler, subscriptions};
+use crate::identity::{AzureCredential, TokenSource};
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, IntegrationSync, Shard, timestamp};
 use crate::queue::{
@@ -23,8 +25,9 @@ use crate::queue::{
     SYNC_INBOUND_SCHEDULED, properties,
 };
 use crate::secrets::{Secret, credential_secret_name};
-use crate::settings::{LogFormat, Settings};
+use crate::settings::{IngestionAuth, LogFormat, Settings};
 use crate::store::{Op, ShardQuery, StoreError};
+use crate::telemetry::{PrometheusText, Telemetry};
 use crate::{local, logging, server};
 
 #[derive(Debug, Parser)]
@@ -175,7 +178,18 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
         Command::Local { .. } => (LogFormat::Text, logging::Destination::Stdout),
         _ => (LogFormat::Text, logging::Destination::Stderr),
     };
-    logging::init(settings.log_format.unwrap_or(default_format), destination);
+    let telemetry = match start_telemetry(&settings, &command) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    logging::init(
+        settings.log_format.unwrap_or(default_format),
+        destination,
+        telemetry.tracer(),
+    );
 
     let backends = match LocalBackends::open(&settings) {
         Ok(b) => b,
@@ -203,7 +217,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             if let Some(addr) = addr {
                 settings.local_addr = addr;
             }
-            run_local(settings, backends, demo).await
+            run_local(settings, backends, demo, telemetry.prometheus()).await
         }
         Command::DeadLetters(_) if settings.azure.service_bus.is_some() => Err(
             "dead-letters works on the embedded queues; with Service Bus configured, \
@@ -231,6 +245,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             }
         }
     };
+    telemetry.shutdown();
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -240,11 +255,36 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
     }
 }
 
+/// Metrics and traces for the long-running commands: to Application Insights when it is
+/// configured, and in Prometheus text for `handler local`. Operator commands record none.
+fn start_telemetry(settings: &Settings, command: &Command) -> Result<Telemetry, String> {
+    let (exported, prometheus) = match command {
+        Command::Serve => (settings.azure.app_insights.as_ref(), false),
+        Command::Local { .. } => (settings.azure.app_insights.as_ref(), true),
+        _ => (None, false),
+    };
+    let entra = match exported.map(|s| &s.auth) {
+        Some(IngestionAuth::Entra { client_id }) => {
+            let client_id = client_id.as_deref().or(settings.azure.client_id.as_deref());
+            let credential: Arc<dyn TokenSource> =
+                Arc::new(AzureCredential::for_environment(client_id)?);
+            Some(credential)
+        }
+        _ => None,
+    };
+    Telemetry::start(exported, entra, prometheus)
+}
+
 type CliResult = Result<(), String>;
 
 /// `handler local`: the runtime on the configured store and secrets, consuming its embedded
 /// queues itself whatever else is configured; with `demo`, the demo tenant installed first.
-async fn run_local(settings: Settings, backends: LocalBackends, demo: bool) -> CliResult {
+async fn run_local(
+    settings: Settings,
+    backends: LocalBackends,
+    demo: bool,
+    metrics: Option<PrometheusText>,
+) -> CliResult {
     let app =
         App::from_settings(settings, &backends, app::providers(), QueueChoice::Embedded).await?;
     if demo {
@@ -262,7 +302,7 @@ async fn run_local(settings: Settings, backends: LocalBackends, demo: bool) -> C
             );
         }
     }
-    local::run(app, backends).await
+    local::run(app, backends, metrics).await
 }
 
 /// Runs an operator command on the configured backends.

@@ -16,6 +16,8 @@
 //!   embedded implementation for running on one machine.
 //! * [`local`]: `handler local`, an embedded Functions runtime that runs all six functions
 //!   in one process with durable local queues, timers and a webhook front door.
+//! * [`telemetry`]: the eight sync metrics and per-invocation traces, to Application Insights
+//!   in Azure and as Prometheus text at `handler local`'s `/metrics`.
 //! * [`cli`]: operator commands over the same backends; [`demo`]: the demo tenant.
 //! * [`definition`]: the function.json files, embedded, as the single source of routes,
 //!   schedules and queues.
@@ -38,3 +40,4 @@ pub mod secrets;
 pub mod server;
 pub mod settings;
 pub mod store;
+pub mod telemetry;

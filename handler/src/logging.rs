@@ -14,6 +14,7 @@
 
 use std::fmt::{self, Write as _};
 
+use opentelemetry_sdk::trace::Tracer;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -22,6 +23,7 @@ use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::settings::LogFormat;
@@ -43,8 +45,9 @@ pub enum Destination {
 }
 
 /// Installs the global subscriber. The filter comes from `RUST_LOG` (default: `info`, and
-/// `warn` for the Azure SDK).
-pub fn init(format: LogFormat, destination: Destination) {
+/// `warn` for the Azure SDK). With a `tracer`, spans (one per invocation, one per job) are also
+/// exported as trace spans.
+pub fn init(format: LogFormat, destination: Destination, tracer: Option<Tracer>) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let writer = match destination {
@@ -53,15 +56,16 @@ pub fn init(format: LogFormat, destination: Destination) {
     };
     // A second init (tests, embedded use) keeps the first subscriber.
     drop(tracing::subscriber::set_global_default(subscriber(
-        format, filter, writer,
+        format, filter, writer, tracer,
     )));
 }
 
-/// The subscriber that writes `format` lines to `writer`.
+/// The subscriber that writes `format` lines to `writer`, and hands spans to `tracer`.
 fn subscriber(
     format: LogFormat,
     filter: EnvFilter,
     writer: BoxMakeWriter,
+    tracer: Option<Tracer>,
 ) -> Box<dyn Subscriber + Send + Sync> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -72,10 +76,29 @@ fn subscriber(
             builder
                 .fmt_fields(JsonFields)
                 .event_format(JsonLine)
-                .finish(),
+                .finish()
+                .with(traces(&tracer)),
         ),
-        LogFormat::Text => Box::new(builder.fmt_fields(TextFields).finish()),
+        LogFormat::Text => Box::new(
+            builder
+                .fmt_fields(TextFields)
+                .finish()
+                .with(traces(&tracer)),
+        ),
     }
+}
+
+/// The layer that exports spans through `tracer`; typed by the subscriber it sits on, so each
+/// log format makes its own.
+fn traces<S>(
+    tracer: &Option<Tracer>,
+) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, Tracer>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracer
+        .clone()
+        .map(|t| tracing_opentelemetry::layer().with_tracer(t))
 }
 
 /// `value` cut to [`MAX_VALUE_CHARS`] characters, saying how long it was.
@@ -266,6 +289,7 @@ mod tests {
                 format,
                 EnvFilter::new("info"),
                 BoxMakeWriter::new(move || writer.clone()),
+                None,
             ),
             || tracing::info!(notification_id = %hostile, "webhook accepted"),
         );

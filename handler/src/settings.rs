@@ -69,6 +69,57 @@ pub struct AzureSettings {
     /// `AZURE_CLIENT_ID`: a user-assigned managed identity to use for Entra tokens.
     pub client_id: Option<String>,
     pub cosmos: Option<CosmosSetting>,
+    pub app_insights: Option<AppInsightsSetting>,
+}
+
+/// Where metrics and traces go in Azure: `APPLICATIONINSIGHTS_CONNECTION_STRING` and, for
+/// ingestion under Entra, `APPLICATIONINSIGHTS_AUTHENTICATION_STRING`.
+#[derive(Clone)]
+pub struct AppInsightsSetting {
+    pub connection_string: String,
+    pub auth: IngestionAuth,
+}
+
+impl std::fmt::Debug for AppInsightsSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppInsights({:?})", self.auth)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestionAuth {
+    /// The instrumentation key of the connection string alone.
+    Key,
+    /// A managed identity's token (`Authorization=AAD[;ClientId=<id>]`); the identity needs
+    /// Monitoring Metrics Publisher on the Application Insights resource.
+    Entra { client_id: Option<String> },
+}
+
+/// Reads `APPLICATIONINSIGHTS_AUTHENTICATION_STRING`: `Authorization=AAD`, optionally with
+/// `;ClientId=<user-assigned identity's client id>`.
+fn ingestion_auth(value: &str) -> Result<IngestionAuth, String> {
+    let mut aad = false;
+    let mut client_id = None;
+    for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((name, v)) if name.eq_ignore_ascii_case("Authorization") => {
+                aad = v.eq_ignore_ascii_case("AAD");
+            }
+            Some((name, v)) if name.eq_ignore_ascii_case("ClientId") => {
+                client_id = Some(v.to_string());
+            }
+            _ => {
+                return Err(
+                    "expected `Authorization=AAD` or `Authorization=AAD;ClientId=<id>`".into(),
+                );
+            }
+        }
+    }
+    if aad {
+        Ok(IngestionAuth::Entra { client_id })
+    } else {
+        Err("only `Authorization=AAD` is supported".into())
+    }
 }
 
 /// Where the shards live in Cosmos DB.
@@ -471,12 +522,42 @@ impl Settings {
         if read("COSMOS_KEY").is_some() && read("COSMOS_ENDPOINT").is_none() {
             problems.push("COSMOS_KEY: set, but COSMOS_ENDPOINT is missing".into());
         }
+        let app_insights = read("APPLICATIONINSIGHTS_CONNECTION_STRING").and_then(|text| {
+            let auth = match read("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") {
+                None => IngestionAuth::Key,
+                Some(v) => match ingestion_auth(&v) {
+                    Ok(auth) => auth,
+                    Err(e) => {
+                        problems.push(format!("APPLICATIONINSIGHTS_AUTHENTICATION_STRING: {e}"));
+                        return None;
+                    }
+                },
+            };
+            let has_key = text.split(';').any(|part| {
+                part.trim().split_once('=').is_some_and(|(name, v)| {
+                    name.eq_ignore_ascii_case("InstrumentationKey") && !v.is_empty()
+                })
+            });
+            if !has_key {
+                problems.push(
+                    "APPLICATIONINSIGHTS_CONNECTION_STRING: no InstrumentationKey (expected the \
+                     resource's connection string, InstrumentationKey=...;IngestionEndpoint=...)"
+                        .into(),
+                );
+                return None;
+            }
+            Some(AppInsightsSetting {
+                connection_string: text,
+                auth,
+            })
+        });
         let azure = AzureSettings {
             service_bus,
             key_vault_url,
             event_grid,
             client_id: read("AZURE_CLIENT_ID"),
             cosmos,
+            app_insights,
         };
 
         if !problems.is_empty() {
@@ -532,6 +613,53 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn application_insights_under_entra_names_its_identity_and_never_echoes_the_key() {
+        let connection = "InstrumentationKey=00000000-aaaa-bbbb-cccc-000000000000;IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/";
+        let s = settings(&[
+            ("APPLICATIONINSIGHTS_CONNECTION_STRING", connection),
+            (
+                "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+                "Authorization=AAD;ClientId=uami-1",
+            ),
+        ])
+        .unwrap();
+        let setting = s.azure.app_insights.unwrap();
+        assert_eq!(
+            setting.auth,
+            IngestionAuth::Entra {
+                client_id: Some("uami-1".into())
+            }
+        );
+        assert!(!format!("{setting:?}").contains("aaaa"));
+
+        let err = settings(&[
+            (
+                "APPLICATIONINSIGHTS_CONNECTION_STRING",
+                "IngestionEndpoint=https://x/;Secretish=abc",
+            ),
+            (
+                "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+                "Authorization=Key",
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("APPLICATIONINSIGHTS_AUTHENTICATION_STRING"),
+            "{err}"
+        );
+        assert!(!err.contains("abc"), "{err}");
+        let err = settings(&[(
+            "APPLICATIONINSIGHTS_CONNECTION_STRING",
+            "IngestionEndpoint=https://x/;Secretish=abc",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no InstrumentationKey"), "{err}");
+        assert!(!err.contains("abc"), "{err}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ async fn shards(app: &TestApp, shard_type: &str) -> usize {
 async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally() {
     let app = TestApp::new();
     // Installing the demo enqueues its first sync; the scheduler's turn is five minutes away.
-    let _runtime = app.start_local_with_args(&["--demo"]).await;
+    let runtime = app.start_local_with_args(&["--demo"]).await;
     wait_until(
         "the first import finished",
         Duration::from_secs(60),
@@ -95,4 +95,31 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
     );
     assert_eq!(shards(&app, "c_company").await, 298);
     assert_eq!(shards(&app, "c_contact").await, 495);
+
+    // The runtime shows the same metrics Application Insights gets, in Prometheus text.
+    let metrics = reqwest::get(format!("http://{}/metrics", runtime.addr))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = metrics.text().await.unwrap();
+    let labels = r#"integrationId="int-demo-import",provider="bulk_import",tenantId="tenant-demo""#;
+    for line in [
+        format!("sync_jobs_processed{{{labels}}} 2"),
+        format!("sync_jobs_failed{{{labels}}} 0"),
+        format!("sync_records_created{{{labels}}} {}", 300 + 498 + 3),
+        format!(
+            "sync_records_updated{{{labels}}} {}",
+            first["stats"]["shardsUpdated"].as_u64().unwrap()
+                + second["stats"]["shardsUpdated"].as_u64().unwrap()
+        ),
+        format!("sync_latency_ms_count{{{labels}}} 2"),
+    ] {
+        assert!(text.contains(&line), "no `{line}` in:\n{text}");
+    }
 }

@@ -8,6 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use tracing::Instrument;
 
 use adapters::ErrorCode;
 
@@ -29,6 +30,7 @@ use crate::model::{
 };
 use crate::queue::properties::REPLAYED_FROM;
 use crate::queue::{OutgoingMessage, ServiceBusMessage, dead_letter};
+use crate::telemetry::Dimensions;
 
 /// Processes the job in `message`, delivered from `queue`. `Ok` means the message is settled
 /// (done, re-enqueued for a retry, or dead-lettered); `Err` means fail the invocation.
@@ -52,6 +54,29 @@ pub async fn process(
             .await;
         }
     };
+    // Every line the job logs carries seed 003's fields, and the job id as the correlation id
+    // that ties its retries, continuations and history record together.
+    let span = tracing::info_span!(
+        "sync_job",
+        correlationId = %job.job_id,
+        integrationId = %job.integration_id,
+        tenantId = %job.tenant_id,
+        provider = %job.provider,
+        syncType = ?job.job_type,
+        attempt = job.attempt,
+    );
+    run_job(app, queue, message, job, now)
+        .instrument(span)
+        .await
+}
+
+async fn run_job(
+    app: &App,
+    queue: &str,
+    message: &ServiceBusMessage,
+    job: SyncJobMessage,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
     let Some(stored) = app.store.get(&job.tenant_id, &job.integration_id).await? else {
         let reason = format!(
             "integration `{}` of tenant `{}` does not exist",
@@ -437,9 +462,14 @@ async fn succeed(
     })
     .await?;
     save(app, job, record_id, &record, now).await?;
-    tracing::info!(job_id = %job.job_id, status = ?record.status, fetched = record.stats.records_fetched,
-        created = record.stats.shards_created, updated = record.stats.shards_updated,
-        skipped = record.stats.shards_skipped, failed = record.stats.shards_failed, "sync job finished");
+    let duration_ms = record.duration_ms.unwrap_or_default();
+    app.metrics.sync_finished(
+        dimensions(job),
+        &record.stats,
+        duration_ms,
+        record.status == SyncStatus::Failed,
+    );
+    tracing::info!(status = ?record.status, stats = %json!(record.stats), duration_ms, "sync job finished");
     let kind = if record.status == SyncStatus::Failed {
         events::SYNC_FAILED
     } else {
@@ -520,6 +550,12 @@ async fn fail(
             finish(&mut record, SyncStatus::Failed, summary.clone(), now);
             save(app, job, record_id, &record, now).await?;
             send_dead_letter(app, queue, message, failure.code.as_str(), &summary).await?;
+            app.metrics.sync_finished(
+                dimensions(job),
+                &record.stats,
+                record.duration_ms.unwrap_or_default(),
+                true,
+            );
             let needs_reauth = failure.code.needs_new_credentials();
             // An integration that cannot be read cannot be updated either; its failed record
             // and dead letter say why.
@@ -589,6 +625,14 @@ async fn send_dead_letter(
         .send(dead_letter(queue, message, reason, description))
         .await?;
     Ok(())
+}
+
+fn dimensions(job: &SyncJobMessage) -> Dimensions<'_> {
+    Dimensions {
+        integration_id: &job.integration_id,
+        tenant_id: &job.tenant_id,
+        provider: &job.provider,
+    }
 }
 
 fn subject(job: &SyncJobMessage) -> String {

@@ -127,6 +127,23 @@ async fn syncs_in_progress(
     Ok(app.store.query(&query).await?.len())
 }
 
+/// Integrations with a job queued or running, per tenant: the queue depth the scheduler sees.
+async fn pending_by_tenant(
+    app: &App,
+    now: DateTime<Utc>,
+) -> Result<std::collections::BTreeMap<String, u64>, Transient> {
+    let query = ShardQuery::of_type(shard_types::INTEGRATION).filter(
+        "structuredData.running.until",
+        Op::Ge,
+        timestamp::query_value(&now),
+    );
+    let mut by_tenant = std::collections::BTreeMap::new();
+    for stored in app.store.query(&query).await? {
+        *by_tenant.entry(stored.value.tenant_id).or_default() += 1;
+    }
+    Ok(by_tenant)
+}
+
 /// One SyncScheduler tick at `now`.
 pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transient> {
     let due = app.store.query(&due_query(now)).await?;
@@ -195,6 +212,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued");
         }
     }
+    app.metrics.pending_jobs(pending_by_tenant(app, now).await?);
     publish(
         app,
         &[Event::new(

@@ -24,6 +24,7 @@ use crate::model::shard::types as shard_types;
 use crate::model::{Event, Integration, Shard, timestamp};
 use crate::protocol::{InvocationResponse, TimerInfo};
 use crate::store::{Op, ShardQuery};
+use crate::telemetry::Dimensions;
 
 pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, InvocationError> {
     if !app.settings.token_refresh_enabled {
@@ -54,7 +55,20 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
     let (mut refreshed, mut failed) = (0, 0);
     for stored in &expiring {
         let shard = &stored.value;
-        let event = match refresh(app, shard).await {
+        let result = refresh(app, shard).await;
+        let provider = shard
+            .data::<Integration>()
+            .map(|i| i.provider_name)
+            .unwrap_or_default();
+        app.metrics.token_refreshed(
+            Dimensions {
+                integration_id: &shard.id,
+                tenant_id: &shard.tenant_id,
+                provider: &provider,
+            },
+            result.is_err(),
+        );
+        let event = match result {
             Ok(expires_at) => {
                 refreshed += 1;
                 tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, expires_at = ?expires_at, "token refreshed");

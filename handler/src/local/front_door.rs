@@ -9,13 +9,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, on};
+use axum::routing::{MethodFilter, get, on};
 use chrono::Utc;
 use serde_json::Value;
 
 use super::envelopes::{self, IncomingHttp};
 use super::invoker::{Invoker, Outcome};
 use crate::definition::{AppDefinition, FunctionName, Trigger};
+use crate::telemetry::PrometheusText;
 
 struct Route {
     function: FunctionName,
@@ -24,9 +25,21 @@ struct Route {
     invoker: Invoker,
 }
 
-/// A router serving every httpTrigger function at `/api/<route>`.
-pub fn router(invoker: &Invoker) -> Router {
+/// A router serving every httpTrigger function at `/api/<route>`, and the app's metrics in
+/// Prometheus text at `/metrics` when there are any.
+pub fn router(invoker: &Invoker, metrics: Option<PrometheusText>) -> Router {
     let mut router = Router::new();
+    if let Some(metrics) = metrics {
+        router = router.route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, PrometheusText::CONTENT_TYPE)],
+                    metrics.render(),
+                )
+            }),
+        );
+    }
     for def in &AppDefinition::embedded().functions {
         if let Trigger::Http {
             binding,

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::app::{App, LocalBackends};
 use crate::definition::{AppDefinition, Trigger};
 use crate::server;
+use crate::telemetry::PrometheusText;
 use consumers::Consumer;
 use invoker::Invoker;
 use timers::{Timer, TimerStatusStore};
@@ -30,7 +31,11 @@ const MAX_CONCURRENT_CALLS: usize = 16;
 const MAX_CONCURRENT_SESSIONS: usize = 8;
 
 /// Runs the embedded runtime until SIGTERM or Ctrl-C.
-pub async fn run(app: App, backends: LocalBackends) -> Result<(), String> {
+pub async fn run(
+    app: App,
+    backends: LocalBackends,
+    metrics: Option<PrometheusText>,
+) -> Result<(), String> {
     let lock_path = backends.dir.runtime_lock();
     let lock = File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
     lock.try_lock().map_err(|_| {
@@ -94,7 +99,7 @@ pub async fn run(app: App, backends: LocalBackends) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", settings.local_addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, data_dir = %backends.dir.root().display(), "func-sync running locally; webhooks at http://{addr}/api/webhooks/{{provider}}");
-    let front_door = axum::serve(listener, front_door::router(&invoker))
+    let front_door = axum::serve(listener, front_door::router(&invoker, metrics))
         .with_graceful_shutdown(server::shutdown_signal());
     let result = front_door.await.map_err(|e| e.to_string());
 
