@@ -146,15 +146,9 @@ impl App {
             Ok(c)
         };
         if let (Some(service_bus), QueueChoice::Configured) = (&azure.service_bus, queue) {
-            let config = match service_bus {
-                ServiceBusSetting::ConnectionString(text) => {
-                    ServiceBusConfig::from_connection_string(text)?
-                }
-                ServiceBusSetting::Namespace { host, client_id } => {
-                    ServiceBusConfig::from_namespace(host, Arc::new(entra(client_id.as_deref())?))?
-                }
-            };
-            app.queue = Arc::new(ServiceBusSender::new(config));
+            app.queue = Arc::new(service_bus_client(service_bus, |client_id| {
+                entra(client_id)
+            })?);
         }
         if let Some(url) = &azure.key_vault_url {
             let credential = entra(None)?;
@@ -204,6 +198,23 @@ impl App {
         }
         Ok(app)
     }
+}
+
+/// The Service Bus client of `setting`, with Entra tokens from `entra` for an identity-based
+/// connection.
+pub fn service_bus_client(
+    setting: &ServiceBusSetting,
+    entra: impl FnOnce(Option<&str>) -> Result<AzureCredential, String>,
+) -> Result<ServiceBusSender, String> {
+    let config = match setting {
+        ServiceBusSetting::ConnectionString(text) => {
+            ServiceBusConfig::from_connection_string(text)?
+        }
+        ServiceBusSetting::Namespace { host, client_id } => {
+            ServiceBusConfig::from_namespace(host, Arc::new(entra(client_id.as_deref())?))?
+        }
+    };
+    Ok(ServiceBusSender::new(config))
 }
 
 /// The provider clients of this build.

@@ -21,8 +21,7 @@ use crate::identity::{AzureCredential, TokenSource};
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, IntegrationSync, Shard, timestamp};
 use crate::queue::{
-    DeadLetter, MessageQueue, OutgoingMessage, ReceivedMessage, SYNC_DEADLETTER,
-    SYNC_INBOUND_SCHEDULED, properties,
+    DeadLetteredMessage, DeadLetters, OutgoingMessage, SYNC_INBOUND_SCHEDULED, Selection,
 };
 use crate::secrets::{Secret, credential_secret_name};
 use crate::settings::{IngestionAuth, LogFormat, Settings};
@@ -164,6 +163,10 @@ pub enum DeadLettersCommand {
         /// Replay every dead-lettered message
         #[arg(long, conflicts_with = "sequence_numbers")]
         all: bool,
+        /// Only messages that came from this queue (Service Bus numbers each queue's
+        /// messages on its own, so a sequence number can be in two queues)
+        #[arg(long)]
+        queue: Option<String>,
     },
 }
 
@@ -219,18 +222,26 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             }
             run_local(settings, backends, demo, telemetry.prometheus()).await
         }
-        Command::DeadLetters(_) if settings.azure.service_bus.is_some() => Err(
-            "dead-letters works on the embedded queues; with Service Bus configured, \
-                 the dead letters are in each queue's $DeadLetterQueue and in sync-deadletter"
-                .into(),
-        ),
-        Command::DeadLetters(DeadLettersCommand::List { queue }) => {
-            list_dead_letters(&backends, queue.as_deref(), cli.json)
-        }
-        Command::DeadLetters(DeadLettersCommand::Replay {
-            sequence_numbers,
-            all,
-        }) => replay_dead_letters(&backends, &sequence_numbers, all, cli.json).await,
+        Command::DeadLetters(command) => match dead_letter_queues(&settings, &backends) {
+            Ok(queues) => match command {
+                DeadLettersCommand::List { queue } => {
+                    list_dead_letters(queues.as_ref(), queue.as_deref(), cli.json).await
+                }
+                DeadLettersCommand::Replay {
+                    sequence_numbers,
+                    all,
+                    queue,
+                } => {
+                    let selection = Selection {
+                        all,
+                        sequence_numbers,
+                        queue,
+                    };
+                    replay_dead_letters(queues.as_ref(), &selection, cli.json).await
+                }
+            },
+            Err(e) => Err(e),
+        },
         operator => {
             match App::from_settings(
                 settings,
@@ -874,84 +885,59 @@ async fn shards(
     Ok(())
 }
 
-/// A dead-lettered message, from a queue's dead-letter subqueue or from `sync-deadletter`.
+/// The dead letters of the queues the app sends to: Service Bus when it is configured, the
+/// embedded queues otherwise.
+fn dead_letter_queues(
+    settings: &Settings,
+    backends: &LocalBackends,
+) -> Result<Box<dyn DeadLetters>, String> {
+    match &settings.azure.service_bus {
+        Some(setting) => Ok(Box::new(app::service_bus_client(setting, |client_id| {
+            AzureCredential::for_environment(client_id.or(settings.azure.client_id.as_deref()))
+        })?)),
+        None => Ok(Box::new(backends.broker.clone())),
+    }
+}
+
+/// A dead letter as `dead-letters list --json` prints it.
 #[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-struct DeadLetterView {
+struct DeadLetterView<'a> {
     sequence_number: i64,
-    original_queue: String,
-    message_id: String,
+    original_queue: &'a str,
+    message_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    session_id: Option<String>,
-    reason: String,
-    description: Option<String>,
+    session_id: Option<&'a str>,
+    reason: &'a str,
+    description: Option<&'a str>,
     dead_lettered_at: DateTime<Utc>,
     delivery_count: u32,
     body: Value,
-    #[serde(skip)]
-    raw_body: Vec<u8>,
-    #[serde(skip)]
-    properties: Map<String, Value>,
 }
 
-fn body_value(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()))
-}
-
-fn all_dead_letters(backends: &LocalBackends) -> Result<Vec<DeadLetterView>, String> {
-    let broker = &backends.broker;
-    let mut views: Vec<DeadLetterView> = broker
-        .dead_letters(None)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|d: DeadLetter| DeadLetterView {
+impl<'a> From<&'a DeadLetteredMessage> for DeadLetterView<'a> {
+    fn from(d: &'a DeadLetteredMessage) -> Self {
+        Self {
             sequence_number: d.sequence_number,
-            original_queue: d.queue,
-            message_id: d.message_id,
-            session_id: d.session_id,
-            reason: d.reason,
-            description: d.description,
+            original_queue: &d.original_queue,
+            message_id: &d.message_id,
+            session_id: d.session_id.as_deref(),
+            reason: &d.reason,
+            description: d.description.as_deref(),
             dead_lettered_at: d.dead_lettered_at,
             delivery_count: d.delivery_count,
-            body: body_value(&d.body),
-            raw_body: d.body,
-            properties: d.properties,
-        })
-        .collect();
-    let prop = |m: &ReceivedMessage, name: &str| -> Option<String> {
-        m.properties.get(name).map(|v| match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-    };
-    for m in broker.peek(SYNC_DEADLETTER).map_err(|e| e.to_string())? {
-        views.push(DeadLetterView {
-            sequence_number: m.sequence_number,
-            original_queue: prop(&m, properties::ORIGINAL_QUEUE)
-                .unwrap_or_else(|| SYNC_DEADLETTER.into()),
-            message_id: prop(&m, properties::ORIGINAL_MESSAGE_ID)
-                .unwrap_or_else(|| m.message_id.clone()),
-            session_id: prop(&m, properties::ORIGINAL_SESSION_ID),
-            reason: prop(&m, properties::DEAD_LETTER_REASON).unwrap_or_default(),
-            description: prop(&m, properties::DEAD_LETTER_ERROR_DESCRIPTION),
-            dead_lettered_at: m.enqueued_at,
-            delivery_count: prop(&m, properties::ORIGINAL_DELIVERY_COUNT)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_default(),
-            body: body_value(&m.body),
-            raw_body: m.body,
-            properties: m.properties,
-        });
+            body: serde_json::from_slice(&d.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&d.body).into())),
+        }
     }
-    views.sort_by_key(|v| v.sequence_number);
-    Ok(views)
 }
 
-fn list_dead_letters(backends: &LocalBackends, queue: Option<&str>, json: bool) -> CliResult {
-    let views: Vec<DeadLetterView> = all_dead_letters(backends)?
-        .into_iter()
-        .filter(|v| queue.is_none_or(|q| v.original_queue == q))
+async fn list_dead_letters(queues: &dyn DeadLetters, queue: Option<&str>, json: bool) -> CliResult {
+    let listed = queues.list().await.map_err(|e| e.to_string())?;
+    let views: Vec<DeadLetterView> = listed
+        .iter()
+        .filter(|d| queue.is_none_or(|q| d.original_queue == q))
+        .map(DeadLetterView::from)
         .collect();
     if json {
         print_json(&views);
@@ -962,12 +948,12 @@ fn list_dead_letters(backends: &LocalBackends, queue: Option<&str>, json: bool) 
         .map(|v| {
             vec![
                 v.sequence_number.to_string(),
-                v.original_queue.clone(),
-                v.message_id.clone(),
-                v.reason.clone(),
+                v.original_queue.to_string(),
+                v.message_id.to_string(),
+                v.reason.to_string(),
                 time(Some(v.dead_lettered_at)),
                 v.delivery_count.to_string(),
-                v.description.clone().unwrap_or_default(),
+                v.description.unwrap_or_default().to_string(),
             ]
         })
         .collect();
@@ -987,86 +973,42 @@ fn list_dead_letters(backends: &LocalBackends, queue: Option<&str>, json: bool) 
 }
 
 async fn replay_dead_letters(
-    backends: &LocalBackends,
-    sequence_numbers: &[i64],
-    all: bool,
+    queues: &dyn DeadLetters,
+    selection: &Selection,
     json: bool,
 ) -> CliResult {
-    if !all && sequence_numbers.is_empty() {
-        return Err("name the messages to replay by sequence number, or pass --all".into());
-    }
-    let views = all_dead_letters(backends)?;
-    for wanted in sequence_numbers {
-        if !views.iter().any(|v| v.sequence_number == *wanted) {
-            return Err(format!(
-                "no dead-lettered message has sequence number {wanted}"
-            ));
-        }
-    }
-    let mut replayed = Vec::new();
-    for view in views
-        .into_iter()
-        .filter(|v| all || sequence_numbers.contains(&v.sequence_number))
-    {
-        let mut props = view.properties.clone();
-        for name in properties::ALL {
-            props.remove(name);
-        }
-        props.insert(
-            properties::REPLAYED_FROM.into(),
-            json!(view.sequence_number),
-        );
-        let message = OutgoingMessage {
-            queue: view.original_queue.clone(),
-            body: view.raw_body.clone(),
-            content_type: Some("application/json".into()),
-            message_id: format!(
-                "{}:replay-{}",
-                view.message_id,
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ),
-            session_id: view.session_id.clone(),
-            correlation_id: None,
-            scheduled_enqueue_time: None,
-            properties: props,
-        };
-        // Send first, then remove: a crash in between replays twice, never loses the message.
-        backends
-            .broker
-            .send(message.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let removed = if view.original_queue == SYNC_DEADLETTER {
-            false
-        } else {
-            backends
-                .broker
-                .delete_dead_letter(view.sequence_number)
-                .map_err(|e| e.to_string())?
-                || backends
-                    .broker
-                    .delete_unlocked(view.sequence_number)
-                    .map_err(|e| e.to_string())?
-        };
-        if !removed {
-            tracing::warn!(
-                sequence_number = view.sequence_number,
-                "replayed message could not be removed from the dead letters"
-            );
-        }
-        if !json {
-            println!(
-                "replayed {} to {} as {}",
-                view.sequence_number, view.original_queue, message.message_id
-            );
-        }
-        replayed.push(
-            json!({"sequenceNumber": view.sequence_number, "queue": view.original_queue,
-                             "messageId": message.message_id}),
-        );
-    }
+    let listed = queues.list().await.map_err(|e| e.to_string())?;
+    selection.check(&listed)?;
+    let replayed = queues.replay(selection).await.map_err(|e| e.to_string())?;
+    let failed = replayed.iter().filter(|r| r.error.is_some()).count();
     if json {
-        print_json(&replayed);
+        let out: Vec<Value> = replayed
+            .iter()
+            .map(|r| {
+                json!({"sequenceNumber": r.sequence_number, "queue": r.queue,
+                       "messageId": r.message_id, "error": r.error})
+            })
+            .collect();
+        print_json(&out);
+    } else {
+        for r in &replayed {
+            match &r.error {
+                None => println!(
+                    "replayed {} to {} as {}",
+                    r.sequence_number, r.queue, r.message_id
+                ),
+                Some(e) => println!(
+                    "not replayed {} to {} (still dead-lettered): {e}",
+                    r.sequence_number, r.queue
+                ),
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} messages could not be sent and are still dead-lettered",
+            replayed.len()
+        ));
     }
     Ok(())
 }

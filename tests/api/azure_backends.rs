@@ -23,7 +23,9 @@ use handler::queue::{
 };
 use handler::secrets::{KeyVaultSecrets, Secret, SecretStore};
 
-use crate::fake_azure::{BEARER, FakeEventGrid, FakeKeyVault, FakeServiceBus, SAS_KEY};
+use crate::fake_azure::{
+    BEARER, FakeEventGrid, FakeKeyVault, FakeServiceBus, HeldMessage, SAS_KEY,
+};
 use crate::fake_host::{service_bus_message, timer_first_run};
 use crate::helpers::{TestApp, integration_of};
 
@@ -415,9 +417,17 @@ async fn operator_commands_use_the_configured_backends() {
             .unwrap()
             .is_empty()
     );
+}
 
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
-        .args(["dead-letters", "list"])
+/// `handler dead-letters ...` with Service Bus configured.
+async fn dead_letters(
+    app: &TestApp,
+    service_bus: &FakeServiceBus,
+    args: &[&str],
+) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .arg("dead-letters")
+        .args(args)
         .env("FUNC_SYNC_DATA_DIR", app.data_dir())
         .env(
             "ServiceBusConnection",
@@ -425,7 +435,151 @@ async fn operator_commands_use_the_configured_backends() {
         )
         .output()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_operator_lists_and_replays_service_bus_dead_letters_and_a_failed_resend_keeps_its_message()
+ {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    // Three dead letters, as they end up on Service Bus: one the broker moved after too many
+    // deliveries, one of a session queue, and a poison job the handler copied itself.
+    let job = json!({"integrationId": "int-1", "tenantId": "t1", "jobId": "job-1"});
+    let exhausted = service_bus.dead_letter(
+        "sync-inbound-scheduled",
+        HeldMessage::new("job-1", job.to_string().as_bytes(), &[]),
+        "MaxDeliveryCountExceeded",
+        "Message could not be consumed after 10 delivery attempts.",
+    );
+    let mut write_back =
+        HeldMessage::new("wb-1", br#"{"shardId":"s-1"}"#, &[("tenant", json!("t1"))]);
+    write_back.session_id = Some("int-1".into());
+    let session = service_bus.dead_letter(
+        "sync-outbound",
+        write_back,
+        "TTLExpiredException",
+        "expired",
+    );
+    let copy = OutgoingMessage::json(
+        "sync-deadletter",
+        "sync-inbound-webhook:wh-9",
+        &json!({"x": 1}),
+    )
+    .property("DeadLetterReason", "INVALID_MESSAGE")
+    .property("DeadLetterErrorDescription", "webhook job: no entity")
+    .property("OriginalQueue", "sync-inbound-webhook")
+    .property("OriginalMessageId", "wh-9")
+    .property("OriginalDeliveryCount", 1);
+    let sender = ServiceBusSender::new(
+        ServiceBusConfig::from_connection_string(&service_bus.connection_string(SAS_KEY)).unwrap(),
+    );
+    sender.send(copy).await.unwrap();
+
+    let out = dead_letters(&app, &service_bus, &["list", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_queue = |queue: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["originalQueue"] == queue)
+            .unwrap_or_else(|| panic!("no dead letter of {queue} in {listed}"))
+            .clone()
+    };
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+    let scheduled = by_queue("sync-inbound-scheduled");
+    assert_eq!(scheduled["sequenceNumber"], exhausted);
+    assert_eq!(scheduled["reason"], "MaxDeliveryCountExceeded");
+    assert_eq!(scheduled["messageId"], "job-1");
+    assert_eq!(scheduled["body"]["jobId"], "job-1");
+    let outbound = by_queue("sync-outbound");
+    assert_eq!(outbound["sessionId"], "int-1");
+    assert_eq!(outbound["sequenceNumber"], session);
+    let webhook = by_queue("sync-inbound-webhook");
+    assert_eq!(webhook["reason"], "INVALID_MESSAGE");
+    assert_eq!(webhook["messageId"], "wh-9");
+    // Listing locked each message to read it and unlocked it again.
+    assert_eq!(
+        service_bus
+            .held("sync-inbound-scheduled/$DeadLetterQueue")
+            .len(),
+        1
+    );
+    assert_eq!(service_bus.held("sync-deadletter").len(), 1);
+
+    // sync-inbound-scheduled is busy: its message is not replayed and stays a dead letter.
+    service_bus
+        .unavailable
+        .lock()
+        .unwrap()
+        .push("sync-inbound-scheduled".into());
+    let out = dead_letters(&app, &service_bus, &["replay", "--all"]).await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("$DeadLetterQueue"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains(&format!(
+            "not replayed {exhausted} to sync-inbound-scheduled"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("1 of 3 messages could not be sent"),
+        "{stderr}"
+    );
+    let kept = service_bus.held("sync-inbound-scheduled/$DeadLetterQueue");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].message_id, "job-1");
+    assert!(
+        service_bus
+            .held("sync-outbound/$DeadLetterQueue")
+            .is_empty()
+    );
+    assert!(service_bus.held("sync-deadletter").is_empty());
+    let resent = service_bus.held("sync-outbound");
+    assert_eq!(resent.len(), 1);
+    assert_eq!(resent[0].session_id.as_deref(), Some("int-1"));
+    assert!(resent[0].message_id.starts_with("wb-1:replay-"));
+    assert_eq!(
+        resent[0].properties["replayedfrom"],
+        json!(session.to_string())
+    );
+    assert_eq!(resent[0].properties["tenant"], json!("t1"));
+    assert!(!resent[0].properties.contains_key("deadletterreason"));
+    let resent = service_bus.held("sync-inbound-webhook");
+    assert_eq!(resent[0].body, br#"{"x":1}"#);
+
+    // Once the queue takes messages again, the one left is replayed by its number.
+    service_bus.unavailable.lock().unwrap().clear();
+    let out = dead_letters(
+        &app,
+        &service_bus,
+        &[
+            "replay",
+            &exhausted.to_string(),
+            "--queue",
+            "sync-inbound-scheduled",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        service_bus
+            .held("sync-inbound-scheduled/$DeadLetterQueue")
+            .is_empty()
+    );
+    assert_eq!(
+        service_bus.held("sync-inbound-scheduled")[0].body,
+        job.to_string().as_bytes()
+    );
 }

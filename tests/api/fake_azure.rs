@@ -53,18 +53,90 @@ pub struct SentMessage {
     pub body: Vec<u8>,
 }
 
+/// A message held by the fake broker.
+#[derive(Debug, Clone)]
+pub struct HeldMessage {
+    pub sequence_number: i64,
+    pub message_id: String,
+    pub session_id: Option<String>,
+    pub content_type: String,
+    /// Application properties, as JSON values.
+    pub properties: BTreeMap<String, Value>,
+    pub body: Vec<u8>,
+    pub delivery_count: u32,
+    pub enqueued_at: chrono::DateTime<chrono::Utc>,
+    lock: Option<String>,
+}
+
+impl HeldMessage {
+    pub fn new(message_id: &str, body: &[u8], properties: &[(&str, Value)]) -> Self {
+        Self {
+            sequence_number: 0,
+            message_id: message_id.into(),
+            session_id: None,
+            content_type: "application/json".into(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            body: body.to_vec(),
+            delivery_count: 0,
+            enqueued_at: chrono::Utc::now(),
+            lock: None,
+        }
+    }
+}
+
+/// Entities (queues and `<queue>/$DeadLetterQueue` subqueues) and what they hold.
+#[derive(Default)]
+pub struct Broker {
+    pub entities: BTreeMap<String, Vec<HeldMessage>>,
+    next_sequence: BTreeMap<String, i64>,
+}
+
+impl Broker {
+    /// Adds a message at the tail of `entity`, numbered in its queue's sequence (a subqueue
+    /// keeps the number the message had in its queue, so numbers count per queue).
+    fn enqueue(&mut self, entity: &str, mut message: HeldMessage) -> i64 {
+        let queue = entity.split('/').next().unwrap_or(entity).to_string();
+        if message.sequence_number == 0 {
+            let next = self.next_sequence.entry(queue).or_insert(0);
+            *next += 1;
+            message.sequence_number = *next;
+        }
+        let seq = message.sequence_number;
+        self.entities
+            .entry(entity.to_string())
+            .or_default()
+            .push(message);
+        seq
+    }
+}
+
+/// The queues' maxDeliveryCount, as provisioned; dead-letter subqueues have none.
+fn max_delivery_count(entity: &str) -> Option<u32> {
+    match entity {
+        "sync-inbound-webhook" => Some(5),
+        e if e.contains('/') => None,
+        _ => Some(10),
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct FakeServiceBus {
     pub host: String,
     pub sent: Arc<Mutex<Vec<SentMessage>>>,
     pub refusals: Arc<Mutex<Vec<String>>>,
+    pub broker: Arc<Mutex<Broker>>,
+    /// Queues whose sends answer 503 Service Unavailable.
+    pub unavailable: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeServiceBus {
     pub async fn start() -> Self {
         let mut fake = Self::default();
         let router = Router::new()
-            .route("/{queue}/messages", post(service_bus_send))
+            .fallback(service_bus_request)
             .with_state(fake.clone());
         fake.host = serve(router).await;
         fake
@@ -80,6 +152,38 @@ impl FakeServiceBus {
 
     pub fn sent(&self) -> Vec<SentMessage> {
         self.sent.lock().unwrap().clone()
+    }
+
+    /// Puts `message` in `queue`'s dead-letter subqueue, as the broker does with the reason
+    /// and description as application properties. Returns its sequence number.
+    pub fn dead_letter(
+        &self,
+        queue: &str,
+        mut message: HeldMessage,
+        reason: &str,
+        description: &str,
+    ) -> i64 {
+        message
+            .properties
+            .insert("DeadLetterReason".into(), json!(reason));
+        message
+            .properties
+            .insert("DeadLetterErrorDescription".into(), json!(description));
+        self.broker
+            .lock()
+            .unwrap()
+            .enqueue(&format!("{queue}/$DeadLetterQueue"), message)
+    }
+
+    /// What `entity` holds now, locked or not.
+    pub fn held(&self, entity: &str) -> Vec<HeldMessage> {
+        self.broker
+            .lock()
+            .unwrap()
+            .entities
+            .get(entity)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -121,9 +225,12 @@ fn check_sas(token: &str, url: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn service_bus_send(
+/// Every Service Bus REST call: send (`POST <queue>/messages`), peek-lock
+/// (`POST <entity>/messages/head`), unlock (`PUT` on the lock's URL) and delete (`DELETE`).
+async fn service_bus_request(
     State(fake): State<FakeServiceBus>,
-    Path(queue): Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -133,7 +240,9 @@ async fn service_bus_send(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let url = format!("http://{}/{queue}", header("host").unwrap_or_default());
+    let path = percent_decode(uri.path().trim_start_matches('/'));
+    let host = header("host").unwrap_or_default();
+    let url = format!("http://{host}/{path}");
     let authorized = match header("authorization") {
         Some(token) if token == format!("Bearer {BEARER}") => Ok(()),
         Some(token) => check_sas(&token, &url),
@@ -143,14 +252,42 @@ async fn service_bus_send(
         fake.refusals.lock().unwrap().push(reason.clone());
         return (StatusCode::UNAUTHORIZED, reason).into_response();
     }
+    let segments: Vec<&str> = path.split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("POST", [queue, "messages"]) => send(&fake, queue, &headers, body),
+        ("POST", [entity @ .., "messages", "head"]) => peek_lock(&fake, &entity.join("/"), &host),
+        ("PUT" | "DELETE", [entity @ .., "messages", _id, lock]) => settle(
+            &fake,
+            &entity.join("/"),
+            lock,
+            method == axum::http::Method::DELETE,
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            format!("no such operation: {method} {path}"),
+        )
+            .into_response(),
+    }
+}
+
+fn send(fake: &FakeServiceBus, queue: &str, headers: &HeaderMap, body: Bytes) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if fake.unavailable.lock().unwrap().iter().any(|q| q == queue) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the entity is busy").into_response();
+    }
     let Some(Ok(broker_properties)) =
         header("brokerproperties").map(|p| serde_json::from_str::<Value>(&p))
     else {
         return (StatusCode::BAD_REQUEST, "BrokerProperties must be JSON").into_response();
     };
-    if header("content-type").is_none() {
+    let Some(content_type) = header("content-type") else {
         return (StatusCode::BAD_REQUEST, "no Content-Type").into_response();
-    }
+    };
     if queue == "sync-outbound" && broker_properties.get("SessionId").is_none() {
         return (
             StatusCode::BAD_REQUEST,
@@ -158,17 +295,124 @@ async fn service_bus_send(
         )
             .into_response();
     }
-    let headers = headers
+    let all: HashMap<String, String> = headers
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_string()))
         .collect();
+    let standard = [
+        "host",
+        "authorization",
+        "content-type",
+        "content-length",
+        "brokerproperties",
+        "accept",
+        "user-agent",
+    ];
+    let mut held = HeldMessage::new(
+        broker_properties["MessageId"].as_str().unwrap_or_default(),
+        &body,
+        &[],
+    );
+    held.session_id = broker_properties["SessionId"].as_str().map(str::to_string);
+    held.content_type = content_type;
+    // Sent properties arrive as plain header text; the broker keeps them as strings.
+    held.properties = all
+        .iter()
+        .filter(|(n, _)| !standard.contains(&n.as_str()))
+        .map(|(n, v)| (n.clone(), json!(v)))
+        .collect();
+    fake.broker.lock().unwrap().enqueue(queue, held);
     fake.sent.lock().unwrap().push(SentMessage {
-        queue,
+        queue: queue.to_string(),
         broker_properties,
-        headers,
+        headers: all,
         body: body.to_vec(),
     });
     StatusCode::CREATED.into_response()
+}
+
+fn peek_lock(fake: &FakeServiceBus, entity: &str, host: &str) -> Response {
+    let mut broker = fake.broker.lock().unwrap();
+    let Some(message) = broker
+        .entities
+        .get_mut(entity)
+        .and_then(|messages| messages.iter_mut().find(|m| m.lock.is_none()))
+    else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let lock = uuid::Uuid::new_v4().to_string();
+    message.lock = Some(lock.clone());
+    message.delivery_count += 1;
+    let mut broker_properties = json!({
+        "DeliveryCount": message.delivery_count,
+        "EnqueuedSequenceNumber": 0,
+        "EnqueuedTimeUtc": message.enqueued_at.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+        "LockToken": lock,
+        "LockedUntilUtc": (chrono::Utc::now() + chrono::Duration::minutes(1))
+            .format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+        "MessageId": message.message_id,
+        "SequenceNumber": message.sequence_number,
+        "State": "Active",
+        "TimeToLive": 1209600,
+    });
+    if let Some(session) = &message.session_id {
+        broker_properties["SessionId"] = json!(session);
+    }
+    let mut response = (StatusCode::CREATED, message.body.clone()).into_response();
+    let out = response.headers_mut();
+    out.insert("content-type", message.content_type.parse().unwrap());
+    out.insert(
+        "brokerproperties",
+        broker_properties.to_string().parse().unwrap(),
+    );
+    out.insert(
+        "location",
+        format!(
+            "http://{host}/{entity}/messages/{}/{lock}",
+            message.message_id
+        )
+        .parse()
+        .unwrap(),
+    );
+    // Received properties come back as headers, strings in quotes.
+    for (name, value) in &message.properties {
+        out.insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.to_string().parse().unwrap(),
+        );
+    }
+    response
+}
+
+fn settle(fake: &FakeServiceBus, entity: &str, lock: &str, delete: bool) -> Response {
+    let mut broker = fake.broker.lock().unwrap();
+    let Some(messages) = broker.entities.get_mut(entity) else {
+        return (StatusCode::GONE, "no such entity").into_response();
+    };
+    let Some(index) = messages
+        .iter()
+        .position(|m| m.lock.as_deref() == Some(lock))
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the lock is lost or the message gone",
+        )
+            .into_response();
+    };
+    if delete {
+        messages.remove(index);
+        return StatusCode::OK.into_response();
+    }
+    messages[index].lock = None;
+    // An unlock is an abandoned delivery: past maxDeliveryCount the broker dead-letters.
+    if max_delivery_count(entity).is_some_and(|max| messages[index].delivery_count >= max) {
+        let mut message = messages.remove(index);
+        message
+            .properties
+            .insert("DeadLetterReason".into(), json!("MaxDeliveryCountExceeded"));
+        broker.enqueue(&format!("{entity}/$DeadLetterQueue"), message);
+    }
+    StatusCode::OK.into_response()
 }
 
 /// A batch Event Grid accepted.

@@ -29,7 +29,7 @@ use crate::model::{
     Event, Integration, IntegrationSync, SyncError, SyncJobMessage, SyncStats, SyncStatus,
 };
 use crate::queue::properties::REPLAYED_FROM;
-use crate::queue::{OutgoingMessage, ServiceBusMessage, dead_letter};
+use crate::queue::{OutgoingMessage, ServiceBusMessage, dead_letter, property};
 use crate::telemetry::Dimensions;
 
 /// Processes the job in `message`, delivered from `queue`. `Ok` means the message is settled
@@ -90,7 +90,7 @@ async fn run_job(
     let record_id = history_shard_id(&job.job_id, job.scheduled_at);
     let previous = app.store.get(&job.tenant_id, &record_id).await?;
     let previous: Option<IntegrationSync> = previous.and_then(|v| v.value.data().ok());
-    let replayed = message.application_properties.contains_key(REPLAYED_FROM);
+    let replayed = property(&message.application_properties, REPLAYED_FROM).is_some();
     if previous.as_ref().is_some_and(IntegrationSync::is_finished) && !replayed {
         tracing::info!(job_id = %job.job_id, "job already finished; redelivery ignored");
         return Ok(());

@@ -8,13 +8,15 @@
 //! burn every delivery and lose the reason): the function sends a copy to `sync-deadletter`
 //! with the reason in its properties ([`dead_letter`]) and completes the original.
 
+mod dead_letters;
 mod local;
 mod service_bus;
 
+pub use dead_letters::{DeadLetteredMessage, DeadLetters, Replayed, Selection, replay_of};
 pub use local::{DeadLetter, LocalBroker, ReceivedMessage};
 pub use service_bus::{
-    ServiceBusAuth, ServiceBusConfig, ServiceBusSender, broker_properties, namespace_host,
-    sas_token,
+    LockedMessage, ServiceBusAuth, ServiceBusConfig, ServiceBusSender, broker_properties,
+    locked_message, namespace_host, sas_token,
 };
 
 use std::time::Duration;
@@ -162,6 +164,17 @@ pub enum QueueError {
 #[async_trait]
 pub trait MessageQueue: Send + Sync {
     async fn send(&self, message: OutgoingMessage) -> Result<(), QueueError>;
+}
+
+/// The application property `name` of a message. Names are matched without regard to case:
+/// the REST API carries properties as HTTP headers, whose names HTTP clients may lowercase.
+pub fn property<'a>(properties: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    properties.get(name).or_else(|| {
+        properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
 }
 
 /// Application properties that carry a dead-letter reason, named as Service Bus names them on

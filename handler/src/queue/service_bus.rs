@@ -192,6 +192,159 @@ impl ServiceBusSender {
     }
 }
 
+/// A message peek-locked over REST: what it holds, and the lock that deletes or unlocks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockedMessage {
+    /// The URL of the lock (`Location`), for delete and unlock.
+    pub lock_url: String,
+    pub sequence_number: i64,
+    pub message_id: String,
+    pub session_id: Option<String>,
+    pub delivery_count: u32,
+    pub enqueued_at: chrono::DateTime<Utc>,
+    pub content_type: Option<String>,
+    pub properties: Map<String, Value>,
+    pub body: Vec<u8>,
+}
+
+/// Response headers that are HTTP's or the broker's own, not a message's properties.
+const NOT_PROPERTIES: [&str; 9] = [
+    "brokerproperties",
+    "location",
+    "content-type",
+    "content-length",
+    "date",
+    "server",
+    "transfer-encoding",
+    "strict-transport-security",
+    "connection",
+];
+
+/// An application property as a received message's header carries it: strings in quotes,
+/// numbers and booleans bare.
+fn property_value(header: &str) -> Value {
+    match serde_json::from_str::<Value>(header) {
+        Ok(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => v,
+        _ => Value::String(header.to_string()),
+    }
+}
+
+/// Reads a peek-lock answer: the body, `BrokerProperties`, `Location` and one header per
+/// application property.
+pub fn locked_message(
+    headers: &reqwest::header::HeaderMap,
+    body: Vec<u8>,
+) -> Result<LockedMessage, String> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let broker: Value = header("BrokerProperties")
+        .and_then(|text| serde_json::from_str(text).ok())
+        .ok_or("the message has no readable BrokerProperties")?;
+    let lock_url = header("Location")
+        .ok_or("the message has no Location to settle it by")?
+        .to_string();
+    let properties = headers
+        .iter()
+        .filter(|(name, _)| !NOT_PROPERTIES.contains(&name.as_str()))
+        .filter_map(|(name, v)| Some((name.to_string(), property_value(v.to_str().ok()?))))
+        .collect();
+    Ok(LockedMessage {
+        lock_url,
+        sequence_number: broker["SequenceNumber"]
+            .as_i64()
+            .ok_or("BrokerProperties has no SequenceNumber")?,
+        message_id: broker["MessageId"].as_str().unwrap_or_default().to_string(),
+        session_id: broker["SessionId"].as_str().map(str::to_string),
+        delivery_count: broker["DeliveryCount"].as_u64().unwrap_or_default() as u32,
+        enqueued_at: broker["EnqueuedTimeUtc"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc2822(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default(),
+        content_type: header("Content-Type").map(str::to_string),
+        properties,
+        body,
+    })
+}
+
+impl ServiceBusSender {
+    /// Locks and reads the next message of `path` (a queue, or `<queue>/$DeadLetterQueue`);
+    /// `None` when there is none.
+    pub async fn peek_lock(&self, path: &str) -> Result<Option<LockedMessage>, QueueError> {
+        // The shortest wait the REST API takes: an empty entity answers after a second.
+        let url = format!("{}/{path}/messages/head?timeout=1", self.config.endpoint);
+        let response = self
+            .http
+            .post(&url)
+            .header("Authorization", self.authorization().await?)
+            .header("Content-Length", "0")
+            .send()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("reading `{path}` failed: {e}")))?;
+        let status = response.status();
+        if status.as_u16() == 204 {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(answer_error(status, &format!("reading `{path}`"), response).await);
+        }
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("reading `{path}` failed: {e}")))?;
+        locked_message(&headers, body.to_vec())
+            .map(Some)
+            .map_err(|e| QueueError::Rejected(format!("`{path}`: {e}")))
+    }
+
+    /// Completes a locked message: it leaves its queue.
+    pub async fn delete_locked(&self, message: &LockedMessage) -> Result<(), QueueError> {
+        self.settle(reqwest::Method::DELETE, message).await
+    }
+
+    /// Gives a locked message back to its queue at once.
+    pub async fn unlock(&self, message: &LockedMessage) -> Result<(), QueueError> {
+        self.settle(reqwest::Method::PUT, message).await
+    }
+
+    async fn settle(
+        &self,
+        method: reqwest::Method,
+        message: &LockedMessage,
+    ) -> Result<(), QueueError> {
+        let what = format!("settling message {}", message.sequence_number);
+        let response = self
+            .http
+            .request(method, &message.lock_url)
+            .header("Authorization", self.authorization().await?)
+            .header("Content-Length", "0")
+            .send()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("{what} failed: {e}")))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(answer_error(response.status(), &what, response).await)
+        }
+    }
+}
+
+/// A failed answer as a [`QueueError`]: worth retrying (5xx, 429, 408) or not.
+async fn answer_error(
+    status: reqwest::StatusCode,
+    what: &str,
+    response: reqwest::Response,
+) -> QueueError {
+    let detail = response.text().await.unwrap_or_default();
+    let detail: String = detail.chars().take(300).collect();
+    let error = format!("Service Bus answered {status} {what}: {detail}");
+    if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+        QueueError::Unavailable(error)
+    } else {
+        QueueError::Rejected(error)
+    }
+}
+
 /// The `BrokerProperties` header of a message.
 pub fn broker_properties(message: &OutgoingMessage) -> Value {
     let mut props = Map::new();
@@ -248,17 +401,7 @@ impl MessageQueue for ServiceBusSender {
         if status.is_success() {
             return Ok(());
         }
-        let detail = response.text().await.unwrap_or_default();
-        let detail: String = detail.chars().take(300).collect();
-        let error = format!(
-            "Service Bus answered {status} for `{}`: {detail}",
-            message.queue
-        );
-        if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Err(QueueError::Unavailable(error))
-        } else {
-            Err(QueueError::Rejected(error))
-        }
+        Err(answer_error(status, &format!("for `{}`", message.queue), response).await)
     }
 }
 

@@ -1,0 +1,500 @@
+//! Dead letters: what an operator lists and replays, on the embedded queues and on Service Bus.
+//!
+//! A message lands in one of two places:
+//!
+//! * a queue's dead-letter subqueue (`<queue>/$DeadLetterQueue`), where the broker moves what
+//!   exceeded the queue's maxDeliveryCount or expired, with `DeadLetterReason` and
+//!   `DeadLetterErrorDescription` as application properties;
+//! * `sync-deadletter`, where a function sends a copy of a poison message with the reason and
+//!   the original queue, id, session and delivery count in [`properties`] ([`super::dead_letter`]).
+//!   On Service Bus nothing consumes that queue, but listing it locks and unlocks each
+//!   message, which counts as a delivery: after its maxDeliveryCount the broker moves the copy
+//!   to `sync-deadletter/$DeadLetterQueue`, which is listed too, so nothing is ever out of
+//!   sight.
+//!
+//! Both read as one [`DeadLetteredMessage`]. Replaying sends the message back to the queue it
+//! came from, under a new MessageId (the original may still be inside the duplicate-detection
+//! window) and marked [`properties::REPLAYED_FROM`], and only then removes the dead letter: a
+//! crash in between replays twice (the handlers are idempotent) and never loses one. A resend
+//! that fails leaves the dead letter where it was.
+//!
+//! Service Bus speaks the REST runtime API here: peek-lock (`POST <path>/messages/head`), then
+//! delete (`DELETE` on the lock's location) after a successful resend, or unlock (`PUT`).
+//! Its sequence numbers count per entity, so two queues' dead letters can share one; a replay
+//! names the queue when that happens.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use super::local::{DeadLetter, LocalBroker, ReceivedMessage};
+use super::service_bus::{LockedMessage, ServiceBusSender};
+use super::{
+    MessageQueue, OutgoingMessage, QUEUES, QueueError, SYNC_DEADLETTER, properties, property,
+};
+
+/// A dead-lettered message, wherever it is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetteredMessage {
+    pub sequence_number: i64,
+    /// Where the message was going when it was dead-lettered, and where a replay sends it.
+    pub original_queue: String,
+    pub message_id: String,
+    pub session_id: Option<String>,
+    pub reason: String,
+    pub description: Option<String>,
+    pub dead_lettered_at: DateTime<Utc>,
+    pub delivery_count: u32,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+    pub properties: Map<String, Value>,
+}
+
+/// What became of one message a replay chose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    pub sequence_number: i64,
+    pub queue: String,
+    /// The MessageId it was sent under.
+    pub message_id: String,
+    /// Why it is still a dead letter, if the resend failed.
+    pub error: Option<String>,
+}
+
+/// The dead letters of a set of queues.
+#[async_trait]
+pub trait DeadLetters: Send + Sync {
+    /// Every dead letter, oldest first by sequence number.
+    async fn list(&self) -> Result<Vec<DeadLetteredMessage>, QueueError>;
+
+    /// Sends the dead letters `chosen` picks back to their queues and removes those sent.
+    async fn replay(&self, chosen: &Selection) -> Result<Vec<Replayed>, QueueError>;
+}
+
+/// Which dead letters a replay sends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Every one (the sequence numbers are then ignored).
+    pub all: bool,
+    pub sequence_numbers: Vec<i64>,
+    /// Only those going to this queue.
+    pub queue: Option<String>,
+}
+
+impl Selection {
+    pub fn chooses(&self, dead: &DeadLetteredMessage) -> bool {
+        self.queue
+            .as_ref()
+            .is_none_or(|q| *q == dead.original_queue)
+            && (self.all || self.sequence_numbers.contains(&dead.sequence_number))
+    }
+
+    /// Why this selection cannot be replayed from `listed`: a sequence number that names no
+    /// dead letter, or several (they count per queue on Service Bus).
+    pub fn check(&self, listed: &[DeadLetteredMessage]) -> Result<(), String> {
+        if !self.all && self.sequence_numbers.is_empty() {
+            return Err("name the messages to replay by sequence number, or pass --all".into());
+        }
+        for wanted in &self.sequence_numbers {
+            let queues: Vec<&str> = listed
+                .iter()
+                .filter(|d| d.sequence_number == *wanted)
+                .filter(|d| self.queue.as_ref().is_none_or(|q| *q == d.original_queue))
+                .map(|d| d.original_queue.as_str())
+                .collect();
+            match queues.as_slice() {
+                [] => {
+                    return Err(format!(
+                        "no dead-lettered message has sequence number {wanted}"
+                    ));
+                }
+                [_] => {}
+                several => {
+                    return Err(format!(
+                        "sequence number {wanted} names dead letters of {}; add --queue",
+                        several.join(" and ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The message a replay of `dead` sends: the original body, session and application
+/// properties, without the dead-letter bookkeeping, under a MessageId of its own.
+pub fn replay_of(dead: &DeadLetteredMessage) -> OutgoingMessage {
+    let mut props = dead.properties.clone();
+    props.retain(|name, _| {
+        !properties::ALL
+            .iter()
+            .chain([&properties::REPLAYED_FROM])
+            .any(|p| p.eq_ignore_ascii_case(name))
+    });
+    props.insert(
+        properties::REPLAYED_FROM.into(),
+        Value::from(dead.sequence_number),
+    );
+    OutgoingMessage {
+        queue: dead.original_queue.clone(),
+        body: dead.body.clone(),
+        content_type: Some(
+            dead.content_type
+                .clone()
+                .unwrap_or_else(|| "application/json".into()),
+        ),
+        message_id: format!(
+            "{}:replay-{}",
+            dead.message_id,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        session_id: dead.session_id.clone(),
+        correlation_id: None,
+        scheduled_enqueue_time: None,
+        properties: props,
+    }
+}
+
+fn text_property(properties: &Map<String, Value>, name: &str) -> Option<String> {
+    property(properties, name).map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// A copy in `sync-deadletter`, read back through the properties [`super::dead_letter`] set.
+pub fn from_sync_deadletter(
+    sequence_number: i64,
+    message_id: &str,
+    enqueued_at: DateTime<Utc>,
+    content_type: Option<String>,
+    body: Vec<u8>,
+    props: Map<String, Value>,
+) -> DeadLetteredMessage {
+    let text = |name| text_property(&props, name);
+    DeadLetteredMessage {
+        sequence_number,
+        original_queue: text(properties::ORIGINAL_QUEUE).unwrap_or_else(|| SYNC_DEADLETTER.into()),
+        message_id: text(properties::ORIGINAL_MESSAGE_ID).unwrap_or_else(|| message_id.into()),
+        session_id: text(properties::ORIGINAL_SESSION_ID),
+        reason: text(properties::DEAD_LETTER_REASON).unwrap_or_default(),
+        description: text(properties::DEAD_LETTER_ERROR_DESCRIPTION),
+        dead_lettered_at: enqueued_at,
+        delivery_count: text(properties::ORIGINAL_DELIVERY_COUNT)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_default(),
+        content_type,
+        body,
+        properties: props,
+    }
+}
+
+#[async_trait]
+impl DeadLetters for LocalBroker {
+    async fn list(&self) -> Result<Vec<DeadLetteredMessage>, QueueError> {
+        let mut all: Vec<DeadLetteredMessage> = self
+            .dead_letters(None)?
+            .into_iter()
+            .map(|d: DeadLetter| DeadLetteredMessage {
+                sequence_number: d.sequence_number,
+                original_queue: d.queue,
+                message_id: d.message_id,
+                session_id: d.session_id,
+                reason: d.reason,
+                description: d.description,
+                dead_lettered_at: d.dead_lettered_at,
+                delivery_count: d.delivery_count,
+                content_type: None,
+                body: d.body,
+                properties: d.properties,
+            })
+            .collect();
+        for m in self.peek(SYNC_DEADLETTER)? {
+            let ReceivedMessage {
+                sequence_number,
+                message_id,
+                enqueued_at,
+                content_type,
+                body,
+                properties,
+                ..
+            } = m;
+            all.push(from_sync_deadletter(
+                sequence_number,
+                &message_id,
+                enqueued_at,
+                content_type,
+                body,
+                properties,
+            ));
+        }
+        all.sort_by_key(|d| d.sequence_number);
+        Ok(all)
+    }
+
+    async fn replay(&self, chosen: &Selection) -> Result<Vec<Replayed>, QueueError> {
+        let mut replayed = Vec::new();
+        for dead in self.list().await?.into_iter().filter(|d| chosen.chooses(d)) {
+            let message = replay_of(&dead);
+            let message_id = message.message_id.clone();
+            let error = match self.send(message).await {
+                Ok(()) => {
+                    // Sequence numbers are the broker's own, one per message, wherever it is.
+                    if !(self.delete_dead_letter(dead.sequence_number)?
+                        || self.delete_unlocked(dead.sequence_number)?)
+                    {
+                        tracing::warn!(
+                            sequence_number = dead.sequence_number,
+                            "replayed message could not be removed from the dead letters"
+                        );
+                    }
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            };
+            replayed.push(Replayed {
+                sequence_number: dead.sequence_number,
+                queue: dead.original_queue,
+                message_id,
+                error,
+            });
+        }
+        Ok(replayed)
+    }
+}
+
+/// The most messages read from one dead-letter entity: they stay locked until the command
+/// ends, and a listing is for people.
+const MAX_PER_ENTITY: usize = 1000;
+
+/// Where the dead letters are on Service Bus, and the queue each one's messages were going to
+/// (`None`: `sync-deadletter`'s copies, which say so themselves).
+fn entities() -> Vec<(String, Option<&'static str>)> {
+    let mut out: Vec<(String, Option<&'static str>)> = QUEUES
+        .iter()
+        .filter(|q| q.name != SYNC_DEADLETTER)
+        .map(|q| (format!("{}/$DeadLetterQueue", q.name), Some(q.name)))
+        .collect();
+    out.push((SYNC_DEADLETTER.to_string(), None));
+    out.push((format!("{SYNC_DEADLETTER}/$DeadLetterQueue"), None));
+    out
+}
+
+fn from_locked(locked: &LockedMessage, queue: Option<&str>) -> DeadLetteredMessage {
+    // The lock taken to read the message counted as one more delivery.
+    let delivery_count = locked.delivery_count.saturating_sub(1);
+    match queue {
+        Some(queue) => {
+            let text = |name| text_property(&locked.properties, name);
+            DeadLetteredMessage {
+                sequence_number: locked.sequence_number,
+                original_queue: queue.to_string(),
+                message_id: locked.message_id.clone(),
+                session_id: locked.session_id.clone(),
+                reason: text(properties::DEAD_LETTER_REASON).unwrap_or_default(),
+                description: text(properties::DEAD_LETTER_ERROR_DESCRIPTION),
+                dead_lettered_at: locked.enqueued_at,
+                delivery_count,
+                content_type: locked.content_type.clone(),
+                body: locked.body.clone(),
+                properties: locked.properties.clone(),
+            }
+        }
+        None => from_sync_deadletter(
+            locked.sequence_number,
+            &locked.message_id,
+            locked.enqueued_at,
+            locked.content_type.clone(),
+            locked.body.clone(),
+            locked.properties.clone(),
+        ),
+    }
+}
+
+impl ServiceBusSender {
+    /// Locks every dead letter, entity by entity, and reads them; each stays locked until
+    /// it is deleted or unlocked.
+    async fn lock_all(&self) -> Result<Vec<(LockedMessage, DeadLetteredMessage)>, QueueError> {
+        let mut all = Vec::new();
+        for (path, queue) in entities() {
+            let mut taken = 0;
+            while taken < MAX_PER_ENTITY {
+                match self.peek_lock(&path).await {
+                    Ok(Some(locked)) => {
+                        let dead = from_locked(&locked, queue);
+                        all.push((locked, dead));
+                        taken += 1;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.unlock_all(all.iter().map(|(l, _)| l)).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        all.sort_by_key(|(_, d)| d.sequence_number);
+        Ok(all)
+    }
+
+    async fn unlock_all(&self, locked: impl Iterator<Item = &LockedMessage>) {
+        for message in locked {
+            if let Err(e) = self.unlock(message).await {
+                // The lock lapses by itself after the queue's lock duration.
+                tracing::warn!(sequence_number = message.sequence_number, error = %e, "could not unlock a dead letter");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DeadLetters for ServiceBusSender {
+    async fn list(&self) -> Result<Vec<DeadLetteredMessage>, QueueError> {
+        let all = self.lock_all().await?;
+        self.unlock_all(all.iter().map(|(l, _)| l)).await;
+        Ok(all.into_iter().map(|(_, d)| d).collect())
+    }
+
+    async fn replay(&self, chosen: &Selection) -> Result<Vec<Replayed>, QueueError> {
+        let all = self.lock_all().await?;
+        let mut replayed = Vec::new();
+        for (locked, dead) in &all {
+            if !chosen.chooses(dead) {
+                self.unlock_all(std::iter::once(locked)).await;
+                continue;
+            }
+            let message = replay_of(dead);
+            let message_id = message.message_id.clone();
+            let error = match self.send(message).await {
+                Ok(()) => match self.delete_locked(locked).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(sequence_number = dead.sequence_number, error = %e, "replayed message could not be removed from the dead letters");
+                        None
+                    }
+                },
+                Err(e) => {
+                    self.unlock_all(std::iter::once(locked)).await;
+                    Some(e.to_string())
+                }
+            };
+            replayed.push(Replayed {
+                sequence_number: dead.sequence_number,
+                queue: dead.original_queue.clone(),
+                message_id,
+                error,
+            });
+        }
+        Ok(replayed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_in_sync_deadletter() -> DeadLetteredMessage {
+        let props: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "DeadLetterReason": "INVALID_MESSAGE",
+            "DeadLetterErrorDescription": "expected value at line 1",
+            "OriginalQueue": "sync-outbound",
+            "OriginalMessageId": "wb-1",
+            "OriginalDeliveryCount": 1,
+            "OriginalSessionId": "int-1",
+            "tenant": "t1",
+        }))
+        .unwrap();
+        from_sync_deadletter(
+            7,
+            "sync-outbound:wb-1",
+            Utc::now(),
+            None,
+            b"{oops".to_vec(),
+            props,
+        )
+    }
+
+    #[test]
+    fn a_copy_in_sync_deadletter_reads_as_the_message_it_was() {
+        let dead = copy_in_sync_deadletter();
+        assert_eq!(dead.original_queue, "sync-outbound");
+        assert_eq!(dead.message_id, "wb-1");
+        assert_eq!(dead.session_id.as_deref(), Some("int-1"));
+        assert_eq!(dead.reason, "INVALID_MESSAGE");
+        assert_eq!(dead.delivery_count, 1);
+    }
+
+    #[test]
+    fn properties_that_came_back_lowercased_read_the_same() {
+        let dead = copy_in_sync_deadletter();
+        let lowered: Map<String, Value> = dead
+            .properties
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        let read = from_sync_deadletter(7, "x", dead.dead_lettered_at, None, vec![], lowered);
+        assert_eq!(read.original_queue, "sync-outbound");
+        assert_eq!(read.reason, "INVALID_MESSAGE");
+        let names: Vec<String> = replay_of(&read).properties.keys().cloned().collect();
+        assert_eq!(names, ["ReplayedFrom", "tenant"]);
+    }
+
+    #[test]
+    fn a_replay_goes_home_under_a_new_id_without_the_bookkeeping() {
+        let dead = copy_in_sync_deadletter();
+        let replay = replay_of(&dead);
+        assert_eq!(replay.queue, "sync-outbound");
+        assert_eq!(replay.session_id.as_deref(), Some("int-1"));
+        assert!(replay.message_id.starts_with("wb-1:replay-"));
+        assert_ne!(replay_of(&dead).message_id, replay.message_id);
+        assert_eq!(replay.body, b"{oops");
+        let names: Vec<&str> = replay.properties.keys().map(String::as_str).collect();
+        assert_eq!(names, ["ReplayedFrom", "tenant"]);
+        assert_eq!(replay.properties["ReplayedFrom"], 7);
+    }
+
+    #[test]
+    fn a_sequence_number_in_two_queues_needs_the_queue_named() {
+        let mut other = copy_in_sync_deadletter();
+        other.original_queue = "sync-inbound-scheduled".into();
+        let listed = [copy_in_sync_deadletter(), other];
+        let seven = Selection {
+            sequence_numbers: vec![7],
+            ..Selection::default()
+        };
+        let err = seven.check(&listed).unwrap_err();
+        assert!(err.contains("add --queue"), "{err}");
+        let named = Selection {
+            queue: Some("sync-outbound".into()),
+            ..seven.clone()
+        };
+        assert_eq!(named.check(&listed), Ok(()));
+        assert!(named.chooses(&listed[0]) && !named.chooses(&listed[1]));
+        let missing = Selection {
+            sequence_numbers: vec![8],
+            ..Selection::default()
+        };
+        assert!(
+            missing
+                .check(&listed)
+                .unwrap_err()
+                .contains("sequence number 8")
+        );
+        assert!(Selection::default().check(&listed).is_err());
+    }
+
+    #[test]
+    fn every_queue_s_dead_letters_are_looked_for_including_sync_deadletter_s_own() {
+        let paths: Vec<String> = entities().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            paths,
+            [
+                "sync-inbound-webhook/$DeadLetterQueue",
+                "sync-inbound-scheduled/$DeadLetterQueue",
+                "sync-outbound/$DeadLetterQueue",
+                "sync-deadletter",
+                "sync-deadletter/$DeadLetterQueue",
+            ]
+        );
+    }
+}
