@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the custom handler as a static Linux x86-64 binary and assembles the deployable
+# Builds the custom handler as a static Linux x86-64 (musl) binary and assembles the deployable
 # function app: dist/func-sync/ (what `func start` runs and `func azure functionapp publish`
 # deploys) and dist/func-sync.zip (the same, for zip deployment, with the exec bit kept).
 #
@@ -20,21 +20,20 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "$binary" ]; then
-  # musl gives a fully static binary (the bundled SQLite is compiled with musl-gcc). Without
-  # the musl toolchain (rustup target add x86_64-unknown-linux-musl; apt-get install
-  # musl-tools), glibc linked statically gives one too.
-  if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
-    && command -v musl-gcc >/dev/null; then
-    target=x86_64-unknown-linux-musl
-    flags=""
-    export CC_x86_64_unknown_linux_musl=musl-gcc
-  else
-    echo "musl toolchain not found: linking glibc statically" >&2
-    target=x86_64-unknown-linux-gnu
-    flags="-C target-feature=+crt-static"
+  # musl links everything in, the C library's resolver included, so the binary runs on any
+  # Functions Linux image. A glibc binary linked statically would still load the image's NSS
+  # modules to resolve host names, and fail when their glibc differs from the one it was
+  # built with; so there is no fallback.
+  if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
+    || ! command -v musl-gcc >/dev/null; then
+    echo "the musl toolchain is needed: rustup target add x86_64-unknown-linux-musl;" \
+      "apt-get install musl-tools" >&2
+    exit 1
   fi
-  (cd "$root" && RUSTFLAGS="$flags ${RUSTFLAGS:-}" cargo build --release --locked -p handler --target "$target")
-  binary="$root/target/$target/release/handler"
+  # The bundled SQLite and aws-lc are C, compiled with musl-gcc.
+  export CC_x86_64_unknown_linux_musl=musl-gcc
+  (cd "$root" && cargo build --release --locked -p handler --target x86_64-unknown-linux-musl)
+  binary="$root/target/x86_64-unknown-linux-musl/release/handler"
 fi
 
 app="$out/func-sync"

@@ -130,6 +130,7 @@ pub struct FakeServiceBus {
     pub broker: Arc<Mutex<Broker>>,
     /// Queues whose sends answer 503 Service Unavailable.
     pub unavailable: Arc<Mutex<Vec<String>>>,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeServiceBus {
@@ -152,6 +153,11 @@ impl FakeServiceBus {
 
     pub fn sent(&self) -> Vec<SentMessage> {
         self.sent.lock().unwrap().clone()
+    }
+
+    /// Authorized requests answered so far.
+    pub fn requests(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Puts `message` in `queue`'s dead-letter subqueue, as the broker does with the reason
@@ -252,6 +258,8 @@ async fn service_bus_request(
         fake.refusals.lock().unwrap().push(reason.clone());
         return (StatusCode::UNAUTHORIZED, reason).into_response();
     }
+    fake.answered
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let segments: Vec<&str> = path.split('/').collect();
     match (method.as_str(), segments.as_slice()) {
         ("POST", [queue, "messages"]) => send(&fake, queue, &headers, body),

@@ -7,6 +7,8 @@ use std::process::Command;
 use handler::definition::FunctionName;
 use handler::queue::QUEUES;
 
+use crate::fake_azure::{FakeServiceBus, SAS_KEY, SAS_KEY_NAME};
+
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
@@ -141,5 +143,71 @@ fn a_message_lock_is_renewed_for_as_long_as_a_function_may_run() {
         renewal >= timeout,
         "locks renewed for {renewal} s while a function may run {timeout} s: a long job's \
          message would be delivered to a second instance while the first still runs"
+    );
+}
+
+/// Whether an ELF executable names a program interpreter (`PT_INTERP`): a dynamically linked
+/// binary does, and then needs the image's C library and its name-service modules at run time.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    assert_eq!(&elf[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!(elf[4], 2, "not a 64-bit ELF file");
+    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
+    })
+}
+
+/// The packaged binary runs on whatever Linux image the Functions host has: it is linked
+/// statically against musl (no interpreter, so neither the image's glibc nor its NSS modules),
+/// and it resolves a host name by itself and talks to it.
+#[tokio::test]
+async fn the_packaged_binary_is_static_and_resolves_host_names() {
+    let Some(app) = std::env::var_os("FUNC_SYNC_PACKAGED_APP") else {
+        eprintln!(
+            "skipped: FUNC_SYNC_PACKAGED_APP is not set (.ci/run packages the app with \
+             scripts/package.sh and points it at the app folder)"
+        );
+        return;
+    };
+    let binary = Path::new(&app).join("handler");
+    let elf = std::fs::read(&binary).unwrap();
+    assert!(
+        !has_interpreter(&elf),
+        "{} is dynamically linked",
+        binary.display()
+    );
+    assert!(has_interpreter(
+        &std::fs::read(env!("CARGO_BIN_EXE_handler")).unwrap()
+    ));
+
+    // Service Bus by name: `localhost`, which only a resolver can turn into an address.
+    let service_bus = FakeServiceBus::start().await;
+    let port = service_bus.host.rsplit_once(':').unwrap().1;
+    let connection = format!(
+        "Endpoint=sb://localhost:{port};SharedAccessKeyName={SAS_KEY_NAME};\
+         SharedAccessKey={SAS_KEY};UseDevelopmentEmulator=true"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(&binary)
+        .args(["dead-letters", "list", "--json"])
+        .env("FUNC_SYNC_DATA_DIR", data.path())
+        .env("ServiceBusConnection", connection)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert!(service_bus.refusals.lock().unwrap().is_empty());
+    assert!(
+        service_bus.requests() >= 5,
+        "one read per dead-letter entity"
     );
 }
