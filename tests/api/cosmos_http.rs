@@ -84,6 +84,8 @@ async fn the_demo_and_the_operator_commands_run_on_cosmos_over_http() {
         ("COSMOS_DATABASE", &database),
         // cosmosdb-server reads text JSON only.
         ("AZURE_COSMOS_BINARY_ENCODING_ENABLED", "false"),
+        // The demo tenant is on the plan that keeps a week of history.
+        ("HISTORY_RETENTION_DAYS_BY_TENANT", "tenant-demo=7"),
     ]);
     let _runtime = app.start_local_with_args(&["--demo"]).await;
     // `cli_json` fails on anything but JSON on stdout: the SDK's own logging included.
@@ -105,7 +107,13 @@ async fn the_demo_and_the_operator_commands_run_on_cosmos_over_http() {
         },
     )
     .await;
-    let record = history().await[0]["structuredData"].clone();
+    let stored = history().await[0].clone();
+    assert_eq!(
+        stored["ttl"],
+        7 * 24 * 60 * 60,
+        "the record expires through Cosmos DB's per-item ttl"
+    );
+    let record = stored["structuredData"].clone();
     assert_eq!(record["status"], "partial", "{record}");
     assert_eq!(record["stats"]["recordsFetched"], 800);
     let dead = app.cli_json(&["dead-letters", "list"]).await;
