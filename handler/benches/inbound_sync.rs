@@ -372,6 +372,9 @@ async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
                     created_by: None,
                     updated_at: None,
                     deleted_at: None,
+                    content_hash: None,
+                    dedup_keys: Default::default(),
+                    ttl: None,
                     extra: Map::new(),
                 })
                 .collect();

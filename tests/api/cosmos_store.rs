@@ -112,9 +112,7 @@ pub async fn queries(store: &CosmosStore) {
 
     let mut deleted = shard("t1", "gone", json!({}));
     deleted.deleted_at = Some(Utc::now());
-    deleted
-        .extra
-        .insert("dedupKeys".into(), json!({"email_exact": "x@y"}));
+    deleted.dedup_keys = [("email_exact".to_string(), "x@y".to_string())].into();
     store.upsert(&deleted).await.unwrap();
     let by_key = ShardQuery::of_type("c_integration").in_tenant("t1").filter(
         "dedupKeys.email_exact",

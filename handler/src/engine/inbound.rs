@@ -609,7 +609,7 @@ async fn save(
         .into_shard(record_id.to_string(), &job.tenant_id, now);
     // Cosmos DB deletes the record when its `ttl` runs out; the embedded store does the same.
     let ttl = app.settings.history_retention.ttl_seconds(&job.tenant_id);
-    shard.extra.insert("ttl".into(), json!(ttl));
+    shard.ttl = Some(ttl);
     app.store.upsert(&shard).await?;
     Ok(())
 }

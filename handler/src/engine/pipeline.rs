@@ -36,7 +36,7 @@ use crate::model::dedup::{DedupRules, merge};
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::mapping::{EntityMapping, transform};
-use crate::model::shard::{ExternalRelationship, Relationship};
+use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::store::{Op, ShardQuery, StoreError};
 
@@ -305,7 +305,7 @@ pub fn content_hash(shard: &Shard) -> String {
 }
 
 fn stored_hash(shard: &Shard) -> Option<&str> {
-    shard.extra.get("contentHash").and_then(Value::as_str)
+    shard.content_hash.as_deref()
 }
 
 fn store_error(e: StoreError) -> Failure {
@@ -767,14 +767,10 @@ impl<'a> EntityRun<'a> {
             )
             .await?;
             for shard in shards.values() {
-                if let Some(Value::Object(keys)) = shard.extra.get("dedupKeys") {
-                    for (name, key) in keys {
-                        if let Some(key) = key.as_str() {
-                            by_key
-                                .entry(format!("{name}={key}"))
-                                .or_insert_with(|| shard.id.clone());
-                        }
-                    }
+                for (name, key) in &shard.dedup_keys {
+                    by_key
+                        .entry(format!("{name}={key}"))
+                        .or_insert_with(|| shard.id.clone());
                 }
             }
         }
@@ -787,9 +783,7 @@ impl<'a> EntityRun<'a> {
                 Some(own_id.clone())
             } else {
                 keys.iter()
-                    .filter_map(|(name, key)| {
-                        by_key.get(&format!("{name}={}", key.as_str().unwrap_or_default()))
-                    })
+                    .filter_map(|(name, key)| by_key.get(&format!("{name}={key}")))
                     .next()
                     .cloned()
             };
@@ -817,6 +811,9 @@ impl<'a> EntityRun<'a> {
                         created_by: Some("system".into()),
                         updated_at: Some(self.now),
                         deleted_at: None,
+                        content_hash: None,
+                        dedup_keys: BTreeMap::new(),
+                        ttl: None,
                         extra: Map::new(),
                     })
                 }
@@ -849,10 +846,10 @@ impl<'a> EntityRun<'a> {
                 );
                 for (name, key) in &keys {
                     by_key
-                        .entry(format!("{name}={}", key.as_str().unwrap_or_default()))
+                        .entry(format!("{name}={key}"))
                         .or_insert_with(|| shard.id.clone());
                 }
-                shard.extra.insert("dedupKeys".into(), Value::Object(keys));
+                shard.dedup_keys = keys;
             }
             landed.push((record.id.clone(), shard.id.clone()));
         }
@@ -900,6 +897,9 @@ impl<'a> EntityRun<'a> {
                         created_by: Some("system".into()),
                         updated_at: Some(self.now),
                         deleted_at: None,
+                        content_hash: None,
+                        dedup_keys: BTreeMap::new(),
+                        ttl: None,
                         extra: Map::new(),
                     }),
                     Err(e) => {
@@ -925,9 +925,7 @@ impl<'a> EntityRun<'a> {
             changed.insert(shard.id.clone(), is_changed);
             if is_changed {
                 shard.updated_at = Some(self.now);
-                shard
-                    .extra
-                    .insert("contentHash".into(), Value::String(hash));
+                shard.content_hash = Some(hash);
                 writes.push(shard.clone());
             }
         }
@@ -944,9 +942,7 @@ impl<'a> EntityRun<'a> {
                     }
                     shard.created_at = stored.value.created_at;
                 }
-                shard
-                    .extra
-                    .insert("contentHash".into(), Value::String(hash));
+                shard.content_hash = Some(hash);
                 writes.push(shard);
             }
         }
@@ -1000,12 +996,7 @@ impl<'a> EntityRun<'a> {
             let found = self.with_retries(|| self.app.store.query(&query)).await?;
             for v in found {
                 let shard = v.value;
-                if let Some(key) = shard
-                    .extra
-                    .get("dedupKeys")
-                    .and_then(|k| k.get(&name))
-                    .and_then(Value::as_str)
-                {
+                if let Some(key) = shard.dedup_keys.get(&name) {
                     by_key
                         .entry(format!("{name}={key}"))
                         .or_insert_with(|| shard.id.clone());
@@ -1041,14 +1032,12 @@ impl<'a> EntityRun<'a> {
                     shard.updated_at = Some(self.now);
                     for r in &mut shard.external_relationships {
                         if r.integration_id == integration_id && &r.external_id == external_id {
-                            r.sync_status = "deleted".into();
+                            r.sync_status = RelationshipStatus::Deleted;
                             r.last_synced_at = Some(self.now);
                         }
                     }
                     let hash = content_hash(&shard);
-                    shard
-                        .extra
-                        .insert("contentHash".into(), Value::String(hash));
+                    shard.content_hash = Some(hash);
                     writes.push(shard);
                     self.counters.updated += 1;
                 }
@@ -1148,15 +1137,15 @@ fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now
         .find(|r| r.integration_id == integration_id && r.external_id == external_id)
     {
         Some(r) => {
-            r.sync_status = "synced".into();
+            r.sync_status = RelationshipStatus::Synced;
             r.last_synced_at = Some(now);
         }
         None => shard.external_relationships.push(ExternalRelationship {
             integration_id: integration_id.to_string(),
             external_id: external_id.to_string(),
-            sync_status: "synced".into(),
+            sync_status: RelationshipStatus::Synced,
             last_synced_at: Some(now),
-            sync_direction: "inbound".into(),
+            sync_direction: SyncDirection::Inbound,
         }),
     }
 }
@@ -1228,9 +1217,9 @@ mod tests {
         a.external_relationships.push(ExternalRelationship {
             integration_id: "i".into(),
             external_id: "1".into(),
-            sync_status: "synced".into(),
+            sync_status: RelationshipStatus::Synced,
             last_synced_at: Some(Utc::now()),
-            sync_direction: "inbound".into(),
+            sync_direction: SyncDirection::Inbound,
         });
         let with_link = content_hash(&a);
         assert_ne!(before, with_link);

@@ -14,6 +14,8 @@
 //! `keep_first` (the shard's data as it is) or `keep_most_complete` (whichever has more
 //! non-empty fields).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -90,10 +92,10 @@ impl DedupRule {
 
 impl DedupRules {
     /// Every rule's key for a record's data, as stored in `dedupKeys`.
-    pub fn keys(&self, data: &Map<String, Value>) -> Map<String, Value> {
+    pub fn keys(&self, data: &Map<String, Value>) -> BTreeMap<String, String> {
         self.rules
             .iter()
-            .filter_map(|r| r.key(data).map(|k| (r.key_name(), Value::String(k))))
+            .filter_map(|r| r.key(data).map(|k| (r.key_name(), k)))
             .collect()
     }
 }

@@ -178,6 +178,9 @@ impl IntegrationSync {
             created_by: Some("system".into()),
             updated_at: Some(now),
             deleted_at: None,
+            content_hash: None,
+            dedup_keys: Default::default(),
+            ttl: None,
             extra: Default::default(),
             structured_data: serde_json::to_value(self).unwrap_or(Value::Null),
         }

@@ -1,5 +1,7 @@
 //! The shard: Castiel's one document shape.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -32,6 +34,19 @@ pub struct Shard {
     pub updated_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The engine's fingerprint of what the shard says ([`content_hash`](crate::engine)): a
+    /// record that reads the same is not written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_hash: Option<String>,
+    /// The match keys of the mapping's deduplication rules, by rule name, so that a later
+    /// record with the same key finds this shard with one indexed query.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dedup_keys: BTreeMap<String, String>,
+    /// Seconds from the last write until the document expires (Cosmos DB's per-item time to
+    /// live; the embedded store honours it too). Set on sync history records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<i64>,
+    /// Everything else another service put on the shard, kept as it was.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -52,10 +67,38 @@ pub struct Relationship {
 pub struct ExternalRelationship {
     pub integration_id: String,
     pub external_id: String,
-    pub sync_status: String,
+    pub sync_status: RelationshipStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_synced_at: Option<DateTime<Utc>>,
-    pub sync_direction: String,
+    pub sync_direction: SyncDirection,
+}
+
+/// Where a shard stands with one external record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelationshipStatus {
+    /// The shard holds what the record held at the last sync.
+    Synced,
+    /// The record is gone at the provider; the shard is soft-deleted.
+    Deleted,
+}
+
+impl RelationshipStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Synced => "synced",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+/// Which way changes flow between a shard and its external record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncDirection {
+    Inbound,
+    Outbound,
+    Bidirectional,
 }
 
 impl Shard {

@@ -184,21 +184,17 @@ struct Row {
 }
 
 fn encode(shard: &Shard) -> Result<Row, StoreError> {
-    let keys = match shard.extra.get("dedupKeys") {
-        Some(Value::Object(keys)) => keys
-            .iter()
-            .filter_map(|(name, value)| value.as_str().map(|v| (name.clone(), v.to_string())))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let keys = shard
+        .dedup_keys
+        .iter()
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
     Ok(Row {
         shard_type_id: shard.shard_type_id.clone(),
         deleted: shard.deleted_at.is_some(),
         // Cosmos DB's per-item `ttl`: seconds from the last write until the item is gone.
         expires: shard
-            .extra
-            .get("ttl")
-            .and_then(Value::as_i64)
+            .ttl
             .filter(|ttl| *ttl > 0)
             .map(|ttl| chrono::Utc::now().timestamp() + ttl),
         doc: serde_json::to_string(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -594,9 +590,9 @@ mod tests {
             s.external_relationships = vec![crate::model::shard::ExternalRelationship {
                 integration_id: "int-1".into(),
                 external_id: external.into(),
-                sync_status: "synced".into(),
+                sync_status: crate::model::shard::RelationshipStatus::Synced,
                 last_synced_at: None,
-                sync_direction: "inbound".into(),
+                sync_direction: crate::model::shard::SyncDirection::Inbound,
             }];
             store.upsert(&s).await.unwrap();
         }
@@ -613,8 +609,7 @@ mod tests {
         let (_dir, store) = store();
         let mut s = shard("t1", "a", json!({}));
         s.shard_type_id = "c_contact".into();
-        s.extra
-            .insert("dedupKeys".into(), json!({"email_exact": "ann@x.test"}));
+        s.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
         store.upsert(&s).await.unwrap();
         let by_key = |key: &str| {
             ShardQuery::of_type("c_contact").in_tenant("t1").filter(
@@ -624,8 +619,7 @@ mod tests {
             )
         };
         assert_eq!(store.query(&by_key("ann@x.test")).await.unwrap().len(), 1);
-        s.extra
-            .insert("dedupKeys".into(), json!({"email_exact": "ann@y.test"}));
+        s.dedup_keys = [("email_exact".to_string(), "ann@y.test".to_string())].into();
         store.upsert(&s).await.unwrap();
         assert!(
             store.query(&by_key("ann@x.test")).await.unwrap().is_empty(),
