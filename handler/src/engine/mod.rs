@@ -21,6 +21,7 @@ pub mod inbound;
 pub mod integrations;
 pub mod lease;
 pub mod pipeline;
+pub mod plan;
 pub mod retry;
 pub mod scheduler;
 pub mod state;

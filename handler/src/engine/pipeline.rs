@@ -19,24 +19,24 @@
 //! batch goes on. A failure of the provider or the store as a whole ends the run with that
 //! error; the caller decides between retry, dead letter and "resume next run".
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, Record};
 
 use super::failure::{Failure, FailureCode};
 use super::lease;
+use super::plan;
+pub use super::plan::{content_hash, synced_shard_id};
 use super::state::update_integration;
 use crate::app::App;
-use crate::model::dedup::{DedupRules, merge};
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
-use crate::model::mapping::{EntityMapping, transform};
-use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
+use crate::model::mapping::EntityMapping;
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::store::{Op, ShardQuery, StoreError};
 
@@ -252,60 +252,6 @@ struct EntityRun<'a> {
     listed: Option<HashSet<String>>,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
-}
-
-/// The id of the shard synced from one external record: derived, so an upsert needs no query.
-/// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
-pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) -> String {
-    let mut id = String::with_capacity(integration_id.len() + entity.len() + external_id.len() + 2);
-    for (i, part) in [integration_id, entity, external_id]
-        .into_iter()
-        .enumerate()
-    {
-        if i > 0 {
-            id.push('~');
-        }
-        for c in part.chars() {
-            match c {
-                '/' | '\\' | '?' | '#' | '%' => id.push_str(&format!("%{:02X}", c as u32)),
-                c => id.push(c),
-            }
-        }
-    }
-    id
-}
-
-/// A stable fingerprint of what a shard says (not when it was written).
-pub fn content_hash(shard: &Shard) -> String {
-    let external: Vec<(&str, &str, &str)> = shard
-        .external_relationships
-        .iter()
-        .map(|r| {
-            (
-                r.integration_id.as_str(),
-                r.external_id.as_str(),
-                r.sync_status.as_str(),
-            )
-        })
-        .collect();
-    let canonical = json!([
-        shard.shard_type_id,
-        shard.name,
-        shard.structured_data,
-        shard.relationships,
-        external,
-        shard.deleted_at.is_some()
-    ]);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in canonical.to_string().bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
-
-fn stored_hash(shard: &Shard) -> Option<&str> {
-    shard.content_hash.as_deref()
 }
 
 fn store_error(e: StoreError) -> Failure {
@@ -701,313 +647,80 @@ impl<'a> EntityRun<'a> {
         Ok(())
     }
 
-    /// Transforms, deduplicates and writes one page.
+    /// Transforms, deduplicates and writes one page: the planner decides (`plan`), this reads
+    /// what it needs and writes what it decided.
     async fn process_page(&mut self, records: Vec<Record>) -> Result<(), Failure> {
-        let mapping = self.mapping;
         let tenant = self.job.tenant_id;
-        let integration_id = self.job.integration_id;
-        let entity = &mapping.external_entity;
-
-        let mut deleted_ids = Vec::new();
-        let mut items: Vec<(Record, Map<String, Value>)> = Vec::with_capacity(records.len());
-        for record in records {
-            self.counters.fetched += 1;
-            if let Some(listed) = self.listed.as_mut()
-                && !record.deleted
-            {
-                listed.insert(record.id.clone());
-            }
-            if record.deleted {
-                deleted_ids.push(record.id);
-                continue;
-            }
-            match transform(&mapping.field_mappings, &record.fields) {
-                Ok(data) => items.push((record, data)),
-                Err(e) => {
-                    let id = record.id.clone();
-                    self.record_error(
-                        ErrorCode::ValidationError,
-                        e.message,
-                        Some(&id),
-                        Some(&e.field),
-                    );
-                }
-            }
+        self.counters.fetched += records.len() as u64;
+        if let Some(listed) = self.listed.as_mut() {
+            listed.extend(records.iter().filter(|r| !r.deleted).map(|r| r.id.clone()));
         }
+        let page = plan::transform_page(self.job.integration_id, self.mapping, records);
+        self.record_failures(page.failed);
 
-        // The shards these records map to, read in one batch.
-        let ids: Vec<String> = items
-            .iter()
-            .map(|(r, _)| synced_shard_id(integration_id, entity, &r.id))
-            .collect();
-        let existing = self
+        // The shards these records map to, read in one batch, and for deduplication the
+        // shards of other records that share a match key with them.
+        let ids: Vec<String> = page.records.iter().map(|r| r.shard_id.clone()).collect();
+        let mut loaded = plan::Loaded::default();
+        for found in self
             .with_retries(|| self.app.store.get_many(tenant, &ids))
-            .await?;
-        let mut originals: HashMap<String, Option<String>> = HashMap::new();
-        let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
-        for found in existing.into_iter().flatten() {
-            originals.insert(
-                found.value.id.clone(),
-                stored_hash(&found.value).map(str::to_string),
-            );
-            shards.insert(found.value.id.clone(), found.value);
+            .await?
+            .into_iter()
+            .flatten()
+        {
+            loaded.insert(found.value);
         }
-
-        // Duplicates among shards from other records, by their match keys.
-        let rules = mapping.deduplication.as_ref();
-        let mut by_key: HashMap<String, String> = HashMap::new();
-        if let Some(rules) = rules {
-            self.find_duplicates(
-                rules,
-                &items,
-                &ids,
-                &mut shards,
-                &mut originals,
-                &mut by_key,
-            )
-            .await?;
-            for shard in shards.values() {
-                for (name, key) in &shard.dedup_keys {
-                    by_key
-                        .entry(format!("{name}={key}"))
-                        .or_insert_with(|| shard.id.clone());
+        if let Some(rules) = &self.mapping.deduplication {
+            for (rule, keys) in plan::key_lookups(rules, &page.records, &loaded) {
+                let keys = keys.into_iter().map(Value::String).collect();
+                let query = ShardQuery::of_type(&self.mapping.shard_type_id)
+                    .in_tenant(tenant)
+                    .filter(&format!("dedupKeys.{rule}"), Op::In, Value::Array(keys));
+                for found in self.with_retries(|| self.app.store.query(&query)).await? {
+                    loaded.insert_found(&rule, found.value);
                 }
             }
         }
 
-        // Each record lands in its own shard, a duplicate's, or a new one.
-        let mut landed: Vec<(String, String)> = Vec::with_capacity(items.len());
-        for ((record, data), own_id) in items.iter().zip(&ids) {
-            let keys = rules.map(|r| r.keys(data)).unwrap_or_default();
-            let target = if shards.contains_key(own_id) {
-                Some(own_id.clone())
-            } else {
-                keys.iter()
-                    .filter_map(|(name, key)| by_key.get(&format!("{name}={key}")))
-                    .next()
-                    .cloned()
-            };
-            let shard = match target {
-                Some(id) => {
-                    let shard = shards.get_mut(&id).expect("targets are loaded");
-                    let base = shard
-                        .structured_data
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default();
-                    shard.structured_data = Value::Object(land(rules, &id == own_id, base, data));
-                    shard
-                }
-                None if mapping.create_new => {
-                    shards.entry(own_id.clone()).or_insert_with(|| Shard {
-                        id: own_id.clone(),
-                        tenant_id: tenant.to_string(),
-                        shard_type_id: mapping.shard_type_id.clone(),
-                        name: String::new(),
-                        structured_data: Value::Object(data.clone()),
-                        relationships: Vec::new(),
-                        external_relationships: Vec::new(),
-                        created_at: Some(self.now),
-                        created_by: Some("system".into()),
-                        updated_at: Some(self.now),
-                        deleted_at: None,
-                        content_hash: None,
-                        dedup_keys: BTreeMap::new(),
-                        ttl: None,
-                        extra: Map::new(),
-                    })
-                }
-                None => {
-                    self.counters.skipped += 1;
-                    continue;
-                }
-            };
-            shard.deleted_at = None;
-            shard.name = mapping
-                .name_field
-                .as_ref()
-                .and_then(|f| shard.structured_data.get(f))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| {
-                    if shard.name.is_empty() {
-                        record.id.clone()
-                    } else {
-                        shard.name.clone()
-                    }
-                });
-            link_external(shard, integration_id, &record.id, self.now);
-            if let Some(rules) = rules {
-                let keys = rules.keys(
-                    shard
-                        .structured_data
-                        .as_object()
-                        .expect("data is an object"),
-                );
-                for (name, key) in &keys {
-                    by_key
-                        .entry(format!("{name}={key}"))
-                        .or_insert_with(|| shard.id.clone());
-                }
-                shard.dedup_keys = keys;
-            }
-            landed.push((record.id.clone(), shard.id.clone()));
-        }
-
-        // Derived shards follow their primary.
-        let mut derived: Vec<Shard> = Vec::new();
-        let primaries: HashMap<&str, &str> = if mapping.derived_shards.is_empty() {
-            HashMap::new()
+        let context = plan::PageContext {
+            tenant_id: tenant,
+            integration_id: self.job.integration_id,
+            mapping: self.mapping,
+            now: self.now,
+        };
+        let mut landed = plan::land_page(&context, &page.records, loaded);
+        self.counters.skipped += landed.skipped;
+        self.record_failures(std::mem::take(&mut landed.failed));
+        let stored_derived = if landed.derived.is_empty() {
+            Vec::new()
         } else {
-            landed
-                .iter()
-                .map(|(r, s)| (r.as_str(), s.as_str()))
+            let derived_ids: Vec<String> = landed.derived.iter().map(|d| d.id.clone()).collect();
+            self.with_retries(|| self.app.store.get_many(tenant, &derived_ids))
+                .await?
+                .into_iter()
+                .map(|found| found.map(|v| v.value))
                 .collect()
         };
-        for (record, _) in &items {
-            let Some(primary) = primaries
-                .get(record.id.as_str())
-                .and_then(|s| shards.get(*s))
-            else {
-                continue;
-            };
-            for def in &mapping.derived_shards {
-                if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
-                    continue;
-                }
-                match transform(&def.field_mappings, &record.fields) {
-                    Ok(data) => derived.push(Shard {
-                        id: format!("{}~{}", primary.id, def.shard_type_id),
-                        tenant_id: tenant.to_string(),
-                        shard_type_id: def.shard_type_id.clone(),
-                        name: def
-                            .name_field
-                            .as_ref()
-                            .and_then(|f| data.get(f))
-                            .and_then(Value::as_str)
-                            .map_or_else(|| primary.name.clone(), str::to_string),
-                        structured_data: Value::Object(data),
-                        relationships: vec![Relationship {
-                            kind: "derived_from".into(),
-                            target_id: primary.id.clone(),
-                            target_type: primary.shard_type_id.clone(),
-                        }],
-                        external_relationships: Vec::new(),
-                        created_at: Some(self.now),
-                        created_by: Some("system".into()),
-                        updated_at: Some(self.now),
-                        deleted_at: None,
-                        content_hash: None,
-                        dedup_keys: BTreeMap::new(),
-                        ttl: None,
-                        extra: Map::new(),
-                    }),
-                    Err(e) => {
-                        let id = record.id.clone();
-                        self.record_error(
-                            ErrorCode::ValidationError,
-                            e.message,
-                            Some(&id),
-                            Some(&e.field),
-                        );
-                    }
-                }
-            }
-        }
+        let mut changes = plan::changes(&mut landed, stored_derived, self.now);
+        let failed_ids = self.write(std::mem::take(&mut changes.writes)).await?;
+        let tally = plan::tally(&landed.landed, &changes, &failed_ids);
+        self.counters.created += tally.created;
+        self.counters.updated += tally.updated;
+        self.counters.skipped += tally.skipped;
+        self.record_failures(tally.failed);
 
-        // Only what changed is written.
-        let mut writes: Vec<Shard> = Vec::new();
-        let mut changed: HashMap<String, bool> = HashMap::new();
-        for shard in shards.values_mut() {
-            let hash = content_hash(shard);
-            let original = originals.get(&shard.id);
-            let is_changed = original.is_none_or(|old| old.as_deref() != Some(hash.as_str()));
-            changed.insert(shard.id.clone(), is_changed);
-            if is_changed {
-                shard.updated_at = Some(self.now);
-                shard.content_hash = Some(hash);
-                writes.push(shard.clone());
-            }
-        }
-        if !derived.is_empty() {
-            let derived_ids: Vec<String> = derived.iter().map(|d| d.id.clone()).collect();
-            let stored = self
-                .with_retries(|| self.app.store.get_many(tenant, &derived_ids))
-                .await?;
-            for (mut shard, stored) in derived.into_iter().zip(stored) {
-                let hash = content_hash(&shard);
-                if let Some(stored) = &stored {
-                    if stored_hash(&stored.value) == Some(hash.as_str()) {
-                        continue;
-                    }
-                    shard.created_at = stored.value.created_at;
-                }
-                shard.content_hash = Some(hash);
-                writes.push(shard);
-            }
-        }
-        let failed_ids = self.write(writes).await?;
-
-        let mut counted: HashMap<&str, bool> = HashMap::new();
-        for (record_id, shard_id) in &landed {
-            if failed_ids.contains(shard_id) {
-                let message = format!("the shard `{shard_id}` could not be written");
-                self.record_error(FailureCode::Store, message, Some(record_id), None);
-                continue;
-            }
-            let first_for_shard = counted.insert(shard_id.as_str(), true).is_none();
-            match (
-                originals.contains_key(shard_id),
-                changed.get(shard_id).copied().unwrap_or(false),
-            ) {
-                (false, _) if first_for_shard => self.counters.created += 1,
-                (_, true) => self.counters.updated += 1,
-                _ => self.counters.skipped += 1,
-            }
-        }
-
-        self.soft_delete(&deleted_ids).await
+        self.soft_delete(&page.deleted).await
     }
 
-    /// Loads shards of other records that share a match key with this page's records.
-    async fn find_duplicates(
-        &self,
-        rules: &DedupRules,
-        items: &[(Record, Map<String, Value>)],
-        ids: &[String],
-        shards: &mut BTreeMap<String, Shard>,
-        originals: &mut HashMap<String, Option<String>>,
-        by_key: &mut HashMap<String, String>,
-    ) -> Result<(), Failure> {
-        for rule in &rules.rules {
-            let name = rule.key_name();
-            let keys: Vec<Value> = items
-                .iter()
-                .zip(ids)
-                .filter(|(_, id)| !shards.contains_key(*id))
-                .filter_map(|((_, data), _)| rule.key(data).map(Value::String))
-                .collect();
-            if keys.is_empty() {
-                continue;
-            }
-            let query = ShardQuery::of_type(&self.mapping.shard_type_id)
-                .in_tenant(self.job.tenant_id)
-                .filter(&format!("dedupKeys.{name}"), Op::In, Value::Array(keys));
-            let found = self.with_retries(|| self.app.store.query(&query)).await?;
-            for v in found {
-                let shard = v.value;
-                if let Some(key) = shard.dedup_keys.get(&name) {
-                    by_key
-                        .entry(format!("{name}={key}"))
-                        .or_insert_with(|| shard.id.clone());
-                }
-                originals
-                    .entry(shard.id.clone())
-                    .or_insert_with(|| stored_hash(&shard).map(str::to_string));
-                shards.entry(shard.id.clone()).or_insert(shard);
-            }
+    fn record_failures(&mut self, failures: Vec<plan::RecordFailure>) {
+        for f in failures {
+            self.record_error(
+                f.code,
+                f.message,
+                f.record_id.as_deref(),
+                f.field.as_deref(),
+            );
         }
-        Ok(())
     }
 
     /// Soft-deletes the shards of records the provider reports deleted.
@@ -1025,23 +738,14 @@ impl<'a> EntityRun<'a> {
             .await?;
         let mut writes = Vec::new();
         for (external_id, stored) in external_ids.iter().zip(found) {
-            match stored {
-                Some(v) if v.value.deleted_at.is_none() => {
-                    let mut shard = v.value;
-                    shard.deleted_at = Some(self.now);
-                    shard.updated_at = Some(self.now);
-                    for r in &mut shard.external_relationships {
-                        if r.integration_id == integration_id && &r.external_id == external_id {
-                            r.sync_status = RelationshipStatus::Deleted;
-                            r.last_synced_at = Some(self.now);
-                        }
-                    }
-                    let hash = content_hash(&shard);
-                    shard.content_hash = Some(hash);
+            match stored
+                .and_then(|v| plan::soft_deleted(v.value, integration_id, external_id, self.now))
+            {
+                Some(shard) => {
                     writes.push(shard);
                     self.counters.updated += 1;
                 }
-                _ => self.counters.skipped += 1,
+                None => self.counters.skipped += 1,
             }
         }
         let failed = self.write(writes).await?;
@@ -1108,124 +812,5 @@ impl<'a> EntityRun<'a> {
                 Err(e) => return Err(store_error(e)),
             }
         }
-    }
-}
-
-/// The data of a shard after a record lands in it. A record's own shard takes the source's
-/// current values for every mapped field, blanks included: merging is for a *different*
-/// record's shard, which the deduplication rules matched, and merging a record into its own
-/// shard would keep stale values forever.
-fn land(
-    rules: Option<&DedupRules>,
-    own_shard: bool,
-    mut stored: Map<String, Value>,
-    record: &Map<String, Value>,
-) -> Map<String, Value> {
-    match rules {
-        Some(rules) if !own_shard => merge(rules.merge, &stored, record),
-        _ => {
-            stored.extend(record.iter().map(|(k, v)| (k.clone(), v.clone())));
-            stored
-        }
-    }
-}
-
-fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now: DateTime<Utc>) {
-    match shard
-        .external_relationships
-        .iter_mut()
-        .find(|r| r.integration_id == integration_id && r.external_id == external_id)
-    {
-        Some(r) => {
-            r.sync_status = RelationshipStatus::Synced;
-            r.last_synced_at = Some(now);
-        }
-        None => shard.external_relationships.push(ExternalRelationship {
-            integration_id: integration_id.to_string(),
-            external_id: external_id.to_string(),
-            sync_status: RelationshipStatus::Synced,
-            last_synced_at: Some(now),
-            sync_direction: SyncDirection::Inbound,
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_records_own_shard_takes_the_sources_values_whatever_the_merge_strategy() {
-        use crate::model::dedup::{DedupRule, Matching, MergeStrategy};
-        let stored =
-            json!({"name": "Old Name", "email": "a@x.test", "phone": "555", "note": "kept"});
-        let record = json!({"name": "New Name", "email": "a@x.test", "phone": null});
-        let stored = stored.as_object().unwrap().clone();
-        let record = record.as_object().unwrap();
-        for merge in [
-            MergeStrategy::KeepFirst,
-            MergeStrategy::KeepMostComplete,
-            MergeStrategy::MergeFields,
-        ] {
-            let rules = DedupRules {
-                rules: vec![DedupRule {
-                    field: "email".into(),
-                    matching: Matching::Exact,
-                }],
-                merge,
-            };
-            let own = land(Some(&rules), true, stored.clone(), record);
-            assert_eq!(
-                Value::Object(own),
-                json!({"name": "New Name", "email": "a@x.test", "phone": null, "note": "kept"}),
-                "{merge:?}"
-            );
-            let other = land(Some(&rules), false, stored.clone(), record);
-            assert_eq!(
-                other["name"],
-                if merge == MergeStrategy::MergeFields {
-                    "New Name"
-                } else {
-                    "Old Name"
-                },
-                "a duplicate merges by {merge:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn synced_ids_are_derived_and_cosmos_safe() {
-        assert_eq!(
-            synced_shard_id("int-1", "Account", "001A"),
-            "int-1~Account~001A"
-        );
-        assert_eq!(
-            synced_shard_id("int-1", "files", "a/b?c#d%"),
-            "int-1~files~a%2Fb%3Fc%23d%25"
-        );
-    }
-
-    #[test]
-    fn the_content_hash_ignores_write_times_but_not_content() {
-        let mut a: Shard = serde_json::from_value(json!({
-            "id": "s", "tenantId": "t", "shardTypeId": "c_contact", "name": "Ann",
-            "structuredData": {"email": "ann@x.test"}
-        }))
-        .unwrap();
-        let before = content_hash(&a);
-        a.updated_at = Some(Utc::now());
-        a.external_relationships.push(ExternalRelationship {
-            integration_id: "i".into(),
-            external_id: "1".into(),
-            sync_status: RelationshipStatus::Synced,
-            last_synced_at: Some(Utc::now()),
-            sync_direction: SyncDirection::Inbound,
-        });
-        let with_link = content_hash(&a);
-        assert_ne!(before, with_link);
-        a.external_relationships[0].last_synced_at = None;
-        assert_eq!(content_hash(&a), with_link, "sync times are not content");
-        a.structured_data["email"] = json!("ann@y.test");
-        assert_ne!(content_hash(&a), with_link);
     }
 }

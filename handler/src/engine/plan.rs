@@ -1,0 +1,821 @@
+//! Planning a page: what a page of provider records does to the shards, decided without I/O.
+//!
+//! The pipeline reads, the planner decides, the pipeline writes:
+//!
+//! 1. [`transform_page`]: the records become mapped data, each with the id of its own shard;
+//!    deletions are set aside, and a record its mapping refuses fails alone;
+//! 2. the pipeline reads the records' own shards and, for deduplication, the shards that share
+//!    a match key with them ([`key_lookups`] says which keys), into [`Loaded`];
+//! 3. [`land_page`]: each record lands in its own shard, a duplicate's, or a new one, and is
+//!    linked to its external record; derived shards follow their primary;
+//! 4. the pipeline reads the derived shards as stored, and [`changes`] keeps only the shards
+//!    whose content hash differs from what was read;
+//! 5. the pipeline writes them, and [`tally`] counts each record created, updated, skipped or
+//!    failed (a shard that could not be written fails the records that landed in it).
+//!
+//! Everything here is a plain function over data, so every rule of landing and counting is
+//! unit-tested without a store or a provider.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use adapters::{ErrorCode, Record};
+
+use super::failure::FailureCode;
+use crate::model::Shard;
+use crate::model::dedup::{DedupRules, merge};
+use crate::model::mapping::{EntityMapping, transform};
+use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
+
+/// Whose page is planned.
+#[derive(Debug, Clone, Copy)]
+pub struct PageContext<'a> {
+    pub tenant_id: &'a str,
+    pub integration_id: &'a str,
+    pub mapping: &'a EntityMapping,
+    pub now: DateTime<Utc>,
+}
+
+/// A record that failed alone, for the run's errors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordFailure {
+    pub code: FailureCode,
+    pub message: String,
+    pub record_id: Option<String>,
+    pub field: Option<String>,
+}
+
+/// A record, mapped, with the id of the shard synced from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageRecord {
+    pub record: Record,
+    pub data: Map<String, Value>,
+    pub shard_id: String,
+}
+
+/// A page after its mapping.
+#[derive(Debug, Default)]
+pub struct Transformed {
+    pub records: Vec<PageRecord>,
+    /// External ids the provider reports deleted.
+    pub deleted: Vec<String>,
+    pub failed: Vec<RecordFailure>,
+}
+
+/// Maps a page's records through the entity mapping.
+pub fn transform_page(
+    integration_id: &str,
+    mapping: &EntityMapping,
+    records: Vec<Record>,
+) -> Transformed {
+    let mut page = Transformed::default();
+    for record in records {
+        if record.deleted {
+            page.deleted.push(record.id);
+            continue;
+        }
+        match transform(&mapping.field_mappings, &record.fields) {
+            Ok(data) => page.records.push(PageRecord {
+                shard_id: synced_shard_id(integration_id, &mapping.external_entity, &record.id),
+                record,
+                data,
+            }),
+            Err(e) => page.failed.push(RecordFailure {
+                code: ErrorCode::ValidationError.into(),
+                message: e.message,
+                record_id: Some(record.id),
+                field: Some(e.field),
+            }),
+        }
+    }
+    page
+}
+
+/// The shards a page may land in, as the store returned them.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    shards: BTreeMap<String, Shard>,
+    /// The content hash each shard had when it was read: what decides whether it changed.
+    read_hashes: HashMap<String, Option<String>>,
+    /// Match key (`rule=key`) → the shard that has it.
+    by_key: HashMap<String, String>,
+}
+
+impl Loaded {
+    /// Adds a shard read by id; a shard read twice keeps its first reading.
+    pub fn insert(&mut self, shard: Shard) {
+        self.read_hashes
+            .entry(shard.id.clone())
+            .or_insert_with(|| shard.content_hash.clone());
+        self.shards.entry(shard.id.clone()).or_insert(shard);
+    }
+
+    /// Adds a shard found by its key of `rule`: the first shard found with a key owns it.
+    pub fn insert_found(&mut self, rule: &str, shard: Shard) {
+        if let Some(key) = shard.dedup_keys.get(rule) {
+            self.by_key
+                .entry(format!("{rule}={key}"))
+                .or_insert_with(|| shard.id.clone());
+        }
+        self.insert(shard);
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.shards.contains_key(id)
+    }
+}
+
+/// The match keys to look up, by rule name: those of records whose own shard was not found
+/// (a record with its own shard lands there whatever its keys).
+pub fn key_lookups(
+    rules: &DedupRules,
+    records: &[PageRecord],
+    loaded: &Loaded,
+) -> Vec<(String, Vec<String>)> {
+    rules
+        .rules
+        .iter()
+        .map(|rule| {
+            let keys = records
+                .iter()
+                .filter(|r| !loaded.contains(&r.shard_id))
+                .filter_map(|r| rule.key(&r.data))
+                .collect::<Vec<_>>();
+            (rule.key_name(), keys)
+        })
+        .filter(|(_, keys)| !keys.is_empty())
+        .collect()
+}
+
+/// A page landed in its shards.
+#[derive(Debug, Default)]
+pub struct Landed {
+    /// Every shard read or created, as it is after the page landed.
+    pub shards: BTreeMap<String, Shard>,
+    read_hashes: HashMap<String, Option<String>>,
+    /// Each landed record's external id and the shard it landed in, in page order.
+    pub landed: Vec<(String, String)>,
+    /// Shards derived from the landed records, not yet compared with what is stored.
+    pub derived: Vec<Shard>,
+    /// Records with no shard to land in (no duplicate found, and the mapping creates none).
+    pub skipped: u64,
+    pub failed: Vec<RecordFailure>,
+}
+
+/// Lands each record in its own shard, a duplicate's (found by match key), or a new one if the
+/// mapping creates shards, and derives the mapping's derived shards from each landed record.
+pub fn land_page(ctx: &PageContext<'_>, records: &[PageRecord], loaded: Loaded) -> Landed {
+    let mapping = ctx.mapping;
+    let rules = mapping.deduplication.as_ref();
+    let Loaded {
+        mut shards,
+        read_hashes,
+        mut by_key,
+    } = loaded;
+    if rules.is_some() {
+        for shard in shards.values() {
+            for (name, key) in &shard.dedup_keys {
+                by_key
+                    .entry(format!("{name}={key}"))
+                    .or_insert_with(|| shard.id.clone());
+            }
+        }
+    }
+
+    let mut landed = Landed {
+        read_hashes,
+        ..Landed::default()
+    };
+    for PageRecord {
+        record,
+        data,
+        shard_id: own_id,
+    } in records
+    {
+        let target = if shards.contains_key(own_id) {
+            Some(own_id.clone())
+        } else {
+            rules
+                .map(|r| r.keys(data))
+                .unwrap_or_default()
+                .iter()
+                .find_map(|(name, key)| by_key.get(&format!("{name}={key}")))
+                .cloned()
+        };
+        let shard = match target {
+            Some(id) => {
+                let shard = shards.get_mut(&id).expect("targets are loaded");
+                let base = shard
+                    .structured_data
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                shard.structured_data =
+                    Value::Object(landed_data(rules, &id == own_id, base, data));
+                shard
+            }
+            None if mapping.create_new => shards
+                .entry(own_id.clone())
+                .or_insert_with(|| new_shard(ctx, own_id, &mapping.shard_type_id, data.clone())),
+            None => {
+                landed.skipped += 1;
+                continue;
+            }
+        };
+        shard.deleted_at = None;
+        shard.name = mapping
+            .name_field
+            .as_ref()
+            .and_then(|f| shard.structured_data.get(f))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                if shard.name.is_empty() {
+                    record.id.clone()
+                } else {
+                    shard.name.clone()
+                }
+            });
+        link_external(shard, ctx.integration_id, &record.id, ctx.now);
+        if let Some(rules) = rules {
+            let keys = rules.keys(
+                shard
+                    .structured_data
+                    .as_object()
+                    .expect("data is an object"),
+            );
+            for (name, key) in &keys {
+                by_key
+                    .entry(format!("{name}={key}"))
+                    .or_insert_with(|| shard.id.clone());
+            }
+            shard.dedup_keys = keys;
+        }
+        landed.landed.push((record.id.clone(), shard.id.clone()));
+    }
+
+    if !mapping.derived_shards.is_empty() {
+        let primaries: HashMap<&str, &str> = landed
+            .landed
+            .iter()
+            .map(|(r, s)| (r.as_str(), s.as_str()))
+            .collect();
+        for PageRecord { record, .. } in records {
+            let Some(primary) = primaries
+                .get(record.id.as_str())
+                .and_then(|s| shards.get(*s))
+            else {
+                continue;
+            };
+            for def in &mapping.derived_shards {
+                if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
+                    continue;
+                }
+                match transform(&def.field_mappings, &record.fields) {
+                    Ok(data) => {
+                        let mut shard = new_shard(
+                            ctx,
+                            &format!("{}~{}", primary.id, def.shard_type_id),
+                            &def.shard_type_id,
+                            Map::new(),
+                        );
+                        shard.name = def
+                            .name_field
+                            .as_ref()
+                            .and_then(|f| data.get(f))
+                            .and_then(Value::as_str)
+                            .map_or_else(|| primary.name.clone(), str::to_string);
+                        shard.structured_data = Value::Object(data);
+                        shard.relationships = vec![Relationship {
+                            kind: "derived_from".into(),
+                            target_id: primary.id.clone(),
+                            target_type: primary.shard_type_id.clone(),
+                        }];
+                        landed.derived.push(shard);
+                    }
+                    Err(e) => landed.failed.push(RecordFailure {
+                        code: ErrorCode::ValidationError.into(),
+                        message: e.message,
+                        record_id: Some(record.id.clone()),
+                        field: Some(e.field),
+                    }),
+                }
+            }
+        }
+    }
+    landed.shards = shards;
+    landed
+}
+
+fn new_shard(
+    ctx: &PageContext<'_>,
+    id: &str,
+    shard_type_id: &str,
+    data: Map<String, Value>,
+) -> Shard {
+    Shard {
+        id: id.to_string(),
+        tenant_id: ctx.tenant_id.to_string(),
+        shard_type_id: shard_type_id.to_string(),
+        name: String::new(),
+        structured_data: Value::Object(data),
+        relationships: Vec::new(),
+        external_relationships: Vec::new(),
+        created_at: Some(ctx.now),
+        created_by: Some("system".into()),
+        updated_at: Some(ctx.now),
+        deleted_at: None,
+        content_hash: None,
+        dedup_keys: BTreeMap::new(),
+        ttl: None,
+        extra: Map::new(),
+    }
+}
+
+/// What a landed page writes.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The shards whose content changed, stamped with their new hash and write time.
+    pub writes: Vec<Shard>,
+    /// Whether each landed shard changed.
+    pub changed: HashMap<String, bool>,
+    read_hashes: HashMap<String, Option<String>>,
+}
+
+/// Keeps the shards whose content hash differs from the one they were read with; `stored`
+/// is each derived shard as stored (in the order of `landed.derived`), if it is.
+pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>, now: DateTime<Utc>) -> Changes {
+    let mut out = Changes {
+        read_hashes: std::mem::take(&mut landed.read_hashes),
+        ..Changes::default()
+    };
+    for shard in landed.shards.values_mut() {
+        let hash = content_hash(shard);
+        let is_changed = out
+            .read_hashes
+            .get(&shard.id)
+            .is_none_or(|old| old.as_deref() != Some(hash.as_str()));
+        out.changed.insert(shard.id.clone(), is_changed);
+        if is_changed {
+            shard.updated_at = Some(now);
+            shard.content_hash = Some(hash);
+            out.writes.push(shard.clone());
+        }
+    }
+    for (mut shard, stored) in std::mem::take(&mut landed.derived).into_iter().zip(stored) {
+        let hash = content_hash(&shard);
+        if let Some(stored) = &stored {
+            if stored.content_hash.as_deref() == Some(hash.as_str()) {
+                continue;
+            }
+            shard.created_at = stored.created_at;
+        }
+        shard.content_hash = Some(hash);
+        out.writes.push(shard);
+    }
+    out
+}
+
+/// How a page's records came out.
+#[derive(Debug, Default, PartialEq)]
+pub struct Tally {
+    pub created: u64,
+    pub updated: u64,
+    pub skipped: u64,
+    pub failed: Vec<RecordFailure>,
+}
+
+/// Counts each landed record once: created (the first record of a new shard), updated (its
+/// shard changed), or skipped; a record whose shard could not be written (`failed_ids`) fails.
+pub fn tally(landed: &[(String, String)], changes: &Changes, failed_ids: &[String]) -> Tally {
+    let mut tally = Tally::default();
+    let mut counted: HashMap<&str, bool> = HashMap::new();
+    for (record_id, shard_id) in landed {
+        if failed_ids.contains(shard_id) {
+            tally.failed.push(RecordFailure {
+                code: FailureCode::Store,
+                message: format!("the shard `{shard_id}` could not be written"),
+                record_id: Some(record_id.clone()),
+                field: None,
+            });
+            continue;
+        }
+        let first_for_shard = counted.insert(shard_id.as_str(), true).is_none();
+        match (
+            changes.read_hashes.contains_key(shard_id),
+            changes.changed.get(shard_id).copied().unwrap_or(false),
+        ) {
+            (false, _) if first_for_shard => tally.created += 1,
+            (_, true) => tally.updated += 1,
+            _ => tally.skipped += 1,
+        }
+    }
+    tally
+}
+
+/// The shard soft-deleted because its external record is gone, or `None` if it already is.
+pub fn soft_deleted(
+    mut shard: Shard,
+    integration_id: &str,
+    external_id: &str,
+    now: DateTime<Utc>,
+) -> Option<Shard> {
+    if shard.deleted_at.is_some() {
+        return None;
+    }
+    shard.deleted_at = Some(now);
+    shard.updated_at = Some(now);
+    for r in &mut shard.external_relationships {
+        if r.integration_id == integration_id && r.external_id == external_id {
+            r.sync_status = RelationshipStatus::Deleted;
+            r.last_synced_at = Some(now);
+        }
+    }
+    shard.content_hash = Some(content_hash(&shard));
+    Some(shard)
+}
+
+/// The id of the shard synced from one external record: derived, so an upsert needs no query.
+/// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
+pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) -> String {
+    let mut id = String::with_capacity(integration_id.len() + entity.len() + external_id.len() + 2);
+    for (i, part) in [integration_id, entity, external_id]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            id.push('~');
+        }
+        for c in part.chars() {
+            match c {
+                '/' | '\\' | '?' | '#' | '%' => id.push_str(&format!("%{:02X}", c as u32)),
+                c => id.push(c),
+            }
+        }
+    }
+    id
+}
+
+/// A stable fingerprint of what a shard says (not when it was written).
+pub fn content_hash(shard: &Shard) -> String {
+    let external: Vec<(&str, &str, &str)> = shard
+        .external_relationships
+        .iter()
+        .map(|r| {
+            (
+                r.integration_id.as_str(),
+                r.external_id.as_str(),
+                r.sync_status.as_str(),
+            )
+        })
+        .collect();
+    let canonical = json!([
+        shard.shard_type_id,
+        shard.name,
+        shard.structured_data,
+        shard.relationships,
+        external,
+        shard.deleted_at.is_some()
+    ]);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in canonical.to_string().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The data of a shard after a record lands in it. A record's own shard takes the source's
+/// current values for every mapped field, blanks included: merging is for a *different*
+/// record's shard, which the deduplication rules matched, and merging a record into its own
+/// shard would keep stale values forever.
+fn landed_data(
+    rules: Option<&DedupRules>,
+    own_shard: bool,
+    mut stored: Map<String, Value>,
+    record: &Map<String, Value>,
+) -> Map<String, Value> {
+    match rules {
+        Some(rules) if !own_shard => merge(rules.merge, &stored, record),
+        _ => {
+            stored.extend(record.iter().map(|(k, v)| (k.clone(), v.clone())));
+            stored
+        }
+    }
+}
+
+fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now: DateTime<Utc>) {
+    match shard
+        .external_relationships
+        .iter_mut()
+        .find(|r| r.integration_id == integration_id && r.external_id == external_id)
+    {
+        Some(r) => {
+            r.sync_status = RelationshipStatus::Synced;
+            r.last_synced_at = Some(now);
+        }
+        None => shard.external_relationships.push(ExternalRelationship {
+            integration_id: integration_id.to_string(),
+            external_id: external_id.to_string(),
+            sync_status: RelationshipStatus::Synced,
+            last_synced_at: Some(now),
+            sync_direction: SyncDirection::Inbound,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contacts(dedup: bool, create_new: bool) -> EntityMapping {
+        let mut mapping = json!({
+            "externalEntity": "Contact", "shardTypeId": "c_contact", "createNew": create_new,
+            "nameField": "name",
+            "fieldMappings": [{"source": "Name", "target": "name"},
+                              {"source": "Email", "target": "email"}]
+        });
+        if dedup {
+            mapping["deduplication"] = json!({"rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"});
+        }
+        serde_json::from_value(mapping).unwrap()
+    }
+
+    fn record(id: &str, name: &str, email: Option<&str>) -> Record {
+        let mut fields = json!({"Name": name});
+        if let Some(email) = email {
+            fields["Email"] = json!(email);
+        }
+        Record {
+            id: id.into(),
+            modified_at: None,
+            deleted: false,
+            fields: fields.as_object().unwrap().clone(),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-22T10:00:00Z".parse().unwrap()
+    }
+
+    /// Plans a page over `stored` shards as the pipeline would, with no write failing.
+    fn plan(
+        mapping: &EntityMapping,
+        records: Vec<Record>,
+        stored: &[Shard],
+    ) -> (Vec<Shard>, Tally) {
+        let context = PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping,
+            now: now(),
+        };
+        let page = transform_page("int-1", mapping, records);
+        let mut loaded = Loaded::default();
+        for shard in stored
+            .iter()
+            .filter(|s| page.records.iter().any(|r| r.shard_id == s.id))
+        {
+            loaded.insert(shard.clone());
+        }
+        if let Some(rules) = &mapping.deduplication {
+            for (rule, keys) in key_lookups(rules, &page.records, &loaded) {
+                for shard in stored {
+                    if shard
+                        .dedup_keys
+                        .get(&rule)
+                        .is_some_and(|k| keys.contains(k))
+                    {
+                        loaded.insert_found(&rule, shard.clone());
+                    }
+                }
+            }
+        }
+        let mut landed = land_page(&context, &page.records, loaded);
+        let stored_derived = landed.derived.iter().map(|_| None).collect();
+        let mut changes = changes(&mut landed, stored_derived, now());
+        let writes = std::mem::take(&mut changes.writes);
+        let mut tally = tally(&landed.landed, &changes, &[]);
+        tally.skipped += landed.skipped;
+        tally.failed.extend(page.failed);
+        (writes, tally)
+    }
+
+    #[test]
+    fn new_records_create_shards_and_the_same_page_again_writes_nothing() {
+        let mapping = contacts(false, true);
+        let page = || {
+            vec![
+                record("1", "Ann", Some("ann@x.test")),
+                record("2", "Bob", None),
+            ]
+        };
+        let (writes, tally) = plan(&mapping, page(), &[]);
+        assert_eq!((tally.created, tally.updated, tally.skipped), (2, 0, 0));
+        assert_eq!(writes.len(), 2);
+        let ann = &writes[0];
+        assert_eq!(ann.id, "int-1~Contact~1");
+        assert_eq!(ann.name, "Ann");
+        assert_eq!(ann.external_relationships[0].external_id, "1");
+        assert_eq!(
+            ann.content_hash.as_deref(),
+            Some(content_hash(ann).as_str())
+        );
+
+        let (writes, tally) = plan(&mapping, page(), &writes);
+        assert!(writes.is_empty(), "unchanged records are not written");
+        assert_eq!((tally.created, tally.updated, tally.skipped), (0, 0, 2));
+    }
+
+    #[test]
+    fn a_changed_record_updates_its_own_shard_only() {
+        let mapping = contacts(false, true);
+        let (stored, _) = plan(
+            &mapping,
+            vec![record("1", "Ann", None), record("2", "Bob", None)],
+            &[],
+        );
+        let (writes, tally) = plan(
+            &mapping,
+            vec![record("1", "Ann Smith", None), record("2", "Bob", None)],
+            &stored,
+        );
+        assert_eq!((tally.created, tally.updated, tally.skipped), (0, 1, 1));
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].structured_data["name"], "Ann Smith");
+        assert_eq!(writes[0].created_at, stored[0].created_at);
+    }
+
+    #[test]
+    fn a_duplicate_by_match_key_merges_into_the_shard_that_has_the_key() {
+        let mapping = contacts(true, true);
+        let (stored, _) = plan(&mapping, vec![record("1", "Ann", Some("ann@x.test"))], &[]);
+        assert_eq!(stored[0].dedup_keys["email_exact"], "ann@x.test");
+        // Another record with the same email, in a later page, and one in the same page.
+        let (writes, tally) = plan(
+            &mapping,
+            vec![
+                record("9", "Ann S.", Some("ann@x.test")),
+                record("3", "Cy", Some("cy@x.test")),
+                record("4", "Cy Twice", Some("cy@x.test")),
+            ],
+            &stored,
+        );
+        // Cy's shard is created by the first Cy and updated by the second.
+        assert_eq!(
+            (tally.created, tally.updated, tally.skipped),
+            (1, 2, 0),
+            "{tally:?}"
+        );
+        let merged = writes.iter().find(|s| s.id == "int-1~Contact~1").unwrap();
+        assert_eq!(
+            merged.structured_data["name"], "Ann S.",
+            "merge_fields takes the newer values"
+        );
+        let ids: Vec<&str> = merged
+            .external_relationships
+            .iter()
+            .map(|r| r.external_id.as_str())
+            .collect();
+        assert_eq!(ids, ["1", "9"]);
+        assert!(
+            writes.iter().all(|s| s.id != "int-1~Contact~4"),
+            "the second Cy joined the first"
+        );
+    }
+
+    #[test]
+    fn without_create_new_an_unmatched_record_is_skipped_and_a_bad_one_fails_alone() {
+        let mapping: EntityMapping = serde_json::from_value(json!({
+            "externalEntity": "Contact", "shardTypeId": "c_contact", "createNew": false,
+            "fieldMappings": [{"source": "Email", "target": "email", "required": true}]
+        }))
+        .unwrap();
+        let (writes, tally) = plan(
+            &mapping,
+            vec![
+                record("1", "Ann", Some("ann@x.test")),
+                record("2", "Bob", None),
+            ],
+            &[],
+        );
+        assert!(writes.is_empty());
+        assert_eq!(tally.skipped, 1);
+        assert_eq!(tally.failed.len(), 1);
+        assert_eq!(tally.failed[0].record_id.as_deref(), Some("2"));
+        assert_eq!(tally.failed[0].field.as_deref(), Some("Email"));
+    }
+
+    #[test]
+    fn a_record_whose_shard_was_not_written_fails_with_the_store() {
+        let mapping = contacts(false, true);
+        let context = PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping: &mapping,
+            now: now(),
+        };
+        let page = transform_page(
+            "int-1",
+            &mapping,
+            vec![record("1", "Ann", None), record("2", "Bob", None)],
+        );
+        let mut landed = land_page(&context, &page.records, Loaded::default());
+        let changes = changes(&mut landed, Vec::new(), now());
+        let tally = tally(&landed.landed, &changes, &["int-1~Contact~2".to_string()]);
+        assert_eq!(tally.created, 1);
+        assert_eq!(tally.failed[0].code, FailureCode::Store);
+        assert_eq!(tally.failed[0].record_id.as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_deleted_record_soft_deletes_its_shard_once() {
+        let mapping = contacts(false, true);
+        let (stored, _) = plan(&mapping, vec![record("1", "Ann", None)], &[]);
+        let deleted = soft_deleted(stored[0].clone(), "int-1", "1", now()).unwrap();
+        assert_eq!(deleted.deleted_at, Some(now()));
+        assert_eq!(
+            deleted.external_relationships[0].sync_status,
+            RelationshipStatus::Deleted
+        );
+        assert_ne!(deleted.content_hash, stored[0].content_hash);
+        assert!(soft_deleted(deleted, "int-1", "1", now()).is_none());
+    }
+
+    #[test]
+    fn a_records_own_shard_takes_the_sources_values_whatever_the_merge_strategy() {
+        use crate::model::dedup::{DedupRule, Matching, MergeStrategy};
+        let stored =
+            json!({"name": "Old Name", "email": "a@x.test", "phone": "555", "note": "kept"});
+        let record = json!({"name": "New Name", "email": "a@x.test", "phone": null});
+        let stored = stored.as_object().unwrap().clone();
+        let record = record.as_object().unwrap();
+        for merge in [
+            MergeStrategy::KeepFirst,
+            MergeStrategy::KeepMostComplete,
+            MergeStrategy::MergeFields,
+        ] {
+            let rules = DedupRules {
+                rules: vec![DedupRule {
+                    field: "email".into(),
+                    matching: Matching::Exact,
+                }],
+                merge,
+            };
+            let own = landed_data(Some(&rules), true, stored.clone(), record);
+            assert_eq!(
+                Value::Object(own),
+                json!({"name": "New Name", "email": "a@x.test", "phone": null, "note": "kept"}),
+                "{merge:?}"
+            );
+            let other = landed_data(Some(&rules), false, stored.clone(), record);
+            assert_eq!(
+                other["name"],
+                if merge == MergeStrategy::MergeFields {
+                    "New Name"
+                } else {
+                    "Old Name"
+                },
+                "a duplicate merges by {merge:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn synced_ids_are_derived_and_cosmos_safe() {
+        assert_eq!(
+            synced_shard_id("int-1", "Account", "001A"),
+            "int-1~Account~001A"
+        );
+        assert_eq!(
+            synced_shard_id("int-1", "files", "a/b?c#d%"),
+            "int-1~files~a%2Fb%3Fc%23d%25"
+        );
+    }
+
+    #[test]
+    fn the_content_hash_ignores_write_times_but_not_content() {
+        let mut a: Shard = serde_json::from_value(json!({
+            "id": "s", "tenantId": "t", "shardTypeId": "c_contact", "name": "Ann",
+            "structuredData": {"email": "ann@x.test"}
+        }))
+        .unwrap();
+        let before = content_hash(&a);
+        a.updated_at = Some(Utc::now());
+        a.external_relationships.push(ExternalRelationship {
+            integration_id: "i".into(),
+            external_id: "1".into(),
+            sync_status: RelationshipStatus::Synced,
+            last_synced_at: Some(Utc::now()),
+            sync_direction: SyncDirection::Inbound,
+        });
+        let with_link = content_hash(&a);
+        assert_ne!(before, with_link);
+        a.external_relationships[0].last_synced_at = None;
+        assert_eq!(content_hash(&a), with_link, "sync times are not content");
+        a.structured_data["email"] = json!("ann@y.test");
+        assert_ne!(content_hash(&a), with_link);
+    }
+}
