@@ -6,6 +6,7 @@
 //! An integration's entity mappings and deduplication rules are part of its document, so how
 //! they turn a record into shard data ([`mapping`], [`dedup`]) lives here too.
 
+pub mod conflict;
 pub mod dedup;
 pub mod event;
 pub mod history;

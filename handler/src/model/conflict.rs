@@ -1,0 +1,420 @@
+//! Two-way sync of one record: which side's value each field takes, and what is a conflict.
+//!
+//! A shard that syncs both ways remembers, per mapped field, a fingerprint of the value both
+//! sides agreed on at the last sync ([`value_hash`], kept on the shard's external
+//! relationship). Against that base a field has changed in Castiel, at the provider, on both
+//! sides, or on neither; wall clocks are not trusted to say so. A field changed on both sides
+//! to different values is a **conflict**; both sides arriving at the same value is not.
+//!
+//! A field changed on one side only goes to the other side, under every strategy but the
+//! record-level ones below. Conflicts are settled by the integration's strategy, or a field's
+//! own:
+//!
+//! | strategy | a record with a conflict |
+//! |---|---|
+//! | `newest_wins` | the side modified last wins every field, its one-sided changes and all |
+//! | `provider_wins` | the provider's version of the record wins every field |
+//! | `castiel_wins` | Castiel's version of the record wins every field |
+//! | `merge` | one-sided changes from both sides; each conflicting field from the side modified last |
+//! | `field_priority` | one-sided changes from both sides; each conflicting field from its owner (newest when it has none) |
+//! | `manual` | one-sided changes from both sides; conflicting fields keep both values until an operator chooses |
+//!
+//! [`reconcile`] is the whole decision, a pure function; the engine applies it on an inbound
+//! sync (before overwriting a field edited in Castiel) and on a write-back (before writing a
+//! field the provider changed).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A side of a two-way sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Castiel,
+    Provider,
+}
+
+/// How conflicts are settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    NewestWins,
+    ProviderWins,
+    CastielWins,
+    Merge,
+    FieldPriority,
+    Manual,
+}
+
+impl Strategy {
+    /// Whether the strategy picks a winning record rather than field by field.
+    fn record_level(self) -> bool {
+        matches!(
+            self,
+            Self::NewestWins | Self::ProviderWins | Self::CastielWins
+        )
+    }
+}
+
+/// An integration's conflict settings: `conflictResolution`, and optionally per field
+/// `fieldStrategies` (a strategy of its own) and `fieldOwners` (for `field_priority`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictPolicy {
+    #[serde(default, rename = "conflictResolution")]
+    pub strategy: Strategy,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_strategies: BTreeMap<String, Strategy>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_owners: BTreeMap<String, Side>,
+}
+
+impl ConflictPolicy {
+    pub fn strategy_for(&self, field: &str) -> Strategy {
+        self.field_strategies
+            .get(field)
+            .copied()
+            .unwrap_or(self.strategy)
+    }
+}
+
+/// A stable fingerprint of one field's value (`null` and a missing field are the same).
+pub fn value_hash(value: Option<&Value>) -> String {
+    let text = match value {
+        None | Some(Value::Null) => "null".to_string(),
+        Some(v) => v.to_string(),
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// One mapped field of a record, seen from both sides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldSides<'a> {
+    pub field: &'a str,
+    /// The fingerprint agreed at the last sync; `None` before the first.
+    pub base: Option<&'a str>,
+    pub castiel: Option<&'a Value>,
+    pub provider: Option<&'a Value>,
+}
+
+/// A field changed on both sides to different values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FieldConflict {
+    pub field: String,
+    pub strategy: Strategy,
+    /// Whose value the field took; `None` while it waits for an operator (`manual`).
+    pub winner: Option<Side>,
+}
+
+/// What a record's fields do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Fields whose provider value Castiel takes.
+    pub to_castiel: Vec<String>,
+    /// Fields whose Castiel value the provider takes.
+    pub to_provider: Vec<String>,
+    /// Fields changed on both sides, and how each was settled.
+    pub conflicts: Vec<FieldConflict>,
+}
+
+impl Reconciled {
+    /// Conflicts left for an operator.
+    pub fn unresolved(&self) -> impl Iterator<Item = &FieldConflict> {
+        self.conflicts.iter().filter(|c| c.winner.is_none())
+    }
+}
+
+/// When each side last changed the record, for the strategies that ask which is newer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Modified {
+    pub castiel: Option<DateTime<Utc>>,
+    pub provider: Option<DateTime<Utc>>,
+}
+
+impl Modified {
+    /// The side changed last; the provider when it cannot be told (it holds the record of
+    /// truth for the external system, and its clock is the one the record carries).
+    pub fn newer(&self) -> Side {
+        match (self.castiel, self.provider) {
+            (Some(c), Some(p)) if c > p => Side::Castiel,
+            (Some(_), None) => Side::Castiel,
+            _ => Side::Provider,
+        }
+    }
+}
+
+/// Decides every field of one record: what flows to Castiel, what flows to the provider, and
+/// the conflicts with how each was settled under `policy`.
+pub fn reconcile(
+    fields: &[FieldSides<'_>],
+    policy: &ConflictPolicy,
+    modified: Modified,
+) -> Reconciled {
+    #[derive(PartialEq)]
+    enum Change {
+        None,
+        Castiel,
+        Provider,
+        Both,
+    }
+    let changes: Vec<Change> = fields
+        .iter()
+        .map(|f| {
+            let castiel = value_hash(f.castiel);
+            let provider = value_hash(f.provider);
+            if castiel == provider {
+                return Change::None;
+            }
+            match f.base {
+                // Never synced: the provider's record is where the shard came from.
+                None => Change::Provider,
+                Some(base) => match (castiel != base, provider != base) {
+                    (true, true) => Change::Both,
+                    (true, false) => Change::Castiel,
+                    (false, true) => Change::Provider,
+                    (false, false) => Change::None,
+                },
+            }
+        })
+        .collect();
+
+    // A record-level strategy on a conflicting field picks the side that wins every field.
+    let record_winner = fields
+        .iter()
+        .zip(&changes)
+        .filter(|(_, c)| **c == Change::Both)
+        .map(|(f, _)| policy.strategy_for(f.field))
+        .find(|s| s.record_level())
+        .map(|s| match s {
+            Strategy::ProviderWins => Side::Provider,
+            Strategy::CastielWins => Side::Castiel,
+            _ => modified.newer(),
+        });
+
+    let mut out = Reconciled::default();
+    for (f, change) in fields.iter().zip(changes) {
+        let take = |out: &mut Reconciled, side: Side| match side {
+            Side::Provider => out.to_castiel.push(f.field.to_string()),
+            Side::Castiel => out.to_provider.push(f.field.to_string()),
+        };
+        match change {
+            Change::None => {}
+            Change::Castiel | Change::Provider => {
+                let changed = if change == Change::Castiel {
+                    Side::Castiel
+                } else {
+                    Side::Provider
+                };
+                take(&mut out, record_winner.unwrap_or(changed));
+            }
+            Change::Both => {
+                let strategy = policy.strategy_for(f.field);
+                let winner = match strategy {
+                    Strategy::Manual => None,
+                    Strategy::FieldPriority => Some(
+                        policy
+                            .field_owners
+                            .get(f.field)
+                            .copied()
+                            .unwrap_or_else(|| modified.newer()),
+                    ),
+                    Strategy::Merge => Some(modified.newer()),
+                    _ => Some(record_winner.unwrap_or_else(|| modified.newer())),
+                };
+                if let Some(side) = winner {
+                    take(&mut out, side);
+                }
+                out.conflicts.push(FieldConflict {
+                    field: f.field.to_string(),
+                    strategy,
+                    winner,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Seed 001's example 4: John Doe edited in Castiel at 10:00, Jonathan Doe at Salesforce at
+    /// 11:00, both name and email changed on both sides; plus a phone changed in Castiel only
+    /// and a title changed at Salesforce only, which tell the strategies apart.
+    struct Example {
+        base: BTreeMap<&'static str, String>,
+        castiel: Value,
+        provider: Value,
+    }
+
+    fn example() -> Example {
+        let agreed = json!({"name": "J. Doe", "email": "j@example.com", "phone": "555-0100",
+                            "title": "Engineer"});
+        Example {
+            base: ["name", "email", "phone", "title"]
+                .into_iter()
+                .map(|f| (f, value_hash(agreed.get(f))))
+                .collect(),
+            castiel: json!({"name": "John Doe", "email": "john@example.com",
+                            "phone": "555-0199", "title": "Engineer"}),
+            provider: json!({"name": "Jonathan Doe", "email": "john.doe@example.com",
+                             "phone": "555-0100", "title": "Senior Engineer"}),
+        }
+    }
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        format!("2025-12-09T{hour:02}:00:00Z").parse().unwrap()
+    }
+
+    /// The record each side holds after the decision is applied.
+    fn settle(policy: &ConflictPolicy) -> (Value, Value, Reconciled) {
+        let e = example();
+        let fields: Vec<FieldSides> = ["name", "email", "phone", "title"]
+            .iter()
+            .map(|f| FieldSides {
+                field: f,
+                base: Some(e.base[f].as_str()),
+                castiel: e.castiel.get(*f),
+                provider: e.provider.get(*f),
+            })
+            .collect();
+        let modified = Modified {
+            castiel: Some(at(10)),
+            provider: Some(at(11)),
+        };
+        let decided = reconcile(&fields, policy, modified);
+        let (mut castiel, mut provider) = (e.castiel.clone(), e.provider.clone());
+        for f in &decided.to_castiel {
+            castiel[f] = e.provider[f].clone();
+        }
+        for f in &decided.to_provider {
+            provider[f] = e.castiel[f].clone();
+        }
+        (castiel, provider, decided)
+    }
+
+    fn policy(strategy: Strategy) -> ConflictPolicy {
+        ConflictPolicy {
+            strategy,
+            ..ConflictPolicy::default()
+        }
+    }
+
+    #[test]
+    fn newest_wins_takes_the_newer_record_whole() {
+        let (castiel, provider, decided) = settle(&policy(Strategy::NewestWins));
+        let salesforce = example().provider;
+        assert_eq!(castiel, salesforce, "Salesforce is newer (11:00 > 10:00)");
+        assert_eq!(provider, salesforce);
+        let fields: Vec<&str> = decided.conflicts.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(fields, ["name", "email"]);
+        assert!(
+            decided
+                .conflicts
+                .iter()
+                .all(|c| c.winner == Some(Side::Provider))
+        );
+    }
+
+    #[test]
+    fn provider_wins_and_castiel_wins_take_their_sides_record() {
+        let (castiel, provider, _) = settle(&policy(Strategy::ProviderWins));
+        assert_eq!(
+            (&castiel, &provider),
+            (&example().provider, &example().provider)
+        );
+        let (castiel, provider, _) = settle(&policy(Strategy::CastielWins));
+        assert_eq!(
+            (&castiel, &provider),
+            (&example().castiel, &example().castiel)
+        );
+    }
+
+    #[test]
+    fn merge_keeps_both_sides_one_sided_changes_and_settles_conflicts_by_newest() {
+        let (castiel, provider, _) = settle(&policy(Strategy::Merge));
+        let merged = json!({"name": "Jonathan Doe", "email": "john.doe@example.com",
+                            "phone": "555-0199", "title": "Senior Engineer"});
+        assert_eq!(castiel, merged);
+        assert_eq!(provider, merged);
+    }
+
+    #[test]
+    fn field_priority_gives_each_conflicting_field_to_its_owner() {
+        let mut p = policy(Strategy::FieldPriority);
+        p.field_owners = [("name".to_string(), Side::Castiel)].into();
+        let (castiel, provider, decided) = settle(&p);
+        // `email` has no owner: the newer side, Salesforce, has it.
+        let expected = json!({"name": "John Doe", "email": "john.doe@example.com",
+                              "phone": "555-0199", "title": "Senior Engineer"});
+        assert_eq!(castiel, expected);
+        assert_eq!(provider, expected);
+        assert_eq!(decided.conflicts[0].winner, Some(Side::Castiel));
+    }
+
+    #[test]
+    fn manual_overwrites_no_conflicting_field_on_either_side() {
+        let (castiel, provider, decided) = settle(&policy(Strategy::Manual));
+        assert_eq!(castiel["name"], "John Doe");
+        assert_eq!(provider["name"], "Jonathan Doe");
+        assert_eq!(castiel["email"], "john@example.com");
+        assert_eq!(provider["email"], "john.doe@example.com");
+        // One-sided changes still flow.
+        assert_eq!(provider["phone"], "555-0199");
+        assert_eq!(castiel["title"], "Senior Engineer");
+        assert_eq!(decided.unresolved().count(), 2);
+    }
+
+    #[test]
+    fn a_field_strategy_overrides_the_integrations() {
+        let mut p = policy(Strategy::Merge);
+        p.field_strategies = [("email".to_string(), Strategy::Manual)].into();
+        let (castiel, provider, decided) = settle(&p);
+        assert_eq!(castiel["name"], "Jonathan Doe");
+        assert_ne!(castiel["email"], provider["email"]);
+        let unresolved: Vec<&str> = decided.unresolved().map(|c| c.field.as_str()).collect();
+        assert_eq!(unresolved, ["email"]);
+    }
+
+    #[test]
+    fn no_conflict_when_both_sides_agree_or_only_one_changed_or_nothing_was_synced() {
+        let base = value_hash(Some(&json!("a")));
+        let same = json!("b");
+        let fields = [
+            FieldSides {
+                field: "agreed",
+                base: Some(&base),
+                castiel: Some(&same),
+                provider: Some(&same),
+            },
+            FieldSides {
+                field: "first",
+                base: None,
+                castiel: None,
+                provider: Some(&same),
+            },
+        ];
+        let modified = Modified {
+            castiel: None,
+            provider: None,
+        };
+        let decided = reconcile(&fields, &policy(Strategy::Manual), modified);
+        assert!(decided.conflicts.is_empty());
+        assert_eq!(decided.to_castiel, ["first"]);
+        assert!(decided.to_provider.is_empty());
+        assert_eq!(value_hash(None), value_hash(Some(&Value::Null)));
+    }
+}
