@@ -70,6 +70,10 @@ pub struct FieldMapping {
     pub value_map: Option<Map<String, Value>>,
     #[serde(default)]
     pub required: bool,
+    /// For a `concat`: written back by splitting the target on the separator (the last
+    /// sources take the last parts), which only the integration knows to be faithful.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reversible: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +330,130 @@ impl FieldMapping {
     }
 }
 
+/// A shard's data mapped back to the provider's fields, for a write-back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reversed {
+    pub fields: Map<String, Value>,
+    /// Target fields that cannot be written back, and why: a concat not declared reversible, a
+    /// value the value map cannot tell back, a source reached through a relationship.
+    pub irreversible: Vec<(String, String)>,
+}
+
+/// Maps `data` (a shard's `structuredData`) back to the provider's fields through `mappings`:
+/// a rename inverted, a split joined, a reversible concat split, a value map inverted. With
+/// `only`, just the mappings that produce one of those target fields (an update's changed
+/// fields). An empty mapping list copies every field, as it does inbound.
+pub fn reverse(
+    mappings: &[FieldMapping],
+    data: &Map<String, Value>,
+    only: Option<&[String]>,
+) -> Reversed {
+    let wanted = |target: &str| only.is_none_or(|fields| fields.iter().any(|f| f == target));
+    let mut out = Reversed::default();
+    if mappings.is_empty() {
+        out.fields = data
+            .iter()
+            .filter(|(k, _)| wanted(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return out;
+    }
+    for m in mappings {
+        let targets: Vec<&str> = match m.transform {
+            Transform::Split => m.targets.iter().map(String::as_str).collect(),
+            _ => m.target.as_deref().into_iter().collect(),
+        };
+        if !targets.iter().any(|t| wanted(t)) {
+            continue;
+        }
+        let refuse = |out: &mut Reversed, why: &str| {
+            for t in &targets {
+                out.irreversible.push((t.to_string(), why.to_string()));
+            }
+        };
+        let value_of = |target: &str| -> Result<Value, String> {
+            let value = data.get(target).cloned().unwrap_or(Value::Null);
+            match (&m.value_map, &value) {
+                (Some(map), v) if !v.is_null() => {
+                    let mut keys = map.iter().filter(|(_, to)| *to == v).map(|(k, _)| k);
+                    match (keys.next(), keys.next()) {
+                        (Some(key), None) => Ok(Value::String(key.clone())),
+                        (Some(_), Some(_)) => Err(format!(
+                            "several source values map to {v}; the value map cannot tell which"
+                        )),
+                        // A value the map does not list came through unchanged.
+                        (None, _) => Ok(value),
+                    }
+                }
+                _ => Ok(value),
+            }
+        };
+        let separator = m.separator.as_deref().unwrap_or(" ");
+        match m.transform {
+            Transform::Rename => {
+                let source = m.source.clone().unwrap_or_default();
+                if source.contains('.') && !data.contains_key(&source) {
+                    refuse(&mut out, "its source is a field of a related record");
+                    continue;
+                }
+                match value_of(targets[0]) {
+                    Ok(v) => {
+                        out.fields.insert(source, v);
+                    }
+                    Err(why) => refuse(&mut out, &why),
+                }
+            }
+            Transform::Split => {
+                let mut parts = Vec::new();
+                for t in &targets {
+                    match value_of(t) {
+                        Ok(Value::Null) => {}
+                        Ok(Value::String(s)) if s.trim().is_empty() => {}
+                        Ok(Value::String(s)) => parts.push(s),
+                        Ok(other) => parts.push(other.to_string()),
+                        Err(why) => {
+                            refuse(&mut out, &why);
+                            parts.clear();
+                            break;
+                        }
+                    }
+                }
+                let joined = if parts.is_empty() {
+                    Value::Null
+                } else {
+                    Value::String(parts.join(separator))
+                };
+                out.fields
+                    .insert(m.source.clone().unwrap_or_default(), joined);
+            }
+            Transform::Concat if !m.reversible => refuse(
+                &mut out,
+                "a concat is written back only when the mapping declares it `reversible`",
+            ),
+            Transform::Concat => match value_of(targets[0]) {
+                Ok(value) => {
+                    let split = FieldMapping {
+                        transform: Transform::Split,
+                        source: Some("value".into()),
+                        targets: m.sources.clone(),
+                        separator: m.separator.clone(),
+                        ..FieldMapping::default()
+                    };
+                    let mut parts = Map::new();
+                    let record: Map<String, Value> =
+                        [("value".to_string(), value)].into_iter().collect();
+                    match split.apply(&record, &mut parts) {
+                        Ok(()) => out.fields.extend(parts),
+                        Err(e) => refuse(&mut out, &e.message),
+                    }
+                }
+                Err(why) => refuse(&mut out, &why),
+            },
+        }
+    }
+    out
+}
+
 /// Converts `value` to `kind`, or says why it cannot.
 pub fn coerce(value: &Value, kind: ValueType) -> Result<Value, String> {
     let text = match value {
@@ -390,6 +518,49 @@ pub fn coerce(value: &Value, kind: ValueType) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_maps_back_through_renames_splits_reversible_concats_and_value_maps() {
+        let m = mappings(json!([
+            {"source": "Email", "target": "email"},
+            {"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
+            {"sources": ["Street", "City"], "target": "address", "transform": "concat",
+             "separator": ", ", "reversible": true},
+            {"source": "Rating", "target": "tier", "valueMap": {"Hot": "A", "Warm": "B"}},
+        ]));
+        let record = json!({"Email": "ann@x.test", "Name": "Mary Ann Smith",
+                            "Street": "1 Main St", "City": "Springfield", "Rating": "Hot"});
+        let data = transform(&m, record.as_object().unwrap()).unwrap();
+        let back = reverse(&m, &data, None);
+        assert!(back.irreversible.is_empty(), "{:?}", back.irreversible);
+        assert_eq!(
+            Value::Object(back.fields),
+            record,
+            "the round trip is exact"
+        );
+
+        let only = ["tier".to_string()];
+        let mut changed = data.clone();
+        changed.insert("tier".into(), json!("B"));
+        let back = reverse(&m, &changed, Some(&only));
+        assert_eq!(Value::Object(back.fields), json!({"Rating": "Warm"}));
+    }
+
+    #[test]
+    fn what_cannot_be_mapped_back_is_named_not_written() {
+        let m = mappings(json!([
+            {"sources": ["FirstName", "LastName"], "target": "name", "transform": "concat"},
+            {"source": "Account.Name", "target": "company"},
+            {"source": "Stage", "target": "stage", "valueMap": {"New": "open", "Working": "open"}},
+            {"source": "Phone", "target": "phone"},
+        ]));
+        let data = json!({"name": "Ann Smith", "company": "Acme", "stage": "open", "phone": "555"});
+        let back = reverse(&m, data.as_object().unwrap(), None);
+        assert_eq!(Value::Object(back.fields), json!({"Phone": "555"}));
+        let refused: Vec<&str> = back.irreversible.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(refused, ["name", "company", "stage"]);
+        assert!(back.irreversible[0].1.contains("reversible"));
+    }
 
     #[test]
     fn dotted_sources_read_nested_fields() {
