@@ -432,8 +432,8 @@ impl Dynamics365 {
     }
 }
 
-/// Writes rows. Dataverse has no idempotent create: the engine records the write's
-/// idempotency key before calling and looks it up before creating again. Updates never create
+/// Writes rows. A create keeps the write's idempotency key in a column (`key_field`) and
+/// looks it up first, so that a retried create finds the row a lost answer left behind. Updates never create
 /// (`If-Match: *`, or the expected version, which Dataverse checks where the table has
 /// optimistic concurrency: a mismatch is a [`ErrorCode::Conflict`]).
 #[async_trait]
@@ -449,12 +449,56 @@ impl WriteBack for Dynamics365 {
                 format!("`{}` is not a Dataverse entity set", write.entity),
             ));
         }
-        let url = format!("{}/{}", Self::api_root(conn)?, write.entity);
-        let body = Value::Object(write.fields.clone());
+        let key_field = write.create_key()?;
+        if !is_column(key_field) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{key_field}` is not a column name"),
+            ));
+        }
+        let key = primary_key(&conn.settings, &write.entity);
+        let root = Self::api_root(conn)?;
+        // A first attempt may have created the row before its answer was lost.
+        let filter = format!(
+            "{key_field} eq '{}'",
+            write.idempotency_key.replace('\'', "''")
+        );
+        let lookup = crate::api::endpoint(
+            &root,
+            &format!("/{}", write.entity),
+            &[("$filter", filter), ("$top", "1".into())],
+        )?;
+        let found = self
+            .api
+            .send(
+                conn,
+                Method::GET,
+                &lookup,
+                &[
+                    ("OData-MaxVersion", "4.0".into()),
+                    ("OData-Version", "4.0".into()),
+                ],
+                None,
+            )
+            .await?;
+        if let Some(row) = found.body["value"].as_array().and_then(|rows| rows.first()) {
+            if let Some(id) = row[&key].as_str() {
+                return Ok(Written {
+                    external_id: id.to_string(),
+                    version: version_of(row),
+                });
+            }
+        }
+        let url = format!("{root}/{}", write.entity);
+        let mut fields = write.fields.clone();
+        fields.insert(
+            key_field.to_string(),
+            Value::String(write.idempotency_key.clone()),
+        );
+        let body = Value::Object(fields);
         let row = self
             .write(conn, Method::POST, &url, &[], Some(&body))
             .await?;
-        let key = primary_key(&conn.settings, &write.entity);
         let external_id = row[&key].as_str().map(str::to_string).ok_or_else(|| {
             ProviderError::new(
                 ErrorCode::ValidationError,

@@ -326,6 +326,26 @@ pub struct RecordWrite {
     pub expected_version: Option<String>,
     /// The same for every attempt of one write.
     pub idempotency_key: String,
+    /// For a create: the provider field the idempotency key is kept in (an External ID field,
+    /// a column), so that a retried create finds the record a first attempt made instead of
+    /// making another. A create without one is refused.
+    pub key_field: Option<String>,
+}
+
+impl RecordWrite {
+    /// The field a create keys its record by, or why it cannot be created safely.
+    pub fn create_key(&self) -> Result<&str, crate::ProviderError> {
+        self.key_field.as_deref().ok_or_else(|| {
+            crate::ProviderError::new(
+                crate::ErrorCode::ValidationError,
+                format!(
+                    "creating `{}` records needs a field to keep the idempotency key in \
+                     (the mapping's idempotencyField), or a retried create could make a second record",
+                    self.entity
+                ),
+            )
+        })
+    }
 }
 
 /// What a write left at the provider.

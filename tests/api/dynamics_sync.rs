@@ -296,6 +296,7 @@ async fn rows_are_created_updated_only_at_the_version_written_against_and_delete
         fields: fields.as_object().unwrap().clone(),
         expected_version: version.map(str::to_string),
         idempotency_key: "wb-1".into(),
+        key_field: Some("castiel_id".into()),
     };
 
     let created = writer
@@ -309,6 +310,17 @@ async fn rows_are_created_updated_only_at_the_version_written_against_and_delete
         .version
         .clone()
         .expect("Dataverse says the row's version");
+    // The answer was lost and the create is tried again: the row the first attempt made is
+    // found by its idempotency key, not made twice.
+    let again = writer
+        .create(
+            &mut conn,
+            &write(None, json!({"fullname": "Ann Lee"}), None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.external_id, created.external_id);
+    assert_eq!(fake.rows("contacts").len(), 1);
     let updated = writer
         .update(
             &mut conn,

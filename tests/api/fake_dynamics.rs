@@ -6,7 +6,7 @@
 //! `@odata.deltaLink` whose token is the version when the read began; a delta lists changed rows
 //! and `$deletedEntity` entries keyed by `id`), the 400s for `$skip`, for `$filter` with change
 //! tracking and for an expired version stamp, weak etags and `modifiedon` on every row,
-//! `modifiedon gt` and `Microsoft.Dynamics.CRM.In` filters, writes (POST 204 with
+//! `modifiedon gt`, `Microsoft.Dynamics.CRM.In` and `column eq 'value'` filters, writes (POST 204 with
 //! `OData-EntityId`, PATCH as an upsert under `If-Match`/`If-None-Match`, DELETE), errors in the
 //! `{"error":{"code","message"}}` envelope, 401 with an empty body and a `WWW-Authenticate`
 //! challenge, 429 with `Retry-After` and 503. `webhook()` builds a delivery as a registered step
@@ -260,6 +260,7 @@ enum Filter {
     All,
     ModifiedAfter(DateTime<Utc>),
     In(String, Vec<String>),
+    Eq(String, String),
 }
 
 impl Filter {
@@ -281,6 +282,13 @@ impl Filter {
                 .map(|v| v.trim().trim_matches('\'').to_string());
             return Self::In(property.to_string(), values.collect());
         }
+        // castiel_id eq 'shard-1' (a quote inside the literal doubled)
+        if let Some((property, literal)) = filter.trim().split_once(" eq '")
+            && let Some(literal) = literal.strip_suffix('\'')
+            && !property.contains(' ')
+        {
+            return Self::Eq(property.to_string(), literal.replace("''", "'"));
+        }
         Self::All
     }
 
@@ -295,6 +303,7 @@ impl Filter {
             Self::In(property, values) => {
                 text(property).is_some_and(|v| values.iter().any(|w| w.eq_ignore_ascii_case(v)))
             }
+            Self::Eq(property, value) => text(property) == Some(value.as_str()),
         }
     }
 }
@@ -696,6 +705,17 @@ impl FakeDynamics {
 
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
+    }
+
+    /// The rows of `entity_set` that exist (not deleted), with their columns.
+    pub fn rows(&self, entity_set: &str) -> Vec<Map<String, Value>> {
+        self.state
+            .lock()
+            .unwrap()
+            .tables
+            .get(entity_set)
+            .map(|t| t.values().filter_map(|r| r.fields.clone()).collect())
+            .unwrap_or_default()
     }
 
     pub fn token_refreshes(&self) -> usize {

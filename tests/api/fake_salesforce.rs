@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value, json};
@@ -48,6 +48,9 @@ pub struct Org {
     pub fail_next: usize,
     /// A request for this query locator waits until the test releases it.
     pub hold_locator: Option<String>,
+    /// The next write is made, then its answer waits until the test releases it (for a
+    /// crash between the provider's write and the handler's acknowledgement).
+    pub hold_next_write: bool,
     /// Every data request's path and query, in order.
     pub requests: Vec<String>,
     pub token_refreshes: usize,
@@ -101,6 +104,14 @@ impl FakeSalesforce {
             .route(
                 "/services/data/v62.0/sobjects/{entity}/deleted/",
                 get(deleted),
+            )
+            .route(
+                "/services/data/v62.0/sobjects/{entity}/{id}",
+                patch(update).delete(delete_record),
+            )
+            .route(
+                "/services/data/v62.0/sobjects/{entity}/{field}/{key}",
+                patch(upsert),
             )
             .with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -412,4 +423,209 @@ async fn deleted(
                       "latestDateCovered": timestamp(end)});
     drop(org);
     with_usage(&fake, body)
+}
+
+impl FakeSalesforce {
+    /// The record of `entity` with `id`, if the org has it.
+    pub fn record(&self, entity: &str, id: &str) -> Option<Map<String, Value>> {
+        self.org
+            .lock()
+            .unwrap()
+            .records
+            .get(entity)?
+            .iter()
+            .find(|r| r["Id"] == id)
+            .cloned()
+    }
+
+    /// Every record of `entity`.
+    pub fn records(&self, entity: &str) -> Vec<Map<String, Value>> {
+        self.org
+            .lock()
+            .unwrap()
+            .records
+            .get(entity)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Applies `write` to the org, then answers, first waiting for the test when it holds writes.
+async fn written(fake: &FakeSalesforce, write: impl FnOnce(&mut Org) -> Response) -> Response {
+    let (answer, hold) = {
+        let mut org = fake.org.lock().unwrap();
+        let answer = write(&mut org);
+        (answer, std::mem::take(&mut org.hold_next_write))
+    };
+    if hold {
+        fake.held.notify_one();
+        fake.release.notified().await;
+    }
+    answer
+}
+
+/// An id in the entity's key prefix (`001` for Account, `003` for Contact), 18 characters.
+fn new_id(org: &Org, entity: &str) -> String {
+    let prefix = match entity {
+        "Account" => "001",
+        "Contact" => "003",
+        "Opportunity" => "006",
+        _ => "a00",
+    };
+    let n: usize = org.records.values().map(Vec::len).sum::<usize>() + org.deleted.len() + 1;
+    let fifteen = format!("{prefix}{n:012}");
+    let suffix: String = fifteen
+        .as_bytes()
+        .chunks(5)
+        .map(|chunk| {
+            let bits = chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_ascii_uppercase())
+                .fold(0, |acc, (i, _)| acc | (1 << i));
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"[bits] as char
+        })
+        .collect();
+    format!("{fifteen}{suffix}")
+}
+
+fn fields_of(body: &Value) -> Result<Map<String, Value>, Box<Response>> {
+    let fields = body.as_object().cloned().ok_or_else(|| {
+        Box::new(sf_error(
+            StatusCode::BAD_REQUEST,
+            "JSON_PARSER_ERROR",
+            "the body is not an object",
+        ))
+    })?;
+    if let Some(name) = fields
+        .keys()
+        .find(|k| ["Id", "SystemModstamp"].contains(&k.as_str()))
+    {
+        return Err(Box::new(sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD_FOR_INSERT_UPDATE",
+            &format!("Unable to create/update fields: {name}."),
+        )));
+    }
+    Ok(fields)
+}
+
+/// `PATCH /sobjects/{entity}/{externalIdField}/{key}`: an upsert by External ID. 201 with the
+/// new id when it creates, 200 when a record already has the key.
+async fn upsert(
+    State(fake): State<FakeSalesforce>,
+    Path((entity, field, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("PATCH {entity}/{field}/{key}")) {
+        return *answer;
+    }
+    let fields = match fields_of(&body) {
+        Ok(f) => f,
+        Err(answer) => return *answer,
+    };
+    written(&fake, |org| {
+        let now = timestamp(Utc::now());
+        let existing = org
+            .records
+            .get_mut(&entity)
+            .and_then(|rows| rows.iter_mut().find(|r| r.get(&field) == Some(&json!(key))));
+        if let Some(row) = existing {
+            row.extend(fields);
+            row.insert("SystemModstamp".into(), json!(now));
+            let id = row["Id"].clone();
+            return Json(json!({"id": id, "success": true, "errors": [], "created": false}))
+                .into_response();
+        }
+        let id = new_id(org, &entity);
+        let mut row = fields;
+        row.insert("Id".into(), json!(id));
+        row.insert(field.clone(), json!(key));
+        row.insert("SystemModstamp".into(), json!(now));
+        org.records.entry(entity.clone()).or_default().push(row);
+        (
+            StatusCode::CREATED,
+            Json(json!({"id": id, "success": true, "errors": [], "created": true})),
+        )
+            .into_response()
+    })
+    .await
+}
+
+/// `PATCH /sobjects/{entity}/{id}`: 204, 404 for a missing record, 412 under
+/// `If-Unmodified-Since` when the record changed after that time.
+async fn update(
+    State(fake): State<FakeSalesforce>,
+    Path((entity, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("PATCH {entity}/{id}")) {
+        return *answer;
+    }
+    let fields = match fields_of(&body) {
+        Ok(f) => f,
+        Err(answer) => return *answer,
+    };
+    let unmodified_since = headers
+        .get("if-unmodified-since")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| DateTime::parse_from_rfc2822(v).ok());
+    written(&fake, |org| {
+        let Some(row) = org
+            .records
+            .get_mut(&entity)
+            .and_then(|rows| rows.iter_mut().find(|r| r["Id"] == id))
+        else {
+            return sf_error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "The requested resource does not exist",
+            );
+        };
+        let modified = row["SystemModstamp"]
+            .as_str()
+            .and_then(|t| DateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.3f%z").ok());
+        // The header has whole seconds; a record modified within that second is not newer.
+        if let (Some(since), Some(modified)) = (unmodified_since, modified)
+            && modified.timestamp() > since.timestamp()
+        {
+            return sf_error(
+                StatusCode::PRECONDITION_FAILED,
+                "PRECONDITION_FAILED",
+                "The entity has been modified since the specified date",
+            );
+        }
+        row.extend(fields);
+        row.insert("SystemModstamp".into(), json!(timestamp(Utc::now())));
+        StatusCode::NO_CONTENT.into_response()
+    })
+    .await
+}
+
+/// `DELETE /sobjects/{entity}/{id}`: 204, or 404 `ENTITY_IS_DELETED` when it is gone already.
+async fn delete_record(
+    State(fake): State<FakeSalesforce>,
+    Path((entity, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("DELETE {entity}/{id}")) {
+        return *answer;
+    }
+    written(&fake, |org| {
+        let rows = org.records.entry(entity.clone()).or_default();
+        let before = rows.len();
+        rows.retain(|r| r["Id"] != id);
+        if rows.len() == before {
+            return sf_error(
+                StatusCode::NOT_FOUND,
+                "ENTITY_IS_DELETED",
+                "entity is deleted",
+            );
+        }
+        org.deleted.push((entity.clone(), id.clone(), Utc::now()));
+        StatusCode::NO_CONTENT.into_response()
+    })
+    .await
 }

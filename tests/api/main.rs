@@ -30,5 +30,6 @@ mod packaging;
 mod salesforce_sync;
 mod salesforce_webhook;
 mod scheduler;
+mod write_back;
 mod write_failures;
 mod zoom_sync;

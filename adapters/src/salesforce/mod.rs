@@ -14,6 +14,10 @@
 //!   `REQUEST_LIMIT_EXCEEDED` stops it the same way.
 //! * Webhooks: Outbound Messages ([`outbound_messages`]), identified by OrganizationId.
 //!
+//! * Write-back: creates as upserts on an External ID field (the mapping's
+//!   `idempotencyField`) keyed by the write's idempotency key, updates under
+//!   `If-Unmodified-Since`, deletes ([`WriteBack`]).
+//!
 //! Connection settings (`structuredData.connection`): `loginHost` (`production`, `sandbox`, or
 //! a My Domain URL), `apiVersion` (default `v62.0`), `organizationId`, `maxApiUsage` (share of
 //! the daily allocation a sync may use, default 0.8). Credentials: `refresh_token`,
@@ -32,7 +36,8 @@ use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
 use crate::{
     Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter,
-    Record, RouteKey, WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute, Webhooks,
+    Record, RecordWrite, RouteKey, WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute,
+    Webhooks, WriteBack, Written,
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
@@ -109,8 +114,8 @@ impl Salesforce {
         .await
     }
 
-    /// Sends a GET to `path_and_query` on the instance, refreshing the token first if there is
-    /// none and once more on a 401. Returns the body and the API usage the answer reported.
+    /// Sends a GET to `path_and_query` on the instance. Returns the body and the API usage the
+    /// answer reported.
     async fn get(
         &self,
         conn: &mut Connection,
@@ -118,6 +123,33 @@ impl Salesforce {
         query: &[(&str, String)],
         batch_size: Option<usize>,
     ) -> Result<(Value, Option<(u64, u64)>), ProviderError> {
+        let request = Request {
+            method: Method::GET,
+            path: path_and_query,
+            query,
+            body: None,
+            headers: &[],
+            batch_size,
+        };
+        self.send(conn, &request).await
+    }
+
+    /// Sends a request to the instance, refreshing the token first if there is none and once
+    /// more on a 401, and retrying in place what a retry can fix (every write here is
+    /// idempotent: an upsert by external id, an update, a delete).
+    async fn send(
+        &self,
+        conn: &mut Connection,
+        r: &Request<'_>,
+    ) -> Result<(Value, Option<(u64, u64)>), ProviderError> {
+        let Request {
+            method,
+            path: path_and_query,
+            query,
+            body,
+            headers,
+            batch_size,
+        } = r;
         if conn.credentials.get("access_token").is_none()
             || conn.credentials.get("instance_url").is_none()
         {
@@ -134,11 +166,17 @@ impl Salesforce {
             let token = conn.credentials.get("access_token").unwrap_or_default();
             let mut request = self
                 .http()
-                .request(Method::GET, format!("{instance}{path_and_query}"))
+                .request(method.clone(), format!("{instance}{path_and_query}"))
                 .bearer_auth(token)
                 .header("Accept", "application/json");
             if !query.is_empty() {
                 request = request.query(query);
+            }
+            for (name, value) in headers.iter() {
+                request = request.header(*name, value);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
             }
             if let Some(size) = batch_size {
                 request = request.header("Sforce-Query-Options", format!("batchSize={size}"));
@@ -184,6 +222,165 @@ impl Salesforce {
             ))
         })
     }
+}
+
+/// One request to the instance.
+struct Request<'a> {
+    method: Method,
+    path: &'a str,
+    query: &'a [(&'a str, String)],
+    body: Option<&'a Value>,
+    headers: &'a [(&'a str, String)],
+    batch_size: Option<usize>,
+}
+
+/// Whether `name` can be an sObject or field API name (`Account`, `Castiel_Id__c`), and so
+/// go into a path as it is.
+fn is_api_name(name: &str) -> bool {
+    name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn sobject_path(conn: &Connection, entity: &str, rest: &str) -> Result<String, ProviderError> {
+    if !is_api_name(entity) {
+        return Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("`{entity}` is not an sObject name"),
+        ));
+    }
+    Ok(format!(
+        "/services/data/{}/sobjects/{entity}/{rest}",
+        Salesforce::api_version(conn)
+    ))
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Writes go to the sObject rows API. A create is an upsert on an External ID field (the
+/// write's `key_field`) keyed by the write's idempotency key, so that a retried
+/// create finds the record the first attempt made instead of making another. An update sends
+/// `If-Unmodified-Since` with the version it is based on (the `SystemModstamp` read), and
+/// Salesforce refuses it with 412 if the record has changed since.
+#[async_trait]
+impl WriteBack for Salesforce {
+    async fn create(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        let field = write.create_key()?;
+        if !is_api_name(field) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{field}` is not a field name"),
+            ));
+        }
+        let rest = format!("{field}/{}", percent_encode(&write.idempotency_key));
+        let path = sobject_path(conn, &write.entity, &rest)?;
+        let body = Value::Object(write.fields.clone());
+        let request = Request {
+            method: Method::PATCH,
+            path: &path,
+            query: &[],
+            body: Some(&body),
+            headers: &[],
+            batch_size: None,
+        };
+        let (answer, _) = self.send(conn, &request).await?;
+        let external_id = answer["id"]
+            .as_str()
+            .and_then(normalize_id)
+            .ok_or_else(|| {
+                ProviderError::new(
+                    ErrorCode::ValidationError,
+                    "Salesforce's upsert answer names no record id",
+                )
+            })?;
+        Ok(Written {
+            external_id,
+            version: None,
+        })
+    }
+
+    async fn update(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        let id = write_target(write)?;
+        let path = sobject_path(conn, &write.entity, &id)?;
+        let headers: Vec<(&str, String)> = write
+            .expected_version
+            .as_deref()
+            .and_then(parse_timestamp)
+            .map(|t| {
+                (
+                    "If-Unmodified-Since",
+                    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+                )
+            })
+            .into_iter()
+            .collect();
+        let body = Value::Object(write.fields.clone());
+        let request = Request {
+            method: Method::PATCH,
+            path: &path,
+            query: &[],
+            body: Some(&body),
+            headers: &headers,
+            batch_size: None,
+        };
+        self.send(conn, &request).await?;
+        Ok(Written {
+            external_id: id,
+            version: None,
+        })
+    }
+
+    async fn delete(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<(), ProviderError> {
+        let id = write_target(write)?;
+        let path = sobject_path(conn, &write.entity, &id)?;
+        let request = Request {
+            method: Method::DELETE,
+            path: &path,
+            query: &[],
+            body: None,
+            headers: &[],
+            batch_size: None,
+        };
+        match self.send(conn, &request).await {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+/// The record an update or delete is for, as an 18-character id.
+fn write_target(write: &RecordWrite) -> Result<String, ProviderError> {
+    write
+        .external_id
+        .as_deref()
+        .and_then(normalize_id)
+        .ok_or_else(|| {
+            ProviderError::new(
+                ErrorCode::ValidationError,
+                "the write names no Salesforce record id",
+            )
+        })
 }
 
 /// The SOQL for one entity, from `since` on.
@@ -296,6 +493,10 @@ fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
         StatusCode::NOT_FOUND => {
             ProviderError::new(ErrorCode::NotFound, format!("{error_code}: {message}"))
         }
+        StatusCode::PRECONDITION_FAILED => ProviderError::new(
+            ErrorCode::Conflict,
+            format!("the record changed since the version written from: {error_code}: {message}"),
+        ),
         StatusCode::TOO_MANY_REQUESTS => {
             ProviderError::new(ErrorCode::RateLimit, format!("{error_code}: {message}"))
         }
@@ -549,6 +750,10 @@ impl Provider for Salesforce {
     }
 
     fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+
+    fn write_back(&self) -> Option<&dyn WriteBack> {
         Some(self)
     }
 }
