@@ -481,13 +481,13 @@ impl WriteBack for Dynamics365 {
                 None,
             )
             .await?;
-        if let Some(row) = found.body["value"].as_array().and_then(|rows| rows.first()) {
-            if let Some(id) = row[&key].as_str() {
-                return Ok(Written {
-                    external_id: id.to_string(),
-                    version: version_of(row),
-                });
-            }
+        if let Some(row) = found.body["value"].as_array().and_then(|rows| rows.first())
+            && let Some(id) = row[&key].as_str()
+        {
+            return Ok(Written {
+                external_id: id.to_string(),
+                version: version_of(row),
+            });
         }
         let url = format!("{root}/{}", write.entity);
         let mut fields = write.fields.clone();
