@@ -34,6 +34,7 @@ use super::plan;
 pub use super::plan::{content_hash, synced_shard_id};
 use super::state::update_integration;
 use crate::app::App;
+use crate::model::conflict::ConflictPolicy;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::mapping::EntityMapping;
@@ -114,7 +115,7 @@ pub async fn run(
         if done || (!job.entities.is_empty() && !job.entities.contains(name)) {
             continue;
         }
-        let mut entity = EntityRun::new(app, job, mapping, now);
+        let mut entity = EntityRun::new(app, job, integration, mapping, now);
         if let Some(current) = progress
             .current
             .as_ref()
@@ -164,7 +165,7 @@ pub async fn run_notified(
         page_size: PAGE_SIZE,
     };
     let records = provider.fetch_by_ids(conn, &request, ids).await?;
-    let mut entity = EntityRun::new(app, job, mapping, now);
+    let mut entity = EntityRun::new(app, job, integration, mapping, now);
     let result = entity.process_page(records).await;
     let mut outcome = entity.outcome(result)?;
     outcome.details.pages_processed = Some(1);
@@ -182,7 +183,7 @@ pub async fn run_deleted(
     now: DateTime<Utc>,
 ) -> Result<Outcome, Failure> {
     let mapping = mapping_of(integration, entity_name)?;
-    let mut entity = EntityRun::new(app, job, mapping, now);
+    let mut entity = EntityRun::new(app, job, integration, mapping, now);
     let result = entity.soft_delete(ids).await;
     entity.outcome(result)
 }
@@ -242,6 +243,8 @@ struct EntityRun<'a> {
     app: &'a App,
     job: &'a Job<'a>,
     mapping: &'a EntityMapping,
+    /// For a mapping that writes back: how conflicts with Castiel's changes are settled.
+    two_way: Option<ConflictPolicy>,
     now: DateTime<Utc>,
     counters: Counters,
     errors: Vec<SyncError>,
@@ -266,11 +269,20 @@ fn jitter(delay: Duration) -> Duration {
 }
 
 impl<'a> EntityRun<'a> {
-    fn new(app: &'a App, job: &'a Job<'a>, mapping: &'a EntityMapping, now: DateTime<Utc>) -> Self {
+    fn new(
+        app: &'a App,
+        job: &'a Job<'a>,
+        integration: &Integration,
+        mapping: &'a EntityMapping,
+        now: DateTime<Utc>,
+    ) -> Self {
         Self {
             app,
             job,
             mapping,
+            two_way: integration
+                .writes_back(mapping)
+                .then(|| integration.conflict_policy()),
             now,
             counters: Counters::default(),
             errors: Vec::new(),
@@ -660,7 +672,7 @@ impl<'a> EntityRun<'a> {
 
         // The shards these records map to, read in one batch, and for deduplication the
         // shards of other records that share a match key with them.
-        let ids: Vec<String> = page.records.iter().map(|r| r.shard_id.clone()).collect();
+        let ids: Vec<String> = page.records.iter().flat_map(|r| r.ids().cloned()).collect();
         let mut loaded = plan::Loaded::default();
         for found in self
             .with_retries(|| self.app.store.get_many(tenant, &ids))
@@ -688,7 +700,7 @@ impl<'a> EntityRun<'a> {
             mapping: self.mapping,
             now: self.now,
         };
-        let mut landed = plan::land_page(&context, &page.records, loaded);
+        let mut landed = plan::land_page(&context, &page.records, loaded, self.two_way.as_ref());
         self.counters.skipped += landed.skipped;
         self.record_failures(std::mem::take(&mut landed.failed));
         let stored_derived = if landed.derived.is_empty() {

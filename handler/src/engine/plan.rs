@@ -25,6 +25,9 @@ use adapters::{ErrorCode, Record};
 
 use super::failure::FailureCode;
 use crate::model::Shard;
+use crate::model::conflict::{
+    ConflictPolicy, FieldConflict, FieldSides, Modified, reconcile, value_hash,
+};
 use crate::model::dedup::{DedupRules, merge};
 use crate::model::mapping::{EntityMapping, transform};
 use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
@@ -53,6 +56,16 @@ pub struct PageRecord {
     pub record: Record,
     pub data: Map<String, Value>,
     pub shard_id: String,
+    /// The shard the record says it was created from by write-back (its idempotency field):
+    /// it lands there if that shard exists and is of the mapping's type.
+    pub created_from: Option<String>,
+}
+
+impl PageRecord {
+    /// The shard ids to read for this record.
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.shard_id).chain(self.created_from.iter())
+    }
 }
 
 /// A page after its mapping.
@@ -79,6 +92,13 @@ pub fn transform_page(
         match transform(&mapping.field_mappings, &record.fields) {
             Ok(data) => page.records.push(PageRecord {
                 shard_id: synced_shard_id(integration_id, &mapping.external_entity, &record.id),
+                created_from: mapping
+                    .idempotency_field
+                    .as_ref()
+                    .and_then(|f| record.fields.get(f))
+                    .and_then(Value::as_str)
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string),
                 record,
                 data,
             }),
@@ -140,7 +160,7 @@ pub fn key_lookups(
         .map(|rule| {
             let keys = records
                 .iter()
-                .filter(|r| !loaded.contains(&r.shard_id))
+                .filter(|r| !r.ids().any(|id| loaded.contains(id)))
                 .filter_map(|r| rule.key(&r.data))
                 .collect::<Vec<_>>();
             (rule.key_name(), keys)
@@ -162,11 +182,32 @@ pub struct Landed {
     /// Records with no shard to land in (no duplicate found, and the mapping creates none).
     pub skipped: u64,
     pub failed: Vec<RecordFailure>,
+    /// Two-way shards whose fields were changed on both sides.
+    pub conflicts: Vec<ConflictFound>,
+    /// Two-way shards whose Castiel values the provider should take, and which fields.
+    pub to_provider: Vec<(String, Vec<String>)>,
+}
+
+/// A record whose fields were changed both in Castiel and at the provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictFound {
+    pub shard_id: String,
+    pub external_id: String,
+    pub fields: Vec<FieldConflict>,
+    /// Both sides' values of the conflicting fields, for the conflict record an operator
+    /// resolves (never for events or logs: they may be personal data).
+    pub castiel: Map<String, Value>,
+    pub provider: Map<String, Value>,
 }
 
 /// Lands each record in its own shard, a duplicate's (found by match key), or a new one if the
 /// mapping creates shards, and derives the mapping's derived shards from each landed record.
-pub fn land_page(ctx: &PageContext<'_>, records: &[PageRecord], loaded: Loaded) -> Landed {
+pub fn land_page(
+    ctx: &PageContext<'_>,
+    records: &[PageRecord],
+    loaded: Loaded,
+    two_way: Option<&ConflictPolicy>,
+) -> Landed {
     let mapping = ctx.mapping;
     let rules = mapping.deduplication.as_ref();
     let Loaded {
@@ -191,9 +232,20 @@ pub fn land_page(ctx: &PageContext<'_>, records: &[PageRecord], loaded: Loaded) 
     for PageRecord {
         record,
         data,
-        shard_id: own_id,
+        shard_id,
+        created_from,
     } in records
     {
+        // A record write-back created lands in the shard it came from, if that is one of the
+        // mapping's shards; a claim on any other shard is not taken.
+        let own_id = created_from
+            .as_ref()
+            .filter(|id| {
+                shards
+                    .get(*id)
+                    .is_some_and(|s| s.shard_type_id == mapping.shard_type_id)
+            })
+            .unwrap_or(shard_id);
         let target = if shards.contains_key(own_id) {
             Some(own_id.clone())
         } else {
@@ -212,8 +264,21 @@ pub fn land_page(ctx: &PageContext<'_>, records: &[PageRecord], loaded: Loaded) 
                     .as_object()
                     .cloned()
                     .unwrap_or_default();
-                shard.structured_data =
-                    Value::Object(landed_data(rules, &id == own_id, base, data));
+                match two_way {
+                    Some(policy) if &id == own_id => {
+                        let decided = two_way_landing(ctx, shard, record, data, policy);
+                        if let Some(found) = decided.conflict {
+                            landed.conflicts.push(found);
+                        }
+                        if !decided.to_provider.is_empty() {
+                            landed.to_provider.push((id.clone(), decided.to_provider));
+                        }
+                    }
+                    _ => {
+                        shard.structured_data =
+                            Value::Object(landed_data(rules, &id == own_id, base, data));
+                    }
+                }
                 shard
             }
             None if mapping.create_new => shards
@@ -238,7 +303,22 @@ pub fn land_page(ctx: &PageContext<'_>, records: &[PageRecord], loaded: Loaded) 
                     shard.name.clone()
                 }
             });
-        link_external(shard, ctx.integration_id, &record.id, ctx.now);
+        let direction = if two_way.is_some() {
+            SyncDirection::Bidirectional
+        } else {
+            SyncDirection::Inbound
+        };
+        link_external(shard, ctx.integration_id, &record.id, direction, ctx.now);
+        if two_way.is_some() {
+            agree(
+                shard,
+                ctx.integration_id,
+                &record.id,
+                data,
+                &landed.to_provider,
+                &landed.conflicts,
+            );
+        }
         if let Some(rules) = rules {
             let keys = rules.keys(
                 shard
@@ -307,6 +387,121 @@ pub fn land_page(ctx: &PageContext<'_>, records: &[PageRecord], loaded: Loaded) 
     }
     landed.shards = shards;
     landed
+}
+
+/// What landing a record in its two-way shard decided.
+struct TwoWay {
+    conflict: Option<ConflictFound>,
+    to_provider: Vec<String>,
+}
+
+/// Lands a record in the two-way shard it belongs to: each field the provider changed is
+/// taken, each field changed in Castiel is kept (and is for the provider to take), and fields
+/// changed on both sides are settled by `policy` (see [`crate::model::conflict`]).
+fn two_way_landing(
+    ctx: &PageContext<'_>,
+    shard: &mut Shard,
+    record: &Record,
+    data: &Map<String, Value>,
+    policy: &ConflictPolicy,
+) -> TwoWay {
+    let stored = shard
+        .structured_data
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let bases: BTreeMap<String, String> = shard
+        .external_relationships
+        .iter()
+        .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
+        .map(|r| r.field_hashes.clone())
+        .unwrap_or_default();
+    let fields: Vec<FieldSides<'_>> = data
+        .keys()
+        .map(|f| FieldSides {
+            field: f,
+            base: bases.get(f).map(String::as_str),
+            castiel: stored.get(f),
+            provider: data.get(f),
+        })
+        .collect();
+    let modified = Modified {
+        castiel: shard.updated_at,
+        provider: record.modified_at,
+    };
+    let decided = reconcile(&fields, policy, modified);
+    let mut merged = stored.clone();
+    for f in &decided.to_castiel {
+        merged.insert(f.clone(), data.get(f).cloned().unwrap_or(Value::Null));
+    }
+    shard.structured_data = Value::Object(merged);
+    let conflict = (!decided.conflicts.is_empty()).then(|| {
+        let pick = |from: &Map<String, Value>| -> Map<String, Value> {
+            decided
+                .conflicts
+                .iter()
+                .map(|c| {
+                    (
+                        c.field.clone(),
+                        from.get(&c.field).cloned().unwrap_or(Value::Null),
+                    )
+                })
+                .collect()
+        };
+        ConflictFound {
+            shard_id: shard.id.clone(),
+            external_id: record.id.clone(),
+            fields: decided.conflicts.clone(),
+            castiel: pick(&stored),
+            provider: pick(data),
+        }
+    });
+    TwoWay {
+        conflict,
+        to_provider: decided.to_provider,
+    }
+}
+
+/// Records, after a two-way landing, the value both sides now agree on for each mapped field;
+/// a field still to be written to the provider, or waiting for an operator, keeps the value
+/// they last agreed on.
+fn agree(
+    shard: &mut Shard,
+    integration_id: &str,
+    external_id: &str,
+    data: &Map<String, Value>,
+    to_provider: &[(String, Vec<String>)],
+    conflicts: &[ConflictFound],
+) {
+    let pending: Vec<&String> = to_provider
+        .iter()
+        .filter(|(id, _)| *id == shard.id)
+        .flat_map(|(_, fields)| fields)
+        .chain(
+            conflicts
+                .iter()
+                .filter(|c| c.shard_id == shard.id)
+                .flat_map(|c| {
+                    c.fields
+                        .iter()
+                        .filter(|f| f.winner.is_none())
+                        .map(|f| &f.field)
+                }),
+        )
+        .collect();
+    let values = shard.structured_data.clone();
+    if let Some(r) = shard
+        .external_relationships
+        .iter_mut()
+        .find(|r| r.integration_id == integration_id && r.external_id == external_id)
+    {
+        for field in data.keys() {
+            if !pending.contains(&field) {
+                r.field_hashes
+                    .insert(field.clone(), value_hash(values.get(field)));
+            }
+        }
+    }
 }
 
 fn new_shard(
@@ -460,15 +655,22 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
 
 /// A stable fingerprint of what a shard says (not when it was written).
 pub fn content_hash(shard: &Shard) -> String {
-    let external: Vec<(&str, &str, &str)> = shard
+    // A two-way link's agreed values are content too: they decide what the next sync does.
+    let external: Vec<Value> = shard
         .external_relationships
         .iter()
         .map(|r| {
-            (
-                r.integration_id.as_str(),
-                r.external_id.as_str(),
-                r.sync_status.as_str(),
-            )
+            let link = json!([r.integration_id, r.external_id, r.sync_status.as_str()]);
+            if r.field_hashes.is_empty() {
+                link
+            } else {
+                json!([
+                    r.integration_id,
+                    r.external_id,
+                    r.sync_status.as_str(),
+                    r.field_hashes
+                ])
+            }
         })
         .collect();
     let canonical = json!([
@@ -506,7 +708,13 @@ fn landed_data(
     }
 }
 
-fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now: DateTime<Utc>) {
+fn link_external(
+    shard: &mut Shard,
+    integration_id: &str,
+    external_id: &str,
+    direction: SyncDirection,
+    now: DateTime<Utc>,
+) {
     match shard
         .external_relationships
         .iter_mut()
@@ -514,15 +722,17 @@ fn link_external(shard: &mut Shard, integration_id: &str, external_id: &str, now
     {
         Some(r) => {
             r.sync_status = RelationshipStatus::Synced;
+            r.sync_direction = direction;
             r.last_synced_at = Some(now);
         }
-        None => shard.external_relationships.push(ExternalRelationship {
-            integration_id: integration_id.to_string(),
-            external_id: external_id.to_string(),
-            sync_status: RelationshipStatus::Synced,
-            last_synced_at: Some(now),
-            sync_direction: SyncDirection::Inbound,
-        }),
+        None => shard
+            .external_relationships
+            .push(ExternalRelationship::synced(
+                integration_id,
+                external_id,
+                direction,
+                now,
+            )),
     }
 }
 
@@ -593,7 +803,7 @@ mod tests {
                 }
             }
         }
-        let mut landed = land_page(&context, &page.records, loaded);
+        let mut landed = land_page(&context, &page.records, loaded, None);
         let stored_derived = landed.derived.iter().map(|_| None).collect();
         let mut changes = changes(&mut landed, stored_derived, now());
         let writes = std::mem::take(&mut changes.writes);
@@ -722,12 +932,152 @@ mod tests {
             &mapping,
             vec![record("1", "Ann", None), record("2", "Bob", None)],
         );
-        let mut landed = land_page(&context, &page.records, Loaded::default());
+        let mut landed = land_page(&context, &page.records, Loaded::default(), None);
         let changes = changes(&mut landed, Vec::new(), now());
         let tally = tally(&landed.landed, &changes, &["int-1~Contact~2".to_string()]);
         assert_eq!(tally.created, 1);
         assert_eq!(tally.failed[0].code, FailureCode::Store);
         assert_eq!(tally.failed[0].record_id.as_deref(), Some("2"));
+    }
+
+    /// Lands `records` in the two-way shards `stored` under `policy`.
+    fn land_two_way(records: Vec<Record>, stored: &[Shard], policy: &ConflictPolicy) -> Landed {
+        let mapping = contacts(false, true);
+        let context = PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping: &mapping,
+            now: now(),
+        };
+        let page = transform_page("int-1", &mapping, records);
+        let mut loaded = Loaded::default();
+        for shard in stored {
+            loaded.insert(shard.clone());
+        }
+        land_page(&context, &page.records, loaded, Some(policy))
+    }
+
+    fn modified(mut r: Record, at: &str) -> Record {
+        r.modified_at = Some(at.parse().unwrap());
+        r
+    }
+
+    #[test]
+    fn a_two_way_shard_keeps_castiel_edits_takes_provider_edits_and_settles_conflicts() {
+        let policy = ConflictPolicy {
+            strategy: crate::model::conflict::Strategy::Manual,
+            ..ConflictPolicy::default()
+        };
+        let first = land_two_way(vec![record("1", "Ann", Some("ann@x.test"))], &[], &policy);
+        let mut shard = first.shards.values().next().unwrap().clone();
+        let r = &shard.external_relationships[0];
+        assert_eq!(r.sync_direction, SyncDirection::Bidirectional);
+        assert_eq!(r.field_hashes["name"], value_hash(Some(&json!("Ann"))));
+
+        // Castiel renames her; Salesforce changes her email.
+        shard.structured_data["name"] = json!("Ann Lee");
+        shard.updated_at = Some("2026-11-22T09:00:00Z".parse().unwrap());
+        let landed = land_two_way(
+            vec![modified(
+                record("1", "Ann", Some("ann@lee.test")),
+                "2026-11-22T09:30:00Z",
+            )],
+            std::slice::from_ref(&shard),
+            &policy,
+        );
+        let after = &landed.shards[&shard.id];
+        assert_eq!(
+            after.structured_data["name"], "Ann Lee",
+            "Castiel's edit is kept"
+        );
+        assert_eq!(
+            after.structured_data["email"], "ann@lee.test",
+            "the provider's is taken"
+        );
+        assert!(landed.conflicts.is_empty());
+        assert_eq!(
+            landed.to_provider,
+            [(shard.id.clone(), vec!["name".to_string()])]
+        );
+        let bases = &after.external_relationships[0].field_hashes;
+        assert_eq!(bases["email"], value_hash(Some(&json!("ann@lee.test"))));
+        assert_eq!(
+            bases["name"],
+            value_hash(Some(&json!("Ann"))),
+            "not agreed until written"
+        );
+
+        // Both sides change the name: under `manual` neither value is overwritten.
+        let landed = land_two_way(
+            vec![modified(
+                record("1", "Annie", Some("ann@lee.test")),
+                "2026-11-22T10:00:00Z",
+            )],
+            std::slice::from_ref(after),
+            &policy,
+        );
+        let conflicted = &landed.shards[&shard.id];
+        assert_eq!(conflicted.structured_data["name"], "Ann Lee");
+        let found = &landed.conflicts[0];
+        assert_eq!(found.fields[0].field, "name");
+        assert_eq!(found.fields[0].winner, None);
+        assert_eq!(
+            (&found.castiel["name"], &found.provider["name"]),
+            (&json!("Ann Lee"), &json!("Annie"))
+        );
+        assert!(landed.to_provider.is_empty());
+        assert_eq!(
+            conflicted.external_relationships[0].field_hashes["name"],
+            value_hash(Some(&json!("Ann"))),
+            "a conflict waiting for an operator keeps the last agreed value"
+        );
+    }
+
+    #[test]
+    fn a_record_created_by_write_back_lands_in_the_shard_it_came_from_and_nowhere_else() {
+        let mut mapping = contacts(false, true);
+        mapping.idempotency_field = Some("Castiel_Id__c".into());
+        let context = PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping: &mapping,
+            now: now(),
+        };
+        let mut castiel_made: Shard = serde_json::from_value(json!({
+            "id": "shard-ann", "tenantId": "t1", "shardTypeId": "c_contact", "name": "Ann",
+            "structuredData": {"name": "Ann", "email": "ann@x.test"}
+        }))
+        .unwrap();
+        castiel_made.content_hash = Some(content_hash(&castiel_made));
+        let mut claimed = record("003A", "Ann", Some("ann@x.test"));
+        claimed
+            .fields
+            .insert("Castiel_Id__c".into(), json!("shard-ann"));
+        let mut forged = record("003B", "Mallory", None);
+        forged.fields.insert("Castiel_Id__c".into(), json!("int-1"));
+        let page = transform_page("int-1", &mapping, vec![claimed, forged]);
+        let mut loaded = Loaded::default();
+        loaded.insert(castiel_made);
+        loaded.insert(
+            serde_json::from_value(json!({
+                "id": "int-1", "tenantId": "t1", "shardTypeId": "c_integration",
+                "structuredData": {"providerName": "salesforce"}
+            }))
+            .unwrap(),
+        );
+        let landed = land_page(&context, &page.records, loaded, None);
+        assert_eq!(
+            landed.landed,
+            [
+                ("003A".to_string(), "shard-ann".to_string()),
+                ("003B".to_string(), "int-1~Contact~003B".to_string())
+            ],
+            "a record cannot claim a shard of another type"
+        );
+        assert_eq!(
+            landed.shards["int-1"].structured_data,
+            json!({"providerName": "salesforce"})
+        );
     }
 
     #[test]
@@ -804,13 +1154,12 @@ mod tests {
         .unwrap();
         let before = content_hash(&a);
         a.updated_at = Some(Utc::now());
-        a.external_relationships.push(ExternalRelationship {
-            integration_id: "i".into(),
-            external_id: "1".into(),
-            sync_status: RelationshipStatus::Synced,
-            last_synced_at: Some(Utc::now()),
-            sync_direction: SyncDirection::Inbound,
-        });
+        a.external_relationships.push(ExternalRelationship::synced(
+            "i",
+            "1",
+            SyncDirection::Inbound,
+            Utc::now(),
+        ));
         let with_link = content_hash(&a);
         assert_ne!(before, with_link);
         a.external_relationships[0].last_synced_at = None;

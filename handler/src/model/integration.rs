@@ -6,12 +6,13 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::conflict::{ConflictPolicy, Side, Strategy};
 use super::history::EntitySyncStats;
 use super::mapping::EntityMapping;
 use crate::ncrontab::Ncrontab;
 
-/// The `structuredData` of a `c_integration` shard. Configuration the engine does not read
-/// (write-back settings, conflict resolution) is kept verbatim in `rest`.
+/// The `structuredData` of a `c_integration` shard. Configuration the engine does not read is
+/// kept verbatim in `rest`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Integration {
@@ -64,8 +65,50 @@ pub struct Integration {
     /// Who is refreshing the credentials: one refresh at a time, whatever asks for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_lease: Option<Lease>,
+    /// Whether Castiel's changes to the shards of bidirectional mappings go back to the
+    /// provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_back: Option<WriteBackSettings>,
+    /// How conflicts between Castiel's and the provider's changes are settled.
+    #[serde(default)]
+    pub conflict_resolution: Strategy,
+    /// A strategy of its own for some fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_strategies: BTreeMap<String, Strategy>,
+    /// For `field_priority`: the side that owns each field.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_owners: BTreeMap<String, Side>,
     #[serde(flatten)]
     pub rest: Map<String, Value>,
+}
+
+/// `writeBack` of an integration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteBackSettings {
+    pub enabled: bool,
+}
+
+impl Integration {
+    /// Whether changes to shards of `mapping` go back to the provider.
+    pub fn writes_back(&self, mapping: &EntityMapping) -> bool {
+        mapping.bidirectional && self.write_back.as_ref().is_some_and(|w| w.enabled)
+    }
+
+    /// The mapping of a two-way shard type, if one writes back.
+    pub fn write_back_mapping(&self, shard_type_id: &str) -> Option<&EntityMapping> {
+        self.entity_mappings
+            .iter()
+            .find(|m| m.shard_type_id == shard_type_id && self.writes_back(m))
+    }
+
+    pub fn conflict_policy(&self) -> ConflictPolicy {
+        ConflictPolicy {
+            strategy: self.conflict_resolution,
+            field_strategies: self.field_strategies.clone(),
+            field_owners: self.field_owners.clone(),
+        }
+    }
 }
 
 /// Where a sync of one entity stopped: after the page that returned `page_token`.

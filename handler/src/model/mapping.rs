@@ -41,6 +41,16 @@ pub struct EntityMapping {
     /// Provider-syntax filters for this entity (`Type = 'Customer'`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<String>,
+    /// Castiel's changes to these shards are written back to the provider (when the
+    /// integration's `writeBack` is enabled), and the provider's changes are checked against
+    /// them field by field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bidirectional: bool,
+    /// The provider field (a Salesforce External ID field, a Dataverse column) that keeps the
+    /// id of the shard a record was created from by write-back: a retried create finds the
+    /// record by it, and an inbound sync lands the record in that shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_field: Option<String>,
 }
 
 fn yes() -> bool {
@@ -151,6 +161,12 @@ impl EntityMapping {
                     fields.push(f.clone());
                 }
             }
+        }
+        if let Some(f) = &self.idempotency_field
+            && !self.field_mappings.is_empty()
+            && !fields.contains(f)
+        {
+            fields.push(f.clone());
         }
         for d in &self.derived_shards {
             if let Some(c) = &d.when

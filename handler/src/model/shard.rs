@@ -71,6 +71,35 @@ pub struct ExternalRelationship {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_synced_at: Option<DateTime<Utc>>,
     pub sync_direction: SyncDirection,
+    /// The record's version at the provider when the two last agreed (a `SystemModstamp`, an
+    /// `@odata.etag`), when the provider has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Per mapped field of a two-way shard, the fingerprint of the value both sides agreed on
+    /// at the last sync ([`crate::model::conflict::value_hash`]): what tells a change made in
+    /// Castiel from one made at the provider, and both from a conflict.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_hashes: BTreeMap<String, String>,
+}
+
+impl ExternalRelationship {
+    /// A link to a record just synced in from the provider.
+    pub fn synced(
+        integration_id: &str,
+        external_id: &str,
+        direction: SyncDirection,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            integration_id: integration_id.to_string(),
+            external_id: external_id.to_string(),
+            sync_status: RelationshipStatus::Synced,
+            last_synced_at: Some(now),
+            sync_direction: direction,
+            version: None,
+            field_hashes: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where a shard stands with one external record.

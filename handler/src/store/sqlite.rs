@@ -587,13 +587,12 @@ mod tests {
         for (id, external) in [("a", "001A"), ("b", "001B")] {
             let mut s = shard("t1", id, json!({}));
             s.shard_type_id = "c_company".into();
-            s.external_relationships = vec![crate::model::shard::ExternalRelationship {
-                integration_id: "int-1".into(),
-                external_id: external.into(),
-                sync_status: crate::model::shard::RelationshipStatus::Synced,
-                last_synced_at: None,
-                sync_direction: crate::model::shard::SyncDirection::Inbound,
-            }];
+            s.external_relationships = vec![crate::model::shard::ExternalRelationship::synced(
+                "int-1",
+                external,
+                crate::model::shard::SyncDirection::Inbound,
+                Utc::now(),
+            )];
             store.upsert(&s).await.unwrap();
         }
         let q = ShardQuery::of_type("c_company")
