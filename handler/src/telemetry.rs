@@ -48,6 +48,18 @@ const LATENCY_BUCKETS_MS: [f64; 14] = [
     300_000.0, 900_000.0,
 ];
 
+/// The instruments' names, as seed 003 names them and as the alerts query them.
+pub const INSTRUMENTS: [&str; 8] = [
+    "sync_jobs_processed",
+    "sync_jobs_failed",
+    "sync_records_created",
+    "sync_records_updated",
+    "sync_latency_ms",
+    "sync_queue_depth",
+    "writeback_latency_ms",
+    "token_refresh_failures",
+];
+
 /// Which integration a measurement is about.
 #[derive(Debug, Clone, Copy)]
 pub struct Dimensions<'a> {
@@ -101,7 +113,7 @@ impl Metrics {
         let pending = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
         let observed = pending.clone();
         let queue_depth = meter
-            .u64_observable_gauge("sync_queue_depth")
+            .u64_observable_gauge(INSTRUMENTS[5])
             .with_description("Sync jobs queued or running, per tenant, at the last scheduler tick")
             .with_callback(move |gauge| {
                 let pending = observed.lock().unwrap_or_else(|p| p.into_inner());
@@ -112,29 +124,29 @@ impl Metrics {
             .build();
         Self {
             jobs_processed: meter
-                .u64_counter("sync_jobs_processed")
+                .u64_counter(INSTRUMENTS[0])
                 .with_description("Sync jobs finished, whatever their outcome")
                 .build(),
             jobs_failed: meter
-                .u64_counter("sync_jobs_failed")
+                .u64_counter(INSTRUMENTS[1])
                 .with_description(
                     "Sync jobs that finished failed (dead-lettered or all records failed)",
                 )
                 .build(),
             records_created: meter
-                .u64_counter("sync_records_created")
+                .u64_counter(INSTRUMENTS[2])
                 .with_description("Shards created by inbound syncs")
                 .build(),
             records_updated: meter
-                .u64_counter("sync_records_updated")
+                .u64_counter(INSTRUMENTS[3])
                 .with_description("Shards updated by inbound syncs")
                 .build(),
-            sync_latency: latency("sync_latency_ms", "Duration of a sync job"),
+            sync_latency: latency(INSTRUMENTS[4], "Duration of a sync job"),
             pending,
             _queue_depth: queue_depth,
-            writeback_latency: latency("writeback_latency_ms", "Duration of a write-back"),
+            writeback_latency: latency(INSTRUMENTS[6], "Duration of a write-back"),
             token_refresh_failures: meter
-                .u64_counter("token_refresh_failures")
+                .u64_counter(INSTRUMENTS[7])
                 .with_description("OAuth token refreshes that failed")
                 .build(),
         }

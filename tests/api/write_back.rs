@@ -3,22 +3,33 @@
 
 use std::sync::Arc;
 
+use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
 use adapters::{Connection, ErrorCode, RecordWrite};
 use handler::engine::credentials::StoredCredentials;
+use handler::queue::SYNC_OUTBOUND;
+use handler::store::ShardStore;
 
+use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::TestApp;
 
 const SF: &str = "int-acme-sf";
 
 fn salesforce(fake: &FakeSalesforce) -> Value {
+    two_way(fake, "manual")
+}
+
+/// The Salesforce integration with contacts synced both ways under `strategy`.
+fn two_way(fake: &FakeSalesforce, strategy: &str) -> Value {
     json!({
         "id": SF, "tenantId": "t1", "name": "Acme Salesforce",
         "structuredData": {
             "providerName": "salesforce",
             "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": true},
+            "conflictResolution": strategy,
             "connection": {"loginHost": fake.url, "organizationId": ORG_ID},
             "entityMappings": [{
                 "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "name",
@@ -128,4 +139,123 @@ async fn salesforce_creates_by_external_id_updates_only_unmodified_records_and_d
     let refused = writer.create(&mut conn, &unkeyed).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::ValidationError);
     assert!(refused.message.contains("idempotencyField"), "{refused}");
+}
+
+async fn sync(handler: &HostedHandler, job_id: &str) {
+    let job = json!({
+        "integrationId": SF, "tenantId": "t1", "jobType": "incremental", "provider": "salesforce",
+        "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
+    });
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+}
+
+#[tokio::test]
+async fn an_inbound_sync_keeps_castiel_edits_and_leaves_a_conflict_for_an_operator_under_manual() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    let two_days_ago = Utc::now() - Duration::days(2);
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
+        two_days_ago,
+    );
+    test.register_integration(two_way(&fake, "manual")).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    let shard_id = "int-acme-sf~Contact~003000000000001AAA";
+
+    // In Castiel she is renamed; at Salesforce her name and her email change.
+    let store = test.store();
+    let mut shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+    shard.structured_data["name"] = json!("Ann Lee");
+    shard.updated_at = Some(Utc::now() - Duration::hours(1));
+    store.upsert(&shard).await.unwrap();
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Annie", "Email": "ann@lee.test"}),
+        Utc::now() - Duration::minutes(5),
+    );
+    sync(&handler, "job-2").await;
+
+    let shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+    assert_eq!(
+        shard.structured_data["name"], "Ann Lee",
+        "not overwritten while in conflict"
+    );
+    assert_eq!(
+        shard.structured_data["email"], "ann@lee.test",
+        "the provider's own change is taken"
+    );
+    let conflicts = test.shards("c_syncConflict").await;
+    assert_eq!(conflicts.len(), 1);
+    let record = &conflicts[0]["structuredData"];
+    assert_eq!(record["status"], "open");
+    assert_eq!(
+        record["fields"],
+        json!([{"field": "name", "castiel": "Ann Lee", "provider": "Annie"}])
+    );
+    let detected: Vec<_> = test
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == "integration.conflict.detected")
+        .collect();
+    assert_eq!(detected.len(), 1);
+    let announced = detected[0].data.to_string();
+    assert!(announced.contains("\"field\":\"name\""));
+    assert!(
+        !announced.contains("Annie") && !announced.contains("Ann Lee"),
+        "no values in events"
+    );
+    assert!(
+        test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty(),
+        "nothing goes to Salesforce for a field waiting for an operator"
+    );
+}
+
+#[tokio::test]
+async fn under_castiel_wins_an_inbound_conflict_sends_castiels_record_to_the_provider() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    test.register_integration(two_way(&fake, "castiel_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    let shard_id = "int-acme-sf~Contact~003000000000001AAA";
+    let store = test.store();
+    let mut shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+    shard.structured_data["name"] = json!("Ann Lee");
+    store.upsert(&shard).await.unwrap();
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Annie", "Email": "ann@lee.test"}),
+        Utc::now() - Duration::minutes(5),
+    );
+    sync(&handler, "job-2").await;
+
+    let shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+    assert_eq!(shard.structured_data["name"], "Ann Lee");
+    assert_eq!(
+        shard.structured_data["email"], "ann@acme.test",
+        "Castiel's record wins whole"
+    );
+    let outbound = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(outbound.len(), 1);
+    assert_eq!(outbound[0].session_id.as_deref(), Some(SF));
+    let message: Value = serde_json::from_slice(&outbound[0].body).unwrap();
+    assert_eq!(message["operation"], "update");
+    assert_eq!(message["changedFields"], json!(["email", "name"]));
+    assert_eq!(message["externalId"], "003000000000001AAA");
+    assert!(
+        test.shards("c_syncConflict").await.is_empty(),
+        "settled, nothing left open"
+    );
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, Record};
 
@@ -34,11 +34,16 @@ use super::plan;
 pub use super::plan::{content_hash, synced_shard_id};
 use super::state::update_integration;
 use crate::app::App;
-use crate::model::conflict::ConflictPolicy;
+use crate::model::Event;
+use crate::model::conflict::{ConflictPolicy, ConflictRecord, ConflictStatus, ConflictingField};
+use crate::model::event::types as events;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::mapping::EntityMapping;
+use crate::model::messages::{WriteBackMessage, WriteBackOperation};
+use crate::model::shard::{Relationship, types as shard_types};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
+use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
 use crate::store::{Op, ShardQuery, StoreError};
 
 /// Records asked for per page (Salesforce's maximum batch).
@@ -245,6 +250,7 @@ struct EntityRun<'a> {
     mapping: &'a EntityMapping,
     /// For a mapping that writes back: how conflicts with Castiel's changes are settled.
     two_way: Option<ConflictPolicy>,
+    provider_name: String,
     now: DateTime<Utc>,
     counters: Counters,
     errors: Vec<SyncError>,
@@ -283,6 +289,7 @@ impl<'a> EntityRun<'a> {
             two_way: integration
                 .writes_back(mapping)
                 .then(|| integration.conflict_policy()),
+            provider_name: integration.provider_name.clone(),
             now,
             counters: Counters::default(),
             errors: Vec::new(),
@@ -715,6 +722,7 @@ impl<'a> EntityRun<'a> {
         };
         let mut changes = plan::changes(&mut landed, stored_derived, self.now);
         let failed_ids = self.write(std::mem::take(&mut changes.writes)).await?;
+        self.follow_two_way(&landed, &failed_ids).await?;
         let tally = plan::tally(&landed.landed, &changes, &failed_ids);
         self.counters.created += tally.created;
         self.counters.updated += tally.updated;
@@ -722,6 +730,155 @@ impl<'a> EntityRun<'a> {
         self.record_failures(tally.failed);
 
         self.soft_delete(&page.deleted).await
+    }
+
+    /// After a two-way page is written: conflicts are announced (fields and who won, never
+    /// the values) and those left for an operator are recorded with both values; Castiel's
+    /// values the provider should take are sent to `sync-outbound`. Shards that were not
+    /// written are left for the next sync to find again.
+    async fn follow_two_way(
+        &self,
+        landed: &plan::Landed,
+        failed_ids: &[String],
+    ) -> Result<(), Failure> {
+        let tenant = self.job.tenant_id;
+        let integration_id = self.job.integration_id;
+        let mut events = Vec::new();
+        for found in landed
+            .conflicts
+            .iter()
+            .filter(|c| !failed_ids.contains(&c.shard_id))
+        {
+            let fields: Vec<Value> = found
+                .fields
+                .iter()
+                .map(|f| json!({"field": f.field, "strategy": f.strategy, "winner": f.winner}))
+                .collect();
+            let data = json!({
+                "integrationId": integration_id, "tenantId": tenant, "shardId": found.shard_id,
+                "externalId": found.external_id, "entity": self.mapping.external_entity,
+                "fields": fields, "direction": "inbound",
+            });
+            let subject = format!("/tenants/{tenant}/integrations/{integration_id}");
+            events.push(Event::new(
+                events::CONFLICT_DETECTED,
+                &subject,
+                self.now,
+                data.clone(),
+            ));
+            if found.fields.iter().any(|f| f.winner.is_some()) {
+                events.push(Event::new(
+                    events::CONFLICT_RESOLVED,
+                    &subject,
+                    self.now,
+                    data,
+                ));
+            }
+            let open: Vec<ConflictingField> = found
+                .fields
+                .iter()
+                .filter(|f| f.winner.is_none())
+                .map(|f| ConflictingField {
+                    field: f.field.clone(),
+                    castiel: found.castiel.get(&f.field).cloned().unwrap_or(Value::Null),
+                    provider: found.provider.get(&f.field).cloned().unwrap_or(Value::Null),
+                })
+                .collect();
+            if !open.is_empty() {
+                self.record_conflict(found, open).await?;
+            }
+        }
+        for (shard_id, fields) in landed
+            .to_provider
+            .iter()
+            .filter(|(id, _)| !failed_ids.contains(id))
+        {
+            let Some(shard) = landed.shards.get(shard_id) else {
+                continue;
+            };
+            let external_id = shard
+                .external_relationships
+                .iter()
+                .find(|r| r.integration_id == integration_id)
+                .map(|r| r.external_id.clone());
+            let message = WriteBackMessage {
+                shard_id: shard_id.clone(),
+                tenant_id: tenant.to_string(),
+                operation: WriteBackOperation::Update,
+                changed_fields: Some(fields.clone()),
+                external_system: self.provider_name.clone(),
+                external_id,
+                triggered_at: self.now,
+                triggered_by: "system".into(),
+                integration_id: Some(integration_id.to_string()),
+            };
+            // One message per state of the shard: a sync that finds the same again sends none.
+            let message_id = format!(
+                "{shard_id}:{}",
+                shard.content_hash.as_deref().unwrap_or_default()
+            );
+            self.app
+                .queue
+                .send(
+                    OutgoingMessage::json(SYNC_OUTBOUND, message_id, &message)
+                        .in_session(integration_id),
+                )
+                .await
+                .map_err(|e| Failure::new(FailureCode::Store, e.to_string()))?;
+        }
+        super::publish(self.app, &events).await;
+        Ok(())
+    }
+
+    /// Keeps the fields waiting for an operator in the shard's conflict record.
+    async fn record_conflict(
+        &self,
+        found: &plan::ConflictFound,
+        fields: Vec<ConflictingField>,
+    ) -> Result<(), Failure> {
+        let tenant = self.job.tenant_id;
+        let id = ConflictRecord::id_for(&found.shard_id, self.job.integration_id);
+        let stored = self
+            .with_retries(|| self.app.store.get(tenant, &id))
+            .await?;
+        let record = match stored.and_then(|v| v.value.data::<ConflictRecord>().ok()) {
+            Some(mut record) => {
+                record.absorb(fields, self.now);
+                record
+            }
+            None => ConflictRecord {
+                integration_id: self.job.integration_id.to_string(),
+                shard_id: found.shard_id.clone(),
+                shard_type_id: self.mapping.shard_type_id.clone(),
+                external_id: found.external_id.clone(),
+                entity: self.mapping.external_entity.clone(),
+                fields,
+                detected_at: self.now,
+                status: ConflictStatus::Open,
+                resolved_at: None,
+                resolved_by: None,
+                taken: None,
+            },
+        };
+        let shard = Shard {
+            id: id.clone(),
+            tenant_id: tenant.to_string(),
+            shard_type_id: shard_types::SYNC_CONFLICT.into(),
+            name: format!("Conflict on {}", found.shard_id),
+            structured_data: serde_json::to_value(&record).unwrap_or(Value::Null),
+            relationships: vec![Relationship {
+                kind: "conflict_of".into(),
+                target_id: found.shard_id.clone(),
+                target_type: self.mapping.shard_type_id.clone(),
+            }],
+            created_by: Some("system".into()),
+            created_at: Some(self.now),
+            updated_at: Some(self.now),
+            ..Shard::default()
+        };
+        self.with_retries(|| self.app.store.upsert(&shard))
+            .await
+            .map(drop)
     }
 
     fn record_failures(&mut self, failures: Vec<plan::RecordFailure>) {

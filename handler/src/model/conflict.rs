@@ -245,6 +245,65 @@ pub fn reconcile(
     out
 }
 
+/// `c_syncConflict`: fields of one record changed on both sides that wait for an operator
+/// (`manual`), with both values, until one side is taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictRecord {
+    pub integration_id: String,
+    pub shard_id: String,
+    pub shard_type_id: String,
+    pub external_id: String,
+    pub entity: String,
+    pub fields: Vec<ConflictingField>,
+    pub detected_at: DateTime<Utc>,
+    pub status: ConflictStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken: Option<Side>,
+}
+
+/// One field of a conflict record, with both sides' values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictingField {
+    pub field: String,
+    pub castiel: Value,
+    pub provider: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictStatus {
+    Open,
+    Resolved,
+}
+
+impl ConflictRecord {
+    /// The id of the conflict record of one shard and integration: one open record each,
+    /// which later conflicts on the same shard add their fields to.
+    pub fn id_for(shard_id: &str, integration_id: &str) -> String {
+        format!("conflict~{integration_id}~{shard_id}")
+    }
+
+    /// Adds or refreshes the fields of a newer detection.
+    pub fn absorb(&mut self, fields: Vec<ConflictingField>, at: DateTime<Utc>) {
+        for field in fields {
+            self.fields.retain(|f| f.field != field.field);
+            self.fields.push(field);
+        }
+        self.fields.sort_by(|a, b| a.field.cmp(&b.field));
+        self.detected_at = at;
+        self.status = ConflictStatus::Open;
+        self.resolved_at = None;
+        self.resolved_by = None;
+        self.taken = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

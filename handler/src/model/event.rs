@@ -45,4 +45,6 @@ pub mod types {
     pub const TOKEN_REFRESHED: &str = "integration.token.refreshed";
     pub const TOKEN_REFRESH_FAILED: &str = "integration.token.refresh.failed";
     pub const WEBHOOK_RECEIVED: &str = "integration.webhook.received";
+    pub const CONFLICT_DETECTED: &str = "integration.conflict.detected";
+    pub const CONFLICT_RESOLVED: &str = "integration.conflict.resolved";
 }

@@ -81,6 +81,10 @@ pub struct WriteBackMessage {
     pub external_id: Option<String>,
     pub triggered_at: DateTime<Utc>,
     pub triggered_by: String,
+    /// The integration to write through, when the sender knows it; otherwise the tenant's
+    /// integration with `externalSystem` that writes the shard's type back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integration_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

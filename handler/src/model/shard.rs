@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 /// A Castiel document. Fields the engine does not interpret are kept in `extra` so that
 /// reading and writing a shard never drops what another service put there.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Shard {
     pub id: String,
@@ -141,4 +141,5 @@ impl Shard {
 pub mod types {
     pub const INTEGRATION: &str = "c_integration";
     pub const INTEGRATION_SYNC: &str = "c_integrationSync";
+    pub const SYNC_CONFLICT: &str = "c_syncConflict";
 }
