@@ -24,6 +24,7 @@ mod dynamics_sync;
 mod gong_sync;
 mod google_drive_sync;
 mod graph_sync;
+mod infrastructure;
 mod local_runtime;
 mod operator_commands;
 mod packaging;

@@ -1,11 +1,10 @@
-//! The deployable app: what `scripts/package.sh` assembles, and what `infra/` provisions.
+//! The deployable app: what `scripts/package.sh` assembles.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
 use handler::definition::FunctionName;
-use handler::queue::QUEUES;
 
 use crate::fake_azure::{FakeServiceBus, SAS_KEY, SAS_KEY_NAME};
 
@@ -65,59 +64,6 @@ fn the_package_is_a_function_app_folder_and_a_zip_that_keeps_the_exec_bit() {
         assert!(
             listing.lines().any(|l| l.ends_with(&entry)),
             "{function} missing:\n{listing}"
-        );
-    }
-}
-
-#[test]
-fn the_provisioned_queues_are_the_ones_the_app_assumes() {
-    let bicep = std::fs::read_to_string(repo_root().join("infra/servicebus.bicep")).unwrap();
-    let field = |block: &str, name: &str| -> String {
-        let line = block
-            .lines()
-            .find(|l| l.trim_start().starts_with(&format!("{name}:")))
-            .unwrap_or_else(|| panic!("{name} missing in {block}"));
-        line.split_once(':')
-            .unwrap()
-            .1
-            .trim()
-            .trim_matches('\'')
-            .to_string()
-    };
-    for queue in QUEUES {
-        let start = bicep
-            .find(&format!("name: '{}'", queue.name))
-            .unwrap_or_else(|| panic!("{} is not provisioned", queue.name));
-        let block = &bicep[start..start + bicep[start..].find('}').unwrap()];
-        assert_eq!(
-            field(block, "maxDeliveryCount"),
-            queue.max_delivery_count.to_string(),
-            "{}",
-            queue.name
-        );
-        assert_eq!(
-            field(block, "lockDuration"),
-            format!("PT{}M", queue.lock_duration.as_secs() / 60),
-            "{}",
-            queue.name
-        );
-        assert_eq!(
-            field(block, "defaultMessageTimeToLive"),
-            format!("P{}D", queue.time_to_live.as_secs() / 86_400),
-            "{}",
-            queue.name
-        );
-        assert_eq!(
-            field(block, "requiresSession"),
-            queue.requires_session.to_string(),
-            "{}",
-            queue.name
-        );
-        assert_eq!(
-            field(block, "deadLetteringOnMessageExpiration"),
-            queue.dead_letter_on_expiration.to_string(),
-            "{}",
-            queue.name
         );
     }
 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Deploys func-sync to one environment: the resources (infra/main.bicep, after a what-if and a
+# confirmation), then the packaged app (scripts/package.sh) to func-sync-<env>.
+#
+# Usage: scripts/deploy.sh <dev|staging|prod> [--yes] [--func]
+#   --yes   deploy the infrastructure without asking after the what-if
+#   --func  publish with Azure Functions Core Tools instead of zip deployment
+# Environment: LOCATION (default westeurope) for a resource group that does not exist yet.
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 <dev|staging|prod> [--yes] [--func]" >&2
+  exit 2
+}
+
+[ $# -ge 1 ] || usage
+env=$1
+shift
+case "$env" in dev | staging | prod) ;; *) usage ;; esac
+yes=false
+func=false
+for arg in "$@"; do
+  case "$arg" in
+    --yes) yes=true ;;
+    --func) func=true ;;
+    *) usage ;;
+  esac
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+group="rg-sync-$env"
+app="func-sync-$env"
+location=${LOCATION:-westeurope}
+
+command -v az >/dev/null || { echo "the Azure CLI (az) is needed: https://aka.ms/azcli" >&2; exit 1; }
+if $func; then
+  command -v func >/dev/null || { echo "--func needs Azure Functions Core Tools (func)" >&2; exit 1; }
+fi
+az account show --query '{subscription:name, id:id}' -o table >/dev/null \
+  || { echo "not logged in: az login, then az account set -s <subscription>" >&2; exit 1; }
+
+if [ "$(az group exists -n "$group")" != "true" ]; then
+  echo "creating resource group $group in $location"
+  az group create -n "$group" -l "$location" -o none
+fi
+
+echo "what the deployment would change in $group:"
+az deployment group what-if -g "$group" -f "$root/infra/main.bicep" \
+  -p "$root/infra/parameters/$env.bicepparam"
+if ! $yes; then
+  read -r -p "deploy these changes to $env? [y/N] " answer
+  [ "$answer" = "y" ] || [ "$answer" = "Y" ] || { echo "nothing deployed"; exit 1; }
+fi
+az deployment group create -g "$group" -n "func-sync-$(date +%Y%m%d%H%M%S)" \
+  -f "$root/infra/main.bicep" -p "$root/infra/parameters/$env.bicepparam" -o none
+
+"$root/scripts/package.sh"
+if $func; then
+  (cd "$root/dist/func-sync" && func azure functionapp publish "$app" --custom)
+else
+  az functionapp deployment source config-zip -g "$group" -n "$app" --src "$root/dist/func-sync.zip" -o none
+fi
+
+host=$(az functionapp show -g "$group" -n "$app" --query defaultHostName -o tsv)
+echo "deployed: https://$host"
+echo "WEBHOOK_BASE_URL: https://$host (provider webhooks: https://$host/api/webhooks/<provider>)"
