@@ -87,6 +87,7 @@ module storage 'modules/storage.bicep' = {
     location: location
     tags: tags
     principalId: identity.outputs.principalId
+    contentShareName: 'func-sync-${env}'
   }
 }
 
@@ -143,6 +144,7 @@ module functionApp 'modules/functionapp.bicep' = {
     identityId: identity.outputs.id
     identityClientId: identity.outputs.clientId
     storageAccountName: storage.outputs.name
+    contentShareName: storage.outputs.contentShareName
     contentShareSecretUri: keyVault.outputs.contentShareSecretUri
     appInsightsConnectionString: monitoring.outputs.connectionString
     serviceBusHost: serviceBus.outputs.namespaceHost

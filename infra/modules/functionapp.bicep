@@ -15,6 +15,7 @@ param maximumInstances int
 param identityId string
 param identityClientId string
 param storageAccountName string
+param contentShareName string
 @description('Key Vault secret holding the content share\'s connection string.')
 param contentShareSecretUri string
 param appInsightsConnectionString string
@@ -99,7 +100,13 @@ resource site 'Microsoft.Web/sites@2023-12-01' = {
         }
         {
           name: 'WEBSITE_CONTENTSHARE'
-          value: name
+          value: contentShareName
+        }
+        {
+          // The reference cannot be resolved while the platform validates the setting; the
+          // share exists already (storage module).
+          name: 'WEBSITE_SKIP_CONTENTSHARE_VALIDATION'
+          value: '1'
         }
         // Service Bus, for the host's triggers and the handler's sends alike.
         {

@@ -6,6 +6,8 @@ param location string
 param tags object
 @description('The app identity\'s principal id.')
 param principalId string
+@description('The Azure Files share the app\'s files are mounted from (WEBSITE_CONTENTSHARE).')
+param contentShareName string
 
 resource account 'Microsoft.Storage/storageAccounts@2023-01-01' = {
   // Storage account names are 3-24 lowercase letters and digits.
@@ -26,6 +28,19 @@ resource account 'Microsoft.Storage/storageAccounts@2023-01-01' = {
   }
 }
 
+// The app's content share, made here: its connection string is a Key Vault reference, which
+// the platform cannot resolve while it validates the setting, so validation is skipped and the
+// share must already exist.
+resource files 'Microsoft.Storage/storageAccounts/fileServices@2023-01-01' = {
+  parent: account
+  name: 'default'
+}
+
+resource contentShare 'Microsoft.Storage/storageAccounts/fileServices/shares@2023-01-01' = {
+  parent: files
+  name: contentShareName
+}
+
 // roles: what the host needs for an identity-based AzureWebJobsStorage.
 var roles = [
   'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner: leases, schedule status
@@ -44,3 +59,4 @@ resource grants 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for role
 }]
 
 output name string = account.name
+output contentShareName string = contentShare.name
