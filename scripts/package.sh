@@ -33,7 +33,7 @@ if [ -z "$binary" ]; then
   # The bundled SQLite and aws-lc are C, compiled with musl-gcc.
   export CC_x86_64_unknown_linux_musl=musl-gcc
   (cd "$root" && cargo build --release --locked -p handler --target x86_64-unknown-linux-musl)
-  binary="$root/target/x86_64-unknown-linux-musl/release/handler"
+  binary="${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-musl/release/handler"
 fi
 
 app="$out/func-sync"
