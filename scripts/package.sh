@@ -36,6 +36,9 @@ if [ -z "$binary" ]; then
   binary="${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-musl/release/handler"
 fi
 
+# Absolute, since the zip is made from inside the app folder.
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
 app="$out/func-sync"
 zip_file="$out/func-sync.zip"
 rm -rf "$app" "$zip_file"
