@@ -243,17 +243,9 @@ impl Telemetry {
         }
         let mut text = None;
         if prometheus {
-            let registry = prometheus::Registry::new();
-            let reader = opentelemetry_prometheus::exporter()
-                .with_registry(registry.clone())
-                // The names are seed 003's as they stand: no `_total` or unit suffixes.
-                .without_counter_suffixes()
-                .without_units()
-                .scope_info_enabled(false)
-                .build()
-                .map_err(|e| format!("metrics: {e}"))?;
+            let (reader, view) = PrometheusText::reader()?;
             meters = meters.with_reader(reader);
-            text = Some(PrometheusText(registry));
+            text = Some(view);
         }
         let meters = (app_insights.is_some() || prometheus).then(|| meters.build());
         if let Some(provider) = &meters {
@@ -298,6 +290,20 @@ pub struct PrometheusText(prometheus::Registry);
 
 impl PrometheusText {
     pub const CONTENT_TYPE: &'static str = "text/plain; version=0.0.4; charset=utf-8";
+
+    /// A metric reader, and the view of what it collects.
+    fn reader() -> Result<(opentelemetry_prometheus::PrometheusExporter, Self), String> {
+        let registry = prometheus::Registry::new();
+        let reader = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            // The names are seed 003's as they stand: no `_total` or unit suffixes.
+            .without_counter_suffixes()
+            .without_units()
+            .scope_info_enabled(false)
+            .build()
+            .map_err(|e| format!("metrics: {e}"))?;
+        Ok((reader, Self(registry)))
+    }
 
     pub fn render(&self) -> String {
         use prometheus::Encoder as _;
@@ -376,14 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_eight_instruments_show_in_prometheus_text_with_their_dimensions() {
-        let registry = prometheus::Registry::new();
-        let reader = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .without_counter_suffixes()
-            .without_units()
-            .scope_info_enabled(false)
-            .build()
-            .unwrap();
+        let (reader, view) = PrometheusText::reader().unwrap();
         let provider = SdkMeterProvider::builder().with_reader(reader).build();
         let metrics = Metrics::new(&provider.meter(SERVICE));
         let stats = SyncStats {
@@ -397,7 +396,7 @@ mod tests {
         metrics.writeback_finished(dimensions(), 80);
         metrics.token_refreshed(dimensions(), true);
 
-        let text = PrometheusText(registry).render();
+        let text = view.render();
         let labels = r#"integrationId="int-1",provider="salesforce",tenantId="tenant-1""#;
         for line in [
             format!("sync_jobs_processed{{{labels}}} 2"),

@@ -151,25 +151,26 @@ async fn sync(handler: &HostedHandler, job_id: &str) {
     assert!(res.host_accepts(), "{res:?}");
 }
 
-#[tokio::test]
-async fn an_inbound_sync_keeps_castiel_edits_and_leaves_a_conflict_for_an_operator_under_manual() {
+const ANN: &str = "int-acme-sf~Contact~003000000000001AAA";
+
+/// Ann, synced in from Salesforce under `strategy`; then renamed "Ann Lee" in Castiel an hour
+/// ago while, five minutes ago, Salesforce renamed her "Annie" and changed her email; then
+/// synced again. Returns the test app with the synced result.
+async fn edited_on_both_sides(strategy: &str) -> TestApp {
     let test = TestApp::new();
     let fake = FakeSalesforce::start().await;
-    let two_days_ago = Utc::now() - Duration::days(2);
     fake.add(
         "Contact",
         json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
-        two_days_ago,
+        Utc::now() - Duration::days(2),
     );
-    test.register_integration(two_way(&fake, "manual")).await;
+    test.register_integration(two_way(&fake, strategy)).await;
     test.set_credentials(SF, &fake.credentials()).await;
     let handler = test.host_handler().await;
     sync(&handler, "job-1").await;
-    let shard_id = "int-acme-sf~Contact~003000000000001AAA";
 
-    // In Castiel she is renamed; at Salesforce her name and her email change.
     let store = test.store();
-    let mut shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+    let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
     shard.structured_data["name"] = json!("Ann Lee");
     shard.updated_at = Some(Utc::now() - Duration::hours(1));
     store.upsert(&shard).await.unwrap();
@@ -179,8 +180,14 @@ async fn an_inbound_sync_keeps_castiel_edits_and_leaves_a_conflict_for_an_operat
         Utc::now() - Duration::minutes(5),
     );
     sync(&handler, "job-2").await;
+    test
+}
 
-    let shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+#[tokio::test]
+async fn an_inbound_sync_keeps_castiel_edits_and_leaves_a_conflict_for_an_operator_under_manual() {
+    let test = edited_on_both_sides("manual").await;
+    let store = test.store();
+    let shard = store.get("t1", ANN).await.unwrap().unwrap().value;
     assert_eq!(
         shard.structured_data["name"], "Ann Lee",
         "not overwritten while in conflict"
@@ -217,31 +224,9 @@ async fn an_inbound_sync_keeps_castiel_edits_and_leaves_a_conflict_for_an_operat
 
 #[tokio::test]
 async fn under_castiel_wins_an_inbound_conflict_sends_castiels_record_to_the_provider() {
-    let test = TestApp::new();
-    let fake = FakeSalesforce::start().await;
-    fake.add(
-        "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
-        Utc::now() - Duration::days(2),
-    );
-    test.register_integration(two_way(&fake, "castiel_wins"))
-        .await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
-    let shard_id = "int-acme-sf~Contact~003000000000001AAA";
+    let test = edited_on_both_sides("castiel_wins").await;
     let store = test.store();
-    let mut shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
-    shard.structured_data["name"] = json!("Ann Lee");
-    store.upsert(&shard).await.unwrap();
-    fake.add(
-        "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Annie", "Email": "ann@lee.test"}),
-        Utc::now() - Duration::minutes(5),
-    );
-    sync(&handler, "job-2").await;
-
-    let shard = store.get("t1", shard_id).await.unwrap().unwrap().value;
+    let shard = store.get("t1", ANN).await.unwrap().unwrap().value;
     assert_eq!(shard.structured_data["name"], "Ann Lee");
     assert_eq!(
         shard.structured_data["email"], "ann@acme.test",
