@@ -26,6 +26,7 @@ pub mod retry;
 pub mod scheduler;
 pub mod state;
 pub mod subscriptions;
+pub mod two_way;
 
 /// A failure that a later delivery of the same message can fix (a backend was unreachable or
 /// busy). The invocation fails, so the host abandons the message and the broker redelivers it.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, Record};
 
@@ -33,15 +33,13 @@ use super::lease;
 use super::plan;
 pub use super::plan::{content_hash, synced_shard_id};
 use super::state::update_integration;
+use super::two_way;
 use crate::app::App;
-use crate::model::Event;
-use crate::model::conflict::{ConflictPolicy, ConflictRecord, ConflictStatus, ConflictingField};
-use crate::model::event::types as events;
+use crate::model::conflict::ConflictPolicy;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::mapping::EntityMapping;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
-use crate::model::shard::{Relationship, types as shard_types};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
 use crate::store::{Op, ShardQuery, StoreError};
@@ -749,44 +747,25 @@ impl<'a> EntityRun<'a> {
             .iter()
             .filter(|c| !failed_ids.contains(&c.shard_id))
         {
-            let fields: Vec<Value> = found
-                .fields
-                .iter()
-                .map(|f| json!({"field": f.field, "strategy": f.strategy, "winner": f.winner}))
-                .collect();
-            let data = json!({
-                "integrationId": integration_id, "tenantId": tenant, "shardId": found.shard_id,
-                "externalId": found.external_id, "entity": self.mapping.external_entity,
-                "fields": fields, "direction": "inbound",
-            });
-            let subject = format!("/tenants/{tenant}/integrations/{integration_id}");
-            events.push(Event::new(
-                events::CONFLICT_DETECTED,
-                &subject,
+            events.extend(two_way::conflict_events(
+                tenant,
+                integration_id,
+                &self.mapping.external_entity,
+                found,
+                two_way::Found::Inbound,
                 self.now,
-                data.clone(),
             ));
-            if found.fields.iter().any(|f| f.winner.is_some()) {
-                events.push(Event::new(
-                    events::CONFLICT_RESOLVED,
-                    &subject,
+            self.with_retries(|| {
+                two_way::keep_open(
+                    self.app,
+                    tenant,
+                    integration_id,
+                    self.mapping,
+                    found,
                     self.now,
-                    data,
-                ));
-            }
-            let open: Vec<ConflictingField> = found
-                .fields
-                .iter()
-                .filter(|f| f.winner.is_none())
-                .map(|f| ConflictingField {
-                    field: f.field.clone(),
-                    castiel: found.castiel.get(&f.field).cloned().unwrap_or(Value::Null),
-                    provider: found.provider.get(&f.field).cloned().unwrap_or(Value::Null),
-                })
-                .collect();
-            if !open.is_empty() {
-                self.record_conflict(found, open).await?;
-            }
+                )
+            })
+            .await?;
         }
         for (shard_id, fields) in landed
             .to_provider
@@ -828,57 +807,6 @@ impl<'a> EntityRun<'a> {
         }
         super::publish(self.app, &events).await;
         Ok(())
-    }
-
-    /// Keeps the fields waiting for an operator in the shard's conflict record.
-    async fn record_conflict(
-        &self,
-        found: &plan::ConflictFound,
-        fields: Vec<ConflictingField>,
-    ) -> Result<(), Failure> {
-        let tenant = self.job.tenant_id;
-        let id = ConflictRecord::id_for(&found.shard_id, self.job.integration_id);
-        let stored = self
-            .with_retries(|| self.app.store.get(tenant, &id))
-            .await?;
-        let record = match stored.and_then(|v| v.value.data::<ConflictRecord>().ok()) {
-            Some(mut record) => {
-                record.absorb(fields, self.now);
-                record
-            }
-            None => ConflictRecord {
-                integration_id: self.job.integration_id.to_string(),
-                shard_id: found.shard_id.clone(),
-                shard_type_id: self.mapping.shard_type_id.clone(),
-                external_id: found.external_id.clone(),
-                entity: self.mapping.external_entity.clone(),
-                fields,
-                detected_at: self.now,
-                status: ConflictStatus::Open,
-                resolved_at: None,
-                resolved_by: None,
-                taken: None,
-            },
-        };
-        let shard = Shard {
-            id: id.clone(),
-            tenant_id: tenant.to_string(),
-            shard_type_id: shard_types::SYNC_CONFLICT.into(),
-            name: format!("Conflict on {}", found.shard_id),
-            structured_data: serde_json::to_value(&record).unwrap_or(Value::Null),
-            relationships: vec![Relationship {
-                kind: "conflict_of".into(),
-                target_id: found.shard_id.clone(),
-                target_type: self.mapping.shard_type_id.clone(),
-            }],
-            created_by: Some("system".into()),
-            created_at: Some(self.now),
-            updated_at: Some(self.now),
-            ..Shard::default()
-        };
-        self.with_retries(|| self.app.store.upsert(&shard))
-            .await
-            .map(drop)
     }
 
     fn record_failures(&mut self, failures: Vec<plan::RecordFailure>) {
