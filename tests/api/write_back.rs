@@ -244,3 +244,184 @@ async fn under_castiel_wins_an_inbound_conflict_sends_castiels_record_to_the_pro
         "settled, nothing left open"
     );
 }
+
+/// Ann, made in Castiel: a contact shard no record is linked to yet.
+async fn castiel_made_ann(test: &TestApp) {
+    let shard: handler::model::Shard = serde_json::from_value(json!({
+        "id": "shard-ann", "tenantId": "t1", "shardTypeId": "c_contact", "name": "Ann Lee",
+        "structuredData": {"name": "Ann Lee", "email": "ann@lee.test"},
+        "updatedAt": Utc::now()
+    }))
+    .unwrap();
+    test.store().upsert(&shard).await.unwrap();
+}
+
+/// The SyncOutbound invocation for a write-back of `shard`, as the host delivers it.
+fn write_back(
+    shard: &str,
+    operation: &str,
+    changed: Option<&[&str]>,
+    message_id: &str,
+    delivery: u32,
+) -> Value {
+    let mut message = json!({
+        "shardId": shard, "tenantId": "t1", "operation": operation, "externalSystem": "salesforce",
+        "triggeredAt": Utc::now(), "triggeredBy": "user-7"
+    });
+    if let Some(fields) = changed {
+        message["changedFields"] = json!(fields);
+    }
+    service_bus_message(
+        "SyncOutbound",
+        &message.to_string(),
+        message_id,
+        delivery,
+        Some(SF),
+    )
+}
+
+async fn history_of(test: &TestApp, job: &str) -> Value {
+    test.history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == job)
+        .unwrap_or_else(|| panic!("no history for {job}"))["structuredData"]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_contact_made_in_castiel_is_created_once_at_salesforce_whatever_the_deliveries() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    test.register_integration(two_way(&fake, "newest_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    castiel_made_ann(&test).await;
+    let handler = test.host_handler().await;
+
+    // The write is made, then the handler dies before the host hears back.
+    fake.org.lock().unwrap().hold_next_write = true;
+    let first = handler.invoke_in_background(
+        "SyncOutbound",
+        &write_back("shard-ann", "create", None, "wb-1", 1),
+    );
+    fake.held.notified().await;
+    handler.kill_9().await;
+    let _ = first.await;
+    fake.release.notify_one();
+    assert_eq!(
+        fake.records("Contact").len(),
+        1,
+        "the first attempt's record exists"
+    );
+
+    // The host redelivers, twice.
+    let handler = test.host_handler().await;
+    for delivery in [2, 3] {
+        let res = handler
+            .invoke(
+                "SyncOutbound",
+                &write_back("shard-ann", "create", None, "wb-1", delivery),
+            )
+            .await;
+        assert!(res.host_accepts(), "{res:?}");
+    }
+    let records = fake.records("Contact");
+    assert_eq!(
+        records.len(),
+        1,
+        "one record, however often the create was delivered"
+    );
+    assert_eq!(records[0]["Name"], "Ann Lee");
+    assert_eq!(records[0]["Castiel_Id__c"], "shard-ann");
+    let shard = test
+        .store()
+        .get("t1", "shard-ann")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    let link = &shard.external_relationships[0];
+    assert_eq!(link.external_id, records[0]["Id"].as_str().unwrap());
+    assert_eq!(
+        link.sync_direction,
+        handler::model::shard::SyncDirection::Bidirectional
+    );
+    let record = history_of(&test, "writeback:wb-1").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["recordsCreated"], 1);
+    assert_eq!(record["entityStats"][0]["direction"], "outbound");
+}
+
+#[tokio::test]
+async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_as_no_change() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    test.register_integration(two_way(&fake, "newest_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+
+    let store = test.store();
+    let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
+    shard.structured_data["email"] = json!("ann@lee.test");
+    shard.updated_at = Some(Utc::now());
+    store.upsert(&shard).await.unwrap();
+    let res = handler
+        .invoke(
+            "SyncOutbound",
+            &write_back(ANN, "update", Some(&["email"]), "wb-2", 1),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    let record = fake.record("Contact", "003000000000001AAA").unwrap();
+    assert_eq!(record["Email"], "ann@lee.test");
+    assert_eq!(record["Name"], "Ann", "only the changed field is written");
+    let writes_before = fake
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PATCH"))
+        .count();
+    assert_eq!(writes_before, 1);
+
+    sync(&handler, "job-2").await;
+    let synced = history_of(&test, "job-2").await;
+    assert_eq!(
+        synced["stats"]["shardsUpdated"], 0,
+        "our own write is not a change: {synced}"
+    );
+    assert!(
+        test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty(),
+        "and starts no write-back"
+    );
+
+    // Deleted in Castiel: deleted at Salesforce, once.
+    let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
+    shard.deleted_at = Some(Utc::now());
+    store.upsert(&shard).await.unwrap();
+    for delivery in [1, 2] {
+        let res = handler
+            .invoke(
+                "SyncOutbound",
+                &write_back(ANN, "delete", None, "wb-3", delivery),
+            )
+            .await;
+        assert!(res.host_accepts(), "{res:?}");
+    }
+    assert!(fake.record("Contact", "003000000000001AAA").is_none());
+    let deletes = fake
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("DELETE"))
+        .count();
+    assert_eq!(
+        deletes, 1,
+        "the redelivery finds the link already marked deleted"
+    );
+}

@@ -20,6 +20,7 @@ pub mod failure;
 pub mod inbound;
 pub mod integrations;
 pub mod lease;
+pub mod outbound;
 pub mod pipeline;
 pub mod plan;
 pub mod retry;

@@ -790,6 +790,7 @@ impl<'a> EntityRun<'a> {
                 triggered_at: self.now,
                 triggered_by: "system".into(),
                 integration_id: Some(integration_id.to_string()),
+                attempt: 1,
             };
             // One message per state of the shard: a sync that finds the same again sends none.
             let message_id = format!(

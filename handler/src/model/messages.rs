@@ -85,6 +85,9 @@ pub struct WriteBackMessage {
     /// integration with `externalSystem` that writes the shard's type back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integration_id: Option<String>,
+    /// 1 for the first try; a retry re-sent after a failure counts on.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

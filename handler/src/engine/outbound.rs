@@ -1,0 +1,702 @@
+//! Writing one Castiel change back to the provider: a `WriteBackMessage` from `sync-outbound`
+//! becomes a create, update or delete through the adapter's `WriteBack`, and a
+//! `c_integrationSync` record with outbound stats.
+//!
+//! The rules:
+//!
+//! * The shard is read when the message is handled, not when it was sent: a write-back whose
+//!   shard changed again since writes the latest state, and the later message finds nothing
+//!   left to write. Sessions (one per integration) keep an integration's write-backs in order.
+//! * A shard with no link to the provider yet is created there, keyed by its own id in the
+//!   mapping's idempotency field: a redelivered or retried create, or one whose answer was
+//!   lost in a crash, finds the record the first attempt made instead of making another.
+//! * An update reads the provider's record first and writes only the fields Castiel changed
+//!   since the two last agreed; fields the provider changed too are settled by the
+//!   integration's strategy ([`crate::model::conflict`]), as an inbound sync would settle
+//!   them. Fields that cannot be mapped back are named in the history and not written.
+//! * After the write the link records what both sides now hold, so the next inbound sync reads
+//!   the record back as unchanged: no shard write, no write-back.
+//! * A failure a retry can fix (including the provider refusing a write because its record
+//!   moved on, which the next attempt reads again) is re-sent to the session after the retry
+//!   delay; any other is dead-lettered with its reason.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use tracing::Instrument;
+
+use adapters::{ErrorCode, FetchRequest, RecordWrite};
+
+use super::credentials;
+use super::failure::{Failure, FailureCode};
+use super::plan::{ConflictFound, content_hash};
+use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure, backoff};
+use super::two_way;
+use super::{Transient, publish};
+use crate::app::App;
+use crate::model::conflict::{FieldSides, Modified, reconcile, value_hash};
+use crate::model::history::{
+    Direction, EntitySyncStats, SyncJobType, SyncTrigger, history_shard_id,
+};
+use crate::model::mapping::{EntityMapping, reverse, transform};
+use crate::model::messages::{WriteBackMessage, WriteBackOperation, parse_body};
+use crate::model::shard::{
+    ExternalRelationship, RelationshipStatus, SyncDirection, types as shard_types,
+};
+use crate::model::{Integration, IntegrationSync, Shard, SyncError, SyncStats, SyncStatus};
+use crate::queue::properties::REPLAYED_FROM;
+use crate::queue::{OutgoingMessage, SYNC_OUTBOUND, ServiceBusMessage, dead_letter, property};
+use crate::store::{Op, ShardQuery, Versioned};
+use crate::telemetry::Dimensions;
+
+/// What to do after attempt `attempt` of a write-back failed with `code`. A write the provider
+/// refused because its record changed since it was read is tried again: the next attempt reads
+/// the record anew and settles what changed.
+pub fn after_write_failure(code: FailureCode, attempt: u32, now: DateTime<Utc>) -> AfterFailure {
+    if code == FailureCode::Provider(ErrorCode::Conflict) && attempt < MAX_ATTEMPTS {
+        AfterFailure::RetryAt {
+            attempt: attempt + 1,
+            at: now + backoff(attempt),
+        }
+    } else {
+        after_failure(code, attempt, now)
+    }
+}
+
+/// The shard, the integration and the mapping a write-back goes through.
+struct Target {
+    shard: Versioned<Shard>,
+    integration_id: String,
+    integration_name: String,
+    integration: Integration,
+    mapping: EntityMapping,
+}
+
+/// What one write-back did.
+#[derive(Debug, Default)]
+struct Pushed {
+    created: u64,
+    updated: u64,
+    deleted: u64,
+    skipped: u64,
+    /// Fields that could not be mapped back, with why.
+    irreversible: Vec<(String, String)>,
+    note: Option<String>,
+}
+
+/// Handles the write-back in `message`. `Ok` means the message is settled (written, re-sent
+/// for a retry, or dead-lettered); `Err` means fail the invocation.
+pub async fn process(
+    app: &App,
+    message: &ServiceBusMessage,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let write_back: WriteBackMessage = match parse_body(&message.body) {
+        Ok(w) => w,
+        Err(reason) => {
+            tracing::warn!(message_id = ?message.message_id, %reason, "dead-lettering an unreadable write-back");
+            return send_dead_letter(app, message, FailureCode::InvalidMessage, &reason).await;
+        }
+    };
+    let target = match find_target(app, &write_back).await? {
+        Ok(target) => target,
+        Err(failure) => {
+            tracing::warn!(shard_id = %write_back.shard_id, error = %failure, "dead-lettering a write-back");
+            return send_dead_letter(app, message, failure.code, &failure.message).await;
+        }
+    };
+    let span = tracing::info_span!(
+        "write_back",
+        correlationId = %message.message_id.clone().unwrap_or_default(),
+        integrationId = %target.integration_id,
+        tenantId = %write_back.tenant_id,
+        provider = %target.integration.provider_name,
+        syncType = "write_back",
+        attempt = write_back.attempt,
+    );
+    handle(app, message, write_back, target, now)
+        .instrument(span)
+        .await
+}
+
+async fn handle(
+    app: &App,
+    message: &ServiceBusMessage,
+    write_back: WriteBackMessage,
+    target: Target,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    // A write-back is idempotent by its message: one whose record says it finished is not
+    // carried out again, unless an operator replays it from the dead letters.
+    let record_id = history_shard_id(&job_id(&write_back, message), write_back.triggered_at);
+    let replayed = property(&message.application_properties, REPLAYED_FROM).is_some();
+    if !replayed
+        && let Some(previous) = app.store.get(&write_back.tenant_id, &record_id).await?
+        && previous
+            .value
+            .data::<IntegrationSync>()
+            .is_ok_and(|r| r.is_finished())
+    {
+        tracing::info!("write-back already carried out; redelivery ignored");
+        return Ok(());
+    }
+    let started = Utc::now();
+    let result = write(app, &write_back, &target, now).await;
+    let completed = Utc::now().max(started);
+    let duration_ms = (completed - started).num_milliseconds().max(0) as u64;
+    app.metrics.writeback_finished(
+        Dimensions {
+            integration_id: &target.integration_id,
+            tenant_id: &write_back.tenant_id,
+            provider: &target.integration.provider_name,
+        },
+        duration_ms,
+    );
+    let mut record = history(&write_back, &target, message, started);
+    record.completed_at = Some(completed);
+    record.duration_ms = Some(duration_ms);
+    match result {
+        Ok(pushed) => {
+            record.status = if pushed.irreversible.is_empty() {
+                SyncStatus::Success
+            } else {
+                SyncStatus::Partial
+            };
+            record.status_message = Some(pushed.note.clone().unwrap_or_else(|| {
+                format!(
+                    "written back: {} created, {} updated, {} deleted",
+                    pushed.created, pushed.updated, pushed.deleted
+                )
+            }));
+            let errors: Vec<SyncError> = pushed
+                .irreversible
+                .iter()
+                .map(|(field, why)| SyncError {
+                    code: ErrorCode::ValidationError.as_str().into(),
+                    message: format!("not written back: {why}"),
+                    entity: Some(target.mapping.external_entity.clone()),
+                    record_id: None,
+                    shard_id: Some(write_back.shard_id.clone()),
+                    field: Some(field.clone()),
+                    timestamp: completed,
+                    retryable: false,
+                })
+                .collect();
+            record.stats = outbound_stats(&pushed, 0);
+            record.entity_stats = Some(vec![entity_stats(&target.mapping, &pushed, 0, &errors)]);
+            record.errors = (!errors.is_empty()).then_some(errors);
+            tracing::info!(status = ?record.status, stats = %json!(record.stats), duration_ms, "write-back finished");
+            save(app, &write_back, &record, completed).await
+        }
+        Err(failure) => {
+            let error = SyncError {
+                code: failure.code.as_str().into(),
+                message: failure.message.clone(),
+                entity: Some(target.mapping.external_entity.clone()),
+                record_id: None,
+                shard_id: Some(write_back.shard_id.clone()),
+                field: None,
+                timestamp: completed,
+                retryable: failure.is_retryable(),
+            };
+            record.stats = outbound_stats(&Pushed::default(), 1);
+            record.entity_stats = Some(vec![entity_stats(
+                &target.mapping,
+                &Pushed::default(),
+                1,
+                std::slice::from_ref(&error),
+            )]);
+            record.errors = Some(vec![error]);
+            match after_write_failure(failure.code, write_back.attempt, completed) {
+                AfterFailure::RetryAt { attempt, at } => {
+                    let retry = WriteBackMessage {
+                        attempt,
+                        ..write_back.clone()
+                    };
+                    let id = format!(
+                        "{}:attempt-{attempt}",
+                        message
+                            .message_id
+                            .as_deref()
+                            .unwrap_or(&write_back.shard_id)
+                    );
+                    app.queue
+                        .send(
+                            OutgoingMessage::json(SYNC_OUTBOUND, id, &retry)
+                                .in_session(target.integration_id.as_str())
+                                .scheduled_at(at),
+                        )
+                        .await?;
+                    record.status = SyncStatus::Failed;
+                    record.status_message = Some(format!(
+                        "attempt {} of {MAX_ATTEMPTS} failed ({}); retrying at {}",
+                        write_back.attempt,
+                        failure.code,
+                        at.to_rfc3339()
+                    ));
+                    tracing::warn!(error = %failure, retry_at = %at, "write-back failed; retry scheduled");
+                    save(app, &write_back, &record, completed).await
+                }
+                AfterFailure::DeadLetter { exhausted } => {
+                    let reason = if exhausted {
+                        format!(
+                            "{} (gave up after {MAX_ATTEMPTS} attempts)",
+                            failure.message
+                        )
+                    } else {
+                        failure.message.clone()
+                    };
+                    record.status = SyncStatus::Failed;
+                    record.status_message = Some(reason.clone());
+                    save(app, &write_back, &record, completed).await?;
+                    tracing::error!(error = %failure, exhausted, "write-back failed");
+                    send_dead_letter(app, message, failure.code, &reason).await
+                }
+            }
+        }
+    }
+}
+
+/// Finds what the write-back is about; `Err` names why it cannot be carried out at all.
+async fn find_target(
+    app: &App,
+    write_back: &WriteBackMessage,
+) -> Result<Result<Target, Failure>, Transient> {
+    let tenant = &write_back.tenant_id;
+    let Some(shard) = app.store.get(tenant, &write_back.shard_id).await? else {
+        return Ok(Err(Failure::new(
+            ErrorCode::NotFound,
+            format!(
+                "shard `{}` of tenant `{tenant}` does not exist",
+                write_back.shard_id
+            ),
+        )));
+    };
+    let shard_type = shard.value.shard_type_id.clone();
+    let candidates: Vec<Shard> = match &write_back.integration_id {
+        Some(id) => app
+            .store
+            .get(tenant, id)
+            .await?
+            .map(|v| v.value)
+            .into_iter()
+            .collect(),
+        None => {
+            let query = ShardQuery::of_type(shard_types::INTEGRATION)
+                .in_tenant(tenant)
+                .filter(
+                    "structuredData.providerName",
+                    Op::Eq,
+                    json!(write_back.external_system),
+                );
+            app.store
+                .query(&query)
+                .await?
+                .into_iter()
+                .map(|v| v.value)
+                .collect()
+        }
+    };
+    let found = candidates.into_iter().find_map(|s| {
+        let integration: Integration = s.data().ok()?;
+        let mapping = integration.write_back_mapping(&shard_type)?.clone();
+        Some(Target {
+            shard: shard.clone(),
+            integration_id: s.id.clone(),
+            integration_name: s.name.clone(),
+            integration,
+            mapping,
+        })
+    });
+    Ok(found.ok_or_else(|| {
+        Failure::new(
+            ErrorCode::ValidationError,
+            format!(
+                "no integration of tenant `{tenant}` with `{}` writes `{shard_type}` shards back \
+                 (writeBack.enabled and a bidirectional mapping)",
+                write_back.external_system
+            ),
+        )
+    }))
+}
+
+/// Carries the write-back out at the provider and records what both sides now hold.
+async fn write(
+    app: &App,
+    write_back: &WriteBackMessage,
+    target: &Target,
+    now: DateTime<Utc>,
+) -> Result<Pushed, Failure> {
+    let Target {
+        integration,
+        integration_id,
+        mapping,
+        ..
+    } = target;
+    let name = &integration.provider_name;
+    let provider = app.providers.get(name).ok_or_else(|| {
+        Failure::new(
+            FailureCode::ProviderNotSupported,
+            format!("this build has no adapter for provider `{name}`"),
+        )
+    })?;
+    let writer = provider.write_back().ok_or_else(|| {
+        Failure::new(
+            FailureCode::ProviderNotSupported,
+            format!("`{name}` records cannot be written back"),
+        )
+    })?;
+    let mut conn =
+        credentials::connect(app, &write_back.tenant_id, integration_id, integration).await?;
+    let mut shard = target.shard.value.clone();
+    let mut data = shard
+        .structured_data
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let link = shard.external_relationships.iter().position(|r| {
+        r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Synced
+    });
+    let mut pushed = Pushed::default();
+    let mut events = Vec::new();
+
+    if shard.deleted_at.is_some() || write_back.operation == WriteBackOperation::Delete {
+        let Some(i) = link else {
+            pushed.skipped = 1;
+            pushed.note = Some("nothing to delete: the shard is not linked to a record".into());
+            return Ok(pushed);
+        };
+        let external_id = shard.external_relationships[i].external_id.clone();
+        let write = RecordWrite {
+            entity: mapping.external_entity.clone(),
+            external_id: Some(external_id),
+            fields: Map::new(),
+            expected_version: None,
+            idempotency_key: shard.id.clone(),
+            key_field: None,
+        };
+        writer.delete(&mut conn, &write).await?;
+        let r = &mut shard.external_relationships[i];
+        r.sync_status = RelationshipStatus::Deleted;
+        r.last_synced_at = Some(now);
+        pushed.deleted = 1;
+    } else if let Some(i) = link {
+        let external_id = shard.external_relationships[i].external_id.clone();
+        let request = FetchRequest {
+            entity: mapping.external_entity.clone(),
+            fields: mapping.source_fields(),
+            cursor: None,
+            page_token: None,
+            filters: Vec::new(),
+            page_size: 1,
+        };
+        let records = provider
+            .fetch_by_ids(&mut conn, &request, std::slice::from_ref(&external_id))
+            .await?;
+        let Some(record) = records
+            .into_iter()
+            .find(|r| r.id == external_id && !r.deleted)
+        else {
+            // Deleted at the provider: the next inbound sync soft-deletes the shard.
+            let r = &mut shard.external_relationships[i];
+            r.sync_status = RelationshipStatus::Deleted;
+            r.last_synced_at = Some(now);
+            pushed.skipped = 1;
+            pushed.note = Some(format!(
+                "`{external_id}` is gone at the provider; not written"
+            ));
+            save_shard(app, &mut shard, &target.shard.etag).await?;
+            return Ok(pushed);
+        };
+        let theirs = transform(&mapping.field_mappings, &record.fields).map_err(|e| {
+            Failure::new(
+                ErrorCode::ValidationError,
+                format!("the provider's record does not map: {}", e.message),
+            )
+        })?;
+        let bases = shard.external_relationships[i].field_hashes.clone();
+        let fields: Vec<FieldSides<'_>> = theirs
+            .keys()
+            .map(|f| FieldSides {
+                field: f,
+                base: bases.get(f).map(String::as_str),
+                castiel: data.get(f),
+                provider: theirs.get(f),
+            })
+            .collect();
+        let modified = Modified {
+            castiel: shard.updated_at,
+            provider: record.modified_at,
+        };
+        let decided = reconcile(&fields, &integration.conflict_policy(), modified);
+        let reversed = reverse(&mapping.field_mappings, &data, Some(&decided.to_provider));
+        pushed.irreversible = reversed.irreversible.clone();
+        if reversed.fields.is_empty() {
+            pushed.skipped = 1;
+        } else {
+            let write = RecordWrite {
+                entity: mapping.external_entity.clone(),
+                external_id: Some(external_id.clone()),
+                fields: reversed.fields,
+                expected_version: shard.external_relationships[i].version.clone(),
+                idempotency_key: shard.id.clone(),
+                key_field: None,
+            };
+            let written = writer.update(&mut conn, &write).await?;
+            if written.version.is_some() {
+                shard.external_relationships[i].version = written.version;
+            }
+            pushed.updated = 1;
+        }
+        for field in &decided.to_castiel {
+            data.insert(
+                field.clone(),
+                theirs.get(field).cloned().unwrap_or(Value::Null),
+            );
+        }
+        // What both sides hold now, except fields still apart.
+        let apart: Vec<&String> = decided
+            .unresolved()
+            .map(|c| &c.field)
+            .chain(pushed.irreversible.iter().map(|(f, _)| f))
+            .collect();
+        let r = &mut shard.external_relationships[i];
+        for field in theirs.keys().filter(|f| !apart.contains(f)) {
+            r.field_hashes
+                .insert(field.clone(), value_hash(data.get(field)));
+        }
+        r.last_synced_at = Some(now);
+        r.sync_direction = SyncDirection::Bidirectional;
+        if !decided.conflicts.is_empty() {
+            let found = ConflictFound {
+                shard_id: shard.id.clone(),
+                external_id,
+                fields: decided.conflicts.clone(),
+                castiel: pick(&shard.structured_data, &decided.conflicts),
+                provider: pick(&Value::Object(theirs.clone()), &decided.conflicts),
+            };
+            events.extend(two_way::conflict_events(
+                &write_back.tenant_id,
+                integration_id,
+                &mapping.external_entity,
+                &found,
+                two_way::Found::WriteBack,
+                now,
+            ));
+            two_way::keep_open(
+                app,
+                &write_back.tenant_id,
+                integration_id,
+                mapping,
+                &found,
+                now,
+            )
+            .await?;
+        }
+        if !decided.to_castiel.is_empty() {
+            shard.updated_at = Some(now);
+        }
+    } else {
+        let reversed = reverse(&mapping.field_mappings, &data, None);
+        pushed.irreversible = reversed.irreversible.clone();
+        let write = RecordWrite {
+            entity: mapping.external_entity.clone(),
+            external_id: None,
+            fields: reversed.fields,
+            expected_version: None,
+            idempotency_key: shard.id.clone(),
+            key_field: mapping.idempotency_field.clone(),
+        };
+        let written = writer.create(&mut conn, &write).await?;
+        let mut link = ExternalRelationship::synced(
+            integration_id,
+            &written.external_id,
+            SyncDirection::Bidirectional,
+            now,
+        );
+        link.version = written.version;
+        link.field_hashes = agreed_on_create(mapping, &data, &pushed.irreversible);
+        shard.external_relationships.push(link);
+        pushed.created = 1;
+    }
+    shard.structured_data = Value::Object(data);
+    save_shard(app, &mut shard, &target.shard.etag).await?;
+    publish(app, &events).await;
+    Ok(pushed)
+}
+
+/// The fingerprints a record just created holds: every mapped field the create wrote.
+fn agreed_on_create(
+    mapping: &EntityMapping,
+    data: &Map<String, Value>,
+    irreversible: &[(String, String)],
+) -> BTreeMap<String, String> {
+    let targets: Vec<String> = if mapping.field_mappings.is_empty() {
+        data.keys().cloned().collect()
+    } else {
+        mapping
+            .field_mappings
+            .iter()
+            .flat_map(|m| m.target.iter().chain(m.targets.iter()).cloned())
+            .collect()
+    };
+    targets
+        .into_iter()
+        .filter(|t| !irreversible.iter().any(|(f, _)| f == t))
+        .map(|t| {
+            let hash = value_hash(data.get(&t));
+            (t, hash)
+        })
+        .collect()
+}
+
+fn pick(from: &Value, conflicts: &[crate::model::conflict::FieldConflict]) -> Map<String, Value> {
+    conflicts
+        .iter()
+        .map(|c| {
+            (
+                c.field.clone(),
+                from.get(&c.field).cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+/// Writes the shard back under the etag it was read with. If it changed meanwhile the
+/// invocation fails and the redelivery starts over from the latest state: the provider's
+/// record then already holds what was written, so nothing is written twice.
+async fn save_shard(app: &App, shard: &mut Shard, etag: &str) -> Result<(), Failure> {
+    shard.content_hash = Some(content_hash(shard));
+    app.store.replace(shard, etag).await.map(drop).map_err(|e| {
+        Failure::new(
+            FailureCode::Store,
+            format!("the shard could not be updated after the write: {e}"),
+        )
+    })
+}
+
+fn outbound_stats(pushed: &Pushed, failed: u64) -> SyncStats {
+    SyncStats {
+        records_pushed: Some(pushed.created + pushed.updated + pushed.deleted),
+        records_created: Some(pushed.created),
+        records_updated: Some(pushed.updated),
+        records_deleted: Some(pushed.deleted),
+        records_failed: Some(failed),
+        ..SyncStats::default()
+    }
+}
+
+fn entity_stats(
+    mapping: &EntityMapping,
+    pushed: &Pushed,
+    failed: u64,
+    errors: &[SyncError],
+) -> EntitySyncStats {
+    EntitySyncStats {
+        external_entity: mapping.external_entity.clone(),
+        shard_type_id: mapping.shard_type_id.clone(),
+        direction: Direction::Outbound,
+        fetched: None,
+        created: Some(pushed.created),
+        updated: Some(pushed.updated + pushed.deleted),
+        skipped: Some(pushed.skipped),
+        failed: Some(failed),
+        errors: (!errors.is_empty()).then(|| errors.to_vec()),
+    }
+}
+
+/// The history record of a write-back: a single record, pushed by whoever changed the shard.
+fn history(
+    write_back: &WriteBackMessage,
+    target: &Target,
+    message: &ServiceBusMessage,
+    started: DateTime<Utc>,
+) -> IntegrationSync {
+    IntegrationSync {
+        integration_id: target.integration_id.clone(),
+        integration_name: target.integration_name.clone(),
+        provider_name: target.integration.provider_name.clone(),
+        job_id: job_id(write_back, message),
+        job_type: SyncJobType::Manual,
+        trigger: if write_back.attempt > 1 {
+            SyncTrigger::Retry
+        } else {
+            SyncTrigger::Manual
+        },
+        triggered_by: Some(write_back.triggered_by.clone()),
+        started_at: started,
+        completed_at: None,
+        duration_ms: None,
+        status: SyncStatus::Running,
+        status_message: None,
+        stats: SyncStats::default(),
+        entity_stats: None,
+        errors: None,
+        sync_details: None,
+    }
+}
+
+/// One id per write-back and attempt: a redelivery rewrites its record.
+fn job_id(write_back: &WriteBackMessage, message: &ServiceBusMessage) -> String {
+    let base = message.message_id.clone().unwrap_or_else(|| {
+        format!(
+            "{}:{}",
+            write_back.shard_id,
+            write_back.triggered_at.timestamp_millis()
+        )
+    });
+    format!("writeback:{base}")
+}
+
+async fn save(
+    app: &App,
+    write_back: &WriteBackMessage,
+    record: &IntegrationSync,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let tenant_id = &write_back.tenant_id;
+    let id = history_shard_id(&record.job_id, write_back.triggered_at);
+    let mut shard = record.clone().into_shard(id, tenant_id, now);
+    shard.ttl = Some(app.settings.history_retention.ttl_seconds(tenant_id));
+    app.store.upsert(&shard).await?;
+    Ok(())
+}
+
+async fn send_dead_letter(
+    app: &App,
+    message: &ServiceBusMessage,
+    code: FailureCode,
+    reason: &str,
+) -> Result<(), Transient> {
+    app.queue
+        .send(dead_letter(SYNC_OUTBOUND, message, code.as_str(), reason))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_refused_because_the_record_moved_on_is_read_again_and_retried() {
+        let now = Utc::now();
+        let conflict = FailureCode::Provider(ErrorCode::Conflict);
+        assert_eq!(
+            after_write_failure(conflict, 1, now),
+            AfterFailure::RetryAt {
+                attempt: 2,
+                at: now + backoff(1)
+            }
+        );
+        assert_eq!(
+            after_write_failure(conflict, MAX_ATTEMPTS, now),
+            AfterFailure::DeadLetter { exhausted: false }
+        );
+        assert_eq!(
+            after_write_failure(ErrorCode::ValidationError.into(), 1, now),
+            AfterFailure::DeadLetter { exhausted: false }
+        );
+    }
+}
