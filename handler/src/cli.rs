@@ -16,8 +16,9 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
 use crate::app::{self, App, LocalBackends, QueueChoice};
-use crate::engine::{scheduler, subscriptions};
+use crate::engine::{self, scheduler, subscriptions};
 use crate::identity::{AzureCredential, TokenSource};
+use crate::model::conflict::Side;
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, IntegrationSync, Shard, timestamp};
 use crate::queue::{
@@ -92,22 +93,65 @@ pub enum Command {
         #[arg(long, value_name = "DAYS")]
         stats: Option<u32>,
     },
-    /// Query shards by type, and optionally by external id
+    /// Query shards by type, and optionally by external id; or change one as Castiel does
+    #[command(args_conflicts_with_subcommands = true)]
     Shards {
+        #[command(subcommand)]
+        change: Option<ShardsCommand>,
         #[arg(long)]
-        tenant: String,
+        tenant: Option<String>,
         /// Shard type id, such as c_contact
         #[arg(long = "type", value_name = "SHARD_TYPE")]
-        shard_type: String,
+        shard_type: Option<String>,
         /// Only shards synced from this external record id
         #[arg(long)]
         external_id: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Fields changed both in Castiel and at a provider, left for an operator
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
     /// List or replay dead-lettered messages
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShardsCommand {
+    /// Create or change a shard from a JSON file, as Castiel's shard service does, and send
+    /// the write-backs it calls for
+    Put { file: PathBuf },
+    /// Delete a shard, as Castiel does (soft), and send the deletes it calls for
+    Delete {
+        id: String,
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConflictsCommand {
+    /// Open conflicts of a tenant
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Settle a conflict by taking one side's values
+    Resolve {
+        /// The conflict's id, as `conflicts list` shows it
+        id: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum)]
+        take: TakeSide,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TakeSide {
+    Castiel,
+    Provider,
 }
 
 #[derive(Debug, Subcommand)]
@@ -353,11 +397,19 @@ async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bo
             ..
         } => history_stats(app, &tenant, integration.as_deref(), days, json).await,
         Command::Shards {
+            change: Some(change),
+            ..
+        } => change_shard(app, change, json).await,
+        Command::Shards {
+            change: None,
             tenant,
             shard_type,
             external_id,
             limit,
         } => {
+            let (Some(tenant), Some(shard_type)) = (tenant, shard_type) else {
+                return Err("name the shards: --tenant T --type SHARD_TYPE".into());
+            };
             shards(
                 app,
                 &tenant,
@@ -368,6 +420,7 @@ async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bo
             )
             .await
         }
+        Command::Conflicts(command) => conflicts(app, command, json).await,
         Command::Serve | Command::Local { .. } | Command::DeadLetters(_) => {
             unreachable!("served, run or listed before the operator commands")
         }
@@ -883,6 +936,96 @@ async fn shards(
         .collect();
     print_table(&["ID", "NAME", "EXTERNAL", "UPDATED"], &rows);
     Ok(())
+}
+
+/// `shards put` and `shards delete`: the change, then what it sent.
+async fn change_shard(app: &App, change: ShardsCommand, json: bool) -> CliResult {
+    let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let now = Utc::now();
+    let sent = match change {
+        ShardsCommand::Put { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let shard: Shard = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not a shard: {e}", file.display()))?;
+            engine::shards::put(app, shard, &user, now).await
+        }
+        ShardsCommand::Delete { id, tenant } => {
+            engine::shards::delete(app, &tenant, &id, &user, now).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    if json {
+        let out: Vec<Value> = sent
+            .iter()
+            .map(|o| json!({"integrationId": o.integration_id, "messageId": o.message_id, "writeBack": o.message}))
+            .collect();
+        print_json(&out);
+    } else if sent.is_empty() {
+        println!("changed; no integration writes it back");
+    } else {
+        for o in &sent {
+            println!(
+                "changed; {:?} sent to {} (sync-outbound, session {})",
+                o.message.operation, o.integration_id, o.integration_id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `conflicts list` and `conflicts resolve`.
+async fn conflicts(app: &App, command: ConflictsCommand, json: bool) -> CliResult {
+    match command {
+        ConflictsCommand::List { tenant } => {
+            let open = engine::conflicts::open(app, &tenant)
+                .await
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(
+                    &open
+                        .iter()
+                        .map(|(id, c)| json!({"id": id, "conflict": c}))
+                        .collect::<Vec<_>>(),
+                );
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = open
+                .iter()
+                .map(|(id, c)| {
+                    let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+                    vec![
+                        id.clone(),
+                        c.integration_id.clone(),
+                        c.shard_id.clone(),
+                        fields.join(","),
+                        time(Some(c.detected_at)),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "INTEGRATION", "SHARD", "FIELDS", "DETECTED"], &rows);
+            Ok(())
+        }
+        ConflictsCommand::Resolve { id, tenant, take } => {
+            let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+            let side = match take {
+                TakeSide::Castiel => Side::Castiel,
+                TakeSide::Provider => Side::Provider,
+            };
+            let sent = engine::conflicts::resolve(app, &tenant, &id, side, &user, Utc::now())
+                .await
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&json!({"id": id, "taken": side, "writeBacks": sent.len()}));
+            } else {
+                println!(
+                    "resolved {id}: took {side:?}'s values ({} write-backs sent)",
+                    sent.len()
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The dead letters of the queues the app sends to: Service Bus when it is configured, the

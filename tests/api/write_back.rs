@@ -425,3 +425,254 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
         "the redelivery finds the link already marked deleted"
     );
 }
+
+/// Delivers what waits in `sync-outbound` to SyncOutbound, in order, as the host would.
+async fn deliver_write_backs(test: &TestApp, handler: &HostedHandler) -> usize {
+    let broker = test.broker();
+    let waiting = broker.peek(SYNC_OUTBOUND).unwrap();
+    for message in &waiting {
+        handler.deliver("SyncOutbound", message).await;
+        broker.delete_unlocked(message.sequence_number).unwrap();
+    }
+    waiting.len()
+}
+
+#[tokio::test]
+async fn a_contact_changed_with_the_operator_commands_is_created_updated_and_deleted_at_salesforce()
+{
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    test.register_integration(two_way(&fake, "newest_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    let file = test.data_dir().join("ann.json");
+    let put = |data: Value| {
+        let shard = json!({"id": "shard-ann", "tenantId": "t1", "shardTypeId": "c_contact",
+                           "name": "Ann", "structuredData": data});
+        std::fs::write(&file, shard.to_string()).unwrap();
+    };
+
+    put(json!({"name": "Ann Lee", "email": "ann@lee.test"}));
+    let sent = test
+        .cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "create", "{sent}");
+    assert_eq!(sent[0]["integrationId"], SF);
+    // The same change sent twice is one message: duplicate detection keeps the first.
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let records = fake.records("Contact");
+    assert_eq!(records.len(), 1);
+    let id = records[0]["Id"].as_str().unwrap().to_string();
+    assert_eq!(records[0]["Email"], "ann@lee.test");
+
+    put(json!({"name": "Ann Lee", "email": "ann@acme.test"}));
+    let sent = test
+        .cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "update");
+    assert_eq!(sent[0]["writeBack"]["changedFields"], json!(["email"]));
+    deliver_write_backs(&test, &handler).await;
+    assert_eq!(
+        fake.record("Contact", &id).unwrap()["Email"],
+        "ann@acme.test"
+    );
+
+    let sent = test
+        .cli_json(&["shards", "delete", "shard-ann", "--tenant", "t1"])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "delete");
+    deliver_write_backs(&test, &handler).await;
+    assert!(fake.record("Contact", &id).is_none());
+}
+
+/// Seed 001's example 4, written back: the contact both sides agreed on, then, in Castiel two
+/// hours ago, name, email and phone changed, and at Salesforce an hour ago name, email and
+/// title. Castiel's write-back of its change is delivered under `strategy`. Returns the record
+/// at Salesforce and the shard afterwards.
+async fn example_four(strategy: &str, owners: Value) -> (Value, Value, TestApp, FakeSalesforce) {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    let id = "003000000000004AAA";
+    fake.add(
+        "Contact",
+        json!({"Id": id, "Name": "J. Doe", "Email": "j@example.com", "Phone": "555-0100",
+               "Title": "Engineer"}),
+        Utc::now() - Duration::days(2),
+    );
+    let mut integration = two_way(&fake, strategy);
+    let data = &mut integration["structuredData"];
+    data["fieldOwners"] = owners;
+    data["entityMappings"][0]["fieldMappings"] = json!([
+        {"source": "Name", "target": "name"}, {"source": "Email", "target": "email"},
+        {"source": "Phone", "target": "phone"}, {"source": "Title", "target": "title"}
+    ]);
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+
+    let shard_id = format!("int-acme-sf~Contact~{id}");
+    let store = test.store();
+    let mut shard = store.get("t1", &shard_id).await.unwrap().unwrap().value;
+    shard.structured_data["name"] = json!("John Doe");
+    shard.structured_data["email"] = json!("john@example.com");
+    shard.structured_data["phone"] = json!("555-0199");
+    shard.updated_at = Some(Utc::now() - Duration::hours(2));
+    store.upsert(&shard).await.unwrap();
+    fake.add(
+        "Contact",
+        json!({"Id": id, "Name": "Jonathan Doe", "Email": "john.doe@example.com",
+               "Phone": "555-0100", "Title": "Senior Engineer"}),
+        Utc::now() - Duration::hours(1),
+    );
+    let res = handler
+        .invoke(
+            "SyncOutbound",
+            &write_back(
+                &shard_id,
+                "update",
+                Some(&["name", "email", "phone"]),
+                "wb-4",
+                1,
+            ),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    let record = Value::Object(fake.record("Contact", id).unwrap());
+    let shard = store.get("t1", &shard_id).await.unwrap().unwrap().value;
+    (record, shard.structured_data, test, fake)
+}
+
+fn contact(name: &str, email: &str, phone: &str, title: &str) -> (Value, Value) {
+    (
+        json!({"name": name, "email": email, "phone": phone, "title": title}),
+        json!([name, email, phone, title]),
+    )
+}
+
+fn at_salesforce(record: &Value) -> Value {
+    json!([
+        record["Name"],
+        record["Email"],
+        record["Phone"],
+        record["Title"]
+    ])
+}
+
+#[tokio::test]
+async fn each_strategy_settles_example_four_on_write_back_as_documented() {
+    let salesforce_newer = contact(
+        "Jonathan Doe",
+        "john.doe@example.com",
+        "555-0100",
+        "Senior Engineer",
+    );
+    let castiel_whole = contact("John Doe", "john@example.com", "555-0199", "Engineer");
+    let merged = contact(
+        "Jonathan Doe",
+        "john.doe@example.com",
+        "555-0199",
+        "Senior Engineer",
+    );
+    let owned = contact(
+        "John Doe",
+        "john.doe@example.com",
+        "555-0199",
+        "Senior Engineer",
+    );
+    for (strategy, owners, expected) in [
+        ("newest_wins", json!({}), &salesforce_newer),
+        ("provider_wins", json!({}), &salesforce_newer),
+        ("castiel_wins", json!({}), &castiel_whole),
+        ("merge", json!({}), &merged),
+        ("field_priority", json!({"name": "castiel"}), &owned),
+    ] {
+        let (record, shard, test, _) = example_four(strategy, owners).await;
+        assert_eq!(shard, expected.0, "{strategy}: Castiel");
+        assert_eq!(at_salesforce(&record), expected.1, "{strategy}: Salesforce");
+        assert!(
+            test.shards("c_syncConflict").await.is_empty(),
+            "{strategy} settles them"
+        );
+        let detected = test
+            .events()
+            .iter()
+            .filter(|e| e.kind == "integration.conflict.resolved")
+            .count();
+        assert_eq!(detected, 1, "{strategy}");
+    }
+}
+
+#[tokio::test]
+async fn manual_overwrites_neither_side_until_an_operator_takes_one() {
+    let (record, shard, test, fake) = example_four("manual", json!({})).await;
+    assert_eq!(
+        at_salesforce(&record),
+        json!([
+            "Jonathan Doe",
+            "john.doe@example.com",
+            "555-0199",
+            "Senior Engineer"
+        ]),
+        "only Castiel's one-sided change (phone) is written"
+    );
+    assert_eq!(shard["name"], "John Doe");
+    assert_eq!(shard["email"], "john@example.com");
+    assert_eq!(
+        shard["title"], "Senior Engineer",
+        "Salesforce's one-sided change is taken"
+    );
+
+    let open = test
+        .cli_json(&["conflicts", "list", "--tenant", "t1"])
+        .await;
+    assert_eq!(open.as_array().unwrap().len(), 1, "{open}");
+    let conflict = &open[0];
+    let fields: Vec<&str> = conflict["conflict"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["email", "name"]);
+    let id = conflict["id"].as_str().unwrap();
+    let out = test
+        .cli(&[
+            "conflicts",
+            "resolve",
+            id,
+            "--tenant",
+            "t1",
+            "--take",
+            "castiel",
+        ])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        test.cli_json(&["conflicts", "list", "--tenant", "t1"])
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // The operator's choice goes to Salesforce the usual way.
+    let handler = test.host_handler().await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let record = Value::Object(fake.record("Contact", "003000000000004AAA").unwrap());
+    assert_eq!(
+        at_salesforce(&record),
+        json!([
+            "John Doe",
+            "john@example.com",
+            "555-0199",
+            "Senior Engineer"
+        ])
+    );
+}

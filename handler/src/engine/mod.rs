@@ -15,6 +15,7 @@
 //! Decisions are plain functions over data, tested without a runtime; the `async` functions
 //! around them only read, write and send.
 
+pub mod conflicts;
 pub mod credentials;
 pub mod failure;
 pub mod inbound;
@@ -25,6 +26,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod retry;
 pub mod scheduler;
+pub mod shards;
 pub mod state;
 pub mod subscriptions;
 pub mod two_way;
