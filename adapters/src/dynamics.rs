@@ -345,6 +345,14 @@ impl Pull for Dynamics365 {
         }
     }
 
+    fn version_of(&self, record: &Record) -> Option<String> {
+        record
+            .fields
+            .get("@odata.etag")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
         parse_time(cursor)
     }

@@ -131,6 +131,13 @@ pub trait Pull: Send + Sync {
         None
     }
 
+    /// The version of a record as read, in the form a write-back's `expected_version` takes
+    /// (a `SystemModstamp`, an `@odata.etag`), when the provider versions its records: an
+    /// update based on it is refused if the record changed after it was read.
+    fn version_of(&self, _record: &Record) -> Option<String> {
+        None
+    }
+
     /// The records of `entity` with these ids, as the provider has them now. Ids the provider
     /// does not know (deleted, never existed) are simply absent from the answer.
     async fn fetch_by_ids(

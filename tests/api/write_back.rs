@@ -11,6 +11,7 @@ use handler::engine::credentials::StoredCredentials;
 use handler::queue::SYNC_OUTBOUND;
 use handler::store::ShardStore;
 
+use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
 use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::TestApp;
@@ -675,4 +676,69 @@ async fn manual_overwrites_neither_side_until_an_operator_takes_one() {
             "Senior Engineer"
         ])
     );
+}
+
+#[tokio::test]
+async fn dynamics_365_rows_are_created_once_updated_and_deleted_from_castiel() {
+    let test = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    test.register_integration(json!({
+        "id": "int-contoso", "tenantId": "t1", "name": "Contoso CRM",
+        "structuredData": {
+            "providerName": "dynamics365",
+            "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": true},
+            "connection": {"environmentUrl": fake.url, "tokenUrl": fake.token_url(),
+                           "organizationId": ORGANIZATION_ID},
+            "entityMappings": [{
+                "externalEntity": "contacts", "shardTypeId": "c_contact", "nameField": "full_name",
+                "bidirectional": true, "idempotencyField": "castiel_id",
+                "fieldMappings": [
+                    {"source": "fullname", "target": "full_name"},
+                    {"source": "emailaddress1", "target": "email"}
+                ]
+            }]
+        }
+    }))
+    .await;
+    test.set_credentials("int-contoso", &fake.credentials())
+        .await;
+    let handler = test.host_handler().await;
+    let file = test.data_dir().join("yvonne.json");
+    let put = |data: Value| {
+        let shard = json!({"id": "shard-yvonne", "tenantId": "t1", "shardTypeId": "c_contact",
+                           "name": "Yvonne", "structuredData": data});
+        std::fs::write(&file, shard.to_string()).unwrap();
+    };
+
+    put(json!({"full_name": "Yvonne McKay", "email": "yvonne@contoso.test"}));
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(waiting.len(), 1);
+    // Delivered twice: the second delivery finds the write-back done.
+    handler.deliver("SyncOutbound", &waiting[0]).await;
+    handler.deliver("SyncOutbound", &waiting[0]).await;
+    test.broker()
+        .delete_unlocked(waiting[0].sequence_number)
+        .unwrap();
+    let rows = fake.rows("contacts");
+    assert_eq!(rows.len(), 1, "one row");
+    assert_eq!(rows[0]["castiel_id"], "shard-yvonne");
+    assert_eq!(rows[0]["emailaddress1"], "yvonne@contoso.test");
+
+    put(json!({"full_name": "Yvonne McKay-Lee", "email": "yvonne@contoso.test"}));
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    deliver_write_backs(&test, &handler).await;
+    let rows = fake.rows("contacts");
+    assert_eq!(
+        rows[0]["fullname"], "Yvonne McKay-Lee",
+        "updated under the etag it read"
+    );
+
+    test.cli_json(&["shards", "delete", "shard-yvonne", "--tenant", "t1"])
+        .await;
+    deliver_write_backs(&test, &handler).await;
+    assert!(fake.rows("contacts").is_empty());
 }

@@ -693,6 +693,14 @@ impl Pull for Salesforce {
         })
     }
 
+    fn version_of(&self, record: &Record) -> Option<String> {
+        record
+            .fields
+            .get("SystemModstamp")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
         parse_timestamp(cursor)
     }

@@ -439,14 +439,14 @@ async fn write(
                 entity: mapping.external_entity.clone(),
                 external_id: Some(external_id.clone()),
                 fields: reversed.fields,
-                expected_version: shard.external_relationships[i].version.clone(),
+                // The version just read: if the record changes before this write lands, the
+                // provider refuses it and the retry reads it again.
+                expected_version: provider.version_of(&record),
                 idempotency_key: shard.id.clone(),
                 key_field: None,
             };
             let written = writer.update(&mut conn, &write).await?;
-            if written.version.is_some() {
-                shard.external_relationships[i].version = written.version;
-            }
+            shard.external_relationships[i].version = written.version;
             pushed.updated = 1;
         }
         for field in &decided.to_castiel {
