@@ -742,3 +742,62 @@ async fn dynamics_365_rows_are_created_once_updated_and_deleted_from_castiel() {
     deliver_write_backs(&test, &handler).await;
     assert!(fake.rows("contacts").is_empty());
 }
+
+#[tokio::test]
+async fn two_write_backs_whose_history_ids_collide_are_both_carried_out_and_recorded() {
+    // The platform's record id keeps three characters of the job: find two write-backs of
+    // the same second that share one.
+    let at = Utc::now();
+    let mut seen = std::collections::HashMap::new();
+    let (first, second) = (0..)
+        .find_map(|n| {
+            let id = format!("wb-{n}");
+            let record = handler::model::history::history_shard_id(&format!("writeback:{id}"), at);
+            seen.insert(record, id.clone()).map(|other| (other, id))
+        })
+        .unwrap();
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    test.register_integration(two_way(&fake, "newest_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    let store = test.store();
+    for (message_id, email) in [(&first, "ann@one.test"), (&second, "ann@two.test")] {
+        let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
+        shard.structured_data["email"] = json!(email);
+        shard.updated_at = Some(Utc::now());
+        store.upsert(&shard).await.unwrap();
+        let mut message = json!({
+            "shardId": ANN, "tenantId": "t1", "operation": "update", "changedFields": ["email"],
+            "externalSystem": "salesforce", "triggeredAt": at, "triggeredBy": "user-7"
+        });
+        message["triggeredAt"] = json!(at);
+        let envelope = service_bus_message(
+            "SyncOutbound",
+            &message.to_string(),
+            message_id,
+            1,
+            Some(SF),
+        );
+        assert!(
+            handler
+                .invoke("SyncOutbound", &envelope)
+                .await
+                .host_accepts()
+        );
+    }
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@two.test",
+        "the second write-back was not mistaken for the first"
+    );
+    history_of(&test, &format!("writeback:{first}")).await;
+    history_of(&test, &format!("writeback:{second}")).await;
+}

@@ -18,10 +18,10 @@ use super::lease::{self, Claim};
 use super::pipeline::{self, Outcome, Stop};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure};
 use super::state::update_integration;
-use super::{Transient, publish};
+use super::{Transient, history_slot, publish};
 use crate::app::App;
 use crate::model::event::types as events;
-use crate::model::history::{SyncTrigger, history_shard_id};
+use crate::model::history::SyncTrigger;
 use crate::model::integration::{IntegrationStatus, JobProgress};
 use crate::model::messages::{JobType, parse_body};
 use crate::model::shard::types as shard_types;
@@ -87,9 +87,8 @@ async fn run_job(
     };
     let shard = stored.value;
 
-    let record_id = history_shard_id(&job.job_id, job.scheduled_at);
-    let previous = app.store.get(&job.tenant_id, &record_id).await?;
-    let previous: Option<IntegrationSync> = previous.and_then(|v| v.value.data().ok());
+    let (record_id, previous) =
+        history_slot(app, &job.tenant_id, &job.job_id, job.scheduled_at).await?;
     let replayed = property(&message.application_properties, REPLAYED_FROM).is_some();
     if previous.as_ref().is_some_and(IntegrationSync::is_finished) && !replayed {
         tracing::info!(job_id = %job.job_id, "job already finished; redelivery ignored");

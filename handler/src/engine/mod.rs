@@ -55,3 +55,28 @@ pub(crate) async fn publish(app: &crate::app::App, events: &[crate::model::Event
         tracing::warn!(error = %e, count = events.len(), "could not publish events");
     }
 }
+
+/// Where a job's history record is, and the record as a previous delivery left it: the first
+/// of the job's candidate ids that is free or already holds this job's record.
+pub(crate) async fn history_slot(
+    app: &crate::app::App,
+    tenant_id: &str,
+    job_id: &str,
+    scheduled_at: chrono::DateTime<chrono::Utc>,
+) -> Result<(String, Option<crate::model::IntegrationSync>), Transient> {
+    use crate::model::history::history_shard_id_candidate;
+    const CANDIDATES: u32 = 16;
+    for n in 0..CANDIDATES {
+        let id = history_shard_id_candidate(job_id, scheduled_at, n);
+        let Some(stored) = app.store.get(tenant_id, &id).await? else {
+            return Ok((id, None));
+        };
+        match stored.value.data::<crate::model::IntegrationSync>() {
+            Ok(record) if record.job_id == job_id => return Ok((id, Some(record))),
+            _ => continue,
+        }
+    }
+    Err(Transient(format!(
+        "no free history id for job `{job_id}` among {CANDIDATES} candidates"
+    )))
+}

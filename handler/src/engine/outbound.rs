@@ -33,12 +33,10 @@ use super::failure::{Failure, FailureCode};
 use super::plan::{ConflictFound, content_hash};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure, backoff};
 use super::two_way;
-use super::{Transient, publish};
+use super::{Transient, history_slot, publish};
 use crate::app::App;
 use crate::model::conflict::{FieldSides, Modified, reconcile, value_hash};
-use crate::model::history::{
-    Direction, EntitySyncStats, SyncJobType, SyncTrigger, history_shard_id,
-};
+use crate::model::history::{Direction, EntitySyncStats, SyncJobType, SyncTrigger};
 use crate::model::mapping::{EntityMapping, reverse, transform};
 use crate::model::messages::{WriteBackMessage, WriteBackOperation, parse_body};
 use crate::model::shard::{
@@ -129,15 +127,15 @@ async fn handle(
 ) -> Result<(), Transient> {
     // A write-back is idempotent by its message: one whose record says it finished is not
     // carried out again, unless an operator replays it from the dead letters.
-    let record_id = history_shard_id(&job_id(&write_back, message), write_back.triggered_at);
+    let (record_id, previous) = history_slot(
+        app,
+        &write_back.tenant_id,
+        &job_id(&write_back, message),
+        write_back.triggered_at,
+    )
+    .await?;
     let replayed = property(&message.application_properties, REPLAYED_FROM).is_some();
-    if !replayed
-        && let Some(previous) = app.store.get(&write_back.tenant_id, &record_id).await?
-        && previous
-            .value
-            .data::<IntegrationSync>()
-            .is_ok_and(|r| r.is_finished())
-    {
+    if !replayed && previous.is_some_and(|r| r.is_finished()) {
         tracing::info!("write-back already carried out; redelivery ignored");
         return Ok(());
     }
@@ -187,7 +185,7 @@ async fn handle(
             record.entity_stats = Some(vec![entity_stats(&target.mapping, &pushed, 0, &errors)]);
             record.errors = (!errors.is_empty()).then_some(errors);
             tracing::info!(status = ?record.status, stats = %json!(record.stats), duration_ms, "write-back finished");
-            save(app, &write_back, &record, completed).await
+            save(app, &write_back.tenant_id, &record_id, &record, completed).await
         }
         Err(failure) => {
             let error = SyncError {
@@ -236,7 +234,7 @@ async fn handle(
                         at.to_rfc3339()
                     ));
                     tracing::warn!(error = %failure, retry_at = %at, "write-back failed; retry scheduled");
-                    save(app, &write_back, &record, completed).await
+                    save(app, &write_back.tenant_id, &record_id, &record, completed).await
                 }
                 AfterFailure::DeadLetter { exhausted } => {
                     let reason = if exhausted {
@@ -249,7 +247,7 @@ async fn handle(
                     };
                     record.status = SyncStatus::Failed;
                     record.status_message = Some(reason.clone());
-                    save(app, &write_back, &record, completed).await?;
+                    save(app, &write_back.tenant_id, &record_id, &record, completed).await?;
                     tracing::error!(error = %failure, exhausted, "write-back failed");
                     send_dead_letter(app, message, failure.code, &reason).await
                 }
@@ -651,13 +649,14 @@ fn job_id(write_back: &WriteBackMessage, message: &ServiceBusMessage) -> String 
 
 async fn save(
     app: &App,
-    write_back: &WriteBackMessage,
+    tenant_id: &str,
+    record_id: &str,
     record: &IntegrationSync,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
-    let tenant_id = &write_back.tenant_id;
-    let id = history_shard_id(&record.job_id, write_back.triggered_at);
-    let mut shard = record.clone().into_shard(id, tenant_id, now);
+    let mut shard = record
+        .clone()
+        .into_shard(record_id.to_string(), tenant_id, now);
     shard.ttl = Some(app.settings.history_retention.ttl_seconds(tenant_id));
     app.store.upsert(&shard).await?;
     Ok(())

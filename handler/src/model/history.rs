@@ -148,11 +148,19 @@ pub struct SyncDetails {
 
 /// The history shard's id for a job: `sync_<scheduled date>_<scheduled time>_<job suffix>`.
 pub fn history_shard_id(job_id: &str, scheduled_at: DateTime<Utc>) -> String {
-    format!(
-        "sync_{}_{}",
-        scheduled_at.format("%Y%m%d_%H%M%S"),
+    history_shard_id_candidate(job_id, scheduled_at, 0)
+}
+
+/// The `n`th id a job's record may take. The platform's three-character suffix leaves room
+/// for two jobs of the same second to share one; the next candidates hash the job id again,
+/// so that the second finds a free id of its own, the same one every time it looks.
+pub fn history_shard_id_candidate(job_id: &str, scheduled_at: DateTime<Utc>, n: u32) -> String {
+    let suffix = if n == 0 {
         short_hash(job_id)
-    )
+    } else {
+        short_hash(&format!("{job_id}#{n}"))
+    };
+    format!("sync_{}_{suffix}", scheduled_at.format("%Y%m%d_%H%M%S"))
 }
 
 impl IntegrationSync {
