@@ -486,17 +486,6 @@ async fn load_integration(
 
 /// Fields of an integration that the engine maintains; a file that leaves them out keeps the
 /// stored values.
-const ENGINE_OWNED: [&str; 8] = [
-    "lastSyncAt",
-    "nextSyncAt",
-    "credentialsExpireAt",
-    "cursors",
-    "checkpoints",
-    "running",
-    "refreshLease",
-    "subscriptions",
-];
-
 async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
@@ -514,88 +503,30 @@ async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
             ));
         }
     }
-    let mut shard: Shard = serde_json::from_value(Value::Object(doc))
+    let shard: Shard = serde_json::from_value(Value::Object(doc))
         .map_err(|e| format!("{} is not an integration: {e}", file.display()))?;
-    if shard.id.is_empty() || shard.tenant_id.is_empty() {
-        return Err("an integration needs a non-empty `id` and `tenantId`".into());
-    }
-    let mut integration: Integration = shard
-        .data()
-        .map_err(|e| format!("structuredData is not a valid integration: {e}"))?;
-    integration.sync_frequency.validate()?;
-    for mapping in &integration.entity_mappings {
-        mapping.validate()?;
-    }
-    let notes = crate::engine::integrations::check(app, &shard, &mut integration)
+    let registered = engine::integrations::register(app, shard, Utc::now())
         .await
         .map_err(|e| format!("{}: {e}", file.display()))?;
-    for note in notes {
+    for note in &registered.notes {
         eprintln!("note: {note}");
     }
-
-    let now = Utc::now();
-    let existing = app
-        .store
-        .get(&shard.tenant_id, &shard.id)
-        .await
-        .map_err(store_error)?;
-    if let Some(existing) = &existing {
-        if existing.value.shard_type_id != shard_types::INTEGRATION {
-            return Err(format!(
-                "`{}` exists and is a `{}` shard",
-                shard.id, existing.value.shard_type_id
-            ));
-        }
-        let old: Integration = existing.value.data().map_err(|e| e.to_string())?;
-        let frequency_changed = old.sync_frequency != integration.sync_frequency;
-        let mut merged = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
-        let old_value = existing.value.structured_data.clone();
-        for key in ENGINE_OWNED {
-            if let (None, Some(v)) = (merged.get(key), old_value.get(key)) {
-                merged[key] = v.clone();
-            }
-        }
-        integration = serde_json::from_value(merged).map_err(|e| e.to_string())?;
-        if frequency_changed {
-            integration.next_sync_at = integration.sync_frequency.next_after(now);
-        }
-        shard.created_at = existing.value.created_at;
-        shard.created_by = existing.value.created_by.clone();
-    } else {
-        shard.created_at = Some(now);
-        shard.created_by.get_or_insert_with(|| "operator".into());
-    }
-    let scheduled = integration.sync_frequency != crate::model::SyncFrequency::Manual;
-    if existing.is_none() && scheduled && integration.next_sync_at.is_none() {
-        // A new scheduled integration syncs at the scheduler's next tick.
-        integration.next_sync_at = Some(now);
-    }
-    shard.updated_at = Some(now);
-    shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
-    match &existing {
-        Some(existing) => app.store.replace(&shard, &existing.etag).await,
-        None => app.store.create(&shard).await,
-    }
-    .map_err(|e| match e {
-        StoreError::PreconditionFailed | StoreError::Conflict => {
-            "the integration changed while it was being written; run the command again".into()
-        }
-        other => other.to_string(),
-    })?;
     if json {
-        print_json(&shard);
+        print_json(&registered.shard);
     } else {
+        let shard = &registered.shard;
         println!(
             "{} integration `{}` of tenant `{}` ({}); next sync: {}",
-            if existing.is_some() {
+            if registered.updated {
                 "updated"
             } else {
                 "registered"
             },
             shard.id,
             shard.tenant_id,
-            integration.provider_name,
-            integration
+            registered.integration.provider_name,
+            registered
+                .integration
                 .next_sync_at
                 .map_or("manual only".into(), |t| time(Some(t)))
         );

@@ -1,12 +1,127 @@
-//! What makes an integration registrable: checks made when it is put, so that a mistake is
-//! named at once instead of failing its first sync (or, for webhooks, every delivery).
+//! Registering an integration: checks made when it is put, so that a mistake is named at once
+//! instead of failing its first sync (or, for webhooks, every delivery), and the merge with
+//! what the engine keeps on an integration already registered.
 
+use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::app::App;
 use crate::model::shard::types as shard_types;
-use crate::model::{Integration, Shard};
-use crate::store::{Op, ShardQuery};
+use crate::model::{Integration, Shard, SyncFrequency};
+use crate::store::{Op, ShardQuery, StoreError};
+
+/// What `register` did.
+#[derive(Debug)]
+pub struct Registered {
+    pub shard: Shard,
+    pub integration: Integration,
+    /// Whether an integration of that id was there before.
+    pub updated: bool,
+    /// What will not work yet.
+    pub notes: Vec<String>,
+}
+
+/// The integration to store when `given` is put over `old`: the operator's configuration,
+/// with the state the engine keeps (when it last synced and next will, cursors, checkpoints,
+/// the running lease, credential expiry and refresh lease, webhook subscriptions) carried
+/// over. A changed frequency moves the next sync to the new frequency's next time.
+pub fn merged(
+    mut given: Integration,
+    old: Option<&Integration>,
+    now: DateTime<Utc>,
+) -> Integration {
+    match old {
+        Some(old) => {
+            given.last_sync_at = given.last_sync_at.or(old.last_sync_at);
+            given.credentials_expire_at = given.credentials_expire_at.or(old.credentials_expire_at);
+            if given.cursors.is_empty() {
+                given.cursors = old.cursors.clone();
+            }
+            if given.checkpoints.is_empty() {
+                given.checkpoints = old.checkpoints.clone();
+            }
+            given.running = given.running.or_else(|| old.running.clone());
+            given.refresh_lease = given.refresh_lease.or_else(|| old.refresh_lease.clone());
+            if given.subscriptions.is_empty() {
+                given.subscriptions = old.subscriptions.clone();
+            }
+            given.next_sync_at = if old.sync_frequency != given.sync_frequency {
+                given.sync_frequency.next_after(now)
+            } else {
+                given.next_sync_at.or(old.next_sync_at)
+            };
+        }
+        None if given.sync_frequency != SyncFrequency::Manual && given.next_sync_at.is_none() => {
+            // A new scheduled integration syncs at the scheduler's next tick.
+            given.next_sync_at = Some(now);
+        }
+        None => {}
+    }
+    given
+}
+
+/// Checks and stores `shard` as an integration, merged with the one of the same id if any.
+pub async fn register(
+    app: &App,
+    mut shard: Shard,
+    now: DateTime<Utc>,
+) -> Result<Registered, String> {
+    if shard.id.is_empty() || shard.tenant_id.is_empty() {
+        return Err("an integration needs a non-empty `id` and `tenantId`".into());
+    }
+    let mut integration: Integration = shard
+        .data()
+        .map_err(|e| format!("structuredData is not a valid integration: {e}"))?;
+    integration.sync_frequency.validate()?;
+    for mapping in &integration.entity_mappings {
+        mapping.validate()?;
+    }
+    let notes = check(app, &shard, &mut integration).await?;
+    let existing = app
+        .store
+        .get(&shard.tenant_id, &shard.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let old = match &existing {
+        Some(v) if v.value.shard_type_id != shard_types::INTEGRATION => {
+            return Err(format!(
+                "`{}` exists and is a `{}` shard",
+                shard.id, v.value.shard_type_id
+            ));
+        }
+        Some(v) => Some(v.value.data::<Integration>().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let integration = merged(integration, old.as_ref(), now);
+    match &existing {
+        Some(v) => {
+            shard.created_at = v.value.created_at;
+            shard.created_by = v.value.created_by.clone();
+        }
+        None => {
+            shard.created_at = Some(now);
+            shard.created_by.get_or_insert_with(|| "operator".into());
+        }
+    }
+    shard.updated_at = Some(now);
+    shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
+    match &existing {
+        Some(v) => app.store.replace(&shard, &v.etag).await,
+        None => app.store.create(&shard).await,
+    }
+    .map_err(|e| match e {
+        StoreError::PreconditionFailed | StoreError::Conflict => {
+            "the integration changed while it was being written; run the command again".into()
+        }
+        other => other.to_string(),
+    })?;
+    Ok(Registered {
+        shard,
+        integration,
+        updated: existing.is_some(),
+        notes,
+    })
+}
 
 /// Checks `integration` (the `structuredData` of `shard`) against this build's providers and
 /// the integrations already registered, putting its connection settings in their canonical
@@ -57,4 +172,53 @@ pub async fn check(
         ));
     }
     Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn integration(value: serde_json::Value) -> Integration {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_put_keeps_the_engines_state_and_a_new_frequency_moves_the_next_sync() {
+        let now: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
+        let old = integration(json!({
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 15},
+            "lastSyncAt": "2026-11-22T09:00:00Z", "nextSyncAt": "2026-11-22T09:15:00.000Z",
+            "cursors": {"Account": "2026-11-22T08:59:00.000Z"},
+            "credentialsExpireAt": "2026-11-22T11:00:00.000Z"
+        }));
+        let given = integration(json!({
+            "providerName": "salesforce",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 15},
+            "entityMappings": [{"externalEntity": "Account", "shardTypeId": "c_company"}]
+        }));
+        let kept = merged(given.clone(), Some(&old), now);
+        assert_eq!(kept.last_sync_at, old.last_sync_at);
+        assert_eq!(kept.next_sync_at, old.next_sync_at);
+        assert_eq!(kept.cursors, old.cursors);
+        assert_eq!(kept.credentials_expire_at, old.credentials_expire_at);
+        assert_eq!(
+            kept.entity_mappings.len(),
+            1,
+            "the operator's configuration is taken"
+        );
+
+        let mut hourly = given.clone();
+        hourly.sync_frequency = integration(json!({"providerName": "x",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 60}}))
+        .sync_frequency;
+        let moved = merged(hourly, Some(&old), now);
+        assert_eq!(moved.next_sync_at, moved.sync_frequency.next_after(now));
+
+        assert_eq!(
+            merged(given, None, now).next_sync_at,
+            Some(now),
+            "new: due at once"
+        );
+    }
 }
