@@ -650,7 +650,7 @@ async fn set_credentials(
     if integration.credentials_expire_at != expires_at || reactivate {
         // New credentials are what an integration in error was waiting for.
         integration.status = crate::model::integration::IntegrationStatus::Active;
-        integration.rest.remove("statusMessage");
+        integration.status_message = None;
         integration.credentials_expire_at = expires_at;
         shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
         shard.updated_at = Some(Utc::now());

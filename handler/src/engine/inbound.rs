@@ -563,7 +563,7 @@ async fn fail(
                     if needs_reauth {
                         // Syncing again cannot help until someone sets new credentials.
                         i.status = IntegrationStatus::Error;
-                        i.rest.insert("statusMessage".into(), json!(summary));
+                        i.status_message = Some(summary.clone());
                     }
                     lease::release(&mut i.running, &job.job_id);
                     true

@@ -88,7 +88,7 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                     let message = format!("token refresh failed: {}", failure.message);
                     update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
                         i.status = IntegrationStatus::Error;
-                        i.rest.insert("statusMessage".into(), json!(message));
+                        i.status_message = Some(message.clone());
                         true
                     })
                     .await

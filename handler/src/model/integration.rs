@@ -19,6 +19,9 @@ pub struct Integration {
     pub provider_name: String,
     #[serde(default)]
     pub status: IntegrationStatus,
+    /// Why the integration is in `error`, for the people who must act.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
     #[serde(default)]
     pub sync_frequency: SyncFrequency,
     #[serde(default, skip_serializing_if = "Option::is_none")]
