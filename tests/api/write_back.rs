@@ -801,3 +801,86 @@ async fn two_write_backs_whose_history_ids_collide_are_both_carried_out_and_reco
     history_of(&test, &format!("writeback:{first}")).await;
     history_of(&test, &format!("writeback:{second}")).await;
 }
+
+#[tokio::test]
+async fn a_write_back_salesforce_cannot_take_now_is_retried_later_and_one_no_retry_can_fix_is_dead_lettered()
+ {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    test.register_integration(two_way(&fake, "newest_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test
+        .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
+        .await;
+    sync(&handler, "job-1").await;
+    let store = test.store();
+    let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
+    shard.structured_data["email"] = json!("ann@lee.test");
+    shard.updated_at = Some(Utc::now());
+    store.upsert(&shard).await.unwrap();
+
+    fake.org.lock().unwrap().outage = Some(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    let res = handler
+        .invoke(
+            "SyncOutbound",
+            &write_back(ANN, "update", Some(&["email"]), "wb-9", 1),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    let record = history_of(&test, "writeback:wb-9").await;
+    assert_eq!(record["status"], "failed");
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("retrying at"),
+        "{record}"
+    );
+    assert_eq!(record["stats"]["recordsFailed"], 1);
+    let retry = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(retry.len(), 1, "re-sent for later");
+    assert_eq!(
+        retry[0].session_id.as_deref(),
+        Some(SF),
+        "in the integration's session"
+    );
+    let body: Value = serde_json::from_slice(&retry[0].body).unwrap();
+    assert_eq!(body["attempt"], 2);
+
+    // Salesforce is back: the retry writes it.
+    fake.org.lock().unwrap().outage = None;
+    deliver_write_backs(&test, &handler).await;
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@lee.test"
+    );
+
+    // No integration writes c_company shards back: nothing to retry, dead-lettered with why.
+    let company: handler::model::Shard = serde_json::from_value(json!({
+        "id": "acme", "tenantId": "t1", "shardTypeId": "c_company", "structuredData": {}
+    }))
+    .unwrap();
+    store.upsert(&company).await.unwrap();
+    let res = handler
+        .invoke(
+            "SyncOutbound",
+            &write_back("acme", "update", None, "wb-10", 1),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    let dead = test.broker().peek(handler::queue::SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].properties["DeadLetterReason"], "VALIDATION_ERROR");
+    assert!(
+        dead[0].properties["DeadLetterErrorDescription"]
+            .as_str()
+            .unwrap()
+            .contains("writes `c_company` shards back")
+    );
+}
