@@ -57,6 +57,8 @@ pub struct Dataverse {
     pub unavailable: usize,
     /// Any request with a `$deltatoken` answers the expired-version-stamp error.
     pub expire_delta_tokens: bool,
+    /// The next write is made, then its answer waits until the test releases it.
+    pub hold_next_write: bool,
     /// Every data request's method, path and decoded query, in order.
     pub requests: Vec<String>,
     url: String,
@@ -67,6 +69,10 @@ pub struct FakeDynamics {
     /// The environment URL, the host a client composes `{url}/api/data/v9.2/...` from.
     pub url: String,
     pub state: Arc<Mutex<Dataverse>>,
+    /// With `hold_next_write`, the next write is made and its answer waits: `held` is notified
+    /// once it is made, and the answer goes when `release` is.
+    pub held: Arc<tokio::sync::Notify>,
+    pub release: Arc<tokio::sync::Notify>,
 }
 
 /// `accounts` → `account`: one trailing `s` is enough for the tables tests use.
@@ -630,23 +636,32 @@ async fn data(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut dv = fake.state.lock().unwrap();
-    if let Some(answer) = dv.refuse(method.as_str(), &segment, &params, &headers) {
-        return answer;
+    let (answer, hold) = {
+        let mut dv = fake.state.lock().unwrap();
+        if let Some(answer) = dv.refuse(method.as_str(), &segment, &params, &headers) {
+            return answer;
+        }
+        let prefer = prefer(&headers);
+        let writes = method != Method::GET;
+        let answer = match (method, split(&segment)) {
+            (Method::GET, (set, None)) => dv.list(set, &params, &prefer),
+            (Method::GET, (set, Some(id))) => dv.point_read(set, id, param(&params, "$select")),
+            (Method::POST, (set, None)) => dv.create(set, &body, &prefer),
+            (Method::PATCH, (set, Some(id))) => dv.upsert(set, id, &headers, &body, &prefer),
+            (Method::DELETE, (set, Some(id))) => dv.delete(set, id, &headers),
+            _ => error(
+                405,
+                "0x80060888",
+                "The requested method is not supported on this resource.",
+            ),
+        };
+        (answer, writes && std::mem::take(&mut dv.hold_next_write))
+    };
+    if hold {
+        fake.held.notify_one();
+        fake.release.notified().await;
     }
-    let prefer = prefer(&headers);
-    match (method, split(&segment)) {
-        (Method::GET, (set, None)) => dv.list(set, &params, &prefer),
-        (Method::GET, (set, Some(id))) => dv.point_read(set, id, param(&params, "$select")),
-        (Method::POST, (set, None)) => dv.create(set, &body, &prefer),
-        (Method::PATCH, (set, Some(id))) => dv.upsert(set, id, &headers, &body, &prefer),
-        (Method::DELETE, (set, Some(id))) => dv.delete(set, id, &headers),
-        _ => error(
-            405,
-            "0x80060888",
-            "The requested method is not supported on this resource.",
-        ),
-    }
+    answer
 }
 
 impl FakeDynamics {
@@ -660,6 +675,8 @@ impl FakeDynamics {
         let fake = Self {
             url,
             state: Arc::new(Mutex::new(dataverse)),
+            held: Arc::new(tokio::sync::Notify::new()),
+            release: Arc::new(tokio::sync::Notify::new()),
         };
         let router = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token))

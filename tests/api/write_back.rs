@@ -679,7 +679,7 @@ async fn manual_overwrites_neither_side_until_an_operator_takes_one() {
 }
 
 #[tokio::test]
-async fn dynamics_365_rows_are_created_once_updated_and_deleted_from_castiel() {
+async fn dynamics_365_rows_are_created_once_whatever_the_deliveries_then_updated_and_deleted() {
     let test = TestApp::new();
     let fake = FakeDynamics::start().await;
     test.register_integration(json!({
@@ -716,9 +716,33 @@ async fn dynamics_365_rows_are_created_once_updated_and_deleted_from_castiel() {
         .await;
     let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
     assert_eq!(waiting.len(), 1);
-    // Delivered twice: the second delivery finds the write-back done.
-    handler.deliver("SyncOutbound", &waiting[0]).await;
-    handler.deliver("SyncOutbound", &waiting[0]).await;
+    // The row is made, then the handler dies before the host hears back; the host delivers
+    // the message twice more.
+    fake.state.lock().unwrap().hold_next_write = true;
+    let body = String::from_utf8(waiting[0].body.clone()).unwrap();
+    let envelope = |delivery| {
+        service_bus_message(
+            "SyncOutbound",
+            &body,
+            &waiting[0].message_id,
+            delivery,
+            Some("int-contoso"),
+        )
+    };
+    let first = handler.invoke_in_background("SyncOutbound", &envelope(1));
+    fake.held.notified().await;
+    handler.kill_9().await;
+    let _ = first.await;
+    fake.release.notify_one();
+    let handler = test.host_handler().await;
+    for delivery in [2, 3] {
+        assert!(
+            handler
+                .invoke("SyncOutbound", &envelope(delivery))
+                .await
+                .host_accepts()
+        );
+    }
     test.broker()
         .delete_unlocked(waiting[0].sequence_number)
         .unwrap();
