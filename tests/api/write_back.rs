@@ -152,12 +152,11 @@ async fn sync(handler: &HostedHandler, job_id: &str) {
     assert!(res.host_accepts(), "{res:?}");
 }
 
-const ANN: &str = "int-acme-sf~Contact~003000000000001AAA";
-
-/// Ann, synced in from Salesforce under `strategy`; then renamed "Ann Lee" in Castiel an hour
-/// ago while, five minutes ago, Salesforce renamed her "Annie" and changed her email; then
-/// synced again. Returns the test app with the synced result.
-async fn edited_on_both_sides(strategy: &str) -> TestApp {
+/// Ann, a contact at Salesforce, synced in under `strategy` by a handler with `settings`.
+async fn ann_synced(
+    strategy: &str,
+    settings: &[(&str, &str)],
+) -> (TestApp, FakeSalesforce, HostedHandler) {
     let test = TestApp::new();
     let fake = FakeSalesforce::start().await;
     fake.add(
@@ -167,8 +166,18 @@ async fn edited_on_both_sides(strategy: &str) -> TestApp {
     );
     test.register_integration(two_way(&fake, strategy)).await;
     test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
+    let handler = test.host_handler_with(settings).await;
     sync(&handler, "job-1").await;
+    (test, fake, handler)
+}
+
+const ANN: &str = "int-acme-sf~Contact~003000000000001AAA";
+
+/// Ann, synced in from Salesforce under `strategy`; then renamed "Ann Lee" in Castiel an hour
+/// ago while, five minutes ago, Salesforce renamed her "Annie" and changed her email; then
+/// synced again. Returns the test app with the synced result.
+async fn edited_on_both_sides(strategy: &str) -> TestApp {
+    let (test, fake, handler) = ann_synced(strategy, &[]).await;
 
     let store = test.store();
     let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
@@ -356,18 +365,7 @@ async fn a_contact_made_in_castiel_is_created_once_at_salesforce_whatever_the_de
 
 #[tokio::test]
 async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_as_no_change() {
-    let test = TestApp::new();
-    let fake = FakeSalesforce::start().await;
-    fake.add(
-        "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
-        Utc::now() - Duration::days(2),
-    );
-    test.register_integration(two_way(&fake, "newest_wins"))
-        .await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
 
     let store = test.store();
     let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
@@ -780,18 +778,7 @@ async fn two_write_backs_whose_history_ids_collide_are_both_carried_out_and_reco
             seen.insert(record, id.clone()).map(|other| (other, id))
         })
         .unwrap();
-    let test = TestApp::new();
-    let fake = FakeSalesforce::start().await;
-    fake.add(
-        "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
-        Utc::now() - Duration::days(2),
-    );
-    test.register_integration(two_way(&fake, "newest_wins"))
-        .await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
     let store = test.store();
     for (message_id, email) in [(&first, "ann@one.test"), (&second, "ann@two.test")] {
         let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
@@ -829,20 +816,8 @@ async fn two_write_backs_whose_history_ids_collide_are_both_carried_out_and_reco
 #[tokio::test]
 async fn a_write_back_salesforce_cannot_take_now_is_retried_later_and_one_no_retry_can_fix_is_dead_lettered()
  {
-    let test = TestApp::new();
-    let fake = FakeSalesforce::start().await;
-    fake.add(
-        "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
-        Utc::now() - Duration::days(2),
-    );
-    test.register_integration(two_way(&fake, "newest_wins"))
-        .await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test
-        .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
-        .await;
-    sync(&handler, "job-1").await;
+    let (test, fake, handler) =
+        ann_synced("newest_wins", &[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")]).await;
     let store = test.store();
     let mut shard = store.get("t1", ANN).await.unwrap().unwrap().value;
     shard.structured_data["email"] = json!("ann@lee.test");

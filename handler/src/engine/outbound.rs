@@ -35,7 +35,7 @@ use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure, backoff};
 use super::two_way;
 use super::{Transient, history_slot, publish};
 use crate::app::App;
-use crate::model::conflict::{FieldSides, Modified, reconcile, value_hash};
+use crate::model::conflict::{Modified, reconcile_record, value_hash};
 use crate::model::history::{Direction, EntitySyncStats, SyncJobType, SyncTrigger};
 use crate::model::mapping::{EntityMapping, reverse, transform};
 use crate::model::messages::{WriteBackMessage, WriteBackOperation, parse_body};
@@ -414,20 +414,17 @@ async fn write(
             )
         })?;
         let bases = shard.external_relationships[i].field_hashes.clone();
-        let fields: Vec<FieldSides<'_>> = theirs
-            .keys()
-            .map(|f| FieldSides {
-                field: f,
-                base: bases.get(f).map(String::as_str),
-                castiel: data.get(f),
-                provider: theirs.get(f),
-            })
-            .collect();
         let modified = Modified {
             castiel: shard.updated_at,
             provider: record.modified_at,
         };
-        let decided = reconcile(&fields, &integration.conflict_policy(), modified);
+        let decided = reconcile_record(
+            &bases,
+            &data,
+            &theirs,
+            &integration.conflict_policy(),
+            modified,
+        );
         let reversed = reverse(&mapping.field_mappings, &data, Some(&decided.to_provider));
         pushed.irreversible = reversed.irreversible.clone();
         if reversed.fields.is_empty() {

@@ -26,7 +26,7 @@ use adapters::{ErrorCode, Record};
 use super::failure::FailureCode;
 use crate::model::Shard;
 use crate::model::conflict::{
-    ConflictPolicy, FieldConflict, FieldSides, Modified, reconcile, value_hash,
+    ConflictPolicy, FieldConflict, Modified, reconcile_record, value_hash,
 };
 use crate::model::dedup::{DedupRules, merge};
 use crate::model::mapping::{EntityMapping, transform};
@@ -416,20 +416,11 @@ fn two_way_landing(
         .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
         .map(|r| r.field_hashes.clone())
         .unwrap_or_default();
-    let fields: Vec<FieldSides<'_>> = data
-        .keys()
-        .map(|f| FieldSides {
-            field: f,
-            base: bases.get(f).map(String::as_str),
-            castiel: stored.get(f),
-            provider: data.get(f),
-        })
-        .collect();
     let modified = Modified {
         castiel: shard.updated_at,
         provider: record.modified_at,
     };
-    let decided = reconcile(&fields, policy, modified);
+    let decided = reconcile_record(&bases, &stored, data, policy, modified);
     let mut merged = stored.clone();
     for f in &decided.to_castiel {
         merged.insert(f.clone(), data.get(f).cloned().unwrap_or(Value::Null));

@@ -304,6 +304,27 @@ impl ConflictRecord {
     }
 }
 
+/// [`reconcile`] over a whole record: every field the provider's record maps to, against the
+/// agreed fingerprints `bases` and the shard's `castiel` values.
+pub fn reconcile_record(
+    bases: &BTreeMap<String, String>,
+    castiel: &serde_json::Map<String, Value>,
+    provider: &serde_json::Map<String, Value>,
+    policy: &ConflictPolicy,
+    modified: Modified,
+) -> Reconciled {
+    let fields: Vec<FieldSides<'_>> = provider
+        .keys()
+        .map(|f| FieldSides {
+            field: f,
+            base: bases.get(f).map(String::as_str),
+            castiel: castiel.get(f),
+            provider: provider.get(f),
+        })
+        .collect();
+    reconcile(&fields, policy, modified)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
