@@ -78,6 +78,10 @@ pub struct AzureSettings {
 pub struct AppInsightsSetting {
     pub connection_string: String,
     pub auth: IngestionAuth,
+    /// The connection string's `IngestionEndpoint` when it is plain http to a loopback address
+    /// (a local stand-in for Azure Monitor): its authority, which the exporter would otherwise
+    /// reach over https.
+    pub loopback_http: Option<String>,
 }
 
 impl std::fmt::Debug for AppInsightsSetting {
@@ -196,6 +200,16 @@ impl std::fmt::Debug for EventGridSetting {
 
 /// Whether a setting's value looks like a connection string (`Key=value;...`), which carries a
 /// key and belongs in another setting.
+/// Whether a URL names this machine: `localhost` or a loopback address.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn is_connection_string(value: &str) -> bool {
     value.contains(';') && value.contains('=')
 }
@@ -432,12 +446,7 @@ impl Settings {
         let webhook_base_url = read("WEBHOOK_BASE_URL").and_then(|v| {
             let url = v.trim().trim_end_matches('/').to_string();
             let parsed = reqwest::Url::parse(&url).ok();
-            let host = parsed.as_ref().and_then(|u| u.host_str()).unwrap_or_default();
-            let loopback = host == "localhost"
-                || host
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
+            let loopback = parsed.as_ref().is_some_and(is_loopback);
             match parsed.as_ref().map(reqwest::Url::scheme) {
                 Some("https") => Some(url),
                 Some("http") if loopback => Some(url),
@@ -546,9 +555,34 @@ impl Settings {
                 );
                 return None;
             }
+            let endpoint = text.split(';').find_map(|part| {
+                let (name, v) = part.trim().split_once('=')?;
+                name.eq_ignore_ascii_case("IngestionEndpoint")
+                    .then(|| v.trim().to_string())
+            });
+            let loopback_http = match endpoint.as_deref().map(reqwest::Url::parse) {
+                None => None,
+                Some(Ok(url)) if url.scheme() == "https" => None,
+                Some(Ok(url)) if url.scheme() == "http" && is_loopback(&url) => {
+                    let host = url.host_str().unwrap_or_default();
+                    Some(match url.port() {
+                        Some(port) => format!("{host}:{port}"),
+                        None => host.to_string(),
+                    })
+                }
+                Some(_) => {
+                    problems.push(
+                        "APPLICATIONINSIGHTS_CONNECTION_STRING: IngestionEndpoint must be an https \
+                         URL (plain http only to a loopback address)"
+                            .into(),
+                    );
+                    return None;
+                }
+            };
             Some(AppInsightsSetting {
                 connection_string: text,
                 auth,
+                loopback_http,
             })
         });
         let azure = AzureSettings {
@@ -660,6 +694,25 @@ mod tests {
         .to_string();
         assert!(err.contains("no InstrumentationKey"), "{err}");
         assert!(!err.contains("abc"), "{err}");
+        let plain = settings(&[(
+            "APPLICATIONINSIGHTS_CONNECTION_STRING",
+            "InstrumentationKey=k;IngestionEndpoint=http://westeurope.in.applicationinsights.azure.com/",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            plain.contains("IngestionEndpoint must be an https URL"),
+            "{plain}"
+        );
+        let local = settings(&[(
+            "APPLICATIONINSIGHTS_CONNECTION_STRING",
+            "InstrumentationKey=k;IngestionEndpoint=http://127.0.0.1:4318/",
+        )])
+        .unwrap();
+        assert_eq!(
+            local.azure.app_insights.unwrap().loopback_http.as_deref(),
+            Some("127.0.0.1:4318")
+        );
     }
 
     #[test]

@@ -221,12 +221,18 @@ impl Telemetry {
                     IngestionAuth::Key => None,
                     IngestionAuth::Entra { .. } => entra.clone(),
                 },
+                loopback_http: setting.loopback_http.clone(),
             };
             let exporter = |client| {
                 opentelemetry_application_insights::Exporter::new_from_connection_string(
                     setting.connection_string.clone(),
                     client,
                 )
+                .map(|exporter| {
+                    exporter.with_retry_notify(|error, delay| {
+                        tracing::warn!(%error, retry_in = ?delay, "telemetry was not accepted; trying again");
+                    })
+                })
                 .map_err(|e| format!("APPLICATIONINSIGHTS_CONNECTION_STRING: {e}"))
             };
             meters = meters.with_reader(
@@ -322,6 +328,9 @@ struct Ingestion {
     http: reqwest::Client,
     runtime: tokio::runtime::Handle,
     entra: Option<Arc<dyn TokenSource>>,
+    /// A loopback ingestion endpoint configured with plain http, which the exporter turns into
+    /// https: its requests go back to http.
+    loopback_http: Option<String>,
 }
 
 impl std::fmt::Debug for Ingestion {
@@ -335,9 +344,17 @@ impl HttpClient for Ingestion {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
         let http = self.http.clone();
         let entra = self.entra.clone();
+        let loopback = self.loopback_http.clone();
         let sent = self.runtime.spawn(async move {
             let (parts, body) = request.into_parts();
             let mut url = parts.uri.to_string();
+            if let Some(authority) = loopback {
+                url = url.replacen(
+                    &format!("https://{authority}"),
+                    &format!("http://{authority}"),
+                    1,
+                );
+            }
             let mut token = None;
             if let Some(entra) = entra {
                 url = url.replacen("/v2/track", "/v2.1/track", 1);

@@ -273,6 +273,18 @@ impl LocalRuntime {
         runtime
     }
 
+    /// Stops the runtime as the platform does, with SIGTERM, and waits until it has exited.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success());
+        self.child.wait().await.unwrap()
+    }
+
     /// Kills the runtime with SIGKILL: no cleanup of any kind.
     pub async fn kill_9(mut self) {
         self.child.kill().await.unwrap();

@@ -31,6 +31,7 @@ mod packaging;
 mod salesforce_sync;
 mod salesforce_webhook;
 mod scheduler;
+mod telemetry;
 mod write_back;
 mod write_failures;
 mod zoom_sync;
