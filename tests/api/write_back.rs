@@ -274,9 +274,11 @@ fn write_back(
     message_id: &str,
     delivery: u32,
 ) -> Value {
+    // A redelivery carries the very message the first delivery did.
     let mut message = json!({
         "shardId": shard, "tenantId": "t1", "operation": operation, "externalSystem": "salesforce",
-        "triggeredAt": Utc::now(), "triggeredBy": "user-7"
+        "triggeredAt": "2026-11-22T10:00:00Z",
+        "triggeredBy": "user-7"
     });
     if let Some(fields) = changed {
         message["changedFields"] = json!(fields);
