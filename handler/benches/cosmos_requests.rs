@@ -67,7 +67,7 @@ impl ShardStore for Counting {
             .fetch_add(ids.len().div_ceil(1000) as u64, Ordering::Relaxed);
         self.inner.get_many(tenant_id, ids).await
     }
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
         self.counts
             .writes
             .fetch_add(shards.len() as u64, Ordering::Relaxed);

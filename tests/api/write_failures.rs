@@ -48,7 +48,7 @@ impl ShardStore for FailingWrites {
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         self.inner.query(query).await
     }
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
         if self.batch_calls.fetch_add(1, Ordering::SeqCst) < self.batch_failures {
             return Err(StoreError::Unavailable("429 too many requests".into()));
         }

@@ -30,6 +30,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::http::{self, Retries};
@@ -114,15 +116,15 @@ impl Salesforce {
         .await
     }
 
-    /// Sends a GET to `path_and_query` on the instance. Returns the body and the API usage the
-    /// answer reported.
-    async fn get(
+    /// Sends a GET to `path_and_query` on the instance. Returns the body, read as `T`, and the
+    /// API usage the answer reported.
+    async fn get<T: DeserializeOwned>(
         &self,
         conn: &mut Connection,
         path_and_query: &str,
         query: &[(&str, String)],
         batch_size: Option<usize>,
-    ) -> Result<(Value, Option<(u64, u64)>), ProviderError> {
+    ) -> Result<(T, Option<(u64, u64)>), ProviderError> {
         let request = Request {
             method: Method::GET,
             path: path_and_query,
@@ -137,11 +139,14 @@ impl Salesforce {
     /// Sends a request to the instance, refreshing the token first if there is none and once
     /// more on a 401, and retrying in place what a retry can fix (every write here is
     /// idempotent: an upsert by external id, an update, a delete).
-    async fn send(
+    ///
+    /// A successful answer is read straight into `T` (an empty one as JSON `null`): a page of
+    /// records becomes the records' own field maps, with no document in between.
+    async fn send<T: DeserializeOwned>(
         &self,
         conn: &mut Connection,
         r: &Request<'_>,
-    ) -> Result<(Value, Option<(u64, u64)>), ProviderError> {
+    ) -> Result<(T, Option<(u64, u64)>), ProviderError> {
         let Request {
             method,
             path: path_and_query,
@@ -192,10 +197,19 @@ impl Salesforce {
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_api_usage);
                     let retry_after = http::retry_after(response.headers(), Utc::now());
-                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    let bytes = response.bytes().await.unwrap_or_default();
                     if status.is_success() {
-                        return Ok((body, usage));
+                        let text: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+                        return serde_json::from_slice(text)
+                            .map(|body| (body, usage))
+                            .map_err(|e| {
+                                ProviderError::new(
+                                    ErrorCode::ServiceUnavailable,
+                                    format!("Salesforce's answer is unreadable: {e}"),
+                                )
+                            });
                     }
+                    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                     if status == StatusCode::UNAUTHORIZED && !refreshed {
                         refreshed = true;
                         self.refresh(conn).await?;
@@ -296,7 +310,7 @@ impl WriteBack for Salesforce {
             headers: &[],
             batch_size: None,
         };
-        let (answer, _) = self.send(conn, &request).await?;
+        let (answer, _): (Value, _) = self.send(conn, &request).await?;
         let external_id = answer["id"]
             .as_str()
             .and_then(normalize_id)
@@ -340,7 +354,7 @@ impl WriteBack for Salesforce {
             headers: &headers,
             batch_size: None,
         };
-        self.send(conn, &request).await?;
+        self.send::<Value>(conn, &request).await?;
         Ok(Written {
             external_id: id,
             version: None,
@@ -362,7 +376,7 @@ impl WriteBack for Salesforce {
             headers: &[],
             batch_size: None,
         };
-        match self.send(conn, &request).await {
+        match self.send::<Value>(conn, &request).await {
             Err(e) if e.code == ErrorCode::NotFound => Ok(()),
             other => other.map(drop),
         }
@@ -452,18 +466,34 @@ pub fn normalize_id(id: &str) -> Option<String> {
 }
 
 /// The records of a query answer.
-fn query_records(body: &Value) -> Result<Vec<Record>, ProviderError> {
-    Ok(body["records"]
-        .as_array()
-        .ok_or_else(|| {
-            ProviderError::new(
-                ErrorCode::ServiceUnavailable,
-                "the query answer has no records",
-            )
-        })?
-        .iter()
-        .filter_map(|r| r.as_object().cloned().and_then(record_from))
-        .collect())
+/// One answer of the query API: a batch of records, and where the next batch is.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QueryAnswer {
+    records: Vec<Map<String, Value>>,
+    #[serde(default = "finished")]
+    done: bool,
+    #[serde(default)]
+    next_records_url: Option<String>,
+}
+
+fn finished() -> bool {
+    true
+}
+
+impl QueryAnswer {
+    /// Where the next batch is, if there is one.
+    fn next(&self) -> Option<&str> {
+        if self.done {
+            None
+        } else {
+            self.next_records_url.as_deref()
+        }
+    }
+
+    fn into_records(self) -> Vec<Record> {
+        self.records.into_iter().filter_map(record_from).collect()
+    }
 }
 
 /// Reads `api-usage=10018/100000` from a `Sforce-Limit-Info` header.
@@ -587,18 +617,15 @@ impl Pull for Salesforce {
             }
         };
         let batch = request.page_size.clamp(200, 2000);
-        let (body, usage) = self.get(conn, &path, &params, Some(batch)).await?;
-        let records = query_records(&body)?;
-        let done = body["done"].as_bool().unwrap_or(true);
+        let (answer, usage): (QueryAnswer, _) =
+            self.get(conn, &path, &params, Some(batch)).await?;
+        let next_page = answer.next().map(str::to_string);
+        let records = answer.into_records();
         let cursor = records.iter().filter_map(|r| r.modified_at).max();
         Ok(Page {
             cursor: cursor.map(cursor_of),
             records,
-            next_page: if done {
-                None
-            } else {
-                body["nextRecordsUrl"].as_str().map(str::to_string)
-            },
+            next_page,
             query,
             stop_after: Self::usage_stop(conn, usage),
         })
@@ -631,14 +658,16 @@ impl Pull for Salesforce {
             let mut path = format!("/services/data/{version}/query");
             let mut params = vec![("q", soql)];
             loop {
-                let (body, _) = self.get(conn, &path, &params, Some(2000)).await?;
-                records.extend(query_records(&body)?);
-                match body["nextRecordsUrl"].as_str() {
-                    Some(next) if body["done"] == Value::Bool(false) => {
-                        path = next.to_string();
+                let (answer, _): (QueryAnswer, _) =
+                    self.get(conn, &path, &params, Some(2000)).await?;
+                let next = answer.next().map(str::to_string);
+                records.extend(answer.into_records());
+                match next {
+                    Some(next) => {
+                        path = next;
                         params.clear();
                     }
-                    _ => break,
+                    None => break,
                 }
             }
         }
@@ -661,7 +690,7 @@ impl Pull for Salesforce {
         }
         let version = Self::api_version(conn);
         let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
-        let (body, _) = self
+        let (body, _): (Value, _) = self
             .get(
                 conn,
                 &format!("/services/data/{version}/sobjects/{entity}/deleted/"),

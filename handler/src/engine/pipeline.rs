@@ -19,7 +19,7 @@
 //! batch goes on. A failure of the provider or the store as a whole ends the run with that
 //! error; the caller decides between retry, dead letter and "resume next run".
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -718,9 +718,10 @@ impl<'a> EntityRun<'a> {
                 .map(|found| found.map(|v| v.value))
                 .collect()
         };
-        let mut changes = plan::changes(&mut landed, stored_derived, self.now);
-        let failed_ids = self.write(std::mem::take(&mut changes.writes)).await?;
-        self.follow_two_way(&landed, &failed_ids).await?;
+        let changes = plan::changes(&mut landed, stored_derived, self.now);
+        let failed_ids = self.write(&changes.writes).await?;
+        self.follow_two_way(&landed, &changes.writes, &failed_ids)
+            .await?;
         let tally = plan::tally(&landed.landed, &changes, &failed_ids);
         self.counters.created += tally.created;
         self.counters.updated += tally.updated;
@@ -737,6 +738,7 @@ impl<'a> EntityRun<'a> {
     async fn follow_two_way(
         &self,
         landed: &plan::Landed,
+        written: &[Shard],
         failed_ids: &[String],
     ) -> Result<(), Failure> {
         let tenant = self.job.tenant_id;
@@ -767,12 +769,21 @@ impl<'a> EntityRun<'a> {
             })
             .await?;
         }
+        let written: HashMap<&str, &Shard> = if landed.to_provider.is_empty() {
+            HashMap::new()
+        } else {
+            written.iter().map(|s| (s.id.as_str(), s)).collect()
+        };
         for (shard_id, fields) in landed
             .to_provider
             .iter()
             .filter(|(id, _)| !failed_ids.contains(id))
         {
-            let Some(shard) = landed.shards.get(shard_id) else {
+            let Some(shard) = written
+                .get(shard_id.as_str())
+                .copied()
+                .or_else(|| landed.shards.get(shard_id))
+            else {
                 continue;
             };
             let external_id = shard
@@ -846,7 +857,7 @@ impl<'a> EntityRun<'a> {
                 None => self.counters.skipped += 1,
             }
         }
-        let failed = self.write(writes).await?;
+        let failed = self.write(&writes).await?;
         for id in failed {
             self.counters.updated -= 1;
             self.record_error(
@@ -859,21 +870,21 @@ impl<'a> EntityRun<'a> {
         Ok(())
     }
 
-    /// Writes a batch; retries it with backoff, then shard by shard. Returns the ids that could
-    /// not be written; fails the run only if none could.
-    async fn write(&self, shards: Vec<Shard>) -> Result<Vec<String>, Failure> {
+    /// Writes a page's shards in batches; retries them with backoff, then shard by shard.
+    /// Returns the ids that could not be written: those the store refused for what they are,
+    /// and those that still failed alone. Fails the run only if the store wrote none of them.
+    async fn write(&self, shards: &[Shard]) -> Result<Vec<String>, Failure> {
         if shards.is_empty() {
             return Ok(Vec::new());
         }
-        if self
-            .with_retries(|| self.app.store.upsert_many(&shards))
+        if let Ok(refused) = self
+            .with_retries(|| self.app.store.upsert_many(shards))
             .await
-            .is_ok()
         {
-            return Ok(Vec::new());
+            return Ok(refused);
         }
         let mut failed = Vec::new();
-        for shard in &shards {
+        for shard in shards {
             if self.app.store.upsert(shard).await.is_err() {
                 failed.push(shard.id.clone());
             }

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use adapters::{ErrorCode, Record};
 
@@ -259,11 +259,6 @@ pub fn land_page(
         let shard = match target {
             Some(id) => {
                 let shard = shards.get_mut(&id).expect("targets are loaded");
-                let base = shard
-                    .structured_data
-                    .as_object()
-                    .cloned()
-                    .unwrap_or_default();
                 match two_way {
                     Some(policy) if &id == own_id => {
                         let decided = two_way_landing(ctx, shard, record, data, policy);
@@ -275,8 +270,12 @@ pub fn land_page(
                         }
                     }
                     _ => {
+                        let stored = match std::mem::take(&mut shard.structured_data) {
+                            Value::Object(stored) => stored,
+                            _ => Map::new(),
+                        };
                         shard.structured_data =
-                            Value::Object(landed_data(rules, &id == own_id, base, data));
+                            Value::Object(landed_data(rules, &id == own_id, stored, data));
                     }
                 }
                 shard
@@ -523,7 +522,8 @@ fn new_shard(
 /// What a landed page writes.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// The shards whose content changed, stamped with their new hash and write time.
+    /// The shards whose content changed, stamped with their new hash and write time (moved
+    /// out of [`Landed::shards`], which keeps the unchanged ones).
     pub writes: Vec<Shard>,
     /// Whether each landed shard changed.
     pub changed: HashMap<String, bool>,
@@ -537,17 +537,19 @@ pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>, now: DateTime<Ut
         read_hashes: std::mem::take(&mut landed.read_hashes),
         ..Changes::default()
     };
-    for shard in landed.shards.values_mut() {
-        let hash = content_hash(shard);
+    for (id, mut shard) in std::mem::take(&mut landed.shards) {
+        let hash = content_hash(&shard);
         let is_changed = out
             .read_hashes
-            .get(&shard.id)
+            .get(&id)
             .is_none_or(|old| old.as_deref() != Some(hash.as_str()));
-        out.changed.insert(shard.id.clone(), is_changed);
+        out.changed.insert(id.clone(), is_changed);
         if is_changed {
             shard.updated_at = Some(now);
             shard.content_hash = Some(hash);
-            out.writes.push(shard.clone());
+            out.writes.push(shard);
+        } else {
+            landed.shards.insert(id, shard);
         }
     }
     for (mut shard, stored) in std::mem::take(&mut landed.derived).into_iter().zip(stored) {
@@ -645,39 +647,63 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
 }
 
 /// A stable fingerprint of what a shard says (not when it was written).
+///
+/// The fingerprint is FNV-1a over a canonical JSON text: `[type, name, data, relationships,
+/// links, deleted]`, objects with sorted keys. The text is streamed into the hash as it is
+/// serialized, never built: hashing a page of shards allocates nothing per shard beyond the
+/// relationships (rare: derived shards) and the answer.
 pub fn content_hash(shard: &Shard) -> String {
-    // A two-way link's agreed values are content too: they decide what the next sync does.
-    let external: Vec<Value> = shard
-        .external_relationships
-        .iter()
-        .map(|r| {
-            let link = json!([r.integration_id, r.external_id, r.sync_status.as_str()]);
+    /// A link to an external record, with its agreed values when the link is two-way (they
+    /// are content too: they decide what the next sync does).
+    struct Link<'a>(&'a ExternalRelationship);
+
+    impl serde::Serialize for Link<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let r = self.0;
+            let status = r.sync_status.as_str();
             if r.field_hashes.is_empty() {
-                link
+                (&r.integration_id, &r.external_id, status).serialize(s)
             } else {
-                json!([
-                    r.integration_id,
-                    r.external_id,
-                    r.sync_status.as_str(),
-                    r.field_hashes
-                ])
+                (&r.integration_id, &r.external_id, status, &r.field_hashes).serialize(s)
             }
-        })
-        .collect();
-    let canonical = json!([
-        shard.shard_type_id,
-        shard.name,
-        shard.structured_data,
-        shard.relationships,
-        external,
-        shard.deleted_at.is_some()
-    ]);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in canonical.to_string().bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
-    format!("{hash:016x}")
+
+    // Relationships as a JSON value, so their keys are sorted like the data's.
+    let relationships = if shard.relationships.is_empty() {
+        Value::Array(Vec::new())
+    } else {
+        serde_json::to_value(&shard.relationships).unwrap_or(Value::Null)
+    };
+    let links: Vec<Link<'_>> = shard.external_relationships.iter().map(Link).collect();
+    let canonical = (
+        &shard.shard_type_id,
+        &shard.name,
+        &shard.structured_data,
+        &relationships,
+        &links,
+        shard.deleted_at.is_some(),
+    );
+    let mut hash = Fnv1a(0xcbf2_9ce4_8422_2325);
+    serde_json::to_writer(&mut hash, &canonical).expect("hashing does not fail");
+    format!("{:016x}", hash.0)
+}
+
+/// FNV-1a, 64 bits, as an `io::Write` sink for the canonical text.
+struct Fnv1a(u64);
+
+impl std::io::Write for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The data of a shard after a record lands in it. A record's own shard takes the source's
@@ -730,6 +756,7 @@ fn link_external(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn contacts(dedup: bool, create_new: bool) -> EntityMapping {
         let mut mapping = json!({
@@ -1157,5 +1184,42 @@ mod tests {
         assert_eq!(content_hash(&a), with_link, "sync times are not content");
         a.structured_data["email"] = json!("ann@y.test");
         assert_ne!(content_hash(&a), with_link);
+    }
+
+    /// Fingerprints are stored on every synced shard: the streamed hash must be the one the
+    /// canonical text has always had, or an upgrade would rewrite every shard once.
+    #[test]
+    fn the_content_hash_is_fnv_1a_of_the_canonical_text() {
+        let mut shard: Shard = serde_json::from_value(json!({
+            "id": "s", "tenantId": "t", "shardTypeId": "c_contact", "name": "Ann \"A\" Ó",
+            "structuredData": {"z": [1, 2.5, null], "email": "ann@x.test", "nested": {"b": true, "a": "\n"}},
+            "relationships": [{"type": "derived_from", "targetId": "p", "targetType": "c_company"}]
+        }))
+        .unwrap();
+        let mut link = ExternalRelationship::synced("i", "1", SyncDirection::Bidirectional, now());
+        link.field_hashes.insert("email".into(), "abc".into());
+        shard.external_relationships.push(link);
+        shard.external_relationships.push(ExternalRelationship::synced(
+            "j",
+            "2",
+            SyncDirection::Inbound,
+            now(),
+        ));
+        shard.deleted_at = Some(now());
+        let text = json!([
+            "c_contact",
+            "Ann \"A\" Ó",
+            shard.structured_data,
+            [{"targetId": "p", "targetType": "c_company", "type": "derived_from"}],
+            [["i", "1", "synced", {"email": "abc"}], ["j", "2", "synced"]],
+            true
+        ])
+        .to_string();
+        let mut expected: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in text.bytes() {
+            expected ^= u64::from(byte);
+            expected = expected.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        assert_eq!(content_hash(&shard), format!("{expected:016x}"));
     }
 }

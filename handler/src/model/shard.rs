@@ -8,7 +8,11 @@ use serde_json::{Map, Value};
 
 /// A Castiel document. Fields the engine does not interpret are kept in `extra` so that
 /// reading and writing a shard never drops what another service put there.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Reading is written by hand (see the `Deserialize` impl below): a derived reader with a
+/// flattened `extra` would buffer every field of every document before reading it, and a
+/// sync reads a page of stored shards for every page it fetches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Shard {
     pub id: String,
@@ -49,6 +53,56 @@ pub struct Shard {
     /// Everything else another service put on the shard, kept as it was.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+impl<'de> Deserialize<'de> for Shard {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ShardVisitor)
+    }
+}
+
+struct ShardVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ShardVisitor {
+    type Value = Shard;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a shard document")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Shard, A::Error> {
+        use serde::de::Error;
+        let mut shard = Shard::default();
+        let (mut id, mut tenant, mut shard_type) = (false, false, false);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "id" => (shard.id, id) = (map.next_value()?, true),
+                "tenantId" => (shard.tenant_id, tenant) = (map.next_value()?, true),
+                "shardTypeId" => (shard.shard_type_id, shard_type) = (map.next_value()?, true),
+                "name" => shard.name = map.next_value()?,
+                "structuredData" => shard.structured_data = map.next_value()?,
+                "relationships" => shard.relationships = map.next_value()?,
+                "external_relationships" => shard.external_relationships = map.next_value()?,
+                "createdAt" => shard.created_at = map.next_value()?,
+                "createdBy" => shard.created_by = map.next_value()?,
+                "updatedAt" => shard.updated_at = map.next_value()?,
+                "deletedAt" => shard.deleted_at = map.next_value()?,
+                "contentHash" => shard.content_hash = map.next_value()?,
+                "dedupKeys" => shard.dedup_keys = map.next_value()?,
+                "ttl" => shard.ttl = map.next_value()?,
+                _ => {
+                    let value = map.next_value()?;
+                    shard.extra.insert(key.into_owned(), value);
+                }
+            }
+        }
+        for (present, name) in [(id, "id"), (tenant, "tenantId"), (shard_type, "shardTypeId")] {
+            if !present {
+                return Err(A::Error::missing_field(name));
+            }
+        }
+        Ok(shard)
+    }
 }
 
 /// A link from one shard to another (`sync_of`, `derived_from`, ...).
@@ -142,4 +196,45 @@ pub mod types {
     pub const INTEGRATION: &str = "c_integration";
     pub const INTEGRATION_SYNC: &str = "c_integrationSync";
     pub const SYNC_CONFLICT: &str = "c_syncConflict";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_shard_reads_back_as_written_with_what_others_put_on_it() {
+        let doc = json!({
+            "id": "s1", "tenantId": "t1", "shardTypeId": "c_contact", "name": "Ann",
+            "structuredData": {"email": "ann@x.test"},
+            "relationships": [{"type": "derived_from", "targetId": "p", "targetType": "c_company"}],
+            "external_relationships": [{"integrationId": "i", "externalId": "1", "syncStatus": "synced",
+                                        "syncDirection": "inbound", "fieldHashes": {"email": "ab"}}],
+            "createdAt": "2026-11-01T00:00:00Z", "createdBy": null, "contentHash": "00ff",
+            "dedupKeys": {"email_exact": "ann@x.test"}, "ttl": 60,
+            "acl": [{"user": "u1"}], "_rid": "kept by the caller's choice"
+        });
+        let shard: Shard = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(shard.name, "Ann");
+        assert_eq!(shard.relationships[0].target_id, "p");
+        assert_eq!(shard.external_relationships[0].field_hashes["email"], "ab");
+        assert_eq!(shard.created_by, None);
+        assert_eq!(shard.extra["acl"], json!([{"user": "u1"}]));
+        let mut expected = doc;
+        expected.as_object_mut().unwrap().remove("createdBy");
+        assert_eq!(serde_json::to_value(&shard).unwrap(), expected);
+        let text = serde_json::to_string(&shard).unwrap();
+        assert_eq!(serde_json::from_str::<Shard>(&text).unwrap(), shard);
+    }
+
+    #[test]
+    fn a_document_without_its_identity_is_not_a_shard() {
+        for missing in ["id", "tenantId", "shardTypeId"] {
+            let mut doc = json!({"id": "s1", "tenantId": "t1", "shardTypeId": "c_contact"});
+            doc.as_object_mut().unwrap().remove(missing);
+            let e = serde_json::from_value::<Shard>(doc).unwrap_err();
+            assert!(e.to_string().contains(missing), "{e}");
+        }
+    }
 }

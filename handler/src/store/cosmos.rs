@@ -10,7 +10,10 @@
 use async_trait::async_trait;
 use azure_data_cosmos::models::{ContainerProperties, ItemResponse, TimeToLive};
 use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
-use azure_data_cosmos::{ContainerClient, CosmosClient, CosmosError, FeedScope, Query};
+use azure_data_cosmos::{
+    ContainerClient, CosmosClient, CosmosError, FeedScope, Query, TransactionalBatch,
+};
+use azure_core::http::StatusCode;
 use futures_util::TryStreamExt;
 use serde_json::Value;
 
@@ -23,8 +26,13 @@ pub struct CosmosStore {
 
 /// Ids per `get_many` query: keeps the query text well under Cosmos DB's size limit.
 const GET_MANY_CHUNK: usize = 1000;
-/// Writes of a batch in flight at once.
-const UPSERT_CONCURRENCY: usize = 16;
+/// Operations per transactional batch: Cosmos DB's limit.
+const BATCH_OPERATIONS: usize = 100;
+/// Serialized documents per transactional batch, under Cosmos DB's 2 MB request limit with
+/// room for the batch's own framing.
+const BATCH_BYTES: usize = 1_800_000;
+/// Batches (or, after a refused batch, single writes) in flight at once.
+const WRITE_CONCURRENCY: usize = 8;
 
 fn store_error(e: CosmosError) -> StoreError {
     let status = e.status();
@@ -32,8 +40,65 @@ fn store_error(e: CosmosError) -> StoreError {
         StoreError::Conflict
     } else if status.is_precondition_failed() {
         StoreError::PreconditionFailed
+    } else if status.is_bad_request() || status.status_code() == StatusCode::PayloadTooLarge {
+        StoreError::Refused(format!("Cosmos DB: {e}"))
     } else {
         StoreError::Unavailable(format!("Cosmos DB: {e}"))
+    }
+}
+
+/// Splits shards into transactional batches: one partition (tenant) each, at most
+/// [`BATCH_OPERATIONS`] operations and [`BATCH_BYTES`] of documents. A document too large
+/// for any batch goes alone, and its single write gets the store's own verdict.
+fn batches(shards: &[Shard]) -> Result<Vec<Vec<&Shard>>, StoreError> {
+    let mut by_tenant: Vec<(&str, Vec<Vec<&Shard>>, usize)> = Vec::new();
+    for shard in shards {
+        let mut size = ByteCount(0);
+        serde_json::to_writer(&mut size, shard).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let size = size.0;
+        let slot = match by_tenant.iter().position(|(t, _, _)| *t == shard.tenant_id) {
+            Some(i) => i,
+            None => {
+                by_tenant.push((&shard.tenant_id, vec![Vec::new()], 0));
+                by_tenant.len() - 1
+            }
+        };
+        let (_, groups, bytes) = &mut by_tenant[slot];
+        let current = groups.last().expect("a tenant starts with a batch");
+        if !current.is_empty()
+            && (current.len() == BATCH_OPERATIONS || *bytes + size > BATCH_BYTES)
+        {
+            groups.push(Vec::new());
+            *bytes = 0;
+        }
+        *bytes += size;
+        groups.last_mut().expect("just pushed").push(shard);
+    }
+    Ok(by_tenant.into_iter().flat_map(|(_, g, _)| g).collect())
+}
+
+/// Counts the bytes a document serializes to, without keeping them.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a batch whose first failed operation answered `status` means. A refusal of one
+/// operation (and the 424 "failed dependency" of the others) is [`StoreError::Refused`], for
+/// the caller to write the batch shard by shard; throttling and outages stay retryable.
+fn batch_refusal(status: u16) -> StoreError {
+    match status {
+        408 | 429 | 449 | 500.. => {
+            StoreError::Unavailable(format!("Cosmos DB: a batch operation answered {status}"))
+        }
+        _ => StoreError::Refused(format!("Cosmos DB: a batch operation answered {status}")),
     }
 }
 
@@ -114,6 +179,41 @@ impl CosmosStore {
             Err(e) => return Err(store_error(e)),
         };
         Ok(Self { container })
+    }
+
+    /// Upserts one batch of one tenant's shards atomically.
+    async fn write_batch(&self, batch: &[&Shard]) -> Result<(), StoreError> {
+        let tenant = batch.first().map(|s| s.tenant_id.clone()).unwrap_or_default();
+        let mut operations = TransactionalBatch::new(tenant);
+        for shard in batch {
+            operations = operations.upsert_item(shard, None).map_err(store_error)?;
+        }
+        let response = self
+            .container
+            .execute_transactional_batch(operations, None)
+            .await
+            .map_err(store_error)?;
+        let results = response.into_model().map_err(store_error)?;
+        match results.results().iter().find(|r| !r.is_success()) {
+            None => Ok(()),
+            Some(failed) => Err(batch_refusal(failed.status_code())),
+        }
+    }
+
+    /// Upserts a batch's shards one by one: the ids of those Cosmos DB refuses.
+    async fn write_singly(&self, batch: &[&Shard]) -> Result<Vec<String>, StoreError> {
+        let mut refused = Vec::new();
+        for shard in batch {
+            match self.upsert(shard).await {
+                Ok(_) => {}
+                Err(StoreError::Refused(reason)) => {
+                    tracing::warn!(shard = %shard.id, %reason, "Cosmos DB refused a shard");
+                    refused.push(shard.id.clone());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(refused)
     }
 
     async fn collect(
@@ -283,16 +383,26 @@ impl ShardStore for CosmosStore {
         Ok(ids.iter().map(|id| found.remove(id)).collect())
     }
 
-    /// Upserts concurrently, one request per shard.
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
-        for chunk in shards.chunks(UPSERT_CONCURRENCY) {
-            let mut writes = Vec::with_capacity(chunk.len());
-            for shard in chunk {
-                writes.push(self.upsert(shard));
+    /// Upserts in transactional batches of up to 100 shards of one tenant: one request per
+    /// batch instead of one per shard. A batch is all or nothing, so a batch with a write
+    /// Cosmos DB refuses is written again shard by shard, and only the refused shard fails.
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
+        let batches = batches(shards)?;
+        let mut refused = Vec::new();
+        for wave in batches.chunks(WRITE_CONCURRENCY) {
+            let written = futures_util::future::join_all(wave.iter().map(|batch| async move {
+                match self.write_batch(batch).await {
+                    Ok(()) => Ok(Vec::new()),
+                    Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e)),
+                    Err(_) => self.write_singly(batch).await,
+                }
+            }))
+            .await;
+            for result in written {
+                refused.extend(result?);
             }
-            futures_util::future::try_join_all(writes).await?;
         }
-        Ok(())
+        Ok(refused)
     }
 
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {

@@ -40,6 +40,9 @@ pub enum StoreError {
     /// not create it (it reaches Cosmos DB through Entra, whose data-plane roles cannot).
     #[error("{0}")]
     NotProvisioned(String),
+    /// The store refused this one document (too large, malformed); trying again cannot help.
+    #[error("the shard store refused the document: {0}")]
+    Refused(String),
     /// A stored document could not be read back.
     #[error("stored shard is unreadable: {0}")]
     Corrupt(String),
@@ -191,12 +194,20 @@ pub trait ShardStore: Send + Sync {
         Ok(out)
     }
 
-    /// Upserts many shards; all are written or the call fails.
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
+    /// Upserts many shards in as few requests as the store allows. Returns the ids of the
+    /// shards the store refused for what they are (too large, malformed), each refused alone:
+    /// the others are written. Fails as a whole only when the store itself is failing, and
+    /// then may have written some of them (upserts are idempotent, so the caller retries all).
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
+        let mut refused = Vec::new();
         for shard in shards {
-            self.upsert(shard).await?;
+            match self.upsert(shard).await {
+                Ok(_) => {}
+                Err(StoreError::Refused(_)) => refused.push(shard.id.clone()),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        Ok(refused)
     }
 }
 

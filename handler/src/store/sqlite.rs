@@ -175,6 +175,8 @@ fn new_etag() -> String {
 }
 
 struct Row {
+    tenant_id: String,
+    id: String,
     shard_type_id: String,
     deleted: bool,
     /// When the shard expires (Unix seconds), if it has a `ttl`.
@@ -190,6 +192,8 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
     Ok(Row {
+        tenant_id: shard.tenant_id.clone(),
+        id: shard.id.clone(),
         shard_type_id: shard.shard_type_id.clone(),
         deleted: shard.deleted_at.is_some(),
         // Cosmos DB's per-item `ttl`: seconds from the last write until the item is gone.
@@ -203,19 +207,19 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
 }
 
 /// Replaces the indexed keys of one shard.
-fn write_keys(conn: &Connection, shard: &Shard, row: &Row) -> rusqlite::Result<()> {
+fn write_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?
-        .execute([&shard.tenant_id, &shard.id])?;
+        .execute([&row.tenant_id, &row.id])?;
     let mut insert = conn.prepare_cached(
         "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for (name, value) in &row.keys {
         insert.execute(rusqlite::params![
-            shard.tenant_id,
+            row.tenant_id,
             row.shard_type_id,
             name,
             value,
-            shard.id
+            row.id
         ])?;
     }
     Ok(())
@@ -226,26 +230,20 @@ fn decode(doc: &str, etag: String) -> Result<Versioned<Shard>, StoreError> {
     Ok(Versioned { value, etag })
 }
 
-fn write(
-    conn: &Connection,
-    shard: &Shard,
-    row: &Row,
-    etag: &str,
-    mode: &str,
-) -> rusqlite::Result<usize> {
+fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Result<usize> {
     let sql = format!(
         "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
     );
     let written = conn.prepare_cached(&sql)?.execute(rusqlite::params![
-        shard.tenant_id,
-        shard.id,
+        row.tenant_id,
+        row.id,
         row.shard_type_id,
         row.deleted,
         etag,
         row.doc,
         row.expires
     ])?;
-    write_keys(conn, shard, row)?;
+    write_keys(conn, row)?;
     Ok(written)
 }
 
@@ -279,12 +277,11 @@ impl ShardStore for SqliteStore {
     }
 
     async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
-        let shard = shard.clone();
-        let row = encode(&shard)?;
+        let row = encode(shard)?;
         self.with_conn(move |conn| {
             let etag = new_etag();
             let tx = conn.transaction().map_err(unavailable)?;
-            match write(&tx, &shard, &row, &etag, "INSERT").and_then(|_| tx.commit()) {
+            match write(&tx, &row, &etag, "INSERT").and_then(|_| tx.commit()) {
                 Ok(()) => Ok(etag),
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -298,12 +295,11 @@ impl ShardStore for SqliteStore {
     }
 
     async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
-        let shard = shard.clone();
-        let row = encode(&shard)?;
+        let row = encode(shard)?;
         self.with_conn(move |conn| {
             let etag = new_etag();
             let tx = conn.transaction().map_err(unavailable)?;
-            write(&tx, &shard, &row, &etag, "INSERT OR REPLACE").map_err(unavailable)?;
+            write(&tx, &row, &etag, "INSERT OR REPLACE").map_err(unavailable)?;
             tx.commit().map_err(unavailable)?;
             Ok(etag)
         })
@@ -311,8 +307,7 @@ impl ShardStore for SqliteStore {
     }
 
     async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
-        let shard = shard.clone();
-        let row = encode(&shard)?;
+        let row = encode(shard)?;
         let if_match = if_match.to_string();
         self.with_conn(move |conn| {
             let etag = new_etag();
@@ -324,8 +319,8 @@ impl ShardStore for SqliteStore {
                 )
                 .map_err(unavailable)?
                 .execute(rusqlite::params![
-                    shard.tenant_id,
-                    shard.id,
+                    row.tenant_id,
+                    row.id,
                     row.shard_type_id,
                     row.deleted,
                     etag,
@@ -335,7 +330,7 @@ impl ShardStore for SqliteStore {
                 ])
                 .map_err(unavailable)?;
             if changed == 1 {
-                write_keys(&tx, &shard, &row).map_err(unavailable)?;
+                write_keys(&tx, &row).map_err(unavailable)?;
                 tx.commit().map_err(unavailable)?;
                 Ok(etag)
             } else {
@@ -345,42 +340,49 @@ impl ShardStore for SqliteStore {
         .await
     }
 
+    /// One statement for all the ids, in one read transaction: a page's shards cost one
+    /// lookup of the WAL's read lock instead of one per shard.
     async fn get_many(
         &self,
         tenant_id: &str,
         ids: &[String],
     ) -> Result<Vec<Option<Versioned<Shard>>>, StoreError> {
-        let (tenant_id, ids) = (tenant_id.to_string(), ids.to_vec());
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tenant_id = tenant_id.to_string();
+        let wanted = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let ids = ids.to_vec();
         self.with_conn(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT doc, etag FROM shards WHERE tenant_id = ?1 AND id = ?2")
+                .prepare_cached(
+                    "SELECT id, doc, etag FROM shards
+                     WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+                )
                 .map_err(unavailable)?;
-            ids.iter()
-                .map(|id| {
-                    stmt.query_row([&tenant_id, id], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get(1)?))
-                    })
-                    .optional()
-                    .map_err(unavailable)?
-                    .map(|(doc, etag)| decode(&doc, etag))
-                    .transpose()
-                })
-                .collect()
+            let mut found = std::collections::HashMap::with_capacity(ids.len());
+            let mut rows = stmt.query([&tenant_id, &wanted]).map_err(unavailable)?;
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let id: String = row.get(0).map_err(unavailable)?;
+                let doc = row.get_ref(1).map_err(unavailable)?;
+                let doc = doc.as_str().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let shard = decode(doc, row.get(2).map_err(unavailable)?)?;
+                found.insert(id, shard);
+            }
+            Ok(ids.iter().map(|id| found.remove(id)).collect())
         })
         .await
     }
 
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<(), StoreError> {
-        let rows = shards
-            .iter()
-            .map(|s| encode(s).map(|row| (s.clone(), row)))
-            .collect::<Result<Vec<_>, _>>()?;
+    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
+        let rows = shards.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            for (shard, row) in &rows {
-                write(&tx, shard, row, &new_etag(), "INSERT OR REPLACE").map_err(unavailable)?;
+            for row in &rows {
+                write(&tx, row, &new_etag(), "INSERT OR REPLACE").map_err(unavailable)?;
             }
-            tx.commit().map_err(unavailable)
+            tx.commit().map_err(unavailable)?;
+            Ok(Vec::new())
         })
         .await
     }
