@@ -336,6 +336,62 @@ async fn last_stats(dir: &Path, job_id: &str) -> Value {
     record["stats"].clone()
 }
 
+/// The loopback Salesforce alone: the same queries read over HTTP with nothing done with the
+/// answers. Returns the wall time and the pages served.
+async fn fake_alone(fake: &FakeSalesforce) -> (Duration, usize) {
+    let http = reqwest::Client::new();
+    let credentials = fake.credentials();
+    let token: Value = http
+        .post(format!("{}/services/oauth2/token", fake.url))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            (
+                "refresh_token",
+                credentials["refresh_token"].as_str().unwrap(),
+            ),
+            ("client_id", credentials["client_id"].as_str().unwrap()),
+            (
+                "client_secret",
+                credentials["client_secret"].as_str().unwrap(),
+            ),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    let started = Instant::now();
+    let mut pages = 0;
+    for entity in ["Account", "Contact"] {
+        let mut url = format!(
+            "{}/services/data/v62.0/query?q=SELECT Id, Name, Industry, Email, SystemModstamp FROM {entity} ORDER BY SystemModstamp ASC, Id ASC",
+            fake.url
+        );
+        loop {
+            let body = http
+                .get(&url)
+                .header("Authorization", &bearer)
+                .header("Sforce-Query-Options", "batchSize=2000")
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            pages += 1;
+            // Only where the next batch is: the records are left unread.
+            let tail = std::str::from_utf8(&body[..body.len().min(300)]).unwrap();
+            match tail.split_once("\"nextRecordsUrl\":\"") {
+                Some((_, rest)) => url = format!("{}{}", fake.url, rest.split('"').next().unwrap()),
+                None => break,
+            }
+        }
+    }
+    (started.elapsed(), pages)
+}
+
 /// Fetch, parse and write the same records with nothing else: the floor for the engine.
 async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
     let store = SqliteStore::open(&dir.join("baseline.db")).unwrap();
@@ -391,6 +447,9 @@ async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
 
 #[tokio::main]
 async fn main() {
+    // `cargo bench -p handler --bench inbound_sync -- 10k`: the 10,000-record figures only
+    // (what a profiler is pointed at).
+    let only_salesforce_10k = std::env::args().any(|a| a == "10k");
     let fake = FakeSalesforce::start().await;
     populate(&fake, 5_000);
     let dir = tempfile::tempdir().unwrap();
@@ -432,6 +491,15 @@ async fn main() {
         floor.as_secs_f64(),
         full.as_secs_f64() / floor.as_secs_f64()
     );
+    let (serving, pages) = fake_alone(&fake).await;
+    println!(
+        "the loopback Salesforce alone: {pages} pages served in {:.3} s ({:.1} ms per page)",
+        serving.as_secs_f64(),
+        serving.as_secs_f64() * 1000.0 / pages as f64
+    );
+    if only_salesforce_10k {
+        return;
+    }
 
     let big = FakeSalesforce::start().await;
     populate(&big, 50_000);

@@ -3,45 +3,22 @@
 //! SDK's HTTP/2 probe, which that server does not answer cleanly). Without it the test
 //! says so and passes: the in-memory emulator tests cover the same contract in every run.
 
-use azure_data_cosmos::options::{BinaryEncodingOptions, Region};
-use azure_data_cosmos::{
-    AccountEndpoint, AccountReference, CosmosClientBuilder, CosmosRuntimeBuilder, RoutingStrategy,
+use std::sync::Arc;
+
+use handler::store::{CosmosStore, ShardQuery, ShardStore};
+
+use crate::cosmos_emulator::{EMULATOR_KEY, RequestCounter, http_store};
+use crate::cosmos_store::{
+    count, point_operations, queries, sync_demo_into, writes_in_batches_then_nothing,
 };
-
-use handler::store::{CosmosStore, Provisioning, ShardQuery, ShardStore};
-
-use crate::cosmos_store::{count, point_operations, queries, sync_demo_into};
 use crate::helpers::{TestApp, wait_until};
-
-/// The well-known emulator key (cosmosdb-server checks none, the client wants valid base64).
-const EMULATOR_KEY: &str =
-    "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";
 
 async fn store(database: &str) -> Option<CosmosStore> {
     let Ok(url) = std::env::var("COSMOS_EMULATOR_URL") else {
         eprintln!("COSMOS_EMULATOR_URL is not set: the Cosmos-over-HTTP test runs under .ci/run");
         return None;
     };
-    let account = AccountReference::with_authentication_key(
-        url.parse::<AccountEndpoint>().unwrap(),
-        azure_core::credentials::Secret::new(EMULATOR_KEY),
-    );
-    let client = CosmosClientBuilder::new()
-        // A runtime (and connection pool) of this test's own.
-        .with_runtime(CosmosRuntimeBuilder::new().build().await.unwrap())
-        // cosmosdb-server reads text JSON only.
-        .with_binary_encoding_options(BinaryEncodingOptions::new().with_enabled(false))
-        .build(
-            account,
-            RoutingStrategy::ProximityTo(Region::SOUTH_CENTRAL_US),
-        )
-        .await
-        .unwrap();
-    Some(
-        CosmosStore::open(&client, database, "shards", Provisioning::Create)
-            .await
-            .unwrap(),
-    )
+    Some(http_store(&url, database, Vec::new()).await)
 }
 
 #[tokio::test]
@@ -130,4 +107,16 @@ async fn the_demo_and_the_operator_commands_run_on_cosmos_over_http() {
             .is_none(),
         "the demo was installed where the engine reads: Cosmos, not the embedded store"
     );
+}
+
+#[tokio::test]
+async fn over_http_a_sync_writes_in_transactional_batches_and_a_rerun_writes_nothing() {
+    let Ok(url) = std::env::var("COSMOS_EMULATOR_URL") else {
+        eprintln!("COSMOS_EMULATOR_URL is not set: the Cosmos-over-HTTP test runs under .ci/run");
+        return;
+    };
+    let counter = RequestCounter::new();
+    let database = format!("batches-{}", uuid::Uuid::new_v4().simple());
+    let store = Arc::new(http_store(&url, &database, counter.rules()).await);
+    writes_in_batches_then_nothing(store, &counter).await;
 }

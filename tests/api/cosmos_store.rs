@@ -1,12 +1,13 @@
 //! The Cosmos DB shard store, through the official SDK against its in-memory emulator: the
-//! store's contract, a whole inbound sync, and injected throttling and outages that lose
-//! nothing.
+//! store's contract, a whole inbound sync written in transactional batches, a batch Cosmos
+//! refuses, and injected throttling and outages that lose nothing.
 
 use std::sync::Arc;
 
+use azure_core::http::StatusCode;
 use azure_data_cosmos_driver::fault_injection::{
-    FaultInjectionConditionBuilder, FaultInjectionErrorType, FaultInjectionResultBuilder,
-    FaultInjectionRuleBuilder, FaultOperationType,
+    CustomResponseBuilder, FaultInjectionConditionBuilder, FaultInjectionErrorType,
+    FaultInjectionResultBuilder, FaultInjectionRule, FaultInjectionRuleBuilder, FaultOperationType,
 };
 use chrono::Utc;
 use serde_json::{Value, json};
@@ -19,7 +20,8 @@ use handler::settings::Settings;
 use handler::store::{CosmosStore, Op, Provisioning, ShardQuery, ShardStore, StoreError};
 
 use crate::cosmos_emulator::{
-    bulk_import_integration, bulk_import_job, emulator_client, emulator_store,
+    RequestCounter, Requests, bulk_import_integration, bulk_import_job, emulator_client,
+    emulator_store, write_bulk_import,
 };
 use crate::helpers::TestApp;
 
@@ -223,9 +225,9 @@ async fn throttling_and_outages_injected_into_cosmos_lose_nothing() {
         };
     let rules = vec![
         rule(
-            "throttle-upserts",
+            "throttle-batches",
             FaultInjectionErrorType::TooManyRequests,
-            FaultOperationType::UpsertItem,
+            FaultOperationType::BatchItem,
             3,
         ),
         rule(
@@ -285,4 +287,159 @@ async fn through_entra_a_missing_database_or_container_is_named_not_created() {
     CosmosStore::open(&client, "castiel", "other", Provisioning::Existing)
         .await
         .expect("what is provisioned is used as it is");
+}
+
+/// What one sync job of a [`bulk_sync`] did.
+pub struct Run {
+    pub requests: Requests,
+    pub stats: Value,
+    pub errors: Value,
+}
+
+/// Syncs `per_entity` accounts and contacts from a bulk import into `store` as job `job_id`
+/// of integration `int-bulk` (registered on the first call), counting the requests it sends.
+pub async fn bulk_sync(
+    test: &TestApp,
+    store: &Arc<CosmosStore>,
+    counter: &RequestCounter,
+    per_entity: usize,
+    job_id: &str,
+) -> Run {
+    let mut app = test.app(&[
+        ("SYNC_MAX_RECORDS", "1000000"),
+        ("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5"),
+    ]);
+    app.store = store.clone();
+    let folder = test.path("imports");
+    if store.get("t1", "int-bulk").await.unwrap().is_none() {
+        write_bulk_import(&folder, per_entity);
+        store
+            .create(&bulk_import_integration("int-bulk", &folder))
+            .await
+            .unwrap();
+    }
+    let before = counter.requests();
+    inbound::process(
+        &app,
+        SYNC_INBOUND_SCHEDULED,
+        &bulk_import_job("int-bulk", job_id, "full_sync"),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    let requests = counter.requests().since(before);
+    let record = store
+        .query(&ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.value.structured_data)
+        .find(|r| r["jobId"] == job_id)
+        .expect("every run leaves its history record");
+    Run {
+        requests,
+        stats: record["stats"].clone(),
+        errors: record["errors"].clone(),
+    }
+}
+
+/// Records whose shards were written (created or updated).
+pub fn changed(stats: &Value) -> u64 {
+    stats["shardsCreated"].as_u64().unwrap() + stats["shardsUpdated"].as_u64().unwrap()
+}
+
+/// The batched-writes story, on any Cosmos store: the first sync writes its shards in
+/// transactional batches, with at most one request per 20 changed records in all; the same
+/// sync again writes nothing.
+pub async fn writes_in_batches_then_nothing(store: Arc<CosmosStore>, counter: &RequestCounter) {
+    let test = TestApp::new();
+    let first = bulk_sync(&test, &store, counter, 1000, "job-1").await;
+    assert_eq!(changed(&first.stats), 2000, "{}", first.stats);
+    assert_eq!(count(&store, "c_company").await, 1000);
+    assert_eq!(count(&store, "c_contact").await, 990, "duplicates merged");
+    assert_eq!(
+        first.requests.batches, 20,
+        "1,990 shards in batches of up to 100: {:?}",
+        first.requests
+    );
+    let per_record = f64::from(first.requests.total()) / 2000.0;
+    assert!(
+        per_record <= 0.05,
+        "{per_record} requests per changed record: {:?}",
+        first.requests
+    );
+
+    let second = bulk_sync(&test, &store, counter, 1000, "job-2").await;
+    assert_eq!(changed(&second.stats), 0, "{}", second.stats);
+    assert_eq!(second.stats["shardsSkipped"], 2000);
+    assert_eq!(second.requests.batches, 0, "{:?}", second.requests);
+}
+
+#[tokio::test]
+async fn a_sync_writes_its_shards_in_transactional_batches_and_a_rerun_writes_nothing() {
+    let counter = RequestCounter::new();
+    let store = Arc::new(emulator_store(counter.rules()).await);
+    writes_in_batches_then_nothing(store, &counter).await;
+}
+
+#[tokio::test]
+async fn a_batch_cosmos_refuses_is_written_shard_by_shard_and_only_the_refused_shard_fails() {
+    // Cosmos DB answers the first batch with a 400, as it does when one of its operations is
+    // refused, and one account is larger than a Cosmos DB item may be (2 MB).
+    let refuse_a_batch = Arc::new(
+        FaultInjectionRuleBuilder::new(
+            "refuse-a-batch",
+            FaultInjectionResultBuilder::new()
+                .with_custom_response(
+                    CustomResponseBuilder::new(StatusCode::BadRequest)
+                        .with_body(json!({"code": "BadRequest", "message": "refused"}).to_string())
+                        .build(),
+                )
+                .build(),
+        )
+        .with_condition(
+            FaultInjectionConditionBuilder::new()
+                .with_operation_type(FaultOperationType::BatchItem)
+                .build(),
+        )
+        .with_hit_limit(1)
+        .build(),
+    );
+    let counter = RequestCounter::new();
+    let mut rules: Vec<Arc<FaultInjectionRule>> = vec![refuse_a_batch.clone()];
+    rules.extend(counter.rules());
+    let store = Arc::new(emulator_store(rules).await);
+    let test = TestApp::new();
+    let folder = test.path("imports");
+    write_bulk_import(&folder, 1000);
+    let accounts = std::fs::read_to_string(folder.join("accounts.csv")).unwrap();
+    let huge = "x".repeat(2_200_000);
+    std::fs::write(
+        folder.join("accounts.csv"),
+        accounts.replace("A500,Account 500,", &format!("A500,{huge},")),
+    )
+    .unwrap();
+    store
+        .create(&bulk_import_integration("int-bulk", &folder))
+        .await
+        .unwrap();
+
+    let run = bulk_sync(&test, &store, &counter, 1000, "job-1").await;
+
+    assert_eq!(refuse_a_batch.hit_count(), 1);
+    assert!(
+        run.requests.single_writes >= 101,
+        "the refused batch's shards, and the one too large for any batch, written one by one: {:?}",
+        run.requests
+    );
+    assert_eq!(run.stats["shardsFailed"], 1, "{}", run.stats);
+    assert_eq!(changed(&run.stats), 1999, "{}", run.stats);
+    assert_eq!(
+        count(&store, "c_company").await,
+        999,
+        "only the refused shard is missing"
+    );
+    let errors = run.errors.as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["recordId"], "A500", "{errors:?}");
 }

@@ -617,8 +617,7 @@ impl Pull for Salesforce {
             }
         };
         let batch = request.page_size.clamp(200, 2000);
-        let (answer, usage): (QueryAnswer, _) =
-            self.get(conn, &path, &params, Some(batch)).await?;
+        let (answer, usage): (QueryAnswer, _) = self.get(conn, &path, &params, Some(batch)).await?;
         let next_page = answer.next().map(str::to_string);
         let records = answer.into_records();
         let cursor = records.iter().filter_map(|r| r.modified_at).max();

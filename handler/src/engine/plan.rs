@@ -215,7 +215,14 @@ pub fn land_page(
         read_hashes,
         mut by_key,
     } = loaded;
-    if rules.is_some() {
+    // Match keys are only looked up for a record with no shard of its own; a page whose
+    // records all have one (every re-run) builds no index of them.
+    let match_by_key = rules.is_some()
+        && records.iter().any(|r| {
+            let own = own_shard_id(&r.shard_id, r.created_from.as_ref(), &shards, mapping);
+            !shards.contains_key(own)
+        });
+    if match_by_key {
         for shard in shards.values() {
             for (name, key) in &shard.dedup_keys {
                 by_key
@@ -236,16 +243,7 @@ pub fn land_page(
         created_from,
     } in records
     {
-        // A record write-back created lands in the shard it came from, if that is one of the
-        // mapping's shards; a claim on any other shard is not taken.
-        let own_id = created_from
-            .as_ref()
-            .filter(|id| {
-                shards
-                    .get(*id)
-                    .is_some_and(|s| s.shard_type_id == mapping.shard_type_id)
-            })
-            .unwrap_or(shard_id);
+        let own_id = own_shard_id(shard_id, created_from.as_ref(), &shards, mapping);
         let target = if shards.contains_key(own_id) {
             Some(own_id.clone())
         } else {
@@ -325,10 +323,12 @@ pub fn land_page(
                     .as_object()
                     .expect("data is an object"),
             );
-            for (name, key) in &keys {
-                by_key
-                    .entry(format!("{name}={key}"))
-                    .or_insert_with(|| shard.id.clone());
+            if match_by_key {
+                for (name, key) in &keys {
+                    by_key
+                        .entry(format!("{name}={key}"))
+                        .or_insert_with(|| shard.id.clone());
+                }
             }
             shard.dedup_keys = keys;
         }
@@ -386,6 +386,23 @@ pub fn land_page(
     }
     landed.shards = shards;
     landed
+}
+
+/// The shard a record lands in if it exists: the one write-back created it from, if that is
+/// one of the mapping's shards (a claim on any other shard is not taken), else its own.
+fn own_shard_id<'a>(
+    shard_id: &'a String,
+    created_from: Option<&'a String>,
+    shards: &BTreeMap<String, Shard>,
+    mapping: &EntityMapping,
+) -> &'a String {
+    created_from
+        .filter(|id| {
+            shards
+                .get(*id)
+                .is_some_and(|s| s.shard_type_id == mapping.shard_type_id)
+        })
+        .unwrap_or(shard_id)
 }
 
 /// What landing a record in its two-way shard decided.
@@ -1199,12 +1216,14 @@ mod tests {
         let mut link = ExternalRelationship::synced("i", "1", SyncDirection::Bidirectional, now());
         link.field_hashes.insert("email".into(), "abc".into());
         shard.external_relationships.push(link);
-        shard.external_relationships.push(ExternalRelationship::synced(
-            "j",
-            "2",
-            SyncDirection::Inbound,
-            now(),
-        ));
+        shard
+            .external_relationships
+            .push(ExternalRelationship::synced(
+                "j",
+                "2",
+                SyncDirection::Inbound,
+                now(),
+            ));
         shard.deleted_at = Some(now());
         let text = json!([
             "c_contact",

@@ -96,7 +96,11 @@ impl<'de> serde::de::Visitor<'de> for ShardVisitor {
                 }
             }
         }
-        for (present, name) in [(id, "id"), (tenant, "tenantId"), (shard_type, "shardTypeId")] {
+        for (present, name) in [
+            (id, "id"),
+            (tenant, "tenantId"),
+            (shard_type, "shardTypeId"),
+        ] {
             if !present {
                 return Err(A::Error::missing_field(name));
             }

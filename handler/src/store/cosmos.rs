@@ -8,12 +8,12 @@
 //! [`StoreError::Unavailable`], which the engine retries and never drops.
 
 use async_trait::async_trait;
+use azure_core::http::StatusCode;
 use azure_data_cosmos::models::{ContainerProperties, ItemResponse, TimeToLive};
 use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
 use azure_data_cosmos::{
     ContainerClient, CosmosClient, CosmosError, FeedScope, Query, TransactionalBatch,
 };
-use azure_core::http::StatusCode;
 use futures_util::TryStreamExt;
 use serde_json::Value;
 
@@ -65,8 +65,7 @@ fn batches(shards: &[Shard]) -> Result<Vec<Vec<&Shard>>, StoreError> {
         };
         let (_, groups, bytes) = &mut by_tenant[slot];
         let current = groups.last().expect("a tenant starts with a batch");
-        if !current.is_empty()
-            && (current.len() == BATCH_OPERATIONS || *bytes + size > BATCH_BYTES)
+        if !current.is_empty() && (current.len() == BATCH_OPERATIONS || *bytes + size > BATCH_BYTES)
         {
             groups.push(Vec::new());
             *bytes = 0;
@@ -183,7 +182,10 @@ impl CosmosStore {
 
     /// Upserts one batch of one tenant's shards atomically.
     async fn write_batch(&self, batch: &[&Shard]) -> Result<(), StoreError> {
-        let tenant = batch.first().map(|s| s.tenant_id.clone()).unwrap_or_default();
+        let tenant = batch
+            .first()
+            .map(|s| s.tenant_id.clone())
+            .unwrap_or_default();
         let mut operations = TransactionalBatch::new(tenant);
         for shard in batch {
             operations = operations.upsert_item(shard, None).map_err(store_error)?;

@@ -365,7 +365,9 @@ impl ShardStore for SqliteStore {
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let id: String = row.get(0).map_err(unavailable)?;
                 let doc = row.get_ref(1).map_err(unavailable)?;
-                let doc = doc.as_str().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let doc = doc
+                    .as_str()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let shard = decode(doc, row.get(2).map_err(unavailable)?)?;
                 found.insert(id, shard);
             }
