@@ -396,7 +396,10 @@ impl ShardStore for CosmosStore {
                 match self.write_batch(batch).await {
                     Ok(()) => Ok(Vec::new()),
                     Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e)),
-                    Err(_) => self.write_singly(batch).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, shards = batch.len(), "Cosmos DB refused a batch; writing its shards one by one");
+                        self.write_singly(batch).await
+                    }
                 }
             }))
             .await;
