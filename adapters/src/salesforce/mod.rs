@@ -570,8 +570,20 @@ fn cursor_of(t: DateTime<Utc>) -> String {
 
 /// Salesforce timestamps: `2024-05-02T10:00:00.000+0000`.
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z")
-        .or_else(|_| DateTime::parse_from_rfc3339(text))
+    // Salesforce writes `+0000`, RFC 3339 wants `+00:00`; RFC 3339's parser is the fast one,
+    // and every record of every page carries a timestamp.
+    let bytes = text.as_bytes();
+    let colonless = bytes.len() > 5
+        && matches!(bytes[bytes.len() - 5], b'+' | b'-')
+        && bytes[bytes.len() - 4..].iter().all(u8::is_ascii_digit);
+    let parsed = if colonless {
+        let (head, minutes) = text.split_at(text.len() - 2);
+        DateTime::parse_from_rfc3339(&format!("{head}:{minutes}"))
+    } else {
+        DateTime::parse_from_rfc3339(text)
+    };
+    parsed
+        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
@@ -941,6 +953,22 @@ mod tests {
                 .to_rfc3339(),
             "2024-05-02T10:00:00+00:00"
         );
+        for (text, utc) in [
+            (
+                "2024-05-02T12:30:00.250+0230",
+                "2024-05-02T10:00:00.250+00:00",
+            ),
+            ("2024-05-02T07:00:00-0300", "2024-05-02T10:00:00+00:00"),
+            ("2024-05-02T10:00:00Z", "2024-05-02T10:00:00+00:00"),
+            (
+                "2024-05-02T10:00:00.5+00:00",
+                "2024-05-02T10:00:00.500+00:00",
+            ),
+        ] {
+            assert_eq!(parse_timestamp(text).unwrap().to_rfc3339(), utc, "{text}");
+        }
+        assert_eq!(parse_timestamp("2024-05-02"), None);
+        assert_eq!(parse_timestamp("not a time+0000"), None);
     }
 
     #[test]

@@ -128,9 +128,7 @@ pub async fn run(
             entity.errors = current.errors.clone().unwrap_or_default();
         }
         entity.finished = outcome.entity_stats.clone();
-        let result = entity
-            .run(provider.as_ref(), conn, integration, &mut outcome)
-            .await;
+        let result = entity.run(&provider, conn, integration, &mut outcome).await;
         entity.counters.add_to(&mut outcome.stats);
         outcome.entity_stats.push(entity.stats());
         outcome.errors.append(&mut entity.errors);
@@ -261,6 +259,15 @@ struct EntityRun<'a> {
     finished: Vec<EntitySyncStats>,
 }
 
+/// A stand-in for a connection that is away with a fetch on another task.
+fn detached(integration_id: &str) -> Connection {
+    Connection::new(
+        integration_id,
+        serde_json::Map::new(),
+        adapters::Credentials::new(serde_json::Map::new()),
+    )
+}
+
 fn store_error(e: StoreError) -> Failure {
     Failure::from(e)
 }
@@ -374,7 +381,7 @@ impl<'a> EntityRun<'a> {
 
     async fn run(
         &mut self,
-        provider: &dyn Provider,
+        provider: &Arc<dyn Provider>,
         conn: &mut Connection,
         integration: &Integration,
         outcome: &mut Outcome,
@@ -423,7 +430,10 @@ impl<'a> EntityRun<'a> {
                 provider.cursor_time(cursor).or(integration.last_sync_at);
         }
 
-        let mut page = match self.fetch(provider, conn, &mut request, outcome).await? {
+        let mut page = match self
+            .fetch(provider.as_ref(), conn, &mut request, outcome)
+            .await?
+        {
             Some(page) => page,
             None => return Ok(()),
         };
@@ -448,8 +458,19 @@ impl<'a> EntityRun<'a> {
                 request.page_size = PAGE_SIZE
                     .min((self.job.max_records.saturating_sub(fetched_so_far)).max(1) as usize);
             }
-            // Fetching the next page overlaps processing and checkpointing this one.
-            let (processed, next) = tokio::join!(
+            // Fetching (and parsing) the next page runs on another thread while this one is
+            // processed and checkpointed. The connection goes with the fetch and comes back
+            // with its page, credentials refreshed on the way included.
+            let fetching = prefetch.then(|| {
+                let provider = provider.clone();
+                let request = request.clone();
+                let mut owned = std::mem::replace(conn, detached(&conn.integration_id));
+                tokio::spawn(async move {
+                    let page = provider.fetch_page(&mut owned, &request).await;
+                    (owned, page)
+                })
+            });
+            let (processed, fetched) = tokio::join!(
                 async {
                     self.process_page(records).await?;
                     let pages = outcome.details.pages_processed.unwrap_or(0) + 1;
@@ -457,13 +478,25 @@ impl<'a> EntityRun<'a> {
                         .await
                 },
                 async {
-                    if prefetch {
-                        Some(provider.fetch_page(conn, &request).await)
-                    } else {
-                        None
+                    match fetching {
+                        Some(task) => Some(task.await),
+                        None => None,
                     }
                 }
             );
+            let next = match fetched {
+                Some(Ok((owned, page))) => {
+                    *conn = owned;
+                    Some(page)
+                }
+                Some(Err(e)) => {
+                    return Err(Failure::new(
+                        ErrorCode::ServiceUnavailable,
+                        format!("fetching the next page stopped: {e}"),
+                    ));
+                }
+                None => None,
+            };
             processed?;
             outcome.details.pages_processed =
                 Some(outcome.details.pages_processed.unwrap_or(0) + 1);
@@ -478,7 +511,7 @@ impl<'a> EntityRun<'a> {
             match next {
                 None => {
                     let pages = outcome.details.pages_processed.unwrap_or(0);
-                    self.finish_entity(provider, conn, cursor.as_deref(), pages)
+                    self.finish_entity(provider.as_ref(), conn, cursor.as_deref(), pages)
                         .await?;
                     break;
                 }

@@ -116,7 +116,7 @@ pub fn transform_page(
 /// The shards a page may land in, as the store returned them.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    shards: BTreeMap<String, Shard>,
+    shards: HashMap<String, Shard>,
     /// The content hash each shard had when it was read: what decides whether it changed.
     read_hashes: HashMap<String, Option<String>>,
     /// Match key (`rule=key`) → the shard that has it.
@@ -173,7 +173,7 @@ pub fn key_lookups(
 #[derive(Debug, Default)]
 pub struct Landed {
     /// Every shard read or created, as it is after the page landed.
-    pub shards: BTreeMap<String, Shard>,
+    pub shards: HashMap<String, Shard>,
     read_hashes: HashMap<String, Option<String>>,
     /// Each landed record's external id and the shard it landed in, in page order.
     pub landed: Vec<(String, String)>,
@@ -393,7 +393,7 @@ pub fn land_page(
 fn own_shard_id<'a>(
     shard_id: &'a String,
     created_from: Option<&'a String>,
-    shards: &BTreeMap<String, Shard>,
+    shards: &HashMap<String, Shard>,
     mapping: &EntityMapping,
 ) -> &'a String {
     created_from
@@ -569,6 +569,8 @@ pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>, now: DateTime<Ut
             landed.shards.insert(id, shard);
         }
     }
+    // In id order, so that a page is written the same way every time.
+    out.writes.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     for (mut shard, stored) in std::mem::take(&mut landed.derived).into_iter().zip(stored) {
         let hash = content_hash(&shard);
         if let Some(stored) = &stored {
