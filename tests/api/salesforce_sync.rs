@@ -4,7 +4,9 @@
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 
+use handler::engine::pipeline::content_hash;
 use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED};
+use handler::store::ShardStore;
 
 use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
@@ -336,6 +338,50 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
     assert_eq!(record["stats"]["shardsCreated"], 0);
     assert_eq!(record["stats"]["shardsUpdated"], 0);
     assert_eq!(app.shards("c_company").await, after);
+}
+
+#[tokio::test]
+async fn a_castiel_edit_to_a_synced_contact_is_put_back_by_the_next_sync_of_its_unchanged_record() {
+    let fake = FakeSalesforce::start().await;
+    fake.load(
+        "Contact",
+        (0..20).map(|i| {
+            (
+                json!({"Id": format!("003{i:015}"), "Name": format!("Mary Ann Person{i}"),
+                       "Email": format!("person{i}@acme.test")}),
+                base_time() + Duration::seconds(i),
+            )
+        }),
+    );
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, true)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    // Castiel changes a synced field of one contact as `handler shards put` does: with the
+    // time of its change and the content's new fingerprint.
+    let store = app.store();
+    let id = "int-acme-sf~Contact~003000000000000007";
+    let mut shard = store.get("t1", id).await.unwrap().unwrap().value;
+    shard.structured_data["full_name"] = json!("Edited in Castiel");
+    shard.updated_at = Some(Utc::now());
+    shard.content_hash = Some(content_hash(&shard));
+    store.upsert(&shard).await.unwrap();
+
+    run_job(&handler, "job-2", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(
+        record["stats"],
+        json!({"recordsFetched": 20, "shardsCreated": 0, "shardsUpdated": 1, "shardsSkipped": 19, "shardsFailed": 0})
+    );
+    let shard = store.get("t1", id).await.unwrap().unwrap().value;
+    assert_eq!(
+        shard.structured_data["full_name"], "Mary Ann Person7",
+        "Salesforce is the source of a one-way mapping's fields"
+    );
 }
 
 #[tokio::test]

@@ -705,12 +705,44 @@ impl<'a> EntityRun<'a> {
         if let Some(listed) = self.listed.as_mut() {
             listed.extend(records.iter().filter(|r| !r.deleted).map(|r| r.id.clone()));
         }
-        let page = plan::transform_page(self.job.integration_id, self.mapping, records);
-        self.record_failures(page.failed);
+        let mut page = plan::transform_page(self.job.integration_id, self.mapping, records);
+        self.record_failures(std::mem::take(&mut page.failed));
+
+        // Records that are what their shards already say are skipped on the shards'
+        // fingerprints; a record whose shard does not exist needs no read of it.
+        let mut existing: Option<HashSet<String>> = None;
+        if plan::skips_by_fingerprint(self.mapping, self.two_way.is_some())
+            && !page.records.is_empty()
+        {
+            let own: Vec<String> = page.records.iter().map(|r| r.shard_id.clone()).collect();
+            let stored = self
+                .with_retries(|| self.app.store.fingerprints(tenant, &own))
+                .await?;
+            let unchanged = plan::unchanged(self.job.integration_id, &page.records, &stored);
+            existing = Some(
+                own.into_iter()
+                    .zip(&stored)
+                    .filter(|(_, found)| found.is_some())
+                    .map(|(id, _)| id)
+                    .collect(),
+            );
+            let before = page.records.len();
+            let mut skip = unchanged.into_iter();
+            page.records.retain(|_| !skip.next().unwrap_or(false));
+            self.counters.skipped += (before - page.records.len()) as u64;
+        }
 
         // The shards these records map to, read in one batch, and for deduplication the
         // shards of other records that share a match key with them.
-        let ids: Vec<String> = page.records.iter().flat_map(|r| r.ids().cloned()).collect();
+        let ids: Vec<String> = page
+            .records
+            .iter()
+            .flat_map(|r| {
+                let own = (existing.as_ref().is_none_or(|e| e.contains(&r.shard_id)))
+                    .then_some(&r.shard_id);
+                own.into_iter().chain(r.created_from.iter()).cloned()
+            })
+            .collect();
         let mut loaded = plan::Loaded::default();
         for found in self
             .with_retries(|| self.app.store.get_many(tenant, &ids))

@@ -31,6 +31,7 @@ use crate::model::conflict::{
 use crate::model::dedup::{DedupRules, merge};
 use crate::model::mapping::{EntityMapping, transform};
 use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
+use crate::store::ShardFingerprint;
 
 /// Whose page is planned.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +112,52 @@ pub fn transform_page(
         }
     }
     page
+}
+
+/// Whether a mapping's records may be found unchanged from their shards' fingerprints alone
+/// ([`unchanged`]). Not for two-way mappings, whose landing weighs Castiel's edits against the
+/// provider's, nor for mappings with derived shards, which are compared whole.
+pub fn skips_by_fingerprint(mapping: &EntityMapping, two_way: bool) -> bool {
+    !two_way && mapping.derived_shards.is_empty()
+}
+
+/// Which records of a page already are what their own shards say, told from the shards'
+/// fingerprints (`stored`, in the order of `records`): the shard was last written from this
+/// very data (its link's `recordHash`), nothing wrote it since (its `updatedAt` is the time
+/// that link was last synced), and it is not deleted. Such a record would land as it did last
+/// time and change nothing, so it is skipped without its shard being read whole. A record
+/// that names the shard write-back created it from always lands.
+pub fn unchanged(
+    integration_id: &str,
+    records: &[PageRecord],
+    stored: &[Option<ShardFingerprint>],
+) -> Vec<bool> {
+    records
+        .iter()
+        .zip(stored)
+        .map(|(record, stored)| {
+            let Some(stored) = stored else { return false };
+            if record.created_from.is_some() || stored.deleted {
+                return false;
+            }
+            stored.links.iter().any(|link| {
+                link.integration_id == integration_id
+                    && link.external_id == record.record.id
+                    && link.sync_status == RelationshipStatus::Synced
+                    && link.sync_direction == SyncDirection::Inbound
+                    && link.last_synced_at.is_some()
+                    && link.last_synced_at == stored.updated_at
+                    && link.record_hash.as_deref() == Some(record_hash(&record.data).as_str())
+            })
+        })
+        .collect()
+}
+
+/// The fingerprint of a record's mapped data: FNV-1a of its JSON text (keys sorted).
+pub fn record_hash(data: &Map<String, Value>) -> String {
+    let mut hash = Fnv1a(0xcbf2_9ce4_8422_2325);
+    serde_json::to_writer(&mut hash, data).expect("hashing does not fail");
+    format!("{:016x}", hash.0)
 }
 
 /// The shards a page may land in, as the store returned them.
@@ -306,6 +353,14 @@ pub fn land_page(
             SyncDirection::Inbound
         };
         link_external(shard, ctx.integration_id, &record.id, direction, ctx.now);
+        if two_way.is_none()
+            && let Some(link) = shard
+                .external_relationships
+                .iter_mut()
+                .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
+        {
+            link.record_hash = Some(record_hash(data));
+        }
         if two_way.is_some() {
             agree(
                 shard,
@@ -672,18 +727,28 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
 /// serialized, never built: hashing a page of shards allocates nothing per shard beyond the
 /// relationships (rare: derived shards) and the answer.
 pub fn content_hash(shard: &Shard) -> String {
-    /// A link to an external record, with its agreed values when the link is two-way (they
-    /// are content too: they decide what the next sync does).
+    /// A link to an external record, with its agreed values when the link is two-way and the
+    /// fingerprint of the record it was written from when one-way (they are content too: they
+    /// decide what the next sync does).
     struct Link<'a>(&'a ExternalRelationship);
 
     impl serde::Serialize for Link<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let r = self.0;
             let status = r.sync_status.as_str();
-            if r.field_hashes.is_empty() {
-                (&r.integration_id, &r.external_id, status).serialize(s)
-            } else {
-                (&r.integration_id, &r.external_id, status, &r.field_hashes).serialize(s)
+            match (&r.record_hash, r.field_hashes.is_empty()) {
+                (None, true) => (&r.integration_id, &r.external_id, status).serialize(s),
+                (None, false) => {
+                    (&r.integration_id, &r.external_id, status, &r.field_hashes).serialize(s)
+                }
+                (Some(record), _) => (
+                    &r.integration_id,
+                    &r.external_id,
+                    status,
+                    &r.field_hashes,
+                    record,
+                )
+                    .serialize(s),
             }
         }
     }
@@ -1242,5 +1307,80 @@ mod tests {
             expected = expected.wrapping_mul(0x0000_0100_0000_01b3);
         }
         assert_eq!(content_hash(&shard), format!("{expected:016x}"));
+    }
+
+    /// Which records of `records` the fingerprints of `stored` (the shards as written) say
+    /// are unchanged.
+    fn unchanged_of(mapping: &EntityMapping, records: Vec<Record>, stored: &[Shard]) -> Vec<bool> {
+        let page = transform_page("int-1", mapping, records);
+        let fingerprints: Vec<Option<ShardFingerprint>> = page
+            .records
+            .iter()
+            .map(|r| {
+                stored
+                    .iter()
+                    .find(|s| s.id == r.shard_id)
+                    .map(ShardFingerprint::of)
+            })
+            .collect();
+        unchanged("int-1", &page.records, &fingerprints)
+    }
+
+    #[test]
+    fn a_record_that_reads_as_its_shard_was_written_is_known_unchanged_from_its_fingerprint() {
+        let mapping = contacts(false, true);
+        let ann = || record("1", "Ann", Some("ann@x.test"));
+        let (written, _) = plan(&mapping, vec![ann(), record("2", "Bo", None)], &[]);
+        let link = &written[0].external_relationships[0];
+        assert!(
+            link.record_hash.is_some(),
+            "a one-way landing keeps the record's fingerprint"
+        );
+        assert_eq!(link.last_synced_at, written[0].updated_at);
+
+        assert_eq!(
+            unchanged_of(
+                &mapping,
+                vec![ann(), record("2", "Bo", Some("bo@x.test"))],
+                &written
+            ),
+            [true, false],
+            "the same data again, then a changed email"
+        );
+        assert_eq!(
+            unchanged_of(&mapping, vec![record("3", "Cy", None)], &written),
+            [false]
+        );
+
+        // Written since by someone else, deleted, or synced before records had fingerprints:
+        // the record lands whole.
+        let mut touched = written.clone();
+        touched[0].updated_at = Some(now() + chrono::Duration::seconds(1));
+        assert_eq!(unchanged_of(&mapping, vec![ann()], &touched), [false]);
+        let mut deleted = written.clone();
+        deleted[0].deleted_at = Some(now());
+        assert_eq!(unchanged_of(&mapping, vec![ann()], &deleted), [false]);
+        let mut older = written.clone();
+        older[0].external_relationships[0].record_hash = None;
+        older[0].content_hash = Some(content_hash(&older[0]));
+        assert_eq!(unchanged_of(&mapping, vec![ann()], &older), [false]);
+        let (rewritten, tally) = plan(&mapping, vec![ann()], &older);
+        assert_eq!(
+            (rewritten.len(), tally.updated),
+            (1, 1),
+            "a shard synced before fingerprints were kept is written once more, with one"
+        );
+    }
+
+    #[test]
+    fn only_one_way_mappings_without_derived_shards_skip_on_fingerprints() {
+        let mapping = contacts(true, true);
+        assert!(skips_by_fingerprint(&mapping, false));
+        assert!(!skips_by_fingerprint(&mapping, true));
+        let mut derived: serde_json::Value = serde_json::to_value(&mapping).unwrap();
+        derived["derivedShards"] = json!([{"shardTypeId": "c_profile",
+            "fieldMappings": [{"source": "Name", "target": "name"}]}]);
+        let derived: EntityMapping = serde_json::from_value(derived).unwrap();
+        assert!(!skips_by_fingerprint(&derived, false));
     }
 }

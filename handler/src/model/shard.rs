@@ -138,6 +138,11 @@ pub struct ExternalRelationship {
     /// Castiel from one made at the provider, and both from a conflict.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub field_hashes: BTreeMap<String, String>,
+    /// For a one-way link, the fingerprint of the record's mapped data when the shard was last
+    /// written from it: a record that reads the same, into a shard nobody wrote since, is
+    /// skipped without reading the shard whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_hash: Option<String>,
 }
 
 impl ExternalRelationship {
@@ -156,6 +161,7 @@ impl ExternalRelationship {
             sync_direction: direction,
             version: None,
             field_hashes: BTreeMap::new(),
+            record_hash: None,
         }
     }
 }

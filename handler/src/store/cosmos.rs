@@ -17,8 +17,9 @@ use azure_data_cosmos::{
 use futures_util::TryStreamExt;
 use serde_json::Value;
 
-use super::{Op, ShardQuery, ShardStore, StoreError, Versioned};
+use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
 use crate::model::Shard;
+use crate::model::shard::ExternalRelationship;
 
 pub struct CosmosStore {
     container: ContainerClient,
@@ -380,6 +381,52 @@ impl ShardStore for CosmosStore {
                 .await?
             {
                 found.insert(shard.value.id.clone(), shard);
+            }
+        }
+        Ok(ids.iter().map(|id| found.remove(id)).collect())
+    }
+
+    /// One query per thousand ids, projecting the fingerprint's fields only.
+    async fn fingerprints(
+        &self,
+        tenant_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<ShardFingerprint>>, StoreError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Projected {
+            id: String,
+            #[serde(default)]
+            updated_at: Option<chrono::DateTime<chrono::Utc>>,
+            #[serde(default)]
+            deleted_at: Option<Value>,
+            #[serde(default, rename = "external_relationships")]
+            links: Vec<ExternalRelationship>,
+        }
+        let mut found = std::collections::HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(GET_MANY_CHUNK) {
+            let query = Query::from(
+                "SELECT c.id, c.updatedAt, c.deletedAt, c.external_relationships FROM c \
+                 WHERE ARRAY_CONTAINS(@ids, c.id)",
+            )
+            .with_parameter("@ids", chunk)
+            .map_err(store_error)?;
+            let mut items = self
+                .container
+                .query_items::<Projected>(
+                    query,
+                    FeedScope::Partition(tenant_id.to_string().into()),
+                    None,
+                )
+                .await
+                .map_err(store_error)?;
+            while let Some(item) = items.try_next().await.map_err(store_error)? {
+                let fingerprint = ShardFingerprint {
+                    updated_at: item.updated_at,
+                    deleted: item.deleted_at.is_some_and(|d| !d.is_null()),
+                    links: item.links,
+                };
+                found.insert(item.id, fingerprint);
             }
         }
         Ok(ids.iter().map(|id| found.remove(id)).collect())

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::model::Shard;
+use crate::model::shard::ExternalRelationship;
 
 /// A document with the etag it was read at.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +47,26 @@ pub enum StoreError {
     /// A stored document could not be read back.
     #[error("stored shard is unreadable: {0}")]
     Corrupt(String),
+}
+
+/// What a sync needs of a stored shard to tell that a record would not change it: when it
+/// was last written, whether it is deleted, and its links to external records. Read without
+/// the shard's data, which is most of its size.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardFingerprint {
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub deleted: bool,
+    pub links: Vec<ExternalRelationship>,
+}
+
+impl ShardFingerprint {
+    pub fn of(shard: &Shard) -> Self {
+        Self {
+            updated_at: shard.updated_at,
+            deleted: shard.deleted_at.is_some(),
+            links: shard.external_relationships.clone(),
+        }
+    }
 }
 
 /// A query over one shard type, optionally within one tenant.
@@ -192,6 +213,21 @@ pub trait ShardStore: Send + Sync {
             out.push(self.get(tenant_id, id).await?);
         }
         Ok(out)
+    }
+
+    /// The fingerprints of many shards of one tenant, in the order asked: one request, and
+    /// none of the shards' data read.
+    async fn fingerprints(
+        &self,
+        tenant_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<ShardFingerprint>>, StoreError> {
+        Ok(self
+            .get_many(tenant_id, ids)
+            .await?
+            .into_iter()
+            .map(|found| found.map(|v| ShardFingerprint::of(&v.value)))
+            .collect())
     }
 
     /// Upserts many shards in as few requests as the store allows. Returns the ids of the

@@ -4,6 +4,7 @@
 //! (tenant, id). WAL journaling with `synchronous=NORMAL` keeps every committed write across a
 //! process crash (kill -9); only a power loss can take the last transactions.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as SqlValue};
 use serde_json::Value;
 
-use super::{Op, ShardQuery, ShardStore, StoreError, Versioned};
+use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
 use crate::model::Shard;
 
 #[derive(Clone)]
@@ -370,6 +371,54 @@ impl ShardStore for SqliteStore {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let shard = decode(doc, row.get(2).map_err(unavailable)?)?;
                 found.insert(id, shard);
+            }
+            Ok(ids.iter().map(|id| found.remove(id)).collect())
+        })
+        .await
+    }
+
+    /// Read by SQLite's JSON functions: only the links are parsed here.
+    async fn fingerprints(
+        &self,
+        tenant_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<ShardFingerprint>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tenant_id = tenant_id.to_string();
+        let wanted = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let ids = ids.to_vec();
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, json_extract(doc, '$.updatedAt'), deleted,
+                            json_extract(doc, '$.external_relationships')
+                     FROM shards
+                     WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+                )
+                .map_err(unavailable)?;
+            let mut found = HashMap::with_capacity(ids.len());
+            let mut rows = stmt.query([&tenant_id, &wanted]).map_err(unavailable)?;
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let id: String = row.get(0).map_err(unavailable)?;
+                let updated_at: Option<String> = row.get(1).map_err(unavailable)?;
+                let links: Option<String> = row.get(3).map_err(unavailable)?;
+                let corrupt = |e: String| StoreError::Corrupt(format!("shard `{id}`: {e}"));
+                let fingerprint = ShardFingerprint {
+                    updated_at: updated_at
+                        .map(|t| {
+                            t.parse()
+                                .map_err(|e: chrono::ParseError| corrupt(e.to_string()))
+                        })
+                        .transpose()?,
+                    deleted: row.get(2).map_err(unavailable)?,
+                    links: links
+                        .map(|l| serde_json::from_str(&l).map_err(|e| corrupt(e.to_string())))
+                        .transpose()?
+                        .unwrap_or_default(),
+                };
+                found.insert(id, fingerprint);
             }
             Ok(ids.iter().map(|id| found.remove(id)).collect())
         })
