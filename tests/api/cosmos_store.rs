@@ -14,10 +14,13 @@ use serde_json::{Value, json};
 
 use handler::app::LocalBackends;
 use handler::engine::inbound;
+use handler::model::shard::{ExternalRelationship, SyncDirection};
 use handler::model::{Shard, timestamp};
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
-use handler::store::{CosmosStore, Op, Provisioning, ShardQuery, ShardStore, StoreError};
+use handler::store::{
+    CosmosStore, Op, Provisioning, ShardFingerprint, ShardQuery, ShardStore, StoreError,
+};
 
 use crate::cosmos_emulator::{
     RequestCounter, Requests, bulk_import_integration, bulk_import_job, emulator_client,
@@ -71,6 +74,29 @@ pub async fn point_operations(store: &CosmosStore) {
             .count(),
         1
     );
+
+    // A fingerprint is what the shard itself says of when it was written and what it links.
+    let mut synced = shard("t1", "f", json!({"n": 3}));
+    synced.updated_at = Some(Utc::now());
+    synced.deleted_at = Some(Utc::now());
+    synced.external_relationships = vec![ExternalRelationship::synced(
+        "int-1",
+        "001F",
+        SyncDirection::Inbound,
+        Utc::now(),
+    )];
+    synced.external_relationships[0].record_hash = Some("00ff".into());
+    store.upsert(&synced).await.unwrap();
+    let ids = ["f".to_string(), "missing".to_string(), "a".to_string()];
+    let expected: Vec<_> = store
+        .get_many("t1", &ids)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.as_ref().map(|v| ShardFingerprint::of(&v.value)))
+        .collect();
+    assert_eq!(store.fingerprints("t1", &ids).await.unwrap(), expected);
+    assert!(expected[0].as_ref().unwrap().deleted);
 }
 
 /// The store's contract for queries, whatever Cosmos serves it.

@@ -171,8 +171,14 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A fresh etag: unique to this write across processes (a random prefix per process) without
+/// asking the system for randomness per write.
 fn new_etag() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    static PREFIX: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_string());
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}{n:016x}", *PREFIX)
 }
 
 struct Row {
@@ -246,6 +252,54 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
     ])?;
     write_keys(conn, row)?;
     Ok(written)
+}
+
+/// Writes many shards in one transaction: each statement prepared once, and the old index
+/// keys of each tenant's shards deleted by one statement rather than one per shard.
+fn write_all(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
+    let mut tenants: Vec<&str> = rows.iter().map(|r| r.tenant_id.as_str()).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    let mut forget = conn.prepare_cached(
+        "DELETE FROM shard_keys WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+    )?;
+    for tenant in tenants {
+        let ids: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.tenant_id == tenant)
+            .map(|r| r.id.as_str())
+            .collect();
+        let ids = serde_json::to_string(&ids)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        forget.execute([tenant, ids.as_str()])?;
+    }
+    let mut insert = conn.prepare_cached(
+        "INSERT OR REPLACE INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut index = conn.prepare_cached(
+        "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for row in rows {
+        insert.execute(rusqlite::params![
+            row.tenant_id,
+            row.id,
+            row.shard_type_id,
+            row.deleted,
+            new_etag(),
+            row.doc,
+            row.expires
+        ])?;
+        for (name, value) in &row.keys {
+            index.execute(rusqlite::params![
+                row.tenant_id,
+                row.shard_type_id,
+                name,
+                value,
+                row.id
+            ])?;
+        }
+    }
+    Ok(())
 }
 
 fn sql_value(value: &Value) -> SqlValue {
@@ -429,9 +483,7 @@ impl ShardStore for SqliteStore {
         let rows = shards.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            for row in &rows {
-                write(&tx, row, &new_etag(), "INSERT OR REPLACE").map_err(unavailable)?;
-            }
+            write_all(&tx, &rows).map_err(unavailable)?;
             tx.commit().map_err(unavailable)?;
             Ok(Vec::new())
         })
@@ -680,6 +732,90 @@ mod tests {
         assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
         let other_tenant = by_key("ann@y.test").in_tenant("t2");
         assert!(store.query(&other_tenant).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pages_of_shards_are_written_read_and_fingerprinted_together() {
+        let (_dir, store) = store();
+        let contact = |tenant: &str, id: &str, email: &str| {
+            let mut s = shard(tenant, id, json!({"email": email}));
+            s.shard_type_id = "c_contact".into();
+            s.dedup_keys = [("email_exact".to_string(), email.to_string())].into();
+            s.updated_at = Some(Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap());
+            s.external_relationships = vec![crate::model::shard::ExternalRelationship::synced(
+                "int-1",
+                id,
+                crate::model::shard::SyncDirection::Inbound,
+                Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+            )];
+            s
+        };
+        let page = [
+            contact("t1", "a", "ann@x.test"),
+            contact("t1", "b", "bo@x.test"),
+            contact("t2", "a", "ann@x.test"),
+        ];
+        assert!(store.upsert_many(&page).await.unwrap().is_empty());
+        let again = [
+            contact("t1", "a", "ann@y.test"),
+            contact("t2", "a", "ann@x.test"),
+        ];
+        assert!(store.upsert_many(&again).await.unwrap().is_empty());
+
+        let by_key = |tenant: &str, key: &str| {
+            ShardQuery::of_type("c_contact").in_tenant(tenant).filter(
+                "dedupKeys.email_exact",
+                Op::In,
+                json!([key]),
+            )
+        };
+        assert!(
+            store
+                .query(&by_key("t1", "ann@x.test"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "old key dropped"
+        );
+        assert_eq!(
+            store
+                .query(&by_key("t1", "ann@y.test"))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            store
+                .query(&by_key("t2", "ann@x.test"))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let ids = ["b".to_string(), "missing".to_string(), "a".to_string()];
+        let read = store.get_many("t1", &ids).await.unwrap();
+        let read_ids: Vec<Option<&str>> = read
+            .iter()
+            .map(|r| r.as_ref().map(|v| v.value.id.as_str()))
+            .collect();
+        assert_eq!(read_ids, [Some("b"), None, Some("a")], "in the order asked");
+        assert_ne!(
+            read[0].as_ref().unwrap().etag,
+            read[2].as_ref().unwrap().etag
+        );
+        assert_eq!(read[2].as_ref().unwrap().value, again[0]);
+
+        let fingerprints = store.fingerprints("t1", &ids).await.unwrap();
+        assert_eq!(
+            fingerprints,
+            read.iter()
+                .map(|r| r.as_ref().map(|v| ShardFingerprint::of(&v.value)))
+                .collect::<Vec<_>>(),
+            "the fingerprint the shard itself gives"
+        );
+        assert!(fingerprints[0].as_ref().unwrap().updated_at.is_some());
     }
 
     #[tokio::test]
