@@ -18,37 +18,40 @@
 //!   365 rows, OneDrive items, Zoom meetings, Google Drive files, Gong calls): wall time, the
 //!   handler's peak RSS and the provider requests made.
 //!
-//! Where the time goes. Profiled with `perf record -F 2999 --call-graph dwarf,65528` on a
+//! Where the time goes. Profiled with `perf record -F 1999 --call-graph dwarf,65528` on a
 //! build that keeps its symbols (`CARGO_PROFILE_RELEASE_STRIP=none
 //! CARGO_PROFILE_RELEASE_DEBUG=line-tables-only`), running this benchmark with `-- 10k`; each
-//! sample of the handler is put in the innermost stage on its stack. Milliseconds of CPU,
-//! inflated about a fifth by the profiler; on 2 cores.
+//! sample of one handler run is put in the innermost stage on its stack. Milliseconds of CPU
+//! under the profiler, which slows the run down by about 1.7; on 2 cores.
 //!
-//! | stage                                          | full sync | re-run |
-//! |------------------------------------------------|----------:|-------:|
-//! | HTTP read and JSON parse into records          |        17 |     22 |
-//! | mapping (field transforms)                     |         7 |      9 |
-//! | existing-shard lookup (SQL)                    |         3 |      8 |
-//! | existing-shard decode (JSON to `Shard`)        |         1 |     26 |
-//! | landing (merge, links, match keys)             |        14 |     16 |
-//! | content hash                                   |         9 |     11 |
-//! | change detection                               |         2 |      6 |
-//! | serialisation for the store                    |        17 |      0 |
-//! | store write (SQLite, its commit and WAL)       |        58 |      2 |
-//! | counting                                       |         3 |      1 |
-//! | freeing page data                              |        12 |     14 |
-//! | the rest (runtime, job start and end, kernel)  |        40 |     47 |
-//! | total                                          |       182 |    163 |
-//! | page faults, within the stages above           |        24 |     29 |
+//! | stage                                              | full sync | re-run |
+//! |----------------------------------------------------|----------:|-------:|
+//! | HTTP read and JSON parse into records              |        25 |     25 |
+//! | mapping (field transforms)                         |        14 |     11 |
+//! | existing shards: SQL (re-run: fingerprints only)   |         5 |     28 |
+//! | existing shards: decoding whole documents          |         0 |      1 |
+//! | landing (merge, links, match keys, record hash)    |        33 |      1 |
+//! | content hash                                       |        10 |      0 |
+//! | change detection                                   |         5 |      0 |
+//! | serialisation for the store                        |        30 |      0 |
+//! | store write (SQLite, its commit and WAL)           |        75 |      2 |
+//! | counting                                           |         5 |      0 |
+//! | freeing page data                                  |        19 |      8 |
+//! | the rest (runtime, job start and end, kernel)      |        56 |     50 |
+//! | total                                              |       275 |    125 |
 //!
-//! Before the store read and wrote in batches without copies, the hash streamed and mimalloc
-//! was the allocator, the same profile of a 100,000-record sync put 33% of the CPU in the
-//! SQLite write path (a read lock taken per shard, a copy of every shard to encode), 13% in
-//! freeing page data, 9% in HTTP and JSON (every record read into a document, then copied
-//! out), 7% each in the content hash (which built its text in memory) and landing (which
-//! copied every stored shard's data), and 31% of all samples inside glibc's malloc and free.
-//! The loopback Salesforce serves a page of 2,000 records in about 5 ms, a tenth of what the
-//! engine spends on it.
+//! Page faults (mimalloc returning freed memory after 10 ms, then taking it back) are 14% and
+//! 8% of those samples, spread over the stages; the allocator's own code is 13% and 17%.
+//!
+//! Before the store read and wrote in batches without copies, the content hash streamed,
+//! unchanged records were told from fingerprints and mimalloc was the allocator, the same
+//! profile of a 100,000-record sync put 33% of the CPU in the SQLite write path (a read lock
+//! taken per shard, a copy of every shard to encode), 13% in freeing page data, 9% in HTTP
+//! and JSON (every record read into a document, then copied out), 7% each in the content
+//! hash (which built its text in memory) and landing (which copied every stored shard's
+//! data), and 31% of all samples inside glibc's malloc and free; a re-run decoded and landed
+//! every stored shard. The loopback Salesforce serves a page of 2,000 records in about 5 ms,
+//! a tenth of what the engine spends on it.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
