@@ -15,17 +15,16 @@ mod cosmos_emulator;
 use std::sync::Arc;
 
 use chrono::Utc;
-use serde_json::Value;
 
 use cosmos_emulator::{
-    RequestCounter, bulk_import_integration, bulk_import_job, emulator_store, http_store,
-    write_bulk_import,
+    RequestCounter, bulk_import_integration, bulk_import_job, emulator_store, history_of,
+    http_store, write_bulk_import,
 };
 use handler::app::LocalBackends;
 use handler::engine::inbound;
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
-use handler::store::{CosmosStore, ShardQuery, ShardStore};
+use handler::store::{CosmosStore, ShardStore};
 
 /// Syncs 5,000 accounts and 5,000 contacts twice into `store`, printing each run's requests.
 async fn measure(label: &str, store: CosmosStore, counter: &RequestCounter) {
@@ -64,7 +63,7 @@ async fn measure(label: &str, store: CosmosStore, counter: &RequestCounter) {
         .unwrap();
         let elapsed = started.elapsed();
         let requests = counter.requests().since(before);
-        let stats = history_stats(&store, job_id).await;
+        let stats = history_of(&store, job_id).await["stats"].clone();
         let changed =
             stats["shardsCreated"].as_u64().unwrap() + stats["shardsUpdated"].as_u64().unwrap();
         let per_changed = if changed == 0 {
@@ -86,18 +85,6 @@ async fn measure(label: &str, store: CosmosStore, counter: &RequestCounter) {
             elapsed.as_secs_f64()
         );
     }
-}
-
-async fn history_stats(store: &CosmosStore, job_id: &str) -> Value {
-    store
-        .query(&ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.value.structured_data)
-        .find(|r| r["jobId"] == job_id)
-        .expect("every run leaves its history record")["stats"]
-        .clone()
 }
 
 #[tokio::main]

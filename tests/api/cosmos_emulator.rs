@@ -183,6 +183,19 @@ pub async fn emulator_store(rules: Vec<Arc<FaultInjectionRule>>) -> CosmosStore 
         .unwrap()
 }
 
+/// The history record (`structuredData`) of job `job_id` of tenant `t1`.
+pub async fn history_of(store: &CosmosStore, job_id: &str) -> serde_json::Value {
+    use handler::store::{ShardQuery, ShardStore};
+    store
+        .query(&ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.value.structured_data)
+        .find(|r| r["jobId"] == job_id)
+        .expect("every run leaves its history record")
+}
+
 /// The well-known emulator key (cosmosdb-server checks none, the client wants valid base64).
 pub const EMULATOR_KEY: &str =
     "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";

@@ -24,7 +24,7 @@ use handler::store::{
 
 use crate::cosmos_emulator::{
     RequestCounter, Requests, bulk_import_integration, bulk_import_job, emulator_client,
-    emulator_store, write_bulk_import,
+    emulator_store, history_of, write_bulk_import,
 };
 use crate::helpers::TestApp;
 
@@ -354,14 +354,7 @@ pub async fn bulk_sync(
     .await
     .unwrap();
     let requests = counter.requests().since(before);
-    let record = store
-        .query(&ShardQuery::of_type("c_integrationSync").in_tenant("t1"))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.value.structured_data)
-        .find(|r| r["jobId"] == job_id)
-        .expect("every run leaves its history record");
+    let record = history_of(store, job_id).await;
     Run {
         requests,
         stats: record["stats"].clone(),

@@ -217,6 +217,11 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
 fn write_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?
         .execute([&row.tenant_id, &row.id])?;
+    index_keys(conn, row)
+}
+
+/// Indexes the keys of one shard (whose old keys are gone).
+fn index_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(
         "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
@@ -276,9 +281,6 @@ fn write_all(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(
         "INSERT OR REPLACE INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
-    let mut index = conn.prepare_cached(
-        "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
     for row in rows {
         insert.execute(rusqlite::params![
             row.tenant_id,
@@ -289,15 +291,7 @@ fn write_all(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
             row.doc,
             row.expires
         ])?;
-        for (name, value) in &row.keys {
-            index.execute(rusqlite::params![
-                row.tenant_id,
-                row.shard_type_id,
-                name,
-                value,
-                row.id
-            ])?;
-        }
+        index_keys(conn, row)?;
     }
     Ok(())
 }
