@@ -22,13 +22,21 @@ use tokio::sync::Notify;
 pub const CLIENT_ID: &str = "3MVG9-fake-client";
 pub const ORG_ID: &str = "00D000000000062EAA";
 
-/// A query's result rows and how far the client has read them.
-type Cursor = (Arc<Vec<Map<String, Value>>>, usize);
+/// A query's result and how far the client has read it.
+type Cursor = (Arc<QueryResult>, usize);
+
+/// The rows a query found, in order, as they were when it ran (a query locator's result is a
+/// snapshot; a record written since is a new `Arc`), and the fields it selected.
+struct QueryResult {
+    entity: String,
+    fields: Vec<String>,
+    rows: Vec<Arc<Map<String, Value>>>,
+}
 
 #[derive(Default)]
 pub struct Org {
     /// Records per entity, each with `Id` and `SystemModstamp`.
-    pub records: BTreeMap<String, Vec<Map<String, Value>>>,
+    pub records: BTreeMap<String, Vec<Arc<Map<String, Value>>>>,
     pub deleted: Vec<(String, String, DateTime<Utc>)>,
     pub earliest_deleted_available: Option<DateTime<Utc>>,
     /// Refresh tokens that work; with rotation, a refresh replaces the one used.
@@ -129,7 +137,7 @@ impl FakeSalesforce {
         let mut org = self.org.lock().unwrap();
         let records = org.records.entry(entity.to_string()).or_default();
         records.retain(|r| r["Id"] != record["Id"]);
-        records.push(record);
+        records.push(Arc::new(record));
     }
 
     /// Adds many new records at once (no check for ids already there).
@@ -139,7 +147,7 @@ impl FakeSalesforce {
         for (fields, modified) in records {
             let mut record = fields.as_object().unwrap().clone();
             record.insert("SystemModstamp".into(), json!(timestamp(modified)));
-            rows.push(record);
+            rows.push(Arc::new(record));
         }
     }
 
@@ -268,39 +276,52 @@ fn batch_size(headers: &HeaderMap) -> usize {
 /// Serves the next batch of a query cursor.
 fn page(fake: &FakeSalesforce, locator: &str, size: usize) -> Response {
     let mut org = fake.org.lock().unwrap();
-    let Some((rows, at)) = org.cursors.get(locator).cloned() else {
+    let Some((result, at)) = org.cursors.get(locator).cloned() else {
         return sf_error(
             StatusCode::BAD_REQUEST,
             "INVALID_QUERY_LOCATOR",
             "invalid query locator",
         );
     };
-    let end = (at + size).min(rows.len());
-    let done = end >= rows.len();
+    let end = (at + size).min(result.rows.len());
+    let done = end >= result.rows.len();
     let next_records_url = (!done).then(|| {
         let next = format!("{}-{}", locator.split('-').next().unwrap(), end);
-        org.cursors.insert(next.clone(), (rows.clone(), end));
+        org.cursors.insert(next.clone(), (result.clone(), end));
         format!("/services/data/v62.0/query/{next}")
     });
     drop(org);
-    // Written straight from the stored rows: the fake serves a page in a few milliseconds, so
-    // a benchmark measures the engine, not the fake.
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Batch<'a> {
-        total_size: usize,
-        done: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        next_records_url: Option<String>,
-        records: &'a [Map<String, Value>],
+    let mut body =
+        serde_json::to_vec(&json!({"totalSize": result.rows.len(), "done": done})).unwrap();
+    body.pop();
+    if let Some(url) = next_records_url {
+        body.extend_from_slice(br#","nextRecordsUrl":"#);
+        serde_json::to_writer(&mut body, &url).unwrap();
     }
-    let body = serde_json::to_vec(&Batch {
-        total_size: rows.len(),
-        done,
-        next_records_url,
-        records: &rows[at..end],
-    })
-    .unwrap();
+    body.extend_from_slice(br#","records":["#);
+    // A row as Salesforce answers it: its `attributes`, then the selected fields in the order
+    // of the SELECT, null where the record has no value.
+    let entity = &result.entity;
+    for (i, row) in result.rows[at..end].iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        let id = row.get("Id").and_then(Value::as_str).unwrap_or_default();
+        body.extend_from_slice(
+            format!(
+                r#"{{"attributes":{{"type":"{entity}","url":"/services/data/v62.0/sobjects/{entity}/{id}"}}"#
+            )
+            .as_bytes(),
+        );
+        for field in &result.fields {
+            body.push(b',');
+            serde_json::to_writer(&mut body, field).unwrap();
+            body.push(b':');
+            serde_json::to_writer(&mut body, row.get(field).unwrap_or(&Value::Null)).unwrap();
+        }
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
     let mut response = ([("content-type", "application/json")], body).into_response();
     let (used, allowed) = fake.org.lock().unwrap().api_usage;
     response.headers_mut().insert(
@@ -334,11 +355,15 @@ async fn query(
         .next()
         .unwrap_or_default()
         .to_string();
+    // `timestamp` writes every `SystemModstamp` in one fixed-width UTC form, so the text
+    // sorts as the time does: the rows are ordered and filtered without parsing each one.
     let since = rest.split_once("SystemModstamp >= ").map(|(_, t)| {
         let token = t.split_whitespace().next().unwrap();
-        DateTime::parse_from_rfc3339(token)
-            .unwrap()
-            .with_timezone(&Utc)
+        timestamp(
+            DateTime::parse_from_rfc3339(token)
+                .unwrap()
+                .with_timezone(&Utc),
+        )
     });
     // `Id IN ('001…', '001…')`: what a notified record is read back with.
     let wanted: Option<Vec<String>> = rest.split_once("Id IN (").map(|(_, list)| {
@@ -351,50 +376,43 @@ async fn query(
     });
     let fields: Vec<&str> = select.split(", ").collect();
     let mut org = fake.org.lock().unwrap();
-    let modified = |r: &Map<String, Value>| {
-        DateTime::parse_from_str(
-            r["SystemModstamp"].as_str().unwrap(),
-            "%Y-%m-%dT%H:%M:%S%.3f%z",
-        )
-        .unwrap()
-        .with_timezone(&Utc)
+    let text = |r: &Map<String, Value>, field: &str| -> String {
+        r.get(field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
     };
-    let mut rows: Vec<Map<String, Value>> = org
+    let mut rows: Vec<&Arc<Map<String, Value>>> = org
         .records
         .get(&entity)
-        .cloned()
-        .unwrap_or_default()
         .into_iter()
-        .filter(|r| since.is_none_or(|s| modified(r) >= s))
+        .flatten()
+        .filter(|r| {
+            since
+                .as_deref()
+                .is_none_or(|s| text(r, "SystemModstamp").as_str() >= s)
+        })
         .filter(|r| {
             wanted
                 .as_ref()
                 .is_none_or(|ids| ids.iter().any(|id| r["Id"] == id.as_str()))
         })
         .collect();
-    rows.sort_by_cached_key(|r| {
+    fn order(r: &Map<String, Value>) -> (Option<&str>, Option<&str>) {
         (
-            modified(r),
-            r["Id"].as_str().unwrap_or_default().to_string(),
+            r.get("SystemModstamp").and_then(Value::as_str),
+            r.get("Id").and_then(Value::as_str),
         )
-    });
-    let rows: Vec<Map<String, Value>> = rows
-        .into_iter()
-        .map(|r| {
-            let mut out = Map::new();
-            out.insert(
-                "attributes".into(),
-                json!({"type": entity, "url": format!("/services/data/v62.0/sobjects/{entity}/{}", r["Id"].as_str().unwrap())}),
-            );
-            for f in &fields {
-                out.insert(f.to_string(), r.get(*f).cloned().unwrap_or(Value::Null));
-            }
-            out
-        })
-        .collect();
+    }
+    rows.sort_by_cached_key(|r| order(r));
+    let result = QueryResult {
+        entity,
+        fields: fields.iter().map(|f| f.to_string()).collect(),
+        rows: rows.into_iter().cloned().collect(),
+    };
     org.next_cursor += 1;
     let locator = format!("01gRO00000{:06}", org.next_cursor);
-    org.cursors.insert(locator.clone(), (Arc::new(rows), 0));
+    org.cursors.insert(locator.clone(), (Arc::new(result), 0));
     drop(org);
     page(&fake, &locator, batch_size(&headers))
 }
@@ -463,7 +481,7 @@ impl FakeSalesforce {
             .get(entity)?
             .iter()
             .find(|r| r["Id"] == id)
-            .cloned()
+            .map(|r| Map::clone(r))
     }
 
     /// Every record of `entity`.
@@ -473,8 +491,10 @@ impl FakeSalesforce {
             .unwrap()
             .records
             .get(entity)
-            .cloned()
-            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .map(|r| Map::clone(r))
+            .collect()
     }
 }
 
@@ -560,6 +580,7 @@ async fn upsert(
             .get_mut(&entity)
             .and_then(|rows| rows.iter_mut().find(|r| r.get(&field) == Some(&json!(key))));
         if let Some(row) = existing {
+            let row = Arc::make_mut(row);
             row.extend(fields);
             row.insert("SystemModstamp".into(), json!(now));
             let id = row["Id"].clone();
@@ -571,7 +592,10 @@ async fn upsert(
         row.insert("Id".into(), json!(id));
         row.insert(field.clone(), json!(key));
         row.insert("SystemModstamp".into(), json!(now));
-        org.records.entry(entity.clone()).or_default().push(row);
+        org.records
+            .entry(entity.clone())
+            .or_default()
+            .push(Arc::new(row));
         (
             StatusCode::CREATED,
             Json(json!({"id": id, "success": true, "errors": [], "created": true})),
@@ -625,6 +649,7 @@ async fn update(
                 "The entity has been modified since the specified date",
             );
         }
+        let row = Arc::make_mut(row);
         row.extend(fields);
         row.insert("SystemModstamp".into(), json!(timestamp(Utc::now())));
         StatusCode::NO_CONTENT.into_response()
