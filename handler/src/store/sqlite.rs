@@ -1,7 +1,9 @@
 //! [`ShardStore`] on an embedded SQLite database, for running on one machine.
 //!
 //! Each shard is one row holding the document's JSON, keyed like a Cosmos item by
-//! (tenant, id). WAL journaling with `synchronous=NORMAL` keeps every committed write across a
+//! (tenant, id), beside the few columns read without it: its type, whether it is deleted, when
+//! it expires, and its fingerprint (when it was last written and its links, as JSON), which
+//! is what a sync reads for every record it is given. WAL journaling with `synchronous=NORMAL` keeps every committed write across a
 //! process crash (kill -9); only a power loss can take the last transactions.
 
 use std::collections::HashMap;
@@ -18,19 +20,80 @@ use crate::model::Shard;
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    checkpoints: Arc<Checkpointer>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS shards (
+/// How long the write-ahead log grows (in 4 KiB pages) before the writer checkpoints it itself.
+const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
+
+/// Copies the write-ahead log into the database on a thread and connection of its own, so
+/// that a sync's writes do not wait for it.
+///
+/// Left to the connection that writes, SQLite checkpoints in the commit that takes the log
+/// past 1,000 pages: one page of a sync in two would wait for 4 MB to be copied and synced.
+/// Asked after every batch, this thread does it while the sync goes on (a passive checkpoint
+/// waits for no reader or writer); the writer's own checkpoint, at
+/// [`WRITER_CHECKPOINT_PAGES`], is the backstop.
+struct Checkpointer {
+    wake: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Self {
+        // One request waiting is enough: the checkpoint it starts copies whatever is there.
+        let (wake, requests) = std::sync::mpsc::sync_channel::<()>(1);
+        let path = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                let mut conn = None;
+                // Ends when the last clone of the store is dropped.
+                while requests.recv().is_ok() {
+                    if conn.is_none() {
+                        // It copies pages from the log without keeping them.
+                        conn = Connection::open(&path)
+                            .and_then(|c| c.busy_timeout(BUSY_TIMEOUT).map(|()| c))
+                            .and_then(|c| c.pragma_update(None, "cache_size", 8).map(|()| c))
+                            .inspect_err(
+                                |e| tracing::debug!(error = %e, "no checkpoint connection"),
+                            )
+                            .ok();
+                    }
+                    if let Some(conn) = &conn
+                        && let Err(e) =
+                            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %e, "checkpoint skipped");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "no checkpoint thread: the writer checkpoints");
+        }
+        Self { wake }
+    }
+
+    fn request(&self) {
+        let _ = self.wake.try_send(());
+    }
+}
+
+/// The shards table, after `CREATE TABLE <name>`. A table with rowids: the primary key is an
+/// index beside it, so a lookup descends a b-tree of keys and one of integers, never through
+/// documents.
+const SHARDS_TABLE: &str = "(
     tenant_id     TEXT NOT NULL,
     id            TEXT NOT NULL,
     shard_type_id TEXT NOT NULL,
     deleted       INTEGER NOT NULL,
     etag          TEXT NOT NULL,
-    doc           TEXT NOT NULL,
     expires       INTEGER,
+    fingerprint   TEXT NOT NULL,
+    doc           TEXT NOT NULL,
     PRIMARY KEY (tenant_id, id)
-) WITHOUT ROWID;
+)";
+
+const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS shards_by_type ON shards (shard_type_id, tenant_id);
 CREATE TABLE IF NOT EXISTS shard_keys (
     tenant_id     TEXT NOT NULL,
@@ -101,21 +164,16 @@ fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = open_database(path, SCHEMA).map_err(unavailable)?;
-        // Stores made before shards could expire have no `expires` column yet.
-        let has_expiry: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('shards') WHERE name = 'expires'",
-                [],
-                |row| row.get(0),
-            )
+        let schema = format!("CREATE TABLE IF NOT EXISTS shards {SHARDS_TABLE};{INDEXES}");
+        let mut conn = open_database(path, &schema).map_err(unavailable)?;
+        upgrade(&mut conn).map_err(unavailable)?;
+        // The checkpoint thread keeps the log short; the writer checkpoints only if it falls
+        // far behind.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
             .map_err(unavailable)?;
-        if has_expiry == 0 {
-            conn.execute_batch("ALTER TABLE shards ADD COLUMN expires INTEGER")
-                .map_err(unavailable)?;
-        }
         let store = Self {
             conn: Arc::new(Mutex::new(conn)),
+            checkpoints: Arc::new(Checkpointer::start(path)),
         };
         // Best effort: queries leave expired shards out anyway, and another process may be
         // in a long write right now.
@@ -153,18 +211,63 @@ impl SqliteStore {
         .map_err(unavailable)
     }
 
-    async fn with_conn<T: Send + 'static>(
+    /// Runs `f` on a blocking thread, which it is given at once (not when awaited).
+    fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        });
+        async move {
+            task.await
+                .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        }
     }
+}
+
+/// Stores made before the current layout kept shards in a `WITHOUT ROWID` table, which puts
+/// whole rows, documents and all, in the interior pages of its b-tree too: finding one shard
+/// read parts of several others' documents, and a table took four times the space. Nor did
+/// they keep fingerprints apart (nor, the oldest, expiry times). Such a table is rebuilt once,
+/// each fingerprint taken from its document.
+fn upgrade(conn: &mut Connection) -> rusqlite::Result<()> {
+    let legacy = |conn: &Connection| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT sql LIKE '%WITHOUT ROWID%' FROM sqlite_master WHERE type = 'table' AND name = 'shards'",
+            [],
+            |row| row.get(0),
+        )
+    };
+    if !legacy(conn)? {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Another process may have upgraded it while this one waited for the lock.
+    if !legacy(&tx)? {
+        return Ok(());
+    }
+    let has_expiry: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('shards') WHERE name = 'expires')",
+        [],
+        |row| row.get(0),
+    )?;
+    let expires = if has_expiry { "expires" } else { "NULL" };
+    tx.execute_batch(&format!(
+        "CREATE TABLE shards_upgraded {SHARDS_TABLE};
+         INSERT INTO shards_upgraded (tenant_id, id, shard_type_id, deleted, etag, expires, fingerprint, doc)
+             SELECT tenant_id, id, shard_type_id, deleted, etag, {expires}, json_object(
+                        'updatedAt', json_extract(doc, '$.updatedAt'),
+                        'links', json_extract(doc, '$.external_relationships')),
+                    doc
+             FROM shards;
+         DROP TABLE shards;
+         ALTER TABLE shards_upgraded RENAME TO shards;
+         {INDEXES}"
+    ))?;
+    tx.commit()
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -189,7 +292,17 @@ struct Row {
     /// When the shard expires (Unix seconds), if it has a `ttl`.
     expires: Option<i64>,
     doc: String,
+    fingerprint: String,
     keys: Vec<(String, String)>,
+}
+
+/// The `fingerprint` column: what [`ShardFingerprint`] holds besides `deleted`, in the
+/// document's own spelling (so that [`upgrade`] can take it from a document).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredFingerprint<L> {
+    #[serde(rename = "updatedAt")]
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    links: Option<L>,
 }
 
 fn encode(shard: &Shard) -> Result<Row, StoreError> {
@@ -209,6 +322,11 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
             .filter(|ttl| *ttl > 0)
             .map(|ttl| chrono::Utc::now().timestamp() + ttl),
         doc: serde_json::to_string(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        fingerprint: serde_json::to_string(&StoredFingerprint {
+            updated_at: shard.updated_at,
+            links: Some(&shard.external_relationships),
+        })
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
         keys,
     })
 }
@@ -244,7 +362,7 @@ fn decode(doc: &str, etag: String) -> Result<Versioned<Shard>, StoreError> {
 
 fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Result<usize> {
     let sql = format!(
-        "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     );
     let written = conn.prepare_cached(&sql)?.execute(rusqlite::params![
         row.tenant_id,
@@ -253,34 +371,42 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
         row.deleted,
         etag,
         row.doc,
-        row.expires
+        row.expires,
+        row.fingerprint
     ])?;
     write_keys(conn, row)?;
     Ok(written)
 }
 
-/// Writes many shards in one transaction: each statement prepared once, and the old index
-/// keys of each tenant's shards deleted by one statement rather than one per shard.
-fn write_all(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
-    let mut tenants: Vec<&str> = rows.iter().map(|r| r.tenant_id.as_str()).collect();
+/// Writes many shards in one transaction, `shards` being their (tenant, id) and `rows` their
+/// rows as they are encoded: each statement prepared once, and the old index keys of each
+/// tenant's shards deleted by one statement rather than one per shard. Returns how many rows
+/// it wrote.
+fn write_all(
+    conn: &Connection,
+    shards: &[(String, String)],
+    rows: impl Iterator<Item = Row>,
+) -> rusqlite::Result<usize> {
+    let mut tenants: Vec<&str> = shards.iter().map(|(tenant, _)| tenant.as_str()).collect();
     tenants.sort_unstable();
     tenants.dedup();
     let mut forget = conn.prepare_cached(
         "DELETE FROM shard_keys WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
     )?;
     for tenant in tenants {
-        let ids: Vec<&str> = rows
+        let ids: Vec<&str> = shards
             .iter()
-            .filter(|r| r.tenant_id == tenant)
-            .map(|r| r.id.as_str())
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, id)| id.as_str())
             .collect();
         let ids = serde_json::to_string(&ids)
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         forget.execute([tenant, ids.as_str()])?;
     }
     let mut insert = conn.prepare_cached(
-        "INSERT OR REPLACE INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR REPLACE INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
+    let mut written = 0;
     for row in rows {
         insert.execute(rusqlite::params![
             row.tenant_id,
@@ -289,11 +415,13 @@ fn write_all(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
             row.deleted,
             new_etag(),
             row.doc,
-            row.expires
+            row.expires,
+            row.fingerprint
         ])?;
-        index_keys(conn, row)?;
+        index_keys(conn, &row)?;
+        written += 1;
     }
-    Ok(())
+    Ok(written)
 }
 
 fn sql_value(value: &Value) -> SqlValue {
@@ -363,7 +491,8 @@ impl ShardStore for SqliteStore {
             let tx = conn.transaction().map_err(unavailable)?;
             let changed = tx
                 .prepare_cached(
-                    "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8
+                    "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8,
+                            fingerprint = ?9
                      WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7",
                 )
                 .map_err(unavailable)?
@@ -375,7 +504,8 @@ impl ShardStore for SqliteStore {
                     etag,
                     row.doc,
                     if_match,
-                    row.expires
+                    row.expires,
+                    row.fingerprint
                 ])
                 .map_err(unavailable)?;
             if changed == 1 {
@@ -425,7 +555,7 @@ impl ShardStore for SqliteStore {
         .await
     }
 
-    /// Read by SQLite's JSON functions: only the links are parsed here.
+    /// Read from the fingerprint column, without the documents.
     async fn fingerprints(
         &self,
         tenant_id: &str,
@@ -440,9 +570,7 @@ impl ShardStore for SqliteStore {
         self.with_conn(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id, json_extract(doc, '$.updatedAt'), deleted,
-                            json_extract(doc, '$.external_relationships')
-                     FROM shards
+                    "SELECT id, deleted, fingerprint FROM shards
                      WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
                 )
                 .map_err(unavailable)?;
@@ -450,21 +578,16 @@ impl ShardStore for SqliteStore {
             let mut rows = stmt.query([&tenant_id, &wanted]).map_err(unavailable)?;
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let id: String = row.get(0).map_err(unavailable)?;
-                let updated_at: Option<String> = row.get(1).map_err(unavailable)?;
-                let links: Option<String> = row.get(3).map_err(unavailable)?;
-                let corrupt = |e: String| StoreError::Corrupt(format!("shard `{id}`: {e}"));
+                let stored = row.get_ref(2).map_err(unavailable)?;
+                let stored: StoredFingerprint<Vec<_>> = stored
+                    .as_str()
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+                    .map_err(|e| StoreError::Corrupt(format!("shard `{id}`: {e}")))?;
                 let fingerprint = ShardFingerprint {
-                    updated_at: updated_at
-                        .map(|t| {
-                            t.parse()
-                                .map_err(|e: chrono::ParseError| corrupt(e.to_string()))
-                        })
-                        .transpose()?,
-                    deleted: row.get(2).map_err(unavailable)?,
-                    links: links
-                        .map(|l| serde_json::from_str(&l).map_err(|e| corrupt(e.to_string())))
-                        .transpose()?
-                        .unwrap_or_default(),
+                    updated_at: stored.updated_at,
+                    deleted: row.get(1).map_err(unavailable)?,
+                    links: stored.links.unwrap_or_default(),
                 };
                 found.insert(id, fingerprint);
             }
@@ -473,22 +596,63 @@ impl ShardStore for SqliteStore {
         .await
     }
 
+    /// Encoding the documents takes about as long as SQLite takes to write them, so the two
+    /// overlap: the writer, on its blocking thread, inserts each row as soon as it is encoded
+    /// here, and commits once it has them all.
     async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
-        let rows = shards.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
-        self.with_conn(move |conn| {
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<(String, String)> = shards
+            .iter()
+            .map(|s| (s.tenant_id.clone(), s.id.clone()))
+            .collect();
+        let (encoded, rows) = std::sync::mpsc::channel();
+        let writing = self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            write_all(&tx, &rows).map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(Vec::new())
-        })
-        .await
+            let written = write_all(&tx, &keys, rows.iter()).map_err(unavailable)?;
+            // A row short: encoding a shard failed, and the caller is told so. Nothing is
+            // written.
+            if written == keys.len() {
+                tx.commit().map_err(unavailable)?;
+            }
+            Ok(())
+        });
+        let mut unencodable = None;
+        for shard in shards {
+            let row = match encode(shard) {
+                Ok(row) => row,
+                Err(e) => {
+                    unencodable = Some(e);
+                    break;
+                }
+            };
+            // Sending fails only when the writer has stopped; it says why.
+            if encoded.send(row).is_err() {
+                break;
+            }
+        }
+        drop(encoded);
+        writing.await?;
+        if let Some(e) = unencodable {
+            return Err(e);
+        }
+        self.checkpoints.request();
+        Ok(Vec::new())
     }
 
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         let query = query.clone();
         self.with_conn(move |conn| {
-            let mut sql = String::from(
-                "SELECT doc, etag FROM shards WHERE shard_type_id = ? AND (expires IS NULL OR expires > ?)",
+            // A lookup by indexed key finds its few shards by their ids: the type's index
+            // (`+` keeps SQLite from choosing it) would walk every shard of the type.
+            let by_key = query.tenant_id.is_some()
+                && query.filters.iter().any(|f| {
+                    f.path.as_str().starts_with(INDEXED_KEYS) && matches!(f.op, Op::In | Op::Eq)
+                });
+            let mut sql = format!(
+                "SELECT doc, etag FROM shards WHERE {}shard_type_id = ? AND (expires IS NULL OR expires > ?)",
+                if by_key { "+" } else { "" }
             );
             let mut args = vec![
                 SqlValue::Text(query.shard_type_id.clone()),
@@ -560,6 +724,10 @@ impl ShardStore for SqliteStore {
                     " ORDER BY json_extract(doc, '$.{}') {direction}, id",
                     order.path.as_str()
                 ));
+            } else {
+                // Listings keep one order as shards are rewritten. (`+`: sorted after the
+                // lookup, rather than found by walking the tenant's shards in key order.)
+                sql.push_str(" ORDER BY +tenant_id, +id");
             }
             if let Some(limit) = query.limit {
                 sql.push_str(&format!(" LIMIT {limit}"));
@@ -810,6 +978,82 @@ mod tests {
             "the fingerprint the shard itself gives"
         );
         assert!(fingerprints[0].as_ref().unwrap().updated_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_store_of_the_earlier_layout_is_upgraded_with_its_shards_fingerprinted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let mut linked = shard("t1", "a", json!({"name": "Acme"}));
+        linked.updated_at = Some(Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap());
+        let mut link = crate::model::shard::ExternalRelationship::synced(
+            "int-1",
+            "001A",
+            crate::model::shard::SyncDirection::Inbound,
+            Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+        );
+        link.record_hash = Some("5f2c".into());
+        linked.external_relationships = vec![link];
+        let mut bare = shard("t1", "b", json!({}));
+        bare.deleted_at = Some(Utc::now());
+        let page = [linked, bare];
+        {
+            // The layout a store of an earlier build has: no rowids, no fingerprints, and (the
+            // oldest) no expiry times.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE shards (
+                     tenant_id TEXT NOT NULL, id TEXT NOT NULL, shard_type_id TEXT NOT NULL,
+                     deleted INTEGER NOT NULL, etag TEXT NOT NULL, doc TEXT NOT NULL,
+                     PRIMARY KEY (tenant_id, id)
+                 ) WITHOUT ROWID;
+                 CREATE INDEX shards_by_type ON shards (shard_type_id, tenant_id);",
+            )
+            .unwrap();
+            for s in &page {
+                old.execute(
+                    "INSERT INTO shards VALUES (?1, ?2, ?3, ?4, 'etag-1', ?5)",
+                    rusqlite::params![
+                        s.tenant_id,
+                        s.id,
+                        s.shard_type_id,
+                        s.deleted_at.is_some(),
+                        serde_json::to_string(s).unwrap()
+                    ],
+                )
+                .unwrap();
+            }
+        }
+
+        let store = SqliteStore::open(&path).unwrap();
+        let ids = ["a".to_string(), "b".to_string(), "c".to_string()];
+        assert_eq!(
+            store.fingerprints("t1", &ids).await.unwrap(),
+            [
+                Some(ShardFingerprint::of(&page[0])),
+                Some(ShardFingerprint::of(&page[1])),
+                None
+            ]
+        );
+        let kept = store.get("t1", "a").await.unwrap().unwrap();
+        assert_eq!(
+            (kept.value, kept.etag.as_str()),
+            (page[0].clone(), "etag-1")
+        );
+        let mut query = ShardQuery::of_type(&page[0].shard_type_id);
+        query.include_deleted = true;
+        assert_eq!(store.query(&query).await.unwrap().len(), 2);
+        let layout: String = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'shards'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert!(!layout.contains("WITHOUT ROWID"), "{layout}");
+        drop(store);
+        SqliteStore::open(&path).expect("an upgraded store opens as it is");
     }
 
     #[tokio::test]
