@@ -472,6 +472,12 @@ impl<'a> EntityRun<'a> {
                     (owned, page)
                 })
             });
+            if fetching.is_some() {
+                // A task spawned by a running one waits in its worker's next-to-run slot,
+                // which no other worker takes: without stepping aside, the fetch would not
+                // begin until this page's first wait for I/O.
+                tokio::task::yield_now().await;
+            }
             let (processed, fetched) = tokio::join!(
                 async {
                     self.process_page(records).await?;
@@ -795,7 +801,11 @@ impl<'a> EntityRun<'a> {
         self.counters.skipped += tally.skipped;
         self.record_failures(tally.failed);
 
-        self.soft_delete(&page.deleted).await
+        let deleted = self.soft_delete(&page.deleted).await;
+        // Freeing a page's records and shards is milliseconds of walking their maps: a
+        // blocking thread does it while this one goes on to the next page.
+        tokio::task::spawn_blocking(move || drop((page, landed, changes)));
+        deleted
     }
 
     /// After a two-way page is written: conflicts are announced (fields and who won, never
