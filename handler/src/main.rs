@@ -11,7 +11,7 @@ use handler::settings::Settings;
 /// system allocators are slow at that: glibc's takes a lock per call and hoards freed memory
 /// per thread, and the static musl build this app ships as has a much slower one still.
 /// mimalloc is built without transparent huge pages (which make a few live bytes cost 2 MiB
-/// of memory), and told to return freed memory after 10 ms instead of 1 s (see `main`): a
+/// of memory), and told to return freed memory after 2 ms instead of 1 s (see `main`): a
 /// 100,000-record sync then stays under 50 MB, for a few percent of its time.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     // mimalloc's own MIMALLOC_PURGE_DELAY, when set, is the operator's choice.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option; mimalloc reads options atomically.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 2) };
     }
     let cli = Cli::parse();
     let settings = match Settings::from_env() {

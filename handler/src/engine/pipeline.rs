@@ -44,7 +44,7 @@ use crate::model::mapping::EntityMapping;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
-use crate::store::{Op, ShardQuery, StoreError};
+use crate::store::{Op, ShardFingerprint, ShardQuery, StoreError};
 
 /// Records asked for per page (Salesforce's maximum batch).
 pub const PAGE_SIZE: usize = 2000;
@@ -713,27 +713,54 @@ impl<'a> EntityRun<'a> {
         if let Some(listed) = self.listed.as_mut() {
             listed.extend(records.iter().filter(|r| !r.deleted).map(|r| r.id.clone()));
         }
-        let mut page = plan::transform_page(self.job.integration_id, self.mapping, records);
-        self.record_failures(std::mem::take(&mut page.failed));
-
         // Records that are what their shards already say are skipped on the shards'
-        // fingerprints; a record whose shard does not exist needs no read of it.
+        // fingerprints, read while the records are mapped; a record whose shard does not
+        // exist needs no read of it.
+        let by_fingerprint = plan::skips_by_fingerprint(self.mapping, self.two_way.is_some());
+        let mut asked = HashSet::new();
+        let own: Vec<String> = records
+            .iter()
+            .filter(|r| by_fingerprint && !r.deleted)
+            .map(|r| {
+                synced_shard_id(
+                    self.job.integration_id,
+                    &self.mapping.external_entity,
+                    &r.id,
+                )
+            })
+            // A record listed twice (a file appended to) is asked about once.
+            .filter(|id| asked.insert(id.clone()))
+            .collect();
+        let (fingerprints, mut page) = tokio::join!(
+            async {
+                if own.is_empty() {
+                    return Ok(Vec::new());
+                }
+                self.with_retries(|| self.app.store.fingerprints(tenant, &own))
+                    .await
+            },
+            async { plan::transform_page(self.job.integration_id, self.mapping, records) }
+        );
+        self.record_failures(std::mem::take(&mut page.failed));
         let mut existing: Option<HashSet<String>> = None;
-        if plan::skips_by_fingerprint(self.mapping, self.two_way.is_some())
-            && !page.records.is_empty()
-        {
-            let own: Vec<String> = page.records.iter().map(|r| r.shard_id.clone()).collect();
-            let stored = self
-                .with_retries(|| self.app.store.fingerprints(tenant, &own))
-                .await?;
-            let unchanged = plan::unchanged(self.job.integration_id, &page.records, &stored);
+        if by_fingerprint {
+            let mut found: HashMap<String, Option<ShardFingerprint>> =
+                own.into_iter().zip(fingerprints?).collect();
             existing = Some(
-                own.into_iter()
-                    .zip(&stored)
-                    .filter(|(_, found)| found.is_some())
-                    .map(|(id, _)| id)
+                found
+                    .iter()
+                    .filter(|(_, f)| f.is_some())
+                    .map(|(id, _)| id.clone())
                     .collect(),
             );
+            // In the order of the mapped records; a shard's second record in the page has
+            // none, and lands.
+            let stored: Vec<Option<ShardFingerprint>> = page
+                .records
+                .iter()
+                .map(|r| found.remove(&r.shard_id).flatten())
+                .collect();
+            let unchanged = plan::unchanged(self.job.integration_id, &page.records, &stored);
             let before = page.records.len();
             let mut skip = unchanged.into_iter();
             page.records.retain(|_| !skip.next().unwrap_or(false));
