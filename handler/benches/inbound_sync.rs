@@ -21,27 +21,32 @@
 //! Where the time goes. Profiled with `perf record -F 1999 --call-graph dwarf,65528` on a
 //! build that keeps its symbols (`CARGO_PROFILE_RELEASE_STRIP=none
 //! CARGO_PROFILE_RELEASE_DEBUG=line-tables-only`), running this benchmark with `-- 10k`; each
-//! sample of one handler run is put in the innermost stage on its stack. Milliseconds of CPU
-//! under the profiler, which slows the run down by about 1.7; on 2 cores.
+//! sample of a handler run, on any of its threads, is put in the innermost stage on its
+//! stack, and the five runs averaged. Milliseconds of CPU under the profiler, which slows a
+//! run down by about 1.7; on 2 cores, where the sync's thread, the blocking threads that
+//! read, write and free, and the checkpoint thread run at once.
 //!
-//! | stage                                              | full sync | re-run |
-//! |----------------------------------------------------|----------:|-------:|
-//! | HTTP read and JSON parse into records              |        25 |     25 |
-//! | mapping (field transforms)                         |        14 |     11 |
-//! | existing shards: SQL (re-run: fingerprints only)   |         5 |     28 |
-//! | existing shards: decoding whole documents          |         0 |      1 |
-//! | landing (merge, links, match keys, record hash)    |        33 |      1 |
-//! | content hash                                       |        10 |      0 |
-//! | change detection                                   |         5 |      0 |
-//! | serialisation for the store                        |        30 |      0 |
-//! | store write (SQLite, its commit and WAL)           |        75 |      2 |
-//! | counting                                           |         5 |      0 |
-//! | freeing page data                                  |        19 |      8 |
-//! | the rest (runtime, job start and end, kernel)      |        56 |     50 |
-//! | total                                              |       275 |    125 |
+//! | stage                                                | full sync | re-run |
+//! |------------------------------------------------------|----------:|-------:|
+//! | HTTP read and JSON parse into records                |        38 |     25 |
+//! | mapping (field transforms)                           |        20 |     12 |
+//! | fingerprints of the page's shards (SQL and decoding) |        17 |     34 |
+//! | existing shards: SQL and decoding whole documents    |         2 |      1 |
+//! | landing (merge, links, match keys, record hash)      |        40 |      0 |
+//! | content hash                                         |        13 |      0 |
+//! | change detection                                     |        10 |      0 |
+//! | serialisation for the store                          |        45 |      0 |
+//! | store write (SQLite, its commit, WAL checkpoints)    |       105 |      1 |
+//! | counting                                             |         5 |      0 |
+//! | freeing page data (on a blocking thread)             |        33 |     10 |
+//! | the rest (runtime, job start and end, kernel)        |        43 |     24 |
+//! | total                                                |       371 |    107 |
 //!
-//! Page faults (mimalloc returning freed memory after 10 ms, then taking it back) are 14% and
-//! 8% of those samples, spread over the stages; the allocator's own code is 13% and 17%.
+//! Page faults are 12% and 10% of those samples, spread over the stages; the allocator's
+//! own code is 13% and 17%. The sync's thread waits for none of the SQLite write but its
+//! commit (the documents are encoded while a blocking thread inserts them, and the log is
+//! checkpointed on a thread of its own), for none of the fingerprint read (made while the
+//! page is mapped), and for no freeing.
 //!
 //! Before the store read and wrote in batches without copies, the content hash streamed,
 //! unchanged records were told from fingerprints and mimalloc was the allocator, the same
@@ -50,8 +55,11 @@
 //! and JSON (every record read into a document, then copied out), 7% each in the content
 //! hash (which built its text in memory) and landing (which copied every stored shard's
 //! data), and 31% of all samples inside glibc's malloc and free; a re-run decoded and landed
-//! every stored shard. The loopback Salesforce serves a page of 2,000 records in about 5 ms,
-//! a tenth of what the engine spends on it.
+//! every stored shard. The shards table had no rowids, which put whole documents in its
+//! b-tree's interior pages: finding one shard read parts of others by `pread`, 15 reads a
+//! lookup. The loopback Salesforce, which projected a query's 5,000 rows before answering,
+//! took 10-15 ms over the first page of each entity; it now serves a page in about 1 ms, a
+//! few percent of what the engine spends on it.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]

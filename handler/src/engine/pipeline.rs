@@ -1,12 +1,12 @@
 //! The inbound pipeline: pages of provider records in, shards out.
 //!
 //! For each entity mapping of the integration the pipeline fetches pages (cursor pagination),
-//! and for each page transforms the records, reads their shards' fingerprints in one batch and
-//! skips the records their shards already hold, reads the shards the rest map to in one batch,
-//! deduplicates them, skips the ones whose content has not changed, and writes the rest in one
-//! batch. Records the provider reports deleted soft-delete their shards. While one page is
-//! processed the next is already being fetched and parsed on another task, and memory holds at
-//! most those two pages.
+//! and for each page transforms the records while it reads their shards' fingerprints in one
+//! batch, skips the records their shards already hold, reads the shards the rest map to in one
+//! batch, deduplicates them, skips the ones whose content has not changed, and writes the rest
+//! in one batch. Records the provider reports deleted soft-delete their shards. While one page
+//! is processed the next is already being fetched and parsed on another task, and the one
+//! before is freed on a blocking thread: memory holds at most those pages.
 //!
 //! After each page the integration gets a checkpoint (the next page token, and the cursor the
 //! pages so far returned), so a job that dies (kill -9, function timeout, redelivery) resumes
