@@ -3,8 +3,9 @@
 //! Each shard is one row holding the document's JSON, keyed like a Cosmos item by
 //! (tenant, id), beside the few columns read without it: its type, whether it is deleted, when
 //! it expires, and its fingerprint (when it was last written and its links, as JSON), which
-//! is what a sync reads for every record it is given. WAL journaling with `synchronous=NORMAL` keeps every committed write across a
-//! process crash (kill -9); only a power loss can take the last transactions.
+//! is what a sync reads for every record it is given. WAL journaling with
+//! `synchronous=NORMAL` keeps every committed write across a process crash (kill -9); only a
+//! power loss can take the last transactions.
 
 use std::collections::HashMap;
 use std::path::Path;
