@@ -438,6 +438,100 @@ fn sql_value(value: &Value) -> SqlValue {
     }
 }
 
+/// The statement and arguments of a query, for shards not expired at `now` (Unix seconds).
+fn query_sql(query: &ShardQuery, now: i64) -> Result<(String, Vec<SqlValue>), StoreError> {
+    // A lookup by indexed key finds its few shards by their ids: the type's index
+    // (`+` keeps SQLite from choosing it) would walk every shard of the type.
+    let by_key = query.tenant_id.is_some()
+        && query
+            .filters
+            .iter()
+            .any(|f| f.path.as_str().starts_with(INDEXED_KEYS) && matches!(f.op, Op::In | Op::Eq));
+    let mut sql = format!(
+        "SELECT doc, etag FROM shards WHERE {}shard_type_id = ? AND (expires IS NULL OR expires > ?)",
+        if by_key { "+" } else { "" }
+    );
+    let mut args = vec![
+        SqlValue::Text(query.shard_type_id.clone()),
+        SqlValue::Integer(now),
+    ];
+    if let Some(tenant) = &query.tenant_id {
+        sql.push_str(" AND tenant_id = ?");
+        args.push(SqlValue::Text(tenant.clone()));
+    }
+    if let Some(element) = &query.element {
+        // Field paths are plain identifiers, so they can be spliced in.
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM json_each(doc, '$.{}')
+                          WHERE json_extract(value, '$.{}') = ?)",
+            element.array.as_str(),
+            element.field.as_str()
+        ));
+        args.push(SqlValue::Text(element.value.clone()));
+    }
+    if !query.include_deleted {
+        sql.push_str(" AND deleted = 0");
+    }
+    for f in &query.filters {
+        let path = f.path.as_str();
+        if let (Some(name), Some(tenant), Op::In | Op::Eq) =
+            (path.strip_prefix(INDEXED_KEYS), &query.tenant_id, f.op)
+        {
+            let values: Vec<&Value> = match &f.value {
+                Value::Array(items) => items.iter().collect(),
+                one => vec![one],
+            };
+            let marks = vec!["?"; values.len()].join(", ");
+            sql.push_str(&format!(
+                " AND id IN (SELECT id FROM shard_keys WHERE tenant_id = ? AND shard_type_id = ?
+                             AND name = ? AND value IN ({marks}))"
+            ));
+            args.push(SqlValue::Text(tenant.clone()));
+            args.push(SqlValue::Text(query.shard_type_id.clone()));
+            args.push(SqlValue::Text(name.to_string()));
+            args.extend(values.into_iter().map(sql_value));
+            continue;
+        }
+        match (f.op, &f.value) {
+            (Op::Eq, Value::Null) => {
+                sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IS NULL"));
+            }
+            (Op::In, Value::Array(items)) => {
+                let marks = vec!["?"; items.len()].join(", ");
+                sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IN ({marks})"));
+                args.extend(items.iter().map(sql_value));
+            }
+            (Op::In, _) => {
+                return Err(StoreError::Corrupt(format!("`{path}` IN needs an array")));
+            }
+            (op, value) => {
+                let op = match op {
+                    Op::Eq => "=",
+                    Op::Le => "<=",
+                    _ => ">=",
+                };
+                sql.push_str(&format!(" AND json_extract(doc, '$.{path}') {op} ?"));
+                args.push(sql_value(value));
+            }
+        }
+    }
+    if let Some(order) = &query.order_by {
+        let direction = if order.descending { "DESC" } else { "ASC" };
+        sql.push_str(&format!(
+            " ORDER BY json_extract(doc, '$.{}') {direction}, id",
+            order.path.as_str()
+        ));
+    } else {
+        // Listings keep one order as shards are rewritten. (`+`: sorted after the
+        // lookup, rather than found by walking the tenant's shards in key order.)
+        sql.push_str(" ORDER BY +tenant_id, +id");
+    }
+    if let Some(limit) = query.limit {
+        sql.push_str(&format!(" LIMIT {limit}"));
+    }
+    Ok((sql, args))
+}
+
 #[async_trait]
 impl ShardStore for SqliteStore {
     async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
@@ -643,96 +737,8 @@ impl ShardStore for SqliteStore {
     }
 
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
-        let query = query.clone();
+        let (sql, args) = query_sql(query, chrono::Utc::now().timestamp())?;
         self.with_conn(move |conn| {
-            // A lookup by indexed key finds its few shards by their ids: the type's index
-            // (`+` keeps SQLite from choosing it) would walk every shard of the type.
-            let by_key = query.tenant_id.is_some()
-                && query.filters.iter().any(|f| {
-                    f.path.as_str().starts_with(INDEXED_KEYS) && matches!(f.op, Op::In | Op::Eq)
-                });
-            let mut sql = format!(
-                "SELECT doc, etag FROM shards WHERE {}shard_type_id = ? AND (expires IS NULL OR expires > ?)",
-                if by_key { "+" } else { "" }
-            );
-            let mut args = vec![
-                SqlValue::Text(query.shard_type_id.clone()),
-                SqlValue::Integer(chrono::Utc::now().timestamp()),
-            ];
-            if let Some(tenant) = &query.tenant_id {
-                sql.push_str(" AND tenant_id = ?");
-                args.push(SqlValue::Text(tenant.clone()));
-            }
-            if let Some(element) = &query.element {
-                // Field paths are plain identifiers, so they can be spliced in.
-                sql.push_str(&format!(
-                    " AND EXISTS (SELECT 1 FROM json_each(doc, '$.{}')
-                                  WHERE json_extract(value, '$.{}') = ?)",
-                    element.array.as_str(),
-                    element.field.as_str()
-                ));
-                args.push(SqlValue::Text(element.value.clone()));
-            }
-            if !query.include_deleted {
-                sql.push_str(" AND deleted = 0");
-            }
-            for f in &query.filters {
-                let path = f.path.as_str();
-                if let (Some(name), Some(tenant), Op::In | Op::Eq) =
-                    (path.strip_prefix(INDEXED_KEYS), &query.tenant_id, f.op)
-                {
-                    let values: Vec<&Value> = match &f.value {
-                        Value::Array(items) => items.iter().collect(),
-                        one => vec![one],
-                    };
-                    let marks = vec!["?"; values.len()].join(", ");
-                    sql.push_str(&format!(
-                        " AND id IN (SELECT id FROM shard_keys WHERE tenant_id = ? AND shard_type_id = ?
-                                     AND name = ? AND value IN ({marks}))"
-                    ));
-                    args.push(SqlValue::Text(tenant.clone()));
-                    args.push(SqlValue::Text(query.shard_type_id.clone()));
-                    args.push(SqlValue::Text(name.to_string()));
-                    args.extend(values.into_iter().map(sql_value));
-                    continue;
-                }
-                match (f.op, &f.value) {
-                    (Op::Eq, Value::Null) => {
-                        sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IS NULL"));
-                    }
-                    (Op::In, Value::Array(items)) => {
-                        let marks = vec!["?"; items.len()].join(", ");
-                        sql.push_str(&format!(" AND json_extract(doc, '$.{path}') IN ({marks})"));
-                        args.extend(items.iter().map(sql_value));
-                    }
-                    (Op::In, _) => {
-                        return Err(StoreError::Corrupt(format!("`{path}` IN needs an array")));
-                    }
-                    (op, value) => {
-                        let op = match op {
-                            Op::Eq => "=",
-                            Op::Le => "<=",
-                            _ => ">=",
-                        };
-                        sql.push_str(&format!(" AND json_extract(doc, '$.{path}') {op} ?"));
-                        args.push(sql_value(value));
-                    }
-                }
-            }
-            if let Some(order) = &query.order_by {
-                let direction = if order.descending { "DESC" } else { "ASC" };
-                sql.push_str(&format!(
-                    " ORDER BY json_extract(doc, '$.{}') {direction}, id",
-                    order.path.as_str()
-                ));
-            } else {
-                // Listings keep one order as shards are rewritten. (`+`: sorted after the
-                // lookup, rather than found by walking the tenant's shards in key order.)
-                sql.push_str(" ORDER BY +tenant_id, +id");
-            }
-            if let Some(limit) = query.limit {
-                sql.push_str(&format!(" LIMIT {limit}"));
-            }
             let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
             let rows = stmt
                 .query_map(params_from_iter(args), |r| {
@@ -1055,6 +1061,32 @@ mod tests {
         assert!(!layout.contains("WITHOUT ROWID"), "{layout}");
         drop(store);
         SqliteStore::open(&path).expect("an upgraded store opens as it is");
+    }
+
+    #[test]
+    fn a_lookup_by_match_key_reads_its_shards_by_id_not_every_shard_of_the_type() {
+        let (_dir, store) = store();
+        let plan = |query: &ShardQuery| -> String {
+            let (sql, args) = query_sql(query, 0).unwrap();
+            let conn = store.conn.lock().unwrap();
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            stmt.query_map(params_from_iter(args), |row| row.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let by_key = ShardQuery::of_type("c_contact").in_tenant("t1").filter(
+            "dedupKeys.email_exact",
+            Op::In,
+            json!(["ann@x.test", "bo@x.test"]),
+        );
+        let found = plan(&by_key);
+        assert!(!found.contains("shards_by_type"), "{found}");
+        assert!(found.contains("(tenant_id=? AND id=?)"), "{found}");
+
+        let listing = plan(&ShardQuery::of_type("c_contact").in_tenant("t1"));
+        assert!(listing.contains("shards_by_type"), "{listing}");
     }
 
     #[tokio::test]
