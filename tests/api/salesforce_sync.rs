@@ -262,6 +262,68 @@ async fn a_full_sync_pages_through_salesforce_into_shards_and_records_its_histor
 }
 
 #[tokio::test]
+async fn a_person_on_a_later_page_is_merged_into_the_shard_an_earlier_page_wrote() {
+    // Pages hold 2,000 contacts: the first of the second page is the last of the first under
+    // another Salesforce id, and one on the third page is the sixth of the first.
+    let fake = FakeSalesforce::start().await;
+    fake.load(
+        "Contact",
+        (0..4100).map(|i| {
+            let person = match i {
+                2000 => 1999,
+                4050 => 5,
+                i => i,
+            };
+            (
+                json!({"Id": format!("003{i:015}"), "Name": format!("Mary Ann Person{person}"),
+                       "Email": format!("person{person}@acme.test")}),
+                base_time() + Duration::seconds(i as i64),
+            )
+        }),
+    );
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, true)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-pages", "full_sync", 1).await;
+
+    let history = app.history().await;
+    let record = record_of(&history, "job-pages");
+    assert_eq!(record["syncDetails"]["pagesProcessed"], 4, "{record}");
+    assert_eq!(
+        record["entityStats"][1],
+        json!({"externalEntity": "Contact", "shardTypeId": "c_contact", "direction": "inbound",
+               "fetched": 4100, "created": 4098, "updated": 2, "skipped": 0, "failed": 0})
+    );
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 4098);
+    for (email, ids) in [
+        (
+            "person1999@acme.test",
+            ["003000000000001999", "003000000000002000"],
+        ),
+        (
+            "person5@acme.test",
+            ["003000000000000005", "003000000000004050"],
+        ),
+    ] {
+        let person = contacts
+            .iter()
+            .find(|c| c["structuredData"]["email"] == email)
+            .unwrap();
+        let linked: Vec<&str> = person["external_relationships"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|link| link["externalId"].as_str().unwrap())
+            .collect();
+        assert_eq!(linked, ids, "{person}");
+    }
+}
+
+#[tokio::test]
 async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_deleted() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 50);

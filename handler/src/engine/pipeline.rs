@@ -5,8 +5,9 @@
 //! batch, skips the records their shards already hold, reads the shards the rest map to in one
 //! batch, deduplicates them, skips the ones whose content has not changed, and writes the rest
 //! in one batch. Records the provider reports deleted soft-delete their shards. While one page
-//! is processed the next is already being fetched and parsed on another task, and the one
-//! before is freed on a blocking thread: memory holds at most those pages.
+//! is processed the next is already being fetched and parsed on another task, and it is mapped
+//! while this one is written (its store reads wait until the write is done, so they see it);
+//! the page before is freed on a blocking thread: memory holds at most those pages.
 //!
 //! After each page the integration gets a checkpoint (the next page token, and the cursor the
 //! pages so far returned), so a job that dies (kill -9, function timeout, redelivery) resumes
@@ -27,8 +28,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::sync::oneshot;
 
-use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, Record};
+use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record};
 
 use super::failure::{Failure, FailureCode};
 use super::lease;
@@ -261,6 +263,112 @@ struct EntityRun<'a> {
     finished: Vec<EntitySyncStats>,
 }
 
+/// A page's records mapped, with the fingerprints of the shards they map to (where the
+/// mapping skips unchanged records by them): what is deduplicated and written.
+struct Mapped {
+    transformed: plan::Transformed,
+    fingerprints: Option<HashMap<String, Option<ShardFingerprint>>>,
+}
+
+/// The next page of a listing, fetched and mapped while the one before it was written.
+struct Ahead {
+    /// The page, its records taken out and mapped.
+    page: Page,
+    transformed: plan::Transformed,
+    /// How many records it had.
+    fetched: usize,
+    /// Its records that are not deletions, when the listing is read whole.
+    listed: Vec<String>,
+}
+
+/// A fetch of the next page, on its task: the connection comes back with the page.
+type Fetching = tokio::task::JoinHandle<(Connection, Result<Page, ProviderError>)>;
+
+/// How the next page of an entity is mapped.
+#[derive(Clone, Copy)]
+struct Mapper<'a> {
+    integration_id: &'a str,
+    mapping: &'a EntityMapping,
+    by_fingerprint: bool,
+    /// Whether the listing is read whole (its ids are kept).
+    listing: bool,
+}
+
+/// The next page, once `fetching` has it: the shards it asks about go to `ids`, and it is
+/// mapped once `written` says the page before has begun its write (mapping before would hold
+/// back the encoding that feeds the writer, which runs on this task too). `None` when there is
+/// no next page to fetch.
+async fn map_ahead(
+    fetching: Option<Fetching>,
+    mapper: Mapper<'_>,
+    ids: oneshot::Sender<Vec<String>>,
+    written: oneshot::Receiver<()>,
+) -> Option<Result<(Connection, Result<Ahead, ProviderError>), tokio::task::JoinError>> {
+    let (owned, page) = match fetching?.await {
+        Ok(fetched) => fetched,
+        Err(e) => return Some(Err(e)),
+    };
+    let ahead = page.map(|mut page| {
+        let records = std::mem::take(&mut page.records);
+        let _ = ids.send(fingerprinted(
+            mapper.integration_id,
+            mapper.mapping,
+            mapper.by_fingerprint,
+            &records,
+        ));
+        (page, records)
+    });
+    let ahead = match ahead {
+        Ok((page, records)) => {
+            let _ = written.await;
+            // The fingerprint read starts before this task is taken up with mapping.
+            tokio::task::yield_now().await;
+            Ok(Ahead {
+                fetched: records.len(),
+                listed: if mapper.listing {
+                    listed_ids(&records)
+                } else {
+                    Vec::new()
+                },
+                transformed: plan::transform_page(mapper.integration_id, mapper.mapping, records),
+                page,
+            })
+        }
+        Err(e) => Err(e),
+    };
+    Some(Ok((owned, ahead)))
+}
+
+/// The shards whose fingerprints a page asks for: those its records map to, each once (a
+/// record listed twice, a file appended to, is asked about once); none when the mapping
+/// does not skip by fingerprint, or for deletions.
+fn fingerprinted(
+    integration_id: &str,
+    mapping: &EntityMapping,
+    by_fingerprint: bool,
+    records: &[Record],
+) -> Vec<String> {
+    if !by_fingerprint {
+        return Vec::new();
+    }
+    let mut asked = HashSet::new();
+    records
+        .iter()
+        .filter(|r| !r.deleted)
+        .map(|r| synced_shard_id(integration_id, &mapping.external_entity, &r.id))
+        .filter(|id| asked.insert(id.clone()))
+        .collect()
+}
+
+/// The external ids of a page's records that are not deletions.
+fn listed_ids(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| !r.deleted)
+        .map(|r| r.id.clone())
+        .collect()
+}
+
 /// A stand-in for a connection that is away with a fetch on another task.
 fn detached(integration_id: &str) -> Connection {
     Connection::new(
@@ -441,6 +549,20 @@ impl<'a> EntityRun<'a> {
         };
         // The first page may have restarted the entity without its cursor.
         cursor.clone_from(&request.cursor);
+        let by_fingerprint = plan::skips_by_fingerprint(self.mapping, self.two_way.is_some());
+        let mapper = Mapper {
+            integration_id: self.job.integration_id,
+            mapping: self.mapping,
+            by_fingerprint,
+            listing: self.listed.is_some(),
+        };
+        let mut fetched = page.records.len();
+        if let Some(listed) = self.listed.as_mut() {
+            listed.extend(listed_ids(&page.records));
+        }
+        // The page's records mapped, with their shards' fingerprints: the first page's are
+        // mapped as it is processed, every later one's while the page before it is written.
+        let mut mapped: Option<Mapped> = None;
         loop {
             if let Some(newer) = page.cursor.take() {
                 self.pending_cursor = Some(match self.pending_cursor.take() {
@@ -450,9 +572,9 @@ impl<'a> EntityRun<'a> {
             }
             let next_token = page.next_page.clone();
             let stop_after = page.stop_after.clone();
-            let records = std::mem::take(&mut page.records);
             let fetched_so_far =
-                outcome.stats.records_fetched + self.counters.fetched + records.len() as u64;
+                outcome.stats.records_fetched + self.counters.fetched + fetched as u64;
+            self.counters.fetched += fetched as u64;
             let limit_reached = fetched_so_far >= self.job.max_records && next_token.is_some();
             let prefetch = next_token.is_some() && stop_after.is_none() && !limit_reached;
             if prefetch {
@@ -478,24 +600,39 @@ impl<'a> EntityRun<'a> {
                 // begin until this page's first wait for I/O.
                 tokio::task::yield_now().await;
             }
-            let (processed, fetched) = tokio::join!(
+            let records = std::mem::take(&mut page.records);
+            let current = mapped.take();
+            // This page is written while the next is mapped: the next one's store reads wait
+            // for this one's write (`writing` tells when it has started, `ids` which shards
+            // the next page asks about), so they see what it wrote.
+            let (writing, written) = oneshot::channel();
+            let (ids, asked) = oneshot::channel();
+            let pages = outcome.details.pages_processed.unwrap_or(0) + 1;
+            let (processed, next) = tokio::join!(
                 async {
-                    self.process_page(records).await?;
-                    let pages = outcome.details.pages_processed.unwrap_or(0) + 1;
-                    self.checkpoint(next_token.as_deref(), cursor.as_deref(), pages)
-                        .await
+                    let current = match current {
+                        Some(mapped) => mapped,
+                        None => self.map(records).await?,
+                    };
+                    self.write_page(current, writing).await?;
+                    let (checkpointed, fingerprints) = tokio::join!(
+                        self.checkpoint(next_token.as_deref(), cursor.as_deref(), pages),
+                        async {
+                            match asked.await {
+                                Ok(own) => self.fingerprints(own).await,
+                                Err(_) => Ok(HashMap::new()),
+                            }
+                        }
+                    );
+                    checkpointed?;
+                    fingerprints
                 },
-                async {
-                    match fetching {
-                        Some(task) => Some(task.await),
-                        None => None,
-                    }
-                }
+                map_ahead(fetching, mapper, ids, written)
             );
-            let next = match fetched {
-                Some(Ok((owned, page))) => {
+            let next = match next {
+                Some(Ok((owned, ahead))) => {
                     *conn = owned;
-                    Some(page)
+                    Some(ahead)
                 }
                 Some(Err(e)) => {
                     return Err(Failure::new(
@@ -505,9 +642,8 @@ impl<'a> EntityRun<'a> {
                 }
                 None => None,
             };
-            processed?;
-            outcome.details.pages_processed =
-                Some(outcome.details.pages_processed.unwrap_or(0) + 1);
+            let fingerprints = processed?;
+            outcome.details.pages_processed = Some(pages);
             if let Some(stop) = stop_after {
                 outcome.stopped = Some(Stop::Quota(stop.into()));
                 break;
@@ -518,12 +654,21 @@ impl<'a> EntityRun<'a> {
             }
             match next {
                 None => {
-                    let pages = outcome.details.pages_processed.unwrap_or(0);
                     self.finish_entity(provider.as_ref(), conn, cursor.as_deref(), pages)
                         .await?;
                     break;
                 }
-                Some(Ok(p)) => page = p,
+                Some(Ok(ahead)) => {
+                    page = ahead.page;
+                    fetched = ahead.fetched;
+                    if let Some(listed) = self.listed.as_mut() {
+                        listed.extend(ahead.listed);
+                    }
+                    mapped = Some(Mapped {
+                        transformed: ahead.transformed,
+                        fingerprints: by_fingerprint.then_some(fingerprints),
+                    });
+                }
                 Some(Err(e)) if e.resume_next_run => {
                     outcome.stopped = Some(Stop::Quota(e.into()));
                     break;
@@ -705,47 +850,63 @@ impl<'a> EntityRun<'a> {
         Ok(())
     }
 
-    /// Transforms, deduplicates and writes one page: the planner decides (`plan`), this reads
-    /// what it needs and writes what it decided.
+    /// Maps, deduplicates and writes one page read on its own (not as part of a listing).
     async fn process_page(&mut self, records: Vec<Record>) -> Result<(), Failure> {
-        let tenant = self.job.tenant_id;
         self.counters.fetched += records.len() as u64;
-        if let Some(listed) = self.listed.as_mut() {
-            listed.extend(records.iter().filter(|r| !r.deleted).map(|r| r.id.clone()));
-        }
-        // Records that are what their shards already say are skipped on the shards'
-        // fingerprints, read while the records are mapped; a record whose shard does not
-        // exist needs no read of it.
+        let mapped = self.map(records).await?;
+        let (writing, _) = oneshot::channel();
+        self.write_page(mapped, writing).await
+    }
+
+    /// Maps a page's records while the fingerprints of their shards are read.
+    async fn map(&self, records: Vec<Record>) -> Result<Mapped, Failure> {
         let by_fingerprint = plan::skips_by_fingerprint(self.mapping, self.two_way.is_some());
-        let mut asked = HashSet::new();
-        let own: Vec<String> = records
-            .iter()
-            .filter(|r| by_fingerprint && !r.deleted)
-            .map(|r| {
-                synced_shard_id(
-                    self.job.integration_id,
-                    &self.mapping.external_entity,
-                    &r.id,
-                )
-            })
-            // A record listed twice (a file appended to) is asked about once.
-            .filter(|id| asked.insert(id.clone()))
-            .collect();
-        let (fingerprints, mut page) = tokio::join!(
-            async {
-                if own.is_empty() {
-                    return Ok(Vec::new());
-                }
-                self.with_retries(|| self.app.store.fingerprints(tenant, &own))
-                    .await
-            },
-            async { plan::transform_page(self.job.integration_id, self.mapping, records) }
+        let own = fingerprinted(
+            self.job.integration_id,
+            self.mapping,
+            by_fingerprint,
+            &records,
         );
+        let (fingerprints, transformed) = tokio::join!(self.fingerprints(own), async {
+            plan::transform_page(self.job.integration_id, self.mapping, records)
+        });
+        Ok(Mapped {
+            transformed,
+            fingerprints: by_fingerprint.then_some(fingerprints?),
+        })
+    }
+
+    /// The fingerprints of the shards `ids`, by id (`None` for a shard that does not exist).
+    async fn fingerprints(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<HashMap<String, Option<ShardFingerprint>>, Failure> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let found = self
+            .with_retries(|| self.app.store.fingerprints(self.job.tenant_id, &ids))
+            .await?;
+        Ok(ids.into_iter().zip(found).collect())
+    }
+
+    /// Deduplicates and writes a mapped page: the planner decides (`plan`), this reads what it
+    /// needs and writes what it decided. `writing` is told when the write begins.
+    async fn write_page(
+        &mut self,
+        mapped: Mapped,
+        writing: oneshot::Sender<()>,
+    ) -> Result<(), Failure> {
+        let tenant = self.job.tenant_id;
+        let Mapped {
+            transformed: mut page,
+            fingerprints,
+        } = mapped;
         self.record_failures(std::mem::take(&mut page.failed));
+        // Records that are what their shards already say are skipped on the shards'
+        // fingerprints; a record whose shard does not exist needs no read of it.
         let mut existing: Option<HashSet<String>> = None;
-        if by_fingerprint {
-            let mut found: HashMap<String, Option<ShardFingerprint>> =
-                own.into_iter().zip(fingerprints?).collect();
+        if let Some(mut found) = fingerprints {
             existing = Some(
                 found
                     .iter()
@@ -819,6 +980,7 @@ impl<'a> EntityRun<'a> {
                 .collect()
         };
         let changes = plan::changes(&mut landed, stored_derived, self.now);
+        let _ = writing.send(());
         let failed_ids = self.write(&changes.writes).await?;
         self.follow_two_way(&landed, &changes.writes, &failed_ids)
             .await?;
