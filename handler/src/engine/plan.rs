@@ -157,7 +157,7 @@ pub fn unchanged(
 pub fn record_hash(data: &Map<String, Value>) -> String {
     let mut hash = Fnv1a(0xcbf2_9ce4_8422_2325);
     serde_json::to_writer(&mut hash, data).expect("hashing does not fail");
-    format!("{:016x}", hash.0)
+    hash.hex()
 }
 
 /// The shards a page may land in, as the store returned them.
@@ -699,6 +699,9 @@ pub fn soft_deleted(
     Some(shard)
 }
 
+/// The characters Cosmos DB does not allow in an id, and `%`, which escapes them.
+const RESERVED_IN_IDS: &[char] = &['/', '\\', '?', '#', '%'];
+
 /// The id of the shard synced from one external record: derived, so an upsert needs no query.
 /// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
 pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) -> String {
@@ -710,9 +713,13 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
         if i > 0 {
             id.push('~');
         }
+        if !part.contains(RESERVED_IN_IDS) {
+            id.push_str(part);
+            continue;
+        }
         for c in part.chars() {
             match c {
-                '/' | '\\' | '?' | '#' | '%' => id.push_str(&format!("%{:02X}", c as u32)),
+                c if RESERVED_IN_IDS.contains(&c) => id.push_str(&format!("%{:02X}", c as u32)),
                 c => id.push(c),
             }
         }
@@ -770,11 +777,22 @@ pub fn content_hash(shard: &Shard) -> String {
     );
     let mut hash = Fnv1a(0xcbf2_9ce4_8422_2325);
     serde_json::to_writer(&mut hash, &canonical).expect("hashing does not fail");
-    format!("{:016x}", hash.0)
+    hash.hex()
 }
 
 /// FNV-1a, 64 bits, as an `io::Write` sink for the canonical text.
 struct Fnv1a(u64);
+
+impl Fnv1a {
+    /// The hash as 16 lowercase hex digits (what `{:016x}` writes, a digit at a time).
+    fn hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        (0..16)
+            .rev()
+            .map(|i| char::from(DIGITS[((self.0 >> (i * 4)) & 0xf) as usize]))
+            .collect()
+    }
+}
 
 impl std::io::Write for Fnv1a {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
