@@ -5,8 +5,9 @@
 //! batch, skips the records their shards already hold, reads the shards the rest map to in one
 //! batch, deduplicates them, skips the ones whose content has not changed, and writes the rest
 //! in one batch. Records the provider reports deleted soft-delete their shards. While one page
-//! is processed the next is already being fetched and parsed on another task, and it is mapped
-//! while this one is written (its store reads wait until the write is done, so they see it);
+//! is processed the next is already being fetched and parsed on another task (after an
+//! entity's last page, the next entity's first, unless the entity's end asks the provider for
+//! deletions), and it is mapped while this one is written (its store reads wait until the write is done, so they see it);
 //! the page before is freed on a blocking thread: memory holds at most those pages.
 //!
 //! After each page the integration gets a checkpoint (the next page token, and the cursor the
@@ -113,16 +114,28 @@ pub async fn run(
     if !integration.pull_filters.is_empty() {
         outcome.details.filters_applied = Some(integration.pull_filters.clone());
     }
+    // An entity runs once, by its first mapping, unless the job finished it before.
+    let mut to_run: Vec<&EntityMapping> = Vec::new();
     for mapping in &integration.entity_mappings {
         let name = &mapping.external_entity;
         let done = outcome
             .entity_stats
             .iter()
-            .any(|e| &e.external_entity == name);
-        if done || (!job.entities.is_empty() && !job.entities.contains(name)) {
-            continue;
+            .any(|e| &e.external_entity == name)
+            || to_run.iter().any(|m| &m.external_entity == name);
+        if !done && (job.entities.is_empty() || job.entities.contains(name)) {
+            to_run.push(mapping);
         }
+    }
+    // The first page of the next entity, fetched while the last page of one is processed.
+    let mut first_page: Option<Fetching> = None;
+    for (i, mapping) in to_run.iter().enumerate() {
+        let name = &mapping.external_entity;
         let mut entity = EntityRun::new(app, job, integration, mapping, now);
+        entity.first_page = first_page.take();
+        entity.next_entity = to_run
+            .get(i + 1)
+            .map(|next| first_request(job, integration, next));
         if let Some(current) = progress
             .current
             .as_ref()
@@ -133,6 +146,19 @@ pub async fn run(
         }
         entity.finished = outcome.entity_stats.clone();
         let result = entity.run(&provider, conn, integration, &mut outcome).await;
+        first_page = entity.next_first_page.take();
+        // A first page fetched for an entity that will not run: its connection comes back.
+        for unused in [
+            entity.first_page.take(),
+            first_page.take_if(|_| result.is_err() || outcome.stopped.is_some()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Ok((owned, _)) = unused.await {
+                *conn = owned;
+            }
+        }
         entity.counters.add_to(&mut outcome.stats);
         outcome.entity_stats.push(entity.stats());
         outcome.errors.append(&mut entity.errors);
@@ -261,6 +287,12 @@ struct EntityRun<'a> {
     listed: Option<HashSet<String>>,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
+    /// This entity's first page, when it was fetched while the entity before was processed.
+    first_page: Option<Fetching>,
+    /// The first request of the entity the job runs next, if any.
+    next_entity: Option<FetchRequest>,
+    /// That request sent while this entity's last page was processed.
+    next_first_page: Option<Fetching>,
 }
 
 /// A page's records mapped, with the fingerprints of the shards they map to (where the
@@ -283,6 +315,47 @@ struct Ahead {
 
 /// A fetch of the next page, on its task: the connection comes back with the page.
 type Fetching = tokio::task::JoinHandle<(Connection, Result<Page, ProviderError>)>;
+
+/// Sends `request` on a task of its own, which takes the connection along (credentials
+/// refreshed on the way included) and gives it back with the page.
+fn spawn_fetch(
+    provider: &Arc<dyn Provider>,
+    conn: &mut Connection,
+    request: FetchRequest,
+) -> Fetching {
+    let provider = provider.clone();
+    let mut owned = std::mem::replace(conn, detached(&conn.integration_id));
+    tokio::spawn(async move {
+        let page = provider.fetch_page(&mut owned, &request).await;
+        (owned, page)
+    })
+}
+
+/// The first request of a job for an entity: where its checkpoint says it stopped, or from its
+/// cursor (none for a full sync), with the integration's and the mapping's filters.
+fn first_request(
+    job: &Job<'_>,
+    integration: &Integration,
+    mapping: &EntityMapping,
+) -> FetchRequest {
+    let entity = &mapping.external_entity;
+    let checkpoint = integration.checkpoints.get(entity);
+    let cursor = match checkpoint {
+        Some(c) => c.cursor.clone(),
+        None if job.full => None,
+        None => integration.cursors.get(entity).cloned(),
+    };
+    let mut filters = integration.pull_filters.clone();
+    filters.extend(mapping.filters.iter().cloned());
+    FetchRequest {
+        entity: entity.clone(),
+        fields: mapping.source_fields(),
+        cursor,
+        page_token: checkpoint.map(|c| c.page_token.clone()),
+        filters,
+        page_size: PAGE_SIZE,
+    }
+}
 
 /// How the next page of an entity is mapped.
 #[derive(Clone, Copy)]
@@ -411,6 +484,9 @@ impl<'a> EntityRun<'a> {
             pending_cursor: None,
             listed: None,
             finished: Vec::new(),
+            first_page: None,
+            next_entity: None,
+            next_first_page: None,
         }
     }
 
@@ -512,27 +588,14 @@ impl<'a> EntityRun<'a> {
             ));
         }
         let entity = self.mapping.external_entity.clone();
-        let checkpoint = integration.checkpoints.get(&entity).cloned();
-        let mut cursor = match &checkpoint {
-            Some(c) => c.cursor.clone(),
-            None if self.job.full => None,
-            None => integration.cursors.get(&entity).cloned(),
-        };
-        self.pending_cursor = checkpoint.as_ref().and_then(|c| c.pending_cursor.clone());
+        let checkpoint = integration.checkpoints.get(&entity);
+        let mut request = first_request(self.job, integration, self.mapping);
+        let mut cursor = request.cursor.clone();
+        self.pending_cursor = checkpoint.and_then(|c| c.pending_cursor.clone());
         // Only a listing read whole by this run can tell what is gone.
         if checkpoint.is_none() && cursor.is_none() && provider.lists_everything(&entity) {
             self.listed = Some(HashSet::new());
         }
-        let mut filters = integration.pull_filters.clone();
-        filters.extend(self.mapping.filters.iter().cloned());
-        let mut request = FetchRequest {
-            entity: entity.clone(),
-            fields: self.mapping.source_fields(),
-            cursor: cursor.clone(),
-            page_token: checkpoint.as_ref().map(|c| c.page_token.clone()),
-            filters,
-            page_size: PAGE_SIZE,
-        };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
         {
@@ -585,16 +648,17 @@ impl<'a> EntityRun<'a> {
             // Fetching (and parsing) the next page runs on another thread while this one is
             // processed and checkpointed. The connection goes with the fetch and comes back
             // with its page, credentials refreshed on the way included.
-            let fetching = prefetch.then(|| {
-                let provider = provider.clone();
-                let request = request.clone();
-                let mut owned = std::mem::replace(conn, detached(&conn.integration_id));
-                tokio::spawn(async move {
-                    let page = provider.fetch_page(&mut owned, &request).await;
-                    (owned, page)
-                })
-            });
-            if fetching.is_some() {
+            let fetching = prefetch.then(|| spawn_fetch(provider, conn, request.clone()));
+            // The last page of an entity whose end needs no provider (no deletions to ask
+            // for since a cursor): the next entity's first page is fetched meanwhile.
+            let last = next_token.is_none() && stop_after.is_none();
+            if last
+                && cursor.is_none()
+                && let Some(next) = self.next_entity.take()
+            {
+                self.next_first_page = Some(spawn_fetch(provider, conn, next));
+            }
+            if fetching.is_some() || self.next_first_page.is_some() {
                 // A task spawned by a running one waits in its worker's next-to-run slot,
                 // which no other worker takes: without stepping aside, the fetch would not
                 // begin until this page's first wait for I/O.
@@ -689,7 +753,21 @@ impl<'a> EntityRun<'a> {
         request: &mut FetchRequest,
         outcome: &mut Outcome,
     ) -> Result<Option<Page>, Failure> {
-        let mut page = provider.fetch_page(conn, request).await;
+        let mut page = match self.first_page.take() {
+            Some(fetching) => match fetching.await {
+                Ok((owned, page)) => {
+                    *conn = owned;
+                    page
+                }
+                Err(e) => {
+                    return Err(Failure::new(
+                        ErrorCode::ServiceUnavailable,
+                        format!("fetching the first page stopped: {e}"),
+                    ));
+                }
+            },
+            None => provider.fetch_page(conn, request).await,
+        };
         if let Err(e) = &page
             && request.page_token.is_some()
             && !e.resync
