@@ -1044,7 +1044,8 @@ impl<'a> EntityRun<'a> {
             mapping: self.mapping,
             now: self.now,
         };
-        let mut landed = plan::land_page(&context, &page.records, loaded, self.two_way.as_ref());
+        let mut landed =
+            plan::land_page(&context, &mut page.records, loaded, self.two_way.as_ref());
         self.counters.skipped += landed.skipped;
         self.record_failures(std::mem::take(&mut landed.failed));
         let stored_derived = if landed.derived.is_empty() {

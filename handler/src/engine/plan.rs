@@ -249,9 +249,11 @@ pub struct ConflictFound {
 
 /// Lands each record in its own shard, a duplicate's (found by match key), or a new one if the
 /// mapping creates shards, and derives the mapping's derived shards from each landed record.
+/// A one-way record's mapped data moves into the new shard it creates (its page has no more
+/// use for it).
 pub fn land_page(
     ctx: &PageContext<'_>,
-    records: &[PageRecord],
+    records: &mut [PageRecord],
     loaded: Loaded,
     two_way: Option<&ConflictPolicy>,
 ) -> Landed {
@@ -288,7 +290,7 @@ pub fn land_page(
         data,
         shard_id,
         created_from,
-    } in records
+    } in records.iter_mut()
     {
         let own_id = own_shard_id(shard_id, created_from.as_ref(), &shards, mapping);
         let target = if shards.contains_key(own_id) {
@@ -301,6 +303,7 @@ pub fn land_page(
                 .find_map(|(name, key)| by_key.get(&format!("{name}={key}")))
                 .cloned()
         };
+        let hash = two_way.is_none().then(|| record_hash(data));
         let shard = match target {
             Some(id) => {
                 let shard = shards.get_mut(&id).expect("targets are loaded");
@@ -325,9 +328,13 @@ pub fn land_page(
                 }
                 shard
             }
-            None if mapping.create_new => shards
-                .entry(own_id.clone())
-                .or_insert_with(|| new_shard(ctx, own_id, &mapping.shard_type_id, data.clone())),
+            None if mapping.create_new => shards.entry(own_id.clone()).or_insert_with(|| {
+                let data = match two_way {
+                    Some(_) => data.clone(),
+                    None => std::mem::take(data),
+                };
+                new_shard(ctx, own_id, &mapping.shard_type_id, data)
+            }),
             None => {
                 landed.skipped += 1;
                 continue;
@@ -359,7 +366,7 @@ pub fn land_page(
                 .iter_mut()
                 .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
         {
-            link.record_hash = Some(record_hash(data));
+            link.record_hash = hash;
         }
         if two_way.is_some() {
             agree(
@@ -396,7 +403,7 @@ pub fn land_page(
             .iter()
             .map(|(r, s)| (r.as_str(), s.as_str()))
             .collect();
-        for PageRecord { record, .. } in records {
+        for PageRecord { record, .. } in records.iter() {
             let Some(primary) = primaries
                 .get(record.id.as_str())
                 .and_then(|s| shards.get(*s))
@@ -902,7 +909,7 @@ mod tests {
             mapping,
             now: now(),
         };
-        let page = transform_page("int-1", mapping, records);
+        let mut page = transform_page("int-1", mapping, records);
         let mut loaded = Loaded::default();
         for shard in stored
             .iter()
@@ -923,7 +930,7 @@ mod tests {
                 }
             }
         }
-        let mut landed = land_page(&context, &page.records, loaded, None);
+        let mut landed = land_page(&context, &mut page.records, loaded, None);
         let stored_derived = landed.derived.iter().map(|_| None).collect();
         let mut changes = changes(&mut landed, stored_derived, now());
         let writes = std::mem::take(&mut changes.writes);
@@ -1047,12 +1054,12 @@ mod tests {
             mapping: &mapping,
             now: now(),
         };
-        let page = transform_page(
+        let mut page = transform_page(
             "int-1",
             &mapping,
             vec![record("1", "Ann", None), record("2", "Bob", None)],
         );
-        let mut landed = land_page(&context, &page.records, Loaded::default(), None);
+        let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
         let changes = changes(&mut landed, Vec::new(), now());
         let tally = tally(&landed.landed, &changes, &["int-1~Contact~2".to_string()]);
         assert_eq!(tally.created, 1);
@@ -1069,12 +1076,12 @@ mod tests {
             mapping: &mapping,
             now: now(),
         };
-        let page = transform_page("int-1", &mapping, records);
+        let mut page = transform_page("int-1", &mapping, records);
         let mut loaded = Loaded::default();
         for shard in stored {
             loaded.insert(shard.clone());
         }
-        land_page(&context, &page.records, loaded, Some(policy))
+        land_page(&context, &mut page.records, loaded, Some(policy))
     }
 
     fn modified(mut r: Record, at: &str) -> Record {
@@ -1175,7 +1182,7 @@ mod tests {
             .insert("Castiel_Id__c".into(), json!("shard-ann"));
         let mut forged = record("003B", "Mallory", None);
         forged.fields.insert("Castiel_Id__c".into(), json!("int-1"));
-        let page = transform_page("int-1", &mapping, vec![claimed, forged]);
+        let mut page = transform_page("int-1", &mapping, vec![claimed, forged]);
         let mut loaded = Loaded::default();
         loaded.insert(castiel_made);
         loaded.insert(
@@ -1185,7 +1192,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        let landed = land_page(&context, &page.records, loaded, None);
+        let landed = land_page(&context, &mut page.records, loaded, None);
         assert_eq!(
             landed.landed,
             [

@@ -341,6 +341,9 @@ fn write_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
 
 /// Indexes the keys of one shard (whose old keys are gone).
 fn index_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
+    if row.keys.is_empty() {
+        return Ok(());
+    }
     let mut insert = conn.prepare_cached(
         "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
