@@ -264,6 +264,8 @@ pub fn land_page(
         read_hashes,
         mut by_key,
     } = loaded;
+    // Room for a new shard per record: growing the map as they come moves every shard in it.
+    shards.reserve(records.len());
     // Match keys are only looked up for a record with no shard of its own; a page whose
     // records all have one (every re-run) builds no index of them.
     let match_by_key = rules.is_some()
