@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::timestamp;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -30,13 +31,25 @@ pub struct Shard {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub external_relationships: Vec<ExternalRelationship>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "timestamp::auto_opt"
+    )]
     pub created_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "timestamp::auto_opt"
+    )]
     pub updated_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "timestamp::auto_opt"
+    )]
     pub deleted_at: Option<DateTime<Utc>>,
     /// The engine's fingerprint of what the shard says ([`content_hash`](crate::engine)): a
     /// record that reads the same is not written again.
@@ -126,7 +139,11 @@ pub struct ExternalRelationship {
     pub integration_id: String,
     pub external_id: String,
     pub sync_status: RelationshipStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "timestamp::auto_opt"
+    )]
     pub last_synced_at: Option<DateTime<Utc>>,
     pub sync_direction: SyncDirection,
     /// The record's version at the provider when the two last agreed (a `SystemModstamp`, an

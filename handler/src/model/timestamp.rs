@@ -4,8 +4,12 @@
 //! `…00.5Z` before `…00Z`. Fields used in range queries (`nextSyncAt`, `credentialsExpireAt`)
 //! are therefore always written with exactly three fractional digits, and query bounds are
 //! formatted by [`query_value`] the same way.
+//!
+//! Other timestamps are written as chrono writes them (as many fractional digits as the time
+//! needs), by [`auto_opt`] where a sync writes several per shard: chrono's formatter goes
+//! through `fmt` a character at a time.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serializer};
 
 /// The fixed form: `2026-01-01T10:00:00.000Z`.
@@ -50,6 +54,57 @@ pub mod fixed_opt {
     }
 }
 
+/// `#[serde(serialize_with = "timestamp::auto_opt")]` for `Option<DateTime<Utc>>` fields:
+/// the text chrono's own `Serialize` writes.
+pub fn auto_opt<S: Serializer>(value: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(dt) => match auto(dt) {
+            Some((text, len)) => s.serialize_str(
+                std::str::from_utf8(&text[..len]).expect("digits and separators are ASCII"),
+            ),
+            None => serde::Serialize::serialize(dt, s),
+        },
+        None => s.serialize_none(),
+    }
+}
+
+/// `2026-01-01T10:00:00Z`, `…:00.500Z`, `…:00.000250Z` or `…:00.000000001Z`, as chrono writes
+/// a UTC time with `SecondsFormat::AutoSi`; `None` for what only chrono spells (years outside
+/// 0-9999, leap seconds).
+fn auto(dt: &DateTime<Utc>) -> Option<([u8; 30], usize)> {
+    fn digits(out: &mut [u8], mut value: u32) {
+        for digit in out.iter_mut().rev() {
+            *digit = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    let year = u32::try_from(dt.year()).ok().filter(|y| *y <= 9999)?;
+    let nanos = dt.nanosecond();
+    if nanos >= 1_000_000_000 {
+        return None;
+    }
+    let mut text = *b"0000-00-00T00:00:00.000000000Z";
+    digits(&mut text[0..4], year);
+    digits(&mut text[5..7], dt.month());
+    digits(&mut text[8..10], dt.day());
+    digits(&mut text[11..13], dt.hour());
+    digits(&mut text[14..16], dt.minute());
+    digits(&mut text[17..19], dt.second());
+    let (fraction, places) = match nanos {
+        0 => (0, 0),
+        n if n % 1_000_000 == 0 => (n / 1_000_000, 3),
+        n if n % 1_000 == 0 => (n / 1_000, 6),
+        n => (n, 9),
+    };
+    let mut len = 19;
+    if places > 0 {
+        digits(&mut text[20..20 + places], fraction);
+        len = 20 + places;
+    }
+    text[len] = b'Z';
+    Some((text, len + 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +116,44 @@ mod tests {
         let b = a + chrono::Duration::milliseconds(500);
         assert_eq!(format(&a), "2026-01-01T00:00:00.000Z");
         assert!(format(&a) < format(&b));
+    }
+
+    #[test]
+    fn auto_writes_what_chrono_writes() {
+        #[derive(serde::Serialize)]
+        struct Fast(#[serde(serialize_with = "auto_opt")] Option<DateTime<Utc>>);
+        let base = Utc.with_ymd_and_hms(2026, 12, 3, 9, 5, 7).unwrap();
+        let mut times = vec![
+            base,
+            Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap(),
+            // A leap second.
+            base.with_nanosecond(1_500_000_000).unwrap(),
+        ];
+        // Whole seconds, milli-, micro- and nanosecond times across some centuries.
+        let mut seed: u64 = 7;
+        for _ in 0..2000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let secs = (seed >> 20) as i64 % 10_000_000_000 - 5_000_000_000;
+            let nanos = match seed % 4 {
+                0 => 0,
+                1 => (seed >> 8) as u32 % 1000 * 1_000_000,
+                2 => (seed >> 8) as u32 % 1_000_000 * 1000,
+                _ => (seed >> 8) as u32 % 1_000_000_000,
+            };
+            times.push(
+                base + chrono::Duration::seconds(secs)
+                    + chrono::Duration::nanoseconds(nanos.into()),
+            );
+        }
+        for t in times {
+            assert_eq!(
+                serde_json::to_string(&Fast(Some(t))).unwrap(),
+                serde_json::to_string(&t).unwrap()
+            );
+        }
+        assert_eq!(serde_json::to_string(&Fast(None)).unwrap(), "null");
     }
 }

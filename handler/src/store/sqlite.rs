@@ -301,7 +301,10 @@ struct Row {
 /// document's own spelling (so that [`upgrade`] can take it from a document).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredFingerprint<L> {
-    #[serde(rename = "updatedAt")]
+    #[serde(
+        rename = "updatedAt",
+        serialize_with = "crate::model::timestamp::auto_opt"
+    )]
     updated_at: Option<chrono::DateTime<chrono::Utc>>,
     links: Option<L>,
 }
