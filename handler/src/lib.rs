@@ -33,6 +33,7 @@ pub mod identity;
 pub mod local;
 pub mod logging;
 pub mod model;
+mod native;
 pub mod ncrontab;
 pub mod protocol;
 pub mod queue;
