@@ -18,48 +18,53 @@
 //!   365 rows, OneDrive items, Zoom meetings, Google Drive files, Gong calls): wall time, the
 //!   handler's peak RSS and the provider requests made.
 //!
-//! Where the time goes. Profiled with `perf record -F 1999 --call-graph dwarf,65528` on a
-//! build that keeps its symbols (`CARGO_PROFILE_RELEASE_STRIP=none
+//! Where the time goes. Profiled with `perf record -F 999 --call-graph dwarf,32768` on a build
+//! that keeps its symbols (`CARGO_PROFILE_RELEASE_STRIP=none
 //! CARGO_PROFILE_RELEASE_DEBUG=line-tables-only`), running this benchmark with `-- 10k`; each
-//! sample of a handler run, on any of its threads, is put in the innermost stage on its
-//! stack, and the five runs averaged. Milliseconds of CPU under the profiler, which slows a
-//! run down by about 1.7; on 2 cores, where the sync's thread, the blocking threads that
-//! read, write and free, and the checkpoint thread run at once.
+//! sample of a handler run, on any of its threads, is put in the innermost stage on its stack
+//! (frames that only free are left to their caller, but for the page freed on a blocking
+//! thread), and the five runs averaged. Milliseconds of CPU per run under the profiler, which
+//! slows a run down by about a sixth; a stage's figure is good to a few milliseconds.
 //!
 //! | stage                                                | full sync | re-run |
 //! |------------------------------------------------------|----------:|-------:|
-//! | HTTP read and JSON parse into records                |        38 |     25 |
-//! | mapping (field transforms)                           |        20 |     12 |
-//! | fingerprints of the page's shards (SQL and decoding) |        17 |     34 |
-//! | existing shards: SQL and decoding whole documents    |         2 |      1 |
-//! | landing (merge, links, match keys, record hash)      |        40 |      0 |
-//! | content hash                                         |        13 |      0 |
-//! | change detection                                     |        10 |      0 |
-//! | serialisation for the store                          |        45 |      0 |
-//! | store write (SQLite, its commit, WAL checkpoints)    |       105 |      1 |
-//! | counting                                             |         5 |      0 |
-//! | freeing page data (on a blocking thread)             |        33 |     10 |
-//! | the rest (runtime, job start and end, kernel)        |        43 |     24 |
-//! | total                                                |       371 |    107 |
+//! | HTTP read and JSON parse into records                |        15 |     16 |
+//! | mapping (field transforms)                           |         6 |      5 |
+//! | fingerprints of the page's shards (SQL and decoding) |         8 |     26 |
+//! | existing shards: SQL and decoding whole documents    |         1 |      0 |
+//! | landing (merge, links, match keys, record hash)      |        11 |      2 |
+//! | content hash                                         |         5 |      0 |
+//! | change detection                                     |         1 |      0 |
+//! | serialisation for the store                          |        15 |      0 |
+//! | store write (SQLite, its commit, WAL checkpoints)    |        53 |      0 |
+//! | counting                                             |         3 |      0 |
+//! | freeing page data (on a blocking thread)             |         6 |      0 |
+//! | the rest (runtime, job start and end, kernel)        |        26 |     13 |
+//! | total                                                |       152 |     63 |
 //!
-//! Page faults are 12% and 10% of those samples, spread over the stages; the allocator's
-//! own code is 13% and 17%. The sync's thread waits for none of the SQLite write but its
-//! commit (the documents are encoded while a blocking thread inserts them, and the log is
-//! checkpointed on a thread of its own), for none of the fingerprint read (made while the
-//! page is mapped), and for no freeing.
+//! A full sync keeps about 1.2 of the 2 cores busy: the sync's thread lands page N+1 only once page
+//! N is committed (its reads must see what N wrote), so per page it waits for the last of the
+//! inserts, the commit and the checkpoint (3 to 6 ms of a 2,000-record page's 15 to 23),
+//! mapping the next page meanwhile. The SQLite write is a third of the CPU: about 3 µs a row
+//! for the table, its two indexes and, for contacts, the match-key index, then the log's copy
+//! into the database on the checkpoint thread.
 //!
-//! Before the store read and wrote in batches without copies, the content hash streamed,
-//! unchanged records were told from fingerprints and mimalloc was the allocator, the same
-//! profile of a 100,000-record sync put 33% of the CPU in the SQLite write path (a read lock
-//! taken per shard, a copy of every shard to encode), 13% in freeing page data, 9% in HTTP
-//! and JSON (every record read into a document, then copied out), 7% each in the content
-//! hash (which built its text in memory) and landing (which copied every stored shard's
-//! data), and 31% of all samples inside glibc's malloc and free; a re-run decoded and landed
-//! every stored shard. The shards table had no rowids, which put whole documents in its
-//! b-tree's interior pages: finding one shard read parts of others by `pread`, 15 reads a
-//! lookup. The loopback Salesforce, which projected a query's 5,000 rows before answering,
-//! took 10-15 ms over the first page of each entity; it now serves a page in about 1 ms, a
-//! few percent of what the engine spends on it.
+//! Before landing moved records' data into the shards it creates (and made room for them at
+//! once) and timestamps were written without chrono's formatter, the same profile put 16 ms in
+//! landing and 21 ms in serialisation. Before the next page was mapped while this one was
+//! written, the next entity's first page fetched ahead and SQLite allocated through mimalloc
+//! (without the lock its memory statistics took), a full sync took 0.145 s. Before the store read and wrote in batches without copies, the content hash streamed, unchanged
+//! records were told from fingerprints and mimalloc was the allocator, a profile of a
+//! 100,000-record sync put 33% of the CPU in the SQLite write path (a read lock taken per
+//! shard, a copy of every shard to encode), 13% in freeing page data, 9% in HTTP and JSON
+//! (every record read into a document, then copied out), 7% each in the content hash (which
+//! built its text in memory) and landing (which copied every stored shard's data), and 31% of
+//! all samples inside glibc's malloc and free; a re-run decoded and landed every stored shard.
+//! The shards table had no rowids, which put whole documents in its b-tree's interior pages:
+//! finding one shard read parts of others by `pread`, 15 reads a lookup. The loopback
+//! Salesforce, which projected a query's 5,000 rows before answering, took 10-15 ms over the
+//! first page of each entity; it now serves a page in about 1 ms, a few percent of what the
+//! engine spends on it.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
