@@ -23,26 +23,26 @@ static inline bytes16 load16(const unsigned char *p) {
 
 static inline void store16(unsigned char *p, bytes16 v) { __builtin_memcpy(p, &v, 16); }
 
-/* Fewer than 16 bytes: everything is read before anything is written, so overlap is safe. */
+/* The first and last `w` bytes of `n` (w <= n <= 2w), both read before either is written,
+   so overlap is safe. Always inlined with a constant `w`: the copies become single moves. */
+static inline __attribute__((always_inline)) void move_ends(unsigned char *d,
+                                                           const unsigned char *s, size_t n,
+                                                           size_t w) {
+    unsigned char head[8], tail[8];
+    __builtin_memcpy(head, s, w);
+    __builtin_memcpy(tail, s + n - w, w);
+    __builtin_memcpy(d, head, w);
+    __builtin_memcpy(d + n - w, tail, w);
+}
+
+/* Fewer than 16 bytes. */
 static inline void move_short(unsigned char *d, const unsigned char *s, size_t n) {
     if (n >= 8) {
-        unsigned long long a, b;
-        __builtin_memcpy(&a, s, 8);
-        __builtin_memcpy(&b, s + n - 8, 8);
-        __builtin_memcpy(d, &a, 8);
-        __builtin_memcpy(d + n - 8, &b, 8);
+        move_ends(d, s, n, 8);
     } else if (n >= 4) {
-        unsigned int a, b;
-        __builtin_memcpy(&a, s, 4);
-        __builtin_memcpy(&b, s + n - 4, 4);
-        __builtin_memcpy(d, &a, 4);
-        __builtin_memcpy(d + n - 4, &b, 4);
+        move_ends(d, s, n, 4);
     } else if (n >= 2) {
-        unsigned short a, b;
-        __builtin_memcpy(&a, s, 2);
-        __builtin_memcpy(&b, s + n - 2, 2);
-        __builtin_memcpy(d, &a, 2);
-        __builtin_memcpy(d + n - 2, &b, 2);
+        move_ends(d, s, n, 2);
     } else if (n == 1) {
         *d = *s;
     }

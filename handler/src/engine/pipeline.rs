@@ -7,8 +7,9 @@
 //! in one batch. Records the provider reports deleted soft-delete their shards. While one page
 //! is processed the next is already being fetched and parsed on another task (after an
 //! entity's last page, the next entity's first, unless the entity's end asks the provider for
-//! deletions), and it is mapped while this one is written (its store reads wait until the write is done, so they see it);
-//! the page before is freed on a blocking thread: memory holds at most those pages.
+//! deletions), and it is mapped while this one is written (its store reads wait until the
+//! write is done, so they see it); the page before is freed on a blocking thread: memory holds
+//! at most those pages.
 //!
 //! After each page the integration gets a checkpoint (the next page token, and the cursor the
 //! pages so far returned), so a job that dies (kill -9, function timeout, redelivery) resumes
@@ -316,6 +317,14 @@ struct Ahead {
 /// A fetch of the next page, on its task: the connection comes back with the page.
 type Fetching = tokio::task::JoinHandle<(Connection, Result<Page, ProviderError>)>;
 
+/// A fetch whose task ended without its page (it panicked or the runtime is stopping).
+fn fetch_stopped(e: tokio::task::JoinError) -> Failure {
+    Failure::new(
+        ErrorCode::ServiceUnavailable,
+        format!("fetching a page stopped: {e}"),
+    )
+}
+
 /// Sends `request` on a task of its own, which takes the connection along (credentials
 /// refreshed on the way included) and gives it back with the page.
 fn spawn_fetch(
@@ -381,35 +390,31 @@ async fn map_ahead(
         Ok(fetched) => fetched,
         Err(e) => return Some(Err(e)),
     };
-    let ahead = page.map(|mut page| {
-        let records = std::mem::take(&mut page.records);
-        let _ = ids.send(fingerprinted(
-            mapper.integration_id,
-            mapper.mapping,
-            mapper.by_fingerprint,
-            &records,
-        ));
-        (page, records)
-    });
-    let ahead = match ahead {
-        Ok((page, records)) => {
-            let _ = written.await;
-            // The fingerprint read starts before this task is taken up with mapping.
-            tokio::task::yield_now().await;
-            Ok(Ahead {
-                fetched: records.len(),
-                listed: if mapper.listing {
-                    listed_ids(&records)
-                } else {
-                    Vec::new()
-                },
-                transformed: plan::transform_page(mapper.integration_id, mapper.mapping, records),
-                page,
-            })
-        }
-        Err(e) => Err(e),
+    let mut page = match page {
+        Ok(page) => page,
+        Err(e) => return Some(Ok((owned, Err(e)))),
     };
-    Some(Ok((owned, ahead)))
+    let records = std::mem::take(&mut page.records);
+    let _ = ids.send(fingerprinted(
+        mapper.integration_id,
+        mapper.mapping,
+        mapper.by_fingerprint,
+        &records,
+    ));
+    let _ = written.await;
+    // The fingerprint read starts before this task is taken up with mapping.
+    tokio::task::yield_now().await;
+    let ahead = Ahead {
+        fetched: records.len(),
+        listed: if mapper.listing {
+            listed_ids(&records)
+        } else {
+            Vec::new()
+        },
+        transformed: plan::transform_page(mapper.integration_id, mapper.mapping, records),
+        page,
+    };
+    Some(Ok((owned, Ok(ahead))))
 }
 
 /// The shards whose fingerprints a page asks for: those its records map to, each once (a
@@ -698,12 +703,7 @@ impl<'a> EntityRun<'a> {
                     *conn = owned;
                     Some(ahead)
                 }
-                Some(Err(e)) => {
-                    return Err(Failure::new(
-                        ErrorCode::ServiceUnavailable,
-                        format!("fetching the next page stopped: {e}"),
-                    ));
-                }
+                Some(Err(e)) => return Err(fetch_stopped(e)),
                 None => None,
             };
             let fingerprints = processed?;
@@ -759,12 +759,7 @@ impl<'a> EntityRun<'a> {
                     *conn = owned;
                     page
                 }
-                Err(e) => {
-                    return Err(Failure::new(
-                        ErrorCode::ServiceUnavailable,
-                        format!("fetching the first page stopped: {e}"),
-                    ));
-                }
+                Err(e) => return Err(fetch_stopped(e)),
             },
             None => provider.fetch_page(conn, request).await,
         };

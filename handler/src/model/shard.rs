@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use super::timestamp;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::timestamp;
 
 /// A Castiel document. Fields the engine does not interpret are kept in `extra` so that
 /// reading and writing a shard never drops what another service put there.
