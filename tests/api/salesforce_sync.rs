@@ -324,6 +324,59 @@ async fn a_person_on_a_later_page_is_merged_into_the_shard_an_earlier_page_wrote
 }
 
 #[tokio::test]
+async fn a_record_listed_again_on_the_next_page_updates_the_shard_the_page_before_wrote() {
+    // The last contact of the first page is listed again at the start of the second, changed
+    // meanwhile (a listing may return a record modified while it ran).
+    let fake = FakeSalesforce::start().await;
+    let contact = |i: usize, name: &str, email: &str| {
+        (
+            json!({"Id": format!("003{i:015}"), "Name": name, "Email": email}),
+            base_time() + Duration::seconds(i as i64),
+        )
+    };
+    fake.load(
+        "Contact",
+        (0..2000)
+            .map(|i| {
+                contact(
+                    i,
+                    &format!("Mary Ann Person{i}"),
+                    &format!("person{i}@acme.test"),
+                )
+            })
+            .chain([(
+                json!({"Id": "003000000000001999", "Name": "Mary Ann Moved",
+                       "Email": "moved@acme.test"}),
+                base_time() + Duration::seconds(2000),
+            )]),
+    );
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, true)).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-again", "full_sync", 1).await;
+
+    let history = app.history().await;
+    let record = record_of(&history, "job-again");
+    assert_eq!(
+        record["entityStats"][1],
+        json!({"externalEntity": "Contact", "shardTypeId": "c_contact", "direction": "inbound",
+               "fetched": 2001, "created": 2000, "updated": 1, "skipped": 0, "failed": 0}),
+        "{record}"
+    );
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 2000);
+    let moved = contacts
+        .iter()
+        .find(|c| c["external_relationships"][0]["externalId"] == "003000000000001999")
+        .unwrap();
+    assert_eq!(moved["structuredData"]["email"], "moved@acme.test");
+    assert_eq!(moved["name"], "Mary Ann Moved");
+}
+
+#[tokio::test]
 async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_deleted() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 50);
