@@ -400,6 +400,9 @@ pub fn land_page(
     }
 
     if !mapping.derived_shards.is_empty() {
+        // A record listed twice in a page derives from its later listing, as its shard
+        // lands it last: the earlier version is replaced, never written over the later one.
+        let mut derived_at: HashMap<String, usize> = HashMap::new();
         let primaries: HashMap<&str, &str> = landed
             .landed
             .iter()
@@ -436,7 +439,13 @@ pub fn land_page(
                             target_id: primary.id.clone(),
                             target_type: primary.shard_type_id.clone(),
                         }];
-                        landed.derived.push(shard);
+                        match derived_at.get(&shard.id) {
+                            Some(&at) => landed.derived[at] = shard,
+                            None => {
+                                derived_at.insert(shard.id.clone(), landed.derived.len());
+                                landed.derived.push(shard);
+                            }
+                        }
                     }
                     Err(e) => landed.failed.push(RecordFailure {
                         code: ErrorCode::ValidationError.into(),
@@ -940,6 +949,37 @@ mod tests {
         tally.skipped += landed.skipped;
         tally.failed.extend(page.failed);
         (writes, tally)
+    }
+
+    #[test]
+    fn a_record_listed_twice_in_a_page_derives_from_its_later_listing() {
+        let mapping: EntityMapping = serde_json::from_value(json!({
+            "externalEntity": "Account", "shardTypeId": "c_company", "nameField": "name",
+            "fieldMappings": [{"source": "Name", "target": "name"}],
+            "derivedShards": [{"shardTypeId": "c_company_profile",
+                               "fieldMappings": [{"source": "Industry", "target": "industry"}]}]
+        }))
+        .unwrap();
+        let account = |industry: &str| Record {
+            id: "001".into(),
+            modified_at: None,
+            deleted: false,
+            fields: json!({"Name": "Acme", "Industry": industry})
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        let context = PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping: &mapping,
+            now: now(),
+        };
+        let mut page = transform_page("int-1", &mapping, vec![account("Tech"), account("Retail")]);
+        let landed = land_page(&context, &mut page.records, Loaded::default(), None);
+        assert_eq!(landed.derived.len(), 1);
+        assert_eq!(landed.derived[0].id, "int-1~Account~001~c_company_profile");
+        assert_eq!(landed.derived[0].structured_data["industry"], "Retail");
     }
 
     #[test]
