@@ -122,4 +122,30 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
     ] {
         assert!(text.contains(&line), "no `{line}` in:\n{text}");
     }
+
+    // A full re-sync reads both drops again: a record the second drop deleted is listed by
+    // the first and then tombstoned, and stays deleted without being written back to life.
+    app.cli_json(&[
+        "sync",
+        "int-demo-import",
+        "--tenant",
+        "tenant-demo",
+        "--full",
+    ])
+    .await;
+    wait_until("the re-sync finished", Duration::from_secs(60), || async {
+        let h = history(&app).await;
+        h.len() == 3 && h.iter().all(|r| r["structuredData"]["status"] != "running")
+    })
+    .await;
+    let resync = history(&app)
+        .await
+        .into_iter()
+        .map(|r| r["structuredData"].clone())
+        .find(|r| r["jobId"] != first["jobId"] && r["jobId"] != second["jobId"])
+        .unwrap();
+    assert_eq!(resync["stats"]["shardsCreated"], 0, "{resync}");
+    assert_eq!(resync["stats"]["shardsUpdated"], 0, "{resync}");
+    assert_eq!(shards(&app, "c_company").await, 298);
+    assert_eq!(shards(&app, "c_contact").await, 495);
 }

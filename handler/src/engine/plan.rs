@@ -79,13 +79,27 @@ pub struct Transformed {
 }
 
 /// Maps a page's records through the entity mapping.
+///
+/// A record both listed and reported deleted in one page (an export, then a later export's
+/// tombstone for it; or the other way round) is what its last listing says: deleted, or live
+/// again. Only that listing counts, so a shard is not written back to life and deleted again
+/// within one page, nor deleted after a later listing brought its record back.
 pub fn transform_page(
     integration_id: &str,
     mapping: &EntityMapping,
     records: Vec<Record>,
 ) -> Transformed {
+    let last_listing_deleted = last_listing_deleted(&records);
+    let superseded = |record: &Record| {
+        last_listing_deleted
+            .get(record.id.as_str())
+            .is_some_and(|deleted| *deleted != record.deleted)
+    };
     let mut page = Transformed::default();
     for record in records {
+        if superseded(&record) {
+            continue;
+        }
         if record.deleted {
             page.deleted.push(record.id);
             continue;
@@ -112,6 +126,24 @@ pub fn transform_page(
         }
     }
     page
+}
+
+/// For each record of a page reported deleted, whether its last listing in the page is a
+/// deletion. Empty for a page with no deletions (most pages).
+fn last_listing_deleted(records: &[Record]) -> HashMap<String, bool> {
+    let mut last: HashMap<String, bool> = records
+        .iter()
+        .filter(|r| r.deleted)
+        .map(|r| (r.id.clone(), true))
+        .collect();
+    if !last.is_empty() {
+        for record in records {
+            if let Some(deleted) = last.get_mut(record.id.as_str()) {
+                *deleted = record.deleted;
+            }
+        }
+    }
+    last
 }
 
 /// Whether a mapping's records may be found unchanged from their shards' fingerprints alone
@@ -1436,6 +1468,35 @@ mod tests {
             (rewritten.len(), tally.updated),
             (1, 1),
             "a shard synced before fingerprints were kept is written once more, with one"
+        );
+    }
+
+    #[test]
+    fn a_record_listed_and_deleted_in_one_page_is_what_its_last_listing_says() {
+        let mapping = contacts(false, true);
+        let gone = |id: &str| Record {
+            deleted: true,
+            fields: Map::new(),
+            ..record(id, "", None)
+        };
+        let page = transform_page(
+            "int-1",
+            &mapping,
+            vec![
+                record("1", "Ann", None),
+                gone("2"),
+                gone("1"),
+                record("2", "Bo", None),
+                record("3", "Cy", None),
+                gone("4"),
+            ],
+        );
+        let live: Vec<&str> = page.records.iter().map(|r| r.record.id.as_str()).collect();
+        assert_eq!(live, ["2", "3"], "listed again after its tombstone: live");
+        assert_eq!(
+            page.deleted,
+            ["1", "4"],
+            "a tombstone after its listing: deleted"
         );
     }
 
