@@ -63,6 +63,17 @@ fn integration(fake: &FakeSalesforce, with_contacts: bool) -> Value {
     })
 }
 
+/// A fresh app with the Salesforce integration registered (its accounts, and its contacts
+/// `with_contacts`) and the fake org's credentials stored.
+async fn spawn_app(fake: &FakeSalesforce, with_contacts: bool) -> TestApp {
+    let app = TestApp::new();
+    app.register_integration(integration(fake, with_contacts))
+        .await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    app
+}
+
 fn add_accounts(fake: &FakeSalesforce, count: usize) {
     fake.load(
         "Account",
@@ -122,10 +133,7 @@ async fn a_full_sync_pages_through_salesforce_into_shards_and_records_its_histor
         // The access token expires after the first page: the second gets a 401.
         org.expire_token_after = Some(1);
     }
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, true)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, true).await;
     let handler = app.host_handler_with(UNLIMITED).await;
 
     run_job(&handler, "job-full-1", "full_sync", 1).await;
@@ -281,10 +289,7 @@ async fn a_person_on_a_later_page_is_merged_into_the_shard_an_earlier_page_wrote
             )
         }),
     );
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, true)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, true).await;
     let handler = app.host_handler_with(UNLIMITED).await;
 
     run_job(&handler, "job-pages", "full_sync", 1).await;
@@ -350,10 +355,7 @@ async fn a_record_listed_again_on_the_next_page_updates_the_shard_the_page_befor
                 base_time() + Duration::seconds(2000),
             )]),
     );
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, true)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, true).await;
     let handler = app.host_handler_with(UNLIMITED).await;
 
     run_job(&handler, "job-again", "full_sync", 1).await;
@@ -380,10 +382,7 @@ async fn a_record_listed_again_on_the_next_page_updates_the_shard_the_page_befor
 async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_deleted() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 50);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app.host_handler_with(UNLIMITED).await;
     run_job(&handler, "job-1", "full_sync", 1).await;
     let before: Vec<Value> = app.shards("c_company").await;
@@ -468,10 +467,7 @@ async fn a_castiel_edit_to_a_synced_contact_is_put_back_by_the_next_sync_of_its_
             )
         }),
     );
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, true)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, true).await;
     let handler = app.host_handler_with(UNLIMITED).await;
     run_job(&handler, "job-1", "full_sync", 1).await;
 
@@ -546,10 +542,7 @@ async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_
     add_accounts(&fake, 5000);
     // The query and one more page succeed; the third request is refused.
     fake.org.lock().unwrap().limit_exceeded_after = Some(2);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app.host_handler_with(UNLIMITED).await;
 
     run_job(&handler, "job-1", "full_sync", 1).await;
@@ -606,10 +599,7 @@ async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_onc
         org.rotate_refresh_tokens = true;
         org.expire_token_after = Some(1);
     }
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
 
     let first = app.host_handler_with(UNLIMITED).await;
     let held = fake.held.clone();
@@ -722,10 +712,7 @@ async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integratio
 async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app.host_handler().await;
     run_job(&handler, "job-1", "full_sync", 1).await;
     assert!(
@@ -754,10 +741,7 @@ async fn an_outage_is_retried_later_with_backoff_and_the_job_record_says_so() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 10);
     fake.org.lock().unwrap().outage = Some(axum::http::StatusCode::SERVICE_UNAVAILABLE);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app
         .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
         .await;
@@ -818,10 +802,7 @@ async fn a_salesforce_that_fails_every_other_request_costs_no_job_attempt() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
     fake.org.lock().unwrap().fail_every = Some(2);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app
         .host_handler_with(&[
             ("SYNC_MAX_RECORDS", "1000000"),
@@ -851,10 +832,7 @@ async fn a_sync_stops_early_when_api_usage_reaches_the_integrations_share() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
     fake.org.lock().unwrap().api_usage = (79_999, 100_000);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app.host_handler_with(UNLIMITED).await;
 
     run_job(&handler, "job-1", "full_sync", 1).await;
@@ -878,10 +856,7 @@ async fn a_sync_stops_early_when_api_usage_reaches_the_integrations_share() {
 async fn a_sync_over_the_record_limit_hands_the_rest_to_a_continuation_job() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
+    let app = spawn_app(&fake, false).await;
     let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "2500")]).await;
 
     run_job(&handler, "job-1", "full_sync", 1).await;
