@@ -97,10 +97,10 @@ impl<'de> serde::de::Visitor<'de> for ShardVisitor {
                 "structuredData" => shard.structured_data = map.next_value()?,
                 "relationships" => shard.relationships = map.next_value()?,
                 "external_relationships" => shard.external_relationships = map.next_value()?,
-                "createdAt" => shard.created_at = map.next_value()?,
+                "createdAt" => shard.created_at = map.next_value::<timestamp::Read>()?.0,
                 "createdBy" => shard.created_by = map.next_value()?,
-                "updatedAt" => shard.updated_at = map.next_value()?,
-                "deletedAt" => shard.deleted_at = map.next_value()?,
+                "updatedAt" => shard.updated_at = map.next_value::<timestamp::Read>()?.0,
+                "deletedAt" => shard.deleted_at = map.next_value::<timestamp::Read>()?.0,
                 "contentHash" => shard.content_hash = map.next_value()?,
                 "dedupKeys" => shard.dedup_keys = map.next_value()?,
                 "ttl" => shard.ttl = map.next_value()?,
@@ -143,7 +143,8 @@ pub struct ExternalRelationship {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "timestamp::auto_opt"
+        serialize_with = "timestamp::auto_opt",
+        deserialize_with = "timestamp::read_opt"
     )]
     pub last_synced_at: Option<DateTime<Utc>>,
     pub sync_direction: SyncDirection,

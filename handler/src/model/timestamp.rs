@@ -7,9 +7,11 @@
 //!
 //! Other timestamps are written as chrono writes them (as many fractional digits as the time
 //! needs), by [`auto_opt`] where a sync writes several per shard: chrono's formatter goes
-//! through `fmt` a character at a time.
+//! through `fmt` a character at a time. They are read back by [`read_opt`], which reads that
+//! form itself: chrono's parser, general enough for any offset and spelling, takes several
+//! times as long, and a sync that finds its records unchanged reads two timestamps a record.
 
-use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serializer};
 
 /// The fixed form: `2026-01-01T10:00:00.000Z`.
@@ -105,10 +107,153 @@ fn auto(dt: &DateTime<Utc>) -> Option<([u8; 30], usize)> {
     Some((text, len + 1))
 }
 
+/// `#[serde(deserialize_with = "timestamp::read_opt")]` for `Option<DateTime<Utc>>` fields:
+/// what chrono's own `Deserialize` reads, the form [`auto_opt`] writes read without it.
+pub fn read_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    Ok(d.deserialize_option(OptionalTimestamp)?.0)
+}
+
+/// An optional timestamp read as [`read_opt`] reads it, for readers written by hand.
+pub struct Read(pub Option<DateTime<Utc>>);
+
+impl<'de> Deserialize<'de> for Read {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_option(OptionalTimestamp)
+    }
+}
+
+struct OptionalTimestamp;
+
+impl<'de> serde::de::Visitor<'de> for OptionalTimestamp {
+    type Value = Read;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an RFC 3339 timestamp or null")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Read, E> {
+        Ok(Read(None))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Read, E> {
+        Ok(Read(None))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Read, D::Error> {
+        d.deserialize_str(Timestamp).map(|dt| Read(Some(dt)))
+    }
+}
+
+struct Timestamp;
+
+impl serde::de::Visitor<'_> for Timestamp {
+    type Value = DateTime<Utc>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an RFC 3339 timestamp")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<DateTime<Utc>, E> {
+        match parse_utc(text) {
+            Some(dt) => Ok(dt),
+            None => text
+                .parse::<DateTime<chrono::FixedOffset>>()
+                .map(|dt| dt.with_timezone(&Utc))
+                .map_err(E::custom),
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.F]Z` with one to nine fractional digits, the form chrono writes a
+/// UTC time in; `None` for anything else (which chrono then reads), leap seconds included.
+fn parse_utc(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    let number = |digits: &[u8]| -> Option<u32> {
+        digits.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    if b.len() < 20
+        || b[b.len() - 1] != b'Z'
+        || [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')]
+            .iter()
+            .any(|&(at, c)| b[at] != c)
+    {
+        return None;
+    }
+    let nanos = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            number(fraction)? * 10u32.pow(9 - fraction.len() as u32)
+        }
+        _ => return None,
+    };
+    let date = NaiveDate::from_ymd_opt(
+        i32::try_from(number(&b[0..4])?).ok()?,
+        number(&b[5..7])?,
+        number(&b[8..10])?,
+    )?;
+    let time = NaiveTime::from_hms_nano_opt(
+        number(&b[11..13])?,
+        number(&b[14..16])?,
+        number(&b[17..19])?,
+        nanos,
+    )?;
+    Some(date.and_time(time).and_utc())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn timestamps_read_as_chrono_reads_them() {
+        let chrono_reads = |text: &str| {
+            serde_json::from_value::<Option<DateTime<Utc>>>(serde_json::json!(text))
+                .ok()
+                .flatten()
+        };
+        for text in [
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:00:00.5Z",
+            "2026-01-01T10:00:00.500Z",
+            "2026-01-01T10:00:00.000250Z",
+            "2026-12-31T23:59:59.999999999Z",
+            "2024-02-29T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            // Chrono's own reading: offsets, a leap second, lower case.
+            "2026-01-01T12:00:00+02:00",
+            "2026-06-30T23:59:60.5Z",
+            "2026-01-01t10:00:00z",
+            // Not timestamps at all.
+            "2026-02-30T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T10:00:00.1234567891Z",
+            "2026-01-01 10:00",
+            "",
+        ] {
+            let read: Result<Read, _> = serde_json::from_value(serde_json::json!(text));
+            assert_eq!(read.ok().and_then(|r| r.0), chrono_reads(text), "{text}");
+        }
+        let null: Read = serde_json::from_str("null").unwrap();
+        assert_eq!(null.0, None);
+    }
+
+    #[test]
+    fn what_is_written_reads_back() {
+        let t = Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 7).unwrap();
+        for dt in [
+            t,
+            t + chrono::Duration::milliseconds(500),
+            t + chrono::Duration::microseconds(250),
+            t + chrono::Duration::nanoseconds(1),
+        ] {
+            let (text, len) = auto(&dt).unwrap();
+            let text = std::str::from_utf8(&text[..len]).unwrap();
+            assert_eq!(parse_utc(text), Some(dt), "{text}");
+        }
+    }
 
     #[test]
     fn fixed_form_orders_like_time() {

@@ -303,7 +303,9 @@ struct Row {
 struct StoredFingerprint<L> {
     #[serde(
         rename = "updatedAt",
-        serialize_with = "crate::model::timestamp::auto_opt"
+        default,
+        serialize_with = "crate::model::timestamp::auto_opt",
+        deserialize_with = "crate::model::timestamp::read_opt"
     )]
     updated_at: Option<chrono::DateTime<chrono::Utc>>,
     links: Option<L>,
