@@ -7,9 +7,12 @@
 //!
 //! Other timestamps are written as chrono writes them (as many fractional digits as the time
 //! needs), by [`auto_opt`] where a sync writes several per shard: chrono's formatter goes
-//! through `fmt` a character at a time. They are read back by [`read_opt`], which reads that
-//! form itself: chrono's parser, general enough for any offset and spelling, takes several
-//! times as long, and a sync that finds its records unchanged reads two timestamps a record.
+//! through `fmt` a character at a time.
+//!
+//! Both forms are read by one reader ([`read_opt`], and [`fixed`]'s and [`fixed_opt`]'s), which
+//! reads `…Z` times itself and hands anything else to chrono: chrono's parser, general enough
+//! for any offset and spelling, takes several times as long, and a sync that finds its records
+//! unchanged reads two timestamps a record.
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serializer};
@@ -33,7 +36,7 @@ pub mod fixed {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-        DateTime::<Utc>::deserialize(d)
+        d.deserialize_str(Timestamp)
     }
 }
 
@@ -52,7 +55,7 @@ pub mod fixed_opt {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-        Option::<DateTime<Utc>>::deserialize(d)
+        read_opt(d)
     }
 }
 
@@ -110,7 +113,7 @@ fn auto(dt: &DateTime<Utc>) -> Option<([u8; 30], usize)> {
 /// `#[serde(deserialize_with = "timestamp::read_opt")]` for `Option<DateTime<Utc>>` fields:
 /// what chrono's own `Deserialize` reads, the form [`auto_opt`] writes read without it.
 pub fn read_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    Ok(d.deserialize_option(OptionalTimestamp)?.0)
+    Read::deserialize(d).map(|read| read.0)
 }
 
 /// An optional timestamp read as [`read_opt`] reads it, for readers written by hand.
