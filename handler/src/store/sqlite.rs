@@ -485,19 +485,20 @@ fn query_sql(query: &ShardQuery, now: i64) -> Result<(String, Vec<SqlValue>), St
         if let (Some(name), Some(tenant), Op::In | Op::Eq) =
             (path.strip_prefix(INDEXED_KEYS), &query.tenant_id, f.op)
         {
-            let values: Vec<&Value> = match &f.value {
-                Value::Array(items) => items.iter().collect(),
-                one => vec![one],
+            // The keys as one JSON array: a page's thousands of keys make one statement,
+            // prepared once, rather than a statement of thousands of parameters per page.
+            let values = match &f.value {
+                Value::Array(_) => f.value.to_string(),
+                one => Value::Array(vec![one.clone()]).to_string(),
             };
-            let marks = vec!["?"; values.len()].join(", ");
-            sql.push_str(&format!(
+            sql.push_str(
                 " AND id IN (SELECT id FROM shard_keys WHERE tenant_id = ? AND shard_type_id = ?
-                             AND name = ? AND value IN ({marks}))"
-            ));
+                             AND name = ? AND value IN (SELECT value FROM json_each(?)))",
+            );
             args.push(SqlValue::Text(tenant.clone()));
             args.push(SqlValue::Text(query.shard_type_id.clone()));
             args.push(SqlValue::Text(name.to_string()));
-            args.extend(values.into_iter().map(sql_value));
+            args.push(SqlValue::Text(values));
             continue;
         }
         match (f.op, &f.value) {
@@ -909,6 +910,26 @@ mod tests {
         assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
         let other_tenant = by_key("ann@y.test").in_tenant("t2");
         assert!(store.query(&other_tenant).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_lookup_by_more_match_keys_than_a_statement_takes_parameters_finds_its_shards() {
+        let (_dir, store) = store();
+        let mut s = shard("t1", "a", json!({}));
+        s.shard_type_id = "c_contact".into();
+        s.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
+        store.upsert(&s).await.unwrap();
+        // SQLite refuses a statement of more than 32,766 parameters.
+        let mut keys: Vec<Value> = (0..40_000).map(|i| json!(format!("c{i}@x.test"))).collect();
+        keys.push(json!("ann@x.test"));
+        let query = ShardQuery::of_type("c_contact").in_tenant("t1").filter(
+            "dedupKeys.email_exact",
+            Op::In,
+            Value::Array(keys),
+        );
+        let found = store.query(&query).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].value.id, "a");
     }
 
     #[tokio::test]
