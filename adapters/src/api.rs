@@ -6,7 +6,6 @@
 //! service's error body into a [`ProviderError`]. What differs between services is a
 //! [`Dialect`]: where tokens come from and with which grant and scope, and how errors read.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -93,28 +92,16 @@ pub fn endpoint(
 /// One service as an adapter talks to it.
 pub struct Api<D> {
     dialect: D,
-    http: OnceLock<reqwest::Client>,
     limiter: RateLimiter,
 }
 
 impl<D: Dialect> Api<D> {
     pub fn new(dialect: D, limiter: RateLimiter) -> Self {
-        Self {
-            dialect,
-            http: OnceLock::new(),
-            limiter,
-        }
+        Self { dialect, limiter }
     }
 
-    fn http(&self) -> &reqwest::Client {
-        // Built on first use: a cold start that has no work for this service pays nothing.
-        self.http.get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .connect_timeout(Duration::from_secs(10))
-                .build()
-                .expect("an HTTP client with default TLS builds")
-        })
+    fn http(&self) -> &'static reqwest::Client {
+        crate::http::client()
     }
 
     /// Refreshes `conn`'s access token (one refresh per integration at a time, stored before

@@ -12,13 +12,37 @@
 //! The decision is [`RetryPolicy::wait_before`], a pure function; [`Retries`] counts one
 //! request's tries and sleeps, so an adapter's request loop is: send, and on failure
 //! `retries.wait_or_fail(error, retry_after).await?`.
+//!
+//! Every adapter sends through one [`client`] per process: building one loads the trusted
+//! roots for TLS, milliseconds that a cold start would otherwise pay once per provider, inside
+//! its first sync. [`warm_up`] pays them before any job needs the client.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::{ErrorCode, ProviderError};
+
+/// The HTTP client every provider request goes through: its connection pools are per host, so
+/// providers share nothing but the TLS roots.
+pub fn client() -> &'static reqwest::Client {
+    static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client with default TLS builds")
+    });
+    &CLIENT
+}
+
+/// Builds the [`client`] now, on a thread that may block: for a server to call as it starts,
+/// so that its first sync does not wait for it.
+pub fn warm_up() {
+    client();
+}
 
 /// How a failed request is retried in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

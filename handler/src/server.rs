@@ -102,6 +102,9 @@ async fn invoke(
 
 /// Serves the custom handler on `127.0.0.1:port` until SIGTERM or Ctrl-C.
 pub async fn serve(app: App, port: u16) -> std::io::Result<()> {
+    // The host sends the first invocation as soon as the port answers; the providers' HTTP
+    // client is built meanwhile rather than inside it.
+    tokio::task::spawn_blocking(adapters::http::warm_up);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!(port, "custom handler listening");
     axum::serve(listener, router(app))

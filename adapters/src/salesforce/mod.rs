@@ -25,8 +25,6 @@
 
 pub mod outbound_messages;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::{Method, StatusCode};
@@ -48,9 +46,6 @@ const DEFAULT_MAX_API_USAGE: f64 = 0.8;
 const DELETED_WINDOW_DAYS: i64 = 15;
 
 pub struct Salesforce {
-    /// Built on first use: loading the platform's root certificates costs milliseconds that a
-    /// cold start of the handler should not pay before it has any Salesforce work.
-    http: std::sync::OnceLock<reqwest::Client>,
     limiter: RateLimiter,
 }
 
@@ -63,19 +58,12 @@ impl Default for Salesforce {
 impl Salesforce {
     pub fn new() -> Self {
         Self {
-            http: std::sync::OnceLock::new(),
             limiter: RateLimiter::new(25),
         }
     }
 
-    fn http(&self) -> &reqwest::Client {
-        self.http.get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .connect_timeout(Duration::from_secs(10))
-                .build()
-                .expect("an HTTP client with default TLS builds")
-        })
+    fn http(&self) -> &'static reqwest::Client {
+        crate::http::client()
     }
 
     fn login_host(conn: &Connection) -> String {

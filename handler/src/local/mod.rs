@@ -44,6 +44,8 @@ pub async fn run(
             backends.dir.root().display()
         )
     })?;
+    // As the host's handler does: the first sync does not wait for the HTTP client.
+    tokio::task::spawn_blocking(adapters::http::warm_up);
 
     let released = backends.broker.release_locks().map_err(|e| e.to_string())?;
     if released > 0 {
