@@ -763,7 +763,11 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
         if i > 0 {
             id.push('~');
         }
-        if !part.contains(RESERVED_IN_IDS) {
+        // The reserved characters are ASCII, so bytes tell: the common id is copied whole.
+        if !part
+            .bytes()
+            .any(|b| matches!(b, b'/' | b'\\' | b'?' | b'#' | b'%'))
+        {
             id.push_str(part);
             continue;
         }
