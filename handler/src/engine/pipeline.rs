@@ -24,7 +24,7 @@
 //! batch goes on. A failure of the provider or the store as a whole ends the run with that
 //! error; the caller decides between retry, dead letter and "resume next run".
 
-use std::collections::{HashMap, HashSet};
+use super::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -429,7 +429,7 @@ fn fingerprinted(
     if !by_fingerprint {
         return Vec::new();
     }
-    let mut asked = HashSet::new();
+    let mut asked = HashSet::default();
     records
         .iter()
         .filter(|r| !r.deleted)
@@ -599,7 +599,7 @@ impl<'a> EntityRun<'a> {
         self.pending_cursor = checkpoint.and_then(|c| c.pending_cursor.clone());
         // Only a listing read whole by this run can tell what is gone.
         if checkpoint.is_none() && cursor.is_none() && provider.lists_everything(&entity) {
-            self.listed = Some(HashSet::new());
+            self.listed = Some(HashSet::default());
         }
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
@@ -689,7 +689,7 @@ impl<'a> EntityRun<'a> {
                         async {
                             match asked.await {
                                 Ok(own) => self.fingerprints(own).await,
-                                Err(_) => Ok(HashMap::new()),
+                                Err(_) => Ok(HashMap::default()),
                             }
                         }
                     );
@@ -955,7 +955,7 @@ impl<'a> EntityRun<'a> {
         ids: Vec<String>,
     ) -> Result<HashMap<String, Option<ShardFingerprint>>, Failure> {
         if ids.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(HashMap::default());
         }
         let found = self
             .with_retries(|| self.app.store.fingerprints(self.job.tenant_id, &ids))
@@ -1110,7 +1110,7 @@ impl<'a> EntityRun<'a> {
             .await?;
         }
         let written: HashMap<&str, &Shard> = if landed.to_provider.is_empty() {
-            HashMap::new()
+            HashMap::default()
         } else {
             written.iter().map(|s| (s.id.as_str(), s)).collect()
         };

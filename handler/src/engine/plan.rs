@@ -16,7 +16,9 @@
 //! Everything here is a plain function over data, so every rule of landing and counting is
 //! unit-tested without a store or a provider.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use super::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -434,7 +436,7 @@ pub fn land_page(
     if !mapping.derived_shards.is_empty() {
         // A record listed twice in a page derives from its later listing, as its shard
         // lands it last: the earlier version is replaced, never written over the later one.
-        let mut derived_at: HashMap<String, usize> = HashMap::new();
+        let mut derived_at: HashMap<String, usize> = HashMap::default();
         let primaries: HashMap<&str, &str> = landed
             .landed
             .iter()
@@ -656,6 +658,7 @@ pub struct Changes {
 /// is each derived shard as stored (in the order of `landed.derived`), if it is.
 pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>, now: DateTime<Utc>) -> Changes {
     let mut out = Changes {
+        changed: HashMap::with_capacity_and_hasher(landed.shards.len(), Default::default()),
         read_hashes: std::mem::take(&mut landed.read_hashes),
         ..Changes::default()
     };
@@ -703,7 +706,8 @@ pub struct Tally {
 /// shard changed), or skipped; a record whose shard could not be written (`failed_ids`) fails.
 pub fn tally(landed: &[(String, String)], changes: &Changes, failed_ids: &[String]) -> Tally {
     let mut tally = Tally::default();
-    let mut counted: HashMap<&str, bool> = HashMap::new();
+    let mut counted: HashMap<&str, bool> =
+        HashMap::with_capacity_and_hasher(landed.len(), Default::default());
     for (record_id, shard_id) in landed {
         if failed_ids.contains(shard_id) {
             tally.failed.push(RecordFailure {
