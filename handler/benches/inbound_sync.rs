@@ -5,6 +5,12 @@
 //!     cargo bench -p handler --bench inbound_sync -- 10k     # the 10,000-record figures only
 //!     cargo bench -p handler --bench inbound_sync -- 100k    # the 100,000-record figure only
 //!     HANDLER_BIN=dist/func-sync/handler cargo bench ...     # another build: the packaged one
+//!     BENCH_RUNS=1 HANDLER_BIN=./callgrind-handler cargo bench ... -- 10k
+//!
+//! The last counts instructions, which repeat from run to run where times vary by a third:
+//! `callgrind-handler` is a script that runs `exec valgrind --tool=callgrind
+//! --callgrind-out-file=cg.%p target/release/handler "$@"`, and the handler, stopped with
+//! SIGTERM, leaves its counts for `callgrind_annotate`.
 //!
 //! Prints:
 //! * a full sync of 10,000 records (5,000 accounts, 5,000 contacts; split-name mapping,
@@ -408,7 +414,19 @@ impl Handler {
 }
 
 impl Drop for Handler {
+    /// Stops the handler as the host does, with SIGTERM, so that a profiler wrapped around it
+    /// writes its report; kills it if it has not stopped after a while.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -542,6 +560,15 @@ async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
 /// varies by a third with what else it is doing.
 const RUNS: usize = 5;
 
+/// The runs of each 10,000-record figure: `BENCH_RUNS`, or [`RUNS`].
+fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(RUNS)
+}
+
 /// The median of `times`, which are left sorted.
 fn median(times: &mut [Duration]) -> Duration {
     times.sort();
@@ -557,7 +584,8 @@ async fn salesforce_10k() {
     let mut reruns = Vec::new();
     let mut rss: f64 = 0.0;
     let (mut full_cpu, mut rerun_cpu) = (0.0, 0.0);
-    for run in 0..RUNS {
+    let runs = runs();
+    for run in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         prepare(dir.path(), integration(&fake), fake.credentials()).await;
         let handler = Handler::start(dir.path());
@@ -568,7 +596,7 @@ async fn salesforce_10k() {
         if run == 0 {
             println!(
                 "full sync of {} records (split names, dedup on email) into the embedded store \
-                 (created {}, updated {}), median of {RUNS} runs:",
+                 (created {}, updated {}), median of {runs} runs:",
                 stats["recordsFetched"], stats["shardsCreated"], stats["shardsUpdated"]
             );
         }
@@ -596,14 +624,14 @@ async fn salesforce_10k() {
     );
     println!("  handler peak RSS: {rss:.1} MiB");
     println!(
-        "  handler CPU time, all threads: {:.0} ms per full sync, {:.0} ms per re-run (mean of {RUNS})",
-        full_cpu / RUNS as f64,
-        rerun_cpu / RUNS as f64
+        "  handler CPU time, all threads: {:.0} ms per full sync, {:.0} ms per re-run (mean of {runs})",
+        full_cpu / runs as f64,
+        rerun_cpu / runs as f64
     );
 
     let mut floors = Vec::new();
     let mut written = 0;
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         let (floor, count) = baseline(&fake, dir.path()).await;
         floors.push(floor);
