@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as SqlValue};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
 use crate::model::Shard;
@@ -315,7 +316,106 @@ struct StoredFingerprint<L> {
     links: Option<L>,
 }
 
+/// A shard's document as the store writes it: the text `Shard`'s own serialization writes, but
+/// with the links' JSON (`links`) written beforehand, so that the fingerprint column takes the
+/// same text rather than serializing the links a second time.
+struct Document<'a> {
+    shard: &'a Shard,
+    links: &'a RawValue,
+}
+
+/// A timestamp as the documents spell it.
+struct Stamp(Option<chrono::DateTime<chrono::Utc>>);
+
+impl serde::Serialize for Stamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::model::timestamp::auto_opt(&self.0, s)
+    }
+}
+
+impl serde::Serialize for Document<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // Every field by name: a field added to `Shard` does not compile until it is written
+        // here too.
+        let Shard {
+            id,
+            tenant_id,
+            shard_type_id,
+            name,
+            structured_data,
+            relationships,
+            external_relationships,
+            created_at,
+            created_by,
+            updated_at,
+            deleted_at,
+            content_hash,
+            dedup_keys,
+            ttl,
+            extra,
+        } = self.shard;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("id", id)?;
+        map.serialize_entry("tenantId", tenant_id)?;
+        map.serialize_entry("shardTypeId", shard_type_id)?;
+        map.serialize_entry("name", name)?;
+        map.serialize_entry("structuredData", structured_data)?;
+        if !relationships.is_empty() {
+            map.serialize_entry("relationships", relationships)?;
+        }
+        if !external_relationships.is_empty() {
+            map.serialize_entry("external_relationships", self.links)?;
+        }
+        if created_at.is_some() {
+            map.serialize_entry("createdAt", &Stamp(*created_at))?;
+        }
+        if let Some(by) = created_by {
+            map.serialize_entry("createdBy", by)?;
+        }
+        if updated_at.is_some() {
+            map.serialize_entry("updatedAt", &Stamp(*updated_at))?;
+        }
+        if deleted_at.is_some() {
+            map.serialize_entry("deletedAt", &Stamp(*deleted_at))?;
+        }
+        if let Some(hash) = content_hash {
+            map.serialize_entry("contentHash", hash)?;
+        }
+        if !dedup_keys.is_empty() {
+            map.serialize_entry("dedupKeys", dedup_keys)?;
+        }
+        if let Some(ttl) = ttl {
+            map.serialize_entry("ttl", ttl)?;
+        }
+        for (key, value) in extra {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+/// Room for a typical document, so that writing one does not grow its buffer again and again.
+const DOCUMENT_CAPACITY: usize = 1024;
+
 fn encode(shard: &Shard) -> Result<Row, StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+    let links = serde_json::value::to_raw_value(&shard.external_relationships).map_err(corrupt)?;
+    let mut doc = Vec::with_capacity(DOCUMENT_CAPACITY);
+    serde_json::to_writer(
+        &mut doc,
+        &Document {
+            shard,
+            links: &links,
+        },
+    )
+    .map_err(corrupt)?;
+    let doc = String::from_utf8(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let fingerprint = serde_json::to_string(&StoredFingerprint {
+        updated_at: shard.updated_at,
+        links: Some(&*links),
+    })
+    .map_err(corrupt)?;
     let keys = shard
         .dedup_keys
         .iter()
@@ -331,12 +431,8 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
             .ttl
             .filter(|ttl| *ttl > 0)
             .map(|ttl| chrono::Utc::now().timestamp() + ttl),
-        doc: serde_json::to_string(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        fingerprint: serde_json::to_string(&StoredFingerprint {
-            updated_at: shard.updated_at,
-            links: Some(&shard.external_relationships),
-        })
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        doc,
+        fingerprint,
         keys,
     })
 }
@@ -799,6 +895,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn a_stored_document_is_the_text_the_shard_serializes_to() {
+        let full: Shard = serde_json::from_value(json!({
+            "id": "int-1~Contact~003", "tenantId": "t1", "shardTypeId": "c_contact",
+            "name": "Ann \"A\" Lee", "structuredData": {"email": "ann@x.test", "n": [1, 2.5, null]},
+            "relationships": [{"type": "derived_from", "targetId": "s1", "targetType": "c_company"}],
+            "external_relationships": [
+                {"integrationId": "int-1", "externalId": "003", "syncStatus": "synced",
+                 "lastSyncedAt": "2026-12-03T09:05:07.250Z", "syncDirection": "bidirectional",
+                 "version": "v7", "fieldHashes": {"email": "ab12"}, "recordHash": "cd34"},
+                {"integrationId": "int-2", "externalId": "x/y", "syncStatus": "deleted",
+                 "syncDirection": "inbound"}
+            ],
+            "createdAt": "2026-12-01T00:00:00Z", "createdBy": "system",
+            "updatedAt": "2026-12-03T09:05:07.000000001Z", "deletedAt": "2026-12-03T10:00:00Z",
+            "contentHash": "0123456789abcdef", "dedupKeys": {"email_exact": "ann@x.test"},
+            "ttl": 3600, "owner": {"team": "sales"}, "zeta": 1
+        }))
+        .unwrap();
+        let bare = shard("t1", "a", json!({}));
+        for shard in [full, bare] {
+            let row = encode(&shard).unwrap();
+            assert_eq!(row.doc, serde_json::to_string(&shard).unwrap());
+            let fingerprint: Value = serde_json::from_str(&row.fingerprint).unwrap();
+            assert_eq!(
+                fingerprint,
+                json!({
+                    "updatedAt": serde_json::to_value(&shard).unwrap()["updatedAt"],
+                    "links": serde_json::to_value(&shard.external_relationships).unwrap()
+                })
+            );
+        }
     }
 
     #[tokio::test]
