@@ -260,13 +260,11 @@ impl FieldMapping {
             .as_deref()
             .or(self.sources.first().map(String::as_str))
             .unwrap_or_default();
-        let outputs: Vec<(String, Value)> = match self.transform {
+        match self.transform {
             Transform::Rename => {
-                let target = self.target.clone().unwrap_or_default();
-                vec![(
-                    target,
-                    lookup(record, source_name).cloned().unwrap_or(Value::Null),
-                )]
+                let value = lookup(record, source_name).cloned().unwrap_or(Value::Null);
+                let target = self.target.as_deref().unwrap_or_default();
+                self.finish(source_name, target, value, out)?;
             }
             Transform::Concat => {
                 let separator = self.separator.as_deref().unwrap_or(" ");
@@ -285,7 +283,8 @@ impl FieldMapping {
                 } else {
                     Value::String(parts.join(separator))
                 };
-                vec![(self.target.clone().unwrap_or_default(), value)]
+                let target = self.target.as_deref().unwrap_or_default();
+                self.finish(source_name, target, value, out)?;
             }
             Transform::Split => {
                 let text = match lookup(record, source_name) {
@@ -315,33 +314,45 @@ impl FieldMapping {
                         values[i] = Value::String(token.to_string());
                     }
                 }
-                self.targets.iter().cloned().zip(values).collect()
-            }
-        };
-        for (target, mut value) in outputs {
-            if is_blank(&value) {
-                value = self.default.clone().unwrap_or(Value::Null);
-            }
-            if let (Some(map), false) = (&self.value_map, value.is_null()) {
-                let key = match &value {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                if let Some(mapped) = map.get(&key) {
-                    value = mapped.clone();
+                for (target, value) in self.targets.iter().zip(values) {
+                    self.finish(source_name, target, value, out)?;
                 }
             }
-            if let (Some(kind), false) = (self.value_type, value.is_null()) {
-                value = coerce(&value, kind).map_err(|m| self.error(source_name, m))?;
-            }
-            if self.required && is_blank(&value) {
-                return Err(self.error(
-                    source_name,
-                    format!("required field '{target}' is missing (from `{source_name}`)"),
-                ));
-            }
-            out.insert(target, value);
         }
+        Ok(())
+    }
+
+    /// One output of the mapping: a blank replaced by the default, then mapped through the value
+    /// map, coerced to the value type, checked if required, and stored under `target`.
+    fn finish(
+        &self,
+        source_name: &str,
+        target: &str,
+        mut value: Value,
+        out: &mut Map<String, Value>,
+    ) -> Result<(), TransformError> {
+        if is_blank(&value) {
+            value = self.default.clone().unwrap_or(Value::Null);
+        }
+        if let (Some(map), false) = (&self.value_map, value.is_null()) {
+            let key = match &value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if let Some(mapped) = map.get(&key) {
+                value = mapped.clone();
+            }
+        }
+        if let (Some(kind), false) = (self.value_type, value.is_null()) {
+            value = coerce(&value, kind).map_err(|m| self.error(source_name, m))?;
+        }
+        if self.required && is_blank(&value) {
+            return Err(self.error(
+                source_name,
+                format!("required field '{target}' is missing (from `{source_name}`)"),
+            ));
+        }
+        out.insert(target.to_string(), value);
         Ok(())
     }
 }
