@@ -458,7 +458,7 @@ pub fn normalize_id(id: &str) -> Option<String> {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct QueryAnswer {
-    records: Vec<Map<String, Value>>,
+    records: Vec<QueriedRecord>,
     #[serde(default = "finished")]
     done: bool,
     #[serde(default)]
@@ -576,9 +576,44 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// A record of a query result, without its `attributes`.
-fn record_from(mut fields: Map<String, Value>) -> Option<Record> {
-    fields.remove("attributes");
+/// A record of a query answer, read without its `attributes` (its type and URL, which every
+/// record repeats and nothing reads).
+struct QueriedRecord(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for QueriedRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = QueriedRecord;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a record")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<QueriedRecord, A::Error> {
+                let mut fields = Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "attributes" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else {
+                        let value = map.next_value()?;
+                        fields.insert(key, value);
+                    }
+                }
+                Ok(QueriedRecord(fields))
+            }
+        }
+
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+/// A record of a query result.
+fn record_from(QueriedRecord(fields): QueriedRecord) -> Option<Record> {
     let id = fields.get("Id")?.as_str()?.to_string();
     let modified_at = fields
         .get("SystemModstamp")
@@ -829,6 +864,29 @@ impl Webhooks for Salesforce {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_query_answers_records_are_read_without_their_attributes() {
+        let answer: QueryAnswer = serde_json::from_value(json!({
+            "totalSize": 2, "done": true,
+            "records": [
+                {"attributes": {"type": "Contact", "url": "/services/data/v62.0/sobjects/Contact/003A"},
+                 "Id": "003A", "Name": "Ann Lee", "SystemModstamp": "2026-01-01T10:00:00.000+0000",
+                 "Account": {"attributes": {"type": "Account"}, "Name": "Acme"}},
+                {"attributes": {"type": "Contact"}, "Name": "no id"}
+            ]
+        }))
+        .unwrap();
+        let records = answer.into_records();
+        assert_eq!(records.len(), 1, "a record without an id is left out");
+        assert_eq!(records[0].id, "003A");
+        assert!(records[0].modified_at.is_some());
+        assert_eq!(
+            Value::Object(records[0].fields.clone()),
+            json!({"Id": "003A", "Name": "Ann Lee", "SystemModstamp": "2026-01-01T10:00:00.000+0000",
+                   "Account": {"attributes": {"type": "Account"}, "Name": "Acme"}})
+        );
+    }
 
     #[test]
     fn incremental_soql_is_inclusive_and_ordered() {
