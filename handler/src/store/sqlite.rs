@@ -487,46 +487,39 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
     Ok(written)
 }
 
-/// Writes many shards in one transaction, `shards` being their (tenant, id) and `rows` their
-/// rows as they are encoded: each statement prepared once, and the old index keys of each
-/// tenant's shards deleted by one statement rather than one per shard. Returns how many rows
-/// it wrote.
-fn write_all(
-    conn: &Connection,
-    shards: &[(String, String)],
-    rows: impl Iterator<Item = Row>,
-) -> rusqlite::Result<usize> {
-    let mut tenants: Vec<&str> = shards.iter().map(|(tenant, _)| tenant.as_str()).collect();
-    tenants.sort_unstable();
-    tenants.dedup();
-    let mut forget = conn.prepare_cached(
-        "DELETE FROM shard_keys WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
-    )?;
-    for tenant in tenants {
-        let ids: Vec<&str> = shards
-            .iter()
-            .filter(|(t, _)| t == tenant)
-            .map(|(_, id)| id.as_str())
-            .collect();
-        let ids = serde_json::to_string(&ids)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        forget.execute([tenant, ids.as_str()])?;
-    }
-    let mut insert = conn.prepare_cached(
-        "INSERT OR REPLACE INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
+/// Writes many shards in one transaction, `rows` as they are encoded, each statement prepared
+/// once; returns how many rows it wrote. A shard is inserted as new first: a shard that has no
+/// row has no index keys either, so only one that was there (the insert refused) has its old
+/// keys deleted before its row is replaced. A full sync of new records looks up no keys.
+fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Result<usize> {
+    const COLUMNS: &str = "(tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+    let mut create = conn.prepare_cached(&format!("INSERT INTO shards {COLUMNS}"))?;
+    let mut replace = conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {COLUMNS}"))?;
+    let mut forget =
+        conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?;
     let mut written = 0;
     for row in rows {
-        insert.execute(rusqlite::params![
+        let etag = new_etag();
+        let values = rusqlite::params![
             row.tenant_id,
             row.id,
             row.shard_type_id,
             row.deleted,
-            new_etag(),
+            etag,
             row.doc,
             row.expires,
             row.fingerprint
-        ])?;
+        ];
+        match create.execute(values) {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                forget.execute([&row.tenant_id, &row.id])?;
+                replace.execute(values)?;
+            }
+            Err(e) => return Err(e),
+        }
         index_keys(conn, &row)?;
         written += 1;
     }
@@ -807,17 +800,14 @@ impl ShardStore for SqliteStore {
         if shards.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<(String, String)> = shards
-            .iter()
-            .map(|s| (s.tenant_id.clone(), s.id.clone()))
-            .collect();
+        let expected = shards.len();
         let (encoded, rows) = std::sync::mpsc::channel();
         let writing = self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            let written = write_all(&tx, &keys, rows.iter()).map_err(unavailable)?;
+            let written = write_all(&tx, rows.iter()).map_err(unavailable)?;
             // A row short: encoding a shard failed, and the caller is told so. Nothing is
             // written.
-            if written == keys.len() {
+            if written == expected {
                 tx.commit().map_err(unavailable)?;
             }
             Ok(())
