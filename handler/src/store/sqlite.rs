@@ -441,17 +441,14 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
 fn write_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?
         .execute([&row.tenant_id, &row.id])?;
-    index_keys(conn, row)
+    index_keys(&mut conn.prepare_cached(INDEX_KEY)?, row)
 }
 
-/// Indexes the keys of one shard (whose old keys are gone).
-fn index_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
-    if row.keys.is_empty() {
-        return Ok(());
-    }
-    let mut insert = conn.prepare_cached(
-        "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
+/// The statement that indexes one match key of one shard.
+const INDEX_KEY: &str = "INSERT OR IGNORE INTO shard_keys (tenant_id, shard_type_id, name, value, id) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// Indexes the keys of one shard (whose old keys are gone) with `insert`, an [`INDEX_KEY`].
+fn index_keys(insert: &mut rusqlite::CachedStatement<'_>, row: &Row) -> rusqlite::Result<()> {
     for (name, value) in &row.keys {
         insert.execute(rusqlite::params![
             row.tenant_id,
@@ -497,6 +494,7 @@ fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Re
     let mut replace = conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {COLUMNS}"))?;
     let mut forget =
         conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?;
+    let mut index_key = conn.prepare_cached(INDEX_KEY)?;
     let mut written = 0;
     for row in rows {
         let etag = new_etag();
@@ -520,7 +518,7 @@ fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Re
             }
             Err(e) => return Err(e),
         }
-        index_keys(conn, &row)?;
+        index_keys(&mut index_key, &row)?;
         written += 1;
     }
     Ok(written)
