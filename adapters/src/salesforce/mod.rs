@@ -564,14 +564,21 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let colonless = bytes.len() > 5
         && matches!(bytes[bytes.len() - 5], b'+' | b'-')
         && bytes[bytes.len() - 4..].iter().all(u8::is_ascii_digit);
-    let parsed = if colonless {
-        let (head, minutes) = text.split_at(text.len() - 2);
-        DateTime::parse_from_rfc3339(&format!("{head}:{minutes}"))
+    // Room for the longest form Salesforce writes, nanoseconds and all, with the colon.
+    let mut buffer = [0u8; 40];
+    let parsed = if colonless && bytes.len() < buffer.len() {
+        let (head, minutes) = bytes.split_at(bytes.len() - 2);
+        buffer[..head.len()].copy_from_slice(head);
+        buffer[head.len()] = b':';
+        buffer[head.len() + 1..=bytes.len()].copy_from_slice(minutes);
+        std::str::from_utf8(&buffer[..=bytes.len()])
+            .map_err(|_| ())
+            .and_then(|with_colon| DateTime::parse_from_rfc3339(with_colon).map_err(|_| ()))
     } else {
-        DateTime::parse_from_rfc3339(text)
+        DateTime::parse_from_rfc3339(text).map_err(|_| ())
     };
     parsed
-        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .or_else(|()| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
@@ -1005,6 +1012,10 @@ mod tests {
                 "2024-05-02T10:00:00.250+00:00",
             ),
             ("2024-05-02T07:00:00-0300", "2024-05-02T10:00:00+00:00"),
+            (
+                "2024-05-02T10:00:00.123456789+0000",
+                "2024-05-02T10:00:00.123456789+00:00",
+            ),
             ("2024-05-02T10:00:00Z", "2024-05-02T10:00:00+00:00"),
             (
                 "2024-05-02T10:00:00.5+00:00",
