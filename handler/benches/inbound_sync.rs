@@ -78,15 +78,16 @@
 //! cost the same). A ratio of 1.5 needs about a quarter less CPU per record.
 //!
 //! Instructions, from callgrind (`BENCH_RUNS=1`, a full sync and its re-run, the whole handler
-//! process), say where that CPU goes and repeat to a fraction of a percent: 1,180 M in all, of
+//! process), say where that CPU goes and repeat to a fraction of a percent: 1,157 M in all, of
 //! which the SQLite statements about 410 M (the match-key index alone 87 M), encoding rows
 //! 126 M, reading and parsing Salesforce's pages 118 M, mapping 53 M, landing 42 M, the record
 //! and content hashes 63 M, and freeing page data about 60 M. They were 1,365 M before the
 //! page maps were hashed with foldhash (-46 M), query records were read without their
 //! `attributes` (-50 M), a new shard's row stopped looking up old index keys (-34 M), a row's
-//! links were serialized once for the document and the fingerprint (-25 M), field mappings
-//! stopped collecting their outputs (-11 M), shard ids were scanned by byte (-10 M) and the
-//! match-key insert was prepared once per batch (-9 M).
+//! links were serialized once for the document and the fingerprint (-25 M), Salesforce's
+//! timestamps and the etags were written without `format!` (-24 M), field mappings stopped
+//! collecting their outputs (-11 M), shard ids were scanned by byte (-10 M) and the match-key
+//! insert was prepared once per batch (-9 M).
 //!
 //! Before landing moved records' data into the shards it creates (and made room for them at
 //! once) and timestamps were written without chrono's formatter, the same profile put 16 ms in
