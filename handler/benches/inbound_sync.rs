@@ -67,8 +67,8 @@
 //! every few megabytes rather than every page, or a lower priority for the checkpoint thread
 //! changed nothing measurable.
 //!
-//! The limit is the CPU, not the order of the work. A full sync costs the handler 130-140 ms of
-//! CPU on its threads for 110-120 ms of wall time, so the two cores are busy most of the time:
+//! The limit is the CPU, not the order of the work. A full sync costs the handler 118-128 ms of
+//! CPU on its threads for 96-105 ms of wall time, so the two cores are busy most of the time:
 //! while the sync's thread plans a page, the other core copies the log into the database and
 //! fetches the next page. Measured against this engine, alternating runs, with no gain: hashing
 //! a page's records and shards on two threads (the second thread finds no idle core); the
