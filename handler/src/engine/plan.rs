@@ -31,6 +31,7 @@ use crate::model::conflict::{
     ConflictPolicy, FieldConflict, Modified, reconcile_record, value_hash,
 };
 use crate::model::dedup::{DedupRules, merge};
+use crate::model::digest::Fnv1a;
 use crate::model::mapping::{EntityMapping, transform};
 use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
 use crate::store::ShardFingerprint;
@@ -189,7 +190,7 @@ pub fn unchanged(
 
 /// The fingerprint of a record's mapped data: FNV-1a of its JSON text (keys sorted).
 pub fn record_hash(data: &Map<String, Value>) -> String {
-    let mut hash = Fnv1a(0xcbf2_9ce4_8422_2325);
+    let mut hash = Fnv1a::new();
     serde_json::to_writer(&mut hash, data).expect("hashing does not fail");
     hash.hex()
 }
@@ -753,8 +754,9 @@ pub fn soft_deleted(
     Some(shard)
 }
 
-/// The characters Cosmos DB does not allow in an id, and `%`, which escapes them.
-const RESERVED_IN_IDS: &[char] = &['/', '\\', '?', '#', '%'];
+/// The characters Cosmos DB does not allow in an id, and `%`, which escapes them; all ASCII, so
+/// an id's bytes tell whether it has one.
+const RESERVED_IN_IDS: &[u8] = b"/\\?#%";
 
 /// The id of the shard synced from one external record: derived, so an upsert needs no query.
 /// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
@@ -767,17 +769,15 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
         if i > 0 {
             id.push('~');
         }
-        // The reserved characters are ASCII, so bytes tell: the common id is copied whole.
-        if !part
-            .bytes()
-            .any(|b| matches!(b, b'/' | b'\\' | b'?' | b'#' | b'%'))
-        {
+        if !part.bytes().any(|b| RESERVED_IN_IDS.contains(&b)) {
             id.push_str(part);
             continue;
         }
         for c in part.chars() {
             match c {
-                c if RESERVED_IN_IDS.contains(&c) => id.push_str(&format!("%{:02X}", c as u32)),
+                c if c.is_ascii() && RESERVED_IN_IDS.contains(&(c as u8)) => {
+                    id.push_str(&format!("%{:02X}", c as u32))
+                }
                 c => id.push(c),
             }
         }
@@ -833,37 +833,9 @@ pub fn content_hash(shard: &Shard) -> String {
         &links,
         shard.deleted_at.is_some(),
     );
-    let mut hash = Fnv1a(0xcbf2_9ce4_8422_2325);
+    let mut hash = Fnv1a::new();
     serde_json::to_writer(&mut hash, &canonical).expect("hashing does not fail");
     hash.hex()
-}
-
-/// FNV-1a, 64 bits, as an `io::Write` sink for the canonical text.
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    /// The hash as 16 lowercase hex digits (what `{:016x}` writes, a digit at a time).
-    fn hex(&self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        (0..16)
-            .rev()
-            .map(|i| char::from(DIGITS[((self.0 >> (i * 4)) & 0xf) as usize]))
-            .collect()
-    }
-}
-
-impl std::io::Write for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        for byte in bytes {
-            self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// The data of a shard after a record lands in it. A record's own shard takes the source's

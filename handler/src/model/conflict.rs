@@ -88,12 +88,9 @@ pub fn value_hash(value: Option<&Value>) -> String {
         None | Some(Value::Null) => "null".to_string(),
         Some(v) => v.to_string(),
     };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    let mut hash = super::digest::Fnv1a::new();
+    std::io::Write::write_all(&mut hash, text.as_bytes()).expect("hashing does not fail");
+    hash.hex()
 }
 
 /// One mapped field of a record, seen from both sides.

@@ -8,6 +8,7 @@
 
 pub mod conflict;
 pub mod dedup;
+pub mod digest;
 pub mod event;
 pub mod history;
 pub mod integration;

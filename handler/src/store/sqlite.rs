@@ -286,17 +286,10 @@ fn new_etag() -> String {
     static PREFIX: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_string());
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // What `format!("{prefix}{n:016x}")` writes, without the formatting machinery: a write
-    // makes one per shard.
     let mut etag = String::with_capacity(PREFIX.len() + 16);
     etag.push_str(&PREFIX);
-    etag.extend(
-        (0..16)
-            .rev()
-            .map(|i| char::from(DIGITS[((n >> (i * 4)) & 0xf) as usize])),
-    );
+    etag.push_str(&crate::model::digest::hex16(n));
     etag
 }
 
