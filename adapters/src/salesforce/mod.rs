@@ -572,14 +572,13 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         buffer[head.len()] = b':';
         buffer[head.len() + 1..=bytes.len()].copy_from_slice(minutes);
         std::str::from_utf8(&buffer[..=bytes.len()])
-            .map_err(|_| ())
-            .and_then(|with_colon| DateTime::parse_from_rfc3339(with_colon).map_err(|_| ()))
+            .ok()
+            .and_then(|with_colon| DateTime::parse_from_rfc3339(with_colon).ok())
     } else {
-        DateTime::parse_from_rfc3339(text).map_err(|_| ())
+        DateTime::parse_from_rfc3339(text).ok()
     };
     parsed
-        .or_else(|()| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
-        .ok()
+        .or_else(|| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z").ok())
         .map(|t| t.with_timezone(&Utc))
 }
 
