@@ -754,9 +754,11 @@ pub fn soft_deleted(
     Some(shard)
 }
 
-/// The characters Cosmos DB does not allow in an id, and `%`, which escapes them; all ASCII, so
-/// an id's bytes tell whether it has one.
-const RESERVED_IN_IDS: &[u8] = b"/\\?#%";
+/// Whether `byte` is one of the characters Cosmos DB does not allow in an id, or `%`, which
+/// escapes them; all are ASCII, so an id's bytes tell whether it has one.
+fn reserved_in_ids(byte: u8) -> bool {
+    matches!(byte, b'/' | b'\\' | b'?' | b'#' | b'%')
+}
 
 /// The id of the shard synced from one external record: derived, so an upsert needs no query.
 /// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
@@ -769,13 +771,13 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
         if i > 0 {
             id.push('~');
         }
-        if !part.bytes().any(|b| RESERVED_IN_IDS.contains(&b)) {
+        if !part.bytes().any(reserved_in_ids) {
             id.push_str(part);
             continue;
         }
         for c in part.chars() {
             match c {
-                c if c.is_ascii() && RESERVED_IN_IDS.contains(&(c as u8)) => {
+                c if c.is_ascii() && reserved_in_ids(c as u8) => {
                     id.push_str(&format!("%{:02X}", c as u32))
                 }
                 c => id.push(c),

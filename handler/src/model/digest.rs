@@ -41,11 +41,19 @@ impl std::io::Write for Fnv1a {
 /// `n` as 16 lowercase hex digits: what `format!("{n:016x}")` writes, without the formatting
 /// machinery (a sync writes several per record).
 pub fn hex16(n: u64) -> String {
+    let mut text = String::with_capacity(16);
+    push_hex16(&mut text, n);
+    text
+}
+
+/// Appends [`hex16`]'s spelling of `n` to `text`.
+pub fn push_hex16(text: &mut String, n: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    (0..16)
-        .rev()
-        .map(|i| char::from(DIGITS[((n >> (i * 4)) & 0xf) as usize]))
-        .collect()
+    text.extend(
+        (0..16)
+            .rev()
+            .map(|i| char::from(DIGITS[((n >> (i * 4)) & 0xf) as usize])),
+    );
 }
 
 #[cfg(test)]

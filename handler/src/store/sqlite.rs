@@ -289,7 +289,7 @@ fn new_etag() -> String {
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut etag = String::with_capacity(PREFIX.len() + 16);
     etag.push_str(&PREFIX);
-    etag.push_str(&crate::model::digest::hex16(n));
+    crate::model::digest::push_hex16(&mut etag, n);
     etag
 }
 
