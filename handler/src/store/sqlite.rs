@@ -87,6 +87,10 @@ impl Checkpointer {
 /// The shards table, after `CREATE TABLE <name>`. A table with rowids: the primary key is an
 /// index beside it, so a lookup descends a b-tree of keys and one of integers, never through
 /// documents.
+///
+/// Keys lead with the column that tells them apart (the id; in `shard_keys`, the value): a
+/// b-tree descent compares a dozen keys, and a key whose first column is equal in all of them
+/// (the tenant) costs each comparison a second, slower step. That was a tenth of a sync's CPU.
 const SHARDS_TABLE: &str = "(
     tenant_id     TEXT NOT NULL,
     id            TEXT NOT NULL,
@@ -96,24 +100,28 @@ const SHARDS_TABLE: &str = "(
     expires       INTEGER,
     fingerprint   TEXT NOT NULL,
     doc           TEXT NOT NULL,
-    PRIMARY KEY (tenant_id, id)
+    PRIMARY KEY (id, tenant_id)
 )";
 
-const INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS shards_by_type ON shards (shard_type_id, tenant_id);
-CREATE TABLE IF NOT EXISTS shard_keys (
+const SHARDS_INDEXES: &str =
+    "CREATE INDEX IF NOT EXISTS shards_by_type ON shards (shard_type_id, tenant_id);";
+
+/// The match keys table, after `CREATE TABLE <name>`.
+const SHARD_KEYS_TABLE: &str = "(
     tenant_id     TEXT NOT NULL,
     shard_type_id TEXT NOT NULL,
     name          TEXT NOT NULL,
     value         TEXT NOT NULL,
     id            TEXT NOT NULL,
-    PRIMARY KEY (tenant_id, shard_type_id, name, value, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS shard_keys_by_shard ON shard_keys (tenant_id, id);
-";
+    PRIMARY KEY (value, name, shard_type_id, tenant_id, id)
+) WITHOUT ROWID";
 
 /// The prefix of the paths whose values [`SqliteStore`] indexes in `shard_keys`: the match keys
 /// of deduplication, looked up for every page of a sync. (Cosmos DB indexes every path.)
+///
+/// A shard's rows in `shard_keys` are exactly the `dedupKeys` of its stored document, so the
+/// keys a write replaces are found from the document it replaces ([`FORGET_KEYS`]), and the
+/// table needs no second index by shard, which every key would pay for in every write.
 const INDEXED_KEYS: &str = "dedupKeys.";
 
 /// How long opening a database waits for another process (an operator command, the runtime)
@@ -170,7 +178,11 @@ fn try_open(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let schema = format!("CREATE TABLE IF NOT EXISTS shards {SHARDS_TABLE};{INDEXES}");
+        let schema = format!(
+            "CREATE TABLE IF NOT EXISTS shards {SHARDS_TABLE};
+             {SHARDS_INDEXES}
+             CREATE TABLE IF NOT EXISTS shard_keys {SHARD_KEYS_TABLE};"
+        );
         let mut conn = open_database(path, &schema).map_err(unavailable)?;
         upgrade(&mut conn).map_err(unavailable)?;
         // The checkpoint thread keeps the log short; the writer checkpoints only if it falls
@@ -205,8 +217,10 @@ impl SqliteStore {
             return Ok(0);
         }
         conn.execute(
-            "DELETE FROM shard_keys WHERE (tenant_id, id) IN
-               (SELECT tenant_id, id FROM shards WHERE expires IS NOT NULL AND expires <= ?1)",
+            "DELETE FROM shard_keys WHERE (tenant_id, shard_type_id, name, value, id) IN
+               (SELECT s.tenant_id, s.shard_type_id, k.key, k.value, s.id
+                FROM shards AS s, json_each(s.doc, '$.dedupKeys') AS k
+                WHERE s.expires IS NOT NULL AND s.expires <= ?1)",
             [now.timestamp()],
         )
         .map_err(unavailable)?;
@@ -234,46 +248,70 @@ impl SqliteStore {
     }
 }
 
-/// Stores made before the current layout kept shards in a `WITHOUT ROWID` table, which puts
-/// whole rows, documents and all, in the interior pages of its b-tree too: finding one shard
-/// read parts of several others' documents, and a table took four times the space. Nor did
-/// they keep fingerprints apart (nor, the oldest, expiry times). Such a table is rebuilt once,
-/// each fingerprint taken from its document.
+/// Stores of earlier builds are rebuilt once into the current layout, in one transaction:
+/// - shards kept in a `WITHOUT ROWID` table, which puts whole rows, documents and all, in the
+///   interior pages of its b-tree too: finding one shard read parts of several others'
+///   documents, and a table took four times the space. Nor did they keep fingerprints apart
+///   (each is taken from its document), nor, the oldest, expiry times;
+/// - keys that began with the tenant (see [`SHARDS_TABLE`]), and match keys that had a second
+///   index by shard.
 fn upgrade(conn: &mut Connection) -> rusqlite::Result<()> {
-    let legacy = |conn: &Connection| -> rusqlite::Result<bool> {
-        conn.query_row(
-            "SELECT sql LIKE '%WITHOUT ROWID%' FROM sqlite_master WHERE type = 'table' AND name = 'shards'",
-            [],
-            |row| row.get(0),
-        )
+    let outdated = |conn: &Connection| -> rusqlite::Result<(bool, bool)> {
+        Ok((
+            leading_key(conn, "shards")? != "id",
+            leading_key(conn, "shard_keys")? != "value",
+        ))
     };
-    if !legacy(conn)? {
+    if outdated(conn)? == (false, false) {
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // Another process may have upgraded it while this one waited for the lock.
-    if !legacy(&tx)? {
-        return Ok(());
+    let (shards, keys) = outdated(&tx)?;
+    if shards {
+        let has = |column: &str| -> rusqlite::Result<bool> {
+            tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('shards') WHERE name = ?1)",
+                [column],
+                |row| row.get(0),
+            )
+        };
+        let expires = if has("expires")? { "expires" } else { "NULL" };
+        let fingerprint = if has("fingerprint")? {
+            "fingerprint"
+        } else {
+            "json_object('updatedAt', json_extract(doc, '$.updatedAt'),
+                         'links', json_extract(doc, '$.external_relationships'))"
+        };
+        tx.execute_batch(&format!(
+            "CREATE TABLE shards_upgraded {SHARDS_TABLE};
+             INSERT INTO shards_upgraded (tenant_id, id, shard_type_id, deleted, etag, expires, fingerprint, doc)
+                 SELECT tenant_id, id, shard_type_id, deleted, etag, {expires}, {fingerprint}, doc
+                 FROM shards;
+             DROP TABLE shards;
+             ALTER TABLE shards_upgraded RENAME TO shards;
+             {SHARDS_INDEXES}"
+        ))?;
     }
-    let has_expiry: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('shards') WHERE name = 'expires')",
-        [],
-        |row| row.get(0),
-    )?;
-    let expires = if has_expiry { "expires" } else { "NULL" };
-    tx.execute_batch(&format!(
-        "CREATE TABLE shards_upgraded {SHARDS_TABLE};
-         INSERT INTO shards_upgraded (tenant_id, id, shard_type_id, deleted, etag, expires, fingerprint, doc)
-             SELECT tenant_id, id, shard_type_id, deleted, etag, {expires}, json_object(
-                        'updatedAt', json_extract(doc, '$.updatedAt'),
-                        'links', json_extract(doc, '$.external_relationships')),
-                    doc
-             FROM shards;
-         DROP TABLE shards;
-         ALTER TABLE shards_upgraded RENAME TO shards;
-         {INDEXES}"
-    ))?;
+    if keys {
+        tx.execute_batch(&format!(
+            "CREATE TABLE shard_keys_upgraded {SHARD_KEYS_TABLE};
+             INSERT INTO shard_keys_upgraded (tenant_id, shard_type_id, name, value, id)
+                 SELECT tenant_id, shard_type_id, name, value, id FROM shard_keys;
+             DROP TABLE shard_keys;
+             ALTER TABLE shard_keys_upgraded RENAME TO shard_keys;"
+        ))?;
+    }
     tx.commit()
+}
+
+/// The first column of `table`'s primary key.
+fn leading_key(conn: &Connection, table: &str) -> rusqlite::Result<String> {
+    conn.query_row(
+        "SELECT name FROM pragma_table_info(?1) WHERE pk = 1",
+        [table],
+        |row| row.get(0),
+    )
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -440,11 +478,19 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
     })
 }
 
-/// Replaces the indexed keys of one shard.
-fn write_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?
-        .execute([&row.tenant_id, &row.id])?;
-    index_keys(&mut conn.prepare_cached(INDEX_KEY)?, row)
+/// The statement that deletes the indexed keys of the shard (tenant, id) as it is stored: run
+/// before its row is replaced, since the keys are read from its document.
+const FORGET_KEYS: &str =
+    "DELETE FROM shard_keys WHERE (tenant_id, shard_type_id, name, value, id) IN
+    (SELECT s.tenant_id, s.shard_type_id, k.key, k.value, s.id
+     FROM shards AS s, json_each(s.doc, '$.dedupKeys') AS k
+     WHERE s.tenant_id = ?1 AND s.id = ?2)";
+
+/// Deletes the indexed keys of the shard `row` is about to replace.
+fn forget_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
+    conn.prepare_cached(FORGET_KEYS)?
+        .execute([&row.tenant_id, &row.id])
+        .map(drop)
 }
 
 /// The statement that indexes one match key of one shard.
@@ -469,7 +515,10 @@ fn decode(doc: &str, etag: String) -> Result<Versioned<Shard>, StoreError> {
     Ok(Versioned { value, etag })
 }
 
+/// Writes one row (`mode` is `INSERT` or `INSERT OR REPLACE`) and its keys, in place of the
+/// keys of the row it replaces.
 fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Result<usize> {
+    forget_keys(conn, row)?;
     let sql = format!(
         "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     );
@@ -483,7 +532,7 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
         row.expires,
         row.fingerprint
     ])?;
-    write_keys(conn, row)?;
+    index_keys(&mut conn.prepare_cached(INDEX_KEY)?, row)?;
     Ok(written)
 }
 
@@ -495,8 +544,7 @@ fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Re
     const COLUMNS: &str = "(tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
     let mut create = conn.prepare_cached(&format!("INSERT INTO shards {COLUMNS}"))?;
     let mut replace = conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {COLUMNS}"))?;
-    let mut forget =
-        conn.prepare_cached("DELETE FROM shard_keys WHERE tenant_id = ?1 AND id = ?2")?;
+    let mut forget = conn.prepare_cached(FORGET_KEYS)?;
     let mut index_key = conn.prepare_cached(INDEX_KEY)?;
     let mut written = 0;
     for row in rows {
@@ -586,13 +634,14 @@ fn query_sql(query: &ShardQuery, now: i64) -> Result<(String, Vec<SqlValue>), St
                 one => Value::Array(vec![one.clone()]).to_string(),
             };
             sql.push_str(
-                " AND id IN (SELECT id FROM shard_keys WHERE tenant_id = ? AND shard_type_id = ?
-                             AND name = ? AND value IN (SELECT value FROM json_each(?)))",
+                " AND id IN (SELECT k.id FROM json_each(?) AS wanted CROSS JOIN shard_keys AS k
+                             WHERE k.tenant_id = ? AND k.shard_type_id = ? AND k.name = ?
+                             AND k.value = wanted.value)",
             );
+            args.push(SqlValue::Text(values));
             args.push(SqlValue::Text(tenant.clone()));
             args.push(SqlValue::Text(query.shard_type_id.clone()));
             args.push(SqlValue::Text(name.to_string()));
-            args.push(SqlValue::Text(values));
             continue;
         }
         match (f.op, &f.value) {
@@ -687,6 +736,8 @@ impl ShardStore for SqliteStore {
         self.with_conn(move |conn| {
             let etag = new_etag();
             let tx = conn.transaction().map_err(unavailable)?;
+            // Undone with the rest when the etag does not match.
+            forget_keys(&tx, &row).map_err(unavailable)?;
             let changed = tx
                 .prepare_cached(
                     "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8,
@@ -707,7 +758,8 @@ impl ShardStore for SqliteStore {
                 ])
                 .map_err(unavailable)?;
             if changed == 1 {
-                write_keys(&tx, &row).map_err(unavailable)?;
+                index_keys(&mut tx.prepare_cached(INDEX_KEY).map_err(unavailable)?, &row)
+                    .map_err(unavailable)?;
                 tx.commit().map_err(unavailable)?;
                 Ok(etag)
             } else {
@@ -733,8 +785,9 @@ impl ShardStore for SqliteStore {
         self.with_conn(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id, doc, etag FROM shards
-                     WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+                    "SELECT s.id, s.doc, s.etag
+                     FROM json_each(?2) AS wanted CROSS JOIN shards AS s
+                     WHERE s.tenant_id = ?1 AND s.id = wanted.value",
                 )
                 .map_err(unavailable)?;
             let mut found = HashMap::with_capacity_and_hasher(ids.len(), IdHasher::default());
@@ -768,8 +821,9 @@ impl ShardStore for SqliteStore {
         self.with_conn(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id, deleted, fingerprint FROM shards
-                     WHERE tenant_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+                    "SELECT s.id, s.deleted, s.fingerprint
+                     FROM json_each(?2) AS wanted CROSS JOIN shards AS s
+                     WHERE s.tenant_id = ?1 AND s.id = wanted.value",
                 )
                 .map_err(unavailable)?;
             let mut found = HashMap::with_capacity_and_hasher(ids.len(), IdHasher::default());
@@ -1049,6 +1103,28 @@ mod tests {
         assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
         let other_tenant = by_key("ann@y.test").in_tenant("t2");
         assert!(store.query(&other_tenant).await.unwrap().is_empty());
+
+        // A replacement refused for its etag keeps the keys; one made takes its own.
+        let etag = store.get("t1", "a").await.unwrap().unwrap().etag;
+        s.dedup_keys = [("email_exact".to_string(), "ann@z.test".to_string())].into();
+        assert!(matches!(
+            store.replace(&s, "stale").await,
+            Err(StoreError::PreconditionFailed)
+        ));
+        assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
+        store.replace(&s, &etag).await.unwrap();
+        assert!(store.query(&by_key("ann@y.test")).await.unwrap().is_empty());
+        assert_eq!(store.query(&by_key("ann@z.test")).await.unwrap().len(), 1);
+
+        // So does a page of writes, beside a shard written for the first time.
+        let mut b = shard("t1", "b", json!({}));
+        b.shard_type_id = "c_contact".into();
+        b.dedup_keys = [("email_exact".to_string(), "bo@x.test".to_string())].into();
+        s.dedup_keys = [("email_exact".to_string(), "ann@w.test".to_string())].into();
+        store.upsert_many(&[s.clone(), b]).await.unwrap();
+        assert!(store.query(&by_key("ann@z.test")).await.unwrap().is_empty());
+        assert_eq!(store.query(&by_key("ann@w.test")).await.unwrap().len(), 1);
+        assert_eq!(store.query(&by_key("bo@x.test")).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -1231,6 +1307,103 @@ mod tests {
         SqliteStore::open(&path).expect("an upgraded store opens as it is");
     }
 
+    #[tokio::test]
+    async fn an_expired_shard_is_purged_with_its_match_keys() {
+        let (_dir, store) = store();
+        let mut s = shard("t1", "a", json!({}));
+        s.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
+        s.ttl = Some(60);
+        let mut kept = shard("t1", "b", json!({}));
+        kept.dedup_keys = [("email_exact".to_string(), "bo@x.test".to_string())].into();
+        store.upsert_many(&[s, kept]).await.unwrap();
+        let later = Utc::now() + chrono::Duration::minutes(2);
+        assert_eq!(store.purge_expired(later).unwrap(), 1);
+        let keys: Vec<String> = store
+            .conn
+            .lock()
+            .unwrap()
+            .prepare("SELECT value FROM shard_keys")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(keys, ["bo@x.test"]);
+    }
+
+    #[tokio::test]
+    async fn a_store_keyed_by_tenant_first_is_rebuilt_keyed_by_what_tells_keys_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let mut ann = shard("t1", "a", json!({"email": "ann@x.test"}));
+        ann.shard_type_id = "c_contact".into();
+        ann.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
+        ann.ttl = Some(3600);
+        {
+            // The layout of the build before: keys led by the tenant, and the match keys
+            // indexed a second time by shard.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE shards (
+                     tenant_id TEXT NOT NULL, id TEXT NOT NULL, shard_type_id TEXT NOT NULL,
+                     deleted INTEGER NOT NULL, etag TEXT NOT NULL, expires INTEGER,
+                     fingerprint TEXT NOT NULL, doc TEXT NOT NULL,
+                     PRIMARY KEY (tenant_id, id)
+                 );
+                 CREATE INDEX shards_by_type ON shards (shard_type_id, tenant_id);
+                 CREATE TABLE shard_keys (
+                     tenant_id TEXT NOT NULL, shard_type_id TEXT NOT NULL, name TEXT NOT NULL,
+                     value TEXT NOT NULL, id TEXT NOT NULL,
+                     PRIMARY KEY (tenant_id, shard_type_id, name, value, id)
+                 ) WITHOUT ROWID;
+                 CREATE INDEX shard_keys_by_shard ON shard_keys (tenant_id, id);",
+            )
+            .unwrap();
+            let row = encode(&ann).unwrap();
+            old.execute(
+                "INSERT INTO shards VALUES ('t1', 'a', 'c_contact', 0, 'etag-1', ?1, ?2, ?3)",
+                rusqlite::params![row.expires, row.fingerprint, row.doc],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO shard_keys VALUES ('t1', 'c_contact', 'email_exact', 'ann@x.test', 'a')",
+                [],
+            )
+            .unwrap();
+        }
+
+        let store = SqliteStore::open(&path).unwrap();
+        {
+            let conn = store.conn.lock().unwrap();
+            assert_eq!(leading_key(&conn, "shards").unwrap(), "id");
+            assert_eq!(leading_key(&conn, "shard_keys").unwrap(), "value");
+            let expires: Option<i64> = conn
+                .query_row("SELECT expires FROM shards", [], |row| row.get(0))
+                .unwrap();
+            assert!(expires.is_some(), "expiry times are kept");
+        }
+        let kept = store.get("t1", "a").await.unwrap().unwrap();
+        assert_eq!((kept.value, kept.etag.as_str()), (ann.clone(), "etag-1"));
+        assert_eq!(
+            store.fingerprints("t1", &["a".to_string()]).await.unwrap(),
+            [Some(ShardFingerprint::of(&ann))]
+        );
+        let by_key = |key: &str| {
+            ShardQuery::of_type("c_contact").in_tenant("t1").filter(
+                "dedupKeys.email_exact",
+                Op::Eq,
+                json!(key),
+            )
+        };
+        assert_eq!(store.query(&by_key("ann@x.test")).await.unwrap().len(), 1);
+        ann.dedup_keys = [("email_exact".to_string(), "ann@y.test".to_string())].into();
+        store.upsert(&ann).await.unwrap();
+        assert!(store.query(&by_key("ann@x.test")).await.unwrap().is_empty());
+        assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
+        drop(store);
+        SqliteStore::open(&path).expect("an upgraded store opens as it is");
+    }
+
     #[test]
     fn a_lookup_by_match_key_reads_its_shards_by_id_not_every_shard_of_the_type() {
         let (_dir, store) = store();
@@ -1251,7 +1424,7 @@ mod tests {
         );
         let found = plan(&by_key);
         assert!(!found.contains("shards_by_type"), "{found}");
-        assert!(found.contains("(tenant_id=? AND id=?)"), "{found}");
+        assert!(found.contains("(id=? AND tenant_id=?)"), "{found}");
 
         let listing = plan(&ShardQuery::of_type("c_contact").in_tenant("t1"));
         assert!(listing.contains("shards_by_type"), "{listing}");
