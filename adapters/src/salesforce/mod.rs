@@ -187,15 +187,22 @@ impl Salesforce {
                     let retry_after = http::retry_after(response.headers(), Utc::now());
                     let bytes = response.bytes().await.unwrap_or_default();
                     if status.is_success() {
-                        let text: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-                        return serde_json::from_slice(text)
+                        let unreadable = |e: &dyn std::fmt::Display| {
+                            ProviderError::new(
+                                ErrorCode::ServiceUnavailable,
+                                format!("Salesforce's answer is unreadable: {e}"),
+                            )
+                        };
+                        // The page checked as UTF-8 at once, rather than each of its
+                        // hundred thousand strings on its own as a byte slice's are.
+                        let text = match std::str::from_utf8(&bytes) {
+                            Ok("") => "null",
+                            Ok(text) => text,
+                            Err(e) => return Err(unreadable(&e)),
+                        };
+                        return serde_json::from_str(text)
                             .map(|body| (body, usage))
-                            .map_err(|e| {
-                                ProviderError::new(
-                                    ErrorCode::ServiceUnavailable,
-                                    format!("Salesforce's answer is unreadable: {e}"),
-                                )
-                            });
+                            .map_err(|e| unreadable(&e));
                     }
                     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                     if status == StatusCode::UNAUTHORIZED && !refreshed {
