@@ -330,16 +330,21 @@ pub fn land_page(
     } in records.iter_mut()
     {
         let own_id = own_shard_id(shard_id, created_from.as_ref(), &shards, mapping);
+        // The match keys of a record with no shard of its own, which looks for a duplicate by
+        // them: a new shard made of its data has these very keys.
+        let mut record_keys = None;
         let target = if shards.contains_key(own_id) {
             Some(own_id.clone())
         } else {
-            rules
-                .map(|r| r.keys(data))
-                .unwrap_or_default()
+            let keys = rules.map(|r| r.keys(data)).unwrap_or_default();
+            let found = keys
                 .iter()
                 .find_map(|(name, key)| by_key.get(&format!("{name}={key}")))
-                .cloned()
+                .cloned();
+            record_keys = Some(keys);
+            found
         };
+        let mut created = false;
         let hash = two_way.is_none().then(|| record_hash(data));
         let shard = match target {
             Some(id) => {
@@ -366,6 +371,7 @@ pub fn land_page(
                 shard
             }
             None if mapping.create_new => shards.entry(own_id.clone()).or_insert_with(|| {
+                created = true;
                 let data = match two_way {
                     Some(_) => data.clone(),
                     None => std::mem::take(data),
@@ -416,12 +422,15 @@ pub fn land_page(
             );
         }
         if let Some(rules) = rules {
-            let keys = rules.keys(
-                shard
-                    .structured_data
-                    .as_object()
-                    .expect("data is an object"),
-            );
+            let keys = match record_keys {
+                Some(keys) if created => keys,
+                _ => rules.keys(
+                    shard
+                        .structured_data
+                        .as_object()
+                        .expect("data is an object"),
+                ),
+            };
             if match_by_key {
                 for (name, key) in &keys {
                     by_key
