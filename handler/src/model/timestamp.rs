@@ -76,7 +76,28 @@ pub fn auto_opt<S: Serializer>(value: &Option<DateTime<Utc>>, s: S) -> Result<S:
 /// `2026-01-01T10:00:00Z`, `…:00.500Z`, `…:00.000250Z` or `…:00.000000001Z`, as chrono writes
 /// a UTC time with `SecondsFormat::AutoSi`; `None` for what only chrono spells (years outside
 /// 0-9999, leap seconds).
-fn auto(dt: &DateTime<Utc>) -> Option<([u8; 30], usize)> {
+fn auto(dt: &DateTime<Utc>) -> Option<Spelled> {
+    // A sync stamps every shard of a page with the same time, several times over: the text of
+    // the last time written on this thread is kept.
+    thread_local! {
+        static LAST: std::cell::Cell<Option<(DateTime<Utc>, Spelled)>> =
+            const { std::cell::Cell::new(None) };
+    }
+    if let Some((last, text)) = LAST.get()
+        && last == *dt
+    {
+        return Some(text);
+    }
+    let text = spell(dt)?;
+    LAST.set(Some((*dt, text)));
+    Some(text)
+}
+
+/// A time's text, in a buffer of the longest, and its length.
+type Spelled = ([u8; 30], usize);
+
+/// [`auto`]'s text, spelled out.
+fn spell(dt: &DateTime<Utc>) -> Option<Spelled> {
     fn digits(out: &mut [u8], mut value: u32) {
         for digit in out.iter_mut().rev() {
             *digit = b'0' + (value % 10) as u8;
@@ -296,6 +317,10 @@ mod tests {
                     + chrono::Duration::nanoseconds(nanos.into()),
             );
         }
+        // The same time again, between others and after one only chrono spells: the text
+        // kept for the last time written is that time's.
+        let (far, leap) = (times[3], times[5]);
+        times.extend([base, base, far, base, leap, leap, base]);
         for t in times {
             assert_eq!(
                 serde_json::to_string(&Fast(Some(t))).unwrap(),

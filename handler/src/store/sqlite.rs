@@ -452,11 +452,18 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
     )
     .map_err(corrupt)?;
     let doc = String::from_utf8(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let fingerprint = serde_json::to_string(&StoredFingerprint {
-        updated_at: shard.updated_at,
-        links: Some(&*links),
-    })
+    // Room for the links and a timestamp, so that the text is not copied as it grows.
+    let mut fingerprint = Vec::with_capacity(links.get().len() + 64);
+    serde_json::to_writer(
+        &mut fingerprint,
+        &StoredFingerprint {
+            updated_at: shard.updated_at,
+            links: Some(&*links),
+        },
+    )
     .map_err(corrupt)?;
+    let fingerprint =
+        String::from_utf8(fingerprint).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let keys = shard
         .dedup_keys
         .iter()
