@@ -436,6 +436,12 @@ impl serde::Serialize for Document<'_> {
     }
 }
 
+/// Rows a batch of [`SqliteStore::upsert_many`] hands from the encoder to the writer, and how
+/// many batches may wait for it: enough that the writer never waits, few enough that a page's
+/// documents are not all held at once.
+const ROWS_PER_BATCH: usize = 200;
+const BATCHES_IN_FLIGHT: usize = 2;
+
 /// Room for a typical document, so that writing one does not grow its buffer again and again.
 const DOCUMENT_CAPACITY: usize = 1024;
 
@@ -856,17 +862,19 @@ impl ShardStore for SqliteStore {
     }
 
     /// Encoding the documents takes about as long as SQLite takes to write them, so the two
-    /// overlap: the writer, on its blocking thread, inserts each row as soon as it is encoded
-    /// here, and commits once it has them all.
+    /// overlap: the writer, on its blocking thread, inserts each batch of rows as soon as it is
+    /// encoded here, and commits once it has them all. A few batches at most wait between the
+    /// two, so a page's encoded documents are never all in memory at once.
     async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
         if shards.is_empty() {
             return Ok(Vec::new());
         }
         let expected = shards.len();
-        let (encoded, rows) = std::sync::mpsc::channel();
+        let (encoded, mut batches) = tokio::sync::mpsc::channel::<Vec<Row>>(BATCHES_IN_FLIGHT);
         let writing = self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            let written = write_all(&tx, rows.iter()).map_err(unavailable)?;
+            let rows = std::iter::from_fn(|| batches.blocking_recv()).flatten();
+            let written = write_all(&tx, rows).map_err(unavailable)?;
             // A row short: encoding a shard failed, and the caller is told so. Nothing is
             // written.
             if written == expected {
@@ -875,16 +883,19 @@ impl ShardStore for SqliteStore {
             Ok(())
         });
         let mut unencodable = None;
-        for shard in shards {
-            let row = match encode(shard) {
-                Ok(row) => row,
-                Err(e) => {
-                    unencodable = Some(e);
-                    break;
+        for chunk in shards.chunks(ROWS_PER_BATCH) {
+            let mut batch = Vec::with_capacity(chunk.len());
+            for shard in chunk {
+                match encode(shard) {
+                    Ok(row) => batch.push(row),
+                    Err(e) => {
+                        unencodable = Some(e);
+                        break;
+                    }
                 }
-            };
+            }
             // Sending fails only when the writer has stopped; it says why.
-            if encoded.send(row).is_err() {
+            if encoded.send(batch).await.is_err() || unencodable.is_some() {
                 break;
             }
         }
@@ -1152,6 +1163,23 @@ mod tests {
         let found = store.query(&query).await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].value.id, "a");
+    }
+
+    #[tokio::test]
+    async fn a_page_of_many_batches_is_written_whole() {
+        let (_dir, store) = store();
+        let page: Vec<Shard> = (0..ROWS_PER_BATCH * (BATCHES_IN_FLIGHT + 3) + 7)
+            .map(|i| shard("t1", &format!("s{i:05}"), json!({"n": i})))
+            .collect();
+        assert!(store.upsert_many(&page).await.unwrap().is_empty());
+        let ids: Vec<String> = page.iter().map(|s| s.id.clone()).collect();
+        let read = store.get_many("t1", &ids).await.unwrap();
+        assert!(
+            read.iter()
+                .zip(&page)
+                .all(|(read, written)| read.as_ref().map(|r| &r.value) == Some(written)),
+            "every shard of the page, as written"
+        );
     }
 
     #[tokio::test]
