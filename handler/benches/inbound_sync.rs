@@ -53,8 +53,9 @@
 //! N is committed (its reads must see what N wrote), so per page it waits for the last of the
 //! inserts, the commit and the checkpoint (3 to 6 ms of a 2,000-record page's 15 to 23),
 //! mapping the next page meanwhile. The SQLite write is a third of the CPU: about 3 µs a row
-//! for the table, its two indexes and, for contacts, the match-key index, then the log's copy
-//! into the database on the checkpoint thread.
+//! for the table, its two indexes and, for contacts, the match-key table, then the log's copy
+//! into the database on the checkpoint thread. (The table above was taken before the keys
+//! were reordered; see the instruction figures below.)
 //!
 //! The sync's own thread is the one to relieve: per 2,000 contacts it spends about 11 ms
 //! preparing a page (match-key lookup 2, landing 5, content hashes 3) before the write can
@@ -67,8 +68,9 @@
 //! every few megabytes rather than every page, or a lower priority for the checkpoint thread
 //! changed nothing measurable.
 //!
-//! The limit is the CPU, not the order of the work. A full sync costs the handler 118-128 ms of
-//! CPU on its threads for 96-105 ms of wall time, so the two cores are busy most of the time:
+//! The limit is the CPU, not the order of the work. A full sync costs the handler 126-136 ms of
+//! CPU on its threads for 103-112 ms of wall time (on a day the no-engine baseline took
+//! 0.054-0.057 s), so the two cores are busy most of the time:
 //! while the sync's thread plans a page, the other core copies the log into the database and
 //! fetches the next page. Measured against this engine, alternating runs, with no gain: hashing
 //! a page's records and shards on two threads (the second thread finds no idle core); the
@@ -77,13 +79,31 @@
 //! pause (the sync's own CPU 10% lower, but the sync after it pays the copies: the two together
 //! cost the same). A ratio of 1.5 needs about a quarter less CPU per record.
 //!
+//! A third of that CPU is the kernel's (`/proc/<pid>/stat`: about 120 ms of user and 60 ms of
+//! system time per handler process, for its start, a full sync and a re-run). Much of it is page
+//! faults: about 20,000 a process, half of them on memory mimalloc returned to the system
+//! 2 ms after it was freed and a later page then touched again. Returning it after 100 ms
+//! instead halves the faults and takes 14% off the full sync, but a 100,000-record sync then
+//! peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing page
+//! data on the sync's own thread rather than a blocking one changed neither.
+//!
 //! Instructions, from callgrind (`BENCH_RUNS=1`, a full sync and its re-run, the whole handler
-//! process), say where that CPU goes and repeat to a fraction of a percent: 1,157 M in all, of
-//! which the SQLite statements about 410 M (the match-key index alone 87 M), encoding rows
-//! 126 M, reading and parsing Salesforce's pages 118 M, mapping 53 M, landing 42 M, the record
-//! and content hashes 63 M, and freeing page data about 60 M. They were 1,365 M before the
-//! page maps were hashed with foldhash (-46 M), query records were read without their
-//! `attributes` (-50 M), a new shard's row stopped looking up old index keys (-34 M), a row's
+//! process), say where that CPU goes and repeat to a fraction of a percent: 959 M in all, of
+//! which the SQLite statements 264 M (the match-key inserts 41 M), reading and parsing
+//! Salesforce's pages 128 M, encoding rows 115 M, mapping 70 M, landing 58 M (its record
+//! hashes 15 M), change detection 49 M (its content hashes 30 M) and the re-run's record
+//! hashes 15 M. JSON string escaping, in every serialization, is the largest single function
+//! (65 M). They were 1,158 M before lookups by a page of ids or keys joined the JSON array of
+//! them rather than building a temporary b-tree of it (-56 M), the primary keys led with the
+//! column that tells keys apart instead of the tenant, which every comparison found equal
+//! (-68 M), the match keys lost their second index by shard (-29 M), Salesforce's pages were
+//! checked as UTF-8 once rather than string by string (-17 M), a new shard took the match keys
+//! its record was looked up by (-11 M), the last timestamp's text was kept (-10 M) and a page's
+//! rows went to the writer in batches rather than one by one (-10 M).
+//!
+//! Before that they were 1,365 M; then the page maps were hashed with foldhash (-46 M),
+//! query records were read without their `attributes` (-50 M), a new shard's row stopped
+//! looking up old index keys (-34 M), a row's
 //! links were serialized once for the document and the fingerprint (-25 M), Salesforce's
 //! timestamps and the etags were written without `format!` (-24 M), field mappings stopped
 //! collecting their outputs (-11 M), shard ids were scanned by byte (-10 M) and the match-key
