@@ -16,7 +16,8 @@
 //! * a full sync of 10,000 records (5,000 accounts, 5,000 contacts; split-name mapping,
 //!   deduplication on email): wall time and records/s, median of five runs;
 //! * a re-run with nothing changed: wall time (and that it wrote nothing);
-//! * the handler's peak RSS, and the CPU time it spent on each (a consumption plan bills it);
+//! * the handler's peak RSS, and the CPU time it spent on each (a consumption plan bills it),
+//!   with the kernel's part of that time and the page faults;
 //! * the same 10,000 records fetched, parsed and written to the store with no engine around
 //!   them (no mapping, dedup, content checks or checkpoints), and the ratio of the two;
 //! * the loopback Salesforce's own time per page, read over HTTP with nothing done with it;
@@ -79,10 +80,9 @@
 //! pause (the sync's own CPU 10% lower, but the sync after it pays the copies: the two together
 //! cost the same). A ratio of 1.5 needs about a quarter less CPU per record.
 //!
-//! A third of that CPU is the kernel's (`/proc/<pid>/stat`: about 120 ms of user and 60 ms of
-//! system time per handler process, for its start, a full sync and a re-run). Much of it is page
-//! faults: about 20,000 a process, half of them on memory mimalloc returned to the system
-//! 2 ms after it was freed and a later page then touched again. Returning it after 100 ms
+//! A third of that CPU is the kernel's (this benchmark prints it: 40 of a full sync's 120 ms,
+//! with 13,700 page faults, and 12 of a re-run's 46 ms). Much of it is page faults on memory
+//! mimalloc returned to the system 2 ms after it was freed and a later page then touched again. Returning it after 100 ms
 //! instead halves the faults and takes 14% off the full sync, but a 100,000-record sync then
 //! peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing page
 //! data on the sync's own thread rather than a blocking one changed neither.
@@ -419,20 +419,23 @@ impl Handler {
         elapsed
     }
 
-    /// CPU time the handler has used, on all its threads, in milliseconds (the kernel counts
-    /// it in ticks of 10 ms, so a figure needs several runs).
-    fn cpu_ms(&self) -> f64 {
+    /// What the handler has used so far, on all its threads.
+    fn usage(&self) -> Usage {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // The fields after the command name, which is in parentheses: utime and stime are the
-        // 12th and 13th.
-        let fields: Vec<&str> = stat
+        // The fields after the command name, which is in parentheses: minflt is the 8th, utime
+        // and stime the 12th and 13th (in ticks of 10 ms).
+        let fields: Vec<f64> = stat
             .rsplit_once(')')
             .unwrap()
             .1
             .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0.0))
             .collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks * 10.0
+        Usage {
+            cpu_ms: (fields[11] + fields[12]) * 10.0,
+            kernel_ms: fields[12] * 10.0,
+            page_faults: fields[7],
+        }
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -444,6 +447,35 @@ impl Handler {
             .and_then(|v| v.parse().ok())
             .unwrap();
         kib / 1024.0
+    }
+}
+
+/// CPU time (the kernel counts it in ticks of 10 ms, so a figure needs several runs), the
+/// kernel's part of it, and page faults: memory the process touched for the first time or again
+/// after its allocator gave it back.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu_ms: f64,
+    kernel_ms: f64,
+    page_faults: f64,
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, before: Usage) -> Usage {
+        Usage {
+            cpu_ms: self.cpu_ms - before.cpu_ms,
+            kernel_ms: self.kernel_ms - before.kernel_ms,
+            page_faults: self.page_faults - before.page_faults,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Usage) {
+        self.cpu_ms += other.cpu_ms;
+        self.kernel_ms += other.kernel_ms;
+        self.page_faults += other.page_faults;
     }
 }
 
@@ -617,15 +649,15 @@ async fn salesforce_10k() {
     let mut fulls = Vec::new();
     let mut reruns = Vec::new();
     let mut rss: f64 = 0.0;
-    let (mut full_cpu, mut rerun_cpu) = (0.0, 0.0);
+    let (mut full_use, mut rerun_use) = (Usage::default(), Usage::default());
     let runs = runs();
     for run in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         prepare(dir.path(), integration(&fake), fake.credentials()).await;
         let handler = Handler::start(dir.path());
-        let before = handler.cpu_ms();
+        let before = handler.usage();
         fulls.push(handler.sync("bench-full", "full_sync"));
-        full_cpu += handler.cpu_ms() - before;
+        full_use += handler.usage() - before;
         let stats = last_stats(dir.path(), "bench-full").await;
         if run == 0 {
             println!(
@@ -634,9 +666,9 @@ async fn salesforce_10k() {
                 stats["recordsFetched"], stats["shardsCreated"], stats["shardsUpdated"]
             );
         }
-        let before = handler.cpu_ms();
+        let before = handler.usage();
         reruns.push(handler.sync("bench-rerun", "full_sync"));
-        rerun_cpu += handler.cpu_ms() - before;
+        rerun_use += handler.usage() - before;
         let stats = last_stats(dir.path(), "bench-rerun").await;
         let writes =
             stats["shardsCreated"].as_u64().unwrap() + stats["shardsUpdated"].as_u64().unwrap();
@@ -657,10 +689,18 @@ async fn salesforce_10k() {
         reruns[0].as_secs_f64()
     );
     println!("  handler peak RSS: {rss:.1} MiB");
+    let n = runs as f64;
     println!(
         "  handler CPU time, all threads: {:.0} ms per full sync, {:.0} ms per re-run (mean of {runs})",
-        full_cpu / runs as f64,
-        rerun_cpu / runs as f64
+        full_use.cpu_ms / n,
+        rerun_use.cpu_ms / n
+    );
+    println!(
+        "  of which in the kernel: {:.0} ms and {:.0} ms; page faults: {:.0} and {:.0}",
+        full_use.kernel_ms / n,
+        rerun_use.kernel_ms / n,
+        full_use.page_faults / n,
+        rerun_use.page_faults / n
     );
 
     let mut floors = Vec::new();
