@@ -52,11 +52,11 @@
 //!
 //! A full sync keeps about 1.2 of the 2 cores busy: the sync's thread lands page N+1 only once page
 //! N is committed (its reads must see what N wrote), so per page it waits for the last of the
-//! inserts, the commit and the checkpoint (3 to 6 ms of a 2,000-record page's 15 to 23),
-//! mapping the next page meanwhile. The SQLite write is a third of the CPU: about 3 µs a row
-//! for the table, its two indexes and, for contacts, the match-key table, then the log's copy
-//! into the database on the checkpoint thread. (The table above was taken before the keys
-//! were reordered; see the instruction figures below.)
+//! inserts, the commit and the checkpoint (3 to 6 ms of a 2,000-record page's 15 to 23), mapping
+//! the next page meanwhile. The SQLite write is a third of the CPU: about 3 µs a row for the table,
+//! its two indexes and, for contacts, the match-key table, then the log's copy into the database on
+//! the checkpoint thread. (The table above was taken before the keys were reordered; see the
+//! instruction figures below.)
 //!
 //! The sync's own thread is the one to relieve: per 2,000 contacts it spends about 11 ms
 //! preparing a page (match-key lookup 2, landing 5, content hashes 3) before the write can
@@ -69,39 +69,39 @@
 //! every few megabytes rather than every page, or a lower priority for the checkpoint thread
 //! changed nothing measurable.
 //!
-//! The limit is the CPU, not the order of the work. A full sync costs the handler 126-136 ms of
-//! CPU on its threads for 103-112 ms of wall time (on a day the no-engine baseline took
-//! 0.054-0.057 s), so the two cores are busy most of the time:
-//! while the sync's thread plans a page, the other core copies the log into the database and
-//! fetches the next page. Measured against this engine, alternating runs, with no gain: hashing
-//! a page's records and shards on two threads (the second thread finds no idle core); the
-//! next-page overlap again (6% less wall time, 4 MiB more memory, a slower re-run); a sync in a
-//! process that has synced before (no faster than the first); checkpoints deferred until writes
-//! pause (the sync's own CPU 10% lower, but the sync after it pays the copies: the two together
-//! cost the same). A ratio of 1.5 needs about a quarter less CPU per record.
+//! The limit is the CPU, not the order of the work. A full sync costs the handler 126-136 ms of CPU
+//! on its threads for 103-112 ms of wall time (on a day the no-engine baseline took 0.054-0.057 s),
+//! so the two cores are busy most of the time: while the sync's thread plans a page, the other core
+//! copies the log into the database and fetches the next page. Measured against this engine,
+//! alternating runs, with no gain: hashing a page's records and shards on two threads (the second
+//! thread finds no idle core); the next-page overlap again (6% less wall time, 4 MiB more memory, a
+//! slower re-run); a sync in a process that has synced before (no faster than the first);
+//! checkpoints deferred until writes pause (the sync's own CPU 10% lower, but the sync after it
+//! pays the copies: the two together cost the same). A ratio of 1.5 needs about a quarter less CPU
+//! per record.
 //!
-//! A third of that CPU is the kernel's (this benchmark prints it: 40 of a full sync's 120 ms,
-//! with 13,700 page faults, and 12 of a re-run's 46 ms). Much of it is page faults on memory
-//! mimalloc returned to the system 2 ms after it was freed and a later page then touched again. Returning it after 100 ms
-//! instead halves the faults and takes 14% off the full sync, but a 100,000-record sync then
-//! peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing page
-//! data on the sync's own thread rather than a blocking one changed neither.
+//! A third of that CPU is the kernel's (this benchmark prints it: 40 of a full sync's 120 ms, with
+//! 13,700 page faults, and 12 of a re-run's 46 ms). Much of it is page faults on memory mimalloc
+//! returned to the system 2 ms after it was freed and a later page then touched again. Returning it
+//! after 100 ms instead halves the faults and takes 14% off the full sync, but a 100,000-record
+//! sync then peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing
+//! page data on the sync's own thread rather than a blocking one changed neither.
 //!
 //! Instructions, from callgrind (`BENCH_RUNS=1`, a full sync and its re-run, the whole handler
-//! process), say where that CPU goes and repeat to a fraction of a percent: 959 M in all, of
-//! which the SQLite statements 264 M (the match-key inserts 41 M), reading and parsing
-//! Salesforce's pages 128 M, encoding rows 115 M, mapping 70 M, landing 58 M (its record
-//! hashes 15 M), change detection 49 M (its content hashes 30 M) and the re-run's record
-//! hashes 15 M. JSON string escaping, in every serialization, is the largest single function
-//! (65 M); but a writer of our own for the fingerprints' texts, checking eight bytes at a time
-//! for characters to escape, measured no gain: their cost is FNV-1a's multiply per byte, which
-//! the stored fingerprints fix. They were 1,158 M before lookups by a page of ids or keys joined the JSON array of
-//! them rather than building a temporary b-tree of it (-56 M), the primary keys led with the
-//! column that tells keys apart instead of the tenant, which every comparison found equal
-//! (-68 M), the match keys lost their second index by shard (-29 M), Salesforce's pages were
-//! checked as UTF-8 once rather than string by string (-17 M), a new shard took the match keys
-//! its record was looked up by (-11 M), the last timestamp's text was kept (-10 M) and a page's
-//! rows went to the writer in batches rather than one by one (-10 M).
+//! process), say where that CPU goes and repeat to a fraction of a percent: 959 M in all, of which
+//! the SQLite statements 264 M (the match-key inserts 41 M), reading and parsing Salesforce's pages
+//! 128 M, encoding rows 115 M, mapping 70 M, landing 58 M (its record hashes 15 M), change
+//! detection 49 M (its content hashes 30 M) and the re-run's record hashes 15 M. JSON string
+//! escaping, in every serialization, is the largest single function (65 M); but a writer of our own
+//! for the fingerprints' texts, checking eight bytes at a time for characters to escape, measured
+//! no gain: their cost is FNV-1a's multiply per byte, which the stored fingerprints fix. They were
+//! 1,158 M before lookups by a page of ids or keys joined the JSON array of them rather than
+//! building a temporary b-tree of it (-56 M), the primary keys led with the column that tells keys
+//! apart instead of the tenant, which every comparison found equal (-68 M), the match keys lost
+//! their second index by shard (-29 M), Salesforce's pages were checked as UTF-8 once rather than
+//! string by string (-17 M), a new shard took the match keys its record was looked up by (-11 M),
+//! the last timestamp's text was kept (-10 M) and a page's rows went to the writer in batches
+//! rather than one by one (-10 M).
 //!
 //! Before that they were 1,365 M; then the page maps were hashed with foldhash (-46 M),
 //! query records were read without their `attributes` (-50 M), a new shard's row stopped
@@ -111,22 +111,22 @@
 //! collecting their outputs (-11 M), shard ids were scanned by byte (-10 M) and the match-key
 //! insert was prepared once per batch (-9 M).
 //!
-//! Before landing moved records' data into the shards it creates (and made room for them at
-//! once) and timestamps were written without chrono's formatter, the same profile put 16 ms in
-//! landing and 21 ms in serialisation. Before the next page was mapped while this one was
-//! written, the next entity's first page fetched ahead and SQLite allocated through mimalloc
-//! (without the lock its memory statistics took), a full sync took 0.145 s. Before the store read and wrote in batches without copies, the content hash streamed, unchanged
-//! records were told from fingerprints and mimalloc was the allocator, a profile of a
-//! 100,000-record sync put 33% of the CPU in the SQLite write path (a read lock taken per
-//! shard, a copy of every shard to encode), 13% in freeing page data, 9% in HTTP and JSON
-//! (every record read into a document, then copied out), 7% each in the content hash (which
-//! built its text in memory) and landing (which copied every stored shard's data), and 31% of
-//! all samples inside glibc's malloc and free; a re-run decoded and landed every stored shard.
-//! The shards table had no rowids, which put whole documents in its b-tree's interior pages:
-//! finding one shard read parts of others by `pread`, 15 reads a lookup. The loopback
-//! Salesforce, which projected a query's 5,000 rows before answering, took 10-15 ms over the
-//! first page of each entity; it now serves a page in about 1 ms, a few percent of what the
-//! engine spends on it.
+//! Before landing moved records' data into the shards it creates (and made room for them at once)
+//! and timestamps were written without chrono's formatter, the same profile put 16 ms in landing
+//! and 21 ms in serialisation. Before the next page was mapped while this one was written, the next
+//! entity's first page fetched ahead and SQLite allocated through mimalloc (without the lock its
+//! memory statistics took), a full sync took 0.145 s. Before the store read and wrote in batches
+//! without copies, the content hash streamed, unchanged records were told from fingerprints and
+//! mimalloc was the allocator, a profile of a 100,000-record sync put 33% of the CPU in the SQLite
+//! write path (a read lock taken per shard, a copy of every shard to encode), 13% in freeing page
+//! data, 9% in HTTP and JSON (every record read into a document, then copied out), 7% each in the
+//! content hash (which built its text in memory) and landing (which copied every stored shard's
+//! data), and 31% of all samples inside glibc's malloc and free; a re-run decoded and landed every
+//! stored shard. The shards table had no rowids, which put whole documents in its b-tree's interior
+//! pages: finding one shard read parts of others by `pread`, 15 reads a lookup. The loopback
+//! Salesforce, which projected a query's 5,000 rows before answering, took 10-15 ms over the first
+//! page of each entity; it now serves a page in about 1 ms, a few percent of what the engine spends
+//! on it.
 
 #[path = "../../tests/api/fake_dynamics.rs"]
 #[allow(dead_code)]
