@@ -100,10 +100,6 @@ impl<D: Dialect> Api<D> {
         Self { dialect, limiter }
     }
 
-    fn http(&self) -> &'static reqwest::Client {
-        crate::http::client()
-    }
-
     /// Refreshes `conn`'s access token (one refresh per integration at a time, stored before
     /// use) and returns when it expires.
     pub async fn refresh(
@@ -112,7 +108,7 @@ impl<D: Dialect> Api<D> {
     ) -> Result<Option<DateTime<Utc>>, ProviderError> {
         let token = self.dialect.token_request(conn);
         let retry = conn.retry;
-        let http = self.http();
+        let client = http::client();
         crate::credentials::refresh(conn, |credentials| {
             let grant = token
                 .grant
@@ -123,7 +119,7 @@ impl<D: Dialect> Api<D> {
                 extra: &token.extra,
                 client_auth: token.client_auth,
             };
-            async move { oauth::exchange(http, &request, credentials, retry).await }
+            async move { oauth::exchange(client, &request, credentials, retry).await }
         })
         .await?;
         Ok(conn
@@ -159,8 +155,7 @@ impl<D: Dialect> Api<D> {
                         .unwrap_or_default()
                 ),
             };
-            let mut request = self
-                .http()
+            let mut request = http::client()
                 .request(method.clone(), url)
                 .header("Authorization", authorization)
                 .header("Accept", "application/json");

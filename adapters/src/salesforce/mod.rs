@@ -62,10 +62,6 @@ impl Salesforce {
         }
     }
 
-    fn http(&self) -> &'static reqwest::Client {
-        crate::http::client()
-    }
-
     fn login_host(conn: &Connection) -> String {
         match conn.setting("loginHost") {
             None | Some("production") => "https://login.salesforce.com".into(),
@@ -85,7 +81,7 @@ impl Salesforce {
     async fn refresh(&self, conn: &mut Connection) -> Result<(), ProviderError> {
         let url = format!("{}/services/oauth2/token", Self::login_host(conn));
         let retry = conn.retry;
-        let http = self.http();
+        let client = http::client();
         self.limiter.acquire(&conn.integration_id).await;
         // Salesforce's answer has no `expires_in`: the token expires silently, after the session
         // timeout the org sets. It names the instance to call from now on (`instance_url`).
@@ -98,7 +94,7 @@ impl Salesforce {
                     extra: &[],
                     client_auth: ClientAuth::Form,
                 };
-                oauth::exchange(http, &request, credentials, retry).await
+                oauth::exchange(client, &request, credentials, retry).await
             }
         })
         .await
@@ -157,8 +153,7 @@ impl Salesforce {
                 .unwrap_or_default()
                 .trim_end_matches('/');
             let token = conn.credentials.get("access_token").unwrap_or_default();
-            let mut request = self
-                .http()
+            let mut request = http::client()
                 .request(method.clone(), format!("{instance}{path_and_query}"))
                 .bearer_auth(token)
                 .header("Accept", "application/json");
