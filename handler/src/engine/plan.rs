@@ -331,7 +331,7 @@ pub fn land_page(
     {
         let own_id = own_shard_id(shard_id, created_from.as_ref(), &shards, mapping);
         // The match keys of a record with no shard of its own, which looks for a duplicate by
-        // them: a new shard made of its data has these very keys.
+        // them: a new shard made of its data takes these very keys.
         let mut record_keys = None;
         let target = if shards.contains_key(own_id) {
             Some(own_id.clone())
@@ -344,7 +344,7 @@ pub fn land_page(
             record_keys = Some(keys);
             found
         };
-        let mut created = false;
+        let mut new_shard_keys = None;
         let hash = two_way.is_none().then(|| record_hash(data));
         let shard = match target {
             Some(id) => {
@@ -371,7 +371,7 @@ pub fn land_page(
                 shard
             }
             None if mapping.create_new => shards.entry(own_id.clone()).or_insert_with(|| {
-                created = true;
+                new_shard_keys = record_keys.take();
                 let data = match two_way {
                     Some(_) => data.clone(),
                     None => std::mem::take(data),
@@ -422,15 +422,14 @@ pub fn land_page(
             );
         }
         if let Some(rules) = rules {
-            let keys = match record_keys {
-                Some(keys) if created => keys,
-                _ => rules.keys(
+            let keys = new_shard_keys.unwrap_or_else(|| {
+                rules.keys(
                     shard
                         .structured_data
                         .as_object()
                         .expect("data is an object"),
-                ),
-            };
+                )
+            });
             if match_by_key {
                 for (name, key) in &keys {
                     by_key
