@@ -528,13 +528,14 @@ fn decode(doc: &str, etag: String) -> Result<Versioned<Shard>, StoreError> {
     Ok(Versioned { value, etag })
 }
 
+/// The columns and values of a row's insert, after `INSERT INTO shards` (or `INSERT OR REPLACE`).
+const ROW_VALUES: &str = "(tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
 /// Writes one row (`mode` is `INSERT` or `INSERT OR REPLACE`) and its keys, in place of the
 /// keys of the row it replaces.
 fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Result<usize> {
     forget_keys(conn, row)?;
-    let sql = format!(
-        "{mode} INTO shards (tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-    );
+    let sql = format!("{mode} INTO shards {ROW_VALUES}");
     let written = conn.prepare_cached(&sql)?.execute(rusqlite::params![
         row.tenant_id,
         row.id,
@@ -554,9 +555,9 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
 /// row has no index keys either, so only one that was there (the insert refused) has its old
 /// keys deleted before its row is replaced. A full sync of new records looks up no keys.
 fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Result<usize> {
-    const COLUMNS: &str = "(tenant_id, id, shard_type_id, deleted, etag, doc, expires, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-    let mut create = conn.prepare_cached(&format!("INSERT INTO shards {COLUMNS}"))?;
-    let mut replace = conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {COLUMNS}"))?;
+    let mut create = conn.prepare_cached(&format!("INSERT INTO shards {ROW_VALUES}"))?;
+    let mut replace =
+        conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {ROW_VALUES}"))?;
     let mut forget = conn.prepare_cached(FORGET_KEYS)?;
     let mut index_key = conn.prepare_cached(INDEX_KEY)?;
     let mut written = 0;
@@ -945,6 +946,7 @@ mod tests {
     use crate::model::timestamp;
     use chrono::{TimeZone, Utc};
     use serde_json::json;
+    use std::collections::BTreeMap;
 
     fn shard(tenant: &str, id: &str, data: Value) -> Shard {
         serde_json::from_value(json!({
@@ -952,6 +954,29 @@ mod tests {
             "structuredData": data
         }))
         .unwrap()
+    }
+
+    /// The match keys of a contact with `email`.
+    fn email_key(email: &str) -> BTreeMap<String, String> {
+        [("email_exact".to_string(), email.to_string())].into()
+    }
+
+    /// A contact of `tenant` with `email`, its match key.
+    fn contact(tenant: &str, id: &str, email: &str) -> Shard {
+        let mut s = shard(tenant, id, json!({"email": email}));
+        s.shard_type_id = "c_contact".into();
+        s.dedup_keys = email_key(email);
+        s
+    }
+
+    /// How many of `tenant`'s contacts the store finds by the match key `email`.
+    async fn found_by_email(store: &SqliteStore, tenant: &str, email: &str) -> usize {
+        let query = ShardQuery::of_type("c_contact").in_tenant(tenant).filter(
+            "dedupKeys.email_exact",
+            Op::In,
+            json!([email]),
+        );
+        store.query(&query).await.unwrap().len()
     }
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
@@ -1100,58 +1125,49 @@ mod tests {
     #[tokio::test]
     async fn indexed_match_keys_follow_their_shards() {
         let (_dir, store) = store();
-        let mut s = shard("t1", "a", json!({}));
-        s.shard_type_id = "c_contact".into();
-        s.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
+        let mut s = contact("t1", "a", "ann@x.test");
         store.upsert(&s).await.unwrap();
-        let by_key = |key: &str| {
-            ShardQuery::of_type("c_contact").in_tenant("t1").filter(
-                "dedupKeys.email_exact",
-                Op::In,
-                json!([key, "other@x.test"]),
-            )
-        };
-        assert_eq!(store.query(&by_key("ann@x.test")).await.unwrap().len(), 1);
-        s.dedup_keys = [("email_exact".to_string(), "ann@y.test".to_string())].into();
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 1);
+        s.dedup_keys = email_key("ann@y.test");
         store.upsert(&s).await.unwrap();
-        assert!(
-            store.query(&by_key("ann@x.test")).await.unwrap().is_empty(),
+        assert_eq!(
+            found_by_email(&store, "t1", "ann@x.test").await,
+            0,
             "old key dropped"
         );
-        assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
-        let other_tenant = by_key("ann@y.test").in_tenant("t2");
-        assert!(store.query(&other_tenant).await.unwrap().is_empty());
+        assert_eq!(found_by_email(&store, "t1", "ann@y.test").await, 1);
+        assert_eq!(found_by_email(&store, "t2", "ann@y.test").await, 0);
 
         // A replacement refused for its etag keeps the keys; one made takes its own.
         let etag = store.get("t1", "a").await.unwrap().unwrap().etag;
-        s.dedup_keys = [("email_exact".to_string(), "ann@z.test".to_string())].into();
+        s.dedup_keys = email_key("ann@z.test");
         assert!(matches!(
             store.replace(&s, "stale").await,
             Err(StoreError::PreconditionFailed)
         ));
-        assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
+        assert_eq!(found_by_email(&store, "t1", "ann@y.test").await, 1);
         store.replace(&s, &etag).await.unwrap();
-        assert!(store.query(&by_key("ann@y.test")).await.unwrap().is_empty());
-        assert_eq!(store.query(&by_key("ann@z.test")).await.unwrap().len(), 1);
+        assert_eq!(found_by_email(&store, "t1", "ann@y.test").await, 0);
+        assert_eq!(found_by_email(&store, "t1", "ann@z.test").await, 1);
 
         // So does a page of writes, beside a shard written for the first time.
-        let mut b = shard("t1", "b", json!({}));
-        b.shard_type_id = "c_contact".into();
-        b.dedup_keys = [("email_exact".to_string(), "bo@x.test".to_string())].into();
-        s.dedup_keys = [("email_exact".to_string(), "ann@w.test".to_string())].into();
-        store.upsert_many(&[s.clone(), b]).await.unwrap();
-        assert!(store.query(&by_key("ann@z.test")).await.unwrap().is_empty());
-        assert_eq!(store.query(&by_key("ann@w.test")).await.unwrap().len(), 1);
-        assert_eq!(store.query(&by_key("bo@x.test")).await.unwrap().len(), 1);
+        s.dedup_keys = email_key("ann@w.test");
+        store
+            .upsert_many(&[s.clone(), contact("t1", "b", "bo@x.test")])
+            .await
+            .unwrap();
+        assert_eq!(found_by_email(&store, "t1", "ann@z.test").await, 0);
+        assert_eq!(found_by_email(&store, "t1", "ann@w.test").await, 1);
+        assert_eq!(found_by_email(&store, "t1", "bo@x.test").await, 1);
     }
 
     #[tokio::test]
     async fn a_lookup_by_more_match_keys_than_a_statement_takes_parameters_finds_its_shards() {
         let (_dir, store) = store();
-        let mut s = shard("t1", "a", json!({}));
-        s.shard_type_id = "c_contact".into();
-        s.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
-        store.upsert(&s).await.unwrap();
+        store
+            .upsert(&contact("t1", "a", "ann@x.test"))
+            .await
+            .unwrap();
         // SQLite refuses a statement of more than 32,766 parameters.
         let mut keys: Vec<Value> = (0..40_000).map(|i| json!(format!("c{i}@x.test"))).collect();
         keys.push(json!("ann@x.test"));
@@ -1186,9 +1202,7 @@ mod tests {
     async fn pages_of_shards_are_written_read_and_fingerprinted_together() {
         let (_dir, store) = store();
         let contact = |tenant: &str, id: &str, email: &str| {
-            let mut s = shard(tenant, id, json!({"email": email}));
-            s.shard_type_id = "c_contact".into();
-            s.dedup_keys = [("email_exact".to_string(), email.to_string())].into();
+            let mut s = contact(tenant, id, email);
             s.updated_at = Some(Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap());
             s.external_relationships = vec![crate::model::shard::ExternalRelationship::synced(
                 "int-1",
@@ -1210,37 +1224,13 @@ mod tests {
         ];
         assert!(store.upsert_many(&again).await.unwrap().is_empty());
 
-        let by_key = |tenant: &str, key: &str| {
-            ShardQuery::of_type("c_contact").in_tenant(tenant).filter(
-                "dedupKeys.email_exact",
-                Op::In,
-                json!([key]),
-            )
-        };
-        assert!(
-            store
-                .query(&by_key("t1", "ann@x.test"))
-                .await
-                .unwrap()
-                .is_empty(),
+        assert_eq!(
+            found_by_email(&store, "t1", "ann@x.test").await,
+            0,
             "old key dropped"
         );
-        assert_eq!(
-            store
-                .query(&by_key("t1", "ann@y.test"))
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        assert_eq!(
-            store
-                .query(&by_key("t2", "ann@x.test"))
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(found_by_email(&store, "t1", "ann@y.test").await, 1);
+        assert_eq!(found_by_email(&store, "t2", "ann@x.test").await, 1);
 
         let ids = ["b".to_string(), "missing".to_string(), "a".to_string()];
         let read = store.get_many("t1", &ids).await.unwrap();
@@ -1345,12 +1335,12 @@ mod tests {
     #[tokio::test]
     async fn an_expired_shard_is_purged_with_its_match_keys() {
         let (_dir, store) = store();
-        let mut s = shard("t1", "a", json!({}));
-        s.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
+        let mut s = contact("t1", "a", "ann@x.test");
         s.ttl = Some(60);
-        let mut kept = shard("t1", "b", json!({}));
-        kept.dedup_keys = [("email_exact".to_string(), "bo@x.test".to_string())].into();
-        store.upsert_many(&[s, kept]).await.unwrap();
+        store
+            .upsert_many(&[s, contact("t1", "b", "bo@x.test")])
+            .await
+            .unwrap();
         let later = Utc::now() + chrono::Duration::minutes(2);
         assert_eq!(store.purge_expired(later).unwrap(), 1);
         let keys: Vec<String> = store
@@ -1370,9 +1360,7 @@ mod tests {
     async fn a_store_keyed_by_tenant_first_is_rebuilt_keyed_by_what_tells_keys_apart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let mut ann = shard("t1", "a", json!({"email": "ann@x.test"}));
-        ann.shard_type_id = "c_contact".into();
-        ann.dedup_keys = [("email_exact".to_string(), "ann@x.test".to_string())].into();
+        let mut ann = contact("t1", "a", "ann@x.test");
         ann.ttl = Some(3600);
         {
             // The layout of the build before: keys led by the tenant, and the match keys
@@ -1423,18 +1411,11 @@ mod tests {
             store.fingerprints("t1", &["a".to_string()]).await.unwrap(),
             [Some(ShardFingerprint::of(&ann))]
         );
-        let by_key = |key: &str| {
-            ShardQuery::of_type("c_contact").in_tenant("t1").filter(
-                "dedupKeys.email_exact",
-                Op::Eq,
-                json!(key),
-            )
-        };
-        assert_eq!(store.query(&by_key("ann@x.test")).await.unwrap().len(), 1);
-        ann.dedup_keys = [("email_exact".to_string(), "ann@y.test".to_string())].into();
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 1);
+        ann.dedup_keys = email_key("ann@y.test");
         store.upsert(&ann).await.unwrap();
-        assert!(store.query(&by_key("ann@x.test")).await.unwrap().is_empty());
-        assert_eq!(store.query(&by_key("ann@y.test")).await.unwrap().len(), 1);
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 0);
+        assert_eq!(found_by_email(&store, "t1", "ann@y.test").await, 1);
         drop(store);
         SqliteStore::open(&path).expect("an upgraded store opens as it is");
     }
