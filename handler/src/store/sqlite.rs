@@ -1400,6 +1400,14 @@ mod tests {
             let conn = store.conn.lock().unwrap();
             assert_eq!(leading_key(&conn, "shards").unwrap(), "id");
             assert_eq!(leading_key(&conn, "shard_keys").unwrap(), "value");
+            let second_index: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'shard_keys_by_shard')",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            assert!(!second_index, "match keys are indexed once");
             let expires: Option<i64> = conn
                 .query_row("SELECT expires FROM shards", [], |row| row.get(0))
                 .unwrap();
