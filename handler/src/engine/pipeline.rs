@@ -4,7 +4,9 @@
 //! and for each page transforms the records while it reads their shards' fingerprints in one
 //! batch, skips the records their shards already hold, reads the shards the rest map to in one
 //! batch, deduplicates them, skips the ones whose content has not changed, and writes the rest
-//! in one batch. Records the provider reports deleted soft-delete their shards. While one page
+//! in one batch. The batch is begun while the page lands: its records land in parts, and each
+//! part's changed shards go to the store while the next part lands (planning and writing each
+//! keep a core busy), the write finishing once the last part is handed over. Records the provider reports deleted soft-delete their shards. While one page
 //! is processed the next is already being fetched and parsed on another task (after an
 //! entity's last page, the next entity's first, unless the entity's end asks the provider for
 //! deletions), and it is mapped while this one is written (its store reads wait until the
@@ -52,6 +54,11 @@ use crate::store::{Op, ShardFingerprint, ShardQuery, StoreError};
 
 /// Records asked for per page (Salesforce's maximum batch).
 pub const PAGE_SIZE: usize = 2000;
+
+/// Records landed at a time: a page's shards are written part by part, each part while the
+/// next one lands. Small enough that the store's writer starts early and finishes soon after
+/// the last part, large enough that a part costs nothing of note beyond its records.
+const LANDING_PART: usize = 250;
 
 /// What the pipeline is asked to do.
 pub struct Job<'a> {
@@ -964,7 +971,8 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Deduplicates and writes a mapped page: the planner decides (`plan`), this reads what it
-    /// needs and writes what it decided. `writing` is told when the write begins.
+    /// needs and writes what it decided. `writing` is told when the last of the page's shards
+    /// has gone to the store.
     async fn write_page(
         &mut self,
         mapped: Mapped,
@@ -1039,23 +1047,45 @@ impl<'a> EntityRun<'a> {
             mapping: self.mapping,
             now: self.now,
         };
-        let mut landed =
-            plan::land_page(&context, &mut page.records, loaded, self.two_way.as_ref());
+        let mut landing = plan::Landing::new(context, &page.records, loaded, self.two_way.as_ref());
+        let mut writing = Some(writing);
+        // Derived shards are compared with what is stored, which is read once the page has
+        // landed; a page without them is written while it lands.
+        let streamed = if self.mapping.derived_shards.is_empty() {
+            Some(
+                self.land_and_write(&mut landing, &mut page.records, writing.take())
+                    .await,
+            )
+        } else {
+            landing.land(&mut page.records);
+            None
+        };
+        let mut landed = landing.finish(&page.records);
         self.counters.skipped += landed.skipped;
         self.record_failures(std::mem::take(&mut landed.failed));
-        let stored_derived = if landed.derived.is_empty() {
-            Vec::new()
-        } else {
-            let derived_ids: Vec<String> = landed.derived.iter().map(|d| d.id.clone()).collect();
-            self.with_retries(|| self.app.store.get_many(tenant, &derived_ids))
-                .await?
-                .into_iter()
-                .map(|found| found.map(|v| v.value))
-                .collect()
+        let (changes, failed_ids) = match streamed {
+            Some(Ok(refused)) => (plan::changes_written(&mut landed), refused),
+            streamed => {
+                let first_failure = streamed.and_then(Result::err);
+                let stored_derived = if landed.derived.is_empty() {
+                    Vec::new()
+                } else {
+                    let derived_ids: Vec<String> =
+                        landed.derived.iter().map(|d| d.id.clone()).collect();
+                    self.with_retries(|| self.app.store.get_many(tenant, &derived_ids))
+                        .await?
+                        .into_iter()
+                        .map(|found| found.map(|v| v.value))
+                        .collect()
+                };
+                let changes = plan::changes(&mut landed, stored_derived);
+                if let Some(writing) = writing {
+                    let _ = writing.send(());
+                }
+                let failed_ids = self.write(&changes.writes, first_failure).await?;
+                (changes, failed_ids)
+            }
         };
-        let changes = plan::changes(&mut landed, stored_derived, self.now);
-        let _ = writing.send(());
-        let failed_ids = self.write(&changes.writes).await?;
         self.follow_two_way(&landed, &changes.writes, &failed_ids)
             .await?;
         let tally = plan::tally(&landed.landed, &changes, &failed_ids);
@@ -1069,6 +1099,31 @@ impl<'a> EntityRun<'a> {
         // blocking thread does it while this one goes on to the next page.
         tokio::task::spawn_blocking(move || drop((page, landed, changes)));
         deleted
+    }
+
+    /// Lands a page part by part, handing each part's changed shards to the store while the
+    /// next part lands, so that planning and writing overlap; `writing` is told when the last
+    /// part is handed over. Returns the ids the store refused, or why the write failed (the
+    /// page has landed whole all the same, and is written again).
+    async fn land_and_write(
+        &self,
+        landing: &mut plan::Landing<'_>,
+        records: &mut [plan::PageRecord],
+        writing: Option<oneshot::Sender<()>>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut upserts = self.app.store.upserts();
+        let mut sent = Ok(());
+        for part in records.chunks_mut(LANDING_PART) {
+            let changed = landing.land(part);
+            if sent.is_ok() {
+                sent = upserts.send(&changed).await;
+            }
+        }
+        if let Some(writing) = writing {
+            let _ = writing.send(());
+        }
+        sent?;
+        upserts.finish().await
     }
 
     /// After a two-way page is written: conflicts are announced (fields and who won, never
@@ -1197,7 +1252,7 @@ impl<'a> EntityRun<'a> {
                 None => self.counters.skipped += 1,
             }
         }
-        let failed = self.write(&writes).await?;
+        let failed = self.write(&writes, None).await?;
         for id in failed {
             self.counters.updated -= 1;
             self.record_error(
@@ -1211,14 +1266,19 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Writes a page's shards in batches; retries them with backoff, then shard by shard.
+    /// `first_failure` is why writing them as the page landed failed, which was the first try.
     /// Returns the ids that could not be written: those the store refused for what they are,
     /// and those that still failed alone. Fails the run only if the store wrote none of them.
-    async fn write(&self, shards: &[Shard]) -> Result<Vec<String>, Failure> {
+    async fn write(
+        &self,
+        shards: &[Shard],
+        first_failure: Option<StoreError>,
+    ) -> Result<Vec<String>, Failure> {
         if shards.is_empty() {
             return Ok(Vec::new());
         }
         if let Ok(refused) = self
-            .with_retries(|| self.app.store.upsert_many(shards))
+            .retried(first_failure, || self.app.store.upsert_many(shards))
             .await
         {
             return Ok(refused);
@@ -1242,7 +1302,21 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Runs a store operation up to four times: at once, then after 1 s, 2 s and 4 s (±20%).
-    async fn with_retries<T, F, Fut>(&self, mut op: F) -> Result<T, Failure>
+    async fn with_retries<T, F, Fut>(&self, op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retried(None, op).await
+    }
+
+    /// [`Self::with_retries`] of an operation whose first try, made another way, failed with
+    /// `first_failure` (if it did).
+    async fn retried<T, F, Fut>(
+        &self,
+        mut first_failure: Option<StoreError>,
+        mut op: F,
+    ) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -1250,7 +1324,11 @@ impl<'a> EntityRun<'a> {
         let mut delay = self.job.retry_base;
         let mut attempt = 0;
         loop {
-            match op().await {
+            let tried = match first_failure.take() {
+                Some(e) => Err(e),
+                None => op().await,
+            };
+            match tried {
                 Ok(v) => return Ok(v),
                 Err(StoreError::Unavailable(message)) if attempt < 3 => {
                     attempt += 1;

@@ -6,12 +6,13 @@
 //!    deletions are set aside, and a record its mapping refuses fails alone;
 //! 2. the pipeline reads the records' own shards and, for deduplication, the shards that share
 //!    a match key with them ([`key_lookups`] says which keys), into [`Loaded`];
-//! 3. [`land_page`]: each record lands in its own shard, a duplicate's, or a new one, and is
-//!    linked to its external record; derived shards follow their primary;
-//! 4. the pipeline reads the derived shards as stored, and [`changes`] keeps only the shards
-//!    whose content hash differs from what was read;
-//! 5. the pipeline writes them, and [`tally`] counts each record created, updated, skipped or
-//!    failed (a shard that could not be written fails the records that landed in it).
+//! 3. [`Landing`]: each record lands in its own shard, a duplicate's, or a new one, and is
+//!    linked to its external record; the shards whose content hash changed come out stamped,
+//!    part by part ([`land_page`] lands a page whole); derived shards follow their primary;
+//! 4. the pipeline writes each part's changed shards as they come, or, for a page with
+//!    derived shards, reads those as stored and [`changes`] keeps the ones that differ;
+//! 5. [`tally`] counts each record created, updated, skipped or failed (a shard that could not
+//!    be written fails the records that landed in it).
 //!
 //! Everything here is a plain function over data, so every rule of landing and counting is
 //! unit-tested without a store or a provider.
@@ -98,7 +99,10 @@ pub fn transform_page(
             .get(record.id.as_str())
             .is_some_and(|deleted| *deleted != record.deleted)
     };
-    let mut page = Transformed::default();
+    let mut page = Transformed {
+        records: Vec::with_capacity(records.len()),
+        ..Transformed::default()
+    };
     for record in records {
         if superseded(&record) {
             continue;
@@ -257,6 +261,8 @@ pub struct Landed {
     /// Every shard read or created, as it is after the page landed.
     pub shards: HashMap<String, Shard>,
     read_hashes: HashMap<String, Option<String>>,
+    /// Whether each shard a record landed in changed (those that did are stamped).
+    changed: HashMap<String, bool>,
     /// Each landed record's external id and the shard it landed in, in page order.
     pub landed: Vec<(String, String)>,
     /// Shards derived from the landed records, not yet compared with what is stored.
@@ -283,225 +289,307 @@ pub struct ConflictFound {
 }
 
 /// Lands each record in its own shard, a duplicate's (found by match key), or a new one if the
-/// mapping creates shards, and derives the mapping's derived shards from each landed record.
-/// A one-way record's mapped data moves into the new shard it creates (its page has no more
-/// use for it).
+/// mapping creates shards, and derives the mapping's derived shards from each landed record:
+/// the page landed whole (see [`Landing`]).
 pub fn land_page(
     ctx: &PageContext<'_>,
     records: &mut [PageRecord],
     loaded: Loaded,
     two_way: Option<&ConflictPolicy>,
 ) -> Landed {
-    let mapping = ctx.mapping;
-    let rules = mapping.deduplication.as_ref();
-    let Loaded {
-        mut shards,
-        read_hashes,
-        mut by_key,
-    } = loaded;
-    // Room for a new shard per record: growing the map as they come moves every shard in it.
-    shards.reserve(records.len());
-    // Match keys are only looked up for a record with no shard of its own; a page whose
-    // records all have one (every re-run) builds no index of them.
-    let match_by_key = rules.is_some()
-        && records.iter().any(|r| {
-            let own = own_shard_id(&r.shard_id, r.created_from.as_ref(), &shards, mapping);
-            !shards.contains_key(own)
-        });
-    if match_by_key {
-        for shard in shards.values() {
-            for (name, key) in &shard.dedup_keys {
-                by_key
-                    .entry(format!("{name}={key}"))
-                    .or_insert_with(|| shard.id.clone());
-            }
-        }
-    }
+    let mut landing = Landing::new(*ctx, records, loaded, two_way);
+    landing.land(records);
+    landing.finish(records)
+}
 
-    let mut landed = Landed {
-        read_hashes,
-        ..Landed::default()
-    };
-    for PageRecord {
-        record,
-        data,
-        shard_id,
-        created_from,
-    } in records.iter_mut()
-    {
-        let own_id = own_shard_id(shard_id, created_from.as_ref(), &shards, mapping);
-        // The match keys of a record with no shard of its own, which looks for a duplicate by
-        // them: a new shard made of its data takes these very keys.
-        let mut record_keys = None;
-        let target = if shards.contains_key(own_id) {
-            Some(own_id.clone())
-        } else {
-            let keys = rules.map(|r| r.keys(data)).unwrap_or_default();
-            let found = keys
-                .iter()
-                .find_map(|(name, key)| by_key.get(&format!("{name}={key}")))
-                .cloned();
-            record_keys = Some(keys);
-            found
-        };
-        let mut new_shard_keys = None;
-        let hash = two_way.is_none().then(|| record_hash(data));
-        let shard = match target {
-            Some(id) => {
-                let shard = shards.get_mut(&id).expect("targets are loaded");
-                match two_way {
-                    Some(policy) if &id == own_id => {
-                        let decided = two_way_landing(ctx, shard, record, data, policy);
-                        if let Some(found) = decided.conflict {
-                            landed.conflicts.push(found);
-                        }
-                        if !decided.to_provider.is_empty() {
-                            landed.to_provider.push((id.clone(), decided.to_provider));
-                        }
-                    }
-                    _ => {
-                        let stored = match std::mem::take(&mut shard.structured_data) {
-                            Value::Object(stored) => stored,
-                            _ => Map::new(),
-                        };
-                        shard.structured_data =
-                            Value::Object(landed_data(rules, &id == own_id, stored, data));
-                    }
-                }
-                shard
-            }
-            None if mapping.create_new => shards.entry(own_id.clone()).or_insert_with(|| {
-                new_shard_keys = record_keys.take();
-                let data = match two_way {
-                    Some(_) => data.clone(),
-                    None => std::mem::take(data),
-                };
-                new_shard(ctx, own_id, &mapping.shard_type_id, data)
-            }),
-            None => {
-                landed.skipped += 1;
-                continue;
-            }
-        };
-        shard.deleted_at = None;
-        shard.name = mapping
-            .name_field
-            .as_ref()
-            .and_then(|f| shard.structured_data.get(f))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| {
-                if shard.name.is_empty() {
-                    record.id.clone()
-                } else {
-                    shard.name.clone()
-                }
+/// A page landing in its shards, part by part: each part's records land in order, and the
+/// shards they changed come out stamped with their new content hash and write time. A page
+/// may be landed whole ([`land_page`]); a one-way page without derived shards is landed in
+/// parts, each part's changes written while the next part lands.
+///
+/// A shard a later part lands in again (a duplicate by match key, a record listed twice) comes
+/// out again when that part changes it: its last version is the one written.
+pub struct Landing<'a> {
+    ctx: PageContext<'a>,
+    two_way: Option<&'a ConflictPolicy>,
+    shards: HashMap<String, Shard>,
+    /// Match key (`rule=key`) → the shard that has it, when the page matches by key at all.
+    by_key: HashMap<String, String>,
+    match_by_key: bool,
+    landed: Landed,
+}
+
+impl<'a> Landing<'a> {
+    /// Prepares the landing of `records` (the whole page) in the shards read for them.
+    pub fn new(
+        ctx: PageContext<'a>,
+        records: &[PageRecord],
+        loaded: Loaded,
+        two_way: Option<&'a ConflictPolicy>,
+    ) -> Self {
+        let mapping = ctx.mapping;
+        let Loaded {
+            mut shards,
+            read_hashes,
+            mut by_key,
+        } = loaded;
+        // Room for a new shard per record: growing the map as they come moves every shard in
+        // it.
+        shards.reserve(records.len());
+        // Match keys are only looked up for a record with no shard of its own; a page whose
+        // records all have one (every re-run) builds no index of them.
+        let match_by_key = mapping.deduplication.is_some()
+            && records.iter().any(|r| {
+                let own = own_shard_id(&r.shard_id, r.created_from.as_ref(), &shards, mapping);
+                !shards.contains_key(own)
             });
-        let direction = if two_way.is_some() {
-            SyncDirection::Bidirectional
-        } else {
-            SyncDirection::Inbound
-        };
-        link_external(shard, ctx.integration_id, &record.id, direction, ctx.now);
-        if two_way.is_none()
-            && let Some(link) = shard
-                .external_relationships
-                .iter_mut()
-                .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
-        {
-            link.record_hash = hash;
-        }
-        if two_way.is_some() {
-            agree(
-                shard,
-                ctx.integration_id,
-                &record.id,
-                data,
-                &landed.to_provider,
-                &landed.conflicts,
-            );
-        }
-        if let Some(rules) = rules {
-            let keys = new_shard_keys.unwrap_or_else(|| {
-                rules.keys(
-                    shard
-                        .structured_data
-                        .as_object()
-                        .expect("data is an object"),
-                )
-            });
-            if match_by_key {
-                for (name, key) in &keys {
+        if match_by_key {
+            for shard in shards.values() {
+                for (name, key) in &shard.dedup_keys {
                     by_key
                         .entry(format!("{name}={key}"))
                         .or_insert_with(|| shard.id.clone());
                 }
             }
-            shard.dedup_keys = keys;
         }
-        landed.landed.push((record.id.clone(), shard.id.clone()));
+        Self {
+            ctx,
+            two_way,
+            shards,
+            by_key,
+            match_by_key,
+            landed: Landed {
+                read_hashes,
+                ..Landed::default()
+            },
+        }
     }
 
-    if !mapping.derived_shards.is_empty() {
-        // A record listed twice in a page derives from its later listing, as its shard
-        // lands it last: the earlier version is replaced, never written over the later one.
-        let mut derived_at: HashMap<String, usize> = HashMap::default();
-        let primaries: HashMap<&str, &str> = landed
-            .landed
-            .iter()
-            .map(|(r, s)| (r.as_str(), s.as_str()))
-            .collect();
-        for PageRecord { record, .. } in records.iter() {
-            let Some(primary) = primaries
-                .get(record.id.as_str())
-                .and_then(|s| shards.get(*s))
-            else {
-                continue;
+    /// Lands a part of the page, in order. Returns the shards whose content it changed (from
+    /// what was read, or from how an earlier part left them), in id order, stamped with their
+    /// new hash and write time. A one-way record's mapped data moves into the new shard it
+    /// creates (its page has no more use for it).
+    pub fn land(&mut self, records: &mut [PageRecord]) -> Vec<&Shard> {
+        let ctx = &self.ctx;
+        let mapping = ctx.mapping;
+        let rules = mapping.deduplication.as_ref();
+        let two_way = self.two_way;
+        let shards = &mut self.shards;
+        let by_key = &mut self.by_key;
+        let match_by_key = self.match_by_key;
+        let landed = &mut self.landed;
+        let from = landed.landed.len();
+        for PageRecord {
+            record,
+            data,
+            shard_id,
+            created_from,
+        } in records.iter_mut()
+        {
+            let own_id = own_shard_id(shard_id, created_from.as_ref(), shards, mapping);
+            // The match keys of a record with no shard of its own, which looks for a duplicate by
+            // them: a new shard made of its data takes these very keys.
+            let mut record_keys = None;
+            let target = if shards.contains_key(own_id) {
+                Some(own_id.clone())
+            } else {
+                let keys = rules.map(|r| r.keys(data)).unwrap_or_default();
+                let found = keys
+                    .iter()
+                    .find_map(|(name, key)| by_key.get(&format!("{name}={key}")))
+                    .cloned();
+                record_keys = Some(keys);
+                found
             };
-            for def in &mapping.derived_shards {
-                if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
-                    continue;
-                }
-                match transform(&def.field_mappings, &record.fields) {
-                    Ok(data) => {
-                        let mut shard = new_shard(
-                            ctx,
-                            &format!("{}~{}", primary.id, def.shard_type_id),
-                            &def.shard_type_id,
-                            Map::new(),
-                        );
-                        shard.name = def
-                            .name_field
-                            .as_ref()
-                            .and_then(|f| data.get(f))
-                            .and_then(Value::as_str)
-                            .map_or_else(|| primary.name.clone(), str::to_string);
-                        shard.structured_data = Value::Object(data);
-                        shard.relationships = vec![Relationship {
-                            kind: "derived_from".into(),
-                            target_id: primary.id.clone(),
-                            target_type: primary.shard_type_id.clone(),
-                        }];
-                        match derived_at.get(&shard.id) {
-                            Some(&at) => landed.derived[at] = shard,
-                            None => {
-                                derived_at.insert(shard.id.clone(), landed.derived.len());
-                                landed.derived.push(shard);
+            let mut new_shard_keys = None;
+            let hash = two_way.is_none().then(|| record_hash(data));
+            let shard = match target {
+                Some(id) => {
+                    let shard = shards.get_mut(&id).expect("targets are loaded");
+                    match two_way {
+                        Some(policy) if &id == own_id => {
+                            let decided = two_way_landing(ctx, shard, record, data, policy);
+                            if let Some(found) = decided.conflict {
+                                landed.conflicts.push(found);
+                            }
+                            if !decided.to_provider.is_empty() {
+                                landed.to_provider.push((id.clone(), decided.to_provider));
                             }
                         }
+                        _ => {
+                            let stored = match std::mem::take(&mut shard.structured_data) {
+                                Value::Object(stored) => stored,
+                                _ => Map::new(),
+                            };
+                            shard.structured_data =
+                                Value::Object(landed_data(rules, &id == own_id, stored, data));
+                        }
                     }
-                    Err(e) => landed.failed.push(RecordFailure {
-                        code: ErrorCode::ValidationError.into(),
-                        message: e.message,
-                        record_id: Some(record.id.clone()),
-                        field: Some(e.field),
-                    }),
+                    shard
+                }
+                None if mapping.create_new => shards.entry(own_id.clone()).or_insert_with(|| {
+                    new_shard_keys = record_keys.take();
+                    let data = match two_way {
+                        Some(_) => data.clone(),
+                        None => std::mem::take(data),
+                    };
+                    new_shard(ctx, own_id, &mapping.shard_type_id, data)
+                }),
+                None => {
+                    landed.skipped += 1;
+                    continue;
+                }
+            };
+            shard.deleted_at = None;
+            shard.name = mapping
+                .name_field
+                .as_ref()
+                .and_then(|f| shard.structured_data.get(f))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    if shard.name.is_empty() {
+                        record.id.clone()
+                    } else {
+                        shard.name.clone()
+                    }
+                });
+            let direction = if two_way.is_some() {
+                SyncDirection::Bidirectional
+            } else {
+                SyncDirection::Inbound
+            };
+            link_external(shard, ctx.integration_id, &record.id, direction, ctx.now);
+            if two_way.is_none()
+                && let Some(link) = shard
+                    .external_relationships
+                    .iter_mut()
+                    .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
+            {
+                link.record_hash = hash;
+            }
+            if two_way.is_some() {
+                agree(
+                    shard,
+                    ctx.integration_id,
+                    &record.id,
+                    data,
+                    &landed.to_provider,
+                    &landed.conflicts,
+                );
+            }
+            if let Some(rules) = rules {
+                let keys = new_shard_keys.unwrap_or_else(|| {
+                    rules.keys(
+                        shard
+                            .structured_data
+                            .as_object()
+                            .expect("data is an object"),
+                    )
+                });
+                if match_by_key {
+                    for (name, key) in &keys {
+                        by_key
+                            .entry(format!("{name}={key}"))
+                            .or_insert_with(|| shard.id.clone());
+                    }
+                }
+                shard.dedup_keys = keys;
+            }
+            landed.landed.push((record.id.clone(), shard.id.clone()));
+        }
+
+        // A shard is hashed once per part, however many of the part's records landed in it.
+        let mut touched: Vec<&String> = landed.landed[from..].iter().map(|(_, id)| id).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let mut changed = Vec::new();
+        for id in touched {
+            let shard = shards.get_mut(id).expect("landed shards are kept");
+            let hash = content_hash(shard);
+            let is_changed = shard.content_hash.as_deref() != Some(hash.as_str());
+            if is_changed {
+                shard.updated_at = Some(ctx.now);
+                shard.content_hash = Some(hash);
+                changed.push(id);
+            }
+            *landed.changed.entry(id.clone()).or_default() |= is_changed;
+        }
+        changed.into_iter().map(|id| &shards[id]).collect()
+    }
+
+    /// The page as landed, with the shards derived from its records (`records`, the whole
+    /// page).
+    pub fn finish(self, records: &[PageRecord]) -> Landed {
+        let Self {
+            ctx,
+            shards,
+            mut landed,
+            ..
+        } = self;
+        let ctx = &ctx;
+        let mapping = ctx.mapping;
+        if !mapping.derived_shards.is_empty() {
+            // A record listed twice in a page derives from its later listing, as its shard
+            // lands it last: the earlier version is replaced, never written over the later one.
+            let mut derived_at: HashMap<String, usize> = HashMap::default();
+            let primaries: HashMap<&str, &str> = landed
+                .landed
+                .iter()
+                .map(|(r, s)| (r.as_str(), s.as_str()))
+                .collect();
+            for PageRecord { record, .. } in records.iter() {
+                let Some(primary) = primaries
+                    .get(record.id.as_str())
+                    .and_then(|s| shards.get(*s))
+                else {
+                    continue;
+                };
+                for def in &mapping.derived_shards {
+                    if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
+                        continue;
+                    }
+                    match transform(&def.field_mappings, &record.fields) {
+                        Ok(data) => {
+                            let mut shard = new_shard(
+                                ctx,
+                                &format!("{}~{}", primary.id, def.shard_type_id),
+                                &def.shard_type_id,
+                                Map::new(),
+                            );
+                            shard.name = def
+                                .name_field
+                                .as_ref()
+                                .and_then(|f| data.get(f))
+                                .and_then(Value::as_str)
+                                .map_or_else(|| primary.name.clone(), str::to_string);
+                            shard.structured_data = Value::Object(data);
+                            shard.relationships = vec![Relationship {
+                                kind: "derived_from".into(),
+                                target_id: primary.id.clone(),
+                                target_type: primary.shard_type_id.clone(),
+                            }];
+                            match derived_at.get(&shard.id) {
+                                Some(&at) => landed.derived[at] = shard,
+                                None => {
+                                    derived_at.insert(shard.id.clone(), landed.derived.len());
+                                    landed.derived.push(shard);
+                                }
+                            }
+                        }
+                        Err(e) => landed.failed.push(RecordFailure {
+                            code: ErrorCode::ValidationError.into(),
+                            message: e.message,
+                            record_id: Some(record.id.clone()),
+                            field: Some(e.field),
+                        }),
+                    }
                 }
             }
         }
+        landed.shards = shards;
+        landed
     }
-    landed.shards = shards;
-    landed
 }
 
 /// The shard a record lands in if it exists: the one write-back created it from, if that is
@@ -663,29 +751,31 @@ pub struct Changes {
     read_hashes: HashMap<String, Option<String>>,
 }
 
-/// Keeps the shards whose content hash differs from the one they were read with; `stored`
-/// is each derived shard as stored (in the order of `landed.derived`), if it is.
-pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>, now: DateTime<Utc>) -> Changes {
+/// The changes of a page whose changed shards were written part by part as it landed: they
+/// stay in `landed.shards`.
+pub fn changes_written(landed: &mut Landed) -> Changes {
+    Changes {
+        writes: Vec::new(),
+        changed: std::mem::take(&mut landed.changed),
+        read_hashes: std::mem::take(&mut landed.read_hashes),
+    }
+}
+
+/// Takes out the shards whose content landing changed, and keeps the derived shards whose
+/// content hash differs from what is stored; `stored` is each derived shard as stored (in the
+/// order of `landed.derived`), if it is.
+pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>) -> Changes {
     let mut out = Changes {
-        changed: HashMap::with_capacity_and_hasher(landed.shards.len(), Default::default()),
+        changed: std::mem::take(&mut landed.changed),
         read_hashes: std::mem::take(&mut landed.read_hashes),
         ..Changes::default()
     };
-    for (id, mut shard) in std::mem::take(&mut landed.shards) {
-        let hash = content_hash(&shard);
-        let is_changed = out
-            .read_hashes
-            .get(&id)
-            .is_none_or(|old| old.as_deref() != Some(hash.as_str()));
-        out.changed.insert(id.clone(), is_changed);
-        if is_changed {
-            shard.updated_at = Some(now);
-            shard.content_hash = Some(hash);
-            out.writes.push(shard);
-        } else {
-            landed.shards.insert(id, shard);
-        }
-    }
+    out.writes = out
+        .changed
+        .iter()
+        .filter(|(_, changed)| **changed)
+        .filter_map(|(id, _)| landed.shards.remove(id))
+        .collect();
     // In id order, so that a page is written the same way every time.
     out.writes.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     for (mut shard, stored) in std::mem::take(&mut landed.derived).into_iter().zip(stored) {
@@ -965,7 +1055,7 @@ mod tests {
         }
         let mut landed = land_page(&context, &mut page.records, loaded, None);
         let stored_derived = landed.derived.iter().map(|_| None).collect();
-        let mut changes = changes(&mut landed, stored_derived, now());
+        let mut changes = changes(&mut landed, stored_derived);
         let writes = std::mem::take(&mut changes.writes);
         let mut tally = tally(&landed.landed, &changes, &[]);
         tally.skipped += landed.skipped;
@@ -1088,6 +1178,53 @@ mod tests {
     }
 
     #[test]
+    fn a_page_landed_in_parts_writes_what_the_whole_page_writes_and_counts_the_same() {
+        let mapping = contacts(true, true);
+        let records = vec![
+            record("1", "Ann", Some("ann@x.test")),
+            record("2", "Bo", Some("bo@x.test")),
+            // The second part: a duplicate of Ann, Bo listed again as he was, and Cy.
+            record("3", "Ann S.", Some("ann@x.test")),
+            record("2", "Bo", Some("bo@x.test")),
+            record("4", "Cy", Some("cy@x.test")),
+        ];
+        let (whole, whole_tally) = plan(&mapping, records.clone(), &[]);
+
+        let context = PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping: &mapping,
+            now: now(),
+        };
+        let mut page = transform_page("int-1", &mapping, records);
+        let mut landing = Landing::new(context, &page.records, Loaded::default(), None);
+        let (first, second) = page.records.split_at_mut(2);
+        let mut written: Vec<Shard> = landing.land(first).into_iter().cloned().collect();
+        let again: Vec<Shard> = landing.land(second).into_iter().cloned().collect();
+        let ids = |shards: &[Shard]| shards.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&written), ["int-1~Contact~1", "int-1~Contact~2"]);
+        assert_eq!(
+            ids(&again),
+            ["int-1~Contact~1", "int-1~Contact~4"],
+            "Ann's shard again, as the duplicate changed it; Bo's not, unchanged"
+        );
+        written.retain(|s| !again.iter().any(|a| a.id == s.id));
+        written.extend(again);
+        written.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(
+            written, whole,
+            "each shard's last version is the whole page's"
+        );
+
+        let mut landed = landing.finish(&page.records);
+        let changes = changes_written(&mut landed);
+        let mut tally = tally(&landed.landed, &changes, &[]);
+        tally.skipped += landed.skipped;
+        assert_eq!(tally, whole_tally);
+        assert_eq!((tally.created, tally.updated), (3, 2));
+    }
+
+    #[test]
     fn without_create_new_an_unmatched_record_is_skipped_and_a_bad_one_fails_alone() {
         let mapping: EntityMapping = serde_json::from_value(json!({
             "externalEntity": "Contact", "shardTypeId": "c_contact", "createNew": false,
@@ -1124,7 +1261,7 @@ mod tests {
             vec![record("1", "Ann", None), record("2", "Bob", None)],
         );
         let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
-        let changes = changes(&mut landed, Vec::new(), now());
+        let changes = changes(&mut landed, Vec::new());
         let tally = tally(&landed.landed, &changes, &["int-1~Contact~2".to_string()]);
         assert_eq!(tally.created, 1);
         assert_eq!(tally.failed[0].code, FailureCode::Store);

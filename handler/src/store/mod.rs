@@ -13,6 +13,8 @@ pub(crate) use sqlite::open_database as sqlite_open;
 pub use cosmos::{CosmosStore, Provisioning, cosmos_sql};
 pub use sqlite::{SqliteStore, restrict_to_owner};
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use serde_json::Value;
 
@@ -230,6 +232,22 @@ pub trait ShardStore: Send + Sync {
             .collect())
     }
 
+    /// A write of many shards handed over in parts, as they are decided: what
+    /// [`ShardStore::upsert_many`] does with all of them, begun before the last is known. A
+    /// shard handed over twice is written as it was the second time. Nothing is promised
+    /// written until [`Upserts::finish`]; dropped unfinished, the write may be abandoned.
+    ///
+    /// By default the parts are collected and written by `upsert_many` when the write
+    /// finishes. A store whose writer can take rows while they are decided (the embedded
+    /// store) writes each part as it comes, so a sync's planning and its writes overlap.
+    fn upserts(&self) -> Box<dyn Upserts + '_> {
+        Box::new(Collected {
+            store: self,
+            shards: Vec::new(),
+            at: HashMap::default(),
+        })
+    }
+
     /// Upserts many shards in as few requests as the store allows. Returns the ids of the
     /// shards the store refused for what they are (too large, malformed), each refused alone:
     /// the others are written. Fails as a whole only when the store itself is failing, and
@@ -244,6 +262,51 @@ pub trait ShardStore: Send + Sync {
             }
         }
         Ok(refused)
+    }
+}
+
+/// A write of many shards begun before they are all known: see [`ShardStore::upserts`].
+#[async_trait]
+pub trait Upserts: Send {
+    /// Hands over more shards to write. Fails when the store has stopped writing, and then the
+    /// write has failed as a whole.
+    async fn send(&mut self, shards: &[&Shard]) -> Result<(), StoreError>;
+
+    /// Writes whatever is left and waits until every shard handed over is written. Returns, as
+    /// [`ShardStore::upsert_many`] does, the ids of the shards the store refused for what they
+    /// are; fails as a whole when the store itself is failing.
+    async fn finish(self: Box<Self>) -> Result<Vec<String>, StoreError>;
+}
+
+/// The parts of a write collected, each shard once in its last version, for one
+/// [`ShardStore::upsert_many`] at the end.
+struct Collected<'a, S: ?Sized> {
+    store: &'a S,
+    shards: Vec<Shard>,
+    /// Where each shard handed over is in `shards`.
+    at: HashMap<String, usize>,
+}
+
+#[async_trait]
+impl<S: ShardStore + ?Sized> Upserts for Collected<'_, S> {
+    async fn send(&mut self, shards: &[&Shard]) -> Result<(), StoreError> {
+        for shard in shards {
+            match self.at.get(&shard.id) {
+                Some(&i) => self.shards[i] = (*shard).clone(),
+                None => {
+                    self.at.insert(shard.id.clone(), self.shards.len());
+                    self.shards.push((*shard).clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<Vec<String>, StoreError> {
+        if self.shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.upsert_many(&self.shards).await
     }
 }
 

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as 
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
+use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upserts, Versioned};
 use crate::model::Shard;
 
 /// How a page's shards are matched to the ids asked for: a thousand ids a page, hashed with
@@ -231,11 +231,33 @@ impl SqliteStore {
         .map_err(unavailable)
     }
 
+    /// Starts the writer of a [`StreamedUpserts`]: a transaction that inserts the batches of
+    /// rows it is sent and commits when told to, or writes nothing if its rows stop coming
+    /// before that.
+    fn writer(&self) -> Writer {
+        let (rows, mut batches) = tokio::sync::mpsc::channel::<ToWriter>(BATCHES_IN_FLIGHT);
+        let writing = self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            while let Some(message) = batches.blocking_recv() {
+                match message {
+                    ToWriter::Rows(rows) => write_all(&tx, rows).map_err(unavailable)?,
+                    ToWriter::Commit => return tx.commit().map_err(unavailable),
+                }
+            }
+            Ok(())
+        });
+        (rows, Box::pin(writing))
+    }
+
     /// Runs `f` on a blocking thread, which it is given at once (not when awaited).
-    fn with_conn<T: Send + 'static>(
+    fn with_conn<T, F>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> impl std::future::Future<Output = Result<T, StoreError>> {
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> + use<T, F>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let conn = self.conn.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -436,11 +458,94 @@ impl serde::Serialize for Document<'_> {
     }
 }
 
-/// Rows a batch of [`SqliteStore::upsert_many`] hands from the encoder to the writer, and how
-/// many batches may wait for it: enough that the writer never waits, few enough that a page's
+/// Rows a batch of [`StreamedUpserts`] hands from the encoder to the writer, and how many
+/// batches may wait for it: enough that the writer never waits, few enough that a page's
 /// documents are not all held at once.
 const ROWS_PER_BATCH: usize = 200;
 const BATCHES_IN_FLIGHT: usize = 2;
+
+/// What the encoder of [`StreamedUpserts`] hands its writer.
+enum ToWriter {
+    Rows(Vec<Row>),
+    /// Every row is there: commit them.
+    Commit,
+}
+
+/// A running writer of [`StreamedUpserts`]: where its rows go, and its answer once it stops.
+type Writer = (
+    tokio::sync::mpsc::Sender<ToWriter>,
+    futures_util::future::BoxFuture<'static, Result<(), StoreError>>,
+);
+
+/// The embedded store's [`Upserts`]: one transaction, whose writer, on a blocking thread,
+/// inserts each batch of rows as soon as it is encoded and commits when the write finishes.
+///
+/// Encoding the documents takes about as long as SQLite takes to write them, and a sync hands
+/// over a page's shards in parts as it decides them: the two overlap with each other and with
+/// the sync's planning of the next part. A few batches at most wait between encoder and
+/// writer, so a page's encoded documents are never all in memory at once. The writer holds
+/// the connection from the first shard handed over to the end of the write.
+struct StreamedUpserts<'a> {
+    store: &'a SqliteStore,
+    /// The writer, once it has been handed a shard: where its rows go, and its answer.
+    writer: Option<Writer>,
+    /// A part could not be written: the write failed as a whole.
+    failed: bool,
+}
+
+impl StreamedUpserts<'_> {
+    /// Stops the writer (it rolls back whatever it wrote) and says why it failed.
+    async fn abandon(&mut self, e: Option<StoreError>) -> StoreError {
+        self.failed = true;
+        let stopped = match self.writer.take() {
+            Some((rows, writing)) => {
+                drop(rows);
+                writing.await.err()
+            }
+            None => None,
+        };
+        e.or(stopped)
+            .unwrap_or_else(|| StoreError::Unavailable("the shard writer stopped".into()))
+    }
+}
+
+#[async_trait]
+impl Upserts for StreamedUpserts<'_> {
+    async fn send(&mut self, shards: &[&Shard]) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Unavailable("the write failed earlier".into()));
+        }
+        for part in shards.chunks(ROWS_PER_BATCH) {
+            let rows = match part.iter().map(|shard| encode(shard)).collect() {
+                Ok(rows) => rows,
+                // Nothing is written: the caller is told which write failed, and why.
+                Err(e) => return Err(self.abandon(Some(e)).await),
+            };
+            let store = self.store;
+            let (writer, _) = self.writer.get_or_insert_with(|| store.writer());
+            // Sending fails only when the writer has stopped; it says why.
+            if writer.send(ToWriter::Rows(rows)).await.is_err() {
+                return Err(self.abandon(None).await);
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<Vec<String>, StoreError> {
+        if self.failed {
+            return Err(StoreError::Unavailable("the write failed earlier".into()));
+        }
+        let Some((rows, writing)) = self.writer.take() else {
+            return Ok(Vec::new());
+        };
+        // A writer that has stopped says why when awaited.
+        let _ = rows.send(ToWriter::Commit).await;
+        drop(rows);
+        writing.await?;
+        self.store.checkpoints.request();
+        Ok(Vec::new())
+    }
+}
 
 /// Room for a typical document, so that writing one does not grow its buffer again and again.
 const DOCUMENT_CAPACITY: usize = 1024;
@@ -550,17 +655,16 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
     Ok(written)
 }
 
-/// Writes many shards in one transaction, `rows` as they are encoded, each statement prepared
-/// once; returns how many rows it wrote. A shard is inserted as new first: a shard that has no
-/// row has no index keys either, so only one that was there (the insert refused) has its old
-/// keys deleted before its row is replaced. A full sync of new records looks up no keys.
-fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Result<usize> {
+/// Writes a batch of rows, each statement prepared once. A shard is inserted as new first: a
+/// shard that has no row has no index keys either, so only one that was there (the insert
+/// refused) has its old keys deleted before its row is replaced. A full sync of new records
+/// looks up no keys.
+fn write_all(conn: &Connection, rows: Vec<Row>) -> rusqlite::Result<()> {
     let mut create = conn.prepare_cached(&format!("INSERT INTO shards {ROW_VALUES}"))?;
     let mut replace =
         conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {ROW_VALUES}"))?;
     let mut forget = conn.prepare_cached(FORGET_KEYS)?;
     let mut index_key = conn.prepare_cached(INDEX_KEY)?;
-    let mut written = 0;
     for row in rows {
         let etag = new_etag();
         let values = rusqlite::params![
@@ -584,9 +688,8 @@ fn write_all(conn: &Connection, rows: impl Iterator<Item = Row>) -> rusqlite::Re
             Err(e) => return Err(e),
         }
         index_keys(&mut index_key, &row)?;
-        written += 1;
     }
-    Ok(written)
+    Ok(())
 }
 
 fn sql_value(value: &Value) -> SqlValue {
@@ -862,51 +965,18 @@ impl ShardStore for SqliteStore {
         .await
     }
 
-    /// Encoding the documents takes about as long as SQLite takes to write them, so the two
-    /// overlap: the writer, on its blocking thread, inserts each batch of rows as soon as it is
-    /// encoded here, and commits once it has them all. A few batches at most wait between the
-    /// two, so a page's encoded documents are never all in memory at once.
+    fn upserts(&self) -> Box<dyn Upserts + '_> {
+        Box::new(StreamedUpserts {
+            store: self,
+            writer: None,
+            failed: false,
+        })
+    }
+
     async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
-        if shards.is_empty() {
-            return Ok(Vec::new());
-        }
-        let expected = shards.len();
-        let (encoded, mut batches) = tokio::sync::mpsc::channel::<Vec<Row>>(BATCHES_IN_FLIGHT);
-        let writing = self.with_conn(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let rows = std::iter::from_fn(|| batches.blocking_recv()).flatten();
-            let written = write_all(&tx, rows).map_err(unavailable)?;
-            // A row short: encoding a shard failed, and the caller is told so. Nothing is
-            // written.
-            if written == expected {
-                tx.commit().map_err(unavailable)?;
-            }
-            Ok(())
-        });
-        let mut unencodable = None;
-        for chunk in shards.chunks(ROWS_PER_BATCH) {
-            let mut batch = Vec::with_capacity(chunk.len());
-            for shard in chunk {
-                match encode(shard) {
-                    Ok(row) => batch.push(row),
-                    Err(e) => {
-                        unencodable = Some(e);
-                        break;
-                    }
-                }
-            }
-            // Sending fails only when the writer has stopped; it says why.
-            if encoded.send(batch).await.is_err() || unencodable.is_some() {
-                break;
-            }
-        }
-        drop(encoded);
-        writing.await?;
-        if let Some(e) = unencodable {
-            return Err(e);
-        }
-        self.checkpoints.request();
-        Ok(Vec::new())
+        let mut upserts = self.upserts();
+        upserts.send(&shards.iter().collect::<Vec<_>>()).await?;
+        upserts.finish().await
     }
 
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
@@ -1196,6 +1266,46 @@ mod tests {
                 .all(|(read, written)| read.as_ref().map(|r| &r.value) == Some(written)),
             "every shard of the page, as written"
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_handed_over_in_parts_is_committed_whole_when_it_finishes() {
+        let (_dir, store) = store();
+        let ann = contact("t1", "a", "ann@x.test");
+        let bo = contact("t1", "b", "bo@x.test");
+        let mut upserts = store.upserts();
+        upserts.send(&[&ann, &bo]).await.unwrap();
+        // The second part changes a shard of the first: its last version is the one kept,
+        // with the keys of that version only.
+        let mut ann_again = contact("t1", "a", "ann@y.test");
+        ann_again.name = "Ann".into();
+        let cy = contact("t1", "c", "cy@x.test");
+        upserts.send(&[&ann_again, &cy]).await.unwrap();
+        assert!(upserts.finish().await.unwrap().is_empty());
+
+        assert_eq!(
+            store.get("t1", "a").await.unwrap().unwrap().value,
+            ann_again
+        );
+        assert!(store.get("t1", "c").await.unwrap().is_some());
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 0);
+        assert_eq!(found_by_email(&store, "t1", "ann@y.test").await, 1);
+        assert_eq!(found_by_email(&store, "t1", "bo@x.test").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_dropped_before_it_finishes_writes_nothing() {
+        let (_dir, store) = store();
+        let ann = contact("t1", "a", "ann@x.test");
+        let mut upserts = store.upserts();
+        upserts.send(&[&ann]).await.unwrap();
+        drop(upserts);
+
+        assert!(store.get("t1", "a").await.unwrap().is_none());
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 0);
+        // The store is free for the next write.
+        store.upsert(&ann).await.unwrap();
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 1);
     }
 
     #[tokio::test]
