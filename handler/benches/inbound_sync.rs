@@ -50,45 +50,55 @@
 //! | the rest (runtime, job start and end, kernel)        |        26 |     13 |
 //! | total                                                |       152 |     63 |
 //!
-//! A full sync keeps about 1.2 of the 2 cores busy: the sync's thread lands page N+1 only once page
-//! N is committed (its reads must see what N wrote), so per page it waits for the last of the
-//! inserts, the commit and the checkpoint (3 to 6 ms of a 2,000-record page's 15 to 23), mapping
-//! the next page meanwhile. The SQLite write is a third of the CPU: about 3 µs a row for the table,
-//! its two indexes and, for contacts, the match-key table, then the log's copy into the database on
-//! the checkpoint thread. (The table above was taken before the keys were reordered; see the
-//! instruction figures below.)
+//! The table was taken before the keys were reordered and before a page was written while it
+//! landed; the instruction figures below are current.
 //!
-//! The sync's own thread is the one to relieve: per 2,000 contacts it spends about 11 ms
-//! preparing a page (match-key lookup 2, landing 5, content hashes 3) before the write can
-//! begin, and during the write's 11 ms it encodes the rows (4) and maps the next page (5).
+//! A page is written while it lands: its records land in parts of 250, and each part's changed
+//! shards go to the store's writer (its own thread, one transaction a page) while the next part
+//! lands. Timestamps taken at each step of a full sync (2,000 contacts a page) show where a
+//! page's 13-15 ms go: its match-key lookups 2 ms; landing, hashing and encoding 7-9 ms on the
+//! sync's thread while the writer, on the other core, inserts each part about half a millisecond
+//! behind; the commit of what is left 1-2 ms (the next page mapped meanwhile); the checkpoint and
+//! the next page's fingerprints 1-2 ms. Before the parts, the write began only once the whole
+//! page had landed: 3-7% more wall time for 10,000 records (alternating runs, medians 0.086-0.095
+//! s against 0.080-0.088 s), the same for 100,000 (1.07 s).
+//!
 //! Preparing page N+1 during N's write, with its reads corrected by the shards N is writing
-//! and the rows encoded on the writer's thread, was measured against this engine: 10-15% less
-//! wall time (100,000 records in 1.39-1.45 s against 1.62-1.72 s, alternating runs), but a
-//! peak RSS of 52-57 MiB against 42-45, since two pages of shards are then alive at once; it is
-//! not in the engine. Writing the page before's checkpoint alongside the next page, checkpoints
-//! every few megabytes rather than every page, or a lower priority for the checkpoint thread
-//! changed nothing measurable.
+//! and the rows encoded on the writer's thread, was measured against an earlier engine (one
+//! that wrote a page only once it had landed): 10-15% less wall time (100,000 records in
+//! 1.39-1.45 s against 1.62-1.72 s, alternating runs), but a peak RSS of 52-57 MiB against
+//! 42-45, since two pages of shards are then alive at once; it is not in the engine. Writing the
+//! page before's checkpoint alongside the next page, checkpoints every few megabytes rather than
+//! every page, or a lower priority for the checkpoint thread changed nothing measurable.
 //!
-//! The limit is the CPU, not the order of the work. A full sync costs the handler 126-136 ms of CPU
-//! on its threads for 103-112 ms of wall time (on a day the no-engine baseline took 0.054-0.057 s),
-//! so the two cores are busy most of the time: while the sync's thread plans a page, the other core
-//! copies the log into the database and fetches the next page. Measured against this engine,
+//! The limit is the CPU, not the order of the work. A full sync costs the handler 100-110 ms of CPU
+//! on its threads for 80-88 ms of wall time, and the loopback Salesforce in this process 6 more,
+//! so while a page lands both cores are busy: the sync's thread, the writer, the thread that
+//! copies the log into the database, and the fetch of the next page. Measured against this engine,
 //! alternating runs, with no gain: hashing a page's records and shards on two threads (the second
 //! thread finds no idle core); the next-page overlap again (6% less wall time, 4 MiB more memory, a
 //! slower re-run); a sync in a process that has synced before (no faster than the first);
 //! checkpoints deferred until writes pause (the sync's own CPU 10% lower, but the sync after it
-//! pays the copies: the two together cost the same). A ratio of 1.5 needs about a quarter less CPU
-//! per record.
+//! pays the copies: the two together cost the same); a page left to commit and checkpoint while
+//! the next one reads (on a second, read-only connection, its answers corrected by what the page
+//! before landed) and lands its first part (the checkpoint then waits for a core, 2-5 ms instead
+//! of 1-2, and the full sync is no faster); that read-only connection alone (the re-run 8% slower:
+//! its cache starts cold; 2 MiB more); SQLite's cache at 250 KB or 16 MB, spilling it early, or
+//! pages of 8 or 16 KB. A ratio of 1.5 needs about a quarter less CPU per record.
 //!
-//! A third of that CPU is the kernel's (this benchmark prints it: 40 of a full sync's 120 ms, with
-//! 13,700 page faults, and 12 of a re-run's 46 ms). Much of it is page faults on memory mimalloc
+//! A third of that CPU is the kernel's (this benchmark prints it: 30-40 of a full sync's 100-110 ms,
+//! with 11,500 page faults, and 10-16 of a re-run's 40 ms). Much of it is page faults on memory mimalloc
 //! returned to the system 2 ms after it was freed and a later page then touched again. Returning it
 //! after 100 ms instead halves the faults and takes 14% off the full sync, but a 100,000-record
 //! sync then peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing
-//! page data on the sync's own thread rather than a blocking one changed neither.
+//! page data on the sync's own thread rather than a blocking one changed neither. Never returning
+//! memory at all leaves 8,200 faults (a fresh process touching its heap for the first time, up to
+//! a peak of 56 MiB) and no faster sync. The no-engine baseline runs in this warm process: about
+//! 900 faults, and 52-54 ms of this process's CPU a run, the loopback Salesforce's included.
 //!
 //! Instructions, from callgrind (`BENCH_RUNS=1`, a full sync and its re-run, the whole handler
-//! process), say where that CPU goes and repeat to a fraction of a percent: 959 M in all, of which
+//! process), say where that CPU goes and repeat to a fraction of a percent: 955 M in all (writing a
+//! page while it lands moved work, it did not remove any), of which
 //! the SQLite statements 264 M (the match-key inserts 41 M), reading and parsing Salesforce's pages
 //! 128 M, encoding rows 115 M, mapping 70 M, landing 58 M (its record hashes 15 M), change
 //! detection 49 M (its content hashes 30 M) and the re-run's record hashes 15 M. JSON string
