@@ -1020,18 +1020,23 @@ mod tests {
         "2026-11-22T10:00:00Z".parse().unwrap()
     }
 
+    /// Tenant `t1`'s page of integration `int-1` under `mapping`.
+    fn context(mapping: &EntityMapping) -> PageContext<'_> {
+        PageContext {
+            tenant_id: "t1",
+            integration_id: "int-1",
+            mapping,
+            now: now(),
+        }
+    }
+
     /// Plans a page over `stored` shards as the pipeline would, with no write failing.
     fn plan(
         mapping: &EntityMapping,
         records: Vec<Record>,
         stored: &[Shard],
     ) -> (Vec<Shard>, Tally) {
-        let context = PageContext {
-            tenant_id: "t1",
-            integration_id: "int-1",
-            mapping,
-            now: now(),
-        };
+        let context = context(mapping);
         let mut page = transform_page("int-1", mapping, records);
         let mut loaded = Loaded::default();
         for shard in stored
@@ -1081,12 +1086,7 @@ mod tests {
                 .unwrap()
                 .clone(),
         };
-        let context = PageContext {
-            tenant_id: "t1",
-            integration_id: "int-1",
-            mapping: &mapping,
-            now: now(),
-        };
+        let context = context(&mapping);
         let mut page = transform_page("int-1", &mapping, vec![account("Tech"), account("Retail")]);
         let landed = land_page(&context, &mut page.records, Loaded::default(), None);
         assert_eq!(landed.derived.len(), 1);
@@ -1190,12 +1190,7 @@ mod tests {
         ];
         let (whole, whole_tally) = plan(&mapping, records.clone(), &[]);
 
-        let context = PageContext {
-            tenant_id: "t1",
-            integration_id: "int-1",
-            mapping: &mapping,
-            now: now(),
-        };
+        let context = context(&mapping);
         let mut page = transform_page("int-1", &mapping, records);
         let mut landing = Landing::new(context, &page.records, Loaded::default(), None);
         let (first, second) = page.records.split_at_mut(2);
@@ -1249,12 +1244,7 @@ mod tests {
     #[test]
     fn a_record_whose_shard_was_not_written_fails_with_the_store() {
         let mapping = contacts(false, true);
-        let context = PageContext {
-            tenant_id: "t1",
-            integration_id: "int-1",
-            mapping: &mapping,
-            now: now(),
-        };
+        let context = context(&mapping);
         let mut page = transform_page(
             "int-1",
             &mapping,
@@ -1271,12 +1261,7 @@ mod tests {
     /// Lands `records` in the two-way shards `stored` under `policy`.
     fn land_two_way(records: Vec<Record>, stored: &[Shard], policy: &ConflictPolicy) -> Landed {
         let mapping = contacts(false, true);
-        let context = PageContext {
-            tenant_id: "t1",
-            integration_id: "int-1",
-            mapping: &mapping,
-            now: now(),
-        };
+        let context = context(&mapping);
         let mut page = transform_page("int-1", &mapping, records);
         let mut loaded = Loaded::default();
         for shard in stored {
@@ -1365,12 +1350,7 @@ mod tests {
     fn a_record_created_by_write_back_lands_in_the_shard_it_came_from_and_nowhere_else() {
         let mut mapping = contacts(false, true);
         mapping.idempotency_field = Some("Castiel_Id__c".into());
-        let context = PageContext {
-            tenant_id: "t1",
-            integration_id: "int-1",
-            mapping: &mapping,
-            now: now(),
-        };
+        let context = context(&mapping);
         let mut castiel_made: Shard = serde_json::from_value(json!({
             "id": "shard-ann", "tenantId": "t1", "shardTypeId": "c_contact", "name": "Ann",
             "structuredData": {"name": "Ann", "email": "ann@x.test"}
