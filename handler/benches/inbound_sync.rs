@@ -86,10 +86,10 @@
 //! its cache starts cold; 2 MiB more); SQLite's cache at 250 KB or 16 MB, spilling it early, or
 //! pages of 8 or 16 KB. A ratio of 1.5 needs about a quarter less CPU per record.
 //!
-//! A third of that CPU is the kernel's (this benchmark prints it: 30-40 of a full sync's 100-110 ms,
-//! with 11,500 page faults, and 10-16 of a re-run's 40 ms). Much of it is page faults on memory mimalloc
-//! returned to the system 2 ms after it was freed and a later page then touched again. Returning it
-//! after 100 ms instead halves the faults and takes 14% off the full sync, but a 100,000-record
+//! A third of that CPU is the kernel's (this benchmark prints it: 30-40 of a full sync's
+//! 100-110 ms, with 11,500 page faults, and 10-16 of a re-run's 40 ms). Much of it is page
+//! faults on memory mimalloc returned to the system 2 ms after it was freed and a later page
+//! then touched again. Returning it after 100 ms instead halves the faults and takes 14% off the full sync, but a 100,000-record
 //! sync then peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing
 //! page data on the sync's own thread rather than a blocking one changed neither. Never returning
 //! memory at all leaves 8,200 faults (a fresh process touching its heap for the first time, up to

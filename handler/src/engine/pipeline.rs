@@ -6,12 +6,12 @@
 //! batch, deduplicates them, skips the ones whose content has not changed, and writes the rest
 //! in one batch. The batch is begun while the page lands: its records land in parts, and each
 //! part's changed shards go to the store while the next part lands (planning and writing each
-//! keep a core busy), the write finishing once the last part is handed over. Records the provider reports deleted soft-delete their shards. While one page
-//! is processed the next is already being fetched and parsed on another task (after an
-//! entity's last page, the next entity's first, unless the entity's end asks the provider for
-//! deletions), and it is mapped while this one is written (its store reads wait until the
-//! write is done, so they see it); the page before is freed on a blocking thread: memory holds
-//! at most those pages.
+//! keep a core busy), the write finishing once the last part is handed over. Records the
+//! provider reports deleted soft-delete their shards. While one page is processed the next is
+//! already being fetched and parsed on another task (after an entity's last page, the next
+//! entity's first, unless the entity's end asks the provider for deletions), and it is mapped
+//! while this one is written (its store reads wait until the write is done, so they see it);
+//! the page before is freed on a blocking thread: memory holds at most those pages.
 //!
 //! After each page the integration gets a checkpoint (the next page token, and the cursor the
 //! pages so far returned), so a job that dies (kill -9, function timeout, redelivery) resumes
@@ -50,7 +50,7 @@ use crate::model::mapping::EntityMapping;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
-use crate::store::{Op, ShardFingerprint, ShardQuery, StoreError};
+use crate::store::{Op, ShardFingerprint, ShardQuery, StoreError, Upserts};
 
 /// Records asked for per page (Salesforce's maximum batch).
 pub const PAGE_SIZE: usize = 2000;
@@ -1049,14 +1049,10 @@ impl<'a> EntityRun<'a> {
             now: self.now,
         };
         let mut landing = plan::Landing::new(context, &page.records, loaded, self.two_way.as_ref());
-        let mut writing = Some(writing);
         // Derived shards are compared with what is stored, which is read once the page has
-        // landed; a page without them is written while it lands.
+        // landed; a page without them is handed to the store part by part as it lands.
         let streamed = if self.mapping.derived_shards.is_empty() {
-            Some(
-                self.land_and_write(&mut landing, &mut page.records, writing.take())
-                    .await,
-            )
+            Some(self.land_and_send(&mut landing, &mut page.records).await)
         } else {
             landing.land(&mut page.records);
             None
@@ -1064,15 +1060,29 @@ impl<'a> EntityRun<'a> {
         let mut landed = landing.finish(&page.records);
         self.counters.skipped += landed.skipped;
         self.record_failures(std::mem::take(&mut landed.failed));
+        let _ = writing.send(());
         let (changes, failed_ids) = match streamed {
-            Some(Ok(refused)) => (plan::changes_written(&mut landed), refused),
-            streamed => {
-                let first_failure = streamed.and_then(Result::err);
-                let stored_derived = if landed.derived.is_empty() {
+            Some((upserts, sent)) => {
+                let finished = match sent {
+                    Ok(()) => upserts.finish().await,
+                    Err(e) => Err(e),
+                };
+                match finished {
+                    Ok(refused) => (plan::changes_written(&mut landed), refused),
+                    // The page is written again, this failure its first try.
+                    Err(e) => {
+                        let changes = plan::changes(&mut landed, Vec::new());
+                        let failed_ids = self.write(&changes.writes, Some(e)).await?;
+                        (changes, failed_ids)
+                    }
+                }
+            }
+            None => {
+                let derived_ids: Vec<String> =
+                    landed.derived.iter().map(|d| d.id.clone()).collect();
+                let stored_derived = if derived_ids.is_empty() {
                     Vec::new()
                 } else {
-                    let derived_ids: Vec<String> =
-                        landed.derived.iter().map(|d| d.id.clone()).collect();
                     self.with_retries(|| self.app.store.get_many(tenant, &derived_ids))
                         .await?
                         .into_iter()
@@ -1080,10 +1090,7 @@ impl<'a> EntityRun<'a> {
                         .collect()
                 };
                 let changes = plan::changes(&mut landed, stored_derived);
-                if let Some(writing) = writing {
-                    let _ = writing.send(());
-                }
-                let failed_ids = self.write(&changes.writes, first_failure).await?;
+                let failed_ids = self.write(&changes.writes, None).await?;
                 (changes, failed_ids)
             }
         };
@@ -1103,16 +1110,16 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Lands a page part by part, handing each part's changed shards to the store while the
-    /// next part lands, so that planning and writing overlap; `writing` is told when the last
-    /// part is handed over. Returns the ids the store refused, or why the write failed (the
-    /// page has landed whole all the same, and is written again).
-    async fn land_and_write(
+    /// next part lands, so that planning and writing overlap. Returns the write, left for the
+    /// caller to finish, and whether handing the shards over failed (the page has landed whole
+    /// all the same).
+    async fn land_and_send(
         &self,
         landing: &mut plan::Landing<'_>,
         records: &mut [plan::PageRecord],
-        writing: Option<oneshot::Sender<()>>,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut upserts = self.app.store.upserts();
+    ) -> (Box<dyn Upserts + 'a>, Result<(), StoreError>) {
+        let app: &'a App = self.app;
+        let mut upserts = app.store.upserts();
         let mut sent = Ok(());
         for part in records.chunks_mut(LANDING_PART) {
             let changed = landing.land(part);
@@ -1120,11 +1127,7 @@ impl<'a> EntityRun<'a> {
                 sent = upserts.send(&changed).await;
             }
         }
-        if let Some(writing) = writing {
-            let _ = writing.send(());
-        }
-        sent?;
-        upserts.finish().await
+        (upserts, sent)
     }
 
     /// After a two-way page is written: conflicts are announced (fields and who won, never
