@@ -31,9 +31,9 @@ use crate::model::Shard;
 use crate::model::conflict::{
     ConflictPolicy, FieldConflict, Modified, reconcile_record, value_hash,
 };
-use crate::model::dedup::{DedupRules, merge};
+use crate::model::dedup::{DedupKeys, DedupRules, merge};
 use crate::model::digest::Fnv1a;
-use crate::model::mapping::{EntityMapping, transform};
+use crate::model::mapping::{EntityMapping, transform, transform_owned};
 use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
 use crate::store::ShardFingerprint;
 
@@ -58,6 +58,7 @@ pub struct RecordFailure {
 /// A record, mapped, with the id of the shard synced from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PageRecord {
+    /// The record; its fields moved into `data`, but where the mapping derives shards.
     pub record: Record,
     pub data: Map<String, Value>,
     pub shard_id: String,
@@ -103,7 +104,7 @@ pub fn transform_page(
         records: Vec::with_capacity(records.len()),
         ..Transformed::default()
     };
-    for record in records {
+    for mut record in records {
         if superseded(&record) {
             continue;
         }
@@ -111,16 +112,24 @@ pub fn transform_page(
             page.deleted.push(record.id);
             continue;
         }
-        match transform(&mapping.field_mappings, &record.fields) {
+        let created_from = mapping
+            .idempotency_field
+            .as_ref()
+            .and_then(|f| record.fields.get(f))
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(str::to_string);
+        // Derived shards map the record's fields again once its shard has landed; otherwise
+        // they are not read after this, and move into the shard's data.
+        let data = if mapping.derived_shards.is_empty() {
+            transform_owned(&mapping.field_mappings, std::mem::take(&mut record.fields))
+        } else {
+            transform(&mapping.field_mappings, &record.fields)
+        };
+        match data {
             Ok(data) => page.records.push(PageRecord {
                 shard_id: synced_shard_id(integration_id, &mapping.external_entity, &record.id),
-                created_from: mapping
-                    .idempotency_field
-                    .as_ref()
-                    .and_then(|f| record.fields.get(f))
-                    .and_then(Value::as_str)
-                    .filter(|id| !id.is_empty())
-                    .map(str::to_string),
+                created_from,
                 record,
                 data,
             }),
@@ -734,7 +743,7 @@ fn new_shard(
         updated_at: Some(ctx.now),
         deleted_at: None,
         content_hash: None,
-        dedup_keys: BTreeMap::new(),
+        dedup_keys: DedupKeys::default(),
         ttl: None,
         extra: Map::new(),
     }
@@ -1051,7 +1060,7 @@ mod tests {
                     if shard
                         .dedup_keys
                         .get(&rule)
-                        .is_some_and(|k| keys.contains(k))
+                        .is_some_and(|k| keys.iter().any(|key| key == k))
                     {
                         loaded.insert_found(&rule, shard.clone());
                     }
@@ -1143,7 +1152,7 @@ mod tests {
     fn a_duplicate_by_match_key_merges_into_the_shard_that_has_the_key() {
         let mapping = contacts(true, true);
         let (stored, _) = plan(&mapping, vec![record("1", "Ann", Some("ann@x.test"))], &[]);
-        assert_eq!(stored[0].dedup_keys["email_exact"], "ann@x.test");
+        assert_eq!(stored[0].dedup_keys.get("email_exact"), Some("ann@x.test"));
         // Another record with the same email, in a later page, and one in the same page.
         let (writes, tally) = plan(
             &mapping,

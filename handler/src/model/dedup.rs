@@ -16,7 +16,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,11 +93,90 @@ impl DedupRule {
 
 impl DedupRules {
     /// Every rule's key for a record's data, as stored in `dedupKeys`.
-    pub fn keys(&self, data: &Map<String, Value>) -> BTreeMap<String, String> {
+    pub fn keys(&self, data: &Map<String, Value>) -> DedupKeys {
         self.rules
             .iter()
             .filter_map(|r| r.key(data).map(|k| (r.key_name(), k)))
             .collect()
+    }
+}
+
+/// A shard's match keys (`dedupKeys`): rule name → key, in name order, each name once.
+///
+/// A JSON object on the wire. Kept as a short sorted list rather than a map: a shard has a
+/// key per rule, one or two, and a page holds thousands of shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DedupKeys(Vec<(String, String)>);
+
+impl DedupKeys {
+    pub fn get(&self, rule: &str) -> Option<&str> {
+        self.position(rule).ok().map(|i| self.0[i].1.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(name, key)| (name, key))
+    }
+
+    /// Sets the key of `rule`, replacing the one it had.
+    pub fn insert(&mut self, rule: String, key: String) {
+        match self.position(&rule) {
+            Ok(i) => self.0[i].1 = key,
+            Err(i) => self.0.insert(i, (rule, key)),
+        }
+    }
+
+    fn position(&self, rule: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(name, _)| name.as_str().cmp(rule))
+    }
+}
+
+impl<'a> IntoIterator for &'a DedupKeys {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(name, key)| (name, key))
+    }
+}
+
+impl FromIterator<(String, String)> for DedupKeys {
+    /// A rule named twice keeps its last key.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        let mut keys = DedupKeys::default();
+        for (rule, key) in pairs {
+            keys.insert(rule, key);
+        }
+        keys
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for DedupKeys {
+    fn from(pairs: [(String, String); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl Serialize for DedupKeys {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (rule, key) in &self.0 {
+            map.serialize_entry(rule, key)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for DedupKeys {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let keys = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(DedupKeys(keys.into_iter().collect()))
     }
 }
 
@@ -195,6 +275,29 @@ mod tests {
 
     fn data(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn match_keys_are_an_object_of_rule_names_in_order() {
+        let keys: DedupKeys = [
+            ("name_fuzzy".to_string(), "acme".to_string()),
+            ("email_exact".to_string(), "old@x.test".to_string()),
+            ("email_exact".to_string(), "ann@x.test".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            keys.get("email_exact"),
+            Some("ann@x.test"),
+            "the last key of a rule"
+        );
+        assert_eq!(keys.get("phone_exact"), None);
+        let text = serde_json::to_string(&keys).unwrap();
+        assert_eq!(text, r#"{"email_exact":"ann@x.test","name_fuzzy":"acme"}"#);
+        let back: DedupKeys =
+            serde_json::from_str(r#"{"name_fuzzy":"acme","email_exact":"ann@x.test"}"#).unwrap();
+        assert_eq!(back, keys);
+        let names: Vec<&String> = back.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["email_exact", "name_fuzzy"]);
     }
 
     #[test]

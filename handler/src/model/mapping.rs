@@ -209,6 +209,38 @@ pub fn transform(
     Ok(out)
 }
 
+/// Applies `mappings` to a record's fields as [`transform`] does, giving the fields up: a field
+/// that a rename reads, and no mapping after it, moves into the output instead of being copied
+/// (a page's records are mapped once, and their fields are not read again).
+pub fn transform_owned(
+    mappings: &[FieldMapping],
+    mut record: Map<String, Value>,
+) -> Result<Map<String, Value>, TransformError> {
+    if mappings.is_empty() {
+        record.remove("attributes");
+        return Ok(record);
+    }
+    let mut out = Map::new();
+    for (i, m) in mappings.iter().enumerate() {
+        match m.moved_source(&mappings[i + 1..]) {
+            Some(source) => {
+                let value = match record.remove(source) {
+                    Some(value) => value,
+                    None => lookup(&record, source).cloned().unwrap_or(Value::Null),
+                };
+                m.finish(
+                    source,
+                    m.target.as_deref().unwrap_or_default(),
+                    value,
+                    &mut out,
+                )?;
+            }
+            None => m.apply(&record, &mut out)?,
+        }
+    }
+    Ok(out)
+}
+
 /// A source field: `name` itself, or a path into nested objects (`from.user.displayName`,
 /// Salesforce's `Account.Name`) when the record has no field by that whole name.
 fn lookup<'a>(record: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -248,6 +280,26 @@ impl FieldMapping {
             field: field.to_string(),
             message: message.into(),
         }
+    }
+
+    /// The field this mapping may take from the record rather than copy: a rename's source,
+    /// when none of the `later` mappings reads it, or anything nested in it.
+    fn moved_source(&self, later: &[FieldMapping]) -> Option<&str> {
+        if self.transform != Transform::Rename {
+            return None;
+        }
+        let source = self
+            .source
+            .as_deref()
+            .or(self.sources.first().map(String::as_str))?;
+        let reads = |name: &String| {
+            name.strip_prefix(source)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        };
+        let read_later = later
+            .iter()
+            .any(|m| m.source.iter().chain(m.sources.iter()).any(reads));
+        (!read_later).then_some(source)
     }
 
     fn apply(
@@ -571,6 +623,42 @@ mod tests {
         changed.insert("tier".into(), json!("B"));
         let back = reverse(&m, &changed, Some(&only));
         assert_eq!(Value::Object(back.fields), json!({"Rating": "Warm"}));
+    }
+
+    #[test]
+    fn mapping_a_record_it_gives_up_yields_what_mapping_a_copy_does() {
+        let m = mappings(json!([
+            {"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
+            {"source": "Name", "target": "full_name"},
+            {"source": "Account", "target": "account"},
+            {"source": "Account.Name", "target": "company"},
+            {"source": "Email", "target": "email", "required": true},
+            {"source": "Email", "target": "contact"},
+            {"source": "Score", "target": "score", "type": "integer"},
+            {"source": "Missing", "target": "missing", "default": "none"},
+            {"sources": ["Street", "City"], "target": "address", "transform": "concat"},
+            {"source": "City", "target": "city"},
+        ]));
+        let record = json!({"Name": "Mary Ann Smith", "Account": {"Name": "Acme"},
+                            "Email": "ann@x.test", "Score": "7", "Street": "1 Main St",
+                            "City": "Springfield", "attributes": {"type": "Contact"}});
+        let record = record.as_object().unwrap();
+        let copied = transform(&m, record).unwrap();
+        assert_eq!(transform_owned(&m, record.clone()).unwrap(), copied);
+        assert_eq!(copied["company"], "Acme", "read after `Account` was mapped");
+        assert_eq!(
+            copied["contact"], "ann@x.test",
+            "read after `Email` was mapped"
+        );
+        assert_eq!(
+            transform_owned(&[], record.clone()).unwrap(),
+            transform(&[], record).unwrap()
+        );
+        let blank = json!({"Name": "Ann", "Email": " "});
+        assert_eq!(
+            transform_owned(&m, blank.as_object().unwrap().clone()).unwrap_err(),
+            transform(&m, blank.as_object().unwrap()).unwrap_err()
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::dedup::DedupKeys;
 use super::timestamp;
 
 /// A Castiel document. Fields the engine does not interpret are kept in `extra` so that
@@ -58,8 +59,8 @@ pub struct Shard {
     pub content_hash: Option<String>,
     /// The match keys of the mapping's deduplication rules, by rule name, so that a later
     /// record with the same key finds this shard with one indexed query.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub dedup_keys: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "DedupKeys::is_empty")]
+    pub dedup_keys: DedupKeys,
     /// Seconds from the last write until the document expires (Cosmos DB's per-item time to
     /// live; the embedded store honours it too). Set on sync history records.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1013,10 +1013,10 @@ pub fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::dedup::DedupKeys;
     use crate::model::timestamp;
     use chrono::{TimeZone, Utc};
     use serde_json::json;
-    use std::collections::BTreeMap;
 
     fn shard(tenant: &str, id: &str, data: Value) -> Shard {
         serde_json::from_value(json!({
@@ -1027,7 +1027,7 @@ mod tests {
     }
 
     /// The match keys of a contact with `email`.
-    fn email_key(email: &str) -> BTreeMap<String, String> {
+    fn email_key(email: &str) -> DedupKeys {
         [("email_exact".to_string(), email.to_string())].into()
     }
 
