@@ -45,6 +45,11 @@ async fn queries_filter_order_and_limit_within_and_across_tenants() {
     queries(&emulator_store(vec![]).await).await;
 }
 
+#[tokio::test]
+async fn an_entitys_shards_are_read_a_page_of_fingerprints_at_a_time() {
+    entity_fingerprints(&emulator_store(vec![]).await).await;
+}
+
 /// The store's contract for point operations, whatever Cosmos serves it.
 pub async fn point_operations(store: &CosmosStore) {
     let s = shard("t1", "a", json!({"n": 1}));
@@ -154,6 +159,54 @@ pub async fn queries(store: &CosmosStore) {
     let mut with_deleted = by_key;
     with_deleted.include_deleted = true;
     assert_eq!(ids(store.query(&with_deleted).await.unwrap()), ["gone"]);
+}
+
+/// The store's contract for reading an entity's shards a page of fingerprints at a time.
+pub async fn entity_fingerprints(store: &CosmosStore) {
+    let mut shards: Vec<Shard> = ["d", "a", "b", "c"]
+        .iter()
+        .map(|k| shard("t1", &format!("int-1~Meeting~{k}"), json!({"topic": k})))
+        .collect();
+    shards[2].deleted_at = Some(Utc::now());
+    shards.push(shard("t2", "int-1~Meeting~a", json!({})));
+    shards.push(shard("t1", "int-1~Meetings~a", json!({})));
+    shards.push(shard("t1", "int-1~Meeting", json!({})));
+    for s in &mut shards {
+        s.shard_type_id = "c_meeting".into();
+    }
+    let mut other_type = shard("t1", "int-1~Meeting~e", json!({}));
+    other_type.shard_type_id = "c_note".into();
+    shards.push(other_type);
+    assert!(store.upsert_many(&shards).await.unwrap().is_empty());
+
+    let prefix = "int-1~Meeting~";
+    let mut pages = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .fingerprints_by_prefix("t1", "c_meeting", prefix, after.as_deref(), 2)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|(id, _)| id.clone());
+        pages.push(page.into_iter().map(|(id, _)| id).collect::<Vec<_>>());
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["int-1~Meeting~a", "int-1~Meeting~c"],
+            vec!["int-1~Meeting~d"]
+        ],
+        "live, of the tenant, the type and the prefix only, in id order"
+    );
+    let first = store
+        .fingerprints_by_prefix("t1", "c_meeting", prefix, None, 1)
+        .await
+        .unwrap();
+    let read = store.get("t1", "int-1~Meeting~a").await.unwrap().unwrap();
+    assert_eq!(first[0].1, ShardFingerprint::of(&read.value));
 }
 
 /// Runs the demo's bulk import into a Cosmos store: every record lands once, whatever faults.

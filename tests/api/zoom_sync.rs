@@ -226,6 +226,52 @@ async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
 }
 
 #[tokio::test]
+async fn meetings_gone_from_anywhere_in_a_long_listing_are_all_reconciled() {
+    let (zoom, app) = connected().await;
+    zoom.load_meetings(2_500);
+    // The listing is read whole by one job, as reconciling it needs.
+    let handler = app
+        .host_handler_with(&[("SYNC_MAX_RECORDS", "10000")])
+        .await;
+    run_job(&handler, "job-1").await;
+    let mut synced: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(synced.len(), 2_500);
+
+    // The shards are reconciled a thousand at a time, in id order: one goes from each end and
+    // one from the middle of that order.
+    synced.sort();
+    let external_id = |id: &str| id.rsplit('~').next().unwrap().to_string();
+    let cancelled: Vec<String> = [0, 1_200, 2_499]
+        .iter()
+        .map(|&i| external_id(&synced[i]))
+        .collect();
+    for id in &cancelled {
+        zoom.delete_meeting(id);
+    }
+    run_job(&handler, "job-2").await;
+
+    let left: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(|m| external_id(m["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(left.len(), 2_497);
+    assert!(cancelled.iter().all(|id| !left.contains(id)));
+    let history = app.history().await;
+    let second = history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-2")
+        .unwrap();
+    assert_eq!(second["structuredData"]["stats"]["shardsUpdated"], 3);
+}
+
+#[tokio::test]
 async fn who_attended_past_meetings_is_synced_window_by_window() {
     let zoom = FakeZoom::start().await;
     let recent = zoom.add_past_meeting("Pipeline review", Utc::now() - chrono::Duration::days(3));

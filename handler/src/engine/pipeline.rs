@@ -61,6 +61,9 @@ pub const PAGE_SIZE: usize = 2000;
 /// 100, 500 and 1,000 measured the same).
 const LANDING_PART: usize = 250;
 
+/// Shards whose links a reconciliation reads at a time.
+const RECONCILE_PAGE: usize = 1000;
+
 /// What the pipeline is asked to do.
 pub struct Job<'a> {
     pub tenant_id: &'a str,
@@ -906,26 +909,43 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
-    /// (`listed`) no longer has.
+    /// (`listed`) no longer has. The entity's shards are read a page of fingerprints at a time,
+    /// in id order, so that an entity of any size costs a page of memory.
     async fn reconcile(&mut self, listed: &HashSet<String>) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
         let prefix = synced_shard_id(integration_id, &self.mapping.external_entity, "");
-        let query = ShardQuery::of_type(&self.mapping.shard_type_id)
-            .in_tenant(self.job.tenant_id)
-            .with_element("external_relationships", "integrationId", integration_id);
-        let synced = self.with_retries(|| self.app.store.query(&query)).await?;
-        let gone: Vec<String> = synced
-            .into_iter()
-            .filter(|v| v.value.id.starts_with(&prefix))
-            .flat_map(|v| v.value.external_relationships)
-            .filter(|r| r.integration_id == integration_id && !listed.contains(&r.external_id))
-            .map(|r| r.external_id)
-            .collect();
-        if !gone.is_empty() {
-            tracing::info!(entity = %self.mapping.external_entity, count = gone.len(), "records no longer listed are reconciled as deleted");
-        }
         let before = self.counters.skipped;
-        self.soft_delete(&gone).await?;
+        let mut after: Option<String> = None;
+        let mut reconciled = 0;
+        loop {
+            let synced = self
+                .with_retries(|| {
+                    self.app.store.fingerprints_by_prefix(
+                        self.job.tenant_id,
+                        &self.mapping.shard_type_id,
+                        &prefix,
+                        after.as_deref(),
+                        RECONCILE_PAGE,
+                    )
+                })
+                .await?;
+            let more = synced.len() == RECONCILE_PAGE;
+            after = synced.last().map(|(id, _)| id.clone());
+            let gone: Vec<String> = synced
+                .into_iter()
+                .flat_map(|(_, fingerprint)| fingerprint.links)
+                .filter(|r| r.integration_id == integration_id && !listed.contains(&r.external_id))
+                .map(|r| r.external_id)
+                .collect();
+            reconciled += gone.len();
+            self.soft_delete(&gone).await?;
+            if !more {
+                break;
+            }
+        }
+        if reconciled > 0 {
+            tracing::info!(entity = %self.mapping.external_entity, count = reconciled, "records no longer listed are reconciled as deleted");
+        }
         // Shards already soft-deleted are not records this run skipped.
         self.counters.skipped = before;
         Ok(())

@@ -285,6 +285,63 @@ pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String,
     (sql, params)
 }
 
+/// A shard's fingerprint as a query projects it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Projected {
+    id: String,
+    #[serde(default)]
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    deleted_at: Option<Value>,
+    #[serde(default, rename = "external_relationships")]
+    links: Vec<ExternalRelationship>,
+}
+
+impl Projected {
+    fn into_fingerprint(self) -> (String, ShardFingerprint) {
+        let fingerprint = ShardFingerprint {
+            updated_at: self.updated_at,
+            deleted: self.deleted_at.is_some_and(|d| !d.is_null()),
+            links: self.links,
+        };
+        (self.id, fingerprint)
+    }
+}
+
+/// The Cosmos SQL for [`ShardStore::fingerprints_by_prefix`], and its parameters: a range of
+/// ids rather than `STARTSWITH`, which the index serves in order.
+fn prefix_sql(
+    tenant_id: &str,
+    shard_type_id: &str,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> (String, Vec<(String, Value)>) {
+    let (from, above) = match after {
+        Some(after) if after >= prefix => (after, ">"),
+        _ => (prefix, ">="),
+    };
+    let mut sql = format!(
+        "SELECT TOP {limit} c.id, c.updatedAt, c.deletedAt, c.external_relationships FROM c \
+         WHERE c.shardTypeId = @type AND c.tenantId = @tenant AND c.id {above} @from"
+    );
+    let mut params = vec![
+        (
+            "@type".to_string(),
+            Value::String(shard_type_id.to_string()),
+        ),
+        ("@tenant".to_string(), Value::String(tenant_id.to_string())),
+        ("@from".to_string(), Value::String(from.to_string())),
+    ];
+    if let Some(end) = super::prefix_end(prefix) {
+        sql.push_str(" AND c.id < @end");
+        params.push(("@end".to_string(), Value::String(end)));
+    }
+    sql.push_str(" AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt)) ORDER BY c.id ASC");
+    (sql, params)
+}
+
 /// Orders and truncates on this side: a cross-partition `ORDER BY` is not needed for the
 /// engine's cross-tenant queries, which are bounded (due integrations).
 fn order_and_limit(mut shards: Vec<Versioned<Shard>>, query: &ShardQuery) -> Vec<Versioned<Shard>> {
@@ -392,17 +449,6 @@ impl ShardStore for CosmosStore {
         tenant_id: &str,
         ids: &[String],
     ) -> Result<Vec<Option<ShardFingerprint>>, StoreError> {
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Projected {
-            id: String,
-            #[serde(default)]
-            updated_at: Option<chrono::DateTime<chrono::Utc>>,
-            #[serde(default)]
-            deleted_at: Option<Value>,
-            #[serde(default, rename = "external_relationships")]
-            links: Vec<ExternalRelationship>,
-        }
         let mut found = std::collections::HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(GET_MANY_CHUNK) {
             let query = Query::from(
@@ -421,15 +467,41 @@ impl ShardStore for CosmosStore {
                 .await
                 .map_err(store_error)?;
             while let Some(item) = items.try_next().await.map_err(store_error)? {
-                let fingerprint = ShardFingerprint {
-                    updated_at: item.updated_at,
-                    deleted: item.deleted_at.is_some_and(|d| !d.is_null()),
-                    links: item.links,
-                };
-                found.insert(item.id, fingerprint);
+                let (id, fingerprint) = item.into_fingerprint();
+                found.insert(id, fingerprint);
             }
         }
         Ok(ids.iter().map(|id| found.remove(id)).collect())
+    }
+
+    /// One query in the tenant's partition, over the range of ids the prefix spans.
+    async fn fingerprints_by_prefix(
+        &self,
+        tenant_id: &str,
+        shard_type_id: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
+        let (sql, params) = prefix_sql(tenant_id, shard_type_id, prefix, after, limit);
+        let mut query = Query::from(sql);
+        for (name, value) in params {
+            query = query.with_parameter(name, value).map_err(store_error)?;
+        }
+        let mut items = self
+            .container
+            .query_items::<Projected>(
+                query,
+                FeedScope::Partition(tenant_id.to_string().into()),
+                None,
+            )
+            .await
+            .map_err(store_error)?;
+        let mut found = Vec::new();
+        while let Some(item) = items.try_next().await.map_err(store_error)? {
+            found.push(item.into_fingerprint());
+        }
+        Ok(found)
     }
 
     /// Upserts in transactional batches of up to 100 shards of one tenant: one request per
@@ -504,6 +576,24 @@ mod tests {
         );
         let names: Vec<_> = params.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["@type", "@tenant", "@element", "@p0", "@p1"]);
+    }
+
+    #[test]
+    fn a_page_of_an_entitys_fingerprints_is_a_range_of_ids_in_order() {
+        let (sql, params) = prefix_sql("t1", "c_meeting", "int-1~Meeting~", None, 1000);
+        assert_eq!(
+            sql,
+            "SELECT TOP 1000 c.id, c.updatedAt, c.deletedAt, c.external_relationships FROM c \
+             WHERE c.shardTypeId = @type AND c.tenantId = @tenant AND c.id >= @from \
+             AND c.id < @end AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt)) \
+             ORDER BY c.id ASC"
+        );
+        assert_eq!(params[2].1, "int-1~Meeting~");
+        assert_eq!(params[3].1, "int-1~Meeting\u{7f}");
+        let after = Some("int-1~Meeting~7");
+        let (sql, params) = prefix_sql("t1", "c_meeting", "int-1~Meeting~", after, 2);
+        assert!(sql.contains("c.id > @from"), "{sql}");
+        assert_eq!(params[2].1, "int-1~Meeting~7");
     }
 
     #[test]

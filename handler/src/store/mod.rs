@@ -71,6 +71,18 @@ impl ShardFingerprint {
     }
 }
 
+/// The least string above every string that begins with `prefix` (its last character moved
+/// one up), so that `prefix <= id < end` is a range scan of an index of ids. `None` when there
+/// is none: an empty prefix, or one ending in the last character.
+pub fn prefix_end(prefix: &str) -> Option<String> {
+    let mut end = prefix.to_string();
+    let last = end.pop()?;
+    // Code points, and so their UTF-8 bytes, sort alike; the surrogates are not characters.
+    let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32)?;
+    end.push(next);
+    Some(end)
+}
+
 /// A query over one shard type, optionally within one tenant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ShardQuery {
@@ -232,6 +244,34 @@ pub trait ShardStore: Send + Sync {
             .collect())
     }
 
+    /// The fingerprints of a tenant's live shards of one type whose ids begin with `prefix`
+    /// (the shards synced from one entity), in id order: the first `limit` after the id
+    /// `after`. What a reconciliation compares a complete listing with, a page at a time and
+    /// none of the shards' data read, so that it holds a page of them however many there are.
+    ///
+    /// By default the shards of the type are read whole and picked here.
+    async fn fingerprints_by_prefix(
+        &self,
+        tenant_id: &str,
+        shard_type_id: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
+        let query = ShardQuery::of_type(shard_type_id).in_tenant(tenant_id);
+        let mut found: Vec<(String, ShardFingerprint)> = self
+            .query(&query)
+            .await?
+            .into_iter()
+            .filter(|v| v.value.id.starts_with(prefix))
+            .filter(|v| after.is_none_or(|after| v.value.id.as_str() > after))
+            .map(|v| (v.value.id.clone(), ShardFingerprint::of(&v.value)))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(limit);
+        Ok(found)
+    }
+
     /// A write of many shards handed over in parts, as they are decided: what
     /// [`ShardStore::upsert_many`] does with all of them, begun before the last is known. A
     /// shard handed over twice is written as it was the second time. Nothing is promised
@@ -312,7 +352,31 @@ impl<S: ShardStore + ?Sized> Upserts for Collected<'_, S> {
 
 #[cfg(test)]
 mod tests {
-    use super::FieldPath;
+    use super::{FieldPath, prefix_end};
+
+    #[test]
+    fn a_prefix_ends_where_its_last_character_moves_one_up() {
+        let end = prefix_end("int-1~Meeting~").unwrap();
+        assert_eq!(end, "int-1~Meeting\u{7f}");
+        for id in [
+            "int-1~Meeting~",
+            "int-1~Meeting~9",
+            "int-1~Meeting~\u{10ffff}",
+        ] {
+            assert!("int-1~Meeting~" <= id && id < end.as_str(), "{id}");
+        }
+        for id in [
+            "int-1~Meeting}",
+            "int-1~Meeting\u{7f}",
+            "int-1~Meetinh",
+            "int-1~Meeting",
+        ] {
+            assert!(!("int-1~Meeting~" <= id && id < end.as_str()), "{id}");
+        }
+        assert_eq!(prefix_end("a\u{d7ff}").unwrap(), "a\u{e000}");
+        assert_eq!(prefix_end(""), None);
+        assert_eq!(prefix_end("a\u{10ffff}"), None);
+    }
 
     #[test]
     fn field_paths_are_plain_identifiers() {

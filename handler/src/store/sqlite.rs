@@ -379,6 +379,24 @@ struct StoredFingerprint<L> {
     links: Option<L>,
 }
 
+/// A shard's id and fingerprint from a row of `id, deleted, fingerprint`.
+fn fingerprint_row(row: &rusqlite::Row<'_>) -> Result<(String, ShardFingerprint), StoreError> {
+    let id: String = row.get(0).map_err(unavailable)?;
+    let stored: StoredFingerprint<Vec<_>> = row
+        .get_ref(2)
+        .map_err(unavailable)?
+        .as_str()
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
+        .map_err(|e| StoreError::Corrupt(format!("shard `{id}`: {e}")))?;
+    let fingerprint = ShardFingerprint {
+        updated_at: stored.updated_at,
+        deleted: row.get(1).map_err(unavailable)?,
+        links: stored.links.unwrap_or_default(),
+    };
+    Ok((id, fingerprint))
+}
+
 /// A shard's document as the store writes it: the text `Shard`'s own serialization writes, but
 /// with the links' JSON (`links`) written beforehand, so that the fingerprint column takes the
 /// same text rather than serializing the links a second time.
@@ -946,21 +964,56 @@ impl ShardStore for SqliteStore {
             let mut found = HashMap::with_capacity_and_hasher(ids.len(), IdHasher::default());
             let mut rows = stmt.query([&tenant_id, &wanted]).map_err(unavailable)?;
             while let Some(row) = rows.next().map_err(unavailable)? {
-                let id: String = row.get(0).map_err(unavailable)?;
-                let stored = row.get_ref(2).map_err(unavailable)?;
-                let stored: StoredFingerprint<Vec<_>> = stored
-                    .as_str()
-                    .map_err(|e| e.to_string())
-                    .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
-                    .map_err(|e| StoreError::Corrupt(format!("shard `{id}`: {e}")))?;
-                let fingerprint = ShardFingerprint {
-                    updated_at: stored.updated_at,
-                    deleted: row.get(1).map_err(unavailable)?,
-                    links: stored.links.unwrap_or_default(),
-                };
+                let (id, fingerprint) = fingerprint_row(row)?;
                 found.insert(id, fingerprint);
             }
             Ok(ids.iter().map(|id| found.remove(id)).collect())
+        })
+        .await
+    }
+
+    /// A range scan of the ids' index, from the prefix (or the id after which the page
+    /// starts) to where the prefix ends.
+    async fn fingerprints_by_prefix(
+        &self,
+        tenant_id: &str,
+        shard_type_id: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
+        let (from, above) = match after {
+            Some(after) if after >= prefix => (after.to_string(), ">"),
+            _ => (prefix.to_string(), ">="),
+        };
+        let end = super::prefix_end(prefix);
+        let sql = format!(
+            "SELECT id, deleted, fingerprint FROM shards
+             WHERE id {above} ?1 {} AND tenant_id = ?3 AND +shard_type_id = ?4 AND deleted = 0
+             AND (expires IS NULL OR expires > ?5)
+             ORDER BY id LIMIT ?6",
+            if end.is_some() {
+                "AND id < ?2"
+            } else {
+                "AND ?2 IS NULL"
+            }
+        );
+        let args = (
+            from,
+            end,
+            tenant_id.to_string(),
+            shard_type_id.to_string(),
+            chrono::Utc::now().timestamp(),
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        );
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let mut rows = stmt.query(args).map_err(unavailable)?;
+            let mut found = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                found.push(fingerprint_row(row)?);
+            }
+            Ok(found)
         })
         .await
     }
@@ -1364,6 +1417,52 @@ mod tests {
             "the fingerprint the shard itself gives"
         );
         assert!(fingerprints[0].as_ref().unwrap().updated_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_entitys_live_shards_are_read_in_pages_of_fingerprints_in_id_order() {
+        let (_dir, store) = store();
+        let mut shards: Vec<Shard> = ["d", "a", "b", "c"]
+            .iter()
+            .map(|k| contact("t1", &format!("int-1~Contact~{k}"), &format!("{k}@x.test")))
+            .collect();
+        shards[2].deleted_at = Some(Utc::now());
+        shards.push(contact("t2", "int-1~Contact~a", "a@x.test"));
+        shards.push(contact("t1", "int-1~Contacts~a", "a@x.test"));
+        shards.push(contact("t1", "int-1~Contact", "a@x.test"));
+        let mut company = contact("t1", "int-1~Contact~e", "e@x.test");
+        company.shard_type_id = "c_company".into();
+        shards.push(company);
+        assert!(store.upsert_many(&shards).await.unwrap().is_empty());
+
+        let prefix = "int-1~Contact~";
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .fingerprints_by_prefix("t1", "c_contact", prefix, after.as_deref(), 2)
+                .await
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(|(id, _)| id.clone());
+            pages.push(page.into_iter().map(|(id, _)| id).collect::<Vec<_>>());
+        }
+        assert_eq!(
+            pages,
+            [
+                vec!["int-1~Contact~a", "int-1~Contact~c"],
+                vec!["int-1~Contact~d"]
+            ],
+            "live, of the tenant, the type and the prefix only"
+        );
+        let first = store
+            .fingerprints_by_prefix("t1", "c_contact", prefix, None, 1)
+            .await
+            .unwrap();
+        let read = store.get("t1", "int-1~Contact~a").await.unwrap().unwrap();
+        assert_eq!(first[0].1, ShardFingerprint::of(&read.value));
     }
 
     #[tokio::test]
