@@ -7,7 +7,6 @@
 //! `synchronous=NORMAL` keeps every committed write across a process crash (kill -9); only a
 //! power loss can take the last transactions.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -18,10 +17,6 @@ use serde_json::value::RawValue;
 
 use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upserts, Versioned};
 use crate::model::Shard;
-
-/// How a page's shards are matched to the ids asked for: a thousand ids a page, hashed with
-/// foldhash rather than SipHash.
-type IdHasher = foldhash::fast::RandomState;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -381,20 +376,27 @@ struct StoredFingerprint<L> {
 
 /// A shard's id and fingerprint from a row of `id, deleted, fingerprint`.
 fn fingerprint_row(row: &rusqlite::Row<'_>) -> Result<(String, ShardFingerprint), StoreError> {
-    let id: String = row.get(0).map_err(unavailable)?;
+    Ok((row.get(0).map_err(unavailable)?, fingerprint_of(row)?))
+}
+
+/// A shard's fingerprint from a row of `id, deleted, fingerprint` (the id read only to name a
+/// shard whose fingerprint is unreadable).
+fn fingerprint_of(row: &rusqlite::Row<'_>) -> Result<ShardFingerprint, StoreError> {
     let stored: StoredFingerprint<Vec<_>> = row
         .get_ref(2)
         .map_err(unavailable)?
         .as_str()
         .map_err(|e| e.to_string())
         .and_then(|text| serde_json::from_str(text).map_err(|e| e.to_string()))
-        .map_err(|e| StoreError::Corrupt(format!("shard `{id}`: {e}")))?;
-    let fingerprint = ShardFingerprint {
+        .map_err(|e| {
+            let id: String = row.get(0).unwrap_or_default();
+            StoreError::Corrupt(format!("shard `{id}`: {e}"))
+        })?;
+    Ok(ShardFingerprint {
         updated_at: stored.updated_at,
         deleted: row.get(1).map_err(unavailable)?,
         links: stored.links.unwrap_or_default(),
-    };
-    Ok((id, fingerprint))
+    })
 }
 
 /// A shard's document as the store writes it: the text `Shard`'s own serialization writes, but
@@ -916,27 +918,28 @@ impl ShardStore for SqliteStore {
         }
         let tenant_id = tenant_id.to_string();
         let wanted = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let ids = ids.to_vec();
+        let asked = ids.len();
         self.with_conn(move |conn| {
+            // Each row says where its id is in the list asked (`wanted.key`), so the answer is
+            // put in place without the ids copied or looked up again.
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT s.id, s.doc, s.etag
+                    "SELECT wanted.key, s.doc, s.etag
                      FROM json_each(?2) AS wanted CROSS JOIN shards AS s
                      WHERE s.tenant_id = ?1 AND s.id = wanted.value",
                 )
                 .map_err(unavailable)?;
-            let mut found = HashMap::with_capacity_and_hasher(ids.len(), IdHasher::default());
+            let mut found: Vec<Option<Versioned<Shard>>> = (0..asked).map(|_| None).collect();
             let mut rows = stmt.query([&tenant_id, &wanted]).map_err(unavailable)?;
             while let Some(row) = rows.next().map_err(unavailable)? {
-                let id: String = row.get(0).map_err(unavailable)?;
+                let at: usize = row.get(0).map_err(unavailable)?;
                 let doc = row.get_ref(1).map_err(unavailable)?;
                 let doc = doc
                     .as_str()
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let shard = decode(doc, row.get(2).map_err(unavailable)?)?;
-                found.insert(id, shard);
+                found[at] = Some(decode(doc, row.get(2).map_err(unavailable)?)?);
             }
-            Ok(ids.iter().map(|id| found.remove(id)).collect())
+            Ok(found)
         })
         .await
     }
@@ -952,22 +955,23 @@ impl ShardStore for SqliteStore {
         }
         let tenant_id = tenant_id.to_string();
         let wanted = serde_json::to_string(ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let ids = ids.to_vec();
+        let asked = ids.len();
         self.with_conn(move |conn| {
+            // As in `get_many`, each answer is put where its id was asked.
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT s.id, s.deleted, s.fingerprint
+                    "SELECT s.id, s.deleted, s.fingerprint, wanted.key
                      FROM json_each(?2) AS wanted CROSS JOIN shards AS s
                      WHERE s.tenant_id = ?1 AND s.id = wanted.value",
                 )
                 .map_err(unavailable)?;
-            let mut found = HashMap::with_capacity_and_hasher(ids.len(), IdHasher::default());
+            let mut found: Vec<Option<ShardFingerprint>> = (0..asked).map(|_| None).collect();
             let mut rows = stmt.query([&tenant_id, &wanted]).map_err(unavailable)?;
             while let Some(row) = rows.next().map_err(unavailable)? {
-                let (id, fingerprint) = fingerprint_row(row)?;
-                found.insert(id, fingerprint);
+                let at: usize = row.get(3).map_err(unavailable)?;
+                found[at] = Some(fingerprint_of(row)?);
             }
-            Ok(ids.iter().map(|id| found.remove(id)).collect())
+            Ok(found)
         })
         .await
     }
