@@ -125,7 +125,11 @@ impl DedupKeys {
     pub fn insert(&mut self, rule: String, key: String) {
         match self.position(&rule) {
             Ok(i) => self.0[i].1 = key,
-            Err(i) => self.0.insert(i, (rule, key)),
+            Err(i) => {
+                // One key per rule, and most mappings have one rule.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (rule, key))
+            }
         }
     }
 

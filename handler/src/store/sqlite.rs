@@ -392,10 +392,14 @@ fn fingerprint_of(row: &rusqlite::Row<'_>) -> Result<ShardFingerprint, StoreErro
             let id: String = row.get(0).unwrap_or_default();
             StoreError::Corrupt(format!("shard `{id}`: {e}"))
         })?;
+    let mut links = stored.links.unwrap_or_default();
+    // Read from JSON, whose arrays do not say their length, one link took room for four; a
+    // page's fingerprints are thousands of them.
+    links.shrink_to_fit();
     Ok(ShardFingerprint {
         updated_at: stored.updated_at,
         deleted: row.get(1).map_err(unavailable)?,
-        links: stored.links.unwrap_or_default(),
+        links,
     })
 }
 
