@@ -99,20 +99,21 @@
 //! On a slower 2-core machine (AMD EPYC under KVM, where a page fault costs the kernel about 6 µs),
 //! the kernel's part is larger still: 70-90 of a full sync's 210 ms with 11,700 page faults. The
 //! same fault profile (`perf record -e page-faults`) says which allocations take memory the
-//! allocator must get back from the system each page: a shard's room for four links where it
-//! has one (576 bytes a shard, and as much again for each fingerprint read, JSON arrays not
-//! saying their length), a record's field map copied into its shard's data rather than moved
-//! (its maps then freed only after the page), a BTreeMap of match keys (544 bytes for one key),
-//! the page's table of shards, the records' maps as parsed and the HTTP body. With the first
-//! three gone, alternating runs: faults 11,700 -> 8,600 a full sync and 5,600 -> 2,700 a re-run,
-//! the handler's CPU 212 -> 148-174 ms and 88 -> 56-68 ms, a full sync 0.159 -> 0.114-0.133 s,
-//! a re-run 0.074-0.080 -> 0.046-0.060 s, 100,000 records in 1.08-1.15 s at 40 MiB; the
-//! no-engine baseline, 0.053-0.073 s on this machine, leaves the ratio at 2.1-2.5. Measured there
-//! and not kept: `lto = "fat"` with one codegen unit (2% fewer instructions for twice the
-//! release build time); the HTTP body read into a buffer kept from page to page (100-400 fewer
-//! faults, within the noise); mimalloc keeping more empty pages (`page_full_retain` 8 or 32: up
-//! to 2,000 fewer faults, no less CPU, 3-5 MiB more) or reclaiming them across threads; purge
-//! delays of 0, 10, 25 and 50 ms (at 25 ms and more, 100,000 records peak at 50-52 MiB).
+//! allocator must get back from the system each page: a shard's room for four links where it has
+//! one (576 bytes a shard, and as much again for each fingerprint read, JSON arrays not saying
+//! their length), a record's field map copied into its shard's data rather than moved (its maps
+//! then freed only after the page), a BTreeMap of match keys (544 bytes for one key), the page's
+//! table of shards, the records' maps as parsed and the HTTP body. With the first three gone,
+//! alternating runs: faults 11,700 -> 8,600 a full sync and 5,600 -> 2,700 a re-run, the handler's
+//! CPU 212 -> 148-174 ms and 88 -> 56-68 ms, a full sync 0.159 -> 0.114-0.133 s, a re-run
+//! 0.074-0.080 -> 0.046-0.060 s, 100,000 records in 1.08-1.15 s at 40 MiB; the no-engine baseline,
+//! 0.053-0.073 s on this machine, leaves the ratio at 2.1-2.5. Measured there and not kept: `lto =
+//! "fat"` with one codegen unit (2% fewer instructions for twice the release build time); the HTTP
+//! body read into a buffer kept from page to page (100-400 fewer faults, within the noise); the
+//! page's table of shards kept, emptied, for a later page (550 fewer faults, no less CPU, 1.5 MiB
+//! more); mimalloc keeping more empty pages (`page_full_retain` 8 or 32: up to 2,000 fewer faults,
+//! no less CPU, 3-5 MiB more) or reclaiming them across threads; purge delays of 0, 10, 25 and 50
+//! ms (at 25 ms and more, 100,000 records peak at 50-52 MiB).
 //!
 //! A complete listing (Zoom's meetings, Gong's users) is compared with the entity's shards a
 //! thousand fingerprints at a time: read whole in one query they took a 10,000-meeting sync to
