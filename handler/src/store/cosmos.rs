@@ -499,6 +499,10 @@ impl ShardStore for CosmosStore {
             .map_err(store_error)?;
         let mut found = Vec::new();
         while let Some(item) = items.try_next().await.map_err(store_error)? {
+            // As in the embedded store: the prefix's ids are one run in id order.
+            if !item.id.starts_with(prefix) {
+                break;
+            }
             found.push(item.into_fingerprint());
         }
         Ok(found)

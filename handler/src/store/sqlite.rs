@@ -1006,6 +1006,7 @@ impl ShardStore for SqliteStore {
                 "AND ?2 IS NULL"
             }
         );
+        let prefix = prefix.to_string();
         let args = (
             from,
             end,
@@ -1019,7 +1020,13 @@ impl ShardStore for SqliteStore {
             let mut rows = stmt.query(args).map_err(unavailable)?;
             let mut found = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
-                found.push(fingerprint_row(row)?);
+                let (id, fingerprint) = fingerprint_row(row)?;
+                // The ids that begin with the prefix are one run in id order (the end of the
+                // range says where it stops, but for a prefix that has no end).
+                if !id.starts_with(&prefix) {
+                    break;
+                }
+                found.push((id, fingerprint));
             }
             Ok(found)
         })
@@ -1471,6 +1478,20 @@ mod tests {
             .unwrap();
         let read = store.get("t1", "int-1~Contact~a").await.unwrap().unwrap();
         assert_eq!(first[0].1, ShardFingerprint::of(&read.value));
+
+        // A prefix with no end (its last character is the last there is) stops all the same.
+        let endless = "z\u{10ffff}";
+        let later: Vec<Shard> = ["z\u{10ffff}1", "z\u{10ffff}2", "\u{10ffff}"]
+            .iter()
+            .map(|id| contact("t1", id, "z@x.test"))
+            .collect();
+        assert!(store.upsert_many(&later).await.unwrap().is_empty());
+        let found = store
+            .fingerprints_by_prefix("t1", "c_contact", endless, None, 10)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["z\u{10ffff}1", "z\u{10ffff}2"]);
     }
 
     #[tokio::test]
