@@ -118,7 +118,7 @@ impl DedupKeys {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().map(|(name, key)| (name, key))
+        self.into_iter()
     }
 
     /// Sets the key of `rule`, replacing the one it had.

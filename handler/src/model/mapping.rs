@@ -228,12 +228,7 @@ pub fn transform_owned(
                     Some(value) => value,
                     None => lookup(&record, source).cloned().unwrap_or(Value::Null),
                 };
-                m.finish(
-                    source,
-                    m.target.as_deref().unwrap_or_default(),
-                    value,
-                    &mut out,
-                )?;
+                m.finish(source, m.target_name(), value, &mut out)?;
             }
             None => m.apply(&record, &mut out)?,
         }
@@ -288,10 +283,7 @@ impl FieldMapping {
         if self.transform != Transform::Rename {
             return None;
         }
-        let source = self
-            .source
-            .as_deref()
-            .or(self.sources.first().map(String::as_str))?;
+        let source = self.source_name()?;
         let reads = |name: &String| {
             name.strip_prefix(source)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
@@ -302,21 +294,27 @@ impl FieldMapping {
         (!read_later).then_some(source)
     }
 
+    /// The field a rename or a split reads: `source`, or the first of `sources`.
+    fn source_name(&self) -> Option<&str> {
+        self.source
+            .as_deref()
+            .or(self.sources.first().map(String::as_str))
+    }
+
+    fn target_name(&self) -> &str {
+        self.target.as_deref().unwrap_or_default()
+    }
+
     fn apply(
         &self,
         record: &Map<String, Value>,
         out: &mut Map<String, Value>,
     ) -> Result<(), TransformError> {
-        let source_name = self
-            .source
-            .as_deref()
-            .or(self.sources.first().map(String::as_str))
-            .unwrap_or_default();
+        let source_name = self.source_name().unwrap_or_default();
         match self.transform {
             Transform::Rename => {
                 let value = lookup(record, source_name).cloned().unwrap_or(Value::Null);
-                let target = self.target.as_deref().unwrap_or_default();
-                self.finish(source_name, target, value, out)?;
+                self.finish(source_name, self.target_name(), value, out)?;
             }
             Transform::Concat => {
                 let separator = self.separator.as_deref().unwrap_or(" ");
@@ -335,8 +333,7 @@ impl FieldMapping {
                 } else {
                     Value::String(parts.join(separator))
                 };
-                let target = self.target.as_deref().unwrap_or_default();
-                self.finish(source_name, target, value, out)?;
+                self.finish(source_name, self.target_name(), value, out)?;
             }
             Transform::Split => {
                 let text = match lookup(record, source_name) {

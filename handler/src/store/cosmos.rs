@@ -17,7 +17,7 @@ use azure_data_cosmos::{
 use futures_util::TryStreamExt;
 use serde_json::Value;
 
-use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
+use super::{IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
 use crate::model::Shard;
 use crate::model::shard::ExternalRelationship;
 
@@ -285,6 +285,15 @@ pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String,
     (sql, params)
 }
 
+/// A query of `sql` with its `params`.
+fn parameterized(sql: String, params: Vec<(String, Value)>) -> Result<Query, StoreError> {
+    params
+        .into_iter()
+        .try_fold(Query::from(sql), |query, (name, value)| {
+            query.with_parameter(name, value).map_err(store_error)
+        })
+}
+
 /// A shard's fingerprint as a query projects it.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -318,13 +327,11 @@ fn prefix_sql(
     after: Option<&str>,
     limit: usize,
 ) -> (String, Vec<(String, Value)>) {
-    let (from, above) = match after {
-        Some(after) if after >= prefix => (after, ">"),
-        _ => (prefix, ">="),
-    };
+    let range = IdRange::of(prefix, after);
     let mut sql = format!(
         "SELECT TOP {limit} c.id, c.updatedAt, c.deletedAt, c.external_relationships FROM c \
-         WHERE c.shardTypeId = @type AND c.tenantId = @tenant AND c.id {above} @from"
+         WHERE c.shardTypeId = @type AND c.tenantId = @tenant AND c.id {} @from",
+        range.from_op
     );
     let mut params = vec![
         (
@@ -332,9 +339,9 @@ fn prefix_sql(
             Value::String(shard_type_id.to_string()),
         ),
         ("@tenant".to_string(), Value::String(tenant_id.to_string())),
-        ("@from".to_string(), Value::String(from.to_string())),
+        ("@from".to_string(), Value::String(range.from)),
     ];
-    if let Some(end) = super::prefix_end(prefix) {
+    if let Some(end) = range.end {
         sql.push_str(" AND c.id < @end");
         params.push(("@end".to_string(), Value::String(end)));
     }
@@ -484,10 +491,7 @@ impl ShardStore for CosmosStore {
         limit: usize,
     ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
         let (sql, params) = prefix_sql(tenant_id, shard_type_id, prefix, after, limit);
-        let mut query = Query::from(sql);
-        for (name, value) in params {
-            query = query.with_parameter(name, value).map_err(store_error)?;
-        }
+        let query = parameterized(sql, params)?;
         let mut items = self
             .container
             .query_items::<Projected>(
@@ -536,12 +540,7 @@ impl ShardStore for CosmosStore {
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         let in_partition = query.tenant_id.is_some();
         let (sql, params) = cosmos_sql(query, in_partition);
-        let mut cosmos_query = Query::from(sql);
-        for (name, value) in params {
-            cosmos_query = cosmos_query
-                .with_parameter(name, value)
-                .map_err(store_error)?;
-        }
+        let cosmos_query = parameterized(sql, params)?;
         let scope = match &query.tenant_id {
             Some(tenant) => FeedScope::Partition(tenant.clone().into()),
             None => FeedScope::full_container(),

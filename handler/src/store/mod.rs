@@ -71,10 +71,35 @@ impl ShardFingerprint {
     }
 }
 
+/// The ids one page of [`ShardStore::fingerprints_by_prefix`] reads: from the prefix, or above
+/// the id the page follows, to where the prefix ends, so that a store reads a range of its
+/// index of ids. A prefix may have no end ([`prefix_end`]): a store then stops at the first id
+/// that does not begin with it, as it may anyway.
+pub struct IdRange {
+    pub from: String,
+    /// `>=` when the range starts at the prefix, `>` when it starts above the id a page follows.
+    pub from_op: &'static str,
+    pub end: Option<String>,
+}
+
+impl IdRange {
+    pub fn of(prefix: &str, after: Option<&str>) -> Self {
+        let (from, from_op) = match after {
+            Some(after) if after >= prefix => (after, ">"),
+            _ => (prefix, ">="),
+        };
+        Self {
+            from: from.to_string(),
+            from_op,
+            end: prefix_end(prefix),
+        }
+    }
+}
+
 /// The least string above every string that begins with `prefix` (its last character moved
 /// one up), so that `prefix <= id < end` is a range scan of an index of ids. `None` when there
 /// is none: an empty prefix, or one ending in the last character.
-pub fn prefix_end(prefix: &str) -> Option<String> {
+fn prefix_end(prefix: &str) -> Option<String> {
     let mut end = prefix.to_string();
     let last = end.pop()?;
     // Code points, and so their UTF-8 bytes, sort alike; the surrogates are not characters.
@@ -352,7 +377,7 @@ impl<S: ShardStore + ?Sized> Upserts for Collected<'_, S> {
 
 #[cfg(test)]
 mod tests {
-    use super::{FieldPath, prefix_end};
+    use super::{FieldPath, IdRange, prefix_end};
 
     #[test]
     fn a_prefix_ends_where_its_last_character_moves_one_up() {
@@ -375,6 +400,14 @@ mod tests {
         }
         assert_eq!(prefix_end("a\u{d7ff}").unwrap(), "a\u{e000}");
         assert_eq!(prefix_end(""), None);
+        let page = IdRange::of("int-1~Meeting~", Some("int-1~Meeting~7"));
+        assert_eq!((page.from.as_str(), page.from_op), ("int-1~Meeting~7", ">"));
+        let first = IdRange::of("int-1~Meeting~", None);
+        assert_eq!(
+            (first.from.as_str(), first.from_op),
+            ("int-1~Meeting~", ">=")
+        );
+        assert_eq!(first.end.as_deref(), Some("int-1~Meeting\u{7f}"));
         assert_eq!(prefix_end("a\u{10ffff}"), None);
     }
 

@@ -15,7 +15,9 @@ use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as 
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upserts, Versioned};
+use super::{
+    IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upserts, Versioned,
+};
 use crate::model::Shard;
 
 #[derive(Clone)]
@@ -990,17 +992,14 @@ impl ShardStore for SqliteStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
-        let (from, above) = match after {
-            Some(after) if after >= prefix => (after.to_string(), ">"),
-            _ => (prefix.to_string(), ">="),
-        };
-        let end = super::prefix_end(prefix);
+        let range = IdRange::of(prefix, after);
         let sql = format!(
             "SELECT id, deleted, fingerprint FROM shards
-             WHERE id {above} ?1 {} AND tenant_id = ?3 AND +shard_type_id = ?4 AND deleted = 0
+             WHERE id {} ?1 {} AND tenant_id = ?3 AND +shard_type_id = ?4 AND deleted = 0
              AND (expires IS NULL OR expires > ?5)
              ORDER BY id LIMIT ?6",
-            if end.is_some() {
+            range.from_op,
+            if range.end.is_some() {
                 "AND id < ?2"
             } else {
                 "AND ?2 IS NULL"
@@ -1008,8 +1007,8 @@ impl ShardStore for SqliteStore {
         );
         let prefix = prefix.to_string();
         let args = (
-            from,
-            end,
+            range.from,
+            range.end,
             tenant_id.to_string(),
             shard_type_id.to_string(),
             chrono::Utc::now().timestamp(),
