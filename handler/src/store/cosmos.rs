@@ -219,6 +219,33 @@ impl CosmosStore {
         Ok(refused)
     }
 
+    /// The fingerprints a query in the tenant's partition projects, in the order it answers,
+    /// up to the first whose id is not `wanted`.
+    async fn fingerprints_of(
+        &self,
+        tenant_id: &str,
+        query: Query,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
+        let mut items = self
+            .container
+            .query_items::<Projected>(
+                query,
+                FeedScope::Partition(tenant_id.to_string().into()),
+                None,
+            )
+            .await
+            .map_err(store_error)?;
+        let mut found = Vec::new();
+        while let Some(item) = items.try_next().await.map_err(store_error)? {
+            if !wanted(&item.id) {
+                break;
+            }
+            found.push(item.into_fingerprint());
+        }
+        Ok(found)
+    }
+
     async fn collect(
         &self,
         query: Query,
@@ -464,19 +491,7 @@ impl ShardStore for CosmosStore {
             )
             .with_parameter("@ids", chunk)
             .map_err(store_error)?;
-            let mut items = self
-                .container
-                .query_items::<Projected>(
-                    query,
-                    FeedScope::Partition(tenant_id.to_string().into()),
-                    None,
-                )
-                .await
-                .map_err(store_error)?;
-            while let Some(item) = items.try_next().await.map_err(store_error)? {
-                let (id, fingerprint) = item.into_fingerprint();
-                found.insert(id, fingerprint);
-            }
+            found.extend(self.fingerprints_of(tenant_id, query, |_| true).await?);
         }
         Ok(ids.iter().map(|id| found.remove(id)).collect())
     }
@@ -492,24 +507,9 @@ impl ShardStore for CosmosStore {
     ) -> Result<Vec<(String, ShardFingerprint)>, StoreError> {
         let (sql, params) = prefix_sql(tenant_id, shard_type_id, prefix, after, limit);
         let query = parameterized(sql, params)?;
-        let mut items = self
-            .container
-            .query_items::<Projected>(
-                query,
-                FeedScope::Partition(tenant_id.to_string().into()),
-                None,
-            )
+        // As in the embedded store: the prefix's ids are one run in id order.
+        self.fingerprints_of(tenant_id, query, |id| id.starts_with(prefix))
             .await
-            .map_err(store_error)?;
-        let mut found = Vec::new();
-        while let Some(item) = items.try_next().await.map_err(store_error)? {
-            // As in the embedded store: the prefix's ids are one run in id order.
-            if !item.id.starts_with(prefix) {
-                break;
-            }
-            found.push(item.into_fingerprint());
-        }
-        Ok(found)
     }
 
     /// Upserts in transactional batches of up to 100 shards of one tenant: one request per
