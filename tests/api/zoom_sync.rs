@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use handler::queue::SYNC_INBOUND_WEBHOOK;
+use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
+use handler::store::{ShardQuery, ShardStore};
 
 use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
 use crate::fake_zoom::FakeZoom;
@@ -269,6 +270,120 @@ async fn meetings_gone_from_anywhere_in_a_long_listing_are_all_reconciled() {
         .find(|r| r["structuredData"]["jobId"] == "job-2")
         .unwrap();
     assert_eq!(second["structuredData"]["stats"]["shardsUpdated"], 3);
+}
+
+/// Runs `job_id` and every continuation job it hands the rest of the listing to, as the
+/// queue delivers them; returns how many jobs ran.
+async fn run_job_to_the_end(app: &TestApp, handler: &HostedHandler, job_id: &str) -> usize {
+    run_job(handler, job_id).await;
+    let broker = app.broker();
+    let mut jobs = 1;
+    while let Some(continuation) = broker
+        .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
+        .unwrap()
+    {
+        handler.deliver("SyncInboundScheduled", &continuation).await;
+        broker.complete(&continuation).unwrap();
+        jobs += 1;
+    }
+    jobs
+}
+
+#[tokio::test]
+async fn meetings_gone_from_a_listing_read_over_several_jobs_are_reconciled() {
+    let (zoom, app) = connected().await;
+    zoom.load_meetings(2_500);
+    // A job stops after a thousand records and a continuation job goes on from its checkpoint.
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
+    assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 3);
+    let mut synced: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(synced.len(), 2_500);
+
+    // One meeting goes from the part each of the three jobs lists.
+    synced.sort();
+    let external_id = |id: &str| id.rsplit('~').next().unwrap().to_string();
+    let cancelled: Vec<String> = [0, 1_200, 2_499]
+        .iter()
+        .map(|&i| external_id(&synced[i]))
+        .collect();
+    for id in &cancelled {
+        zoom.delete_meeting(id);
+    }
+    assert_eq!(run_job_to_the_end(&app, &handler, "job-2").await, 3);
+
+    let left: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(|m| external_id(m["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(left.len(), 2_497);
+    assert!(cancelled.iter().all(|id| !left.contains(id)));
+    // The job that read the listing's end reconciled what the three jobs listed.
+    let history = app.history().await;
+    let last = history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-2+2")
+        .unwrap();
+    assert_eq!(
+        last["structuredData"]["stats"]["shardsUpdated"], 3,
+        "{last}"
+    );
+    assert!(
+        app.integration(ID).await["structuredData"]
+            .get("checkpoints")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_listing_resumed_after_its_pages_expired_reconciles_nothing() {
+    let (zoom, app) = connected().await;
+    zoom.load_meetings(1_500);
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
+    assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 2);
+    let synced = app.shards("c_meeting").await;
+    let first = synced[0]["id"]
+        .as_str()
+        .unwrap()
+        .rsplit('~')
+        .next()
+        .unwrap();
+    zoom.delete_meeting(first);
+
+    // The first job of the next listing stops at the limit; its pages are then lost, as when
+    // a listing is resumed after they expired.
+    run_job(&handler, "job-2").await;
+    let store = app.store();
+    let pages = store
+        .query(&ShardQuery::of_type("c_syncListing").in_tenant("t1"))
+        .await
+        .unwrap();
+    assert!(!pages.is_empty());
+    for page in pages {
+        let mut gone = page.value;
+        gone.structured_data = json!({});
+        store.upsert(&gone).await.unwrap();
+    }
+    let broker = app.broker();
+    let continuation = broker
+        .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
+        .unwrap()
+        .unwrap();
+    handler.deliver("SyncInboundScheduled", &continuation).await;
+
+    // Half a listing cannot tell what is gone: every meeting it did not see stays.
+    assert_eq!(app.shards("c_meeting").await.len(), 1_500);
+    assert!(
+        app.integration(ID).await["structuredData"]
+            .get("checkpoints")
+            .is_none()
+    );
 }
 
 #[tokio::test]

@@ -46,6 +46,7 @@ use crate::app::App;
 use crate::model::conflict::ConflictPolicy;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
+use crate::model::listing::ListedPage;
 use crate::model::mapping::EntityMapping;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
@@ -294,9 +295,9 @@ struct EntityRun<'a> {
     errors: Vec<SyncError>,
     /// The cursor the pages synced so far returned.
     pending_cursor: Option<String>,
-    /// The records a complete listing has returned so far, when this run is one from the start
-    /// (see `Pull::lists_everything`): what it leaves out is reconciled as deleted.
-    listed: Option<HashSet<String>>,
+    /// The complete listing this run reads part or all of (see `Pull::lists_everything`):
+    /// what it leaves out is reconciled as deleted.
+    listing: Option<Listing>,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
     /// This entity's first page, when it was fetched while the entity before was processed.
@@ -305,6 +306,16 @@ struct EntityRun<'a> {
     next_entity: Option<FetchRequest>,
     /// That request sent while this entity's last page was processed.
     next_first_page: Option<Fetching>,
+}
+
+/// A listing of an entity read whole, from the start, by this job and the jobs before it
+/// (see [`crate::model::listing`]).
+#[derive(Default)]
+struct Listing {
+    /// The external ids listed so far.
+    ids: HashSet<String>,
+    /// The pages stored so far: the next page stored is page `stored`.
+    stored: u64,
 }
 
 /// A page's records mapped, with the fingerprints of the shards they map to (where the
@@ -498,7 +509,7 @@ impl<'a> EntityRun<'a> {
             counters: Counters::default(),
             errors: Vec::new(),
             pending_cursor: None,
-            listed: None,
+            listing: None,
             finished: Vec::new(),
             first_page: None,
             next_entity: None,
@@ -608,10 +619,18 @@ impl<'a> EntityRun<'a> {
         let mut request = first_request(self.job, integration, self.mapping);
         let mut cursor = request.cursor.clone();
         self.pending_cursor = checkpoint.and_then(|c| c.pending_cursor.clone());
-        // Only a listing read whole by this run can tell what is gone.
-        if checkpoint.is_none() && cursor.is_none() && provider.lists_everything(&entity) {
-            self.listed = Some(HashSet::default());
-        }
+        // Only a listing read whole from the start, by this job or by it and the jobs before it,
+        // can tell what is gone.
+        self.listing = match checkpoint {
+            Some(checkpoint) => match checkpoint.listed_pages {
+                Some(pages) => self.listed_before(pages).await?,
+                None => None,
+            },
+            None if cursor.is_none() && provider.lists_everything(&entity) => {
+                Some(Listing::default())
+            }
+            None => None,
+        };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
         {
@@ -633,12 +652,14 @@ impl<'a> EntityRun<'a> {
             integration_id: self.job.integration_id,
             mapping: self.mapping,
             by_fingerprint,
-            listing: self.listed.is_some(),
+            listing: self.listing.is_some(),
         };
         let mut fetched = page.records.len();
-        if let Some(listed) = self.listed.as_mut() {
-            listed.extend(listed_ids(&page.records));
-        }
+        // The page's listed ids, added to the listing's once the page is checkpointed.
+        let mut listed = match self.listing {
+            Some(_) => listed_ids(&page.records),
+            None => Vec::new(),
+        };
         // The page's records mapped, with their shards' fingerprints: the first page's are
         // mapped as it is processed, every later one's while the page before it is written.
         let mut mapped: Option<Mapped> = None;
@@ -696,7 +717,7 @@ impl<'a> EntityRun<'a> {
                     };
                     self.write_page(current, writing).await?;
                     let (checkpointed, fingerprints) = tokio::join!(
-                        self.checkpoint(next_token.as_deref(), cursor.as_deref(), pages),
+                        self.checkpoint(next_token.as_deref(), cursor.as_deref(), pages, &listed),
                         async {
                             match asked.await {
                                 Ok(own) => self.fingerprints(own).await,
@@ -719,6 +740,13 @@ impl<'a> EntityRun<'a> {
             };
             let fingerprints = processed?;
             outcome.details.pages_processed = Some(pages);
+            if let Some(listing) = self.listing.as_mut() {
+                listing.ids.extend(std::mem::take(&mut listed));
+                // A checkpoint stored the page, unless it was the last.
+                if next_token.is_some() {
+                    listing.stored += 1;
+                }
+            }
             if let Some(stop) = stop_after {
                 outcome.stopped = Some(Stop::Quota(stop.into()));
                 break;
@@ -736,9 +764,7 @@ impl<'a> EntityRun<'a> {
                 Some(Ok(ahead)) => {
                     page = ahead.page;
                     fetched = ahead.fetched;
-                    if let Some(listed) = self.listed.as_mut() {
-                        listed.extend(ahead.listed);
-                    }
+                    listed = ahead.listed;
                     mapped = Some(Mapped {
                         transformed: ahead.transformed,
                         fingerprints: by_fingerprint.then_some(fingerprints),
@@ -781,6 +807,10 @@ impl<'a> EntityRun<'a> {
         {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
+            // A listing starts again with it.
+            if self.listing.is_some() {
+                self.listing = Some(Listing::default());
+            }
             page = provider.fetch_page(conn, request).await;
         }
         if let Err(e) = &page
@@ -829,15 +859,24 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Records where the entity stands after a page, with the job's counts so far, and renews
-    /// the job's hold on the integration.
+    /// the job's hold on the integration. A page of a complete listing (`listed`, its ids) is
+    /// stored first, so that the checkpoint never counts a page that is not there.
     async fn checkpoint(
         &self,
         next_token: Option<&str>,
         cursor: Option<&str>,
         pages: u64,
+        listed: &[String],
     ) -> Result<(), Failure> {
         let Some(token) = next_token else {
             return Ok(());
+        };
+        let listed_pages = match &self.listing {
+            Some(listing) => {
+                self.store_listed_page(listing.stored, listed).await?;
+                Some(listing.stored + 1)
+            }
+            None => None,
         };
         let progress = self.progress(pages, false);
         let job_id = self.job.job_id;
@@ -846,6 +885,7 @@ impl<'a> EntityRun<'a> {
             page_token: token.to_string(),
             cursor: cursor.map(str::to_string),
             pending_cursor: self.pending_cursor.clone(),
+            listed_pages,
             updated_at: self.now,
         };
         let entity = &self.mapping.external_entity;
@@ -885,8 +925,8 @@ impl<'a> EntityRun<'a> {
             }
             self.soft_delete(&deleted.ids).await?;
         }
-        if let Some(listed) = self.listed.take() {
-            self.reconcile(&listed).await?;
+        if let Some(listing) = self.listing.take() {
+            self.reconcile(&listing.ids).await?;
         }
         let entity = &self.mapping.external_entity;
         let pending = self.pending_cursor.clone();
@@ -908,12 +948,67 @@ impl<'a> EntityRun<'a> {
         Ok(())
     }
 
+    /// Stores page `page` of this entity's listing: the external ids `listed`.
+    async fn store_listed_page(&self, page: u64, listed: &[String]) -> Result<(), Failure> {
+        let listed = ListedPage {
+            integration_id: self.job.integration_id.to_string(),
+            entity: self.mapping.external_entity.clone(),
+            page,
+            ids: listed.to_vec(),
+        };
+        let id = ListedPage::id_for(&self.listing_prefix(), page);
+        let shard = listed.to_shard(id, self.job.tenant_id, self.now);
+        self.with_retries(|| self.app.store.upsert(&shard))
+            .await
+            .map(drop)
+    }
+
+    /// What the jobs before this one listed of the entity: its listing's first `pages` pages.
+    /// A page that is not there (it expired with a listing left for a week) leaves the listing
+    /// incomplete, and then nothing is reconciled.
+    async fn listed_before(&self, pages: u64) -> Result<Option<Listing>, Failure> {
+        let prefix = self.listing_prefix();
+        let ids: Vec<String> = (0..pages)
+            .map(|page| ListedPage::id_for(&prefix, page))
+            .collect();
+        let found = self
+            .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
+            .await?;
+        let mut listing = Listing {
+            ids: HashSet::default(),
+            stored: pages,
+        };
+        for (page, shard) in (0..pages).zip(found) {
+            let listed = shard.and_then(|s| {
+                ListedPage::from_shard(
+                    &s.value,
+                    self.job.integration_id,
+                    &self.mapping.external_entity,
+                    page,
+                )
+            });
+            match listed {
+                Some(listed) => listing.ids.extend(listed.ids),
+                None => {
+                    tracing::warn!(entity = %self.mapping.external_entity, page, "a page of the listing is missing; records it left out are not reconciled this time");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(listing))
+    }
+
+    /// The beginning of the ids of the shards this integration syncs from the entity.
+    fn listing_prefix(&self) -> String {
+        synced_shard_id(self.job.integration_id, &self.mapping.external_entity, "")
+    }
+
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
     /// (`listed`) no longer has. The entity's shards are read a page of fingerprints at a time,
     /// in id order, so that an entity of any size costs a page of memory.
     async fn reconcile(&mut self, listed: &HashSet<String>) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
-        let prefix = synced_shard_id(integration_id, &self.mapping.external_entity, "");
+        let prefix = self.listing_prefix();
         let before = self.counters.skipped;
         let mut after: Option<String> = None;
         let mut reconciled = 0;

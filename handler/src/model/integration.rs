@@ -132,6 +132,11 @@ pub struct Checkpoint {
         skip_serializing_if = "Option::is_none"
     )]
     pub pending_cursor: Option<String>,
+    /// When the entity is being listed whole, the pages of the listing stored so far
+    /// (`c_syncListing` pages `0..n`, see [`super::listing`]): the job that reads the listing's
+    /// end reads them back to tell what is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed_pages: Option<u64>,
     pub updated_at: DateTime<Utc>,
 }
 

@@ -12,6 +12,7 @@ pub mod digest;
 pub mod event;
 pub mod history;
 pub mod integration;
+pub mod listing;
 pub mod mapping;
 pub mod messages;
 pub mod shard;

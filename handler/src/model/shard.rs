@@ -226,6 +226,7 @@ pub mod types {
     pub const INTEGRATION: &str = "c_integration";
     pub const INTEGRATION_SYNC: &str = "c_integrationSync";
     pub const SYNC_CONFLICT: &str = "c_syncConflict";
+    pub const SYNC_LISTING: &str = "c_syncListing";
 }
 
 #[cfg(test)]
