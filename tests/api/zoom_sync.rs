@@ -8,7 +8,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
-use handler::store::{ShardQuery, ShardStore};
+use handler::store::ShardStore;
 
 use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
 use crate::fake_zoom::FakeZoom;
@@ -347,29 +347,17 @@ async fn a_listing_resumed_after_its_pages_expired_reconciles_nothing() {
     zoom.load_meetings(1_500);
     let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
     assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 2);
-    let synced = app.shards("c_meeting").await;
-    let first = synced[0]["id"]
-        .as_str()
-        .unwrap()
-        .rsplit('~')
-        .next()
-        .unwrap();
-    zoom.delete_meeting(first);
+    let cancelled = external_id_of(&app.shards("c_meeting").await[0]);
+    zoom.delete_meeting(&cancelled);
 
-    // The first job of the next listing stops at the limit; its pages are then lost, as when
-    // a listing is resumed after they expired.
+    // The next listing's first job stops at the limit, and the rest waits eight days: the
+    // pages it stored are gone by then.
     run_job(&handler, "job-2").await;
     let store = app.store();
-    let pages = store
-        .query(&ShardQuery::of_type("c_syncListing").in_tenant("t1"))
-        .await
+    let purged = store
+        .purge_expired(Utc::now() + chrono::Duration::days(8))
         .unwrap();
-    assert!(!pages.is_empty());
-    for page in pages {
-        let mut gone = page.value;
-        gone.structured_data = json!({});
-        store.upsert(&gone).await.unwrap();
-    }
+    assert!(purged > 0);
     let broker = app.broker();
     let continuation = broker
         .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
@@ -377,13 +365,126 @@ async fn a_listing_resumed_after_its_pages_expired_reconciles_nothing() {
         .unwrap();
     handler.deliver("SyncInboundScheduled", &continuation).await;
 
-    // Half a listing cannot tell what is gone: every meeting it did not see stays.
+    // Half a listing cannot tell what is gone: every meeting it did not see stays, the one
+    // cancelled too, until a listing is read whole again.
     assert_eq!(app.shards("c_meeting").await.len(), 1_500);
     assert!(
         app.integration(ID).await["structuredData"]
             .get("checkpoints")
             .is_none()
     );
+    run_job_to_the_end(&app, &handler, "job-3").await;
+    assert_eq!(app.shards("c_meeting").await.len(), 1_499);
+}
+
+#[tokio::test]
+async fn a_listing_whose_page_token_expired_starts_over_without_the_pages_it_had() {
+    let (zoom, app) = connected().await;
+    zoom.load_meetings(1_500);
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
+    assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 2);
+    let meetings = app.shards("c_meeting").await;
+    let (before, during) = (external_id_of(&meetings[0]), external_id_of(&meetings[1]));
+    zoom.delete_meeting(&before);
+
+    // The listing's first job stores its pages (`during` among them) and stops at the limit;
+    // then `during` is cancelled and the page token the checkpoint holds expires.
+    run_job(&handler, "job-2").await;
+    zoom.delete_meeting(&during);
+    let store = app.store();
+    let mut integration = store.get("t1", ID).await.unwrap().unwrap().value;
+    integration.structured_data["checkpoints"]["meetings"]["pageToken"] = json!("expired");
+    store.upsert(&integration).await.unwrap();
+    let broker = app.broker();
+    while let Some(continuation) = broker
+        .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
+        .unwrap()
+    {
+        handler.deliver("SyncInboundScheduled", &continuation).await;
+        broker.complete(&continuation).unwrap();
+    }
+
+    // The listing began again, and only what it listed counts: both meetings are gone.
+    let left: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(external_id_of)
+        .collect();
+    assert_eq!(left.len(), 1_498);
+    assert!(!left.contains(&before) && !left.contains(&during));
+}
+
+#[tokio::test]
+async fn a_listing_killed_mid_way_resumes_and_reconciles_only_what_is_gone() {
+    let (zoom, app) = connected().await;
+    zoom.load_meetings(1_000);
+    // Each job reads the listing whole, unless it is killed.
+    let unlimited = [("SYNC_MAX_RECORDS", "10000")];
+    let first = app.host_handler_with(&unlimited).await;
+    run_job(&first, "job-1").await;
+    let meetings = app.shards("c_meeting").await;
+    let cancelled = [
+        external_id_of(&meetings[10]),
+        external_id_of(&meetings[990]),
+    ];
+    for id in &cancelled {
+        zoom.delete_meeting(id);
+    }
+
+    // The next listing is held at its second page, once the first is checkpointed, and the
+    // handler is killed there.
+    {
+        let mut state = zoom.state.lock().unwrap();
+        state.throttle = Some((usize::MAX, 20));
+        state.throttle_after = Some(1);
+    }
+    let job = json!({"integrationId": ID, "tenantId": "t1", "jobType": "full_sync",
+                     "provider": "zoom", "jobId": "job-2", "scheduledAt": "2026-11-22T10:00:00Z"});
+    let delivery = first.invoke_in_background(
+        "SyncInboundScheduled",
+        &service_bus_message("SyncInboundScheduled", &job.to_string(), "job-2", 1, None),
+    );
+    wait_until(
+        "the listing's first page is checkpointed",
+        Duration::from_secs(30),
+        || async {
+            app.integration(ID).await["structuredData"]["checkpoints"]["meetings"]["listing"]
+                .is_object()
+        },
+    )
+    .await;
+    first.kill_9().await;
+    let _ = delivery.await;
+    {
+        let mut state = zoom.state.lock().unwrap();
+        state.throttle = None;
+        state.throttle_after = None;
+    }
+
+    // The message comes again, to a new handler: it reads the rest of the listing, and the
+    // first page the killed one read counts too.
+    let second = app.host_handler_with(&unlimited).await;
+    let again = service_bus_message("SyncInboundScheduled", &job.to_string(), "job-2", 2, None);
+    assert!(
+        second
+            .invoke("SyncInboundScheduled", &again)
+            .await
+            .host_accepts()
+    );
+    let left: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(external_id_of)
+        .collect();
+    assert_eq!(left.len(), 998);
+    assert!(cancelled.iter().all(|id| !left.contains(id)));
+}
+
+fn external_id_of(meeting: &Value) -> String {
+    let id = meeting["id"].as_str().unwrap();
+    id.rsplit('~').next().unwrap().to_string()
 }
 
 #[tokio::test]

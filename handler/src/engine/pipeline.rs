@@ -46,7 +46,7 @@ use crate::app::App;
 use crate::model::conflict::ConflictPolicy;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
-use crate::model::listing::ListedPage;
+use crate::model::listing::{ListedPage, ListingProgress};
 use crate::model::mapping::EntityMapping;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
@@ -310,12 +310,43 @@ struct EntityRun<'a> {
 
 /// A listing of an entity read whole, from the start, by this job and the jobs before it
 /// (see [`crate::model::listing`]).
-#[derive(Default)]
 struct Listing {
-    /// The external ids listed so far.
+    /// Which listing: the ids of its stored pages carry it.
+    id: String,
+    /// The external ids this job listed.
     ids: HashSet<String>,
-    /// The pages stored so far: the next page stored is page `stored`.
+    /// The pages the jobs before this one stored, read back at the listing's end.
+    stored_before: u64,
+    /// The pages stored so far, by this job and those before it: the next one stored is
+    /// page `stored`.
     stored: u64,
+}
+
+impl Listing {
+    fn new() -> Self {
+        Self::resumed(&ListingProgress {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            pages: 0,
+        })
+    }
+
+    fn resumed(progress: &ListingProgress) -> Self {
+        Self {
+            id: progress.id.clone(),
+            ids: HashSet::default(),
+            stored_before: progress.pages,
+            stored: progress.pages,
+        }
+    }
+}
+
+/// A listing that `request` begins, if it reads a listing the provider says is complete from
+/// its start: no cursor, no page token.
+fn listing_from_start(provider: &dyn Provider, request: &FetchRequest) -> Option<Listing> {
+    (request.cursor.is_none()
+        && request.page_token.is_none()
+        && provider.lists_everything(&request.entity))
+    .then(Listing::new)
 }
 
 /// A page's records mapped, with the fingerprints of the shards they map to (where the
@@ -622,14 +653,8 @@ impl<'a> EntityRun<'a> {
         // Only a listing read whole from the start, by this job or by it and the jobs before it,
         // can tell what is gone.
         self.listing = match checkpoint {
-            Some(checkpoint) => match checkpoint.listed_pages {
-                Some(pages) => self.listed_before(pages).await?,
-                None => None,
-            },
-            None if cursor.is_none() && provider.lists_everything(&entity) => {
-                Some(Listing::default())
-            }
-            None => None,
+            Some(checkpoint) => checkpoint.listing.as_ref().map(Listing::resumed),
+            None => listing_from_start(provider.as_ref(), &request),
         };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
@@ -807,10 +832,8 @@ impl<'a> EntityRun<'a> {
         {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
-            // A listing starts again with it.
-            if self.listing.is_some() {
-                self.listing = Some(Listing::default());
-            }
+            // And a listing with it: the pages the one before stored are never read.
+            self.listing = listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
         }
         if let Err(e) = &page
@@ -821,6 +844,7 @@ impl<'a> EntityRun<'a> {
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
+            self.listing = listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
         }
         match page {
@@ -871,10 +895,13 @@ impl<'a> EntityRun<'a> {
         let Some(token) = next_token else {
             return Ok(());
         };
-        let listed_pages = match &self.listing {
+        let listing = match &self.listing {
             Some(listing) => {
-                self.store_listed_page(listing.stored, listed).await?;
-                Some(listing.stored + 1)
+                self.store_listed_page(listing, listed).await?;
+                Some(ListingProgress {
+                    id: listing.id.clone(),
+                    pages: listing.stored + 1,
+                })
             }
             None => None,
         };
@@ -885,7 +912,7 @@ impl<'a> EntityRun<'a> {
             page_token: token.to_string(),
             cursor: cursor.map(str::to_string),
             pending_cursor: self.pending_cursor.clone(),
-            listed_pages,
+            listing,
             updated_at: self.now,
         };
         let entity = &self.mapping.external_entity;
@@ -925,7 +952,9 @@ impl<'a> EntityRun<'a> {
             }
             self.soft_delete(&deleted.ids).await?;
         }
-        if let Some(listing) = self.listing.take() {
+        if let Some(mut listing) = self.listing.take()
+            && self.read_listed_before(&mut listing).await?
+        {
             self.reconcile(&listing.ids).await?;
         }
         let entity = &self.mapping.external_entity;
@@ -948,58 +977,61 @@ impl<'a> EntityRun<'a> {
         Ok(())
     }
 
-    /// Stores page `page` of this entity's listing: the external ids `listed`.
-    async fn store_listed_page(&self, page: u64, listed: &[String]) -> Result<(), Failure> {
-        let listed = ListedPage {
+    /// Stores the next page of `listing`: the external ids `listed`.
+    async fn store_listed_page(&self, listing: &Listing, listed: &[String]) -> Result<(), Failure> {
+        let page = ListedPage {
             integration_id: self.job.integration_id.to_string(),
             entity: self.mapping.external_entity.clone(),
-            page,
+            listing: listing.id.clone(),
+            page: listing.stored,
             ids: listed.to_vec(),
         };
-        let id = ListedPage::id_for(&self.listing_prefix(), page);
-        let shard = listed.to_shard(id, self.job.tenant_id, self.now);
+        let id = ListedPage::id_for(&self.synced_prefix(), &listing.id, listing.stored);
+        let shard = page.to_shard(id, self.job.tenant_id, self.now);
         self.with_retries(|| self.app.store.upsert(&shard))
             .await
             .map(drop)
     }
 
-    /// What the jobs before this one listed of the entity: its listing's first `pages` pages.
-    /// A page that is not there (it expired with a listing left for a week) leaves the listing
-    /// incomplete, and then nothing is reconciled.
-    async fn listed_before(&self, pages: u64) -> Result<Option<Listing>, Failure> {
-        let prefix = self.listing_prefix();
-        let ids: Vec<String> = (0..pages)
-            .map(|page| ListedPage::id_for(&prefix, page))
+    /// Adds what the jobs before this one listed to `listing`: the pages they stored. Whether
+    /// they are all there: one that is not (it expired with a listing left for a week) leaves
+    /// the listing incomplete, and then nothing is reconciled.
+    async fn read_listed_before(&self, listing: &mut Listing) -> Result<bool, Failure> {
+        if listing.stored_before == 0 {
+            return Ok(true);
+        }
+        let prefix = self.synced_prefix();
+        let pages = 0..listing.stored_before;
+        let ids: Vec<String> = pages
+            .clone()
+            .map(|page| ListedPage::id_for(&prefix, &listing.id, page))
             .collect();
         let found = self
             .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
             .await?;
-        let mut listing = Listing {
-            ids: HashSet::default(),
-            stored: pages,
-        };
-        for (page, shard) in (0..pages).zip(found) {
+        for (page, shard) in pages.zip(found) {
             let listed = shard.and_then(|s| {
-                ListedPage::from_shard(
+                ListedPage::ids_from(
                     &s.value,
                     self.job.integration_id,
                     &self.mapping.external_entity,
+                    &listing.id,
                     page,
                 )
             });
             match listed {
-                Some(listed) => listing.ids.extend(listed.ids),
+                Some(listed) => listing.ids.extend(listed),
                 None => {
                     tracing::warn!(entity = %self.mapping.external_entity, page, "a page of the listing is missing; records it left out are not reconciled this time");
-                    return Ok(None);
+                    return Ok(false);
                 }
             }
         }
-        Ok(Some(listing))
+        Ok(true)
     }
 
     /// The beginning of the ids of the shards this integration syncs from the entity.
-    fn listing_prefix(&self) -> String {
+    fn synced_prefix(&self) -> String {
         synced_shard_id(self.job.integration_id, &self.mapping.external_entity, "")
     }
 
@@ -1008,7 +1040,7 @@ impl<'a> EntityRun<'a> {
     /// in id order, so that an entity of any size costs a page of memory.
     async fn reconcile(&mut self, listed: &HashSet<String>) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
-        let prefix = self.listing_prefix();
+        let prefix = self.synced_prefix();
         let before = self.counters.skipped;
         let mut after: Option<String> = None;
         let mut reconciled = 0;

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use super::conflict::{ConflictPolicy, Side, Strategy};
 use super::history::EntitySyncStats;
+use super::listing::ListingProgress;
 use super::mapping::EntityMapping;
 use crate::ncrontab::Ncrontab;
 
@@ -132,11 +133,10 @@ pub struct Checkpoint {
         skip_serializing_if = "Option::is_none"
     )]
     pub pending_cursor: Option<String>,
-    /// When the entity is being listed whole, the pages of the listing stored so far
-    /// (`c_syncListing` pages `0..n`, see [`super::listing`]): the job that reads the listing's
-    /// end reads them back to tell what is gone.
+    /// When the entity is being listed whole: which listing, and its pages stored so far (see
+    /// [`super::listing`]), which the job that reads the listing's end reads back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub listed_pages: Option<u64>,
+    pub listing: Option<ListingProgress>,
     pub updated_at: DateTime<Utc>,
 }
 
