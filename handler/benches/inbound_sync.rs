@@ -115,6 +115,19 @@
 //! no less CPU, 3-5 MiB more) or reclaiming them across threads; purge delays of 0, 10, 25 and 50
 //! ms (at 25 ms and more, 100,000 records peak at 50-52 MiB).
 //!
+//! Since most of those faults are a sync's first touch of memory, not memory touched again after
+//! it was returned, these were measured there too, against the same build in alternating runs,
+//! and are not kept: transparent huge pages for mimalloc's memory (faults 8,600 -> 3,500, the
+//! kernel's time the same, for it then clears 2 MiB at a time; a peak of 77 MiB); a second sync
+//! in a process that has synced before (another tenant, the same records: 5,900 faults, and no
+//! faster); purge delays of 10 and 20 ms (900 fewer faults, no faster); one worker thread (fewer
+//! faults, slower); SQLite reading through `mmap` (no change); a rollback journal instead of the
+//! write-ahead log (a sync 10-25% slower: it syncs the file at every commit). Of a full sync's
+//! CPU, a quarter is SQLite's I/O (writing the log's frames, the checkpoint copying them into the
+//! database, reading pages back), which grows with the bytes written: a contact's row is a
+//! 660-byte document (its links, timestamps, content hash and match keys) and a 250-byte
+//! fingerprint, where the no-engine baseline writes a 150-byte document.
+//!
 //! A complete listing (Zoom's meetings, Gong's users) is compared with the entity's shards a
 //! thousand fingerprints at a time: read whole in one query they took a 10,000-meeting sync to
 //! 46 MiB, now 26-27 MiB.
