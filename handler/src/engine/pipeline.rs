@@ -311,7 +311,7 @@ struct EntityRun<'a> {
 /// A listing of an entity read whole, from the start, by this job and the jobs before it
 /// (see [`crate::model::listing`]).
 struct Listing {
-    /// Which listing: the ids of its stored pages carry it.
+    /// Which listing: its stored pages carry it.
     id: String,
     /// The external ids this job listed.
     ids: HashSet<String>,
@@ -832,7 +832,7 @@ impl<'a> EntityRun<'a> {
         {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
-            // And a listing with it: the pages the one before stored are never read.
+            // And a listing with it, which does not count the pages of the one before.
             self.listing = listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
         }
@@ -986,7 +986,7 @@ impl<'a> EntityRun<'a> {
             page: listing.stored,
             ids: listed.to_vec(),
         };
-        let id = ListedPage::id_for(&self.synced_prefix(), &listing.id, listing.stored);
+        let id = ListedPage::id_for(&self.synced_prefix(), listing.stored);
         let shard = page.to_shard(id, self.job.tenant_id, self.now);
         self.with_retries(|| self.app.store.upsert(&shard))
             .await
@@ -994,8 +994,9 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Adds what the jobs before this one listed to `listing`: the pages they stored. Whether
-    /// they are all there: one that is not (it expired with a listing left for a week) leaves
-    /// the listing incomplete, and then nothing is reconciled.
+    /// they are all there: one that is not (it expired with a listing left for a week, or a
+    /// listing begun since wrote over it) leaves the listing incomplete, and then nothing is
+    /// reconciled.
     async fn read_listed_before(&self, listing: &mut Listing) -> Result<bool, Failure> {
         if listing.stored_before == 0 {
             return Ok(true);
@@ -1004,7 +1005,7 @@ impl<'a> EntityRun<'a> {
         let pages = 0..listing.stored_before;
         let ids: Vec<String> = pages
             .clone()
-            .map(|page| ListedPage::id_for(&prefix, &listing.id, page))
+            .map(|page| ListedPage::id_for(&prefix, page))
             .collect();
         let found = self
             .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))

@@ -9,11 +9,12 @@
 //! reads the pages before it back: the comparison then covers the whole listing, whichever jobs
 //! read it.
 //!
-//! Each listing has an id of its own, which its checkpoint and its pages' ids carry, so a
-//! checkpoint that counts `n` pages names exactly the documents `0..n` of its own listing: a
-//! listing begun again (its page token expired) never reads the pages of the one it replaced.
+//! Page `n` of an entity's listing is always the same document, so the pages an entity keeps
+//! are as many as its longest listing had. Each listing has an id of its own, which its
+//! checkpoint and its pages carry: a page that a later listing (one begun again when its page
+//! token expired) wrote over is not taken for a page of the listing an old checkpoint resumes.
 //! Nothing reads a page once its listing has ended; it is gone [`LISTING_TTL_SECONDS`] after it
-//! was written.
+//! was last written.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -29,7 +30,7 @@ pub const LISTING_TTL_SECONDS: i64 = 7 * 24 * 3600;
 /// A listing under way, as the checkpoint of its entity keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListingProgress {
-    /// Which listing: its pages' ids carry it.
+    /// Which listing: its pages carry it.
     pub id: String,
     /// Its pages stored so far: `0..pages`.
     pub pages: u64,
@@ -49,12 +50,12 @@ pub struct ListedPage {
 }
 
 impl ListedPage {
-    /// The id of page `page` of listing `listing`, whose records sync to shards with ids
-    /// beginning with `synced` (`integration~entity~`, escaped as those ids are). A synced
-    /// shard's id could only be the same for an integration named `listing` and a record whose
-    /// id ends with this listing's random id.
-    pub fn id_for(synced: &str, listing: &str, page: u64) -> String {
-        format!("listing~{synced}{listing}~{page}")
+    /// The id of page `page` of the listings of the entity whose records sync to shards with
+    /// ids beginning with `synced` (`integration~entity~`, escaped as those ids are). A synced
+    /// shard's id could only be the same for an integration named `listing` and an entity named
+    /// after this one's integration.
+    pub fn id_for(synced: &str, page: u64) -> String {
+        format!("listing~{synced}{page}")
     }
 
     /// The page as the shard that keeps it, under `id` (see [`ListedPage::id_for`]).
@@ -108,9 +109,9 @@ mod tests {
 
     #[test]
     fn a_page_reads_back_from_its_shard_with_its_ids() {
-        let id = ListedPage::id_for("int-zoom~meetings~", "7f3a", 3);
+        let id = ListedPage::id_for("int-zoom~meetings~", 3);
         let shard = page().to_shard(id, "t1", Utc::now());
-        assert_eq!(shard.id, "listing~int-zoom~meetings~7f3a~3");
+        assert_eq!(shard.id, "listing~int-zoom~meetings~3");
         assert_eq!(shard.shard_type_id, "c_syncListing");
         assert_eq!(shard.ttl, Some(LISTING_TTL_SECONDS));
         assert_eq!(
@@ -121,7 +122,7 @@ mod tests {
 
     #[test]
     fn a_shard_of_another_page_or_listing_is_not_taken_for_this_one() {
-        let shard = page().to_shard("listing~int-zoom~meetings~7f3a~3".into(), "t1", Utc::now());
+        let shard = page().to_shard("listing~int-zoom~meetings~3".into(), "t1", Utc::now());
         let ids = |integration, entity, listing, page| {
             ListedPage::ids_from(&shard, integration, entity, listing, page)
         };
