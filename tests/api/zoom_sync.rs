@@ -235,33 +235,15 @@ async fn meetings_gone_from_anywhere_in_a_long_listing_are_all_reconciled() {
         .host_handler_with(&[("SYNC_MAX_RECORDS", "10000")])
         .await;
     run_job(&handler, "job-1").await;
-    let mut synced: Vec<String> = app
-        .shards("c_meeting")
-        .await
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let synced = synced_meetings(&app).await;
     assert_eq!(synced.len(), 2_500);
 
     // The shards are reconciled a thousand at a time, in id order: one goes from each end and
     // one from the middle of that order.
-    synced.sort();
-    let external_id = |id: &str| id.rsplit('~').next().unwrap().to_string();
-    let cancelled: Vec<String> = [0, 1_200, 2_499]
-        .iter()
-        .map(|&i| external_id(&synced[i]))
-        .collect();
-    for id in &cancelled {
-        zoom.delete_meeting(id);
-    }
+    let cancelled = cancel(&zoom, &synced, &[0, 1_200, 2_499]);
     run_job(&handler, "job-2").await;
 
-    let left: Vec<String> = app
-        .shards("c_meeting")
-        .await
-        .iter()
-        .map(|m| external_id(m["id"].as_str().unwrap()))
-        .collect();
+    let left = synced_meetings(&app).await;
     assert_eq!(left.len(), 2_497);
     assert!(cancelled.iter().all(|id| !left.contains(id)));
     let history = app.history().await;
@@ -296,32 +278,14 @@ async fn meetings_gone_from_a_listing_read_over_several_jobs_are_reconciled() {
     // A job stops after a thousand records and a continuation job goes on from its checkpoint.
     let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
     assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 3);
-    let mut synced: Vec<String> = app
-        .shards("c_meeting")
-        .await
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect();
+    let synced = synced_meetings(&app).await;
     assert_eq!(synced.len(), 2_500);
 
     // One meeting goes from the part each of the three jobs lists.
-    synced.sort();
-    let external_id = |id: &str| id.rsplit('~').next().unwrap().to_string();
-    let cancelled: Vec<String> = [0, 1_200, 2_499]
-        .iter()
-        .map(|&i| external_id(&synced[i]))
-        .collect();
-    for id in &cancelled {
-        zoom.delete_meeting(id);
-    }
+    let cancelled = cancel(&zoom, &synced, &[0, 1_200, 2_499]);
     assert_eq!(run_job_to_the_end(&app, &handler, "job-2").await, 3);
 
-    let left: Vec<String> = app
-        .shards("c_meeting")
-        .await
-        .iter()
-        .map(|m| external_id(m["id"].as_str().unwrap()))
-        .collect();
+    let left = synced_meetings(&app).await;
     assert_eq!(left.len(), 2_497);
     assert!(cancelled.iter().all(|id| !left.contains(id)));
     // The job that read the listing's end reconciled what the three jobs listed.
@@ -347,8 +311,7 @@ async fn a_listing_resumed_after_its_pages_expired_reconciles_nothing() {
     zoom.load_meetings(1_500);
     let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
     assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 2);
-    let cancelled = external_id_of(&app.shards("c_meeting").await[0]);
-    zoom.delete_meeting(&cancelled);
+    cancel(&zoom, &synced_meetings(&app).await, &[0]);
 
     // The next listing's first job stops at the limit, and the rest waits eight days: the
     // pages it stored are gone by then.
@@ -383,14 +346,13 @@ async fn a_listing_whose_page_token_expired_starts_over_without_the_pages_it_had
     zoom.load_meetings(1_500);
     let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
     assert_eq!(run_job_to_the_end(&app, &handler, "job-1").await, 2);
-    let meetings = app.shards("c_meeting").await;
-    let (before, during) = (external_id_of(&meetings[0]), external_id_of(&meetings[1]));
-    zoom.delete_meeting(&before);
+    let synced = synced_meetings(&app).await;
+    let before = cancel(&zoom, &synced, &[0]);
 
     // The listing's first job stores its pages (`during` among them) and stops at the limit;
     // then `during` is cancelled and the page token the checkpoint holds expires.
     run_job(&handler, "job-2").await;
-    zoom.delete_meeting(&during);
+    let during = cancel(&zoom, &synced, &[1]);
     let store = app.store();
     let mut integration = store.get("t1", ID).await.unwrap().unwrap().value;
     integration.structured_data["checkpoints"]["meetings"]["pageToken"] = json!("expired");
@@ -405,14 +367,9 @@ async fn a_listing_whose_page_token_expired_starts_over_without_the_pages_it_had
     }
 
     // The listing began again, and only what it listed counts: both meetings are gone.
-    let left: Vec<String> = app
-        .shards("c_meeting")
-        .await
-        .iter()
-        .map(external_id_of)
-        .collect();
+    let left = synced_meetings(&app).await;
     assert_eq!(left.len(), 1_498);
-    assert!(!left.contains(&before) && !left.contains(&during));
+    assert!(!left.contains(&before[0]) && !left.contains(&during[0]));
 }
 
 #[tokio::test]
@@ -423,14 +380,7 @@ async fn a_listing_killed_mid_way_resumes_and_reconciles_only_what_is_gone() {
     let unlimited = [("SYNC_MAX_RECORDS", "10000")];
     let first = app.host_handler_with(&unlimited).await;
     run_job(&first, "job-1").await;
-    let meetings = app.shards("c_meeting").await;
-    let cancelled = [
-        external_id_of(&meetings[10]),
-        external_id_of(&meetings[990]),
-    ];
-    for id in &cancelled {
-        zoom.delete_meeting(id);
-    }
+    let cancelled = cancel(&zoom, &synced_meetings(&app).await, &[10, 990]);
 
     // The next listing is held at its second page, once the first is checkpointed, and the
     // handler is killed there.
@@ -472,19 +422,32 @@ async fn a_listing_killed_mid_way_resumes_and_reconciles_only_what_is_gone() {
             .await
             .host_accepts()
     );
-    let left: Vec<String> = app
-        .shards("c_meeting")
-        .await
-        .iter()
-        .map(external_id_of)
-        .collect();
+    let left = synced_meetings(&app).await;
     assert_eq!(left.len(), 998);
     assert!(cancelled.iter().all(|id| !left.contains(id)));
 }
 
-fn external_id_of(meeting: &Value) -> String {
-    let id = meeting["id"].as_str().unwrap();
-    id.rsplit('~').next().unwrap().to_string()
+/// The ids at Zoom of the meetings that have a live shard, in the order of the shards' ids.
+async fn synced_meetings(app: &TestApp) -> Vec<String> {
+    let mut ids: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.iter()
+        .map(|id| id.rsplit('~').next().unwrap().to_string())
+        .collect()
+}
+
+/// Cancels the meetings at `places` in `synced` at Zoom; returns their ids.
+fn cancel(zoom: &FakeZoom, synced: &[String], places: &[usize]) -> Vec<String> {
+    let ids: Vec<String> = places.iter().map(|&i| synced[i].clone()).collect();
+    for id in &ids {
+        zoom.delete_meeting(id);
+    }
+    ids
 }
 
 #[tokio::test]
