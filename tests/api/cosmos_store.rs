@@ -1,6 +1,6 @@
 //! The Cosmos DB shard store, through the official SDK against its in-memory emulator: the
-//! store's contract, a whole inbound sync written in transactional batches, a batch Cosmos
-//! refuses, and injected throttling and outages that lose nothing.
+//! store's contract, a whole inbound sync written in transactional batches, a listing read over
+//! several jobs, a batch Cosmos refuses, and injected throttling and outages that lose nothing.
 
 use std::sync::Arc;
 
@@ -26,6 +26,7 @@ use crate::cosmos_emulator::{
     RequestCounter, Requests, bulk_import_integration, bulk_import_job, emulator_client,
     emulator_store, history_of, write_bulk_import,
 };
+use crate::fake_zoom::FakeZoom;
 use crate::helpers::TestApp;
 
 fn shard(tenant: &str, id: &str, data: Value) -> Shard {
@@ -282,6 +283,95 @@ async fn a_whole_inbound_sync_runs_on_cosmos() {
     );
     let integration = store.get("t1", "int-demo").await.unwrap().unwrap().value;
     assert!(integration.structured_data["cursors"]["accounts"].is_string());
+}
+
+#[tokio::test]
+async fn a_listing_read_over_several_jobs_is_reconciled_on_cosmos() {
+    use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
+
+    let zoom = FakeZoom::start().await;
+    zoom.load_meetings(700);
+    let test = TestApp::new();
+    // A page of 300 meetings a job: the listing takes three.
+    let mut app = test.app(&[("SYNC_MAX_RECORDS", "300")]);
+    let store = Arc::new(emulator_store(vec![]).await);
+    app.store = store.clone();
+    let integration = json!({
+        "id": "int-zoom", "tenantId": "t1", "shardTypeId": "c_integration", "name": "Zoom",
+        "structuredData": {
+            "providerName": "zoom", "status": "active", "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": zoom.token_url(), "apiBaseUrl": zoom.api_base()},
+            "entityMappings": [{"externalEntity": "meetings", "shardTypeId": "c_meeting",
+                                "nameField": "topic",
+                                "fieldMappings": [{"source": "topic", "target": "topic"}]}]
+        }
+    });
+    store
+        .create(&serde_json::from_value(integration).unwrap())
+        .await
+        .unwrap();
+    FileSecrets::new(&test.path("secrets.json"))
+        .set(
+            &credential_secret_name("t1", "int-zoom"),
+            Secret::new(zoom.credentials().to_string()),
+        )
+        .await
+        .unwrap();
+    let listing = |job_id: &'static str| {
+        let (app, test) = (&app, &test);
+        async move {
+            let job = json!({"integrationId": "int-zoom", "tenantId": "t1",
+                             "jobType": "full_sync", "provider": "zoom", "jobId": job_id,
+                             "scheduledAt": Utc::now()});
+            let mut message = bulk_import_job("int-zoom", job_id, "full_sync");
+            message.body = job.to_string().into_bytes();
+            let broker = test.broker();
+            let mut jobs = 0;
+            loop {
+                inbound::process(app, SYNC_INBOUND_SCHEDULED, &message, Utc::now())
+                    .await
+                    .unwrap();
+                jobs += 1;
+                let Some(next) = broker
+                    .receive_at(SYNC_INBOUND_SCHEDULED, Utc::now())
+                    .unwrap()
+                else {
+                    return jobs;
+                };
+                broker.complete(&next).unwrap();
+                message.body = next.body;
+            }
+        }
+    };
+    assert_eq!(listing("job-1").await, 3);
+    assert_eq!(count(&store, "c_meeting").await, 700);
+
+    let mut synced: Vec<String> = store
+        .query(&ShardQuery::of_type("c_meeting").in_tenant("t1"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.value.id.rsplit('~').next().unwrap().to_string())
+        .collect();
+    synced.sort();
+    // One listed by the first job, one by the last.
+    let gone = [synced[0].clone(), synced[699].clone()];
+    for id in &gone {
+        zoom.delete_meeting(id);
+    }
+    assert_eq!(listing("job-2").await, 3);
+    assert_eq!(count(&store, "c_meeting").await, 698);
+    for id in &gone {
+        let shard = store
+            .get("t1", &format!("int-zoom~meetings~{id}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert!(shard.deleted_at.is_some(), "{id} is soft-deleted");
+    }
+    // The pages the listing's first two jobs stored, for the third to read back.
+    assert_eq!(count(&store, "c_syncListing").await, 2);
 }
 
 #[tokio::test]
