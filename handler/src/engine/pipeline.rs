@@ -1023,7 +1023,7 @@ impl<'a> EntityRun<'a> {
             match listed {
                 Some(listed) => listing.ids.extend(listed),
                 None => {
-                    tracing::warn!(entity = %self.mapping.external_entity, page, "a page of the listing is missing; records it left out are not reconciled this time");
+                    tracing::warn!(entity = %self.mapping.external_entity, page, "a page of the listing is gone or was written over by a later listing; nothing is reconciled this time");
                     return Ok(false);
                 }
             }
