@@ -680,7 +680,7 @@ impl<'a> EntityRun<'a> {
             listing: self.listing.is_some(),
         };
         let mut fetched = page.records.len();
-        // The page's listed ids, added to the listing's once the page is checkpointed.
+        // The page's listed ids, added to the listing's once the page is processed.
         let mut listed = match self.listing {
             Some(_) => listed_ids(&page.records),
             None => Vec::new(),
@@ -750,8 +750,7 @@ impl<'a> EntityRun<'a> {
                             }
                         }
                     );
-                    checkpointed?;
-                    fingerprints
+                    Ok::<_, Failure>((checkpointed?, fingerprints?))
                 },
                 map_ahead(fetching, mapper, ids, written)
             );
@@ -763,14 +762,11 @@ impl<'a> EntityRun<'a> {
                 Some(Err(e)) => return Err(fetch_stopped(e)),
                 None => None,
             };
-            let fingerprints = processed?;
+            let (stored_page, fingerprints) = processed?;
             outcome.details.pages_processed = Some(pages);
             if let Some(listing) = self.listing.as_mut() {
                 listing.ids.extend(std::mem::take(&mut listed));
-                // A checkpoint stored the page, unless it was the last.
-                if next_token.is_some() {
-                    listing.stored += 1;
-                }
+                listing.stored += u64::from(stored_page);
             }
             if let Some(stop) = stop_after {
                 outcome.stopped = Some(Stop::Quota(stop.into()));
@@ -884,16 +880,17 @@ impl<'a> EntityRun<'a> {
 
     /// Records where the entity stands after a page, with the job's counts so far, and renews
     /// the job's hold on the integration. A page of a complete listing (`listed`, its ids) is
-    /// stored first, so that the checkpoint never counts a page that is not there.
+    /// stored first, so that the checkpoint never counts a page that is not there. Returns
+    /// whether it stored one (the last page of an entity is not checkpointed).
     async fn checkpoint(
         &self,
         next_token: Option<&str>,
         cursor: Option<&str>,
         pages: u64,
         listed: &[String],
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let Some(token) = next_token else {
-            return Ok(());
+            return Ok(false);
         };
         let listing = match &self.listing {
             Some(listing) => {
@@ -905,6 +902,7 @@ impl<'a> EntityRun<'a> {
             }
             None => None,
         };
+        let stored_page = listing.is_some();
         let progress = self.progress(pages, false);
         let job_id = self.job.job_id;
         let checkpoint = Checkpoint {
@@ -922,7 +920,7 @@ impl<'a> EntityRun<'a> {
             true
         })
         .await?;
-        Ok(())
+        Ok(stored_page)
     }
 
     /// Deletions since the cursor, then the entity's new cursor.

@@ -52,8 +52,8 @@ pub struct ListedPage {
 impl ListedPage {
     /// The id of page `page` of the listings of the entity whose records sync to shards with
     /// ids beginning with `synced` (`integration~entity~`, escaped as those ids are). A synced
-    /// shard's id could only be the same for an integration named `listing` and an entity named
-    /// after this one's integration.
+    /// shard's id could only be the same for an integration named `listing`, an entity named
+    /// after this one's integration and a record whose id is `<entity>~<page>`.
     pub fn id_for(synced: &str, page: u64) -> String {
         format!("listing~{synced}{page}")
     }
