@@ -137,7 +137,8 @@
 //! sync's CPU (`perf --call-graph dwarf`), and a fifth more is allocating and page faults on
 //! the sync's own threads. mimalloc's `arena_purge_mult` at 1 or 100, `minimal_purge_size` of
 //! 1 MiB and `page_reclaim_on_free` changed none of it (at 100: 1,500 fewer faults, 12 MiB
-//! more), nor did pages of 1,000 records (1,500 fewer faults, more commits).
+//! more), nor did pages of 1,000 records (1,500 fewer faults, more commits), nor the shards
+//! without their index by type (one b-tree insert a row fewer).
 //!
 //! A complete listing (Zoom's meetings, Gong's users) is compared with the entity's shards a
 //! thousand fingerprints at a time: read whole in one query they took a 10,000-meeting sync to
