@@ -19,10 +19,11 @@
 //! * the handler's peak RSS, and the CPU time it spent on each (a consumption plan bills it),
 //!   with the kernel's part of that time and the page faults;
 //! * the same 10,000 records fetched, parsed and written to the store with no engine around
-//!   them (no mapping, dedup, content checks or checkpoints), right after each full sync, and
-//!   the ratio of the two: the median of the runs' ratios, and their range (measured apart,
-//!   the engine's runs first and the baseline's after, the two medians put the ratio anywhere
-//!   from 1.5 to 2.2 on the same build, as the machine's other work came and went);
+//!   them (no mapping, dedup, content checks or checkpoints), right after each full sync and
+//!   its re-run, and the ratio of the two: the median of the runs' ratios, and their range
+//!   (measured apart, the engine's runs first and the baseline's after, the two medians put
+//!   the ratio anywhere from 1.5 to 2.2 on the same build, as the machine's other work came
+//!   and went);
 //! * the loopback Salesforce's own time per page, read over HTTP with nothing done with it;
 //! * a full sync of 100,000 records: wall time and the handler's peak RSS;
 //! * a full sync of 10,000 records from each of the other providers' loopback fakes (Dynamics
@@ -741,8 +742,8 @@ async fn salesforce_10k() {
 
         // The baseline right after the engine, so that each ratio compares runs made moments
         // apart: a run on a shared machine varies by a third with what else it is doing.
-        let dir = tempfile::tempdir().unwrap();
-        let (floor, count) = baseline(&fake, dir.path()).await;
+        let baseline_dir = tempfile::tempdir().unwrap();
+        let (floor, count) = baseline(&fake, baseline_dir.path()).await;
         written = count;
         ratios.push(fulls[run].as_secs_f64() / floor.as_secs_f64());
         floors.push(floor);
