@@ -4,7 +4,8 @@
 //!
 //! * [`scheduler`]: which integrations are due, and the job each gets.
 //! * [`inbound`]: running one sync job from a queue message to its history record.
-//! * [`pipeline`]: pages of provider records in, shards out, with checkpoints.
+//! * [`pipeline`]: pages of provider records in, shards out, with checkpoints; [`listed`]: what
+//!   a complete listing returned, to tell what it no longer has.
 //! * [`retry`]: what happens to a job whose run failed; [`failure`]: why it failed.
 //! * [`integrations`]: the checks an integration passes when it is registered.
 //! * [`lease`]: one sync of an integration at a time; the chain of jobs that holds it.
@@ -21,6 +22,7 @@ pub mod failure;
 pub mod inbound;
 pub mod integrations;
 pub mod lease;
+pub mod listed;
 pub mod outbound;
 pub mod pipeline;
 pub mod plan;

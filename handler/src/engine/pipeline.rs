@@ -38,6 +38,7 @@ use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderErro
 
 use super::failure::{Failure, FailureCode};
 use super::lease;
+use super::listed::ListedIds;
 use super::plan;
 pub use super::plan::{content_hash, synced_shard_id};
 use super::state::update_integration;
@@ -313,8 +314,9 @@ struct EntityRun<'a> {
 struct Listing {
     /// Which listing: its stored pages carry it.
     id: String,
-    /// The external ids this job listed.
-    ids: HashSet<String>,
+    /// The external ids this job listed, and at the listing's end those the jobs before it
+    /// listed.
+    ids: ListedIds,
     /// The pages the jobs before this one stored, read back at the listing's end.
     stored_before: u64,
     /// The pages stored so far, by this job and those before it: the next one stored is
@@ -333,7 +335,7 @@ impl Listing {
     fn resumed(progress: &ListingProgress) -> Self {
         Self {
             id: progress.id.clone(),
-            ids: HashSet::default(),
+            ids: ListedIds::new(),
             stored_before: progress.pages,
             stored: progress.pages,
         }
@@ -953,6 +955,7 @@ impl<'a> EntityRun<'a> {
         if let Some(mut listing) = self.listing.take()
             && self.read_listed_before(&mut listing).await?
         {
+            listing.ids.seal();
             self.reconcile(&listing.ids).await?;
         }
         let entity = &self.mapping.external_entity;
@@ -1037,7 +1040,7 @@ impl<'a> EntityRun<'a> {
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
     /// (`listed`) no longer has. The entity's shards are read a page of fingerprints at a time,
     /// in id order, so that an entity of any size costs a page of memory.
-    async fn reconcile(&mut self, listed: &HashSet<String>) -> Result<(), Failure> {
+    async fn reconcile(&mut self, listed: &ListedIds) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
         let prefix = self.synced_prefix();
         let before = self.counters.skipped;
@@ -1070,7 +1073,7 @@ impl<'a> EntityRun<'a> {
             }
         }
         if reconciled > 0 {
-            tracing::info!(entity = %self.mapping.external_entity, count = reconciled, "records no longer listed are reconciled as deleted");
+            tracing::info!(entity = %self.mapping.external_entity, count = reconciled, listed = listed.len(), "records no longer listed are reconciled as deleted");
         }
         // Shards already soft-deleted are not records this run skipped.
         self.counters.skipped = before;
