@@ -9,8 +9,8 @@
 //! A hash can stand for the id because the set is only asked whether an id is in it, and only
 //! to decide that a shard's record is gone. Two ids with one hash could make a record that is
 //! gone look listed, and its shard would stay until a later listing; with 64 bits the chance
-//! that any of a million gone records meets any of a million listed ones is about one in
-//! thirty million million. A listed record is never taken for gone: its own hash is there.
+//! that a gone record meets one of a million listed ones is about one in eighteen million
+//! million. A listed record is never taken for gone: its own hash is there.
 //!
 //! The hashes are seeded per set and never stored: what the jobs before stored are the ids,
 //! hashed again when read back.
@@ -23,12 +23,6 @@ pub(crate) struct ListedIds {
     /// Sorted and without repeats up to `sorted`; appended after it.
     hashes: Vec<u64>,
     sorted: usize,
-}
-
-impl Default for ListedIds {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 impl ListedIds {
