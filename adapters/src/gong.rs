@@ -220,6 +220,7 @@ impl Gong {
         conn: &mut Connection,
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
+        request.listed_whole()?;
         let params: Vec<(&str, String)> = request
             .page_token
             .iter()

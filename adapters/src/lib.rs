@@ -120,7 +120,8 @@ pub trait Pull: Send + Sync {
 
     /// Whether a sync of `entity` without a cursor lists every record the provider has, so that
     /// a record it did not list is gone (providers that report no deletions: Zoom meetings,
-    /// Gong users). The engine then soft-deletes what a complete listing left out.
+    /// Gong users). The engine then soft-deletes what a complete listing left out. Such an
+    /// entity takes no cursor: its adapter refuses one with [`FetchRequest::listed_whole`].
     fn lists_everything(&self, _entity: &str) -> bool {
         false
     }

@@ -112,6 +112,22 @@ pub struct FetchRequest {
     pub page_size: usize,
 }
 
+impl FetchRequest {
+    /// Refuses a cursor for an entity listed whole on every sync (see
+    /// `Pull::lists_everything`), which the provider never gives one for: a cursor stored for
+    /// it came from elsewhere, and reading "since" it would not be a whole listing. The engine
+    /// then drops it and reads the entity from the start.
+    pub fn listed_whole(&self) -> Result<(), ProviderError> {
+        match self.cursor {
+            Some(_) if self.page_token.is_none() => Err(ProviderError::resync_required(format!(
+                "`{}` is listed whole and takes no cursor",
+                self.entity
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A record as the provider has it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
@@ -354,4 +370,28 @@ pub struct Written {
     pub external_id: String,
     /// The record's version after the write, when the provider says.
     pub version: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entity_listed_whole_refuses_a_cursor_for_a_resync_but_not_a_listing_under_way() {
+        let mut request = FetchRequest {
+            entity: "meetings".into(),
+            fields: vec![],
+            cursor: None,
+            page_token: None,
+            filters: vec![],
+            page_size: 300,
+        };
+        assert!(request.listed_whole().is_ok());
+        request.cursor = Some("2026-01-01".into());
+        let refused = request.listed_whole().unwrap_err();
+        assert!(refused.resync, "{refused}");
+        assert!(refused.message.contains("`meetings`"), "{refused}");
+        request.page_token = Some("next".into());
+        assert!(request.listed_whole().is_ok());
+    }
 }

@@ -189,6 +189,7 @@ impl Zoom {
         conn: &mut Connection,
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
+        request.listed_whole()?;
         let user = Self::user(conn)?.to_string();
         let mut params = vec![
             ("type", "scheduled".to_string()),

@@ -295,6 +295,61 @@ pub async fn an_incremental_sync_brings_updates_creations_and_deletions<P: Under
     );
 }
 
+/// A cursor the provider never gave (mangled, restored from another environment, or left by a
+/// mapping that once read the entity another way).
+const FOREIGN_CURSOR: &str = "not-a-cursor-of-this-provider";
+
+pub async fn a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_read_again<
+    P: UnderTest,
+>() {
+    use handler::store::ShardStore;
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&names(0, 5));
+    let handler = handler(&app).await;
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    let store = app.store();
+    let mut integration = store.get("t1", INTEGRATION).await.unwrap().unwrap().value;
+    integration.structured_data["cursors"][P::ENTITY] = json!(FOREIGN_CURSOR);
+    store.upsert(&integration).await.unwrap();
+    fake.rename(&ids[0], "Renamed 0");
+    fake.create(&names(5, 1));
+    // A listing read whole tells what is gone, whatever cursor the integration held.
+    let reconciles = !P::KEEPS_CURSOR && P::SEES_DELETIONS;
+    if reconciles {
+        fake.delete(&ids[1]);
+    }
+    run_job::<P>(&handler, "job-incr", "incremental").await;
+
+    let record = record_of(&app, "job-incr").await;
+    assert_eq!(record["status"], "success", "{record}");
+    let mut expected = names(
+        if reconciles { 2 } else { 1 },
+        if reconciles { 4 } else { 5 },
+    );
+    expected.push("Renamed 0".to_string());
+    expected.sort();
+    assert_eq!(shard_names(&app).await, expected);
+    // The cursor is the provider's own again, or gone where the provider keeps none: the next
+    // run neither trips over it nor reads the entity whole for its sake.
+    let state = &app.integration(INTEGRATION).await["structuredData"];
+    let cursor = &state["cursors"][P::ENTITY];
+    assert_ne!(cursor, FOREIGN_CURSOR, "{state}");
+    assert_eq!(cursor.is_string(), P::KEEPS_CURSOR, "{state}");
+
+    run_job::<P>(&handler, "job-again", "incremental").await;
+    let again = record_of(&app, "job-again").await;
+    assert_eq!(again["status"], "success", "{again}");
+    assert_eq!(
+        (
+            again["stats"]["shardsCreated"].as_u64(),
+            again["stats"]["shardsUpdated"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "nothing changed, nothing written: {again}"
+    );
+}
+
 pub async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
     fake.create(&names(0, P::SEVERAL_PAGES));
@@ -601,6 +656,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn an_incremental_sync_brings_updates_creations_and_deletions() {
                 super::an_incremental_sync_brings_updates_creations_and_deletions::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_read_again() {
+                super::a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_read_again::<$fake>().await
             }
             #[tokio::test]
             async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes() {

@@ -843,6 +843,11 @@ impl<'a> EntityRun<'a> {
             request.cursor = None;
             self.pending_cursor = None;
             self.listing = listing_from_start(provider, request);
+            // Forgotten at once: whatever this read ends with, a later run must not start from
+            // it again (an entity whose pages return no cursor would otherwise keep it).
+            let entity = &request.entity;
+            self.update_state(|i| i.cursors.remove(entity).is_some())
+                .await?;
             page = provider.fetch_page(conn, request).await;
         }
         match page {
