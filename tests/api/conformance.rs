@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
+use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
 
 use crate::fake_dynamics::FakeDynamics;
 use crate::fake_gong::FakeGong;
@@ -350,6 +350,68 @@ pub async fn a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_rea
     );
 }
 
+pub async fn a_refresh_token_the_provider_refuses_fails_the_job_for_good_and_flags_the_integration<
+    P: UnderTest,
+>() {
+    let story = "a refused refresh token fails the job for good";
+    let (fake, app) = connected::<P>().await;
+    let mut credentials = fake.credentials();
+    let Some(secret) = credentials["client_secret"].as_str().map(str::to_string) else {
+        skip(P::PROVIDER, story, "its connection has no refresh token");
+        return;
+    };
+    if credentials.get("refresh_token").is_none() || fake.expire_token_after(0).is_none() {
+        skip(P::PROVIDER, story, "its connection has no refresh token");
+        return;
+    }
+    fake.create(&names(0, 3));
+    credentials["refresh_token"] = json!("a-refresh-token-nobody-issued");
+    app.set_credentials(INTEGRATION, &credentials).await;
+    let handler = handler(&app).await;
+
+    run_job::<P>(&handler, "job-refused", "full_sync").await;
+
+    let record = record_of(&app, "job-refused").await;
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(
+        record["errors"][0]["code"], "AUTHENTICATION_FAILED",
+        "{record}"
+    );
+    assert_eq!(record["errors"][0]["retryable"], false, "{record}");
+    assert!(
+        !record.to_string().contains(&secret),
+        "no secret in the history"
+    );
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].properties["DeadLetterReason"],
+        "AUTHENTICATION_FAILED"
+    );
+    assert!(
+        app.broker()
+            .peek(SYNC_INBOUND_SCHEDULED)
+            .unwrap()
+            .is_empty(),
+        "not retried: no retry can fix it"
+    );
+    assert_eq!(
+        app.integration(INTEGRATION).await["structuredData"]["status"],
+        "error"
+    );
+
+    // New credentials put it back in service, and the next job syncs.
+    app.set_credentials(INTEGRATION, &fake.credentials()).await;
+    assert_eq!(
+        app.integration(INTEGRATION).await["structuredData"]["status"],
+        "active"
+    );
+    run_job::<P>(&handler, "job-after", "full_sync").await;
+    let record = record_of(&app, "job-after").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(shard_names(&app).await, names(0, 3));
+}
+
 pub async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
     fake.create(&names(0, P::SEVERAL_PAGES));
@@ -660,6 +722,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_read_again() {
                 super::a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_read_again::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_refresh_token_the_provider_refuses_fails_the_job_for_good_and_flags_the_integration() {
+                super::a_refresh_token_the_provider_refuses_fails_the_job_for_good_and_flags_the_integration::<$fake>().await
             }
             #[tokio::test]
             async fn a_token_that_expires_mid_sync_is_refreshed_once_and_the_sync_finishes() {
