@@ -295,6 +295,45 @@ pub async fn an_incremental_sync_brings_updates_creations_and_deletions<P: Under
     );
 }
 
+pub async fn a_record_the_mapping_cannot_take_fails_alone_and_is_synced_once_mended<
+    P: UnderTest,
+>() {
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&[
+        "Record 00000".to_string(),
+        String::new(),
+        "Record 00002".to_string(),
+    ]);
+    let handler = handler(&app).await;
+
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    // The record with no name (which the mapping requires) is listed with the provider's
+    // field; the others are synced.
+    let record = record_of(&app, "job-full").await;
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 2, "{record}");
+    assert_eq!(record["stats"]["shardsFailed"], 1, "{record}");
+    let errors = record["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{record}");
+    assert_eq!(errors[0]["code"], "VALIDATION_ERROR", "{record}");
+    assert_eq!(errors[0]["recordId"], ids[1].as_str(), "{record}");
+    assert_eq!(errors[0]["field"], P::NAME_FIELD, "{record}");
+    assert_eq!(
+        shard_names(&app).await,
+        names(0, 3).into_iter().step_by(2).collect::<Vec<_>>()
+    );
+
+    // Mended at the provider, it is synced by the next run, and nothing else is written.
+    fake.rename(&ids[1], "Record 00001");
+    run_job::<P>(&handler, "job-mended", "incremental").await;
+    let record = record_of(&app, "job-mended").await;
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 1, "{record}");
+    assert_eq!(record["stats"]["shardsUpdated"], 0, "{record}");
+    assert_eq!(shard_names(&app).await, names(0, 3));
+}
+
 /// A cursor the provider never gave (mangled, restored from another environment, or left by a
 /// mapping that once read the entity another way).
 const FOREIGN_CURSOR: &str = "not-a-cursor-of-this-provider";
@@ -718,6 +757,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn an_incremental_sync_brings_updates_creations_and_deletions() {
                 super::an_incremental_sync_brings_updates_creations_and_deletions::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_record_the_mapping_cannot_take_fails_alone_and_is_synced_once_mended() {
+                super::a_record_the_mapping_cannot_take_fails_alone_and_is_synced_once_mended::<$fake>().await
             }
             #[tokio::test]
             async fn a_cursor_the_provider_does_not_honour_is_dropped_and_the_entity_read_again() {

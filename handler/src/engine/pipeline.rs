@@ -1139,6 +1139,7 @@ impl<'a> EntityRun<'a> {
             fingerprints,
         } = mapped;
         self.record_failures(std::mem::take(&mut page.failed));
+        self.counters.skipped += page.superseded;
         // Records that are what their shards already say are skipped on the shards'
         // fingerprints; a record whose shard does not exist needs no read of it.
         let mut existing: Option<HashSet<String>> = None;

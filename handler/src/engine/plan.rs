@@ -81,31 +81,31 @@ pub struct Transformed {
     /// External ids the provider reports deleted.
     pub deleted: Vec<String>,
     pub failed: Vec<RecordFailure>,
+    /// Listings of a record that a later listing of it in the page supersedes: skipped.
+    pub superseded: u64,
 }
 
 /// Maps a page's records through the entity mapping.
 ///
-/// A record both listed and reported deleted in one page (an export, then a later export's
-/// tombstone for it; or the other way round) is what its last listing says: deleted, or live
-/// again. Only that listing counts, so a shard is not written back to life and deleted again
-/// within one page, nor deleted after a later listing brought its record back.
+/// A record listed more than once in a page (an export, then a later export of the same
+/// record or its tombstone; a Graph delta, which may repeat an item) is what its last listing
+/// says: live with that listing's fields, or deleted. Only that listing counts, so a shard is
+/// not written back to life and deleted again within one page, nor deleted after a later
+/// listing brought its record back, and a listing the record has since outgrown (a name since
+/// filled in) neither lands nor fails.
 pub fn transform_page(
     integration_id: &str,
     mapping: &EntityMapping,
     records: Vec<Record>,
 ) -> Transformed {
-    let last_listing_deleted = last_listing_deleted(&records);
-    let superseded = |record: &Record| {
-        last_listing_deleted
-            .get(record.id.as_str())
-            .is_some_and(|deleted| *deleted != record.deleted)
-    };
+    let superseded = superseded_listings(&records);
     let mut page = Transformed {
         records: Vec::with_capacity(records.len()),
         ..Transformed::default()
     };
-    for mut record in records {
-        if superseded(&record) {
+    for (i, mut record) in records.into_iter().enumerate() {
+        if superseded.get(i).copied().unwrap_or(false) {
+            page.superseded += 1;
             continue;
         }
         if record.deleted {
@@ -144,22 +144,23 @@ pub fn transform_page(
     page
 }
 
-/// For each record of a page reported deleted, whether its last listing in the page is a
-/// deletion. Empty for a page with no deletions (most pages).
-fn last_listing_deleted(records: &[Record]) -> HashMap<String, bool> {
-    let mut last: HashMap<String, bool> = records
-        .iter()
-        .filter(|r| r.deleted)
-        .map(|r| (r.id.clone(), true))
-        .collect();
-    if !last.is_empty() {
-        for record in records {
-            if let Some(deleted) = last.get_mut(record.id.as_str()) {
-                *deleted = record.deleted;
-            }
-        }
+/// For each record of a page, whether a later listing of the same record in the page
+/// supersedes it. Empty for a page that lists each record once (most pages).
+fn superseded_listings(records: &[Record]) -> Vec<bool> {
+    let mut last: HashMap<&str, usize> =
+        HashMap::with_capacity_and_hasher(records.len(), Default::default());
+    let mut repeated = false;
+    for (i, record) in records.iter().enumerate() {
+        repeated |= last.insert(record.id.as_str(), i).is_some();
     }
-    last
+    if !repeated {
+        return Vec::new();
+    }
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, record)| last[record.id.as_str()] != i)
+        .collect()
 }
 
 /// Whether a mapping's records may be found unchanged from their shards' fingerprints alone
@@ -539,8 +540,9 @@ impl<'a> Landing<'a> {
         let ctx = &ctx;
         let mapping = ctx.mapping;
         if !mapping.derived_shards.is_empty() {
-            // A record listed twice in a page derives from its later listing, as its shard
-            // lands it last: the earlier version is replaced, never written over the later one.
+            // Records that land in one shard (duplicates by match key) derive from the last of
+            // them, as the shard lands it last: the earlier version is replaced, never written
+            // over the later one.
             let mut derived_at: HashMap<String, usize> = HashMap::default();
             let primaries: HashMap<&str, &str> = landed
                 .landed
@@ -1197,9 +1199,8 @@ mod tests {
         let records = vec![
             record("1", "Ann", Some("ann@x.test")),
             record("2", "Bo", Some("bo@x.test")),
-            // The second part: a duplicate of Ann, Bo listed again as he was, and Cy.
+            // The second part: a duplicate of Ann, and Cy.
             record("3", "Ann S.", Some("ann@x.test")),
-            record("2", "Bo", Some("bo@x.test")),
             record("4", "Cy", Some("cy@x.test")),
         ];
         let (whole, whole_tally) = plan(&mapping, records.clone(), &[]);
@@ -1215,7 +1216,7 @@ mod tests {
         assert_eq!(
             ids(&again),
             ["int-1~Contact~1", "int-1~Contact~4"],
-            "Ann's shard again, as the duplicate changed it; Bo's not, unchanged"
+            "Ann's shard again, as the duplicate changed it"
         );
         written.retain(|s| !again.iter().any(|a| a.id == s.id));
         written.extend(again);
@@ -1230,7 +1231,7 @@ mod tests {
         let mut tally = tally(&landed.landed, &changes, &[]);
         tally.skipped += landed.skipped;
         assert_eq!(tally, whole_tally);
-        assert_eq!((tally.created, tally.updated), (3, 2));
+        assert_eq!((tally.created, tally.updated), (3, 1));
     }
 
     #[test]
@@ -1619,6 +1620,41 @@ mod tests {
             ["1", "4"],
             "a tombstone after its listing: deleted"
         );
+    }
+
+    #[test]
+    fn a_listing_a_later_one_supersedes_neither_lands_nor_fails() {
+        let mapping: EntityMapping = serde_json::from_value(json!({
+            "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "name",
+            "fieldMappings": [{"source": "Name", "target": "name", "required": true}]
+        }))
+        .unwrap();
+        let page = transform_page(
+            "int-1",
+            &mapping,
+            vec![
+                record("1", "Ann", None),
+                record("2", "", None),
+                record("3", "Cy", None),
+                record("2", "Bo", None),
+                record("1", "Ann Lee", None),
+            ],
+        );
+        let landing: Vec<(&str, &Value)> = page
+            .records
+            .iter()
+            .map(|r| (r.record.id.as_str(), &r.data["name"]))
+            .collect();
+        assert_eq!(
+            landing,
+            [
+                ("3", &json!("Cy")),
+                ("2", &json!("Bo")),
+                ("1", &json!("Ann Lee"))
+            ]
+        );
+        assert!(page.failed.is_empty(), "{:?}", page.failed);
+        assert_eq!(page.superseded, 2);
     }
 
     #[test]
