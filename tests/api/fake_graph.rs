@@ -2,8 +2,10 @@
 //! they depend on: the Microsoft identity token endpoint (shared with the Dataverse fake);
 //! OneDrive `driveItem` delta (`/drives/{id}/root/delta`, `/me/drive/root/delta`) whose first
 //! enumeration includes the root, pages by `@odata.nextLink` with an opaque `token`, ends with an
-//! `@odata.deltaLink` whose token is the version when the round began, reports deletions as items
-//! with a `deleted` facet and no name, answers `token=latest` with nothing but a deltaLink, and
+//! `@odata.deltaLink` whose token is the version when the round began, lists again on a later page
+//! an item that changed after an earlier page of the round listed it (Graph: "the same item may
+//! appear more than once in a delta feed"), reports deletions as items with a `deleted` facet and
+//! no name, answers `token=latest` with nothing but a deltaLink, and
 //! answers a delta token it no longer keeps with 410 `resyncRequired` and a `Location` to start
 //! over; Teams channel-message delta with `$top` at most 50, `$skiptoken`/`$deltatoken` links,
 //! root posts only (`$expand=replies` nests the replies), soft-deleted messages with
@@ -18,7 +20,7 @@
 //! and 503 `serviceNotAvailable` with `Retry-After`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound::{Excluded, Unbounded};
+use std::ops::Bound::{Excluded, Included, Unbounded};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,6 +125,9 @@ pub struct Graph {
     pub unavailable: usize,
     /// A delta token answers 410 `resyncRequired` (drive) or 400 `syncStateNotFound` (Teams).
     pub expire_delta_tokens: bool,
+    /// Renames made once a number of drive delta pages has been served: (pages still to
+    /// serve, drive, item id, new name).
+    renames_after_pages: Vec<(usize, String, String, String)>,
     /// How long a validation handshake may take (Graph allows 10 seconds).
     pub validation_timeout: Duration,
     /// Every data request's method, path and decoded query, in order.
@@ -582,6 +587,18 @@ impl Graph {
         };
         let top = top.unwrap_or(cursor.top);
         let drive = &self.drives[key];
+        // What changed behind the round's position since its last page is listed again, first;
+        // the round then counts from now.
+        let relisted: Vec<&DriveItem> = drive
+            .items
+            .range::<str, _>((Unbounded, Included(cursor.after.as_str())))
+            .map(|(_, item)| item)
+            .filter(|i| i.version > cursor.start)
+            .collect();
+        let cursor = Cursor {
+            start: version,
+            ..cursor
+        };
         // An enumeration lists what exists; a delta also lists what went away since.
         let items = drive
             .items
@@ -589,7 +606,11 @@ impl Graph {
             .map(|(_, item)| item)
             .filter(|i| i.version > cursor.since && !(cursor.since == 0 && i.deleted));
         let (page, more) = take_page(items, top);
-        let value: Vec<Value> = page.iter().map(|i| item_json(key, drive, i)).collect();
+        let value: Vec<Value> = relisted
+            .into_iter()
+            .chain(page.iter().copied())
+            .map(|i| item_json(key, drive, i))
+            .collect();
         let mut body = json!({
             "@odata.context": format!("{}{ROOT}/$metadata#Collection(driveItem)", self.url),
             "value": value
@@ -603,7 +624,32 @@ impl Graph {
                 body["@odata.deltaLink"] = json!(format!("{base}?token={}", cursor.delta_token()))
             }
         }
+        self.page_served();
         Json(body).into_response()
+    }
+
+    /// Counts a drive delta page served, and makes the renames now due.
+    fn page_served(&mut self) {
+        let mut due = Vec::new();
+        self.renames_after_pages
+            .retain_mut(|(pages, drive, id, name)| {
+                *pages -= 1;
+                let now = *pages == 0;
+                if now {
+                    due.push((drive.clone(), id.clone(), name.clone()));
+                }
+                !now
+            });
+        for (drive, id, name) in due {
+            self.rename(&drive, &id, &name);
+        }
+    }
+
+    fn rename(&mut self, drive: &str, id: &str, name: &str) {
+        let (version, now) = self.tick();
+        let item = self.item_mut(drive, id);
+        item.name = name.to_string();
+        (item.version, item.modified) = (version, now);
     }
 
     /// A page of a channel's message delta: root posts changed since the token, in id order.
@@ -1086,11 +1132,15 @@ impl FakeGraph {
     }
 
     pub fn rename_item(&self, drive: &str, id: &str, name: &str) {
-        let mut graph = self.state.lock().unwrap();
-        let (version, now) = graph.tick();
-        let item = graph.item_mut(drive, id);
-        item.name = name.to_string();
-        (item.version, item.modified) = (version, now);
+        self.state.lock().unwrap().rename(drive, id, name);
+    }
+
+    /// Renames an item once `pages` more pages of a drive delta have been served: a change
+    /// made while a client pages through the drive.
+    pub fn rename_item_after_pages(&self, drive: &str, id: &str, name: &str, pages: usize) {
+        assert!(pages > 0);
+        let renames = &mut self.state.lock().unwrap().renames_after_pages;
+        renames.push((pages, drive.into(), id.into(), name.into()));
     }
 
     pub fn delete_item(&self, drive: &str, id: &str) {

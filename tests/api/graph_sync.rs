@@ -1,6 +1,6 @@
 //! Microsoft Graph stories beyond the conformance suite: change notifications delivered by
 //! Graph itself to the local runtime, lifecycle notifications, subscriptions renewed by
-//! TokenRefresher, Teams replies, and an expired drive delta.
+//! TokenRefresher, Teams replies, an expired drive delta, and an item a delta lists twice.
 
 use std::time::Duration;
 
@@ -257,6 +257,37 @@ async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed()
     );
     assert_eq!(app.shards("c_document").await.len(), 31);
     assert!(!added.is_empty());
+}
+
+#[tokio::test]
+async fn an_item_mended_while_the_drive_is_paged_through_syncs_once_graph_lists_it_again() {
+    let app = TestApp::new();
+    let graph = connected_drive(&app).await;
+    // Saved with no name, on the first page of the drive's enumeration, and named while the
+    // client reads the first page: Graph lists it again on a later page of the same round.
+    let unnamed = graph.add_item(DRIVE, "", false);
+    graph.load_items(DRIVE, 1_500);
+    graph.rename_item_after_pages(DRIVE, &unnamed, "minutes.docx", 1);
+    let handler = app.host_handler().await;
+
+    let body = json!({"integrationId": "int-drive", "tenantId": "t1", "jobType": "full_sync",
+                      "provider": "onedrive", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"});
+    let message = service_bus_message("SyncInboundScheduled", &body.to_string(), "job-1", 1, None);
+    handler.invoke("SyncInboundScheduled", &message).await;
+
+    // The run is what the item's last listing says: the name it has now, no failure.
+    let history = app.history().await;
+    let run = &history[0]["structuredData"];
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(run["stats"]["shardsCreated"], 1_501, "{run}");
+    assert_eq!(run["stats"]["shardsFailed"], 0, "{run}");
+    assert!(run.get("errors").is_none(), "{run}");
+    let shards = app.shards("c_document").await;
+    assert_eq!(shards.len(), 1_501);
+    assert!(
+        shards.iter().any(|s| s["name"] == "minutes.docx"),
+        "the mended item is synced"
+    );
 }
 
 #[tokio::test]

@@ -23,8 +23,9 @@
 //! delta token) is dropped and the entity read from the beginning.
 //!
 //! A record that fails alone (its mapping, its write) is listed in the run's errors and the
-//! batch goes on. A failure of the provider or the store as a whole ends the run with that
-//! error; the caller decides between retry, dead letter and "resume next run".
+//! batch goes on; listed again later in the run, it is what that listing says. A failure of
+//! the provider or the store as a whole ends the run with that error; the caller decides
+//! between retry, dead letter and "resume next run".
 
 use super::{HashMap, HashSet};
 use std::sync::Arc;
@@ -1138,6 +1139,8 @@ impl<'a> EntityRun<'a> {
             transformed: mut page,
             fingerprints,
         } = mapped;
+        let forgotten = plan::forget_relisted(&mut self.errors, &page);
+        self.counters.failed = self.counters.failed.saturating_sub(forgotten);
         self.record_failures(std::mem::take(&mut page.failed));
         self.counters.skipped += page.superseded;
         // Records that are what their shards already say are skipped on the shards'

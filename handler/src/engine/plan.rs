@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use super::HashMap;
+use super::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -27,7 +27,6 @@ use serde_json::{Map, Value};
 use adapters::{ErrorCode, Record};
 
 use super::failure::FailureCode;
-use crate::model::Shard;
 use crate::model::conflict::{
     ConflictPolicy, FieldConflict, Modified, reconcile_record, value_hash,
 };
@@ -35,6 +34,7 @@ use crate::model::dedup::{DedupKeys, DedupRules, merge};
 use crate::model::digest::Fnv1a;
 use crate::model::mapping::{EntityMapping, transform, transform_owned};
 use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
+use crate::model::{Shard, SyncError};
 use crate::store::ShardFingerprint;
 
 /// Whose page is planned.
@@ -161,6 +161,27 @@ fn superseded_listings(records: &[Record]) -> Vec<bool> {
         .enumerate()
         .map(|(i, record)| last[record.id.as_str()] != i)
         .collect()
+}
+
+/// Drops from a run's errors the failures of records this page lists again, and returns how
+/// many it dropped. A provider may list a record more than once in one run (a Graph delta lists
+/// again an item that changed while it was paged through): as within a page, the record is
+/// what its last listing says, so this listing lands, is deleted or fails anew, and the
+/// earlier failure no longer stands.
+pub fn forget_relisted(errors: &mut Vec<SyncError>, page: &Transformed) -> u64 {
+    if errors.iter().all(|e| e.record_id.is_none()) {
+        return 0;
+    }
+    let listed: HashSet<&str> = page
+        .records
+        .iter()
+        .map(|r| r.record.id.as_str())
+        .chain(page.deleted.iter().map(String::as_str))
+        .chain(page.failed.iter().filter_map(|f| f.record_id.as_deref()))
+        .collect();
+    let before = errors.len();
+    errors.retain(|e| e.record_id.as_deref().is_none_or(|id| !listed.contains(id)));
+    (before - errors.len()) as u64
 }
 
 /// Whether a mapping's records may be found unchanged from their shards' fingerprints alone
@@ -1655,6 +1676,51 @@ mod tests {
         );
         assert!(page.failed.is_empty(), "{:?}", page.failed);
         assert_eq!(page.superseded, 2);
+    }
+
+    #[test]
+    fn a_record_listed_again_later_in_the_run_drops_its_earlier_failure() {
+        let mapping: EntityMapping = serde_json::from_value(json!({
+            "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "name",
+            "fieldMappings": [{"source": "Name", "target": "name", "required": true}]
+        }))
+        .unwrap();
+        let failure = |record_id: Option<&str>| SyncError {
+            code: "VALIDATION_ERROR".into(),
+            message: "`Name` is required".into(),
+            entity: Some("Contact".into()),
+            record_id: record_id.map(str::to_string),
+            shard_id: None,
+            field: Some("Name".into()),
+            timestamp: Utc::now(),
+            retryable: false,
+        };
+        // Failed on earlier pages: 1 (now mended), 2 (now deleted), 3 (failing again), 4 (not
+        // listed again), and a failure of no one record.
+        let mut errors = vec![
+            failure(Some("1")),
+            failure(Some("2")),
+            failure(Some("3")),
+            failure(Some("4")),
+            failure(None),
+        ];
+        let mut deleted = record("2", "", None);
+        deleted.deleted = true;
+        let page = transform_page(
+            "int-1",
+            &mapping,
+            vec![record("1", "Ann", None), deleted, record("3", "", None)],
+        );
+        assert_eq!(page.failed.len(), 1);
+
+        assert_eq!(forget_relisted(&mut errors, &page), 3);
+        let left: Vec<Option<&str>> = errors.iter().map(|e| e.record_id.as_deref()).collect();
+        assert_eq!(left, [Some("4"), None]);
+
+        // A page that lists none of the failed records leaves the errors be.
+        let page = transform_page("int-1", &mapping, vec![record("5", "Eve", None)]);
+        assert_eq!(forget_relisted(&mut errors, &page), 0);
+        assert_eq!(errors.len(), 2);
     }
 
     #[test]
