@@ -1643,13 +1643,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_listing_a_later_one_supersedes_neither_lands_nor_fails() {
-        let mapping: EntityMapping = serde_json::from_value(json!({
+    /// Contacts whose one mapped field, their name, is required.
+    fn name_required() -> EntityMapping {
+        serde_json::from_value(json!({
             "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "name",
             "fieldMappings": [{"source": "Name", "target": "name", "required": true}]
         }))
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_listing_a_later_one_supersedes_neither_lands_nor_fails() {
+        let mapping = name_required();
         let page = transform_page(
             "int-1",
             &mapping,
@@ -1680,11 +1685,7 @@ mod tests {
 
     #[test]
     fn a_record_listed_again_later_in_the_run_drops_its_earlier_failure() {
-        let mapping: EntityMapping = serde_json::from_value(json!({
-            "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "name",
-            "fieldMappings": [{"source": "Name", "target": "name", "required": true}]
-        }))
-        .unwrap();
+        let mapping = name_required();
         let failure = |record_id: Option<&str>| SyncError {
             code: "VALIDATION_ERROR".into(),
             message: "`Name` is required".into(),
