@@ -5,11 +5,11 @@
 //! `@odata.deltaLink` whose token is the version when the round began, lists again on a later page
 //! an item that changed after an earlier page of the round listed it (Graph: "the same item may
 //! appear more than once in a delta feed"), reports deletions as items with a `deleted` facet and
-//! no name, answers `token=latest` with nothing but a deltaLink, and
-//! answers a delta token it no longer keeps with 410 `resyncRequired` and a `Location` to start
-//! over; Teams channel-message delta with `$top` at most 50, `$skiptoken`/`$deltatoken` links,
-//! root posts only (`$expand=replies` nests the replies), soft-deleted messages with
-//! `deletedDateTime` and an emptied body, and 400 `syncStateNotFound` for an expired token;
+//! no name, answers `token=latest` with nothing but a deltaLink, and answers a delta token it no
+//! longer keeps with 410 `resyncRequired` and a `Location` to start over; Teams channel-message
+//! delta with `$top` at most 50, `$skiptoken`/`$deltatoken` links, root posts only
+//! (`$expand=replies` nests the replies), soft-deleted messages with `deletedDateTime` and an
+//! emptied body, and 400 `syncStateNotFound` for an expired token;
 //! change-notification subscriptions, created only after the `validationToken` handshake with
 //! both notification URLs (a form-encoded token with spaces, `+` and `:`, to be echoed decoded as
 //! `text/plain` within 10 seconds), with the lifetime caps (4,320 minutes for chat messages, which
@@ -125,9 +125,8 @@ pub struct Graph {
     pub unavailable: usize,
     /// A delta token answers 410 `resyncRequired` (drive) or 400 `syncStateNotFound` (Teams).
     pub expire_delta_tokens: bool,
-    /// Renames made once a number of drive delta pages has been served: (pages still to
-    /// serve, drive, item id, new name).
-    renames_after_pages: Vec<(usize, String, String, String)>,
+    /// Renames made once a number of drive delta pages has been served.
+    renames_after_pages: Vec<PendingRename>,
     /// How long a validation handshake may take (Graph allows 10 seconds).
     pub validation_timeout: Duration,
     /// Every data request's method, path and decoded query, in order.
@@ -140,6 +139,14 @@ pub struct Graph {
     next_message: u64,
     /// The last POST to a receiver (URL, body), for `redeliver_last`.
     last_delivery: Option<(String, String)>,
+}
+
+/// A rename of a drive item made once `pages` more drive delta pages have been served.
+struct PendingRename {
+    pages: usize,
+    drive: String,
+    id: String,
+    name: String,
 }
 
 #[derive(Clone)]
@@ -630,18 +637,15 @@ impl Graph {
 
     /// Counts a drive delta page served, and makes the renames now due.
     fn page_served(&mut self) {
-        let mut due = Vec::new();
-        self.renames_after_pages
-            .retain_mut(|(pages, drive, id, name)| {
-                *pages -= 1;
-                let now = *pages == 0;
-                if now {
-                    due.push((drive.clone(), id.clone(), name.clone()));
-                }
-                !now
-            });
-        for (drive, id, name) in due {
-            self.rename(&drive, &id, &name);
+        for rename in &mut self.renames_after_pages {
+            rename.pages -= 1;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.renames_after_pages)
+            .into_iter()
+            .partition(|r| r.pages == 0);
+        self.renames_after_pages = later;
+        for r in due {
+            self.rename(&r.drive, &r.id, &r.name);
         }
     }
 
@@ -1139,8 +1143,13 @@ impl FakeGraph {
     /// made while a client pages through the drive.
     pub fn rename_item_after_pages(&self, drive: &str, id: &str, name: &str, pages: usize) {
         assert!(pages > 0);
-        let renames = &mut self.state.lock().unwrap().renames_after_pages;
-        renames.push((pages, drive.into(), id.into(), name.into()));
+        let rename = PendingRename {
+            pages,
+            drive: drive.into(),
+            id: id.into(),
+            name: name.into(),
+        };
+        self.state.lock().unwrap().renames_after_pages.push(rename);
     }
 
     pub fn delete_item(&self, drive: &str, id: &str) {
