@@ -214,6 +214,16 @@ pub enum SyncDirection {
     Bidirectional,
 }
 
+impl SyncDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+            Self::Bidirectional => "bidirectional",
+        }
+    }
+}
+
 impl Shard {
     /// Reads `structuredData` as `T`.
     pub fn data<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {

@@ -73,6 +73,20 @@ pub fn auto_opt<S: Serializer>(value: &Option<DateTime<Utc>>, s: S) -> Result<S:
     }
 }
 
+/// Appends `dt` to a JSON text as a string, spelled as [`auto_opt`] spells it: for writers of
+/// JSON by hand.
+pub fn push_json(out: &mut Vec<u8>, dt: &DateTime<Utc>) -> serde_json::Result<()> {
+    match auto(dt) {
+        Some((text, len)) => {
+            out.push(b'"');
+            out.extend_from_slice(&text[..len]);
+            out.push(b'"');
+            Ok(())
+        }
+        None => serde_json::to_writer(out, dt),
+    }
+}
+
 /// `2026-01-01T10:00:00Z`, `…:00.500Z`, `…:00.000250Z` or `…:00.000000001Z`, as chrono writes
 /// a UTC time with `SecondsFormat::AutoSi`; `None` for what only chrono spells (years outside
 /// 0-9999, leap seconds).

@@ -6,6 +6,7 @@
 //! queries. Anything the engine needs must be expressible that way.
 
 mod cosmos;
+mod document;
 mod sqlite;
 
 pub(crate) use sqlite::open_database as sqlite_open;

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as SqlValue};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
+use super::document;
 use super::{
     IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upserts, Versioned,
 };
@@ -363,17 +363,17 @@ struct Row {
 }
 
 /// The `fingerprint` column: what [`ShardFingerprint`] holds besides `deleted`, in the
-/// document's own spelling (so that [`upgrade`] can take it from a document).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredFingerprint<L> {
+/// document's own spelling (so that [`upgrade`] can take it from a document), as
+/// [`document::write`] writes it.
+#[derive(serde::Deserialize)]
+struct StoredFingerprint {
     #[serde(
         rename = "updatedAt",
         default,
-        serialize_with = "crate::model::timestamp::auto_opt",
         deserialize_with = "crate::model::timestamp::read_opt"
     )]
     updated_at: Option<chrono::DateTime<chrono::Utc>>,
-    links: Option<L>,
+    links: Option<Vec<crate::model::shard::ExternalRelationship>>,
 }
 
 /// A shard's id and fingerprint from a row of `id, deleted, fingerprint`.
@@ -384,7 +384,7 @@ fn fingerprint_row(row: &rusqlite::Row<'_>) -> Result<(String, ShardFingerprint)
 /// A shard's fingerprint from a row of `id, deleted, fingerprint` (the id read only to name a
 /// shard whose fingerprint is unreadable).
 fn fingerprint_of(row: &rusqlite::Row<'_>) -> Result<ShardFingerprint, StoreError> {
-    let stored: StoredFingerprint<Vec<_>> = row
+    let stored: StoredFingerprint = row
         .get_ref(2)
         .map_err(unavailable)?
         .as_str()
@@ -403,85 +403,6 @@ fn fingerprint_of(row: &rusqlite::Row<'_>) -> Result<ShardFingerprint, StoreErro
         deleted: row.get(1).map_err(unavailable)?,
         links,
     })
-}
-
-/// A shard's document as the store writes it: the text `Shard`'s own serialization writes, but
-/// with the links' JSON (`links`) written beforehand, so that the fingerprint column takes the
-/// same text rather than serializing the links a second time.
-struct Document<'a> {
-    shard: &'a Shard,
-    links: &'a RawValue,
-}
-
-/// A timestamp as the documents spell it.
-struct Stamp(Option<chrono::DateTime<chrono::Utc>>);
-
-impl serde::Serialize for Stamp {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        crate::model::timestamp::auto_opt(&self.0, s)
-    }
-}
-
-impl serde::Serialize for Document<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        // Every field by name: a field added to `Shard` does not compile until it is written
-        // here too.
-        let Shard {
-            id,
-            tenant_id,
-            shard_type_id,
-            name,
-            structured_data,
-            relationships,
-            external_relationships,
-            created_at,
-            created_by,
-            updated_at,
-            deleted_at,
-            content_hash,
-            dedup_keys,
-            ttl,
-            extra,
-        } = self.shard;
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("id", id)?;
-        map.serialize_entry("tenantId", tenant_id)?;
-        map.serialize_entry("shardTypeId", shard_type_id)?;
-        map.serialize_entry("name", name)?;
-        map.serialize_entry("structuredData", structured_data)?;
-        if !relationships.is_empty() {
-            map.serialize_entry("relationships", relationships)?;
-        }
-        if !external_relationships.is_empty() {
-            map.serialize_entry("external_relationships", self.links)?;
-        }
-        if created_at.is_some() {
-            map.serialize_entry("createdAt", &Stamp(*created_at))?;
-        }
-        if let Some(by) = created_by {
-            map.serialize_entry("createdBy", by)?;
-        }
-        if updated_at.is_some() {
-            map.serialize_entry("updatedAt", &Stamp(*updated_at))?;
-        }
-        if deleted_at.is_some() {
-            map.serialize_entry("deletedAt", &Stamp(*deleted_at))?;
-        }
-        if let Some(hash) = content_hash {
-            map.serialize_entry("contentHash", hash)?;
-        }
-        if !dedup_keys.is_empty() {
-            map.serialize_entry("dedupKeys", dedup_keys)?;
-        }
-        if let Some(ttl) = ttl {
-            map.serialize_entry("ttl", ttl)?;
-        }
-        for (key, value) in extra {
-            map.serialize_entry(key, value)?;
-        }
-        map.end()
-    }
 }
 
 /// Rows a batch of [`StreamedUpserts`] hands from the encoder to the writer, and how many
@@ -573,34 +494,9 @@ impl Upserts for StreamedUpserts<'_> {
     }
 }
 
-/// Room for a typical document, so that writing one does not grow its buffer again and again.
-const DOCUMENT_CAPACITY: usize = 1024;
-
 fn encode(shard: &Shard) -> Result<Row, StoreError> {
-    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
-    let links = serde_json::value::to_raw_value(&shard.external_relationships).map_err(corrupt)?;
-    let mut doc = Vec::with_capacity(DOCUMENT_CAPACITY);
-    serde_json::to_writer(
-        &mut doc,
-        &Document {
-            shard,
-            links: &links,
-        },
-    )
-    .map_err(corrupt)?;
-    let doc = String::from_utf8(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    // Room for the links and a timestamp, so that the text is not copied as it grows.
-    let mut fingerprint = Vec::with_capacity(links.get().len() + 64);
-    serde_json::to_writer(
-        &mut fingerprint,
-        &StoredFingerprint {
-            updated_at: shard.updated_at,
-            links: Some(&*links),
-        },
-    )
-    .map_err(corrupt)?;
-    let fingerprint =
-        String::from_utf8(fingerprint).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let document::Texts { doc, fingerprint } =
+        document::write(shard).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let keys = shard
         .dedup_keys
         .iter()
