@@ -54,8 +54,8 @@
 //! | the rest (runtime, job start and end, kernel)        |        26 |     13 |
 //! | total                                                |       152 |     63 |
 //!
-//! The table was taken before the keys were reordered and before a page was written while it
-//! landed; the instruction figures below are current.
+//! The table was taken before the keys were reordered, before a page was written while it
+//! landed and before documents were written by hand; the instruction figures below are current.
 //!
 //! A page is written while it lands: its records land in parts of 250, and each part's changed
 //! shards go to the store's writer (its own thread, one transaction a page) while the next part
@@ -88,7 +88,13 @@
 //! before landed) and lands its first part (the checkpoint then waits for a core, 2-5 ms instead
 //! of 1-2, and the full sync is no faster); that read-only connection alone (the re-run 8% slower:
 //! its cache starts cold; 2 MiB more); SQLite's cache at 250 KB or 16 MB, spilling it early, or
-//! pages of 8 or 16 KB. A ratio of 1.5 needs about a quarter less CPU per record.
+//! pages of 8 or 16 KB; the writer committing every 200 or 600 rows rather than once a page, so
+//! that the log is written while the page lands rather than after (full syncs of 0.085-0.096 s
+//! against 0.089-0.101 s, within the noise: a profile's timeline shows both cores busy while a
+//! page lands, and one of them while its commit writes the log, but the commit's work moved
+//! into the landing waits there for a core); opening the handler's port only once the HTTP
+//! client is built (its first sync no faster). A ratio of 1.5 needs about a quarter less CPU
+//! per record.
 //!
 //! What the store's writes add, measured by leaving parts of them out (alternating runs, the
 //! same machine, a full sync at 0.083-0.085 s): with no rows inserted at all (the documents
@@ -157,8 +163,13 @@
 //! 46 MiB, now 26-27 MiB.
 //!
 //! Instructions, from callgrind (`BENCH_RUNS=1`, a full sync and its re-run, the whole handler
-//! process), say where that CPU goes and repeat to a fraction of a percent: 916 M in all (937 M
-//! before the records' fields moved into their shards, -7 M, the match keys became a list, -6
+//! process), say where that CPU goes and repeat to a fraction of a percent: 855 M in all. They
+//! were 920 M before the store wrote a shard's document and fingerprint by hand
+//! (`store/document.rs`) rather than through serde's generic path, which scanned every key for
+//! characters to escape and wrote the links into a value of their own: encoding rows 117 M ->
+//! 49 M, the handler's CPU per full sync 128-140 ms -> 120-128 ms in alternating runs, the wall
+//! time within the noise (the store's writer, not the encoding, then sets the pace). Before
+//! that, 916 M (937 M before the records' fields moved into their shards, -7 M, the match keys became a list, -6
 //! M, and batch reads put their answers in place, -5 M; writing a page while it lands moved
 //! work, it did not remove any). At 955 M, on the earlier machine, they were
 //! the SQLite statements 264 M (the match-key inserts 41 M), reading and parsing Salesforce's pages
