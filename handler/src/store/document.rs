@@ -9,8 +9,8 @@
 //! whole when nothing in them needs escaping (almost always), and the links are written once,
 //! straight into the fingerprint, and copied from there into the document.
 //!
-//! The document is exactly the text `Shard`'s own serialization writes, and the fingerprint the
-//! text of the store's `StoredFingerprint` (the tests hold them equal), so anything that reads
+//! The document is exactly the text `Shard`'s own serialization writes, and the fingerprint
+//! what the store's `StoredFingerprint` reads (the tests hold both), so anything that reads
 //! them with serde reads these.
 
 use serde_json::Value;
