@@ -88,9 +88,9 @@
 //! before landed) and lands its first part (the checkpoint then waits for a core, 2-5 ms instead
 //! of 1-2, and the full sync is no faster); that read-only connection alone (the re-run 8% slower:
 //! its cache starts cold; 2 MiB more); SQLite's cache at 250 KB or 16 MB, spilling it early, or
-//! pages of 8 or 16 KB; the writer committing every 200 or 600 rows rather than once a page, so
-//! that the log is written while the page lands rather than after (full syncs of 0.085-0.096 s
-//! against 0.089-0.101 s, within the noise: a profile's timeline shows both cores busy while a
+//! pages of 8 or 16 KB; the writer committing every 200, 600 or 1,000 rows rather than once a
+//! page, so that the log is written while the page lands rather than after (full syncs of
+//! 0.085-0.108 s against 0.089-0.101 s over six rounds, within the noise: a profile's timeline shows both cores busy while a
 //! page lands, and one of them while its commit writes the log, but the commit's work moved
 //! into the landing waits there for a core); opening the handler's port only once the HTTP
 //! client is built (its first sync no faster). A ratio of 1.5 needs about a quarter less CPU
