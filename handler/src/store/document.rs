@@ -100,16 +100,8 @@ pub(super) fn write(shard: &Shard) -> serde_json::Result<Texts> {
         push_str(&mut doc, hash)?;
     }
     if !dedup_keys.is_empty() {
-        doc.extend_from_slice(b",\"dedupKeys\":{");
-        for (i, (rule, key)) in dedup_keys.iter().enumerate() {
-            if i > 0 {
-                doc.push(b',');
-            }
-            push_str(&mut doc, rule)?;
-            doc.push(b':');
-            push_str(&mut doc, key)?;
-        }
-        doc.push(b'}');
+        doc.extend_from_slice(b",\"dedupKeys\":");
+        push_object(&mut doc, dedup_keys.iter(), |out, key| push_str(out, key))?;
     }
     if let Some(ttl) = ttl {
         doc.extend_from_slice(b",\"ttl\":");
@@ -166,10 +158,7 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
     out.extend_from_slice(b",\"syncStatus\":\"");
     out.extend_from_slice(sync_status.as_str().as_bytes());
     out.push(b'"');
-    if let Some(at) = last_synced_at {
-        out.extend_from_slice(b",\"lastSyncedAt\":");
-        timestamp::push_json(out, at)?;
-    }
+    push_stamp(out, b",\"lastSyncedAt\":", last_synced_at)?;
     out.extend_from_slice(b",\"syncDirection\":\"");
     out.extend_from_slice(sync_direction.as_str().as_bytes());
     out.push(b'"');
@@ -178,16 +167,8 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
         push_str(out, version)?;
     }
     if !field_hashes.is_empty() {
-        out.extend_from_slice(b",\"fieldHashes\":{");
-        for (i, (field, hash)) in field_hashes.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            push_str(out, field)?;
-            out.push(b':');
-            push_str(out, hash)?;
-        }
-        out.push(b'}');
+        out.extend_from_slice(b",\"fieldHashes\":");
+        push_object(out, field_hashes, |out, hash| push_str(out, hash))?;
     }
     if let Some(hash) = record_hash {
         out.extend_from_slice(b",\"recordHash\":");
@@ -197,23 +178,30 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
     Ok(())
 }
 
+/// Writes a JSON object of `entries`, in their order, each value with `push`.
+fn push_object<'a, V: 'a>(
+    out: &mut Vec<u8>,
+    entries: impl IntoIterator<Item = (&'a String, &'a V)>,
+    push: impl Fn(&mut Vec<u8>, &V) -> serde_json::Result<()>,
+) -> serde_json::Result<()> {
+    out.push(b'{');
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_str(out, key)?;
+        out.push(b':');
+        push(out, value)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 /// Writes a JSON value as serde_json does, its strings through [`push_str`].
 fn push_value(out: &mut Vec<u8>, value: &Value) -> serde_json::Result<()> {
     match value {
         Value::String(s) => push_str(out, s),
-        Value::Object(map) => {
-            out.push(b'{');
-            for (i, (key, value)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                push_str(out, key)?;
-                out.push(b':');
-                push_value(out, value)?;
-            }
-            out.push(b'}');
-            Ok(())
-        }
+        Value::Object(map) => push_object(out, map, push_value),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
