@@ -90,11 +90,11 @@
 //! its cache starts cold; 2 MiB more); SQLite's cache at 250 KB or 16 MB, spilling it early, or
 //! pages of 8 or 16 KB; the writer committing every 200, 600 or 1,000 rows rather than once a
 //! page, so that the log is written while the page lands rather than after (full syncs of
-//! 0.085-0.108 s against 0.089-0.101 s over six rounds, within the noise: a profile's timeline shows both cores busy while a
-//! page lands, and one of them while its commit writes the log, but the commit's work moved
-//! into the landing waits there for a core); opening the handler's port only once the HTTP
-//! client is built (its first sync no faster). A ratio of 1.5 needs about a quarter less CPU
-//! per record.
+//! 0.085-0.108 s against 0.089-0.101 s over six rounds, within the noise: a profile's timeline
+//! shows both cores busy while a page lands, and one of them while its commit writes the log,
+//! but the commit's work moved into the landing waits there for a core); opening the handler's
+//! port only once the HTTP client is built (its first sync no faster). A ratio of 1.5 needs
+//! about a quarter less CPU per record.
 //!
 //! What the store's writes add, measured by leaving parts of them out (alternating runs, the
 //! same machine, a full sync at 0.083-0.085 s): with no rows inserted at all (the documents
@@ -169,9 +169,9 @@
 //! characters to escape and wrote the links into a value of their own: encoding rows 117 M ->
 //! 49 M, the handler's CPU per full sync 128-140 ms -> 120-128 ms in alternating runs, the wall
 //! time within the noise (the store's writer, not the encoding, then sets the pace). Before
-//! that, 916 M (937 M before the records' fields moved into their shards, -7 M, the match keys became a list, -6
-//! M, and batch reads put their answers in place, -5 M; writing a page while it lands moved
-//! work, it did not remove any). At 955 M, on the earlier machine, they were
+//! that, 916 M (937 M before the records' fields moved into their shards, -7 M, the match keys
+//! became a list, -6 M, and batch reads put their answers in place, -5 M; writing a page while
+//! it lands moved work, it did not remove any). At 955 M, on the earlier machine, they were
 //! the SQLite statements 264 M (the match-key inserts 41 M), reading and parsing Salesforce's pages
 //! 128 M, encoding rows 115 M, mapping 70 M, landing 58 M (its record hashes 15 M), change
 //! detection 49 M (its content hashes 30 M) and the re-run's record hashes 15 M. JSON string
