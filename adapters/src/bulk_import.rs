@@ -1,18 +1,22 @@
 //! Bulk imports: CSV and JSON Lines exports dropped in a folder.
 //!
 //! An entity is a family of files named after it: `accounts.csv`, `accounts-2026-11-22.jsonl`,
-//! `accounts_02.csv` all belong to entity `accounts`, read plain name first, then in name order. Each record has an id
-//! column (`idColumn`, default `id`), optionally a modified column (`modifiedColumn`, default
-//! `modified_at`, RFC 3339) and a tombstone column (`deletedColumn`, default `_deleted`) whose
-//! true value (`true`, `1`, `yes`) means the record was deleted.
+//! `accounts_02.csv` all belong to entity `accounts`, read plain name first, then in name
+//! order. Each record has an id column (`idColumn`, default `id`), optionally a modified column
+//! (`modifiedColumn`, default `modified_at`, RFC 3339) and a tombstone column (`deletedColumn`,
+//! default `_deleted`) whose true value (`true`, `1`, `yes`) means the record was deleted.
 //!
-//! Incremental by file and by record: the cursor is the latest modified time synced (RFC 3339);
-//! a file last written before it cannot hold a change after it and is not read; in the other
-//! files, records modified before it are skipped. A page token is the file and the byte offset of the next record, so a resumed sync
-//! seeks instead of re-reading.
+//! Incremental by file and by record: the cursor is the latest modified time synced, and the
+//! files read whole since then with their length and last-write time (`ImportCursor`). A
+//! file the cursor read as it is now, or last written before its time, cannot hold a change
+//! and is not opened; in the other files, records modified before the time are skipped. An
+//! export whose records all share one modified time is so read once, not by every sync after
+//! it. A page token is the file and the byte offset of the next record, so a resumed sync
+//! seeks instead of re-reading, unless the file was written again meanwhile.
 //!
 //! Connection settings: `path` (the folder), and the three column names above.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -107,14 +111,6 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
         key(a).cmp(&key(b))
     });
     Ok(files)
-}
-
-fn modified_time(path: &Path) -> Option<DateTime<Utc>> {
-    std::fs::metadata(path)
-        .ok()?
-        .modified()
-        .ok()
-        .map(DateTime::<Utc>::from)
 }
 
 fn truthy(value: &Value) -> bool {
@@ -251,12 +247,181 @@ impl Provider for BulkImport {
     }
 }
 
-/// A cursor's time. Cursors are written by this adapter; one that does not parse is read as
-/// "from the beginning" rather than failing every sync.
-fn cursor_time(cursor: &str) -> Result<DateTime<Utc>, ProviderError> {
-    DateTime::parse_from_rfc3339(cursor)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| ProviderError::resync_required(format!("`{cursor}` is not an import cursor")))
+/// How a file was when it was read: its length and its last-write time. A file whose stamp
+/// is what a cursor remembers has not been written since it was read whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    /// Nanoseconds since the Unix epoch.
+    modified_ns: u128,
+}
+
+impl FileStamp {
+    /// The file's stamp now; `None` when it cannot be read (or predates the epoch), and the
+    /// file is then never remembered as read.
+    fn of(path: &Path) -> Option<Self> {
+        let metadata = std::fs::metadata(path).ok()?;
+        let modified = metadata.modified().ok()?;
+        let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(Self {
+            len: metadata.len(),
+            modified_ns: since_epoch.as_nanos(),
+        })
+    }
+
+    /// Whether the file was last written before `time`, so it cannot hold a change after it.
+    fn written_before(&self, time: DateTime<Utc>) -> bool {
+        time.timestamp_nanos_opt()
+            .and_then(|ns| u128::try_from(ns).ok())
+            .is_some_and(|ns| self.modified_ns < ns)
+    }
+}
+
+/// What an import cursor says: the latest modified time synced, and the files read whole
+/// since that time, as they were then.
+///
+/// Records are read inclusive of the time (another export may bring more records modified at
+/// that very instant), so the time alone would have every later sync read again an export
+/// whose records all share it; the files read whole are skipped until they are written again.
+/// A file written before the time needs no entry: the time alone skips it.
+///
+/// Spelled as lines: the time (RFC 3339; empty when no record had one), then one line per file
+/// read whole, `length modified-nanoseconds name`. A cursor of earlier versions is the time's
+/// line alone.
+#[derive(Debug, Default, PartialEq)]
+struct ImportCursor {
+    time: Option<DateTime<Utc>>,
+    read: BTreeMap<String, FileStamp>,
+}
+
+impl ImportCursor {
+    /// Reads a cursor this adapter wrote; any other text asks for the entity to be read again
+    /// from the beginning.
+    fn parse(text: &str) -> Result<Self, ProviderError> {
+        let foreign =
+            || ProviderError::resync_required(format!("`{text}` is not an import cursor"));
+        let mut lines = text.split('\n');
+        let time = match lines.next().unwrap_or_default() {
+            "" => None,
+            time => Some(
+                DateTime::parse_from_rfc3339(time)
+                    .map_err(|_| foreign())?
+                    .with_timezone(&Utc),
+            ),
+        };
+        let mut read = BTreeMap::new();
+        for line in lines {
+            let mut parts = line.splitn(3, ' ');
+            let (Some(len), Some(modified_ns), Some(name)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(foreign());
+            };
+            let stamp = FileStamp {
+                len: len.parse().map_err(|_| foreign())?,
+                modified_ns: modified_ns.parse().map_err(|_| foreign())?,
+            };
+            read.insert(name.to_string(), stamp);
+        }
+        Ok(Self { time, read })
+    }
+
+    /// Whether the file called `name`, whose stamp is now `stamp`, was read whole as it is.
+    fn has_read(&self, name: &str, stamp: Option<FileStamp>) -> bool {
+        stamp.is_some_and(|now| self.read.get(name) == Some(&now))
+    }
+
+    /// Whether nothing of the file can be newer than the cursor: it was read whole as it is,
+    /// or it was last written before the cursor's time.
+    fn covers(&self, name: &str, stamp: Option<FileStamp>) -> bool {
+        self.has_read(name, stamp)
+            || self
+                .time
+                .zip(stamp)
+                .is_some_and(|(time, stamp)| stamp.written_before(time))
+    }
+
+    /// This cursor and a later one together: the later time, and the files either read (the
+    /// later stamp where both read one), less those the time now skips.
+    fn and_then(mut self, later: Self) -> Self {
+        self.time = self.time.max(later.time);
+        self.read.extend(later.read);
+        self.pruned()
+    }
+
+    /// Without the files its time skips anyway.
+    fn pruned(mut self) -> Self {
+        if let Some(time) = self.time {
+            self.read.retain(|_, stamp| !stamp.written_before(time));
+        }
+        self
+    }
+
+    /// The cursor's text; `None` when it says nothing.
+    fn to_text(&self) -> Option<String> {
+        if self.time.is_none() && self.read.is_empty() {
+            return None;
+        }
+        let mut text = self
+            .time
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        for (name, stamp) in &self.read {
+            text.push_str(&format!("\n{} {} {name}", stamp.len, stamp.modified_ns));
+        }
+        Some(text)
+    }
+}
+
+/// Where a page stops in an entity's files: the file, the byte offset of its next record, and
+/// the file's stamp when it was begun, spelled `name<TAB>offset<TAB>length<TAB>nanoseconds`
+/// (earlier versions wrote the first two alone). A file written again since it was begun is
+/// read again from its start: the offset means nothing in the new text.
+struct PageToken<'a> {
+    name: &'a str,
+    offset: u64,
+    stamp: Option<FileStamp>,
+}
+
+impl<'a> PageToken<'a> {
+    fn parse(token: &'a str) -> Result<Self, ProviderError> {
+        let unreadable = || ProviderError::new(ErrorCode::ValidationError, "unreadable page token");
+        let mut parts = token.split('\t');
+        let name = parts.next().ok_or_else(unreadable)?;
+        let offset = parts
+            .next()
+            .ok_or_else(unreadable)?
+            .parse()
+            .map_err(|_| unreadable())?;
+        let stamp = match (parts.next(), parts.next()) {
+            (Some(len), Some(modified_ns)) => Some(FileStamp {
+                len: len.parse().map_err(|_| unreadable())?,
+                modified_ns: modified_ns.parse().map_err(|_| unreadable())?,
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            name,
+            offset,
+            stamp,
+        })
+    }
+
+    fn to_text(&self) -> String {
+        match self.stamp {
+            Some(s) => format!(
+                "{}\t{}\t{}\t{}",
+                self.name, self.offset, s.len, s.modified_ns
+            ),
+            None => format!("{}\t{}", self.name, self.offset),
+        }
+    }
+}
+
+fn file_name(path: &Path) -> &str {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
 }
 
 /// Deletions arrive as tombstone records in the exports themselves, so pages carry them.
@@ -274,25 +439,33 @@ impl Pull for BulkImport {
             )
         })?);
         let columns = Columns::of(conn);
-        let since = request.cursor.as_deref().map(cursor_time).transpose()?;
+        let cursor = match &request.cursor {
+            Some(text) => ImportCursor::parse(text)?,
+            None => ImportCursor::default(),
+        };
         let files = entity_files(&folder, &request.entity)?;
-        let (mut index, mut offset) = match &request.page_token {
+        // The file the page begins in, where, and how that file was when it was begun.
+        let (mut index, mut offset, mut begun) = match &request.page_token {
             Some(token) => {
-                let (name, offset) = token.split_once('\t').ok_or_else(|| {
-                    ProviderError::new(ErrorCode::ValidationError, "unreadable page token")
-                })?;
+                let token = PageToken::parse(token)?;
                 let index = files
                     .iter()
-                    .position(|(p, _)| p.file_name().and_then(|n| n.to_str()) == Some(name))
+                    .position(|(p, _)| file_name(p) == token.name)
                     .ok_or_else(|| {
                         ProviderError::new(
                             ErrorCode::NotFound,
-                            format!("import file {name} disappeared mid-sync"),
+                            format!("import file {} disappeared mid-sync", token.name),
                         )
                     })?;
-                (index, offset.parse::<u64>().unwrap_or(0))
+                let now = FileStamp::of(&files[index].0);
+                match token.stamp {
+                    Some(then) if Some(then) != now => (index, 0, now),
+                    // A file not begun yet, or begun by a version that did not say how it was.
+                    None if token.offset == 0 => (index, 0, now),
+                    stamp => (index, token.offset, stamp),
+                }
             }
-            None => (0, 0),
+            None => (0, 0, files.first().and_then(|(p, _)| FileStamp::of(p))),
         };
         let wanted = request.page_size.max(1);
         let mut page = Page {
@@ -303,61 +476,73 @@ impl Pull for BulkImport {
             )),
             ..Page::default()
         };
+        let mut read_whole = ImportCursor::default();
         while index < files.len() && page.records.len() < wanted {
             let (path, format) = &files[index];
-            let unchanged = offset == 0
-                && since.is_some_and(|since| modified_time(path).is_some_and(|m| m < since));
-            let next = if unchanged {
+            let name = file_name(path);
+            let next = if offset == 0 && cursor.covers(name, begun) {
                 None
             } else {
                 let (records, next) =
                     read_records(path, *format, offset, wanted - page.records.len(), &columns)?;
                 for record in records {
                     match record {
-                        Ok(r) if since.is_some_and(|s| r.modified_at.is_some_and(|m| m < s)) => {}
+                        Ok(r)
+                            if cursor
+                                .time
+                                .is_some_and(|s| r.modified_at.is_some_and(|m| m < s)) => {}
                         Ok(r) => page.records.push(r),
                         Err(e) => return Err(ProviderError::new(ErrorCode::ValidationError, e)),
                     }
+                }
+                // Read to its end and not written meanwhile: the next sync may skip it.
+                if next.is_none()
+                    && let Some(stamp) = begun.filter(|b| Some(*b) == FileStamp::of(path))
+                    && !name.contains('\n')
+                {
+                    read_whole.read.insert(name.to_string(), stamp);
                 }
                 next
             };
             match next {
                 Some(at) => {
                     offset = at;
-                    let name = path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .unwrap_or_default();
-                    page.next_page = Some(format!("{name}\t{at}"));
+                    page.next_page = Some(
+                        PageToken {
+                            name,
+                            offset: at,
+                            stamp: begun,
+                        }
+                        .to_text(),
+                    );
                 }
                 None => {
                     index += 1;
                     offset = 0;
+                    begun = files.get(index).and_then(|(p, _)| FileStamp::of(p));
                     page.next_page = files.get(index).map(|(p, _)| {
-                        format!(
-                            "{}\t0",
-                            p.file_name().and_then(|n| n.to_str()).unwrap_or_default()
-                        )
+                        PageToken {
+                            name: file_name(p),
+                            offset: 0,
+                            stamp: None,
+                        }
+                        .to_text()
                     });
                 }
             }
         }
-        page.cursor = page
-            .records
-            .iter()
-            .filter_map(|r| r.modified_at)
-            .max()
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        read_whole.time = page.records.iter().filter_map(|r| r.modified_at).max();
+        page.cursor = read_whole.pruned().to_text();
         Ok(page)
     }
 
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
-        cursor_time(cursor).ok()
+        ImportCursor::parse(cursor).ok()?.time
     }
 
     fn newer_cursor(&self, earlier: String, later: String) -> String {
-        match (cursor_time(&earlier), cursor_time(&later)) {
-            (Ok(a), Ok(b)) if a > b => earlier,
+        match (ImportCursor::parse(&earlier), ImportCursor::parse(&later)) {
+            (Ok(a), Ok(b)) => a.and_then(b).to_text().unwrap_or(later),
             _ => later,
         }
     }
@@ -462,5 +647,153 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::NotFound);
+    }
+
+    /// Every page of `entity` from `cursor`, combined as the engine combines them: each page's
+    /// cursor with the pages' before it, then with the cursor the sync began from.
+    async fn sync(
+        conn: &mut Connection,
+        entity: &str,
+        page_size: usize,
+        cursor: Option<String>,
+    ) -> (Vec<String>, Option<String>) {
+        let mut request = request(entity, page_size);
+        request.cursor = cursor.clone();
+        let (mut ids, mut pending) = (Vec::new(), None::<String>);
+        loop {
+            let page = BulkImport.fetch_page(conn, &request).await.unwrap();
+            ids.extend(page.records.into_iter().map(|r| r.id));
+            if let Some(newer) = page.cursor {
+                pending = Some(match pending {
+                    Some(earlier) => BulkImport.newer_cursor(earlier, newer),
+                    None => newer,
+                });
+            }
+            match page.next_page {
+                Some(token) => request.page_token = Some(token),
+                None => break,
+            }
+        }
+        let next = match (cursor, pending) {
+            (Some(stored), Some(newer)) => Some(BulkImport.newer_cursor(stored, newer)),
+            (stored, newer) => newer.or(stored),
+        };
+        (ids, next)
+    }
+
+    #[tokio::test]
+    async fn an_export_read_whole_is_not_read_again_until_it_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = "2026-01-05T00:00:00Z";
+        let rows = |ids: &[&str]| {
+            ids.iter()
+                .fold(String::from("id,modified_at\n"), |text, id| {
+                    text + &format!("{id},{at}\n")
+                })
+        };
+        std::fs::write(dir.path().join("accounts.csv"), rows(&["a1", "a2", "a3"])).unwrap();
+        let mut conn = conn(dir.path());
+
+        let (ids, cursor) = sync(&mut conn, "accounts", 2, None).await;
+        assert_eq!(ids, ["a1", "a2", "a3"]);
+        let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
+        assert!(
+            ids.is_empty(),
+            "every record shares the cursor's time: {ids:?}"
+        );
+
+        // A cursor of earlier versions, the time alone, reads the records at that time again.
+        let (ids, _) = sync(&mut conn, "accounts", 2, Some(at.to_string())).await;
+        assert_eq!(ids, ["a1", "a2", "a3"]);
+
+        std::fs::write(dir.path().join("accounts-2.csv"), rows(&["a4"])).unwrap();
+        let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
+        assert_eq!(ids, ["a4"], "only the new export is read");
+
+        std::fs::write(
+            dir.path().join("accounts.csv"),
+            rows(&["a1", "a2", "a3", "a5"]),
+        )
+        .unwrap();
+        let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
+        assert_eq!(
+            ids,
+            ["a1", "a2", "a3", "a5"],
+            "an export written again is read again"
+        );
+        let (ids, _) = sync(&mut conn, "accounts", 2, cursor).await;
+        assert!(ids.is_empty(), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn a_file_written_again_between_pages_is_read_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.jsonl");
+        let lines = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| format!("{{\"id\":\"{id}\"}}\n"))
+                .collect::<String>()
+        };
+        std::fs::write(&path, lines(&["a1", "a2", "a3", "a4"])).unwrap();
+        let mut conn = conn(dir.path());
+        let first = BulkImport
+            .fetch_page(&mut conn, &request("accounts", 2))
+            .await
+            .unwrap();
+        let token = first.next_page.unwrap();
+
+        std::fs::write(&path, lines(&["b1", "b2", "b3"])).unwrap();
+        let mut resumed = request("accounts", 2);
+        resumed.page_token = Some(token.clone());
+        let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
+        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["b1", "b2"], "not from the old text's offset");
+
+        // A token of earlier versions, the file and the offset alone, is still followed.
+        let mut parts = token.split('\t');
+        let (name, offset) = (parts.next().unwrap(), parts.next().unwrap());
+        resumed.page_token = Some(format!("{name}\t{offset}"));
+        let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
+        assert_eq!(page.records[0].id, "b3");
+    }
+
+    #[test]
+    fn cursors_combine_into_the_later_time_and_the_files_it_does_not_skip() {
+        let second = 1_000_000_000u128;
+        let early = FileStamp {
+            len: 10,
+            modified_ns: 1_767_225_600 * second,
+        };
+        let late = FileStamp {
+            len: 20,
+            modified_ns: 1_767_312_000 * second,
+        };
+        let text = "2025-12-31T12:00:00.000Z\n20 1767312000000000000 new export.csv\n10 1767225600000000000 old.csv";
+        let cursor = ImportCursor::parse(text).unwrap();
+        assert_eq!(cursor.read["new export.csv"], late);
+        assert_eq!(cursor.to_text().as_deref(), Some(text));
+        assert!(cursor.covers("old.csv", Some(early)));
+        let rewritten = FileStamp { len: 11, ..early };
+        assert!(!cursor.covers("old.csv", Some(rewritten)), "written again");
+        assert!(!cursor.covers("other.csv", Some(late)));
+
+        let later = ImportCursor::parse("2026-01-01T12:00:00.000Z").unwrap();
+        let combined = cursor.and_then(later);
+        assert_eq!(
+            combined.to_text().unwrap(),
+            "2026-01-01T12:00:00.000Z\n20 1767312000000000000 new export.csv",
+            "a file written before the time needs no entry"
+        );
+        assert!(
+            combined.covers("old.csv", Some(rewritten)),
+            "the time skips it"
+        );
+        assert_eq!(
+            BulkImport.cursor_time("\n20 1767312000000000000 x.csv"),
+            None,
+            "no record had a time"
+        );
+        let foreign = ImportCursor::parse("not-a-cursor").unwrap_err();
+        assert!(foreign.resync, "{foreign:?}");
     }
 }

@@ -148,4 +148,30 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
     assert_eq!(resync["stats"]["shardsUpdated"], 0, "{resync}");
     assert_eq!(shards(&app, "c_company").await, 298);
     assert_eq!(shards(&app, "c_contact").await, 495);
+
+    // With no new export, the next sync opens none of the files it has read whole, though
+    // their last records were modified at exactly its cursor.
+    app.cli_json(&["sync", "int-demo-import", "--tenant", "tenant-demo"])
+        .await;
+    wait_until(
+        "the incremental sync finished",
+        Duration::from_secs(60),
+        || async {
+            let h = history(&app).await;
+            h.len() == 4 && h.iter().all(|r| r["structuredData"]["status"] != "running")
+        },
+    )
+    .await;
+    let idle = history(&app)
+        .await
+        .into_iter()
+        .map(|r| r["structuredData"].clone())
+        .find(|r| {
+            ![&first, second, &resync]
+                .iter()
+                .any(|s| s["jobId"] == r["jobId"])
+        })
+        .unwrap();
+    assert_eq!(idle["jobType"], "incremental", "{idle}");
+    assert_eq!(idle["stats"]["recordsFetched"], 0, "{idle}");
 }
