@@ -7,12 +7,16 @@
 //! default `_deleted`) whose true value (`true`, `1`, `yes`) means the record was deleted.
 //!
 //! Incremental by file and by record: the cursor is the latest modified time synced, and the
-//! files read whole since then with their length and last-write time (`ImportCursor`). A
-//! file the cursor read as it is now, or last written before its time, cannot hold a change
-//! and is not opened; in the other files, records modified before the time are skipped. An
-//! export whose records all share one modified time is so read once, not by every sync after
-//! it. A page token is the file and the byte offset of the next record, so a resumed sync
-//! seeks instead of re-reading, unless the file was written again meanwhile.
+//! files read whole since then with their length, times and inode (`ImportCursor`). A file
+//! the cursor read as it is now, or last written before its time, cannot hold a change and is
+//! not opened; in the other files, records modified before the time are skipped. An export
+//! whose records all share one modified time is so read once, not by every sync after it. Only
+//! a file that has settled (not written for a few seconds) is remembered: file times are kept
+//! to a clock tick, and a second write within the tick of the first would not show.
+//!
+//! A page token is the file, the byte offset of the next record and the file's stamp, so a
+//! resumed sync seeks instead of re-reading; a file written again meanwhile is read from its
+//! start, and one still being written is followed by its offset.
 //!
 //! Connection settings: `path` (the folder), and the three column names above.
 
@@ -247,25 +251,55 @@ impl Provider for BulkImport {
     }
 }
 
-/// How a file was when it was read: its length and its last-write time. A file whose stamp
-/// is what a cursor remembers has not been written since it was read whole.
+/// How long a file must have gone unwritten before its stamp is trusted. File systems keep
+/// times to a clock tick (a few milliseconds here, two seconds on FAT, a second on many network
+/// shares): a file written again within the tick of an earlier write keeps that write's time,
+/// so a file read so soon after a write may change without its stamp changing.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Files a cursor remembers at most (the most recently written): a folder of many exports
+/// keeps a cursor of a few kilobytes, and the files it forgets are read again, as they would
+/// be without a stamp, never missed.
+const REMEMBERED_FILES: usize = 256;
+
+/// How a file was when it was read: its length, its last-write and last-change times and its
+/// inode. A file whose stamp is what a cursor remembers has not been written since it was read
+/// whole. The change time catches a file copied in with its old write time kept (`cp -p`,
+/// `rsync -t`); the inode, one replaced by another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileStamp {
     len: u64,
-    /// Nanoseconds since the Unix epoch.
+    /// Nanoseconds since the Unix epoch, to the file system's tick.
     modified_ns: u128,
+    changed_ns: u128,
+    inode: u64,
 }
 
 impl FileStamp {
-    /// The file's stamp now; `None` when it cannot be read (or predates the epoch), and the
-    /// file is then never remembered as read.
-    fn of(path: &Path) -> Option<Self> {
+    /// The file's stamp, if it can be trusted: the file was last written at least [`SETTLED`]
+    /// ago. A file still being written (or unreadable) has none, and is never remembered.
+    fn settled(path: &Path) -> Option<Self> {
         let metadata = std::fs::metadata(path).ok()?;
         let modified = metadata.modified().ok()?;
+        let settled_at = std::time::SystemTime::now().checked_sub(SETTLED)?;
+        if modified > settled_at {
+            return None;
+        }
         let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        #[cfg(unix)]
+        let (changed_ns, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            let changed =
+                i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec());
+            (u128::try_from(changed).ok()?, metadata.ino())
+        };
+        #[cfg(not(unix))]
+        let (changed_ns, inode) = (0, 0);
         Some(Self {
             len: metadata.len(),
             modified_ns: since_epoch.as_nanos(),
+            changed_ns,
+            inode,
         })
     }
 
@@ -274,6 +308,26 @@ impl FileStamp {
         time.timestamp_nanos_opt()
             .and_then(|ns| u128::try_from(ns).ok())
             .is_some_and(|ns| self.modified_ns < ns)
+    }
+
+    /// `length,modified,changed,inode`: how page tokens spell it.
+    fn to_text(self) -> String {
+        format!(
+            "{},{},{},{}",
+            self.len, self.modified_ns, self.changed_ns, self.inode
+        )
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(',').map(str::parse::<u128>);
+        let mut next = || parts.next()?.ok();
+        let stamp = Self {
+            len: u64::try_from(next()?).ok()?,
+            modified_ns: next()?,
+            changed_ns: next()?,
+            inode: u64::try_from(next()?).ok()?,
+        };
+        parts.next().is_none().then_some(stamp)
     }
 }
 
@@ -285,9 +339,9 @@ impl FileStamp {
 /// whose records all share it; the files read whole are skipped until they are written again.
 /// A file written before the time needs no entry: the time alone skips it.
 ///
-/// Spelled as lines: the time (RFC 3339; empty when no record had one), then one line per file
-/// read whole, `length modified-nanoseconds name`. A cursor of earlier versions is the time's
-/// line alone.
+/// Spelled as lines: the time (RFC 3339 to the millisecond; empty when no record had one), then
+/// one line per file read whole, `length modified changed inode name` (a name with a line break
+/// is not remembered). A cursor of earlier versions is the time's line alone.
 #[derive(Debug, Default, PartialEq)]
 struct ImportCursor {
     time: Option<DateTime<Utc>>,
@@ -311,54 +365,75 @@ impl ImportCursor {
         };
         let mut read = BTreeMap::new();
         for line in lines {
-            let mut parts = line.splitn(3, ' ');
-            let (Some(len), Some(modified_ns), Some(name)) =
-                (parts.next(), parts.next(), parts.next())
+            let mut parts = line.splitn(5, ' ');
+            let mut number = || parts.next().and_then(|n| n.parse::<u128>().ok());
+            let (Some(len), Some(modified_ns), Some(changed_ns), Some(inode)) =
+                (number(), number(), number(), number())
+            else {
+                return Err(foreign());
+            };
+            let (Ok(len), Ok(inode), Some(name)) =
+                (u64::try_from(len), u64::try_from(inode), parts.next())
             else {
                 return Err(foreign());
             };
             let stamp = FileStamp {
-                len: len.parse().map_err(|_| foreign())?,
-                modified_ns: modified_ns.parse().map_err(|_| foreign())?,
+                len,
+                modified_ns,
+                changed_ns,
+                inode,
             };
             read.insert(name.to_string(), stamp);
         }
         Ok(Self { time, read })
     }
 
-    /// Whether the file called `name`, whose stamp is now `stamp`, was read whole as it is.
-    fn has_read(&self, name: &str, stamp: Option<FileStamp>) -> bool {
-        stamp.is_some_and(|now| self.read.get(name) == Some(&now))
+    /// The time of the latest of `records` that has one, to the millisecond the cursor's text
+    /// keeps.
+    fn latest(records: &[Record]) -> Option<DateTime<Utc>> {
+        use chrono::SubsecRound;
+        records
+            .iter()
+            .filter_map(|r| r.modified_at)
+            .max()
+            .map(|t| t.trunc_subsecs(3))
     }
 
-    /// Whether nothing of the file can be newer than the cursor: it was read whole as it is,
-    /// or it was last written before the cursor's time.
+    /// Whether nothing of the file can be newer than the cursor: it was read whole as it is
+    /// now (`stamp`), or it was last written before the cursor's time.
     fn covers(&self, name: &str, stamp: Option<FileStamp>) -> bool {
-        self.has_read(name, stamp)
-            || self
-                .time
-                .zip(stamp)
-                .is_some_and(|(time, stamp)| stamp.written_before(time))
+        stamp.is_some_and(|now| {
+            self.read.get(name) == Some(&now)
+                || self.time.is_some_and(|time| now.written_before(time))
+        })
     }
 
     /// This cursor and a later one together: the later time, and the files either read (the
-    /// later stamp where both read one), less those the time now skips.
+    /// later stamp where both read one).
     fn and_then(mut self, later: Self) -> Self {
         self.time = self.time.max(later.time);
         self.read.extend(later.read);
         self.pruned()
     }
 
-    /// Without the files its time skips anyway.
+    /// Without the files its time skips anyway, and without the least recently written
+    /// beyond [`REMEMBERED_FILES`].
     fn pruned(mut self) -> Self {
         if let Some(time) = self.time {
             self.read.retain(|_, stamp| !stamp.written_before(time));
+        }
+        if self.read.len() > REMEMBERED_FILES {
+            let mut newest_first: Vec<_> = std::mem::take(&mut self.read).into_iter().collect();
+            newest_first.sort_by_key(|(_, s)| std::cmp::Reverse(s.modified_ns));
+            newest_first.truncate(REMEMBERED_FILES);
+            self.read = newest_first.into_iter().collect();
         }
         self
     }
 
     /// The cursor's text; `None` when it says nothing.
     fn to_text(&self) -> Option<String> {
+        use std::fmt::Write;
         if self.time.is_none() && self.read.is_empty() {
             return None;
         }
@@ -366,17 +441,23 @@ impl ImportCursor {
             .time
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default();
-        for (name, stamp) in &self.read {
-            text.push_str(&format!("\n{} {} {name}", stamp.len, stamp.modified_ns));
+        for (name, s) in &self.read {
+            let _ = write!(
+                text,
+                "\n{} {} {} {} {name}",
+                s.len, s.modified_ns, s.changed_ns, s.inode
+            );
         }
         Some(text)
     }
 }
 
-/// Where a page stops in an entity's files: the file, the byte offset of its next record, and
-/// the file's stamp when it was begun, spelled `name<TAB>offset<TAB>length<TAB>nanoseconds`
-/// (earlier versions wrote the first two alone). A file written again since it was begun is
-/// read again from its start: the offset means nothing in the new text.
+/// Where a page stops in an entity's files: the byte offset of the file's next record, the
+/// file's stamp when it was begun (`-` if it had not settled) and its name, spelled
+/// `offset<TAB>stamp<TAB>name`; earlier versions wrote `name<TAB>offset`. A file written
+/// again since it was begun is read again from its start, since the offset means nothing in
+/// the new text; one that had not settled is followed by its offset, as a file still being
+/// appended to must be.
 struct PageToken<'a> {
     name: &'a str,
     offset: u64,
@@ -385,36 +466,38 @@ struct PageToken<'a> {
 
 impl<'a> PageToken<'a> {
     fn parse(token: &'a str) -> Result<Self, ProviderError> {
-        let unreadable = || ProviderError::new(ErrorCode::ValidationError, "unreadable page token");
-        let mut parts = token.split('\t');
-        let name = parts.next().ok_or_else(unreadable)?;
-        let offset = parts
-            .next()
-            .ok_or_else(unreadable)?
-            .parse()
-            .map_err(|_| unreadable())?;
-        let stamp = match (parts.next(), parts.next()) {
-            (Some(len), Some(modified_ns)) => Some(FileStamp {
-                len: len.parse().map_err(|_| unreadable())?,
-                modified_ns: modified_ns.parse().map_err(|_| unreadable())?,
-            }),
-            _ => None,
-        };
+        let mut parts = token.splitn(3, '\t');
+        if let (Some(offset), Some(stamp), Some(name)) = (parts.next(), parts.next(), parts.next())
+            && let Ok(offset) = offset.parse()
+            && let Some(stamp) = match stamp {
+                "-" => Some(None),
+                stamp => FileStamp::parse(stamp).map(Some),
+            }
+        {
+            return Ok(Self {
+                name,
+                offset,
+                stamp,
+            });
+        }
+        let (name, offset) = token
+            .rsplit_once('\t')
+            .and_then(|(name, offset)| Some((name, offset.parse().ok()?)))
+            .ok_or_else(|| {
+                ProviderError::new(ErrorCode::ValidationError, "unreadable page token")
+            })?;
         Ok(Self {
             name,
             offset,
-            stamp,
+            stamp: None,
         })
     }
 
     fn to_text(&self) -> String {
-        match self.stamp {
-            Some(s) => format!(
-                "{}\t{}\t{}\t{}",
-                self.name, self.offset, s.len, s.modified_ns
-            ),
-            None => format!("{}\t{}", self.name, self.offset),
-        }
+        let stamp = self
+            .stamp
+            .map_or_else(|| "-".to_string(), FileStamp::to_text);
+        format!("{}\t{stamp}\t{}", self.offset, self.name)
     }
 }
 
@@ -457,15 +540,15 @@ impl Pull for BulkImport {
                             format!("import file {} disappeared mid-sync", token.name),
                         )
                     })?;
-                let now = FileStamp::of(&files[index].0);
+                let now = FileStamp::settled(&files[index].0);
                 match token.stamp {
                     Some(then) if Some(then) != now => (index, 0, now),
-                    // A file not begun yet, or begun by a version that did not say how it was.
                     None if token.offset == 0 => (index, 0, now),
+                    // Begun before it settled, or by a version that kept no stamps.
                     stamp => (index, token.offset, stamp),
                 }
             }
-            None => (0, 0, files.first().and_then(|(p, _)| FileStamp::of(p))),
+            None => (0, 0, files.first().and_then(|(p, _)| FileStamp::settled(p))),
         };
         let wanted = request.page_size.max(1);
         let mut page = Page {
@@ -497,7 +580,7 @@ impl Pull for BulkImport {
                 }
                 // Read to its end and not written meanwhile: the next sync may skip it.
                 if next.is_none()
-                    && let Some(stamp) = begun.filter(|b| Some(*b) == FileStamp::of(path))
+                    && let Some(stamp) = begun.filter(|b| Some(*b) == FileStamp::settled(path))
                     && !name.contains('\n')
                 {
                     read_whole.read.insert(name.to_string(), stamp);
@@ -519,19 +602,19 @@ impl Pull for BulkImport {
                 None => {
                     index += 1;
                     offset = 0;
-                    begun = files.get(index).and_then(|(p, _)| FileStamp::of(p));
+                    begun = files.get(index).and_then(|(p, _)| FileStamp::settled(p));
                     page.next_page = files.get(index).map(|(p, _)| {
                         PageToken {
                             name: file_name(p),
                             offset: 0,
-                            stamp: None,
+                            stamp: begun,
                         }
                         .to_text()
                     });
                 }
             }
         }
-        read_whole.time = page.records.iter().filter_map(|r| r.modified_at).max();
+        read_whole.time = ImportCursor::latest(&page.records);
         page.cursor = read_whole.pruned().to_text();
         Ok(page)
     }
@@ -681,17 +764,40 @@ mod tests {
         (ids, next)
     }
 
+    /// Writes `text` to `path` as a file last written a minute ago: one that has settled.
+    fn write_settled(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        let a_minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        set_written(path, a_minute_ago);
+    }
+
+    fn set_written(path: &Path, at: std::time::SystemTime) {
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+    }
+
+    /// The change time `metadata` says, as a stamp keeps it.
+    fn stamp_of(metadata: &std::fs::Metadata) -> u128 {
+        use std::os::unix::fs::MetadataExt;
+        (metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec()) as u128
+    }
+
+    fn csv_rows(ids: &[&str]) -> String {
+        ids.iter()
+            .fold(String::from("id,modified_at\n"), |text, id| {
+                text + &format!("{id},2026-01-05T00:00:00Z\n")
+            })
+    }
+
     #[tokio::test]
     async fn an_export_read_whole_is_not_read_again_until_it_is_written_again() {
         let dir = tempfile::tempdir().unwrap();
-        let at = "2026-01-05T00:00:00Z";
-        let rows = |ids: &[&str]| {
-            ids.iter()
-                .fold(String::from("id,modified_at\n"), |text, id| {
-                    text + &format!("{id},{at}\n")
-                })
-        };
-        std::fs::write(dir.path().join("accounts.csv"), rows(&["a1", "a2", "a3"])).unwrap();
+        let accounts = dir.path().join("accounts.csv");
+        write_settled(&accounts, &csv_rows(&["a1", "a2", "a3"]));
         let mut conn = conn(dir.path());
 
         let (ids, cursor) = sync(&mut conn, "accounts", 2, None).await;
@@ -703,25 +809,57 @@ mod tests {
         );
 
         // A cursor of earlier versions, the time alone, reads the records at that time again.
-        let (ids, _) = sync(&mut conn, "accounts", 2, Some(at.to_string())).await;
+        let time = Some("2026-01-05T00:00:00.000Z".to_string());
+        let (ids, _) = sync(&mut conn, "accounts", 2, time).await;
         assert_eq!(ids, ["a1", "a2", "a3"]);
 
-        std::fs::write(dir.path().join("accounts-2.csv"), rows(&["a4"])).unwrap();
+        write_settled(&dir.path().join("accounts-2.csv"), &csv_rows(&["a4"]));
         let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
         assert_eq!(ids, ["a4"], "only the new export is read");
 
-        std::fs::write(
-            dir.path().join("accounts.csv"),
-            rows(&["a1", "a2", "a3", "a5"]),
-        )
-        .unwrap();
+        write_settled(&accounts, &csv_rows(&["a1", "a2", "a3", "a5"]));
         let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
         assert_eq!(
             ids,
             ["a1", "a2", "a3", "a5"],
             "an export written again is read again"
         );
+        let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
+        assert!(ids.is_empty(), "{ids:?}");
+
+        // Copied in with its old write time kept, and as long as before: its change time says
+        // (written again until the clock has ticked, which times are kept to).
+        let second = dir.path().join("accounts-2.csv");
+        let before = std::fs::metadata(&second).unwrap();
+        let written = before.modified().unwrap();
+        while FileStamp::settled(&second).is_some_and(|s| s.changed_ns == stamp_of(&before)) {
+            std::fs::write(&second, csv_rows(&["a6"])).unwrap();
+            set_written(&second, written);
+        }
         let (ids, _) = sync(&mut conn, "accounts", 2, cursor).await;
+        assert_eq!(ids, ["a6"]);
+    }
+
+    #[tokio::test]
+    async fn an_export_still_being_written_is_read_until_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = dir.path().join("accounts.csv");
+        std::fs::write(&accounts, csv_rows(&["a1"])).unwrap();
+        let mut conn = conn(dir.path());
+
+        let (ids, cursor) = sync(&mut conn, "accounts", 10, None).await;
+        assert_eq!(ids, ["a1"]);
+        let (ids, cursor) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert_eq!(
+            ids,
+            ["a1"],
+            "just written: a second write may not have changed its stamp"
+        );
+
+        set_written(&accounts, std::time::SystemTime::now() - SETTLED * 2);
+        let (ids, cursor) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert_eq!(ids, ["a1"]);
+        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
         assert!(ids.is_empty(), "{ids:?}");
     }
 
@@ -734,7 +872,7 @@ mod tests {
                 .map(|id| format!("{{\"id\":\"{id}\"}}\n"))
                 .collect::<String>()
         };
-        std::fs::write(&path, lines(&["a1", "a2", "a3", "a4"])).unwrap();
+        write_settled(&path, &lines(&["a1", "a2", "a3", "a4"]));
         let mut conn = conn(dir.path());
         let first = BulkImport
             .fetch_page(&mut conn, &request("accounts", 2))
@@ -749,10 +887,20 @@ mod tests {
         let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["b1", "b2"], "not from the old text's offset");
 
-        // A token of earlier versions, the file and the offset alone, is still followed.
-        let mut parts = token.split('\t');
-        let (name, offset) = (parts.next().unwrap(), parts.next().unwrap());
-        resumed.page_token = Some(format!("{name}\t{offset}"));
+        // A file still being written is followed by its offset: it is being appended to.
+        let first = BulkImport
+            .fetch_page(&mut conn, &request("accounts", 2))
+            .await
+            .unwrap();
+        std::fs::write(&path, lines(&["b1", "b2", "b3", "b4"])).unwrap();
+        resumed.page_token = first.next_page;
+        let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
+        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["b3", "b4"]);
+
+        // A token of earlier versions, the file and the offset, is followed too.
+        let offset = token.split('\t').next().unwrap();
+        resumed.page_token = Some(format!("accounts.jsonl\t{offset}"));
         let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
         assert_eq!(page.records[0].id, "b3");
     }
@@ -760,15 +908,16 @@ mod tests {
     #[test]
     fn cursors_combine_into_the_later_time_and_the_files_it_does_not_skip() {
         let second = 1_000_000_000u128;
-        let early = FileStamp {
-            len: 10,
-            modified_ns: 1_767_225_600 * second,
+        let stamp = |len, modified_s: u128| FileStamp {
+            len,
+            modified_ns: modified_s * second,
+            changed_ns: modified_s * second,
+            inode: 7,
         };
-        let late = FileStamp {
-            len: 20,
-            modified_ns: 1_767_312_000 * second,
-        };
-        let text = "2025-12-31T12:00:00.000Z\n20 1767312000000000000 new export.csv\n10 1767225600000000000 old.csv";
+        let (early, late) = (stamp(10, 1_767_225_600), stamp(20, 1_767_312_000));
+        let text = "2025-12-31T12:00:00.000Z\n\
+                    20 1767312000000000000 1767312000000000000 7 new export.csv\n\
+                    10 1767225600000000000 1767225600000000000 7 old.csv";
         let cursor = ImportCursor::parse(text).unwrap();
         assert_eq!(cursor.read["new export.csv"], late);
         assert_eq!(cursor.to_text().as_deref(), Some(text));
@@ -776,12 +925,14 @@ mod tests {
         let rewritten = FileStamp { len: 11, ..early };
         assert!(!cursor.covers("old.csv", Some(rewritten)), "written again");
         assert!(!cursor.covers("other.csv", Some(late)));
+        assert!(!cursor.covers("old.csv", None), "not settled");
 
         let later = ImportCursor::parse("2026-01-01T12:00:00.000Z").unwrap();
         let combined = cursor.and_then(later);
         assert_eq!(
             combined.to_text().unwrap(),
-            "2026-01-01T12:00:00.000Z\n20 1767312000000000000 new export.csv",
+            "2026-01-01T12:00:00.000Z\n\
+             20 1767312000000000000 1767312000000000000 7 new export.csv",
             "a file written before the time needs no entry"
         );
         assert!(
@@ -789,11 +940,29 @@ mod tests {
             "the time skips it"
         );
         assert_eq!(
-            BulkImport.cursor_time("\n20 1767312000000000000 x.csv"),
+            BulkImport.cursor_time("\n20 1 1 7 x.csv"),
             None,
             "no record had a time"
         );
         let foreign = ImportCursor::parse("not-a-cursor").unwrap_err();
         assert!(foreign.resync, "{foreign:?}");
+    }
+
+    #[test]
+    fn a_cursor_remembers_the_most_recently_written_files() {
+        let mut many = ImportCursor::default();
+        for i in 0..REMEMBERED_FILES as u128 + 44 {
+            let stamp = FileStamp {
+                len: 1,
+                modified_ns: 1_000 + i,
+                changed_ns: 1_000 + i,
+                inode: 1,
+            };
+            many.read.insert(format!("accounts-{i:03}.csv"), stamp);
+        }
+        let kept = many.pruned().read;
+        assert_eq!(kept.len(), REMEMBERED_FILES);
+        assert!(!kept.contains_key("accounts-043.csv"));
+        assert!(kept.contains_key("accounts-044.csv"));
     }
 }
