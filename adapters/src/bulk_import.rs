@@ -8,17 +8,20 @@
 //!
 //! Incremental by file and by record: the cursor is the latest modified time synced, and the
 //! files read whole since then with their length, times and inode (`ImportCursor`). A file
-//! the cursor read as it is now, or last written before its time, cannot hold a change and is
-//! not opened; in the other files, records modified before the time are skipped. An export
-//! whose records all share one modified time is so read once, not by every sync after it. Only
-//! a file that has settled (not written for a few seconds) is remembered: file times are kept
-//! to a clock tick, and a second write within the tick of the first would not show.
+//! last written before the cursor's time cannot hold a change and is not opened; nor, until
+//! the sync opens a file, is a file the cursor read as it is now (a record read again from an
+//! earlier file must not have the last word over a later file's). In the files opened, records
+//! modified before the time are skipped. An export whose records all share one modified time is
+//! so read once, not by every sync after it. Only a file that had settled when it was begun (not
+//! written for `settleSeconds`) is remembered: file times are kept to a clock tick, and a second
+//! write within the tick of the first would not show.
 //!
-//! A page token is the file, the byte offset of the next record and the file's stamp, so a
-//! resumed sync seeks instead of re-reading; a file written again meanwhile is read from its
-//! start, and one still being written is followed by its offset.
+//! A page token is the file, the byte offset of the next record and how the file was, so a
+//! resumed sync seeks instead of re-reading; a file written anew meanwhile is read from its
+//! start, and one appended to is followed.
 //!
-//! Connection settings: `path` (the folder), and the three column names above.
+//! Connection settings: `path` (the folder), the three column names above, and `settleSeconds`
+//! (default 5; more for a share whose times are kept to seconds).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -251,21 +254,26 @@ impl Provider for BulkImport {
     }
 }
 
-/// How long a file must have gone unwritten before its stamp is trusted. File systems keep
-/// times to a clock tick (a few milliseconds here, two seconds on FAT, a second on many network
-/// shares): a file written again within the tick of an earlier write keeps that write's time,
-/// so a file read so soon after a write may change without its stamp changing.
-const SETTLED: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long, by default, a file must have gone unwritten before a sync trusts its stamp
+/// (`settleSeconds`). File systems keep times to a clock tick (a few milliseconds here, two
+/// seconds on FAT, a second on many network shares): a file written again within the tick of
+/// an earlier write keeps that write's times, so a file read so soon after a write may change
+/// without its stamp changing.
+const SETTLE_SECONDS: u64 = 5;
 
 /// Files a cursor remembers at most (the most recently written): a folder of many exports
 /// keeps a cursor of a few kilobytes, and the files it forgets are read again, as they would
 /// be without a stamp, never missed.
 const REMEMBERED_FILES: usize = 256;
 
-/// How a file was when it was read: its length, its last-write and last-change times and its
-/// inode. A file whose stamp is what a cursor remembers has not been written since it was read
-/// whole. The change time catches a file copied in with its old write time kept (`cp -p`,
-/// `rsync -t`); the inode, one replaced by another.
+/// Bytes before a page token's offset whose hash the token keeps, to tell a file appended to
+/// since (they are the same) from one written anew.
+const BOUNDARY_BYTES: u64 = 64;
+
+/// How a file is: its length, its last-write and last-change times and its inode. A file
+/// whose stamp is what a cursor remembers has not been written since it was read whole. The
+/// change time catches a file copied in with its old write time kept (`cp -p`, `rsync -t`);
+/// the inode, one replaced by another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileStamp {
     len: u64,
@@ -276,15 +284,10 @@ struct FileStamp {
 }
 
 impl FileStamp {
-    /// The file's stamp, if it can be trusted: the file was last written at least [`SETTLED`]
-    /// ago. A file still being written (or unreadable) has none, and is never remembered.
-    fn settled(path: &Path) -> Option<Self> {
+    /// The file's stamp now; `None` when it cannot be read (or predates the epoch).
+    fn of(path: &Path) -> Option<Self> {
         let metadata = std::fs::metadata(path).ok()?;
         let modified = metadata.modified().ok()?;
-        let settled_at = std::time::SystemTime::now().checked_sub(SETTLED)?;
-        if modified > settled_at {
-            return None;
-        }
         let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
         #[cfg(unix)]
         let (changed_ns, inode) = {
@@ -294,7 +297,7 @@ impl FileStamp {
             (u128::try_from(changed).ok()?, metadata.ino())
         };
         #[cfg(not(unix))]
-        let (changed_ns, inode) = (0, 0);
+        let (changed_ns, inode) = (since_epoch.as_nanos(), 0);
         Some(Self {
             len: metadata.len(),
             modified_ns: since_epoch.as_nanos(),
@@ -309,26 +312,75 @@ impl FileStamp {
             .and_then(|ns| u128::try_from(ns).ok())
             .is_some_and(|ns| self.modified_ns < ns)
     }
+}
 
-    /// `length,modified,changed,inode`: how page tokens spell it.
+/// A file as a sync began reading it: its stamp, and whether the stamp could be trusted then
+/// (the file had gone unwritten for the settling time). Only a file begun settled, and whose
+/// stamp is the same once it has been read to its end, is remembered as read whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Begun {
+    stamp: FileStamp,
+    settled: bool,
+}
+
+impl Begun {
+    fn now(path: &Path, settle: std::time::Duration) -> Option<Self> {
+        let stamp = FileStamp::of(path)?;
+        let last_touched = std::time::UNIX_EPOCH
+            + std::time::Duration::from_nanos(
+                u64::try_from(stamp.modified_ns.max(stamp.changed_ns)).ok()?,
+            );
+        let settled = last_touched
+            .checked_add(settle)
+            .is_some_and(|t| t <= std::time::SystemTime::now());
+        Some(Self { stamp, settled })
+    }
+
+    /// `length,modified,changed,inode,settled`: how page tokens spell it.
     fn to_text(self) -> String {
+        let s = self.stamp;
+        let settled = u8::from(self.settled);
         format!(
-            "{},{},{},{}",
-            self.len, self.modified_ns, self.changed_ns, self.inode
+            "{},{},{},{},{settled}",
+            s.len, s.modified_ns, s.changed_ns, s.inode
         )
     }
 
     fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split(',').map(str::parse::<u128>);
         let mut next = || parts.next()?.ok();
-        let stamp = Self {
+        let stamp = FileStamp {
             len: u64::try_from(next()?).ok()?,
             modified_ns: next()?,
             changed_ns: next()?,
             inode: u64::try_from(next()?).ok()?,
         };
-        parts.next().is_none().then_some(stamp)
+        let settled = match next()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        parts.next().is_none().then_some(Self { stamp, settled })
     }
+}
+
+/// A hash of the [`BOUNDARY_BYTES`] of `path` before `offset`; `None` if they cannot be read.
+/// Kept only within one sync and the checkpoints of its job, so the hash need not be stable
+/// across versions: a mismatch reads the file again from its start.
+fn boundary_hash(path: &Path, offset: u64) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    use std::io::Read;
+    let start = offset.saturating_sub(BOUNDARY_BYTES);
+    let mut file = File::open(path).ok()?;
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::with_capacity((offset - start) as usize);
+    file.take(offset - start).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 != offset - start {
+        return None;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// What an import cursor says: the latest modified time synced, and the files read whole
@@ -399,13 +451,18 @@ impl ImportCursor {
             .map(|t| t.trunc_subsecs(3))
     }
 
-    /// Whether nothing of the file can be newer than the cursor: it was read whole as it is
-    /// now (`stamp`), or it was last written before the cursor's time.
-    fn covers(&self, name: &str, stamp: Option<FileStamp>) -> bool {
-        stamp.is_some_and(|now| {
-            self.read.get(name) == Some(&now)
-                || self.time.is_some_and(|time| now.written_before(time))
-        })
+    /// Whether the file called `name`, as it is now (`stamp`), was read whole. A stamp the
+    /// cursor remembers was settled when it was read, so any write since has changed it.
+    fn has_read(&self, name: &str, stamp: Option<FileStamp>) -> bool {
+        stamp.is_some_and(|now| self.read.get(name) == Some(&now))
+    }
+
+    /// Whether the file was last written before the cursor's time, so it cannot hold a
+    /// change after it.
+    fn predates(&self, stamp: Option<FileStamp>) -> bool {
+        self.time
+            .zip(stamp)
+            .is_some_and(|(time, stamp)| stamp.written_before(time))
     }
 
     /// This cursor and a later one together: the later time, and the files either read (the
@@ -453,31 +510,39 @@ impl ImportCursor {
 }
 
 /// Where a page stops in an entity's files: the byte offset of the file's next record, the
-/// file's stamp when it was begun (`-` if it had not settled) and its name, spelled
-/// `offset<TAB>stamp<TAB>name`; earlier versions wrote `name<TAB>offset`. A file written
-/// again since it was begun is read again from its start, since the offset means nothing in
-/// the new text; one that had not settled is followed by its offset, as a file still being
-/// appended to must be.
+/// file as it was begun, the hash of the bytes before the offset and the file's name, spelled
+/// `offset<TAB>begun<TAB>boundary<TAB>name` (`-` for what is not known); earlier versions
+/// wrote `name<TAB>offset`. A resumed page follows the offset into a file that is the same up
+/// to it (one being appended to included), and reads a file written anew from its start: the
+/// offset means nothing in the new text, and its first records may be older than the ones
+/// already read.
 struct PageToken<'a> {
     name: &'a str,
     offset: u64,
-    stamp: Option<FileStamp>,
+    begun: Option<Begun>,
+    boundary: Option<u64>,
 }
 
 impl<'a> PageToken<'a> {
     fn parse(token: &'a str) -> Result<Self, ProviderError> {
-        let mut parts = token.splitn(3, '\t');
-        if let (Some(offset), Some(stamp), Some(name)) = (parts.next(), parts.next(), parts.next())
+        let mut parts = token.splitn(4, '\t');
+        if let (Some(offset), Some(begun), Some(boundary), Some(name)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
             && let Ok(offset) = offset.parse()
-            && let Some(stamp) = match stamp {
+            && let Some(begun) = match begun {
                 "-" => Some(None),
-                stamp => FileStamp::parse(stamp).map(Some),
+                begun => Begun::parse(begun).map(Some),
+            }
+            && let Some(boundary) = match boundary {
+                "-" => Some(None),
+                boundary => u64::from_str_radix(boundary, 16).ok().map(Some),
             }
         {
             return Ok(Self {
                 name,
                 offset,
-                stamp,
+                begun,
+                boundary,
             });
         }
         let (name, offset) = token
@@ -489,15 +554,40 @@ impl<'a> PageToken<'a> {
         Ok(Self {
             name,
             offset,
-            stamp: None,
+            begun: None,
+            boundary: None,
         })
     }
 
     fn to_text(&self) -> String {
-        let stamp = self
-            .stamp
-            .map_or_else(|| "-".to_string(), FileStamp::to_text);
-        format!("{}\t{stamp}\t{}", self.offset, self.name)
+        let begun = self.begun.map_or_else(|| "-".to_string(), Begun::to_text);
+        let boundary = self
+            .boundary
+            .map_or_else(|| "-".to_string(), |h| format!("{h:016x}"));
+        format!("{}\t{begun}\t{boundary}\t{}", self.offset, self.name)
+    }
+
+    /// Where to go on in `path`, the file this token names, and the file as begun there: at
+    /// the offset if the file is the same up to it, else from its start.
+    fn resume(&self, path: &Path, settle: std::time::Duration) -> (u64, Option<Begun>) {
+        if self.offset == 0 {
+            return (0, Begun::now(path, settle));
+        }
+        let Some(then) = self.begun else {
+            // Written by a version that kept no stamps: followed, as it was then.
+            return (self.offset, None);
+        };
+        let same_up_to_offset = FileStamp::of(path).is_some_and(|now| {
+            now.inode == then.stamp.inode
+                && now.len >= self.offset
+                && self.boundary.is_some()
+                && boundary_hash(path, self.offset) == self.boundary
+        });
+        if same_up_to_offset {
+            (self.offset, Some(then))
+        } else {
+            (0, Begun::now(path, settle))
+        }
     }
 }
 
@@ -527,7 +617,12 @@ impl Pull for BulkImport {
             None => ImportCursor::default(),
         };
         let files = entity_files(&folder, &request.entity)?;
-        // The file the page begins in, where, and how that file was when it was begun.
+        let settle = std::time::Duration::from_secs(
+            conn.setting("settleSeconds")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(SETTLE_SECONDS),
+        );
+        // The file the page begins in, where, and the file as begun.
         let (mut index, mut offset, mut begun) = match &request.page_token {
             Some(token) => {
                 let token = PageToken::parse(token)?;
@@ -540,16 +635,15 @@ impl Pull for BulkImport {
                             format!("import file {} disappeared mid-sync", token.name),
                         )
                     })?;
-                let now = FileStamp::settled(&files[index].0);
-                match token.stamp {
-                    Some(then) if Some(then) != now => (index, 0, now),
-                    None if token.offset == 0 => (index, 0, now),
-                    // Begun before it settled, or by a version that kept no stamps.
-                    stamp => (index, token.offset, stamp),
-                }
+                let (offset, begun) = token.resume(&files[index].0, settle);
+                (index, offset, begun)
             }
-            None => (0, 0, files.first().and_then(|(p, _)| FileStamp::settled(p))),
+            None => (0, 0, files.first().and_then(|(p, _)| Begun::now(p, settle))),
         };
+        // Files are skipped by their stamps only until the sync opens one: a record read from
+        // an earlier file must not have the last word over the same record in a later one (its
+        // tombstone, say). A page that follows a token comes after one that opened a file.
+        let mut opened = request.page_token.is_some();
         let wanted = request.page_size.max(1);
         let mut page = Page {
             query: Some(format!(
@@ -563,9 +657,13 @@ impl Pull for BulkImport {
         while index < files.len() && page.records.len() < wanted {
             let (path, format) = &files[index];
             let name = file_name(path);
-            let next = if offset == 0 && cursor.covers(name, begun) {
+            let stamp = begun.map(|b| b.stamp);
+            let skipped = offset == 0
+                && (cursor.predates(stamp) || (!opened && cursor.has_read(name, stamp)));
+            let next = if skipped {
                 None
             } else {
+                opened = true;
                 let (records, next) =
                     read_records(path, *format, offset, wanted - page.records.len(), &columns)?;
                 for record in records {
@@ -578,12 +676,14 @@ impl Pull for BulkImport {
                         Err(e) => return Err(ProviderError::new(ErrorCode::ValidationError, e)),
                     }
                 }
-                // Read to its end and not written meanwhile: the next sync may skip it.
+                // Read to its end, begun settled and not written since: the next sync may
+                // skip it.
                 if next.is_none()
-                    && let Some(stamp) = begun.filter(|b| Some(*b) == FileStamp::settled(path))
+                    && let Some(b) = begun.filter(|b| b.settled)
+                    && FileStamp::of(path) == Some(b.stamp)
                     && !name.contains('\n')
                 {
-                    read_whole.read.insert(name.to_string(), stamp);
+                    read_whole.read.insert(name.to_string(), b.stamp);
                 }
                 next
             };
@@ -594,7 +694,8 @@ impl Pull for BulkImport {
                         PageToken {
                             name,
                             offset: at,
-                            stamp: begun,
+                            begun,
+                            boundary: boundary_hash(path, at),
                         }
                         .to_text(),
                     );
@@ -602,12 +703,13 @@ impl Pull for BulkImport {
                 None => {
                     index += 1;
                     offset = 0;
-                    begun = files.get(index).and_then(|(p, _)| FileStamp::settled(p));
+                    begun = files.get(index).and_then(|(p, _)| Begun::now(p, settle));
                     page.next_page = files.get(index).map(|(p, _)| {
                         PageToken {
                             name: file_name(p),
                             offset: 0,
-                            stamp: begun,
+                            begun,
+                            boundary: None,
                         }
                         .to_text()
                     });
@@ -636,9 +738,16 @@ mod tests {
     use super::*;
     use crate::Credentials;
 
+    /// A connection to `folder` whose files settle at once: a test's file is trusted as soon
+    /// as it is written.
     fn conn(folder: &Path) -> Connection {
+        settling(folder, 0)
+    }
+
+    fn settling(folder: &Path, seconds: u64) -> Connection {
         let mut settings = Map::new();
         settings.insert("path".into(), Value::String(folder.display().to_string()));
+        settings.insert("settleSeconds".into(), Value::String(seconds.to_string()));
         Connection::new("int-1", settings, Credentials::default())
     }
 
@@ -764,28 +873,6 @@ mod tests {
         (ids, next)
     }
 
-    /// Writes `text` to `path` as a file last written a minute ago: one that has settled.
-    fn write_settled(path: &Path, text: &str) {
-        std::fs::write(path, text).unwrap();
-        let a_minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        set_written(path, a_minute_ago);
-    }
-
-    fn set_written(path: &Path, at: std::time::SystemTime) {
-        File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_modified(at)
-            .unwrap();
-    }
-
-    /// The change time `metadata` says, as a stamp keeps it.
-    fn stamp_of(metadata: &std::fs::Metadata) -> u128 {
-        use std::os::unix::fs::MetadataExt;
-        (metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec()) as u128
-    }
-
     fn csv_rows(ids: &[&str]) -> String {
         ids.iter()
             .fold(String::from("id,modified_at\n"), |text, id| {
@@ -793,11 +880,17 @@ mod tests {
             })
     }
 
+    fn json_lines(ids: &[&str]) -> String {
+        ids.iter()
+            .map(|id| format!("{{\"id\":\"{id}\"}}\n"))
+            .collect()
+    }
+
     #[tokio::test]
     async fn an_export_read_whole_is_not_read_again_until_it_is_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let accounts = dir.path().join("accounts.csv");
-        write_settled(&accounts, &csv_rows(&["a1", "a2", "a3"]));
+        std::fs::write(&accounts, csv_rows(&["a1", "a2", "a3"])).unwrap();
         let mut conn = conn(dir.path());
 
         let (ids, cursor) = sync(&mut conn, "accounts", 2, None).await;
@@ -813,96 +906,137 @@ mod tests {
         let (ids, _) = sync(&mut conn, "accounts", 2, time).await;
         assert_eq!(ids, ["a1", "a2", "a3"]);
 
-        write_settled(&dir.path().join("accounts-2.csv"), &csv_rows(&["a4"]));
+        let second = dir.path().join("accounts-2.csv");
+        std::fs::write(&second, csv_rows(&["a4"])).unwrap();
         let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
         assert_eq!(ids, ["a4"], "only the new export is read");
 
-        write_settled(&accounts, &csv_rows(&["a1", "a2", "a3", "a5"]));
+        std::fs::write(&accounts, csv_rows(&["a1", "a2", "a3", "a5"])).unwrap();
         let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
         assert_eq!(
             ids,
-            ["a1", "a2", "a3", "a5"],
-            "an export written again is read again"
+            ["a1", "a2", "a3", "a5", "a4"],
+            "an export written again is read again, and the ones after it"
         );
         let (ids, cursor) = sync(&mut conn, "accounts", 2, cursor).await;
         assert!(ids.is_empty(), "{ids:?}");
 
-        // Copied in with its old write time kept, and as long as before: its change time says
-        // (written again until the clock has ticked, which times are kept to).
-        let second = dir.path().join("accounts-2.csv");
-        let before = std::fs::metadata(&second).unwrap();
-        let written = before.modified().unwrap();
-        while FileStamp::settled(&second).is_some_and(|s| s.changed_ns == stamp_of(&before)) {
+        // Copied in as long as before and with its old write time kept: its change time says
+        // (written again until the clock has ticked, which the times are kept to).
+        let before = FileStamp::of(&second).unwrap();
+        let written = std::fs::metadata(&second).unwrap().modified().unwrap();
+        while FileStamp::of(&second).unwrap().changed_ns == before.changed_ns {
             std::fs::write(&second, csv_rows(&["a6"])).unwrap();
-            set_written(&second, written);
+            File::options()
+                .write(true)
+                .open(&second)
+                .unwrap()
+                .set_modified(written)
+                .unwrap();
         }
         let (ids, _) = sync(&mut conn, "accounts", 2, cursor).await;
         assert_eq!(ids, ["a6"]);
     }
 
     #[tokio::test]
-    async fn an_export_still_being_written_is_read_until_it_settles() {
+    async fn a_record_read_again_has_not_the_last_word_over_a_later_export() {
         let dir = tempfile::tempdir().unwrap();
         let accounts = dir.path().join("accounts.csv");
-        std::fs::write(&accounts, csv_rows(&["a1"])).unwrap();
+        std::fs::write(
+            &accounts,
+            "id,modified_at,_deleted\na1,2026-01-05T00:00:00Z,\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("accounts-2.csv"),
+            "id,modified_at,_deleted\na1,2026-01-05T00:00:00Z,true\n",
+        )
+        .unwrap();
         let mut conn = conn(dir.path());
+        let (_, cursor) = sync(&mut conn, "accounts", 10, None).await;
 
-        let (ids, cursor) = sync(&mut conn, "accounts", 10, None).await;
-        assert_eq!(ids, ["a1"]);
-        let (ids, cursor) = sync(&mut conn, "accounts", 10, cursor).await;
-        assert_eq!(
-            ids,
-            ["a1"],
-            "just written: a second write may not have changed its stamp"
-        );
-
-        set_written(&accounts, std::time::SystemTime::now() - SETTLED * 2);
-        let (ids, cursor) = sync(&mut conn, "accounts", 10, cursor).await;
-        assert_eq!(ids, ["a1"]);
-        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
-        assert!(ids.is_empty(), "{ids:?}");
+        std::fs::write(
+            &accounts,
+            "id,modified_at,_deleted\na1,2026-01-05T00:00:00Z,\na5,2026-01-05T00:00:00Z,\n",
+        )
+        .unwrap();
+        let mut request = request("accounts", 10);
+        request.cursor = cursor;
+        let page = BulkImport.fetch_page(&mut conn, &request).await.unwrap();
+        let read: Vec<_> = page
+            .records
+            .iter()
+            .map(|r| (r.id.as_str(), r.deleted))
+            .collect();
+        assert_eq!(read, [("a1", false), ("a5", false), ("a1", true)]);
     }
 
     #[tokio::test]
-    async fn a_file_written_again_between_pages_is_read_from_its_start() {
+    async fn an_export_still_being_written_is_read_until_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("accounts.csv"), csv_rows(&["a1"])).unwrap();
+        let mut unsettled = settling(dir.path(), 3600);
+
+        let (ids, cursor) = sync(&mut unsettled, "accounts", 10, None).await;
+        assert_eq!(ids, ["a1"]);
+        let (ids, cursor) = sync(&mut unsettled, "accounts", 10, cursor).await;
+        assert_eq!(
+            ids,
+            ["a1"],
+            "a write may follow within its clock tick, unseen"
+        );
+
+        let mut settled = conn(dir.path());
+        let (ids, cursor) = sync(&mut settled, "accounts", 10, cursor).await;
+        assert_eq!(ids, ["a1"]);
+        let (ids, _) = sync(&mut settled, "accounts", 10, cursor).await;
+        assert!(ids.is_empty(), "{ids:?}");
+    }
+
+    /// The token of the page after the entity's first.
+    async fn first_token(conn: &mut Connection) -> String {
+        let page = BulkImport
+            .fetch_page(conn, &request("accounts", 2))
+            .await
+            .unwrap();
+        page.next_page.unwrap()
+    }
+
+    /// The records of the page that `token` begins.
+    async fn resumed(conn: &mut Connection, token: String) -> Vec<String> {
+        let mut request = request("accounts", 2);
+        request.page_token = Some(token);
+        let page = BulkImport.fetch_page(conn, &request).await.unwrap();
+        page.records.into_iter().map(|r| r.id).collect()
+    }
+
+    #[tokio::test]
+    async fn a_resumed_page_follows_a_file_appended_to_and_reads_one_written_anew_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("accounts.jsonl");
-        let lines = |ids: &[&str]| {
-            ids.iter()
-                .map(|id| format!("{{\"id\":\"{id}\"}}\n"))
-                .collect::<String>()
-        };
-        write_settled(&path, &lines(&["a1", "a2", "a3", "a4"]));
         let mut conn = conn(dir.path());
-        let first = BulkImport
-            .fetch_page(&mut conn, &request("accounts", 2))
-            .await
-            .unwrap();
-        let token = first.next_page.unwrap();
+        std::fs::write(&path, json_lines(&["a1", "a2", "a3"])).unwrap();
+        let token = first_token(&mut conn).await;
+        let mut file = File::options().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut file, json_lines(&["a4"]).as_bytes()).unwrap();
+        assert_eq!(resumed(&mut conn, token).await, ["a3", "a4"]);
 
-        std::fs::write(&path, lines(&["b1", "b2", "b3"])).unwrap();
-        let mut resumed = request("accounts", 2);
-        resumed.page_token = Some(token.clone());
-        let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
-        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["b1", "b2"], "not from the old text's offset");
+        // Written anew in place: a different text before the offset.
+        let token = first_token(&mut conn).await;
+        std::fs::write(&path, json_lines(&["b1", "b2", "b3", "b4"])).unwrap();
+        assert_eq!(resumed(&mut conn, token.clone()).await, ["b1", "b2"]);
 
-        // A file still being written is followed by its offset: it is being appended to.
-        let first = BulkImport
-            .fetch_page(&mut conn, &request("accounts", 2))
-            .await
-            .unwrap();
-        std::fs::write(&path, lines(&["b1", "b2", "b3", "b4"])).unwrap();
-        resumed.page_token = first.next_page;
-        let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
-        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["b3", "b4"]);
+        // Replaced by another file, as long, line for line: another inode.
+        let token = first_token(&mut conn).await;
+        let replacement = dir.path().join("replacement.tmp");
+        std::fs::write(&replacement, json_lines(&["c1", "c2", "c3", "c4"])).unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert_eq!(resumed(&mut conn, token.clone()).await, ["c1", "c2"]);
 
-        // A token of earlier versions, the file and the offset, is followed too.
+        // A token of earlier versions, the file and the offset, is followed.
         let offset = token.split('\t').next().unwrap();
-        resumed.page_token = Some(format!("accounts.jsonl\t{offset}"));
-        let page = BulkImport.fetch_page(&mut conn, &resumed).await.unwrap();
-        assert_eq!(page.records[0].id, "b3");
+        let legacy = format!("accounts.jsonl\t{offset}");
+        assert_eq!(resumed(&mut conn, legacy).await, ["c3", "c4"]);
     }
 
     #[test]
@@ -921,11 +1055,14 @@ mod tests {
         let cursor = ImportCursor::parse(text).unwrap();
         assert_eq!(cursor.read["new export.csv"], late);
         assert_eq!(cursor.to_text().as_deref(), Some(text));
-        assert!(cursor.covers("old.csv", Some(early)));
+        assert!(cursor.has_read("old.csv", Some(early)));
         let rewritten = FileStamp { len: 11, ..early };
-        assert!(!cursor.covers("old.csv", Some(rewritten)), "written again");
-        assert!(!cursor.covers("other.csv", Some(late)));
-        assert!(!cursor.covers("old.csv", None), "not settled");
+        assert!(
+            !cursor.has_read("old.csv", Some(rewritten)),
+            "written again"
+        );
+        assert!(!cursor.has_read("other.csv", Some(late)));
+        assert!(!cursor.predates(Some(early)));
 
         let later = ImportCursor::parse("2026-01-01T12:00:00.000Z").unwrap();
         let combined = cursor.and_then(later);
@@ -935,10 +1072,7 @@ mod tests {
              20 1767312000000000000 1767312000000000000 7 new export.csv",
             "a file written before the time needs no entry"
         );
-        assert!(
-            combined.covers("old.csv", Some(rewritten)),
-            "the time skips it"
-        );
+        assert!(combined.predates(Some(rewritten)), "the time skips it");
         assert_eq!(
             BulkImport.cursor_time("\n20 1 1 7 x.csv"),
             None,

@@ -149,18 +149,23 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
     assert_eq!(shards(&app, "c_company").await, 298);
     assert_eq!(shards(&app, "c_contact").await, 495);
 
-    // Once the exports have settled (not written for a few seconds), the next sync reads the
-    // records modified at exactly its cursor once more, and the one after it opens none of
-    // the files: each was read whole as it is.
-    let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
-    for export in std::fs::read_dir(app.data_dir().join("imports/demo")).unwrap() {
-        std::fs::File::options()
-            .write(true)
-            .open(export.unwrap().path())
-            .unwrap()
-            .set_modified(a_minute_ago)
-            .unwrap();
-    }
+    // Once the exports have settled (here at once: the operator set `settleSeconds` to 0),
+    // the next sync reads the records modified at exactly its cursor once more, and the one
+    // after it opens none of the files: each was read whole as it is.
+    let mut integration = app
+        .cli_json(&["integrations", "list"])
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "int-demo-import")
+        .unwrap()
+        .clone();
+    integration["structuredData"]["connection"]["settleSeconds"] = "0".into();
+    let file = app.path("demo-integration.json");
+    std::fs::write(&file, integration.to_string()).unwrap();
+    app.cli_json(&["integrations", "put", file.to_str().unwrap()])
+        .await;
     let mut fetched = Vec::new();
     for runs in [4, 5] {
         app.cli_json(&["sync", "int-demo-import", "--tenant", "tenant-demo"])
