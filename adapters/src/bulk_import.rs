@@ -18,7 +18,7 @@
 //!
 //! A page token is the file, the byte offset of the next record and how the file was, so a
 //! resumed sync seeks instead of re-reading; a file written anew meanwhile is read from its
-//! start, and one appended to is followed.
+//! start, one appended to is followed, and one removed leaves the files after it to be read.
 //!
 //! Connection settings: `path` (the folder), the three column names above, and `settleSeconds`
 //! (default 5; more for a share whose times are kept to seconds).
@@ -107,17 +107,17 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
             belongs.then_some((path, format))
         })
         .collect();
-    // The plain `accounts.csv` first, then the dated or numbered drops in name order.
-    files.sort_by(|(a, _), (b, _)| {
-        let key = |p: &PathBuf| {
-            (
-                p.file_stem().and_then(|s| s.to_str()) != Some(entity),
-                p.clone(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    files.sort_by(|(a, _), (b, _)| file_order(entity, a).cmp(&file_order(entity, b)));
     Ok(files)
+}
+
+/// The order an entity's files are read in: the plain `accounts.csv` first, then the dated or
+/// numbered drops in name order.
+fn file_order<'a>(entity: &str, path: &'a Path) -> (bool, &'a Path) {
+    (
+        path.file_stem().and_then(|s| s.to_str()) != Some(entity),
+        path,
+    )
 }
 
 fn truthy(value: &Value) -> bool {
@@ -161,18 +161,64 @@ fn to_record(mut fields: Map<String, Value>, columns: &Columns) -> Result<Record
 }
 
 /// Records read from one file (each, or why it could not be read), and the byte offset after
-/// the last one, or `None` at the end of the file.
-type FileChunk = (Vec<Result<Record, String>>, Option<u64>);
+/// the last one, or `None` at the end of the file, with the hash of the file's text up to that
+/// offset when the hash of the text before the first was given.
+type FileChunk = (
+    Vec<Result<Record, String>>,
+    Option<(u64, Option<PrefixHash>)>,
+);
 
-/// Reads up to `limit` records of `path` from byte `offset`.
+/// A file read through this keeps the bytes it gave since it was last moved, so that a page
+/// hashes exactly the text its records were parsed from, not the file as it is afterwards.
+struct Recorded {
+    file: File,
+    /// Where the kept bytes begin.
+    from: u64,
+    bytes: Vec<u8>,
+}
+
+impl std::io::Read for Recorded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.bytes.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Seek for Recorded {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let at = self.file.seek(to)?;
+        // Asking where it is (`stream_position`) moves nothing.
+        if to != SeekFrom::Current(0) {
+            self.from = at;
+            self.bytes.clear();
+        }
+        Ok(at)
+    }
+}
+
+impl Recorded {
+    /// `before`, the hash of the text before the kept bytes, extended over them up to `to`.
+    fn hash_to(&self, before: Option<PrefixHash>, to: u64) -> Option<PrefixHash> {
+        let kept = usize::try_from(to.checked_sub(self.from)?).ok()?;
+        Some(before?.over(self.bytes.get(..kept)?))
+    }
+}
+
+/// Reads up to `limit` records of `path` from byte `offset`, the text before which hashes to
+/// `before`.
 fn read_records(
     path: &Path,
     format: Format,
-    offset: u64,
+    (offset, before): (u64, Option<PrefixHash>),
     limit: usize,
     columns: &Columns,
 ) -> Result<FileChunk, ProviderError> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let file = Recorded {
+        file: File::open(path).map_err(|e| io_error(path, e))?,
+        from: 0,
+        bytes: Vec::new(),
+    };
     let mut records = Vec::new();
     match format {
         Format::JsonLines => {
@@ -207,7 +253,8 @@ fn read_records(
                 });
             }
             let at_end = reader.fill_buf().map_err(|e| io_error(path, e))?.is_empty();
-            Ok((records, (!at_end).then_some(position)))
+            let hash = reader.get_ref().hash_to(before, position);
+            Ok((records, (!at_end).then_some((position, hash))))
         }
         Format::Csv => {
             let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
@@ -243,7 +290,8 @@ fn read_records(
             let more = reader
                 .read_record(&mut row)
                 .map_err(|e| io_error(path, e))?;
-            Ok((records, more.then_some(next)))
+            let hash = reader.get_ref().hash_to(before, next);
+            Ok((records, more.then_some((next, hash))))
         }
     }
 }
@@ -265,10 +313,6 @@ const SETTLE_SECONDS: u64 = 5;
 /// keeps a cursor of a few kilobytes, and the files it forgets are read again, as they would
 /// be without a stamp, never missed.
 const REMEMBERED_FILES: usize = 256;
-
-/// Bytes before a page token's offset whose hash the token keeps, to tell a file appended to
-/// since (they are the same) from one written anew.
-const BOUNDARY_BYTES: u64 = 64;
 
 /// How a file is: its length, its last-write and last-change times and its inode. A file
 /// whose stamp is what a cursor remembers has not been written since it was read whole. The
@@ -307,10 +351,11 @@ impl FileStamp {
     }
 
     /// Whether the file was last written before `time`, so it cannot hold a change after it.
+    /// Its change time too: a file copied in with its old write time kept came after.
     fn written_before(&self, time: DateTime<Utc>) -> bool {
         time.timestamp_nanos_opt()
             .and_then(|ns| u128::try_from(ns).ok())
-            .is_some_and(|ns| self.modified_ns < ns)
+            .is_some_and(|ns| self.modified_ns.max(self.changed_ns) < ns)
     }
 }
 
@@ -364,23 +409,44 @@ impl Begun {
     }
 }
 
-/// A hash of the [`BOUNDARY_BYTES`] of `path` before `offset`; `None` if they cannot be read.
-/// Kept only within one sync and the checkpoints of its job, so the hash need not be stable
-/// across versions: a mismatch reads the file again from its start.
-fn boundary_hash(path: &Path, offset: u64) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    use std::io::Read;
-    let start = offset.saturating_sub(BOUNDARY_BYTES);
-    let mut file = File::open(path).ok()?;
-    file.seek(SeekFrom::Start(start)).ok()?;
-    let mut bytes = Vec::with_capacity((offset - start) as usize);
-    file.take(offset - start).read_to_end(&mut bytes).ok()?;
-    if bytes.len() as u64 != offset - start {
-        return None;
+/// FNV-1a (64 bits) of a file's bytes from its start: what a page token keeps of the text
+/// before its offset, extended page by page over the bytes each page read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PrefixHash(u64);
+
+impl PrefixHash {
+    const EMPTY: Self = Self(0xcbf2_9ce4_8422_2325);
+
+    /// This hash extended over `bytes`.
+    fn over(self, bytes: &[u8]) -> Self {
+        let mut hash = self.0;
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Self(hash)
     }
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    Some(hasher.finish())
+
+    /// This hash extended over `path`'s bytes `from..to`; `None` if they cannot all be read.
+    fn extended(self, path: &Path, from: u64, to: u64) -> Option<Self> {
+        use std::io::Read;
+        let mut file = File::open(path).ok()?;
+        file.seek(SeekFrom::Start(from)).ok()?;
+        let mut reader = BufReader::new(file.take(to.checked_sub(from)?));
+        let mut hash = self.0;
+        let mut read = 0;
+        loop {
+            let chunk = reader.fill_buf().ok()?;
+            if chunk.is_empty() {
+                break;
+            }
+            hash = Self(hash).over(chunk).0;
+            let n = chunk.len();
+            read += n as u64;
+            reader.consume(n);
+        }
+        (read == to - from).then_some(Self(hash))
+    }
 }
 
 /// What an import cursor says: the latest modified time synced, and the files read whole
@@ -510,39 +576,41 @@ impl ImportCursor {
 }
 
 /// Where a page stops in an entity's files: the byte offset of the file's next record, the
-/// file as it was begun, the hash of the bytes before the offset and the file's name, spelled
-/// `offset<TAB>begun<TAB>boundary<TAB>name` (`-` for what is not known); earlier versions
-/// wrote `name<TAB>offset`. A resumed page follows the offset into a file that is the same up
-/// to it (one being appended to included), and reads a file written anew from its start: the
-/// offset means nothing in the new text, and its first records may be older than the ones
-/// already read.
+/// file as it was begun, the hash of its bytes before the offset and its name, spelled
+/// `offset<TAB>begun<TAB>prefix<TAB>name` (`-` for what is not known); earlier versions wrote
+/// `name<TAB>offset`. A resumed page follows the offset into a file as it was, or appended to
+/// (its stamp changed, its text up to the offset the same), and reads a file written anew
+/// from its start: the offset means nothing in the new text, and its first records may be
+/// older than the ones already read.
 struct PageToken<'a> {
     name: &'a str,
     offset: u64,
     begun: Option<Begun>,
-    boundary: Option<u64>,
+    prefix: Option<PrefixHash>,
 }
 
 impl<'a> PageToken<'a> {
     fn parse(token: &'a str) -> Result<Self, ProviderError> {
         let mut parts = token.splitn(4, '\t');
-        if let (Some(offset), Some(begun), Some(boundary), Some(name)) =
+        if let (Some(offset), Some(begun), Some(prefix), Some(name)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
             && let Ok(offset) = offset.parse()
             && let Some(begun) = match begun {
                 "-" => Some(None),
                 begun => Begun::parse(begun).map(Some),
             }
-            && let Some(boundary) = match boundary {
+            && let Some(prefix) = match prefix {
                 "-" => Some(None),
-                boundary => u64::from_str_radix(boundary, 16).ok().map(Some),
+                prefix => u64::from_str_radix(prefix, 16)
+                    .ok()
+                    .map(|h| Some(PrefixHash(h))),
             }
         {
             return Ok(Self {
                 name,
                 offset,
                 begun,
-                boundary,
+                prefix,
             });
         }
         let (name, offset) = token
@@ -555,41 +623,48 @@ impl<'a> PageToken<'a> {
             name,
             offset,
             begun: None,
-            boundary: None,
+            prefix: None,
         })
     }
 
     fn to_text(&self) -> String {
         let begun = self.begun.map_or_else(|| "-".to_string(), Begun::to_text);
-        let boundary = self
-            .boundary
-            .map_or_else(|| "-".to_string(), |h| format!("{h:016x}"));
-        format!("{}\t{begun}\t{boundary}\t{}", self.offset, self.name)
+        let prefix = self
+            .prefix
+            .map_or_else(|| "-".to_string(), |h| format!("{:016x}", h.0));
+        format!("{}\t{begun}\t{prefix}\t{}", self.offset, self.name)
     }
 
-    /// Where to go on in `path`, the file this token names, and the file as begun there: at
-    /// the offset if the file is the same up to it, else from its start.
-    fn resume(&self, path: &Path, settle: std::time::Duration) -> (u64, Option<Begun>) {
+    /// Where to go on in `path`, the file this token names: the offset, the file as begun and
+    /// the hash of its text up to the offset; at the offset if the file is as it was or was
+    /// appended to, else from its start.
+    fn resume(&self, path: &Path, settle: std::time::Duration) -> Resumed {
+        let from_start = || (0, Begun::now(path, settle), Some(PrefixHash::EMPTY));
         if self.offset == 0 {
-            return (0, Begun::now(path, settle));
+            return from_start();
         }
         let Some(then) = self.begun else {
             // Written by a version that kept no stamps: followed, as it was then.
-            return (self.offset, None);
+            return (self.offset, None, None);
         };
-        let same_up_to_offset = FileStamp::of(path).is_some_and(|now| {
-            now.inode == then.stamp.inode
-                && now.len >= self.offset
-                && self.boundary.is_some()
-                && boundary_hash(path, self.offset) == self.boundary
-        });
-        if same_up_to_offset {
-            (self.offset, Some(then))
+        let now = FileStamp::of(path);
+        if now == Some(then.stamp) {
+            return (self.offset, Some(then), self.prefix);
+        }
+        let appended = now.is_some_and(|now| now.inode == then.stamp.inode)
+            && self.prefix.is_some()
+            && PrefixHash::EMPTY.extended(path, 0, self.offset) == self.prefix;
+        if appended {
+            (self.offset, Some(then), self.prefix)
         } else {
-            (0, Begun::now(path, settle))
+            from_start()
         }
     }
 }
+
+/// Where a page goes on in a file: the offset, the file as begun, and the hash of its text
+/// up to the offset.
+type Resumed = (u64, Option<Begun>, Option<PrefixHash>);
 
 fn file_name(path: &Path) -> &str {
     path.file_name()
@@ -622,23 +697,32 @@ impl Pull for BulkImport {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(SETTLE_SECONDS),
         );
-        // The file the page begins in, where, and the file as begun.
-        let (mut index, mut offset, mut begun) = match &request.page_token {
+        // The file the page begins in, where, the file as begun, and the hash of its text
+        // before that.
+        let (mut index, (mut offset, mut begun, mut prefix)) = match &request.page_token {
             Some(token) => {
                 let token = PageToken::parse(token)?;
-                let index = files
-                    .iter()
-                    .position(|(p, _)| file_name(p) == token.name)
-                    .ok_or_else(|| {
-                        ProviderError::new(
-                            ErrorCode::NotFound,
-                            format!("import file {} disappeared mid-sync", token.name),
-                        )
-                    })?;
-                let (offset, begun) = token.resume(&files[index].0, settle);
-                (index, offset, begun)
+                match files.iter().position(|(p, _)| file_name(p) == token.name) {
+                    Some(index) => (index, token.resume(&files[index].0, settle)),
+                    // Removed mid-sync: what it held is gone; the files after it go on.
+                    None => {
+                        let removed = folder.join(token.name);
+                        let index = files
+                            .iter()
+                            .position(|(p, _)| {
+                                file_order(&request.entity, p)
+                                    > file_order(&request.entity, &removed)
+                            })
+                            .unwrap_or(files.len());
+                        let begun = files.get(index).and_then(|(p, _)| Begun::now(p, settle));
+                        (index, (0, begun, Some(PrefixHash::EMPTY)))
+                    }
+                }
             }
-            None => (0, 0, files.first().and_then(|(p, _)| Begun::now(p, settle))),
+            None => {
+                let begun = files.first().and_then(|(p, _)| Begun::now(p, settle));
+                (0, (0, begun, Some(PrefixHash::EMPTY)))
+            }
         };
         // Files are skipped by their stamps only until the sync opens one: a record read from
         // an earlier file must not have the last word over the same record in a later one (its
@@ -664,8 +748,13 @@ impl Pull for BulkImport {
                 None
             } else {
                 opened = true;
-                let (records, next) =
-                    read_records(path, *format, offset, wanted - page.records.len(), &columns)?;
+                let (records, next) = read_records(
+                    path,
+                    *format,
+                    (offset, prefix),
+                    wanted - page.records.len(),
+                    &columns,
+                )?;
                 for record in records {
                     match record {
                         Ok(r)
@@ -688,14 +777,15 @@ impl Pull for BulkImport {
                 next
             };
             match next {
-                Some(at) => {
+                Some((at, hash)) => {
                     offset = at;
+                    prefix = hash;
                     page.next_page = Some(
                         PageToken {
                             name,
-                            offset: at,
+                            offset,
                             begun,
-                            boundary: boundary_hash(path, at),
+                            prefix,
                         }
                         .to_text(),
                     );
@@ -703,13 +793,14 @@ impl Pull for BulkImport {
                 None => {
                     index += 1;
                     offset = 0;
+                    prefix = Some(PrefixHash::EMPTY);
                     begun = files.get(index).and_then(|(p, _)| Begun::now(p, settle));
                     page.next_page = files.get(index).map(|(p, _)| {
                         PageToken {
                             name: file_name(p),
                             offset: 0,
                             begun,
-                            boundary: None,
+                            prefix: None,
                         }
                         .to_text()
                     });
@@ -972,6 +1063,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_removed_mid_sync_leaves_the_files_after_it_to_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("accounts.csv");
+        std::fs::write(&first, csv_rows(&["a1", "a2", "a3"])).unwrap();
+        std::fs::write(dir.path().join("accounts-2.csv"), csv_rows(&["b1"])).unwrap();
+        let mut conn = conn(dir.path());
+        let token = first_token(&mut conn).await;
+        std::fs::remove_file(&first).unwrap();
+        assert_eq!(resumed(&mut conn, token).await, ["b1"]);
+    }
+
+    #[tokio::test]
+    async fn an_export_copied_in_with_an_old_write_time_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("accounts.csv"), csv_rows(&["a1"])).unwrap();
+        let mut conn = conn(dir.path());
+        let (_, cursor) = sync(&mut conn, "accounts", 10, None).await;
+
+        let copied = dir.path().join("accounts-2.csv");
+        std::fs::write(&copied, "id\na9\n").unwrap();
+        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        File::options()
+            .write(true)
+            .open(&copied)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert_eq!(
+            ids,
+            ["a9"],
+            "written (2023) before the cursor's time, copied in after it"
+        );
+    }
+
+    #[tokio::test]
     async fn an_export_still_being_written_is_read_until_it_settles() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("accounts.csv"), csv_rows(&["a1"])).unwrap();
@@ -1021,10 +1148,11 @@ mod tests {
         std::io::Write::write_all(&mut file, json_lines(&["a4"]).as_bytes()).unwrap();
         assert_eq!(resumed(&mut conn, token).await, ["a3", "a4"]);
 
-        // Written anew in place: a different text before the offset.
-        let token = first_token(&mut conn).await;
+        // Written anew in place, as long up to the offset but for its first record.
         std::fs::write(&path, json_lines(&["b1", "b2", "b3", "b4"])).unwrap();
-        assert_eq!(resumed(&mut conn, token.clone()).await, ["b1", "b2"]);
+        let token = first_token(&mut conn).await;
+        std::fs::write(&path, json_lines(&["x1", "b2", "b3", "b4", "b5"])).unwrap();
+        assert_eq!(resumed(&mut conn, token).await, ["x1", "b2"]);
 
         // Replaced by another file, as long, line for line: another inode.
         let token = first_token(&mut conn).await;
@@ -1032,6 +1160,17 @@ mod tests {
         std::fs::write(&replacement, json_lines(&["c1", "c2", "c3", "c4"])).unwrap();
         std::fs::rename(&replacement, &path).unwrap();
         assert_eq!(resumed(&mut conn, token.clone()).await, ["c1", "c2"]);
+
+        // A CSV export appended to, its header included in the text its token hashes.
+        let csv = dir.path().join("accounts.csv");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&csv, csv_rows(&["d1", "d2", "d3"])).unwrap();
+        let csv_token = first_token(&mut conn).await;
+        let mut file = File::options().append(true).open(&csv).unwrap();
+        std::io::Write::write_all(&mut file, b"d4,2026-01-05T00:00:00Z\n").unwrap();
+        assert_eq!(resumed(&mut conn, csv_token).await, ["d3", "d4"]);
+        std::fs::remove_file(&csv).unwrap();
+        std::fs::write(&path, json_lines(&["c1", "c2", "c3", "c4"])).unwrap();
 
         // A token of earlier versions, the file and the offset, is followed.
         let offset = token.split('\t').next().unwrap();
