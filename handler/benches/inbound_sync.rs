@@ -93,8 +93,14 @@
 //! 0.085-0.108 s against 0.089-0.101 s over six rounds, within the noise: a profile's timeline
 //! shows both cores busy while a page lands, and one of them while its commit writes the log,
 //! but the commit's work moved into the landing waits there for a core); opening the handler's
-//! port only once the HTTP client is built (its first sync no faster). A ratio of 1.5 needs
-//! about a quarter less CPU per record.
+//! port only once the HTTP client is built (its first sync no faster). Nor can hiding a page's
+//! reads behind the write of the page before reach the target: with a full sync's reads left
+//! out altogether (the fingerprints and match keys of every page), three alternating rounds
+//! printed ratios of 1.64-1.67 against 1.72-1.81, full syncs of 0.093-0.106 s against
+//! 0.091-0.111 s. A profile's timeline (1 ms buckets) shows why: the store's writer is busy for
+//! about 70% of a full sync, and its waits at each page's start are shared with the checkpoint
+//! thread and the next page's fetch, which keep the other core busy. A ratio of 1.5 needs about
+//! a quarter less CPU per record.
 //!
 //! What the store's writes add, measured by leaving parts of them out (alternating runs, the
 //! same machine, a full sync at 0.083-0.085 s): with no rows inserted at all (the documents
