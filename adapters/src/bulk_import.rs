@@ -349,6 +349,26 @@ impl FileStamp {
         })
     }
 
+    /// `length,modified,changed,inode`: how cursors and page tokens spell a stamp.
+    fn to_text(self) -> String {
+        format!(
+            "{},{},{},{}",
+            self.len, self.modified_ns, self.changed_ns, self.inode
+        )
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(',').map(str::parse::<u128>);
+        let mut next = || parts.next()?.ok();
+        let stamp = Self {
+            len: u64::try_from(next()?).ok()?,
+            modified_ns: next()?,
+            changed_ns: next()?,
+            inode: u64::try_from(next()?).ok()?,
+        };
+        parts.next().is_none().then_some(stamp)
+    }
+
     /// Whether the file was last written before `time`, so it cannot hold a change after it.
     /// Its change time too: a file copied in with its old write time kept came after.
     fn written_before(&self, time: DateTime<Utc>) -> bool {
@@ -380,31 +400,23 @@ impl Begun {
         Some(Self { stamp, settled })
     }
 
-    /// `length,modified,changed,inode,settled`: how page tokens spell it.
+    /// The stamp as [`FileStamp::to_text`] spells it, then `,1` if settled or `,0`: how page
+    /// tokens spell it.
     fn to_text(self) -> String {
-        let s = self.stamp;
-        let settled = u8::from(self.settled);
-        format!(
-            "{},{},{},{},{settled}",
-            s.len, s.modified_ns, s.changed_ns, s.inode
-        )
+        format!("{},{}", self.stamp.to_text(), u8::from(self.settled))
     }
 
     fn parse(text: &str) -> Option<Self> {
-        let mut parts = text.split(',').map(str::parse::<u128>);
-        let mut next = || parts.next()?.ok();
-        let stamp = FileStamp {
-            len: u64::try_from(next()?).ok()?,
-            modified_ns: next()?,
-            changed_ns: next()?,
-            inode: u64::try_from(next()?).ok()?,
-        };
-        let settled = match next()? {
-            0 => false,
-            1 => true,
+        let (stamp, settled) = text.rsplit_once(',')?;
+        let settled = match settled {
+            "0" => false,
+            "1" => true,
             _ => return None,
         };
-        parts.next().is_none().then_some(Self { stamp, settled })
+        Some(Self {
+            stamp: FileStamp::parse(stamp)?,
+            settled,
+        })
     }
 }
 
@@ -427,24 +439,24 @@ impl PrefixHash {
     }
 
     /// This hash extended over `path`'s bytes `from..to`; `None` if they cannot all be read.
-    fn extended(self, path: &Path, from: u64, to: u64) -> Option<Self> {
+    fn extended(mut self, path: &Path, from: u64, to: u64) -> Option<Self> {
         use std::io::Read;
         let mut file = File::open(path).ok()?;
         file.seek(SeekFrom::Start(from)).ok()?;
-        let mut reader = BufReader::new(file.take(to.checked_sub(from)?));
-        let mut hash = self.0;
-        let mut read = 0;
-        loop {
-            let chunk = reader.fill_buf().ok()?;
-            if chunk.is_empty() {
-                break;
-            }
-            hash = Self(hash).over(chunk).0;
-            let n = chunk.len();
-            read += n as u64;
-            reader.consume(n);
-        }
-        (read == to - from).then_some(Self(hash))
+        let read = std::io::copy(&mut file.take(to.checked_sub(from)?), &mut self).ok()?;
+        (read == to - from).then_some(self)
+    }
+}
+
+/// Hashing as a sink, so a file's bytes are streamed into it.
+impl std::io::Write for PrefixHash {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        *self = self.over(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -457,7 +469,7 @@ impl PrefixHash {
 /// A file written before the time needs no entry: the time alone skips it.
 ///
 /// Spelled as lines: the time (RFC 3339 to the millisecond; empty when no record had one), then
-/// one line per file read whole, `length modified changed inode name` (a name with a line break
+/// one line per file read whole, `length,modified,changed,inode name` (a name with a line break
 /// is not remembered). A cursor of earlier versions is the time's line alone.
 #[derive(Debug, Default, PartialEq)]
 struct ImportCursor {
@@ -482,25 +494,11 @@ impl ImportCursor {
         };
         let mut read = BTreeMap::new();
         for line in lines {
-            let mut parts = line.splitn(5, ' ');
-            let mut number = || parts.next().and_then(|n| n.parse::<u128>().ok());
-            let (Some(len), Some(modified_ns), Some(changed_ns), Some(inode)) =
-                (number(), number(), number(), number())
-            else {
-                return Err(foreign());
-            };
-            let (Ok(len), Ok(inode), Some(name)) =
-                (u64::try_from(len), u64::try_from(inode), parts.next())
-            else {
-                return Err(foreign());
-            };
-            let stamp = FileStamp {
-                len,
-                modified_ns,
-                changed_ns,
-                inode,
-            };
-            read.insert(name.to_string(), stamp);
+            let (stamp, name) = line.split_once(' ').ok_or_else(foreign)?;
+            read.insert(
+                name.to_string(),
+                FileStamp::parse(stamp).ok_or_else(foreign)?,
+            );
         }
         Ok(Self { time, read })
     }
@@ -563,12 +561,8 @@ impl ImportCursor {
             .time
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default();
-        for (name, s) in &self.read {
-            let _ = write!(
-                text,
-                "\n{} {} {} {} {name}",
-                s.len, s.modified_ns, s.changed_ns, s.inode
-            );
+        for (name, stamp) in &self.read {
+            let _ = write!(text, "\n{} {name}", stamp.to_text());
         }
         Some(text)
     }
@@ -641,7 +635,7 @@ impl<'a> PageToken<'a> {
     /// the hash of its text up to the offset; at the offset if the file is as it was or was
     /// appended to, else from its start.
     fn resume(&self, path: &Path, settle: std::time::Duration) -> Resumed {
-        let from_start = || (0, Begun::now(path, settle), Some(PrefixHash::EMPTY));
+        let from_start = || begin(Some(path), settle);
         if self.offset == 0 {
             return from_start();
         }
@@ -669,6 +663,40 @@ impl<'a> PageToken<'a> {
 /// Where a page goes on in a file: the offset, the file as begun, and the hash of its text
 /// up to the offset.
 type Resumed = (u64, Option<Begun>, Option<PrefixHash>);
+
+/// A file begun at its start (nothing when there is no file).
+fn begin(path: Option<&Path>, settle: std::time::Duration) -> Resumed {
+    let begun = path.and_then(|path| Begun::now(path, settle));
+    (0, begun, Some(PrefixHash::EMPTY))
+}
+
+/// Where a page begins in an entity's `files`: the file's index, and where in it. The first
+/// page begins at the first file; a later one where its token says, or, the token's file
+/// having been removed, at the file after it in read order (what it held is gone).
+fn start(
+    folder: &Path,
+    entity: &str,
+    files: &[(PathBuf, Format)],
+    token: Option<&str>,
+    settle: std::time::Duration,
+) -> Result<(usize, Resumed), ProviderError> {
+    let Some(token) = token else {
+        return Ok((0, begin(files.first().map(|(p, _)| p.as_path()), settle)));
+    };
+    let token = PageToken::parse(token)?;
+    if let Some(index) = files.iter().position(|(p, _)| file_name(p) == token.name) {
+        return Ok((index, token.resume(&files[index].0, settle)));
+    }
+    let removed = folder.join(token.name);
+    let index = files
+        .iter()
+        .position(|(p, _)| file_order(entity, p) > file_order(entity, &removed))
+        .unwrap_or(files.len());
+    Ok((
+        index,
+        begin(files.get(index).map(|(p, _)| p.as_path()), settle),
+    ))
+}
 
 fn file_name(path: &Path) -> &str {
     path.file_name()
@@ -701,33 +729,13 @@ impl Pull for BulkImport {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(SETTLE_SECONDS),
         );
-        // The file the page begins in, where, the file as begun, and the hash of its text
-        // before that.
-        let (mut index, (mut offset, mut begun, mut prefix)) = match &request.page_token {
-            Some(token) => {
-                let token = PageToken::parse(token)?;
-                match files.iter().position(|(p, _)| file_name(p) == token.name) {
-                    Some(index) => (index, token.resume(&files[index].0, settle)),
-                    // Removed mid-sync: what it held is gone; the files after it go on.
-                    None => {
-                        let removed = folder.join(token.name);
-                        let index = files
-                            .iter()
-                            .position(|(p, _)| {
-                                file_order(&request.entity, p)
-                                    > file_order(&request.entity, &removed)
-                            })
-                            .unwrap_or(files.len());
-                        let begun = files.get(index).and_then(|(p, _)| Begun::now(p, settle));
-                        (index, (0, begun, Some(PrefixHash::EMPTY)))
-                    }
-                }
-            }
-            None => {
-                let begun = files.first().and_then(|(p, _)| Begun::now(p, settle));
-                (0, (0, begun, Some(PrefixHash::EMPTY)))
-            }
-        };
+        let (mut index, (mut offset, mut begun, mut prefix)) = start(
+            &folder,
+            &request.entity,
+            &files,
+            request.page_token.as_deref(),
+            settle,
+        )?;
         // Files are skipped by their stamps only until the sync opens one: a record read from
         // an earlier file must not have the last word over the same record in a later one (its
         // tombstone, say). A page that follows a token comes after one that opened a file.
@@ -796,15 +804,14 @@ impl Pull for BulkImport {
                 }
                 None => {
                     index += 1;
-                    offset = 0;
-                    prefix = Some(PrefixHash::EMPTY);
-                    begun = files.get(index).and_then(|(p, _)| Begun::now(p, settle));
+                    (offset, begun, prefix) =
+                        begin(files.get(index).map(|(p, _)| p.as_path()), settle);
                     page.next_page = files.get(index).map(|(p, _)| {
                         PageToken {
                             name: file_name(p),
-                            offset: 0,
+                            offset,
                             begun,
-                            prefix: None,
+                            prefix,
                         }
                         .to_text()
                     });
@@ -1211,8 +1218,8 @@ mod tests {
         };
         let (early, late) = (stamp(10, 1_767_225_600), stamp(20, 1_767_312_000));
         let text = "2025-12-31T12:00:00.000Z\n\
-                    20 1767312000000000000 1767312000000000000 7 new export.csv\n\
-                    10 1767225600000000000 1767225600000000000 7 old.csv";
+                    20,1767312000000000000,1767312000000000000,7 new export.csv\n\
+                    10,1767225600000000000,1767225600000000000,7 old.csv";
         let cursor = ImportCursor::parse(text).unwrap();
         assert_eq!(cursor.read["new export.csv"], late);
         assert_eq!(cursor.to_text().as_deref(), Some(text));
@@ -1230,12 +1237,12 @@ mod tests {
         assert_eq!(
             combined.to_text().unwrap(),
             "2026-01-01T12:00:00.000Z\n\
-             20 1767312000000000000 1767312000000000000 7 new export.csv",
+             20,1767312000000000000,1767312000000000000,7 new export.csv",
             "a file written before the time needs no entry"
         );
         assert!(combined.predates(Some(rewritten)), "the time skips it");
         assert_eq!(
-            BulkImport.cursor_time("\n20 1 1 7 x.csv"),
+            BulkImport.cursor_time("\n20,1,1,7 x.csv"),
             None,
             "no record had a time"
         );
