@@ -132,10 +132,27 @@ impl FetchRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub id: String,
+    /// When the record last changed, by a clock its clients cannot set back (a
+    /// `SystemModstamp`, Dataverse's `modifiedon`, an export's modified column): a record read
+    /// again that is older than the version a shard was written from is stale. `None` where the
+    /// provider keeps no such time.
     pub modified_at: Option<DateTime<Utc>>,
     /// The provider says the record is gone (tombstone, `IsDeleted`).
     pub deleted: bool,
     pub fields: Map<String, Value>,
+}
+
+impl Record {
+    /// The tombstone of a record the provider reports deleted without saying when (a delete
+    /// notification, a list of deleted ids).
+    pub fn gone(id: String) -> Self {
+        Self {
+            id,
+            modified_at: None,
+            deleted: true,
+            fields: Map::new(),
+        }
+    }
 }
 
 /// One page of records.

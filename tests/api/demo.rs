@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, wait_until};
 
@@ -185,4 +185,71 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
     }
     assert!(fetched[0] > 0, "{fetched:?}");
     assert_eq!(fetched[1], 0, "{fetched:?}");
+
+    // An operator drops a backfill, last month's export, which sorts after the two drops: it
+    // holds older versions of a contact the second drop changed and of one it deleted, and a
+    // contact never imported. A full re-sync adds that contact and leaves the newer versions be.
+    let folder = app.data_dir().join("imports").join("demo");
+    assert!(
+        folder.join("contacts-2.jsonl").exists(),
+        "{}",
+        folder.display()
+    );
+    let backfill = [
+        json!({"id": "C0001", "name": "Mary Ann Tanaka", "email": "mary.ann.tanaka1@example.test",
+               "title": "CTO", "account_id": "A0224", "modified_at": "2026-11-01T08:01:30Z"}),
+        json!({"id": "C0011", "name": "Xavier Chen", "email": "xavier.chen11@example.test",
+               "title": "Engineer", "account_id": "A0013", "modified_at": "2026-11-01T08:11:30Z"}),
+        json!({"id": "C0600", "name": "Rosa Lind", "email": "rosa.lind600@example.test",
+               "title": "Analyst", "account_id": "A0001", "modified_at": "2026-11-01T10:00:00Z"}),
+    ];
+    let lines: Vec<String> = backfill.iter().map(Value::to_string).collect();
+    std::fs::write(
+        folder.join("contacts-3-backfill.jsonl"),
+        lines.join("\n") + "\n",
+    )
+    .unwrap();
+    app.cli_json(&[
+        "sync",
+        "int-demo-import",
+        "--tenant",
+        "tenant-demo",
+        "--full",
+    ])
+    .await;
+    wait_until(
+        "the backfill re-sync finished",
+        Duration::from_secs(60),
+        || async {
+            let h = history(&app).await;
+            h.len() == 6 && h.iter().all(|r| r["structuredData"]["status"] != "running")
+        },
+    )
+    .await;
+    let backfilled = history(&app).await[0]["structuredData"].clone();
+    assert_eq!(backfilled["jobType"], "full", "{backfilled}");
+    assert_eq!(backfilled["stats"]["shardsCreated"], 1, "{backfilled}");
+    assert_eq!(backfilled["stats"]["shardsUpdated"], 0, "{backfilled}");
+    assert_eq!(shards(&app, "c_contact").await, 496, "C0011 stays deleted");
+    let contacts = app
+        .cli_json(&[
+            "shards",
+            "--tenant",
+            "tenant-demo",
+            "--type",
+            "c_contact",
+            "--limit",
+            "100000",
+        ])
+        .await;
+    let mary_ann = contacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "int-demo-import~contacts~C0001")
+        .unwrap();
+    assert_eq!(
+        mary_ann["structuredData"]["title"], "Director",
+        "{mary_ann}"
+    );
 }

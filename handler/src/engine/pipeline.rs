@@ -230,7 +230,8 @@ pub async fn run_deleted(
 ) -> Result<Outcome, Failure> {
     let mapping = mapping_of(integration, entity_name)?;
     let mut entity = EntityRun::new(app, job, integration, mapping, now);
-    let result = entity.soft_delete(ids).await;
+    let tombstones: Vec<Record> = ids.iter().cloned().map(Record::gone).collect();
+    let result = entity.soft_delete(&tombstones).await;
     entity.outcome(result)
 }
 
@@ -956,7 +957,8 @@ impl<'a> EntityRun<'a> {
                 .await?;
                 return Ok(());
             }
-            self.soft_delete(&deleted.ids).await?;
+            let tombstones: Vec<Record> = deleted.ids.into_iter().map(Record::gone).collect();
+            self.soft_delete(&tombstones).await?;
         }
         if let Some(mut listing) = self.listing.take()
             && self.read_listed_before(&mut listing).await?
@@ -1066,11 +1068,11 @@ impl<'a> EntityRun<'a> {
                 .await?;
             let more = synced.len() == RECONCILE_PAGE;
             after = synced.last().map(|(id, _)| id.clone());
-            let gone: Vec<String> = synced
+            let gone: Vec<Record> = synced
                 .into_iter()
                 .flat_map(|(_, fingerprint)| fingerprint.links)
                 .filter(|r| r.integration_id == integration_id && !listed.contains(&r.external_id))
-                .map(|r| r.external_id)
+                .map(|r| Record::gone(r.external_id))
                 .collect();
             reconciled += gone.len();
             self.soft_delete(&gone).await?;
@@ -1389,23 +1391,23 @@ impl<'a> EntityRun<'a> {
         }
     }
 
-    /// Soft-deletes the shards of records the provider reports deleted.
-    async fn soft_delete(&mut self, external_ids: &[String]) -> Result<(), Failure> {
-        if external_ids.is_empty() {
+    /// Soft-deletes the shards of records the provider reports deleted (`tombstones`).
+    async fn soft_delete(&mut self, tombstones: &[Record]) -> Result<(), Failure> {
+        if tombstones.is_empty() {
             return Ok(());
         }
         let integration_id = self.job.integration_id;
-        let ids: Vec<String> = external_ids
+        let ids: Vec<String> = tombstones
             .iter()
-            .map(|e| synced_shard_id(integration_id, &self.mapping.external_entity, e))
+            .map(|t| synced_shard_id(integration_id, &self.mapping.external_entity, &t.id))
             .collect();
         let found = self
             .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
             .await?;
         let mut writes = Vec::new();
-        for (external_id, stored) in external_ids.iter().zip(found) {
+        for (tombstone, stored) in tombstones.iter().zip(found) {
             match stored
-                .and_then(|v| plan::soft_deleted(v.value, integration_id, external_id, self.now))
+                .and_then(|v| plan::soft_deleted(v.value, integration_id, tombstone, self.now))
             {
                 Some(shard) => {
                     writes.push(shard);

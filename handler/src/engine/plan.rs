@@ -78,8 +78,8 @@ impl PageRecord {
 #[derive(Debug, Default)]
 pub struct Transformed {
     pub records: Vec<PageRecord>,
-    /// External ids the provider reports deleted.
-    pub deleted: Vec<String>,
+    /// The records the provider reports deleted (their tombstones).
+    pub deleted: Vec<Record>,
     pub failed: Vec<RecordFailure>,
     /// Listings of a record that a later listing of it in the page supersedes: skipped.
     pub superseded: u64,
@@ -89,7 +89,8 @@ pub struct Transformed {
 ///
 /// A record listed more than once in a page (an export, then a later export of the same
 /// record or its tombstone; a Graph delta, which may repeat an item) is what its last listing
-/// says: live with that listing's fields, or deleted. Only that listing counts, so a shard is
+/// says (or its newest, where the listings say when the record was modified): live with that
+/// listing's fields, or deleted. Only that listing counts, so a shard is
 /// not written back to life and deleted again within one page, nor deleted after a later
 /// listing brought its record back, and a listing the record has since outgrown (a name since
 /// filled in) neither lands nor fails.
@@ -109,7 +110,7 @@ pub fn transform_page(
             continue;
         }
         if record.deleted {
-            page.deleted.push(record.id);
+            page.deleted.push(record);
             continue;
         }
         let created_from = mapping
@@ -144,14 +145,30 @@ pub fn transform_page(
     page
 }
 
-/// For each record of a page, whether a later listing of the same record in the page
-/// supersedes it. Empty for a page that lists each record once (most pages).
+/// For each record of a page, whether another listing of the same record in the page
+/// supersedes it: the later listing, unless both say when the record was modified and the
+/// later one is older (an export of older versions read after a newer one). Empty for a page
+/// that lists each record once (most pages).
 fn superseded_listings(records: &[Record]) -> Vec<bool> {
-    let mut last: HashMap<&str, usize> =
+    let mut kept: HashMap<&str, usize> =
         HashMap::with_capacity_and_hasher(records.len(), Default::default());
     let mut repeated = false;
     for (i, record) in records.iter().enumerate() {
-        repeated |= last.insert(record.id.as_str(), i).is_some();
+        match kept.entry(record.id.as_str()) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(i);
+            }
+            std::collections::hash_map::Entry::Occupied(mut slot) => {
+                repeated = true;
+                let older = matches!(
+                    (record.modified_at, records[*slot.get()].modified_at),
+                    (Some(this), Some(kept)) if this < kept
+                );
+                if !older {
+                    slot.insert(i);
+                }
+            }
+        }
     }
     if !repeated {
         return Vec::new();
@@ -159,7 +176,7 @@ fn superseded_listings(records: &[Record]) -> Vec<bool> {
     records
         .iter()
         .enumerate()
-        .map(|(i, record)| last[record.id.as_str()] != i)
+        .map(|(i, record)| kept[record.id.as_str()] != i)
         .collect()
 }
 
@@ -176,7 +193,7 @@ pub fn forget_relisted(errors: &mut Vec<SyncError>, page: &Transformed) -> u64 {
         .records
         .iter()
         .map(|r| r.record.id.as_str())
-        .chain(page.deleted.iter().map(String::as_str))
+        .chain(page.deleted.iter().map(|r| r.id.as_str()))
         .chain(page.failed.iter().filter_map(|f| f.record_id.as_deref()))
         .collect();
     let before = errors.len();
@@ -196,7 +213,8 @@ pub fn skips_by_fingerprint(mapping: &EntityMapping, two_way: bool) -> bool {
 /// very data (its link's `recordHash`), nothing wrote it since (its `updatedAt` is the time
 /// that link was last synced), and it is not deleted. Such a record would land as it did last
 /// time and change nothing, so it is skipped without its shard being read whole. A record
-/// that names the shard write-back created it from always lands.
+/// that names the shard write-back created it from always lands. Nor does a record older than
+/// what its shard was last written from ([`is_stale`]) change anything: it is skipped too.
 pub fn unchanged(
     integration_id: &str,
     records: &[PageRecord],
@@ -207,13 +225,20 @@ pub fn unchanged(
         .zip(stored)
         .map(|(record, stored)| {
             let Some(stored) = stored else { return false };
-            if record.created_from.is_some() || stored.deleted {
+            if record.created_from.is_some() {
                 return false;
             }
-            stored.links.iter().any(|link| {
-                link.integration_id == integration_id
-                    && link.external_id == record.record.id
-                    && link.sync_status == RelationshipStatus::Synced
+            let own_link = stored.links.iter().find(|link| {
+                link.integration_id == integration_id && link.external_id == record.record.id
+            });
+            if own_link.is_some_and(|link| is_stale(link, &record.record)) {
+                return true;
+            }
+            if stored.deleted {
+                return false;
+            }
+            own_link.is_some_and(|link| {
+                link.sync_status == RelationshipStatus::Synced
                     && link.sync_direction == SyncDirection::Inbound
                     && link.last_synced_at.is_some()
                     && link.last_synced_at == stored.updated_at
@@ -221,6 +246,20 @@ pub fn unchanged(
             })
         })
         .collect()
+}
+
+/// Whether `record` is older than the version of it its one-way `link` says the shard was last
+/// written from or deleted by: an earlier export read again after a later one, a page served
+/// late. Landing it would put older values over newer ones (or bring a deleted record back,
+/// or delete a record that lives again), so it is skipped. A record whose provider gives no
+/// modified time, or a link written before links kept it, is never stale; a two-way link is
+/// weighed by its own rules.
+pub fn is_stale(link: &ExternalRelationship, record: &Record) -> bool {
+    link.sync_direction == SyncDirection::Inbound
+        && matches!(
+            (record.modified_at, link.record_modified_at),
+            (Some(read), Some(written)) if read < written
+        )
 }
 
 /// The fingerprint of a record's mapped data: FNV-1a of its JSON text (keys sorted).
@@ -433,6 +472,17 @@ impl<'a> Landing<'a> {
                 found
             };
             let mut new_shard_keys = None;
+            if let Some(id) = &target
+                && two_way.is_none()
+                && shards[id]
+                    .external_relationships
+                    .iter()
+                    .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
+                    .is_some_and(|link| is_stale(link, record))
+            {
+                landed.skipped += 1;
+                continue;
+            }
             let hash = two_way.is_none().then(|| record_hash(data));
             let shard = match target {
                 Some(id) => {
@@ -498,6 +548,7 @@ impl<'a> Landing<'a> {
                     .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
             {
                 link.record_hash = hash;
+                link.record_modified_at = record.modified_at;
             }
             if two_way.is_some() {
                 agree(
@@ -862,22 +913,36 @@ pub fn tally(landed: &[(String, String)], changes: &Changes, failed_ids: &[Strin
     tally
 }
 
-/// The shard soft-deleted because its external record is gone, or `None` if it already is.
+/// The shard soft-deleted because its external record is gone (`tombstone`), or `None` if it
+/// already is, or if the tombstone is older than the version of the record the shard was last
+/// written from ([`is_stale`]).
 pub fn soft_deleted(
     mut shard: Shard,
     integration_id: &str,
-    external_id: &str,
+    tombstone: &Record,
     now: DateTime<Utc>,
 ) -> Option<Shard> {
-    if shard.deleted_at.is_some() {
+    let own_link = |r: &ExternalRelationship| {
+        r.integration_id == integration_id && r.external_id == tombstone.id
+    };
+    if shard.deleted_at.is_some()
+        || shard
+            .external_relationships
+            .iter()
+            .any(|r| own_link(r) && is_stale(r, tombstone))
+    {
         return None;
     }
     shard.deleted_at = Some(now);
     shard.updated_at = Some(now);
     for r in &mut shard.external_relationships {
-        if r.integration_id == integration_id && r.external_id == external_id {
+        if own_link(r) {
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
+            // A tombstone that says nothing of when leaves the last version's time standing.
+            if r.sync_direction == SyncDirection::Inbound && tombstone.modified_at.is_some() {
+                r.record_modified_at = tombstone.modified_at;
+            }
         }
     }
     shard.content_hash = Some(content_hash(&shard));
@@ -1428,14 +1493,124 @@ mod tests {
     fn a_deleted_record_soft_deletes_its_shard_once() {
         let mapping = contacts(false, true);
         let (stored, _) = plan(&mapping, vec![record("1", "Ann", None)], &[]);
-        let deleted = soft_deleted(stored[0].clone(), "int-1", "1", now()).unwrap();
+        let gone = Record::gone("1".into());
+        let deleted = soft_deleted(stored[0].clone(), "int-1", &gone, now()).unwrap();
         assert_eq!(deleted.deleted_at, Some(now()));
         assert_eq!(
             deleted.external_relationships[0].sync_status,
             RelationshipStatus::Deleted
         );
         assert_ne!(deleted.content_hash, stored[0].content_hash);
-        assert!(soft_deleted(deleted, "int-1", "1", now()).is_none());
+        assert!(soft_deleted(deleted, "int-1", &gone, now()).is_none());
+    }
+
+    fn at(time: &str) -> Option<DateTime<Utc>> {
+        Some(time.parse().unwrap())
+    }
+
+    #[test]
+    fn a_record_older_than_the_version_its_shard_was_written_from_is_skipped() {
+        let mapping = contacts(false, true);
+        let ann = |name: &str, modified_at: Option<DateTime<Utc>>| Record {
+            modified_at,
+            ..record("1", name, None)
+        };
+        let (written, _) = plan(
+            &mapping,
+            vec![ann("Ann B", at("2026-11-21T00:00:00Z"))],
+            &[],
+        );
+        assert_eq!(
+            written[0].external_relationships[0].record_modified_at,
+            at("2026-11-21T00:00:00Z")
+        );
+
+        // An earlier export read again: its older values do not overwrite the newer ones.
+        let older = || vec![ann("Ann A", at("2026-11-20T00:00:00Z"))];
+        let (writes, tally) = plan(&mapping, older(), &written);
+        assert!(writes.is_empty(), "{writes:?}");
+        assert_eq!((tally.updated, tally.skipped), (0, 1));
+        assert_eq!(
+            unchanged_of(&mapping, older(), &written),
+            [true],
+            "told from the fingerprint, without reading the shard"
+        );
+
+        // The same time, a later one, or none at all: the record lands.
+        for modified_at in [at("2026-11-21T00:00:00Z"), at("2026-11-22T00:00:00Z"), None] {
+            let (writes, tally) = plan(&mapping, vec![ann("Ann C", modified_at)], &written);
+            assert_eq!((writes.len(), tally.updated), (1, 1), "{modified_at:?}");
+            assert_eq!(writes[0].name, "Ann C");
+        }
+
+        // A two-way link weighs provider and Castiel edits by its own rules.
+        let mut two_way = written[0].external_relationships[0].clone();
+        two_way.sync_direction = SyncDirection::Bidirectional;
+        assert!(!is_stale(
+            &two_way,
+            &ann("Ann A", at("2026-11-20T00:00:00Z"))
+        ));
+    }
+
+    #[test]
+    fn an_older_tombstone_deletes_nothing_and_an_older_record_does_not_revive_a_deleted_shard() {
+        let mapping = contacts(false, true);
+        let live = |modified_at: Option<DateTime<Utc>>| Record {
+            modified_at,
+            ..record("1", "Ann", None)
+        };
+        let (written, _) = plan(&mapping, vec![live(at("2026-11-21T00:00:00Z"))], &[]);
+        let tombstone = |modified_at: Option<DateTime<Utc>>| Record {
+            modified_at,
+            ..Record::gone("1".into())
+        };
+        assert!(
+            soft_deleted(
+                written[0].clone(),
+                "int-1",
+                &tombstone(at("2026-11-20T00:00:00Z")),
+                now()
+            )
+            .is_none(),
+            "a tombstone older than the record the shard holds"
+        );
+        let deleted = soft_deleted(
+            written[0].clone(),
+            "int-1",
+            &tombstone(at("2026-11-22T00:00:00Z")),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            deleted.external_relationships[0].record_modified_at,
+            at("2026-11-22T00:00:00Z")
+        );
+        let by_feed = soft_deleted(
+            written[0].clone(),
+            "int-1",
+            &Record::gone("1".into()),
+            now(),
+        );
+        assert_eq!(
+            by_feed.unwrap().external_relationships[0].record_modified_at,
+            at("2026-11-21T00:00:00Z"),
+            "a tombstone that says nothing of when keeps the last version's time"
+        );
+
+        let deleted = [deleted];
+        let (writes, tally) = plan(&mapping, vec![live(at("2026-11-21T00:00:00Z"))], &deleted);
+        assert!(writes.is_empty(), "{writes:?}");
+        assert_eq!(tally.skipped, 1);
+        assert_eq!(
+            unchanged_of(&mapping, vec![live(at("2026-11-21T00:00:00Z"))], &deleted),
+            [true]
+        );
+        let (writes, _) = plan(&mapping, vec![live(at("2026-11-23T00:00:00Z"))], &deleted);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(
+            writes[0].deleted_at, None,
+            "a record newer than its tombstone lives again"
+        );
     }
 
     #[test]
@@ -1636,11 +1811,46 @@ mod tests {
         );
         let live: Vec<&str> = page.records.iter().map(|r| r.record.id.as_str()).collect();
         assert_eq!(live, ["2", "3"], "listed again after its tombstone: live");
+        let deleted: Vec<&str> = page.deleted.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
-            page.deleted,
+            deleted,
             ["1", "4"],
             "a tombstone after its listing: deleted"
         );
+    }
+
+    #[test]
+    fn of_two_listings_of_a_record_in_a_page_the_newer_counts_whatever_their_order() {
+        let mapping = contacts(false, true);
+        let listing = |name: &str, time: &str| Record {
+            modified_at: at(time),
+            ..record("1", name, None)
+        };
+        let newer = || listing("Ann B", "2026-11-21T00:00:00Z");
+        let older = || listing("Ann A", "2026-11-20T00:00:00Z");
+        for records in [vec![newer(), older()], vec![older(), newer()]] {
+            let page = transform_page("int-1", &mapping, records);
+            assert_eq!(page.records.len(), 1);
+            assert_eq!(page.records[0].data["name"], "Ann B");
+            assert_eq!(page.superseded, 1);
+        }
+
+        let tombstone = Record {
+            modified_at: at("2026-11-20T00:00:00Z"),
+            ..Record::gone("1".into())
+        };
+        let page = transform_page("int-1", &mapping, vec![newer(), tombstone.clone()]);
+        assert!(
+            page.deleted.is_empty(),
+            "an older tombstone after the record"
+        );
+        assert_eq!(page.records.len(), 1);
+        let page = transform_page("int-1", &mapping, vec![older(), tombstone]);
+        assert!(
+            page.records.is_empty(),
+            "a tombstone as new as the record, after it"
+        );
+        assert_eq!(page.deleted.len(), 1);
     }
 
     /// Contacts whose one mapped field, their name, is required.

@@ -163,6 +163,17 @@ pub struct ExternalRelationship {
     /// skipped without reading the shard whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_hash: Option<String>,
+    /// For a one-way link, when the record was last modified at the provider, as of the version
+    /// the shard was last written from (or deleted by), if the provider says: a record read
+    /// again that is older than that (an earlier export re-read, a page served late) is not
+    /// applied over it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "timestamp::auto_opt",
+        deserialize_with = "timestamp::read_opt"
+    )]
+    pub record_modified_at: Option<DateTime<Utc>>,
 }
 
 impl ExternalRelationship {
@@ -182,6 +193,7 @@ impl ExternalRelationship {
             version: None,
             field_hashes: BTreeMap::new(),
             record_hash: None,
+            record_modified_at: None,
         }
     }
 }

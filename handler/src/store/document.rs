@@ -150,6 +150,7 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
         version,
         field_hashes,
         record_hash,
+        record_modified_at,
     } = link;
     out.extend_from_slice(b"{\"integrationId\":");
     push_str(out, integration_id)?;
@@ -174,6 +175,7 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
         out.extend_from_slice(b",\"recordHash\":");
         push_str(out, hash)?;
     }
+    push_stamp(out, b",\"recordModifiedAt\":", record_modified_at)?;
     out.push(b'}');
     Ok(())
 }
@@ -261,6 +263,7 @@ mod tests {
             version: None,
             field_hashes: Default::default(),
             record_hash: Some("38e50222947cf95d".into()),
+            record_modified_at: Some(Utc.with_ymd_and_hms(2026, 1, 1, 23, 59, 58).unwrap()),
         }
     }
 
@@ -329,6 +332,7 @@ mod tests {
         .into_iter()
         .collect();
         two_way.last_synced_at = None;
+        two_way.record_modified_at = None;
         shard.external_relationships.push(two_way);
         shard.deleted_at = Some(Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap());
         shard.ttl = Some(86_400);
