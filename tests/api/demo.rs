@@ -30,6 +30,22 @@ async fn shards(app: &TestApp, shard_type: &str) -> usize {
     .len()
 }
 
+/// Asks for a sync of the demo integration, full or incremental, and waits until the history
+/// holds `runs` finished runs; returns the newest run's record.
+async fn sync_and_wait(app: &TestApp, full: bool, runs: usize) -> Value {
+    let mut args = vec!["sync", "int-demo-import", "--tenant", "tenant-demo"];
+    if full {
+        args.push("--full");
+    }
+    app.cli_json(&args).await;
+    wait_until("the sync finished", Duration::from_secs(60), || async {
+        let h = history(app).await;
+        h.len() == runs && h.iter().all(|r| r["structuredData"]["status"] != "running")
+    })
+    .await;
+    history(app).await[0]["structuredData"].clone()
+}
+
 #[tokio::test]
 async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally() {
     let app = TestApp::new();
@@ -125,25 +141,8 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
 
     // A full re-sync reads both drops again: a record the second drop deleted is listed by
     // the first and then tombstoned, and stays deleted without being written back to life.
-    app.cli_json(&[
-        "sync",
-        "int-demo-import",
-        "--tenant",
-        "tenant-demo",
-        "--full",
-    ])
-    .await;
-    wait_until("the re-sync finished", Duration::from_secs(60), || async {
-        let h = history(&app).await;
-        h.len() == 3 && h.iter().all(|r| r["structuredData"]["status"] != "running")
-    })
-    .await;
-    let resync = history(&app)
-        .await
-        .into_iter()
-        .map(|r| r["structuredData"].clone())
-        .find(|r| r["jobId"] != first["jobId"] && r["jobId"] != second["jobId"])
-        .unwrap();
+    let resync = sync_and_wait(&app, true, 3).await;
+    assert_eq!(resync["jobType"], "full", "{resync}");
     assert_eq!(resync["stats"]["shardsCreated"], 0, "{resync}");
     assert_eq!(resync["stats"]["shardsUpdated"], 0, "{resync}");
     assert_eq!(shards(&app, "c_company").await, 298);
@@ -168,18 +167,7 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
         .await;
     let mut fetched = Vec::new();
     for runs in [4, 5] {
-        app.cli_json(&["sync", "int-demo-import", "--tenant", "tenant-demo"])
-            .await;
-        wait_until(
-            "the incremental sync finished",
-            Duration::from_secs(60),
-            || async {
-                let h = history(&app).await;
-                h.len() == runs && h.iter().all(|r| r["structuredData"]["status"] != "running")
-            },
-        )
-        .await;
-        let newest = history(&app).await[0]["structuredData"].clone();
+        let newest = sync_and_wait(&app, false, runs).await;
         assert_eq!(newest["jobType"], "incremental", "{newest}");
         fetched.push(newest["stats"]["recordsFetched"].as_u64().unwrap());
     }
@@ -209,24 +197,7 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
         lines.join("\n") + "\n",
     )
     .unwrap();
-    app.cli_json(&[
-        "sync",
-        "int-demo-import",
-        "--tenant",
-        "tenant-demo",
-        "--full",
-    ])
-    .await;
-    wait_until(
-        "the backfill re-sync finished",
-        Duration::from_secs(60),
-        || async {
-            let h = history(&app).await;
-            h.len() == 6 && h.iter().all(|r| r["structuredData"]["status"] != "running")
-        },
-    )
-    .await;
-    let backfilled = history(&app).await[0]["structuredData"].clone();
+    let backfilled = sync_and_wait(&app, true, 6).await;
     assert_eq!(backfilled["jobType"], "full", "{backfilled}");
     assert_eq!(backfilled["stats"]["shardsCreated"], 1, "{backfilled}");
     assert_eq!(backfilled["stats"]["shardsUpdated"], 0, "{backfilled}");
