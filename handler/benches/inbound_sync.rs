@@ -30,32 +30,40 @@
 //!   365 rows, OneDrive items, Zoom meetings, Google Drive files, Gong calls): wall time, the
 //!   handler's peak RSS and the provider requests made.
 //!
-//! Where the time goes. Profiled with `perf record -F 999 --call-graph dwarf,32768` on a build
+//! Where the time goes. Profiled with `perf record -F 3999 --call-graph dwarf,16384` on a build
 //! that keeps its symbols (`CARGO_PROFILE_RELEASE_STRIP=none
-//! CARGO_PROFILE_RELEASE_DEBUG=line-tables-only`), running this benchmark with `-- 10k`; each
-//! sample of a handler run, on any of its threads, is put in the innermost stage on its stack
-//! (frames that only free are left to their caller, but for the page freed on a blocking
-//! thread), and the five runs averaged. Milliseconds of CPU per run under the profiler, which
-//! slows a run down by about a sixth; a stage's figure is good to a few milliseconds.
+//! CARGO_PROFILE_RELEASE_DEBUG=line-tables-only`), running this benchmark with `-- 10k`, and
+//! each run's samples put in stages by `stages.py` (beside this file: each sample taken while a
+//! job ran, on any of the handler's threads, goes to the innermost stage on its stack; frames
+//! that only free are left to their caller, but for the page freed on a blocking thread), the
+//! five runs averaged. Milliseconds of CPU per run under the profiler, which slows a run by a
+//! quarter (the benchmark printed 104 and 36 ms without it); a stage's figure is good to a few
+//! milliseconds.
 //!
-//! | stage                                                | full sync | re-run |
-//! |------------------------------------------------------|----------:|-------:|
-//! | HTTP read and JSON parse into records                |        15 |     16 |
-//! | mapping (field transforms)                           |         6 |      5 |
-//! | fingerprints of the page's shards (SQL and decoding) |         8 |     26 |
-//! | existing shards: SQL and decoding whole documents    |         1 |      0 |
-//! | landing (merge, links, match keys, record hash)      |        11 |      2 |
-//! | content hash                                         |         5 |      0 |
-//! | change detection                                     |         1 |      0 |
-//! | serialisation for the store                          |        15 |      0 |
-//! | store write (SQLite, its commit, WAL checkpoints)    |        53 |      0 |
-//! | counting                                             |         3 |      0 |
-//! | freeing page data (on a blocking thread)             |         6 |      0 |
-//! | the rest (runtime, job start and end, kernel)        |        26 |     13 |
-//! | total                                                |       152 |     63 |
+//! | stage                                                        | full sync | re-run |
+//! |--------------------------------------------------------------|----------:|-------:|
+//! | HTTP read and JSON parse into records                        |        16 |     12 |
+//! | mapping (field transforms)                                   |         6 |      6 |
+//! | fingerprints of the page's shards (SQL, decoding)            |         3 |     19 |
+//! | match keys and whole shards read (SQL, decoding)             |         2 |      1 |
+//! | content hash                                                 |         3 |      0 |
+//! | record hash                                                  |         1 |      1 |
+//! | match keys of records and shards                             |         1 |      0 |
+//! | serialisation for the store                                  |        10 |      0 |
+//! | landing (merge, links, names)                                |        14 |      0 |
+//! | change detection                                             |         1 |      2 |
+//! | counting                                                     |         2 |      0 |
+//! | job bookkeeping (claim, history, checkpoints, events, token) |         2 |      1 |
+//! | store write: rows (b-tree inserts, match keys)               |        32 |      0 |
+//! | store write: commit (the log's writes)                       |        11 |      0 |
+//! | WAL checkpoint (its own thread)                              |        15 |      0 |
+//! | freeing page data (on a blocking thread)                     |         7 |      0 |
+//! | the rest (runtime, kernel)                                   |         8 |      6 |
+//! | total                                                        |       134 |     49 |
 //!
-//! The table was taken before the keys were reordered, before a page was written while it
-//! landed and before documents were written by hand; the instruction figures below are current.
+//! The store's three rows are 58 of a full sync's 134 ms; the engine's own work around the
+//! records (mapping to counting, the bookkeeping, freeing) 52; reading the pages 16. A re-run is
+//! mostly its pages read and their shards' fingerprints.
 //!
 //! A page is written while it lands: its records land in parts of 250, and each part's changed
 //! shards go to the store's writer (its own thread, one transaction a page) while the next part
