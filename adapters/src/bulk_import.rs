@@ -833,6 +833,12 @@ impl Pull for BulkImport {
             _ => later,
         }
     }
+
+    /// Exports are versions as of when they were written: a folder may hold several versions of
+    /// a record, and any may be read after a newer one (a rewritten export, a backfill).
+    fn serves_older_versions(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

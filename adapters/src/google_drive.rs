@@ -209,9 +209,11 @@ fn record_of(file: &Map<String, Value>) -> Option<Record> {
     let id = file.get("id")?.as_str()?.to_string();
     Some(Record {
         id,
-        // A client may set `modifiedTime` (an upload keeping a local file's time), so a newer
-        // version can carry an older time: it does not order versions.
-        modified_at: None,
+        modified_at: file
+            .get("modifiedTime")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
         deleted: file
             .get("trashed")
             .and_then(Value::as_bool)

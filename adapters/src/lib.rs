@@ -126,6 +126,15 @@ pub trait Pull: Send + Sync {
         false
     }
 
+    /// Whether a sync may be given an older version of a record after a newer one: exports read
+    /// again, a backfill of last month's versions. The engine then keeps, for each shard, the
+    /// modified time of the version it was written from, and skips older versions. An API that
+    /// serves each record as it is now answers no: a record whose time went back (an
+    /// environment restored from a backup) is still what the provider holds.
+    fn serves_older_versions(&self) -> bool {
+        false
+    }
+
     /// The time a cursor stands for, when it stands for one, for the sync history's
     /// `syncFromDate`.
     fn cursor_time(&self, _cursor: &str) -> Option<DateTime<Utc>> {

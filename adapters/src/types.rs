@@ -132,10 +132,8 @@ impl FetchRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub id: String,
-    /// When the record last changed, by a clock its clients cannot set back (a
-    /// `SystemModstamp`, Dataverse's `modifiedon`, an export's modified column): a record read
-    /// again that is older than the version a shard was written from is stale. `None` where the
-    /// provider keeps no such time.
+    /// When the record last changed at the provider, where it says (a `SystemModstamp`,
+    /// Dataverse's `modifiedon`, an export's modified column).
     pub modified_at: Option<DateTime<Utc>>,
     /// The provider says the record is gone (tombstone, `IsDeleted`).
     pub deleted: bool,

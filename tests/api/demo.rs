@@ -174,34 +174,58 @@ async fn the_demo_imports_the_sample_exports_then_the_second_drop_incrementally(
     assert!(fetched[0] > 0, "{fetched:?}");
     assert_eq!(fetched[1], 0, "{fetched:?}");
 
-    // An operator drops a backfill, last month's export, which sorts after the two drops: it
-    // holds older versions of a contact the second drop changed and of one it deleted, and a
-    // contact never imported. A full re-sync adds that contact and leaves the newer versions be.
+    // An operator drops a backfill, last month's export, which sorts after the two drops:
+    // 1,500 contacts never imported, then older versions of a contact the second drop changed
+    // and of one it deleted. A full re-sync adds the new contacts and leaves the newer versions
+    // be, though the old ones come a page after the drop that changed them, and in the
+    // continuation job the record limit starts.
     let folder = app.data_dir().join("imports").join("demo");
     assert!(
         folder.join("contacts-2.jsonl").exists(),
         "{}",
         folder.display()
     );
-    let backfill = [
+    let mut backfill: Vec<Value> = (7000..8500)
+        .map(|n| {
+            json!({"id": format!("C{n}"), "name": format!("Rosa Lind{n}"),
+                   "email": format!("rosa.lind{n}@example.test"), "title": "Analyst",
+                   "account_id": "A0001", "modified_at": "2026-10-01T10:00:00Z"})
+        })
+        .collect();
+    backfill.push(
         json!({"id": "C0001", "name": "Mary Ann Tanaka", "email": "mary.ann.tanaka1@example.test",
                "title": "CTO", "account_id": "A0224", "modified_at": "2026-11-01T08:01:30Z"}),
+    );
+    backfill.push(
         json!({"id": "C0011", "name": "Xavier Chen", "email": "xavier.chen11@example.test",
                "title": "Engineer", "account_id": "A0013", "modified_at": "2026-11-01T08:11:30Z"}),
-        json!({"id": "C0600", "name": "Rosa Lind", "email": "rosa.lind600@example.test",
-               "title": "Analyst", "account_id": "A0001", "modified_at": "2026-11-01T10:00:00Z"}),
-    ];
+    );
     let lines: Vec<String> = backfill.iter().map(Value::to_string).collect();
     std::fs::write(
         folder.join("contacts-3-backfill.jsonl"),
         lines.join("\n") + "\n",
     )
     .unwrap();
-    let backfilled = sync_and_wait(&app, true, 6).await;
-    assert_eq!(backfilled["jobType"], "full", "{backfilled}");
-    assert_eq!(backfilled["stats"]["shardsCreated"], 1, "{backfilled}");
-    assert_eq!(backfilled["stats"]["shardsUpdated"], 0, "{backfilled}");
-    assert_eq!(shards(&app, "c_contact").await, 496, "C0011 stays deleted");
+    let newest = sync_and_wait(&app, true, 7).await;
+    let chain: Vec<Value> = history(&app).await[..2]
+        .iter()
+        .map(|r| r["structuredData"].clone())
+        .collect();
+    assert_eq!(newest, chain[0]);
+    let total = |stat: &str| -> u64 {
+        chain
+            .iter()
+            .map(|r| r["stats"][stat].as_u64().unwrap())
+            .sum()
+    };
+    assert!(chain.iter().all(|r| r["jobType"] == "full"), "{chain:?}");
+    assert_eq!(total("shardsCreated"), 1500, "{chain:?}");
+    assert_eq!(total("shardsUpdated"), 0, "{chain:?}");
+    assert_eq!(
+        shards(&app, "c_contact").await,
+        495 + 1500,
+        "C0011 stays deleted"
+    );
     let contacts = app
         .cli_json(&[
             "shards",

@@ -147,6 +147,7 @@ pub async fn run(
     for (i, mapping) in to_run.iter().enumerate() {
         let name = &mapping.external_entity;
         let mut entity = EntityRun::new(app, job, integration, mapping, now);
+        entity.skips_older_versions = provider.serves_older_versions();
         entity.first_page = first_page.take();
         entity.next_entity = to_run
             .get(i + 1)
@@ -212,6 +213,7 @@ pub async fn run_notified(
     };
     let records = provider.fetch_by_ids(conn, &request, ids).await?;
     let mut entity = EntityRun::new(app, job, integration, mapping, now);
+    entity.skips_older_versions = provider.serves_older_versions();
     let result = entity.process_page(records).await;
     let mut outcome = entity.outcome(result)?;
     outcome.details.pages_processed = Some(1);
@@ -293,6 +295,9 @@ struct EntityRun<'a> {
     /// For a mapping that writes back: how conflicts with Castiel's changes are settled.
     two_way: Option<ConflictPolicy>,
     provider_name: String,
+    /// The provider may serve a record's older versions after newer ones: they are skipped
+    /// (`Pull::serves_older_versions`).
+    skips_older_versions: bool,
     now: DateTime<Utc>,
     counters: Counters,
     errors: Vec<SyncError>,
@@ -540,6 +545,7 @@ impl<'a> EntityRun<'a> {
                 .writes_back(mapping)
                 .then(|| integration.conflict_policy()),
             provider_name: integration.provider_name.clone(),
+            skips_older_versions: false,
             now,
             counters: Counters::default(),
             errors: Vec::new(),
@@ -1207,6 +1213,7 @@ impl<'a> EntityRun<'a> {
             integration_id: self.job.integration_id,
             mapping: self.mapping,
             now: self.now,
+            skips_older_versions: self.skips_older_versions,
         };
         let mut landing = plan::Landing::new(context, &page.records, loaded, self.two_way.as_ref());
         // Derived shards are compared with what is stored, which is read once the page has
@@ -1406,8 +1413,10 @@ impl<'a> EntityRun<'a> {
             .await?;
         let mut writes = Vec::new();
         for (tombstone, stored) in tombstones.iter().zip(found) {
+            let modified_at = tombstone.modified_at.filter(|_| self.skips_older_versions);
+            let (id, now) = (&tombstone.id, self.now);
             match stored
-                .and_then(|v| plan::soft_deleted(v.value, integration_id, tombstone, self.now))
+                .and_then(|v| plan::soft_deleted(v.value, integration_id, id, modified_at, now))
             {
                 Some(shard) => {
                     writes.push(shard);

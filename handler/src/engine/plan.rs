@@ -44,6 +44,10 @@ pub struct PageContext<'a> {
     pub integration_id: &'a str,
     pub mapping: &'a EntityMapping,
     pub now: DateTime<Utc>,
+    /// The provider may serve a record's older versions after newer ones
+    /// (`Pull::serves_older_versions`): links keep the modified time of the version their
+    /// shard was written from, and older versions are skipped ([`is_stale`]).
+    pub skips_older_versions: bool,
 }
 
 /// A record that failed alone, for the run's errors.
@@ -214,7 +218,8 @@ pub fn skips_by_fingerprint(mapping: &EntityMapping, two_way: bool) -> bool {
 /// that link was last synced), and it is not deleted. Such a record would land as it did last
 /// time and change nothing, so it is skipped without its shard being read whole. A record
 /// that names the shard write-back created it from always lands. Nor does a record older than
-/// what its shard was last written from ([`is_stale`]) change anything: it is skipped too.
+/// the version its shard was last written from ([`is_stale`]) change anything: it is skipped
+/// too.
 pub fn unchanged(
     integration_id: &str,
     records: &[PageRecord],
@@ -231,7 +236,7 @@ pub fn unchanged(
             let own_link = stored.links.iter().find(|link| {
                 link.integration_id == integration_id && link.external_id == record.record.id
             });
-            if own_link.is_some_and(|link| is_stale(link, &record.record)) {
+            if own_link.is_some_and(|link| is_stale(link, record.record.modified_at)) {
                 return true;
             }
             if stored.deleted {
@@ -248,16 +253,17 @@ pub fn unchanged(
         .collect()
 }
 
-/// Whether `record` is older than the version of it its one-way `link` says the shard was last
-/// written from or deleted by: an earlier export read again after a later one, a page served
-/// late. Landing it would put older values over newer ones (or bring a deleted record back,
-/// or delete a record that lives again), so it is skipped. A record whose provider gives no
-/// modified time, or a link written before links kept it, is never stale; a two-way link is
-/// weighed by its own rules.
-pub fn is_stale(link: &ExternalRelationship, record: &Record) -> bool {
+/// Whether a version of a record modified at `modified_at` is older than the one its one-way
+/// `link` says the shard was last written from or deleted by: an earlier export read again after
+/// a later one, a backfill of older versions. Landing it would put older values over newer ones
+/// (or bring a deleted record back, or delete a record that lives again), so it is skipped.
+/// Links keep that time only where the provider may serve older versions
+/// ([`PageContext::skips_older_versions`]); a version with no time, or a link without one, is
+/// never stale, and a two-way link is weighed by its own rules.
+pub fn is_stale(link: &ExternalRelationship, modified_at: Option<DateTime<Utc>>) -> bool {
     link.sync_direction == SyncDirection::Inbound
         && matches!(
-            (record.modified_at, link.record_modified_at),
+            (modified_at, link.record_modified_at),
             (Some(read), Some(written)) if read < written
         )
 }
@@ -478,7 +484,7 @@ impl<'a> Landing<'a> {
                     .external_relationships
                     .iter()
                     .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
-                    .is_some_and(|link| is_stale(link, record))
+                    .is_some_and(|link| is_stale(link, record.modified_at))
             {
                 landed.skipped += 1;
                 continue;
@@ -548,7 +554,7 @@ impl<'a> Landing<'a> {
                     .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
             {
                 link.record_hash = hash;
-                link.record_modified_at = record.modified_at;
+                link.record_modified_at = record.modified_at.filter(|_| ctx.skips_older_versions);
             }
             if two_way.is_some() {
                 agree(
@@ -913,23 +919,25 @@ pub fn tally(landed: &[(String, String)], changes: &Changes, failed_ids: &[Strin
     tally
 }
 
-/// The shard soft-deleted because its external record is gone (`tombstone`), or `None` if it
-/// already is, or if the tombstone is older than the version of the record the shard was last
-/// written from ([`is_stale`]).
+/// The shard soft-deleted because its external record is gone, or `None` if it already is, or
+/// if the tombstone is older than the version the shard was last written from ([`is_stale`]).
+/// `modified_at` is the tombstone's time where links keep one
+/// ([`PageContext::skips_older_versions`]).
 pub fn soft_deleted(
     mut shard: Shard,
     integration_id: &str,
-    tombstone: &Record,
+    external_id: &str,
+    modified_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<Shard> {
     let own_link = |r: &ExternalRelationship| {
-        r.integration_id == integration_id && r.external_id == tombstone.id
+        r.integration_id == integration_id && r.external_id == external_id
     };
     if shard.deleted_at.is_some()
         || shard
             .external_relationships
             .iter()
-            .any(|r| own_link(r) && is_stale(r, tombstone))
+            .any(|r| own_link(r) && is_stale(r, modified_at))
     {
         return None;
     }
@@ -940,8 +948,8 @@ pub fn soft_deleted(
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
             // A tombstone that says nothing of when leaves the last version's time standing.
-            if r.sync_direction == SyncDirection::Inbound && tombstone.modified_at.is_some() {
-                r.record_modified_at = tombstone.modified_at;
+            if r.sync_direction == SyncDirection::Inbound && modified_at.is_some() {
+                r.record_modified_at = modified_at;
             }
         }
     }
@@ -1129,6 +1137,7 @@ mod tests {
             integration_id: "int-1",
             mapping,
             now: now(),
+            skips_older_versions: true,
         }
     }
 
@@ -1138,7 +1147,16 @@ mod tests {
         records: Vec<Record>,
         stored: &[Shard],
     ) -> (Vec<Shard>, Tally) {
-        let context = context(mapping);
+        plan_in(context(mapping), records, stored)
+    }
+
+    /// [`plan`] in `context`.
+    fn plan_in(
+        context: PageContext<'_>,
+        records: Vec<Record>,
+        stored: &[Shard],
+    ) -> (Vec<Shard>, Tally) {
+        let mapping = context.mapping;
         let mut page = transform_page("int-1", mapping, records);
         let mut loaded = Loaded::default();
         for shard in stored
@@ -1493,15 +1511,14 @@ mod tests {
     fn a_deleted_record_soft_deletes_its_shard_once() {
         let mapping = contacts(false, true);
         let (stored, _) = plan(&mapping, vec![record("1", "Ann", None)], &[]);
-        let gone = Record::gone("1".into());
-        let deleted = soft_deleted(stored[0].clone(), "int-1", &gone, now()).unwrap();
+        let deleted = soft_deleted(stored[0].clone(), "int-1", "1", None, now()).unwrap();
         assert_eq!(deleted.deleted_at, Some(now()));
         assert_eq!(
             deleted.external_relationships[0].sync_status,
             RelationshipStatus::Deleted
         );
         assert_ne!(deleted.content_hash, stored[0].content_hash);
-        assert!(soft_deleted(deleted, "int-1", &gone, now()).is_none());
+        assert!(soft_deleted(deleted, "int-1", "1", None, now()).is_none());
     }
 
     fn at(time: &str) -> Option<DateTime<Utc>> {
@@ -1546,10 +1563,21 @@ mod tests {
         // A two-way link weighs provider and Castiel edits by its own rules.
         let mut two_way = written[0].external_relationships[0].clone();
         two_way.sync_direction = SyncDirection::Bidirectional;
-        assert!(!is_stale(
-            &two_way,
-            &ann("Ann A", at("2026-11-20T00:00:00Z"))
-        ));
+        assert!(!is_stale(&two_way, at("2026-11-20T00:00:00Z")));
+
+        // A provider that serves each record as it is now: its time, gone back (an environment
+        // restored from a backup), is still what the provider holds.
+        let api = PageContext {
+            skips_older_versions: false,
+            ..context(&mapping)
+        };
+        let (written, _) = plan_in(api, vec![ann("Ann B", at("2026-11-21T00:00:00Z"))], &[]);
+        assert_eq!(
+            written[0].external_relationships[0].record_modified_at,
+            None
+        );
+        let (writes, _) = plan_in(api, older(), &written);
+        assert_eq!(writes[0].name, "Ann A");
     }
 
     #[test]
@@ -1560,39 +1588,19 @@ mod tests {
             ..record("1", "Ann", None)
         };
         let (written, _) = plan(&mapping, vec![live(at("2026-11-21T00:00:00Z"))], &[]);
-        let tombstone = |modified_at: Option<DateTime<Utc>>| Record {
-            modified_at,
-            ..Record::gone("1".into())
-        };
+        let tombstone =
+            |modified_at| soft_deleted(written[0].clone(), "int-1", "1", modified_at, now());
         assert!(
-            soft_deleted(
-                written[0].clone(),
-                "int-1",
-                &tombstone(at("2026-11-20T00:00:00Z")),
-                now()
-            )
-            .is_none(),
+            tombstone(at("2026-11-20T00:00:00Z")).is_none(),
             "a tombstone older than the record the shard holds"
         );
-        let deleted = soft_deleted(
-            written[0].clone(),
-            "int-1",
-            &tombstone(at("2026-11-22T00:00:00Z")),
-            now(),
-        )
-        .unwrap();
+        let deleted = tombstone(at("2026-11-22T00:00:00Z")).unwrap();
         assert_eq!(
             deleted.external_relationships[0].record_modified_at,
             at("2026-11-22T00:00:00Z")
         );
-        let by_feed = soft_deleted(
-            written[0].clone(),
-            "int-1",
-            &Record::gone("1".into()),
-            now(),
-        );
         assert_eq!(
-            by_feed.unwrap().external_relationships[0].record_modified_at,
+            tombstone(None).unwrap().external_relationships[0].record_modified_at,
             at("2026-11-21T00:00:00Z"),
             "a tombstone that says nothing of when keeps the last version's time"
         );
