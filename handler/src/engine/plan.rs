@@ -18,6 +18,7 @@
 //! unit-tested without a store or a provider.
 
 use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
 
 use super::{HashMap, HashSet};
 
@@ -159,10 +160,10 @@ fn superseded_listings(records: &[Record]) -> Vec<bool> {
     let mut repeated = false;
     for (i, record) in records.iter().enumerate() {
         match kept.entry(record.id.as_str()) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
+            Entry::Vacant(slot) => {
                 slot.insert(i);
             }
-            std::collections::hash_map::Entry::Occupied(mut slot) => {
+            Entry::Occupied(mut slot) => {
                 repeated = true;
                 let older = matches!(
                     (record.modified_at, records[*slot.get()].modified_at),
