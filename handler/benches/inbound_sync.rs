@@ -124,9 +124,12 @@
 //! A third of that CPU is the kernel's (this benchmark prints it: 30-40 of a full sync's
 //! 100-110 ms, with 11,500 page faults, and 10-16 of a re-run's 40 ms). Much of it is page
 //! faults on memory mimalloc returned to the system 2 ms after it was freed and a later page
-//! then touched again. Returning it after 100 ms instead halves the faults and takes 14% off the full sync, but a 100,000-record
-//! sync then peaks at 68 MiB (20 ms: 53 MiB), over the memory target; it stays at 2 ms. Freeing
-//! page data on the sync's own thread rather than a blocking one changed neither. Never returning
+//! then touched again. Returning it after 100 ms instead halves the faults and takes 14% off the
+//! full sync, but a 100,000-record sync then peaks at 68 MiB (20 ms: 53 MiB), over the memory
+//! target; it stays at 2 ms. Freeing page data on the sync's own thread rather than a blocking
+//! one changed neither, nor did it again with mimalloc 3, where collecting what other threads
+//! freed is a tenth of landing's samples (three alternating rounds: full syncs of 0.077-0.081 s
+//! either way). Never returning
 //! memory at all leaves 8,200 faults (a fresh process touching its heap for the first time, up to
 //! a peak of 56 MiB) and no faster sync. The no-engine baseline runs in this warm process: about
 //! 900 faults, and 52-54 ms of this process's CPU a run, the loopback Salesforce's included.
