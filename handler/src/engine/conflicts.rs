@@ -65,7 +65,7 @@ pub async fn resolve(
     let link = shard
         .external_relationships
         .iter_mut()
-        .find(|r| r.integration_id == record.integration_id && r.external_id == record.external_id)
+        .find(|r| r.is_to(&record.integration_id, &record.external_id))
         .ok_or_else(|| {
             ChangeError::Invalid(format!(
                 "shard `{}` is no longer linked to `{}`",

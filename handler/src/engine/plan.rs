@@ -234,9 +234,10 @@ pub fn unchanged(
             if record.created_from.is_some() {
                 return false;
             }
-            let own_link = stored.links.iter().find(|link| {
-                link.integration_id == integration_id && link.external_id == record.record.id
-            });
+            let own_link = stored
+                .links
+                .iter()
+                .find(|link| link.is_to(integration_id, &record.record.id));
             if own_link.is_some_and(|link| is_stale(link, record.record.modified_at)) {
                 return true;
             }
@@ -481,11 +482,9 @@ impl<'a> Landing<'a> {
             let mut new_shard_keys = None;
             if let Some(id) = &target
                 && two_way.is_none()
-                && shards[id]
-                    .external_relationships
-                    .iter()
-                    .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
-                    .is_some_and(|link| is_stale(link, record.modified_at))
+                && shards[id].external_relationships.iter().any(|r| {
+                    r.is_to(ctx.integration_id, &record.id) && is_stale(r, record.modified_at)
+                })
             {
                 landed.skipped += 1;
                 continue;
@@ -552,7 +551,7 @@ impl<'a> Landing<'a> {
                 && let Some(link) = shard
                     .external_relationships
                     .iter_mut()
-                    .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
+                    .find(|r| r.is_to(ctx.integration_id, &record.id))
             {
                 link.record_hash = hash;
                 link.record_modified_at = record.modified_at.filter(|_| ctx.skips_older_versions);
@@ -723,7 +722,7 @@ fn two_way_landing(
     let bases: BTreeMap<String, String> = shard
         .external_relationships
         .iter()
-        .find(|r| r.integration_id == ctx.integration_id && r.external_id == record.id)
+        .find(|r| r.is_to(ctx.integration_id, &record.id))
         .map(|r| r.field_hashes.clone())
         .unwrap_or_default();
     let modified = Modified {
@@ -794,7 +793,7 @@ fn agree(
     if let Some(r) = shard
         .external_relationships
         .iter_mut()
-        .find(|r| r.integration_id == integration_id && r.external_id == external_id)
+        .find(|r| r.is_to(integration_id, external_id))
     {
         for field in data.keys() {
             if !pending.contains(&field) {
@@ -931,21 +930,18 @@ pub fn soft_deleted(
     modified_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<Shard> {
-    let own_link = |r: &ExternalRelationship| {
-        r.integration_id == integration_id && r.external_id == external_id
-    };
     if shard.deleted_at.is_some()
         || shard
             .external_relationships
             .iter()
-            .any(|r| own_link(r) && is_stale(r, modified_at))
+            .any(|r| r.is_to(integration_id, external_id) && is_stale(r, modified_at))
     {
         return None;
     }
     shard.deleted_at = Some(now);
     shard.updated_at = Some(now);
     for r in &mut shard.external_relationships {
-        if own_link(r) {
+        if r.is_to(integration_id, external_id) {
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
             // A tombstone that says nothing of when leaves the last version's time standing.
@@ -1073,7 +1069,7 @@ fn link_external(
     match shard
         .external_relationships
         .iter_mut()
-        .find(|r| r.integration_id == integration_id && r.external_id == external_id)
+        .find(|r| r.is_to(integration_id, external_id))
     {
         Some(r) => {
             r.sync_status = RelationshipStatus::Synced;

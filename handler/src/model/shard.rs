@@ -177,6 +177,11 @@ pub struct ExternalRelationship {
 }
 
 impl ExternalRelationship {
+    /// Whether this is the link to record `external_id` of integration `integration_id`.
+    pub fn is_to(&self, integration_id: &str, external_id: &str) -> bool {
+        self.integration_id == integration_id && self.external_id == external_id
+    }
+
     /// A link to a record just synced in from the provider.
     pub fn synced(
         integration_id: &str,
