@@ -146,8 +146,8 @@ pub async fn run(
     let mut first_page: Option<Fetching> = None;
     for (i, mapping) in to_run.iter().enumerate() {
         let name = &mapping.external_entity;
-        let mut entity = EntityRun::new(app, job, integration, mapping, now);
-        entity.skips_older_versions = provider.serves_older_versions();
+        let older_versions = provider.serves_older_versions();
+        let mut entity = EntityRun::new(app, job, integration, mapping, older_versions, now);
         entity.first_page = first_page.take();
         entity.next_entity = to_run
             .get(i + 1)
@@ -212,8 +212,8 @@ pub async fn run_notified(
         page_size: PAGE_SIZE,
     };
     let records = provider.fetch_by_ids(conn, &request, ids).await?;
-    let mut entity = EntityRun::new(app, job, integration, mapping, now);
-    entity.skips_older_versions = provider.serves_older_versions();
+    let older_versions = provider.serves_older_versions();
+    let mut entity = EntityRun::new(app, job, integration, mapping, older_versions, now);
     let result = entity.process_page(records).await;
     let mut outcome = entity.outcome(result)?;
     outcome.details.pages_processed = Some(1);
@@ -231,7 +231,8 @@ pub async fn run_deleted(
     now: DateTime<Utc>,
 ) -> Result<Outcome, Failure> {
     let mapping = mapping_of(integration, entity_name)?;
-    let mut entity = EntityRun::new(app, job, integration, mapping, now);
+    // A delete notification says nothing of when: no version of the record is older.
+    let mut entity = EntityRun::new(app, job, integration, mapping, false, now);
     let tombstones: Vec<Record> = ids.iter().cloned().map(Record::gone).collect();
     let result = entity.soft_delete(&tombstones).await;
     entity.outcome(result)
@@ -535,6 +536,7 @@ impl<'a> EntityRun<'a> {
         job: &'a Job<'a>,
         integration: &Integration,
         mapping: &'a EntityMapping,
+        skips_older_versions: bool,
         now: DateTime<Utc>,
     ) -> Self {
         Self {
@@ -545,7 +547,7 @@ impl<'a> EntityRun<'a> {
                 .writes_back(mapping)
                 .then(|| integration.conflict_policy()),
             provider_name: integration.provider_name.clone(),
-            skips_older_versions: false,
+            skips_older_versions,
             now,
             counters: Counters::default(),
             errors: Vec::new(),
