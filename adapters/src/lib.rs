@@ -471,4 +471,18 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn only_exports_serve_older_versions_of_a_record() {
+        let registry = Registry::standard();
+        let serving: Vec<&str> = registry
+            .names()
+            .filter(|name| registry.get(name).unwrap().serves_older_versions())
+            .collect();
+        assert_eq!(
+            serving,
+            ["bulk_import"],
+            "an API serves each record as it is now"
+        );
+    }
 }
