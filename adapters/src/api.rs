@@ -139,7 +139,11 @@ impl<D: Dialect> Api<D> {
         body: Option<&Value>,
     ) -> Result<Answer, ProviderError> {
         let fixed = self.dialect.static_authorization(conn);
-        if fixed.is_none() && !oauth::has_live_token(&conn.credentials, Utc::now()) {
+        let stale = || {
+            !oauth::has_live_token(&conn.credentials, Utc::now())
+                || !oauth::has_scope(&conn.credentials, &self.dialect.token_request(conn).extra)
+        };
+        if fixed.is_none() && stale() {
             self.refresh(conn).await?;
         }
         let service = self.dialect.service();

@@ -60,6 +60,18 @@ pub const REFRESH_TOKEN: &str = "refresh_token";
 /// When the access token expires, as RFC 3339, so a connection refreshes before using a dead
 /// token instead of after a 401.
 pub const EXPIRES_AT: &str = "access_token_expires_at";
+/// The scope the access token was asked for, so that a connection that now needs another (an
+/// integration that started writing back) gets a new token rather than one that may only read.
+pub const TOKEN_SCOPE: &str = "access_token_scope";
+
+/// Whether the access token in `credentials` was asked for with the scope among `extra`, the
+/// form fields a token request would send now; always, where the request names no scope.
+pub fn has_scope(credentials: &Credentials, extra: &[(&'static str, String)]) -> bool {
+    extra
+        .iter()
+        .find(|(name, _)| *name == "scope")
+        .is_none_or(|(_, scope)| credentials.get(TOKEN_SCOPE) == Some(scope.as_str()))
+}
 
 /// Whether `credentials` hold an access token that is still good at `now` (with a minute to
 /// spare for the request on its way).
@@ -163,6 +175,10 @@ pub async fn exchange(
     if let Some(base) = body["api_base_url_for_customer"].as_str() {
         credentials.set("api_base_url", base.trim_end_matches('/'));
     }
+    match request.extra.iter().find(|(name, _)| *name == "scope") {
+        Some((_, scope)) => credentials.set(TOKEN_SCOPE, scope),
+        None => credentials.remove(TOKEN_SCOPE),
+    }
     let expires_at = expires_in(&body).map(|seconds| Utc::now() + Duration::seconds(seconds));
     match expires_at {
         Some(at) => credentials.set(EXPIRES_AT, at.to_rfc3339()),
@@ -208,6 +224,21 @@ fn refusal(status: StatusCode, body: &Value) -> ProviderError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_token_asked_for_another_scope_is_not_the_one_a_connection_needs() {
+        let mut credentials = Credentials::new(Default::default());
+        let read = [("scope", "Files.Read.All offline_access".to_string())];
+        let write = [("scope", "Files.ReadWrite.All offline_access".to_string())];
+        assert!(
+            has_scope(&credentials, &[]),
+            "a request that names no scope"
+        );
+        assert!(!has_scope(&credentials, &read), "a token of unknown scope");
+        credentials.set(TOKEN_SCOPE, "Files.Read.All offline_access");
+        assert!(has_scope(&credentials, &read));
+        assert!(!has_scope(&credentials, &write));
+    }
 
     #[test]
     fn refusals_say_whether_new_credentials_or_patience_can_help() {

@@ -21,6 +21,9 @@ pub struct Connection {
     pub keeper: Arc<dyn CredentialKeeper>,
     /// How a failed request is retried in place.
     pub retry: RetryPolicy,
+    /// Whether the integration writes records back: a provider whose tokens are scoped asks
+    /// for one that may write.
+    pub writes: bool,
 }
 
 impl Connection {
@@ -47,6 +50,7 @@ impl Connection {
             credentials,
             keeper,
             retry: RetryPolicy::default(),
+            writes: false,
         }
     }
 

@@ -25,6 +25,8 @@ pub struct Entra {
     /// Gong revoke it): the strict mode catches a client that spends one twice.
     pub invalidate_used_refresh_tokens: bool,
     pub access_tokens: HashSet<String>,
+    /// The scope each access token was asked for.
+    pub scopes: HashMap<String, String>,
     /// The current access tokens stop working after this many more data requests.
     pub expire_token_after: Option<usize>,
     /// Seconds reported in `expires_in`.
@@ -40,6 +42,7 @@ impl Default for Entra {
             refresh_tokens: HashSet::from([INITIAL_REFRESH_TOKEN.to_string()]),
             invalidate_used_refresh_tokens: true,
             access_tokens: HashSet::new(),
+            scopes: HashMap::new(),
             expire_token_after: None,
             expires_in: 3599,
             token_refreshes: 0,
@@ -105,6 +108,8 @@ impl Entra {
         self.issued += 1;
         let access_token = format!("eyJ0eXAi.access-{}", self.issued);
         self.access_tokens.insert(access_token.clone());
+        self.scopes
+            .insert(access_token.clone(), field("scope").to_string());
         match field("grant_type") {
             "client_credentials" => {
                 self.client_credentials_grants += 1;
@@ -150,6 +155,21 @@ impl Entra {
                 "The app requested an unsupported grant type.",
             ),
         }
+    }
+
+    /// Whether a request's bearer token was asked for with a scope that grants `permission`:
+    /// the permission itself, or `.default` (an app's granted permissions).
+    pub fn grants(&self, headers: &HeaderMap, permission: &str) -> bool {
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|token| self.scopes.get(token))
+            .is_some_and(|scope| {
+                scope
+                    .split(' ')
+                    .any(|s| s.ends_with("/.default") || s.rsplit('/').next() == Some(permission))
+            })
     }
 
     /// Whether a data request's bearer token is one this endpoint issued and still honours;

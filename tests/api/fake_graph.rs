@@ -10,6 +10,11 @@
 //! delta with `$top` at most 50, `$skiptoken`/`$deltatoken` links, root posts only
 //! (`$expand=replies` nests the replies), soft-deleted messages with `deletedDateTime` and an
 //! emptied body, and 400 `syncStateNotFound` for an expired token;
+//! one item by id (`GET`, and for tokens asked for `Files.ReadWrite.All`, `PATCH` renames, moves
+//! and descriptions, refused onto a name the folder holds with 409 `nameAlreadyExists`, and
+//! `DELETE`), under `If-Match` answered 412 `resourceModified` for an `eTag` the item no
+//! longer has, 404 `itemNotFound` for an item gone, and 403 `accessDenied` for a token that
+//! may only read;
 //! change-notification subscriptions, created only after the `validationToken` handshake with
 //! both notification URLs (a form-encoded token with spaces, `+` and `:`, to be echoed decoded as
 //! `text/plain` within 10 seconds), with the lifetime caps (4,320 minutes for chat messages, which
@@ -69,6 +74,7 @@ pub struct DriveItem {
     pub deleted: bool,
     /// Live children, for a folder's `childCount`.
     pub children: usize,
+    pub description: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -180,6 +186,10 @@ fn invalid(message: &str) -> Response {
 
 fn not_found() -> Response {
     error(404, "ResourceNotFound", "The object was not found.")
+}
+
+fn item_not_found() -> Response {
+    error(404, "itemNotFound", "The resource could not be found.")
 }
 
 fn sync_state_not_found() -> Response {
@@ -488,6 +498,7 @@ impl Graph {
             modified: now,
             deleted: false,
             children: 0,
+            description: None,
         }
     }
 
@@ -633,6 +644,153 @@ impl Graph {
         }
         self.page_served();
         Json(body).into_response()
+    }
+
+    /// A live item of a drive.
+    fn live_item(&self, key: &str, id: &str) -> Option<&DriveItem> {
+        self.drives
+            .get(key)
+            .and_then(|d| d.items.get(id))
+            .filter(|i| !i.deleted)
+    }
+
+    fn item_request(
+        &mut self,
+        key: &str,
+        id: &str,
+        method: &Method,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
+        match *method {
+            Method::GET => self.get_item(key, id),
+            Method::PATCH => self.patch_item(key, id, headers, body),
+            _ => self.delete_item_request(key, id, headers),
+        }
+    }
+
+    fn get_item(&mut self, key: &str, id: &str) -> Response {
+        self.drive(key);
+        match self.live_item(key, id) {
+            Some(item) => Json(item_json(key, &self.drives[key], item)).into_response(),
+            None => item_not_found(),
+        }
+    }
+
+    /// What a write needs before it may change an item: a token that may write, the item,
+    /// and, with `If-Match`, its current `eTag`.
+    fn writable(&mut self, key: &str, id: &str, headers: &HeaderMap) -> Option<Response> {
+        if !self.entra.grants(headers, "Files.ReadWrite.All") {
+            return Some(error(403, "accessDenied", "Access denied"));
+        }
+        self.drive(key);
+        let Some(item) = self.live_item(key, id) else {
+            return Some(item_not_found());
+        };
+        let etag = format!("\"{},{}\"", item.id, item.version);
+        let if_match = headers.get("if-match").and_then(|v| v.to_str().ok());
+        if if_match.is_some_and(|given| given != "*" && given != etag) {
+            let message = "ETag does not match current item's value";
+            return Some(error_with(
+                412,
+                "resourceModified",
+                message,
+                Some("entityTagDoesNotMatch"),
+            ));
+        }
+        None
+    }
+
+    /// `PATCH` of an item: a rename (refused onto a name its folder holds), a move into
+    /// another folder, a description; anything else is Graph's to set.
+    fn patch_item(&mut self, key: &str, id: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+        if let Some(refusal) = self.writable(key, id, headers) {
+            return refusal;
+        }
+        let Ok(Value::Object(changes)) = serde_json::from_slice::<Value>(body) else {
+            return error(400, "invalidRequest", "Invalid request");
+        };
+        let drive = &self.drives[key];
+        let item = &drive.items[id];
+        let mut name = item.name.clone();
+        let mut parent = item.parent.clone();
+        let mut description = item.description.clone();
+        for (field, value) in &changes {
+            match (field.as_str(), value) {
+                ("name", Value::String(new))
+                    if !new.is_empty() && !new.contains(['/', '\\', ':']) =>
+                {
+                    name = new.clone()
+                }
+                ("description", Value::String(new)) => description = Some(new.clone()),
+                ("parentReference", Value::Object(to)) => {
+                    let folder = to.get("id").and_then(Value::as_str);
+                    match folder.and_then(|f| drive.items.get(f)) {
+                        Some(f) if f.folder && !f.deleted && f.id != id => {
+                            parent = Some(f.id.clone())
+                        }
+                        _ => return error(400, "invalidRequest", "Invalid parentReference"),
+                    }
+                }
+                (field, _) => {
+                    let message =
+                        format!("Property '{field}' is read-only or has an invalid value");
+                    return error(400, "invalidRequest", &message);
+                }
+            }
+        }
+        let clash = drive.items.values().any(|other| {
+            other.id != id && !other.deleted && other.parent == parent && other.name == name
+        });
+        if clash {
+            return error(409, "nameAlreadyExists", "Name already exists");
+        }
+        let moved_from = (item.parent != parent)
+            .then(|| item.parent.clone())
+            .flatten();
+        let (version, now) = self.tick();
+        let drive = self.drives.get_mut(key).unwrap();
+        let item = drive.items.get_mut(id).unwrap();
+        (item.name, item.parent, item.description) = (name, parent.clone(), description);
+        (item.version, item.modified) = (version, now);
+        if let (Some(from), Some(to)) = (moved_from, parent) {
+            for (folder, added) in [(from, -1), (to, 1)] {
+                let folder = drive.items.get_mut(&folder).unwrap();
+                folder.children = folder.children.saturating_add_signed(added);
+                (folder.version, folder.modified) = (version, now);
+            }
+        }
+        let drive = &self.drives[key];
+        Json(item_json(key, drive, &drive.items[id])).into_response()
+    }
+
+    fn delete_item_request(&mut self, key: &str, id: &str, headers: &HeaderMap) -> Response {
+        if let Some(refusal) = self.writable(key, id, headers) {
+            return refusal;
+        }
+        if self.drives[key].items[id].parent.is_none() {
+            return error(
+                400,
+                "invalidRequest",
+                "The root of a drive cannot be deleted",
+            );
+        }
+        self.remove_item(key, id);
+        StatusCode::NO_CONTENT.into_response()
+    }
+
+    /// Deletes an item: its tombstone stays for deltas.
+    fn remove_item(&mut self, key: &str, id: &str) {
+        let (version, now) = self.tick();
+        let item = self.item_mut(key, id);
+        item.deleted = true;
+        (item.version, item.modified) = (version, now);
+        let parent = item.parent.clone().unwrap_or_default();
+        let drive = self.drives.get_mut(key).unwrap();
+        if let Some(folder) = drive.items.get_mut(&parent) {
+            folder.children = folder.children.saturating_sub(1);
+            (folder.version, folder.modified) = (version, now);
+        }
     }
 
     /// Counts a drive delta page served, and makes the renames now due.
@@ -797,12 +955,29 @@ impl Graph {
     }
 }
 
+/// Where an item lives, as `parentReference.path` names it: `/drive/root:` and the folders
+/// down to its parent.
+fn parent_path(drive: &Drive, item: &DriveItem) -> String {
+    let mut folders = Vec::new();
+    let mut at = item.parent.as_deref();
+    while let Some(id) = at.filter(|id| *id != drive.root) {
+        let folder = &drive.items[id];
+        folders.push(folder.name.as_str());
+        at = folder.parent.as_deref();
+    }
+    folders.reverse();
+    std::iter::once("/drive/root:")
+        .chain(folders)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 fn item_json(key: &str, drive: &Drive, item: &DriveItem) -> Value {
     let parent = json!({
         "driveId": key,
         "driveType": "business",
-        "id": drive.root,
-        "path": "/drive/root:"
+        "id": item.parent.as_deref().unwrap_or(&drive.root),
+        "path": parent_path(drive, item)
     });
     if item.deleted {
         return json!({"id": item.id, "deleted": {"state": "deleted"}, "parentReference": parent});
@@ -818,6 +993,9 @@ fn item_json(key: &str, drive: &Drive, item: &DriveItem) -> Value {
         "size": if item.folder { 0 } else { content.len() },
         "parentReference": parent
     });
+    if let Some(description) = &item.description {
+        out["description"] = json!(description);
+    }
     if item.parent.is_none() {
         out["root"] = json!({});
         out["parentReference"] = json!({"driveId": key, "driveType": "business"});
@@ -886,6 +1064,33 @@ async fn drive_delta(
 ) -> Response {
     let mut graph = fake.state.lock().unwrap();
     graph.drive_delta(&format!("/drives/{drive}"), &drive, &params)
+}
+
+/// `GET`, `PATCH` and `DELETE` of one item of a drive.
+async fn drive_item(
+    State(fake): State<FakeGraph>,
+    Path((drive, id)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    fake.state
+        .lock()
+        .unwrap()
+        .item_request(&drive, &id, &method, &headers, &body)
+}
+
+async fn my_drive_item(
+    State(fake): State<FakeGraph>,
+    Path(id): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    fake.state
+        .lock()
+        .unwrap()
+        .item_request("me", &id, &method, &headers, &body)
 }
 
 async fn my_drive_delta(
@@ -1077,6 +1282,16 @@ impl FakeGraph {
             )
             .route(&format!("{ROOT}/me/drive/root/delta"), get(my_drive_delta))
             .route(
+                &format!("{ROOT}/drives/{{drive}}/items/{{id}}"),
+                get(drive_item).patch(drive_item).delete(drive_item),
+            )
+            .route(
+                &format!("{ROOT}/me/drive/items/{{id}}"),
+                get(my_drive_item)
+                    .patch(my_drive_item)
+                    .delete(my_drive_item),
+            )
+            .route(
                 &format!("{ROOT}/teams/{{team}}/channels/{{channel}}/messages/delta"),
                 get(teams_delta),
             )
@@ -1154,15 +1369,17 @@ impl FakeGraph {
 
     pub fn delete_item(&self, drive: &str, id: &str) {
         let mut graph = self.state.lock().unwrap();
-        let (version, now) = graph.tick();
-        let item = graph.item_mut(drive, id);
         assert!(
-            item.parent.is_some(),
+            graph.item_mut(drive, id).parent.is_some(),
             "the root of a drive cannot be deleted"
         );
-        item.deleted = true;
-        (item.version, item.modified) = (version, now);
-        graph.touch_root(drive, -1);
+        graph.remove_item(drive, id);
+    }
+
+    /// A live item as the fake holds it.
+    pub fn item(&self, drive: &str, id: &str) -> Option<DriveItem> {
+        let graph = self.state.lock().unwrap();
+        graph.live_item(drive, id).cloned()
     }
 
     /// Posts a message to a channel and returns its id.

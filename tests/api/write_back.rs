@@ -1,5 +1,5 @@
 //! Two-way sync: Castiel's changes written back to the provider, against the loopback
-//! Salesforce and Dataverse.
+//! Salesforce, Dataverse and Microsoft Graph (OneDrive).
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use handler::queue::SYNC_OUTBOUND;
 use handler::store::ShardStore;
 
 use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
+use crate::fake_graph::FakeGraph;
 use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
 use crate::helpers::TestApp;
@@ -884,4 +885,257 @@ async fn a_write_back_salesforce_cannot_take_now_is_retried_later_and_one_no_ret
             .unwrap()
             .contains("writes `c_company` shards back")
     );
+}
+
+const DRIVE: &str = "b!contoso-docs";
+const OD: &str = "int-contoso-drive";
+
+/// A OneDrive integration whose files sync both ways, against `fake`.
+fn two_way_drive(fake: &FakeGraph) -> Value {
+    json!({
+        "id": OD, "tenantId": "t1", "name": "Contoso documents",
+        "structuredData": {
+            "providerName": "onedrive",
+            "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": true},
+            "conflictResolution": "newest_wins",
+            "connection": {"driveId": DRIVE, "tokenUrl": fake.token_url(),
+                           "apiBaseUrl": fake.api_base()},
+            "entityMappings": [{
+                "externalEntity": "driveItem", "shardTypeId": "c_document", "nameField": "name",
+                "bidirectional": true,
+                "fieldMappings": [
+                    {"source": "name", "target": "name"},
+                    {"source": "description", "target": "description"},
+                    {"source": "size", "target": "size"}
+                ]
+            }]
+        }
+    })
+}
+
+/// The engine's connection to the fake drive, with the credentials stored for the integration,
+/// asking for a token that may write or not.
+async fn onedrive_connection(test: &TestApp, fake: &FakeGraph, writes: bool) -> Connection {
+    let settings = two_way_drive(fake)["structuredData"]["connection"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", OD));
+    let credentials = keeper.load().await.unwrap();
+    let mut conn = Connection::with_keeper(OD, settings, credentials, keeper);
+    conn.writes = writes;
+    conn
+}
+
+fn item_write(id: &str, fields: Value, etag: Option<&str>) -> RecordWrite {
+    RecordWrite {
+        entity: "driveItem".into(),
+        external_id: Some(id.into()),
+        fields: fields.as_object().unwrap().clone(),
+        expected_version: etag.map(str::to_string),
+        idempotency_key: "shard-report".into(),
+        key_field: None,
+    }
+}
+
+#[tokio::test]
+async fn onedrive_renames_and_deletes_items_only_as_last_read_and_refuses_what_it_cannot_write() {
+    let test = TestApp::new();
+    let fake = FakeGraph::start().await;
+    let report = fake.add_item(DRIVE, "report.docx", false);
+    fake.add_item(DRIVE, "budget.xlsx", false);
+    let onedrive = adapters::graph::onedrive::OneDrive::new();
+    let reader: &dyn adapters::Pull = &onedrive;
+    let writer = adapters::Provider::write_back(&onedrive).unwrap();
+    let request = adapters::FetchRequest {
+        entity: "driveItem".into(),
+        fields: vec![],
+        cursor: None,
+        page_token: None,
+        filters: vec![],
+        page_size: 1,
+    };
+
+    test.register_integration(two_way_drive(&fake)).await;
+    test.set_credentials(OD, &fake.credentials()).await;
+
+    // A token asked for reading only cannot write, whatever the engine sends.
+    let mut reading = onedrive_connection(&test, &fake, false).await;
+    let read = reader
+        .fetch_by_ids(
+            &mut reading,
+            &request,
+            &[report.clone(), "01ITEM9999999999".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1, "an item the drive does not have is absent");
+    let etag = reader.version_of(&read[0]).unwrap();
+    let refused = writer
+        .update(
+            &mut reading,
+            &item_write(&report, json!({"name": "Q4.docx"}), Some(&etag)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidCredentials, "{refused}");
+
+    // An integration that writes back asks for Files.ReadWrite.All, and gets a new token for
+    // it although the one it holds still lives.
+    let mut conn = onedrive_connection(&test, &fake, true).await;
+    let renamed = writer
+        .update(
+            &mut conn,
+            &item_write(&report, json!({"name": "Q4.docx"}), Some(&etag)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fake.item(DRIVE, &report).unwrap().name, "Q4.docx");
+    assert_ne!(renamed.version.as_deref(), Some(etag.as_str()));
+
+    // Changed at OneDrive since the engine read it: refused, to be read again.
+    let stale = writer
+        .update(
+            &mut conn,
+            &item_write(&report, json!({"name": "Q5.docx"}), Some(&etag)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, ErrorCode::Conflict, "{stale}");
+    assert_eq!(fake.item(DRIVE, &report).unwrap().name, "Q4.docx");
+
+    // A name its folder already holds is refused for good; so is a field Graph sets, before
+    // any request; and a file cannot be made from a shard.
+    let now = renamed.version.as_deref();
+    let taken = writer
+        .update(
+            &mut conn,
+            &item_write(&report, json!({"name": "budget.xlsx"}), now),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code, ErrorCode::ValidationError);
+    assert!(taken.message.contains("nameAlreadyExists"), "{taken}");
+    let requests = fake.state.lock().unwrap().requests.len();
+    let size = writer
+        .update(&mut conn, &item_write(&report, json!({"size": 0}), now))
+        .await
+        .unwrap_err();
+    assert_eq!(size.code, ErrorCode::ValidationError);
+    assert!(size.message.contains("`size`"), "{size}");
+    assert_eq!(fake.state.lock().unwrap().requests.len(), requests);
+    let mut create = item_write(&report, json!({"name": "new.docx"}), None);
+    create.external_id = None;
+    let refused = writer.create(&mut conn, &create).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ValidationError);
+
+    // Moved into a folder, under the version the rename left.
+    let archive = fake.add_item(DRIVE, "Archive", true);
+    let moved = writer
+        .update(
+            &mut conn,
+            &item_write(&report, json!({"parentReference": {"id": archive}}), now),
+        )
+        .await
+        .unwrap();
+    let read = reader
+        .fetch_by_ids(&mut conn, &request, std::slice::from_ref(&report))
+        .await
+        .unwrap();
+    assert_eq!(
+        read[0].fields["parentReference"]["path"],
+        "/drive/root:/Archive"
+    );
+    assert_eq!(reader.version_of(&read[0]), moved.version);
+
+    // Deleted once; a second delete finds it gone and counts it deleted.
+    for _ in 0..2 {
+        writer
+            .delete(&mut conn, &item_write(&report, json!({}), None))
+            .await
+            .unwrap();
+    }
+    assert!(fake.item(DRIVE, &report).is_none());
+}
+
+async fn sync_drive(handler: &HostedHandler, job_id: &str) {
+    let job = json!({
+        "integrationId": OD, "tenantId": "t1", "jobType": "incremental", "provider": "onedrive",
+        "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
+    });
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+}
+
+#[tokio::test]
+async fn a_file_renamed_in_castiel_is_renamed_in_onedrive_and_the_next_sync_reads_it_back_as_no_change()
+ {
+    let test = TestApp::new();
+    let fake = FakeGraph::start().await;
+    let report = fake.add_item(DRIVE, "report.docx", false);
+    test.register_integration(two_way_drive(&fake)).await;
+    test.set_credentials(OD, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync_drive(&handler, "drive-1").await;
+    let shard_id = format!("{OD}~driveItem~{report}");
+
+    // Renamed in Castiel, and described; the size is left as synced.
+    let file = test.data_dir().join("report.json");
+    let mut shard = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    shard.name = "Q4 report.docx".into();
+    shard.structured_data["name"] = json!("Q4 report.docx");
+    shard.structured_data["description"] = json!("Board pack");
+    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
+    let sent = test
+        .cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "update", "{sent}");
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let item = fake.item(DRIVE, &report).unwrap();
+    assert_eq!(item.name, "Q4 report.docx");
+    assert_eq!(item.description.as_deref(), Some("Board pack"));
+    assert!(
+        test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty()
+            && test
+                .broker()
+                .peek(handler::queue::SYNC_DEADLETTER)
+                .unwrap()
+                .is_empty(),
+        "written once, nothing dead-lettered"
+    );
+
+    sync_drive(&handler, "drive-2").await;
+    let synced = test
+        .history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == "drive-2")
+        .unwrap()["structuredData"]
+        .clone();
+    assert_eq!(synced["stats"]["recordsFetched"], 1, "{synced}");
+    assert_eq!(
+        synced["stats"]["shardsUpdated"], 0,
+        "our own write is not a change: {synced}"
+    );
+    assert!(
+        test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty(),
+        "and starts no write-back"
+    );
+
+    test.cli_json(&["shards", "delete", &shard_id, "--tenant", "t1"])
+        .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert!(fake.item(DRIVE, &report).is_none(), "deleted at OneDrive");
 }

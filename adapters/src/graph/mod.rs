@@ -48,6 +48,9 @@ pub struct Graph {
 struct GraphDialect {
     /// The delegated permission asked for with a refresh token.
     delegated_scope: &'static str,
+    /// The one asked for instead by an integration that writes back, where the service takes
+    /// writes.
+    delegated_write_scope: Option<&'static str>,
 }
 
 impl Dialect for GraphDialect {
@@ -57,7 +60,11 @@ impl Dialect for GraphDialect {
 
     fn token_request(&self, conn: &Connection) -> TokenRequest {
         let scope = if conn.credentials.get("refresh_token").is_some() {
-            format!("{GRAPH_RESOURCE}/{}", self.delegated_scope)
+            let delegated = match self.delegated_write_scope {
+                Some(write) if conn.writes => write,
+                _ => self.delegated_scope,
+            };
+            format!("{GRAPH_RESOURCE}/{delegated}")
         } else {
             format!("{GRAPH_RESOURCE}/.default")
         };
@@ -73,11 +80,22 @@ impl Graph {
     /// Graph allows about 30 requests a second per app per tenant for most workloads; Teams
     /// allows 4 a second on one team or channel (`per_second`).
     pub fn new(per_second: u32, delegated_scope: &'static str) -> Self {
+        Self::writing(per_second, delegated_scope, None)
+    }
+
+    /// A client for a service that also takes writes: an integration that writes back asks
+    /// for `delegated_write_scope` (app-only access has whatever the app was granted).
+    pub fn writing(
+        per_second: u32,
+        delegated_scope: &'static str,
+        delegated_write_scope: Option<&'static str>,
+    ) -> Self {
+        let dialect = GraphDialect {
+            delegated_scope,
+            delegated_write_scope,
+        };
         Self {
-            api: Api::new(
-                GraphDialect { delegated_scope },
-                RateLimiter::new(per_second),
-            ),
+            api: Api::new(dialect, RateLimiter::new(per_second)),
         }
     }
 
@@ -101,6 +119,18 @@ impl Graph {
         url: &str,
         body: Option<&Value>,
     ) -> Result<Value, ProviderError> {
+        self.send_with(conn, method, url, &[], body).await
+    }
+
+    /// [`Graph::send`] with more headers (an `If-Match`).
+    pub async fn send_with(
+        &self,
+        conn: &mut Connection,
+        method: Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Value, ProviderError> {
         let base = Self::base(conn);
         if !url.starts_with(&format!("{base}/")) {
             return Err(ProviderError::resync_required(
@@ -109,7 +139,7 @@ impl Graph {
         }
         let answer = self
             .api
-            .send(conn, method, url, &[], body)
+            .send(conn, method, url, headers, body)
             .await
             .map_err(|e| {
                 let expired = ["resyncRequired", "syncStateNotFound", "410 Gone"];

@@ -7,8 +7,14 @@
 //! Items with a `deleted` facet are soft-deleted. Change notifications subscribe to the drive's
 //! root (only `updated` exists there) and ask for a catch-up.
 //!
+//! Write-back renames, moves and deletes items (`PATCH` and `DELETE`
+//! `/drives/{driveId}/items/{id}`), each under the `eTag` the engine just read (`If-Match`:
+//! Graph answers 412 if the item changed since). It creates none: an item is a file, and a
+//! shard made in Castiel has no content to make one of.
+//!
 //! Connection settings: `driveId` (required) and Graph's ([`super`]). Delegated scope
-//! `Files.Read.All`; app-only needs the `Files.Read.All` application permission.
+//! `Files.Read.All`, or `Files.ReadWrite.All` for an integration that writes back; app-only
+//! needs the application permission of the same name.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -17,9 +23,9 @@ use serde_json::{Map, Value};
 
 use super::Graph;
 use crate::{
-    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record, RouteKey,
-    SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookDelivery,
-    WebhookError, WebhookRequest, WebhookRoute, Webhooks,
+    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record, RecordWrite,
+    RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookDelivery,
+    WebhookError, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 pub const ENTITY: &str = "driveItem";
@@ -27,6 +33,8 @@ pub const ENTITY: &str = "driveItem";
 const MAX_LIFETIME_MINUTES: i64 = 42_300;
 /// Graph returns at most this many items per delta page.
 const MAX_PAGE_SIZE: usize = 1000;
+/// What a write to an item may set; Graph sets the rest (its size, links, hashes, times).
+const WRITABLE: [&str; 4] = ["name", "description", "parentReference", "fileSystemInfo"];
 
 pub struct OneDrive {
     graph: Graph,
@@ -41,7 +49,7 @@ impl Default for OneDrive {
 impl OneDrive {
     pub fn new() -> Self {
         Self {
-            graph: Graph::new(30, "Files.Read.All"),
+            graph: Graph::writing(30, "Files.Read.All", Some("Files.ReadWrite.All")),
         }
     }
 
@@ -51,18 +59,25 @@ impl OneDrive {
             id => Ok(format!("/drives/{id}")),
         }
     }
+
+    /// The URL of one item of the connection's drive.
+    fn item_url(conn: &Connection, id: &str) -> Result<String, ProviderError> {
+        crate::microsoft::check_id("item", id)?;
+        Ok(format!(
+            "{}{}/items/{id}",
+            Graph::base(conn),
+            Self::drive_path(conn)?
+        ))
+    }
 }
 
-fn check_entity(request: &FetchRequest) -> Result<(), ProviderError> {
-    if request.entity == ENTITY {
+fn check_entity(entity: &str) -> Result<(), ProviderError> {
+    if entity == ENTITY {
         Ok(())
     } else {
         Err(ProviderError::new(
             ErrorCode::ValidationError,
-            format!(
-                "OneDrive syncs `{ENTITY}` records, not `{}`",
-                request.entity
-            ),
+            format!("OneDrive syncs `{ENTITY}` records, not `{entity}`"),
         ))
     }
 }
@@ -84,7 +99,7 @@ impl Pull for OneDrive {
         conn: &mut Connection,
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
-        check_entity(request)?;
+        check_entity(&request.entity)?;
         let first = format!(
             "{}{}/root/delta?$top={}",
             Graph::base(conn),
@@ -108,6 +123,121 @@ impl Pull for OneDrive {
             stop_after: None,
             cursor: body["@odata.deltaLink"].as_str().map(str::to_string),
         })
+    }
+
+    /// The item's `eTag`, which changes with any change to it.
+    fn version_of(&self, record: &Record) -> Option<String> {
+        record.fields.get("eTag")?.as_str().map(str::to_string)
+    }
+
+    async fn fetch_by_ids(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ProviderError> {
+        check_entity(&request.entity)?;
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let url = Self::item_url(conn, id)?;
+            match self.graph.send(conn, Method::GET, &url, None).await {
+                Ok(Value::Object(item)) => records.extend(record_of(&item)),
+                Ok(_) => {}
+                // Deleted (or in the recycle bin, which Graph does not serve either).
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// Renames, moves and deletes items, each under the version the engine read.
+#[async_trait]
+impl WriteBack for OneDrive {
+    async fn create(
+        &self,
+        _conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        check_entity(&write.entity)?;
+        Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            "OneDrive items are files: a shard made in Castiel has no content to create one \
+             from (items synced from the drive are renamed, moved and deleted)",
+        ))
+    }
+
+    async fn update(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        check_entity(&write.entity)?;
+        if let Some(field) = write
+            .fields
+            .keys()
+            .find(|f| !WRITABLE.contains(&f.as_str()))
+        {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!(
+                    "`{field}` of a OneDrive item cannot be written: Graph sets it (writable: {})",
+                    WRITABLE.join(", ")
+                ),
+            ));
+        }
+        let id = write.external_id.as_deref().unwrap_or_default();
+        let url = Self::item_url(conn, id)?;
+        let headers = if_match(write);
+        let body = Value::Object(write.fields.clone());
+        let item = self
+            .graph
+            .send_with(conn, Method::PATCH, &url, &headers, Some(&body))
+            .await
+            .map_err(name_taken)?;
+        Ok(Written {
+            external_id: id.to_string(),
+            version: item["eTag"].as_str().map(str::to_string),
+        })
+    }
+
+    async fn delete(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<(), ProviderError> {
+        check_entity(&write.entity)?;
+        let url = Self::item_url(conn, write.external_id.as_deref().unwrap_or_default())?;
+        let headers = if_match(write);
+        match self
+            .graph
+            .send_with(conn, Method::DELETE, &url, &headers, None)
+            .await
+        {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+/// The write's condition: the item still has the `eTag` the engine read, if it read one.
+fn if_match(write: &RecordWrite) -> Vec<(&'static str, String)> {
+    write
+        .expected_version
+        .iter()
+        .map(|etag| ("If-Match", etag.clone()))
+        .collect()
+}
+
+/// A rename onto a name its folder already holds is refused for good (409
+/// `nameAlreadyExists`), where another 409 or a 412 says the item moved on and a retry that
+/// reads it again may succeed.
+fn name_taken(e: ProviderError) -> ProviderError {
+    if e.code == ErrorCode::Conflict && e.message.contains("nameAlreadyExists") {
+        ProviderError::new(ErrorCode::ValidationError, e.message)
+    } else {
+        e
     }
 }
 
@@ -199,6 +329,10 @@ impl Provider for OneDrive {
     }
 
     fn subscriptions(&self) -> Option<&dyn Subscriptions> {
+        Some(self)
+    }
+
+    fn write_back(&self) -> Option<&dyn WriteBack> {
         Some(self)
     }
 }

@@ -48,6 +48,7 @@ pub async fn connect(
         keeper,
     );
     conn.retry = RetryPolicy::with_base(app.settings.record_retry_base);
+    conn.writes = integration.writes_back_any();
     Ok(conn)
 }
 

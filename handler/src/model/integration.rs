@@ -99,6 +99,12 @@ impl Integration {
         mapping.bidirectional && self.write_back.as_ref().is_some_and(|w| w.enabled)
     }
 
+    /// Whether any of its mappings writes back: its connections then ask for tokens that may
+    /// write.
+    pub fn writes_back_any(&self) -> bool {
+        self.entity_mappings.iter().any(|m| self.writes_back(m))
+    }
+
     /// The mapping of a two-way shard type, if one writes back.
     pub fn write_back_mapping(&self, shard_type_id: &str) -> Option<&EntityMapping> {
         self.entity_mappings
