@@ -18,10 +18,19 @@
 //!   catch-up sync (notifications carry no file). Channels cannot be renewed: a new one
 //!   replaces the old, which is stopped with its `resourceId`.
 //!
+//! * Write-back renames a file, describes it and moves it (`files.update`; a move adds and
+//!   removes parents by query parameters, as Drive wants), and moves a file Castiel deleted
+//!   to the trash, where it can be restored. Drive v3 takes no condition on a write, so the
+//!   adapter reads the file's `version` just before and refuses to write over a newer one; a
+//!   change made at Drive in the milliseconds between is overwritten. It creates no file: a
+//!   file has content, and a shard made in Castiel has none.
+//!
 //! Connection settings: `tokenUrl` (default `https://oauth2.googleapis.com/token`), `apiBaseUrl`
 //! (default `https://www.googleapis.com/drive/v3`), `driveId`, `includeSharedDrives`.
 //! Credentials: `client_id`, `client_secret`, `refresh_token` (scope
-//! `https://www.googleapis.com/auth/drive.readonly`).
+//! `https://www.googleapis.com/auth/drive.readonly`; for write-back,
+//! `https://www.googleapis.com/auth/drive`: Google's refresh tokens carry the scopes consented,
+//! and a read-only one is answered 403 `insufficientPermissions`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -33,8 +42,9 @@ use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
-    RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookAnswer,
-    WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest, WebhookRoute, Webhooks,
+    RecordWrite, RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh,
+    WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest,
+    WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 pub const ENTITY: &str = "files";
@@ -42,6 +52,8 @@ const DEFAULT_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
 const DEFAULT_API_BASE: &str = "https://www.googleapis.com/drive/v3";
 /// The most files or changes Drive returns per page.
 const MAX_PAGE_SIZE: usize = 1000;
+/// What a write to a file may set; Drive sets the rest (size, version, links, times).
+const WRITABLE: [&str; 3] = ["name", "description", "parents"];
 /// Drive keeps a changes channel for a week at most.
 const MAX_CHANNEL_DAYS: i64 = 7;
 /// The file fields every sync reads; a mapping may ask for more.
@@ -178,6 +190,22 @@ impl GoogleDrive {
         Ok(self.api.send(conn, method, &url, &[], body).await?.body)
     }
 
+    /// One file's path, its id checked to be one.
+    fn file_path(id: &str) -> Result<String, ProviderError> {
+        if !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            Ok(format!("/files/{id}"))
+        } else {
+            Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{id}` is not a Drive file id"),
+            ))
+        }
+    }
+
     async fn start_token(&self, conn: &mut Connection) -> Result<String, ProviderError> {
         let params = Self::drive_params(conn);
         let body = self.get(conn, "/changes/startPageToken", &params).await?;
@@ -222,6 +250,17 @@ fn record_of(file: &Map<String, Value>) -> Option<Record> {
     })
 }
 
+fn check_entity(entity: &str) -> Result<(), ProviderError> {
+    if entity == ENTITY {
+        Ok(())
+    } else {
+        Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("Google Drive syncs `{ENTITY}`, not `{entity}`"),
+        ))
+    }
+}
+
 fn is_bad_page_token(e: &ProviderError) -> bool {
     e.code == ErrorCode::ValidationError && e.message.contains("400")
 }
@@ -233,12 +272,7 @@ impl Pull for GoogleDrive {
         conn: &mut Connection,
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
-        if request.entity != ENTITY {
-            return Err(ProviderError::new(
-                ErrorCode::ValidationError,
-                format!("Google Drive syncs `{ENTITY}`, not `{}`", request.entity),
-            ));
-        }
+        check_entity(&request.entity)?;
         let position = match (&request.page_token, &request.cursor) {
             (Some(token), _) => serde_json::from_str(token).map_err(|_| {
                 ProviderError::new(ErrorCode::ValidationError, "unreadable Drive page token")
@@ -340,6 +374,139 @@ impl Pull for GoogleDrive {
                     cursor: body["newStartPageToken"].as_str().map(str::to_string),
                 })
             }
+        }
+    }
+
+    /// The file's `version`, which Drive raises with every change to it.
+    fn version_of(&self, record: &Record) -> Option<String> {
+        record.fields.get("version")?.as_str().map(str::to_string)
+    }
+
+    async fn fetch_by_ids(
+        &self,
+        conn: &mut Connection,
+        request: &FetchRequest,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ProviderError> {
+        check_entity(&request.entity)?;
+        let params = [
+            ("fields", file_fields(request)),
+            ("supportsAllDrives", "true".to_string()),
+        ];
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.get(conn, &Self::file_path(id)?, &params).await {
+                Ok(Value::Object(file)) => records.extend(record_of(&file)),
+                Ok(_) => {}
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// Renames, describes, moves and trashes files, each only over the version the engine read.
+#[async_trait]
+impl WriteBack for GoogleDrive {
+    async fn create(
+        &self,
+        _conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        check_entity(&write.entity)?;
+        Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            "Drive files have content: a shard made in Castiel has none to create one from \
+             (files synced from Drive are renamed, moved and trashed)",
+        ))
+    }
+
+    async fn update(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        check_entity(&write.entity)?;
+        write.check_writable(&WRITABLE, "a Drive file")?;
+        let id = write.external_id.as_deref().unwrap_or_default();
+        let path = Self::file_path(id)?;
+        let mut params = vec![("supportsAllDrives", "true".to_string())];
+        let now = self
+            .get(
+                conn,
+                &path,
+                &[("fields", "version,parents".into()), params[0].clone()],
+            )
+            .await?;
+        if let Some(expected) = &write.expected_version
+            && now["version"].as_str() != Some(expected.as_str())
+        {
+            return Err(ProviderError::new(
+                ErrorCode::Conflict,
+                format!("the file changed at Drive since version {expected} was read"),
+            ));
+        }
+        let mut body = write.fields.clone();
+        if let Some(wanted) = body.remove("parents") {
+            let wanted: Vec<&str> = match wanted.as_array() {
+                Some(ids) => ids.iter().filter_map(Value::as_str).collect(),
+                None => {
+                    return Err(ProviderError::new(
+                        ErrorCode::ValidationError,
+                        "`parents` of a Drive file is a list of folder ids",
+                    ));
+                }
+            };
+            let held: Vec<&str> = now["parents"]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let apart = |from: &[&str], other: &[&str]| -> String {
+                let ids: Vec<&str> = from
+                    .iter()
+                    .filter(|id| !other.contains(id))
+                    .copied()
+                    .collect();
+                ids.join(",")
+            };
+            params.push(("addParents", apart(&wanted, &held)));
+            params.push(("removeParents", apart(&held, &wanted)));
+        }
+        params.push(("fields", "id,version".into()));
+        let url = endpoint(Self::base(conn), &path, &params)?;
+        let file = self
+            .api
+            .send(conn, Method::PATCH, &url, &[], Some(&Value::Object(body)))
+            .await?
+            .body;
+        Ok(Written {
+            external_id: id.to_string(),
+            version: file["version"].as_str().map(str::to_string),
+        })
+    }
+
+    /// To the trash, which Castiel's own sync reads as a deletion and a person can undo.
+    async fn delete(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<(), ProviderError> {
+        check_entity(&write.entity)?;
+        let path = Self::file_path(write.external_id.as_deref().unwrap_or_default())?;
+        let params = [
+            ("supportsAllDrives", "true".to_string()),
+            ("fields", "id".into()),
+        ];
+        let url = endpoint(Self::base(conn), &path, &params)?;
+        let trash = json!({"trashed": true});
+        match self
+            .api
+            .send(conn, Method::PATCH, &url, &[], Some(&trash))
+            .await
+        {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other.map(drop),
         }
     }
 }
@@ -516,6 +683,10 @@ impl Provider for GoogleDrive {
     }
 
     fn subscriptions(&self) -> Option<&dyn Subscriptions> {
+        Some(self)
+    }
+
+    fn write_back(&self) -> Option<&dyn WriteBack> {
         Some(self)
     }
 }

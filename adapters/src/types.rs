@@ -381,6 +381,25 @@ impl RecordWrite {
             )
         })
     }
+
+    /// Refuses, before any request, a write of a field the provider sets itself (a size, a
+    /// link, a time): the error names it and what `what` (a OneDrive item, a Drive file) takes.
+    pub fn check_writable(
+        &self,
+        writable: &[&str],
+        what: &str,
+    ) -> Result<(), crate::ProviderError> {
+        match self.fields.keys().find(|f| !writable.contains(&f.as_str())) {
+            None => Ok(()),
+            Some(field) => Err(crate::ProviderError::new(
+                crate::ErrorCode::ValidationError,
+                format!(
+                    "`{field}` of {what} cannot be written: the provider sets it (writable: {})",
+                    writable.join(", ")
+                ),
+            )),
+        }
+    }
 }
 
 /// What a write left at the provider.

@@ -16,7 +16,12 @@
 //! token it does not know; `changes.watch` channels (HTTPS addresses, unique ids, an hour by
 //! default, a week at most) that get a header-only `sync` message before the watch is answered
 //! and `change` messages after, with `X-Goog-Channel-Token` when set and a message number that
-//! counts up per channel; and `channels.stop`, after which a channel gets nothing more.
+//! counts up per channel; `channels.stop`, after which a channel gets nothing more; and one
+//! file by id: `files.get` (404 `notFound`), and `files.update` (`PATCH`) of its name,
+//! description and trash state, moves only through `addParents`/`removeParents` (`parents` in
+//! the body is 403 `fieldNotWritable`, as is any field Drive sets), no condition on the file's
+//! version (Drive v3 takes none), only the default fields in the answer unless `fields` asks,
+//! and 403 `insufficientPermissions` for a token whose consent is `drive.readonly`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -24,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Form, Query, Request, State};
+use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +50,8 @@ pub const MY_DRIVE_ROOT: &str = "0AGf4k3MyDr1v3R00tUk9PVA";
 /// The Cloud project the OAuth client belongs to, as Drive names it in errors.
 const PROJECT: &str = "407408718192";
 const SCOPE: &str = "https://www.googleapis.com/auth/drive.readonly";
+/// The consent write-back needs.
+pub const FULL_SCOPE: &str = "https://www.googleapis.com/auth/drive";
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 /// A changes channel lives a week at most, and an hour when the request names no expiry.
@@ -66,6 +73,7 @@ pub struct File {
     pub drive_id: Option<String>,
     pub size: u64,
     pub version: u64,
+    pub description: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +102,10 @@ pub struct Drive {
     /// removing one revokes it.
     pub refresh_tokens: HashSet<String>,
     pub access_tokens: HashSet<String>,
+    /// What the refresh tokens were consented for: `drive.readonly` unless a test grants
+    /// [`FULL_SCOPE`]. Tokens issued under read-only consent cannot write.
+    pub consent: &'static str,
+    read_only_tokens: HashSet<String>,
     /// The current access tokens stop working after this many more data requests.
     pub expire_token_after: Option<usize>,
     pub token_refreshes: usize,
@@ -130,6 +142,8 @@ impl Default for Drive {
         Self {
             refresh_tokens: HashSet::from([REFRESH_TOKEN.to_string()]),
             access_tokens: HashSet::new(),
+            consent: SCOPE,
+            read_only_tokens: HashSet::new(),
             expire_token_after: None,
             token_refreshes: 0,
             files: BTreeMap::new(),
@@ -186,6 +200,17 @@ fn required(parameter: &str) -> Response {
 /// Drive's answers are large; boxed, they make a small `Err`.
 fn refused<T>(response: Response) -> Result<T, Box<Response>> {
     Err(Box::new(response))
+}
+
+fn file_not_found(id: &str) -> Response {
+    let message = format!("File not found: {id}.");
+    error(404, &message, "global", "notFound", Some("fileId"))
+}
+
+/// The top-level fields a `files.get` or `files.update` mask names; None for every field.
+fn fields_of(params: &[(String, String)]) -> Option<Vec<String>> {
+    let fields = param(params, "fields").filter(|f| !f.contains('*'))?;
+    Some(fields.split(',').map(|f| f.trim().to_string()).collect())
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
@@ -313,6 +338,9 @@ fn file_json(f: &File, selection: Option<&[String]>) -> Value {
     if let Some(drive) = &f.drive_id {
         out["driveId"] = json!(drive);
     }
+    if let Some(description) = &f.description {
+        out["description"] = json!(description);
+    }
     if let (Some(fields), Some(map)) = (selection, out.as_object_mut()) {
         map.retain(|k, _| k == "id" || fields.iter().any(|f| f == k));
     }
@@ -417,6 +445,7 @@ impl Drive {
             drive_id: drive_id.map(str::to_string),
             size: 512 + self.next_file * 37 % 4096,
             version,
+            description: None,
         };
         self.files.insert(id.clone(), file);
         self.log(&id, false, now);
@@ -481,11 +510,14 @@ impl Drive {
         self.issued += 1;
         let access_token = format!("ya29.a0-{}", self.issued);
         self.access_tokens.insert(access_token.clone());
+        if self.consent == SCOPE {
+            self.read_only_tokens.insert(access_token.clone());
+        }
         // No refresh_token: the client keeps the one it has.
         Json(json!({
             "access_token": access_token,
             "expires_in": 3599,
-            "scope": SCOPE,
+            "scope": self.consent,
             "token_type": "Bearer"
         }))
         .into_response()
@@ -564,6 +596,83 @@ impl Drive {
             return Some(error(503, "Backend Error", "global", "backendError", None));
         }
         None
+    }
+
+    fn get_file(&self, id: &str, params: &[(String, String)]) -> Response {
+        match self.files.get(id) {
+            Some(file) => Json(file_json(file, fields_of(params).as_deref())).into_response(),
+            None => file_not_found(id),
+        }
+    }
+
+    /// `files.update`: the body's metadata, and moves by `addParents`/`removeParents`.
+    fn update_file(
+        &mut self,
+        id: &str,
+        params: &[(String, String)],
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if self.read_only_tokens.contains(token) {
+            let message = "Request had insufficient authentication scopes.";
+            return error(403, message, "global", "insufficientPermissions", None);
+        }
+        let Some(file) = self.files.get(id) else {
+            return file_not_found(id);
+        };
+        let Ok(Value::Object(changes)) = serde_json::from_slice::<Value>(body) else {
+            return error(
+                400,
+                "Invalid JSON payload received.",
+                "global",
+                "parseError",
+                None,
+            );
+        };
+        let (mut name, mut description, mut trashed) =
+            (file.name.clone(), file.description.clone(), file.trashed);
+        for (field, value) in &changes {
+            match (field.as_str(), value) {
+                ("name", Value::String(v)) => name = v.clone(),
+                ("description", Value::String(v)) => description = Some(v.clone()),
+                ("trashed", Value::Bool(v)) => trashed = *v,
+                _ => {
+                    let message =
+                        "The resource body includes fields which are not directly writable.";
+                    return error(403, message, "global", "fieldNotWritable", None);
+                }
+            }
+        }
+        let listed = |name: &str| {
+            param(params, name)
+                .map(|v| {
+                    v.split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (added, removed): (Vec<String>, Vec<String>) =
+            (listed("addParents"), listed("removeParents"));
+        self.change_file(id, |f| {
+            (f.name, f.description, f.trashed) = (name, description, trashed);
+            f.parents.retain(|p| !removed.contains(p));
+            for parent in added {
+                if !f.parents.contains(&parent) {
+                    f.parents.push(parent);
+                }
+            }
+        });
+        // Without `fields`, Drive answers a file's default fields only.
+        let fields = fields_of(params)
+            .unwrap_or_else(|| ["kind", "name", "mimeType"].map(String::from).to_vec());
+        Json(file_json(&self.files[id], Some(&fields))).into_response()
     }
 
     fn list_files(&self, params: &[(String, String)]) -> Response {
@@ -785,6 +894,22 @@ async fn admit(State(fake): State<FakeGoogleDrive>, request: Request, next: Next
     }
 }
 
+/// `files.get` and `files.update` of one file.
+async fn file(
+    State(fake): State<FakeGoogleDrive>,
+    Path(id): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut drive = fake.state.lock().unwrap();
+    match method {
+        Method::PATCH => drive.update_file(&id, &params, &headers, &body),
+        _ => drive.get_file(&id, &params),
+    }
+}
+
 async fn start_page_token(State(fake): State<FakeGoogleDrive>) -> Response {
     let token = fake.state.lock().unwrap().start_token();
     Json(json!({"kind": "drive#startPageToken", "startPageToken": token})).into_response()
@@ -874,6 +999,7 @@ impl FakeGoogleDrive {
         };
         let router = Router::new()
             .route(&format!("{ROOT}/files"), get(list_files))
+            .route(&format!("{ROOT}/files/{{id}}"), get(file).patch(file))
             .route(&format!("{ROOT}/changes"), get(list_changes))
             .route(
                 &format!("{ROOT}/changes/startPageToken"),
@@ -922,6 +1048,11 @@ impl FakeGoogleDrive {
             let name = format!("file-{i:05}.txt");
             drive.new_file(&name, None, TimeDelta::microseconds(1));
         }
+    }
+
+    /// A file as the fake holds it (trashed ones too).
+    pub fn file(&self, id: &str) -> Option<File> {
+        self.state.lock().unwrap().files.get(id).cloned()
     }
 
     pub fn rename_file(&self, id: &str, name: &str) {

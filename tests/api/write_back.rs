@@ -1,5 +1,5 @@
 //! Two-way sync: Castiel's changes written back to the provider, against the loopback
-//! Salesforce, Dataverse and Microsoft Graph (OneDrive).
+//! Salesforce, Dataverse, Microsoft Graph (OneDrive) and Google Drive.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use handler::queue::SYNC_OUTBOUND;
 use handler::store::ShardStore;
 
 use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
+use crate::fake_google_drive::{FULL_SCOPE, FakeGoogleDrive, MY_DRIVE_ROOT};
 use crate::fake_graph::FakeGraph;
 use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
@@ -1138,4 +1139,251 @@ async fn a_file_renamed_in_castiel_is_renamed_in_onedrive_and_the_next_sync_read
         .await;
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
     assert!(fake.item(DRIVE, &report).is_none(), "deleted at OneDrive");
+}
+
+const GD: &str = "int-contoso-gdrive";
+
+/// A Google Drive integration whose files sync both ways, against `fake`.
+fn two_way_google_drive(fake: &FakeGoogleDrive) -> Value {
+    json!({
+        "id": GD, "tenantId": "t1", "name": "Contoso Drive",
+        "structuredData": {
+            "providerName": "google_drive",
+            "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": true},
+            "conflictResolution": "newest_wins",
+            "connection": {"tokenUrl": fake.token_url(), "apiBaseUrl": fake.api_base()},
+            "entityMappings": [{
+                "externalEntity": "files", "shardTypeId": "c_document", "nameField": "name",
+                "bidirectional": true,
+                "fieldMappings": [
+                    {"source": "name", "target": "name"},
+                    {"source": "description", "target": "description"},
+                    {"source": "parents", "target": "folders"}
+                ]
+            }]
+        }
+    })
+}
+
+/// A connection to the fake Drive with the credentials stored for the integration.
+async fn google_drive_connection(test: &TestApp, fake: &FakeGoogleDrive) -> Connection {
+    test.register_integration(two_way_google_drive(fake)).await;
+    test.set_credentials(GD, &fake.credentials()).await;
+    let settings = two_way_google_drive(fake)["structuredData"]["connection"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", GD));
+    let credentials = keeper.load().await.unwrap();
+    Connection::with_keeper(GD, settings, credentials, keeper)
+}
+
+fn file_write(id: &str, fields: Value, version: Option<&str>) -> RecordWrite {
+    RecordWrite {
+        entity: "files".into(),
+        ..item_write(id, fields, version)
+    }
+}
+
+#[tokio::test]
+async fn google_drive_renames_moves_and_trashes_files_only_over_the_version_read() {
+    let test = TestApp::new();
+    let fake = FakeGoogleDrive::start().await;
+    fake.state.lock().unwrap().consent = FULL_SCOPE;
+    let plan = fake.add_file("plan.txt");
+    let mut conn = google_drive_connection(&test, &fake).await;
+    let drive = adapters::google_drive::GoogleDrive::new();
+    let reader: &dyn adapters::Pull = &drive;
+    let writer = adapters::Provider::write_back(&drive).unwrap();
+    let request = adapters::FetchRequest {
+        entity: "files".into(),
+        fields: vec!["description".into()],
+        cursor: None,
+        page_token: None,
+        filters: vec![],
+        page_size: 1,
+    };
+
+    let read = reader
+        .fetch_by_ids(&mut conn, &request, &[plan.clone(), "1NoSuchFile".into()])
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1, "a file Drive does not have is absent");
+    let version = reader.version_of(&read[0]).unwrap();
+    let renamed = writer
+        .update(
+            &mut conn,
+            &file_write(
+                &plan,
+                json!({"name": "Plan 2027.txt", "description": "Draft"}),
+                Some(&version),
+            ),
+        )
+        .await
+        .unwrap();
+    let file = fake.file(&plan).unwrap();
+    assert_eq!(
+        (file.name.as_str(), file.description.as_deref()),
+        ("Plan 2027.txt", Some("Draft"))
+    );
+    assert_eq!(renamed.version, Some(file.version.to_string()));
+
+    // Drive takes no condition: the adapter reads the version first and does not write over a
+    // newer one.
+    let stale = writer
+        .update(
+            &mut conn,
+            &file_write(&plan, json!({"name": "Plan.txt"}), Some(&version)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, ErrorCode::Conflict, "{stale}");
+    assert_eq!(fake.file(&plan).unwrap().name, "Plan 2027.txt");
+
+    // A move is parents added and removed, as Drive wants it.
+    let now = renamed.version.as_deref();
+    writer
+        .update(
+            &mut conn,
+            &file_write(&plan, json!({"parents": ["0BArchiveFolder"]}), now),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fake.file(&plan).unwrap().parents, ["0BArchiveFolder"]);
+    let moved = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.starts_with("PATCH") && r.contains("addParents"))
+        .unwrap();
+    assert!(
+        moved.contains(&format!("removeParents={MY_DRIVE_ROOT}")),
+        "{moved}"
+    );
+
+    // What Drive sets is refused before any request; a file cannot be made from a shard.
+    let requests = fake.requests().len();
+    let size = writer
+        .update(&mut conn, &file_write(&plan, json!({"size": "0"}), None))
+        .await
+        .unwrap_err();
+    assert_eq!(size.code, ErrorCode::ValidationError);
+    assert!(size.message.contains("`size`"), "{size}");
+    assert_eq!(fake.requests().len(), requests);
+    let mut create = file_write(&plan, json!({"name": "new.txt"}), None);
+    create.external_id = None;
+    assert_eq!(
+        writer.create(&mut conn, &create).await.unwrap_err().code,
+        ErrorCode::ValidationError
+    );
+
+    // Deleted in Castiel: to the trash, once or twice; a file Drive deleted for good counts
+    // as deleted too.
+    for _ in 0..2 {
+        writer
+            .delete(&mut conn, &file_write(&plan, json!({}), None))
+            .await
+            .unwrap();
+    }
+    assert!(fake.file(&plan).unwrap().trashed);
+    fake.delete_file(&plan);
+    writer
+        .delete(&mut conn, &file_write(&plan, json!({}), None))
+        .await
+        .unwrap();
+
+    // A refresh token consented for reading only cannot write: Drive says so, and nothing
+    // changes.
+    let test = TestApp::new();
+    let fake = FakeGoogleDrive::start().await;
+    let memo = fake.add_file("memo.txt");
+    let mut conn = google_drive_connection(&test, &fake).await;
+    let refused = writer
+        .update(
+            &mut conn,
+            &file_write(&memo, json!({"name": "Memo.txt"}), None),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidCredentials, "{refused}");
+    assert!(
+        refused.message.contains("insufficientPermissions"),
+        "{refused}"
+    );
+    assert_eq!(fake.file(&memo).unwrap().name, "memo.txt");
+}
+
+#[tokio::test]
+async fn a_file_renamed_in_castiel_is_renamed_in_google_drive_and_trashed_when_deleted() {
+    let test = TestApp::new();
+    let fake = FakeGoogleDrive::start().await;
+    fake.state.lock().unwrap().consent = FULL_SCOPE;
+    let plan = fake.add_file("plan.txt");
+    test.register_integration(two_way_google_drive(&fake)).await;
+    test.set_credentials(GD, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    let sync = |job_id: &'static str| {
+        let job = json!({
+            "integrationId": GD, "tenantId": "t1", "jobType": "incremental",
+            "provider": "google_drive", "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
+        });
+        service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None)
+    };
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &sync("gd-1"))
+            .await
+            .host_accepts()
+    );
+    let shard_id = format!("{GD}~files~{plan}");
+
+    let file = test.data_dir().join("plan.json");
+    let mut shard = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    shard.name = "Plan 2027.txt".into();
+    shard.structured_data["name"] = json!("Plan 2027.txt");
+    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
+    let sent = test
+        .cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(
+        sent[0]["writeBack"]["changedFields"],
+        json!(["name"]),
+        "{sent}"
+    );
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(fake.file(&plan).unwrap().name, "Plan 2027.txt");
+
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &sync("gd-2"))
+            .await
+            .host_accepts()
+    );
+    let synced = test
+        .history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == "gd-2")
+        .unwrap()["structuredData"]
+        .clone();
+    assert_eq!(synced["stats"]["recordsFetched"], 1, "{synced}");
+    assert_eq!(
+        synced["stats"]["shardsUpdated"], 0,
+        "our own write is not a change: {synced}"
+    );
+    assert!(test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty());
+
+    test.cli_json(&["shards", "delete", &shard_id, "--tenant", "t1"])
+        .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert!(
+        fake.file(&plan).unwrap().trashed,
+        "in the trash, where it can be restored"
+    );
 }

@@ -34,7 +34,7 @@ const MAX_LIFETIME_MINUTES: i64 = 42_300;
 /// Graph returns at most this many items per delta page.
 const MAX_PAGE_SIZE: usize = 1000;
 /// What a write to an item may set; Graph sets the rest (its size, links, hashes, times).
-const WRITABLE: [&str; 4] = ["name", "description", "parentReference", "fileSystemInfo"];
+const WRITABLE: [&str; 3] = ["name", "description", "parentReference"];
 
 pub struct OneDrive {
     graph: Graph,
@@ -174,19 +174,7 @@ impl WriteBack for OneDrive {
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
         check_entity(&write.entity)?;
-        if let Some(field) = write
-            .fields
-            .keys()
-            .find(|f| !WRITABLE.contains(&f.as_str()))
-        {
-            return Err(ProviderError::new(
-                ErrorCode::ValidationError,
-                format!(
-                    "`{field}` of a OneDrive item cannot be written: Graph sets it (writable: {})",
-                    WRITABLE.join(", ")
-                ),
-            ));
-        }
+        write.check_writable(&WRITABLE, "a OneDrive item")?;
         let id = write.external_id.as_deref().unwrap_or_default();
         let url = Self::item_url(conn, id)?;
         let headers = if_match(write);
