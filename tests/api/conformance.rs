@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
+use handler::queue::{
+    SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK, SYNC_OUTBOUND,
+};
 
 use crate::fake_dynamics::FakeDynamics;
 use crate::fake_gong::FakeGong;
@@ -50,6 +52,8 @@ pub trait UnderTest: Sized {
     const SEES_DELETIONS: bool = true;
     /// Whether a refresh returns a new refresh token and spends the old one.
     const ROTATES: bool = true;
+    /// Whether Castiel's changes are written back to the provider.
+    const WRITES_BACK: bool = false;
 
     async fn start() -> Self;
     fn connection(&self) -> Value;
@@ -91,6 +95,11 @@ pub trait UnderTest: Sized {
     /// Prepares the integration for webhooks after it was registered (a subscription, made
     /// through `handler local`, which must not be running).
     async fn connect_webhooks(&self, _app: &TestApp) {}
+    /// The name record `id` has at the provider now; `None` once it is deleted (or in the
+    /// trash). Asked only where [`UnderTest::WRITES_BACK`].
+    fn name_at_provider(&self, _id: &str) -> Option<String> {
+        None
+    }
 }
 
 fn names(from: usize, count: usize) -> Vec<String> {
@@ -100,6 +109,11 @@ fn names(from: usize, count: usize) -> Vec<String> {
 }
 
 async fn connected<P: UnderTest>() -> (P, TestApp) {
+    connected_both_ways::<P>(false).await
+}
+
+/// The provider's fake and an app with an integration of it; `two_way` syncs it both ways.
+async fn connected_both_ways<P: UnderTest>(two_way: bool) -> (P, TestApp) {
     let fake = P::start().await;
     // Providers deliver to the local runtime's front door, wherever a test starts it.
     let front_door = format!("127.0.0.1:{}", free_port());
@@ -112,9 +126,11 @@ async fn connected<P: UnderTest>() -> (P, TestApp) {
         "structuredData": {
             "providerName": P::PROVIDER,
             "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": two_way},
             "connection": fake.connection(),
             "entityMappings": [{
                 "externalEntity": P::ENTITY, "shardTypeId": "c_document", "nameField": "name",
+                "bidirectional": two_way,
                 "fieldMappings": [{"source": P::NAME_FIELD, "target": "name", "required": true}]
             }]
         }
@@ -744,6 +760,74 @@ pub async fn the_local_runtime_syncs_on_demand_and_takes_webhooks<P: UnderTest>(
     .await;
 }
 
+pub async fn an_edit_in_castiel_is_written_back_once_and_read_back_as_no_change<P: UnderTest>() {
+    if !P::WRITES_BACK {
+        skip(P::PROVIDER, "write-back", "its records are only read");
+        return;
+    }
+    let (fake, app) = connected_both_ways::<P>(true).await;
+    let ids = fake.create(&names(0, 3));
+    let handler = handler(&app).await;
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    // Renamed in Castiel, as its shard service changes a shard.
+    let shard_id = format!("{INTEGRATION}~{}~{}", P::ENTITY, ids[0]);
+    let store = app.store();
+    let mut shard = handler::store::ShardStore::get(&store, "t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    shard.name = "Renamed in Castiel".into();
+    shard.structured_data["name"] = json!("Renamed in Castiel");
+    let file = app.data_dir().join("shard.json");
+    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
+    let sent = app
+        .cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "update", "{sent}");
+
+    // Delivered twice, as a queue may: the second finds the provider holding Castiel's name.
+    let broker = app.broker();
+    let waiting = broker.peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(waiting.len(), 1);
+    for _ in 0..2 {
+        handler.deliver("SyncOutbound", &waiting[0]).await;
+    }
+    broker.delete_unlocked(waiting[0].sequence_number).unwrap();
+    assert_eq!(
+        fake.name_at_provider(&ids[0]).as_deref(),
+        Some("Renamed in Castiel")
+    );
+    assert!(broker.peek(SYNC_DEADLETTER).unwrap().is_empty());
+
+    run_job::<P>(&handler, "job-after", "incremental").await;
+    let after = record_of(&app, "job-after").await;
+    assert_eq!(
+        after["stats"]["shardsUpdated"], 0,
+        "its own write is not a change: {after}"
+    );
+    assert!(
+        broker.peek(SYNC_OUTBOUND).unwrap().is_empty(),
+        "and sends nothing back"
+    );
+
+    // Deleted in Castiel: gone at the provider, and only that record.
+    let sent = app
+        .cli_json(&["shards", "delete", &shard_id, "--tenant", "t1"])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "delete", "{sent}");
+    for message in broker.peek(SYNC_OUTBOUND).unwrap() {
+        handler.deliver("SyncOutbound", &message).await;
+        broker.delete_unlocked(message.sequence_number).unwrap();
+    }
+    assert_eq!(fake.name_at_provider(&ids[0]), None);
+    assert_eq!(
+        fake.name_at_provider(&ids[1]).as_deref(),
+        Some("Record 00001")
+    );
+}
+
 /// Runs every story of the suite for one provider.
 macro_rules! conformance {
     ($($module:ident: $fake:ty),* $(,)?) => {$(
@@ -805,6 +889,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates() {
                 super::a_sync_killed_mid_way_resumes_from_its_checkpoint_without_duplicates::<$fake>().await
+            }
+            #[tokio::test]
+            async fn an_edit_in_castiel_is_written_back_once_and_read_back_as_no_change() {
+                super::an_edit_in_castiel_is_written_back_once_and_read_back_as_no_change::<$fake>().await
             }
         }
     )*};
@@ -932,6 +1020,12 @@ impl UnderTest for FakeSalesforce {
     const PROVIDER: &'static str = "salesforce";
     const ENTITY: &'static str = "Account";
     const NAME_FIELD: &'static str = "Name";
+    const WRITES_BACK: bool = true;
+
+    fn name_at_provider(&self, id: &str) -> Option<String> {
+        let record = self.record("Account", id)?;
+        record["Name"].as_str().map(str::to_string)
+    }
 
     async fn start() -> Self {
         let fake = FakeSalesforce::start().await;
@@ -1063,6 +1157,13 @@ impl UnderTest for FakeDynamics {
     const PROVIDER: &'static str = "dynamics365";
     const ENTITY: &'static str = "accounts";
     const NAME_FIELD: &'static str = "name";
+    const WRITES_BACK: bool = true;
+
+    fn name_at_provider(&self, id: &str) -> Option<String> {
+        let rows = self.rows("accounts");
+        let row = rows.iter().find(|row| row["accountid"] == id)?;
+        row["name"].as_str().map(str::to_string)
+    }
 
     async fn start() -> Self {
         FakeDynamics::start().await
@@ -1245,6 +1346,12 @@ pub trait GraphService {
     fn create(graph: &FakeGraph, name: &str) -> String;
     fn rename(graph: &FakeGraph, id: &str, name: &str);
     fn delete(graph: &FakeGraph, id: &str);
+    /// Whether Castiel's changes are written back.
+    const WRITES_BACK: bool;
+    /// The name of item `id`, while it lives.
+    fn name_of(_graph: &FakeGraph, _id: &str) -> Option<String> {
+        None
+    }
     /// The `resource` a notification about item `id` names.
     fn resource(subscription: &crate::fake_graph::Subscription, id: &str) -> String;
 }
@@ -1279,6 +1386,12 @@ impl GraphService for OneDriveService {
         graph.delete_item(DRIVE, id);
     }
 
+    const WRITES_BACK: bool = true;
+
+    fn name_of(graph: &FakeGraph, id: &str) -> Option<String> {
+        graph.item(DRIVE, id).map(|item| item.name)
+    }
+
     fn resource(subscription: &crate::fake_graph::Subscription, _id: &str) -> String {
         subscription.resource.clone()
     }
@@ -1294,6 +1407,7 @@ impl GraphService for TeamsService {
     const NAME_FIELD: &'static str = "body.content";
     const SEVERAL_PAGES: usize = 120;
     const PAGE: usize = 50;
+    const WRITES_BACK: bool = false;
 
     fn scope() -> Value {
         json!({"teamId": TEAM, "channelIds": [CHANNEL]})
@@ -1347,6 +1461,11 @@ impl<S: GraphService> UnderTest for GraphUnderTest<S> {
     const NAME_FIELD: &'static str = S::NAME_FIELD;
     const SEVERAL_PAGES: usize = S::SEVERAL_PAGES;
     const PAGE: usize = S::PAGE;
+    const WRITES_BACK: bool = S::WRITES_BACK;
+
+    fn name_at_provider(&self, id: &str) -> Option<String> {
+        S::name_of(&self.graph, id)
+    }
 
     async fn start() -> Self {
         Self {
@@ -1575,12 +1694,21 @@ impl UnderTest for DriveUnderTest {
     const NAME_FIELD: &'static str = "name";
     const PAGE: usize = 1000;
     const ROTATES: bool = false;
+    const WRITES_BACK: bool = true;
 
+    /// The operator consented to the `drive` scope, which writing back needs.
     async fn start() -> Self {
+        let drive = FakeGoogleDrive::start().await;
+        drive.state.lock().unwrap().consent = crate::fake_google_drive::FULL_SCOPE;
         Self {
-            drive: FakeGoogleDrive::start().await,
+            drive,
             channel: Default::default(),
         }
+    }
+
+    fn name_at_provider(&self, id: &str) -> Option<String> {
+        let file = self.drive.file(id).filter(|f| !f.trashed)?;
+        Some(file.name)
     }
 
     fn connection(&self) -> Value {
