@@ -18,6 +18,13 @@
 //!   issued, so it is stored before use); Server-to-Server apps use the `account_credentials`
 //!   grant with `accountId`. Access tokens last an hour.
 //! * Limits: paced at 20 requests a second per integration; a 429's `Retry-After` is waited out.
+//!   Meeting updates are also capped at 100 a day per user: that 429 names no wait and lasts
+//!   until midnight UTC, so it is not retried in place.
+//! * Write-back updates a meeting (`PATCH /meetings/{id}`: `topic`, `agenda`, `start_time`,
+//!   `duration`, `timezone`) and deletes one. Zoom keeps no version of a meeting, so the
+//!   engine's conflict check compares the fields it reads just before with the ones both sides
+//!   last agreed on. It creates none: Zoom has nowhere to keep a key that would find the
+//!   meeting a lost answer made, so a retried create could schedule a second one.
 //! * Webhooks: Zoom signs each delivery: `x-zm-signature` is `v0=` and the hex HMAC-SHA256 of
 //!   `v0:{x-zm-request-timestamp}:{body}` under the app's secret token; deliveries older than
 //!   five minutes are refused as replays. `endpoint.url_validation` is answered with the
@@ -43,8 +50,8 @@ use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
-    RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification,
-    WebhookRequest, WebhookRoute, Webhooks,
+    RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
+    WebhookNotification, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 pub const MEETINGS: &str = "meetings";
@@ -57,6 +64,8 @@ const MAX_PAGE_SIZE: usize = 300;
 const WINDOW_DAYS: i64 = 30;
 /// How far back a first recordings sync reaches unless `recordingsSince` says.
 const DEFAULT_RECORDINGS_DAYS: i64 = 90;
+/// What a write to a meeting may set; Zoom sets the rest (its links, host, times made).
+const WRITABLE: [&str; 5] = ["topic", "agenda", "start_time", "duration", "timezone"];
 /// A delivery signed longer ago than this is a replay.
 const MAX_DELIVERY_AGE_SECONDS: i64 = 300;
 
@@ -75,6 +84,19 @@ struct ZoomApi;
 impl Dialect for ZoomApi {
     fn service(&self) -> &'static str {
         "Zoom"
+    }
+
+    /// The daily cap on meeting updates is a quota until midnight UTC, not a throttle.
+    fn error(&self, status: reqwest::StatusCode, body: &Value) -> ProviderError {
+        let message = body["message"].as_str().unwrap_or_default();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS && message.contains("daily rate limit")
+        {
+            return ProviderError::quota(format!("{status}: {message}"));
+        }
+        ProviderError::new(
+            crate::http::status_code(status),
+            format!("{status}: {message}"),
+        )
     }
 
     fn token_request(&self, conn: &Connection) -> TokenRequest {
@@ -496,6 +518,77 @@ impl Pull for Zoom {
     }
 }
 
+/// A meeting's path, its id checked to be one (digits).
+fn meeting_path(write: &RecordWrite) -> Result<String, ProviderError> {
+    if write.entity != MEETINGS {
+        return Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("Zoom writes `{MEETINGS}` back, not `{}`", write.entity),
+        ));
+    }
+    match write.external_id.as_deref() {
+        Some(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()) => {
+            Ok(format!("/meetings/{id}"))
+        }
+        other => Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("`{}` is not a Zoom meeting id", other.unwrap_or_default()),
+        )),
+    }
+}
+
+/// Updates and deletes meetings.
+#[async_trait]
+impl WriteBack for Zoom {
+    async fn create(
+        &self,
+        _conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!(
+                "Zoom keeps no key to find a `{}` record a lost answer made, so a retried create \
+                 could make a second one: schedule it in Zoom and sync it in",
+                write.entity
+            ),
+        ))
+    }
+
+    async fn update(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        let path = meeting_path(write)?;
+        write.check_writable(&WRITABLE, "a Zoom meeting")?;
+        let base = conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE);
+        let url = endpoint(base, &path, &[])?;
+        let body = Value::Object(write.fields.clone());
+        self.api
+            .send(conn, Method::PATCH, &url, &[], Some(&body))
+            .await?;
+        Ok(Written {
+            external_id: write.external_id.clone().unwrap_or_default(),
+            version: None,
+        })
+    }
+
+    async fn delete(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<(), ProviderError> {
+        let path = meeting_path(write)?;
+        let base = conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE);
+        let url = endpoint(base, &path, &[])?;
+        match self.api.send(conn, Method::DELETE, &url, &[], None).await {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
 #[async_trait]
 impl TokenRefresh for Zoom {
     async fn refresh_token(
@@ -678,6 +771,10 @@ impl Provider for Zoom {
     }
 
     fn webhooks(&self) -> Option<&dyn Webhooks> {
+        Some(self)
+    }
+
+    fn write_back(&self) -> Option<&dyn WriteBack> {
         Some(self)
     }
 }

@@ -1566,9 +1566,17 @@ impl UnderTest for FakeZoom {
     const NAME_FIELD: &'static str = "topic";
     const PAGE: usize = 300;
     const KEEPS_CURSOR: bool = false;
+    const WRITES_BACK: bool = true;
 
+    /// The app was given `meeting:write`, which writing back needs.
     async fn start() -> Self {
-        FakeZoom::start().await
+        let zoom = FakeZoom::start().await;
+        zoom.state.lock().unwrap().app_scopes = "meeting:read meeting:write recording:read";
+        zoom
+    }
+
+    fn name_at_provider(&self, id: &str) -> Option<String> {
+        self.meeting(id).map(|m| m.topic)
     }
 
     fn connection(&self) -> Value {

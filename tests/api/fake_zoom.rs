@@ -10,7 +10,11 @@
 //! `page_size` (default 30, at most 300) and an opaque `next_page_token` that is an empty string
 //! on the last page, lives 15 minutes and answers 400 code 300 when unknown or expired; one
 //! meeting by id, or 404 code 3001; cloud recordings by a `from`/`to` window of UTC dates that
-//! may span at most a month, newest first. Zoom has no change feed and its lists carry no
+//! may span at most a month, newest first; a meeting updated (`PATCH`, 204 with no body: its
+//! `topic`, `agenda`, `start_time`, `duration`, `timezone`; any other field is 400 code 300
+//! `Validation Failed.`) or deleted (204; 404 code 3001 once gone), by a token whose app has
+//! `meeting:write` (else 400 code 4711), at most 100 updates a day per user (then 429 with no
+//! `Retry-After`: the cap lifts at midnight UTC). Zoom has no change feed and its lists carry no
 //! tombstones: a deleted meeting just stops being listed, and deletes reach a client only as
 //! webhooks. Those are built here as Zoom signs them (`x-zm-request-timestamp` in seconds,
 //! `x-zm-signature` = `v0=` + hex HMAC-SHA256 over `v0:{timestamp}:{body}`), as is the
@@ -67,6 +71,7 @@ pub struct Meeting {
     /// Minutes.
     pub duration: u32,
     pub created_at: DateTime<Utc>,
+    pub agenda: String,
 }
 
 /// A meeting that took place, and its participants as the Reports API lists them.
@@ -133,6 +138,10 @@ pub struct Zoom {
     pub unavailable: usize,
     /// Every page token answers 400 as if its 15 minutes were up.
     pub expire_page_tokens: bool,
+    /// The scopes the app was given, which every token it gets carries.
+    pub app_scopes: &'static str,
+    /// Meeting updates the user may still make today.
+    pub updates_left_today: usize,
     /// Every data request's method, path and decoded query, in order.
     pub requests: Vec<String>,
     url: String,
@@ -351,6 +360,8 @@ impl Zoom {
             throttle_after: None,
             unavailable: 0,
             expire_page_tokens: false,
+            app_scopes: "meeting:read recording:read",
+            updates_left_today: 100,
             requests: Vec::new(),
             url,
             issued: 0,
@@ -369,6 +380,7 @@ impl Zoom {
             start_time: created_at + TimeDelta::days(1),
             duration: 30,
             created_at,
+            agenda: String::new(),
         }
     }
 
@@ -389,7 +401,7 @@ impl Zoom {
         let mut answer = json!({
             "token_type": "bearer",
             "expires_in": EXPIRES_IN,
-            "scope": "meeting:read recording:read",
+            "scope": self.app_scopes,
             "api_url": self.url
         });
         match field("grant_type") {
@@ -647,9 +659,79 @@ async fn get_meeting(State(fake): State<FakeZoom>, Path(id): Path<String>) -> Re
         return zoom_error(404, 3001, &format!("Meeting does not exist: {id}."));
     };
     let mut body = meeting_json(meeting);
-    body["agenda"] = json!("");
+    body["agenda"] = json!(meeting.agenda);
     body["settings"] = json!({});
     Json(body).into_response()
+}
+
+/// `PATCH` and `DELETE` of one meeting.
+async fn change_meeting(
+    State(fake): State<FakeZoom>,
+    Path(id): Path<String>,
+    method: Method,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut zoom = fake.state.lock().unwrap();
+    if !zoom.app_scopes.split(' ').any(|s| s == "meeting:write") {
+        let message = "Invalid access token, does not contain scopes:[meeting:write].";
+        return zoom_error(400, 4711, message);
+    }
+    let Some(key) = id
+        .parse::<u64>()
+        .ok()
+        .filter(|k| zoom.meetings.contains_key(k))
+    else {
+        return zoom_error(404, 3001, &format!("Meeting does not exist: {id}."));
+    };
+    if method == Method::DELETE {
+        zoom.meetings.remove(&key);
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if zoom.updates_left_today == 0 {
+        let message = "You have exceeded the daily rate limit (100) of Meeting Create/Update API requests permitted for this particular user. You may resume these requests at GMT 00:00:00.";
+        return zoom_error(429, 429, message);
+    }
+    let Ok(Value::Object(changes)) = serde_json::from_slice::<Value>(&body) else {
+        return zoom_error(400, 300, "Request Body should be a valid JSON object.");
+    };
+    let meeting = zoom.meetings[&key].clone();
+    let mut changed = meeting.clone();
+    for (field, value) in &changes {
+        let ok = match (field.as_str(), value) {
+            ("topic", Value::String(v)) => {
+                changed.topic = v.clone();
+                true
+            }
+            ("agenda", Value::String(v)) => {
+                changed.agenda = v.clone();
+                true
+            }
+            ("start_time", Value::String(v)) => match DateTime::parse_from_rfc3339(v) {
+                Ok(t) => {
+                    changed.start_time = t.with_timezone(&Utc);
+                    true
+                }
+                Err(_) => false,
+            },
+            ("duration", Value::Number(n)) => match n.as_u64() {
+                Some(minutes) => {
+                    changed.duration = minutes as u32;
+                    true
+                }
+                None => false,
+            },
+            ("timezone", Value::String(_)) => true,
+            _ => false,
+        };
+        if !ok {
+            let body = json!({"code": 300, "message": "Validation Failed.",
+                              "errors": [{"field": field, "message": "Invalid field."}]});
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
+    }
+    zoom.updates_left_today -= 1;
+    zoom.meetings.insert(key, changed);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn list_recordings(
@@ -803,7 +885,12 @@ impl FakeZoom {
         };
         let router = Router::new()
             .route("/v2/users/{user}/meetings", get(list_meetings))
-            .route("/v2/meetings/{id}", get(get_meeting))
+            .route(
+                "/v2/meetings/{id}",
+                get(get_meeting)
+                    .patch(change_meeting)
+                    .delete(change_meeting),
+            )
             .route("/v2/users/{user}/recordings", get(list_recordings))
             .route("/v2/report/users/{user}/meetings", get(report_meetings))
             .route(
@@ -900,6 +987,13 @@ impl FakeZoom {
             let meeting = zoom.new_meeting(&format!("Meeting {i:05}"), created);
             zoom.meetings.insert(meeting.id, meeting);
         }
+    }
+
+    /// A live meeting as the fake holds it.
+    pub fn meeting(&self, id: &str) -> Option<Meeting> {
+        let zoom = self.state.lock().unwrap();
+        let key = id.parse::<u64>().ok()?;
+        zoom.meetings.get(&key).cloned()
     }
 
     pub fn rename_meeting(&self, id: &str, topic: &str) {

@@ -1,5 +1,5 @@
 //! Two-way sync: Castiel's changes written back to the provider, against the loopback
-//! Salesforce, Dataverse, Microsoft Graph (OneDrive) and Google Drive.
+//! Salesforce, Dataverse, Microsoft Graph (OneDrive), Google Drive and Zoom.
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use crate::fake_google_drive::{FULL_SCOPE, FakeGoogleDrive, MY_DRIVE_ROOT};
 use crate::fake_graph::FakeGraph;
 use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
+use crate::fake_zoom::FakeZoom;
 use crate::helpers::TestApp;
 
 const SF: &str = "int-acme-sf";
@@ -1386,4 +1387,103 @@ async fn a_file_renamed_in_castiel_is_renamed_in_google_drive_and_trashed_when_d
         fake.file(&plan).unwrap().trashed,
         "in the trash, where it can be restored"
     );
+}
+
+#[tokio::test]
+async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midnight() {
+    let test = TestApp::new();
+    let fake = FakeZoom::start().await;
+    let standup = fake.add_meeting("Standup");
+    let integration = json!({
+        "id": "int-zoom", "tenantId": "t1", "name": "Zoom",
+        "structuredData": {
+            "providerName": "zoom",
+            "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": true},
+            "connection": {"tokenUrl": fake.token_url(), "apiBaseUrl": fake.api_base()},
+            "entityMappings": [{
+                "externalEntity": "meetings", "shardTypeId": "c_meeting", "nameField": "topic",
+                "bidirectional": true,
+                "fieldMappings": [{"source": "topic", "target": "topic"}]
+            }]
+        }
+    });
+    test.register_integration(integration.clone()).await;
+    test.set_credentials("int-zoom", &fake.credentials()).await;
+    let settings = integration["structuredData"]["connection"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", "int-zoom"));
+    let credentials = keeper.load().await.unwrap();
+    let mut conn = Connection::with_keeper("int-zoom", settings, credentials, keeper);
+    let zoom = adapters::zoom::Zoom::new();
+    let writer = adapters::Provider::write_back(&zoom).unwrap();
+    let meeting_write = |fields: Value| RecordWrite {
+        entity: "meetings".into(),
+        ..item_write(&standup, fields, None)
+    };
+
+    // An app not given `meeting:write` is refused, for good, with Zoom's reason.
+    let refused = writer
+        .update(&mut conn, &meeting_write(json!({"topic": "Daily standup"})))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ValidationError);
+    assert!(refused.message.contains("meeting:write"), "{refused}");
+
+    fake.state.lock().unwrap().app_scopes = "meeting:read meeting:write recording:read";
+    writer
+        .update(
+            &mut conn,
+            &meeting_write(json!({"topic": "Daily standup", "agenda": "Blockers first",
+                                  "start_time": "2026-12-08T09:30:00Z", "duration": 15})),
+        )
+        .await
+        .unwrap();
+    let meeting = fake.meeting(&standup).unwrap();
+    assert_eq!(meeting.topic, "Daily standup");
+    assert_eq!(meeting.agenda, "Blockers first");
+    assert_eq!(meeting.duration, 15);
+    assert_eq!(meeting.start_time.to_rfc3339(), "2026-12-08T09:30:00+00:00");
+
+    // What Zoom sets is refused before any request; a create is refused, since nothing would
+    // find the meeting a lost answer made.
+    let requests = fake.requests().len();
+    let link = writer
+        .update(
+            &mut conn,
+            &meeting_write(json!({"join_url": "https://x.test"})),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(link.code, ErrorCode::ValidationError);
+    assert!(link.message.contains("`join_url`"), "{link}");
+    let mut create = meeting_write(json!({"topic": "Retro"}));
+    create.external_id = None;
+    assert_eq!(
+        writer.create(&mut conn, &create).await.unwrap_err().code,
+        ErrorCode::ValidationError
+    );
+    assert_eq!(fake.requests().len(), requests);
+
+    // The daily cap: asked once, not retried in place, and kept for a later run.
+    fake.state.lock().unwrap().updates_left_today = 0;
+    let capped = writer
+        .update(&mut conn, &meeting_write(json!({"topic": "Standup"})))
+        .await
+        .unwrap_err();
+    assert_eq!(capped.code, ErrorCode::RateLimit);
+    assert!(capped.resume_next_run, "{capped:?}");
+    assert_eq!(fake.requests().len(), requests + 1);
+    assert_eq!(fake.meeting(&standup).unwrap().topic, "Daily standup");
+
+    // Deleted; a second delete finds it gone and counts it deleted.
+    for _ in 0..2 {
+        writer
+            .delete(&mut conn, &meeting_write(json!({})))
+            .await
+            .unwrap();
+    }
+    assert!(fake.meeting(&standup).is_none());
 }
