@@ -1487,3 +1487,95 @@ async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midn
     }
     assert!(fake.meeting(&standup).is_none());
 }
+
+#[tokio::test]
+async fn a_meeting_update_past_zooms_daily_cap_is_held_for_an_hour_without_spending_an_attempt() {
+    let test = TestApp::new();
+    let fake = FakeZoom::start().await;
+    fake.state.lock().unwrap().app_scopes = "meeting:read meeting:write recording:read";
+    let standup = fake.add_meeting("Standup");
+    test.register_integration(json!({
+        "id": "int-zoom", "tenantId": "t1", "name": "Zoom",
+        "structuredData": {
+            "providerName": "zoom",
+            "syncFrequency": {"type": "manual"},
+            "writeBack": {"enabled": true},
+            "connection": {"tokenUrl": fake.token_url(), "apiBaseUrl": fake.api_base()},
+            "entityMappings": [{
+                "externalEntity": "meetings", "shardTypeId": "c_meeting", "nameField": "topic",
+                "bidirectional": true,
+                "fieldMappings": [{"source": "topic", "target": "topic"}]
+            }]
+        }
+    }))
+    .await;
+    test.set_credentials("int-zoom", &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    let job = json!({"integrationId": "int-zoom", "tenantId": "t1", "jobType": "full_sync",
+                     "provider": "zoom", "jobId": "zoom-1", "scheduledAt": Utc::now(), "attempt": 1});
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), "zoom-1", 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &envelope)
+            .await
+            .host_accepts()
+    );
+
+    let shard_id = format!("int-zoom~meetings~{standup}");
+    let mut shard = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    shard.name = "Daily standup".into();
+    shard.structured_data["topic"] = json!("Daily standup");
+    let file = test.data_dir().join("standup.json");
+    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    fake.state.lock().unwrap().updates_left_today = 0;
+    let before = Utc::now();
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(waiting.len(), 1, "held, not dead-lettered");
+    assert!(
+        waiting[0].message_id.contains(":held-"),
+        "{}",
+        waiting[0].message_id
+    );
+    let due = test
+        .broker()
+        .next_wakeup(SYNC_OUTBOUND, Utc::now())
+        .unwrap();
+    assert!(
+        due.is_some_and(|at| at >= before + Duration::minutes(59)),
+        "{due:?}"
+    );
+    let held: Value = serde_json::from_slice(&waiting[0].body).unwrap();
+    assert_eq!(held["attempt"], 1, "no attempt spent: {held}");
+    assert!(
+        test.broker()
+            .peek(handler::queue::SYNC_DEADLETTER)
+            .unwrap()
+            .is_empty()
+    );
+    let history = test.history().await;
+    let said: Vec<&str> = history
+        .iter()
+        .filter_map(|r| r["structuredData"]["statusMessage"].as_str())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.contains("allocation is used up") && m.contains("held until")),
+        "{said:?}"
+    );
+    assert_eq!(fake.meeting(&standup).unwrap().topic, "Standup");
+
+    // The cap lifts at midnight; the held write-back goes through.
+    fake.state.lock().unwrap().updates_left_today = 100;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(fake.meeting(&standup).unwrap().topic, "Daily standup");
+}

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value, json};
 use tracing::Instrument;
 
@@ -48,17 +48,56 @@ use crate::queue::{OutgoingMessage, SYNC_OUTBOUND, ServiceBusMessage, dead_lette
 use crate::store::{Op, ShardQuery, Versioned};
 use crate::telemetry::Dimensions;
 
-/// What to do after attempt `attempt` of a write-back failed with `code`. A write the provider
-/// refused because its record changed since it was read is tried again: the next attempt reads
-/// the record anew and settles what changed.
-pub fn after_write_failure(code: FailureCode, attempt: u32, now: DateTime<Utc>) -> AfterFailure {
-    if code == FailureCode::Provider(ErrorCode::Conflict) && attempt < MAX_ATTEMPTS {
+/// How long a write-back the provider's allocation refused (a daily cap) waits before it is
+/// tried again.
+const ALLOCATION_HOLD: Duration = Duration::hours(1);
+/// How long after Castiel made a change its write-back may be held for an allocation: a
+/// provider that refuses longer is not coming back by itself.
+const LONGEST_HOLD: Duration = Duration::days(7);
+
+/// What to do after attempt `attempt` of a write-back triggered at `triggered_at` failed.
+///
+/// - A write the provider refused because its record changed since it was read is tried
+///   again: the next attempt reads the record anew and settles what changed.
+/// - A write refused because the provider's allocation is used up (Zoom's 100 meeting updates
+///   a day, Salesforce's daily API requests) is held an hour at a time without spending an
+///   attempt, for up to a week from the change: ten quick attempts would all meet the same cap
+///   and dead-letter a write that only had to wait.
+pub fn after_write_failure(
+    failure: &Failure,
+    attempt: u32,
+    triggered_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> AfterFailure {
+    let code = failure.code;
+    if failure.resume_next_run && now + ALLOCATION_HOLD <= triggered_at + LONGEST_HOLD {
+        AfterFailure::RetryAt {
+            attempt,
+            at: now + ALLOCATION_HOLD,
+        }
+    } else if code == FailureCode::Provider(ErrorCode::Conflict) && attempt < MAX_ATTEMPTS {
         AfterFailure::RetryAt {
             attempt: attempt + 1,
             at: now + backoff(attempt),
         }
     } else {
         after_failure(code, attempt, now)
+    }
+}
+
+/// The MessageId of a write-back's next try: the first message's id and what the try is, so
+/// that a redelivery which sends it again is dropped as a duplicate, and ids do not grow with
+/// each try (Service Bus takes 128 characters). A hold is named by the hour it ends.
+fn retry_id(message_id: &str, held: bool, attempt: u32, at: DateTime<Utc>) -> String {
+    let first = [":attempt-", ":held-"]
+        .iter()
+        .filter_map(|tag| message_id.find(tag))
+        .min()
+        .map_or(message_id, |end| &message_id[..end]);
+    if held {
+        format!("{first}:held-{}", at.format("%Y%m%d%H"))
+    } else {
+        format!("{first}:attempt-{attempt}")
     }
 }
 
@@ -206,19 +245,21 @@ async fn handle(
                 std::slice::from_ref(&error),
             )]);
             record.errors = Some(vec![error]);
-            match after_write_failure(failure.code, write_back.attempt, completed) {
+            let after = after_write_failure(
+                &failure,
+                write_back.attempt,
+                write_back.triggered_at,
+                completed,
+            );
+            match after {
                 AfterFailure::RetryAt { attempt, at } => {
+                    let held = attempt == write_back.attempt;
                     let retry = WriteBackMessage {
                         attempt,
                         ..write_back.clone()
                     };
-                    let id = format!(
-                        "{}:attempt-{attempt}",
-                        message
-                            .message_id
-                            .as_deref()
-                            .unwrap_or(&write_back.shard_id)
-                    );
+                    let first = message.message_id.as_deref();
+                    let id = retry_id(first.unwrap_or(&write_back.shard_id), held, attempt, at);
                     app.queue
                         .send(
                             OutgoingMessage::json(SYNC_OUTBOUND, id, &retry)
@@ -227,12 +268,20 @@ async fn handle(
                         )
                         .await?;
                     record.status = SyncStatus::Failed;
-                    record.status_message = Some(format!(
-                        "attempt {} of {MAX_ATTEMPTS} failed ({}); retrying at {}",
-                        write_back.attempt,
-                        failure.code,
-                        at.to_rfc3339()
-                    ));
+                    record.status_message = Some(if held {
+                        format!(
+                            "the provider's allocation is used up ({}); held until {}",
+                            failure.message,
+                            at.to_rfc3339()
+                        )
+                    } else {
+                        format!(
+                            "attempt {} of {MAX_ATTEMPTS} failed ({}); retrying at {}",
+                            write_back.attempt,
+                            failure.code,
+                            at.to_rfc3339()
+                        )
+                    });
                     tracing::warn!(error = %failure, retry_at = %at, "write-back failed; retry scheduled");
                     save(app, &write_back.tenant_id, &record_id, &record, completed).await
                 }
@@ -678,21 +727,66 @@ mod tests {
     #[test]
     fn a_write_refused_because_the_record_moved_on_is_read_again_and_retried() {
         let now = Utc::now();
-        let conflict = FailureCode::Provider(ErrorCode::Conflict);
+        let conflict = Failure::new(ErrorCode::Conflict, "412");
         assert_eq!(
-            after_write_failure(conflict, 1, now),
+            after_write_failure(&conflict, 1, now, now),
             AfterFailure::RetryAt {
                 attempt: 2,
                 at: now + backoff(1)
             }
         );
         assert_eq!(
-            after_write_failure(conflict, MAX_ATTEMPTS, now),
+            after_write_failure(&conflict, MAX_ATTEMPTS, now, now),
             AfterFailure::DeadLetter { exhausted: false }
         );
+        let invalid = Failure::new(ErrorCode::ValidationError, "400");
         assert_eq!(
-            after_write_failure(ErrorCode::ValidationError.into(), 1, now),
+            after_write_failure(&invalid, 1, now, now),
             AfterFailure::DeadLetter { exhausted: false }
+        );
+    }
+
+    #[test]
+    fn the_ids_of_later_tries_stay_short_and_the_same_for_a_redelivery() {
+        let at = DateTime::parse_from_rfc3339("2026-12-07T00:30:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(retry_id("wb-1", false, 2, at), "wb-1:attempt-2");
+        assert_eq!(retry_id("wb-1:attempt-2", false, 3, at), "wb-1:attempt-3");
+        assert_eq!(
+            retry_id("wb-1:attempt-3", true, 3, at),
+            "wb-1:held-2026120700"
+        );
+        assert_eq!(
+            retry_id("wb-1:held-2026120700", true, 3, at + Duration::hours(1)),
+            "wb-1:held-2026120701"
+        );
+    }
+
+    #[test]
+    fn a_write_refused_by_a_used_up_allocation_waits_for_it_without_spending_attempts() {
+        let now = Utc::now();
+        let cap: Failure = adapters::ProviderError::quota("429: daily rate limit").into();
+        let held = AfterFailure::RetryAt {
+            attempt: 3,
+            at: now + Duration::hours(1),
+        };
+        assert_eq!(after_write_failure(&cap, 3, now, now), held);
+        let six_days_ago = now - Duration::days(6);
+        assert_eq!(after_write_failure(&cap, 3, six_days_ago, now), held);
+        // A week after the change, the hold ends like any rate limit: the remaining attempts
+        // back off, then the write is dead-lettered with its reason.
+        let week_ago = now - Duration::days(7);
+        assert_eq!(
+            after_write_failure(&cap, 3, week_ago, now),
+            AfterFailure::RetryAt {
+                attempt: 4,
+                at: now + backoff(3)
+            }
+        );
+        assert_eq!(
+            after_write_failure(&cap, MAX_ATTEMPTS, week_ago, now),
+            AfterFailure::DeadLetter { exhausted: true }
         );
     }
 }
