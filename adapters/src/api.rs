@@ -23,10 +23,15 @@ const QUOTA_WAIT: Duration = Duration::from_secs(3600);
 /// limit): then the job stops where it is and the next scheduled run resumes it, instead of
 /// spending its retries.
 fn allocation_or(error: ProviderError, retry_after: Option<Duration>) -> ProviderError {
-    if retry_after.is_some_and(|wait| wait >= QUOTA_WAIT) {
-        ProviderError::quota(error.message)
-    } else {
-        error
+    match retry_after.filter(|wait| *wait >= QUOTA_WAIT) {
+        Some(wait) => {
+            let quota = ProviderError::quota(error.message);
+            match chrono::Duration::from_std(wait) {
+                Ok(wait) => quota.resuming_at(Utc::now() + wait),
+                Err(_) => quota,
+            }
+        }
+        None => error,
     }
 }
 
@@ -214,8 +219,14 @@ mod tests {
         let throttled = || ProviderError::new(ErrorCode::RateLimit, "429");
         let soon = allocation_or(throttled(), Some(Duration::from_secs(30)));
         assert!(!soon.resume_next_run);
+        let asked = Utc::now();
         let daily = allocation_or(throttled(), Some(Duration::from_secs(5 * 3600)));
         assert!(daily.resume_next_run && daily.code == ErrorCode::RateLimit);
+        let back = daily.resume_at.expect("the provider said when") - asked;
+        assert!(
+            (5 * 3600..5 * 3600 + 5).contains(&back.num_seconds()),
+            "{back}"
+        );
         assert!(!allocation_or(throttled(), None).resume_next_run);
     }
 

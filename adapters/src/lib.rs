@@ -365,6 +365,9 @@ pub struct ProviderError {
     /// The provider's allocation is used up for now: stop this job where it is, keep what was
     /// done, and resume on the next scheduled run instead of retrying soon.
     pub resume_next_run: bool,
+    /// When the used-up allocation comes back, where the provider says (Zoom's daily cap lifts
+    /// at midnight UTC; a long `Retry-After`).
+    pub resume_at: Option<DateTime<Utc>>,
     /// The provider no longer honours the cursor (an expired delta token): only reading the
     /// entity from the beginning can find what changed.
     pub resync: bool,
@@ -376,6 +379,7 @@ impl ProviderError {
             code,
             message: message.into(),
             resume_next_run: false,
+            resume_at: None,
             resync: false,
         }
     }
@@ -383,10 +387,16 @@ impl ProviderError {
     /// An allocation that is used up until later (daily API limits).
     pub fn quota(message: impl Into<String>) -> Self {
         Self {
-            code: ErrorCode::RateLimit,
-            message: message.into(),
             resume_next_run: true,
-            resync: false,
+            ..Self::new(ErrorCode::RateLimit, message)
+        }
+    }
+
+    /// The same error, saying when the allocation comes back.
+    pub fn resuming_at(self, at: DateTime<Utc>) -> Self {
+        Self {
+            resume_at: Some(at),
+            ..self
         }
     }
 

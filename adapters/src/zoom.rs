@@ -19,7 +19,8 @@
 //!   grant with `accountId`. Access tokens last an hour.
 //! * Limits: paced at 20 requests a second per integration; a 429's `Retry-After` is waited out.
 //!   Meeting updates are also capped at 100 a day per user: that 429 names no wait and lasts
-//!   until midnight UTC, so it is not retried in place.
+//!   until midnight UTC, so it is not retried in place but reported as an allocation that comes
+//!   back then.
 //! * Write-back updates a meeting (`PATCH /meetings/{id}`: `topic`, `agenda`, `start_time`,
 //!   `duration`, `timezone`) and deletes one. Zoom keeps no version of a meeting, so the
 //!   engine's conflict check compares the fields it reads just before with the ones both sides
@@ -91,7 +92,8 @@ impl Dialect for ZoomApi {
         let message = body["message"].as_str().unwrap_or_default();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS && message.contains("daily rate limit")
         {
-            return ProviderError::quota(format!("{status}: {message}"));
+            return ProviderError::quota(format!("{status}: {message}"))
+                .resuming_at(after_midnight_utc(Utc::now()));
         }
         ProviderError::new(
             crate::http::status_code(status),
@@ -516,6 +518,12 @@ impl Pull for Zoom {
         }
         Ok(found)
     }
+}
+
+/// When Zoom's daily caps lift: midnight UTC after `now`, and a minute for clocks that differ.
+fn after_midnight_utc(now: DateTime<Utc>) -> DateTime<Utc> {
+    let tomorrow = now.date_naive() + chrono::Days::new(1);
+    tomorrow.and_time(chrono::NaiveTime::MIN).and_utc() + Duration::minutes(1)
 }
 
 /// A meeting's path, its id checked to be one (digits).

@@ -1475,6 +1475,9 @@ async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midn
         .unwrap_err();
     assert_eq!(capped.code, ErrorCode::RateLimit);
     assert!(capped.resume_next_run, "{capped:?}");
+    let back = capped.resume_at.expect("Zoom's cap lifts at midnight UTC");
+    assert!(back > Utc::now() && back - Utc::now() <= Duration::days(1));
+    assert_eq!(back.format("%H:%M:%S").to_string(), "00:01:00");
     assert_eq!(fake.requests().len(), requests + 1);
     assert_eq!(fake.meeting(&standup).unwrap().topic, "Daily standup");
 
@@ -1489,7 +1492,8 @@ async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midn
 }
 
 #[tokio::test]
-async fn a_meeting_update_past_zooms_daily_cap_is_held_for_an_hour_without_spending_an_attempt() {
+async fn a_meeting_update_past_zooms_daily_cap_is_held_until_it_lifts_without_spending_an_attempt()
+{
     let test = TestApp::new();
     let fake = FakeZoom::start().await;
     fake.state.lock().unwrap().app_scopes = "meeting:read meeting:write recording:read";
@@ -1550,10 +1554,10 @@ async fn a_meeting_update_past_zooms_daily_cap_is_held_for_an_hour_without_spend
         .broker()
         .next_wakeup(SYNC_OUTBOUND, Utc::now())
         .unwrap();
-    assert!(
-        due.is_some_and(|at| at >= before + Duration::minutes(59)),
-        "{due:?}"
-    );
+    // Held until the cap lifts, at midnight UTC (and a minute).
+    let due = due.expect("a held write-back");
+    assert!(due > before && due - before <= Duration::days(1), "{due}");
+    assert_eq!(due.format("%H:%M:%S").to_string(), "00:01:00");
     let held: Value = serde_json::from_slice(&waiting[0].body).unwrap();
     assert_eq!(held["attempt"], 1, "no attempt spent: {held}");
     assert!(

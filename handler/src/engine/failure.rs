@@ -80,6 +80,8 @@ pub struct Failure {
     /// The provider's allocation is used up for now: the job stops where it is and the next
     /// scheduled run resumes it.
     pub resume_next_run: bool,
+    /// When that allocation comes back, where the provider says.
+    pub resume_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Failure {
@@ -88,6 +90,7 @@ impl Failure {
             code: code.into(),
             message: message.into(),
             resume_next_run: false,
+            resume_at: None,
         }
     }
 
@@ -100,6 +103,7 @@ impl From<ProviderError> for Failure {
     fn from(e: ProviderError) -> Self {
         Self {
             resume_next_run: e.resume_next_run,
+            resume_at: e.resume_at,
             ..Self::new(e.code, e.message)
         }
     }

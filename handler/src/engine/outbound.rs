@@ -49,8 +49,10 @@ use crate::store::{Op, ShardQuery, Versioned};
 use crate::telemetry::Dimensions;
 
 /// How long a write-back the provider's allocation refused (a daily cap) waits before it is
-/// tried again.
+/// tried again, where the provider does not say when the allocation comes back; and the
+/// longest it waits where it does, to look again.
 const ALLOCATION_HOLD: Duration = Duration::hours(1);
+const LONGEST_ALLOCATION_HOLD: Duration = Duration::days(1);
 /// How long after Castiel made a change its write-back may be held for an allocation: a
 /// provider that refuses longer is not coming back by itself.
 const LONGEST_HOLD: Duration = Duration::days(7);
@@ -60,9 +62,10 @@ const LONGEST_HOLD: Duration = Duration::days(7);
 /// - A write the provider refused because its record changed since it was read is tried
 ///   again: the next attempt reads the record anew and settles what changed.
 /// - A write refused because the provider's allocation is used up (Zoom's 100 meeting updates
-///   a day, Salesforce's daily API requests) is held an hour at a time without spending an
-///   attempt, for up to a week from the change: ten quick attempts would all meet the same cap
-///   and dead-letter a write that only had to wait.
+///   a day, Salesforce's daily API requests) is held without spending an attempt until the
+///   allocation comes back (where the provider says; else an hour at a time), for up to a week
+///   from the change: ten quick attempts would all meet the same cap and dead-letter a write
+///   that only had to wait.
 pub fn after_write_failure(
     failure: &Failure,
     attempt: u32,
@@ -70,11 +73,14 @@ pub fn after_write_failure(
     now: DateTime<Utc>,
 ) -> AfterFailure {
     let code = failure.code;
-    if failure.resume_next_run && now + ALLOCATION_HOLD <= triggered_at + LONGEST_HOLD {
-        AfterFailure::RetryAt {
-            attempt,
-            at: now + ALLOCATION_HOLD,
-        }
+    let back = failure
+        .resume_at
+        .filter(|at| *at > now)
+        .map_or(now + ALLOCATION_HOLD, |at| {
+            at.min(now + LONGEST_ALLOCATION_HOLD)
+        });
+    if failure.resume_next_run && back <= triggered_at + LONGEST_HOLD {
+        AfterFailure::RetryAt { attempt, at: back }
     } else if code == FailureCode::Provider(ErrorCode::Conflict) && attempt < MAX_ATTEMPTS {
         AfterFailure::RetryAt {
             attempt: attempt + 1,
@@ -787,6 +793,36 @@ mod tests {
         assert_eq!(
             after_write_failure(&cap, MAX_ATTEMPTS, week_ago, now),
             AfterFailure::DeadLetter { exhausted: true }
+        );
+    }
+
+    #[test]
+    fn a_write_refused_until_a_time_the_provider_names_waits_until_then() {
+        let now = Utc::now();
+        let until =
+            |at| -> Failure { adapters::ProviderError::quota("cap").resuming_at(at).into() };
+        let midnight = now + Duration::hours(5);
+        assert_eq!(
+            after_write_failure(&until(midnight), 2, now, now),
+            AfterFailure::RetryAt {
+                attempt: 2,
+                at: midnight
+            }
+        );
+        // A time already past says nothing; one days away is looked at again in a day.
+        assert_eq!(
+            after_write_failure(&until(now - Duration::minutes(1)), 2, now, now),
+            AfterFailure::RetryAt {
+                attempt: 2,
+                at: now + Duration::hours(1)
+            }
+        );
+        assert_eq!(
+            after_write_failure(&until(now + Duration::days(3)), 2, now, now),
+            AfterFailure::RetryAt {
+                attempt: 2,
+                at: now + Duration::days(1)
+            }
         );
     }
 }
