@@ -23,15 +23,17 @@ const QUOTA_WAIT: Duration = Duration::from_secs(3600);
 /// limit): then the job stops where it is and the next scheduled run resumes it, instead of
 /// spending its retries.
 fn allocation_or(error: ProviderError, retry_after: Option<Duration>) -> ProviderError {
-    match retry_after.filter(|wait| *wait >= QUOTA_WAIT) {
-        Some(wait) => {
-            let quota = ProviderError::quota(error.message);
-            match chrono::Duration::from_std(wait) {
-                Ok(wait) => quota.resuming_at(Utc::now() + wait),
-                Err(_) => quota,
-            }
-        }
-        None => error,
+    let Some(wait) = retry_after.filter(|wait| *wait >= QUOTA_WAIT) else {
+        return error;
+    };
+    let quota = ProviderError::quota(error.message);
+    // A wait past any date there is names no time.
+    let back = chrono::Duration::from_std(wait)
+        .ok()
+        .and_then(|wait| Utc::now().checked_add_signed(wait));
+    match back {
+        Some(at) => quota.resuming_at(at),
+        None => quota,
     }
 }
 
@@ -227,6 +229,10 @@ mod tests {
             (5 * 3600..5 * 3600 + 5).contains(&back.num_seconds()),
             "{back}"
         );
+        for absurd in [Duration::from_secs(10_000_000_000_000), Duration::MAX] {
+            let refused = allocation_or(throttled(), Some(absurd));
+            assert!(refused.resume_next_run && refused.resume_at.is_none());
+        }
         assert!(!allocation_or(throttled(), None).resume_next_run);
     }
 

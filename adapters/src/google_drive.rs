@@ -107,6 +107,10 @@ impl Dialect for Google {
         let message = body["error"]["message"].as_str().unwrap_or("");
         let code = match (status.as_u16(), reason) {
             (403, "userRateLimitExceeded" | "rateLimitExceeded") => ErrorCode::RateLimit,
+            // A request Drive will never take, whoever asks: not a credentials problem.
+            (403, "fieldNotWritable" | "cannotAddParent" | "teamDrivesParentLimit") => {
+                ErrorCode::ValidationError
+            }
             _ => crate::http::status_code(status),
         };
         let mut text = format!("{status}");
@@ -115,6 +119,11 @@ impl Dialect for Google {
         }
         if !message.is_empty() {
             text.push_str(&format!(": {message}"));
+        }
+        if reason == "dailyLimitExceeded" {
+            // The project's daily allocation: back at midnight Pacific time, which Drive does
+            // not name.
+            return ProviderError::quota(text);
         }
         ProviderError::new(code, text)
     }
@@ -431,6 +440,22 @@ impl WriteBack for GoogleDrive {
         write.check_writable(&WRITABLE, "a Drive file")?;
         let id = write.external_id.as_deref().unwrap_or_default();
         let path = Self::file_path(id)?;
+        let mut body = write.fields.clone();
+        let wanted: Option<Vec<String>> = match body.remove("parents") {
+            None => None,
+            Some(Value::Array(ids)) => Some(
+                ids.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            Some(_) => {
+                return Err(ProviderError::new(
+                    ErrorCode::ValidationError,
+                    "`parents` of a Drive file is a list of folder ids",
+                ));
+            }
+        };
         let mut params = vec![("supportsAllDrives", "true".to_string())];
         let now = self
             .get(
@@ -447,31 +472,32 @@ impl WriteBack for GoogleDrive {
                 format!("the file changed at Drive since version {expected} was read"),
             ));
         }
-        let mut body = write.fields.clone();
-        if let Some(wanted) = body.remove("parents") {
-            let wanted: Vec<&str> = match wanted.as_array() {
-                Some(ids) => ids.iter().filter_map(Value::as_str).collect(),
-                None => {
-                    return Err(ProviderError::new(
-                        ErrorCode::ValidationError,
-                        "`parents` of a Drive file is a list of folder ids",
-                    ));
-                }
-            };
-            let held: Vec<&str> = now["parents"]
+        if let Some(wanted) = wanted {
+            let held: Vec<String> = now["parents"]
                 .as_array()
-                .map(|ids| ids.iter().filter_map(Value::as_str).collect())
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default();
-            let apart = |from: &[&str], other: &[&str]| -> String {
+            let apart = |from: &[String], other: &[String]| -> String {
                 let ids: Vec<&str> = from
                     .iter()
                     .filter(|id| !other.contains(id))
-                    .copied()
+                    .map(String::as_str)
                     .collect();
                 ids.join(",")
             };
-            params.push(("addParents", apart(&wanted, &held)));
-            params.push(("removeParents", apart(&held, &wanted)));
+            for (name, ids) in [
+                ("addParents", apart(&wanted, &held)),
+                ("removeParents", apart(&held, &wanted)),
+            ] {
+                if !ids.is_empty() {
+                    params.push((name, ids));
+                }
+            }
         }
         params.push(("fields", "id,version".into()));
         let url = endpoint(Self::base(conn), &path, &params)?;
@@ -705,6 +731,13 @@ mod tests {
         assert_eq!(e.code, ErrorCode::RateLimit);
         let e = Google.error(StatusCode::FORBIDDEN, &body("insufficientFilePermissions"));
         assert_eq!(e.code, ErrorCode::InvalidCredentials);
+        // What no credentials can make Drive take, and the project's daily allocation.
+        for reason in ["fieldNotWritable", "cannotAddParent"] {
+            let e = Google.error(StatusCode::FORBIDDEN, &body(reason));
+            assert_eq!(e.code, ErrorCode::ValidationError, "{reason}");
+        }
+        let e = Google.error(StatusCode::FORBIDDEN, &body("dailyLimitExceeded"));
+        assert!(e.code == ErrorCode::RateLimit && e.resume_next_run);
     }
 
     #[test]

@@ -83,6 +83,15 @@ pub fn has_live_token(credentials: &Credentials, now: DateTime<Utc>) -> bool {
             .is_none_or(|t| t.with_timezone(&Utc) > now + Duration::minutes(1))
 }
 
+/// Keeps the scope a new access token was asked for, and forgets an earlier token's where
+/// this one was asked for none (the provider grants what was consented).
+fn remember_scope(credentials: &mut Credentials, extra: &[(&'static str, String)]) {
+    match extra.iter().find(|(name, _)| *name == "scope") {
+        Some((_, scope)) => credentials.set(TOKEN_SCOPE, scope),
+        None => credentials.remove(TOKEN_SCOPE),
+    }
+}
+
 /// Sends `request` with the client's `client_id` and `client_secret` from `credentials`, and
 /// returns the credentials updated with what the provider answered.
 pub async fn exchange(
@@ -175,10 +184,7 @@ pub async fn exchange(
     if let Some(base) = body["api_base_url_for_customer"].as_str() {
         credentials.set("api_base_url", base.trim_end_matches('/'));
     }
-    match request.extra.iter().find(|(name, _)| *name == "scope") {
-        Some((_, scope)) => credentials.set(TOKEN_SCOPE, scope),
-        None => credentials.remove(TOKEN_SCOPE),
-    }
+    remember_scope(&mut credentials, request.extra);
     let expires_at = expires_in(&body).map(|seconds| Utc::now() + Duration::seconds(seconds));
     match expires_at {
         Some(at) => credentials.set(EXPIRES_AT, at.to_rfc3339()),
@@ -238,6 +244,10 @@ mod tests {
         credentials.set(TOKEN_SCOPE, "Files.Read.All offline_access");
         assert!(has_scope(&credentials, &read));
         assert!(!has_scope(&credentials, &write));
+        remember_scope(&mut credentials, &write);
+        assert!(has_scope(&credentials, &write));
+        remember_scope(&mut credentials, &[]);
+        assert_eq!(credentials.get(TOKEN_SCOPE), None);
     }
 
     #[test]

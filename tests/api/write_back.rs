@@ -1051,7 +1051,14 @@ async fn onedrive_renames_and_deletes_items_only_as_last_read_and_refuses_what_i
     );
     assert_eq!(reader.version_of(&read[0]), moved.version);
 
-    // Deleted once; a second delete finds it gone and counts it deleted.
+    // A delete under a version the item no longer has is refused; without one, it is deleted
+    // once, and a second delete finds it gone and counts it deleted.
+    let stale = writer
+        .delete(&mut conn, &item_write(&report, json!({}), Some(&etag)))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code, ErrorCode::Conflict, "{stale}");
+    assert!(fake.item(DRIVE, &report).is_some());
     for _ in 0..2 {
         writer
             .delete(&mut conn, &item_write(&report, json!({}), None))
@@ -1261,9 +1268,50 @@ async fn google_drive_renames_moves_and_trashes_files_only_over_the_version_read
         moved.contains(&format!("removeParents={MY_DRIVE_ROOT}")),
         "{moved}"
     );
+    // Into a second folder, keeping the first: nothing to remove, and nothing said of it.
+    writer
+        .update(
+            &mut conn,
+            &file_write(
+                &plan,
+                json!({"parents": ["0BArchiveFolder", "0BShared"]}),
+                None,
+            ),
+        )
+        .await
+        .unwrap();
+    let kept = fake
+        .requests()
+        .into_iter()
+        .rfind(|r| r.starts_with("PATCH"))
+        .unwrap();
+    assert!(
+        kept.contains("addParents=0BShared") && !kept.contains("removeParents"),
+        "{kept}"
+    );
 
-    // What Drive sets is refused before any request; a file cannot be made from a shard.
+    // What Drive sets is refused before any request, as are a `parents` that is not a list
+    // and an id that is not one; a file cannot be made from a shard.
     let requests = fake.requests().len();
+    let not_a_list = writer
+        .update(
+            &mut conn,
+            &file_write(&plan, json!({"parents": "0BArchiveFolder"}), None),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        not_a_list.message.contains("list of folder ids"),
+        "{not_a_list}"
+    );
+    let bad_id = writer
+        .update(
+            &mut conn,
+            &file_write("../about", json!({"name": "x"}), None),
+        )
+        .await
+        .unwrap_err();
+    assert!(bad_id.message.contains("not a Drive file id"), "{bad_id}");
     let size = writer
         .update(&mut conn, &file_write(&plan, json!({"size": "0"}), None))
         .await
@@ -1459,6 +1507,21 @@ async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midn
         .unwrap_err();
     assert_eq!(link.code, ErrorCode::ValidationError);
     assert!(link.message.contains("`join_url`"), "{link}");
+    let not_a_meeting = RecordWrite {
+        entity: "recordings".into(),
+        ..meeting_write(json!({"topic": "x"}))
+    };
+    let refused = writer.update(&mut conn, &not_a_meeting).await.unwrap_err();
+    assert!(refused.message.contains("`recordings`"), "{refused}");
+    let not_an_id = RecordWrite {
+        external_id: Some("85/../users".into()),
+        ..meeting_write(json!({"topic": "x"}))
+    };
+    let refused = writer.delete(&mut conn, &not_an_id).await.unwrap_err();
+    assert!(
+        refused.message.contains("not a Zoom meeting id"),
+        "{refused}"
+    );
     let mut create = meeting_write(json!({"topic": "Retro"}));
     create.external_id = None;
     assert_eq!(

@@ -7,9 +7,10 @@
 //! Items with a `deleted` facet are soft-deleted. Change notifications subscribe to the drive's
 //! root (only `updated` exists there) and ask for a catch-up.
 //!
-//! Write-back renames, moves and deletes items (`PATCH` and `DELETE`
-//! `/drives/{driveId}/items/{id}`), each under the `eTag` the engine just read (`If-Match`:
-//! Graph answers 412 if the item changed since). It creates none: an item is a file, and a
+//! Write-back renames and moves items (`PATCH /drives/{driveId}/items/{id}`) under the `eTag`
+//! the engine just read (`If-Match`: Graph answers 412 if the item changed since), and deletes
+//! them (`DELETE`, conditional too when the write names a version; the engine's deletes name
+//! none, since a shard deleted in Castiel is to go whatever became of the item). It creates none: an item is a file, and a
 //! shard made in Castiel has no content to make one of.
 //!
 //! Connection settings: `driveId` (required) and Graph's ([`super`]). Delegated scope

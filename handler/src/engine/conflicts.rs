@@ -108,6 +108,7 @@ pub async fn resolve(
                 triggered_by: user.to_string(),
                 integration_id: Some(record.integration_id.clone()),
                 attempt: 1,
+                holds: 0,
             };
             let message_id = format!("{id}:resolved:{}", now.timestamp_millis());
             app.queue

@@ -79,8 +79,13 @@ pub fn after_write_failure(
         .map_or(now + ALLOCATION_HOLD, |at| {
             at.min(now + LONGEST_ALLOCATION_HOLD)
         });
-    if failure.resume_next_run && back <= triggered_at + LONGEST_HOLD {
-        AfterFailure::RetryAt { attempt, at: back }
+    // The last hold ends with the week, however much later the provider says it is back.
+    let deadline = triggered_at + LONGEST_HOLD;
+    if failure.resume_next_run && deadline > now {
+        AfterFailure::RetryAt {
+            attempt,
+            at: back.min(deadline),
+        }
     } else if code == FailureCode::Provider(ErrorCode::Conflict) && attempt < MAX_ATTEMPTS {
         AfterFailure::RetryAt {
             attempt: attempt + 1,
@@ -91,19 +96,19 @@ pub fn after_write_failure(
     }
 }
 
-/// The MessageId of a write-back's next try: the first message's id and what the try is, so
-/// that a redelivery which sends it again is dropped as a duplicate, and ids do not grow with
-/// each try (Service Bus takes 128 characters). A hold is named by the hour it ends.
-fn retry_id(message_id: &str, held: bool, attempt: u32, at: DateTime<Utc>) -> String {
+/// The MessageId of a write-back's next try, `retry`: the first message's id and which try
+/// it is (its attempt, or its hold), so that a redelivery which sends it again is dropped as a
+/// duplicate, and ids do not grow with each try (Service Bus takes 128 characters).
+fn retry_id(message_id: &str, retry: &WriteBackMessage, held: bool) -> String {
     let first = [":attempt-", ":held-"]
         .iter()
         .filter_map(|tag| message_id.find(tag))
         .min()
         .map_or(message_id, |end| &message_id[..end]);
     if held {
-        format!("{first}:held-{}", at.format("%Y%m%d%H"))
+        format!("{first}:held-{}", retry.holds)
     } else {
-        format!("{first}:attempt-{attempt}")
+        format!("{first}:attempt-{}", retry.attempt)
     }
 }
 
@@ -262,10 +267,11 @@ async fn handle(
                     let held = attempt == write_back.attempt;
                     let retry = WriteBackMessage {
                         attempt,
+                        holds: write_back.holds + u32::from(held),
                         ..write_back.clone()
                     };
                     let first = message.message_id.as_deref();
-                    let id = retry_id(first.unwrap_or(&write_back.shard_id), held, attempt, at);
+                    let id = retry_id(first.unwrap_or(&write_back.shard_id), &retry, held);
                     app.queue
                         .send(
                             OutgoingMessage::json(SYNC_OUTBOUND, id, &retry)
@@ -754,19 +760,26 @@ mod tests {
 
     #[test]
     fn the_ids_of_later_tries_stay_short_and_the_same_for_a_redelivery() {
-        let at = DateTime::parse_from_rfc3339("2026-12-07T00:30:00Z")
-            .unwrap()
-            .to_utc();
-        assert_eq!(retry_id("wb-1", false, 2, at), "wb-1:attempt-2");
-        assert_eq!(retry_id("wb-1:attempt-2", false, 3, at), "wb-1:attempt-3");
+        let message: WriteBackMessage = serde_json::from_value(serde_json::json!({
+            "shardId": "s1", "tenantId": "t1", "operation": "update", "externalSystem": "zoom",
+            "triggeredAt": "2026-12-06T10:00:00Z", "triggeredBy": "u1"
+        }))
+        .unwrap();
+        let attempt = |attempt| WriteBackMessage {
+            attempt,
+            ..message.clone()
+        };
+        let hold = |holds| WriteBackMessage {
+            holds,
+            ..message.clone()
+        };
+        assert_eq!(retry_id("wb-1", &attempt(2), false), "wb-1:attempt-2");
         assert_eq!(
-            retry_id("wb-1:attempt-3", true, 3, at),
-            "wb-1:held-2026120700"
+            retry_id("wb-1:attempt-2", &attempt(3), false),
+            "wb-1:attempt-3"
         );
-        assert_eq!(
-            retry_id("wb-1:held-2026120700", true, 3, at + Duration::hours(1)),
-            "wb-1:held-2026120701"
-        );
+        assert_eq!(retry_id("wb-1:attempt-3", &hold(1), true), "wb-1:held-1");
+        assert_eq!(retry_id("wb-1:held-1", &hold(2), true), "wb-1:held-2");
     }
 
     #[test]
@@ -815,6 +828,15 @@ mod tests {
             AfterFailure::RetryAt {
                 attempt: 2,
                 at: now + Duration::hours(1)
+            }
+        );
+        // Near the end of the week, the hold ends with it.
+        let nearly_a_week_ago = now - Duration::days(7) + Duration::hours(4);
+        assert_eq!(
+            after_write_failure(&until(now + Duration::hours(20)), 2, nearly_a_week_ago, now),
+            AfterFailure::RetryAt {
+                attempt: 2,
+                at: now + Duration::hours(4)
             }
         );
         assert_eq!(

@@ -1370,6 +1370,7 @@ impl<'a> EntityRun<'a> {
                 triggered_by: "system".into(),
                 integration_id: Some(integration_id.to_string()),
                 attempt: 1,
+                holds: 0,
             };
             // One message per state of the shard: a sync that finds the same again sends none.
             let message_id = format!(

@@ -90,6 +90,7 @@ pub fn write_backs(
                 triggered_by: user.to_string(),
                 integration_id: Some(id.clone()),
                 attempt: 1,
+                holds: 0,
             };
             Some(Outgoing {
                 integration_id: id.clone(),

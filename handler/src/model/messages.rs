@@ -88,6 +88,10 @@ pub struct WriteBackMessage {
     /// 1 for the first try; a retry re-sent after a failure counts on.
     #[serde(default = "first_attempt")]
     pub attempt: u32,
+    /// How many times the write has been held for the provider's used-up allocation, which
+    /// spends no attempt.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub holds: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
