@@ -34,6 +34,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::Method;
 use serde_json::{Map, Value};
 
+use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest};
 use crate::microsoft;
 use crate::{
@@ -556,10 +557,10 @@ impl WriteBack for Dynamics365 {
             .iter()
             .map(|v| ("If-Match", v.clone()))
             .collect();
-        match self.write(conn, Method::DELETE, &url, &headers, None).await {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+        self.write(conn, Method::DELETE, &url, &headers, None)
+            .await
+            .or_gone()
+            .map(drop)
     }
 }
 

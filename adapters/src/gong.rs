@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
@@ -140,11 +141,12 @@ impl Gong {
             self.api.refresh(conn).await?;
         }
         let url = endpoint(&Self::base(conn), path, params)?;
-        match self.api.send(conn, method, &url, &[], body).await {
-            Ok(answer) => Ok(Some(answer.body)),
-            Err(e) if e.code == ErrorCode::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self
+            .api
+            .send(conn, method, &url, &[], body)
+            .await
+            .or_gone()?
+            .map(|answer| answer.body))
     }
 
     async fn calls(

@@ -38,6 +38,7 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
@@ -404,11 +405,12 @@ impl Pull for GoogleDrive {
         ];
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.get(conn, &Self::file_path(id)?, &params).await {
-                Ok(Value::Object(file)) => records.extend(record_of(&file)),
-                Ok(_) => {}
-                Err(e) if e.code == ErrorCode::NotFound => {}
-                Err(e) => return Err(e),
+            let file = self
+                .get(conn, &Self::file_path(id)?, &params)
+                .await
+                .or_gone()?;
+            if let Some(Value::Object(file)) = file {
+                records.extend(record_of(&file));
             }
         }
         Ok(records)
@@ -526,14 +528,11 @@ impl WriteBack for GoogleDrive {
         ];
         let url = endpoint(Self::base(conn), &path, &params)?;
         let trash = json!({"trashed": true});
-        match self
-            .api
+        self.api
             .send(conn, Method::PATCH, &url, &[], Some(&trash))
             .await
-        {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+            .or_gone()
+            .map(drop)
     }
 }
 
@@ -666,10 +665,10 @@ impl Subscriptions for GoogleDrive {
         subscription: &SubscriptionInfo,
     ) -> Result<(), ProviderError> {
         let body = json!({"id": subscription.id, "resourceId": subscription.resource_id});
-        match self.post(conn, "/channels/stop", &[], &body).await {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+        self.post(conn, "/channels/stop", &[], &body)
+            .await
+            .or_gone()
+            .map(drop)
     }
 }
 

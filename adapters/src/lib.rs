@@ -413,9 +413,35 @@ impl ProviderError {
     }
 }
 
+/// A request about one record or resource, where the provider no longer having it is an
+/// answer rather than a failure: a read finds nothing, a delete finds it already deleted.
+pub trait OrGone<T> {
+    /// `Ok(None)` for the provider's "not found", the answer otherwise.
+    fn or_gone(self) -> Result<Option<T>, ProviderError>;
+}
+
+impl<T> OrGone<T> for Result<T, ProviderError> {
+    fn or_gone(self) -> Result<Option<T>, ProviderError> {
+        match self {
+            Ok(answer) => Ok(Some(answer)),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_the_provider_no_longer_has_is_an_answer_and_other_failures_stay_failures() {
+        let gone: Result<u8, ProviderError> = Err(ProviderError::new(ErrorCode::NotFound, "404"));
+        assert_eq!(gone.or_gone(), Ok(None));
+        assert_eq!(Ok::<u8, ProviderError>(7).or_gone(), Ok(Some(7)));
+        let refused = ProviderError::new(ErrorCode::Conflict, "412");
+        assert_eq!(Err::<u8, _>(refused.clone()).or_gone(), Err(refused));
+    }
 
     #[test]
     fn only_transient_codes_are_retryable() {

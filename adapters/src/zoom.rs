@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
+use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
@@ -291,11 +292,12 @@ impl Zoom {
                 params.push(("next_page_token", at.participants_next.clone()));
             }
             let path = format!("/report/meetings/{}/participants", uuid_segment(&uuid));
-            let body = match self.get(conn, &path, &params).await {
-                // A meeting Zoom no longer reports had nobody to list.
-                Err(e) if e.code == ErrorCode::NotFound => Value::Null,
-                other => other?,
-            };
+            // A meeting Zoom no longer reports had nobody to list.
+            let body = self
+                .get(conn, &path, &params)
+                .await
+                .or_gone()?
+                .unwrap_or(Value::Null);
             for mut record in records_of_participants(&body["participants"], &uuid) {
                 record
                     .fields
@@ -510,10 +512,9 @@ impl Pull for Zoom {
             .iter()
             .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
         {
-            match self.get(conn, &format!("/meetings/{id}"), &[]).await {
-                Ok(meeting) => found.extend(records(&json!([meeting]), "id")),
-                Err(e) if e.code == ErrorCode::NotFound => {}
-                Err(e) => return Err(e),
+            let path = format!("/meetings/{id}");
+            if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()? {
+                found.extend(records(&json!([meeting]), "id"));
             }
         }
         Ok(found)
@@ -590,10 +591,11 @@ impl WriteBack for Zoom {
         let path = meeting_path(write)?;
         let base = conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE);
         let url = endpoint(base, &path, &[])?;
-        match self.api.send(conn, Method::DELETE, &url, &[], None).await {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+        self.api
+            .send(conn, Method::DELETE, &url, &[], None)
+            .await
+            .or_gone()
+            .map(drop)
     }
 }
 

@@ -1066,31 +1066,20 @@ async fn drive_delta(
     graph.drive_delta(&format!("/drives/{drive}"), &drive, &params)
 }
 
-/// `GET`, `PATCH` and `DELETE` of one item of a drive.
+/// `GET`, `PATCH` and `DELETE` of one item of a drive: `/drives/{drive}/items/{id}`, or
+/// `/me/drive/items/{id}` for the signed-in user's.
 async fn drive_item(
     State(fake): State<FakeGraph>,
-    Path((drive, id)): Path<(String, String)>,
+    Path(segments): Path<HashMap<String, String>>,
     method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let drive = segments.get("drive").map_or("me", String::as_str);
     fake.state
         .lock()
         .unwrap()
-        .item_request(&drive, &id, &method, &headers, &body)
-}
-
-async fn my_drive_item(
-    State(fake): State<FakeGraph>,
-    Path(id): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    fake.state
-        .lock()
-        .unwrap()
-        .item_request("me", &id, &method, &headers, &body)
+        .item_request(drive, &segments["id"], &method, &headers, &body)
 }
 
 async fn my_drive_delta(
@@ -1287,9 +1276,7 @@ impl FakeGraph {
             )
             .route(
                 &format!("{ROOT}/me/drive/items/{{id}}"),
-                get(my_drive_item)
-                    .patch(my_drive_item)
-                    .delete(my_drive_item),
+                get(drive_item).patch(drive_item).delete(drive_item),
             )
             .route(
                 &format!("{ROOT}/teams/{{team}}/channels/{{channel}}/messages/delta"),

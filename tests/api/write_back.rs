@@ -51,14 +51,52 @@ fn two_way(fake: &FakeSalesforce, strategy: &str) -> Value {
 async fn connect(test: &TestApp, fake: &FakeSalesforce) -> Connection {
     test.register_integration(salesforce(fake)).await;
     test.set_credentials(SF, &fake.credentials()).await;
-    let app = test.app(&[]);
-    let settings = salesforce(fake)["structuredData"]["connection"]
+    stored_connection(test, &salesforce(fake)).await
+}
+
+/// The engine's connection for `integration` (as registered), with the credentials stored for
+/// it.
+async fn stored_connection(test: &TestApp, integration: &Value) -> Connection {
+    let id = integration["id"].as_str().unwrap();
+    let settings = integration["structuredData"]["connection"]
         .as_object()
         .unwrap()
         .clone();
-    let keeper = Arc::new(StoredCredentials::new(&app, "t1", SF));
+    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", id));
     let credentials = keeper.load().await.unwrap();
-    Connection::with_keeper(SF, settings, credentials, keeper)
+    Connection::with_keeper(id, settings, credentials, keeper)
+}
+
+/// An incremental sync of `integration_id` from `provider`, delivered as the host delivers a
+/// scheduled job.
+async fn sync_of(handler: &HostedHandler, integration_id: &str, provider: &str, job_id: &str) {
+    let job = json!({
+        "integrationId": integration_id, "tenantId": "t1", "jobType": "incremental",
+        "provider": provider, "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
+    });
+    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+}
+
+/// Changes synced shard `shard_id` as Castiel's shard service would, through `handler shards
+/// put`: `changes` into its data, its name to `name`. Returns what the command sent.
+async fn edit_in_castiel(test: &TestApp, shard_id: &str, name: &str, changes: Value) -> Value {
+    let mut shard = test
+        .store()
+        .get("t1", shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    shard.name = name.into();
+    for (field, value) in changes.as_object().unwrap() {
+        shard.structured_data[field] = value.clone();
+    }
+    let file = test.data_dir().join("edited.json");
+    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await
 }
 
 fn write(id: Option<&str>, fields: Value, version: Option<&str>) -> RecordWrite {
@@ -146,13 +184,7 @@ async fn salesforce_creates_by_external_id_updates_only_unmodified_records_and_d
 }
 
 async fn sync(handler: &HostedHandler, job_id: &str) {
-    let job = json!({
-        "integrationId": SF, "tenantId": "t1", "jobType": "incremental", "provider": "salesforce",
-        "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
-    });
-    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
-    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
-    assert!(res.host_accepts(), "{res:?}");
+    sync_of(handler, SF, "salesforce", job_id).await;
 }
 
 /// Ann, a contact at Salesforce, synced in under `strategy` by a handler with `settings`.
@@ -919,13 +951,7 @@ fn two_way_drive(fake: &FakeGraph) -> Value {
 /// The engine's connection to the fake drive, with the credentials stored for the integration,
 /// asking for a token that may write or not.
 async fn onedrive_connection(test: &TestApp, fake: &FakeGraph, writes: bool) -> Connection {
-    let settings = two_way_drive(fake)["structuredData"]["connection"]
-        .as_object()
-        .unwrap()
-        .clone();
-    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", OD));
-    let credentials = keeper.load().await.unwrap();
-    let mut conn = Connection::with_keeper(OD, settings, credentials, keeper);
+    let mut conn = stored_connection(test, &two_way_drive(fake)).await;
     conn.writes = writes;
     conn
 }
@@ -1068,20 +1094,6 @@ async fn onedrive_renames_and_deletes_items_only_as_last_read_and_refuses_what_i
     assert!(fake.item(DRIVE, &report).is_none());
 }
 
-async fn sync_drive(handler: &HostedHandler, job_id: &str) {
-    let job = json!({
-        "integrationId": OD, "tenantId": "t1", "jobType": "incremental", "provider": "onedrive",
-        "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
-    });
-    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
-}
-
 #[tokio::test]
 async fn a_file_renamed_in_castiel_is_renamed_in_onedrive_and_the_next_sync_reads_it_back_as_no_change()
  {
@@ -1091,25 +1103,12 @@ async fn a_file_renamed_in_castiel_is_renamed_in_onedrive_and_the_next_sync_read
     test.register_integration(two_way_drive(&fake)).await;
     test.set_credentials(OD, &fake.credentials()).await;
     let handler = test.host_handler().await;
-    sync_drive(&handler, "drive-1").await;
+    sync_of(&handler, OD, "onedrive", "drive-1").await;
     let shard_id = format!("{OD}~driveItem~{report}");
 
     // Renamed in Castiel, and described; the size is left as synced.
-    let file = test.data_dir().join("report.json");
-    let mut shard = test
-        .store()
-        .get("t1", &shard_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .value;
-    shard.name = "Q4 report.docx".into();
-    shard.structured_data["name"] = json!("Q4 report.docx");
-    shard.structured_data["description"] = json!("Board pack");
-    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
-    let sent = test
-        .cli_json(&["shards", "put", file.to_str().unwrap()])
-        .await;
+    let changes = json!({"name": "Q4 report.docx", "description": "Board pack"});
+    let sent = edit_in_castiel(&test, &shard_id, "Q4 report.docx", changes).await;
     assert_eq!(sent[0]["writeBack"]["operation"], "update", "{sent}");
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
     let item = fake.item(DRIVE, &report).unwrap();
@@ -1125,7 +1124,7 @@ async fn a_file_renamed_in_castiel_is_renamed_in_onedrive_and_the_next_sync_read
         "written once, nothing dead-lettered"
     );
 
-    sync_drive(&handler, "drive-2").await;
+    sync_of(&handler, OD, "onedrive", "drive-2").await;
     let synced = test
         .history()
         .await
@@ -1178,13 +1177,7 @@ fn two_way_google_drive(fake: &FakeGoogleDrive) -> Value {
 async fn google_drive_connection(test: &TestApp, fake: &FakeGoogleDrive) -> Connection {
     test.register_integration(two_way_google_drive(fake)).await;
     test.set_credentials(GD, &fake.credentials()).await;
-    let settings = two_way_google_drive(fake)["structuredData"]["connection"]
-        .as_object()
-        .unwrap()
-        .clone();
-    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", GD));
-    let credentials = keeper.load().await.unwrap();
-    Connection::with_keeper(GD, settings, credentials, keeper)
+    stored_connection(test, &two_way_google_drive(fake)).await
 }
 
 fn file_write(id: &str, fields: Value, version: Option<&str>) -> RecordWrite {
@@ -1371,35 +1364,11 @@ async fn a_file_renamed_in_castiel_is_renamed_in_google_drive_and_trashed_when_d
     test.register_integration(two_way_google_drive(&fake)).await;
     test.set_credentials(GD, &fake.credentials()).await;
     let handler = test.host_handler().await;
-    let sync = |job_id: &'static str| {
-        let job = json!({
-            "integrationId": GD, "tenantId": "t1", "jobType": "incremental",
-            "provider": "google_drive", "jobId": job_id, "scheduledAt": Utc::now(), "attempt": 1
-        });
-        service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None)
-    };
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &sync("gd-1"))
-            .await
-            .host_accepts()
-    );
+    sync_of(&handler, GD, "google_drive", "gd-1").await;
     let shard_id = format!("{GD}~files~{plan}");
 
-    let file = test.data_dir().join("plan.json");
-    let mut shard = test
-        .store()
-        .get("t1", &shard_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .value;
-    shard.name = "Plan 2027.txt".into();
-    shard.structured_data["name"] = json!("Plan 2027.txt");
-    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
-    let sent = test
-        .cli_json(&["shards", "put", file.to_str().unwrap()])
-        .await;
+    let changes = json!({"name": "Plan 2027.txt"});
+    let sent = edit_in_castiel(&test, &shard_id, "Plan 2027.txt", changes).await;
     assert_eq!(
         sent[0]["writeBack"]["changedFields"],
         json!(["name"]),
@@ -1408,12 +1377,7 @@ async fn a_file_renamed_in_castiel_is_renamed_in_google_drive_and_trashed_when_d
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
     assert_eq!(fake.file(&plan).unwrap().name, "Plan 2027.txt");
 
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &sync("gd-2"))
-            .await
-            .host_accepts()
-    );
+    sync_of(&handler, GD, "google_drive", "gd-2").await;
     let synced = test
         .history()
         .await
@@ -1437,12 +1401,9 @@ async fn a_file_renamed_in_castiel_is_renamed_in_google_drive_and_trashed_when_d
     );
 }
 
-#[tokio::test]
-async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midnight() {
-    let test = TestApp::new();
-    let fake = FakeZoom::start().await;
-    let standup = fake.add_meeting("Standup");
-    let integration = json!({
+/// A Zoom integration whose meetings sync both ways, against `fake`.
+fn two_way_zoom(fake: &FakeZoom) -> Value {
+    json!({
         "id": "int-zoom", "tenantId": "t1", "name": "Zoom",
         "structuredData": {
             "providerName": "zoom",
@@ -1455,16 +1416,17 @@ async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midn
                 "fieldMappings": [{"source": "topic", "target": "topic"}]
             }]
         }
-    });
-    test.register_integration(integration.clone()).await;
+    })
+}
+
+#[tokio::test]
+async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midnight() {
+    let test = TestApp::new();
+    let fake = FakeZoom::start().await;
+    let standup = fake.add_meeting("Standup");
+    test.register_integration(two_way_zoom(&fake)).await;
     test.set_credentials("int-zoom", &fake.credentials()).await;
-    let settings = integration["structuredData"]["connection"]
-        .as_object()
-        .unwrap()
-        .clone();
-    let keeper = Arc::new(StoredCredentials::new(&test.app(&[]), "t1", "int-zoom"));
-    let credentials = keeper.load().await.unwrap();
-    let mut conn = Connection::with_keeper("int-zoom", settings, credentials, keeper);
+    let mut conn = stored_connection(&test, &two_way_zoom(&fake)).await;
     let zoom = adapters::zoom::Zoom::new();
     let writer = adapters::Provider::write_back(&zoom).unwrap();
     let meeting_write = |fields: Value| RecordWrite {
@@ -1561,47 +1523,14 @@ async fn a_meeting_update_past_zooms_daily_cap_is_held_until_it_lifts_without_sp
     let fake = FakeZoom::start().await;
     fake.state.lock().unwrap().app_scopes = "meeting:read meeting:write recording:read";
     let standup = fake.add_meeting("Standup");
-    test.register_integration(json!({
-        "id": "int-zoom", "tenantId": "t1", "name": "Zoom",
-        "structuredData": {
-            "providerName": "zoom",
-            "syncFrequency": {"type": "manual"},
-            "writeBack": {"enabled": true},
-            "connection": {"tokenUrl": fake.token_url(), "apiBaseUrl": fake.api_base()},
-            "entityMappings": [{
-                "externalEntity": "meetings", "shardTypeId": "c_meeting", "nameField": "topic",
-                "bidirectional": true,
-                "fieldMappings": [{"source": "topic", "target": "topic"}]
-            }]
-        }
-    }))
-    .await;
+    test.register_integration(two_way_zoom(&fake)).await;
     test.set_credentials("int-zoom", &fake.credentials()).await;
     let handler = test.host_handler().await;
-    let job = json!({"integrationId": "int-zoom", "tenantId": "t1", "jobType": "full_sync",
-                     "provider": "zoom", "jobId": "zoom-1", "scheduledAt": Utc::now(), "attempt": 1});
-    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), "zoom-1", 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    sync_of(&handler, "int-zoom", "zoom", "zoom-1").await;
 
     let shard_id = format!("int-zoom~meetings~{standup}");
-    let mut shard = test
-        .store()
-        .get("t1", &shard_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .value;
-    shard.name = "Daily standup".into();
-    shard.structured_data["topic"] = json!("Daily standup");
-    let file = test.data_dir().join("standup.json");
-    std::fs::write(&file, serde_json::to_string(&shard).unwrap()).unwrap();
-    test.cli_json(&["shards", "put", file.to_str().unwrap()])
-        .await;
+    let changes = json!({"topic": "Daily standup"});
+    edit_in_castiel(&test, &shard_id, "Daily standup", changes).await;
     fake.state.lock().unwrap().updates_left_today = 0;
     let before = Utc::now();
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);

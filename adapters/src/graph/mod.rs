@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
+use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest};
 use crate::microsoft;
 use crate::{
@@ -71,8 +72,16 @@ impl Dialect for GraphDialect {
         microsoft::token_request(conn, &scope)
     }
 
+    /// A name its folder already holds stays taken however often a write is tried, where
+    /// Graph's other 409s and its 412 say the item moved on, which a retry that reads it again
+    /// settles.
     fn error(&self, status: reqwest::StatusCode, body: &Value) -> ProviderError {
-        microsoft::answer_error(status, body)
+        let error = microsoft::answer_error(status, body);
+        if body["error"]["code"] == "nameAlreadyExists" {
+            ProviderError::new(ErrorCode::ValidationError, error.message)
+        } else {
+            error
+        }
     }
 }
 
@@ -198,10 +207,10 @@ impl Graph {
     pub async fn unsubscribe(&self, conn: &mut Connection, id: &str) -> Result<(), ProviderError> {
         microsoft::check_id("subscription", id)?;
         let url = format!("{}/subscriptions/{id}", Self::base(conn));
-        match self.send(conn, Method::DELETE, &url, None).await {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+        self.send(conn, Method::DELETE, &url, None)
+            .await
+            .or_gone()
+            .map(drop)
     }
 }
 

@@ -23,6 +23,7 @@ use reqwest::Method;
 use serde_json::{Map, Value};
 
 use super::Graph;
+use crate::OrGone;
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record, RecordWrite,
     RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookDelivery,
@@ -141,12 +142,14 @@ impl Pull for OneDrive {
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
             let url = Self::item_url(conn, id)?;
-            match self.graph.send(conn, Method::GET, &url, None).await {
-                Ok(Value::Object(item)) => records.extend(record_of(&item)),
-                Ok(_) => {}
-                // Deleted (or in the recycle bin, which Graph does not serve either).
-                Err(e) if e.code == ErrorCode::NotFound => {}
-                Err(e) => return Err(e),
+            // Gone when deleted (or in the recycle bin, which Graph does not serve either).
+            let item = self
+                .graph
+                .send(conn, Method::GET, &url, None)
+                .await
+                .or_gone()?;
+            if let Some(Value::Object(item)) = item {
+                records.extend(record_of(&item));
             }
         }
         Ok(records)
@@ -183,8 +186,7 @@ impl WriteBack for OneDrive {
         let item = self
             .graph
             .send_with(conn, Method::PATCH, &url, &headers, Some(&body))
-            .await
-            .map_err(name_taken)?;
+            .await?;
         Ok(Written {
             external_id: id.to_string(),
             version: item["eTag"].as_str().map(str::to_string),
@@ -199,14 +201,11 @@ impl WriteBack for OneDrive {
         check_entity(&write.entity)?;
         let url = Self::item_url(conn, write.external_id.as_deref().unwrap_or_default())?;
         let headers = if_match(write);
-        match self
-            .graph
+        self.graph
             .send_with(conn, Method::DELETE, &url, &headers, None)
             .await
-        {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+            .or_gone()
+            .map(drop)
     }
 }
 
@@ -217,17 +216,6 @@ fn if_match(write: &RecordWrite) -> Vec<(&'static str, String)> {
         .iter()
         .map(|etag| ("If-Match", etag.clone()))
         .collect()
-}
-
-/// A rename onto a name its folder already holds is refused for good (409
-/// `nameAlreadyExists`), where another 409 or a 412 says the item moved on and a retry that
-/// reads it again may succeed.
-fn name_taken(e: ProviderError) -> ProviderError {
-    if e.code == ErrorCode::Conflict && e.message.contains("nameAlreadyExists") {
-        ProviderError::new(ErrorCode::ValidationError, e.message)
-    } else {
-        e
-    }
 }
 
 #[async_trait]

@@ -32,6 +32,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::OrGone;
 use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
 use crate::{
@@ -366,10 +367,7 @@ impl WriteBack for Salesforce {
             headers: &[],
             batch_size: None,
         };
-        match self.send::<Value>(conn, &request).await {
-            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-            other => other.map(drop),
-        }
+        self.send::<Value>(conn, &request).await.or_gone().map(drop)
     }
 }
 
