@@ -417,7 +417,8 @@ impl Pull for GoogleDrive {
     }
 }
 
-/// Renames, describes, moves and trashes files, each only over the version the engine read.
+/// Renames, describes and moves files only over the version the engine read, and trashes
+/// them.
 #[async_trait]
 impl WriteBack for GoogleDrive {
     async fn create(

@@ -156,7 +156,7 @@ impl Pull for OneDrive {
     }
 }
 
-/// Renames, moves and deletes items, each under the version the engine read.
+/// Renames and moves items under the version the engine read, and deletes them.
 #[async_trait]
 impl WriteBack for OneDrive {
     async fn create(
