@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
-use crate::{Connection, ProviderError, RateLimiter};
+use crate::{Connection, Credentials, ProviderError, RateLimiter};
 
 /// A `Retry-After` at least this long means the allocation is used up until later.
 const QUOTA_WAIT: Duration = Duration::from_secs(3600);
@@ -116,7 +116,8 @@ impl<D: Dialect> Api<D> {
         let token = self.dialect.token_request(conn);
         let retry = conn.retry;
         let client = http::client();
-        crate::credentials::refresh(conn, |credentials| {
+        let serves = |credentials: &Credentials| oauth::has_scope(credentials, &token.extra);
+        crate::credentials::refresh(conn, serves, |credentials| {
             let grant = token
                 .grant
                 .unwrap_or_else(|| Grant::for_credentials(&credentials));

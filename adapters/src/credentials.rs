@@ -10,7 +10,9 @@
 //!   refresher may all find an expired token at once. Each refresh holds the integration's lease
 //!   (the keeper's to implement across processes); whoever gets the lease second first reads the
 //!   stored credentials again, and if somebody else already refreshed, uses theirs instead of
-//!   spending a refresh token that is already dead.
+//!   spending a refresh token that is already dead. Theirs serves only if it was asked for
+//!   what this connection needs: a token asked for reading does not serve a write, and is
+//!   refreshed again with the refresh token it left behind.
 //!
 //! A provider that still answers `invalid_grant` may have lost a race the lease could not see
 //! (a lease that expired under a slow refresh): if the stored refresh token changed meanwhile,
@@ -89,9 +91,15 @@ impl CredentialKeeper for InMemory {
 
 /// Refreshes `conn`'s credentials through `exchange` (the provider's token request, given the
 /// credentials to refresh), once per integration at a time, storing the result before the
-/// connection uses it. See the module documentation for the rules.
-pub async fn refresh<F, Fut>(conn: &mut Connection, exchange: F) -> Result<(), ProviderError>
+/// connection uses it. `serves` says whether credentials somebody else refreshed meanwhile
+/// serve this connection (their token's scope). See the module documentation for the rules.
+pub async fn refresh<S, F, Fut>(
+    conn: &mut Connection,
+    serves: S,
+    exchange: F,
+) -> Result<(), ProviderError>
 where
+    S: Fn(&Credentials) -> bool,
     F: Fn(Credentials) -> Fut,
     Fut: Future<Output = Result<Refreshed, ProviderError>>,
 {
@@ -100,6 +108,7 @@ where
     let stored = keeper.lock().await?;
     if stored.get("access_token").is_some()
         && stored.get("access_token") != used.get("access_token")
+        && serves(&stored)
     {
         // Somebody refreshed while this connection waited: theirs is the live token.
         keeper.unlock().await;
@@ -154,7 +163,7 @@ mod tests {
         let initial = creds(json!({"refresh_token": "rt-0"}));
         let keeper = Arc::new(InMemory::new(initial.clone()));
         let mut conn = Connection::with_keeper("i", Map::new(), initial, keeper.clone());
-        refresh(&mut conn, |c| async move { Ok(rotate(&c, 1)) })
+        refresh(&mut conn, |_| true, |c| async move { Ok(rotate(&c, 1)) })
             .await
             .unwrap();
         assert_eq!(conn.credentials.get("refresh_token"), Some("rt-1"));
@@ -172,14 +181,52 @@ mod tests {
         let stale = creds(json!({"refresh_token": "rt-0", "access_token": "at-0"}));
         let mut conn = Connection::with_keeper("i", Map::new(), stale, keeper);
         let calls = AtomicUsize::new(0);
-        refresh(&mut conn, |c| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async move { Ok(rotate(&c, 2)) }
-        })
+        refresh(
+            &mut conn,
+            |_| true,
+            |c| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(rotate(&c, 2)) }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 0, "no refresh token spent");
         assert_eq!(conn.credentials.get("access_token"), Some("at-1"));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_somebody_else_made_for_another_scope_is_refreshed_again_with_its_token() {
+        // A job that still only reads refreshed while a write-back waited for the lease.
+        let keeper = Arc::new(InMemory::new(creds(json!({
+            "refresh_token": "rt-1", "access_token": "at-1", "access_token_scope": "read",
+        }))));
+        let stale = creds(json!({"refresh_token": "rt-0", "access_token": "at-0"}));
+        let mut conn = Connection::with_keeper("i", Map::new(), stale, keeper.clone());
+        let spent = Mutex::new(Vec::new());
+        refresh(
+            &mut conn,
+            |c| c.get("access_token_scope") == Some("write"),
+            |c| {
+                spent
+                    .lock()
+                    .unwrap()
+                    .extend(c.get("refresh_token").map(str::to_string));
+                let mut next = rotate(&c, 2);
+                next.credentials.set("access_token_scope", "write");
+                async move { Ok(next) }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *spent.lock().unwrap(),
+            ["rt-1"],
+            "the live refresh token, once"
+        );
+        assert_eq!(conn.credentials.get("access_token"), Some("at-2"));
+        let stored = keeper.stored().await.unwrap();
+        assert_eq!(stored.get("access_token_scope"), Some("write"));
     }
 
     #[tokio::test]
@@ -203,16 +250,20 @@ mod tests {
             json!({"refresh_token": "rt-live"}),
         ))));
         let mut conn = Connection::with_keeper("i", Map::new(), Credentials::default(), keeper);
-        refresh(&mut conn, |c| async move {
-            if c.get("refresh_token") == Some("rt-live") {
-                Ok(rotate(&c, 3))
-            } else {
-                Err(ProviderError::new(
-                    ErrorCode::AuthenticationFailed,
-                    "invalid_grant",
-                ))
-            }
-        })
+        refresh(
+            &mut conn,
+            |_| true,
+            |c| async move {
+                if c.get("refresh_token") == Some("rt-live") {
+                    Ok(rotate(&c, 3))
+                } else {
+                    Err(ProviderError::new(
+                        ErrorCode::AuthenticationFailed,
+                        "invalid_grant",
+                    ))
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(conn.credentials.get("refresh_token"), Some("rt-3"));
@@ -243,12 +294,16 @@ mod tests {
             Credentials::default(),
             Arc::new(Counting(unlocked.clone())),
         );
-        let err = refresh(&mut conn, |_| async {
-            Err::<Refreshed, _>(ProviderError::new(
-                ErrorCode::AuthenticationFailed,
-                "invalid_grant",
-            ))
-        })
+        let err = refresh(
+            &mut conn,
+            |_| true,
+            |_| async {
+                Err::<Refreshed, _>(ProviderError::new(
+                    ErrorCode::AuthenticationFailed,
+                    "invalid_grant",
+                ))
+            },
+        )
         .await
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::AuthenticationFailed);

@@ -86,18 +86,23 @@ impl Salesforce {
         self.limiter.acquire(&conn.integration_id).await;
         // Salesforce's answer has no `expires_in`: the token expires silently, after the session
         // timeout the org sets. It names the instance to call from now on (`instance_url`).
-        crate::credentials::refresh(conn, |credentials| {
-            let url = url.clone();
-            async move {
-                let request = oauth::Exchange {
-                    url: &url,
-                    grant: Grant::RefreshToken,
-                    extra: &[],
-                    client_auth: ClientAuth::Form,
-                };
-                oauth::exchange(client, &request, credentials, retry).await
-            }
-        })
+        // Every Salesforce token is asked for alike: whoever refreshed, theirs serves.
+        crate::credentials::refresh(
+            conn,
+            |_| true,
+            |credentials| {
+                let url = url.clone();
+                async move {
+                    let request = oauth::Exchange {
+                        url: &url,
+                        grant: Grant::RefreshToken,
+                        extra: &[],
+                        client_auth: ClientAuth::Form,
+                    };
+                    oauth::exchange(client, &request, credentials, retry).await
+                }
+            },
+        )
         .await
     }
 
