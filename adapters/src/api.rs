@@ -16,6 +16,15 @@ use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
 use crate::{Connection, Credentials, ProviderError, RateLimiter};
 
+/// Which failed tries of a request [`Api`] sends again in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Any that waiting can fix: the request means the same however often it arrives.
+    Safe,
+    /// Only those the service cannot have carried out.
+    IfNotCarriedOut,
+}
+
 /// A `Retry-After` at least this long means the allocation is used up until later.
 const QUOTA_WAIT: Duration = Duration::from_secs(3600);
 
@@ -146,6 +155,35 @@ impl<D: Dialect> Api<D> {
         headers: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Answer, ProviderError> {
+        self.send_as(conn, method, url, headers, body, Repeat::Safe)
+            .await
+    }
+
+    /// Sends a request that must not take effect twice (a `POST` that creates), retrying in
+    /// place only what the service cannot have carried out: a connection never made, a 401
+    /// before a token refresh, a 429. After a timeout, a dropped connection or a 5xx, the
+    /// record may exist; the error goes back to the engine, whose retry looks for it first.
+    pub async fn send_once(
+        &self,
+        conn: &mut Connection,
+        method: Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Answer, ProviderError> {
+        self.send_as(conn, method, url, headers, body, Repeat::IfNotCarriedOut)
+            .await
+    }
+
+    async fn send_as(
+        &self,
+        conn: &mut Connection,
+        method: Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Option<&Value>,
+        repeat: Repeat,
+    ) -> Result<Answer, ProviderError> {
         let fixed = self.dialect.static_authorization(conn);
         let stale = || {
             !oauth::has_live_token(&conn.credentials, Utc::now())
@@ -178,8 +216,8 @@ impl<D: Dialect> Api<D> {
                 request = request.json(body);
             }
             self.limiter.acquire(&conn.integration_id).await;
-            let (error, retry_after) = match request.send().await {
-                Err(e) => (http::transport_error(service, &e), None),
+            let (error, retry_after, carried_out) = match request.send().await {
+                Err(e) => (http::transport_error(service, &e), None, !e.is_connect()),
                 Ok(response) => {
                     let status = response.status();
                     let headers = response.headers().clone();
@@ -204,9 +242,13 @@ impl<D: Dialect> Api<D> {
                     }
                     let mut error = self.dialect.error(status, &body);
                     error.message = format!("{service}: {}", error.message);
-                    (allocation_or(error, retry_after), retry_after)
+                    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+                    (allocation_or(error, retry_after), retry_after, !throttled)
                 }
             };
+            if repeat == Repeat::IfNotCarriedOut && carried_out {
+                return Err(error);
+            }
             retries.wait_or_fail(error, retry_after).await?;
         }
     }

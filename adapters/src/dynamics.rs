@@ -412,13 +412,10 @@ impl Dynamics365 {
         extra: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<Value, ProviderError> {
-        let mut headers = vec![
-            ("OData-MaxVersion", "4.0".to_string()),
-            ("OData-Version", "4.0".to_string()),
-            ("Prefer", "return=representation".to_string()),
-        ];
-        headers.extend(extra.iter().cloned());
-        let answer = self.api.send(conn, method, url, &headers, body).await?;
+        let answer = self
+            .api
+            .send(conn, method, url, &write_headers(extra), body)
+            .await?;
         Ok(answer.body)
     }
 
@@ -505,9 +502,13 @@ impl WriteBack for Dynamics365 {
             Value::String(write.idempotency_key.clone()),
         );
         let body = Value::Object(fields);
+        // Sent once: a create whose answer is lost is looked up again (above) by the engine's
+        // retry, never posted again blindly.
         let row = self
-            .write(conn, Method::POST, &url, &[], Some(&body))
-            .await?;
+            .api
+            .send_once(conn, Method::POST, &url, &write_headers(&[]), Some(&body))
+            .await?
+            .body;
         let external_id = row[&key].as_str().map(str::to_string).ok_or_else(|| {
             ProviderError::new(
                 ErrorCode::ValidationError,
@@ -725,6 +726,17 @@ impl Webhooks for Dynamics365 {
             answer: WebhookAnswer::new(200, "application/json", "{}"),
         })
     }
+}
+
+/// The headers of a write: OData 4.0, the written row in the answer, and `extra`.
+fn write_headers<'a>(extra: &[(&'a str, String)]) -> Vec<(&'a str, String)> {
+    let mut headers = vec![
+        ("OData-MaxVersion", "4.0".to_string()),
+        ("OData-Version", "4.0".to_string()),
+        ("Prefer", "return=representation".to_string()),
+    ];
+    headers.extend(extra.iter().cloned());
+    headers
 }
 
 #[cfg(test)]

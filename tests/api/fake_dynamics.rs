@@ -59,6 +59,9 @@ pub struct Dataverse {
     pub expire_delta_tokens: bool,
     /// The next write is made, then its answer waits until the test releases it.
     pub hold_next_write: bool,
+    /// The next write is made, and its answer lost on the way back: the gateway in front of
+    /// the environment answers 504 instead.
+    pub lose_next_write_answer: bool,
     /// Every data request's method, path and decoded query, in order.
     pub requests: Vec<String>,
     url: String,
@@ -655,6 +658,9 @@ async fn data(
                 "The requested method is not supported on this resource.",
             ),
         };
+        if writes && std::mem::take(&mut dv.lose_next_write_answer) {
+            return (StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout").into_response();
+        }
         (answer, writes && std::mem::take(&mut dv.hold_next_write))
     };
     if hold {

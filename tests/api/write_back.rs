@@ -713,11 +713,10 @@ async fn manual_overwrites_neither_side_until_an_operator_takes_one() {
     );
 }
 
-#[tokio::test]
-async fn dynamics_365_rows_are_created_once_whatever_the_deliveries_then_updated_and_deleted() {
-    let test = TestApp::new();
-    let fake = FakeDynamics::start().await;
-    test.register_integration(json!({
+/// A Dynamics 365 integration that writes its contacts back, keeping each row's shard id in
+/// `castiel_id`.
+fn two_way_dynamics(fake: &FakeDynamics) -> Value {
+    json!({
         "id": "int-contoso", "tenantId": "t1", "name": "Contoso CRM",
         "structuredData": {
             "providerName": "dynamics365",
@@ -734,8 +733,57 @@ async fn dynamics_365_rows_are_created_once_whatever_the_deliveries_then_updated
                 ]
             }]
         }
-    }))
-    .await;
+    })
+}
+
+#[tokio::test]
+async fn a_dynamics_365_row_whose_answer_the_gateway_lost_is_found_again_not_created_twice() {
+    let test = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    test.register_integration(two_way_dynamics(&fake)).await;
+    test.set_credentials("int-contoso", &fake.credentials())
+        .await;
+    let handler = test.host_handler().await;
+    let file = test.data_dir().join("zoe.json");
+    let shard = json!({"id": "shard-zoe", "tenantId": "t1", "shardTypeId": "c_contact",
+                       "name": "Zoe", "structuredData": {"full_name": "Zoe Ng", "email": "zoe@contoso.test"}});
+    std::fs::write(&file, shard.to_string()).unwrap();
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+
+    // Dataverse makes the row; the gateway in front of it answers 504.
+    fake.state.lock().unwrap().lose_next_write_answer = true;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let posts = |fake: &FakeDynamics| {
+        fake.requests()
+            .iter()
+            .filter(|r| r.starts_with("POST"))
+            .count()
+    };
+    assert_eq!(posts(&fake), 1, "a create is not sent again in place");
+    let retry = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(retry.len(), 1, "the write-back is retried later");
+    assert!(retry[0].message_id.ends_with(":attempt-2"));
+
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(posts(&fake), 1, "the retry found the row by its castiel_id");
+    let rows = fake.rows("contacts");
+    assert_eq!(rows.len(), 1, "one row");
+    assert_eq!(rows[0]["castiel_id"], "shard-zoe");
+    assert!(test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty());
+    assert!(
+        test.broker()
+            .peek(handler::queue::SYNC_DEADLETTER)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn dynamics_365_rows_are_created_once_whatever_the_deliveries_then_updated_and_deleted() {
+    let test = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    test.register_integration(two_way_dynamics(&fake)).await;
     test.set_credentials("int-contoso", &fake.credentials())
         .await;
     let handler = test.host_handler().await;
