@@ -56,19 +56,25 @@ pub enum MergeStrategy {
 }
 
 impl DedupRule {
-    /// Where the key is stored on a shard: `dedupKeys.<this>`.
+    /// Where the key is stored on a shard: `dedupKeys.<this>`, an identifier a query can
+    /// name (letters, digits and `_`, not led by a digit), whatever the field is called.
     pub fn key_name(&self) -> String {
         let matching = match self.matching {
             Matching::Exact => "exact",
             Matching::Fuzzy => "fuzzy",
             Matching::Phonetic => "phonetic",
         };
+        let lead = if self.field.starts_with(|c: char| c.is_ascii_digit()) {
+            "_"
+        } else {
+            ""
+        };
         let field: String = self
             .field
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        format!("{field}_{matching}")
+        format!("{lead}{field}_{matching}")
     }
 
     /// The match key of a record's transformed data, if the field has a value.
@@ -344,6 +350,21 @@ mod tests {
         assert_ne!(fuzzy.key(&c), fuzzy.key(&d));
         assert_eq!(exact.key(&data(json!({"email": null}))), None);
         assert_eq!(exact.key_name(), "email_exact");
+    }
+
+    #[test]
+    fn a_key_name_is_an_identifier_whatever_the_field_is_called() {
+        for (field, name) in [
+            ("2nd email", "_2nd_email_exact"),
+            ("e-mail", "e_mail_exact"),
+            ("courriel_électronique", "courriel__lectronique_exact"),
+        ] {
+            let rule = DedupRule {
+                field: field.into(),
+                matching: Matching::Exact,
+            };
+            assert_eq!(rule.key_name(), name);
+        }
     }
 
     #[test]

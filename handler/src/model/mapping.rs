@@ -187,6 +187,29 @@ impl EntityMapping {
             m.validate()
                 .map_err(|e| format!("{} → {}: {e}", self.external_entity, self.shard_type_id))?;
         }
+        // A rule on a field no mapping writes would never find a duplicate. (With no mappings,
+        // every field of the record is copied, whatever it is called.)
+        let targets = || {
+            self.field_mappings
+                .iter()
+                .flat_map(|m| m.target.iter().chain(&m.targets))
+        };
+        if !self.field_mappings.is_empty()
+            && let Some(rules) = &self.deduplication
+            && let Some(rule) = rules
+                .rules
+                .iter()
+                .find(|r| !targets().any(|t| *t == r.field))
+        {
+            return Err(format!(
+                "{} → {}: the deduplication rule's field `{}` is not a target of the field \
+                 mappings (targets: {})",
+                self.external_entity,
+                self.shard_type_id,
+                rule.field,
+                targets().map(String::as_str).collect::<Vec<_>>().join(", ")
+            ));
+        }
         Ok(())
     }
 }
@@ -793,5 +816,26 @@ mod tests {
         assert!(m.create_new);
         assert_eq!(m.source_fields(), ["Name", "City", "Country", "Industry"]);
         assert!(m.validate().is_ok());
+    }
+
+    #[test]
+    fn a_deduplication_rule_must_match_on_a_field_the_mappings_write() {
+        let mapping = |field: &str| -> EntityMapping {
+            serde_json::from_value(json!({
+                "externalEntity": "Contact", "shardTypeId": "c_contact",
+                "fieldMappings": [{"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
+                                  {"source": "Email", "target": "email"}],
+                "deduplication": {"rules": [{"field": field}]}
+            }))
+            .unwrap()
+        };
+        assert!(mapping("email").validate().is_ok());
+        assert!(mapping("last_name").validate().is_ok());
+        let refused = mapping("Email").validate().unwrap_err();
+        assert!(
+            refused.contains("`Email` is not a target")
+                && refused.contains("first_name, last_name, email"),
+            "{refused}"
+        );
     }
 }
