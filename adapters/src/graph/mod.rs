@@ -286,6 +286,18 @@ pub fn route(request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError>
     Ok(WebhookRoute::To(keys))
 }
 
+/// A notification's content as 16 hex digits (SHA-256 of its JSON, keys sorted, without its
+/// `clientState`, which is a secret).
+fn content_id(notification: &Map<String, Value>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut content = notification.clone();
+    content.remove("clientState");
+    Sha256::digest(Value::Object(content).to_string().as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn notifications(request: &WebhookRequest<'_>) -> Result<Vec<Map<String, Value>>, WebhookError> {
     let malformed = |why: &str| WebhookError::Malformed(format!("a Graph notification {why}"));
     let body: Value = request
@@ -343,13 +355,15 @@ pub fn verify(
                 "a notification for subscription `{subscription}` has the wrong clientState"
             )));
         }
-        let id = text(&n, "id").unwrap_or_else(|| {
+        let id = text(&n, "id").unwrap_or_else(|| match text(&n, "lifecycleEvent") {
             // Lifecycle notifications have no id: one per event and expiry.
-            format!(
-                "{subscription}:{}:{}",
-                text(&n, "lifecycleEvent").unwrap_or_default(),
+            Some(event) => format!(
+                "{subscription}:{event}:{}",
                 text(&n, "subscriptionExpirationDateTime").unwrap_or_default()
-            )
+            ),
+            // Graph may leave a change notification's id out: what it says tells it apart
+            // from another (and a delivery of it again from nothing).
+            None => format!("{subscription}:change:{}", content_id(&n)),
         });
         let id = id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
         out.push(match text(&n, "lifecycleEvent").as_deref() {
@@ -449,5 +463,33 @@ mod tests {
             matches!(err, WebhookError::Forged(_)),
             "no secret kept for s2: {err}"
         );
+    }
+
+    #[test]
+    fn change_notifications_without_an_id_are_told_apart_by_what_they_say() {
+        let none = BTreeMap::new();
+        let change = |resource: &str| {
+            json!({"subscriptionId": "s1", "clientState": "secret-1", "changeType": "updated",
+                   "resource": resource, "subscriptionExpirationDateTime": "2026-11-23T00:00:00Z"})
+        };
+        let body = json!({"value": [change("drives/d/items/a"), change("drives/d/items/b"),
+                                    change("drives/d/items/a")]})
+        .to_string();
+        let mut credentials = Credentials::default();
+        credentials.set("clientState:s1", "secret-1");
+        let conn = Connection::new("int-1", Map::new(), credentials);
+        let key = RouteKey::Subscription("s1".into());
+        let delivery = verify(&conn, &request(&none, Some(&body)), &key, "driveItem").unwrap();
+        let ids: Vec<&str> = delivery
+            .notifications
+            .iter()
+            .map(|n| match n {
+                WebhookNotification::CatchUp { id, .. } => id.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_ne!(ids[0], ids[1], "two changes, two messages");
+        assert_eq!(ids[0], ids[2], "the same change again, one message");
+        assert!(ids[0].starts_with("s1_change_") && !ids[0].contains("secret"));
     }
 }
