@@ -185,7 +185,7 @@ pub async fn exchange(
         credentials.set("api_base_url", base.trim_end_matches('/'));
     }
     remember_scope(&mut credentials, request.extra);
-    let expires_at = expires_in(&body).map(|seconds| Utc::now() + Duration::seconds(seconds));
+    let expires_at = expires_at(&body, Utc::now());
     match expires_at {
         Some(at) => credentials.set(EXPIRES_AT, at.to_rfc3339()),
         None => credentials.remove(EXPIRES_AT),
@@ -196,13 +196,16 @@ pub async fn exchange(
     })
 }
 
-/// `expires_in`, which some providers send as a string.
-fn expires_in(body: &Value) -> Option<i64> {
-    match &body["expires_in"] {
+/// When the token expires, from `expires_in` (which some providers send as a string). A time
+/// past any date is as good as none said: the token is used until refused. The refresh token
+/// the same answer rotated must still be stored.
+fn expires_at(body: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let seconds = match &body["expires_in"] {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.parse().ok(),
         _ => None,
-    }
+    }?;
+    Duration::try_seconds(seconds).and_then(|d| now.checked_add_signed(d))
 }
 
 /// A refused token request, without anything of the request in it.
@@ -296,7 +299,17 @@ mod tests {
         assert!(has_live_token(&credentials, now));
         credentials.set(EXPIRES_AT, (now + Duration::seconds(30)).to_rfc3339());
         assert!(!has_live_token(&credentials, now));
-        assert_eq!(expires_in(&json!({"expires_in": "3599"})), Some(3599));
-        assert_eq!(expires_in(&json!({"expires_in": 3599})), Some(3599));
+    }
+
+    #[test]
+    fn expires_in_is_read_as_a_number_or_a_string_and_an_absurd_one_as_none() {
+        let now = Utc::now();
+        let hour = Some(now + Duration::seconds(3599));
+        assert_eq!(expires_at(&json!({"expires_in": "3599"}), now), hour);
+        assert_eq!(expires_at(&json!({"expires_in": 3599}), now), hour);
+        for absurd in [json!(9_000_000_000_000_i64), json!(i64::MAX.to_string())] {
+            assert_eq!(expires_at(&json!({"expires_in": absurd}), now), None);
+        }
+        assert_eq!(expires_at(&json!({"expires_in": "soon"}), now), None);
     }
 }

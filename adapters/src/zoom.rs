@@ -263,7 +263,7 @@ impl Zoom {
             },
         };
         let from = at.from.unwrap_or(today);
-        let to = (from + Duration::days(WINDOW_DAYS)).min(today);
+        let to = window_end(from, today);
         let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
         let mut records = Vec::new();
         if at.queue.is_empty() {
@@ -358,7 +358,7 @@ impl Zoom {
                 next: String::new(),
             },
         };
-        let to = (window.from + Duration::days(WINDOW_DAYS)).min(today);
+        let to = window_end(window.from, today);
         let mut params = vec![
             ("from", window.from.to_string()),
             ("to", to.to_string()),
@@ -789,10 +789,29 @@ impl Provider for Zoom {
     }
 }
 
+/// The last day of the window that starts on `from`: [`WINDOW_DAYS`] later, or today if that
+/// is sooner (a cursor past any date included).
+fn window_end(from: NaiveDate, today: NaiveDate) -> NaiveDate {
+    from.checked_add_signed(Duration::days(WINDOW_DAYS))
+        .map_or(today, |end| end.min(today))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_window_ends_thirty_days_on_or_today_even_from_a_cursor_past_any_date() {
+        let today = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+        let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        assert_eq!(
+            window_end(day(2026, 10, 1), today),
+            day(2026, 10, 1) + Duration::days(WINDOW_DAYS)
+        );
+        assert_eq!(window_end(day(2026, 11, 30), today), today);
+        assert_eq!(window_end(NaiveDate::MAX, today), today);
+    }
 
     fn delivery(headers: &[(&str, String)], body: &str) -> Result<(), WebhookError> {
         let headers: Vec<(String, Vec<String>)> = headers

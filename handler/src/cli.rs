@@ -721,7 +721,9 @@ async fn history_stats(
     days: u32,
     json: bool,
 ) -> CliResult {
-    let since = Utc::now() - chrono::Duration::days(i64::from(days));
+    let since = Utc::now()
+        .checked_sub_signed(chrono::Duration::days(i64::from(days)))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut query = ShardQuery::of_type(shard_types::INTEGRATION_SYNC)
         .in_tenant(tenant)
         .filter(

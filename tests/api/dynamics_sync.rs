@@ -468,4 +468,10 @@ async fn history_stats_add_up_an_integrations_syncs() {
         (&json!(1), &json!(1))
     );
     assert!(mine["p95DurationMs"].is_u64(), "{mine}");
+
+    // A window reaching back past the first date there is covers every sync.
+    let ever = app
+        .cli_json(&["history", "--tenant", "t1", "--stats", "4294967295"])
+        .await;
+    assert_eq!(ever[0]["jobs"], json!(2), "{ever}");
 }

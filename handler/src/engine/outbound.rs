@@ -80,7 +80,9 @@ pub fn after_write_failure(
             at.min(now + LONGEST_ALLOCATION_HOLD)
         });
     // The last hold ends with the week, however much later the provider says it is back.
-    let deadline = triggered_at + LONGEST_HOLD;
+    let deadline = triggered_at
+        .checked_add_signed(LONGEST_HOLD)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     if failure.resume_next_run && deadline > now {
         AfterFailure::RetryAt {
             attempt,
@@ -806,6 +808,11 @@ mod tests {
         assert_eq!(
             after_write_failure(&cap, MAX_ATTEMPTS, week_ago, now),
             AfterFailure::DeadLetter { exhausted: true }
+        );
+        // A change dated past the last date there is (a message written by hand) is held too.
+        assert_eq!(
+            after_write_failure(&cap, 3, DateTime::<Utc>::MAX_UTC, now),
+            held
         );
     }
 

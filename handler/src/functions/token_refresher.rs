@@ -31,8 +31,10 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         return Ok(InvocationResponse::new().log("token refresh is disabled"));
     }
     let now = Utc::now();
-    let threshold =
-        now + Duration::from_std(app.settings.token_refresh_threshold).unwrap_or_default();
+    let threshold = Duration::from_std(app.settings.token_refresh_threshold)
+        .ok()
+        .and_then(|ahead| now.checked_add_signed(ahead))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     let expiring = app
         .store
         .query(

@@ -283,8 +283,10 @@ impl LocalBroker {
             return Ok(None);
         };
         let lock_token = uuid::Uuid::new_v4().to_string();
-        let locked_until =
-            now + chrono::Duration::from_std(settings.lock_duration).unwrap_or_default();
+        let locked_until = chrono::Duration::from_std(settings.lock_duration)
+            .ok()
+            .and_then(|lock| now.checked_add_signed(lock))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         tx.prepare_cached(
             "UPDATE messages SET delivery_count = delivery_count + 1, locked_until = ?2, lock_token = ?3
              WHERE seq = ?1",

@@ -511,7 +511,7 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
         expires: shard
             .ttl
             .filter(|ttl| *ttl > 0)
-            .map(|ttl| chrono::Utc::now().timestamp() + ttl),
+            .map(|ttl| chrono::Utc::now().timestamp().saturating_add(ttl)),
         doc,
         fingerprint,
         keys,
