@@ -15,7 +15,9 @@ use handler::definition::FunctionName;
 use handler::local::consumers::Consumer;
 use handler::local::invoker::Invoker;
 use handler::model::Shard;
-use handler::queue::{MessageQueue, OutgoingMessage, SYNC_DEADLETTER, SYNC_INBOUND_WEBHOOK};
+use handler::queue::{
+    MessageQueue, OutgoingMessage, QueueError, SYNC_DEADLETTER, SYNC_INBOUND_WEBHOOK, SYNC_OUTBOUND,
+};
 use handler::settings::Settings;
 use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
 
@@ -238,11 +240,40 @@ impl ShardStore for FlakyStore {
     }
 }
 
-/// Runs the SyncInboundWebhook consumer of the embedded runtime in this process, over a store
-/// that fails its first `failures` calls, until `done` says so.
-async fn consume_with_flaky_store(
-    app: &TestApp,
+/// A queue that refuses its first `failures` dead letters, then works.
+struct FlakyDeadLetters {
+    inner: Arc<dyn MessageQueue>,
     failures: u32,
+    dead_letters: AtomicU32,
+}
+
+#[async_trait]
+impl MessageQueue for FlakyDeadLetters {
+    async fn send(&self, message: OutgoingMessage) -> Result<(), QueueError> {
+        if message.queue == SYNC_DEADLETTER
+            && self.dead_letters.fetch_add(1, Ordering::SeqCst) < self.failures
+        {
+            return Err(QueueError::Unavailable("the namespace is busy".into()));
+        }
+        self.inner.send(message).await
+    }
+}
+
+/// What fails while [`consume_with`] runs: the store's first calls, the queue's first dead
+/// letters.
+#[derive(Default)]
+struct Faults {
+    store_calls: u32,
+    dead_letters: u32,
+}
+
+/// Runs the consumer of `function` on `queue` of the embedded runtime in this process, over a
+/// store and a queue that fail as `faults` says, until `done` says so. Returns the store's
+/// calls.
+async fn consume_with(
+    app: &TestApp,
+    (function, queue): (FunctionName, &str),
+    faults: Faults,
     done: impl AsyncFn(&LocalBackends) -> bool,
 ) -> u32 {
     let settings = Settings::from_lookup(|name| {
@@ -252,17 +283,22 @@ async fn consume_with_flaky_store(
     let backends = LocalBackends::open(&settings).unwrap();
     let store = Arc::new(FlakyStore {
         inner: backends.store.clone(),
-        failures,
+        failures: faults.store_calls,
         calls: AtomicU32::new(0),
     });
     let mut handler_app = backends.app(settings, handler::app::providers());
     handler_app.store = store.clone();
+    handler_app.queue = Arc::new(FlakyDeadLetters {
+        inner: handler_app.queue.clone(),
+        failures: faults.dead_letters,
+        dead_letters: AtomicU32::new(0),
+    });
     let invoker = Invoker::new(handler::server::router(handler_app));
     let (stop, stopped) = watch::channel(false);
     let consumer = Consumer {
-        function: FunctionName::SyncInboundWebhook,
+        function,
         binding: "message".into(),
-        queue: SYNC_INBOUND_WEBHOOK.into(),
+        queue: queue.into(),
         concurrency: 4,
     };
     let task = tokio::spawn(consumer.run(backends.broker.clone(), invoker, stopped));
@@ -271,6 +307,9 @@ async fn consume_with_flaky_store(
     task.await.unwrap();
     store.calls.load(Ordering::SeqCst)
 }
+
+/// The consumer of webhook sync jobs.
+const WEBHOOK_JOBS: (FunctionName, &str) = (FunctionName::SyncInboundWebhook, SYNC_INBOUND_WEBHOOK);
 
 fn webhook_job() -> Value {
     json!({
@@ -295,7 +334,11 @@ async fn a_failed_invocation_is_redelivered_until_it_succeeds() {
         .await
         .unwrap();
 
-    consume_with_flaky_store(&app, 2, async |b: &LocalBackends| {
+    let faults = Faults {
+        store_calls: 2,
+        ..Faults::default()
+    };
+    consume_with(&app, WEBHOOK_JOBS, faults, async |b: &LocalBackends| {
         b.broker.active_count(SYNC_INBOUND_WEBHOOK).unwrap() == 0
     })
     .await;
@@ -318,6 +361,83 @@ async fn a_failed_invocation_is_redelivered_until_it_succeeds() {
 }
 
 #[tokio::test]
+async fn a_job_whose_dead_letter_could_not_be_sent_sends_it_when_redelivered() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    app.broker()
+        .send(OutgoingMessage::json(
+            SYNC_INBOUND_WEBHOOK,
+            "wh-1",
+            &webhook_job(),
+        ))
+        .await
+        .unwrap();
+
+    let faults = Faults {
+        dead_letters: 1,
+        ..Faults::default()
+    };
+    consume_with(&app, WEBHOOK_JOBS, faults, async |b: &LocalBackends| {
+        b.broker.active_count(SYNC_INBOUND_WEBHOOK).unwrap() == 0
+    })
+    .await;
+
+    // The first delivery failed to send its dead letter; the second sent it, and only then
+    // recorded the job as failed.
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1, "the job ends dead-lettered once");
+    assert_eq!(dead[0].properties["OriginalDeliveryCount"], 2);
+    let records = history(&app).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["structuredData"]["status"], "failed");
+}
+
+#[tokio::test]
+async fn a_write_back_whose_dead_letter_could_not_be_sent_sends_it_when_redelivered() {
+    let app = TestApp::new();
+    let mut integration = salesforce_integration("int-acme-sf");
+    integration["structuredData"]["writeBack"] = json!({"enabled": true});
+    integration["structuredData"]["entityMappings"][0]["bidirectional"] = json!(true);
+    app.register_integration(integration).await;
+    let acme: Shard = serde_json::from_value(json!({
+        "id": "shard-acme", "tenantId": "t1", "shardTypeId": "c_company", "name": "Acme",
+        "structuredData": {"Name": "Acme"}
+    }))
+    .unwrap();
+    app.store().upsert(&acme).await.unwrap();
+    let write_back = json!({
+        "shardId": "shard-acme", "tenantId": "t1", "operation": "update",
+        "changedFields": ["Name"], "externalSystem": "salesforce", "externalId": "001000000000001AAA",
+        "integrationId": "int-acme-sf", "triggeredAt": Utc::now(), "triggeredBy": "user-1"
+    });
+    app.broker()
+        .send(OutgoingMessage::json(SYNC_OUTBOUND, "wb-1", &write_back).in_session("int-acme-sf"))
+        .await
+        .unwrap();
+
+    let faults = Faults {
+        dead_letters: 1,
+        ..Faults::default()
+    };
+    let write_backs = (FunctionName::SyncOutbound, SYNC_OUTBOUND);
+    consume_with(&app, write_backs, faults, async |b: &LocalBackends| {
+        b.broker.active_count(SYNC_OUTBOUND).unwrap() == 0
+    })
+    .await;
+
+    // No credentials were ever stored, which no retry mends: the change ends in the dead
+    // letters, however the first try to put it there failed.
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1, "the write-back ends dead-lettered once");
+    assert_eq!(
+        dead[0].properties["OriginalDeliveryCount"], 2,
+        "{:?}",
+        dead[0].properties
+    );
+}
+
+#[tokio::test]
 async fn a_message_that_always_fails_is_dead_lettered_after_max_deliveries_with_the_reason() {
     let app = TestApp::new();
     app.broker()
@@ -329,7 +449,11 @@ async fn a_message_that_always_fails_is_dead_lettered_after_max_deliveries_with_
         .await
         .unwrap();
 
-    let calls = consume_with_flaky_store(&app, u32::MAX, async |b: &LocalBackends| {
+    let faults = Faults {
+        store_calls: u32::MAX,
+        ..Faults::default()
+    };
+    let calls = consume_with(&app, WEBHOOK_JOBS, faults, async |b: &LocalBackends| {
         !b.broker
             .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
             .unwrap()

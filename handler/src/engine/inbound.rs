@@ -546,15 +546,10 @@ async fn fail(
             } else {
                 failure.message.clone()
             };
-            finish(&mut record, SyncStatus::Failed, summary.clone(), now);
-            save(app, job, record_id, &record, now).await?;
+            // The record that says the job is over goes last: a redelivery after any earlier
+            // step failed finds the job unfinished and takes the steps again (the dead letter
+            // keeps its message id, so it is not listed twice).
             send_dead_letter(app, queue, message, failure.code.as_str(), &summary).await?;
-            app.metrics.sync_finished(
-                dimensions(job),
-                &record.stats,
-                record.duration_ms.unwrap_or_default(),
-                true,
-            );
             let needs_reauth = failure.code.needs_new_credentials();
             // An integration that cannot be read cannot be updated either; its failed record
             // and dead letter say why.
@@ -570,6 +565,14 @@ async fn fail(
                 })
                 .await?;
             }
+            finish(&mut record, SyncStatus::Failed, summary.clone(), now);
+            save(app, job, record_id, &record, now).await?;
+            app.metrics.sync_finished(
+                dimensions(job),
+                &record.stats,
+                record.duration_ms.unwrap_or_default(),
+                true,
+            );
             tracing::error!(job_id = %job.job_id, error = %failure, exhausted, "sync job failed");
             publish(
                 app,

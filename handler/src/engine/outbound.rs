@@ -308,11 +308,14 @@ async fn handle(
                     } else {
                         failure.message.clone()
                     };
+                    // The dead letter before the record that says the write-back is over: a
+                    // redelivery finds it unfinished and sends the dead letter again (the same
+                    // message id), rather than finding it over and losing the change.
+                    send_dead_letter(app, message, failure.code, &reason).await?;
                     record.status = SyncStatus::Failed;
-                    record.status_message = Some(reason.clone());
-                    save(app, &write_back.tenant_id, &record_id, &record, completed).await?;
+                    record.status_message = Some(reason);
                     tracing::error!(error = %failure, exhausted, "write-back failed");
-                    send_dead_letter(app, message, failure.code, &reason).await
+                    save(app, &write_back.tenant_id, &record_id, &record, completed).await
                 }
             }
         }
