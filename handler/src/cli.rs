@@ -1057,23 +1057,29 @@ async fn replay_dead_letters(
     selection.check(&listed)?;
     let replayed = queues.replay(selection).await.map_err(|e| e.to_string())?;
     let failed = replayed.iter().filter(|r| r.error.is_some()).count();
+    let left = replayed.iter().filter(|r| r.left.is_some()).count();
     if json {
         let out: Vec<Value> = replayed
             .iter()
             .map(|r| {
                 json!({"sequenceNumber": r.sequence_number, "queue": r.queue,
-                       "messageId": r.message_id, "error": r.error})
+                       "messageId": r.message_id, "error": r.error, "stillListed": r.left})
             })
             .collect();
         print_json(&out);
     } else {
         for r in &replayed {
-            match &r.error {
-                None => println!(
+            match (&r.error, &r.left) {
+                (None, None) => println!(
                     "replayed {} to {} as {}",
                     r.sequence_number, r.queue, r.message_id
                 ),
-                Some(e) => println!(
+                (None, Some(why)) => println!(
+                    "replayed {} to {} as {}, but it is still listed ({why}): a replay of it \
+                     within 10 minutes is dropped as a duplicate, a later one runs it again",
+                    r.sequence_number, r.queue, r.message_id
+                ),
+                (Some(e), _) => println!(
                     "not replayed {} to {} (still dead-lettered): {e}",
                     r.sequence_number, r.queue
                 ),
@@ -1083,6 +1089,12 @@ async fn replay_dead_letters(
     if failed > 0 {
         return Err(format!(
             "{failed} of {} messages could not be sent and are still dead-lettered",
+            replayed.len()
+        ));
+    }
+    if left > 0 {
+        return Err(format!(
+            "{left} of {} messages were replayed but are still listed as dead letters",
             replayed.len()
         ));
     }

@@ -545,7 +545,7 @@ async fn an_operator_lists_and_replays_service_bus_dead_letters_and_a_failed_res
     let resent = service_bus.held("sync-outbound");
     assert_eq!(resent.len(), 1);
     assert_eq!(resent[0].session_id.as_deref(), Some("int-1"));
-    assert!(resent[0].message_id.starts_with("wb-1:replay-"));
+    assert_eq!(resent[0].message_id, format!("wb-1:replay-{session}"));
     assert_eq!(
         resent[0].properties["replayedfrom"],
         json!(session.to_string())
@@ -581,5 +581,56 @@ async fn an_operator_lists_and_replays_service_bus_dead_letters_and_a_failed_res
     assert_eq!(
         service_bus.held("sync-inbound-scheduled")[0].body,
         job.to_string().as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_whose_lock_lapses_during_a_replay_is_replayed_once_and_said_to_be_still_listed()
+ {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    let mut write_back =
+        HeldMessage::new("wb-1", br#"{"shardId":"s-1"}"#, &[("tenant", json!("t1"))]);
+    write_back.session_id = Some("int-1".into());
+    let sequence = service_bus.dead_letter(
+        "sync-outbound",
+        write_back,
+        "TTLExpiredException",
+        "expired",
+    );
+    service_bus
+        .locks_lapse
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let out = dead_letters(&app, &service_bus, &["list", "--json"]).await;
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "listed once: {listed}");
+
+    let out = dead_letters(&app, &service_bus, &["replay", "--all"]).await;
+    assert!(!out.status.success(), "the operator is told");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("but it is still listed"), "{stdout}");
+    let resent = service_bus.held("sync-outbound");
+    assert_eq!(resent.len(), 1, "replayed once");
+    assert_eq!(resent[0].message_id, format!("wb-1:replay-{sequence}"));
+    // Replayed again, it goes under the same id: Service Bus drops it as a duplicate.
+    dead_letters(&app, &service_bus, &["replay", "--all"]).await;
+    let sent: Vec<String> = service_bus
+        .sent()
+        .into_iter()
+        .filter(|m| m.queue == "sync-outbound")
+        .map(|m| {
+            m.broker_properties["MessageId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            format!("wb-1:replay-{sequence}"),
+            format!("wb-1:replay-{sequence}")
+        ]
     );
 }

@@ -130,6 +130,9 @@ pub struct FakeServiceBus {
     pub broker: Arc<Mutex<Broker>>,
     /// Queues whose sends answer 503 Service Unavailable.
     pub unavailable: Arc<Mutex<Vec<String>>>,
+    /// Locks lapse at once, as a lock duration shorter than a command's run makes them: a
+    /// locked message can be locked again, and the lock it had is lost.
+    pub locks_lapse: Arc<std::sync::atomic::AtomicBool>,
     answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -340,11 +343,12 @@ fn send(fake: &FakeServiceBus, queue: &str, headers: &HeaderMap, body: Bytes) ->
 }
 
 fn peek_lock(fake: &FakeServiceBus, entity: &str, host: &str) -> Response {
+    let lapsed = fake.locks_lapse.load(std::sync::atomic::Ordering::SeqCst);
     let mut broker = fake.broker.lock().unwrap();
     let Some(message) = broker
         .entities
         .get_mut(entity)
-        .and_then(|messages| messages.iter_mut().find(|m| m.lock.is_none()))
+        .and_then(|messages| messages.iter_mut().find(|m| lapsed || m.lock.is_none()))
     else {
         return StatusCode::NO_CONTENT.into_response();
     };

@@ -59,6 +59,9 @@ pub struct Replayed {
     pub message_id: String,
     /// Why it is still a dead letter, if the resend failed.
     pub error: Option<String>,
+    /// Why it is still listed although it was sent: the dead letter could not be removed. A
+    /// replay of it within the duplicate detection window (10 minutes) is dropped.
+    pub left: Option<String>,
 }
 
 /// The dead letters of a set of queues.
@@ -122,7 +125,9 @@ impl Selection {
 }
 
 /// The message a replay of `dead` sends: the original body, session and application
-/// properties, without the dead-letter bookkeeping, under a MessageId of its own.
+/// properties, without the dead-letter bookkeeping, under a MessageId of its own: the same for
+/// every replay of this dead letter, so that one sent twice (a lock that lapsed mid-replay, a
+/// command run again) is dropped by duplicate detection rather than run twice.
 pub fn replay_of(dead: &DeadLetteredMessage) -> OutgoingMessage {
     let mut props = dead.properties.clone();
     props.retain(|name, _| {
@@ -143,11 +148,7 @@ pub fn replay_of(dead: &DeadLetteredMessage) -> OutgoingMessage {
                 .clone()
                 .unwrap_or_else(|| "application/json".into()),
         ),
-        message_id: format!(
-            "{}:replay-{}",
-            dead.message_id,
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ),
+        message_id: format!("{}:replay-{}", dead.message_id, dead.sequence_number),
         session_id: dead.session_id.clone(),
         correlation_id: None,
         scheduled_enqueue_time: None,
@@ -237,26 +238,22 @@ impl DeadLetters for LocalBroker {
         for dead in self.list().await?.into_iter().filter(|d| chosen.chooses(d)) {
             let message = replay_of(&dead);
             let message_id = message.message_id.clone();
-            let error = match self.send(message).await {
-                Ok(()) => {
-                    // Sequence numbers are the broker's own, one per message, wherever it is.
-                    if !(self.delete_dead_letter(dead.sequence_number)?
-                        || self.delete_unlocked(dead.sequence_number)?)
-                    {
-                        tracing::warn!(
-                            sequence_number = dead.sequence_number,
-                            "replayed message could not be removed from the dead letters"
-                        );
-                    }
-                    None
-                }
-                Err(e) => Some(e.to_string()),
+            let (error, left) = match self.send(message).await {
+                // Sequence numbers are the broker's own, one per message, wherever it is.
+                Ok(()) => match self.delete_dead_letter(dead.sequence_number)?
+                    || self.delete_unlocked(dead.sequence_number)?
+                {
+                    true => (None, None),
+                    false => (None, Some("another command removed or took it".to_string())),
+                },
+                Err(e) => (Some(e.to_string()), None),
             };
             replayed.push(Replayed {
                 sequence_number: dead.sequence_number,
                 queue: dead.original_queue,
                 message_id,
                 error,
+                left,
             });
         }
         Ok(replayed)
@@ -317,13 +314,19 @@ impl ServiceBusSender {
     async fn lock_all(&self) -> Result<Vec<(LockedMessage, DeadLetteredMessage)>, QueueError> {
         let mut all = Vec::new();
         for (path, queue) in entities() {
-            let mut taken = 0;
-            while taken < MAX_PER_ENTITY {
+            let mut taken = std::collections::HashSet::new();
+            while taken.len() < MAX_PER_ENTITY {
                 match self.peek_lock(&path).await {
+                    // A message locked again: an earlier lock lapsed, and the entity has come
+                    // round. The message is read once.
+                    Ok(Some(locked)) if taken.contains(&locked.sequence_number) => {
+                        self.unlock_all(std::iter::once(&locked)).await;
+                        break;
+                    }
                     Ok(Some(locked)) => {
+                        taken.insert(locked.sequence_number);
                         let dead = from_locked(&locked, queue);
                         all.push((locked, dead));
-                        taken += 1;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -365,17 +368,14 @@ impl DeadLetters for ServiceBusSender {
             }
             let message = replay_of(dead);
             let message_id = message.message_id.clone();
-            let error = match self.send(message).await {
+            let (error, left) = match self.send(message).await {
                 Ok(()) => match self.delete_locked(locked).await {
-                    Ok(()) => None,
-                    Err(e) => {
-                        tracing::warn!(sequence_number = dead.sequence_number, error = %e, "replayed message could not be removed from the dead letters");
-                        None
-                    }
+                    Ok(()) => (None, None),
+                    Err(e) => (None, Some(e.to_string())),
                 },
                 Err(e) => {
                     self.unlock_all(std::iter::once(locked)).await;
-                    Some(e.to_string())
+                    (Some(e.to_string()), None)
                 }
             };
             replayed.push(Replayed {
@@ -383,6 +383,7 @@ impl DeadLetters for ServiceBusSender {
                 queue: dead.original_queue.clone(),
                 message_id,
                 error,
+                left,
             });
         }
         Ok(replayed)
@@ -440,13 +441,17 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_goes_home_under_a_new_id_without_the_bookkeeping() {
+    fn a_replay_goes_home_under_an_id_of_its_own_without_the_bookkeeping() {
         let dead = copy_in_sync_deadletter();
         let replay = replay_of(&dead);
         assert_eq!(replay.queue, "sync-outbound");
         assert_eq!(replay.session_id.as_deref(), Some("int-1"));
-        assert!(replay.message_id.starts_with("wb-1:replay-"));
-        assert_ne!(replay_of(&dead).message_id, replay.message_id);
+        assert_eq!(replay.message_id, "wb-1:replay-7");
+        assert_eq!(
+            replay_of(&dead).message_id,
+            replay.message_id,
+            "replayed twice, it is one message to duplicate detection"
+        );
         assert_eq!(replay.body, b"{oops");
         let names: Vec<&str> = replay.properties.keys().map(String::as_str).collect();
         assert_eq!(names, ["ReplayedFrom", "tenant"]);
