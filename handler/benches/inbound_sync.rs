@@ -110,6 +110,17 @@
 //! thread and the next page's fetch, which keep the other core busy. A ratio of 1.5 needs about
 //! a quarter less CPU per record.
 //!
+//! Nor did these, four alternating rounds each against the same build (a round's median full
+//! sync varies from 0.071 to 0.099 s on this machine): SQLite compiled with the options its
+//! documentation recommends for speed (`LIBSQLITE3_FLAGS`: multi-thread mode, no API armor,
+//! shared cache, memory management or STAT4, `alloca`; full syncs of 0.085-0.093 s against
+//! 0.085-0.099 s, and the baseline, on the same store, gains as much); the content and record
+//! hashes taken eight bytes at a time rather than FNV-1a's one, as the most a faster hash could
+//! give (0.077-0.085 s against 0.071-0.086 s; their 44 M instructions a full sync are in the
+//! profile's landing, but not in its wall time); the HTTP client's trusted roots read from
+//! `SSL_CERT_FILE` alone rather than from it and every file of `SSL_CERT_DIR` as well (19 M
+//! instructions, loaded while the first sync starts; two rounds, no difference).
+//!
 //! What the store's writes add, measured by leaving parts of them out (alternating runs, the
 //! same machine, a full sync at 0.083-0.085 s): with no rows inserted at all (the documents
 //! still encoded), 0.055 s and 60 ms of CPU, where the baseline without its writes takes 0.023
