@@ -886,6 +886,58 @@ async fn a_sync_over_the_record_limit_hands_the_rest_to_a_continuation_job() {
 }
 
 #[tokio::test]
+async fn a_full_sync_continued_over_several_jobs_reads_each_entity_once() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3000);
+    fake.load(
+        "Contact",
+        (0..3000).map(|i| {
+            (
+                json!({"Id": format!("003{i:015}"), "Name": format!("Person {i}"),
+                       "Email": format!("person{i}@acme.test")}),
+                base_time() + Duration::seconds(i),
+            )
+        }),
+    );
+    let app = spawn_app(&fake, true).await;
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "2500")]).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let mut jobs = vec!["job-1".to_string()];
+    while let Some(next) = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap().pop() {
+        assert!(jobs.len() < 10, "the chain ends: {jobs:?}");
+        handler.deliver("SyncInboundScheduled", &next).await;
+        app.broker().delete_unlocked(next.sequence_number).unwrap();
+        jobs.push(next.message_id);
+    }
+
+    // 3,000 accounts, then 3,000 contacts, 2,500 records a job: three jobs, each record read
+    // once. The third job does not read the accounts again from the start.
+    assert_eq!(jobs, ["job-1", "job-1+1", "job-1+2"]);
+    let history = app.history().await;
+    let fetched: Vec<u64> = jobs
+        .iter()
+        .map(|job| {
+            record_of(&history, job)["stats"]["recordsFetched"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(fetched, [2500, 2500, 1000]);
+    assert_eq!(app.shards("c_company").await.len(), 3000);
+    assert_eq!(app.shards("c_contact").await.len(), 3000);
+    let accounts_read = fake
+        .requests()
+        .iter()
+        .filter(|r| r.contains("FROM Account"))
+        .count();
+    assert_eq!(
+        accounts_read, 1,
+        "the accounts' query is sent once; its pages follow"
+    );
+}
+
+#[tokio::test]
 async fn an_integration_stored_when_cursors_were_timestamps_carries_on_from_its_cursor() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 10);

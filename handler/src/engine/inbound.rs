@@ -111,14 +111,14 @@ async fn run_job(
             )
         })
     };
-    let progress = match &integration {
+    let resumed = match &integration {
         Ok(_) => match take_integration(app, &job, now).await? {
-            Taken::Run(progress) => progress,
+            Taken::Run(resumed) => resumed,
             Taken::Wait { holder, retry_in } => {
                 return wait_for(app, queue, &job, &holder, retry_in, now).await;
             }
         },
-        Err(_) => None,
+        Err(_) => Resumed::default(),
     };
 
     let record = IntegrationSync {
@@ -156,7 +156,7 @@ async fn run_job(
     .await;
 
     let result = match &integration {
-        Ok(integration) => run(app, &job, integration, progress, now).await,
+        Ok(integration) => run(app, &job, integration, resumed, now).await,
         Err(unreadable) => Err(unreadable.clone()),
     };
     let completed = Utc::now().max(now);
@@ -182,12 +182,20 @@ async fn run_job(
 /// What a job found when it claimed its integration.
 enum Taken {
     /// It runs, resuming with what it did before it was interrupted, if anything.
-    Run(Option<JobProgress>),
+    Run(Resumed),
     /// Another chain holds the integration.
     Wait {
         holder: String,
         retry_in: chrono::Duration,
     },
+}
+
+/// Where a job starts: what it did before it was interrupted, and the entities earlier jobs of
+/// its chain finished.
+#[derive(Default)]
+struct Resumed {
+    progress: Option<JobProgress>,
+    finished_in_chain: Vec<String>,
 }
 
 /// Claims the integration for this job's chain, unless another chain holds it.
@@ -196,7 +204,7 @@ async fn take_integration(
     job: &SyncJobMessage,
     now: DateTime<Utc>,
 ) -> Result<Taken, Transient> {
-    let mut taken = Taken::Run(None);
+    let mut taken = Taken::Run(Resumed::default());
     update_integration(
         app,
         &job.tenant_id,
@@ -205,7 +213,10 @@ async fn take_integration(
         |i| match lease::claim(i.running.as_ref(), &job.job_id, job.deferrals, now) {
             Claim::Run => {
                 let held = lease::hold(i.running.as_ref(), &job.job_id, now);
-                taken = Taken::Run(held.progress.clone());
+                taken = Taken::Run(Resumed {
+                    progress: held.progress.clone(),
+                    finished_in_chain: held.finished_in_chain.clone(),
+                });
                 i.running = Some(held);
                 true
             }
@@ -250,7 +261,7 @@ async fn run(
     app: &App,
     job: &SyncJobMessage,
     integration: &Integration,
-    progress: Option<JobProgress>,
+    resumed: Resumed,
     now: DateTime<Utc>,
 ) -> Result<Outcome, Failure> {
     let name = &integration.provider_name;
@@ -275,6 +286,7 @@ async fn run(
         job_id: &job.job_id,
         full: job.job_type == JobType::FullSync,
         entities: &entities,
+        finished_in_chain: &resumed.finished_in_chain,
         max_records: app.settings.max_records_per_sync,
         retry_base: app.settings.record_retry_base,
     };
@@ -302,7 +314,7 @@ async fn run(
                 &mut conn,
                 &pipeline_job,
                 integration,
-                progress,
+                resumed.progress,
                 now,
             )
             .await
@@ -449,12 +461,19 @@ async fn succeed(
     let started = record.started_at;
     let continuation =
         (outcome.stopped == Some(Stop::RecordLimit)).then(|| continuation_id(&job.job_id));
+    // A job stops at its record limit inside its last entity; those before it are done.
+    let finished: Vec<String> = record
+        .entity_stats
+        .as_deref()
+        .and_then(<[_]>::split_last)
+        .map(|(_, done)| done.iter().map(|e| e.external_entity.clone()).collect())
+        .unwrap_or_default();
     update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
         if scheduled && outcome.stopped.is_none() {
             i.last_sync_at = Some(started);
         }
         match &continuation {
-            Some(next) => lease::hand_over(&mut i.running, &job.job_id, next, now),
+            Some(next) => lease::hand_over(&mut i.running, &job.job_id, next, &finished, now),
             None => lease::release(&mut i.running, &job.job_id),
         }
         true

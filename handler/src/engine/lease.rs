@@ -75,6 +75,9 @@ pub fn hold(running: Option<&RunningSync>, job_id: &str, now: DateTime<Utc>) -> 
         progress: same_chain
             .filter(|r| r.job_id == job_id)
             .and_then(|r| r.progress.clone()),
+        finished_in_chain: same_chain
+            .map(|r| r.finished_in_chain.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -87,6 +90,7 @@ pub fn queued(job_id: &str, now: DateTime<Utc>) -> RunningSync {
         since: now,
         until: now + QUEUED_LEASE,
         progress: None,
+        finished_in_chain: Vec::new(),
     }
 }
 
@@ -130,18 +134,24 @@ pub fn wait_for_retry(running: &mut Option<RunningSync>, job_id: &str, at: DateT
     }
 }
 
-/// The job stopped at its record limit: the chain goes on in `next_job_id`, which counts its
-/// own work.
+/// The job stopped at its record limit, having finished `finished` (entity names): the chain
+/// goes on in `next_job_id`, which counts its own work and leaves those entities alone.
 pub fn hand_over(
     running: &mut Option<RunningSync>,
     job_id: &str,
     next_job_id: &str,
+    finished: &[String],
     now: DateTime<Utc>,
 ) {
     if let Some(held) = chains(running, job_id) {
         held.job_id = next_job_id.to_string();
         held.progress = None;
         held.until = now + LEASE;
+        for entity in finished {
+            if !held.finished_in_chain.contains(entity) {
+                held.finished_in_chain.push(entity.clone());
+            }
+        }
     }
 }
 
@@ -168,6 +178,7 @@ mod tests {
             since: at(0),
             until,
             progress: None,
+            finished_in_chain: Vec::new(),
         }
     }
 
@@ -230,7 +241,7 @@ mod tests {
             "the retry resumes"
         );
 
-        hand_over(&mut running, "job_1", "job_1+1", at(31));
+        hand_over(&mut running, "job_1", "job_1+1", &[], at(31));
         let held = running.as_ref().unwrap();
         assert_eq!(
             (held.chain.as_str(), held.job_id.as_str()),
@@ -270,5 +281,20 @@ mod tests {
         );
         let other = hold(Some(&held), "job_2", at(20));
         assert_eq!((other.chain.as_str(), other.since), ("job_2", at(20)));
+    }
+
+    #[test]
+    fn a_chain_remembers_the_entities_its_jobs_finished_and_another_chain_does_not() {
+        let mut running = Some(hold(None, "job_1", at(0)));
+        hand_over(&mut running, "job_1", "job_1+1", &["Account".into()], at(1));
+        let continued = hold(running.as_ref(), "job_1+1", at(2));
+        assert_eq!(continued.finished_in_chain, ["Account"]);
+        running = Some(continued);
+        let finished = ["Account".into(), "Contact".into()];
+        hand_over(&mut running, "job_1+1", "job_1+2", &finished, at(3));
+        let last = hold(running.as_ref(), "job_1+2", at(4));
+        assert_eq!(last.finished_in_chain, ["Account", "Contact"]);
+        let next_chain = hold(Some(&last), "job_2", at(30));
+        assert!(next_chain.finished_in_chain.is_empty());
     }
 }

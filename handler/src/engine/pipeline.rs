@@ -76,6 +76,8 @@ pub struct Job<'a> {
     pub full: bool,
     /// Only these entities (all mapped entities when empty).
     pub entities: &'a [String],
+    /// Entities earlier jobs of the chain finished: not synced again, nor counted.
+    pub finished_in_chain: &'a [String],
     /// Stop after this many records; the rest is left to a continuation job.
     pub max_records: u64,
     /// Delay before the first retry of a failed write (then doubled, ±20%).
@@ -137,7 +139,8 @@ pub async fn run(
             .entity_stats
             .iter()
             .any(|e| &e.external_entity == name)
-            || to_run.iter().any(|m| &m.external_entity == name);
+            || to_run.iter().any(|m| &m.external_entity == name)
+            || job.finished_in_chain.contains(name);
         if !done && (job.entities.is_empty() || job.entities.contains(name)) {
             to_run.push(mapping);
         }

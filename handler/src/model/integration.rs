@@ -185,6 +185,10 @@ pub struct RunningSync {
     /// the whole of its work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<JobProgress>,
+    /// Entities earlier jobs of the chain finished: a continuation does not sync them again
+    /// (a full sync's would otherwise read them from the start, once for every continuation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finished_in_chain: Vec<String>,
 }
 
 /// A job's counts up to its last checkpoint.
