@@ -154,3 +154,59 @@ async fn a_second_job_started_while_the_first_runs_waits_for_it_instead_of_faili
         "active"
     );
 }
+
+#[tokio::test]
+async fn a_replayed_job_that_waits_for_another_sync_still_runs_as_a_replay() {
+    let test = TestApp::new();
+    let fake = rotating_org(&test, 10).await;
+    let handler = test.host_handler().await;
+    let job = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "incremental",
+        "provider": "salesforce", "jobId": "job-1", "scheduledAt": Utc::now(), "trigger": "manual"
+    })
+    .to_string();
+    let first = service_bus_message("SyncInboundScheduled", &job, "job-1", 1, None);
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &first)
+            .await
+            .host_accepts()
+    );
+    let read_before = fake.requests().len();
+
+    // Another chain holds the integration when an operator replays the finished job.
+    let hold = |running: Value| {
+        let test = &test;
+        async move {
+            let mut shard = test.integration("int-acme-sf").await;
+            shard["structuredData"]["running"] = running;
+            let shard: handler::model::Shard = serde_json::from_value(shard).unwrap();
+            handler::store::ShardStore::upsert(&test.store(), &shard)
+                .await
+                .unwrap();
+        }
+    };
+    hold(
+        json!({"chain": "job-other", "jobId": "job-other", "since": Utc::now(),
+                "until": Utc::now() + Duration::minutes(10)}),
+    )
+    .await;
+    let mut replay = service_bus_message("SyncInboundScheduled", &job, "job-1:replay-5", 1, None);
+    replay["Metadata"]["ApplicationProperties"] = json!({"ReplayedFrom": 5});
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &replay)
+            .await
+            .host_accepts()
+    );
+    let waiting = test.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].properties["ReplayedFrom"], 5, "still a replay");
+
+    hold(Value::Null).await;
+    handler.deliver("SyncInboundScheduled", &waiting[0]).await;
+    assert!(
+        fake.requests().len() > read_before,
+        "the replay ran once the other sync was over"
+    );
+}

@@ -120,13 +120,16 @@ impl HostedHandler {
     /// answer.
     pub async fn deliver(&self, function: &str, message: &handler::queue::ReceivedMessage) {
         let body = String::from_utf8(message.body.clone()).unwrap();
-        let envelope = service_bus_message(
+        let mut envelope = service_bus_message(
             function,
             &body,
             &message.message_id,
             1,
             message.session_id.as_deref(),
         );
+        let properties = Value::Object(message.properties.clone());
+        envelope["Metadata"]["ApplicationProperties"] = properties.clone();
+        envelope["Metadata"]["UserProperties"] = properties;
         let answer = self.invoke(function, &envelope).await;
         assert!(answer.host_accepts(), "{answer:?}");
     }

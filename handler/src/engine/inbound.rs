@@ -115,7 +115,7 @@ async fn run_job(
         Ok(_) => match take_integration(app, &job, now).await? {
             Taken::Run(resumed) => resumed,
             Taken::Wait { holder, retry_in } => {
-                return wait_for(app, queue, &job, &holder, retry_in, now).await;
+                return wait_for(app, queue, message, &job, &holder, retry_in, now).await;
             }
         },
         Err(_) => Resumed::default(),
@@ -230,10 +230,12 @@ async fn take_integration(
     Ok(taken)
 }
 
-/// Puts the job back on its queue to run once the integration's current sync is over.
+/// Puts the job back on its queue to run once the integration's current sync is over. An
+/// operator's replay stays one: its job may have finished before.
 async fn wait_for(
     app: &App,
     queue: &str,
+    message: &ServiceBusMessage,
     job: &SyncJobMessage,
     holder: &str,
     retry_in: chrono::Duration,
@@ -248,9 +250,11 @@ async fn wait_for(
         job.job_id, job.attempt, later.deferrals
     );
     let at = now + retry_in;
-    app.queue
-        .send(OutgoingMessage::json(queue, message_id, &later).scheduled_at(at))
-        .await?;
+    let mut copy = OutgoingMessage::json(queue, message_id, &later).scheduled_at(at);
+    if let Some(replayed) = property(&message.application_properties, REPLAYED_FROM) {
+        copy = copy.property(REPLAYED_FROM, replayed.clone());
+    }
+    app.queue.send(copy).await?;
     tracing::info!(job_id = %job.job_id, integration_id = %job.integration_id, running = %holder, retry_at = %at, "another sync of the integration is running; the job waits");
     Ok(())
 }
