@@ -122,6 +122,44 @@ async fn a_poison_message_is_dead_lettered_through_service_bus_with_its_reason()
 }
 
 #[tokio::test]
+async fn a_message_whose_derived_id_passes_service_bus_limit_is_sent_under_a_shortened_one() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    let connection = service_bus.connection_string(SAS_KEY);
+    let handler = app
+        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
+        .await;
+    // A webhook job's id: its integration's (a GUID) and the provider's notification's.
+    let id = format!(
+        "wh_4f1c2a9e-0b7d-4c55-9a57-1e2f3a4b5c6d_{}",
+        "a1b2c3d4-".repeat(9)
+    );
+    let envelope = service_bus_message("SyncInboundWebhook", "{not json", &id, 1, None);
+
+    for _ in 0..2 {
+        let answer = handler.invoke("SyncInboundWebhook", &envelope).await;
+        assert!(answer.host_accepts(), "{answer:?}");
+    }
+
+    let ids: Vec<String> = service_bus
+        .sent()
+        .iter()
+        .map(|m| {
+            m.broker_properties["MessageId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0].len() <= 128 && ids[0].starts_with("sync-inbound-webhook:wh_4f1c2a9e"));
+    assert_eq!(
+        ids[0], ids[1],
+        "sent again, the same MessageId: a duplicate"
+    );
+}
+
+#[tokio::test]
 async fn a_wrong_key_is_refused_and_the_error_does_not_show_it() {
     let service_bus = FakeServiceBus::start().await;
     let config =

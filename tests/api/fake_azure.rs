@@ -299,6 +299,16 @@ fn send(fake: &FakeServiceBus, queue: &str, headers: &HeaderMap, body: Bytes) ->
     let Some(content_type) = header("content-type") else {
         return (StatusCode::BAD_REQUEST, "no Content-Type").into_response();
     };
+    if broker_properties["MessageId"]
+        .as_str()
+        .is_some_and(|id| id.len() > 128)
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            "The value supplied for MessageId exceeds the maximum length of 128",
+        )
+            .into_response();
+    }
     if queue == "sync-outbound" && broker_properties.get("SessionId").is_none() {
         return (
             StatusCode::BAD_REQUEST,

@@ -7,6 +7,8 @@
 //!   with `TTLExpiredException`.
 //! * Scheduled enqueue: a message is invisible until its scheduled time.
 //! * Duplicate detection: a MessageId seen on the same queue within the window is dropped.
+//!   A MessageId longer than Service Bus takes is shortened as for Service Bus
+//!   ([`super::broker_message_id`]).
 //! * Sessions: on a session queue, a session's messages are delivered one at a time in send
 //!   order; a failing message blocks its session until it is dead-lettered.
 //!
@@ -150,6 +152,7 @@ impl LocalBroker {
         now: DateTime<Utc>,
     ) -> Result<bool, QueueError> {
         let settings = settings(&message.queue)?;
+        let message_id = super::broker_message_id(&message.message_id);
         if settings.requires_session && message.session_id.is_none() {
             return Err(QueueError::Rejected(format!(
                 "the SessionId was not set on a message, and it cannot be sent to `{}`",
@@ -170,7 +173,7 @@ impl LocalBroker {
             .and_then(|mut s| {
                 s.execute(params![
                     message.queue,
-                    message.message_id,
+                    message_id,
                     millis(now + self.duplicate_detection_window)
                 ])
             })
@@ -187,7 +190,7 @@ impl LocalBroker {
             .and_then(|mut s| {
                 s.execute(params![
                     message.queue,
-                    message.message_id,
+                    message_id,
                     message.session_id,
                     message.correlation_id,
                     message.content_type,

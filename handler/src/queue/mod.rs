@@ -151,6 +151,34 @@ impl OutgoingMessage {
     }
 }
 
+/// The longest MessageId Service Bus takes.
+pub const MAX_MESSAGE_ID: usize = 128;
+
+/// A MessageId as the brokers take it. Ids are derived (a job's id from its integration and the
+/// provider's notification, a retry's from the job's, a dead letter's from its queue's), so one
+/// may pass [`MAX_MESSAGE_ID`]; it then keeps its beginning and ends in a digest of the whole
+/// (`~` and 16 hex digits). The same id is always the same MessageId, so duplicate detection
+/// still drops a message sent twice, and two ids stay two.
+pub fn broker_message_id(id: &str) -> std::borrow::Cow<'_, str> {
+    use sha2::{Digest, Sha256};
+    const DIGEST: usize = 17;
+    if id.len() <= MAX_MESSAGE_ID {
+        return id.into();
+    }
+    let mut kept = MAX_MESSAGE_ID - DIGEST;
+    while !id.is_char_boundary(kept) {
+        kept -= 1;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let mut shortened = String::with_capacity(MAX_MESSAGE_ID);
+    shortened.push_str(&id[..kept]);
+    shortened.push('~');
+    for byte in &digest[..8] {
+        shortened.push_str(&format!("{byte:02x}"));
+    }
+    shortened.into()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     /// The message can never be sent as it is (unknown queue, no SessionId for a session queue).
@@ -232,4 +260,31 @@ pub fn dead_letter(
         copy = copy.property(properties::ORIGINAL_SESSION_ID, session.as_str());
     }
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_id_past_service_bus_limit_is_shortened_the_same_way_every_time() {
+        assert_eq!(broker_message_id("job-1:attempt-2"), "job-1:attempt-2");
+        let at_limit = "x".repeat(MAX_MESSAGE_ID);
+        assert_eq!(broker_message_id(&at_limit), at_limit);
+        let base = format!(
+            "wh_{}_{}",
+            "4f1c2a9e-0b7d-4c55-9a57-1e2f3a4b5c6d",
+            "é".repeat(60)
+        );
+        let (a, b) = (format!("{base}_Account"), format!("{base}_Contact"));
+        let short = broker_message_id(&a);
+        assert!(short.len() <= MAX_MESSAGE_ID, "{} bytes", short.len());
+        assert!(short.starts_with("wh_4f1c2a9e"));
+        assert_eq!(
+            short,
+            broker_message_id(&a),
+            "the same id, the same MessageId"
+        );
+        assert_ne!(short, broker_message_id(&b), "two ids, two MessageIds");
+    }
 }

@@ -350,7 +350,7 @@ pub fn broker_properties(message: &OutgoingMessage) -> Value {
     let mut props = Map::new();
     props.insert(
         "MessageId".into(),
-        Value::String(message.message_id.clone()),
+        Value::String(super::broker_message_id(&message.message_id).into_owned()),
     );
     if let Some(session) = &message.session_id {
         props.insert("SessionId".into(), Value::String(session.clone()));
