@@ -149,3 +149,39 @@ async fn a_rule_with_a_key_in_its_url_is_checked_by_that_key() {
     .await;
     assert_eq!(right["statusCode"], 200, "{right}");
 }
+
+#[tokio::test]
+async fn one_call_told_to_two_integrations_makes_a_job_for_each() {
+    let gong = FakeGong::start().await;
+    let call = gong.add_call("Discovery - Acme", chrono::Utc::now());
+    let app = TestApp::new();
+    let ids = [ID, "int-gong-emea"];
+    let url = |id: &str| URL.replace(ID, id);
+    for id in ids {
+        let mut integration = integration(&gong, true);
+        integration["id"] = json!(id);
+        integration["structuredData"]["connection"]["webhookUrl"] = json!(url(id));
+        app.register_integration(integration).await;
+        app.set_credentials(id, &gong.oauth_credentials()).await;
+    }
+    let handler = app.host_handler().await;
+
+    for id in ids {
+        let answer = post(
+            &handler,
+            &[("integration", id)],
+            &gong.webhook(&call, &url(id)),
+        )
+        .await;
+        assert_eq!(answer["statusCode"], 200, "{answer}");
+    }
+
+    let queued: Vec<Value> = app
+        .broker()
+        .peek(SYNC_INBOUND_WEBHOOK)
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_slice::<Value>(&m.body).unwrap()["integrationId"].clone())
+        .collect();
+    assert_eq!(queued, ids, "the same call, one job per integration");
+}

@@ -115,7 +115,13 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
         .await;
     let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
     let ids: Vec<_> = queued.iter().map(|m| m.message_id.as_str()).collect();
-    assert_eq!(ids, ["04l000000000001AAA", "04l000000000002AAA"]);
+    assert_eq!(
+        ids,
+        [
+            "wh_int-acme-sf_04l000000000001AAA",
+            "wh_int-acme-sf_04l000000000002AAA"
+        ]
+    );
     assert_eq!(app.events()[0].kind, "integration.webhook.received");
 
     run_queued_jobs(&app, &handler).await;

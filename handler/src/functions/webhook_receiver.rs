@@ -140,18 +140,20 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
 
     let now = Utc::now();
     for (shard, integration, delivery) in &verified {
-        subscription_requests(app, shard, &delivery.notifications, now).await?;
+        // The jobs first: a subscription marked gone before its catch-up job was sent would
+        // leave the provider's redelivery (after a failed send) unroutable.
         for notification in &delivery.notifications {
             for job in jobs_for(provider_name, shard, integration, notification, now) {
                 app.queue
                     .send(OutgoingMessage::json(
                         SYNC_INBOUND_WEBHOOK,
-                        message_id(notification, &job),
+                        job.job_id.clone(),
                         &job,
                     ))
                     .await?;
             }
         }
+        subscription_requests(app, shard, &delivery.notifications, now).await?;
         publish(
             app,
             &[Event::new(
@@ -272,7 +274,10 @@ async fn subscription_requests(
     Ok(())
 }
 
-/// The sync jobs a notification asks for.
+/// The sync jobs a notification asks for. A job's id is also its MessageId: the integration's
+/// and the notification's own id, so that the provider's redelivery is a duplicate while two
+/// integrations told of one event get a job each; per entity when a notification asks for
+/// several jobs.
 fn jobs_for(
     provider: &str,
     shard: &Shard,
@@ -321,14 +326,5 @@ fn jobs_for(
                 })
                 .collect(),
         },
-    }
-}
-
-/// A job's MessageId: the notification's own id, so that the provider's redelivery is a
-/// duplicate; per entity when one notification asks for several jobs.
-fn message_id(notification: &WebhookNotification, job: &SyncJobMessage) -> String {
-    match notification {
-        WebhookNotification::Subscription { .. } => job.job_id.clone(),
-        _ => notification.id().to_string(),
     }
 }
