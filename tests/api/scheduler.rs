@@ -167,3 +167,52 @@ async fn a_frequent_schedule_is_held_to_the_minimum_interval() {
     let wait = next.signed_duration_since(chrono::Utc::now());
     assert!(wait > chrono::Duration::minutes(4), "next sync in {wait}");
 }
+
+#[tokio::test]
+async fn a_finished_job_delivered_again_lets_go_of_a_claim_written_for_it_too_late() {
+    let app = TestApp::new();
+    let job_id = "job_int-1_20261122T100000.000Z";
+    app.plant_integration(integration_of("int-1", "workday"))
+        .await;
+    let handler = app.host_handler().await;
+    let job = json!({"integrationId": "int-1", "tenantId": "t1", "jobType": "full_sync",
+                     "provider": "workday", "jobId": job_id, "scheduledAt": Utc::now()});
+    let delivery = crate::fake_host::service_bus_message(
+        "SyncInboundScheduled",
+        &job.to_string(),
+        job_id,
+        1,
+        None,
+    );
+    // The job runs to its end (it fails: no workday adapter) before the tick that sent it
+    // claims the integration for it; the claim holds the integration for an hour.
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &delivery)
+            .await
+            .host_accepts()
+    );
+    let mut claimed = app.integration("int-1").await;
+    claimed["structuredData"]["running"] = json!({
+        "chain": job_id, "jobId": job_id, "since": Utc::now(),
+        "until": Utc::now() + chrono::Duration::minutes(60)
+    });
+    let claimed: handler::model::Shard = serde_json::from_value(claimed).unwrap();
+    handler::store::ShardStore::upsert(&app.store(), &claimed)
+        .await
+        .unwrap();
+
+    // Its message comes again (a redelivery): the job is over, and lets the integration go.
+    assert!(
+        handler
+            .invoke("SyncInboundScheduled", &delivery)
+            .await
+            .host_accepts()
+    );
+    assert!(
+        app.integration("int-1").await["structuredData"]
+            .get("running")
+            .is_none(),
+        "the claim is released"
+    );
+}

@@ -92,6 +92,16 @@ async fn run_job(
     let replayed = property(&message.application_properties, REPLAYED_FROM).is_some();
     if previous.as_ref().is_some_and(IntegrationSync::is_finished) && !replayed {
         tracing::info!(job_id = %job.job_id, "job already finished; redelivery ignored");
+        // A claim the scheduler wrote for it after it had run would hold the integration
+        // until its lease lapsed.
+        update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+            let orphaned = i.running.as_ref().is_some_and(|r| r.job_id == job.job_id);
+            if orphaned {
+                end_chain(i, &job.job_id);
+            }
+            orphaned
+        })
+        .await?;
         return Ok(());
     }
 
@@ -478,7 +488,7 @@ async fn succeed(
         }
         match &continuation {
             Some(next) => lease::hand_over(&mut i.running, &job.job_id, next, &finished, now),
-            None => lease::release(&mut i.running, &job.job_id),
+            None => end_chain(i, &job.job_id),
         }
         true
     })
@@ -583,7 +593,7 @@ async fn fail(
                         i.status = IntegrationStatus::Error;
                         i.status_message = Some(summary.clone());
                     }
-                    lease::release(&mut i.running, &job.job_id);
+                    end_chain(i, &job.job_id);
                     true
                 })
                 .await?;
@@ -612,6 +622,13 @@ async fn fail(
             .await;
             Ok(())
         }
+    }
+}
+
+/// The job's chain lets go of the integration, which remembers it ended.
+fn end_chain(integration: &mut Integration, job_id: &str) {
+    if let Some(chain) = lease::release(&mut integration.running, job_id) {
+        integration.ended_chain = Some(chain);
     }
 }
 

@@ -99,6 +99,12 @@ pub fn is_held(running: Option<&RunningSync>, now: DateTime<Utc>) -> bool {
     running.is_some_and(|r| r.until > now)
 }
 
+/// Whether `job_id`'s chain holds the integration at `now`: its job ran before the scheduler
+/// that sent it had claimed the integration for it.
+pub fn is_held_by_chain(running: Option<&RunningSync>, job_id: &str, now: DateTime<Utc>) -> bool {
+    running.is_some_and(|r| r.until > now && r.chain == chain_of(job_id))
+}
+
 /// The hold, if it is `job_id`'s chain's.
 fn chains<'a>(running: &'a mut Option<RunningSync>, job_id: &str) -> Option<&'a mut RunningSync> {
     running.as_mut().filter(|r| r.chain == chain_of(job_id))
@@ -155,11 +161,11 @@ pub fn hand_over(
     }
 }
 
-/// The chain ended: the integration is free (unless another chain holds it by now).
-pub fn release(running: &mut Option<RunningSync>, job_id: &str) {
-    if chains(running, job_id).is_some() {
-        *running = None;
-    }
+/// The chain ended: the integration is free (unless another chain holds it by now). Returns
+/// the chain that let go, if it held the integration.
+pub fn release(running: &mut Option<RunningSync>, job_id: &str) -> Option<String> {
+    chains(running, job_id)?;
+    running.take().map(|held| held.chain)
 }
 
 #[cfg(test)]

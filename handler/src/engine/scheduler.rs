@@ -64,6 +64,31 @@ pub fn scheduled_job(
     }
 }
 
+/// Claims `integration`, due at `due_at`, for `job_id`, which was just sent: its next due time
+/// moves on and the job's chain holds it. `false` if another tick claimed this due time first
+/// (it moved on) or another sync holds the integration. The job may have started already (it
+/// was sent before the claim), or even ended: its own hold, or none, is the claim.
+pub fn claim_due(
+    integration: &mut Integration,
+    due_at: DateTime<Utc>,
+    job_id: &str,
+    now: DateTime<Utc>,
+    min_interval: Duration,
+) -> bool {
+    let running = integration.running.as_ref();
+    let started = lease::is_held_by_chain(running, job_id, now)
+        || integration.ended_chain.as_deref() == Some(lease::chain_of(job_id));
+    let claimed =
+        integration.next_sync_at == Some(due_at) && (started || !lease::is_held(running, now));
+    if claimed {
+        integration.next_sync_at = next_due(&integration.sync_frequency, now, min_interval);
+        if !started {
+            integration.running = Some(lease::queued(job_id, now));
+        }
+    }
+    claimed
+}
+
 /// A job asked for by a person (`handler sync`), due now.
 pub fn manual_job(
     shard: &Shard,
@@ -197,12 +222,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
 
         let mut claimed = false;
         update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
-            // Another tick that claimed this due time first has moved it on.
-            claimed = i.next_sync_at == Some(due_at) && !lease::is_held(i.running.as_ref(), now);
-            if claimed {
-                i.next_sync_at = next_due(&i.sync_frequency, now, min_interval);
-                i.running = Some(lease::queued(&job.job_id, now));
-            }
+            claimed = claim_due(i, due_at, &job.job_id, now, min_interval);
             claimed
         })
         .await?;
@@ -241,6 +261,43 @@ mod tests {
         .unwrap();
         let integration = shard.data().unwrap();
         (shard, integration)
+    }
+
+    #[test]
+    fn a_due_time_is_claimed_once_and_a_job_already_running_keeps_its_own_hold() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 5).unwrap();
+        let due = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap();
+        let (_, mut free) = integration_shard();
+        free.next_sync_at = Some(due);
+        let interval = Duration::minutes(5);
+
+        let mut claimed = free.clone();
+        assert!(claim_due(&mut claimed, due, "job_1", now, interval));
+        assert_eq!(claimed.next_sync_at, Some(now + Duration::minutes(15)));
+        assert_eq!(claimed.running, Some(lease::queued("job_1", now)));
+        assert!(
+            !claim_due(&mut claimed, due, "job_1", now, interval),
+            "a second tick finds the due time moved on"
+        );
+
+        // The job ran before the claim: the schedule moves on, the job's hold stays.
+        let mut started = free.clone();
+        started.running = Some(lease::hold(None, "job_1", now));
+        assert!(claim_due(&mut started, due, "job_1", now, interval));
+        assert_eq!(started.next_sync_at, Some(now + Duration::minutes(15)));
+        assert_eq!(started.running, Some(lease::hold(None, "job_1", now)));
+
+        // The job ran to its end before the claim: nothing to hold.
+        let mut ended = free.clone();
+        ended.ended_chain = Some("job_1".into());
+        assert!(claim_due(&mut ended, due, "job_1", now, interval));
+        assert_eq!(ended.next_sync_at, Some(now + Duration::minutes(15)));
+        assert_eq!(ended.running, None);
+
+        let mut busy = free.clone();
+        busy.running = Some(lease::hold(None, "job_webhook", now));
+        assert!(!claim_due(&mut busy, due, "job_1", now, interval));
+        assert_eq!(busy.next_sync_at, Some(due), "left due");
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct Integration {
     /// lease lapses, and it counts against the tenant's concurrency limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<RunningSync>,
+    /// The chain whose hold ended last. The scheduler sends a job before it claims the
+    /// integration for it; a job that ran to its end in between needs no claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_chain: Option<String>,
     /// Provider-side subscriptions delivering this integration's webhooks (Microsoft Graph).
     /// Each one's secret `clientState` is kept with the credentials.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
