@@ -116,8 +116,9 @@ pub async fn maintain(
                     &current,
                 )
                 .await?;
-                current.push(created);
+                current.push(created.clone());
                 done.created += 1;
+                save(app, shard, Change::Added(created), now).await?;
             }
             Step::Renew { id } => {
                 let Some(index) = current.iter().position(|s| s.id == id) else {
@@ -127,7 +128,10 @@ pub async fn maintain(
                 let until = now + lifetime(subscriptions.max_lifetime(&resource));
                 let info = info_of(&current[index]);
                 match subscriptions.renew(&mut conn, &info, until).await {
-                    Ok(expires_at) => current[index].expires_at = expires_at,
+                    Ok(expires_at) => {
+                        current[index].expires_at = expires_at;
+                        save(app, shard, Change::Renewed { id, expires_at }, now).await?;
+                    }
                     Err(e) if e.code == ErrorCode::NotFound => {
                         // Gone, or not renewable: a new one replaces it, and the old one (if
                         // the provider still has it) stops delivering.
@@ -146,7 +150,17 @@ pub async fn maintain(
                             &current,
                         )
                         .await?;
-                        current.push(created);
+                        current.push(created.clone());
+                        save(
+                            app,
+                            shard,
+                            Change::Replaced {
+                                old: id,
+                                new: created,
+                            },
+                            now,
+                        )
+                        .await?;
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -159,11 +173,49 @@ pub async fn maintain(
                 current.retain(|s| s.id != id);
                 keep_client_states(app, shard, &current, None).await?;
                 done.deleted += 1;
+                save(app, shard, Change::Removed(id), now).await?;
             }
         }
-        save(app, shard, &current, now).await?;
     }
     Ok(done)
+}
+
+/// One step of maintenance, as it changes the integration's list of subscriptions.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    Added(WebhookSubscription),
+    Renewed {
+        id: String,
+        expires_at: DateTime<Utc>,
+    },
+    /// A subscription the provider no longer had, and the one made in its place.
+    Replaced {
+        old: String,
+        new: WebhookSubscription,
+    },
+    Removed(String),
+}
+
+/// Applies `change` to the list of subscriptions as it is stored now, not as maintenance read
+/// it: the webhook receiver may have marked one for renewal or dropped one meanwhile, and a
+/// renewal must not bring back a subscription the receiver dropped.
+fn apply(stored: &mut Vec<WebhookSubscription>, change: &Change) {
+    match change {
+        Change::Added(new) => {
+            if !stored.iter().any(|s| s.id == new.id) {
+                stored.push(new.clone());
+            }
+        }
+        Change::Renewed { id, expires_at } => stored
+            .iter_mut()
+            .filter(|s| &s.id == id)
+            .for_each(|s| s.expires_at = *expires_at),
+        Change::Replaced { old, new } => {
+            stored.retain(|s| &s.id != old);
+            apply(stored, &Change::Added(new.clone()));
+        }
+        Change::Removed(id) => stored.retain(|s| &s.id != id),
+    }
 }
 
 /// Creates a subscription to `resource`, and keeps its secret with those of the `live` ones
@@ -247,15 +299,13 @@ async fn keep_client_states(
         .await
 }
 
-async fn save(
-    app: &App,
-    shard: &Shard,
-    subscriptions: &[WebhookSubscription],
-    now: DateTime<Utc>,
-) -> Result<(), Failure> {
+/// Stores one step's change, each step as it is done: a subscription the provider made is
+/// kept even if a later step fails.
+async fn save(app: &App, shard: &Shard, change: Change, now: DateTime<Utc>) -> Result<(), Failure> {
     update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
-        i.subscriptions = subscriptions.to_vec();
-        true
+        let before = i.subscriptions.clone();
+        apply(&mut i.subscriptions, &change);
+        i.subscriptions != before
     })
     .await?;
     Ok(())
@@ -277,6 +327,33 @@ mod tests {
             expires_at: at(expires),
             resource_id: None,
         }
+    }
+
+    #[test]
+    fn a_step_changes_the_subscriptions_as_stored_now_not_as_maintenance_read_them() {
+        // Maintenance read [a, b]; meanwhile the receiver dropped b (the provider removed it)
+        // and marked a for renewal.
+        let mut stored = vec![sub("a", "drive/root", 0)];
+        apply(
+            &mut stored,
+            &Change::Renewed {
+                id: "b".into(),
+                expires_at: at(70),
+            },
+        );
+        assert_eq!(stored, [sub("a", "drive/root", 0)], "b is not brought back");
+        apply(&mut stored, &Change::Added(sub("c", "drive/x", 70)));
+        apply(&mut stored, &Change::Added(sub("c", "drive/x", 70)));
+        assert_eq!(stored.len(), 2, "added once");
+        apply(
+            &mut stored,
+            &Change::Replaced {
+                old: "a".into(),
+                new: sub("a2", "drive/root", 70),
+            },
+        );
+        apply(&mut stored, &Change::Removed("c".into()));
+        assert_eq!(stored, [sub("a2", "drive/root", 70)]);
     }
 
     #[test]
