@@ -16,6 +16,12 @@
 //! written for `settleSeconds`) is remembered: file times are kept to a clock tick, and a second
 //! write within the tick of the first would not show.
 //!
+//! A row that cannot be read (not UTF-8, not JSON, no id, a time that is not RFC 3339, a CSV row
+//! with more or fewer fields than its header, which would put values in the wrong columns)
+//! fails alone: the page reports it, by file and line or byte, and goes on. The times read from
+//! a file that had not settled do not move the cursor on: an export written in id order may
+//! still gain rows older than the newest read so far.
+//!
 //! A page token is the file, the byte offset of the next record and how the file was, so a
 //! resumed sync seeks instead of re-reading; a file written anew meanwhile is read from its
 //! start, one appended to is followed, and one removed leaves the files after it to be read.
@@ -32,7 +38,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record};
+use crate::{
+    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record, Unreadable,
+};
 
 #[derive(Default)]
 pub struct BulkImport;
@@ -132,19 +140,24 @@ fn truthy(value: &Value) -> bool {
     }
 }
 
-fn to_record(mut fields: Map<String, Value>, columns: &Columns) -> Result<Record, String> {
+/// The record a row's `fields` make, or why they make none; `at` says where the row is.
+fn to_record(
+    mut fields: Map<String, Value>,
+    columns: &Columns,
+    at: &str,
+) -> Result<Record, Unreadable> {
     let id = match fields.get(&columns.id) {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         Some(Value::Number(n)) => n.to_string(),
-        _ => return Err(format!("a record has no `{}`", columns.id)),
+        _ => return Err(unreadable(None, format!("{at}: no `{}`", columns.id))),
     };
     let modified_at = match fields.get(&columns.modified) {
         Some(Value::String(s)) if !s.is_empty() => Some(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|e| {
-                    format!(
-                        "record {id}: `{}` is not an RFC 3339 time ({e})",
-                        columns.modified
+                    unreadable(
+                        Some(&id),
+                        format!("{at}: `{}` is not an RFC 3339 time ({e})", columns.modified),
                     )
                 })?
                 .with_timezone(&Utc),
@@ -160,11 +173,18 @@ fn to_record(mut fields: Map<String, Value>, columns: &Columns) -> Result<Record
     })
 }
 
+fn unreadable(record_id: Option<&str>, message: String) -> Unreadable {
+    Unreadable {
+        record_id: record_id.map(str::to_string),
+        message,
+    }
+}
+
 /// Records read from one file (each, or why it could not be read), and the byte offset after
 /// the last one, or `None` at the end of the file, with the hash of the file's text up to that
 /// offset when the hash of the text before the first was given.
 type FileChunk = (
-    Vec<Result<Record, String>>,
+    Vec<Result<Record, Unreadable>>,
     Option<(u64, Option<PrefixHash>)>,
 );
 
@@ -234,22 +254,24 @@ fn read_records(
                 if read == 0 {
                     return Ok((records, None));
                 }
+                let start = position;
                 position += read as u64;
-                if line.trim().is_empty() {
+                // An editor's byte order mark before the first line is not part of it.
+                let text = match start {
+                    0 => line.trim_start_matches('\u{feff}'),
+                    _ => line.as_str(),
+                };
+                if text.trim().is_empty() {
                     continue;
                 }
-                records.push(match serde_json::from_str::<Value>(&line) {
-                    Ok(Value::Object(fields)) => to_record(fields, columns),
-                    Ok(_) => Err(format!(
-                        "{} at byte {}: a line is not a JSON object",
-                        path.display(),
-                        position - read as u64
+                let at = format!("{} at byte {start}", path.display());
+                records.push(match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(fields)) => to_record(fields, columns, &at),
+                    Ok(_) => Err(unreadable(
+                        None,
+                        format!("{at}: a line is not a JSON object"),
                     )),
-                    Err(e) => Err(format!(
-                        "{} at byte {}: {e}",
-                        path.display(),
-                        position - read as u64
-                    )),
+                    Err(e) => Err(unreadable(None, format!("{at}: {e}"))),
                 });
             }
             let at_end = reader.fill_buf().map_err(|e| io_error(path, e))?.is_empty();
@@ -264,10 +286,28 @@ fn read_records(
                 position.set_byte(offset);
                 reader.seek(position).map_err(|e| io_error(path, e))?;
             }
+            let id_column = headers.iter().position(|h| h == columns.id);
             let mut row = csv::StringRecord::new();
             while records.len() < limit {
+                let line = reader.position().line();
+                let at = format!("{} line {line}", path.display());
                 match reader.read_record(&mut row) {
                     Ok(false) => return Ok((records, None)),
+                    // A comma too many or too few shifts every value after it into the wrong
+                    // column: the row is not guessed at.
+                    Ok(true) if row.len() != headers.len() => {
+                        let id = id_column
+                            .and_then(|i| row.get(i))
+                            .filter(|id| !id.is_empty());
+                        records.push(Err(unreadable(
+                            id,
+                            format!(
+                                "{at}: {} fields where the header has {}",
+                                row.len(),
+                                headers.len()
+                            ),
+                        )));
+                    }
                     Ok(true) => {
                         let fields: Map<String, Value> = headers
                             .iter()
@@ -281,9 +321,9 @@ fn read_records(
                                 (h.to_string(), value)
                             })
                             .collect();
-                        records.push(to_record(fields, columns));
+                        records.push(to_record(fields, columns, &at));
                     }
-                    Err(e) => records.push(Err(format!("{}: {e}", path.display()))),
+                    Err(e) => records.push(Err(unreadable(None, format!("{at}: {e}")))),
                 }
             }
             let next = reader.position().byte();
@@ -503,15 +543,10 @@ impl ImportCursor {
         Ok(Self { time, read })
     }
 
-    /// The time of the latest of `records` that has one, to the millisecond the cursor's text
-    /// keeps.
-    fn latest(records: &[Record]) -> Option<DateTime<Utc>> {
+    /// `time` to the millisecond the cursor's text keeps.
+    fn to_cursor_time(time: DateTime<Utc>) -> DateTime<Utc> {
         use chrono::SubsecRound;
-        records
-            .iter()
-            .filter_map(|r| r.modified_at)
-            .max()
-            .map(|t| t.trunc_subsecs(3))
+        time.trunc_subsecs(3)
     }
 
     /// Whether the file called `name`, as it is now (`stamp`), was read whole. A stamp the
@@ -750,6 +785,10 @@ impl Pull for BulkImport {
             ..Page::default()
         };
         let mut read_whole = ImportCursor::default();
+        // The latest time read from a file that had settled. A file still being written may
+        // yet gain rows older than its newest (an export written in id order): its times do
+        // not move the cursor on, or the next sync would skip those rows.
+        let mut latest: Option<DateTime<Utc>> = None;
         while index < files.len() && page.records.len() < wanted {
             let (path, format) = &files[index];
             let name = file_name(path);
@@ -767,14 +806,20 @@ impl Pull for BulkImport {
                     wanted - page.records.len(),
                     &columns,
                 )?;
+                let settled = begun.is_some_and(|b| b.settled);
                 for record in records {
                     match record {
                         Ok(r)
                             if cursor
                                 .time
                                 .is_some_and(|s| r.modified_at.is_some_and(|m| m < s)) => {}
-                        Ok(r) => page.records.push(r),
-                        Err(e) => return Err(ProviderError::new(ErrorCode::ValidationError, e)),
+                        Ok(r) => {
+                            if settled {
+                                latest = latest.max(r.modified_at);
+                            }
+                            page.records.push(r);
+                        }
+                        Err(unread) => page.unreadable.push(unread),
                     }
                 }
                 // Read to its end, begun settled and not written since: the next sync may
@@ -818,7 +863,7 @@ impl Pull for BulkImport {
                 }
             }
         }
-        read_whole.time = ImportCursor::latest(&page.records);
+        read_whole.time = latest.map(ImportCursor::to_cursor_time);
         page.cursor = read_whole.pruned().to_text();
         Ok(page)
     }
@@ -922,23 +967,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bad_line_or_a_missing_folder_is_a_clear_error() {
+    async fn a_row_that_cannot_be_read_is_reported_alone_and_a_missing_folder_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("accounts.jsonl"),
-            "{\"id\":\"a1\"}\nnot json\n",
+            "\u{feff}{\"id\":\"a1\"}\nnot json\n{\"name\":\"no id\"}\n{\"id\":\"a4\",\"modified_at\":\"2026-01-01\"}\n{\"id\":\"a5\"}\n",
         )
         .unwrap();
-        let err = BulkImport
+        let page = BulkImport
             .fetch_page(&mut conn(dir.path()), &request("accounts", 10))
             .await
-            .unwrap_err();
-        assert_eq!(err.code, ErrorCode::ValidationError);
-        assert!(
-            err.message.contains("accounts.jsonl at byte 12"),
-            "{}",
-            err.message
+            .unwrap();
+        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["a1", "a5"],
+            "a byte order mark is not part of the first line"
         );
+        let unread: Vec<_> = page
+            .unreadable
+            .iter()
+            .map(|u| (u.record_id.as_deref(), u.message.as_str()))
+            .collect();
+        assert_eq!(unread.len(), 3, "{unread:?}");
+        assert!(
+            unread[0].1.contains("accounts.jsonl at byte 15"),
+            "{unread:?}"
+        );
+        assert!(unread[1].1.ends_with("no `id`"), "{unread:?}");
+        assert_eq!(unread[2].0, Some("a4"));
+        assert!(unread[2].1.contains("not an RFC 3339 time"), "{unread:?}");
+
         let err = BulkImport
             .fetch_page(
                 &mut conn(&dir.path().join("nope")),
@@ -1080,21 +1139,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_csv_record_that_cannot_be_read_fails_its_own_page() {
+    async fn a_csv_row_that_cannot_be_read_or_has_a_field_too_many_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
         let mut text = csv_rows(&["a1", "a2"]).into_bytes();
         text.extend_from_slice(b"a3,\xff\xfe\n");
+        text.extend_from_slice(b"a4,Acme, Inc,2026-01-01T00:00:00Z\n");
+        text.extend_from_slice(&csv_rows(&["a5"]).into_bytes()[csv_rows(&[]).len()..]);
         std::fs::write(dir.path().join("accounts.csv"), text).unwrap();
         let mut conn = conn(dir.path());
         let page = BulkImport
-            .fetch_page(&mut conn, &request("accounts", 2))
+            .fetch_page(&mut conn, &request("accounts", 10))
             .await
             .unwrap();
-        assert_eq!(page.records.len(), 2);
-        let mut next = request("accounts", 2);
-        next.page_token = page.next_page;
-        let err = BulkImport.fetch_page(&mut conn, &next).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::ValidationError, "{err:?}");
+        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a1", "a2", "a5"]);
+        let unread: Vec<_> = page
+            .unreadable
+            .iter()
+            .map(|u| (u.record_id.as_deref(), u.message.as_str()))
+            .collect();
+        assert!(unread[0].1.contains("accounts.csv line 4"), "{unread:?}");
+        assert_eq!(unread[1].0, Some("a4"));
+        assert!(
+            unread[1].1.contains("4 fields where the header has 2"),
+            "{unread:?}"
+        );
+        assert_eq!(unread.len(), 2);
     }
 
     #[tokio::test]
@@ -1153,6 +1223,27 @@ mod tests {
         assert_eq!(ids, ["a1"]);
         let (ids, _) = sync(&mut settled, "accounts", 10, cursor).await;
         assert!(ids.is_empty(), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn rows_added_to_an_export_still_being_written_are_read_whatever_their_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("accounts.csv");
+        // An exporter writing in id order: a later row may be older than an earlier one.
+        std::fs::write(&file, "id,modified_at\na1,2026-01-05T00:00:00Z\n").unwrap();
+        let mut unsettled = settling(dir.path(), 3600);
+        let (ids, cursor) = sync(&mut unsettled, "accounts", 10, None).await;
+        assert_eq!(ids, ["a1"]);
+
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("a2,2026-01-02T00:00:00Z\n");
+        std::fs::write(&file, text).unwrap();
+        let (ids, _) = sync(&mut unsettled, "accounts", 10, cursor).await;
+        assert_eq!(
+            ids,
+            ["a1", "a2"],
+            "the unsettled file did not move the cursor on"
+        );
     }
 
     /// The token of the page after the entity's first.

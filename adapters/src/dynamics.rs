@@ -330,6 +330,7 @@ impl Pull for Dynamics365 {
                 .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         };
         Ok(Page {
+            unreadable: Vec::new(),
             records,
             next_page: body["@odata.nextLink"].as_str().map(str::to_string),
             query,

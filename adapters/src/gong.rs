@@ -206,6 +206,7 @@ impl Gong {
             .setting_f64("trailingDays")
             .map_or(DEFAULT_TRAILING_DAYS, |d| d as i64);
         Ok(Page {
+            unreadable: Vec::new(),
             records,
             next_page: next.as_ref().map(|w| json!(w).to_string()),
             query: Some("POST /v2/calls/extensive by fromDateTime".into()),
@@ -247,6 +248,7 @@ impl Gong {
             })
             .collect();
         Ok(Page {
+            unreadable: Vec::new(),
             records,
             next_page: answer["records"]["cursor"].as_str().map(str::to_string),
             query: Some("GET /v2/users".into()),

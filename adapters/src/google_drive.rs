@@ -333,6 +333,7 @@ impl Pull for GoogleDrive {
                     None => (None, Some(start)),
                 };
                 Ok(Page {
+                    unreadable: Vec::new(),
                     records,
                     next_page: next_page.map(|p| json!(p).to_string()),
                     query: Some("files.list q=trashed = false".into()),
@@ -375,6 +376,7 @@ impl Pull for GoogleDrive {
                     }
                 }
                 Ok(Page {
+                    unreadable: Vec::new(),
                     records,
                     next_page: body["nextPageToken"]
                         .as_str()

@@ -171,6 +171,18 @@ pub struct Page {
     /// Where the next sync starts if the entity ends after this page (see
     /// [`crate::Pull::newer_cursor`]).
     pub cursor: Option<String>,
+    /// Records the provider gave that could not be read (an export's malformed row): each
+    /// fails alone, listed in the sync's history, and the page goes on.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A record that could not be read, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    /// Its id, when that much could be read.
+    pub record_id: Option<String>,
+    /// Where it is and what is wrong with it.
+    pub message: String,
 }
 
 use crate::ProviderError;

@@ -230,6 +230,7 @@ impl Zoom {
             .get(conn, &format!("/users/{user}/meetings"), &params)
             .await?;
         Ok(Page {
+            unreadable: Vec::new(),
             records: records(&body["meetings"], "id"),
             next_page: next_token(&body),
             query: Some(format!("GET /users/{user}/meetings?type=scheduled")),
@@ -326,6 +327,7 @@ impl Zoom {
             (None, Some((today - Duration::days(1)).to_string()))
         };
         Ok(Page {
+            unreadable: Vec::new(),
             records,
             next_page: next_page.map(|a| json!(a).to_string()),
             query: Some(format!(
@@ -392,6 +394,7 @@ impl Zoom {
             None => (None, Some((today - Duration::days(1)).to_string())),
         };
         Ok(Page {
+            unreadable: Vec::new(),
             records: records(&body["meetings"], "uuid"),
             next_page: next_page.map(|w| json!(w).to_string()),
             query: Some(format!("GET /users/{user}/recordings?from&to")),

@@ -26,7 +26,7 @@ pub fn bulk_import_integration(id: &str, folder: &std::path::Path) -> handler::m
         "id": id, "tenantId": "t1", "shardTypeId": "c_integration", "name": "Bulk import",
         "structuredData": {
             "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
-            "connection": {"path": folder.display().to_string()},
+            "connection": {"path": folder.display().to_string(), "settleSeconds": "0"},
             "entityMappings": [
                 {"externalEntity": "accounts", "shardTypeId": "c_company", "nameField": "name",
                  "fieldMappings": [{"source": "name", "target": "name", "required": true}]},

@@ -13,6 +13,7 @@ mod fake_zoom;
 mod helpers;
 
 mod azure_backends;
+mod bulk_import_sync;
 mod conformance;
 mod cosmos_emulator;
 mod cosmos_http;

@@ -119,6 +119,7 @@ impl Pull for OneDrive {
             .filter_map(record_of)
             .collect();
         Ok(Page {
+            unreadable: Vec::new(),
             records,
             next_page: body["@odata.nextLink"].as_str().map(str::to_string),
             query,

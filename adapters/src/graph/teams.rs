@@ -186,6 +186,7 @@ impl Pull for Teams {
             }
         };
         Ok(Page {
+            unreadable: Vec::new(),
             records,
             next_page: next.map(|p| serde_json::to_string(&p).unwrap_or_default()),
             query,

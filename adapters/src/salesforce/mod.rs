@@ -668,6 +668,7 @@ impl Pull for Salesforce {
         let records = answer.into_records();
         let cursor = records.iter().filter_map(|r| r.modified_at).max();
         Ok(Page {
+            unreadable: Vec::new(),
             cursor: cursor.map(cursor_of),
             records,
             next_page,

@@ -712,6 +712,16 @@ impl<'a> EntityRun<'a> {
             }
             let next_token = page.next_page.clone();
             let stop_after = page.stop_after.clone();
+            // Rows the provider gave that could not be read fail alone; the page goes on.
+            for unread in std::mem::take(&mut page.unreadable) {
+                self.counters.fetched += 1;
+                self.record_error(
+                    ErrorCode::ValidationError,
+                    unread.message,
+                    unread.record_id.as_deref(),
+                    None,
+                );
+            }
             let fetched_so_far =
                 outcome.stats.records_fetched + self.counters.fetched + fetched as u64;
             self.counters.fetched += fetched as u64;
