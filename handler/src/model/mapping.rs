@@ -382,8 +382,12 @@ impl FieldMapping {
                         values[i + 1] = Value::String(token.to_string());
                     }
                 } else {
+                    // Fewer parts than targets: the last targets take them, as they take the
+                    // last parts of a longer text ("Cher" is a last name; written back through
+                    // a reversible concat of first and last name, it goes to the last).
+                    let first = n - tokens.len();
                     for (i, token) in tokens.iter().enumerate() {
-                        values[i] = Value::String(token.to_string());
+                        values[first + i] = Value::String(token.to_string());
                     }
                 }
                 for (target, value) in self.targets.iter().zip(values) {
@@ -646,6 +650,23 @@ mod tests {
     }
 
     #[test]
+    fn a_one_word_name_written_back_through_a_concat_of_first_and_last_is_a_last_name() {
+        let m = mappings(json!([
+            {"sources": ["FirstName", "LastName"], "target": "name", "transform": "concat",
+             "reversible": true},
+        ]));
+        let record = json!({"LastName": "Smith"});
+        let mut data = transform(&m, record.as_object().unwrap()).unwrap();
+        assert_eq!(data["name"], "Smith");
+        data.insert("name".into(), json!("Cher"));
+        let back = reverse(&m, &data, None);
+        assert_eq!(
+            Value::Object(back.fields),
+            json!({"FirstName": null, "LastName": "Cher"})
+        );
+    }
+
+    #[test]
     fn mapping_a_record_it_gives_up_yields_what_mapping_a_copy_does() {
         let m = mappings(json!([
             {"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
@@ -732,7 +753,7 @@ mod tests {
         for (name, first, last) in [
             ("John Doe", json!("John"), json!("Doe")),
             ("Mary Ann Smith", json!("Mary Ann"), json!("Smith")),
-            ("  Cher ", json!("Cher"), Value::Null),
+            ("  Cher ", Value::Null, json!("Cher")),
             ("", Value::Null, Value::Null),
         ] {
             let out = transform(&m, &record(json!({"Name": name}))).unwrap();
