@@ -491,9 +491,23 @@ impl WriteBack for Dynamics365 {
         if let Some(row) = found.body["value"].as_array().and_then(|rows| rows.first())
             && let Some(id) = row[&key].as_str()
         {
+            // The row holds what the first attempt sent; the shard may have changed since.
+            // It is written as asked now, over the version just read.
+            let url = format!("{root}/{}({id})", write.entity);
+            let if_match = version_of(row).unwrap_or_else(|| "*".to_string());
+            let body = Value::Object(write.fields.clone());
+            let written = self
+                .write(
+                    conn,
+                    Method::PATCH,
+                    &url,
+                    &[("If-Match", if_match)],
+                    Some(&body),
+                )
+                .await?;
             return Ok(Written {
                 external_id: id.to_string(),
-                version: version_of(row),
+                version: version_of(&written),
             });
         }
         let url = format!("{root}/{}", write.entity);

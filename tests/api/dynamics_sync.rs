@@ -321,18 +321,21 @@ async fn rows_are_created_updated_only_at_the_version_written_against_and_delete
         .unwrap();
     assert_eq!(again.external_id, created.external_id);
     assert_eq!(fake.rows("contacts").len(), 1);
+    // Found, the row is written again with what the retry asks, over the version it read.
+    let found_version = again.version.clone().expect("the version written");
+    assert_ne!(found_version, first_version);
     let updated = writer
         .update(
             &mut conn,
             &write(
                 Some(&created.external_id),
                 json!({"fullname": "Ann Lee-Smith"}),
-                Some(&first_version),
+                Some(&found_version),
             ),
         )
         .await
         .unwrap();
-    assert_ne!(updated.version.as_deref(), Some(first_version.as_str()));
+    assert_ne!(updated.version.as_deref(), Some(found_version.as_str()));
 
     let stale = writer
         .update(

@@ -765,11 +765,21 @@ async fn a_dynamics_365_row_whose_answer_the_gateway_lost_is_found_again_not_cre
     assert_eq!(retry.len(), 1, "the write-back is retried later");
     assert!(retry[0].message_id.ends_with(":attempt-2"));
 
-    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    // Zoe's email is corrected in Castiel before the retry.
+    let shard = json!({"id": "shard-zoe", "tenantId": "t1", "shardTypeId": "c_contact",
+                       "name": "Zoe", "structuredData": {"full_name": "Zoe Ng", "email": "zoe.ng@contoso.test"}});
+    std::fs::write(&file, shard.to_string()).unwrap();
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 2);
     assert_eq!(posts(&fake), 1, "the retry found the row by its castiel_id");
     let rows = fake.rows("contacts");
     assert_eq!(rows.len(), 1, "one row");
     assert_eq!(rows[0]["castiel_id"], "shard-zoe");
+    assert_eq!(
+        rows[0]["emailaddress1"], "zoe.ng@contoso.test",
+        "the row found holds what Castiel says now"
+    );
     assert!(test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty());
     assert!(
         test.broker()
