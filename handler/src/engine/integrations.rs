@@ -76,6 +76,7 @@ pub async fn register(
     for mapping in &integration.entity_mappings {
         mapping.validate()?;
     }
+    integration.check_write_back()?;
     let notes = check(app, &shard, &mut integration).await?;
     let existing = app
         .store

@@ -322,6 +322,28 @@ async fn handle(
     }
 }
 
+/// Why no integration was chosen to write a change back.
+#[derive(Debug, PartialEq, Eq)]
+enum Unchosen {
+    /// None writes the shard's type back.
+    None,
+    /// Several do, and the shard is linked to none of them: which one was meant is unknown.
+    Several,
+}
+
+/// Which of the integrations that write a shard's type back (`writers`, by id) writes this
+/// shard: the one it is linked to (`linked`, the integrations of its links), or the only one.
+fn choose_writer(writers: &[&str], linked: &[&str]) -> Result<usize, Unchosen> {
+    if let Some(index) = writers.iter().position(|id| linked.contains(id)) {
+        return Ok(index);
+    }
+    match writers.len() {
+        0 => Err(Unchosen::None),
+        1 => Ok(0),
+        _ => Err(Unchosen::Several),
+    }
+}
+
 /// Finds what the write-back is about; `Err` names why it cannot be carried out at all.
 async fn find_target(
     app: &App,
@@ -362,26 +384,58 @@ async fn find_target(
                 .collect()
         }
     };
-    let found = candidates.into_iter().find_map(|s| {
-        let integration: Integration = s.data().ok()?;
-        let mapping = integration.write_back_mapping(&shard_type)?.clone();
-        Some(Target {
-            shard: shard.clone(),
-            integration_id: s.id.clone(),
-            integration_name: s.name.clone(),
-            integration,
-            mapping,
+    let writers: Vec<(Shard, Integration)> = candidates
+        .into_iter()
+        .filter_map(|s| {
+            let integration: Integration = s.data().ok()?;
+            integration.write_back_mapping(&shard_type)?;
+            Some((s, integration))
         })
-    });
-    Ok(found.ok_or_else(|| {
-        Failure::new(
-            ErrorCode::ValidationError,
-            format!(
-                "no integration of tenant `{tenant}` with `{}` writes `{shard_type}` shards back \
-                 (writeBack.enabled and a bidirectional mapping)",
-                write_back.external_system
-            ),
-        )
+        .collect();
+    let linked: Vec<&str> = shard
+        .value
+        .external_relationships
+        .iter()
+        .map(|r| r.integration_id.as_str())
+        .collect();
+    let ids: Vec<&str> = writers.iter().map(|(s, _)| s.id.as_str()).collect();
+    let chosen = match choose_writer(&ids, &linked) {
+        Ok(index) => index,
+        Err(Unchosen::None) => {
+            return Ok(Err(Failure::new(
+                ErrorCode::ValidationError,
+                format!(
+                    "no integration of tenant `{tenant}` with `{}` writes `{shard_type}` shards \
+                     back (writeBack.enabled and a bidirectional mapping)",
+                    write_back.external_system
+                ),
+            )));
+        }
+        Err(Unchosen::Several) => {
+            return Ok(Err(Failure::new(
+                ErrorCode::ValidationError,
+                format!(
+                    "integrations {} of tenant `{tenant}` all write `{shard_type}` shards back to \
+                     `{}`, and shard `{}` is linked to none of them: the write-back must name \
+                     its integrationId",
+                    ids.join(", "),
+                    write_back.external_system,
+                    write_back.shard_id
+                ),
+            )));
+        }
+    };
+    let (integration_shard, integration) = writers.into_iter().nth(chosen).expect("chosen");
+    let mapping = integration
+        .write_back_mapping(&shard_type)
+        .expect("a writer writes the type back")
+        .clone();
+    Ok(Ok(Target {
+        shard,
+        integration_id: integration_shard.id,
+        integration_name: integration_shard.name,
+        integration,
+        mapping,
     }))
 }
 
@@ -740,6 +794,16 @@ async fn send_dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_is_written_through_the_integration_its_shard_is_linked_to_or_the_only_one() {
+        let both = ["int-sandbox", "int-production"];
+        assert_eq!(choose_writer(&both, &["int-production"]), Ok(1));
+        assert_eq!(choose_writer(&both, &["int-other", "int-sandbox"]), Ok(0));
+        assert_eq!(choose_writer(&both, &[]), Err(Unchosen::Several));
+        assert_eq!(choose_writer(&["int-production"], &[]), Ok(0));
+        assert_eq!(choose_writer(&[], &["int-production"]), Err(Unchosen::None));
+    }
 
     #[test]
     fn a_write_refused_because_the_record_moved_on_is_read_again_and_retried() {

@@ -109,6 +109,30 @@ impl Integration {
         self.entity_mappings.iter().any(|m| self.writes_back(m))
     }
 
+    /// Refuses two mappings that write one shard type back: a change would go to the first
+    /// one's entity whichever record the shard came from, and a shard made in Castiel could
+    /// be either.
+    pub fn check_write_back(&self) -> Result<(), String> {
+        let writing: Vec<&EntityMapping> = self
+            .entity_mappings
+            .iter()
+            .filter(|m| self.writes_back(m))
+            .collect();
+        for (i, m) in writing.iter().enumerate() {
+            if let Some(other) = writing[i + 1..]
+                .iter()
+                .find(|o| o.shard_type_id == m.shard_type_id)
+            {
+                return Err(format!(
+                    "`{}` and `{}` both write `{}` shards back: make one of them one-way \
+                     (bidirectional: false)",
+                    m.external_entity, other.external_entity, m.shard_type_id
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The mapping of a two-way shard type, if one writes back.
     pub fn write_back_mapping(&self, shard_type_id: &str) -> Option<&EntityMapping> {
         self.entity_mappings
@@ -282,6 +306,27 @@ impl SyncFrequency {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn two_mappings_may_not_write_one_shard_type_back() {
+        let integration = |lead_two_way: bool| -> Integration {
+            serde_json::from_value(serde_json::json!({
+                "providerName": "salesforce", "syncFrequency": {"type": "manual"},
+                "writeBack": {"enabled": true},
+                "entityMappings": [
+                    {"externalEntity": "Contact", "shardTypeId": "c_contact", "bidirectional": true},
+                    {"externalEntity": "Lead", "shardTypeId": "c_contact", "bidirectional": lead_two_way}
+                ]
+            }))
+            .unwrap()
+        };
+        assert!(integration(false).check_write_back().is_ok());
+        let refused = integration(true).check_write_back().unwrap_err();
+        assert!(
+            refused.contains("`Contact` and `Lead` both write `c_contact` shards back"),
+            "{refused}"
+        );
+    }
 
     fn at(h: u32, m: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0).unwrap()
