@@ -790,6 +790,45 @@ async fn a_dynamics_365_row_whose_answer_the_gateway_lost_is_found_again_not_cre
 }
 
 #[tokio::test]
+async fn a_field_split_in_castiel_is_written_back_with_the_part_the_provider_changed_meanwhile() {
+    let test = TestApp::new();
+    let fake = FakeDynamics::start().await;
+    let mut integration = two_way_dynamics(&fake);
+    integration["structuredData"]["entityMappings"][0]["fieldMappings"] = json!([
+        {"source": "fullname", "target": "full_name"},
+        {"source": "nickname", "targets": ["nick_first", "nick_last"], "transform": "split",
+         "separator": "|"}
+    ]);
+    test.register_integration(integration).await;
+    test.set_credentials("int-contoso", &fake.credentials())
+        .await;
+    let id = fake.add(
+        "contacts",
+        json!({"fullname": "Ann Lee", "nickname": "Ann|Lee"}),
+    );
+    let handler = test.host_handler().await;
+    sync_of(&handler, "int-contoso", "dynamics365", "job-1").await;
+    let shard_id = format!("int-contoso~contacts~{id}");
+
+    // Dataverse gets the first part changed, Castiel the last.
+    fake.update("contacts", &id, json!({"nickname": "Anna|Lee"}));
+    edit_in_castiel(&test, &shard_id, "Ann Lee", json!({"nick_last": "Li"})).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let rows = fake.rows("contacts");
+    assert_eq!(rows[0]["nickname"], "Anna|Li", "neither change is lost");
+    let shard = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(shard.structured_data["nick_first"], "Anna");
+    assert_eq!(shard.structured_data["nick_last"], "Li");
+}
+
+#[tokio::test]
 async fn dynamics_365_rows_are_created_once_whatever_the_deliveries_then_updated_and_deleted() {
     let test = TestApp::new();
     let fake = FakeDynamics::start().await;

@@ -545,6 +545,14 @@ async fn write(
             &integration.conflict_policy(),
             modified,
         );
+        // The provider's changes first: a field written back from several (a split's parts
+        // joined) takes their part of it, not Castiel's older one.
+        for field in &decided.to_castiel {
+            data.insert(
+                field.clone(),
+                theirs.get(field).cloned().unwrap_or(Value::Null),
+            );
+        }
         let reversed = reverse(&mapping.field_mappings, &data, Some(&decided.to_provider));
         pushed.irreversible = reversed.irreversible.clone();
         if reversed.fields.is_empty() {
@@ -563,12 +571,6 @@ async fn write(
             let written = writer.update(&mut conn, &write).await?;
             shard.external_relationships[i].version = written.version;
             pushed.updated = 1;
-        }
-        for field in &decided.to_castiel {
-            data.insert(
-                field.clone(),
-                theirs.get(field).cloned().unwrap_or(Value::Null),
-            );
         }
         // What both sides hold now, except fields still apart.
         let apart: Vec<&String> = decided
