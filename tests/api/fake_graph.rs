@@ -131,6 +131,9 @@ pub struct Graph {
     pub unavailable: usize,
     /// A delta token answers 410 `resyncRequired` (drive) or 400 `syncStateNotFound` (Teams).
     pub expire_delta_tokens: bool,
+    /// The next drive token of any kind (a page of the first enumeration too) answers 410
+    /// `resyncRequired`, once: it was kept too long.
+    pub expire_next_token: bool,
     /// Renames made once a number of drive delta pages has been served.
     renames_after_pages: Vec<PendingRename>,
     /// How long a validation handshake may take (Graph allows 10 seconds).
@@ -593,6 +596,12 @@ impl Graph {
                 ..Cursor::fresh(version, top.unwrap_or(DRIVE_PAGE), false)
             },
             Some(token) => match Cursor::decode(token) {
+                Some(_) if std::mem::take(&mut self.expire_next_token) => {
+                    let message = "Resync required. Replace any local items with the server's version (including deletes) if you're sure that the service was up to date with your local changes when you last sync'd. Upload any local changes that the server doesn't know about.";
+                    let inner = Some("resyncChangesApplyDifferences");
+                    let answer = error_with(410, "resyncRequired", message, inner);
+                    return with_header(answer, "location", &base);
+                }
                 Some(c) if !c.delta => c,
                 Some(c) if !self.expire_delta_tokens && c.since <= version => c.resume(version),
                 _ => {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use handler::queue::SYNC_INBOUND_SCHEDULED;
+
 use crate::fake_graph::FakeGraph;
 use crate::fake_host::{free_port, service_bus_message, timer_without_status};
 use crate::helpers::{LocalRuntime, TestApp, wait_until};
@@ -257,6 +259,35 @@ async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed()
     );
     assert_eq!(app.shards("c_document").await.len(), 31);
     assert!(!added.is_empty());
+}
+
+#[tokio::test]
+async fn a_first_read_whose_page_expired_between_jobs_starts_over_and_finishes() {
+    let app = TestApp::new();
+    let graph = connected_drive(&app).await;
+    graph.load_items(DRIVE, 1_500);
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "500")]).await;
+    let body = json!({"integrationId": "int-drive", "tenantId": "t1", "jobType": "full_sync",
+                      "provider": "onedrive", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"});
+    let message = service_bus_message("SyncInboundScheduled", &body.to_string(), "job-1", 1, None);
+    handler.invoke("SyncInboundScheduled", &message).await;
+
+    // The continuation comes after Graph has let the enumeration's next page go.
+    graph.state.lock().unwrap().expire_next_token = true;
+    let mut jobs = 1;
+    while let Some(next) = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap().pop() {
+        assert!(jobs < 10, "the chain ends");
+        handler.deliver("SyncInboundScheduled", &next).await;
+        app.broker().delete_unlocked(next.sequence_number).unwrap();
+        let history = app.history().await;
+        let run = history
+            .iter()
+            .find(|r| r["structuredData"]["jobId"] == next.message_id.as_str())
+            .unwrap();
+        assert_ne!(run["structuredData"]["status"], "failed", "{run}");
+        jobs += 1;
+    }
+    assert_eq!(app.shards("c_document").await.len(), 1_500);
 }
 
 #[tokio::test]

@@ -827,8 +827,8 @@ impl<'a> EntityRun<'a> {
     }
 
     /// The first page of the entity. A stale checkpoint token (expired query locator, removed
-    /// file) restarts the entity's query instead of failing the job; a cursor the provider no
-    /// longer honours restarts it from the beginning.
+    /// file) restarts the entity's query instead of failing the job; a cursor or page the
+    /// provider no longer honours restarts it from the beginning.
     async fn fetch(
         &mut self,
         provider: &dyn Provider,
@@ -857,11 +857,13 @@ impl<'a> EntityRun<'a> {
             self.listing = listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
         }
+        // A first read that spans jobs has a page token and no cursor: a token the provider
+        // no longer honours restarts it too, or every later run would fail on it.
         if let Err(e) = &page
             && e.resync
-            && request.cursor.is_some()
+            && (request.cursor.is_some() || request.page_token.is_some())
         {
-            tracing::warn!(entity = %request.entity, error = %e, "the provider no longer honours the cursor; reading the entity from the beginning");
+            tracing::warn!(entity = %request.entity, error = %e, "the provider no longer honours the cursor or page; reading the entity from the beginning");
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
