@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
-use crate::{Connection, Credentials, ProviderError, RateLimiter};
+use crate::{Connection, Credentials, ErrorCode, ProviderError, RateLimiter};
 
 /// Which failed tries of a request [`Api`] sends again in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,19 +222,35 @@ impl<D: Dialect> Api<D> {
                     let status = response.status();
                     let headers = response.headers().clone();
                     let retry_after = http::retry_after(&headers, Utc::now());
-                    let text = response.text().await.unwrap_or_default();
-                    let body: Value = if text.is_empty() {
-                        Value::Null
-                    } else {
-                        serde_json::from_str(&text).unwrap_or(Value::Null)
+                    let body = match response.text().await {
+                        Ok(text) if text.is_empty() => Ok(Value::Null),
+                        Ok(text) => serde_json::from_str::<Value>(&text).map_err(|_| None),
+                        Err(e) => Err(Some(e)),
                     };
-                    if status.is_success() {
-                        return Ok(Answer {
-                            status,
-                            headers,
-                            body,
-                        });
-                    }
+                    // A success whose body broke off or is not JSON (a proxy's page) is no
+                    // answer: read as an empty page, it would end a listing early, and what it
+                    // left out would be taken for deleted.
+                    let body = match (body, status.is_success()) {
+                        (Ok(body), true) => {
+                            return Ok(Answer {
+                                status,
+                                headers,
+                                body,
+                            });
+                        }
+                        (Err(broken), true) => {
+                            let error = match broken {
+                                Some(e) => http::transport_error(service, &e),
+                                None => ProviderError::new(
+                                    ErrorCode::ServiceUnavailable,
+                                    format!("{service}: a {status} answer whose body is not JSON"),
+                                ),
+                            };
+                            retries.wait_or_fail(error, None).await?;
+                            continue;
+                        }
+                        (body, false) => body.unwrap_or(Value::Null),
+                    };
                     if status == StatusCode::UNAUTHORIZED && !refreshed && fixed.is_none() {
                         refreshed = true;
                         self.refresh(conn).await?;
@@ -257,7 +273,6 @@ impl<D: Dialect> Api<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorCode;
 
     #[test]
     fn a_wait_of_an_hour_or_more_is_a_used_up_allocation_not_a_retry() {

@@ -229,10 +229,17 @@ impl Gong {
             .iter()
             .map(|cursor| ("cursor", cursor.clone()))
             .collect();
+        // The users are listed whole, and a user the listing leaves out is taken for gone: a
+        // 404 (Gong's "nothing matches" for calls) is no listing of them.
         let answer = self
             .send(conn, Method::GET, "/v2/users", &params, None)
             .await?
-            .unwrap_or(Value::Null);
+            .ok_or_else(|| {
+                ProviderError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "Gong answered 404 for its users; not read as a workspace without users",
+                )
+            })?;
         let records = answer["users"]
             .as_array()
             .into_iter()

@@ -136,6 +136,9 @@ pub struct Zoom {
     pub throttle_after: Option<usize>,
     /// The next N data requests answer 503.
     pub unavailable: usize,
+    /// The next N data requests answer 200 with a proxy's HTML page, as a corporate proxy or a
+    /// gateway's error page may.
+    pub proxy_pages: usize,
     /// Every page token answers 400 as if its 15 minutes were up.
     pub expire_page_tokens: bool,
     /// The scopes the app was given, which every token it gets carries.
@@ -359,6 +362,7 @@ impl Zoom {
             throttle: None,
             throttle_after: None,
             unavailable: 0,
+            proxy_pages: 0,
             expire_page_tokens: false,
             app_scopes: "meeting:read recording:read",
             updates_left_today: 100,
@@ -497,6 +501,15 @@ impl Zoom {
         if self.unavailable > 0 {
             self.unavailable -= 1;
             return Some(zoom_error(503, 503, "Service temporarily unavailable."));
+        }
+        if self.proxy_pages > 0 {
+            self.proxy_pages -= 1;
+            let page = "<html><body>Please wait while we check your connection</body></html>";
+            return Some(with_header(
+                (StatusCode::OK, page).into_response(),
+                "content-type",
+                "text/html",
+            ));
         }
         None
     }

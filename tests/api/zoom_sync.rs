@@ -185,6 +185,31 @@ async fn zoom_validates_the_endpoint_and_delivers_to_the_local_runtime() {
 }
 
 #[tokio::test]
+async fn a_proxy_page_in_place_of_a_listing_deletes_nothing() {
+    let (zoom, app) = connected().await;
+    zoom.add_meeting("Weekly planning");
+    zoom.add_meeting("Offsite");
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+
+    // A 200 that is not Zoom's answer: read as an empty listing, it would delete both.
+    zoom.state.lock().unwrap().proxy_pages = 1;
+    run_job(&handler, "job-2").await;
+
+    assert_eq!(app.shards("c_meeting").await.len(), 2);
+    let history = app.history().await;
+    let second = history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-2")
+        .unwrap();
+    assert_eq!(second["structuredData"]["status"], "success", "{second}");
+    assert_eq!(
+        second["structuredData"]["stats"]["shardsUpdated"], 0,
+        "{second}"
+    );
+}
+
+#[tokio::test]
 async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
     let (zoom, app) = connected().await;
     let kept = zoom.add_meeting("Weekly planning");
