@@ -30,19 +30,24 @@ const QUOTA_WAIT: Duration = Duration::from_secs(3600);
 
 /// `error`, or a used-up allocation when the provider asks to wait an hour or more (a daily
 /// limit): then the job stops where it is and the next scheduled run resumes it, instead of
-/// spending its retries.
+/// spending its retries. A shorter wait than that, but longer than one waited out in place,
+/// goes with the error (`resume_at`): the job's retry is not sent back before it.
 fn allocation_or(error: ProviderError, retry_after: Option<Duration>) -> ProviderError {
-    let Some(wait) = retry_after.filter(|wait| *wait >= QUOTA_WAIT) else {
+    let Some(wait) = retry_after else {
         return error;
     };
-    let quota = ProviderError::quota(error.message);
     // A wait past any date there is names no time.
     let back = chrono::Duration::from_std(wait)
         .ok()
         .and_then(|wait| Utc::now().checked_add_signed(wait));
+    let error = if wait >= QUOTA_WAIT {
+        ProviderError::quota(error.message)
+    } else {
+        error
+    };
     match back {
-        Some(at) => quota.resuming_at(at),
-        None => quota,
+        Some(at) => error.resuming_at(at),
+        None => error,
     }
 }
 
@@ -273,6 +278,16 @@ impl<D: Dialect> Api<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_of_minutes_goes_with_the_error_for_the_jobs_retry() {
+        let throttled = ProviderError::new(ErrorCode::RateLimit, "429");
+        let asked = Utc::now();
+        let error = allocation_or(throttled, Some(Duration::from_secs(315)));
+        assert!(!error.resume_next_run, "not a used-up allocation");
+        let back = error.resume_at.expect("the wait asked for") - asked;
+        assert!((315..320).contains(&back.num_seconds()), "{back}");
+    }
 
     #[test]
     fn a_wait_of_an_hour_or_more_is_a_used_up_allocation_not_a_retry() {

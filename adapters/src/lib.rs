@@ -365,8 +365,8 @@ pub struct ProviderError {
     /// The provider's allocation is used up for now: stop this job where it is, keep what was
     /// done, and resume on the next scheduled run instead of retrying soon.
     pub resume_next_run: bool,
-    /// When the used-up allocation comes back, where the provider says (Zoom's daily cap lifts
-    /// at midnight UTC; a long `Retry-After`).
+    /// When to try again, where the provider says: when a used-up allocation comes back (Zoom's
+    /// daily cap lifts at midnight UTC), or a `Retry-After` longer than one waited out in place.
     pub resume_at: Option<DateTime<Utc>>,
     /// The provider no longer honours the cursor (an expired delta token): only reading the
     /// entity from the beginning can find what changed.

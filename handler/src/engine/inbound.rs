@@ -545,7 +545,7 @@ async fn fail(
         timestamp: now,
         retryable: failure.is_retryable(),
     });
-    match after_failure(failure.code, job.attempt, now) {
+    match after_failure(failure.code, job.attempt, failure.resume_at, now) {
         AfterFailure::RetryAt { attempt, at } => {
             let retry = SyncJobMessage {
                 attempt,

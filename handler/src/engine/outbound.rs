@@ -94,7 +94,7 @@ pub fn after_write_failure(
             at: now + backoff(attempt),
         }
     } else {
-        after_failure(code, attempt, now)
+        after_failure(code, attempt, failure.resume_at, now)
     }
 }
 
