@@ -30,6 +30,27 @@ use crate::store::{Op, ShardQuery, StoreError};
 use crate::telemetry::{PrometheusText, Telemetry};
 use crate::{local, logging, server};
 
+/// Prints one line of a command's answer. A reader that stops reading (`| head`, a pager quit
+/// early) ends the command quietly, as a Unix tool does; `println!` would panic on the closed
+/// pipe, which aborts the process.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say_line(format_args!($($arg)*))
+    };
+}
+
+fn say_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("the answer could not be written: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "handler",
@@ -428,7 +449,7 @@ async fn operate(command: Command, backends: &LocalBackends, app: &App, json: bo
 }
 
 fn print_json(value: &impl serde::Serialize) {
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(value).expect("output serializes")
     );
@@ -448,7 +469,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        say!("{}", text.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -515,7 +536,7 @@ async fn put_integration(app: &App, file: &PathBuf, json: bool) -> CliResult {
         print_json(&registered.shard);
     } else {
         let shard = &registered.shard;
-        println!(
+        say!(
             "{} integration `{}` of tenant `{}` ({}); next sync: {}",
             if registered.updated {
                 "updated"
@@ -559,9 +580,11 @@ async fn subscribe(app: &App, tenant: &str, id: &str, json: bool) -> CliResult {
             &json!({"created": done.created, "renewed": done.renewed, "deleted": done.deleted}),
         );
     } else {
-        println!(
+        say!(
             "subscriptions of `{id}`: {} created, {} renewed, {} deleted",
-            done.created, done.renewed, done.deleted
+            done.created,
+            done.renewed,
+            done.deleted
         );
     }
     Ok(())
@@ -665,7 +688,7 @@ async fn set_credentials(
                            "expiresAt": expires_at.map(|t| timestamp::format(&t))}),
         );
     } else {
-        println!("stored credentials of `{integration_id}` as secret `{name}`");
+        say!("stored credentials of `{integration_id}` as secret `{name}`");
     }
     Ok(())
 }
@@ -691,9 +714,10 @@ async fn sync_now(
     if json {
         print_json(&job);
     } else {
-        println!(
+        say!(
             "enqueued {:?} sync job `{}` for `{integration_id}`",
-            job.job_type, job.job_id
+            job.job_type,
+            job.job_id
         );
     }
     Ok(())
@@ -702,7 +726,7 @@ async fn sync_now(
 async fn second_drop(backends: &LocalBackends, app: &App, json: bool) -> CliResult {
     let folder = crate::demo::second_drop(backends.dir.root())?;
     if !json {
-        println!("second export written to {}", folder.display());
+        say!("second export written to {}", folder.display());
     }
     sync_now(
         app,
@@ -895,12 +919,14 @@ async fn change_shard(app: &App, change: ShardsCommand, json: bool) -> CliResult
             .collect();
         print_json(&out);
     } else if sent.is_empty() {
-        println!("changed; no integration writes it back");
+        say!("changed; no integration writes it back");
     } else {
         for o in &sent {
-            println!(
+            say!(
                 "changed; {:?} sent to {} (sync-outbound, session {})",
-                o.message.operation, o.integration_id, o.integration_id
+                o.message.operation,
+                o.integration_id,
+                o.integration_id
             );
         }
     }
@@ -951,7 +977,7 @@ async fn conflicts(app: &App, command: ConflictsCommand, json: bool) -> CliResul
             if json {
                 print_json(&json!({"id": id, "taken": side, "writeBacks": sent.len()}));
             } else {
-                println!(
+                say!(
                     "resolved {id}: took {side:?}'s values ({} write-backs sent)",
                     sent.len()
                 );
@@ -1070,18 +1096,23 @@ async fn replay_dead_letters(
     } else {
         for r in &replayed {
             match (&r.error, &r.left) {
-                (None, None) => println!(
+                (None, None) => say!(
                     "replayed {} to {} as {}",
-                    r.sequence_number, r.queue, r.message_id
+                    r.sequence_number,
+                    r.queue,
+                    r.message_id
                 ),
-                (None, Some(why)) => println!(
+                (None, Some(why)) => say!(
                     "replayed {} to {} as {}, but it is still listed ({why}): a replay of it \
                      within 10 minutes is dropped as a duplicate, a later one runs it again",
-                    r.sequence_number, r.queue, r.message_id
+                    r.sequence_number,
+                    r.queue,
+                    r.message_id
                 ),
-                (Some(e), _) => println!(
+                (Some(e), _) => say!(
                     "not replayed {} to {} (still dead-lettered): {e}",
-                    r.sequence_number, r.queue
+                    r.sequence_number,
+                    r.queue
                 ),
             }
         }

@@ -211,3 +211,29 @@ async fn shards_are_found_by_type_and_external_id() {
         .await;
     assert_eq!(none, json!([]));
 }
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_ends_a_command_quietly() {
+    let app = TestApp::new();
+    for i in 0..200 {
+        app.plant_integration(salesforce_integration(&format!("int-{i:03}")))
+            .await;
+    }
+    // `handler integrations list --json | head -c 0`: the pipe closes before the answer is
+    // written.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"))
+        .args(["integrations", "list", "--json"])
+        .env("FUNC_SYNC_DATA_DIR", app.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
