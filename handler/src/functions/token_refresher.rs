@@ -88,13 +88,19 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                 if failure.code.needs_new_credentials() {
                     // Syncing cannot help until someone sets new credentials.
                     let message = format!("token refresh failed: {}", failure.message);
-                    update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+                    let marked = update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
                         i.status = IntegrationStatus::Error;
                         i.status_message = Some(message.clone());
                         true
                     })
-                    .await
-                    .map_err(Transient::from)?;
+                    .await;
+                    if let Err(e) = marked {
+                        // The refreshes this run made are told before it fails: those
+                        // integrations are not expiring at the next tick, which would not
+                        // tell them again.
+                        publish(app, &batch).await;
+                        return Err(Transient::from(e).into());
+                    }
                 }
                 Event::new(
                     events::TOKEN_REFRESH_FAILED,

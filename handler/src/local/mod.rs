@@ -57,6 +57,11 @@ pub async fn run(
     let timer_statuses =
         TimerStatusStore::open(&backends.dir.runtime()).map_err(|e| e.to_string())?;
     let settings = app.settings.clone();
+    // The port first: a runtime that cannot listen (the port taken) must stop before its
+    // consumers take a delivery, which would count against the message, or its timers fire.
+    let listener = tokio::net::TcpListener::bind(settings.local_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.local_addr))?;
     let invoker = Invoker::new(server::router(app));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -96,9 +101,6 @@ pub async fn run(
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(settings.local_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.local_addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, data_dir = %backends.dir.root().display(), "func-sync running locally; webhooks at http://{addr}/api/webhooks/{{provider}}");
     let front_door = axum::serve(listener, front_door::router(&invoker, metrics))
