@@ -1,4 +1,9 @@
 //! [`SecretStore`] in a JSON file that only its owner can read.
+//!
+//! Several processes may write it at once (`handler local` storing a refreshed token while an
+//! operator stores credentials): each write reads the whole file and writes it back, so writes
+//! take a lock on a file beside it (`secrets.json.lock`) across processes, or one would lose
+//! the other's secret (a rotated refresh token, which cannot be had again).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -43,6 +48,22 @@ impl FileSecrets {
         }
     }
 
+    /// Waits for the lock that other processes writing the file take too; it is let go when
+    /// the returned file is closed.
+    fn lock_across_processes(&self) -> Result<std::fs::File, SecretsError> {
+        let path = self.path.with_extension("json.lock");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
+            .open(&path)
+            .map_err(|e| SecretsError::Unavailable(format!("{}: {e}", path.display())))?;
+        file.lock()
+            .map_err(|e| SecretsError::Unavailable(format!("{}: {e}", path.display())))?;
+        Ok(file)
+    }
+
     /// Writes the whole file through a temporary file and a rename, so a crash never leaves a
     /// half-written secrets file.
     fn write_all(&self, secrets: &BTreeMap<String, String>) -> Result<(), SecretsError> {
@@ -72,9 +93,16 @@ impl SecretStore for FileSecrets {
             return Err(SecretsError::InvalidName(name.to_string()));
         }
         let _guard = self.write_lock.lock().await;
-        let mut all = self.read_all()?;
-        all.insert(name.to_string(), value.expose().to_string());
-        self.write_all(&all)
+        let store = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _locked = store.lock_across_processes()?;
+            let mut all = store.read_all()?;
+            all.insert(name, value.expose().to_string());
+            store.write_all(&all)
+        })
+        .await
+        .map_err(|e| SecretsError::Unavailable(format!("the secrets write stopped: {e}")))?
     }
 }
 
@@ -104,6 +132,29 @@ mod tests {
             store.set("bad name", Secret::new("x")).await,
             Err(SecretsError::InvalidName(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_processes_writing_at_once_lose_neither_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.json");
+        // Two stores of one file share no lock in memory, as two processes do not.
+        let (a, b) = (FileSecrets::new(&path), FileSecrets::new(&path));
+        let write = |store: FileSecrets, side: &'static str| {
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    store
+                        .set(&format!("int-{side}-{i}"), Secret::new("v"))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let (ra, rb) = tokio::join!(write(a, "a"), write(b, "b"));
+        ra.unwrap();
+        rb.unwrap();
+        let all = FileSecrets::new(&path).read_all().unwrap();
+        assert_eq!(all.len(), 80, "every secret kept");
     }
 
     #[tokio::test]
