@@ -24,7 +24,6 @@ use crate::model::{Integration, IntegrationSync, Shard, timestamp};
 use crate::queue::{
     DeadLetteredMessage, DeadLetters, OutgoingMessage, SYNC_INBOUND_SCHEDULED, Selection,
 };
-use crate::secrets::{Secret, credential_secret_name};
 use crate::settings::{IngestionAuth, LogFormat, Settings};
 use crate::store::{Op, ShardQuery, StoreError};
 use crate::telemetry::{PrometheusText, Telemetry};
@@ -638,7 +637,7 @@ async fn set_credentials(
     file: Option<PathBuf>,
     json: bool,
 ) -> CliResult {
-    let (mut shard, etag, mut integration) = load_integration(app, tenant, integration_id).await?;
+    // The input first: pasting it may take a while, and nothing is read or held meanwhile.
     let mut text = String::new();
     match &file {
         Some(path) => {
@@ -659,29 +658,11 @@ async fn set_credentials(
             e.column()
         )
     })?;
-    let expires_at = credentials
-        .get("expiresAt")
-        .and_then(Value::as_str)
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&Utc));
-    let name = credential_secret_name(tenant, integration_id);
-    app.secrets
-        .set(&name, Secret::new(Value::Object(credentials).to_string()))
-        .await
-        .map_err(|e| e.to_string())?;
-    let reactivate = integration.status == crate::model::integration::IntegrationStatus::Error;
-    if integration.credentials_expire_at != expires_at || reactivate {
-        // New credentials are what an integration in error was waiting for.
-        integration.status = crate::model::integration::IntegrationStatus::Active;
-        integration.status_message = None;
-        integration.credentials_expire_at = expires_at;
-        shard.structured_data = serde_json::to_value(&integration).map_err(|e| e.to_string())?;
-        shard.updated_at = Some(Utc::now());
-        app.store
-            .replace(&shard, &etag)
+    load_integration(app, tenant, integration_id).await?;
+    let (name, expires_at) =
+        crate::engine::credentials::replace(app, tenant, integration_id, credentials)
             .await
-            .map_err(store_error)?;
-    }
+            .map_err(|e| e.message)?;
     if json {
         print_json(
             &json!({"integrationId": integration_id, "tenantId": tenant, "secretName": name,

@@ -31,6 +31,48 @@ pub const REFRESH_LEASE: Duration = Duration::seconds(60);
 /// How long a refresh waits for another one to finish before giving up (retryable).
 const LOCK_WAIT: StdDuration = StdDuration::from_secs(90);
 
+/// Stores `credentials` an operator gives for an integration (it exists: the caller has read
+/// it), as a refresh does: under the refresh lease, so a refresh under way cannot overwrite
+/// them afterwards. Then the integration records when they expire (`expiresAt`, if they say)
+/// and, if it was in error, becomes active again: new credentials are what it waited for.
+/// Returns the secret's name and the expiry.
+pub async fn replace(
+    app: &App,
+    tenant_id: &str,
+    integration_id: &str,
+    credentials: Map<String, Value>,
+) -> Result<(String, Option<chrono::DateTime<Utc>>), ProviderError> {
+    let expires_at = credentials
+        .get("expiresAt")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let keeper = StoredCredentials::new(app, tenant_id, integration_id);
+    keeper.lock().await?;
+    keeper
+        .store_and_unlock(&Refreshed {
+            credentials: Credentials::new(credentials),
+            expires_at,
+        })
+        .await?;
+    update_integration(app, tenant_id, integration_id, Utc::now(), |i| {
+        let reactivate = i.status == crate::model::integration::IntegrationStatus::Error;
+        let changed = i.credentials_expire_at != expires_at || reactivate;
+        i.status = crate::model::integration::IntegrationStatus::Active;
+        i.status_message = None;
+        i.credentials_expire_at = expires_at;
+        changed
+    })
+    .await
+    .map_err(|e| {
+        ProviderError::new(
+            ErrorCode::ServiceUnavailable,
+            format!("integration state: {e}"),
+        )
+    })?;
+    Ok((keeper.secret_name, expires_at))
+}
+
 /// A connection to `integration`'s provider with its stored credentials, refreshed through
 /// them; request retries wait `retry_base` first.
 pub async fn connect(
