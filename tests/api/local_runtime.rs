@@ -122,6 +122,24 @@ async fn a_webhook_reaches_the_receiver_through_the_front_door() {
     assert!(headers.contains(&("content-type".into(), "application/json".into())));
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"], "no webhook receiver for provider `workday`");
+
+    // A delivery of a few megabytes reaches the receiver, as the host takes up to 100 MB.
+    let large = format!(
+        r#"{{"event":"meeting.ended","pad":"{}"}}"#,
+        "x".repeat(3 << 20)
+    );
+    let (status, _, _) = http_request(
+        "POST",
+        &url,
+        &[("Content-Type", "application/json")],
+        Some(large.as_bytes()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status, 404,
+        "answered by the receiver, not refused as too large"
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on};
@@ -27,6 +27,10 @@ struct Route {
 
 /// A router serving every httpTrigger function at `/api/<route>`, and the app's metrics in
 /// Prometheus text at `/metrics` when there are any.
+/// The largest request body the Functions host takes on an HTTP trigger (100 MB); axum's own
+/// default (2 MB) would refuse a large webhook delivery here that Azure accepts.
+const MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
+
 pub fn router(invoker: &Invoker, metrics: Option<PrometheusText>) -> Router {
     let mut router = Router::new();
     if let Some(metrics) = metrics {
@@ -66,7 +70,7 @@ pub fn router(invoker: &Invoker, metrics: Option<PrometheusText>) -> Router {
             );
         }
     }
-    router
+    router.layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
 }
 
 async fn handle(
