@@ -131,6 +131,8 @@ pub struct Graph {
     pub unavailable: usize,
     /// A delta token answers 410 `resyncRequired` (drive) or 400 `syncStateNotFound` (Teams).
     pub expire_delta_tokens: bool,
+    /// Channels deleted from their team: their messages answer 404.
+    pub deleted_channels: Vec<String>,
     /// The next drive token of any kind (a page of the first enumeration too) answers 410
     /// `resyncRequired`, once: it was kept too long.
     pub expire_next_token: bool,
@@ -825,6 +827,9 @@ impl Graph {
 
     /// A page of a channel's message delta: root posts changed since the token, in id order.
     fn teams_delta(&mut self, team: &str, channel: &str, params: &[(String, String)]) -> Response {
+        if self.deleted_channels.iter().any(|c| c == channel) {
+            return error(404, "NotFound", "Channel not found.");
+        }
         let top = match param(params, "$top").map(str::parse::<usize>) {
             None => None,
             Some(Ok(n)) if (1..=TEAMS_MAX_PAGE).contains(&n) => Some(n),

@@ -224,6 +224,50 @@ async fn teams_posts_and_their_replies_become_shards_and_deleted_posts_go_away()
 }
 
 #[tokio::test]
+async fn a_deleted_channel_is_reported_and_the_team_s_other_channels_still_sync() {
+    let app = TestApp::new();
+    let graph = FakeGraph::start().await;
+    let gone = "19:0deadbeef0000000000000000000000@thread.tacv2";
+    graph.post_message(TEAM, CHANNEL, "Quarterly numbers are in");
+    graph
+        .state
+        .lock()
+        .unwrap()
+        .deleted_channels
+        .push(gone.into());
+    app.register_integration(json!({
+        "id": "int-teams", "tenantId": "t1", "name": "Sales channels",
+        "structuredData": {
+            "providerName": "teams",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": graph.token_url(), "apiBaseUrl": graph.api_base(),
+                           "teamId": TEAM, "channelIds": [gone, CHANNEL]},
+            "entityMappings": [{
+                "externalEntity": "channelMessage", "shardTypeId": "c_message", "nameField": "text",
+                "fieldMappings": [{"source": "body.content", "target": "text"}]
+            }]
+        }
+    }))
+    .await;
+    app.set_credentials("int-teams", &graph.credentials()).await;
+    let handler = app.host_handler().await;
+    let body = json!({"integrationId": "int-teams", "tenantId": "t1", "jobType": "full_sync",
+                      "provider": "teams", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"});
+    let message = service_bus_message("SyncInboundScheduled", &body.to_string(), "job-1", 1, None);
+    handler.invoke("SyncInboundScheduled", &message).await;
+
+    assert_eq!(names(&app, "c_message").await, ["Quarterly numbers are in"]);
+    let history = app.history().await;
+    let run = &history[0]["structuredData"];
+    assert_eq!(run["status"], "partial", "{run}");
+    let reported = run["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        reported.contains(gone) && reported.contains("404"),
+        "{reported}"
+    );
+}
+
+#[tokio::test]
 async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed() {
     let app = TestApp::new();
     let graph = connected_drive(&app).await;

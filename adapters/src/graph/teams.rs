@@ -24,8 +24,8 @@ use serde_json::{Map, Value};
 use super::Graph;
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record, RouteKey,
-    SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookDelivery,
-    WebhookError, WebhookRequest, WebhookRoute, Webhooks,
+    SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, Unreadable,
+    WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute, Webhooks,
 };
 
 pub const ENTITY: &str = "channelMessage";
@@ -159,7 +159,32 @@ impl Pull for Teams {
                 request.page_size.clamp(1, MAX_PAGE_SIZE)
             )
         });
-        let body = self.graph.send(conn, Method::GET, &url, None).await?;
+        let following = (position.channel + 1 < channels.len()).then(|| Position {
+            channel: position.channel + 1,
+            next: None,
+        });
+        let body = match self.graph.send(conn, Method::GET, &url, None).await {
+            Ok(body) => body,
+            // A channel deleted, or one the app may no longer read, is reported and passed
+            // over: the others are still synced, and it is asked for again next time.
+            Err(e)
+                if !e.resync
+                    && matches!(e.code, ErrorCode::NotFound | ErrorCode::InvalidCredentials) =>
+            {
+                return Ok(Page {
+                    unreadable: vec![Unreadable {
+                        record_id: None,
+                        message: format!("channel `{channel}`: {}", e.message),
+                    }],
+                    records: Vec::new(),
+                    next_page: following.map(|p| serde_json::to_string(&p).unwrap_or_default()),
+                    query,
+                    stop_after: None,
+                    cursor: None,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let mut records = Vec::new();
         for item in super::items(&body) {
             records_of(item, &mut records);
@@ -178,10 +203,6 @@ impl Pull for Teams {
                         .as_str()
                         .map(|delta| (channel.clone(), Value::String(delta.to_string()))),
                 );
-                let following = (position.channel + 1 < channels.len()).then(|| Position {
-                    channel: position.channel + 1,
-                    next: None,
-                });
                 (following, Some(Value::Object(done).to_string()))
             }
         };
