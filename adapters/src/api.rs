@@ -251,6 +251,11 @@ impl<D: Dialect> Api<D> {
                                     format!("{service}: a {status} answer whose body is not JSON"),
                                 ),
                             };
+                            // The provider did what was asked: a request that must not take
+                            // effect twice is not sent again.
+                            if repeat == Repeat::IfNotCarriedOut {
+                                return Err(error);
+                            }
                             retries.wait_or_fail(error, None).await?;
                             continue;
                         }

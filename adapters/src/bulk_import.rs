@@ -18,7 +18,7 @@
 //!
 //! A row that cannot be read (not UTF-8, not JSON, no id, a time that is not RFC 3339, a CSV row
 //! with more or fewer fields than its header, which would put values in the wrong columns)
-//! fails alone: the page reports it, by file and line or byte, and goes on. The times read from
+//! fails alone: the page reports it, by file and byte offset, and goes on. The times read from
 //! a file that had not settled do not move the cursor on: an export written in id order may
 //! still gain rows older than the newest read so far.
 //!
@@ -289,8 +289,9 @@ fn read_records(
             let id_column = headers.iter().position(|h| h == columns.id);
             let mut row = csv::StringRecord::new();
             while records.len() < limit {
-                let line = reader.position().line();
-                let at = format!("{} line {line}", path.display());
+                // By byte, as for JSON Lines: a page that resumes mid-file seeks to a byte
+                // offset, and the reader's line count starts over there.
+                let at = format!("{} at byte {}", path.display(), reader.position().byte());
                 match reader.read_record(&mut row) {
                     Ok(false) => return Ok((records, None)),
                     // A comma too many or too few shifts every value after it into the wrong
@@ -789,7 +790,9 @@ impl Pull for BulkImport {
         // yet gain rows older than its newest (an export written in id order): its times do
         // not move the cursor on, or the next sync would skip those rows.
         let mut latest: Option<DateTime<Utc>> = None;
-        while index < files.len() && page.records.len() < wanted {
+        // Rows that could not be read count towards the page too: a file of them is reported
+        // a page at a time, not all at once.
+        while index < files.len() && page.records.len() + page.unreadable.len() < wanted {
             let (path, format) = &files[index];
             let name = file_name(path);
             let stamp = begun.map(|b| b.stamp);
@@ -803,7 +806,7 @@ impl Pull for BulkImport {
                     path,
                     *format,
                     (offset, prefix),
-                    wanted - page.records.len(),
+                    wanted - page.records.len() - page.unreadable.len(),
                     &columns,
                 )?;
                 let settled = begun.is_some_and(|b| b.settled);
@@ -1158,13 +1161,30 @@ mod tests {
             .iter()
             .map(|u| (u.record_id.as_deref(), u.message.as_str()))
             .collect();
-        assert!(unread[0].1.contains("accounts.csv line 4"), "{unread:?}");
+        assert!(
+            unread[0].1.contains("accounts.csv at byte 63"),
+            "{unread:?}"
+        );
         assert_eq!(unread[1].0, Some("a4"));
         assert!(
             unread[1].1.contains("4 fields where the header has 2"),
             "{unread:?}"
         );
         assert_eq!(unread.len(), 2);
+
+        // Rows that cannot be read fill a page as rows that can do.
+        let bad: String = (0..5).map(|i| format!("b{i},x,y\n")).collect();
+        std::fs::write(
+            dir.path().join("accounts.csv"),
+            format!("id,modified_at\n{bad}"),
+        )
+        .unwrap();
+        let page = BulkImport
+            .fetch_page(&mut conn, &request("accounts", 2))
+            .await
+            .unwrap();
+        assert_eq!((page.records.len(), page.unreadable.len()), (0, 2));
+        assert!(page.next_page.is_some(), "the rest on later pages");
     }
 
     #[tokio::test]

@@ -30,8 +30,8 @@ use crate::telemetry::{PrometheusText, Telemetry};
 use crate::{local, logging, server};
 
 /// Prints one line of a command's answer. A reader that stops reading (`| head`, a pager quit
-/// early) ends the command quietly, as a Unix tool does; `println!` would panic on the closed
-/// pipe, which aborts the process.
+/// early) is not an error of the command; `println!` would panic on the closed pipe, which
+/// aborts the process.
 macro_rules! say {
     ($($arg:tt)*) => {
         say_line(format_args!($($arg)*))
@@ -40,10 +40,18 @@ macro_rules! say {
 
 fn say_line(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Once the reader has gone, the rest of the answer goes nowhere; the command still
+    // finishes, and its exit status still says whether it did what was asked.
+    static READER_GONE: AtomicBool = AtomicBool::new(false);
+    if READER_GONE.load(Ordering::Relaxed) {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            READER_GONE.store(true, Ordering::Relaxed);
+            return;
         }
         eprintln!("the answer could not be written: {e}");
         std::process::exit(1);

@@ -36,7 +36,7 @@ async fn a_row_that_cannot_be_read_is_listed_alone_and_the_rows_after_it_are_imp
     }))
     .await;
     app.set_credentials(ID, &json!({})).await;
-    // Line 3 has an unquoted comma: its values would land a column off.
+    // The second row has an unquoted comma: its values would land a column off.
     std::fs::write(
         folder.join("accounts.csv"),
         "id,name,modified_at\n\
@@ -59,7 +59,7 @@ async fn a_row_that_cannot_be_read_is_listed_alone_and_the_rows_after_it_are_imp
     assert_eq!(error["recordId"], "a2");
     let message = error["message"].as_str().unwrap();
     assert!(
-        message.contains("accounts.csv line 3")
+        message.contains("accounts.csv at byte 49")
             && message.contains("4 fields where the header has 3"),
         "{message}"
     );

@@ -237,3 +237,27 @@ async fn a_reader_that_stops_reading_ends_a_command_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn new_credentials_keep_the_secrets_of_the_integrations_webhook_subscriptions() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    // What the engine keeps beside the operator's credentials: a subscription's clientState.
+    app.set_credentials(
+        "int-acme-sf",
+        &json!({"refresh_token": "rt-old", "clientState:sub-1": "cs-engine"}),
+    )
+    .await;
+
+    app.set_credentials("int-acme-sf", &json!({"refresh_token": "rt-new"}))
+        .await;
+
+    let secrets: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(app.path("secrets.json")).unwrap()).unwrap();
+    let name = handler::secrets::credential_secret_name("t1", "int-acme-sf");
+    let stored: serde_json::Value =
+        serde_json::from_str(secrets[name.as_str()].as_str().unwrap()).unwrap();
+    assert_eq!(stored["refresh_token"], "rt-new");
+    assert_eq!(stored["clientState:sub-1"], "cs-engine");
+}

@@ -165,12 +165,10 @@ impl Pull for Teams {
         });
         let body = match self.graph.send(conn, Method::GET, &url, None).await {
             Ok(body) => body,
-            // A channel deleted, or one the app may no longer read, is reported and passed
-            // over: the others are still synced, and it is asked for again next time.
-            Err(e)
-                if !e.resync
-                    && matches!(e.code, ErrorCode::NotFound | ErrorCode::InvalidCredentials) =>
-            {
+            // A channel deleted from the team is reported and passed over: the others are still
+            // synced, and it is asked for again next time. (A refusal, 403, is the app's
+            // permission, which the integration's status must show.)
+            Err(e) if !e.resync && e.code == ErrorCode::NotFound => {
                 return Ok(Page {
                     unreadable: vec![Unreadable {
                         record_id: None,

@@ -22,7 +22,7 @@ use adapters::{Connection, Credentials, ErrorCode, ProviderError};
 use super::state::update_integration;
 use crate::app::App;
 use crate::model::Integration;
-use crate::model::integration::Lease;
+use crate::model::integration::{Lease, WebhookSubscription};
 use crate::secrets::{Secret, credential_secret_name};
 
 /// How long a refresh may hold the lease: well over a token request with its retries.
@@ -48,7 +48,15 @@ pub async fn replace(
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&Utc));
     let keeper = StoredCredentials::new(app, tenant_id, integration_id);
-    keeper.lock().await?;
+    let stored = keeper.lock().await?;
+    // The secrets of the integration's webhook subscriptions live with its credentials: they
+    // are the engine's, not the operator's, and stay.
+    let mut credentials = credentials;
+    for (name, value) in stored.into_inner() {
+        if name.starts_with(WebhookSubscription::CLIENT_STATE_PREFIX) {
+            credentials.entry(name).or_insert(value);
+        }
+    }
     keeper
         .store_and_unlock(&Refreshed {
             credentials: Credentials::new(credentials),

@@ -94,14 +94,18 @@ async fn run_job(
         tracing::info!(job_id = %job.job_id, "job already finished; redelivery ignored");
         // A claim the scheduler wrote for it after it had run would hold the integration
         // until its lease lapsed.
-        update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+        let released = update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
             let orphaned = i.running.as_ref().is_some_and(|r| r.job_id == job.job_id);
             if orphaned {
                 end_chain(i, &job.job_id);
             }
             orphaned
         })
-        .await?;
+        .await;
+        // The job is over either way; a hold that stays lapses by itself.
+        if let Err(e) = released {
+            tracing::warn!(job_id = %job.job_id, error = %e, "a finished job's hold could not be released");
+        }
         return Ok(());
     }
 
@@ -458,19 +462,6 @@ async fn succeed(
     record.sync_details = Some(outcome.details);
     finish(&mut record, status, message, now);
 
-    // The record is written last: a crash before it leaves the job running, and its
-    // redelivery repeats these idempotent steps.
-    if outcome.stopped == Some(Stop::RecordLimit) {
-        let next = SyncJobMessage {
-            job_id: continuation_id(&job.job_id),
-            scheduled_at: now,
-            attempt: 1,
-            ..job.clone()
-        };
-        app.queue
-            .send(OutgoingMessage::json(queue, next.job_id.clone(), &next))
-            .await?;
-    }
     let scheduled = job.job_type != JobType::Webhook;
     let started = record.started_at;
     let continuation =
@@ -482,6 +473,9 @@ async fn succeed(
         .and_then(<[_]>::split_last)
         .map(|(_, done)| done.iter().map(|e| e.external_entity.clone()).collect())
         .unwrap_or_default();
+    // The record is written last: a crash before it leaves the job running, and its
+    // redelivery repeats these idempotent steps. The hand-over comes before the continuation
+    // is sent, so that the continuation finds the entities this job finished.
     update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
         if scheduled && outcome.stopped.is_none() {
             i.last_sync_at = Some(started);
@@ -493,6 +487,17 @@ async fn succeed(
         true
     })
     .await?;
+    if let Some(next_id) = &continuation {
+        let next = SyncJobMessage {
+            job_id: next_id.clone(),
+            scheduled_at: now,
+            attempt: 1,
+            ..job.clone()
+        };
+        app.queue
+            .send(OutgoingMessage::json(queue, next.job_id.clone(), &next))
+            .await?;
+    }
     save(app, job, record_id, &record, now).await?;
     let duration_ms = record.duration_ms.unwrap_or_default();
     app.metrics.sync_finished(

@@ -75,6 +75,7 @@ pub async fn register(
     integration.sync_frequency.validate()?;
     for mapping in &integration.entity_mappings {
         mapping.validate()?;
+        mapping.check_deduplication()?;
     }
     integration.check_write_back()?;
     let notes = check(app, &shard, &mut integration).await?;

@@ -327,15 +327,19 @@ async fn handle(
 enum Unchosen {
     /// None writes the shard's type back.
     None,
-    /// Several do, and the shard is linked to none of them: which one was meant is unknown.
+    /// Several do, and the shard is linked to none of them or to more than one: which one was
+    /// meant is unknown.
     Several,
 }
 
 /// Which of the integrations that write a shard's type back (`writers`, by id) writes this
 /// shard: the one it is linked to (`linked`, the integrations of its links), or the only one.
 fn choose_writer(writers: &[&str], linked: &[&str]) -> Result<usize, Unchosen> {
-    if let Some(index) = writers.iter().position(|id| linked.contains(id)) {
-        return Ok(index);
+    let mut linked_writers = (0..writers.len()).filter(|&i| linked.contains(&writers[i]));
+    match (linked_writers.next(), linked_writers.next()) {
+        (Some(only), None) => return Ok(only),
+        (Some(_), Some(_)) => return Err(Unchosen::Several),
+        (None, _) => {}
     }
     match writers.len() {
         0 => Err(Unchosen::None),
@@ -416,8 +420,8 @@ async fn find_target(
                 ErrorCode::ValidationError,
                 format!(
                     "integrations {} of tenant `{tenant}` all write `{shard_type}` shards back to \
-                     `{}`, and shard `{}` is linked to none of them: the write-back must name \
-                     its integrationId",
+                     `{}`, and shard `{}` is not linked to exactly one of them: the write-back \
+                     must name its integrationId",
                     ids.join(", "),
                     write_back.external_system,
                     write_back.shard_id
@@ -803,6 +807,11 @@ mod tests {
         assert_eq!(choose_writer(&both, &["int-production"]), Ok(1));
         assert_eq!(choose_writer(&both, &["int-other", "int-sandbox"]), Ok(0));
         assert_eq!(choose_writer(&both, &[]), Err(Unchosen::Several));
+        assert_eq!(
+            choose_writer(&both, &["int-production", "int-sandbox"]),
+            Err(Unchosen::Several),
+            "linked to both: which one is meant is unknown"
+        );
         assert_eq!(choose_writer(&["int-production"], &[]), Ok(0));
         assert_eq!(choose_writer(&[], &["int-production"]), Err(Unchosen::None));
     }

@@ -189,9 +189,13 @@ pub struct WebhookSubscription {
 }
 
 impl WebhookSubscription {
+    /// What the keys of subscriptions' `clientState`s among an integration's credentials begin
+    /// with.
+    pub const CLIENT_STATE_PREFIX: &str = "clientState:";
+
     /// Where the subscription's `clientState` is kept among the integration's credentials.
     pub fn client_state_key(id: &str) -> String {
-        format!("clientState:{id}")
+        format!("{}{id}", Self::CLIENT_STATE_PREFIX)
     }
 }
 
