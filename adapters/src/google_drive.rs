@@ -44,7 +44,7 @@ use crate::oauth::{ClientAuth, Grant};
 use crate::{
     Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
     RecordWrite, RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh,
-    WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest,
+    Unreadable, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest,
     WebhookRoute, Webhooks, WriteBack, Written,
 };
 
@@ -134,8 +134,14 @@ impl Dialect for Google {
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "phase", rename_all = "lowercase")]
 enum Position {
-    /// Listing files for a full sync; `start` becomes the cursor when the list ends.
-    List { start: String, next: String },
+    /// Listing files for a full sync; `start` becomes the cursor when the list ends, unless
+    /// Drive said a page of it was incomplete.
+    List {
+        start: String,
+        next: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        incomplete: bool,
+    },
     /// Reading changes.
     Changes { next: String },
 }
@@ -293,6 +299,7 @@ impl Pull for GoogleDrive {
             (None, None) => Position::List {
                 start: self.start_token(conn).await?,
                 next: String::new(),
+                incomplete: false,
             },
         };
         let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
@@ -300,8 +307,15 @@ impl Pull for GoogleDrive {
         let mut params = Self::drive_params(conn);
         params.push(("pageSize", size));
         match position {
-            Position::List { start, next } => {
-                params.push(("fields", format!("nextPageToken,files({fields})")));
+            Position::List {
+                start,
+                next,
+                incomplete,
+            } => {
+                params.push((
+                    "fields",
+                    format!("nextPageToken,incompleteSearch,files({fields})"),
+                ));
                 params.push(("q", "trashed = false".into()));
                 if conn.setting("driveId").is_some() {
                     params.push(("corpora", "drive".into()));
@@ -322,18 +336,34 @@ impl Pull for GoogleDrive {
                     .filter_map(Value::as_object)
                     .filter_map(record_of)
                     .collect();
+                // A search of every drive may leave files out and say so. The files it left
+                // out would be missed until they change if the listing became the cursor: the
+                // next sync lists again instead, and the run says why.
+                let incomplete_here = body["incompleteSearch"].as_bool() == Some(true);
+                let incomplete = incomplete || incomplete_here;
+                let unreadable = incomplete_here
+                    .then(|| Unreadable {
+                        record_id: None,
+                        message: "Drive's search came back incomplete (incompleteSearch): the \
+                                  files it left out are looked for again by the next sync; \
+                                  a shared drive named by `driveId` is listed whole"
+                            .into(),
+                    })
+                    .into_iter()
+                    .collect();
                 let (next_page, cursor) = match body["nextPageToken"].as_str() {
                     Some(next) => (
                         Some(Position::List {
                             start,
                             next: next.to_string(),
+                            incomplete,
                         }),
                         None,
                     ),
-                    None => (None, Some(start)),
+                    None => (None, (!incomplete).then_some(start)),
                 };
                 Ok(Page {
-                    unreadable: Vec::new(),
+                    unreadable,
                     records,
                     next_page: next_page.map(|p| json!(p).to_string()),
                     query: Some("files.list q=trashed = false".into()),
@@ -747,6 +777,7 @@ mod tests {
         let list = Position::List {
             start: "42".into(),
             next: "~!abc".into(),
+            incomplete: false,
         };
         let text = json!(list).to_string();
         assert_eq!(text, r#"{"next":"~!abc","phase":"list","start":"42"}"#);

@@ -171,8 +171,9 @@ pub struct Page {
     /// Where the next sync starts if the entity ends after this page (see
     /// [`crate::Pull::newer_cursor`]).
     pub cursor: Option<String>,
-    /// Records the provider gave that could not be read (an export's malformed row): each
-    /// fails alone, listed in the sync's history, and the page goes on.
+    /// Records the provider gave that could not be read (an export's malformed row), or could
+    /// not give (a Drive search it says came back incomplete): each is listed in the sync's
+    /// history as a failed record, and the page goes on.
     pub unreadable: Vec<Unreadable>,
 }
 

@@ -124,6 +124,9 @@ pub struct Drive {
     pub throttle_after: Option<usize>,
     /// The next N data requests answer 503 `backendError`.
     pub unavailable: usize,
+    /// A listing of every drive says its search was incomplete (`incompleteSearch`), as Drive
+    /// may for `corpora=allDrives`.
+    pub incomplete_search: bool,
     /// Every data request's method, path and decoded query, in order.
     pub requests: Vec<String>,
     issued: usize,
@@ -153,6 +156,7 @@ impl Default for Drive {
             throttle: None,
             throttle_after: None,
             unavailable: 0,
+            incomplete_search: false,
             requests: Vec::new(),
             issued: 0,
             version: 0,
@@ -709,7 +713,9 @@ impl Drive {
             .iter()
             .map(|f| file_json(f, selection.as_deref()))
             .collect();
-        let mut body = json!({"kind": "drive#fileList", "incompleteSearch": false, "files": files});
+        let incomplete = self.incomplete_search && param(params, "corpora") == Some("allDrives");
+        let mut body =
+            json!({"kind": "drive#fileList", "incompleteSearch": incomplete, "files": files});
         if let Some(last) = page.last().filter(|_| more) {
             body["nextPageToken"] = json!(files_token(&last.id));
         }

@@ -78,6 +78,41 @@ async fn shared_drives_are_read_when_asked_and_a_trashed_file_goes_away() {
 }
 
 #[tokio::test]
+async fn a_search_of_every_drive_that_came_back_incomplete_is_listed_again_next_time() {
+    let drive = FakeGoogleDrive::start().await;
+    drive.add_file("plan.docx");
+    drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
+    drive.state.lock().unwrap().incomplete_search = true;
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, true)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+    let history = app.history().await;
+    let run = &history[0]["structuredData"];
+    assert_eq!(run["status"], "partial", "{run}");
+    assert!(
+        run["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("incompleteSearch"),
+        "{run}"
+    );
+    let state = app.integration(ID).await;
+    assert!(
+        state["structuredData"]["cursors"].get("files").is_none(),
+        "no cursor from an incomplete listing: {state}"
+    );
+
+    drive.state.lock().unwrap().incomplete_search = false;
+    run_job(&handler, "job-2", "incremental").await;
+    let state = app.integration(ID).await;
+    assert!(state["structuredData"]["cursors"]["files"].is_string());
+    assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+}
+
+#[tokio::test]
 async fn drive_tells_the_local_runtime_of_a_change_through_its_channel() {
     let front_door = format!("127.0.0.1:{}", free_port());
     let app = TestApp::with_settings(&[
