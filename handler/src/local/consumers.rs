@@ -3,7 +3,7 @@
 //! One consumer per queue-triggered function receives peek-locked messages, invokes the
 //! function with the host's envelope, and completes the message when the invocation succeeds
 //! or abandons it when it fails, exactly as the Functions host with `autoCompleteMessages`
-//! does. Up to `concurrency` invocations run at once; session queues hand out one message per
+//! does, renewing the message's lock while the invocation runs. Up to `concurrency` invocations run at once; session queues hand out one message per
 //! session at a time, so sessions stay in order whatever the concurrency.
 
 use std::sync::Arc;
@@ -21,6 +21,13 @@ use crate::queue::{LocalBroker, ReceivedMessage};
 /// How often a consumer looks for messages sent by another process (an operator command);
 /// sends from this process wake it at once.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long after a message is received its lock is still renewed while its invocation runs
+/// (host.json's `maxAutoLockRenewalDuration`).
+const MAX_LOCK_RENEWAL: chrono::Duration = chrono::Duration::minutes(10);
+
+/// The lock of a queue with no settings of its own (every sync queue has them).
+const DEFAULT_LOCK: Duration = Duration::from_secs(60);
 
 pub struct Consumer {
     pub function: FunctionName,
@@ -94,7 +101,33 @@ impl Consumer {
 
     async fn deliver(&self, broker: &LocalBroker, invoker: &Invoker, message: ReceivedMessage) {
         let envelope = envelopes::service_bus(self.function, &self.binding, &message, Utc::now());
-        let outcome = invoker.invoke(self.function, &envelope).await;
+        let outcome = {
+            let invocation = invoker.invoke(self.function, &envelope);
+            tokio::pin!(invocation);
+            // As the host does (host.json's maxAutoLockRenewalDuration): the lock of a message
+            // whose invocation runs longer than the lock lasts is renewed, for up to 10 minutes,
+            // so the message is not delivered a second time while the first still runs.
+            let lock = chrono::Duration::from_std(
+                crate::queue::queue_settings(&self.queue).map_or(DEFAULT_LOCK, |s| s.lock_duration),
+            )
+            .unwrap_or_default();
+            let renew_until = message.locked_until - lock + MAX_LOCK_RENEWAL;
+            let mut locked_until = message.locked_until;
+            loop {
+                let renew_at = locked_until - lock / 2;
+                let wait = (renew_at - Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    outcome = &mut invocation => break outcome,
+                    () = tokio::time::sleep(wait), if locked_until < renew_until => {
+                        let until = (Utc::now() + lock).min(renew_until);
+                        match broker.renew_lock(&message, until) {
+                            Ok(true) => locked_until = until,
+                            Ok(false) | Err(_) => locked_until = renew_until,
+                        }
+                    }
+                }
+            }
+        };
         let settled = match &outcome {
             Outcome::Succeeded(_) => broker.complete(&message),
             Outcome::Failed(reason) => {

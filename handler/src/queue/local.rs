@@ -326,6 +326,30 @@ impl LocalBroker {
         Ok(Some(message))
     }
 
+    /// Extends the lock on a message still being processed to `until`, as the Functions host
+    /// renews the locks of Service Bus messages whose invocation is running. `false` if the
+    /// lock was lost meanwhile.
+    pub fn renew_lock(
+        &self,
+        message: &ReceivedMessage,
+        until: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let renewed = self
+            .lock()
+            .prepare_cached(
+                "UPDATE messages SET locked_until = ?3 WHERE seq = ?1 AND lock_token = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    message.sequence_number,
+                    message.lock_token,
+                    millis(until)
+                ])
+            })
+            .map_err(unavailable)?;
+        Ok(renewed == 1)
+    }
+
     /// Settles a delivered message: it is done and leaves the queue.
     pub fn complete(&self, message: &ReceivedMessage) -> Result<(), QueueError> {
         let removed = self
@@ -595,6 +619,30 @@ mod tests {
                 .as_deref()
                 .unwrap()
                 .contains("provider answered 503")
+        );
+    }
+
+    #[test]
+    fn a_renewed_lock_keeps_a_message_from_being_delivered_again() {
+        let (_d, b) = broker();
+        b.send_at(&msg(SYNC_INBOUND_SCHEDULED, "m1"), t0()).unwrap();
+        let first = b.receive_at(SYNC_INBOUND_SCHEDULED, t0()).unwrap().unwrap();
+        let renewed_until = first.locked_until + Duration::minutes(5);
+        assert!(b.renew_lock(&first, renewed_until).unwrap());
+        let past_first_lock = first.locked_until + Duration::seconds(1);
+        assert!(
+            b.receive_at(SYNC_INBOUND_SCHEDULED, past_first_lock)
+                .unwrap()
+                .is_none(),
+            "still locked"
+        );
+        assert!(
+            b.complete(&first).is_ok(),
+            "the lock is still the first one's"
+        );
+        assert!(
+            !b.renew_lock(&first, renewed_until).unwrap(),
+            "settled: nothing to renew"
         );
     }
 
