@@ -493,22 +493,12 @@ impl WriteBack for Dynamics365 {
         {
             // The row holds what the first attempt sent; the shard may have changed since.
             // It is written as asked now, over the version just read.
-            let url = format!("{root}/{}({id})", write.entity);
-            let if_match = version_of(row).unwrap_or_else(|| "*".to_string());
-            let body = Value::Object(write.fields.clone());
-            let written = self
-                .write(
-                    conn,
-                    Method::PATCH,
-                    &url,
-                    &[("If-Match", if_match)],
-                    Some(&body),
-                )
-                .await?;
-            return Ok(Written {
-                external_id: id.to_string(),
-                version: version_of(&written),
-            });
+            let found = RecordWrite {
+                external_id: Some(id.to_string()),
+                expected_version: version_of(row),
+                ..write.clone()
+            };
+            return self.update(conn, &found).await;
         }
         let url = format!("{root}/{}", write.entity);
         let mut fields = write.fields.clone();

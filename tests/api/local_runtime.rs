@@ -329,6 +329,31 @@ async fn consume_with(
 /// The consumer of webhook sync jobs.
 const WEBHOOK_JOBS: (FunctionName, &str) = (FunctionName::SyncInboundWebhook, SYNC_INBOUND_WEBHOOK);
 
+/// Runs the consumer of `consumer`'s queue under `faults` until the queue is empty.
+async fn consume_until_empty(app: &TestApp, consumer: (FunctionName, &str), faults: Faults) {
+    let queue = consumer.1;
+    consume_with(app, consumer, faults, async |b: &LocalBackends| {
+        b.broker.active_count(queue).unwrap() == 0
+    })
+    .await;
+}
+
+/// An app with the Salesforce integration and one webhook job waiting for it.
+async fn app_with_a_webhook_job() -> TestApp {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+    app.broker()
+        .send(OutgoingMessage::json(
+            SYNC_INBOUND_WEBHOOK,
+            "wh-1",
+            &webhook_job(),
+        ))
+        .await
+        .unwrap();
+    app
+}
+
 fn webhook_job() -> Value {
     json!({
         "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "webhook",
@@ -339,27 +364,13 @@ fn webhook_job() -> Value {
 
 #[tokio::test]
 async fn a_failed_invocation_is_redelivered_until_it_succeeds() {
-    let app = TestApp::new();
-    app.register_integration(salesforce_integration("int-acme-sf"))
-        .await;
-    let backends_broker = app.broker();
-    backends_broker
-        .send(OutgoingMessage::json(
-            SYNC_INBOUND_WEBHOOK,
-            "wh-1",
-            &webhook_job(),
-        ))
-        .await
-        .unwrap();
+    let app = app_with_a_webhook_job().await;
 
     let faults = Faults {
         store_calls: 2,
         ..Faults::default()
     };
-    consume_with(&app, WEBHOOK_JOBS, faults, async |b: &LocalBackends| {
-        b.broker.active_count(SYNC_INBOUND_WEBHOOK).unwrap() == 0
-    })
-    .await;
+    consume_until_empty(&app, WEBHOOK_JOBS, faults).await;
 
     // Two deliveries failed on the store; the third ran the job to its end.
     assert!(
@@ -380,26 +391,13 @@ async fn a_failed_invocation_is_redelivered_until_it_succeeds() {
 
 #[tokio::test]
 async fn a_job_whose_dead_letter_could_not_be_sent_sends_it_when_redelivered() {
-    let app = TestApp::new();
-    app.register_integration(salesforce_integration("int-acme-sf"))
-        .await;
-    app.broker()
-        .send(OutgoingMessage::json(
-            SYNC_INBOUND_WEBHOOK,
-            "wh-1",
-            &webhook_job(),
-        ))
-        .await
-        .unwrap();
+    let app = app_with_a_webhook_job().await;
 
     let faults = Faults {
         dead_letters: 1,
         ..Faults::default()
     };
-    consume_with(&app, WEBHOOK_JOBS, faults, async |b: &LocalBackends| {
-        b.broker.active_count(SYNC_INBOUND_WEBHOOK).unwrap() == 0
-    })
-    .await;
+    consume_until_empty(&app, WEBHOOK_JOBS, faults).await;
 
     // The first delivery failed to send its dead letter; the second sent it, and only then
     // recorded the job as failed.
@@ -439,10 +437,7 @@ async fn a_write_back_whose_dead_letter_could_not_be_sent_sends_it_when_redelive
         ..Faults::default()
     };
     let write_backs = (FunctionName::SyncOutbound, SYNC_OUTBOUND);
-    consume_with(&app, write_backs, faults, async |b: &LocalBackends| {
-        b.broker.active_count(SYNC_OUTBOUND).unwrap() == 0
-    })
-    .await;
+    consume_until_empty(&app, write_backs, faults).await;
 
     // No credentials were ever stored, which no retry mends: the change ends in the dead
     // letters, however the first try to put it there failed.
