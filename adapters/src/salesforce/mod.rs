@@ -186,7 +186,15 @@ impl Salesforce {
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_api_usage);
                     let retry_after = http::retry_after(response.headers(), Utc::now());
-                    let bytes = response.bytes().await.unwrap_or_default();
+                    let bytes = match response.bytes().await {
+                        Ok(bytes) => bytes,
+                        // An answer that broke off is no answer, not an empty one.
+                        Err(e) => {
+                            let error = http::transport_error("Salesforce", &e);
+                            retries.wait_or_fail(error, retry_after).await?;
+                            continue;
+                        }
+                    };
                     if status.is_success() {
                         let unreadable = |e: &dyn std::fmt::Display| {
                             ProviderError::new(
