@@ -9,7 +9,7 @@ use handler::store::{CosmosStore, ShardQuery, ShardStore};
 
 use crate::cosmos_emulator::{EMULATOR_KEY, RequestCounter, http_store};
 use crate::cosmos_store::{
-    count, entity_fingerprints, point_operations, queries, sync_demo_into,
+    count, entity_fingerprints, linked_queries, point_operations, queries, sync_demo_into,
     writes_in_batches_then_nothing,
 };
 use crate::helpers::{TestApp, wait_until};
@@ -29,6 +29,7 @@ async fn the_cosmos_store_keeps_its_contract_over_http() {
     };
     point_operations(&store).await;
     queries(&store).await;
+    linked_queries(&store).await;
     entity_fingerprints(&store).await;
 }
 

@@ -329,6 +329,68 @@ async fn a_person_on_a_later_page_is_merged_into_the_shard_an_earlier_page_wrote
 }
 
 #[tokio::test]
+async fn a_merged_contact_stays_while_one_of_its_records_lives_and_goes_with_the_last() {
+    // Two Salesforce contacts of one person, merged into one shard by email. A CRM's merge of
+    // duplicates deletes the loser; here it is the one whose id the shard took.
+    let fake = FakeSalesforce::start().await;
+    for (i, name) in ["Ann Lee", "Ann B. Lee"].into_iter().enumerate() {
+        fake.add(
+            "Contact",
+            json!({"Id": format!("003{i:015}"), "Name": name, "Email": "ann@acme.test"}),
+            base_time() + Duration::seconds(i as i64),
+        );
+    }
+    let app = spawn_app(&fake, true).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 1);
+    assert_eq!(contacts[0]["id"], "int-acme-sf~Contact~003000000000000000");
+    let statuses = |contact: &Value| -> Vec<String> {
+        contact["external_relationships"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r["externalId"], r["syncStatus"]))
+            .collect()
+    };
+
+    fake.delete(
+        "Contact",
+        "003000000000000000",
+        Utc::now() - Duration::minutes(2),
+    );
+    run_job(&handler, "job-2", "incremental", 1).await;
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 1, "Ann still has a record at Salesforce");
+    assert_eq!(
+        statuses(&contacts[0]),
+        [
+            "\"003000000000000000\" \"deleted\"",
+            "\"003000000000000001\" \"synced\""
+        ]
+    );
+    assert_eq!(
+        record_of(&app.history().await, "job-2")["stats"]["shardsUpdated"],
+        1
+    );
+
+    // The survivor's own id names no shard: it is found by its link.
+    fake.delete(
+        "Contact",
+        "003000000000000001",
+        Utc::now() - Duration::minutes(1),
+    );
+    run_job(&handler, "job-3", "incremental", 1).await;
+    assert!(
+        app.shards("c_contact").await.is_empty(),
+        "soft-deleted with its last record"
+    );
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["stats"]["shardsUpdated"], 1, "{record}");
+}
+
+#[tokio::test]
 async fn a_record_listed_again_on_the_next_page_updates_the_shard_the_page_before_wrote() {
     // The last contact of the first page is listed again at the start of the second, changed
     // meanwhile (a listing may return a record modified while it ran).

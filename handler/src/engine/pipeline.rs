@@ -50,6 +50,7 @@ use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::listing::{ListedPage, ListingProgress};
 use crate::model::mapping::EntityMapping;
+use crate::model::shard::RelationshipStatus;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
@@ -66,6 +67,9 @@ const LANDING_PART: usize = 250;
 
 /// Shards whose links a reconciliation reads at a time.
 const RECONCILE_PAGE: usize = 1000;
+
+/// Deleted records looked up at a time among the links of shards not their own.
+const LINKED_LOOKUP: usize = 100;
 
 /// What the pipeline is asked to do.
 pub struct Job<'a> {
@@ -1094,7 +1098,11 @@ impl<'a> EntityRun<'a> {
             let gone: Vec<Record> = synced
                 .into_iter()
                 .flat_map(|(_, fingerprint)| fingerprint.links)
-                .filter(|r| r.integration_id == integration_id && !listed.contains(&r.external_id))
+                .filter(|r| {
+                    r.integration_id == integration_id
+                        && r.sync_status == RelationshipStatus::Synced
+                        && !listed.contains(&r.external_id)
+                })
                 .map(|r| Record::gone(r.external_id))
                 .collect();
             reconciled += gone.len();
@@ -1416,7 +1424,8 @@ impl<'a> EntityRun<'a> {
         }
     }
 
-    /// Soft-deletes the shards of records the provider reports deleted (`tombstones`).
+    /// Soft-deletes the shards of records the provider reports deleted (`tombstones`), or
+    /// marks their links deleted where another record still holds a shard.
     async fn soft_delete(&mut self, tombstones: &[Record]) -> Result<(), Failure> {
         if tombstones.is_empty() {
             return Ok(());
@@ -1429,20 +1438,70 @@ impl<'a> EntityRun<'a> {
         let found = self
             .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
             .await?;
-        let mut writes = Vec::new();
-        for (tombstone, stored) in tombstones.iter().zip(found) {
-            let modified_at = tombstone.modified_at.filter(|_| self.skips_older_versions);
-            let (id, now) = (&tombstone.id, self.now);
-            match stored
-                .and_then(|v| plan::soft_deleted(v.value, integration_id, id, modified_at, now))
-            {
-                Some(shard) => {
-                    writes.push(shard);
-                    self.counters.updated += 1;
-                }
-                None => self.counters.skipped += 1,
+        // Each tombstone's shard: its own, else one a merge or a write-back linked it to.
+        let mut holders: Vec<Option<String>> = Vec::with_capacity(tombstones.len());
+        let mut shards: HashMap<String, Shard> = HashMap::default();
+        for stored in found {
+            holders.push(stored.as_ref().map(|v| v.value.id.clone()));
+            if let Some(v) = stored {
+                shards.insert(v.value.id.clone(), v.value);
             }
         }
+        let unheld: Vec<String> = tombstones
+            .iter()
+            .zip(&holders)
+            .filter(|(_, holder)| holder.is_none())
+            .map(|(t, _)| t.id.clone())
+            .collect();
+        if self.mapping.lands_elsewhere() && !unheld.is_empty() {
+            let linked = self.linked_elsewhere(unheld).await?;
+            for (tombstone, holder) in tombstones.iter().zip(&mut holders) {
+                if holder.is_none() {
+                    *holder = linked
+                        .iter()
+                        .find(|s| {
+                            s.external_relationships
+                                .iter()
+                                .any(|r| r.is_to(integration_id, &tombstone.id))
+                        })
+                        .map(|s| s.id.clone());
+                }
+            }
+            for shard in linked {
+                shards.entry(shard.id.clone()).or_insert(shard);
+            }
+        }
+        // A shard two of the tombstones hold is written once, with both links marked.
+        let mut changed: Vec<String> = Vec::new();
+        for (tombstone, holder) in tombstones.iter().zip(holders) {
+            let modified_at = tombstone.modified_at.filter(|_| self.skips_older_versions);
+            let now = self.now;
+            let Some(shard) = holder.and_then(|id| shards.remove(&id)) else {
+                self.counters.skipped += 1;
+                continue;
+            };
+            let id = shard.id.clone();
+            match plan::soft_deleted(
+                shard.clone(),
+                integration_id,
+                &tombstone.id,
+                modified_at,
+                now,
+            ) {
+                Some(updated) => {
+                    if !changed.contains(&id) {
+                        changed.push(id.clone());
+                        self.counters.updated += 1;
+                    }
+                    shards.insert(id, updated);
+                }
+                None => {
+                    self.counters.skipped += 1;
+                    shards.insert(id, shard);
+                }
+            }
+        }
+        let writes: Vec<Shard> = changed.iter().filter_map(|id| shards.remove(id)).collect();
         let failed = self.write(&writes, None).await?;
         for id in failed {
             self.counters.updated -= 1;
@@ -1454,6 +1513,27 @@ impl<'a> EntityRun<'a> {
             );
         }
         Ok(())
+    }
+
+    /// The live shards of the mapping's type linked to any of these records of this
+    /// integration, where the shard is not the record's own.
+    async fn linked_elsewhere(&self, external_ids: Vec<String>) -> Result<Vec<Shard>, Failure> {
+        let mut linked = Vec::new();
+        for chunk in external_ids.chunks(LINKED_LOOKUP) {
+            let query = ShardQuery::of_type(&self.mapping.shard_type_id)
+                .in_tenant(self.job.tenant_id)
+                .with_external_ids(chunk.to_vec());
+            for found in self.with_retries(|| self.app.store.query(&query)).await? {
+                let shard = found.value;
+                let ours = shard.external_relationships.iter().any(|r| {
+                    r.integration_id == self.job.integration_id && chunk.contains(&r.external_id)
+                });
+                if ours {
+                    linked.push(shard);
+                }
+            }
+        }
+        Ok(linked)
     }
 
     /// Writes a page's shards in batches; retries them with backoff, then shard by shard.

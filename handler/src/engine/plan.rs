@@ -919,10 +919,15 @@ pub fn tally(landed: &[(String, String)], changes: &Changes, failed_ids: &[Strin
     tally
 }
 
-/// The shard soft-deleted because its external record is gone, or `None` if it already is, or
-/// if the tombstone is older than the version the shard was last written from ([`is_stale`]).
-/// `modified_at` is the tombstone's time where links keep one
-/// ([`PageContext::skips_older_versions`]).
+/// The shard as it stands once its external record is gone, or `None` if nothing changes: the
+/// link to the record is marked deleted, and the shard is soft-deleted once no record it is
+/// linked to remains. A shard that deduplication merged records into (of this integration or
+/// another) lives on while one of them does: deleting a duplicate at the provider, as a CRM's
+/// merge does, must not take the surviving person out of Castiel.
+///
+/// `None` too if the shard is already deleted, or if the tombstone is older than the version
+/// the shard was last written from ([`is_stale`]). `modified_at` is the tombstone's time where
+/// links keep one ([`PageContext::skips_older_versions`]).
 pub fn soft_deleted(
     mut shard: Shard,
     integration_id: &str,
@@ -938,18 +943,29 @@ pub fn soft_deleted(
     {
         return None;
     }
-    shard.deleted_at = Some(now);
-    shard.updated_at = Some(now);
+    let mut unlinked = false;
     for r in &mut shard.external_relationships {
-        if r.is_to(integration_id, external_id) {
+        if r.is_to(integration_id, external_id) && r.sync_status != RelationshipStatus::Deleted {
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
             // A tombstone that says nothing of when leaves the last version's time standing.
             if r.sync_direction == SyncDirection::Inbound && modified_at.is_some() {
                 r.record_modified_at = modified_at;
             }
+            unlinked = true;
         }
     }
+    let survivors = shard
+        .external_relationships
+        .iter()
+        .any(|r| r.sync_status == RelationshipStatus::Synced);
+    if survivors && !unlinked {
+        return None;
+    }
+    if !survivors {
+        shard.deleted_at = Some(now);
+    }
+    shard.updated_at = Some(now);
     shard.content_hash = Some(content_hash(&shard));
     Some(shard)
 }
@@ -1516,6 +1532,43 @@ mod tests {
         );
         assert_ne!(deleted.content_hash, stored[0].content_hash);
         assert!(soft_deleted(deleted, "int-1", "1", None, now()).is_none());
+    }
+
+    #[test]
+    fn a_merged_shard_lives_until_the_last_of_its_records_is_deleted() {
+        let mapping = contacts(true, true);
+        let (stored, _) = plan(
+            &mapping,
+            vec![
+                record("1", "Ann", Some("ann@x.test")),
+                record("2", "Ann Smith", Some("ann@x.test")),
+            ],
+            &[],
+        );
+        assert_eq!(stored.len(), 1, "merged into one shard");
+
+        let first_gone = soft_deleted(stored[0].clone(), "int-1", "1", None, now()).unwrap();
+        assert_eq!(first_gone.deleted_at, None, "record 2 still lives");
+        let statuses = |shard: &Shard| -> Vec<RelationshipStatus> {
+            shard
+                .external_relationships
+                .iter()
+                .map(|r| r.sync_status)
+                .collect()
+        };
+        assert_eq!(
+            statuses(&first_gone),
+            [RelationshipStatus::Deleted, RelationshipStatus::Synced]
+        );
+        assert_ne!(first_gone.content_hash, stored[0].content_hash);
+        assert!(
+            soft_deleted(first_gone.clone(), "int-1", "1", None, now()).is_none(),
+            "told twice, the shard is written once"
+        );
+
+        let both_gone = soft_deleted(first_gone, "int-1", "2", None, now()).unwrap();
+        assert_eq!(both_gone.deleted_at, Some(now()));
+        assert_eq!(statuses(&both_gone), [RelationshipStatus::Deleted; 2]);
     }
 
     fn at(time: &str) -> Option<DateTime<Utc>> {

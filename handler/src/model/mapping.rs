@@ -147,6 +147,12 @@ pub struct TransformError {
 }
 
 impl EntityMapping {
+    /// Whether a record may land in a shard other than its own: one deduplication merged it
+    /// into, or one write-back created it from.
+    pub fn lands_elsewhere(&self) -> bool {
+        self.deduplication.is_some() || self.idempotency_field.is_some()
+    }
+
     /// The source fields the mapping reads, for the provider's query.
     pub fn source_fields(&self) -> Vec<String> {
         let mut fields: Vec<String> = Vec::new();

@@ -209,7 +209,8 @@ impl ExternalRelationship {
 pub enum RelationshipStatus {
     /// The shard holds what the record held at the last sync.
     Synced,
-    /// The record is gone at the provider; the shard is soft-deleted.
+    /// The record is gone at the provider. The shard is soft-deleted once none of the records
+    /// it is linked to remains.
     Deleted,
 }
 

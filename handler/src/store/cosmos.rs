@@ -283,11 +283,11 @@ pub fn cosmos_sql(query: &ShardQuery, with_order: bool) -> (String, Vec<(String,
     }
     if let Some(element) = &query.element {
         sql.push_str(&format!(
-            " AND EXISTS(SELECT VALUE r FROM r IN c.{} WHERE r.{} = @element)",
+            " AND EXISTS(SELECT VALUE r FROM r IN c.{} WHERE ARRAY_CONTAINS(@element, r.{}))",
             element.array.as_str(),
             element.field.as_str()
         ));
-        params.push(("@element".into(), Value::String(element.value.clone())));
+        params.push(("@element".into(), Value::from(element.values.clone())));
     }
     for (i, filter) in query.filters.iter().enumerate() {
         let name = format!("@p{i}");
@@ -573,7 +573,7 @@ mod tests {
             sql,
             "SELECT TOP 5 * FROM c WHERE c.shardTypeId = @type AND c.tenantId = @tenant \
              AND (NOT IS_DEFINED(c.deletedAt) OR IS_NULL(c.deletedAt)) \
-             AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE r.externalId = @element) \
+             AND EXISTS(SELECT VALUE r FROM r IN c.external_relationships WHERE ARRAY_CONTAINS(@element, r.externalId)) \
              AND c.structuredData.status = @p0 AND ARRAY_CONTAINS(@p1, c.dedupKeys.email_exact) \
              ORDER BY c.structuredData.nextSyncAt ASC"
         );

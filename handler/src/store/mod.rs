@@ -132,12 +132,12 @@ pub struct Filter {
     pub value: Value,
 }
 
-/// An array at `array` holding an object whose `field` equals `value`.
+/// An array at `array` holding an object whose `field` equals one of `values`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ElementFilter {
     pub array: FieldPath,
     pub field: FieldPath,
-    pub value: String,
+    pub values: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,13 +213,23 @@ impl ShardQuery {
         self.with_element("external_relationships", "externalId", external_id)
     }
 
+    /// Only shards synced from one of these external ids (by any integration).
+    pub fn with_external_ids(self, external_ids: Vec<String>) -> Self {
+        self.with_element_in("external_relationships", "externalId", external_ids)
+    }
+
     /// Only shards whose array at `array` holds an object whose `field` is `value`.
-    pub fn with_element(mut self, array: &str, field: &str, value: &str) -> Self {
+    pub fn with_element(self, array: &str, field: &str, value: &str) -> Self {
+        self.with_element_in(array, field, vec![value.to_string()])
+    }
+
+    /// Only shards whose array at `array` holds an object whose `field` is one of `values`.
+    pub fn with_element_in(mut self, array: &str, field: &str, values: Vec<String>) -> Self {
         let path = |p: &str| FieldPath::new(p).expect("query paths are valid identifiers");
         self.element = Some(ElementFilter {
             array: path(array),
             field: path(field),
-            value: value.to_string(),
+            values,
         });
         self
     }

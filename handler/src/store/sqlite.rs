@@ -650,13 +650,17 @@ fn query_sql(query: &ShardQuery, now: i64) -> Result<(String, Vec<SqlValue>), St
     }
     if let Some(element) = &query.element {
         // Field paths are plain identifiers, so they can be spliced in.
+        // The values as one JSON array, as for indexed keys below.
         sql.push_str(&format!(
-            " AND EXISTS (SELECT 1 FROM json_each(doc, '$.{}')
-                          WHERE json_extract(value, '$.{}') = ?)",
+            " AND EXISTS (SELECT 1 FROM json_each(doc, '$.{}') AS element
+                          WHERE json_extract(element.value, '$.{}')
+                                IN (SELECT value FROM json_each(?)))",
             element.array.as_str(),
             element.field.as_str()
         ));
-        args.push(SqlValue::Text(element.value.clone()));
+        args.push(SqlValue::Text(
+            serde_json::to_string(&element.values).expect("strings serialize"),
+        ));
     }
     if !query.include_deleted {
         sql.push_str(" AND deleted = 0");
@@ -1153,6 +1157,22 @@ mod tests {
         let found = store.query(&q).await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].value.id, "b");
+
+        let any_of = |external: &[&str]| {
+            ShardQuery::of_type("c_company")
+                .in_tenant("t1")
+                .with_external_ids(external.iter().map(|e| e.to_string()).collect())
+        };
+        let mut ids: Vec<String> = store
+            .query(&any_of(&["001A", "001B", "001Z"]))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.value.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(store.query(&any_of(&["001Z"])).await.unwrap().is_empty());
     }
 
     #[tokio::test]
