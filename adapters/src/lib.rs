@@ -100,13 +100,23 @@ pub trait Pull: Send + Sync {
         request: &FetchRequest,
     ) -> Result<Page, ProviderError>;
 
-    /// Records of `entity` deleted since `cursor`, for providers whose pages do not carry
-    /// deletions; asked once an incremental sync of the entity has read its last page.
+    /// Whether deletions of `entity` come from [`Pull::fetch_deleted`] rather than in its
+    /// pages: the provider is then asked once more after the entity's last page.
+    fn reports_deletions_apart(&self, _entity: &str) -> bool {
+        false
+    }
+
+    /// Records of `entity` deleted since `since`, for providers whose pages do not carry
+    /// deletions ([`Pull::reports_deletions_apart`]); asked once a sync of the entity has read
+    /// its last page. `None` (a first
+    /// sync, or one after a resync) asks for as far back as the provider remembers: a full
+    /// sync lists no deleted record, but the shards of records deleted since the last sync
+    /// are still there.
     async fn fetch_deleted(
         &self,
         _conn: &mut Connection,
         _entity: &str,
-        _cursor: &str,
+        _since: Option<DateTime<Utc>>,
     ) -> Result<Deleted, ProviderError> {
         Ok(Deleted::default())
     }

@@ -188,13 +188,17 @@ pub struct Unreadable {
 
 use crate::ProviderError;
 
-/// Records deleted in the provider since a cursor.
+/// Records deleted in the provider since a time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Deleted {
     pub ids: Vec<String>,
     /// The provider no longer knows deletions as far back as asked: only a full resync can
     /// find them.
     pub full_resync_required: bool,
+    /// How far the provider's log of deletions was read, by its own clock: the next check
+    /// starts there. It moves on whether or not the entity's records changed, so an entity
+    /// nobody edits keeps within the time the provider remembers deletions.
+    pub covered_until: Option<DateTime<Utc>>,
 }
 
 /// A webhook delivery as the receiver got it.

@@ -2,8 +2,9 @@
 //! OAuth refresh (no `expires_in`, optional refresh-token rotation that invalidates the old
 //! token, `invalid_grant`), SOQL with `nextRecordsUrl` paging and `Sforce-Query-Options`
 //! batch sizes, `SystemModstamp` timestamps in `+0000` form, `getDeleted` with its
-//! `earliestDateAvailable` window, `Sforce-Limit-Info`, 401 `INVALID_SESSION_ID` when a token
-//! expires and 403 `REQUEST_LIMIT_EXCEEDED` when the allocation runs out, errors as arrays.
+//! `earliestDateAvailable` window and whole minutes, `Sforce-Limit-Info`, 401
+//! `INVALID_SESSION_ID` when a token expires and 403 `REQUEST_LIMIT_EXCEEDED` when the
+//! allocation runs out, errors as arrays.
 //! `WHERE Id IN (...)` reads notified records back. Knobs let a test expire the token, exhaust
 //! the allocation, fail a share of requests or hold a page mid-sync.
 
@@ -448,7 +449,10 @@ async fn deleted(
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc))
     };
-    let (Some(start), Some(end)) = (parse("start"), parse("end")) else {
+    // Salesforce reads whole minutes: the seconds of both ends are ignored, and what it
+    // covered ends at the last whole minute.
+    let minute = |t: DateTime<Utc>| DateTime::from_timestamp(t.timestamp() / 60 * 60, 0).unwrap();
+    let (Some(start), Some(end)) = (parse("start").map(minute), parse("end").map(minute)) else {
         return sf_error(
             StatusCode::BAD_REQUEST,
             "INVALID_REPLICATION_DATE",

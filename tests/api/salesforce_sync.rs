@@ -770,6 +770,93 @@ async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integratio
     assert_eq!(integration["structuredData"]["status"], "active");
 }
 
+/// Changes tenant `t1`'s stored integration `int-acme-sf`, as time passing would have.
+async fn age_integration(app: &TestApp, change: impl FnOnce(&mut Value)) {
+    let mut shard = app.store().get("t1", "int-acme-sf").await.unwrap().unwrap();
+    let mut data = serde_json::to_value(&shard.value.structured_data).unwrap();
+    change(&mut data);
+    shard.value.structured_data = data;
+    app.store()
+        .replace(&shard.value, &shard.etag)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn deletions_of_accounts_nobody_edits_are_found_past_salesforces_window() {
+    // Accounts last edited three weeks ago: longer than the 15 days Salesforce remembers
+    // deletions. Deletions are read on from where the last read ended, not from the last edit.
+    let fake = FakeSalesforce::start().await;
+    let edited = Utc::now() - Duration::days(21);
+    fake.load(
+        "Account",
+        (0..3).map(|i| {
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": null}),
+                edited + Duration::seconds(i),
+            )
+        }),
+    );
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let checked =
+        app.integration("int-acme-sf").await["structuredData"]["deletionsChecked"]["Account"]
+            .clone();
+    assert!(checked.is_string(), "the full sync read the deletions too");
+
+    // The last check was ten minutes ago; an account was deleted two minutes ago.
+    let ten_minutes_ago = json!(Utc::now() - Duration::minutes(10));
+    age_integration(&app, |data| {
+        data["deletionsChecked"]["Account"] = ten_minutes_ago.clone()
+    })
+    .await;
+    fake.delete(
+        "Account",
+        "001000000000000001",
+        Utc::now() - Duration::minutes(2),
+    );
+    run_job(&handler, "job-2", "incremental", 1).await;
+
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsUpdated"], 1, "{record}");
+    let names: Vec<Value> = app
+        .shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Account 0"), json!("Account 2")]);
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(
+        state["cursors"]["Account"].is_string(),
+        "no resync: {state}"
+    );
+    assert_ne!(state["deletionsChecked"]["Account"], ten_minutes_ago);
+
+    // After a resync, a full sync lists no deleted account, but the one deleted yesterday
+    // still had its shard: the full sync reads back the whole window for it.
+    age_integration(&app, |data| {
+        data.as_object_mut().unwrap().remove("cursors");
+        data.as_object_mut().unwrap().remove("deletionsChecked");
+    })
+    .await;
+    fake.delete(
+        "Account",
+        "001000000000000002",
+        Utc::now() - Duration::days(1),
+    );
+    run_job(&handler, "job-3", "full_sync", 1).await;
+    let names: Vec<Value> = app
+        .shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Account 0")]);
+}
+
 #[tokio::test]
 async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
     let fake = FakeSalesforce::start().await;
@@ -885,8 +972,9 @@ async fn a_salesforce_that_fails_every_other_request_costs_no_job_attempt() {
             .is_empty(),
         "no job-level retry was needed"
     );
-    // Three pages, each of the two after the first refused once and sent again.
-    assert_eq!(fake.requests().len(), 5, "{:?}", fake.requests());
+    // Three pages, each of the two after the first refused once and sent again, then the
+    // deletions of the last 15 days, refused once too.
+    assert_eq!(fake.requests().len(), 7, "{:?}", fake.requests());
 }
 
 #[tokio::test]

@@ -3,8 +3,10 @@
 //! * Records come from SOQL (`/query`), `SystemModstamp >= cursor` for incremental syncs,
 //!   ordered by `SystemModstamp, Id`, paged by `nextRecordsUrl`. The cursor is the latest
 //!   `SystemModstamp` synced, as `2026-01-01T10:00:00.000Z`.
-//! * Deletions come from `/sobjects/{entity}/deleted/`; when the recycle bin no longer reaches
-//!   back to the cursor (`earliestDateAvailable` is later), only a full resync can find them.
+//! * Deletions come from `/sobjects/{entity}/deleted/`, read from where the last read ended
+//!   (its `latestDateCovered`), so an object nobody edits is still checked within the 15 days
+//!   Salesforce remembers deletions; a full sync reads all 15. When the recycle bin no longer
+//!   reaches back that far (`earliestDateAvailable` is later), only a full resync can find them.
 //! * Tokens: the access token expires silently (the token response has no `expires_in`), so a
 //!   401 `INVALID_SESSION_ID` refreshes it and retries the request once. The latest
 //!   `instance_url` and, with rotation enabled, the new refresh token are kept.
@@ -45,6 +47,9 @@ const DEFAULT_API_VERSION: &str = "v62.0";
 const DEFAULT_MAX_API_USAGE: f64 = 0.8;
 /// Salesforce keeps deletions for 15 days at most.
 const DELETED_WINDOW_DAYS: i64 = 15;
+
+/// How far before the end of the last read the next read of deletions starts.
+const DELETIONS_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
 
 pub struct Salesforce {
     limiter: RateLimiter,
@@ -728,37 +733,51 @@ impl Pull for Salesforce {
         Ok(records)
     }
 
+    fn reports_deletions_apart(&self, _entity: &str) -> bool {
+        true
+    }
+
     async fn fetch_deleted(
         &self,
         conn: &mut Connection,
         entity: &str,
-        cursor: &str,
+        since: Option<DateTime<Utc>>,
     ) -> Result<Deleted, ProviderError> {
-        let since = cursor_time(cursor)?;
         let now = Utc::now();
-        if now - since > chrono::Duration::days(DELETED_WINDOW_DAYS) {
+        let window = chrono::Duration::days(DELETED_WINDOW_DAYS);
+        // With no time to start from, the whole window less a minute, so that the request is
+        // inside it when Salesforce reads it.
+        let from_window = since.is_none();
+        let oldest = now - window + chrono::Duration::minutes(1);
+        let since = since.unwrap_or(oldest);
+        if now - since > window {
             return Ok(Deleted {
-                ids: Vec::new(),
                 full_resync_required: true,
+                ..Deleted::default()
             });
         }
+        // Read again from a few minutes before: a deletion committed late is logged with the
+        // time it began. Deletions read twice change nothing the second time.
+        let start = (since - DELETIONS_LOOKBACK).max(oldest.min(since));
         let version = Self::api_version(conn);
         let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
         let (body, _): (Value, _) = self
             .get(
                 conn,
                 &format!("/services/data/{version}/sobjects/{entity}/deleted/"),
-                &[("start", format(since)), ("end", format(now))],
+                &[("start", format(start)), ("end", format(now))],
                 None,
             )
             .await?;
         let earliest = body["earliestDateAvailable"]
             .as_str()
             .and_then(parse_timestamp);
-        if earliest.is_some_and(|earliest| earliest > since) {
+        // A recycle bin emptied early: deletions since `since` are lost. Asked for the whole
+        // window, what is left of it is all there is to read.
+        if !from_window && earliest.is_some_and(|earliest| earliest > since) {
             return Ok(Deleted {
-                ids: Vec::new(),
                 full_resync_required: true,
+                ..Deleted::default()
             });
         }
         let ids = body["deletedRecords"]
@@ -773,6 +792,8 @@ impl Pull for Salesforce {
         Ok(Deleted {
             ids,
             full_resync_required: false,
+            // Salesforce reads whole minutes: the minute under way is read next time.
+            covered_until: body["latestDateCovered"].as_str().and_then(parse_timestamp),
         })
     }
 

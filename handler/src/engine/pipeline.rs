@@ -35,7 +35,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use adapters::{Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record};
+use adapters::{
+    Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record,
+};
 
 use super::failure::{Failure, FailureCode};
 use super::lease;
@@ -50,8 +52,8 @@ use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
 use crate::model::integration::{Checkpoint, JobProgress};
 use crate::model::listing::{ListedPage, ListingProgress};
 use crate::model::mapping::EntityMapping;
-use crate::model::shard::RelationshipStatus;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
+use crate::model::shard::RelationshipStatus;
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
 use crate::store::{Op, ShardFingerprint, ShardQuery, StoreError, Upserts};
@@ -70,6 +72,14 @@ const RECONCILE_PAGE: usize = 1000;
 
 /// Deleted records looked up at a time among the links of shards not their own.
 const LINKED_LOOKUP: usize = 100;
+
+/// Whether a deleted record whose own shard does not exist is looked for among the links of
+/// other shards: those a merge or a write-back put it in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Links {
+    Searched,
+    NotSearched,
+}
 
 /// What the pipeline is asked to do.
 pub struct Job<'a> {
@@ -241,7 +251,7 @@ pub async fn run_deleted(
     // A delete notification says nothing of when: no version of the record is older.
     let mut entity = EntityRun::new(app, job, integration, mapping, false, now);
     let tombstones: Vec<Record> = ids.iter().cloned().map(Record::gone).collect();
-    let result = entity.soft_delete(&tombstones).await;
+    let result = entity.soft_delete(&tombstones, Links::Searched).await;
     entity.outcome(result)
 }
 
@@ -691,6 +701,11 @@ impl<'a> EntityRun<'a> {
         };
         // The first page may have restarted the entity without its cursor.
         cursor.clone_from(&request.cursor);
+        let deletions_since = integration
+            .deletions_checked
+            .get(&entity)
+            .copied()
+            .or_else(|| cursor.as_deref().and_then(|c| provider.cursor_time(c)));
         let by_fingerprint = plan::skips_by_fingerprint(self.mapping, self.two_way.is_some());
         let mapper = Mapper {
             integration_id: self.job.integration_id,
@@ -741,10 +756,10 @@ impl<'a> EntityRun<'a> {
             // with its page, credentials refreshed on the way included.
             let fetching = prefetch.then(|| spawn_fetch(provider, conn, request.clone()));
             // The last page of an entity whose end needs no provider (no deletions to ask
-            // for since a cursor): the next entity's first page is fetched meanwhile.
+            // for): the next entity's first page is fetched meanwhile.
             let last = next_token.is_none() && stop_after.is_none();
             if last
-                && cursor.is_none()
+                && !provider.reports_deletions_apart(&self.mapping.external_entity)
                 && let Some(next) = self.next_entity.take()
             {
                 self.next_first_page = Some(spawn_fetch(provider, conn, next));
@@ -807,7 +822,7 @@ impl<'a> EntityRun<'a> {
             }
             match next {
                 None => {
-                    self.finish_entity(provider.as_ref(), conn, cursor.as_deref(), pages)
+                    self.finish_entity(provider.as_ref(), conn, deletions_since, pages)
                         .await?;
                     break;
                 }
@@ -959,34 +974,45 @@ impl<'a> EntityRun<'a> {
         Ok(stored_page)
     }
 
-    /// Deletions since the cursor, then the entity's new cursor.
+    /// Deletions since `deletions_since` (or as far back as the provider remembers), then the
+    /// entity's new cursor.
     async fn finish_entity(
         &mut self,
         provider: &dyn Provider,
         conn: &mut Connection,
-        cursor: Option<&str>,
+        deletions_since: Option<DateTime<Utc>>,
         pages: u64,
     ) -> Result<(), Failure> {
-        if let Some(cursor) = cursor {
-            let deleted = provider
-                .fetch_deleted(conn, &self.mapping.external_entity, cursor)
-                .await?;
-            if deleted.full_resync_required {
-                // Deletions older than the provider remembers: forget the cursor, so the next
-                // run is a full one that sees every record there is.
-                tracing::warn!(entity = %self.mapping.external_entity, "deletions no longer available since the cursor; next run resyncs in full");
-                let entity = &self.mapping.external_entity;
-                self.update_state(|i| {
-                    i.cursors.remove(entity);
-                    i.checkpoints.remove(entity);
-                    true
-                })
-                .await?;
-                return Ok(());
-            }
-            let tombstones: Vec<Record> = deleted.ids.into_iter().map(Record::gone).collect();
-            self.soft_delete(&tombstones).await?;
+        let entity = &self.mapping.external_entity;
+        let deleted = if provider.reports_deletions_apart(entity) {
+            provider
+                .fetch_deleted(conn, entity, deletions_since)
+                .await?
+        } else {
+            Deleted::default()
+        };
+        if deleted.full_resync_required {
+            // Deletions older than the provider remembers: forget the cursor, so the next
+            // run is a full one that sees every record there is.
+            tracing::warn!(%entity, "deletions no longer available since the last check; next run resyncs in full");
+            self.update_state(|i| {
+                i.cursors.remove(entity);
+                i.deletions_checked.remove(entity);
+                i.checkpoints.remove(entity);
+                true
+            })
+            .await?;
+            return Ok(());
         }
+        let tombstones: Vec<Record> = deleted.ids.into_iter().map(Record::gone).collect();
+        // The whole window a first sync reads holds the deletions of records never synced, as
+        // many as the provider had: they are not looked for among the links, a query each.
+        let links = if deletions_since.is_some() {
+            Links::Searched
+        } else {
+            Links::NotSearched
+        };
+        self.soft_delete(&tombstones, links).await?;
         if let Some(mut listing) = self.listing.take()
             && self.read_listed_before(&mut listing).await?
         {
@@ -999,6 +1025,9 @@ impl<'a> EntityRun<'a> {
         let job_id = self.job.job_id;
         self.update_state(|i| {
             lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
+            if let Some(covered) = deleted.covered_until {
+                i.deletions_checked.insert(entity.clone(), covered);
+            }
             if let Some(newer) = pending.clone() {
                 let cursor = match i.cursors.remove(entity) {
                     Some(stored) => provider.newer_cursor(stored, newer),
@@ -1106,7 +1135,7 @@ impl<'a> EntityRun<'a> {
                 .map(|r| Record::gone(r.external_id))
                 .collect();
             reconciled += gone.len();
-            self.soft_delete(&gone).await?;
+            self.soft_delete(&gone, Links::Searched).await?;
             if !more {
                 break;
             }
@@ -1294,7 +1323,7 @@ impl<'a> EntityRun<'a> {
         self.counters.skipped += tally.skipped;
         self.record_failures(tally.failed);
 
-        let deleted = self.soft_delete(&page.deleted).await;
+        let deleted = self.soft_delete(&page.deleted, Links::Searched).await;
         // Freeing a page's records and shards is milliseconds of walking their maps: a
         // blocking thread does it while this one goes on to the next page.
         tokio::task::spawn_blocking(move || drop((page, landed, changes)));
@@ -1425,8 +1454,9 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Soft-deletes the shards of records the provider reports deleted (`tombstones`), or
-    /// marks their links deleted where another record still holds a shard.
-    async fn soft_delete(&mut self, tombstones: &[Record]) -> Result<(), Failure> {
+    /// marks their links deleted where another record still holds a shard. A tombstone whose
+    /// own shard does not exist is looked for among other shards' links if `links` says so.
+    async fn soft_delete(&mut self, tombstones: &[Record], links: Links) -> Result<(), Failure> {
         if tombstones.is_empty() {
             return Ok(());
         }
@@ -1453,7 +1483,7 @@ impl<'a> EntityRun<'a> {
             .filter(|(_, holder)| holder.is_none())
             .map(|(t, _)| t.id.clone())
             .collect();
-        if self.mapping.lands_elsewhere() && !unheld.is_empty() {
+        if links == Links::Searched && self.mapping.lands_elsewhere() && !unheld.is_empty() {
             let linked = self.linked_elsewhere(unheld).await?;
             for (tombstone, holder) in tombstones.iter().zip(&mut holders) {
                 if holder.is_none() {

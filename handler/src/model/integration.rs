@@ -55,6 +55,11 @@ pub struct Integration {
     /// never reads it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cursors: BTreeMap<String, String>,
+    /// Per entity of a provider that reports deletions apart from records (Salesforce): how
+    /// far its log of deletions has been read, by the provider's clock. The next check
+    /// starts there, whether or not the entity's records changed since.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deletions_checked: BTreeMap<String, DateTime<Utc>>,
     /// Per entity: where an unfinished sync stopped, so the next job resumes there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checkpoints: BTreeMap<String, Checkpoint>,
