@@ -8,7 +8,8 @@
 //!   entries for deleted ones (soft deletes). A delta token Dataverse no longer honours (older
 //!   than the org's `ExpireChangeTrackingInDays`) restarts the entity from the beginning.
 //!   Change tracking cannot filter: an integration with filters, or with
-//!   `changeTracking: false`, polls `modifiedon ge {cursor}` instead and sees no deletions.
+//!   `changeTracking: false`, polls `modifiedon ge` five minutes before the cursor instead (a
+//!   row commits after others stamped later) and sees no deletions.
 //! * Tokens: the Microsoft identity platform ([`crate::microsoft`]), scope
 //!   `{environmentUrl}/.default` app-only or `{environmentUrl}/user_impersonation` delegated.
 //! * Limits: service protection allows 6,000 requests per 5 minutes per user; requests are
@@ -44,6 +45,10 @@ use crate::{
 };
 
 const DEFAULT_API_VERSION: &str = "v9.2";
+/// How far before the cursor a poll asks for rows: `modifiedon` is set as an operation
+/// begins, and a row committed by a long one is seen after rows stamped later. Read again, an
+/// unchanged row is skipped on its shard's fingerprint.
+const MODIFIED_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
 /// The most rows Dataverse returns per page.
 const MAX_PAGE_SIZE: usize = 5000;
 /// Ids read back per `In` query, short enough for any URL limit.
@@ -303,7 +308,8 @@ impl Pull for Dynamics365 {
                             0,
                             format!(
                                 "modifiedon ge {}",
-                                since.to_rfc3339_opts(SecondsFormat::Secs, true)
+                                (since - MODIFIED_LOOKBACK)
+                                    .to_rfc3339_opts(SecondsFormat::Secs, true)
                             ),
                         );
                     }

@@ -123,6 +123,58 @@ async fn an_expired_change_tracking_token_rereads_the_entity_instead_of_failing(
 }
 
 #[tokio::test]
+async fn a_poll_reads_only_what_changed_and_a_row_committed_late_too() {
+    // Without change tracking the adapter polls on `modifiedon`. A plug-in's long operation
+    // saved one contact before another that a sync then read, and committed it after.
+    let fake = FakeDynamics::start().await;
+    let at = |minutes: i64| {
+        json!(
+            (chrono::Utc::now() - chrono::Duration::minutes(minutes))
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+    };
+    fake.add(
+        "contacts",
+        json!({"fullname": "Old contact", "modifiedon": at(120)}),
+    );
+    fake.add(
+        "contacts",
+        json!({"fullname": "Read last", "modifiedon": at(10)}),
+    );
+    let mut polling = integration(&fake);
+    polling["structuredData"]["connection"]["changeTracking"] = json!(false);
+    let app = TestApp::new();
+    app.register_integration(polling).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    fake.add(
+        "contacts",
+        json!({"fullname": "Committed late", "modifiedon": at(11)}),
+    );
+    run_job(&handler, "job-2", "incremental").await;
+
+    let second = record(&app, "job-2").await;
+    assert_eq!(second["status"], "success", "{second}");
+    assert_eq!(
+        (
+            &second["stats"]["recordsFetched"],
+            &second["stats"]["shardsCreated"],
+            &second["stats"]["shardsSkipped"]
+        ),
+        (&json!(2), &json!(1), &json!(1)),
+        "the late row, and the last one read again; not the old one: {second}"
+    );
+    assert!(
+        app.shards("c_contact")
+            .await
+            .iter()
+            .any(|s| s["name"] == "Committed late")
+    );
+}
+
+#[tokio::test]
 async fn registration_names_the_connection_setting_that_is_wrong() {
     let app = TestApp::new();
     let fake = FakeDynamics::start().await;

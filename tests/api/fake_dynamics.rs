@@ -6,8 +6,9 @@
 //! `@odata.deltaLink` whose token is the version when the read began; a delta lists changed rows
 //! and `$deletedEntity` entries keyed by `id`), the 400s for `$skip`, for `$filter` with change
 //! tracking and for an expired version stamp, weak etags and `modifiedon` on every row,
-//! `modifiedon gt`, `Microsoft.Dynamics.CRM.In` and `column eq 'value'` filters, writes (POST 204 with
-//! `OData-EntityId`, PATCH as an upsert under `If-Match`/`If-None-Match`, DELETE), errors in the
+//! `modifiedon gt` and `ge`, `Microsoft.Dynamics.CRM.In` and `column eq 'value'` filters (and
+//! two of them joined by `and`), writes (POST 204 with `OData-EntityId`, PATCH as an upsert
+//! under `If-Match`/`If-None-Match`, DELETE), errors in the
 //! `{"error":{"code","message"}}` envelope, 401 with an empty body and a `WWW-Authenticate`
 //! challenge, 429 with `Retry-After` and 503. `webhook()` builds a delivery as a registered step
 //! sends it: the `x-ms-dynamics-*` headers and a `RemoteExecutionContext` body.
@@ -268,16 +269,32 @@ impl Cursor {
 enum Filter {
     All,
     ModifiedAfter(DateTime<Utc>),
+    ModifiedSince(DateTime<Utc>),
     In(String, Vec<String>),
     Eq(String, String),
+    /// `a and (b)`: a poll's time with the integration's filters.
+    Both(Box<Filter>, Box<Filter>),
 }
 
 impl Filter {
     fn parse(filter: &str) -> Self {
+        if let Some((first, rest)) = filter.split_once(" and ") {
+            let part = |p: &str| {
+                Box::new(Self::parse(
+                    p.trim().trim_start_matches('(').trim_end_matches(')'),
+                ))
+            };
+            return Self::Both(part(first), part(rest));
+        }
         if let Some(t) = filter.trim().strip_prefix("modifiedon gt ")
             && let Ok(t) = DateTime::parse_from_rfc3339(t.trim())
         {
             return Self::ModifiedAfter(t.to_utc());
+        }
+        if let Some(t) = filter.trim().strip_prefix("modifiedon ge ")
+            && let Ok(t) = DateTime::parse_from_rfc3339(t.trim())
+        {
+            return Self::ModifiedSince(t.to_utc());
         }
         // Microsoft.Dynamics.CRM.In(PropertyName='accountid',PropertyValues=['…','…'])
         if let Some(args) = filter.trim().strip_prefix("Microsoft.Dynamics.CRM.In(")
@@ -308,6 +325,10 @@ impl Filter {
             Self::ModifiedAfter(after) => text("modifiedon")
                 .and_then(|m| DateTime::parse_from_rfc3339(m).ok())
                 .is_some_and(|m| m.to_utc() > *after),
+            Self::ModifiedSince(since) => text("modifiedon")
+                .and_then(|m| DateTime::parse_from_rfc3339(m).ok())
+                .is_some_and(|m| m.to_utc() >= *since),
+            Self::Both(a, b) => a.matches(fields) && b.matches(fields),
             // Guids compare without regard to case, as they do in Dataverse.
             Self::In(property, values) => {
                 text(property).is_some_and(|v| values.iter().any(|w| w.eq_ignore_ascii_case(v)))

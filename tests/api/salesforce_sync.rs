@@ -477,11 +477,12 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
     let record = record_of(&app.history().await, "job-2").clone();
     assert_eq!(record["jobType"], "incremental");
     assert_eq!(record["status"], "success", "{record}");
-    // Fetched: three changed, one new, and the record modified at exactly the cursor (fetched
-    // again, never skipped by the query, skipped by the content check). Two deletions soft-delete.
+    // Fetched: three changed, one new, and the 45 others modified within five minutes of the
+    // cursor (read again for records that commit late, skipped on their fingerprints). Two
+    // deletions soft-delete.
     assert_eq!(
         record["stats"],
-        json!({"recordsFetched": 5, "shardsCreated": 1, "shardsUpdated": 5, "shardsSkipped": 1, "shardsFailed": 0})
+        json!({"recordsFetched": 49, "shardsCreated": 1, "shardsUpdated": 5, "shardsSkipped": 45, "shardsFailed": 0})
     );
     assert_eq!(
         record["syncDetails"]["syncFromDate"],
@@ -768,6 +769,45 @@ async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integratio
         .await;
     let integration = app.integration("int-acme-sf").await;
     assert_eq!(integration["structuredData"]["status"], "active");
+}
+
+#[tokio::test]
+async fn an_account_committed_after_a_sync_read_later_ones_is_still_synced() {
+    // A trigger's long transaction saved account 9 before account 10 was saved and committed,
+    // and committed it after a sync had read account 10: its SystemModstamp is older than the
+    // cursor that sync left.
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    let later = base_time() + Duration::hours(1);
+    fake.add(
+        "Account",
+        json!({"Id": "001000000000000010", "Name": "Account 10", "Industry": null}),
+        later,
+    );
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    fake.add(
+        "Account",
+        json!({"Id": "001000000000000009", "Name": "Account 9", "Industry": null}),
+        later - Duration::seconds(20),
+    );
+    run_job(&handler, "job-2", "incremental", 1).await;
+
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["stats"]["shardsCreated"], 1, "{record}");
+    assert!(
+        app.shards("c_company")
+            .await
+            .iter()
+            .any(|s| s["name"] == "Account 9")
+    );
+    assert_eq!(
+        app.integration("int-acme-sf").await["structuredData"]["cursors"]["Account"],
+        fixed(later),
+        "the cursor does not go back"
+    );
 }
 
 /// Changes tenant `t1`'s stored integration `int-acme-sf`, as time passing would have.
@@ -1090,13 +1130,22 @@ async fn a_full_sync_continued_over_several_jobs_reads_each_entity_once() {
 #[tokio::test]
 async fn an_integration_stored_when_cursors_were_timestamps_carries_on_from_its_cursor() {
     let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 10);
+    // Edited an hour apart: the five minutes read again before the cursor hold only its own.
+    fake.load(
+        "Account",
+        (0..10).map(|i| {
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}"), "Industry": null}),
+                base_time() + Duration::hours(i),
+            )
+        }),
+    );
     let app = TestApp::new();
     // Written by the previous release: the cursor as chrono spelled a DateTime, no millis.
     let mut stored = integration(&fake, false);
-    let cursor = base_time() + Duration::seconds(7);
+    let cursor = base_time() + Duration::hours(7);
     stored["structuredData"]["status"] = json!("active");
-    stored["structuredData"]["lastSyncAt"] = json!(base_time() + Duration::seconds(9));
+    stored["structuredData"]["lastSyncAt"] = json!(base_time() + Duration::hours(9));
     stored["structuredData"]["cursors"] =
         json!({"Account": cursor.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
     app.plant_integration(stored).await;
@@ -1120,12 +1169,12 @@ async fn an_integration_stored_when_cursors_were_timestamps_carries_on_from_its_
     assert!(
         soql.contains(&format!(
             "SystemModstamp >= {}",
-            cursor.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            (cursor - Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         )),
         "{soql}"
     );
     assert_eq!(
         app.integration("int-acme-sf").await["structuredData"]["cursors"]["Account"],
-        fixed(base_time() + Duration::seconds(9))
+        fixed(base_time() + Duration::hours(9))
     );
 }

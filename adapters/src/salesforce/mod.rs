@@ -1,7 +1,8 @@
 //! Salesforce over its REST API.
 //!
-//! * Records come from SOQL (`/query`), `SystemModstamp >= cursor` for incremental syncs,
-//!   ordered by `SystemModstamp, Id`, paged by `nextRecordsUrl`. The cursor is the latest
+//! * Records come from SOQL (`/query`), `SystemModstamp >=` five minutes before the cursor for
+//!   incremental syncs (records commit after others stamped later), ordered by
+//!   `SystemModstamp, Id`, paged by `nextRecordsUrl`. The cursor is the latest
 //!   `SystemModstamp` synced, as `2026-01-01T10:00:00.000Z`.
 //! * Deletions come from `/sobjects/{entity}/deleted/`, read from where the last read ended
 //!   (its `latestDateCovered`), so an object nobody edits is still checked within the 15 days
@@ -47,6 +48,12 @@ const DEFAULT_API_VERSION: &str = "v62.0";
 const DEFAULT_MAX_API_USAGE: f64 = 0.8;
 /// Salesforce keeps deletions for 15 days at most.
 const DELETED_WINDOW_DAYS: i64 = 15;
+
+/// How far before the cursor an incremental sync asks for records. `SystemModstamp` is set as
+/// a save begins, and a record is seen once its transaction commits: a long transaction (a
+/// trigger, a bulk load) commits records stamped before others a sync has already read. Read
+/// again, a record that has not changed is skipped on its shard's fingerprint.
+const RECORDS_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
 
 /// How far before the end of the last read the next read of deletions starts.
 const DELETIONS_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
@@ -667,7 +674,7 @@ impl Pull for Salesforce {
             Some(next) => (None, next.clone(), Vec::new()),
             None => {
                 let since = request.cursor.as_deref().map(cursor_time).transpose()?;
-                let soql = soql(request, since);
+                let soql = soql(request, since.map(|t| t - RECORDS_LOOKBACK));
                 (
                     Some(soql.clone()),
                     format!("/services/data/{version}/query"),
