@@ -90,16 +90,20 @@ impl std::io::Write for ByteCount {
     }
 }
 
-/// What a batch whose first failed operation answered `status` means. A refusal of one
-/// operation (and the 424 "failed dependency" of the others) is [`StoreError::Refused`], for
-/// the caller to write the batch shard by shard; throttling and outages stay retryable.
-fn batch_refusal(status: u16) -> StoreError {
-    match status {
+/// What a batch whose operations answered `statuses` means, if it failed. The operation that
+/// failed it is the one not answering 424 "failed dependency", which the others answer,
+/// wherever it stands in the batch. Its refusal is [`StoreError::Refused`], for the caller to
+/// write the batch shard by shard; throttling and outages stay retryable, so that a throttled
+/// batch is sent again as one request rather than as a hundred.
+fn batch_failure(statuses: impl IntoIterator<Item = u16>) -> Option<StoreError> {
+    let failed: Vec<u16> = statuses.into_iter().filter(|s| *s >= 300).collect();
+    let status = *failed.iter().find(|s| **s != 424).or(failed.first())?;
+    Some(match status {
         408 | 429 | 449 | 500.. => {
             StoreError::Unavailable(format!("Cosmos DB: a batch operation answered {status}"))
         }
         _ => StoreError::Refused(format!("Cosmos DB: a batch operation answered {status}")),
-    }
+    })
 }
 
 /// The etag a write answered with.
@@ -197,9 +201,16 @@ impl CosmosStore {
             .await
             .map_err(store_error)?;
         let results = response.into_model().map_err(store_error)?;
-        match results.results().iter().find(|r| !r.is_success()) {
+        let statuses = results.results().iter().map(|r| {
+            if r.is_success() {
+                200
+            } else {
+                r.status_code()
+            }
+        });
+        match batch_failure(statuses) {
             None => Ok(()),
-            Some(failed) => Err(batch_refusal(failed.status_code())),
+            Some(e) => Err(e),
         }
     }
 
@@ -557,6 +568,23 @@ impl ShardStore for CosmosStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_fails_by_the_operation_the_others_depended_on() {
+        assert!(batch_failure([200, 201, 200]).is_none());
+        assert!(matches!(
+            batch_failure([424, 424, 429, 424]),
+            Some(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            batch_failure([424, 413, 424]),
+            Some(StoreError::Refused(_))
+        ));
+        assert!(matches!(
+            batch_failure([424, 424]),
+            Some(StoreError::Refused(_))
+        ));
+    }
     use serde_json::json;
 
     #[test]
