@@ -260,6 +260,7 @@ async fn the_event_grid_schema_with_a_bearer_token_and_batches_under_one_megabyt
             Event::new(
                 "integration.sync.completed",
                 format!("/integrations/{i}"),
+                "job-1",
                 Utc::now(),
                 json!({"pad": big}),
             )

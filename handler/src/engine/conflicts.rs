@@ -146,6 +146,8 @@ pub async fn resolve(
                 "/tenants/{tenant_id}/integrations/{}",
                 record.integration_id
             ),
+            // The conflict as it was resolved from: the same resolution retried is one event.
+            &format!("{}@{}", conflict_shard.id, stored.etag),
             now,
             json!({"integrationId": record.integration_id, "tenantId": tenant_id,
                    "shardId": record.shard_id, "externalId": record.external_id,

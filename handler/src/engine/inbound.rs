@@ -159,6 +159,7 @@ async fn run_job(
         &[Event::new(
             events::SYNC_STARTED,
             subject(&job),
+            &format!("{}#{}", job.job_id, job.attempt),
             now,
             json!({
                 "integrationId": job.integration_id, "tenantId": job.tenant_id,
@@ -517,6 +518,7 @@ async fn succeed(
         &[Event::new(
             kind,
             subject(job),
+            &job.job_id,
             now,
             json!({
                 "integrationId": job.integration_id, "tenantId": job.tenant_id, "jobId": job.job_id,
@@ -617,6 +619,7 @@ async fn fail(
                 &[Event::new(
                     events::SYNC_FAILED,
                     subject(job),
+                    &format!("{}#{}", job.job_id, job.attempt),
                     now,
                     json!({
                         "integrationId": job.integration_id, "tenantId": job.tenant_id,

@@ -238,6 +238,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         &[Event::new(
             events::SYNC_CHECK_DUE,
             "/integrations",
+            &timestamp::format(&now),
             now,
             json!({"timestamp": now, "due": summary.due, "enqueued": summary.enqueued,
                    "deferred": summary.deferred}),

@@ -42,14 +42,23 @@ pub fn conflict_events(
         "direction": match by { Found::Inbound => "inbound", Found::WriteBack => "outbound" },
     });
     let subject = format!("/tenants/{tenant_id}/integrations/{integration_id}");
+    // The conflict is what it says: found again (a job delivered twice), it is the same one.
+    let occurrence = data.to_string();
     let mut out = vec![Event::new(
         events::CONFLICT_DETECTED,
         &subject,
+        &occurrence,
         now,
         data.clone(),
     )];
     if found.fields.iter().any(|f| f.winner.is_some()) {
-        out.push(Event::new(events::CONFLICT_RESOLVED, &subject, now, data));
+        out.push(Event::new(
+            events::CONFLICT_RESOLVED,
+            &subject,
+            &occurrence,
+            now,
+            data,
+        ));
     }
     out
 }

@@ -182,6 +182,7 @@ mod tests {
         let event = Event::new(
             "integration.sync.completed",
             "/tenants/t1/integrations/i1",
+            "job-1",
             chrono::Utc::now(),
             json!({"n": 1}),
         );

@@ -72,12 +72,14 @@ mod tests {
         let a = Event::new(
             "integration.sync.started",
             "/integrations/i1",
+            "job-1#1",
             Utc::now(),
             json!({"n": 1}),
         );
         let b = Event::new(
             "integration.sync.completed",
             "/integrations/i1",
+            "job-1",
             Utc::now(),
             json!({"n": 2}),
         );

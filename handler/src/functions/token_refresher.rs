@@ -48,9 +48,11 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         )
         .await
         .map_err(Transient::from)?;
+    let tick = timestamp::format(&now);
     let mut batch = vec![Event::new(
         events::TOKEN_CHECK_EXPIRING,
         "/integrations",
+        &tick,
         now,
         json!({"timestamp": now, "thresholdTime": threshold}),
     )];
@@ -77,6 +79,8 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                 Event::new(
                     events::TOKEN_REFRESHED,
                     subject(shard),
+                    // The token it got; a token without an expiry, by the tick.
+                    &expires_at.map_or_else(|| tick.clone(), |t| timestamp::format(&t)),
                     now,
                     json!({"connectionId": shard.id, "integrationId": shard.id,
                            "tenantId": shard.tenant_id, "expiresAt": expires_at, "refreshedAt": now}),
@@ -105,6 +109,7 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                 Event::new(
                     events::TOKEN_REFRESH_FAILED,
                     subject(shard),
+                    &tick,
                     now,
                     json!({"connectionId": shard.id, "integrationId": shard.id,
                            "tenantId": shard.tenant_id, "code": failure.code,

@@ -142,8 +142,10 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     for (shard, integration, delivery) in &verified {
         // The jobs first: a subscription marked gone before its catch-up job was sent would
         // leave the provider's redelivery (after a failed send) unroutable.
+        let mut job_ids = Vec::new();
         for notification in &delivery.notifications {
             for job in jobs_for(provider_name, shard, integration, notification, now) {
+                job_ids.push(job.job_id.clone());
                 app.queue
                     .send(OutgoingMessage::json(
                         SYNC_INBOUND_WEBHOOK,
@@ -159,6 +161,8 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
             &[Event::new(
                 events::WEBHOOK_RECEIVED,
                 format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id),
+                // The jobs name what the delivery said, as a redelivery of it says it again.
+                &occurrence(&job_ids, now),
                 now,
                 json!({"integrationId": shard.id, "tenantId": shard.tenant_id,
                        "provider": provider_name, "notifications": delivery.notifications.len()}),
@@ -272,6 +276,16 @@ async fn subscription_requests(
     })
     .await?;
     Ok(())
+}
+
+/// What a delivery's event is about: the jobs it asked for (their ids derive from what it said),
+/// or, for one asking for none, its time.
+fn occurrence(job_ids: &[String], now: DateTime<Utc>) -> String {
+    if job_ids.is_empty() {
+        crate::model::timestamp::format(&now)
+    } else {
+        job_ids.join(",")
+    }
 }
 
 /// The sync jobs a notification asks for. A job's id is also its MessageId: the integration's

@@ -20,18 +20,78 @@ pub struct Event {
 }
 
 impl Event {
-    /// A new event with a fresh id.
-    pub fn new(kind: &str, subject: impl Into<String>, time: DateTime<Utc>, data: Value) -> Self {
+    /// A new event about `subject`. `occurrence` names what happened, once: a job's id and
+    /// attempt, a conflict's content. The id derives from the type, the subject and it, so an
+    /// event published again (a job delivered twice, a function retried after a crash) has the
+    /// id it had, and a subscriber keeping CloudEvents' rule (the same source and id is the
+    /// same event) takes it once.
+    pub fn new(
+        kind: &str,
+        subject: impl Into<String>,
+        occurrence: &str,
+        time: DateTime<Utc>,
+        data: Value,
+    ) -> Self {
+        let subject = subject.into();
         Self {
             specversion: "1.0".into(),
-            id: uuid::Uuid::new_v4().to_string(),
+            id: event_id(kind, &subject, occurrence),
             kind: kind.into(),
             source: "/castiel/func-sync".into(),
-            subject: subject.into(),
+            subject,
             time,
             datacontenttype: "application/json".into(),
             data,
         }
+    }
+}
+
+/// A UUID (version 8, RFC 9562's for hashes other than its own) of the SHA-256 of the parts.
+fn event_id(kind: &str, subject: &str, occurrence: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [kind, subject, occurrence] {
+        // Lengths first, so that no two lists of parts hash the same text.
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_occurrence_published_again_keeps_its_id() {
+        let at = Utc::now();
+        let started = |occurrence: &str| {
+            Event::new(
+                types::SYNC_STARTED,
+                "/tenants/t1/integrations/i1",
+                occurrence,
+                at,
+                Value::Null,
+            )
+            .id
+        };
+        assert_eq!(started("job-1#1"), started("job-1#1"));
+        assert_ne!(started("job-1#1"), started("job-1#2"));
+        let other = Event::new(
+            types::SYNC_COMPLETED,
+            "/tenants/t1/integrations/i1",
+            "job-1#1",
+            at,
+            Value::Null,
+        );
+        assert_ne!(other.id, started("job-1#1"));
+        let id = uuid::Uuid::parse_str(&started("job-1#1")).unwrap();
+        assert_eq!(id.get_version_num(), 8);
     }
 }
 

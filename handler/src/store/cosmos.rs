@@ -201,13 +201,10 @@ impl CosmosStore {
             .await
             .map_err(store_error)?;
         let results = response.into_model().map_err(store_error)?;
-        let statuses = results.results().iter().map(|r| {
-            if r.is_success() {
-                200
-            } else {
-                r.status_code()
-            }
-        });
+        let statuses = results
+            .results()
+            .iter()
+            .map(|r| if r.is_success() { 200 } else { r.status_code() });
         match batch_failure(statuses) {
             None => Ok(()),
             Some(e) => Err(e),
