@@ -428,8 +428,13 @@ async fn query_more(
     }
     let hold = fake.org.lock().unwrap().hold_locator.as_deref() == Some(locator.as_str());
     if hold {
+        // Waiting for the release before saying it is held: a release sent as soon as the
+        // test hears of it is not missed.
+        let released = fake.release.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
         fake.held.notify_one();
-        fake.release.notified().await;
+        released.await;
     }
     page(&fake, &locator, batch_size(&headers))
 }
@@ -510,8 +515,11 @@ async fn written(fake: &FakeSalesforce, write: impl FnOnce(&mut Org) -> Response
         (answer, std::mem::take(&mut org.hold_next_write))
     };
     if hold {
+        let released = fake.release.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
         fake.held.notify_one();
-        fake.release.notified().await;
+        released.await;
     }
     answer
 }

@@ -810,6 +810,73 @@ async fn an_account_committed_after_a_sync_read_later_ones_is_still_synced() {
     );
 }
 
+#[tokio::test]
+async fn a_job_that_stalled_past_its_hold_leaves_the_integration_to_the_job_that_took_over() {
+    // A job stalls on its second page for longer than its hold on the integration; the hold
+    // lapses and another job takes the integration over. The stalled job then wakes up.
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    fake.org.lock().unwrap().hold_locator = Some("01gRO00000000001-2000".into());
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    let job = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
+        "provider": "salesforce", "jobId": "job-stalled", "scheduledAt": "2026-11-22T10:00:00Z",
+        "attempt": 1
+    });
+    let stalled = handler.invoke_in_background(
+        "SyncInboundScheduled",
+        &service_bus_message(
+            "SyncInboundScheduled",
+            &job.to_string(),
+            "job-stalled",
+            1,
+            None,
+        ),
+    );
+    wait_until(
+        "the first page is checkpointed",
+        std::time::Duration::from_secs(30),
+        || async {
+            app.integration("int-acme-sf").await["structuredData"]["checkpoints"]["Account"]
+                .is_object()
+        },
+    )
+    .await;
+    let taken_over = json!({"chain": "job-other", "jobId": "job-other",
+                            "since": Utc::now(), "until": Utc::now() + Duration::minutes(15)});
+    age_integration(&app, |data| data["running"] = taken_over.clone()).await;
+    let checkpoint = app.integration("int-acme-sf").await["structuredData"]["checkpoints"].clone();
+    fake.held.notified().await;
+    fake.org.lock().unwrap().hold_locator = None;
+    fake.release.notify_waiters();
+    assert!(stalled.await.unwrap().host_accepts());
+
+    let record = record_of(&app.history().await, "job-stalled").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("another job took over"),
+        "{record}"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["running"]["chain"], "job-other", "{state}");
+    assert_eq!(
+        state["checkpoints"], checkpoint,
+        "the other job's checkpoints are left alone"
+    );
+    assert!(state.get("cursors").is_none(), "{state}");
+    assert!(
+        app.broker()
+            .peek(SYNC_INBOUND_SCHEDULED)
+            .unwrap()
+            .is_empty(),
+        "no retry"
+    );
+}
+
 /// Changes tenant `t1`'s stored integration `int-acme-sf`, as time passing would have.
 async fn age_integration(app: &TestApp, change: impl FnOnce(&mut Value)) {
     let mut shard = app.store().get("t1", "int-acme-sf").await.unwrap().unwrap();

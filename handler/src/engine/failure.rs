@@ -22,6 +22,9 @@ pub enum FailureCode {
     InvalidMessage,
     /// The integration names a provider this build has no adapter for.
     ProviderNotSupported,
+    /// Another job holds the integration: this one's hold lapsed while it ran (it stalled for
+    /// longer than the lease), and the other carries on from the last checkpoint.
+    Superseded,
 }
 
 impl FailureCode {
@@ -30,7 +33,7 @@ impl FailureCode {
         match self {
             Self::Provider(code) => code.is_retryable(),
             Self::Store => true,
-            Self::InvalidMessage | Self::ProviderNotSupported => false,
+            Self::InvalidMessage | Self::ProviderNotSupported | Self::Superseded => false,
         }
     }
 
@@ -41,6 +44,7 @@ impl FailureCode {
             Self::Store => "STORE_ERROR",
             Self::InvalidMessage => "INVALID_MESSAGE",
             Self::ProviderNotSupported => "PROVIDER_NOT_SUPPORTED",
+            Self::Superseded => "SUPERSEDED",
         }
     }
 
@@ -129,6 +133,7 @@ mod tests {
                 "PROVIDER_NOT_SUPPORTED",
                 false,
             ),
+            (FailureCode::Superseded, "SUPERSEDED", false),
             (ErrorCode::RateLimit.into(), "RATE_LIMIT", true),
             (
                 ErrorCode::AuthenticationFailed.into(),

@@ -184,6 +184,14 @@ async fn run_job(
             };
             succeed(app, queue, &job, &record_id, record, outcome, completed).await
         }
+        Err(failure) if failure.code == FailureCode::Superseded => {
+            tracing::warn!(job_id = %job.job_id, "sync job stopped: another job took over its integration");
+            let outcome = Outcome {
+                stopped: Some(Stop::Superseded(failure)),
+                ..Outcome::default()
+            };
+            succeed(app, queue, &job, &record_id, record, outcome, completed).await
+        }
         Err(failure) => {
             let readable = integration.is_ok();
             fail(
@@ -419,6 +427,7 @@ async fn succeed(
             SyncStatus::Partial,
             format!("stopped early, resuming on the next run: {}", e.message),
         ),
+        Some(Stop::Superseded(e)) => (SyncStatus::Partial, format!("stopped: {}", e.message)),
         _ if stats.records_fetched > 0 && stats.shards_failed == stats.records_fetched => (
             SyncStatus::Failed,
             format!("all {} records failed", stats.shards_failed),
@@ -440,7 +449,7 @@ async fn succeed(
             "Sync completed successfully".to_string(),
         ),
     };
-    if let Some(Stop::Quota(e)) = &outcome.stopped {
+    if let Some(Stop::Quota(e) | Stop::Superseded(e)) = &outcome.stopped {
         record.errors.get_or_insert_with(Vec::new).push(SyncError {
             code: e.code.as_str().into(),
             message: e.message.clone(),
@@ -449,7 +458,7 @@ async fn succeed(
             shard_id: None,
             field: None,
             timestamp: now,
-            retryable: true,
+            retryable: matches!(outcome.stopped, Some(Stop::Quota(_))),
         });
     }
     record.stats = stats;
@@ -477,7 +486,12 @@ async fn succeed(
     // The record is written last: a crash before it leaves the job running, and its
     // redelivery repeats these idempotent steps. The hand-over comes before the continuation
     // is sent, so that the continuation finds the entities this job finished.
+    // A job another took over leaves the integration to it.
+    let superseded = matches!(outcome.stopped, Some(Stop::Superseded(_)));
     update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+        if superseded {
+            return false;
+        }
         if scheduled && outcome.stopped.is_none() {
             i.last_sync_at = Some(started);
         }

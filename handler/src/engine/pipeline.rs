@@ -105,6 +105,8 @@ pub enum Stop {
     RecordLimit,
     /// The provider's allocation is used up; the next scheduled run resumes.
     Quota(Failure),
+    /// Another job took the integration over; it carries on ([`FailureCode::Superseded`]).
+    Superseded(Failure),
 }
 
 /// What a run did.
@@ -533,6 +535,16 @@ fn detached(integration_id: &str) -> Connection {
         integration_id,
         serde_json::Map::new(),
         adapters::Credentials::new(serde_json::Map::new()),
+    )
+}
+
+/// Why a job stops when it finds, at a checkpoint, that another job holds its integration:
+/// what it would checkpoint now would overwrite that job's.
+fn superseded() -> Failure {
+    Failure::new(
+        FailureCode::Superseded,
+        "another job took over the integration while this one ran (its hold had lapsed); \
+         that job carries on from the last checkpoint",
     )
 }
 
@@ -965,12 +977,18 @@ impl<'a> EntityRun<'a> {
             updated_at: self.now,
         };
         let entity = &self.mapping.external_entity;
+        let mut holds = true;
         self.update_state(|i| {
-            i.checkpoints.insert(entity.clone(), checkpoint.clone());
-            lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
-            true
+            holds = lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
+            if holds {
+                i.checkpoints.insert(entity.clone(), checkpoint.clone());
+            }
+            holds
         })
         .await?;
+        if !holds {
+            return Err(superseded());
+        }
         Ok(stored_page)
     }
 
@@ -1023,8 +1041,12 @@ impl<'a> EntityRun<'a> {
         let pending = self.pending_cursor.clone();
         let progress = self.progress(pages, true);
         let job_id = self.job.job_id;
+        let mut holds = true;
         self.update_state(|i| {
-            lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
+            holds = lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
+            if !holds {
+                return false;
+            }
             if let Some(covered) = deleted.covered_until {
                 i.deletions_checked.insert(entity.clone(), covered);
             }
@@ -1039,6 +1061,9 @@ impl<'a> EntityRun<'a> {
             true
         })
         .await?;
+        if !holds {
+            return Err(superseded());
+        }
         Ok(())
     }
 
