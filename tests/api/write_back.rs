@@ -516,6 +516,17 @@ async fn a_contact_changed_with_the_operator_commands_is_created_updated_and_del
         "ann@acme.test"
     );
 
+    // Deleted, then restored before the delete is handled: the contact stays at Salesforce.
+    test.cli_json(&["shards", "delete", "shard-ann", "--tenant", "t1"])
+        .await;
+    test.cli_json(&["shards", "put", file.to_str().unwrap()])
+        .await;
+    deliver_write_backs(&test, &handler).await;
+    assert!(
+        fake.record("Contact", &id).is_some(),
+        "restored, not deleted"
+    );
+
     let sent = test
         .cli_json(&["shards", "delete", "shard-ann", "--tenant", "t1"])
         .await;

@@ -22,9 +22,9 @@ pub struct Registered {
 }
 
 /// The integration to store when `given` is put over `old`: the operator's configuration,
-/// with the state the engine keeps (when it last synced and next will, cursors, checkpoints,
-/// the running lease, credential expiry and refresh lease, webhook subscriptions) carried
-/// over. A changed frequency moves the next sync to the new frequency's next time.
+/// with the state the engine keeps (when it last synced and next will, cursors, how far
+/// deletions were read, checkpoints, the running lease and the chain that ended last,
+/// credential expiry and refresh lease, webhook subscriptions) carried over. A changed frequency moves the next sync to the new frequency's next time.
 pub fn merged(
     mut given: Integration,
     old: Option<&Integration>,
@@ -37,10 +37,14 @@ pub fn merged(
             if given.cursors.is_empty() {
                 given.cursors = old.cursors.clone();
             }
+            if given.deletions_checked.is_empty() {
+                given.deletions_checked = old.deletions_checked.clone();
+            }
             if given.checkpoints.is_empty() {
                 given.checkpoints = old.checkpoints.clone();
             }
             given.running = given.running.or_else(|| old.running.clone());
+            given.ended_chain = given.ended_chain.or_else(|| old.ended_chain.clone());
             given.refresh_lease = given.refresh_lease.or_else(|| old.refresh_lease.clone());
             if given.subscriptions.is_empty() {
                 given.subscriptions = old.subscriptions.clone();
@@ -192,6 +196,8 @@ mod tests {
             "syncFrequency": {"type": "interval", "intervalMinutes": 15},
             "lastSyncAt": "2026-11-22T09:00:00Z", "nextSyncAt": "2026-11-22T09:15:00.000Z",
             "cursors": {"Account": "2026-11-22T08:59:00.000Z"},
+            "deletionsChecked": {"Account": "2026-11-22T09:00:00Z"},
+            "endedChain": "job_int_1",
             "credentialsExpireAt": "2026-11-22T11:00:00.000Z"
         }));
         let given = integration(json!({
@@ -203,6 +209,8 @@ mod tests {
         assert_eq!(kept.last_sync_at, old.last_sync_at);
         assert_eq!(kept.next_sync_at, old.next_sync_at);
         assert_eq!(kept.cursors, old.cursors);
+        assert_eq!(kept.deletions_checked, old.deletions_checked);
+        assert_eq!(kept.ended_chain, old.ended_chain);
         assert_eq!(kept.credentials_expire_at, old.credentials_expire_at);
         assert_eq!(
             kept.entity_mappings.len(),

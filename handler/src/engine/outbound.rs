@@ -483,7 +483,13 @@ async fn write(
     let mut pushed = Pushed::default();
     let mut events = Vec::new();
 
-    if shard.deleted_at.is_some() || write_back.operation == WriteBackOperation::Delete {
+    if write_back.operation == WriteBackOperation::Delete && shard.deleted_at.is_none() {
+        // Restored since it was deleted: the shard is read when the message is handled.
+        pushed.skipped = 1;
+        pushed.note = Some("the shard was restored since its deletion; not deleted".into());
+        return Ok(pushed);
+    }
+    if shard.deleted_at.is_some() {
         let Some(i) = link else {
             pushed.skipped = 1;
             pushed.note = Some("nothing to delete: the shard is not linked to a record".into());
@@ -520,7 +526,8 @@ async fn write(
             .into_iter()
             .find(|r| r.id == external_id && !r.deleted)
         else {
-            // Deleted at the provider: the next inbound sync soft-deletes the shard.
+            // Deleted at the provider: the next inbound sync reads the deletion (and soft-deletes
+            // the shard if no other record holds it).
             let r = &mut shard.external_relationships[i];
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
@@ -546,6 +553,7 @@ async fn write(
             &bases,
             &data,
             &theirs,
+            write_back.changed_fields.as_deref().unwrap_or_default(),
             &integration.conflict_policy(),
             modified,
         );
@@ -618,6 +626,15 @@ async fn write(
         if !decided.to_castiel.is_empty() {
             shard.updated_at = Some(now);
         }
+    } else if shard.external_relationships.iter().any(|r| {
+        r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Deleted
+    }) {
+        // The record was deleted at the provider; the shard lives on through another record
+        // merged into it. Writing would make the deleted record again.
+        pushed.skipped = 1;
+        pushed.note =
+            Some("the shard's record was deleted at the provider; not created again".into());
+        return Ok(pushed);
     } else {
         let reversed = reverse(&mapping.field_mappings, &data, None);
         pushed.irreversible = reversed.irreversible.clone();

@@ -729,7 +729,7 @@ fn two_way_landing(
         castiel: shard.updated_at,
         provider: record.modified_at,
     };
-    let decided = reconcile_record(&bases, &stored, data, policy, modified);
+    let decided = reconcile_record(&bases, &stored, data, &[], policy, modified);
     let mut merged = stored.clone();
     for f in &decided.to_castiel {
         merged.insert(f.clone(), data.get(f).cloned().unwrap_or(Value::Null));

@@ -71,12 +71,20 @@ pub fn write_backs(
                 .external_relationships
                 .iter()
                 .find(|r| r.integration_id == *id && r.sync_status == RelationshipStatus::Synced);
+            // A shard whose record was deleted at the provider lives on while another record
+            // it merged is linked: the deleted one is not made again.
+            let gone = shard
+                .external_relationships
+                .iter()
+                .any(|r| r.integration_id == *id && r.sync_status == RelationshipStatus::Deleted);
             let operation = match (deleted, link) {
                 (true, Some(_)) => WriteBackOperation::Delete,
                 (true, None) => return None,
                 (false, Some(_)) if changed.is_empty() => return None,
                 (false, Some(_)) => WriteBackOperation::Update,
-                (false, None) if mapping.idempotency_field.is_some() => WriteBackOperation::Create,
+                (false, None) if mapping.idempotency_field.is_some() && !gone => {
+                    WriteBackOperation::Create
+                }
                 (false, None) => return None,
             };
             let message = WriteBackMessage {
@@ -92,9 +100,20 @@ pub fn write_backs(
                 attempt: 1,
                 holds: 0,
             };
+            // An update or a delete is the state it left and when: a value changed back and
+            // forth, or a shard deleted, restored and deleted again, within the broker's
+            // duplicate window is each time a write-back of its own. A create told twice is
+            // one (the record it makes is keyed by the shard anyway).
+            let message_id = match operation {
+                WriteBackOperation::Create => format!("{}:{state}:{id}", shard.id),
+                _ => {
+                    let at = shard.updated_at.map_or(0, |t| t.timestamp_micros());
+                    format!("{}:{state}:{at}:{id}", shard.id)
+                }
+            };
             Some(Outgoing {
                 integration_id: id.clone(),
-                message_id: format!("{}:{state}:{id}", shard.id),
+                message_id,
                 message,
             })
         })
@@ -299,6 +318,56 @@ mod tests {
                 .all(|o| o.message.operation != WriteBackOperation::Update),
             "no update without a changed field"
         );
+    }
+
+    #[test]
+    fn a_record_deleted_at_the_provider_is_not_made_again() {
+        let now = Utc::now();
+        let mut merged = ann();
+        let mut gone =
+            ExternalRelationship::synced("int-sf", "003A", SyncDirection::Bidirectional, now);
+        gone.sync_status = RelationshipStatus::Deleted;
+        merged.external_relationships.push(gone);
+        merged
+            .external_relationships
+            .push(ExternalRelationship::synced(
+                "int-dyn",
+                "c-1",
+                SyncDirection::Inbound,
+                now,
+            ));
+        let integrations = vec![(
+            "int-sf".to_string(),
+            integration(true, Some("Castiel_Id__c")),
+        )];
+        let changed = vec!["name".to_string()];
+        assert!(write_backs(&merged, &changed, false, &integrations, "user-7", now).is_empty());
+    }
+
+    #[test]
+    fn a_value_changed_back_and_forth_is_a_write_back_each_time() {
+        let integrations = vec![(
+            "int-sf".to_string(),
+            integration(true, Some("Castiel_Id__c")),
+        )];
+        let changed = vec!["name".to_string()];
+        let at = |seconds: i64| {
+            let mut shard = ann();
+            shard
+                .external_relationships
+                .push(ExternalRelationship::synced(
+                    "int-sf",
+                    "003A",
+                    SyncDirection::Bidirectional,
+                    Utc::now(),
+                ));
+            shard.updated_at = Some(DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap());
+            write_backs(&shard, &changed, false, &integrations, "user-7", Utc::now())[0]
+                .message_id
+                .clone()
+        };
+        assert_ne!(at(0), at(60), "Ann, then Bob, then Ann again");
+        assert_eq!(at(0), at(0));
     }
 
     #[test]

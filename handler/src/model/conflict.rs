@@ -101,6 +101,9 @@ pub struct FieldSides<'a> {
     pub base: Option<&'a str>,
     pub castiel: Option<&'a Value>,
     pub provider: Option<&'a Value>,
+    /// Castiel says it changed the field (a write-back's `changedFields`): what tells a
+    /// field without an agreed fingerprint (one-way until now, or newly mapped) apart.
+    pub castiel_changed: bool,
 }
 
 /// A field changed on both sides to different values.
@@ -140,11 +143,11 @@ pub struct Modified {
 
 impl Modified {
     /// The side changed last; the provider when it cannot be told (it holds the record of
-    /// truth for the external system, and its clock is the one the record carries).
+    /// truth for the external system, and its clock is the one the record carries), as when
+    /// it does not say when its record changed (Zoom).
     pub fn newer(&self) -> Side {
         match (self.castiel, self.provider) {
             (Some(c), Some(p)) if c > p => Side::Castiel,
-            (Some(_), None) => Side::Castiel,
             _ => Side::Provider,
         }
     }
@@ -173,7 +176,9 @@ pub fn reconcile(
                 return Change::None;
             }
             match f.base {
-                // Never synced: the provider's record is where the shard came from.
+                // Never agreed on: Castiel's edit if it says so (a mapping made two-way, a field
+                // newly mapped), else the provider's record is where the shard came from.
+                None if f.castiel_changed => Change::Castiel,
                 None => Change::Provider,
                 Some(base) => match (castiel != base, provider != base) {
                     (true, true) => Change::Both,
@@ -302,11 +307,13 @@ impl ConflictRecord {
 }
 
 /// [`reconcile`] over a whole record: every field the provider's record maps to, against the
-/// agreed fingerprints `bases` and the shard's `castiel` values.
+/// agreed fingerprints `bases` and the shard's `castiel` values; `castiel_changed` are the
+/// fields Castiel says it changed.
 pub fn reconcile_record(
     bases: &BTreeMap<String, String>,
     castiel: &serde_json::Map<String, Value>,
     provider: &serde_json::Map<String, Value>,
+    castiel_changed: &[String],
     policy: &ConflictPolicy,
     modified: Modified,
 ) -> Reconciled {
@@ -317,6 +324,7 @@ pub fn reconcile_record(
             base: bases.get(f).map(String::as_str),
             castiel: castiel.get(f),
             provider: provider.get(f),
+            castiel_changed: castiel_changed.iter().any(|c| c == f),
         })
         .collect();
     reconcile(&fields, policy, modified)
@@ -366,6 +374,7 @@ mod tests {
                 base: Some(e.base[f].as_str()),
                 castiel: e.castiel.get(*f),
                 provider: e.provider.get(*f),
+                castiel_changed: false,
             })
             .collect();
         let modified = Modified {
@@ -467,6 +476,37 @@ mod tests {
     }
 
     #[test]
+    fn a_field_never_agreed_on_is_castiels_where_castiel_says_it_changed_it() {
+        // A mapping made two-way: its links keep no fingerprints yet. An edit in Castiel is
+        // written back, not taken for the provider's change and undone.
+        let (edited, theirs) = (json!("Ann Lee"), json!("Ann"));
+        let field = |castiel_changed| FieldSides {
+            field: "name",
+            base: None,
+            castiel: Some(&edited),
+            provider: Some(&theirs),
+            castiel_changed,
+        };
+        let modified = Modified {
+            castiel: None,
+            provider: None,
+        };
+        let decided = reconcile(&[field(true)], &policy(Strategy::Manual), modified);
+        assert_eq!(decided.to_provider, ["name"]);
+        assert!(decided.to_castiel.is_empty() && decided.conflicts.is_empty());
+        let decided = reconcile(&[field(false)], &policy(Strategy::Manual), modified);
+        assert_eq!(decided.to_castiel, ["name"], "where the shard came from");
+    }
+
+    #[test]
+    fn a_provider_that_does_not_say_when_is_taken_for_the_newer() {
+        let modified = |castiel, provider| Modified { castiel, provider }.newer();
+        assert_eq!(modified(Some(at(10)), None), Side::Provider);
+        assert_eq!(modified(Some(at(12)), Some(at(11))), Side::Castiel);
+        assert_eq!(modified(Some(at(10)), Some(at(11))), Side::Provider);
+    }
+
+    #[test]
     fn no_conflict_when_both_sides_agree_or_only_one_changed_or_nothing_was_synced() {
         let base = value_hash(Some(&json!("a")));
         let same = json!("b");
@@ -476,12 +516,14 @@ mod tests {
                 base: Some(&base),
                 castiel: Some(&same),
                 provider: Some(&same),
+                castiel_changed: false,
             },
             FieldSides {
                 field: "first",
                 base: None,
                 castiel: None,
                 provider: Some(&same),
+                castiel_changed: false,
             },
         ];
         let modified = Modified {
