@@ -54,6 +54,16 @@ fi
 az deployment group create -g "$group" -n "func-sync-$(date +%Y%m%d%H%M%S)" \
   -f "$root/infra/main.bicep" -p "$root/infra/parameters/$env.bicepparam" -o none
 
+# WebhookReceiver asks providers for a function key: one kept in Key Vault, made at the first
+# deployment and the same ever after (the URLs registered with providers carry it). The app
+# setting WEBHOOK_FUNCTION_KEY references the secret; the host key is set below.
+vault=$(az keyvault list -g "$group" --query '[0].name' -o tsv)
+if ! az keyvault secret show --vault-name "$vault" -n webhook-function-key -o none 2>/dev/null; then
+  echo "making the webhook function key (Key Vault secret webhook-function-key)"
+  az keyvault secret set --vault-name "$vault" -n webhook-function-key \
+    --value "$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')" -o none
+fi
+
 "$root/scripts/package.sh"
 if $func; then
   (cd "$root/dist/func-sync" && func azure functionapp publish "$app" --custom)
@@ -61,6 +71,10 @@ else
   az functionapp deployment source config-zip -g "$group" -n "$app" --src "$root/dist/func-sync.zip" -o none
 fi
 
+az functionapp keys set -g "$group" -n "$app" --key-type functionKeys --key-name webhooks \
+  --key-value "$(az keyvault secret show --vault-name "$vault" -n webhook-function-key --query value -o tsv)" \
+  -o none
+
 host=$(az functionapp show -g "$group" -n "$app" --query defaultHostName -o tsv)
 echo "deployed: https://$host"
-echo "WEBHOOK_BASE_URL: https://$host (provider webhooks: https://$host/api/webhooks/<provider>)"
+echo "provider webhooks: https://$host/api/webhooks/<provider>?code=<the Key Vault secret webhook-function-key in $vault>"

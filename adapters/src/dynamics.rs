@@ -17,8 +17,8 @@
 //!   after its `Retry-After`.
 //! * Webhooks: a service endpoint registered with the Plug-in Registration Tool posts a
 //!   `RemoteExecutionContext`. It carries no signature: the delivery must bring the
-//!   integration's shared key (`?code=` with the WebhookKey option, or an `x-webhook-key`
-//!   header with HttpHeader), compared in constant time. It is routed by its `OrganizationId`.
+//!   integration's shared key (an `x-webhook-key` header with the HttpHeader option, or
+//!   `?code=` with WebhookKey where no function key takes `code`), compared in constant time. It is routed by its `OrganizationId`.
 //!
 //! * Writes: create (POST), update (PATCH under `If-Match`: the version written against, or
 //!   `*` so an update never creates) and delete (a row already gone counts as deleted), each
@@ -704,11 +704,11 @@ impl Webhooks for Dynamics365 {
                 "the integration has no webhook_key to check deliveries with".into(),
             )
         })?;
+        // The header first: behind the Functions host's `function` auth level, `?code=` is the
+        // host's key, and the endpoint authenticates with HttpHeader.
         let given = request
-            .query
-            .get("code")
-            .map(String::as_str)
-            .or_else(|| request.header("x-webhook-key"))
+            .header("x-webhook-key")
+            .or_else(|| request.query.get("code").map(String::as_str))
             .ok_or_else(|| WebhookError::Forged("the delivery brings no key".into()))?;
         if !crate::same_secret(given, expected) {
             return Err(WebhookError::Forged("the delivery's key is wrong".into()));

@@ -88,6 +88,9 @@ pub enum Trigger {
         output: String,
         route: String,
         methods: Vec<String>,
+        /// Whether the host asks callers for a function key (`authLevel` other than
+        /// `anonymous`; `function` when absent, as in the host).
+        keyed: bool,
     },
     Timer {
         binding: String,
@@ -162,6 +165,7 @@ struct BindingJson {
     name: String,
     route: Option<String>,
     methods: Option<Vec<String>>,
+    auth_level: Option<String>,
     schedule: Option<String>,
     queue_name: Option<String>,
     is_sessions_enabled: Option<bool>,
@@ -194,6 +198,9 @@ pub fn parse_function_json(name: FunctionName, text: &str) -> Result<FunctionDef
                 .into_iter()
                 .map(|m| m.to_ascii_uppercase())
                 .collect(),
+            keyed: !b
+                .auth_level
+                .is_some_and(|level| level.eq_ignore_ascii_case("anonymous")),
         },
         "timerTrigger" => Trigger::Timer {
             binding: b.name,
@@ -228,11 +235,13 @@ mod tests {
                 output,
                 route,
                 methods,
+                keyed,
             } => {
                 assert_eq!(binding, "req");
                 assert_eq!(output, "res");
                 assert_eq!(route, "webhooks/{provider}");
                 assert_eq!(methods, &["POST"]);
+                assert!(keyed, "authLevel function");
             }
             other => panic!("{other:?}"),
         }

@@ -41,6 +41,11 @@ pub struct Settings {
     /// `WEBHOOK_BASE_URL`: where providers reach this app (`https://func-sync-prod.azurewebsites.net`);
     /// provider-side subscriptions deliver to `{it}/api/webhooks/{provider}`.
     pub webhook_base_url: Option<String>,
+    /// `WEBHOOK_FUNCTION_KEY`: the Functions key WebhookReceiver's `function` auth level asks
+    /// of every delivery (`?code=`). The URLs the engine registers with providers carry it, and
+    /// `handler local` asks for it as the host does. In Azure it is a Key Vault reference to the
+    /// secret `webhook-function-key`; one the platform could not resolve yet counts as unset.
+    pub webhook_function_key: Option<crate::secrets::Secret>,
     /// Azure backends to use instead of the embedded ones, each when its settings are present.
     pub azure: AzureSettings,
 }
@@ -286,6 +291,19 @@ pub struct SettingsError {
 const FALLBACK_PORT: u16 = 3000;
 
 impl Settings {
+    /// Where `provider`'s deliveries reach this app, with the function key: `None` without
+    /// `WEBHOOK_BASE_URL`.
+    pub fn webhook_url(&self, provider: &str) -> Option<String> {
+        let base = self.webhook_base_url.as_deref()?;
+        let url = format!("{base}/api/webhooks/{provider}");
+        let Some(key) = &self.webhook_function_key else {
+            return Some(url);
+        };
+        let mut keyed = reqwest::Url::parse(&url).ok()?;
+        keyed.query_pairs_mut().append_pair("code", key.expose());
+        Some(keyed.into())
+    }
+
     /// Reads the settings from the process environment.
     pub fn from_env() -> Result<Self, SettingsError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -460,6 +478,17 @@ impl Settings {
             }
         });
 
+        let webhook_function_key = read("WEBHOOK_FUNCTION_KEY")
+            .map(|v| v.trim().to_string())
+            .filter(|v| {
+                let unresolved = v.starts_with("@Microsoft.KeyVault(");
+                if unresolved {
+                    tracing::warn!("WEBHOOK_FUNCTION_KEY is a Key Vault reference the platform has not resolved: the webhook URLs registered now carry no key");
+                }
+                !unresolved
+            })
+            .map(crate::secrets::Secret::new);
+
         let service_bus = match (
             read("ServiceBusConnection"),
             read("ServiceBusConnection__fullyQualifiedNamespace"),
@@ -611,6 +640,7 @@ impl Settings {
             record_retry_base,
             history_retention,
             webhook_base_url,
+            webhook_function_key,
             azure,
         })
     }

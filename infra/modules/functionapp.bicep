@@ -167,6 +167,13 @@ resource site 'Microsoft.Web/sites@2023-12-01' = {
           name: 'WEBHOOK_BASE_URL'
           value: 'https://${name}.azurewebsites.net'
         }
+        // WebhookReceiver's authLevel is `function`: providers bring the host key `webhooks`
+        // in `?code=`. scripts/deploy.sh keeps its value in this secret and sets the key; the
+        // handler puts it in the URLs it registers (Graph subscriptions, Drive channels).
+        {
+          name: 'WEBHOOK_FUNCTION_KEY'
+          value: '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/webhook-function-key)'
+        }
         {
           name: 'TOKEN_REFRESH_ENABLED'
           value: 'true'

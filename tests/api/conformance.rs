@@ -1266,7 +1266,8 @@ impl UnderTest for FakeDynamics {
         let mut headers = headers;
         headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
         Some(Delivery {
-            query: Vec::new(),
+            // As registered behind the Functions host: `code` is the host's function key.
+            query: vec![("code".into(), "the-hosts-function-key".into())],
             headers,
             body,
         })

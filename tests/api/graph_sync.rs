@@ -16,12 +16,17 @@ const DRIVE: &str = "b!drive-1";
 const TEAM: &str = "fbe2bf47-16c8-47cf-b4a5-4b9b187c508b";
 const CHANNEL: &str = "19:4a95f7d8db4c4e7fae857bcebe0623e6@thread.tacv2";
 
-/// A test world whose providers deliver to its local runtime's front door.
+/// The function key WebhookReceiver's auth level asks deliveries for.
+const FUNCTION_KEY: &str = "webhooks-k3y/+=";
+
+/// A test world whose providers deliver to its local runtime's front door, which asks for the
+/// function key as the host does.
 fn world() -> TestApp {
     let front_door = format!("127.0.0.1:{}", free_port());
     TestApp::with_settings(&[
         ("FUNC_SYNC_LOCAL_ADDR", &front_door),
         ("WEBHOOK_BASE_URL", &format!("http://{front_door}")),
+        ("WEBHOOK_FUNCTION_KEY", FUNCTION_KEY),
     ])
 }
 
@@ -79,6 +84,24 @@ async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notificat
 
     graph.rename_item(DRIVE, &file, "budget-2027.xlsx");
     let subscription = graph.subscriptions()[0].clone();
+    // The URL Graph was given carries the function key, which the host asks for.
+    assert_eq!(
+        subscription.notification_url,
+        format!(
+            "http://{}/api/webhooks/onedrive?code=webhooks-k3y%2F%2B%3D",
+            runtime.addr
+        )
+    );
+    let keyless = subscription.notification_url.split('?').next().unwrap();
+    let (status, _, _) = crate::helpers::http_request(
+        "POST",
+        keyless,
+        &[("Content-Type", "application/json")],
+        Some(b"{}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401, "no key, refused before the receiver runs");
     let (status, _) = graph.notify(&subscription.id, "updated", &file, None).await;
 
     assert_eq!(status, 202, "Graph's notification is accepted at once");

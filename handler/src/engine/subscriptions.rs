@@ -82,7 +82,7 @@ pub async fn maintain(
     let Some(subscriptions) = provider.subscriptions() else {
         return Ok(Maintained::default());
     };
-    let base = app.settings.webhook_base_url.as_deref().ok_or_else(|| {
+    let url = app.settings.webhook_url(provider.name()).ok_or_else(|| {
         Failure::new(
             ErrorCode::ValidationError,
             "WEBHOOK_BASE_URL is not set: providers cannot be told where to deliver",
@@ -99,7 +99,6 @@ pub async fn maintain(
         return Ok(Maintained::default());
     }
     let mut conn = credentials::connect(app, &shard.tenant_id, &shard.id, integration).await?;
-    let url = format!("{base}/api/webhooks/{}", provider.name());
     let mut done = Maintained::default();
     let mut current = integration.subscriptions.clone();
     for step in steps {

@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::envelopes::{self, IncomingHttp};
 use super::invoker::{Invoker, Outcome};
 use crate::definition::{AppDefinition, FunctionName, Trigger};
+use crate::secrets::Secret;
 use crate::telemetry::PrometheusText;
 
 struct Route {
@@ -23,6 +24,9 @@ struct Route {
     binding: String,
     output: String,
     invoker: Invoker,
+    /// The function key callers must bring, for a function whose `authLevel` asks for one,
+    /// when the runtime has one (`WEBHOOK_FUNCTION_KEY`).
+    key: Option<Secret>,
 }
 
 /// A router serving every httpTrigger function at `/api/<route>`, and the app's metrics in
@@ -31,7 +35,13 @@ struct Route {
 /// default (2 MB) would refuse a large webhook delivery here that Azure accepts.
 const MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
 
-pub fn router(invoker: &Invoker, metrics: Option<PrometheusText>) -> Router {
+/// `function_key` is the key a keyed function asks for, as the host asks for its keys; without
+/// one, every caller is let in.
+pub fn router(
+    invoker: &Invoker,
+    metrics: Option<PrometheusText>,
+    function_key: Option<Secret>,
+) -> Router {
     let mut router = Router::new();
     if let Some(metrics) = metrics {
         router = router.route(
@@ -50,6 +60,7 @@ pub fn router(invoker: &Invoker, metrics: Option<PrometheusText>) -> Router {
             output,
             route,
             methods,
+            keyed,
         } = &def.trigger
         {
             let filter = methods
@@ -63,6 +74,7 @@ pub fn router(invoker: &Invoker, metrics: Option<PrometheusText>) -> Router {
                 binding: binding.clone(),
                 output: output.clone(),
                 invoker: invoker.clone(),
+                key: function_key.clone().filter(|_| *keyed),
             });
             router = router.route(
                 &format!("/api/{route}"),
@@ -118,6 +130,18 @@ async fn handle(
         // The host reads a body only when the request declares its length.
         body: has_length.then(|| body.to_vec()),
     };
+    if let Some(key) = &route.key {
+        // As the host: `?code=` or `x-functions-key`, else 401 before the function runs.
+        let given = request
+            .query
+            .iter()
+            .find(|(name, _)| name == "code")
+            .map(|(_, value)| value.as_str())
+            .or_else(|| headers.get("x-functions-key").and_then(|v| v.to_str().ok()));
+        if !given.is_some_and(|given| adapters::same_secret(given, key.expose())) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+    }
     let envelope = envelopes::http(route.function, &route.binding, &request, Utc::now());
     match route.invoker.invoke(route.function, &envelope).await {
         Outcome::Succeeded(result) => http_output(&result["Outputs"][&route.output]),

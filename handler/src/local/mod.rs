@@ -103,7 +103,8 @@ pub async fn run(
 
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%addr, data_dir = %backends.dir.root().display(), "func-sync running locally; webhooks at http://{addr}/api/webhooks/{{provider}}");
-    let front_door = axum::serve(listener, front_door::router(&invoker, metrics))
+    let key = settings.webhook_function_key.clone();
+    let front_door = axum::serve(listener, front_door::router(&invoker, metrics, key))
         .with_graceful_shutdown(server::shutdown_signal());
     let result = front_door.await.map_err(|e| e.to_string());
 
