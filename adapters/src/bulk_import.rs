@@ -915,6 +915,7 @@ mod tests {
             page_token: None,
             filters: vec![],
             page_size,
+            cursor_read_at: None,
         }
     }
 

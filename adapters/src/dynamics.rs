@@ -308,7 +308,8 @@ impl Pull for Dynamics365 {
                             0,
                             format!(
                                 "modifiedon ge {}",
-                                (since - MODIFIED_LOOKBACK)
+                                request
+                                    .read_from(since, MODIFIED_LOOKBACK)
                                     .to_rfc3339_opts(SecondsFormat::Secs, true)
                             ),
                         );
@@ -835,6 +836,7 @@ mod tests {
             page_token: None,
             filters: vec![],
             page_size: 2000,
+            cursor_read_at: None,
         };
         assert_eq!(
             select(&request, "accountid").unwrap(),

@@ -797,6 +797,7 @@ mod tests {
             page_token: None,
             filters: vec![],
             page_size: 100,
+            cursor_read_at: None,
         };
         let fields = file_fields(&request);
         assert!(fields.ends_with(",webViewLink,owners"), "{fields}");

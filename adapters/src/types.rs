@@ -114,9 +114,24 @@ pub struct FetchRequest {
     pub filters: Vec<String>,
     /// Records wanted per page; adapters may return fewer.
     pub page_size: usize,
+    /// When the sync that left `cursor` began. An adapter whose records are stamped as a save
+    /// begins, and seen only once it commits, reads a few minutes before the cursor for those
+    /// committed late; once a read began that long after the cursor, nothing stamped before it
+    /// can still be uncommitted, and it reads from the cursor itself.
+    pub cursor_read_at: Option<DateTime<Utc>>,
 }
 
 impl FetchRequest {
+    /// Where a read stamped by when a save began starts: `lookback` before `cursor`, unless
+    /// the read that left the cursor began `lookback` after it or later, when nothing stamped
+    /// before the cursor can still have been uncommitted.
+    pub fn read_from(&self, cursor: DateTime<Utc>, lookback: chrono::Duration) -> DateTime<Utc> {
+        match self.cursor_read_at {
+            Some(read) if read >= cursor + lookback => cursor,
+            _ => cursor - lookback,
+        }
+    }
+
     /// Refuses a cursor for an entity listed whole on every sync (see
     /// `Pull::lists_everything`), which the provider never gives one for: a cursor stored for
     /// it came from elsewhere, and reading "since" it would not be a whole listing. The engine
@@ -432,6 +447,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_read_goes_back_before_its_cursor_until_a_read_began_long_enough_after_it() {
+        let at = |minute: u32| {
+            chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 7, 10, minute, 0).unwrap()
+        };
+        let lookback = chrono::Duration::minutes(5);
+        let request = |read| FetchRequest {
+            entity: "Account".into(),
+            fields: vec![],
+            cursor: Some("2026-12-07T10:00:00.000Z".into()),
+            page_token: None,
+            filters: vec![],
+            page_size: 2000,
+            cursor_read_at: read,
+        };
+        let cursor = at(30);
+        assert_eq!(request(None).read_from(cursor, lookback), at(25));
+        assert_eq!(
+            request(Some(at(31))).read_from(cursor, lookback),
+            at(25),
+            "a record stamped at 10:27 may have committed after 10:31"
+        );
+        assert_eq!(
+            request(Some(at(35))).read_from(cursor, lookback),
+            at(30),
+            "by 10:35 everything stamped before 10:30 had committed"
+        );
+    }
+
+    #[test]
     fn an_entity_listed_whole_refuses_a_cursor_for_a_resync_but_not_a_listing_under_way() {
         let mut request = FetchRequest {
             entity: "meetings".into(),
@@ -440,6 +484,7 @@ mod tests {
             page_token: None,
             filters: vec![],
             page_size: 300,
+            cursor_read_at: None,
         };
         assert!(request.listed_whole().is_ok());
         request.cursor = Some("2026-01-01".into());

@@ -711,6 +711,7 @@ async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
             page_token: None,
             filters: vec![],
             page_size: 2000,
+            cursor_read_at: None,
         };
         loop {
             let page = salesforce.fetch_page(&mut conn, &request).await.unwrap();

@@ -52,6 +52,7 @@ async fn twenty_connections_that_all_need_a_token_refresh_it_once() {
         page_token: None,
         filters: Vec::new(),
         page_size: 2000,
+        cursor_read_at: None,
     };
     let settings = json!({"loginHost": fake.url}).as_object().unwrap().clone();
 

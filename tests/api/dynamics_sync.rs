@@ -139,7 +139,7 @@ async fn a_poll_reads_only_what_changed_and_a_row_committed_late_too() {
     );
     fake.add(
         "contacts",
-        json!({"fullname": "Read last", "modifiedon": at(10)}),
+        json!({"fullname": "Read last", "modifiedon": at(2)}),
     );
     let mut polling = integration(&fake);
     polling["structuredData"]["connection"]["changeTracking"] = json!(false);
@@ -151,7 +151,7 @@ async fn a_poll_reads_only_what_changed_and_a_row_committed_late_too() {
 
     fake.add(
         "contacts",
-        json!({"fullname": "Committed late", "modifiedon": at(11)}),
+        json!({"fullname": "Committed late", "modifiedon": at(3)}),
     );
     run_job(&handler, "job-2", "incremental").await;
 
@@ -302,6 +302,7 @@ async fn twenty_jobs_that_need_a_token_at_once_refresh_it_once() {
         page_token: None,
         filters: Vec::new(),
         page_size: 100,
+        cursor_read_at: None,
     };
     let settings = integration(&fake)["structuredData"]["connection"]
         .as_object()
@@ -425,6 +426,7 @@ async fn rows_are_created_updated_only_at_the_version_written_against_and_delete
         page_token: None,
         filters: Vec::new(),
         page_size: 100,
+        cursor_read_at: None,
     };
     let rows = dynamics
         .fetch_by_ids(

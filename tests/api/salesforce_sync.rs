@@ -477,12 +477,13 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
     let record = record_of(&app.history().await, "job-2").clone();
     assert_eq!(record["jobType"], "incremental");
     assert_eq!(record["status"], "success", "{record}");
-    // Fetched: three changed, one new, and the 45 others modified within five minutes of the
-    // cursor (read again for records that commit late, skipped on their fingerprints). Two
-    // deletions soft-delete.
+    // Fetched: three changed, one new, and the record modified at exactly the cursor (fetched
+    // again, never skipped by the query, skipped by the content check). The accounts were
+    // edited two days before the first sync read them, long enough for any transaction to have
+    // committed: nothing before the cursor is read again. Two deletions soft-delete.
     assert_eq!(
         record["stats"],
-        json!({"recordsFetched": 49, "shardsCreated": 1, "shardsUpdated": 5, "shardsSkipped": 45, "shardsFailed": 0})
+        json!({"recordsFetched": 5, "shardsCreated": 1, "shardsUpdated": 5, "shardsSkipped": 1, "shardsFailed": 0})
     );
     assert_eq!(
         record["syncDetails"]["syncFromDate"],
@@ -774,13 +775,14 @@ async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integratio
 #[tokio::test]
 async fn an_account_committed_after_a_sync_read_later_ones_is_still_synced() {
     // A trigger's long transaction saved account 9 before account 10 was saved and committed,
-    // and committed it after a sync had read account 10: its SystemModstamp is older than the
-    // cursor that sync left.
+    // and committed it after a sync had read account 10, a minute later: its SystemModstamp is
+    // older than the cursor that sync left.
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 3);
     let app = spawn_app(&fake, false).await;
     let handler = app.host_handler_with(UNLIMITED).await;
-    let later = base_time() + Duration::hours(1);
+    let later =
+        DateTime::from_timestamp((Utc::now() - Duration::minutes(1)).timestamp(), 0).unwrap();
     fake.add(
         "Account",
         json!({"Id": "001000000000000010", "Name": "Account 10", "Industry": null}),
@@ -1197,7 +1199,7 @@ async fn a_full_sync_continued_over_several_jobs_reads_each_entity_once() {
 #[tokio::test]
 async fn an_integration_stored_when_cursors_were_timestamps_carries_on_from_its_cursor() {
     let fake = FakeSalesforce::start().await;
-    // Edited an hour apart: the five minutes read again before the cursor hold only its own.
+    // Edited an hour apart, and read two days later: nothing before the cursor is read again.
     fake.load(
         "Account",
         (0..10).map(|i| {
@@ -1236,7 +1238,7 @@ async fn an_integration_stored_when_cursors_were_timestamps_carries_on_from_its_
     assert!(
         soql.contains(&format!(
             "SystemModstamp >= {}",
-            (cursor - Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            cursor.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         )),
         "{soql}"
     );

@@ -1091,6 +1091,7 @@ async fn onedrive_renames_and_deletes_items_only_as_last_read_and_refuses_what_i
         page_token: None,
         filters: vec![],
         page_size: 1,
+        cursor_read_at: None,
     };
 
     test.register_integration(two_way_drive(&fake)).await;
@@ -1312,6 +1313,7 @@ async fn google_drive_renames_moves_and_trashes_files_only_over_the_version_read
         page_token: None,
         filters: vec![],
         page_size: 1,
+        cursor_read_at: None,
     };
 
     let read = reader

@@ -1,7 +1,8 @@
 //! Salesforce over its REST API.
 //!
 //! * Records come from SOQL (`/query`), `SystemModstamp >=` five minutes before the cursor for
-//!   incremental syncs (records commit after others stamped later), ordered by
+//!   incremental syncs (records commit after others stamped later; not once a sync began that
+//!   long after the cursor, [`FetchRequest::read_from`]), ordered by
 //!   `SystemModstamp, Id`, paged by `nextRecordsUrl`. The cursor is the latest
 //!   `SystemModstamp` synced, as `2026-01-01T10:00:00.000Z`.
 //! * Deletions come from `/sobjects/{entity}/deleted/`, read from where the last read ended
@@ -674,7 +675,10 @@ impl Pull for Salesforce {
             Some(next) => (None, next.clone(), Vec::new()),
             None => {
                 let since = request.cursor.as_deref().map(cursor_time).transpose()?;
-                let soql = soql(request, since.map(|t| t - RECORDS_LOOKBACK));
+                let soql = soql(
+                    request,
+                    since.map(|t| request.read_from(t, RECORDS_LOOKBACK)),
+                );
                 (
                     Some(soql.clone()),
                     format!("/services/data/{version}/query"),
@@ -945,6 +949,7 @@ mod tests {
             page_token: None,
             filters: vec!["Type = 'Customer'".into()],
             page_size: 2000,
+            cursor_read_at: None,
         };
         let since = cursor_time("2026-01-01T10:00:00.000Z").unwrap();
         assert_eq!(

@@ -493,7 +493,14 @@ async fn succeed(
             return false;
         }
         if scheduled && outcome.stopped.is_none() {
-            i.last_sync_at = Some(started);
+            // The sync began with its chain's first job (or its claim), which read the
+            // entities finished before this job.
+            let chain_began = i
+                .running
+                .as_ref()
+                .filter(|r| r.chain == lease::chain_of(&job.job_id))
+                .map_or(started, |r| r.since.min(started));
+            i.last_sync_at = Some(chain_began);
         }
         match &continuation {
             Some(next) => lease::hand_over(&mut i.running, &job.job_id, next, &finished, now),

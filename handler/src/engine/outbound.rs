@@ -518,6 +518,7 @@ async fn write(
             page_token: None,
             filters: Vec::new(),
             page_size: 1,
+            cursor_read_at: None,
         };
         let records = provider
             .fetch_by_ids(&mut conn, &request, std::slice::from_ref(&external_id))

@@ -229,6 +229,7 @@ pub async fn run_notified(
         page_token: None,
         filters,
         page_size: PAGE_SIZE,
+        cursor_read_at: None,
     };
     let records = provider.fetch_by_ids(conn, &request, ids).await?;
     let older_versions = provider.serves_older_versions();
@@ -445,6 +446,8 @@ fn first_request(
         page_token: checkpoint.map(|c| c.page_token.clone()),
         filters,
         page_size: PAGE_SIZE,
+        // The last sync that ran to its end began then, at the latest before it read.
+        cursor_read_at: integration.last_sync_at,
     }
 }
 
