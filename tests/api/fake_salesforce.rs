@@ -40,6 +40,9 @@ pub struct Org {
     pub records: BTreeMap<String, Vec<Arc<Map<String, Value>>>>,
     pub deleted: Vec<(String, String, DateTime<Utc>)>,
     pub earliest_deleted_available: Option<DateTime<Utc>>,
+    /// The most deletions `getDeleted` lists at once (Salesforce's is 600,000); over it, 400
+    /// EXCEEDED_ID_LIMIT.
+    pub deleted_ids_limit: Option<usize>,
     /// Refresh tokens that work; with rotation, a refresh replaces the one used.
     pub refresh_tokens: HashSet<String>,
     pub rotate_refresh_tokens: bool,
@@ -474,6 +477,14 @@ async fn deleted(
         .filter(|(e, _, at)| *e == entity && *at >= start && *at <= end)
         .map(|(_, id, at)| json!({"id": id, "deletedDate": timestamp(*at)}))
         .collect();
+    if records.len() > org.deleted_ids_limit.unwrap_or(600_000) {
+        drop(org);
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "EXCEEDED_ID_LIMIT",
+            "too many ids for getDeleted; narrow the date range",
+        );
+    }
     let body = json!({"deletedRecords": records, "earliestDateAvailable": timestamp(earliest),
                       "latestDateCovered": timestamp(end)});
     drop(org);

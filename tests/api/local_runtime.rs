@@ -97,12 +97,17 @@ async fn an_operator_sync_runs_in_the_local_runtime_and_its_failure_can_be_repla
             .len(),
         1
     );
-    let started = app
+    let started: Vec<String> = app
         .events()
         .into_iter()
         .filter(|e| e.kind == "integration.sync.started")
-        .count();
-    assert_eq!(started, 2, "the replay ran the job again");
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(started.len(), 2, "the replay ran the job again");
+    assert_ne!(
+        started[0], started[1],
+        "the replay is a run of its own, not the first told again"
+    );
 }
 
 #[tokio::test]

@@ -967,6 +967,43 @@ async fn deletions_of_accounts_nobody_edits_are_found_past_salesforces_window() 
 }
 
 #[tokio::test]
+async fn a_full_sync_whose_deletions_salesforce_cannot_list_still_ends_with_its_cursor() {
+    // More accounts were deleted in the last 15 days than getDeleted lists at once.
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    for i in 0..3 {
+        fake.delete(
+            "Account",
+            &format!("001{:015}", 100 + i),
+            Utc::now() - Duration::days(1),
+        );
+    }
+    fake.org.lock().unwrap().deleted_ids_limit = Some(2);
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state["cursors"]["Account"].is_string(), "{state}");
+    assert!(state["deletionsChecked"]["Account"].is_string(), "{state}");
+    assert!(
+        app.broker().peek(SYNC_DEADLETTER).unwrap().is_empty(),
+        "nothing to replay"
+    );
+
+    // The next check lists what was deleted since, which is within the limit.
+    fake.delete(
+        "Account",
+        "001000000000000001",
+        Utc::now() - Duration::minutes(1),
+    );
+    run_job(&handler, "job-2", "incremental", 1).await;
+    assert_eq!(app.shards("c_company").await.len(), 2);
+}
+
+#[tokio::test]
 async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5);

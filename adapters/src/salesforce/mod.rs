@@ -772,14 +772,34 @@ impl Pull for Salesforce {
         let start = (since - DELETIONS_LOOKBACK).max(oldest.min(since));
         let version = Self::api_version(conn);
         let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
-        let (body, _): (Value, _) = self
+        let answer = self
             .get(
                 conn,
                 &format!("/services/data/{version}/sobjects/{entity}/deleted/"),
                 &[("start", format(start)), ("end", format(now))],
                 None,
             )
-            .await?;
+            .await;
+        let body: Value = match answer {
+            Ok((body, _)) => body,
+            // The log no longer reaches back to `start` (INVALID_REPLICATION_DATE), or holds more
+            // than Salesforce lists at once (EXCEEDED_ID_LIMIT).
+            Err(e) if e.code == ErrorCode::ValidationError => {
+                if !from_window {
+                    return Ok(Deleted {
+                        full_resync_required: true,
+                        ..Deleted::default()
+                    });
+                }
+                // A whole window that cannot be read follows a full read of the records: what
+                // it lists is what there is, and deletions are read on from now.
+                return Ok(Deleted {
+                    covered_until: Some(now),
+                    ..Deleted::default()
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let earliest = body["earliestDateAvailable"]
             .as_str()
             .and_then(parse_timestamp);

@@ -89,7 +89,13 @@ async fn run_job(
 
     let (record_id, previous) =
         history_slot(app, &job.tenant_id, &job.job_id, job.scheduled_at).await?;
-    let replayed = property(&message.application_properties, REPLAYED_FROM).is_some();
+    let replayed_from = property(&message.application_properties, REPLAYED_FROM);
+    let replayed = replayed_from.is_some();
+    // What this run is, for its events' ids: a replay runs the job anew.
+    let this_run = match replayed_from {
+        Some(from) => format!("{}#{}@replay-{from}", job.job_id, job.attempt),
+        None => format!("{}#{}", job.job_id, job.attempt),
+    };
     if previous.as_ref().is_some_and(IntegrationSync::is_finished) && !replayed {
         tracing::info!(job_id = %job.job_id, "job already finished; redelivery ignored");
         // A claim the scheduler wrote for it after it had run would hold the integration
@@ -159,7 +165,7 @@ async fn run_job(
         &[Event::new(
             events::SYNC_STARTED,
             subject(&job),
-            &format!("{}#{}", job.job_id, job.attempt),
+            &this_run,
             now,
             json!({
                 "integrationId": job.integration_id, "tenantId": job.tenant_id,
@@ -176,13 +182,21 @@ async fn run_job(
     };
     let completed = Utc::now().max(now);
     match result {
-        Ok(outcome) => succeed(app, queue, &job, &record_id, record, outcome, completed).await,
+        Ok(outcome) => {
+            succeed(
+                app, queue, &job, &this_run, &record_id, record, outcome, completed,
+            )
+            .await
+        }
         Err(failure) if failure.resume_next_run => {
             let outcome = Outcome {
                 stopped: Some(Stop::Quota(failure)),
                 ..Outcome::default()
             };
-            succeed(app, queue, &job, &record_id, record, outcome, completed).await
+            succeed(
+                app, queue, &job, &this_run, &record_id, record, outcome, completed,
+            )
+            .await
         }
         Err(failure) if failure.code == FailureCode::Superseded => {
             tracing::warn!(job_id = %job.job_id, "sync job stopped: another job took over its integration");
@@ -190,12 +204,16 @@ async fn run_job(
                 stopped: Some(Stop::Superseded(failure)),
                 ..Outcome::default()
             };
-            succeed(app, queue, &job, &record_id, record, outcome, completed).await
+            succeed(
+                app, queue, &job, &this_run, &record_id, record, outcome, completed,
+            )
+            .await
         }
         Err(failure) => {
             let readable = integration.is_ok();
             fail(
-                app, queue, message, &job, &record_id, record, failure, readable, completed,
+                app, queue, message, &job, &this_run, &record_id, record, failure, readable,
+                completed,
             )
             .await
         }
@@ -416,6 +434,7 @@ async fn succeed(
     app: &App,
     queue: &str,
     job: &SyncJobMessage,
+    run: &str,
     record_id: &str,
     mut record: IntegrationSync,
     outcome: Outcome,
@@ -539,7 +558,7 @@ async fn succeed(
         &[Event::new(
             kind,
             subject(job),
-            &job.job_id,
+            run,
             now,
             json!({
                 "integrationId": job.integration_id, "tenantId": job.tenant_id, "jobId": job.job_id,
@@ -557,6 +576,7 @@ async fn fail(
     queue: &str,
     message: &ServiceBusMessage,
     job: &SyncJobMessage,
+    run: &str,
     record_id: &str,
     mut record: IntegrationSync,
     failure: Failure,
@@ -640,7 +660,7 @@ async fn fail(
                 &[Event::new(
                     events::SYNC_FAILED,
                     subject(job),
-                    &format!("{}#{}", job.job_id, job.attempt),
+                    run,
                     now,
                     json!({
                         "integrationId": job.integration_id, "tenantId": job.tenant_id,

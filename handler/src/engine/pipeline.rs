@@ -71,7 +71,10 @@ const LANDING_PART: usize = 250;
 const RECONCILE_PAGE: usize = 1000;
 
 /// Deleted records looked up at a time among the links of shards not their own.
-const LINKED_LOOKUP: usize = 100;
+const LINKED_LOOKUP: usize = 500;
+
+/// Deleted records soft-deleted at a time: a page of shards read and written.
+const TOMBSTONES_AT_A_TIME: usize = 2000;
 
 /// Whether a deleted record whose own shard does not exist is looked for among the links of
 /// other shards: those a merge or a write-back put it in.
@@ -837,8 +840,15 @@ impl<'a> EntityRun<'a> {
             }
             match next {
                 None => {
-                    self.finish_entity(provider.as_ref(), conn, deletions_since, pages)
-                        .await?;
+                    let read_from_start = cursor.is_none();
+                    self.finish_entity(
+                        provider.as_ref(),
+                        conn,
+                        deletions_since,
+                        read_from_start,
+                        pages,
+                    )
+                    .await?;
                     break;
                 }
                 Some(Ok(ahead)) => {
@@ -1002,16 +1012,24 @@ impl<'a> EntityRun<'a> {
         provider: &dyn Provider,
         conn: &mut Connection,
         deletions_since: Option<DateTime<Utc>>,
+        read_from_start: bool,
         pages: u64,
     ) -> Result<(), Failure> {
         let entity = &self.mapping.external_entity;
-        let deleted = if provider.reports_deletions_apart(entity) {
+        let mut deleted = if provider.reports_deletions_apart(entity) {
             provider
                 .fetch_deleted(conn, entity, deletions_since)
                 .await?
         } else {
             Deleted::default()
         };
+        let mut deletions_since = deletions_since;
+        if deleted.full_resync_required && read_from_start {
+            // This job has just read every record: the deletions it could not read since the
+            // last check are read for as far back as the provider remembers instead.
+            deletions_since = None;
+            deleted = provider.fetch_deleted(conn, entity, None).await?;
+        }
         if deleted.full_resync_required {
             // Deletions older than the provider remembers: forget the cursor, so the next
             // run is a full one that sees every record there is.
@@ -1485,9 +1503,18 @@ impl<'a> EntityRun<'a> {
     /// marks their links deleted where another record still holds a shard. A tombstone whose
     /// own shard does not exist is looked for among other shards' links if `links` says so.
     async fn soft_delete(&mut self, tombstones: &[Record], links: Links) -> Result<(), Failure> {
-        if tombstones.is_empty() {
-            return Ok(());
+        // A page of them at a time: a provider may report deletions by the hundred thousand.
+        for chunk in tombstones.chunks(TOMBSTONES_AT_A_TIME) {
+            self.soft_delete_some(chunk, links).await?;
         }
+        Ok(())
+    }
+
+    async fn soft_delete_some(
+        &mut self,
+        tombstones: &[Record],
+        links: Links,
+    ) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
         let ids: Vec<String> = tombstones
             .iter()
@@ -1512,25 +1539,24 @@ impl<'a> EntityRun<'a> {
             .map(|(t, _)| t.id.clone())
             .collect();
         if links == Links::Searched && self.mapping.lands_elsewhere() && !unheld.is_empty() {
-            let linked = self.linked_elsewhere(unheld).await?;
+            let mut holder_of: HashMap<String, String> = HashMap::default();
+            for shard in self.linked_elsewhere(unheld).await? {
+                for r in &shard.external_relationships {
+                    if r.integration_id == integration_id {
+                        holder_of.insert(r.external_id.clone(), shard.id.clone());
+                    }
+                }
+                shards.entry(shard.id.clone()).or_insert(shard);
+            }
             for (tombstone, holder) in tombstones.iter().zip(&mut holders) {
                 if holder.is_none() {
-                    *holder = linked
-                        .iter()
-                        .find(|s| {
-                            s.external_relationships
-                                .iter()
-                                .any(|r| r.is_to(integration_id, &tombstone.id))
-                        })
-                        .map(|s| s.id.clone());
+                    *holder = holder_of.get(&tombstone.id).cloned();
                 }
-            }
-            for shard in linked {
-                shards.entry(shard.id.clone()).or_insert(shard);
             }
         }
         // A shard two of the tombstones hold is written once, with both links marked.
         let mut changed: Vec<String> = Vec::new();
+        let mut counted: HashSet<String> = HashSet::default();
         for (tombstone, holder) in tombstones.iter().zip(holders) {
             let modified_at = tombstone.modified_at.filter(|_| self.skips_older_versions);
             let now = self.now;
@@ -1547,7 +1573,7 @@ impl<'a> EntityRun<'a> {
                 now,
             ) {
                 Some(updated) => {
-                    if !changed.contains(&id) {
+                    if counted.insert(id.clone()) {
                         changed.push(id.clone());
                         self.counters.updated += 1;
                     }
@@ -1581,10 +1607,11 @@ impl<'a> EntityRun<'a> {
             let query = ShardQuery::of_type(&self.mapping.shard_type_id)
                 .in_tenant(self.job.tenant_id)
                 .with_external_ids(chunk.to_vec());
+            let asked: HashSet<&String> = chunk.iter().collect();
             for found in self.with_retries(|| self.app.store.query(&query)).await? {
                 let shard = found.value;
                 let ours = shard.external_relationships.iter().any(|r| {
-                    r.integration_id == self.job.integration_id && chunk.contains(&r.external_id)
+                    r.integration_id == self.job.integration_id && asked.contains(&r.external_id)
                 });
                 if ours {
                     linked.push(shard);

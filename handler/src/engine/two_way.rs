@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::plan::ConflictFound;
 use crate::app::App;
-use crate::model::conflict::{ConflictRecord, ConflictStatus, ConflictingField};
+use crate::model::conflict::{ConflictRecord, ConflictStatus, ConflictingField, value_hash};
 use crate::model::event::types as events;
 use crate::model::mapping::EntityMapping;
 use crate::model::shard::{Relationship, types as shard_types};
@@ -42,8 +42,16 @@ pub fn conflict_events(
         "direction": match by { Found::Inbound => "inbound", Found::WriteBack => "outbound" },
     });
     let subject = format!("/tenants/{tenant_id}/integrations/{integration_id}");
-    // The conflict is what it says: found again (a job delivered twice), it is the same one.
-    let occurrence = data.to_string();
+    // The conflict is what it says and the values it is between (their fingerprints, as links
+    // keep them): found again (a job delivered twice) it is the same one, and the same fields
+    // conflicting again later over other values are another.
+    let mut occurrence = data.to_string();
+    for f in &found.fields {
+        for side in [&found.castiel, &found.provider] {
+            occurrence.push(' ');
+            occurrence.push_str(&value_hash(side.get(&f.field)));
+        }
+    }
     let mut out = vec![Event::new(
         events::CONFLICT_DETECTED,
         &subject,
