@@ -89,6 +89,11 @@ impl CredentialKeeper for InMemory {
     }
 }
 
+/// How long one token exchange may take, retries included. A keeper's lease outlasts two of
+/// them (an exchange retried with the refresh token another holder stored) with room to store
+/// the result.
+pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// Refreshes `conn`'s credentials through `exchange` (the provider's token request, given the
 /// credentials to refresh), once per integration at a time, storing the result before the
 /// connection uses it. `serves` says whether credentials somebody else refreshed meanwhile
@@ -115,10 +120,25 @@ where
         conn.credentials = stored;
         return Ok(());
     }
-    let result = match exchange(stored.clone()).await {
+    // Within the lease: an exchange still running when it lapses would let another refresher
+    // spend the same rotating refresh token.
+    let within = |credentials: Credentials| async {
+        tokio::time::timeout(EXCHANGE_DEADLINE, exchange(credentials))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!(
+                        "the token endpoint did not answer within {} s",
+                        EXCHANGE_DEADLINE.as_secs()
+                    ),
+                ))
+            })
+    };
+    let result = match within(stored.clone()).await {
         Err(e) if e.code == ErrorCode::AuthenticationFailed => match keeper.stored().await {
             Ok(latest) if latest.get("refresh_token") != stored.get("refresh_token") => {
-                exchange(latest).await
+                within(latest).await
             }
             _ => Err(e),
         },
@@ -170,6 +190,31 @@ mod tests {
         assert_eq!(
             keeper.stored().await.unwrap().get("refresh_token"),
             Some("rt-1")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exchange_that_outlasts_its_deadline_gives_up_inside_the_lease() {
+        let initial = creds(json!({"refresh_token": "rt-0"}));
+        let keeper = Arc::new(InMemory::new(initial.clone()));
+        let mut conn = Connection::with_keeper("i", Map::new(), initial, keeper.clone());
+        let started = tokio::time::Instant::now();
+        let err = refresh(
+            &mut conn,
+            |_| true,
+            |c| async move {
+                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                Ok(rotate(&c, 1))
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ServiceUnavailable);
+        assert_eq!(started.elapsed(), EXCHANGE_DEADLINE);
+        assert_eq!(
+            keeper.stored().await.unwrap().get("refresh_token"),
+            Some("rt-0"),
+            "nothing stored"
         );
     }
 

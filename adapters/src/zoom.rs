@@ -10,9 +10,10 @@
 //!   (`from`/`to`, at most a month each): a full sync walks from `recordingsSince` (default 90 days back) to
 //!   today, and the cursor is the day the next sync starts from, a day before the last one
 //!   read, so late recordings are not missed.
-//! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`);
-//!   and since meetings are listed whole, a meeting a sync no longer lists is reconciled as
-//!   deleted.
+//! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`;
+//!   a `meeting.deleted` naming `occurrences` deleted some of a series, whose meeting is read
+//!   again); and since meetings are listed whole, a meeting a sync no longer lists is
+//!   reconciled as deleted.
 //! * Tokens: `POST {tokenUrl}` with the client authenticated by HTTP Basic. User-managed apps
 //!   refresh with a refresh token that Zoom rotates (the old one dies when the new one is
 //!   issued, so it is stored before use); Server-to-Server apps use the `account_credentials`
@@ -719,6 +720,22 @@ impl Webhooks for Zoom {
                 })
                 .into_iter()
                 .collect(),
+            // Occurrences of a recurring meeting deleted: the meeting lives on, and is read
+            // again.
+            "meeting.deleted"
+                if object["occurrences"]
+                    .as_array()
+                    .is_some_and(|o| !o.is_empty()) =>
+            {
+                object_id("id")
+                    .map(|record| WebhookNotification::Records {
+                        id,
+                        entity: MEETINGS.into(),
+                        record_ids: vec![record],
+                    })
+                    .into_iter()
+                    .collect()
+            }
             "meeting.deleted" => object_id("id")
                 .map(|record| WebhookNotification::Deleted {
                     id,

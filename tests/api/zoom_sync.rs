@@ -98,6 +98,27 @@ async fn a_delivery_signed_more_than_five_minutes_ago_is_refused_as_a_replay() {
 }
 
 #[tokio::test]
+async fn an_occurrence_of_a_recurring_meeting_deleted_leaves_the_meeting() {
+    let (zoom, app) = connected().await;
+    let meeting = zoom.add_meeting("Weekly sync");
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+
+    let one_week = zoom.webhook(
+        "meeting.deleted",
+        json!({"id": meeting.parse::<u64>().unwrap(), "topic": "Weekly sync",
+               "occurrences": [{"occurrence_id": "1765184400000", "start_time": "2026-12-08T09:00:00Z"}]}),
+    );
+    assert_eq!(post(&handler, &one_week).await["statusCode"], 200);
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+    }
+    let meetings = app.shards("c_meeting").await;
+    assert_eq!(meetings.len(), 1, "the series goes on");
+    assert_eq!(meetings[0]["name"], "Weekly sync");
+}
+
+#[tokio::test]
 async fn recordings_are_read_month_by_month_and_a_trashed_one_goes_away() {
     let (zoom, app) = connected().await;
     let old = zoom.add_recording("Kick-off", Utc::now() - chrono::Duration::days(45));

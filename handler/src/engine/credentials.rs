@@ -25,8 +25,9 @@ use crate::model::Integration;
 use crate::model::integration::{Lease, WebhookSubscription};
 use crate::secrets::{Secret, credential_secret_name};
 
-/// How long a refresh may hold the lease: well over a token request with its retries.
-pub const REFRESH_LEASE: Duration = Duration::seconds(60);
+/// How long a refresh may hold the lease: two token exchanges at their deadline
+/// ([`adapters::credentials::EXCHANGE_DEADLINE`]), with room to store what they got.
+pub const REFRESH_LEASE: Duration = Duration::seconds(120);
 
 /// How long a refresh waits for another one to finish before giving up (retryable).
 const LOCK_WAIT: StdDuration = StdDuration::from_secs(90);

@@ -293,6 +293,11 @@ impl ConflictRecord {
 
     /// Adds or refreshes the fields of a newer detection.
     pub fn absorb(&mut self, fields: Vec<ConflictingField>, at: DateTime<Utc>) {
+        // A record already resolved keeps nothing for the operator: its fields were settled,
+        // and taking a side now would write their old values.
+        if self.status == ConflictStatus::Resolved {
+            self.fields.clear();
+        }
         for field in fields {
             self.fields.retain(|f| f.field != field.field);
             self.fields.push(field);
@@ -535,5 +540,39 @@ mod tests {
         assert_eq!(decided.to_castiel, ["first"]);
         assert!(decided.to_provider.is_empty());
         assert_eq!(value_hash(None), value_hash(Some(&Value::Null)));
+    }
+
+    #[test]
+    fn a_new_conflict_on_a_resolved_record_brings_back_none_of_its_settled_fields() {
+        let field = |name: &str, castiel: &str| ConflictingField {
+            field: name.into(),
+            castiel: json!(castiel),
+            provider: json!("theirs"),
+        };
+        let mut record = ConflictRecord {
+            integration_id: "int-1".into(),
+            shard_id: "s1".into(),
+            shard_type_id: "c_contact".into(),
+            external_id: "003A".into(),
+            entity: "Contact".into(),
+            fields: vec![field("email", "old")],
+            detected_at: at(9),
+            status: ConflictStatus::Resolved,
+            resolved_at: Some(at(10)),
+            resolved_by: Some("ops".into()),
+            taken: Some(Side::Castiel),
+        };
+        record.absorb(vec![field("phone", "new")], at(11));
+        let fields: Vec<&str> = record.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["phone"]);
+        assert_eq!(record.status, ConflictStatus::Open);
+
+        record.absorb(vec![field("name", "newer")], at(12));
+        let fields: Vec<&str> = record.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["name", "phone"],
+            "an open record gathers its fields"
+        );
     }
 }
