@@ -133,6 +133,8 @@ pub struct Graph {
     pub expire_delta_tokens: bool,
     /// Channels deleted from their team: their messages answer 404.
     pub deleted_channels: Vec<String>,
+    /// A subscription no longer there whose last notification rides in every batch delivered.
+    pub stale_subscription_in_batches: Option<String>,
     /// The next drive token of any kind (a page of the first enumeration too) answers 410
     /// `resyncRequired`, once: it was kept too long.
     pub expire_next_token: bool,
@@ -1479,7 +1481,17 @@ impl FakeGraph {
                 "tenantId": TENANT,
                 "resourceData": data
             });
-            let body = json!({"value": [notification]});
+            let mut batch = vec![notification];
+            if let Some(gone) = &graph.stale_subscription_in_batches {
+                // Graph batches the notifications of every subscription with one URL, and
+                // one of a subscription just replaced may still be on its way.
+                batch.push(json!({
+                    "id": format!("{gone}-last"), "subscriptionId": gone,
+                    "clientState": "the-replaced-subscriptions-state",
+                    "changeType": change_type, "resource": s.resource, "tenantId": TENANT
+                }));
+            }
+            let body = json!({ "value": batch });
             (s.notification_url.clone(), body.to_string())
         };
         self.deliver(url, body).await

@@ -102,6 +102,8 @@ async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notificat
     .await
     .unwrap();
     assert_eq!(status, 401, "no key, refused before the receiver runs");
+    // In the same batch, the last notification of a subscription replaced meanwhile.
+    graph.state.lock().unwrap().stale_subscription_in_batches = Some("replaced-sub-1".into());
     let (status, _) = graph.notify(&subscription.id, "updated", &file, None).await;
 
     assert_eq!(status, 202, "Graph's notification is accepted at once");

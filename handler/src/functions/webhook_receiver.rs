@@ -88,11 +88,20 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         Err(e) => return Ok(refusal(provider_name, e)),
     };
 
-    // Every integration the delivery names, verified, before any work is enqueued.
+    // Every integration the delivery names, verified, before any work is enqueued. A batch
+    // (Graph's) may also name a subscription no integration has any more (replaced, or
+    // removed while its last notifications were on their way): those are passed over, so that
+    // the rest of the batch is not refused and lost with them.
     let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
+    let mut unknown: Option<HttpResponse> = None;
     for key in &keys {
         let (shard, integration) = match find_integration(app, provider.as_ref(), key).await? {
             Ok(found) => found,
+            Err(refused) if keys.len() > 1 && refused.status_code == 403 => {
+                tracing::warn!(provider = %provider_name, %key, "webhook notifications for no integration passed over");
+                unknown.get_or_insert(refused);
+                continue;
+            }
             Err(refused) => return Ok(refused),
         };
         if let Some(claimed) = req.header("x-tenant-id")
@@ -132,10 +141,8 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         }
     }
     let Some(answer) = verified.last().map(|(_, _, d)| d.answer.clone()) else {
-        return Ok(HttpResponse::error(
-            400,
-            "the delivery names no integration",
-        ));
+        return Ok(unknown
+            .unwrap_or_else(|| HttpResponse::error(400, "the delivery names no integration")));
     };
 
     let now = Utc::now();
