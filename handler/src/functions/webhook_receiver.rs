@@ -127,7 +127,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
             }
         };
         let mut verdict = webhooks.verify(&conn, &request, key).await;
-        if matches!(verdict, Err(WebhookError::Forged(_))) {
+        if matches!(verdict, Err(WebhookError::Forged(_))) && may_read_fresh(&shard.id) {
             // The secret may be newer than the cached credentials (a subscription created a
             // moment ago, a key the operator just rotated): check once more against the store.
             if let Ok(fresh) = conn.keeper.stored().await {
@@ -244,6 +244,29 @@ async fn find_integration(
     })
 }
 
+/// How often a delivery that fails verification may have an integration's credentials read
+/// from the store rather than its cache.
+const FRESH_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether a delivery that failed verification may read `integration_id`'s credentials afresh
+/// now: once per [`FRESH_READ_EVERY`]. Anyone who knows an integration's routing key can post
+/// forgeries; without the limit each would cost a Key Vault read, and enough of them would
+/// throttle the vault the token refreshes write to.
+fn may_read_fresh(integration_id: &str) -> bool {
+    static LAST: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let now = std::time::Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match last.get(integration_id) {
+        Some(at) if now.duration_since(*at) < FRESH_READ_EVERY => false,
+        _ => {
+            last.insert(integration_id.to_string(), now);
+            true
+        }
+    }
+}
+
 /// Marks the subscriptions the provider asked about, so that the next maintenance renews
 /// (`Renew`) or creates again (`Recreate`) them.
 async fn subscription_requests(
@@ -347,5 +370,23 @@ fn jobs_for(
                 })
                 .collect(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forgeries_cost_an_integration_one_fresh_read_of_its_credentials_at_a_time() {
+        assert!(may_read_fresh("int-forged-1"));
+        assert!(
+            !may_read_fresh("int-forged-1"),
+            "the next forgery reads the cache"
+        );
+        assert!(
+            may_read_fresh("int-forged-2"),
+            "another integration's own allowance"
+        );
     }
 }
