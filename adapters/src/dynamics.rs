@@ -446,17 +446,14 @@ impl Dynamics365 {
     }
 }
 
-/// Writes rows. A create keeps the write's idempotency key in a column (`key_field`) and
-/// looks it up first, so that a retried create finds the row a lost answer left behind. Updates never create
-/// (`If-Match: *`, or the expected version, which Dataverse checks where the table has
-/// optimistic concurrency: a mismatch is a [`ErrorCode::Conflict`]).
-#[async_trait]
-impl WriteBack for Dynamics365 {
-    async fn create(
+impl Dynamics365 {
+    /// The row whose `write.key_field` column holds the write's idempotency key: the one a
+    /// create made, though its answer was lost.
+    async fn find_by_key(
         &self,
         conn: &mut Connection,
         write: &RecordWrite,
-    ) -> Result<Written, ProviderError> {
+    ) -> Result<Option<Value>, ProviderError> {
         if !is_column(&write.entity) {
             return Err(ProviderError::new(
                 ErrorCode::ValidationError,
@@ -470,9 +467,7 @@ impl WriteBack for Dynamics365 {
                 format!("`{key_field}` is not a column name"),
             ));
         }
-        let key = primary_key(&conn.settings, &write.entity);
         let root = Self::api_root(conn)?;
-        // A first attempt may have created the row before its answer was lost.
         let filter = format!(
             "{key_field} eq '{}'",
             write.idempotency_key.replace('\'', "''")
@@ -495,14 +490,42 @@ impl WriteBack for Dynamics365 {
                 None,
             )
             .await?;
-        if let Some(row) = found.body["value"].as_array().and_then(|rows| rows.first())
+        Ok(found.body["value"]
+            .as_array()
+            .and_then(|rows| rows.first())
+            .cloned())
+    }
+}
+
+/// Writes rows. A create keeps the write's idempotency key in a column (`key_field`) and
+/// looks it up first, so that a retried create finds the row a lost answer left behind. Updates never create
+/// (`If-Match: *`, or the expected version, which Dataverse checks where the table has
+/// optimistic concurrency: a mismatch is a [`ErrorCode::Conflict`]).
+#[async_trait]
+impl WriteBack for Dynamics365 {
+    async fn create(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Written, ProviderError> {
+        if !is_column(&write.entity) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{}` is not a Dataverse entity set", write.entity),
+            ));
+        }
+        let key_field = write.create_key()?;
+        let key = primary_key(&conn.settings, &write.entity);
+        let root = Self::api_root(conn)?;
+        // A first attempt may have created the row before its answer was lost.
+        if let Some(row) = self.find_by_key(conn, write).await?
             && let Some(id) = row[&key].as_str()
         {
             // The row holds what the first attempt sent; the shard may have changed since.
             // It is written as asked now, over the version just read.
             let found = RecordWrite {
                 external_id: Some(id.to_string()),
-                expected_version: version_of(row),
+                expected_version: version_of(&row),
                 ..write.clone()
             };
             return self.update(conn, &found).await;
@@ -564,6 +587,22 @@ impl WriteBack for Dynamics365 {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
+        if write.external_id.is_none() {
+            // The row a create whose answer was lost made, if it did.
+            let key = primary_key(&conn.settings, &write.entity);
+            let Some(id) = self
+                .find_by_key(conn, write)
+                .await?
+                .and_then(|row| row[&key].as_str().map(str::to_string))
+            else {
+                return Ok(());
+            };
+            let found = RecordWrite {
+                external_id: Some(id),
+                ..write.clone()
+            };
+            return self.delete(conn, &found).await;
+        }
         let url = Self::row_url(conn, write)?;
         let headers: Vec<(&str, String)> = write
             .expected_version

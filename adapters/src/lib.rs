@@ -256,7 +256,9 @@ pub trait WriteBack: Send + Sync {
         write: &RecordWrite,
     ) -> Result<Written, ProviderError>;
 
-    /// Deletes `write.external_id`; a record already gone counts as deleted.
+    /// Deletes `write.external_id`, or without one the record a create keyed by the write's
+    /// idempotency key in `write.key_field` made (a create whose answer was lost, then the
+    /// shard deleted); a record already gone, or never made, counts as deleted.
     async fn delete(&self, conn: &mut Connection, write: &RecordWrite)
     -> Result<(), ProviderError>;
 }

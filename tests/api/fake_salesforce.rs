@@ -123,7 +123,7 @@ impl FakeSalesforce {
             )
             .route(
                 "/services/data/v62.0/sobjects/{entity}/{field}/{key}",
-                patch(upsert),
+                patch(upsert).get(record_by_key),
             )
             .with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -583,6 +583,33 @@ fn fields_of(body: &Value) -> Result<Map<String, Value>, Box<Response>> {
 
 /// `PATCH /sobjects/{entity}/{externalIdField}/{key}`: an upsert by External ID. 201 with the
 /// new id when it creates, 200 when a record already has the key.
+/// A record by an External ID field's value, as `GET /sobjects/{entity}/{field}/{key}` reads
+/// it; 404 NOT_FOUND when no record has it.
+async fn record_by_key(
+    State(fake): State<FakeSalesforce>,
+    Path((entity, field, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("GET {entity}/{field}/{key}")) {
+        return *answer;
+    }
+    let org = fake.org.lock().unwrap();
+    let found = org
+        .records
+        .get(&entity)
+        .and_then(|rows| rows.iter().find(|r| r.get(&field) == Some(&json!(key))))
+        .map(|r| Value::Object(Map::clone(r)));
+    drop(org);
+    match found {
+        Some(record) => with_usage(&fake, record),
+        None => sf_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        ),
+    }
+}
+
 async fn upsert(
     State(fake): State<FakeSalesforce>,
     Path((entity, field, key)): Path<(String, String, String)>,

@@ -337,6 +337,46 @@ async fn history_of(test: &TestApp, job: &str) -> Value {
 }
 
 #[tokio::test]
+async fn a_contact_deleted_after_a_create_whose_answer_was_lost_goes_from_salesforce_too() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    test.register_integration(two_way(&fake, "newest_wins"))
+        .await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    castiel_made_ann(&test).await;
+    let handler = test.host_handler().await;
+    // The create is made, then the handler dies before it links the shard to the record.
+    fake.org.lock().unwrap().hold_next_write = true;
+    let first = handler.invoke_in_background(
+        "SyncOutbound",
+        &write_back("shard-ann", "create", None, "wb-1", 1),
+    );
+    fake.held.notified().await;
+    handler.kill_9().await;
+    let _ = first.await;
+    fake.release.notify_one();
+    assert_eq!(fake.records("Contact").len(), 1);
+
+    // Ann is deleted in Castiel before the create is delivered again.
+    let store = test.store();
+    let mut shard = store.get("t1", "shard-ann").await.unwrap().unwrap().value;
+    shard.deleted_at = Some(Utc::now());
+    store.upsert(&shard).await.unwrap();
+    let handler = test.host_handler().await;
+    let res = handler
+        .invoke(
+            "SyncOutbound",
+            &write_back("shard-ann", "delete", None, "wb-2", 1),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    assert!(
+        fake.records("Contact").is_empty(),
+        "the record the lost create made is found by the shard's id and deleted"
+    );
+}
+
+#[tokio::test]
 async fn a_contact_made_in_castiel_is_created_once_at_salesforce_whatever_the_deliveries() {
     let test = TestApp::new();
     let fake = FakeSalesforce::start().await;

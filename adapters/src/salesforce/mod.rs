@@ -383,7 +383,14 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
-        let id = write_target(write)?;
+        let id = match &write.external_id {
+            Some(_) => write_target(write)?,
+            // The record a create whose answer was lost made, if it did.
+            None => match self.find_by_key(conn, write).await? {
+                Some(id) => id,
+                None => return Ok(()),
+            },
+        };
         let path = sobject_path(conn, &write.entity, &id)?;
         let request = Request {
             method: Method::DELETE,
@@ -394,6 +401,40 @@ impl WriteBack for Salesforce {
             batch_size: None,
         };
         self.send::<Value>(conn, &request).await.or_gone().map(drop)
+    }
+}
+
+impl Salesforce {
+    /// The id of the record whose External ID field `write.key_field` holds the write's
+    /// idempotency key (`GET /sobjects/{entity}/{field}/{key}`): the one a create made, though
+    /// its answer was lost.
+    async fn find_by_key(
+        &self,
+        conn: &mut Connection,
+        write: &RecordWrite,
+    ) -> Result<Option<String>, ProviderError> {
+        let field = write.create_key()?;
+        if !is_api_name(field) {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!("`{field}` is not a field name"),
+            ));
+        }
+        let rest = format!("{field}/{}", percent_encode(&write.idempotency_key));
+        let path = sobject_path(conn, &write.entity, &rest)?;
+        let request = Request {
+            method: Method::GET,
+            path: &path,
+            query: &[],
+            body: None,
+            headers: &[],
+            batch_size: None,
+        };
+        match self.send::<Value>(conn, &request).await {
+            Ok((record, _)) => Ok(record["Id"].as_str().and_then(normalize_id)),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -491,8 +491,27 @@ async fn write(
     }
     if shard.deleted_at.is_some() {
         let Some(i) = link else {
+            let gone = shard.external_relationships.iter().any(|r| {
+                r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Deleted
+            });
             pushed.skipped = 1;
             pushed.note = Some("nothing to delete: the shard is not linked to a record".into());
+            if let Some(key_field) = mapping.idempotency_field.clone().filter(|_| !gone) {
+                // A create whose answer was lost may have made the record all the same: it is
+                // found by the shard's id in its key field, and goes too.
+                let write = RecordWrite {
+                    entity: mapping.external_entity.clone(),
+                    external_id: None,
+                    fields: Map::new(),
+                    expected_version: None,
+                    idempotency_key: shard.id.clone(),
+                    key_field: Some(key_field),
+                };
+                writer.delete(&mut conn, &write).await?;
+                pushed.note = Some(
+                    "not linked to a record: any a create of this shard made is deleted".into(),
+                );
+            }
             return Ok(pushed);
         };
         let external_id = shard.external_relationships[i].external_id.clone();
