@@ -57,12 +57,29 @@ az deployment group create -g "$group" -n "func-sync-$(date +%Y%m%d%H%M%S)" \
 # WebhookReceiver asks providers for a function key: one kept in Key Vault, made at the first
 # deployment and the same ever after (the URLs registered with providers carry it). The app
 # setting WEBHOOK_FUNCTION_KEY references the secret; the host key is set below.
+# The key goes through files only readable here, never on a command line others can list.
 vault=$(az keyvault list -g "$group" --query '[0].name' -o tsv)
-if ! az keyvault secret show --vault-name "$vault" -n webhook-function-key -o none 2>/dev/null; then
+secrets=$(mktemp -d)
+chmod 700 "$secrets"
+trap 'rm -rf "$secrets"' EXIT
+made_key=false
+if ! az keyvault secret show --vault-name "$vault" -n webhook-function-key \
+    --query value -o tsv > "$secrets/key" 2> "$secrets/error"; then
+  # Made only where there is none: a new key would break every URL registered with one.
+  if ! grep -q SecretNotFound "$secrets/error"; then
+    cat "$secrets/error" >&2
+    echo "cannot read the webhook function key from $vault; nothing deployed further" >&2
+    exit 1
+  fi
   echo "making the webhook function key (Key Vault secret webhook-function-key)"
+  head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' > "$secrets/key"
   az keyvault secret set --vault-name "$vault" -n webhook-function-key \
-    --value "$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')" -o none
+    --file "$secrets/key" -o none
+  made_key=true
 fi
+# As az printed it, with a line break (printf is the shell's own: no process shows the key).
+key=$(cat "$secrets/key")
+printf %s "$key" > "$secrets/key"
 
 "$root/scripts/package.sh"
 if $func; then
@@ -72,8 +89,11 @@ else
 fi
 
 az functionapp keys set -g "$group" -n "$app" --key-type functionKeys --key-name webhooks \
-  --key-value "$(az keyvault secret show --vault-name "$vault" -n webhook-function-key --query value -o tsv)" \
-  -o none
+  --key-value "@$secrets/key" -o none
+if $made_key; then
+  # The app resolved its Key Vault reference before the secret existed: a restart resolves it.
+  az functionapp restart -g "$group" -n "$app" -o none
+fi
 
 host=$(az functionapp show -g "$group" -n "$app" --query defaultHostName -o tsv)
 echo "deployed: https://$host"

@@ -122,10 +122,12 @@ where
     }
     // Within the lease: an exchange still running when it lapses would let another refresher
     // spend the same rotating refresh token.
+    let timed_out = std::sync::atomic::AtomicBool::new(false);
     let within = |credentials: Credentials| async {
         tokio::time::timeout(EXCHANGE_DEADLINE, exchange(credentials))
             .await
             .unwrap_or_else(|_| {
+                timed_out.store(true, std::sync::atomic::Ordering::Relaxed);
                 Err(ProviderError::new(
                     ErrorCode::ServiceUnavailable,
                     format!(
@@ -150,6 +152,9 @@ where
             conn.credentials = refreshed.credentials;
             Ok(())
         }
+        // The provider may yet carry out an exchange given up on, and rotate the refresh token
+        // it spent: the lease is left to lapse, so that nobody spends that token meanwhile.
+        Err(e) if timed_out.load(std::sync::atomic::Ordering::Relaxed) => Err(e),
         Err(e) => {
             keeper.unlock().await;
             Err(e)
@@ -193,10 +198,39 @@ mod tests {
         );
     }
 
+    /// A keeper that counts its unlocks.
+    struct Unlocks {
+        kept: InMemory,
+        unlocks: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl CredentialKeeper for Unlocks {
+        async fn lock(&self) -> Result<Credentials, ProviderError> {
+            self.kept.lock().await
+        }
+
+        async fn store_and_unlock(&self, refreshed: &Refreshed) -> Result<(), ProviderError> {
+            self.unlocks.fetch_add(1, Ordering::SeqCst);
+            self.kept.store_and_unlock(refreshed).await
+        }
+
+        async fn unlock(&self) {
+            self.unlocks.fetch_add(1, Ordering::SeqCst);
+        }
+
+        async fn stored(&self) -> Result<Credentials, ProviderError> {
+            self.kept.stored().await
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_exchange_that_outlasts_its_deadline_gives_up_inside_the_lease() {
         let initial = creds(json!({"refresh_token": "rt-0"}));
-        let keeper = Arc::new(InMemory::new(initial.clone()));
+        let keeper = Arc::new(Unlocks {
+            kept: InMemory::new(initial.clone()),
+            unlocks: AtomicUsize::new(0),
+        });
         let mut conn = Connection::with_keeper("i", Map::new(), initial, keeper.clone());
         let started = tokio::time::Instant::now();
         let err = refresh(
@@ -211,6 +245,11 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::ServiceUnavailable);
         assert_eq!(started.elapsed(), EXCHANGE_DEADLINE);
+        assert_eq!(
+            keeper.unlocks.load(Ordering::SeqCst),
+            0,
+            "left to lapse: the abandoned exchange may still rotate the token"
+        );
         assert_eq!(
             keeper.stored().await.unwrap().get("refresh_token"),
             Some("rt-0"),

@@ -9,7 +9,8 @@
 //!   than the org's `ExpireChangeTrackingInDays`) restarts the entity from the beginning.
 //!   Change tracking cannot filter: an integration with filters, or with
 //!   `changeTracking: false`, polls `modifiedon ge` five minutes before the cursor instead (a
-//!   row commits after others stamped later) and sees no deletions.
+//!   row commits after others stamped later; not once a sync began that long after the
+//!   cursor) and sees no deletions.
 //! * Tokens: the Microsoft identity platform ([`crate::microsoft`]), scope
 //!   `{environmentUrl}/.default` app-only or `{environmentUrl}/user_impersonation` delegated.
 //! * Limits: service protection allows 6,000 requests per 5 minutes per user; requests are

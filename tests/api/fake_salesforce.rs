@@ -60,6 +60,8 @@ pub struct Org {
     pub fail_next: usize,
     /// A request for this query locator waits until the test releases it.
     pub hold_locator: Option<String>,
+    /// The next getDeleted waits until the test releases it.
+    pub hold_next_deleted: bool,
     /// The next write is made, then its answer waits until the test releases it (for a
     /// crash between the provider's write and the handler's acknowledgement).
     pub hold_next_write: bool,
@@ -450,6 +452,13 @@ async fn deleted(
 ) -> Response {
     if let Err(answer) = admit(&fake, &headers, format!("deleted {entity}")) {
         return *answer;
+    }
+    if std::mem::take(&mut fake.org.lock().unwrap().hold_next_deleted) {
+        let released = fake.release.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        fake.held.notify_one();
+        released.await;
     }
     let parse = |name: &str| {
         params

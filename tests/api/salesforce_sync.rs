@@ -879,6 +879,53 @@ async fn a_job_that_stalled_past_its_hold_leaves_the_integration_to_the_job_that
     );
 }
 
+#[tokio::test]
+async fn a_job_that_stalled_reading_deletions_deletes_nothing_once_another_took_over() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    // The next job stalls on Salesforce's deletions; meanwhile its hold lapses and another
+    // job takes the integration over.
+    fake.delete(
+        "Account",
+        "001000000000000001",
+        Utc::now() - Duration::minutes(1),
+    );
+    fake.org.lock().unwrap().hold_next_deleted = true;
+    let job = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "incremental",
+        "provider": "salesforce", "jobId": "job-stalled", "scheduledAt": "2026-11-22T10:00:00Z",
+        "attempt": 1
+    });
+    let stalled = handler.invoke_in_background(
+        "SyncInboundScheduled",
+        &service_bus_message(
+            "SyncInboundScheduled",
+            &job.to_string(),
+            "job-stalled",
+            1,
+            None,
+        ),
+    );
+    fake.held.notified().await;
+    let taken_over = json!({"chain": "job-other", "jobId": "job-other",
+                            "since": Utc::now(), "until": Utc::now() + Duration::minutes(15)});
+    age_integration(&app, |data| data["running"] = taken_over.clone()).await;
+    fake.release.notify_waiters();
+    assert!(stalled.await.unwrap().host_accepts());
+
+    let record = record_of(&app.history().await, "job-stalled").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(
+        app.shards("c_company").await.len(),
+        3,
+        "the deletion is the other job's to apply"
+    );
+}
+
 /// Changes tenant `t1`'s stored integration `int-acme-sf`, as time passing would have.
 async fn age_integration(app: &TestApp, change: impl FnOnce(&mut Value)) {
     let mut shard = app.store().get("t1", "int-acme-sf").await.unwrap().unwrap();
@@ -967,40 +1014,47 @@ async fn deletions_of_accounts_nobody_edits_are_found_past_salesforces_window() 
 }
 
 #[tokio::test]
-async fn a_full_sync_whose_deletions_salesforce_cannot_list_still_ends_with_its_cursor() {
-    // More accounts were deleted in the last 15 days than getDeleted lists at once.
+async fn more_deletions_than_salesforce_lists_at_once_are_read_in_narrower_ranges() {
     let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 3);
-    for i in 0..3 {
-        fake.delete(
-            "Account",
-            &format!("001{:015}", 100 + i),
-            Utc::now() - Duration::days(1),
-        );
-    }
-    fake.org.lock().unwrap().deleted_ids_limit = Some(2);
+    add_accounts(&fake, 5);
     let app = spawn_app(&fake, false).await;
     let handler = app.host_handler().await;
     run_job(&handler, "job-1", "full_sync", 1).await;
 
-    let record = record_of(&app.history().await, "job-1").clone();
-    assert_eq!(record["status"], "success", "{record}");
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state["cursors"]["Account"].is_string(), "{state}");
-    assert!(state["deletionsChecked"]["Account"].is_string(), "{state}");
-    assert!(
-        app.broker().peek(SYNC_DEADLETTER).unwrap().is_empty(),
-        "nothing to replay"
-    );
+    // Three accounts deleted over the last hours, where getDeleted lists two at once (600,000
+    // in Salesforce); then a resync, which reads the whole window of deletions.
+    for (i, hours) in [(1, 3), (2, 2), (3, 1)] {
+        fake.delete(
+            "Account",
+            &format!("001{i:015}"),
+            Utc::now() - Duration::hours(hours),
+        );
+    }
+    fake.org.lock().unwrap().deleted_ids_limit = Some(2);
+    age_integration(&app, |data| {
+        data.as_object_mut().unwrap().remove("cursors");
+        data.as_object_mut().unwrap().remove("deletionsChecked");
+    })
+    .await;
+    run_job(&handler, "job-2", "full_sync", 1).await;
 
-    // The next check lists what was deleted since, which is within the limit.
-    fake.delete(
-        "Account",
-        "001000000000000001",
-        Utc::now() - Duration::minutes(1),
-    );
-    run_job(&handler, "job-2", "incremental", 1).await;
-    assert_eq!(app.shards("c_company").await.len(), 2);
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    let names: Vec<Value> = app
+        .shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Account 0"), json!("Account 4")]);
+    let reads = fake
+        .requests()
+        .iter()
+        .filter(|r| *r == "deleted Account")
+        .count();
+    assert!(reads >= 3, "refused whole, then read in halves: {reads}");
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state["deletionsChecked"]["Account"].is_string(), "{state}");
 }
 
 #[tokio::test]

@@ -404,7 +404,72 @@ impl WriteBack for Salesforce {
     }
 }
 
+/// What `getDeleted` said of a range of time.
+struct DeletedLog {
+    ids: Vec<String>,
+    /// How far back the log reaches (`earliestDateAvailable`).
+    earliest: Option<DateTime<Utc>>,
+    /// How far it was read (`latestDateCovered`).
+    covered: Option<DateTime<Utc>>,
+}
+
 impl Salesforce {
+    /// The deletions logged from `start` to `end`. Salesforce lists at most 600,000 ids at once
+    /// and otherwise answers EXCEEDED_ID_LIMIT, asking for a narrower range: the range is read
+    /// in halves, in order, until each fits (or is down to its minute).
+    async fn deleted_between(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Result<DeletedLog, ProviderError> {
+        let version = Self::api_version(conn);
+        let path = format!("/services/data/{version}/sobjects/{entity}/deleted/");
+        let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
+        let mut log = DeletedLog {
+            ids: Vec::new(),
+            earliest: None,
+            covered: None,
+        };
+        // Last out first: the earlier half of a split range is read first.
+        let mut ranges = vec![(start, end)];
+        while let Some((from, to)) = ranges.pop() {
+            let answer = self
+                .get::<Value>(
+                    conn,
+                    &path,
+                    &[("start", format(from)), ("end", format(to))],
+                    None,
+                )
+                .await;
+            let body = match answer {
+                Ok((body, _)) => body,
+                Err(e)
+                    if e.message.contains("EXCEEDED_ID_LIMIT")
+                        && to - from >= chrono::Duration::minutes(2) =>
+                {
+                    let middle = from + (to - from) / 2;
+                    ranges.push((middle, to));
+                    ranges.push((from, middle));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let time = |field: &str| body[field].as_str().and_then(parse_timestamp);
+            log.earliest = log.earliest.or(time("earliestDateAvailable"));
+            log.covered = log.covered.max(time("latestDateCovered"));
+            if let Some(records) = body["deletedRecords"].as_array() {
+                log.ids.extend(
+                    records
+                        .iter()
+                        .filter_map(|r| r["id"].as_str().map(str::to_string)),
+                );
+            }
+        }
+        Ok(log)
+    }
+
     /// The id of the record whose External ID field `write.key_field` holds the write's
     /// idempotency key (`GET /sobjects/{entity}/{field}/{key}`): the one a create made, though
     /// its answer was lost.
@@ -811,29 +876,18 @@ impl Pull for Salesforce {
         // Read again from a few minutes before: a deletion committed late is logged with the
         // time it began. Deletions read twice change nothing the second time.
         let start = (since - DELETIONS_LOOKBACK).max(oldest.min(since));
-        let version = Self::api_version(conn);
-        let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
-        let answer = self
-            .get(
-                conn,
-                &format!("/services/data/{version}/sobjects/{entity}/deleted/"),
-                &[("start", format(start)), ("end", format(now))],
-                None,
-            )
-            .await;
-        let body: Value = match answer {
-            Ok((body, _)) => body,
-            // The log no longer reaches back to `start` (INVALID_REPLICATION_DATE), or holds more
-            // than Salesforce lists at once (EXCEEDED_ID_LIMIT).
-            Err(e) if e.code == ErrorCode::ValidationError => {
+        let log = match self.deleted_between(conn, entity, start, now).await {
+            Ok(log) => log,
+            // The log no longer reaches back to `start`.
+            Err(e) if e.message.contains("INVALID_REPLICATION_DATE") => {
                 if !from_window {
                     return Ok(Deleted {
                         full_resync_required: true,
                         ..Deleted::default()
                     });
                 }
-                // A whole window that cannot be read follows a full read of the records: what
-                // it lists is what there is, and deletions are read on from now.
+                // Asked for as much as Salesforce keeps and refused all the same: deletions are
+                // read on from now; those before are not known.
                 return Ok(Deleted {
                     covered_until: Some(now),
                     ..Deleted::default()
@@ -841,31 +895,20 @@ impl Pull for Salesforce {
             }
             Err(e) => return Err(e),
         };
-        let earliest = body["earliestDateAvailable"]
-            .as_str()
-            .and_then(parse_timestamp);
         // A recycle bin emptied early: deletions since `since` are lost. Asked for the whole
         // window, what is left of it is all there is to read.
-        if !from_window && earliest.is_some_and(|earliest| earliest > since) {
+        if !from_window && log.earliest.is_some_and(|earliest| earliest > since) {
             return Ok(Deleted {
                 full_resync_required: true,
                 ..Deleted::default()
             });
         }
-        let ids = body["deletedRecords"]
-            .as_array()
-            .map(|records| {
-                records
-                    .iter()
-                    .filter_map(|r| r["id"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ids = log.ids;
         Ok(Deleted {
             ids,
             full_resync_required: false,
             // Salesforce reads whole minutes: the minute under way is read next time.
-            covered_until: body["latestDateCovered"].as_str().and_then(parse_timestamp),
+            covered_until: log.covered,
         })
     }
 

@@ -110,6 +110,13 @@ fn chains<'a>(running: &'a mut Option<RunningSync>, job_id: &str) -> Option<&'a 
     running.as_mut().filter(|r| r.chain == chain_of(job_id))
 }
 
+/// Whether `job_id` still holds the integration: what a job checks before it writes anything
+/// a job that took over would own. A hold that lapsed with nobody taking it is still the
+/// job's, as for [`checkpoint`].
+pub fn holds(running: Option<&RunningSync>, job_id: &str) -> bool {
+    running.is_some_and(|r| r.job_id == job_id)
+}
+
 /// After a page: the job's progress kept, its hold renewed. `false` if the job no longer holds
 /// the integration (its lease lapsed and another chain took it).
 pub fn checkpoint(

@@ -484,10 +484,20 @@ async fn write(
     let mut events = Vec::new();
 
     if write_back.operation == WriteBackOperation::Delete && shard.deleted_at.is_none() {
-        // Restored since it was deleted: the shard is read when the message is handled.
-        pushed.skipped = 1;
-        pushed.note = Some("the shard was restored since its deletion; not deleted".into());
-        return Ok(pushed);
+        // Changed since the delete was asked for: restored, and the shard is read when the
+        // message is handled. Otherwise the deletion is not visible yet, and is waited for.
+        if shard
+            .updated_at
+            .is_some_and(|t| t > write_back.triggered_at)
+        {
+            pushed.skipped = 1;
+            pushed.note = Some("the shard was restored since its deletion; not deleted".into());
+            return Ok(pushed);
+        }
+        return Err(Failure::new(
+            FailureCode::Store,
+            "the shard is not deleted yet, though its deletion was asked for",
+        ));
     }
     if shard.deleted_at.is_some() {
         let Some(i) = link else {
@@ -648,7 +658,11 @@ async fn write(
         }
     } else if shard.external_relationships.iter().any(|r| {
         r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Deleted
-    }) {
+    }) && shard
+        .external_relationships
+        .iter()
+        .any(|r| r.sync_status == RelationshipStatus::Synced)
+    {
         // The record was deleted at the provider; the shard lives on through another record
         // merged into it. Writing would make the deleted record again.
         pushed.skipped = 1;

@@ -915,8 +915,16 @@ impl<'a> EntityRun<'a> {
             // Forgotten at once: whatever this read ends with, a later run must not start from
             // it again (an entity whose pages return no cursor would otherwise keep it).
             let entity = &request.entity;
-            self.update_state(|i| i.cursors.remove(entity).is_some())
-                .await?;
+            let job_id = self.job.job_id;
+            let mut holds = true;
+            self.update_state(|i| {
+                holds = lease::holds(i.running.as_ref(), job_id);
+                holds && i.cursors.remove(entity).is_some()
+            })
+            .await?;
+            if !holds {
+                return Err(superseded());
+            }
             page = provider.fetch_page(conn, request).await;
         }
         match page {
@@ -1034,16 +1042,29 @@ impl<'a> EntityRun<'a> {
             // Deletions older than the provider remembers: forget the cursor, so the next
             // run is a full one that sees every record there is.
             tracing::warn!(%entity, "deletions no longer available since the last check; next run resyncs in full");
+            let job_id = self.job.job_id;
+            let mut holds = true;
             self.update_state(|i| {
-                i.cursors.remove(entity);
-                i.deletions_checked.remove(entity);
-                i.checkpoints.remove(entity);
-                true
+                holds = lease::holds(i.running.as_ref(), job_id);
+                if holds {
+                    i.cursors.remove(entity);
+                    i.deletions_checked.remove(entity);
+                    i.checkpoints.remove(entity);
+                }
+                holds
             })
             .await?;
+            if !holds {
+                return Err(superseded());
+            }
             return Ok(());
         }
         let tombstones: Vec<Record> = deleted.ids.into_iter().map(Record::gone).collect();
+        // Deleting is what a job another took over must not do: it checks first.
+        let listed = self.listing.is_some();
+        if (!tombstones.is_empty() || listed) && !self.still_holds().await? {
+            return Err(superseded());
+        }
         // The whole window a first sync reads holds the deletions of records never synced, as
         // many as the provider had: they are not looked for among the links, a query each.
         let links = if deletions_since.is_some() {
@@ -1086,6 +1107,23 @@ impl<'a> EntityRun<'a> {
             return Err(superseded());
         }
         Ok(())
+    }
+
+    /// Whether this job still holds its integration (another may have taken it over after
+    /// this job stalled past its lease).
+    async fn still_holds(&self) -> Result<bool, Failure> {
+        let (tenant, id) = (self.job.tenant_id, self.job.integration_id);
+        let stored = self
+            .with_retries(|| self.app.store.get(tenant, id))
+            .await?
+            .ok_or_else(|| {
+                Failure::new(FailureCode::Store, format!("integration `{id}` is gone"))
+            })?;
+        let integration: Integration = stored
+            .value
+            .data()
+            .map_err(|e| Failure::new(FailureCode::Store, e.to_string()))?;
+        Ok(lease::holds(integration.running.as_ref(), self.job.job_id))
     }
 
     /// Stores the next page of `listing`: the external ids `listed`.

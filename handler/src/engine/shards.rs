@@ -72,11 +72,15 @@ pub fn write_backs(
                 .iter()
                 .find(|r| r.integration_id == *id && r.sync_status == RelationshipStatus::Synced);
             // A shard whose record was deleted at the provider lives on while another record
-            // it merged is linked: the deleted one is not made again.
-            let gone = shard
-                .external_relationships
-                .iter()
-                .any(|r| r.integration_id == *id && r.sync_status == RelationshipStatus::Deleted);
+            // it merged is linked: the deleted one is not made again. (A shard restored after
+            // Castiel deleted it, with no other record, is made again.)
+            let gone =
+                shard.external_relationships.iter().any(|r| {
+                    r.integration_id == *id && r.sync_status == RelationshipStatus::Deleted
+                }) && shard
+                    .external_relationships
+                    .iter()
+                    .any(|r| r.sync_status == RelationshipStatus::Synced);
             let operation = match (deleted, link) {
                 (true, Some(_)) => WriteBackOperation::Delete,
                 (true, None) => return None,
@@ -342,6 +346,12 @@ mod tests {
         )];
         let changed = vec!["name".to_string()];
         assert!(write_backs(&merged, &changed, false, &integrations, "user-7", now).is_empty());
+
+        // Deleted from Castiel, its record with it, then restored: it is made again.
+        let mut restored = merged.clone();
+        restored.external_relationships.truncate(1);
+        let out = write_backs(&restored, &changed, false, &integrations, "user-7", now);
+        assert_eq!(out[0].message.operation, WriteBackOperation::Create);
     }
 
     #[test]
