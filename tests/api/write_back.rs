@@ -208,6 +208,50 @@ async fn ann_synced(
 
 const ANN: &str = "int-acme-sf~Contact~003000000000001AAA";
 
+#[tokio::test]
+async fn an_edit_made_while_the_one_before_was_written_back_is_written_too_not_taken_for_a_conflict()
+ {
+    let (test, fake, handler) = ann_synced("manual", &[]).await;
+    let store = test.store();
+    let edit = |email: &'static str| {
+        let store = store.clone();
+        async move {
+            let mut ann = store.get("t1", ANN).await.unwrap().unwrap().value;
+            ann.structured_data["email"] = json!(email);
+            ann.updated_at = Some(Utc::now());
+            store.upsert(&ann).await.unwrap();
+        }
+    };
+    edit("ann@one.test").await;
+    // Salesforce takes the first edit; before the handler has recorded it, Ann's email is
+    // changed again in Castiel.
+    fake.org.lock().unwrap().hold_next_write = true;
+    let first = handler.invoke_in_background(
+        "SyncOutbound",
+        &write_back(ANN, "update", Some(&["email"]), "wb-1", 1),
+    );
+    fake.held.notified().await;
+    edit("ann@two.test").await;
+    fake.release.notify_one();
+    assert!(first.await.unwrap().host_accepts());
+
+    let res = handler
+        .invoke(
+            "SyncOutbound",
+            &write_back(ANN, "update", Some(&["email"]), "wb-2", 1),
+        )
+        .await;
+    assert!(res.host_accepts(), "{res:?}");
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@two.test"
+    );
+    assert!(
+        test.shards("c_syncConflict").await.is_empty(),
+        "the provider holds what this engine wrote: no conflict"
+    );
+}
+
 /// Ann, synced in from Salesforce under `strategy`; then renamed "Ann Lee" in Castiel an hour
 /// ago while, five minutes ago, Salesforce renamed her "Annie" and changed her email; then
 /// synced again. Returns the test app with the synced result.

@@ -45,7 +45,7 @@ use crate::model::shard::{
 use crate::model::{Integration, IntegrationSync, Shard, SyncError, SyncStats, SyncStatus};
 use crate::queue::properties::REPLAYED_FROM;
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND, ServiceBusMessage, dead_letter, property};
-use crate::store::{Op, ShardQuery, Versioned};
+use crate::store::{Op, ShardQuery, StoreError, Versioned};
 use crate::telemetry::Dimensions;
 
 /// How long a write-back the provider's allocation refused (a daily cap) waits before it is
@@ -565,7 +565,7 @@ async fn write(
             pushed.note = Some(format!(
                 "`{external_id}` is gone at the provider; not written"
             ));
-            save_shard(app, &mut shard, &target.shard.etag).await?;
+            save_shard(app, shard, &target.shard, integration_id).await?;
             return Ok(pushed);
         };
         let theirs = transform(&mapping.field_mappings, &record.fields).map_err(|e| {
@@ -693,7 +693,7 @@ async fn write(
         pushed.created = 1;
     }
     shard.structured_data = Value::Object(data);
-    save_shard(app, &mut shard, &target.shard.etag).await?;
+    save_shard(app, shard, &target.shard, integration_id).await?;
     publish(app, &events).await;
     Ok(pushed)
 }
@@ -738,14 +738,78 @@ fn pick(from: &Value, conflicts: &[crate::model::conflict::FieldConflict]) -> Ma
 /// Writes the shard back under the etag it was read with. If it changed meanwhile the
 /// invocation fails and the redelivery starts over from the latest state: the provider's
 /// record then already holds what was written, so nothing is written twice.
-async fn save_shard(app: &App, shard: &mut Shard, etag: &str) -> Result<(), Failure> {
-    shard.content_hash = Some(content_hash(shard));
-    app.store.replace(shard, etag).await.map(drop).map_err(|e| {
+/// Saves what a write left the shard holding (`written`, from the shard as `read`). If
+/// Castiel changed the shard meanwhile, the write's outcome is put on the shard as it now is
+/// ([`after_write`]) rather than failing: the provider has the write, and a shard left with the
+/// old agreed values would take the next edit for a conflict.
+async fn save_shard(
+    app: &App,
+    mut written: Shard,
+    read: &Versioned<Shard>,
+    integration_id: &str,
+) -> Result<(), Failure> {
+    let failed = |e: StoreError| {
         Failure::new(
             FailureCode::Store,
             format!("the shard could not be updated after the write: {e}"),
         )
-    })
+    };
+    written.content_hash = Some(content_hash(&written));
+    let mut etag = read.etag.clone();
+    let mut shard = written.clone();
+    for _ in 0..MERGE_ATTEMPTS {
+        match app.store.replace(&shard, &etag).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::PreconditionFailed) => {}
+            Err(e) => return Err(failed(e)),
+        }
+        let Some(current) = app
+            .store
+            .get(&written.tenant_id, &written.id)
+            .await
+            .map_err(failed)?
+        else {
+            return Ok(());
+        };
+        shard = after_write(&read.value, &written, current.value, integration_id);
+        shard.content_hash = Some(content_hash(&shard));
+        etag = current.etag;
+    }
+    Err(failed(StoreError::PreconditionFailed))
+}
+
+/// Tries at saving a write's outcome over a shard Castiel keeps changing.
+const MERGE_ATTEMPTS: usize = 5;
+
+/// The shard as Castiel changed it meanwhile (`now`), with what a write left (`written`, from
+/// the shard as it was `read`): the integration's links as the write left them (version,
+/// agreed fingerprints, a link made or marked deleted), and the fields the write took from the
+/// provider where Castiel has not changed them since.
+fn after_write(read: &Shard, written: &Shard, mut current: Shard, integration_id: &str) -> Shard {
+    current
+        .external_relationships
+        .retain(|r| r.integration_id != integration_id);
+    current.external_relationships.extend(
+        written
+            .external_relationships
+            .iter()
+            .filter(|r| r.integration_id == integration_id)
+            .cloned(),
+    );
+    if let (Some(before), Some(taken), Some(data)) = (
+        read.structured_data.as_object(),
+        written.structured_data.as_object(),
+        current.structured_data.as_object_mut(),
+    ) {
+        for (f, value) in taken {
+            let took = before.get(f) != Some(value);
+            let untouched = data.get(f) == before.get(f);
+            if took && untouched {
+                data.insert(f.clone(), value.clone());
+            }
+        }
+    }
+    current
 }
 
 fn outbound_stats(pushed: &Pushed, failed: u64) -> SyncStats {
@@ -851,6 +915,47 @@ async fn send_dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_writes_outcome_goes_onto_the_shard_as_castiel_changed_it_meanwhile() {
+        let shard = |data: Value, version: &str| {
+            let mut s: Shard = serde_json::from_value(json!({
+                "id": "shard-ann", "tenantId": "t1", "shardTypeId": "c_contact",
+                "structuredData": data
+            }))
+            .unwrap();
+            let mut link = ExternalRelationship::synced(
+                "int-sf",
+                "003A",
+                SyncDirection::Bidirectional,
+                Utc::now(),
+            );
+            link.version = Some(version.into());
+            link.field_hashes = [("email".to_string(), version.to_string())].into();
+            s.external_relationships.push(link);
+            s
+        };
+        let read = shard(json!({"email": "ann@one.test", "title": "CTO"}), "v1");
+        // The write sent the email and took Salesforce's new title.
+        let written = shard(json!({"email": "ann@one.test", "title": "CEO"}), "v2");
+        // Meanwhile Ann's email was changed again in Castiel.
+        let current = shard(json!({"email": "ann@two.test", "title": "CTO"}), "v1");
+
+        let saved = after_write(&read, &written, current, "int-sf");
+        assert_eq!(
+            saved.structured_data,
+            json!({"email": "ann@two.test", "title": "CEO"}),
+            "Castiel's later edit stays; the provider's title is taken"
+        );
+        let link = &saved.external_relationships[0];
+        assert_eq!(link.version.as_deref(), Some("v2"));
+        assert_eq!(
+            link.field_hashes["email"], "v2",
+            "what both sides agreed on at the write"
+        );
+        assert_eq!(saved.external_relationships.len(), 1);
+    }
 
     #[test]
     fn a_change_is_written_through_the_integration_its_shard_is_linked_to_or_the_only_one() {
