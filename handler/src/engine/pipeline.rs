@@ -841,14 +841,8 @@ impl<'a> EntityRun<'a> {
             match next {
                 None => {
                     let read_from_start = cursor.is_none();
-                    self.finish_entity(
-                        provider.as_ref(),
-                        conn,
-                        deletions_since,
-                        read_from_start,
-                        pages,
-                    )
-                    .await?;
+                    self.finish_entity(provider, conn, deletions_since, read_from_start, pages)
+                        .await?;
                     break;
                 }
                 Some(Ok(ahead)) => {
@@ -1017,7 +1011,7 @@ impl<'a> EntityRun<'a> {
     /// entity's new cursor.
     async fn finish_entity(
         &mut self,
-        provider: &dyn Provider,
+        provider: &Arc<dyn Provider>,
         conn: &mut Connection,
         deletions_since: Option<DateTime<Utc>>,
         read_from_start: bool,
@@ -1037,6 +1031,13 @@ impl<'a> EntityRun<'a> {
             // last check are read for as far back as the provider remembers instead.
             deletions_since = None;
             deleted = provider.fetch_deleted(conn, entity, None).await?;
+        }
+        // The provider is done with: the next entity's first page is fetched while this one
+        // applies what it read.
+        if self.next_first_page.is_none()
+            && let Some(next) = self.next_entity.take()
+        {
+            self.next_first_page = Some(spawn_fetch(provider, conn, next));
         }
         if deleted.full_resync_required {
             // Deletions older than the provider remembers: forget the cursor, so the next
