@@ -62,7 +62,6 @@ vault=$(az keyvault list -g "$group" --query '[0].name' -o tsv)
 secrets=$(mktemp -d)
 chmod 700 "$secrets"
 trap 'rm -rf "$secrets"' EXIT
-made_key=false
 if ! az keyvault secret show --vault-name "$vault" -n webhook-function-key \
     --query value -o tsv > "$secrets/key" 2> "$secrets/error"; then
   # Made only where there is none: a new key would break every URL registered with one.
@@ -75,7 +74,6 @@ if ! az keyvault secret show --vault-name "$vault" -n webhook-function-key \
   head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' > "$secrets/key"
   az keyvault secret set --vault-name "$vault" -n webhook-function-key \
     --file "$secrets/key" -o none
-  made_key=true
 fi
 # As az printed it, with a line break (printf is the shell's own: no process shows the key).
 key=$(cat "$secrets/key")
@@ -90,10 +88,9 @@ fi
 
 az functionapp keys set -g "$group" -n "$app" --key-type functionKeys --key-name webhooks \
   --key-value "@$secrets/key" -o none
-if $made_key; then
-  # The app resolved its Key Vault reference before the secret existed: a restart resolves it.
-  az functionapp restart -g "$group" -n "$app" -o none
-fi
+# The app may have resolved its Key Vault reference before the secret existed (this run made
+# it, or one that stopped after making it): a restart resolves it again.
+az functionapp restart -g "$group" -n "$app" -o none
 
 host=$(az functionapp show -g "$group" -n "$app" --query defaultHostName -o tsv)
 echo "deployed: https://$host"

@@ -878,8 +878,12 @@ impl Pull for Salesforce {
         let start = (since - DELETIONS_LOOKBACK).max(oldest.min(since));
         let log = match self.deleted_between(conn, entity, start, now).await {
             Ok(log) => log,
-            // The log no longer reaches back to `start`.
-            Err(e) if e.message.contains("INVALID_REPLICATION_DATE") => {
+            // The log no longer reaches back to `start`, or holds more deletions in one minute
+            // than Salesforce lists at once.
+            Err(e)
+                if e.message.contains("INVALID_REPLICATION_DATE")
+                    || e.message.contains("EXCEEDED_ID_LIMIT") =>
+            {
                 if !from_window {
                     return Ok(Deleted {
                         full_resync_required: true,

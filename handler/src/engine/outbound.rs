@@ -486,9 +486,12 @@ async fn write(
     if write_back.operation == WriteBackOperation::Delete && shard.deleted_at.is_none() {
         // Changed since the delete was asked for: restored, and the shard is read when the
         // message is handled. Otherwise the deletion is not visible yet, and is waited for.
+        // A shard a sync brought back with an older time reads the same: after a few tries it
+        // is taken as restored too.
         if shard
             .updated_at
             .is_some_and(|t| t > write_back.triggered_at)
+            || write_back.attempt >= NOT_DELETED_TRIES
         {
             pushed.skipped = 1;
             pushed.note = Some("the shard was restored since its deletion; not deleted".into());
@@ -771,31 +774,62 @@ async fn save_shard(
         else {
             return Ok(());
         };
-        shard = after_write(&read.value, &written, current.value, integration_id);
+        let Some(joined) = after_write(&read.value, &written, current.value, integration_id) else {
+            return Err(failed(StoreError::PreconditionFailed));
+        };
+        shard = joined;
         shard.content_hash = Some(content_hash(&shard));
         etag = current.etag;
     }
     Err(failed(StoreError::PreconditionFailed))
 }
 
+/// Tries at a delete whose shard does not read as deleted before it is taken as restored.
+const NOT_DELETED_TRIES: u32 = 3;
+
 /// Tries at saving a write's outcome over a shard Castiel keeps changing.
 const MERGE_ATTEMPTS: usize = 5;
 
-/// The shard as Castiel changed it meanwhile (`now`), with what a write left (`written`, from
-/// the shard as it was `read`): the integration's links as the write left them (version,
-/// agreed fingerprints, a link made or marked deleted), and the fields the write took from the
-/// provider where Castiel has not changed them since.
-fn after_write(read: &Shard, written: &Shard, mut current: Shard, integration_id: &str) -> Shard {
-    current
-        .external_relationships
-        .retain(|r| r.integration_id != integration_id);
-    current.external_relationships.extend(
-        written
+/// The shard as it changed meanwhile (`current`), with what a write left (`written`, from the
+/// shard as it was `read`): the links the write made or changed (version, agreed
+/// fingerprints, a link made or marked deleted), and the fields the write took from the
+/// provider where nobody has changed them since. `None` where the two cannot be joined: the
+/// shard was deleted or restored meanwhile (what to write is decided again), or another sync
+/// changed a link the write changed too.
+fn after_write(
+    read: &Shard,
+    written: &Shard,
+    mut current: Shard,
+    integration_id: &str,
+) -> Option<Shard> {
+    if current.deleted_at.is_some() != read.deleted_at.is_some() {
+        return None;
+    }
+    let link_in = |shard: &Shard, external_id: &str| {
+        shard
             .external_relationships
             .iter()
-            .filter(|r| r.integration_id == integration_id)
-            .cloned(),
-    );
+            .position(|r| r.is_to(integration_id, external_id))
+    };
+    for link in written
+        .external_relationships
+        .iter()
+        .filter(|r| r.integration_id == integration_id)
+    {
+        let before = link_in(read, &link.external_id).map(|i| &read.external_relationships[i]);
+        if before == Some(link) {
+            continue;
+        }
+        let now_at = link_in(&current, &link.external_id);
+        let now = now_at.map(|i| &current.external_relationships[i]);
+        if now != before {
+            return None;
+        }
+        match now_at {
+            Some(i) => current.external_relationships[i] = link.clone(),
+            None => current.external_relationships.push(link.clone()),
+        }
+    }
     if let (Some(before), Some(taken), Some(data)) = (
         read.structured_data.as_object(),
         written.structured_data.as_object(),
@@ -809,7 +843,7 @@ fn after_write(read: &Shard, written: &Shard, mut current: Shard, integration_id
             }
         }
     }
-    current
+    Some(current)
 }
 
 fn outbound_stats(pushed: &Pushed, failed: u64) -> SyncStats {
@@ -929,7 +963,7 @@ mod tests {
                 "int-sf",
                 "003A",
                 SyncDirection::Bidirectional,
-                Utc::now(),
+                "2026-12-07T10:00:00Z".parse().unwrap(),
             );
             link.version = Some(version.into());
             link.field_hashes = [("email".to_string(), version.to_string())].into();
@@ -942,7 +976,7 @@ mod tests {
         // Meanwhile Ann's email was changed again in Castiel.
         let current = shard(json!({"email": "ann@two.test", "title": "CTO"}), "v1");
 
-        let saved = after_write(&read, &written, current, "int-sf");
+        let saved = after_write(&read, &written, current.clone(), "int-sf").unwrap();
         assert_eq!(
             saved.structured_data,
             json!({"email": "ann@two.test", "title": "CEO"}),
@@ -955,6 +989,19 @@ mod tests {
             "what both sides agreed on at the write"
         );
         assert_eq!(saved.external_relationships.len(), 1);
+
+        let mut deleted = current.clone();
+        deleted.deleted_at = Some(Utc::now());
+        assert!(
+            after_write(&read, &written, deleted, "int-sf").is_none(),
+            "deleted meanwhile: what to write is decided again"
+        );
+        let mut synced_again = current;
+        synced_again.external_relationships[0].version = Some("v3".into());
+        assert!(
+            after_write(&read, &written, synced_again, "int-sf").is_none(),
+            "a sync moved the link on meanwhile"
+        );
     }
 
     #[test]
