@@ -863,6 +863,10 @@ async fn a_job_that_stalled_past_its_hold_leaves_the_integration_to_the_job_that
             .contains("another job took over"),
         "{record}"
     );
+    assert_eq!(
+        record["stats"]["recordsFetched"], 4000,
+        "what it did before it stopped: {record}"
+    );
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert_eq!(state["running"]["chain"], "job-other", "{state}");
     assert_eq!(

@@ -200,7 +200,13 @@ pub async fn run(
         entity.counters.add_to(&mut outcome.stats);
         outcome.entity_stats.push(entity.stats());
         outcome.errors.append(&mut entity.errors);
-        result?;
+        match result {
+            // What the job did before another took over is still its record's to tell.
+            Err(failure) if failure.code == FailureCode::Superseded => {
+                outcome.stopped = Some(Stop::Superseded(failure));
+            }
+            other => other?,
+        }
         if outcome.stopped.is_some() {
             break;
         }
