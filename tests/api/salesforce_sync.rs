@@ -472,6 +472,12 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
         "001000000000000011",
         Utc::now() - Duration::minutes(2),
     );
+    // And one made and deleted between the two syncs: nothing to do, nothing skipped.
+    fake.delete(
+        "Account",
+        "001000000000000777",
+        Utc::now() - Duration::minutes(2),
+    );
     run_job(&handler, "job-2", "incremental", 1).await;
 
     let record = record_of(&app.history().await, "job-2").clone();

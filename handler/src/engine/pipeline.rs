@@ -1093,7 +1093,11 @@ impl<'a> EntityRun<'a> {
         } else {
             Links::NotSearched
         };
+        // The provider's log of deletions is not records this run read: one whose shard is
+        // already gone, or never was, is not a record skipped.
+        let skipped = self.counters.skipped;
         self.soft_delete(&tombstones, links).await?;
+        self.counters.skipped = skipped;
         let mut reconciled = false;
         if let Some(mut listing) = self.listing.take()
             && self.read_listed_before(&mut listing).await?
