@@ -336,8 +336,6 @@ struct EntityRun<'a> {
     /// The complete listing this run reads part or all of (see `Pull::lists_everything`):
     /// what it leaves out is reconciled as deleted.
     listing: Option<Listing>,
-    /// The entity's deletions were lost: a read from the start is a listing.
-    relist: bool,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
     /// This entity's first page, when it was fetched while the entity before was processed.
@@ -383,16 +381,10 @@ impl Listing {
 
 /// A listing that `request` begins, if it reads a listing the provider says is complete from
 /// its start: no cursor, no page token.
-/// `relist`: the entity's deletions were lost (`Integration::lost_deletions`), so a read from
-/// the start is a listing too.
-fn listing_from_start(
-    provider: &dyn Provider,
-    request: &FetchRequest,
-    relist: bool,
-) -> Option<Listing> {
+fn listing_from_start(provider: &dyn Provider, request: &FetchRequest) -> Option<Listing> {
     (request.cursor.is_none()
         && request.page_token.is_none()
-        && (relist || provider.lists_everything(&request.entity)))
+        && provider.lists_everything(&request.entity))
     .then(Listing::new)
 }
 
@@ -602,9 +594,6 @@ impl<'a> EntityRun<'a> {
             errors: Vec::new(),
             pending_cursor: None,
             listing: None,
-            relist: integration
-                .lost_deletions
-                .contains(&mapping.external_entity),
             finished: Vec::new(),
             first_page: None,
             next_entity: None,
@@ -718,7 +707,7 @@ impl<'a> EntityRun<'a> {
         // can tell what is gone.
         self.listing = match checkpoint {
             Some(checkpoint) => checkpoint.listing.as_ref().map(Listing::resumed),
-            None => listing_from_start(provider.as_ref(), &request, self.relist),
+            None => listing_from_start(provider.as_ref(), &request),
         };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
@@ -909,7 +898,7 @@ impl<'a> EntityRun<'a> {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
             // And a listing with it, which does not count the pages of the one before.
-            self.listing = listing_from_start(provider, request, self.relist);
+            self.listing = listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
         }
         // A first read that spans jobs has a page token and no cursor: a token the provider
@@ -922,7 +911,7 @@ impl<'a> EntityRun<'a> {
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
-            self.listing = listing_from_start(provider, request, self.relist);
+            self.listing = listing_from_start(provider, request);
             // Forgotten at once: whatever this read ends with, a later run must not start from
             // it again (an entity whose pages return no cursor would otherwise keep it).
             let entity = &request.entity;
@@ -1068,9 +1057,6 @@ impl<'a> EntityRun<'a> {
                     i.cursors.remove(entity);
                     i.deletions_checked.remove(entity);
                     i.checkpoints.remove(entity);
-                    if !i.lost_deletions.contains(entity) {
-                        i.lost_deletions.push(entity.clone());
-                    }
                 }
                 holds
             })
@@ -1098,13 +1084,11 @@ impl<'a> EntityRun<'a> {
         let skipped = self.counters.skipped;
         self.soft_delete(&tombstones, links).await?;
         self.counters.skipped = skipped;
-        let mut reconciled = false;
         if let Some(mut listing) = self.listing.take()
             && self.read_listed_before(&mut listing).await?
         {
             listing.ids.seal();
             self.reconcile(&listing.ids).await?;
-            reconciled = true;
         }
         let entity = &self.mapping.external_entity;
         let pending = self.pending_cursor.clone();
@@ -1118,9 +1102,6 @@ impl<'a> EntityRun<'a> {
             }
             if let Some(covered) = deleted.covered_until {
                 i.deletions_checked.insert(entity.clone(), covered);
-            }
-            if reconciled {
-                i.lost_deletions.retain(|e| e != entity);
             }
             if let Some(newer) = pending.clone() {
                 let cursor = match i.cursors.remove(entity) {
