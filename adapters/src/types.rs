@@ -214,6 +214,9 @@ pub struct Deleted {
     /// starts there. It moves on whether or not the entity's records changed, so an entity
     /// nobody edits keeps within the time the provider remembers deletions.
     pub covered_until: Option<DateTime<Utc>>,
+    /// Spans of the log the provider would not list (more deletions in one minute than it
+    /// lists at once), described for the sync's history: their deletions are not known.
+    pub unread: Vec<String>,
 }
 
 /// A webhook delivery as the receiver got it.

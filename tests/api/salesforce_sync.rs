@@ -1040,6 +1040,19 @@ async fn more_deletions_than_salesforce_lists_at_once_are_read_in_narrower_range
             Utc::now() - Duration::hours(hours),
         );
     }
+    // And a minute with more deletions than getDeleted lists: account 4 and two others.
+    let crowded = DateTime::from_timestamp(
+        (Utc::now() - Duration::minutes(30)).timestamp() / 60 * 60,
+        0,
+    )
+    .unwrap();
+    for id in [
+        "001000000000000004",
+        "001000000000000901",
+        "001000000000000902",
+    ] {
+        fake.delete("Account", id, crowded);
+    }
     fake.org.lock().unwrap().deleted_ids_limit = Some(2);
     age_integration(&app, |data| {
         data.as_object_mut().unwrap().remove("cursors");
@@ -1049,14 +1062,25 @@ async fn more_deletions_than_salesforce_lists_at_once_are_read_in_narrower_range
     run_job(&handler, "job-2", "full_sync", 1).await;
 
     let record = record_of(&app.history().await, "job-2").clone();
-    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsFailed"], 0, "{record}");
+    assert!(
+        record["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("would not list"),
+        "the minute it could not read is told: {record}"
+    );
     let names: Vec<Value> = app
         .shards("c_company")
         .await
         .iter()
         .map(|s| s["name"].clone())
         .collect();
-    assert_eq!(names, [json!("Account 0"), json!("Account 4")]);
+    assert_eq!(
+        names,
+        [json!("Account 0"), json!("Account 4")],
+        "every deletion but the crowded minute's"
+    );
     let reads = fake
         .requests()
         .iter()

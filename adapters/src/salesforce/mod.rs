@@ -407,6 +407,8 @@ impl WriteBack for Salesforce {
 /// What `getDeleted` said of a range of time.
 struct DeletedLog {
     ids: Vec<String>,
+    /// Minutes it would not list, described.
+    unread: Vec<String>,
     /// How far back the log reaches (`earliestDateAvailable`).
     earliest: Option<DateTime<Utc>>,
     /// How far it was read (`latestDateCovered`).
@@ -429,6 +431,7 @@ impl Salesforce {
         let format = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, false);
         let mut log = DeletedLog {
             ids: Vec::new(),
+            unread: Vec::new(),
             earliest: None,
             covered: None,
         };
@@ -445,13 +448,19 @@ impl Salesforce {
                 .await;
             let body = match answer {
                 Ok((body, _)) => body,
-                Err(e)
-                    if e.message.contains("EXCEEDED_ID_LIMIT")
-                        && to - from >= chrono::Duration::minutes(2) =>
-                {
-                    let middle = from + (to - from) / 2;
-                    ranges.push((middle, to));
-                    ranges.push((from, middle));
+                Err(e) if e.message.contains("EXCEEDED_ID_LIMIT") => {
+                    if to - from >= chrono::Duration::minutes(2) {
+                        let middle = from + (to - from) / 2;
+                        ranges.push((middle, to));
+                        ranges.push((from, middle));
+                    } else {
+                        // A minute that holds more than Salesforce lists: the rest is read.
+                        log.unread.push(format!(
+                            "Salesforce would not list the {entity} deletions from {} to {}: more than it lists at once",
+                            format(from),
+                            format(to)
+                        ));
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -878,12 +887,8 @@ impl Pull for Salesforce {
         let start = (since - DELETIONS_LOOKBACK).max(oldest.min(since));
         let log = match self.deleted_between(conn, entity, start, now).await {
             Ok(log) => log,
-            // The log no longer reaches back to `start`, or holds more deletions in one minute
-            // than Salesforce lists at once.
-            Err(e)
-                if e.message.contains("INVALID_REPLICATION_DATE")
-                    || e.message.contains("EXCEEDED_ID_LIMIT") =>
-            {
+            // The log no longer reaches back to `start`.
+            Err(e) if e.message.contains("INVALID_REPLICATION_DATE") => {
                 if !from_window {
                     return Ok(Deleted {
                         full_resync_required: true,
@@ -908,11 +913,13 @@ impl Pull for Salesforce {
             });
         }
         let ids = log.ids;
+        let unread = log.unread;
         Ok(Deleted {
             ids,
             full_resync_required: false,
             // Salesforce reads whole minutes: the minute under way is read next time.
             covered_until: log.covered,
+            unread,
         })
     }
 

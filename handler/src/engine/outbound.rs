@@ -486,12 +486,12 @@ async fn write(
     if write_back.operation == WriteBackOperation::Delete && shard.deleted_at.is_none() {
         // Changed since the delete was asked for: restored, and the shard is read when the
         // message is handled. Otherwise the deletion is not visible yet, and is waited for.
-        // A shard a sync brought back with an older time reads the same: after a few tries it
-        // is taken as restored too.
+        // A shard a sync brought back with an older time reads the same: once the deletion
+        // has had long enough to show, it is taken as restored too.
         if shard
             .updated_at
             .is_some_and(|t| t > write_back.triggered_at)
-            || write_back.attempt >= NOT_DELETED_TRIES
+            || now - write_back.triggered_at > NOT_DELETED_WAIT
         {
             pushed.skipped = 1;
             pushed.note = Some("the shard was restored since its deletion; not deleted".into());
@@ -738,13 +738,11 @@ fn pick(from: &Value, conflicts: &[crate::model::conflict::FieldConflict]) -> Ma
         .collect()
 }
 
-/// Writes the shard back under the etag it was read with. If it changed meanwhile the
-/// invocation fails and the redelivery starts over from the latest state: the provider's
-/// record then already holds what was written, so nothing is written twice.
-/// Saves what a write left the shard holding (`written`, from the shard as `read`). If
-/// Castiel changed the shard meanwhile, the write's outcome is put on the shard as it now is
-/// ([`after_write`]) rather than failing: the provider has the write, and a shard left with the
-/// old agreed values would take the next edit for a conflict.
+/// Saves what a write left the shard holding (`written`, from the shard as `read`), under the
+/// etag it was read with. If the shard changed meanwhile, the write's outcome is put on the
+/// shard as it now is ([`after_write`]) rather than failing: the provider has the write, and a
+/// shard left with the old agreed values would take the next edit for a conflict. Where the
+/// two cannot be joined, the save fails and the retry starts over from the latest state.
 async fn save_shard(
     app: &App,
     mut written: Shard,
@@ -784,8 +782,9 @@ async fn save_shard(
     Err(failed(StoreError::PreconditionFailed))
 }
 
-/// Tries at a delete whose shard does not read as deleted before it is taken as restored.
-const NOT_DELETED_TRIES: u32 = 3;
+/// How long after a delete was asked for its shard may still not read as deleted before it is
+/// taken as restored.
+const NOT_DELETED_WAIT: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Tries at saving a write's outcome over a shard Castiel keeps changing.
 const MERGE_ATTEMPTS: usize = 5;
@@ -793,16 +792,22 @@ const MERGE_ATTEMPTS: usize = 5;
 /// The shard as it changed meanwhile (`current`), with what a write left (`written`, from the
 /// shard as it was `read`): the links the write made or changed (version, agreed
 /// fingerprints, a link made or marked deleted), and the fields the write took from the
-/// provider where nobody has changed them since. `None` where the two cannot be joined: the
-/// shard was deleted or restored meanwhile (what to write is decided again), or another sync
-/// changed a link the write changed too.
+/// provider where nobody has changed them since. A link the write marked deleted is taken
+/// whatever happened meanwhile: the record is gone at the provider. `None` where the two
+/// cannot be joined: the shard was deleted or restored meanwhile by a write that made or
+/// changed a live link (what to write is decided again), or another sync changed such a link.
 fn after_write(
     read: &Shard,
     written: &Shard,
     mut current: Shard,
     integration_id: &str,
 ) -> Option<Shard> {
-    if current.deleted_at.is_some() != read.deleted_at.is_some() {
+    let live_link_written = written.external_relationships.iter().any(|r| {
+        r.integration_id == integration_id
+            && r.sync_status == RelationshipStatus::Synced
+            && !read.external_relationships.contains(r)
+    });
+    if live_link_written && current.deleted_at.is_some() != read.deleted_at.is_some() {
         return None;
     }
     let link_in = |shard: &Shard, external_id: &str| {
@@ -822,7 +827,7 @@ fn after_write(
         }
         let now_at = link_in(&current, &link.external_id);
         let now = now_at.map(|i| &current.external_relationships[i]);
-        if now != before {
+        if now != before && link.sync_status == RelationshipStatus::Synced {
             return None;
         }
         match now_at {
@@ -996,11 +1001,23 @@ mod tests {
             after_write(&read, &written, deleted, "int-sf").is_none(),
             "deleted meanwhile: what to write is decided again"
         );
-        let mut synced_again = current;
+        let mut synced_again = current.clone();
         synced_again.external_relationships[0].version = Some("v3".into());
         assert!(
             after_write(&read, &written, synced_again, "int-sf").is_none(),
             "a sync moved the link on meanwhile"
+        );
+
+        // A delete carried out while the shard was restored: the record is gone all the same.
+        let mut deleted_read = read.clone();
+        deleted_read.deleted_at = Some(Utc::now());
+        let mut unlinked = deleted_read.clone();
+        unlinked.external_relationships[0].sync_status = RelationshipStatus::Deleted;
+        let saved = after_write(&deleted_read, &unlinked, current, "int-sf").unwrap();
+        assert_eq!(saved.deleted_at, None, "restored");
+        assert_eq!(
+            saved.external_relationships[0].sync_status,
+            RelationshipStatus::Deleted
         );
     }
 

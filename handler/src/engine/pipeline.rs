@@ -662,8 +662,19 @@ impl<'a> EntityRun<'a> {
         record_id: Option<&str>,
         field: Option<&str>,
     ) {
-        let code = code.into();
         self.counters.failed += 1;
+        self.tell(code, message, record_id, field);
+    }
+
+    /// Lists an error in the history without counting a record failed.
+    fn tell(
+        &mut self,
+        code: impl Into<FailureCode>,
+        message: String,
+        record_id: Option<&str>,
+        field: Option<&str>,
+    ) {
+        let code = code.into();
         self.errors.push(SyncError {
             code: code.as_str().into(),
             message,
@@ -1065,6 +1076,10 @@ impl<'a> EntityRun<'a> {
                 return Err(superseded());
             }
             return Ok(());
+        }
+        // Told in the history, but no record of this run failed.
+        for unread in std::mem::take(&mut deleted.unread) {
+            self.tell(ErrorCode::ValidationError, unread, None, None);
         }
         let tombstones: Vec<Record> = deleted.ids.into_iter().map(Record::gone).collect();
         // Deleting is what a job another took over must not do: it checks first.
