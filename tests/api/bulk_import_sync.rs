@@ -2,21 +2,15 @@
 
 use serde_json::{Value, json};
 
-use crate::fake_host::{HostedHandler, service_bus_message};
+use crate::fake_host::HostedHandler;
 use crate::helpers::TestApp;
 
 const ID: &str = "int-import";
 
 async fn run_job(handler: &HostedHandler, job_id: &str) {
-    let job = json!({"integrationId": ID, "tenantId": "t1", "jobType": "incremental",
-                     "provider": "bulk_import", "jobId": job_id, "scheduledAt": chrono::Utc::now()});
-    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler
+        .run_sync(ID, "bulk_import", job_id, "incremental")
+        .await;
 }
 
 #[tokio::test]

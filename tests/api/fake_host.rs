@@ -111,6 +111,26 @@ impl HostedHandler {
             .await
     }
 
+    /// Runs a sync job of tenant `t1`'s `integration_id` as the host delivers a scheduled job
+    /// to SyncInboundScheduled, the first time, and asserts the host would accept the answer.
+    pub async fn run_sync(
+        &self,
+        integration_id: &str,
+        provider: &str,
+        job_id: &str,
+        job_type: &str,
+    ) {
+        let job = json!({
+            "integrationId": integration_id, "tenantId": "t1", "jobType": job_type,
+            "provider": provider, "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z",
+            "attempt": 1
+        });
+        let envelope =
+            service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
+        let res = self.invoke("SyncInboundScheduled", &envelope).await;
+        assert!(res.host_accepts(), "{res:?}");
+    }
+
     pub async fn post_raw(&self, function: &str, body: &[u8]) -> HostResponse {
         post_invocation(self.port, function, body).await
     }

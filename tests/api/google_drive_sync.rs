@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::fake_google_drive::FakeGoogleDrive;
-use crate::fake_host::{HostedHandler, free_port, service_bus_message};
+use crate::fake_host::{HostedHandler, free_port};
 use crate::helpers::{TestApp, wait_until};
 
 const ID: &str = "int-drive";
@@ -40,15 +40,7 @@ async fn names(app: &TestApp) -> Vec<String> {
 }
 
 async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str) {
-    let job = json!({"integrationId": ID, "tenantId": "t1", "jobType": job_type,
-                     "provider": "google_drive", "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z"});
-    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler.run_sync(ID, "google_drive", job_id, job_type).await;
 }
 
 #[tokio::test]

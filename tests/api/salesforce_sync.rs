@@ -87,20 +87,36 @@ fn add_accounts(fake: &FakeSalesforce, count: usize) {
     );
 }
 
-async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str, delivery: u32) {
+/// A job of the integration as the host delivers it to SyncInboundScheduled.
+fn job_envelope(job_id: &str, job_type: &str, delivery: u32) -> Value {
     let job = json!({
         "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": job_type,
         "provider": "salesforce", "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z", "attempt": 1
     });
-    let envelope = service_bus_message(
+    service_bus_message(
         "SyncInboundScheduled",
         &job.to_string(),
         job_id,
         delivery,
         None,
-    );
-    let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+    )
+}
+
+async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str, delivery: u32) {
+    let res = handler
+        .invoke(
+            "SyncInboundScheduled",
+            &job_envelope(job_id, job_type, delivery),
+        )
+        .await;
     assert!(res.host_accepts(), "{res:?}");
+}
+
+/// Another job takes the integration over, as after a job's hold lapsed.
+async fn take_over(app: &TestApp) {
+    let held = json!({"chain": "job-other", "jobId": "job-other",
+                      "since": Utc::now(), "until": Utc::now() + Duration::minutes(15)});
+    age_integration(app, |data| data["running"] = held).await;
 }
 
 fn record_of<'a>(history: &'a [Value], job_id: &str) -> &'a Value {
@@ -827,20 +843,9 @@ async fn a_job_that_stalled_past_its_hold_leaves_the_integration_to_the_job_that
     fake.org.lock().unwrap().hold_locator = Some("01gRO00000000001-2000".into());
     let app = spawn_app(&fake, false).await;
     let handler = app.host_handler_with(UNLIMITED).await;
-    let job = json!({
-        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
-        "provider": "salesforce", "jobId": "job-stalled", "scheduledAt": "2026-11-22T10:00:00Z",
-        "attempt": 1
-    });
     let stalled = handler.invoke_in_background(
         "SyncInboundScheduled",
-        &service_bus_message(
-            "SyncInboundScheduled",
-            &job.to_string(),
-            "job-stalled",
-            1,
-            None,
-        ),
+        &job_envelope("job-stalled", "full_sync", 1),
     );
     wait_until(
         "the first page is checkpointed",
@@ -851,9 +856,7 @@ async fn a_job_that_stalled_past_its_hold_leaves_the_integration_to_the_job_that
         },
     )
     .await;
-    let taken_over = json!({"chain": "job-other", "jobId": "job-other",
-                            "since": Utc::now(), "until": Utc::now() + Duration::minutes(15)});
-    age_integration(&app, |data| data["running"] = taken_over.clone()).await;
+    take_over(&app).await;
     let checkpoint = app.integration("int-acme-sf").await["structuredData"]["checkpoints"].clone();
     fake.held.notified().await;
     fake.org.lock().unwrap().hold_locator = None;
@@ -905,25 +908,12 @@ async fn a_job_that_stalled_reading_deletions_deletes_nothing_once_another_took_
         Utc::now() - Duration::minutes(1),
     );
     fake.org.lock().unwrap().hold_next_deleted = true;
-    let job = json!({
-        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "incremental",
-        "provider": "salesforce", "jobId": "job-stalled", "scheduledAt": "2026-11-22T10:00:00Z",
-        "attempt": 1
-    });
     let stalled = handler.invoke_in_background(
         "SyncInboundScheduled",
-        &service_bus_message(
-            "SyncInboundScheduled",
-            &job.to_string(),
-            "job-stalled",
-            1,
-            None,
-        ),
+        &job_envelope("job-stalled", "incremental", 1),
     );
     fake.held.notified().await;
-    let taken_over = json!({"chain": "job-other", "jobId": "job-other",
-                            "since": Utc::now(), "until": Utc::now() + Duration::minutes(15)});
-    age_integration(&app, |data| data["running"] = taken_over.clone()).await;
+    take_over(&app).await;
     fake.release.notify_waiters();
     assert!(stalled.await.unwrap().host_accepts());
 
@@ -934,6 +924,15 @@ async fn a_job_that_stalled_reading_deletions_deletes_nothing_once_another_took_
         3,
         "the deletion is the other job's to apply"
     );
+}
+
+/// The names of tenant `t1`'s live companies.
+async fn company_names(app: &TestApp) -> Vec<Value> {
+    app.shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect()
 }
 
 /// Changes tenant `t1`'s stored integration `int-acme-sf`, as time passing would have.
@@ -987,12 +986,7 @@ async fn deletions_of_accounts_nobody_edits_are_found_past_salesforces_window() 
     let record = record_of(&app.history().await, "job-2").clone();
     assert_eq!(record["status"], "success", "{record}");
     assert_eq!(record["stats"]["shardsUpdated"], 1, "{record}");
-    let names: Vec<Value> = app
-        .shards("c_company")
-        .await
-        .iter()
-        .map(|s| s["name"].clone())
-        .collect();
+    let names = company_names(&app).await;
     assert_eq!(names, [json!("Account 0"), json!("Account 2")]);
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert!(
@@ -1014,12 +1008,7 @@ async fn deletions_of_accounts_nobody_edits_are_found_past_salesforces_window() 
         Utc::now() - Duration::days(1),
     );
     run_job(&handler, "job-3", "full_sync", 1).await;
-    let names: Vec<Value> = app
-        .shards("c_company")
-        .await
-        .iter()
-        .map(|s| s["name"].clone())
-        .collect();
+    let names = company_names(&app).await;
     assert_eq!(names, [json!("Account 0")]);
 }
 
@@ -1070,12 +1059,7 @@ async fn more_deletions_than_salesforce_lists_at_once_are_read_in_narrower_range
             .contains("would not list"),
         "the minute it could not read is told: {record}"
     );
-    let names: Vec<Value> = app
-        .shards("c_company")
-        .await
-        .iter()
-        .map(|s| s["name"].clone())
-        .collect();
+    let names = company_names(&app).await;
     assert_eq!(
         names,
         [json!("Account 0"), json!("Account 4")],

@@ -48,15 +48,7 @@ async fn connected() -> (FakeZoom, TestApp) {
 }
 
 async fn run_job(handler: &HostedHandler, job_id: &str) {
-    let job = json!({"integrationId": ID, "tenantId": "t1", "jobType": "full_sync",
-                     "provider": "zoom", "jobId": job_id, "scheduledAt": "2026-11-22T10:00:00Z"});
-    let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), job_id, 1, None);
-    assert!(
-        handler
-            .invoke("SyncInboundScheduled", &envelope)
-            .await
-            .host_accepts()
-    );
+    handler.run_sync(ID, "zoom", job_id, "full_sync").await;
 }
 
 async fn post(handler: &HostedHandler, (headers, body): &(Vec<(String, String)>, String)) -> Value {

@@ -309,15 +309,7 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
-        let field = write.create_key()?;
-        if !is_api_name(field) {
-            return Err(ProviderError::new(
-                ErrorCode::ValidationError,
-                format!("`{field}` is not a field name"),
-            ));
-        }
-        let rest = format!("{field}/{}", percent_encode(&write.idempotency_key));
-        let path = sobject_path(conn, &write.entity, &rest)?;
+        let path = keyed_path(conn, write)?;
         let body = Value::Object(write.fields.clone());
         let request = Request {
             method: Method::PATCH,
@@ -487,15 +479,7 @@ impl Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<Option<String>, ProviderError> {
-        let field = write.create_key()?;
-        if !is_api_name(field) {
-            return Err(ProviderError::new(
-                ErrorCode::ValidationError,
-                format!("`{field}` is not a field name"),
-            ));
-        }
-        let rest = format!("{field}/{}", percent_encode(&write.idempotency_key));
-        let path = sobject_path(conn, &write.entity, &rest)?;
+        let path = keyed_path(conn, write)?;
         let request = Request {
             method: Method::GET,
             path: &path,
@@ -510,6 +494,20 @@ impl Salesforce {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The path of the record a write keys by its idempotency key in an External ID field:
+/// `/sobjects/{entity}/{field}/{key}`.
+fn keyed_path(conn: &Connection, write: &RecordWrite) -> Result<String, ProviderError> {
+    let field = write.create_key()?;
+    if !is_api_name(field) {
+        return Err(ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("`{field}` is not a field name"),
+        ));
+    }
+    let rest = format!("{field}/{}", percent_encode(&write.idempotency_key));
+    sobject_path(conn, &write.entity, &rest)
 }
 
 /// The record an update or delete is for, as an 18-character id.
