@@ -504,9 +504,7 @@ async fn write(
     }
     if shard.deleted_at.is_some() {
         let Some(i) = link else {
-            let gone = shard.external_relationships.iter().any(|r| {
-                r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Deleted
-            });
+            let gone = shard.lost_record_at(integration_id);
             pushed.skipped = 1;
             pushed.note = Some("nothing to delete: the shard is not linked to a record".into());
             if let Some(key_field) = mapping.idempotency_field.clone().filter(|_| !gone) {
@@ -659,15 +657,7 @@ async fn write(
         if !decided.to_castiel.is_empty() {
             shard.updated_at = Some(now);
         }
-    } else if shard.external_relationships.iter().any(|r| {
-        r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Deleted
-    }) && shard
-        .external_relationships
-        .iter()
-        .any(|r| r.sync_status == RelationshipStatus::Synced)
-    {
-        // The record was deleted at the provider; the shard lives on through another record
-        // merged into it. Writing would make the deleted record again.
+    } else if shard.outlived_record_at(integration_id) {
         pushed.skipped = 1;
         pushed.note =
             Some("the shard's record was deleted at the provider; not created again".into());

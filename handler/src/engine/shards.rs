@@ -71,16 +71,8 @@ pub fn write_backs(
                 .external_relationships
                 .iter()
                 .find(|r| r.integration_id == *id && r.sync_status == RelationshipStatus::Synced);
-            // A shard whose record was deleted at the provider lives on while another record
-            // it merged is linked: the deleted one is not made again. (A shard restored after
-            // Castiel deleted it, with no other record, is made again.)
-            let gone =
-                shard.external_relationships.iter().any(|r| {
-                    r.integration_id == *id && r.sync_status == RelationshipStatus::Deleted
-                }) && shard
-                    .external_relationships
-                    .iter()
-                    .any(|r| r.sync_status == RelationshipStatus::Synced);
+            // (A shard restored after Castiel deleted it, with no other record, is made again.)
+            let gone = shard.outlived_record_at(id);
             let operation = match (deleted, link) {
                 (true, Some(_)) => WriteBackOperation::Delete,
                 (true, None) => return None,

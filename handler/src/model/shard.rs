@@ -247,6 +247,25 @@ impl Shard {
     pub fn data<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         T::deserialize(&self.structured_data)
     }
+
+    /// Whether the shard's record at `integration_id` was deleted at the provider (its link
+    /// says so).
+    pub fn lost_record_at(&self, integration_id: &str) -> bool {
+        self.external_relationships.iter().any(|r| {
+            r.integration_id == integration_id && r.sync_status == RelationshipStatus::Deleted
+        })
+    }
+
+    /// Whether the shard outlived its record at `integration_id`: the record was deleted at
+    /// the provider, and the shard lives on through another record merged into it. Writing it
+    /// back would make the deleted record again.
+    pub fn outlived_record_at(&self, integration_id: &str) -> bool {
+        self.lost_record_at(integration_id)
+            && self
+                .external_relationships
+                .iter()
+                .any(|r| r.sync_status == RelationshipStatus::Synced)
+    }
 }
 
 /// Shard type ids the engine reads and writes.
