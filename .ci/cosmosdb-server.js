@@ -5,6 +5,9 @@
 //   3. reading a missing document crashes the handler (500) instead of answering 404;
 //   4. its batch handler wants a partition key on every operation, as bulk requests carry
 //      them; a transactional batch names its one partition key in the request's header;
+//   5. a batch is not atomic: an operation that fails leaves those before it written. A
+//      transactional batch's guarded replaces are checked before any operation is applied,
+//      so that one whose item changed or is gone fails the batch whole, as Cosmos DB does;
 // and it answers with keep-alive, since the SDK pools its connections.
 // Usage: node .ci/cosmosdb-server.js PORT
 const path = require("path");
@@ -49,6 +52,10 @@ batchDocuments.default = async (account, req, res, params) => {
       for (const operation of body) {
         if (operation && operation.partitionKey === undefined) operation.partitionKey = partitionKey;
       }
+      const failed = failedPrecondition(account, params, body);
+      if (failed !== undefined) {
+        return body.map((_, i) => ({ statusCode: i === failed.index ? failed.status : 424, requestCharge: 0 }));
+      }
     }
     // The body is read: hand the handler a request that yields it again.
     const replay = require("stream").Readable.from([Buffer.from(JSON.stringify(body))]);
@@ -59,6 +66,22 @@ batchDocuments.default = async (account, req, res, params) => {
   }
   return originalBatch(account, req, res, params);
 };
+
+// The first replace of `operations` whose item is gone (404) or has another etag (412).
+function failedPrecondition(account, { dbId, collId }, operations) {
+  const { parsePartitionKey } = require(path.join(base, "utils", "get-partition-from-header"));
+  const collection = account.database(dbId).collection(collId);
+  if (!collection.read()) return undefined;
+  for (let index = 0; index < operations.length; index += 1) {
+    const operation = operations[index];
+    if (!operation || operation.operationType !== "Replace" || !operation.ifMatch) continue;
+    const id = operation.id || (operation.resourceBody && operation.resourceBody.id);
+    const stored = collection.document(id, parsePartitionKey(operation.partitionKey, id)).read();
+    if (!stored) return { index, status: 404 };
+    if (stored._etag !== operation.ifMatch) return { index, status: 412 };
+  }
+  return undefined;
+}
 
 const { createHttpServer } = require("@vercel/cosmosdb-server");
 const port = Number(process.argv[2] || 8081);

@@ -292,7 +292,7 @@ use fake_salesforce::{FakeSalesforce, ORG_ID};
 use fake_zoom::FakeZoom;
 use handler::model::Shard;
 use handler::secrets::{FileSecrets, Secret, SecretStore, credential_secret_name};
-use handler::store::{ShardStore, SqliteStore};
+use handler::store::{ShardStore, SqliteStore, Upsert};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -737,7 +737,7 @@ async fn baseline(fake: &FakeSalesforce, dir: &Path) -> (Duration, u64) {
                 })
                 .collect();
             written += shards.len() as u64;
-            store.upsert_many(&shards).await.unwrap();
+            store.upsert_many(&Upsert::every(&shards)).await.unwrap();
             match page.next_page {
                 Some(next) => request.page_token = Some(next),
                 None => break,

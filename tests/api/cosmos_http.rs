@@ -9,8 +9,8 @@ use handler::store::{CosmosStore, ShardQuery, ShardStore};
 
 use crate::cosmos_emulator::{EMULATOR_KEY, RequestCounter, http_store};
 use crate::cosmos_store::{
-    count, entity_fingerprints, linked_queries, point_operations, queries, sync_demo_into,
-    writes_in_batches_then_nothing,
+    count, entity_fingerprints, guarded_writes, linked_queries, point_operations, queries,
+    sync_demo_into, writes_in_batches_then_nothing,
 };
 use crate::helpers::{TestApp, wait_until};
 
@@ -31,6 +31,7 @@ async fn the_cosmos_store_keeps_its_contract_over_http() {
     queries(&store).await;
     linked_queries(&store).await;
     entity_fingerprints(&store).await;
+    guarded_writes(&store).await;
 }
 
 #[tokio::test]

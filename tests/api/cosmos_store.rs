@@ -19,7 +19,8 @@ use handler::model::{Shard, timestamp};
 use handler::queue::SYNC_INBOUND_SCHEDULED;
 use handler::settings::Settings;
 use handler::store::{
-    CosmosStore, Op, Provisioning, ShardFingerprint, ShardQuery, ShardStore, StoreError,
+    CosmosStore, Op, Provisioning, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upsert,
+    Written,
 };
 
 use crate::cosmos_emulator::{
@@ -49,6 +50,86 @@ async fn queries_filter_order_and_limit_within_and_across_tenants() {
 #[tokio::test]
 async fn an_entitys_shards_are_read_a_page_of_fingerprints_at_a_time() {
     entity_fingerprints(&emulator_store(vec![]).await).await;
+}
+
+#[tokio::test]
+async fn a_batch_leaves_the_shards_written_since_they_were_read_and_writes_the_rest() {
+    guarded_writes(&emulator_store(vec![]).await).await;
+}
+
+/// The store's contract for a write of many whose shards carry the etags they were read at:
+/// a shard written by someone else since, or gone, is left as it is and named; the rest of the
+/// batch is written.
+pub async fn guarded_writes(store: &CosmosStore) {
+    let stored: Vec<Shard> = ["guarded-a", "guarded-b"]
+        .iter()
+        .map(|id| shard("t1", id, json!({"v": "read"})))
+        .collect();
+    assert!(
+        store
+            .upsert_many(&Upsert::every(&stored))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let etag = |id: &str| {
+        let id = id.to_string();
+        async move { store.get("t1", &id).await.unwrap().unwrap().etag }
+    };
+    let (a, b) = (etag("guarded-a").await, etag("guarded-b").await);
+    store
+        .upsert(&shard("t1", "guarded-b", json!({"v": "someone else's"})))
+        .await
+        .unwrap();
+    // Read once, expired since.
+    let gone = a.clone();
+
+    let decided: Vec<Shard> = ["guarded-a", "guarded-b", "guarded-gone", "guarded-new"]
+        .iter()
+        .map(|id| shard("t1", id, json!({"v": "decided"})))
+        .collect();
+    let writes = [
+        Upsert {
+            shard: &decided[0],
+            if_match: Some(&a),
+        },
+        Upsert {
+            shard: &decided[1],
+            if_match: Some(&b),
+        },
+        Upsert {
+            shard: &decided[2],
+            if_match: Some(&gone),
+        },
+        Upsert::any(&decided[3]),
+    ];
+    let written = store.upsert_many(&writes).await.unwrap();
+
+    assert_eq!(
+        written,
+        Written {
+            refused: vec![],
+            raced: vec!["guarded-b".to_string(), "guarded-gone".to_string()]
+        }
+    );
+    let value = |id: &str| {
+        let id = id.to_string();
+        async move {
+            store
+                .get("t1", &id)
+                .await
+                .unwrap()
+                .map(|v| v.value.structured_data["v"].clone())
+        }
+    };
+    assert_eq!(value("guarded-a").await, Some(json!("decided")));
+    assert_eq!(
+        value("guarded-b").await,
+        Some(json!("someone else's")),
+        "not written over"
+    );
+    assert_eq!(value("guarded-gone").await, None, "not brought back");
+    assert_eq!(value("guarded-new").await, Some(json!("decided")));
 }
 
 /// The store's contract for point operations, whatever Cosmos serves it.
@@ -211,7 +292,13 @@ pub async fn entity_fingerprints(store: &CosmosStore) {
     let mut other_type = shard("t1", "int-1~Meeting~e", json!({}));
     other_type.shard_type_id = "c_note".into();
     shards.push(other_type);
-    assert!(store.upsert_many(&shards).await.unwrap().is_empty());
+    assert!(
+        store
+            .upsert_many(&Upsert::every(&shards))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let prefix = "int-1~Meeting~";
     let mut pages = Vec::new();

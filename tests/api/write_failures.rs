@@ -1,6 +1,8 @@
 //! What a sync does when the shard store fails under it: batch writes retried with backoff,
-//! then shard by shard, and a shard that still cannot be written listed in the history. The
-//! records arrive as webhook notifications and are read from a loopback Salesforce.
+//! then shard by shard, and a shard that still cannot be written listed in the history; and
+//! when someone else writes a shard between the sync's read of it and its write: the sync
+//! reads it again and lands its record on what was written. The records arrive as webhook
+//! notifications and are read from a loopback Salesforce.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,8 +15,8 @@ use handler::app::App;
 use handler::engine::inbound;
 use handler::model::Shard;
 use handler::protocol::ServiceBusMessage;
-use handler::queue::SYNC_INBOUND_WEBHOOK;
-use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Versioned};
+use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
+use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Upsert, Versioned, Written};
 
 use crate::fake_salesforce::FakeSalesforce;
 use crate::helpers::{TestApp, salesforce_integration};
@@ -48,32 +50,109 @@ impl ShardStore for FailingWrites {
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
         self.inner.query(query).await
     }
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
+    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
         if self.batch_calls.fetch_add(1, Ordering::SeqCst) < self.batch_failures {
             return Err(StoreError::Unavailable("429 too many requests".into()));
         }
-        self.inner.upsert_many(shards).await
+        self.inner.upsert_many(writes).await
     }
 }
 
-fn app_with(test: &TestApp, store: Arc<FailingWrites>) -> App {
+fn app_with(test: &TestApp, store: Arc<dyn ShardStore>) -> App {
     let mut app = test.app(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")]);
     app.store = store;
     app
 }
 
+/// A store on which someone else (a Castiel user) edits one shard, setting its `phone`,
+/// right before each of the sync's next `edits` writes that include it: between the sync's
+/// read of the shard and its write.
+struct EditedMeanwhile {
+    inner: SqliteStore,
+    shard_id: String,
+    edits: u32,
+    made: AtomicU32,
+}
+
+impl EditedMeanwhile {
+    fn new(test: &TestApp, account: usize, edits: u32) -> Arc<Self> {
+        Arc::new(Self {
+            inner: test.store(),
+            shard_id: account_shard(account),
+            edits,
+            made: AtomicU32::new(0),
+        })
+    }
+
+    /// The `phone` the last edit set.
+    fn last_phone(&self) -> String {
+        format!("555-010{}", self.made.load(Ordering::SeqCst))
+    }
+}
+
+#[async_trait]
+impl ShardStore for EditedMeanwhile {
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
+        self.inner.get(tenant_id, id).await
+    }
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.inner.create(shard).await
+    }
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.inner.upsert(shard).await
+    }
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
+        self.inner.replace(shard, if_match).await
+    }
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        self.inner.query(query).await
+    }
+    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+        let includes = writes.iter().any(|w| w.shard.id == self.shard_id);
+        if includes && self.made.load(Ordering::SeqCst) < self.edits {
+            let n = self.made.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut shard = self.inner.get("t1", &self.shard_id).await?.unwrap().value;
+            shard.structured_data["phone"] = json!(format!("555-010{n}"));
+            self.inner.upsert(&shard).await?;
+        }
+        self.inner.upsert_many(writes).await
+    }
+}
+
+/// The shard synced from the `i`th account of the fake org.
+fn account_shard(i: usize) -> String {
+    format!("int-acme-sf~Account~001{i:015}")
+}
+
 /// A webhook job about the first `records` accounts of the fake org.
 fn webhook_job(records: usize) -> ServiceBusMessage {
+    webhook_job_named("wh-1", records)
+}
+
+/// [`webhook_job`] with its own job id.
+fn webhook_job_named(job_id: &str, records: usize) -> ServiceBusMessage {
     let ids: Vec<String> = (0..records).map(|i| format!("001{i:015}")).collect();
-    let job = json!({
+    message(json!({
         "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "webhook", "trigger": "webhook",
-        "provider": "salesforce", "jobId": "wh-1", "scheduledAt": Utc::now(),
+        "provider": "salesforce", "jobId": job_id, "scheduledAt": Utc::now(),
         "webhookPayload": {"entity": "Account", "ids": ids}
-    });
+    }))
+}
+
+/// A scheduled job of `job_type` (`full_sync`, `incremental`).
+fn scheduled_job(job_id: &str, job_type: &str) -> ServiceBusMessage {
+    message(json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": job_type,
+        "trigger": "scheduled", "provider": "salesforce", "jobId": job_id,
+        "scheduledAt": Utc::now(), "attempt": 1
+    }))
+}
+
+fn message(job: Value) -> ServiceBusMessage {
     ServiceBusMessage {
         body: job.to_string().into_bytes(),
         delivery_count: 1,
-        message_id: Some("wh-1".into()),
+        message_id: job["jobId"].as_str().map(str::to_string),
         session_id: None,
         correlation_id: None,
         content_type: None,
@@ -193,13 +272,14 @@ async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
         json!({"Id": "001000000000000000", "Name": "Renamed 0"}),
         Utc::now(),
     );
-    let mut job: Value = serde_json::from_slice(&webhook_job(4).body).unwrap();
-    job["jobId"] = json!("wh-2");
-    let mut message = webhook_job(0);
-    message.body = job.to_string().into_bytes();
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &message, Utc::now())
-        .await
-        .unwrap();
+    inbound::process(
+        &app,
+        SYNC_INBOUND_WEBHOOK,
+        &webhook_job_named("wh-2", 4),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
 
     let record = test
         .history()
@@ -218,4 +298,155 @@ async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
         .map(|s| s["name"].clone())
         .collect();
     assert_eq!(names, [json!("Renamed 0"), json!("Account 1")]);
+}
+
+/// The history record of the job `job_id`.
+async fn run_of(test: &TestApp, job_id: &str) -> Value {
+    test.history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == job_id)
+        .unwrap()["structuredData"]
+        .clone()
+}
+
+/// The shard synced from the first account, as stored.
+async fn first_account(test: &TestApp) -> Shard {
+    test.store()
+        .get("t1", &account_shard(0))
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+}
+
+#[tokio::test]
+async fn a_castiel_edit_made_while_a_sync_writes_the_shard_is_kept() {
+    let test = TestApp::new();
+    let fake = register(&test).await;
+    let app = test.app(&[]);
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
+        .await
+        .unwrap();
+    fake.add(
+        "Account",
+        json!({"Id": "001000000000000000", "Name": "Renamed 0"}),
+        Utc::now(),
+    );
+    let store = EditedMeanwhile::new(&test, 0, 1);
+    let app = app_with(&test, store.clone());
+
+    inbound::process(
+        &app,
+        SYNC_INBOUND_WEBHOOK,
+        &webhook_job_named("wh-2", 2),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+
+    let shard = first_account(&test).await;
+    assert_eq!(shard.name, "Renamed 0", "the provider's change is written");
+    assert_eq!(
+        shard.structured_data["phone"],
+        json!(store.last_phone()),
+        "over the edit made meanwhile, not in its place"
+    );
+    let run = run_of(&test, "wh-2").await;
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(
+        run["stats"],
+        json!({"recordsFetched": 2, "shardsCreated": 0, "shardsUpdated": 1, "shardsSkipped": 1, "shardsFailed": 0})
+    );
+}
+
+#[tokio::test]
+async fn a_shard_written_by_someone_else_under_every_try_fails_its_record_alone() {
+    let test = TestApp::new();
+    let fake = register(&test).await;
+    let app = test.app(&[]);
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
+        .await
+        .unwrap();
+    for (i, name) in [(0, "Renamed 0"), (1, "Renamed 1")] {
+        fake.add(
+            "Account",
+            json!({"Id": format!("001{i:015}"), "Name": name}),
+            Utc::now(),
+        );
+    }
+    let store = EditedMeanwhile::new(&test, 0, u32::MAX);
+    let app = app_with(&test, store.clone());
+
+    inbound::process(
+        &app,
+        SYNC_INBOUND_WEBHOOK,
+        &webhook_job_named("wh-2", 2),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+
+    let shard = first_account(&test).await;
+    assert_eq!(shard.name, "Account 0", "never written over an edit");
+    assert_eq!(shard.structured_data["phone"], json!(store.last_phone()));
+    let run = run_of(&test, "wh-2").await;
+    assert_eq!(run["status"], "partial", "{run}");
+    assert_eq!(
+        run["stats"]["shardsUpdated"], 1,
+        "the other record is written"
+    );
+    assert_eq!(run["stats"]["shardsFailed"], 1);
+    let error = &run["errors"][0];
+    assert_eq!(error["recordId"], "001000000000000000");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("something else wrote it each of the 3 times"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_deletion_applied_while_the_shard_is_edited_keeps_the_edit() {
+    let test = TestApp::new();
+    let fake = register(&test).await;
+    let app = test.app(&[]);
+    inbound::process(
+        &app,
+        SYNC_INBOUND_SCHEDULED,
+        &scheduled_job("full", "full_sync"),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    // In a minute Salesforce's log of deletions covers: a whole one, gone by.
+    fake.delete(
+        "Account",
+        "001000000000000000",
+        Utc::now() - chrono::Duration::minutes(2),
+    );
+    let store = EditedMeanwhile::new(&test, 0, 1);
+    let app = app_with(&test, store.clone());
+
+    inbound::process(
+        &app,
+        SYNC_INBOUND_SCHEDULED,
+        &scheduled_job("incremental", "incremental"),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+
+    let shard = first_account(&test).await;
+    assert!(shard.deleted_at.is_some(), "the deletion is applied");
+    assert_eq!(
+        shard.structured_data["phone"],
+        json!(store.last_phone()),
+        "to the shard as edited"
+    );
+    let run = run_of(&test, "incremental").await;
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(run["stats"]["shardsUpdated"], 1, "{run}");
 }

@@ -56,7 +56,9 @@ use crate::model::messages::{WriteBackMessage, WriteBackOperation};
 use crate::model::shard::RelationshipStatus;
 use crate::model::{Integration, Shard, SyncError, SyncStats};
 use crate::queue::{OutgoingMessage, SYNC_OUTBOUND};
-use crate::store::{Op, ShardFingerprint, ShardQuery, StoreError, Upserts};
+use crate::store::{
+    Op, ShardFingerprint, ShardQuery, StoreError, Upsert, Upserts, Versioned, Written,
+};
 
 /// Records asked for per page (Salesforce's maximum batch).
 pub const PAGE_SIZE: usize = 2000;
@@ -75,6 +77,24 @@ const LINKED_LOOKUP: usize = 500;
 
 /// Deleted records soft-deleted at a time: a page of shards read and written.
 const TOMBSTONES_AT_A_TIME: usize = 2000;
+
+/// Some of a page's records landed, written and counted ([`EntityRun::land_records`]): the
+/// landing and the changes are left to be freed with the page.
+struct LandedRecords {
+    landed: plan::Landed,
+    changes: plan::Changes,
+    /// The shards written by something else since they were read: their records are not
+    /// counted, and land again.
+    raced: Vec<String>,
+}
+
+/// A write of `shard`, guarded by the etag it was read at if it was read (`etags`).
+fn guarded<'s>(shard: &'s Shard, etags: &'s HashMap<String, String>) -> Upsert<'s> {
+    Upsert {
+        shard,
+        if_match: etags.get(&shard.id).map(String::as_str),
+    }
+}
 
 /// Whether a deleted record whose own shard does not exist is looked for among the links of
 /// other shards: those a merge or a write-back put it in.
@@ -1306,7 +1326,6 @@ impl<'a> EntityRun<'a> {
         mapped: Mapped,
         writing: oneshot::Sender<()>,
     ) -> Result<(), Failure> {
-        let tenant = self.job.tenant_id;
         let Mapped {
             transformed: mut page,
             fingerprints,
@@ -1340,10 +1359,68 @@ impl<'a> EntityRun<'a> {
             self.counters.skipped += (before - page.records.len()) as u64;
         }
 
+        let mut records = std::mem::take(&mut page.records);
+        let mut writing = Some(writing);
+        let mut landed_pages = Vec::new();
+        for round in 1..=plan::LANDING_ROUNDS {
+            let LandedRecords {
+                landed,
+                changes,
+                raced,
+            } = self
+                .land_records(
+                    &mut records,
+                    existing.take(),
+                    writing.take(),
+                    round == plan::LANDING_ROUNDS,
+                )
+                .await?;
+            // The records that landed in shards written meanwhile land again, as they were
+            // mapped: landing moved data only into shards it created, which are never raced.
+            let again: Vec<plan::PageRecord> = if raced.is_empty() {
+                Vec::new()
+            } else {
+                let raced: HashSet<&str> = raced.iter().map(String::as_str).collect();
+                let records_raced: HashSet<&str> = landed
+                    .landed
+                    .iter()
+                    .filter(|(_, shard)| raced.contains(shard.as_str()))
+                    .map(|(record, _)| record.as_str())
+                    .collect();
+                records
+                    .extract_if(.., |r| records_raced.contains(r.record.id.as_str()))
+                    .collect()
+            };
+            landed_pages.push((std::mem::replace(&mut records, again), landed, changes));
+            if records.is_empty() {
+                break;
+            }
+        }
+
+        let deleted = self.soft_delete(&page.deleted, Links::Searched).await;
+        // Freeing a page's records and shards is milliseconds of walking their maps: a
+        // blocking thread does it while this one goes on to the next page.
+        tokio::task::spawn_blocking(move || drop((page, landed_pages)));
+        deleted
+    }
+
+    /// Reads the shards `records` land in, lands them and writes what changed, then counts
+    /// them. `existing`, if known, are the records' own shards that exist (no other is read);
+    /// `writing` is told when the last shard has gone to the store. Records whose shards were
+    /// written by something else meanwhile are left uncounted for another round
+    /// ([`LandedRecords::raced`]), or fail if this is the `last`.
+    async fn land_records(
+        &mut self,
+        records: &mut [plan::PageRecord],
+        existing: Option<HashSet<String>>,
+        writing: Option<oneshot::Sender<()>>,
+        last: bool,
+    ) -> Result<LandedRecords, Failure> {
+        let tenant = self.job.tenant_id;
         // The shards these records map to, read in one batch, and for deduplication the
-        // shards of other records that share a match key with them.
-        let ids: Vec<String> = page
-            .records
+        // shards of other records that share a match key with them; each with the etag it was
+        // first read at, which its write must still find.
+        let ids: Vec<String> = records
             .iter()
             .flat_map(|r| {
                 let own = (existing.as_ref().is_none_or(|e| e.contains(&r.shard_id)))
@@ -1352,21 +1429,24 @@ impl<'a> EntityRun<'a> {
             })
             .collect();
         let mut loaded = plan::Loaded::default();
+        let mut etags: HashMap<String, String> = HashMap::default();
         for found in self
             .with_retries(|| self.app.store.get_many(tenant, &ids))
             .await?
             .into_iter()
             .flatten()
         {
+            etags.entry(found.value.id.clone()).or_insert(found.etag);
             loaded.insert(found.value);
         }
         if let Some(rules) = &self.mapping.deduplication {
-            for (rule, keys) in plan::key_lookups(rules, &page.records, &loaded) {
+            for (rule, keys) in plan::key_lookups(rules, records, &loaded) {
                 let keys = keys.into_iter().map(Value::String).collect();
                 let query = ShardQuery::of_type(&self.mapping.shard_type_id)
                     .in_tenant(tenant)
                     .filter(&format!("dedupKeys.{rule}"), Op::In, Value::Array(keys));
                 for found in self.with_retries(|| self.app.store.query(&query)).await? {
+                    etags.entry(found.value.id.clone()).or_insert(found.etag);
                     loaded.insert_found(&rule, found.value);
                 }
             }
@@ -1379,32 +1459,34 @@ impl<'a> EntityRun<'a> {
             now: self.now,
             skips_older_versions: self.skips_older_versions,
         };
-        let mut landing = plan::Landing::new(context, &page.records, loaded, self.two_way.as_ref());
+        let mut landing = plan::Landing::new(context, records, loaded, self.two_way.as_ref());
         // Derived shards are compared with what is stored, which is read once the page has
         // landed; a page without them is handed to the store part by part as it lands.
         let streamed = if self.mapping.derived_shards.is_empty() {
-            Some(self.land_and_send(&mut landing, &mut page.records).await)
+            Some(self.land_and_send(&mut landing, records, &etags).await)
         } else {
-            landing.land(&mut page.records);
+            landing.land(records);
             None
         };
-        let mut landed = landing.finish(&page.records);
+        let mut landed = landing.finish(records);
         self.counters.skipped += landed.skipped;
         self.record_failures(std::mem::take(&mut landed.failed));
-        let _ = writing.send(());
-        let (changes, failed_ids) = match streamed {
+        if let Some(writing) = writing {
+            let _ = writing.send(());
+        }
+        let (changes, written) = match streamed {
             Some((upserts, sent)) => {
                 let finished = match sent {
                     Ok(()) => upserts.finish().await,
                     Err(e) => Err(e),
                 };
                 match finished {
-                    Ok(refused) => (plan::changes_written(&mut landed), refused),
+                    Ok(written) => (plan::changes_written(&mut landed), written),
                     // The page is written again, this failure its first try.
                     Err(e) => {
                         let changes = plan::changes(&mut landed, Vec::new());
-                        let failed_ids = self.write(&changes.writes, Some(e)).await?;
-                        (changes, failed_ids)
+                        let written = self.write(&changes.writes, &etags, Some(e)).await?;
+                        (changes, written)
                     }
                 }
             }
@@ -1421,33 +1503,48 @@ impl<'a> EntityRun<'a> {
                         .collect()
                 };
                 let changes = plan::changes(&mut landed, stored_derived);
-                let failed_ids = self.write(&changes.writes, None).await?;
-                (changes, failed_ids)
+                let written = self.write(&changes.writes, &etags, None).await?;
+                (changes, written)
             }
         };
-        self.follow_two_way(&landed, &changes.writes, &failed_ids)
+        if !written.raced.is_empty() {
+            tracing::info!(
+                entity = %self.mapping.external_entity,
+                shards = written.raced.len(),
+                "shards were written by something else while this sync wrote them; their records land again"
+            );
+        }
+        let unwritten: Vec<String> = written
+            .refused
+            .iter()
+            .chain(&written.raced)
+            .cloned()
+            .collect();
+        self.follow_two_way(&landed, &changes.writes, &unwritten)
             .await?;
-        let tally = plan::tally(&landed.landed, &changes, &failed_ids);
+        let tally = plan::tally(&landed.landed, &changes, &written, last);
         self.counters.created += tally.created;
         self.counters.updated += tally.updated;
         self.counters.skipped += tally.skipped;
         self.record_failures(tally.failed);
-
-        let deleted = self.soft_delete(&page.deleted, Links::Searched).await;
-        // Freeing a page's records and shards is milliseconds of walking their maps: a
-        // blocking thread does it while this one goes on to the next page.
-        tokio::task::spawn_blocking(move || drop((page, landed, changes)));
-        deleted
+        let raced = if last { Vec::new() } else { written.raced };
+        Ok(LandedRecords {
+            landed,
+            changes,
+            raced,
+        })
     }
 
     /// Lands a page part by part, handing each part's changed shards to the store while the
-    /// next part lands, so that planning and writing overlap. Returns the write, left for the
-    /// caller to finish, and whether handing the shards over failed (the page has landed whole
-    /// all the same).
+    /// next part lands, so that planning and writing overlap; each shard that existed is
+    /// written only if it still has the etag it was read at (`etags`). Returns the write, left
+    /// for the caller to finish, and whether handing the shards over failed (the page has
+    /// landed whole all the same).
     async fn land_and_send(
         &self,
         landing: &mut plan::Landing<'_>,
         records: &mut [plan::PageRecord],
+        etags: &HashMap<String, String>,
     ) -> (Box<dyn Upserts + 'a>, Result<(), StoreError>) {
         let app: &'a App = self.app;
         let mut upserts = app.store.upserts();
@@ -1455,7 +1552,11 @@ impl<'a> EntityRun<'a> {
         for part in records.chunks_mut(LANDING_PART) {
             let changed = landing.land(part);
             if sent.is_ok() {
-                sent = upserts.send(&changed).await;
+                let writes: Vec<Upsert<'_>> = changed
+                    .into_iter()
+                    .map(|shard| guarded(shard, etags))
+                    .collect();
+                sent = upserts.send(&writes).await;
             }
         }
         (upserts, sent)
@@ -1569,16 +1670,28 @@ impl<'a> EntityRun<'a> {
     async fn soft_delete(&mut self, tombstones: &[Record], links: Links) -> Result<(), Failure> {
         // A page of them at a time: a provider may report deletions by the hundred thousand.
         for chunk in tombstones.chunks(TOMBSTONES_AT_A_TIME) {
-            self.soft_delete_some(chunk, links).await?;
+            let mut left: Vec<&Record> = chunk.iter().collect();
+            for round in 1..=plan::LANDING_ROUNDS {
+                left = self
+                    .soft_delete_some(&left, links, round == plan::LANDING_ROUNDS)
+                    .await?;
+                if left.is_empty() {
+                    break;
+                }
+            }
         }
         Ok(())
     }
 
-    async fn soft_delete_some(
+    /// One round of [`Self::soft_delete`]: returns the tombstones whose shards were written by
+    /// something else since they were read, to be applied again to the shards as they are now
+    /// (on the `last` round, their shards fail instead).
+    async fn soft_delete_some<'r>(
         &mut self,
-        tombstones: &[Record],
+        tombstones: &[&'r Record],
         links: Links,
-    ) -> Result<(), Failure> {
+        last: bool,
+    ) -> Result<Vec<&'r Record>, Failure> {
         let integration_id = self.job.integration_id;
         let ids: Vec<String> = tombstones
             .iter()
@@ -1590,9 +1703,11 @@ impl<'a> EntityRun<'a> {
         // Each tombstone's shard: its own, else one a merge or a write-back linked it to.
         let mut holders: Vec<Option<String>> = Vec::with_capacity(tombstones.len());
         let mut shards: HashMap<String, Shard> = HashMap::default();
+        let mut etags: HashMap<String, String> = HashMap::default();
         for stored in found {
             holders.push(stored.as_ref().map(|v| v.value.id.clone()));
             if let Some(v) = stored {
+                etags.insert(v.value.id.clone(), v.etag);
                 shards.insert(v.value.id.clone(), v.value);
             }
         }
@@ -1604,12 +1719,14 @@ impl<'a> EntityRun<'a> {
             .collect();
         if links == Links::Searched && self.mapping.lands_elsewhere() && !unheld.is_empty() {
             let mut holder_of: HashMap<String, String> = HashMap::default();
-            for shard in self.linked_elsewhere(unheld).await? {
+            for found in self.linked_elsewhere(unheld).await? {
+                let shard = found.value;
                 for r in &shard.external_relationships {
                     if r.integration_id == integration_id {
                         holder_of.insert(r.external_id.clone(), shard.id.clone());
                     }
                 }
+                etags.entry(shard.id.clone()).or_insert(found.etag);
                 shards.entry(shard.id.clone()).or_insert(shard);
             }
             for (tombstone, holder) in tombstones.iter().zip(&mut holders) {
@@ -1621,7 +1738,8 @@ impl<'a> EntityRun<'a> {
         // A shard two of the tombstones hold is written once, with both links marked.
         let mut changed: Vec<String> = Vec::new();
         let mut counted: HashSet<String> = HashSet::default();
-        for (tombstone, holder) in tombstones.iter().zip(holders) {
+        let mut held: Vec<(&'r Record, String)> = Vec::with_capacity(tombstones.len());
+        for (&tombstone, holder) in tombstones.iter().zip(holders) {
             let modified_at = tombstone.modified_at.filter(|_| self.skips_older_versions);
             let now = self.now;
             let Some(shard) = holder.and_then(|id| shards.remove(&id)) else {
@@ -1641,6 +1759,7 @@ impl<'a> EntityRun<'a> {
                         changed.push(id.clone());
                         self.counters.updated += 1;
                     }
+                    held.push((tombstone, id.clone()));
                     shards.insert(id, updated);
                 }
                 None => {
@@ -1650,8 +1769,8 @@ impl<'a> EntityRun<'a> {
             }
         }
         let writes: Vec<Shard> = changed.iter().filter_map(|id| shards.remove(id)).collect();
-        let failed = self.write(&writes, None).await?;
-        for id in failed {
+        let written = self.write(&writes, &etags, None).await?;
+        for id in written.refused {
             self.counters.updated -= 1;
             self.record_error(
                 FailureCode::Store,
@@ -1660,12 +1779,35 @@ impl<'a> EntityRun<'a> {
                 None,
             );
         }
-        Ok(())
+        self.counters.updated -= written.raced.len() as u64;
+        if last {
+            for id in written.raced {
+                self.record_error(
+                    FailureCode::Store,
+                    format!(
+                        "the shard `{id}` was not soft-deleted: something else wrote it each of the {} times this sync did",
+                        plan::LANDING_ROUNDS
+                    ),
+                    None,
+                    None,
+                );
+            }
+            return Ok(Vec::new());
+        }
+        let raced: HashSet<&str> = written.raced.iter().map(String::as_str).collect();
+        Ok(held
+            .into_iter()
+            .filter(|(_, holder)| raced.contains(holder.as_str()))
+            .map(|(tombstone, _)| tombstone)
+            .collect())
     }
 
     /// The live shards of the mapping's type linked to any of these records of this
     /// integration, where the shard is not the record's own.
-    async fn linked_elsewhere(&self, external_ids: Vec<String>) -> Result<Vec<Shard>, Failure> {
+    async fn linked_elsewhere(
+        &self,
+        external_ids: Vec<String>,
+    ) -> Result<Vec<Versioned<Shard>>, Failure> {
         let mut linked = Vec::new();
         for chunk in external_ids.chunks(LINKED_LOOKUP) {
             let query = ShardQuery::of_type(&self.mapping.shard_type_id)
@@ -1673,43 +1815,52 @@ impl<'a> EntityRun<'a> {
                 .with_external_ids(chunk.to_vec());
             let asked: HashSet<&String> = chunk.iter().collect();
             for found in self.with_retries(|| self.app.store.query(&query)).await? {
-                let shard = found.value;
-                let ours = shard.external_relationships.iter().any(|r| {
+                let ours = found.value.external_relationships.iter().any(|r| {
                     r.integration_id == self.job.integration_id && asked.contains(&r.external_id)
                 });
                 if ours {
-                    linked.push(shard);
+                    linked.push(found);
                 }
             }
         }
         Ok(linked)
     }
 
-    /// Writes a page's shards in batches; retries them with backoff, then shard by shard.
-    /// `first_failure` is why writing them as the page landed failed, which was the first try.
-    /// Returns the ids that could not be written: those the store refused for what they are,
-    /// and those that still failed alone. Fails the run only if the store wrote none of them.
+    /// Writes a page's shards in batches, each that was read guarded by the etag it was read
+    /// at (`etags`); retries them with backoff, then shard by shard. `first_failure` is why
+    /// writing them as the page landed failed, which was the first try. Returns the shards not
+    /// written: those the store refused for what they are or that still failed alone, and
+    /// those written by something else since they were read. Fails the run only if the store
+    /// wrote none of them.
     async fn write(
         &self,
         shards: &[Shard],
+        etags: &HashMap<String, String>,
         first_failure: Option<StoreError>,
-    ) -> Result<Vec<String>, Failure> {
+    ) -> Result<Written, Failure> {
         if shards.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Written::default());
         }
-        if let Ok(refused) = self
-            .retried(first_failure, || self.app.store.upsert_many(shards))
+        let writes: Vec<Upsert<'_>> = shards.iter().map(|s| guarded(s, etags)).collect();
+        if let Ok(written) = self
+            .retried(first_failure, || self.app.store.upsert_many(&writes))
             .await
         {
-            return Ok(refused);
+            return Ok(written);
         }
-        let mut failed = Vec::new();
-        for shard in shards {
-            if self.app.store.upsert(shard).await.is_err() {
-                failed.push(shard.id.clone());
+        let mut left = Written::default();
+        for write in &writes {
+            let tried = match write.if_match {
+                Some(etag) => self.app.store.replace(write.shard, etag).await,
+                None => self.app.store.upsert(write.shard).await,
+            };
+            match tried {
+                Ok(_) => {}
+                Err(StoreError::PreconditionFailed) => left.raced.push(write.shard.id.clone()),
+                Err(_) => left.refused.push(write.shard.id.clone()),
             }
         }
-        if failed.len() == shards.len() {
+        if left.refused.len() == shards.len() {
             return Err(Failure::new(
                 FailureCode::Store,
                 format!(
@@ -1718,7 +1869,7 @@ impl<'a> EntityRun<'a> {
                 ),
             ));
         }
-        Ok(failed)
+        Ok(left)
     }
 
     /// Runs a store operation up to four times: at once, then after 1 s, 2 s and 4 s (±20%).

@@ -36,7 +36,7 @@ use crate::model::digest::Fnv1a;
 use crate::model::mapping::{EntityMapping, transform, transform_owned};
 use crate::model::shard::{ExternalRelationship, Relationship, RelationshipStatus, SyncDirection};
 use crate::model::{Shard, SyncError};
-use crate::store::ShardFingerprint;
+use crate::store::{ShardFingerprint, Written};
 
 /// Whose page is planned.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +78,12 @@ impl PageRecord {
         std::iter::once(&self.shard_id).chain(self.created_from.iter())
     }
 }
+
+/// Times the records of a page are landed, at most: a shard written by something else
+/// between a sync's read of it and its write (a Castiel user, another integration's sync) is
+/// read again and its records landed anew, and only a shard that changed under every try
+/// fails its records.
+pub const LANDING_ROUNDS: usize = 3;
 
 /// A page after its mapping.
 #[derive(Debug, Default)]
@@ -891,19 +897,37 @@ pub struct Tally {
 }
 
 /// Counts each landed record once: created (the first record of a new shard), updated (its
-/// shard changed), or skipped; a record whose shard could not be written (`failed_ids`) fails.
-pub fn tally(landed: &[(String, String)], changes: &Changes, failed_ids: &[String]) -> Tally {
+/// shard changed), or skipped. A record whose shard the store refused fails; one whose shard
+/// something else wrote since it was read is left uncounted to land again, or fails if this
+/// was the `last` try.
+pub fn tally(
+    landed: &[(String, String)],
+    changes: &Changes,
+    written: &Written,
+    last: bool,
+) -> Tally {
     let mut tally = Tally::default();
     let mut counted: HashMap<&str, bool> =
         HashMap::with_capacity_and_hasher(landed.len(), Default::default());
     for (record_id, shard_id) in landed {
-        if failed_ids.contains(shard_id) {
+        let mut fail = |message: String| {
             tally.failed.push(RecordFailure {
                 code: FailureCode::Store,
-                message: format!("the shard `{shard_id}` could not be written"),
+                message,
                 record_id: Some(record_id.clone()),
                 field: None,
-            });
+            })
+        };
+        if written.refused.contains(shard_id) {
+            fail(format!("the shard `{shard_id}` could not be written"));
+            continue;
+        }
+        if written.raced.contains(shard_id) {
+            if last {
+                fail(format!(
+                    "the shard `{shard_id}` was not written: something else wrote it each of the {LANDING_ROUNDS} times this sync did"
+                ));
+            }
             continue;
         }
         let first_for_shard = counted.insert(shard_id.as_str(), true).is_none();
@@ -1195,7 +1219,7 @@ mod tests {
         let stored_derived = landed.derived.iter().map(|_| None).collect();
         let mut changes = changes(&mut landed, stored_derived);
         let writes = std::mem::take(&mut changes.writes);
-        let mut tally = tally(&landed.landed, &changes, &[]);
+        let mut tally = tally(&landed.landed, &changes, &Written::default(), true);
         tally.skipped += landed.skipped;
         tally.failed.extend(page.failed);
         (writes, tally)
@@ -1345,7 +1369,7 @@ mod tests {
 
         let mut landed = landing.finish(&page.records);
         let changes = changes_written(&mut landed);
-        let mut tally = tally(&landed.landed, &changes, &[]);
+        let mut tally = tally(&landed.landed, &changes, &Written::default(), true);
         tally.skipped += landed.skipped;
         assert_eq!(tally, whole_tally);
         assert_eq!((tally.created, tally.updated), (3, 1));
@@ -1384,10 +1408,48 @@ mod tests {
         );
         let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
         let changes = changes(&mut landed, Vec::new());
-        let tally = tally(&landed.landed, &changes, &["int-1~Contact~2".to_string()]);
+        let refused = Written {
+            refused: vec!["int-1~Contact~2".to_string()],
+            raced: Vec::new(),
+        };
+        let tally = tally(&landed.landed, &changes, &refused, false);
         assert_eq!(tally.created, 1);
         assert_eq!(tally.failed[0].code, FailureCode::Store);
         assert_eq!(tally.failed[0].record_id.as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_record_whose_shard_was_written_meanwhile_is_counted_when_it_lands_again() {
+        let mapping = contacts(false, true);
+        let context = context(&mapping);
+        let mut page = transform_page(
+            "int-1",
+            &mapping,
+            vec![record("1", "Ann", None), record("2", "Bob", None)],
+        );
+        let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
+        let changes = changes(&mut landed, Vec::new());
+        let raced = Written {
+            refused: Vec::new(),
+            raced: vec!["int-1~Contact~2".to_string()],
+        };
+
+        let again = tally(&landed.landed, &changes, &raced, false);
+        assert_eq!((again.created, again.updated, again.skipped), (1, 0, 0));
+        assert!(
+            again.failed.is_empty(),
+            "it lands again: {:?}",
+            again.failed
+        );
+
+        let last = tally(&landed.landed, &changes, &raced, true);
+        assert_eq!(last.created, 1);
+        assert_eq!(last.failed[0].record_id.as_deref(), Some("2"));
+        assert!(
+            last.failed[0].message.contains("something else wrote it"),
+            "{}",
+            last.failed[0].message
+        );
     }
 
     /// Lands `records` in the two-way shards `stored` under `policy`.

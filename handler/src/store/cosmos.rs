@@ -10,14 +10,16 @@
 use async_trait::async_trait;
 use azure_core::http::StatusCode;
 use azure_data_cosmos::models::{ContainerProperties, ItemResponse, TimeToLive};
-use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
+use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions, Precondition};
 use azure_data_cosmos::{
     ContainerClient, CosmosClient, CosmosError, FeedScope, Query, TransactionalBatch,
 };
 use futures_util::TryStreamExt;
 use serde_json::Value;
 
-use super::{IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Versioned};
+use super::{
+    IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upsert, Versioned, Written,
+};
 use crate::model::Shard;
 use crate::model::shard::ExternalRelationship;
 
@@ -48,12 +50,13 @@ fn store_error(e: CosmosError) -> StoreError {
     }
 }
 
-/// Splits shards into transactional batches: one partition (tenant) each, at most
+/// Splits writes into transactional batches: one partition (tenant) each, at most
 /// [`BATCH_OPERATIONS`] operations and [`BATCH_BYTES`] of documents. A document too large
 /// for any batch goes alone, and its single write gets the store's own verdict.
-fn batches(shards: &[Shard]) -> Result<Vec<Vec<&Shard>>, StoreError> {
-    let mut by_tenant: Vec<(&str, Vec<Vec<&Shard>>, usize)> = Vec::new();
-    for shard in shards {
+fn batches<'a, 'b>(writes: &'b [Upsert<'a>]) -> Result<Vec<Vec<&'b Upsert<'a>>>, StoreError> {
+    let mut by_tenant: Vec<(&str, Vec<Vec<&Upsert<'a>>>, usize)> = Vec::new();
+    for write in writes {
+        let shard = write.shard;
         let mut size = ByteCount(0);
         serde_json::to_writer(&mut size, shard).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let size = size.0;
@@ -72,7 +75,7 @@ fn batches(shards: &[Shard]) -> Result<Vec<Vec<&Shard>>, StoreError> {
             *bytes = 0;
         }
         *bytes += size;
-        groups.last_mut().expect("just pushed").push(shard);
+        groups.last_mut().expect("just pushed").push(write);
     }
     Ok(by_tenant.into_iter().flat_map(|(_, g, _)| g).collect())
 }
@@ -92,9 +95,10 @@ impl std::io::Write for ByteCount {
 
 /// What a batch whose operations answered `statuses` means, if it failed. The operation that
 /// failed it is the one not answering 424 "failed dependency", which the others answer,
-/// wherever it stands in the batch. Its refusal is [`StoreError::Refused`], for the caller to
-/// write the batch shard by shard; throttling and outages stay retryable, so that a throttled
-/// batch is sent again as one request rather than as a hundred.
+/// wherever it stands in the batch. Its refusal is [`StoreError::Refused`], and a guarded
+/// write of a shard changed or gone since it was read [`StoreError::PreconditionFailed`], for
+/// the caller to write the batch shard by shard; throttling and outages stay retryable, so
+/// that a throttled batch is sent again as one request rather than as a hundred.
 fn batch_failure(statuses: impl IntoIterator<Item = u16>) -> Option<StoreError> {
     let failed: Vec<u16> = statuses.into_iter().filter(|s| *s >= 300).collect();
     let status = *failed.iter().find(|s| **s != 424).or(failed.first())?;
@@ -102,6 +106,7 @@ fn batch_failure(statuses: impl IntoIterator<Item = u16>) -> Option<StoreError> 
         408 | 429 | 449 | 500.. => {
             StoreError::Unavailable(format!("Cosmos DB: a batch operation answered {status}"))
         }
+        404 | 412 => StoreError::PreconditionFailed,
         _ => StoreError::Refused(format!("Cosmos DB: a batch operation answered {status}")),
     })
 }
@@ -185,15 +190,27 @@ impl CosmosStore {
         Ok(Self { container })
     }
 
-    /// Upserts one batch of one tenant's shards atomically.
-    async fn write_batch(&self, batch: &[&Shard]) -> Result<(), StoreError> {
+    /// Writes one batch of one tenant's shards atomically: a guarded write replaces its shard
+    /// only if it has the etag it was read at.
+    async fn write_batch(&self, batch: &[&Upsert<'_>]) -> Result<(), StoreError> {
         let tenant = batch
             .first()
-            .map(|s| s.tenant_id.clone())
+            .map(|w| w.shard.tenant_id.clone())
             .unwrap_or_default();
         let mut operations = TransactionalBatch::new(tenant);
-        for shard in batch {
-            operations = operations.upsert_item(shard, None).map_err(store_error)?;
+        for write in batch {
+            operations = match write.if_match {
+                Some(etag) => operations.replace_item(
+                    write.shard.id.clone(),
+                    write.shard,
+                    Some(
+                        BatchReplaceOptions::default()
+                            .with_precondition(Precondition::if_match(etag.to_string())),
+                    ),
+                ),
+                None => operations.upsert_item(write.shard, None),
+            }
+            .map_err(store_error)?;
         }
         let response = self
             .container
@@ -211,20 +228,27 @@ impl CosmosStore {
         }
     }
 
-    /// Upserts a batch's shards one by one: the ids of those Cosmos DB refuses.
-    async fn write_singly(&self, batch: &[&Shard]) -> Result<Vec<String>, StoreError> {
-        let mut refused = Vec::new();
-        for shard in batch {
-            match self.upsert(shard).await {
+    /// Writes a batch's shards one by one: those Cosmos DB refuses, and those changed since
+    /// they were read, are left.
+    async fn write_singly(&self, batch: &[&Upsert<'_>]) -> Result<Written, StoreError> {
+        let mut written = Written::default();
+        for write in batch {
+            let shard = write.shard;
+            let tried = match write.if_match {
+                Some(etag) => self.replace(shard, etag).await,
+                None => self.upsert(shard).await,
+            };
+            match tried {
                 Ok(_) => {}
                 Err(StoreError::Refused(reason)) => {
                     tracing::warn!(shard = %shard.id, %reason, "Cosmos DB refused a shard");
-                    refused.push(shard.id.clone());
+                    written.refused.push(shard.id.clone());
                 }
+                Err(StoreError::PreconditionFailed) => written.raced.push(shard.id.clone()),
                 Err(e) => return Err(e),
             }
         }
-        Ok(refused)
+        Ok(written)
     }
 
     /// The fingerprints a query in the tenant's partition projects, in the order it answers,
@@ -520,17 +544,22 @@ impl ShardStore for CosmosStore {
             .await
     }
 
-    /// Upserts in transactional batches of up to 100 shards of one tenant: one request per
+    /// Writes in transactional batches of up to 100 shards of one tenant: one request per
     /// batch instead of one per shard. A batch is all or nothing, so a batch with a write
-    /// Cosmos DB refuses is written again shard by shard, and only the refused shard fails.
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
-        let batches = batches(shards)?;
-        let mut refused = Vec::new();
+    /// Cosmos DB refuses, or one whose shard changed since it was read, is written again shard
+    /// by shard, and only that shard is left.
+    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+        let batches = batches(writes)?;
+        let mut left = Written::default();
         for wave in batches.chunks(WRITE_CONCURRENCY) {
             let written = futures_util::future::join_all(wave.iter().map(|batch| async move {
                 match self.write_batch(batch).await {
-                    Ok(()) => Ok(Vec::new()),
+                    Ok(()) => Ok(Written::default()),
                     Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e)),
+                    Err(StoreError::PreconditionFailed) => {
+                        tracing::debug!(shards = batch.len(), "a shard of a batch changed since it was read; writing them one by one");
+                        self.write_singly(batch).await
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, shards = batch.len(), "Cosmos DB refused a batch; writing its shards one by one");
                         self.write_singly(batch).await
@@ -539,10 +568,12 @@ impl ShardStore for CosmosStore {
             }))
             .await;
             for result in written {
-                refused.extend(result?);
+                let written = result?;
+                left.refused.extend(written.refused);
+                left.raced.extend(written.raced);
             }
         }
-        Ok(refused)
+        Ok(left)
     }
 
     async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
@@ -580,6 +611,10 @@ mod tests {
         assert!(matches!(
             batch_failure([424, 424]),
             Some(StoreError::Refused(_))
+        ));
+        assert!(matches!(
+            batch_failure([424, 412, 424]),
+            Some(StoreError::PreconditionFailed)
         ));
     }
     use serde_json::json;

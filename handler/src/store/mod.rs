@@ -29,6 +29,50 @@ pub struct Versioned<T> {
     pub etag: String,
 }
 
+/// One shard of a write of many, with the etag it was read at if it existed then. A sync
+/// decides a shard from what it read: if something else wrote the shard since (a Castiel
+/// user, another integration's sync, a write-back's outcome), writing the decision over it
+/// would undo that write. So the store leaves such a shard as it is and says so
+/// ([`Written::raced`]), for the sync to read it again and decide anew. A shard that did not
+/// exist when read has no etag and is written whatever is there: its id is the record's own,
+/// which only this integration's syncs write.
+#[derive(Debug, Clone, Copy)]
+pub struct Upsert<'a> {
+    pub shard: &'a Shard,
+    pub if_match: Option<&'a str>,
+}
+
+impl<'a> Upsert<'a> {
+    /// A write of `shard` whatever is stored.
+    pub fn any(shard: &'a Shard) -> Self {
+        Self {
+            shard,
+            if_match: None,
+        }
+    }
+
+    /// Writes of each of `shards` whatever is stored.
+    pub fn every(shards: &'a [Shard]) -> Vec<Self> {
+        shards.iter().map(Self::any).collect()
+    }
+}
+
+/// The shards a write of many left unwritten, by id; the others are written.
+#[derive(Debug, Default, PartialEq)]
+pub struct Written {
+    /// Refused for what they are (too large, malformed): trying again cannot help.
+    pub refused: Vec<String>,
+    /// Written by someone else since they were read ([`Upsert::if_match`]): left as they are.
+    pub raced: Vec<String>,
+}
+
+impl Written {
+    /// Whether every shard was written.
+    pub fn is_empty(&self) -> bool {
+        self.refused.is_empty() && self.raced.is_empty()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// `create` of an id that exists.
@@ -310,8 +354,9 @@ pub trait ShardStore: Send + Sync {
 
     /// A write of many shards handed over in parts, as they are decided: what
     /// [`ShardStore::upsert_many`] does with all of them, begun before the last is known. A
-    /// shard handed over twice is written as it was the second time. Nothing is promised
-    /// written until [`Upserts::finish`]; dropped unfinished, the write may be abandoned.
+    /// shard handed over twice is written as it was the second time, guarded by the etag it
+    /// was first handed over with. Nothing is promised written until [`Upserts::finish`];
+    /// dropped unfinished, the write may be abandoned.
     ///
     /// By default the parts are collected and written by `upsert_many` when the write
     /// finishes. A store whose writer can take rows while they are decided (the embedded
@@ -324,20 +369,27 @@ pub trait ShardStore: Send + Sync {
         })
     }
 
-    /// Upserts many shards in as few requests as the store allows. Returns the ids of the
-    /// shards the store refused for what they are (too large, malformed), each refused alone:
-    /// the others are written. Fails as a whole only when the store itself is failing, and
-    /// then may have written some of them (upserts are idempotent, so the caller retries all).
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
-        let mut refused = Vec::new();
-        for shard in shards {
-            match self.upsert(shard).await {
+    /// Writes many shards in as few requests as the store allows, each only if it still has
+    /// the etag it was read at ([`Upsert`]). Returns the shards it did not write: those the
+    /// store refused for what they are, each refused alone, and those written by someone else
+    /// since they were read. Fails as a whole only when the store itself is failing, and then
+    /// may have written some of them (the caller retries all: a shard it wrote no longer has
+    /// its old etag, and comes back raced, to be read again).
+    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+        let mut written = Written::default();
+        for write in writes {
+            let tried = match write.if_match {
+                Some(etag) => self.replace(write.shard, etag).await,
+                None => self.upsert(write.shard).await,
+            };
+            match tried {
                 Ok(_) => {}
-                Err(StoreError::Refused(_)) => refused.push(shard.id.clone()),
+                Err(StoreError::Refused(_)) => written.refused.push(write.shard.id.clone()),
+                Err(StoreError::PreconditionFailed) => written.raced.push(write.shard.id.clone()),
                 Err(e) => return Err(e),
             }
         }
-        Ok(refused)
+        Ok(written)
     }
 }
 
@@ -346,43 +398,52 @@ pub trait ShardStore: Send + Sync {
 pub trait Upserts: Send {
     /// Hands over more shards to write. Fails when the store has stopped writing, and then the
     /// write has failed as a whole.
-    async fn send(&mut self, shards: &[&Shard]) -> Result<(), StoreError>;
+    async fn send(&mut self, writes: &[Upsert<'_>]) -> Result<(), StoreError>;
 
     /// Writes whatever is left and waits until every shard handed over is written. Returns, as
-    /// [`ShardStore::upsert_many`] does, the ids of the shards the store refused for what they
-    /// are; fails as a whole when the store itself is failing.
-    async fn finish(self: Box<Self>) -> Result<Vec<String>, StoreError>;
+    /// [`ShardStore::upsert_many`] does, the shards it did not write; fails as a whole when the
+    /// store itself is failing.
+    async fn finish(self: Box<Self>) -> Result<Written, StoreError>;
 }
 
-/// The parts of a write collected, each shard once in its last version, for one
-/// [`ShardStore::upsert_many`] at the end.
+/// The parts of a write collected, each shard once in its last version with the etag it was
+/// first handed over with, for one [`ShardStore::upsert_many`] at the end.
 struct Collected<'a, S: ?Sized> {
     store: &'a S,
-    shards: Vec<Shard>,
+    shards: Vec<(Shard, Option<String>)>,
     /// Where each shard handed over is in `shards`.
     at: HashMap<String, usize>,
 }
 
 #[async_trait]
 impl<S: ShardStore + ?Sized> Upserts for Collected<'_, S> {
-    async fn send(&mut self, shards: &[&Shard]) -> Result<(), StoreError> {
-        for shard in shards {
-            match self.at.get(&shard.id) {
-                Some(&i) => self.shards[i] = (*shard).clone(),
+    async fn send(&mut self, writes: &[Upsert<'_>]) -> Result<(), StoreError> {
+        for write in writes {
+            match self.at.get(&write.shard.id) {
+                Some(&i) => self.shards[i].0 = write.shard.clone(),
                 None => {
-                    self.at.insert(shard.id.clone(), self.shards.len());
-                    self.shards.push((*shard).clone());
+                    self.at.insert(write.shard.id.clone(), self.shards.len());
+                    self.shards
+                        .push((write.shard.clone(), write.if_match.map(str::to_string)));
                 }
             }
         }
         Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<Vec<String>, StoreError> {
+    async fn finish(self: Box<Self>) -> Result<Written, StoreError> {
         if self.shards.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Written::default());
         }
-        self.store.upsert_many(&self.shards).await
+        let writes: Vec<Upsert<'_>> = self
+            .shards
+            .iter()
+            .map(|(shard, if_match)| Upsert {
+                shard,
+                if_match: if_match.as_deref(),
+            })
+            .collect();
+        self.store.upsert_many(&writes).await
     }
 }
 

@@ -7,6 +7,7 @@
 //! `synchronous=NORMAL` keeps every committed write across a process crash (kill -9); only a
 //! power loss can take the last transactions.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +17,8 @@ use serde_json::Value;
 
 use super::document;
 use super::{
-    IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upserts, Versioned,
+    IdRange, Op, ShardFingerprint, ShardQuery, ShardStore, StoreError, Upsert, Upserts, Versioned,
+    Written,
 };
 use crate::model::Shard;
 
@@ -235,13 +237,19 @@ impl SqliteStore {
         let (rows, mut batches) = tokio::sync::mpsc::channel::<ToWriter>(BATCHES_IN_FLIGHT);
         let writing = self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
+            let mut guards = Guards::default();
             while let Some(message) = batches.blocking_recv() {
                 match message {
-                    ToWriter::Rows(rows) => write_all(&tx, rows).map_err(unavailable)?,
-                    ToWriter::Commit => return tx.commit().map_err(unavailable),
+                    ToWriter::Rows(rows) => {
+                        write_all(&tx, rows, &mut guards).map_err(unavailable)?
+                    }
+                    ToWriter::Commit => {
+                        tx.commit().map_err(unavailable)?;
+                        return Ok(guards.raced);
+                    }
                 }
             }
-            Ok(())
+            Ok(Vec::new())
         });
         (rows, Box::pin(writing))
     }
@@ -360,6 +368,8 @@ struct Row {
     doc: String,
     fingerprint: String,
     keys: Vec<(String, String)>,
+    /// The etag the stored row must have for this one to replace it, if any.
+    if_match: Option<String>,
 }
 
 /// The `fingerprint` column: what [`ShardFingerprint`] holds besides `deleted`, in the
@@ -418,10 +428,11 @@ enum ToWriter {
     Commit,
 }
 
-/// A running writer of [`StreamedUpserts`]: where its rows go, and its answer once it stops.
+/// A running writer of [`StreamedUpserts`]: where its rows go, and its answer once it stops
+/// (the shards it left because they had changed since they were read).
 type Writer = (
     tokio::sync::mpsc::Sender<ToWriter>,
-    futures_util::future::BoxFuture<'static, Result<(), StoreError>>,
+    futures_util::future::BoxFuture<'static, Result<Vec<String>, StoreError>>,
 );
 
 /// The embedded store's [`Upserts`]: one transaction, whose writer, on a blocking thread,
@@ -458,12 +469,12 @@ impl StreamedUpserts<'_> {
 
 #[async_trait]
 impl Upserts for StreamedUpserts<'_> {
-    async fn send(&mut self, shards: &[&Shard]) -> Result<(), StoreError> {
+    async fn send(&mut self, writes: &[Upsert<'_>]) -> Result<(), StoreError> {
         if self.failed {
             return Err(StoreError::Unavailable("the write failed earlier".into()));
         }
-        for part in shards.chunks(ROWS_PER_BATCH) {
-            let rows = match part.iter().map(|shard| encode(shard)).collect() {
+        for part in writes.chunks(ROWS_PER_BATCH) {
+            let rows = match part.iter().map(guarded_row).collect() {
                 Ok(rows) => rows,
                 // Nothing is written: the caller is told which write failed, and why.
                 Err(e) => return Err(self.abandon(Some(e)).await),
@@ -478,20 +489,30 @@ impl Upserts for StreamedUpserts<'_> {
         Ok(())
     }
 
-    async fn finish(mut self: Box<Self>) -> Result<Vec<String>, StoreError> {
+    async fn finish(mut self: Box<Self>) -> Result<Written, StoreError> {
         if self.failed {
             return Err(StoreError::Unavailable("the write failed earlier".into()));
         }
         let Some((rows, writing)) = self.writer.take() else {
-            return Ok(Vec::new());
+            return Ok(Written::default());
         };
         // A writer that has stopped says why when awaited.
         let _ = rows.send(ToWriter::Commit).await;
         drop(rows);
-        writing.await?;
+        let raced = writing.await?;
         self.store.checkpoints.request();
-        Ok(Vec::new())
+        Ok(Written {
+            refused: Vec::new(),
+            raced,
+        })
     }
+}
+
+/// The row of a write of many: the shard encoded, with the etag it must still have.
+fn guarded_row(write: &Upsert<'_>) -> Result<Row, StoreError> {
+    let mut row = encode(write.shard)?;
+    row.if_match = write.if_match.map(str::to_string);
+    Ok(row)
 }
 
 fn encode(shard: &Shard) -> Result<Row, StoreError> {
@@ -515,6 +536,7 @@ fn encode(shard: &Shard) -> Result<Row, StoreError> {
         doc,
         fingerprint,
         keys,
+        if_match: None,
     })
 }
 
@@ -525,6 +547,18 @@ const FORGET_KEYS: &str =
     (SELECT s.tenant_id, s.shard_type_id, k.key, k.value, s.id
      FROM shards AS s, json_each(s.doc, '$.dedupKeys') AS k
      WHERE s.tenant_id = ?1 AND s.id = ?2)";
+
+/// [`FORGET_KEYS`] of a shard only while it has the etag `?3`: what a guarded write, which
+/// [`UPDATE_IF_MATCH`] then makes, forgets.
+const FORGET_KEYS_IF_MATCH: &str =
+    "DELETE FROM shard_keys WHERE (tenant_id, shard_type_id, name, value, id) IN
+    (SELECT s.tenant_id, s.shard_type_id, k.key, k.value, s.id
+     FROM shards AS s, json_each(s.doc, '$.dedupKeys') AS k
+     WHERE s.tenant_id = ?1 AND s.id = ?2 AND s.etag = ?3)";
+
+/// Replaces a shard's row only while it has the etag `?7`.
+const UPDATE_IF_MATCH: &str = "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8, fingerprint = ?9
+     WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7";
 
 /// Deletes the indexed keys of the shard `row` is about to replace.
 fn forget_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
@@ -577,11 +611,21 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
     Ok(written)
 }
 
+/// What the guards of one transaction's rows found so far: a shard handed over again after
+/// its guarded write is written as it comes (its etag is the transaction's own now), and one
+/// whose guard failed stays unwritten however often it comes.
+#[derive(Default)]
+struct Guards {
+    written: HashSet<String>,
+    raced: Vec<String>,
+}
+
 /// Writes a batch of rows, each statement prepared once. A shard is inserted as new first: a
 /// shard that has no row has no index keys either, so only one that was there (the insert
 /// refused) has its old keys deleted before its row is replaced. A full sync of new records
-/// looks up no keys.
-fn write_all(conn: &Connection, rows: Vec<Row>) -> rusqlite::Result<()> {
+/// looks up no keys. A row with an etag to match replaces the stored one only if it has it
+/// (see [`Guards`]).
+fn write_all(conn: &Connection, rows: Vec<Row>, guards: &mut Guards) -> rusqlite::Result<()> {
     let mut create = conn.prepare_cached(&format!("INSERT INTO shards {ROW_VALUES}"))?;
     let mut replace =
         conn.prepare_cached(&format!("INSERT OR REPLACE INTO shards {ROW_VALUES}"))?;
@@ -589,6 +633,35 @@ fn write_all(conn: &Connection, rows: Vec<Row>) -> rusqlite::Result<()> {
     let mut index_key = conn.prepare_cached(INDEX_KEY)?;
     for row in rows {
         let etag = new_etag();
+        if let Some(if_match) = &row.if_match {
+            if guards.raced.contains(&row.id) {
+                continue;
+            }
+            if !guards.written.contains(&row.id) {
+                conn.prepare_cached(FORGET_KEYS_IF_MATCH)?
+                    .execute(rusqlite::params![row.tenant_id, row.id, if_match])?;
+                let updated = conn
+                    .prepare_cached(UPDATE_IF_MATCH)?
+                    .execute(rusqlite::params![
+                        row.tenant_id,
+                        row.id,
+                        row.shard_type_id,
+                        row.deleted,
+                        etag,
+                        row.doc,
+                        if_match,
+                        row.expires,
+                        row.fingerprint
+                    ])?;
+                if updated == 0 {
+                    guards.raced.push(row.id);
+                } else {
+                    index_keys(&mut index_key, &row)?;
+                    guards.written.insert(row.id);
+                }
+                continue;
+            }
+        }
         let values = rusqlite::params![
             row.tenant_id,
             row.id,
@@ -782,11 +855,7 @@ impl ShardStore for SqliteStore {
             // Undone with the rest when the etag does not match.
             forget_keys(&tx, &row).map_err(unavailable)?;
             let changed = tx
-                .prepare_cached(
-                    "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8,
-                            fingerprint = ?9
-                     WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7",
-                )
+                .prepare_cached(UPDATE_IF_MATCH)
                 .map_err(unavailable)?
                 .execute(rusqlite::params![
                     row.tenant_id,
@@ -801,8 +870,11 @@ impl ShardStore for SqliteStore {
                 ])
                 .map_err(unavailable)?;
             if changed == 1 {
-                index_keys(&mut tx.prepare_cached(INDEX_KEY).map_err(unavailable)?, &row)
-                    .map_err(unavailable)?;
+                index_keys(
+                    &mut tx.prepare_cached(INDEX_KEY).map_err(unavailable)?,
+                    &row,
+                )
+                .map_err(unavailable)?;
                 tx.commit().map_err(unavailable)?;
                 Ok(etag)
             } else {
@@ -940,9 +1012,9 @@ impl ShardStore for SqliteStore {
         })
     }
 
-    async fn upsert_many(&self, shards: &[Shard]) -> Result<Vec<String>, StoreError> {
+    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
         let mut upserts = self.upserts();
-        upserts.send(&shards.iter().collect::<Vec<_>>()).await?;
+        upserts.send(writes).await?;
         upserts.finish().await
     }
 
@@ -1206,7 +1278,10 @@ mod tests {
         // So does a page of writes, beside a shard written for the first time.
         s.dedup_keys = email_key("ann@w.test");
         store
-            .upsert_many(&[s.clone(), contact("t1", "b", "bo@x.test")])
+            .upsert_many(&Upsert::every(&[
+                s.clone(),
+                contact("t1", "b", "bo@x.test"),
+            ]))
             .await
             .unwrap();
         assert_eq!(found_by_email(&store, "t1", "ann@z.test").await, 0);
@@ -1240,7 +1315,13 @@ mod tests {
         let page: Vec<Shard> = (0..ROWS_PER_BATCH * (BATCHES_IN_FLIGHT + 3) + 7)
             .map(|i| shard("t1", &format!("s{i:05}"), json!({"n": i})))
             .collect();
-        assert!(store.upsert_many(&page).await.unwrap().is_empty());
+        assert!(
+            store
+                .upsert_many(&Upsert::every(&page))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let ids: Vec<String> = page.iter().map(|s| s.id.clone()).collect();
         let read = store.get_many("t1", &ids).await.unwrap();
         assert!(
@@ -1257,13 +1338,19 @@ mod tests {
         let ann = contact("t1", "a", "ann@x.test");
         let bo = contact("t1", "b", "bo@x.test");
         let mut upserts = store.upserts();
-        upserts.send(&[&ann, &bo]).await.unwrap();
+        upserts
+            .send(&[Upsert::any(&ann), Upsert::any(&bo)])
+            .await
+            .unwrap();
         // The second part changes a shard of the first: its last version is the one kept,
         // with the keys of that version only.
         let mut ann_again = contact("t1", "a", "ann@y.test");
         ann_again.name = "Ann".into();
         let cy = contact("t1", "c", "cy@x.test");
-        upserts.send(&[&ann_again, &cy]).await.unwrap();
+        upserts
+            .send(&[Upsert::any(&ann_again), Upsert::any(&cy)])
+            .await
+            .unwrap();
         assert!(upserts.finish().await.unwrap().is_empty());
 
         assert_eq!(
@@ -1277,11 +1364,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_guarded_write_leaves_a_shard_written_since_it_was_read_however_often_it_comes() {
+        let (_dir, store) = store();
+        let read = [
+            contact("t1", "a", "ann@x.test"),
+            contact("t1", "b", "bo@x.test"),
+        ];
+        assert!(
+            store
+                .upsert_many(&Upsert::every(&read))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let etag = |id: &'static str| {
+            let store = store.clone();
+            async move { store.get("t1", id).await.unwrap().unwrap().etag }
+        };
+        let (a, b) = (etag("a").await, etag("b").await);
+        store
+            .upsert(&contact("t1", "b", "bo@elsewhere.test"))
+            .await
+            .unwrap();
+
+        let (ann, bo) = (
+            contact("t1", "a", "ann@new.test"),
+            contact("t1", "b", "bo@new.test"),
+        );
+        let ann_again = contact("t1", "a", "ann@newer.test");
+        let guarded = |shard, etag| Upsert {
+            shard,
+            if_match: Some(etag),
+        };
+        let mut upserts = store.upserts();
+        upserts
+            .send(&[guarded(&ann, &a), guarded(&bo, &b)])
+            .await
+            .unwrap();
+        // Handed over again in a later part, as a sync lands a shard twice in one page.
+        upserts
+            .send(&[guarded(&ann_again, &a), guarded(&bo, &b)])
+            .await
+            .unwrap();
+        let written = upserts.finish().await.unwrap();
+
+        assert_eq!(written.raced, ["b"]);
+        assert_eq!(found_by_email(&store, "t1", "ann@newer.test").await, 1);
+        assert_eq!(found_by_email(&store, "t1", "ann@new.test").await, 0);
+        assert_eq!(found_by_email(&store, "t1", "ann@x.test").await, 0);
+        assert_eq!(found_by_email(&store, "t1", "bo@elsewhere.test").await, 1);
+        assert_eq!(found_by_email(&store, "t1", "bo@new.test").await, 0);
+    }
+
+    #[tokio::test]
     async fn a_write_dropped_before_it_finishes_writes_nothing() {
         let (_dir, store) = store();
         let ann = contact("t1", "a", "ann@x.test");
         let mut upserts = store.upserts();
-        upserts.send(&[&ann]).await.unwrap();
+        upserts.send(&[Upsert::any(&ann)]).await.unwrap();
         drop(upserts);
 
         assert!(store.get("t1", "a").await.unwrap().is_none());
@@ -1310,12 +1450,24 @@ mod tests {
             contact("t1", "b", "bo@x.test"),
             contact("t2", "a", "ann@x.test"),
         ];
-        assert!(store.upsert_many(&page).await.unwrap().is_empty());
+        assert!(
+            store
+                .upsert_many(&Upsert::every(&page))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let again = [
             contact("t1", "a", "ann@y.test"),
             contact("t2", "a", "ann@x.test"),
         ];
-        assert!(store.upsert_many(&again).await.unwrap().is_empty());
+        assert!(
+            store
+                .upsert_many(&Upsert::every(&again))
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         assert_eq!(
             found_by_email(&store, "t1", "ann@x.test").await,
@@ -1363,7 +1515,13 @@ mod tests {
         let mut company = contact("t1", "int-1~Contact~e", "e@x.test");
         company.shard_type_id = "c_company".into();
         shards.push(company);
-        assert!(store.upsert_many(&shards).await.unwrap().is_empty());
+        assert!(
+            store
+                .upsert_many(&Upsert::every(&shards))
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         let prefix = "int-1~Contact~";
         let mut pages = Vec::new();
@@ -1400,7 +1558,13 @@ mod tests {
             .iter()
             .map(|id| contact("t1", id, "z@x.test"))
             .collect();
-        assert!(store.upsert_many(&later).await.unwrap().is_empty());
+        assert!(
+            store
+                .upsert_many(&Upsert::every(&later))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let found = store
             .fingerprints_by_prefix("t1", "c_contact", endless, None, 10)
             .await
@@ -1491,7 +1655,7 @@ mod tests {
         let mut s = contact("t1", "a", "ann@x.test");
         s.ttl = Some(60);
         store
-            .upsert_many(&[s, contact("t1", "b", "bo@x.test")])
+            .upsert_many(&Upsert::every(&[s, contact("t1", "b", "bo@x.test")]))
             .await
             .unwrap();
         let later = Utc::now() + chrono::Duration::minutes(2);
