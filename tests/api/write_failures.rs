@@ -119,6 +119,39 @@ impl ShardStore for EditedMeanwhile {
     }
 }
 
+/// A store whose first write of many writes half of its shards, then fails as throttled, as a
+/// page's Cosmos batches do when the last of them is throttled.
+struct HalfWritten {
+    inner: SqliteStore,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl ShardStore for HalfWritten {
+    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
+        self.inner.get(tenant_id, id).await
+    }
+    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.inner.create(shard).await
+    }
+    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
+        self.inner.upsert(shard).await
+    }
+    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
+        self.inner.replace(shard, if_match).await
+    }
+    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
+        self.inner.query(query).await
+    }
+    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.inner.upsert_many(&writes[..writes.len() / 2]).await?;
+            return Err(StoreError::Unavailable("429 too many requests".into()));
+        }
+        self.inner.upsert_many(writes).await
+    }
+}
+
 /// The shard synced from the `i`th account of the fake org.
 fn account_shard(i: usize) -> String {
     format!("int-acme-sf~Account~001{i:015}")
@@ -449,4 +482,56 @@ async fn a_deletion_applied_while_the_shard_is_edited_keeps_the_edit() {
     let run = run_of(&test, "incremental").await;
     assert_eq!(run["status"], "success", "{run}");
     assert_eq!(run["stats"]["shardsUpdated"], 1, "{run}");
+}
+
+#[tokio::test]
+async fn a_write_retried_after_it_failed_part_way_counts_what_it_wrote_the_first_time() {
+    let test = TestApp::new();
+    let fake = register(&test).await;
+    let app = test.app(&[]);
+    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        fake.add(
+            "Account",
+            json!({"Id": format!("001{i:015}"), "Name": format!("Renamed {i}")}),
+            Utc::now(),
+        );
+    }
+    let store = Arc::new(HalfWritten {
+        inner: test.store(),
+        calls: AtomicU32::new(0),
+    });
+    let app = app_with(&test, store.clone());
+
+    inbound::process(
+        &app,
+        SYNC_INBOUND_WEBHOOK,
+        &webhook_job_named("wh-2", 20),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(store.calls.load(Ordering::SeqCst), 2, "one retry");
+    let run = run_of(&test, "wh-2").await;
+    assert_eq!(run["status"], "success", "{run}");
+    assert_eq!(
+        run["stats"],
+        json!({"recordsFetched": 20, "shardsCreated": 0, "shardsUpdated": 20, "shardsSkipped": 0, "shardsFailed": 0}),
+        "the ten written before the failure are its own, not someone else's"
+    );
+    let names: Vec<Value> = test
+        .shards("c_company")
+        .await
+        .into_iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.as_str().unwrap().starts_with("Renamed")),
+        "{names:?}"
+    );
 }

@@ -1470,7 +1470,6 @@ impl<'a> EntityRun<'a> {
         };
         let mut landed = landing.finish(records);
         self.counters.skipped += landed.skipped;
-        self.record_failures(std::mem::take(&mut landed.failed));
         if let Some(writing) = writing {
             let _ = writing.send(());
         }
@@ -1522,6 +1521,18 @@ impl<'a> EntityRun<'a> {
             .collect();
         self.follow_two_way(&landed, &changes.writes, &unwritten)
             .await?;
+        // The failures of records that land again are theirs to tell then.
+        let mut failed = std::mem::take(&mut landed.failed);
+        if !last && !written.raced.is_empty() {
+            let again: HashSet<&str> = landed
+                .landed
+                .iter()
+                .filter(|(_, shard)| written.raced.contains(shard))
+                .map(|(record, _)| record.as_str())
+                .collect();
+            failed.retain(|f| f.record_id.as_deref().is_none_or(|id| !again.contains(id)));
+        }
+        self.record_failures(failed);
         let tally = plan::tally(&landed.landed, &changes, &written, last);
         self.counters.created += tally.created;
         self.counters.updated += tally.updated;
@@ -1735,7 +1746,8 @@ impl<'a> EntityRun<'a> {
                 }
             }
         }
-        // A shard two of the tombstones hold is written once, with both links marked.
+        // A shard two of the tombstones hold is written once, with both links marked; each
+        // tombstone counts.
         let mut changed: Vec<String> = Vec::new();
         let mut counted: HashSet<String> = HashSet::default();
         let mut held: Vec<(&'r Record, String)> = Vec::with_capacity(tombstones.len());
@@ -1757,8 +1769,8 @@ impl<'a> EntityRun<'a> {
                 Some(updated) => {
                     if counted.insert(id.clone()) {
                         changed.push(id.clone());
-                        self.counters.updated += 1;
                     }
+                    self.counters.updated += 1;
                     held.push((tombstone, id.clone()));
                     shards.insert(id, updated);
                 }
@@ -1770,8 +1782,9 @@ impl<'a> EntityRun<'a> {
         }
         let writes: Vec<Shard> = changed.iter().filter_map(|id| shards.remove(id)).collect();
         let written = self.write(&writes, &etags, None).await?;
+        let tombstones_of = |id: &str| held.iter().filter(|(_, holder)| holder == id).count();
         for id in written.refused {
-            self.counters.updated -= 1;
+            self.counters.updated -= tombstones_of(&id) as u64;
             self.record_error(
                 FailureCode::Store,
                 format!("the shard `{id}` could not be soft-deleted"),
@@ -1779,7 +1792,9 @@ impl<'a> EntityRun<'a> {
                 None,
             );
         }
-        self.counters.updated -= written.raced.len() as u64;
+        for id in &written.raced {
+            self.counters.updated -= tombstones_of(id) as u64;
+        }
         if last {
             for id in written.raced {
                 self.record_error(
@@ -1833,6 +1848,51 @@ impl<'a> EntityRun<'a> {
     /// those written by something else since they were read. Fails the run only if the store
     /// wrote none of them.
     async fn write(
+        &self,
+        shards: &[Shard],
+        etags: &HashMap<String, String>,
+        first_failure: Option<StoreError>,
+    ) -> Result<Written, Failure> {
+        let mut written = self.write_tries(shards, etags, first_failure).await?;
+        if !written.raced.is_empty() {
+            self.keep_own_writes(&mut written, shards).await?;
+        }
+        Ok(written)
+    }
+
+    /// Takes out of `written.raced` the shards that hold what this sync sent them
+    /// (`shards`): a try that failed part way (Cosmos batches written before one was
+    /// throttled) wrote them, and the next try found its own etag there. A shard's content
+    /// hash says what it holds, whenever it was written.
+    async fn keep_own_writes(
+        &self,
+        written: &mut Written,
+        shards: &[Shard],
+    ) -> Result<(), Failure> {
+        let raced = std::mem::take(&mut written.raced);
+        let stored = self
+            .with_retries(|| self.app.store.get_many(self.job.tenant_id, &raced))
+            .await?;
+        let sent: HashMap<&str, Option<&str>> = shards
+            .iter()
+            .map(|s| (s.id.as_str(), s.content_hash.as_deref()))
+            .collect();
+        written.raced = raced
+            .into_iter()
+            .zip(stored)
+            .filter(|(id, stored)| {
+                let holds = stored
+                    .as_ref()
+                    .and_then(|v| v.value.content_hash.as_deref());
+                holds.is_none() || holds != sent.get(id.as_str()).copied().flatten()
+            })
+            .map(|(id, _)| id)
+            .collect();
+        Ok(())
+    }
+
+    /// [`Self::write`]'s tries: in batches with backoff, then shard by shard.
+    async fn write_tries(
         &self,
         shards: &[Shard],
         etags: &HashMap<String, String>,

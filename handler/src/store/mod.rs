@@ -354,9 +354,10 @@ pub trait ShardStore: Send + Sync {
 
     /// A write of many shards handed over in parts, as they are decided: what
     /// [`ShardStore::upsert_many`] does with all of them, begun before the last is known. A
-    /// shard handed over twice is written as it was the second time, guarded by the etag it
-    /// was first handed over with. Nothing is promised written until [`Upserts::finish`];
-    /// dropped unfinished, the write may be abandoned.
+    /// shard handed over twice is written as it was the second time; it comes with the same
+    /// etag to match each time (the one it was read at), and is left whole if that no longer
+    /// matches. Nothing is promised written until [`Upserts::finish`]; dropped unfinished, the
+    /// write may be abandoned.
     ///
     /// By default the parts are collected and written by `upsert_many` when the write
     /// finishes. A store whose writer can take rows while they are decided (the embedded

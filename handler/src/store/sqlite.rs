@@ -245,7 +245,9 @@ impl SqliteStore {
                     }
                     ToWriter::Commit => {
                         tx.commit().map_err(unavailable)?;
-                        return Ok(guards.raced);
+                        let mut raced: Vec<String> = guards.raced.into_iter().collect();
+                        raced.sort_unstable();
+                        return Ok(raced);
                     }
                 }
             }
@@ -617,7 +619,7 @@ fn write(conn: &Connection, row: &Row, etag: &str, mode: &str) -> rusqlite::Resu
 #[derive(Default)]
 struct Guards {
     written: HashSet<String>,
-    raced: Vec<String>,
+    raced: HashSet<String>,
 }
 
 /// Writes a batch of rows, each statement prepared once. A shard is inserted as new first: a
@@ -633,34 +635,34 @@ fn write_all(conn: &Connection, rows: Vec<Row>, guards: &mut Guards) -> rusqlite
     let mut index_key = conn.prepare_cached(INDEX_KEY)?;
     for row in rows {
         let etag = new_etag();
-        if let Some(if_match) = &row.if_match {
-            if guards.raced.contains(&row.id) {
-                continue;
+        if !guards.raced.is_empty() && guards.raced.contains(&row.id) {
+            continue;
+        }
+        if let Some(if_match) = &row.if_match
+            && !guards.written.contains(&row.id)
+        {
+            conn.prepare_cached(FORGET_KEYS_IF_MATCH)?
+                .execute(rusqlite::params![row.tenant_id, row.id, if_match])?;
+            let updated = conn
+                .prepare_cached(UPDATE_IF_MATCH)?
+                .execute(rusqlite::params![
+                    row.tenant_id,
+                    row.id,
+                    row.shard_type_id,
+                    row.deleted,
+                    etag,
+                    row.doc,
+                    if_match,
+                    row.expires,
+                    row.fingerprint
+                ])?;
+            if updated == 0 {
+                guards.raced.insert(row.id);
+            } else {
+                index_keys(&mut index_key, &row)?;
+                guards.written.insert(row.id);
             }
-            if !guards.written.contains(&row.id) {
-                conn.prepare_cached(FORGET_KEYS_IF_MATCH)?
-                    .execute(rusqlite::params![row.tenant_id, row.id, if_match])?;
-                let updated = conn
-                    .prepare_cached(UPDATE_IF_MATCH)?
-                    .execute(rusqlite::params![
-                        row.tenant_id,
-                        row.id,
-                        row.shard_type_id,
-                        row.deleted,
-                        etag,
-                        row.doc,
-                        if_match,
-                        row.expires,
-                        row.fingerprint
-                    ])?;
-                if updated == 0 {
-                    guards.raced.push(row.id);
-                } else {
-                    index_keys(&mut index_key, &row)?;
-                    guards.written.insert(row.id);
-                }
-                continue;
-            }
+            continue;
         }
         let values = rusqlite::params![
             row.tenant_id,
