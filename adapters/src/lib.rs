@@ -136,6 +136,22 @@ pub trait Pull: Send + Sync {
         false
     }
 
+    /// Of the records of `entity` that a listing from the start left out (`ids`, from the
+    /// links of their shards), those the provider no longer holds: what the engine then
+    /// soft-deletes. All of them by default, for a listing the provider says is complete
+    /// ([`Pull::lists_everything`]). A provider relisted after it lost its deletions
+    /// (Salesforce) checks them first, since its full read leaves out records it still holds
+    /// (outside the mapping's filters, archived activities); a record the integration's user
+    /// can no longer read is gone as far as the sync can tell.
+    async fn gone(
+        &self,
+        _conn: &mut Connection,
+        _entity: &str,
+        ids: Vec<String>,
+    ) -> Result<Vec<String>, ProviderError> {
+        Ok(ids)
+    }
+
     /// Whether a sync may be given an older version of a record after a newer one: exports read
     /// again, a backfill of last month's versions. The engine then keeps, for each shard, the
     /// modified time of the version it was written from, and skips older versions. An API that

@@ -2,11 +2,13 @@
 //! OAuth refresh (no `expires_in`, optional refresh-token rotation that invalidates the old
 //! token, `invalid_grant`), SOQL with `nextRecordsUrl` paging and `Sforce-Query-Options`
 //! batch sizes, `SystemModstamp` timestamps in `+0000` form, `getDeleted` with its
-//! `earliestDateAvailable` window and whole minutes, `Sforce-Limit-Info`, 401
+//! `earliestDateAvailable` window (nothing deleted before it is listed) and whole minutes, `Sforce-Limit-Info`, 401
 //! `INVALID_SESSION_ID` when a token expires and 403 `REQUEST_LIMIT_EXCEEDED` when the
 //! allocation runs out, errors as arrays.
-//! `WHERE Id IN (...)` reads notified records back. Knobs let a test expire the token, exhaust
-//! the allocation, fail a share of requests or hold a page mid-sync.
+//! `WHERE Id IN (...)` reads notified records back. `queryAll` answers ids with `IsDeleted`,
+//! the recycle bin's records and archived ones included, which `/query` leaves out; a record
+//! purged from the recycle bin is in neither. Knobs let a test expire the token, exhaust the
+//! allocation, fail a share of requests or hold a page mid-sync.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,9 @@ pub struct Org {
     /// Records per entity, each with `Id` and `SystemModstamp`.
     pub records: BTreeMap<String, Vec<Arc<Map<String, Value>>>>,
     pub deleted: Vec<(String, String, DateTime<Utc>)>,
+    /// Ids of archived records (old activities): `/query` leaves them out, `queryAll` answers
+    /// them.
+    pub archived: HashSet<String>,
     pub earliest_deleted_available: Option<DateTime<Utc>>,
     /// The most deletions `getDeleted` lists at once (Salesforce's is 600,000); over it, 400
     /// EXCEEDED_ID_LIMIT.
@@ -115,6 +120,11 @@ impl FakeSalesforce {
             .route("/services/oauth2/token", post(token))
             .route("/services/data/v62.0/query", get(query))
             .route("/services/data/v62.0/query/{locator}", get(query_more))
+            .route("/services/data/v62.0/queryAll", get(query_all))
+            .route(
+                "/services/data/v62.0/sobjects/{entity}/describe",
+                get(describe),
+            )
             .route(
                 "/services/data/v62.0/sobjects/{entity}/deleted/",
                 get(deleted),
@@ -403,6 +413,7 @@ async fn query(
                 .as_ref()
                 .is_none_or(|ids| ids.iter().any(|id| r["Id"] == id.as_str()))
         })
+        .filter(|r| !org.archived.contains(&text(r, "Id")))
         .collect();
     fn order(r: &Map<String, Value>) -> (Option<&str>, Option<&str>) {
         (
@@ -421,6 +432,77 @@ async fn query(
     org.cursors.insert(locator.clone(), (Arc::new(result), 0));
     drop(org);
     page(&fake, &locator, batch_size(&headers))
+}
+
+/// The key prefix every id of a standard object begins with.
+const KEY_PREFIXES: [(&str, &str); 6] = [
+    ("Account", "001"),
+    ("Contact", "003"),
+    ("Opportunity", "006"),
+    ("Lead", "00Q"),
+    ("Task", "00T"),
+    ("Event", "00U"),
+];
+
+/// An object's description; of its many properties, its name and `keyPrefix`.
+async fn describe(
+    State(fake): State<FakeSalesforce>,
+    headers: HeaderMap,
+    Path(entity): Path<String>,
+) -> Response {
+    if let Err(answer) = admit(&fake, &headers, format!("describe {entity}")) {
+        return *answer;
+    }
+    let Some((_, prefix)) = KEY_PREFIXES.iter().find(|(name, _)| *name == entity) else {
+        return sf_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        );
+    };
+    Json(json!({"name": entity, "keyPrefix": prefix, "queryable": true, "fields": []}))
+        .into_response()
+}
+
+/// `queryAll` of `SELECT Id, IsDeleted FROM <entity> WHERE Id IN (...)`, in one batch: the
+/// live records (archived ones too), and those in the recycle bin with `IsDeleted` true.
+async fn query_all(
+    State(fake): State<FakeSalesforce>,
+    headers: HeaderMap,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
+    let soql = params.get("q").cloned().unwrap_or_default();
+    if let Err(answer) = admit(&fake, &headers, format!("queryAll {soql}")) {
+        return *answer;
+    }
+    let parsed = soql
+        .strip_prefix("SELECT Id, IsDeleted FROM ")
+        .and_then(|rest| rest.split_once(" WHERE Id IN ("))
+        .and_then(|(entity, list)| Some((entity, list.strip_suffix(')')?)));
+    let Some((entity, list)) = parsed else {
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_QUERY",
+            "unexpected token",
+        );
+    };
+    let org = fake.org.lock().unwrap();
+    let records: Vec<Value> = list
+        .split(", ")
+        .map(|id| id.trim_matches('\''))
+        .filter_map(|id| {
+            let live = org
+                .records
+                .get(entity)
+                .is_some_and(|rows| rows.iter().any(|r| r["Id"] == id));
+            let binned = org.deleted.iter().any(|(e, d, _)| e == entity && d == id);
+            (live || binned).then(|| {
+                json!({"attributes": {"type": entity, "url": format!("/services/data/v62.0/sobjects/{entity}/{id}")},
+                       "Id": id, "IsDeleted": !live})
+            })
+        })
+        .collect();
+    Json(json!({"totalSize": records.len(), "done": true, "records": records})).into_response()
 }
 
 async fn query_more(
@@ -483,7 +565,7 @@ async fn deleted(
     let records: Vec<Value> = org
         .deleted
         .iter()
-        .filter(|(e, _, at)| *e == entity && *at >= start && *at <= end)
+        .filter(|(e, _, at)| *e == entity && *at >= start.max(earliest) && *at <= end)
         .map(|(_, id, at)| json!({"id": id, "deletedDate": timestamp(*at)}))
         .collect();
     if records.len() > org.deleted_ids_limit.unwrap_or(600_000) {

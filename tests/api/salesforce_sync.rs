@@ -5,6 +5,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 
 use handler::engine::pipeline::content_hash;
+use handler::model::shard::{ExternalRelationship, RelationshipStatus, SyncDirection};
 use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED};
 use handler::store::ShardStore;
 
@@ -1094,13 +1095,91 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         "the cursor is dropped: {state}"
     );
 
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+
+    // Meanwhile, in the span no log of deletions covers any more: an account was deleted and
+    // purged from the recycle bin, another deleted into it, and a third archived, which a
+    // query leaves out but which lives on.
+    {
+        let mut org = fake.org.lock().unwrap();
+        org.records
+            .get_mut("Account")
+            .unwrap()
+            .retain(|r| r["Id"] != "001000000000000002");
+        org.archived.insert("001000000000000003".into());
+    }
+    fake.delete(
+        "Account",
+        "001000000000000004",
+        Utc::now() - Duration::minutes(2),
+    );
+    // And a lead merged into an account's shard: no account listing says anything of it.
+    let store = app.store();
+    let mut merged = store
+        .get("t1", "int-acme-sf~Account~001000000000000001")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    merged
+        .external_relationships
+        .push(ExternalRelationship::synced(
+            "int-acme-sf",
+            "00Q000000000000009",
+            SyncDirection::Inbound,
+            Utc::now(),
+        ));
+    merged.content_hash = Some(content_hash(&merged));
+    store.upsert(&merged).await.unwrap();
     let before = fake.requests().len();
     run_job(&handler, "job-3", "incremental", 1).await;
-    let query = &fake.requests()[before];
+    let requests = fake.requests()[before..].to_vec();
     assert!(
-        !query.contains("SystemModstamp >="),
-        "a full query: {query}"
+        !requests[0].contains("SystemModstamp >="),
+        "a full query: {}",
+        requests[0]
     );
+    let names: Vec<Value> = app
+        .shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        [json!("Account 0"), json!("Account 1"), json!("Account 3")],
+        "the full read lists the object whole; what it left out and Salesforce no longer has is gone"
+    );
+    let asked: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("queryAll"))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            "queryAll SELECT Id, IsDeleted FROM Account WHERE Id IN ('001000000000000002', '001000000000000003', '001000000000000004')"
+        ],
+        "only the records the listing left out are asked about"
+    );
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["stats"]["shardsUpdated"], 2, "{record}");
+    let lead = store
+        .get("t1", "int-acme-sf~Account~001000000000000001")
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .external_relationships
+        .into_iter()
+        .find(|r| r.external_id == "00Q000000000000009")
+        .unwrap();
+    assert_eq!(
+        lead.sync_status,
+        RelationshipStatus::Synced,
+        "another object's record is not judged by this one's listing"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("lostDeletions").is_none(), "{state}");
 }
 
 #[tokio::test]

@@ -861,6 +861,78 @@ impl Pull for Salesforce {
         true
     }
 
+    /// Asks `queryAll`, which answers deleted (`IsDeleted`) and archived records as well, for
+    /// each id of the object: one it answers live stays; one deleted or purged (not answered)
+    /// is gone. An id of another object (a record of another entity merged into one of this
+    /// entity's shards), told by the key prefix its ids begin with, is not this listing's to
+    /// judge, nor is anything that is not a Salesforce id.
+    async fn gone(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        ids: Vec<String>,
+    ) -> Result<Vec<String>, ProviderError> {
+        #[derive(serde::Deserialize)]
+        struct Described {
+            #[serde(rename = "keyPrefix")]
+            key_prefix: Option<String>,
+        }
+        let version = Self::api_version(conn);
+        let (described, _): (Described, _) = self
+            .get(
+                conn,
+                &format!("/services/data/{version}/sobjects/{entity}/describe"),
+                &[],
+                None,
+            )
+            .await?;
+        let Some(key_prefix) = described.key_prefix else {
+            return Ok(Vec::new());
+        };
+        let mut gone = Vec::new();
+        let asked: Vec<(String, String)> = ids
+            .into_iter()
+            .filter_map(|id| normalize_id(&id).map(|normal| (id, normal)))
+            .filter(|(_, normal)| normal.starts_with(&key_prefix))
+            .collect();
+        for chunk in asked.chunks(IDS_PER_QUERY) {
+            let quoted: Vec<String> = chunk.iter().map(|(_, id)| format!("'{id}'")).collect();
+            let soql = format!(
+                "SELECT Id, IsDeleted FROM {entity} WHERE Id IN ({})",
+                quoted.join(", ")
+            );
+            let mut path = format!("/services/data/{version}/queryAll");
+            let mut params = vec![("q", soql)];
+            let mut live = std::collections::HashSet::new();
+            loop {
+                let (answer, _): (QueryAnswer, _) =
+                    self.get(conn, &path, &params, Some(2000)).await?;
+                let next = answer.next().map(str::to_string);
+                live.extend(
+                    answer
+                        .into_records()
+                        .into_iter()
+                        .filter(|r| !r.deleted)
+                        .map(|r| r.id),
+                );
+                match next {
+                    Some(next) => {
+                        path = next;
+                        params.clear();
+                    }
+                    None => break,
+                }
+            }
+            gone.extend(
+                chunk
+                    .iter()
+                    .filter(|(_, normal)| !live.contains(normal))
+                    .map(|(id, _)| id.clone()),
+            );
+        }
+        Ok(gone)
+    }
+
     async fn fetch_deleted(
         &self,
         conn: &mut Connection,

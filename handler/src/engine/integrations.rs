@@ -40,6 +40,9 @@ pub fn merged(
             if given.deletions_checked.is_empty() {
                 given.deletions_checked = old.deletions_checked.clone();
             }
+            if given.lost_deletions.is_empty() {
+                given.lost_deletions = old.lost_deletions.clone();
+            }
             if given.checkpoints.is_empty() {
                 given.checkpoints = old.checkpoints.clone();
             }

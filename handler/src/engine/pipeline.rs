@@ -356,6 +356,8 @@ struct EntityRun<'a> {
     /// The complete listing this run reads part or all of (see `Pull::lists_everything`):
     /// what it leaves out is reconciled as deleted.
     listing: Option<Listing>,
+    /// The entity's deletions were lost: a read from the start is a listing.
+    relist: bool,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
     /// This entity's first page, when it was fetched while the entity before was processed.
@@ -401,10 +403,16 @@ impl Listing {
 
 /// A listing that `request` begins, if it reads a listing the provider says is complete from
 /// its start: no cursor, no page token.
-fn listing_from_start(provider: &dyn Provider, request: &FetchRequest) -> Option<Listing> {
+/// `relist`: the entity's deletions were lost (`Integration::lost_deletions`), so a read from
+/// the start is a listing too.
+fn listing_from_start(
+    provider: &dyn Provider,
+    request: &FetchRequest,
+    relist: bool,
+) -> Option<Listing> {
     (request.cursor.is_none()
         && request.page_token.is_none()
-        && provider.lists_everything(&request.entity))
+        && (relist || provider.lists_everything(&request.entity)))
     .then(Listing::new)
 }
 
@@ -614,6 +622,9 @@ impl<'a> EntityRun<'a> {
             errors: Vec::new(),
             pending_cursor: None,
             listing: None,
+            relist: integration
+                .lost_deletions
+                .contains(&mapping.external_entity),
             finished: Vec::new(),
             first_page: None,
             next_entity: None,
@@ -738,7 +749,7 @@ impl<'a> EntityRun<'a> {
         // can tell what is gone.
         self.listing = match checkpoint {
             Some(checkpoint) => checkpoint.listing.as_ref().map(Listing::resumed),
-            None => listing_from_start(provider.as_ref(), &request),
+            None => listing_from_start(provider.as_ref(), &request, self.relist),
         };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
@@ -929,7 +940,7 @@ impl<'a> EntityRun<'a> {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
             // And a listing with it, which does not count the pages of the one before.
-            self.listing = listing_from_start(provider, request);
+            self.listing = listing_from_start(provider, request, self.relist);
             page = provider.fetch_page(conn, request).await;
         }
         // A first read that spans jobs has a page token and no cursor: a token the provider
@@ -942,7 +953,7 @@ impl<'a> EntityRun<'a> {
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
-            self.listing = listing_from_start(provider, request);
+            self.listing = listing_from_start(provider, request, self.relist);
             // Forgotten at once: whatever this read ends with, a later run must not start from
             // it again (an entity whose pages return no cursor would otherwise keep it).
             let entity = &request.entity;
@@ -1069,9 +1080,10 @@ impl<'a> EntityRun<'a> {
             deletions_since = None;
             deleted = provider.fetch_deleted(conn, entity, None).await?;
         }
-        // The provider is done with: the next entity's first page is fetched while this one
-        // applies what it read.
+        // The provider is done with, unless a listing's leftovers are to be checked with it:
+        // the next entity's first page is fetched while this one applies what it read.
         if self.next_first_page.is_none()
+            && self.listing.is_none()
             && let Some(next) = self.next_entity.take()
         {
             self.next_first_page = Some(spawn_fetch(provider, conn, next));
@@ -1088,6 +1100,9 @@ impl<'a> EntityRun<'a> {
                     i.cursors.remove(entity);
                     i.deletions_checked.remove(entity);
                     i.checkpoints.remove(entity);
+                    if !i.lost_deletions.contains(entity) {
+                        i.lost_deletions.push(entity.clone());
+                    }
                 }
                 holds
             })
@@ -1119,11 +1134,14 @@ impl<'a> EntityRun<'a> {
         let skipped = self.counters.skipped;
         self.soft_delete(&tombstones, links).await?;
         self.counters.skipped = skipped;
+        let mut reconciled = false;
         if let Some(mut listing) = self.listing.take()
             && self.read_listed_before(&mut listing).await?
         {
             listing.ids.seal();
-            self.reconcile(&listing.ids).await?;
+            self.reconcile(provider.as_ref(), conn, &listing.ids)
+                .await?;
+            reconciled = true;
         }
         let entity = &self.mapping.external_entity;
         let pending = self.pending_cursor.clone();
@@ -1137,6 +1155,9 @@ impl<'a> EntityRun<'a> {
             }
             if let Some(covered) = deleted.covered_until {
                 i.deletions_checked.insert(entity.clone(), covered);
+            }
+            if reconciled {
+                i.lost_deletions.retain(|e| e != entity);
             }
             if let Some(newer) = pending.clone() {
                 let cursor = match i.cursors.remove(entity) {
@@ -1232,9 +1253,15 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
-    /// (`listed`) no longer has. The entity's shards are read a page of fingerprints at a time,
-    /// in id order, so that an entity of any size costs a page of memory.
-    async fn reconcile(&mut self, listed: &ListedIds) -> Result<(), Failure> {
+    /// (`listed`) no longer has, and whose records the provider says are gone ([`Pull::gone`]).
+    /// The entity's shards are read a page of fingerprints at a time, in id order, so that an
+    /// entity of any size costs a page of memory.
+    async fn reconcile(
+        &mut self,
+        provider: &dyn Provider,
+        conn: &mut Connection,
+        listed: &ListedIds,
+    ) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
         let prefix = self.synced_prefix();
         let before = self.counters.skipped;
@@ -1254,7 +1281,7 @@ impl<'a> EntityRun<'a> {
                 .await?;
             let more = synced.len() == RECONCILE_PAGE;
             after = synced.last().map(|(id, _)| id.clone());
-            let gone: Vec<Record> = synced
+            let left_out: Vec<String> = synced
                 .into_iter()
                 .flat_map(|(_, fingerprint)| fingerprint.links)
                 .filter(|r| {
@@ -1262,8 +1289,18 @@ impl<'a> EntityRun<'a> {
                         && r.sync_status == RelationshipStatus::Synced
                         && !listed.contains(&r.external_id)
                 })
-                .map(|r| Record::gone(r.external_id))
+                .map(|r| r.external_id)
                 .collect();
+            let gone: Vec<Record> = if left_out.is_empty() {
+                Vec::new()
+            } else {
+                provider
+                    .gone(conn, &self.mapping.external_entity, left_out)
+                    .await?
+                    .into_iter()
+                    .map(Record::gone)
+                    .collect()
+            };
             reconciled += gone.len();
             self.soft_delete(&gone, Links::Searched).await?;
             if !more {

@@ -60,6 +60,11 @@ pub struct Integration {
     /// starts there, whether or not the entity's records changed since.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub deletions_checked: BTreeMap<String, DateTime<Utc>>,
+    /// Entities whose deletions the provider no longer remembered as far back as asked: their
+    /// next full sync lists them whole and soft-deletes the shards of the records it left out,
+    /// as it does for the entities a provider always lists whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_deletions: Vec<String>,
     /// Per entity: where an unfinished sync stopped, so the next job resumes there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checkpoints: BTreeMap<String, Checkpoint>,
