@@ -756,14 +756,18 @@ impl Webhooks for Dynamics365 {
         }
         let context = read_context(request)?;
         let entity = entity_set(&conn.settings, &context.table);
+        // A request that changes many rows (`UpdateMultiple`, a cascade) runs the step once a
+        // row under its one RequestId: the row and the message tell its notifications apart,
+        // and a redelivery of one keeps its id.
+        let id = format!(
+            "{}:{}:{}",
+            context.request_id, context.message, context.record_id
+        );
         let notification = match context.message.as_str() {
             // A deleted row cannot be read back; the delta shows its deletion.
-            "Delete" => WebhookNotification::CatchUp {
-                id: context.request_id,
-                entity,
-            },
+            "Delete" => WebhookNotification::CatchUp { id, entity },
             _ if is_guid(&context.record_id) => WebhookNotification::Records {
-                id: context.request_id,
+                id,
                 entity,
                 record_ids: vec![context.record_id],
             },

@@ -10,10 +10,13 @@ use serde_json::{Value, json};
 use adapters::dynamics::Dynamics365;
 use adapters::{Connection, ErrorCode, FetchRequest, Pull, RecordWrite};
 use handler::engine::credentials::StoredCredentials;
+use handler::queue::SYNC_INBOUND_WEBHOOK;
 
 use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
 use crate::fake_entra::app_credentials;
-use crate::fake_host::{HostedHandler, service_bus_message, timer_without_status};
+use crate::fake_host::{
+    HostedHandler, http_request_with_query, service_bus_message, timer_without_status,
+};
 use crate::helpers::TestApp;
 
 const ID: &str = "int-contoso-crm";
@@ -531,4 +534,59 @@ async fn history_stats_add_up_an_integrations_syncs() {
         .cli_json(&["history", "--tenant", "t1", "--stats", "4294967295"])
         .await;
     assert_eq!(ever[0]["jobs"], json!(2), "{ever}");
+}
+
+#[tokio::test]
+async fn rows_one_request_changed_each_reach_the_sync_through_their_own_webhook() {
+    let fake = FakeDynamics::start().await;
+    let ids = [
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    ];
+    fake.load(
+        "contacts",
+        ids.iter()
+            .map(|id| json!({"contactid": id, "fullname": "Ann Example"})),
+    );
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    let mut credentials = fake.credentials();
+    credentials["webhook_key"] = json!("dataverse-webhook-key");
+    app.set_credentials(ID, &credentials).await;
+    let handler = app.host_handler().await;
+
+    // One UpdateMultiple request changed both rows: the step runs once a row, each time with
+    // the request's id.
+    let request_id = uuid::Uuid::new_v4().to_string();
+    for id in &ids {
+        let (mut headers, body) = fake.webhook_in_request("Update", "contact", id, &request_id);
+        headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let res = handler
+            .invoke(
+                "WebhookReceiver",
+                &http_request_with_query("WebhookReceiver", "dynamics365", &[], &headers, &body),
+            )
+            .await;
+        assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200, "{res:?}");
+    }
+
+    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
+    let mut rows: Vec<Value> = queued
+        .iter()
+        .map(|m| {
+            let job: Value = serde_json::from_slice(&m.body).unwrap();
+            job["webhookPayload"]["ids"].clone()
+        })
+        .collect();
+    rows.sort_by_key(|ids| ids.to_string());
+    let mut expected: Vec<Value> = ids.iter().map(|id| json!([id])).collect();
+    expected.sort_by_key(|ids| ids.to_string());
+    assert_eq!(
+        rows, expected,
+        "neither row's notification is taken for the other's"
+    );
 }

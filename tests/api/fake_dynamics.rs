@@ -775,6 +775,19 @@ impl FakeDynamics {
         entity_logical_name: &str,
         id: &str,
     ) -> (Vec<(String, String)>, String) {
+        let request_id = Uuid::new_v4().to_string();
+        self.webhook_in_request(message, entity_logical_name, id, &request_id)
+    }
+
+    /// [`Self::webhook`] of one row of the request `request_id`: a request that changes many
+    /// rows (`UpdateMultiple`, a cascade) runs the step once a row, each with its id.
+    pub fn webhook_in_request(
+        &self,
+        message: &str,
+        entity_logical_name: &str,
+        id: &str,
+        request_id: &str,
+    ) -> (Vec<(String, String)>, String) {
         let set = format!("{entity_logical_name}s");
         let target = if message == "Delete" {
             json!({"__type": "EntityReference:http://schemas.microsoft.com/xrm/2011/Contracts",
@@ -801,7 +814,7 @@ impl FakeDynamics {
         } else {
             json!([])
         };
-        let request_id = Uuid::new_v4().to_string();
+        let request_id = request_id.to_string();
         let correlation_id = Uuid::new_v4().to_string();
         let body = json!({
             "BusinessUnitId": BUSINESS_UNIT_ID, "CorrelationId": correlation_id, "Depth": 1,
