@@ -141,15 +141,18 @@ pub trait Pull: Send + Sync {
     /// soft-deletes. All of them by default, for a listing the provider says is complete
     /// ([`Pull::lists_everything`]). A provider relisted after it lost its deletions
     /// (Salesforce) checks them first, since its full read leaves out records it still holds
-    /// (outside the mapping's filters, archived activities); a record the integration's user
-    /// can no longer read is gone as far as the sync can tell.
+    /// (outside the mapping's filters, archived activities), and leaves undecided those it
+    /// cannot tell purged from out of the integration user's sight.
     async fn gone(
         &self,
         _conn: &mut Connection,
         _entity: &str,
         ids: Vec<String>,
-    ) -> Result<Vec<String>, ProviderError> {
-        Ok(ids)
+    ) -> Result<LeftOut, ProviderError> {
+        Ok(LeftOut {
+            gone: ids,
+            undecided: 0,
+        })
     }
 
     /// Whether a sync may be given an older version of a record after a newer one: exports read

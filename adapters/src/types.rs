@@ -219,6 +219,16 @@ pub struct Deleted {
     pub unread: Vec<String>,
 }
 
+/// What the provider says of the records a listing from the start left out ([`crate::Pull::gone`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeftOut {
+    /// No longer held: deleted, or purged since.
+    pub gone: Vec<String>,
+    /// How many the provider answered nothing of, where that may mean out of the integration
+    /// user's sight as well as purged: their shards stay.
+    pub undecided: usize,
+}
+
 /// A webhook delivery as the receiver got it.
 #[derive(Debug, Clone)]
 pub struct WebhookRequest<'a> {

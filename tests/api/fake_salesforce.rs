@@ -110,6 +110,17 @@ impl FakeSalesforce {
             .unwrap()
             .refresh_tokens
             .insert("rt-initial".into());
+        // The integration user's permissions, as `UserPermissionAccess` answers them.
+        org.lock().unwrap().records.insert(
+            "UserPermissionAccess".into(),
+            vec![Arc::new(
+                json!({"Id": "0XA000000000001AAA", "PermissionsViewAllData": false,
+                       "SystemModstamp": timestamp(Utc::now())})
+                .as_object()
+                .unwrap()
+                .clone(),
+            )],
+        );
         let fake = Self {
             url,
             org,
@@ -173,6 +184,13 @@ impl FakeSalesforce {
             records.retain(|r| r["Id"] != id);
         }
         org.deleted.push((entity.to_string(), id.to_string(), at));
+    }
+
+    /// Gives the integration user `View All Data`: every record of the org in its sight.
+    pub fn grant_view_all_data(&self) {
+        let mut org = self.org.lock().unwrap();
+        let access = &mut org.records.get_mut("UserPermissionAccess").unwrap()[0];
+        Arc::make_mut(access).insert("PermissionsViewAllData".into(), json!(true));
     }
 
     pub fn requests(&self) -> Vec<String> {
@@ -460,7 +478,8 @@ async fn describe(
             "The requested resource does not exist",
         );
     };
-    Json(json!({"name": entity, "keyPrefix": prefix, "queryable": true, "fields": []}))
+    let fields = json!([{"name": "Id", "type": "id"}, {"name": "IsDeleted", "type": "boolean"}]);
+    Json(json!({"name": entity, "keyPrefix": prefix, "queryable": true, "fields": fields}))
         .into_response()
 }
 
@@ -477,6 +496,7 @@ async fn query_all(
     }
     let parsed = soql
         .strip_prefix("SELECT Id, IsDeleted FROM ")
+        .or_else(|| soql.strip_prefix("SELECT Id FROM "))
         .and_then(|rest| rest.split_once(" WHERE Id IN ("))
         .and_then(|(entity, list)| Some((entity, list.strip_suffix(')')?)));
     let Some((entity, list)) = parsed else {

@@ -1076,10 +1076,20 @@ async fn more_deletions_than_salesforce_lists_at_once_are_read_in_narrower_range
     assert!(state["deletionsChecked"]["Account"].is_string(), "{state}");
 }
 
-#[tokio::test]
-async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
+/// An org of five accounts synced once, then left until Salesforce no longer remembers the
+/// deletions since: the next run drops the cursor and marks the entity's deletions lost. Then,
+/// in the span no log of deletions covers, account 2 is deleted and purged from the recycle
+/// bin, account 4 deleted into it, and account 3 archived (a query leaves it out, but it lives
+/// on); and a lead is merged into account 1's shard. Returns the app, the fake and the data
+/// requests of the run after that.
+async fn deletions_lost_then_relisted(
+    view_all_data: bool,
+) -> (TestApp, FakeSalesforce, Vec<String>) {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5);
+    if view_all_data {
+        fake.grant_view_all_data();
+    }
     let app = spawn_app(&fake, false).await;
     let handler = app.host_handler().await;
     run_job(&handler, "job-1", "full_sync", 1).await;
@@ -1094,12 +1104,8 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         state.get("cursors").is_none(),
         "the cursor is dropped: {state}"
     );
-
     assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
 
-    // Meanwhile, in the span no log of deletions covers any more: an account was deleted and
-    // purged from the recycle bin, another deleted into it, and a third archived, which a
-    // query leaves out but which lives on.
     {
         let mut org = fake.org.lock().unwrap();
         org.records
@@ -1113,7 +1119,6 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         "001000000000000004",
         Utc::now() - Duration::minutes(2),
     );
-    // And a lead merged into an account's shard: no account listing says anything of it.
     let store = app.store();
     let mut merged = store
         .get("t1", "int-acme-sf~Account~001000000000000001")
@@ -1131,6 +1136,7 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         ));
     merged.content_hash = Some(content_hash(&merged));
     store.upsert(&merged).await.unwrap();
+
     let before = fake.requests().len();
     run_job(&handler, "job-3", "incremental", 1).await;
     let requests = fake.requests()[before..].to_vec();
@@ -1138,17 +1144,6 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         !requests[0].contains("SystemModstamp >="),
         "a full query: {}",
         requests[0]
-    );
-    let names: Vec<Value> = app
-        .shards("c_company")
-        .await
-        .iter()
-        .map(|s| s["name"].clone())
-        .collect();
-    assert_eq!(
-        names,
-        [json!("Account 0"), json!("Account 1"), json!("Account 3")],
-        "the full read lists the object whole; what it left out and Salesforce no longer has is gone"
     );
     let asked: Vec<&String> = requests
         .iter()
@@ -1159,10 +1154,8 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         [
             "queryAll SELECT Id, IsDeleted FROM Account WHERE Id IN ('001000000000000002', '001000000000000003', '001000000000000004')"
         ],
-        "only the records the listing left out are asked about"
+        "only this object's records the listing left out are asked about"
     );
-    let record = record_of(&app.history().await, "job-3").clone();
-    assert_eq!(record["stats"]["shardsUpdated"], 2, "{record}");
     let lead = store
         .get("t1", "int-acme-sf~Account~001000000000000001")
         .await
@@ -1177,6 +1170,92 @@ async fn deletions_older_than_salesforce_remembers_force_a_full_resync() {
         lead.sync_status,
         RelationshipStatus::Synced,
         "another object's record is not judged by this one's listing"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("lostDeletions").is_none(), "{state}");
+    (app, fake, requests)
+}
+
+async fn company_names_of(app: &TestApp) -> Vec<Value> {
+    app.shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn deletions_salesforce_no_longer_remembers_are_found_by_listing_the_object_whole() {
+    let (app, _fake, _) = deletions_lost_then_relisted(true).await;
+
+    assert_eq!(
+        company_names_of(&app).await,
+        [json!("Account 0"), json!("Account 1"), json!("Account 3")],
+        "what the listing left out and Salesforce no longer has is gone; the archived account stays"
+    );
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["stats"]["shardsUpdated"], 2, "{record}");
+}
+
+#[tokio::test]
+async fn a_record_the_user_may_not_see_is_not_taken_for_deleted_for_good() {
+    // Without View All Data, a record queryAll does not answer may be out of the integration
+    // user's sight rather than purged.
+    let (app, _fake, requests) = deletions_lost_then_relisted(false).await;
+
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("FROM UserPermissionAccess")),
+        "{requests:?}"
+    );
+    assert_eq!(
+        company_names_of(&app).await,
+        [
+            json!("Account 0"),
+            json!("Account 1"),
+            json!("Account 2"),
+            json!("Account 3")
+        ],
+        "only the account in the recycle bin is gone"
+    );
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["stats"]["shardsUpdated"], 1, "{record}");
+    let told = record["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["message"].as_str().unwrap().starts_with("1 records the listing left out may be deleted for good or out of the integration user's sight"));
+    assert!(told, "{record}");
+}
+
+#[tokio::test]
+async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_object_whole() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    fake.grant_view_all_data();
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
+    fake.org
+        .lock()
+        .unwrap()
+        .records
+        .get_mut("Account")
+        .unwrap()
+        .retain(|r| r["Id"] != "001000000000000001");
+
+    run_job(&handler, "job-2", "full_sync", 1).await;
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+    assert!(state["cursors"]["Account"].is_string(), "{state}");
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+    assert_eq!(
+        company_names_of(&app).await,
+        [json!("Account 0"), json!("Account 2")],
+        "the incremental run listed the object whole, and the purged account is gone"
     );
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert!(state.get("lostDeletions").is_none(), "{state}");

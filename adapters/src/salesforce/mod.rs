@@ -40,9 +40,9 @@ use crate::OrGone;
 use crate::http::{self, Retries};
 use crate::oauth::{self, ClientAuth, Grant};
 use crate::{
-    Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter,
-    Record, RecordWrite, RouteKey, WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute,
-    Webhooks, WriteBack, Written,
+    Connection, Deleted, ErrorCode, FetchRequest, LeftOut, Page, Provider, ProviderError, Pull,
+    RateLimiter, Record, RecordWrite, RouteKey, WebhookDelivery, WebhookError, WebhookRequest,
+    WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
@@ -121,6 +121,32 @@ impl Salesforce {
 
     /// Sends a GET to `path_and_query` on the instance. Returns the body, read as `T`, and the
     /// API usage the answer reported.
+    /// Whether the integration's user sees every record of the org (`View All Data`), so that
+    /// a record it cannot read does not exist. Asked of `UserPermissionAccess`, the current
+    /// user's permissions; an org that will not say is taken for no.
+    async fn sees_everything(&self, conn: &mut Connection) -> Result<bool, ProviderError> {
+        let version = Self::api_version(conn);
+        let asked: Result<(QueryAnswer, _), ProviderError> = self
+            .get(
+                conn,
+                &format!("/services/data/{version}/query"),
+                &[(
+                    "q",
+                    "SELECT Id, PermissionsViewAllData FROM UserPermissionAccess".to_string(),
+                )],
+                None,
+            )
+            .await;
+        match asked {
+            Ok((answer, _)) => Ok(answer
+                .into_records()
+                .into_iter()
+                .any(|r| r.fields.get("PermissionsViewAllData") == Some(&Value::Bool(true)))),
+            Err(e) if e.is_retryable() || e.resume_next_run => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+
     async fn get<T: DeserializeOwned>(
         &self,
         conn: &mut Connection,
@@ -862,20 +888,28 @@ impl Pull for Salesforce {
     }
 
     /// Asks `queryAll`, which answers deleted (`IsDeleted`) and archived records as well, for
-    /// each id of the object: one it answers live stays; one deleted or purged (not answered)
-    /// is gone. An id of another object (a record of another entity merged into one of this
-    /// entity's shards), told by the key prefix its ids begin with, is not this listing's to
-    /// judge, nor is anything that is not a Salesforce id.
+    /// each id of the object: one it answers live stays; one it answers deleted is gone. One it
+    /// does not answer was purged from the recycle bin, or is out of the integration user's
+    /// sight (sharing changed): gone only if the user sees every record (`View All Data`),
+    /// else undecided. An id of another object (a record of another entity merged into one of
+    /// this entity's shards), told by the key prefix its ids begin with, is not this listing's
+    /// to judge, nor is anything that is not a Salesforce id.
     async fn gone(
         &self,
         conn: &mut Connection,
         entity: &str,
         ids: Vec<String>,
-    ) -> Result<Vec<String>, ProviderError> {
+    ) -> Result<LeftOut, ProviderError> {
+        #[derive(serde::Deserialize)]
+        struct Field {
+            name: String,
+        }
         #[derive(serde::Deserialize)]
         struct Described {
             #[serde(rename = "keyPrefix")]
             key_prefix: Option<String>,
+            #[serde(default)]
+            fields: Vec<Field>,
         }
         let version = Self::api_version(conn);
         let (described, _): (Described, _) = self
@@ -886,35 +920,33 @@ impl Pull for Salesforce {
                 None,
             )
             .await?;
+        let mut left = LeftOut::default();
         let Some(key_prefix) = described.key_prefix else {
-            return Ok(Vec::new());
+            return Ok(left);
         };
-        let mut gone = Vec::new();
+        // Without `IsDeleted` (not every object has it) an answered record is taken for live.
+        let deletable = described.fields.iter().any(|f| f.name == "IsDeleted");
+        let sees_everything = self.sees_everything(conn).await?;
         let asked: Vec<(String, String)> = ids
             .into_iter()
             .filter_map(|id| normalize_id(&id).map(|normal| (id, normal)))
             .filter(|(_, normal)| normal.starts_with(&key_prefix))
             .collect();
+        let select = if deletable { "Id, IsDeleted" } else { "Id" };
         for chunk in asked.chunks(IDS_PER_QUERY) {
             let quoted: Vec<String> = chunk.iter().map(|(_, id)| format!("'{id}'")).collect();
             let soql = format!(
-                "SELECT Id, IsDeleted FROM {entity} WHERE Id IN ({})",
+                "SELECT {select} FROM {entity} WHERE Id IN ({})",
                 quoted.join(", ")
             );
             let mut path = format!("/services/data/{version}/queryAll");
             let mut params = vec![("q", soql)];
-            let mut live = std::collections::HashSet::new();
+            let mut answered = std::collections::HashMap::new();
             loop {
                 let (answer, _): (QueryAnswer, _) =
                     self.get(conn, &path, &params, Some(2000)).await?;
                 let next = answer.next().map(str::to_string);
-                live.extend(
-                    answer
-                        .into_records()
-                        .into_iter()
-                        .filter(|r| !r.deleted)
-                        .map(|r| r.id),
-                );
+                answered.extend(answer.into_records().into_iter().map(|r| (r.id, r.deleted)));
                 match next {
                     Some(next) => {
                         path = next;
@@ -923,14 +955,16 @@ impl Pull for Salesforce {
                     None => break,
                 }
             }
-            gone.extend(
-                chunk
-                    .iter()
-                    .filter(|(_, normal)| !live.contains(normal))
-                    .map(|(id, _)| id.clone()),
-            );
+            for (id, normal) in chunk {
+                match answered.get(normal) {
+                    Some(false) => {}
+                    Some(true) => left.gone.push(id.clone()),
+                    None if sees_everything => left.gone.push(id.clone()),
+                    None => left.undecided += 1,
+                }
+            }
         }
-        Ok(gone)
+        Ok(left)
     }
 
     async fn fetch_deleted(

@@ -23,7 +23,7 @@ pub struct Registered {
 
 /// The integration to store when `given` is put over `old`: the operator's configuration,
 /// with the state the engine keeps (when it last synced and next will, cursors, how far
-/// deletions were read, checkpoints, the running lease and the chain that ended last,
+/// deletions were read and which were lost, checkpoints, the running lease and the chain that ended last,
 /// credential expiry and refresh lease, webhook subscriptions) carried over. A changed frequency moves the next sync to the new frequency's next time.
 pub fn merged(
     mut given: Integration,
@@ -200,6 +200,7 @@ mod tests {
             "lastSyncAt": "2026-11-22T09:00:00Z", "nextSyncAt": "2026-11-22T09:15:00.000Z",
             "cursors": {"Account": "2026-11-22T08:59:00.000Z"},
             "deletionsChecked": {"Account": "2026-11-22T09:00:00Z"},
+            "lostDeletions": ["Contact"],
             "endedChain": "job_int_1",
             "credentialsExpireAt": "2026-11-22T11:00:00.000Z"
         }));
@@ -215,6 +216,7 @@ mod tests {
         assert_eq!(kept.deletions_checked, old.deletions_checked);
         assert_eq!(kept.ended_chain, old.ended_chain);
         assert_eq!(kept.credentials_expire_at, old.credentials_expire_at);
+        assert_eq!(kept.lost_deletions, old.lost_deletions);
         assert_eq!(
             kept.entity_mappings.len(),
             1,

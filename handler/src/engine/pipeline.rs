@@ -472,6 +472,9 @@ fn first_request(
     let cursor = match checkpoint {
         Some(c) => c.cursor.clone(),
         None if job.full => None,
+        // Deletions lost since the last check: the entity is listed whole, and what the listing
+        // leaves out is reconciled.
+        None if integration.lost_deletions.contains(entity) => None,
         None => integration.cursors.get(entity).cloned(),
     };
     let mut filters = integration.pull_filters.clone();
@@ -1074,11 +1077,15 @@ impl<'a> EntityRun<'a> {
             Deleted::default()
         };
         let mut deletions_since = deletions_since;
+        // Deletions lost that this run, which lists nothing, cannot make up for: the next run
+        // lists the entity whole.
+        let mut lost = false;
         if deleted.full_resync_required && read_from_start {
             // This job has just read every record: the deletions it could not read since the
             // last check are read for as far back as the provider remembers instead.
             deletions_since = None;
             deleted = provider.fetch_deleted(conn, entity, None).await?;
+            lost = self.listing.is_none();
         }
         // The provider is done with, unless a listing's leftovers are to be checked with it:
         // the next entity's first page is fetched while this one applies what it read.
@@ -1158,6 +1165,8 @@ impl<'a> EntityRun<'a> {
             }
             if reconciled {
                 i.lost_deletions.retain(|e| e != entity);
+            } else if lost && !i.lost_deletions.contains(entity) {
+                i.lost_deletions.push(entity.clone());
             }
             if let Some(newer) = pending.clone() {
                 let cursor = match i.cursors.remove(entity) {
@@ -1253,7 +1262,8 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
-    /// (`listed`) no longer has, and whose records the provider says are gone ([`Pull::gone`]).
+    /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`);
+    /// what it cannot decide, or cannot ask about, stays and is told in the history.
     /// The entity's shards are read a page of fingerprints at a time, in id order, so that an
     /// entity of any size costs a page of memory.
     async fn reconcile(
@@ -1267,6 +1277,7 @@ impl<'a> EntityRun<'a> {
         let before = self.counters.skipped;
         let mut after: Option<String> = None;
         let mut reconciled = 0;
+        let mut undecided = 0;
         loop {
             let synced = self
                 .with_retries(|| {
@@ -1294,12 +1305,25 @@ impl<'a> EntityRun<'a> {
             let gone: Vec<Record> = if left_out.is_empty() {
                 Vec::new()
             } else {
-                provider
+                match provider
                     .gone(conn, &self.mapping.external_entity, left_out)
-                    .await?
-                    .into_iter()
-                    .map(Record::gone)
-                    .collect()
+                    .await
+                {
+                    Ok(left) => {
+                        undecided += left.undecided;
+                        left.gone.into_iter().map(Record::gone).collect()
+                    }
+                    Err(e) if e.is_retryable() || e.resume_next_run => return Err(e.into()),
+                    // Asking again would fail again: the shards stay, and the history says why.
+                    Err(e) => {
+                        let message = format!(
+                            "the records the listing left out could not be checked, so none of their shards is deleted: {}",
+                            e.message
+                        );
+                        self.tell(e.code, message, None, None);
+                        break;
+                    }
+                }
             };
             reconciled += gone.len();
             self.soft_delete(&gone, Links::Searched).await?;
@@ -1309,6 +1333,16 @@ impl<'a> EntityRun<'a> {
         }
         if reconciled > 0 {
             tracing::info!(entity = %self.mapping.external_entity, count = reconciled, listed = listed.len(), "records no longer listed are reconciled as deleted");
+        }
+        if undecided > 0 {
+            self.tell(
+                ErrorCode::ValidationError,
+                format!(
+                    "{undecided} records the listing left out may be deleted for good or out of the integration user's sight, which the provider does not tell apart: their shards stay"
+                ),
+                None,
+                None,
+            );
         }
         // Shards already soft-deleted are not records this run skipped.
         self.counters.skipped = before;
@@ -1900,7 +1934,7 @@ impl<'a> EntityRun<'a> {
     /// Takes out of `written.raced` the shards that hold what this sync sent them
     /// (`shards`): a try that failed part way (Cosmos batches written before one was
     /// throttled) wrote them, and the next try found its own etag there. A shard's content
-    /// hash says what it holds, whenever it was written.
+    /// hash, taken again from what is stored, says what it holds, whenever it was written.
     async fn keep_own_writes(
         &self,
         written: &mut Written,
@@ -1914,14 +1948,13 @@ impl<'a> EntityRun<'a> {
             .iter()
             .map(|s| (s.id.as_str(), s.content_hash.as_deref()))
             .collect();
+        // Hashed again: a writer other than the sync leaves the stored hash as it was.
         written.raced = raced
             .into_iter()
             .zip(stored)
             .filter(|(id, stored)| {
-                let holds = stored
-                    .as_ref()
-                    .and_then(|v| v.value.content_hash.as_deref());
-                holds.is_none() || holds != sent.get(id.as_str()).copied().flatten()
+                let holds = stored.as_ref().map(|v| content_hash(&v.value));
+                holds.is_none() || holds.as_deref() != sent.get(id.as_str()).copied().flatten()
             })
             .map(|(id, _)| id)
             .collect();
