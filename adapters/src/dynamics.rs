@@ -758,16 +758,17 @@ impl Webhooks for Dynamics365 {
         let entity = entity_set(&conn.settings, &context.table);
         // A request that changes many rows (`UpdateMultiple`, a cascade) runs the step once a
         // row under its one RequestId: the row and the message tell its notifications apart,
-        // and a redelivery of one keeps its id.
-        let id = format!(
-            "{}:{}:{}",
-            context.request_id, context.message, context.record_id
-        );
+        // and a redelivery of one keeps its id. A deleted row cannot be read back, so its
+        // notification is a read of the delta, which one of a request's deletions serves for
+        // all of them.
+        let request = format!("{}:{}", context.request_id, context.message);
         let notification = match context.message.as_str() {
-            // A deleted row cannot be read back; the delta shows its deletion.
-            "Delete" => WebhookNotification::CatchUp { id, entity },
+            "Delete" => WebhookNotification::CatchUp {
+                id: request,
+                entity,
+            },
             _ if is_guid(&context.record_id) => WebhookNotification::Records {
-                id,
+                id: format!("{request}:{}", context.record_id),
                 entity,
                 record_ids: vec![context.record_id],
             },

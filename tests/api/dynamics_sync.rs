@@ -537,7 +537,7 @@ async fn history_stats_add_up_an_integrations_syncs() {
 }
 
 #[tokio::test]
-async fn rows_one_request_changed_each_reach_the_sync_through_their_own_webhook() {
+async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read() {
     let fake = FakeDynamics::start().await;
     let ids = [
         uuid::Uuid::new_v4().to_string(),
@@ -558,21 +558,7 @@ async fn rows_one_request_changed_each_reach_the_sync_through_their_own_webhook(
     // One UpdateMultiple request changed both rows: the step runs once a row, each time with
     // the request's id.
     let request_id = uuid::Uuid::new_v4().to_string();
-    for id in &ids {
-        let (mut headers, body) = fake.webhook_in_request("Update", "contact", id, &request_id);
-        headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        let res = handler
-            .invoke(
-                "WebhookReceiver",
-                &http_request_with_query("WebhookReceiver", "dynamics365", &[], &headers, &body),
-            )
-            .await;
-        assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200, "{res:?}");
-    }
+    deliver(&fake, &handler, "Update", &ids, &request_id).await;
 
     let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
     let mut rows: Vec<Value> = queued
@@ -589,4 +575,40 @@ async fn rows_one_request_changed_each_reach_the_sync_through_their_own_webhook(
         rows, expected,
         "neither row's notification is taken for the other's"
     );
+
+    // A cascade deleted both: a deleted row is found by reading the delta, which one read
+    // does for the request's every row.
+    let cascade = uuid::Uuid::new_v4().to_string();
+    deliver(&fake, &handler, "Delete", &ids, &cascade).await;
+    assert_eq!(
+        app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().len(),
+        3,
+        "one catch-up for the request's deletions"
+    );
+}
+
+/// Delivers Dataverse's webhook for each of `rows`, all changed by `message` in the request
+/// `request_id`.
+async fn deliver(
+    fake: &FakeDynamics,
+    handler: &HostedHandler,
+    message: &str,
+    rows: &[String],
+    request_id: &str,
+) {
+    for id in rows {
+        let (mut headers, body) = fake.webhook_in_request(message, "contact", id, request_id);
+        headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let res = handler
+            .invoke(
+                "WebhookReceiver",
+                &http_request_with_query("WebhookReceiver", "dynamics365", &[], &headers, &body),
+            )
+            .await;
+        assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200, "{res:?}");
+    }
 }

@@ -44,6 +44,8 @@ pub struct Org {
     /// Ids of archived records (old activities): `/query` leaves them out, `queryAll` answers
     /// them.
     pub archived: HashSet<String>,
+    /// `describe` answers 400 INVALID_TYPE (an object the API will not describe).
+    pub refuse_describe: bool,
     pub earliest_deleted_available: Option<DateTime<Utc>>,
     /// The most deletions `getDeleted` lists at once (Salesforce's is 600,000); over it, 400
     /// EXCEEDED_ID_LIMIT.
@@ -470,6 +472,13 @@ async fn describe(
 ) -> Response {
     if let Err(answer) = admit(&fake, &headers, format!("describe {entity}")) {
         return *answer;
+    }
+    if fake.org.lock().unwrap().refuse_describe {
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_TYPE",
+            "sObject type is not supported",
+        );
     }
     let Some((_, prefix)) = KEY_PREFIXES.iter().find(|(name, _)| *name == entity) else {
         return sf_error(

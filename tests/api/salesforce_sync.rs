@@ -1225,8 +1225,55 @@ async fn a_record_the_user_may_not_see_is_not_taken_for_deleted_for_good() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|e| e["message"].as_str().unwrap().starts_with("1 records the listing left out may be deleted for good or out of the integration user's sight"));
+        .any(|e| e["message"].as_str().unwrap().starts_with("of the records the listing left out, 1 may be deleted for good or out of the integration user's sight"));
     assert!(told, "{record}");
+}
+
+#[tokio::test]
+async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_is_made_again() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    fake.grant_view_all_data();
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
+    run_job(&handler, "job-2", "incremental", 1).await;
+    {
+        let mut org = fake.org.lock().unwrap();
+        org.records
+            .get_mut("Account")
+            .unwrap()
+            .retain(|r| r["Id"] != "001000000000000001");
+        org.refuse_describe = true;
+    }
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+    assert_eq!(
+        company_names_of(&app).await.len(),
+        3,
+        "nothing judged, nothing deleted"
+    );
+    let record = record_of(&app.history().await, "job-3").clone();
+    let told = record["errors"].as_array().unwrap().iter().any(|e| {
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the records the listing left out could not all be checked")
+    });
+    assert!(told, "{record}");
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+
+    fake.org.lock().unwrap().refuse_describe = false;
+    run_job(&handler, "job-4", "incremental", 1).await;
+    assert_eq!(
+        company_names_of(&app).await,
+        [json!("Account 0"), json!("Account 2")],
+        "listed again, and checked this time"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("lostDeletions").is_none(), "{state}");
 }
 
 #[tokio::test]

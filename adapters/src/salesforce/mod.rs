@@ -119,8 +119,6 @@ impl Salesforce {
         .await
     }
 
-    /// Sends a GET to `path_and_query` on the instance. Returns the body, read as `T`, and the
-    /// API usage the answer reported.
     /// Whether the integration's user sees every record of the org (`View All Data`), so that
     /// a record it cannot read does not exist. Asked of `UserPermissionAccess`, the current
     /// user's permissions; an org that will not say is taken for no.
@@ -147,6 +145,8 @@ impl Salesforce {
         }
     }
 
+    /// Sends a GET to `path_and_query` on the instance. Returns the body, read as `T`, and the
+    /// API usage the answer reported.
     async fn get<T: DeserializeOwned>(
         &self,
         conn: &mut Connection,

@@ -1146,9 +1146,9 @@ impl<'a> EntityRun<'a> {
             && self.read_listed_before(&mut listing).await?
         {
             listing.ids.seal();
-            self.reconcile(provider.as_ref(), conn, &listing.ids)
+            reconciled = self
+                .reconcile(provider.as_ref(), conn, &listing.ids)
                 .await?;
-            reconciled = true;
         }
         let entity = &self.mapping.external_entity;
         let pending = self.pending_cursor.clone();
@@ -1263,7 +1263,8 @@ impl<'a> EntityRun<'a> {
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
     /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`);
-    /// what it cannot decide, or cannot ask about, stays and is told in the history.
+    /// what it cannot decide, or cannot ask about, stays and is told in the history. Returns
+    /// whether every shard was compared.
     /// The entity's shards are read a page of fingerprints at a time, in id order, so that an
     /// entity of any size costs a page of memory.
     async fn reconcile(
@@ -1271,13 +1272,14 @@ impl<'a> EntityRun<'a> {
         provider: &dyn Provider,
         conn: &mut Connection,
         listed: &ListedIds,
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let integration_id = self.job.integration_id;
         let prefix = self.synced_prefix();
         let before = self.counters.skipped;
         let mut after: Option<String> = None;
         let mut reconciled = 0;
         let mut undecided = 0;
+        let mut finished = true;
         loop {
             let synced = self
                 .with_retries(|| {
@@ -1313,14 +1315,22 @@ impl<'a> EntityRun<'a> {
                         undecided += left.undecided;
                         left.gone.into_iter().map(Record::gone).collect()
                     }
-                    Err(e) if e.is_retryable() || e.resume_next_run => return Err(e.into()),
-                    // Asking again would fail again: the shards stay, and the history says why.
+                    Err(e)
+                        if e.is_retryable()
+                            || e.resume_next_run
+                            || FailureCode::from(e.code).needs_new_credentials() =>
+                    {
+                        return Err(e.into());
+                    }
+                    // The shards not compared yet stay, and the next run lists the entity
+                    // again; the history says why.
                     Err(e) => {
                         let message = format!(
-                            "the records the listing left out could not be checked, so none of their shards is deleted: {}",
+                            "the records the listing left out could not all be checked, so the rest of their shards stay until the next listing: {}",
                             e.message
                         );
                         self.tell(e.code, message, None, None);
+                        finished = false;
                         break;
                     }
                 }
@@ -1338,7 +1348,7 @@ impl<'a> EntityRun<'a> {
             self.tell(
                 ErrorCode::ValidationError,
                 format!(
-                    "{undecided} records the listing left out may be deleted for good or out of the integration user's sight, which the provider does not tell apart: their shards stay"
+                    "of the records the listing left out, {undecided} may be deleted for good or out of the integration user's sight, which the provider does not tell apart: their shards stay"
                 ),
                 None,
                 None,
@@ -1346,7 +1356,7 @@ impl<'a> EntityRun<'a> {
         }
         // Shards already soft-deleted are not records this run skipped.
         self.counters.skipped = before;
-        Ok(())
+        Ok(finished)
     }
 
     /// Maps, deduplicates and writes one page read on its own (not as part of a listing).
