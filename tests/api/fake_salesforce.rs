@@ -69,6 +69,8 @@ pub struct Org {
     pub hold_locator: Option<String>,
     /// The next getDeleted waits until the test releases it.
     pub hold_next_deleted: bool,
+    /// The next queryAll waits until the test releases it.
+    pub hold_next_query_all: bool,
     /// The next write is made, then its answer waits until the test releases it (for a
     /// crash between the provider's write and the handler's acknowledgement).
     pub hold_next_write: bool,
@@ -502,6 +504,13 @@ async fn query_all(
     let soql = params.get("q").cloned().unwrap_or_default();
     if let Err(answer) = admit(&fake, &headers, format!("queryAll {soql}")) {
         return *answer;
+    }
+    if std::mem::take(&mut fake.org.lock().unwrap().hold_next_query_all) {
+        let released = fake.release.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        fake.held.notify_one();
+        released.await;
     }
     let parsed = soql
         .strip_prefix("SELECT Id, IsDeleted FROM ")

@@ -1277,6 +1277,42 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_is_m
 }
 
 #[tokio::test]
+async fn a_job_that_stalled_asking_about_a_listings_leftovers_deletes_nothing_once_another_took_over()
+ {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    fake.grant_view_all_data();
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
+    run_job(&handler, "job-2", "incremental", 1).await;
+    {
+        let mut org = fake.org.lock().unwrap();
+        org.records
+            .get_mut("Account")
+            .unwrap()
+            .retain(|r| r["Id"] != "001000000000000001");
+        org.hold_next_query_all = true;
+    }
+
+    let stalled = handler.invoke_in_background(
+        "SyncInboundScheduled",
+        &job_envelope("job-stalled", "incremental", 1),
+    );
+    fake.held.notified().await;
+    take_over(&app).await;
+    fake.release.notify_waiters();
+    assert!(stalled.await.unwrap().host_accepts());
+
+    assert_eq!(company_names_of(&app).await.len(), 3, "nothing deleted");
+    let record = record_of(&app.history().await, "job-stalled").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+}
+
+#[tokio::test]
 async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_object_whole() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 3);

@@ -1147,7 +1147,7 @@ impl<'a> EntityRun<'a> {
         {
             listing.ids.seal();
             reconciled = self
-                .reconcile(provider.as_ref(), conn, &listing.ids)
+                .reconcile(provider.as_ref(), conn, &listing.ids, pages)
                 .await?;
         }
         let entity = &self.mapping.external_entity;
@@ -1263,8 +1263,9 @@ impl<'a> EntityRun<'a> {
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
     /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`);
-    /// what it cannot decide, or cannot ask about, stays and is told in the history. Returns
-    /// whether every shard was compared.
+    /// what it cannot decide, or cannot ask about, stays and is told in the history. Each page
+    /// renews the job's hold (`pages`: the entity's, for its progress). Returns whether every
+    /// shard was compared.
     /// The entity's shards are read a page of fingerprints at a time, in id order, so that an
     /// entity of any size costs a page of memory.
     async fn reconcile(
@@ -1272,6 +1273,7 @@ impl<'a> EntityRun<'a> {
         provider: &dyn Provider,
         conn: &mut Connection,
         listed: &ListedIds,
+        pages: u64,
     ) -> Result<bool, Failure> {
         let integration_id = self.job.integration_id;
         let prefix = self.synced_prefix();
@@ -1335,6 +1337,19 @@ impl<'a> EntityRun<'a> {
                     }
                 }
             };
+            // An entity of many pages of shards, each asked about, outlasts a hold taken once:
+            // each page renews it before deleting, and a job another took over meanwhile stops.
+            let progress = self.progress(pages, false);
+            let job_id = self.job.job_id;
+            let mut holds = true;
+            self.update_state(|i| {
+                holds = lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
+                holds
+            })
+            .await?;
+            if !holds {
+                return Err(superseded());
+            }
             reconciled += gone.len();
             self.soft_delete(&gone, Links::Searched).await?;
             if !more {
