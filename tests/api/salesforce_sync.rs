@@ -675,6 +675,30 @@ async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_
 }
 
 #[tokio::test]
+async fn an_allocation_that_runs_out_as_deletions_are_read_keeps_the_counts_of_what_was_synced() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5);
+    // The query succeeds; getDeleted, at the entity's end, is refused.
+    fake.org.lock().unwrap().limit_exceeded_after = Some(1);
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    assert!(
+        fake.requests()
+            .last()
+            .unwrap()
+            .starts_with("deleted Account")
+    );
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(record["stats"]["recordsFetched"], 5, "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 5, "{record}");
+    assert_eq!(app.shards("c_company").await.len(), 5);
+}
+
+#[tokio::test]
 async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_once() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);

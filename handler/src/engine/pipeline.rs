@@ -221,9 +221,14 @@ pub async fn run(
         outcome.entity_stats.push(entity.stats());
         outcome.errors.append(&mut entity.errors);
         match result {
-            // What the job did before another took over is still its record's to tell.
+            // What the job did before another took over, or before the provider's allocation
+            // ran out as the entity ended (its deletions, a listing's leftovers), is still its
+            // record's to tell.
             Err(failure) if failure.code == FailureCode::Superseded => {
                 outcome.stopped = Some(Stop::Superseded(failure));
+            }
+            Err(failure) if failure.resume_next_run => {
+                outcome.stopped = Some(Stop::Quota(failure));
             }
             other => other?,
         }
