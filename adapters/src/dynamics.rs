@@ -759,12 +759,12 @@ impl Webhooks for Dynamics365 {
         // A request that changes many rows (`UpdateMultiple`, a cascade) runs the step once a
         // row under its one RequestId: the row and the message tell its notifications apart,
         // and a redelivery of one keeps its id. A deleted row cannot be read back, so its
-        // notification is a read of the delta, which one of a request's deletions serves for
-        // all of them.
+        // notification is a read of its table's delta, which one of a request's deletions
+        // serves for all of that table's.
         let request = format!("{}:{}", context.request_id, context.message);
         let notification = match context.message.as_str() {
             "Delete" => WebhookNotification::CatchUp {
-                id: request,
+                id: format!("{request}:{}", context.table),
                 entity,
             },
             _ if is_guid(&context.record_id) => WebhookNotification::Records {

@@ -549,7 +549,15 @@ async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read
             .map(|id| json!({"contactid": id, "fullname": "Ann Example"})),
     );
     let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
+    let mut contacts_and_accounts = integration(&fake);
+    contacts_and_accounts["structuredData"]["entityMappings"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "externalEntity": "accounts", "shardTypeId": "c_company", "nameField": "name",
+            "fieldMappings": [{"source": "name", "target": "name"}]
+        }));
+    app.register_integration(contacts_and_accounts).await;
     let mut credentials = fake.credentials();
     credentials["webhook_key"] = json!("dataverse-webhook-key");
     app.set_credentials(ID, &credentials).await;
@@ -558,7 +566,7 @@ async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read
     // One UpdateMultiple request changed both rows: the step runs once a row, each time with
     // the request's id.
     let request_id = uuid::Uuid::new_v4().to_string();
-    deliver(&fake, &handler, "Update", &ids, &request_id).await;
+    deliver(&fake, &handler, "Update", "contact", &ids, &request_id).await;
 
     let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
     let mut rows: Vec<Value> = queued
@@ -576,28 +584,40 @@ async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read
         "neither row's notification is taken for the other's"
     );
 
-    // A cascade deleted both: a deleted row is found by reading the delta, which one read
-    // does for the request's every row.
+    // Deleting an account cascaded to both contacts: a deleted row is found by reading its
+    // table's delta, which one read does for all of the table's rows the request deleted.
     let cascade = uuid::Uuid::new_v4().to_string();
-    deliver(&fake, &handler, "Delete", &ids, &cascade).await;
+    let account = vec![uuid::Uuid::new_v4().to_string()];
+    deliver(&fake, &handler, "Delete", "account", &account, &cascade).await;
+    deliver(&fake, &handler, "Delete", "contact", &ids, &cascade).await;
+    let catch_ups: Vec<Value> = app
+        .broker()
+        .peek(SYNC_INBOUND_WEBHOOK)
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_slice::<Value>(&m.body).unwrap())
+        .filter(|job| job["webhookPayload"]["ids"].is_null())
+        .map(|job| job["webhookPayload"]["entity"].clone())
+        .collect();
     assert_eq!(
-        app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().len(),
-        3,
-        "one catch-up for the request's deletions"
+        catch_ups,
+        [json!("accounts"), json!("contacts")],
+        "one catch-up a table for the request's deletions"
     );
 }
 
-/// Delivers Dataverse's webhook for each of `rows`, all changed by `message` in the request
-/// `request_id`.
+/// Delivers Dataverse's webhook for each of `rows` of `table`, all changed by `message` in the
+/// request `request_id`.
 async fn deliver(
     fake: &FakeDynamics,
     handler: &HostedHandler,
     message: &str,
+    table: &str,
     rows: &[String],
     request_id: &str,
 ) {
     for id in rows {
-        let (mut headers, body) = fake.webhook_in_request(message, "contact", id, request_id);
+        let (mut headers, body) = fake.webhook_in_request(message, table, id, request_id);
         headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
         let headers: Vec<(&str, &str)> = headers
             .iter()

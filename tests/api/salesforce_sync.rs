@@ -1254,7 +1254,7 @@ async fn a_record_the_user_may_not_see_is_not_taken_for_deleted_for_good() {
 }
 
 #[tokio::test]
-async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_is_made_again() {
+async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says_so() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 3);
     fake.grant_view_all_data();
@@ -1273,6 +1273,7 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_is_m
     }
 
     run_job(&handler, "job-3", "incremental", 1).await;
+
     assert_eq!(
         company_names_of(&app).await.len(),
         3,
@@ -1286,16 +1287,7 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_is_m
             .starts_with("the records the listing left out could not all be checked")
     });
     assert!(told, "{record}");
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
-
-    fake.org.lock().unwrap().refuse_describe = false;
-    run_job(&handler, "job-4", "incremental", 1).await;
-    assert_eq!(
-        company_names_of(&app).await,
-        [json!("Account 0"), json!("Account 2")],
-        "listed again, and checked this time"
-    );
+    // Listing the object at every run would fail the same way, at the cost of a full read.
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert!(state.get("lostDeletions").is_none(), "{state}");
 }

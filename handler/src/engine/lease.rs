@@ -135,6 +135,19 @@ pub fn checkpoint(
     }
 }
 
+/// Between pages (a long reconciliation): the job's hold renewed, its progress left as the
+/// last checkpoint wrote it, which is where a redelivery resumes. `false` if the job no longer
+/// holds the integration.
+pub fn renew(running: &mut Option<RunningSync>, job_id: &str, now: DateTime<Utc>) -> bool {
+    match running.as_mut().filter(|r| r.job_id == job_id) {
+        Some(held) => {
+            held.until = now + LEASE;
+            true
+        }
+        None => false,
+    }
+}
+
 /// A retry of the job is scheduled `at`: the chain keeps the integration through the wait,
 /// with the job's progress, so the retry resumes the work.
 pub fn wait_for_retry(running: &mut Option<RunningSync>, job_id: &str, at: DateTime<Utc>) -> bool {
@@ -193,6 +206,23 @@ mod tests {
             progress: None,
             finished_in_chain: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_renewal_extends_the_hold_and_leaves_the_progress_to_the_checkpoints() {
+        let progress = JobProgress {
+            pages: 3,
+            ..JobProgress::default()
+        };
+        let mut running = Some(RunningSync {
+            progress: Some(progress.clone()),
+            ..held_by("job_full", at(15))
+        });
+        assert!(renew(&mut running, "job_full", at(10)));
+        let held = running.as_ref().unwrap();
+        assert_eq!(held.until, at(10) + LEASE);
+        assert_eq!(held.progress, Some(progress));
+        assert!(!renew(&mut running, "job_other", at(11)), "not its hold");
     }
 
     #[test]

@@ -1151,9 +1151,9 @@ impl<'a> EntityRun<'a> {
             && self.read_listed_before(&mut listing).await?
         {
             listing.ids.seal();
-            reconciled = self
-                .reconcile(provider.as_ref(), conn, &listing.ids, pages)
+            self.reconcile(provider.as_ref(), conn, &listing.ids)
                 .await?;
+            reconciled = true;
         }
         let entity = &self.mapping.external_entity;
         let pending = self.pending_cursor.clone();
@@ -1267,26 +1267,35 @@ impl<'a> EntityRun<'a> {
     }
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
-    /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`);
-    /// what it cannot decide, or cannot ask about, stays and is told in the history. Each page
-    /// renews the job's hold (`pages`: the entity's, for its progress). Returns whether every
-    /// shard was compared.
+    /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`).
     /// The entity's shards are read a page of fingerprints at a time, in id order, so that an
-    /// entity of any size costs a page of memory.
+    /// entity of any size costs a page of memory. What the provider cannot decide stays, and
+    /// the history counts it; an error asking it that trying again or new credentials could
+    /// mend fails the job, and any other leaves the rest of the shards and is told.
     async fn reconcile(
         &mut self,
         provider: &dyn Provider,
         conn: &mut Connection,
         listed: &ListedIds,
-        pages: u64,
-    ) -> Result<bool, Failure> {
+    ) -> Result<(), Failure> {
+        // Shards already soft-deleted are not records this run skipped, however it ends.
+        let before = self.counters.skipped;
+        let reconciled = self.reconcile_pages(provider, conn, listed).await;
+        self.counters.skipped = before;
+        reconciled
+    }
+
+    async fn reconcile_pages(
+        &mut self,
+        provider: &dyn Provider,
+        conn: &mut Connection,
+        listed: &ListedIds,
+    ) -> Result<(), Failure> {
         let integration_id = self.job.integration_id;
         let prefix = self.synced_prefix();
-        let before = self.counters.skipped;
         let mut after: Option<String> = None;
         let mut reconciled = 0;
         let mut undecided = 0;
-        let mut finished = true;
         loop {
             let synced = self
                 .with_retries(|| {
@@ -1329,31 +1338,31 @@ impl<'a> EntityRun<'a> {
                     {
                         return Err(e.into());
                     }
-                    // The shards not compared yet stay, and the next run lists the entity
-                    // again; the history says why.
+                    // Asking again would fail again (an object the API will not describe):
+                    // the shards not compared yet stay, and the history says so.
                     Err(e) => {
                         let message = format!(
-                            "the records the listing left out could not all be checked, so the rest of their shards stay until the next listing: {}",
+                            "the records the listing left out could not all be checked, so the rest of their shards stay: {}",
                             e.message
                         );
                         self.tell(e.code, message, None, None);
-                        finished = false;
                         break;
                     }
                 }
             };
-            // An entity of many pages of shards, each asked about, outlasts a hold taken once:
-            // each page renews it before deleting, and a job another took over meanwhile stops.
-            let progress = self.progress(pages, false);
-            let job_id = self.job.job_id;
-            let mut holds = true;
-            self.update_state(|i| {
-                holds = lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
-                holds
-            })
-            .await?;
-            if !holds {
-                return Err(superseded());
+            if !gone.is_empty() {
+                // Asking about many pages of shards outlasts a hold taken once: it is renewed
+                // before each page's deletions, and a job another took over meanwhile stops.
+                let job_id = self.job.job_id;
+                let mut holds = true;
+                self.update_state(|i| {
+                    holds = lease::renew(&mut i.running, job_id, Utc::now());
+                    holds
+                })
+                .await?;
+                if !holds {
+                    return Err(superseded());
+                }
             }
             reconciled += gone.len();
             self.soft_delete(&gone, Links::Searched).await?;
@@ -1374,9 +1383,7 @@ impl<'a> EntityRun<'a> {
                 None,
             );
         }
-        // Shards already soft-deleted are not records this run skipped.
-        self.counters.skipped = before;
-        Ok(finished)
+        Ok(())
     }
 
     /// Maps, deduplicates and writes one page read on its own (not as part of a listing).
