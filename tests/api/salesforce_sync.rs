@@ -1253,8 +1253,11 @@ async fn a_record_the_user_may_not_see_is_not_taken_for_deleted_for_good() {
     assert!(told, "{record}");
 }
 
-#[tokio::test]
-async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says_so() {
+/// Three accounts synced once by a user with View All Data, then left until Salesforce no
+/// longer remembers the deletions since (the entity marked lost), and account 1 deleted and
+/// purged meanwhile.
+async fn three_accounts_one_purged_after_deletions_were_lost()
+-> (FakeSalesforce, TestApp, HostedHandler) {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 3);
     fake.grant_view_all_data();
@@ -1269,8 +1272,14 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says
             .get_mut("Account")
             .unwrap()
             .retain(|r| r["Id"] != "001000000000000001");
-        org.refuse_describe = true;
     }
+    (fake, app, handler)
+}
+
+#[tokio::test]
+async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says_so() {
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().refuse_describe = true;
 
     run_job(&handler, "job-3", "incremental", 1).await;
 
@@ -1295,22 +1304,8 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says
 #[tokio::test]
 async fn a_job_that_stalled_asking_about_a_listings_leftovers_deletes_nothing_once_another_took_over()
  {
-    let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 3);
-    fake.grant_view_all_data();
-    let app = spawn_app(&fake, false).await;
-    let handler = app.host_handler().await;
-    run_job(&handler, "job-1", "full_sync", 1).await;
-    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
-    run_job(&handler, "job-2", "incremental", 1).await;
-    {
-        let mut org = fake.org.lock().unwrap();
-        org.records
-            .get_mut("Account")
-            .unwrap()
-            .retain(|r| r["Id"] != "001000000000000001");
-        org.hold_next_query_all = true;
-    }
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().hold_next_query_all = true;
 
     let stalled = handler.invoke_in_background(
         "SyncInboundScheduled",

@@ -1397,8 +1397,8 @@ mod tests {
         assert_eq!(tally.failed[0].field.as_deref(), Some("Email"));
     }
 
-    #[test]
-    fn a_record_whose_shard_was_not_written_fails_with_the_store() {
+    /// A page of two new contacts, landed, and what it writes.
+    fn two_new_contacts() -> (Landed, Changes) {
         let mapping = contacts(false, true);
         let context = context(&mapping);
         let mut page = transform_page(
@@ -1408,6 +1408,12 @@ mod tests {
         );
         let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
         let changes = changes(&mut landed, Vec::new());
+        (landed, changes)
+    }
+
+    #[test]
+    fn a_record_whose_shard_was_not_written_fails_with_the_store() {
+        let (landed, changes) = two_new_contacts();
         let refused = Written {
             refused: vec!["int-1~Contact~2".to_string()],
             raced: Vec::new(),
@@ -1420,15 +1426,7 @@ mod tests {
 
     #[test]
     fn a_record_whose_shard_was_written_meanwhile_is_counted_when_it_lands_again() {
-        let mapping = contacts(false, true);
-        let context = context(&mapping);
-        let mut page = transform_page(
-            "int-1",
-            &mapping,
-            vec![record("1", "Ann", None), record("2", "Bob", None)],
-        );
-        let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
-        let changes = changes(&mut landed, Vec::new());
+        let (landed, changes) = two_new_contacts();
         let raced = Written {
             refused: Vec::new(),
             raced: vec!["int-1~Contact~2".to_string()],

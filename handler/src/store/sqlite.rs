@@ -562,6 +562,35 @@ const FORGET_KEYS_IF_MATCH: &str =
 const UPDATE_IF_MATCH: &str = "UPDATE shards SET shard_type_id = ?3, deleted = ?4, etag = ?5, doc = ?6, expires = ?8, fingerprint = ?9
      WHERE tenant_id = ?1 AND id = ?2 AND etag = ?7";
 
+/// Replaces the stored row of `row`'s shard, and its keys, with `row` at `etag`, only while the
+/// stored row has the etag `if_match`. Returns whether it did.
+fn write_if_match(
+    conn: &Connection,
+    row: &Row,
+    etag: &str,
+    if_match: &str,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached(FORGET_KEYS_IF_MATCH)?
+        .execute(rusqlite::params![row.tenant_id, row.id, if_match])?;
+    let updated = conn
+        .prepare_cached(UPDATE_IF_MATCH)?
+        .execute(rusqlite::params![
+            row.tenant_id,
+            row.id,
+            row.shard_type_id,
+            row.deleted,
+            etag,
+            row.doc,
+            if_match,
+            row.expires,
+            row.fingerprint
+        ])?;
+    if updated == 1 {
+        index_keys(&mut conn.prepare_cached(INDEX_KEY)?, row)?;
+    }
+    Ok(updated == 1)
+}
+
 /// Deletes the indexed keys of the shard `row` is about to replace.
 fn forget_keys(conn: &Connection, row: &Row) -> rusqlite::Result<()> {
     conn.prepare_cached(FORGET_KEYS)?
@@ -641,26 +670,10 @@ fn write_all(conn: &Connection, rows: Vec<Row>, guards: &mut Guards) -> rusqlite
         if let Some(if_match) = &row.if_match
             && !guards.written.contains(&row.id)
         {
-            conn.prepare_cached(FORGET_KEYS_IF_MATCH)?
-                .execute(rusqlite::params![row.tenant_id, row.id, if_match])?;
-            let updated = conn
-                .prepare_cached(UPDATE_IF_MATCH)?
-                .execute(rusqlite::params![
-                    row.tenant_id,
-                    row.id,
-                    row.shard_type_id,
-                    row.deleted,
-                    etag,
-                    row.doc,
-                    if_match,
-                    row.expires,
-                    row.fingerprint
-                ])?;
-            if updated == 0 {
-                guards.raced.insert(row.id);
-            } else {
-                index_keys(&mut index_key, &row)?;
+            if write_if_match(conn, &row, &etag, if_match)? {
                 guards.written.insert(row.id);
+            } else {
+                guards.raced.insert(row.id);
             }
             continue;
         }
@@ -854,29 +867,7 @@ impl ShardStore for SqliteStore {
         self.with_conn(move |conn| {
             let etag = new_etag();
             let tx = conn.transaction().map_err(unavailable)?;
-            // Undone with the rest when the etag does not match.
-            forget_keys(&tx, &row).map_err(unavailable)?;
-            let changed = tx
-                .prepare_cached(UPDATE_IF_MATCH)
-                .map_err(unavailable)?
-                .execute(rusqlite::params![
-                    row.tenant_id,
-                    row.id,
-                    row.shard_type_id,
-                    row.deleted,
-                    etag,
-                    row.doc,
-                    if_match,
-                    row.expires,
-                    row.fingerprint
-                ])
-                .map_err(unavailable)?;
-            if changed == 1 {
-                index_keys(
-                    &mut tx.prepare_cached(INDEX_KEY).map_err(unavailable)?,
-                    &row,
-                )
-                .map_err(unavailable)?;
+            if write_if_match(&tx, &row, &etag, &if_match).map_err(unavailable)? {
                 tx.commit().map_err(unavailable)?;
                 Ok(etag)
             } else {
