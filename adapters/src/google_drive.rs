@@ -554,7 +554,11 @@ impl WriteBack for GoogleDrive {
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
         check_entity(&write.entity)?;
-        let path = Self::file_path(write.external_id.as_deref().unwrap_or_default())?;
+        // Without an id, the record a create of the shard made: Drive's write-back makes none.
+        let Some(id) = write.external_id.as_deref() else {
+            return Ok(());
+        };
+        let path = Self::file_path(id)?;
         let params = [
             ("supportsAllDrives", "true".to_string()),
             ("fields", "id".into()),
@@ -752,6 +756,13 @@ impl Provider for GoogleDrive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_file_to_delete_that_no_link_names_was_never_made() {
+        let mut conn = Connection::new("int-1", Map::new(), crate::Credentials::new(Map::new()));
+        let write = RecordWrite::unlinked_delete(ENTITY);
+        GoogleDrive::new().delete(&mut conn, &write).await.unwrap();
+    }
 
     #[test]
     fn a_403_is_a_rate_limit_only_when_google_says_so() {

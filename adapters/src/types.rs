@@ -412,6 +412,22 @@ pub struct RecordWrite {
     pub key_field: Option<String>,
 }
 
+#[cfg(test)]
+impl RecordWrite {
+    /// A delete of a shard no record is linked to, whose mapping names a key field: what a
+    /// writer that creates records looks the record up by.
+    pub(crate) fn unlinked_delete(entity: &str) -> Self {
+        Self {
+            entity: entity.into(),
+            external_id: None,
+            fields: Map::new(),
+            expected_version: None,
+            idempotency_key: "shard-1".into(),
+            key_field: Some("castiel_id".into()),
+        }
+    }
+}
+
 impl RecordWrite {
     /// The field a create keys its record by, or why it cannot be created safely.
     pub fn create_key(&self) -> Result<&str, crate::ProviderError> {

@@ -592,6 +592,10 @@ impl WriteBack for Zoom {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
+        // Without an id, the record a create of the shard made: Zoom's write-back makes none.
+        if write.external_id.is_none() && write.entity == MEETINGS {
+            return Ok(());
+        }
         let path = meeting_path(write)?;
         let base = conn.setting("apiBaseUrl").unwrap_or(DEFAULT_API_BASE);
         let url = endpoint(base, &path, &[])?;
@@ -820,6 +824,15 @@ fn window_end(from: NaiveDate, today: NaiveDate) -> NaiveDate {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[tokio::test]
+    async fn a_meeting_to_delete_that_no_link_names_was_never_made() {
+        let mut conn = Connection::new("int-1", Map::new(), crate::Credentials::new(Map::new()));
+        Zoom::new()
+            .delete(&mut conn, &RecordWrite::unlinked_delete(MEETINGS))
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn a_window_ends_thirty_days_on_or_today_even_from_a_cursor_past_any_date() {

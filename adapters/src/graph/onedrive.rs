@@ -200,7 +200,12 @@ impl WriteBack for OneDrive {
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
         check_entity(&write.entity)?;
-        let url = Self::item_url(conn, write.external_id.as_deref().unwrap_or_default())?;
+        // Without an id, the record a create of the shard made: OneDrive's write-back makes
+        // none.
+        let Some(id) = write.external_id.as_deref() else {
+            return Ok(());
+        };
+        let url = Self::item_url(conn, id)?;
         let headers = if_match(write);
         self.graph
             .send_with(conn, Method::DELETE, &url, &headers, None)
@@ -319,6 +324,13 @@ impl Provider for OneDrive {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn an_item_to_delete_that_no_link_names_was_never_made() {
+        let mut conn = Connection::new("int-1", Map::new(), crate::Credentials::new(Map::new()));
+        let write = RecordWrite::unlinked_delete(ENTITY);
+        OneDrive::new().delete(&mut conn, &write).await.unwrap();
+    }
 
     #[test]
     fn items_become_records_and_deleted_ones_deletions() {
