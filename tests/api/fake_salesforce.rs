@@ -540,7 +540,11 @@ async fn query_all(
             })
         })
         .collect();
-    Json(json!({"totalSize": records.len(), "done": true, "records": records})).into_response()
+    drop(org);
+    with_usage(
+        &fake,
+        json!({"totalSize": records.len(), "done": true, "records": records}),
+    )
 }
 
 async fn query_more(

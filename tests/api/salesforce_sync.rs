@@ -1324,6 +1324,39 @@ async fn a_job_that_stalled_asking_about_a_listings_leftovers_deletes_nothing_on
 }
 
 #[tokio::test]
+async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_the_allocation() {
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().hold_next_query_all = true;
+
+    let relisting = handler.invoke_in_background(
+        "SyncInboundScheduled",
+        &job_envelope("job-3", "incremental", 1),
+    );
+    fake.held.notified().await;
+    // Other applications of the org used the allocation meanwhile.
+    fake.org.lock().unwrap().api_usage = (90_000, 100_000);
+    fake.release.notify_waiters();
+    assert!(relisting.await.unwrap().host_accepts());
+
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert!(
+        record["statusMessage"]
+            .as_str()
+            .unwrap()
+            .contains("API usage"),
+        "{record}"
+    );
+    assert_eq!(
+        record["stats"]["recordsFetched"], 2,
+        "its counts are kept: {record}"
+    );
+    assert_eq!(company_names_of(&app).await.len(), 3, "nothing deleted yet");
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+}
+
+#[tokio::test]
 async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_object_whole() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 3);

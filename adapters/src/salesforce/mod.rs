@@ -943,8 +943,13 @@ impl Pull for Salesforce {
             let mut params = vec![("q", soql)];
             let mut answered = std::collections::HashMap::new();
             loop {
-                let (answer, _): (QueryAnswer, _) =
+                let (answer, usage): (QueryAnswer, _) =
                     self.get(conn, &path, &params, Some(2000)).await?;
+                // A listing's leftovers may be many pages of questions: they stop at the
+                // integration's share of the allocation, as a sync's pages do.
+                if let Some(stop) = Self::usage_stop(conn, usage) {
+                    return Err(stop);
+                }
                 let next = answer.next().map(str::to_string);
                 answered.extend(answer.into_records().into_iter().map(|r| (r.id, r.deleted)));
                 match next {
