@@ -520,7 +520,8 @@ async fn write(
                 };
                 writer.delete(&mut conn, &write).await?;
                 pushed.note = Some(
-                    "not linked to a record: any a create of this shard made is deleted".into(),
+                    "not linked to a record: any record a create of this shard may have made is deleted"
+                        .into(),
                 );
             }
             return Ok(pushed);
