@@ -757,18 +757,18 @@ impl Webhooks for Dynamics365 {
         let context = read_context(request)?;
         let entity = entity_set(&conn.settings, &context.table);
         // A request that changes many rows (`UpdateMultiple`, a cascade) runs the step once a
-        // row under its one RequestId: the row and the message tell its notifications apart,
-        // and a redelivery of one keeps its id. A deleted row cannot be read back, so its
-        // notification is a read of its table's delta, which one of a request's deletions
-        // serves for all of that table's.
-        let request = format!("{}:{}", context.request_id, context.message);
+        // row under its one RequestId: the message with the row (an update) or the table (a
+        // deletion) tells its notifications apart, and a redelivery of one keeps its id. A
+        // deleted row cannot be read back, so its notification is a read of its table's
+        // delta, which one of a request's deletions serves for all of that table's.
+        let prefix = format!("{}:{}", context.request_id, context.message);
         let notification = match context.message.as_str() {
             "Delete" => WebhookNotification::CatchUp {
-                id: format!("{request}:{}", context.table),
+                id: format!("{prefix}:{}", context.table),
                 entity,
             },
             _ if is_guid(&context.record_id) => WebhookNotification::Records {
-                id: format!("{request}:{}", context.record_id),
+                id: format!("{prefix}:{}", context.record_id),
                 entity,
                 record_ids: vec![context.record_id],
             },

@@ -207,8 +207,8 @@ use crate::ProviderError;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Deleted {
     pub ids: Vec<String>,
-    /// The provider no longer knows deletions as far back as asked: only a full resync can
-    /// find them.
+    /// The provider no longer knows deletions as far back as asked: only a listing of the
+    /// entity whole, its leftovers checked with [`crate::Pull::gone`], can find them.
     pub full_resync_required: bool,
     /// How far the provider's log of deletions was read, by its own clock: the next check
     /// starts there. It moves on whether or not the entity's records changed, so an entity

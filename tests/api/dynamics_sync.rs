@@ -537,7 +537,7 @@ async fn history_stats_add_up_an_integrations_syncs() {
 }
 
 #[tokio::test]
-async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read() {
+async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read_a_table() {
     let fake = FakeDynamics::start().await;
     let ids = [
         uuid::Uuid::new_v4().to_string(),

@@ -2,13 +2,15 @@
 //! OAuth refresh (no `expires_in`, optional refresh-token rotation that invalidates the old
 //! token, `invalid_grant`), SOQL with `nextRecordsUrl` paging and `Sforce-Query-Options`
 //! batch sizes, `SystemModstamp` timestamps in `+0000` form, `getDeleted` with its
-//! `earliestDateAvailable` window (nothing deleted before it is listed) and whole minutes, `Sforce-Limit-Info`, 401
-//! `INVALID_SESSION_ID` when a token expires and 403 `REQUEST_LIMIT_EXCEEDED` when the
-//! allocation runs out, errors as arrays.
+//! `earliestDateAvailable` window (nothing deleted before it is listed) and whole minutes,
+//! `Sforce-Limit-Info`, 401 `INVALID_SESSION_ID` when a token expires and 403
+//! `REQUEST_LIMIT_EXCEEDED` when the allocation runs out, errors as arrays.
 //! `WHERE Id IN (...)` reads notified records back. `queryAll` answers ids with `IsDeleted`,
 //! the recycle bin's records and archived ones included, which `/query` leaves out; a record
-//! purged from the recycle bin is in neither. Knobs let a test expire the token, exhaust the
-//! allocation, fail a share of requests or hold a page mid-sync.
+//! purged from the recycle bin is in neither. `describe` gives an object's key prefix and
+//! fields, and `UserPermissionAccess` whether the integration user has View All Data. Knobs
+//! let a test expire the token, exhaust the allocation, fail a share of requests, hold a page,
+//! a getDeleted or a queryAll mid-sync, archive records or refuse `describe`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -494,8 +496,9 @@ async fn describe(
         .into_response()
 }
 
-/// `queryAll` of `SELECT Id, IsDeleted FROM <entity> WHERE Id IN (...)`, in one batch: the
-/// live records (archived ones too), and those in the recycle bin with `IsDeleted` true.
+/// `queryAll` of `SELECT Id, IsDeleted FROM <entity> WHERE Id IN (...)` (or `SELECT Id`), in
+/// one batch: the live records (archived ones too), and those in the recycle bin with
+/// `IsDeleted` true.
 async fn query_all(
     State(fake): State<FakeSalesforce>,
     headers: HeaderMap,

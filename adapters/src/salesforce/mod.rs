@@ -8,7 +8,8 @@
 //! * Deletions come from `/sobjects/{entity}/deleted/`, read from where the last read ended
 //!   (its `latestDateCovered`), so an object nobody edits is still checked within the 15 days
 //!   Salesforce remembers deletions; a full sync reads all 15. When the recycle bin no longer
-//!   reaches back that far (`earliestDateAvailable` is later), only a full resync can find them.
+//!   reaches back that far (`earliestDateAvailable` is later), the next sync lists the object
+//!   whole and asks `queryAll` about the records the listing left out (`Pull::gone`).
 //! * Tokens: the access token expires silently (the token response has no `expires_in`), so a
 //!   401 `INVALID_SESSION_ID` refreshes it and retries the request once. The latest
 //!   `instance_url` and, with rotation enabled, the new refresh token are kept.
@@ -921,12 +922,15 @@ impl Pull for Salesforce {
             )
             .await?;
         let mut left = LeftOut::default();
+        // An object whose ids have no known beginning cannot tell its records from others'.
         let Some(key_prefix) = described.key_prefix else {
+            left.undecided = ids.len();
             return Ok(left);
         };
         // Without `IsDeleted` (not every object has it) an answered record is taken for live.
         let deletable = described.fields.iter().any(|f| f.name == "IsDeleted");
-        let sees_everything = self.sees_everything(conn).await?;
+        // Asked only once a record goes unanswered.
+        let mut sees_everything = None;
         let asked: Vec<(String, String)> = ids
             .into_iter()
             .filter_map(|id| normalize_id(&id).map(|normal| (id, normal)))
@@ -964,8 +968,17 @@ impl Pull for Salesforce {
                 match answered.get(normal) {
                     Some(false) => {}
                     Some(true) => left.gone.push(id.clone()),
-                    None if sees_everything => left.gone.push(id.clone()),
-                    None => left.undecided += 1,
+                    None => {
+                        let sees = match sees_everything {
+                            Some(sees) => sees,
+                            None => *sees_everything.insert(self.sees_everything(conn).await?),
+                        };
+                        if sees {
+                            left.gone.push(id.clone());
+                        } else {
+                            left.undecided += 1;
+                        }
+                    }
                 }
             }
         }

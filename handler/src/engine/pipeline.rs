@@ -9,7 +9,8 @@
 //! keep a core busy), the write finishing once the last part is handed over. Records the
 //! provider reports deleted soft-delete their shards. While one page is processed the next is
 //! already being fetched and parsed on another task (after an entity's last page, the next
-//! entity's first, unless the entity's end asks the provider for deletions), and it is mapped
+//! entity's first, unless the entity's end asks the provider for deletions or about a listing's
+//! leftovers), and it is mapped
 //! while this one is written (its store reads wait until the write is done, so they see it);
 //! the page before is freed on a blocking thread: memory holds at most those pages.
 //!
@@ -1101,9 +1102,9 @@ impl<'a> EntityRun<'a> {
             self.next_first_page = Some(spawn_fetch(provider, conn, next));
         }
         if deleted.full_resync_required {
-            // Deletions older than the provider remembers: forget the cursor, so the next
-            // run is a full one that sees every record there is.
-            tracing::warn!(%entity, "deletions no longer available since the last check; next run resyncs in full");
+            // Deletions older than the provider remembers: the entity is marked lost, so the
+            // next run lists it whole and compares.
+            tracing::warn!(%entity, "deletions no longer available since the last check; the next run lists the entity whole");
             let job_id = self.job.job_id;
             let mut holds = true;
             self.update_state(|i| {
@@ -1320,7 +1321,8 @@ impl<'a> EntityRun<'a> {
                 })
                 .map(|r| r.external_id)
                 .collect();
-            let gone: Vec<Record> = if left_out.is_empty() {
+            let asked = !left_out.is_empty();
+            let gone: Vec<Record> = if !asked {
                 Vec::new()
             } else {
                 match provider
@@ -1350,9 +1352,10 @@ impl<'a> EntityRun<'a> {
                     }
                 }
             };
-            if !gone.is_empty() {
+            if asked {
                 // Asking about many pages of shards outlasts a hold taken once: it is renewed
-                // before each page's deletions, and a job another took over meanwhile stops.
+                // after each page's questions, before its deletions, and a job another took
+                // over meanwhile stops.
                 let job_id = self.job.job_id;
                 let mut holds = true;
                 self.update_state(|i| {
@@ -1488,13 +1491,7 @@ impl<'a> EntityRun<'a> {
             let again: Vec<plan::PageRecord> = if raced.is_empty() {
                 Vec::new()
             } else {
-                let raced: HashSet<&str> = raced.iter().map(String::as_str).collect();
-                let records_raced: HashSet<&str> = landed
-                    .landed
-                    .iter()
-                    .filter(|(_, shard)| raced.contains(shard.as_str()))
-                    .map(|(record, _)| record.as_str())
-                    .collect();
+                let records_raced = landed.records_in(&raced);
                 records
                     .extract_if(.., |r| records_raced.contains(r.record.id.as_str()))
                     .collect()
@@ -1632,12 +1629,7 @@ impl<'a> EntityRun<'a> {
         // The failures of records that land again are theirs to tell then.
         let mut failed = std::mem::take(&mut landed.failed);
         if !last && !written.raced.is_empty() {
-            let again: HashSet<&str> = landed
-                .landed
-                .iter()
-                .filter(|(_, shard)| written.raced.contains(shard))
-                .map(|(record, _)| record.as_str())
-                .collect();
+            let again = landed.records_in(&written.raced);
             failed.retain(|f| f.record_id.as_deref().is_none_or(|id| !again.contains(id)));
         }
         self.record_failures(failed);
@@ -1684,12 +1676,13 @@ impl<'a> EntityRun<'a> {
     /// After a two-way page is written: conflicts are announced (fields and who won, never
     /// the values) and those left for an operator are recorded with both values; Castiel's
     /// values the provider should take are sent to `sync-outbound`. Shards that were not
-    /// written are left for the next sync to find again.
+    /// written (refused, or written by something else meanwhile) announce and send nothing:
+    /// their records land again in a later round or a later sync.
     async fn follow_two_way(
         &self,
         landed: &plan::Landed,
         written: &[Shard],
-        failed_ids: &[String],
+        unwritten: &[String],
     ) -> Result<(), Failure> {
         let tenant = self.job.tenant_id;
         let integration_id = self.job.integration_id;
@@ -1697,7 +1690,7 @@ impl<'a> EntityRun<'a> {
         for found in landed
             .conflicts
             .iter()
-            .filter(|c| !failed_ids.contains(&c.shard_id))
+            .filter(|c| !unwritten.contains(&c.shard_id))
         {
             events.extend(two_way::conflict_events(
                 tenant,
@@ -1727,7 +1720,7 @@ impl<'a> EntityRun<'a> {
         for (shard_id, fields) in landed
             .to_provider
             .iter()
-            .filter(|(id, _)| !failed_ids.contains(id))
+            .filter(|(id, _)| !unwritten.contains(id))
         {
             let Some(shard) = written
                 .get(shard_id.as_str())
@@ -1953,8 +1946,8 @@ impl<'a> EntityRun<'a> {
     /// at (`etags`); retries them with backoff, then shard by shard. `first_failure` is why
     /// writing them as the page landed failed, which was the first try. Returns the shards not
     /// written: those the store refused for what they are or that still failed alone, and
-    /// those written by something else since they were read. Fails the run only if the store
-    /// wrote none of them.
+    /// those written by something else since they were read. Fails the run only if every
+    /// shard failed alone (the store itself is failing).
     async fn write(
         &self,
         shards: &[Shard],
@@ -1970,8 +1963,9 @@ impl<'a> EntityRun<'a> {
 
     /// Takes out of `written.raced` the shards that hold what this sync sent them
     /// (`shards`): a try that failed part way (Cosmos batches written before one was
-    /// throttled) wrote them, and the next try found its own etag there. A shard's content
-    /// hash, taken again from what is stored, says what it holds, whenever it was written.
+    /// throttled) wrote them, and the next try, finding them no longer at the etag they were
+    /// read at, took them for raced. A shard's content hash, taken again from what is stored,
+    /// says what it holds, whenever it was written.
     async fn keep_own_writes(
         &self,
         written: &mut Written,

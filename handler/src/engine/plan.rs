@@ -79,10 +79,10 @@ impl PageRecord {
     }
 }
 
-/// Times the records of a page are landed, at most: a shard written by something else
-/// between a sync's read of it and its write (a Castiel user, another integration's sync) is
-/// read again and its records landed anew, and only a shard that changed under every try
-/// fails its records.
+/// Times a page's records, or a chunk of tombstones, are applied at most: a shard written by
+/// something else between a sync's read of it and its write (a Castiel user, another
+/// integration's sync) is read again and its records landed anew, and only a shard that
+/// changed under every try fails its records.
 pub const LANDING_ROUNDS: usize = 3;
 
 /// A page after its mapping.
@@ -358,6 +358,18 @@ pub struct Landed {
     pub conflicts: Vec<ConflictFound>,
     /// Two-way shards whose Castiel values the provider should take, and which fields.
     pub to_provider: Vec<(String, Vec<String>)>,
+}
+
+impl Landed {
+    /// The external ids of the records that landed in any of `shards`.
+    pub fn records_in(&self, shards: &[String]) -> HashSet<&str> {
+        let shards: HashSet<&str> = shards.iter().map(String::as_str).collect();
+        self.landed
+            .iter()
+            .filter(|(_, shard)| shards.contains(shard.as_str()))
+            .map(|(record, _)| record.as_str())
+            .collect()
+    }
 }
 
 /// A record whose fields were changed both in Castiel and at the provider.
@@ -1425,7 +1437,8 @@ mod tests {
     }
 
     #[test]
-    fn a_record_whose_shard_was_written_meanwhile_is_counted_when_it_lands_again() {
+    fn a_record_whose_shard_was_written_meanwhile_is_left_to_land_again_and_fails_on_the_last_try()
+    {
         let (landed, changes) = two_new_contacts();
         let raced = Written {
             refused: Vec::new(),

@@ -61,8 +61,9 @@ pub struct Integration {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub deletions_checked: BTreeMap<String, DateTime<Utc>>,
     /// Entities whose deletions the provider no longer remembered as far back as asked: their
-    /// next full sync lists them whole and soft-deletes the shards of the records it left out,
-    /// as it does for the entities a provider always lists whole.
+    /// next sync, full or not, lists them whole, and of the records the listing left out
+    /// soft-deletes the shards of those the provider says are gone (`Pull::gone`). An entity
+    /// leaves the list once the listing is compared.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_deletions: Vec<String>,
     /// Per entity: where an unfinished sync stopped, so the next job resumes there.

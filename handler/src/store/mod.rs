@@ -35,7 +35,8 @@ pub struct Versioned<T> {
 /// would undo that write. So the store leaves such a shard as it is and says so
 /// ([`Written::raced`]), for the sync to read it again and decide anew. A shard that did not
 /// exist when read has no etag and is written whatever is there: its id is the record's own,
-/// which only this integration's syncs write.
+/// which only this integration's syncs write. So is a derived shard, which is its record's
+/// alone and rewritten whole.
 #[derive(Debug, Clone, Copy)]
 pub struct Upsert<'a> {
     pub shard: &'a Shard,
@@ -62,7 +63,8 @@ impl<'a> Upsert<'a> {
 pub struct Written {
     /// Refused for what they are (too large, malformed): trying again cannot help.
     pub refused: Vec<String>,
-    /// Written by someone else since they were read ([`Upsert::if_match`]): left as they are.
+    /// No longer at the etag they were read at ([`Upsert::if_match`]): written by something
+    /// else since, or by an earlier try of this same write. Left as they are.
     pub raced: Vec<String>,
 }
 
@@ -401,7 +403,8 @@ pub trait Upserts: Send {
     /// write has failed as a whole.
     async fn send(&mut self, writes: &[Upsert<'_>]) -> Result<(), StoreError>;
 
-    /// Writes whatever is left and waits until every shard handed over is written. Returns, as
+    /// Writes whatever is left and waits until every shard handed over is written or left
+    /// ([`Written::raced`]). Returns, as
     /// [`ShardStore::upsert_many`] does, the shards it did not write; fails as a whole when the
     /// store itself is failing.
     async fn finish(self: Box<Self>) -> Result<Written, StoreError>;
