@@ -103,6 +103,14 @@ impl Failure {
     }
 }
 
+/// Whether a provider error is one that waiting or new credentials can mend: throttling, an
+/// outage, a used-up allocation, refused credentials. A job meeting one stops to be taken up
+/// again, where it would otherwise go on without what the provider would not answer (the
+/// leftovers of a listing left as they are).
+pub fn mends_later(e: &ProviderError) -> bool {
+    e.is_retryable() || e.resume_next_run || FailureCode::from(e.code).needs_new_credentials()
+}
+
 impl From<ProviderError> for Failure {
     fn from(e: ProviderError) -> Self {
         Self {
@@ -146,5 +154,15 @@ mod tests {
         }
         assert!(FailureCode::from(ErrorCode::InvalidCredentials).needs_new_credentials());
         assert!(!FailureCode::Store.needs_new_credentials());
+    }
+
+    #[test]
+    fn waiting_or_new_credentials_mend_throttling_quotas_and_refused_credentials_only() {
+        let mended = |code| mends_later(&ProviderError::new(code, "x"));
+        assert!(mended(ErrorCode::RateLimit));
+        assert!(mended(ErrorCode::AuthenticationFailed));
+        assert!(mends_later(&ProviderError::quota("daily allocation")));
+        assert!(!mended(ErrorCode::ValidationError));
+        assert!(!mended(ErrorCode::NotFound));
     }
 }

@@ -40,7 +40,7 @@ use adapters::{
     Connection, Deleted, ErrorCode, FetchRequest, Page, Provider, ProviderError, Record,
 };
 
-use super::failure::{Failure, FailureCode};
+use super::failure::{Failure, FailureCode, mends_later};
 use super::lease;
 use super::listed::ListedIds;
 use super::plan;
@@ -50,7 +50,7 @@ use super::two_way;
 use crate::app::App;
 use crate::model::conflict::ConflictPolicy;
 use crate::model::history::{Direction, EntitySyncStats, SyncDetails};
-use crate::model::integration::{Checkpoint, JobProgress};
+use crate::model::integration::{Checkpoint, EntityEnd, JobProgress};
 use crate::model::listing::{ListedPage, ListingProgress};
 use crate::model::mapping::EntityMapping;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
@@ -1110,12 +1110,7 @@ impl<'a> EntityRun<'a> {
             self.update_state(|i| {
                 holds = lease::holds(i.running.as_ref(), job_id);
                 if holds {
-                    i.cursors.remove(entity);
-                    i.deletions_checked.remove(entity);
-                    i.checkpoints.remove(entity);
-                    if !i.lost_deletions.contains(entity) {
-                        i.lost_deletions.push(entity.clone());
-                    }
+                    i.lose_deletions(entity);
                 }
                 holds
             })
@@ -1157,32 +1152,23 @@ impl<'a> EntityRun<'a> {
             reconciled = true;
         }
         let entity = &self.mapping.external_entity;
-        let pending = self.pending_cursor.clone();
+        let end = EntityEnd {
+            deletions_covered: deleted.covered_until,
+            listing_compared: reconciled,
+            deletions_lost: lost,
+            cursor: self.pending_cursor.clone(),
+        };
         let progress = self.progress(pages, true);
         let job_id = self.job.job_id;
         let mut holds = true;
         self.update_state(|i| {
             holds = lease::checkpoint(&mut i.running, job_id, progress.clone(), Utc::now());
-            if !holds {
-                return false;
+            if holds {
+                i.end_entity(entity, end.clone(), |stored, newer| {
+                    provider.newer_cursor(stored, newer)
+                });
             }
-            if let Some(covered) = deleted.covered_until {
-                i.deletions_checked.insert(entity.clone(), covered);
-            }
-            if reconciled {
-                i.lost_deletions.retain(|e| e != entity);
-            } else if lost && !i.lost_deletions.contains(entity) {
-                i.lost_deletions.push(entity.clone());
-            }
-            if let Some(newer) = pending.clone() {
-                let cursor = match i.cursors.remove(entity) {
-                    Some(stored) => provider.newer_cursor(stored, newer),
-                    None => newer,
-                };
-                i.cursors.insert(entity.clone(), cursor);
-            }
-            i.checkpoints.remove(entity);
-            true
+            holds
         })
         .await?;
         if !holds {
@@ -1333,13 +1319,7 @@ impl<'a> EntityRun<'a> {
                         undecided += left.undecided;
                         left.gone.into_iter().map(Record::gone).collect()
                     }
-                    Err(e)
-                        if e.is_retryable()
-                            || e.resume_next_run
-                            || FailureCode::from(e.code).needs_new_credentials() =>
-                    {
-                        return Err(e.into());
-                    }
+                    Err(e) if mends_later(&e) => return Err(e.into()),
                     // Asking again would fail again (an object the API will not describe):
                     // the shards not compared yet stay, and the history says so.
                     Err(e) => {

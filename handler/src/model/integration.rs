@@ -108,7 +108,63 @@ pub struct WriteBackSettings {
     pub enabled: bool,
 }
 
+/// How an entity's sync ended, for its state ([`Integration::end_entity`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntityEnd {
+    /// How far the provider's log of deletions was read, if it was.
+    pub deletions_covered: Option<DateTime<Utc>>,
+    /// A listing from the start was compared with the entity's shards.
+    pub listing_compared: bool,
+    /// Deletions since the last check were lost, and no listing made up for them.
+    pub deletions_lost: bool,
+    /// The cursor the run's pages left, if any.
+    pub cursor: Option<String>,
+}
+
 impl Integration {
+    /// The deletions of `entity` since the last check are older than the provider remembers:
+    /// its cursor, how far its deletions were read and its checkpoint are forgotten, and it is
+    /// marked lost, so that the next run lists it whole.
+    pub fn lose_deletions(&mut self, entity: &str) {
+        self.cursors.remove(entity);
+        self.deletions_checked.remove(entity);
+        self.checkpoints.remove(entity);
+        self.mark_deletions_lost(entity);
+    }
+
+    /// `entity`'s sync ended as `end` says: how far its deletions were read, whether it is
+    /// still marked lost (a compared listing clears the mark), its cursor (of the stored one
+    /// and the run's, the one `newer` picks), and no checkpoint.
+    pub fn end_entity(
+        &mut self,
+        entity: &str,
+        end: EntityEnd,
+        newer: impl FnOnce(String, String) -> String,
+    ) {
+        if let Some(covered) = end.deletions_covered {
+            self.deletions_checked.insert(entity.to_string(), covered);
+        }
+        if end.listing_compared {
+            self.lost_deletions.retain(|e| e != entity);
+        } else if end.deletions_lost {
+            self.mark_deletions_lost(entity);
+        }
+        if let Some(cursor) = end.cursor {
+            let cursor = match self.cursors.remove(entity) {
+                Some(stored) => newer(stored, cursor),
+                None => cursor,
+            };
+            self.cursors.insert(entity.to_string(), cursor);
+        }
+        self.checkpoints.remove(entity);
+    }
+
+    fn mark_deletions_lost(&mut self, entity: &str) {
+        if !self.lost_deletions.iter().any(|e| e == entity) {
+            self.lost_deletions.push(entity.to_string());
+        }
+    }
+
     /// Whether changes to shards of `mapping` go back to the provider.
     pub fn writes_back(&self, mapping: &EntityMapping) -> bool {
         mapping.bidirectional && self.write_back.as_ref().is_some_and(|w| w.enabled)
@@ -321,6 +377,73 @@ impl SyncFrequency {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    fn synced_once() -> Integration {
+        serde_json::from_value(serde_json::json!({
+            "providerName": "salesforce", "syncFrequency": {"type": "manual"},
+            "cursors": {"Account": "2026-11-22T10:00:00.000Z"},
+            "deletionsChecked": {"Account": "2026-11-22T10:00:00Z"},
+            "checkpoints": {"Account": {"jobId": "job-1", "pageToken": "/next",
+                                        "updatedAt": "2026-11-22T10:00:00Z"}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn lost_deletions_forget_the_cursor_and_mark_the_entity_once() {
+        let mut integration = synced_once();
+        integration.lose_deletions("Account");
+        integration.lose_deletions("Account");
+        assert!(integration.cursors.is_empty());
+        assert!(integration.deletions_checked.is_empty());
+        assert!(integration.checkpoints.is_empty());
+        assert_eq!(integration.lost_deletions, ["Account"]);
+    }
+
+    #[test]
+    fn an_entity_that_ends_keeps_the_newer_cursor_and_is_unmarked_only_by_a_compared_listing() {
+        let covered = Utc.with_ymd_and_hms(2026, 11, 23, 9, 0, 0).unwrap();
+        let newer = |a: String, b: String| a.max(b);
+        let mut integration = synced_once();
+        integration.lost_deletions = vec!["Account".into()];
+        integration.end_entity(
+            "Account",
+            EntityEnd {
+                deletions_covered: Some(covered),
+                cursor: Some("2026-11-21T00:00:00.000Z".into()),
+                ..EntityEnd::default()
+            },
+            newer,
+        );
+        assert_eq!(integration.cursors["Account"], "2026-11-22T10:00:00.000Z");
+        assert_eq!(integration.deletions_checked["Account"], covered);
+        assert!(integration.checkpoints.is_empty());
+        assert_eq!(integration.lost_deletions, ["Account"], "not compared");
+
+        integration.end_entity(
+            "Account",
+            EntityEnd {
+                listing_compared: true,
+                deletions_lost: true,
+                ..EntityEnd::default()
+            },
+            newer,
+        );
+        assert!(
+            integration.lost_deletions.is_empty(),
+            "the listing made up for them"
+        );
+
+        integration.end_entity(
+            "Account",
+            EntityEnd {
+                deletions_lost: true,
+                ..EntityEnd::default()
+            },
+            newer,
+        );
+        assert_eq!(integration.lost_deletions, ["Account"]);
+    }
 
     #[test]
     fn two_mappings_may_not_write_one_shard_type_back() {
