@@ -20,7 +20,7 @@ use crate::fake_dynamics::FakeDynamics;
 use crate::fake_gong::FakeGong;
 use crate::fake_google_drive::FakeGoogleDrive;
 use crate::fake_graph::FakeGraph;
-use crate::fake_host::{HostedHandler, free_port, http_request_with_query, service_bus_message};
+use crate::fake_host::{HostedHandler, free_port, service_bus_message};
 use crate::fake_salesforce::FakeSalesforce;
 use crate::fake_zoom::FakeZoom;
 use crate::helpers::{TestApp, http_request, wait_until};
@@ -205,25 +205,9 @@ async fn post_webhook<P: UnderTest>(handler: &HostedHandler, delivery: &Delivery
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
-    let headers: Vec<(&str, &str)> = delivery
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let res = handler
-        .invoke(
-            "WebhookReceiver",
-            &http_request_with_query(
-                "WebhookReceiver",
-                P::PROVIDER,
-                &query,
-                &headers,
-                &delivery.body,
-            ),
-        )
+    let out = handler
+        .post_webhook(P::PROVIDER, &query, &delivery.headers, &delivery.body)
         .await;
-    assert!(res.host_accepts(), "{res:?}");
-    let out = res.json()["Outputs"]["res"].clone();
     (out["statusCode"].as_u64().unwrap_or_default() as u16, out)
 }
 

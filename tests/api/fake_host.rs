@@ -201,6 +201,30 @@ pub async fn post_invocation(port: u16, function: &str, body: &[u8]) -> HostResp
 }
 
 impl HostedHandler {
+    /// Posts a provider's webhook delivery (`headers`, `body`, and the URL's `query`) to
+    /// WebhookReceiver as the host invokes it; returns the HTTP answer the function gave
+    /// (`statusCode`, `headers`, `body`).
+    pub async fn post_webhook(
+        &self,
+        provider: &str,
+        query: &[(&str, &str)],
+        headers: &[(String, String)],
+        body: &str,
+    ) -> Value {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let res = self
+            .invoke(
+                "WebhookReceiver",
+                &http_request_with_query("WebhookReceiver", provider, query, &headers, body),
+            )
+            .await;
+        assert!(res.host_accepts(), "{res:?}");
+        res.json()["Outputs"]["res"].clone()
+    }
+
     /// Kills the handler as a crash would (SIGKILL).
     pub async fn kill_9(mut self) {
         self.child.kill().await.unwrap();

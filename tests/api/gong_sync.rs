@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use handler::queue::SYNC_INBOUND_WEBHOOK;
 
 use crate::fake_gong::FakeGong;
-use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
+use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::helpers::TestApp;
 
 const ID: &str = "int-gong";
@@ -38,17 +38,7 @@ async fn post(
     query: &[(&str, &str)],
     (headers, body): &(Vec<(String, String)>, String),
 ) -> Value {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let res = handler
-        .invoke(
-            "WebhookReceiver",
-            &http_request_with_query("WebhookReceiver", "gong", query, &headers, body),
-        )
-        .await;
-    res.json()["Outputs"]["res"].clone()
+    handler.post_webhook("gong", query, headers, body).await
 }
 
 #[tokio::test]

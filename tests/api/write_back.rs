@@ -231,13 +231,11 @@ async fn an_edit_made_while_the_one_before_was_written_back_is_written_too_not_t
     fake.release.notify_one();
     assert!(first.await.unwrap().host_accepts());
 
-    let res = handler
-        .invoke(
-            "SyncOutbound",
-            &write_back(ANN, "update", Some(&["email"]), "wb-2", 1),
-        )
-        .await;
-    assert!(res.host_accepts(), "{res:?}");
+    push(
+        &handler,
+        &write_back(ANN, "update", Some(&["email"]), "wb-2", 1),
+    )
+    .await;
     assert_eq!(
         fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
         "ann@two.test"
@@ -341,6 +339,13 @@ async fn castiel_made_ann(test: &TestApp) {
     test.store().upsert(&shard).await.unwrap();
 }
 
+/// Delivers a write-back (`envelope`, a [`write_back`]) to SyncOutbound, as the host does,
+/// and checks that the host takes the answer (the delivery is settled, not retried).
+async fn push(handler: &HostedHandler, envelope: &Value) {
+    let res = handler.invoke("SyncOutbound", envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+}
+
 /// The SyncOutbound invocation for a write-back of `shard`, as the host delivers it.
 fn write_back(
     shard: &str,
@@ -409,13 +414,11 @@ async fn a_contact_deleted_after_a_create_whose_answer_was_lost_goes_from_salesf
     shard.deleted_at = Some(Utc::now());
     store.upsert(&shard).await.unwrap();
     let handler = test.host_handler().await;
-    let res = handler
-        .invoke(
-            "SyncOutbound",
-            &write_back("shard-ann", "delete", None, "wb-2", 1),
-        )
-        .await;
-    assert!(res.host_accepts(), "{res:?}");
+    push(
+        &handler,
+        &write_back("shard-ann", "delete", None, "wb-2", 1),
+    )
+    .await;
     assert!(
         fake.records("Contact").is_empty(),
         "the record the lost create made is found by the shard's id and deleted"
@@ -435,13 +438,11 @@ async fn a_contact_made_in_castiel_is_created_once_at_salesforce_whatever_the_de
     // The host redelivers, twice.
     let handler = test.host_handler().await;
     for delivery in [2, 3] {
-        let res = handler
-            .invoke(
-                "SyncOutbound",
-                &write_back("shard-ann", "create", None, "wb-1", delivery),
-            )
-            .await;
-        assert!(res.host_accepts(), "{res:?}");
+        push(
+            &handler,
+            &write_back("shard-ann", "create", None, "wb-1", delivery),
+        )
+        .await;
     }
     let records = fake.records("Contact");
     assert_eq!(
@@ -479,13 +480,11 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
     shard.structured_data["email"] = json!("ann@lee.test");
     shard.updated_at = Some(Utc::now());
     store.upsert(&shard).await.unwrap();
-    let res = handler
-        .invoke(
-            "SyncOutbound",
-            &write_back(ANN, "update", Some(&["email"]), "wb-2", 1),
-        )
-        .await;
-    assert!(res.host_accepts(), "{res:?}");
+    push(
+        &handler,
+        &write_back(ANN, "update", Some(&["email"]), "wb-2", 1),
+    )
+    .await;
     let record = fake.record("Contact", "003000000000001AAA").unwrap();
     assert_eq!(record["Email"], "ann@lee.test");
     assert_eq!(record["Name"], "Ann", "only the changed field is written");
@@ -512,13 +511,7 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
     shard.deleted_at = Some(Utc::now());
     store.upsert(&shard).await.unwrap();
     for delivery in [1, 2] {
-        let res = handler
-            .invoke(
-                "SyncOutbound",
-                &write_back(ANN, "delete", None, "wb-3", delivery),
-            )
-            .await;
-        assert!(res.host_accepts(), "{res:?}");
+        push(&handler, &write_back(ANN, "delete", None, "wb-3", delivery)).await;
     }
     assert!(fake.record("Contact", "003000000000001AAA").is_none());
     let deletes = fake
@@ -1040,13 +1033,11 @@ async fn a_write_back_salesforce_cannot_take_now_is_retried_later_and_one_no_ret
     store.upsert(&shard).await.unwrap();
 
     fake.org.lock().unwrap().outage = Some(axum::http::StatusCode::SERVICE_UNAVAILABLE);
-    let res = handler
-        .invoke(
-            "SyncOutbound",
-            &write_back(ANN, "update", Some(&["email"]), "wb-9", 1),
-        )
-        .await;
-    assert!(res.host_accepts(), "{res:?}");
+    push(
+        &handler,
+        &write_back(ANN, "update", Some(&["email"]), "wb-9", 1),
+    )
+    .await;
     let record = history_of(&test, "writeback:wb-9").await;
     assert_eq!(record["status"], "failed");
     assert!(
@@ -1081,13 +1072,7 @@ async fn a_write_back_salesforce_cannot_take_now_is_retried_later_and_one_no_ret
     }))
     .unwrap();
     store.upsert(&company).await.unwrap();
-    let res = handler
-        .invoke(
-            "SyncOutbound",
-            &write_back("acme", "update", None, "wb-10", 1),
-        )
-        .await;
-    assert!(res.host_accepts(), "{res:?}");
+    push(&handler, &write_back("acme", "update", None, "wb-10", 1)).await;
     let dead = test.broker().peek(handler::queue::SYNC_DEADLETTER).unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].properties["DeadLetterReason"], "VALIDATION_ERROR");

@@ -21,17 +21,44 @@ use handler::store::{ShardQuery, ShardStore, SqliteStore, StoreError, Upsert, Ve
 use crate::fake_salesforce::FakeSalesforce;
 use crate::helpers::{TestApp, salesforce_integration};
 
-/// A store whose batch writes fail `batch_failures` times, and whose single writes of
-/// `poisoned` always fail.
-struct FailingWrites {
+/// What a test's store does with the writes a sync makes, around or in place of the embedded
+/// store's; reads and single-shard point operations go to the embedded store unchanged.
+#[async_trait]
+trait Writes: Send + Sync {
+    async fn upsert_many(
+        &self,
+        inner: &SqliteStore,
+        writes: &[Upsert<'_>],
+    ) -> Result<Written, StoreError>;
+
+    async fn upsert(&self, inner: &SqliteStore, shard: &Shard) -> Result<String, StoreError> {
+        inner.upsert(shard).await
+    }
+}
+
+/// The embedded store of a test app, its writes going through `writes` (whose state the test
+/// reads through this store).
+struct Intercepted<W> {
     inner: SqliteStore,
-    batch_failures: u32,
-    batch_calls: AtomicU32,
-    poisoned: Option<String>,
+    writes: W,
+}
+
+fn intercepted<W: Writes>(test: &TestApp, writes: W) -> Arc<Intercepted<W>> {
+    Arc::new(Intercepted {
+        inner: test.store(),
+        writes,
+    })
+}
+
+impl<W> std::ops::Deref for Intercepted<W> {
+    type Target = W;
+    fn deref(&self) -> &W {
+        &self.writes
+    }
 }
 
 #[async_trait]
-impl ShardStore for FailingWrites {
+impl<W: Writes> ShardStore for Intercepted<W> {
     async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
         self.inner.get(tenant_id, id).await
     }
@@ -39,10 +66,7 @@ impl ShardStore for FailingWrites {
         self.inner.create(shard).await
     }
     async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
-        if self.poisoned.as_deref() == Some(shard.id.as_str()) {
-            return Err(StoreError::Unavailable("request entity too large".into()));
-        }
-        self.inner.upsert(shard).await
+        self.writes.upsert(&self.inner, shard).await
     }
     async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
         self.inner.replace(shard, if_match).await
@@ -51,10 +75,35 @@ impl ShardStore for FailingWrites {
         self.inner.query(query).await
     }
     async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+        self.writes.upsert_many(&self.inner, writes).await
+    }
+}
+
+/// Batch writes that fail `batch_failures` times, and single writes of `poisoned` that
+/// always fail.
+struct FailingWrites {
+    batch_failures: u32,
+    batch_calls: AtomicU32,
+    poisoned: Option<String>,
+}
+
+#[async_trait]
+impl Writes for FailingWrites {
+    async fn upsert(&self, inner: &SqliteStore, shard: &Shard) -> Result<String, StoreError> {
+        if self.poisoned.as_deref() == Some(shard.id.as_str()) {
+            return Err(StoreError::Unavailable("request entity too large".into()));
+        }
+        inner.upsert(shard).await
+    }
+    async fn upsert_many(
+        &self,
+        inner: &SqliteStore,
+        writes: &[Upsert<'_>],
+    ) -> Result<Written, StoreError> {
         if self.batch_calls.fetch_add(1, Ordering::SeqCst) < self.batch_failures {
             return Err(StoreError::Unavailable("429 too many requests".into()));
         }
-        self.inner.upsert_many(writes).await
+        inner.upsert_many(writes).await
     }
 }
 
@@ -64,24 +113,25 @@ fn app_with(test: &TestApp, store: Arc<dyn ShardStore>) -> App {
     app
 }
 
-/// A store on which someone else (a Castiel user) edits one shard, setting its `phone`,
-/// right before each of the sync's next `edits` writes that include it: between the sync's
-/// read of the shard and its write.
+/// Someone else (a Castiel user) edits one shard, setting its `phone`, right before each of
+/// the sync's next `edits` writes that include it: between the sync's read of the shard and
+/// its write.
 struct EditedMeanwhile {
-    inner: SqliteStore,
     shard_id: String,
     edits: u32,
     made: AtomicU32,
 }
 
 impl EditedMeanwhile {
-    fn new(test: &TestApp, account: usize, edits: u32) -> Arc<Self> {
-        Arc::new(Self {
-            inner: test.store(),
-            shard_id: account_shard(account),
-            edits,
-            made: AtomicU32::new(0),
-        })
+    fn new(test: &TestApp, account: usize, edits: u32) -> Arc<Intercepted<Self>> {
+        intercepted(
+            test,
+            Self {
+                shard_id: account_shard(account),
+                edits,
+                made: AtomicU32::new(0),
+            },
+        )
     }
 
     /// The `phone` the last edit set.
@@ -91,64 +141,41 @@ impl EditedMeanwhile {
 }
 
 #[async_trait]
-impl ShardStore for EditedMeanwhile {
-    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
-        self.inner.get(tenant_id, id).await
-    }
-    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
-        self.inner.create(shard).await
-    }
-    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
-        self.inner.upsert(shard).await
-    }
-    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
-        self.inner.replace(shard, if_match).await
-    }
-    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
-        self.inner.query(query).await
-    }
-    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+impl Writes for EditedMeanwhile {
+    async fn upsert_many(
+        &self,
+        inner: &SqliteStore,
+        writes: &[Upsert<'_>],
+    ) -> Result<Written, StoreError> {
         let includes = writes.iter().any(|w| w.shard.id == self.shard_id);
         if includes && self.made.load(Ordering::SeqCst) < self.edits {
             let n = self.made.fetch_add(1, Ordering::SeqCst) + 1;
-            let mut shard = self.inner.get("t1", &self.shard_id).await?.unwrap().value;
+            let mut shard = inner.get("t1", &self.shard_id).await?.unwrap().value;
             shard.structured_data["phone"] = json!(format!("555-010{n}"));
-            self.inner.upsert(&shard).await?;
+            inner.upsert(&shard).await?;
         }
-        self.inner.upsert_many(writes).await
+        inner.upsert_many(writes).await
     }
 }
 
-/// A store whose first write of many writes half of its shards, then fails as throttled, as a
+/// A first write of many that writes half of its shards, then fails as throttled, as a
 /// page's Cosmos batches do when the last of them is throttled.
 struct HalfWritten {
-    inner: SqliteStore,
     calls: AtomicU32,
 }
 
 #[async_trait]
-impl ShardStore for HalfWritten {
-    async fn get(&self, tenant_id: &str, id: &str) -> Result<Option<Versioned<Shard>>, StoreError> {
-        self.inner.get(tenant_id, id).await
-    }
-    async fn create(&self, shard: &Shard) -> Result<String, StoreError> {
-        self.inner.create(shard).await
-    }
-    async fn upsert(&self, shard: &Shard) -> Result<String, StoreError> {
-        self.inner.upsert(shard).await
-    }
-    async fn replace(&self, shard: &Shard, if_match: &str) -> Result<String, StoreError> {
-        self.inner.replace(shard, if_match).await
-    }
-    async fn query(&self, query: &ShardQuery) -> Result<Vec<Versioned<Shard>>, StoreError> {
-        self.inner.query(query).await
-    }
-    async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
+impl Writes for HalfWritten {
+    async fn upsert_many(
+        &self,
+        inner: &SqliteStore,
+        writes: &[Upsert<'_>],
+    ) -> Result<Written, StoreError> {
         if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.inner.upsert_many(&writes[..writes.len() / 2]).await?;
+            inner.upsert_many(&writes[..writes.len() / 2]).await?;
             return Err(StoreError::Unavailable("429 too many requests".into()));
         }
-        self.inner.upsert_many(writes).await
+        inner.upsert_many(writes).await
     }
 }
 
@@ -227,12 +254,14 @@ fn integration(fake: &FakeSalesforce, create_new: bool) -> Value {
 async fn a_batch_write_that_fails_is_retried_with_backoff_and_nothing_is_lost() {
     let test = TestApp::new();
     register(&test).await;
-    let store = Arc::new(FailingWrites {
-        inner: test.store(),
-        batch_failures: 2,
-        batch_calls: AtomicU32::new(0),
-        poisoned: None,
-    });
+    let store = intercepted(
+        &test,
+        FailingWrites {
+            batch_failures: 2,
+            batch_calls: AtomicU32::new(0),
+            poisoned: None,
+        },
+    );
     let app = app_with(&test, store.clone());
 
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
@@ -254,12 +283,14 @@ async fn a_batch_write_that_fails_is_retried_with_backoff_and_nothing_is_lost() 
 async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
     let test = TestApp::new();
     register(&test).await;
-    let store = Arc::new(FailingWrites {
-        inner: test.store(),
-        batch_failures: u32::MAX,
-        batch_calls: AtomicU32::new(0),
-        poisoned: Some("int-acme-sf~Account~001000000000000007".into()),
-    });
+    let store = intercepted(
+        &test,
+        FailingWrites {
+            batch_failures: u32::MAX,
+            batch_calls: AtomicU32::new(0),
+            poisoned: Some("int-acme-sf~Account~001000000000000007".into()),
+        },
+    );
     let app = app_with(&test, store.clone());
 
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(10), Utc::now())
@@ -287,12 +318,14 @@ async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
 async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
     let test = TestApp::new();
     let fake = register(&test).await;
-    let store = Arc::new(FailingWrites {
-        inner: test.store(),
-        batch_failures: 0,
-        batch_calls: AtomicU32::new(0),
-        poisoned: None,
-    });
+    let store = intercepted(
+        &test,
+        FailingWrites {
+            batch_failures: 0,
+            batch_calls: AtomicU32::new(0),
+            poisoned: None,
+        },
+    );
     let app = app_with(&test, store);
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(2), Utc::now())
         .await
@@ -499,10 +532,12 @@ async fn a_write_retried_after_it_failed_part_way_counts_what_it_wrote_the_first
             Utc::now(),
         );
     }
-    let store = Arc::new(HalfWritten {
-        inner: test.store(),
-        calls: AtomicU32::new(0),
-    });
+    let store = intercepted(
+        &test,
+        HalfWritten {
+            calls: AtomicU32::new(0),
+        },
+    );
     let app = app_with(&test, store.clone());
 
     inbound::process(

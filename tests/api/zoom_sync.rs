@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
 use handler::store::ShardStore;
 
-use crate::fake_host::{HostedHandler, http_request_with_query, service_bus_message};
+use crate::fake_host::{HostedHandler, service_bus_message};
 use crate::fake_zoom::FakeZoom;
 use crate::helpers::{TestApp, wait_until};
 
@@ -52,23 +52,9 @@ async fn run_job(handler: &HostedHandler, job_id: &str) {
 }
 
 async fn post(handler: &HostedHandler, (headers, body): &(Vec<(String, String)>, String)) -> Value {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let res = handler
-        .invoke(
-            "WebhookReceiver",
-            &http_request_with_query(
-                "WebhookReceiver",
-                "zoom",
-                &[("integration", ID)],
-                &headers,
-                body,
-            ),
-        )
-        .await;
-    res.json()["Outputs"]["res"].clone()
+    handler
+        .post_webhook("zoom", &[("integration", ID)], headers, body)
+        .await
 }
 
 #[tokio::test]
