@@ -124,25 +124,42 @@ impl Salesforce {
     /// a record it cannot read does not exist. Asked of `UserPermissionAccess`, the current
     /// user's permissions; an org that will not say is taken for no.
     async fn sees_everything(&self, conn: &mut Connection) -> Result<bool, ProviderError> {
-        let version = Self::api_version(conn);
-        let asked: Result<(QueryAnswer, _), ProviderError> = self
-            .get(
-                conn,
-                &format!("/services/data/{version}/query"),
-                &[(
-                    "q",
-                    "SELECT Id, PermissionsViewAllData FROM UserPermissionAccess".to_string(),
-                )],
-                None,
-            )
-            .await;
+        let soql = "SELECT Id, PermissionsViewAllData FROM UserPermissionAccess".to_string();
+        let asked = self.read_whole(conn, "query", soql).await;
         match asked {
-            Ok((answer, _)) => Ok(answer
-                .into_records()
-                .into_iter()
+            Ok((records, _)) => Ok(records
+                .iter()
                 .any(|r| r.fields.get("PermissionsViewAllData") == Some(&Value::Bool(true)))),
             Err(e) if e.is_retryable() || e.resume_next_run => Err(e),
             Err(_) => Ok(false),
+        }
+    }
+
+    /// Every record `soql` finds through `resource` (`query`, or `queryAll`, which finds deleted
+    /// and archived records too), its batches followed to the last. Returns them and the API
+    /// usage the last answer reported.
+    async fn read_whole(
+        &self,
+        conn: &mut Connection,
+        resource: &str,
+        soql: String,
+    ) -> Result<(Vec<Record>, Option<(u64, u64)>), ProviderError> {
+        let version = Self::api_version(conn);
+        let mut path = format!("/services/data/{version}/{resource}");
+        let mut params = vec![("q", soql)];
+        let mut records = Vec::new();
+        loop {
+            let (answer, usage): (QueryAnswer, _) =
+                self.get(conn, &path, &params, Some(2000)).await?;
+            let next = answer.next().map(str::to_string);
+            records.extend(answer.into_records());
+            match next {
+                Some(next) => {
+                    path = next;
+                    params.clear();
+                }
+                None => return Ok((records, usage)),
+            }
         }
     }
 
@@ -851,7 +868,6 @@ impl Pull for Salesforce {
         let mut ids: Vec<String> = ids.iter().filter_map(|id| normalize_id(id)).collect();
         ids.sort();
         ids.dedup();
-        let version = Self::api_version(conn);
         let unbounded = FetchRequest {
             cursor: None,
             page_token: None,
@@ -865,21 +881,8 @@ impl Pull for Salesforce {
                 None,
                 Some(format!("Id IN ({})", quoted.join(", "))),
             );
-            let mut path = format!("/services/data/{version}/query");
-            let mut params = vec![("q", soql)];
-            loop {
-                let (answer, _): (QueryAnswer, _) =
-                    self.get(conn, &path, &params, Some(2000)).await?;
-                let next = answer.next().map(str::to_string);
-                records.extend(answer.into_records());
-                match next {
-                    Some(next) => {
-                        path = next;
-                        params.clear();
-                    }
-                    None => break,
-                }
-            }
+            let (read, _) = self.read_whole(conn, "query", soql).await?;
+            records.extend(read);
         }
         Ok(records)
     }
@@ -943,27 +946,14 @@ impl Pull for Salesforce {
                 "SELECT {select} FROM {entity} WHERE Id IN ({})",
                 quoted.join(", ")
             );
-            let mut path = format!("/services/data/{version}/queryAll");
-            let mut params = vec![("q", soql)];
-            let mut answered = std::collections::HashMap::new();
-            loop {
-                let (answer, usage): (QueryAnswer, _) =
-                    self.get(conn, &path, &params, Some(2000)).await?;
-                // A listing's leftovers may be many pages of questions: they stop at the
-                // integration's share of the allocation, as a sync's pages do.
-                if let Some(stop) = Self::usage_stop(conn, usage) {
-                    return Err(stop);
-                }
-                let next = answer.next().map(str::to_string);
-                answered.extend(answer.into_records().into_iter().map(|r| (r.id, r.deleted)));
-                match next {
-                    Some(next) => {
-                        path = next;
-                        params.clear();
-                    }
-                    None => break,
-                }
+            let (read, usage) = self.read_whole(conn, "queryAll", soql).await?;
+            // A listing's leftovers may be many questions: they stop at the integration's
+            // share of the allocation, as a sync's pages do.
+            if let Some(stop) = Self::usage_stop(conn, usage) {
+                return Err(stop);
             }
+            let answered: std::collections::HashMap<String, bool> =
+                read.into_iter().map(|r| (r.id, r.deleted)).collect();
             for (id, normal) in chunk {
                 match answered.get(normal) {
                     Some(false) => {}

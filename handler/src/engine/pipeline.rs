@@ -1991,11 +1991,7 @@ impl<'a> EntityRun<'a> {
         }
         let mut left = Written::default();
         for write in &writes {
-            let tried = match write.if_match {
-                Some(etag) => self.app.store.replace(write.shard, etag).await,
-                None => self.app.store.upsert(write.shard).await,
-            };
-            match tried {
+            match self.app.store.write_one(write).await {
                 Ok(_) => {}
                 Err(StoreError::PreconditionFailed) => left.raced.push(write.shard.id.clone()),
                 Err(_) => left.refused.push(write.shard.id.clone()),

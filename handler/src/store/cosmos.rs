@@ -234,11 +234,7 @@ impl CosmosStore {
         let mut written = Written::default();
         for write in batch {
             let shard = write.shard;
-            let tried = match write.if_match {
-                Some(etag) => self.replace(shard, etag).await,
-                None => self.upsert(shard).await,
-            };
-            match tried {
+            match self.write_one(write).await {
                 Ok(_) => {}
                 Err(StoreError::Refused(reason)) => {
                     tracing::warn!(shard = %shard.id, %reason, "Cosmos DB refused a shard");

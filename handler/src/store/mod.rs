@@ -372,6 +372,15 @@ pub trait ShardStore: Send + Sync {
         })
     }
 
+    /// One shard of a write of many, alone: replaced under its etag if it has one, else
+    /// upserted.
+    async fn write_one(&self, write: &Upsert<'_>) -> Result<String, StoreError> {
+        match write.if_match {
+            Some(etag) => self.replace(write.shard, etag).await,
+            None => self.upsert(write.shard).await,
+        }
+    }
+
     /// Writes many shards in as few requests as the store allows, each only if it still has
     /// the etag it was read at ([`Upsert`]). Returns the shards it did not write: those the
     /// store refused for what they are, each refused alone, and those written by someone else
@@ -381,11 +390,7 @@ pub trait ShardStore: Send + Sync {
     async fn upsert_many(&self, writes: &[Upsert<'_>]) -> Result<Written, StoreError> {
         let mut written = Written::default();
         for write in writes {
-            let tried = match write.if_match {
-                Some(etag) => self.replace(write.shard, etag).await,
-                None => self.upsert(write.shard).await,
-            };
-            match tried {
+            match self.write_one(write).await {
                 Ok(_) => {}
                 Err(StoreError::Refused(_)) => written.refused.push(write.shard.id.clone()),
                 Err(StoreError::PreconditionFailed) => written.raced.push(write.shard.id.clone()),
