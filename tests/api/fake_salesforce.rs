@@ -10,7 +10,8 @@
 //! purged from the recycle bin is in neither. `describe` gives an object's key prefix and
 //! fields, and `UserPermissionAccess` whether the integration user has View All Data. Knobs
 //! let a test expire the token, exhaust the allocation, fail a share of requests, hold a page,
-//! a getDeleted or a queryAll mid-sync, archive records or refuse `describe`.
+//! a getDeleted or a queryAll mid-sync, take `queryAll` down, archive records, refuse
+//! `describe`, or describe objects without a key prefix or a recycle bin.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,13 @@ pub struct Org {
     pub archived: HashSet<String>,
     /// `describe` answers 400 INVALID_TYPE (an object the API will not describe).
     pub refuse_describe: bool,
+    /// Objects are described with no `keyPrefix` (as some system objects are).
+    pub no_key_prefix: bool,
+    /// Objects have no `IsDeleted` field and no recycle bin: a deleted record is gone at once,
+    /// and a query that selects `IsDeleted` is refused (400 INVALID_FIELD).
+    pub no_recycle_bin: bool,
+    /// Every `queryAll` answers 503 (a part of the API down).
+    pub query_all_down: bool,
     pub earliest_deleted_available: Option<DateTime<Utc>>,
     /// The most deletions `getDeleted` lists at once (Salesforce's is 600,000); over it, 400
     /// EXCEEDED_ID_LIMIT.
@@ -491,7 +499,13 @@ async fn describe(
             "The requested resource does not exist",
         );
     };
-    let fields = json!([{"name": "Id", "type": "id"}, {"name": "IsDeleted", "type": "boolean"}]);
+    let org = fake.org.lock().unwrap();
+    let fields = if org.no_recycle_bin {
+        json!([{"name": "Id", "type": "id"}])
+    } else {
+        json!([{"name": "Id", "type": "id"}, {"name": "IsDeleted", "type": "boolean"}])
+    };
+    let prefix = (!org.no_key_prefix).then_some(prefix);
     Json(json!({"name": entity, "keyPrefix": prefix, "queryable": true, "fields": fields}))
         .into_response()
 }
@@ -507,6 +521,13 @@ async fn query_all(
     let soql = params.get("q").cloned().unwrap_or_default();
     if let Err(answer) = admit(&fake, &headers, format!("queryAll {soql}")) {
         return *answer;
+    }
+    if fake.org.lock().unwrap().query_all_down {
+        return sf_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_UNAVAILABLE",
+            "Service temporarily unavailable",
+        );
     }
     if std::mem::take(&mut fake.org.lock().unwrap().hold_next_query_all) {
         let released = fake.release.notified();
@@ -528,6 +549,13 @@ async fn query_all(
         );
     };
     let org = fake.org.lock().unwrap();
+    if org.no_recycle_bin && soql.contains("IsDeleted") {
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "No such column 'IsDeleted' on entity",
+        );
+    }
     let records: Vec<Value> = list
         .split(", ")
         .map(|id| id.trim_matches('\''))
@@ -536,7 +564,8 @@ async fn query_all(
                 .records
                 .get(entity)
                 .is_some_and(|rows| rows.iter().any(|r| r["Id"] == id));
-            let binned = org.deleted.iter().any(|(e, d, _)| e == entity && d == id);
+            let binned = !org.no_recycle_bin
+                && org.deleted.iter().any(|(e, d, _)| e == entity && d == id);
             (live || binned).then(|| {
                 json!({"attributes": {"type": entity, "url": format!("/services/data/v62.0/sobjects/{entity}/{id}")},
                        "Id": id, "IsDeleted": !live})

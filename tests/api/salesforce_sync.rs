@@ -1262,7 +1262,9 @@ async fn three_accounts_one_purged_after_deletions_were_lost()
     add_accounts(&fake, 3);
     fake.grant_view_all_data();
     let app = spawn_app(&fake, false).await;
-    let handler = app.host_handler().await;
+    let handler = app
+        .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
+        .await;
     run_job(&handler, "job-1", "full_sync", 1).await;
     fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
     run_job(&handler, "job-2", "incremental", 1).await;
@@ -1299,6 +1301,88 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says
     // Listing the object at every run would fail the same way, at the cost of a full read.
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert!(state.get("lostDeletions").is_none(), "{state}");
+}
+
+#[tokio::test]
+async fn leftovers_salesforce_cannot_check_for_now_are_checked_again_by_the_jobs_retry() {
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().query_all_down = true;
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+
+    assert_eq!(company_names_of(&app).await.len(), 3, "nothing deleted");
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["status"], "running", "{record}");
+    assert_eq!(
+        record["errors"][0]["code"], "SERVICE_UNAVAILABLE",
+        "{record}"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+
+    fake.org.lock().unwrap().query_all_down = false;
+    let retry = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(retry.len(), 1, "a retry was scheduled");
+    handler.deliver("SyncInboundScheduled", &retry[0]).await;
+
+    assert_eq!(
+        company_names_of(&app).await,
+        [json!("Account 0"), json!("Account 2")]
+    );
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("lostDeletions").is_none(), "{state}");
+}
+
+#[tokio::test]
+async fn an_object_without_a_recycle_bin_is_asked_only_which_of_its_records_live() {
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().no_recycle_bin = true;
+    let before = fake.requests().len();
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+
+    let asked: Vec<String> = fake.requests()[before..]
+        .iter()
+        .filter(|r| r.starts_with("queryAll"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        asked,
+        ["queryAll SELECT Id FROM Account WHERE Id IN ('001000000000000001')"]
+    );
+    assert_eq!(
+        company_names_of(&app).await,
+        [json!("Account 0"), json!("Account 2")]
+    );
+}
+
+#[tokio::test]
+async fn an_object_whose_ids_have_no_known_beginning_keeps_the_shards_its_listing_left_out() {
+    // Its ids cannot be told from those of records of other objects merged into its shards.
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().no_key_prefix = true;
+    let before = fake.requests().len();
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+
+    assert!(
+        !fake.requests()[before..]
+            .iter()
+            .any(|r| r.starts_with("queryAll")),
+        "nothing is asked"
+    );
+    assert_eq!(company_names_of(&app).await.len(), 3, "nothing deleted");
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    let told = record["errors"].as_array().unwrap().iter().any(|e| {
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("of the records the listing left out, 1 may be")
+    });
+    assert!(told, "{record}");
 }
 
 #[tokio::test]
@@ -1362,7 +1446,9 @@ async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_obj
     add_accounts(&fake, 3);
     fake.grant_view_all_data();
     let app = spawn_app(&fake, false).await;
-    let handler = app.host_handler().await;
+    let handler = app
+        .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
+        .await;
     run_job(&handler, "job-1", "full_sync", 1).await;
     fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
     fake.org
