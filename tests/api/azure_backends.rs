@@ -122,6 +122,32 @@ async fn a_poison_message_is_dead_lettered_through_service_bus_with_its_reason()
 }
 
 #[tokio::test]
+async fn a_poison_message_whose_reason_runs_over_lines_is_dead_lettered_all_the_same() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    let connection = service_bus.connection_string(SAS_KEY);
+    let handler = app
+        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
+        .await;
+    // Its reason quotes the operation it could not read: two lines, and not ASCII.
+    let body = r#"{"shardId":"s-1","tenantId":"t1","operation":"créer\nvite"}"#;
+    let envelope = service_bus_message("SyncOutbound", body, "int-1:evt-2", 1, Some("int-1"));
+
+    let res = handler.invoke("SyncOutbound", &envelope).await;
+
+    assert!(res.host_accepts(), "{res:?}");
+    let sent = service_bus.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].queue, "sync-deadletter");
+    assert_eq!(sent[0].headers["deadletterreason"], "INVALID_MESSAGE");
+    let description = &sent[0].headers["deadlettererrordescription"];
+    assert!(
+        description.contains("unknown variant `cr\\u{e9}er vite`"),
+        "{description}"
+    );
+}
+
+#[tokio::test]
 async fn a_message_whose_derived_id_passes_service_bus_limit_is_sent_under_a_shortened_one() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();

@@ -368,6 +368,34 @@ pub fn broker_properties(message: &OutgoingMessage) -> Value {
     Value::Object(props)
 }
 
+/// The most characters of a property's value sent: a dead letter's description, read from a
+/// provider's error, may quote a whole query, and a header that long is refused.
+const MAX_PROPERTY_CHARS: usize = 4096;
+
+/// A property's value as the text of its header. A header cannot carry a line break, and a
+/// request with one is never sent: a dead letter whose description came from a provider's
+/// multi-line error would fail to send at every delivery. Control characters become spaces,
+/// and what is not ASCII is escaped (`\u{e9}`), which headers carry everywhere.
+fn header_text(value: &Value) -> String {
+    let text = match value {
+        Value::String(s) => s.as_str(),
+        other => return other.to_string(),
+    };
+    let mut out = String::with_capacity(text.len());
+    for (count, c) in text.chars().enumerate() {
+        if count == MAX_PROPERTY_CHARS {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            c if c.is_ascii_control() => out.push(' '),
+            c if c.is_ascii() => out.push(c),
+            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+        }
+    }
+    out
+}
+
 #[async_trait]
 impl MessageQueue for ServiceBusSender {
     async fn send(&self, message: OutgoingMessage) -> Result<(), QueueError> {
@@ -388,11 +416,7 @@ impl MessageQueue for ServiceBusSender {
             )
             .header("BrokerProperties", broker_properties(&message).to_string());
         for (name, value) in &message.properties {
-            let text = match value {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            request = request.header(name.as_str(), text);
+            request = request.header(name.as_str(), header_text(value));
         }
         let response = request.body(message.body).send().await.map_err(|e| {
             QueueError::Unavailable(format!("sending to `{}` failed: {e}", message.queue))
@@ -409,6 +433,7 @@ impl MessageQueue for ServiceBusSender {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use serde_json::json;
 
     #[test]
     fn a_sas_token_signs_the_encoded_resource_and_expiry() {
@@ -460,6 +485,19 @@ mod tests {
                 .unwrap_err();
         assert_eq!(err, "the connection string has no SharedAccessKeyName");
         assert!(ServiceBusConfig::from_connection_string("garbage").is_err());
+    }
+
+    #[test]
+    fn a_property_is_sent_as_one_line_of_ascii() {
+        assert_eq!(
+            header_text(&json!("No such column 'Foo'\r\n ^\nERROR at Row:1\tcafé")),
+            "No such column 'Foo'   ^ ERROR at Row:1 caf\\u{e9}"
+        );
+        assert_eq!(header_text(&json!(3)), "3");
+        let long = header_text(&json!("x".repeat(10_000)));
+        assert_eq!(long.len(), MAX_PROPERTY_CHARS + 3);
+        assert!(long.ends_with("x..."));
+        reqwest::header::HeaderValue::from_str(&header_text(&json!("a\nb\u{7f}ü"))).unwrap();
     }
 
     #[test]
