@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
 use serde_json::json;
 
 use super::lease;
@@ -124,15 +124,18 @@ pub fn due_query(now: DateTime<Utc>) -> ShardQuery {
 }
 
 /// When an integration claimed at `now` is next due: its frequency's next time, but never
-/// sooner than the minimum interval.
+/// sooner than the minimum interval. Both count from the minute the tick stands for. A tick
+/// runs a few milliseconds into its minute, and a due time that far past a minute would wait
+/// for the next tick: a five-minute schedule would run every six minutes half the time.
 pub fn next_due(
     frequency: &crate::model::SyncFrequency,
     now: DateTime<Utc>,
     min_interval: Duration,
 ) -> Option<DateTime<Utc>> {
+    let tick = now.duration_trunc(Duration::minutes(1)).unwrap_or(now);
     frequency
-        .next_after(now)
-        .map(|next| next.max(now + min_interval))
+        .next_after(tick)
+        .map(|next| next.max(tick + min_interval))
 }
 
 /// Integrations of the tenant whose sync is under way: held by a chain of jobs from the claim
@@ -274,7 +277,7 @@ mod tests {
 
         let mut claimed = free.clone();
         assert!(claim_due(&mut claimed, due, "job_1", now, interval));
-        assert_eq!(claimed.next_sync_at, Some(now + Duration::minutes(15)));
+        assert_eq!(claimed.next_sync_at, Some(due + Duration::minutes(15)));
         assert_eq!(claimed.running, Some(lease::queued("job_1", now)));
         assert!(
             !claim_due(&mut claimed, due, "job_1", now, interval),
@@ -285,14 +288,14 @@ mod tests {
         let mut started = free.clone();
         started.running = Some(lease::hold(None, "job_1", now));
         assert!(claim_due(&mut started, due, "job_1", now, interval));
-        assert_eq!(started.next_sync_at, Some(now + Duration::minutes(15)));
+        assert_eq!(started.next_sync_at, Some(due + Duration::minutes(15)));
         assert_eq!(started.running, Some(lease::hold(None, "job_1", now)));
 
         // The job ran to its end before the claim: nothing to hold.
         let mut ended = free.clone();
         ended.ended_chain = Some("job_1".into());
         assert!(claim_due(&mut ended, due, "job_1", now, interval));
-        assert_eq!(ended.next_sync_at, Some(now + Duration::minutes(15)));
+        assert_eq!(ended.next_sync_at, Some(due + Duration::minutes(15)));
         assert_eq!(ended.running, None);
 
         let mut busy = free.clone();
@@ -332,6 +335,28 @@ mod tests {
         assert_eq!(
             next_due(&crate::model::SyncFrequency::Manual, now, five),
             None
+        );
+    }
+
+    #[test]
+    fn a_schedule_claimed_into_its_minute_is_due_at_the_tick_of_its_next_time() {
+        let claimed =
+            Utc.with_ymd_and_hms(2026, 1, 1, 10, 5, 0).unwrap() + Duration::milliseconds(300);
+        let five = Duration::minutes(5);
+        let every_five = crate::model::SyncFrequency::Cron {
+            cron_expression: "0 */5 * * * *".into(),
+        };
+        // Not 10:10:00.300, which the tick at 10:10:00.200 would leave for the one at 10:11.
+        assert_eq!(
+            next_due(&every_five, claimed, five),
+            Some(Utc.with_ymd_and_hms(2026, 1, 1, 10, 10, 0).unwrap())
+        );
+        let quarterly = crate::model::SyncFrequency::Interval {
+            interval_minutes: 15,
+        };
+        assert_eq!(
+            next_due(&quarterly, claimed, five),
+            Some(Utc.with_ymd_and_hms(2026, 1, 1, 10, 20, 0).unwrap())
         );
     }
 
