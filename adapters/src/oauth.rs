@@ -143,7 +143,7 @@ pub async fn exchange(
     let url = request.url;
 
     let mut retries = Retries::new(retry);
-    let body = loop {
+    let (access_token, body) = loop {
         let mut post = http
             .post(url)
             .form(&form)
@@ -157,21 +157,29 @@ pub async fn exchange(
                 let status = response.status();
                 let retry_after = http::retry_after(response.headers(), Utc::now());
                 let body: Value = response.json().await.unwrap_or(Value::Null);
-                if status.is_success() {
-                    break body;
+                if status.is_success()
+                    && let Some(token) = body[ACCESS_TOKEN].as_str()
+                {
+                    break (token.to_string(), body);
                 }
-                (refusal(status, &body), retry_after)
+                if status.is_success() && !body["error"].is_string() {
+                    // A body cut short, or a proxy's page: no answer, not a refusal of the
+                    // credentials, which may well be good.
+                    (
+                        ProviderError::new(
+                            ErrorCode::ServiceUnavailable,
+                            "the token endpoint answered success without a token",
+                        ),
+                        retry_after,
+                    )
+                } else {
+                    (refusal(status, &body), retry_after)
+                }
             }
         };
         retries.wait_or_fail(error, retry_after).await?;
     };
 
-    let access_token = body[ACCESS_TOKEN].as_str().ok_or_else(|| {
-        ProviderError::new(
-            ErrorCode::AuthenticationFailed,
-            "the token response has no access_token",
-        )
-    })?;
     credentials.set(ACCESS_TOKEN, access_token);
     if let Some(rotated) = body[REFRESH_TOKEN].as_str() {
         credentials.set(REFRESH_TOKEN, rotated);

@@ -9,7 +9,7 @@
 //! the recycle bin's records and archived ones included, which `/query` leaves out; a record
 //! purged from the recycle bin is in neither. `describe` gives an object's key prefix and
 //! fields, and `UserPermissionAccess` whether the integration user has View All Data. Knobs
-//! let a test expire the token, exhaust the allocation, fail a share of requests, hold a page,
+//! let a test expire the token, answer a token request with a proxy's page, exhaust the allocation, fail a share of requests, hold a page,
 //! a getDeleted or a queryAll mid-sync, take `queryAll` down, archive records, refuse
 //! `describe`, or describe objects without a key prefix or a recycle bin.
 
@@ -63,6 +63,8 @@ pub struct Org {
     /// Refresh tokens that work; with rotation, a refresh replaces the one used.
     pub refresh_tokens: HashSet<String>,
     pub rotate_refresh_tokens: bool,
+    /// The next N token requests are answered 200 with a proxy's HTML page, and go no further.
+    pub token_proxy_pages: usize,
     pub access_tokens: HashSet<String>,
     /// The current access token stops working after this many more data requests.
     pub expire_token_after: Option<usize>,
@@ -284,6 +286,11 @@ async fn token(
     Form(form): Form<BTreeMap<String, String>>,
 ) -> Response {
     let mut org = fake.org.lock().unwrap();
+    if org.token_proxy_pages > 0 {
+        org.token_proxy_pages -= 1;
+        let page = "<html><body>Service is down for maintenance</body></html>";
+        return ([("content-type", "text/html")], page).into_response();
+    }
     let refresh = form.get("refresh_token").cloned().unwrap_or_default();
     if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "unsupported_grant_type", "error_description": "grant type not supported"}))).into_response();

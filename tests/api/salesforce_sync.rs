@@ -1536,6 +1536,41 @@ async fn an_outage_is_retried_later_with_backoff_and_the_job_record_says_so() {
 }
 
 #[tokio::test]
+async fn a_proxys_page_in_place_of_a_token_is_no_reason_to_doubt_the_credentials() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    let app = spawn_app(&fake, false).await;
+    let handler = app
+        .host_handler_with(&[("FUNC_SYNC_RECORD_RETRY_BASE_MS", "5")])
+        .await;
+
+    // Asked again in place, the token endpoint answers.
+    fake.org.lock().unwrap().token_proxy_pages = 1;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+
+    // Answering pages longer than the job waits, it is retried later, the integration active.
+    fake.org.lock().unwrap().token_proxy_pages = 100;
+    fake.org.lock().unwrap().access_tokens.clear();
+    run_job(&handler, "job-2", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(record["status"], "running", "{record}");
+    assert_eq!(
+        record["errors"][0]["code"], "SERVICE_UNAVAILABLE",
+        "{record}"
+    );
+    assert_eq!(
+        app.integration("int-acme-sf").await["structuredData"]["status"],
+        "active"
+    );
+    assert!(
+        app.broker().peek(SYNC_DEADLETTER).unwrap().is_empty(),
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test]
 async fn a_salesforce_that_fails_every_other_request_costs_no_job_attempt() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
