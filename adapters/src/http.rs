@@ -142,13 +142,14 @@ fn jitter() -> f64 {
 }
 
 /// What an HTTP status says about a failed request, in the error vocabulary: whether waiting
-/// (429, 408, 5xx), new credentials (401, 403) or nothing (400, 404) can help.
+/// (429, 408, 423, 5xx), new credentials (401, 403) or nothing (400, 404) can help.
 pub fn status_code(status: reqwest::StatusCode) -> ErrorCode {
     match status.as_u16() {
         401 => ErrorCode::AuthenticationFailed,
         403 => ErrorCode::InvalidCredentials,
         404 | 410 => ErrorCode::NotFound,
-        408 | 504 => ErrorCode::Timeout,
+        // Locked: a file checked out, or open for editing; it is let go in time.
+        408 | 423 | 504 => ErrorCode::Timeout,
         409 | 412 => ErrorCode::Conflict,
         429 => ErrorCode::RateLimit,
         s if s >= 500 => ErrorCode::ServiceUnavailable,
@@ -221,6 +222,18 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_failure_waiting_can_mend_is_retried_and_no_other() {
+        for status in [408, 423, 429, 500, 503, 504] {
+            let code = status_code(reqwest::StatusCode::from_u16(status).unwrap());
+            assert!(code.is_retryable(), "{status}: {code}");
+        }
+        for status in [400, 401, 403, 404, 409, 412] {
+            let code = status_code(reqwest::StatusCode::from_u16(status).unwrap());
+            assert!(!code.is_retryable(), "{status}: {code}");
+        }
+    }
 
     #[test]
     fn urls_must_be_https_unless_they_stay_on_this_machine() {

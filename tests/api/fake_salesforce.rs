@@ -9,7 +9,8 @@
 //! the recycle bin's records and archived ones included, which `/query` leaves out; a record
 //! purged from the recycle bin is in neither. `describe` gives an object's key prefix and
 //! fields, and `UserPermissionAccess` whether the integration user has View All Data. Knobs
-//! let a test expire the token, answer a token request with a proxy's page, exhaust the allocation, fail a share of requests, hold a page,
+//! let a test expire the token, answer a token request with a proxy's page, lock records
+//! against writes, exhaust the allocation, fail a share of requests, hold a page,
 //! a getDeleted or a queryAll mid-sync, take `queryAll` down, archive records, refuse
 //! `describe`, or describe objects without a key prefix or a recycle bin.
 
@@ -86,6 +87,9 @@ pub struct Org {
     /// The next write is made, then its answer waits until the test releases it (for a
     /// crash between the provider's write and the handler's acknowledgement).
     pub hold_next_write: bool,
+    /// The next N writes find their record locked by another transaction (400
+    /// UNABLE_TO_LOCK_ROW) and change nothing.
+    pub locked_writes: usize,
     /// Every data request's path and query, in order.
     pub requests: Vec<String>,
     pub token_refreshes: usize,
@@ -694,6 +698,14 @@ impl FakeSalesforce {
 async fn written(fake: &FakeSalesforce, write: impl FnOnce(&mut Org) -> Response) -> Response {
     let (answer, hold) = {
         let mut org = fake.org.lock().unwrap();
+        if org.locked_writes > 0 {
+            org.locked_writes -= 1;
+            return sf_error(
+                StatusCode::BAD_REQUEST,
+                "UNABLE_TO_LOCK_ROW",
+                "unable to obtain exclusive access to this record or 1 records",
+            );
+        }
         let answer = write(&mut org);
         (answer, std::mem::take(&mut org.hold_next_write))
     };

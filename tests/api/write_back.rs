@@ -170,6 +170,15 @@ async fn salesforce_creates_by_external_id_updates_only_unmodified_records_and_d
         .unwrap();
     assert!(fake.records("Contact").is_empty());
 
+    // A flow holds the record's row for a moment: the write waits its turn.
+    fake.org.lock().unwrap().locked_writes = 2;
+    conn.retry = adapters::http::RetryPolicy::with_base(std::time::Duration::from_millis(5));
+    let locked = writer
+        .create(&mut conn, &write(None, json!({"Name": "Ann Lee"}), None))
+        .await
+        .unwrap();
+    assert_eq!(fake.records("Contact").len(), 1, "{locked:?}");
+
     let unkeyed = RecordWrite {
         key_field: None,
         ..write(None, json!({"Name": "No Key"}), None)

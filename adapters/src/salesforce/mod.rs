@@ -680,6 +680,11 @@ fn parse_api_usage(header: &str) -> Option<(u64, u64)> {
 fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
     let (error_code, message) = first_error(body);
     match status {
+        // Another transaction (a flow, a bulk load) held the record past Salesforce's wait for
+        // its lock: it is released in time.
+        _ if error_code == "UNABLE_TO_LOCK_ROW" => {
+            ProviderError::new(ErrorCode::Timeout, format!("{error_code}: {message}"))
+        }
         StatusCode::UNAUTHORIZED => ProviderError::new(
             ErrorCode::AuthenticationFailed,
             format!("{error_code}: {message} (after a token refresh)"),
