@@ -640,7 +640,7 @@ impl Graph {
         let value: Vec<Value> = relisted
             .into_iter()
             .chain(page.iter().copied())
-            .map(|i| item_json(key, drive, i))
+            .map(|i| in_delta(item_json(key, drive, i)))
             .collect();
         let mut body = json!({
             "@odata.context": format!("{}{ROOT}/$metadata#Collection(driveItem)", self.url),
@@ -986,6 +986,15 @@ fn parent_path(drive: &Drive, item: &DriveItem) -> String {
         .chain(folders)
         .collect::<Vec<_>>()
         .join("/")
+}
+
+/// An item as a delta lists it: its `parentReference` has no `path` (renaming a folder
+/// lists none of the items under it, so no path a delta gave could be kept true).
+fn in_delta(mut item: Value) -> Value {
+    if let Some(parent) = item["parentReference"].as_object_mut() {
+        parent.remove("path");
+    }
+    item
 }
 
 fn item_json(key: &str, drive: &Drive, item: &DriveItem) -> Value {
