@@ -373,7 +373,7 @@ async fn onedrive(items: usize, dir: &Path) -> FakeGraph {
                  "fieldMappings": [{"source": "name", "target": "name", "required": true},
                                    {"source": "size", "target": "size", "type": "integer"},
                                    {"source": "file.mimeType", "target": "mime_type"},
-                                   {"source": "parentReference.path", "target": "folder"}]}
+                                   {"source": "parentReference.id", "target": "folder"}]}
             ]
         }
     }))
