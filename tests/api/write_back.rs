@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 
 use adapters::{Connection, ErrorCode, RecordWrite};
 use handler::engine::credentials::StoredCredentials;
-use handler::queue::SYNC_OUTBOUND;
+use handler::model::shard::RelationshipStatus;
+use handler::queue::{SYNC_DEADLETTER, SYNC_OUTBOUND};
 use handler::store::ShardStore;
 
 use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
@@ -212,6 +213,53 @@ async fn ann_synced(
 }
 
 const ANN: &str = "int-acme-sf~Contact~003000000000001AAA";
+
+#[tokio::test]
+async fn an_edit_to_a_record_salesforce_no_longer_shows_is_kept_for_an_operator_not_taken_for_a_deletion()
+ {
+    let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
+    // Ann's record passes to an owner whose records the integration user may not see.
+    let hidden = fake
+        .org
+        .lock()
+        .unwrap()
+        .records
+        .get_mut("Contact")
+        .unwrap()
+        .remove(0);
+    edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@new.test"})).await;
+
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let dead = test.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1, "kept for an operator to replay");
+    let reason = dead[0].properties["DeadLetterErrorDescription"].to_string();
+    assert!(reason.contains("may still be there"), "{reason}");
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert_eq!(
+        ann.external_relationships[0].sync_status,
+        RelationshipStatus::Synced,
+        "still linked: a later edit updates the record, never creates another"
+    );
+
+    // Seen again, and then deleted into the recycle bin: an edit finds it gone.
+    fake.org
+        .lock()
+        .unwrap()
+        .records
+        .get_mut("Contact")
+        .unwrap()
+        .push(hidden);
+    fake.delete("Contact", "003000000000001AAA", Utc::now());
+    edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@newer.test"})).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert_eq!(
+        ann.external_relationships[0].sync_status,
+        RelationshipStatus::Deleted
+    );
+    assert!(fake.records("Contact").is_empty(), "nothing created again");
+}
 
 #[tokio::test]
 async fn an_edit_made_while_the_one_before_was_written_back_is_written_too_not_taken_for_a_conflict()

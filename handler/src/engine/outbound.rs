@@ -554,10 +554,31 @@ async fn write(
         let records = provider
             .fetch_by_ids(&mut conn, &request, std::slice::from_ref(&external_id))
             .await?;
+        let answered = records.iter().any(|r| r.id == external_id);
         let Some(record) = records
             .into_iter()
             .find(|r| r.id == external_id && !r.deleted)
         else {
+            // Not read back: deleted, or out of the integration user's sight, which a provider
+            // may tell apart (Salesforce's recycle bin). A record that may still be there is
+            // not taken for gone: its link would be dropped, and the next edit create it again.
+            if !answered {
+                let left = provider
+                    .gone(
+                        &mut conn,
+                        &mapping.external_entity,
+                        vec![external_id.clone()],
+                    )
+                    .await?;
+                if !left.gone.contains(&external_id) {
+                    return Err(Failure::new(
+                        ErrorCode::ValidationError,
+                        format!(
+                            "`{external_id}` cannot be read at the provider, and may still be there (out of the integration user's sight, or archived): not written"
+                        ),
+                    ));
+                }
+            }
             // Deleted at the provider: the next inbound sync reads the deletion (and soft-deletes
             // the shard if no other record holds it).
             let r = &mut shard.external_relationships[i];
