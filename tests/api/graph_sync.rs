@@ -122,6 +122,41 @@ async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notificat
 }
 
 #[tokio::test]
+async fn a_batch_that_names_an_integration_unable_to_verify_its_part_still_syncs_the_rest() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    let file = graph.add_item(DRIVE, "budget.xlsx", false);
+    // Another drive's integration, whose subscription posts to the same URL, has lost its
+    // credentials.
+    let mut other = onedrive(&graph);
+    other["id"] = json!("int-drive-2");
+    other["structuredData"]["connection"]["driveId"] = json!("b!contoso-archive");
+    other["structuredData"]["subscriptions"] = json!([{
+        "id": "sub-of-drive-2", "resource": "/drives/b!contoso-archive/root",
+        "expiresAt": "2030-01-01T00:00:00.000Z"
+    }]);
+    app.plant_integration(other).await;
+    let _runtime: LocalRuntime = app.start_local().await;
+    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
+    app.cli_json(&["sync", "int-drive", "--tenant", "t1"]).await;
+    wait_until("the file is a shard", Duration::from_secs(30), || async {
+        names(&app, "c_document").await == ["budget.xlsx"]
+    })
+    .await;
+
+    graph.rename_item(DRIVE, &file, "budget-2027.xlsx");
+    graph.state.lock().unwrap().stale_subscription_in_batches = Some("sub-of-drive-2".into());
+    let subscription = graph.subscriptions()[0].clone();
+    let (status, body) = graph.notify(&subscription.id, "updated", &file, None).await;
+
+    assert_eq!(status, 202, "{body}");
+    wait_until("the rename is synced", Duration::from_secs(30), || async {
+        names(&app, "c_document").await == ["budget-2027.xlsx"]
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn lifecycle_notifications_renew_or_recreate_the_subscription() {
     let app = world();
     let graph = connected_drive(&app).await;

@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use handler::queue::SYNC_INBOUND_WEBHOOK;
+use handler::store::ShardStore;
 
 use crate::fake_host::{HostedHandler, http_request_with_body};
 use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
@@ -150,6 +151,38 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
             .all(|r| r.contains("WHERE Id IN ('00100000000000")),
         "each notified record is read from Salesforce: {:?}",
         fake.requests()
+    );
+}
+
+#[tokio::test]
+async fn a_paused_integration_acknowledges_outbound_messages_and_syncs_nothing() {
+    let app = TestApp::new();
+    let _fake = connected_org(&app).await;
+    let mut stored = app.store().get("t1", "int-acme-sf").await.unwrap().unwrap();
+    stored.value.structured_data["status"] = json!("paused");
+    app.store()
+        .replace(&stored.value, &stored.etag)
+        .await
+        .unwrap();
+    let handler = app.host_handler().await;
+    let soap = delivery(
+        ORG_ID,
+        &[("04l000000000001AAA", "001000000000000001", "Smith")],
+    );
+
+    let res = handler
+        .invoke(
+            "WebhookReceiver",
+            &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
+        )
+        .await;
+
+    let out = &res.json()["Outputs"]["res"];
+    assert_eq!(out["statusCode"], 200, "{out}");
+    assert!(out["body"].as_str().unwrap().contains("<Ack>true</Ack>"));
+    assert!(
+        app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().is_empty(),
+        "no sync while paused"
     );
 }
 

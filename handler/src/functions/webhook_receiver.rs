@@ -5,9 +5,14 @@
 //! the provider chooses: Salesforce's OrganizationId, a Graph subscriptionId), or answers a
 //! handshake that needs no integration (Graph's `validationToken`). Each key must name exactly
 //! one integration of that provider. The adapter then verifies the delivery with that
-//! integration's connection and secrets (a shared key, a `clientState`), and only a delivery
-//! that verifies for every integration it names is acted on. The tenant is never taken from
-//! the request: a caller that also sends `x-tenant-id` and names another tenant is refused.
+//! integration's connection and secrets (a shared key, a `clientState`). A delivery for one
+//! integration is acted on only if it verifies; of a batch spanning several (Graph's), the
+//! parts that verify are acted on and the rest passed over, and a batch nothing in verifies is
+//! refused. The tenant is never taken from the request: a caller that also sends
+//! `x-tenant-id` and names another tenant is refused.
+//!
+//! An integration that is not active (paused, or in error until someone sets new credentials)
+//! has its deliveries verified and acknowledged, and syncs nothing.
 //!
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
@@ -19,7 +24,7 @@ use serde_json::{Value, json};
 
 use adapters::{
     Provider, RouteKey, SubscriptionAction, WebhookDelivery, WebhookError, WebhookNotification,
-    WebhookRequest, WebhookRoute,
+    WebhookRequest, WebhookRoute, Webhooks,
 };
 
 use super::InvocationError;
@@ -28,6 +33,7 @@ use crate::engine::state::update_integration;
 use crate::engine::{Transient, credentials, publish};
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
+use crate::model::integration::IntegrationStatus;
 use crate::model::messages::JobType;
 use crate::model::shard::types as shard_types;
 use crate::model::{Event, Integration, Shard, SyncJobMessage};
@@ -89,59 +95,26 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     };
 
     // Every integration the delivery names, verified, before any work is enqueued. A batch
-    // (Graph's) may also name a subscription no integration has any more (replaced, or
-    // removed while its last notifications were on their way): those are passed over, so that
-    // the rest of the batch is not refused and lost with them.
+    // (Graph's) gathers the notifications of every subscription posted to one URL, across
+    // integrations and tenants: one that names a subscription no integration has any more
+    // (replaced, or removed while its last notifications were on their way), or an
+    // integration that cannot verify its part, is passed over, so that the rest of the batch
+    // is not refused and lost with it. A delivery nothing in verifies is refused.
     let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
-    let mut unknown: Option<HttpResponse> = None;
+    let mut refused: Option<HttpResponse> = None;
     for key in &keys {
-        let (shard, integration) = match find_integration(app, provider.as_ref(), key).await? {
-            Ok(found) => found,
-            Err(refused) if keys.len() > 1 && refused.status_code == 403 => {
-                tracing::warn!(provider = %provider_name, %key, "webhook notifications for no integration passed over");
-                unknown.get_or_insert(refused);
-                continue;
+        let checked = verify(app, req, &request, webhooks, provider.as_ref(), key).await?;
+        match checked {
+            Ok(found) => verified.push(found),
+            Err(answer) if keys.len() > 1 => {
+                tracing::warn!(provider = %provider_name, %key, status = answer.status_code, "webhook notifications passed over in a batch");
+                refused.get_or_insert(answer);
             }
-            Err(refused) => return Ok(refused),
-        };
-        if let Some(claimed) = req.header("x-tenant-id")
-            && claimed != shard.tenant_id
-        {
-            tracing::warn!(provider = %provider_name, %key, "webhook refused: x-tenant-id disagrees with the delivery");
-            return Ok(HttpResponse::error(
-                403,
-                "x-tenant-id does not match the tenant of the delivering account",
-            ));
-        }
-        let mut conn = match credentials::connect(app, &shard.tenant_id, &shard.id, &integration)
-            .await
-        {
-            Ok(conn) => conn,
-            Err(e) if e.is_retryable() => return Err(Transient(e.to_string())),
-            Err(e) => {
-                tracing::warn!(provider = %provider_name, integration_id = %shard.id, error = %e, "webhook refused: the integration's credentials are unusable");
-                return Ok(HttpResponse::error(
-                    403,
-                    "the integration's credentials cannot verify the delivery",
-                ));
-            }
-        };
-        let mut verdict = webhooks.verify(&conn, &request, key).await;
-        if matches!(verdict, Err(WebhookError::Forged(_))) && may_read_fresh(&shard.id) {
-            // The secret may be newer than the cached credentials (a subscription created a
-            // moment ago, a key the operator just rotated): check once more against the store.
-            if let Ok(fresh) = conn.keeper.stored().await {
-                conn.credentials = fresh;
-                verdict = webhooks.verify(&conn, &request, key).await;
-            }
-        }
-        match verdict {
-            Ok(delivery) => verified.push((shard, integration, delivery)),
-            Err(e) => return Ok(refusal(provider_name, e)),
+            Err(answer) => return Ok(answer),
         }
     }
     let Some(answer) = verified.last().map(|(_, _, d)| d.answer.clone()) else {
-        return Ok(unknown
+        return Ok(refused
             .unwrap_or_else(|| HttpResponse::error(400, "the delivery names no integration")));
     };
 
@@ -149,8 +122,15 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     for (shard, integration, delivery) in &verified {
         // The jobs first: a subscription marked gone before its catch-up job was sent would
         // leave the provider's redelivery (after a failed send) unroutable.
+        // A paused integration, or one in error until someone sets new credentials, syncs
+        // nothing: the delivery is acknowledged, so that the provider does not send it again,
+        // and the next scheduled sync after it is active again catches up.
+        let syncing = integration.status == IntegrationStatus::Active;
+        if !syncing {
+            tracing::info!(provider = %provider_name, integration_id = %shard.id, status = ?integration.status, "webhook acknowledged; the integration is not active and syncs nothing");
+        }
         let mut job_ids = Vec::new();
-        for notification in &delivery.notifications {
+        for notification in delivery.notifications.iter().filter(|_| syncing) {
             for job in jobs_for(provider_name, shard, integration, notification, now) {
                 job_ids.push(job.job_id.clone());
                 app.queue
@@ -183,6 +163,57 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         &answer.content_type,
         answer.body,
     ))
+}
+
+/// The integration `key` names, and its part of the delivery, verified with its credentials;
+/// or the answer that refuses that part.
+async fn verify(
+    app: &App,
+    req: &HttpRequest,
+    request: &WebhookRequest<'_>,
+    webhooks: &dyn Webhooks,
+    provider: &dyn Provider,
+    key: &RouteKey,
+) -> Result<Result<(Shard, Integration, WebhookDelivery), HttpResponse>, Transient> {
+    let name = provider.name();
+    let (shard, integration) = match find_integration(app, provider, key).await? {
+        Ok(found) => found,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    if let Some(claimed) = req.header("x-tenant-id")
+        && claimed != shard.tenant_id
+    {
+        tracing::warn!(provider = %name, %key, "webhook refused: x-tenant-id disagrees with the delivery");
+        return Ok(Err(HttpResponse::error(
+            403,
+            "x-tenant-id does not match the tenant of the delivering account",
+        )));
+    }
+    let mut conn = match credentials::connect(app, &shard.tenant_id, &shard.id, &integration).await
+    {
+        Ok(conn) => conn,
+        Err(e) if e.is_retryable() => return Err(Transient(e.to_string())),
+        Err(e) => {
+            tracing::warn!(provider = %name, integration_id = %shard.id, error = %e, "webhook refused: the integration's credentials are unusable");
+            return Ok(Err(HttpResponse::error(
+                403,
+                "the integration's credentials cannot verify the delivery",
+            )));
+        }
+    };
+    let mut verdict = webhooks.verify(&conn, request, key).await;
+    if matches!(verdict, Err(WebhookError::Forged(_))) && may_read_fresh(&shard.id) {
+        // The secret may be newer than the cached credentials (a subscription created a
+        // moment ago, a key the operator just rotated): check once more against the store.
+        if let Ok(fresh) = conn.keeper.stored().await {
+            conn.credentials = fresh;
+            verdict = webhooks.verify(&conn, request, key).await;
+        }
+    }
+    Ok(match verdict {
+        Ok(delivery) => Ok((shard, integration, delivery)),
+        Err(e) => Err(refusal(name, e)),
+    })
 }
 
 /// The answer to a delivery that cannot be acted on.
