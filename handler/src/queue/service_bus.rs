@@ -368,29 +368,43 @@ pub fn broker_properties(message: &OutgoingMessage) -> Value {
     Value::Object(props)
 }
 
-/// The most characters of a property's value sent: a dead letter's description, read from a
+/// The most bytes of a property's value sent: a dead letter's description, read from a
 /// provider's error, may quote a whole query, and a header that long is refused.
-const MAX_PROPERTY_CHARS: usize = 4096;
+const MAX_PROPERTY_BYTES: usize = 4096;
 
 /// A property's value as the text of its header. A header cannot carry a line break, and a
 /// request with one is never sent: a dead letter whose description came from a provider's
 /// multi-line error would fail to send at every delivery. Control characters become spaces,
-/// and what is not ASCII is escaped (`\u{e9}`), which headers carry everywhere.
+/// and what is not ASCII is escaped (`\u{e9}`), which headers carry everywhere; the text is
+/// cut short, at a whole character, past [`MAX_PROPERTY_BYTES`].
 fn header_text(value: &Value) -> String {
+    const CUT: &str = "...";
     let text = match value {
         Value::String(s) => s.as_str(),
         other => return other.to_string(),
     };
-    let mut out = String::with_capacity(text.len());
-    for (count, c) in text.chars().enumerate() {
-        if count == MAX_PROPERTY_CHARS {
-            out.push_str("...");
+    let mut out = String::with_capacity(text.len().min(MAX_PROPERTY_BYTES));
+    // How much of `out` (whole characters) leaves room for `CUT` after it.
+    let mut room_for_cut = 0;
+    let mut ascii = [0; 1];
+    for c in text.chars() {
+        let escaped;
+        let piece: &str = if c.is_ascii_control() {
+            " "
+        } else if c.is_ascii() {
+            c.encode_utf8(&mut ascii)
+        } else {
+            escaped = format!("\\u{{{:x}}}", u32::from(c));
+            &escaped
+        };
+        if out.len() + piece.len() > MAX_PROPERTY_BYTES {
+            out.truncate(room_for_cut);
+            out.push_str(CUT);
             break;
         }
-        match c {
-            c if c.is_ascii_control() => out.push(' '),
-            c if c.is_ascii() => out.push(c),
-            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+        out.push_str(piece);
+        if out.len() + CUT.len() <= MAX_PROPERTY_BYTES {
+            room_for_cut = out.len();
         }
     }
     out
@@ -495,8 +509,14 @@ mod tests {
         );
         assert_eq!(header_text(&json!(3)), "3");
         let long = header_text(&json!("x".repeat(10_000)));
-        assert_eq!(long.len(), MAX_PROPERTY_CHARS + 3);
+        assert_eq!(long.len(), MAX_PROPERTY_BYTES);
         assert!(long.ends_with("x..."));
+        // Escaped, a character takes up to ten bytes: the cut counts what is sent.
+        let japanese = header_text(&json!("行をロックできません".repeat(500)));
+        assert!(japanese.len() <= MAX_PROPERTY_BYTES, "{}", japanese.len());
+        assert!(japanese.ends_with("}..."), "cut between characters");
+        let fits = "y".repeat(MAX_PROPERTY_BYTES);
+        assert_eq!(header_text(&json!(fits)), fits, "what fits is whole");
         reqwest::header::HeaderValue::from_str(&header_text(&json!("a\nb\u{7f}ü"))).unwrap();
     }
 
