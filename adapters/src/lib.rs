@@ -151,7 +151,7 @@ pub trait Pull: Send + Sync {
     ) -> Result<LeftOut, ProviderError> {
         Ok(LeftOut {
             gone: ids,
-            undecided: 0,
+            ..LeftOut::default()
         })
     }
 

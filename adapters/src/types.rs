@@ -227,6 +227,9 @@ pub struct LeftOut {
     /// How many the provider answered nothing of, where that may mean out of the integration
     /// user's sight as well as purged: their shards stay.
     pub undecided: usize,
+    /// Why the questions stopped before the last id (the integration's share of the allocation
+    /// used up): what was answered is above, and the rest is asked again by a later run.
+    pub stopped: Option<crate::ProviderError>,
 }
 
 /// A webhook delivery as the receiver got it.

@@ -1258,8 +1258,18 @@ async fn a_record_the_user_may_not_see_is_not_taken_for_deleted_for_good() {
 /// purged meanwhile.
 async fn three_accounts_one_purged_after_deletions_were_lost()
 -> (FakeSalesforce, TestApp, HostedHandler) {
+    accounts_purged_after_deletions_were_lost(3, 1..2).await
+}
+
+/// `count` accounts synced once by a user with View All Data, then left until Salesforce no
+/// longer remembers the deletions since (the entity marked lost), and the accounts numbered
+/// `purged` deleted and purged meanwhile.
+async fn accounts_purged_after_deletions_were_lost(
+    count: usize,
+    purged: std::ops::Range<usize>,
+) -> (FakeSalesforce, TestApp, HostedHandler) {
     let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 3);
+    add_accounts(&fake, count);
     fake.grant_view_all_data();
     let app = spawn_app(&fake, false).await;
     let handler = app
@@ -1268,13 +1278,14 @@ async fn three_accounts_one_purged_after_deletions_were_lost()
     run_job(&handler, "job-1", "full_sync", 1).await;
     fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
     run_job(&handler, "job-2", "incremental", 1).await;
-    {
-        let mut org = fake.org.lock().unwrap();
-        org.records
-            .get_mut("Account")
-            .unwrap()
-            .retain(|r| r["Id"] != "001000000000000001");
-    }
+    let purged: Vec<String> = purged.map(|i| format!("001{i:015}")).collect();
+    fake.org
+        .lock()
+        .unwrap()
+        .records
+        .get_mut("Account")
+        .unwrap()
+        .retain(|r| !purged.iter().any(|id| r["Id"] == *id));
     (fake, app, handler)
 }
 
@@ -1409,7 +1420,8 @@ async fn a_job_that_stalled_asking_about_a_listings_leftovers_deletes_nothing_on
 
 #[tokio::test]
 async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_the_allocation() {
-    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    // 210 purged: two questions of at most 200 ids.
+    let (fake, app, handler) = accounts_purged_after_deletions_were_lost(220, 0..210).await;
     fake.org.lock().unwrap().hold_next_query_all = true;
 
     let relisting = handler.invoke_in_background(
@@ -1432,10 +1444,20 @@ async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_th
         "{record}"
     );
     assert_eq!(
-        record["stats"]["recordsFetched"], 2,
+        record["stats"]["recordsFetched"], 10,
         "its counts are kept: {record}"
     );
-    assert_eq!(company_names_of(&app).await.len(), 3, "nothing deleted yet");
+    assert_eq!(
+        company_names_of(&app).await.len(),
+        20,
+        "what the first question's answer says is gone is gone, and no more is asked"
+    );
+    let asked = fake
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("queryAll"))
+        .count();
+    assert_eq!(asked, 1);
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
 }

@@ -1308,6 +1308,7 @@ impl<'a> EntityRun<'a> {
                 .map(|r| r.external_id)
                 .collect();
             let asked = !left_out.is_empty();
+            let mut stopped = None;
             let gone: Vec<Record> = if !asked {
                 Vec::new()
             } else {
@@ -1317,6 +1318,7 @@ impl<'a> EntityRun<'a> {
                 {
                     Ok(left) => {
                         undecided += left.undecided;
+                        stopped = left.stopped;
                         left.gone.into_iter().map(Record::gone).collect()
                     }
                     Err(e) if mends_later(&e) => return Err(e.into()),
@@ -1349,6 +1351,11 @@ impl<'a> EntityRun<'a> {
             }
             reconciled += gone.len();
             self.soft_delete(&gone, Links::Searched).await?;
+            // What was answered before the questions stopped is applied; the entity stays
+            // to be listed again.
+            if let Some(stop) = stopped {
+                return Err(stop.into());
+            }
             if !more {
                 break;
             }
