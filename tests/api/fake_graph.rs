@@ -989,19 +989,23 @@ fn parent_path(drive: &Drive, item: &DriveItem) -> String {
 }
 
 /// An item as a delta lists it: its `parentReference` has no `path` (renaming a folder
-/// lists none of the items under it, so no path a delta gave could be kept true).
+/// lists none of the items under it, so no path a delta gave could be kept true), nor the
+/// parent's `name`.
 fn in_delta(mut item: Value) -> Value {
     if let Some(parent) = item["parentReference"].as_object_mut() {
         parent.remove("path");
+        parent.remove("name");
     }
     item
 }
 
 fn item_json(key: &str, drive: &Drive, item: &DriveItem) -> Value {
+    let parent_id = item.parent.as_deref().unwrap_or(&drive.root);
     let parent = json!({
         "driveId": key,
         "driveType": "business",
-        "id": item.parent.as_deref().unwrap_or(&drive.root),
+        "id": parent_id,
+        "name": drive.items.get(parent_id).map_or("root", |p| p.name.as_str()),
         "path": parent_path(drive, item)
     });
     if item.deleted {

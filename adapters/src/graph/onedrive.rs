@@ -2,8 +2,9 @@
 //!
 //! One entity, `driveItem`: files and folders of one drive
 //! (`/drives/{driveId}/root/delta`, or the signed-in user's with `driveId: "me"`), each a
-//! record with Graph's fields (`name`, `size`, `file`, `folder`, `parentReference` without
-//! its `path`, which a delta never gives, `lastModifiedDateTime`, `webUrl`, ...). The drive's root folder itself is not a record.
+//! record with Graph's fields (`name`, `size`, `file`, `folder`, `parentReference` with its
+//! `driveId`, `driveType` and `id`, which every read gives, `lastModifiedDateTime`, `webUrl`,
+//! ...). The drive's root folder itself is not a record.
 //! Items with a `deleted` facet are soft-deleted. Change notifications subscribe to the drive's
 //! root (only `updated` exists there) and ask for a catch-up.
 //!
@@ -84,15 +85,19 @@ fn check_entity(entity: &str) -> Result<(), ProviderError> {
     }
 }
 
-/// An item as a record, whichever read it came from. A delta's `parentReference` has no
-/// `path` (renaming a folder lists none of the items under it), where reading the item alone
-/// gives one: it is left out of both, so that a write-back, which reads the item alone, does
-/// not take the path for a change made at OneDrive. A parent is told by its `id`.
+/// What of an item's `parentReference` every read gives: a delta's has no `path` (renaming
+/// a folder lists none of the items under it), nor always the `name` or `siteId` that reading
+/// the item alone gives. A parent is told by its `id`.
+const PARENT_FIELDS: [&str; 3] = ["driveId", "driveType", "id"];
+
+/// An item as a record, whichever read it came from: its `parentReference` keeps only
+/// [`PARENT_FIELDS`], so that a write-back, which reads the item alone, does not take what a
+/// delta leaves out for a change made at OneDrive.
 fn record_of(item: &Map<String, Value>) -> Option<Record> {
     let id = item.get("id")?.as_str()?.to_string();
     let mut fields = item.clone();
     if let Some(Value::Object(parent)) = fields.get_mut("parentReference") {
-        parent.remove("path");
+        parent.retain(|name, _| PARENT_FIELDS.contains(&name.as_str()));
     }
     Some(Record {
         id,
