@@ -757,26 +757,31 @@ impl Webhooks for Dynamics365 {
         let context = read_context(request)?;
         let entity = entity_set(&conn.settings, &context.table);
         // A request that changes many rows (`UpdateMultiple`, a cascade) runs the step once a
-        // row under its one RequestId: the message with the row (an update) or the table (a
-        // deletion) tells its notifications apart, and a redelivery of one keeps its id. A
-        // deleted row cannot be read back, so its notification is a read of its table's
-        // delta, which one of a request's deletions serves for all of that table's.
-        let prefix = format!("{}:{}", context.request_id, context.message);
+        // row under its one RequestId: the message and the row tell its notifications apart,
+        // and a redelivery of one keeps its id. A deleted row cannot be read back, so its
+        // notification says it is deleted: an incremental sync would not see it where the
+        // integration polls (`changeTracking: false`, or filters), which reads no deletions.
+        if !is_guid(&context.record_id) {
+            return Err(WebhookError::Malformed(
+                "a Dataverse delivery's PrimaryEntityId is not a GUID".into(),
+            ));
+        }
+        let id = format!(
+            "{}:{}:{}",
+            context.request_id, context.message, context.record_id
+        );
+        let record_ids = vec![context.record_id];
         let notification = match context.message.as_str() {
-            "Delete" => WebhookNotification::CatchUp {
-                id: format!("{prefix}:{}", context.table),
+            "Delete" => WebhookNotification::Deleted {
+                id,
                 entity,
+                record_ids,
             },
-            _ if is_guid(&context.record_id) => WebhookNotification::Records {
-                id: format!("{prefix}:{}", context.record_id),
+            _ => WebhookNotification::Records {
+                id,
                 entity,
-                record_ids: vec![context.record_id],
+                record_ids,
             },
-            _ => {
-                return Err(WebhookError::Malformed(
-                    "a Dataverse delivery's PrimaryEntityId is not a GUID".into(),
-                ));
-            }
         };
         Ok(WebhookDelivery {
             notifications: vec![notification],

@@ -582,26 +582,59 @@ async fn rows_one_request_changed_each_reach_the_sync_and_its_deletions_one_read
         "neither row's notification is taken for the other's"
     );
 
-    // Deleting an account cascaded to both contacts: a deleted row is found by reading its
-    // table's delta, which one read does for all of the table's rows the request deleted.
+    // Deleting an account cascaded to both contacts: each row's deletion is its own.
     let cascade = uuid::Uuid::new_v4().to_string();
     let account = vec![uuid::Uuid::new_v4().to_string()];
     deliver(&fake, &handler, "Delete", "account", &account, &cascade).await;
     deliver(&fake, &handler, "Delete", "contact", &ids, &cascade).await;
-    let catch_ups: Vec<Value> = app
+    let mut deleted: Vec<Value> = app
         .broker()
         .peek(SYNC_INBOUND_WEBHOOK)
         .unwrap()
         .iter()
         .map(|m| serde_json::from_slice::<Value>(&m.body).unwrap())
-        .filter(|job| job["webhookPayload"]["ids"].is_null())
-        .map(|job| job["webhookPayload"]["entity"].clone())
+        .filter(|job| job["webhookPayload"]["deletedIds"].is_array())
+        .map(|job| job["webhookPayload"].clone())
         .collect();
-    assert_eq!(
-        catch_ups,
-        [json!("accounts"), json!("contacts")],
-        "one catch-up a table for the request's deletions"
+    deleted.sort_by_key(|payload| payload.to_string());
+    let mut expected = vec![json!({"entity": "accounts", "deletedIds": account})];
+    expected.extend(
+        ids.iter()
+            .map(|id| json!({"entity": "contacts", "deletedIds": [id]})),
     );
+    expected.sort_by_key(|payload| payload.to_string());
+    assert_eq!(deleted, expected);
+}
+
+#[tokio::test]
+async fn a_row_deleted_in_dataverse_leaves_castiel_through_its_webhook_though_the_integration_polls()
+ {
+    let fake = FakeDynamics::start().await;
+    let ann = uuid::Uuid::new_v4().to_string();
+    fake.load(
+        "contacts",
+        [json!({"contactid": ann, "fullname": "Ann Example"})].into_iter(),
+    );
+    let app = TestApp::new();
+    let mut polling = integration(&fake);
+    // A poll reads what changed, and no deletions.
+    polling["structuredData"]["connection"]["changeTracking"] = json!(false);
+    app.register_integration(polling).await;
+    let mut credentials = fake.credentials();
+    credentials["webhook_key"] = json!("dataverse-webhook-key");
+    app.set_credentials(ID, &credentials).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    assert_eq!(app.shards("c_contact").await.len(), 1);
+
+    fake.delete("contacts", &ann);
+    let request_id = uuid::Uuid::new_v4().to_string();
+    deliver(&fake, &handler, "Delete", "contact", &[ann], &request_id).await;
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+    }
+
+    assert!(app.shards("c_contact").await.is_empty(), "Ann is gone");
 }
 
 /// Delivers Dataverse's webhook for each of `rows` of `table`, all changed by `message` in the
