@@ -21,7 +21,10 @@ use crate::model::integration::{JobProgress, RunningSync};
 /// (`functionTimeout`, 10 minutes), so only a dead job's lease lapses.
 pub const LEASE: Duration = Duration::minutes(15);
 
-/// How long a chain the scheduler claimed holds its integration before its first job starts.
+/// How long a chain holds its integration while its next job waits in the queue: the first
+/// one the scheduler sent, a continuation, a retry. A queue backed up (a tick after downtime
+/// sends hundreds) makes that wait far longer than a job runs; a chain whose hold lapsed in
+/// it would forget the entities it finished and read them again.
 pub const QUEUED_LEASE: Duration = Duration::minutes(60);
 
 /// The chain a job belongs to: its id without a continuation's `+N`.
@@ -149,11 +152,11 @@ pub fn renew(running: &mut Option<RunningSync>, job_id: &str, now: DateTime<Utc>
 }
 
 /// A retry of the job is scheduled `at`: the chain keeps the integration through the wait,
-/// with the job's progress, so the retry resumes the work.
+/// and the retry's time in the queue, with the job's progress, so the retry resumes the work.
 pub fn wait_for_retry(running: &mut Option<RunningSync>, job_id: &str, at: DateTime<Utc>) -> bool {
     match chains(running, job_id) {
         Some(held) => {
-            held.until = at + LEASE;
+            held.until = at + QUEUED_LEASE;
             true
         }
         None => false,
@@ -161,7 +164,8 @@ pub fn wait_for_retry(running: &mut Option<RunningSync>, job_id: &str, at: DateT
 }
 
 /// The job stopped at its record limit, having finished `finished` (entity names): the chain
-/// goes on in `next_job_id`, which counts its own work and leaves those entities alone.
+/// goes on in `next_job_id`, which counts its own work and leaves those entities alone, and
+/// holds the integration while it waits in the queue.
 pub fn hand_over(
     running: &mut Option<RunningSync>,
     job_id: &str,
@@ -172,7 +176,7 @@ pub fn hand_over(
     if let Some(held) = chains(running, job_id) {
         held.job_id = next_job_id.to_string();
         held.progress = None;
-        held.until = now + LEASE;
+        held.until = now + QUEUED_LEASE;
         for entity in finished {
             if !held.finished_in_chain.contains(entity) {
                 held.finished_in_chain.push(entity.clone());
@@ -278,7 +282,7 @@ mod tests {
         assert!(running.as_ref().unwrap().progress.is_some());
 
         assert!(wait_for_retry(&mut running, "job_1", at(30)));
-        assert_eq!(running.as_ref().unwrap().until, at(30) + LEASE);
+        assert_eq!(running.as_ref().unwrap().until, at(30) + QUEUED_LEASE);
         assert!(
             running.as_ref().unwrap().progress.is_some(),
             "the retry resumes"
@@ -291,6 +295,11 @@ mod tests {
             ("job_1", "job_1+1")
         );
         assert!(held.progress.is_none());
+        assert_eq!(
+            held.until,
+            at(31) + QUEUED_LEASE,
+            "held while the continuation waits its turn in a busy queue"
+        );
         assert!(
             !checkpoint(&mut running, "job_1", JobProgress::default(), at(32)),
             "the handed-over job no longer checkpoints"
