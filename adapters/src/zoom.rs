@@ -13,7 +13,9 @@
 //! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`;
 //!   a `meeting.deleted` naming `occurrences` deleted some of a series, whose meeting is read
 //!   again); and since meetings are listed whole, a meeting a sync no longer lists is
-//!   reconciled as deleted.
+//!   reconciled as deleted. A recording taken back from the trash (`recording.recovered`) or
+//!   renamed (`recording.renamed`) is read again by its uuid
+//!   (`/meetings/{uuid}/recordings`), since a sync's window would not list it again.
 //! * Tokens: `POST {tokenUrl}` with the client authenticated by HTTP Basic. User-managed apps
 //!   refresh with a refresh token that Zoom rotates (the old one dies when the new one is
 //!   issued, so it is stored before use); Server-to-Server apps use the `account_credentials`
@@ -505,10 +507,24 @@ impl Pull for Zoom {
         request: &FetchRequest,
         ids: &[String],
     ) -> Result<Vec<Record>, ProviderError> {
+        if request.entity == RECORDINGS {
+            // A meeting instance's recordings, by its uuid; one in the trash is not found.
+            let mut found = Vec::new();
+            for uuid in ids {
+                let path = format!("/meetings/{}/recordings", uuid_segment(uuid));
+                if let Some(recording) = self.get(conn, &path, &[]).await.or_gone()? {
+                    found.extend(records(&json!([recording]), "uuid"));
+                }
+            }
+            return Ok(found);
+        }
         if request.entity != MEETINGS {
             return Err(ProviderError::new(
                 ErrorCode::ValidationError,
-                format!("Zoom reads `{MEETINGS}` by id, not `{}`", request.entity),
+                format!(
+                    "Zoom reads `{MEETINGS}` and `{RECORDINGS}` by id, not `{}`",
+                    request.entity
+                ),
             ));
         }
         let mut found = Vec::new();
@@ -752,6 +768,16 @@ impl Webhooks for Zoom {
                 id,
                 entity: RECORDINGS.into(),
             }],
+            // A recording taken back from the trash, or renamed: one a sync's window (the last
+            // day) would not list again, so it is read by itself.
+            "recording.recovered" | "recording.renamed" => object_id("uuid")
+                .map(|record| WebhookNotification::Records {
+                    id,
+                    entity: RECORDINGS.into(),
+                    record_ids: vec![record],
+                })
+                .into_iter()
+                .collect(),
             "recording.trashed" | "recording.deleted" => object_id("uuid")
                 .map(|record| WebhookNotification::Deleted {
                     id,

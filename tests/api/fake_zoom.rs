@@ -10,7 +10,9 @@
 //! `page_size` (default 30, at most 300) and an opaque `next_page_token` that is an empty string
 //! on the last page, lives 15 minutes and answers 400 code 300 when unknown or expired; one
 //! meeting by id, or 404 code 3001; cloud recordings by a `from`/`to` window of UTC dates that
-//! may span at most a month, newest first; a meeting updated (`PATCH`, 204 with no body: its
+//! may span at most a month, newest first, and one meeting instance's recording by its uuid
+//! (double-encoded where it begins with `/` or holds `//`; 404 code 3301 when it is in the
+//! trash or gone); a meeting updated (`PATCH`, 204 with no body: its
 //! `topic`, `agenda`, `start_time`, `duration`, `timezone`; any other field is 400 code 300
 //! `Validation Failed.`) or deleted (204; 404 code 3001 once gone), by a token whose app has
 //! `meeting:write` (else 400 code 4711), at most 100 updates a day per user (then 429 with no
@@ -128,6 +130,8 @@ pub struct Zoom {
     pub meetings: BTreeMap<u64, Meeting>,
     /// Recordings by meeting uuid.
     pub recordings: BTreeMap<String, Recording>,
+    /// Recordings in the trash, by meeting uuid: neither listed nor read, until recovered.
+    pub trash: BTreeMap<String, Recording>,
     /// Meetings that took place, by uuid, with who attended (the Reports API's view).
     pub past_meetings: BTreeMap<String, PastMeeting>,
     /// The next N data requests answer 429 with `Retry-After` of this many seconds.
@@ -358,6 +362,7 @@ impl Zoom {
             account_grants: 0,
             meetings: BTreeMap::new(),
             recordings: BTreeMap::new(),
+            trash: BTreeMap::new(),
             past_meetings: BTreeMap::new(),
             throttle: None,
             throttle_after: None,
@@ -829,6 +834,23 @@ async fn report_meetings(
     }
 }
 
+/// `GET /meetings/{meetingId}/recordings`: a meeting instance's recording, by its uuid. A uuid
+/// that begins with `/` or holds `//` must come double-encoded: sent once-encoded, the gateway
+/// reads its slashes as the path's and finds nothing. One in the trash is not found.
+async fn get_recording(State(fake): State<FakeZoom>, Path(meeting): Path<String>) -> Response {
+    let uuid = if meeting.contains('%') {
+        percent_decode(&meeting)
+    } else {
+        meeting
+    };
+    let zoom = fake.state.lock().unwrap();
+    let read_as_path = uuid.starts_with('/') || uuid.contains("//");
+    match zoom.recordings.get(&uuid).filter(|_| !read_as_path) {
+        Some(recording) => Json(recording_json(recording)).into_response(),
+        None => zoom_error(404, 3301, "This recording does not exist."),
+    }
+}
+
 /// `GET /report/meetings/{meetingId}/participants`: who attended a past meeting. A uuid that
 /// begins with `/` or holds `//` comes double-encoded, as Zoom requires.
 async fn report_participants(
@@ -905,6 +927,7 @@ impl FakeZoom {
                     .delete(change_meeting),
             )
             .route("/v2/users/{user}/recordings", get(list_recordings))
+            .route("/v2/meetings/{meeting}/recordings", get(get_recording))
             .route("/v2/report/users/{user}/meetings", get(report_meetings))
             .route(
                 "/v2/report/meetings/{meeting}/participants",
@@ -1035,6 +1058,29 @@ impl FakeZoom {
         };
         zoom.recordings.insert(meeting.uuid.clone(), recording);
         meeting.uuid
+    }
+
+    /// Moves the recording of meeting instance `uuid` to the trash.
+    pub fn trash_recording(&self, uuid: &str) {
+        let mut zoom = self.state.lock().unwrap();
+        let recording = zoom.recordings.remove(uuid).expect("no such recording");
+        zoom.trash.insert(uuid.to_string(), recording);
+    }
+
+    /// Takes the recording of meeting instance `uuid` back from the trash.
+    pub fn recover_recording(&self, uuid: &str) {
+        let mut zoom = self.state.lock().unwrap();
+        let recording = zoom.trash.remove(uuid).expect("not in the trash");
+        zoom.recordings.insert(uuid.to_string(), recording);
+    }
+
+    /// Renames the recording of meeting instance `uuid`.
+    pub fn rename_recording(&self, uuid: &str, topic: &str) {
+        let mut zoom = self.state.lock().unwrap();
+        zoom.recordings
+            .get_mut(uuid)
+            .expect("no such recording")
+            .topic = topic.to_string();
     }
 
     /// A webhook delivery as Zoom signs it: (headers, body) with `x-zm-request-timestamp` =

@@ -138,6 +138,44 @@ async fn recordings_are_read_month_by_month_and_a_trashed_one_goes_away() {
 }
 
 #[tokio::test]
+async fn a_recording_taken_back_from_the_trash_or_renamed_long_after_is_read_again() {
+    let (zoom, app) = connected().await;
+    let old = zoom.add_recording("Kick-off", Utc::now() - chrono::Duration::days(45));
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    let deliver = |event: &'static str, topic: &'static str| {
+        let (zoom, app, handler, old) = (&zoom, &app, &handler, old.clone());
+        async move {
+            let delivery = zoom.webhook(event, json!({"uuid": old, "id": 1, "topic": topic}));
+            assert_eq!(post(handler, &delivery).await["statusCode"], 200);
+            let broker = app.broker();
+            for message in broker.peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+                handler.deliver("SyncInboundWebhook", &message).await;
+                broker.delete_unlocked(message.sequence_number).unwrap();
+            }
+        }
+    };
+    zoom.trash_recording(&old);
+    deliver("recording.trashed", "Kick-off").await;
+    assert!(app.shards("c_recording").await.is_empty());
+
+    // Taken back from the trash a month and a half after the meeting: no sync's window
+    // lists it again.
+    zoom.recover_recording(&old);
+    deliver("recording.recovered", "Kick-off").await;
+    let back = app.shards("c_recording").await;
+    assert_eq!(back.len(), 1, "the recording is back");
+    assert_eq!(back[0]["name"], "Kick-off");
+
+    zoom.rename_recording(&old, "Project kick-off");
+    deliver("recording.renamed", "Project kick-off").await;
+    assert_eq!(
+        app.shards("c_recording").await[0]["name"],
+        "Project kick-off"
+    );
+}
+
+#[tokio::test]
 async fn a_server_to_server_app_syncs_with_account_credentials() {
     let zoom = FakeZoom::start().await;
     zoom.load_meetings(3);
