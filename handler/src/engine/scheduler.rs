@@ -64,29 +64,45 @@ pub fn scheduled_job(
     }
 }
 
+/// What a tick's claim of a due time came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// The job's chain holds the integration (or its job has run already).
+    Holds,
+    /// Another sync took the integration since the tick looked: the job, sent already, waits
+    /// for it to end (as any job that finds another running does), and serves the due time.
+    Waits,
+    /// Another tick claimed this due time first.
+    Lost,
+}
+
 /// Claims `integration`, due at `due_at`, for `job_id`, which was just sent: its next due time
-/// moves on and the job's chain holds it. `false` if another tick claimed this due time first
-/// (it moved on) or another sync holds the integration. The job may have started already (it
-/// was sent before the claim), or even ended: its own hold, or none, is the claim.
+/// moves on and the job's chain holds it, unless another sync took it meanwhile. The job may
+/// have started already (it was sent before the claim), or even ended: its own hold, or none,
+/// is the claim. The due time moves on whenever the job serves it: left due, the next tick
+/// would send the job again, and once the duplicate window had passed both copies would run.
 pub fn claim_due(
     integration: &mut Integration,
     due_at: DateTime<Utc>,
     job_id: &str,
     now: DateTime<Utc>,
     min_interval: Duration,
-) -> bool {
+) -> Claimed {
+    if integration.next_sync_at != Some(due_at) {
+        return Claimed::Lost;
+    }
+    integration.next_sync_at = next_due(&integration.sync_frequency, now, min_interval);
     let running = integration.running.as_ref();
     let started = lease::is_held_by_chain(running, job_id, now)
         || integration.ended_chain.as_deref() == Some(lease::chain_of(job_id));
-    let claimed =
-        integration.next_sync_at == Some(due_at) && (started || !lease::is_held(running, now));
-    if claimed {
-        integration.next_sync_at = next_due(&integration.sync_frequency, now, min_interval);
-        if !started {
-            integration.running = Some(lease::queued(job_id, now));
-        }
+    if started {
+        Claimed::Holds
+    } else if lease::is_held(running, now) {
+        Claimed::Waits
+    } else {
+        integration.running = Some(lease::queued(job_id, now));
+        Claimed::Holds
     }
-    claimed
 }
 
 /// A job asked for by a person (`handler sync`), due now.
@@ -223,16 +239,23 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             ))
             .await?;
 
-        let mut claimed = false;
+        let mut claimed = Claimed::Lost;
         update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
             claimed = claim_due(i, due_at, &job.job_id, now, min_interval);
-            claimed
+            claimed != Claimed::Lost
         })
         .await?;
-        if claimed {
-            summary.enqueued += 1;
-            *in_progress.entry(shard.tenant_id.clone()).or_default() += 1;
-            tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued");
+        match claimed {
+            Claimed::Holds => {
+                summary.enqueued += 1;
+                *in_progress.entry(shard.tenant_id.clone()).or_default() += 1;
+                tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued");
+            }
+            Claimed::Waits => {
+                summary.enqueued += 1;
+                tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, job_id = %job.job_id, "sync job enqueued; it waits for the sync that took the integration meanwhile");
+            }
+            Claimed::Lost => {}
         }
     }
     app.metrics.pending_jobs(pending_by_tenant(app, now).await?);
@@ -276,32 +299,48 @@ mod tests {
         let interval = Duration::minutes(5);
 
         let mut claimed = free.clone();
-        assert!(claim_due(&mut claimed, due, "job_1", now, interval));
+        assert_eq!(
+            claim_due(&mut claimed, due, "job_1", now, interval),
+            Claimed::Holds
+        );
         assert_eq!(claimed.next_sync_at, Some(due + Duration::minutes(15)));
         assert_eq!(claimed.running, Some(lease::queued("job_1", now)));
-        assert!(
-            !claim_due(&mut claimed, due, "job_1", now, interval),
+        assert_eq!(
+            claim_due(&mut claimed, due, "job_1", now, interval),
+            Claimed::Lost,
             "a second tick finds the due time moved on"
         );
 
         // The job ran before the claim: the schedule moves on, the job's hold stays.
         let mut started = free.clone();
         started.running = Some(lease::hold(None, "job_1", now));
-        assert!(claim_due(&mut started, due, "job_1", now, interval));
+        assert_eq!(
+            claim_due(&mut started, due, "job_1", now, interval),
+            Claimed::Holds
+        );
         assert_eq!(started.next_sync_at, Some(due + Duration::minutes(15)));
         assert_eq!(started.running, Some(lease::hold(None, "job_1", now)));
 
         // The job ran to its end before the claim: nothing to hold.
         let mut ended = free.clone();
         ended.ended_chain = Some("job_1".into());
-        assert!(claim_due(&mut ended, due, "job_1", now, interval));
+        assert_eq!(
+            claim_due(&mut ended, due, "job_1", now, interval),
+            Claimed::Holds
+        );
         assert_eq!(ended.next_sync_at, Some(due + Duration::minutes(15)));
         assert_eq!(ended.running, None);
 
+        // A webhook's job took the integration between the tick's look and its claim: the
+        // job sent waits for it, and no tick sends it again.
         let mut busy = free.clone();
         busy.running = Some(lease::hold(None, "job_webhook", now));
-        assert!(!claim_due(&mut busy, due, "job_1", now, interval));
-        assert_eq!(busy.next_sync_at, Some(due), "left due");
+        assert_eq!(
+            claim_due(&mut busy, due, "job_1", now, interval),
+            Claimed::Waits
+        );
+        assert_eq!(busy.next_sync_at, Some(due + Duration::minutes(15)));
+        assert_eq!(busy.running, Some(lease::hold(None, "job_webhook", now)));
     }
 
     #[test]
