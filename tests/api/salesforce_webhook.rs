@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use handler::queue::SYNC_INBOUND_WEBHOOK;
+use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_WEBHOOK};
 use handler::store::ShardStore;
 
 use crate::fake_host::{HostedHandler, http_request_with_body};
@@ -54,6 +54,16 @@ const XML: (&str, &str) = ("Content-Type", "text/xml; charset=utf-8");
 async fn run_queued_jobs(app: &TestApp, handler: &HostedHandler) {
     for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
         handler.deliver("SyncInboundWebhook", &message).await;
+    }
+}
+
+/// Delivers the queued webhook jobs to SyncInboundWebhook and completes them, as the host
+/// would.
+async fn complete_queued_jobs(app: &TestApp, handler: &HostedHandler) {
+    let broker = app.broker();
+    for message in broker.peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+        broker.delete_unlocked(message.sequence_number).unwrap();
     }
 }
 
@@ -155,15 +165,18 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
 }
 
 #[tokio::test]
-async fn a_paused_integration_acknowledges_outbound_messages_and_syncs_nothing() {
+async fn a_paused_integrations_outbound_messages_wait_to_be_replayed_once_it_is_active() {
     let app = TestApp::new();
     let _fake = connected_org(&app).await;
-    let mut stored = app.store().get("t1", "int-acme-sf").await.unwrap().unwrap();
-    stored.value.structured_data["status"] = json!("paused");
-    app.store()
-        .replace(&stored.value, &stored.etag)
-        .await
-        .unwrap();
+    let set_status = |status: &'static str| {
+        let store = app.store();
+        async move {
+            let mut stored = store.get("t1", "int-acme-sf").await.unwrap().unwrap();
+            stored.value.structured_data["status"] = json!(status);
+            store.replace(&stored.value, &stored.etag).await.unwrap();
+        }
+    };
+    set_status("paused").await;
     let handler = app.host_handler().await;
     let soap = delivery(
         ORG_ID,
@@ -176,14 +189,30 @@ async fn a_paused_integration_acknowledges_outbound_messages_and_syncs_nothing()
             &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
         )
         .await;
-
     let out = &res.json()["Outputs"]["res"];
     assert_eq!(out["statusCode"], 200, "{out}");
     assert!(out["body"].as_str().unwrap().contains("<Ack>true</Ack>"));
+    complete_queued_jobs(&app, &handler).await;
+
     assert!(
-        app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().is_empty(),
+        app.shards("c_company").await.is_empty(),
         "no sync while paused"
     );
+    assert!(app.history().await.is_empty(), "and no run");
+    let kept = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        kept[0].properties["DeadLetterReason"],
+        "INTEGRATION_NOT_ACTIVE"
+    );
+
+    // Resumed, the operator replays what waited.
+    set_status("active").await;
+    let replayed = app.cli_json(&["dead-letters", "replay", "--all"]).await;
+    assert_eq!(replayed.as_array().unwrap().len(), 1, "{replayed}");
+    assert!(replayed[0]["error"].is_null(), "{replayed}");
+    complete_queued_jobs(&app, &handler).await;
+    assert_eq!(app.shards("c_company").await.len(), 1);
 }
 
 #[tokio::test]

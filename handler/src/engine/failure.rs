@@ -25,6 +25,9 @@ pub enum FailureCode {
     /// Another job holds the integration: this one's hold lapsed while it ran (it stalled for
     /// longer than the lease), and the other carries on from the last checkpoint.
     Superseded,
+    /// The integration is paused, or in error until someone sets new credentials: a webhook's
+    /// job is kept, dead-lettered, for an operator to replay once it is active again.
+    IntegrationNotActive,
 }
 
 impl FailureCode {
@@ -33,7 +36,10 @@ impl FailureCode {
         match self {
             Self::Provider(code) => code.is_retryable(),
             Self::Store => true,
-            Self::InvalidMessage | Self::ProviderNotSupported | Self::Superseded => false,
+            Self::InvalidMessage
+            | Self::ProviderNotSupported
+            | Self::Superseded
+            | Self::IntegrationNotActive => false,
         }
     }
 
@@ -45,6 +51,7 @@ impl FailureCode {
             Self::InvalidMessage => "INVALID_MESSAGE",
             Self::ProviderNotSupported => "PROVIDER_NOT_SUPPORTED",
             Self::Superseded => "SUPERSEDED",
+            Self::IntegrationNotActive => "INTEGRATION_NOT_ACTIVE",
         }
     }
 
@@ -142,6 +149,11 @@ mod tests {
                 false,
             ),
             (FailureCode::Superseded, "SUPERSEDED", false),
+            (
+                FailureCode::IntegrationNotActive,
+                "INTEGRATION_NOT_ACTIVE",
+                false,
+            ),
             (ErrorCode::RateLimit.into(), "RATE_LIMIT", true),
             (
                 ErrorCode::AuthenticationFailed.into(),

@@ -131,6 +131,24 @@ async fn run_job(
             )
         })
     };
+    // A paused integration, or one in error until someone sets new credentials, syncs
+    // nothing. A webhook's changes may be ones no later sync reads (a deletion the provider
+    // reports only then): its job is kept, for an operator to replay once it is active.
+    if let Ok(integration) = &integration
+        && job.trigger == SyncTrigger::Webhook
+        && integration.status != IntegrationStatus::Active
+    {
+        let status = match integration.status {
+            IntegrationStatus::Paused => "paused",
+            _ => "in error until new credentials are stored",
+        };
+        let reason = format!(
+            "the integration is {status}: its webhook's job waits here, to be replayed once it is active again"
+        );
+        tracing::info!(queue, job_id = %job.job_id, %reason, "dead-lettering a sync job");
+        let code = FailureCode::IntegrationNotActive.as_str();
+        return send_dead_letter(app, queue, message, code, &reason).await;
+    }
     let resumed = match &integration {
         Ok(_) => match take_integration(app, &job, now).await? {
             Taken::Run(resumed) => resumed,

@@ -10,9 +10,7 @@
 //! parts that verify are acted on and the rest passed over, and a batch nothing in verifies is
 //! refused. The tenant is never taken from the request: a caller that also sends
 //! `x-tenant-id` and names another tenant is refused.
-//!
-//! An integration that is not active (paused, or in error until someone sets new credentials)
-//! has its deliveries verified and acknowledged, and syncs nothing.
+
 //!
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
@@ -33,7 +31,6 @@ use crate::engine::state::update_integration;
 use crate::engine::{Transient, credentials, publish};
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
-use crate::model::integration::IntegrationStatus;
 use crate::model::messages::JobType;
 use crate::model::shard::types as shard_types;
 use crate::model::{Event, Integration, Shard, SyncJobMessage};
@@ -122,15 +119,8 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     for (shard, integration, delivery) in &verified {
         // The jobs first: a subscription marked gone before its catch-up job was sent would
         // leave the provider's redelivery (after a failed send) unroutable.
-        // A paused integration, or one in error until someone sets new credentials, syncs
-        // nothing: the delivery is acknowledged, so that the provider does not send it again,
-        // and the next scheduled sync after it is active again catches up.
-        let syncing = integration.status == IntegrationStatus::Active;
-        if !syncing {
-            tracing::info!(provider = %provider_name, integration_id = %shard.id, status = ?integration.status, "webhook acknowledged; the integration is not active and syncs nothing");
-        }
         let mut job_ids = Vec::new();
-        for notification in delivery.notifications.iter().filter(|_| syncing) {
+        for notification in &delivery.notifications {
             for job in jobs_for(provider_name, shard, integration, notification, now) {
                 job_ids.push(job.job_id.clone());
                 app.queue
