@@ -1463,6 +1463,31 @@ async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_th
 }
 
 #[tokio::test]
+async fn a_single_question_past_the_share_is_applied_and_the_job_stops_there() {
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+    fake.org.lock().unwrap().hold_next_query_all = true;
+
+    let relisting = handler.invoke_in_background(
+        "SyncInboundScheduled",
+        &job_envelope("job-3", "incremental", 1),
+    );
+    fake.held.notified().await;
+    fake.org.lock().unwrap().api_usage = (90_000, 100_000);
+    fake.release.notify_waiters();
+    assert!(relisting.await.unwrap().host_accepts());
+
+    let record = record_of(&app.history().await, "job-3").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(
+        company_names_of(&app).await,
+        [json!("Account 0"), json!("Account 2")],
+        "its answer is applied"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+}
+
+#[tokio::test]
 async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_object_whole() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 3);

@@ -945,21 +945,13 @@ impl Pull for Salesforce {
             .filter(|(_, normal)| normal.starts_with(&key_prefix))
             .collect();
         let select = if deletable { "Id, IsDeleted" } else { "Id" };
-        let mut usage = None;
         for chunk in asked.chunks(IDS_PER_QUERY) {
-            // A listing's leftovers may be many questions: they stop at the integration's
-            // share of the allocation, as a sync's pages do, before the next is asked.
-            if let Some(stop) = Self::usage_stop(conn, usage) {
-                left.stopped = Some(stop);
-                break;
-            }
             let quoted: Vec<String> = chunk.iter().map(|(_, id)| format!("'{id}'")).collect();
             let soql = format!(
                 "SELECT {select} FROM {entity} WHERE Id IN ({})",
                 quoted.join(", ")
             );
-            let read;
-            (read, usage) = self.read_whole(conn, "queryAll", soql).await?;
+            let (read, usage) = self.read_whole(conn, "queryAll", soql).await?;
             let answered: std::collections::HashMap<String, bool> =
                 read.into_iter().map(|r| (r.id, r.deleted)).collect();
             for (id, normal) in chunk {
@@ -978,6 +970,12 @@ impl Pull for Salesforce {
                         }
                     }
                 }
+            }
+            // A listing's leftovers may be many questions: they stop at the integration's
+            // share of the allocation, as a sync's pages do, with what was answered kept.
+            if let Some(stop) = Self::usage_stop(conn, usage) {
+                left.stopped = Some(stop);
+                break;
             }
         }
         Ok(left)
