@@ -724,8 +724,13 @@ impl Webhooks for Zoom {
             Value::String(s) => Some(s.clone()),
             _ => None,
         };
+        // A recording's events name the meeting instance too: the instances of a recurring
+        // meeting share its id. A uuid's bytes go in hex, which keeps every one apart.
+        let instance: String = object_id("uuid")
+            .map(|uuid| uuid.bytes().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default();
         let id = format!(
-            "zoom-{}-{}-{}",
+            "zoom-{}-{}-{}-{instance}",
             event.replace('.', "-"),
             body["event_ts"],
             object_id("id").unwrap_or_default()

@@ -138,6 +138,32 @@ async fn recordings_are_read_month_by_month_and_a_trashed_one_goes_away() {
 }
 
 #[tokio::test]
+async fn two_recordings_of_one_recurring_meeting_trashed_at_once_both_go_away() {
+    let (zoom, app) = connected().await;
+    let first = zoom.add_recording("Weekly sync", Utc::now() - chrono::Duration::days(2));
+    let second = zoom.add_recording("Weekly sync", Utc::now() - chrono::Duration::days(1));
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    assert_eq!(app.shards("c_recording").await.len(), 2);
+
+    // Both instances of one meeting id, trashed in one go: one event time.
+    let at = Utc::now();
+    for uuid in [&first, &second] {
+        let trashed = zoom.webhook_at(
+            "recording.trashed",
+            json!({"uuid": uuid, "id": 85_000_000_001_u64, "topic": "Weekly sync"}),
+            at,
+        );
+        assert_eq!(post(&handler, &trashed).await["statusCode"], 200);
+    }
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+    }
+
+    assert!(app.shards("c_recording").await.is_empty());
+}
+
+#[tokio::test]
 async fn a_recording_taken_back_from_the_trash_or_renamed_long_after_is_read_again() {
     let (zoom, app) = connected().await;
     let old = zoom.add_recording("Kick-off", Utc::now() - chrono::Duration::days(45));
