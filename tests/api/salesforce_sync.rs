@@ -1463,6 +1463,27 @@ async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_th
 }
 
 #[tokio::test]
+async fn a_relisting_of_many_pages_of_shards_describes_the_object_once() {
+    // Purged accounts on both sides of the first thousand shards.
+    let (fake, app, handler) = accounts_purged_after_deletions_were_lost(1100, 995..1005).await;
+    let before = fake.requests().len();
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+
+    let requests = fake.requests()[before..].to_vec();
+    let described = requests
+        .iter()
+        .filter(|r| r.starts_with("describe"))
+        .count();
+    let asked = requests
+        .iter()
+        .filter(|r| r.starts_with("queryAll"))
+        .count();
+    assert_eq!((described, asked), (1, 2), "{requests:?}");
+    assert_eq!(company_names_of(&app).await.len(), 1090);
+}
+
+#[tokio::test]
 async fn a_single_question_past_the_share_is_applied_and_the_job_stops_there() {
     let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
     fake.org.lock().unwrap().hold_next_query_all = true;

@@ -62,6 +62,31 @@ const DELETIONS_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
 
 pub struct Salesforce {
     limiter: RateLimiter,
+    /// What `describe` said of an object, by instance and object: its key prefix and whether
+    /// it has `IsDeleted` never change, and a listing's leftovers are asked about a page at a
+    /// time.
+    described: std::sync::Mutex<std::collections::HashMap<(String, String), Described>>,
+}
+
+/// What a listing's leftovers are checked with, of an object's description.
+#[derive(Clone, serde::Deserialize)]
+struct Described {
+    /// What the object's ids begin with; none for some system objects.
+    #[serde(rename = "keyPrefix")]
+    key_prefix: Option<String>,
+    #[serde(default, deserialize_with = "deletable")]
+    #[serde(rename = "fields")]
+    has_is_deleted: bool,
+}
+
+/// Whether a description's `fields` hold `IsDeleted` (not every object has it).
+fn deletable<'de, D: serde::Deserializer<'de>>(fields: D) -> Result<bool, D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Field {
+        name: String,
+    }
+    let fields: Vec<Field> = serde::Deserialize::deserialize(fields)?;
+    Ok(fields.iter().any(|f| f.name == "IsDeleted"))
 }
 
 impl Default for Salesforce {
@@ -74,6 +99,7 @@ impl Salesforce {
     pub fn new() -> Self {
         Self {
             limiter: RateLimiter::new(25),
+            described: Default::default(),
         }
     }
 
@@ -133,6 +159,41 @@ impl Salesforce {
             Err(e) if e.is_retryable() || e.resume_next_run => Err(e),
             Err(_) => Ok(false),
         }
+    }
+
+    /// What `describe` says of `entity`, asked once per instance and object.
+    async fn describe(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+    ) -> Result<Described, ProviderError> {
+        let instance = conn.credentials.get("instance_url").unwrap_or_default();
+        let key = (instance.to_string(), entity.to_string());
+        let known = match self.described.lock() {
+            Ok(known) => known.get(&key).cloned(),
+            Err(_) => None,
+        };
+        if let Some(described) = known {
+            return Ok(described);
+        }
+        let version = Self::api_version(conn);
+        let (described, _): (Described, _) = self
+            .get(
+                conn,
+                &format!("/services/data/{version}/sobjects/{entity}/describe"),
+                &[],
+                None,
+            )
+            .await?;
+        // The instance a first request names once its token is refreshed.
+        let instance = conn.credentials.get("instance_url").unwrap_or_default();
+        if let Ok(mut known) = self.described.lock() {
+            known.insert(
+                (instance.to_string(), entity.to_string()),
+                described.clone(),
+            );
+        }
+        Ok(described)
     }
 
     /// Every record `soql` finds through `resource` (`query`, or `queryAll`, which finds deleted
@@ -909,34 +970,15 @@ impl Pull for Salesforce {
         entity: &str,
         ids: Vec<String>,
     ) -> Result<LeftOut, ProviderError> {
-        #[derive(serde::Deserialize)]
-        struct Field {
-            name: String,
-        }
-        #[derive(serde::Deserialize)]
-        struct Described {
-            #[serde(rename = "keyPrefix")]
-            key_prefix: Option<String>,
-            #[serde(default)]
-            fields: Vec<Field>,
-        }
-        let version = Self::api_version(conn);
-        let (described, _): (Described, _) = self
-            .get(
-                conn,
-                &format!("/services/data/{version}/sobjects/{entity}/describe"),
-                &[],
-                None,
-            )
-            .await?;
+        let described = self.describe(conn, entity).await?;
         let mut left = LeftOut::default();
         // An object whose ids have no known beginning cannot tell its records from others'.
         let Some(key_prefix) = described.key_prefix else {
             left.undecided = ids.len();
             return Ok(left);
         };
-        // Without `IsDeleted` (not every object has it) an answered record is taken for live.
-        let deletable = described.fields.iter().any(|f| f.name == "IsDeleted");
+        // Without `IsDeleted` an answered record is taken for live.
+        let deletable = described.has_is_deleted;
         // Asked only once a record goes unanswered.
         let mut sees_everything = None;
         let asked: Vec<(String, String)> = ids
