@@ -227,9 +227,11 @@ pub struct LeftOut {
     /// How many the provider answered nothing of, where that may mean out of the integration
     /// user's sight as well as purged: their shards stay.
     pub undecided: usize,
-    /// Why the questions stopped before the last id (the integration's share of the allocation
-    /// used up): what was answered is above, and the rest is asked again by a later run.
+    /// The integration's share of the allocation is used up: the questions stopped there.
+    /// What was answered is above; the `unasked` ids, and anything after, wait for a later run.
     pub stopped: Option<crate::ProviderError>,
+    /// How many ids were not asked about, the questions having stopped.
+    pub unasked: usize,
 }
 
 /// A webhook delivery as the receiver got it.

@@ -1483,11 +1483,14 @@ async fn a_relisting_of_many_pages_of_shards_describes_the_object_once() {
     assert_eq!(company_names_of(&app).await.len(), 1090);
 }
 
-#[tokio::test]
-async fn a_single_question_past_the_share_is_applied_and_the_job_stops_there() {
-    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+/// Runs job-3 of `app`, whose first `queryAll` finds the org's usage at 90% of its allocation
+/// (other applications used it meanwhile).
+async fn relisted_as_usage_reaches_the_share(
+    fake: &FakeSalesforce,
+    app: &TestApp,
+    handler: &HostedHandler,
+) -> Value {
     fake.org.lock().unwrap().hold_next_query_all = true;
-
     let relisting = handler.invoke_in_background(
         "SyncInboundScheduled",
         &job_envelope("job-3", "incremental", 1),
@@ -1496,13 +1499,35 @@ async fn a_single_question_past_the_share_is_applied_and_the_job_stops_there() {
     fake.org.lock().unwrap().api_usage = (90_000, 100_000);
     fake.release.notify_waiters();
     assert!(relisting.await.unwrap().host_accepts());
+    record_of(&app.history().await, "job-3").clone()
+}
 
-    let record = record_of(&app.history().await, "job-3").clone();
-    assert_eq!(record["status"], "partial", "{record}");
+#[tokio::test]
+async fn the_share_reached_on_a_relistings_last_question_lets_it_finish() {
+    let (fake, app, handler) = three_accounts_one_purged_after_deletions_were_lost().await;
+
+    let record = relisted_as_usage_reaches_the_share(&fake, &app, &handler).await;
+
+    assert_eq!(record["status"], "success", "{record}");
     assert_eq!(
         company_names_of(&app).await,
-        [json!("Account 0"), json!("Account 2")],
-        "its answer is applied"
+        [json!("Account 0"), json!("Account 2")]
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("lostDeletions").is_none(), "{state}");
+}
+
+#[tokio::test]
+async fn the_share_reached_with_pages_of_shards_still_to_compare_stops_the_relisting() {
+    let (fake, app, handler) = accounts_purged_after_deletions_were_lost(1100, 995..1005).await;
+
+    let record = relisted_as_usage_reaches_the_share(&fake, &app, &handler).await;
+
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(
+        company_names_of(&app).await.len(),
+        1095,
+        "the first page's answer is applied, the second page not asked about"
     );
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
     assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");

@@ -987,7 +987,7 @@ impl Pull for Salesforce {
             .filter(|(_, normal)| normal.starts_with(&key_prefix))
             .collect();
         let select = if deletable { "Id, IsDeleted" } else { "Id" };
-        for chunk in asked.chunks(IDS_PER_QUERY) {
+        for (n, chunk) in asked.chunks(IDS_PER_QUERY).enumerate() {
             let quoted: Vec<String> = chunk.iter().map(|(_, id)| format!("'{id}'")).collect();
             let soql = format!(
                 "SELECT {select} FROM {entity} WHERE Id IN ({})",
@@ -1017,6 +1017,7 @@ impl Pull for Salesforce {
             // share of the allocation, as a sync's pages do, with what was answered kept.
             if let Some(stop) = Self::usage_stop(conn, usage) {
                 left.stopped = Some(stop);
+                left.unasked = asked.len().saturating_sub((n + 1) * IDS_PER_QUERY);
                 break;
             }
         }

@@ -1308,6 +1308,7 @@ impl<'a> EntityRun<'a> {
                 .map(|r| r.external_id)
                 .collect();
             let asked = !left_out.is_empty();
+            // The share used up with questions left: this page's, or the next page's.
             let mut stopped = None;
             let gone: Vec<Record> = if !asked {
                 Vec::new()
@@ -1318,7 +1319,7 @@ impl<'a> EntityRun<'a> {
                 {
                     Ok(left) => {
                         undecided += left.undecided;
-                        stopped = left.stopped;
+                        stopped = left.stopped.filter(|_| left.unasked > 0 || more);
                         left.gone.into_iter().map(Record::gone).collect()
                     }
                     Err(e) if mends_later(&e) => return Err(e.into()),
