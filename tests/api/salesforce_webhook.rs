@@ -216,6 +216,55 @@ async fn a_paused_integrations_outbound_messages_wait_to_be_replayed_once_it_is_
 }
 
 #[tokio::test]
+async fn a_webhook_jobs_retry_after_the_integration_was_paused_lets_go_of_it_and_waits() {
+    let app = TestApp::new();
+    let _fake = connected_org(&app).await;
+    // A webhook's job failed once and holds the integration until its retry; then the
+    // integration was paused.
+    let job_id = "wh_int-acme-sf_04l000000000001AAA";
+    let store = app.store();
+    let mut stored = store.get("t1", "int-acme-sf").await.unwrap().unwrap();
+    let now = chrono::Utc::now();
+    stored.value.structured_data["status"] = json!("paused");
+    stored.value.structured_data["running"] = json!({
+        "chain": job_id, "jobId": job_id,
+        "since": handler::model::timestamp::format(&now),
+        "until": handler::model::timestamp::format(&(now + chrono::Duration::minutes(30)))
+    });
+    store.replace(&stored.value, &stored.etag).await.unwrap();
+    let handler = app.host_handler().await;
+    let retry = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "webhook",
+        "provider": "salesforce", "jobId": job_id, "trigger": "retry", "attempt": 2,
+        "entities": ["Account"], "scheduledAt": now,
+        "webhookPayload": {"entity": "Account", "ids": ["001000000000000001"]}
+    });
+    let message = crate::fake_host::service_bus_message(
+        "SyncInboundWebhook",
+        &retry.to_string(),
+        &format!("{job_id}:attempt-2"),
+        1,
+        None,
+    );
+
+    let res = handler.invoke("SyncInboundWebhook", &message).await;
+
+    assert!(res.host_accepts(), "{res:?}");
+    assert!(
+        app.shards("c_company").await.is_empty(),
+        "no sync while paused"
+    );
+    let kept = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        kept[0].properties["DeadLetterReason"],
+        "INTEGRATION_NOT_ACTIVE"
+    );
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("running").is_none(), "let go: {state}");
+}
+
+#[tokio::test]
 async fn a_partial_outbound_message_leaves_the_shard_holding_what_salesforce_holds() {
     let app = TestApp::new();
     connected_org(&app).await;

@@ -133,21 +133,22 @@ async fn run_job(
     };
     // A paused integration, or one in error until someone sets new credentials, syncs
     // nothing. A webhook's changes may be ones no later sync reads (a deletion the provider
-    // reports only then): its job is kept, for an operator to replay once it is active.
+    // reports only then): its job, a retry or continuation of one too, is set aside.
     if let Ok(integration) = &integration
-        && job.trigger == SyncTrigger::Webhook
+        && job.job_type == JobType::Webhook
         && integration.status != IntegrationStatus::Active
     {
-        let status = match integration.status {
-            IntegrationStatus::Paused => "paused",
-            _ => "in error until new credentials are stored",
-        };
-        let reason = format!(
-            "the integration is {status}: its webhook's job waits here, to be replayed once it is active again"
-        );
-        tracing::info!(queue, job_id = %job.job_id, %reason, "dead-lettering a sync job");
-        let code = FailureCode::IntegrationNotActive.as_str();
-        return send_dead_letter(app, queue, message, code, &reason).await;
+        return set_aside(
+            app,
+            queue,
+            message,
+            &job,
+            &record_id,
+            previous,
+            integration,
+            now,
+        )
+        .await;
     }
     let resumed = match &integration {
         Ok(_) => match take_integration(app, &job, now).await? {
@@ -690,6 +691,45 @@ async fn fail(
             Ok(())
         }
     }
+}
+
+/// A webhook's job of an integration that is not active, dead-lettered
+/// (`INTEGRATION_NOT_ACTIVE`) for an operator to replay once it is: its chain lets go of the
+/// integration, and a record an earlier delivery of it began says it ended there.
+#[allow(clippy::too_many_arguments)]
+async fn set_aside(
+    app: &App,
+    queue: &str,
+    message: &ServiceBusMessage,
+    job: &SyncJobMessage,
+    record_id: &str,
+    previous: Option<IntegrationSync>,
+    integration: &Integration,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let status = match integration.status {
+        IntegrationStatus::Paused => "paused",
+        _ => "in error until new credentials are stored",
+    };
+    let reason = format!(
+        "the integration is {status}: its webhook's job waits here, to be replayed once it is active again"
+    );
+    tracing::info!(queue, job_id = %job.job_id, %reason, "dead-lettering a sync job");
+    let code = FailureCode::IntegrationNotActive.as_str();
+    send_dead_letter(app, queue, message, code, &reason).await?;
+    update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+        let held = lease::is_held_by_chain(i.running.as_ref(), &job.job_id, now);
+        if held {
+            end_chain(i, &job.job_id);
+        }
+        held
+    })
+    .await?;
+    if let Some(mut record) = previous.filter(|p| !p.is_finished()) {
+        finish(&mut record, SyncStatus::Failed, reason, now);
+        save(app, job, record_id, &record, now).await?;
+    }
+    Ok(())
 }
 
 /// The job's chain lets go of the integration, which remembers it ended.

@@ -10,7 +10,6 @@
 //! parts that verify are acted on and the rest passed over, and a batch nothing in verifies is
 //! refused. The tenant is never taken from the request: a caller that also sends
 //! `x-tenant-id` and names another tenant is refused.
-
 //!
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
