@@ -262,6 +262,44 @@ async fn an_edit_to_a_record_salesforce_no_longer_shows_is_kept_for_an_operator_
 }
 
 #[tokio::test]
+async fn an_edit_made_while_the_integration_is_paused_waits_to_be_replayed_and_is_then_written() {
+    let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
+    let set_status = |status: &'static str| {
+        let store = test.store();
+        async move {
+            let mut stored = store.get("t1", SF).await.unwrap().unwrap();
+            stored.value.structured_data["status"] = json!(status);
+            store.replace(&stored.value, &stored.etag).await.unwrap();
+        }
+    };
+    set_status("paused").await;
+    edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@paused.test"})).await;
+
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@acme.test",
+        "nothing written while paused"
+    );
+    let dead = test.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].properties["DeadLetterReason"],
+        "INTEGRATION_NOT_ACTIVE"
+    );
+
+    set_status("active").await;
+    let replayed = test.cli_json(&["dead-letters", "replay", "--all"]).await;
+    assert!(replayed[0]["error"].is_null(), "{replayed}");
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@paused.test"
+    );
+}
+
+#[tokio::test]
 async fn an_edit_made_while_the_one_before_was_written_back_is_written_too_not_taken_for_a_conflict()
  {
     let (test, fake, handler) = ann_synced("manual", &[]).await;

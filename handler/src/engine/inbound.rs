@@ -707,12 +707,9 @@ async fn set_aside(
     integration: &Integration,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
-    let status = match integration.status {
-        IntegrationStatus::Paused => "paused",
-        _ => "in error until new credentials are stored",
-    };
     let reason = format!(
-        "the integration is {status}: its webhook's job waits here, to be replayed once it is active again"
+        "the integration is {}: its webhook's job waits here, to be replayed once it is active again",
+        integration.status.as_phrase()
     );
     tracing::info!(queue, job_id = %job.job_id, %reason, "dead-lettering a sync job");
     let code = FailureCode::IntegrationNotActive.as_str();

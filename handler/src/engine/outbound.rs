@@ -37,6 +37,7 @@ use super::{Transient, history_slot, publish};
 use crate::app::App;
 use crate::model::conflict::{Modified, reconcile_record, value_hash};
 use crate::model::history::{Direction, EntitySyncStats, SyncJobType, SyncTrigger};
+use crate::model::integration::IntegrationStatus;
 use crate::model::mapping::{EntityMapping, reverse, transform};
 use crate::model::messages::{WriteBackMessage, WriteBackOperation, parse_body};
 use crate::model::shard::{
@@ -156,6 +157,18 @@ pub async fn process(
             return send_dead_letter(app, message, failure.code, &failure.message).await;
         }
     };
+    // A paused integration writes nothing back, nor one in error until someone sets new
+    // credentials: the write-back waits, dead-lettered, to be replayed once it is active (it
+    // writes the shard as it is then).
+    if target.integration.status != IntegrationStatus::Active {
+        let reason = format!(
+            "integration `{}` is {}: the write-back waits here, to be replayed once it is active again",
+            target.integration_id,
+            target.integration.status.as_phrase()
+        );
+        tracing::info!(shard_id = %write_back.shard_id, %reason, "dead-lettering a write-back");
+        return send_dead_letter(app, message, FailureCode::IntegrationNotActive, &reason).await;
+    }
     let span = tracing::info_span!(
         "write_back",
         correlationId = %message.message_id.clone().unwrap_or_default(),

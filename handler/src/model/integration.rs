@@ -322,6 +322,17 @@ pub enum IntegrationStatus {
     Error,
 }
 
+impl IntegrationStatus {
+    /// What the status says, as in "the integration is …".
+    pub fn as_phrase(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::Error => "in error until new credentials are stored",
+        }
+    }
+}
+
 /// How often an integration syncs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
