@@ -54,7 +54,7 @@ var queues = [
     lockDuration: 'PT1M'
     defaultMessageTimeToLive: 'P14D'
     requiresSession: false
-    deadLetteringOnMessageExpiration: false
+    deadLetteringOnMessageExpiration: true
   }
 ]
 

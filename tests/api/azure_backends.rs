@@ -504,6 +504,40 @@ async fn dead_letters(
 }
 
 #[tokio::test]
+async fn a_poison_copy_listed_past_its_deliveries_keeps_its_own_reason() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    let connection = service_bus.connection_string(SAS_KEY);
+    let handler = app
+        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
+        .await;
+    let envelope =
+        service_bus_message("SyncOutbound", "{not json", "int-1:evt-1", 3, Some("int-1"));
+    assert!(
+        handler
+            .invoke("SyncOutbound", &envelope)
+            .await
+            .host_accepts()
+    );
+
+    // Each listing locks and unlocks the copy: a delivery. Past ten, the broker moves it to
+    // the queue's own dead-letter subqueue and stamps its reason there.
+    for _ in 0..12 {
+        let out = dead_letters(&app, &service_bus, &["list", "--json"]).await;
+        assert!(out.status.success());
+    }
+
+    assert_eq!(
+        service_bus.held("sync-deadletter/$DeadLetterQueue").len(),
+        1
+    );
+    let out = dead_letters(&app, &service_bus, &["list", "--json"]).await;
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["reason"], "INVALID_MESSAGE", "{listed}");
+    assert_eq!(listed[0]["originalQueue"], "sync-outbound", "{listed}");
+}
+
+#[tokio::test]
 async fn an_operator_lists_and_replays_service_bus_dead_letters_and_a_failed_resend_keeps_its_message()
  {
     let service_bus = FakeServiceBus::start().await;

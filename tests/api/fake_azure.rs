@@ -429,9 +429,18 @@ fn settle(fake: &FakeServiceBus, entity: &str, lock: &str, delete: bool) -> Resp
     // An unlock is an abandoned delivery: past maxDeliveryCount the broker dead-letters.
     if max_delivery_count(entity).is_some_and(|max| messages[index].delivery_count >= max) {
         let mut message = messages.remove(index);
+        // The broker's stamp replaces properties of those names, however a sender cased them.
+        message.properties.retain(|name, _| {
+            !name.eq_ignore_ascii_case("DeadLetterReason")
+                && !name.eq_ignore_ascii_case("DeadLetterErrorDescription")
+        });
         message
             .properties
             .insert("DeadLetterReason".into(), json!("MaxDeliveryCountExceeded"));
+        message.properties.insert(
+            "DeadLetterErrorDescription".into(),
+            json!("Message could not be consumed after 10 delivery attempts."),
+        );
         broker.enqueue(&format!("{entity}/$DeadLetterQueue"), message);
     }
     StatusCode::OK.into_response()

@@ -178,8 +178,11 @@ pub fn from_sync_deadletter(
         original_queue: text(properties::ORIGINAL_QUEUE).unwrap_or_else(|| SYNC_DEADLETTER.into()),
         message_id: text(properties::ORIGINAL_MESSAGE_ID).unwrap_or_else(|| message_id.into()),
         session_id: text(properties::ORIGINAL_SESSION_ID),
-        reason: text(properties::DEAD_LETTER_REASON).unwrap_or_default(),
-        description: text(properties::DEAD_LETTER_ERROR_DESCRIPTION),
+        reason: text(properties::POISON_REASON)
+            .or_else(|| text(properties::DEAD_LETTER_REASON))
+            .unwrap_or_default(),
+        description: text(properties::POISON_DESCRIPTION)
+            .or_else(|| text(properties::DEAD_LETTER_ERROR_DESCRIPTION)),
         dead_lettered_at: enqueued_at,
         delivery_count: text(properties::ORIGINAL_DELIVERY_COUNT)
             .and_then(|n| n.parse().ok())
@@ -315,7 +318,11 @@ impl ServiceBusSender {
         let mut all = Vec::new();
         for (path, queue) in entities() {
             let mut taken = std::collections::HashSet::new();
-            while taken.len() < MAX_PER_ENTITY {
+            loop {
+                if taken.len() == MAX_PER_ENTITY {
+                    tracing::warn!(entity = %path, "more than {MAX_PER_ENTITY} dead letters here: only the first {MAX_PER_ENTITY} are read; run the command again for the rest once these are replayed");
+                    break;
+                }
                 match self.peek_lock(&path).await {
                     // A message locked again: an earlier lock lapsed, and the entity has come
                     // round. The message is read once.

@@ -93,9 +93,11 @@ pub const QUEUES: [QueueSettings; 4] = [
         name: SYNC_DEADLETTER,
         max_delivery_count: 10,
         lock_duration: Duration::from_secs(MINUTE),
+        // An expired copy moves to the queue's dead-letter subqueue, which keeps it until an
+        // operator replays it: a poison message is never dropped.
         time_to_live: Duration::from_secs(14 * DAY),
         requires_session: false,
-        dead_letter_on_expiration: false,
+        dead_letter_on_expiration: true,
     },
 ];
 
@@ -206,10 +208,14 @@ pub fn property<'a>(properties: &'a Map<String, Value>, name: &str) -> Option<&'
 }
 
 /// Application properties that carry a dead-letter reason, named as Service Bus names them on
-/// its own dead-letter subqueue.
+/// its own dead-letter subqueue, and the app's own copy of them: a copy in `sync-deadletter`
+/// that the broker moves to that queue's dead-letter subqueue (listing it counts as a
+/// delivery) has Service Bus's stamped over with `MaxDeliveryCountExceeded`.
 pub mod properties {
     pub const DEAD_LETTER_REASON: &str = "DeadLetterReason";
     pub const DEAD_LETTER_ERROR_DESCRIPTION: &str = "DeadLetterErrorDescription";
+    pub const POISON_REASON: &str = "PoisonReason";
+    pub const POISON_DESCRIPTION: &str = "PoisonDescription";
     pub const ORIGINAL_QUEUE: &str = "OriginalQueue";
     pub const ORIGINAL_MESSAGE_ID: &str = "OriginalMessageId";
     pub const ORIGINAL_DELIVERY_COUNT: &str = "OriginalDeliveryCount";
@@ -219,9 +225,11 @@ pub mod properties {
     pub const REPLAYED_FROM: &str = "ReplayedFrom";
 
     /// The properties above, which a replay removes again.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 8] = [
         DEAD_LETTER_REASON,
         DEAD_LETTER_ERROR_DESCRIPTION,
+        POISON_REASON,
+        POISON_DESCRIPTION,
         ORIGINAL_QUEUE,
         ORIGINAL_MESSAGE_ID,
         ORIGINAL_DELIVERY_COUNT,
@@ -253,6 +261,8 @@ pub fn dead_letter(
     }
     .property(properties::DEAD_LETTER_REASON, reason)
     .property(properties::DEAD_LETTER_ERROR_DESCRIPTION, description)
+    .property(properties::POISON_REASON, reason)
+    .property(properties::POISON_DESCRIPTION, description)
     .property(properties::ORIGINAL_QUEUE, queue)
     .property(properties::ORIGINAL_MESSAGE_ID, original_id)
     .property(properties::ORIGINAL_DELIVERY_COUNT, message.delivery_count);
