@@ -219,8 +219,9 @@ fn is_connection_string(value: &str) -> bool {
     value.contains(';') && value.contains('=')
 }
 
-/// An endpoint URL. The value itself is never quoted back: a misplaced connection string in it
-/// carries an account key.
+/// An endpoint URL: https, or http to this machine (an emulator, a fake), since the app sends
+/// keys and tokens there. The value itself is never quoted back: a misplaced connection
+/// string in it carries an account key.
 fn https_url(name: &str, value: &str, problems: &mut Vec<String>) -> Option<String> {
     if is_connection_string(value) {
         problems.push(format!(
@@ -230,8 +231,17 @@ fn https_url(name: &str, value: &str, problems: &mut Vec<String>) -> Option<Stri
         return None;
     }
     match reqwest::Url::parse(value.trim()) {
-        Ok(url) if matches!(url.scheme(), "https" | "http") && url.host().is_some() => {
+        Ok(url)
+            if url.host().is_some()
+                && (url.scheme() == "https" || (url.scheme() == "http" && is_loopback(&url))) =>
+        {
             Some(value.trim().to_string())
+        }
+        Ok(url) if url.scheme() == "http" => {
+            problems.push(format!(
+                "{name}: plain http goes only to this machine (an emulator); expected https"
+            ));
+            None
         }
         Ok(url) if url.host().is_some() => {
             problems.push(format!(
@@ -857,6 +867,30 @@ mod tests {
         ));
         assert!(text.contains("KEY_VAULT_URL: not a URL"));
         assert!(text.contains("SYNC_MAX_RECORDS: expected a whole number"));
+    }
+
+    #[test]
+    fn keys_and_tokens_go_over_plain_http_only_to_this_machine() {
+        let err = settings(&[
+            (
+                "EVENTGRID_ENDPOINT",
+                "http://egt-sync.westeurope-1.eventgrid.azure.net/api/events",
+            ),
+            ("EVENTGRID_KEY", "k"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("EVENTGRID_ENDPOINT: plain http goes only to this machine"),
+            "{err}"
+        );
+        let local = settings(&[
+            ("EVENTGRID_ENDPOINT", "http://127.0.0.1:9090/api/events"),
+            ("EVENTGRID_KEY", "k"),
+            ("COSMOS_ENDPOINT", "http://localhost:8081/"),
+            ("COSMOS_KEY", "k"),
+        ]);
+        assert!(local.is_ok(), "{:?}", local.err());
     }
 
     #[test]
