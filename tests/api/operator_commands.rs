@@ -120,6 +120,19 @@ async fn registering_checks_the_provider_and_its_connection_and_normalizes_the_o
         stderr.contains("already connected to integration `int-a` of tenant `t1`"),
         "{stderr}"
     );
+
+    // Its credentials are a Key Vault secret named after it: at most 127 characters, and
+    // no two apart by case alone.
+    let long = salesforce_integration(&format!("int-{}", "acme.salesforce.".repeat(8)));
+    let (ok, stderr) = put(long).await;
+    assert!(!ok);
+    assert!(stderr.contains("Key Vault takes at most 127"), "{stderr}");
+    let (ok, stderr) = put(salesforce_integration("INT-A")).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("differs only in case from integration `int-a` of tenant `t1`"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::app::App;
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, Shard, SyncFrequency};
+use crate::secrets::{credential_secret_name, is_valid_secret_name};
 use crate::store::{Op, ShardQuery, StoreError};
 
 /// What `register` did.
@@ -173,6 +174,7 @@ pub async fn check(
             ));
         }
     }
+    check_secret_name(app, shard).await?;
     let mut notes = Vec::new();
     if provider.subscriptions().is_some() && app.settings.webhook_base_url.is_none() {
         notes.push(format!(
@@ -181,6 +183,36 @@ pub async fn check(
         ));
     }
     Ok(notes)
+}
+
+/// The integration's credentials are kept under a secret named after its tenant and id
+/// ([`credential_secret_name`]). Key Vault takes names of at most 127 characters, and does not
+/// tell names apart by case: an id whose name is too long could never keep credentials, and
+/// one whose name differs from another integration's only by case would share its secret.
+async fn check_secret_name(app: &App, shard: &Shard) -> Result<(), String> {
+    let name = credential_secret_name(&shard.tenant_id, &shard.id);
+    if !is_valid_secret_name(&name) {
+        return Err(format!(
+            "id: with its tenant, names a credentials secret of {} characters, where Key Vault takes at most 127 (each character other than a letter or a digit counts three)",
+            name.len()
+        ));
+    }
+    let all = app
+        .store
+        .query(&ShardQuery::of_type(shard_types::INTEGRATION))
+        .await
+        .map_err(|e| e.to_string())?;
+    let same_but_case = all.iter().find(|v| {
+        (v.value.id != shard.id || v.value.tenant_id != shard.tenant_id)
+            && credential_secret_name(&v.value.tenant_id, &v.value.id).eq_ignore_ascii_case(&name)
+    });
+    match same_but_case {
+        Some(other) => Err(format!(
+            "id: differs only in case from integration `{}` of tenant `{}`, and Key Vault, which does not tell names apart by case, would keep both one's credentials",
+            other.value.id, other.value.tenant_id
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

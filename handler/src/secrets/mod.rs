@@ -62,7 +62,8 @@ pub trait SecretStore: Send + Sync {
 
 /// The secret holding one integration's credentials: `int-<tenant>-<integration>`, with every
 /// character Key Vault does not allow in a name (it allows `0-9a-zA-Z-`) written as `-xx` hex,
-/// so two different ids never share a name.
+/// so two different ids never share a name. Key Vault does not tell names apart by case, nor
+/// takes one past 127 characters: registering an integration checks both.
 pub fn credential_secret_name(tenant_id: &str, integration_id: &str) -> String {
     fn escape(out: &mut String, id: &str) {
         for byte in id.bytes() {
