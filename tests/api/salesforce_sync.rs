@@ -287,6 +287,31 @@ async fn a_full_sync_pages_through_salesforce_into_shards_and_records_its_histor
 }
 
 #[tokio::test]
+async fn records_whose_derived_shards_fail_are_synced_and_the_run_is_partial_not_failed() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 4);
+    let app = TestApp::new();
+    let mut profiles_fail = integration(&fake, false);
+    // Every account's profile needs a field no account has.
+    profiles_fail["structuredData"]["entityMappings"][0]["derivedShards"][0] = json!({
+        "shardTypeId": "c_company_profile",
+        "fieldMappings": [{"source": "Rating", "target": "rating", "required": true}]
+    });
+    app.register_integration(profiles_fail).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    assert_eq!(app.shards("c_company").await.len(), 4);
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "partial", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 4, "{record}");
+    assert_eq!(record["stats"]["shardsFailed"], 4, "{record}");
+}
+
+#[tokio::test]
 async fn a_person_on_a_later_page_is_merged_into_the_shard_an_earlier_page_wrote() {
     // Pages hold 2,000 contacts: the first of the second page is the last of the first under
     // another Salesforce id, and one on the third page is the sixth of the first.

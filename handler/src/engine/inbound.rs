@@ -466,10 +466,16 @@ async fn succeed(
             format!("stopped early, resuming on the next run: {}", e.message),
         ),
         Some(Stop::Superseded(e)) => (SyncStatus::Partial, format!("stopped: {}", e.message)),
-        _ if stats.records_fetched > 0 && stats.shards_failed == stats.records_fetched => (
-            SyncStatus::Failed,
-            format!("all {} records failed", stats.shards_failed),
-        ),
+        // Nothing landed. (A record whose shard was written can still count a failure, of a
+        // shard derived from it.)
+        _ if stats.shards_failed > 0
+            && stats.shards_created + stats.shards_updated + stats.shards_skipped == 0 =>
+        {
+            (
+                SyncStatus::Failed,
+                format!("all {} records failed", stats.shards_failed),
+            )
+        }
         _ if stats.shards_failed > 0 => (
             SyncStatus::Partial,
             format!("Sync completed with {} failures", stats.shards_failed),
