@@ -490,6 +490,11 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
     let handler = app.host_handler_with(UNLIMITED).await;
     run_job(&handler, "job-1", "full_sync", 1).await;
     let before: Vec<Value> = app.shards("c_company").await;
+    assert_eq!(
+        app.shards("c_company_profile").await.len(),
+        25,
+        "a profile for each account in an industry"
+    );
 
     let later = base_time() + Duration::hours(1);
     for i in [3, 4, 5] {
@@ -557,6 +562,21 @@ async fn an_incremental_sync_writes_only_what_changed_and_soft_deletes_what_was_
         .find(|s| s["structuredData"]["name"] == "Renamed 4")
         .unwrap();
     assert_eq!(renamed["id"], "int-acme-sf~Account~001000000000000004");
+    // Account 4 left its industry, and account 10 was deleted: their profiles go with them.
+    let profiles: Vec<Value> = app
+        .shards("c_company_profile")
+        .await
+        .into_iter()
+        .map(|p| p["id"].clone())
+        .collect();
+    assert_eq!(profiles.len(), 23, "{profiles:?}");
+    assert!(profiles.contains(&json!(
+        "int-acme-sf~Account~001000000000000002~c_company_profile"
+    )));
+    for gone in ["4", "10"] {
+        let id = format!("int-acme-sf~Account~001{gone:0>15}~c_company_profile");
+        assert!(!profiles.contains(&json!(id)), "{id}");
+    }
 
     // A third run with nothing changed writes nothing.
     run_job(&handler, "job-3", "incremental", 1).await;

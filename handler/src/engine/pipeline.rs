@@ -1576,15 +1576,19 @@ impl<'a> EntityRun<'a> {
                     Ok(written) => (plan::changes_written(&mut landed), written),
                     // The page is written again, this failure its first try.
                     Err(e) => {
-                        let changes = plan::changes(&mut landed, Vec::new());
+                        let changes = plan::changes(&mut landed, Vec::new(), self.now);
                         let written = self.write(&changes.writes, &etags, Some(e)).await?;
                         (changes, written)
                     }
                 }
             }
             None => {
-                let derived_ids: Vec<String> =
-                    landed.derived.iter().map(|d| d.id.clone()).collect();
+                let derived_ids: Vec<String> = landed
+                    .derived
+                    .iter()
+                    .map(|d| d.id.clone())
+                    .chain(landed.retired.iter().cloned())
+                    .collect();
                 let stored_derived = if derived_ids.is_empty() {
                     Vec::new()
                 } else {
@@ -1594,7 +1598,7 @@ impl<'a> EntityRun<'a> {
                         .map(|found| found.map(|v| v.value))
                         .collect()
                 };
-                let changes = plan::changes(&mut landed, stored_derived);
+                let changes = plan::changes(&mut landed, stored_derived, self.now);
                 let written = self.write(&changes.writes, &etags, None).await?;
                 (changes, written)
             }
@@ -1871,6 +1875,20 @@ impl<'a> EntityRun<'a> {
         }
         let writes: Vec<Shard> = changed.iter().filter_map(|id| shards.remove(id)).collect();
         let written = self.write(&writes, &etags, None).await?;
+        // A shard lives while one of its records does; so do the shards derived from it.
+        let gone: Vec<&str> = writes
+            .iter()
+            .filter(|s| s.deleted_at.is_some())
+            .map(|s| s.id.as_str())
+            .filter(|id| {
+                !written
+                    .refused
+                    .iter()
+                    .chain(&written.raced)
+                    .any(|w| w == id)
+            })
+            .collect();
+        self.retire_derived(&gone).await?;
         let tombstones_of = |id: &str| held.iter().filter(|(_, holder)| holder == id).count();
         for id in written.refused {
             self.counters.updated -= tombstones_of(&id) as u64;
@@ -1904,6 +1922,42 @@ impl<'a> EntityRun<'a> {
             .filter(|(_, holder)| raced.contains(holder.as_str()))
             .map(|(tombstone, _)| tombstone)
             .collect())
+    }
+
+    /// Soft-deletes the shards derived from `primaries`, which were just soft-deleted.
+    async fn retire_derived(&mut self, primaries: &[&str]) -> Result<(), Failure> {
+        let ids: Vec<String> = primaries
+            .iter()
+            .flat_map(|primary| {
+                self.mapping
+                    .derived_shards
+                    .iter()
+                    .map(|def| plan::derived_shard_id(primary, &def.shard_type_id))
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let tenant = self.job.tenant_id;
+        let found = self
+            .with_retries(|| self.app.store.get_many(tenant, &ids))
+            .await?;
+        let now = self.now;
+        let retired: Vec<Shard> = found
+            .into_iter()
+            .flatten()
+            .filter_map(|v| plan::retired(v.value, now))
+            .collect();
+        let written = self.write(&retired, &HashMap::default(), None).await?;
+        for id in written.refused.iter().chain(&written.raced) {
+            self.record_error(
+                FailureCode::Store,
+                format!("the derived shard `{id}` was not soft-deleted with its primary"),
+                None,
+                None,
+            );
+        }
+        Ok(())
     }
 
     /// The live shards of the mapping's type linked to any of these records of this

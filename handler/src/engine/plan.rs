@@ -351,6 +351,9 @@ pub struct Landed {
     pub landed: Vec<(String, String)>,
     /// Shards derived from the landed records, not yet compared with what is stored.
     pub derived: Vec<Shard>,
+    /// Derived shards whose condition (`when`) their record no longer meets: soft-deleted if
+    /// they are stored live.
+    pub retired: Vec<String>,
     /// Records with no shard to land in (no duplicate found, and the mapping creates none).
     pub skipped: u64,
     pub failed: Vec<RecordFailure>,
@@ -654,13 +657,16 @@ impl<'a> Landing<'a> {
                 };
                 for def in &mapping.derived_shards {
                     if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
+                        landed
+                            .retired
+                            .push(derived_shard_id(&primary.id, &def.shard_type_id));
                         continue;
                     }
                     match transform(&def.field_mappings, &record.fields) {
                         Ok(data) => {
                             let mut shard = new_shard(
                                 ctx,
-                                &format!("{}~{}", primary.id, def.shard_type_id),
+                                &derived_shard_id(&primary.id, &def.shard_type_id),
                                 &def.shard_type_id,
                                 Map::new(),
                             );
@@ -694,9 +700,34 @@ impl<'a> Landing<'a> {
                 }
             }
         }
+        // A derived shard another record of its primary (a duplicate landing after it) still
+        // derives stays.
+        if !landed.retired.is_empty() {
+            let derived: HashSet<&str> = landed.derived.iter().map(|d| d.id.as_str()).collect();
+            landed.retired.retain(|id| !derived.contains(id.as_str()));
+            landed.retired.sort_unstable();
+            landed.retired.dedup();
+        }
         landed.shards = shards;
         landed
     }
+}
+
+/// The id of the shard of type `shard_type_id` derived from the shard `primary`.
+pub fn derived_shard_id(primary: &str, shard_type_id: &str) -> String {
+    format!("{primary}~{shard_type_id}")
+}
+
+/// `shard`, a derived shard whose primary or condition is gone, soft-deleted at `now`; `None`
+/// if it is already.
+pub fn retired(mut shard: Shard, now: DateTime<Utc>) -> Option<Shard> {
+    if shard.deleted_at.is_some() {
+        return None;
+    }
+    shard.deleted_at = Some(now);
+    shard.updated_at = Some(now);
+    shard.content_hash = Some(content_hash(&shard));
+    Some(shard)
 }
 
 /// The shard a record lands in if it exists: the one write-back created it from, if that is
@@ -870,8 +901,10 @@ pub fn changes_written(landed: &mut Landed) -> Changes {
 
 /// Takes out the shards whose content landing changed, and keeps the derived shards whose
 /// content hash differs from what is stored; `stored` is each derived shard as stored (in the
-/// order of `landed.derived`), if it is.
-pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>) -> Changes {
+/// order of `landed.derived`, then of `landed.retired`), if it is. A retired one stored live
+/// is soft-deleted at `now`.
+pub fn changes(landed: &mut Landed, mut stored: Vec<Option<Shard>>, now: DateTime<Utc>) -> Changes {
+    let retired_stored = stored.split_off(stored.len().min(landed.derived.len()));
     let mut out = Changes {
         changed: std::mem::take(&mut landed.changed),
         read_hashes: std::mem::take(&mut landed.read_hashes),
@@ -896,6 +929,13 @@ pub fn changes(landed: &mut Landed, stored: Vec<Option<Shard>>) -> Changes {
         shard.content_hash = Some(hash);
         out.writes.push(shard);
     }
+    landed.retired.clear();
+    out.writes.extend(
+        retired_stored
+            .into_iter()
+            .flatten()
+            .filter_map(|s| retired(s, now)),
+    );
     out
 }
 
@@ -1229,7 +1269,7 @@ mod tests {
         }
         let mut landed = land_page(&context, &mut page.records, loaded, None);
         let stored_derived = landed.derived.iter().map(|_| None).collect();
-        let mut changes = changes(&mut landed, stored_derived);
+        let mut changes = changes(&mut landed, stored_derived, now());
         let writes = std::mem::take(&mut changes.writes);
         let mut tally = tally(&landed.landed, &changes, &Written::default(), true);
         tally.skipped += landed.skipped;
@@ -1419,7 +1459,7 @@ mod tests {
             vec![record("1", "Ann", None), record("2", "Bob", None)],
         );
         let mut landed = land_page(&context, &mut page.records, Loaded::default(), None);
-        let changes = changes(&mut landed, Vec::new());
+        let changes = changes(&mut landed, Vec::new(), now());
         (landed, changes)
     }
 
