@@ -655,11 +655,21 @@ impl<'a> Landing<'a> {
                 else {
                     continue;
                 };
+                // Another record (merged in, or another integration's) may derive the same
+                // shard and still meet the condition: only a primary's one record retires it.
+                let alone = primary
+                    .external_relationships
+                    .iter()
+                    .filter(|r| r.sync_status == RelationshipStatus::Synced)
+                    .count()
+                    <= 1;
                 for def in &mapping.derived_shards {
                     if def.when.as_ref().is_some_and(|c| !c.holds(&record.fields)) {
-                        landed
-                            .retired
-                            .push(derived_shard_id(&primary.id, &def.shard_type_id));
+                        if alone {
+                            landed
+                                .retired
+                                .push(derived_shard_id(&primary.id, &def.shard_type_id));
+                        }
                         continue;
                     }
                     match transform(&def.field_mappings, &record.fields) {
@@ -1200,6 +1210,60 @@ mod tests {
             mapping["deduplication"] = json!({"rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"});
         }
         serde_json::from_value(mapping).unwrap()
+    }
+
+    #[test]
+    fn a_derived_shard_is_retired_by_its_primarys_one_record_alone() {
+        // Contacts with a profile while they have a title.
+        let mut mapping = contacts(true, true);
+        mapping.derived_shards = serde_json::from_value(json!([{
+            "shardTypeId": "c_contact_profile", "when": {"field": "Title"},
+            "fieldMappings": [{"source": "Title", "target": "title"}]
+        }]))
+        .unwrap();
+        let titled = |id: &str, title: Option<&str>| {
+            let mut r = record(id, "Ann", Some("ann@x.test"));
+            if let Some(title) = title {
+                r.fields.insert("Title".into(), json!(title));
+            }
+            r
+        };
+        // Record 1, alone in its shard, loses its title: its profile goes.
+        let mut page = transform_page("int-1", &mapping, vec![titled("1", None)]);
+        let landed = land_page(
+            &context(&mapping),
+            &mut page.records,
+            Loaded::default(),
+            None,
+        );
+        assert_eq!(landed.retired, ["int-1~Contact~1~c_contact_profile"]);
+
+        // Record 1 merged into record 2's shard, whose profile record 2 derives: it stays.
+        let (stored, _) = plan(
+            &mapping,
+            vec![titled("2", Some("CFO")), titled("1", Some("CFO"))],
+            &[],
+        );
+        let mut page = transform_page("int-1", &mapping, vec![titled("1", None)]);
+        let rules = mapping.deduplication.as_ref().unwrap();
+        let mut loaded = Loaded::default();
+        for (rule, keys) in key_lookups(rules, &page.records, &loaded) {
+            for shard in stored.iter().filter(|s| s.shard_type_id == "c_contact") {
+                if shard
+                    .dedup_keys
+                    .get(&rule)
+                    .is_some_and(|k| keys.iter().any(|key| key == k))
+                {
+                    loaded.insert_found(&rule, shard.clone());
+                }
+            }
+        }
+        let landed = land_page(&context(&mapping), &mut page.records, loaded, None);
+        assert_eq!(
+            landed.landed,
+            [("1".to_string(), "int-1~Contact~2".to_string())]
+        );
+        assert!(landed.retired.is_empty(), "{:?}", landed.retired);
     }
 
     fn record(id: &str, name: &str, email: Option<&str>) -> Record {
