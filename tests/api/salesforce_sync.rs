@@ -1563,6 +1563,19 @@ async fn the_share_reached_on_a_relistings_last_question_lets_it_finish() {
 }
 
 #[tokio::test]
+async fn the_share_reached_on_a_full_page_with_nothing_left_out_after_it_lets_it_finish() {
+    // A thousand shards: one full page of them, so the comparison reads on and finds no more.
+    let (fake, app, handler) = accounts_purged_after_deletions_were_lost(1000, 5..6).await;
+
+    let record = relisted_as_usage_reaches_the_share(&fake, &app, &handler).await;
+
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(company_names_of(&app).await.len(), 999);
+    let state = app.integration("int-acme-sf").await["structuredData"].clone();
+    assert!(state.get("lostDeletions").is_none(), "{state}");
+}
+
+#[tokio::test]
 async fn the_share_reached_with_pages_of_shards_still_to_compare_stops_the_relisting() {
     let (fake, app, handler) = accounts_purged_after_deletions_were_lost(1100, 995..1005).await;
 

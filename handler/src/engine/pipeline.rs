@@ -1283,6 +1283,7 @@ impl<'a> EntityRun<'a> {
         let mut after: Option<String> = None;
         let mut reconciled = 0;
         let mut undecided = 0;
+        let mut used_up = None;
         loop {
             let synced = self
                 .with_retries(|| {
@@ -1308,7 +1309,12 @@ impl<'a> EntityRun<'a> {
                 .map(|r| r.external_id)
                 .collect();
             let asked = !left_out.is_empty();
-            // The share used up with questions left: this page's, or the next page's.
+            // The share was used up by a page before, whose questions were all answered: it
+            // stops the comparison only if there is more to ask.
+            if asked && let Some(stop) = used_up.take() {
+                return Err(Failure::from(stop));
+            }
+            // The share used up with this page's questions left.
             let mut stopped = None;
             let gone: Vec<Record> = if !asked {
                 Vec::new()
@@ -1319,7 +1325,11 @@ impl<'a> EntityRun<'a> {
                 {
                     Ok(left) => {
                         undecided += left.undecided;
-                        stopped = left.stopped.filter(|_| left.unasked > 0 || more);
+                        match left.stopped {
+                            Some(stop) if left.unasked > 0 => stopped = Some(stop),
+                            Some(stop) => used_up = Some(stop),
+                            None => {}
+                        }
                         left.gone.into_iter().map(Record::gone).collect()
                     }
                     Err(e) if mends_later(&e) => return Err(e.into()),
