@@ -92,6 +92,10 @@ pub async fn register(
         .get(&shard.tenant_id, &shard.id)
         .await
         .map_err(|e| e.to_string())?;
+    // Checked when the integration is made: one registered before keeps its name.
+    if existing.is_none() {
+        check_secret_name(app, &shard).await?;
+    }
     let old = match &existing {
         Some(v) if v.value.shard_type_id != shard_types::INTEGRATION => {
             return Err(format!(
@@ -174,7 +178,6 @@ pub async fn check(
             ));
         }
     }
-    check_secret_name(app, shard).await?;
     let mut notes = Vec::new();
     if provider.subscriptions().is_some() && app.settings.webhook_base_url.is_none() {
         notes.push(format!(
