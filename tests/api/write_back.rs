@@ -297,6 +297,17 @@ async fn an_edit_made_while_the_integration_is_paused_waits_to_be_replayed_and_i
         fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
         "ann@paused.test"
     );
+
+    // A write-back carried out, delivered again once the integration is paused, is done.
+    let envelope = write_back(ANN, "update", Some(&["email"]), "wb-done", 1);
+    push(&handler, &envelope).await;
+    set_status("paused").await;
+    push(&handler, &envelope).await;
+    assert_eq!(
+        test.broker().peek(SYNC_DEADLETTER).unwrap().len(),
+        0,
+        "not set aside to be written again"
+    );
 }
 
 #[tokio::test]

@@ -157,18 +157,6 @@ pub async fn process(
             return send_dead_letter(app, message, failure.code, &failure.message).await;
         }
     };
-    // A paused integration writes nothing back, nor one in error until someone sets new
-    // credentials: the write-back waits, dead-lettered, to be replayed once it is active (it
-    // writes the shard as it is then).
-    if target.integration.status != IntegrationStatus::Active {
-        let reason = format!(
-            "integration `{}` is {}: the write-back waits here, to be replayed once it is active again",
-            target.integration_id,
-            target.integration.status.as_phrase()
-        );
-        tracing::info!(shard_id = %write_back.shard_id, %reason, "dead-lettering a write-back");
-        return send_dead_letter(app, message, FailureCode::IntegrationNotActive, &reason).await;
-    }
     let span = tracing::info_span!(
         "write_back",
         correlationId = %message.message_id.clone().unwrap_or_default(),
@@ -203,6 +191,18 @@ async fn handle(
     if !replayed && previous.is_some_and(|r| r.is_finished()) {
         tracing::info!("write-back already carried out; redelivery ignored");
         return Ok(());
+    }
+    // A paused integration writes nothing back, nor one in error until someone sets new
+    // credentials: the write-back waits, dead-lettered, to be replayed once it is active (it
+    // writes the shard as it is then).
+    if target.integration.status != IntegrationStatus::Active {
+        let reason = format!(
+            "integration `{}` is {}: the write-back waits here, to be replayed once it is active again",
+            target.integration_id,
+            target.integration.status.as_phrase()
+        );
+        tracing::info!(shard_id = %write_back.shard_id, %reason, "dead-lettering a write-back");
+        return send_dead_letter(app, message, FailureCode::IntegrationNotActive, &reason).await;
     }
     let started = Utc::now();
     let result = write(app, &write_back, &target, now).await;
