@@ -30,6 +30,8 @@
 
 pub mod outbound_messages;
 
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::{Method, StatusCode};
@@ -62,11 +64,17 @@ const DELETIONS_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
 
 pub struct Salesforce {
     limiter: RateLimiter,
-    /// What `describe` said of an object, by instance and object: its key prefix and whether
-    /// it has `IsDeleted` never change, and a listing's leftovers are asked about a page at a
-    /// time.
-    described: std::sync::Mutex<std::collections::HashMap<(String, String), Described>>,
+    /// What `describe` said of an object, by integration, instance and object, and when: a
+    /// listing's leftovers are asked about a page at a time, and an object's key prefix and
+    /// whether it has `IsDeleted` change only if it is deleted and made again.
+    described: std::sync::Mutex<std::collections::HashMap<DescribedKey, (Described, Instant)>>,
 }
+
+/// Whose description of which object: the integration, its instance and the object.
+type DescribedKey = (String, String, String);
+
+/// How long a description is taken as it was.
+const DESCRIBED_FOR: Duration = Duration::from_secs(60 * 60);
 
 /// What a listing's leftovers are checked with, of an object's description.
 #[derive(Clone, serde::Deserialize)]
@@ -161,16 +169,26 @@ impl Salesforce {
         }
     }
 
-    /// What `describe` says of `entity`, asked once per instance and object.
+    /// What `describe` says of `entity`, asked once an hour per integration, instance and
+    /// object.
     async fn describe(
         &self,
         conn: &mut Connection,
         entity: &str,
     ) -> Result<Described, ProviderError> {
-        let instance = conn.credentials.get("instance_url").unwrap_or_default();
-        let key = (instance.to_string(), entity.to_string());
+        let key = |conn: &Connection| {
+            let instance = conn.credentials.get("instance_url").unwrap_or_default();
+            (
+                conn.integration_id.clone(),
+                instance.to_string(),
+                entity.to_string(),
+            )
+        };
         let known = match self.described.lock() {
-            Ok(known) => known.get(&key).cloned(),
+            Ok(known) => known
+                .get(&key(conn))
+                .filter(|(_, at)| at.elapsed() < DESCRIBED_FOR)
+                .map(|(described, _)| described.clone()),
             Err(_) => None,
         };
         if let Some(described) = known {
@@ -185,13 +203,9 @@ impl Salesforce {
                 None,
             )
             .await?;
-        // The instance a first request names once its token is refreshed.
-        let instance = conn.credentials.get("instance_url").unwrap_or_default();
+        // Under the instance the request named, once its token was refreshed.
         if let Ok(mut known) = self.described.lock() {
-            known.insert(
-                (instance.to_string(), entity.to_string()),
-                described.clone(),
-            );
+            known.insert(key(conn), (described.clone(), Instant::now()));
         }
         Ok(described)
     }
