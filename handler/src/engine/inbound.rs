@@ -138,17 +138,12 @@ async fn run_job(
         && job.job_type == JobType::Webhook
         && integration.status != IntegrationStatus::Active
     {
-        return set_aside(
-            app,
-            queue,
-            message,
-            &job,
-            &record_id,
+        let set = SetAside {
+            record_id: &record_id,
+            run: &this_run,
             previous,
-            integration,
-            now,
-        )
-        .await;
+        };
+        return set_aside(app, queue, message, &job, set, integration, now).await;
     }
     let resumed = match &integration {
         Ok(_) => match take_integration(app, &job, now).await? {
@@ -702,14 +697,12 @@ async fn fail(
 /// A webhook's job of an integration that is not active, dead-lettered
 /// (`INTEGRATION_NOT_ACTIVE`) for an operator to replay once it is: its chain lets go of the
 /// integration, and a record an earlier delivery of it began says it ended there.
-#[allow(clippy::too_many_arguments)]
 async fn set_aside(
     app: &App,
     queue: &str,
     message: &ServiceBusMessage,
     job: &SyncJobMessage,
-    record_id: &str,
-    previous: Option<IntegrationSync>,
+    set: SetAside<'_>,
     integration: &Integration,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
@@ -728,11 +721,33 @@ async fn set_aside(
         held
     })
     .await?;
-    if let Some(mut record) = previous.filter(|p| !p.is_finished()) {
-        finish(&mut record, SyncStatus::Failed, reason, now);
-        save(app, job, record_id, &record, now).await?;
+    if let Some(mut record) = set.previous.filter(|p| !p.is_finished()) {
+        finish(&mut record, SyncStatus::Failed, reason.clone(), now);
+        save(app, job, set.record_id, &record, now).await?;
+        publish(
+            app,
+            &[Event::new(
+                events::SYNC_FAILED,
+                subject(job),
+                set.run,
+                now,
+                json!({
+                    "integrationId": job.integration_id, "tenantId": job.tenant_id,
+                    "jobId": job.job_id, "code": code, "error": reason,
+                }),
+            )],
+        )
+        .await;
     }
     Ok(())
+}
+
+/// The run a set-aside job would have been: its history record, the run's name for events,
+/// and what an earlier delivery of it recorded.
+struct SetAside<'a> {
+    record_id: &'a str,
+    run: &'a str,
+    previous: Option<IntegrationSync>,
 }
 
 /// The job's chain lets go of the integration, which remembers it ended.
