@@ -320,7 +320,13 @@ impl ServiceBusSender {
             let mut taken = std::collections::HashSet::new();
             loop {
                 if taken.len() == MAX_PER_ENTITY {
-                    tracing::warn!(entity = %path, "more than {MAX_PER_ENTITY} dead letters here: only the first {MAX_PER_ENTITY} are read; run the command again for the rest once these are replayed");
+                    // One more, to say whether there are more.
+                    if let Ok(Some(more)) = self.peek_lock(&path).await {
+                        self.unlock_all(std::iter::once(&more)).await;
+                        if !taken.contains(&more.sequence_number) {
+                            tracing::warn!(entity = %path, "more than {MAX_PER_ENTITY} dead letters here: only the first {MAX_PER_ENTITY} are read; run the command again for the rest once these are replayed");
+                        }
+                    }
                     break;
                 }
                 match self.peek_lock(&path).await {
