@@ -19,8 +19,8 @@
 //! * Webhooks: a service endpoint registered with the Plug-in Registration Tool posts a
 //!   `RemoteExecutionContext`. It carries no signature: the delivery must bring the
 //!   integration's shared key (an `x-webhook-key` header with the HttpHeader option, or
-//!   `?code=` with WebhookKey where no function key takes `code`), compared in constant time. It is routed by its `OrganizationId`.
-//!
+//!   `?code=` with WebhookKey where no function key takes `code`), compared in constant time.
+//!   It is routed by its `OrganizationId`.
 //! * Writes: create (POST), update (PATCH under `If-Match`: the version written against, or
 //!   `*` so an update never creates) and delete (a row already gone counts as deleted), each
 //!   answering the row's new `@odata.etag`.

@@ -130,7 +130,7 @@ impl Metrics {
             jobs_failed: meter
                 .u64_counter(INSTRUMENTS[1])
                 .with_description(
-                    "Sync jobs that finished failed (dead-lettered or all records failed)",
+                    "Sync jobs that finished failed (dead-lettered, or no record landed)",
                 )
                 .build(),
             records_created: meter

@@ -133,8 +133,9 @@ pub struct Graph {
     pub expire_delta_tokens: bool,
     /// Channels deleted from their team: their messages answer 404.
     pub deleted_channels: Vec<String>,
-    /// A subscription no longer there whose last notification rides in every batch delivered.
-    pub stale_subscription_in_batches: Option<String>,
+    /// Another subscription (one replaced meanwhile, or another integration's) whose
+    /// notification rides in every batch delivered.
+    pub extra_subscription_in_batches: Option<String>,
     /// The next drive token of any kind (a page of the first enumeration too) answers 410
     /// `resyncRequired`, once: it was kept too long.
     pub expire_next_token: bool,
@@ -1495,12 +1496,12 @@ impl FakeGraph {
                 "resourceData": data
             });
             let mut batch = vec![notification];
-            if let Some(gone) = &graph.stale_subscription_in_batches {
-                // Graph batches the notifications of every subscription with one URL, and
-                // one of a subscription just replaced may still be on its way.
+            if let Some(other) = &graph.extra_subscription_in_batches {
+                // Graph batches the notifications of every subscription with one URL: one of
+                // a subscription just replaced may still be on its way, or another's ride along.
                 batch.push(json!({
-                    "id": format!("{gone}-last"), "subscriptionId": gone,
-                    "clientState": "the-replaced-subscriptions-state",
+                    "id": format!("{other}-last"), "subscriptionId": other,
+                    "clientState": "the-other-subscriptions-state",
                     "changeType": change_type, "resource": s.resource, "tenantId": TENANT
                 }));
             }

@@ -103,7 +103,7 @@ async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notificat
     .unwrap();
     assert_eq!(status, 401, "no key, refused before the receiver runs");
     // In the same batch, the last notification of a subscription replaced meanwhile.
-    graph.state.lock().unwrap().stale_subscription_in_batches = Some("replaced-sub-1".into());
+    graph.state.lock().unwrap().extra_subscription_in_batches = Some("replaced-sub-1".into());
     let (status, _) = graph.notify(&subscription.id, "updated", &file, None).await;
 
     assert_eq!(status, 202, "Graph's notification is accepted at once");
@@ -145,7 +145,7 @@ async fn a_batch_that_names_an_integration_unable_to_verify_its_part_still_syncs
     .await;
 
     graph.rename_item(DRIVE, &file, "budget-2027.xlsx");
-    graph.state.lock().unwrap().stale_subscription_in_batches = Some("sub-of-drive-2".into());
+    graph.state.lock().unwrap().extra_subscription_in_batches = Some("sub-of-drive-2".into());
     let subscription = graph.subscriptions()[0].clone();
     let (status, body) = graph.notify(&subscription.id, "updated", &file, None).await;
 

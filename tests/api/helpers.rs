@@ -107,6 +107,16 @@ impl TestApp {
 
     /// Writes an integration straight into the store, as Castiel's platform may (unchecked:
     /// its provider may be one this build does not have). A scheduled one is due at once.
+    /// Sets tenant `t1`'s integration `integration_id` to `status` (`active`, `paused`, `error`),
+    /// as Castiel does.
+    pub async fn set_integration_status(&self, integration_id: &str, status: &str) {
+        use handler::store::ShardStore;
+        let store = self.store();
+        let mut stored = store.get("t1", integration_id).await.unwrap().unwrap();
+        stored.value.structured_data["status"] = json!(status);
+        store.replace(&stored.value, &stored.etag).await.unwrap();
+    }
+
     pub async fn plant_integration(&self, mut integration: Value) {
         use handler::store::ShardStore;
         let now = handler::model::timestamp::format(&chrono::Utc::now());

@@ -1467,19 +1467,9 @@ async fn a_job_that_stalled_asking_about_a_listings_leftovers_deletes_nothing_on
 async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_the_allocation() {
     // 210 purged: two questions of at most 200 ids.
     let (fake, app, handler) = accounts_purged_after_deletions_were_lost(220, 0..210).await;
-    fake.org.lock().unwrap().hold_next_query_all = true;
 
-    let relisting = handler.invoke_in_background(
-        "SyncInboundScheduled",
-        &job_envelope("job-3", "incremental", 1),
-    );
-    fake.held.notified().await;
-    // Other applications of the org used the allocation meanwhile.
-    fake.org.lock().unwrap().api_usage = (90_000, 100_000);
-    fake.release.notify_waiters();
-    assert!(relisting.await.unwrap().host_accepts());
+    let record = relisted_as_usage_reaches_the_share(&fake, &app, &handler).await;
 
-    let record = record_of(&app.history().await, "job-3").clone();
     assert_eq!(record["status"], "partial", "{record}");
     assert!(
         record["statusMessage"]

@@ -168,15 +168,7 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
 async fn a_paused_integrations_outbound_messages_wait_to_be_replayed_once_it_is_active() {
     let app = TestApp::new();
     let _fake = connected_org(&app).await;
-    let set_status = |status: &'static str| {
-        let store = app.store();
-        async move {
-            let mut stored = store.get("t1", "int-acme-sf").await.unwrap().unwrap();
-            stored.value.structured_data["status"] = json!(status);
-            store.replace(&stored.value, &stored.etag).await.unwrap();
-        }
-    };
-    set_status("paused").await;
+    app.set_integration_status("int-acme-sf", "paused").await;
     let handler = app.host_handler().await;
     let soap = delivery(
         ORG_ID,
@@ -207,7 +199,7 @@ async fn a_paused_integrations_outbound_messages_wait_to_be_replayed_once_it_is_
     );
 
     // Resumed, the operator replays what waited.
-    set_status("active").await;
+    app.set_integration_status("int-acme-sf", "active").await;
     let replayed = app.cli_json(&["dead-letters", "replay", "--all"]).await;
     assert_eq!(replayed.as_array().unwrap().len(), 1, "{replayed}");
     assert!(replayed[0]["error"].is_null(), "{replayed}");

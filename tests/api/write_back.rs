@@ -264,15 +264,7 @@ async fn an_edit_to_a_record_salesforce_no_longer_shows_is_kept_for_an_operator_
 #[tokio::test]
 async fn an_edit_made_while_the_integration_is_paused_waits_to_be_replayed_and_is_then_written() {
     let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
-    let set_status = |status: &'static str| {
-        let store = test.store();
-        async move {
-            let mut stored = store.get("t1", SF).await.unwrap().unwrap();
-            stored.value.structured_data["status"] = json!(status);
-            store.replace(&stored.value, &stored.etag).await.unwrap();
-        }
-    };
-    set_status("paused").await;
+    test.set_integration_status(SF, "paused").await;
     edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@paused.test"})).await;
 
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
@@ -289,7 +281,7 @@ async fn an_edit_made_while_the_integration_is_paused_waits_to_be_replayed_and_i
         "INTEGRATION_NOT_ACTIVE"
     );
 
-    set_status("active").await;
+    test.set_integration_status(SF, "active").await;
     let replayed = test.cli_json(&["dead-letters", "replay", "--all"]).await;
     assert!(replayed[0]["error"].is_null(), "{replayed}");
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
@@ -301,7 +293,7 @@ async fn an_edit_made_while_the_integration_is_paused_waits_to_be_replayed_and_i
     // A write-back carried out, delivered again once the integration is paused, is done.
     let envelope = write_back(ANN, "update", Some(&["email"]), "wb-done", 1);
     push(&handler, &envelope).await;
-    set_status("paused").await;
+    test.set_integration_status(SF, "paused").await;
     push(&handler, &envelope).await;
     assert_eq!(
         test.broker().peek(SYNC_DEADLETTER).unwrap().len(),

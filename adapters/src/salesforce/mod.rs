@@ -82,13 +82,13 @@ struct Described {
     /// What the object's ids begin with; none for some system objects.
     #[serde(rename = "keyPrefix")]
     key_prefix: Option<String>,
-    #[serde(default, deserialize_with = "deletable")]
+    #[serde(default, deserialize_with = "has_is_deleted_field")]
     #[serde(rename = "fields")]
     has_is_deleted: bool,
 }
 
 /// Whether a description's `fields` hold `IsDeleted` (not every object has it).
-fn deletable<'de, D: serde::Deserializer<'de>>(fields: D) -> Result<bool, D::Error> {
+fn has_is_deleted_field<'de, D: serde::Deserializer<'de>>(fields: D) -> Result<bool, D::Error> {
     #[derive(serde::Deserialize)]
     struct Field {
         name: String,

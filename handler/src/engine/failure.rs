@@ -26,7 +26,8 @@ pub enum FailureCode {
     /// longer than the lease), and the other carries on from the last checkpoint.
     Superseded,
     /// The integration is paused, or in error until someone sets new credentials: a webhook's
-    /// job is kept, dead-lettered, for an operator to replay once it is active again.
+    /// job or a write-back is kept, dead-lettered, for an operator to replay once it is active
+    /// again.
     IntegrationNotActive,
 }
 

@@ -131,19 +131,19 @@ async fn run_job(
             )
         })
     };
-    // A paused integration, or one in error until someone sets new credentials, syncs
-    // nothing. A webhook's changes may be ones no later sync reads (a deletion the provider
-    // reports only then): its job, a retry or continuation of one too, is set aside.
+    // A paused integration, or one in error until someone sets new credentials, is sent no
+    // scheduled syncs. A webhook's changes may be ones no later sync reads (a deletion the
+    // provider reports only then): its job, a retry or continuation of one too, is set aside.
     if let Ok(integration) = &integration
         && job.job_type == JobType::Webhook
         && integration.status != IntegrationStatus::Active
     {
-        let set = SetAside {
+        let history = RunHistory {
             record_id: &record_id,
             run: &this_run,
             previous,
         };
-        return set_aside(app, queue, message, &job, set, integration, now).await;
+        return set_aside(app, queue, message, &job, history, integration, now).await;
     }
     let resumed = match &integration {
         Ok(_) => match take_integration(app, &job, now).await? {
@@ -702,7 +702,7 @@ async fn set_aside(
     queue: &str,
     message: &ServiceBusMessage,
     job: &SyncJobMessage,
-    set: SetAside<'_>,
+    history: RunHistory<'_>,
     integration: &Integration,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
@@ -721,15 +721,21 @@ async fn set_aside(
         held
     })
     .await?;
-    if let Some(mut record) = set.previous.filter(|p| !p.is_finished()) {
+    if let Some(mut record) = history.previous.filter(|p| !p.is_finished()) {
         finish(&mut record, SyncStatus::Failed, reason.clone(), now);
-        save(app, job, set.record_id, &record, now).await?;
+        save(app, job, history.record_id, &record, now).await?;
+        app.metrics.sync_finished(
+            dimensions(job),
+            &record.stats,
+            record.duration_ms.unwrap_or_default(),
+            true,
+        );
         publish(
             app,
             &[Event::new(
                 events::SYNC_FAILED,
                 subject(job),
-                set.run,
+                history.run,
                 now,
                 json!({
                     "integrationId": job.integration_id, "tenantId": job.tenant_id,
@@ -742,9 +748,9 @@ async fn set_aside(
     Ok(())
 }
 
-/// The run a set-aside job would have been: its history record, the run's name for events,
-/// and what an earlier delivery of it recorded.
-struct SetAside<'a> {
+/// A job's run as its history knows it: its record's id, the run's name in events, and what
+/// an earlier delivery of the job recorded.
+struct RunHistory<'a> {
     record_id: &'a str,
     run: &'a str,
     previous: Option<IntegrationSync>,

@@ -10,7 +10,8 @@
 //!    linked to its external record; the shards whose content hash changed come out stamped,
 //!    part by part ([`land_page`] lands a page whole); derived shards follow their primary;
 //! 4. the pipeline writes each part's changed shards as they come, or, for a page with
-//!    derived shards, reads those as stored and [`changes`] keeps the ones that differ;
+//!    derived shards, reads those as stored and [`changes`] keeps the ones that differ, and
+//!    soft-deletes those whose record no longer meets their condition;
 //! 5. [`tally`] counts each record created, updated, skipped or failed (a shard that could not
 //!    be written fails the records that landed in it).
 //!

@@ -5,9 +5,10 @@
 //! so the queue's duplicate detection drops the second send; and `nextSyncAt` is advanced under
 //! the etag it was read at, so only one instance claims the due time.
 //!
-//! Limits: an integration is never due sooner than the minimum interval after a claim, and a
-//! tenant never has more syncs under way than its concurrency limit. Work over a limit is left
-//! due for a later tick, never dropped.
+//! Limits: an integration is never due sooner than the minimum interval after the minute of
+//! the tick that claimed it (ticks count in whole minutes), and a tenant never has more syncs
+//! under way than its concurrency limit. Work over a limit is left due for a later tick, never
+//! dropped.
 
 use std::collections::HashMap;
 

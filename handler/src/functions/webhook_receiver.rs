@@ -8,8 +8,8 @@
 //! integration's connection and secrets (a shared key, a `clientState`). A delivery for one
 //! integration is acted on only if it verifies; of a batch spanning several (Graph's), the
 //! parts that verify are acted on and the rest passed over, and a batch nothing in verifies is
-//! refused. The tenant is never taken from the request: a caller that also sends
-//! `x-tenant-id` and names another tenant is refused.
+//! refused. The tenant is never taken from the request: a part whose tenant differs from the
+//! caller's `x-tenant-id` is refused like one that does not verify.
 //!
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
@@ -99,7 +99,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
     let mut refused: Option<HttpResponse> = None;
     for key in &keys {
-        let checked = verify(app, req, &request, webhooks, provider.as_ref(), key).await?;
+        let checked = verified_part(app, req, &request, webhooks, provider.as_ref(), key).await?;
         match checked {
             Ok(found) => verified.push(found),
             Err(answer) if keys.len() > 1 => {
@@ -156,7 +156,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
 
 /// The integration `key` names, and its part of the delivery, verified with its credentials;
 /// or the answer that refuses that part.
-async fn verify(
+async fn verified_part(
     app: &App,
     req: &HttpRequest,
     request: &WebhookRequest<'_>,
