@@ -54,6 +54,46 @@ async fn syncs_over_a_tenants_concurrency_limit_wait_for_a_later_tick() {
     assert_eq!(app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap().len(), 4);
 }
 
+#[tokio::test]
+async fn one_tenants_backlog_does_not_hold_back_another_tenants_syncs() {
+    let app = TestApp::new();
+    let due = |hours: i64| {
+        handler::model::timestamp::format(&(Utc::now() - chrono::Duration::hours(hours)))
+    };
+    // Tenant t1 has 600 integrations due for two hours, more than a tick reads, and syncs
+    // one at a time; tenant t2's one integration came due an hour ago.
+    for i in 0..600 {
+        let mut waiting = integration_of(&format!("int-{i:03}"), "workday");
+        waiting["structuredData"]["nextSyncAt"] = json!(due(2));
+        app.plant_integration(waiting).await;
+    }
+    let mut other = integration_of("int-other", "workday");
+    other["tenantId"] = json!("t2");
+    other["structuredData"]["nextSyncAt"] = json!(due(1));
+    app.plant_integration(other).await;
+    let handler = app
+        .host_handler_with(&[("SYNC_MAX_CONCURRENT_PER_TENANT", "1")])
+        .await;
+
+    assert_eq!(
+        tick(&handler).await,
+        json!(["500 integrations due, 1 sync jobs enqueued"])
+    );
+    // t1's passed over wait behind what comes due by the next minute's tick; t2's is taken
+    // (first, even should this tick fall in the next minute).
+    let logs = tick(&handler).await;
+    assert!(
+        logs[0]
+            .as_str()
+            .unwrap()
+            .ends_with(", 1 sync jobs enqueued"),
+        "{logs}"
+    );
+    let queued = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    let job: Value = serde_json::from_slice(&queued[1].body).unwrap();
+    assert_eq!(job["tenantId"], "t2");
+}
+
 /// Receives the next job, runs it as the host would deliver it, and completes it. Returns its
 /// MessageId.
 async fn run_next(app: &TestApp, handler: &HostedHandler) -> String {

@@ -8,7 +8,8 @@
 //! Limits: an integration is never due sooner than the minimum interval after the minute of
 //! the tick that claimed it (ticks count in whole minutes), and a tenant never has more syncs
 //! under way than its concurrency limit. Work over a limit is left due for a later tick, never
-//! dropped.
+//! dropped; when more is due than a tick reads, what it passes over waits behind what comes due
+//! by the next tick, so that one tenant's backlog cannot fill every tick.
 
 use std::collections::HashMap;
 
@@ -189,6 +190,45 @@ async fn pending_by_tenant(
     Ok(by_tenant)
 }
 
+/// When an integration due at `due_at`, which the tick at `now` passes over, is due: as it
+/// was, unless the tick is `crowded` (it found more due than it reads), when it waits behind
+/// what comes due by the next tick.
+pub fn due_after_passing_over(
+    due_at: DateTime<Utc>,
+    crowded: bool,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    if !crowded {
+        return due_at;
+    }
+    let tick = now.duration_trunc(Duration::minutes(1)).unwrap_or(now);
+    due_at.max(tick + Duration::minutes(1))
+}
+
+/// Moves the due time of an integration the tick passes over, where
+/// [`due_after_passing_over`] says so, unless something claimed it meanwhile.
+async fn pass_over(
+    app: &App,
+    shard: &Shard,
+    due_at: DateTime<Utc>,
+    crowded: bool,
+    now: DateTime<Utc>,
+) -> Result<(), Transient> {
+    let later = due_after_passing_over(due_at, crowded, now);
+    if later == due_at {
+        return Ok(());
+    }
+    update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+        let still = i.next_sync_at == Some(due_at);
+        if still {
+            i.next_sync_at = Some(later);
+        }
+        still
+    })
+    .await?;
+    Ok(())
+}
+
 /// One SyncScheduler tick at `now`.
 pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transient> {
     let due = app.store.query(&due_query(now)).await?;
@@ -196,6 +236,10 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
         due: due.len(),
         ..TickSummary::default()
     };
+    // More due than a tick reads: what it must pass over moves behind what comes due by the
+    // next tick, so that integrations left waiting (a tenant at its limit with hundreds due)
+    // do not fill every tick's read and hold back other tenants' for good.
+    let crowded = due.len() == MAX_PER_TICK;
     let min_interval = Duration::from_std(app.settings.min_sync_interval).unwrap_or_default();
     let max_per_tenant = app.settings.max_concurrent_syncs_per_tenant;
     let mut in_progress: HashMap<String, usize> = HashMap::new();
@@ -215,6 +259,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             // Left due: its own sync is still under way (a manual or webhook job, a chain
             // still continuing); the tick after it ends enqueues the next one.
             summary.deferred += 1;
+            pass_over(app, &shard, due_at, crowded, now).await?;
             continue;
         }
         let running = match in_progress.get(&shard.tenant_id) {
@@ -229,6 +274,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             // Left due: a later tick enqueues it once a sync of the tenant finishes.
             summary.deferred += 1;
             tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, running, "sync deferred: the tenant is at its concurrency limit");
+            pass_over(app, &shard, due_at, crowded, now).await?;
             continue;
         }
         let job = scheduled_job(&shard, &integration, due_at);
@@ -397,6 +443,21 @@ mod tests {
         assert_eq!(
             next_due(&quarterly, claimed, five),
             Some(Utc.with_ymd_and_hms(2026, 1, 1, 10, 20, 0).unwrap())
+        );
+    }
+
+    #[test]
+    fn what_a_crowded_tick_passes_over_waits_behind_what_comes_due_by_the_next() {
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 10, 5, 0).unwrap() + Duration::seconds(1);
+        let due = Utc.with_ymd_and_hms(2026, 1, 1, 9, 0, 0).unwrap();
+        assert_eq!(
+            due_after_passing_over(due, false, now),
+            due,
+            "left as it was"
+        );
+        assert_eq!(
+            due_after_passing_over(due, true, now),
+            Utc.with_ymd_and_hms(2026, 1, 1, 10, 6, 0).unwrap()
         );
     }
 
