@@ -56,6 +56,7 @@ pub fn merged(
             given.next_sync_at = if old.sync_frequency != given.sync_frequency {
                 given.sync_frequency.next_after(now)
             } else {
+                given.passed_over_from = given.passed_over_from.or(old.passed_over_from);
                 given.next_sync_at.or(old.next_sync_at)
             };
         }

@@ -8,8 +8,8 @@
 //! Limits: an integration is never due sooner than the minimum interval after the minute of
 //! the tick that claimed it (ticks count in whole minutes), and a tenant never has more syncs
 //! under way than its concurrency limit. Work over a limit is left due for a later tick, never
-//! dropped; when more is due than a tick reads, what it passes over waits behind what comes due
-//! by the next tick, so that one tenant's backlog cannot fill every tick.
+//! dropped; when more is due than a tick reads, what waits for its tenant's limit moves behind
+//! what comes due by the next tick, so that one tenant's backlog cannot fill every tick.
 
 use std::collections::HashMap;
 
@@ -28,7 +28,7 @@ use crate::model::{Event, Integration, Shard, SyncJobMessage, timestamp};
 use crate::queue::{OutgoingMessage, SYNC_INBOUND_SCHEDULED};
 use crate::store::{Op, ShardQuery};
 
-/// Integrations claimed per tick; the rest stay due and are claimed by the next tick.
+/// Integrations read per tick, longest due first; the rest are read by the next ticks.
 const MAX_PER_TICK: usize = 500;
 
 /// What one tick did.
@@ -74,7 +74,8 @@ pub enum Claimed {
     /// Another sync took the integration since the tick looked: the job, sent already, waits
     /// for it to end (as any job that finds another running does), and serves the due time.
     Waits,
-    /// Another tick claimed this due time first.
+    /// Another tick claimed this due time first (or another instance's crowded tick passed it
+    /// over and the next due time is claimed by then).
     Lost,
 }
 
@@ -90,9 +91,13 @@ pub fn claim_due(
     now: DateTime<Utc>,
     min_interval: Duration,
 ) -> Claimed {
-    if integration.next_sync_at != Some(due_at) {
+    // A crowded tick of another instance may have passed this due time over since this tick
+    // sent its job: the job still serves it.
+    let passed_over = integration.passed_over_from == Some(due_at);
+    if integration.next_sync_at != Some(due_at) && !passed_over {
         return Claimed::Lost;
     }
+    integration.passed_over_from = None;
     integration.next_sync_at = next_due(&integration.sync_frequency, now, min_interval);
     let running = integration.running.as_ref();
     let started = lease::is_held_by_chain(running, job_id, now)
@@ -138,7 +143,8 @@ pub fn due_query(now: DateTime<Utc>) -> ShardQuery {
             timestamp::query_value(&now),
         )
         .order_by("structuredData.nextSyncAt", false)
-        .limit(MAX_PER_TICK)
+        // One more than a tick reads, to tell whether more are due.
+        .limit(MAX_PER_TICK + 1)
 }
 
 /// When an integration claimed at `now` is next due: its frequency's next time, but never
@@ -190,9 +196,9 @@ async fn pending_by_tenant(
     Ok(by_tenant)
 }
 
-/// When an integration due at `due_at`, which the tick at `now` passes over, is due: as it
-/// was, unless the tick is `crowded` (it found more due than it reads), when it waits behind
-/// what comes due by the next tick.
+/// When an integration due at `due_at`, which the tick at `now` passes over for its tenant's
+/// limit, is due: as it was, unless the tick is `crowded` (it found more due than it reads),
+/// when it waits behind what comes due by the next tick.
 pub fn due_after_passing_over(
     due_at: DateTime<Utc>,
     crowded: bool,
@@ -222,6 +228,7 @@ async fn pass_over(
         let still = i.next_sync_at == Some(due_at);
         if still {
             i.next_sync_at = Some(later);
+            i.passed_over_from = Some(due_at);
         }
         still
     })
@@ -231,15 +238,16 @@ async fn pass_over(
 
 /// One SyncScheduler tick at `now`.
 pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transient> {
-    let due = app.store.query(&due_query(now)).await?;
+    let mut due = app.store.query(&due_query(now)).await?;
+    // More due than a tick reads: what waits for its tenant's limit moves behind what comes
+    // due by the next tick, so that a tenant with hundreds waiting does not fill every tick's
+    // read and hold back other tenants' for good.
+    let crowded = due.len() > MAX_PER_TICK;
+    due.truncate(MAX_PER_TICK);
     let mut summary = TickSummary {
         due: due.len(),
         ..TickSummary::default()
     };
-    // More due than a tick reads: what it must pass over moves behind what comes due by the
-    // next tick, so that integrations left waiting (a tenant at its limit with hundreds due)
-    // do not fill every tick's read and hold back other tenants' for good.
-    let crowded = due.len() == MAX_PER_TICK;
     let min_interval = Duration::from_std(app.settings.min_sync_interval).unwrap_or_default();
     let max_per_tenant = app.settings.max_concurrent_syncs_per_tenant;
     let mut in_progress: HashMap<String, usize> = HashMap::new();
@@ -259,7 +267,6 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             // Left due: its own sync is still under way (a manual or webhook job, a chain
             // still continuing); the tick after it ends enqueues the next one.
             summary.deferred += 1;
-            pass_over(app, &shard, due_at, crowded, now).await?;
             continue;
         }
         let running = match in_progress.get(&shard.tenant_id) {
@@ -443,6 +450,25 @@ mod tests {
         assert_eq!(
             next_due(&quarterly, claimed, five),
             Some(Utc.with_ymd_and_hms(2026, 1, 1, 10, 20, 0).unwrap())
+        );
+    }
+
+    #[test]
+    fn a_due_time_another_instance_passed_over_is_still_claimed_by_the_job_sent_for_it() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 5).unwrap();
+        let due = Utc.with_ymd_and_hms(2026, 11, 22, 9, 0, 0).unwrap();
+        let (_, mut integration) = integration_shard();
+        // Another instance's crowded tick moved it on, after this tick sent job_1 for 9:00.
+        integration.next_sync_at = Some(Utc.with_ymd_and_hms(2026, 11, 22, 10, 1, 0).unwrap());
+        integration.passed_over_from = Some(due);
+        assert_eq!(
+            claim_due(&mut integration, due, "job_1", now, Duration::minutes(5)),
+            Claimed::Holds
+        );
+        assert_eq!(integration.passed_over_from, None);
+        assert_eq!(
+            integration.next_sync_at,
+            Some(Utc.with_ymd_and_hms(2026, 11, 22, 10, 15, 0).unwrap())
         );
     }
 

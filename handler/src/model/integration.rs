@@ -34,6 +34,14 @@ pub struct Integration {
         skip_serializing_if = "Option::is_none"
     )]
     pub next_sync_at: Option<DateTime<Utc>>,
+    /// The due time a crowded tick moved `next_sync_at` on from: a job another instance sent
+    /// for it a moment before may still claim it.
+    #[serde(
+        default,
+        with = "super::timestamp::fixed_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub passed_over_from: Option<DateTime<Utc>>,
     /// When the stored OAuth access token expires, so TokenRefresher can find it without reading
     /// the secret.
     #[serde(
