@@ -9,7 +9,8 @@
 //! the tick that claimed it (ticks count in whole minutes), and a tenant never has more syncs
 //! under way than its concurrency limit. Work over a limit is left due for a later tick, never
 //! dropped; when more is due than a tick reads, what waits for its tenant's limit moves behind
-//! what comes due by the next tick, so that one tenant's backlog cannot fill every tick.
+//! what comes due by the next tick (still serving the due time it was moved from), so that a
+//! tenant's backlog does not fill every tick's read.
 
 use std::collections::HashMap;
 
@@ -91,10 +92,9 @@ pub fn claim_due(
     now: DateTime<Utc>,
     min_interval: Duration,
 ) -> Claimed {
-    // A crowded tick of another instance may have passed this due time over since this tick
-    // sent its job: the job still serves it.
-    let passed_over = integration.passed_over_from == Some(due_at);
-    if integration.next_sync_at != Some(due_at) && !passed_over {
+    // The due time a crowded tick moved it on from, if one did, is the one jobs serve: a tick
+    // that sent its job a moment before another moved it still claims it.
+    if integration.passed_over_from.or(integration.next_sync_at) != Some(due_at) {
         return Claimed::Lost;
     }
     integration.passed_over_from = None;
@@ -211,24 +211,26 @@ pub fn due_after_passing_over(
     due_at.max(tick + Duration::minutes(1))
 }
 
-/// Moves the due time of an integration the tick passes over, where
-/// [`due_after_passing_over`] says so, unless something claimed it meanwhile.
+/// Moves the due time of an integration the tick passes over (read as `read_due`), where
+/// [`due_after_passing_over`] says so, unless something claimed it meanwhile; the due time
+/// its job serves stays the first one passed over (`passedOverFrom`).
 async fn pass_over(
     app: &App,
     shard: &Shard,
-    due_at: DateTime<Utc>,
+    read_due: DateTime<Utc>,
     crowded: bool,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
-    let later = due_after_passing_over(due_at, crowded, now);
-    if later == due_at {
+    let later = due_after_passing_over(read_due, crowded, now);
+    if later == read_due {
         return Ok(());
     }
     update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
-        let still = i.next_sync_at == Some(due_at);
+        let still = i.next_sync_at == Some(read_due);
         if still {
             i.next_sync_at = Some(later);
-            i.passed_over_from = Some(due_at);
+            // The first due time passed over stays the one its job serves.
+            i.passed_over_from.get_or_insert(read_due);
         }
         still
     })
@@ -260,9 +262,12 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
                 continue;
             }
         };
-        let Some(due_at) = integration.next_sync_at else {
+        let Some(read_due) = integration.next_sync_at else {
             continue;
         };
+        // The due time its job serves: the one a crowded tick moved it on from, if one did,
+        // so that every tick sends that due time the same job (the queue drops a copy).
+        let due_at = integration.passed_over_from.unwrap_or(read_due);
         if lease::is_held(integration.running.as_ref(), now) {
             // Left due: its own sync is still under way (a manual or webhook job, a chain
             // still continuing); the tick after it ends enqueues the next one.
@@ -281,7 +286,7 @@ pub async fn tick(app: &App, now: DateTime<Utc>) -> Result<TickSummary, Transien
             // Left due: a later tick enqueues it once a sync of the tenant finishes.
             summary.deferred += 1;
             tracing::info!(tenant_id = %shard.tenant_id, integration_id = %shard.id, running, "sync deferred: the tenant is at its concurrency limit");
-            pass_over(app, &shard, due_at, crowded, now).await?;
+            pass_over(app, &shard, read_due, crowded, now).await?;
             continue;
         }
         let job = scheduled_job(&shard, &integration, due_at);
@@ -459,8 +464,20 @@ mod tests {
         let due = Utc.with_ymd_and_hms(2026, 11, 22, 9, 0, 0).unwrap();
         let (_, mut integration) = integration_shard();
         // Another instance's crowded tick moved it on, after this tick sent job_1 for 9:00.
-        integration.next_sync_at = Some(Utc.with_ymd_and_hms(2026, 11, 22, 10, 1, 0).unwrap());
+        let moved_to = Utc.with_ymd_and_hms(2026, 11, 22, 10, 1, 0).unwrap();
+        integration.next_sync_at = Some(moved_to);
         integration.passed_over_from = Some(due);
+        assert_eq!(
+            claim_due(
+                &mut integration.clone(),
+                moved_to,
+                "job_2",
+                now,
+                Duration::minutes(5)
+            ),
+            Claimed::Lost,
+            "every tick sends the job of the due time it was moved from"
+        );
         assert_eq!(
             claim_due(&mut integration, due, "job_1", now, Duration::minutes(5)),
             Claimed::Holds

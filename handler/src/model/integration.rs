@@ -34,8 +34,8 @@ pub struct Integration {
         skip_serializing_if = "Option::is_none"
     )]
     pub next_sync_at: Option<DateTime<Utc>>,
-    /// The due time a crowded tick moved `next_sync_at` on from: a job another instance sent
-    /// for it a moment before may still claim it.
+    /// The due time a crowded tick first moved `next_sync_at` on from: the one its job serves
+    /// and claims, whichever tick sends it, so that the queue drops a copy.
     #[serde(
         default,
         with = "super::timestamp::fixed_opt",
