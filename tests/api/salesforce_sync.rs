@@ -287,6 +287,43 @@ async fn a_full_sync_pages_through_salesforce_into_shards_and_records_its_histor
 }
 
 #[tokio::test]
+async fn a_paused_integration_syncs_only_when_an_operator_asks() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 3);
+    let app = spawn_app(&fake, false).await;
+    app.set_integration_status("int-acme-sf", "paused").await;
+    let handler = app.host_handler().await;
+
+    // A scheduled job queued before the pause.
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    assert!(app.shards("c_company").await.is_empty(), "nothing synced");
+    assert!(app.history().await.is_empty(), "and no run recorded");
+    assert!(fake.requests().is_empty(), "Salesforce was not asked");
+    assert!(app.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
+
+    let manual = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
+        "provider": "salesforce", "jobId": "job-2", "scheduledAt": "2026-11-22T10:00:00Z",
+        "attempt": 1, "trigger": "manual", "triggeredBy": "ops"
+    });
+    let asked = service_bus_message(
+        "SyncInboundScheduled",
+        &manual.to_string(),
+        "job-2",
+        1,
+        None,
+    );
+    let res = handler.invoke("SyncInboundScheduled", &asked).await;
+    assert!(res.host_accepts(), "{res:?}");
+    assert_eq!(
+        app.shards("c_company").await.len(),
+        3,
+        "an operator's sync runs"
+    );
+}
+
+#[tokio::test]
 async fn records_whose_derived_shards_fail_are_synced_and_the_run_is_partial_not_failed() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 4);

@@ -131,12 +131,11 @@ async fn run_job(
             )
         })
     };
-    // A paused integration, or one in error until someone sets new credentials, is sent no
-    // scheduled syncs. A webhook's changes may be ones no later sync reads (a deletion the
-    // provider reports only then): its job, a retry or continuation of one too, is set aside.
+    // A paused integration, or one in error until someone sets new credentials, syncs only
+    // when an operator asks (`handler sync`).
     if let Ok(integration) = &integration
-        && job.job_type == JobType::Webhook
         && integration.status != IntegrationStatus::Active
+        && (job.job_type == JobType::Webhook || job.trigger != SyncTrigger::Manual)
     {
         let history = RunHistory {
             record_id: &record_id,
@@ -694,9 +693,12 @@ async fn fail(
     }
 }
 
-/// A webhook's job of an integration that is not active, dead-lettered
-/// (`INTEGRATION_NOT_ACTIVE`) for an operator to replay once it is: its chain lets go of the
-/// integration, and a record an earlier delivery of it began says it ended there.
+/// A job of an integration that is not active, not run. A webhook's changes may be ones no
+/// later sync reads (a deletion the provider reports only then): its job, a retry or
+/// continuation of one too, is dead-lettered (`INTEGRATION_NOT_ACTIVE`) for an operator to
+/// replay once the integration is active. A scheduled job stands down: the first sync once
+/// it is active catches up from the cursors and checkpoints. Either way its chain lets go of
+/// the integration, and a record an earlier delivery of it began says it ended there.
 async fn set_aside(
     app: &App,
     queue: &str,
@@ -706,13 +708,22 @@ async fn set_aside(
     integration: &Integration,
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
-    let reason = format!(
-        "the integration is {}: its webhook's job waits here, to be replayed once it is active again",
-        integration.status.as_phrase()
-    );
-    tracing::info!(queue, job_id = %job.job_id, %reason, "dead-lettering a sync job");
+    let status = integration.status.as_phrase();
+    let kept = job.job_type == JobType::Webhook;
     let code = FailureCode::IntegrationNotActive.as_str();
-    send_dead_letter(app, queue, message, code, &reason).await?;
+    let reason = if kept {
+        format!(
+            "the integration is {status}: its webhook's job waits here, to be replayed once it is active again"
+        )
+    } else {
+        format!("stopped: the integration is {status}; the first sync once it is active catches up")
+    };
+    if kept {
+        tracing::info!(queue, job_id = %job.job_id, %reason, "dead-lettering a sync job");
+        send_dead_letter(app, queue, message, code, &reason).await?;
+    } else {
+        tracing::info!(queue, job_id = %job.job_id, %reason, "a sync job stands down");
+    }
     update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
         let held = lease::is_held_by_chain(i.running.as_ref(), &job.job_id, now);
         if held {
@@ -722,26 +733,40 @@ async fn set_aside(
     })
     .await?;
     if let Some(mut record) = history.previous.filter(|p| !p.is_finished()) {
-        finish(&mut record, SyncStatus::Failed, reason.clone(), now);
+        let status = if kept {
+            SyncStatus::Failed
+        } else {
+            SyncStatus::Partial
+        };
+        finish(&mut record, status, reason.clone(), now);
         save(app, job, history.record_id, &record, now).await?;
         app.metrics.sync_finished(
             dimensions(job),
             &record.stats,
             record.duration_ms.unwrap_or_default(),
-            true,
+            kept,
         );
-        publish(
-            app,
-            &[Event::new(
+        let (kind, data) = if kept {
+            (
                 events::SYNC_FAILED,
-                subject(job),
-                history.run,
-                now,
                 json!({
                     "integrationId": job.integration_id, "tenantId": job.tenant_id,
                     "jobId": job.job_id, "code": code, "error": reason,
                 }),
-            )],
+            )
+        } else {
+            (
+                events::SYNC_COMPLETED,
+                json!({
+                    "integrationId": job.integration_id, "tenantId": job.tenant_id,
+                    "jobId": job.job_id, "status": record.status, "stats": record.stats,
+                    "durationMs": record.duration_ms,
+                }),
+            )
+        };
+        publish(
+            app,
+            &[Event::new(kind, subject(job), history.run, now, data)],
         )
         .await;
     }
