@@ -26,7 +26,7 @@ use handler::secrets::{KeyVaultSecrets, Secret, SecretStore};
 use crate::fake_azure::{
     BEARER, FakeEventGrid, FakeKeyVault, FakeServiceBus, HeldMessage, SAS_KEY,
 };
-use crate::fake_host::{service_bus_message, timer_first_run};
+use crate::fake_host::{HostedHandler, service_bus_message, timer_first_run};
 use crate::helpers::{TestApp, integration_of};
 
 #[derive(Debug)]
@@ -55,16 +55,27 @@ impl TokenSource for StaticSource {
     }
 }
 
+/// The custom handler with Service Bus as its queues, `service_bus`.
+async fn handler_on(app: &TestApp, service_bus: &FakeServiceBus) -> HostedHandler {
+    let connection = service_bus.connection_string(SAS_KEY);
+    app.host_handler_with(&[("ServiceBusConnection", connection.as_str())])
+        .await
+}
+
+/// Delivers a write-back whose body is `body` to SyncOutbound, as the host does on its third
+/// delivery, and checks that the host takes the answer.
+async fn push_write_back(handler: &HostedHandler, body: &str) {
+    let envelope = service_bus_message("SyncOutbound", body, "int-1:evt-1", 3, Some("int-1"));
+    let res = handler.invoke("SyncOutbound", &envelope).await;
+    assert!(res.host_accepts(), "{res:?}");
+}
+
 #[tokio::test]
 async fn the_scheduler_sends_its_jobs_to_service_bus_signed_with_sas() {
-    let service_bus = FakeServiceBus::start().await;
-    let app = TestApp::new();
+    let (service_bus, app) = (FakeServiceBus::start().await, TestApp::new());
     app.plant_integration(integration_of("int-1", "workday"))
         .await;
-    let connection = service_bus.connection_string(SAS_KEY);
-    let handler = app
-        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
-        .await;
+    let handler = handler_on(&app, &service_bus).await;
 
     let res = handler
         .invoke("SyncScheduler", &timer_first_run("SyncScheduler", "timer"))
@@ -93,21 +104,9 @@ async fn the_scheduler_sends_its_jobs_to_service_bus_signed_with_sas() {
 
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_through_service_bus_with_its_reason() {
-    let service_bus = FakeServiceBus::start().await;
-    let app = TestApp::new();
-    let connection = service_bus.connection_string(SAS_KEY);
-    let handler = app
-        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
-        .await;
-    let envelope =
-        service_bus_message("SyncOutbound", "{not json", "int-1:evt-1", 3, Some("int-1"));
-
-    assert!(
-        handler
-            .invoke("SyncOutbound", &envelope)
-            .await
-            .host_accepts()
-    );
+    let (service_bus, app) = (FakeServiceBus::start().await, TestApp::new());
+    let handler = handler_on(&app, &service_bus).await;
+    push_write_back(&handler, "{not json").await;
 
     let sent = service_bus.sent();
     assert_eq!(sent[0].queue, "sync-deadletter");
@@ -123,19 +122,13 @@ async fn a_poison_message_is_dead_lettered_through_service_bus_with_its_reason()
 
 #[tokio::test]
 async fn a_poison_message_whose_reason_runs_over_lines_is_dead_lettered_all_the_same() {
-    let service_bus = FakeServiceBus::start().await;
-    let app = TestApp::new();
-    let connection = service_bus.connection_string(SAS_KEY);
-    let handler = app
-        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
-        .await;
+    let (service_bus, app) = (FakeServiceBus::start().await, TestApp::new());
+    let handler = handler_on(&app, &service_bus).await;
     // Its reason quotes the operation it could not read: two lines, and not ASCII.
     let body = r#"{"shardId":"s-1","tenantId":"t1","operation":"créer\nvite"}"#;
-    let envelope = service_bus_message("SyncOutbound", body, "int-1:evt-2", 1, Some("int-1"));
 
-    let res = handler.invoke("SyncOutbound", &envelope).await;
+    push_write_back(&handler, body).await;
 
-    assert!(res.host_accepts(), "{res:?}");
     let sent = service_bus.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].queue, "sync-deadletter");
@@ -149,12 +142,8 @@ async fn a_poison_message_whose_reason_runs_over_lines_is_dead_lettered_all_the_
 
 #[tokio::test]
 async fn a_message_whose_derived_id_passes_service_bus_limit_is_sent_under_a_shortened_one() {
-    let service_bus = FakeServiceBus::start().await;
-    let app = TestApp::new();
-    let connection = service_bus.connection_string(SAS_KEY);
-    let handler = app
-        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
-        .await;
+    let (service_bus, app) = (FakeServiceBus::start().await, TestApp::new());
+    let handler = handler_on(&app, &service_bus).await;
     // A webhook job's id: its integration's (a GUID) and the provider's notification's.
     let id = format!(
         "wh_4f1c2a9e-0b7d-4c55-9a57-1e2f3a4b5c6d_{}",
@@ -505,20 +494,9 @@ async fn dead_letters(
 
 #[tokio::test]
 async fn a_poison_copy_listed_past_its_deliveries_keeps_its_own_reason() {
-    let service_bus = FakeServiceBus::start().await;
-    let app = TestApp::new();
-    let connection = service_bus.connection_string(SAS_KEY);
-    let handler = app
-        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
-        .await;
-    let envelope =
-        service_bus_message("SyncOutbound", "{not json", "int-1:evt-1", 3, Some("int-1"));
-    assert!(
-        handler
-            .invoke("SyncOutbound", &envelope)
-            .await
-            .host_accepts()
-    );
+    let (service_bus, app) = (FakeServiceBus::start().await, TestApp::new());
+    let handler = handler_on(&app, &service_bus).await;
+    push_write_back(&handler, "{not json").await;
 
     // Each listing locks and unlocks the copy: a delivery. Past ten, the broker moves it to
     // the queue's own dead-letter subqueue and stamps its reason there.

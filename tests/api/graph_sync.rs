@@ -69,18 +69,25 @@ async fn subscribe(app: &TestApp, id: &str) -> Value {
         .await
 }
 
+/// `handler local` started for `app`, whose drive integration is subscribed to Graph and
+/// synced once: its one file, `budget.xlsx`, is a shard.
+async fn subscribed_and_synced(app: &TestApp) -> LocalRuntime {
+    let runtime = app.start_local().await;
+    assert_eq!(subscribe(app, "int-drive").await["created"], 1);
+    app.cli_json(&["sync", "int-drive", "--tenant", "t1"]).await;
+    wait_until("the file is a shard", Duration::from_secs(30), || async {
+        names(app, "c_document").await == ["budget.xlsx"]
+    })
+    .await;
+    runtime
+}
+
 #[tokio::test]
 async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notification() {
     let app = world();
     let graph = connected_drive(&app).await;
     let file = graph.add_item(DRIVE, "budget.xlsx", false);
-    let runtime: LocalRuntime = app.start_local().await;
-    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
-    app.cli_json(&["sync", "int-drive", "--tenant", "t1"]).await;
-    wait_until("the file is a shard", Duration::from_secs(30), || async {
-        names(&app, "c_document").await == ["budget.xlsx"]
-    })
-    .await;
+    let runtime = subscribed_and_synced(&app).await;
 
     graph.rename_item(DRIVE, &file, "budget-2027.xlsx");
     let subscription = graph.subscriptions()[0].clone();
@@ -136,13 +143,7 @@ async fn a_batch_that_names_an_integration_unable_to_verify_its_part_still_syncs
         "expiresAt": "2030-01-01T00:00:00.000Z"
     }]);
     app.plant_integration(other).await;
-    let _runtime: LocalRuntime = app.start_local().await;
-    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
-    app.cli_json(&["sync", "int-drive", "--tenant", "t1"]).await;
-    wait_until("the file is a shard", Duration::from_secs(30), || async {
-        names(&app, "c_document").await == ["budget.xlsx"]
-    })
-    .await;
+    let _runtime = subscribed_and_synced(&app).await;
 
     graph.rename_item(DRIVE, &file, "budget-2027.xlsx");
     graph.state.lock().unwrap().extra_subscription_in_batches = Some("sub-of-drive-2".into());

@@ -1277,9 +1277,17 @@ async fn deletions_lost_then_relisted(
         RelationshipStatus::Synced,
         "another object's record is not judged by this one's listing"
     );
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state.get("lostDeletions").is_none(), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        Value::Null,
+        "the listing is compared"
+    );
     (app, fake, requests)
+}
+
+/// The entities of `int-acme-sf` whose deletions were lost, to be listed whole (`null`: none).
+async fn lost_deletions(app: &TestApp) -> Value {
+    app.integration("int-acme-sf").await["structuredData"]["lostDeletions"].clone()
 }
 
 async fn company_names_of(app: &TestApp) -> Vec<Value> {
@@ -1392,8 +1400,11 @@ async fn a_listing_whose_leftovers_cannot_be_checked_keeps_their_shards_and_says
     });
     assert!(told, "{record}");
     // Listing the object at every run would fail the same way, at the cost of a full read.
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state.get("lostDeletions").is_none(), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        Value::Null,
+        "the listing is compared"
+    );
 }
 
 #[tokio::test]
@@ -1410,8 +1421,11 @@ async fn leftovers_salesforce_cannot_check_for_now_are_checked_again_by_the_jobs
         record["errors"][0]["code"], "SERVICE_UNAVAILABLE",
         "{record}"
     );
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        json!(["Account"]),
+        "to be listed again"
+    );
 
     fake.org.lock().unwrap().query_all_down = false;
     let retry = app.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
@@ -1424,8 +1438,11 @@ async fn leftovers_salesforce_cannot_check_for_now_are_checked_again_by_the_jobs
     );
     let record = record_of(&app.history().await, "job-3").clone();
     assert_eq!(record["status"], "success", "{record}");
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state.get("lostDeletions").is_none(), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        Value::Null,
+        "the listing is compared"
+    );
 }
 
 #[tokio::test]
@@ -1496,8 +1513,11 @@ async fn a_job_that_stalled_asking_about_a_listings_leftovers_deletes_nothing_on
     assert_eq!(company_names_of(&app).await.len(), 3, "nothing deleted");
     let record = record_of(&app.history().await, "job-stalled").clone();
     assert_eq!(record["status"], "partial", "{record}");
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        json!(["Account"]),
+        "to be listed again"
+    );
 }
 
 #[tokio::test]
@@ -1530,8 +1550,11 @@ async fn asking_about_a_listings_leftovers_stops_at_the_integrations_share_of_th
         .filter(|r| r.starts_with("queryAll"))
         .count();
     assert_eq!(asked, 1);
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        json!(["Account"]),
+        "to be listed again"
+    );
 }
 
 #[tokio::test]
@@ -1585,8 +1608,11 @@ async fn the_share_reached_on_a_relistings_last_question_lets_it_finish() {
         company_names_of(&app).await,
         [json!("Account 0"), json!("Account 2")]
     );
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state.get("lostDeletions").is_none(), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        Value::Null,
+        "the listing is compared"
+    );
 }
 
 #[tokio::test]
@@ -1598,8 +1624,11 @@ async fn the_share_reached_on_a_full_page_with_nothing_left_out_after_it_lets_it
 
     assert_eq!(record["status"], "success", "{record}");
     assert_eq!(company_names_of(&app).await.len(), 999);
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state.get("lostDeletions").is_none(), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        Value::Null,
+        "the listing is compared"
+    );
 }
 
 #[tokio::test]
@@ -1614,8 +1643,11 @@ async fn the_share_reached_with_pages_of_shards_still_to_compare_stops_the_relis
         1095,
         "the first page's answer is applied, the second page not asked about"
     );
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        json!(["Account"]),
+        "to be listed again"
+    );
 }
 
 #[tokio::test]
@@ -1638,8 +1670,12 @@ async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_obj
         .retain(|r| r["Id"] != "001000000000000001");
 
     run_job(&handler, "job-2", "full_sync", 1).await;
+    assert_eq!(
+        lost_deletions(&app).await,
+        json!(["Account"]),
+        "to be listed again"
+    );
     let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert_eq!(state["lostDeletions"], json!(["Account"]), "{state}");
     assert!(state["cursors"]["Account"].is_string(), "{state}");
 
     run_job(&handler, "job-3", "incremental", 1).await;
@@ -1648,8 +1684,11 @@ async fn a_full_sync_that_finds_its_deletions_lost_has_the_next_run_list_the_obj
         [json!("Account 0"), json!("Account 2")],
         "the incremental run listed the object whole, and the purged account is gone"
     );
-    let state = app.integration("int-acme-sf").await["structuredData"].clone();
-    assert!(state.get("lostDeletions").is_none(), "{state}");
+    assert_eq!(
+        lost_deletions(&app).await,
+        Value::Null,
+        "the listing is compared"
+    );
 }
 
 #[tokio::test]

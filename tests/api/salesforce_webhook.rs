@@ -50,6 +50,22 @@ fn integration(fake_url: &str) -> Value {
 
 const XML: (&str, &str) = ("Content-Type", "text/xml; charset=utf-8");
 
+/// Posts `soap` to WebhookReceiver as Salesforce posts an Outbound Message; returns the
+/// HTTP answer.
+async fn post_outbound_message(handler: &HostedHandler, soap: &str) -> Value {
+    let request = http_request_with_body("WebhookReceiver", "salesforce", &[XML], soap);
+    handler.invoke("WebhookReceiver", &request).await.json()["Outputs"]["res"].clone()
+}
+
+/// Asserts that `out` acknowledges the delivery as Salesforce expects, so it is not sent again.
+fn assert_acknowledged(out: &Value) {
+    assert_eq!(out["statusCode"], 200, "{out}");
+    assert!(
+        out["body"].as_str().unwrap().contains("<Ack>true</Ack>"),
+        "{out}"
+    );
+}
+
 /// Delivers the queued webhook jobs to SyncInboundWebhook, as the host would.
 async fn run_queued_jobs(app: &TestApp, handler: &HostedHandler) {
     for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
@@ -106,24 +122,12 @@ async fn an_outbound_message_is_acknowledged_queued_per_notification_and_synced(
         ],
     );
 
-    let res = handler
-        .invoke(
-            "WebhookReceiver",
-            &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
-        )
-        .await;
-    let out = &res.json()["Outputs"]["res"];
-    assert_eq!(out["statusCode"], 200, "{out}");
+    let out = post_outbound_message(&handler, &soap).await;
+    assert_acknowledged(&out);
     assert_eq!(out["headers"]["Content-Type"], "text/xml; charset=utf-8");
-    assert!(out["body"].as_str().unwrap().contains("<Ack>true</Ack>"));
 
     // Salesforce delivers again (it had not seen the ack): nothing is queued twice.
-    handler
-        .invoke(
-            "WebhookReceiver",
-            &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
-        )
-        .await;
+    post_outbound_message(&handler, &soap).await;
     let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
     let ids: Vec<_> = queued.iter().map(|m| m.message_id.as_str()).collect();
     assert_eq!(
@@ -175,15 +179,7 @@ async fn a_paused_integrations_outbound_messages_wait_to_be_replayed_once_it_is_
         &[("04l000000000001AAA", "001000000000000001", "Smith")],
     );
 
-    let res = handler
-        .invoke(
-            "WebhookReceiver",
-            &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
-        )
-        .await;
-    let out = &res.json()["Outputs"]["res"];
-    assert_eq!(out["statusCode"], 200, "{out}");
-    assert!(out["body"].as_str().unwrap().contains("<Ack>true</Ack>"));
+    assert_acknowledged(&post_outbound_message(&handler, &soap).await);
     complete_queued_jobs(&app, &handler).await;
 
     assert!(
@@ -270,13 +266,7 @@ async fn a_partial_outbound_message_leaves_the_shard_holding_what_salesforce_hol
         &[("04l000000000004AAA", "001000000000000404", "Ghost")],
     );
     for soap in [partial, unknown] {
-        let res = handler
-            .invoke(
-                "WebhookReceiver",
-                &http_request_with_body("WebhookReceiver", "salesforce", &[XML], &soap),
-            )
-            .await;
-        assert_eq!(res.json()["Outputs"]["res"]["statusCode"], 200);
+        assert_acknowledged(&post_outbound_message(&handler, &soap).await);
     }
     run_queued_jobs(&app, &handler).await;
     let companies = app.shards("c_company").await;

@@ -386,22 +386,28 @@ async fn first_account(test: &TestApp) -> Shard {
         .value
 }
 
-#[tokio::test]
-async fn a_castiel_edit_made_while_a_sync_writes_the_shard_is_kept() {
+/// Twenty accounts synced; then the first `renamed` of them renamed at Salesforce, and their
+/// webhook's job (`wh-2`) run while account 0's shard is edited in Castiel before each of the
+/// sync's next `edits` writes of it.
+async fn renamed_at_salesforce_while_edited_in_castiel(
+    renamed: usize,
+    edits: u32,
+) -> (TestApp, Arc<Intercepted<EditedMeanwhile>>) {
     let test = TestApp::new();
     let fake = register(&test).await;
     let app = test.app(&[]);
     inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
         .await
         .unwrap();
-    fake.add(
-        "Account",
-        json!({"Id": "001000000000000000", "Name": "Renamed 0"}),
-        Utc::now(),
-    );
-    let store = EditedMeanwhile::new(&test, 0, 1);
+    for i in 0..renamed {
+        fake.add(
+            "Account",
+            json!({"Id": format!("001{i:015}"), "Name": format!("Renamed {i}")}),
+            Utc::now(),
+        );
+    }
+    let store = EditedMeanwhile::new(&test, 0, edits);
     let app = app_with(&test, store.clone());
-
     inbound::process(
         &app,
         SYNC_INBOUND_WEBHOOK,
@@ -410,6 +416,12 @@ async fn a_castiel_edit_made_while_a_sync_writes_the_shard_is_kept() {
     )
     .await
     .unwrap();
+    (test, store)
+}
+
+#[tokio::test]
+async fn a_castiel_edit_made_while_a_sync_writes_the_shard_is_kept() {
+    let (test, store) = renamed_at_salesforce_while_edited_in_castiel(1, 1).await;
 
     let shard = first_account(&test).await;
     assert_eq!(shard.name, "Renamed 0", "the provider's change is written");
@@ -428,30 +440,7 @@ async fn a_castiel_edit_made_while_a_sync_writes_the_shard_is_kept() {
 
 #[tokio::test]
 async fn a_shard_written_by_someone_else_under_every_try_fails_its_record_alone() {
-    let test = TestApp::new();
-    let fake = register(&test).await;
-    let app = test.app(&[]);
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
-        .await
-        .unwrap();
-    for (i, name) in [(0, "Renamed 0"), (1, "Renamed 1")] {
-        fake.add(
-            "Account",
-            json!({"Id": format!("001{i:015}"), "Name": name}),
-            Utc::now(),
-        );
-    }
-    let store = EditedMeanwhile::new(&test, 0, u32::MAX);
-    let app = app_with(&test, store.clone());
-
-    inbound::process(
-        &app,
-        SYNC_INBOUND_WEBHOOK,
-        &webhook_job_named("wh-2", 2),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
+    let (test, store) = renamed_at_salesforce_while_edited_in_castiel(2, u32::MAX).await;
 
     let shard = first_account(&test).await;
     assert_eq!(shard.name, "Account 0", "never written over an edit");

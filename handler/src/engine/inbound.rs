@@ -559,34 +559,49 @@ async fn succeed(
             .await?;
     }
     save(app, job, record_id, &record, now).await?;
-    let duration_ms = record.duration_ms.unwrap_or_default();
+    tracing::info!(status = ?record.status, stats = %json!(record.stats), duration_ms = record.duration_ms, "sync job finished");
+    announce_end(app, job, run, &record, None, now).await;
+    Ok(())
+}
+
+/// Counts a job that ended, in the metrics, and announces it: as failed with a code and why,
+/// where the job itself failed (`failure`), else with its record's status and counts.
+async fn announce_end(
+    app: &App,
+    job: &SyncJobMessage,
+    run: &str,
+    record: &IntegrationSync,
+    failure: Option<(&str, &str)>,
+    now: DateTime<Utc>,
+) {
+    let failed = record.status == SyncStatus::Failed;
     app.metrics.sync_finished(
         dimensions(job),
         &record.stats,
-        duration_ms,
-        record.status == SyncStatus::Failed,
+        record.duration_ms.unwrap_or_default(),
+        failed,
     );
-    tracing::info!(status = ?record.status, stats = %json!(record.stats), duration_ms, "sync job finished");
-    let kind = if record.status == SyncStatus::Failed {
-        events::SYNC_FAILED
-    } else {
-        events::SYNC_COMPLETED
-    };
-    publish(
-        app,
-        &[Event::new(
-            kind,
-            subject(job),
-            run,
-            now,
+    let (kind, data) = match failure {
+        Some((code, error)) => (
+            events::SYNC_FAILED,
+            json!({
+                "integrationId": job.integration_id, "tenantId": job.tenant_id, "jobId": job.job_id,
+                "code": code, "error": error,
+            }),
+        ),
+        None => (
+            if failed {
+                events::SYNC_FAILED
+            } else {
+                events::SYNC_COMPLETED
+            },
             json!({
                 "integrationId": job.integration_id, "tenantId": job.tenant_id, "jobId": job.job_id,
                 "status": record.status, "stats": record.stats, "durationMs": record.duration_ms,
             }),
-        )],
-    )
-    .await;
-    Ok(())
+        ),
+    };
+    publish(app, &[Event::new(kind, subject(job), run, now, data)]).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -667,27 +682,9 @@ async fn fail(
             }
             finish(&mut record, SyncStatus::Failed, summary.clone(), now);
             save(app, job, record_id, &record, now).await?;
-            app.metrics.sync_finished(
-                dimensions(job),
-                &record.stats,
-                record.duration_ms.unwrap_or_default(),
-                true,
-            );
             tracing::error!(job_id = %job.job_id, error = %failure, exhausted, "sync job failed");
-            publish(
-                app,
-                &[Event::new(
-                    events::SYNC_FAILED,
-                    subject(job),
-                    run,
-                    now,
-                    json!({
-                        "integrationId": job.integration_id, "tenantId": job.tenant_id,
-                        "jobId": job.job_id, "code": failure.code, "error": summary,
-                    }),
-                )],
-            )
-            .await;
+            let failed = Some((failure.code.as_str(), summary.as_str()));
+            announce_end(app, job, run, &record, failed, now).await;
             Ok(())
         }
     }
@@ -740,35 +737,8 @@ async fn set_aside(
         };
         finish(&mut record, status, reason.clone(), now);
         save(app, job, history.record_id, &record, now).await?;
-        app.metrics.sync_finished(
-            dimensions(job),
-            &record.stats,
-            record.duration_ms.unwrap_or_default(),
-            kept,
-        );
-        let (kind, data) = if kept {
-            (
-                events::SYNC_FAILED,
-                json!({
-                    "integrationId": job.integration_id, "tenantId": job.tenant_id,
-                    "jobId": job.job_id, "code": code, "error": reason,
-                }),
-            )
-        } else {
-            (
-                events::SYNC_COMPLETED,
-                json!({
-                    "integrationId": job.integration_id, "tenantId": job.tenant_id,
-                    "jobId": job.job_id, "status": record.status, "stats": record.stats,
-                    "durationMs": record.duration_ms,
-                }),
-            )
-        };
-        publish(
-            app,
-            &[Event::new(kind, subject(job), history.run, now, data)],
-        )
-        .await;
+        let failed = kept.then_some((code, reason.as_str()));
+        announce_end(app, job, history.run, &record, failed, now).await;
     }
     Ok(())
 }

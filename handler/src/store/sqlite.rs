@@ -1050,6 +1050,12 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use serde_json::json;
 
+    /// Writes `shards` whatever is stored, asserting that none was left.
+    async fn write_every(store: &SqliteStore, shards: &[Shard]) {
+        let left = store.upsert_many(&Upsert::every(shards)).await.unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
     fn shard(tenant: &str, id: &str, data: Value) -> Shard {
         serde_json::from_value(json!({
             "id": id, "tenantId": tenant, "shardTypeId": "c_integration", "name": id,
@@ -1308,13 +1314,7 @@ mod tests {
         let page: Vec<Shard> = (0..ROWS_PER_BATCH * (BATCHES_IN_FLIGHT + 3) + 7)
             .map(|i| shard("t1", &format!("s{i:05}"), json!({"n": i})))
             .collect();
-        assert!(
-            store
-                .upsert_many(&Upsert::every(&page))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        write_every(&store, &page).await;
         let ids: Vec<String> = page.iter().map(|s| s.id.clone()).collect();
         let read = store.get_many("t1", &ids).await.unwrap();
         assert!(
@@ -1363,13 +1363,7 @@ mod tests {
             contact("t1", "a", "ann@x.test"),
             contact("t1", "b", "bo@x.test"),
         ];
-        assert!(
-            store
-                .upsert_many(&Upsert::every(&read))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        write_every(&store, &read).await;
         let etag = |id: &'static str| {
             let store = store.clone();
             async move { store.get("t1", id).await.unwrap().unwrap().etag }
@@ -1443,24 +1437,12 @@ mod tests {
             contact("t1", "b", "bo@x.test"),
             contact("t2", "a", "ann@x.test"),
         ];
-        assert!(
-            store
-                .upsert_many(&Upsert::every(&page))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        write_every(&store, &page).await;
         let again = [
             contact("t1", "a", "ann@y.test"),
             contact("t2", "a", "ann@x.test"),
         ];
-        assert!(
-            store
-                .upsert_many(&Upsert::every(&again))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        write_every(&store, &again).await;
 
         assert_eq!(
             found_by_email(&store, "t1", "ann@x.test").await,
@@ -1508,13 +1490,7 @@ mod tests {
         let mut company = contact("t1", "int-1~Contact~e", "e@x.test");
         company.shard_type_id = "c_company".into();
         shards.push(company);
-        assert!(
-            store
-                .upsert_many(&Upsert::every(&shards))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        write_every(&store, &shards).await;
 
         let prefix = "int-1~Contact~";
         let mut pages = Vec::new();
@@ -1551,13 +1527,7 @@ mod tests {
             .iter()
             .map(|id| contact("t1", id, "z@x.test"))
             .collect();
-        assert!(
-            store
-                .upsert_many(&Upsert::every(&later))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        write_every(&store, &later).await;
         let found = store
             .fingerprints_by_prefix("t1", "c_contact", endless, None, 10)
             .await
