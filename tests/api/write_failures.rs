@@ -185,6 +185,11 @@ fn account_shard(i: usize) -> String {
 }
 
 /// A webhook job about the first `records` accounts of the fake org.
+/// Delivers `job` from `queue` to the inbound engine of `app`, as the host would.
+async fn deliver(app: &App, queue: &str, job: &ServiceBusMessage) {
+    inbound::process(app, queue, job, Utc::now()).await.unwrap();
+}
+
 fn webhook_job(records: usize) -> ServiceBusMessage {
     webhook_job_named("wh-1", records)
 }
@@ -264,9 +269,7 @@ async fn a_batch_write_that_fails_is_retried_with_backoff_and_nothing_is_lost() 
     );
     let app = app_with(&test, store.clone());
 
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
-        .await
-        .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20)).await;
 
     assert_eq!(
         store.batch_calls.load(Ordering::SeqCst),
@@ -293,9 +296,7 @@ async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
     );
     let app = app_with(&test, store.clone());
 
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(10), Utc::now())
-        .await
-        .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(10)).await;
 
     assert_eq!(
         store.batch_calls.load(Ordering::SeqCst),
@@ -327,9 +328,7 @@ async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
         },
     );
     let app = app_with(&test, store);
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(2), Utc::now())
-        .await
-        .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(2)).await;
     assert_eq!(test.shards("c_company").await.len(), 2);
 
     test.register_integration(integration(&fake, false)).await;
@@ -338,14 +337,7 @@ async fn with_create_new_off_only_records_that_have_a_shard_are_synced() {
         json!({"Id": "001000000000000000", "Name": "Renamed 0"}),
         Utc::now(),
     );
-    inbound::process(
-        &app,
-        SYNC_INBOUND_WEBHOOK,
-        &webhook_job_named("wh-2", 4),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job_named("wh-2", 4)).await;
 
     let record = test
         .history()
@@ -396,9 +388,7 @@ async fn renamed_at_salesforce_while_edited_in_castiel(
     let test = TestApp::new();
     let fake = register(&test).await;
     let app = test.app(&[]);
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
-        .await
-        .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20)).await;
     for i in 0..renamed {
         fake.add(
             "Account",
@@ -408,14 +398,7 @@ async fn renamed_at_salesforce_while_edited_in_castiel(
     }
     let store = EditedMeanwhile::new(&test, 0, edits);
     let app = app_with(&test, store.clone());
-    inbound::process(
-        &app,
-        SYNC_INBOUND_WEBHOOK,
-        &webhook_job_named("wh-2", 2),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job_named("wh-2", 2)).await;
     (test, store)
 }
 
@@ -468,14 +451,12 @@ async fn a_deletion_applied_while_the_shard_is_edited_keeps_the_edit() {
     let test = TestApp::new();
     let fake = register(&test).await;
     let app = test.app(&[]);
-    inbound::process(
+    deliver(
         &app,
         SYNC_INBOUND_SCHEDULED,
         &scheduled_job("full", "full_sync"),
-        Utc::now(),
     )
-    .await
-    .unwrap();
+    .await;
     // In a minute Salesforce's log of deletions covers: a whole one, gone by.
     fake.delete(
         "Account",
@@ -485,14 +466,12 @@ async fn a_deletion_applied_while_the_shard_is_edited_keeps_the_edit() {
     let store = EditedMeanwhile::new(&test, 0, 1);
     let app = app_with(&test, store.clone());
 
-    inbound::process(
+    deliver(
         &app,
         SYNC_INBOUND_SCHEDULED,
         &scheduled_job("incremental", "incremental"),
-        Utc::now(),
     )
-    .await
-    .unwrap();
+    .await;
 
     let shard = first_account(&test).await;
     assert!(shard.deleted_at.is_some(), "the deletion is applied");
@@ -511,9 +490,7 @@ async fn a_write_retried_after_it_failed_part_way_counts_what_it_wrote_the_first
     let test = TestApp::new();
     let fake = register(&test).await;
     let app = test.app(&[]);
-    inbound::process(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20), Utc::now())
-        .await
-        .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job(20)).await;
     for i in 0..20 {
         fake.add(
             "Account",
@@ -529,14 +506,7 @@ async fn a_write_retried_after_it_failed_part_way_counts_what_it_wrote_the_first
     );
     let app = app_with(&test, store.clone());
 
-    inbound::process(
-        &app,
-        SYNC_INBOUND_WEBHOOK,
-        &webhook_job_named("wh-2", 20),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
+    deliver(&app, SYNC_INBOUND_WEBHOOK, &webhook_job_named("wh-2", 20)).await;
 
     assert_eq!(store.calls.load(Ordering::SeqCst), 2, "one retry");
     let run = run_of(&test, "wh-2").await;
