@@ -470,6 +470,70 @@ async fn a_merged_contact_stays_while_one_of_its_records_lives_and_goes_with_the
 }
 
 #[tokio::test]
+async fn a_merged_contact_stays_in_its_shard_when_either_records_email_changes() {
+    // Ann's two Salesforce contacts, merged into one shard by email. Then the second gets an
+    // email of its own, and later the first does too: the shard's links, not the emails,
+    // say where each record lives.
+    let fake = FakeSalesforce::start().await;
+    let ann = |i: usize, name: &str, email: &str, at: DateTime<Utc>| {
+        fake.add(
+            "Contact",
+            json!({"Id": format!("003{i:015}"), "Name": name, "Email": email}),
+            at,
+        );
+    };
+    ann(0, "Ann Lee", "ann@acme.test", base_time());
+    ann(
+        1,
+        "Ann B. Lee",
+        "ann@acme.test",
+        base_time() + Duration::seconds(1),
+    );
+    let app = spawn_app(&fake, true).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    assert_eq!(app.shards("c_contact").await.len(), 1);
+
+    let later = Utc::now() - Duration::minutes(2);
+    ann(1, "Ann B. Lee", "ann.lee@home.test", later);
+    run_job(&handler, "job-2", "incremental", 1).await;
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 1, "still one Ann: {contacts:?}");
+    assert_eq!(contacts[0]["structuredData"]["email"], "ann.lee@home.test");
+    let stats = record_of(&app.history().await, "job-2")["stats"].clone();
+    assert_eq!(
+        (&stats["shardsCreated"], &stats["shardsUpdated"]),
+        (&json!(0), &json!(1)),
+        "{stats}"
+    );
+
+    ann(
+        0,
+        "Ann Lee",
+        "a.lee@acme.test",
+        Utc::now() - Duration::minutes(1),
+    );
+    run_job(&handler, "job-3", "incremental", 1).await;
+    ann(1, "Ann Lee-Brown", "ann.lee@home.test", Utc::now());
+    run_job(&handler, "job-4", "incremental", 1).await;
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts.len(), 1, "still one Ann: {contacts:?}");
+    assert_eq!(contacts[0]["structuredData"]["full_name"], "Ann Lee-Brown");
+    let links: Vec<&Value> = contacts[0]["external_relationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["externalId"])
+        .collect();
+    assert_eq!(
+        links,
+        [&json!("003000000000000000"), &json!("003000000000000001")]
+    );
+    let stats = record_of(&app.history().await, "job-4")["stats"].clone();
+    assert_eq!(stats["shardsCreated"], 0, "{stats}");
+}
+
+#[tokio::test]
 async fn a_record_listed_again_on_the_next_page_updates_the_shard_the_page_before_wrote() {
     // The last contact of the first page is listed again at the start of the second, changed
     // meanwhile (a listing may return a record modified while it ran).

@@ -73,7 +73,7 @@ const LANDING_PART: usize = 250;
 /// Shards whose links a reconciliation reads at a time.
 const RECONCILE_PAGE: usize = 1000;
 
-/// Deleted records looked up at a time among the links of shards not their own.
+/// Records or deletions looked up at a time among the links of shards not their own.
 const LINKED_LOOKUP: usize = 500;
 
 /// Deleted records soft-deleted at a time: a page of shards read and written.
@@ -364,6 +364,11 @@ struct EntityRun<'a> {
     listing: Option<Listing>,
     /// The entity's deletions were lost: a read from the start is a listing.
     relist: bool,
+    /// Records with no shard of their own are looked for among other shards' links (see
+    /// [`plan::link_lookups`]): the mapping may land a record elsewhere, and the integration has
+    /// synced before, so a shard may link one. A first sync's records, all new, cost no
+    /// search.
+    searches_links: bool,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
     /// This entity's first page, when it was fetched while the entity before was processed.
@@ -634,6 +639,9 @@ impl<'a> EntityRun<'a> {
             relist: integration
                 .lost_deletions
                 .contains(&mapping.external_entity),
+            searches_links: mapping.lands_elsewhere()
+                && (integration.last_sync_at.is_some()
+                    || integration.cursors.contains_key(&mapping.external_entity)),
             finished: Vec::new(),
             first_page: None,
             next_entity: None,
@@ -1551,6 +1559,15 @@ impl<'a> EntityRun<'a> {
                 for found in self.with_retries(|| self.app.store.query(&query)).await? {
                     etags.entry(found.value.id.clone()).or_insert(found.etag);
                     loaded.insert_found(&rule, found.value);
+                }
+            }
+        }
+        if self.searches_links {
+            let unheld = plan::link_lookups(self.job.integration_id, records, &loaded);
+            if !unheld.is_empty() {
+                for found in self.linked_elsewhere(unheld).await? {
+                    etags.entry(found.value.id.clone()).or_insert(found.etag);
+                    loaded.insert(found.value);
                 }
             }
         }

@@ -5,9 +5,10 @@
 //! 1. [`transform_page`]: the records become mapped data, each with the id of its own shard;
 //!    deletions are set aside, and a record its mapping refuses fails alone;
 //! 2. the pipeline reads the records' own shards and, for deduplication, the shards that share
-//!    a match key with them ([`key_lookups`] says which keys), into [`Loaded`];
-//! 3. [`Landing`]: each record lands in its own shard, a duplicate's, or a new one, and is
-//!    linked to its external record; the shards whose content hash changed come out stamped,
+//!    a match key with them ([`key_lookups`] says which keys) or that link a record merged into
+//!    them ([`link_lookups`]), into [`Loaded`];
+//! 3. [`Landing`]: each record lands in its own shard, the shard that links it, a duplicate's,
+//!    or a new one, and is linked to its external record; the shards whose content hash changed come out stamped,
 //!    part by part ([`land_page`] lands a page whole); derived shards follow their primary;
 //! 4. the pipeline writes each part's changed shards as they come, or, for a page with
 //!    derived shards, reads those as stored and [`changes`] keeps the ones that differ, and
@@ -340,6 +341,44 @@ pub fn key_lookups(
         .collect()
 }
 
+/// The external ids of records to look for among the links of shards not their own: records
+/// with no shard of their own that no shard read for the page links to. A record merged into
+/// another record's shard is found there by its match key while that key still matches; once
+/// either record's key changes, only its link says where it lives.
+pub fn link_lookups(integration_id: &str, records: &[PageRecord], loaded: &Loaded) -> Vec<String> {
+    let unheld: Vec<&PageRecord> = records
+        .iter()
+        .filter(|r| !r.ids().any(|id| loaded.contains(id)))
+        .collect();
+    if unheld.is_empty() {
+        return Vec::new();
+    }
+    let linked = linked_records(integration_id, loaded.shards.values());
+    unheld
+        .into_iter()
+        .filter(|r| !linked.contains_key(r.record.id.as_str()))
+        .map(|r| r.record.id.clone())
+        .collect()
+}
+
+/// Each external record of the integration that `shards` link to, and the shard linking it.
+fn linked_records<'s>(
+    integration_id: &str,
+    shards: impl Iterator<Item = &'s Shard>,
+) -> HashMap<&'s str, &'s str> {
+    let mut linked = HashMap::default();
+    for shard in shards {
+        for link in &shard.external_relationships {
+            if link.integration_id == integration_id {
+                linked
+                    .entry(link.external_id.as_str())
+                    .or_insert(shard.id.as_str());
+            }
+        }
+    }
+    linked
+}
+
 /// A page landed in its shards.
 #[derive(Debug, Default)]
 pub struct Landed {
@@ -416,6 +455,8 @@ pub struct Landing<'a> {
     /// Match key (`rule=key`) → the shard that has it, when the page matches by key at all.
     by_key: HashMap<String, String>,
     match_by_key: bool,
+    /// External id → the shard that links it, for records with no shard of their own.
+    by_link: HashMap<String, String>,
     landed: Landed,
 }
 
@@ -436,13 +477,21 @@ impl<'a> Landing<'a> {
         // Room for a new shard per record: growing the map as they come moves every shard in
         // it.
         shards.reserve(records.len());
-        // Match keys are only looked up for a record with no shard of its own; a page whose
-        // records all have one (every re-run) builds no index of them.
-        let match_by_key = mapping.deduplication.is_some()
-            && records.iter().any(|r| {
-                let own = own_shard_id(&r.shard_id, r.created_from.as_ref(), &shards, mapping);
-                !shards.contains_key(own)
-            });
+        // Links and match keys are only looked up for a record with no shard of its own; a
+        // page whose records all have one (every re-run) builds no index of them.
+        let lacks_own = records.iter().any(|r| {
+            let own = own_shard_id(&r.shard_id, r.created_from.as_ref(), &shards, mapping);
+            !shards.contains_key(own)
+        });
+        let match_by_key = mapping.deduplication.is_some() && lacks_own;
+        let by_link = if lacks_own && mapping.lands_elsewhere() {
+            linked_records(ctx.integration_id, shards.values())
+                .into_iter()
+                .map(|(record, shard)| (record.to_string(), shard.to_string()))
+                .collect()
+        } else {
+            HashMap::default()
+        };
         if match_by_key {
             for shard in shards.values() {
                 for (name, key) in &shard.dedup_keys {
@@ -458,6 +507,7 @@ impl<'a> Landing<'a> {
             shards,
             by_key,
             match_by_key,
+            by_link,
             landed: Landed {
                 read_hashes,
                 ..Landed::default()
@@ -477,6 +527,7 @@ impl<'a> Landing<'a> {
         let shards = &mut self.shards;
         let by_key = &mut self.by_key;
         let match_by_key = self.match_by_key;
+        let by_link = &self.by_link;
         let landed = &mut self.landed;
         let from = landed.landed.len();
         for PageRecord {
@@ -490,8 +541,12 @@ impl<'a> Landing<'a> {
             // The match keys of a record with no shard of its own, which looks for a duplicate by
             // them: a new shard made of its data takes these very keys.
             let mut record_keys = None;
+            // A record linked to a shard lands there whatever its keys say now: the link is
+            // what it was merged by, and its keys may since have changed.
             let target = if shards.contains_key(own_id) {
                 Some(own_id.clone())
+            } else if let Some(holder) = by_link.get(&record.id) {
+                Some(holder.clone())
             } else {
                 let keys = rules.map(|r| r.keys(data)).unwrap_or_default();
                 let found = keys
@@ -1332,6 +1387,16 @@ mod tests {
                 }
             }
         }
+        let unheld = link_lookups("int-1", &page.records, &loaded);
+        for shard in stored {
+            if shard
+                .external_relationships
+                .iter()
+                .any(|r| r.integration_id == "int-1" && unheld.contains(&r.external_id))
+            {
+                loaded.insert(shard.clone());
+            }
+        }
         let mut landed = land_page(&context, &mut page.records, loaded, None);
         let stored_derived = landed.derived.iter().map(|_| None).collect();
         let mut changes = changes(&mut landed, stored_derived, now());
@@ -1449,6 +1514,55 @@ mod tests {
             writes.iter().all(|s| s.id != "int-1~Contact~4"),
             "the second Cy joined the first"
         );
+    }
+
+    #[test]
+    fn a_merged_record_whose_key_changed_lands_in_the_shard_that_links_it() {
+        let mapping = contacts(true, true);
+        let (stored, _) = plan(
+            &mapping,
+            vec![
+                record("1", "Ann", Some("ann@x.test")),
+                record("9", "Ann S.", Some("ann@x.test")),
+            ],
+            &[],
+        );
+        assert_eq!(stored.len(), 1);
+        // Only the merged record is listed, with an email no shard has; and a new one.
+        let page = transform_page(
+            "int-1",
+            &mapping,
+            vec![
+                record("9", "Ann S.", Some("ann@home.test")),
+                record("5", "Eve", Some("eve@x.test")),
+            ],
+        );
+        assert_eq!(
+            link_lookups("int-1", &page.records, &Loaded::default()),
+            ["9", "5"]
+        );
+        let mut loaded = Loaded::default();
+        loaded.insert(stored[0].clone());
+        assert_eq!(
+            link_lookups("int-1", &page.records, &loaded),
+            ["5"],
+            "a record a shard read links to is not looked for"
+        );
+        assert_eq!(
+            link_lookups("int-2", &page.records, &loaded),
+            ["9", "5"],
+            "only the integration's own links count"
+        );
+
+        let (writes, tally) = plan(
+            &mapping,
+            vec![record("9", "Ann S.", Some("ann@home.test"))],
+            &stored,
+        );
+        assert_eq!((tally.created, tally.updated), (0, 1), "{tally:?}");
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].id, "int-1~Contact~1");
+        assert_eq!(writes[0].structured_data["email"], "ann@home.test");
     }
 
     #[test]
