@@ -365,9 +365,10 @@ struct EntityRun<'a> {
     /// The entity's deletions were lost: a read from the start is a listing.
     relist: bool,
     /// Records with no shard of their own are looked for among other shards' links (see
-    /// [`plan::link_lookups`]): the mapping may land a record elsewhere, and the integration has
-    /// synced before, so a shard may link one. A first sync's records, all new, cost no
-    /// search.
+    /// [`plan::link_lookups`]): the mapping may land a record elsewhere and creates shards
+    /// (one that does not leaves a record it finds nowhere unsynced, never twice), and the
+    /// entity has synced before (it has a cursor), so a shard may link one. An entity's first
+    /// sync, whose records are all new, costs no search.
     searches_links: bool,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
@@ -640,8 +641,8 @@ impl<'a> EntityRun<'a> {
                 .lost_deletions
                 .contains(&mapping.external_entity),
             searches_links: mapping.lands_elsewhere()
-                && (integration.last_sync_at.is_some()
-                    || integration.cursors.contains_key(&mapping.external_entity)),
+                && mapping.create_new
+                && integration.cursors.contains_key(&mapping.external_entity),
             finished: Vec::new(),
             first_page: None,
             next_entity: None,

@@ -353,30 +353,63 @@ pub fn link_lookups(integration_id: &str, records: &[PageRecord], loaded: &Loade
     if unheld.is_empty() {
         return Vec::new();
     }
-    let linked = linked_records(integration_id, loaded.shards.values());
+    let linked: HashSet<&str> = loaded
+        .shards
+        .values()
+        .flat_map(|s| &s.external_relationships)
+        .filter(|r| r.integration_id == integration_id)
+        .map(|r| r.external_id.as_str())
+        .collect();
     unheld
         .into_iter()
-        .filter(|r| !linked.contains_key(r.record.id.as_str()))
+        .filter(|r| !linked.contains(r.record.id.as_str()))
         .map(|r| r.record.id.clone())
         .collect()
 }
 
-/// Each external record of the integration that `shards` link to, and the shard linking it.
+/// Each external record of the integration that `shards` of type `shard_type_id` link to, and
+/// the shard linking it. Of two shards linking one record (one whose link was marked deleted
+/// before the record, restored, matched another), the one whose link is `synced` holds it, or
+/// else the first by id: the same shard every time.
 fn linked_records<'s>(
     integration_id: &str,
+    shard_type_id: &str,
     shards: impl Iterator<Item = &'s Shard>,
 ) -> HashMap<&'s str, &'s str> {
-    let mut linked = HashMap::default();
-    for shard in shards {
+    let mut linked: HashMap<&str, (&str, bool)> = HashMap::default();
+    for shard in shards.filter(|s| s.shard_type_id == shard_type_id) {
         for link in &shard.external_relationships {
-            if link.integration_id == integration_id {
-                linked
-                    .entry(link.external_id.as_str())
-                    .or_insert(shard.id.as_str());
+            if link.integration_id != integration_id {
+                continue;
             }
+            let synced = link.sync_status == RelationshipStatus::Synced;
+            let holder = (shard.id.as_str(), synced);
+            linked
+                .entry(link.external_id.as_str())
+                .and_modify(|held| {
+                    if (synced, std::cmp::Reverse(holder.0)) > (held.1, std::cmp::Reverse(held.0)) {
+                        *held = holder;
+                    }
+                })
+                .or_insert(holder);
         }
     }
     linked
+        .into_iter()
+        .map(|(record, (shard, _))| (record, shard))
+        .collect()
+}
+
+/// Whether `shard` links no record of the integration but `external_id`: one write-back created
+/// from that record, which no longer names it. Such a shard is the record's as its own is, and
+/// takes its values as its own does.
+fn holds_only(shard: &Shard, integration_id: &str, external_id: &str) -> bool {
+    let mut links = shard
+        .external_relationships
+        .iter()
+        .filter(|r| r.integration_id == integration_id)
+        .peekable();
+    links.peek().is_some() && links.all(|r| r.external_id == external_id)
 }
 
 /// A page landed in its shards.
@@ -485,7 +518,7 @@ impl<'a> Landing<'a> {
         });
         let match_by_key = mapping.deduplication.is_some() && lacks_own;
         let by_link = if lacks_own && mapping.lands_elsewhere() {
-            linked_records(ctx.integration_id, shards.values())
+            linked_records(ctx.integration_id, &mapping.shard_type_id, shards.values())
                 .into_iter()
                 .map(|(record, shard)| (record.to_string(), shard.to_string()))
                 .collect()
@@ -570,8 +603,9 @@ impl<'a> Landing<'a> {
             let shard = match target {
                 Some(id) => {
                     let shard = shards.get_mut(&id).expect("targets are loaded");
+                    let own = &id == own_id || holds_only(shard, ctx.integration_id, &record.id);
                     match two_way {
-                        Some(policy) if &id == own_id => {
+                        Some(policy) if own => {
                             let decided = two_way_landing(ctx, shard, record, data, policy);
                             if let Some(found) = decided.conflict {
                                 landed.conflicts.push(found);
@@ -586,7 +620,7 @@ impl<'a> Landing<'a> {
                                 _ => Map::new(),
                             };
                             shard.structured_data =
-                                Value::Object(landed_data(rules, &id == own_id, stored, data));
+                                Value::Object(landed_data(rules, own, stored, data));
                         }
                     }
                     shard
@@ -1563,6 +1597,55 @@ mod tests {
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].id, "int-1~Contact~1");
         assert_eq!(writes[0].structured_data["email"], "ann@home.test");
+    }
+
+    #[test]
+    fn a_shard_linking_only_the_record_takes_its_values_and_of_two_the_synced_link_holds_it() {
+        let mut mapping = contacts(true, true);
+        mapping.deduplication.as_mut().unwrap().merge =
+            crate::model::dedup::MergeStrategy::KeepFirst;
+        let (made, _) = plan(&mapping, vec![record("7", "Old", Some("a@x.test"))], &[]);
+        // A shard write-back made from record 7, which no longer names it.
+        let mut castiels = made[0].clone();
+        castiels.id = "castiel-1".into();
+        let (writes, tally) = plan(
+            &mapping,
+            vec![record("7", "New", Some("b@x.test"))],
+            std::slice::from_ref(&castiels),
+        );
+        assert_eq!((tally.created, tally.updated), (0, 1), "{tally:?}");
+        assert_eq!(writes[0].id, "castiel-1");
+        assert_eq!(
+            writes[0].structured_data["name"], "New",
+            "its record's values, not the merge strategy's"
+        );
+
+        // Two shards link record 7: the one whose link is synced holds it, whatever their ids.
+        let mut left = castiels.clone();
+        left.id = "castiel-0".into();
+        left.external_relationships[0].sync_status = RelationshipStatus::Deleted;
+        let mut other = made[0].clone();
+        other.id = "castiel-2".into();
+        for stored in [
+            vec![left.clone(), other.clone()],
+            vec![other.clone(), left.clone()],
+        ] {
+            let (writes, _) = plan(
+                &mapping,
+                vec![record("7", "New", Some("b@x.test"))],
+                &stored,
+            );
+            assert_eq!(writes[0].id, "castiel-2");
+        }
+        // Both synced: the first by id.
+        let mut first = other.clone();
+        first.id = "castiel-1".into();
+        let (writes, _) = plan(
+            &mapping,
+            vec![record("7", "New", Some("b@x.test"))],
+            &[other, first],
+        );
+        assert_eq!(writes[0].id, "castiel-1");
     }
 
     #[test]
