@@ -262,6 +262,56 @@ async fn an_edit_to_a_record_salesforce_no_longer_shows_is_kept_for_an_operator_
 }
 
 #[tokio::test]
+async fn an_edit_waits_while_salesforce_usage_is_at_the_integrations_share_without_spending_an_attempt()
+ {
+    let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
+    // The org has used the 80% of its daily allocation this integration may use.
+    fake.org.lock().unwrap().api_usage = (80_000, 100_000);
+    edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@new.test"})).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(waiting.len(), 1, "held, not dead-lettered");
+    assert!(
+        waiting[0].message_id.contains(":held-"),
+        "{}",
+        waiting[0].message_id
+    );
+    let held: Value = serde_json::from_slice(&waiting[0].body).unwrap();
+    assert_eq!(held["attempt"], 1, "no attempt spent: {held}");
+    assert!(test.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
+    assert!(
+        !fake.requests().iter().any(|r| r.starts_with("PATCH")),
+        "nothing written: {:?}",
+        fake.requests()
+    );
+    let said: Vec<String> = test
+        .history()
+        .await
+        .iter()
+        .filter_map(|r| {
+            r["structuredData"]["statusMessage"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(
+        said.iter().any(|m| m.contains("reached the 80%")),
+        "{said:?}"
+    );
+
+    // Usage falls as the day's requests age out of Salesforce's 24 hours: the held edit is
+    // written.
+    fake.org.lock().unwrap().api_usage = (40_000, 100_000);
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@new.test"
+    );
+    assert!(test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn an_edit_made_while_the_integration_is_paused_waits_to_be_replayed_and_is_then_written() {
     let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
     test.set_integration_status(SF, "paused").await;

@@ -16,7 +16,10 @@
 //! * Limits: at most 25 requests per second per integration; every answer carries
 //!   `Sforce-Limit-Info: api-usage=used/allowed`, and the job stops (partial, resumed next run)
 //!   once usage reaches the integration's share of the daily allocation; a 403
-//!   `REQUEST_LIMIT_EXCEEDED` stops it the same way.
+//!   `REQUEST_LIMIT_EXCEEDED` stops it the same way. A write-back reads no page: it is refused
+//!   (and held for later) while the usage the integration's latest answer reported, in the
+//!   last [`USAGE_KNOWN_FOR`], is at its share. An update reads its record first, and so
+//!   checks the usage of the moment.
 //! * Webhooks: Outbound Messages ([`outbound_messages`]), identified by OrganizationId.
 //!
 //! * Write-back: creates as upserts on an External ID field (the mapping's
@@ -25,7 +28,7 @@
 //!
 //! Connection settings (`structuredData.connection`): `loginHost` (`production`, `sandbox`, or
 //! a My Domain URL), `apiVersion` (default `v62.0`), `organizationId`, `maxApiUsage` (share of
-//! the daily allocation a sync may use, default 0.8). Credentials: `refresh_token`,
+//! the daily allocation a sync or a write-back may use, default 0.8). Credentials: `refresh_token`,
 //! `client_id`, optional `client_secret`, and the engine-kept `access_token` and `instance_url`.
 
 pub mod outbound_messages;
@@ -68,7 +71,18 @@ pub struct Salesforce {
     /// listing's leftovers are asked about a page at a time, and an object's key prefix and
     /// whether it has `IsDeleted` change only if it is deleted and made again.
     described: std::sync::Mutex<std::collections::HashMap<DescribedKey, (Described, Instant)>>,
+    /// The API usage (`used`, `allowed`) each integration's latest answer reported, and when:
+    /// what a write-back checks its share against ([`Salesforce::share_left_to_write`]).
+    usage: std::sync::Mutex<std::collections::HashMap<String, ReportedUsage>>,
 }
+
+/// The API usage an answer reported (`used`, `allowed`), and when it came.
+type ReportedUsage = ((u64, u64), Instant);
+
+/// How long the usage an answer reported is taken as the usage of the moment, for write-backs.
+/// Past it, a write is sent and its answer says again: while usage stays at the share, a write
+/// gets through every so often rather than never, for no other answer would say it fell.
+const USAGE_KNOWN_FOR: Duration = Duration::from_secs(15 * 60);
 
 /// Whose description of which object: the integration, its instance and the object.
 type DescribedKey = (String, String, String);
@@ -108,6 +122,7 @@ impl Salesforce {
         Self {
             limiter: RateLimiter::new(25),
             described: Default::default(),
+            usage: Default::default(),
         }
     }
 
@@ -317,6 +332,12 @@ impl Salesforce {
                         .get("sforce-limit-info")
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_api_usage);
+                    if let Some(usage) = usage {
+                        self.usage
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(conn.integration_id.clone(), (usage, Instant::now()));
+                    }
                     let retry_after = http::retry_after(response.headers(), Utc::now());
                     let bytes = match response.bytes().await {
                         Ok(bytes) => bytes,
@@ -355,6 +376,23 @@ impl Salesforce {
                 }
             };
             retries.wait_or_fail(error, retry_after).await?;
+        }
+    }
+
+    /// Refuses a write while the usage the integration's latest answer reported, if it came
+    /// in the last [`USAGE_KNOWN_FOR`], has reached its share of the daily allocation: a
+    /// quota error, which holds the write-back until later without spending an attempt.
+    fn share_left_to_write(&self, conn: &Connection) -> Result<(), ProviderError> {
+        let known = self
+            .usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&conn.integration_id)
+            .filter(|(_, at)| at.elapsed() < USAGE_KNOWN_FOR)
+            .map(|(usage, _)| *usage);
+        match Self::usage_stop(conn, known) {
+            Some(stop) => Err(stop),
+            None => Ok(()),
         }
     }
 
@@ -428,6 +466,7 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
+        self.share_left_to_write(conn)?;
         let path = keyed_path(conn, write)?;
         let body = Value::Object(write.fields.clone());
         let request = Request {
@@ -459,6 +498,7 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
+        self.share_left_to_write(conn)?;
         let id = write_target(write)?;
         let path = sobject_path(conn, &write.entity, &id)?;
         let headers: Vec<(&str, String)> = write
@@ -494,6 +534,7 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
+        self.share_left_to_write(conn)?;
         let id = match &write.external_id {
             Some(_) => write_target(write)?,
             // The record a create whose answer was lost made, if it did.
