@@ -365,10 +365,9 @@ struct EntityRun<'a> {
     /// The entity's deletions were lost: a read from the start is a listing.
     relist: bool,
     /// Records with no shard of their own are looked for among other shards' links (see
-    /// [`plan::link_lookups`]): the mapping may land a record elsewhere and creates shards
-    /// (one that does not leaves a record it finds nowhere unsynced, never twice), and the
-    /// entity has synced before (it has a cursor), so a shard may link one. An entity's first
-    /// sync, whose records are all new, costs no search.
+    /// [`plan::link_lookups`]): the mapping may land a record elsewhere, and the integration
+    /// has synced before, so a shard may link one. An integration's first sync, whose records
+    /// are all new, costs no search.
     searches_links: bool,
     /// Entities the job finished before this one, for its progress.
     finished: Vec<EntitySyncStats>,
@@ -641,8 +640,11 @@ impl<'a> EntityRun<'a> {
                 .lost_deletions
                 .contains(&mapping.external_entity),
             searches_links: mapping.lands_elsewhere()
-                && mapping.create_new
-                && integration.cursors.contains_key(&mapping.external_entity),
+                && (integration.last_sync_at.is_some()
+                    || integration.cursors.contains_key(&mapping.external_entity)
+                    || integration
+                        .lost_deletions
+                        .contains(&mapping.external_entity)),
             finished: Vec::new(),
             first_page: None,
             next_entity: None,
@@ -1850,21 +1852,20 @@ impl<'a> EntityRun<'a> {
             .map(|(t, _)| t.id.clone())
             .collect();
         if links == Links::Searched && self.mapping.lands_elsewhere() && !unheld.is_empty() {
-            let mut holder_of: HashMap<String, String> = HashMap::default();
+            let mut linking: Vec<Shard> = Vec::new();
             for found in self.linked_elsewhere(unheld).await? {
-                let shard = found.value;
-                for r in &shard.external_relationships {
-                    if r.integration_id == integration_id {
-                        holder_of.insert(r.external_id.clone(), shard.id.clone());
-                    }
-                }
-                etags.entry(shard.id.clone()).or_insert(found.etag);
-                shards.entry(shard.id.clone()).or_insert(shard);
+                etags.entry(found.value.id.clone()).or_insert(found.etag);
+                linking.push(found.value);
             }
+            let holder_of =
+                plan::linked_records(integration_id, &self.mapping.shard_type_id, linking.iter());
             for (tombstone, holder) in tombstones.iter().zip(&mut holders) {
                 if holder.is_none() {
-                    *holder = holder_of.get(&tombstone.id).cloned();
+                    *holder = holder_of.get(tombstone.id.as_str()).map(|s| s.to_string());
                 }
+            }
+            for shard in linking {
+                shards.entry(shard.id.clone()).or_insert(shard);
             }
         }
         // A shard two of the tombstones hold is written once, with both links marked; each
