@@ -261,6 +261,13 @@ pub trait Subscriptions: Send + Sync {
 /// redelivered or retried write, so that a write that may have happened is not made twice.
 #[async_trait]
 pub trait WriteBack: Send + Sync {
+    /// Whether the integration may write now, asked before a write-back reads or writes
+    /// anything: an allocation known to be used up refuses it (a quota error, which holds the
+    /// write-back), so that a held write spends no request. By default, always.
+    fn may_write(&self, _conn: &Connection) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     async fn create(
         &self,
         conn: &mut Connection,

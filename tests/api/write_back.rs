@@ -300,10 +300,17 @@ async fn an_edit_waits_while_salesforce_usage_is_at_the_integrations_share_witho
         "{said:?}"
     );
 
-    // Usage falls as the day's requests age out of Salesforce's 24 hours: the held edit is
-    // written.
-    fake.org.lock().unwrap().api_usage = (40_000, 100_000);
+    // Delivered again while usage is known to be at the share, it is held at no cost.
+    let requests = fake.requests().len();
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(fake.requests().len(), requests, "no request spent");
+    assert_eq!(test.broker().peek(SYNC_OUTBOUND).unwrap().len(), 1);
+
+    // Usage falls as the day's requests age out of Salesforce's 24 hours, and a sync's answers
+    // say so (the sync, finding Castiel's edit newer, sends it too): the held edit is written.
+    fake.org.lock().unwrap().api_usage = (40_000, 100_000);
+    sync(&handler, "job-2").await;
+    assert!(deliver_write_backs(&test, &handler).await >= 1);
     assert_eq!(
         fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
         "ann@new.test"

@@ -16,10 +16,10 @@
 //! * Limits: at most 25 requests per second per integration; every answer carries
 //!   `Sforce-Limit-Info: api-usage=used/allowed`, and the job stops (partial, resumed next run)
 //!   once usage reaches the integration's share of the daily allocation; a 403
-//!   `REQUEST_LIMIT_EXCEEDED` stops it the same way. A write-back reads no page: it is refused
-//!   (and held for later) while the usage the integration's latest answer reported, in the
-//!   last [`USAGE_KNOWN_FOR`], is at its share. An update reads its record first, and so
-//!   checks the usage of the moment.
+//!   `REQUEST_LIMIT_EXCEEDED` stops it the same way. A write-back is refused before it reads
+//!   or writes anything (and held for later) while the usage the integration's latest answer
+//!   reported, in the last [`USAGE_KNOWN_FOR`], is at its share; an update's read of its
+//!   record, or a delete's search for it, may say so too, and then writes nothing.
 //! * Webhooks: Outbound Messages ([`outbound_messages`]), identified by OrganizationId.
 //!
 //! * Write-back: creates as upserts on an External ID field (the mapping's
@@ -71,13 +71,26 @@ pub struct Salesforce {
     /// listing's leftovers are asked about a page at a time, and an object's key prefix and
     /// whether it has `IsDeleted` change only if it is deleted and made again.
     described: std::sync::Mutex<std::collections::HashMap<DescribedKey, (Described, Instant)>>,
-    /// The API usage (`used`, `allowed`) each integration's latest answer reported, and when:
-    /// what a write-back checks its share against ([`Salesforce::share_left_to_write`]).
-    usage: std::sync::Mutex<std::collections::HashMap<String, ReportedUsage>>,
+    /// The API usage (`used`, `allowed`) each integration's latest answer from its instance
+    /// reported, and when: what a write-back checks its share against
+    /// ([`Salesforce::share_left_to_write`]).
+    usage: std::sync::Mutex<std::collections::HashMap<(String, String), ReportedUsage>>,
 }
 
 /// The API usage an answer reported (`used`, `allowed`), and when it came.
 type ReportedUsage = ((u64, u64), Instant);
+
+/// Whose usage an answer reports: the integration's, at its instance (credentials stored again
+/// for another org start afresh).
+fn usage_key(conn: &Connection) -> (String, String) {
+    (
+        conn.integration_id.clone(),
+        conn.credentials
+            .get("instance_url")
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
 
 /// How long the usage an answer reported is taken as the usage of the moment, for write-backs.
 /// Past it, a write is sent and its answer says again: while usage stays at the share, a write
@@ -336,7 +349,7 @@ impl Salesforce {
                         self.usage
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .insert(conn.integration_id.clone(), (usage, Instant::now()));
+                            .insert(usage_key(conn), (usage, Instant::now()));
                     }
                     let retry_after = http::retry_after(response.headers(), Utc::now());
                     let bytes = match response.bytes().await {
@@ -387,7 +400,7 @@ impl Salesforce {
             .usage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&conn.integration_id)
+            .get(&usage_key(conn))
             .filter(|(_, at)| at.elapsed() < USAGE_KNOWN_FOR)
             .map(|(usage, _)| *usage);
         match Self::usage_stop(conn, known) {
@@ -461,6 +474,10 @@ fn percent_encode(text: &str) -> String {
 /// Salesforce refuses it with 412 if the record has changed since.
 #[async_trait]
 impl WriteBack for Salesforce {
+    fn may_write(&self, conn: &Connection) -> Result<(), ProviderError> {
+        self.share_left_to_write(conn)
+    }
+
     async fn create(
         &self,
         conn: &mut Connection,
@@ -539,7 +556,10 @@ impl WriteBack for Salesforce {
             Some(_) => write_target(write)?,
             // The record a create whose answer was lost made, if it did.
             None => match self.find_by_key(conn, write).await? {
-                Some(id) => id,
+                Some(id) => {
+                    self.share_left_to_write(conn)?;
+                    id
+                }
                 None => return Ok(()),
             },
         };

@@ -515,6 +515,9 @@ async fn write(
             "the shard is not deleted yet, though its deletion was asked for",
         ));
     }
+    // A provider whose allocation is known to be used up holds the write before its read,
+    // so that a held write-back spends nothing.
+    writer.may_write(&conn)?;
     if shard.deleted_at.is_some() {
         let Some(i) = link else {
             let gone = shard.lost_record_at(integration_id);
