@@ -385,10 +385,17 @@ impl Pull for Dynamics365 {
         let columns = select(request, &key)?;
         let root = Self::api_root(conn)?;
         let mut records = Vec::with_capacity(ids.len());
+        // A row the integration's or the mapping's filters leave out is not read, as a poll
+        // would not read it.
+        let filtered: String = request
+            .filters
+            .iter()
+            .map(|f| format!(" and ({f})"))
+            .collect();
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let values: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
             let mut url = format!(
-                "{root}/{}?$select={columns}&$filter=Microsoft.Dynamics.CRM.In(PropertyName='{key}',PropertyValues=[{}])",
+                "{root}/{}?$select={columns}&$filter=Microsoft.Dynamics.CRM.In(PropertyName='{key}',PropertyValues=[{}]){filtered}",
                 request.entity,
                 values.join(",")
             );

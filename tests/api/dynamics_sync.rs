@@ -637,6 +637,56 @@ async fn a_row_deleted_in_dataverse_leaves_castiel_through_its_webhook_though_th
     assert!(app.shards("c_contact").await.is_empty(), "Ann is gone");
 }
 
+#[tokio::test]
+async fn a_row_the_mappings_filters_leave_out_is_not_synced_through_its_webhook_either() {
+    let fake = FakeDynamics::start().await;
+    let (ann, bo) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    fake.load(
+        "contacts",
+        [
+            json!({"contactid": ann, "fullname": "Ann Example", "address1_country": "NL"}),
+            json!({"contactid": bo, "fullname": "Bo Example", "address1_country": "US"}),
+        ]
+        .into_iter(),
+    );
+    let app = TestApp::new();
+    let mut dutch = integration(&fake);
+    dutch["structuredData"]["entityMappings"][0]["filters"] = json!(["address1_country eq 'NL'"]);
+    app.register_integration(dutch).await;
+    let mut credentials = fake.credentials();
+    credentials["webhook_key"] = json!("dataverse-webhook-key");
+    app.set_credentials(ID, &credentials).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    let names =
+        |shards: Vec<Value>| -> Vec<Value> { shards.iter().map(|s| s["name"].clone()).collect() };
+    assert_eq!(names(app.shards("c_contact").await), ["Ann Example"]);
+
+    // Both are edited; Dataverse posts its Update step for each.
+    for id in [&ann, &bo] {
+        deliver(
+            &fake,
+            &handler,
+            "Update",
+            "contact",
+            std::slice::from_ref(id),
+            &uuid::Uuid::new_v4().to_string(),
+        )
+        .await;
+    }
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+    }
+    assert_eq!(
+        names(app.shards("c_contact").await),
+        ["Ann Example"],
+        "Bo is outside the mapping's filters"
+    );
+}
+
 /// Delivers Dataverse's webhook for each of `rows` of `table`, all changed by `message` in the
 /// request `request_id`.
 async fn deliver(

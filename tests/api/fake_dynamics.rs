@@ -278,6 +278,10 @@ enum Filter {
 
 impl Filter {
     fn parse(filter: &str) -> Self {
+        let filter = match filter.trim().strip_prefix('(') {
+            Some(inner) if !filter.contains(" and ") => inner.strip_suffix(')').unwrap_or(inner),
+            _ => filter,
+        };
         if let Some((first, rest)) = filter.split_once(" and ") {
             let part = |p: &str| {
                 Box::new(Self::parse(
