@@ -13,9 +13,10 @@
 //! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`;
 //!   a `meeting.deleted` naming `occurrences` deleted some of a series, whose meeting is read
 //!   again); and since meetings are listed whole, a meeting a sync no longer lists is
-//!   reconciled as deleted. A recording taken back from the trash (`recording.recovered`) or
-//!   renamed (`recording.renamed`) is read again by its uuid
-//!   (`/meetings/{uuid}/recordings`), since a sync's window would not list it again.
+//!   reconciled as deleted. A recording made ready (`recording.completed`, which may come
+//!   days after its meeting), taken back from the trash (`recording.recovered`) or renamed
+//!   (`recording.renamed`) is read by its uuid (`/meetings/{uuid}/recordings`), since a sync's
+//!   window, by the meeting's start, may not list it again.
 //! * Tokens: `POST {tokenUrl}` with the client authenticated by HTTP Basic. User-managed apps
 //!   refresh with a refresh token that Zoom rotates (the old one dies when the new one is
 //!   issued, so it is stored before use); Server-to-Server apps use the `account_credentials`
@@ -769,20 +770,19 @@ impl Webhooks for Zoom {
                 })
                 .into_iter()
                 .collect(),
-            "recording.completed" => vec![WebhookNotification::CatchUp {
-                id,
-                entity: RECORDINGS.into(),
-            }],
-            // A recording taken back from the trash, or renamed: one a sync's window (the last
-            // day) would not list again, so it is read by itself.
-            "recording.recovered" | "recording.renamed" => object_id("uuid")
-                .map(|record| WebhookNotification::Records {
-                    id,
-                    entity: RECORDINGS.into(),
-                    record_ids: vec![record],
-                })
-                .into_iter()
-                .collect(),
+            // A recording ready (processing may end days after its meeting), taken back from
+            // the trash, or renamed: one a sync's window (from the day before the last sync,
+            // by the meeting's start) may not list again, so it is read by itself.
+            "recording.completed" | "recording.recovered" | "recording.renamed" => {
+                object_id("uuid")
+                    .map(|record| WebhookNotification::Records {
+                        id,
+                        entity: RECORDINGS.into(),
+                        record_ids: vec![record],
+                    })
+                    .into_iter()
+                    .collect()
+            }
             "recording.trashed" | "recording.deleted" => object_id("uuid")
                 .map(|record| WebhookNotification::Deleted {
                     id,

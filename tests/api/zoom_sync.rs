@@ -202,6 +202,29 @@ async fn a_recording_taken_back_from_the_trash_or_renamed_long_after_is_read_aga
 }
 
 #[tokio::test]
+async fn a_recording_ready_days_after_its_meeting_arrives_with_its_completed_event() {
+    let (zoom, app) = connected().await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    assert!(app.shards("c_recording").await.is_empty());
+
+    // Processed three days after the meeting began: behind the window a sync reads now.
+    let late = zoom.add_recording("Board review", Utc::now() - chrono::Duration::days(3));
+    let completed = zoom.webhook(
+        "recording.completed",
+        json!({"uuid": late, "id": 2, "topic": "Board review"}),
+    );
+    assert_eq!(post(&handler, &completed).await["statusCode"], 200);
+    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
+        handler.deliver("SyncInboundWebhook", &message).await;
+    }
+
+    let recordings = app.shards("c_recording").await;
+    assert_eq!(recordings.len(), 1, "{recordings:?}");
+    assert_eq!(recordings[0]["name"], "Board review");
+}
+
+#[tokio::test]
 async fn a_server_to_server_app_syncs_with_account_credentials() {
     let zoom = FakeZoom::start().await;
     zoom.load_meetings(3);
