@@ -136,6 +136,9 @@ pub struct Graph {
     /// Another subscription (one replaced meanwhile, or another integration's) whose
     /// notification rides in every batch delivered.
     pub extra_subscription_in_batches: Option<String>,
+    /// Change notifications go without their `id`, as OneDrive's own do: every one of a drive
+    /// reads the same.
+    pub notifications_without_id: bool,
     /// The next drive token of any kind (a page of the first enumeration too) answers 410
     /// `resyncRequired`, once: it was kept too long.
     pub expire_next_token: bool,
@@ -1495,6 +1498,10 @@ impl FakeGraph {
                 "tenantId": TENANT,
                 "resourceData": data
             });
+            let mut notification = notification;
+            if graph.notifications_without_id {
+                notification.as_object_mut().unwrap().remove("id");
+            }
             let mut batch = vec![notification];
             if let Some(other) = &graph.extra_subscription_in_batches {
                 // Graph batches the notifications of every subscription with one URL: one of

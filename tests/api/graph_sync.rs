@@ -129,6 +129,27 @@ async fn a_file_renamed_in_onedrive_reaches_castiel_through_graphs_own_notificat
 }
 
 #[tokio::test]
+async fn each_of_onedrives_identical_notifications_brings_its_change() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    let file = graph.add_item(DRIVE, "budget.xlsx", false);
+    let runtime = subscribed_and_synced(&app).await;
+    graph.state.lock().unwrap().notifications_without_id = true;
+    let subscription = graph.subscriptions()[0].id.clone();
+
+    for name in ["budget-2027.xlsx", "budget-2027-final.xlsx"] {
+        graph.rename_item(DRIVE, &file, name);
+        let (status, _) = graph.notify(&subscription, "updated", &file, None).await;
+        assert_eq!(status, 202);
+        wait_until("the rename is synced", Duration::from_secs(30), || async {
+            names(&app, "c_document").await == [name]
+        })
+        .await;
+    }
+    drop(runtime);
+}
+
+#[tokio::test]
 async fn a_batch_that_names_an_integration_unable_to_verify_its_part_still_syncs_the_rest() {
     let app = world();
     let graph = connected_drive(&app).await;

@@ -286,18 +286,6 @@ pub fn route(request: &WebhookRequest<'_>) -> Result<WebhookRoute, WebhookError>
     Ok(WebhookRoute::To(keys))
 }
 
-/// A notification's content as 16 hex digits (SHA-256 of its JSON, keys sorted, without its
-/// `clientState`, which is a secret).
-fn content_id(notification: &Map<String, Value>) -> String {
-    use sha2::{Digest, Sha256};
-    let mut content = notification.clone();
-    content.remove("clientState");
-    Sha256::digest(Value::Object(content).to_string().as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn notifications(request: &WebhookRequest<'_>) -> Result<Vec<Map<String, Value>>, WebhookError> {
     let malformed = |why: &str| WebhookError::Malformed(format!("a Graph notification {why}"));
     let body: Value = request
@@ -361,9 +349,12 @@ pub fn verify(
                 "{subscription}:{event}:{}",
                 text(&n, "subscriptionExpirationDateTime").unwrap_or_default()
             ),
-            // Graph may leave a change notification's id out: what it says tells it apart
-            // from another (and a delivery of it again from nothing).
-            None => format!("{subscription}:change:{}", content_id(&n)),
+            // Graph may leave a change notification's id out, and OneDrive's say no more than
+            // "the drive changed": every one of a drive reads the same. Each delivery is then
+            // its own, so that a change made after the catch-up an earlier one started is not
+            // dropped as its duplicate; Graph delivering one again costs a catch-up that finds
+            // nothing.
+            None => format!("{subscription}:change:{}", uuid::Uuid::new_v4().simple()),
         });
         let id = id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
         out.push(match text(&n, "lifecycleEvent").as_deref() {
