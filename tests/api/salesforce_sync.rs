@@ -917,6 +917,39 @@ async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_onc
 }
 
 #[tokio::test]
+async fn a_revoked_refresh_token_met_by_a_sync_counts_as_a_failed_token_refresh() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 1);
+    let app = TestApp::new();
+    app.register_integration(integration(&fake, false)).await;
+    let mut credentials = fake.credentials();
+    credentials["refresh_token"] = json!("rt-revoked");
+    app.set_credentials("int-acme-sf", &credentials).await;
+    let runtime = app.start_local().await;
+
+    app.cli_json(&["sync", "int-acme-sf", "--tenant", "t1"])
+        .await;
+    wait_until(
+        "the integration is flagged",
+        std::time::Duration::from_secs(30),
+        || async { app.integration("int-acme-sf").await["structuredData"]["status"] == "error" },
+    )
+    .await;
+
+    let metrics = reqwest::get(format!("http://{}/metrics", runtime.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels = r#"integrationId="int-acme-sf",provider="salesforce",tenantId="t1""#;
+    assert!(
+        metrics.contains(&format!("token_refresh_failures{{{labels}}} 1")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integration() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 10);

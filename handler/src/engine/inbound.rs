@@ -666,6 +666,12 @@ async fn fail(
             // keeps its message id, so it is not listed twice).
             send_dead_letter(app, queue, message, failure.code.as_str(), &summary).await?;
             let needs_reauth = failure.code.needs_new_credentials();
+            if needs_reauth {
+                // A token the job could not refresh: the alert on refreshes that fail sees it,
+                // as it sees the token refresher's (a provider the refresher leaves to its
+                // syncs, Salesforce, fails only here).
+                app.metrics.token_refreshed(dimensions(job), true);
+            }
             // An integration that cannot be read cannot be updated either; its failed record
             // and dead letter say why.
             if integration_readable {
