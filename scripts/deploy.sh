@@ -62,8 +62,31 @@ vault=$(az keyvault list -g "$group" --query '[0].name' -o tsv)
 secrets=$(mktemp -d)
 chmod 700 "$secrets"
 trap 'rm -rf "$secrets"' EXIT
-if ! az keyvault secret show --vault-name "$vault" -n webhook-function-key \
-    --query value -o tsv > "$secrets/key" 2> "$secrets/error"; then
+read_key() {
+  az keyvault secret show --vault-name "$vault" -n webhook-function-key \
+    --query value -o tsv > "$secrets/key" 2> "$secrets/error"
+}
+# The vault takes RBAC only, and Owner grants no data-plane role: the deploying identity is
+# made Key Vault Secrets Officer on it the first time, and the key read again once the role
+# has reached the vault (minutes, at worst).
+if ! read_key && grep -q Forbidden "$secrets/error"; then
+  if [ "$(az account show --query user.type -o tsv)" = "servicePrincipal" ]; then
+    deployer=$(az ad sp show --id "$(az account show --query user.name -o tsv)" --query id -o tsv)
+    deployer_type=ServicePrincipal
+  else
+    deployer=$(az ad signed-in-user show --query id -o tsv)
+    deployer_type=User
+  fi
+  echo "granting the deploying identity Key Vault Secrets Officer on $vault"
+  az role assignment create --assignee-object-id "$deployer" \
+    --assignee-principal-type "$deployer_type" --role "Key Vault Secrets Officer" \
+    --scope "$(az keyvault show -n "$vault" --query id -o tsv)" -o none
+  for _ in $(seq 1 60); do
+    if read_key || ! grep -q Forbidden "$secrets/error"; then break; fi
+    sleep 10
+  done
+fi
+if [ ! -s "$secrets/key" ]; then
   # Made only where there is none: a new key would break every URL registered with one.
   if ! grep -q SecretNotFound "$secrets/error"; then
     cat "$secrets/error" >&2
