@@ -15,7 +15,7 @@ use handler::queue::SYNC_INBOUND_WEBHOOK;
 use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
 use crate::fake_entra::app_credentials;
 use crate::fake_host::{HostedHandler, service_bus_message, timer_without_status};
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, wait_until};
 
 const ID: &str = "int-contoso-crm";
 
@@ -244,6 +244,52 @@ async fn the_token_refresher_refreshes_a_token_before_it_expires_and_records_the
         secrets.contains(&live[0]),
         "the rotated refresh token is stored"
     );
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_hangs_holds_up_no_other_integrations_refresh() {
+    // Two environments, the first registered (and asked first) behind a token endpoint that
+    // stops answering.
+    let (hanging, fine) = (FakeDynamics::start().await, FakeDynamics::start().await);
+    let app = TestApp::new();
+    for (id, fake) in [("int-a-hanging", &hanging), ("int-b-fine", &fine)] {
+        let mut file = integration(fake);
+        file["id"] = json!(id);
+        // One integration per organization.
+        file["structuredData"]["connection"]["organizationId"] =
+            json!(uuid::Uuid::new_v4().to_string());
+        app.register_integration(file).await;
+        app.set_credentials(id, &fake.credentials()).await;
+    }
+    let handler = app.host_handler().await;
+    for id in ["int-a-hanging", "int-b-fine"] {
+        let job = json!({
+            "integrationId": id, "tenantId": "t1", "jobType": "full_sync",
+            "provider": "dynamics365", "jobId": format!("job-{id}"),
+            "scheduledAt": "2026-11-22T10:00:00Z", "attempt": 1
+        });
+        let envelope = service_bus_message("SyncInboundScheduled", &job.to_string(), id, 1, None);
+        let res = handler.invoke("SyncInboundScheduled", &envelope).await;
+        assert!(res.host_accepts(), "{res:?}");
+    }
+    hanging.state.lock().unwrap().hold_next_token = true;
+
+    let refresher = handler.invoke_in_background(
+        "TokenRefresher",
+        &timer_without_status("TokenRefresher", "timer"),
+    );
+    hanging.held.notified().await;
+    wait_until(
+        "the other environment's token is refreshed",
+        std::time::Duration::from_secs(30),
+        || async { fine.token_refreshes() == 2 },
+    )
+    .await;
+
+    hanging.release.notify_one();
+    let res = refresher.await.unwrap();
+    assert!(res.host_accepts(), "{res:?}");
+    assert_eq!(hanging.token_refreshes(), 2);
 }
 
 #[tokio::test]

@@ -60,6 +60,9 @@ pub struct Dataverse {
     pub expire_delta_tokens: bool,
     /// The next write is made, then its answer waits until the test releases it.
     pub hold_next_write: bool,
+    /// The next token request waits, unanswered, until the test releases it (`held` is
+    /// notified when it comes): a token endpoint that hangs.
+    pub hold_next_token: bool,
     /// The next write is made, and its answer lost on the way back: the gateway in front of
     /// the environment answers 504 instead.
     pub lose_next_write_answer: bool,
@@ -652,6 +655,12 @@ async fn token(
     Path(tenant): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
+    let hold = std::mem::take(&mut fake.state.lock().unwrap().hold_next_token);
+    if hold {
+        let released = fake.release.notified();
+        fake.held.notify_one();
+        released.await;
+    }
     fake.state.lock().unwrap().entra.token(&tenant, &form)
 }
 

@@ -8,8 +8,14 @@
 //! (`invalid_grant`) put the integration in `error`: its syncs stop until someone sets new
 //! credentials. Providers whose tokens carry no expiry (Salesforce) are refreshed by their
 //! jobs when a request answers 401 and never show up here.
+//!
+//! Refreshes run several at once, and a run begins none after a budget well inside the host's
+//! timeout: what it leaves is refreshed at the next tick, or by its syncs meanwhile.
+
+use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
+use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use super::InvocationError;
@@ -25,6 +31,18 @@ use crate::model::{Event, Integration, Shard, timestamp};
 use crate::protocol::{InvocationResponse, TimerInfo};
 use crate::store::{Op, ShardQuery};
 use crate::telemetry::Dimensions;
+
+/// Refreshes under way at once.
+const REFRESHES_AT_ONCE: usize = 8;
+
+/// No refresh is begun after this much of a run: one begun just before may take its exchange
+/// and its wait for the integration's lease, a little over two minutes, and the subscriptions
+/// come after.
+const REFRESH_BUDGET: std::time::Duration = std::time::Duration::from_secs(4 * 60);
+
+/// No subscription is maintained after this much of a run: the host's `functionTimeout` is
+/// ten minutes.
+const RUN_BUDGET: std::time::Duration = std::time::Duration::from_secs(8 * 60);
 
 pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, InvocationError> {
     if !app.settings.token_refresh_enabled {
@@ -56,10 +74,24 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         now,
         json!({"timestamp": now, "thresholdTime": threshold}),
     )];
-    let (mut refreshed, mut failed) = (0, 0);
-    for stored in &expiring {
-        let shard = &stored.value;
-        let result = refresh(app, shard).await;
+    // Several at once, so that a token endpoint that hangs holds up no other provider's
+    // integrations; and none begun past the budget, so that the run ends well inside the
+    // host's timeout (which would restart the handler, and every job on it, mid-refresh).
+    let started = Instant::now();
+    // By index: a closure over borrowed shards would not be `Send` to the compiler.
+    let shards: Vec<&Shard> = expiring.iter().map(|stored| &stored.value).collect();
+    let results: Vec<(usize, Option<Refreshed>)> = stream::iter(0..shards.len())
+        .map(|i| refresh_within_budget(app, &shards, i, started))
+        .buffer_unordered(REFRESHES_AT_ONCE)
+        .collect()
+        .await;
+    let (mut refreshed, mut failed, mut left) = (0, 0, 0);
+    for (i, result) in results {
+        let shard = shards[i];
+        let Some(result) = result else {
+            left += 1;
+            continue;
+        };
         let provider = shard
             .data::<Integration>()
             .map(|i| i.provider_name)
@@ -120,9 +152,20 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         batch.push(event);
     }
     publish(app, &batch).await;
-    let maintained = maintain_subscriptions(app, now).await?;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "token refreshes left to the next tick: the run is out of time"
+        );
+    }
+    let maintained = maintain_subscriptions(app, now, started).await?;
+    let left = if left > 0 {
+        format!(", {left} left to the next tick")
+    } else {
+        String::new()
+    };
     Ok(InvocationResponse::new().log(format!(
-        "{} integrations had credentials expiring: {refreshed} refreshed, {failed} failed; \
+        "{} integrations had credentials expiring: {refreshed} refreshed, {failed} failed{left}; \
          subscriptions: {} created, {} renewed, {} deleted, {} integrations failed",
         expiring.len(),
         maintained.0.created,
@@ -133,10 +176,12 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
 }
 
 /// Creates, renews and deletes the webhook subscriptions of every active integration whose
-/// provider keeps them. One integration's failure is logged and does not stop the others.
+/// provider keeps them. One integration's failure is logged and does not stop the others; none
+/// is begun once the run, `started` then, has used its whole budget.
 async fn maintain_subscriptions(
     app: &App,
     now: DateTime<Utc>,
+    started: Instant,
 ) -> Result<(Maintained, usize), Transient> {
     let providers: Vec<&str> = app
         .providers
@@ -160,7 +205,14 @@ async fn maintain_subscriptions(
                 .filter("structuredData.providerName", Op::In, json!(providers)),
         )
         .await?;
-    for stored in &integrations {
+    for (i, stored) in integrations.iter().enumerate() {
+        if started.elapsed() >= RUN_BUDGET {
+            tracing::warn!(
+                left = integrations.len() - i,
+                "webhook subscriptions left to the next tick: the run is out of time"
+            );
+            break;
+        }
         let shard = &stored.value;
         let Ok(integration) = shard.data::<Integration>() else {
             continue;
@@ -187,8 +239,24 @@ fn subject(shard: &Shard) -> String {
     format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id)
 }
 
+/// What a refresh came to: when the new token expires, if it says.
+type Refreshed = Result<Option<DateTime<Utc>>, Failure>;
+
+/// [`refresh`] of `shards[i]`, unless the run has used its refresh budget (`None`).
+async fn refresh_within_budget(
+    app: &App,
+    shards: &[&Shard],
+    i: usize,
+    started: Instant,
+) -> (usize, Option<Refreshed>) {
+    if started.elapsed() >= REFRESH_BUDGET {
+        return (i, None);
+    }
+    (i, Some(refresh(app, shards[i]).await))
+}
+
 /// Refreshes one integration's token; returns when the new one expires.
-async fn refresh(app: &App, shard: &Shard) -> Result<Option<DateTime<Utc>>, Failure> {
+async fn refresh(app: &App, shard: &Shard) -> Refreshed {
     let integration: Integration = shard.data().map_err(|e| {
         Failure::new(
             adapters::ErrorCode::ValidationError,
