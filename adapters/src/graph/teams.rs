@@ -44,12 +44,39 @@ impl Default for Teams {
     }
 }
 
-/// Where a sync of the entity stands: which channel, and the link to its next page.
+/// Where a sync of the entity stands: which channel (its place in `channelIds`, and its id),
+/// and the link to its next page.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct Position {
     channel: usize,
+    /// The channel's id, so that a page token kept across jobs is not read as another
+    /// channel's once `channelIds` changed (a token kept before it was written has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     next: Option<String>,
+}
+
+impl Position {
+    fn at(channels: &[String], channel: usize, next: Option<String>) -> Self {
+        Self {
+            channel,
+            id: channels.get(channel).cloned(),
+            next,
+        }
+    }
+
+    /// The channel this position is in: a list changed since (the channel moved, or is no
+    /// longer synced) is [`ErrorCode::NotFound`], and the entity is read again from its
+    /// cursor, whose delta links are kept by channel id.
+    fn channel<'c>(&self, channels: &'c [String]) -> Result<&'c String, ProviderError> {
+        channels
+            .get(self.channel)
+            .filter(|c| self.id.as_ref().is_none_or(|id| id == *c))
+            .ok_or_else(|| {
+                ProviderError::new(ErrorCode::NotFound, "the channel list changed mid-sync")
+            })
+    }
 }
 
 /// The entity's cursor: a delta link per channel.
@@ -140,9 +167,7 @@ impl Pull for Teams {
             })?,
             None => Position::default(),
         };
-        let channel = channels.get(position.channel).ok_or_else(|| {
-            ProviderError::new(ErrorCode::NotFound, "the channel list changed mid-sync")
-        })?;
+        let channel = position.channel(&channels)?;
         let base = Graph::base(conn).to_string();
         let link = position.next.clone().or_else(|| {
             started
@@ -159,10 +184,8 @@ impl Pull for Teams {
                 request.page_size.clamp(1, MAX_PAGE_SIZE)
             )
         });
-        let following = (position.channel + 1 < channels.len()).then(|| Position {
-            channel: position.channel + 1,
-            next: None,
-        });
+        let following = (position.channel + 1 < channels.len())
+            .then(|| Position::at(&channels, position.channel + 1, None));
         let body = match self.graph.send(conn, Method::GET, &url, None).await {
             Ok(body) => body,
             // A channel deleted from the team is reported and passed over: the others are still
@@ -189,10 +212,11 @@ impl Pull for Teams {
         }
         let (next, cursor) = match body["@odata.nextLink"].as_str() {
             Some(next) => (
-                Some(Position {
-                    channel: position.channel,
-                    next: Some(next.to_string()),
-                }),
+                Some(Position::at(
+                    &channels,
+                    position.channel,
+                    Some(next.to_string()),
+                )),
                 None,
             ),
             None => {
@@ -357,6 +381,22 @@ mod tests {
         let ids: Vec<_> = records.iter().map(|r| (r.id.as_str(), r.deleted)).collect();
         assert_eq!(ids, [("1", false), ("2", false), ("3", true)]);
         assert!(!records[0].fields.contains_key("replies"));
+    }
+
+    #[test]
+    fn a_page_token_names_its_channel_so_a_changed_channel_list_restarts_the_read() {
+        let before = ["19:a".to_string(), "19:b".to_string()];
+        let token = serde_json::to_string(&Position::at(&before, 1, Some("next".into()))).unwrap();
+        let kept: Position = serde_json::from_str(&token).unwrap();
+        assert_eq!(kept.channel(&before).unwrap(), "19:b");
+        // 19:a is no longer synced: place 1 is now nobody, or another channel.
+        let after = ["19:b".to_string()];
+        assert_eq!(kept.channel(&after).unwrap_err().code, ErrorCode::NotFound);
+        let moved = ["19:b".to_string(), "19:c".to_string()];
+        assert_eq!(kept.channel(&moved).unwrap_err().code, ErrorCode::NotFound);
+        // A token kept before channels were named in it goes by place.
+        let old: Position = serde_json::from_str(r#"{"channel":1,"next":"n"}"#).unwrap();
+        assert_eq!(old.channel(&moved).unwrap(), "19:c");
     }
 
     #[test]
