@@ -5,7 +5,8 @@
 # Usage: scripts/deploy.sh <dev|staging|prod> [--yes] [--func]
 #   --yes   deploy the infrastructure without asking after the what-if
 #   --func  publish with Azure Functions Core Tools instead of zip deployment
-# Environment: LOCATION (default westeurope) for a resource group that does not exist yet.
+# Environment: LOCATION (default westeurope) for a resource group that does not exist yet;
+# DEPLOYER_OBJECT_ID (and DEPLOYER_PRINCIPAL_TYPE) where the login cannot look itself up.
 set -euo pipefail
 
 usage() {
@@ -69,13 +70,26 @@ read_key() {
 # The vault takes RBAC only, and Owner grants no data-plane role: the deploying identity is
 # made Key Vault Secrets Officer on it the first time, and the key read again once the role
 # has reached the vault (minutes, at worst).
+# A login that cannot look itself up in Microsoft Graph (a pipeline's service principal, a
+# managed identity) names itself: DEPLOYER_OBJECT_ID, and DEPLOYER_PRINCIPAL_TYPE if it is not
+# a service principal.
 if ! read_key && grep -q Forbidden "$secrets/error"; then
-  if [ "$(az account show --query user.type -o tsv)" = "servicePrincipal" ]; then
-    deployer=$(az ad sp show --id "$(az account show --query user.name -o tsv)" --query id -o tsv)
-    deployer_type=ServicePrincipal
-  else
-    deployer=$(az ad signed-in-user show --query id -o tsv)
-    deployer_type=User
+  deployer=${DEPLOYER_OBJECT_ID:-}
+  deployer_type=${DEPLOYER_PRINCIPAL_TYPE:-ServicePrincipal}
+  if [ -z "$deployer" ]; then
+    if [ "$(az account show --query user.type -o tsv)" = "servicePrincipal" ]; then
+      deployer=$(az ad sp show --id "$(az account show --query user.name -o tsv)" \
+        --query id -o tsv 2>/dev/null || true)
+    else
+      deployer=$(az ad signed-in-user show --query id -o tsv 2>/dev/null || true)
+      deployer_type=User
+    fi
+  fi
+  if [ -z "$deployer" ]; then
+    echo "cannot read the webhook function key from $vault, nor find the deploying identity's" \
+      "object id to grant it Key Vault Secrets Officer there: set DEPLOYER_OBJECT_ID (and" \
+      "DEPLOYER_PRINCIPAL_TYPE=User for a user), or grant the role; nothing deployed further" >&2
+    exit 1
   fi
   echo "granting the deploying identity Key Vault Secrets Officer on $vault"
   az role assignment create --assignee-object-id "$deployer" \

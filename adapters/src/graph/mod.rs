@@ -333,6 +333,7 @@ pub fn verify(
             ))
         })?;
     let mut out = Vec::new();
+    let delivery = uuid::Uuid::new_v4().simple().to_string();
     for n in notifications(request)? {
         if text(&n, "subscriptionId").as_deref() != Some(subscription.as_str()) {
             continue;
@@ -351,10 +352,10 @@ pub fn verify(
             ),
             // Graph may leave a change notification's id out, and OneDrive's say no more than
             // "the drive changed": every one of a drive reads the same. Each delivery is then
-            // its own, so that a change made after the catch-up an earlier one started is not
-            // dropped as its duplicate; Graph delivering one again costs a catch-up that finds
-            // nothing.
-            None => format!("{subscription}:change:{}", uuid::Uuid::new_v4().simple()),
+            // its own (those it batches, one), so that a change made after the catch-up an
+            // earlier one started is not dropped as its duplicate; Graph delivering one again
+            // costs a catch-up that finds nothing.
+            None => format!("{subscription}:change:{delivery}"),
         });
         let id = id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
         out.push(match text(&n, "lifecycleEvent").as_deref() {
@@ -457,7 +458,7 @@ mod tests {
     }
 
     #[test]
-    fn change_notifications_without_an_id_each_have_an_id_of_their_own() {
+    fn change_notifications_without_an_id_have_their_deliverys_id() {
         let none = BTreeMap::new();
         // OneDrive's: every one of a drive reads the same.
         let change = json!({"subscriptionId": "s1", "clientState": "secret-1",
@@ -477,10 +478,15 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_ne!(
-            ids[0], ids[1],
-            "two changes, two messages: the second may come after the first's catch-up read"
-        );
+        assert_eq!(ids[0], ids[1], "one delivery's changes, one catch-up");
+        let again = verify(&conn, &request(&none, Some(&body)), &key, "driveItem").unwrap();
+        match &again.notifications[0] {
+            WebhookNotification::CatchUp { id, .. } => assert_ne!(
+                id, ids[0],
+                "another delivery's, another: it may come after the first's catch-up read"
+            ),
+            other => panic!("{other:?}"),
+        }
         assert!(
             ids.iter()
                 .all(|id| id.starts_with("s1_change_") && !id.contains("secret"))

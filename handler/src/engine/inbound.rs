@@ -666,12 +666,6 @@ async fn fail(
             // keeps its message id, so it is not listed twice).
             send_dead_letter(app, queue, message, failure.code.as_str(), &summary).await?;
             let needs_reauth = failure.code.needs_new_credentials();
-            if needs_reauth {
-                // A token the job could not refresh: the alert on refreshes that fail sees it,
-                // as it sees the token refresher's (a provider the refresher leaves to its
-                // syncs, Salesforce, fails only here).
-                app.metrics.token_refreshed(dimensions(job), true);
-            }
             // An integration that cannot be read cannot be updated either; its failed record
             // and dead letter say why.
             if integration_readable {
@@ -689,6 +683,13 @@ async fn fail(
             finish(&mut record, SyncStatus::Failed, summary.clone(), now);
             save(app, job, record_id, &record, now).await?;
             tracing::error!(job_id = %job.job_id, error = %failure, exhausted, "sync job failed");
+            if needs_reauth {
+                // A token the job could not refresh: the alert on refreshes that fail sees it,
+                // as it sees the token refresher's (a provider the refresher leaves to its
+                // syncs, Salesforce, fails only here). Counted once the job's end is saved,
+                // so that a delivery again does not count it twice.
+                app.metrics.token_refreshed(dimensions(job), true);
+            }
             let failed = Some((failure.code.as_str(), summary.as_str()));
             announce_end(app, job, run, &record, failed, now).await;
             Ok(())

@@ -515,9 +515,6 @@ async fn write(
             "the shard is not deleted yet, though its deletion was asked for",
         ));
     }
-    // A provider whose allocation is known to be used up holds the write before its read,
-    // so that a held write-back spends nothing.
-    writer.may_write(&conn)?;
     if shard.deleted_at.is_some() {
         let Some(i) = link else {
             let gone = shard.lost_record_at(integration_id);
@@ -534,6 +531,7 @@ async fn write(
                     idempotency_key: shard.id.clone(),
                     key_field: Some(key_field),
                 };
+                writer.may_write(&conn)?;
                 writer.delete(&mut conn, &write).await?;
                 pushed.note = Some(
                     "not linked to a record: any record a create of this shard may have made is deleted"
@@ -551,6 +549,7 @@ async fn write(
             idempotency_key: shard.id.clone(),
             key_field: None,
         };
+        writer.may_write(&conn)?;
         writer.delete(&mut conn, &write).await?;
         let r = &mut shard.external_relationships[i];
         r.sync_status = RelationshipStatus::Deleted;
@@ -567,6 +566,9 @@ async fn write(
             page_size: 1,
             cursor_read_at: None,
         };
+        // A provider whose allocation is known to be used up holds the write before its read,
+        // so that a held write-back spends nothing; so before every request below.
+        writer.may_write(&conn)?;
         let records = provider
             .fetch_by_ids(&mut conn, &request, std::slice::from_ref(&external_id))
             .await?;
@@ -711,6 +713,7 @@ async fn write(
             idempotency_key: shard.id.clone(),
             key_field: mapping.idempotency_field.clone(),
         };
+        writer.may_write(&conn)?;
         let written = writer.create(&mut conn, &write).await?;
         let mut link = ExternalRelationship::synced(
             integration_id,

@@ -86,6 +86,7 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         .collect()
         .await;
     let (mut refreshed, mut failed, mut left) = (0, 0, 0);
+    let mut unmarked = None;
     for (i, result) in results {
         let shard = shards[i];
         let Some(result) = result else {
@@ -131,11 +132,10 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                     })
                     .await;
                     if let Err(e) = marked {
-                        // The refreshes this run made are told before it fails: those
+                        // The run fails once every refresh it made is told: those
                         // integrations are not expiring at the next tick, which would not
                         // tell them again.
-                        publish(app, &batch).await;
-                        return Err(Transient::from(e).into());
+                        unmarked.get_or_insert(e);
                     }
                 }
                 Event::new(
@@ -152,6 +152,9 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         batch.push(event);
     }
     publish(app, &batch).await;
+    if let Some(e) = unmarked {
+        return Err(Transient::from(e).into());
+    }
     if left > 0 {
         tracing::warn!(
             left,
