@@ -270,16 +270,7 @@ async fn an_edit_waits_while_salesforce_usage_is_at_the_integrations_share_witho
     edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@new.test"})).await;
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
 
-    let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
-    assert_eq!(waiting.len(), 1, "held, not dead-lettered");
-    assert!(
-        waiting[0].message_id.contains(":held-"),
-        "{}",
-        waiting[0].message_id
-    );
-    let held: Value = serde_json::from_slice(&waiting[0].body).unwrap();
-    assert_eq!(held["attempt"], 1, "no attempt spent: {held}");
-    assert!(test.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
+    held_write_back(&test);
     assert!(
         !fake.requests().iter().any(|r| r.starts_with("PATCH")),
         "nothing written: {:?}",
@@ -678,6 +669,21 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
         deletes, 1,
         "the redelivery finds the link already marked deleted"
     );
+}
+
+/// Checks that the one write-back waiting in `sync-outbound` is held for the provider's
+/// allocation: not dead-lettered, and with no attempt spent.
+fn held_write_back(test: &TestApp) {
+    let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
+    assert_eq!(waiting.len(), 1, "held, not dead-lettered");
+    assert!(
+        waiting[0].message_id.contains(":held-"),
+        "{}",
+        waiting[0].message_id
+    );
+    let held: Value = serde_json::from_slice(&waiting[0].body).unwrap();
+    assert_eq!(held["attempt"], 1, "no attempt spent: {held}");
+    assert!(test.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
 }
 
 /// Delivers what waits in `sync-outbound` to SyncOutbound, in order, as the host would.
@@ -1855,13 +1861,7 @@ async fn a_meeting_update_past_zooms_daily_cap_is_held_until_it_lifts_without_sp
     let before = Utc::now();
     assert_eq!(deliver_write_backs(&test, &handler).await, 1);
 
-    let waiting = test.broker().peek(SYNC_OUTBOUND).unwrap();
-    assert_eq!(waiting.len(), 1, "held, not dead-lettered");
-    assert!(
-        waiting[0].message_id.contains(":held-"),
-        "{}",
-        waiting[0].message_id
-    );
+    held_write_back(&test);
     let due = test
         .broker()
         .next_wakeup(SYNC_OUTBOUND, Utc::now())
@@ -1871,14 +1871,6 @@ async fn a_meeting_update_past_zooms_daily_cap_is_held_until_it_lifts_without_sp
     let a_day_and_a_minute = Duration::days(1) + Duration::minutes(1);
     assert!(due > before && due - before <= a_day_and_a_minute, "{due}");
     assert_eq!(due.format("%H:%M:%S").to_string(), "00:01:00");
-    let held: Value = serde_json::from_slice(&waiting[0].body).unwrap();
-    assert_eq!(held["attempt"], 1, "no attempt spent: {held}");
-    assert!(
-        test.broker()
-            .peek(handler::queue::SYNC_DEADLETTER)
-            .unwrap()
-            .is_empty()
-    );
     let history = test.history().await;
     let said: Vec<&str> = history
         .iter()
