@@ -483,7 +483,6 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
-        self.share_left_to_write(conn)?;
         let path = keyed_path(conn, write)?;
         let body = Value::Object(write.fields.clone());
         let request = Request {
@@ -515,6 +514,7 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
+        // The record was just read (its version): its answer may have reached the share.
         self.share_left_to_write(conn)?;
         let id = write_target(write)?;
         let path = sobject_path(conn, &write.entity, &id)?;
@@ -551,12 +551,12 @@ impl WriteBack for Salesforce {
         conn: &mut Connection,
         write: &RecordWrite,
     ) -> Result<(), ProviderError> {
-        self.share_left_to_write(conn)?;
         let id = match &write.external_id {
             Some(_) => write_target(write)?,
             // The record a create whose answer was lost made, if it did.
             None => match self.find_by_key(conn, write).await? {
                 Some(id) => {
+                    // The search's answer may have reached the share.
                     self.share_left_to_write(conn)?;
                     id
                 }

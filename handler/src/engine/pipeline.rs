@@ -1566,7 +1566,12 @@ impl<'a> EntityRun<'a> {
             }
         }
         if self.searches_links {
-            let unheld = plan::link_lookups(self.job.integration_id, records, &loaded);
+            let unheld = plan::link_lookups(
+                self.job.integration_id,
+                &self.mapping.shard_type_id,
+                records,
+                &loaded,
+            );
             if !unheld.is_empty() {
                 for found in self.linked_elsewhere(unheld).await? {
                     etags.entry(found.value.id.clone()).or_insert(found.etag);

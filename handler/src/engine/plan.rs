@@ -345,7 +345,12 @@ pub fn key_lookups(
 /// with no shard of their own that no shard read for the page links to. A record merged into
 /// another record's shard is found there by its match key while that key still matches; once
 /// either record's key changes, only its link says where it lives.
-pub fn link_lookups(integration_id: &str, records: &[PageRecord], loaded: &Loaded) -> Vec<String> {
+pub fn link_lookups(
+    integration_id: &str,
+    shard_type_id: &str,
+    records: &[PageRecord],
+    loaded: &Loaded,
+) -> Vec<String> {
     let unheld: Vec<&PageRecord> = records
         .iter()
         .filter(|r| !r.ids().any(|id| loaded.contains(id)))
@@ -353,16 +358,10 @@ pub fn link_lookups(integration_id: &str, records: &[PageRecord], loaded: &Loade
     if unheld.is_empty() {
         return Vec::new();
     }
-    let linked: HashSet<&str> = loaded
-        .shards
-        .values()
-        .flat_map(|s| &s.external_relationships)
-        .filter(|r| r.integration_id == integration_id)
-        .map(|r| r.external_id.as_str())
-        .collect();
+    let linked = linked_records(integration_id, shard_type_id, loaded.shards.values());
     unheld
         .into_iter()
-        .filter(|r| !linked.contains(r.record.id.as_str()))
+        .filter(|r| !linked.contains_key(r.record.id.as_str()))
         .map(|r| r.record.id.clone())
         .collect()
 }
@@ -1409,7 +1408,7 @@ mod tests {
                 }
             }
         }
-        let unheld = link_lookups("int-1", &page.records, &loaded);
+        let unheld = link_lookups("int-1", "c_contact", &page.records, &loaded);
         for shard in stored {
             if shard
                 .external_relationships
@@ -1560,18 +1559,18 @@ mod tests {
             ],
         );
         assert_eq!(
-            link_lookups("int-1", &page.records, &Loaded::default()),
+            link_lookups("int-1", "c_contact", &page.records, &Loaded::default()),
             ["9", "5"]
         );
         let mut loaded = Loaded::default();
         loaded.insert(stored[0].clone());
         assert_eq!(
-            link_lookups("int-1", &page.records, &loaded),
+            link_lookups("int-1", "c_contact", &page.records, &loaded),
             ["5"],
             "a record a shard read links to is not looked for"
         );
         assert_eq!(
-            link_lookups("int-2", &page.records, &loaded),
+            link_lookups("int-2", "c_contact", &page.records, &loaded),
             ["9", "5"],
             "only the integration's own links count"
         );

@@ -80,11 +80,13 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
     let started = Instant::now();
     // By index: a closure over borrowed shards would not be `Send` to the compiler.
     let shards: Vec<&Shard> = expiring.iter().map(|stored| &stored.value).collect();
-    let results: Vec<(usize, Option<Refreshed>)> = stream::iter(0..shards.len())
+    let mut results: Vec<(usize, Option<Refreshed>)> = stream::iter(0..shards.len())
         .map(|i| refresh_within_budget(app, &shards, i, started))
         .buffer_unordered(REFRESHES_AT_ONCE)
         .collect()
         .await;
+    // Told in the query's order, whichever finished first.
+    results.sort_unstable_by_key(|(i, _)| *i);
     let (mut refreshed, mut failed, mut left) = (0, 0, 0);
     let mut unmarked = None;
     for (i, result) in results {
@@ -162,13 +164,13 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
         );
     }
     let maintained = maintain_subscriptions(app, now, started).await?;
-    let left = if left > 0 {
+    let left_over = if left > 0 {
         format!(", {left} left to the next tick")
     } else {
         String::new()
     };
     Ok(InvocationResponse::new().log(format!(
-        "{} integrations had credentials expiring: {refreshed} refreshed, {failed} failed{left}; \
+        "{} integrations had credentials expiring: {refreshed} refreshed, {failed} failed{left_over}; \
          subscriptions: {} created, {} renewed, {} deleted, {} integrations failed",
         expiring.len(),
         maintained.0.created,
