@@ -264,9 +264,7 @@ pub async fn an_incremental_sync_brings_updates_creations_and_deletions<P: Under
             assert!((200..300).contains(&status), "{out}");
         }
     }
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
 
     let record = record_of(&app, "job-incr").await;
     assert_eq!(record["status"], "success", "{record}");

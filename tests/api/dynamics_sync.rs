@@ -676,9 +676,7 @@ async fn a_row_deleted_in_dataverse_leaves_castiel_through_its_webhook_though_th
     fake.delete("contacts", &ann);
     let request_id = uuid::Uuid::new_v4().to_string();
     deliver(&fake, &handler, "Delete", "contact", &[ann], &request_id).await;
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
 
     assert!(app.shards("c_contact").await.is_empty(), "Ann is gone");
 }
@@ -723,9 +721,7 @@ async fn a_row_the_mappings_filters_leave_out_is_not_synced_through_its_webhook_
         )
         .await;
     }
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
     assert_eq!(
         names(app.shards("c_contact").await),
         ["Ann Example"],

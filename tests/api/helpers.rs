@@ -175,6 +175,18 @@ impl TestApp {
         HostedHandler::start_with(self.data_dir(), settings).await
     }
 
+    /// Delivers every job waiting in `sync-inbound-webhook` to SyncInboundWebhook, as the
+    /// host would.
+    pub async fn deliver_webhook_jobs(&self, handler: &HostedHandler) {
+        for message in self
+            .broker()
+            .peek(handler::queue::SYNC_INBOUND_WEBHOOK)
+            .unwrap()
+        {
+            handler.deliver("SyncInboundWebhook", &message).await;
+        }
+    }
+
     /// Stores credentials for an integration of tenant `t1` through the operator command.
     pub async fn set_credentials(&self, integration_id: &str, credentials: &Value) {
         let out = self

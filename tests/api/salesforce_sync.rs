@@ -916,15 +916,22 @@ async fn a_job_killed_mid_sync_resumes_from_its_checkpoint_with_every_record_onc
     );
 }
 
-#[tokio::test]
-async fn a_revoked_refresh_token_met_by_a_sync_counts_as_a_failed_token_refresh() {
+/// An org with `accounts` accounts, and an integration whose stored refresh token the user
+/// revoked.
+async fn revoked_refresh_token(accounts: usize) -> (FakeSalesforce, TestApp) {
     let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 1);
+    add_accounts(&fake, accounts);
     let app = TestApp::new();
     app.register_integration(integration(&fake, false)).await;
     let mut credentials = fake.credentials();
     credentials["refresh_token"] = json!("rt-revoked");
     app.set_credentials("int-acme-sf", &credentials).await;
+    (fake, app)
+}
+
+#[tokio::test]
+async fn a_revoked_refresh_token_met_by_a_sync_counts_as_a_failed_token_refresh() {
+    let (_fake, app) = revoked_refresh_token(1).await;
     let runtime = app.start_local().await;
 
     app.cli_json(&["sync", "int-acme-sf", "--tenant", "t1"])
@@ -951,13 +958,7 @@ async fn a_revoked_refresh_token_met_by_a_sync_counts_as_a_failed_token_refresh(
 
 #[tokio::test]
 async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integration() {
-    let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 10);
-    let app = TestApp::new();
-    app.register_integration(integration(&fake, false)).await;
-    let mut credentials = fake.credentials();
-    credentials["refresh_token"] = json!("rt-revoked");
-    app.set_credentials("int-acme-sf", &credentials).await;
+    let (fake, app) = revoked_refresh_token(10).await;
     let handler = app.host_handler().await;
 
     run_job(&handler, "job-1", "full_sync", 1).await;

@@ -68,9 +68,7 @@ fn assert_acknowledged(out: &Value) {
 
 /// Delivers the queued webhook jobs to SyncInboundWebhook, as the host would.
 async fn run_queued_jobs(app: &TestApp, handler: &HostedHandler) {
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(handler).await;
 }
 
 /// Delivers the queued webhook jobs to SyncInboundWebhook and completes them, as the host

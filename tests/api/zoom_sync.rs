@@ -88,9 +88,7 @@ async fn an_occurrence_of_a_recurring_meeting_deleted_leaves_the_meeting() {
                "occurrences": [{"occurrence_id": "1765184400000", "start_time": "2026-12-08T09:00:00Z"}]}),
     );
     assert_eq!(post(&handler, &one_week).await["statusCode"], 200);
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
     let meetings = app.shards("c_meeting").await;
     assert_eq!(meetings.len(), 1, "the series goes on");
     assert_eq!(meetings[0]["name"], "Weekly sync");
@@ -129,9 +127,7 @@ async fn recordings_are_read_month_by_month_and_a_trashed_one_goes_away() {
         json!({"uuid": old, "topic": "Kick-off"}),
     );
     assert_eq!(post(&handler, &trashed).await["statusCode"], 200);
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
     let left: Vec<Value> = app.shards("c_recording").await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["name"], "Weekly sync");
@@ -156,9 +152,7 @@ async fn two_recordings_of_one_recurring_meeting_trashed_at_once_both_go_away() 
         );
         assert_eq!(post(&handler, &trashed).await["statusCode"], 200);
     }
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
 
     assert!(app.shards("c_recording").await.is_empty());
 }
@@ -215,9 +209,7 @@ async fn a_recording_ready_days_after_its_meeting_arrives_with_its_completed_eve
         json!({"uuid": late, "id": 2, "topic": "Board review"}),
     );
     assert_eq!(post(&handler, &completed).await["statusCode"], 200);
-    for message in app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap() {
-        handler.deliver("SyncInboundWebhook", &message).await;
-    }
+    app.deliver_webhook_jobs(&handler).await;
 
     let recordings = app.shards("c_recording").await;
     assert_eq!(recordings.len(), 1, "{recordings:?}");
