@@ -170,6 +170,7 @@ fn to_record(
         modified_at,
         deleted,
         fields,
+        listed_until: None,
     })
 }
 

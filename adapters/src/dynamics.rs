@@ -250,6 +250,7 @@ fn records_of(body: &Value, key: &str) -> Vec<Record> {
                     modified_at: None,
                     deleted: true,
                     fields: Map::new(),
+                    listed_until: None,
                 });
             }
             let id = row.get(key)?.as_str()?.to_string();
@@ -261,6 +262,7 @@ fn records_of(body: &Value, key: &str) -> Vec<Record> {
                 id,
                 deleted: false,
                 fields: row.clone(),
+                listed_until: None,
             })
         })
         .collect()

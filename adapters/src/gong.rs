@@ -251,6 +251,7 @@ impl Gong {
                     modified_at: None,
                     deleted: false,
                     fields: user.clone(),
+                    listed_until: None,
                 })
             })
             .collect();
@@ -284,6 +285,7 @@ fn call_record(call: &Value) -> Option<Record> {
         modified_at: None,
         deleted: false,
         fields,
+        listed_until: None,
     })
 }
 

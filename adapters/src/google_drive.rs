@@ -263,6 +263,7 @@ fn record_of(file: &Map<String, Value>) -> Option<Record> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         fields: file.clone(),
+        listed_until: None,
     })
 }
 
@@ -402,6 +403,7 @@ impl Pull for GoogleDrive {
                             modified_at: None,
                             deleted: true,
                             fields: Map::new(),
+                            listed_until: None,
                         }),
                     }
                 }

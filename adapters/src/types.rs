@@ -148,7 +148,7 @@ impl FetchRequest {
 }
 
 /// A record as the provider has it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     pub id: String,
     /// When the record last changed at the provider, where it says (a `SystemModstamp`,
@@ -157,6 +157,11 @@ pub struct Record {
     /// The provider says the record is gone (tombstone, `IsDeleted`).
     pub deleted: bool,
     pub fields: Map<String, Value>,
+    /// Until when a complete listing of its entity ([`crate::Pull::lists_everything`]) lists
+    /// the record while the provider holds it, where the provider stops listing records that
+    /// age (Zoom lists a meeting only until it expires). A listing that leaves the record out
+    /// after this time says nothing of its deletion. `None`: listed for as long as it is held.
+    pub listed_until: Option<DateTime<Utc>>,
 }
 
 impl Record {
@@ -165,9 +170,8 @@ impl Record {
     pub fn gone(id: String) -> Self {
         Self {
             id,
-            modified_at: None,
             deleted: true,
-            fields: Map::new(),
+            ..Self::default()
         }
     }
 }

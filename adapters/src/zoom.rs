@@ -12,8 +12,10 @@
 //!   read, so late recordings are not missed.
 //! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`;
 //!   a `meeting.deleted` naming `occurrences` deleted some of a series, whose meeting is read
-//!   again); and since meetings are listed whole, a meeting a sync no longer lists is
-//!   reconciled as deleted. A recording made ready (`recording.completed`, which may come
+//!   again); and since meetings are listed whole, a meeting a sync no longer lists before its
+//!   start time is reconciled as deleted. Zoom stops listing a meeting once it expires (30
+//!   days after it was held), so one left out after its start time keeps its shard
+//!   (`Record::listed_until`). A recording made ready (`recording.completed`, which may come
 //!   days after its meeting), taken back from the trash (`recording.recovered`) or renamed
 //!   (`recording.renamed`) is read by its uuid (`/meetings/{uuid}/recordings`), since a sync's
 //!   window, by the meeting's start, may not list it again.
@@ -235,7 +237,7 @@ impl Zoom {
             .await?;
         Ok(Page {
             unreadable: Vec::new(),
-            records: records(&body["meetings"], "id"),
+            records: meetings(&body["meetings"]),
             next_page: next_token(&body),
             query: Some(format!("GET /users/{user}/meetings?type=scheduled")),
             stop_after: None,
@@ -442,9 +444,41 @@ fn records_of_participants(list: &Value, uuid: &str) -> Vec<Record> {
                 modified_at: None,
                 deleted: false,
                 fields: p.clone(),
+                listed_until: None,
             }
         })
         .collect()
+}
+
+/// Meetings from a list, each with the time the `scheduled` listing lists it until.
+///
+/// Zoom lists only meetings that have not expired, and a meeting expires some time after it
+/// was held or last started (30 days for a single meeting, a year for a recurring one with no
+/// fixed time), which the listing does not say; `GET /meetings/{id}` then answers 3001, as for
+/// a deleted meeting. So a meeting counts as listed only until its start time: one left out of
+/// a listing before then was deleted, and one left out after may just have expired, and
+/// keeps its shard (its deletion comes by webhook). A meeting with no start time (recurring,
+/// with no fixed time) counts from when it was made, and so does an instant one, which the
+/// listing never holds.
+fn meetings(list: &Value) -> Vec<Record> {
+    let mut meetings = records(list, "id");
+    for meeting in &mut meetings {
+        let time = |key: &str| {
+            meeting
+                .fields
+                .get(key)
+                .and_then(Value::as_str)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+        };
+        let instant = meeting.fields.get("type").and_then(Value::as_u64) == Some(1);
+        meeting.listed_until = if instant {
+            time("created_at")
+        } else {
+            time("start_time").or_else(|| time("created_at"))
+        };
+    }
+    meetings
 }
 
 /// Records from a list, identified by `key` (a meeting's numeric id, a recording's uuid).
@@ -464,6 +498,7 @@ fn records(list: &Value, key: &str) -> Vec<Record> {
                 modified_at: None,
                 deleted: false,
                 fields: object.clone(),
+                listed_until: None,
             })
         })
         .collect()
@@ -489,7 +524,8 @@ impl Pull for Zoom {
         }
     }
 
-    /// Meetings are listed whole every sync: one that is no longer listed was deleted.
+    /// Meetings are listed whole every sync: one that is no longer listed before its start
+    /// time was deleted.
     fn lists_everything(&self, entity: &str) -> bool {
         entity == MEETINGS
     }
@@ -535,7 +571,7 @@ impl Pull for Zoom {
         {
             let path = format!("/meetings/{id}");
             if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()? {
-                found.extend(records(&json!([meeting]), "id"));
+                found.extend(meetings(&json!([meeting])));
             }
         }
         Ok(found)
@@ -959,5 +995,21 @@ mod tests {
         );
         let found = records(&json!([{"id": 85746065432u64, "topic": "Standup"}]), "id");
         assert_eq!(found[0].id, "85746065432");
+    }
+
+    #[test]
+    fn a_meeting_counts_as_listed_until_its_start_or_an_instant_one_until_it_was_made() {
+        let made = "2026-11-01T09:00:00Z";
+        let starts = "2026-12-10T15:00:00Z";
+        let found = meetings(&json!([
+            {"id": 1, "type": 2, "start_time": starts, "created_at": made},
+            {"id": 2, "type": 8, "start_time": starts, "created_at": made},
+            {"id": 3, "type": 3, "created_at": made},
+            {"id": 4, "type": 1, "start_time": starts, "created_at": made},
+            {"id": 5, "type": 2}
+        ]));
+        let until: Vec<_> = found.iter().map(|m| m.listed_until).collect();
+        let at = |t: &str| Some(t.parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(until, [at(starts), at(starts), at(made), at(made), None]);
     }
 }

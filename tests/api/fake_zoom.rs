@@ -8,8 +8,9 @@
 //! token, 429 with `Retry-After` and the `X-RateLimit-*` headers, 503, and `X-RateLimit-Limit`/
 //! `X-RateLimit-Remaining` on every answer that gets past those; scheduled meetings listed by
 //! `page_size` (default 30, at most 300) and an opaque `next_page_token` that is an empty string
-//! on the last page, lives 15 minutes and answers 400 code 300 when unknown or expired; one
-//! meeting by id, or 404 code 3001; cloud recordings by a `from`/`to` window of UTC dates that
+//! on the last page, lives 15 minutes and answers 400 code 300 when unknown or expired, and only
+//! until they expire, 30 days after their start; one meeting by id, or 404 code 3001 (for an
+//! expired meeting too); cloud recordings by a `from`/`to` window of UTC dates that
 //! may span at most a month, newest first, and one meeting instance's recording by its uuid
 //! (double-encoded where it begins with `/` or holds `//`; 404 code 3301 when it is in the
 //! trash or gone); a meeting updated (`PATCH`, 204 with no body: its
@@ -60,6 +61,8 @@ const EXPIRES_IN: u64 = 3599;
 /// The rate limit reported in `X-RateLimit-Limit`; nothing counts down against it.
 const RATE_LIMIT: u32 = 30;
 const PAGE_TOKEN_LIFETIME_MINUTES: i64 = 15;
+/// A meeting expires this long after its start: Zoom then neither lists it nor finds it by id.
+const MEETING_EXPIRY_DAYS: i64 = 30;
 /// How long Zoom waits for a webhook receiver to answer before it counts the delivery failed.
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 const RECORDING_MINUTES: i64 = 30;
@@ -145,6 +148,8 @@ pub struct Zoom {
     pub proxy_pages: usize,
     /// Every page token answers 400 as if its 15 minutes were up.
     pub expire_page_tokens: bool,
+    /// How many days Zoom's calendar runs ahead of the clock: meetings expire by it.
+    pub days_passed: i64,
     /// The scopes the app was given, which every token it gets carries.
     pub app_scopes: &'static str,
     /// Meeting updates the user may still make today.
@@ -369,6 +374,7 @@ impl Zoom {
             unavailable: 0,
             proxy_pages: 0,
             expire_page_tokens: false,
+            days_passed: 0,
             app_scopes: "meeting:read recording:read",
             updates_left_today: 100,
             requests: Vec::new(),
@@ -391,6 +397,12 @@ impl Zoom {
             created_at,
             agenda: String::new(),
         }
+    }
+
+    /// Whether Zoom still has `meeting`: it expires some days after its start.
+    fn unexpired(&self, meeting: &Meeting) -> bool {
+        let today = now() + TimeDelta::days(self.days_passed);
+        meeting.start_time + TimeDelta::days(MEETING_EXPIRY_DAYS) > today
     }
 
     fn meeting_mut(&mut self, id: &str) -> &mut Meeting {
@@ -548,7 +560,7 @@ impl Zoom {
             Some(_) => return invalid_page_token(),
         };
         let rows = self.meetings.range((Excluded(after), Unbounded));
-        let (page, more) = take_page(rows.map(|(_, m)| m), size);
+        let (page, more) = take_page(rows.map(|(_, m)| m).filter(|m| self.unexpired(m)), size);
         let meetings: Vec<Value> = page.iter().map(|m| meeting_json(m)).collect();
         let last = page.last().filter(|_| more).map(|m| m.id);
         let next = last.map_or(String::new(), |after| {
@@ -556,7 +568,7 @@ impl Zoom {
         });
         Json(json!({
             "page_size": size,
-            "total_records": self.meetings.len(),
+            "total_records": self.meetings.values().filter(|m| self.unexpired(m)).count(),
             "next_page_token": next,
             "meetings": meetings
         }))
@@ -673,7 +685,7 @@ async fn list_meetings(
 async fn get_meeting(State(fake): State<FakeZoom>, Path(id): Path<String>) -> Response {
     let zoom = fake.state.lock().unwrap();
     let meeting = id.parse::<u64>().ok().and_then(|k| zoom.meetings.get(&k));
-    let Some(meeting) = meeting else {
+    let Some(meeting) = meeting.filter(|m| zoom.unexpired(m)) else {
         return zoom_error(404, 3001, &format!("Meeting does not exist: {id}."));
     };
     let mut body = meeting_json(meeting);
@@ -977,6 +989,20 @@ impl FakeZoom {
         let id = meeting.id;
         zoom.meetings.insert(id, meeting);
         id.to_string()
+    }
+
+    /// Schedules a meeting for `start` (in the past: one that was held) and returns its id.
+    pub fn schedule_meeting(&self, topic: &str, start: DateTime<Utc>) -> String {
+        let mut zoom = self.state.lock().unwrap();
+        let meeting = zoom.new_meeting(topic, start - TimeDelta::days(1));
+        let id = meeting.id;
+        zoom.meetings.insert(id, meeting);
+        id.to_string()
+    }
+
+    /// Moves Zoom's calendar on by `days`: meetings whose time is up expire.
+    pub fn let_days_pass(&self, days: i64) {
+        self.state.lock().unwrap().days_passed += days;
     }
 
     /// Records that meeting `topic` took place at `start`; returns its uuid.

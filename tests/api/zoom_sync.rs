@@ -330,6 +330,29 @@ async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
 }
 
 #[tokio::test]
+async fn a_meeting_held_weeks_ago_keeps_its_shard_once_zoom_no_longer_lists_it() {
+    let (zoom, app) = connected().await;
+    let kickoff = zoom.schedule_meeting("Kickoff", Utc::now() - chrono::Duration::days(20));
+    let offsite = zoom.add_meeting("Offsite");
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    assert_eq!(app.shards("c_meeting").await.len(), 2);
+
+    // Eleven days on, the kickoff has expired: Zoom lists it no more and says it does not
+    // exist, as it would of a deleted one. The offsite was cancelled, and its webhook lost.
+    zoom.let_days_pass(11);
+    zoom.delete_meeting(&offsite);
+    run_job(&handler, "job-2").await;
+
+    let synced = synced_meetings(&app).await;
+    assert_eq!(
+        synced,
+        [kickoff],
+        "the held meeting stays, the cancelled one goes"
+    );
+}
+
+#[tokio::test]
 async fn meetings_gone_from_anywhere_in_a_long_listing_are_all_reconciled() {
     let (zoom, app) = connected().await;
     zoom.load_meetings(2_500);

@@ -104,6 +104,7 @@ fn record_of(item: &Map<String, Value>) -> Option<Record> {
         modified_at: super::parse_time(item.get("lastModifiedDateTime")),
         deleted: super::is_removed(item),
         fields,
+        listed_until: None,
     })
 }
 

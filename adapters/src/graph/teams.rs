@@ -137,6 +137,7 @@ fn records_of(item: &Map<String, Value>, out: &mut Vec<Record>) {
         modified_at: super::parse_time(item.get("lastModifiedDateTime")),
         deleted,
         fields,
+        listed_until: None,
     });
     for reply in replies.iter().flat_map(|r| r.as_array()).flatten() {
         if let Some(reply) = reply.as_object() {

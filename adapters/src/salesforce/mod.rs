@@ -958,6 +958,7 @@ fn record_from(QueriedRecord(fields): QueriedRecord) -> Option<Record> {
         modified_at,
         deleted,
         fields,
+        listed_until: None,
     })
 }
 

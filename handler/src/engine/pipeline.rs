@@ -1266,7 +1266,8 @@ impl<'a> EntityRun<'a> {
 
     /// Soft-deletes the shards this integration synced from the entity that a complete listing
     /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`).
-    /// The entity's shards are read a page of fingerprints at a time, in id order, so that an
+    /// A record the provider lists only until a time (its link's `listed_until`: an expired
+    /// Zoom meeting) is not asked about once that time has passed. The entity's shards are read a page of fingerprints at a time, in id order, so that an
     /// entity of any size costs a page of memory. What the provider cannot decide stays, and
     /// the history counts it; an error asking it that trying again or new credentials could
     /// mend fails the job, and any other leaves the rest of the shards and is told.
@@ -1315,6 +1316,7 @@ impl<'a> EntityRun<'a> {
                 .filter(|r| {
                     r.integration_id == integration_id
                         && r.sync_status == RelationshipStatus::Synced
+                        && r.listed_until.is_none_or(|until| until > self.now)
                         && !listed.contains(&r.external_id)
                 })
                 .map(|r| r.external_id)

@@ -223,8 +223,8 @@ pub fn skips_by_fingerprint(mapping: &EntityMapping, two_way: bool) -> bool {
 
 /// Which records of a page already are what their own shards say, told from the shards'
 /// fingerprints (`stored`, in the order of `records`): the shard was last written from this
-/// very data (its link's `recordHash`), nothing wrote it since (its `updatedAt` is the time
-/// that link was last synced), and it is not deleted. Such a record would land as it did last
+/// very data (its link's `recordHash`, and its `listedUntil`), nothing wrote it since (its
+/// `updatedAt` is the time that link was last synced), and it is not deleted. Such a record would land as it did last
 /// time and change nothing, so it is skipped without its shard being read whole. A record
 /// that names the shard write-back created it from always lands. Nor does a record older than
 /// the version its shard was last written from ([`is_stale`]) change anything: it is skipped
@@ -257,6 +257,7 @@ pub fn unchanged(
                     && link.sync_direction == SyncDirection::Inbound
                     && link.last_synced_at.is_some()
                     && link.last_synced_at == stored.updated_at
+                    && link.listed_until == record.record.listed_until
                     && link.record_hash.as_deref() == Some(record_hash(&record.data).as_str())
             })
         })
@@ -644,7 +645,7 @@ impl<'a> Landing<'a> {
             } else {
                 SyncDirection::Inbound
             };
-            link_external(shard, ctx.integration_id, &record.id, direction, ctx.now);
+            link_external(shard, ctx.integration_id, record, direction, ctx.now);
             if two_way.is_none()
                 && let Some(link) = shard
                     .external_relationships
@@ -1173,26 +1174,36 @@ pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) ->
 /// serialized, never built: hashing a page of shards allocates nothing per shard beyond the
 /// relationships (rare: derived shards) and the answer.
 pub fn content_hash(shard: &Shard) -> String {
-    /// A link to an external record, with its agreed values when the link is two-way and the
-    /// fingerprint of the record it was written from when one-way (they are content too: they
-    /// decide what the next sync does).
+    /// A link to an external record, with its agreed values when the link is two-way, the
+    /// fingerprint of the record it was written from when one-way, and how long the provider
+    /// lists the record where it says (they are content too: they decide what the next sync
+    /// does).
     struct Link<'a>(&'a ExternalRelationship);
 
     impl serde::Serialize for Link<'_> {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let r = self.0;
             let status = r.sync_status.as_str();
-            match (&r.record_hash, r.field_hashes.is_empty()) {
-                (None, true) => (&r.integration_id, &r.external_id, status).serialize(s),
-                (None, false) => {
+            match (&r.record_hash, r.field_hashes.is_empty(), &r.listed_until) {
+                (None, true, None) => (&r.integration_id, &r.external_id, status).serialize(s),
+                (None, false, None) => {
                     (&r.integration_id, &r.external_id, status, &r.field_hashes).serialize(s)
                 }
-                (Some(record), _) => (
+                (Some(record), _, None) => (
                     &r.integration_id,
                     &r.external_id,
                     status,
                     &r.field_hashes,
                     record,
+                )
+                    .serialize(s),
+                (record, _, Some(until)) => (
+                    &r.integration_id,
+                    &r.external_id,
+                    status,
+                    &r.field_hashes,
+                    record,
+                    until,
                 )
                     .serialize(s),
             }
@@ -1241,32 +1252,28 @@ fn landed_data(
 fn link_external(
     shard: &mut Shard,
     integration_id: &str,
-    external_id: &str,
+    record: &Record,
     direction: SyncDirection,
     now: DateTime<Utc>,
 ) {
     match shard
         .external_relationships
         .iter_mut()
-        .find(|r| r.is_to(integration_id, external_id))
+        .find(|r| r.is_to(integration_id, &record.id))
     {
         Some(r) => {
             r.sync_status = RelationshipStatus::Synced;
             r.sync_direction = direction;
             r.last_synced_at = Some(now);
+            r.listed_until = record.listed_until;
         }
         None => {
             // Most shards have one link: room for four (what a first push makes) is 600 bytes
             // a shard, thousands of times a page.
             shard.external_relationships.reserve_exact(1);
-            shard
-                .external_relationships
-                .push(ExternalRelationship::synced(
-                    integration_id,
-                    external_id,
-                    direction,
-                    now,
-                ));
+            let mut link = ExternalRelationship::synced(integration_id, &record.id, direction, now);
+            link.listed_until = record.listed_until;
+            shard.external_relationships.push(link);
         }
     }
 }
@@ -1350,9 +1357,8 @@ mod tests {
         }
         Record {
             id: id.into(),
-            modified_at: None,
-            deleted: false,
             fields: fields.as_object().unwrap().clone(),
+            ..Record::default()
         }
     }
 
@@ -1439,12 +1445,11 @@ mod tests {
         .unwrap();
         let account = |industry: &str| Record {
             id: "001".into(),
-            modified_at: None,
-            deleted: false,
             fields: json!({"Name": "Acme", "Industry": industry})
                 .as_object()
                 .unwrap()
                 .clone(),
+            ..Record::default()
         };
         let context = context(&mapping);
         let mut page = transform_page("int-1", &mapping, vec![account("Tech"), account("Retail")]);
@@ -2189,6 +2194,34 @@ mod tests {
             (rewritten.len(), tally.updated),
             (1, 1),
             "a shard synced before fingerprints were kept is written once more, with one"
+        );
+    }
+
+    #[test]
+    fn how_long_a_record_is_listed_goes_on_its_link_and_a_change_of_it_is_written() {
+        let mapping = contacts(false, true);
+        let until = |days: i64| Some(now() + chrono::Duration::days(days));
+        let ann = |listed_until| Record {
+            listed_until,
+            ..record("1", "Ann", Some("ann@x.test"))
+        };
+        let (written, _) = plan(&mapping, vec![ann(until(3))], &[]);
+        assert_eq!(written[0].external_relationships[0].listed_until, until(3));
+        assert_eq!(
+            unchanged_of(&mapping, vec![ann(until(3))], &written),
+            [true]
+        );
+
+        // A shard written before the provider said, or a meeting moved: the same data, a new time.
+        assert_eq!(
+            unchanged_of(&mapping, vec![ann(until(5))], &written),
+            [false]
+        );
+        let (rewritten, tally) = plan(&mapping, vec![ann(until(5))], &written);
+        assert_eq!((rewritten.len(), tally.updated), (1, 1));
+        assert_eq!(
+            rewritten[0].external_relationships[0].listed_until,
+            until(5)
         );
     }
 

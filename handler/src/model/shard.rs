@@ -174,6 +174,16 @@ pub struct ExternalRelationship {
         deserialize_with = "timestamp::read_opt"
     )]
     pub record_modified_at: Option<DateTime<Utc>>,
+    /// Until when the provider's complete listings list the record while it holds it
+    /// (`Record::listed_until`: a Zoom meeting, until it expires). A listing that leaves the
+    /// record out after then says nothing of its deletion, so the shard is not reconciled away.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "timestamp::auto_opt",
+        deserialize_with = "timestamp::read_opt"
+    )]
+    pub listed_until: Option<DateTime<Utc>>,
 }
 
 impl ExternalRelationship {
@@ -199,6 +209,7 @@ impl ExternalRelationship {
             field_hashes: BTreeMap::new(),
             record_hash: None,
             record_modified_at: None,
+            listed_until: None,
         }
     }
 }

@@ -151,6 +151,7 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
         field_hashes,
         record_hash,
         record_modified_at,
+        listed_until,
     } = link;
     out.extend_from_slice(b"{\"integrationId\":");
     push_str(out, integration_id)?;
@@ -176,6 +177,7 @@ fn push_link(out: &mut Vec<u8>, link: &ExternalRelationship) -> serde_json::Resu
         push_str(out, hash)?;
     }
     push_stamp(out, b",\"recordModifiedAt\":", record_modified_at)?;
+    push_stamp(out, b",\"listedUntil\":", listed_until)?;
     out.push(b'}');
     Ok(())
 }
@@ -264,6 +266,7 @@ mod tests {
             field_hashes: Default::default(),
             record_hash: Some("38e50222947cf95d".into()),
             record_modified_at: Some(Utc.with_ymd_and_hms(2026, 1, 1, 23, 59, 58).unwrap()),
+            listed_until: Some(Utc.with_ymd_and_hms(2026, 2, 3, 9, 30, 0).unwrap()),
         }
     }
 
