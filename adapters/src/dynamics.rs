@@ -6,7 +6,9 @@
 //!   `Prefer: odata.track-changes` and its last page carries an `@odata.deltaLink`, which is
 //!   the entity's cursor; the next sync GETs it and receives changed rows and `$deletedEntity`
 //!   entries for deleted ones (soft deletes). A delta token Dataverse no longer honours (older
-//!   than the org's `ExpireChangeTrackingInDays`) restarts the entity from the beginning.
+//!   than the org's `ExpireChangeTrackingInDays`), or one that does not select a column the
+//!   mapping now reads, restarts the entity from the beginning; that first round lists every
+//!   row, so what it leaves out was deleted meanwhile (`Pull::lists_everything_from_start`).
 //!   Change tracking cannot filter: an integration with filters, or with
 //!   `changeTracking: false`, polls `modifiedon ge` five minutes before the cursor instead (a
 //!   row commits after others stamped later; not once a sync began that long after the
@@ -228,6 +230,21 @@ fn select(request: &FetchRequest, key: &str) -> Result<String, ProviderError> {
     Ok(columns.join(","))
 }
 
+/// Whether the delta link `link` selects every one of `columns` (comma-separated): a link
+/// with no `$select` reads them all.
+fn selects_all(link: &str, columns: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(link) else {
+        return true;
+    };
+    let Some((_, selected)) = url.query_pairs().find(|(name, _)| name == "$select") else {
+        return true;
+    };
+    let selected: Vec<&str> = selected.split(',').map(str::trim).collect();
+    columns
+        .split(',')
+        .all(|c| selected.iter().any(|s| s.eq_ignore_ascii_case(c)))
+}
+
 fn parse_time(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
         .ok()
@@ -289,7 +306,16 @@ impl Pull for Dynamics365 {
         let is_link = |c: &str| c.starts_with("http://") || c.starts_with("https://");
         let (url, query) = match (&request.page_token, &request.cursor) {
             (Some(next), _) => (next.clone(), None),
-            (None, Some(delta)) if tracking && is_link(delta) => (delta.clone(), None),
+            (None, Some(delta)) if tracking && is_link(delta) => {
+                // A delta link reads the columns its first round selected: a column since
+                // added to the mapping would arrive only with the row's next change.
+                if !selects_all(delta, &select(request, &key)?) {
+                    return Err(ProviderError::resync_required(
+                        "the mapping reads columns the delta link does not select",
+                    ));
+                }
+                (delta.clone(), None)
+            }
             (None, cursor) => {
                 if !is_column(&request.entity) {
                     return Err(ProviderError::new(
@@ -347,6 +373,11 @@ impl Pull for Dynamics365 {
             stop_after: None,
             cursor,
         })
+    }
+
+    /// Change tracking's first round lists every row; a poll, filtered, leaves rows out.
+    fn lists_everything_from_start(&self, conn: &Connection, request: &FetchRequest) -> bool {
+        Self::change_tracking(conn, request)
     }
 
     fn newer_cursor(&self, earlier: String, later: String) -> String {
@@ -817,6 +848,22 @@ mod tests {
 
     fn settings(value: Value) -> Map<String, Value> {
         value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_delta_link_serves_a_mapping_only_if_it_selects_every_column_it_reads() {
+        let link = "https://contoso.crm4.dynamics.com/api/data/v9.2/contacts?$select=contactid,modifiedon,fullname&$deltatoken=919058%2108%2f22%2f2017";
+        assert!(selects_all(link, "contactid,modifiedon,fullname"));
+        assert!(selects_all(link, "contactid,FullName"));
+        assert!(!selects_all(
+            link,
+            "contactid,modifiedon,fullname,telephone1"
+        ));
+        let encoded = "https://contoso.crm4.dynamics.com/api/data/v9.2/contacts?%24select=contactid%2Cfullname&%24deltatoken=1";
+        assert!(selects_all(encoded, "contactid,fullname"));
+        assert!(!selects_all(encoded, "contactid,emailaddress1"));
+        let everything = "https://contoso.crm4.dynamics.com/api/data/v9.2/contacts?$deltatoken=1";
+        assert!(selects_all(everything, "contactid,telephone1"));
     }
 
     #[test]

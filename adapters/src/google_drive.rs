@@ -5,7 +5,10 @@
 //!   cursor, so changes made while it listed are read by the next sync. An incremental sync
 //!   reads `changes.list` from the cursor; its last page's `newStartPageToken` is the next
 //!   cursor. A change with `removed: true`, or a file in the trash, is a deletion. A page token
-//!   Drive refuses restarts the entity from the beginning.
+//!   Drive refuses restarts the entity from the beginning, and a listing from the beginning
+//!   after the entity was synced (that restart, a full sync) is compared: a file it leaves
+//!   out was deleted or trashed meanwhile. A search it says came back incomplete compares
+//!   nothing.
 //! * Shared drives: `driveId` syncs one shared drive; `includeSharedDrives` adds every shared
 //!   drive the user can see to My Drive.
 //! * Tokens: Google's OAuth endpoint with the refresh-token grant. Google does not rotate
@@ -422,6 +425,11 @@ impl Pull for GoogleDrive {
     }
 
     /// The file's `version`, which Drive raises with every change to it.
+    /// `files.list` lists every file not in the trash (or says its search was incomplete).
+    fn lists_everything_from_start(&self, _conn: &Connection, _request: &FetchRequest) -> bool {
+        true
+    }
+
     fn version_of(&self, record: &Record) -> Option<String> {
         record.fields.get("version")?.as_str().map(str::to_string)
     }

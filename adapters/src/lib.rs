@@ -130,9 +130,29 @@ pub trait Pull: Send + Sync {
 
     /// Whether a sync of `entity` without a cursor lists every record the provider has, so that
     /// a record it did not list is gone (providers that report no deletions: Zoom meetings,
-    /// Gong users). The engine then soft-deletes what a complete listing left out. Such an
+    /// Gong users). The engine then soft-deletes what a complete listing left out, but for a
+    /// record listed only until a time that has passed ([`Record::listed_until`]). Such an
     /// entity takes no cursor: its adapter refuses one with [`FetchRequest::listed_whole`].
     fn lists_everything(&self, _entity: &str) -> bool {
+        false
+    }
+
+    /// Whether complete listings of `entity` stop listing records some time before the
+    /// provider deletes them (Zoom's expired meetings), each record saying until when
+    /// ([`Record::listed_until`]). A shard synced before its record said is then not taken for
+    /// deleted when a listing leaves the record out: it may have aged out unseen.
+    fn lists_for_a_time(&self, _entity: &str) -> bool {
+        false
+    }
+
+    /// Whether `request`, read from the start (no cursor, no page token), lists every record of
+    /// its entity the provider holds, though the entity is read from a cursor after that: a
+    /// delta query's first round (Dataverse change tracking, OneDrive), a listing before a
+    /// changes feed (Google Drive). Once the entity was synced, such a read (a full sync, or a
+    /// cursor the provider no longer honours read again from the start) is compared like a
+    /// complete listing: the deletions since the last sync, which only the cursor given up
+    /// would have told, are what it leaves out and [`Pull::gone`] confirms.
+    fn lists_everything_from_start(&self, _conn: &Connection, _request: &FetchRequest) -> bool {
         false
     }
 

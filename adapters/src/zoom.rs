@@ -530,6 +530,11 @@ impl Pull for Zoom {
         entity == MEETINGS
     }
 
+    /// A meeting is listed until it expires ([`meetings`]).
+    fn lists_for_a_time(&self, entity: &str) -> bool {
+        entity == MEETINGS
+    }
+
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {
         NaiveDate::parse_from_str(cursor, "%Y-%m-%d")
             .ok()

@@ -124,6 +124,65 @@ async fn an_expired_change_tracking_token_rereads_the_entity_instead_of_failing(
 }
 
 #[tokio::test]
+async fn rows_deleted_while_the_token_expired_or_before_a_full_sync_still_leave_castiel() {
+    let fake = FakeDynamics::start().await;
+    let ids: Vec<String> = (0..5)
+        .map(|i| fake.add("contacts", json!({"fullname": format!("Contact {i}")})))
+        .collect();
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    // Only the delta Dataverse no longer honours would have told of this deletion.
+    fake.delete("contacts", &ids[0]);
+    fake.state.lock().unwrap().expire_delta_tokens = true;
+    run_job(&handler, "job-2", "incremental").await;
+    assert_eq!(record(&app, "job-2").await["status"], "success");
+    assert_eq!(app.shards("c_contact").await.len(), 4);
+
+    // Nor does a full sync, which gives its cursor up, lose one.
+    fake.state.lock().unwrap().expire_delta_tokens = false;
+    fake.delete("contacts", &ids[1]);
+    run_job(&handler, "job-3", "full_sync").await;
+    let mut names: Vec<Value> = app
+        .shards("c_contact")
+        .await
+        .iter()
+        .map(|c| c["structuredData"]["full_name"].clone())
+        .collect();
+    names.sort_by_key(|n| n.to_string());
+    assert_eq!(names, ["Contact 2", "Contact 3", "Contact 4"]);
+}
+
+#[tokio::test]
+async fn a_column_added_to_the_mapping_arrives_with_the_next_sync() {
+    let fake = FakeDynamics::start().await;
+    fake.add(
+        "contacts",
+        json!({"fullname": "Yvonne McKay", "telephone1": "+44 20 7946 0000"}),
+    );
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    let mut with_phone = integration(&fake);
+    with_phone["structuredData"]["entityMappings"][0]["fieldMappings"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"source": "telephone1", "target": "phone"}));
+    app.register_integration(with_phone).await;
+    run_job(&handler, "job-2", "incremental").await;
+
+    assert_eq!(record(&app, "job-2").await["status"], "success");
+    let contacts = app.shards("c_contact").await;
+    assert_eq!(contacts[0]["structuredData"]["phone"], "+44 20 7946 0000");
+}
+
+#[tokio::test]
 async fn a_poll_reads_only_what_changed_and_a_row_committed_late_too() {
     // Without change tracking the adapter polls on `modifiedon`. A plug-in's long operation
     // saved one contact before another that a sync then read, and committed it after.

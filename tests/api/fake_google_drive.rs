@@ -13,7 +13,8 @@
 //! whose page tokens are positions in it, answering only each file's latest change, with
 //! `removed: true` and no file for a deletion but `removed: false` and `file.trashed` for the
 //! trash, `nextPageToken` until `newStartPageToken` ends a round, and 400 `Invalid Value` for a
-//! token it does not know; `changes.watch` channels (HTTPS addresses, unique ids, an hour by
+//! token it does not know (or no longer takes); a search of every drive that may come back
+//! incomplete (`incompleteSearch`, the shared drives' files left out); `changes.watch` channels (HTTPS addresses, unique ids, an hour by
 //! default, a week at most) that get a header-only `sync` message before the watch is answered
 //! and `change` messages after, with `X-Goog-Channel-Token` when set and a message number that
 //! counts up per channel; `channels.stop`, after which a channel gets nothing more; and one
@@ -124,9 +125,11 @@ pub struct Drive {
     pub throttle_after: Option<usize>,
     /// The next N data requests answer 503 `backendError`.
     pub unavailable: usize,
-    /// A listing of every drive says its search was incomplete (`incompleteSearch`), as Drive
-    /// may for `corpora=allDrives`.
+    /// A listing of every drive leaves the shared drives' files out and says its search was
+    /// incomplete (`incompleteSearch`), as Drive may for `corpora=allDrives`.
     pub incomplete_search: bool,
+    /// Every changes page token answers 400 `Invalid Value`, as for one Drive no longer takes.
+    pub refuse_change_tokens: bool,
     /// Every data request's method, path and decoded query, in order.
     pub requests: Vec<String>,
     issued: usize,
@@ -157,6 +160,7 @@ impl Default for Drive {
             throttle_after: None,
             unavailable: 0,
             incomplete_search: false,
+            refuse_change_tokens: false,
             requests: Vec::new(),
             issued: 0,
             version: 0,
@@ -702,18 +706,19 @@ impl Drive {
         let untrashed_only =
             param(params, "q").is_some_and(|q| q.replace(' ', "").contains("trashed=false"));
         let scope = Scope::of(params);
+        let incomplete = self.incomplete_search && param(params, "corpora") == Some("allDrives");
         let files = self
             .files
             .range::<str, _>((Excluded(after.as_str()), Unbounded))
             .map(|(_, f)| f)
-            .filter(|f| scope.covers(f.drive_id.as_deref()) && !(untrashed_only && f.trashed));
+            .filter(|f| scope.covers(f.drive_id.as_deref()) && !(untrashed_only && f.trashed))
+            .filter(|f| !(incomplete && f.drive_id.is_some()));
         let (page, more) = take_page(files, size);
         let selection = selection(param(params, "fields"), "files");
         let files: Vec<Value> = page
             .iter()
             .map(|f| file_json(f, selection.as_deref()))
             .collect();
-        let incomplete = self.incomplete_search && param(params, "corpora") == Some("allDrives");
         let mut body =
             json!({"kind": "drive#fileList", "incompleteSearch": incomplete, "files": files});
         if let Some(last) = page.last().filter(|_| more) {
@@ -729,7 +734,10 @@ impl Drive {
         let Some(token) = param(params, "pageToken") else {
             return required("pageToken");
         };
-        let Some(start) = self.change_index(token) else {
+        let Some(start) = self
+            .change_index(token)
+            .filter(|_| !self.refuse_change_tokens)
+        else {
             return invalid_value("pageToken");
         };
         let size = match page_size(params) {

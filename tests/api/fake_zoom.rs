@@ -709,7 +709,7 @@ async fn change_meeting(
     let Some(key) = id
         .parse::<u64>()
         .ok()
-        .filter(|k| zoom.meetings.contains_key(k))
+        .filter(|k| zoom.meetings.get(k).is_some_and(|m| zoom.unexpired(m)))
     else {
         return zoom_error(404, 3001, &format!("Meeting does not exist: {id}."));
     };

@@ -105,6 +105,51 @@ async fn a_search_of_every_drive_that_came_back_incomplete_is_listed_again_next_
 }
 
 #[tokio::test]
+async fn files_deleted_while_drive_refused_the_changes_token_go_when_it_lists_again() {
+    let drive = FakeGoogleDrive::start().await;
+    let plan = drive.add_file("plan.docx");
+    let budget = drive.add_file("budget.xlsx");
+    drive.add_file("notes.txt");
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, false)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    assert_eq!(names(&app).await.len(), 3);
+
+    // One deleted, one trashed; then Drive refuses the token whose changes would say so.
+    drive.delete_file(&plan);
+    drive.trash_file(&budget);
+    drive.state.lock().unwrap().refuse_change_tokens = true;
+    run_job(&handler, "job-2", "incremental").await;
+
+    assert_eq!(names(&app).await, ["notes.txt"]);
+}
+
+#[tokio::test]
+async fn a_full_sync_deletes_what_it_no_longer_lists_unless_its_search_came_back_incomplete() {
+    let drive = FakeGoogleDrive::start().await;
+    let plan = drive.add_file("plan.docx");
+    drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, true)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+    assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+
+    // The search leaves the shared drive out, and says so: what it left out is not gone.
+    drive.state.lock().unwrap().incomplete_search = true;
+    run_job(&handler, "job-2", "full_sync").await;
+    assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+
+    drive.state.lock().unwrap().incomplete_search = false;
+    drive.delete_file(&plan);
+    run_job(&handler, "job-3", "full_sync").await;
+    assert_eq!(names(&app).await, ["team-budget.xlsx"]);
+}
+
+#[tokio::test]
 async fn drive_tells_the_local_runtime_of_a_change_through_its_channel() {
     let front_door = format!("127.0.0.1:{}", free_port());
     let app = TestApp::with_settings(&[

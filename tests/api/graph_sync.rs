@@ -364,8 +364,11 @@ async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed()
         .invoke("SyncInboundScheduled", &run("job-1", "full_sync"))
         .await;
 
-    graph.state.lock().unwrap().expire_delta_tokens = true;
+    // An item added and one deleted, both told only by the delta link Graph then lets go.
     let added = graph.add_item(DRIVE, "new.docx", false);
+    let deleted = first_item(&app).await;
+    graph.delete_item(DRIVE, &deleted);
+    graph.state.lock().unwrap().expire_delta_tokens = true;
     handler
         .invoke("SyncInboundScheduled", &run("job-2", "incremental"))
         .await;
@@ -381,10 +384,24 @@ async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed()
             &second["structuredData"]["stats"]["shardsCreated"],
             &second["structuredData"]["stats"]["shardsSkipped"]
         ),
-        (&json!(1), &json!(30))
+        (&json!(1), &json!(29))
     );
-    assert_eq!(app.shards("c_document").await.len(), 31);
-    assert!(!added.is_empty());
+    let documents = app.shards("c_document").await;
+    assert_eq!(documents.len(), 30);
+    let linked = |id: &str| {
+        documents
+            .iter()
+            .any(|d| d["external_relationships"][0]["externalId"] == id)
+    };
+    assert!(linked(&added) && !linked(&deleted));
+}
+
+/// The external id of one synced document.
+async fn first_item(app: &TestApp) -> String {
+    app.shards("c_document").await[0]["external_relationships"][0]["externalId"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]

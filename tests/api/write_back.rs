@@ -1843,6 +1843,43 @@ async fn zoom_updates_and_deletes_meetings_and_stops_at_its_daily_cap_until_midn
 }
 
 #[tokio::test]
+async fn an_edit_to_a_meeting_zoom_let_expire_is_refused_and_the_meeting_is_not_taken_for_deleted()
+{
+    let test = TestApp::new();
+    let fake = FakeZoom::start().await;
+    fake.state.lock().unwrap().app_scopes = "meeting:read meeting:write recording:read";
+    let kickoff = fake.schedule_meeting("Kickoff", Utc::now() - Duration::days(20));
+    test.register_integration(two_way_zoom(&fake)).await;
+    test.set_credentials("int-zoom", &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync_of(&handler, "int-zoom", "zoom", "zoom-1").await;
+
+    // Eleven days on, Zoom has let the meeting expire and answers for it as for a deleted one.
+    fake.let_days_pass(11);
+    let shard_id = format!("int-zoom~meetings~{kickoff}");
+    let changes = json!({"topic": "Kickoff (notes)"});
+    edit_in_castiel(&test, &shard_id, "Kickoff (notes)", changes).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let dead = test.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].properties["DeadLetterErrorDescription"].to_string();
+    assert!(reason.contains("no longer served"), "{reason}");
+    let meeting = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(
+        meeting.external_relationships[0].sync_status,
+        RelationshipStatus::Synced
+    );
+    assert!(meeting.deleted_at.is_none());
+}
+
+#[tokio::test]
 async fn a_meeting_update_past_zooms_daily_cap_is_held_until_it_lifts_without_spending_an_attempt()
 {
     let test = TestApp::new();

@@ -333,23 +333,48 @@ async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
 async fn a_meeting_held_weeks_ago_keeps_its_shard_once_zoom_no_longer_lists_it() {
     let (zoom, app) = connected().await;
     let kickoff = zoom.schedule_meeting("Kickoff", Utc::now() - chrono::Duration::days(20));
-    let offsite = zoom.add_meeting("Offsite");
+    let review = zoom.schedule_meeting("Review", Utc::now() - chrono::Duration::days(2));
+    let offsite = zoom.schedule_meeting("Offsite", Utc::now() + chrono::Duration::days(20));
     let handler = app.host_handler().await;
     run_job(&handler, "job-1").await;
-    assert_eq!(app.shards("c_meeting").await.len(), 2);
+    assert_eq!(app.shards("c_meeting").await.len(), 3);
 
     // Eleven days on, the kickoff has expired: Zoom lists it no more and says it does not
-    // exist, as it would of a deleted one. The offsite was cancelled, and its webhook lost.
+    // exist, as it would of a deleted one. The review, held two days ago, and the offsite,
+    // still to come, were deleted, and their webhooks lost: only the offsite is told from an
+    // expired meeting by its absence.
     zoom.let_days_pass(11);
+    zoom.delete_meeting(&review);
     zoom.delete_meeting(&offsite);
     run_job(&handler, "job-2").await;
 
-    let synced = synced_meetings(&app).await;
-    assert_eq!(
-        synced,
-        [kickoff],
-        "the held meeting stays, the cancelled one goes"
-    );
+    let mut kept = vec![kickoff, review];
+    kept.sort();
+    assert_eq!(synced_meetings(&app).await, kept);
+}
+
+#[tokio::test]
+async fn a_meeting_synced_before_zoom_said_how_long_it_lists_it_is_not_taken_for_deleted() {
+    let (zoom, app) = connected().await;
+    let kickoff = zoom.schedule_meeting("Kickoff", Utc::now() - chrono::Duration::days(20));
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    // As a shard synced by an engine that kept no such time has it.
+    let shard_id = format!("{ID}~meetings~{kickoff}");
+    let mut shard = app
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    shard.external_relationships[0].listed_until = None;
+    app.store().upsert(&shard).await.unwrap();
+
+    zoom.let_days_pass(11);
+    run_job(&handler, "job-2").await;
+
+    assert_eq!(synced_meetings(&app).await, [kickoff]);
 }
 
 #[tokio::test]

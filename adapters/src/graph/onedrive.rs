@@ -5,7 +5,9 @@
 //! record with Graph's fields (`name`, `size`, `file`, `folder`, `parentReference` with its
 //! `driveId`, `driveType` and `id`, which every read gives, `lastModifiedDateTime`, `webUrl`,
 //! ...). The drive's root folder itself is not a record.
-//! Items with a `deleted` facet are soft-deleted. Change notifications subscribe to the drive's
+//! Items with a `deleted` facet are soft-deleted; a delta read again from the start (a full
+//! sync, a delta link Graph no longer keeps) enumerates every item, so what it leaves out was
+//! deleted meanwhile. Change notifications subscribe to the drive's
 //! root (only `updated` exists there) and ask for a catch-up.
 //!
 //! Write-back renames and moves items (`PATCH /drives/{driveId}/items/{id}`) under the `eTag`
@@ -140,6 +142,11 @@ impl Pull for OneDrive {
             stop_after: None,
             cursor: body["@odata.deltaLink"].as_str().map(str::to_string),
         })
+    }
+
+    /// The delta's first round enumerates the whole drive.
+    fn lists_everything_from_start(&self, _conn: &Connection, _request: &FetchRequest) -> bool {
+        true
     }
 
     /// The item's `eTag`, which changes with any change to it.

@@ -581,6 +581,19 @@ async fn write(
             // may tell apart (Salesforce's recycle bin). A record that may still be there is
             // not taken for gone: its link would be dropped, and the next edit create it again.
             if !answered {
+                // A record the provider stops serving some time before it is deleted (an
+                // expired Zoom meeting) is past writing, not gone.
+                if shard.external_relationships[i]
+                    .listed_until
+                    .is_some_and(|until| until <= now)
+                {
+                    return Err(Failure::new(
+                        ErrorCode::ValidationError,
+                        format!(
+                            "`{external_id}` is no longer served by the provider, which stops serving such records some time after they end (an expired meeting): not written"
+                        ),
+                    ));
+                }
                 let left = provider
                     .gone(
                         &mut conn,

@@ -364,6 +364,9 @@ struct EntityRun<'a> {
     listing: Option<Listing>,
     /// The entity's deletions were lost: a read from the start is a listing.
     relist: bool,
+    /// The integration synced before, or the entity has a cursor: a read from the start of an
+    /// entity the provider then lists whole (`Pull::lists_everything_from_start`) is a listing.
+    synced_before: bool,
     /// Records with no shard of their own are looked for among other shards' links (see
     /// [`plan::link_lookups`]): the mapping may land a record elsewhere, and the integration
     /// has synced before, so a shard may link one. An integration's first sync, whose records
@@ -410,21 +413,6 @@ impl Listing {
             stored: progress.pages,
         }
     }
-}
-
-/// A listing that `request` begins, if it reads a listing the provider says is complete from
-/// its start: no cursor, no page token.
-/// `relist`: the entity's deletions were lost (`Integration::lost_deletions`), so a read from
-/// the start is a listing too.
-fn listing_from_start(
-    provider: &dyn Provider,
-    request: &FetchRequest,
-    relist: bool,
-) -> Option<Listing> {
-    (request.cursor.is_none()
-        && request.page_token.is_none()
-        && (relist || provider.lists_everything(&request.entity)))
-    .then(Listing::new)
 }
 
 /// A page's records mapped, with the fingerprints of the shards they map to (where the
@@ -639,6 +627,8 @@ impl<'a> EntityRun<'a> {
             relist: integration
                 .lost_deletions
                 .contains(&mapping.external_entity),
+            synced_before: integration.last_sync_at.is_some()
+                || integration.cursors.contains_key(&mapping.external_entity),
             searches_links: mapping.lands_elsewhere()
                 && (integration.last_sync_at.is_some()
                     || integration.cursors.contains_key(&mapping.external_entity)
@@ -650,6 +640,24 @@ impl<'a> EntityRun<'a> {
             next_entity: None,
             next_first_page: None,
         }
+    }
+
+    /// A listing that `request` begins, if it reads from the start (no cursor, no page token)
+    /// what the provider says is complete: an entity it lists whole every sync
+    /// (`Pull::lists_everything`), one whose deletions were lost (`relist`), or one it lists
+    /// whole from the start and that was synced before (`Pull::lists_everything_from_start`:
+    /// a full sync, or a cursor the provider no longer honours, gives up the deletions only
+    /// that cursor would have told).
+    fn listing_from_start(
+        &self,
+        provider: &dyn Provider,
+        conn: &Connection,
+        request: &FetchRequest,
+    ) -> Option<Listing> {
+        let complete = self.relist
+            || provider.lists_everything(&request.entity)
+            || (self.synced_before && provider.lists_everything_from_start(conn, request));
+        (request.cursor.is_none() && request.page_token.is_none() && complete).then(Listing::new)
     }
 
     fn totals(&self) -> SyncStats {
@@ -769,7 +777,7 @@ impl<'a> EntityRun<'a> {
         // can tell what is gone.
         self.listing = match checkpoint {
             Some(checkpoint) => checkpoint.listing.as_ref().map(Listing::resumed),
-            None => listing_from_start(provider.as_ref(), &request, self.relist),
+            None => self.listing_from_start(provider.as_ref(), conn, &request),
         };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
@@ -817,8 +825,19 @@ impl<'a> EntityRun<'a> {
             }
             let next_token = page.next_page.clone();
             let stop_after = page.stop_after.clone();
-            // Rows the provider gave that could not be read fail alone; the page goes on.
+            // Rows the provider gave that could not be read fail alone; the page goes on. In a
+            // listing, one named is still held; one the provider could not even name (a search
+            // it says came back incomplete) leaves the listing unable to tell what is gone.
             for unread in std::mem::take(&mut page.unreadable) {
+                if self.listing.is_some() {
+                    match &unread.record_id {
+                        Some(id) => listed.push(id.clone()),
+                        None => {
+                            tracing::warn!(entity = %self.mapping.external_entity, "the listing is incomplete; nothing it leaves out is reconciled");
+                            self.listing = None;
+                        }
+                    }
+                }
                 self.counters.fetched += 1;
                 self.record_error(
                     ErrorCode::ValidationError,
@@ -960,7 +979,7 @@ impl<'a> EntityRun<'a> {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
             // And a listing with it, which does not count the pages of the one before.
-            self.listing = listing_from_start(provider, request, self.relist);
+            self.listing = self.listing_from_start(provider, conn, request);
             page = provider.fetch_page(conn, request).await;
         }
         // A first read that spans jobs has a page token and no cursor: a token the provider
@@ -973,7 +992,7 @@ impl<'a> EntityRun<'a> {
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
-            self.listing = listing_from_start(provider, request, self.relist);
+            self.listing = self.listing_from_start(provider, conn, request);
             // Forgotten at once: whatever this read ends with, a later run must not start from
             // it again (an entity whose pages return no cursor would otherwise keep it).
             let entity = &request.entity;
@@ -1296,6 +1315,9 @@ impl<'a> EntityRun<'a> {
         let mut reconciled = 0;
         let mut undecided = 0;
         let mut used_up = None;
+        // A link from before the provider said how long it lists its record may be to one that
+        // aged out unseen.
+        let listed_for_a_time = provider.lists_for_a_time(&self.mapping.external_entity);
         loop {
             let synced = self
                 .with_retries(|| {
@@ -1316,7 +1338,8 @@ impl<'a> EntityRun<'a> {
                 .filter(|r| {
                     r.integration_id == integration_id
                         && r.sync_status == RelationshipStatus::Synced
-                        && r.listed_until.is_none_or(|until| until > self.now)
+                        && r.listed_until
+                            .map_or(!listed_for_a_time, |until| until > self.now)
                         && !listed.contains(&r.external_id)
                 })
                 .map(|r| r.external_id)
