@@ -8,7 +8,9 @@
 //!
 //! Incremental by file and by record: the cursor is the latest modified time synced, and the
 //! files read whole since then with their length, times and inode (`ImportCursor`). A file
-//! last written before the cursor's time cannot hold a change and is not opened; nor, until
+//! last written a day or more before the cursor's time (the exporter's clock, or its time zone,
+//! may be off) cannot hold a change and is not opened; a record stamped in the future takes
+//! the cursor no further than the sync's own time; nor, until
 //! the sync opens a file, is a file the cursor read as it is now (a record read again from an
 //! earlier file must not have the last word over a later file's). In the files opened, records
 //! modified before the time are skipped. An export whose records all share one modified time is
@@ -248,24 +250,35 @@ fn read_records(
                 .seek(SeekFrom::Start(offset))
                 .map_err(|e| io_error(path, e))?;
             let mut position = offset;
-            let mut line = String::new();
+            let mut line = Vec::new();
             while records.len() < limit {
                 line.clear();
-                let read = reader.read_line(&mut line).map_err(|e| io_error(path, e))?;
+                // By bytes: a line that is not UTF-8 fails alone, as a CSV row does, and the
+                // lines after it are read.
+                let read = reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| io_error(path, e))?;
                 if read == 0 {
                     return Ok((records, None));
                 }
                 let start = position;
                 position += read as u64;
+                let at = format!("{} at byte {start}", path.display());
+                let Ok(line) = std::str::from_utf8(&line) else {
+                    records.push(Err(unreadable(
+                        None,
+                        format!("{at}: a line is not UTF-8 text"),
+                    )));
+                    continue;
+                };
                 // An editor's byte order mark before the first line is not part of it.
                 let text = match start {
                     0 => line.trim_start_matches('\u{feff}'),
-                    _ => line.as_str(),
+                    _ => line,
                 };
                 if text.trim().is_empty() {
                     continue;
                 }
-                let at = format!("{} at byte {start}", path.display());
                 records.push(match serde_json::from_str::<Value>(text) {
                     Ok(Value::Object(fields)) => to_record(fields, columns, &at),
                     Ok(_) => Err(unreadable(
@@ -354,6 +367,11 @@ const SETTLE_SECONDS: u64 = 5;
 /// keeps a cursor of a few kilobytes, and the files it forgets are read again, as they would
 /// be without a stamp, never missed.
 const REMEMBERED_FILES: usize = 256;
+
+/// How far the exporting system's clock (or a time zone it gets wrong) may run ahead of the
+/// file server's: a file is skipped by its times only when it was written that long before the
+/// cursor's time, which comes from the records.
+const CLOCK_ALLOWANCE: chrono::Duration = chrono::Duration::days(1);
 
 /// How a file is: its length, its last-write and last-change times and its inode. A file
 /// whose stamp is what a cursor remembers has not been written since it was read whole. The
@@ -557,12 +575,17 @@ impl ImportCursor {
         stamp.is_some_and(|now| self.read.get(name) == Some(&now))
     }
 
-    /// Whether the file was last written before the cursor's time, so it cannot hold a
-    /// change after it.
+    /// Whether the file was last written before the cursor's time (by the server's clock, and
+    /// [`CLOCK_ALLOWANCE`] before it), so it cannot hold a change after it.
     fn predates(&self, stamp: Option<FileStamp>) -> bool {
-        self.time
+        self.skips_before()
             .zip(stamp)
             .is_some_and(|(time, stamp)| stamp.written_before(time))
+    }
+
+    /// Files last written before this time are skipped by it alone.
+    fn skips_before(&self) -> Option<DateTime<Utc>> {
+        self.time.map(|time| time - CLOCK_ALLOWANCE)
     }
 
     /// This cursor and a later one together: the later time, and the files either read (the
@@ -576,7 +599,7 @@ impl ImportCursor {
     /// Without the files its time skips anyway, and without the least recently written
     /// beyond [`REMEMBERED_FILES`].
     fn pruned(mut self) -> Self {
-        if let Some(time) = self.time {
+        if let Some(time) = self.skips_before() {
             self.read.retain(|_, stamp| !stamp.written_before(time));
         }
         if self.read.len() > REMEMBERED_FILES {
@@ -867,7 +890,11 @@ impl Pull for BulkImport {
                 }
             }
         }
-        read_whole.time = latest.map(ImportCursor::to_cursor_time);
+        // A record stamped in the future (a typo, a clock far ahead) does not take the cursor
+        // past now: every later export would be skipped as older.
+        read_whole.time = latest
+            .map(|latest| latest.min(Utc::now()))
+            .map(ImportCursor::to_cursor_time);
         page.cursor = read_whole.pruned().to_text();
         Ok(page)
     }
@@ -1111,6 +1138,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn exports_stamped_ahead_of_the_file_servers_clock_are_still_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let now = Utc::now();
+        // An exporter that writes its local time as UTC, an hour ahead of the file server.
+        let ahead = |minutes: i64| at(now + chrono::Duration::minutes(60 + minutes));
+        std::fs::write(
+            dir.path().join("accounts.csv"),
+            format!("id,modified_at\na1,{}\n", ahead(0)),
+        )
+        .unwrap();
+        let mut conn = conn(dir.path());
+        let (ids, cursor) = sync(&mut conn, "accounts", 10, None).await;
+        assert_eq!(ids, ["a1"]);
+
+        std::fs::write(
+            dir.path().join("accounts-2.csv"),
+            format!("id,modified_at\na2,{}\n", ahead(15)),
+        )
+        .unwrap();
+        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert_eq!(ids, ["a2"], "the next export is opened");
+    }
+
+    #[tokio::test]
+    async fn a_record_stamped_decades_ahead_takes_the_cursor_no_further_than_now() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("accounts.csv"),
+            "id,modified_at\na1,2062-01-05T00:00:00Z\n",
+        )
+        .unwrap();
+        let mut conn = conn(dir.path());
+        let (_, cursor) = sync(&mut conn, "accounts", 10, None).await;
+        let time = BulkImport.cursor_time(cursor.as_deref().unwrap()).unwrap();
+        assert!(time <= Utc::now(), "{time}");
+
+        let soon = (Utc::now() + chrono::Duration::seconds(5))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        std::fs::write(
+            dir.path().join("accounts-2.csv"),
+            format!("id,modified_at\na2,{soon}\n"),
+        )
+        .unwrap();
+        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert!(ids.contains(&"a2".to_string()), "{ids:?}");
+    }
+
+    #[tokio::test]
     async fn a_record_read_again_has_not_the_last_word_over_a_later_export() {
         let dir = tempfile::tempdir().unwrap();
         let accounts = dir.path().join("accounts.csv");
@@ -1141,6 +1217,28 @@ mod tests {
             .map(|r| (r.id.as_str(), r.deleted))
             .collect();
         assert_eq!(read, [("a1", false), ("a5", false), ("a1", true)]);
+    }
+
+    #[tokio::test]
+    async fn a_json_line_that_is_not_utf8_fails_alone_and_the_lines_after_it_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = json_lines(&["c1"]).into_bytes();
+        text.extend_from_slice(b"{\"id\":\"c2\",\"name\":\"M\xfcller\"}\n");
+        text.extend_from_slice(json_lines(&["c3"]).as_bytes());
+        std::fs::write(dir.path().join("contacts.jsonl"), text).unwrap();
+        let mut conn = conn(dir.path());
+        let page = BulkImport
+            .fetch_page(&mut conn, &request("contacts", 10))
+            .await
+            .unwrap();
+        let ids: Vec<_> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["c1", "c3"]);
+        assert_eq!(page.unreadable.len(), 1);
+        let message = &page.unreadable[0].message;
+        assert!(
+            message.contains("contacts.jsonl at byte 12") && message.contains("not UTF-8"),
+            "{message}"
+        );
     }
 
     #[tokio::test]
@@ -1351,15 +1449,18 @@ mod tests {
         assert!(!cursor.has_read("other.csv", Some(late)));
         assert!(!cursor.predates(Some(early)));
 
-        let later = ImportCursor::parse("2026-01-01T12:00:00.000Z").unwrap();
+        // A day past the old file's time: its clock may have been that far behind.
+        let later = ImportCursor::parse("2026-01-02T12:00:00.000Z").unwrap();
         let combined = cursor.and_then(later);
         assert_eq!(
             combined.to_text().unwrap(),
-            "2026-01-01T12:00:00.000Z\n\
+            "2026-01-02T12:00:00.000Z\n\
              20,1767312000000000000,1767312000000000000,7 new export.csv",
-            "a file written before the time needs no entry"
+            "a file written a day before the time needs no entry"
         );
         assert!(combined.predates(Some(rewritten)), "the time skips it");
+        let within_a_day = ImportCursor::parse("2026-01-01T12:00:00.000Z").unwrap();
+        assert!(!within_a_day.predates(Some(rewritten)));
         assert_eq!(
             BulkImport.cursor_time("\n20,1,1,7 x.csv"),
             None,

@@ -42,8 +42,8 @@ use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest};
 use crate::microsoft;
 use crate::{
-    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
-    RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
+    Connection, ErrorCode, FetchRequest, LeftOut, Page, Provider, ProviderError, Pull, RateLimiter,
+    Record, RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
     WebhookNotification, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
@@ -120,10 +120,9 @@ impl Dynamics365 {
         }
     }
 
-    fn change_tracking(conn: &Connection, request: &FetchRequest) -> bool {
+    fn change_tracking(settings: &Map<String, Value>, request: &FetchRequest) -> bool {
         request.filters.is_empty()
-            && conn
-                .settings
+            && settings
                 .get("changeTracking")
                 .and_then(Value::as_bool)
                 .unwrap_or(true)
@@ -302,10 +301,17 @@ impl Pull for Dynamics365 {
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
         let key = primary_key(&conn.settings, &request.entity);
-        let tracking = Self::change_tracking(conn, request);
+        let tracking = Self::change_tracking(&conn.settings, request);
         let is_link = |c: &str| c.starts_with("http://") || c.starts_with("https://");
         let (url, query) = match (&request.page_token, &request.cursor) {
             (Some(next), _) => (next.clone(), None),
+            // A poll's cursor, from before change tracking was on: its deletions were never
+            // seen, so the entity is read from the start and compared.
+            (None, Some(cursor)) if tracking && !is_link(cursor) => {
+                return Err(ProviderError::resync_required(
+                    "the cursor is a poll's, and change tracking is on",
+                ));
+            }
             (None, Some(delta)) if tracking && is_link(delta) => {
                 // A delta link reads the columns its first round selected: a column since
                 // added to the mapping would arrive only with the row's next change.
@@ -376,8 +382,22 @@ impl Pull for Dynamics365 {
     }
 
     /// Change tracking's first round lists every row; a poll, filtered, leaves rows out.
-    fn lists_everything_from_start(&self, conn: &Connection, request: &FetchRequest) -> bool {
-        Self::change_tracking(conn, request)
+    fn lists_everything_from_start(
+        &self,
+        settings: &Map<String, Value>,
+        request: &FetchRequest,
+    ) -> bool {
+        Self::change_tracking(settings, request)
+    }
+
+    /// Rows Dataverse no longer returns by id.
+    async fn gone(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        ids: Vec<String>,
+    ) -> Result<LeftOut, ProviderError> {
+        crate::gone_unless_found(self, conn, entity, ids).await
     }
 
     fn newer_cursor(&self, earlier: String, later: String) -> String {

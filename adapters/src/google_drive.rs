@@ -45,10 +45,10 @@ use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
-    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
-    RecordWrite, RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh,
-    Unreadable, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification, WebhookRequest,
-    WebhookRoute, Webhooks, WriteBack, Written,
+    Connection, ErrorCode, FetchRequest, LeftOut, Page, Provider, ProviderError, Pull, RateLimiter,
+    Record, RecordWrite, RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions,
+    TokenRefresh, Unreadable, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification,
+    WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 pub const ENTITY: &str = "files";
@@ -424,12 +424,28 @@ impl Pull for GoogleDrive {
         }
     }
 
-    /// The file's `version`, which Drive raises with every change to it.
     /// `files.list` lists every file not in the trash (or says its search was incomplete).
-    fn lists_everything_from_start(&self, _conn: &Connection, _request: &FetchRequest) -> bool {
+    fn lists_everything_from_start(
+        &self,
+        _settings: &Map<String, Value>,
+        _request: &FetchRequest,
+    ) -> bool {
         true
     }
 
+    /// Files deleted, or in the trash; one still there that the listing left out (a drive no
+    /// longer in the integration's scope, a file modified while the listing was paged through)
+    /// stays.
+    async fn gone(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        ids: Vec<String>,
+    ) -> Result<LeftOut, ProviderError> {
+        crate::gone_unless_found(self, conn, entity, ids).await
+    }
+
+    /// The file's `version`, which Drive raises with every change to it.
     fn version_of(&self, record: &Record) -> Option<String> {
         record.fields.get("version")?.as_str().map(str::to_string)
     }

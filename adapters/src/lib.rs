@@ -152,7 +152,11 @@ pub trait Pull: Send + Sync {
     /// cursor the provider no longer honours read again from the start) is compared like a
     /// complete listing: the deletions since the last sync, which only the cursor given up
     /// would have told, are what it leaves out and [`Pull::gone`] confirms.
-    fn lists_everything_from_start(&self, _conn: &Connection, _request: &FetchRequest) -> bool {
+    fn lists_everything_from_start(
+        &self,
+        _settings: &Map<String, Value>,
+        _request: &FetchRequest,
+    ) -> bool {
         false
     }
 
@@ -210,6 +214,38 @@ pub trait Pull: Send + Sync {
             format!("`{}` records cannot be read by id", request.entity),
         ))
     }
+}
+
+/// Of `ids`, a listing's leftovers, those [`Pull::fetch_by_ids`] no longer finds, or finds
+/// deleted: what a provider that reads records by id says is gone. A record still there (out
+/// of the listing's scope since its settings changed, or moved across its pages while they
+/// were read) keeps its shard.
+pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
+    provider: &P,
+    conn: &mut Connection,
+    entity: &str,
+    ids: Vec<String>,
+) -> Result<LeftOut, ProviderError> {
+    let request = FetchRequest {
+        entity: entity.to_string(),
+        fields: Vec::new(),
+        cursor: None,
+        page_token: None,
+        filters: Vec::new(),
+        page_size: ids.len().max(1),
+        cursor_read_at: None,
+    };
+    let found: std::collections::HashSet<String> = provider
+        .fetch_by_ids(conn, &request, &ids)
+        .await?
+        .into_iter()
+        .filter(|r| !r.deleted)
+        .map(|r| r.id)
+        .collect();
+    Ok(LeftOut {
+        gone: ids.into_iter().filter(|id| !found.contains(id)).collect(),
+        ..LeftOut::default()
+    })
 }
 
 /// Refreshing an integration's access token before it expires.

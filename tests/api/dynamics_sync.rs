@@ -49,6 +49,16 @@ async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str) -> Value
     res.json()
 }
 
+/// An app with `integration` registered against `fake`, its credentials stored, and the handler
+/// as the host runs it.
+async fn connected(fake: &FakeDynamics, integration: Value) -> (TestApp, HostedHandler) {
+    let app = TestApp::new();
+    app.register_integration(integration).await;
+    app.set_credentials(ID, &fake.credentials()).await;
+    let handler = app.host_handler().await;
+    (app, handler)
+}
+
 async fn record(app: &TestApp, job_id: &str) -> Value {
     app.history()
         .await
@@ -95,10 +105,7 @@ async fn an_expired_change_tracking_token_rereads_the_entity_instead_of_failing(
     let ids: Vec<String> = (0..5)
         .map(|i| fake.add("contacts", json!({"fullname": format!("Contact {i}")})))
         .collect();
-    let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, integration(&fake)).await;
     run_job(&handler, "job-1", "full_sync").await;
 
     fake.update("contacts", &ids[0], json!({"fullname": "Renamed"}));
@@ -129,10 +136,7 @@ async fn rows_deleted_while_the_token_expired_or_before_a_full_sync_still_leave_
     let ids: Vec<String> = (0..5)
         .map(|i| fake.add("contacts", json!({"fullname": format!("Contact {i}")})))
         .collect();
-    let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, integration(&fake)).await;
     run_job(&handler, "job-1", "full_sync").await;
 
     // Only the delta Dataverse no longer honours would have told of this deletion.
@@ -157,16 +161,84 @@ async fn rows_deleted_while_the_token_expired_or_before_a_full_sync_still_leave_
 }
 
 #[tokio::test]
+async fn a_lead_merged_into_a_contacts_shard_is_not_taken_for_deleted_when_contacts_are_listed() {
+    let fake = FakeDynamics::start().await;
+    let contact = fake.add(
+        "contacts",
+        json!({"fullname": "Ann Lee", "emailaddress1": "ann@contoso.test"}),
+    );
+    let lead = fake.add(
+        "leads",
+        json!({"fullname": "Ann Lee", "emailaddress1": "ann@contoso.test"}),
+    );
+    let mut both = integration(&fake);
+    let mapping = |set: &str| {
+        json!({"externalEntity": set, "shardTypeId": "c_contact", "nameField": "full_name",
+               "fieldMappings": [{"source": "fullname", "target": "full_name", "required": true},
+                                 {"source": "emailaddress1", "target": "email"}],
+               "deduplication": {"rules": [{"field": "email", "matching": "exact"}],
+                                 "merge": "merge_fields"}})
+    };
+    both["structuredData"]["entityMappings"] = json!([mapping("contacts"), mapping("leads")]);
+    let (app, handler) = connected(&fake, both.clone()).await;
+    run_job(&handler, "job-1", "full_sync").await;
+    let ann = app.shards("c_contact").await;
+    assert_eq!(ann.len(), 1, "the lead merged into the contact's shard");
+
+    // A column added to the contacts' mapping lists them again from the start: the lead is
+    // not among them, nor gone.
+    let mut with_phone = both.clone();
+    with_phone["structuredData"]["entityMappings"][0]["fieldMappings"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"source": "telephone1", "target": "phone"}));
+    app.register_integration(with_phone).await;
+    run_job(&handler, "job-2", "incremental").await;
+    // Then the contact is deleted: the lead still holds the shard.
+    fake.delete("contacts", &contact);
+    run_job(&handler, "job-3", "incremental").await;
+
+    let ann = app.shards("c_contact").await;
+    assert_eq!(ann.len(), 1, "{ann:?}");
+    let links = ann[0]["external_relationships"].as_array().unwrap();
+    let status_of = |id: &str| {
+        links
+            .iter()
+            .find(|l| l["externalId"] == id)
+            .map(|l| l["syncStatus"].clone())
+    };
+    assert_eq!(status_of(&lead), Some(json!("synced")));
+    assert_eq!(status_of(&contact), Some(json!("deleted")));
+}
+
+#[tokio::test]
+async fn rows_deleted_while_the_integration_polled_leave_once_change_tracking_is_on() {
+    let fake = FakeDynamics::start().await;
+    let ids: Vec<String> = (0..3)
+        .map(|i| fake.add("contacts", json!({"fullname": format!("Contact {i}")})))
+        .collect();
+    let mut polling = integration(&fake);
+    polling["structuredData"]["connection"]["changeTracking"] = json!(false);
+    let (app, handler) = connected(&fake, polling).await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    // A poll sees no deletions; once change tracking is on, the next sync lists every row.
+    fake.delete("contacts", &ids[0]);
+    app.register_integration(integration(&fake)).await;
+    run_job(&handler, "job-2", "incremental").await;
+
+    assert_eq!(record(&app, "job-2").await["status"], "success");
+    assert_eq!(app.shards("c_contact").await.len(), 2);
+}
+
+#[tokio::test]
 async fn a_column_added_to_the_mapping_arrives_with_the_next_sync() {
     let fake = FakeDynamics::start().await;
     fake.add(
         "contacts",
         json!({"fullname": "Yvonne McKay", "telephone1": "+44 20 7946 0000"}),
     );
-    let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, integration(&fake)).await;
     run_job(&handler, "job-1", "full_sync").await;
 
     let mut with_phone = integration(&fake);
@@ -203,10 +275,7 @@ async fn a_poll_reads_only_what_changed_and_a_row_committed_late_too() {
     );
     let mut polling = integration(&fake);
     polling["structuredData"]["connection"]["changeTracking"] = json!(false);
-    let app = TestApp::new();
-    app.register_integration(polling).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, polling).await;
     run_job(&handler, "job-1", "full_sync").await;
 
     fake.add(
@@ -260,10 +329,7 @@ async fn registration_names_the_connection_setting_that_is_wrong() {
 async fn the_token_refresher_refreshes_a_token_before_it_expires_and_records_the_new_expiry() {
     let fake = FakeDynamics::start().await;
     fake.add("contacts", json!({"fullname": "Contact"}));
-    let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, integration(&fake)).await;
     run_job(&handler, "job-1", "full_sync").await;
     let first_expiry = app.integration(ID).await["structuredData"]["credentialsExpireAt"].clone();
     assert!(
@@ -354,10 +420,7 @@ async fn a_token_endpoint_that_hangs_holds_up_no_other_integrations_refresh() {
 #[tokio::test]
 async fn a_refresh_token_the_provider_refuses_stops_the_integration_until_new_credentials() {
     let fake = FakeDynamics::start().await;
-    let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, integration(&fake)).await;
     run_job(&handler, "job-1", "full_sync").await;
     // The user revoked the app's consent.
     fake.state.lock().unwrap().entra.refresh_tokens.clear();
@@ -608,10 +671,7 @@ async fn a_sync_record_expires_after_the_tenants_retention() {
 async fn history_stats_add_up_an_integrations_syncs() {
     let fake = FakeDynamics::start().await;
     fake.add("contacts", json!({"fullname": "Contact"}));
-    let app = TestApp::new();
-    app.register_integration(integration(&fake)).await;
-    app.set_credentials(ID, &fake.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&fake, integration(&fake)).await;
     run_job(&handler, "job-1", "full_sync").await;
     run_job(&handler, "job-2", "incremental").await;
 

@@ -71,6 +71,9 @@ pub struct Org {
     pub expire_token_after: Option<usize>,
     /// Data requests answer 403 REQUEST_LIMIT_EXCEEDED after this many more.
     pub limit_exceeded_after: Option<usize>,
+    /// The next N data requests answer 403 REQUEST_LIMIT_EXCEEDED for the org's concurrent
+    /// long-running requests (other apps' reports), which frees within seconds.
+    pub concurrent_limit_next: usize,
     pub api_usage: (u64, u64),
     /// Every data request answers this status (a Salesforce outage).
     pub outage: Option<StatusCode>,
@@ -259,6 +262,14 @@ fn admit(fake: &FakeSalesforce, headers: &HeaderMap, what: String) -> Result<(),
             status,
             "SERVER_UNAVAILABLE",
             "Service temporarily unavailable",
+        )));
+    }
+    if org.concurrent_limit_next > 0 {
+        org.concurrent_limit_next -= 1;
+        return Err(Box::new(sf_error(
+            StatusCode::FORBIDDEN,
+            "REQUEST_LIMIT_EXCEEDED",
+            "ConcurrentRequests (Concurrent API Requests) Limit exceeded.",
         )));
     }
     if let Some(n) = org.limit_exceeded_after {

@@ -150,6 +150,24 @@ async fn a_full_sync_deletes_what_it_no_longer_lists_unless_its_search_came_back
 }
 
 #[tokio::test]
+async fn a_file_out_of_the_integrations_scope_is_not_taken_for_deleted_by_a_full_sync() {
+    let drive = FakeGoogleDrive::start().await;
+    drive.add_file("plan.docx");
+    drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, true)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    // Shared drives are no longer read: the listing leaves the budget out, but Drive has it.
+    app.register_integration(integration(&drive, false)).await;
+    run_job(&handler, "job-2", "full_sync").await;
+
+    assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+}
+
+#[tokio::test]
 async fn drive_tells_the_local_runtime_of_a_change_through_its_channel() {
     let front_door = format!("127.0.0.1:{}", free_port());
     let app = TestApp::with_settings(&[

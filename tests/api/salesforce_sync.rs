@@ -770,6 +770,94 @@ async fn a_contact_renamed_or_blanked_at_salesforce_changes_its_own_shard_whatev
 }
 
 #[tokio::test]
+async fn a_first_sync_the_allocation_stopped_does_not_read_again_what_it_had_finished() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 10);
+    fake.load(
+        "Contact",
+        (0..3000).map(|i| {
+            let email = format!("person{i}@acme.test");
+            (
+                json!({"Id": format!("003{i:015}"), "Name": format!("Person {i}"), "Email": email}),
+                base_time() + Duration::seconds(i),
+            )
+        }),
+    );
+    // The accounts are read whole, and then the contacts' first page uses the allocation up.
+    fake.org.lock().unwrap().limit_exceeded_after = Some(3);
+    let app = spawn_app(&fake, true).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let first = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(first["status"], "partial", "{first}");
+    assert_eq!(first["stats"]["shardsCreated"], 2010, "{first}");
+
+    // The allocation comes back; the next run is still the integration's first full sync.
+    fake.org.lock().unwrap().limit_exceeded_after = None;
+    let asked_before = fake.requests().len();
+    run_job(&handler, "job-2", "full_sync", 1).await;
+
+    let second = record_of(&app.history().await, "job-2").clone();
+    assert_eq!(second["status"], "success", "{second}");
+    let asked: Vec<String> = fake.requests()[asked_before..].to_vec();
+    let accounts: Vec<&String> = asked
+        .iter()
+        .filter(|r| r.contains("FROM Account"))
+        .collect();
+    assert!(
+        accounts
+            .iter()
+            .all(|r| r.contains("WHERE SystemModstamp >=")),
+        "the accounts are read from their cursor, not again from the start: {asked:?}"
+    );
+    assert_eq!(app.shards("c_contact").await.len(), 3000);
+}
+
+#[tokio::test]
+async fn a_run_with_many_failed_records_lists_the_first_and_counts_them_all() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 10);
+    // Every contact lacks the email the mapping requires.
+    fake.load(
+        "Contact",
+        (0..500).map(|i| {
+            (
+                json!({"Id": format!("003{i:015}"), "Name": format!("Person {i}")}),
+                base_time() + Duration::seconds(i),
+            )
+        }),
+    );
+    let app = spawn_app(&fake, true).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "partial", "{}", record["statusMessage"]);
+    assert_eq!(record["stats"]["shardsFailed"], 500);
+    let errors = record["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 201);
+    let last = errors[200]["message"].as_str().unwrap();
+    assert!(last.contains("more errors than the 200 listed"), "{last}");
+}
+
+#[tokio::test]
+async fn the_orgs_concurrent_request_cap_is_waited_out_not_taken_for_the_days_allocation() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 10);
+    // Another app's long reports fill the org's 25 concurrent requests for a moment.
+    fake.org.lock().unwrap().concurrent_limit_next = 2;
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 10);
+}
+
+#[tokio::test]
 async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_resumes() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5000);
@@ -954,6 +1042,36 @@ async fn a_revoked_refresh_token_met_by_a_sync_counts_as_a_failed_token_refresh(
         metrics.contains(&format!("token_refresh_failures{{{labels}}} 1")),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_job_that_fails_for_good_part_way_keeps_the_counts_of_what_it_synced() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 5000);
+    let app = spawn_app(&fake, false).await;
+    // A live token for two more requests, and a refresh token revoked meanwhile.
+    fake.org
+        .lock()
+        .unwrap()
+        .access_tokens
+        .insert("at-live".into());
+    fake.org.lock().unwrap().expire_token_after = Some(2);
+    let mut credentials = fake.credentials();
+    credentials["refresh_token"] = json!("rt-revoked");
+    credentials["access_token"] = json!("at-live");
+    credentials["instance_url"] = json!(fake.url);
+    app.set_credentials("int-acme-sf", &credentials).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(record["stats"]["recordsFetched"], 4000, "{record}");
+    assert_eq!(record["stats"]["shardsCreated"], 4000);
+    assert_eq!(record["entityStats"][0]["externalEntity"], "Account");
+    let errors = record["errors"].as_array().unwrap();
+    assert_eq!(errors.last().unwrap()["code"], "AUTHENTICATION_FAILED");
 }
 
 #[tokio::test]

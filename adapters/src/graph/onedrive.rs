@@ -28,9 +28,9 @@ use serde_json::{Map, Value};
 use super::Graph;
 use crate::OrGone;
 use crate::{
-    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, Record, RecordWrite,
-    RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh, WebhookDelivery,
-    WebhookError, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
+    Connection, ErrorCode, FetchRequest, LeftOut, Page, Provider, ProviderError, Pull, Record,
+    RecordWrite, RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh,
+    WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
 pub const ENTITY: &str = "driveItem";
@@ -145,8 +145,22 @@ impl Pull for OneDrive {
     }
 
     /// The delta's first round enumerates the whole drive.
-    fn lists_everything_from_start(&self, _conn: &Connection, _request: &FetchRequest) -> bool {
+    fn lists_everything_from_start(
+        &self,
+        _settings: &Map<String, Value>,
+        _request: &FetchRequest,
+    ) -> bool {
         true
+    }
+
+    /// Items Graph no longer serves (deleted, or in the recycle bin).
+    async fn gone(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        ids: Vec<String>,
+    ) -> Result<LeftOut, ProviderError> {
+        crate::gone_unless_found(self, conn, entity, ids).await
     }
 
     /// The item's `eTag`, which changes with any change to it.

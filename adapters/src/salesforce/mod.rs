@@ -825,6 +825,13 @@ fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
             ErrorCode::AuthenticationFailed,
             format!("{error_code}: {message} (after a token refresh)"),
         ),
+        // The same code says the org's concurrent long-running requests are at their cap,
+        // shared with every other app and freed within seconds: retried, not held for the day.
+        StatusCode::FORBIDDEN
+            if error_code == "REQUEST_LIMIT_EXCEEDED" && message.contains("Concurrent") =>
+        {
+            ProviderError::new(ErrorCode::RateLimit, format!("{error_code}: {message}"))
+        }
         StatusCode::FORBIDDEN if error_code == "REQUEST_LIMIT_EXCEEDED" => {
             ProviderError::quota(format!("{error_code}: {message}"))
         }

@@ -342,7 +342,11 @@ async fn run(
         tenant_id: &job.tenant_id,
         integration_id: &job.integration_id,
         job_id: &job.job_id,
-        full: job.job_type == JobType::FullSync,
+        // A full sync reads every entity from the start, but for an integration that never
+        // finished one: the entities an earlier try finished (before the provider's quota or a
+        // failure stopped it) have their cursors, and are not read again from the start by
+        // every try after it.
+        full: job.job_type == JobType::FullSync && integration.last_sync_at.is_some(),
         entities: &entities,
         finished_in_chain: &resumed.finished_in_chain,
         max_records: app.settings.max_records_per_sync,
@@ -668,8 +672,16 @@ async fn fail(
             let needs_reauth = failure.code.needs_new_credentials();
             // An integration that cannot be read cannot be updated either; its failed record
             // and dead letter say why.
+            // What the job did up to its last checkpoint is told in its record, not lost with
+            // the chain's hold.
+            let mut progress = None;
             if integration_readable {
                 update_integration(app, &job.tenant_id, &job.integration_id, now, |i| {
+                    progress = i
+                        .running
+                        .as_ref()
+                        .filter(|_| lease::holds(i.running.as_ref(), &job.job_id))
+                        .and_then(|r| r.progress.clone());
                     if needs_reauth {
                         // Syncing again cannot help until someone sets new credentials.
                         i.status = IntegrationStatus::Error;
@@ -679,6 +691,13 @@ async fn fail(
                     true
                 })
                 .await?;
+            }
+            if let Some(progress) = progress {
+                let done = pipeline::checkpointed(progress);
+                record.stats = done.stats;
+                record.entity_stats = (!done.entity_stats.is_empty()).then_some(done.entity_stats);
+                let fatal = record.errors.take().unwrap_or_default();
+                record.errors = Some(done.errors.into_iter().chain(fatal).collect());
             }
             finish(&mut record, SyncStatus::Failed, summary.clone(), now);
             save(app, job, record_id, &record, now).await?;

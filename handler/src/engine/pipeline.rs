@@ -72,6 +72,8 @@ const LANDING_PART: usize = 250;
 
 /// Shards whose links a reconciliation reads at a time.
 const RECONCILE_PAGE: usize = 1000;
+/// Stored pages of a listing read back at a time (each up to a page of ids).
+const LISTED_PAGES_AT_ONCE: usize = 8;
 
 /// Records or deletions looked up at a time among the links of shards not their own.
 const LINKED_LOOKUP: usize = 500;
@@ -141,6 +143,20 @@ pub struct Outcome {
     pub errors: Vec<SyncError>,
     pub details: SyncDetails,
     pub stopped: Option<Stop>,
+}
+
+/// What a job had done by its last checkpoint (`progress`): its counts, its entities and their
+/// errors, for the record of a job that then failed for good.
+pub fn checkpointed(progress: JobProgress) -> Outcome {
+    let mut outcome = Outcome::default();
+    for entity in progress.finished.into_iter().chain(progress.current) {
+        Counters::of(&entity).add_to(&mut outcome.stats);
+        outcome
+            .errors
+            .extend(entity.errors.iter().flatten().cloned());
+        outcome.entity_stats.push(entity);
+    }
+    outcome
 }
 
 /// Runs a scheduled, manual or retried job over every mapped entity. `progress` is what the
@@ -340,9 +356,10 @@ impl Counters {
     }
 }
 
-/// Errors a checkpoint keeps of a job's progress; more are counted, not listed, so that the
-/// integration document stays small.
-const MAX_ERRORS_IN_PROGRESS: usize = 1000;
+/// Errors listed of an entity's run, in its history record and its checkpoints; more are
+/// counted (`shardsFailed`), not listed, so that neither document outgrows what the store
+/// takes (Cosmos DB: 2 MB), whatever a mapping refuses.
+const MAX_ERRORS_LISTED: usize = 200;
 
 struct EntityRun<'a> {
     app: &'a App,
@@ -364,9 +381,13 @@ struct EntityRun<'a> {
     listing: Option<Listing>,
     /// The entity's deletions were lost: a read from the start is a listing.
     relist: bool,
-    /// The integration synced before, or the entity has a cursor: a read from the start of an
-    /// entity the provider then lists whole (`Pull::lists_everything_from_start`) is a listing.
-    synced_before: bool,
+    /// The entity has a cursor, and a read of it from the start lists every record
+    /// (`Pull::lists_everything_from_start`): such a read (a full sync, a cursor given up) is a
+    /// listing. An entity's first sync, which has nothing to compare, is none.
+    complete_from_start: bool,
+    /// A listing this run began could not be compared (a record the provider could not name,
+    /// a page of it gone): the entity is marked lost, so that the next run lists it again.
+    listing_dropped: bool,
     /// Records with no shard of their own are looked for among other shards' links (see
     /// [`plan::link_lookups`]): the mapping may land a record elsewhere, and the integration
     /// has synced before, so a shard may link one. An integration's first sync, whose records
@@ -627,8 +648,8 @@ impl<'a> EntityRun<'a> {
             relist: integration
                 .lost_deletions
                 .contains(&mapping.external_entity),
-            synced_before: integration.last_sync_at.is_some()
-                || integration.cursors.contains_key(&mapping.external_entity),
+            complete_from_start: false,
+            listing_dropped: false,
             searches_links: mapping.lands_elsewhere()
                 && (integration.last_sync_at.is_some()
                     || integration.cursors.contains_key(&mapping.external_entity)
@@ -645,18 +666,16 @@ impl<'a> EntityRun<'a> {
     /// A listing that `request` begins, if it reads from the start (no cursor, no page token)
     /// what the provider says is complete: an entity it lists whole every sync
     /// (`Pull::lists_everything`), one whose deletions were lost (`relist`), or one it lists
-    /// whole from the start and that was synced before (`Pull::lists_everything_from_start`:
-    /// a full sync, or a cursor the provider no longer honours, gives up the deletions only
-    /// that cursor would have told).
+    /// whole from the start and that has a cursor (`complete_from_start`: a full sync, or a
+    /// cursor the provider no longer honours, gives up the deletions only that cursor would
+    /// have told).
     fn listing_from_start(
         &self,
         provider: &dyn Provider,
-        conn: &Connection,
         request: &FetchRequest,
     ) -> Option<Listing> {
-        let complete = self.relist
-            || provider.lists_everything(&request.entity)
-            || (self.synced_before && provider.lists_everything_from_start(conn, request));
+        let complete =
+            self.relist || self.complete_from_start || provider.lists_everything(&request.entity);
         (request.cursor.is_none() && request.page_token.is_none() && complete).then(Listing::new)
     }
 
@@ -734,6 +753,23 @@ impl<'a> EntityRun<'a> {
         field: Option<&str>,
     ) {
         let code = code.into();
+        if self.errors.len() >= MAX_ERRORS_LISTED {
+            if self.errors.len() == MAX_ERRORS_LISTED {
+                self.errors.push(SyncError {
+                    code: code.as_str().into(),
+                    message: format!(
+                        "more errors than the {MAX_ERRORS_LISTED} listed; the counts include them all"
+                    ),
+                    entity: Some(self.mapping.external_entity.clone()),
+                    record_id: None,
+                    shard_id: None,
+                    field: None,
+                    timestamp: self.now,
+                    retryable: false,
+                });
+            }
+            return;
+        }
         self.errors.push(SyncError {
             code: code.as_str().into(),
             message,
@@ -773,11 +809,13 @@ impl<'a> EntityRun<'a> {
         let mut request = first_request(self.job, integration, self.mapping);
         let mut cursor = request.cursor.clone();
         self.pending_cursor = checkpoint.and_then(|c| c.pending_cursor.clone());
+        self.complete_from_start = integration.cursors.contains_key(&entity)
+            && provider.lists_everything_from_start(&integration.connection, &request);
         // Only a listing read whole from the start, by this job or by it and the jobs before it,
         // can tell what is gone.
         self.listing = match checkpoint {
             Some(checkpoint) => checkpoint.listing.as_ref().map(Listing::resumed),
-            None => self.listing_from_start(provider.as_ref(), conn, &request),
+            None => self.listing_from_start(provider.as_ref(), &request),
         };
         if outcome.details.sync_from_date.is_none()
             && let Some(cursor) = &cursor
@@ -835,6 +873,7 @@ impl<'a> EntityRun<'a> {
                         None => {
                             tracing::warn!(entity = %self.mapping.external_entity, "the listing is incomplete; nothing it leaves out is reconciled");
                             self.listing = None;
+                            self.listing_dropped = true;
                         }
                     }
                 }
@@ -864,6 +903,7 @@ impl<'a> EntityRun<'a> {
             // for): the next entity's first page is fetched meanwhile.
             let last = next_token.is_none() && stop_after.is_none();
             if last
+                && self.listing.is_none()
                 && !provider.reports_deletions_apart(&self.mapping.external_entity)
                 && let Some(next) = self.next_entity.take()
             {
@@ -979,7 +1019,7 @@ impl<'a> EntityRun<'a> {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
             // And a listing with it, which does not count the pages of the one before.
-            self.listing = self.listing_from_start(provider, conn, request);
+            self.listing = self.listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
         }
         // A first read that spans jobs has a page token and no cursor: a token the provider
@@ -992,15 +1032,26 @@ impl<'a> EntityRun<'a> {
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
-            self.listing = self.listing_from_start(provider, conn, request);
+            self.listing = self.listing_from_start(provider, request);
             // Forgotten at once: whatever this read ends with, a later run must not start from
-            // it again (an entity whose pages return no cursor would otherwise keep it).
+            // it again (an entity whose pages return no cursor would otherwise keep it). What
+            // the cursor alone would have told of deletions is then lost until a listing from
+            // the start is compared: should this job die first, the next one lists again.
             let entity = &request.entity;
             let job_id = self.job.job_id;
+            let lost = self.complete_from_start;
             let mut holds = true;
             self.update_state(|i| {
                 holds = lease::holds(i.running.as_ref(), job_id);
-                holds && i.cursors.remove(entity).is_some()
+                if !holds {
+                    return false;
+                }
+                let forgot = i.cursors.remove(entity).is_some();
+                let marked = lost && !i.lost_deletions.contains(entity);
+                if marked {
+                    i.mark_deletions_lost(entity);
+                }
+                forgot || marked
             })
             .await?;
             if !holds {
@@ -1025,10 +1076,7 @@ impl<'a> EntityRun<'a> {
 
     /// What the job has done with this entity counted: its progress for a checkpoint.
     fn progress(&self, pages: u64, entity_done: bool) -> JobProgress {
-        let mut current = self.stats();
-        if let Some(errors) = current.errors.as_mut() {
-            errors.truncate(MAX_ERRORS_IN_PROGRESS);
-        }
+        let current = self.stats();
         let mut finished = self.finished.clone();
         let current = if entity_done {
             finished.push(current);
@@ -1173,19 +1221,21 @@ impl<'a> EntityRun<'a> {
         self.soft_delete(&tombstones, links).await?;
         self.counters.skipped = skipped;
         let mut reconciled = false;
-        if let Some(mut listing) = self.listing.take()
-            && self.read_listed_before(&mut listing).await?
-        {
-            listing.ids.seal();
-            self.reconcile(provider.as_ref(), conn, &listing.ids)
-                .await?;
-            reconciled = true;
+        if let Some(mut listing) = self.listing.take() {
+            if self.read_listed_before(&mut listing).await? {
+                listing.ids.seal();
+                self.reconcile(provider.as_ref(), conn, &listing.ids)
+                    .await?;
+                reconciled = true;
+            } else {
+                self.listing_dropped = true;
+            }
         }
         let entity = &self.mapping.external_entity;
         let end = EntityEnd {
             deletions_covered: deleted.covered_until,
             listing_compared: reconciled,
-            deletions_lost: lost,
+            deletions_lost: lost || self.listing_dropped,
             cursor: self.pending_cursor.clone(),
         };
         let progress = self.progress(pages, true);
@@ -1249,29 +1299,34 @@ impl<'a> EntityRun<'a> {
             return Ok(true);
         }
         let prefix = self.synced_prefix();
-        let pages = 0..listing.stored_before;
-        let ids: Vec<String> = pages
-            .clone()
-            .map(|page| ListedPage::id_for(&prefix, page))
-            .collect();
-        let found = self
-            .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
-            .await?;
-        for (page, shard) in pages.zip(found) {
-            let listed = shard.and_then(|s| {
-                ListedPage::ids_from(
-                    &s.value,
-                    self.job.integration_id,
-                    &self.mapping.external_entity,
-                    &listing.id,
-                    page,
-                )
-            });
-            match listed {
-                Some(listed) => listing.ids.extend(listed),
-                None => {
-                    tracing::warn!(entity = %self.mapping.external_entity, page, "a page of the listing is gone or was written over by a later listing; nothing is reconciled this time");
-                    return Ok(false);
+        // A few pages at a time: a listing of millions of records is not read into memory at
+        // once, only its ids' hashes kept.
+        let mut pages = (0..listing.stored_before).peekable();
+        while pages.peek().is_some() {
+            let chunk: Vec<u64> = pages.by_ref().take(LISTED_PAGES_AT_ONCE).collect();
+            let ids: Vec<String> = chunk
+                .iter()
+                .map(|&page| ListedPage::id_for(&prefix, page))
+                .collect();
+            let found = self
+                .with_retries(|| self.app.store.get_many(self.job.tenant_id, &ids))
+                .await?;
+            for (page, shard) in chunk.into_iter().zip(found) {
+                let listed = shard.and_then(|s| {
+                    ListedPage::ids_from(
+                        &s.value,
+                        self.job.integration_id,
+                        &self.mapping.external_entity,
+                        &listing.id,
+                        page,
+                    )
+                });
+                match listed {
+                    Some(listed) => listing.ids.extend(listed),
+                    None => {
+                        tracing::warn!(entity = %self.mapping.external_entity, page, "a page of the listing is gone or was written over by a later listing; nothing is reconciled this time, and the next run lists the entity again");
+                        return Ok(false);
+                    }
                 }
             }
         }
@@ -1283,8 +1338,10 @@ impl<'a> EntityRun<'a> {
         synced_shard_id(self.job.integration_id, &self.mapping.external_entity, "")
     }
 
-    /// Soft-deletes the shards this integration synced from the entity that a complete listing
-    /// (`listed`) no longer has, and whose records the provider says are gone (`Pull::gone`).
+    /// Soft-deletes the shards this integration synced from the entity whose own records a
+    /// complete listing (`listed`) no longer has, and the provider says are gone (`Pull::gone`).
+    /// A record merged into such a shard is left to its own entity's deletions: the listing of
+    /// this one says nothing of it.
     /// A record the provider lists only until a time (its link's `listed_until`: an expired
     /// Zoom meeting) is not asked about once that time has passed. The entity's shards are read a page of fingerprints at a time, in id order, so that an
     /// entity of any size costs a page of memory. What the provider cannot decide stays, and
@@ -1332,12 +1389,19 @@ impl<'a> EntityRun<'a> {
                 .await?;
             let more = synced.len() == RECONCILE_PAGE;
             after = synced.last().map(|(id, _)| id.clone());
+            // Each shard's own record only: another linked to it was merged in, maybe from
+            // another entity, which this listing does not list.
+            let entity = &self.mapping.external_entity;
             let left_out: Vec<String> = synced
                 .into_iter()
-                .flat_map(|(_, fingerprint)| fingerprint.links)
+                .flat_map(|(id, fingerprint)| {
+                    fingerprint.links.into_iter().filter(move |r| {
+                        r.integration_id == integration_id
+                            && synced_shard_id(integration_id, entity, &r.external_id) == id
+                    })
+                })
                 .filter(|r| {
-                    r.integration_id == integration_id
-                        && r.sync_status == RelationshipStatus::Synced
+                    r.sync_status == RelationshipStatus::Synced
                         && r.listed_until
                             .map_or(!listed_for_a_time, |until| until > self.now)
                         && !listed.contains(&r.external_id)

@@ -675,6 +675,17 @@ impl<'a> Landing<'a> {
                     )
                 });
                 if match_by_key {
+                    // A key the shard no longer has finds it no more: a later record of the
+                    // page that has it (a new contact given the email this one gave up) is
+                    // not merged into it.
+                    for (name, old) in &shard.dedup_keys {
+                        let entry = format!("{name}={old}");
+                        if keys.get(name) != Some(old.as_str())
+                            && by_key.get(&entry) == Some(&shard.id)
+                        {
+                            by_key.remove(&entry);
+                        }
+                    }
                     for (name, key) in &keys {
                         by_key
                             .entry(format!("{name}={key}"))
@@ -1589,6 +1600,27 @@ mod tests {
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].id, "int-1~Contact~1");
         assert_eq!(writes[0].structured_data["email"], "ann@home.test");
+    }
+
+    #[test]
+    fn a_key_a_shard_gave_up_earlier_in_the_page_merges_no_later_record_into_it() {
+        let mapping = contacts(true, true);
+        let (stored, _) = plan(&mapping, vec![record("1", "Ann", Some("ann@x.test"))], &[]);
+        // Ann took a new email, and Bo was given her old one.
+        let (writes, tally) = plan(
+            &mapping,
+            vec![
+                record("1", "Ann", Some("ann@y.test")),
+                record("2", "Bo", Some("ann@x.test")),
+            ],
+            &stored,
+        );
+        assert_eq!((tally.created, tally.updated), (1, 1), "{tally:?}");
+        let bo = writes
+            .iter()
+            .find(|s| s.name == "Bo")
+            .expect("a shard of his own");
+        assert_eq!(bo.id, "int-1~Contact~2");
     }
 
     #[test]

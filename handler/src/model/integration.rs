@@ -167,7 +167,8 @@ impl Integration {
         self.checkpoints.remove(entity);
     }
 
-    fn mark_deletions_lost(&mut self, entity: &str) {
+    /// Marks `entity`'s deletions lost (once), so that the next run lists it whole.
+    pub fn mark_deletions_lost(&mut self, entity: &str) {
         if !self.lost_deletions.iter().any(|e| e == entity) {
             self.lost_deletions.push(entity.to_string());
         }
