@@ -779,10 +779,13 @@ impl Pull for BulkImport {
             )
         })?);
         let columns = Columns::of(conn);
-        let cursor = match &request.cursor {
+        let mut cursor = match &request.cursor {
             Some(text) => ImportCursor::parse(text)?,
             None => ImportCursor::default(),
         };
+        // A cursor a future-dated record took past now before its time was capped skips
+        // nothing it should.
+        cursor.time = cursor.time.map(|time| time.min(Utc::now()));
         let files = entity_files(&folder, &request.entity)?;
         let settle = std::time::Duration::from_secs(
             conn.setting("settleSeconds")
@@ -1183,6 +1186,11 @@ mod tests {
         )
         .unwrap();
         let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert!(ids.contains(&"a2".to_string()), "{ids:?}");
+
+        // A cursor that went past now before its time was capped skips no export either.
+        let poisoned = Some("2062-01-05T00:00:00.000Z".to_string());
+        let (ids, _) = sync(&mut conn, "accounts", 10, poisoned).await;
         assert!(ids.contains(&"a2".to_string()), "{ids:?}");
     }
 

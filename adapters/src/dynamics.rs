@@ -397,7 +397,7 @@ impl Pull for Dynamics365 {
         entity: &str,
         ids: Vec<String>,
     ) -> Result<LeftOut, ProviderError> {
-        crate::gone_unless_found(self, conn, entity, ids).await
+        crate::gone_unless_found(self, conn, entity, ids, IDS_PER_QUERY).await
     }
 
     fn newer_cursor(&self, earlier: String, later: String) -> String {

@@ -442,7 +442,7 @@ impl Pull for GoogleDrive {
         entity: &str,
         ids: Vec<String>,
     ) -> Result<LeftOut, ProviderError> {
-        crate::gone_unless_found(self, conn, entity, ids).await
+        crate::gone_unless_found(self, conn, entity, ids, 1).await
     }
 
     /// The file's `version`, which Drive raises with every change to it.

@@ -216,36 +216,60 @@ pub trait Pull: Send + Sync {
     }
 }
 
+/// The most leftovers of one page of a listing's comparison asked about one by one: more
+/// records left out than that, of a thousand shards, is a change of the listing's scope (a
+/// drive no longer read), not deletions, and their shards stay.
+const LOOKUPS_PER_PAGE: usize = 100;
+
 /// Of `ids`, a listing's leftovers, those [`Pull::fetch_by_ids`] no longer finds, or finds
 /// deleted: what a provider that reads records by id says is gone. A record still there (out
 /// of the listing's scope since its settings changed, or moved across its pages while they
-/// were read) keeps its shard.
+/// were read) keeps its shard. Ids are asked `at_once` to a request; a request refused for
+/// good (a record the integration may no longer read) leaves its ids undecided, and one that
+/// may succeed later fails the comparison, to be tried again.
 pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
     provider: &P,
     conn: &mut Connection,
     entity: &str,
     ids: Vec<String>,
+    at_once: usize,
 ) -> Result<LeftOut, ProviderError> {
+    let mut left = LeftOut::default();
+    if ids.len() > LOOKUPS_PER_PAGE {
+        left.undecided = ids.len();
+        return Ok(left);
+    }
     let request = FetchRequest {
         entity: entity.to_string(),
         fields: Vec::new(),
         cursor: None,
         page_token: None,
         filters: Vec::new(),
-        page_size: ids.len().max(1),
+        page_size: at_once.max(1),
         cursor_read_at: None,
     };
-    let found: std::collections::HashSet<String> = provider
-        .fetch_by_ids(conn, &request, &ids)
-        .await?
-        .into_iter()
-        .filter(|r| !r.deleted)
-        .map(|r| r.id)
-        .collect();
-    Ok(LeftOut {
-        gone: ids.into_iter().filter(|id| !found.contains(id)).collect(),
-        ..LeftOut::default()
-    })
+    for chunk in ids.chunks(at_once.max(1)) {
+        let found: std::collections::HashSet<String> =
+            match provider.fetch_by_ids(conn, &request, chunk).await {
+                Ok(records) => records
+                    .into_iter()
+                    .filter(|r| !r.deleted)
+                    .map(|r| r.id.to_ascii_lowercase())
+                    .collect(),
+                Err(e) if e.code.is_retryable() || e.resume_next_run => return Err(e),
+                Err(_) => {
+                    left.undecided += chunk.len();
+                    continue;
+                }
+            };
+        left.gone.extend(
+            chunk
+                .iter()
+                .filter(|id| !found.contains(&id.to_ascii_lowercase()))
+                .cloned(),
+        );
+    }
+    Ok(left)
 }
 
 /// Refreshing an integration's access token before it expires.
@@ -322,6 +346,19 @@ pub trait WriteBack: Send + Sync {
     /// write-back), so that a held write spends no request. By default, always.
     fn may_write(&self, _conn: &Connection) -> Result<(), ProviderError> {
         Ok(())
+    }
+
+    /// The fields of `entity` the provider does not let a create (`creating`) or an update
+    /// set: the engine leaves them out of the write, which would otherwise be refused whole,
+    /// and names them in the history. None by default: an adapter that knows its fields
+    /// refuses the ones it cannot write itself.
+    async fn read_only_fields(
+        &self,
+        _conn: &mut Connection,
+        _entity: &str,
+        _creating: bool,
+    ) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
     }
 
     async fn create(

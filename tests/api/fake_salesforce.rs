@@ -522,11 +522,38 @@ async fn describe(
         );
     };
     let org = fake.org.lock().unwrap();
-    let fields = if org.no_recycle_bin {
-        json!([{"name": "Id", "type": "id"}])
-    } else {
-        json!([{"name": "Id", "type": "id"}, {"name": "IsDeleted", "type": "boolean"}])
-    };
+    // The object's usual fields and any its records hold, each saying whether a write may
+    // set it.
+    let mut names: Vec<String> = [
+        "Id",
+        "SystemModstamp",
+        "Name",
+        "FirstName",
+        "LastName",
+        "Email",
+    ]
+    .iter()
+    .map(|n| n.to_string())
+    .chain(
+        org.records
+            .get(&entity)
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.keys().cloned()),
+    )
+    .collect();
+    if !org.no_recycle_bin {
+        names.push("IsDeleted".into());
+    }
+    names.sort();
+    names.dedup();
+    let fields: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            let writable = !read_only(&entity, name);
+            json!({"name": name, "createable": writable, "updateable": writable})
+        })
+        .collect();
     let prefix = (!org.no_key_prefix).then_some(prefix);
     Json(json!({"name": entity, "keyPrefix": prefix, "queryable": true, "fields": fields}))
         .into_response()
@@ -755,7 +782,25 @@ fn new_id(org: &Org, entity: &str) -> String {
     format!("{fifteen}{suffix}")
 }
 
-fn fields_of(body: &Value) -> Result<Map<String, Value>, Box<Response>> {
+/// Fields no write may set: the system's, and compound fields (a contact's or a lead's `Name`
+/// is its `FirstName` and `LastName`; an address, its street, city and the rest).
+fn read_only(entity: &str, field: &str) -> bool {
+    [
+        "Id",
+        "SystemModstamp",
+        "IsDeleted",
+        "CreatedDate",
+        "LastModifiedDate",
+    ]
+    .contains(&field)
+        || matches!(
+            (entity, field),
+            ("Contact" | "Lead", "Name")
+                | (_, "BillingAddress" | "ShippingAddress" | "MailingAddress")
+        )
+}
+
+fn fields_of(entity: &str, body: &Value) -> Result<Map<String, Value>, Box<Response>> {
     let fields = body.as_object().cloned().ok_or_else(|| {
         Box::new(sf_error(
             StatusCode::BAD_REQUEST,
@@ -763,10 +808,7 @@ fn fields_of(body: &Value) -> Result<Map<String, Value>, Box<Response>> {
             "the body is not an object",
         ))
     })?;
-    if let Some(name) = fields
-        .keys()
-        .find(|k| ["Id", "SystemModstamp"].contains(&k.as_str()))
-    {
+    if let Some(name) = fields.keys().find(|k| read_only(entity, k)) {
         return Err(Box::new(sf_error(
             StatusCode::BAD_REQUEST,
             "INVALID_FIELD_FOR_INSERT_UPDATE",
@@ -814,7 +856,7 @@ async fn upsert(
     if let Err(answer) = admit(&fake, &headers, format!("PATCH {entity}/{field}/{key}")) {
         return *answer;
     }
-    let fields = match fields_of(&body) {
+    let fields = match fields_of(&entity, &body) {
         Ok(f) => f,
         Err(answer) => return *answer,
     };
@@ -861,7 +903,7 @@ async fn update(
     if let Err(answer) = admit(&fake, &headers, format!("PATCH {entity}/{id}")) {
         return *answer;
     }
-    let fields = match fields_of(&body) {
+    let fields = match fields_of(&entity, &body) {
         Ok(f) => f,
         Err(answer) => return *answer,
     };

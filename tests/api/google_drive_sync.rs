@@ -138,10 +138,19 @@ async fn a_full_sync_deletes_what_it_no_longer_lists_unless_its_search_came_back
     run_job(&handler, "job-1", "full_sync").await;
     assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
 
-    // The search leaves the shared drive out, and says so: what it left out is not gone.
+    // The search leaves the shared drive out, and says so: what it left out is not gone, and
+    // the changes feed the last sync left goes on from where it was.
     drive.state.lock().unwrap().incomplete_search = true;
     run_job(&handler, "job-2", "full_sync").await;
     assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+    let state = app.integration(ID).await["structuredData"].clone();
+    assert!(state["cursors"]["files"].is_string(), "{state}");
+    assert!(
+        state["lostDeletions"]
+            .as_array()
+            .is_none_or(|lost| lost.is_empty()),
+        "{state}"
+    );
 
     drive.state.lock().unwrap().incomplete_search = false;
     drive.delete_file(&plan);
@@ -165,6 +174,42 @@ async fn a_file_out_of_the_integrations_scope_is_not_taken_for_deleted_by_a_full
     run_job(&handler, "job-2", "full_sync").await;
 
     assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+}
+
+#[tokio::test]
+async fn hundreds_of_files_a_listing_no_longer_reaches_are_kept_without_asking_for_each() {
+    let drive = FakeGoogleDrive::start().await;
+    drive.add_file("plan.docx");
+    for i in 0..150 {
+        drive.add_shared_drive_file("0AsharedDrive1", &format!("budget-{i:03}.xlsx"));
+    }
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, true)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync").await;
+
+    app.register_integration(integration(&drive, false)).await;
+    let asked_before = drive.requests().len();
+    run_job(&handler, "job-2", "full_sync").await;
+
+    assert_eq!(names(&app).await.len(), 151);
+    let reads: Vec<String> = drive.requests()[asked_before..]
+        .iter()
+        .filter(|r| r.split('?').next().unwrap_or_default().contains("/files/"))
+        .cloned()
+        .collect();
+    assert!(reads.is_empty(), "{reads:?}");
+    let history = app.history().await;
+    let run = history
+        .iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-2")
+        .unwrap();
+    let told = run["structuredData"]["errors"].to_string();
+    assert!(
+        told.contains("left out, 150 may be deleted for good"),
+        "{told}"
+    );
 }
 
 #[tokio::test]

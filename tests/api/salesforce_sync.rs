@@ -838,7 +838,10 @@ async fn a_run_with_many_failed_records_lists_the_first_and_counts_them_all() {
     let errors = record["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 201);
     let last = errors[200]["message"].as_str().unwrap();
-    assert!(last.contains("more errors than the 200 listed"), "{last}");
+    assert!(
+        last.contains("more records failed than the 200 listed"),
+        "{last}"
+    );
 }
 
 #[tokio::test]

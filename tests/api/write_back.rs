@@ -40,7 +40,7 @@ fn two_way(fake: &FakeSalesforce, strategy: &str) -> Value {
                 "externalEntity": "Contact", "shardTypeId": "c_contact", "nameField": "name",
                 "bidirectional": true, "idempotencyField": "Castiel_Id__c",
                 "fieldMappings": [
-                    {"source": "Name", "target": "name"},
+                    {"source": "LastName", "target": "name"},
                     {"source": "Email", "target": "email"}
                 ]
             }]
@@ -115,7 +115,7 @@ async fn salesforce_creates_by_external_id_updates_only_unmodified_records_and_d
     let salesforce = adapters::salesforce::Salesforce::new();
     let writer = adapters::Provider::write_back(&salesforce).unwrap();
 
-    let ann = json!({"Name": "Ann Lee", "Email": "ann@acme.test"});
+    let ann = json!({"LastName": "Ann Lee", "Email": "ann@acme.test"});
     let created = writer
         .create(&mut conn, &write(None, ann.clone(), None))
         .await
@@ -175,14 +175,17 @@ async fn salesforce_creates_by_external_id_updates_only_unmodified_records_and_d
     fake.org.lock().unwrap().locked_writes = 2;
     conn.retry = adapters::http::RetryPolicy::with_base(std::time::Duration::from_millis(5));
     let locked = writer
-        .create(&mut conn, &write(None, json!({"Name": "Ann Lee"}), None))
+        .create(
+            &mut conn,
+            &write(None, json!({"LastName": "Ann Lee"}), None),
+        )
         .await
         .unwrap();
     assert_eq!(fake.records("Contact").len(), 1, "{locked:?}");
 
     let unkeyed = RecordWrite {
         key_field: None,
-        ..write(None, json!({"Name": "No Key"}), None)
+        ..write(None, json!({"LastName": "No Key"}), None)
     };
     let refused = writer.create(&mut conn, &unkeyed).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::ValidationError);
@@ -202,7 +205,7 @@ async fn ann_synced(
     let fake = FakeSalesforce::start().await;
     fake.add(
         "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Ann", "Email": "ann@acme.test"}),
+        json!({"Id": "003000000000001AAA", "LastName": "Ann", "Email": "ann@acme.test"}),
         Utc::now() - Duration::days(2),
     );
     test.register_integration(two_way(&fake, strategy)).await;
@@ -405,7 +408,7 @@ async fn edited_on_both_sides(strategy: &str) -> TestApp {
     store.upsert(&shard).await.unwrap();
     fake.add(
         "Contact",
-        json!({"Id": "003000000000001AAA", "Name": "Annie", "Email": "ann@lee.test"}),
+        json!({"Id": "003000000000001AAA", "LastName": "Annie", "Email": "ann@lee.test"}),
         Utc::now() - Duration::minutes(5),
     );
     sync(&handler, "job-2").await;
@@ -596,7 +599,7 @@ async fn a_contact_made_in_castiel_is_created_once_at_salesforce_whatever_the_de
         1,
         "one record, however often the create was delivered"
     );
-    assert_eq!(records[0]["Name"], "Ann Lee");
+    assert_eq!(records[0]["LastName"], "Ann Lee");
     assert_eq!(records[0]["Castiel_Id__c"], "shard-ann");
     let shard = test
         .store()
@@ -618,6 +621,56 @@ async fn a_contact_made_in_castiel_is_created_once_at_salesforce_whatever_the_de
 }
 
 #[tokio::test]
+async fn a_name_salesforce_will_not_write_is_left_out_and_the_rest_of_the_edit_goes_through() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "Name": "Ann Lee", "LastName": "Lee",
+               "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    // A contact's `Name` is compound: Salesforce refuses any write that sets it.
+    let mut integration = two_way(&fake, "newest_wins");
+    integration["structuredData"]["entityMappings"][0]["fieldMappings"] = json!([
+        {"source": "Name", "target": "name"}, {"source": "Email", "target": "email"}
+    ]);
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+
+    let changes = json!({"name": "Ann Smith", "email": "ann@smith.test"});
+    edit_in_castiel(&test, ANN, "Ann Smith", changes).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let record = fake.record("Contact", "003000000000001AAA").unwrap();
+    assert_eq!(
+        (&record["Email"], &record["Name"]),
+        (&json!("ann@smith.test"), &json!("Ann Lee"))
+    );
+    let history = test.history().await;
+    let written = history
+        .iter()
+        .map(|r| &r["structuredData"])
+        .find(|r| {
+            r["jobId"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("writeback:"))
+        })
+        .expect("the write-back's record");
+    assert_eq!(written["status"], "partial", "{written}");
+    let error = &written["errors"][0];
+    assert_eq!(error["field"], "name");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not let `Name` be written"),
+        "{message}"
+    );
+    assert!(test.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_as_no_change() {
     let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
 
@@ -633,7 +686,10 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
     .await;
     let record = fake.record("Contact", "003000000000001AAA").unwrap();
     assert_eq!(record["Email"], "ann@lee.test");
-    assert_eq!(record["Name"], "Ann", "only the changed field is written");
+    assert_eq!(
+        record["LastName"], "Ann",
+        "only the changed field is written"
+    );
     let writes_before = fake
         .requests()
         .iter()
@@ -769,7 +825,7 @@ async fn example_four(strategy: &str, owners: Value) -> (Value, Value, TestApp, 
     let id = "003000000000004AAA";
     fake.add(
         "Contact",
-        json!({"Id": id, "Name": "J. Doe", "Email": "j@example.com", "Phone": "555-0100",
+        json!({"Id": id, "LastName": "J. Doe", "Email": "j@example.com", "Phone": "555-0100",
                "Title": "Engineer"}),
         Utc::now() - Duration::days(2),
     );
@@ -777,7 +833,7 @@ async fn example_four(strategy: &str, owners: Value) -> (Value, Value, TestApp, 
     let data = &mut integration["structuredData"];
     data["fieldOwners"] = owners;
     data["entityMappings"][0]["fieldMappings"] = json!([
-        {"source": "Name", "target": "name"}, {"source": "Email", "target": "email"},
+        {"source": "LastName", "target": "name"}, {"source": "Email", "target": "email"},
         {"source": "Phone", "target": "phone"}, {"source": "Title", "target": "title"}
     ]);
     test.register_integration(integration).await;
@@ -795,7 +851,7 @@ async fn example_four(strategy: &str, owners: Value) -> (Value, Value, TestApp, 
     store.upsert(&shard).await.unwrap();
     fake.add(
         "Contact",
-        json!({"Id": id, "Name": "Jonathan Doe", "Email": "john.doe@example.com",
+        json!({"Id": id, "LastName": "Jonathan Doe", "Email": "john.doe@example.com",
                "Phone": "555-0100", "Title": "Senior Engineer"}),
         Utc::now() - Duration::hours(1),
     );
@@ -826,7 +882,7 @@ fn contact(name: &str, email: &str, phone: &str, title: &str) -> (Value, Value) 
 
 fn at_salesforce(record: &Value) -> Value {
     json!([
-        record["Name"],
+        record["LastName"],
         record["Email"],
         record["Phone"],
         record["Title"]

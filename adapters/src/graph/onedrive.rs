@@ -160,7 +160,7 @@ impl Pull for OneDrive {
         entity: &str,
         ids: Vec<String>,
     ) -> Result<LeftOut, ProviderError> {
-        crate::gone_unless_found(self, conn, entity, ids).await
+        crate::gone_unless_found(self, conn, entity, ids, 1).await
     }
 
     /// The item's `eTag`, which changes with any change to it.

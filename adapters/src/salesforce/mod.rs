@@ -24,7 +24,9 @@
 //!
 //! * Write-back: creates as upserts on an External ID field (the mapping's
 //!   `idempotencyField`) keyed by the write's idempotency key, updates under
-//!   `If-Unmodified-Since`, deletes ([`WriteBack`]).
+//!   `If-Unmodified-Since`, deletes ([`WriteBack`]). A field `describe` says a create or an
+//!   update may not set (a contact's compound `Name`, a formula) would have the whole write
+//!   refused: the engine leaves it out ([`WriteBack::read_only_fields`]).
 //!
 //! Connection settings (`structuredData.connection`): `loginHost` (`production`, `sandbox`, or
 //! a My Domain URL), `apiVersion` (default `v62.0`), `organizationId`, `maxApiUsage` (share of
@@ -103,25 +105,33 @@ type DescribedKey = (String, String, String);
 /// How long a description is taken as it was.
 const DESCRIBED_FOR: Duration = Duration::from_secs(60 * 60);
 
-/// What a listing's leftovers are checked with, of an object's description.
+/// What a listing's leftovers are checked with, and what a write may set, of an object's
+/// description.
 #[derive(Clone, serde::Deserialize)]
 struct Described {
     /// What the object's ids begin with; none for some system objects.
     #[serde(rename = "keyPrefix")]
     key_prefix: Option<String>,
-    #[serde(default, deserialize_with = "has_is_deleted_field")]
-    #[serde(rename = "fields")]
-    has_is_deleted: bool,
+    #[serde(default)]
+    fields: Vec<DescribedField>,
 }
 
-/// Whether a description's `fields` hold `IsDeleted` (not every object has it).
-fn has_is_deleted_field<'de, D: serde::Deserializer<'de>>(fields: D) -> Result<bool, D::Error> {
-    #[derive(serde::Deserialize)]
-    struct Field {
-        name: String,
+#[derive(Clone, serde::Deserialize)]
+struct DescribedField {
+    name: String,
+    /// A create may set it.
+    #[serde(default)]
+    createable: bool,
+    /// An update may set it.
+    #[serde(default)]
+    updateable: bool,
+}
+
+impl Described {
+    /// Whether the object has `IsDeleted` (not every object has).
+    fn has_is_deleted(&self) -> bool {
+        self.fields.iter().any(|f| f.name == "IsDeleted")
     }
-    let fields: Vec<Field> = serde::Deserialize::deserialize(fields)?;
-    Ok(fields.iter().any(|f| f.name == "IsDeleted"))
 }
 
 impl Default for Salesforce {
@@ -476,6 +486,29 @@ fn percent_encode(text: &str) -> String {
 impl WriteBack for Salesforce {
     fn may_write(&self, conn: &Connection) -> Result<(), ProviderError> {
         self.share_left_to_write(conn)
+    }
+
+    /// The object's fields `describe` says a create (or an update) may not set: compound
+    /// fields (a contact's `Name`, an address), formulas, system fields.
+    async fn read_only_fields(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        creating: bool,
+    ) -> Result<Vec<String>, ProviderError> {
+        let described = self.describe(conn, entity).await?;
+        Ok(described
+            .fields
+            .into_iter()
+            .filter(|f| {
+                if creating {
+                    !f.createable
+                } else {
+                    !f.updateable
+                }
+            })
+            .map(|f| f.name)
+            .collect())
     }
 
     async fn create(
@@ -1056,12 +1089,12 @@ impl Pull for Salesforce {
         let described = self.describe(conn, entity).await?;
         let mut left = LeftOut::default();
         // An object whose ids have no known beginning cannot tell its records from others'.
-        let Some(key_prefix) = described.key_prefix else {
+        let Some(key_prefix) = described.key_prefix.clone() else {
             left.undecided = ids.len();
             return Ok(left);
         };
         // Without `IsDeleted` an answered record is taken for live.
-        let deletable = described.has_is_deleted;
+        let deletable = described.has_is_deleted();
         // Asked only once a record goes unanswered.
         let mut sees_everything = None;
         let asked: Vec<(String, String)> = ids

@@ -649,7 +649,13 @@ async fn write(
                 theirs.get(field).cloned().unwrap_or(Value::Null),
             );
         }
-        let reversed = reverse(&mapping.field_mappings, &data, Some(&decided.to_provider));
+        let mut reversed = reverse(&mapping.field_mappings, &data, Some(&decided.to_provider));
+        if !reversed.fields.is_empty() {
+            let read_only = writer
+                .read_only_fields(&mut conn, &mapping.external_entity, false)
+                .await?;
+            reversed.leave_out(&mapping.field_mappings, &read_only);
+        }
         pushed.irreversible = reversed.irreversible.clone();
         if reversed.fields.is_empty() {
             pushed.skipped = 1;
@@ -716,7 +722,12 @@ async fn write(
             Some("the shard's record was deleted at the provider; not created again".into());
         return Ok(pushed);
     } else {
-        let reversed = reverse(&mapping.field_mappings, &data, None);
+        let mut reversed = reverse(&mapping.field_mappings, &data, None);
+        writer.may_write(&conn)?;
+        let read_only = writer
+            .read_only_fields(&mut conn, &mapping.external_entity, true)
+            .await?;
+        reversed.leave_out(&mapping.field_mappings, &read_only);
         pushed.irreversible = reversed.irreversible.clone();
         let write = RecordWrite {
             entity: mapping.external_entity.clone(),

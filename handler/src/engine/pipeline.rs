@@ -360,6 +360,8 @@ impl Counters {
 /// counted (`shardsFailed`), not listed, so that neither document outgrows what the store
 /// takes (Cosmos DB: 2 MB), whatever a mapping refuses.
 const MAX_ERRORS_LISTED: usize = 200;
+/// How the error that says more records failed than are listed begins.
+const UNLISTED: &str = "more records failed";
 
 struct EntityRun<'a> {
     app: &'a App,
@@ -753,12 +755,15 @@ impl<'a> EntityRun<'a> {
         field: Option<&str>,
     ) {
         let code = code.into();
-        if self.errors.len() >= MAX_ERRORS_LISTED {
-            if self.errors.len() == MAX_ERRORS_LISTED {
+        // Records' errors only: what is told of the entity as a whole is always listed.
+        if record_id.is_some()
+            && self.errors.iter().filter(|e| e.record_id.is_some()).count() >= MAX_ERRORS_LISTED
+        {
+            if !self.errors.iter().any(|e| e.message.starts_with(UNLISTED)) {
                 self.errors.push(SyncError {
                     code: code.as_str().into(),
                     message: format!(
-                        "more errors than the {MAX_ERRORS_LISTED} listed; the counts include them all"
+                        "{UNLISTED} than the {MAX_ERRORS_LISTED} listed; the counts include them all"
                     ),
                     entity: Some(self.mapping.external_entity.clone()),
                     record_id: None,
@@ -1235,7 +1240,9 @@ impl<'a> EntityRun<'a> {
         let end = EntityEnd {
             deletions_covered: deleted.covered_until,
             listing_compared: reconciled,
-            deletions_lost: lost || self.listing_dropped,
+            // A listing that could not be compared loses deletions only if the cursor it
+            // read from the start replaces the one stored; kept, that one still tells them.
+            deletions_lost: lost || (self.listing_dropped && self.pending_cursor.is_some()),
             cursor: self.pending_cursor.clone(),
         };
         let progress = self.progress(pages, true);
@@ -1346,7 +1353,8 @@ impl<'a> EntityRun<'a> {
     /// Zoom meeting) is not asked about once that time has passed. The entity's shards are read a page of fingerprints at a time, in id order, so that an
     /// entity of any size costs a page of memory. What the provider cannot decide stays, and
     /// the history counts it; an error asking it that trying again or new credentials could
-    /// mend fails the job, and any other leaves the rest of the shards and is told.
+    /// mend fails the job, and any other leaves the rest of the shards and is told (the listing
+    /// counts as compared: listing again would fail the same way, at the cost of a full read).
     async fn reconcile(
         &mut self,
         provider: &dyn Provider,
@@ -1478,7 +1486,7 @@ impl<'a> EntityRun<'a> {
             self.tell(
                 ErrorCode::ValidationError,
                 format!(
-                    "of the records the listing left out, {undecided} may be deleted for good or out of the integration user's sight, which the provider does not tell apart: their shards stay"
+                    "of the records the listing left out, {undecided} may be deleted for good or out of the integration user's sight, which the provider does not tell apart, or were too many to ask about one by one: their shards stay"
                 ),
                 None,
                 None,

@@ -453,6 +453,34 @@ pub struct Reversed {
     pub irreversible: Vec<(String, String)>,
 }
 
+impl Reversed {
+    /// Leaves out of the write the provider fields of `read_only` it would set: the target
+    /// fields mapped from each are not written back, and say why.
+    pub fn leave_out(&mut self, mappings: &[FieldMapping], read_only: &[String]) {
+        for field in read_only {
+            if self.fields.remove(field).is_none() {
+                continue;
+            }
+            let why = format!("the provider does not let `{field}` be written");
+            let mut targets: Vec<String> = mappings
+                .iter()
+                .filter(|m| {
+                    m.source.as_deref() == Some(field.as_str()) || m.sources.contains(field)
+                })
+                .flat_map(|m| m.target.iter().chain(m.targets.iter()).cloned())
+                .collect();
+            if mappings.is_empty() {
+                targets.push(field.clone());
+            }
+            for target in targets {
+                if !self.irreversible.iter().any(|(t, _)| *t == target) {
+                    self.irreversible.push((target, why.clone()));
+                }
+            }
+        }
+    }
+}
+
 /// Maps `data` (a shard's `structuredData`) back to the provider's fields through `mappings`:
 /// a rename inverted, a split joined, a reversible concat split, a value map inverted. With
 /// `only`, just the mappings that produce one of those target fields (an update's changed
@@ -658,6 +686,23 @@ mod tests {
         changed.insert("tier".into(), json!("B"));
         let back = reverse(&m, &changed, Some(&only));
         assert_eq!(Value::Object(back.fields), json!({"Rating": "Warm"}));
+    }
+
+    #[test]
+    fn fields_the_provider_will_not_write_are_left_out_naming_the_targets_they_feed() {
+        let m = mappings(json!([
+            {"source": "Email", "target": "email"},
+            {"source": "Name", "targets": ["first_name", "last_name"], "transform": "split"},
+            {"source": "Name", "target": "full_name"},
+        ]));
+        let record = json!({"Email": "ann@x.test", "Name": "Ann Lee"});
+        let data = transform(&m, record.as_object().unwrap()).unwrap();
+        let mut back = reverse(&m, &data, None);
+        back.leave_out(&m, &["Name".to_string(), "Id".to_string()]);
+        assert_eq!(Value::Object(back.fields), json!({"Email": "ann@x.test"}));
+        let left: Vec<&str> = back.irreversible.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(left, ["first_name", "last_name", "full_name"]);
+        assert!(back.irreversible[0].1.contains("`Name`"));
     }
 
     #[test]
