@@ -216,9 +216,9 @@ pub trait Pull: Send + Sync {
     }
 }
 
-/// The most leftovers of one page of a listing's comparison asked about one by one: more
-/// records left out than that, of a thousand shards, is a change of the listing's scope (a
-/// drive no longer read), not deletions, and their shards stay.
+/// The most requests that ask about the leftovers of one page of a listing's comparison: more
+/// records left out than that many requests tell, of a thousand shards, is a change of the
+/// listing's scope (a drive no longer read), not deletions, and their shards stay.
 const LOOKUPS_PER_PAGE: usize = 100;
 
 /// Of `ids`, a listing's leftovers, those [`Pull::fetch_by_ids`] no longer finds, or finds
@@ -226,7 +226,7 @@ const LOOKUPS_PER_PAGE: usize = 100;
 /// of the listing's scope since its settings changed, or moved across its pages while they
 /// were read) keeps its shard. Ids are asked `at_once` to a request; a request refused for
 /// good (a record the integration may no longer read) leaves its ids undecided, and one that
-/// may succeed later fails the comparison, to be tried again.
+/// may succeed later, or with new credentials, fails the comparison, to be tried again.
 pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
     provider: &P,
     conn: &mut Connection,
@@ -235,7 +235,7 @@ pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
     at_once: usize,
 ) -> Result<LeftOut, ProviderError> {
     let mut left = LeftOut::default();
-    if ids.len() > LOOKUPS_PER_PAGE {
+    if ids.len().div_ceil(at_once.max(1)) > LOOKUPS_PER_PAGE {
         left.undecided = ids.len();
         return Ok(left);
     }
@@ -256,7 +256,14 @@ pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
                     .filter(|r| !r.deleted)
                     .map(|r| r.id.to_ascii_lowercase())
                     .collect(),
-                Err(e) if e.code.is_retryable() || e.resume_next_run => return Err(e),
+                // Credentials the provider no longer takes are not one record's.
+                Err(e)
+                    if e.code.is_retryable()
+                        || e.resume_next_run
+                        || e.code == ErrorCode::AuthenticationFailed =>
+                {
+                    return Err(e);
+                }
                 Err(_) => {
                     left.undecided += chunk.len();
                     continue;

@@ -470,6 +470,15 @@ impl Settings {
         if history_retention.days == 0 {
             problems.push("HISTORY_RETENTION_DAYS: must be at least 1".into());
         }
+        // Cosmos DB takes a `ttl` of at most i32::MAX seconds (68 years).
+        let longest = (i32::MAX as i64 / (24 * 60 * 60)) as u32;
+        if history_retention.days > longest
+            || history_retention.by_tenant.values().any(|&d| d > longest)
+        {
+            problems.push(format!(
+                "HISTORY_RETENTION_DAYS: at most {longest} days (Cosmos DB's longest ttl)"
+            ));
+        }
 
         let webhook_base_url = read("WEBHOOK_BASE_URL").and_then(|v| {
             let url = v.trim().trim_end_matches('/').to_string();
@@ -828,6 +837,11 @@ mod tests {
             "{err}"
         );
         assert!(settings(&[("HISTORY_RETENTION_DAYS", "0")]).is_err());
+        // Kept "for ever": longer than Cosmos DB's longest ttl, which would refuse every record.
+        assert!(settings(&[("HISTORY_RETENTION_DAYS", "24855")]).is_ok());
+        let err = settings(&[("HISTORY_RETENTION_DAYS", "36500")]).unwrap_err();
+        assert!(err.to_string().contains("at most 24855 days"), "{err}");
+        assert!(settings(&[("HISTORY_RETENTION_DAYS_BY_TENANT", "t1=40000")]).is_err());
     }
 
     #[test]

@@ -70,8 +70,9 @@ const DELETIONS_LOOKBACK: chrono::Duration = chrono::Duration::minutes(5);
 pub struct Salesforce {
     limiter: RateLimiter,
     /// What `describe` said of an object, by integration, instance and object, and when: a
-    /// listing's leftovers are asked about a page at a time, and an object's key prefix and
-    /// whether it has `IsDeleted` change only if it is deleted and made again.
+    /// listing's leftovers are asked about a page at a time, and write-backs one record at a
+    /// time. An object's key prefix changes only if it is made again; which fields a write
+    /// may set changes with an admin's edit, seen within the hour.
     described: std::sync::Mutex<std::collections::HashMap<DescribedKey, (Described, Instant)>>,
     /// The API usage (`used`, `allowed`) each integration's latest answer from its instance
     /// reported, and when: what a write-back checks its share against
@@ -496,7 +497,14 @@ impl WriteBack for Salesforce {
         entity: &str,
         creating: bool,
     ) -> Result<Vec<String>, ProviderError> {
-        let described = self.describe(conn, entity).await?;
+        // An object the API will not describe is written as it was before anyone asked.
+        let described = match self.describe(conn, entity).await {
+            Ok(described) => described,
+            Err(e) if !e.code.is_retryable() && e.code != ErrorCode::AuthenticationFailed => {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
         Ok(described
             .fields
             .into_iter()

@@ -6,7 +6,11 @@
 //! SOAP `<Ack>true</Ack>`; anything else makes Salesforce retry for up to 24 hours.
 //!
 //! A message carries whichever fields its rule selected, as they were when it was sent: only
-//! the record ids are taken from it, and the records are read from the API.
+//! the record ids are taken from it, and the records are read from the API. A message's up to
+//! 100 notifications of one object become one notification of all their records, so that a
+//! bulk update costs a query per 200 records rather than one per record; it is named after all
+//! the notifications it carries, so that a redelivery of the same message is still a
+//! duplicate.
 
 use quick_xml::Reader;
 use quick_xml::events::Event;
@@ -122,8 +126,52 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<OutboundMessage, WebhookErr
     }
     Ok(OutboundMessage {
         organization_id,
-        notifications: parser.notifications,
+        notifications: by_object(parser.notifications),
     })
+}
+
+/// The notifications of each object as one, named by all of theirs: a single notification
+/// keeps its own id.
+fn by_object(notifications: Vec<WebhookNotification>) -> Vec<WebhookNotification> {
+    use sha2::{Digest, Sha256};
+    let mut objects: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    let mut others = Vec::new();
+    for notification in notifications {
+        match notification {
+            WebhookNotification::Records {
+                id,
+                entity,
+                record_ids,
+            } => match objects.iter_mut().find(|(e, _, _)| *e == entity) {
+                Some((_, ids, records)) => {
+                    ids.push(id);
+                    for record in record_ids {
+                        if !records.contains(&record) {
+                            records.push(record);
+                        }
+                    }
+                }
+                None => objects.push((entity, vec![id], record_ids)),
+            },
+            other => others.push(other),
+        }
+    }
+    let merged = objects.into_iter().map(|(entity, mut ids, record_ids)| {
+        let id = if ids.len() == 1 {
+            ids.remove(0)
+        } else {
+            ids.sort();
+            let digest = Sha256::digest(ids.join(",").as_bytes());
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("{}+{}-{hex}", ids[0], ids.len() - 1)
+        };
+        WebhookNotification::Records {
+            id,
+            entity,
+            record_ids,
+        }
+    });
+    merged.chain(others).collect()
 }
 
 /// What the parser has seen so far of a delivery.
@@ -243,20 +291,31 @@ mod tests {
         let headers = headers();
         let delivery = parse(&request(&headers, Some(DELIVERY))).unwrap();
         assert_eq!(delivery.organization_id, "00D000000000062EAA");
+        // One read of both records, named after both notifications.
+        let [
+            WebhookNotification::Records {
+                id,
+                entity,
+                record_ids,
+            },
+        ] = &delivery.notifications[..]
+        else {
+            panic!("{:?}", delivery.notifications);
+        };
+        assert_eq!(entity, "Account");
+        assert_eq!(record_ids, &["001000000000001AAA", "001000000000002AAA"]);
+        assert!(id.starts_with("04l000000000001AAA+1-"), "{id}");
+        let again = parse(&request(&headers, Some(DELIVERY))).unwrap();
         assert_eq!(
-            delivery.notifications,
-            [
-                WebhookNotification::Records {
-                    id: "04l000000000001AAA".into(),
-                    entity: "Account".into(),
-                    record_ids: vec!["001000000000001AAA".into()],
-                },
-                WebhookNotification::Records {
-                    id: "04l000000000002AAA".into(),
-                    entity: "Account".into(),
-                    record_ids: vec!["001000000000002AAA".into()],
-                }
-            ]
+            again.notifications, delivery.notifications,
+            "a redelivery reads the same"
+        );
+        let one = DELIVERY.replace("04l000000000002AAA", "04l000000000003AAA");
+        let other = parse(&request(&headers, Some(&one))).unwrap();
+        assert_ne!(
+            other.notifications[0].id(),
+            id,
+            "other notifications, another name"
         );
         assert!(ack().body.contains("<Ack>true</Ack>"));
     }

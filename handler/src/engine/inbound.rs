@@ -343,9 +343,9 @@ async fn run(
         integration_id: &job.integration_id,
         job_id: &job.job_id,
         // A full sync reads every entity from the start, but for an integration that never
-        // finished one, unless a person asked: the entities an earlier try finished (before
-        // the provider's quota or a failure stopped it) have their cursors, and are not read
-        // again from the start by every scheduled try after it.
+        // finished one, unless a person asked (`handler sync --full`): the entities an earlier
+        // try finished (before the provider's quota or a failure stopped it) have their
+        // cursors, and are not read again from the start by every scheduled try after it.
         full: job.job_type == JobType::FullSync
             && (integration.last_sync_at.is_some() || job.trigger == SyncTrigger::Manual),
         entities: &entities,

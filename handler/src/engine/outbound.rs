@@ -650,13 +650,32 @@ async fn write(
             );
         }
         let mut reversed = reverse(&mapping.field_mappings, &data, Some(&decided.to_provider));
+        let mut left_out = Vec::new();
         if !reversed.fields.is_empty() {
+            writer.may_write(&conn)?;
             let read_only = writer
                 .read_only_fields(&mut conn, &mapping.external_entity, false)
                 .await?;
-            reversed.leave_out(&mapping.field_mappings, &read_only);
+            left_out = reversed.leave_out(&mapping.field_mappings, &read_only);
+        }
+        // What the provider will not let be written goes back to what it holds: kept apart,
+        // the edit would be sent again after every sync, and never land.
+        for (target, _) in &left_out {
+            data.insert(
+                target.clone(),
+                theirs.get(target).cloned().unwrap_or(Value::Null),
+            );
+            shard.updated_at = Some(now);
         }
         pushed.irreversible = reversed.irreversible.clone();
+        pushed
+            .irreversible
+            .extend(left_out.into_iter().map(|(target, why)| {
+                (
+                    target,
+                    format!("{why}; Castiel's value went back to the provider's"),
+                )
+            }));
         if reversed.fields.is_empty() {
             pushed.skipped = 1;
         } else {
@@ -678,7 +697,7 @@ async fn write(
         let apart: Vec<&String> = decided
             .unresolved()
             .map(|c| &c.field)
-            .chain(pushed.irreversible.iter().map(|(f, _)| f))
+            .chain(reversed.irreversible.iter().map(|(f, _)| f))
             .collect();
         let r = &mut shard.external_relationships[i];
         for field in theirs.keys().filter(|f| !apart.contains(f)) {
@@ -727,8 +746,10 @@ async fn write(
         let read_only = writer
             .read_only_fields(&mut conn, &mapping.external_entity, true)
             .await?;
-        reversed.leave_out(&mapping.field_mappings, &read_only);
+        let left_out = reversed.leave_out(&mapping.field_mappings, &read_only);
+        let unsent: Vec<String> = left_out.iter().map(|(target, _)| target.clone()).collect();
         pushed.irreversible = reversed.irreversible.clone();
+        pushed.irreversible.extend(left_out);
         let write = RecordWrite {
             entity: mapping.external_entity.clone(),
             external_id: None,
@@ -738,7 +759,17 @@ async fn write(
             key_field: mapping.idempotency_field.clone(),
         };
         writer.may_write(&conn)?;
-        let written = writer.create(&mut conn, &write).await?;
+        // A create refused for a field it lacks may lack it for what was left out.
+        let written = writer.create(&mut conn, &write).await.map_err(|mut e| {
+            if !unsent.is_empty() {
+                e.message = format!(
+                    "{} (left out, as the provider does not let them be written: {})",
+                    e.message,
+                    unsent.join(", ")
+                );
+            }
+            e
+        })?;
         let mut link = ExternalRelationship::synced(
             integration_id,
             &written.external_id,

@@ -360,6 +360,8 @@ impl Counters {
 /// counted (`shardsFailed`), not listed, so that neither document outgrows what the store
 /// takes (Cosmos DB: 2 MB), whatever a mapping refuses.
 const MAX_ERRORS_LISTED: usize = 200;
+/// Errors told of an entity as a whole (not of one record) listed of a run.
+const MAX_ERRORS_OF_ENTITY: usize = 50;
 /// How the error that says more records failed than are listed begins.
 const UNLISTED: &str = "more records failed";
 
@@ -755,7 +757,21 @@ impl<'a> EntityRun<'a> {
         field: Option<&str>,
     ) {
         let code = code.into();
-        // Records' errors only: what is told of the entity as a whole is always listed.
+        // What is told of the entity as a whole is told once (a page that says it again adds
+        // nothing), and a few dozen times at most.
+        if record_id.is_none()
+            && self
+                .errors
+                .iter()
+                .any(|e| e.record_id.is_none() && e.message == message)
+        {
+            return;
+        }
+        if record_id.is_none()
+            && self.errors.iter().filter(|e| e.record_id.is_none()).count() >= MAX_ERRORS_OF_ENTITY
+        {
+            return;
+        }
         if record_id.is_some()
             && self.errors.iter().filter(|e| e.record_id.is_some()).count() >= MAX_ERRORS_LISTED
         {

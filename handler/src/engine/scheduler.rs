@@ -121,7 +121,10 @@ pub fn manual_job(
     user: &str,
 ) -> SyncJobMessage {
     SyncJobMessage {
-        job_type: if full || integration.last_sync_at.is_none() {
+        // Only a person's `--full` reads what already has a cursor from the start: an
+        // integration whose first sync stopped part way goes on from where it stopped.
+        job_type: if full || (integration.last_sync_at.is_none() && integration.cursors.is_empty())
+        {
             JobType::FullSync
         } else {
             JobType::Incremental
@@ -517,6 +520,20 @@ mod tests {
         assert_eq!(
             manual_job(&shard, &integration, true, now, "ops").job_type,
             JobType::FullSync
+        );
+        // Never synced to its end: a sync goes on from what an earlier try finished.
+        integration.last_sync_at = None;
+        assert_eq!(
+            manual_job(&shard, &integration, false, now, "ops").job_type,
+            JobType::FullSync,
+            "nothing finished yet"
+        );
+        integration
+            .cursors
+            .insert("Account".into(), "2026-01-01T00:00:00Z".into());
+        assert_eq!(
+            manual_job(&shard, &integration, false, now, "ops").job_type,
+            JobType::Incremental
         );
     }
 }

@@ -15,6 +15,9 @@ use crate::model::shard::{Relationship, types as shard_types};
 use crate::model::{Event, Shard};
 use crate::store::StoreError;
 
+/// Times a conflict record is read again and rewritten when another writer changed it first.
+const MAX_RECORD_CONFLICTS: usize = 20;
+
 /// Which sync found a conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
@@ -96,41 +99,57 @@ pub async fn keep_open(
         return Ok(());
     }
     let id = ConflictRecord::id_for(&found.shard_id, integration_id);
-    let stored = app.store.get(tenant_id, &id).await?;
-    let record = match stored.and_then(|v| v.value.data::<ConflictRecord>().ok()) {
-        Some(mut record) => {
-            record.absorb(open, now);
-            record
+    // Under the record's etag, as an operator's resolution and another sync's conflicts are
+    // written: neither is lost to this one's copy read before them.
+    for _ in 0..MAX_RECORD_CONFLICTS {
+        let stored = app.store.get(tenant_id, &id).await?;
+        let etag = stored.as_ref().map(|v| v.etag.clone());
+        let record = match stored.and_then(|v| v.value.data::<ConflictRecord>().ok()) {
+            Some(mut record) => {
+                record.absorb(open.clone(), now);
+                record
+            }
+            None => ConflictRecord {
+                integration_id: integration_id.to_string(),
+                shard_id: found.shard_id.clone(),
+                shard_type_id: mapping.shard_type_id.clone(),
+                external_id: found.external_id.clone(),
+                entity: mapping.external_entity.clone(),
+                fields: open.clone(),
+                detected_at: now,
+                status: ConflictStatus::Open,
+                resolved_at: None,
+                resolved_by: None,
+                taken: None,
+            },
+        };
+        let shard = Shard {
+            id: id.clone(),
+            tenant_id: tenant_id.to_string(),
+            shard_type_id: shard_types::SYNC_CONFLICT.into(),
+            name: format!("Conflict on {}", found.shard_id),
+            structured_data: serde_json::to_value(&record).unwrap_or(Value::Null),
+            relationships: vec![Relationship {
+                kind: "conflict_of".into(),
+                target_id: found.shard_id.clone(),
+                target_type: mapping.shard_type_id.clone(),
+            }],
+            created_by: Some("system".into()),
+            created_at: Some(now),
+            updated_at: Some(now),
+            ..Shard::default()
+        };
+        let saved = match &etag {
+            Some(etag) => app.store.replace(&shard, etag).await,
+            None => app.store.create(&shard).await,
+        };
+        match saved {
+            Ok(_) => return Ok(()),
+            Err(StoreError::PreconditionFailed | StoreError::Conflict) => continue,
+            Err(e) => return Err(e),
         }
-        None => ConflictRecord {
-            integration_id: integration_id.to_string(),
-            shard_id: found.shard_id.clone(),
-            shard_type_id: mapping.shard_type_id.clone(),
-            external_id: found.external_id.clone(),
-            entity: mapping.external_entity.clone(),
-            fields: open,
-            detected_at: now,
-            status: ConflictStatus::Open,
-            resolved_at: None,
-            resolved_by: None,
-            taken: None,
-        },
-    };
-    let shard = Shard {
-        id: id.clone(),
-        tenant_id: tenant_id.to_string(),
-        shard_type_id: shard_types::SYNC_CONFLICT.into(),
-        name: format!("Conflict on {}", found.shard_id),
-        structured_data: serde_json::to_value(&record).unwrap_or(Value::Null),
-        relationships: vec![Relationship {
-            kind: "conflict_of".into(),
-            target_id: found.shard_id.clone(),
-            target_type: mapping.shard_type_id.clone(),
-        }],
-        created_by: Some("system".into()),
-        created_at: Some(now),
-        updated_at: Some(now),
-        ..Shard::default()
-    };
-    app.store.upsert(&shard).await.map(drop)
+    }
+    Err(StoreError::Unavailable(format!(
+        "conflict record `{id}` kept changing while being written"
+    )))
 }

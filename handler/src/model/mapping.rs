@@ -454,18 +454,30 @@ pub struct Reversed {
 }
 
 impl Reversed {
-    /// Leaves out of the write the provider fields of `read_only` it would set: the target
-    /// fields mapped from each are not written back, and say why.
-    pub fn leave_out(&mut self, mappings: &[FieldMapping], read_only: &[String]) {
-        for field in read_only {
-            if self.fields.remove(field).is_none() {
+    /// Leaves out of the write the provider fields of `read_only` (matched regardless of
+    /// case) it would set, and returns the target fields mapped from those that had a value,
+    /// with why they are not written back.
+    pub fn leave_out(
+        &mut self,
+        mappings: &[FieldMapping],
+        read_only: &[String],
+    ) -> Vec<(String, String)> {
+        let unwritable: Vec<String> = self
+            .fields
+            .keys()
+            .filter(|f| read_only.iter().any(|r| r.eq_ignore_ascii_case(f)))
+            .cloned()
+            .collect();
+        let mut left_out: Vec<(String, String)> = Vec::new();
+        for field in unwritable {
+            if self.fields.remove(&field).is_none_or(|v| v.is_null()) {
                 continue;
             }
             let why = format!("the provider does not let `{field}` be written");
             let mut targets: Vec<String> = mappings
                 .iter()
                 .filter(|m| {
-                    m.source.as_deref() == Some(field.as_str()) || m.sources.contains(field)
+                    m.source.as_deref() == Some(field.as_str()) || m.sources.contains(&field)
                 })
                 .flat_map(|m| m.target.iter().chain(m.targets.iter()).cloned())
                 .collect();
@@ -473,11 +485,12 @@ impl Reversed {
                 targets.push(field.clone());
             }
             for target in targets {
-                if !self.irreversible.iter().any(|(t, _)| *t == target) {
-                    self.irreversible.push((target, why.clone()));
+                if !left_out.iter().any(|(t, _)| *t == target) {
+                    left_out.push((target, why.clone()));
                 }
             }
         }
+        left_out
     }
 }
 
@@ -698,11 +711,16 @@ mod tests {
         let record = json!({"Email": "ann@x.test", "Name": "Ann Lee"});
         let data = transform(&m, record.as_object().unwrap()).unwrap();
         let mut back = reverse(&m, &data, None);
-        back.leave_out(&m, &["Name".to_string(), "Id".to_string()]);
+        let left_out = back.leave_out(&m, &["name".to_string(), "Id".to_string()]);
         assert_eq!(Value::Object(back.fields), json!({"Email": "ann@x.test"}));
-        let left: Vec<&str> = back.irreversible.iter().map(|(t, _)| t.as_str()).collect();
+        let left: Vec<&str> = left_out.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(left, ["first_name", "last_name", "full_name"]);
-        assert!(back.irreversible[0].1.contains("`Name`"));
+        assert!(left_out[0].1.contains("`Name`"));
+
+        // A field with no value is left out without a word.
+        let mut back = reverse(&m, &Map::new(), None);
+        assert!(back.leave_out(&m, &["Name".to_string()]).is_empty());
+        assert!(!back.fields.contains_key("Name"));
     }
 
     #[test]

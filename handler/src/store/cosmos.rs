@@ -120,8 +120,11 @@ fn etag_of(response: &ItemResponse) -> String {
         .unwrap_or_default()
 }
 
-/// Reads a shard from an item, dropping Cosmos's system properties (`_rid`, `_etag`, ...),
-/// which are not the document's and must not be written back.
+/// The properties Cosmos DB adds to every item: not the document's, and not written back.
+/// Any other field, whatever its name, is the document's (a shard's own `_ownerTeam`).
+const SYSTEM_PROPERTIES: [&str; 6] = ["_rid", "_self", "_etag", "_attachments", "_ts", "_lsn"];
+
+/// Reads a shard from an item, dropping Cosmos's system properties.
 fn shard_from(mut item: Value) -> Result<Versioned<Shard>, StoreError> {
     let etag = item
         .get("_etag")
@@ -129,7 +132,7 @@ fn shard_from(mut item: Value) -> Result<Versioned<Shard>, StoreError> {
         .unwrap_or_default()
         .to_string();
     if let Value::Object(fields) = &mut item {
-        fields.retain(|k, _| !k.starts_with('_'));
+        fields.retain(|k, _| !SYSTEM_PROPERTIES.contains(&k.as_str()));
     }
     let value = serde_json::from_value(item).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(Versioned { value, etag })
@@ -592,6 +595,22 @@ impl ShardStore for CosmosStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_cosmos_system_properties_are_dropped_from_a_read_shard() {
+        let item = serde_json::json!({
+            "id": "s1", "tenantId": "t1", "shardTypeId": "c_contact",
+            "_rid": "abc==", "_self": "dbs/x", "_etag": "\"0001\"", "_attachments": "a/",
+            "_ts": 1_767_225_600, "_ownerTeam": "emea"
+        });
+        let read = shard_from(item).unwrap();
+        assert_eq!(read.etag, "\"0001\"");
+        let text = serde_json::to_value(&read.value).unwrap();
+        assert_eq!(text["_ownerTeam"], "emea");
+        for system in SYSTEM_PROPERTIES {
+            assert!(text.get(system).is_none(), "{system}: {text}");
+        }
+    }
 
     #[test]
     fn a_batch_fails_by_the_operation_the_others_depended_on() {
