@@ -216,9 +216,9 @@ pub trait Pull: Send + Sync {
     }
 }
 
-/// The most requests that ask about the leftovers of one page of a listing's comparison: more
-/// records left out than that many requests tell, of a thousand shards, is a change of the
-/// listing's scope (a drive no longer read), not deletions, and their shards stay.
+/// The most leftovers of one page of a listing's comparison (a thousand shards) asked about:
+/// more is a change of the listing's scope (a drive no longer read, rows the integration user
+/// may no longer see), not deletions, and their shards stay rather than go all at once.
 const LOOKUPS_PER_PAGE: usize = 100;
 
 /// Of `ids`, a listing's leftovers, those [`Pull::fetch_by_ids`] no longer finds, or finds
@@ -235,7 +235,7 @@ pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
     at_once: usize,
 ) -> Result<LeftOut, ProviderError> {
     let mut left = LeftOut::default();
-    if ids.len().div_ceil(at_once.max(1)) > LOOKUPS_PER_PAGE {
+    if ids.len() > LOOKUPS_PER_PAGE {
         left.undecided = ids.len();
         return Ok(left);
     }

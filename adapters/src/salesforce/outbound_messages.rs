@@ -25,6 +25,9 @@ pub const ACK: &str = concat!(
     r#"<Ack>true</Ack></notificationsResponse></soapenv:Body></soapenv:Envelope>"#
 );
 
+/// The most notifications Salesforce puts in one message.
+const MAX_NOTIFICATIONS: usize = 100;
+
 fn malformed(message: impl Into<String>) -> WebhookError {
     WebhookError::Malformed(message.into())
 }
@@ -123,6 +126,12 @@ pub fn parse(request: &WebhookRequest<'_>) -> Result<OutboundMessage, WebhookErr
         })?;
     if parser.notifications.is_empty() {
         return Err(malformed("the delivery has no Notification"));
+    }
+    if parser.notifications.len() > MAX_NOTIFICATIONS {
+        return Err(malformed(format!(
+            "the delivery has {} notifications; Salesforce sends at most {MAX_NOTIFICATIONS}",
+            parser.notifications.len()
+        )));
     }
     Ok(OutboundMessage {
         organization_id,
@@ -326,6 +335,31 @@ mod tests {
         let body = DELIVERY.replace("00D000000000062EAA</", "00D000000000062</");
         let delivery = parse(&request(&headers, Some(&body))).unwrap();
         assert_eq!(delivery.organization_id, "00D000000000062EAA");
+    }
+
+    #[test]
+    fn a_delivery_of_more_notifications_than_salesforce_sends_is_refused() {
+        let headers = headers();
+        let one = DELIVERY
+            .split("<Notification>")
+            .nth(1)
+            .and_then(|n| n.split("</Notification>").next())
+            .unwrap();
+        let many: String = (0..101)
+            .map(|i| {
+                format!(
+                    "<Notification>{}</Notification>",
+                    one.replace("04l000000000001AAA", &format!("04l{i:015}"))
+                )
+            })
+            .collect();
+        let start = DELIVERY.find("<Notification>").unwrap();
+        let end = DELIVERY.rfind("</Notification>").unwrap() + "</Notification>".len();
+        let body = format!("{}{many}{}", &DELIVERY[..start], &DELIVERY[end..]);
+        match parse(&request(&headers, Some(&body))) {
+            Err(WebhookError::Malformed(reason)) => assert!(reason.contains("101"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -347,7 +347,7 @@ async fn run(
         // try finished (before the provider's quota or a failure stopped it) have their
         // cursors, and are not read again from the start by every scheduled try after it.
         full: job.job_type == JobType::FullSync
-            && (integration.last_sync_at.is_some() || job.trigger == SyncTrigger::Manual),
+            && (integration.last_sync_at.is_some() || job.triggered_by.is_some()),
         entities: &entities,
         finished_in_chain: &resumed.finished_in_chain,
         max_records: app.settings.max_records_per_sync,

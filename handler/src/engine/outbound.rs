@@ -656,7 +656,7 @@ async fn write(
             let read_only = writer
                 .read_only_fields(&mut conn, &mapping.external_entity, false)
                 .await?;
-            left_out = reversed.leave_out(&mapping.field_mappings, &read_only);
+            left_out = reversed.leave_out(&mapping.field_mappings, &read_only, false);
         }
         // What the provider will not let be written goes back to what it holds: kept apart,
         // the edit would be sent again after every sync, and never land.
@@ -746,7 +746,7 @@ async fn write(
         let read_only = writer
             .read_only_fields(&mut conn, &mapping.external_entity, true)
             .await?;
-        let left_out = reversed.leave_out(&mapping.field_mappings, &read_only);
+        let left_out = reversed.leave_out(&mapping.field_mappings, &read_only, true);
         let unsent: Vec<String> = left_out.iter().map(|(target, _)| target.clone()).collect();
         pushed.irreversible = reversed.irreversible.clone();
         pushed.irreversible.extend(left_out);
@@ -761,7 +761,7 @@ async fn write(
         writer.may_write(&conn)?;
         // A create refused for a field it lacks may lack it for what was left out.
         let written = writer.create(&mut conn, &write).await.map_err(|mut e| {
-            if !unsent.is_empty() {
+            if !unsent.is_empty() && e.code == ErrorCode::ValidationError {
                 e.message = format!(
                     "{} (left out, as the provider does not let them be written: {})",
                     e.message,

@@ -756,25 +756,32 @@ impl<'a> EntityRun<'a> {
         record_id: Option<&str>,
         field: Option<&str>,
     ) {
-        let code = code.into();
-        // What is told of the entity as a whole is told once (a page that says it again adds
-        // nothing), and a few dozen times at most.
-        if record_id.is_none()
-            && self
-                .errors
-                .iter()
-                .any(|e| e.record_id.is_none() && e.message == message)
-        {
-            return;
-        }
-        if record_id.is_none()
-            && self.errors.iter().filter(|e| e.record_id.is_none()).count() >= MAX_ERRORS_OF_ENTITY
-        {
-            return;
-        }
-        if record_id.is_some()
-            && self.errors.iter().filter(|e| e.record_id.is_some()).count() >= MAX_ERRORS_LISTED
-        {
+        self.list(code.into(), message, record_id, None, field);
+    }
+
+    /// Counts a record failed because its shard `shard_id` could not be written, and lists why.
+    fn shard_error(&mut self, code: impl Into<FailureCode>, message: String, shard_id: &str) {
+        self.counters.failed += 1;
+        self.list(code.into(), message, None, Some(shard_id), None);
+    }
+
+    /// Lists an error of a record or a shard (up to [`MAX_ERRORS_LISTED`], then once that more
+    /// were counted), or of the entity as a whole (each once, up to [`MAX_ERRORS_OF_ENTITY`]).
+    fn list(
+        &mut self,
+        code: FailureCode,
+        message: String,
+        record_id: Option<&str>,
+        shard_id: Option<&str>,
+        field: Option<&str>,
+    ) {
+        let of_a_record = |e: &SyncError| e.record_id.is_some() || e.shard_id.is_some();
+        if record_id.is_none() && shard_id.is_none() {
+            let told = self.errors.iter().filter(|e| !of_a_record(e));
+            if told.clone().any(|e| e.message == message) || told.count() >= MAX_ERRORS_OF_ENTITY {
+                return;
+            }
+        } else if self.errors.iter().filter(|e| of_a_record(e)).count() >= MAX_ERRORS_LISTED {
             if !self.errors.iter().any(|e| e.message.starts_with(UNLISTED)) {
                 self.errors.push(SyncError {
                     code: code.as_str().into(),
@@ -796,7 +803,7 @@ impl<'a> EntityRun<'a> {
             message,
             entity: Some(self.mapping.external_entity.clone()),
             record_id: record_id.map(str::to_string),
-            shard_id: None,
+            shard_id: shard_id.map(str::to_string),
             field: field.map(str::to_string),
             timestamp: self.now,
             retryable: code.is_retryable(),
@@ -2039,27 +2046,19 @@ impl<'a> EntityRun<'a> {
         let tombstones_of = |id: &str| held.iter().filter(|(_, holder)| holder == id).count();
         for id in written.refused {
             self.counters.updated -= tombstones_of(&id) as u64;
-            self.record_error(
-                FailureCode::Store,
-                format!("the shard `{id}` could not be soft-deleted"),
-                None,
-                None,
-            );
+            let message = format!("the shard `{id}` could not be soft-deleted");
+            self.shard_error(FailureCode::Store, message, &id);
         }
         for id in &written.raced {
             self.counters.updated -= tombstones_of(id) as u64;
         }
         if last {
             for id in written.raced {
-                self.record_error(
-                    FailureCode::Store,
-                    format!(
-                        "the shard `{id}` was not soft-deleted: something else wrote it each of the {} times this sync did",
-                        plan::LANDING_ROUNDS
-                    ),
-                    None,
-                    None,
+                let message = format!(
+                    "the shard `{id}` was not soft-deleted: something else wrote it each of the {} times this sync did",
+                    plan::LANDING_ROUNDS
                 );
+                self.shard_error(FailureCode::Store, message, &id);
             }
             return Ok(Vec::new());
         }
@@ -2097,12 +2096,8 @@ impl<'a> EntityRun<'a> {
             .collect();
         let written = self.write(&retired, &HashMap::default(), None).await?;
         for id in written.refused.iter().chain(&written.raced) {
-            self.record_error(
-                FailureCode::Store,
-                format!("the derived shard `{id}` was not soft-deleted with its primary"),
-                None,
-                None,
-            );
+            let message = format!("the derived shard `{id}` was not soft-deleted with its primary");
+            self.shard_error(FailureCode::Store, message, id);
         }
         Ok(())
     }

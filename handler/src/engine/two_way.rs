@@ -105,6 +105,13 @@ pub async fn keep_open(
         let stored = app.store.get(tenant_id, &id).await?;
         let etag = stored.as_ref().map(|v| v.etag.clone());
         let record = match stored.and_then(|v| v.value.data::<ConflictRecord>().ok()) {
+            // Resolved since this conflict was found: what was found is what was settled.
+            Some(record)
+                if record.status == ConflictStatus::Resolved
+                    && record.resolved_at.is_some_and(|at| at >= now) =>
+            {
+                return Ok(());
+            }
             Some(mut record) => {
                 record.absorb(open.clone(), now);
                 record

@@ -455,12 +455,14 @@ pub struct Reversed {
 
 impl Reversed {
     /// Leaves out of the write the provider fields of `read_only` (matched regardless of
-    /// case) it would set, and returns the target fields mapped from those that had a value,
-    /// with why they are not written back.
+    /// case) it would set, and returns the target fields mapped from them, with why they are
+    /// not written back; but for a create (`creating`), those with no value, which it would
+    /// not have set anyway.
     pub fn leave_out(
         &mut self,
         mappings: &[FieldMapping],
         read_only: &[String],
+        creating: bool,
     ) -> Vec<(String, String)> {
         let unwritable: Vec<String> = self
             .fields
@@ -470,8 +472,10 @@ impl Reversed {
             .collect();
         let mut left_out: Vec<(String, String)> = Vec::new();
         for field in unwritable {
-            if self.fields.remove(&field).is_none_or(|v| v.is_null()) {
-                continue;
+            match self.fields.remove(&field) {
+                Some(Value::Null) if creating => continue,
+                None => continue,
+                Some(_) => {}
             }
             let why = format!("the provider does not let `{field}` be written");
             let mut targets: Vec<String> = mappings
@@ -711,16 +715,19 @@ mod tests {
         let record = json!({"Email": "ann@x.test", "Name": "Ann Lee"});
         let data = transform(&m, record.as_object().unwrap()).unwrap();
         let mut back = reverse(&m, &data, None);
-        let left_out = back.leave_out(&m, &["name".to_string(), "Id".to_string()]);
+        let left_out = back.leave_out(&m, &["name".to_string(), "Id".to_string()], false);
         assert_eq!(Value::Object(back.fields), json!({"Email": "ann@x.test"}));
         let left: Vec<&str> = left_out.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(left, ["first_name", "last_name", "full_name"]);
         assert!(left_out[0].1.contains("`Name`"));
 
-        // A field with no value is left out without a word.
+        // A field with no value is left out of a create without a word; of an update, it is a
+        // value cleared that cannot be written, and says so.
         let mut back = reverse(&m, &Map::new(), None);
-        assert!(back.leave_out(&m, &["Name".to_string()]).is_empty());
+        assert!(back.leave_out(&m, &["Name".to_string()], true).is_empty());
         assert!(!back.fields.contains_key("Name"));
+        let mut back = reverse(&m, &Map::new(), None);
+        assert_eq!(back.leave_out(&m, &["Name".to_string()], false).len(), 3);
     }
 
     #[test]
