@@ -135,7 +135,8 @@ async fn run_job(
     // when an operator asks (`handler sync`).
     if let Ok(integration) = &integration
         && integration.status != IntegrationStatus::Active
-        && (job.job_type == JobType::Webhook || job.trigger != SyncTrigger::Manual)
+        // `triggered_by` marks an operator's job, and its retries keep it.
+        && (job.job_type == JobType::Webhook || job.triggered_by.is_none())
     {
         let history = RunHistory {
             record_id: &record_id,

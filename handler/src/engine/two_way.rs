@@ -105,12 +105,15 @@ pub async fn keep_open(
         let stored = app.store.get(tenant_id, &id).await?;
         let etag = stored.as_ref().map(|v| v.etag.clone());
         let record = match stored.and_then(|v| v.value.data::<ConflictRecord>().ok()) {
-            // Resolved since this conflict was found: what was found is what was settled.
-            Some(record)
-                if record.status == ConflictStatus::Resolved
-                    && record.resolved_at.is_some_and(|at| at >= now) =>
-            {
-                return Ok(());
+            // What an operator settled, found again from the values read before they did
+            // (this write met the resolution's), is not opened again; anything else is new.
+            Some(mut record) if record.status == ConflictStatus::Resolved => {
+                let fresh = record.unsettled(&open);
+                if fresh.is_empty() {
+                    return Ok(());
+                }
+                record.absorb(fresh, now);
+                record
             }
             Some(mut record) => {
                 record.absorb(open.clone(), now);

@@ -291,6 +291,24 @@ impl ConflictRecord {
         format!("conflict~{integration_id}~{shard_id}")
     }
 
+    /// Of the fields a detection found (`found`), those this record has not settled: a
+    /// resolved record settled a field found with the very values it was resolved on (a
+    /// detection made from what was read before the operator took a side).
+    pub fn unsettled(&self, found: &[ConflictingField]) -> Vec<ConflictingField> {
+        found
+            .iter()
+            .filter(|f| {
+                self.status != ConflictStatus::Resolved
+                    || !self.fields.iter().any(|settled| {
+                        settled.field == f.field
+                            && settled.castiel == f.castiel
+                            && settled.provider == f.provider
+                    })
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Adds or refreshes the fields of a newer detection.
     pub fn absorb(&mut self, fields: Vec<ConflictingField>, at: DateTime<Utc>) {
         // A record already resolved keeps nothing for the operator: its fields were settled,
@@ -562,9 +580,20 @@ mod tests {
             resolved_by: Some("ops".into()),
             taken: Some(Side::Castiel),
         };
+        // Found again from values read before the resolution: settled. Found with others: new.
+        assert!(record.unsettled(&[field("email", "old")]).is_empty());
+        assert_eq!(
+            record.unsettled(&[field("email", "older"), field("phone", "new")]),
+            [field("email", "older"), field("phone", "new")]
+        );
         record.absorb(vec![field("phone", "new")], at(11));
         let fields: Vec<&str> = record.fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(fields, ["phone"]);
+        assert_eq!(
+            record.unsettled(&[field("phone", "new")]).len(),
+            1,
+            "an open record settles nothing"
+        );
         assert_eq!(record.status, ConflictStatus::Open);
 
         record.absorb(vec![field("name", "newer")], at(12));
