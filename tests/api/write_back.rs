@@ -649,6 +649,12 @@ async fn a_name_salesforce_will_not_write_is_left_out_and_the_rest_of_the_edit_g
         (&record["Email"], &record["Name"]),
         (&json!("ann@smith.test"), &json!("Ann Lee"))
     );
+    // Castiel's name, which Salesforce will not take, goes back to Salesforce's.
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert_eq!(
+        (ann.name.as_str(), &ann.structured_data["name"]),
+        ("Ann Lee", &json!("Ann Lee"))
+    );
     let history = test.history().await;
     let written = history
         .iter()

@@ -661,10 +661,14 @@ async fn write(
         // What the provider will not let be written goes back to what it holds: kept apart,
         // the edit would be sent again after every sync, and never land.
         for (target, _) in &left_out {
-            data.insert(
-                target.clone(),
-                theirs.get(target).cloned().unwrap_or(Value::Null),
-            );
+            let theirs = theirs.get(target).cloned().unwrap_or(Value::Null);
+            // The shard's name, where it is this field, goes back with it.
+            if mapping.name_field.as_deref() == Some(target.as_str())
+                && let Some(name) = theirs.as_str()
+            {
+                shard.name = name.to_string();
+            }
+            data.insert(target.clone(), theirs);
             shard.updated_at = Some(now);
         }
         pushed.irreversible = reversed.irreversible.clone();
