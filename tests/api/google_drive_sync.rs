@@ -39,6 +39,16 @@ async fn names(app: &TestApp) -> Vec<String> {
     names
 }
 
+/// An app with the Drive integration registered against `drive` (every shared drive too when
+/// `shared`), its credentials stored, and the handler as the host runs it.
+async fn connected(drive: &FakeGoogleDrive, shared: bool) -> (TestApp, HostedHandler) {
+    let app = TestApp::new();
+    app.register_integration(integration(drive, shared)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    let handler = app.host_handler().await;
+    (app, handler)
+}
+
 async fn run_job(handler: &HostedHandler, job_id: &str, job_type: &str) {
     handler.run_sync(ID, "google_drive", job_id, job_type).await;
 }
@@ -48,10 +58,7 @@ async fn shared_drives_are_read_when_asked_and_a_trashed_file_goes_away() {
     let drive = FakeGoogleDrive::start().await;
     let plan = drive.add_file("plan.docx");
     drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
-    let app = TestApp::new();
-    app.register_integration(integration(&drive, false)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&drive, false).await;
 
     run_job(&handler, "job-1", "full_sync").await;
     assert_eq!(names(&app).await, ["plan.docx"], "My Drive only");
@@ -75,10 +82,7 @@ async fn a_search_of_every_drive_that_came_back_incomplete_is_listed_again_next_
     drive.add_file("plan.docx");
     drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
     drive.state.lock().unwrap().incomplete_search = true;
-    let app = TestApp::new();
-    app.register_integration(integration(&drive, true)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&drive, true).await;
 
     run_job(&handler, "job-1", "full_sync").await;
     let history = app.history().await;
@@ -110,10 +114,7 @@ async fn files_deleted_while_drive_refused_the_changes_token_go_when_it_lists_ag
     let plan = drive.add_file("plan.docx");
     let budget = drive.add_file("budget.xlsx");
     drive.add_file("notes.txt");
-    let app = TestApp::new();
-    app.register_integration(integration(&drive, false)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&drive, false).await;
     run_job(&handler, "job-1", "full_sync").await;
     assert_eq!(names(&app).await.len(), 3);
 
@@ -131,10 +132,7 @@ async fn a_full_sync_deletes_what_it_no_longer_lists_unless_its_search_came_back
     let drive = FakeGoogleDrive::start().await;
     let plan = drive.add_file("plan.docx");
     drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
-    let app = TestApp::new();
-    app.register_integration(integration(&drive, true)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&drive, true).await;
     run_job(&handler, "job-1", "full_sync").await;
     assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
 
@@ -163,10 +161,7 @@ async fn a_file_out_of_the_integrations_scope_is_not_taken_for_deleted_by_a_full
     let drive = FakeGoogleDrive::start().await;
     drive.add_file("plan.docx");
     drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
-    let app = TestApp::new();
-    app.register_integration(integration(&drive, true)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&drive, true).await;
     run_job(&handler, "job-1", "full_sync").await;
 
     // Shared drives are no longer read: the listing leaves the budget out, but Drive has it.
@@ -183,10 +178,7 @@ async fn hundreds_of_files_a_listing_no_longer_reaches_are_kept_without_asking_f
     for i in 0..150 {
         drive.add_shared_drive_file("0AsharedDrive1", &format!("budget-{i:03}.xlsx"));
     }
-    let app = TestApp::new();
-    app.register_integration(integration(&drive, true)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let handler = app.host_handler().await;
+    let (app, handler) = connected(&drive, true).await;
     run_job(&handler, "job-1", "full_sync").await;
 
     app.register_integration(integration(&drive, false)).await;

@@ -150,13 +150,18 @@ pub struct Outcome {
 pub fn checkpointed(progress: JobProgress) -> Outcome {
     let mut outcome = Outcome::default();
     for entity in progress.finished.into_iter().chain(progress.current) {
-        Counters::of(&entity).add_to(&mut outcome.stats);
-        outcome
-            .errors
-            .extend(entity.errors.iter().flatten().cloned());
-        outcome.entity_stats.push(entity);
+        outcome.count_in(entity);
     }
     outcome
+}
+
+impl Outcome {
+    /// Adds what a run did with one entity: its counts, its stats and their errors.
+    fn count_in(&mut self, entity: EntitySyncStats) {
+        Counters::of(&entity).add_to(&mut self.stats);
+        self.errors.extend(entity.errors.iter().flatten().cloned());
+        self.entity_stats.push(entity);
+    }
 }
 
 /// Runs a scheduled, manual or retried job over every mapped entity. `progress` is what the
@@ -178,11 +183,7 @@ pub async fn run(
         outcome.details.pages_processed = Some(progress.pages);
     }
     for finished in progress.finished {
-        Counters::of(&finished).add_to(&mut outcome.stats);
-        outcome
-            .errors
-            .extend(finished.errors.iter().flatten().cloned());
-        outcome.entity_stats.push(finished);
+        outcome.count_in(finished);
     }
     if !integration.pull_filters.is_empty() {
         outcome.details.filters_applied = Some(integration.pull_filters.clone());
@@ -390,7 +391,8 @@ struct EntityRun<'a> {
     /// listing. An entity's first sync, which has nothing to compare, is none.
     complete_from_start: bool,
     /// A listing this run began could not be compared (a record the provider could not name,
-    /// a page of it gone): the entity is marked lost, so that the next run lists it again.
+    /// a page of it gone): if its cursor replaces the stored one, the entity is marked lost, so
+    /// that the next run lists it again.
     listing_dropped: bool,
     /// Records with no shard of their own are looked for among other shards' links (see
     /// [`plan::link_lookups`]): the mapping may land a record elsewhere, and the integration
