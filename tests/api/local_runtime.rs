@@ -472,29 +472,43 @@ async fn a_message_that_always_fails_is_dead_lettered_after_max_deliveries_with_
         ..Faults::default()
     };
     let calls = consume_with(&app, WEBHOOK_JOBS, faults, async |b: &LocalBackends| {
-        !b.broker
-            .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
-            .unwrap()
-            .is_empty()
+        !b.broker.peek(SYNC_DEADLETTER).unwrap().is_empty()
     })
     .await;
 
     assert_eq!(calls, 5, "sync-inbound-webhook allows 5 deliveries");
-    let dead = app
-        .broker()
-        .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
+    // The handler dead-lettered it on the last delivery, before the broker would have, so
+    // that the failure that exhausted the deliveries is kept with it.
+    let dead = app.broker().peek(SYNC_DEADLETTER).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].properties["DeadLetterReason"],
+        "MaxDeliveryCountExceeded"
+    );
+    assert_eq!(dead[0].properties["OriginalDeliveryCount"], 5);
+    let description = dead[0].properties["DeadLetterErrorDescription"]
+        .as_str()
         .unwrap();
-    assert_eq!(dead[0].reason, "MaxDeliveryCountExceeded");
-    assert_eq!(dead[0].delivery_count, 5);
-    let description = dead[0].description.as_deref().unwrap();
     assert!(
         description.contains("shard store unavailable: connection refused"),
         "{description}"
     );
+    assert!(
+        app.broker()
+            .dead_letters(Some(SYNC_INBOUND_WEBHOOK))
+            .unwrap()
+            .is_empty()
+    );
     let listed = app
         .cli_json(&["dead-letters", "list", "--queue", "sync-inbound-webhook"])
         .await;
-    assert_eq!(listed[0]["reason"], "MaxDeliveryCountExceeded");
+    assert_eq!(listed[0]["reason"], "MaxDeliveryCountExceeded", "{listed}");
+    assert!(
+        listed[0]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("shard store unavailable")),
+        "{listed}"
+    );
 }
 
 /// A stand-in custom handler that hands every envelope it receives to the test.

@@ -10,8 +10,8 @@ use crate::queue::SYNC_INBOUND_WEBHOOK;
 
 pub async fn run(
     app: &App,
-    message: ServiceBusMessage,
+    message: &ServiceBusMessage,
 ) -> Result<InvocationResponse, InvocationError> {
-    inbound::process(app, SYNC_INBOUND_WEBHOOK, &message, Utc::now()).await?;
+    inbound::process(app, SYNC_INBOUND_WEBHOOK, message, Utc::now()).await?;
     Ok(InvocationResponse::new())
 }

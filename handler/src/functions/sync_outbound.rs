@@ -10,8 +10,8 @@ use crate::protocol::{InvocationResponse, ServiceBusMessage};
 
 pub async fn run(
     app: &App,
-    message: ServiceBusMessage,
+    message: &ServiceBusMessage,
 ) -> Result<InvocationResponse, InvocationError> {
-    outbound::process(app, &message, Utc::now()).await?;
+    outbound::process(app, message, Utc::now()).await?;
     Ok(InvocationResponse::new())
 }

@@ -27,7 +27,10 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
-use super::{MessageQueue, OutgoingMessage, QueueError, QueueSettings, queue_settings};
+use super::{
+    MAX_DELIVERY_COUNT_EXCEEDED, MessageQueue, OutgoingMessage, QueueError, QueueSettings,
+    queue_settings,
+};
 use crate::store::sqlite_open;
 
 const SCHEMA: &str = "
@@ -61,7 +64,6 @@ CREATE TABLE IF NOT EXISTS duplicate_detection (
 ) WITHOUT ROWID;
 ";
 
-pub const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
 pub const TTL_EXPIRED: &str = "TTLExpiredException";
 
 /// A locked message, as a receiver gets it.

@@ -48,6 +48,9 @@ pub const SYNC_INBOUND_SCHEDULED: &str = "sync-inbound-scheduled";
 pub const SYNC_OUTBOUND: &str = "sync-outbound";
 pub const SYNC_DEADLETTER: &str = "sync-deadletter";
 
+/// The reason Service Bus gives a message it dead-lettered after the queue's maxDeliveryCount.
+pub const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";
+
 /// The properties of one queue, as the namespace is provisioned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueSettings {
