@@ -256,11 +256,15 @@ pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
                     .filter(|r| !r.deleted)
                     .map(|r| r.id.to_ascii_lowercase())
                     .collect(),
-                // Credentials the provider no longer takes are not one record's.
+                // Credentials the provider, or its token endpoint, no longer takes are not one
+                // record's.
                 Err(e)
                     if e.code.is_retryable()
                         || e.resume_next_run
-                        || e.code == ErrorCode::AuthenticationFailed =>
+                        || matches!(
+                            e.code,
+                            ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
+                        ) =>
                 {
                     return Err(e);
                 }
@@ -579,6 +583,54 @@ mod tests {
         assert_eq!(Ok::<u8, ProviderError>(7).or_gone(), Ok(Some(7)));
         let refused = ProviderError::new(ErrorCode::Conflict, "412");
         assert_eq!(Err::<u8, _>(refused.clone()).or_gone(), Err(refused));
+    }
+
+    /// A provider whose every read by id fails with one code.
+    struct Refusing(ErrorCode);
+
+    #[async_trait]
+    impl Pull for Refusing {
+        async fn fetch_page(
+            &self,
+            _conn: &mut Connection,
+            _request: &FetchRequest,
+        ) -> Result<Page, ProviderError> {
+            Err(ProviderError::new(self.0, "no listing here"))
+        }
+
+        async fn fetch_by_ids(
+            &self,
+            _conn: &mut Connection,
+            _request: &FetchRequest,
+            _ids: &[String],
+        ) -> Result<Vec<Record>, ProviderError> {
+            Err(ProviderError::new(self.0, "refused"))
+        }
+    }
+
+    #[tokio::test]
+    async fn leftovers_a_record_refusal_leaves_undecided_but_refused_credentials_fail_the_comparison()
+     {
+        let mut conn = Connection::new("int-1", Map::new(), Credentials::default());
+        let ids = || vec!["a".to_string(), "b".to_string()];
+        let left = gone_unless_found(
+            &Refusing(ErrorCode::ValidationError),
+            &mut conn,
+            "files",
+            ids(),
+            1,
+        )
+        .await
+        .unwrap();
+        assert_eq!((left.gone.len(), left.undecided), (0, 2));
+        for code in [
+            ErrorCode::AuthenticationFailed,
+            ErrorCode::InvalidCredentials,
+            ErrorCode::RateLimit,
+        ] {
+            let refused = gone_unless_found(&Refusing(code), &mut conn, "files", ids(), 1).await;
+            assert_eq!(refused.map_err(|e| e.code), Err(code));
+        }
     }
 
     #[test]
