@@ -582,10 +582,16 @@ async fn subscribe(app: &App, tenant: &str, id: &str, json: bool) -> CliResult {
     let done = subscriptions::maintain(app, &shard, &integration, provider.as_ref(), Utc::now())
         .await
         .map_err(|e| e.to_string())?;
+    let refused: Vec<Value> = done
+        .refused
+        .iter()
+        .map(|r| json!({"resource": r.resource, "error": r.failure.to_string()}))
+        .collect();
     if json {
-        print_json(
-            &json!({"created": done.created, "renewed": done.renewed, "deleted": done.deleted}),
-        );
+        print_json(&json!({
+            "created": done.created, "renewed": done.renewed, "deleted": done.deleted,
+            "refused": refused
+        }));
     } else {
         say!(
             "subscriptions of `{id}`: {} created, {} renewed, {} deleted",
@@ -594,7 +600,18 @@ async fn subscribe(app: &App, tenant: &str, id: &str, json: bool) -> CliResult {
             done.deleted
         );
     }
-    Ok(())
+    match done.refused.as_slice() {
+        [] => Ok(()),
+        refused => Err(format!(
+            "the provider refused {} of `{id}`'s subscriptions: {}",
+            refused.len(),
+            refused
+                .iter()
+                .map(|r| format!("{} ({})", r.resource, r.failure))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
 }
 
 async fn list_integrations(app: &App, tenant: Option<&str>, json: bool) -> CliResult {

@@ -1186,6 +1186,16 @@ async fn create_subscription(State(fake): State<FakeGraph>, body: Bytes) -> Resp
     let Some(kind) = Kind::of(&resource) else {
         return invalid(&format!("Resource '{resource}' is not supported."));
     };
+    let deleted_channel = {
+        let graph = fake.state.lock().unwrap();
+        graph
+            .deleted_channels
+            .iter()
+            .any(|c| resource.contains(&format!("/channels/{c}/")))
+    };
+    if deleted_channel {
+        return error(404, "NotFound", "Channel not found.");
+    }
     let Some(expiration) = parse_time(request.get("expirationDateTime")) else {
         return invalid("expirationDateTime is not a valid date and time.");
     };

@@ -350,6 +350,64 @@ async fn a_deleted_channel_is_reported_and_the_team_s_other_channels_still_sync(
 }
 
 #[tokio::test]
+async fn a_channel_graph_will_not_watch_leaves_the_team_s_other_channels_subscribed() {
+    let app = world();
+    let graph = FakeGraph::start().await;
+    let gone = "19:0deadbeef0000000000000000000000@thread.tacv2";
+    graph
+        .state
+        .lock()
+        .unwrap()
+        .deleted_channels
+        .push(gone.into());
+    app.register_integration(json!({
+        "id": "int-teams", "tenantId": "t1", "name": "Sales channels",
+        "structuredData": {
+            "providerName": "teams",
+            "syncFrequency": {"type": "manual"},
+            "connection": {"tokenUrl": graph.token_url(), "apiBaseUrl": graph.api_base(),
+                           "teamId": TEAM, "channelIds": [gone, CHANNEL]},
+            "entityMappings": [{
+                "externalEntity": "channelMessage", "shardTypeId": "c_message", "nameField": "text",
+                "fieldMappings": [{"source": "body.content", "target": "text"}]
+            }]
+        }
+    }))
+    .await;
+    app.set_credentials("int-teams", &graph.credentials()).await;
+    let _runtime = app.start_local().await;
+
+    let out = app
+        .cli(&[
+            "integrations",
+            "subscribe",
+            "int-teams",
+            "--tenant",
+            "t1",
+            "--json",
+        ])
+        .await;
+
+    // The deleted channel is refused and said so; the one after it is watched all the same.
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(gone) && stderr.contains("404"), "{stderr}");
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["created"], 1, "{done}");
+    let watched: Vec<String> = graph
+        .subscriptions()
+        .iter()
+        .map(|s| s.resource.clone())
+        .collect();
+    assert_eq!(
+        watched,
+        [format!("/teams/{TEAM}/channels/{CHANNEL}/messages")]
+    );
+    let kept = &app.integration("int-teams").await["structuredData"]["subscriptions"];
+    assert_eq!(kept.as_array().unwrap().len(), 1, "{kept}");
+}
+
+#[tokio::test]
 async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed() {
     let app = TestApp::new();
     let graph = connected_drive(&app).await;

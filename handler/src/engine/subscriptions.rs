@@ -17,7 +17,7 @@ use adapters::{
 };
 
 use super::credentials::{self, StoredCredentials};
-use super::failure::Failure;
+use super::failure::{Failure, FailureCode};
 use super::state::update_integration;
 use crate::app::App;
 use crate::model::integration::WebhookSubscription;
@@ -64,14 +64,28 @@ pub fn plan(existing: &[WebhookSubscription], wanted: &[String], now: DateTime<U
 }
 
 /// What maintenance did to one integration.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Maintained {
     pub created: usize,
     pub renewed: usize,
     pub deleted: usize,
+    /// Resources the provider would not subscribe to, renew or stop (a channel deleted or
+    /// archived, one the app may not read), and why: the integration's other resources are
+    /// maintained all the same, and these are tried again on the next tick.
+    pub refused: Vec<Refused>,
 }
 
-/// Brings `integration`'s subscriptions in line with what its adapter wants watched.
+/// A step the provider refused, for one resource.
+#[derive(Debug)]
+pub struct Refused {
+    pub resource: String,
+    pub failure: Failure,
+}
+
+/// Brings `integration`'s subscriptions in line with what its adapter wants watched. A step the
+/// provider refuses for its resource alone is listed in [`Maintained::refused`]; one that the
+/// steps after it would meet as well (the store, the secret store or the provider unavailable,
+/// credentials refused) ends maintenance with it.
 pub async fn maintain(
     app: &App,
     shard: &Shard,
@@ -98,85 +112,155 @@ pub async fn maintain(
     if steps.is_empty() {
         return Ok(Maintained::default());
     }
-    let mut conn = credentials::connect(app, &shard.tenant_id, &shard.id, integration).await?;
-    let mut done = Maintained::default();
-    let mut current = integration.subscriptions.clone();
+    let conn = credentials::connect(app, &shard.tenant_id, &shard.id, integration).await?;
+    let mut maintenance = Maintenance {
+        app,
+        shard,
+        subscriptions,
+        conn,
+        url,
+        now,
+        current: integration.subscriptions.clone(),
+        done: Maintained::default(),
+    };
     for step in steps {
+        let resource = match &step {
+            Step::Create { resource } => resource.clone(),
+            Step::Renew { id } | Step::Delete { id } => maintenance
+                .current
+                .iter()
+                .find(|s| &s.id == id)
+                .map_or_else(|| id.clone(), |s| s.resource.clone()),
+        };
+        if let Err(failure) = maintenance.carry_out(step).await {
+            if stops_maintenance(&failure) {
+                return Err(failure);
+            }
+            maintenance.done.refused.push(Refused { resource, failure });
+        }
+    }
+    Ok(maintenance.done)
+}
+
+/// Whether a step's failure is one every later step would meet too.
+fn stops_maintenance(failure: &Failure) -> bool {
+    failure.code == FailureCode::Store
+        || failure.is_retryable()
+        || failure.resume_next_run
+        || failure.code.needs_new_credentials()
+}
+
+/// One integration's maintenance under way: what it works with, and what it has done.
+struct Maintenance<'a> {
+    app: &'a App,
+    shard: &'a Shard,
+    subscriptions: &'a dyn Subscriptions,
+    conn: adapters::Connection,
+    url: String,
+    now: DateTime<Utc>,
+    /// The integration's subscriptions, as the steps so far left them.
+    current: Vec<WebhookSubscription>,
+    done: Maintained,
+}
+
+impl Maintenance<'_> {
+    async fn carry_out(&mut self, step: Step) -> Result<(), Failure> {
+        let (app, shard, now) = (self.app, self.shard, self.now);
         match step {
             Step::Create { resource } => {
-                let created = create(
-                    app,
-                    shard,
-                    subscriptions,
-                    &mut conn,
-                    &resource,
-                    &url,
-                    now,
-                    &current,
-                )
-                .await?;
-                current.push(created.clone());
-                done.created += 1;
+                let created = self.create(&resource).await?;
+                self.current.push(created.clone());
+                self.done.created += 1;
                 save(app, shard, Change::Added(created), now).await?;
             }
             Step::Renew { id } => {
-                let Some(index) = current.iter().position(|s| s.id == id) else {
-                    continue;
+                let Some(index) = self.current.iter().position(|s| s.id == id) else {
+                    return Ok(());
                 };
-                let resource = current[index].resource.clone();
-                let until = now + lifetime(subscriptions.max_lifetime(&resource));
-                let info = info_of(&current[index]);
-                match subscriptions.renew(&mut conn, &info, until).await {
+                let resource = self.current[index].resource.clone();
+                let until = now + lifetime(self.subscriptions.max_lifetime(&resource));
+                let info = info_of(&self.current[index]);
+                match self.subscriptions.renew(&mut self.conn, &info, until).await {
                     Ok(expires_at) => {
-                        current[index].expires_at = expires_at;
+                        self.current[index].expires_at = expires_at;
                         save(app, shard, Change::Renewed { id, expires_at }, now).await?;
                     }
                     Err(e) if e.code == ErrorCode::NotFound => {
                         // Gone, or not renewable: a new one replaces it, and the old one (if
                         // the provider still has it) stops delivering.
-                        if let Err(e) = subscriptions.unsubscribe(&mut conn, &info).await {
+                        if let Err(e) = self.subscriptions.unsubscribe(&mut self.conn, &info).await
+                        {
                             tracing::warn!(integration_id = %shard.id, subscription = %id, error = %e, "a replaced subscription could not be stopped; it lapses on its own");
                         }
-                        current.remove(index);
-                        let created = create(
-                            app,
-                            shard,
-                            subscriptions,
-                            &mut conn,
-                            &resource,
-                            &url,
-                            now,
-                            &current,
-                        )
-                        .await?;
-                        current.push(created.clone());
-                        save(
-                            app,
-                            shard,
-                            Change::Replaced {
+                        self.current.remove(index);
+                        // Dropped from the integration at once: should the provider refuse a
+                        // new one, the old one is not renewed again on every tick.
+                        let replaced = self.create(&resource).await;
+                        let change = match &replaced {
+                            Ok(new) => Change::Replaced {
                                 old: id,
-                                new: created,
+                                new: new.clone(),
                             },
-                            now,
-                        )
-                        .await?;
+                            Err(_) => Change::Removed(id),
+                        };
+                        save(app, shard, change, now).await?;
+                        self.current.push(replaced?);
                     }
                     Err(e) => return Err(e.into()),
                 }
-                done.renewed += 1;
+                self.done.renewed += 1;
             }
             Step::Delete { id } => {
-                if let Some(old) = current.iter().find(|s| s.id == id) {
-                    subscriptions.unsubscribe(&mut conn, &info_of(old)).await?;
+                if let Some(old) = self.current.iter().find(|s| s.id == id) {
+                    self.subscriptions
+                        .unsubscribe(&mut self.conn, &info_of(old))
+                        .await?;
                 }
-                current.retain(|s| s.id != id);
-                keep_client_states(app, shard, &current, None).await?;
-                done.deleted += 1;
+                self.current.retain(|s| s.id != id);
+                keep_client_states(app, shard, &self.current, None).await?;
+                self.done.deleted += 1;
                 save(app, shard, Change::Removed(id), now).await?;
             }
         }
+        Ok(())
     }
-    Ok(done)
+
+    /// Creates a subscription to `resource`, and keeps its secret with those of the current
+    /// ones (the secrets of subscriptions that are gone are dropped).
+    async fn create(&mut self, resource: &str) -> Result<WebhookSubscription, Failure> {
+        let client_state = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let until = self.now + lifetime(self.subscriptions.max_lifetime(resource));
+        let info = self
+            .subscriptions
+            .subscribe(
+                &mut self.conn,
+                &SubscriptionRequest {
+                    resource: resource.to_string(),
+                    notification_url: self.url.clone(),
+                    lifecycle_url: self.url.clone(),
+                    client_state: client_state.clone(),
+                    expires_at: until,
+                },
+            )
+            .await?;
+        keep_client_states(
+            self.app,
+            self.shard,
+            &self.current,
+            Some((&info.id, &client_state)),
+        )
+        .await?;
+        Ok(WebhookSubscription {
+            id: info.id,
+            resource: info.resource,
+            expires_at: info.expires_at,
+            resource_id: info.resource_id,
+        })
+    }
 }
 
 /// One step of maintenance, as it changes the integration's list of subscriptions.
@@ -215,46 +299,6 @@ fn apply(stored: &mut Vec<WebhookSubscription>, change: &Change) {
         }
         Change::Removed(id) => stored.retain(|s| &s.id != id),
     }
-}
-
-/// Creates a subscription to `resource`, and keeps its secret with those of the `live` ones
-/// (the secrets of subscriptions that are gone are dropped).
-#[allow(clippy::too_many_arguments)]
-async fn create(
-    app: &App,
-    shard: &Shard,
-    subscriptions: &dyn Subscriptions,
-    conn: &mut adapters::Connection,
-    resource: &str,
-    url: &str,
-    now: DateTime<Utc>,
-    live: &[WebhookSubscription],
-) -> Result<WebhookSubscription, Failure> {
-    let client_state = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let until = now + lifetime(subscriptions.max_lifetime(resource));
-    let info = subscriptions
-        .subscribe(
-            conn,
-            &SubscriptionRequest {
-                resource: resource.to_string(),
-                notification_url: url.to_string(),
-                lifecycle_url: url.to_string(),
-                client_state: client_state.clone(),
-                expires_at: until,
-            },
-        )
-        .await?;
-    keep_client_states(app, shard, live, Some((&info.id, &client_state))).await?;
-    Ok(WebhookSubscription {
-        id: info.id,
-        resource: info.resource,
-        expires_at: info.expires_at,
-        resource_id: info.resource_id,
-    })
 }
 
 fn info_of(subscription: &WebhookSubscription) -> SubscriptionInfo {

@@ -230,6 +230,12 @@ async fn maintain_subscriptions(
                 total.created += done.created;
                 total.renewed += done.renewed;
                 total.deleted += done.deleted;
+                for refused in &done.refused {
+                    tracing::warn!(tenant_id = %shard.tenant_id, integration_id = %shard.id, resource = %refused.resource, error = %refused.failure, "the provider refused a webhook subscription");
+                }
+                if !done.refused.is_empty() {
+                    failed += 1;
+                }
             }
             Err(e) => {
                 failed += 1;
