@@ -1121,6 +1121,40 @@ async fn a_revoked_refresh_token_fails_the_job_for_good_and_flags_the_integratio
 }
 
 #[tokio::test]
+async fn a_paused_integration_stays_paused_through_a_revoked_token_and_new_credentials() {
+    let (fake, app) = revoked_refresh_token(3).await;
+    app.set_integration_status("int-acme-sf", "paused").await;
+    let handler = app.host_handler().await;
+    let manual = json!({
+        "integrationId": "int-acme-sf", "tenantId": "t1", "jobType": "full_sync",
+        "provider": "salesforce", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z",
+        "attempt": 1, "trigger": "manual", "triggeredBy": "ops"
+    });
+    let asked = service_bus_message(
+        "SyncInboundScheduled",
+        &manual.to_string(),
+        "job-1",
+        1,
+        None,
+    );
+
+    // An operator's sync of the paused integration meets the revoked token...
+    let res = handler.invoke("SyncInboundScheduled", &asked).await;
+    assert!(res.host_accepts(), "{res:?}");
+    assert_eq!(record_of(&app.history().await, "job-1")["status"], "failed");
+    let status = |i: Value| i["structuredData"]["status"].clone();
+    assert_eq!(status(app.integration("int-acme-sf").await), "paused");
+
+    // ...and the new credentials an operator stores during the pause do not end it.
+    let mut renewed = fake.credentials();
+    renewed["expiresAt"] = json!((Utc::now() + Duration::hours(2)).to_rfc3339());
+    app.set_credentials("int-acme-sf", &renewed).await;
+    let integration = app.integration("int-acme-sf").await;
+    assert!(!integration["structuredData"]["credentialsExpireAt"].is_null());
+    assert_eq!(status(integration), "paused");
+}
+
+#[tokio::test]
 async fn an_account_committed_after_a_sync_read_later_ones_is_still_synced() {
     // A trigger's long transaction saved account 9 before account 10 was saved and committed,
     // and committed it after a sync had read account 10, a minute later: its SystemModstamp is

@@ -65,10 +65,15 @@ pub async fn replace(
         })
         .await?;
     update_integration(app, tenant_id, integration_id, Utc::now(), |i| {
-        let reactivate = i.status == crate::model::integration::IntegrationStatus::Error;
+        use crate::model::integration::IntegrationStatus;
+        // Only an integration stopped for its credentials is active again: one an operator
+        // paused stays paused.
+        let reactivate = i.status == IntegrationStatus::Error;
         let changed = i.credentials_expire_at != expires_at || reactivate;
-        i.status = crate::model::integration::IntegrationStatus::Active;
-        i.status_message = None;
+        if reactivate {
+            i.status = IntegrationStatus::Active;
+            i.status_message = None;
+        }
         i.credentials_expire_at = expires_at;
         changed
     })

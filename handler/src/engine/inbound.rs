@@ -684,8 +684,9 @@ async fn fail(
                         .as_ref()
                         .filter(|_| lease::holds(i.running.as_ref(), &job.job_id))
                         .and_then(|r| r.progress.clone());
-                    if needs_reauth {
-                        // Syncing again cannot help until someone sets new credentials.
+                    // Syncing again cannot help until someone sets new credentials; one an
+                    // operator paused (and synced all the same) stays paused.
+                    if needs_reauth && i.status == IntegrationStatus::Active {
                         i.status = IntegrationStatus::Error;
                         i.status_message = Some(summary.clone());
                     }

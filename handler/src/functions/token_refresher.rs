@@ -62,7 +62,9 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                     "structuredData.credentialsExpireAt",
                     Op::Le,
                     timestamp::query_value(&threshold),
-                ),
+                )
+                // The soonest first: a run out of budget leaves the tokens that keep longest.
+                .order_by("structuredData.credentialsExpireAt", false),
         )
         .await
         .map_err(Transient::from)?;
@@ -127,10 +129,20 @@ pub async fn run(app: &App, _timer: TimerInfo) -> Result<InvocationResponse, Inv
                 if failure.code.needs_new_credentials() {
                     // Syncing cannot help until someone sets new credentials.
                     let message = format!("token refresh failed: {}", failure.message);
+                    let refused = shard
+                        .data::<Integration>()
+                        .ok()
+                        .and_then(|i| i.credentials_expire_at);
+                    // Only as the run found it: an operator may have paused it, or set new
+                    // credentials, while the refreshes ran.
                     let marked = update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
-                        i.status = IntegrationStatus::Error;
-                        i.status_message = Some(message.clone());
-                        true
+                        let as_found = i.status == IntegrationStatus::Active
+                            && i.credentials_expire_at == refused;
+                        if as_found {
+                            i.status = IntegrationStatus::Error;
+                            i.status_message = Some(message.clone());
+                        }
+                        as_found
                     })
                     .await;
                     if let Err(e) = marked {
