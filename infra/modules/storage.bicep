@@ -10,8 +10,9 @@ param principalId string
 param contentShareName string
 
 resource account 'Microsoft.Storage/storageAccounts@2023-01-01' = {
-  // Storage account names are 3-24 lowercase letters and digits.
-  name: 'stsync${env}${uniqueString(resourceGroup().id)}'
+  // Storage account names are 3-24 lowercase letters and digits: in staging, uniqueString()'s
+  // 13 characters would make 26, and the name keeps 11 of them.
+  name: take('stsync${env}${uniqueString(resourceGroup().id)}', 24)
   location: location
   tags: tags
   kind: 'StorageV2'

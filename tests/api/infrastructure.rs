@@ -396,3 +396,66 @@ fn each_environment_sets_every_parameter_without_a_default() {
         }
     }
 }
+
+/// A resource's `name:` as Azure would see it in `env`: `uniqueString()` is 13 characters,
+/// and `take()` keeps what it says.
+fn evaluated_name(expression: &str, env: &str) -> String {
+    const UNIQUE: &str = "${uniqueString(resourceGroup().id)}";
+    let (quoted, keep) = match expression
+        .strip_prefix("take(")
+        .and_then(|e| e.strip_suffix(')'))
+        .and_then(|e| e.rsplit_once(','))
+    {
+        Some((inner, n)) => (inner.trim(), n.trim().parse::<usize>().ok()),
+        None => (expression, None),
+    };
+    let mut name = quoted.trim_matches('\'').replace("${env}", env);
+    while let Some(at) = name.find("${take(uniqueString(resourceGroup().id), ") {
+        let end = at + name[at..].find(")}").unwrap() + 2;
+        let n: usize = name[at..end]
+            .trim_start_matches("${take(uniqueString(resourceGroup().id), ")
+            .trim_end_matches(")}")
+            .parse()
+            .unwrap();
+        name.replace_range(at..end, &"u".repeat(n));
+    }
+    let name = name.replace(UNIQUE, &"u".repeat(13));
+    assert!(!name.contains("${"), "cannot evaluate {expression}");
+    name.chars().take(keep.unwrap_or(usize::MAX)).collect()
+}
+
+#[test]
+fn resource_names_fit_azures_limits_in_every_environment() {
+    /// A resource type, the longest name it takes, and the characters that name may have.
+    type Limit = (&'static str, usize, fn(char) -> bool);
+    let limits: [Limit; 2] = [
+        ("Microsoft.Storage/storageAccounts", 24, |c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit()
+        }),
+        ("Microsoft.KeyVault/vaults", 24, |c| {
+            c.is_ascii_alphanumeric() || c == '-'
+        }),
+    ];
+    for (resource_type, longest, allowed) in limits {
+        let declared = format!("'{resource_type}@");
+        let (file, block) = bicep_files()
+            .into_iter()
+            .find_map(|(file, text)| {
+                let at = text
+                    .match_indices(&declared)
+                    .map(|(at, _)| at)
+                    .find(|&at| !text[at..].lines().next().unwrap().contains("existing"))?;
+                Some((file, text[at..].to_string()))
+            })
+            .unwrap_or_else(|| panic!("{resource_type} is not declared"));
+        let expression = field(&block, "name");
+        for env in ["dev", "staging", "prod"] {
+            let name = evaluated_name(&expression, env);
+            assert!(
+                (3..=longest).contains(&name.len()) && name.chars().all(allowed),
+                "{file}: `{name}` ({} characters) is not a valid {resource_type} name in {env}",
+                name.len()
+            );
+        }
+    }
+}
