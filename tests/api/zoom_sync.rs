@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use handler::queue::{SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
+use handler::queue::{SYNC_DEADLETTER, SYNC_INBOUND_SCHEDULED, SYNC_INBOUND_WEBHOOK};
 use handler::store::ShardStore;
 
 use crate::fake_host::{HostedHandler, service_bus_message};
@@ -214,6 +214,32 @@ async fn a_recording_ready_days_after_its_meeting_arrives_with_its_completed_eve
     let recordings = app.shards("c_recording").await;
     assert_eq!(recordings.len(), 1, "{recordings:?}");
     assert_eq!(recordings[0]["name"], "Board review");
+}
+
+#[tokio::test]
+async fn an_event_of_an_entity_the_integration_does_not_sync_is_acknowledged_and_passed_over() {
+    let zoom = FakeZoom::start().await;
+    let app = TestApp::new();
+    let mut meetings_only = integration(&zoom, "2026-11-01");
+    meetings_only["structuredData"]["entityMappings"]
+        .as_array_mut()
+        .unwrap()
+        .truncate(1);
+    app.register_integration(meetings_only).await;
+    app.set_credentials(ID, &zoom.credentials()).await;
+    let handler = app.host_handler().await;
+    let recording = zoom.add_recording("Board review", Utc::now() - chrono::Duration::days(1));
+
+    let completed = zoom.webhook(
+        "recording.completed",
+        json!({"uuid": recording, "id": 2, "topic": "Board review"}),
+    );
+
+    assert_eq!(post(&handler, &completed).await["statusCode"], 200);
+    assert!(app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().is_empty());
+    app.deliver_webhook_jobs(&handler).await;
+    assert!(app.history().await.is_empty(), "no failed run");
+    assert!(app.broker().peek(SYNC_DEADLETTER).unwrap().is_empty());
 }
 
 #[tokio::test]

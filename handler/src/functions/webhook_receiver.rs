@@ -121,6 +121,10 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         let mut job_ids = Vec::new();
         for notification in &delivery.notifications {
             for job in jobs_for(provider_name, shard, integration, notification, now) {
+                // Notifications that name no change of their own (a Graph batch) make one job.
+                if job_ids.contains(&job.job_id) {
+                    continue;
+                }
                 job_ids.push(job.job_id.clone());
                 app.queue
                     .send(OutgoingMessage::json(
@@ -341,7 +345,8 @@ fn occurrence(job_ids: &[String], now: DateTime<Utc>) -> String {
 /// The sync jobs a notification asks for. A job's id is also its MessageId: the integration's
 /// and the notification's own id, so that the provider's redelivery is a duplicate while two
 /// integrations told of one event get a job each; per entity when a notification asks for
-/// several jobs.
+/// several jobs. A notification of an entity the integration does not map (the provider's
+/// subscription covers more than it syncs) asks for none.
 fn jobs_for(
     provider: &str,
     shard: &Shard,
@@ -363,7 +368,24 @@ fn jobs_for(
         attempt: 1,
         deferrals: 0,
     };
+    let unmapped = |entity: &str| {
+        let mapped = integration
+            .entity_mappings
+            .iter()
+            .any(|m| m.external_entity == entity);
+        if !mapped {
+            tracing::info!(integration_id = %shard.id, entity, "a notification of an entity the integration does not map is passed over");
+        }
+        !mapped
+    };
     match notification {
+        WebhookNotification::Records { entity, .. }
+        | WebhookNotification::Deleted { entity, .. }
+        | WebhookNotification::CatchUp { entity, .. }
+            if unmapped(entity) =>
+        {
+            Vec::new()
+        }
         // The notification says which records changed; the job reads what they hold now.
         WebhookNotification::Records {
             entity, record_ids, ..
