@@ -202,9 +202,7 @@ impl Gong {
             cursor: Some(c.to_string()),
             ..window
         });
-        let trailing = conn
-            .setting_f64("trailingDays")
-            .map_or(DEFAULT_TRAILING_DAYS, |d| d as i64);
+        let trailing = trailing_window(conn.setting_f64("trailingDays"));
         Ok(Page {
             unreadable: Vec::new(),
             records,
@@ -212,9 +210,7 @@ impl Gong {
             query: Some("POST /v2/calls/extensive by fromDateTime".into()),
             stop_after: None,
             // The next sync reads the trailing days again: calls are enriched late.
-            cursor: next
-                .is_none()
-                .then(|| stamp(now - Duration::days(trailing))),
+            cursor: next.is_none().then(|| stamp(now - trailing)),
         })
     }
 
@@ -545,9 +541,25 @@ impl Provider for Gong {
     }
 }
 
+/// How far back each sync reads calls again, from the `trailingDays` setting: a part of a
+/// day counts (half a day is twelve hours, not none).
+fn trailing_window(days: Option<f64>) -> Duration {
+    days.map_or(Duration::days(DEFAULT_TRAILING_DAYS), |d| {
+        Duration::seconds((d * 86_400.0).round() as i64)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trailing_window_of_part_of_a_day_is_kept_not_cut_to_none() {
+        assert_eq!(trailing_window(Some(0.5)), Duration::hours(12));
+        assert_eq!(trailing_window(Some(2.0)), Duration::days(2));
+        assert_eq!(trailing_window(Some(0.0)), Duration::zero());
+        assert_eq!(trailing_window(None), Duration::days(7));
+    }
 
     #[test]
     fn anything_but_a_well_formed_rs256_jwt_is_refused_with_a_reason() {
