@@ -408,6 +408,31 @@ async fn a_channel_graph_will_not_watch_leaves_the_team_s_other_channels_subscri
 }
 
 #[tokio::test]
+async fn a_drive_changed_on_the_integration_is_the_one_its_next_sync_reads() {
+    let app = TestApp::new();
+    let graph = connected_drive(&app).await;
+    graph.add_item(DRIVE, "budget.xlsx", false);
+    let handler = app.host_handler().await;
+    handler
+        .run_sync("int-drive", "onedrive", "job-1", "full_sync")
+        .await;
+    assert_eq!(names(&app, "c_document").await, ["budget.xlsx"]);
+
+    // The operator points the integration at the team's drive instead.
+    let team_drive = "b!drive-2";
+    graph.add_item(team_drive, "plan.docx", false);
+    let mut moved = onedrive(&graph);
+    moved["structuredData"]["connection"]["driveId"] = json!(team_drive);
+    app.register_integration(moved).await;
+    handler
+        .run_sync("int-drive", "onedrive", "job-2", "incremental")
+        .await;
+
+    // The first drive's file is not in the drive the integration now reads.
+    assert_eq!(names(&app, "c_document").await, ["plan.docx"]);
+}
+
+#[tokio::test]
 async fn an_expired_drive_delta_rereads_the_drive_and_writes_only_what_changed() {
     let app = TestApp::new();
     let graph = connected_drive(&app).await;

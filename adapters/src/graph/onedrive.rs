@@ -110,6 +110,25 @@ fn record_of(item: &Map<String, Value>) -> Option<Record> {
     })
 }
 
+/// A delta or next link as the engine keeps it: with the drive it reads (`<drive path>
+/// <link>`), so that a link of the drive the integration read before its `driveId` changed is
+/// not followed.
+fn kept(drive: &str, link: &str) -> String {
+    format!("{drive} {link}")
+}
+
+/// The link in what [`kept`] made. One of another drive starts the integration's drive over; one
+/// kept without its drive is followed.
+fn link_of<'a>(drive: &str, kept: &'a str) -> Result<&'a str, ProviderError> {
+    match kept.split_once(' ') {
+        Some((of, link)) if of == drive => Ok(link),
+        Some((of, _)) => Err(ProviderError::resync_required(format!(
+            "the delta link read `{of}`; the integration now reads `{drive}`"
+        ))),
+        None => Ok(kept),
+    }
+}
+
 #[async_trait]
 impl Pull for OneDrive {
     async fn fetch_page(
@@ -118,13 +137,18 @@ impl Pull for OneDrive {
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
         check_entity(&request.entity)?;
+        let drive = Self::drive_path(conn)?;
         let first = format!(
-            "{}{}/root/delta?$top={}",
+            "{}{drive}/root/delta?$top={}",
             Graph::base(conn),
-            Self::drive_path(conn)?,
             request.page_size.clamp(1, MAX_PAGE_SIZE)
         );
-        let link = request.page_token.as_deref().or(request.cursor.as_deref());
+        let link = request
+            .page_token
+            .as_deref()
+            .or(request.cursor.as_deref())
+            .map(|kept| link_of(&drive, kept))
+            .transpose()?;
         let query = link
             .is_none()
             .then(|| format!("GET {}", &first[Graph::base(conn).len()..]));
@@ -137,10 +161,10 @@ impl Pull for OneDrive {
         Ok(Page {
             unreadable: Vec::new(),
             records,
-            next_page: body["@odata.nextLink"].as_str().map(str::to_string),
+            next_page: body["@odata.nextLink"].as_str().map(|l| kept(&drive, l)),
             query,
             stop_after: None,
-            cursor: body["@odata.deltaLink"].as_str().map(str::to_string),
+            cursor: body["@odata.deltaLink"].as_str().map(|l| kept(&drive, l)),
         })
     }
 
@@ -359,6 +383,19 @@ impl Provider for OneDrive {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_link_is_followed_only_in_the_drive_it_was_read_from() {
+        let link = "https://graph.microsoft.com/v1.0/drives/b!1/root/delta?token=abc";
+        let kept = kept("/drives/b!1", link);
+        assert_eq!(link_of("/drives/b!1", &kept).unwrap(), link);
+        assert!(link_of("/drives/b!2", &kept).unwrap_err().resync);
+        assert_eq!(
+            link_of("/drives/b!2", link).unwrap(),
+            link,
+            "a link kept before links named their drive"
+        );
+    }
 
     #[tokio::test]
     async fn an_item_to_delete_that_no_link_names_was_never_made() {
