@@ -425,19 +425,28 @@ fn next_token(body: &Value) -> Option<String> {
 }
 
 /// The participants of meeting `uuid` as records: one per attendance (a person who joined
-/// twice attended twice), identified within the meeting.
+/// twice attended twice), identified within the meeting. A guest signed in to no Zoom account
+/// has an empty `id`: Zoom's `user_id`, the participant's id within the meeting, names them
+/// instead (never their place in a page, which changes with the page's size).
 fn records_of_participants(list: &Value, uuid: &str) -> Vec<Record> {
+    let text = |p: &Map<String, Value>, name: &str| {
+        p.get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
     list.as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_object)
-        .enumerate()
-        .map(|(i, p)| {
-            let who = p
-                .get("id")
-                .and_then(Value::as_str)
-                .filter(|id| !id.is_empty())
-                .map_or_else(|| format!("#{i}"), str::to_string);
+        .map(|p| {
+            let who = text(p, "id")
+                .or_else(|| text(p, "user_id").map(|id| format!("guest-{id}")))
+                .unwrap_or_else(|| {
+                    let name = text(p, "name").unwrap_or_default();
+                    let left = text(p, "leave_time").unwrap_or_default();
+                    format!("guest-{name}-{left}")
+                });
             let joined = p.get("join_time").and_then(Value::as_str).unwrap_or("");
             Record {
                 id: format!("{uuid}:{who}:{joined}"),
@@ -896,6 +905,27 @@ fn window_end(from: NaiveDate, today: NaiveDate) -> NaiveDate {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_guest_keeps_one_id_wherever_a_page_puts_them() {
+        let member = json!({"id": "u1", "user_id": "16778240", "name": "Ann Lee",
+                            "join_time": "2026-12-01T09:00:00Z"});
+        let guest = json!({"id": "", "user_id": "16778241", "name": "Visitor",
+                           "join_time": "2026-12-01T09:00:00Z"});
+        let other_guest = json!({"id": "", "user_id": "16778242", "name": "Visitor",
+                                 "join_time": "2026-12-01T09:00:00Z"});
+        let ids = |list: Value| -> Vec<String> {
+            records_of_participants(&list, "m==")
+                .into_iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        let alone = ids(json!([guest.clone()]));
+        let after = ids(json!([member, guest, other_guest]));
+        assert_eq!(after[0], "m==:u1:2026-12-01T09:00:00Z");
+        assert_eq!(after[1], alone[0]);
+        assert_ne!(after[1], after[2], "two guests admitted together");
+    }
 
     #[tokio::test]
     async fn a_meeting_to_delete_that_no_link_names_was_never_made() {
