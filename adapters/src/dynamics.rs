@@ -30,7 +30,8 @@
 //! Connection settings: `environmentUrl` (required), `tenantId` or `tokenUrl`, `apiVersion`
 //! (default `v9.2`), `organizationId` (the org's id, for webhooks), `changeTracking` (default
 //! true), `logicalNames` (entity set → table logical name, where dropping the plural's `s`
-//! is wrong). Credentials: `client_id`, `client_secret`, `refresh_token` for delegated access,
+//! is wrong), `primaryKeys` (entity set → primary key column, where it is not the logical
+//! name and `id`; activity tables' `activityid` is known). Credentials: `client_id`, `client_secret`, `refresh_token` for delegated access,
 //! `webhook_key` for webhooks.
 
 use async_trait::async_trait;
@@ -161,9 +162,38 @@ impl Dynamics365 {
     }
 }
 
-/// The primary key column of an entity set: `accountid` for `accounts`.
+/// Dataverse's activity tables: each shares the `activitypointer` table's key, `activityid`.
+const ACTIVITY_TABLES: [&str; 12] = [
+    "activitypointer",
+    "appointment",
+    "campaignactivity",
+    "campaignresponse",
+    "email",
+    "fax",
+    "letter",
+    "phonecall",
+    "recurringappointmentmaster",
+    "serviceappointment",
+    "socialactivity",
+    "task",
+];
+
+/// The primary key column of an entity set: configured, `activityid` for an activity table,
+/// or the logical name and `id` (`accountid` for `accounts`).
 fn primary_key(settings: &Map<String, Value>, entity_set: &str) -> String {
-    format!("{}id", logical_name(settings, entity_set))
+    if let Some(key) = settings
+        .get("primaryKeys")
+        .and_then(|m| m.get(entity_set))
+        .and_then(Value::as_str)
+    {
+        return key.to_string();
+    }
+    let logical = logical_name(settings, entity_set);
+    if ACTIVITY_TABLES.contains(&logical.as_str()) {
+        "activityid".into()
+    } else {
+        format!("{logical}id")
+    }
 }
 
 /// The table's logical name for an entity set: configured, or the set without its plural.
@@ -729,6 +759,16 @@ impl Provider for Dynamics365 {
                 );
             }
         }
+        match settings.get("primaryKeys") {
+            None => {}
+            Some(Value::Object(keys))
+                if keys.values().all(|v| v.as_str().is_some_and(is_column)) => {}
+            Some(_) => {
+                return Err(
+                    "connection.primaryKeys must map entity sets to primary key columns".into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -891,6 +931,19 @@ mod tests {
         let plain = Map::new();
         assert_eq!(primary_key(&plain, "accounts"), "accountid");
         assert_eq!(primary_key(&plain, "opportunities"), "opportunityid");
+        assert_eq!(primary_key(&plain, "phonecalls"), "activityid");
+        let keyed = settings(json!({"primaryKeys": {"new_visits": "new_visitactivityid"}}));
+        assert_eq!(primary_key(&keyed, "new_visits"), "new_visitactivityid");
+        assert!(
+            Dynamics365::new()
+                .check_connection(&mut settings(json!({
+                    "environmentUrl": "https://contoso.crm4.dynamics.com",
+                    "tenantId": "contoso.onmicrosoft.com",
+                    "primaryKeys": {"new_visits": 7}
+                })))
+                .unwrap_err()
+                .contains("primaryKeys")
+        );
         assert_eq!(entity_set(&plain, "contact"), "contacts");
         assert_eq!(entity_set(&plain, "opportunity"), "opportunities");
         let custom = settings(json!({"logicalNames": {"new_projectses": "new_projects"}}));

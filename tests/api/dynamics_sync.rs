@@ -100,6 +100,33 @@ async fn an_app_registration_without_a_user_syncs_with_client_credentials() {
 }
 
 #[tokio::test]
+async fn emails_and_tasks_sync_under_the_key_activities_share() {
+    let fake = FakeDynamics::start().await;
+    let email = fake.add("emails", json!({"subject": "Renewal quote"}));
+    fake.add("tasks", json!({"subject": "Call back about the quote"}));
+    let mut activities = integration(&fake);
+    activities["structuredData"]["entityMappings"] = json!([
+        {"externalEntity": "emails", "shardTypeId": "c_email", "nameField": "subject",
+         "fieldMappings": [{"source": "subject", "target": "subject", "required": true}]},
+        {"externalEntity": "tasks", "shardTypeId": "c_task", "nameField": "subject",
+         "fieldMappings": [{"source": "subject", "target": "subject", "required": true}]}
+    ]);
+    let (app, handler) = connected(&fake, activities).await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+
+    assert_eq!(record(&app, "job-1").await["status"], "success");
+    let emails = app.shards("c_email").await;
+    assert_eq!(emails.len(), 1);
+    assert_eq!(emails[0]["name"], "Renewal quote");
+    assert_eq!(
+        emails[0]["external_relationships"][0]["externalId"],
+        email.as_str()
+    );
+    assert_eq!(app.shards("c_task").await.len(), 1);
+}
+
+#[tokio::test]
 async fn an_expired_change_tracking_token_rereads_the_entity_instead_of_failing() {
     let fake = FakeDynamics::start().await;
     let ids: Vec<String> = (0..5)

@@ -87,8 +87,12 @@ fn logical_name(set: &str) -> &str {
     set.strip_suffix('s').unwrap_or(set)
 }
 
+/// An activity table's key is `activityid`, as for every table that holds activities.
 fn primary_key(set: &str) -> String {
-    format!("{}id", logical_name(set))
+    match logical_name(set) {
+        "email" | "task" | "phonecall" | "appointment" => "activityid".into(),
+        logical => format!("{logical}id"),
+    }
 }
 
 fn timestamp(t: DateTime<Utc>) -> String {
