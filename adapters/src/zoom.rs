@@ -37,7 +37,10 @@
 //!   five minutes are refused as replays. `endpoint.url_validation` is answered with the
 //!   `plainToken` and its HMAC, `encryptedToken`. The webhook URL names the integration
 //!   (`/api/webhooks/zoom?integration={id}`), because an app's deliveries say nothing else a
-//!   route could use before the signature is checked.
+//!   route could use before the signature is checked. An app installed for the whole account is
+//!   told of every user's meetings: what a notification names is read by id, and a meeting or
+//!   recording another user hosts (its `host_id` is not the integration user's, from
+//!   `GET /users/{userId}`) is passed over.
 //!
 //! Connection settings: `tokenUrl` (default `https://zoom.us/oauth/token`), `apiBaseUrl`
 //! (default `https://api.zoom.us/v2`), `userId` (default `me`), `accountId` (Server-to-Server),
@@ -79,6 +82,9 @@ const MAX_DELIVERY_AGE_SECONDS: i64 = 300;
 
 pub struct Zoom {
     api: Api<ZoomApi>,
+    /// The Zoom id of each integration's user (`userId` may be `me` or an email), by
+    /// integration and `userId`: a user's id never changes.
+    hosts: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
 }
 
 impl Default for Zoom {
@@ -182,7 +188,27 @@ impl Zoom {
     pub fn new() -> Self {
         Self {
             api: Api::new(ZoomApi, RateLimiter::new(20)),
+            hosts: Default::default(),
         }
+    }
+
+    /// The Zoom id of the user the integration syncs (`GET /users/{userId}`), which meetings
+    /// and recordings name as their `host_id`.
+    async fn host_id(&self, conn: &mut Connection) -> Result<String, ProviderError> {
+        let key = (conn.integration_id.clone(), Self::user(conn)?.to_string());
+        if let Some(id) = self.hosts.lock().unwrap().get(&key) {
+            return Ok(id.clone());
+        }
+        let user = self.get(conn, &format!("/users/{}", key.1), &[]).await?;
+        let id = user["id"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                ProviderError::new(ErrorCode::ValidationError, "Zoom named no id for the user")
+            })?
+            .to_string();
+        self.hosts.lock().unwrap().insert(key, id.clone());
+        Ok(id)
     }
 
     fn user(conn: &Connection) -> Result<&str, ProviderError> {
@@ -551,19 +577,28 @@ impl Pull for Zoom {
             .map(|t| t.and_utc())
     }
 
-    /// Meetings by id, as Zoom has them now; a meeting Zoom no longer has is absent.
+    /// Meetings by id, as Zoom has them now; a meeting Zoom no longer has is absent, and so is
+    /// one another user hosts: an app installed for the whole account is told of every user's
+    /// meetings, and the integration syncs one user's.
     async fn fetch_by_ids(
         &self,
         conn: &mut Connection,
         request: &FetchRequest,
         ids: &[String],
     ) -> Result<Vec<Record>, ProviderError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let host = self.host_id(conn).await?;
+        let hosted = |object: &Value| object["host_id"].as_str().is_none_or(|h| h == host);
         if request.entity == RECORDINGS {
             // A meeting instance's recordings, by its uuid; one in the trash is not found.
             let mut found = Vec::new();
             for uuid in ids {
                 let path = format!("/meetings/{}/recordings", uuid_segment(uuid));
-                if let Some(recording) = self.get(conn, &path, &[]).await.or_gone()? {
+                if let Some(recording) = self.get(conn, &path, &[]).await.or_gone()?
+                    && hosted(&recording)
+                {
                     found.extend(records(&json!([recording]), "uuid"));
                 }
             }
@@ -584,7 +619,9 @@ impl Pull for Zoom {
             .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
         {
             let path = format!("/meetings/{id}");
-            if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()? {
+            if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()?
+                && hosted(&meeting)
+            {
                 found.extend(meetings(&json!([meeting])));
             }
         }

@@ -71,6 +71,8 @@ const RECORDING_MINUTES: i64 = 30;
 pub struct Meeting {
     pub id: u64,
     pub uuid: String,
+    /// The user who hosts it: [`HOST_ID`], the user the credentials are for, or a colleague.
+    pub host_id: String,
     pub topic: String,
     pub start_time: DateTime<Utc>,
     /// Minutes.
@@ -302,7 +304,7 @@ fn meeting_json(m: &Meeting) -> Value {
     json!({
         "uuid": m.uuid,
         "id": m.id,
-        "host_id": HOST_ID,
+        "host_id": m.host_id,
         "topic": m.topic,
         "type": 2,
         "start_time": seconds(m.start_time),
@@ -391,6 +393,7 @@ impl Zoom {
         Meeting {
             id,
             uuid: meeting_uuid(),
+            host_id: HOST_ID.to_string(),
             topic: topic.to_string(),
             start_time: created_at + TimeDelta::days(1),
             duration: 30,
@@ -560,7 +563,9 @@ impl Zoom {
             Some(_) => return invalid_page_token(),
         };
         let rows = self.meetings.range((Excluded(after), Unbounded));
-        let (page, more) = take_page(rows.map(|(_, m)| m).filter(|m| self.unexpired(m)), size);
+        let listed = |m: &&Meeting| m.host_id == HOST_ID && self.unexpired(m);
+        let (page, more) = take_page(rows.map(|(_, m)| m).filter(listed), size);
+        let total = self.meetings.values().filter(listed).count();
         let meetings: Vec<Value> = page.iter().map(|m| meeting_json(m)).collect();
         let last = page.last().filter(|_| more).map(|m| m.id);
         let next = last.map_or(String::new(), |after| {
@@ -568,7 +573,7 @@ impl Zoom {
         });
         Json(json!({
             "page_size": size,
-            "total_records": self.meetings.values().filter(|m| self.unexpired(m)).count(),
+            "total_records": total,
             "next_page_token": next,
             "meetings": meetings
         }))
@@ -680,6 +685,18 @@ async fn list_meetings(
         return answer;
     }
     fake.state.lock().unwrap().list_meetings(&params)
+}
+
+/// `GET /users/{userId}`: the user the credentials are for.
+async fn get_user(Path(user): Path<String>) -> Response {
+    if let Some(answer) = unknown_user(&user) {
+        return answer;
+    }
+    Json(json!({
+        "id": HOST_ID, "first_name": "Dana", "last_name": "Reyes",
+        "email": "dana@contoso.test", "type": 2, "account_id": ACCOUNT_ID, "status": "active"
+    }))
+    .into_response()
 }
 
 async fn get_meeting(State(fake): State<FakeZoom>, Path(id): Path<String>) -> Response {
@@ -931,6 +948,7 @@ impl FakeZoom {
             client: reqwest::Client::new(),
         };
         let router = Router::new()
+            .route("/v2/users/{user}", get(get_user))
             .route("/v2/users/{user}/meetings", get(list_meetings))
             .route(
                 "/v2/meetings/{id}",
@@ -986,6 +1004,16 @@ impl FakeZoom {
     pub fn add_meeting(&self, topic: &str) -> String {
         let mut zoom = self.state.lock().unwrap();
         let meeting = zoom.new_meeting(topic, now());
+        let id = meeting.id;
+        zoom.meetings.insert(id, meeting);
+        id.to_string()
+    }
+
+    /// Schedules a meeting a colleague of the account hosts; returns its id.
+    pub fn add_colleague_meeting(&self, topic: &str) -> String {
+        let mut zoom = self.state.lock().unwrap();
+        let mut meeting = zoom.new_meeting(topic, now());
+        meeting.host_id = "colleague-0000000000001".into();
         let id = meeting.id;
         zoom.meetings.insert(id, meeting);
         id.to_string()

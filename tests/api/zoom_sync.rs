@@ -217,6 +217,36 @@ async fn a_recording_ready_days_after_its_meeting_arrives_with_its_completed_eve
 }
 
 #[tokio::test]
+async fn a_colleagues_meeting_an_account_wide_app_is_told_of_stays_out_of_castiel() {
+    let (zoom, app) = connected().await;
+    let handler = app.host_handler().await;
+    let own = zoom.add_meeting("Pipeline review");
+    let colleagues = zoom.add_colleague_meeting("Recruiting sync");
+
+    for meeting in [&own, &colleagues] {
+        let created = zoom.webhook(
+            "meeting.created",
+            json!({"id": meeting.parse::<u64>().unwrap()}),
+        );
+        assert_eq!(post(&handler, &created).await["statusCode"], 200);
+    }
+    app.deliver_webhook_jobs(&handler).await;
+
+    let meetings = app.shards("c_meeting").await;
+    assert_eq!(meetings.len(), 1, "{meetings:?}");
+    assert_eq!(meetings[0]["name"], "Pipeline review");
+    // Nor is the user's own meeting taken for the colleague's and deleted by the next sync.
+    run_job(&handler, "job-1").await;
+    assert_eq!(app.shards("c_meeting").await.len(), 1);
+    let users = zoom
+        .requests()
+        .into_iter()
+        .filter(|r| r.ends_with("/users/me"))
+        .count();
+    assert_eq!(users, 1, "the user's id is asked once");
+}
+
+#[tokio::test]
 async fn an_event_of_an_entity_the_integration_does_not_sync_is_acknowledged_and_passed_over() {
     let zoom = FakeZoom::start().await;
     let app = TestApp::new();
