@@ -216,9 +216,12 @@ fn expires_at(body: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Duration::try_seconds(seconds).and_then(|d| now.checked_add_signed(d))
 }
 
-/// A refused token request, without anything of the request in it.
+/// A refused token request, without anything of the request in it. Only an answer in OAuth's
+/// words (an `error`), or a plain 400 or 401, says the credentials need replacing, which stops
+/// the integration until someone does: a proxy's or firewall's page, or a timeout, may pass.
 fn refusal(status: StatusCode, body: &Value) -> ProviderError {
-    let error = body["error"].as_str().unwrap_or("unknown_error");
+    let oauth_error = body["error"].as_str();
+    let error = oauth_error.unwrap_or("unknown_error");
     // Microsoft's descriptions start with an AADSTS code that says the most.
     let description = body["error_description"]
         .as_str()
@@ -229,8 +232,16 @@ fn refusal(status: StatusCode, body: &Value) -> ProviderError {
     let code = match (status, error) {
         (_, "invalid_grant" | "interaction_required") => ErrorCode::AuthenticationFailed,
         (_, "temporarily_unavailable") => ErrorCode::ServiceUnavailable,
-        (StatusCode::TOO_MANY_REQUESTS, _) => ErrorCode::RateLimit,
+        (StatusCode::TOO_MANY_REQUESTS, _) | (_, "slow_down") => ErrorCode::RateLimit,
+        (StatusCode::REQUEST_TIMEOUT, _) => ErrorCode::Timeout,
         (s, _) if s.is_server_error() => ErrorCode::ServiceUnavailable,
+        (s, _)
+            if oauth_error.is_none()
+                && s != StatusCode::BAD_REQUEST
+                && s != StatusCode::UNAUTHORIZED =>
+        {
+            ErrorCode::ServiceUnavailable
+        }
         _ => ErrorCode::InvalidCredentials,
     };
     let message = format!("token request refused ({status}): {error} {description}");
@@ -281,6 +292,16 @@ mod tests {
             ),
             (429, json!({}), ErrorCode::RateLimit),
             (503, Value::Null, ErrorCode::ServiceUnavailable),
+            (400, json!({"error": "slow_down"}), ErrorCode::RateLimit),
+            (408, Value::Null, ErrorCode::Timeout),
+            // A firewall's page, not the token endpoint's answer.
+            (403, Value::Null, ErrorCode::ServiceUnavailable),
+            (
+                403,
+                json!({"error": "unauthorized_client"}),
+                ErrorCode::InvalidCredentials,
+            ),
+            (400, Value::Null, ErrorCode::InvalidCredentials),
         ];
         for (status, body, code) in cases {
             let e = refusal(StatusCode::from_u16(status).unwrap(), &body);
