@@ -10,8 +10,9 @@
 //!   (`from`/`to`, at most a month each): a full sync walks from `recordingsSince` (default 90 days back) to
 //!   today, and the cursor is the day the next sync starts from, a day before the last one
 //!   read, so late recordings are not missed.
-//! * Deletions come by webhook (`meeting.deleted`, `recording.trashed`, `recording.deleted`;
-//!   a `meeting.deleted` naming `occurrences` deleted some of a series, whose meeting is read
+//! * Deletions come by webhook (`meeting.deleted`; `recording.trashed` and `recording.deleted`,
+//!   whose recording is read again and goes only if Zoom no longer serves it; a
+//!   `meeting.deleted` naming `occurrences` deleted some of a series, whose meeting is read
 //!   again); and since meetings are listed whole, a meeting a sync no longer lists before its
 //!   start time is reconciled as deleted. Zoom stops listing a meeting once it expires (30
 //!   days after it was held), so one left out after its start time keeps its shard
@@ -592,14 +593,19 @@ impl Pull for Zoom {
         let host = self.host_id(conn).await?;
         let hosted = |object: &Value| object["host_id"].as_str().is_none_or(|h| h == host);
         if request.entity == RECORDINGS {
-            // A meeting instance's recordings, by its uuid; one in the trash is not found.
+            // A meeting instance's recordings, by its uuid. One in the trash, or deleted, is
+            // not found, and comes back deleted: a `recording.trashed` is read like this rather
+            // than believed, since it may be a late retry after the recording came back, or
+            // tell of one file of several.
             let mut found = Vec::new();
             for uuid in ids {
                 let path = format!("/meetings/{}/recordings", uuid_segment(uuid));
-                if let Some(recording) = self.get(conn, &path, &[]).await.or_gone()?
-                    && hosted(&recording)
-                {
-                    found.extend(records(&json!([recording]), "uuid"));
+                match self.get(conn, &path, &[]).await.or_gone()? {
+                    Some(recording) if hosted(&recording) => {
+                        found.extend(records(&json!([recording]), "uuid"));
+                    }
+                    Some(_) => {}
+                    None => found.push(Record::gone(uuid.clone())),
                 }
             }
             return Ok(found);
@@ -870,8 +876,10 @@ impl Webhooks for Zoom {
                     .into_iter()
                     .collect()
             }
+            // Read too, whatever they say: a recording trashed and taken back since (Zoom
+            // retries an event for up to a day), or one with files left, stays.
             "recording.trashed" | "recording.deleted" => object_id("uuid")
-                .map(|record| WebhookNotification::Deleted {
+                .map(|record| WebhookNotification::Records {
                     id,
                     entity: RECORDINGS.into(),
                     record_ids: vec![record],
