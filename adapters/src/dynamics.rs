@@ -163,15 +163,20 @@ impl Dynamics365 {
 }
 
 /// Dataverse's activity tables: each shares the `activitypointer` table's key, `activityid`.
-const ACTIVITY_TABLES: [&str; 12] = [
+const ACTIVITY_TABLES: [&str; 17] = [
     "activitypointer",
     "appointment",
+    "bulkoperation",
     "campaignactivity",
     "campaignresponse",
     "email",
     "fax",
+    "incidentresolution",
     "letter",
+    "opportunityclose",
+    "orderclose",
     "phonecall",
+    "quoteclose",
     "recurringappointmentmaster",
     "serviceappointment",
     "socialactivity",
@@ -206,13 +211,20 @@ fn logical_name(settings: &Map<String, Value>, entity_set: &str) -> String {
         return name.to_string();
     }
     if let Some(stem) = entity_set.strip_suffix("ies") {
-        format!("{stem}y")
-    } else {
-        entity_set
-            .strip_suffix('s')
-            .unwrap_or(entity_set)
-            .to_string()
+        return format!("{stem}y");
     }
+    let stem = entity_set.strip_suffix('s').unwrap_or(entity_set);
+    match stem.strip_suffix('e') {
+        Some(plain) if takes_es(plain) => plain.to_string(),
+        _ => stem.to_string(),
+    }
+}
+
+/// Whether a table's name takes `es` for its plural (`faxes`, `customeraddresses`).
+fn takes_es(logical: &str) -> bool {
+    ["ss", "x", "z", "ch", "sh"]
+        .iter()
+        .any(|end| logical.ends_with(end))
 }
 
 /// The entity set of a table's logical name, as webhooks name tables.
@@ -224,6 +236,8 @@ fn entity_set(settings: &Map<String, Value>, logical: &str) -> String {
     }
     if let Some(stem) = logical.strip_suffix('y') {
         format!("{stem}ies")
+    } else if takes_es(logical) {
+        format!("{logical}es")
     } else {
         format!("{logical}s")
     }
@@ -932,8 +946,14 @@ mod tests {
         assert_eq!(primary_key(&plain, "accounts"), "accountid");
         assert_eq!(primary_key(&plain, "opportunities"), "opportunityid");
         assert_eq!(primary_key(&plain, "phonecalls"), "activityid");
-        let keyed = settings(json!({"primaryKeys": {"new_visits": "new_visitactivityid"}}));
-        assert_eq!(primary_key(&keyed, "new_visits"), "new_visitactivityid");
+        assert_eq!(primary_key(&plain, "faxes"), "activityid");
+        assert_eq!(logical_name(&plain, "customeraddresses"), "customeraddress");
+        assert_eq!(entity_set(&plain, "fax"), "faxes");
+        assert_eq!(entity_set(&plain, "mailbox"), "mailboxes");
+        assert_eq!(logical_name(&plain, "queues"), "queue");
+        // A custom activity table is keyed as every activity is; its name does not say so.
+        let keyed = settings(json!({"primaryKeys": {"new_visits": "activityid"}}));
+        assert_eq!(primary_key(&keyed, "new_visits"), "activityid");
         assert!(
             Dynamics365::new()
                 .check_connection(&mut settings(json!({

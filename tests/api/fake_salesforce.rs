@@ -446,6 +446,13 @@ async fn query(
     });
     let fields: Vec<&str> = select.split(", ").collect();
     let mut org = fake.org.lock().unwrap();
+    // Object names are matched without regard to case, as Salesforce matches them.
+    let entity = org
+        .records
+        .keys()
+        .find(|name| name.eq_ignore_ascii_case(&entity))
+        .cloned()
+        .unwrap_or(entity);
     let text = |r: &Map<String, Value>, field: &str| -> String {
         r.get(field)
             .and_then(Value::as_str)

@@ -255,6 +255,27 @@ async fn a_webhook_jobs_retry_after_the_integration_was_paused_lets_go_of_it_and
 }
 
 #[tokio::test]
+async fn an_outbound_message_reaches_a_mapping_that_spells_the_object_in_lower_case() {
+    let app = TestApp::new();
+    let fake = connected_org(&app).await;
+    let mut lower = integration(&fake.url);
+    lower["structuredData"]["entityMappings"][0]["externalEntity"] = json!("account");
+    app.register_integration(lower).await;
+    let handler = app.host_handler().await;
+
+    let soap = delivery(
+        ORG_ID,
+        &[("04l000000000005AAA", "001000000000000002", "Globex")],
+    );
+    assert_acknowledged(&post_outbound_message(&handler, &soap).await);
+    run_queued_jobs(&app, &handler).await;
+
+    let companies = app.shards("c_company").await;
+    assert_eq!(companies.len(), 1, "{companies:?}");
+    assert_eq!(companies[0]["name"], "Globex");
+}
+
+#[tokio::test]
 async fn a_partial_outbound_message_leaves_the_shard_holding_what_salesforce_holds() {
     let app = TestApp::new();
     connected_org(&app).await;

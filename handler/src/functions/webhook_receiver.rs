@@ -14,7 +14,9 @@
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
 //! reads the notified records back, or catches the entity up from its cursor when the
-//! notification does not say which records changed.
+//! notification does not say which records changed. A notification of an entity the
+//! integration does not map (the provider's subscription covers more than it syncs) becomes
+//! none, and is logged.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -368,37 +370,37 @@ fn jobs_for(
         attempt: 1,
         deferrals: 0,
     };
-    let unmapped = |entity: &str| {
-        let mapped = integration
+    // The mapping's own spelling of the entity: providers do not mind case (a Salesforce
+    // mapping of `account` reads Accounts), and the job must name it as the mapping does.
+    let mapped = |entity: &str| {
+        let found = integration
             .entity_mappings
             .iter()
-            .any(|m| m.external_entity == entity);
-        if !mapped {
-            tracing::info!(integration_id = %shard.id, entity, "a notification of an entity the integration does not map is passed over");
+            .find(|m| m.external_entity.eq_ignore_ascii_case(entity))
+            .map(|m| m.external_entity.clone());
+        if found.is_none() {
+            tracing::warn!(integration_id = %shard.id, entity, "a notification of an entity the integration does not map is passed over");
         }
-        !mapped
+        found
     };
     match notification {
-        WebhookNotification::Records { entity, .. }
-        | WebhookNotification::Deleted { entity, .. }
-        | WebhookNotification::CatchUp { entity, .. }
-            if unmapped(entity) =>
-        {
-            Vec::new()
-        }
         // The notification says which records changed; the job reads what they hold now.
         WebhookNotification::Records {
             entity, record_ids, ..
-        } => vec![job(entity, json!({"entity": entity, "ids": record_ids}))],
+        } => mapped(entity)
+            .map(|entity| job(&entity, json!({"entity": entity, "ids": record_ids})))
+            .into_iter()
+            .collect(),
         WebhookNotification::Deleted {
             entity, record_ids, ..
-        } => vec![job(
-            entity,
-            json!({"entity": entity, "deletedIds": record_ids}),
-        )],
-        WebhookNotification::CatchUp { entity, .. } => {
-            vec![job(entity, json!({"entity": entity}))]
-        }
+        } => mapped(entity)
+            .map(|entity| job(&entity, json!({"entity": entity, "deletedIds": record_ids})))
+            .into_iter()
+            .collect(),
+        WebhookNotification::CatchUp { entity, .. } => mapped(entity)
+            .map(|entity| job(&entity, json!({"entity": entity})))
+            .into_iter()
+            .collect(),
         WebhookNotification::Subscription { action, .. } => match action {
             // Renewal happens on the token refresher's tick; nothing was lost.
             SubscriptionAction::Renew => Vec::new(),
