@@ -166,15 +166,17 @@ impl GoogleDrive {
         if let Some(drive) = conn.setting("driveId") {
             params.push(("includeItemsFromAllDrives", "true".into()));
             params.push(("driveId", drive.to_string()));
-        } else if conn
-            .settings
-            .get("includeSharedDrives")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
+        } else if Self::includes_shared_drives(conn) {
             params.push(("includeItemsFromAllDrives", "true".into()));
         }
         params
+    }
+
+    fn includes_shared_drives(conn: &Connection) -> bool {
+        conn.settings
+            .get("includeSharedDrives")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 
     async fn get(
@@ -222,6 +224,17 @@ impl GoogleDrive {
                 ErrorCode::ValidationError,
                 format!("`{id}` is not a Drive file id"),
             ))
+        }
+    }
+
+    /// Which drives the integration reads, as a cursor is kept with it: a changes token of
+    /// other drives (before `driveId` or `includeSharedDrives` changed) reads nothing of the
+    /// files these drives already had.
+    fn scope(conn: &Connection) -> String {
+        match conn.setting("driveId") {
+            Some(drive) => format!("drive:{drive}"),
+            None if Self::includes_shared_drives(conn) => "all-drives".into(),
+            None => "my-drive".into(),
         }
     }
 
@@ -281,6 +294,23 @@ fn check_entity(entity: &str) -> Result<(), ProviderError> {
     }
 }
 
+/// A changes token as the engine keeps it: with the drives it reads (`<scope> <token>`).
+fn kept(scope: &str, token: &str) -> String {
+    format!("{scope} {token}")
+}
+
+/// The token in what [`kept`] made. One of other drives starts the integration's drives over;
+/// one kept without its drives is read as it is.
+fn token_of<'a>(scope: &str, kept: &'a str) -> Result<&'a str, ProviderError> {
+    match kept.split_once(' ') {
+        Some((of, token)) if of == scope => Ok(token),
+        Some((of, _)) => Err(ProviderError::resync_required(format!(
+            "the changes token reads `{of}`; the integration now reads `{scope}`"
+        ))),
+        None => Ok(kept),
+    }
+}
+
 fn is_bad_page_token(e: &ProviderError) -> bool {
     e.code == ErrorCode::ValidationError && e.message.contains("400")
 }
@@ -298,7 +328,7 @@ impl Pull for GoogleDrive {
                 ProviderError::new(ErrorCode::ValidationError, "unreadable Drive page token")
             })?,
             (None, Some(cursor)) => Position::Changes {
-                next: cursor.clone(),
+                next: token_of(&Self::scope(conn), cursor)?.to_string(),
             },
             (None, None) => Position::List {
                 start: self.start_token(conn).await?,
@@ -364,7 +394,10 @@ impl Pull for GoogleDrive {
                         }),
                         None,
                     ),
-                    None => (None, (!incomplete).then_some(start)),
+                    None => (
+                        None,
+                        (!incomplete).then(|| kept(&Self::scope(conn), &start)),
+                    ),
                 };
                 Ok(Page {
                     unreadable,
@@ -418,7 +451,9 @@ impl Pull for GoogleDrive {
                         .map(|n| json!(Position::Changes { next: n.into() }).to_string()),
                     query: Some("changes.list".into()),
                     stop_after: None,
-                    cursor: body["newStartPageToken"].as_str().map(str::to_string),
+                    cursor: body["newStartPageToken"]
+                        .as_str()
+                        .map(|token| kept(&Self::scope(conn), token)),
                 })
             }
         }
@@ -807,6 +842,18 @@ mod tests {
         }
         let e = Google.error(StatusCode::FORBIDDEN, &body("dailyLimitExceeded"));
         assert!(e.code == ErrorCode::RateLimit && e.resume_next_run);
+    }
+
+    #[test]
+    fn a_changes_token_is_read_only_for_the_drives_it_was_given_for() {
+        let kept = kept("drive:0Ashared", "4711");
+        assert_eq!(token_of("drive:0Ashared", &kept).unwrap(), "4711");
+        assert!(token_of("all-drives", &kept).unwrap_err().resync);
+        assert_eq!(
+            token_of("my-drive", "4711").unwrap(),
+            "4711",
+            "a token kept before tokens named their drives"
+        );
     }
 
     #[test]

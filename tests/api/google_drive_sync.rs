@@ -77,6 +77,22 @@ async fn shared_drives_are_read_when_asked_and_a_trashed_file_goes_away() {
 }
 
 #[tokio::test]
+async fn shared_drives_asked_for_later_are_read_whole_by_the_next_sync() {
+    let drive = FakeGoogleDrive::start().await;
+    drive.add_file("plan.docx");
+    drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
+    let (app, handler) = connected(&drive, false).await;
+    run_job(&handler, "job-1", "full_sync").await;
+    assert_eq!(names(&app).await, ["plan.docx"], "My Drive only");
+
+    // The operator adds the shared drives; the next sync is an ordinary one.
+    app.register_integration(integration(&drive, true)).await;
+    run_job(&handler, "job-2", "incremental").await;
+
+    assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+}
+
+#[tokio::test]
 async fn a_search_of_every_drive_that_came_back_incomplete_is_listed_again_next_time() {
     let drive = FakeGoogleDrive::start().await;
     drive.add_file("plan.docx");

@@ -117,15 +117,20 @@ fn kept(drive: &str, link: &str) -> String {
     format!("{drive} {link}")
 }
 
-/// The link in what [`kept`] made. One of another drive starts the integration's drive over; one
-/// kept without its drive is followed.
+/// The link in what [`kept`] made. One of another drive starts the integration's drive over. One
+/// kept without its drive is followed if its path is the drive's (`/me/drive` links, whose
+/// drive no path names, are followed as they are).
 fn link_of<'a>(drive: &str, kept: &'a str) -> Result<&'a str, ProviderError> {
+    let another = |of: &str| {
+        ProviderError::resync_required(format!(
+            "the delta link read `{of}`; the integration now reads `{drive}`"
+        ))
+    };
     match kept.split_once(' ') {
         Some((of, link)) if of == drive => Ok(link),
-        Some((of, _)) => Err(ProviderError::resync_required(format!(
-            "the delta link read `{of}`; the integration now reads `{drive}`"
-        ))),
-        None => Ok(kept),
+        Some((of, _)) => Err(another(of)),
+        None if drive == "/me/drive" || kept.contains(&format!("{drive}/")) => Ok(kept),
+        None => Err(another("another drive")),
     }
 }
 
@@ -390,11 +395,9 @@ mod tests {
         let kept = kept("/drives/b!1", link);
         assert_eq!(link_of("/drives/b!1", &kept).unwrap(), link);
         assert!(link_of("/drives/b!2", &kept).unwrap_err().resync);
-        assert_eq!(
-            link_of("/drives/b!2", link).unwrap(),
-            link,
-            "a link kept before links named their drive"
-        );
+        // Links kept before links named their drive.
+        assert_eq!(link_of("/drives/b!1", link).unwrap(), link);
+        assert!(link_of("/drives/b!2", link).unwrap_err().resync);
     }
 
     #[tokio::test]
