@@ -216,9 +216,9 @@ fn expires_at(body: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Duration::try_seconds(seconds).and_then(|d| now.checked_add_signed(d))
 }
 
-/// A refused token request, without anything of the request in it. Only an answer in OAuth's
-/// words (an `error`), or a plain 400 or 401, says the credentials need replacing, which stops
-/// the integration until someone does: a proxy's or firewall's page, or a timeout, may pass.
+/// A refused token request, without anything of the request in it. Refused credentials stop the
+/// integration until someone replaces them, so a timeout, or a proxy's or firewall's page in
+/// place of the token endpoint's answer, is not taken for them: it may pass.
 fn refusal(status: StatusCode, body: &Value) -> ProviderError {
     let oauth_error = body["error"].as_str();
     let error = oauth_error.unwrap_or("unknown_error");
@@ -235,10 +235,10 @@ fn refusal(status: StatusCode, body: &Value) -> ProviderError {
         (StatusCode::TOO_MANY_REQUESTS, _) | (_, "slow_down") => ErrorCode::RateLimit,
         (StatusCode::REQUEST_TIMEOUT, _) => ErrorCode::Timeout,
         (s, _) if s.is_server_error() => ErrorCode::ServiceUnavailable,
-        (s, _)
-            if oauth_error.is_none()
-                && s != StatusCode::BAD_REQUEST
-                && s != StatusCode::UNAUTHORIZED =>
+        // A page in the way (a proxy's, a firewall's) may be gone next time; a token URL that
+        // names nothing there (404, 405) is the integration's to fix.
+        (StatusCode::FORBIDDEN | StatusCode::PROXY_AUTHENTICATION_REQUIRED, _)
+            if oauth_error.is_none() =>
         {
             ErrorCode::ServiceUnavailable
         }
@@ -302,6 +302,7 @@ mod tests {
                 ErrorCode::InvalidCredentials,
             ),
             (400, Value::Null, ErrorCode::InvalidCredentials),
+            (404, Value::Null, ErrorCode::InvalidCredentials),
         ];
         for (status, body, code) in cases {
             let e = refusal(StatusCode::from_u16(status).unwrap(), &body);

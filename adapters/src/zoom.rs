@@ -200,6 +200,14 @@ impl Zoom {
         if let Some(id) = self.hosts.lock().unwrap().get(&key) {
             return Ok(id.clone());
         }
+        self.ask_host_id(conn, key).await
+    }
+
+    async fn ask_host_id(
+        &self,
+        conn: &mut Connection,
+        key: (String, String),
+    ) -> Result<String, ProviderError> {
         let user = self.get(conn, &format!("/users/{}", key.1), &[]).await?;
         let id = user["id"]
             .as_str()
@@ -210,6 +218,27 @@ impl Zoom {
             .to_string();
         self.hosts.lock().unwrap().insert(key, id.clone());
         Ok(id)
+    }
+
+    /// Whether the integration's user hosts `object`. The user's id is asked again (once a
+    /// read) before an object is taken for another's: the credentials may have changed hands
+    /// since it was kept, `userId` being `me`.
+    async fn hosted(
+        &self,
+        conn: &mut Connection,
+        object: &Value,
+        host: &mut String,
+        asked_again: &mut bool,
+    ) -> Result<bool, ProviderError> {
+        let Some(of) = object["host_id"].as_str() else {
+            return Ok(true);
+        };
+        if of != host && !*asked_again {
+            *asked_again = true;
+            let key = (conn.integration_id.clone(), Self::user(conn)?.to_string());
+            *host = self.ask_host_id(conn, key).await?;
+        }
+        Ok(of == host)
     }
 
     fn user(conn: &Connection) -> Result<&str, ProviderError> {
@@ -470,9 +499,12 @@ fn records_of_participants(list: &Value, uuid: &str) -> Vec<Record> {
             let who = text(p, "id")
                 .or_else(|| text(p, "user_id").map(|id| format!("guest-{id}")))
                 .unwrap_or_else(|| {
+                    // No name in an id, which links and the sync history show.
                     let name = text(p, "name").unwrap_or_default();
                     let left = text(p, "leave_time").unwrap_or_default();
-                    format!("guest-{name}-{left}")
+                    let digest = <Sha256 as sha2::Digest>::digest(format!("{name}\n{left}"));
+                    let short: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                    format!("guest-{short}")
                 });
             let joined = p.get("join_time").and_then(Value::as_str).unwrap_or("");
             Record {
@@ -590,8 +622,8 @@ impl Pull for Zoom {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let host = self.host_id(conn).await?;
-        let hosted = |object: &Value| object["host_id"].as_str().is_none_or(|h| h == host);
+        let mut host = self.host_id(conn).await?;
+        let mut asked_again = false;
         if request.entity == RECORDINGS {
             // A meeting instance's recordings, by its uuid. One in the trash, or deleted, is
             // not found, and comes back deleted: a `recording.trashed` is read like this rather
@@ -601,10 +633,14 @@ impl Pull for Zoom {
             for uuid in ids {
                 let path = format!("/meetings/{}/recordings", uuid_segment(uuid));
                 match self.get(conn, &path, &[]).await.or_gone()? {
-                    Some(recording) if hosted(&recording) => {
-                        found.extend(records(&json!([recording]), "uuid"));
+                    Some(recording) => {
+                        if self
+                            .hosted(conn, &recording, &mut host, &mut asked_again)
+                            .await?
+                        {
+                            found.extend(records(&json!([recording]), "uuid"));
+                        }
                     }
-                    Some(_) => {}
                     None => found.push(Record::gone(uuid.clone())),
                 }
             }
@@ -626,7 +662,9 @@ impl Pull for Zoom {
         {
             let path = format!("/meetings/{id}");
             if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()?
-                && hosted(&meeting)
+                && self
+                    .hosted(conn, &meeting, &mut host, &mut asked_again)
+                    .await?
             {
                 found.extend(meetings(&json!([meeting])));
             }

@@ -250,7 +250,10 @@ async fn a_colleagues_meeting_an_account_wide_app_is_told_of_stays_out_of_castie
         .into_iter()
         .filter(|r| r.ends_with("/users/me"))
         .count();
-    assert_eq!(users, 1, "the user's id is asked once");
+    assert_eq!(
+        users, 2,
+        "the user's id is asked once, and again before a meeting is taken for another's"
+    );
 }
 
 #[tokio::test]

@@ -500,7 +500,13 @@ impl WriteBack for Salesforce {
         // An object the API will not describe is written as it was before anyone asked.
         let described = match self.describe(conn, entity).await {
             Ok(described) => described,
-            Err(e) if !e.code.is_retryable() && e.code != ErrorCode::AuthenticationFailed => {
+            Err(e)
+                if !e.code.is_retryable()
+                    && !matches!(
+                        e.code,
+                        ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
+                    ) =>
+            {
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e),

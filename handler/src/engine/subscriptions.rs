@@ -247,13 +247,22 @@ impl Maintenance<'_> {
                 },
             )
             .await?;
-        keep_client_states(
+        let kept = keep_client_states(
             self.app,
             self.shard,
             &self.current,
             Some((&info.id, &client_state)),
         )
-        .await?;
+        .await;
+        if let Err(e) = kept {
+            // A subscription whose secret is not kept can deliver nothing the receiver would
+            // take: stopped now, not left to deliver until it lapses while the next tick makes
+            // another.
+            if let Err(stop) = self.subscriptions.unsubscribe(&mut self.conn, &info).await {
+                tracing::warn!(integration_id = %self.shard.id, subscription = %info.id, error = %stop, "a subscription whose secret was not kept could not be stopped; it lapses on its own");
+            }
+            return Err(e.into());
+        }
         Ok(WebhookSubscription {
             id: info.id,
             resource: info.resource,

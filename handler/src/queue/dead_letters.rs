@@ -5,8 +5,9 @@
 //! * a queue's dead-letter subqueue (`<queue>/$DeadLetterQueue`), where the broker moves what
 //!   exceeded the queue's maxDeliveryCount or expired, with `DeadLetterReason` and
 //!   `DeadLetterErrorDescription` as application properties;
-//! * `sync-deadletter`, where a function sends a copy of a poison message with the reason and
-//!   the original queue, id, session and delivery count in [`properties`] ([`super::dead_letter`]).
+//! * `sync-deadletter`, where a function sends a copy of a poison message, or of one that failed
+//!   on the last delivery its queue allows, with the reason and the original queue, id, session
+//!   and delivery count in [`properties`] ([`super::dead_letter`]).
 //!   On Service Bus nothing consumes that queue, but listing it locks and unlocks each
 //!   message, which counts as a delivery: after its maxDeliveryCount the broker moves the copy
 //!   to `sync-deadletter/$DeadLetterQueue`, which is listed too, so nothing is ever out of
