@@ -29,7 +29,9 @@
 //! start, one appended to is followed, and one removed leaves the files after it to be read.
 //!
 //! Connection settings: `path` (the folder), the three column names above, and `settleSeconds`
-//! (default 5; more for a share whose times are kept to seconds).
+//! (default 5, a number or a string of one; more for a share whose times are kept to seconds).
+//! A CSV file whose header is not UTF-8 fails alone, until it is written again: none of its
+//! rows can be read without it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -294,7 +296,19 @@ fn read_records(
         }
         Format::Csv => {
             let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
-            let headers = reader.headers().map_err(|e| io_error(path, e))?.clone();
+            let headers = match reader.headers() {
+                Ok(headers) => headers.clone(),
+                // No row of the file can be read without its header: the file fails, alone,
+                // until it is written again.
+                Err(e) if matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) => {
+                    let message = format!(
+                        "{}: the header is not UTF-8 ({e}); the file is passed over until it is written again",
+                        path.display()
+                    );
+                    return Ok((vec![Err(unreadable(None, message))], None));
+                }
+                Err(e) => return Err(io_error(path, e)),
+            };
             if offset > 0 {
                 let mut position = csv::Position::new();
                 position.set_byte(offset);
@@ -353,6 +367,37 @@ fn read_records(
 impl Provider for BulkImport {
     fn name(&self) -> &'static str {
         "bulk_import"
+    }
+
+    fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
+        if settings
+            .get("path")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err("connection.path must name the folder exports are dropped in".into());
+        }
+        for name in ["idColumn", "modifiedColumn", "deletedColumn"] {
+            if settings
+                .get(name)
+                .is_some_and(|v| v.as_str().is_none_or(str::is_empty))
+            {
+                return Err(format!("connection.{name} must name a column"));
+            }
+        }
+        if settings.contains_key("settleSeconds") && settle_seconds(settings).is_none() {
+            return Err("connection.settleSeconds must be a whole number of seconds".into());
+        }
+        Ok(())
+    }
+}
+
+/// `settleSeconds`, written as a number or as a string of one.
+fn settle_seconds(settings: &Map<String, Value>) -> Option<u64> {
+    match settings.get("settleSeconds")? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -788,9 +833,7 @@ impl Pull for BulkImport {
         cursor.time = cursor.time.map(|time| time.min(Utc::now()));
         let files = entity_files(&folder, &request.entity)?;
         let settle = std::time::Duration::from_secs(
-            conn.setting("settleSeconds")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(SETTLE_SECONDS),
+            settle_seconds(&conn.settings).unwrap_or(SETTLE_SECONDS),
         );
         let (mut index, (mut offset, mut begun, mut prefix)) = start(
             &folder,

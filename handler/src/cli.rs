@@ -265,6 +265,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
         destination,
         telemetry.tracer(),
     );
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
 
     let backends = match LocalBackends::open(&settings) {
         Ok(b) => b,
@@ -1041,6 +1044,9 @@ impl<'a> From<&'a DeadLetteredMessage> for DeadLetterView<'a> {
 }
 
 async fn list_dead_letters(queues: &dyn DeadLetters, queue: Option<&str>, json: bool) -> CliResult {
+    if let Some(queue) = queue {
+        crate::queue::check_queue(queue)?;
+    }
     let listed = queues.list().await.map_err(|e| e.to_string())?;
     let views: Vec<DeadLetterView> = listed
         .iter()

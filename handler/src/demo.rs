@@ -105,11 +105,24 @@ fn integration(folder: &Path) -> Shard {
 /// Installs the demo tenant if it is not there yet, and asks for its first sync at once (the
 /// scheduler takes over five minutes later). Returns whether it was installed now.
 pub async fn install(app: &App, data_dir: &Path) -> Result<bool, String> {
-    let folder = import_folder(data_dir);
+    // Absolute: `handler local` may be started again from another directory.
+    let folder = std::path::absolute(import_folder(data_dir))
+        .map_err(|e| format!("the demo's import folder: {e}"))?;
+    if app
+        .store
+        .get(TENANT, INTEGRATION)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    // The export before the integration that reads it: an install cut short in between is
+    // made again by the next start, which finds no integration.
+    write_drop(&folder, &FIRST_DROP)?;
     let shard = integration(&folder);
     match app.store.create(&shard).await {
         Ok(_) => {
-            write_drop(&folder, &FIRST_DROP)?;
             let integration = shard.data().map_err(|e| e.to_string())?;
             let job = crate::engine::scheduler::manual_job(
                 &shard,

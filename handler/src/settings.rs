@@ -13,6 +13,9 @@ use std::time::Duration;
 /// A value the app reads from its environment, with its default.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Settings read but doubtful (a Key Vault reference the platform left unresolved), to be
+    /// logged once logging has started: they are read before it is.
+    pub warnings: Vec<String>,
     /// Where the embedded backends keep their state (shards, queues, secrets, events).
     pub data_dir: PathBuf,
     /// Port the custom handler listens on; the Functions host picks it at each start.
@@ -379,17 +382,27 @@ impl Settings {
             })
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(10 * 60));
+        // Service Bus keeps a MessageId for at most seven days.
+        if duplicate_detection_window > Duration::from_secs(7 * 24 * 60 * 60) {
+            problems.push(
+                "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS: expected at most 604800 (7 days)"
+                    .into(),
+            );
+        }
 
-        let token_refresh_enabled = read("TOKEN_REFRESH_ENABLED")
-            .and_then(|v| {
-                parse(
-                    "TOKEN_REFRESH_ENABLED",
-                    &v,
-                    "`true` or `false`",
-                    &mut problems,
-                )
-            })
-            .unwrap_or(true);
+        // As the Functions host reads its own switches: any case, or 1 and 0.
+        let token_refresh_enabled = match read("TOKEN_REFRESH_ENABLED")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None => true,
+            Some("true" | "1") => true,
+            Some("false" | "0") => false,
+            Some(_) => {
+                problems.push("TOKEN_REFRESH_ENABLED: expected `true` or `false`".into());
+                true
+            }
+        };
 
         let token_refresh_threshold = read("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS")
             .and_then(|v| {
@@ -497,12 +510,13 @@ impl Settings {
             }
         });
 
+        let mut warnings = Vec::new();
         let webhook_function_key = read("WEBHOOK_FUNCTION_KEY")
             .map(|v| v.trim().to_string())
             .filter(|v| {
                 let unresolved = v.starts_with("@Microsoft.KeyVault(");
                 if unresolved {
-                    tracing::warn!("WEBHOOK_FUNCTION_KEY is a Key Vault reference the platform has not resolved: the webhook URLs registered now carry no key");
+                    warnings.push("WEBHOOK_FUNCTION_KEY is a Key Vault reference the platform has not resolved: the webhook URLs registered now carry no key".to_string());
                 }
                 !unresolved
             })
@@ -646,6 +660,7 @@ impl Settings {
             return Err(SettingsError { problems });
         }
         Ok(Self {
+            warnings,
             data_dir,
             port,
             local_addr,
@@ -938,5 +953,34 @@ mod tests {
         assert!(text.contains("FUNCTIONS_CUSTOMHANDLER_PORT"));
         assert!(text.contains("FUNC_SYNC_LOG_FORMAT"));
         assert!(text.contains("TOKEN_REFRESH_ENABLED"));
+    }
+
+    #[test]
+    fn switches_read_as_the_functions_host_reads_them_and_windows_stay_within_service_bus() {
+        for (value, enabled) in [("True", true), ("FALSE", false), ("1", true), ("0", false)] {
+            let s = settings(&[("TOKEN_REFRESH_ENABLED", value)]).unwrap();
+            assert_eq!(s.token_refresh_enabled, enabled, "{value}");
+        }
+        let err = settings(&[(
+            "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS",
+            "10000000000000",
+        )])
+        .unwrap_err();
+        assert!(err.to_string().contains("7 days"), "{err}");
+    }
+
+    #[test]
+    fn an_unresolved_key_vault_reference_is_kept_to_be_told_once_logging_starts() {
+        let s = settings(&[(
+            "WEBHOOK_FUNCTION_KEY",
+            "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/k/)",
+        )])
+        .unwrap();
+        assert!(s.webhook_function_key.is_none());
+        assert!(
+            s.warnings[0].contains("WEBHOOK_FUNCTION_KEY"),
+            "{:?}",
+            s.warnings
+        );
     }
 }

@@ -65,3 +65,104 @@ async fn a_row_that_cannot_be_read_is_listed_alone_and_the_rows_after_it_are_imp
         .collect();
     assert_eq!(names, [json!("Acme"), json!("Initech")]);
 }
+
+/// An app with an import integration reading `folder`, connected as `connection` says.
+async fn importing(app: &TestApp, connection: Value) -> HostedHandler {
+    app.register_integration(json!({
+        "id": ID, "tenantId": "t1", "name": "Exports",
+        "structuredData": {
+            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
+            "connection": connection,
+            "entityMappings": [{"externalEntity": "accounts", "shardTypeId": "c_company",
+                                "nameField": "name",
+                                "fieldMappings": [{"source": "name", "target": "name"}]}]
+        }
+    }))
+    .await;
+    app.set_credentials(ID, &json!({})).await;
+    app.host_handler().await
+}
+
+#[tokio::test]
+async fn an_export_whose_header_is_not_utf8_fails_alone_and_the_next_file_is_read() {
+    let app = TestApp::new();
+    let folder = app.data_dir().join("exports");
+    std::fs::create_dir_all(&folder).unwrap();
+    let handler = importing(
+        &app,
+        json!({"path": folder.display().to_string(), "settleSeconds": 0}),
+    )
+    .await;
+    // Saved by a spreadsheet in Windows-1252: "Société" is not UTF-8.
+    std::fs::write(
+        folder.join("accounts.csv"),
+        b"id,name,soci\xe9t\xe9\na1,Acme,x\n",
+    )
+    .unwrap();
+    std::fs::write(folder.join("accounts-2.csv"), "id,name\na2,Globex\n").unwrap();
+
+    run_job(&handler, "job-1").await;
+
+    let history = app.history().await;
+    let run: &Value = &history[0]["structuredData"];
+    assert_eq!(run["status"], "partial", "{run}");
+    let message = run["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("accounts.csv") && message.contains("header is not UTF-8"),
+        "{message}"
+    );
+    let names: Vec<Value> = app
+        .shards("c_company")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("Globex")]);
+}
+
+#[tokio::test]
+async fn a_settle_time_given_as_a_number_is_kept_and_a_bad_one_refused() {
+    let app = TestApp::new();
+    let folder = app.data_dir().join("exports");
+    std::fs::create_dir_all(&folder).unwrap();
+    let path = folder.display().to_string();
+    let mut integration = json!({
+        "id": ID, "tenantId": "t1", "name": "Exports",
+        "structuredData": {
+            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
+            "connection": {"path": path, "settleSeconds": "an hour"},
+            "entityMappings": [{"externalEntity": "accounts", "shardTypeId": "c_company",
+                                "nameField": "name",
+                                "fieldMappings": [{"source": "name", "target": "name"}]}]
+        }
+    });
+    let file = app.data_dir().join("import.json");
+    std::fs::write(&file, integration.to_string()).unwrap();
+    let refused = app
+        .cli(&["integrations", "put", file.to_str().unwrap()])
+        .await;
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("settleSeconds"), "{said}");
+
+    // No wait, as a number: the export is trusted as soon as it is written, so its time
+    // takes the cursor on and the file is remembered.
+    integration["structuredData"]["connection"]["settleSeconds"] = json!(0);
+    app.register_integration(integration).await;
+    app.set_credentials(ID, &json!({})).await;
+    std::fs::write(
+        folder.join("accounts.csv"),
+        "id,name,modified_at\na1,Acme,2026-01-01T00:00:00Z\n",
+    )
+    .unwrap();
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+
+    let state = app.integration(ID).await;
+    assert_eq!(app.shards("c_company").await.len(), 1);
+    let cursor = state["structuredData"]["cursors"]["accounts"].to_string();
+    assert!(
+        cursor.contains("2026-01-01") && cursor.contains("accounts.csv"),
+        "{state}"
+    );
+}

@@ -99,6 +99,9 @@ impl Selection {
         if !self.all && self.sequence_numbers.is_empty() {
             return Err("name the messages to replay by sequence number, or pass --all".into());
         }
+        if let Some(queue) = &self.queue {
+            check_queue(queue)?;
+        }
         for wanted in &self.sequence_numbers {
             let queues: Vec<&str> = listed
                 .iter()
@@ -122,6 +125,20 @@ impl Selection {
             }
         }
         Ok(())
+    }
+}
+
+/// Refuses a `--queue` that names none of the app's queues: a misspelt one would choose
+/// nothing, and a replay of nothing would look like one done.
+pub fn check_queue(queue: &str) -> Result<(), String> {
+    if super::QUEUES.iter().any(|q| q.name == queue) {
+        Ok(())
+    } else {
+        let names: Vec<&str> = super::QUEUES.iter().map(|q| q.name).collect();
+        Err(format!(
+            "`{queue}` is not one of the app's queues: {}",
+            names.join(", ")
+        ))
     }
 }
 
@@ -427,6 +444,22 @@ mod tests {
             b"{oops".to_vec(),
             props,
         )
+    }
+
+    #[test]
+    fn a_misspelt_queue_chooses_nothing_and_is_refused() {
+        let selection = Selection {
+            all: true,
+            sequence_numbers: Vec::new(),
+            queue: Some("sync-outbnd".into()),
+        };
+        let refused = selection.check(&[copy_in_sync_deadletter()]).unwrap_err();
+        assert!(refused.contains("sync-outbnd") && refused.contains("sync-outbound"));
+        let right = Selection {
+            queue: Some("sync-outbound".into()),
+            ..selection
+        };
+        assert!(right.check(&[copy_in_sync_deadletter()]).is_ok());
     }
 
     #[test]

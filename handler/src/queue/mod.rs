@@ -12,7 +12,9 @@ mod dead_letters;
 mod local;
 mod service_bus;
 
-pub use dead_letters::{DeadLetteredMessage, DeadLetters, Replayed, Selection, replay_of};
+pub use dead_letters::{
+    DeadLetteredMessage, DeadLetters, Replayed, Selection, check_queue, replay_of,
+};
 pub use local::{DeadLetter, LocalBroker, ReceivedMessage};
 pub use service_bus::{
     LockedMessage, ServiceBusAuth, ServiceBusConfig, ServiceBusSender, broker_properties,
