@@ -1,8 +1,9 @@
 //! Bulk imports: CSV and JSON Lines exports dropped in a folder.
 //!
 //! An entity is a family of files named after it: `accounts.csv`, `accounts-2026-11-22.jsonl`,
-//! `accounts_02.csv` all belong to entity `accounts`, read plain name first, then in name
-//! order. Each record has an id column (`idColumn`, default `id`), optionally a modified column
+//! `accounts_02.CSV` all belong to entity `accounts` (extensions in any case), read plain name
+//! first, then in name order. An integration may not map two entities one of whose files would
+//! be the other's (`orders` and `orders_items`). Each record has an id column (`idColumn`, default `id`), optionally a modified column
 //! (`modifiedColumn`, default `modified_at`, RFC 3339) and a tombstone column (`deletedColumn`,
 //! default `_deleted`) whose true value (`true`, `1`, `yes`) means the record was deleted.
 //!
@@ -105,22 +106,34 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
         .map(|e| e.path())
         .filter_map(|path| {
             let name = path.file_name()?.to_str()?;
-            let (stem, format) = if let Some(stem) = name.strip_suffix(".csv") {
-                (stem, Format::Csv)
-            } else if let Some(stem) = name.strip_suffix(".jsonl") {
-                (stem, Format::JsonLines)
-            } else {
-                return None;
-            };
-            let belongs = stem == entity
-                || stem
-                    .strip_prefix(entity)
-                    .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('_'));
-            belongs.then_some((path, format))
+            let (stem, format) = format_of(name)?;
+            belongs(entity, stem).then_some((path, format))
         })
         .collect();
     files.sort_by(|(a, _), (b, _)| file_order(entity, a).cmp(&file_order(entity, b)));
     Ok(files)
+}
+
+/// A file's name without its extension, and its format, by the extension in any case
+/// (`accounts.CSV` as well as `accounts.csv`).
+fn format_of(name: &str) -> Option<(&str, Format)> {
+    let (stem, extension) = name.rsplit_once('.')?;
+    if extension.eq_ignore_ascii_case("csv") {
+        Some((stem, Format::Csv))
+    } else if extension.eq_ignore_ascii_case("jsonl") {
+        Some((stem, Format::JsonLines))
+    } else {
+        None
+    }
+}
+
+/// Whether a file named `stem` is one of `entity`'s: `accounts`, or `accounts-` or
+/// `accounts_` and anything (`accounts-2026-12-01`, `accounts_3`).
+fn belongs(entity: &str, stem: &str) -> bool {
+    stem == entity
+        || stem
+            .strip_prefix(entity)
+            .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('_'))
 }
 
 /// The order an entity's files are read in: the plain `accounts.csv` first, then the dated or
@@ -367,6 +380,23 @@ fn read_records(
 impl Provider for BulkImport {
     fn name(&self) -> &'static str {
         "bulk_import"
+    }
+
+    /// Files are an entity's by their names, so one entity's name with a separator and more
+    /// (`orders_items`) would also name files of another (`orders`).
+    fn check_entities(&self, entities: &[&str]) -> Result<(), String> {
+        for entity in entities {
+            if let Some(other) = entities
+                .iter()
+                .find(|other| *other != entity && belongs(entity, other))
+            {
+                return Err(format!(
+                    "`{other}` files would be read as `{entity}` files too (an entity's files \
+                     are `{entity}.csv` and `{entity}-*.csv` or `{entity}_*.csv`): rename one"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
@@ -967,6 +997,28 @@ impl Pull for BulkImport {
 mod tests {
     use super::*;
     use crate::Credentials;
+
+    #[test]
+    fn entities_whose_files_would_mix_are_refused_and_extensions_match_in_any_case() {
+        let import = BulkImport::new();
+        let refused = import
+            .check_entities(&["orders", "orders_items"])
+            .unwrap_err();
+        assert!(
+            refused.contains("orders_items") && refused.contains("rename"),
+            "{refused}"
+        );
+        assert!(import.check_entities(&["orders", "order_items"]).is_ok());
+        assert!(matches!(
+            format_of("accounts.CSV"),
+            Some(("accounts", Format::Csv))
+        ));
+        assert!(matches!(
+            format_of("accounts-2.JsonL"),
+            Some(("accounts-2", Format::JsonLines))
+        ));
+        assert!(format_of("accounts.csv.tmp").is_none());
+    }
 
     /// A connection to `folder` whose files settle at once: a test's file is trusted as soon
     /// as it is written.

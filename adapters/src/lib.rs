@@ -61,6 +61,12 @@ pub trait Provider: Pull {
         Ok(())
     }
 
+    /// Checks the entities an integration maps, when it is registered: names the provider
+    /// could not tell apart. The error names the entities and why.
+    fn check_entities(&self, _entities: &[&str]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Refreshing credentials before they expire, for providers whose tokens say when.
     fn token_refresh(&self) -> Option<&dyn TokenRefresh> {
         None

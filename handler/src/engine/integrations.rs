@@ -157,6 +157,14 @@ pub async fn check(
     provider
         .check_connection(&mut integration.connection)
         .map_err(|e| format!("structuredData.{e}"))?;
+    let entities: Vec<&str> = integration
+        .entity_mappings
+        .iter()
+        .map(|m| m.external_entity.as_str())
+        .collect();
+    provider
+        .check_entities(&entities)
+        .map_err(|e| format!("structuredData.entityMappings: {e}"))?;
     // A webhook names its sender by organization; two integrations on one organization would
     // leave every delivery unroutable.
     if let Some(org) = integration.connection.get("organizationId") {
