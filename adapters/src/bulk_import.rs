@@ -114,6 +114,21 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
     Ok(files)
 }
 
+/// The length of `file` if its last byte ends no line (a row may still be being written
+/// there), leaving the file at its start.
+fn unfinished_tail(file: &mut File) -> std::io::Result<Option<u64>> {
+    use std::io::Read;
+    let length = file.metadata()?.len();
+    if length == 0 {
+        return Ok(None);
+    }
+    file.seek(SeekFrom::Start(length - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok((last[0] != b'\n').then_some(length))
+}
+
 /// A file's name without its extension, and its format, by the extension in any case
 /// (`accounts.CSV` as well as `accounts.csv`).
 fn format_of(name: &str) -> Option<(&str, Format)> {
@@ -244,16 +259,26 @@ impl Recorded {
 }
 
 /// Reads up to `limit` records of `path` from byte `offset`, the text before which hashes to
-/// `before`.
+/// `before`. Of a file still being written (not `settled`), a last line with no line break
+/// yet is left for a later sync: it may be a row cut short, which would read as a failure, or
+/// worse, as a row with its last value cut (`tr` for `true`).
 fn read_records(
     path: &Path,
     format: Format,
     (offset, before): (u64, Option<PrefixHash>),
     limit: usize,
     columns: &Columns,
+    settled: bool,
 ) -> Result<FileChunk, ProviderError> {
+    let mut opened = File::open(path).map_err(|e| io_error(path, e))?;
+    // Where a row cut short would end: the file's end, unless it ends a line.
+    let unfinished_from = if settled {
+        None
+    } else {
+        unfinished_tail(&mut opened).map_err(|e| io_error(path, e))?
+    };
     let file = Recorded {
-        file: File::open(path).map_err(|e| io_error(path, e))?,
+        file: opened,
         from: 0,
         bytes: Vec::new(),
     };
@@ -273,7 +298,10 @@ fn read_records(
                 let read = reader
                     .read_until(b'\n', &mut line)
                     .map_err(|e| io_error(path, e))?;
-                if read == 0 {
+                if read == 0
+                    || unfinished_from
+                        .is_some_and(|end| position + read as u64 >= end && !line.ends_with(b"\n"))
+                {
                     return Ok((records, None));
                 }
                 let start = position;
@@ -335,6 +363,11 @@ fn read_records(
                 let at = format!("{} at byte {}", path.display(), reader.position().byte());
                 match reader.read_record(&mut row) {
                     Ok(false) => return Ok((records, None)),
+                    Ok(true)
+                        if unfinished_from.is_some_and(|end| reader.position().byte() >= end) =>
+                    {
+                        return Ok((records, None));
+                    }
                     // A comma too many or too few shifts every value after it into the wrong
                     // column: the row is not guessed at.
                     Ok(true) if row.len() != headers.len() => {
@@ -408,9 +441,10 @@ impl Provider for BulkImport {
             return Err("connection.path must name the folder exports are dropped in".into());
         }
         for name in ["idColumn", "modifiedColumn", "deletedColumn"] {
+            // `null` is the default column.
             if settings
                 .get(name)
-                .is_some_and(|v| v.as_str().is_none_or(str::is_empty))
+                .is_some_and(|v| !v.is_null() && v.as_str().is_none_or(str::is_empty))
             {
                 return Err(format!("connection.{name} must name a column"));
             }
@@ -425,7 +459,11 @@ impl Provider for BulkImport {
 /// `settleSeconds`, written as a number or as a string of one.
 fn settle_seconds(settings: &Map<String, Value>) -> Option<u64> {
     match settings.get("settleSeconds")? {
-        Value::Number(n) => n.as_u64(),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX.into())
+                .map(|f| f as u64)
+        }),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -902,14 +940,15 @@ impl Pull for BulkImport {
                 None
             } else {
                 opened = true;
+                let settled = begun.is_some_and(|b| b.settled);
                 let (records, next) = read_records(
                     path,
                     *format,
                     (offset, prefix),
                     wanted - page.records.len() - page.unreadable.len(),
                     &columns,
+                    settled,
                 )?;
-                let settled = begun.is_some_and(|b| b.settled);
                 for record in records {
                     match record {
                         Ok(r)
@@ -1446,6 +1485,40 @@ mod tests {
         assert_eq!(ids, ["a1"]);
         let (ids, _) = sync(&mut settled, "accounts", 10, cursor).await;
         assert!(ids.is_empty(), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn a_row_cut_short_in_an_export_still_being_written_waits_for_its_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = dir.path().join("accounts.jsonl");
+        std::fs::write(&lines, "{\"id\":\"a1\"}\n{\"id\":\"a").unwrap();
+        std::fs::write(
+            dir.path().join("contacts.csv"),
+            "id,_deleted\nc1,false\nc2,tr",
+        )
+        .unwrap();
+        let mut unsettled = settling(dir.path(), 3600);
+        let mut request = request("accounts", 10);
+        let page = BulkImport
+            .fetch_page(&mut unsettled, &request)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a1"]);
+        assert!(page.unreadable.is_empty(), "{:?}", page.unreadable);
+        // A tombstone whose `true` is half written is not read as a live row.
+        request.entity = "contacts".into();
+        let page = BulkImport
+            .fetch_page(&mut unsettled, &request)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["c1"]);
+
+        // Once the file has settled, its last line is what the exporter meant.
+        std::fs::write(&lines, "{\"id\":\"a1\"}\n{\"id\":\"a2\"}").unwrap();
+        let (ids, _) = sync(&mut conn(dir.path()), "accounts", 10, None).await;
+        assert_eq!(ids, ["a1", "a2"]);
     }
 
     #[tokio::test]

@@ -220,11 +220,11 @@ fn logical_name(settings: &Map<String, Value>, entity_set: &str) -> String {
     }
 }
 
-/// Whether a table's name takes `es` for its plural (`faxes`, `customeraddresses`).
+/// Whether a table's name takes `es` for its plural (`faxes`, `customeraddresses`). Only names
+/// in `ss` and `x`: for `ch`, `sh` and `z` the plural alone cannot tell `new_batch` (which takes
+/// `es`) from `new_cache` (which takes `s`), and such a name is given in `logicalNames`.
 fn takes_es(logical: &str) -> bool {
-    ["ss", "x", "z", "ch", "sh"]
-        .iter()
-        .any(|end| logical.ends_with(end))
+    logical.ends_with("ss") || logical.ends_with('x')
 }
 
 /// The entity set of a table's logical name, as webhooks name tables.
@@ -951,6 +951,8 @@ mod tests {
         assert_eq!(entity_set(&plain, "fax"), "faxes");
         assert_eq!(entity_set(&plain, "mailbox"), "mailboxes");
         assert_eq!(logical_name(&plain, "queues"), "queue");
+        assert_eq!(logical_name(&plain, "new_sizes"), "new_size");
+        assert_eq!(logical_name(&plain, "new_caches"), "new_cache");
         // A custom activity table is keyed as every activity is; its name does not say so.
         let keyed = settings(json!({"primaryKeys": {"new_visits": "activityid"}}));
         assert_eq!(primary_key(&keyed, "new_visits"), "activityid");

@@ -10,7 +10,10 @@
 //!   out was deleted or trashed meanwhile. A search it says came back incomplete compares
 //!   nothing.
 //! * Shared drives: `driveId` syncs one shared drive; `includeSharedDrives` adds every shared
-//!   drive the user can see to My Drive.
+//!   drive the user can see to My Drive. A cursor is kept with the drives it reads
+//!   (`drive:{id}`, `all-drives` or `my-drive`, then the token): one of other drives, after
+//!   either setting changed, starts the entity over, since its token names nothing the new
+//!   drives already held.
 //! * Tokens: Google's OAuth endpoint with the refresh-token grant. Google does not rotate
 //!   refresh tokens; a revoked one answers `invalid_grant`. Access tokens last an hour.
 //! * Limits: 403 `userRateLimitExceeded` / `rateLimitExceeded` and 429 are retried with

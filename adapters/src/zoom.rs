@@ -41,7 +41,8 @@
 //!   route could use before the signature is checked. An app installed for the whole account is
 //!   told of every user's meetings: what a notification names is read by id, and a meeting or
 //!   recording another user hosts (its `host_id` is not the integration user's, from
-//!   `GET /users/{userId}`) is passed over.
+//!   `GET /users/{userId}`, which needs `user:read`; an app without it tells no hosts apart) is
+//!   passed over.
 //!
 //! Connection settings: `tokenUrl` (default `https://zoom.us/oauth/token`), `apiBaseUrl`
 //! (default `https://api.zoom.us/v2`), `userId` (default `me`), `accountId` (Server-to-Server),
@@ -84,9 +85,21 @@ const MAX_DELIVERY_AGE_SECONDS: i64 = 300;
 pub struct Zoom {
     api: Api<ZoomApi>,
     /// The Zoom id of each integration's user (`userId` may be `me` or an email), by
-    /// integration and `userId`: a user's id never changes.
-    hosts: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
+    /// integration and `userId`, as it was last asked.
+    hosts: std::sync::Mutex<std::collections::HashMap<(String, String), KnownHost>>,
 }
+
+/// What Zoom said of an integration user's id, and when: kept a while, since the credentials
+/// behind `userId` `me` may change hands.
+struct KnownHost {
+    /// `None` when Zoom would not say (an app not granted `user:read`): meetings are then not
+    /// told apart by their host.
+    id: Option<String>,
+    asked: std::time::Instant,
+}
+
+/// How long a user's id is taken as known.
+const HOST_KEPT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 impl Default for Zoom {
     fn default() -> Self {
@@ -194,51 +207,53 @@ impl Zoom {
     }
 
     /// The Zoom id of the user the integration syncs (`GET /users/{userId}`), which meetings
-    /// and recordings name as their `host_id`.
-    async fn host_id(&self, conn: &mut Connection) -> Result<String, ProviderError> {
-        let key = (conn.integration_id.clone(), Self::user(conn)?.to_string());
-        if let Some(id) = self.hosts.lock().unwrap().get(&key) {
-            return Ok(id.clone());
-        }
-        self.ask_host_id(conn, key).await
-    }
-
-    async fn ask_host_id(
+    /// and recordings name as their `host_id`, and whether it was asked just now.
+    async fn host_id(
         &self,
         conn: &mut Connection,
-        key: (String, String),
-    ) -> Result<String, ProviderError> {
-        let user = self.get(conn, &format!("/users/{}", key.1), &[]).await?;
-        let id = user["id"]
-            .as_str()
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| {
-                ProviderError::new(ErrorCode::ValidationError, "Zoom named no id for the user")
-            })?
-            .to_string();
-        self.hosts.lock().unwrap().insert(key, id.clone());
-        Ok(id)
+        fresh: bool,
+    ) -> Result<(Option<String>, bool), ProviderError> {
+        let key = (conn.integration_id.clone(), Self::user(conn)?.to_string());
+        if !fresh
+            && let Some(known) = self.hosts.lock().unwrap().get(&key)
+            && known.asked.elapsed() < HOST_KEPT
+        {
+            return Ok((known.id.clone(), false));
+        }
+        let id = match self.get(conn, &format!("/users/{}", key.1), &[]).await {
+            Ok(user) => user["id"]
+                .as_str()
+                .filter(|id| !id.is_empty())
+                .map(str::to_string),
+            Err(e) if e.is_retryable() || e.resume_next_run => return Err(e),
+            // Not granted `user:read`: meetings are told apart by host no longer, as before
+            // it was asked.
+            Err(_) => None,
+        };
+        let known = KnownHost {
+            id: id.clone(),
+            asked: std::time::Instant::now(),
+        };
+        self.hosts.lock().unwrap().insert(key, known);
+        Ok((id, true))
     }
 
-    /// Whether the integration's user hosts `object`. The user's id is asked again (once a
-    /// read) before an object is taken for another's: the credentials may have changed hands
-    /// since it was kept, `userId` being `me`.
+    /// Whether the integration's user hosts `object`. Before an object is taken for another
+    /// user's, the user's id is asked again (once a read) unless it was just asked.
     async fn hosted(
         &self,
         conn: &mut Connection,
         object: &Value,
-        host: &mut String,
-        asked_again: &mut bool,
+        host: &mut Option<String>,
+        asked_now: &mut bool,
     ) -> Result<bool, ProviderError> {
-        let Some(of) = object["host_id"].as_str() else {
+        let (Some(of), Some(user)) = (object["host_id"].as_str(), host.as_deref()) else {
             return Ok(true);
         };
-        if of != host && !*asked_again {
-            *asked_again = true;
-            let key = (conn.integration_id.clone(), Self::user(conn)?.to_string());
-            *host = self.ask_host_id(conn, key).await?;
+        if of != user && !*asked_now {
+            (*host, *asked_now) = self.host_id(conn, true).await?;
         }
-        Ok(of == host)
+        Ok(host.as_deref().is_none_or(|user| user == of))
     }
 
     fn user(conn: &Connection) -> Result<&str, ProviderError> {
@@ -622,8 +637,7 @@ impl Pull for Zoom {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut host = self.host_id(conn).await?;
-        let mut asked_again = false;
+        let (mut host, mut asked_now) = self.host_id(conn, false).await?;
         if request.entity == RECORDINGS {
             // A meeting instance's recordings, by its uuid. One in the trash, or deleted, is
             // not found, and comes back deleted: a `recording.trashed` is read like this rather
@@ -635,7 +649,7 @@ impl Pull for Zoom {
                 match self.get(conn, &path, &[]).await.or_gone()? {
                     Some(recording) => {
                         if self
-                            .hosted(conn, &recording, &mut host, &mut asked_again)
+                            .hosted(conn, &recording, &mut host, &mut asked_now)
                             .await?
                         {
                             found.extend(records(&json!([recording]), "uuid"));
@@ -663,7 +677,7 @@ impl Pull for Zoom {
             let path = format!("/meetings/{id}");
             if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()?
                 && self
-                    .hosted(conn, &meeting, &mut host, &mut asked_again)
+                    .hosted(conn, &meeting, &mut host, &mut asked_now)
                     .await?
             {
                 found.extend(meetings(&json!([meeting])));

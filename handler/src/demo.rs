@@ -105,9 +105,6 @@ fn integration(folder: &Path) -> Shard {
 /// Installs the demo tenant if it is not there yet, and asks for its first sync at once (the
 /// scheduler takes over five minutes later). Returns whether it was installed now.
 pub async fn install(app: &App, data_dir: &Path) -> Result<bool, String> {
-    // Absolute: `handler local` may be started again from another directory.
-    let folder = std::path::absolute(import_folder(data_dir))
-        .map_err(|e| format!("the demo's import folder: {e}"))?;
     if app
         .store
         .get(TENANT, INTEGRATION)
@@ -117,6 +114,9 @@ pub async fn install(app: &App, data_dir: &Path) -> Result<bool, String> {
     {
         return Ok(false);
     }
+    // Absolute: `handler local` may be started again from another directory.
+    let folder = std::path::absolute(import_folder(data_dir))
+        .map_err(|e| format!("the demo's import folder: {e}"))?;
     // The export before the integration that reads it: an install cut short in between is
     // made again by the next start, which finds no integration.
     write_drop(&folder, &FIRST_DROP)?;

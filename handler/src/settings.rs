@@ -371,6 +371,7 @@ impl Settings {
             }
         };
 
+        let mut warnings = Vec::new();
         let duplicate_detection_window = read("FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS")
             .and_then(|v| {
                 parse(
@@ -382,13 +383,18 @@ impl Settings {
             })
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(10 * 60));
-        // Service Bus keeps a MessageId for at most seven days.
-        if duplicate_detection_window > Duration::from_secs(7 * 24 * 60 * 60) {
-            problems.push(
-                "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS: expected at most 604800 (7 days)"
+        // As long as Service Bus keeps a MessageId at most: the embedded queues add it to the
+        // time of every send.
+        const LONGEST_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+        let duplicate_detection_window = if duplicate_detection_window > LONGEST_WINDOW {
+            warnings.push(
+                "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS is more than 604800 (seven days): seven days it is"
                     .into(),
             );
-        }
+            LONGEST_WINDOW
+        } else {
+            duplicate_detection_window
+        };
 
         // As the Functions host reads its own switches: any case, or 1 and 0.
         let token_refresh_enabled = match read("TOKEN_REFRESH_ENABLED")
@@ -399,7 +405,10 @@ impl Settings {
             Some("true" | "1") => true,
             Some("false" | "0") => false,
             Some(_) => {
-                problems.push("TOKEN_REFRESH_ENABLED: expected `true` or `false`".into());
+                problems.push(
+                    "TOKEN_REFRESH_ENABLED: expected `true` or `false` (any case), or `1` or `0`"
+                        .into(),
+                );
                 true
             }
         };
@@ -510,7 +519,6 @@ impl Settings {
             }
         });
 
-        let mut warnings = Vec::new();
         let webhook_function_key = read("WEBHOOK_FUNCTION_KEY")
             .map(|v| v.trim().to_string())
             .filter(|v| {
@@ -961,12 +969,16 @@ mod tests {
             let s = settings(&[("TOKEN_REFRESH_ENABLED", value)]).unwrap();
             assert_eq!(s.token_refresh_enabled, enabled, "{value}");
         }
-        let err = settings(&[(
+        let s = settings(&[(
             "FUNC_SYNC_DUPLICATE_DETECTION_WINDOW_SECONDS",
             "10000000000000",
         )])
-        .unwrap_err();
-        assert!(err.to_string().contains("7 days"), "{err}");
+        .unwrap();
+        assert_eq!(
+            s.duplicate_detection_window,
+            Duration::from_secs(7 * 24 * 60 * 60)
+        );
+        assert!(s.warnings[0].contains("seven days"), "{:?}", s.warnings);
     }
 
     #[test]

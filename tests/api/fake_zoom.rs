@@ -687,8 +687,19 @@ async fn list_meetings(
     fake.state.lock().unwrap().list_meetings(&params)
 }
 
-/// `GET /users/{userId}`: the user the credentials are for.
-async fn get_user(Path(user): Path<String>) -> Response {
+/// `GET /users/{userId}`: the user the credentials are for, to an app granted `user:read`.
+async fn get_user(State(fake): State<FakeZoom>, Path(user): Path<String>) -> Response {
+    if !fake
+        .state
+        .lock()
+        .unwrap()
+        .app_scopes
+        .split(' ')
+        .any(|s| s == "user:read")
+    {
+        let message = "Invalid access token, does not contain scopes:[user:read].";
+        return zoom_error(400, 4711, message);
+    }
     if let Some(answer) = unknown_user(&user) {
         return answer;
     }

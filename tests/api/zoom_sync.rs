@@ -226,6 +226,7 @@ async fn a_recording_ready_days_after_its_meeting_arrives_with_its_completed_eve
 #[tokio::test]
 async fn a_colleagues_meeting_an_account_wide_app_is_told_of_stays_out_of_castiel() {
     let (zoom, app) = connected().await;
+    zoom.state.lock().unwrap().app_scopes = "meeting:read recording:read user:read";
     let handler = app.host_handler().await;
     let own = zoom.add_meeting("Pipeline review");
     let colleagues = zoom.add_colleague_meeting("Recruiting sync");
@@ -253,6 +254,27 @@ async fn a_colleagues_meeting_an_account_wide_app_is_told_of_stays_out_of_castie
     assert_eq!(
         users, 2,
         "the user's id is asked once, and again before a meeting is taken for another's"
+    );
+}
+
+#[tokio::test]
+async fn an_app_not_granted_user_read_still_syncs_what_it_is_told_of() {
+    let (zoom, app) = connected().await;
+    let handler = app.host_handler().await;
+    let own = zoom.add_meeting("Pipeline review");
+
+    let created = zoom.webhook(
+        "meeting.created",
+        json!({"id": own.parse::<u64>().unwrap()}),
+    );
+    assert_eq!(post(&handler, &created).await["statusCode"], 200);
+    app.deliver_webhook_jobs(&handler).await;
+
+    let meetings = app.shards("c_meeting").await;
+    assert_eq!(meetings.len(), 1, "{:?}", app.history().await);
+    assert_eq!(
+        app.history().await[0]["structuredData"]["status"],
+        "success"
     );
 }
 
