@@ -23,7 +23,9 @@
 //! with more or fewer fields than its header, which would put values in the wrong columns)
 //! fails alone: the page reports it, by file and byte offset, and goes on. The times read from
 //! a file that had not settled do not move the cursor on: an export written in id order may
-//! still gain rows older than the newest read so far.
+//! still gain rows older than the newest read so far. Nor is such a file's last row read while
+//! it may be cut short (no line break after it yet, or a quoted value still open): it waits
+//! for a later sync.
 //!
 //! A page token is the file, the byte offset of the next record and how the file was, so a
 //! resumed sync seeks instead of re-reading; a file written anew meanwhile is read from its
@@ -114,19 +116,21 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
     Ok(files)
 }
 
-/// The length of `file` if its last byte ends no line (a row may still be being written
-/// there), leaving the file at its start.
-fn unfinished_tail(file: &mut File) -> std::io::Result<Option<u64>> {
-    use std::io::Read;
-    let length = file.metadata()?.len();
-    if length == 0 {
-        return Ok(None);
-    }
-    file.seek(SeekFrom::Start(length - 1))?;
-    let mut last = [0u8; 1];
-    file.read_exact(&mut last)?;
-    file.seek(SeekFrom::Start(0))?;
-    Ok((last[0] != b'\n').then_some(length))
+/// Whether the CSV row read from byte `from` to `to` may be one cut short: it ends no line, or
+/// a quoted field in it is still open (the file ended within it, where a quoted value holds a
+/// line break). A row of a file still being written that is waits for a later sync.
+fn cut_short(read: &Recorded, from: u64, to: u64) -> bool {
+    let (Some(from), Some(to)) = (from.checked_sub(read.from), to.checked_sub(read.from)) else {
+        return false;
+    };
+    let (Ok(from), Ok(to)) = (usize::try_from(from), usize::try_from(to)) else {
+        return false;
+    };
+    let Some(row) = read.bytes.get(from..to) else {
+        return false;
+    };
+    let quotes = row.iter().filter(|b| **b == b'"').count();
+    !(row.ends_with(b"\n") || row.ends_with(b"\r")) || quotes % 2 == 1
 }
 
 /// A file's name without its extension, and its format, by the extension in any case
@@ -270,15 +274,8 @@ fn read_records(
     columns: &Columns,
     settled: bool,
 ) -> Result<FileChunk, ProviderError> {
-    let mut opened = File::open(path).map_err(|e| io_error(path, e))?;
-    // Where a row cut short would end: the file's end, unless it ends a line.
-    let unfinished_from = if settled {
-        None
-    } else {
-        unfinished_tail(&mut opened).map_err(|e| io_error(path, e))?
-    };
     let file = Recorded {
-        file: opened,
+        file: File::open(path).map_err(|e| io_error(path, e))?,
         from: 0,
         bytes: Vec::new(),
     };
@@ -298,10 +295,9 @@ fn read_records(
                 let read = reader
                     .read_until(b'\n', &mut line)
                     .map_err(|e| io_error(path, e))?;
-                if read == 0
-                    || unfinished_from
-                        .is_some_and(|end| position + read as u64 >= end && !line.ends_with(b"\n"))
-                {
+                // A line with no line break is the file's last: in a file still being
+                // written, maybe one cut short.
+                if read == 0 || (!settled && !line.ends_with(b"\n")) {
                     return Ok((records, None));
                 }
                 let start = position;
@@ -360,14 +356,17 @@ fn read_records(
             while records.len() < limit {
                 // By byte, as for JSON Lines: a page that resumes mid-file seeks to a byte
                 // offset, and the reader's line count starts over there.
-                let at = format!("{} at byte {}", path.display(), reader.position().byte());
-                match reader.read_record(&mut row) {
+                let began = reader.position().byte();
+                let at = format!("{} at byte {began}", path.display());
+                let read = reader.read_record(&mut row);
+                if !matches!(read, Ok(false))
+                    && !settled
+                    && cut_short(reader.get_ref(), began, reader.position().byte())
+                {
+                    return Ok((records, None));
+                }
+                match read {
                     Ok(false) => return Ok((records, None)),
-                    Ok(true)
-                        if unfinished_from.is_some_and(|end| reader.position().byte() >= end) =>
-                    {
-                        return Ok((records, None));
-                    }
                     // A comma too many or too few shifts every value after it into the wrong
                     // column: the row is not guessed at.
                     Ok(true) if row.len() != headers.len() => {
@@ -425,7 +424,8 @@ impl Provider for BulkImport {
             {
                 return Err(format!(
                     "`{other}` files would be read as `{entity}` files too (an entity's files \
-                     are `{entity}.csv` and `{entity}-*.csv` or `{entity}_*.csv`): rename one"
+                     are `{entity}.csv` or `.jsonl`, and `{entity}-*` or `{entity}_*`): give \
+                     one entity, and its files, a name the other's does not begin"
                 ));
             }
         }
@@ -1044,7 +1044,7 @@ mod tests {
             .check_entities(&["orders", "orders_items"])
             .unwrap_err();
         assert!(
-            refused.contains("orders_items") && refused.contains("rename"),
+            refused.contains("orders_items") && refused.contains("a name"),
             "{refused}"
         );
         assert!(import.check_entities(&["orders", "order_items"]).is_ok());
@@ -1494,7 +1494,7 @@ mod tests {
         std::fs::write(&lines, "{\"id\":\"a1\"}\n{\"id\":\"a").unwrap();
         std::fs::write(
             dir.path().join("contacts.csv"),
-            "id,_deleted\nc1,false\nc2,tr",
+            "id,_deleted,note\nc1,false,x\nc2,false,\"first line\n",
         )
         .unwrap();
         let mut unsettled = settling(dir.path(), 3600);
@@ -1506,7 +1506,8 @@ mod tests {
         let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["a1"]);
         assert!(page.unreadable.is_empty(), "{:?}", page.unreadable);
-        // A tombstone whose `true` is half written is not read as a live row.
+        // Neither a note cut short inside its quotes, nor a tombstone whose `true` is half
+        // written, is read.
         request.entity = "contacts".into();
         let page = BulkImport
             .fetch_page(&mut unsettled, &request)
@@ -1514,6 +1515,14 @@ mod tests {
             .unwrap();
         let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["c1"]);
+        std::fs::write(dir.path().join("leads.csv"), "id,_deleted\nl1,false\nl2,tr").unwrap();
+        request.entity = "leads".into();
+        let page = BulkImport
+            .fetch_page(&mut unsettled, &request)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["l1"]);
 
         // Once the file has settled, its last line is what the exporter meant.
         std::fs::write(&lines, "{\"id\":\"a1\"}\n{\"id\":\"a2\"}").unwrap();

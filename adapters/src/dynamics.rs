@@ -220,11 +220,14 @@ fn logical_name(settings: &Map<String, Value>, entity_set: &str) -> String {
     }
 }
 
-/// Whether a table's name takes `es` for its plural (`faxes`, `customeraddresses`). Only names
-/// in `ss` and `x`: for `ch`, `sh` and `z` the plural alone cannot tell `new_batch` (which takes
-/// `es`) from `new_cache` (which takes `s`), and such a name is given in `logicalNames`.
+/// Whether a table's name takes `es` for its plural (`faxes`, `customeraddresses`,
+/// `new_batches`). Not names in `z`: the plural alone cannot tell `new_quiz` from `new_size`,
+/// which is the likelier; a name it gets wrong (`new_cache`, `new_quiz`) is given in
+/// `logicalNames`.
 fn takes_es(logical: &str) -> bool {
-    logical.ends_with("ss") || logical.ends_with('x')
+    ["ss", "x", "ch", "sh"]
+        .iter()
+        .any(|end| logical.ends_with(end))
 }
 
 /// The entity set of a table's logical name, as webhooks name tables.
@@ -952,7 +955,7 @@ mod tests {
         assert_eq!(entity_set(&plain, "mailbox"), "mailboxes");
         assert_eq!(logical_name(&plain, "queues"), "queue");
         assert_eq!(logical_name(&plain, "new_sizes"), "new_size");
-        assert_eq!(logical_name(&plain, "new_caches"), "new_cache");
+        assert_eq!(logical_name(&plain, "new_batches"), "new_batch");
         // A custom activity table is keyed as every activity is; its name does not say so.
         let keyed = settings(json!({"primaryKeys": {"new_visits": "activityid"}}));
         assert_eq!(primary_key(&keyed, "new_visits"), "activityid");

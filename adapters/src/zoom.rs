@@ -98,6 +98,16 @@ struct KnownHost {
     asked: std::time::Instant,
 }
 
+/// What one read by id knows of the integration user's id.
+enum Host {
+    /// Nothing asked yet: no object named a host.
+    Unasked,
+    /// As kept (`None`: Zoom would not say).
+    Kept(Option<String>),
+    /// As Zoom said just now.
+    Asked(Option<String>),
+}
+
 /// How long a user's id is taken as known.
 const HOST_KEPT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
@@ -207,53 +217,77 @@ impl Zoom {
     }
 
     /// The Zoom id of the user the integration syncs (`GET /users/{userId}`), which meetings
-    /// and recordings name as their `host_id`, and whether it was asked just now.
+    /// and recordings name as their `host_id`: as kept, unless `fresh`. `None` when the app was
+    /// not granted `user:read`. Should asking again fail, the id kept is used.
     async fn host_id(
         &self,
         conn: &mut Connection,
         fresh: bool,
-    ) -> Result<(Option<String>, bool), ProviderError> {
+    ) -> Result<Option<String>, ProviderError> {
         let key = (conn.integration_id.clone(), Self::user(conn)?.to_string());
-        if !fresh
-            && let Some(known) = self.hosts.lock().unwrap().get(&key)
-            && known.asked.elapsed() < HOST_KEPT
+        let kept = self
+            .hosts
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map(|known| (known.id.clone(), known.asked.elapsed() < HOST_KEPT));
+        if let Some((id, true)) = &kept
+            && !fresh
         {
-            return Ok((known.id.clone(), false));
+            return Ok(id.clone());
         }
         let id = match self.get(conn, &format!("/users/{}", key.1), &[]).await {
-            Ok(user) => user["id"]
-                .as_str()
-                .filter(|id| !id.is_empty())
-                .map(str::to_string),
-            Err(e) if e.is_retryable() || e.resume_next_run => return Err(e),
-            // Not granted `user:read`: meetings are told apart by host no longer, as before
-            // it was asked.
-            Err(_) => None,
+            Ok(user) => Some(
+                user["id"]
+                    .as_str()
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| {
+                        ProviderError::new(
+                            ErrorCode::ValidationError,
+                            "Zoom named no id for the integration's user",
+                        )
+                    })?
+                    .to_string(),
+            ),
+            // Not granted `user:read`: hosts are not told apart, as before they were asked.
+            Err(e) if e.message.contains("does not contain scopes") => None,
+            Err(e) => match kept {
+                Some((id, _)) => return Ok(id),
+                None => return Err(e),
+            },
         };
         let known = KnownHost {
             id: id.clone(),
             asked: std::time::Instant::now(),
         };
         self.hosts.lock().unwrap().insert(key, known);
-        Ok((id, true))
+        Ok(id)
     }
 
-    /// Whether the integration's user hosts `object`. Before an object is taken for another
-    /// user's, the user's id is asked again (once a read) unless it was just asked.
+    /// Whether the integration's user hosts `object`: the user's id is asked for only once an
+    /// object names a host, and again (once a read) before an object is taken for another
+    /// user's, unless it was asked just now.
     async fn hosted(
         &self,
         conn: &mut Connection,
         object: &Value,
-        host: &mut Option<String>,
-        asked_now: &mut bool,
+        host: &mut Host,
     ) -> Result<bool, ProviderError> {
-        let (Some(of), Some(user)) = (object["host_id"].as_str(), host.as_deref()) else {
+        let Some(of) = object["host_id"].as_str() else {
             return Ok(true);
         };
-        if of != user && !*asked_now {
-            (*host, *asked_now) = self.host_id(conn, true).await?;
+        if let Host::Unasked = host {
+            *host = Host::Kept(self.host_id(conn, false).await?);
         }
-        Ok(host.as_deref().is_none_or(|user| user == of))
+        if let Host::Kept(Some(user)) = host
+            && user != of
+        {
+            *host = Host::Asked(self.host_id(conn, true).await?);
+        }
+        Ok(match host {
+            Host::Kept(id) | Host::Asked(id) => id.as_deref().is_none_or(|user| user == of),
+            Host::Unasked => true,
+        })
     }
 
     fn user(conn: &Connection) -> Result<&str, ProviderError> {
@@ -637,7 +671,7 @@ impl Pull for Zoom {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (mut host, mut asked_now) = self.host_id(conn, false).await?;
+        let mut host = Host::Unasked;
         if request.entity == RECORDINGS {
             // A meeting instance's recordings, by its uuid. One in the trash, or deleted, is
             // not found, and comes back deleted: a `recording.trashed` is read like this rather
@@ -648,10 +682,7 @@ impl Pull for Zoom {
                 let path = format!("/meetings/{}/recordings", uuid_segment(uuid));
                 match self.get(conn, &path, &[]).await.or_gone()? {
                     Some(recording) => {
-                        if self
-                            .hosted(conn, &recording, &mut host, &mut asked_now)
-                            .await?
-                        {
+                        if self.hosted(conn, &recording, &mut host).await? {
                             found.extend(records(&json!([recording]), "uuid"));
                         }
                     }
@@ -676,9 +707,7 @@ impl Pull for Zoom {
         {
             let path = format!("/meetings/{id}");
             if let Some(meeting) = self.get(conn, &path, &[]).await.or_gone()?
-                && self
-                    .hosted(conn, &meeting, &mut host, &mut asked_now)
-                    .await?
+                && self.hosted(conn, &meeting, &mut host).await?
             {
                 found.extend(meetings(&json!([meeting])));
             }

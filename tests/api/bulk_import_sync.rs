@@ -166,3 +166,33 @@ async fn a_settle_time_given_as_a_number_is_kept_and_a_bad_one_refused() {
         "{state}"
     );
 }
+
+#[tokio::test]
+async fn an_integration_whose_entities_would_read_each_others_files_is_refused() {
+    let app = TestApp::new();
+    let mapping = |entity: &str| {
+        json!({"externalEntity": entity, "shardTypeId": "c_order", "nameField": "name",
+               "fieldMappings": [{"source": "name", "target": "name"}]})
+    };
+    let file = app.data_dir().join("orders.json");
+    let integration = json!({
+        "id": ID, "tenantId": "t1", "name": "Orders",
+        "structuredData": {
+            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
+            "connection": {"path": app.data_dir().display().to_string()},
+            "entityMappings": [mapping("orders"), mapping("orders_items")]
+        }
+    });
+    std::fs::write(&file, integration.to_string()).unwrap();
+
+    let out = app
+        .cli(&["integrations", "put", file.to_str().unwrap()])
+        .await;
+
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("entityMappings") && said.contains("orders_items"),
+        "{said}"
+    );
+}
