@@ -120,17 +120,21 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
 /// a quoted field in it is still open (the file ended within it, where a quoted value holds a
 /// line break). A row of a file still being written that is waits for a later sync.
 fn cut_short(read: &Recorded, from: u64, to: u64) -> bool {
+    // A row that cannot be found among the bytes read is not trusted either.
     let (Some(from), Some(to)) = (from.checked_sub(read.from), to.checked_sub(read.from)) else {
-        return false;
+        return true;
     };
     let (Ok(from), Ok(to)) = (usize::try_from(from), usize::try_from(to)) else {
-        return false;
+        return true;
     };
     let Some(row) = read.bytes.get(from..to) else {
-        return false;
+        return true;
     };
+    // A quoted value left open runs to the end of what was read: a row with bytes after it is
+    // whole, whatever quotes an unquoted value holds (`12" pipe`).
+    let last = to == read.bytes.len();
     let quotes = row.iter().filter(|b| **b == b'"').count();
-    !(row.ends_with(b"\n") || row.ends_with(b"\r")) || quotes % 2 == 1
+    !(row.ends_with(b"\n") || row.ends_with(b"\r")) || (last && quotes % 2 == 1)
 }
 
 /// A file's name without its extension, and its format, by the extension in any case
@@ -1494,7 +1498,7 @@ mod tests {
         std::fs::write(&lines, "{\"id\":\"a1\"}\n{\"id\":\"a").unwrap();
         std::fs::write(
             dir.path().join("contacts.csv"),
-            "id,_deleted,note\nc1,false,x\nc2,false,\"first line\n",
+            "id,_deleted,note\nc0,false,12\" pipe\nc1,false,x\nc2,false,\"first line\n",
         )
         .unwrap();
         let mut unsettled = settling(dir.path(), 3600);
@@ -1514,7 +1518,11 @@ mod tests {
             .await
             .unwrap();
         let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["c1"]);
+        assert_eq!(
+            ids,
+            ["c0", "c1"],
+            "a quote in an unquoted value holds nothing back"
+        );
         std::fs::write(dir.path().join("leads.csv"), "id,_deleted\nl1,false\nl2,tr").unwrap();
         request.entity = "leads".into();
         let page = BulkImport

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use handler::queue::SYNC_INBOUND_WEBHOOK;
-
 use crate::fake_google_drive::FakeGoogleDrive;
 use crate::fake_host::{HostedHandler, free_port};
 use crate::helpers::{TestApp, wait_until};
@@ -219,39 +217,6 @@ async fn hundreds_of_files_a_listing_no_longer_reaches_are_kept_without_asking_f
     assert!(
         told.contains("left out, 150 may be deleted for good"),
         "{told}"
-    );
-}
-
-#[tokio::test]
-async fn a_burst_of_change_messages_makes_one_catch_up() {
-    let app = TestApp::with_settings(&[(
-        "WEBHOOK_BASE_URL",
-        &format!("http://127.0.0.1:{}", free_port()),
-    )]);
-    let drive = FakeGoogleDrive::start().await;
-    app.register_integration(integration(&drive, false)).await;
-    app.set_credentials(ID, &drive.credentials()).await;
-    let subscribed = app
-        .cli_json(&["integrations", "subscribe", ID, "--tenant", "t1"])
-        .await;
-    assert_eq!(subscribed["created"], 1);
-    let handler = app.host_handler().await;
-    let channel = drive.channels()[0].id.clone();
-
-    // Drive sends a message for every change: a folder being edited sends many.
-    for _ in 0..5 {
-        let headers = drive.change_message(&channel, None);
-        let out = handler
-            .post_webhook("google_drive", &[], &headers, "")
-            .await;
-        assert_eq!(out["statusCode"], 200, "{out}");
-    }
-
-    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
-    assert!(
-        queued.len() <= 2,
-        "one job, or two where the burst straddles a window: {}",
-        queued.len()
     );
 }
 

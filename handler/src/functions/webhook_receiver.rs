@@ -14,8 +14,7 @@
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
 //! reads the notified records back, or catches the entity up from its cursor when the
-//! notification does not say which records changed. Catch-ups of one entity asked for within
-//! ten seconds are one job, which runs when those ten seconds are up. A notification of an entity the
+//! notification does not say which records changed. A notification of an entity the
 //! integration does not map (the provider's subscription covers more than it syncs) becomes
 //! none, and is logged.
 
@@ -129,12 +128,13 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
                     continue;
                 }
                 job_ids.push(job.job_id.clone());
-                let mut message =
-                    OutgoingMessage::json(SYNC_INBOUND_WEBHOOK, job.job_id.clone(), &job);
-                if matches!(notification, WebhookNotification::CatchUp { .. }) {
-                    message = message.scheduled_at(catch_up_window(now).1);
-                }
-                app.queue.send(message).await?;
+                app.queue
+                    .send(OutgoingMessage::json(
+                        SYNC_INBOUND_WEBHOOK,
+                        job.job_id.clone(),
+                        &job,
+                    ))
+                    .await?;
             }
         }
         subscription_requests(app, shard, &delivery.notifications, now).await?;
@@ -334,22 +334,6 @@ async fn subscription_requests(
     Ok(())
 }
 
-/// How long catch-ups of one entity are gathered into one job. A provider that tells only that
-/// something changed (Drive's `change` messages, Graph's notifications without resource data)
-/// tells it for every change of a burst: a folder being edited, a sync client uploading.
-const CATCH_UP_WINDOW_SECONDS: i64 = 10;
-
-/// The window of catch-ups `now` falls in: when it opened, and when it closes, which is when
-/// its job runs.
-fn catch_up_window(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    let opened = now.timestamp() - now.timestamp().rem_euclid(CATCH_UP_WINDOW_SECONDS);
-    let opened = DateTime::from_timestamp(opened, 0).unwrap_or(now);
-    (
-        opened,
-        opened + chrono::Duration::seconds(CATCH_UP_WINDOW_SECONDS),
-    )
-}
-
 /// What a delivery's event is about: the jobs it asked for (their ids derive from what it said),
 /// or, for one asking for none, its time.
 fn occurrence(job_ids: &[String], now: DateTime<Utc>) -> String {
@@ -413,15 +397,8 @@ fn jobs_for(
             .map(|entity| job(&entity, json!({"entity": entity, "deletedIds": record_ids})))
             .into_iter()
             .collect(),
-        // One job for every catch-up of the entity asked for in a window, named after the
-        // window: it runs when the window closes, and reads what all of them told of.
         WebhookNotification::CatchUp { entity, .. } => mapped(entity)
-            .map(|entity| {
-                let mut job = job(&entity, json!({"entity": entity}));
-                let (opened, _) = catch_up_window(now);
-                job.job_id = format!("wh_{}_{entity}_catch-up-{}", shard.id, opened.timestamp());
-                job
-            })
+            .map(|entity| job(&entity, json!({"entity": entity})))
             .into_iter()
             .collect(),
         WebhookNotification::Subscription { action, .. } => match action {
@@ -443,16 +420,6 @@ fn jobs_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn catch_ups_in_one_ten_second_window_share_its_close() {
-        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
-        let (opened, closes) = catch_up_window(at("2026-12-07T10:00:03.5Z"));
-        assert_eq!(opened, at("2026-12-07T10:00:00Z"));
-        assert_eq!(closes, at("2026-12-07T10:00:10Z"));
-        assert_eq!(catch_up_window(at("2026-12-07T10:00:09.99Z")).0, opened);
-        assert_eq!(catch_up_window(at("2026-12-07T10:00:10Z")).0, closes);
-    }
 
     #[test]
     fn forgeries_cost_an_integration_one_fresh_read_of_its_credentials_at_a_time() {
