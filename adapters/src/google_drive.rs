@@ -704,9 +704,17 @@ impl Webhooks for GoogleDrive {
 
 #[async_trait]
 impl Subscriptions for GoogleDrive {
+    /// The changes feed the integration reads, named with the drives it covers: a channel
+    /// made before `driveId` or `includeSharedDrives` changed watches other drives, and is
+    /// replaced.
     fn resources(&self, settings: &Map<String, Value>, _entities: &[String]) -> Vec<String> {
+        let shared = settings
+            .get("includeSharedDrives")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         match settings.get("driveId").and_then(Value::as_str) {
             Some(drive) => vec![format!("changes?driveId={drive}")],
+            None if shared => vec!["changes?includeItemsFromAllDrives=true".into()],
             None => vec!["changes".into()],
         }
     }
@@ -845,6 +853,22 @@ mod tests {
         }
         let e = Google.error(StatusCode::FORBIDDEN, &body("dailyLimitExceeded"));
         assert!(e.code == ErrorCode::RateLimit && e.resume_next_run);
+    }
+
+    #[test]
+    fn a_channel_names_the_drives_it_watches() {
+        let resources = |settings: Value| {
+            GoogleDrive::new().resources(settings.as_object().unwrap(), &[ENTITY.to_string()])
+        };
+        assert_eq!(resources(json!({})), ["changes"]);
+        assert_eq!(
+            resources(json!({"includeSharedDrives": true})),
+            ["changes?includeItemsFromAllDrives=true"]
+        );
+        assert_eq!(
+            resources(json!({"driveId": "0Ashared"})),
+            ["changes?driveId=0Ashared"]
+        );
     }
 
     #[test]
