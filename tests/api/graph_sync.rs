@@ -222,6 +222,27 @@ async fn lifecycle_notifications_renew_or_recreate_the_subscription() {
 }
 
 #[tokio::test]
+async fn each_missed_notice_catches_the_drive_up_again() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    let file = graph.add_item(DRIVE, "budget.xlsx", false);
+    let _runtime = subscribed_and_synced(&app).await;
+    let subscription = graph.subscriptions()[0].id.clone();
+
+    // Graph could not deliver some notifications, twice in a few minutes: each time, the
+    // changes made meanwhile are read.
+    for name in ["budget-2027.xlsx", "budget-2027-final.xlsx"] {
+        graph.rename_item(DRIVE, &file, name);
+        let (status, _) = graph.lifecycle(&subscription, "missed").await;
+        assert_eq!(status, 202);
+        wait_until("the rename is synced", Duration::from_secs(30), || async {
+            names(&app, "c_document").await == [name]
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn the_token_refresher_renews_a_subscription_before_it_lapses() {
     let app = world();
     let graph = connected_drive(&app).await;

@@ -345,7 +345,12 @@ pub fn verify(
             )));
         }
         let id = text(&n, "id").unwrap_or_else(|| match text(&n, "lifecycleEvent") {
-            // Lifecycle notifications have no id: one per event and expiry.
+            // Lifecycle notifications have no id. A `missed` one asks for a catch-up, and is
+            // each delivery's own, as a change notification without an id is: another `missed`
+            // after the catch-up the first started tells of changes that catch-up may not
+            // have read.
+            Some(event) if event == "missed" => format!("{subscription}:missed:{delivery}"),
+            // The others, one per event and expiry: renewing or re-creating twice is once.
             Some(event) => format!(
                 "{subscription}:{event}:{}",
                 text(&n, "subscriptionExpirationDateTime").unwrap_or_default()
