@@ -44,7 +44,6 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
@@ -53,6 +52,7 @@ use crate::{
     TokenRefresh, Unreadable, WebhookAnswer, WebhookDelivery, WebhookError, WebhookNotification,
     WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
+use crate::{Kept, OrGone, keep_scoped};
 
 pub const ENTITY: &str = "files";
 const DEFAULT_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
@@ -297,20 +297,11 @@ fn check_entity(entity: &str) -> Result<(), ProviderError> {
     }
 }
 
-/// A changes token as the engine keeps it: with the drives it reads (`<scope> <token>`).
-fn kept(scope: &str, token: &str) -> String {
-    format!("{scope} {token}")
-}
-
-/// The token in what [`kept`] made. One of other drives starts the integration's drives over;
-/// one kept without its drives is read as it is.
+/// The changes token the engine kept for `scope`; one kept before tokens named their drives is
+/// read as it is.
 fn token_of<'a>(scope: &str, kept: &'a str) -> Result<&'a str, ProviderError> {
-    match kept.split_once(' ') {
-        Some((of, token)) if of == scope => Ok(token),
-        Some((of, _)) => Err(ProviderError::resync_required(format!(
-            "the changes token reads `{of}`; the integration now reads `{scope}`"
-        ))),
-        None => Ok(kept),
+    match crate::kept_under(scope, kept, "changes token")? {
+        Kept::Scoped(token) | Kept::Unscoped(token) => Ok(token),
     }
 }
 
@@ -399,7 +390,7 @@ impl Pull for GoogleDrive {
                     ),
                     None => (
                         None,
-                        (!incomplete).then(|| kept(&Self::scope(conn), &start)),
+                        (!incomplete).then(|| keep_scoped(&Self::scope(conn), &start)),
                     ),
                 };
                 Ok(Page {
@@ -456,7 +447,7 @@ impl Pull for GoogleDrive {
                     stop_after: None,
                     cursor: body["newStartPageToken"]
                         .as_str()
-                        .map(|token| kept(&Self::scope(conn), token)),
+                        .map(|token| keep_scoped(&Self::scope(conn), token)),
                 })
             }
         }
@@ -873,7 +864,7 @@ mod tests {
 
     #[test]
     fn a_changes_token_is_read_only_for_the_drives_it_was_given_for() {
-        let kept = kept("drive:0Ashared", "4711");
+        let kept = keep_scoped("drive:0Ashared", "4711");
         assert_eq!(token_of("drive:0Ashared", &kept).unwrap(), "4711");
         assert!(token_of("all-drives", &kept).unwrap_err().resync);
         assert_eq!(

@@ -289,6 +289,38 @@ pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
     Ok(left)
 }
 
+/// A cursor kept with the scope it reads (`<scope> <cursor>`): the drive a delta link reads,
+/// the drives a changes token covers. A cursor read under settings that name another scope
+/// reads nothing of what the new one already held, so it is not followed. Scopes hold no space.
+pub(crate) fn keep_scoped(scope: &str, cursor: &str) -> String {
+    format!("{scope} {cursor}")
+}
+
+/// A cursor as [`keep_scoped`] kept it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Kept<'a> {
+    /// Kept under the scope asked for.
+    Scoped(&'a str),
+    /// Kept before cursors named their scope: the adapter decides whether to follow it.
+    Unscoped(&'a str),
+}
+
+/// The cursor `kept` under `scope`; one kept under another scope asks for the entity to be read
+/// again (`what` names the cursor in the error).
+pub(crate) fn kept_under<'a>(
+    scope: &str,
+    kept: &'a str,
+    what: &str,
+) -> Result<Kept<'a>, ProviderError> {
+    match kept.split_once(' ') {
+        Some((of, cursor)) if of == scope => Ok(Kept::Scoped(cursor)),
+        Some((of, _)) => Err(ProviderError::resync_required(format!(
+            "the {what} reads `{of}`; the integration now reads `{scope}`"
+        ))),
+        None => Ok(Kept::Unscoped(kept)),
+    }
+}
+
 /// Refreshing an integration's access token before it expires.
 #[async_trait]
 pub trait TokenRefresh: Send + Sync {

@@ -13,23 +13,37 @@ async fn run_job(handler: &HostedHandler, job_id: &str) {
         .await;
 }
 
+/// The import integration: accounts, from the folder and as `connection` says.
+fn accounts_import(connection: Value) -> Value {
+    json!({
+        "id": ID, "tenantId": "t1", "name": "Exports",
+        "structuredData": {
+            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
+            "connection": connection,
+            "entityMappings": [{"externalEntity": "accounts", "shardTypeId": "c_company",
+                                "nameField": "name",
+                                "fieldMappings": [{"source": "name", "target": "name"}]}]
+        }
+    })
+}
+
+/// An app with [`accounts_import`] registered and connected, and the handler as the host runs it.
+async fn importing(app: &TestApp, connection: Value) -> HostedHandler {
+    app.register_integration(accounts_import(connection)).await;
+    app.set_credentials(ID, &json!({})).await;
+    app.host_handler().await
+}
+
 #[tokio::test]
 async fn a_row_that_cannot_be_read_is_listed_alone_and_the_rows_after_it_are_imported() {
     let app = TestApp::new();
     let folder = app.data_dir().join("exports");
     std::fs::create_dir_all(&folder).unwrap();
-    app.register_integration(json!({
-        "id": ID, "tenantId": "t1", "name": "Exports",
-        "structuredData": {
-            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
-            "connection": {"path": folder.display().to_string(), "settleSeconds": "0"},
-            "entityMappings": [{"externalEntity": "accounts", "shardTypeId": "c_company",
-                                "nameField": "name",
-                                "fieldMappings": [{"source": "name", "target": "name"}]}]
-        }
-    }))
+    let handler = importing(
+        &app,
+        json!({"path": folder.display().to_string(), "settleSeconds": "0"}),
+    )
     .await;
-    app.set_credentials(ID, &json!({})).await;
     // The second row has an unquoted comma: its values would land a column off.
     std::fs::write(
         folder.join("accounts.csv"),
@@ -39,7 +53,6 @@ async fn a_row_that_cannot_be_read_is_listed_alone_and_the_rows_after_it_are_imp
          a3,Initech,2026-01-03T00:00:00Z\n",
     )
     .unwrap();
-    let handler = app.host_handler().await;
 
     run_job(&handler, "job-1").await;
 
@@ -64,23 +77,6 @@ async fn a_row_that_cannot_be_read_is_listed_alone_and_the_rows_after_it_are_imp
         .map(|s| s["name"].clone())
         .collect();
     assert_eq!(names, [json!("Acme"), json!("Initech")]);
-}
-
-/// An app with an import integration reading `folder`, connected as `connection` says.
-async fn importing(app: &TestApp, connection: Value) -> HostedHandler {
-    app.register_integration(json!({
-        "id": ID, "tenantId": "t1", "name": "Exports",
-        "structuredData": {
-            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
-            "connection": connection,
-            "entityMappings": [{"externalEntity": "accounts", "shardTypeId": "c_company",
-                                "nameField": "name",
-                                "fieldMappings": [{"source": "name", "target": "name"}]}]
-        }
-    }))
-    .await;
-    app.set_credentials(ID, &json!({})).await;
-    app.host_handler().await
 }
 
 #[tokio::test]
@@ -126,16 +122,7 @@ async fn a_settle_time_given_as_a_number_is_kept_and_a_bad_one_refused() {
     let folder = app.data_dir().join("exports");
     std::fs::create_dir_all(&folder).unwrap();
     let path = folder.display().to_string();
-    let mut integration = json!({
-        "id": ID, "tenantId": "t1", "name": "Exports",
-        "structuredData": {
-            "providerName": "bulk_import", "syncFrequency": {"type": "manual"},
-            "connection": {"path": path, "settleSeconds": "an hour"},
-            "entityMappings": [{"externalEntity": "accounts", "shardTypeId": "c_company",
-                                "nameField": "name",
-                                "fieldMappings": [{"source": "name", "target": "name"}]}]
-        }
-    });
+    let integration = accounts_import(json!({"path": path, "settleSeconds": "an hour"}));
     let file = app.data_dir().join("import.json");
     std::fs::write(&file, integration.to_string()).unwrap();
     let refused = app
@@ -147,15 +134,12 @@ async fn a_settle_time_given_as_a_number_is_kept_and_a_bad_one_refused() {
 
     // No wait, as a number: the export is trusted as soon as it is written, so its time
     // takes the cursor on and the file is remembered.
-    integration["structuredData"]["connection"]["settleSeconds"] = json!(0);
-    app.register_integration(integration).await;
-    app.set_credentials(ID, &json!({})).await;
+    let handler = importing(&app, json!({"path": path, "settleSeconds": 0})).await;
     std::fs::write(
         folder.join("accounts.csv"),
         "id,name,modified_at\na1,Acme,2026-01-01T00:00:00Z\n",
     )
     .unwrap();
-    let handler = app.host_handler().await;
     run_job(&handler, "job-1").await;
 
     let state = app.integration(ID).await;

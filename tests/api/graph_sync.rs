@@ -326,12 +326,10 @@ async fn teams_posts_and_their_replies_become_shards_and_deleted_posts_go_away()
     );
 }
 
-#[tokio::test]
-async fn a_deleted_channel_is_reported_and_the_team_s_other_channels_still_sync() {
-    let app = TestApp::new();
-    let graph = FakeGraph::start().await;
+/// Connects `int-teams` to two channels of `graph`'s team: one since deleted, named first
+/// (returned), and [`CHANNEL`].
+async fn connect_with_a_deleted_channel(app: &TestApp, graph: &FakeGraph) -> &'static str {
     let gone = "19:0deadbeef0000000000000000000000@thread.tacv2";
-    graph.post_message(TEAM, CHANNEL, "Quarterly numbers are in");
     graph
         .state
         .lock()
@@ -353,6 +351,15 @@ async fn a_deleted_channel_is_reported_and_the_team_s_other_channels_still_sync(
     }))
     .await;
     app.set_credentials("int-teams", &graph.credentials()).await;
+    gone
+}
+
+#[tokio::test]
+async fn a_deleted_channel_is_reported_and_the_team_s_other_channels_still_sync() {
+    let app = TestApp::new();
+    let graph = FakeGraph::start().await;
+    graph.post_message(TEAM, CHANNEL, "Quarterly numbers are in");
+    let gone = connect_with_a_deleted_channel(&app, &graph).await;
     let handler = app.host_handler().await;
     let body = json!({"integrationId": "int-teams", "tenantId": "t1", "jobType": "full_sync",
                       "provider": "teams", "jobId": "job-1", "scheduledAt": "2026-11-22T10:00:00Z"});
@@ -374,28 +381,7 @@ async fn a_deleted_channel_is_reported_and_the_team_s_other_channels_still_sync(
 async fn a_channel_graph_will_not_watch_leaves_the_team_s_other_channels_subscribed() {
     let app = world();
     let graph = FakeGraph::start().await;
-    let gone = "19:0deadbeef0000000000000000000000@thread.tacv2";
-    graph
-        .state
-        .lock()
-        .unwrap()
-        .deleted_channels
-        .push(gone.into());
-    app.register_integration(json!({
-        "id": "int-teams", "tenantId": "t1", "name": "Sales channels",
-        "structuredData": {
-            "providerName": "teams",
-            "syncFrequency": {"type": "manual"},
-            "connection": {"tokenUrl": graph.token_url(), "apiBaseUrl": graph.api_base(),
-                           "teamId": TEAM, "channelIds": [gone, CHANNEL]},
-            "entityMappings": [{
-                "externalEntity": "channelMessage", "shardTypeId": "c_message", "nameField": "text",
-                "fieldMappings": [{"source": "body.content", "target": "text"}]
-            }]
-        }
-    }))
-    .await;
-    app.set_credentials("int-teams", &graph.credentials()).await;
+    let gone = connect_with_a_deleted_channel(&app, &graph).await;
     let _runtime = app.start_local().await;
 
     let out = app

@@ -26,12 +26,12 @@ use reqwest::Method;
 use serde_json::{Map, Value};
 
 use super::Graph;
-use crate::OrGone;
 use crate::{
     Connection, ErrorCode, FetchRequest, LeftOut, Page, Provider, ProviderError, Pull, Record,
     RecordWrite, RouteKey, SubscriptionInfo, SubscriptionRequest, Subscriptions, TokenRefresh,
     WebhookDelivery, WebhookError, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
+use crate::{Kept, OrGone, keep_scoped};
 
 pub const ENTITY: &str = "driveItem";
 /// Graph keeps a drive subscription for at most 42,300 minutes.
@@ -110,27 +110,17 @@ fn record_of(item: &Map<String, Value>) -> Option<Record> {
     })
 }
 
-/// A delta or next link as the engine keeps it: with the drive it reads (`<drive path>
-/// <link>`), so that a link of the drive the integration read before its `driveId` changed is
-/// not followed.
-fn kept(drive: &str, link: &str) -> String {
-    format!("{drive} {link}")
-}
-
-/// The link in what [`kept`] made. One of another drive starts the integration's drive over. One
-/// kept without its drive is followed if its path is the drive's (`/me/drive` links, whose
-/// drive no path names, are followed as they are).
+/// The link the engine kept for `drive`. One kept before links named their drive is followed
+/// if its path is the drive's (`/me/drive` links, whose drive no path names, as they are).
 fn link_of<'a>(drive: &str, kept: &'a str) -> Result<&'a str, ProviderError> {
-    let another = |of: &str| {
-        ProviderError::resync_required(format!(
-            "the delta link read `{of}`; the integration now reads `{drive}`"
-        ))
-    };
-    match kept.split_once(' ') {
-        Some((of, link)) if of == drive => Ok(link),
-        Some((of, _)) => Err(another(of)),
-        None if drive == "/me/drive" || kept.contains(&format!("{drive}/")) => Ok(kept),
-        None => Err(another("another drive")),
+    match crate::kept_under(drive, kept, "delta link")? {
+        Kept::Scoped(link) => Ok(link),
+        Kept::Unscoped(link) if drive == "/me/drive" || link.contains(&format!("{drive}/")) => {
+            Ok(link)
+        }
+        Kept::Unscoped(_) => Err(ProviderError::resync_required(format!(
+            "the delta link reads another drive; the integration now reads `{drive}`"
+        ))),
     }
 }
 
@@ -166,10 +156,14 @@ impl Pull for OneDrive {
         Ok(Page {
             unreadable: Vec::new(),
             records,
-            next_page: body["@odata.nextLink"].as_str().map(|l| kept(&drive, l)),
+            next_page: body["@odata.nextLink"]
+                .as_str()
+                .map(|l| keep_scoped(&drive, l)),
             query,
             stop_after: None,
-            cursor: body["@odata.deltaLink"].as_str().map(|l| kept(&drive, l)),
+            cursor: body["@odata.deltaLink"]
+                .as_str()
+                .map(|l| keep_scoped(&drive, l)),
         })
     }
 
@@ -392,7 +386,7 @@ mod tests {
     #[test]
     fn a_link_is_followed_only_in_the_drive_it_was_read_from() {
         let link = "https://graph.microsoft.com/v1.0/drives/b!1/root/delta?token=abc";
-        let kept = kept("/drives/b!1", link);
+        let kept = keep_scoped("/drives/b!1", link);
         assert_eq!(link_of("/drives/b!1", &kept).unwrap(), link);
         assert!(link_of("/drives/b!2", &kept).unwrap_err().resync);
         // Links kept before links named their drive.
