@@ -51,12 +51,33 @@ impl HostResponse {
     }
 }
 
+/// A port no one listens on, for a process the test starts to bind itself.
+///
+/// The port is released before that process binds it, so it must not be one the kernel could
+/// hand to someone else meanwhile: every fake binds port 0, and a port taken from the same
+/// ephemeral range could go to a fake of a test running alongside, which would then answer in
+/// the handler's place. Ports are therefore taken below the ephemeral range, each at most once
+/// per test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let base = u32::from(ephemeral_low.min(20_000) / 2);
+    let span = u32::from(ephemeral_low) - base;
+    // Processes started one after another begin at different places, so a port a previous
+    // test process's child still holds while it dies is not the first one tried.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(base + offset).expect("below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range")
 }
 
 impl HostedHandler {
@@ -69,7 +90,7 @@ impl HostedHandler {
     /// Starts the handler with extra app settings.
     pub async fn start_with(data_dir: &Path, settings: &[(&str, &str)]) -> Self {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_handler"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_handler"))
             .envs(settings.iter().copied())
             .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
             .env("FUNCTIONS_CUSTOMHANDLER_WORKER_ID", uuid_like())
@@ -100,6 +121,9 @@ impl HostedHandler {
                 Instant::now() < deadline,
                 "the handler did not answer GET / within 30 s"
             );
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the handler exited before it answered GET /: {status}");
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         Self { port, child }
