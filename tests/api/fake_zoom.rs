@@ -238,10 +238,26 @@ fn take_page<T>(rows: impl Iterator<Item = T>, size: usize) -> (Vec<T>, bool) {
     (page, more)
 }
 
-/// A meeting uuid as Zoom makes them: 16 random bytes in standard base64, so `+`, `/` and `=`
-/// turn up and a client must escape one before putting it in a URL.
-fn meeting_uuid() -> String {
-    STANDARD.encode(Uuid::new_v4().as_bytes())
+/// A meeting uuid as Zoom makes them: 16 bytes in standard base64, so `+`, `/` and `=` turn
+/// up, and some begin with `/` or hold `//`, which a client must encode twice. Made from the
+/// meeting's number, each kind in turn, so that every run of a test meets the same ones.
+fn meeting_uuid(meeting: u64) -> String {
+    let mut state = meeting.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let bytes: Vec<u8> = (0..16)
+        .map(|_| {
+            state ^= state >> 29;
+            state = state.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            (state >> 56) as u8
+        })
+        .collect();
+    let mut uuid = STANDARD.encode(bytes);
+    match meeting % 4 {
+        0 => uuid.replace_range(0..1, "/"),
+        1 => uuid.replace_range(5..7, "//"),
+        2 => uuid.replace_range(3..4, "+"),
+        _ => {}
+    }
+    uuid
 }
 
 /// An alphanumeric token of 32 characters, like Zoom's page tokens.
@@ -392,7 +408,7 @@ impl Zoom {
         self.next_meeting_id += 1;
         Meeting {
             id,
-            uuid: meeting_uuid(),
+            uuid: meeting_uuid(id),
             host_id: HOST_ID.to_string(),
             topic: topic.to_string(),
             start_time: created_at + TimeDelta::days(1),
@@ -878,13 +894,14 @@ async fn report_meetings(
 /// that begins with `/` or holds `//` must come double-encoded: sent once-encoded, the gateway
 /// reads its slashes as the path's and finds nothing. One in the trash is not found.
 async fn get_recording(State(fake): State<FakeZoom>, Path(meeting): Path<String>) -> Response {
-    let uuid = if meeting.contains('%') {
-        percent_decode(&meeting)
-    } else {
+    let once_encoded = !meeting.contains('%');
+    let uuid = if once_encoded {
         meeting
+    } else {
+        percent_decode(&meeting)
     };
     let zoom = fake.state.lock().unwrap();
-    let read_as_path = uuid.starts_with('/') || uuid.contains("//");
+    let read_as_path = once_encoded && (uuid.starts_with('/') || uuid.contains("//"));
     match zoom.recordings.get(&uuid).filter(|_| !read_as_path) {
         Some(recording) => Json(recording_json(recording)).into_response(),
         None => zoom_error(404, 3301, "This recording does not exist."),
