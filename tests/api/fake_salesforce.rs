@@ -825,6 +825,24 @@ fn fields_of(entity: &str, body: &Value) -> Result<Map<String, Value>, Box<Respo
     Ok(fields)
 }
 
+/// The written values as Salesforce keeps them, and reads them back: a number as a double
+/// (`5000` reads `5000.0`), a date-time in its own form (`2026-02-01T09:00:00Z` reads
+/// `2026-02-01T09:00:00.000+0000`).
+fn as_kept(fields: Map<String, Value>) -> Map<String, Value> {
+    fields
+        .into_iter()
+        .map(|(name, value)| {
+            let kept = match &value {
+                Value::Number(n) => n.as_f64().map_or(value.clone(), |f| json!(f)),
+                Value::String(text) => DateTime::parse_from_rfc3339(text)
+                    .map_or(value.clone(), |t| json!(timestamp(t.with_timezone(&Utc)))),
+                _ => value,
+            };
+            (name, kept)
+        })
+        .collect()
+}
+
 /// `PATCH /sobjects/{entity}/{externalIdField}/{key}`: an upsert by External ID. 201 with the
 /// new id when it creates, 200 when a record already has the key.
 /// A record by an External ID field's value, as `GET /sobjects/{entity}/{field}/{key}` reads
@@ -864,7 +882,7 @@ async fn upsert(
         return *answer;
     }
     let fields = match fields_of(&entity, &body) {
-        Ok(f) => f,
+        Ok(f) => as_kept(f),
         Err(answer) => return *answer,
     };
     written(&fake, |org| {
@@ -911,7 +929,7 @@ async fn update(
         return *answer;
     }
     let fields = match fields_of(&entity, &body) {
-        Ok(f) => f,
+        Ok(f) => as_kept(f),
         Err(answer) => return *answer,
     };
     let unmodified_since = headers

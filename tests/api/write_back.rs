@@ -733,6 +733,76 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
     );
 }
 
+#[tokio::test]
+async fn a_value_salesforce_spells_its_own_way_can_be_edited_again_before_the_next_sync() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "LastName": "Ann", "Email": "ann@acme.test",
+               "Revenue__c": 1000.0, "Next_Call__c": "2026-01-05T10:00:00.000+0000"}),
+        Utc::now() - Duration::days(2),
+    );
+    let mut integration = two_way(&fake, "provider_wins");
+    let fields = &mut integration["structuredData"]["entityMappings"][0]["fieldMappings"];
+    for (source, target) in [("Revenue__c", "revenue"), ("Next_Call__c", "nextCall")] {
+        fields
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"source": source, "target": target}));
+    }
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+
+    edit_in_castiel(
+        &test,
+        ANN,
+        "Ann",
+        json!({"revenue": 5000, "nextCall": "2026-02-01T09:00:00Z"}),
+    )
+    .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let record = fake.record("Contact", "003000000000001AAA").unwrap();
+    assert_eq!(
+        record["Revenue__c"],
+        json!(5000.0),
+        "Salesforce keeps a double"
+    );
+    assert_eq!(record["Next_Call__c"], "2026-02-01T09:00:00.000+0000");
+
+    // Edited again before any inbound sync: Salesforce's spelling of the first edit is what
+    // was written, not a change made there, so nothing conflicts and provider_wins takes
+    // nothing back.
+    edit_in_castiel(
+        &test,
+        ANN,
+        "Ann",
+        json!({"revenue": 6000, "nextCall": "2026-03-01T09:00:00Z"}),
+    )
+    .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    let record = fake.record("Contact", "003000000000001AAA").unwrap();
+    assert_eq!(
+        record["Revenue__c"],
+        json!(6000.0),
+        "the second edit landed"
+    );
+    assert_eq!(record["Next_Call__c"], "2026-03-01T09:00:00.000+0000");
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert_eq!(ann.structured_data["revenue"], 6000, "and stays in Castiel");
+
+    // The next sync reads Salesforce's spelling as the same values.
+    sync(&handler, "job-2").await;
+    assert!(
+        test.broker().peek(SYNC_OUTBOUND).unwrap().is_empty(),
+        "nothing to write back"
+    );
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert_eq!(ann.structured_data["nextCall"], "2026-03-01T09:00:00Z");
+}
+
 /// Checks that the one write-back waiting in `sync-outbound` is held for the provider's
 /// allocation: not dead-lettered, and with no attempt spent.
 fn held_write_back(test: &TestApp) {

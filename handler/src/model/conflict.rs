@@ -83,14 +83,106 @@ impl ConflictPolicy {
 }
 
 /// A stable fingerprint of one field's value (`null` and a missing field are the same).
+///
+/// A value is fingerprinted as the provider will spell it back, not as it was written: a
+/// whole number with or without a fraction (`5000` is Salesforce's currency `5000.0`), and a
+/// date-time as its instant, whatever its offset or precision (`2026-01-05T10:00:00Z` is
+/// Salesforce's `2026-01-05T10:00:00.000+0000`). Otherwise a field written back and spelt
+/// anew by the provider looks changed there, and Castiel's next edit of it, made before an
+/// inbound sync, is taken for a conflict.
 pub fn value_hash(value: Option<&Value>) -> String {
-    let text = match value {
-        None | Some(Value::Null) => "null".to_string(),
-        Some(v) => v.to_string(),
-    };
-    let mut hash = super::digest::Fnv1a::new();
-    std::io::Write::write_all(&mut hash, text.as_bytes()).expect("hashing does not fail");
-    hash.hex()
+    Fingerprints::of(value).canonical
+}
+
+/// A value's fingerprint, and the one it had as written where that differs: bases agreed
+/// before values were fingerprinted as providers spell them are of the text as written.
+struct Fingerprints {
+    canonical: String,
+    as_written: Option<String>,
+}
+
+impl Fingerprints {
+    fn of(value: Option<&Value>) -> Self {
+        let hash = |text: &str| {
+            let mut hash = super::digest::Fnv1a::new();
+            std::io::Write::write_all(&mut hash, text.as_bytes()).expect("hashing does not fail");
+            hash.hex()
+        };
+        match value {
+            None | Some(Value::Null) => Self {
+                canonical: hash("null"),
+                as_written: None,
+            },
+            Some(v) => match canonical(v) {
+                Some(spelt) => Self {
+                    canonical: hash(&spelt.to_string()),
+                    as_written: Some(hash(&v.to_string())),
+                },
+                None => Self {
+                    canonical: hash(&v.to_string()),
+                    as_written: None,
+                },
+            },
+        }
+    }
+
+    /// Whether this is the value `base` was taken of.
+    fn is(&self, base: &str) -> bool {
+        self.canonical == base || self.as_written.as_deref() == Some(base)
+    }
+}
+
+/// `value` as a provider spells it back, where that differs from how it is written.
+fn canonical(value: &Value) -> Option<Value> {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64()?;
+            // Within f64's exact integers, so the integer is the same number.
+            (f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0).then(|| Value::from(f as i64))
+        }
+        Value::String(text) => {
+            let spelt = instant(text)?.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            (spelt != *text).then_some(Value::String(spelt))
+        }
+        Value::Array(items) => {
+            let spelt: Vec<Option<Value>> = items.iter().map(canonical).collect();
+            spelt.iter().any(Option::is_some).then(|| {
+                items
+                    .iter()
+                    .zip(spelt)
+                    .map(|(item, spelt)| spelt.unwrap_or_else(|| item.clone()))
+                    .collect()
+            })
+        }
+        Value::Object(fields) => {
+            let spelt: Vec<Option<Value>> = fields.values().map(canonical).collect();
+            spelt.iter().any(Option::is_some).then(|| {
+                Value::Object(
+                    fields
+                        .iter()
+                        .zip(spelt)
+                        .map(|((name, v), spelt)| {
+                            (name.clone(), spelt.unwrap_or_else(|| v.clone()))
+                        })
+                        .collect(),
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The instant a date-time with an offset names: RFC 3339, or with the offset's colon left out
+/// as Salesforce writes it. A date alone, or a time without an offset, names no instant.
+fn instant(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    if !(20..=40).contains(&b.len()) || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    DateTime::parse_from_rfc3339(text)
+        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// One mapped field of a record, seen from both sides.
@@ -170,9 +262,9 @@ pub fn reconcile(
     let changes: Vec<Change> = fields
         .iter()
         .map(|f| {
-            let castiel = value_hash(f.castiel);
-            let provider = value_hash(f.provider);
-            if castiel == provider {
+            let castiel = Fingerprints::of(f.castiel);
+            let provider = Fingerprints::of(f.provider);
+            if castiel.canonical == provider.canonical {
                 return Change::None;
             }
             match f.base {
@@ -180,7 +272,7 @@ pub fn reconcile(
                 // newly mapped), else the provider's record is where the shard came from.
                 None if f.castiel_changed => Change::Castiel,
                 None => Change::Provider,
-                Some(base) => match (castiel != base, provider != base) {
+                Some(base) => match (!castiel.is(base), !provider.is(base)) {
                     (true, true) => Change::Both,
                     (true, false) => Change::Castiel,
                     (false, true) => Change::Provider,
@@ -527,6 +619,76 @@ mod tests {
         assert_eq!(modified(Some(at(10)), None), Side::Provider);
         assert_eq!(modified(Some(at(12)), Some(at(11))), Side::Castiel);
         assert_eq!(modified(Some(at(10)), Some(at(11))), Side::Provider);
+    }
+
+    #[test]
+    fn a_value_is_fingerprinted_as_providers_spell_it_back() {
+        let same = |a: Value, b: Value| value_hash(Some(&a)) == value_hash(Some(&b));
+        assert!(same(json!(5000), json!(5000.0)));
+        assert!(same(json!(-3), json!(-3.0)));
+        assert!(!same(json!(5000), json!(5000.5)));
+        assert!(same(
+            json!("2026-01-05T10:00:00Z"),
+            json!("2026-01-05T10:00:00.000+0000")
+        ));
+        assert!(same(
+            json!("2026-01-05T11:00:00+01:00"),
+            json!("2026-01-05T10:00:00.0000000Z")
+        ));
+        assert!(!same(
+            json!("2026-01-05T10:00:00Z"),
+            json!("2026-01-05T10:00:00.5Z")
+        ));
+        assert!(same(
+            json!({"at": "2026-01-05T10:00:00Z", "n": [1]}),
+            json!({"at": "2026-01-05T10:00:00.000+0000", "n": [1.0]})
+        ));
+        // Text that only looks like a time, or names no instant, is compared as written.
+        assert!(!same(json!("2026-01-05"), json!("2026-01-05T00:00:00Z")));
+        assert!(!same(
+            json!("2026-01-05T10:00:00"),
+            json!("2026-01-05T10:00:00Z")
+        ));
+        assert!(!same(json!("5000"), json!(5000)));
+    }
+
+    #[test]
+    fn a_value_respelt_by_the_provider_is_not_a_change_there() {
+        let fields = |base: &str, castiel: &Value, provider: &Value| {
+            reconcile(
+                &[FieldSides {
+                    field: "amount",
+                    base: Some(base),
+                    castiel: Some(castiel),
+                    provider: Some(provider),
+                    castiel_changed: true,
+                }],
+                &policy(Strategy::Manual),
+                Modified {
+                    castiel: Some(at(10)),
+                    provider: Some(at(11)),
+                },
+            )
+        };
+        // Written back as 5000, read back as 5000.0; then edited in Castiel again.
+        let agreed = value_hash(Some(&json!(5000)));
+        let decided = fields(&agreed, &json!(6000), &json!(5000.0));
+        assert_eq!(decided.to_provider, ["amount"]);
+        assert!(decided.conflicts.is_empty());
+
+        // A base agreed before values were fingerprinted so, on the text as written, still
+        // matches it.
+        let as_written = {
+            let mut hash = crate::model::digest::Fnv1a::new();
+            std::io::Write::write_all(&mut hash, b"5000.0").unwrap();
+            hash.hex()
+        };
+        let decided = fields(&as_written, &json!(6000), &json!(5000.0));
+        assert_eq!(decided.to_provider, ["amount"]);
+        assert!(decided.conflicts.is_empty());
+        let decided = fields(&as_written, &json!(5000.0), &json!(7000.0));
+        assert_eq!(decided.to_castiel, ["amount"]);
+        assert!(decided.conflicts.is_empty());
     }
 
     #[test]
