@@ -261,6 +261,10 @@ async fn an_edit_to_a_record_salesforce_no_longer_shows_is_kept_for_an_operator_
         ann.external_relationships[0].sync_status,
         RelationshipStatus::Deleted
     );
+    assert!(
+        ann.deleted_at.is_some(),
+        "the shard goes with its only record, as the next sync would have it"
+    );
     assert!(fake.records("Contact").is_empty(), "nothing created again");
 }
 
@@ -730,6 +734,28 @@ async fn an_edit_in_castiel_reaches_salesforce_and_the_next_sync_reads_it_back_a
     assert_eq!(
         deletes, 1,
         "the redelivery finds the link already marked deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_deletion_in_castiel_outlasts_a_sync_that_reads_the_record_before_it_is_written_back() {
+    let (test, fake, handler) = ann_synced("newest_wins", &[]).await;
+    let sent = test
+        .cli_json(&["shards", "delete", ANN, "--tenant", "t1"])
+        .await;
+    assert_eq!(sent[0]["writeBack"]["operation"], "delete");
+
+    // A full sync runs before the deletion is written back, and reads Ann at Salesforce.
+    handler
+        .run_sync(SF, "salesforce", "job-2", "full_sync")
+        .await;
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert!(ann.deleted_at.is_some(), "still deleted in Castiel");
+
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert!(
+        fake.record("Contact", "003000000000001AAA").is_none(),
+        "and deleted at Salesforce"
     );
 }
 

@@ -610,15 +610,28 @@ async fn write(
                     ));
                 }
             }
-            // Deleted at the provider: the next inbound sync reads the deletion (and soft-deletes
-            // the shard if no other record holds it).
+            // Deleted at the provider: the shard goes too unless another record holds it, as
+            // the next inbound sync would have it. Left live with its link marked deleted, its
+            // next edit would make the record again.
             let r = &mut shard.external_relationships[i];
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
+            if !shard
+                .external_relationships
+                .iter()
+                .any(|r| r.sync_status == RelationshipStatus::Synced)
+            {
+                shard.deleted_at = Some(now);
+                shard.updated_at = Some(now);
+            }
             pushed.skipped = 1;
-            pushed.note = Some(format!(
-                "`{external_id}` is gone at the provider; not written"
-            ));
+            pushed.note = Some(if shard.deleted_at.is_some() {
+                format!(
+                    "`{external_id}` is gone at the provider; not written, and the shard is deleted"
+                )
+            } else {
+                format!("`{external_id}` is gone at the provider; not written")
+            });
             save_shard(app, shard, &target.shard, integration_id).await?;
             return Ok(pushed);
         };
@@ -924,6 +937,18 @@ fn after_write(
             Some(i) => current.external_relationships[i] = link.clone(),
             None => current.external_relationships.push(link.clone()),
         }
+    }
+    // A deletion the write found at the provider takes the shard with it, unless a record
+    // linked meanwhile holds it.
+    if written.deleted_at.is_some()
+        && read.deleted_at.is_none()
+        && !current
+            .external_relationships
+            .iter()
+            .any(|r| r.sync_status == RelationshipStatus::Synced)
+    {
+        current.deleted_at = written.deleted_at;
+        current.updated_at = written.updated_at;
     }
     if let (Some(before), Some(taken), Some(data)) = (
         read.structured_data.as_object(),

@@ -587,6 +587,21 @@ impl<'a> Landing<'a> {
                 landed.skipped += 1;
                 continue;
             }
+            // A shard written back that Castiel deleted while its record lives on stays
+            // deleted: the deletion is Castiel's latest change, and its write-back deletes the
+            // record. Brought back here, the write-back would take it for restored, and the
+            // deletion would be lost on both sides.
+            if let Some(id) = &target
+                && two_way.is_some()
+                && shards[id].deleted_at.is_some()
+                && shards[id].external_relationships.iter().any(|r| {
+                    r.is_to(ctx.integration_id, &record.id)
+                        && r.sync_status == RelationshipStatus::Synced
+                })
+            {
+                landed.skipped += 1;
+                continue;
+            }
             let hash = two_way.is_none().then(|| record_hash(data));
             let shard = match target {
                 Some(id) => {
