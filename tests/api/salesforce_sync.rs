@@ -912,6 +912,83 @@ async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_
 }
 
 #[tokio::test]
+async fn a_mapping_that_names_no_fields_copies_every_field_salesforce_has() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 2);
+    let mut integration = integration(&fake, false);
+    integration["structuredData"]["entityMappings"] = json!([
+        {"externalEntity": "Account", "shardTypeId": "c_company", "nameField": "Name"}
+    ]);
+    let app = TestApp::new();
+    app.register_integration(integration).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let companies = app.shards("c_company").await;
+    assert_eq!(companies.len(), 2);
+    let first = companies
+        .iter()
+        .find(|c| c["name"] == "Account 0")
+        .unwrap_or_else(|| panic!("{companies:?}"));
+    assert_eq!(first["structuredData"]["Industry"], "Technology", "{first}");
+}
+
+#[tokio::test]
+async fn a_save_committed_after_the_query_is_read_though_a_later_run_finished_that_query() {
+    let fake = FakeSalesforce::start().await;
+    let saved = DateTime::from_timestamp((Utc::now() - Duration::hours(1)).timestamp(), 0).unwrap();
+    fake.load(
+        "Account",
+        (0..5000).map(|i| {
+            (
+                json!({"Id": format!("001{i:015}"), "Name": format!("Account {i}")}),
+                saved + Duration::milliseconds(i),
+            )
+        }),
+    );
+    // The query and one more page succeed; the allocation then runs out.
+    fake.org.lock().unwrap().limit_exceeded_after = Some(2);
+    let app = spawn_app(&fake, false).await;
+    let handler = app.host_handler_with(UNLIMITED).await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    // That run was an hour ago, a minute after the saves.
+    age_integration(&app, |data| {
+        let checkpoint = &mut data["checkpoints"]["Account"];
+        assert!(checkpoint["readBegan"].is_string(), "{checkpoint}");
+        checkpoint["readBegan"] = json!(saved + Duration::minutes(1));
+    })
+    .await;
+    // A save stamped before the last of those, whose transaction committed after the query:
+    // not in the query's answer.
+    fake.add(
+        "Account",
+        json!({"Id": "001900000000000001", "Name": "Late Account"}),
+        saved - Duration::seconds(20),
+    );
+
+    // The allocation comes back: the next run finishes the hour-old query's pages, and the
+    // one after reads from the cursor they left.
+    fake.org.lock().unwrap().limit_exceeded_after = None;
+    run_job(&handler, "job-2", "incremental", 1).await;
+    assert_eq!(app.shards("c_company").await.len(), 5000);
+    run_job(&handler, "job-3", "incremental", 1).await;
+
+    let names: Vec<Value> = app
+        .shards("c_company")
+        .await
+        .into_iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert!(
+        names.contains(&json!("Late Account")),
+        "read from five minutes before the cursor, for the query was sent less than five minutes after it"
+    );
+}
+
+#[tokio::test]
 async fn an_allocation_that_runs_out_as_deletions_are_read_keeps_the_counts_of_what_was_synced() {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 5);

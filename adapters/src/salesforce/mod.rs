@@ -126,6 +126,9 @@ struct DescribedField {
     /// An update may set it.
     #[serde(default)]
     updateable: bool,
+    /// Its type (`string`, `base64`, …).
+    #[serde(default, rename = "type")]
+    kind: String,
 }
 
 impl Described {
@@ -247,6 +250,29 @@ impl Salesforce {
             known.insert(key(conn), (described.clone(), Instant::now()));
         }
         Ok(described)
+    }
+
+    /// `request` with the fields a mapping that copies every field reads, where it names none:
+    /// every field `describe` lists, but for file bodies (`base64`), which SOQL reads only one
+    /// record at a time. Salesforce answers only the fields a query selects.
+    async fn with_every_field<'r>(
+        &self,
+        conn: &mut Connection,
+        request: &'r FetchRequest,
+    ) -> Result<std::borrow::Cow<'r, FetchRequest>, ProviderError> {
+        if !request.fields.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(request));
+        }
+        let described = self.describe(conn, &request.entity).await?;
+        Ok(std::borrow::Cow::Owned(FetchRequest {
+            fields: described
+                .fields
+                .iter()
+                .filter(|f| f.kind != "base64")
+                .map(|f| f.name.clone())
+                .collect(),
+            ..request.clone()
+        }))
     }
 
     /// Every record `soql` finds through `resource` (`query`, or `queryAll`, which finds deleted
@@ -1029,7 +1055,7 @@ impl Pull for Salesforce {
             None => {
                 let since = request.cursor.as_deref().map(cursor_time).transpose()?;
                 let soql = soql(
-                    request,
+                    &*self.with_every_field(conn, request).await?,
                     since.map(|t| request.read_from(t, RECORDS_LOOKBACK)),
                 );
                 (
@@ -1067,7 +1093,7 @@ impl Pull for Salesforce {
         let unbounded = FetchRequest {
             cursor: None,
             page_token: None,
-            ..request.clone()
+            ..self.with_every_field(conn, request).await?.into_owned()
         };
         let mut records = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(IDS_PER_QUERY) {

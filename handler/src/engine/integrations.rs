@@ -23,7 +23,8 @@ pub struct Registered {
 }
 
 /// The integration to store when `given` is put over `old`: the operator's configuration,
-/// with the state the engine keeps (when it last synced and next will, cursors, how far
+/// with the state the engine keeps (when it last synced and next will, cursors and when they
+/// were read, how far
 /// deletions were read and which were lost, checkpoints, the running lease and the chain that ended last,
 /// credential expiry and refresh lease, webhook subscriptions) carried over. A changed frequency moves the next sync to the new frequency's next time.
 pub fn merged(
@@ -37,6 +38,7 @@ pub fn merged(
             given.credentials_expire_at = given.credentials_expire_at.or(old.credentials_expire_at);
             if given.cursors.is_empty() {
                 given.cursors = old.cursors.clone();
+                given.cursors_read_at = old.cursors_read_at.clone();
             }
             if given.deletions_checked.is_empty() {
                 given.deletions_checked = old.deletions_checked.clone();
@@ -86,6 +88,7 @@ pub async fn register(
         mapping.validate()?;
         mapping.check_deduplication()?;
     }
+    integration.check_entities_distinct()?;
     integration.check_write_back()?;
     let notes = check(app, &shard, &mut integration).await?;
     let existing = app

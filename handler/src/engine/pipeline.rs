@@ -381,6 +381,9 @@ struct EntityRun<'a> {
     errors: Vec<SyncError>,
     /// The cursor the pages synced so far returned.
     pending_cursor: Option<String>,
+    /// When the query whose pages this run reads was sent, at the latest: this job's start,
+    /// or, for pages resumed from a checkpoint, the start of the job that sent it.
+    read_began: Option<DateTime<Utc>>,
     /// The complete listing this run reads part or all of (see `Pull::lists_everything`):
     /// what it leaves out is reconciled as deleted.
     listing: Option<Listing>,
@@ -512,8 +515,13 @@ fn first_request(
         page_token: checkpoint.map(|c| c.page_token.clone()),
         filters,
         page_size: PAGE_SIZE,
-        // The last sync that ran to its end began then, at the latest before it read.
-        cursor_read_at: integration.last_sync_at,
+        // When the read that left the cursor began; where that is not kept, the last sync
+        // that ran to its end began then, at the latest before it read.
+        cursor_read_at: integration
+            .cursors_read_at
+            .get(entity)
+            .copied()
+            .or(integration.last_sync_at),
     }
 }
 
@@ -598,6 +606,14 @@ fn listed_ids(records: &[Record]) -> Vec<String> {
         .collect()
 }
 
+/// The MessageId of the write-back a sync sends when it finds Castiel ahead of a record: one
+/// per state of the shard and integration, so that a sync finding the same again sends none,
+/// while a shard two-way with two integrations is written to both (the queue's duplicate
+/// detection spans its sessions).
+fn write_back_id(shard_id: &str, content_hash: &str, integration_id: &str) -> String {
+    format!("{shard_id}:{content_hash}:{integration_id}")
+}
+
 /// A stand-in for a connection that is away with a fetch on another task.
 fn detached(integration_id: &str) -> Connection {
     Connection::new(
@@ -650,6 +666,7 @@ impl<'a> EntityRun<'a> {
             counters: Counters::default(),
             errors: Vec::new(),
             pending_cursor: None,
+            read_began: None,
             listing: None,
             relist: integration
                 .lost_deletions
@@ -839,6 +856,11 @@ impl<'a> EntityRun<'a> {
         let mut request = first_request(self.job, integration, self.mapping);
         let mut cursor = request.cursor.clone();
         self.pending_cursor = checkpoint.and_then(|c| c.pending_cursor.clone());
+        // A checkpoint from before its query's time was kept tells none.
+        self.read_began = match checkpoint {
+            Some(c) => c.read_began,
+            None => Some(self.now),
+        };
         self.complete_from_start = integration.cursors.contains_key(&entity)
             && provider.lists_everything_from_start(&integration.connection, &request);
         // Only a listing read whole from the start, by this job or by it and the jobs before it,
@@ -1048,6 +1070,7 @@ impl<'a> EntityRun<'a> {
         {
             tracing::warn!(entity = %request.entity, error = %e, "checkpoint no longer valid; restarting the entity");
             request.page_token = None;
+            self.read_began = Some(self.now);
             // And a listing with it, which does not count the pages of the one before.
             self.listing = self.listing_from_start(provider, request);
             page = provider.fetch_page(conn, request).await;
@@ -1062,6 +1085,7 @@ impl<'a> EntityRun<'a> {
             request.page_token = None;
             request.cursor = None;
             self.pending_cursor = None;
+            self.read_began = Some(self.now);
             self.listing = self.listing_from_start(provider, request);
             // Forgotten at once: whatever this read ends with, a later run must not start from
             // it again (an entity whose pages return no cursor would otherwise keep it). What
@@ -1076,7 +1100,7 @@ impl<'a> EntityRun<'a> {
                 if !holds {
                     return false;
                 }
-                let forgot = i.cursors.remove(entity).is_some();
+                let forgot = i.forget_cursor(entity);
                 let marked = lost && !i.lost_deletions.contains(entity);
                 if marked {
                     i.mark_deletions_lost(entity);
@@ -1154,6 +1178,7 @@ impl<'a> EntityRun<'a> {
             cursor: cursor.map(str::to_string),
             pending_cursor: self.pending_cursor.clone(),
             listing,
+            read_began: self.read_began,
             updated_at: self.now,
         };
         let entity = &self.mapping.external_entity;
@@ -1269,6 +1294,7 @@ impl<'a> EntityRun<'a> {
             // read from the start replaces the one stored; kept, that one still tells them.
             deletions_lost: lost || (self.listing_dropped && self.pending_cursor.is_some()),
             cursor: self.pending_cursor.clone(),
+            read_began: self.read_began,
         };
         let progress = self.progress(pages, true);
         let job_id = self.job.job_id;
@@ -1896,10 +1922,10 @@ impl<'a> EntityRun<'a> {
                 attempt: 1,
                 holds: 0,
             };
-            // One message per state of the shard: a sync that finds the same again sends none.
-            let message_id = format!(
-                "{shard_id}:{}",
-                shard.content_hash.as_deref().unwrap_or_default()
+            let message_id = write_back_id(
+                shard_id,
+                shard.content_hash.as_deref().unwrap_or_default(),
+                integration_id,
             );
             self.app
                 .queue
@@ -2253,5 +2279,21 @@ impl<'a> EntityRun<'a> {
                 Err(e) => return Err(store_error(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_back_id;
+
+    #[test]
+    fn a_shard_ahead_of_two_integrations_is_written_back_to_each() {
+        let salesforce = write_back_id("shard-ann", "00ab", "int-sf");
+        assert_eq!(salesforce, write_back_id("shard-ann", "00ab", "int-sf"));
+        assert_ne!(
+            salesforce,
+            write_back_id("shard-ann", "00ab", "int-dynamics")
+        );
+        assert_ne!(salesforce, write_back_id("shard-ann", "00ac", "int-sf"));
     }
 }

@@ -63,6 +63,13 @@ pub struct Integration {
     /// never reads it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cursors: BTreeMap<String, String>,
+    /// Per entity with a cursor: when the read that left it began, at the latest (see
+    /// `FetchRequest::cursor_read_at`). A read spans jobs, and chains of jobs, from its
+    /// checkpoint; the pages after one are still the answer of the query first sent, so it is
+    /// that query's time, not when the chain that finished the read began, that tells what
+    /// could still have been uncommitted. Without one, the last sync's start stands for it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cursors_read_at: BTreeMap<String, DateTime<Utc>>,
     /// Per entity of a provider that reports deletions apart from records (Salesforce): how
     /// far its log of deletions has been read, by the provider's clock. The next check
     /// starts there, whether or not the entity's records changed since.
@@ -127,6 +134,8 @@ pub struct EntityEnd {
     pub deletions_lost: bool,
     /// The cursor the run's pages left, if any.
     pub cursor: Option<String>,
+    /// When the read that left it began, if known.
+    pub read_began: Option<DateTime<Utc>>,
 }
 
 impl Integration {
@@ -134,7 +143,7 @@ impl Integration {
     /// its cursor, how far its deletions were read and its checkpoint are forgotten, and it is
     /// marked lost, so that the next run lists it whole.
     pub fn lose_deletions(&mut self, entity: &str) {
-        self.cursors.remove(entity);
+        self.forget_cursor(entity);
         self.deletions_checked.remove(entity);
         self.checkpoints.remove(entity);
         self.mark_deletions_lost(entity);
@@ -157,14 +166,26 @@ impl Integration {
         } else if end.deletions_lost {
             self.mark_deletions_lost(entity);
         }
-        if let Some(cursor) = end.cursor {
-            let cursor = match self.cursors.remove(entity) {
-                Some(stored) => newer(stored, cursor),
-                None => cursor,
+        if let Some(read) = end.cursor {
+            let kept = match self.cursors.remove(entity) {
+                Some(stored) => newer(stored, read.clone()),
+                None => read.clone(),
             };
-            self.cursors.insert(entity.to_string(), cursor);
+            if kept == read {
+                match end.read_began {
+                    Some(at) => self.cursors_read_at.insert(entity.to_string(), at),
+                    None => self.cursors_read_at.remove(entity),
+                };
+            }
+            self.cursors.insert(entity.to_string(), kept);
         }
         self.checkpoints.remove(entity);
+    }
+
+    /// Forgets `entity`'s cursor: its next read starts from the beginning.
+    pub fn forget_cursor(&mut self, entity: &str) -> bool {
+        self.cursors_read_at.remove(entity);
+        self.cursors.remove(entity).is_some()
     }
 
     /// Marks `entity`'s deletions lost (once), so that the next run lists it whole.
@@ -209,6 +230,24 @@ impl Integration {
         Ok(())
     }
 
+    /// Refuses two mappings of one entity: the engine keeps one cursor, checkpoint and set of
+    /// synced shards per entity, so only the first would ever run. One entity made into two
+    /// shard types is one mapping with `derivedShards`.
+    pub fn check_entities_distinct(&self) -> Result<(), String> {
+        for (i, m) in self.entity_mappings.iter().enumerate() {
+            if let Some(other) = self.entity_mappings[i + 1..]
+                .iter()
+                .find(|o| o.external_entity.eq_ignore_ascii_case(&m.external_entity))
+            {
+                return Err(format!(
+                    "`{}` is mapped twice (to `{}` and `{}`): map it once, and make the other                      shards from it with `derivedShards`",
+                    m.external_entity, m.shard_type_id, other.shard_type_id
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The mapping of a two-way shard type, if one writes back.
     pub fn write_back_mapping(&self, shard_type_id: &str) -> Option<&EntityMapping> {
         self.entity_mappings
@@ -247,6 +286,10 @@ pub struct Checkpoint {
     /// [`super::listing`]), which the job that reads the listing's end reads back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listing: Option<ListingProgress>,
+    /// When the query whose pages the checkpoint goes on with was sent, at the latest: what
+    /// the cursor it leaves was read at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_began: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -410,6 +453,30 @@ mod tests {
     }
 
     #[test]
+    fn an_entity_mapped_twice_is_refused_in_any_case() {
+        let with = |entities: &[(&str, &str)]| -> Integration {
+            let mappings: Vec<serde_json::Value> = entities
+                .iter()
+                .map(|(e, t)| serde_json::json!({"externalEntity": e, "shardTypeId": t}))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "providerName": "salesforce", "syncFrequency": {"type": "manual"},
+                "entityMappings": mappings
+            }))
+            .unwrap()
+        };
+        assert!(
+            with(&[("Account", "c_company"), ("Contact", "c_contact")])
+                .check_entities_distinct()
+                .is_ok()
+        );
+        let refused = with(&[("Account", "c_company"), ("account", "c_summary")])
+            .check_entities_distinct()
+            .unwrap_err();
+        assert!(refused.contains("derivedShards"), "{refused}");
+    }
+
+    #[test]
     fn lost_deletions_forget_the_cursor_and_mark_the_entity_once() {
         let mut integration = synced_once();
         integration.lose_deletions("Account");
@@ -418,6 +485,37 @@ mod tests {
         assert!(integration.deletions_checked.is_empty());
         assert!(integration.checkpoints.is_empty());
         assert_eq!(integration.lost_deletions, ["Account"]);
+    }
+
+    #[test]
+    fn a_cursor_keeps_when_the_read_that_left_it_began() {
+        let at = |hour| Utc.with_ymd_and_hms(2026, 11, 23, hour, 0, 0).unwrap();
+        let newer = |a: String, b: String| a.max(b);
+        let mut integration = synced_once();
+        let ended = |cursor: &str, hour| EntityEnd {
+            cursor: Some(cursor.into()),
+            read_began: Some(at(hour)),
+            ..EntityEnd::default()
+        };
+        integration.end_entity("Account", ended("2026-11-23T08:00:00.000Z", 8), newer);
+        assert_eq!(integration.cursors_read_at["Account"], at(8));
+
+        // A read that left an older cursor than the one kept leaves the kept one's time.
+        integration.end_entity("Account", ended("2026-11-23T07:00:00.000Z", 9), newer);
+        assert_eq!(integration.cursors["Account"], "2026-11-23T08:00:00.000Z");
+        assert_eq!(integration.cursors_read_at["Account"], at(8));
+
+        // Of a read whose start is not known, none is kept: the last sync's start stands in.
+        let unknown = EntityEnd {
+            cursor: Some("2026-11-23T09:00:00.000Z".into()),
+            ..EntityEnd::default()
+        };
+        integration.end_entity("Account", unknown, newer);
+        assert!(integration.cursors_read_at.is_empty());
+
+        integration.end_entity("Account", ended("2026-11-23T10:00:00.000Z", 10), newer);
+        integration.lose_deletions("Account");
+        assert!(integration.cursors_read_at.is_empty());
     }
 
     #[test]
