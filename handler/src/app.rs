@@ -5,6 +5,7 @@
 //! runs on and what the operator commands read. [`App::from_settings`] swaps in each Azure
 //! service whose settings are present.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -136,13 +137,16 @@ impl App {
     ) -> Result<Self, String> {
         let mut app = local.app(settings.clone(), providers);
         let azure = &settings.azure;
-        let mut credential: Option<AzureCredential> = None;
+        // One credential per identity: Service Bus's connection may name its own
+        // (`ServiceBusConnection__clientId`), which is no other service's.
+        let mut credentials: HashMap<Option<String>, AzureCredential> = HashMap::new();
         let mut entra = |client_id: Option<&str>| -> Result<AzureCredential, String> {
-            if let Some(c) = &credential {
+            let identity = client_id.or(azure.client_id.as_deref()).map(str::to_string);
+            if let Some(c) = credentials.get(&identity) {
                 return Ok(c.clone());
             }
-            let c = AzureCredential::for_environment(client_id.or(azure.client_id.as_deref()))?;
-            credential = Some(c.clone());
+            let c = AzureCredential::for_environment(identity.as_deref())?;
+            credentials.insert(identity, c.clone());
             Ok(c)
         };
         if let (Some(service_bus), QueueChoice::Configured) = (&azure.service_bus, queue) {
@@ -152,7 +156,7 @@ impl App {
         }
         if let Some(url) = &azure.key_vault_url {
             let credential = entra(None)?;
-            app.secrets = Arc::new(KeyVaultSecrets::new(url, credential.0)?);
+            app.secrets = Arc::new(KeyVaultSecrets::new(url, credential.credential())?);
         }
         if let Some(cosmos) = &azure.cosmos {
             let endpoint = cosmos
@@ -164,7 +168,7 @@ impl App {
                     endpoint,
                     azure_core::credentials::Secret::new(key.clone()),
                 ),
-                None => AccountReference::with_credential(endpoint, entra(None)?.0),
+                None => AccountReference::with_credential(endpoint, entra(None)?.credential()),
             };
             let client = CosmosClientBuilder::new()
                 .build(

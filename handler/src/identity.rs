@@ -5,11 +5,13 @@
 //! machine the Azure CLI or Azure Developer CLI login does. Keys and connection strings are
 //! used only where an operator configures them instead.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use azure_core::credentials::TokenCredential;
+use azure_core::credentials::{AccessToken, TokenCredential};
+use azure_core::time::{Duration, OffsetDateTime};
 use azure_identity::{
     DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
     UserAssignedId,
@@ -21,17 +23,33 @@ pub trait TokenSource: Send + Sync {
     async fn token(&self, scope: &str) -> Result<String, String>;
 }
 
-/// Tokens from an `azure_identity` credential (which caches them until shortly before expiry).
+/// Tokens from an `azure_identity` credential, kept per scope until shortly before they
+/// expire. Managed identity keeps its own, but the developer tools' credentials keep none and
+/// run the Azure CLI for every token, a second or so each: the Service Bus and Event Grid
+/// clients, which ask for a token per request, would spend that on every message.
 #[derive(Clone)]
-pub struct AzureCredential(pub Arc<dyn TokenCredential>);
+pub struct AzureCredential {
+    credential: Arc<dyn TokenCredential>,
+    tokens: Arc<Mutex<HashMap<String, AccessToken>>>,
+}
 
 impl fmt::Debug for AzureCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AzureCredential({:?})", self.0)
+        write!(f, "AzureCredential({:?})", self.credential)
     }
 }
 
+/// How long before it expires a kept token is asked for anew.
+const RENEW_BEFORE: Duration = Duration::minutes(5);
+
 impl AzureCredential {
+    pub fn new(credential: Arc<dyn TokenCredential>) -> Self {
+        Self {
+            credential,
+            tokens: Arc::default(),
+        }
+    }
+
     /// The credential for where the app runs: managed identity when the Functions platform
     /// provides one (`IDENTITY_ENDPOINT`, or `MSI_ENDPOINT` on older hosts), developer tools
     /// otherwise.
@@ -46,22 +64,101 @@ impl AzureCredential {
             };
             let credential = ManagedIdentityCredential::new(Some(options))
                 .map_err(|e| format!("managed identity is not available: {e}"))?;
-            Ok(Self(credential))
+            Ok(Self::new(credential))
         } else {
             let credential = DeveloperToolsCredential::new(None)
                 .map_err(|e| format!("no developer credential (az login?): {e}"))?;
-            Ok(Self(credential))
+            Ok(Self::new(credential))
         }
+    }
+
+    /// The credential itself, for the Azure SDK clients, whose pipelines keep its tokens.
+    pub fn credential(&self) -> Arc<dyn TokenCredential> {
+        self.credential.clone()
+    }
+
+    fn kept(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().ok()?;
+        tokens
+            .get(scope)
+            .filter(|t| t.expires_on - RENEW_BEFORE > OffsetDateTime::now_utc())
+            .map(|t| t.token.secret().to_string())
     }
 }
 
 #[async_trait]
 impl TokenSource for AzureCredential {
     async fn token(&self, scope: &str) -> Result<String, String> {
-        self.0
+        if let Some(token) = self.kept(scope) {
+            return Ok(token);
+        }
+        let token = self
+            .credential
             .get_token(&[scope], None)
             .await
-            .map(|t| t.token.secret().to_string())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let secret = token.token.secret().to_string();
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(scope.to_string(), token);
+        }
+        Ok(secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use azure_core::credentials::{Secret, TokenRequestOptions};
+
+    use super::*;
+
+    /// A credential that counts the tokens it is asked for, each valid for `lifetime`.
+    #[derive(Debug)]
+    struct Counting {
+        asked: AtomicUsize,
+        lifetime: Duration,
+    }
+
+    #[async_trait]
+    impl TokenCredential for Counting {
+        async fn get_token(
+            &self,
+            scopes: &[&str],
+            _options: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            let n = self.asked.fetch_add(1, Ordering::SeqCst);
+            Ok(AccessToken {
+                token: Secret::new(format!("{}-{n}", scopes[0])),
+                expires_on: OffsetDateTime::now_utc() + self.lifetime,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_is_asked_for_once_per_scope_until_it_nears_its_expiry() {
+        let counting = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            lifetime: Duration::hours(1),
+        });
+        let credential = AzureCredential::new(counting.clone());
+        for _ in 0..50 {
+            assert_eq!(credential.token("bus").await.unwrap(), "bus-0");
+        }
+        assert_eq!(credential.token("grid").await.unwrap(), "grid-1");
+        assert_eq!(counting.asked.load(Ordering::SeqCst), 2);
+
+        let short = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            lifetime: Duration::minutes(4),
+        });
+        let credential = AzureCredential::new(short.clone());
+        credential.token("bus").await.unwrap();
+        credential.token("bus").await.unwrap();
+        assert_eq!(
+            short.asked.load(Ordering::SeqCst),
+            2,
+            "a token within five minutes of its expiry is asked for anew"
+        );
     }
 }

@@ -262,6 +262,39 @@ async fn events_go_to_event_grid_as_cloudevents_with_the_topic_key() {
 }
 
 #[tokio::test]
+async fn events_event_grid_is_too_busy_for_are_posted_again_until_it_takes_them() {
+    let event_grid = FakeEventGrid::start("topic-key-1").await;
+    *event_grid.busy.lock().unwrap() = vec![(503, None), (429, Some(0))];
+    let publisher = EventGridPublisher::new(
+        &event_grid.endpoint,
+        Schema::CloudEvents,
+        EventGridAuth::Key("topic-key-1".into()),
+    );
+    let event = Event::new(
+        "integration.sync.completed",
+        "/tenants/t1/integrations/i1",
+        "job-1",
+        Utc::now(),
+        json!({"n": 1}),
+    );
+
+    publisher
+        .publish(std::slice::from_ref(&event))
+        .await
+        .unwrap();
+
+    let events = event_grid.events();
+    assert_eq!(events.len(), 1, "taken once, on the third post");
+    assert_eq!(events[0]["id"], event.id);
+
+    // A refusal is not posted again.
+    *event_grid.busy.lock().unwrap() = vec![(400, None), (400, None)];
+    let refused = publisher.publish(&[event]).await.unwrap_err();
+    assert!(refused.0.contains("400"), "{}", refused.0);
+    assert_eq!(event_grid.busy.lock().unwrap().len(), 1, "posted once");
+}
+
+#[tokio::test]
 async fn the_event_grid_schema_with_a_bearer_token_and_batches_under_one_megabyte() {
     let event_grid = FakeEventGrid::start("unused").await;
     let publisher = EventGridPublisher::new(

@@ -458,7 +458,12 @@ pub struct FakeEventGrid {
     pub endpoint: String,
     pub key: String,
     pub batches: Arc<Mutex<Vec<PublishedBatch>>>,
+    /// Answers given, in turn, to the next posts instead of accepting them.
+    pub busy: Arc<Mutex<Vec<BusyAnswer>>>,
 }
+
+/// A status, and the `Retry-After` seconds it says, if any.
+pub type BusyAnswer = (u16, Option<u64>);
 
 impl FakeEventGrid {
     pub async fn start(key: &str) -> Self {
@@ -496,6 +501,23 @@ async fn event_grid_publish(
             .unwrap_or_default()
             .to_string()
     };
+    let busy = {
+        let mut busy = fake.busy.lock().unwrap();
+        (!busy.is_empty()).then(|| busy.remove(0))
+    };
+    if let Some((status, retry_after)) = busy {
+        let mut answer = (
+            StatusCode::from_u16(status).unwrap(),
+            Json(json!({"error": {"code": "ServerBusy", "message": "try again later"}})),
+        )
+            .into_response();
+        if let Some(seconds) = retry_after {
+            answer
+                .headers_mut()
+                .insert("retry-after", seconds.to_string().parse().unwrap());
+        }
+        return answer;
+    }
     let key_ok = header("aeg-sas-key") == fake.key;
     let bearer_ok = header("authorization") == format!("Bearer {BEARER}");
     if !key_ok && !bearer_ok {

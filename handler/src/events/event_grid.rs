@@ -3,7 +3,8 @@
 //! Events are posted in batches under Event Grid's 1 MB limit, as CloudEvents 1.0
 //! (`application/cloudevents-batch+json`) or in the Event Grid schema, whichever the topic was
 //! created with. Authorization is the topic's access key (`aeg-sas-key`) or an Entra bearer
-//! token (role: EventGrid Data Sender).
+//! token (role: EventGrid Data Sender). A batch refused for now (throttling, an outage, a lost
+//! connection) is posted again, as Azure's own clients do ([`wait_before_retry`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,45 +122,150 @@ impl EventSink for EventGridPublisher {
             Schema::EventGrid => "application/json",
         };
         for batch in batches(&values, MAX_BATCH_BYTES)? {
-            let mut request = self
-                .http
-                .post(&self.endpoint)
-                .query(&[("api-version", "2018-01-01")])
-                .header("Content-Type", content_type)
-                .body(serde_json::to_vec(&batch).expect("events serialize"));
-            request = match &self.auth {
-                EventGridAuth::Key(key) => request.header("aeg-sas-key", key),
-                EventGridAuth::Entra(credential) => {
-                    let token = credential
-                        .token(SCOPE)
-                        .await
-                        .map_err(|e| EventsError(format!("no Entra token for Event Grid: {e}")))?;
-                    request.bearer_auth(token)
-                }
-            };
-            let response = request
-                .send()
-                .await
-                .map_err(|e| EventsError(format!("publishing to Event Grid failed: {e}")))?;
-            let status = response.status();
-            if !status.is_success() {
-                let body: String = response
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(300)
-                    .collect();
-                return Err(EventsError(format!("Event Grid answered {status}: {body}")));
+            let body = serde_json::to_vec(&batch).expect("events serialize");
+            let mut attempt = 1;
+            loop {
+                let failed = match self.post(content_type, &body).await {
+                    Ok(()) => break,
+                    Err(failed) => failed,
+                };
+                let Some(wait) = wait_before_retry(failed.status, failed.retry_after, attempt)
+                else {
+                    return Err(EventsError(failed.message));
+                };
+                tracing::debug!(attempt, error = %failed.message, "Event Grid refused a batch for now; posting it again");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
             }
         }
         Ok(())
     }
 }
 
+/// A post Event Grid did not accept.
+struct Refused {
+    /// `None` where no answer came.
+    status: Option<reqwest::StatusCode>,
+    retry_after: Option<Duration>,
+    message: String,
+}
+
+impl EventGridPublisher {
+    async fn post(&self, content_type: &str, body: &[u8]) -> Result<(), Refused> {
+        let refused = |status, retry_after, message| Refused {
+            status,
+            retry_after,
+            message,
+        };
+        let mut request = self
+            .http
+            .post(&self.endpoint)
+            .query(&[("api-version", "2018-01-01")])
+            .header("Content-Type", content_type)
+            .body(body.to_vec());
+        request = match &self.auth {
+            EventGridAuth::Key(key) => request.header("aeg-sas-key", key),
+            EventGridAuth::Entra(credential) => {
+                let token = credential.token(SCOPE).await.map_err(|e| {
+                    refused(None, None, format!("no Entra token for Event Grid: {e}"))
+                })?;
+                request.bearer_auth(token)
+            }
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| refused(None, None, format!("publishing to Event Grid failed: {e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body: String = response
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
+        Err(refused(
+            Some(status),
+            retry_after,
+            format!("Event Grid answered {status}: {body}"),
+        ))
+    }
+}
+
+/// How many times a batch is posted before its events are given up.
+const ATTEMPTS: u32 = 4;
+
+/// The longest a `Retry-After` is waited: publishing holds up the sync that has the events.
+const LONGEST_WAIT: Duration = Duration::from_secs(10);
+
+/// How long to wait before posting a batch again after post `attempt` failed with `status`
+/// (`None`: no answer came) and `retry_after`; `None` when it is not to be posted again.
+///
+/// As Azure's own clients do: throttling (429), a timeout (408), an outage (5xx) and a lost
+/// connection are tried again, three times, after 0.25, 0.5 and 1 s or as long as Event Grid
+/// asks (up to 10 s); the events' ids are fixed, so a batch that landed before its answer was
+/// lost is one subscribers can tell again. Anything else (a bad key, a refused event) fails as
+/// it is.
+fn wait_before_retry(
+    status: Option<reqwest::StatusCode>,
+    retry_after: Option<Duration>,
+    attempt: u32,
+) -> Option<Duration> {
+    let passing = status.is_none_or(|s| {
+        s == reqwest::StatusCode::REQUEST_TIMEOUT
+            || s == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || s.is_server_error()
+    });
+    if !passing || attempt >= ATTEMPTS {
+        return None;
+    }
+    let backoff = Duration::from_millis(250 << (attempt - 1));
+    Some(retry_after.map_or(backoff, |asked| asked.min(LONGEST_WAIT)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttling_and_outages_are_posted_again_and_refusals_are_not() {
+        use reqwest::StatusCode;
+        let ms = Duration::from_millis;
+        assert_eq!(wait_before_retry(None, None, 1), Some(ms(250)));
+        assert_eq!(
+            wait_before_retry(Some(StatusCode::SERVICE_UNAVAILABLE), None, 2),
+            Some(ms(500))
+        );
+        assert_eq!(
+            wait_before_retry(Some(StatusCode::TOO_MANY_REQUESTS), Some(ms(3000)), 3),
+            Some(ms(3000))
+        );
+        assert_eq!(
+            wait_before_retry(Some(StatusCode::TOO_MANY_REQUESTS), Some(ms(60_000)), 1),
+            Some(LONGEST_WAIT)
+        );
+        assert_eq!(
+            wait_before_retry(Some(StatusCode::REQUEST_TIMEOUT), None, ATTEMPTS),
+            None,
+            "three tries again at most"
+        );
+        for refused in [
+            StatusCode::BAD_REQUEST,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ] {
+            assert_eq!(wait_before_retry(Some(refused), None, 1), None, "{refused}");
+        }
+    }
 
     #[test]
     fn batches_stay_under_the_limit_and_keep_order() {
