@@ -760,6 +760,114 @@ async fn a_deletion_in_castiel_outlasts_a_sync_that_reads_the_record_before_it_i
 }
 
 #[tokio::test]
+async fn deleting_a_contact_merged_from_two_records_deletes_both_at_salesforce() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    for (id, name) in [
+        ("003000000000001AAA", "Ann"),
+        ("003000000000002AAA", "Ann Lee"),
+    ] {
+        fake.add(
+            "Contact",
+            json!({"Id": id, "LastName": name, "Email": "ann@acme.test"}),
+            Utc::now() - Duration::days(2),
+        );
+    }
+    let mut integration = two_way(&fake, "newest_wins");
+    integration["structuredData"]["entityMappings"][0]["deduplication"] = json!({
+        "rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"
+    });
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert_eq!(
+        ann.external_relationships.len(),
+        2,
+        "one person, two records"
+    );
+
+    test.cli_json(&["shards", "delete", ANN, "--tenant", "t1"])
+        .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    assert!(
+        fake.records("Contact").is_empty(),
+        "the duplicate would bring Ann back: {:?}",
+        fake.requests()
+    );
+    let history = test.history().await;
+    let written = history
+        .iter()
+        .map(|r| &r["structuredData"])
+        .find(|r| {
+            r["jobId"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("writeback:"))
+        })
+        .expect("the write-back's record");
+    assert_eq!(written["stats"]["recordsDeleted"], 2, "{written}");
+}
+
+#[tokio::test]
+async fn a_deletion_salesforce_never_took_gives_way_to_the_record_after_a_week() {
+    let (test, _fake, handler) = ann_synced("newest_wins", &[]).await;
+    // Deleted in Castiel eight days ago; its write-back was refused and dead-lettered.
+    let store = test.store();
+    let mut ann = store.get("t1", ANN).await.unwrap().unwrap().value;
+    ann.deleted_at = Some(Utc::now() - Duration::days(8));
+    ann.updated_at = ann.deleted_at;
+    ann.content_hash = Some(handler::engine::pipeline::content_hash(&ann));
+    store.upsert(&ann).await.unwrap();
+
+    handler
+        .run_sync(SF, "salesforce", "job-2", "full_sync")
+        .await;
+
+    let ann = store.get("t1", ANN).await.unwrap().unwrap().value;
+    assert!(
+        ann.deleted_at.is_none(),
+        "the record lives on at Salesforce"
+    );
+}
+
+#[tokio::test]
+async fn a_contact_deleted_at_salesforce_takes_its_derived_shards_when_a_write_back_finds_it_gone()
+{
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "LastName": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    let mut integration = two_way(&fake, "newest_wins");
+    integration["structuredData"]["entityMappings"][0]["derivedShards"] = json!([{
+        "shardTypeId": "c_contact_card",
+        "fieldMappings": [{"source": "Email", "target": "email"}]
+    }]);
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    let card = format!("{ANN}~c_contact_card");
+    assert!(test.store().get("t1", &card).await.unwrap().is_some());
+
+    fake.delete("Contact", "003000000000001AAA", Utc::now());
+    edit_in_castiel(&test, ANN, "Ann", json!({"email": "ann@new.test"})).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
+    assert!(ann.deleted_at.is_some());
+    let card = test.store().get("t1", &card).await.unwrap().unwrap().value;
+    assert!(
+        card.deleted_at.is_some(),
+        "derived shards go with their primary"
+    );
+}
+
+#[tokio::test]
 async fn a_value_salesforce_spells_its_own_way_can_be_edited_again_before_the_next_sync() {
     let test = TestApp::new();
     let fake = FakeSalesforce::start().await;

@@ -30,12 +30,12 @@ use adapters::{ErrorCode, FetchRequest, RecordWrite};
 
 use super::credentials;
 use super::failure::{Failure, FailureCode};
-use super::plan::{ConflictFound, content_hash};
+use super::plan::{ConflictFound, content_hash, derived_shard_id, retired};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure, backoff};
 use super::two_way;
 use super::{Transient, history_slot, publish};
 use crate::app::App;
-use crate::model::conflict::{Modified, reconcile_record, value_hash};
+use crate::model::conflict::{Modified, agreed_hash, reconcile_record, value_hash};
 use crate::model::history::{Direction, EntitySyncStats, SyncJobType, SyncTrigger};
 use crate::model::integration::IntegrationStatus;
 use crate::model::mapping::{EntityMapping, reverse, transform};
@@ -56,7 +56,7 @@ const ALLOCATION_HOLD: Duration = Duration::hours(1);
 const LONGEST_ALLOCATION_HOLD: Duration = Duration::days(1);
 /// How long after Castiel made a change its write-back may be held for an allocation: a
 /// provider that refuses longer is not coming back by itself.
-const LONGEST_HOLD: Duration = Duration::days(7);
+const LONGEST_HOLD: Duration = super::plan::DELETION_WRITE_BACK_WAIT;
 
 /// What to do after attempt `attempt` of a write-back triggered at `triggered_at` failed.
 ///
@@ -499,8 +499,9 @@ async fn write(
     if write_back.operation == WriteBackOperation::Delete && shard.deleted_at.is_none() {
         // Changed since the delete was asked for: restored, and the shard is read when the
         // message is handled. Otherwise the deletion is not visible yet, and is waited for.
-        // A shard a sync brought back with an older time reads the same: once the deletion
-        // has had long enough to show, it is taken as restored too.
+        // A shard a sync of another record brought back (one merged into it, through another
+        // integration) with an older time reads the same: once the deletion has had long
+        // enough to show, it is taken as restored too.
         if shard
             .updated_at
             .is_some_and(|t| t > write_back.triggered_at)
@@ -540,21 +541,30 @@ async fn write(
             }
             return Ok(pushed);
         };
-        let external_id = shard.external_relationships[i].external_id.clone();
-        let write = RecordWrite {
-            entity: mapping.external_entity.clone(),
-            external_id: Some(external_id),
-            fields: Map::new(),
-            expected_version: None,
-            idempotency_key: shard.id.clone(),
-            key_field: None,
-        };
-        writer.may_write(&conn)?;
-        writer.delete(&mut conn, &write).await?;
-        let r = &mut shard.external_relationships[i];
-        r.sync_status = RelationshipStatus::Deleted;
-        r.last_synced_at = Some(now);
-        pushed.deleted = 1;
+        // Every record of the integration the shard holds goes: duplicates merged into it
+        // are the same person or thing, and one left would bring the shard back.
+        let linked: Vec<usize> = (i..shard.external_relationships.len())
+            .filter(|&j| {
+                let r = &shard.external_relationships[j];
+                r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Synced
+            })
+            .collect();
+        for j in linked {
+            let write = RecordWrite {
+                entity: mapping.external_entity.clone(),
+                external_id: Some(shard.external_relationships[j].external_id.clone()),
+                fields: Map::new(),
+                expected_version: None,
+                idempotency_key: shard.id.clone(),
+                key_field: None,
+            };
+            writer.may_write(&conn)?;
+            writer.delete(&mut conn, &write).await?;
+            let r = &mut shard.external_relationships[j];
+            r.sync_status = RelationshipStatus::Deleted;
+            r.last_synced_at = Some(now);
+            pushed.deleted += 1;
+        }
     } else if let Some(i) = link {
         let external_id = shard.external_relationships[i].external_id.clone();
         let request = FetchRequest {
@@ -632,7 +642,12 @@ async fn write(
             } else {
                 format!("`{external_id}` is gone at the provider; not written")
             });
+            let deleted = shard.deleted_at.is_some();
+            let primary = shard.id.clone();
             save_shard(app, shard, &target.shard, integration_id).await?;
+            if deleted {
+                retire_derived(app, &write_back.tenant_id, &primary, mapping, now).await?;
+            }
             return Ok(pushed);
         };
         let theirs = transform(&mapping.field_mappings, &record.fields).map_err(|e| {
@@ -718,8 +733,8 @@ async fn write(
             .collect();
         let r = &mut shard.external_relationships[i];
         for field in theirs.keys().filter(|f| !apart.contains(f)) {
-            r.field_hashes
-                .insert(field.clone(), value_hash(data.get(field)));
+            let agreed = agreed_hash(data.get(field), r.field_hashes.get(field));
+            r.field_hashes.insert(field.clone(), agreed);
         }
         r.last_synced_at = Some(now);
         r.sync_direction = SyncDirection::Bidirectional;
@@ -802,6 +817,38 @@ async fn write(
     save_shard(app, shard, &target.shard, integration_id).await?;
     publish(app, &events).await;
     Ok(pushed)
+}
+
+/// Soft-deletes the shards `mapping` derives from `primary`, deleted with its record, as a
+/// sync does: derived shards live only while their primary does.
+async fn retire_derived(
+    app: &App,
+    tenant_id: &str,
+    primary: &str,
+    mapping: &EntityMapping,
+    now: DateTime<Utc>,
+) -> Result<(), Failure> {
+    let ids: Vec<String> = mapping
+        .derived_shards
+        .iter()
+        .map(|def| derived_shard_id(primary, &def.shard_type_id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let failed = |e: StoreError| {
+        Failure::new(
+            FailureCode::Store,
+            format!("the shards derived from `{primary}` could not be deleted with it: {e}"),
+        )
+    };
+    let found = app.store.get_many(tenant_id, &ids).await.map_err(failed)?;
+    for derived in found.into_iter().flatten() {
+        if let Some(retired) = retired(derived.value, now) {
+            app.store.upsert(&retired).await.map_err(failed)?;
+        }
+    }
+    Ok(())
 }
 
 /// The fingerprints a record just created holds: every mapped field the create wrote.
@@ -942,6 +989,7 @@ fn after_write(
     // linked meanwhile holds it.
     if written.deleted_at.is_some()
         && read.deleted_at.is_none()
+        && current.deleted_at.is_none()
         && !current
             .external_relationships
             .iter()

@@ -31,7 +31,7 @@ use adapters::{ErrorCode, Record};
 
 use super::failure::FailureCode;
 use crate::model::conflict::{
-    ConflictPolicy, FieldConflict, Modified, reconcile_record, value_hash,
+    ConflictPolicy, FieldConflict, Modified, agreed_hash, reconcile_record,
 };
 use crate::model::dedup::{DedupKeys, DedupRules, merge};
 use crate::model::digest::Fnv1a;
@@ -278,6 +278,10 @@ pub fn is_stale(link: &ExternalRelationship, modified_at: Option<DateTime<Utc>>)
             (Some(read), Some(written)) if read < written
         )
 }
+
+/// How long a two-way shard deleted in Castiel stays deleted while its record is still read
+/// from the provider: the longest a write-back is held for the provider's allocation.
+pub const DELETION_WRITE_BACK_WAIT: chrono::Duration = chrono::Duration::days(7);
 
 /// The fingerprint of a record's mapped data: FNV-1a of its JSON text (keys sorted).
 pub fn record_hash(data: &Map<String, Value>) -> String {
@@ -590,10 +594,14 @@ impl<'a> Landing<'a> {
             // A shard written back that Castiel deleted while its record lives on stays
             // deleted: the deletion is Castiel's latest change, and its write-back deletes the
             // record. Brought back here, the write-back would take it for restored, and the
-            // deletion would be lost on both sides.
+            // deletion would be lost on both sides. For as long as a write-back may wait: a
+            // deletion the provider never took (refused, or dead-lettered) gives way to the
+            // record after that.
             if let Some(id) = &target
                 && two_way.is_some()
-                && shards[id].deleted_at.is_some()
+                && shards[id]
+                    .deleted_at
+                    .is_some_and(|at| ctx.now - at < DELETION_WRITE_BACK_WAIT)
                 && shards[id].external_relationships.iter().any(|r| {
                     r.is_to(ctx.integration_id, &record.id)
                         && r.sync_status == RelationshipStatus::Synced
@@ -960,8 +968,8 @@ fn agree(
     {
         for field in data.keys() {
             if !pending.contains(&field) {
-                r.field_hashes
-                    .insert(field.clone(), value_hash(values.get(field)));
+                let agreed = agreed_hash(values.get(field), r.field_hashes.get(field));
+                r.field_hashes.insert(field.clone(), agreed);
             }
         }
     }
@@ -1307,6 +1315,7 @@ fn link_external(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::conflict::value_hash;
     use serde_json::json;
 
     fn contacts(dedup: bool, create_new: bool) -> EntityMapping {

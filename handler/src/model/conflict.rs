@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -86,12 +86,24 @@ impl ConflictPolicy {
 ///
 /// A value is fingerprinted as the provider will spell it back, not as it was written: a
 /// whole number with or without a fraction (`5000` is Salesforce's currency `5000.0`), and a
-/// date-time as its instant, whatever its offset or precision (`2026-01-05T10:00:00Z` is
-/// Salesforce's `2026-01-05T10:00:00.000+0000`). Otherwise a field written back and spelt
+/// date-time as its instant to the millisecond, whatever its offset or precision
+/// (`2026-01-05T10:00:00Z` is Salesforce's `2026-01-05T10:00:00.000+0000`). Text that reads as
+/// a date-time is compared so too: the same instant in another offset is no change. Otherwise a field written back and spelt
 /// anew by the provider looks changed there, and Castiel's next edit of it, made before an
 /// inbound sync, is taken for a conflict.
 pub fn value_hash(value: Option<&Value>) -> String {
     Fingerprints::of(value).canonical
+}
+
+/// The fingerprint to keep for a field both sides now hold as `value`: `base`, the one kept
+/// before, where it is of this very value (a shard is not rewritten only to spell its
+/// fingerprints anew), else [`value_hash`].
+pub fn agreed_hash(value: Option<&Value>, base: Option<&String>) -> String {
+    let fingerprints = Fingerprints::of(value);
+    match base {
+        Some(base) if fingerprints.is(base) => base.clone(),
+        _ => fingerprints.canonical,
+    }
 }
 
 /// A value's fingerprint, and the one it had as written where that differs: bases agreed
@@ -141,7 +153,11 @@ fn canonical(value: &Value) -> Option<Value> {
             (f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0).then(|| Value::from(f as i64))
         }
         Value::String(text) => {
-            let spelt = instant(text)?.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            // Providers keep milliseconds at most (Salesforce, Dataverse); Graph's seven
+            // digits of fraction are zeros past them.
+            let spelt = instant(text)?
+                .trunc_subsecs(3)
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
             (spelt != *text).then_some(Value::String(spelt))
         }
         Value::Array(items) => {
@@ -638,6 +654,10 @@ mod tests {
         assert!(!same(
             json!("2026-01-05T10:00:00Z"),
             json!("2026-01-05T10:00:00.5Z")
+        ));
+        assert!(same(
+            json!("2026-01-05T10:00:00.1234567Z"),
+            json!("2026-01-05T10:00:00.123+0000")
         ));
         assert!(same(
             json!({"at": "2026-01-05T10:00:00Z", "n": [1]}),
