@@ -114,7 +114,7 @@ pub struct FetchRequest {
     pub filters: Vec<String>,
     /// Records wanted per page; adapters may return fewer.
     pub page_size: usize,
-    /// When the sync that left `cursor` began. An adapter whose records are stamped as a save
+    /// A time no later than when the read that left `cursor` began. An adapter whose records are stamped as a save
     /// begins, and seen only once it commits, reads a few minutes before the cursor for those
     /// committed late; once a read began that long after the cursor, nothing stamped before it
     /// can still be uncommitted, and it reads from the cursor itself.

@@ -370,7 +370,8 @@ fn page(fake: &FakeSalesforce, locator: &str, size: usize) -> Response {
     }
     body.extend_from_slice(br#","records":["#);
     // A row as Salesforce answers it: its `attributes`, then the selected fields in the order
-    // of the SELECT, null where the record has no value.
+    // of the SELECT, each spelt as the object spells it whatever the SELECT's case, null where
+    // the record has no value.
     let entity = &result.entity;
     for (i, row) in result.rows[at..end].iter().enumerate() {
         if i > 0 {
@@ -384,10 +385,14 @@ fn page(fake: &FakeSalesforce, locator: &str, size: usize) -> Response {
             .as_bytes(),
         );
         for field in &result.fields {
+            let (name, value) = row
+                .get_key_value(field.as_str())
+                .or_else(|| row.iter().find(|(k, _)| k.eq_ignore_ascii_case(field)))
+                .unwrap_or((field, &Value::Null));
             body.push(b',');
-            serde_json::to_writer(&mut body, field).unwrap();
+            serde_json::to_writer(&mut body, name).unwrap();
             body.push(b':');
-            serde_json::to_writer(&mut body, row.get(field).unwrap_or(&Value::Null)).unwrap();
+            serde_json::to_writer(&mut body, value).unwrap();
         }
         body.push(b'}');
     }

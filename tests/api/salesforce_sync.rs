@@ -937,6 +937,36 @@ async fn a_mapping_that_names_no_fields_copies_every_field_salesforce_has() {
 }
 
 #[tokio::test]
+async fn a_mapping_may_spell_salesforce_fields_in_any_case() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 2);
+    let mut integration = integration(&fake, false);
+    integration["structuredData"]["entityMappings"] = json!([{
+        "externalEntity": "account", "shardTypeId": "c_company", "nameField": "name",
+        "fieldMappings": [
+            {"source": "name", "target": "name", "required": true},
+            {"source": "INDUSTRY", "target": "industry"}
+        ]
+    }]);
+    let app = TestApp::new();
+    app.register_integration(integration).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1", "full_sync", 1).await;
+
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    let companies = app.shards("c_company").await;
+    let first = companies
+        .iter()
+        .find(|c| c["name"] == "Account 0")
+        .unwrap_or_else(|| panic!("{companies:?}"));
+    assert_eq!(first["structuredData"]["industry"], "Technology", "{first}");
+}
+
+#[tokio::test]
 async fn a_save_committed_after_the_query_is_read_though_a_later_run_finished_that_query() {
     let fake = FakeSalesforce::start().await;
     let saved = DateTime::from_timestamp((Utc::now() - Duration::hours(1)).timestamp(), 0).unwrap();
@@ -1613,6 +1643,63 @@ async fn deletions_lost_then_relisted(
         "the listing is compared"
     );
     (app, fake, requests)
+}
+
+#[tokio::test]
+async fn a_duplicate_deleted_while_deletions_were_lost_leaves_the_shard_it_was_merged_into() {
+    let fake = FakeSalesforce::start().await;
+    add_accounts(&fake, 1);
+    // One person under two Salesforce ids: the second is merged into the first one's shard.
+    for (id, name) in [
+        ("003000000000000001", "Ann Lee"),
+        ("003000000000000002", "Ann B. Lee"),
+    ] {
+        fake.add(
+            "Contact",
+            json!({"Id": id, "Name": name, "Email": "ann@acme.test"}),
+            base_time(),
+        );
+    }
+    let app = spawn_app(&fake, true).await;
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1", "full_sync", 1).await;
+    let ann = "int-acme-sf~Contact~003000000000000001";
+    let link_to_duplicate = || async {
+        app.store()
+            .get("t1", ann)
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .external_relationships
+            .into_iter()
+            .find(|r| r.external_id == "003000000000000002")
+            .unwrap()
+            .sync_status
+    };
+    assert_eq!(link_to_duplicate().await, RelationshipStatus::Synced);
+
+    // Left until Salesforce no longer remembers the deletions since: the next run marks them lost.
+    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now());
+    run_job(&handler, "job-2", "incremental", 1).await;
+    assert!(lost_deletions(&app).await.to_string().contains("Contact"));
+    // Then the duplicate is deleted, inside what the log of deletions holds now.
+    fake.org.lock().unwrap().earliest_deleted_available = Some(Utc::now() - Duration::minutes(10));
+    fake.delete(
+        "Contact",
+        "003000000000000002",
+        Utc::now() - Duration::minutes(3),
+    );
+
+    run_job(&handler, "job-3", "incremental", 1).await;
+
+    assert_eq!(
+        link_to_duplicate().await,
+        RelationshipStatus::Deleted,
+        "the log of deletions names the duplicate, and its link goes"
+    );
+    let ann = app.store().get("t1", ann).await.unwrap().unwrap().value;
+    assert!(ann.deleted_at.is_none(), "Ann lives on in her other record");
 }
 
 /// The entities of `int-acme-sf` whose deletions were lost, to be listed whole (`null`: none).

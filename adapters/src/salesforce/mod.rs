@@ -264,7 +264,7 @@ impl Salesforce {
             return Ok(std::borrow::Cow::Borrowed(request));
         }
         let described = self.describe(conn, &request.entity).await?;
-        Ok(std::borrow::Cow::Owned(FetchRequest {
+        let every = FetchRequest {
             fields: described
                 .fields
                 .iter()
@@ -272,7 +272,18 @@ impl Salesforce {
                 .map(|f| f.name.clone())
                 .collect(),
             ..request.clone()
-        }))
+        };
+        if encoded_len(&soql_where(&every, None, None)) > QUERY_URL_BUDGET {
+            return Err(ProviderError::new(
+                ErrorCode::ValidationError,
+                format!(
+                    "`{}` has {} fields, more than one query can name: list the fields to copy in the mapping's fieldMappings",
+                    request.entity,
+                    every.fields.len()
+                ),
+            ));
+        }
+        Ok(std::borrow::Cow::Owned(every))
     }
 
     /// Every record `soql` finds through `resource` (`query`, or `queryAll`, which finds deleted
@@ -817,6 +828,27 @@ fn soql_where(
 /// Ids asked for in one `WHERE Id IN (...)` query.
 const IDS_PER_QUERY: usize = 200;
 
+/// How long a query's text may be once it is in the URL. Salesforce refuses a request line
+/// and headers past 16 KB (414, 431): a query keeps well inside, with room for the rest.
+const QUERY_URL_BUDGET: usize = 10_000;
+
+/// How many ids one `WHERE Id IN (...)` query of `request`'s fields may ask for: up to
+/// [`IDS_PER_QUERY`], fewer where a wide mapping's field list takes much of the URL, and at
+/// least one.
+fn ids_per_query(request: &FetchRequest) -> usize {
+    // Each id goes as `'001…'` with `, ` between, 18 characters and 6 more encoded.
+    const ENCODED_ID: usize = 18 + 3 * 3 + 3 * 2;
+    let base = soql_where(request, None, Some("Id IN ()".into()));
+    (QUERY_URL_BUDGET.saturating_sub(encoded_len(&base)) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
+}
+
+/// The length of `soql` once it is encoded into a URL's query.
+fn encoded_len(soql: &str) -> usize {
+    soql.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { 1 } else { 3 })
+        .sum()
+}
+
 /// A Salesforce record id in its 18-character, case-insensitive form. The 15-character form
 /// (case-sensitive) gets its three-character checksum: one letter per group of five characters
 /// saying which of them are upper case. An 18-character id is kept as it is; anything else is
@@ -873,6 +905,33 @@ impl QueryAnswer {
 
     fn into_records(self) -> Vec<Record> {
         self.records.into_iter().filter_map(record_from).collect()
+    }
+}
+
+/// Salesforce reads a query's field names without regard to case, but answers each as the
+/// object spells it: a mapping that asks for `email` is answered `Email`. Where the first
+/// record says the two differ, every record gets the field as asked too.
+fn spell_as_asked(records: &mut [Record], asked: &[String]) {
+    let Some(first) = records.first() else {
+        return;
+    };
+    let respelt: Vec<(String, &String)> = asked
+        .iter()
+        .filter(|a| !first.fields.contains_key(a.as_str()))
+        .filter_map(|a| {
+            let answered = first.fields.keys().find(|k| k.eq_ignore_ascii_case(a))?;
+            Some((answered.clone(), a))
+        })
+        .collect();
+    if respelt.is_empty() {
+        return;
+    }
+    for record in records {
+        for (answered, asked) in &respelt {
+            if let Some(value) = record.fields.get(answered).cloned() {
+                record.fields.insert(asked.to_string(), value);
+            }
+        }
     }
 }
 
@@ -1068,7 +1127,8 @@ impl Pull for Salesforce {
         let batch = request.page_size.clamp(200, 2000);
         let (answer, usage): (QueryAnswer, _) = self.get(conn, &path, &params, Some(batch)).await?;
         let next_page = answer.next().map(str::to_string);
-        let records = answer.into_records();
+        let mut records = answer.into_records();
+        spell_as_asked(&mut records, &request.fields);
         let cursor = records.iter().filter_map(|r| r.modified_at).max();
         Ok(Page {
             unreadable: Vec::new(),
@@ -1096,7 +1156,7 @@ impl Pull for Salesforce {
             ..self.with_every_field(conn, request).await?.into_owned()
         };
         let mut records = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(IDS_PER_QUERY) {
+        for chunk in ids.chunks(ids_per_query(&unbounded)) {
             let quoted: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
             let soql = soql_where(
                 &unbounded,
@@ -1106,6 +1166,7 @@ impl Pull for Salesforce {
             let (read, _) = self.read_whole(conn, "query", soql).await?;
             records.extend(read);
         }
+        spell_as_asked(&mut records, &request.fields);
         Ok(records)
     }
 
@@ -1346,6 +1407,37 @@ impl Webhooks for Salesforce {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_wide_mappings_reads_by_id_stay_inside_salesforces_url_limit() {
+        let request = |fields: usize| super::FetchRequest {
+            entity: "Account".into(),
+            fields: (0..fields)
+                .map(|i| format!("Custom_Field_{i:03}__c"))
+                .collect(),
+            cursor: None,
+            page_token: None,
+            filters: Vec::new(),
+            page_size: 200,
+            cursor_read_at: None,
+        };
+        assert_eq!(super::ids_per_query(&request(10)), super::IDS_PER_QUERY);
+        for fields in [150, 300] {
+            let wide = request(fields);
+            let per_query = super::ids_per_query(&wide);
+            let ids: Vec<String> = (0..per_query).map(|i| format!("'001{i:015}'")).collect();
+            let soql = super::soql_where(&wide, None, Some(format!("Id IN ({})", ids.join(", "))));
+            let mut url =
+                reqwest::Url::parse("https://acme.my.salesforce.com/services/data/v62.0/query")
+                    .unwrap();
+            url.query_pairs_mut().append_pair("q", &soql);
+            assert!(
+                url.as_str().len() <= super::QUERY_URL_BUDGET + 100,
+                "{fields} fields, {per_query} ids: {} bytes",
+                url.as_str().len()
+            );
+        }
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -1264,8 +1264,10 @@ impl<'a> EntityRun<'a> {
             return Err(superseded());
         }
         // The whole window a first sync reads holds the deletions of records never synced, as
-        // many as the provider had: they are not looked for among the links, a query each.
-        let links = if deletions_since.is_some() {
+        // many as the provider had: they are not looked for among the links, a query each. An
+        // entity whose deletions were lost has synced all the same, and records merged into
+        // other records' shards are among them.
+        let links = if deletions_since.is_some() || self.relist {
             Links::Searched
         } else {
             Links::NotSearched

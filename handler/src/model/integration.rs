@@ -63,7 +63,7 @@ pub struct Integration {
     /// never reads it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cursors: BTreeMap<String, String>,
-    /// Per entity with a cursor: when the read that left it began, at the latest (see
+    /// Per entity with a cursor: a time no later than when the read that left it began (see
     /// `FetchRequest::cursor_read_at`). A read spans jobs, and chains of jobs, from its
     /// checkpoint; the pages after one are still the answer of the query first sent, so it is
     /// that query's time, not when the chain that finished the read began, that tells what
@@ -172,7 +172,9 @@ impl Integration {
                 None => read.clone(),
             };
             if kept == read {
-                match end.read_began {
+                // Of a read whose start was not kept (a checkpoint from before it was), the
+                // start of the last chain that ran to its end, which began before it.
+                match end.read_began.or(self.last_sync_at) {
                     Some(at) => self.cursors_read_at.insert(entity.to_string(), at),
                     None => self.cursors_read_at.remove(entity),
                 };
@@ -240,7 +242,7 @@ impl Integration {
                 .find(|o| o.external_entity.eq_ignore_ascii_case(&m.external_entity))
             {
                 return Err(format!(
-                    "`{}` is mapped twice (to `{}` and `{}`): map it once, and make the other                      shards from it with `derivedShards`",
+                    "`{}` is mapped twice (to `{}` and `{}`): map it once, and make the other shards from it with `derivedShards`",
                     m.external_entity, m.shard_type_id, other.shard_type_id
                 ));
             }
@@ -286,8 +288,8 @@ pub struct Checkpoint {
     /// [`super::listing`]), which the job that reads the listing's end reads back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listing: Option<ListingProgress>,
-    /// When the query whose pages the checkpoint goes on with was sent, at the latest: what
-    /// the cursor it leaves was read at.
+    /// A time no later than when the query whose pages the checkpoint goes on with was sent:
+    /// what the cursor it leaves was read at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_began: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
@@ -505,13 +507,14 @@ mod tests {
         assert_eq!(integration.cursors["Account"], "2026-11-23T08:00:00.000Z");
         assert_eq!(integration.cursors_read_at["Account"], at(8));
 
-        // Of a read whose start is not known, none is kept: the last sync's start stands in.
+        // Of a read whose start is not known, the last finished chain's start stands in.
         let unknown = EntityEnd {
             cursor: Some("2026-11-23T09:00:00.000Z".into()),
             ..EntityEnd::default()
         };
+        integration.last_sync_at = Some(at(6));
         integration.end_entity("Account", unknown, newer);
-        assert!(integration.cursors_read_at.is_empty());
+        assert_eq!(integration.cursors_read_at["Account"], at(6));
 
         integration.end_entity("Account", ended("2026-11-23T10:00:00.000Z", 10), newer);
         integration.lose_deletions("Account");
