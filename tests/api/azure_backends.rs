@@ -403,6 +403,48 @@ async fn credentials_live_in_key_vault_behind_its_challenge() {
     );
 }
 
+#[tokio::test]
+async fn credentials_of_an_integration_registered_again_recover_its_deleted_secret() {
+    let vault = FakeKeyVault::start().await;
+    let port: u16 = vault.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let options = ClientOptions {
+        transport: Some(Transport::new(Arc::new(Loopback {
+            inner: new_http_client(None),
+            port,
+        }))),
+        ..Default::default()
+    };
+    let secrets = KeyVaultSecrets::with_client_options(
+        "https://kv-sync-dev.vault.azure.net/",
+        Arc::new(StaticToken),
+        options,
+    )
+    .unwrap();
+    secrets
+        .set("int-t1--int-1", Secret::new(r#"{"refresh_token":"rt-1"}"#))
+        .await
+        .unwrap();
+    // The integration is deleted, its secret with it; the vault keeps the name for 90 days.
+    vault.delete("int-t1--int-1");
+
+    secrets
+        .set("int-t1--int-1", Secret::new(r#"{"refresh_token":"rt-2"}"#))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        vault.secrets.lock().unwrap()["int-t1--int-1"],
+        r#"{"refresh_token":"rt-2"}"#,
+        "recovered, then written over once the vault had it back"
+    );
+    assert!(vault.deleted.lock().unwrap().is_empty());
+    let requests = vault.requests.lock().unwrap().clone();
+    assert!(
+        requests.contains(&"POST recover int-t1--int-1".to_string()),
+        "{requests:?}"
+    );
+}
+
 /// Starts the handler with `settings` and checks it refuses to: exit 2, each setting of `named`
 /// named, none of `hidden` printed.
 async fn assert_refused(settings: &[(&str, &str)], named: &[&str], hidden: &[&str]) {

@@ -569,6 +569,10 @@ async fn event_grid_publish(
 pub struct FakeKeyVault {
     pub addr: String,
     pub secrets: Arc<Mutex<HashMap<String, String>>>,
+    /// Secrets deleted with soft delete on: their names are taken until recovered or purged.
+    pub deleted: Arc<Mutex<HashMap<String, String>>>,
+    /// Secrets being recovered, and how many more writes the vault refuses meanwhile.
+    pub recovering: Arc<Mutex<HashMap<String, u32>>>,
     pub requests: Arc<Mutex<Vec<String>>>,
 }
 
@@ -578,10 +582,78 @@ impl FakeKeyVault {
         let router = Router::new()
             .route("/secrets/{name}", get(kv_get).put(kv_put))
             .route("/secrets/{name}/", get(kv_get))
+            .route("/deletedsecrets/{name}", get(kv_get_deleted))
+            .route("/deletedsecrets/{name}/recover", post(kv_recover))
             .with_state(fake.clone());
         fake.addr = serve(router).await;
         fake
     }
+
+    /// Deletes a secret as a vault with soft delete does.
+    pub fn delete(&self, name: &str) {
+        let value = self.secrets.lock().unwrap().remove(name).unwrap();
+        self.deleted.lock().unwrap().insert(name.to_string(), value);
+    }
+}
+
+fn kv_conflict(inner: &str, message: String) -> Response {
+    (
+        StatusCode::CONFLICT,
+        Json(json!({"error": {"code": "Conflict", "message": message,
+                              "innererror": {"code": inner}}})),
+    )
+        .into_response()
+}
+
+async fn kv_get_deleted(
+    State(fake): State<FakeKeyVault>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    fake.requests
+        .lock()
+        .unwrap()
+        .push(format!("GET deleted {name}"));
+    if let Some(answer) = challenge(&headers) {
+        return answer;
+    }
+    if fake.deleted.lock().unwrap().contains_key(&name) {
+        Json(json!({"id": format!("https://kv-sync-dev.vault.azure.net/secrets/{name}/0001"),
+                    "recoveryId": format!("https://kv-sync-dev.vault.azure.net/deletedsecrets/{name}"),
+                    "attributes": {"enabled": true, "recoveryLevel": "Recoverable+Purgeable"}}))
+        .into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"code": "SecretNotFound", "message": format!("Deleted Secret not found: {name}")}})),
+        )
+            .into_response()
+    }
+}
+
+async fn kv_recover(
+    State(fake): State<FakeKeyVault>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    fake.requests
+        .lock()
+        .unwrap()
+        .push(format!("POST recover {name}"));
+    if let Some(answer) = challenge(&headers) {
+        return answer;
+    }
+    let Some(value) = fake.deleted.lock().unwrap().remove(&name) else {
+        return (StatusCode::NOT_FOUND, "no such deleted secret").into_response();
+    };
+    fake.secrets.lock().unwrap().insert(name.clone(), value);
+    // The vault takes a moment to bring it back.
+    fake.recovering.lock().unwrap().insert(name.clone(), 1);
+    Json(
+        json!({"id": format!("https://kv-sync-dev.vault.azure.net/secrets/{name}/0001"),
+                "attributes": {"enabled": true}}),
+    )
+    .into_response()
 }
 
 fn challenge(headers: &HeaderMap) -> Option<Response> {
@@ -635,6 +707,23 @@ async fn kv_put(
     fake.requests.lock().unwrap().push(format!("PUT {name}"));
     if let Some(answer) = challenge(&headers) {
         return answer;
+    }
+    if fake.deleted.lock().unwrap().contains_key(&name) {
+        return kv_conflict(
+            "ObjectIsDeletedButRecoverable",
+            format!(
+                "Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged."
+            ),
+        );
+    }
+    if let Some(left) = fake.recovering.lock().unwrap().get_mut(&name)
+        && *left > 0
+    {
+        *left -= 1;
+        return kv_conflict(
+            "ObjectIsBeingRecovered",
+            format!("Secret {name} is currently being recovered; try again later."),
+        );
     }
     let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "not JSON").into_response();

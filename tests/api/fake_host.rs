@@ -65,8 +65,9 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let base = u32::from(ephemeral_low.min(20_000) / 2);
-    let span = u32::from(ephemeral_low) - base;
+    // Above the ports only root may bind.
+    let base = u32::from(ephemeral_low.min(20_000) / 2).max(1024);
+    let span = u32::from(ephemeral_low).saturating_sub(base).max(1);
     // Processes started one after another begin at different places, so a port a previous
     // test process's child still holds while it dies is not the first one tried.
     let start = std::process::id() % span;

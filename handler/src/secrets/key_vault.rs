@@ -5,6 +5,11 @@
 //! many jobs run a minute apart, and Key Vault throttles per vault. A write (a refreshed or
 //! rotated token) replaces the cached value at once. Errors carry the secret's name, never
 //! its value.
+//!
+//! With soft delete on (as every vault has it now), a deleted secret keeps its name until it is
+//! purged, and the vault refuses to write a secret of that name (409). An integration deleted
+//! and registered again under its id meets that: the deleted secret is recovered, and written
+//! over once the vault has it back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -101,19 +106,63 @@ impl SecretStore for KeyVaultSecrets {
         if !is_valid_secret_name(name) {
             return Err(SecretsError::InvalidName(name.to_string()));
         }
-        let parameters = SetSecretParameters {
-            value: Some(value.expose().to_string()),
-            content_type: Some("application/json".into()),
-            ..Default::default()
-        };
-        let body = parameters
-            .try_into()
-            .map_err(|e: azure_core::Error| unavailable(name, e))?;
-        self.client
-            .set_secret(name, body, None)
-            .await
-            .map_err(|e| unavailable(name, e))?;
+        let mut recovered = false;
+        let mut pause = Duration::from_millis(500);
+        let deadline = Instant::now() + RECOVERY_WAIT;
+        loop {
+            let parameters = SetSecretParameters {
+                value: Some(value.expose().to_string()),
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            };
+            let body = parameters
+                .try_into()
+                .map_err(|e: azure_core::Error| unavailable(name, e))?;
+            let refused = match self.client.set_secret(name, body, None).await {
+                Ok(_) => break,
+                Err(e) if e.http_status() == Some(StatusCode::Conflict) => e,
+                Err(e) => return Err(unavailable(name, e)),
+            };
+            if !recovered {
+                // A secret deleted with soft delete on keeps its name until it is purged: it
+                // can only be recovered, and is, since it is the integration's.
+                if !self.is_deleted(name).await? {
+                    return Err(unavailable(name, refused));
+                }
+                self.client
+                    .recover_deleted_secret(name, None)
+                    .await
+                    .map_err(|e| {
+                        SecretsError::Unavailable(format!(
+                            "Key Vault secret `{name}` was deleted and is kept for recovery, and recovering it was refused ({}): recover or purge it",
+                            e.kind()
+                        ))
+                    })?;
+                recovered = true;
+                continue;
+            }
+            // Recovering takes the vault a few seconds, during which writes are refused.
+            if Instant::now() + pause > deadline {
+                return Err(unavailable(name, refused));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(4));
+        }
         self.remember(name, &value);
         Ok(())
+    }
+}
+
+/// How long a write waits for a deleted secret it recovered to be back.
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
+impl KeyVaultSecrets {
+    /// Whether `name` is a deleted secret the vault keeps for recovery.
+    async fn is_deleted(&self, name: &str) -> Result<bool, SecretsError> {
+        match self.client.get_deleted_secret(name, None).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(false),
+            Err(e) => Err(unavailable(name, e)),
+        }
     }
 }
