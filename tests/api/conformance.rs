@@ -54,6 +54,9 @@ pub trait UnderTest: Sized {
     const ROTATES: bool = true;
     /// Whether Castiel's changes are written back to the provider.
     const WRITES_BACK: bool = false;
+    /// Whether its webhooks say only that something changed, not which records (Drive's change
+    /// messages, OneDrive's notifications): the sync they ask for reads what changed since.
+    const NOTIFIES_ONLY_OF_CHANGE: bool = false;
 
     async fn start() -> Self;
     fn connection(&self) -> Value;
@@ -602,6 +605,57 @@ pub async fn a_duplicate_notification_is_processed_once<P: UnderTest>() {
     assert_eq!(shard_names(&app).await, expected);
 }
 
+pub async fn a_burst_of_notifications_brings_every_change<P: UnderTest>() {
+    let (fake, app) = connected::<P>().await;
+    let ids = fake.create(&names(0, 3));
+    fake.connect_webhooks(&app).await;
+    let handler = handler(&app).await;
+    run_job::<P>(&handler, "job-full", "full_sync").await;
+
+    // Three changes, each told before any sync they ask for has begun.
+    for (i, id) in ids.iter().enumerate() {
+        fake.rename(id, &format!("Renamed {i}"));
+        let Some(delivery) = fake.webhook(id) else {
+            return skip(
+                P::PROVIDER,
+                "burst of notifications",
+                "it delivers no webhooks",
+            );
+        };
+        let (status, out) = post_webhook::<P>(&handler, &delivery).await;
+        assert!((200..300).contains(&status), "{out}");
+    }
+    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
+    if P::NOTIFIES_ONLY_OF_CHANGE {
+        assert_eq!(queued.len(), 1, "the first one's sync reads all three");
+    } else {
+        assert_eq!(queued.len(), 3, "each names its record");
+    }
+    for message in &queued {
+        handler.deliver("SyncInboundWebhook", message).await;
+    }
+
+    assert_eq!(
+        shard_names(&app).await,
+        ["Renamed 0", "Renamed 1", "Renamed 2"]
+    );
+    if !P::NOTIFIES_ONLY_OF_CHANGE {
+        return;
+    }
+    // A change told once that sync has begun asks for one of its own.
+    fake.rename(&ids[1], "Renamed again");
+    let delivery = fake.webhook(&ids[1]).unwrap();
+    post_webhook::<P>(&handler, &delivery).await;
+    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
+    let next = queued.last().expect("a job for the last change");
+    handler.deliver("SyncInboundWebhook", next).await;
+    assert!(
+        shard_names(&app)
+            .await
+            .contains(&"Renamed again".to_string())
+    );
+}
+
 pub async fn the_subscription_handshake_is_answered<P: UnderTest>() {
     let (fake, app) = connected::<P>().await;
     let Some((handshake, content_type, expected)) = fake.handshake() else {
@@ -860,6 +914,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn a_duplicate_notification_is_processed_once() {
                 super::a_duplicate_notification_is_processed_once::<$fake>().await
+            }
+            #[tokio::test]
+            async fn a_burst_of_notifications_brings_every_change() {
+                super::a_burst_of_notifications_brings_every_change::<$fake>().await
             }
             #[tokio::test]
             async fn the_subscription_handshake_is_answered() {
@@ -1453,6 +1511,9 @@ impl<S: GraphService> UnderTest for GraphUnderTest<S> {
     const SEVERAL_PAGES: usize = S::SEVERAL_PAGES;
     const PAGE: usize = S::PAGE;
     const WRITES_BACK: bool = S::WRITES_BACK;
+    // Subscriptions without resource data: a notification names the item or message, and the
+    // sync reads the drive's or the channel's changes since.
+    const NOTIFIES_ONLY_OF_CHANGE: bool = true;
 
     fn name_at_provider(&self, id: &str) -> Option<String> {
         S::name_of(&self.graph, id)
@@ -1688,6 +1749,7 @@ pub struct DriveUnderTest {
 }
 
 impl UnderTest for DriveUnderTest {
+    const NOTIFIES_ONLY_OF_CHANGE: bool = true;
     const PROVIDER: &'static str = "google_drive";
     const ENTITY: &'static str = "files";
     const NAME_FIELD: &'static str = "name";

@@ -273,6 +273,8 @@ async fn take_integration(
                     finished_in_chain: held.finished_in_chain.clone(),
                 });
                 i.running = Some(held);
+                // A catch-up begins: what changes from now on is a notification's of its own.
+                i.begin_catch_up(&job.job_id);
                 true
             }
             Claim::Wait { holder, retry_in } => {

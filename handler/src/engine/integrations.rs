@@ -26,7 +26,7 @@ pub struct Registered {
 /// with the state the engine keeps (when it last synced and next will, cursors and when they
 /// were read, how far
 /// deletions were read and which were lost, checkpoints, the running lease and the chain that ended last,
-/// credential expiry and refresh lease, webhook subscriptions) carried over. A changed frequency moves the next sync to the new frequency's next time.
+/// credential expiry and refresh lease, webhook subscriptions, catch-ups on their way) carried over. A changed frequency moves the next sync to the new frequency's next time.
 pub fn merged(
     mut given: Integration,
     old: Option<&Integration>,
@@ -54,6 +54,9 @@ pub fn merged(
             given.refresh_lease = given.refresh_lease.or_else(|| old.refresh_lease.clone());
             if given.subscriptions.is_empty() {
                 given.subscriptions = old.subscriptions.clone();
+            }
+            if given.catch_ups.is_empty() {
+                given.catch_ups = old.catch_ups.clone();
             }
             given.next_sync_at = if old.sync_frequency != given.sync_frequency {
                 given.sync_frequency.next_after(now)

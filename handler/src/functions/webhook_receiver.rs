@@ -14,7 +14,9 @@
 //! Each notification becomes one job on `sync-inbound-webhook` whose MessageId is the
 //! notification's id, so a provider's redelivery is dropped by duplicate detection: a job that
 //! reads the notified records back, or catches the entity up from its cursor when the
-//! notification does not say which records changed. A notification of an entity the
+//! notification does not say which records changed. Such a catch-up is sent only if none sent
+//! before has yet begun (`Integration::catch_ups`): that one reads this change too, so a burst
+//! of notifications makes one sync. A notification of an entity the
 //! integration does not map (the provider's subscription covers more than it syncs) becomes
 //! none, and is logged.
 
@@ -122,19 +124,39 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         // leave the provider's redelivery (after a failed send) unroutable.
         let mut job_ids = Vec::new();
         for notification in &delivery.notifications {
+            let catch_up = matches!(notification, WebhookNotification::CatchUp { .. });
             for job in jobs_for(provider_name, shard, integration, notification, now) {
                 // Notifications that name no change of their own (a Graph batch) make one job.
                 if job_ids.contains(&job.job_id) {
                     continue;
                 }
                 job_ids.push(job.job_id.clone());
-                app.queue
+                if catch_up && !catch_up_on_its_way(app, shard, &job, now).await? {
+                    tracing::debug!(integration_id = %shard.id, job_id = %job.job_id, "a catch-up not begun yet reads this change too");
+                    continue;
+                }
+                let sent = app
+                    .queue
                     .send(OutgoingMessage::json(
                         SYNC_INBOUND_WEBHOOK,
                         job.job_id.clone(),
                         &job,
                     ))
-                    .await?;
+                    .await;
+                if let Err(e) = sent {
+                    if catch_up {
+                        // Not on its way after all: the provider's redelivery sends it.
+                        let forgotten =
+                            update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+                                i.begin_catch_up(&job.job_id)
+                            })
+                            .await;
+                        if let Err(e) = forgotten {
+                            tracing::warn!(integration_id = %shard.id, error = %e, "a catch-up that could not be sent stands for later notifications until it lapses");
+                        }
+                    }
+                    return Err(e.into());
+                }
             }
         }
         subscription_requests(app, shard, &delivery.notifications, now).await?;
@@ -332,6 +354,27 @@ async fn subscription_requests(
     })
     .await?;
     Ok(())
+}
+
+/// Marks the catch-up `job` on its way, unless one not begun yet stands for it (and reads
+/// what this notification says changed): whether to send it. Marked before it is sent, so that
+/// a notification on another instance meanwhile finds it.
+async fn catch_up_on_its_way(
+    app: &App,
+    shard: &Shard,
+    job: &SyncJobMessage,
+    now: DateTime<Utc>,
+) -> Result<bool, Transient> {
+    let Some(entity) = job.entities.as_ref().and_then(|e| e.first()) else {
+        return Ok(true);
+    };
+    let mut send = true;
+    update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
+        send = i.send_catch_up(entity, &job.job_id, now);
+        send
+    })
+    .await?;
+    Ok(send)
 }
 
 /// What a delivery's event is about: the jobs it asked for (their ids derive from what it said),

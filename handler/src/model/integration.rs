@@ -96,6 +96,12 @@ pub struct Integration {
     /// Each one's secret `clientState` is kept with the credentials.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<WebhookSubscription>,
+    /// Per entity: the catch-up a webhook sent that no job has begun yet. A notification that
+    /// says only that something changed (a Drive change message, a Graph notification without
+    /// data) is caught up by that job, which reads whatever changed before it begins, and
+    /// sends none of its own: a burst of them makes one sync, not one each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub catch_ups: BTreeMap<String, PendingCatchUp>,
     /// Who is refreshing the credentials: one refresh at a time, whatever asks for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_lease: Option<Lease>,
@@ -295,6 +301,60 @@ pub struct Checkpoint {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A catch-up job sent and not begun.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCatchUp {
+    pub job_id: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// How long a catch-up sent and not begun stands for later notifications. A job that waits
+/// this long (behind another sync of the integration, or lost with its queue) is not waited
+/// for: the next notification sends one more.
+pub const CATCH_UP_STANDS_FOR: chrono::Duration = chrono::Duration::minutes(10);
+
+impl Integration {
+    /// Whether a catch-up of `entity` is on its way and not begun, at `now`: a notification
+    /// that something changed in it needs no job of its own.
+    pub fn catching_up(&self, entity: &str, now: DateTime<Utc>) -> bool {
+        self.catch_ups
+            .get(entity)
+            .is_some_and(|p| now - p.sent_at < CATCH_UP_STANDS_FOR)
+    }
+
+    /// Marks the catch-up `job_id` of `entity` sent at `now`; false if another stands already.
+    /// The same one is sent again (a redelivery after its send failed).
+    pub fn send_catch_up(&mut self, entity: &str, job_id: &str, now: DateTime<Utc>) -> bool {
+        if self
+            .catch_ups
+            .get(entity)
+            .is_some_and(|p| p.job_id == job_id)
+        {
+            return true;
+        }
+        if self.catching_up(entity, now) {
+            return false;
+        }
+        self.catch_ups.insert(
+            entity.to_string(),
+            PendingCatchUp {
+                job_id: job_id.to_string(),
+                sent_at: now,
+            },
+        );
+        true
+    }
+
+    /// The catch-up `job_id` begins (or was never sent): the entities it stood for take a job
+    /// of their own again. Whether anything changed.
+    pub fn begin_catch_up(&mut self, job_id: &str) -> bool {
+        let before = self.catch_ups.len();
+        self.catch_ups.retain(|_, p| p.job_id != job_id);
+        self.catch_ups.len() != before
+    }
+}
+
 /// A subscription the provider holds for this integration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -476,6 +536,35 @@ mod tests {
             .check_entities_distinct()
             .unwrap_err();
         assert!(refused.contains("derivedShards"), "{refused}");
+    }
+
+    #[test]
+    fn a_catch_up_stands_for_later_notifications_until_its_job_begins() {
+        let at = |minute| Utc.with_ymd_and_hms(2026, 11, 23, 9, minute, 0).unwrap();
+        let mut integration = synced_once();
+        assert!(integration.send_catch_up("files", "wh-1", at(0)));
+        assert!(
+            !integration.send_catch_up("files", "wh-2", at(1)),
+            "wh-1 reads it"
+        );
+        assert!(
+            integration.send_catch_up("files", "wh-1", at(1)),
+            "sent again, after its send failed"
+        );
+        assert!(
+            integration.send_catch_up("folders", "wh-3", at(1)),
+            "another entity"
+        );
+
+        assert!(!integration.begin_catch_up("wh-2"), "never sent");
+        assert!(integration.begin_catch_up("wh-1"));
+        assert!(
+            integration.send_catch_up("files", "wh-4", at(2)),
+            "wh-1 began: too late"
+        );
+
+        // A job not begun within ten minutes is not waited for.
+        assert!(integration.send_catch_up("files", "wh-5", at(12)));
     }
 
     #[test]
