@@ -136,7 +136,10 @@ impl Dialect for Google {
     }
 }
 
-/// Where a sync stands between pages.
+/// Where a sync stands between pages, and of which drives (`scope`, as the cursor names
+/// them): a read the integration's drives changed under, between two of its jobs, is read
+/// again from the start, or its pages would be kept as a read of drives it never listed.
+/// (Empty in tokens from before they said.)
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "phase", rename_all = "lowercase")]
 enum Position {
@@ -147,9 +150,29 @@ enum Position {
         next: String,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         incomplete: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        scope: String,
     },
     /// Reading changes.
-    Changes { next: String },
+    Changes {
+        next: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        scope: String,
+    },
+}
+
+impl Position {
+    /// Refuses a position of drives other than `scope`.
+    fn of(self, scope: &str) -> Result<Self, ProviderError> {
+        let (Self::List { scope: read, .. } | Self::Changes { scope: read, .. }) = &self;
+        if read.is_empty() || read == scope {
+            Ok(self)
+        } else {
+            Err(ProviderError::resync_required(format!(
+                "the drives to read changed from `{read}` to `{scope}` while they were read"
+            )))
+        }
+    }
 }
 
 impl GoogleDrive {
@@ -317,17 +340,22 @@ impl Pull for GoogleDrive {
         request: &FetchRequest,
     ) -> Result<Page, ProviderError> {
         check_entity(&request.entity)?;
+        let scope = Self::scope(conn);
         let position = match (&request.page_token, &request.cursor) {
-            (Some(token), _) => serde_json::from_str(token).map_err(|_| {
-                ProviderError::new(ErrorCode::ValidationError, "unreadable Drive page token")
-            })?,
+            (Some(token), _) => serde_json::from_str::<Position>(token)
+                .map_err(|_| {
+                    ProviderError::new(ErrorCode::ValidationError, "unreadable Drive page token")
+                })?
+                .of(&scope)?,
             (None, Some(cursor)) => Position::Changes {
-                next: token_of(&Self::scope(conn), cursor)?.to_string(),
+                next: token_of(&scope, cursor)?.to_string(),
+                scope: scope.clone(),
             },
             (None, None) => Position::List {
                 start: self.start_token(conn).await?,
                 next: String::new(),
                 incomplete: false,
+                scope: scope.clone(),
             },
         };
         let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
@@ -339,6 +367,7 @@ impl Pull for GoogleDrive {
                 start,
                 next,
                 incomplete,
+                ..
             } => {
                 params.push((
                     "fields",
@@ -385,13 +414,11 @@ impl Pull for GoogleDrive {
                             start,
                             next: next.to_string(),
                             incomplete,
+                            scope: scope.clone(),
                         }),
                         None,
                     ),
-                    None => (
-                        None,
-                        (!incomplete).then(|| keep_scoped(&Self::scope(conn), &start)),
-                    ),
+                    None => (None, (!incomplete).then(|| keep_scoped(&scope, &start))),
                 };
                 Ok(Page {
                     unreadable,
@@ -402,7 +429,7 @@ impl Pull for GoogleDrive {
                     cursor,
                 })
             }
-            Position::Changes { next } => {
+            Position::Changes { next, .. } => {
                 params.push((
                     "fields",
                     format!(
@@ -440,14 +467,18 @@ impl Pull for GoogleDrive {
                 Ok(Page {
                     unreadable: Vec::new(),
                     records,
-                    next_page: body["nextPageToken"]
-                        .as_str()
-                        .map(|n| json!(Position::Changes { next: n.into() }).to_string()),
+                    next_page: body["nextPageToken"].as_str().map(|n| {
+                        json!(Position::Changes {
+                            next: n.into(),
+                            scope: scope.clone()
+                        })
+                        .to_string()
+                    }),
                     query: Some("changes.list".into()),
                     stop_after: None,
                     cursor: body["newStartPageToken"]
                         .as_str()
-                        .map(|token| keep_scoped(&Self::scope(conn), token)),
+                        .map(|token| keep_scoped(&scope, token)),
                 })
             }
         }
@@ -880,10 +911,33 @@ mod tests {
             start: "42".into(),
             next: "~!abc".into(),
             incomplete: false,
+            scope: "my-drive".into(),
         };
         let text = json!(list).to_string();
-        assert_eq!(text, r#"{"next":"~!abc","phase":"list","start":"42"}"#);
+        assert_eq!(
+            text,
+            r#"{"next":"~!abc","phase":"list","scope":"my-drive","start":"42"}"#
+        );
         assert_eq!(serde_json::from_str::<Position>(&text).unwrap(), list);
+    }
+
+    #[test]
+    fn a_read_of_other_drives_is_not_gone_on_with() {
+        let list = |scope: &str| Position::List {
+            start: "42".into(),
+            next: "~!abc".into(),
+            incomplete: false,
+            scope: scope.into(),
+        };
+        assert!(list("my-drive").of("my-drive").is_ok());
+        assert!(list("").of("all-drives").is_ok(), "a token from before");
+        let refused = list("my-drive").of("all-drives").unwrap_err();
+        assert!(refused.resync, "{refused:?}");
+        let changes = Position::Changes {
+            next: "77".into(),
+            scope: "drive:0Ashared".into(),
+        };
+        assert!(changes.of("my-drive").unwrap_err().resync);
     }
 
     #[test]

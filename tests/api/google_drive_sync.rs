@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use handler::queue::SYNC_INBOUND_SCHEDULED;
+
 use crate::fake_google_drive::FakeGoogleDrive;
 use crate::fake_host::{HostedHandler, free_port};
 use crate::helpers::{TestApp, wait_until};
@@ -90,6 +92,36 @@ async fn shared_drives_asked_for_later_are_read_whole_by_the_next_sync() {
     run_job(&handler, "job-2", "incremental").await;
 
     assert_eq!(names(&app).await, ["plan.docx", "team-budget.xlsx"]);
+}
+
+#[tokio::test]
+async fn shared_drives_asked_for_while_a_first_listing_spans_jobs_are_listed_too() {
+    let drive = FakeGoogleDrive::start().await;
+    drive.load_files(1500);
+    drive.add_shared_drive_file("0AsharedDrive1", "team-budget.xlsx");
+    let app = TestApp::new();
+    app.register_integration(integration(&drive, false)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+    // Each job syncs a thousand files at most: the listing goes on in a continuation.
+    let handler = app.host_handler_with(&[("SYNC_MAX_RECORDS", "1000")]).await;
+    run_job(&handler, "job-1", "full_sync").await;
+    assert_eq!(names(&app).await.len(), 1000);
+
+    // The operator adds the shared drives before the continuation runs.
+    app.register_integration(integration(&drive, true)).await;
+    let broker = app.broker();
+    let far = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut continuations = 0;
+    while let Some(next) = broker.receive_at(SYNC_INBOUND_SCHEDULED, far).unwrap() {
+        handler.deliver("SyncInboundScheduled", &next).await;
+        broker.complete(&next).unwrap();
+        continuations += 1;
+        assert!(continuations < 10, "the chain ends");
+    }
+
+    let synced = names(&app).await;
+    assert_eq!(synced.len(), 1501);
+    assert!(synced.contains(&"team-budget.xlsx".to_string()));
 }
 
 #[tokio::test]
