@@ -371,6 +371,11 @@ async fn run_local(
     demo: bool,
     metrics: Option<PrometheusText>,
 ) -> CliResult {
+    if settings.azure.service_bus.is_some() {
+        tracing::warn!(
+            "Service Bus is configured (ServiceBusConnection): this runtime delivers its own embedded queues, while operator commands (`sync`, `dead-letters`) send to and read Service Bus and never reach it; unset ServiceBusConnection for them to"
+        );
+    }
     let app =
         App::from_settings(settings, &backends, app::providers(), QueueChoice::Embedded).await?;
     if demo {

@@ -31,6 +31,9 @@ pub trait TokenSource: Send + Sync {
 pub struct AzureCredential {
     credential: Arc<dyn TokenCredential>,
     tokens: Arc<Mutex<HashMap<String, AccessToken>>>,
+    /// One token asked for at a time: the sends that find none kept wait for it rather than
+    /// each running the CLI.
+    asking: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for AzureCredential {
@@ -47,6 +50,7 @@ impl AzureCredential {
         Self {
             credential,
             tokens: Arc::default(),
+            asking: Arc::default(),
         }
     }
 
@@ -92,6 +96,10 @@ impl TokenSource for AzureCredential {
         if let Some(token) = self.kept(scope) {
             return Ok(token);
         }
+        let _asking = self.asking.lock().await;
+        if let Some(token) = self.kept(scope) {
+            return Ok(token);
+        }
         let token = self
             .credential
             .get_token(&[scope], None)
@@ -128,6 +136,8 @@ mod tests {
             _options: Option<TokenRequestOptions<'_>>,
         ) -> azure_core::Result<AccessToken> {
             let n = self.asked.fetch_add(1, Ordering::SeqCst);
+            // As a CLI run does, it lets other tasks run meanwhile.
+            tokio::task::yield_now().await;
             Ok(AccessToken {
                 token: Secret::new(format!("{}-{n}", scopes[0])),
                 expires_on: OffsetDateTime::now_utc() + self.lifetime,
@@ -147,6 +157,23 @@ mod tests {
         }
         assert_eq!(credential.token("grid").await.unwrap(), "grid-1");
         assert_eq!(counting.asked.load(Ordering::SeqCst), 2);
+
+        // Twenty sends that find no token at once ask for one.
+        let counting = Arc::new(Counting {
+            asked: AtomicUsize::new(0),
+            lifetime: Duration::hours(1),
+        });
+        let credential = AzureCredential::new(counting.clone());
+        let asks: Vec<_> = (0..20)
+            .map(|_| {
+                let credential = credential.clone();
+                tokio::spawn(async move { credential.token("bus").await.unwrap() })
+            })
+            .collect();
+        for ask in asks {
+            assert_eq!(ask.await.unwrap(), "bus-0");
+        }
+        assert_eq!(counting.asked.load(Ordering::SeqCst), 1);
 
         let short = Arc::new(Counting {
             asked: AtomicUsize::new(0),

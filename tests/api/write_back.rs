@@ -773,10 +773,28 @@ async fn deleting_a_contact_merged_from_two_records_deletes_both_at_salesforce()
             Utc::now() - Duration::days(2),
         );
     }
+    // And a lead of hers, synced one way into contacts.
+    fake.add(
+        "Lead",
+        json!({"Id": "00Q000000000001AAA", "LastName": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
     let mut integration = two_way(&fake, "newest_wins");
-    integration["structuredData"]["entityMappings"][0]["deduplication"] = json!({
+    let dedup = json!({
         "rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"
     });
+    integration["structuredData"]["entityMappings"][0]["deduplication"] = dedup.clone();
+    let mappings = integration["structuredData"]["entityMappings"]
+        .as_array_mut()
+        .unwrap();
+    mappings.push(json!({
+        "externalEntity": "Lead", "shardTypeId": "c_contact", "nameField": "name",
+        "fieldMappings": [
+            {"source": "LastName", "target": "name"},
+            {"source": "Email", "target": "email"}
+        ],
+        "deduplication": dedup
+    }));
     test.register_integration(integration).await;
     test.set_credentials(SF, &fake.credentials()).await;
     let handler = test.host_handler().await;
@@ -784,8 +802,8 @@ async fn deleting_a_contact_merged_from_two_records_deletes_both_at_salesforce()
     let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
     assert_eq!(
         ann.external_relationships.len(),
-        2,
-        "one person, two records"
+        3,
+        "one person, two contacts and a lead"
     );
 
     test.cli_json(&["shards", "delete", ANN, "--tenant", "t1"])
@@ -795,6 +813,16 @@ async fn deleting_a_contact_merged_from_two_records_deletes_both_at_salesforce()
     assert!(
         fake.records("Contact").is_empty(),
         "the duplicate would bring Ann back: {:?}",
+        fake.requests()
+    );
+    assert_eq!(
+        fake.records("Lead").len(),
+        1,
+        "the lead is not written back"
+    );
+    assert!(
+        !fake.requests().iter().any(|r| r.contains("00Q")),
+        "{:?}",
         fake.requests()
     );
     let history = test.history().await;

@@ -829,23 +829,35 @@ fn soql_where(
 const IDS_PER_QUERY: usize = 200;
 
 /// How long a query's text may be once it is in the URL. Salesforce refuses a request line
-/// and headers past 16 KB (414, 431): a query keeps well inside, with room for the rest.
-const QUERY_URL_BUDGET: usize = 10_000;
+/// and headers past 16 KB (414, 431): a query keeps inside, with room for the rest.
+const QUERY_URL_BUDGET: usize = 15_000;
+
+/// The part of [`QUERY_URL_BUDGET`] a read by id leaves its field list: the ids get the rest.
+const FIELDS_OF_READS_BY_ID: usize = 10_000;
 
 /// How many ids one `WHERE Id IN (...)` query of `request`'s fields may ask for: up to
 /// [`IDS_PER_QUERY`], fewer where a wide mapping's field list takes much of the URL, and at
 /// least one.
 fn ids_per_query(request: &FetchRequest) -> usize {
-    // Each id goes as `'001…'` with `, ` between, 18 characters and 6 more encoded.
-    const ENCODED_ID: usize = 18 + 3 * 3 + 3 * 2;
+    // Each id goes as `'001…'` with `, ` between: 18 characters, two quotes and a comma of
+    // three bytes each, and a space of one.
+    const ENCODED_ID: usize = 18 + 3 * 3 + 1;
     let base = soql_where(request, None, Some("Id IN ()".into()));
-    (QUERY_URL_BUDGET.saturating_sub(encoded_len(&base)) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
+    let fields = encoded_len(&base).max(QUERY_URL_BUDGET - FIELDS_OF_READS_BY_ID);
+    (QUERY_URL_BUDGET.saturating_sub(fields) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
 }
 
-/// The length of `soql` once it is encoded into a URL's query.
+/// The length of `soql` once it is form-encoded into a URL's query, as the client sends it:
+/// letters, digits and `*-._` as they are, a space as `+`, anything else in three bytes.
 fn encoded_len(soql: &str) -> usize {
     soql.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() { 1 } else { 3 })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"*-._ ".contains(&b) {
+                1
+            } else {
+                3
+            }
+        })
         .sum()
 }
 
@@ -1421,7 +1433,7 @@ mod tests {
             cursor_read_at: None,
         };
         assert_eq!(super::ids_per_query(&request(10)), super::IDS_PER_QUERY);
-        for fields in [150, 300] {
+        for fields in [150, 300, 500] {
             let wide = request(fields);
             let per_query = super::ids_per_query(&wide);
             let ids: Vec<String> = (0..per_query).map(|i| format!("'001{i:015}'")).collect();

@@ -105,7 +105,7 @@ async fn run_job(
             if orphaned {
                 end_chain(i, &job.job_id);
             }
-            orphaned
+            i.begin_catch_up(&job.job_id, now) || orphaned
         })
         .await;
         // The job is over either way; a hold that stays lapses by itself.
@@ -274,7 +274,7 @@ async fn take_integration(
                 });
                 i.running = Some(held);
                 // A catch-up begins: what changes from now on is a notification's of its own.
-                i.begin_catch_up(&job.job_id);
+                i.begin_catch_up(&job.job_id, now);
                 true
             }
             Claim::Wait { holder, retry_in } => {
@@ -757,7 +757,8 @@ async fn set_aside(
         if held {
             end_chain(i, &job.job_id);
         }
-        held
+        // A catch-up set aside reads nothing: what it stood for takes a job of its own.
+        i.begin_catch_up(&job.job_id, now) || held
     })
     .await?;
     if let Some(mut record) = history.previous.filter(|p| !p.is_finished()) {

@@ -35,7 +35,7 @@ use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure, backoff};
 use super::two_way;
 use super::{Transient, history_slot, publish};
 use crate::app::App;
-use crate::model::conflict::{Modified, agreed_hash, reconcile_record, value_hash};
+use crate::model::conflict::{Modified, reconcile_record, value_hash};
 use crate::model::history::{Direction, EntitySyncStats, SyncJobType, SyncTrigger};
 use crate::model::integration::IntegrationStatus;
 use crate::model::mapping::{EntityMapping, reverse, transform};
@@ -521,6 +521,11 @@ async fn write(
             let gone = shard.lost_record_at(integration_id);
             pushed.skipped = 1;
             pushed.note = Some("nothing to delete: the shard is not linked to a record".into());
+            if gone {
+                // Deleted with its record by an earlier try, which may have stopped before
+                // the shards derived from it went.
+                retire_derived(app, &write_back.tenant_id, &shard.id, mapping, now).await?;
+            }
             if let Some(key_field) = mapping.idempotency_field.clone().filter(|_| !gone) {
                 // A create whose answer was lost may have made the record all the same: it is
                 // found by the shard's id in its key field, and goes too.
@@ -541,12 +546,17 @@ async fn write(
             }
             return Ok(pushed);
         };
-        // Every record of the integration the shard holds goes: duplicates merged into it
-        // are the same person or thing, and one left would bring the shard back.
+        // Every record of the integration the shard holds both ways goes: duplicates merged
+        // into it are the same person or thing, and one left would bring the shard back. A
+        // record merged in from a one-way mapping (a lead into a contact) is not Castiel's to
+        // delete, nor of the entity written back.
         let linked: Vec<usize> = (i..shard.external_relationships.len())
             .filter(|&j| {
                 let r = &shard.external_relationships[j];
-                r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Synced
+                j == i
+                    || (r.integration_id == *integration_id
+                        && r.sync_status == RelationshipStatus::Synced
+                        && r.sync_direction == SyncDirection::Bidirectional)
             })
             .collect();
         for j in linked {
@@ -642,11 +652,9 @@ async fn write(
             } else {
                 format!("`{external_id}` is gone at the provider; not written")
             });
-            let deleted = shard.deleted_at.is_some();
-            let primary = shard.id.clone();
-            save_shard(app, shard, &target.shard, integration_id).await?;
-            if deleted {
-                retire_derived(app, &write_back.tenant_id, &primary, mapping, now).await?;
+            let saved = save_shard(app, shard, &target.shard, integration_id).await?;
+            if let Some(saved) = saved.filter(|s| s.deleted_at.is_some()) {
+                retire_derived(app, &write_back.tenant_id, &saved.id, mapping, now).await?;
             }
             return Ok(pushed);
         };
@@ -733,8 +741,8 @@ async fn write(
             .collect();
         let r = &mut shard.external_relationships[i];
         for field in theirs.keys().filter(|f| !apart.contains(f)) {
-            let agreed = agreed_hash(data.get(field), r.field_hashes.get(field));
-            r.field_hashes.insert(field.clone(), agreed);
+            r.field_hashes
+                .insert(field.clone(), value_hash(data.get(field)));
         }
         r.last_synced_at = Some(now);
         r.sync_direction = SyncDirection::Bidirectional;
@@ -898,7 +906,7 @@ async fn save_shard(
     mut written: Shard,
     read: &Versioned<Shard>,
     integration_id: &str,
-) -> Result<(), Failure> {
+) -> Result<Option<Shard>, Failure> {
     let failed = |e: StoreError| {
         Failure::new(
             FailureCode::Store,
@@ -910,7 +918,7 @@ async fn save_shard(
     let mut shard = written.clone();
     for _ in 0..MERGE_ATTEMPTS {
         match app.store.replace(&shard, &etag).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(Some(shard)),
             Err(StoreError::PreconditionFailed) => {}
             Err(e) => return Err(failed(e)),
         }
@@ -920,7 +928,7 @@ async fn save_shard(
             .await
             .map_err(failed)?
         else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(joined) = after_write(&read.value, &written, current.value, integration_id) else {
             return Err(failed(StoreError::PreconditionFailed));

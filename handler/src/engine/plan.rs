@@ -31,7 +31,7 @@ use adapters::{ErrorCode, Record};
 
 use super::failure::FailureCode;
 use crate::model::conflict::{
-    ConflictPolicy, FieldConflict, Modified, agreed_hash, reconcile_record,
+    ConflictPolicy, FieldConflict, Modified, reconcile_record, value_hash,
 };
 use crate::model::dedup::{DedupKeys, DedupRules, merge};
 use crate::model::digest::Fnv1a;
@@ -968,8 +968,8 @@ fn agree(
     {
         for field in data.keys() {
             if !pending.contains(&field) {
-                let agreed = agreed_hash(values.get(field), r.field_hashes.get(field));
-                r.field_hashes.insert(field.clone(), agreed);
+                r.field_hashes
+                    .insert(field.clone(), value_hash(values.get(field)));
             }
         }
     }
@@ -1315,7 +1315,6 @@ fn link_external(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::conflict::value_hash;
     use serde_json::json;
 
     fn contacts(dedup: bool, create_new: bool) -> EntityMapping {

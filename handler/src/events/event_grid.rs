@@ -166,13 +166,9 @@ impl EventGridPublisher {
         request = match &self.auth {
             EventGridAuth::Key(key) => request.header("aeg-sas-key", key),
             EventGridAuth::Entra(credential) => {
-                // No token is no authorization: not a failure another post mends.
+                // Managed identity's endpoint fails for a moment too: asked again.
                 let token = credential.token(SCOPE).await.map_err(|e| {
-                    refused(
-                        Some(reqwest::StatusCode::UNAUTHORIZED),
-                        None,
-                        format!("no Entra token for Event Grid: {e}"),
-                    )
+                    refused(None, None, format!("no Entra token for Event Grid: {e}"))
                 })?;
                 request.bearer_auth(token)
             }

@@ -148,7 +148,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
                         // Not on its way after all: the provider's redelivery sends it.
                         let forgotten =
                             update_integration(app, &shard.tenant_id, &shard.id, now, |i| {
-                                i.begin_catch_up(&job.job_id)
+                                i.forget_catch_up(&job.job_id)
                             })
                             .await;
                         if let Err(e) = forgotten {

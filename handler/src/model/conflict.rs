@@ -95,17 +95,6 @@ pub fn value_hash(value: Option<&Value>) -> String {
     Fingerprints::of(value).canonical
 }
 
-/// The fingerprint to keep for a field both sides now hold as `value`: `base`, the one kept
-/// before, where it is of this very value (a shard is not rewritten only to spell its
-/// fingerprints anew), else [`value_hash`].
-pub fn agreed_hash(value: Option<&Value>, base: Option<&String>) -> String {
-    let fingerprints = Fingerprints::of(value);
-    match base {
-        Some(base) if fingerprints.is(base) => base.clone(),
-        _ => fingerprints.canonical,
-    }
-}
-
 /// A value's fingerprint, and the one it had as written where that differs: bases agreed
 /// before values were fingerprinted as providers spell them are of the text as written.
 struct Fingerprints {

@@ -301,12 +301,15 @@ pub struct Checkpoint {
     pub updated_at: DateTime<Utc>,
 }
 
-/// A catch-up job sent and not begun.
+/// The last catch-up job sent of an entity, and whether it has begun.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PendingCatchUp {
     pub job_id: String,
     pub sent_at: DateTime<Utc>,
+    /// Kept once it begins: a redelivery of its notification is then one it read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begun_at: Option<DateTime<Utc>>,
 }
 
 /// How long a catch-up sent and not begun stands for later notifications. A job that waits
@@ -320,18 +323,16 @@ impl Integration {
     pub fn catching_up(&self, entity: &str, now: DateTime<Utc>) -> bool {
         self.catch_ups
             .get(entity)
-            .is_some_and(|p| now - p.sent_at < CATCH_UP_STANDS_FOR)
+            .is_some_and(|p| p.begun_at.is_none() && now - p.sent_at < CATCH_UP_STANDS_FOR)
     }
 
-    /// Marks the catch-up `job_id` of `entity` sent at `now`; false if another stands already.
-    /// The same one is sent again (a redelivery after its send failed).
+    /// Marks the catch-up `job_id` of `entity` sent at `now`; false if it is not to be sent:
+    /// another stands for it, or it is the one that began already (a redelivery of its
+    /// notification, which that job read). The same one not begun is sent again (a
+    /// redelivery after its send failed).
     pub fn send_catch_up(&mut self, entity: &str, job_id: &str, now: DateTime<Utc>) -> bool {
-        if self
-            .catch_ups
-            .get(entity)
-            .is_some_and(|p| p.job_id == job_id)
-        {
-            return true;
+        if let Some(last) = self.catch_ups.get(entity).filter(|p| p.job_id == job_id) {
+            return last.begun_at.is_none();
         }
         if self.catching_up(entity, now) {
             return false;
@@ -341,17 +342,32 @@ impl Integration {
             PendingCatchUp {
                 job_id: job_id.to_string(),
                 sent_at: now,
+                begun_at: None,
             },
         );
         true
     }
 
-    /// The catch-up `job_id` begins (or was never sent): the entities it stood for take a job
-    /// of their own again. Whether anything changed.
-    pub fn begin_catch_up(&mut self, job_id: &str) -> bool {
+    /// The catch-up `job_id` could not be sent after all: the provider's redelivery of its
+    /// notification sends it. Whether anything changed.
+    pub fn forget_catch_up(&mut self, job_id: &str) -> bool {
         let before = self.catch_ups.len();
-        self.catch_ups.retain(|_, p| p.job_id != job_id);
+        self.catch_ups
+            .retain(|_, p| p.job_id != job_id || p.begun_at.is_some());
         self.catch_ups.len() != before
+    }
+
+    /// The catch-up `job_id` begins at `now` (or is set aside, or was never sent): the
+    /// entities it stood for take a job of their own again. Whether anything changed.
+    pub fn begin_catch_up(&mut self, job_id: &str, now: DateTime<Utc>) -> bool {
+        let mut changed = false;
+        for last in self.catch_ups.values_mut() {
+            if last.job_id == job_id && last.begun_at.is_none() {
+                last.begun_at = Some(now);
+                changed = true;
+            }
+        }
+        changed
     }
 }
 
@@ -556,15 +572,19 @@ mod tests {
             "another entity"
         );
 
-        assert!(!integration.begin_catch_up("wh-2"), "never sent");
-        assert!(integration.begin_catch_up("wh-1"));
+        assert!(!integration.begin_catch_up("wh-2", at(2)), "never sent");
+        assert!(integration.begin_catch_up("wh-1", at(2)));
         assert!(
-            integration.send_catch_up("files", "wh-4", at(2)),
+            !integration.send_catch_up("files", "wh-1", at(3)),
+            "a redelivery of what wh-1 read"
+        );
+        assert!(
+            integration.send_catch_up("files", "wh-4", at(3)),
             "wh-1 began: too late"
         );
 
         // A job not begun within ten minutes is not waited for.
-        assert!(integration.send_catch_up("files", "wh-5", at(12)));
+        assert!(integration.send_catch_up("files", "wh-5", at(14)));
     }
 
     #[test]
