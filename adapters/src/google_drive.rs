@@ -162,11 +162,19 @@ enum Position {
 }
 
 impl Position {
-    /// Refuses a position of drives other than `scope`.
+    /// Refuses a position of drives other than `scope`. A listing from before positions named
+    /// their drives may be of others, and would leave its start token as a cursor of these: it
+    /// is listed again. Changes read on from such a token are kept under `scope` by the
+    /// cursor they end with, which names its drives.
     fn of(self, scope: &str) -> Result<Self, ProviderError> {
+        let legacy_list = matches!(&self, Self::List { scope: read, .. } if read.is_empty());
         let (Self::List { scope: read, .. } | Self::Changes { scope: read, .. }) = &self;
-        if read.is_empty() || read == scope {
+        if read == scope || (read.is_empty() && !legacy_list) {
             Ok(self)
+        } else if legacy_list {
+            Err(ProviderError::resync_required(
+                "a listing begun before page tokens named their drives is listed again",
+            ))
         } else {
             Err(ProviderError::resync_required(format!(
                 "the drives to read changed from `{read}` to `{scope}` while they were read"
@@ -930,7 +938,10 @@ mod tests {
             scope: scope.into(),
         };
         assert!(list("my-drive").of("my-drive").is_ok());
-        assert!(list("").of("all-drives").is_ok(), "a token from before");
+        assert!(
+            list("").of("all-drives").unwrap_err().resync,
+            "a listing from before: of which drives is not known"
+        );
         let refused = list("my-drive").of("all-drives").unwrap_err();
         assert!(refused.resync, "{refused:?}");
         let changes = Position::Changes {

@@ -31,9 +31,9 @@ pub trait TokenSource: Send + Sync {
 pub struct AzureCredential {
     credential: Arc<dyn TokenCredential>,
     tokens: Arc<Mutex<HashMap<String, AccessToken>>>,
-    /// One token asked for at a time: the sends that find none kept wait for it rather than
-    /// each running the CLI.
-    asking: Arc<tokio::sync::Mutex<()>>,
+    /// One token of a scope asked for at a time: the sends that find none kept wait for it
+    /// rather than each running the CLI.
+    asking: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl fmt::Debug for AzureCredential {
@@ -96,7 +96,11 @@ impl TokenSource for AzureCredential {
         if let Some(token) = self.kept(scope) {
             return Ok(token);
         }
-        let _asking = self.asking.lock().await;
+        let asking = match self.asking.lock() {
+            Ok(mut locks) => locks.entry(scope.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let _asking = asking.lock().await;
         if let Some(token) = self.kept(scope) {
             return Ok(token);
         }

@@ -760,6 +760,70 @@ async fn a_deletion_in_castiel_outlasts_a_sync_that_reads_the_record_before_it_i
 }
 
 #[tokio::test]
+async fn a_contact_merged_into_a_shard_its_lead_began_is_the_record_written_back() {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Lead",
+        json!({"Id": "00Q000000000001AAA", "LastName": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(3),
+    );
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000001AAA", "LastName": "Ann", "Email": "ann@acme.test"}),
+        Utc::now() - Duration::days(2),
+    );
+    let dedup = json!({
+        "rules": [{"field": "email", "matching": "exact"}], "merge": "merge_fields"
+    });
+    let mut integration = two_way(&fake, "newest_wins");
+    let contacts = integration["structuredData"]["entityMappings"][0].clone();
+    let mut contacts = contacts;
+    contacts["deduplication"] = dedup.clone();
+    // The leads sync first, one way: Ann's shard is her lead's.
+    integration["structuredData"]["entityMappings"] = json!([{
+        "externalEntity": "Lead", "shardTypeId": "c_contact", "nameField": "name",
+        "fieldMappings": [
+            {"source": "LastName", "target": "name"},
+            {"source": "Email", "target": "email"}
+        ],
+        "deduplication": dedup
+    }, contacts]);
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    let lead_shard = "int-acme-sf~Lead~00Q000000000001AAA";
+    let ann = test
+        .store()
+        .get("t1", lead_shard)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(ann.external_relationships.len(), 2, "{ann:?}");
+
+    edit_in_castiel(&test, lead_shard, "Ann", json!({"email": "ann@new.test"})).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(
+        fake.record("Contact", "003000000000001AAA").unwrap()["Email"],
+        "ann@new.test",
+        "{:?}",
+        fake.requests()
+    );
+
+    test.cli_json(&["shards", "delete", lead_shard, "--tenant", "t1"])
+        .await;
+    deliver_write_backs(&test, &handler).await;
+    assert!(fake.record("Contact", "003000000000001AAA").is_none());
+    assert!(
+        fake.record("Lead", "00Q000000000001AAA").is_some(),
+        "the lead is not Castiel's to delete: {:?}",
+        fake.requests()
+    );
+}
+
+#[tokio::test]
 async fn deleting_a_contact_merged_from_two_records_deletes_both_at_salesforce() {
     let test = TestApp::new();
     let fake = FakeSalesforce::start().await;

@@ -273,7 +273,7 @@ impl Salesforce {
                 .collect(),
             ..request.clone()
         };
-        if encoded_len(&soql_where(&every, None, None)) > QUERY_URL_BUDGET {
+        if fits_a_query(&every).is_err() {
             return Err(ProviderError::new(
                 ErrorCode::ValidationError,
                 format!(
@@ -832,19 +832,32 @@ const IDS_PER_QUERY: usize = 200;
 /// and headers past 16 KB (414, 431): a query keeps inside, with room for the rest.
 const QUERY_URL_BUDGET: usize = 15_000;
 
-/// The part of [`QUERY_URL_BUDGET`] a read by id leaves its field list: the ids get the rest.
-const FIELDS_OF_READS_BY_ID: usize = 10_000;
-
 /// How many ids one `WHERE Id IN (...)` query of `request`'s fields may ask for: up to
 /// [`IDS_PER_QUERY`], fewer where a wide mapping's field list takes much of the URL, and at
-/// least one.
+/// least one (a field list too long for any is refused by [`fits_a_query`]).
 fn ids_per_query(request: &FetchRequest) -> usize {
     // Each id goes as `'001…'` with `, ` between: 18 characters, two quotes and a comma of
     // three bytes each, and a space of one.
     const ENCODED_ID: usize = 18 + 3 * 3 + 1;
     let base = soql_where(request, None, Some("Id IN ()".into()));
-    let fields = encoded_len(&base).max(QUERY_URL_BUDGET - FIELDS_OF_READS_BY_ID);
-    (QUERY_URL_BUDGET.saturating_sub(fields) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
+    (QUERY_URL_BUDGET.saturating_sub(encoded_len(&base)) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
+}
+
+/// Refuses a query of `request`'s fields too long for Salesforce's URL: every read of it
+/// would fail with 414 or 431.
+fn fits_a_query(request: &FetchRequest) -> Result<(), ProviderError> {
+    let base = soql_where(request, None, Some("Id IN ('001000000000000AAA')".into()));
+    if encoded_len(&base) <= QUERY_URL_BUDGET {
+        return Ok(());
+    }
+    Err(ProviderError::new(
+        ErrorCode::ValidationError,
+        format!(
+            "the mapping of `{}` names {} fields, more than one query can: list fewer in its fieldMappings",
+            request.entity,
+            request.fields.len()
+        ),
+    ))
 }
 
 /// The length of `soql` once it is form-encoded into a URL's query, as the client sends it:
@@ -1125,6 +1138,7 @@ impl Pull for Salesforce {
             Some(next) => (None, next.clone(), Vec::new()),
             None => {
                 let since = request.cursor.as_deref().map(cursor_time).transpose()?;
+                fits_a_query(request)?;
                 let soql = soql(
                     &*self.with_every_field(conn, request).await?,
                     since.map(|t| request.read_from(t, RECORDS_LOOKBACK)),
@@ -1167,6 +1181,7 @@ impl Pull for Salesforce {
             page_token: None,
             ..self.with_every_field(conn, request).await?.into_owned()
         };
+        fits_a_query(&unbounded)?;
         let mut records = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(ids_per_query(&unbounded)) {
             let quoted: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();

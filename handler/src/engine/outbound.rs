@@ -490,9 +490,17 @@ async fn write(
         .as_object()
         .cloned()
         .unwrap_or_default();
-    let link = shard.external_relationships.iter().position(|r| {
+    // The record written back is one the mapping syncs both ways: a record merged in one way
+    // (a lead into a contact) is another entity's. A link from before the mapping wrote back
+    // is one-way until the record's next sync, and is taken where there is no other.
+    let synced = |r: &ExternalRelationship| {
         r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Synced
-    });
+    };
+    let link = shard
+        .external_relationships
+        .iter()
+        .position(|r| synced(r) && r.sync_direction == SyncDirection::Bidirectional)
+        .or_else(|| shard.external_relationships.iter().position(synced));
     let mut pushed = Pushed::default();
     let mut events = Vec::new();
 
@@ -822,7 +830,12 @@ async fn write(
         pushed.created = 1;
     }
     shard.structured_data = Value::Object(data);
-    save_shard(app, shard, &target.shard, integration_id).await?;
+    let saved = save_shard(app, shard, &target.shard, integration_id).await?;
+    if pushed.deleted > 0
+        && let Some(saved) = saved.filter(|s| s.deleted_at.is_some())
+    {
+        retire_derived(app, &write_back.tenant_id, &saved.id, mapping, now).await?;
+    }
     publish(app, &events).await;
     Ok(pushed)
 }

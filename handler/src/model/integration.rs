@@ -101,7 +101,7 @@ pub struct Integration {
     /// data) is caught up by that job, which reads whatever changed before it begins, and
     /// sends none of its own: a burst of them makes one sync, not one each.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub catch_ups: BTreeMap<String, PendingCatchUp>,
+    pub catch_ups: BTreeMap<String, CatchUps>,
     /// Who is refreshing the credentials: one refresh at a time, whatever asks for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_lease: Option<Lease>,
@@ -301,20 +301,38 @@ pub struct Checkpoint {
     pub updated_at: DateTime<Utc>,
 }
 
-/// The last catch-up job sent of an entity, and whether it has begun.
+/// The catch-ups of one entity: the last one sent, and those that began lately.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PendingCatchUp {
+pub struct CatchUps {
+    /// The last catch-up job sent; until it begins, it reads whatever a later notification
+    /// tells of.
     pub job_id: String,
     pub sent_at: DateTime<Utc>,
-    /// Kept once it begins: a redelivery of its notification is then one it read.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub begun_at: Option<DateTime<Utc>>,
+    /// Catch-ups that began within [`CATCH_UP_STANDS_FOR`]: a redelivery of a notification
+    /// one of them was sent for is a change it read, and its job id one the queue would drop
+    /// as a duplicate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub begun: Vec<BegunCatchUp>,
 }
 
-/// How long a catch-up sent and not begun stands for later notifications. A job that waits
-/// this long (behind another sync of the integration, or lost with its queue) is not waited
-/// for: the next notification sends one more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BegunCatchUp {
+    pub job_id: String,
+    pub at: DateTime<Utc>,
+}
+
+impl CatchUps {
+    fn has_begun(&self, job_id: &str) -> bool {
+        self.begun.iter().any(|b| b.job_id == job_id)
+    }
+}
+
+/// How long a catch-up sent and not begun stands for later notifications, and a begun one is
+/// remembered (the queue's duplicate detection window). A job that waits this long (behind
+/// another sync of the integration, or lost with its queue) is not waited for: the next
+/// notification sends one more.
 pub const CATCH_UP_STANDS_FOR: chrono::Duration = chrono::Duration::minutes(10);
 
 impl Integration {
@@ -323,47 +341,66 @@ impl Integration {
     pub fn catching_up(&self, entity: &str, now: DateTime<Utc>) -> bool {
         self.catch_ups
             .get(entity)
-            .is_some_and(|p| p.begun_at.is_none() && now - p.sent_at < CATCH_UP_STANDS_FOR)
+            .is_some_and(|c| !c.has_begun(&c.job_id) && now - c.sent_at < CATCH_UP_STANDS_FOR)
     }
 
     /// Marks the catch-up `job_id` of `entity` sent at `now`; false if it is not to be sent:
-    /// another stands for it, or it is the one that began already (a redelivery of its
-    /// notification, which that job read). The same one not begun is sent again (a
-    /// redelivery after its send failed).
+    /// another stands for it, or it began already (a redelivery of its notification, which
+    /// that job read). The last one, not begun, is sent again (a redelivery after its send
+    /// failed and could not be forgotten).
     pub fn send_catch_up(&mut self, entity: &str, job_id: &str, now: DateTime<Utc>) -> bool {
-        if let Some(last) = self.catch_ups.get(entity).filter(|p| p.job_id == job_id) {
-            return last.begun_at.is_none();
-        }
-        if self.catching_up(entity, now) {
-            return false;
+        let standing = self.catching_up(entity, now);
+        if let Some(c) = self.catch_ups.get_mut(entity) {
+            c.begun.retain(|b| now - b.at < CATCH_UP_STANDS_FOR);
+            if c.has_begun(job_id) {
+                return false;
+            }
+            if c.job_id == job_id {
+                return true;
+            }
+            if standing {
+                return false;
+            }
+            c.job_id = job_id.to_string();
+            c.sent_at = now;
+            return true;
         }
         self.catch_ups.insert(
             entity.to_string(),
-            PendingCatchUp {
+            CatchUps {
                 job_id: job_id.to_string(),
                 sent_at: now,
-                begun_at: None,
+                begun: Vec::new(),
             },
         );
         true
     }
 
     /// The catch-up `job_id` could not be sent after all: the provider's redelivery of its
-    /// notification sends it. Whether anything changed.
+    /// notification sends it, and it stands for nothing meanwhile. Whether anything changed.
     pub fn forget_catch_up(&mut self, job_id: &str) -> bool {
-        let before = self.catch_ups.len();
-        self.catch_ups
-            .retain(|_, p| p.job_id != job_id || p.begun_at.is_some());
-        self.catch_ups.len() != before
+        let mut changed = false;
+        self.catch_ups.retain(|_, c| {
+            if c.job_id != job_id || c.has_begun(job_id) {
+                return true;
+            }
+            changed = true;
+            c.sent_at = DateTime::<Utc>::UNIX_EPOCH;
+            !c.begun.is_empty()
+        });
+        changed
     }
 
-    /// The catch-up `job_id` begins at `now` (or is set aside, or was never sent): the
+    /// The catch-up `job_id` begins at `now` (or is set aside, or found finished): the
     /// entities it stood for take a job of their own again. Whether anything changed.
     pub fn begin_catch_up(&mut self, job_id: &str, now: DateTime<Utc>) -> bool {
         let mut changed = false;
-        for last in self.catch_ups.values_mut() {
-            if last.job_id == job_id && last.begun_at.is_none() {
-                last.begun_at = Some(now);
+        for c in self.catch_ups.values_mut() {
+            if c.job_id == job_id && !c.has_begun(job_id) {
+                c.begun.push(BegunCatchUp {
+                    job_id: job_id.to_string(),
+                    at: now,
+                });
                 changed = true;
             }
         }
@@ -582,9 +619,20 @@ mod tests {
             integration.send_catch_up("files", "wh-4", at(3)),
             "wh-1 began: too late"
         );
+        assert!(integration.begin_catch_up("wh-4", at(4)));
+        assert!(
+            !integration.send_catch_up("files", "wh-1", at(5)),
+            "a redelivery of an older one is read too"
+        );
+
+        // A send that failed is forgotten: its redelivery sends it, and it stands for nothing.
+        assert!(integration.send_catch_up("files", "wh-5", at(5)));
+        assert!(integration.forget_catch_up("wh-5"));
+        assert!(!integration.catching_up("files", at(5)));
+        assert!(integration.send_catch_up("files", "wh-5", at(6)));
 
         // A job not begun within ten minutes is not waited for.
-        assert!(integration.send_catch_up("files", "wh-5", at(14)));
+        assert!(integration.send_catch_up("files", "wh-6", at(17)));
     }
 
     #[test]
