@@ -273,7 +273,7 @@ impl Salesforce {
                 .collect(),
             ..request.clone()
         };
-        if fits_a_query(&every).is_err() {
+        if encoded_len(&soql_where(&every, None, None)) > QUERY_URL_BUDGET {
             return Err(ProviderError::new(
                 ErrorCode::ValidationError,
                 format!(
@@ -829,8 +829,11 @@ fn soql_where(
 const IDS_PER_QUERY: usize = 200;
 
 /// How long a query's text may be once it is in the URL. Salesforce refuses a request line
-/// and headers past 16 KB (414, 431): a query keeps inside, with room for the rest.
-const QUERY_URL_BUDGET: usize = 15_000;
+/// past 16 KB (414): a query keeps inside, with room for the rest of the line.
+const QUERY_URL_BUDGET: usize = 16_000;
+
+/// What a read by id sizes its list of ids to: a little short of [`QUERY_URL_BUDGET`].
+const READ_BY_ID_BUDGET: usize = 15_000;
 
 /// How many ids one `WHERE Id IN (...)` query of `request`'s fields may ask for: up to
 /// [`IDS_PER_QUERY`], fewer where a wide mapping's field list takes much of the URL, and at
@@ -840,20 +843,23 @@ fn ids_per_query(request: &FetchRequest) -> usize {
     // three bytes each, and a space of one.
     const ENCODED_ID: usize = 18 + 3 * 3 + 1;
     let base = soql_where(request, None, Some("Id IN ()".into()));
-    (QUERY_URL_BUDGET.saturating_sub(encoded_len(&base)) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
+    (READ_BY_ID_BUDGET.saturating_sub(encoded_len(&base)) / ENCODED_ID).clamp(1, IDS_PER_QUERY)
 }
 
-/// Refuses a query of `request`'s fields too long for Salesforce's URL: every read of it
-/// would fail with 414 or 431.
-fn fits_a_query(request: &FetchRequest) -> Result<(), ProviderError> {
-    let base = soql_where(request, None, Some("Id IN ('001000000000000AAA')".into()));
-    if encoded_len(&base) <= QUERY_URL_BUDGET {
+/// Refuses `soql`, a query of `request`, too long for Salesforce's URL: every read of it
+/// would fail with 414.
+fn fits_a_query(request: &FetchRequest, soql: &str) -> Result<(), ProviderError> {
+    if encoded_len(soql) <= QUERY_URL_BUDGET {
         return Ok(());
     }
+    let filters = match request.filters.len() {
+        0 => String::new(),
+        n => format!(" and {n} filters"),
+    };
     Err(ProviderError::new(
         ErrorCode::ValidationError,
         format!(
-            "the mapping of `{}` names {} fields, more than one query can: list fewer in its fieldMappings",
+            "the mapping of `{}` names {} fields{filters}, more than one query can: list fewer",
             request.entity,
             request.fields.len()
         ),
@@ -1138,11 +1144,12 @@ impl Pull for Salesforce {
             Some(next) => (None, next.clone(), Vec::new()),
             None => {
                 let since = request.cursor.as_deref().map(cursor_time).transpose()?;
-                fits_a_query(request)?;
+                let asked = self.with_every_field(conn, request).await?;
                 let soql = soql(
-                    &*self.with_every_field(conn, request).await?,
+                    &asked,
                     since.map(|t| request.read_from(t, RECORDS_LOOKBACK)),
                 );
+                fits_a_query(&asked, &soql)?;
                 (
                     Some(soql.clone()),
                     format!("/services/data/{version}/query"),
@@ -1181,7 +1188,14 @@ impl Pull for Salesforce {
             page_token: None,
             ..self.with_every_field(conn, request).await?.into_owned()
         };
-        fits_a_query(&unbounded)?;
+        fits_a_query(
+            &unbounded,
+            &soql_where(
+                &unbounded,
+                None,
+                Some("Id IN ('001000000000000AAA')".into()),
+            ),
+        )?;
         let mut records = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(ids_per_query(&unbounded)) {
             let quoted: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
@@ -1458,7 +1472,7 @@ mod tests {
                     .unwrap();
             url.query_pairs_mut().append_pair("q", &soql);
             assert!(
-                url.as_str().len() <= super::QUERY_URL_BUDGET + 100,
+                url.as_str().len() <= super::READ_BY_ID_BUDGET + 100,
                 "{fields} fields, {per_query} ids: {} bytes",
                 url.as_str().len()
             );

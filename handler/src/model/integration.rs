@@ -356,6 +356,10 @@ impl Integration {
                 return false;
             }
             if c.job_id == job_id {
+                // Forgotten after a failed send, it stands again once sent.
+                if !standing {
+                    c.sent_at = now;
+                }
                 return true;
             }
             if standing {
@@ -630,6 +634,10 @@ mod tests {
         assert!(integration.forget_catch_up("wh-5"));
         assert!(!integration.catching_up("files", at(5)));
         assert!(integration.send_catch_up("files", "wh-5", at(6)));
+        assert!(
+            !integration.send_catch_up("files", "wh-7", at(7)),
+            "sent again, it stands again"
+        );
 
         // A job not begun within ten minutes is not waited for.
         assert!(integration.send_catch_up("files", "wh-6", at(17)));
