@@ -355,8 +355,9 @@ impl HttpClient for Loopback {
     }
 }
 
-#[tokio::test]
-async fn credentials_live_in_key_vault_behind_its_challenge() {
+/// A loopback Key Vault, and the store's client of it, as the app makes one for
+/// `https://kv-sync-dev.vault.azure.net/`.
+async fn vault() -> (FakeKeyVault, KeyVaultSecrets) {
     let vault = FakeKeyVault::start().await;
     let port: u16 = vault.addr.rsplit(':').next().unwrap().parse().unwrap();
     let options = ClientOptions {
@@ -372,6 +373,12 @@ async fn credentials_live_in_key_vault_behind_its_challenge() {
         options,
     )
     .unwrap();
+    (vault, secrets)
+}
+
+#[tokio::test]
+async fn credentials_live_in_key_vault_behind_its_challenge() {
+    let (vault, secrets) = vault().await;
 
     assert!(secrets.get("int-t1--int-1").await.unwrap().is_none());
     secrets
@@ -405,21 +412,7 @@ async fn credentials_live_in_key_vault_behind_its_challenge() {
 
 #[tokio::test]
 async fn credentials_of_an_integration_registered_again_recover_its_deleted_secret() {
-    let vault = FakeKeyVault::start().await;
-    let port: u16 = vault.addr.rsplit(':').next().unwrap().parse().unwrap();
-    let options = ClientOptions {
-        transport: Some(Transport::new(Arc::new(Loopback {
-            inner: new_http_client(None),
-            port,
-        }))),
-        ..Default::default()
-    };
-    let secrets = KeyVaultSecrets::with_client_options(
-        "https://kv-sync-dev.vault.azure.net/",
-        Arc::new(StaticToken),
-        options,
-    )
-    .unwrap();
+    let (vault, secrets) = vault().await;
     secrets
         .set("int-t1--int-1", Secret::new(r#"{"refresh_token":"rt-1"}"#))
         .await

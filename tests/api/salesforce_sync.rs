@@ -913,57 +913,62 @@ async fn a_sync_that_exhausts_the_api_allocation_stops_partial_and_the_next_run_
 
 #[tokio::test]
 async fn a_mapping_that_names_no_fields_copies_every_field_salesforce_has() {
+    let app = two_accounts_synced_by(json!([
+        {"externalEntity": "Account", "shardTypeId": "c_company", "nameField": "Name"}
+    ]))
+    .await;
+
+    let account = account_0(&app).await;
+    assert_eq!(
+        account["structuredData"]["Industry"], "Technology",
+        "{account}"
+    );
+}
+
+/// Two accounts synced in by a full sync of an integration with `mappings`; the run succeeded.
+async fn two_accounts_synced_by(mappings: Value) -> TestApp {
     let fake = FakeSalesforce::start().await;
     add_accounts(&fake, 2);
     let mut integration = integration(&fake, false);
-    integration["structuredData"]["entityMappings"] = json!([
-        {"externalEntity": "Account", "shardTypeId": "c_company", "nameField": "Name"}
-    ]);
+    integration["structuredData"]["entityMappings"] = mappings;
     let app = TestApp::new();
     app.register_integration(integration).await;
     app.set_credentials("int-acme-sf", &fake.credentials())
         .await;
     let handler = app.host_handler().await;
-
     run_job(&handler, "job-1", "full_sync", 1).await;
+    let record = record_of(&app.history().await, "job-1").clone();
+    assert_eq!(record["status"], "success", "{record}");
+    assert_eq!(app.shards("c_company").await.len(), 2);
+    app
+}
 
+/// The shard of the first account `add_accounts` makes.
+async fn account_0(app: &TestApp) -> Value {
     let companies = app.shards("c_company").await;
-    assert_eq!(companies.len(), 2);
-    let first = companies
+    companies
         .iter()
         .find(|c| c["name"] == "Account 0")
-        .unwrap_or_else(|| panic!("{companies:?}"));
-    assert_eq!(first["structuredData"]["Industry"], "Technology", "{first}");
+        .unwrap_or_else(|| panic!("{companies:?}"))
+        .clone()
 }
 
 #[tokio::test]
 async fn a_mapping_may_spell_salesforce_fields_in_any_case() {
-    let fake = FakeSalesforce::start().await;
-    add_accounts(&fake, 2);
-    let mut integration = integration(&fake, false);
-    integration["structuredData"]["entityMappings"] = json!([{
+    let app = two_accounts_synced_by(json!([{
         "externalEntity": "account", "shardTypeId": "c_company", "nameField": "name",
         "fieldMappings": [
             {"source": "name", "target": "name", "required": true},
             {"source": "INDUSTRY", "target": "industry"}
         ]
-    }]);
-    let app = TestApp::new();
-    app.register_integration(integration).await;
-    app.set_credentials("int-acme-sf", &fake.credentials())
-        .await;
-    let handler = app.host_handler().await;
+    }]))
+    .await;
 
-    run_job(&handler, "job-1", "full_sync", 1).await;
-
-    let record = record_of(&app.history().await, "job-1").clone();
-    assert_eq!(record["status"], "success", "{record}");
-    let companies = app.shards("c_company").await;
-    let first = companies
-        .iter()
-        .find(|c| c["name"] == "Account 0")
-        .unwrap_or_else(|| panic!("{companies:?}"));
-    assert_eq!(first["structuredData"]["industry"], "Technology", "{first}");
+    let account = account_0(&app).await;
+    assert_eq!(
+        account["structuredData"]["industry"], "Technology",
+        "{account}"
+    );
 }
 
 #[tokio::test]

@@ -196,6 +196,16 @@ async fn sync(handler: &HostedHandler, job_id: &str) {
     sync_of(handler, SF, "salesforce", job_id).await;
 }
 
+/// `integration` registered against `fake` with its credentials, and its first sync run by
+/// a handler the host started.
+async fn first_sync(test: &TestApp, fake: &FakeSalesforce, integration: Value) -> HostedHandler {
+    test.register_integration(integration).await;
+    test.set_credentials(SF, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync(&handler, "job-1").await;
+    handler
+}
+
 /// Ann, a contact at Salesforce, synced in under `strategy` by a handler with `settings`.
 async fn ann_synced(
     strategy: &str,
@@ -639,10 +649,7 @@ async fn a_name_salesforce_will_not_write_is_left_out_and_the_rest_of_the_edit_g
     integration["structuredData"]["entityMappings"][0]["fieldMappings"] = json!([
         {"source": "Name", "target": "name"}, {"source": "Email", "target": "email"}
     ]);
-    test.register_integration(integration).await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let handler = first_sync(&test, &fake, integration).await;
 
     let changes = json!({"name": "Ann Smith", "email": "ann@smith.test"});
     edit_in_castiel(&test, ANN, "Ann Smith", changes).await;
@@ -789,10 +796,7 @@ async fn a_contact_merged_into_a_shard_its_lead_began_is_the_record_written_back
         ],
         "deduplication": dedup
     }, contacts]);
-    test.register_integration(integration).await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let handler = first_sync(&test, &fake, integration).await;
     let lead_shard = "int-acme-sf~Lead~00Q000000000001AAA";
     let ann = test
         .store()
@@ -859,10 +863,7 @@ async fn deleting_a_contact_merged_from_two_records_deletes_both_at_salesforce()
         ],
         "deduplication": dedup
     }));
-    test.register_integration(integration).await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let handler = first_sync(&test, &fake, integration).await;
     let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
     assert_eq!(
         ann.external_relationships.len(),
@@ -939,10 +940,7 @@ async fn a_contact_deleted_at_salesforce_takes_its_derived_shards_when_a_write_b
         "shardTypeId": "c_contact_card",
         "fieldMappings": [{"source": "Email", "target": "email"}]
     }]);
-    test.register_integration(integration).await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let handler = first_sync(&test, &fake, integration).await;
     let card = format!("{ANN}~c_contact_card");
     assert!(test.store().get("t1", &card).await.unwrap().is_some());
 
@@ -977,45 +975,31 @@ async fn a_value_salesforce_spells_its_own_way_can_be_edited_again_before_the_ne
             .unwrap()
             .push(json!({"source": source, "target": target}));
     }
-    test.register_integration(integration).await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let handler = first_sync(&test, &fake, integration).await;
 
-    edit_in_castiel(
-        &test,
-        ANN,
-        "Ann",
-        json!({"revenue": 5000, "nextCall": "2026-02-01T09:00:00Z"}),
-    )
-    .await;
-    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
-    let record = fake.record("Contact", "003000000000001AAA").unwrap();
-    assert_eq!(
-        record["Revenue__c"],
-        json!(5000.0),
-        "Salesforce keeps a double"
-    );
-    assert_eq!(record["Next_Call__c"], "2026-02-01T09:00:00.000+0000");
-
-    // Edited again before any inbound sync: Salesforce's spelling of the first edit is what
+    // Edited twice before any inbound sync: Salesforce's spelling of the first edit is what
     // was written, not a change made there, so nothing conflicts and provider_wins takes
     // nothing back.
-    edit_in_castiel(
-        &test,
-        ANN,
-        "Ann",
-        json!({"revenue": 6000, "nextCall": "2026-03-01T09:00:00Z"}),
-    )
-    .await;
-    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
-    let record = fake.record("Contact", "003000000000001AAA").unwrap();
-    assert_eq!(
-        record["Revenue__c"],
-        json!(6000.0),
-        "the second edit landed"
-    );
-    assert_eq!(record["Next_Call__c"], "2026-03-01T09:00:00.000+0000");
+    for (revenue, next_call, as_kept) in [
+        (5000, "2026-02-01T09:00:00Z", "2026-02-01T09:00:00.000+0000"),
+        (6000, "2026-03-01T09:00:00Z", "2026-03-01T09:00:00.000+0000"),
+    ] {
+        edit_in_castiel(
+            &test,
+            ANN,
+            "Ann",
+            json!({"revenue": revenue, "nextCall": next_call}),
+        )
+        .await;
+        assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+        let record = fake.record("Contact", "003000000000001AAA").unwrap();
+        assert_eq!(
+            record["Revenue__c"],
+            json!(f64::from(revenue)),
+            "the edit landed, kept as a double"
+        );
+        assert_eq!(record["Next_Call__c"], as_kept);
+    }
     let ann = test.store().get("t1", ANN).await.unwrap().unwrap().value;
     assert_eq!(ann.structured_data["revenue"], 6000, "and stays in Castiel");
 
@@ -1138,10 +1122,7 @@ async fn example_four(strategy: &str, owners: Value) -> (Value, Value, TestApp, 
         {"source": "LastName", "target": "name"}, {"source": "Email", "target": "email"},
         {"source": "Phone", "target": "phone"}, {"source": "Title", "target": "title"}
     ]);
-    test.register_integration(integration).await;
-    test.set_credentials(SF, &fake.credentials()).await;
-    let handler = test.host_handler().await;
-    sync(&handler, "job-1").await;
+    let handler = first_sync(&test, &fake, integration).await;
 
     let shard_id = format!("int-acme-sf~Contact~{id}");
     let store = test.store();
