@@ -490,17 +490,7 @@ async fn write(
         .as_object()
         .cloned()
         .unwrap_or_default();
-    // The record written back is one the mapping syncs both ways: a record merged in one way
-    // (a lead into a contact) is another entity's. A link from before the mapping wrote back
-    // is one-way until the record's next sync, and is taken where there is no other.
-    let synced = |r: &ExternalRelationship| {
-        r.integration_id == *integration_id && r.sync_status == RelationshipStatus::Synced
-    };
-    let link = shard
-        .external_relationships
-        .iter()
-        .position(|r| synced(r) && r.sync_direction == SyncDirection::Bidirectional)
-        .or_else(|| shard.external_relationships.iter().position(synced));
+    let link = shard.write_back_link(integration_id);
     let mut pushed = Pushed::default();
     let mut events = Vec::new();
 

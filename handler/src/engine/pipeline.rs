@@ -1907,10 +1907,8 @@ impl<'a> EntityRun<'a> {
                 continue;
             };
             let external_id = shard
-                .external_relationships
-                .iter()
-                .find(|r| r.integration_id == integration_id)
-                .map(|r| r.external_id.clone());
+                .write_back_link(integration_id)
+                .map(|i| shard.external_relationships[i].external_id.clone());
             let message = WriteBackMessage {
                 shard_id: shard_id.clone(),
                 tenant_id: tenant.to_string(),

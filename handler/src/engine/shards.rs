@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::plan::content_hash;
 use crate::app::App;
 use crate::model::messages::{WriteBackMessage, WriteBackOperation};
-use crate::model::shard::{RelationshipStatus, types as shard_types};
+use crate::model::shard::types as shard_types;
 use crate::model::{Integration, Shard};
 use crate::queue::{OutgoingMessage, QueueError, SYNC_OUTBOUND};
 use crate::store::{Op, ShardQuery, StoreError};
@@ -68,9 +68,8 @@ pub fn write_backs(
         .filter_map(|(id, integration)| {
             let mapping = integration.write_back_mapping(&shard.shard_type_id)?;
             let link = shard
-                .external_relationships
-                .iter()
-                .find(|r| r.integration_id == *id && r.sync_status == RelationshipStatus::Synced);
+                .write_back_link(id)
+                .map(|i| &shard.external_relationships[i]);
             // (A shard restored after Castiel deleted it, with no other record, is made again.)
             let gone = shard.outlived_record_at(id);
             let operation = match (deleted, link) {
@@ -242,7 +241,7 @@ async fn send(app: &App, outgoing: &[Outgoing]) -> Result<(), QueueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::shard::{ExternalRelationship, SyncDirection};
+    use crate::model::shard::{ExternalRelationship, RelationshipStatus, SyncDirection};
 
     fn integration(write_back: bool, idempotency_field: Option<&str>) -> Integration {
         serde_json::from_value(json!({

@@ -259,6 +259,20 @@ impl Shard {
         T::deserialize(&self.structured_data)
     }
 
+    /// The link Castiel's changes to the shard go back to `integration_id` through: the first
+    /// synced link that syncs both ways (a record merged in one way, a lead into a contact, is
+    /// another entity's), else the first synced one (a link from before the mapping wrote
+    /// back, one-way until the record's next sync).
+    pub fn write_back_link(&self, integration_id: &str) -> Option<usize> {
+        let synced = |r: &ExternalRelationship| {
+            r.integration_id == integration_id && r.sync_status == RelationshipStatus::Synced
+        };
+        self.external_relationships
+            .iter()
+            .position(|r| synced(r) && r.sync_direction == SyncDirection::Bidirectional)
+            .or_else(|| self.external_relationships.iter().position(synced))
+    }
+
     /// Whether the shard's record at `integration_id` was deleted at the provider (its link
     /// says so).
     pub fn lost_record_at(&self, integration_id: &str) -> bool {
@@ -291,6 +305,33 @@ pub mod types {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn changes_go_back_through_the_first_record_synced_both_ways() {
+        let now = Utc::now();
+        let mut shard: Shard = serde_json::from_value(json!({
+            "id": "s-1", "tenantId": "t1", "shardTypeId": "c_contact", "name": "Ann",
+            "structuredData": {}
+        }))
+        .unwrap();
+        let link = |id: &str, direction| ExternalRelationship::synced("i-1", id, direction, now);
+        shard.external_relationships = vec![
+            link("lead-1", SyncDirection::Inbound),
+            link("contact-1", SyncDirection::Bidirectional),
+        ];
+        assert_eq!(
+            shard.write_back_link("i-1"),
+            Some(1),
+            "not the one-way lead"
+        );
+        shard.external_relationships[1].sync_status = RelationshipStatus::Deleted;
+        assert_eq!(
+            shard.write_back_link("i-1"),
+            Some(0),
+            "a link from before the mapping wrote back, where there is no other"
+        );
+        assert_eq!(shard.write_back_link("i-2"), None);
+    }
 
     #[test]
     fn a_shard_reads_back_as_written_with_what_others_put_on_it() {
