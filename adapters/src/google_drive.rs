@@ -167,18 +167,22 @@ impl Position {
     /// is listed again. Changes read on from such a token are kept under `scope` by the
     /// cursor they end with, which names its drives.
     fn of(self, scope: &str) -> Result<Self, ProviderError> {
-        let legacy_list = matches!(&self, Self::List { scope: read, .. } if read.is_empty());
-        let (Self::List { scope: read, .. } | Self::Changes { scope: read, .. }) = &self;
-        if read == scope || (read.is_empty() && !legacy_list) {
-            Ok(self)
-        } else if legacy_list {
-            Err(ProviderError::resync_required(
-                "a listing begun before page tokens named their drives is listed again",
-            ))
-        } else {
-            Err(ProviderError::resync_required(format!(
-                "the drives to read changed from `{read}` to `{scope}` while they were read"
-            )))
+        match &self {
+            Self::List { scope: read, .. } if read.is_empty() => {
+                Err(ProviderError::resync_required(
+                    "a listing begun before page tokens named their drives is listed again",
+                ))
+            }
+            Self::List { scope: read, .. } | Self::Changes { scope: read, .. }
+                if read.is_empty() || read == scope =>
+            {
+                Ok(self)
+            }
+            Self::List { scope: read, .. } | Self::Changes { scope: read, .. } => {
+                Err(ProviderError::resync_required(format!(
+                    "the drives to read changed from `{read}` to `{scope}` while they were read"
+                )))
+            }
         }
     }
 }

@@ -273,16 +273,6 @@ impl Salesforce {
                 .collect(),
             ..request.clone()
         };
-        if encoded_len(&soql_where(&every, None, None)) > QUERY_URL_BUDGET {
-            return Err(ProviderError::new(
-                ErrorCode::ValidationError,
-                format!(
-                    "`{}` has {} fields, more than one query can name: list the fields to copy in the mapping's fieldMappings",
-                    request.entity,
-                    every.fields.len()
-                ),
-            ));
-        }
         Ok(std::borrow::Cow::Owned(every))
     }
 
@@ -859,7 +849,7 @@ fn fits_a_query(request: &FetchRequest, soql: &str) -> Result<(), ProviderError>
     Err(ProviderError::new(
         ErrorCode::ValidationError,
         format!(
-            "the mapping of `{}` names {} fields{filters}, more than one query can: list fewer",
+            "`{}` is read with {} fields{filters}, more than one query can name: list fewer in the mapping's fieldMappings",
             request.entity,
             request.fields.len()
         ),

@@ -30,7 +30,7 @@ use adapters::{ErrorCode, FetchRequest, RecordWrite};
 
 use super::credentials;
 use super::failure::{Failure, FailureCode};
-use super::plan::{ConflictFound, content_hash, derived_shard_id, retired};
+use super::plan::{ConflictFound, content_hash, derived_ids, retired};
 use super::retry::{AfterFailure, MAX_ATTEMPTS, after_failure, backoff};
 use super::two_way;
 use super::{Transient, history_slot, publish};
@@ -634,22 +634,19 @@ async fn write(
             let r = &mut shard.external_relationships[i];
             r.sync_status = RelationshipStatus::Deleted;
             r.last_synced_at = Some(now);
-            if !shard
-                .external_relationships
-                .iter()
-                .any(|r| r.sync_status == RelationshipStatus::Synced)
-            {
+            if !shard.held_by_a_record() {
                 shard.deleted_at = Some(now);
                 shard.updated_at = Some(now);
             }
             pushed.skipped = 1;
-            pushed.note = Some(if shard.deleted_at.is_some() {
-                format!(
-                    "`{external_id}` is gone at the provider; not written, and the shard is deleted"
-                )
+            let and_the_shard = if shard.deleted_at.is_some() {
+                ", and the shard is deleted"
             } else {
-                format!("`{external_id}` is gone at the provider; not written")
-            });
+                ""
+            };
+            pushed.note = Some(format!(
+                "`{external_id}` is gone at the provider; not written{and_the_shard}"
+            ));
             let saved = save_shard(app, shard, &target.shard, integration_id).await?;
             if let Some(saved) = saved.filter(|s| s.deleted_at.is_some()) {
                 retire_derived(app, &write_back.tenant_id, &saved.id, mapping, now).await?;
@@ -839,11 +836,7 @@ async fn retire_derived(
     mapping: &EntityMapping,
     now: DateTime<Utc>,
 ) -> Result<(), Failure> {
-    let ids: Vec<String> = mapping
-        .derived_shards
-        .iter()
-        .map(|def| derived_shard_id(primary, &def.shard_type_id))
-        .collect();
+    let ids = derived_ids(mapping, [primary]);
     if ids.is_empty() {
         return Ok(());
     }
@@ -1001,10 +994,7 @@ fn after_write(
     if written.deleted_at.is_some()
         && read.deleted_at.is_none()
         && current.deleted_at.is_none()
-        && !current
-            .external_relationships
-            .iter()
-            .any(|r| r.sync_status == RelationshipStatus::Synced)
+        && !current.held_by_a_record()
     {
         current.deleted_at = written.deleted_at;
         current.updated_at = written.updated_at;

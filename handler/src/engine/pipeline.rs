@@ -2100,15 +2100,7 @@ impl<'a> EntityRun<'a> {
 
     /// Soft-deletes the shards derived from `primaries`, which were just soft-deleted.
     async fn retire_derived(&mut self, primaries: &[&str]) -> Result<(), Failure> {
-        let ids: Vec<String> = primaries
-            .iter()
-            .flat_map(|primary| {
-                self.mapping
-                    .derived_shards
-                    .iter()
-                    .map(|def| plan::derived_shard_id(primary, &def.shard_type_id))
-            })
-            .collect();
+        let ids = plan::derived_ids(self.mapping, primaries.iter().copied());
         if ids.is_empty() {
             return Ok(());
         }

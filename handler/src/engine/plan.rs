@@ -840,6 +840,22 @@ pub fn derived_shard_id(primary: &str, shard_type_id: &str) -> String {
     format!("{primary}~{shard_type_id}")
 }
 
+/// The ids of every shard `mapping` derives from each of `primaries`.
+pub fn derived_ids<'a>(
+    mapping: &EntityMapping,
+    primaries: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    primaries
+        .into_iter()
+        .flat_map(|primary| {
+            mapping
+                .derived_shards
+                .iter()
+                .map(move |def| derived_shard_id(primary, &def.shard_type_id))
+        })
+        .collect()
+}
+
 /// `shard`, a derived shard whose primary or condition is gone, soft-deleted at `now`; `None`
 /// if it is already.
 pub fn retired(mut shard: Shard, now: DateTime<Utc>) -> Option<Shard> {
@@ -1153,10 +1169,7 @@ pub fn soft_deleted(
             unlinked = true;
         }
     }
-    let survivors = shard
-        .external_relationships
-        .iter()
-        .any(|r| r.sync_status == RelationshipStatus::Synced);
+    let survivors = shard.held_by_a_record();
     if survivors && !unlinked {
         return None;
     }

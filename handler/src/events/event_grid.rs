@@ -181,12 +181,7 @@ impl EventGridPublisher {
         if status.is_success() {
             return Ok(());
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = adapters::http::retry_after(response.headers(), chrono::Utc::now());
         let body: String = response
             .text()
             .await
@@ -212,7 +207,7 @@ const LONGEST_WAIT: Duration = Duration::from_secs(10);
 /// (`None`: no answer came) and `retry_after`; `None` when it is not to be posted again.
 ///
 /// As Azure's own clients do: throttling (429), a timeout (408), an outage (5xx) and a lost
-/// connection are tried again, three times, after 0.25, 0.5 and 1 s or as long as Event Grid
+/// connection (what adapters take for passing) are tried again, three times, after 0.25, 0.5 and 1 s or as long as Event Grid
 /// asks (up to 10 s); the events' ids are fixed, so a batch that landed before its answer was
 /// lost is one subscribers can tell again. Anything else (a bad key, a refused event) fails as
 /// it is.
@@ -221,11 +216,7 @@ fn wait_before_retry(
     retry_after: Option<Duration>,
     attempt: u32,
 ) -> Option<Duration> {
-    let passing = status.is_none_or(|s| {
-        s == reqwest::StatusCode::REQUEST_TIMEOUT
-            || s == reqwest::StatusCode::TOO_MANY_REQUESTS
-            || s.is_server_error()
-    });
+    let passing = status.is_none_or(|s| adapters::http::status_code(s).is_retryable());
     if !passing || attempt >= ATTEMPTS {
         return None;
     }

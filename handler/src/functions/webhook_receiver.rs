@@ -123,6 +123,9 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         // The jobs first: a subscription marked gone before its catch-up job was sent would
         // leave the provider's redelivery (after a failed send) unroutable.
         let mut job_ids = Vec::new();
+        // Entities a catch-up stands for already: the rest of the delivery told of changes
+        // made before that catch-up was sent, so it reads them, and they cost no store round trip.
+        let mut caught_up: Vec<String> = Vec::new();
         for notification in &delivery.notifications {
             let catch_up = matches!(notification, WebhookNotification::CatchUp { .. });
             for job in jobs_for(provider_name, shard, integration, notification, now) {
@@ -131,9 +134,22 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
                     continue;
                 }
                 job_ids.push(job.job_id.clone());
-                if catch_up && !catch_up_on_its_way(app, shard, &job, now).await? {
-                    tracing::debug!(integration_id = %shard.id, job_id = %job.job_id, "a catch-up not begun yet reads this change too");
-                    continue;
+                if catch_up {
+                    let entity = job
+                        .entities
+                        .iter()
+                        .flatten()
+                        .next()
+                        .cloned()
+                        .unwrap_or_default();
+                    if caught_up.contains(&entity) {
+                        continue;
+                    }
+                    caught_up.push(entity);
+                    if !catch_up_on_its_way(app, shard, &job, now).await? {
+                        tracing::debug!(integration_id = %shard.id, job_id = %job.job_id, "a catch-up not begun yet reads this change too");
+                        continue;
+                    }
                 }
                 let sent = app
                     .queue

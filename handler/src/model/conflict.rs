@@ -92,7 +92,16 @@ impl ConflictPolicy {
 /// anew by the provider looks changed there, and Castiel's next edit of it, made before an
 /// inbound sync, is taken for a conflict.
 pub fn value_hash(value: Option<&Value>) -> String {
-    Fingerprints::of(value).canonical
+    match value {
+        None | Some(Value::Null) => hash_text("null"),
+        Some(v) => hash_text(&canonical(v).as_ref().unwrap_or(v).to_string()),
+    }
+}
+
+fn hash_text(text: &str) -> String {
+    let mut hash = super::digest::Fnv1a::new();
+    std::io::Write::write_all(&mut hash, text.as_bytes()).expect("hashing does not fail");
+    hash.hex()
 }
 
 /// A value's fingerprint, and the one it had as written where that differs: bases agreed
@@ -104,11 +113,7 @@ struct Fingerprints {
 
 impl Fingerprints {
     fn of(value: Option<&Value>) -> Self {
-        let hash = |text: &str| {
-            let mut hash = super::digest::Fnv1a::new();
-            std::io::Write::write_all(&mut hash, text.as_bytes()).expect("hashing does not fail");
-            hash.hex()
-        };
+        let hash = hash_text;
         match value {
             None | Some(Value::Null) => Self {
                 canonical: hash("null"),

@@ -285,11 +285,15 @@ impl Shard {
     /// the provider, and the shard lives on through another record merged into it. Writing it
     /// back would make the deleted record again.
     pub fn outlived_record_at(&self, integration_id: &str) -> bool {
-        self.lost_record_at(integration_id)
-            && self
-                .external_relationships
-                .iter()
-                .any(|r| r.sync_status == RelationshipStatus::Synced)
+        self.lost_record_at(integration_id) && self.held_by_a_record()
+    }
+
+    /// Whether a record of any integration still holds the shard (a `synced` link): it lives
+    /// while one does.
+    pub fn held_by_a_record(&self) -> bool {
+        self.external_relationships
+            .iter()
+            .any(|r| r.sync_status == RelationshipStatus::Synced)
     }
 }
 

@@ -131,7 +131,7 @@ impl Selection {
 /// Refuses a `--queue` that names none of the app's queues: a misspelt one would choose
 /// nothing, and a replay of nothing would look like one done.
 pub fn check_queue(queue: &str) -> Result<(), String> {
-    if super::QUEUES.iter().any(|q| q.name == queue) {
+    if super::queue_settings(queue).is_some() {
         Ok(())
     } else {
         let names: Vec<&str> = super::QUEUES.iter().map(|q| q.name).collect();
