@@ -130,9 +130,10 @@ pub struct FakeServiceBus {
     pub broker: Arc<Mutex<Broker>>,
     /// Queues whose sends answer 503 Service Unavailable.
     pub unavailable: Arc<Mutex<Vec<String>>>,
-    /// Locks lapse at once, as a lock duration shorter than a command's run makes them: a
-    /// locked message can be locked again, and the lock it had is lost.
-    pub locks_lapse: Arc<std::sync::atomic::AtomicBool>,
+    /// How many more peek-locks find the locks they meet lapsed, as a lock duration shorter
+    /// than a command's run makes them (`usize::MAX`: every one): a locked message is locked
+    /// again, and the lock it had is lost.
+    pub lapsing_locks: Arc<std::sync::atomic::AtomicUsize>,
     answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -353,15 +354,19 @@ fn send(fake: &FakeServiceBus, queue: &str, headers: &HeaderMap, body: Bytes) ->
 }
 
 fn peek_lock(fake: &FakeServiceBus, entity: &str, host: &str) -> Response {
-    let lapsed = fake.locks_lapse.load(std::sync::atomic::Ordering::SeqCst);
+    use std::sync::atomic::Ordering::SeqCst;
+    let lapsing = fake.lapsing_locks.load(SeqCst);
     let mut broker = fake.broker.lock().unwrap();
-    let Some(message) = broker
-        .entities
-        .get_mut(entity)
-        .and_then(|messages| messages.iter_mut().find(|m| lapsed || m.lock.is_none()))
-    else {
+    let Some(message) = broker.entities.get_mut(entity).and_then(|messages| {
+        messages
+            .iter_mut()
+            .find(|m| lapsing > 0 || m.lock.is_none())
+    }) else {
         return StatusCode::NO_CONTENT.into_response();
     };
+    if message.lock.is_some() && lapsing != usize::MAX {
+        fake.lapsing_locks.store(lapsing - 1, SeqCst);
+    }
     let lock = uuid::Uuid::new_v4().to_string();
     message.lock = Some(lock.clone());
     message.delivery_count += 1;

@@ -281,8 +281,8 @@ impl DeadLetters for LocalBroker {
     }
 }
 
-/// The most messages read from one dead-letter entity: they stay locked until the command
-/// ends, and a listing is for people.
+/// The most messages read from one dead-letter entity: those not replayed stay locked until
+/// the entity has been read, and a listing is for people.
 const MAX_PER_ENTITY: usize = 1000;
 
 /// Where the dead letters are on Service Bus, and the queue each one's messages were going to
@@ -329,46 +329,102 @@ fn from_locked(locked: &LockedMessage, queue: Option<&str>) -> DeadLetteredMessa
     }
 }
 
+/// What one walk through the dead letters on Service Bus found and did.
+#[derive(Default)]
+struct Sweep {
+    /// The dead letters it left where they were.
+    listed: Vec<DeadLetteredMessage>,
+    replayed: Vec<Replayed>,
+}
+
 impl ServiceBusSender {
-    /// Locks every dead letter, entity by entity, and reads them; each stays locked until
-    /// it is deleted or unlocked.
-    async fn lock_all(&self) -> Result<Vec<(LockedMessage, DeadLetteredMessage)>, QueueError> {
-        let mut all = Vec::new();
+    /// Reads every entity's dead letters, locking each in turn, since the REST API reads only
+    /// by locking. Those `replay` chooses are sent back and deleted at once, while their locks
+    /// are fresh; the others stay locked, so that the next lock reaches past them, until their
+    /// entity has been read, and are then unlocked.
+    ///
+    /// A lock lapses after the queue's lock duration, and Service Bus hands the message out
+    /// again: one already read is held again under its new lock and the reading goes on; one
+    /// whose lock lapsed twice ends its entity's reading there, with a warning.
+    async fn sweep(&self, replay: Option<&Selection>) -> Result<Sweep, QueueError> {
+        let mut sweep = Sweep::default();
         for (path, queue) in entities() {
-            let mut taken = std::collections::HashSet::new();
-            loop {
-                if taken.len() == MAX_PER_ENTITY {
+            let mut held: Vec<LockedMessage> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut relocked = std::collections::HashSet::new();
+            let outcome = loop {
+                if seen.len() == MAX_PER_ENTITY {
                     // One more, to say whether there are more.
                     if let Ok(Some(more)) = self.peek_lock(&path).await {
-                        self.unlock_all(std::iter::once(&more)).await;
-                        if !taken.contains(&more.sequence_number) {
+                        if !seen.contains(&more.sequence_number) {
                             tracing::warn!(entity = %path, "more than {MAX_PER_ENTITY} dead letters here: only the first {MAX_PER_ENTITY} are read; run the command again for the rest once these are replayed");
                         }
+                        hold(&mut held, more);
                     }
-                    break;
+                    break Ok(());
                 }
-                match self.peek_lock(&path).await {
-                    // A message locked again: an earlier lock lapsed, and the entity has come
-                    // round. The message is read once.
-                    Ok(Some(locked)) if taken.contains(&locked.sequence_number) => {
-                        self.unlock_all(std::iter::once(&locked)).await;
-                        break;
+                let locked = match self.peek_lock(&path).await {
+                    Ok(Some(locked)) => locked,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                };
+                if !seen.insert(locked.sequence_number) {
+                    // Read before, and its lock lapsed: it is held again, under the new lock.
+                    let again = relocked.insert(locked.sequence_number);
+                    hold(&mut held, locked);
+                    if again {
+                        continue;
                     }
-                    Ok(Some(locked)) => {
-                        taken.insert(locked.sequence_number);
-                        let dead = from_locked(&locked, queue);
-                        all.push((locked, dead));
+                    tracing::warn!(entity = %path, "dead letters' locks lapse before they are all read: the rest of this entity is not read; run the command again");
+                    break Ok(());
+                }
+                let dead = from_locked(&locked, queue);
+                match replay {
+                    Some(chosen) if chosen.chooses(&dead) => {
+                        let replayed = self.replay_locked(&locked, &dead).await;
+                        if replayed.error.is_some() {
+                            // Not sent: it stays where it is, locked until the entity is read.
+                            held.push(locked);
+                        }
+                        sweep.replayed.push(replayed);
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.unlock_all(all.iter().map(|(l, _)| l)).await;
-                        return Err(e);
+                    _ => {
+                        held.push(locked);
+                        sweep.listed.push(dead);
                     }
                 }
+            };
+            self.unlock_all(held.iter()).await;
+            if let Err(e) = outcome {
+                return Err(match sweep.replayed.as_slice() {
+                    [] => e,
+                    replayed => after_replaying(e, replayed),
+                });
             }
         }
-        all.sort_by_key(|(_, d)| d.sequence_number);
-        Ok(all)
+        sweep.listed.sort_by_key(|d| d.sequence_number);
+        Ok(sweep)
+    }
+
+    /// Sends `dead` back to its queue and, once it is sent, deletes it under `locked`; one
+    /// not sent stays locked.
+    async fn replay_locked(&self, locked: &LockedMessage, dead: &DeadLetteredMessage) -> Replayed {
+        let message = replay_of(dead);
+        let message_id = message.message_id.clone();
+        let (error, left) = match self.send(message).await {
+            Ok(()) => match self.delete_locked(locked).await {
+                Ok(()) => (None, None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            Err(e) => (Some(e.to_string()), None),
+        };
+        Replayed {
+            sequence_number: dead.sequence_number,
+            queue: dead.original_queue.clone(),
+            message_id,
+            error,
+            left,
+        }
     }
 
     async fn unlock_all(&self, locked: impl Iterator<Item = &LockedMessage>) {
@@ -381,43 +437,44 @@ impl ServiceBusSender {
     }
 }
 
+/// Keeps `locked` among the `held`: in place of an earlier lock of the same message, which
+/// has lapsed, or else as one more.
+fn hold(held: &mut Vec<LockedMessage>, locked: LockedMessage) {
+    match held
+        .iter_mut()
+        .find(|h| h.sequence_number == locked.sequence_number)
+    {
+        Some(earlier) => *earlier = locked,
+        None => held.push(locked),
+    }
+}
+
+/// `error`, which ended a replay after it had replayed some: the operator is told which.
+fn after_replaying(error: QueueError, replayed: &[Replayed]) -> QueueError {
+    let numbers: Vec<String> = replayed
+        .iter()
+        .map(|r| format!("{} to {}", r.sequence_number, r.queue))
+        .collect();
+    let told = |e: String| {
+        format!(
+            "{e}; before it, these were replayed: {}; run the command again for the rest",
+            numbers.join(", ")
+        )
+    };
+    match error {
+        QueueError::Rejected(e) => QueueError::Rejected(told(e)),
+        QueueError::Unavailable(e) => QueueError::Unavailable(told(e)),
+    }
+}
+
 #[async_trait]
 impl DeadLetters for ServiceBusSender {
     async fn list(&self) -> Result<Vec<DeadLetteredMessage>, QueueError> {
-        let all = self.lock_all().await?;
-        self.unlock_all(all.iter().map(|(l, _)| l)).await;
-        Ok(all.into_iter().map(|(_, d)| d).collect())
+        Ok(self.sweep(None).await?.listed)
     }
 
     async fn replay(&self, chosen: &Selection) -> Result<Vec<Replayed>, QueueError> {
-        let all = self.lock_all().await?;
-        let mut replayed = Vec::new();
-        for (locked, dead) in &all {
-            if !chosen.chooses(dead) {
-                self.unlock_all(std::iter::once(locked)).await;
-                continue;
-            }
-            let message = replay_of(dead);
-            let message_id = message.message_id.clone();
-            let (error, left) = match self.send(message).await {
-                Ok(()) => match self.delete_locked(locked).await {
-                    Ok(()) => (None, None),
-                    Err(e) => (None, Some(e.to_string())),
-                },
-                Err(e) => {
-                    self.unlock_all(std::iter::once(locked)).await;
-                    (Some(e.to_string()), None)
-                }
-            };
-            replayed.push(Replayed {
-                sequence_number: dead.sequence_number,
-                queue: dead.original_queue.clone(),
-                message_id,
-                error,
-                left,
-            });
-        }
-        Ok(replayed)
+        Ok(self.sweep(Some(chosen)).await?.replayed)
     }
 }
 
