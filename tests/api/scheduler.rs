@@ -94,6 +94,33 @@ async fn one_tenants_backlog_does_not_hold_back_another_tenants_syncs() {
     assert_eq!(job["tenantId"], "t2");
 }
 
+#[tokio::test]
+async fn two_tenants_integrations_of_one_id_due_together_both_sync() {
+    let app = TestApp::new();
+    let due = handler::model::timestamp::format(&(Utc::now() - chrono::Duration::minutes(1)));
+    for tenant in ["t1", "t2"] {
+        let mut integration = integration_of("int-crm", "workday");
+        integration["tenantId"] = json!(tenant);
+        integration["structuredData"]["nextSyncAt"] = json!(due);
+        app.plant_integration(integration).await;
+    }
+    let handler = app.host_handler().await;
+
+    assert_eq!(
+        tick(&handler).await,
+        json!(["2 integrations due, 2 sync jobs enqueued"])
+    );
+    let mut tenants: Vec<String> = app
+        .broker()
+        .peek(SYNC_INBOUND_SCHEDULED)
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_slice::<Value>(&m.body).unwrap()["tenantId"].to_string())
+        .collect();
+    tenants.sort();
+    assert_eq!(tenants, [r#""t1""#, r#""t2""#]);
+}
+
 /// Receives the next job, runs it as the host would deliver it, and completes it. Returns its
 /// MessageId.
 async fn run_next(app: &TestApp, handler: &HostedHandler) -> String {
@@ -219,7 +246,7 @@ async fn a_frequent_schedule_is_held_to_the_minimum_interval() {
 #[tokio::test]
 async fn a_finished_job_delivered_again_lets_go_of_a_claim_written_for_it_too_late() {
     let app = TestApp::new();
-    let job_id = "job_int-1_20261122T100000.000Z";
+    let job_id = "job_t1_int-1_20261122T100000.000Z";
     app.plant_integration(integration_of("int-1", "workday"))
         .await;
     let handler = app.host_handler().await;

@@ -56,7 +56,14 @@ pub fn scheduled_job(
             JobType::FullSync
         },
         provider: integration.provider_name.clone(),
-        job_id: format!("job_{}_{}", shard.id, due_at.format("%Y%m%dT%H%M%S%.3fZ")),
+        // Integration ids are a tenant's own: two tenants' integrations may share one, and
+        // their cron schedules come due together.
+        job_id: format!(
+            "job_{}_{}_{}",
+            shard.tenant_id,
+            shard.id,
+            due_at.format("%Y%m%dT%H%M%S%.3fZ")
+        ),
         trigger: SyncTrigger::Scheduled,
         triggered_by: None,
         webhook_payload: None,
@@ -412,7 +419,7 @@ mod tests {
         let a = scheduled_job(&shard, &integration, due);
         let b = scheduled_job(&shard, &integration, due);
         assert_eq!(a.job_id, b.job_id);
-        assert_eq!(a.job_id, "job_int-1_20260101T100000.000Z");
+        assert_eq!(a.job_id, "job_t1_int-1_20260101T100000.000Z");
         assert_eq!(a.job_type, JobType::FullSync, "never synced: full");
         let later = scheduled_job(&shard, &integration, due + chrono::Duration::minutes(15));
         assert_ne!(a.job_id, later.job_id);
