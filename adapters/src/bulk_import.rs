@@ -2,7 +2,7 @@
 //!
 //! An entity is a family of files named after it: `accounts.csv`, `accounts-2026-11-22.jsonl`,
 //! `accounts_02.CSV` all belong to entity `accounts` (extensions in any case), read plain name
-//! first, then in name order. An integration may not map two entities one of whose files would
+//! first, then in name order (numbers by value: `accounts_9` before `accounts_10`). An integration may not map two entities one of whose files would
 //! be the other's (`orders` and `orders_items`). Each record has an id column (`idColumn`, default `id`), optionally a modified column
 //! (`modifiedColumn`, default `modified_at`, RFC 3339) and a tombstone column (`deletedColumn`,
 //! default `_deleted`) whose true value (`true`, `1`, `yes`) means the record was deleted.
@@ -13,9 +13,11 @@
 //! may be off) cannot hold a change and is not opened; a record stamped in the future takes
 //! the cursor no further than the sync's own time; nor, until
 //! the sync opens a file, is a file the cursor read as it is now (a record read again from an
-//! earlier file must not have the last word over a later file's). In the files opened, records
-//! modified before the time are skipped. An export whose records all share one modified time is
-//! so read once, not by every sync after it. Only a file that had settled when it was begun (not
+//! earlier file must not have the last word over a later file's). In the files opened, the
+//! records modified before the time that an earlier sync read are skipped: all of a file read
+//! whole and written anew, the part read of one appended to since, none of a file not read
+//! whole (a late export, a backfill of older versions, which the engine orders by their
+//! times). An export whose records all share one modified time is so read once, not by every sync after it. Only a file that had settled when it was begun (not
 //! written for `settleSeconds`) is remembered: file times are kept to a clock tick, and a second
 //! write within the tick of the first would not show.
 //!
@@ -34,7 +36,8 @@
 //! Connection settings: `path` (the folder), the three column names above, and `settleSeconds`
 //! (default 5, a number or a string of one; more for a share whose times are kept to seconds).
 //! A CSV file whose header is not UTF-8 fails alone, until it is written again: none of its
-//! rows can be read without it.
+//! rows can be read without it. So does a file that cannot be opened (no permission); one
+//! moved away since the folder was listed, or a folder named like an export, holds nothing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -105,6 +108,8 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
     })?;
     let mut files: Vec<(PathBuf, Format)> = entries
         .filter_map(Result::ok)
+        // A folder named like an export holds none (a link is followed when it is opened).
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
         .map(|e| e.path())
         .filter_map(|path| {
             let name = path.file_name()?.to_str()?;
@@ -160,12 +165,56 @@ fn belongs(entity: &str, stem: &str) -> bool {
 }
 
 /// The order an entity's files are read in: the plain `accounts.csv` first, then the dated or
-/// numbered drops in name order.
-fn file_order<'a>(entity: &str, path: &'a Path) -> (bool, &'a Path) {
+/// numbered drops in name order, numbers by their value (`accounts_9` before `accounts_10`:
+/// an exporter numbers its drops without leading zeros as often as with them).
+fn file_order<'a>(entity: &str, path: &'a Path) -> (bool, Vec<NamePart<'a>>) {
+    let name = path
+        .file_name()
+        .map(|n| n.as_encoded_bytes())
+        .unwrap_or_default();
     (
         path.file_stem().and_then(|s| s.to_str()) != Some(entity),
-        path,
+        name_parts(name),
     )
+}
+
+/// A run of a name's digits, compared by value (fewer significant digits first, then digit
+/// by digit), or a run of its other bytes, compared byte by byte; digits come before the other
+/// bytes, as they do in names whose runs differ in kind after a `-` or `_`.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum NamePart<'a> {
+    Digits {
+        significant: usize,
+        digits: &'a [u8],
+        zeros: usize,
+    },
+    Other(&'a [u8]),
+}
+
+fn name_parts(name: &[u8]) -> Vec<NamePart<'_>> {
+    let mut parts = Vec::new();
+    let mut rest = name;
+    while let Some(first) = rest.first() {
+        let digit = first.is_ascii_digit();
+        let run = rest
+            .iter()
+            .position(|b| b.is_ascii_digit() != digit)
+            .unwrap_or(rest.len());
+        let (part, after) = rest.split_at(run);
+        parts.push(if digit {
+            let zeros = part.iter().take_while(|b| **b == b'0').count();
+            let digits = &part[zeros..];
+            NamePart::Digits {
+                significant: digits.len(),
+                digits,
+                zeros,
+            }
+        } else {
+            NamePart::Other(part)
+        });
+        rest = after;
+    }
+    parts
 }
 
 fn truthy(value: &Value) -> bool {
@@ -221,11 +270,12 @@ fn unreadable(record_id: Option<&str>, message: String) -> Unreadable {
     }
 }
 
-/// Records read from one file (each, or why it could not be read), and the byte offset after
+/// Records read from one file (each, or why it could not be read, with the byte offset it
+/// begins at), and the byte offset after
 /// the last one, or `None` at the end of the file, with the hash of the file's text up to that
 /// offset when the hash of the text before the first was given.
 type FileChunk = (
-    Vec<Result<Record, Unreadable>>,
+    Vec<(u64, Result<Record, Unreadable>)>,
     Option<(u64, Option<PrefixHash>)>,
 );
 
@@ -278,8 +328,22 @@ fn read_records(
     columns: &Columns,
     settled: bool,
 ) -> Result<FileChunk, ProviderError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        // Moved away since the folder was listed (an exporter's own archiving): nothing to read.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        // Another's file, say, dropped without read permission: it fails alone, and the
+        // entity's other files are read.
+        Err(e) => {
+            let message = format!(
+                "{}: the file cannot be opened ({e}); it is passed over",
+                path.display()
+            );
+            return Ok((vec![(0, Err(unreadable(None, message)))], None));
+        }
+    };
     let file = Recorded {
-        file: File::open(path).map_err(|e| io_error(path, e))?,
+        file,
         from: 0,
         bytes: Vec::new(),
     };
@@ -308,10 +372,10 @@ fn read_records(
                 position += read as u64;
                 let at = format!("{} at byte {start}", path.display());
                 let Ok(line) = std::str::from_utf8(&line) else {
-                    records.push(Err(unreadable(
-                        None,
-                        format!("{at}: a line is not UTF-8 text"),
-                    )));
+                    records.push((
+                        start,
+                        Err(unreadable(None, format!("{at}: a line is not UTF-8 text"))),
+                    ));
                     continue;
                 };
                 // An editor's byte order mark before the first line is not part of it.
@@ -322,14 +386,15 @@ fn read_records(
                 if text.trim().is_empty() {
                     continue;
                 }
-                records.push(match serde_json::from_str::<Value>(text) {
+                let record = match serde_json::from_str::<Value>(text) {
                     Ok(Value::Object(fields)) => to_record(fields, columns, &at),
                     Ok(_) => Err(unreadable(
                         None,
                         format!("{at}: a line is not a JSON object"),
                     )),
                     Err(e) => Err(unreadable(None, format!("{at}: {e}"))),
-                });
+                };
+                records.push((start, record));
             }
             let at_end = reader.fill_buf().map_err(|e| io_error(path, e))?.is_empty();
             let hash = reader.get_ref().hash_to(before, position);
@@ -346,7 +411,7 @@ fn read_records(
                         "{}: the header is not UTF-8 ({e}); the file is passed over until it is written again",
                         path.display()
                     );
-                    return Ok((vec![Err(unreadable(None, message))], None));
+                    return Ok((vec![(0, Err(unreadable(None, message)))], None));
                 }
                 Err(e) => return Err(io_error(path, e)),
             };
@@ -377,14 +442,17 @@ fn read_records(
                         let id = id_column
                             .and_then(|i| row.get(i))
                             .filter(|id| !id.is_empty());
-                        records.push(Err(unreadable(
-                            id,
-                            format!(
-                                "{at}: {} fields where the header has {}",
-                                row.len(),
-                                headers.len()
-                            ),
-                        )));
+                        records.push((
+                            began,
+                            Err(unreadable(
+                                id,
+                                format!(
+                                    "{at}: {} fields where the header has {}",
+                                    row.len(),
+                                    headers.len()
+                                ),
+                            )),
+                        ));
                     }
                     Ok(true) => {
                         let fields: Map<String, Value> = headers
@@ -399,9 +467,9 @@ fn read_records(
                                 (h.to_string(), value)
                             })
                             .collect();
-                        records.push(to_record(fields, columns, &at));
+                        records.push((began, to_record(fields, columns, &at)));
                     }
-                    Err(e) => records.push(Err(unreadable(None, format!("{at}: {e}")))),
+                    Err(e) => records.push((began, Err(unreadable(None, format!("{at}: {e}"))))),
                 }
             }
             let next = reader.position().byte();
@@ -692,6 +760,20 @@ impl ImportCursor {
         stamp.is_some_and(|now| self.read.get(name) == Some(&now))
     }
 
+    /// How far into the file called `name`, as it is now (`stamp`), an earlier sync read it:
+    /// the rows before that offset which are older than the cursor's time are skipped, as read
+    /// then. A file the cursor did not read whole has no row read (a late export, a backfill:
+    /// its rows may be older than the cursor's time and still new); one appended to since it
+    /// was read whole (the same file, longer) was read up to its length then (an exporter that
+    /// paused may go on with older rows); any other was read through (a file written anew).
+    fn read_before(&self, name: &str, stamp: Option<FileStamp>) -> u64 {
+        match (self.read.get(name), stamp) {
+            (None, _) => 0,
+            (Some(then), Some(now)) if now.inode == then.inode && now.len > then.len => then.len,
+            (Some(_), _) => u64::MAX,
+        }
+    }
+
     /// Whether the file was last written before the cursor's time (by the server's clock, and
     /// [`CLOCK_ALLOWANCE`] before it), so it cannot hold a change after it.
     fn predates(&self, stamp: Option<FileStamp>) -> bool {
@@ -953,12 +1035,14 @@ impl Pull for BulkImport {
                     &columns,
                     settled,
                 )?;
-                for record in records {
+                let read_before = cursor.read_before(name, stamp);
+                for (start, record) in records {
                     match record {
                         Ok(r)
-                            if cursor
-                                .time
-                                .is_some_and(|s| r.modified_at.is_some_and(|m| m < s)) => {}
+                            if start < read_before
+                                && cursor
+                                    .time
+                                    .is_some_and(|s| r.modified_at.is_some_and(|m| m < s)) => {}
                         Ok(r) => {
                             if settled {
                                 latest = latest.max(r.modified_at);
@@ -1134,8 +1218,8 @@ mod tests {
             .collect();
         assert_eq!(
             ids,
-            ["a3", "a4", "a5"],
-            "inclusive of the cursor; undated records always"
+            ["a1", "a2", "a3", "a4", "a5"],
+            "a cursor that read no file whole skips no row by its time"
         );
     }
 
@@ -1276,6 +1360,104 @@ mod tests {
         }
         let (ids, _) = sync(&mut conn, "accounts", 2, cursor).await;
         assert_eq!(ids, ["a6"]);
+    }
+
+    #[tokio::test]
+    async fn a_late_export_of_rows_older_than_the_cursor_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("accounts-2026-01-02.csv"),
+            "id,modified_at\na2,2026-01-02T00:00:00Z\n",
+        )
+        .unwrap();
+        let mut conn = conn(dir.path());
+        let (ids, cursor) = sync(&mut conn, "accounts", 10, None).await;
+        assert_eq!(ids, ["a2"]);
+
+        // The export of the day before arrives a day late.
+        std::fs::write(
+            dir.path().join("accounts-2026-01-01.csv"),
+            "id,modified_at\na1,2026-01-01T00:00:00Z\n",
+        )
+        .unwrap();
+        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert_eq!(
+            ids,
+            ["a1", "a2"],
+            "and the export after it again, whose row is at the cursor's time"
+        );
+    }
+
+    #[tokio::test]
+    async fn rows_appended_to_an_export_after_a_pause_are_read_though_older_than_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = dir.path().join("accounts.csv");
+        std::fs::write(
+            &accounts,
+            "id,modified_at\na1,2026-01-02T00:00:00Z\na2,2026-01-03T00:00:00Z\n",
+        )
+        .unwrap();
+        let mut conn = conn(dir.path());
+        let (ids, cursor) = sync(&mut conn, "accounts", 10, None).await;
+        assert_eq!(ids, ["a1", "a2"]);
+
+        // An exporter writing in id order goes on after a pause, with an older row.
+        use std::io::Write;
+        File::options()
+            .append(true)
+            .open(&accounts)
+            .unwrap()
+            .write_all(b"a3,2026-01-01T00:00:00Z\n")
+            .unwrap();
+        let (ids, _) = sync(&mut conn, "accounts", 10, cursor).await;
+        assert_eq!(
+            ids,
+            ["a2", "a3"],
+            "the rows read before are still skipped by time; a2 is at the cursor's time"
+        );
+    }
+
+    #[tokio::test]
+    async fn files_that_cannot_be_opened_are_passed_over_and_the_others_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("accounts.csv"), "id\na1\n").unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("gone.csv"),
+            dir.path().join("accounts_2.csv"),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("accounts_3.csv")).unwrap();
+        std::fs::write(dir.path().join("accounts_4.csv"), "id\na4\n").unwrap();
+        let mut conn = conn(dir.path());
+
+        let ids: Vec<String> = all(&mut conn, request("accounts", 10))
+            .await
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["a1", "a4"]);
+    }
+
+    #[tokio::test]
+    async fn numbered_drops_are_read_in_the_order_of_their_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("accounts_10.csv", "id,_deleted\nx,true\n"),
+            ("accounts_9.csv", "id,_deleted\nx,\n"),
+            ("accounts_02.csv", "id,_deleted\nb,\n"),
+            ("accounts.csv", "id,_deleted\na,\n"),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let mut conn = conn(dir.path());
+
+        let records = all(&mut conn, request("accounts", 10)).await;
+        let read: Vec<(&str, bool)> = records.iter().map(|r| (r.id.as_str(), r.deleted)).collect();
+        assert_eq!(
+            read,
+            [("a", false), ("b", false), ("x", false), ("x", true)],
+            "drop 10 comes after drop 9, so its tombstone has the last word"
+        );
     }
 
     #[tokio::test]
