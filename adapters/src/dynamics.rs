@@ -77,7 +77,14 @@ impl Dialect for Dataverse {
     }
 
     fn error(&self, status: reqwest::StatusCode, body: &Value) -> ProviderError {
-        microsoft::answer_error(status, body)
+        let mut error = microsoft::answer_error(status, body);
+        // Dataverse's 403 is a privilege the application user's security role lacks on a
+        // table (PrivilegeDenied), not credentials gone bad: granting it is enough, and the
+        // integration must not wait for new credentials.
+        if status == reqwest::StatusCode::FORBIDDEN {
+            error.code = ErrorCode::ValidationError;
+        }
+        error
     }
 }
 
@@ -137,8 +144,7 @@ impl Dynamics365 {
         url: &str,
         prefer: &str,
     ) -> Result<Value, ProviderError> {
-        let environment = Self::environment(conn)?;
-        if !url.starts_with(&format!("{environment}/")) {
+        if !on_environment(Self::environment(conn)?, url) {
             return Err(ProviderError::resync_required(
                 "a Dataverse link points outside the integration's environment",
             ));
@@ -230,6 +236,13 @@ fn takes_es(logical: &str) -> bool {
         .any(|end| logical.ends_with(end))
 }
 
+/// Whether `url` is on `environment`, by origin: the host a client sends is lowercased, and so
+/// are the links that come back, whatever case the environment's URL was given in.
+fn on_environment(environment: &str, url: &str) -> bool {
+    let origin = |url: &str| reqwest::Url::parse(url).map(|u| u.origin()).ok();
+    origin(environment).is_some_and(|environment| origin(url) == Some(environment))
+}
+
 /// The entity set of a table's logical name, as webhooks name tables.
 fn entity_set(settings: &Map<String, Value>, logical: &str) -> String {
     if let Some(Value::Object(names)) = settings.get("logicalNames")
@@ -237,7 +250,9 @@ fn entity_set(settings: &Map<String, Value>, logical: &str) -> String {
     {
         return set.clone();
     }
-    if let Some(stem) = logical.strip_suffix('y') {
+    if let Some(stem) = logical.strip_suffix('y')
+        && stem.ends_with(|c: char| c.is_ascii_alphabetic() && !"aeiou".contains(c))
+    {
         format!("{stem}ies")
     } else if takes_es(logical) {
         format!("{logical}es")
@@ -376,7 +391,7 @@ impl Pull for Dynamics365 {
                         format!("`{}` is not a Dataverse entity set", request.entity),
                     ));
                 }
-                let mut query = format!("$select={}", select(request, &key)?);
+                let mut params = vec![("$select", select(request, &key)?)];
                 if !tracking {
                     let mut conditions: Vec<String> =
                         request.filters.iter().map(|f| format!("({f})")).collect();
@@ -397,12 +412,21 @@ impl Pull for Dynamics365 {
                         );
                     }
                     if !conditions.is_empty() {
-                        query.push_str(&format!("&$filter={}", conditions.join(" and ")));
+                        params.push(("$filter", conditions.join(" and ")));
                     }
-                    query.push_str(&format!("&$orderby=modifiedon asc,{key} asc"));
+                    params.push(("$orderby", format!("modifiedon asc,{key} asc")));
                 }
-                let url = format!("{}/{}?{query}", Self::api_root(conn)?, request.entity);
-                (url, Some(format!("GET {}?{query}", request.entity)))
+                // Encoded: a filter's `&`, `+`, `#` or `%` is the filter's, not the URL's.
+                let url = crate::api::endpoint(
+                    &Self::api_root(conn)?,
+                    &format!("/{}", request.entity),
+                    &params,
+                )?;
+                let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (
+                    url,
+                    Some(format!("GET {}?{}", request.entity, query.join("&"))),
+                )
             }
         };
         let body = self
@@ -494,11 +518,20 @@ impl Pull for Dynamics365 {
             .collect();
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let values: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
-            let mut url = format!(
-                "{root}/{}?$select={columns}&$filter=Microsoft.Dynamics.CRM.In(PropertyName='{key}',PropertyValues=[{}]){filtered}",
-                request.entity,
-                values.join(",")
-            );
+            let mut url = crate::api::endpoint(
+                &root,
+                &format!("/{}", request.entity),
+                &[
+                    ("$select", columns.clone()),
+                    (
+                        "$filter",
+                        format!(
+                            "Microsoft.Dynamics.CRM.In(PropertyName='{key}',PropertyValues=[{}]){filtered}",
+                            values.join(",")
+                        ),
+                    ),
+                ],
+            )?;
             loop {
                 let body = self.get(conn, &url, &prefer(MAX_PAGE_SIZE, false)).await?;
                 records.extend(records_of(&body, &key));
@@ -944,6 +977,23 @@ mod tests {
     }
 
     #[test]
+    fn links_are_followed_on_the_environment_whatever_the_case_it_was_given_in() {
+        let environment = "https://Contoso.crm4.dynamics.com";
+        let next = "https://contoso.crm4.dynamics.com/api/data/v9.2/contacts?$skiptoken=x";
+        assert!(on_environment(environment, next));
+        assert!(on_environment("https://contoso.crm4.dynamics.com/", next));
+        assert!(!on_environment(
+            environment,
+            "https://contoso.crm4.dynamics.com.evil.example/api/data/v9.2/contacts"
+        ));
+        assert!(!on_environment(
+            environment,
+            "http://contoso.crm4.dynamics.com/api/data/v9.2/contacts"
+        ));
+        assert!(!on_environment("not a url", next));
+    }
+
+    #[test]
     fn entity_sets_and_tables_are_named_both_ways() {
         let plain = Map::new();
         assert_eq!(primary_key(&plain, "accounts"), "accountid");
@@ -971,6 +1021,12 @@ mod tests {
         );
         assert_eq!(entity_set(&plain, "contact"), "contacts");
         assert_eq!(entity_set(&plain, "opportunity"), "opportunities");
+        assert_eq!(entity_set(&plain, "msfp_survey"), "msfp_surveys");
+        assert_eq!(
+            entity_set(&plain, "msdyn_customerjourney"),
+            "msdyn_customerjourneys"
+        );
+        assert_eq!(logical_name(&plain, "msfp_surveys"), "msfp_survey");
         let custom = settings(json!({"logicalNames": {"new_projectses": "new_projects"}}));
         assert_eq!(primary_key(&custom, "new_projectses"), "new_projectsid");
         assert_eq!(entity_set(&custom, "new_projects"), "new_projectses");

@@ -875,6 +875,56 @@ async fn a_row_the_mappings_filters_leave_out_is_not_synced_through_its_webhook_
     );
 }
 
+#[tokio::test]
+async fn a_filter_holding_an_ampersand_reaches_dataverse_whole() {
+    let fake = FakeDynamics::start().await;
+    fake.add("contacts", json!({"fullname": "R&D Lead"}));
+    fake.add("contacts", json!({"fullname": "Sales Lead"}));
+    let mut filtered = integration(&fake);
+    filtered["structuredData"]["connection"]["changeTracking"] = json!(false);
+    filtered["structuredData"]["entityMappings"][0]["filters"] = json!(["fullname eq 'R&D Lead'"]);
+    let (app, handler) = connected(&fake, filtered).await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+
+    let names: Vec<Value> = app
+        .shards("c_contact")
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, ["R&D Lead"]);
+}
+
+#[tokio::test]
+async fn a_table_the_application_user_may_not_read_fails_with_the_reason_and_keeps_the_integration_active()
+ {
+    let fake = FakeDynamics::start().await;
+    fake.add("contacts", json!({"fullname": "Ann Example"}));
+    fake.state.lock().unwrap().forbidden.push("leads".into());
+    let mut with_leads = integration(&fake);
+    with_leads["structuredData"]["entityMappings"]
+        .as_array_mut()
+        .unwrap()
+        .push(
+            json!({"externalEntity": "leads", "shardTypeId": "c_lead", "nameField": "full_name",
+                     "fieldMappings": [{"source": "fullname", "target": "full_name"}]}),
+        );
+    let (app, handler) = connected(&fake, with_leads).await;
+
+    run_job(&handler, "job-1", "full_sync").await;
+
+    let record = record(&app, "job-1").await;
+    let errors = record["errors"].to_string();
+    assert!(errors.contains("prvRead"), "{record}");
+    assert!(!errors.contains("INVALID_CREDENTIALS"), "{record}");
+    let integration = app.integration(ID).await;
+    assert_eq!(
+        integration["structuredData"]["status"], "active",
+        "granting the privilege is enough: {integration}"
+    );
+}
+
 /// Delivers Dataverse's webhook for each of `rows` of `table`, all changed by `message` in the
 /// request `request_id`.
 async fn deliver(

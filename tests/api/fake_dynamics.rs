@@ -58,6 +58,9 @@ pub struct Dataverse {
     pub unavailable: usize,
     /// Any request with a `$deltatoken` answers the expired-version-stamp error.
     pub expire_delta_tokens: bool,
+    /// Entity sets the application user's security role may not read: their requests answer
+    /// 403 PrivilegeDenied.
+    pub forbidden: Vec<String>,
     /// The next write is made, then its answer waits until the test releases it.
     pub hold_next_write: bool,
     /// The next token request waits, unanswered, until the test releases it (`held` is
@@ -444,6 +447,16 @@ impl Dataverse {
         if self.unavailable > 0 {
             self.unavailable -= 1;
             return Some(error(503, "0x80040216", "An unexpected error occurred."));
+        }
+        if let Some(set) = self
+            .forbidden
+            .iter()
+            .find(|f| split(segment).0 == f.as_str())
+        {
+            let message = format!(
+                "Principal user (Id={USER_ID}, type=8) is missing prvRead privilege on {set}"
+            );
+            return Some(error(403, "0x80040220", &message));
         }
         if headers.get("odata-version").is_some_and(|v| v != "4.0") {
             return Some(error(400, "", "The OData-Version header must be 4.0."));
