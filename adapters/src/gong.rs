@@ -209,8 +209,9 @@ impl Gong {
             next_page: next.as_ref().map(|w| json!(w).to_string()),
             query: Some("POST /v2/calls/extensive by fromDateTime".into()),
             stop_after: None,
-            // The next sync reads the trailing days again: calls are enriched late.
-            cursor: next.is_none().then(|| stamp(now - trailing)),
+            cursor: next
+                .is_none()
+                .then(|| stamp(cursor_after(&window, trailing))),
         })
     }
 
@@ -543,6 +544,13 @@ impl Provider for Gong {
 
 /// How far back each sync reads calls again, from the `trailingDays` setting: a part of a
 /// day counts (half a day is twelve hours, not none).
+/// Where the sync after a window read to its end begins: where the window ended, not when its
+/// last page came (a read may wait a day for the daily limit, and calls started meanwhile are in
+/// no window before the next), less the trailing days read again since calls are enriched late.
+fn cursor_after(window: &Window, trailing: Duration) -> DateTime<Utc> {
+    window.to - trailing
+}
+
 fn trailing_window(days: Option<f64>) -> Duration {
     days.map_or(Duration::days(DEFAULT_TRAILING_DAYS), |d| {
         Duration::seconds((d * 86_400.0).round() as i64)
@@ -552,6 +560,21 @@ fn trailing_window(days: Option<f64>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_sync_reads_on_from_where_the_window_ended() {
+        let to = Utc::now() - Duration::hours(20);
+        let window = Window {
+            from: to - Duration::days(1),
+            to,
+            cursor: None,
+        };
+        assert_eq!(cursor_after(&window, Duration::zero()), to);
+        assert_eq!(
+            cursor_after(&window, trailing_window(Some(0.5))),
+            to - Duration::hours(12)
+        );
+    }
 
     #[test]
     fn a_trailing_window_of_part_of_a_day_is_kept_not_cut_to_none() {
