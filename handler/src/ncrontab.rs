@@ -95,14 +95,34 @@ fn shift_days_of_week(field: &str) -> Result<String, String> {
                 Some((range, step)) => (range, Some(step)),
                 None => (item, None),
             };
-            let range = match range.split_once('-') {
-                Some((from, to)) => format!("{}-{}", shift(from)?, shift(to)?),
-                None => shift(range)?,
+            let (range, sunday) = match range.split_once('-') {
+                // Sunday as 7 ends a range after Saturday, the `cron` crate's last day (7): the
+                // range runs to Saturday, and takes Sunday (1) too where its steps reach it.
+                Some((from, "7")) => {
+                    let start: u32 = from
+                        .parse()
+                        .map_err(|_| format!("`{item}` is not a range of days of the week"))?;
+                    let every: u32 = match step {
+                        Some(step) => step
+                            .parse()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| format!("`{step}` is not a step"))?,
+                        None => 1,
+                    };
+                    (
+                        format!("{}-7", shift(from)?),
+                        start < 7 && (7 - start) % every == 0,
+                    )
+                }
+                Some((from, to)) => (format!("{}-{}", shift(from)?, shift(to)?), false),
+                None => (shift(range)?, false),
             };
-            Ok(match step {
+            let range = match step {
                 Some(step) => format!("{range}/{step}"),
                 None => range,
-            })
+            };
+            Ok(if sunday { format!("{range},1") } else { range })
         })
         .collect::<Result<Vec<_>, String>>()
         .map(|items| items.join(","))
@@ -163,6 +183,33 @@ mod tests {
             named.next_after(at(2026, 1, 3, 12, 0, 0)),
             Some(at(2026, 1, 5, 8, 30, 0))
         );
+    }
+
+    #[test]
+    fn a_range_of_days_may_end_with_sunday_as_7() {
+        // Monday 2026-01-05 to Sunday 2026-01-11.
+        let days = |expression: &str| -> Vec<u32> {
+            let schedule: Ncrontab = expression.parse().unwrap();
+            let mut fired = Vec::new();
+            let mut after = at(2026, 1, 4, 23, 0, 0);
+            while let Some(next) = schedule
+                .next_after(after)
+                .filter(|t| *t < at(2026, 1, 12, 0, 0, 0))
+            {
+                fired.push(next.format("%d").to_string().parse().unwrap());
+                after = next;
+            }
+            fired
+        };
+        assert_eq!(days("0 0 9 * * 0-7"), [5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(days("0 0 9 * * 5-7"), [9, 10, 11], "Friday to Sunday");
+        assert_eq!(
+            days("0 0 9 * * 1-7/2"),
+            [5, 7, 9, 11],
+            "Monday, every other day"
+        );
+        assert_eq!(days("0 0 9 * * 2-7/2"), [6, 8, 10], "the steps miss Sunday");
+        assert_eq!(days("0 0 9 * * 6,7"), [10, 11]);
     }
 
     #[test]
