@@ -23,55 +23,56 @@ pub struct Registered {
 }
 
 /// The integration to store when `given` is put over `old`: the operator's configuration,
-/// with the state the engine keeps (when it last synced and next will, cursors and when they
-/// were read, how far
-/// deletions were read and which were lost, checkpoints, the running lease and the chain that ended last,
-/// credential expiry and refresh lease, webhook subscriptions, catch-ups on their way) carried over. A changed frequency moves the next sync to the new frequency's next time.
+/// with the state the engine keeps taken from `old` whatever `given` says (when it last synced
+/// and next will, cursors and when they were read, how far deletions were read and which were
+/// lost, checkpoints, the running lease and the chain that ended last, credential expiry and
+/// refresh lease, webhook subscriptions, catch-ups on their way): a file made from an earlier
+/// listing holds that state as it was then, and putting it back would hand the integration to a
+/// chain that has moved on and forget subscriptions made since. The status too, unless `given`
+/// says one (`status_given`): a file without one does not make an integration in error active.
+/// A changed frequency moves the next sync to the new frequency's next time. A new integration
+/// takes `given` whole (one moved from another deployment keeps its cursors).
 pub fn merged(
     mut given: Integration,
     old: Option<&Integration>,
+    status_given: bool,
     now: DateTime<Utc>,
 ) -> Integration {
     match old {
         Some(old) => {
-            given.last_sync_at = given.last_sync_at.or(old.last_sync_at);
-            given.credentials_expire_at = given.credentials_expire_at.or(old.credentials_expire_at);
-            if given.cursors.is_empty() {
-                given.cursors = old.cursors.clone();
-                given.cursors_read_at = old.cursors_read_at.clone();
-            }
-            if given.deletions_checked.is_empty() {
-                given.deletions_checked = old.deletions_checked.clone();
-            }
-            if given.lost_deletions.is_empty() {
-                given.lost_deletions = old.lost_deletions.clone();
-            }
-            if given.checkpoints.is_empty() {
-                given.checkpoints = old.checkpoints.clone();
-            }
-            given.running = given.running.or_else(|| old.running.clone());
-            given.ended_chain = given.ended_chain.or_else(|| old.ended_chain.clone());
-            given.refresh_lease = given.refresh_lease.or_else(|| old.refresh_lease.clone());
-            if given.subscriptions.is_empty() {
-                given.subscriptions = old.subscriptions.clone();
-            }
-            if given.catch_ups.is_empty() {
-                given.catch_ups = old.catch_ups.clone();
+            if !status_given {
+                given.status = old.status;
+                given.status_message = old.status_message.clone();
             }
             given.next_sync_at = if old.sync_frequency != given.sync_frequency {
                 given.sync_frequency.next_after(now)
             } else {
-                given.passed_over_from = given.passed_over_from.or(old.passed_over_from);
-                given.next_sync_at.or(old.next_sync_at)
+                old.next_sync_at
             };
+            Integration {
+                last_sync_at: old.last_sync_at,
+                credentials_expire_at: old.credentials_expire_at,
+                cursors: old.cursors.clone(),
+                cursors_read_at: old.cursors_read_at.clone(),
+                deletions_checked: old.deletions_checked.clone(),
+                lost_deletions: old.lost_deletions.clone(),
+                checkpoints: old.checkpoints.clone(),
+                running: old.running.clone(),
+                ended_chain: old.ended_chain.clone(),
+                refresh_lease: old.refresh_lease.clone(),
+                subscriptions: old.subscriptions.clone(),
+                catch_ups: old.catch_ups.clone(),
+                passed_over_from: old.passed_over_from,
+                ..given
+            }
         }
         None if given.sync_frequency != SyncFrequency::Manual && given.next_sync_at.is_none() => {
             // A new scheduled integration syncs at the scheduler's next tick.
             given.next_sync_at = Some(now);
+            given
         }
-        None => {}
+        None => given,
     }
-    given
 }
 
 /// Checks and stores `shard` as an integration, merged with the one of the same id if any.
@@ -113,7 +114,11 @@ pub async fn register(
         Some(v) => Some(v.value.data::<Integration>().map_err(|e| e.to_string())?),
         None => None,
     };
-    let integration = merged(integration, old.as_ref(), now);
+    let status_given = shard
+        .structured_data
+        .get("status")
+        .is_some_and(|s| !s.is_null());
+    let integration = merged(integration, old.as_ref(), status_given, now);
     match &existing {
         Some(v) => {
             shard.created_at = v.value.created_at;
@@ -236,9 +241,49 @@ async fn check_secret_name(app: &App, shard: &Shard) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::integration::IntegrationStatus;
 
     fn integration(value: serde_json::Value) -> Integration {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_put_of_an_earlier_listing_hands_back_no_state_the_engine_has_moved_on_from() {
+        let now: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
+        let listed = json!({
+            "providerName": "graph",
+            "syncFrequency": {"type": "interval", "intervalMinutes": 15},
+            "cursors": {"drive": "token-1"},
+            "running": {"chain": "job_a", "jobId": "job_a", "since": "2026-11-22T09:00:00.000Z",
+                        "until": "2026-11-22T10:30:00.000Z"},
+        });
+        let mut stored = listed.clone();
+        stored["status"] = json!("error");
+        stored["statusMessage"] = json!("the refresh token was revoked");
+        stored["cursors"] = json!({"drive": "token-2"});
+        stored["running"]["jobId"] = json!("job_a+1");
+        stored["subscriptions"] = json!([{"id": "sub-1", "resource": "drive",
+                                          "expiresAt": "2026-11-25T10:00:00.000Z"}]);
+        let (listed, stored) = (integration(listed), integration(stored));
+
+        let kept = merged(listed.clone(), Some(&stored), false, now);
+        assert_eq!(kept.running, stored.running, "the chain holds on");
+        assert_eq!(kept.subscriptions, stored.subscriptions);
+        assert_eq!(kept.cursors, stored.cursors);
+        assert_eq!(
+            kept.status,
+            IntegrationStatus::Error,
+            "no status in the file"
+        );
+        assert_eq!(kept.status_message, stored.status_message);
+
+        let resumed = merged(listed, Some(&stored), true, now);
+        assert_eq!(
+            resumed.status,
+            IntegrationStatus::Active,
+            "the file says active"
+        );
+        assert_eq!(resumed.status_message, None);
     }
 
     #[test]
@@ -259,7 +304,7 @@ mod tests {
             "syncFrequency": {"type": "interval", "intervalMinutes": 15},
             "entityMappings": [{"externalEntity": "Account", "shardTypeId": "c_company"}]
         }));
-        let kept = merged(given.clone(), Some(&old), now);
+        let kept = merged(given.clone(), Some(&old), false, now);
         assert_eq!(kept.last_sync_at, old.last_sync_at);
         assert_eq!(kept.next_sync_at, old.next_sync_at);
         assert_eq!(kept.cursors, old.cursors);
@@ -277,11 +322,11 @@ mod tests {
         hourly.sync_frequency = integration(json!({"providerName": "x",
             "syncFrequency": {"type": "interval", "intervalMinutes": 60}}))
         .sync_frequency;
-        let moved = merged(hourly, Some(&old), now);
+        let moved = merged(hourly, Some(&old), false, now);
         assert_eq!(moved.next_sync_at, moved.sync_frequency.next_after(now));
 
         assert_eq!(
-            merged(given, None, now).next_sync_at,
+            merged(given, None, false, now).next_sync_at,
             Some(now),
             "new: due at once"
         );
