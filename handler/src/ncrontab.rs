@@ -112,7 +112,7 @@ fn shift_days_of_week(field: &str) -> Result<String, String> {
                     };
                     (
                         format!("{}-7", shift(from)?),
-                        start < 7 && (7 - start) % every == 0,
+                        start < 7 && (7 - start).is_multiple_of(every),
                     )
                 }
                 Some((from, to)) => (format!("{}-{}", shift(from)?, shift(to)?), false),
