@@ -108,9 +108,9 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
     })?;
     let mut files: Vec<(PathBuf, Format)> = entries
         .filter_map(Result::ok)
-        // A folder named like an export holds none (a link is followed when it is opened).
-        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
         .map(|e| e.path())
+        // A folder named like an export, or a link to one, holds none.
+        .filter(|path| std::fs::metadata(path).map_or(true, |m| !m.is_dir()))
         .filter_map(|path| {
             let name = path.file_name()?.to_str()?;
             let (stem, format) = format_of(name)?;
@@ -330,17 +330,21 @@ fn read_records(
 ) -> Result<FileChunk, ProviderError> {
     let file = match File::open(path) {
         Ok(file) => file,
-        // Moved away since the folder was listed (an exporter's own archiving): nothing to read.
+        // Moved away since the folder was listed (an exporter's own archiving), or a link to
+        // nothing: nothing to read.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
         // Another's file, say, dropped without read permission: it fails alone, and the
-        // entity's other files are read.
-        Err(e) => {
+        // entity's other files are read. Granting it changes the file's stamp, so it is read
+        // then. Any other failure (a share's I/O error) may pass: the page fails, and is tried
+        // again.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             let message = format!(
                 "{}: the file cannot be opened ({e}); it is passed over",
                 path.display()
             );
             return Ok((vec![(0, Err(unreadable(None, message)))], None));
         }
+        Err(e) => return Err(io_error(path, e)),
     };
     let file = Recorded {
         file,

@@ -542,8 +542,6 @@ impl Provider for Gong {
     }
 }
 
-/// How far back each sync reads calls again, from the `trailingDays` setting: a part of a
-/// day counts (half a day is twelve hours, not none).
 /// Where the sync after a window read to its end begins: where the window ended, not when its
 /// last page came (a read may wait a day for the daily limit, and calls started meanwhile are in
 /// no window before the next), less the trailing days read again since calls are enriched late.
@@ -551,6 +549,8 @@ fn cursor_after(window: &Window, trailing: Duration) -> DateTime<Utc> {
     window.to - trailing
 }
 
+/// How far back each sync reads calls again, from the `trailingDays` setting: a part of a
+/// day counts (half a day is twelve hours, not none).
 fn trailing_window(days: Option<f64>) -> Duration {
     days.map_or(Duration::days(DEFAULT_TRAILING_DAYS), |d| {
         Duration::seconds((d * 86_400.0).round() as i64)

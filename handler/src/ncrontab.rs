@@ -98,6 +98,8 @@ fn shift_days_of_week(field: &str) -> Result<String, String> {
             let (range, sunday) = match range.split_once('-') {
                 // Sunday as 7 ends a range after Saturday, the `cron` crate's last day (7): the
                 // range runs to Saturday, and takes Sunday (1) too where its steps reach it.
+                // Sunday alone.
+                Some(("7", "7")) => ("1".to_string(), false),
                 Some((from, "7")) => {
                     let start: u32 = from
                         .parse()
@@ -210,6 +212,7 @@ mod tests {
         );
         assert_eq!(days("0 0 9 * * 2-7/2"), [6, 8, 10], "the steps miss Sunday");
         assert_eq!(days("0 0 9 * * 6,7"), [10, 11]);
+        assert_eq!(days("0 0 9 * * 7-7"), [11]);
     }
 
     #[test]

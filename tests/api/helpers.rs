@@ -105,8 +105,6 @@ impl TestApp {
             .await
     }
 
-    /// Writes an integration straight into the store, as Castiel's platform may (unchecked:
-    /// its provider may be one this build does not have). A scheduled one is due at once.
     /// Sets tenant `t1`'s integration `integration_id` to `status` (`active`, `paused`, `error`),
     /// as Castiel does.
     pub async fn set_integration_status(&self, integration_id: &str, status: &str) {
@@ -117,6 +115,8 @@ impl TestApp {
         store.replace(&stored.value, &stored.etag).await.unwrap();
     }
 
+    /// Writes an integration straight into the store, as Castiel's platform may (unchecked:
+    /// its provider may be one this build does not have). A scheduled one is due at once.
     pub async fn plant_integration(&self, mut integration: Value) {
         use handler::store::ShardStore;
         let now = handler::model::timestamp::format(&chrono::Utc::now());

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::app::App;
+use crate::model::integration::IntegrationStatus;
 use crate::model::shard::types as shard_types;
 use crate::model::{Integration, Shard, SyncFrequency};
 use crate::secrets::{credential_secret_name, is_valid_secret_name};
@@ -28,8 +29,8 @@ pub struct Registered {
 /// lost, checkpoints, the running lease and the chain that ended last, credential expiry and
 /// refresh lease, webhook subscriptions, catch-ups on their way): a file made from an earlier
 /// listing holds that state as it was then, and putting it back would hand the integration to a
-/// chain that has moved on and forget subscriptions made since. The status too, unless `given`
-/// says one (`status_given`): a file without one does not make an integration in error active.
+/// chain that has moved on and forget subscriptions made since. The status too, but where
+/// [`takes_status`] says the file's (`status_given`) is the operator's.
 /// A changed frequency moves the next sync to the new frequency's next time. A new integration
 /// takes `given` whole (one moved from another deployment keeps its cursors).
 pub fn merged(
@@ -40,7 +41,7 @@ pub fn merged(
 ) -> Integration {
     match old {
         Some(old) => {
-            if !status_given {
+            if !takes_status(status_given.then_some(given.status), old.status) {
                 given.status = old.status;
                 given.status_message = old.status_message.clone();
             }
@@ -72,6 +73,18 @@ pub fn merged(
             given
         }
         None => given,
+    }
+}
+
+/// Whether a put takes the status its file `given` over the stored one. A file may pause an
+/// integration and resume one it paused; `error` is the engine's, set when credentials stop
+/// working and cleared when new ones are stored: a file neither sets nor clears it (one made
+/// from an earlier listing says whatever the status was then).
+fn takes_status(given: Option<IntegrationStatus>, stored: IntegrationStatus) -> bool {
+    match given {
+        Some(IntegrationStatus::Paused) => true,
+        Some(IntegrationStatus::Active) => stored != IntegrationStatus::Error,
+        Some(IntegrationStatus::Error) | None => false,
     }
 }
 
@@ -241,7 +254,6 @@ async fn check_secret_name(app: &App, shard: &Shard) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::integration::IntegrationStatus;
 
     fn integration(value: serde_json::Value) -> Integration {
         serde_json::from_value(value).unwrap()
@@ -277,13 +289,29 @@ mod tests {
         );
         assert_eq!(kept.status_message, stored.status_message);
 
-        let resumed = merged(listed, Some(&stored), true, now);
+        let active = merged(listed.clone(), Some(&stored), true, now);
         assert_eq!(
-            resumed.status,
-            IntegrationStatus::Active,
-            "the file says active"
+            active.status,
+            IntegrationStatus::Error,
+            "new credentials resume it, not a file"
         );
-        assert_eq!(resumed.status_message, None);
+        let mut pausing = listed;
+        pausing.status = IntegrationStatus::Paused;
+        let paused = merged(pausing, Some(&stored), true, now);
+        assert_eq!(
+            paused.status,
+            IntegrationStatus::Paused,
+            "the file pauses it"
+        );
+        let mut running = stored.clone();
+        running.status = IntegrationStatus::Paused;
+        let mut resuming = active.clone();
+        resuming.status = IntegrationStatus::Active;
+        assert_eq!(
+            merged(resuming, Some(&running), true, now).status,
+            IntegrationStatus::Active,
+            "and resumes it"
+        );
     }
 
     #[test]

@@ -403,6 +403,7 @@ impl ServiceBusSender {
             }
         }
         sweep.listed.sort_by_key(|d| d.sequence_number);
+        sweep.replayed.sort_by_key(|r| r.sequence_number);
         Ok(sweep)
     }
 
@@ -451,14 +452,19 @@ fn hold(held: &mut Vec<LockedMessage>, locked: LockedMessage) {
 
 /// `error`, which ended a replay after it had replayed some: the operator is told which.
 fn after_replaying(error: QueueError, replayed: &[Replayed]) -> QueueError {
-    let numbers: Vec<String> = replayed
-        .iter()
-        .map(|r| format!("{} to {}", r.sequence_number, r.queue))
-        .collect();
+    let named = |r: &Replayed| {
+        let outcome = match (&r.error, &r.left) {
+            (None, None) => "replayed".to_string(),
+            (None, Some(why)) => format!("replayed but still listed ({why})"),
+            (Some(e), _) => format!("not replayed ({e})"),
+        };
+        format!("{} to {}: {outcome}", r.sequence_number, r.queue)
+    };
+    let numbers: Vec<String> = replayed.iter().map(named).collect();
     let told = |e: String| {
         format!(
-            "{e}; before it, these were replayed: {}; run the command again for the rest",
-            numbers.join(", ")
+            "{e}; before it: {}; run the command again for the rest",
+            numbers.join("; ")
         )
     };
     match error {
