@@ -586,3 +586,75 @@ async fn timers_fire_on_schedule_with_the_hosts_first_run_and_past_due_shapes() 
     assert_eq!(timer["IsPastDue"], true);
     assert_ne!(timer["ScheduleStatus"]["Last"], "0001-01-01T00:00:00");
 }
+
+/// A stand-in custom handler that never answers: each invocation counts itself among those
+/// running until it is dropped, and the most that ran at once is kept.
+fn hanging_handler() -> (axum::Router, Arc<AtomicU32>, Arc<AtomicU32>) {
+    struct Running(Arc<AtomicU32>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let (started, running, most) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(AtomicU32::new(0)),
+    );
+    let state = (started.clone(), running, most.clone());
+    let router = axum::Router::new()
+        .route(
+            "/{function}",
+            axum::routing::post(
+                |axum::extract::State((started, running, most)): axum::extract::State<(
+                    Arc<AtomicU32>,
+                    Arc<AtomicU32>,
+                    Arc<AtomicU32>,
+                )>| async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    let _running = Running(running);
+                    std::future::pending::<axum::Json<Value>>().await
+                },
+            ),
+        )
+        .with_state(state);
+    (router, started, most)
+}
+
+#[tokio::test]
+async fn an_invocation_past_the_function_timeout_is_stopped_before_its_message_runs_again() {
+    let app = TestApp::new();
+    let broker = app.broker();
+    broker
+        .send(OutgoingMessage::json(
+            SYNC_INBOUND_WEBHOOK,
+            "wh-1",
+            &webhook_job(),
+        ))
+        .await
+        .unwrap();
+    let (router, started, most) = hanging_handler();
+    let invoker = Invoker::new(router).with_timeout(Duration::from_millis(200));
+    let consumer = Consumer {
+        function: FunctionName::SyncInboundWebhook,
+        binding: "message".into(),
+        queue: SYNC_INBOUND_WEBHOOK.into(),
+        concurrency: 4,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(consumer.run(broker.clone(), invoker, stopped));
+
+    wait_until("the message is delivered again", PATIENCE, || async {
+        started.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.abort();
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "the first delivery was stopped before the second began"
+    );
+}

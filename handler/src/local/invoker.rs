@@ -3,6 +3,10 @@
 //!
 //! The custom handler's router runs in-process, so no port is opened, but the request and
 //! response bytes are the ones that cross the wire in Azure.
+//!
+//! An invocation runs for at most host.json's `functionTimeout`, as in Azure, where the host
+//! then fails it: a message's lock is renewed only as long, and an invocation still running
+//! after its message was delivered again would run alongside the next.
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -24,16 +28,40 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Invoker {
     handler: Router,
+    timeout: std::time::Duration,
 }
+
+/// host.json's `functionTimeout`.
+pub const FUNCTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 const HOST_VERSION: &str = "4.1036.0.0";
 
 impl Invoker {
     pub fn new(handler: Router) -> Self {
-        Self { handler }
+        Self {
+            handler,
+            timeout: FUNCTION_TIMEOUT,
+        }
     }
 
+    /// The same, with invocations stopped after `timeout` rather than [`FUNCTION_TIMEOUT`].
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
+    /// Invokes `function` with `envelope`; one still running after the function timeout is
+    /// stopped (dropped at its next wait) and failed.
     pub async fn invoke(&self, function: FunctionName, envelope: &Value) -> Outcome {
+        match tokio::time::timeout(self.timeout, self.invoke_unbounded(function, envelope)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Failed(format!(
+                "the invocation ran past the function timeout ({} s) and was stopped",
+                self.timeout.as_secs_f64()
+            )),
+        }
+    }
+
+    async fn invoke_unbounded(&self, function: FunctionName, envelope: &Value) -> Outcome {
         let request = Request::post(format!("/{function}"))
             .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
             .header("x-azure-functions-hostversion", HOST_VERSION)
