@@ -572,3 +572,52 @@ async fn registering_a_graph_integration_without_a_public_url_says_webhooks_will
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_subscription_made_while_another_run_maintained_from_an_older_read_keeps_its_secret() {
+    let app = world();
+    let graph = connected_drive(&app).await;
+    // Graph checks the notification URL answers before it subscribes.
+    let _runtime = app.start_local().await;
+    // A token refresher's run read the integration before the operator subscribed it.
+    let stale: handler::model::Shard =
+        serde_json::from_value(app.integration("int-drive").await).unwrap();
+    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
+    let operators = graph.subscriptions()[0].clone();
+
+    let settings = handler::settings::Settings::from_lookup(|name| match name {
+        "FUNC_SYNC_DATA_DIR" => Some(app.data_dir().display().to_string()),
+        "WEBHOOK_BASE_URL" | "WEBHOOK_FUNCTION_KEY" => Some(app.settings_value(name)),
+        _ => None,
+    })
+    .unwrap();
+    let backends = handler::app::LocalBackends::open(&settings).unwrap();
+    let refresher = backends.app(settings, handler::app::providers());
+    let integration: handler::model::Integration = stale.data().unwrap();
+    let provider = refresher.providers.get("onedrive").unwrap();
+    handler::engine::subscriptions::maintain(
+        &refresher,
+        &stale,
+        &integration,
+        provider.as_ref(),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+
+    let secrets = std::fs::read_to_string(app.path("secrets.json")).unwrap();
+    assert!(
+        secrets.contains(operators.client_state.as_deref().unwrap()),
+        "the operator's subscription still verifies"
+    );
+    // Two now watch the drive; the next maintenance leaves one.
+    assert_eq!(graph.subscriptions().len(), 2);
+    subscribe(&app, "int-drive").await;
+    assert_eq!(graph.subscriptions().len(), 1);
+    let state = &app.integration("int-drive").await["structuredData"];
+    assert_eq!(
+        state["subscriptions"].as_array().unwrap().len(),
+        1,
+        "{state}"
+    );
+}

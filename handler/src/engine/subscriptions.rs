@@ -40,19 +40,29 @@ pub enum Step {
     Delete { id: String },
 }
 
-/// What to do so that every wanted resource has a subscription that outlives `now +
-/// RENEW_AHEAD`, and no other subscription exists.
+/// What to do so that every wanted resource has one subscription that outlives `now +
+/// RENEW_AHEAD`, and no other subscription exists. Of two for one resource (made by two runs at
+/// once), the one that lasts longer is kept.
 pub fn plan(existing: &[WebhookSubscription], wanted: &[String], now: DateTime<Utc>) -> Vec<Step> {
     let mut steps = Vec::new();
     for resource in wanted {
-        match existing.iter().find(|s| &s.resource == resource) {
+        let mut of_resource: Vec<&WebhookSubscription> = existing
+            .iter()
+            .filter(|s| &s.resource == resource)
+            .collect();
+        of_resource.sort_by_key(|s| std::cmp::Reverse(s.expires_at));
+        match of_resource.split_first() {
             None => steps.push(Step::Create {
                 resource: resource.clone(),
             }),
-            Some(s) if s.expires_at <= now + RENEW_AHEAD => {
-                steps.push(Step::Renew { id: s.id.clone() })
+            Some((kept, extra)) => {
+                if kept.expires_at <= now + RENEW_AHEAD {
+                    steps.push(Step::Renew {
+                        id: kept.id.clone(),
+                    });
+                }
+                steps.extend(extra.iter().map(|s| Step::Delete { id: s.id.clone() }));
             }
-            Some(_) => {}
         }
     }
     for s in existing {
@@ -217,7 +227,7 @@ impl Maintenance<'_> {
                         .await?;
                 }
                 self.current.retain(|s| s.id != id);
-                keep_client_states(app, shard, &self.current, None).await?;
+                keep_client_states(app, shard, &self.current, Some(&id), None).await?;
                 self.done.deleted += 1;
                 save(app, shard, Change::Removed(id), now).await?;
             }
@@ -251,6 +261,7 @@ impl Maintenance<'_> {
             self.app,
             self.shard,
             &self.current,
+            None,
             Some((&info.id, &client_state)),
         )
         .await;
@@ -319,21 +330,38 @@ fn info_of(subscription: &WebhookSubscription) -> SubscriptionInfo {
     }
 }
 
-/// Keeps the secrets of exactly the subscriptions in `live` (adding `new`) among the
-/// integration's credentials, under the credentials' lease so that it cannot overwrite a token
-/// refreshed meanwhile.
+/// Keeps the secrets of exactly the live subscriptions (adding `new`) among the integration's
+/// credentials, under the credentials' lease so that it cannot overwrite a token refreshed
+/// meanwhile. Live are those of `current`, as maintenance left them, and those the integration
+/// lists as it is stored now (another run, an operator's `subscribe`, may have made one since
+/// maintenance read it), but for `dropped`.
 async fn keep_client_states(
     app: &App,
     shard: &Shard,
-    live: &[WebhookSubscription],
+    current: &[WebhookSubscription],
+    dropped: Option<&str>,
     new: Option<(&str, &str)>,
 ) -> Result<(), ProviderError> {
     let keeper = StoredCredentials::new(app, &shard.tenant_id, &shard.id);
     let stored = keeper.lock().await?;
+    let listed = match app.store.get(&shard.tenant_id, &shard.id).await {
+        Ok(found) => found
+            .and_then(|v| v.value.data::<Integration>().ok())
+            .map(|i| i.subscriptions)
+            .unwrap_or_default(),
+        Err(e) => {
+            keeper.unlock().await;
+            return Err(ProviderError::new(
+                ErrorCode::ServiceUnavailable,
+                e.to_string(),
+            ));
+        }
+    };
+    let live = |id: &str| dropped != Some(id) && current.iter().chain(&listed).any(|s| s.id == id);
     let mut kept = stored.clone().into_inner();
     kept.retain(|name, _| {
         name.strip_prefix(&WebhookSubscription::client_state_key(""))
-            .is_none_or(|id| live.iter().any(|s| s.id == id))
+            .is_none_or(live)
     });
     let mut credentials = adapters::Credentials::new(kept);
     if let Some((id, secret)) = new {
@@ -429,6 +457,21 @@ mod tests {
                 },
                 Step::Delete { id: "s3".into() },
             ]
+        );
+    }
+
+    #[test]
+    fn of_two_subscriptions_for_one_resource_the_longer_lived_is_kept() {
+        let existing = [
+            sub("made-first", "/drives/d/root", 48),
+            sub("made-since", "/drives/d/root", 700),
+        ];
+        let wanted = ["/drives/d/root".to_string()];
+        assert_eq!(
+            plan(&existing, &wanted, at(0)),
+            [Step::Delete {
+                id: "made-first".into()
+            }]
         );
     }
 

@@ -230,10 +230,29 @@ async fn maintain_subscriptions(
             );
             break;
         }
-        let shard = &stored.value;
+        // Read again: the listing may be minutes old by now, and an operator's `subscribe`
+        // (or a pause) may have come since; maintenance planned from the listing would make a
+        // second subscription for a resource.
+        let shard = match app
+            .store
+            .get(&stored.value.tenant_id, &stored.value.id)
+            .await
+        {
+            Ok(Some(fresh)) => fresh.value,
+            Ok(None) => continue,
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(tenant_id = %stored.value.tenant_id, integration_id = %stored.value.id, error = %e, "webhook subscriptions not maintained");
+                continue;
+            }
+        };
+        let shard = &shard;
         let Ok(integration) = shard.data::<Integration>() else {
             continue;
         };
+        if integration.status != IntegrationStatus::Active {
+            continue;
+        }
         let Some(provider) = app.providers.get(&integration.provider_name) else {
             continue;
         };
