@@ -100,7 +100,7 @@ pub async fn register(
     let mut integration: Integration = shard
         .data()
         .map_err(|e| format!("structuredData is not a valid integration: {e}"))?;
-    integration.sync_frequency.validate()?;
+    integration.sync_frequency.validate(now)?;
     for mapping in &integration.entity_mappings {
         mapping.validate()?;
         mapping.check_deduplication()?;

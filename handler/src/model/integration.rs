@@ -516,17 +516,35 @@ pub enum SyncFrequency {
     Manual,
 }
 
+/// The longest interval between syncs: a year of minutes.
+const MAX_INTERVAL_MINUTES: u32 = 366 * 24 * 60;
+
 impl SyncFrequency {
-    /// Checks the frequency can be scheduled: an interval of at least a minute, a valid cron.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the frequency can be scheduled from `now`: an interval of a minute to a year, a
+    /// valid cron that fires. (A schedule that never fires would leave the integration manual
+    /// without a word, and a time past year 9999 is written in a form that sorts before every
+    /// other, so the integration would be due at every tick.)
+    pub fn validate(&self, now: DateTime<Utc>) -> Result<(), String> {
         match self {
             Self::Interval { interval_minutes } if *interval_minutes == 0 => {
                 Err("syncFrequency.intervalMinutes must be at least 1".into())
             }
-            Self::Cron { cron_expression } => cron_expression
-                .parse::<Ncrontab>()
-                .map(drop)
-                .map_err(|e| format!("syncFrequency.cronExpression: {e}")),
+            Self::Interval { interval_minutes } if *interval_minutes > MAX_INTERVAL_MINUTES => {
+                Err(format!(
+                    "syncFrequency.intervalMinutes must be at most {MAX_INTERVAL_MINUTES} (a year); use {{\"type\": \"manual\"}} for an integration synced only when asked"
+                ))
+            }
+            Self::Cron { cron_expression } => {
+                let schedule = cron_expression
+                    .parse::<Ncrontab>()
+                    .map_err(|e| format!("syncFrequency.cronExpression: {e}"))?;
+                match schedule.next_after(now) {
+                    Some(_) => Ok(()),
+                    None => Err(format!(
+                        "syncFrequency.cronExpression `{cron_expression}` never fires"
+                    )),
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -802,23 +820,39 @@ mod tests {
             SyncFrequency::Interval {
                 interval_minutes: 0
             }
-            .validate()
+            .validate(at(10, 0))
             .is_err()
         );
         assert!(
             SyncFrequency::Cron {
                 cron_expression: "*/5 * * * *".into()
             }
-            .validate()
+            .validate(at(10, 0))
             .is_err()
         );
         assert!(
             SyncFrequency::Cron {
                 cron_expression: "0 */5 * * * *".into()
             }
-            .validate()
+            .validate(at(10, 0))
             .is_ok()
         );
+        // Frequencies the scheduler cannot follow.
+        let frequency =
+            |value: serde_json::Value| -> SyncFrequency { serde_json::from_value(value).unwrap() };
+        let never =
+            frequency(serde_json::json!({"type": "cron", "cronExpression": "0 0 0 30 2 *"}));
+        assert!(
+            never
+                .validate(at(10, 0))
+                .unwrap_err()
+                .contains("never fires")
+        );
+        let forever =
+            frequency(serde_json::json!({"type": "interval", "intervalMinutes": 4294967295u32}));
+        assert!(forever.validate(at(10, 0)).unwrap_err().contains("at most"));
+        let yearly = frequency(serde_json::json!({"type": "interval", "intervalMinutes": 525600}));
+        assert!(yearly.validate(at(10, 0)).is_ok());
     }
 
     #[test]
