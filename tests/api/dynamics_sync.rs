@@ -944,3 +944,40 @@ async fn deliver(
         assert_eq!(out["statusCode"], 200, "{out}");
     }
 }
+
+#[tokio::test]
+async fn a_delivery_the_queue_cannot_take_now_is_answered_503_which_dataverse_delivers_again() {
+    use crate::fake_azure::{FakeServiceBus, SAS_KEY};
+    let fake = FakeDynamics::start().await;
+    let ann = fake.add("contacts", json!({"fullname": "Ann Example"}));
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    app.register_integration(integration(&fake)).await;
+    let mut credentials = fake.credentials();
+    credentials["webhook_key"] = json!("dataverse-webhook-key");
+    app.set_credentials(ID, &credentials).await;
+    let connection = service_bus.connection_string(SAS_KEY);
+    let handler = app
+        .host_handler_with(&[("ServiceBusConnection", connection.as_str())])
+        .await;
+    let (mut headers, body) = fake.webhook("Delete", "contact", &ann);
+    headers.push(("x-webhook-key".into(), "dataverse-webhook-key".into()));
+
+    service_bus
+        .unavailable
+        .lock()
+        .unwrap()
+        .push(SYNC_INBOUND_WEBHOOK.into());
+    let out = handler
+        .post_webhook("dynamics365", &[], &headers, &body)
+        .await;
+    assert_eq!(out["statusCode"], 503, "{out}");
+    assert!(out["headers"]["Retry-After"].is_string(), "{out}");
+
+    service_bus.unavailable.lock().unwrap().clear();
+    let out = handler
+        .post_webhook("dynamics365", &[], &headers, &body)
+        .await;
+    assert_eq!(out["statusCode"], 200, "{out}");
+    assert_eq!(service_bus.held(SYNC_INBOUND_WEBHOOK).len(), 1);
+}

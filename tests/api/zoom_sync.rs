@@ -754,3 +754,33 @@ async fn who_attended_past_meetings_is_synced_window_by_window() {
         )
     );
 }
+
+#[tokio::test]
+async fn zoom_is_answered_in_time_though_the_event_topic_is_busy() {
+    let (zoom, app) = connected().await;
+    let meeting = zoom.add_meeting("Board review");
+    let event_grid = crate::fake_azure::FakeEventGrid::start("topic-key-1").await;
+    *event_grid.busy.lock().unwrap() = vec![(429, Some(5)); 4];
+    let handler = app
+        .host_handler_with(&[
+            ("EVENTGRID_ENDPOINT", event_grid.endpoint.as_str()),
+            ("EVENTGRID_KEY", "topic-key-1"),
+        ])
+        .await;
+    let updated = zoom.webhook(
+        "meeting.updated",
+        json!({"id": meeting.parse::<u64>().unwrap(), "topic": "Board review, moved"}),
+    );
+
+    let started = std::time::Instant::now();
+    let out = post(&handler, &updated).await;
+
+    assert_eq!(out["statusCode"], 200, "{out}");
+    // Zoom takes an answer later than three seconds for a failed delivery.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().len(), 1);
+}

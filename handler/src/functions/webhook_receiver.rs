@@ -31,7 +31,7 @@ use adapters::{
 use super::InvocationError;
 use crate::app::App;
 use crate::engine::state::update_integration;
-use crate::engine::{Transient, credentials, publish};
+use crate::engine::{Transient, credentials};
 use crate::model::event::types as events;
 use crate::model::history::SyncTrigger;
 use crate::model::messages::JobType;
@@ -46,9 +46,25 @@ pub async fn run(
     output: &str,
     req: HttpRequest,
 ) -> Result<InvocationResponse, InvocationError> {
-    let response = receive(app, &req).await?;
+    let response = match receive(app, &req).await {
+        Ok(response) => response,
+        // Answered rather than failed: the host turns a failed invocation into a 500, which
+        // Dataverse never delivers again (it tries once more on 502, 503 and 504 only), and
+        // every provider delivers again after a 503.
+        Err(e) => {
+            tracing::error!(error = %e, "webhook not taken for now; the provider is asked to deliver it again");
+            let mut busy =
+                HttpResponse::error(503, "the webhook cannot be taken now; deliver it again");
+            busy.headers
+                .insert("Retry-After".into(), RETRY_AFTER_SECONDS.to_string());
+            busy
+        }
+    };
     Ok(InvocationResponse::new().with_http(output, response))
 }
+
+/// How long a provider is asked to wait before delivering a webhook not taken again.
+const RETRY_AFTER_SECONDS: u32 = 10;
 
 async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient> {
     if req.method != "POST" {
@@ -119,6 +135,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     };
 
     let now = Utc::now();
+    let mut received = Vec::new();
     for (shard, integration, delivery) in &verified {
         // The jobs first: a subscription marked gone before its catch-up job was sent would
         // leave the provider's redelivery (after a failed send) unroutable.
@@ -176,20 +193,30 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
             }
         }
         subscription_requests(app, shard, &delivery.notifications, now).await?;
-        publish(
-            app,
-            &[Event::new(
-                events::WEBHOOK_RECEIVED,
-                format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id),
-                // The jobs name what the delivery said, as a redelivery of it says it again.
-                &occurrence(&job_ids, now),
-                now,
-                json!({"integrationId": shard.id, "tenantId": shard.tenant_id,
-                       "provider": provider_name, "notifications": delivery.notifications.len()}),
-            )],
-        )
-        .await;
+        received.push(Event::new(
+            events::WEBHOOK_RECEIVED,
+            format!("/tenants/{}/integrations/{}", shard.tenant_id, shard.id),
+            // The jobs name what the delivery said, as a redelivery of it says it again.
+            &occurrence(&job_ids, now),
+            now,
+            json!({"integrationId": shard.id, "tenantId": shard.tenant_id,
+                   "provider": provider_name, "notifications": delivery.notifications.len()}),
+        ));
         tracing::info!(provider = %provider_name, integration_id = %shard.id, notifications = delivery.notifications.len(), "webhook accepted");
+    }
+    // The provider's answer does not wait on a busy event topic: Zoom and Graph give up on an
+    // answer after three seconds and deliver again, and the events are not worth that.
+    match tokio::time::timeout(EVENTS_BUDGET, app.events.publish(&received)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, count = received.len(), "could not publish events");
+        }
+        Err(_) => {
+            tracing::warn!(
+                count = received.len(),
+                "webhook events not published: the event topic did not take them in time for the provider's answer"
+            );
+        }
     }
     Ok(HttpResponse::with_content_type(
         answer.status,
@@ -311,6 +338,9 @@ async fn find_integration(
 /// How often a delivery that fails verification may have an integration's credentials read
 /// from the store rather than its cache.
 const FRESH_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The longest a delivery's answer waits for its events to be published.
+const EVENTS_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether a delivery that failed verification may read `integration_id`'s credentials afresh
 /// now: once per [`FRESH_READ_EVERY`]. Anyone who knows an integration's routing key can post
