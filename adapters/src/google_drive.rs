@@ -118,6 +118,10 @@ impl Dialect for Google {
             (403, "fieldNotWritable" | "cannotAddParent" | "teamDrivesParentLimit") => {
                 ErrorCode::ValidationError
             }
+            // A notification address Drive will not call (not HTTPS, a domain not verified
+            // for the project), whatever the status: the address's fault, not the
+            // credentials'.
+            (_, reason) if reason.starts_with("push.") => ErrorCode::ValidationError,
             _ => crate::http::status_code(status),
         };
         let mut text = format!("{status}");
@@ -773,7 +777,10 @@ impl Subscriptions for GoogleDrive {
             "token": request.client_state,
             "expiration": request.expires_at.timestamp_millis().to_string(),
         });
-        let channel = self.post(conn, "/changes/watch", &params, &body).await?;
+        let channel = self
+            .post(conn, "/changes/watch", &params, &body)
+            .await
+            .map_err(|e| crate::http::without_query_of(e, &request.notification_url))?;
         let expires_at = channel["expiration"]
             .as_str()
             .and_then(|ms| ms.parse::<i64>().ok())

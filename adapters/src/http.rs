@@ -157,6 +157,24 @@ pub fn status_code(status: reqwest::StatusCode) -> ErrorCode {
     }
 }
 
+/// `error` without what `url`'s query holds (the function key the host admits deliveries by,
+/// as `code`): a provider refusing a notification URL says it back in its error, and errors
+/// are logged and shown to operators.
+pub fn without_query_of(mut error: ProviderError, url: &str) -> ProviderError {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return error;
+    };
+    if let Some(query) = parsed.query() {
+        error.message = error.message.replace(query, "…");
+    }
+    for (_, value) in parsed.query_pairs() {
+        if !value.is_empty() {
+            error.message = error.message.replace(value.as_ref(), "…");
+        }
+    }
+    error
+}
+
 /// A request that got no answer: timed out, refused, or cut off.
 pub fn transport_error(what: &str, e: &reqwest::Error) -> ProviderError {
     let code = if e.is_timeout() {
@@ -221,6 +239,26 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap, now: DateTime<Utc>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_notification_url_is_told_without_its_key() {
+        let url = "https://func-sync.example/api/webhooks/google_drive?code=k3y%2Fs3cret%3D%3D";
+        let refused = ProviderError::new(
+            ErrorCode::ValidationError,
+            format!(
+                "400 push.webhookUrlUnauthorized: Unauthorized WebHook callback channel: {url}"
+            ),
+        );
+        let told = without_query_of(refused, url).message;
+        assert!(!told.contains("k3y"), "{told}");
+        assert!(
+            told.contains("https://func-sync.example/api/webhooks/google_drive?…"),
+            "{told}"
+        );
+        let decoded =
+            ProviderError::new(ErrorCode::ValidationError, "callback k3y/s3cret== refused");
+        assert!(!without_query_of(decoded, url).message.contains("k3y"));
+    }
     use serde_json::json;
 
     #[test]

@@ -130,6 +130,9 @@ pub struct Drive {
     pub incomplete_search: bool,
     /// Every changes page token answers 400 `Invalid Value`, as for one Drive no longer takes.
     pub refuse_change_tokens: bool,
+    /// `changes.watch` refuses every address, as Drive does one on a domain the Cloud project
+    /// has not verified: 401 `push.webhookUrlUnauthorized`, saying the address back.
+    pub refuse_addresses: bool,
     /// Every data request's method, path and decoded query, in order.
     pub requests: Vec<String>,
     issued: usize,
@@ -161,6 +164,7 @@ impl Default for Drive {
             unavailable: 0,
             incomplete_search: false,
             refuse_change_tokens: false,
+            refuse_addresses: false,
             requests: Vec::new(),
             issued: 0,
             version: 0,
@@ -820,6 +824,16 @@ impl Drive {
         let Some(address) = text("address") else {
             return refused(required("address"));
         };
+        if self.refuse_addresses {
+            let message = format!("Unauthorized WebHook callback channel: {address}");
+            return refused(error(
+                401,
+                &message,
+                "global",
+                "push.webhookUrlUnauthorized",
+                None,
+            ));
+        }
         if !secure_enough(address) {
             let message = format!("WebHook callback must be HTTPS: {address}");
             return refused(error(

@@ -293,3 +293,37 @@ async fn drive_tells_the_local_runtime_of_a_change_through_its_channel() {
     assert!(secrets.contains(channel.token.as_deref().unwrap()));
     assert!(!added.is_empty());
 }
+
+#[tokio::test]
+async fn a_notification_address_drive_refuses_is_reported_without_the_function_key() {
+    let app = TestApp::with_settings(&[
+        ("WEBHOOK_BASE_URL", "https://func-sync.example"),
+        ("WEBHOOK_FUNCTION_KEY", "k3y-s3cret-value"),
+    ]);
+    let drive = FakeGoogleDrive::start().await;
+    drive.state.lock().unwrap().refuse_addresses = true;
+    app.register_integration(integration(&drive, false)).await;
+    app.set_credentials(ID, &drive.credentials()).await;
+
+    let out = app
+        .cli(&["integrations", "subscribe", ID, "--tenant", "t1"])
+        .await;
+
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("Unauthorized WebHook callback channel")
+            || stderr.contains("Unauthorized WebHook callback channel"),
+        "the refusal is told: {stdout} {stderr}"
+    );
+    assert!(
+        !stdout.contains("k3y-s3cret-value") && !stderr.contains("k3y-s3cret-value"),
+        "{stdout} {stderr}"
+    );
+    assert!(
+        stderr.contains("VALIDATION_ERROR") || stdout.contains("VALIDATION_ERROR"),
+        "the address's fault, not the credentials': {stdout} {stderr}"
+    );
+}

@@ -176,7 +176,10 @@ impl Graph {
             "expirationDateTime": request.expires_at.to_rfc3339(),
             "clientState": request.client_state,
         });
-        let created = self.send(conn, Method::POST, &url, Some(&body)).await?;
+        let created = self
+            .send(conn, Method::POST, &url, Some(&body))
+            .await
+            .map_err(|e| crate::http::without_query_of(e, &request.notification_url))?;
         let id = created["id"].as_str().ok_or_else(|| {
             ProviderError::new(
                 ErrorCode::ValidationError,
