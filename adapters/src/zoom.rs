@@ -375,6 +375,12 @@ impl Zoom {
             },
         };
         let from = at.from.unwrap_or(today);
+        if from > today && at.queue.is_empty() {
+            return Ok(before_the_first_day(
+                from,
+                format!("GET /report/users/{user}/meetings?from&to"),
+            ));
+        }
         let to = window_end(from, today);
         let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
         let mut records = Vec::new();
@@ -471,6 +477,12 @@ impl Zoom {
                 next: String::new(),
             },
         };
+        if window.from > today {
+            return Ok(before_the_first_day(
+                window.from,
+                format!("GET /users/{user}/recordings?from&to"),
+            ));
+        }
         let to = window_end(window.from, today);
         let mut params = vec![
             ("from", window.from.to_string()),
@@ -1017,6 +1029,17 @@ impl Provider for Zoom {
 
     fn write_back(&self) -> Option<&dyn WriteBack> {
         Some(self)
+    }
+}
+
+/// The page of a read whose first day is after today in UTC (a `recordingsSince` still to come,
+/// or today where the day began before it did in UTC): nothing yet, which Zoom would refuse to
+/// be asked for, and a cursor that waits on that day.
+fn before_the_first_day(from: NaiveDate, query: String) -> Page {
+    Page {
+        query: Some(query),
+        cursor: Some(from.to_string()),
+        ..Page::default()
     }
 }
 

@@ -784,3 +784,36 @@ async fn zoom_is_answered_in_time_though_the_event_topic_is_busy() {
     );
     assert_eq!(app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn recordings_since_a_day_still_to_come_in_utc_sync_nothing_yet_and_fail_nothing() {
+    let zoom = FakeZoom::start().await;
+    zoom.add_meeting("Design review");
+    let app = TestApp::new();
+    // Registered at 09:00 in Sydney on the day it names: still the day before in UTC.
+    let tomorrow = (Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    app.register_integration(integration(&zoom, &tomorrow))
+        .await;
+    app.set_credentials(ID, &zoom.credentials()).await;
+    let handler = app.host_handler().await;
+
+    run_job(&handler, "job-1").await;
+
+    let record = app
+        .history()
+        .await
+        .into_iter()
+        .find(|r| r["structuredData"]["jobId"] == "job-1")
+        .unwrap();
+    assert_eq!(record["structuredData"]["status"], "success", "{record}");
+    assert_eq!(
+        app.shards("c_meeting").await.len(),
+        1,
+        "meetings are listed as ever"
+    );
+    assert!(app.shards("c_recording").await.is_empty());
+    let cursors = &app.integration(ID).await["structuredData"]["cursors"];
+    assert_eq!(cursors["recordings"], json!(tomorrow), "{cursors}");
+}
