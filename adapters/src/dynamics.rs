@@ -772,6 +772,10 @@ impl Provider for Dynamics365 {
         "dynamics365"
     }
 
+    fn applies_filters(&self) -> bool {
+        true
+    }
+
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
         crate::http::check_url(settings, "environmentUrl")?
             .ok_or("connection.environmentUrl is required (https://{org}.crm.dynamics.com)")?;

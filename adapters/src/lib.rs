@@ -67,6 +67,13 @@ pub trait Provider: Pull {
         Ok(())
     }
 
+    /// Whether the provider applies an integration's `pullFilters` and a mapping's `filters`
+    /// (conditions in its own query language) to what it reads. Registration refuses filters
+    /// for one that does not: it would sync what they were meant to leave out.
+    fn applies_filters(&self) -> bool {
+        false
+    }
+
     /// Refreshing credentials before they expire, for providers whose tokens say when.
     fn token_refresh(&self) -> Option<&dyn TokenRefresh> {
         None

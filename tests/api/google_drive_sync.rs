@@ -327,3 +327,21 @@ async fn a_notification_address_drive_refuses_is_reported_without_the_function_k
         "the address's fault, not the credentials': {stdout} {stderr}"
     );
 }
+
+#[tokio::test]
+async fn filters_drive_cannot_apply_are_refused_at_registration() {
+    let app = TestApp::new();
+    let drive = FakeGoogleDrive::start().await;
+    let mut filtered = integration(&drive, false);
+    filtered["structuredData"]["pullFilters"] = json!(["mimeType = 'application/pdf'"]);
+    let file = app.path("filtered.json");
+    std::fs::write(&file, filtered.to_string()).unwrap();
+
+    let out = app
+        .cli(&["integrations", "put", file.to_str().unwrap()])
+        .await;
+
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("structuredData.pullFilters"), "{stderr}");
+}

@@ -1357,6 +1357,10 @@ impl Provider for Salesforce {
         "salesforce"
     }
 
+    fn applies_filters(&self) -> bool {
+        true
+    }
+
     fn check_connection(&self, settings: &mut Map<String, Value>) -> Result<(), String> {
         for name in ["loginHost", "apiVersion", "organizationId"] {
             if let Some(value) = settings.get(name)

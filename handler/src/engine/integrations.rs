@@ -189,6 +189,25 @@ pub async fn check(
     provider
         .check_entities(&entities)
         .map_err(|e| format!("structuredData.entityMappings: {e}"))?;
+    if !provider.applies_filters() {
+        let cannot = |field: String| {
+            format!(
+                "{field}: `{name}` reads no filters, so everything would be synced; leave the                  filters out, or narrow what the connection reads"
+            )
+        };
+        if !integration.pull_filters.is_empty() {
+            return Err(cannot("structuredData.pullFilters".into()));
+        }
+        if let Some(i) = integration
+            .entity_mappings
+            .iter()
+            .position(|m| !m.filters.is_empty())
+        {
+            return Err(cannot(format!(
+                "structuredData.entityMappings[{i}].filters"
+            )));
+        }
+    }
     // A webhook names its sender by organization; two integrations on one organization would
     // leave every delivery unroutable.
     if let Some(org) = integration.connection.get("organizationId") {
