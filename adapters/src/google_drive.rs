@@ -131,6 +131,13 @@ impl Dialect for Google {
         if !message.is_empty() {
             text.push_str(&format!(": {message}"));
         }
+        // What the error is about: a page token Drive no longer takes says so here.
+        if let Some(location) = body["error"]["errors"][0]["location"]
+            .as_str()
+            .filter(|l| !l.is_empty())
+        {
+            text.push_str(&format!(" (at {location})"));
+        }
         if reason == "dailyLimitExceeded" {
             // The project's daily allocation: back at midnight Pacific time, which Drive does
             // not name.
@@ -344,8 +351,13 @@ fn token_of<'a>(scope: &str, kept: &'a str) -> Result<&'a str, ProviderError> {
     }
 }
 
+/// Whether `e` is Drive refusing the page token it was given (400 `invalid` at `pageToken`),
+/// not any other request it will not take (a field mask naming a field Drive does not know):
+/// only the first means the cursor is dead and the drive must be listed again.
 fn is_bad_page_token(e: &ProviderError) -> bool {
-    e.code == ErrorCode::ValidationError && e.message.contains("400")
+    e.code == ErrorCode::ValidationError
+        && e.message.contains("400")
+        && e.message.contains("(at pageToken)")
 }
 
 #[async_trait]

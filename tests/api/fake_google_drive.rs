@@ -130,6 +130,9 @@ pub struct Drive {
     pub incomplete_search: bool,
     /// Every changes page token answers 400 `Invalid Value`, as for one Drive no longer takes.
     pub refuse_change_tokens: bool,
+    /// Every listing of files or changes answers 400 `invalidParameter` at `fields`, as Drive
+    /// does a field mask naming a field it does not know.
+    pub refuse_field_masks: bool,
     /// `changes.watch` refuses every address, as Drive does one on a domain the Cloud project
     /// has not verified: 401 `push.webhookUrlUnauthorized`, saying the address back.
     pub refuse_addresses: bool,
@@ -165,6 +168,7 @@ impl Default for Drive {
             incomplete_search: false,
             refuse_change_tokens: false,
             refuse_addresses: false,
+            refuse_field_masks: false,
             requests: Vec::new(),
             issued: 0,
             version: 0,
@@ -198,6 +202,17 @@ fn error(
     }
     let body = json!({"error": {"code": status, "message": message, "errors": [detail]}});
     (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+}
+
+/// Drive's answer to a field mask naming a field it does not know (v2's `title`).
+fn field_mask_refused() -> Response {
+    error(
+        400,
+        "Invalid field selection title",
+        "global",
+        "invalidParameter",
+        Some("fields"),
+    )
 }
 
 fn invalid_value(parameter: &str) -> Response {
@@ -688,6 +703,9 @@ impl Drive {
     }
 
     fn list_files(&self, params: &[(String, String)]) -> Response {
+        if self.refuse_field_masks {
+            return field_mask_refused();
+        }
         let size = match page_size(params) {
             Ok(size) => size,
             Err(refusal) => return *refusal,
@@ -738,6 +756,9 @@ impl Drive {
         let Some(token) = param(params, "pageToken") else {
             return required("pageToken");
         };
+        if self.refuse_field_masks {
+            return field_mask_refused();
+        }
         let Some(start) = self
             .change_index(token)
             .filter(|_| !self.refuse_change_tokens)

@@ -345,3 +345,25 @@ async fn filters_drive_cannot_apply_are_refused_at_registration() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("structuredData.pullFilters"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_request_drive_refuses_for_another_reason_keeps_the_changes_feed_where_it_was() {
+    let drive = FakeGoogleDrive::start().await;
+    drive.add_file("plan.docx");
+    let (app, handler) = connected(&drive, false).await;
+    run_job(&handler, "job-1", "full_sync").await;
+    let before = app.integration(ID).await["structuredData"]["cursors"]["files"].clone();
+    assert!(before.is_string());
+
+    drive.state.lock().unwrap().refuse_field_masks = true;
+    run_job(&handler, "job-2", "incremental").await;
+
+    let state = app.integration(ID).await["structuredData"].clone();
+    assert_eq!(state["cursors"]["files"], before, "{state}");
+    assert!(
+        state["lostDeletions"]
+            .as_array()
+            .is_none_or(|lost| lost.is_empty()),
+        "{state}"
+    );
+}
