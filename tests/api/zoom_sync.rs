@@ -817,3 +817,42 @@ async fn recordings_since_a_day_still_to_come_in_utc_sync_nothing_yet_and_fail_n
     let cursors = &app.integration(ID).await["structuredData"]["cursors"];
     assert_eq!(cursors["recordings"], json!(tomorrow), "{cursors}");
 }
+
+#[tokio::test]
+async fn two_tenants_zoom_integrations_of_one_id_each_take_their_own_deliveries() {
+    let (zoom, app) = connected().await;
+    let meeting = zoom.add_meeting("Board review");
+    // Tenant t2 chose the same id for its own Zoom account, with its own secret token.
+    let since = (Utc::now() - chrono::Duration::days(60))
+        .format("%Y-%m-%d")
+        .to_string();
+    let mut other = integration(&zoom, &since);
+    other["tenantId"] = json!("t2");
+    app.register_integration(other).await;
+    let mut credentials = zoom.credentials();
+    credentials["webhook_secret_token"] = json!("t2-zoom-secret-token");
+    let out = app
+        .cli_with_stdin(
+            &["credentials", "set", ID, "--tenant", "t2"],
+            Some(&credentials.to_string()),
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let handler = app.host_handler().await;
+
+    let updated = zoom.webhook(
+        "meeting.updated",
+        json!({"id": meeting.parse::<u64>().unwrap(), "topic": "Board review, moved"}),
+    );
+    let out = post(&handler, &updated).await;
+
+    assert_eq!(out["statusCode"], 200, "{out}");
+    let queued = app.broker().peek(SYNC_INBOUND_WEBHOOK).unwrap();
+    assert_eq!(queued.len(), 1);
+    let job: Value = serde_json::from_slice(&queued[0].body).unwrap();
+    assert_eq!(job["tenantId"], "t1", "the tenant whose secret signed it");
+}

@@ -226,7 +226,8 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
 }
 
 /// The integration `key` names, and its part of the delivery, verified with its credentials;
-/// or the answer that refuses that part.
+/// or the answer that refuses that part. Where `key` names several integrations (an id two
+/// tenants chose alike), the one whose credentials verify the delivery is it.
 async fn verified_part(
     app: &App,
     req: &HttpRequest,
@@ -235,11 +236,49 @@ async fn verified_part(
     provider: &dyn Provider,
     key: &RouteKey,
 ) -> Result<Result<(Shard, Integration, WebhookDelivery), HttpResponse>, Transient> {
-    let name = provider.name();
-    let (shard, integration) = match find_integration(app, provider, key).await? {
+    let candidates = match find_integrations(app, provider, key).await? {
         Ok(found) => found,
         Err(refused) => return Ok(Err(refused)),
     };
+    let count = candidates.len();
+    let mut verified = Vec::new();
+    let mut refused = None;
+    for candidate in candidates {
+        match verified_by(app, req, request, webhooks, provider, key, candidate).await? {
+            Ok(found) => verified.push(found),
+            Err(answer) => {
+                refused.get_or_insert(answer);
+            }
+        }
+    }
+    Ok(match (verified.pop(), refused) {
+        (Some(found), _) if verified.is_empty() => Ok(found),
+        (Some(_), _) => Err(HttpResponse::error(
+            409,
+            format!(
+                "{count} integrations are connected to {key} and verify the delivery; a webhook cannot tell which"
+            ),
+        )),
+        (None, Some(answer)) => Err(answer),
+        (None, None) => Err(HttpResponse::error(
+            403,
+            "no integration verifies the delivery",
+        )),
+    })
+}
+
+/// The `candidate` integration's part of the delivery, verified with its credentials; or the
+/// answer that refuses it.
+async fn verified_by(
+    app: &App,
+    req: &HttpRequest,
+    request: &WebhookRequest<'_>,
+    webhooks: &dyn Webhooks,
+    provider: &dyn Provider,
+    key: &RouteKey,
+    (shard, integration): (Shard, Integration),
+) -> Result<Result<(Shard, Integration, WebhookDelivery), HttpResponse>, Transient> {
+    let name = provider.name();
     if let Some(claimed) = req.header("x-tenant-id")
         && claimed != shard.tenant_id
     {
@@ -262,7 +301,9 @@ async fn verified_part(
         }
     };
     let mut verdict = webhooks.verify(&conn, request, key).await;
-    if matches!(verdict, Err(WebhookError::Forged(_))) && may_read_fresh(&shard.id) {
+    if matches!(verdict, Err(WebhookError::Forged(_)))
+        && may_read_fresh(&format!("{}/{}", shard.tenant_id, shard.id))
+    {
         // The secret may be newer than the cached credentials (a subscription created a
         // moment ago, a key the operator just rotated): check once more against the store.
         if let Ok(fresh) = conn.keeper.stored().await {
@@ -291,12 +332,13 @@ fn refusal(provider: &str, error: WebhookError) -> HttpResponse {
     }
 }
 
-/// The one integration `key` names, or the answer that says why there is not exactly one.
-async fn find_integration(
+/// The integrations `key` names: one, or for an integration's id, the integrations of every
+/// tenant that chose that id; or the answer that says why there is none to verify with.
+async fn find_integrations(
     app: &App,
     provider: &dyn Provider,
     key: &RouteKey,
-) -> Result<Result<(Shard, Integration), HttpResponse>, Transient> {
+) -> Result<Result<Vec<(Shard, Integration)>, HttpResponse>, Transient> {
     let name = provider.name();
     let query = ShardQuery::of_type(shard_types::INTEGRATION).filter(
         "structuredData.providerName",
@@ -313,26 +355,34 @@ async fn find_integration(
         RouteKey::Integration(id) => query.filter("id", Op::Eq, json!(id)),
     };
     let found = app.store.query(&query).await?;
-    Ok(match found.as_slice() {
-        [one] => match one.value.data::<Integration>() {
-            Ok(integration) => Ok((one.value.clone(), integration)),
-            Err(e) => Err(HttpResponse::error(
-                409,
-                format!("integration `{}` is invalid: {e}", one.value.id),
-            )),
-        },
-        [] => Err(HttpResponse::error(
+    if found.is_empty() {
+        return Ok(Err(HttpResponse::error(
             403,
             format!("no {name} integration is connected to {key}"),
-        )),
-        _ => Err(HttpResponse::error(
+        )));
+    }
+    if found.len() > 1 && !matches!(key, RouteKey::Integration(_)) {
+        return Ok(Err(HttpResponse::error(
             409,
             format!(
                 "{} integrations are connected to {key}; a webhook cannot tell which",
                 found.len()
             ),
-        )),
-    })
+        )));
+    }
+    let mut candidates = Vec::with_capacity(found.len());
+    for one in found {
+        match one.value.data::<Integration>() {
+            Ok(integration) => candidates.push((one.value, integration)),
+            Err(e) => {
+                return Ok(Err(HttpResponse::error(
+                    409,
+                    format!("integration `{}` is invalid: {e}", one.value.id),
+                )));
+            }
+        }
+    }
+    Ok(Ok(candidates))
 }
 
 /// How often a delivery that fails verification may have an integration's credentials read
