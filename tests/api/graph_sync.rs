@@ -253,7 +253,10 @@ async fn the_token_refresher_renews_a_subscription_before_it_lapses() {
     runtime.kill_9().await;
     let front_door = app.settings_value("FUNC_SYNC_LOCAL_ADDR");
     let handler = app
-        .host_handler_with(&[("WEBHOOK_BASE_URL", &format!("http://{front_door}"))])
+        .host_handler_with(&[
+            ("WEBHOOK_BASE_URL", &format!("http://{front_door}")),
+            ("WEBHOOK_FUNCTION_KEY", FUNCTION_KEY),
+        ])
         .await;
 
     let res = handler
@@ -619,5 +622,34 @@ async fn a_subscription_made_while_another_run_maintained_from_an_older_read_kee
         state["subscriptions"].as_array().unwrap().len(),
         1,
         "{state}"
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_made_before_the_function_key_was_rotated_are_made_again_with_the_new_one() {
+    let mut app = world();
+    let graph = connected_drive(&app).await;
+    let runtime = app.start_local().await;
+    subscribe(&app, "int-drive").await;
+    let before = graph.subscriptions()[0].clone();
+    runtime.kill_9().await;
+
+    // The operator rotates the key the host admits deliveries by.
+    app.set_setting("WEBHOOK_FUNCTION_KEY", "rotated-k3y");
+    let _runtime = app.start_local().await;
+    subscribe(&app, "int-drive").await;
+
+    let now = graph.subscriptions();
+    assert_eq!(now.len(), 1, "the old one is deleted");
+    assert_ne!(now[0].id, before.id);
+    assert!(
+        now[0].notification_url.contains("code=rotated-k3y"),
+        "{}",
+        now[0].notification_url
+    );
+    let state = app.integration("int-drive").await.to_string();
+    assert!(
+        !state.contains("rotated-k3y"),
+        "the key is not kept in the integration"
     );
 }

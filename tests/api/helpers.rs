@@ -39,6 +39,12 @@ impl TestApp {
     }
 
     /// One of this world's app settings.
+    /// Sets app setting `name` for what the app runs from now on (an operator changing it).
+    pub fn set_setting(&mut self, name: &str, value: &str) {
+        self.settings.retain(|(n, _)| n != name);
+        self.settings.push((name.to_string(), value.to_string()));
+    }
+
     pub fn settings_value(&self, name: &str) -> String {
         self.settings
             .iter()

@@ -41,15 +41,35 @@ pub enum Step {
 }
 
 /// What to do so that every wanted resource has one subscription that outlives `now +
-/// RENEW_AHEAD`, and no other subscription exists. Of two for one resource (made by two runs at
-/// once), the one that lasts longer is kept.
-pub fn plan(existing: &[WebhookSubscription], wanted: &[String], now: DateTime<Utc>) -> Vec<Step> {
+/// RENEW_AHEAD` and delivers to `address` (a digest of the notification URL), and no other
+/// subscription exists. Of two for one resource (made by two runs at once), the one that lasts
+/// longer is kept; one that delivers elsewhere (the app's URL or function key changed since it
+/// was made) is made again, and then deleted. One made before addresses were kept is taken to
+/// deliver to `address`.
+pub fn plan(
+    existing: &[WebhookSubscription],
+    wanted: &[String],
+    address: &str,
+    now: DateTime<Utc>,
+) -> Vec<Step> {
     let mut steps = Vec::new();
+    let elsewhere = |s: &WebhookSubscription| s.address.as_deref().is_some_and(|a| a != address);
     for resource in wanted {
         let mut of_resource: Vec<&WebhookSubscription> = existing
             .iter()
             .filter(|s| &s.resource == resource)
             .collect();
+        if of_resource.iter().any(|s| elsewhere(s)) {
+            steps.push(Step::Create {
+                resource: resource.clone(),
+            });
+            steps.extend(
+                of_resource
+                    .iter()
+                    .map(|s| Step::Delete { id: s.id.clone() }),
+            );
+            continue;
+        }
         of_resource.sort_by_key(|s| std::cmp::Reverse(s.expires_at));
         match of_resource.split_first() {
             None => steps.push(Step::Create {
@@ -118,7 +138,8 @@ pub async fn maintain(
         .map(|m| m.external_entity.clone())
         .collect();
     let wanted = subscriptions.resources(&integration.connection, &entities);
-    let steps = plan(&integration.subscriptions, &wanted, now);
+    let address = WebhookSubscription::address_digest(&url);
+    let steps = plan(&integration.subscriptions, &wanted, &address, now);
     if steps.is_empty() {
         return Ok(Maintained::default());
     }
@@ -279,6 +300,7 @@ impl Maintenance<'_> {
             resource: info.resource,
             expires_at: info.expires_at,
             resource_id: info.resource_id,
+            address: Some(WebhookSubscription::address_digest(&self.url)),
         })
     }
 }
@@ -406,6 +428,7 @@ mod tests {
             resource: resource.into(),
             expires_at: at(expires),
             resource_id: None,
+            address: None,
         }
     }
 
@@ -449,7 +472,7 @@ mod tests {
             "/teams/t/channels/c/messages".to_string(),
         ];
         assert_eq!(
-            plan(&existing, &wanted, at(0)),
+            plan(&existing, &wanted, "here", at(0)),
             [
                 Step::Renew { id: "s1".into() },
                 Step::Create {
@@ -468,10 +491,30 @@ mod tests {
         ];
         let wanted = ["/drives/d/root".to_string()];
         assert_eq!(
-            plan(&existing, &wanted, at(0)),
+            plan(&existing, &wanted, "here", at(0)),
             [Step::Delete {
                 id: "made-first".into()
             }]
+        );
+    }
+
+    #[test]
+    fn a_subscription_that_delivers_elsewhere_is_made_again_then_deleted() {
+        let mut moved = sub("old-key", "/drives/d/root", 700);
+        moved.address = Some("before".into());
+        let mut kept = sub("kept", "/drives/e/root", 700);
+        kept.address = Some("here".into());
+        let wanted = ["/drives/d/root".to_string(), "/drives/e/root".to_string()];
+        assert_eq!(
+            plan(&[moved, kept], &wanted, "here", at(0)),
+            [
+                Step::Create {
+                    resource: "/drives/d/root".into()
+                },
+                Step::Delete {
+                    id: "old-key".into()
+                },
+            ]
         );
     }
 
@@ -486,9 +529,9 @@ mod tests {
         let existing = [sub("s1", "/drives/d/root", 2)];
         let wanted = ["/drives/d/root".to_string()];
         assert_eq!(
-            plan(&existing, &wanted, at(0)),
+            plan(&existing, &wanted, "here", at(0)),
             [Step::Renew { id: "s1".into() }]
         );
-        assert!(plan(&existing, &wanted, at(-1)).is_empty());
+        assert!(plan(&existing, &wanted, "here", at(-1)).is_empty());
     }
 }

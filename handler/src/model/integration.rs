@@ -424,9 +424,24 @@ pub struct WebhookSubscription {
     /// What the provider also needs to stop it (a Drive channel's `resourceId`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
+    /// [`WebhookSubscription::address_digest`] of the URL it delivers to, function key and
+    /// all: a subscription made before the app's URL or key changed delivers where the host no
+    /// longer answers, and is made again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 impl WebhookSubscription {
+    /// The digest a subscription's notification URL is kept as: the URL holds the function
+    /// key, which the integration's document must not.
+    pub fn address_digest(url: &str) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(url.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// What the keys of subscriptions' `clientState`s among an integration's credentials begin
     /// with.
     pub const CLIENT_STATE_PREFIX: &str = "clientState:";
