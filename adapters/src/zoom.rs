@@ -376,10 +376,9 @@ impl Zoom {
         };
         let from = at.from.unwrap_or(today);
         if from > today && at.queue.is_empty() {
-            return Ok(before_the_first_day(
-                from,
-                format!("GET /report/users/{user}/meetings?from&to"),
-            ));
+            return Ok(before_the_first_day(format!(
+                "GET /report/users/{user}/meetings?from&to"
+            )));
         }
         let to = window_end(from, today);
         let size = request.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
@@ -478,10 +477,9 @@ impl Zoom {
             },
         };
         if window.from > today {
-            return Ok(before_the_first_day(
-                window.from,
-                format!("GET /users/{user}/recordings?from&to"),
-            ));
+            return Ok(before_the_first_day(format!(
+                "GET /users/{user}/recordings?from&to"
+            )));
         }
         let to = window_end(window.from, today);
         let mut params = vec![
@@ -1034,11 +1032,11 @@ impl Provider for Zoom {
 
 /// The page of a read whose first day is after today in UTC (a `recordingsSince` still to come,
 /// or today where the day began before it did in UTC): nothing yet, which Zoom would refuse to
-/// be asked for, and a cursor that waits on that day.
-fn before_the_first_day(from: NaiveDate, query: String) -> Page {
+/// be asked for, and no cursor, so that the next sync reads the setting again (a date typed
+/// wrong and then mended is followed).
+fn before_the_first_day(query: String) -> Page {
     Page {
         query: Some(query),
-        cursor: Some(from.to_string()),
         ..Page::default()
     }
 }

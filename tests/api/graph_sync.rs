@@ -634,8 +634,15 @@ async fn subscriptions_made_before_the_function_key_was_rotated_are_made_again_w
     let before = graph.subscriptions()[0].clone();
     runtime.kill_9().await;
 
-    // The operator rotates the key the host admits deliveries by.
+    // The operator rotates the key the host admits deliveries by. Until the app answers at
+    // the new key, Graph will not subscribe there, and the old subscription stays.
     app.set_setting("WEBHOOK_FUNCTION_KEY", "rotated-k3y");
+    let refused = app
+        .cli(&["integrations", "subscribe", "int-drive", "--tenant", "t1"])
+        .await;
+    assert!(!refused.status.success());
+    assert_eq!(graph.subscriptions().len(), 1);
+    assert_eq!(graph.subscriptions()[0].id, before.id);
     let _runtime = app.start_local().await;
     subscribe(&app, "int-drive").await;
 

@@ -192,7 +192,8 @@ pub async fn check(
     if !provider.applies_filters() {
         let cannot = |field: String| {
             format!(
-                "{field}: `{name}` reads no filters, so everything would be synced; leave the                  filters out, or narrow what the connection reads"
+                "{field}: `{name}` reads no filters, so everything would be synced; \
+                 leave the filters out, or narrow what the connection reads"
             )
         };
         if !integration.pull_filters.is_empty() {

@@ -35,17 +35,29 @@ pub fn lifetime(max: Duration) -> Duration {
 /// One thing to do about an integration's subscriptions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    Create { resource: String },
-    Renew { id: String },
-    Delete { id: String },
+    Create {
+        resource: String,
+    },
+    Renew {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// A subscription to `resource` at this app's address, in place of `old`, which deliver
+    /// elsewhere: they go only once it is made, and keep delivering where they do otherwise.
+    Replace {
+        resource: String,
+        old: Vec<String>,
+    },
 }
 
 /// What to do so that every wanted resource has one subscription that outlives `now +
 /// RENEW_AHEAD` and delivers to `address` (a digest of the notification URL), and no other
 /// subscription exists. Of two for one resource (made by two runs at once), the one that lasts
 /// longer is kept; one that delivers elsewhere (the app's URL or function key changed since it
-/// was made) is made again, and then deleted. One made before addresses were kept is taken to
-/// deliver to `address`.
+/// was made) is replaced, unless one for the resource already delivers here. One made before
+/// addresses were kept is taken to deliver to `address`.
 pub fn plan(
     existing: &[WebhookSubscription],
     wanted: &[String],
@@ -55,21 +67,19 @@ pub fn plan(
     let mut steps = Vec::new();
     let elsewhere = |s: &WebhookSubscription| s.address.as_deref().is_some_and(|a| a != address);
     for resource in wanted {
-        let mut of_resource: Vec<&WebhookSubscription> = existing
-            .iter()
-            .filter(|s| &s.resource == resource)
-            .collect();
-        if of_resource.iter().any(|s| elsewhere(s)) {
-            steps.push(Step::Create {
+        let (moved, mut of_resource): (Vec<&WebhookSubscription>, Vec<&WebhookSubscription>) =
+            existing
+                .iter()
+                .filter(|s| &s.resource == resource)
+                .partition(|s| elsewhere(s));
+        if of_resource.is_empty() && !moved.is_empty() {
+            steps.push(Step::Replace {
                 resource: resource.clone(),
+                old: moved.iter().map(|s| s.id.clone()).collect(),
             });
-            steps.extend(
-                of_resource
-                    .iter()
-                    .map(|s| Step::Delete { id: s.id.clone() }),
-            );
             continue;
         }
+        steps.extend(moved.iter().map(|s| Step::Delete { id: s.id.clone() }));
         of_resource.sort_by_key(|s| std::cmp::Reverse(s.expires_at));
         match of_resource.split_first() {
             None => steps.push(Step::Create {
@@ -139,6 +149,15 @@ pub async fn maintain(
         .collect();
     let wanted = subscriptions.resources(&integration.connection, &entities);
     let address = WebhookSubscription::address_digest(&url);
+    if integration
+        .subscriptions
+        .iter()
+        .any(|s| s.address.is_none())
+    {
+        // Made before addresses were kept: taken to deliver here, and marked so, that a later
+        // change of the URL or key is seen.
+        save(app, shard, Change::Addressed(address.clone()), now).await?;
+    }
     let steps = plan(&integration.subscriptions, &wanted, &address, now);
     if steps.is_empty() {
         return Ok(Maintained::default());
@@ -156,7 +175,7 @@ pub async fn maintain(
     };
     for step in steps {
         let resource = match &step {
-            Step::Create { resource } => resource.clone(),
+            Step::Create { resource } | Step::Replace { resource, .. } => resource.clone(),
             Step::Renew { id } | Step::Delete { id } => maintenance
                 .current
                 .iter()
@@ -199,10 +218,19 @@ impl Maintenance<'_> {
         let (app, shard, now) = (self.app, self.shard, self.now);
         match step {
             Step::Create { resource } => {
-                let created = self.create(&resource).await?;
+                let created = self.create(&resource, None).await?;
                 self.current.push(created.clone());
                 self.done.created += 1;
                 save(app, shard, Change::Added(created), now).await?;
+            }
+            Step::Replace { resource, old } => {
+                let created = self.create(&resource, None).await?;
+                self.current.push(created.clone());
+                self.done.created += 1;
+                save(app, shard, Change::Added(created), now).await?;
+                for id in old {
+                    Box::pin(self.carry_out(Step::Delete { id })).await?;
+                }
             }
             Step::Renew { id } => {
                 let Some(index) = self.current.iter().position(|s| s.id == id) else {
@@ -226,7 +254,7 @@ impl Maintenance<'_> {
                         self.current.remove(index);
                         // Dropped from the integration at once: should the provider refuse a
                         // new one, the old one is not renewed again on every tick.
-                        let replaced = self.create(&resource).await;
+                        let replaced = self.create(&resource, Some(&id)).await;
                         let change = match &replaced {
                             Ok(new) => Change::Replaced {
                                 old: id,
@@ -257,8 +285,13 @@ impl Maintenance<'_> {
     }
 
     /// Creates a subscription to `resource`, and keeps its secret with those of the current
-    /// ones (the secrets of subscriptions that are gone are dropped).
-    async fn create(&mut self, resource: &str) -> Result<WebhookSubscription, Failure> {
+    /// ones (the secrets of subscriptions that are gone are dropped, and that of the one it
+    /// replaces).
+    async fn create(
+        &mut self,
+        resource: &str,
+        replacing: Option<&str>,
+    ) -> Result<WebhookSubscription, Failure> {
         let client_state = format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
@@ -282,7 +315,7 @@ impl Maintenance<'_> {
             self.app,
             self.shard,
             &self.current,
-            None,
+            replacing,
             Some((&info.id, &client_state)),
         )
         .await;
@@ -319,6 +352,8 @@ enum Change {
         new: WebhookSubscription,
     },
     Removed(String),
+    /// Those with no address yet deliver to this one.
+    Addressed(String),
 }
 
 /// Applies `change` to the list of subscriptions as it is stored now, not as maintenance read
@@ -340,6 +375,10 @@ fn apply(stored: &mut Vec<WebhookSubscription>, change: &Change) {
             apply(stored, &Change::Added(new.clone()));
         }
         Change::Removed(id) => stored.retain(|s| &s.id != id),
+        Change::Addressed(address) => stored
+            .iter_mut()
+            .filter(|s| s.address.is_none())
+            .for_each(|s| s.address = Some(address.clone())),
     }
 }
 
@@ -499,22 +538,27 @@ mod tests {
     }
 
     #[test]
-    fn a_subscription_that_delivers_elsewhere_is_made_again_then_deleted() {
+    fn a_subscription_that_delivers_elsewhere_is_replaced_and_goes_once_its_replacement_is_made() {
         let mut moved = sub("old-key", "/drives/d/root", 700);
         moved.address = Some("before".into());
         let mut kept = sub("kept", "/drives/e/root", 700);
         kept.address = Some("here".into());
         let wanted = ["/drives/d/root".to_string(), "/drives/e/root".to_string()];
         assert_eq!(
-            plan(&[moved, kept], &wanted, "here", at(0)),
-            [
-                Step::Create {
-                    resource: "/drives/d/root".into()
-                },
-                Step::Delete {
-                    id: "old-key".into()
-                },
-            ]
+            plan(&[moved.clone(), kept], &wanted, "here", at(0)),
+            [Step::Replace {
+                resource: "/drives/d/root".into(),
+                old: vec!["old-key".into()]
+            }]
+        );
+        // Once its replacement is made, the one left delivering elsewhere goes.
+        let mut replacement = sub("new-key", "/drives/d/root", 700);
+        replacement.address = Some("here".into());
+        assert_eq!(
+            plan(&[moved, replacement], &wanted[..1], "here", at(0)),
+            [Step::Delete {
+                id: "old-key".into()
+            }]
         );
     }
 

@@ -4,7 +4,9 @@
 //! A delivery is trusted step by step. The adapter first reads whom it is for (a routing key
 //! the provider chooses: Salesforce's OrganizationId, a Graph subscriptionId), or answers a
 //! handshake that needs no integration (Graph's `validationToken`). Each key must name exactly
-//! one integration of that provider. The adapter then verifies the delivery with that
+//! one integration of that provider, but for an integration's id (Zoom's and Gong's
+//! `?integration=`), which tenants choose and may choose alike: of those it names, the one whose
+//! secrets verify the delivery is it. The adapter then verifies the delivery with that
 //! integration's connection and secrets (a shared key, a `clientState`). A delivery for one
 //! integration is acted on only if it verifies; of a batch spanning several (Graph's), the
 //! parts that verify are acted on and the rest passed over, and a batch nothing in verifies is
@@ -19,6 +21,11 @@
 //! of notifications makes one sync. A notification of an entity the
 //! integration does not map (the provider's subscription covers more than it syncs) becomes
 //! none, and is logged.
+//!
+//! The provider's answer comes first. A delivery the queue, store or vault cannot take now is
+//! answered 503 with `Retry-After`, not failed (the host would answer 500, which Dataverse never
+//! delivers again), and the delivery's events wait at most a second before the answer goes,
+//! their publishing going on behind it: Zoom and Graph give up on an answer after three seconds.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -206,17 +213,19 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     }
     // The provider's answer does not wait on a busy event topic: Zoom and Graph give up on an
     // answer after three seconds and deliver again, and the events are not worth that.
-    match tokio::time::timeout(EVENTS_BUDGET, app.events.publish(&received)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+    let events = app.events.clone();
+    let publishing = tokio::spawn(async move {
+        if let Err(e) = events.publish(&received).await {
             tracing::warn!(error = %e, count = received.len(), "could not publish events");
         }
-        Err(_) => {
-            tracing::warn!(
-                count = received.len(),
-                "webhook events not published: the event topic did not take them in time for the provider's answer"
-            );
-        }
+    });
+    if tokio::time::timeout(EVENTS_BUDGET, publishing)
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            "the provider is answered while its delivery's events are still being published"
+        );
     }
     Ok(HttpResponse::with_content_type(
         answer.status,
@@ -243,13 +252,21 @@ async fn verified_part(
     let count = candidates.len();
     let mut verified = Vec::new();
     let mut refused = None;
+    let mut unavailable = None;
     for candidate in candidates {
-        match verified_by(app, req, request, webhooks, provider, key, candidate).await? {
-            Ok(found) => verified.push(found),
-            Err(answer) => {
+        // One candidate's store or vault failing for now leaves the others to verify.
+        match verified_by(app, req, request, webhooks, provider, key, candidate).await {
+            Ok(Ok(found)) => verified.push(found),
+            Ok(Err(answer)) => {
                 refused.get_or_insert(answer);
             }
+            Err(transient) => unavailable = Some(transient),
         }
+    }
+    if verified.is_empty()
+        && let Some(transient) = unavailable
+    {
+        return Err(transient);
     }
     Ok(match (verified.pop(), refused) {
         (Some(found), _) if verified.is_empty() => Ok(found),
@@ -370,10 +387,15 @@ async fn find_integrations(
             ),
         )));
     }
+    let several = found.len() > 1;
     let mut candidates = Vec::with_capacity(found.len());
     for one in found {
         match one.value.data::<Integration>() {
             Ok(integration) => candidates.push((one.value, integration)),
+            // Another tenant's integration of the id is no reason to refuse this one's.
+            Err(e) if several => {
+                tracing::warn!(tenant_id = %one.value.tenant_id, integration_id = %one.value.id, error = %e, "an invalid integration passed over for a webhook");
+            }
             Err(e) => {
                 return Ok(Err(HttpResponse::error(
                     409,
