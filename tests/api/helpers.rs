@@ -195,9 +195,20 @@ impl TestApp {
 
     /// Stores credentials for an integration of tenant `t1` through the operator command.
     pub async fn set_credentials(&self, integration_id: &str, credentials: &Value) {
+        self.set_credentials_of("t1", integration_id, credentials)
+            .await;
+    }
+
+    /// Stores credentials for an integration of `tenant` through the operator command.
+    pub async fn set_credentials_of(
+        &self,
+        tenant: &str,
+        integration_id: &str,
+        credentials: &Value,
+    ) {
         let out = self
             .cli_with_stdin(
-                &["credentials", "set", integration_id, "--tenant", "t1"],
+                &["credentials", "set", integration_id, "--tenant", tenant],
                 Some(&credentials.to_string()),
             )
             .await;

@@ -834,17 +834,7 @@ async fn two_tenants_zoom_integrations_of_one_id_each_take_their_own_deliveries(
     app.register_integration(other).await;
     let mut credentials = zoom.credentials();
     credentials["webhook_secret_token"] = json!("t2-zoom-secret-token");
-    let out = app
-        .cli_with_stdin(
-            &["credentials", "set", ID, "--tenant", "t2"],
-            Some(&credentials.to_string()),
-        )
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    app.set_credentials_of("t2", ID, &credentials).await;
     let handler = app.host_handler().await;
 
     let updated = zoom.webhook(

@@ -217,19 +217,11 @@ impl Maintenance<'_> {
     async fn carry_out(&mut self, step: Step) -> Result<(), Failure> {
         let (app, shard, now) = (self.app, self.shard, self.now);
         match step {
-            Step::Create { resource } => {
-                let created = self.create(&resource, None).await?;
-                self.current.push(created.clone());
-                self.done.created += 1;
-                save(app, shard, Change::Added(created), now).await?;
-            }
+            Step::Create { resource } => self.add(&resource).await?,
             Step::Replace { resource, old } => {
-                let created = self.create(&resource, None).await?;
-                self.current.push(created.clone());
-                self.done.created += 1;
-                save(app, shard, Change::Added(created), now).await?;
+                self.add(&resource).await?;
                 for id in old {
-                    Box::pin(self.carry_out(Step::Delete { id })).await?;
+                    self.delete(id).await?;
                 }
             }
             Step::Renew { id } => {
@@ -269,19 +261,30 @@ impl Maintenance<'_> {
                 }
                 self.done.renewed += 1;
             }
-            Step::Delete { id } => {
-                if let Some(old) = self.current.iter().find(|s| s.id == id) {
-                    self.subscriptions
-                        .unsubscribe(&mut self.conn, &info_of(old))
-                        .await?;
-                }
-                self.current.retain(|s| s.id != id);
-                keep_client_states(app, shard, &self.current, Some(&id), None).await?;
-                self.done.deleted += 1;
-                save(app, shard, Change::Removed(id), now).await?;
-            }
+            Step::Delete { id } => self.delete(id).await?,
         }
         Ok(())
+    }
+
+    /// Creates a subscription to `resource` and stores it.
+    async fn add(&mut self, resource: &str) -> Result<(), Failure> {
+        let created = self.create(resource, None).await?;
+        self.current.push(created.clone());
+        self.done.created += 1;
+        save(self.app, self.shard, Change::Added(created), self.now).await
+    }
+
+    /// Stops subscription `id` at the provider and drops it, and its secret.
+    async fn delete(&mut self, id: String) -> Result<(), Failure> {
+        if let Some(old) = self.current.iter().find(|s| s.id == id) {
+            self.subscriptions
+                .unsubscribe(&mut self.conn, &info_of(old))
+                .await?;
+        }
+        self.current.retain(|s| s.id != id);
+        keep_client_states(self.app, self.shard, &self.current, Some(&id), None).await?;
+        self.done.deleted += 1;
+        save(self.app, self.shard, Change::Removed(id), self.now).await
     }
 
     /// Creates a subscription to `resource`, and keeps its secret with those of the current

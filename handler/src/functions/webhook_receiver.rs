@@ -125,8 +125,14 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     // is not refused and lost with it. A delivery nothing in verifies is refused.
     let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
     let mut refused: Option<HttpResponse> = None;
+    let delivery = Delivery {
+        req,
+        request: &request,
+        webhooks,
+        provider: provider.as_ref(),
+    };
     for key in &keys {
-        let checked = verified_part(app, req, &request, webhooks, provider.as_ref(), key).await?;
+        let checked = verified_part(app, &delivery, key).await?;
         match checked {
             Ok(found) => verified.push(found),
             Err(answer) if keys.len() > 1 => {
@@ -234,18 +240,23 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     ))
 }
 
+/// A delivery as it is checked against the integrations its routing keys name.
+struct Delivery<'a> {
+    req: &'a HttpRequest,
+    request: &'a WebhookRequest<'a>,
+    webhooks: &'a dyn Webhooks,
+    provider: &'a dyn Provider,
+}
+
 /// The integration `key` names, and its part of the delivery, verified with its credentials;
 /// or the answer that refuses that part. Where `key` names several integrations (an id two
 /// tenants chose alike), the one whose credentials verify the delivery is it.
 async fn verified_part(
     app: &App,
-    req: &HttpRequest,
-    request: &WebhookRequest<'_>,
-    webhooks: &dyn Webhooks,
-    provider: &dyn Provider,
+    delivery: &Delivery<'_>,
     key: &RouteKey,
 ) -> Result<Result<(Shard, Integration, WebhookDelivery), HttpResponse>, Transient> {
-    let candidates = match find_integrations(app, provider, key).await? {
+    let candidates = match find_integrations(app, delivery.provider, key).await? {
         Ok(found) => found,
         Err(refused) => return Ok(Err(refused)),
     };
@@ -255,7 +266,7 @@ async fn verified_part(
     let mut unavailable = None;
     for candidate in candidates {
         // One candidate's store or vault failing for now leaves the others to verify.
-        match verified_by(app, req, request, webhooks, provider, key, candidate).await {
+        match verified_by(app, delivery, key, candidate).await {
             Ok(Ok(found)) => verified.push(found),
             Ok(Err(answer)) => {
                 refused.get_or_insert(answer);
@@ -288,13 +299,16 @@ async fn verified_part(
 /// answer that refuses it.
 async fn verified_by(
     app: &App,
-    req: &HttpRequest,
-    request: &WebhookRequest<'_>,
-    webhooks: &dyn Webhooks,
-    provider: &dyn Provider,
+    delivery: &Delivery<'_>,
     key: &RouteKey,
     (shard, integration): (Shard, Integration),
 ) -> Result<Result<(Shard, Integration, WebhookDelivery), HttpResponse>, Transient> {
+    let Delivery {
+        req,
+        request,
+        webhooks,
+        provider,
+    } = *delivery;
     let name = provider.name();
     if let Some(claimed) = req.header("x-tenant-id")
         && claimed != shard.tenant_id
