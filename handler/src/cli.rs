@@ -192,7 +192,8 @@ pub enum IntegrationsCommand {
         tenant: Option<String>,
     },
     /// Create, renew or delete an integration's provider-side webhook subscriptions now,
-    /// instead of at TokenRefresher's next tick (needs WEBHOOK_BASE_URL, served by the app)
+    /// instead of at TokenRefresher's next tick (needs the app's WEBHOOK_BASE_URL, and its
+    /// WEBHOOK_FUNCTION_KEY where the host asks deliveries for one)
     Subscribe {
         /// The integration's id
         integration: String,
