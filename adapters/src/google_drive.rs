@@ -727,7 +727,7 @@ impl Webhooks for GoogleDrive {
             .credentials
             .get(&format!("clientState:{channel}"))
             .ok_or_else(|| {
-                WebhookError::Forged(format!("channel `{channel}` has no token kept"))
+                WebhookError::NotKept(format!("channel `{channel}` has no token kept"))
             })?;
         let given = request.header("X-Goog-Channel-Token").unwrap_or_default();
         if !crate::same_secret(given, kept) {

@@ -380,6 +380,11 @@ pub enum WebhookError {
     /// The delivery is not from whom it claims (a wrong key, signature or clientState).
     #[error("{0}")]
     Forged(String),
+    /// The credentials keep no secret for the subscription or channel the delivery names.
+    /// Unverified, but not yet a forgery: the subscription may be newer than the credentials
+    /// the delivery was checked with.
+    #[error("{0}")]
+    NotKept(String),
 }
 
 /// A subscription to create.

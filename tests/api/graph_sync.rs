@@ -2,11 +2,17 @@
 //! Graph itself to the local runtime, lifecycle notifications, subscriptions renewed by
 //! TokenRefresher, Teams replies, an expired drive delta, and an item a delta lists twice.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde_json::{Value, json};
 
+use handler::local::front_door;
+use handler::local::invoker::Invoker;
 use handler::queue::SYNC_INBOUND_SCHEDULED;
+use handler::secrets::{Secret, SecretStore, SecretsError};
 
 use crate::fake_graph::FakeGraph;
 use crate::fake_host::{free_port, service_bus_message, timer_without_status};
@@ -659,4 +665,87 @@ async fn subscriptions_made_before_the_function_key_was_rotated_are_made_again_w
         !state.contains("rotated-k3y"),
         "the key is not kept in the integration"
     );
+}
+
+/// The vault as one instance of the app sees it: Key Vault's client keeps what it read for a
+/// minute, so a secret another instance wrote meanwhile is seen only by a read made afresh.
+struct InstanceVault {
+    vault: Arc<dyn SecretStore>,
+    read: Mutex<HashMap<String, Option<Secret>>>,
+}
+
+#[async_trait]
+impl SecretStore for InstanceVault {
+    async fn get(&self, name: &str) -> Result<Option<Secret>, SecretsError> {
+        if let Some(read) = self.read.lock().unwrap().get(name) {
+            return Ok(read.clone());
+        }
+        self.get_fresh(name).await
+    }
+
+    async fn get_fresh(&self, name: &str) -> Result<Option<Secret>, SecretsError> {
+        let secret = self.vault.get_fresh(name).await?;
+        self.read
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), secret.clone());
+        Ok(secret)
+    }
+
+    async fn set(&self, name: &str, value: Secret) -> Result<(), SecretsError> {
+        self.vault.set(name, value.clone()).await?;
+        self.read
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), Some(value));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_notification_of_a_subscription_another_instance_made_moments_ago_is_put_off_not_refused()
+{
+    let front_door = format!("127.0.0.1:{}", free_port());
+    let mut app = TestApp::with_settings(&[("WEBHOOK_BASE_URL", &format!("http://{front_door}"))]);
+    let graph = connected_drive(&app).await;
+    let file = graph.add_item(DRIVE, "budget.xlsx", false);
+    // One instance's webhook receiver, its reads of the vault kept as Key Vault's client
+    // keeps them.
+    let mut instance = app.app(&[]);
+    instance.secrets = Arc::new(InstanceVault {
+        vault: instance.secrets.clone(),
+        read: Mutex::default(),
+    });
+    let invoker = Invoker::new(handler::server::router(instance));
+    let listener = tokio::net::TcpListener::bind(&front_door).await.unwrap();
+    let receiver = tokio::spawn(async move {
+        axum::serve(listener, front_door::router(&invoker, None, None)).await
+    });
+    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
+    let first = graph.subscriptions()[0].id.clone();
+    // A forgery has the instance read the vault afresh, and is refused.
+    let (status, body) = graph
+        .notify(&first, "updated", &file, Some("guessed"))
+        .await;
+    assert_eq!(status, 403, "{body}");
+
+    // Moments later another instance makes the subscription anew, at a new URL.
+    app.set_setting("WEBHOOK_FUNCTION_KEY", "rotated-k3y");
+    assert_eq!(subscribe(&app, "int-drive").await["created"], 1);
+    let second = graph.subscriptions()[0].id.clone();
+    assert_ne!(second, first);
+    let (status, body) = graph.notify(&second, "updated", &file, None).await;
+
+    assert_eq!(
+        status, 503,
+        "Graph does not deliver again after a 4xx, but does after a 503: {body}"
+    );
+    assert!(body.contains("deliver it again"), "{body}");
+    assert!(
+        app.broker()
+            .peek(handler::queue::SYNC_INBOUND_WEBHOOK)
+            .unwrap()
+            .is_empty()
+    );
+    receiver.abort();
 }

@@ -331,7 +331,7 @@ pub fn verify(
         .credentials
         .get(&format!("clientState:{subscription}"))
         .ok_or_else(|| {
-            WebhookError::Forged(format!(
+            WebhookError::NotKept(format!(
                 "subscription `{subscription}` has no clientState kept"
             ))
         })?;
@@ -460,7 +460,7 @@ mod tests {
         assert!(matches!(err, WebhookError::Forged(_)), "{err}");
         let err = verify(&conn, &request(&none, Some(&body)), &keys[1], "driveItem").unwrap_err();
         assert!(
-            matches!(err, WebhookError::Forged(_)),
+            matches!(err, WebhookError::NotKept(_)),
             "no secret kept for s2: {err}"
         );
     }

@@ -332,14 +332,21 @@ async fn verified_by(
         }
     };
     let mut verdict = webhooks.verify(&conn, request, key).await;
-    if matches!(verdict, Err(WebhookError::Forged(_)))
-        && may_read_fresh(&format!("{}/{}", shard.tenant_id, shard.id))
-    {
+    if let Err(WebhookError::Forged(_) | WebhookError::NotKept(_)) = verdict {
         // The secret may be newer than the cached credentials (a subscription created a
-        // moment ago, a key the operator just rotated): check once more against the store.
-        if let Ok(fresh) = conn.keeper.stored().await {
-            conn.credentials = fresh;
-            verdict = webhooks.verify(&conn, request, key).await;
+        // moment ago on another instance, a key the operator just rotated): check once more
+        // against the store.
+        if may_read_fresh(&format!("{}/{}", shard.tenant_id, shard.id)) {
+            if let Ok(fresh) = conn.keeper.stored().await {
+                conn.credentials = fresh;
+                verdict = webhooks.verify(&conn, request, key).await;
+            }
+        } else if let Err(WebhookError::NotKept(reason)) = verdict {
+            // The store was read for another delivery moments ago, perhaps before this
+            // subscription was made. Refused, its notifications would be lost (neither Graph
+            // nor Drive delivers again after a 4xx); put off, they come again once the
+            // store may be read.
+            return Err(Transient(format!("{name}: {reason} yet")));
         }
     }
     Ok(match verdict {
@@ -356,7 +363,7 @@ fn refusal(provider: &str, error: WebhookError) -> HttpResponse {
             tracing::info!(%provider, %reason, "malformed webhook refused");
             HttpResponse::error(400, reason)
         }
-        WebhookError::Forged(reason) => {
+        WebhookError::Forged(reason) | WebhookError::NotKept(reason) => {
             tracing::warn!(%provider, %reason, "webhook refused: it does not verify");
             HttpResponse::error(403, reason)
         }
