@@ -395,3 +395,38 @@ async fn an_outbound_message_to_the_local_runtime_becomes_a_shard() {
     .await;
     assert_eq!(app.shards("c_company").await[0]["name"], "Initech");
 }
+
+#[tokio::test]
+async fn a_mapping_castiel_wrote_unchecked_fails_its_webhook_job_with_the_reason() {
+    let app = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    fake.add(
+        "Account",
+        json!({"Id": "001000000000000002", "Name": "Globex"}),
+        chrono::Utc::now(),
+    );
+    // Castiel writes the integration's document itself, with a split that names no targets.
+    let mut unchecked = integration(&fake.url);
+    unchecked["structuredData"]["entityMappings"][0]["fieldMappings"][0] =
+        json!({"source": "Name", "target": "name", "transform": "split"});
+    app.plant_integration(unchecked).await;
+    app.set_credentials("int-acme-sf", &fake.credentials())
+        .await;
+    let handler = app.host_handler().await;
+
+    let soap = delivery(
+        ORG_ID,
+        &[("04l000000000006AAA", "001000000000000002", "Globex")],
+    );
+    assert_acknowledged(&post_outbound_message(&handler, &soap).await);
+    run_queued_jobs(&app, &handler).await;
+
+    let record = &app.history().await[0]["structuredData"];
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(record["errors"][0]["code"], "VALIDATION_ERROR", "{record}");
+    assert!(
+        record["statusMessage"].as_str().unwrap().contains("split"),
+        "{record}"
+    );
+    assert!(app.shards("c_company").await.is_empty());
+}

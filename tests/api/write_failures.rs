@@ -5,7 +5,7 @@
 //! notifications and are read from a loopback Salesforce.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -80,7 +80,7 @@ impl<W: Writes> ShardStore for Intercepted<W> {
 }
 
 /// Batch writes that fail `batch_failures` times, and single writes of `poisoned` that
-/// always fail.
+/// the store always refuses.
 struct FailingWrites {
     batch_failures: u32,
     batch_calls: AtomicU32,
@@ -91,7 +91,7 @@ struct FailingWrites {
 impl Writes for FailingWrites {
     async fn upsert(&self, inner: &SqliteStore, shard: &Shard) -> Result<String, StoreError> {
         if self.poisoned.as_deref() == Some(shard.id.as_str()) {
-            return Err(StoreError::Unavailable("request entity too large".into()));
+            return Err(StoreError::Refused("request entity too large".into()));
         }
         inner.upsert(shard).await
     }
@@ -101,6 +101,39 @@ impl Writes for FailingWrites {
         writes: &[Upsert<'_>],
     ) -> Result<Written, StoreError> {
         if self.batch_calls.fetch_add(1, Ordering::SeqCst) < self.batch_failures {
+            return Err(StoreError::Unavailable("429 too many requests".into()));
+        }
+        inner.upsert_many(writes).await
+    }
+}
+
+/// Every write that includes `shard_id` throttled while `throttling` is set, in a batch or
+/// alone, as Cosmos DB throttles a hot partition.
+struct ThrottledAlone {
+    shard_id: String,
+    throttling: AtomicBool,
+}
+
+impl ThrottledAlone {
+    fn throttles(&self, shard_id: &str) -> bool {
+        shard_id == self.shard_id && self.throttling.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Writes for ThrottledAlone {
+    async fn upsert(&self, inner: &SqliteStore, shard: &Shard) -> Result<String, StoreError> {
+        if self.throttles(&shard.id) {
+            return Err(StoreError::Unavailable("429 too many requests".into()));
+        }
+        inner.upsert(shard).await
+    }
+    async fn upsert_many(
+        &self,
+        inner: &SqliteStore,
+        writes: &[Upsert<'_>],
+    ) -> Result<Written, StoreError> {
+        if writes.iter().any(|w| self.throttles(&w.shard.id)) {
             return Err(StoreError::Unavailable("429 too many requests".into()));
         }
         inner.upsert_many(writes).await
@@ -313,6 +346,37 @@ async fn a_shard_that_cannot_be_written_is_listed_and_the_rest_are_written() {
     assert_eq!(error["entity"], "Account");
     assert_eq!(error["retryable"], true);
     assert_eq!(test.shards("c_company").await.len(), 9);
+}
+
+#[tokio::test]
+async fn a_shard_the_store_throttles_alone_is_written_by_the_jobs_retry_not_passed_by_the_cursor() {
+    let test = TestApp::new();
+    register(&test).await;
+    let store = intercepted(
+        &test,
+        ThrottledAlone {
+            shard_id: "int-acme-sf~Account~001000000000000007".into(),
+            throttling: AtomicBool::new(true),
+        },
+    );
+    let app = app_with(&test, store.clone());
+
+    deliver(
+        &app,
+        SYNC_INBOUND_SCHEDULED,
+        &scheduled_job("sync-1", "incremental"),
+    )
+    .await;
+
+    let run = run_of(&test, "sync-1").await;
+    assert_ne!(run["status"], "partial", "nothing is passed over: {run}");
+    let retries = test.broker().peek(SYNC_INBOUND_SCHEDULED).unwrap();
+    assert_eq!(retries.len(), 1, "the job is tried again");
+    store.throttling.store(false, Ordering::SeqCst);
+    let retry: Value = serde_json::from_slice(&retries[0].body).unwrap();
+    deliver(&app, SYNC_INBOUND_SCHEDULED, &message(retry)).await;
+
+    assert_eq!(test.shards("c_company").await.len(), 20);
 }
 
 #[tokio::test]

@@ -325,6 +325,26 @@ fn mapping_of<'a>(
                 format!("the integration maps no entity `{entity_name}`"),
             )
         })
+        .and_then(|mapping| usable(mapping).map(|()| mapping))
+}
+
+/// Whether `mapping` can be run. A mapping is checked when its integration is registered,
+/// but Castiel may write an integration's document itself: a transform the checks refuse
+/// (a split with no targets) is never run on records.
+fn usable(mapping: &EntityMapping) -> Result<(), Failure> {
+    let reason = match mapping.validate() {
+        Err(reason) => reason,
+        Ok(())
+            if mapping
+                .deduplication
+                .as_ref()
+                .is_some_and(|d| d.rules.is_empty()) =>
+        {
+            "deduplication without rules".into()
+        }
+        Ok(()) => return Ok(()),
+    };
+    Err(Failure::new(ErrorCode::ValidationError, reason))
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -836,21 +856,7 @@ impl<'a> EntityRun<'a> {
         integration: &Integration,
         outcome: &mut Outcome,
     ) -> Result<(), Failure> {
-        if self.mapping.validate().is_err()
-            || self
-                .mapping
-                .deduplication
-                .as_ref()
-                .is_some_and(|d| d.rules.is_empty())
-        {
-            return Err(Failure::new(
-                ErrorCode::ValidationError,
-                self.mapping
-                    .validate()
-                    .err()
-                    .unwrap_or_else(|| "deduplication without rules".into()),
-            ));
-        }
+        usable(self.mapping)?;
         let entity = self.mapping.external_entity.clone();
         let checkpoint = integration.checkpoints.get(&entity);
         let mut request = first_request(self.job, integration, self.mapping);
@@ -2218,6 +2224,12 @@ impl<'a> EntityRun<'a> {
             match self.app.store.write_one(write).await {
                 Ok(_) => {}
                 Err(StoreError::PreconditionFailed) => left.raced.push(write.shard.id.clone()),
+                // A shard the store could not take for now is not one it refused: listed as
+                // failed, its record would be passed by the cursor and never read again. The
+                // job fails instead, and its retry reads the page again from its checkpoint.
+                Err(e @ (StoreError::Unavailable(_) | StoreError::NotProvisioned(_))) => {
+                    return Err(store_error(e));
+                }
                 Err(_) => left.refused.push(write.shard.id.clone()),
             }
         }
