@@ -39,21 +39,27 @@ param alertEmailReceivers array
 
 @description('Days a sync history record is kept (seed plans: 7, 30, 90).')
 @minValue(1)
+@maxValue(24855)
 param historyRetentionDays int = 30
 
 @description('Per-tenant retention, tenant=days pairs: t1=7,t2=90.')
 param historyRetentionDaysByTenant string = ''
 
 @description('Refresh OAuth tokens that expire within this many milliseconds.')
+@minValue(0)
 param tokenRefreshThresholdMs int = 7200000
 
 @description('Records per sync job before a continuation job takes over.')
+@minValue(1)
 param syncMaxRecords int = 1000
 
 @description('Shortest time between two scheduled syncs of one integration.')
+@minValue(0)
+@maxValue(525600)
 param syncMinIntervalMinutes int = 5
 
 @description('Scheduled syncs of one tenant under way at once.')
+@minValue(1)
 param syncMaxConcurrentPerTenant int = 3
 
 var tags = {

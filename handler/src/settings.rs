@@ -435,7 +435,15 @@ impl Settings {
             .and_then(|v| {
                 parse::<u64>("SYNC_MIN_INTERVAL_MINUTES", &v, WHOLE_NUMBER, &mut problems)
             })
-            .map(|m| Duration::from_secs(m * 60))
+            .and_then(|minutes| {
+                if minutes > MAX_SYNC_INTERVAL_MINUTES {
+                    problems.push(format!(
+                        "SYNC_MIN_INTERVAL_MINUTES: at most {MAX_SYNC_INTERVAL_MINUTES} (a year)"
+                    ));
+                    return None;
+                }
+                Some(Duration::from_secs(minutes * 60))
+            })
             .unwrap_or(Duration::from_secs(5 * 60));
         let max_concurrent_syncs_per_tenant = read("SYNC_MAX_CONCURRENT_PER_TENANT")
             .and_then(|v| {
@@ -707,6 +715,9 @@ fn parse<T: std::str::FromStr>(
 
 /// What the numeric settings expect.
 const WHOLE_NUMBER: &str = "a whole number";
+
+/// The longest `SYNC_MIN_INTERVAL_MINUTES`: a year, as for an integration's own interval.
+const MAX_SYNC_INTERVAL_MINUTES: u64 = 365 * 24 * 60;
 
 #[cfg(test)]
 mod tests {

@@ -34,7 +34,7 @@ var logAlerts = [
   {
     name: 'sync-failure-rate'
     description: 'More than 10% of sync jobs failed in the last 15 minutes.'
-    severity: 2
+    severity: 0
     query: '''
 customMetrics
 | where name in ('sync_jobs_processed', 'sync_jobs_failed')

@@ -375,6 +375,80 @@ fn the_four_alerts_watch_what_the_handler_emits() {
 }
 
 #[test]
+fn each_alert_is_raised_at_the_severity_the_design_gives_it() {
+    let alerts = std::fs::read_to_string(infra().join("modules/alerts.bicep")).unwrap();
+    // Azure Monitor's severities: 0 Critical, 1 Error, 2 Warning.
+    for (alert, severity) in [
+        ("sync-failure-rate", 0),
+        ("token-refresh-failures", 1),
+        ("pending-jobs", 2),
+        ("dead-letters", 2),
+        ("poison-messages", 2),
+    ] {
+        let declared = alerts
+            .split(&format!("name: '{alert}'"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no alert {alert}"))
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("severity: "))
+            .unwrap_or_else(|| panic!("alert {alert} declares no severity"));
+        assert_eq!(declared, severity.to_string(), "alert {alert}");
+    }
+}
+
+#[test]
+fn the_bounds_of_each_number_the_app_settings_take_are_the_handlers() {
+    let main = std::fs::read_to_string(infra().join("main.bicep")).unwrap();
+    let accepts = |setting: &str, value: i64| {
+        let value = value.to_string();
+        handler::settings::Settings::from_lookup(|name| (name == setting).then(|| value.clone()))
+            .is_ok()
+    };
+    for (param, setting) in [
+        ("historyRetentionDays", "HISTORY_RETENTION_DAYS"),
+        (
+            "tokenRefreshThresholdMs",
+            "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS",
+        ),
+        ("syncMaxRecords", "SYNC_MAX_RECORDS"),
+        ("syncMinIntervalMinutes", "SYNC_MIN_INTERVAL_MINUTES"),
+        (
+            "syncMaxConcurrentPerTenant",
+            "SYNC_MAX_CONCURRENT_PER_TENANT",
+        ),
+    ] {
+        let declaration = main
+            .split(&format!("param {param} int"))
+            .next()
+            .unwrap()
+            .rsplit("\nparam ")
+            .next()
+            .unwrap();
+        let bound = |decorator: &str| {
+            declaration
+                .split(&format!("@{decorator}("))
+                .nth(1)
+                .map(|rest| rest.split(')').next().unwrap().parse::<i64>().unwrap())
+        };
+        let min = bound("minValue").unwrap_or_else(|| panic!("{param} has no @minValue"));
+        assert!(accepts(setting, min), "{setting} refuses {param}'s least");
+        assert!(
+            !accepts(setting, min - 1),
+            "{param} takes less than {setting} does"
+        );
+        if let Some(max) = bound("maxValue") {
+            assert!(accepts(setting, max), "{setting} refuses {param}'s most");
+            assert!(
+                !accepts(setting, max + 1),
+                "{param} takes more than {setting} does"
+            );
+        } else {
+            assert!(accepts(setting, i64::MAX), "{param} needs a @maxValue");
+        }
+    }
+}
+
+#[test]
 fn each_environment_sets_every_parameter_without_a_default() {
     let main = std::fs::read_to_string(infra().join("main.bicep")).unwrap();
     let required: Vec<&str> = main
