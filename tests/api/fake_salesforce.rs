@@ -93,12 +93,66 @@ pub struct Org {
     /// The next N writes find their record locked by another transaction (400
     /// UNABLE_TO_LOCK_ROW) and change nothing.
     pub locked_writes: usize,
+    /// An active duplicate rule: a create or update giving this field a value another record
+    /// of the object has is answered 400 DUPLICATES_DETECTED, unless the rule only alerts
+    /// (`blocks` false) and the request's `Sforce-Duplicate-Rule-Header` says `allowSave=true`.
+    pub duplicate_rule: Option<DuplicateRule>,
     /// Every data request's path and query, in order.
     pub requests: Vec<String>,
     pub token_refreshes: usize,
     cursors: BTreeMap<String, Cursor>,
     next_cursor: usize,
     issued: usize,
+}
+
+pub struct DuplicateRule {
+    pub field: String,
+    pub blocks: bool,
+}
+
+/// The answer an active duplicate rule gives a write of `fields` to the record `id` (none
+/// for a create) of `entity`, if it stops it.
+fn duplicate_refusal(
+    org: &Org,
+    entity: &str,
+    id: Option<&Value>,
+    fields: &Map<String, Value>,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let rule = org.duplicate_rule.as_ref()?;
+    let rows = org.records.get(entity);
+    // The rule reads the record as the write leaves it.
+    let kept = || {
+        rows?
+            .iter()
+            .find(|r| Some(&r["Id"]) == id)?
+            .get(&rule.field)
+    };
+    let value = fields
+        .get(&rule.field)
+        .or_else(kept)
+        .filter(|v| !v.is_null())?;
+    let duplicated = rows.is_some_and(|rows| {
+        rows.iter()
+            .any(|r| Some(&r["Id"]) != id && r.get(&rule.field) == Some(value))
+    });
+    let allow_save = headers
+        .get("sforce-duplicate-rule-header")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').any(|part| part.trim() == "allowSave=true"));
+    if !duplicated || (!rule.blocks && allow_save) {
+        return None;
+    }
+    let message = if rule.blocks {
+        "You're creating a duplicate record. We recommend you use an existing record instead."
+    } else {
+        "Use one of these records?"
+    };
+    Some(sf_error(
+        StatusCode::BAD_REQUEST,
+        "DUPLICATES_DETECTED",
+        message,
+    ))
 }
 
 #[derive(Clone)]
@@ -892,6 +946,14 @@ async fn upsert(
     };
     written(&fake, |org| {
         let now = timestamp(Utc::now());
+        let id = org.records.get(&entity).and_then(|rows| {
+            rows.iter()
+                .find(|r| r.get(&field) == Some(&json!(key)))
+                .map(|r| r["Id"].clone())
+        });
+        if let Some(refused) = duplicate_refusal(org, &entity, id.as_ref(), &fields, &headers) {
+            return refused;
+        }
         let existing = org
             .records
             .get_mut(&entity)
@@ -942,6 +1004,10 @@ async fn update(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| DateTime::parse_from_rfc2822(v).ok());
     written(&fake, |org| {
+        if let Some(refused) = duplicate_refusal(org, &entity, Some(&json!(id)), &fields, &headers)
+        {
+            return refused;
+        }
         let Some(row) = org
             .records
             .get_mut(&entity)

@@ -16,7 +16,7 @@ use crate::fake_dynamics::{FakeDynamics, ORGANIZATION_ID};
 use crate::fake_google_drive::{FULL_SCOPE, FakeGoogleDrive, MY_DRIVE_ROOT};
 use crate::fake_graph::FakeGraph;
 use crate::fake_host::{HostedHandler, service_bus_message};
-use crate::fake_salesforce::{FakeSalesforce, ORG_ID};
+use crate::fake_salesforce::{DuplicateRule, FakeSalesforce, ORG_ID};
 use crate::fake_zoom::FakeZoom;
 use crate::helpers::TestApp;
 
@@ -190,6 +190,61 @@ async fn salesforce_creates_by_external_id_updates_only_unmodified_records_and_d
     let refused = writer.create(&mut conn, &unkeyed).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::ValidationError);
     assert!(refused.message.contains("idempotencyField"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_contact_a_duplicate_rule_alerts_on_is_written_and_one_a_rule_blocks_is_refused_with_the_reason()
+ {
+    let test = TestApp::new();
+    let fake = FakeSalesforce::start().await;
+    let mut conn = connect(&test, &fake).await;
+    let salesforce = adapters::salesforce::Salesforce::new();
+    let writer = adapters::Provider::write_back(&salesforce).unwrap();
+    fake.add(
+        "Contact",
+        json!({"Id": "003000000000000001", "LastName": "Ann Lee", "Email": "ann@acme.test"}),
+        chrono::Utc::now(),
+    );
+    // The org's standard contact rule: a matching email alerts the user, who may save.
+    fake.org.lock().unwrap().duplicate_rule = Some(DuplicateRule {
+        field: "Email".into(),
+        blocks: false,
+    });
+
+    let created = writer
+        .create(
+            &mut conn,
+            &write(
+                None,
+                json!({"LastName": "Ann Leigh", "Email": "ann@acme.test"}),
+                None,
+            ),
+        )
+        .await
+        .unwrap();
+    let id = Some(created.external_id.as_str());
+    writer
+        .update(
+            &mut conn,
+            &write(id, json!({"LastName": "Annie Leigh"}), None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.record("Contact", &created.external_id).unwrap()["LastName"],
+        "Annie Leigh"
+    );
+
+    fake.org.lock().unwrap().duplicate_rule = Some(DuplicateRule {
+        field: "Email".into(),
+        blocks: true,
+    });
+    let refused = writer
+        .update(&mut conn, &write(id, json!({"LastName": "A. Leigh"}), None))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ValidationError, "{refused}");
+    assert!(refused.message.contains("DUPLICATES_DETECTED"), "{refused}");
 }
 
 async fn sync(handler: &HostedHandler, job_id: &str) {

@@ -54,6 +54,14 @@ use crate::{
 };
 
 const DEFAULT_API_VERSION: &str = "v62.0";
+
+/// Writes go through duplicate rules that only alert, as a user who saw the alert in
+/// Salesforce's own pages may save: the API's default refuses them (400
+/// `DUPLICATES_DETECTED`), and Castiel's record would never reach the org. Rules that block
+/// still block. (API v52.0 and later.)
+fn duplicate_rules_alerting_only() -> (&'static str, String) {
+    ("Sforce-Duplicate-Rule-Header", "allowSave=true".into())
+}
 const DEFAULT_MAX_API_USAGE: f64 = 0.8;
 /// Salesforce keeps deletions for 15 days at most.
 const DELETED_WINDOW_DAYS: i64 = 15;
@@ -564,7 +572,7 @@ impl WriteBack for Salesforce {
             path: &path,
             query: &[],
             body: Some(&body),
-            headers: &[],
+            headers: &[duplicate_rules_alerting_only()],
             batch_size: None,
         };
         let (answer, _): (Value, _) = self.send(conn, &request).await?;
@@ -603,6 +611,7 @@ impl WriteBack for Salesforce {
                 )
             })
             .into_iter()
+            .chain([duplicate_rules_alerting_only()])
             .collect();
         let body = Value::Object(write.fields.clone());
         let request = Request {
@@ -974,6 +983,17 @@ fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
         _ if error_code == "UNABLE_TO_LOCK_ROW" => {
             ProviderError::new(ErrorCode::Timeout, format!("{error_code}: {message}"))
         }
+        // A query or request that ran past Salesforce's limit on a busy org: answered 400,
+        // but the same request a while later runs in time.
+        _ if error_code == "QUERY_TIMEOUT" || error_code == "REQUEST_RUNNING_TOO_LONG" => {
+            ProviderError::new(ErrorCode::Timeout, format!("{error_code}: {message}"))
+        }
+        // The same 404 says an External ID field is not one, or not visible to the user: no
+        // record can be found by it, and none is known to be missing.
+        StatusCode::NOT_FOUND if message.contains("external ID field") => ProviderError::new(
+            ErrorCode::ValidationError,
+            format!("{error_code}: {message}"),
+        ),
         StatusCode::UNAUTHORIZED => ProviderError::new(
             ErrorCode::AuthenticationFailed,
             format!("{error_code}: {message} (after a token refresh)"),
@@ -1442,6 +1462,51 @@ impl Webhooks for Salesforce {
 
 #[cfg(test)]
 mod tests {
+    use reqwest::StatusCode;
+
+    use crate::ErrorCode;
+
+    #[test]
+    fn errors_are_told_apart_by_what_salesforce_says_not_by_status_alone() {
+        let error = |status: u16, code: &str, message: &str| {
+            let body = json!([{"errorCode": code, "message": message}]);
+            super::answer_error(StatusCode::from_u16(status).unwrap(), &body).code
+        };
+        assert_eq!(
+            error(
+                400,
+                "QUERY_TIMEOUT",
+                "Your query request was running for too long."
+            ),
+            ErrorCode::Timeout
+        );
+        assert_eq!(
+            error(
+                400,
+                "REQUEST_RUNNING_TOO_LONG",
+                "Your request was running for too long"
+            ),
+            ErrorCode::Timeout
+        );
+        assert_eq!(
+            error(400, "INVALID_FIELD", "No such column 'Foo__c'"),
+            ErrorCode::ValidationError
+        );
+        assert_eq!(
+            error(404, "NOT_FOUND", "The requested resource does not exist"),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            error(
+                404,
+                "NOT_FOUND",
+                "Provided external ID field does not exist or is not accessible: Castiel_Id__c"
+            ),
+            ErrorCode::ValidationError,
+            "no record can be looked up by the field; none is known to be gone"
+        );
+    }
+
     #[test]
     fn a_wide_mappings_reads_by_id_stay_inside_salesforces_url_limit() {
         let request = |fields: usize| super::FetchRequest {
