@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value, json};
 
-use crate::app::{self, App, LocalBackends, QueueChoice};
+use crate::app::{self, App, DataDir, LocalBackends, QueueChoice};
 use crate::engine::{self, scheduler, subscriptions};
 use crate::identity::{AzureCredential, TokenSource};
 use crate::model::conflict::Side;
@@ -319,6 +319,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             Err(e) => Err(e),
         },
         operator => {
+            if let Some(warning) = mixed_backends(&settings, &backends.dir) {
+                eprintln!("warning: {warning}");
+            }
             match App::from_settings(
                 settings,
                 &backends,
@@ -340,6 +343,45 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             1
         }
     }
+}
+
+/// What an operator command would read and write in this data directory while the other
+/// backends are in Azure. An operator who set `COSMOS_ENDPOINT` and forgot `KEY_VAULT_URL`
+/// would otherwise store credentials no app in Azure reads, and be told they were stored. A
+/// mix can be meant (a `handler local` on Cosmos DB reads the embedded queues), so it is said,
+/// not refused.
+fn mixed_backends(settings: &Settings, dir: &DataDir) -> Option<String> {
+    let azure = &settings.azure;
+    let embedded: Vec<String> = [
+        (
+            azure.cosmos.is_none(),
+            "shards",
+            dir.store(),
+            "COSMOS_ENDPOINT",
+        ),
+        (
+            azure.service_bus.is_none(),
+            "jobs and write-backs",
+            dir.runtime(),
+            "ServiceBusConnection",
+        ),
+        (
+            azure.key_vault_url.is_none(),
+            "credentials",
+            dir.secrets(),
+            "KEY_VAULT_URL",
+        ),
+    ]
+    .into_iter()
+    .filter(|(embedded, ..)| *embedded)
+    .map(|(_, what, path, setting)| format!("{what} in {} ({setting} is not set)", path.display()))
+    .collect();
+    (!embedded.is_empty() && embedded.len() < 3).then(|| {
+        format!(
+            "some backends are in Azure, but this command uses {}; only a `handler local` on this data directory reads those",
+            embedded.join(", ")
+        )
+    })
 }
 
 /// Metrics and traces for the long-running commands: to Application Insights when it is

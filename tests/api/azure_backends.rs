@@ -541,6 +541,51 @@ async fn operator_commands_use_the_configured_backends() {
     );
 }
 
+#[tokio::test]
+async fn an_operator_command_says_what_it_keeps_here_while_other_backends_are_in_azure() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    app.plant_integration(integration_of("int-1", "workday"))
+        .await;
+    let set_credentials = |service_bus: Option<String>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_handler"));
+        command
+            .args(["credentials", "set", "int-1", "--tenant", "t1"])
+            .env("FUNC_SYNC_DATA_DIR", app.data_dir())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(connection) = service_bus {
+            command.env("ServiceBusConnection", connection);
+        }
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut child = command.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(br#"{"api_key":"k-1"}"#).await.unwrap();
+            drop(stdin);
+            child.wait_with_output().await.unwrap()
+        }
+    };
+
+    // Jobs go to Service Bus, but the vault was left out: the credentials stay here.
+    let out = set_credentials(Some(service_bus.connection_string(SAS_KEY))).await;
+    assert!(out.status.success());
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(warning.contains("KEY_VAULT_URL is not set"), "{warning}");
+    assert!(warning.contains("secrets.json"), "{warning}");
+    assert!(!warning.contains(SAS_KEY), "{warning}");
+
+    // Everything embedded, as on a workstation: nothing to say.
+    let out = set_credentials(None).await;
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `handler dead-letters ...` with Service Bus configured.
 async fn dead_letters(
     app: &TestApp,
