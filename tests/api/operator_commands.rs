@@ -226,6 +226,39 @@ async fn shards_are_found_by_type_and_external_id() {
 }
 
 #[tokio::test]
+async fn shard_edits_leave_the_engines_own_records_alone() {
+    let app = TestApp::new();
+    app.register_integration(salesforce_integration("int-acme-sf"))
+        .await;
+
+    let deleted = app
+        .cli(&["shards", "delete", "int-acme-sf", "--tenant", "t1"])
+        .await;
+    assert!(!deleted.status.success());
+    let reason = String::from_utf8_lossy(&deleted.stderr);
+    assert!(reason.contains("the engine's own"), "{reason}");
+
+    // A file naming the integration's id as a contact.
+    let file = app.data_dir().join("contact.json");
+    std::fs::write(
+        &file,
+        json!({"id": "int-acme-sf", "tenantId": "t1", "shardTypeId": "c_contact",
+               "name": "Ann Lee", "structuredData": {"email": "ann@acme.test"}})
+        .to_string(),
+    )
+    .unwrap();
+    let put = app.cli(&["shards", "put", file.to_str().unwrap()]).await;
+    assert!(!put.status.success());
+
+    let integration = app.integration("int-acme-sf").await;
+    assert!(integration["deletedAt"].is_null(), "{integration}");
+    assert_eq!(
+        integration["structuredData"]["providerName"], "salesforce",
+        "{integration}"
+    );
+}
+
+#[tokio::test]
 async fn a_reader_that_stops_reading_ends_a_command_quietly() {
     let app = TestApp::new();
     for i in 0..200 {

@@ -124,15 +124,17 @@ pub async fn put(
     user: &str,
     now: DateTime<Utc>,
 ) -> Result<Vec<Outgoing>, ChangeError> {
-    if given.shard_type_id == shard_types::INTEGRATION
-        || given.shard_type_id == shard_types::INTEGRATION_SYNC
-    {
-        return Err(ChangeError::Invalid(format!(
-            "`{}` shards are the engine's own; use `handler integrations put` for integrations",
-            given.shard_type_id
-        )));
-    }
+    engines_own(&given.shard_type_id)?;
     let stored = app.store.get(&given.tenant_id, &given.id).await?;
+    if let Some(stored) = &stored {
+        engines_own(&stored.value.shard_type_id)?;
+        if stored.value.shard_type_id != given.shard_type_id {
+            return Err(ChangeError::Invalid(format!(
+                "shard `{}` is a `{}`; a shard's type does not change",
+                given.id, stored.value.shard_type_id
+            )));
+        }
+    }
     let before = stored
         .as_ref()
         .and_then(|v| v.value.structured_data.as_object().cloned())
@@ -179,6 +181,16 @@ pub async fn put(
     Ok(outgoing)
 }
 
+/// Refuses a change to a shard of the engine's own types.
+fn engines_own(shard_type: &str) -> Result<(), ChangeError> {
+    if !shard_types::is_the_engines(shard_type) {
+        return Ok(());
+    }
+    Err(ChangeError::Invalid(format!(
+        "`{shard_type}` shards are the engine's own; use `handler integrations put` for integrations"
+    )))
+}
+
 /// Soft-deletes the shard, as Castiel does, and sends the deletes the change calls for.
 pub async fn delete(
     app: &App,
@@ -192,6 +204,7 @@ pub async fn delete(
             ChangeError::Invalid(format!("no shard `{id}` in tenant `{tenant_id}`"))
         })?;
     let mut shard = stored.value;
+    engines_own(&shard.shard_type_id)?;
     if shard.deleted_at.is_none() {
         shard.deleted_at = Some(now);
         shard.updated_at = Some(now);

@@ -303,6 +303,12 @@ pub mod types {
     pub const INTEGRATION_SYNC: &str = "c_integrationSync";
     pub const SYNC_CONFLICT: &str = "c_syncConflict";
     pub const SYNC_LISTING: &str = "c_syncListing";
+
+    /// Whether shards of `shard_type` are the engine's own records, which only the engine and
+    /// its own commands write: never a shard edit's, nor written back to a provider.
+    pub fn is_the_engines(shard_type: &str) -> bool {
+        [INTEGRATION, INTEGRATION_SYNC, SYNC_CONFLICT, SYNC_LISTING].contains(&shard_type)
+    }
 }
 
 #[cfg(test)]
