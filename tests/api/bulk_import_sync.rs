@@ -180,3 +180,52 @@ async fn an_integration_whose_entities_would_read_each_others_files_is_refused()
         "{said}"
     );
 }
+
+#[tokio::test]
+async fn contacts_and_leads_numbered_alike_keep_to_their_own_shards_and_deletions() {
+    let app = TestApp::new();
+    let folder = app.data_dir().join("exports");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mapping = |entity: &str| {
+        json!({"externalEntity": entity, "shardTypeId": "c_contact", "nameField": "name",
+               "fieldMappings": [{"source": "name", "target": "name"},
+                                 {"source": "email", "target": "email"}],
+               "deduplication": {"rules": [{"field": "email", "matching": "exact"}]}})
+    };
+    let mut integration =
+        accounts_import(json!({"path": folder.display().to_string(), "settleSeconds": "0"}));
+    integration["structuredData"]["entityMappings"] =
+        json!([mapping("contacts"), mapping("leads")]);
+    app.register_integration(integration).await;
+    app.set_credentials(ID, &json!({})).await;
+    let handler = app.host_handler().await;
+    // Each export numbers its rows from 1.
+    std::fs::write(
+        folder.join("contacts.csv"),
+        "id,name,email,modified_at\n\
+         1,Ann,ann@acme.test,2026-01-01T00:00:00Z\n\
+         2,Bob,bob@acme.test,2026-01-01T00:00:00Z\n\
+         3,Cy,cy@acme.test,2026-01-01T00:00:00Z\n",
+    )
+    .unwrap();
+    run_job(&handler, "job-1").await;
+
+    // The leads' first drop: a new lead 2, and lead 3 deleted before it was ever imported.
+    std::fs::write(
+        folder.join("leads.csv"),
+        "id,name,email,modified_at,_deleted\n\
+         2,Dave,dave@acme.test,2026-01-02T00:00:00Z,\n\
+         3,,,2026-01-02T00:00:00Z,true\n",
+    )
+    .unwrap();
+    run_job(&handler, "job-2").await;
+
+    let shards = app.shards("c_contact").await;
+    let mut live: Vec<&str> = shards
+        .iter()
+        .filter(|s| s["deletedAt"].is_null())
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    live.sort_unstable();
+    assert_eq!(live, ["Ann", "Bob", "Cy", "Dave"], "{shards:?}");
+}

@@ -1722,12 +1722,8 @@ impl<'a> EntityRun<'a> {
             }
         }
         if self.searches_links {
-            let unheld = plan::link_lookups(
-                self.job.integration_id,
-                &self.mapping.shard_type_id,
-                records,
-                &loaded,
-            );
+            let unheld =
+                plan::link_lookups(self.job.integration_id, self.mapping, records, &loaded);
             if !unheld.is_empty() {
                 for found in self.linked_elsewhere(unheld).await? {
                     etags.entry(found.value.id.clone()).or_insert(found.etag);
@@ -2016,8 +2012,7 @@ impl<'a> EntityRun<'a> {
                 etags.entry(found.value.id.clone()).or_insert(found.etag);
                 linking.push(found.value);
             }
-            let holder_of =
-                plan::linked_records(integration_id, &self.mapping.shard_type_id, linking.iter());
+            let holder_of = plan::linked_records(integration_id, self.mapping, linking.iter());
             for (tombstone, holder) in tombstones.iter().zip(&mut holders) {
                 if holder.is_none() {
                     *holder = holder_of.get(tombstone.id.as_str()).map(|s| s.to_string());

@@ -352,7 +352,7 @@ pub fn key_lookups(
 /// either record's key changes, only its link says where it lives.
 pub fn link_lookups(
     integration_id: &str,
-    shard_type_id: &str,
+    mapping: &EntityMapping,
     records: &[PageRecord],
     loaded: &Loaded,
 ) -> Vec<String> {
@@ -363,7 +363,7 @@ pub fn link_lookups(
     if unheld.is_empty() {
         return Vec::new();
     }
-    let linked = linked_records(integration_id, shard_type_id, loaded.shards.values());
+    let linked = linked_records(integration_id, mapping, loaded.shards.values());
     unheld
         .into_iter()
         .filter(|r| !linked.contains_key(r.record.id.as_str()))
@@ -371,19 +371,27 @@ pub fn link_lookups(
         .collect()
 }
 
-/// Each external record of the integration that `shards` of type `shard_type_id` link to, and
+/// Each external record of the integration that `shards` of the mapping's type link to, and
 /// the shard linking it. Of two shards linking one record (one whose link was marked deleted
 /// before the record, restored, matched another), the one whose link is `synced` holds it, or
 /// else the first by id: the same shard every time, for its listings and its deletion alike.
+/// A link on another entity's own shard of the same id is that entity's record's.
 pub fn linked_records<'s>(
     integration_id: &str,
-    shard_type_id: &str,
+    mapping: &EntityMapping,
     shards: impl Iterator<Item = &'s Shard>,
 ) -> HashMap<&'s str, &'s str> {
     let mut linked: HashMap<&str, (&str, bool)> = HashMap::default();
-    for shard in shards.filter(|s| s.shard_type_id == shard_type_id) {
+    for shard in shards.filter(|s| s.shard_type_id == mapping.shard_type_id) {
         for link in &shard.external_relationships {
-            if link.integration_id != integration_id {
+            if link.integration_id != integration_id
+                || is_anothers_own(
+                    &shard.id,
+                    integration_id,
+                    &mapping.external_entity,
+                    &link.external_id,
+                )
+            {
                 continue;
             }
             let synced = link.sync_status == RelationshipStatus::Synced;
@@ -510,7 +518,7 @@ impl<'a> Landing<'a> {
         });
         let match_by_key = mapping.deduplication.is_some() && lacks_own;
         let by_link = if lacks_own && mapping.lands_elsewhere() {
-            linked_records(ctx.integration_id, &mapping.shard_type_id, shards.values())
+            linked_records(ctx.integration_id, mapping, shards.values())
                 .into_iter()
                 .map(|(record, shard)| (record.to_string(), shard.to_string()))
                 .collect()
@@ -1187,6 +1195,20 @@ fn reserved_in_ids(byte: u8) -> bool {
     matches!(byte, b'/' | b'\\' | b'?' | b'#' | b'%')
 }
 
+/// Whether `shard_id` is the shard synced from record `external_id` of an entity other than
+/// `entity`. An entity's ids may be its own alone (a bulk import numbers each file's rows from
+/// 1): a link to the same id on that shard is the other entity's record's, not this one's.
+fn is_anothers_own(shard_id: &str, integration_id: &str, entity: &str, external_id: &str) -> bool {
+    let head = synced_shard_id(integration_id, "", "");
+    let head = &head[..head.len() - 1];
+    let tail = synced_shard_id("", "", external_id);
+    let tail = &tail[1..];
+    shard_id.len() > head.len() + tail.len()
+        && shard_id.starts_with(head)
+        && shard_id.ends_with(tail)
+        && shard_id != synced_shard_id(integration_id, entity, external_id)
+}
+
 /// The id of the shard synced from one external record: derived, so an upsert needs no query.
 /// Cosmos DB ids may not contain `/ \ ? #`; those (and `%`) are percent-escaped.
 pub fn synced_shard_id(integration_id: &str, entity: &str, external_id: &str) -> String {
@@ -1461,7 +1483,7 @@ mod tests {
                 }
             }
         }
-        let unheld = link_lookups("int-1", "c_contact", &page.records, &loaded);
+        let unheld = link_lookups("int-1", mapping, &page.records, &loaded);
         for shard in stored {
             if shard
                 .external_relationships
@@ -1590,6 +1612,30 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_another_entity_with_the_same_id_lands_apart_not_in_that_records_shard() {
+        // Two exports numbering their rows from 1, both into contacts.
+        let contacts = contacts(true, true);
+        let mut leads = contacts.clone();
+        leads.external_entity = "Lead".into();
+        let (stored, _) = plan(&contacts, vec![record("2", "Bob", Some("bob@x.test"))], &[]);
+
+        let (writes, tally) = plan(
+            &leads,
+            vec![record("2", "Dave", Some("dave@x.test"))],
+            &stored,
+        );
+
+        assert_eq!(tally.created, 1, "{tally:?}");
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].id, "int-1~Lead~2");
+        assert_eq!(writes[0].name, "Dave");
+        assert!(is_anothers_own("int-1~Contact~2", "int-1", "Lead", "2"));
+        assert!(!is_anothers_own("int-1~Lead~2", "int-1", "Lead", "2"));
+        assert!(!is_anothers_own("int-1~Contact~7", "int-1", "Lead", "2"));
+        assert!(!is_anothers_own("castiel-made-shard", "int-1", "Lead", "2"));
+    }
+
+    #[test]
     fn a_merged_record_whose_key_changed_lands_in_the_shard_that_links_it() {
         let mapping = contacts(true, true);
         let (stored, _) = plan(
@@ -1611,18 +1657,18 @@ mod tests {
             ],
         );
         assert_eq!(
-            link_lookups("int-1", "c_contact", &page.records, &Loaded::default()),
+            link_lookups("int-1", &mapping, &page.records, &Loaded::default()),
             ["9", "5"]
         );
         let mut loaded = Loaded::default();
         loaded.insert(stored[0].clone());
         assert_eq!(
-            link_lookups("int-1", "c_contact", &page.records, &loaded),
+            link_lookups("int-1", &mapping, &page.records, &loaded),
             ["5"],
             "a record a shard read links to is not looked for"
         );
         assert_eq!(
-            link_lookups("int-2", "c_contact", &page.records, &loaded),
+            link_lookups("int-2", &mapping, &page.records, &loaded),
             ["9", "5"],
             "only the integration's own links count"
         );
