@@ -567,6 +567,10 @@ impl Pull for GoogleDrive {
 /// them.
 #[async_trait]
 impl WriteBack for GoogleDrive {
+    fn writable_fields(&self, _entity: &str) -> Option<&'static [&'static str]> {
+        Some(&WRITABLE)
+    }
+
     async fn create(
         &self,
         _conn: &mut Connection,

@@ -404,6 +404,13 @@ pub trait WriteBack: Send + Sync {
         Ok(())
     }
 
+    /// The only fields of `entity` a write may set, where the provider lets few be written (a
+    /// file's name, description and folder): the engine leaves the others out, as it does
+    /// [`WriteBack::read_only_fields`]. None by default: any field may be.
+    fn writable_fields(&self, _entity: &str) -> Option<&'static [&'static str]> {
+        None
+    }
+
     /// The fields of `entity` the provider does not let a create (`creating`) or an update
     /// set: the engine leaves them out of the write, which would otherwise be refused whole,
     /// and names them in the history. None by default: an adapter that knows its fields

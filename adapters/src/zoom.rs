@@ -754,6 +754,10 @@ fn meeting_path(write: &RecordWrite) -> Result<String, ProviderError> {
 /// Updates and deletes meetings.
 #[async_trait]
 impl WriteBack for Zoom {
+    fn writable_fields(&self, _entity: &str) -> Option<&'static [&'static str]> {
+        Some(&WRITABLE)
+    }
+
     async fn create(
         &self,
         _conn: &mut Connection,

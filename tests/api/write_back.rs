@@ -1865,6 +1865,59 @@ async fn a_file_renamed_in_castiel_is_renamed_in_onedrive_and_the_next_sync_read
     assert!(fake.item(DRIVE, &report).is_none(), "deleted at OneDrive");
 }
 
+#[tokio::test]
+async fn a_field_onedrive_sets_itself_edited_with_the_name_goes_back_and_the_rename_goes_through() {
+    let test = TestApp::new();
+    let fake = FakeGraph::start().await;
+    let report = fake.add_item(DRIVE, "report.docx", false);
+    test.register_integration(two_way_drive(&fake)).await;
+    test.set_credentials(OD, &fake.credentials()).await;
+    let handler = test.host_handler().await;
+    sync_of(&handler, OD, "onedrive", "drive-1").await;
+    let shard_id = format!("{OD}~driveItem~{report}");
+    let synced = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    let size = synced.structured_data["size"].clone();
+    assert!(size.as_u64().is_some_and(|s| s > 1), "{size}");
+
+    // Renamed in Castiel, with the size (which OneDrive keeps for itself) changed too.
+    let changes = json!({"name": "Q4 report.docx", "size": 1});
+    edit_in_castiel(&test, &shard_id, "Q4 report.docx", changes).await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+
+    assert_eq!(fake.item(DRIVE, &report).unwrap().name, "Q4 report.docx");
+    assert!(
+        test.broker()
+            .peek(handler::queue::SYNC_DEADLETTER)
+            .unwrap()
+            .is_empty(),
+        "nothing dead-lettered"
+    );
+    let shard = test
+        .store()
+        .get("t1", &shard_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(shard.structured_data["size"], size, "the size goes back");
+    // And the next rename is not held up by it.
+    edit_in_castiel(
+        &test,
+        &shard_id,
+        "Q4 final.docx",
+        json!({"name": "Q4 final.docx"}),
+    )
+    .await;
+    assert_eq!(deliver_write_backs(&test, &handler).await, 1);
+    assert_eq!(fake.item(DRIVE, &report).unwrap().name, "Q4 final.docx");
+}
+
 const GD: &str = "int-contoso-gdrive";
 
 /// A Google Drive integration whose files sync both ways, against `fake`.

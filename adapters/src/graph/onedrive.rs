@@ -218,6 +218,10 @@ impl Pull for OneDrive {
 /// Renames and moves items under the version the engine read, and deletes them.
 #[async_trait]
 impl WriteBack for OneDrive {
+    fn writable_fields(&self, _entity: &str) -> Option<&'static [&'static str]> {
+        Some(&WRITABLE)
+    }
+
     async fn create(
         &self,
         _conn: &mut Connection,

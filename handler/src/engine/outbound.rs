@@ -687,7 +687,8 @@ async fn write(
             let read_only = writer
                 .read_only_fields(&mut conn, &mapping.external_entity, false)
                 .await?;
-            left_out = reversed.leave_out(&mapping.field_mappings, &read_only, false);
+            let writable = writer.writable_fields(&mapping.external_entity);
+            left_out = reversed.leave_out(&mapping.field_mappings, &read_only, writable, false);
         }
         // What the provider will not let be written goes back to what it holds: kept apart,
         // the edit would be sent again after every sync, and never land.
@@ -781,7 +782,8 @@ async fn write(
         let read_only = writer
             .read_only_fields(&mut conn, &mapping.external_entity, true)
             .await?;
-        let left_out = reversed.leave_out(&mapping.field_mappings, &read_only, true);
+        let writable = writer.writable_fields(&mapping.external_entity);
+        let left_out = reversed.leave_out(&mapping.field_mappings, &read_only, writable, true);
         let unsent: Vec<String> = left_out.iter().map(|(target, _)| target.clone()).collect();
         pushed.irreversible = reversed.irreversible.clone();
         pushed.irreversible.extend(left_out);

@@ -221,6 +221,25 @@ impl EntityMapping {
                 targets().map(String::as_str).collect::<Vec<_>>().join(", ")
             ));
         }
+        // A key's name spells its field in letters, digits and `_`: two rules whose fields
+        // spell alike (`e-mail`, `e_mail`; two fields in another script) would keep one key.
+        let rules = self.deduplication.iter().flat_map(|d| &d.rules);
+        for (i, rule) in rules.clone().enumerate() {
+            if let Some(other) = rules
+                .clone()
+                .skip(i + 1)
+                .find(|o| o.key_name() == rule.key_name() && o.field != rule.field)
+            {
+                return Err(format!(
+                    "{} → {}: the deduplication rules on `{}` and `{}` would keep one match key                      (`{}`); rename one of the fields",
+                    self.external_entity,
+                    self.shard_type_id,
+                    rule.field,
+                    other.field,
+                    rule.key_name()
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -455,19 +474,24 @@ pub struct Reversed {
 
 impl Reversed {
     /// Leaves out of the write the provider fields of `read_only` (matched regardless of
-    /// case) it would set, and returns the target fields mapped from them, with why they are
-    /// not written back; but for a create (`creating`), those with no value, which it would
-    /// not have set anyway.
+    /// case) it would set, and those not `writable` where the provider names the few it lets
+    /// be written, and returns the target fields mapped from them, with why they are not
+    /// written back; but for a create (`creating`), those with no value, which it would not
+    /// have set anyway.
     pub fn leave_out(
         &mut self,
         mappings: &[FieldMapping],
         read_only: &[String],
+        writable: Option<&[&str]>,
         creating: bool,
     ) -> Vec<(String, String)> {
         let unwritable: Vec<String> = self
             .fields
             .keys()
-            .filter(|f| read_only.iter().any(|r| r.eq_ignore_ascii_case(f)))
+            .filter(|f| {
+                read_only.iter().any(|r| r.eq_ignore_ascii_case(f))
+                    || writable.is_some_and(|w| !w.contains(&f.as_str()))
+            })
             .cloned()
             .collect();
         let mut left_out: Vec<(String, String)> = Vec::new();
@@ -715,7 +739,7 @@ mod tests {
         let record = json!({"Email": "ann@x.test", "Name": "Ann Lee"});
         let data = transform(&m, record.as_object().unwrap()).unwrap();
         let mut back = reverse(&m, &data, None);
-        let left_out = back.leave_out(&m, &["name".to_string(), "Id".to_string()], false);
+        let left_out = back.leave_out(&m, &["name".to_string(), "Id".to_string()], None, false);
         assert_eq!(Value::Object(back.fields), json!({"Email": "ann@x.test"}));
         let left: Vec<&str> = left_out.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(left, ["first_name", "last_name", "full_name"]);
@@ -724,10 +748,22 @@ mod tests {
         // A field with no value is left out of a create without a word; of an update, it is a
         // value cleared that cannot be written, and says so.
         let mut back = reverse(&m, &Map::new(), None);
-        assert!(back.leave_out(&m, &["Name".to_string()], true).is_empty());
+        assert!(
+            back.leave_out(&m, &["Name".to_string()], None, true)
+                .is_empty()
+        );
         assert!(!back.fields.contains_key("Name"));
         let mut back = reverse(&m, &Map::new(), None);
-        assert_eq!(back.leave_out(&m, &["Name".to_string()], false).len(), 3);
+        assert_eq!(
+            back.leave_out(&m, &["Name".to_string()], None, false).len(),
+            3
+        );
+
+        // Where the provider names the few fields it lets be written, the others go too.
+        let mut back = reverse(&m, &data, None);
+        let left_out = back.leave_out(&m, &[], Some(&["Email"]), false);
+        assert_eq!(Value::Object(back.fields), json!({"Email": "ann@x.test"}));
+        assert_eq!(left_out.len(), 3);
     }
 
     #[test]
@@ -940,5 +976,22 @@ mod tests {
                 && refused.contains("first_name, last_name, email"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn deduplication_rules_whose_fields_spell_one_key_are_refused() {
+        let mapping = |fields: [&str; 2]| -> EntityMapping {
+            serde_json::from_value(json!({
+                "externalEntity": "Contact", "shardTypeId": "c_contact",
+                "fieldMappings": [{"source": "A", "target": fields[0]},
+                                  {"source": "B", "target": fields[1]}],
+                "deduplication": {"rules": [{"field": fields[0]}, {"field": fields[1]}]}
+            }))
+            .unwrap()
+        };
+        let refused = mapping(["名前", "電話"]).check_deduplication().unwrap_err();
+        assert!(refused.contains("would keep one match key"), "{refused}");
+        assert!(mapping(["e-mail", "e_mail"]).check_deduplication().is_err());
+        assert!(mapping(["email", "phone"]).check_deduplication().is_ok());
     }
 }
