@@ -368,6 +368,27 @@ pub fn broker_properties(message: &OutgoingMessage) -> Value {
     Value::Object(props)
 }
 
+/// JSON text in ASCII alone, every other character escaped (`\u00e9`, a surrogate pair past
+/// U+FFFF), as a header must carry it: header bytes are not read as UTF-8, and Service Bus
+/// would take the `é` of an integration's id, its session id, for two other characters.
+fn ascii_json(value: &Value) -> String {
+    let text = value.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+            continue;
+        }
+        // Outside ASCII, serde_json writes characters only inside strings, where an escape
+        // says the same.
+        let mut units = [0u16; 2];
+        for unit in c.encode_utf16(&mut units) {
+            out.push_str(&format!("\\u{unit:04x}"));
+        }
+    }
+    out
+}
+
 /// The most bytes of a property's value sent: a dead letter's description, read from a
 /// provider's error, may quote a whole query, and a header that long is refused.
 const MAX_PROPERTY_BYTES: usize = 4096;
@@ -428,7 +449,7 @@ impl MessageQueue for ServiceBusSender {
                     .as_deref()
                     .unwrap_or("application/octet-stream"),
             )
-            .header("BrokerProperties", broker_properties(&message).to_string());
+            .header("BrokerProperties", ascii_json(&broker_properties(&message)));
         for (name, value) in &message.properties {
             request = request.header(name.as_str(), header_text(value));
         }
@@ -518,6 +539,21 @@ mod tests {
         let fits = "y".repeat(MAX_PROPERTY_BYTES);
         assert_eq!(header_text(&json!(fits)), fits, "what fits is whole");
         reqwest::header::HeaderValue::from_str(&header_text(&json!("a\nb\u{7f}ü"))).unwrap();
+    }
+
+    #[test]
+    fn broker_properties_travel_in_ascii_whatever_the_ids_are_written_in() {
+        let message = OutgoingMessage::json("sync-outbound", "intégration-1:évt", &json!({}))
+            .in_session("intégration-1 🚀");
+        let header = ascii_json(&broker_properties(&message));
+        assert!(header.is_ascii(), "{header}");
+        assert!(
+            header.contains("\\u00e9") && header.contains("\\ud83d\\ude80"),
+            "{header}"
+        );
+        let read: Value = serde_json::from_str(&header).unwrap();
+        assert_eq!(read["SessionId"], "intégration-1 🚀");
+        assert_eq!(read, broker_properties(&message));
     }
 
     #[test]
