@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use opentelemetry::KeyValue;
@@ -78,6 +78,25 @@ impl Dimensions<'_> {
     }
 }
 
+/// The jobs queued or running per tenant at the last scheduler tick this instance ran.
+#[derive(Debug, Default)]
+struct PendingJobs {
+    by_tenant: BTreeMap<String, u64>,
+    seen_at: Option<Instant>,
+}
+
+impl PendingJobs {
+    /// How long a tick's count is reported: past the next tick, which may have run on another
+    /// instance. An instance reporting its last count for good would add a stale count to the
+    /// current one, tenant by tenant, wherever the instances' metrics are summed.
+    const REPORTED_FOR: Duration = Duration::from_secs(90);
+
+    fn is_current(&self, now: Instant) -> bool {
+        self.seen_at
+            .is_some_and(|at| now.saturating_duration_since(at) < Self::REPORTED_FOR)
+    }
+}
+
 /// The app's instruments. Cheap to clone; recording on them never fails or blocks.
 #[derive(Clone)]
 pub struct Metrics {
@@ -86,9 +105,10 @@ pub struct Metrics {
     records_created: Counter<u64>,
     records_updated: Counter<u64>,
     sync_latency: Histogram<f64>,
-    /// What the last scheduler tick saw; observed when metrics are collected, so a tenant
-    /// with nothing pending drops out instead of showing a stale count.
-    pending: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// What the last scheduler tick on this instance saw; observed when metrics are
+    /// collected, so a tenant with nothing pending drops out instead of showing a stale count,
+    /// and an instance whose tick was long ago reports none.
+    pending: Arc<Mutex<PendingJobs>>,
     _queue_depth: ObservableGauge<u64>,
     writeback_latency: Histogram<f64>,
     token_refresh_failures: Counter<u64>,
@@ -110,14 +130,17 @@ impl Metrics {
                 .with_boundaries(LATENCY_BUCKETS_MS.to_vec())
                 .build()
         };
-        let pending = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+        let pending = Arc::new(Mutex::new(PendingJobs::default()));
         let observed = pending.clone();
         let queue_depth = meter
             .u64_observable_gauge(INSTRUMENTS[5])
             .with_description("Sync jobs queued or running, per tenant, at the last scheduler tick")
             .with_callback(move |gauge| {
                 let pending = observed.lock().unwrap_or_else(|p| p.into_inner());
-                for (tenant, count) in pending.iter() {
+                if !pending.is_current(Instant::now()) {
+                    return;
+                }
+                for (tenant, count) in pending.by_tenant.iter() {
                     gauge.observe(*count, &[KeyValue::new("tenantId", tenant.clone())]);
                 }
             })
@@ -176,7 +199,14 @@ impl Metrics {
     /// The jobs queued or running per tenant, as a scheduler tick saw them; tenants not
     /// listed have none.
     pub fn pending_jobs(&self, by_tenant: BTreeMap<String, u64>) {
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = by_tenant;
+        self.pending_jobs_seen_at(by_tenant, Instant::now());
+    }
+
+    fn pending_jobs_seen_at(&self, by_tenant: BTreeMap<String, u64>, at: Instant) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = PendingJobs {
+            by_tenant,
+            seen_at: Some(at),
+        };
     }
 
     /// A write-back reached the provider (or failed there) after `duration_ms`.
@@ -428,5 +458,19 @@ mod tests {
         ] {
             assert!(text.contains(&line), "no `{line}` in:\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_scheduler_tick_was_long_ago_reports_no_queue_depth() {
+        let (reader, view) = PrometheusText::reader().unwrap();
+        let provider = SdkMeterProvider::builder().with_reader(reader).build();
+        let metrics = Metrics::new(&provider.meter(SERVICE));
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(300))
+            .unwrap();
+        metrics.pending_jobs_seen_at(BTreeMap::from([("tenant-1".to_string(), 4)]), long_ago);
+
+        let text = view.render();
+        assert!(!text.contains("sync_queue_depth{"), "{text}");
     }
 }
