@@ -430,3 +430,29 @@ async fn a_mapping_castiel_wrote_unchecked_fails_its_webhook_job_with_the_reason
     );
     assert!(app.shards("c_company").await.is_empty());
 }
+
+#[tokio::test]
+async fn outbound_messages_read_no_records_once_the_integration_has_used_its_share_of_the_org() {
+    let app = TestApp::new();
+    let fake = connected_org(&app).await;
+    let handler = app.host_handler().await;
+    // Other apps have used most of the org's daily allocation: the sync that learns it stops.
+    fake.org.lock().unwrap().api_usage = (90_000, 100_000);
+    handler
+        .run_sync("int-acme-sf", "salesforce", "sync-1", "incremental")
+        .await;
+    let before = fake.org.lock().unwrap().requests.len();
+
+    let soap = delivery(
+        ORG_ID,
+        &[("04l000000000007AAA", "001000000000000002", "Globex")],
+    );
+    assert_acknowledged(&post_outbound_message(&handler, &soap).await);
+    run_queued_jobs(&app, &handler).await;
+
+    let requests = fake.org.lock().unwrap().requests[before..].to_vec();
+    assert!(
+        requests.iter().all(|r| !r.contains("Id IN")),
+        "{requests:?}"
+    );
+}

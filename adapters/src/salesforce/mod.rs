@@ -84,7 +84,7 @@ pub struct Salesforce {
     described: std::sync::Mutex<std::collections::HashMap<DescribedKey, (Described, Instant)>>,
     /// The API usage (`used`, `allowed`) each integration's latest answer from its instance
     /// reported, and when: what a write-back checks its share against
-    /// ([`Salesforce::share_left_to_write`]).
+    /// ([`Salesforce::share_left`]).
     usage: std::sync::Mutex<std::collections::HashMap<(String, String), ReportedUsage>>,
 }
 
@@ -438,10 +438,11 @@ impl Salesforce {
         }
     }
 
-    /// Refuses a write while the usage the integration's latest answer reported, if it came
-    /// in the last [`USAGE_KNOWN_FOR`], has reached its share of the daily allocation: a
-    /// quota error, which holds the write-back until later without spending an attempt.
-    fn share_left_to_write(&self, conn: &Connection) -> Result<(), ProviderError> {
+    /// Refuses a write, or a read of notified records, while the usage the integration's
+    /// latest answer reported, if it came in the last [`USAGE_KNOWN_FOR`], has reached its
+    /// share of the daily allocation: a quota error, which holds a write-back until later
+    /// without spending an attempt.
+    fn share_left(&self, conn: &Connection) -> Result<(), ProviderError> {
         let known = self
             .usage
             .lock()
@@ -521,7 +522,7 @@ fn percent_encode(text: &str) -> String {
 #[async_trait]
 impl WriteBack for Salesforce {
     fn may_write(&self, conn: &Connection) -> Result<(), ProviderError> {
-        self.share_left_to_write(conn)
+        self.share_left(conn)
     }
 
     /// The object's fields `describe` says a create (or an update) may not set: compound
@@ -597,7 +598,7 @@ impl WriteBack for Salesforce {
         write: &RecordWrite,
     ) -> Result<Written, ProviderError> {
         // The record was just read (its version): its answer may have reached the share.
-        self.share_left_to_write(conn)?;
+        self.share_left(conn)?;
         let id = write_target(write)?;
         let path = sobject_path(conn, &write.entity, &id)?;
         let headers: Vec<(&str, String)> = write
@@ -640,7 +641,7 @@ impl WriteBack for Salesforce {
             None => match self.find_by_key(conn, write).await? {
                 Some(id) => {
                     // The search's answer may have reached the share.
-                    self.share_left_to_write(conn)?;
+                    self.share_left(conn)?;
                     id
                 }
                 None => return Ok(()),
@@ -1208,6 +1209,11 @@ impl Pull for Salesforce {
         )?;
         let mut records = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(ids_per_query(&unbounded)) {
+            // Notified records are read within the integration's share of the org's daily
+            // allocation, as a sync's pages are: a busy object's notifications would spend
+            // the rest of it, which every other app of the org shares. The next sync reads
+            // them from its cursor.
+            self.share_left(conn)?;
             let quoted: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
             let soql = soql_where(
                 &unbounded,
