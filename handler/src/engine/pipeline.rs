@@ -1606,8 +1606,11 @@ impl<'a> EntityRun<'a> {
             transformed: mut page,
             fingerprints,
         } = mapped;
+        // An earlier listing's failure gives way to this listing, and counts as a listing a
+        // later one superseded within a page does: skipped.
         let forgotten = plan::forget_relisted(&mut self.errors, &page);
         self.counters.failed = self.counters.failed.saturating_sub(forgotten);
+        self.counters.skipped += forgotten;
         self.record_failures(std::mem::take(&mut page.failed));
         self.counters.skipped += page.superseded;
         // Records that are what their shards already say are skipped on the shards'
@@ -2074,7 +2077,10 @@ impl<'a> EntityRun<'a> {
         self.retire_derived(&gone).await?;
         let tombstones_of = |id: &str| held.iter().filter(|(_, holder)| holder == id).count();
         for id in written.refused {
-            self.counters.updated -= tombstones_of(&id) as u64;
+            // Each tombstone it holds was counted updated; each fails with it.
+            let tombstones = tombstones_of(&id) as u64;
+            self.counters.updated -= tombstones;
+            self.counters.failed += tombstones.saturating_sub(1);
             let message = format!("the shard `{id}` could not be soft-deleted");
             self.shard_error(FailureCode::Store, message, &id);
         }
@@ -2083,6 +2089,7 @@ impl<'a> EntityRun<'a> {
         }
         if last {
             for id in written.raced {
+                self.counters.failed += (tombstones_of(&id) as u64).saturating_sub(1);
                 let message = format!(
                     "the shard `{id}` was not soft-deleted: something else wrote it each of the {} times this sync did",
                     plan::LANDING_ROUNDS
