@@ -1189,5 +1189,20 @@ async fn replay_dead_letters(
             replayed.len()
         ));
     }
+    // Listed a moment before, and not met by the replay: replayed by another operator
+    // meanwhile, or held by another reader past the replay's wait.
+    let unmet: Vec<String> = selection
+        .sequence_numbers
+        .iter()
+        .filter(|n| !selection.all && !replayed.iter().any(|r| r.sequence_number == **n))
+        .map(i64::to_string)
+        .collect();
+    if !unmet.is_empty() {
+        return Err(format!(
+            "dead letters {} were not replayed: they were gone or held by another reader when \
+             the replay came to them; list the dead letters again",
+            unmet.join(", ")
+        ));
+    }
     Ok(())
 }

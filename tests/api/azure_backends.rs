@@ -823,6 +823,39 @@ async fn a_dead_letter_whose_locks_keep_lapsing_is_listed_once_and_replayed_once
 }
 
 #[tokio::test]
+async fn a_dead_letter_another_operator_replays_meanwhile_is_reported_not_replayed() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    let job = json!({"integrationId": "int-1", "tenantId": "t1", "jobId": "job-1"});
+    let sequence = service_bus.dead_letter(
+        "sync-inbound-scheduled",
+        HeldMessage::new("job-1", job.to_string().as_bytes(), &[]),
+        "MaxDeliveryCountExceeded",
+        "Message could not be consumed after 10 delivery attempts.",
+    );
+    service_bus
+        .taken_once_read
+        .lock()
+        .unwrap()
+        .push("sync-inbound-scheduled/$DeadLetterQueue".into());
+
+    let out = dead_letters(&app, &service_bus, &["replay", &sequence.to_string()]).await;
+
+    assert!(!out.status.success(), "nothing was replayed");
+    let reason = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        reason.contains(&format!("dead letters {sequence} were not replayed")),
+        "{reason}"
+    );
+    assert!(
+        service_bus
+            .sent()
+            .iter()
+            .all(|m| m.queue != "sync-inbound-scheduled")
+    );
+}
+
+#[tokio::test]
 async fn dead_letters_past_one_whose_lock_lapsed_are_still_listed_and_replayed() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();

@@ -134,6 +134,9 @@ pub struct FakeServiceBus {
     /// than a command's run makes them (`usize::MAX`: every one): a locked message is locked
     /// again, and the lock it had is lost.
     pub lapsing_locks: Arc<std::sync::atomic::AtomicUsize>,
+    /// Entities whose messages another operator takes as soon as a reader has read to their
+    /// end (its replay, run meanwhile).
+    pub taken_once_read: Arc<Mutex<Vec<String>>>,
     answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -362,6 +365,11 @@ fn peek_lock(fake: &FakeServiceBus, entity: &str, host: &str) -> Response {
             .iter_mut()
             .find(|m| lapsing > 0 || m.lock.is_none())
     }) else {
+        let mut taken = fake.taken_once_read.lock().unwrap();
+        if let Some(i) = taken.iter().position(|e| e == entity) {
+            taken.remove(i);
+            broker.entities.remove(entity);
+        }
         return StatusCode::NO_CONTENT.into_response();
     };
     if message.lock.is_some() && lapsing != usize::MAX {
