@@ -76,6 +76,35 @@ async fn a_delivery_signed_more_than_five_minutes_ago_is_refused_as_a_replay() {
 }
 
 #[tokio::test]
+async fn a_delivery_for_an_integration_castiel_left_invalid_is_refused_without_its_details() {
+    let zoom = FakeZoom::start().await;
+    let app = TestApp::new();
+    let mut broken = integration(&zoom, "2026-01-01");
+    // Written by Castiel itself, with a schedule no integration can have.
+    broken["structuredData"]["syncFrequency"] = json!({"type": "sometimes", "secret-ish": 7});
+    app.plant_integration(broken).await;
+    let meeting = zoom.add_meeting("Board review");
+    let handler = app.host_handler().await;
+
+    let out = post(
+        &handler,
+        &zoom.webhook(
+            "meeting.updated",
+            json!({"id": meeting.parse::<u64>().unwrap()}),
+        ),
+    )
+    .await;
+
+    assert_eq!(out["statusCode"], 409, "{out}");
+    let reason = out["body"].as_str().unwrap();
+    assert!(reason.contains("configuration is invalid"), "{reason}");
+    assert!(
+        !reason.contains("sometimes"),
+        "the details stay in the log: {reason}"
+    );
+}
+
+#[tokio::test]
 async fn an_occurrence_of_a_recurring_meeting_deleted_leaves_the_meeting() {
     let (zoom, app) = connected().await;
     let meeting = zoom.add_meeting("Weekly sync");

@@ -417,10 +417,16 @@ async fn find_integrations(
             Err(e) if several => {
                 tracing::warn!(tenant_id = %one.value.tenant_id, integration_id = %one.value.id, error = %e, "an invalid integration passed over for a webhook");
             }
+            // Why it is invalid is the operator's to read, not the caller's: the delivery
+            // has not been verified yet.
             Err(e) => {
+                tracing::warn!(tenant_id = %one.value.tenant_id, integration_id = %one.value.id, error = %e, "a webhook for an invalid integration refused");
                 return Ok(Err(HttpResponse::error(
                     409,
-                    format!("integration `{}` is invalid: {e}", one.value.id),
+                    format!(
+                        "integration `{}` cannot take deliveries now: its configuration is invalid",
+                        one.value.id
+                    ),
                 )));
             }
         }
