@@ -2157,9 +2157,9 @@ impl<'a> EntityRun<'a> {
     /// Writes a page's shards in batches, each that was read guarded by the etag it was read
     /// at (`etags`); retries them with backoff, then shard by shard. `first_failure` is why
     /// writing them as the page landed failed, which was the first try. Returns the shards not
-    /// written: those the store refused for what they are or that still failed alone, and
-    /// those written by something else since they were read. Fails the run only if every
-    /// shard failed alone (the store itself is failing).
+    /// written: those the store refused for what they are, and those written by something
+    /// else since they were read. Fails the run if a shard the store cannot take for now still
+    /// cannot be written alone, or every shard was refused (the store itself is failing).
     async fn write(
         &self,
         shards: &[Shard],
@@ -2223,16 +2223,25 @@ impl<'a> EntityRun<'a> {
         }
         let mut left = Written::default();
         for write in &writes {
-            match self.app.store.write_one(write).await {
-                Ok(_) => {}
-                Err(StoreError::PreconditionFailed) => left.raced.push(write.shard.id.clone()),
-                // A shard the store could not take for now is not one it refused: listed as
-                // failed, its record would be passed by the cursor and never read again. The
-                // job fails instead, and its retry reads the page again from its checkpoint.
-                Err(e @ (StoreError::Unavailable(_) | StoreError::NotProvisioned(_))) => {
-                    return Err(store_error(e));
-                }
-                Err(_) => left.refused.push(write.shard.id.clone()),
+            // A shard the store cannot take for now (throttled) is tried again with backoff,
+            // and is not one it refused: listed as failed, its record would be passed by the
+            // cursor and never read again. If it still cannot be written, the job fails, and
+            // its retry reads the page again from its checkpoint.
+            let refused = self
+                .retried(None, || async {
+                    match self.app.store.write_one(write).await {
+                        Ok(_) => Ok(None),
+                        Err(e @ (StoreError::Unavailable(_) | StoreError::NotProvisioned(_))) => {
+                            Err(e)
+                        }
+                        Err(refused) => Ok(Some(refused)),
+                    }
+                })
+                .await?;
+            match refused {
+                None => {}
+                Some(StoreError::PreconditionFailed) => left.raced.push(write.shard.id.clone()),
+                Some(_) => left.refused.push(write.shard.id.clone()),
             }
         }
         if left.refused.len() == shards.len() {
