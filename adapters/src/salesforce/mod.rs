@@ -431,7 +431,13 @@ impl Salesforce {
                         self.refresh(conn).await?;
                         continue;
                     }
-                    (answer_error(status, &body), retry_after)
+                    let error = answer_error(status, &body);
+                    // A request Salesforce stopped for running too long would run as long
+                    // again at once: the job's retry, seconds to minutes later, tries it.
+                    if ran_too_long(&body) {
+                        return Err(error);
+                    }
+                    (error, retry_after)
                 }
             };
             retries.wait_or_fail(error, retry_after).await?;
@@ -986,7 +992,7 @@ fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
         }
         // A query or request that ran past Salesforce's limit on a busy org: answered 400,
         // but the same request a while later runs in time.
-        _ if error_code == "QUERY_TIMEOUT" || error_code == "REQUEST_RUNNING_TOO_LONG" => {
+        _ if ran_too_long(body) => {
             ProviderError::new(ErrorCode::Timeout, format!("{error_code}: {message}"))
         }
         // The same 404 says an External ID field is not one, or not visible to the user: no
@@ -1032,6 +1038,14 @@ fn answer_error(status: StatusCode, body: &Value) -> ProviderError {
             format!("Salesforce answered {s}: {error_code}: {message}"),
         ),
     }
+}
+
+/// Whether Salesforce stopped the request for running past its time limit.
+fn ran_too_long(body: &Value) -> bool {
+    matches!(
+        first_error(body).0.as_str(),
+        "QUERY_TIMEOUT" | "REQUEST_RUNNING_TOO_LONG"
+    )
 }
 
 /// Salesforce errors are an array of `{message, errorCode}`.

@@ -1206,6 +1206,9 @@ fn is_anothers_own(shard_id: &str, integration_id: &str, entity: &str, external_
     shard_id.len() > head.len() + tail.len()
         && shard_id.starts_with(head)
         && shard_id.ends_with(tail)
+        // An entity's name, between the two: not a record id of its own with a `~` in it
+        // (`int~contacts~ACME~2`, record `ACME~2`'s shard, may hold record `2` merged in).
+        && !shard_id[head.len()..shard_id.len() - tail.len()].contains('~')
         && shard_id != synced_shard_id(integration_id, entity, external_id)
 }
 
@@ -1633,6 +1636,10 @@ mod tests {
         assert!(!is_anothers_own("int-1~Lead~2", "int-1", "Lead", "2"));
         assert!(!is_anothers_own("int-1~Contact~7", "int-1", "Lead", "2"));
         assert!(!is_anothers_own("castiel-made-shard", "int-1", "Lead", "2"));
+        assert!(
+            !is_anothers_own("int-1~Contact~ACME~2", "int-1", "Contact", "2"),
+            "record `ACME~2`'s shard, holding record 2 merged in"
+        );
     }
 
     #[test]
