@@ -125,6 +125,9 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     // is not refused and lost with it. A delivery nothing in verifies is refused.
     let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
     let mut refused: Option<HttpResponse> = None;
+    // A part that cannot be verified for now: the rest is taken, and the provider is asked to
+    // deliver it all again (the parts taken are then duplicates, dropped by their ids).
+    let mut put_off: Option<Transient> = None;
     let delivery = Delivery {
         req,
         request: &request,
@@ -132,7 +135,15 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         provider: provider.as_ref(),
     };
     for key in &keys {
-        let checked = verified_part(app, &delivery, key).await?;
+        let checked = match verified_part(app, &delivery, key).await {
+            Ok(checked) => checked,
+            Err(transient) if keys.len() > 1 => {
+                tracing::warn!(provider = %provider_name, %key, error = %transient.0, "webhook notifications put off in a batch");
+                put_off = Some(transient);
+                continue;
+            }
+            Err(transient) => return Err(transient),
+        };
         match checked {
             Ok(found) => verified.push(found),
             Err(answer) if keys.len() > 1 => {
@@ -143,6 +154,9 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         }
     }
     let Some(answer) = verified.last().map(|(_, _, d)| d.answer.clone()) else {
+        if let Some(transient) = put_off {
+            return Err(transient);
+        }
         return Ok(refused
             .unwrap_or_else(|| HttpResponse::error(400, "the delivery names no integration")));
     };
@@ -232,6 +246,9 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         tracing::info!(
             "the provider is answered while its delivery's events are still being published"
         );
+    }
+    if let Some(transient) = put_off {
+        return Err(transient);
     }
     Ok(HttpResponse::with_content_type(
         answer.status,
@@ -337,9 +354,14 @@ async fn verified_by(
         // moment ago on another instance, a key the operator just rotated): check once more
         // against the store.
         if may_read_fresh(&format!("{}/{}", shard.tenant_id, shard.id)) {
-            if let Ok(fresh) = conn.keeper.stored().await {
-                conn.credentials = fresh;
-                verdict = webhooks.verify(&conn, request, key).await;
+            match conn.keeper.stored().await {
+                Ok(fresh) => {
+                    conn.credentials = fresh;
+                    verdict = webhooks.verify(&conn, request, key).await;
+                }
+                // The vault cannot say for now whether the secret is newer.
+                Err(e) if e.code.is_retryable() => return Err(Transient(e.message)),
+                Err(_) => {}
             }
         } else if let Err(WebhookError::NotKept(reason)) = verdict {
             // The store was read for another delivery moments ago, perhaps before this
