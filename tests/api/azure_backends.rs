@@ -823,6 +823,39 @@ async fn a_dead_letter_whose_locks_keep_lapsing_is_listed_once_and_replayed_once
 }
 
 #[tokio::test]
+async fn a_dead_letter_of_an_integration_named_in_another_script_is_listed_and_replayed() {
+    let service_bus = FakeServiceBus::start().await;
+    let app = TestApp::new();
+    let mut write_back = HeldMessage::new(
+        "intégration-1:évt-1",
+        br#"{"shardId":"s-1"}"#,
+        &[("tenant", json!("t1"))],
+    );
+    write_back.session_id = Some("intégration-1".into());
+    let sequence = service_bus.dead_letter(
+        "sync-outbound",
+        write_back,
+        "MaxDeliveryCountExceeded",
+        "failed",
+    );
+
+    let out = dead_letters(&app, &service_bus, &["list", "--json"]).await;
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["messageId"], "intégration-1:évt-1", "{listed}");
+
+    let out = dead_letters(&app, &service_bus, &["replay", &sequence.to_string()]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = service_bus.sent();
+    let replayed = sent.iter().find(|m| m.queue == "sync-outbound").unwrap();
+    assert_eq!(replayed.broker_properties["SessionId"], "intégration-1");
+}
+
+#[tokio::test]
 async fn a_dead_letter_another_operator_replays_meanwhile_is_reported_not_replayed() {
     let service_bus = FakeServiceBus::start().await;
     let app = TestApp::new();

@@ -229,23 +229,31 @@ fn property_value(header: &str) -> Value {
     }
 }
 
+/// A header's text: UTF-8 where its bytes are (an id written in another script, sent back as
+/// it was sent), else each byte the character it is in Latin-1, as HTTP reads headers.
+fn header_value(value: &reqwest::header::HeaderValue) -> String {
+    match std::str::from_utf8(value.as_bytes()) {
+        Ok(text) => text.to_string(),
+        Err(_) => value.as_bytes().iter().map(|&b| char::from(b)).collect(),
+    }
+}
+
 /// Reads a peek-lock answer: the body, `BrokerProperties`, `Location` and one header per
 /// application property.
 pub fn locked_message(
     headers: &reqwest::header::HeaderMap,
     body: Vec<u8>,
 ) -> Result<LockedMessage, String> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let header = |name: &str| headers.get(name).map(header_value);
     let broker: Value = header("BrokerProperties")
+        .as_deref()
         .and_then(|text| serde_json::from_str(text).ok())
         .ok_or("the message has no readable BrokerProperties")?;
-    let lock_url = header("Location")
-        .ok_or("the message has no Location to settle it by")?
-        .to_string();
+    let lock_url = header("Location").ok_or("the message has no Location to settle it by")?;
     let properties = headers
         .iter()
         .filter(|(name, _)| !NOT_PROPERTIES.contains(&name.as_str()))
-        .filter_map(|(name, v)| Some((name.to_string(), property_value(v.to_str().ok()?))))
+        .map(|(name, v)| (name.to_string(), property_value(&header_value(v))))
         .collect();
     Ok(LockedMessage {
         lock_url,
@@ -260,7 +268,7 @@ pub fn locked_message(
             .and_then(|t| chrono::DateTime::parse_from_rfc2822(t).ok())
             .map(|t| t.with_timezone(&Utc))
             .unwrap_or_default(),
-        content_type: header("Content-Type").map(str::to_string),
+        content_type: header("Content-Type"),
         properties,
         body,
     })
@@ -375,12 +383,12 @@ fn ascii_json(value: &Value) -> String {
     let text = value.to_string();
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_ascii() {
+        if c.is_ascii() && c != '\u{7f}' {
             out.push(c);
             continue;
         }
-        // Outside ASCII, serde_json writes characters only inside strings, where an escape
-        // says the same.
+        // Outside ASCII (and DEL, which a header may not hold), serde_json writes characters
+        // only inside strings, where an escape says the same.
         let mut units = [0u16; 2];
         for unit in c.encode_utf16(&mut units) {
             out.push_str(&format!("\\u{unit:04x}"));
@@ -543,10 +551,11 @@ mod tests {
 
     #[test]
     fn broker_properties_travel_in_ascii_whatever_the_ids_are_written_in() {
-        let message = OutgoingMessage::json("sync-outbound", "intégration-1:évt", &json!({}))
+        let message = OutgoingMessage::json("sync-outbound", "intégration-1:évt\u{7f}", &json!({}))
             .in_session("intégration-1 🚀");
         let header = ascii_json(&broker_properties(&message));
-        assert!(header.is_ascii(), "{header}");
+        assert!(header.is_ascii() && !header.contains('\u{7f}'), "{header}");
+        reqwest::header::HeaderValue::from_str(&header).unwrap();
         assert!(
             header.contains("\\u00e9") && header.contains("\\ud83d\\ude80"),
             "{header}"
