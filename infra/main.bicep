@@ -42,7 +42,7 @@ param alertEmailReceivers array
 @maxValue(24855)
 param historyRetentionDays int = 30
 
-@description('Per-tenant retention, tenant=days pairs: t1=7,t2=90.')
+@description('Per-tenant retention, tenant=days pairs: t1=7,t2=90; each from 1 to 24855 days, as historyRetentionDays.')
 param historyRetentionDaysByTenant string = ''
 
 @description('Refresh OAuth tokens that expire within this many milliseconds.')
@@ -55,7 +55,7 @@ param syncMaxRecords int = 1000
 
 @description('Shortest time between two scheduled syncs of one integration.')
 @minValue(0)
-@maxValue(525600)
+@maxValue(527040)
 param syncMinIntervalMinutes int = 5
 
 @description('Scheduled syncs of one tenant under way at once.')

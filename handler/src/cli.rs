@@ -277,6 +277,11 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             return 1;
         }
     };
+    if !matches!(command, Command::Serve | Command::Local { .. })
+        && let Some(warning) = mixed_backends(&settings, &backends.dir)
+    {
+        eprintln!("warning: {warning}");
+    }
     let result = match command {
         Command::Serve => {
             let port = settings.port;
@@ -319,9 +324,6 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
             Err(e) => Err(e),
         },
         operator => {
-            if let Some(warning) = mixed_backends(&settings, &backends.dir) {
-                eprintln!("warning: {warning}");
-            }
             match App::from_settings(
                 settings,
                 &backends,
@@ -352,7 +354,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> i32 {
 /// not refused.
 fn mixed_backends(settings: &Settings, dir: &DataDir) -> Option<String> {
     let azure = &settings.azure;
-    let embedded: Vec<String> = [
+    let backends = [
         (
             azure.cosmos.is_none(),
             "shards",
@@ -371,14 +373,23 @@ fn mixed_backends(settings: &Settings, dir: &DataDir) -> Option<String> {
             dir.secrets(),
             "KEY_VAULT_URL",
         ),
-    ]
-    .into_iter()
-    .filter(|(embedded, ..)| *embedded)
-    .map(|(_, what, path, setting)| format!("{what} in {} ({setting} is not set)", path.display()))
-    .collect();
-    (!embedded.is_empty() && embedded.len() < 3).then(|| {
+        (
+            azure.event_grid.is_none(),
+            "events",
+            dir.events(),
+            "EVENTGRID_ENDPOINT",
+        ),
+    ];
+    let embedded: Vec<String> = backends
+        .iter()
+        .filter(|(embedded, ..)| *embedded)
+        .map(|(_, what, path, setting)| {
+            format!("{what} in {} ({setting} is not set)", path.display())
+        })
+        .collect();
+    (!embedded.is_empty() && embedded.len() < backends.len()).then(|| {
         format!(
-            "some backends are in Azure, but this command uses {}; only a `handler local` on this data directory reads those",
+            "some backends are in Azure, but here this command would keep {}; only a `handler local` on this data directory reads those",
             embedded.join(", ")
         )
     })

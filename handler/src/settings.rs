@@ -436,9 +436,11 @@ impl Settings {
                 parse::<u64>("SYNC_MIN_INTERVAL_MINUTES", &v, WHOLE_NUMBER, &mut problems)
             })
             .and_then(|minutes| {
-                if minutes > MAX_SYNC_INTERVAL_MINUTES {
+                // As long as an integration's own interval may be.
+                let longest = u64::from(crate::model::integration::MAX_INTERVAL_MINUTES);
+                if minutes > longest {
                     problems.push(format!(
-                        "SYNC_MIN_INTERVAL_MINUTES: at most {MAX_SYNC_INTERVAL_MINUTES} (a year)"
+                        "SYNC_MIN_INTERVAL_MINUTES: at most {longest} (a year)"
                     ));
                     return None;
                 }
@@ -715,9 +717,6 @@ fn parse<T: std::str::FromStr>(
 
 /// What the numeric settings expect.
 const WHOLE_NUMBER: &str = "a whole number";
-
-/// The longest `SYNC_MIN_INTERVAL_MINUTES`: a year, as for an integration's own interval.
-const MAX_SYNC_INTERVAL_MINUTES: u64 = 365 * 24 * 60;
 
 #[cfg(test)]
 mod tests {

@@ -86,10 +86,11 @@ struct PendingJobs {
 }
 
 impl PendingJobs {
-    /// How long a tick's count is reported: past the next tick, which may have run on another
-    /// instance. An instance reporting its last count for good would add a stale count to the
-    /// current one, tenant by tenant, wherever the instances' metrics are summed.
-    const REPORTED_FOR: Duration = Duration::from_secs(90);
+    /// How long a tick's count is reported: one export's interval, as long as the timer's, so
+    /// that each tick is exported once. The next tick may run on another instance; one
+    /// reporting its last count for good would add a stale count to the current one, tenant by
+    /// tenant, wherever the instances' metrics are summed.
+    const REPORTED_FOR: Duration = EXPORT_INTERVAL;
 
     fn is_current(&self, now: Instant) -> bool {
         self.seen_at
@@ -199,13 +200,9 @@ impl Metrics {
     /// The jobs queued or running per tenant, as a scheduler tick saw them; tenants not
     /// listed have none.
     pub fn pending_jobs(&self, by_tenant: BTreeMap<String, u64>) {
-        self.pending_jobs_seen_at(by_tenant, Instant::now());
-    }
-
-    fn pending_jobs_seen_at(&self, by_tenant: BTreeMap<String, u64>, at: Instant) {
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = PendingJobs {
             by_tenant,
-            seen_at: Some(at),
+            seen_at: Some(Instant::now()),
         };
     }
 
@@ -460,17 +457,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_instance_whose_scheduler_tick_was_long_ago_reports_no_queue_depth() {
-        let (reader, view) = PrometheusText::reader().unwrap();
-        let provider = SdkMeterProvider::builder().with_reader(reader).build();
-        let metrics = Metrics::new(&provider.meter(SERVICE));
-        let long_ago = Instant::now()
-            .checked_sub(Duration::from_secs(300))
-            .unwrap();
-        metrics.pending_jobs_seen_at(BTreeMap::from([("tenant-1".to_string(), 4)]), long_ago);
-
-        let text = view.render();
-        assert!(!text.contains("sync_queue_depth{"), "{text}");
+    #[test]
+    fn a_scheduler_ticks_count_is_reported_until_the_next_tick_and_no_longer() {
+        let tick = Instant::now();
+        let pending = PendingJobs {
+            by_tenant: BTreeMap::from([("tenant-1".to_string(), 4)]),
+            seen_at: Some(tick),
+        };
+        assert!(pending.is_current(tick + Duration::from_secs(59)));
+        assert!(
+            !pending.is_current(tick + EXPORT_INTERVAL),
+            "the next tick's count, on whichever instance, is the one reported"
+        );
+        assert!(!PendingJobs::default().is_current(tick));
     }
 }

@@ -417,6 +417,10 @@ fn the_bounds_of_each_number_the_app_settings_take_are_the_handlers() {
             "SYNC_MAX_CONCURRENT_PER_TENANT",
         ),
     ] {
+        assert!(
+            main.contains(&format!("param {param} int")),
+            "main.bicep declares no {param}"
+        );
         let declaration = main
             .split(&format!("param {param} int"))
             .next()

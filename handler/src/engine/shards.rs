@@ -186,8 +186,13 @@ fn engines_own(shard_type: &str) -> Result<(), ChangeError> {
     if !shard_types::is_the_engines(shard_type) {
         return Ok(());
     }
+    let instead = match shard_type {
+        shard_types::INTEGRATION => "; use `handler integrations put`",
+        shard_types::SYNC_CONFLICT => "; use `handler conflicts resolve`",
+        _ => "",
+    };
     Err(ChangeError::Invalid(format!(
-        "`{shard_type}` shards are the engine's own; use `handler integrations put` for integrations"
+        "`{shard_type}` shards are the engine's own{instead}"
     )))
 }
 

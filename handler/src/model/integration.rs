@@ -532,7 +532,7 @@ pub enum SyncFrequency {
 }
 
 /// The longest interval between syncs: a year of minutes.
-const MAX_INTERVAL_MINUTES: u32 = 366 * 24 * 60;
+pub const MAX_INTERVAL_MINUTES: u32 = 366 * 24 * 60;
 
 impl SyncFrequency {
     /// Checks the frequency can be scheduled from `now`: an interval of a minute to a year, a

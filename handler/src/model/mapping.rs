@@ -231,7 +231,8 @@ impl EntityMapping {
                 .find(|o| o.key_name() == rule.key_name() && o.field != rule.field)
             {
                 return Err(format!(
-                    "{} → {}: the deduplication rules on `{}` and `{}` would keep one match key                      (`{}`); rename one of the fields",
+                    "{} → {}: the deduplication rules on `{}` and `{}` would keep one match key (`{}`); \
+                     rename one of the fields",
                     self.external_entity,
                     self.shard_type_id,
                     rule.field,
