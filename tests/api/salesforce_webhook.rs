@@ -432,7 +432,7 @@ async fn a_mapping_castiel_wrote_unchecked_fails_its_webhook_job_with_the_reason
 }
 
 #[tokio::test]
-async fn outbound_messages_read_no_records_once_the_integration_has_used_its_share_of_the_org() {
+async fn outbound_messages_wait_while_the_integration_has_used_its_share_of_the_org() {
     let app = TestApp::new();
     let fake = connected_org(&app).await;
     let handler = app.host_handler().await;
@@ -442,10 +442,16 @@ async fn outbound_messages_read_no_records_once_the_integration_has_used_its_sha
         .run_sync("int-acme-sf", "salesforce", "sync-1", "incremental")
         .await;
     let before = fake.org.lock().unwrap().requests.len();
+    // Then Globex is renamed, and its Outbound Message sent.
+    fake.add(
+        "Account",
+        json!({"Id": "001000000000000002", "Name": "Globex Corp", "Industry": "Energy"}),
+        chrono::Utc::now(),
+    );
 
     let soap = delivery(
         ORG_ID,
-        &[("04l000000000007AAA", "001000000000000002", "Globex")],
+        &[("04l000000000007AAA", "001000000000000002", "Globex Corp")],
     );
     assert_acknowledged(&post_outbound_message(&handler, &soap).await);
     run_queued_jobs(&app, &handler).await;
@@ -455,4 +461,33 @@ async fn outbound_messages_read_no_records_once_the_integration_has_used_its_sha
         requests.iter().all(|r| !r.contains("Id IN")),
         "{requests:?}"
     );
+
+    // Salesforce will not deliver the message again: its job waits an hour to read them.
+    let held: Vec<_> = app
+        .broker()
+        .peek(SYNC_INBOUND_WEBHOOK)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.message_id.ends_with(":held-1"))
+        .collect();
+    assert_eq!(held.len(), 1);
+    let job: Value = serde_json::from_slice(&held[0].body).unwrap();
+    let at: chrono::DateTime<chrono::Utc> = job["scheduledAt"].as_str().unwrap().parse().unwrap();
+    assert!(
+        at > chrono::Utc::now() + chrono::Duration::minutes(59),
+        "{job}"
+    );
+
+    // An hour on, the org's usage is back down, and the held job reads the records.
+    fake.org.lock().unwrap().api_usage = (1_000, 100_000);
+    let later = app.host_handler().await;
+    later.deliver("SyncInboundWebhook", &held[0]).await;
+    let globex = app
+        .store()
+        .get("t1", "int-acme-sf~Account~001000000000000002")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(globex.name, "Globex Corp");
 }

@@ -450,6 +450,42 @@ pub fn continuation_id(job_id: &str) -> String {
     }
 }
 
+/// How long a webhook job stopped by the provider's allocation waits to read its records
+/// again, when the provider does not say, and how many times it waits.
+const WEBHOOK_HOLD: chrono::Duration = chrono::Duration::hours(1);
+const MAX_WEBHOOK_HOLDS: u32 = 24;
+
+/// The job that reads a webhook job's records once the provider's allocation is back
+/// (`stop`), and when it is due. A webhook's records are read by its job alone: the provider
+/// does not deliver the notification again, and the integration may sync on no schedule. So a
+/// webhook job the allocation stopped is held, an hour at a time unless the provider says when
+/// (`<job>:held-<n>`), for a day at most; none after that.
+pub fn held_webhook_job(
+    job: &SyncJobMessage,
+    stop: &Failure,
+    now: DateTime<Utc>,
+) -> Option<SyncJobMessage> {
+    let (root, holds) = match job.job_id.rsplit_once(":held-") {
+        Some((root, n)) if n.parse::<u32>().is_ok() => (root, n.parse::<u32>().unwrap_or(0)),
+        _ => (job.job_id.as_str(), 0),
+    };
+    if job.job_type != JobType::Webhook || holds >= MAX_WEBHOOK_HOLDS {
+        return None;
+    }
+    let at = stop
+        .resume_at
+        .filter(|at| *at > now)
+        .unwrap_or(now + WEBHOOK_HOLD)
+        .min(now + chrono::Duration::days(1));
+    Some(SyncJobMessage {
+        job_id: format!("{root}:held-{}", holds + 1),
+        scheduled_at: at,
+        attempt: 1,
+        deferrals: 0,
+        ..job.clone()
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn succeed(
     app: &App,
@@ -462,11 +498,26 @@ async fn succeed(
     now: DateTime<Utc>,
 ) -> Result<(), Transient> {
     let stats = outcome.stats.clone();
+    let held = match &outcome.stopped {
+        Some(Stop::Quota(e)) => held_webhook_job(job, e, now),
+        _ => None,
+    };
     let (status, message) = match &outcome.stopped {
-        Some(Stop::Quota(e)) => (
-            SyncStatus::Partial,
-            format!("stopped early, resuming on the next run: {}", e.message),
-        ),
+        Some(Stop::Quota(e)) => match &held {
+            Some(held) => (
+                SyncStatus::Partial,
+                format!(
+                    "stopped early, its records read again from {} in job {}: {}",
+                    crate::model::timestamp::format(&held.scheduled_at),
+                    held.job_id,
+                    e.message
+                ),
+            ),
+            None => (
+                SyncStatus::Partial,
+                format!("stopped early, resuming on the next run: {}", e.message),
+            ),
+        },
         Some(Stop::Superseded(e)) => (SyncStatus::Partial, format!("stopped: {}", e.message)),
         // Nothing landed. (A record whose shard was written can still count a failure, of a
         // shard derived from it.)
@@ -555,6 +606,11 @@ async fn succeed(
         true
     })
     .await?;
+    if let Some(held) = &held {
+        let copy =
+            OutgoingMessage::json(queue, held.job_id.clone(), held).scheduled_at(held.scheduled_at);
+        app.queue.send(copy).await?;
+    }
     if let Some(next_id) = &continuation {
         let next = SyncJobMessage {
             job_id: next_id.clone(),
@@ -844,12 +900,50 @@ fn subject(job: &SyncJobMessage) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::continuation_id;
+    use chrono::{DateTime, Duration, Utc};
+    use serde_json::json;
+
+    use super::*;
 
     #[test]
     fn continuations_number_themselves() {
         assert_eq!(continuation_id("job_1"), "job_1+1");
         assert_eq!(continuation_id("job_1+1"), "job_1+2");
         assert_eq!(continuation_id("job_a+b"), "job_a+b+1");
+    }
+
+    #[test]
+    fn a_webhook_job_the_allocation_stopped_is_held_until_it_is_back_for_a_day_at_most() {
+        let now: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
+        let job = |id: &str, job_type: &str| -> SyncJobMessage {
+            serde_json::from_value(json!({
+                "integrationId": "int-1", "tenantId": "t1", "jobType": job_type,
+                "provider": "salesforce", "jobId": id, "scheduledAt": now, "attempt": 3,
+                "webhookPayload": {"entity": "Account", "ids": ["001"]}
+            }))
+            .unwrap()
+        };
+        let quota = Failure::new(FailureCode::from(adapters::ErrorCode::RateLimit), "used up");
+
+        let held = held_webhook_job(&job("wh_1", "webhook"), &quota, now).unwrap();
+        assert_eq!(held.job_id, "wh_1:held-1");
+        assert_eq!(held.scheduled_at, now + Duration::hours(1));
+        assert_eq!(held.attempt, 1);
+        assert_eq!(held.webhook_payload, job("wh_1", "webhook").webhook_payload);
+
+        // Where the provider says when its allocation comes back, then.
+        let midnight = Failure {
+            resume_at: Some(now + Duration::hours(14)),
+            ..quota.clone()
+        };
+        let held = held_webhook_job(&job("wh_1:held-1", "webhook"), &midnight, now).unwrap();
+        assert_eq!(held.job_id, "wh_1:held-2");
+        assert_eq!(held.scheduled_at, now + Duration::hours(14));
+
+        assert!(held_webhook_job(&job("wh_1:held-24", "webhook"), &quota, now).is_none());
+        assert!(
+            held_webhook_job(&job("sync_1", "incremental"), &quota, now).is_none(),
+            "a scheduled sync resumes from its checkpoints on the next run"
+        );
     }
 }
