@@ -198,7 +198,7 @@ async fn run_job(
     match result {
         Ok(outcome) => {
             succeed(
-                app, queue, &job, &this_run, &record_id, record, outcome, completed,
+                app, queue, message, &job, &this_run, &record_id, record, outcome, completed,
             )
             .await
         }
@@ -208,7 +208,7 @@ async fn run_job(
                 ..Outcome::default()
             };
             succeed(
-                app, queue, &job, &this_run, &record_id, record, outcome, completed,
+                app, queue, message, &job, &this_run, &record_id, record, outcome, completed,
             )
             .await
         }
@@ -219,7 +219,7 @@ async fn run_job(
                 ..Outcome::default()
             };
             succeed(
-                app, queue, &job, &this_run, &record_id, record, outcome, completed,
+                app, queue, message, &job, &this_run, &record_id, record, outcome, completed,
             )
             .await
         }
@@ -455,41 +455,60 @@ pub fn continuation_id(job_id: &str) -> String {
 const WEBHOOK_HOLD: chrono::Duration = chrono::Duration::hours(1);
 const MAX_WEBHOOK_HOLDS: u32 = 24;
 
-/// The job that reads a webhook job's records once the provider's allocation is back
-/// (`stop`), and when it is due. A webhook's records are read by its job alone: the provider
-/// does not deliver the notification again, and the integration may sync on no schedule. So a
-/// webhook job the allocation stopped is held, an hour at a time unless the provider says when
-/// (`<job>:held-<n>`), for a day at most; none after that.
+/// What becomes of a webhook job that the provider's used-up allocation stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WebhookHold {
+    /// It is sent again for when the allocation is back.
+    Again(SyncJobMessage),
+    /// It has waited as often as it may: it is dead-lettered, for an operator to replay.
+    GivenUp,
+}
+
+/// What becomes of `job`, which the provider's allocation stopped (`stop`). The records a
+/// notification names are read by its job alone: the provider does not deliver it again, and
+/// the integration may sync on no schedule. So such a job is held: sent again
+/// (`<job>:held-<n>`) for when the provider says the allocation is back, else an hour on, up
+/// to [`MAX_WEBHOOK_HOLDS`] times, then dead-lettered. None for a job that is not held: a
+/// scheduled sync resumes from its checkpoints on its next run, and a catch-up (a notification
+/// naming no records) is what any later sync or catch-up of the entity reads from the cursor.
 pub fn held_webhook_job(
     job: &SyncJobMessage,
     stop: &Failure,
     now: DateTime<Utc>,
-) -> Option<SyncJobMessage> {
+) -> Option<WebhookHold> {
+    let names_records = job
+        .webhook_payload
+        .as_ref()
+        .is_some_and(|p| p.get("ids").is_some());
+    if job.job_type != JobType::Webhook || !names_records {
+        return None;
+    }
     let (root, holds) = match job.job_id.rsplit_once(":held-") {
         Some((root, n)) if n.parse::<u32>().is_ok() => (root, n.parse::<u32>().unwrap_or(0)),
         _ => (job.job_id.as_str(), 0),
     };
-    if job.job_type != JobType::Webhook || holds >= MAX_WEBHOOK_HOLDS {
-        return None;
+    if holds >= MAX_WEBHOOK_HOLDS {
+        return Some(WebhookHold::GivenUp);
     }
     let at = stop
         .resume_at
         .filter(|at| *at > now)
         .unwrap_or(now + WEBHOOK_HOLD)
         .min(now + chrono::Duration::days(1));
-    Some(SyncJobMessage {
+    Some(WebhookHold::Again(SyncJobMessage {
         job_id: format!("{root}:held-{}", holds + 1),
         scheduled_at: at,
         attempt: 1,
         deferrals: 0,
         ..job.clone()
-    })
+    }))
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn succeed(
     app: &App,
     queue: &str,
+    delivered: &ServiceBusMessage,
     job: &SyncJobMessage,
     run: &str,
     record_id: &str,
@@ -504,12 +523,20 @@ async fn succeed(
     };
     let (status, message) = match &outcome.stopped {
         Some(Stop::Quota(e)) => match &held {
-            Some(held) => (
+            Some(WebhookHold::Again(held)) => (
                 SyncStatus::Partial,
                 format!(
                     "stopped early, its records read again from {} in job {}: {}",
                     crate::model::timestamp::format(&held.scheduled_at),
                     held.job_id,
+                    e.message
+                ),
+            ),
+            Some(WebhookHold::GivenUp) => (
+                SyncStatus::Partial,
+                format!(
+                    "stopped early, and dead-lettered for an operator to replay after waiting \
+                     {MAX_WEBHOOK_HOLDS} times for the provider's allocation: {}",
                     e.message
                 ),
             ),
@@ -606,10 +633,17 @@ async fn succeed(
         true
     })
     .await?;
-    if let Some(held) = &held {
-        let copy =
-            OutgoingMessage::json(queue, held.job_id.clone(), held).scheduled_at(held.scheduled_at);
-        app.queue.send(copy).await?;
+    match &held {
+        Some(WebhookHold::Again(held)) => {
+            let copy = OutgoingMessage::json(queue, held.job_id.clone(), held)
+                .scheduled_at(held.scheduled_at);
+            app.queue.send(copy).await?;
+        }
+        Some(WebhookHold::GivenUp) => {
+            let reason = record.status_message.clone().unwrap_or_default();
+            send_dead_letter(app, queue, delivered, "RATE_LIMIT", &reason).await?;
+        }
+        None => {}
     }
     if let Some(next_id) = &continuation {
         let next = SyncJobMessage {
@@ -913,37 +947,60 @@ mod tests {
     }
 
     #[test]
-    fn a_webhook_job_the_allocation_stopped_is_held_until_it_is_back_for_a_day_at_most() {
+    fn a_webhook_job_the_allocation_stopped_is_held_until_it_is_back_then_dead_lettered() {
         let now: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
-        let job = |id: &str, job_type: &str| -> SyncJobMessage {
+        let job = |id: &str, job_type: &str, payload: serde_json::Value| -> SyncJobMessage {
             serde_json::from_value(json!({
                 "integrationId": "int-1", "tenantId": "t1", "jobType": job_type,
                 "provider": "salesforce", "jobId": id, "scheduledAt": now, "attempt": 3,
-                "webhookPayload": {"entity": "Account", "ids": ["001"]}
+                "webhookPayload": payload
             }))
             .unwrap()
         };
+        let named = json!({"entity": "Account", "ids": ["001"]});
         let quota = Failure::new(FailureCode::from(adapters::ErrorCode::RateLimit), "used up");
 
-        let held = held_webhook_job(&job("wh_1", "webhook"), &quota, now).unwrap();
+        let Some(WebhookHold::Again(held)) =
+            held_webhook_job(&job("wh_1", "webhook", named.clone()), &quota, now)
+        else {
+            panic!("held");
+        };
         assert_eq!(held.job_id, "wh_1:held-1");
         assert_eq!(held.scheduled_at, now + Duration::hours(1));
         assert_eq!(held.attempt, 1);
-        assert_eq!(held.webhook_payload, job("wh_1", "webhook").webhook_payload);
+        assert_eq!(held.webhook_payload, Some(named.clone()));
 
         // Where the provider says when its allocation comes back, then.
         let midnight = Failure {
             resume_at: Some(now + Duration::hours(14)),
             ..quota.clone()
         };
-        let held = held_webhook_job(&job("wh_1:held-1", "webhook"), &midnight, now).unwrap();
+        let Some(WebhookHold::Again(held)) = held_webhook_job(
+            &job("wh_1:held-1", "webhook", named.clone()),
+            &midnight,
+            now,
+        ) else {
+            panic!("held again");
+        };
         assert_eq!(held.job_id, "wh_1:held-2");
         assert_eq!(held.scheduled_at, now + Duration::hours(14));
 
-        assert!(held_webhook_job(&job("wh_1:held-24", "webhook"), &quota, now).is_none());
+        assert_eq!(
+            held_webhook_job(&job("wh_1:held-24", "webhook", named.clone()), &quota, now),
+            Some(WebhookHold::GivenUp)
+        );
         assert!(
-            held_webhook_job(&job("sync_1", "incremental"), &quota, now).is_none(),
+            held_webhook_job(&job("sync_1", "incremental", json!(null)), &quota, now).is_none(),
             "a scheduled sync resumes from its checkpoints on the next run"
+        );
+        assert!(
+            held_webhook_job(
+                &job("wh_2", "webhook", json!({"entity": "Account"})),
+                &quota,
+                now
+            )
+            .is_none(),
+            "a catch-up is any later sync's to read"
         );
     }
 }

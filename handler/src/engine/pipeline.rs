@@ -2222,22 +2222,29 @@ impl<'a> EntityRun<'a> {
             return Ok(written);
         }
         let mut left = Written::default();
+        // A shard the store cannot take for now (throttled) is not one it refused: listed as
+        // failed, its record would be passed by the cursor and never read again. The first is
+        // tried again with backoff; if it still cannot be written, or a later one cannot
+        // either (the store is busy, and a page's shards waited out one by one would outlast
+        // the invocation), the job fails, and its retry reads the page again from its
+        // checkpoint.
+        let mut waited = false;
         for write in &writes {
-            // A shard the store cannot take for now (throttled) is tried again with backoff,
-            // and is not one it refused: listed as failed, its record would be passed by the
-            // cursor and never read again. If it still cannot be written, the job fails, and
-            // its retry reads the page again from its checkpoint.
-            let refused = self
-                .retried(None, || async {
-                    match self.app.store.write_one(write).await {
-                        Ok(_) => Ok(None),
-                        Err(e @ (StoreError::Unavailable(_) | StoreError::NotProvisioned(_))) => {
-                            Err(e)
-                        }
-                        Err(refused) => Ok(Some(refused)),
-                    }
-                })
-                .await?;
+            let write_one = || async {
+                match self.app.store.write_one(write).await {
+                    Ok(_) => Ok(None),
+                    Err(e @ (StoreError::Unavailable(_) | StoreError::NotProvisioned(_))) => Err(e),
+                    Err(refused) => Ok(Some(refused)),
+                }
+            };
+            let refused = match write_one().await {
+                Err(busy @ StoreError::Unavailable(_)) if !waited => {
+                    waited = true;
+                    self.retried(Some(busy), write_one).await?
+                }
+                Err(e) => return Err(store_error(e)),
+                Ok(refused) => refused,
+            };
             match refused {
                 None => {}
                 Some(StoreError::PreconditionFailed) => left.raced.push(write.shard.id.clone()),

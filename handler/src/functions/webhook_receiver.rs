@@ -123,11 +123,11 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     // (replaced, or removed while its last notifications were on their way), or an
     // integration that cannot verify its part, is passed over, so that the rest of the batch
     // is not refused and lost with it. A delivery nothing in verifies is refused.
+    // A part that cannot be verified for now puts the whole delivery off, before any of it is
+    // taken: taken parts delivered again would run again (Graph gives some notifications a
+    // new id each delivery).
     let mut verified: Vec<(Shard, Integration, WebhookDelivery)> = Vec::new();
     let mut refused: Option<HttpResponse> = None;
-    // A part that cannot be verified for now: the rest is taken, and the provider is asked to
-    // deliver it all again (the parts taken are then duplicates, dropped by their ids).
-    let mut put_off: Option<Transient> = None;
     let delivery = Delivery {
         req,
         request: &request,
@@ -135,15 +135,7 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         provider: provider.as_ref(),
     };
     for key in &keys {
-        let checked = match verified_part(app, &delivery, key).await {
-            Ok(checked) => checked,
-            Err(transient) if keys.len() > 1 => {
-                tracing::warn!(provider = %provider_name, %key, error = %transient.0, "webhook notifications put off in a batch");
-                put_off = Some(transient);
-                continue;
-            }
-            Err(transient) => return Err(transient),
-        };
+        let checked = verified_part(app, &delivery, key).await?;
         match checked {
             Ok(found) => verified.push(found),
             Err(answer) if keys.len() > 1 => {
@@ -154,9 +146,6 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         }
     }
     let Some(answer) = verified.last().map(|(_, _, d)| d.answer.clone()) else {
-        if let Some(transient) = put_off {
-            return Err(transient);
-        }
         return Ok(refused
             .unwrap_or_else(|| HttpResponse::error(400, "the delivery names no integration")));
     };
@@ -246,9 +235,6 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
         tracing::info!(
             "the provider is answered while its delivery's events are still being published"
         );
-    }
-    if let Some(transient) = put_off {
-        return Err(transient);
     }
     Ok(HttpResponse::with_content_type(
         answer.status,
@@ -353,14 +339,19 @@ async fn verified_by(
         // The secret may be newer than the cached credentials (a subscription created a
         // moment ago on another instance, a key the operator just rotated): check once more
         // against the store.
-        if may_read_fresh(&format!("{}/{}", shard.tenant_id, shard.id)) {
+        let reader = format!("{}/{}", shard.tenant_id, shard.id);
+        if may_read_fresh(&reader) {
             match conn.keeper.stored().await {
                 Ok(fresh) => {
                     conn.credentials = fresh;
                     verdict = webhooks.verify(&conn, request, key).await;
                 }
-                // The vault cannot say for now whether the secret is newer.
-                Err(e) if e.code.is_retryable() => return Err(Transient(e.message)),
+                // The vault cannot say for now whether the secret is newer: the delivery is
+                // put off, and its redelivery may read the vault again.
+                Err(e) if e.code.is_retryable() => {
+                    forget_fresh_read(&reader);
+                    return Err(Transient(e.message));
+                }
                 Err(_) => {}
             }
         } else if let Err(WebhookError::NotKept(reason)) = verdict {
@@ -445,10 +436,7 @@ async fn find_integrations(
                 tracing::warn!(tenant_id = %one.value.tenant_id, integration_id = %one.value.id, error = %e, "a webhook for an invalid integration refused");
                 return Ok(Err(HttpResponse::error(
                     409,
-                    format!(
-                        "integration `{}` cannot take deliveries now: its configuration is invalid",
-                        one.value.id
-                    ),
+                    "the integration this delivery names cannot take deliveries now: its configuration is invalid",
                 )));
             }
         }
@@ -463,16 +451,26 @@ const FRESH_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(30)
 /// The longest a delivery's answer waits for its events to be published.
 const EVENTS_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// When each integration's credentials were last read afresh for a delivery.
+static FRESH_READS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Gives back the fresh read of `integration_id`'s credentials that the vault did not answer.
+fn forget_fresh_read(integration_id: &str) {
+    FRESH_READS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(integration_id);
+}
+
 /// Whether a delivery that failed verification may read `integration_id`'s credentials afresh
 /// now: once per [`FRESH_READ_EVERY`]. Anyone who knows an integration's routing key can post
 /// forgeries; without the limit each would cost a Key Vault read, and enough of them would
 /// throttle the vault the token refreshes write to.
 fn may_read_fresh(integration_id: &str) -> bool {
-    static LAST: std::sync::LazyLock<
-        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    > = std::sync::LazyLock::new(Default::default);
     let now = std::time::Instant::now();
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last = FRESH_READS.lock().unwrap_or_else(|e| e.into_inner());
     match last.get(integration_id) {
         Some(at) if now.duration_since(*at) < FRESH_READ_EVERY => false,
         _ => {
