@@ -97,7 +97,10 @@ impl InvocationRequest {
             .trigger_value(binding)?
             .as_object()
             .ok_or_else(|| err(format!("`Data.{binding}` must be an HTTP request object")))?;
-        let string_field = |name: &str| req.get(name).and_then(decode_string);
+        // `Data.req`'s values are the request's own text, never double-encoded (only
+        // Metadata's are): a header value in quotes (`SOAPAction: ""`, a secret chosen with a
+        // `"` in it) is taken as it came.
+        let string_field = |name: &str| req.get(name).and_then(plain_string);
         let url = string_field("Url").unwrap_or_default();
         let method = string_field("Method")
             .ok_or_else(|| err(format!("`Data.{binding}.Method` is missing")))?
@@ -108,8 +111,8 @@ impl InvocationRequest {
         if let Some(Value::Object(h)) = req.get("Headers") {
             for (name, value) in h {
                 let values = match value {
-                    Value::Array(items) => items.iter().filter_map(decode_string).collect(),
-                    other => decode_string(other).into_iter().collect(),
+                    Value::Array(items) => items.iter().filter_map(plain_string).collect(),
+                    other => plain_string(other).into_iter().collect(),
                 };
                 headers.push((name.clone(), values));
             }
@@ -306,11 +309,22 @@ pub fn decode_datetime(value: &Value) -> Option<DateTime<Utc>> {
         .map(|naive| naive.and_utc())
 }
 
+/// A value of `Data.req` as the request carried it: text as it is, a number or a boolean
+/// written out.
+fn plain_string(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
 fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
     match value {
         Some(Value::Object(map)) => map
             .iter()
-            .filter_map(|(k, v)| decode_string(v).map(|v| (k.clone(), v)))
+            .filter_map(|(k, v)| plain_string(v).map(|v| (k.clone(), v)))
             .collect(),
         // Hosts before the 2020 fix sent `Query` as a JSON string of an object.
         Some(Value::String(s)) => serde_json::from_str::<Value>(&strip_string_layer(s))
@@ -487,6 +501,20 @@ mod tests {
         assert_eq!(req.params["provider"], "salesforce");
         assert_eq!(req.query["x"], "1");
         assert_eq!(req.body, None);
+    }
+
+    #[test]
+    fn a_requests_own_values_in_quotes_are_taken_as_they_came() {
+        let body = br#"{"Data":{"req":{"Url":"https://app/api/webhooks/dynamics365","Method":"POST",
+            "Query":{"key":"\"a\""},"Headers":{"SOAPAction":["\"\""],"x-webhook-key":["\"k\\\"1\""]},
+            "Identities":[]}},"Metadata":{}}"#;
+        let req = InvocationRequest::parse(body)
+            .unwrap()
+            .http_request("req")
+            .unwrap();
+        assert_eq!(req.header("soapaction"), Some("\"\""));
+        assert_eq!(req.header("x-webhook-key"), Some("\"k\\\"1\""));
+        assert_eq!(req.query["key"], "\"a\"");
     }
 
     #[test]

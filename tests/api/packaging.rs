@@ -92,6 +92,24 @@ fn a_message_lock_is_renewed_for_as_long_as_a_function_may_run() {
     );
 }
 
+#[test]
+fn a_session_with_nothing_more_to_write_back_gives_its_place_up_within_seconds() {
+    let host: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_root().join("host.json")).unwrap()).unwrap();
+    let service_bus = &host["extensions"]["serviceBus"];
+    let idle = timespan_seconds(service_bus["sessionIdleTimeout"].as_str().unwrap());
+    let sessions = service_bus["maxConcurrentSessions"].as_u64().unwrap();
+    // One integration's write-backs are one session, and most send one or two: an instance
+    // holding each session a minute after its last message would write back for no more than
+    // `sessions` integrations a minute.
+    assert!(
+        idle <= 10,
+        "a session is held {idle} s after its last message: an instance writes back for at \
+         most {} integrations a minute",
+        sessions * 60 / idle.max(1)
+    );
+}
+
 /// Whether an ELF executable names a program interpreter (`PT_INTERP`): a dynamically linked
 /// binary does, and then needs the image's C library and its name-service modules at run time.
 fn has_interpreter(elf: &[u8]) -> bool {
