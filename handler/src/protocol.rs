@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -165,10 +164,10 @@ impl InvocationRequest {
         let body = match self.trigger_value(binding)? {
             Value::String(encoded) => match serde_json::from_str::<String>(encoded) {
                 Ok(text) => text.into_bytes(),
-                // Not double-encoded: a binary (base64) binding or an older host.
-                Err(_) => base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .unwrap_or_else(|_| encoded.clone().into_bytes()),
+                // Not double-encoded (an older host): the text as it came. No binding here is
+                // `dataType: binary`, so it is never base64, and plain text that happens to read
+                // as base64 (`test`) would be turned into other bytes.
+                Err(_) => encoded.clone().into_bytes(),
             },
             Value::Null => return Err(err(format!("`Data.{binding}` is null"))),
             other => other.to_string().into_bytes(),
@@ -423,6 +422,22 @@ mod tests {
             "2020-10-08T21:49:35.809+00:00"
         );
         assert!(req.utc_now().is_some());
+    }
+
+    #[test]
+    fn a_service_bus_body_not_encoded_twice_is_taken_as_it_came() {
+        for (sent, body) in [
+            ("test", "test"),
+            ("null", "null"),
+            ("{\"a\":1}", "{\"a\":1}"),
+        ] {
+            let req = InvocationRequest {
+                data: json!({"message": sent}).as_object().unwrap().clone(),
+                metadata: Map::new(),
+            };
+            let msg = req.service_bus_message("message").unwrap();
+            assert_eq!(String::from_utf8(msg.body).unwrap(), body, "{sent}");
+        }
     }
 
     #[test]
