@@ -474,18 +474,24 @@ pub enum WebhookHold {
 pub fn held_webhook_job(
     job: &SyncJobMessage,
     stop: &Failure,
+    replayed_from: Option<&serde_json::Value>,
     now: DateTime<Utc>,
 ) -> Option<WebhookHold> {
     let names_records = job
         .webhook_payload
         .as_ref()
-        .is_some_and(|p| p.get("ids").is_some());
+        .is_some_and(|p| p.get("ids").or_else(|| p.get("records")).is_some());
     if job.job_type != JobType::Webhook || !names_records {
         return None;
     }
-    let (root, holds) = match job.job_id.rsplit_once(":held-") {
-        Some((root, n)) if n.parse::<u32>().is_ok() => (root, n.parse::<u32>().unwrap_or(0)),
-        _ => (job.job_id.as_str(), 0),
+    // An operator's replay of a job given up holds anew, under a name of its own: the held
+    // jobs before it have finished records, which a copy named alike would be taken for.
+    let (root, holds) = match (replayed_from, job.job_id.rsplit_once(":held-")) {
+        (Some(sequence), _) => (format!("{}@replay-{sequence}", job.job_id), 0),
+        (None, Some((root, n))) if n.parse::<u32>().is_ok() => {
+            (root.to_string(), n.parse::<u32>().unwrap_or(0))
+        }
+        (None, _) => (job.job_id.clone(), 0),
     };
     if holds >= MAX_WEBHOOK_HOLDS {
         return Some(WebhookHold::GivenUp);
@@ -518,7 +524,12 @@ async fn succeed(
 ) -> Result<(), Transient> {
     let stats = outcome.stats.clone();
     let held = match &outcome.stopped {
-        Some(Stop::Quota(e)) => held_webhook_job(job, e, now),
+        Some(Stop::Quota(e)) => held_webhook_job(
+            job,
+            e,
+            property(&delivered.application_properties, REPLAYED_FROM),
+            now,
+        ),
         _ => None,
     };
     let (status, message) = match &outcome.stopped {
@@ -533,7 +544,7 @@ async fn succeed(
                 ),
             ),
             Some(WebhookHold::GivenUp) => (
-                SyncStatus::Partial,
+                SyncStatus::Failed,
                 format!(
                     "stopped early, and dead-lettered for an operator to replay after waiting \
                      {MAX_WEBHOOK_HOLDS} times for the provider's allocation: {}",
@@ -658,7 +669,13 @@ async fn succeed(
     }
     save(app, job, record_id, &record, now).await?;
     tracing::info!(status = ?record.status, stats = %json!(record.stats), duration_ms = record.duration_ms, "sync job finished");
-    announce_end(app, job, run, &record, None, now).await;
+    let given_up = (held == Some(WebhookHold::GivenUp)).then(|| {
+        (
+            "RATE_LIMIT",
+            record.status_message.as_deref().unwrap_or_default(),
+        )
+    });
+    announce_end(app, job, run, &record, given_up, now).await;
     Ok(())
 }
 
@@ -961,7 +978,7 @@ mod tests {
         let quota = Failure::new(FailureCode::from(adapters::ErrorCode::RateLimit), "used up");
 
         let Some(WebhookHold::Again(held)) =
-            held_webhook_job(&job("wh_1", "webhook", named.clone()), &quota, now)
+            held_webhook_job(&job("wh_1", "webhook", named.clone()), &quota, None, now)
         else {
             panic!("held");
         };
@@ -978,6 +995,7 @@ mod tests {
         let Some(WebhookHold::Again(held)) = held_webhook_job(
             &job("wh_1:held-1", "webhook", named.clone()),
             &midnight,
+            None,
             now,
         ) else {
             panic!("held again");
@@ -986,17 +1004,40 @@ mod tests {
         assert_eq!(held.scheduled_at, now + Duration::hours(14));
 
         assert_eq!(
-            held_webhook_job(&job("wh_1:held-24", "webhook", named.clone()), &quota, now),
+            held_webhook_job(
+                &job("wh_1:held-24", "webhook", named.clone()),
+                &quota,
+                None,
+                now
+            ),
             Some(WebhookHold::GivenUp)
         );
+        // An operator's replay of it holds anew, under its own name.
+        let replayed = json!(4711);
+        let Some(WebhookHold::Again(held)) = held_webhook_job(
+            &job("wh_1:held-24", "webhook", named.clone()),
+            &quota,
+            Some(&replayed),
+            now,
+        ) else {
+            panic!("a replay is held anew");
+        };
+        assert_eq!(held.job_id, "wh_1:held-24@replay-4711:held-1");
         assert!(
-            held_webhook_job(&job("sync_1", "incremental", json!(null)), &quota, now).is_none(),
+            held_webhook_job(
+                &job("sync_1", "incremental", json!(null)),
+                &quota,
+                None,
+                now
+            )
+            .is_none(),
             "a scheduled sync resumes from its checkpoints on the next run"
         );
         assert!(
             held_webhook_job(
                 &job("wh_2", "webhook", json!({"entity": "Account"})),
                 &quota,
+                None,
                 now
             )
             .is_none(),

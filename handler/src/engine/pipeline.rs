@@ -653,6 +653,9 @@ fn superseded() -> Failure {
     )
 }
 
+/// How long a page written shard by shard waits out the store's throttling in all.
+const THROTTLED_PAGE_WAIT: Duration = Duration::from_secs(30);
+
 fn store_error(e: StoreError) -> Failure {
     Failure::from(e)
 }
@@ -2223,12 +2226,12 @@ impl<'a> EntityRun<'a> {
         }
         let mut left = Written::default();
         // A shard the store cannot take for now (throttled) is not one it refused: listed as
-        // failed, its record would be passed by the cursor and never read again. The first is
-        // tried again with backoff; if it still cannot be written, or a later one cannot
-        // either (the store is busy, and a page's shards waited out one by one would outlast
-        // the invocation), the job fails, and its retry reads the page again from its
-        // checkpoint.
-        let mut waited = false;
+        // failed, its record would be passed by the cursor and never read again. It is tried
+        // again with backoff while the page has waited less than THROTTLED_PAGE_WAIT (a
+        // page's shards waited out one by one would outlast the invocation); past that, or if
+        // it still cannot be written, the job fails, and its retry reads the page again from
+        // its checkpoint.
+        let mut waiting_since: Option<std::time::Instant> = None;
         for write in &writes {
             let write_one = || async {
                 match self.app.store.write_one(write).await {
@@ -2238,8 +2241,12 @@ impl<'a> EntityRun<'a> {
                 }
             };
             let refused = match write_one().await {
-                Err(busy @ StoreError::Unavailable(_)) if !waited => {
-                    waited = true;
+                Err(busy @ StoreError::Unavailable(_))
+                    if waiting_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < THROTTLED_PAGE_WAIT =>
+                {
                     self.retried(Some(busy), write_one).await?
                 }
                 Err(e) => return Err(store_error(e)),
