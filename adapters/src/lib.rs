@@ -232,7 +232,7 @@ pub trait Pull: Send + Sync {
 /// The most leftovers of one page of a listing's comparison (a thousand shards) asked about:
 /// more is a change of the listing's scope (a drive no longer read, rows the integration user
 /// may no longer see), not deletions, and their shards stay rather than go all at once.
-const LOOKUPS_PER_PAGE: usize = 100;
+pub(crate) const LOOKUPS_PER_PAGE: usize = 100;
 
 /// Of `ids`, a listing's leftovers, those [`Pull::fetch_by_ids`] no longer finds, or finds
 /// deleted: what a provider that reads records by id says is gone. A record still there (out

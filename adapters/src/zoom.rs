@@ -62,8 +62,8 @@ use crate::OrGone;
 use crate::api::{Api, Dialect, TokenRequest, endpoint};
 use crate::oauth::{ClientAuth, Grant};
 use crate::{
-    Connection, ErrorCode, FetchRequest, Page, Provider, ProviderError, Pull, RateLimiter, Record,
-    RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
+    Connection, ErrorCode, FetchRequest, LeftOut, Page, Provider, ProviderError, Pull, RateLimiter,
+    Record, RecordWrite, RouteKey, TokenRefresh, WebhookAnswer, WebhookDelivery, WebhookError,
     WebhookNotification, WebhookRequest, WebhookRoute, Webhooks, WriteBack, Written,
 };
 
@@ -660,6 +660,50 @@ impl Pull for Zoom {
     /// A meeting is listed until it expires ([`meetings`]).
     fn lists_for_a_time(&self, entity: &str) -> bool {
         entity == MEETINGS
+    }
+
+    /// Of the meetings a listing left out, those Zoom no longer has (`GET /meetings/{id}`
+    /// answers 404). One Zoom still has, whoever hosts it now, keeps its shard: the listing's
+    /// scope changed (the integration's user changed, a meeting was handed over), not the
+    /// meeting. Past [`crate::LOOKUPS_PER_PAGE`] leftovers of a page, none are asked about and
+    /// all stay: a new user's listing leaves out every meeting of the old one at once.
+    async fn gone(
+        &self,
+        conn: &mut Connection,
+        entity: &str,
+        ids: Vec<String>,
+    ) -> Result<LeftOut, ProviderError> {
+        let mut left = LeftOut::default();
+        if entity != MEETINGS || ids.len() > crate::LOOKUPS_PER_PAGE {
+            left.undecided = ids.len();
+            return Ok(left);
+        }
+        for id in ids {
+            if !id.chars().all(|c| c.is_ascii_digit()) {
+                left.undecided += 1;
+                continue;
+            }
+            match self
+                .get(conn, &format!("/meetings/{id}"), &[])
+                .await
+                .or_gone()
+            {
+                Ok(Some(_)) => {}
+                Ok(None) => left.gone.push(id),
+                Err(e)
+                    if e.code.is_retryable()
+                        || e.resume_next_run
+                        || matches!(
+                            e.code,
+                            ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
+                        ) =>
+                {
+                    return Err(e);
+                }
+                Err(_) => left.undecided += 1,
+            }
+        }
+        Ok(left)
     }
 
     fn cursor_time(&self, cursor: &str) -> Option<DateTime<Utc>> {

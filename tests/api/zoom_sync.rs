@@ -405,6 +405,40 @@ async fn a_proxy_page_in_place_of_a_listing_deletes_nothing() {
 }
 
 #[tokio::test]
+async fn a_meeting_handed_to_a_colleague_keeps_its_shard_and_only_a_deleted_one_goes() {
+    let (zoom, app) = connected().await;
+    let handed = zoom.add_meeting("Quarterly review");
+    let cancelled = zoom.add_meeting("Offsite");
+    zoom.add_meeting("Weekly planning");
+    let handler = app.host_handler().await;
+    run_job(&handler, "job-1").await;
+    assert_eq!(app.shards("c_meeting").await.len(), 3);
+
+    // One meeting is handed to a colleague, so the user's listing leaves it out as it leaves
+    // out the one cancelled; Zoom still has the first.
+    zoom.state
+        .lock()
+        .unwrap()
+        .meetings
+        .get_mut(&handed.parse::<u64>().unwrap())
+        .unwrap()
+        .host_id = "colleague-0000000000001".into();
+    zoom.delete_meeting(&cancelled);
+    run_job(&handler, "job-2").await;
+
+    let live: Vec<String> = app
+        .shards("c_meeting")
+        .await
+        .iter()
+        .filter(|s| s["deletedAt"].is_null())
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(live.len(), 2, "{live:?}");
+    assert!(live.contains(&"Quarterly review".to_string()), "{live:?}");
+    assert!(!live.contains(&"Offsite".to_string()), "{live:?}");
+}
+
+#[tokio::test]
 async fn a_meeting_deleted_without_a_webhook_is_reconciled_by_the_next_sync() {
     let (zoom, app) = connected().await;
     let kept = zoom.add_meeting("Weekly planning");
