@@ -234,6 +234,19 @@ pub trait Pull: Send + Sync {
 /// may no longer see), not deletions, and their shards stay rather than go all at once.
 pub(crate) const LOOKUPS_PER_PAGE: usize = 100;
 
+/// Whether a lookup of a listing's leftovers that failed with `e` fails the comparison, to be
+/// tried again, rather than leave its records undecided: it may succeed later, or with new
+/// credentials (credentials the provider, or its token endpoint, no longer takes are not one
+/// record's).
+pub(crate) fn fails_the_comparison(e: &ProviderError) -> bool {
+    e.code.is_retryable()
+        || e.resume_next_run
+        || matches!(
+            e.code,
+            ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
+        )
+}
+
 /// Of `ids`, a listing's leftovers, those [`Pull::fetch_by_ids`] no longer finds, or finds
 /// deleted: what a provider that reads records by id says is gone. A record still there (out
 /// of the listing's scope since its settings changed, or moved across its pages while they
@@ -269,18 +282,7 @@ pub(crate) async fn gone_unless_found<P: Pull + ?Sized>(
                     .filter(|r| !r.deleted)
                     .map(|r| r.id.to_ascii_lowercase())
                     .collect(),
-                // Credentials the provider, or its token endpoint, no longer takes are not one
-                // record's.
-                Err(e)
-                    if e.code.is_retryable()
-                        || e.resume_next_run
-                        || matches!(
-                            e.code,
-                            ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
-                        ) =>
-                {
-                    return Err(e);
-                }
+                Err(e) if fails_the_comparison(&e) => return Err(e),
                 Err(_) => {
                     left.undecided += chunk.len();
                     continue;

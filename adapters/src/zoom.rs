@@ -690,16 +690,7 @@ impl Pull for Zoom {
             {
                 Ok(Some(_)) => {}
                 Ok(None) => left.gone.push(id),
-                Err(e)
-                    if e.code.is_retryable()
-                        || e.resume_next_run
-                        || matches!(
-                            e.code,
-                            ErrorCode::AuthenticationFailed | ErrorCode::InvalidCredentials
-                        ) =>
-                {
-                    return Err(e);
-                }
+                Err(e) if crate::fails_the_comparison(&e) => return Err(e),
                 Err(_) => left.undecided += 1,
             }
         }
