@@ -109,13 +109,13 @@ fn entity_files(folder: &Path, entity: &str) -> Result<Vec<(PathBuf, Format)>, P
     let mut files: Vec<(PathBuf, Format)> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        // A folder named like an export, or a link to one, holds none.
-        .filter(|path| std::fs::metadata(path).map_or(true, |m| !m.is_dir()))
         .filter_map(|path| {
             let name = path.file_name()?.to_str()?;
             let (stem, format) = format_of(name)?;
             belongs(entity, stem).then_some((path, format))
         })
+        // A folder named like an export, or a link to one, holds none.
+        .filter(|(path, _)| std::fs::metadata(path).map_or(true, |m| !m.is_dir()))
         .collect();
     files.sort_by(|(a, _), (b, _)| file_order(entity, a).cmp(&file_order(entity, b)));
     Ok(files)

@@ -83,8 +83,8 @@ pub struct Salesforce {
     /// may set changes with an admin's edit, seen within the hour.
     described: std::sync::Mutex<std::collections::HashMap<DescribedKey, (Described, Instant)>>,
     /// The API usage (`used`, `allowed`) each integration's latest answer from its instance
-    /// reported, and when: what a write-back checks its share against
-    /// ([`Salesforce::share_left`]).
+    /// reported, and when: what a write-back, or a read of notified records, checks its share
+    /// against ([`Salesforce::share_left`]).
     usage: std::sync::Mutex<std::collections::HashMap<(String, String), ReportedUsage>>,
 }
 

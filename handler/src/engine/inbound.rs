@@ -442,12 +442,16 @@ fn notified_ids(job: &SyncJobMessage) -> Result<Option<Notified>, Failure> {
 
 /// The id of the job that continues `job_id` after a record limit: `<id>+1`, `<id>+2`, ...
 pub fn continuation_id(job_id: &str) -> String {
-    match job_id.rsplit_once('+') {
-        Some((root, n)) if n.parse::<u32>().is_ok() => {
-            format!("{root}+{}", n.parse::<u32>().unwrap_or(0) + 1)
-        }
-        _ => format!("{job_id}+1"),
+    match numbered(job_id, "+") {
+        Some((root, n)) => format!("{root}+{}", n + 1),
+        None => format!("{job_id}+1"),
     }
+}
+
+/// The root and number of an id that ends in `<separator><number>`.
+fn numbered<'a>(id: &'a str, separator: &str) -> Option<(&'a str, u32)> {
+    let (root, n) = id.rsplit_once(separator)?;
+    Some((root, n.parse().ok()?))
 }
 
 /// How long a webhook job stopped by the provider's allocation waits to read its records
@@ -477,21 +481,15 @@ pub fn held_webhook_job(
     replayed_from: Option<&serde_json::Value>,
     now: DateTime<Utc>,
 ) -> Option<WebhookHold> {
-    let names_records = job
-        .webhook_payload
-        .as_ref()
-        .is_some_and(|p| p.get("ids").or_else(|| p.get("records")).is_some());
-    if job.job_type != JobType::Webhook || !names_records {
+    if !matches!(notified_ids(job), Ok(Some(Notified::Changed(..)))) {
         return None;
     }
     // An operator's replay of a job given up holds anew, under a name of its own: the held
     // jobs before it have finished records, which a copy named alike would be taken for.
-    let (root, holds) = match (replayed_from, job.job_id.rsplit_once(":held-")) {
+    let (root, holds) = match (replayed_from, numbered(&job.job_id, ":held-")) {
         (Some(sequence), _) => (format!("{}@replay-{sequence}", job.job_id), 0),
-        (None, Some((root, n))) if n.parse::<u32>().is_ok() => {
-            (root.to_string(), n.parse::<u32>().unwrap_or(0))
-        }
-        (None, _) => (job.job_id.clone(), 0),
+        (None, Some((root, n))) => (root.to_string(), n),
+        (None, None) => (job.job_id.clone(), 0),
     };
     if holds >= MAX_WEBHOOK_HOLDS {
         return Some(WebhookHold::GivenUp);

@@ -382,16 +382,10 @@ pub fn linked_records<'s>(
     shards: impl Iterator<Item = &'s Shard>,
 ) -> HashMap<&'s str, &'s str> {
     let mut linked: HashMap<&str, (&str, bool)> = HashMap::default();
+    let others = AnothersOwn::new(integration_id, &mapping.external_entity);
     for shard in shards.filter(|s| s.shard_type_id == mapping.shard_type_id) {
         for link in &shard.external_relationships {
-            if link.integration_id != integration_id
-                || is_anothers_own(
-                    &shard.id,
-                    integration_id,
-                    &mapping.external_entity,
-                    &link.external_id,
-                )
-            {
+            if link.integration_id != integration_id || others.holds(&shard.id, &link.external_id) {
                 continue;
             }
             let synced = link.sync_status == RelationshipStatus::Synced;
@@ -1195,21 +1189,47 @@ fn reserved_in_ids(byte: u8) -> bool {
     matches!(byte, b'/' | b'\\' | b'?' | b'#' | b'%')
 }
 
-/// Whether `shard_id` is the shard synced from record `external_id` of an entity other than
-/// `entity`. An entity's ids may be its own alone (a bulk import numbers each file's rows from
-/// 1): a link to the same id on that shard is the other entity's record's, not this one's.
-fn is_anothers_own(shard_id: &str, integration_id: &str, entity: &str, external_id: &str) -> bool {
-    let head = synced_shard_id(integration_id, "", "");
-    let head = &head[..head.len() - 1];
-    let tail = synced_shard_id("", "", external_id);
-    let tail = &tail[1..];
-    shard_id.len() > head.len() + tail.len()
-        && shard_id.starts_with(head)
-        && shard_id.ends_with(tail)
-        // An entity's name, between the two: not a record id of its own with a `~` in it
-        // (`int~contacts~ACME~2`, record `ACME~2`'s shard, may hold record `2` merged in).
-        && !shard_id[head.len()..shard_id.len() - tail.len()].contains('~')
-        && shard_id != synced_shard_id(integration_id, entity, external_id)
+/// Tells the shards synced from records of entities other than one. An entity's ids may be its
+/// own alone (a bulk import numbers each file's rows from 1): a link to the same id on such a
+/// shard is the other entity's record's, not this one's. The parts every id shares are
+/// escaped once; an id of a page's link is escaped only if it holds a reserved character.
+struct AnothersOwn {
+    /// `{integration}~`, escaped.
+    head: String,
+    /// The entity's own name, escaped.
+    entity: String,
+}
+
+impl AnothersOwn {
+    fn new(integration_id: &str, entity: &str) -> Self {
+        let mut head = synced_shard_id(integration_id, "", "");
+        head.pop();
+        let escaped = synced_shard_id("", entity, "");
+        Self {
+            head,
+            entity: escaped[1..escaped.len() - 1].to_string(),
+        }
+    }
+
+    /// Whether `shard_id` is the shard synced from record `external_id` of another entity.
+    fn holds(&self, shard_id: &str, external_id: &str) -> bool {
+        let escaped;
+        let id = if external_id.bytes().any(reserved_in_ids) {
+            escaped = synced_shard_id("", "", external_id);
+            &escaped[2..]
+        } else {
+            external_id
+        };
+        shard_id
+            .strip_prefix(self.head.as_str())
+            .and_then(|rest| rest.strip_suffix(id))
+            .and_then(|rest| rest.strip_suffix('~'))
+            // An entity's name, between the two: not a record id of its own with a `~` in it
+            // (`int~contacts~ACME~2`, record `ACME~2`'s shard, may hold record `2` merged in).
+            .is_some_and(|entity| {
+                !entity.is_empty() && !entity.contains('~') && entity != self.entity
+            })
+    }
 }
 
 /// The id of the shard synced from one external record: derived, so an upsert needs no query.
@@ -1632,12 +1652,17 @@ mod tests {
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].id, "int-1~Lead~2");
         assert_eq!(writes[0].name, "Dave");
-        assert!(is_anothers_own("int-1~Contact~2", "int-1", "Lead", "2"));
-        assert!(!is_anothers_own("int-1~Lead~2", "int-1", "Lead", "2"));
-        assert!(!is_anothers_own("int-1~Contact~7", "int-1", "Lead", "2"));
-        assert!(!is_anothers_own("castiel-made-shard", "int-1", "Lead", "2"));
+        let leads = AnothersOwn::new("int-1", "Lead");
+        assert!(leads.holds("int-1~Contact~2", "2"));
+        assert!(!leads.holds("int-1~Lead~2", "2"));
+        assert!(!leads.holds("int-1~Contact~7", "2"));
+        assert!(!leads.holds("castiel-made-shard", "2"));
         assert!(
-            !is_anothers_own("int-1~Contact~ACME~2", "int-1", "Contact", "2"),
+            leads.holds("int-1~Contact~a%2Fb", "a/b"),
+            "ids escaped alike"
+        );
+        assert!(
+            !AnothersOwn::new("int-1", "Contact").holds("int-1~Contact~ACME~2", "2"),
             "record `ACME~2`'s shard, holding record 2 merged in"
         );
     }

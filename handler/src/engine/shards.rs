@@ -127,7 +127,7 @@ pub async fn put(
     engines_own(&given.shard_type_id)?;
     let stored = app.store.get(&given.tenant_id, &given.id).await?;
     if let Some(stored) = &stored {
-        engines_own(&stored.value.shard_type_id)?;
+        // A stored shard of the engine's own type is refused here too: `given` passed above.
         if stored.value.shard_type_id != given.shard_type_id {
             return Err(ChangeError::Invalid(format!(
                 "shard `{}` is a `{}`; a shard's type does not change",

@@ -222,12 +222,9 @@ async fn receive(app: &App, req: &HttpRequest) -> Result<HttpResponse, Transient
     }
     // The provider's answer does not wait on a busy event topic: Zoom and Graph give up on an
     // answer after three seconds and deliver again, and the events are not worth that.
-    let events = app.events.clone();
-    let publishing = tokio::spawn(async move {
-        if let Err(e) = events.publish(&received).await {
-            tracing::warn!(error = %e, count = received.len(), "could not publish events");
-        }
-    });
+    let publisher = app.clone();
+    let publishing =
+        tokio::spawn(async move { crate::engine::publish(&publisher, &received).await });
     if tokio::time::timeout(EVENTS_BUDGET, publishing)
         .await
         .is_err()
@@ -451,39 +448,37 @@ const FRESH_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(30)
 /// The longest a delivery's answer waits for its events to be published.
 const EVENTS_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// When each integration's credentials were last read afresh for a delivery.
+/// When each integration's credentials may next be read afresh for a delivery, by its
+/// `tenant/id`.
 static FRESH_READS: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 > = std::sync::LazyLock::new(Default::default);
 
-/// Lets a fresh read of `integration_id`'s credentials, which the vault did not answer, be
-/// tried again by the provider's redelivery ([`RETRY_AFTER_SECONDS`] on) rather than only
-/// [`FRESH_READ_EVERY`] on; not sooner, so forgeries still cost a busy vault little.
-fn may_read_fresh_again_soon(integration_id: &str) {
-    let soon = std::time::Duration::from_secs(u64::from(RETRY_AFTER_SECONDS));
-    let Some(read_at) = std::time::Instant::now().checked_sub(FRESH_READ_EVERY - soon) else {
-        return;
-    };
-    FRESH_READS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(integration_id.to_string(), read_at);
-}
-
-/// Whether a delivery that failed verification may read `integration_id`'s credentials afresh
-/// now: once per [`FRESH_READ_EVERY`]. Anyone who knows an integration's routing key can post
-/// forgeries; without the limit each would cost a Key Vault read, and enough of them would
-/// throttle the vault the token refreshes write to.
-fn may_read_fresh(integration_id: &str) -> bool {
+/// Whether a delivery that failed verification may read the credentials of `integration`
+/// (`tenant/id`) afresh now: once per [`FRESH_READ_EVERY`]. Anyone who knows an integration's
+/// routing key can post forgeries; without the limit each would cost a Key Vault read, and
+/// enough of them would throttle the vault the token refreshes write to.
+fn may_read_fresh(integration: &str) -> bool {
     let now = std::time::Instant::now();
-    let mut last = FRESH_READS.lock().unwrap_or_else(|e| e.into_inner());
-    match last.get(integration_id) {
-        Some(at) if now.duration_since(*at) < FRESH_READ_EVERY => false,
+    let mut next = FRESH_READS.lock().unwrap_or_else(|e| e.into_inner());
+    match next.get(integration) {
+        Some(at) if now < *at => false,
         _ => {
-            last.insert(integration_id.to_string(), now);
+            next.insert(integration.to_string(), now + FRESH_READ_EVERY);
             true
         }
     }
+}
+
+/// Lets the fresh read of `integration`'s credentials that the vault did not answer be tried
+/// again by the provider's redelivery, [`RETRY_AFTER_SECONDS`] on, rather than only
+/// [`FRESH_READ_EVERY`] on; not sooner, so forgeries still cost a busy vault little.
+fn may_read_fresh_again_soon(integration: &str) {
+    let soon = std::time::Duration::from_secs(u64::from(RETRY_AFTER_SECONDS));
+    FRESH_READS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(integration.to_string(), std::time::Instant::now() + soon);
 }
 
 /// Marks the subscriptions the provider asked about, so that the next maintenance renews

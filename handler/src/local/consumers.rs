@@ -111,8 +111,9 @@ impl Consumer {
                 crate::queue::queue_settings(&self.queue).map_or(DEFAULT_LOCK, |s| s.lock_duration),
             )
             .unwrap_or_default();
-            // Renewed until 10 minutes after it was received, each renewal for a whole lock:
-            // an invocation stopped at the function timeout is abandoned while its lock holds.
+            // Renewed until 10 minutes past the lock it was received with, each renewal for a
+            // whole lock: an invocation stopped at the function timeout (as long) is abandoned
+            // while its lock still holds.
             let renew_until = message.locked_until + MAX_LOCK_RENEWAL;
             let mut locked_until = message.locked_until;
             loop {
